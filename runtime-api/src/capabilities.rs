@@ -1,0 +1,29 @@
+//! What an engine can do, and how it is asked to run.
+
+use std::time::Duration;
+
+/// Engine features that differ between engines, reported as data so the ABI can adapt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// A running call can be stopped from another thread ([`crate::InterruptHandle`]).
+    pub interrupt: bool,
+    /// A CPU deadline per call ([`RuntimeConfig::call_deadline`]) is enforced.
+    pub call_deadline: bool,
+    /// The guest's memory can be capped ([`RuntimeConfig::max_memory_bytes`]).
+    pub memory_limit: bool,
+    /// Modules can be saved as and loaded from precompiled artifacts.
+    pub precompiled_modules: bool,
+    /// Guest memory accesses are bounds-checked (false only for native plugins).
+    pub sandboxed: bool,
+}
+
+/// How an engine runs guests. Engines ignore what they cannot do and say so in [`Capabilities`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// The most linear memory one instance may have; `memory.grow` beyond it fails.
+    pub max_memory_bytes: Option<u64>,
+    /// The most CPU time one top-level guest call may take before it is stopped.
+    pub call_deadline: Option<Duration>,
+    /// Prepare every instance for [`crate::Instance::interrupt_handle`]; may cost a little speed.
+    pub interruptible: bool,
+}

@@ -1,0 +1,120 @@
+//! Errors of the engine interface.
+
+use std::fmt;
+
+/// Why loading, linking or instantiating a module failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The bytes are not a valid WebAssembly module (or precompiled artifact) for this engine.
+    #[error("invalid module: {0}")]
+    InvalidModule(String),
+    /// The module imports a function the host does not provide.
+    #[error("module imports unknown function {module}.{name}")]
+    UnknownImport {
+        /// Import module name.
+        module: String,
+        /// Import field name.
+        name: String,
+    },
+    /// The module imports a host function with a different signature than the host's.
+    #[error("module imports {module}.{name} as {found}, but the host provides {expected}")]
+    ImportSignatureMismatch {
+        /// Import module name.
+        module: String,
+        /// Import field name.
+        name: String,
+        /// The host's signature.
+        expected: String,
+        /// The module's signature.
+        found: String,
+    },
+    /// The module imports something other than a function (memory, table, global), which no
+    /// Proxy-Wasm host provides.
+    #[error("module imports {kind} {module}.{name}, which the host does not provide")]
+    UnsupportedImport {
+        /// Import module name.
+        module: String,
+        /// Import field name.
+        name: String,
+        /// What kind of item is imported.
+        kind: String,
+    },
+    /// The engine cannot do what was asked (e.g. load a precompiled artifact).
+    #[error("{0} is not supported by this runtime")]
+    Unsupported(&'static str),
+    /// Instantiation failed (e.g. a start function trapped, or a resource limit was hit).
+    #[error("instantiation failed: {0}")]
+    Instantiation(String),
+    /// The engine could not be set up with the given configuration.
+    #[error("runtime configuration: {0}")]
+    Config(String),
+}
+
+/// What stopped a guest call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrapKind {
+    /// The guest trapped (`unreachable`, out-of-bounds access, stack overflow, …).
+    Wasm,
+    /// The call ran past its CPU deadline ([`crate::RuntimeConfig::call_deadline`]).
+    DeadlineExceeded,
+    /// The call was stopped from another thread through an [`crate::InterruptHandle`].
+    Interrupted,
+    /// The guest ran out of fuel (interpreters that meter instructions).
+    OutOfFuel,
+    /// The guest asked to exit (WASI `proc_exit`) with this code.
+    Exit(i32),
+    /// A host function failed in a way that must stop the guest.
+    Host,
+    /// The caller asked for a call the function cannot take (wrong arity, unknown handle).
+    BadCall,
+}
+
+/// A guest call that did not complete normally.
+///
+/// Built only on the failure path, so it may carry an owned message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trap {
+    /// What kind of failure this is.
+    pub kind: TrapKind,
+    /// A human-readable description (the engine's trap message, or the host's reason).
+    pub message: String,
+}
+
+impl Trap {
+    /// A trap of the given kind.
+    pub fn new(kind: TrapKind, message: impl Into<String>) -> Self {
+        Trap {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A host function failure that must stop the guest.
+    pub fn host(message: impl Into<String>) -> Self {
+        Trap::new(TrapKind::Host, message)
+    }
+
+    /// The guest asked to exit with `code`.
+    pub fn exit(code: i32) -> Self {
+        Trap::new(
+            TrapKind::Exit(code),
+            format!("guest exited with code {code}"),
+        )
+    }
+}
+
+impl fmt::Display for Trap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            TrapKind::Wasm => write!(f, "wasm trap: {}", self.message),
+            TrapKind::DeadlineExceeded => write!(f, "call exceeded its CPU deadline"),
+            TrapKind::Interrupted => write!(f, "call interrupted"),
+            TrapKind::OutOfFuel => write!(f, "guest ran out of fuel"),
+            TrapKind::Exit(code) => write!(f, "guest exited with code {code}"),
+            TrapKind::Host => write!(f, "host error: {}", self.message),
+            TrapKind::BadCall => write!(f, "bad call: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for Trap {}

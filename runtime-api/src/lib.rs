@@ -1,0 +1,47 @@
+//! The engine interface of pwhost.
+//!
+//! A [`WasmRuntime`] hides one WebAssembly engine (or the native "null" runtime) behind a small set
+//! of object-safe traits, so that the Proxy-Wasm ABI is written once and runs unchanged on every
+//! engine. The shape follows from what all six engines can do cheaply:
+//!
+//! * Every Proxy-Wasm host function takes integer arguments and returns one `i32`, and every
+//!   callback takes `i32` arguments and returns nothing or one `i32`. So a host function is a plain
+//!   Rust function over 64-bit argument slots ([`HostCallback`]) and a guest call passes slices of
+//!   `u64` ([`Instance::call`]): no boxing, no per-call allocation, no per-call type dispatch.
+//! * A host function sees the guest through a [`Caller`]: the embedder's per-instance state, the
+//!   guest memory (fetched fresh on every access, because `memory.grow` may move it) and the ability
+//!   to call back into the guest (the ABI allocates reply buffers with the plugin's allocator).
+//! * A module is compiled once ([`CompiledModule`]), linked once against a host function table
+//!   ([`LinkedModule`]) and instantiated many times, on any thread, without re-registering host
+//!   functions.
+//! * What differs between engines (interrupting a running call, CPU deadlines, memory caps,
+//!   precompiled artifacts) is reported as data in [`Capabilities`], so the ABI adapts without
+//!   knowing which engine it runs on.
+//!
+//! The host state type `S` is a parameter of every trait: each engine implements the traits for
+//! all `S`, and the ABI picks its own state type. Host functions therefore get `&mut S` directly,
+//! with no downcast.
+
+mod caller;
+mod capabilities;
+mod error;
+mod host;
+mod memory;
+mod module;
+mod value;
+
+pub use caller::Caller;
+pub use capabilities::{Capabilities, RuntimeConfig};
+pub use error::{Error, Trap, TrapKind};
+pub use host::{resolve_imports, HostCallback, HostFunction};
+pub use memory::{GuestMemory, MemoryAccessError};
+pub use module::{
+    CompiledModule, Export, ExternKind, GuestFunction, Import, Instance, InterruptHandle,
+    LinkedModule, WasmRuntime,
+};
+pub use value::{FunctionType, Signature, ValType};
+
+/// The largest number of arguments a guest function called through [`Instance::call`] or a host
+/// function may take. Proxy-Wasm needs at most 8 (`proxy_http_call` has 10 host arguments, which is
+/// why host functions get up to [`MAX_ARGS`]).
+pub const MAX_ARGS: usize = 16;

@@ -1,0 +1,97 @@
+//! Value and function types, as far as the engine interface needs them.
+
+use std::fmt;
+
+/// The type of a WebAssembly value.
+///
+/// Proxy-Wasm only uses `i32` and `i64`; the other variants exist so that a module with unusual
+/// imports or exports can be described (and rejected with a clear message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ValType {
+    /// 32-bit integer.
+    I32,
+    /// 64-bit integer.
+    I64,
+    /// 32-bit float.
+    F32,
+    /// 64-bit float.
+    F64,
+    /// Any other type (vectors, references).
+    Other,
+}
+
+impl fmt::Display for ValType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ValType::I32 => "i32",
+            ValType::I64 => "i64",
+            ValType::F32 => "f32",
+            ValType::F64 => "f64",
+            ValType::Other => "other",
+        })
+    }
+}
+
+/// A function signature known at compile time, as host functions declare it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Signature {
+    /// Parameter types, in order.
+    pub params: &'static [ValType],
+    /// Result types, in order (Proxy-Wasm uses none or one).
+    pub results: &'static [ValType],
+}
+
+impl Signature {
+    /// A signature with the given parameters and results.
+    pub const fn new(params: &'static [ValType], results: &'static [ValType]) -> Self {
+        Signature { params, results }
+    }
+
+    /// Whether a function type read from a module is exactly this signature.
+    pub fn matches(&self, ty: &FunctionType) -> bool {
+        self.params == ty.params.as_slice() && self.results == ty.results.as_slice()
+    }
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_signature(f, self.params, self.results)
+    }
+}
+
+/// A function type read from a module (an import or an export).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FunctionType {
+    /// Parameter types, in order.
+    pub params: Vec<ValType>,
+    /// Result types, in order.
+    pub results: Vec<ValType>,
+}
+
+impl fmt::Display for FunctionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_signature(f, &self.params, &self.results)
+    }
+}
+
+fn write_signature(
+    f: &mut fmt::Formatter<'_>,
+    params: &[ValType],
+    results: &[ValType],
+) -> fmt::Result {
+    f.write_str("(")?;
+    for (i, p) in params.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{p}")?;
+    }
+    f.write_str(") -> (")?;
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{r}")?;
+    }
+    f.write_str(")")
+}

@@ -1,0 +1,233 @@
+//! Instances and the host-function caller.
+
+use std::sync::Arc;
+
+use runtime_api::{
+    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, RuntimeConfig, Trap,
+    ValType, MAX_ARGS,
+};
+use wasmtime::{
+    AsContextMut, Func, Memory, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline, ValRaw,
+};
+
+use crate::epoch::{EpochState, EpochTicker, WasmtimeInterruptHandle};
+use crate::module::{convert_error, function_type};
+
+/// A guest function resolved once: the wasmtime handle and how to pass its values.
+#[derive(Clone, Copy)]
+pub(crate) struct ResolvedFunction {
+    func: Func,
+    /// Bit `i` set: parameter `i` is an `i64`.
+    i64_params: u32,
+    i64_result: bool,
+}
+
+/// What each store holds beside the embedder's state.
+pub(crate) struct StoreData<S> {
+    state: S,
+    memory: Option<Memory>,
+    functions: Vec<ResolvedFunction>,
+    limits: StoreLimits,
+    epoch: Option<EpochState>,
+}
+
+/// A wasmtime instance with its store.
+pub struct WasmtimeInstance<S: 'static> {
+    store: Store<StoreData<S>>,
+    instance: wasmtime::Instance,
+    interrupt: Option<Arc<dyn InterruptHandle>>,
+}
+
+impl<S: Send + 'static> WasmtimeInstance<S> {
+    pub(crate) fn new(
+        pre: &wasmtime::InstancePre<StoreData<S>>,
+        config: &RuntimeConfig,
+        epoch: Option<&EpochTicker>,
+        state: S,
+    ) -> Result<Self, Error> {
+        let mut limits = StoreLimitsBuilder::new();
+        if let Some(max) = config.max_memory_bytes {
+            limits = limits.memory_size(usize::try_from(max).unwrap_or(usize::MAX));
+        }
+        let data = StoreData {
+            state,
+            memory: None,
+            functions: Vec::new(),
+            limits: limits.build(),
+            epoch: epoch.map(|ticker| EpochState::new(ticker.max_ticks)),
+        };
+        let engine = pre.module().engine().clone();
+        let mut store = Store::new(&engine, data);
+        store.limiter(|data| &mut data.limits);
+        let mut interrupt: Option<Arc<dyn InterruptHandle>> = None;
+        if let Some(epoch) = &store.data().epoch {
+            interrupt = Some(Arc::new(WasmtimeInterruptHandle {
+                engine: engine.clone(),
+                interrupted: epoch.interrupted.clone(),
+            }));
+            store.epoch_deadline_callback(|mut store| {
+                match store.data_mut().epoch.as_mut().map(EpochState::on_tick) {
+                    Some(Err(trap)) => Err(wasmtime::Error::new(trap)),
+                    _ => Ok(UpdateDeadline::Continue(1)),
+                }
+            });
+            store.set_epoch_deadline(1);
+        }
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| Error::Instantiation(format!("{e:#}")))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        store.data_mut().memory = memory;
+        Ok(WasmtimeInstance {
+            store,
+            instance,
+            interrupt,
+        })
+    }
+}
+
+/// Calls `function` of the store with `args`, writing `results`.
+fn call_resolved<T: 'static>(
+    mut store: impl AsContextMut<Data = T>,
+    resolved: ResolvedFunction,
+    handle: GuestFunction,
+    args: &[u64],
+    results: &mut [u64],
+) -> Result<(), Trap> {
+    handle.check_arity(args.len(), results.len())?;
+    let mut raw = [ValRaw::u64(0); MAX_ARGS];
+    for (i, arg) in args.iter().enumerate() {
+        raw[i] = if resolved.i64_params & (1 << i) != 0 {
+            ValRaw::u64(*arg)
+        } else {
+            ValRaw::u32(*arg as u32)
+        };
+    }
+    let used = args.len().max(results.len());
+    // SAFETY: `resolved.func` belongs to this store (it was resolved from this store's instance);
+    // `check_arity` matched the argument and result counts to its type; each argument is encoded
+    // with the type recorded at resolution; the functions resolved have integer types only, so
+    // no reference values are involved.
+    unsafe {
+        resolved
+            .func
+            .call_unchecked(store.as_context_mut(), &mut raw[..used] as *mut [ValRaw])
+    }
+    .map_err(convert_error)?;
+    for (i, result) in results.iter_mut().enumerate() {
+        *result = if resolved.i64_result {
+            raw[i].get_u64()
+        } else {
+            u64::from(raw[i].get_u32())
+        };
+    }
+    Ok(())
+}
+
+fn lookup<S>(data: &StoreData<S>, handle: GuestFunction) -> Result<ResolvedFunction, Trap> {
+    data.functions
+        .get(handle.index() as usize)
+        .copied()
+        .ok_or_else(|| {
+            Trap::new(
+                runtime_api::TrapKind::BadCall,
+                "unknown guest function handle",
+            )
+        })
+}
+
+impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
+    fn state(&mut self) -> &mut S {
+        &mut self.store.data_mut().state
+    }
+
+    fn function(&mut self, name: &str) -> Option<GuestFunction> {
+        let func = self.instance.get_func(&mut self.store, name)?;
+        let ty = function_type(&func.ty(&self.store));
+        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
+        if ty.params.len() > MAX_ARGS
+            || ty.results.len() > 1
+            || !ty.params.iter().chain(&ty.results).all(integer)
+        {
+            return None;
+        }
+        let i64_params = ty
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == ValType::I64)
+            .fold(0u32, |mask, (i, _)| mask | (1 << i));
+        let resolved = ResolvedFunction {
+            func,
+            i64_params,
+            i64_result: ty.results.first() == Some(&ValType::I64),
+        };
+        let functions = &mut self.store.data_mut().functions;
+        let index = functions.len() as u32;
+        functions.push(resolved);
+        Some(GuestFunction::new(index, &ty))
+    }
+
+    fn call(
+        &mut self,
+        function: GuestFunction,
+        args: &[u64],
+        results: &mut [u64],
+    ) -> Result<(), Trap> {
+        let resolved = lookup(self.store.data(), function)?;
+        if let Some(epoch) = &mut self.store.data_mut().epoch {
+            epoch.ticks_used = 0;
+            self.store.set_epoch_deadline(1);
+        }
+        call_resolved(&mut self.store, resolved, function, args, results)
+    }
+
+    fn memory_size(&mut self) -> usize {
+        match self.store.data().memory {
+            Some(memory) => memory.data_size(&self.store),
+            None => 0,
+        }
+    }
+
+    fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {
+        self.interrupt.clone()
+    }
+}
+
+/// The [`Caller`] handed to host functions.
+pub(crate) struct WasmtimeCaller<'a, S: 'static> {
+    pub(crate) caller: wasmtime::Caller<'a, StoreData<S>>,
+}
+
+impl<S: 'static> Caller<S> for WasmtimeCaller<'_, S> {
+    fn state(&mut self) -> &mut S {
+        &mut self.caller.data_mut().state
+    }
+
+    fn memory(&mut self) -> GuestMemory<'_> {
+        match self.caller.data().memory {
+            Some(memory) => GuestMemory::new(memory.data_mut(&mut self.caller)),
+            None => GuestMemory::empty(),
+        }
+    }
+
+    fn state_and_memory(&mut self) -> (&mut S, GuestMemory<'_>) {
+        match self.caller.data().memory {
+            Some(memory) => {
+                let (bytes, data) = memory.data_and_store_mut(&mut self.caller);
+                (&mut data.state, GuestMemory::new(bytes))
+            }
+            None => (&mut self.caller.data_mut().state, GuestMemory::empty()),
+        }
+    }
+
+    fn call(
+        &mut self,
+        function: GuestFunction,
+        args: &[u64],
+        results: &mut [u64],
+    ) -> Result<(), Trap> {
+        let resolved = lookup(self.caller.data(), function)?;
+        call_resolved(&mut self.caller, resolved, function, args, results)
+    }
+}

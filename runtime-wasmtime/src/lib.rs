@@ -1,0 +1,115 @@
+//! The [wasmtime](https://wasmtime.dev) engine behind [`runtime_api::WasmRuntime`].
+//!
+//! * Host functions are registered once per module with `Linker::func_new_unchecked` and
+//!   instantiated many times through an `InstancePre`, so a new VM copy resolves nothing.
+//! * Calls in both directions go through `ValRaw` slots on the stack: no allocation, no dynamic
+//!   type check beyond one arity compare.
+//! * CPU deadlines and interruption use epoch interruption: a ticker thread advances the epoch, and
+//!   each store's epoch callback decides whether its running call must stop.
+//! * The memory cap is a `StoreLimits` resource limiter.
+
+mod epoch;
+mod instance;
+mod module;
+
+use std::sync::Arc;
+
+use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
+
+pub use instance::WasmtimeInstance;
+pub use module::{WasmtimeLinkedModule, WasmtimeModule};
+
+/// Options specific to wasmtime, beside the engine-neutral [`RuntimeConfig`].
+#[derive(Clone, Debug, Default)]
+pub struct WasmtimeOptions {
+    /// Use the pooling instance allocator with room for this many instances at once: faster
+    /// instantiation, at the price of reserving address space up front. `None` allocates on
+    /// demand.
+    pub pooling_instances: Option<u32>,
+}
+
+/// The wasmtime engine, configured once and shared by every module compiled with it.
+pub struct WasmtimeRuntime {
+    engine: wasmtime::Engine,
+    config: RuntimeConfig,
+    epoch: Option<Arc<epoch::EpochTicker>>,
+}
+
+impl WasmtimeRuntime {
+    /// An engine with the given configuration and wasmtime's defaults otherwise.
+    pub fn new(config: RuntimeConfig) -> Result<Self, Error> {
+        Self::with_options(config, WasmtimeOptions::default())
+    }
+
+    /// An engine with the given configuration and wasmtime-specific options.
+    pub fn with_options(config: RuntimeConfig, options: WasmtimeOptions) -> Result<Self, Error> {
+        let mut wasmtime_config = wasmtime::Config::new();
+        let uses_epoch = config.interruptible || config.call_deadline.is_some();
+        wasmtime_config.epoch_interruption(uses_epoch);
+        if let Some(instances) = options.pooling_instances {
+            let mut pooling = wasmtime::PoolingAllocationConfig::default();
+            pooling.total_core_instances(instances);
+            pooling.total_memories(instances);
+            pooling.total_tables(instances);
+            if let Some(max) = config.max_memory_bytes {
+                pooling.max_memory_size(max as usize);
+            }
+            wasmtime_config
+                .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
+        }
+        let engine =
+            wasmtime::Engine::new(&wasmtime_config).map_err(|e| Error::Config(format!("{e:#}")))?;
+        let epoch = uses_epoch.then(|| epoch::EpochTicker::start(&engine, config.call_deadline));
+        Ok(WasmtimeRuntime {
+            engine,
+            config,
+            epoch,
+        })
+    }
+
+    /// The underlying wasmtime engine.
+    pub fn engine(&self) -> &wasmtime::Engine {
+        &self.engine
+    }
+}
+
+impl<S: Send + 'static> WasmRuntime<S> for WasmtimeRuntime {
+    fn name(&self) -> &'static str {
+        "wasmtime"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            interrupt: self.config.interruptible,
+            call_deadline: self.config.call_deadline.is_some(),
+            memory_limit: true,
+            precompiled_modules: true,
+            sandboxed: true,
+        }
+    }
+
+    fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
+        let module = wasmtime::Module::from_binary(&self.engine, wasm)
+            .map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        Ok(Arc::new(WasmtimeModule::new(
+            module,
+            self.config.clone(),
+            self.epoch.clone(),
+        )))
+    }
+
+    unsafe fn load_precompiled(
+        &self,
+        artifact: &[u8],
+    ) -> Result<Arc<dyn CompiledModule<S>>, Error> {
+        // SAFETY: the trait's contract makes the caller vouch that the artifact is trusted output
+        // of `serialize`; wasmtime itself checks the engine version and configuration.
+        let module = unsafe { wasmtime::Module::deserialize(&self.engine, artifact) }
+            .map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        Ok(Arc::new(WasmtimeModule::new(
+            module,
+            self.config.clone(),
+            self.epoch.clone(),
+        )))
+    }
+}
