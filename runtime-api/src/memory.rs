@@ -134,6 +134,15 @@ impl<'a> GuestMemory<'a> {
         self.write(ptr, &value.to_le_bytes())
     }
 
+    /// The size of a guest pointer or `usize`: 4 bytes for Wasm, 8 for native plugins.
+    pub fn pointer_size(&self) -> u64 {
+        if self.native {
+            8
+        } else {
+            4
+        }
+    }
+
     /// Writes a guest pointer at `ptr`: 4 bytes for Wasm, 8 for native plugins.
     pub fn write_pointer(&mut self, ptr: u64, value: u64) -> Result<(), MemoryAccessError> {
         if self.native {

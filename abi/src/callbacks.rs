@@ -1,0 +1,146 @@
+//! The callbacks a plugin may export, with their types per ABI version.
+
+use runtime_api::{Signature, ValType};
+
+use crate::AbiVersion;
+
+const I: ValType = ValType::I32;
+
+/// A callback the host calls, as an index into [`CALLBACKS`] and a VM's resolved handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+// Every callback is resolved at start; the TCP, queue, gRPC and foreign-function ones are not
+// called by `Vm` yet.
+#[allow(dead_code)]
+pub(crate) enum Callback {
+    ContextCreate,
+    VmStart,
+    Configure,
+    Tick,
+    QueueReady,
+    Done,
+    Log,
+    Delete,
+    NewConnection,
+    DownstreamData,
+    UpstreamData,
+    DownstreamConnectionClose,
+    UpstreamConnectionClose,
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    HttpCallResponse,
+    GrpcReceiveInitialMetadata,
+    GrpcReceive,
+    GrpcReceiveTrailingMetadata,
+    GrpcClose,
+    ForeignFunction,
+}
+
+/// How many callbacks there are.
+pub(crate) const CALLBACK_COUNT: usize = Callback::ForeignFunction as usize + 1;
+
+/// A callback's export name and types.
+pub(crate) struct CallbackSpec {
+    pub(crate) name: &'static str,
+    /// The type in ABI 0.2.x.
+    v0_2: Signature,
+    /// The type in ABI 0.1.0, or `None` if 0.1.0 has no such callback.
+    v0_1: Option<Signature>,
+}
+
+impl CallbackSpec {
+    /// Whether the callback exists in `abi`.
+    pub(crate) fn in_abi(&self, abi: AbiVersion) -> bool {
+        abi != AbiVersion::V0_1_0 || self.v0_1.is_some()
+    }
+
+    /// The callback's type in `abi`.
+    pub(crate) fn signature(&self, abi: AbiVersion) -> Signature {
+        match (abi, self.v0_1) {
+            (AbiVersion::V0_1_0, Some(signature)) => signature,
+            _ => self.v0_2,
+        }
+    }
+}
+
+const fn same(
+    name: &'static str,
+    params: &'static [ValType],
+    results: &'static [ValType],
+) -> CallbackSpec {
+    CallbackSpec {
+        name,
+        v0_2: Signature::new(params, results),
+        v0_1: Some(Signature::new(params, results)),
+    }
+}
+
+/// Every callback, in [`Callback`] order.
+pub(crate) static CALLBACKS: [CallbackSpec; CALLBACK_COUNT] = [
+    same("proxy_on_context_create", &[I, I], &[]),
+    same("proxy_on_vm_start", &[I, I], &[I]),
+    same("proxy_on_configure", &[I, I], &[I]),
+    same("proxy_on_tick", &[I], &[]),
+    same("proxy_on_queue_ready", &[I, I], &[]),
+    same("proxy_on_done", &[I], &[I]),
+    same("proxy_on_log", &[I], &[]),
+    same("proxy_on_delete", &[I], &[]),
+    same("proxy_on_new_connection", &[I], &[I]),
+    same("proxy_on_downstream_data", &[I, I, I], &[I]),
+    same("proxy_on_upstream_data", &[I, I, I], &[I]),
+    same("proxy_on_downstream_connection_close", &[I, I], &[]),
+    same("proxy_on_upstream_connection_close", &[I, I], &[]),
+    CallbackSpec {
+        name: "proxy_on_request_headers",
+        v0_2: Signature::new(&[I, I, I], &[I]),
+        v0_1: Some(Signature::new(&[I, I], &[I])),
+    },
+    same("proxy_on_request_body", &[I, I, I], &[I]),
+    same("proxy_on_request_trailers", &[I, I], &[I]),
+    CallbackSpec {
+        name: "proxy_on_response_headers",
+        v0_2: Signature::new(&[I, I, I], &[I]),
+        v0_1: Some(Signature::new(&[I, I], &[I])),
+    },
+    same("proxy_on_response_body", &[I, I, I], &[I]),
+    same("proxy_on_response_trailers", &[I, I], &[I]),
+    same("proxy_on_http_call_response", &[I, I, I, I, I], &[]),
+    same("proxy_on_grpc_receive_initial_metadata", &[I, I, I], &[]),
+    same("proxy_on_grpc_receive", &[I, I, I], &[]),
+    same("proxy_on_grpc_receive_trailing_metadata", &[I, I, I], &[]),
+    same("proxy_on_grpc_close", &[I, I, I], &[]),
+    CallbackSpec {
+        name: "proxy_on_foreign_function",
+        v0_2: Signature::new(&[I, I, I], &[I]),
+        v0_1: None,
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_in_enum_order() {
+        assert_eq!(
+            CALLBACKS[Callback::ContextCreate as usize].name,
+            "proxy_on_context_create"
+        );
+        assert_eq!(
+            CALLBACKS[Callback::RequestHeaders as usize].name,
+            "proxy_on_request_headers"
+        );
+        assert_eq!(
+            CALLBACKS[Callback::HttpCallResponse as usize].name,
+            "proxy_on_http_call_response"
+        );
+        assert_eq!(
+            CALLBACKS[Callback::ForeignFunction as usize].name,
+            "proxy_on_foreign_function"
+        );
+    }
+}

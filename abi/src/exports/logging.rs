@@ -1,0 +1,56 @@
+//! Logging, time and timers.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use runtime_api::Caller;
+
+use super::{write_u32, HostResult};
+use crate::{LogLevel, Status, VmState};
+
+/// `proxy_log(level, message_data, message_size)`.
+pub(super) fn log(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let level = LogLevel::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    let (state, memory) = caller.state_and_memory();
+    let message = memory.slice(args[1], args[2])?;
+    let message = String::from_utf8_lossy(message);
+    let context = state.effective_context;
+    state.host.log(context, level, &message);
+    Ok(())
+}
+
+/// `proxy_get_log_level(return_level)`.
+pub(super) fn get_log_level(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let level = caller.state().host.log_level();
+    write_u32(caller, args[0], level as u32)
+}
+
+/// `proxy_get_current_time_nanoseconds(return_time)`.
+pub(super) fn get_current_time_nanoseconds(
+    caller: &mut dyn Caller<VmState>,
+    args: &[u64],
+) -> HostResult {
+    let now = caller.state().host.now();
+    let nanos = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    caller.memory().write_u64(args[0], nanos)?;
+    Ok(())
+}
+
+/// `proxy_set_tick_period_milliseconds(period)`: 0 stops the timer.
+pub(super) fn set_tick_period_milliseconds(
+    caller: &mut dyn Caller<VmState>,
+    args: &[u64],
+) -> HostResult {
+    let state = caller.state();
+    let root = state.effective_root();
+    if args[0] == 0 {
+        state.tick_periods.remove(&root.0);
+    } else {
+        state
+            .tick_periods
+            .insert(root.0, Duration::from_millis(args[0]));
+    }
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The host functions plugins import, engine-free (the counterpart of proxy-wasm-cpp-host's
+//! `exports.cc`).
+//!
+//! Each function validates every guest pointer before use and reports failures as the spec's
+//! status codes; only conditions the guest must not survive (a trap in its own allocator,
+//! `proc_exit`) stop it.
+
+mod buffers;
+mod calls;
+mod headers;
+mod logging;
+mod properties;
+mod shared_data;
+mod stream;
+mod wasi;
+
+use runtime_api::{Caller, GuestMemory, HostFunction, MemoryAccessError, Trap, ValType};
+
+use crate::{AbiVersion, Status, VmState};
+
+/// Why a host function did not complete with `OK`.
+pub(crate) enum Failure {
+    /// Report this status to the guest.
+    Status(Status),
+    /// Stop the guest.
+    Trap(Trap),
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure::Status(status)
+    }
+}
+
+impl From<MemoryAccessError> for Failure {
+    fn from(_: MemoryAccessError) -> Self {
+        Failure::Status(Status::InvalidMemoryAccess)
+    }
+}
+
+impl From<Trap> for Failure {
+    fn from(trap: Trap) -> Self {
+        Failure::Trap(trap)
+    }
+}
+
+/// The result of a host function body: `Ok` is `Status::Ok`.
+pub(crate) type HostResult = Result<(), Failure>;
+
+/// Wraps a body returning [`HostResult`] as a [`runtime_api::HostCallback`] that writes the
+/// status into slot 0.
+macro_rules! status {
+    ($body:path) => {
+        |caller: &mut dyn runtime_api::Caller<crate::VmState>,
+         args: &mut [u64]|
+         -> Result<(), runtime_api::Trap> {
+            let status = match $body(caller, args) {
+                Ok(()) => crate::Status::Ok,
+                Err(crate::exports::Failure::Status(status)) => status,
+                Err(crate::exports::Failure::Trap(trap)) => return Err(trap),
+            };
+            args[0] = u64::from(status.code());
+            Ok(())
+        }
+    };
+}
+pub(crate) use status;
+
+const I32: ValType = ValType::I32;
+const I64: ValType = ValType::I64;
+
+/// A host function of module `env` taking `params` and returning an `i32` status.
+macro_rules! env {
+    ($name:ident, [$($param:ident),*], $body:path) => {
+        runtime_api::HostFunction {
+            module: "env",
+            name: stringify!($name),
+            signature: runtime_api::Signature::new(&[$(crate::exports::$param),*], &[crate::exports::I32]),
+            callback: crate::exports::status!($body),
+        }
+    };
+}
+
+/// The host functions of ABI 0.2.x (0.2.1 adds only `proxy_get_log_level`, which a 0.2.0 module
+/// simply does not import). WASI follows under both of its module names.
+static V0_2: &[HostFunction<VmState>] = &[
+    env!(proxy_log, [I32, I32, I32], logging::log),
+    env!(proxy_get_log_level, [I32], logging::get_log_level),
+    env!(
+        proxy_get_current_time_nanoseconds,
+        [I32],
+        logging::get_current_time_nanoseconds
+    ),
+    env!(
+        proxy_set_tick_period_milliseconds,
+        [I32],
+        logging::set_tick_period_milliseconds
+    ),
+    env!(
+        proxy_get_buffer_bytes,
+        [I32, I32, I32, I32, I32],
+        buffers::get_buffer_bytes
+    ),
+    env!(
+        proxy_set_buffer_bytes,
+        [I32, I32, I32, I32, I32],
+        buffers::set_buffer_bytes
+    ),
+    env!(
+        proxy_get_buffer_status,
+        [I32, I32, I32],
+        buffers::get_buffer_status
+    ),
+    env!(
+        proxy_get_header_map_pairs,
+        [I32, I32, I32],
+        headers::get_header_map_pairs
+    ),
+    env!(
+        proxy_set_header_map_pairs,
+        [I32, I32, I32],
+        headers::set_header_map_pairs
+    ),
+    env!(
+        proxy_get_header_map_value,
+        [I32, I32, I32, I32, I32],
+        headers::get_header_map_value
+    ),
+    env!(
+        proxy_add_header_map_value,
+        [I32, I32, I32, I32, I32],
+        headers::add_header_map_value
+    ),
+    env!(
+        proxy_replace_header_map_value,
+        [I32, I32, I32, I32, I32],
+        headers::replace_header_map_value
+    ),
+    env!(
+        proxy_remove_header_map_value,
+        [I32, I32, I32],
+        headers::remove_header_map_value
+    ),
+    env!(
+        proxy_get_header_map_size,
+        [I32, I32],
+        headers::get_header_map_size
+    ),
+    env!(
+        proxy_get_property,
+        [I32, I32, I32, I32],
+        properties::get_property
+    ),
+    env!(
+        proxy_set_property,
+        [I32, I32, I32, I32],
+        properties::set_property
+    ),
+    env!(
+        proxy_send_local_response,
+        [I32, I32, I32, I32, I32, I32, I32, I32],
+        stream::send_local_response
+    ),
+    env!(proxy_continue_stream, [I32], stream::continue_stream),
+    env!(proxy_close_stream, [I32], stream::close_stream),
+    env!(
+        proxy_set_effective_context,
+        [I32],
+        stream::set_effective_context
+    ),
+    env!(proxy_done, [], stream::done),
+    env!(
+        proxy_get_shared_data,
+        [I32, I32, I32, I32, I32],
+        shared_data::get_shared_data
+    ),
+    env!(
+        proxy_set_shared_data,
+        [I32, I32, I32, I32, I32],
+        shared_data::set_shared_data
+    ),
+    env!(
+        proxy_register_shared_queue,
+        [I32, I32, I32],
+        shared_data::register_shared_queue
+    ),
+    env!(
+        proxy_resolve_shared_queue,
+        [I32, I32, I32, I32, I32],
+        shared_data::resolve_shared_queue
+    ),
+    env!(
+        proxy_dequeue_shared_queue,
+        [I32, I32, I32],
+        shared_data::dequeue_shared_queue
+    ),
+    env!(
+        proxy_enqueue_shared_queue,
+        [I32, I32, I32],
+        shared_data::enqueue_shared_queue
+    ),
+    env!(
+        proxy_define_metric,
+        [I32, I32, I32, I32],
+        shared_data::define_metric
+    ),
+    env!(
+        proxy_increment_metric,
+        [I32, I64],
+        shared_data::increment_metric
+    ),
+    env!(proxy_record_metric, [I32, I64], shared_data::record_metric),
+    env!(proxy_get_metric, [I32, I32], shared_data::get_metric),
+    env!(
+        proxy_http_call,
+        [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32],
+        calls::http_call
+    ),
+    env!(
+        proxy_grpc_call,
+        [I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32, I32],
+        calls::grpc_call
+    ),
+    env!(
+        proxy_grpc_stream,
+        [I32, I32, I32, I32, I32, I32, I32, I32, I32],
+        calls::grpc_stream
+    ),
+    env!(proxy_grpc_send, [I32, I32, I32, I32], calls::grpc_send),
+    env!(proxy_grpc_cancel, [I32], calls::grpc_cancel),
+    env!(proxy_grpc_close, [I32], calls::grpc_close),
+    env!(proxy_get_status, [I32, I32, I32], calls::get_status),
+    env!(
+        proxy_call_foreign_function,
+        [I32, I32, I32, I32, I32, I32],
+        calls::call_foreign_function
+    ),
+];
+
+/// Every host function a module of ABI `abi` may import.
+pub(crate) fn host_functions(abi: AbiVersion) -> &'static [HostFunction<VmState>] {
+    static ALL: std::sync::OnceLock<Vec<HostFunction<VmState>>> = std::sync::OnceLock::new();
+    let _ = abi;
+    ALL.get_or_init(|| {
+        V0_2.iter()
+            .chain(wasi::FUNCTIONS.iter())
+            .copied()
+            .chain(wasi::unstable())
+            .collect()
+    })
+}
+
+/// Copies guest bytes out, so the host may be borrowed mutably afterwards.
+pub(crate) fn read_bytes(
+    caller: &mut dyn Caller<VmState>,
+    ptr: u64,
+    len: u64,
+) -> Result<Vec<u8>, Failure> {
+    Ok(caller.memory().slice(ptr, len)?.to_vec())
+}
+
+/// Allocates `len` bytes in the guest with its allocator.
+fn allocate(caller: &mut dyn Caller<VmState>, len: u64) -> Result<u64, Failure> {
+    let allocator = caller.state().allocator.ok_or(Status::InternalFailure)?;
+    if len > u64::from(u32::MAX) && caller.memory().pointer_size() == 4 {
+        return Err(Status::InternalFailure.into());
+    }
+    let mut pointer = [0];
+    caller.call(allocator, &[len], &mut pointer)?;
+    if pointer[0] == 0 {
+        return Err(Status::InternalFailure.into());
+    }
+    Ok(pointer[0])
+}
+
+/// Hands `len` bytes to the guest: allocates them with the guest's allocator, lets `fill` write
+/// them straight into guest memory at the pointer it is given, and stores the pointer and size at
+/// `return_data` and `return_size`. Zero bytes are returned as a null pointer, as the reference
+/// host does.
+///
+/// `fill` runs after the allocator (which may have re-entered the host or grown memory), with a
+/// fresh view of memory; it fails if what it would write no longer has `len` bytes.
+pub(crate) fn return_data(
+    caller: &mut dyn Caller<VmState>,
+    len: u64,
+    return_data: u64,
+    return_size: u64,
+    fill: impl FnOnce(&mut VmState, &mut GuestMemory<'_>, u64) -> HostResult,
+) -> HostResult {
+    {
+        let mut memory = caller.memory();
+        let width = memory.pointer_size();
+        memory.slice_mut(return_data, width)?;
+        memory.slice_mut(return_size, width)?;
+    }
+    let pointer = if len == 0 { 0 } else { allocate(caller, len)? };
+    let (state, mut memory) = caller.state_and_memory();
+    if len > 0 {
+        memory.slice_mut(pointer, len)?;
+        fill(state, &mut memory, pointer)?;
+    }
+    memory.write_pointer(return_data, pointer)?;
+    memory.write_size(return_size, len)?;
+    Ok(())
+}
+
+/// Writes `bytes` at `pointer`, which `return_data` allocated for exactly `expected` bytes.
+pub(crate) fn fill_exact(
+    memory: &mut GuestMemory<'_>,
+    pointer: u64,
+    expected: u64,
+    bytes: &[u8],
+) -> HostResult {
+    if bytes.len() as u64 != expected {
+        return Err(Status::InternalFailure.into());
+    }
+    memory.write(pointer, bytes)?;
+    Ok(())
+}
+
+/// Writes a `u32` result at `ptr`.
+pub(crate) fn write_u32(caller: &mut dyn Caller<VmState>, ptr: u64, value: u32) -> HostResult {
+    caller.memory().write_u32(ptr, value)?;
+    Ok(())
+}

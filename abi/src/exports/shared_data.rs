@@ -1,0 +1,109 @@
+//! Shared data, shared queues and metrics.
+
+use runtime_api::Caller;
+
+use super::{fill_exact, read_bytes, return_data, HostResult};
+use crate::{MetricType, Status, VmState};
+
+/// `proxy_get_shared_data(key_data, key_size, return_value_data, return_value_size,
+/// return_cas)`.
+pub(super) fn get_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let key = read_bytes(caller, args[0], args[1])?;
+    // Check the CAS pointer before allocating anything for the value.
+    caller.memory().slice_mut(args[4], 4)?;
+    let state = caller.state();
+    let (value, cas) = state
+        .shared
+        .get(&state.config.vm_id, &key)
+        .ok_or(Status::NotFound)?;
+    let len = value.len() as u64;
+    return_data(caller, len, args[2], args[3], |_, memory, pointer| {
+        fill_exact(memory, pointer, len, &value)
+    })?;
+    caller.memory().write_u32(args[4], cas)?;
+    Ok(())
+}
+
+/// `proxy_set_shared_data(key_data, key_size, value_data, value_size, cas)`.
+pub(super) fn set_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (state, memory) = caller.state_and_memory();
+    let key = memory.slice(args[0], args[1])?;
+    let value = memory.slice(args[2], args[3])?;
+    match state
+        .shared
+        .set(&state.config.vm_id, key, value, args[4] as u32)
+    {
+        Status::Ok => Ok(()),
+        status => Err(status.into()),
+    }
+}
+
+/// `proxy_register_shared_queue(name_data, name_size, return_id)`: not implemented yet.
+pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    caller.memory().slice(args[0], args[1])?;
+    Err(Status::Unimplemented.into())
+}
+
+/// `proxy_resolve_shared_queue(vm_id_data, vm_id_size, name_data, name_size, return_id)`: not
+/// implemented yet.
+pub(super) fn resolve_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    caller.memory().slice(args[0], args[1])?;
+    caller.memory().slice(args[2], args[3])?;
+    Err(Status::Unimplemented.into())
+}
+
+/// `proxy_dequeue_shared_queue(queue_id, return_value_data, return_value_size)`: not
+/// implemented yet.
+pub(super) fn dequeue_shared_queue(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
+    Err(Status::Unimplemented.into())
+}
+
+/// `proxy_enqueue_shared_queue(queue_id, value_data, value_size)`: not implemented yet.
+pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    caller.memory().slice(args[1], args[2])?;
+    Err(Status::Unimplemented.into())
+}
+
+/// `proxy_define_metric(metric_type, name_data, name_size, return_metric_id)`.
+pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let metric_type = MetricType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    let (state, mut memory) = caller.state_and_memory();
+    let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
+    memory.slice_mut(args[3], 4)?;
+    let id = state.shared.define_metric(metric_type, &name);
+    memory.write_u32(args[3], id)?;
+    Ok(())
+}
+
+fn metric_status(status: Status) -> HostResult {
+    match status {
+        Status::Ok => Ok(()),
+        other => Err(other.into()),
+    }
+}
+
+/// `proxy_increment_metric(metric_id, offset)`.
+pub(super) fn increment_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    metric_status(
+        caller
+            .state()
+            .shared
+            .increment_metric(args[0] as u32, args[1] as i64),
+    )
+}
+
+/// `proxy_record_metric(metric_id, value)`.
+pub(super) fn record_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    metric_status(caller.state().shared.record_metric(args[0] as u32, args[1]))
+}
+
+/// `proxy_get_metric(metric_id, return_value)`.
+pub(super) fn get_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let value = caller
+        .state()
+        .shared
+        .metric_value(args[0] as u32)
+        .ok_or(Status::NotFound)?;
+    caller.memory().write_u64(args[1], value as u64)?;
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Header maps and their wire format.
+
+/// An ordered multimap of header names to values, as HTTP carries them.
+///
+/// Names are stored lower-cased (HTTP/2 semantics, as Envoy does); lookups ignore ASCII case.
+/// Order is preserved and a name may occur several times.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderMap {
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl HeaderMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        HeaderMap::default()
+    }
+
+    /// The number of entries (counting repeated names).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// All entries in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + Clone {
+        self.entries
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Appends an entry, keeping any existing ones of the same name.
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        self.entries
+            .push((name.to_ascii_lowercase(), value.to_vec()));
+    }
+
+    /// Sets `name` to `value`: the first entry of that name gets the value and later ones are
+    /// removed; if there is none, an entry is appended.
+    pub fn replace(&mut self, name: &[u8], value: &[u8]) {
+        match self
+            .entries
+            .iter()
+            .position(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some(first) => {
+                self.entries[first].1 = value.to_vec();
+                let mut index = 0;
+                self.entries.retain(|(k, _)| {
+                    let keep = index <= first || !k.eq_ignore_ascii_case(name);
+                    index += 1;
+                    keep
+                });
+            }
+            None => self.add(name, value),
+        }
+    }
+
+    /// Removes every entry of `name`.
+    pub fn remove(&mut self, name: &[u8]) {
+        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Entries as UTF-8 strings (invalid sequences replaced), for reports.
+    pub fn to_string_pairs(&self) -> Vec<(String, String)> {
+        self.iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl<K: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(K, V)> for HeaderMap {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut map = HeaderMap::new();
+        for (k, v) in iter {
+            map.add(k.as_ref(), v.as_ref());
+        }
+        map
+    }
+}
+
+/// The Proxy-Wasm serialization of header pairs: a little-endian `u32` count, then a `u32` key
+/// length and `u32` value length per pair, then each key and value followed by a NUL byte.
+pub mod wire {
+    use crate::Status;
+
+    /// The encoded size of `pairs`, or `None` if it does not fit in a guest's 32-bit size.
+    pub fn encoded_len<'a>(
+        pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Option<u64> {
+        let count = pairs.len() as u64;
+        let mut len = 4 + 8 * count;
+        for (k, v) in pairs {
+            len += k.len() as u64 + v.len() as u64 + 2;
+        }
+        (len <= u32::MAX as u64).then_some(len)
+    }
+
+    /// Encodes `pairs` into `out`, which must be exactly `encoded_len` bytes long.
+    pub fn encode_into<'a>(
+        pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> + Clone,
+        out: &mut [u8],
+    ) {
+        let count = pairs.len();
+        out[..4].copy_from_slice(&(count as u32).to_le_bytes());
+        let mut sizes = 4;
+        let mut data = 4 + 8 * count;
+        for (k, v) in pairs {
+            out[sizes..sizes + 4].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            out[sizes + 4..sizes + 8].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            sizes += 8;
+            for part in [k, v] {
+                out[data..data + part.len()].copy_from_slice(part);
+                out[data + part.len()] = 0;
+                data += part.len() + 1;
+            }
+        }
+    }
+
+    /// Encodes `pairs` into a new vector.
+    pub fn encode<'a>(
+        pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    ) -> Vec<u8> {
+        let len = encoded_len(pairs.clone()).unwrap_or(0) as usize;
+        let mut out = vec![0; len];
+        if len > 0 {
+            encode_into(pairs, &mut out);
+        }
+        out
+    }
+
+    /// Decodes serialized pairs. An empty input is an empty map (the SDKs send nothing for no
+    /// headers); anything malformed is [`Status::BadArgument`].
+    pub fn decode(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, Status> {
+        if bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let read_u32 = |at: usize| -> Result<usize, Status> {
+            let b = bytes.get(at..at + 4).ok_or(Status::BadArgument)?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let count = read_u32(0)?;
+        // Each pair needs at least 8 size bytes and 2 NULs: reject absurd counts before
+        // allocating for them.
+        if count > bytes.len() / 10 {
+            return Err(Status::BadArgument);
+        }
+        let mut pairs = Vec::with_capacity(count);
+        let mut data = 4 + 8 * count;
+        for i in 0..count {
+            let key_len = read_u32(4 + 8 * i)?;
+            let value_len = read_u32(8 + 8 * i)?;
+            let key = bytes
+                .get(data..data.checked_add(key_len).ok_or(Status::BadArgument)?)
+                .ok_or(Status::BadArgument)?;
+            data += key_len + 1;
+            let value = bytes
+                .get(data..data.checked_add(value_len).ok_or(Status::BadArgument)?)
+                .ok_or(Status::BadArgument)?;
+            data += value_len + 1;
+            if data > bytes.len() {
+                return Err(Status::BadArgument);
+            }
+            pairs.push((key, value));
+        }
+        Ok(pairs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_case_insensitive_and_stored_lower_case() {
+        let mut map = HeaderMap::new();
+        map.add(b"Content-Type", b"text/plain");
+        assert_eq!(map.get(b"content-type"), Some(&b"text/plain"[..]));
+        assert_eq!(map.iter().next().unwrap().0, b"content-type");
+    }
+
+    #[test]
+    fn replace_keeps_the_first_position_and_drops_repeats() {
+        let mut map: HeaderMap = [("a", "1"), ("b", "2"), ("a", "3")].into_iter().collect();
+        map.replace(b"a", b"x");
+        assert_eq!(
+            map.to_string_pairs(),
+            vec![("a".into(), "x".into()), ("b".into(), "2".into())]
+        );
+        map.replace(b"c", b"new");
+        assert_eq!(map.get(b"c"), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn remove_drops_every_entry_of_the_name() {
+        let mut map: HeaderMap = [("a", "1"), ("b", "2"), ("A", "3")].into_iter().collect();
+        map.remove(b"a");
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn wire_format_round_trips() {
+        let map: HeaderMap = [(":path", "/"), ("x", "")].into_iter().collect();
+        let bytes = wire::encode(map.iter());
+        assert_eq!(bytes.len() as u64, wire::encoded_len(map.iter()).unwrap());
+        assert_eq!(&bytes[..4], &2u32.to_le_bytes());
+        assert_eq!(
+            wire::decode(&bytes).unwrap(),
+            vec![(&b":path"[..], &b"/"[..]), (&b"x"[..], &b""[..])]
+        );
+    }
+
+    #[test]
+    fn malformed_wire_data_is_a_bad_argument() {
+        assert_eq!(wire::decode(&[1, 0, 0]), Err(crate::Status::BadArgument));
+        let mut lying = 1000u32.to_le_bytes().to_vec();
+        lying.extend_from_slice(&[0; 4]);
+        assert_eq!(wire::decode(&lying), Err(crate::Status::BadArgument));
+        let mut truncated = wire::encode([(&b"key"[..], &b"value"[..])].into_iter());
+        truncated.truncate(truncated.len() - 3);
+        assert_eq!(wire::decode(&truncated), Err(crate::Status::BadArgument));
+        assert!(wire::decode(&[]).unwrap().is_empty());
+    }
+}

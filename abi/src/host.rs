@@ -1,0 +1,137 @@
+//! What the embedding proxy provides: the [`Host`] trait.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
+
+use crate::{BufferType, ContextId, HeaderMap, LogLevel, MapType, Status, StreamType};
+
+/// A property path as the plugin passed it: segments separated by NUL bytes, e.g.
+/// `request\0path`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PropertyPath<'a>(pub &'a [u8]);
+
+impl<'a> PropertyPath<'a> {
+    /// The path's segments (a trailing NUL does not add an empty segment).
+    pub fn segments(self) -> impl Iterator<Item = &'a [u8]> {
+        let bytes = self.0.strip_suffix(b"\0").unwrap_or(self.0);
+        bytes.split(|b| *b == 0)
+    }
+
+    /// The segments joined with `.` as text, e.g. `request.path`, for lookups and messages.
+    pub fn dotted(self) -> String {
+        let mut out = String::new();
+        for (i, segment) in self.segments().enumerate() {
+            if i > 0 {
+                out.push('.');
+            }
+            out.push_str(&String::from_utf8_lossy(segment));
+        }
+        out
+    }
+}
+
+/// A local reply a plugin asked the host to send instead of forwarding the request
+/// (`proxy_send_local_response`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// The HTTP status code.
+    pub status: u32,
+    /// The status code details (Envoy's response code details).
+    pub details: Vec<u8>,
+    /// The response body.
+    pub body: Vec<u8>,
+    /// Extra response headers.
+    pub headers: HeaderMap,
+    /// The gRPC status, or `None` for a plain HTTP reply (the guest passes -1).
+    pub grpc_status: Option<i32>,
+}
+
+/// An HTTP call a plugin asked the host to dispatch (`proxy_http_call`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpCallRequest {
+    /// The upstream (cluster) name.
+    pub upstream: Vec<u8>,
+    /// Request headers, including pseudo-headers.
+    pub headers: HeaderMap,
+    /// Request body.
+    pub body: Vec<u8>,
+    /// Request trailers.
+    pub trailers: HeaderMap,
+    /// How long the host waits for the response.
+    pub timeout: Duration,
+}
+
+/// The response to an HTTP call, handed to the plugin's `proxy_on_http_call_response`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpCallResponse {
+    /// Response headers (with `:status`).
+    pub headers: HeaderMap,
+    /// Response body.
+    pub body: Vec<u8>,
+    /// Response trailers.
+    pub trailers: HeaderMap,
+}
+
+/// What the embedding proxy provides to plugins: its view of each stream (headers, bodies,
+/// properties), its actions (local replies, continuing streams, outgoing calls), time and logging.
+///
+/// One `Host` serves one VM; every method names the context the plugin is acting on (its
+/// effective context), so the proxy maps ids to its own streams. Methods return `Option`/`Status`
+/// for what may be missing or refused; the ABI turns those into the spec's status codes.
+///
+/// Header maps and bodies are exposed as [`HeaderMap`] and byte vectors that the ABI reads and
+/// edits in place, so a proxy converts its own representation at the boundary of each callback.
+pub trait Host: Send + std::any::Any {
+    /// A log line from the plugin.
+    fn log(&mut self, context: ContextId, level: LogLevel, message: &str);
+
+    /// The least severe level the host records; plugins skip formatting below it.
+    fn log_level(&self) -> LogLevel {
+        LogLevel::Trace
+    }
+
+    /// The wall-clock time.
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    /// A header map of a context, or `None` if it is not available (yet) in this context.
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap>;
+
+    /// A body or data buffer of a context, or `None` if it is not available.
+    fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>>;
+
+    /// Whether the body or data in `buffer` is the end of its stream (for
+    /// `proxy_get_buffer_status`).
+    fn end_of_stream(&mut self, _context: ContextId, _buffer: BufferType) -> bool {
+        false
+    }
+
+    /// A property (`proxy_get_property`), or `None` if the host has none at this path.
+    fn property(&mut self, context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>>;
+
+    /// Sets a property (`proxy_set_property`).
+    fn set_property(&mut self, context: ContextId, path: PropertyPath<'_>, value: &[u8]) -> Status;
+
+    /// Sends a local reply on a stream instead of forwarding it.
+    fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status;
+
+    /// Resumes a stream the plugin had paused.
+    fn continue_stream(&mut self, context: ContextId, stream: StreamType) -> Status;
+
+    /// Closes a stream.
+    fn close_stream(&mut self, context: ContextId, stream: StreamType) -> Status;
+
+    /// Dispatches an HTTP call on behalf of a root context and returns its token; the proxy later
+    /// delivers the response through [`crate::Vm::on_http_call_response`].
+    fn http_call(&mut self, context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
+        let _ = (context, request);
+        Err(Status::Unimplemented)
+    }
+
+    /// The root context finished the asynchronous work it had pending when the host asked it to
+    /// finish (`proxy_done`).
+    fn done(&mut self, _context: ContextId) -> Status {
+        Status::Ok
+    }
+}

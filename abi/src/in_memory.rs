@@ -1,0 +1,238 @@
+//! A complete in-memory [`Host`], for tests, benchmarks and `pwhost run`.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use crate::{
+    BufferType, ContextId, HeaderMap, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
+    PropertyPath, Status, StreamType,
+};
+
+/// One log line a plugin wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Its level.
+    pub level: LogLevel,
+    /// The text.
+    pub message: String,
+    /// The context that was effective when it was written.
+    pub context: ContextId,
+}
+
+/// Everything the host knows about one HTTP stream.
+#[derive(Clone, Debug, Default)]
+pub struct StreamRecord {
+    /// Request headers (as the plugin left them).
+    pub request_headers: HeaderMap,
+    /// The request body the plugin currently sees (the current chunk plus anything buffered).
+    pub request_body: Vec<u8>,
+    /// Whether `request_body` ends the request.
+    pub request_end_of_stream: bool,
+    /// Request trailers.
+    pub request_trailers: HeaderMap,
+    /// Response headers.
+    pub response_headers: HeaderMap,
+    /// The response body the plugin currently sees.
+    pub response_body: Vec<u8>,
+    /// Whether `response_body` ends the response.
+    pub response_end_of_stream: bool,
+    /// Response trailers.
+    pub response_trailers: HeaderMap,
+    /// The local reply the plugin sent, if any.
+    pub local_response: Option<LocalResponse>,
+    /// `proxy_continue_stream` calls not yet acted upon.
+    pub continued: Vec<StreamType>,
+    /// `proxy_close_stream` calls.
+    pub closed: Vec<StreamType>,
+    /// Properties the plugin set on this stream.
+    pub properties: HashMap<String, Vec<u8>>,
+}
+
+/// An HTTP call a plugin dispatched.
+#[derive(Clone, Debug)]
+pub struct DispatchedCall {
+    /// The token returned to the plugin.
+    pub token: u32,
+    /// The context that dispatched it (the root context).
+    pub context: ContextId,
+    /// What was asked.
+    pub request: HttpCallRequest,
+}
+
+/// A [`Host`] that keeps everything in memory and records what plugins do.
+#[derive(Debug, Default)]
+pub struct InMemoryHost {
+    /// Streams by context id; a stream exists once the embedder adds it.
+    pub streams: HashMap<ContextId, StreamRecord>,
+    /// Log lines at or above `log_level`, in order.
+    pub logs: Vec<LogRecord>,
+    /// The least severe level recorded (reported by `proxy_get_log_level`).
+    pub log_level: LogLevel,
+    /// Properties by dotted path (`request.path`), visible to every context.
+    pub properties: HashMap<String, Vec<u8>>,
+    /// HTTP calls dispatched, in order.
+    pub http_calls: Vec<DispatchedCall>,
+    /// Root contexts that called `proxy_done`.
+    pub done: Vec<ContextId>,
+    /// A fixed wall-clock time, for reproducible runs; `None` uses the system clock.
+    pub fixed_time: Option<SystemTime>,
+    next_token: u32,
+}
+
+impl InMemoryHost {
+    /// An empty host that records every log level.
+    pub fn new() -> Self {
+        InMemoryHost::default()
+    }
+
+    /// The stream of `context`, created empty if needed.
+    pub fn stream(&mut self, context: ContextId) -> &mut StreamRecord {
+        self.streams.entry(context).or_default()
+    }
+
+    /// Properties a proxy derives from the request itself, as Envoy does.
+    fn derived_property<'a>(stream: &'a StreamRecord, path: &str) -> Option<&'a [u8]> {
+        let header = |name: &[u8]| stream.request_headers.get(name);
+        match path {
+            "request.path" | "request.url_path" => header(b":path"),
+            "request.method" => header(b":method"),
+            "request.host" => header(b":authority"),
+            "request.scheme" => header(b":scheme"),
+            "request.id" => header(b"x-request-id"),
+            "request.useragent" => header(b"user-agent"),
+            "request.referer" => header(b"referer"),
+            "response.code" => stream.response_headers.get(b":status"),
+            _ => path
+                .strip_prefix("request.headers.")
+                .and_then(|name| header(name.as_bytes()))
+                .or_else(|| {
+                    path.strip_prefix("response.headers.")
+                        .and_then(|n| stream.response_headers.get(n.as_bytes()))
+                }),
+        }
+    }
+}
+
+impl Host for InMemoryHost {
+    fn log(&mut self, context: ContextId, level: LogLevel, message: &str) {
+        if level >= self.log_level {
+            self.logs.push(LogRecord {
+                level,
+                message: message.to_string(),
+                context,
+            });
+        }
+    }
+
+    fn log_level(&self) -> LogLevel {
+        self.log_level
+    }
+
+    fn now(&self) -> SystemTime {
+        self.fixed_time.unwrap_or_else(SystemTime::now)
+    }
+
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap> {
+        let stream = self.streams.get_mut(&context)?;
+        match map {
+            MapType::HttpRequestHeaders => Some(&mut stream.request_headers),
+            MapType::HttpRequestTrailers => Some(&mut stream.request_trailers),
+            MapType::HttpResponseHeaders => Some(&mut stream.response_headers),
+            MapType::HttpResponseTrailers => Some(&mut stream.response_trailers),
+            _ => None,
+        }
+    }
+
+    fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>> {
+        let stream = self.streams.get_mut(&context)?;
+        match buffer {
+            BufferType::HttpRequestBody => Some(&mut stream.request_body),
+            BufferType::HttpResponseBody => Some(&mut stream.response_body),
+            _ => None,
+        }
+    }
+
+    fn end_of_stream(&mut self, context: ContextId, buffer: BufferType) -> bool {
+        self.streams
+            .get(&context)
+            .is_some_and(|stream| match buffer {
+                BufferType::HttpRequestBody => stream.request_end_of_stream,
+                BufferType::HttpResponseBody => stream.response_end_of_stream,
+                _ => false,
+            })
+    }
+
+    fn property(&mut self, context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
+        let dotted = path.dotted();
+        let stream = self.streams.get(&context);
+        if let Some(value) = stream.and_then(|s| s.properties.get(&dotted)) {
+            return Some(Cow::Borrowed(value));
+        }
+        if let Some(value) = self.properties.get(&dotted) {
+            return Some(Cow::Borrowed(value));
+        }
+        stream
+            .and_then(|s| Self::derived_property(s, &dotted))
+            .map(Cow::Borrowed)
+    }
+
+    fn set_property(&mut self, context: ContextId, path: PropertyPath<'_>, value: &[u8]) -> Status {
+        let dotted = path.dotted();
+        match self.streams.get_mut(&context) {
+            Some(stream) => {
+                stream.properties.insert(dotted, value.to_vec());
+            }
+            None => {
+                self.properties.insert(dotted, value.to_vec());
+            }
+        }
+        Status::Ok
+    }
+
+    fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status {
+        match self.streams.get_mut(&context) {
+            Some(stream) => {
+                stream.local_response = Some(response);
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
+    }
+
+    fn continue_stream(&mut self, context: ContextId, stream_type: StreamType) -> Status {
+        match self.streams.get_mut(&context) {
+            Some(stream) => {
+                stream.continued.push(stream_type);
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
+    }
+
+    fn close_stream(&mut self, context: ContextId, stream_type: StreamType) -> Status {
+        match self.streams.get_mut(&context) {
+            Some(stream) => {
+                stream.closed.push(stream_type);
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
+    }
+
+    fn http_call(&mut self, context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.http_calls.push(DispatchedCall {
+            token,
+            context,
+            request,
+        });
+        Ok(token)
+    }
+
+    fn done(&mut self, context: ContextId) -> Status {
+        self.done.push(context);
+        Status::Ok
+    }
+}

@@ -1,0 +1,197 @@
+//! Loading a plugin: compile, check its ABI and exports, link the host functions once.
+
+use std::sync::Arc;
+
+use runtime_api::{
+    Capabilities, CompiledModule, ExternKind, LinkedModule, Signature, ValType, WasmRuntime,
+};
+
+use crate::callbacks::CALLBACKS;
+use crate::exports::host_functions;
+use crate::{AbiVersion, SharedState, VmState};
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The engine rejected the module, or linking failed.
+    #[error(transparent)]
+    Runtime(#[from] runtime_api::Error),
+    /// The module exports no `proxy_abi_version_*` marker.
+    #[error("module declares no Proxy-Wasm ABI version (no proxy_abi_version_* export)")]
+    MissingAbiVersion,
+    /// The module exports a marker for a version this host does not implement.
+    #[error("unsupported Proxy-Wasm ABI version marker {0} (supported: 0.1.0, 0.2.0, 0.2.1)")]
+    UnknownAbiVersion(String),
+    /// The module exports markers of two different versions.
+    #[error("module declares two Proxy-Wasm ABI versions, {0} and {1}")]
+    ConflictingAbiVersions(AbiVersion, AbiVersion),
+    /// The module exports no linear memory called `memory`.
+    #[error("module exports no linear memory named \"memory\"")]
+    MissingMemory,
+    /// The module exports no allocator the host can use to return data.
+    #[error("module exports neither proxy_on_memory_allocate nor malloc, so the host cannot return data to it")]
+    MissingAllocator,
+    /// An export the ABI calls has the wrong type.
+    #[error("export {name} has type {found}, but ABI {abi} requires {expected}")]
+    BadExport {
+        /// The export's name.
+        name: String,
+        /// The type the ABI requires.
+        expected: Signature,
+        /// The module's type.
+        found: String,
+        /// The module's ABI version.
+        abi: AbiVersion,
+    },
+}
+
+/// Who a plugin is, and the configuration it is given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginConfig {
+    /// The plugin's name (property `plugin_name`).
+    pub name: String,
+    /// The root id that selects the plugin's root context in the module (property
+    /// `plugin_root_id`).
+    pub root_id: String,
+    /// The VM id that scopes shared data and queues (property `plugin_vm_id`).
+    pub vm_id: String,
+    /// The VM configuration, read by `proxy_on_vm_start`.
+    pub vm_configuration: Vec<u8>,
+    /// The plugin configuration, read by `proxy_on_configure`.
+    pub plugin_configuration: Vec<u8>,
+    /// Environment variables visible through WASI `environ_get`; nothing else of the host's
+    /// environment is exposed.
+    pub environment: Vec<(String, String)>,
+}
+
+/// A plugin compiled and linked once; create any number of [`crate::Vm`]s from it, on any thread.
+pub struct Plugin {
+    pub(crate) linked: Arc<dyn LinkedModule<VmState>>,
+    pub(crate) abi: AbiVersion,
+    pub(crate) config: Arc<PluginConfig>,
+    pub(crate) shared: SharedState,
+    pub(crate) runtime: &'static str,
+    pub(crate) capabilities: Capabilities,
+}
+
+impl Plugin {
+    /// Compiles `wasm` with `runtime`, checks it is a Proxy-Wasm module this host can run, and
+    /// links the host functions of its ABI version.
+    pub fn load(
+        runtime: &dyn WasmRuntime<VmState>,
+        wasm: &[u8],
+        config: PluginConfig,
+        shared: SharedState,
+    ) -> Result<Plugin, LoadError> {
+        let module = runtime.compile(wasm)?;
+        Self::from_module(runtime, module, config, shared)
+    }
+
+    /// As [`Plugin::load`], for a module the caller compiled (or loaded precompiled).
+    pub fn from_module(
+        runtime: &dyn WasmRuntime<VmState>,
+        module: Arc<dyn CompiledModule<VmState>>,
+        config: PluginConfig,
+        shared: SharedState,
+    ) -> Result<Plugin, LoadError> {
+        let abi = AbiVersion::detect(module.exports())?;
+        check_exports(&*module, abi)?;
+        let linked = module.link(host_functions(abi))?;
+        Ok(Plugin {
+            linked,
+            abi,
+            config: Arc::new(config),
+            shared,
+            runtime: runtime.name(),
+            capabilities: runtime.capabilities(),
+        })
+    }
+
+    /// The module's ABI version.
+    pub fn abi_version(&self) -> AbiVersion {
+        self.abi
+    }
+
+    /// The plugin's configuration.
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
+    }
+
+    /// The name of the engine the plugin runs on.
+    pub fn runtime_name(&self) -> &'static str {
+        self.runtime
+    }
+
+    /// What that engine can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    /// The shared data and metrics this plugin's VMs use.
+    pub fn shared_state(&self) -> &SharedState {
+        &self.shared
+    }
+}
+
+const ALLOCATOR: Signature = Signature::new(&[ValType::I32], &[ValType::I32]);
+
+fn check_exports(module: &dyn CompiledModule<VmState>, abi: AbiVersion) -> Result<(), LoadError> {
+    let exports = module.exports();
+    let function_type = |name: &str| {
+        exports
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| match &e.kind {
+                ExternKind::Function(ty) => Ok(ty.clone()),
+                other => Err(other.describe().to_string()),
+            })
+    };
+    if !exports
+        .iter()
+        .any(|e| e.name == "memory" && e.kind == ExternKind::Memory)
+    {
+        return Err(LoadError::MissingMemory);
+    }
+    let mut has_allocator = false;
+    for name in ["proxy_on_memory_allocate", "malloc"] {
+        match function_type(name) {
+            Some(Ok(ty)) if ALLOCATOR.matches(&ty) => has_allocator = true,
+            Some(Ok(ty)) if name == "proxy_on_memory_allocate" => {
+                return Err(LoadError::BadExport {
+                    name: name.into(),
+                    expected: ALLOCATOR,
+                    found: ty.to_string(),
+                    abi,
+                })
+            }
+            _ => {}
+        }
+    }
+    if !has_allocator {
+        return Err(LoadError::MissingAllocator);
+    }
+    for callback in CALLBACKS.iter().filter(|c| c.in_abi(abi)) {
+        let expected = callback.signature(abi);
+        match function_type(callback.name) {
+            Some(Ok(ty)) if expected.matches(&ty) => {}
+            Some(Ok(ty)) => {
+                return Err(LoadError::BadExport {
+                    name: callback.name.into(),
+                    expected,
+                    found: ty.to_string(),
+                    abi,
+                })
+            }
+            Some(Err(kind)) => {
+                return Err(LoadError::BadExport {
+                    name: callback.name.into(),
+                    expected,
+                    found: kind,
+                    abi,
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! State shared between VMs: shared data and metrics.
+//!
+//! A [`SharedState`] is created by the embedder and handed to every VM that should see the same
+//! data (typically all VMs of one process). It is thread-safe; VMs on different threads share it.
+
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use rustc_hash::FxHashMap;
+
+use crate::Status;
+
+/// Shared data and metrics, shared by every VM created with the same `SharedState`.
+#[derive(Clone, Default)]
+pub struct SharedState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    data: RwLock<FxHashMap<(String, Vec<u8>), SharedValue>>,
+    metrics: Mutex<MetricRegistry>,
+}
+
+#[derive(Clone)]
+struct SharedValue {
+    value: Vec<u8>,
+    cas: u32,
+}
+
+/// The kind of a metric (`proxy_metric_type_t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MetricType {
+    /// A monotonically increasing count.
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A distribution of recorded values.
+    Histogram,
+}
+
+impl MetricType {
+    /// The type for a raw guest argument.
+    pub fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            0 => Some(MetricType::Counter),
+            1 => Some(MetricType::Gauge),
+            2 => Some(MetricType::Histogram),
+            _ => None,
+        }
+    }
+
+    /// The spec's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricType::Counter => "counter",
+            MetricType::Gauge => "gauge",
+            MetricType::Histogram => "histogram",
+        }
+    }
+}
+
+/// A metric as reported to the embedder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metric {
+    /// The name the plugin gave it.
+    pub name: String,
+    /// Its kind.
+    pub metric_type: MetricType,
+    /// Counter or gauge value; for a histogram, the last recorded value.
+    pub value: i64,
+    /// Every value recorded into a histogram, in order (empty for counters and gauges).
+    pub recorded: Vec<u64>,
+}
+
+#[derive(Default)]
+struct MetricRegistry {
+    metrics: Vec<Metric>,
+    by_name: FxHashMap<(MetricType, String), u32>,
+}
+
+impl SharedState {
+    /// A new, empty shared state.
+    pub fn new() -> Self {
+        SharedState::default()
+    }
+
+    /// The value and CAS token of a shared data key in `vm_id`'s namespace.
+    pub fn get(&self, vm_id: &str, key: &[u8]) -> Option<(Vec<u8>, u32)> {
+        let data = self
+            .inner
+            .data
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        data.get(&(vm_id.to_string(), key.to_vec()))
+            .map(|v| (v.value.clone(), v.cas))
+    }
+
+    /// Sets a shared data key. `cas` 0 sets unconditionally; otherwise it must equal the key's
+    /// current CAS token, or the call fails with [`Status::CasMismatch`].
+    pub fn set(&self, vm_id: &str, key: &[u8], value: &[u8], cas: u32) -> Status {
+        let mut data = self
+            .inner
+            .data
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = data.entry((vm_id.to_string(), key.to_vec()));
+        match entry {
+            std::collections::hash_map::Entry::Occupied(mut occupied) => {
+                let current = occupied.get_mut();
+                if cas != 0 && cas != current.cas {
+                    return Status::CasMismatch;
+                }
+                current.value = value.to_vec();
+                current.cas = current.cas.wrapping_add(1).max(1);
+            }
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                if cas != 0 {
+                    return Status::CasMismatch;
+                }
+                vacant.insert(SharedValue {
+                    value: value.to_vec(),
+                    cas: 1,
+                });
+            }
+        }
+        Status::Ok
+    }
+
+    /// Every shared data entry of `vm_id`, sorted by key.
+    pub fn data_snapshot(&self, vm_id: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let data = self
+            .inner
+            .data
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut entries: Vec<_> = data
+            .iter()
+            .filter(|((vm, _), _)| vm == vm_id)
+            .map(|((_, k), v)| (k.clone(), v.value.clone()))
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    fn metrics(&self) -> std::sync::MutexGuard<'_, MetricRegistry> {
+        self.inner
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Defines a metric, or returns the id of the one already defined with this name and type.
+    pub fn define_metric(&self, metric_type: MetricType, name: &str) -> u32 {
+        let mut registry = self.metrics();
+        if let Some(id) = registry.by_name.get(&(metric_type, name.to_string())) {
+            return *id;
+        }
+        let id = registry.metrics.len() as u32;
+        registry.metrics.push(Metric {
+            name: name.to_string(),
+            metric_type,
+            value: 0,
+            recorded: Vec::new(),
+        });
+        registry.by_name.insert((metric_type, name.to_string()), id);
+        id
+    }
+
+    /// Adds `offset` to a counter or gauge. Counters cannot go down.
+    pub fn increment_metric(&self, id: u32, offset: i64) -> Status {
+        let mut registry = self.metrics();
+        let Some(metric) = registry.metrics.get_mut(id as usize) else {
+            return Status::NotFound;
+        };
+        match metric.metric_type {
+            MetricType::Counter if offset < 0 => Status::BadArgument,
+            MetricType::Counter | MetricType::Gauge => {
+                metric.value = metric.value.saturating_add(offset);
+                Status::Ok
+            }
+            MetricType::Histogram => Status::BadArgument,
+        }
+    }
+
+    /// Sets a gauge, records into a histogram, or sets a counter.
+    pub fn record_metric(&self, id: u32, value: u64) -> Status {
+        let mut registry = self.metrics();
+        let Some(metric) = registry.metrics.get_mut(id as usize) else {
+            return Status::NotFound;
+        };
+        metric.value = i64::try_from(value).unwrap_or(i64::MAX);
+        if metric.metric_type == MetricType::Histogram {
+            metric.recorded.push(value);
+        }
+        Status::Ok
+    }
+
+    /// A metric's current value.
+    pub fn metric_value(&self, id: u32) -> Option<i64> {
+        self.metrics().metrics.get(id as usize).map(|m| m.value)
+    }
+
+    /// Every metric, in definition order.
+    pub fn metrics_snapshot(&self) -> Vec<Metric> {
+        self.metrics().metrics.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_data_cas_follows_the_spec() {
+        let shared = SharedState::new();
+        assert_eq!(
+            shared.set("vm", b"k", b"v1", 7),
+            Status::CasMismatch,
+            "cas on a missing key"
+        );
+        assert_eq!(shared.set("vm", b"k", b"v1", 0), Status::Ok);
+        let (value, cas) = shared.get("vm", b"k").unwrap();
+        assert_eq!(value, b"v1");
+        assert_eq!(shared.set("vm", b"k", b"v2", cas + 1), Status::CasMismatch);
+        assert_eq!(shared.set("vm", b"k", b"v2", cas), Status::Ok);
+        assert_eq!(
+            shared.set("vm", b"k", b"v3", cas),
+            Status::CasMismatch,
+            "the token changed on set"
+        );
+        assert_eq!(shared.get("vm", b"k").unwrap().0, b"v2");
+        assert_eq!(
+            shared.get("other-vm", b"k"),
+            None,
+            "keys are scoped by vm_id"
+        );
+    }
+
+    #[test]
+    fn metrics_are_defined_once_per_name_and_type() {
+        let shared = SharedState::new();
+        let counter = shared.define_metric(MetricType::Counter, "requests");
+        assert_eq!(
+            shared.define_metric(MetricType::Counter, "requests"),
+            counter
+        );
+        assert_eq!(shared.increment_metric(counter, 2), Status::Ok);
+        assert_eq!(shared.increment_metric(counter, -1), Status::BadArgument);
+        assert_eq!(shared.metric_value(counter), Some(2));
+        let gauge = shared.define_metric(MetricType::Gauge, "level");
+        assert_eq!(shared.record_metric(gauge, 10), Status::Ok);
+        assert_eq!(shared.increment_metric(gauge, -3), Status::Ok);
+        assert_eq!(shared.metric_value(gauge), Some(7));
+        assert_eq!(shared.increment_metric(99, 1), Status::NotFound);
+    }
+}

@@ -1,0 +1,60 @@
+//! The host-side state of one VM, which every host function receives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runtime_api::GuestFunction;
+use rustc_hash::FxHashMap;
+
+use crate::{ContextId, Host, HttpCallResponse, PluginConfig, SharedState};
+
+/// What kind of context an id names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ContextKind {
+    Root,
+    Stream { root: ContextId },
+}
+
+/// The per-VM state the engine keeps beside the guest and hands to host functions.
+///
+/// It is created by [`crate::Vm`]; embedders reach the [`Host`] inside through
+/// [`crate::Vm::host`].
+pub struct VmState {
+    pub(crate) host: Box<dyn Host>,
+    pub(crate) config: Arc<PluginConfig>,
+    pub(crate) shared: SharedState,
+    /// The guest's allocator, resolved once at start.
+    pub(crate) allocator: Option<GuestFunction>,
+    /// The context that host calls act on: the callback's context unless the plugin switched it
+    /// with `proxy_set_effective_context`.
+    pub(crate) effective_context: ContextId,
+    /// Every live context; a hash map keyed by id, so lookups cost no tree walk.
+    pub(crate) contexts: FxHashMap<u32, ContextKind>,
+    /// The HTTP call response being delivered, readable while `proxy_on_http_call_response` runs.
+    pub(crate) http_call_response: Option<HttpCallResponse>,
+    /// The tick period each root context asked for.
+    pub(crate) tick_periods: FxHashMap<u32, Duration>,
+}
+
+impl VmState {
+    pub(crate) fn new(host: Box<dyn Host>, config: Arc<PluginConfig>, shared: SharedState) -> Self {
+        VmState {
+            host,
+            config,
+            shared,
+            allocator: None,
+            effective_context: ContextId(0),
+            contexts: FxHashMap::default(),
+            http_call_response: None,
+            tick_periods: FxHashMap::default(),
+        }
+    }
+
+    /// The root context of the effective context (itself if it is a root).
+    pub(crate) fn effective_root(&self) -> ContextId {
+        match self.contexts.get(&self.effective_context.0) {
+            Some(ContextKind::Stream { root }) => *root,
+            _ => self.effective_context,
+        }
+    }
+}

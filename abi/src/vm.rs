@@ -1,0 +1,420 @@
+//! A running VM: one instance of a plugin, its contexts, and the callbacks into it.
+
+use std::time::Duration;
+
+use runtime_api::{GuestFunction, Instance, InterruptHandle, Trap, TrapKind};
+
+use crate::callbacks::{Callback, CALLBACKS, CALLBACK_COUNT};
+use crate::state::ContextKind;
+use crate::{
+    AbiVersion, ContextId, DataAction, HeadersAction, Host, HttpCallResponse, Plugin, VmState,
+};
+
+/// Why a call into a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The engine could not instantiate the module.
+    #[error("cannot instantiate plugin: {0}")]
+    Instantiate(#[from] runtime_api::Error),
+    /// Plugin code trapped (or was stopped); the VM is now failed.
+    #[error("{callback} trapped in context {context}: {trap}")]
+    Trap {
+        /// The export that was running.
+        callback: &'static str,
+        /// The context it ran for.
+        context: ContextId,
+        /// What stopped it.
+        trap: Trap,
+    },
+    /// An earlier trap failed the VM; it runs no more plugin code.
+    #[error("the VM failed earlier and runs no more plugin code ({0})")]
+    Failed(String),
+    /// The context does not exist (never created, or deleted).
+    #[error("unknown context {0}")]
+    UnknownContext(ContextId),
+}
+
+impl VmError {
+    /// The trap behind the error, if plugin code trapped.
+    pub fn trap(&self) -> Option<&Trap> {
+        match self {
+            VmError::Trap { trap, .. } => Some(trap),
+            _ => None,
+        }
+    }
+}
+
+/// One instance of a plugin with its contexts.
+///
+/// A `Vm` is used by one thread at a time and may move between threads. Create as many as needed
+/// from one [`Plugin`] (e.g. one per worker thread): they share the compiled, linked module and
+/// the plugin's [`crate::SharedState`], and nothing else.
+pub struct Vm {
+    instance: Box<dyn Instance<VmState>>,
+    callbacks: [Option<GuestFunction>; CALLBACK_COUNT],
+    abi: AbiVersion,
+    root: ContextId,
+    next_context_id: u32,
+    failure: Option<String>,
+}
+
+impl Vm {
+    /// Instantiates `plugin` with `host` as its view of the proxy, and runs the module's
+    /// initialisation (`_initialize`, else `_start`, else `main(0, 0)`).
+    pub fn new(plugin: &Plugin, host: Box<dyn Host>) -> Result<Vm, VmError> {
+        let state = VmState::new(host, plugin.config.clone(), plugin.shared.clone());
+        let mut instance = plugin.linked.instantiate(state)?;
+        let mut callbacks = [None; CALLBACK_COUNT];
+        for (slot, spec) in callbacks.iter_mut().zip(CALLBACKS.iter()) {
+            if spec.in_abi(plugin.abi) {
+                *slot = instance.function(spec.name);
+            }
+        }
+        let allocator = instance
+            .function("proxy_on_memory_allocate")
+            .or_else(|| instance.function("malloc"));
+        instance.state().allocator = allocator;
+        let mut vm = Vm {
+            instance,
+            callbacks,
+            abi: plugin.abi,
+            root: ContextId(1),
+            next_context_id: 2,
+            failure: None,
+        };
+        vm.initialize()?;
+        Ok(vm)
+    }
+
+    fn initialize(&mut self) -> Result<(), VmError> {
+        let entry = ["_initialize", "_start"]
+            .into_iter()
+            .find_map(|name| Some((name, self.instance.function(name)?)));
+        let result = match entry {
+            Some((name, function))
+                if function.param_count() == 0 && function.result_count() == 0 =>
+            {
+                (name, self.instance.call(function, &[], &mut []))
+            }
+            _ => match self.instance.function("main") {
+                Some(main) if main.param_count() == 2 && main.result_count() == 1 => {
+                    ("main", self.instance.call(main, &[0, 0], &mut [0]))
+                }
+                _ => return Ok(()),
+            },
+        };
+        match result {
+            // A command module's `_start` may end with `proc_exit(0)`: that is a normal end.
+            (_, Ok(()))
+            | (
+                _,
+                Err(Trap {
+                    kind: TrapKind::Exit(0),
+                    ..
+                }),
+            ) => Ok(()),
+            (name, Err(trap)) => Err(self.fail(name, ContextId(0), trap)),
+        }
+    }
+
+    fn fail(&mut self, callback: &'static str, context: ContextId, trap: Trap) -> VmError {
+        self.failure = Some(format!("{callback} trapped in context {context}: {trap}"));
+        VmError::Trap {
+            callback,
+            context,
+            trap,
+        }
+    }
+
+    /// Calls `callback` for `context`. A missing export is not an error: the result slots keep
+    /// their defaults, which the callers choose to mean what the spec's default behaviour is.
+    #[inline]
+    fn call(
+        &mut self,
+        callback: Callback,
+        context: ContextId,
+        args: &[u64],
+        results: &mut [u64],
+    ) -> Result<bool, VmError> {
+        if let Some(failure) = &self.failure {
+            return Err(VmError::Failed(failure.clone()));
+        }
+        let Some(function) = self.callbacks[callback as usize] else {
+            return Ok(false);
+        };
+        self.instance.state().effective_context = context;
+        match self.instance.call(function, args, results) {
+            Ok(()) => Ok(true),
+            Err(trap) => Err(self.fail(CALLBACKS[callback as usize].name, context, trap)),
+        }
+    }
+
+    fn check_stream(&mut self, context: ContextId) -> Result<(), VmError> {
+        match self.instance.state().contexts.get(&context.0) {
+            Some(ContextKind::Stream { .. }) => Ok(()),
+            _ => Err(VmError::UnknownContext(context)),
+        }
+    }
+
+    /// The ABI version the plugin was built for.
+    pub fn abi_version(&self) -> AbiVersion {
+        self.abi
+    }
+
+    /// Whether an earlier trap failed the VM (then every call returns [`VmError::Failed`]).
+    pub fn is_failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    /// The root context's id.
+    pub fn root_context(&self) -> ContextId {
+        self.root
+    }
+
+    /// The embedder's host, to feed it data or read what plugins did.
+    pub fn host(&mut self) -> &mut dyn Host {
+        &mut *self.instance.state().host
+    }
+
+    /// The embedder's host as its concrete type, if it is a `T`.
+    pub fn host_as<T: Host>(&mut self) -> Option<&mut T> {
+        let host: &mut dyn std::any::Any = &mut *self.instance.state().host;
+        host.downcast_mut::<T>()
+    }
+
+    /// A handle that stops a running callback from another thread, if the engine supports it.
+    pub fn interrupt_handle(&self) -> Option<std::sync::Arc<dyn InterruptHandle>> {
+        self.instance.interrupt_handle()
+    }
+
+    /// The guest's current linear memory size in bytes.
+    pub fn memory_size(&mut self) -> usize {
+        self.instance.memory_size()
+    }
+
+    /// The tick period the root context asked for with `proxy_set_tick_period_milliseconds`.
+    pub fn tick_period(&mut self) -> Option<Duration> {
+        let root = self.root.0;
+        self.instance.state().tick_periods.get(&root).copied()
+    }
+
+    /// Creates the root context and calls `proxy_on_vm_start`. Returns whether the plugin
+    /// accepted its VM configuration.
+    pub fn start(&mut self) -> Result<bool, VmError> {
+        let root = self.root;
+        self.instance
+            .state()
+            .contexts
+            .insert(root.0, ContextKind::Root);
+        self.call(
+            Callback::ContextCreate,
+            root,
+            &[u64::from(root.0), 0],
+            &mut [],
+        )?;
+        let size = self.instance.state().config.vm_configuration.len() as u64;
+        let mut ok = [1];
+        self.call(Callback::VmStart, root, &[u64::from(root.0), size], &mut ok)?;
+        Ok(ok[0] != 0)
+    }
+
+    /// Calls `proxy_on_configure`. Returns whether the plugin accepted its configuration.
+    pub fn configure(&mut self) -> Result<bool, VmError> {
+        let root = self.root;
+        let size = self.instance.state().config.plugin_configuration.len() as u64;
+        let mut ok = [1];
+        self.call(
+            Callback::Configure,
+            root,
+            &[u64::from(root.0), size],
+            &mut ok,
+        )?;
+        Ok(ok[0] != 0)
+    }
+
+    /// Calls `proxy_on_tick` on the root context.
+    pub fn tick(&mut self) -> Result<(), VmError> {
+        let root = self.root;
+        self.call(Callback::Tick, root, &[u64::from(root.0)], &mut [])?;
+        Ok(())
+    }
+
+    /// Creates a context for a new HTTP stream.
+    pub fn create_http_context(&mut self) -> Result<ContextId, VmError> {
+        let context = ContextId(self.next_context_id);
+        self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
+        let root = self.root;
+        self.instance
+            .state()
+            .contexts
+            .insert(context.0, ContextKind::Stream { root });
+        self.call(
+            Callback::ContextCreate,
+            context,
+            &[u64::from(context.0), u64::from(root.0)],
+            &mut [],
+        )?;
+        Ok(context)
+    }
+
+    fn headers_callback(
+        &mut self,
+        callback: Callback,
+        context: ContextId,
+        count: usize,
+        end_of_stream: bool,
+    ) -> Result<HeadersAction, VmError> {
+        self.check_stream(context)?;
+        let mut action = [0];
+        let args = [u64::from(context.0), count as u64, u64::from(end_of_stream)];
+        let args = if self.abi == AbiVersion::V0_1_0 {
+            &args[..2]
+        } else {
+            &args[..]
+        };
+        self.call(callback, context, args, &mut action)?;
+        Ok(HeadersAction::from_raw(action[0]))
+    }
+
+    fn body_callback(
+        &mut self,
+        callback: Callback,
+        context: ContextId,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Result<DataAction, VmError> {
+        self.check_stream(context)?;
+        let mut action = [0];
+        self.call(
+            callback,
+            context,
+            &[u64::from(context.0), size as u64, u64::from(end_of_stream)],
+            &mut action,
+        )?;
+        Ok(DataAction::from_raw(action[0]))
+    }
+
+    fn trailers_callback(
+        &mut self,
+        callback: Callback,
+        context: ContextId,
+        count: usize,
+    ) -> Result<HeadersAction, VmError> {
+        self.check_stream(context)?;
+        let mut action = [0];
+        self.call(
+            callback,
+            context,
+            &[u64::from(context.0), count as u64],
+            &mut action,
+        )?;
+        Ok(HeadersAction::from_raw(action[0]))
+    }
+
+    /// Calls `proxy_on_request_headers` with the number of request headers.
+    pub fn on_request_headers(
+        &mut self,
+        context: ContextId,
+        headers: usize,
+        end_of_stream: bool,
+    ) -> Result<HeadersAction, VmError> {
+        self.headers_callback(Callback::RequestHeaders, context, headers, end_of_stream)
+    }
+
+    /// Calls `proxy_on_request_body` with the size of the (buffered) body.
+    pub fn on_request_body(
+        &mut self,
+        context: ContextId,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Result<DataAction, VmError> {
+        self.body_callback(Callback::RequestBody, context, size, end_of_stream)
+    }
+
+    /// Calls `proxy_on_request_trailers` with the number of trailers.
+    pub fn on_request_trailers(
+        &mut self,
+        context: ContextId,
+        trailers: usize,
+    ) -> Result<HeadersAction, VmError> {
+        self.trailers_callback(Callback::RequestTrailers, context, trailers)
+    }
+
+    /// Calls `proxy_on_response_headers` with the number of response headers.
+    pub fn on_response_headers(
+        &mut self,
+        context: ContextId,
+        headers: usize,
+        end_of_stream: bool,
+    ) -> Result<HeadersAction, VmError> {
+        self.headers_callback(Callback::ResponseHeaders, context, headers, end_of_stream)
+    }
+
+    /// Calls `proxy_on_response_body` with the size of the (buffered) body.
+    pub fn on_response_body(
+        &mut self,
+        context: ContextId,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Result<DataAction, VmError> {
+        self.body_callback(Callback::ResponseBody, context, size, end_of_stream)
+    }
+
+    /// Calls `proxy_on_response_trailers` with the number of trailers.
+    pub fn on_response_trailers(
+        &mut self,
+        context: ContextId,
+        trailers: usize,
+    ) -> Result<HeadersAction, VmError> {
+        self.trailers_callback(Callback::ResponseTrailers, context, trailers)
+    }
+
+    /// Calls `proxy_on_log` when the stream is complete.
+    pub fn on_log(&mut self, context: ContextId) -> Result<(), VmError> {
+        self.check_stream(context)?;
+        self.call(Callback::Log, context, &[u64::from(context.0)], &mut [])?;
+        Ok(())
+    }
+
+    /// Calls `proxy_on_done`. Returns whether the context is done (`false`: it will call
+    /// `proxy_done` later).
+    pub fn on_done(&mut self, context: ContextId) -> Result<bool, VmError> {
+        if !self.instance.state().contexts.contains_key(&context.0) {
+            return Err(VmError::UnknownContext(context));
+        }
+        let mut done = [1];
+        self.call(Callback::Done, context, &[u64::from(context.0)], &mut done)?;
+        Ok(done[0] != 0)
+    }
+
+    /// Calls `proxy_on_delete` and forgets the context.
+    pub fn on_delete(&mut self, context: ContextId) -> Result<(), VmError> {
+        if !self.instance.state().contexts.contains_key(&context.0) {
+            return Err(VmError::UnknownContext(context));
+        }
+        let result = self.call(Callback::Delete, context, &[u64::from(context.0)], &mut []);
+        self.instance.state().contexts.remove(&context.0);
+        result.map(|_| ())
+    }
+
+    /// Delivers the response to HTTP call `token` to the root context that dispatched it. The
+    /// response's headers, body and trailers are readable while the callback runs.
+    pub fn on_http_call_response(
+        &mut self,
+        token: u32,
+        response: HttpCallResponse,
+    ) -> Result<(), VmError> {
+        let root = self.root;
+        let args = [
+            u64::from(root.0),
+            u64::from(token),
+            response.headers.len() as u64,
+            response.body.len() as u64,
+            response.trailers.len() as u64,
+        ];
+        self.instance.state().http_call_response = Some(response);
+        let result = self.call(Callback::HttpCallResponse, root, &args, &mut []);
+        self.instance.state().http_call_response = None;
+        result.map(|_| ())
+    }
+}
