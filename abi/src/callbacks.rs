@@ -115,7 +115,7 @@ pub(crate) static CALLBACKS: [CallbackSpec; CALLBACK_COUNT] = [
     same("proxy_on_grpc_close", &[I, I, I], &[]),
     CallbackSpec {
         name: "proxy_on_foreign_function",
-        v0_2: Signature::new(&[I, I, I], &[I]),
+        v0_2: Signature::new(&[I, I, I], &[]),
         v0_1: None,
     },
 ];

@@ -199,8 +199,12 @@ pub(crate) fn convert_error(error: wasmtime::Error) -> Trap {
     if let Some(trap) = error.downcast_ref::<Trap>() {
         return trap.clone();
     }
-    if let Some(wasmtime::Trap::OutOfFuel) = error.downcast_ref::<wasmtime::Trap>() {
-        return Trap::new(runtime_api::TrapKind::OutOfFuel, "out of fuel");
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => {
+            Trap::new(runtime_api::TrapKind::OutOfFuel, "out of fuel")
+        }
+        // The trap itself is the message; the backtrace wasmtime attaches is for debugging.
+        Some(trap) => Trap::new(runtime_api::TrapKind::Wasm, trap.to_string()),
+        None => Trap::new(runtime_api::TrapKind::Wasm, format!("{error:#}")),
     }
-    Trap::new(runtime_api::TrapKind::Wasm, format!("{error:#}"))
 }

@@ -44,10 +44,13 @@ fn fault(_: MemoryAccessError) -> Result<Errno, Trap> {
 
 macro_rules! wasi {
     ($module:expr, $name:literal, [$($param:ident),*], $body:path) => {
+        wasi!($module, $name, [$($param),*] -> [I32], $body)
+    };
+    ($module:expr, $name:literal, [$($param:ident),*] -> [$($result:ident),*], $body:path) => {
         HostFunction {
             module: $module,
             name: $name,
-            signature: Signature::new(&[$(ValType::$param),*], &[ValType::I32]),
+            signature: Signature::new(&[$(ValType::$param),*], &[$(ValType::$result),*]),
             callback: |caller: &mut dyn Caller<VmState>, args: &mut [u64]| -> Result<(), Trap> {
                 let code = match $body(caller, args) {
                     Ok(()) => SUCCESS,
@@ -153,7 +156,7 @@ macro_rules! wasi_table {
             wasi!($module, "random_get", [I32, I32], random_get),
             wasi!($module, "sched_yield", [], sched_yield),
             wasi!($module, "poll_oneoff", [I32, I32, I32, I32], poll_oneoff),
-            wasi!($module, "proc_exit", [I32], proc_exit),
+            wasi!($module, "proc_exit", [I32] -> [], proc_exit),
             wasi!($module, "proc_raise", [I32], proc_raise),
         ]
     };

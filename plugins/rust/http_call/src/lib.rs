@@ -1,0 +1,75 @@
+//! `http_call`: asynchronous HTTP callout gating a request.
+//!
+//! On request headers, dispatches `GET /auth` (authority `auth.local`, no body, 5 s timeout) to
+//! upstream `auth_cluster` and returns Pause. In `on_http_call_response` (the SDK first calls
+//! `proxy_set_effective_context` back to this stream):
+//! - `:status` == `200`: adds request header `x-auth-user: <value of the callout's x-auth-user
+//!   response header>` (empty if absent) and resumes the request (`proxy_continue_stream`).
+//! - otherwise: sends a local response 401 whose body is the callout's response body.
+//!
+//! Logs `dispatched http call: token {token}` and `http call response: token {token}, body
+//! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally.
+
+use log::{info, warn};
+use proxy_wasm::traits::*;
+use proxy_wasm::types::*;
+use std::time::Duration;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> { Box::new(HttpCall) });
+}}
+
+struct HttpCall;
+
+impl HttpContext for HttpCall {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        match self.dispatch_http_call(
+            "auth_cluster",
+            vec![
+                (":method", "GET"),
+                (":path", "/auth"),
+                (":authority", "auth.local"),
+            ],
+            None,
+            vec![],
+            Duration::from_secs(5),
+        ) {
+            Ok(token) => {
+                info!("dispatched http call: token {}", token);
+                Action::Pause
+            }
+            Err(status) => {
+                warn!("dispatch_http_call failed: {:?}", status);
+                self.send_http_response(503, vec![], Some(b"auth callout failed\n"));
+                Action::Pause
+            }
+        }
+    }
+}
+
+impl Context for HttpCall {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let user = self.get_http_call_response_header("x-auth-user");
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        info!(
+            "http call response: token {}, body {} bytes",
+            token_id,
+            body.len()
+        );
+        if self.get_http_call_response_header(":status").as_deref() == Some("200") {
+            self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
+            self.resume_http_request();
+        } else {
+            self.send_http_response(401, vec![], Some(&body));
+        }
+    }
+}

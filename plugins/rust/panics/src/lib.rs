@@ -1,0 +1,30 @@
+//! `panics`: a Rust panic inside a callback.
+//!
+//! On request headers, panics when header `x-panic` is present (message
+//! `pwhost test panic: <value>`); otherwise adds `x-panics: no` and returns Continue.
+//! The SDK's panic hook first logs the panic message at critical level via `proxy_log`, then the
+//! panic aborts (panic = "abort"), which in wasm is an `unreachable` trap. A host test should
+//! see that critical log line, the trap contained (the request failed per the plugin's
+//! fail-open/fail-closed policy, the host still alive), and the VM treated as failed/restarted.
+
+use proxy_wasm::traits::*;
+use proxy_wasm::types::*;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> { Box::new(Panics) });
+}}
+
+struct Panics;
+
+impl Context for Panics {}
+
+impl HttpContext for Panics {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(value) = self.get_http_request_header("x-panic") {
+            panic!("pwhost test panic: {}", value);
+        }
+        self.add_http_request_header("x-panics", "no");
+        Action::Continue
+    }
+}

@@ -1,0 +1,237 @@
+//! The `pwhost` command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use pwhost::runtimes;
+use pwhost::scenario::{self, FailurePolicy, Report, Scenario};
+use runtime_api::RuntimeConfig;
+
+/// Run Proxy-Wasm plugins on any of pwhost's engines.
+#[derive(Parser)]
+#[command(name = "pwhost", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a plugin against scripted traffic and report what it did.
+    Run(RunArgs),
+    /// List the engines compiled into this build.
+    Runtimes,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Json,
+    Text,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// The plugin module (.wasm).
+    #[arg(long)]
+    plugin: PathBuf,
+    /// The engine to run it on (see `pwhost runtimes`).
+    #[arg(long)]
+    runtime: Option<String>,
+    /// The root id selecting the plugin's root context (property `plugin_root_id`).
+    #[arg(long, default_value = "")]
+    root_id: String,
+    /// The plugin name (property `plugin_name`); defaults to the file name.
+    #[arg(long)]
+    name: Option<String>,
+    /// The VM id scoping shared data (property `plugin_vm_id`).
+    #[arg(long, default_value = "")]
+    vm_id: String,
+    /// VM configuration: text, or @FILE.
+    #[arg(long, default_value = "")]
+    vm_config: String,
+    /// Plugin configuration: text, or @FILE.
+    #[arg(long, default_value = "")]
+    plugin_config: String,
+    /// Scenario file (JSON or YAML); default: one GET /.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "json")]
+    format: Format,
+    /// What to do with a stream when the plugin fails.
+    #[arg(long, value_enum, default_value = "fail-closed")]
+    failure_policy: FailurePolicy,
+    /// Stop any single plugin callback after this many milliseconds (0: no limit), so a
+    /// plugin stuck in a loop fails its VM instead of hanging the run.
+    #[arg(long, default_value_t = 10_000)]
+    deadline_ms: u64,
+    /// Cap the plugin's linear memory (MiB).
+    #[arg(long)]
+    max_memory_mib: Option<u64>,
+    /// An environment variable visible to the plugin through WASI (KEY=VALUE; repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    environment: Vec<String>,
+}
+
+fn text_or_file(value: &str, what: &str) -> anyhow::Result<Vec<u8>> {
+    match value.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {what} file {path}"))
+        }
+        None => Ok(value.as_bytes().to_vec()),
+    }
+}
+
+fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
+    let Some(path) = path else {
+        return Ok(Scenario::single_get());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read scenario {}", path.display()))?;
+    Scenario::parse(&text).with_context(|| format!("invalid scenario {}", path.display()))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<Report> {
+    let runtime_name = match &args.runtime {
+        Some(name) => name.clone(),
+        None => runtimes::default_name()
+            .context("this build has no engine")?
+            .to_string(),
+    };
+    let scenario = load_scenario(args.scenario.as_deref())?;
+    let wasm = std::fs::read(&args.plugin)
+        .with_context(|| format!("cannot read plugin {}", args.plugin.display()))?;
+    let environment = args
+        .environment
+        .iter()
+        .map(|entry| {
+            entry
+                .split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {entry:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let config = abi::PluginConfig {
+        name: args.name.clone().unwrap_or_else(|| {
+            args.plugin
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        }),
+        root_id: args.root_id.clone(),
+        vm_id: args.vm_id.clone(),
+        vm_configuration: text_or_file(&args.vm_config, "VM configuration")?,
+        plugin_configuration: text_or_file(&args.plugin_config, "plugin configuration")?,
+        environment,
+    };
+    let runtime_config = RuntimeConfig {
+        max_memory_bytes: args.max_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
+        call_deadline: (args.deadline_ms > 0).then(|| Duration::from_millis(args.deadline_ms)),
+        interruptible: false,
+    };
+    let runtime = runtimes::create(&runtime_name, runtime_config)?;
+    let plugin = abi::Plugin::load(&*runtime, &wasm, config, abi::SharedState::new())
+        .with_context(|| format!("cannot load plugin {}", args.plugin.display()))?;
+    Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
+}
+
+fn print_text(report: &Report) {
+    println!("runtime {} · ABI {}", report.runtime, report.abi_version);
+    println!(
+        "vm_start {} · configure {}",
+        report.vm_start, report.configure
+    );
+    if let Some(error) = &report.start_error {
+        println!("start error: {error}");
+    }
+    for (i, http) in report.http.iter().enumerate() {
+        println!("\nHTTP exchange {}", i + 1);
+        let actions: Vec<String> = http
+            .actions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("  actions: {}", actions.join(" "));
+        for (k, v) in &http.request_headers {
+            println!("  > {k}: {v}");
+        }
+        if !http.request_body.is_empty() {
+            println!("  > body: {:?}", http.request_body);
+        }
+        for (k, v) in &http.response_headers {
+            println!("  < {k}: {v}");
+        }
+        if !http.response_body.is_empty() {
+            println!("  < body: {:?}", http.response_body);
+        }
+        if let Some(local) = &http.local_response {
+            println!("  local response {} {:?}", local.status, local.body);
+        }
+        for call in &http.http_calls {
+            println!("  http call to {} ({} ms)", call.upstream, call.timeout_ms);
+        }
+        if http.stalled {
+            println!("  STALLED: the plugin paused the stream and never continued it");
+        }
+        if let Some(error) = &http.error {
+            println!("  error: {error}");
+        }
+    }
+    if !report.logs.is_empty() {
+        println!("\nlogs");
+        for log in &report.logs {
+            println!("  [{}] ({}) {}", log.level, log.context_id, log.message);
+        }
+    }
+    for metric in &report.metrics {
+        println!(
+            "metric {} {} = {}",
+            metric.metric_type, metric.name, metric.value
+        );
+    }
+    for (key, value) in &report.shared_data {
+        println!("shared {key} = {value}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Runtimes => {
+            for name in runtimes::available() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            let format = args.format;
+            match run(args) {
+                Ok(report) => {
+                    match format {
+                        Format::Json => match serde_json::to_string_pretty(&report) {
+                            Ok(json) => println!("{json}"),
+                            Err(error) => {
+                                eprintln!("error: cannot encode the report: {error}");
+                                return ExitCode::FAILURE;
+                            }
+                        },
+                        Format::Text => print_text(&report),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    // One line, even when an engine's message spans several.
+                    let message = format!("{error:#}");
+                    eprintln!(
+                        "error: {}",
+                        message.split_whitespace().collect::<Vec<_>>().join(" ")
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
