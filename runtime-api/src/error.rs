@@ -106,7 +106,7 @@ impl Trap {
 impl fmt::Display for Trap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
-            TrapKind::Wasm => write!(f, "wasm trap: {}", self.message),
+            TrapKind::Wasm => f.write_str(&self.message),
             TrapKind::DeadlineExceeded => write!(f, "call exceeded its CPU deadline"),
             TrapKind::Interrupted => write!(f, "call interrupted"),
             TrapKind::OutOfFuel => write!(f, "guest ran out of fuel"),

@@ -1,0 +1,166 @@
+//! The conformance suite: every case in `conformance/*.yaml` runs on every engine compiled in,
+//! against every build of its plugin (Rust SDK plugins for wasm32-unknown-unknown and
+//! wasm32-wasip1), and must produce the same report.
+//!
+//! A case names a plugin under `plugins/dist/` (built by `bash plugins/build.sh`), its
+//! configuration, a scenario, and either `expect` — a subset of the `pwhost run` JSON report that
+//! must match (objects: the keys given; lists: same length, element by element; `{contains: s}`:
+//! a string containing `s`) — or `expect_load_error`, a substring of the load error.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pwhost::scenario::{self, FailurePolicy, Scenario};
+use pwhost::runtimes;
+use runtime_api::RuntimeConfig;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    description: String,
+    plugin: String,
+    #[serde(default)]
+    plugin_config: String,
+    #[serde(default)]
+    vm_config: String,
+    #[serde(default)]
+    root_id: String,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+    #[serde(default)]
+    scenario: Scenario,
+    #[serde(default)]
+    expect: Option<Value>,
+    #[serde(default)]
+    expect_load_error: Option<String>,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the crate lives in the workspace").to_path_buf()
+}
+
+/// The builds of a case's plugin: both targets for Rust SDK plugins, the one module otherwise.
+fn plugin_builds(plugin: &str) -> Vec<PathBuf> {
+    let dist = root().join("plugins/dist");
+    let mut builds = vec![dist.join(format!("{plugin}.wasm"))];
+    if plugin.starts_with("rust/") {
+        builds.push(dist.join(format!("{plugin}.wasip1.wasm")));
+    }
+    for build in &builds {
+        assert!(build.exists(), "{} is missing: run `bash plugins/build.sh` first", build.display());
+    }
+    builds
+}
+
+/// Checks that `actual` contains everything in `expected`; returns where it differs.
+fn check(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
+    match (expected, actual) {
+        (Value::Object(e), Value::String(a)) if e.len() == 1 && e.contains_key("contains") => {
+            let needle = e["contains"].as_str().unwrap_or_default();
+            if a.contains(needle) {
+                Ok(())
+            } else {
+                Err(format!("{at}: {a:?} does not contain {needle:?}"))
+            }
+        }
+        (Value::Object(e), Value::Object(a)) => e.iter().try_for_each(|(key, value)| match a.get(key) {
+            Some(actual) => check(value, actual, &format!("{at}.{key}")),
+            None => Err(format!("{at}.{key}: missing from the report")),
+        }),
+        (Value::Array(e), Value::Array(a)) => {
+            if e.len() != a.len() {
+                return Err(format!("{at}: expected {} entries, got {}: {}", e.len(), a.len(), actual));
+            }
+            e.iter().zip(a).enumerate().try_for_each(|(i, (e, a))| check(e, a, &format!("{at}[{i}]")))
+        }
+        // YAML numbers and JSON numbers compare by value.
+        (Value::Number(e), Value::Number(a)) if e.as_f64() == a.as_f64() => Ok(()),
+        _ if expected == actual => Ok(()),
+        _ => Err(format!("{at}: expected {expected}, got {actual}")),
+    }
+}
+
+fn run_case(name: &str, case: &Case, runtime_name: &str, build: &Path) -> Result<(), String> {
+    let config = RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
+        ..RuntimeConfig::default()
+    };
+    let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
+    let wasm = std::fs::read(build).map_err(|e| format!("{}: {e}", build.display()))?;
+    let plugin_config = abi::PluginConfig {
+        name: case.plugin.rsplit('/').next().unwrap_or_default().to_string(),
+        root_id: case.root_id.clone(),
+        vm_configuration: case.vm_config.clone().into_bytes(),
+        plugin_configuration: case.plugin_config.clone().into_bytes(),
+        ..abi::PluginConfig::default()
+    };
+    let loaded = abi::Plugin::load(&*runtime, &wasm, plugin_config, abi::SharedState::new());
+    let context = format!("{name} on {runtime_name} with {}", build.display());
+    match (&case.expect_load_error, loaded) {
+        (Some(expected), Err(error)) => {
+            let message = error.to_string();
+            if message.contains(expected.as_str()) {
+                Ok(())
+            } else {
+                Err(format!("{context}: load error {message:?} does not contain {expected:?}"))
+            }
+        }
+        (Some(_), Ok(_)) => Err(format!("{context}: loaded, but the case expects a load error")),
+        (None, Err(error)) => Err(format!("{context}: cannot load: {error}")),
+        (None, Ok(plugin)) => {
+            let report = scenario::run(&plugin, &case.scenario, FailurePolicy::FailClosed)
+                .map_err(|e| format!("{context}: {e}"))?;
+            let actual = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+            let expected = case.expect.as_ref().ok_or_else(|| format!("{name}: no expect or expect_load_error"))?;
+            check(expected, &actual, "report").map_err(|diff| format!("{context}:\n  {diff}"))
+        }
+    }
+}
+
+#[test]
+fn every_case_passes_on_every_engine_and_build() {
+    let directory = root().join("conformance");
+    let mut paths: Vec<_> = std::fs::read_dir(&directory)
+        .expect("conformance directory")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 30, "expected the whole suite, found {} cases", paths.len());
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for path in &paths {
+        let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(path).expect("readable case");
+        let case: Case = match serde_yaml::from_str(&text) {
+            Ok(case) => case,
+            Err(error) => {
+                failures.push(format!("{name}: invalid case: {error}"));
+                continue;
+            }
+        };
+        assert!(!case.description.is_empty(), "{name}: every case says what it checks");
+        for runtime_name in runtimes::available() {
+            for build in plugin_builds(&case.plugin) {
+                runs += 1;
+                if let Err(failure) = run_case(&name, &case, runtime_name, &build) {
+                    failures.push(failure);
+                }
+            }
+        }
+    }
+    println!("{} passed, {} failed", runs - failures.len(), failures.len());
+    assert!(failures.is_empty(), "{} of {runs} conformance runs failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn the_subset_check_rejects_differences() {
+    let actual = serde_json::json!({"a": [1, 2], "b": {"c": "hello world"}});
+    assert!(check(&serde_json::json!({"a": [1, 2]}), &actual, "r").is_ok());
+    assert!(check(&serde_json::json!({"a": [1]}), &actual, "r").is_err());
+    assert!(check(&serde_json::json!({"b": {"c": {"contains": "world"}}}), &actual, "r").is_ok());
+    assert!(check(&serde_json::json!({"b": {"c": {"contains": "moon"}}}), &actual, "r").is_err());
+    assert!(check(&serde_json::json!({"z": 1}), &actual, "r").is_err());
+}
