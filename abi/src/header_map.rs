@@ -150,9 +150,12 @@ pub mod wire {
         out
     }
 
+    /// Header pairs borrowed from serialized data.
+    pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
     /// Decodes serialized pairs. An empty input is an empty map (the SDKs send nothing for no
     /// headers); anything malformed is [`Status::BadArgument`].
-    pub fn decode(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, Status> {
+    pub fn decode(bytes: &[u8]) -> Result<Pairs<'_>, Status> {
         if bytes.is_empty() {
             return Ok(Vec::new());
         }

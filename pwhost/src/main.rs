@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a plugin against scripted traffic and report what it did.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the engines compiled into this build.
     Runtimes,
 }
@@ -94,7 +94,7 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
     Scenario::parse(&text).with_context(|| format!("invalid scenario {}", path.display()))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<Report> {
+fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let runtime_name = match &args.runtime {
         Some(name) => name.clone(),
         None => runtimes::default_name()
@@ -208,7 +208,7 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let format = args.format;
-            match run(args) {
+            match run(&args) {
                 Ok(report) => {
                     match format {
                         Format::Json => match serde_json::to_string_pretty(&report) {

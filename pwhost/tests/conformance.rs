@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pwhost::scenario::{self, FailurePolicy, Scenario};
 use pwhost::runtimes;
+use pwhost::scenario::{self, FailurePolicy, Scenario};
 use runtime_api::RuntimeConfig;
 use serde::Deserialize;
 use serde_json::Value;
@@ -38,7 +38,10 @@ struct Case {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the crate lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate lives in the workspace")
+        .to_path_buf()
 }
 
 /// The builds of a case's plugin: both targets for Rust SDK plugins, the one module otherwise.
@@ -49,7 +52,11 @@ fn plugin_builds(plugin: &str) -> Vec<PathBuf> {
         builds.push(dist.join(format!("{plugin}.wasip1.wasm")));
     }
     for build in &builds {
-        assert!(build.exists(), "{} is missing: run `bash plugins/build.sh` first", build.display());
+        assert!(
+            build.exists(),
+            "{} is missing: run `bash plugins/build.sh` first",
+            build.display()
+        );
     }
     builds
 }
@@ -65,15 +72,25 @@ fn check(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
                 Err(format!("{at}: {a:?} does not contain {needle:?}"))
             }
         }
-        (Value::Object(e), Value::Object(a)) => e.iter().try_for_each(|(key, value)| match a.get(key) {
-            Some(actual) => check(value, actual, &format!("{at}.{key}")),
-            None => Err(format!("{at}.{key}: missing from the report")),
-        }),
+        (Value::Object(e), Value::Object(a)) => {
+            e.iter().try_for_each(|(key, value)| match a.get(key) {
+                Some(actual) => check(value, actual, &format!("{at}.{key}")),
+                None => Err(format!("{at}.{key}: missing from the report")),
+            })
+        }
         (Value::Array(e), Value::Array(a)) => {
             if e.len() != a.len() {
-                return Err(format!("{at}: expected {} entries, got {}: {}", e.len(), a.len(), actual));
+                return Err(format!(
+                    "{at}: expected {} entries, got {}: {}",
+                    e.len(),
+                    a.len(),
+                    actual
+                ));
             }
-            e.iter().zip(a).enumerate().try_for_each(|(i, (e, a))| check(e, a, &format!("{at}[{i}]")))
+            e.iter()
+                .zip(a)
+                .enumerate()
+                .try_for_each(|(i, (e, a))| check(e, a, &format!("{at}[{i}]")))
         }
         // YAML numbers and JSON numbers compare by value.
         (Value::Number(e), Value::Number(a)) if e.as_f64() == a.as_f64() => Ok(()),
@@ -90,7 +107,12 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &Path) -> Result
     let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
     let wasm = std::fs::read(build).map_err(|e| format!("{}: {e}", build.display()))?;
     let plugin_config = abi::PluginConfig {
-        name: case.plugin.rsplit('/').next().unwrap_or_default().to_string(),
+        name: case
+            .plugin
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
         root_id: case.root_id.clone(),
         vm_configuration: case.vm_config.clone().into_bytes(),
         plugin_configuration: case.plugin_config.clone().into_bytes(),
@@ -104,16 +126,23 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &Path) -> Result
             if message.contains(expected.as_str()) {
                 Ok(())
             } else {
-                Err(format!("{context}: load error {message:?} does not contain {expected:?}"))
+                Err(format!(
+                    "{context}: load error {message:?} does not contain {expected:?}"
+                ))
             }
         }
-        (Some(_), Ok(_)) => Err(format!("{context}: loaded, but the case expects a load error")),
+        (Some(_), Ok(_)) => Err(format!(
+            "{context}: loaded, but the case expects a load error"
+        )),
         (None, Err(error)) => Err(format!("{context}: cannot load: {error}")),
         (None, Ok(plugin)) => {
             let report = scenario::run(&plugin, &case.scenario, FailurePolicy::FailClosed)
                 .map_err(|e| format!("{context}: {e}"))?;
             let actual = serde_json::to_value(&report).map_err(|e| e.to_string())?;
-            let expected = case.expect.as_ref().ok_or_else(|| format!("{name}: no expect or expect_load_error"))?;
+            let expected = case
+                .expect
+                .as_ref()
+                .ok_or_else(|| format!("{name}: no expect or expect_load_error"))?;
             check(expected, &actual, "report").map_err(|diff| format!("{context}:\n  {diff}"))
         }
     }
@@ -128,11 +157,19 @@ fn every_case_passes_on_every_engine_and_build() {
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
         .collect();
     paths.sort();
-    assert!(paths.len() >= 30, "expected the whole suite, found {} cases", paths.len());
+    assert!(
+        paths.len() >= 30,
+        "expected the whole suite, found {} cases",
+        paths.len()
+    );
     let mut failures = Vec::new();
     let mut runs = 0;
     for path in &paths {
-        let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let text = std::fs::read_to_string(path).expect("readable case");
         let case: Case = match serde_yaml::from_str(&text) {
             Ok(case) => case,
@@ -141,7 +178,10 @@ fn every_case_passes_on_every_engine_and_build() {
                 continue;
             }
         };
-        assert!(!case.description.is_empty(), "{name}: every case says what it checks");
+        assert!(
+            !case.description.is_empty(),
+            "{name}: every case says what it checks"
+        );
         for runtime_name in runtimes::available() {
             for build in plugin_builds(&case.plugin) {
                 runs += 1;
@@ -151,8 +191,17 @@ fn every_case_passes_on_every_engine_and_build() {
             }
         }
     }
-    println!("{} passed, {} failed", runs - failures.len(), failures.len());
-    assert!(failures.is_empty(), "{} of {runs} conformance runs failed:\n{}", failures.len(), failures.join("\n"));
+    println!(
+        "{} passed, {} failed",
+        runs - failures.len(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} conformance runs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -160,7 +209,17 @@ fn the_subset_check_rejects_differences() {
     let actual = serde_json::json!({"a": [1, 2], "b": {"c": "hello world"}});
     assert!(check(&serde_json::json!({"a": [1, 2]}), &actual, "r").is_ok());
     assert!(check(&serde_json::json!({"a": [1]}), &actual, "r").is_err());
-    assert!(check(&serde_json::json!({"b": {"c": {"contains": "world"}}}), &actual, "r").is_ok());
-    assert!(check(&serde_json::json!({"b": {"c": {"contains": "moon"}}}), &actual, "r").is_err());
+    assert!(check(
+        &serde_json::json!({"b": {"c": {"contains": "world"}}}),
+        &actual,
+        "r"
+    )
+    .is_ok());
+    assert!(check(
+        &serde_json::json!({"b": {"c": {"contains": "moon"}}}),
+        &actual,
+        "r"
+    )
+    .is_err());
     assert!(check(&serde_json::json!({"z": 1}), &actual, "r").is_err());
 }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what pwhost's build and tests need on a fresh Debian machine, then builds the plugin
+# corpus. Safe to run again: it skips what is already there.
+#   - wasm toolchain for the plugin corpus: Debian's rustc-web/cargo-web (rustc with the
+#     library sources, for -Zbuild-std), lld-19 (wasm-ld), wasi-libc, wabt (wat2wasm)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
+fi
+
+bash plugins/build.sh
