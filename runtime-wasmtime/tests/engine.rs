@@ -1,0 +1,250 @@
+//! wasmtime behind `runtime-api`: linking, calls in both directions, memory, limits, interrupts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runtime_api::{
+    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
+    TrapKind, ValType, WasmRuntime,
+};
+use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
+
+/// Host state for these tests: what the host functions saw.
+#[derive(Default)]
+struct State {
+    seen: Vec<u64>,
+    allocator: Option<runtime_api::GuestFunction>,
+}
+
+const I32: ValType = ValType::I32;
+const I64: ValType = ValType::I64;
+
+fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..2]);
+    args[0] = 7;
+    Ok(())
+}
+
+/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
+fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let allocator = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no allocator"))?;
+    let mut pointer = [0];
+    caller.call(allocator, &[8], &mut pointer)?;
+    let mut memory = caller.memory();
+    memory
+        .write(pointer[0], b"written!")
+        .map_err(|e| Trap::host(e.to_string()))?;
+    args[0] = pointer[0];
+    Ok(())
+}
+
+fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    Err(Trap::exit(args[0] as i32))
+}
+
+static HOST: &[HostFunction<State>] = &[
+    HostFunction {
+        module: "env",
+        name: "record",
+        signature: Signature::new(&[I32, I64], &[I32]),
+        callback: record,
+    },
+    HostFunction {
+        module: "env",
+        name: "allocate_and_write",
+        signature: Signature::new(&[], &[I32]),
+        callback: allocate_and_write,
+    },
+    HostFunction {
+        module: "env",
+        name: "exit",
+        signature: Signature::new(&[I32], &[]),
+        callback: exit,
+    },
+];
+
+const MODULE: &str = r#"
+(module
+  (import "env" "record" (func $record (param i32 i64) (result i32)))
+  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
+  (import "env" "exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
+  ;; must re-read the memory after calling it.
+  (func (export "allocate") (param $size i32) (result i32)
+    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
+  (func (export "call_record") (param $a i32) (result i32)
+    (call $record (local.get $a) (i64.const -1)))
+  (func (export "call_allocate") (result i32) (call $allocate_and_write))
+  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
+  (func (export "spin") (loop $forever (br $forever)))
+  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
+  (func (export "trap") unreachable))
+"#;
+
+fn instance(runtime: &WasmtimeRuntime) -> Box<dyn Instance<State>> {
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let mut instance = module
+        .link(HOST)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let allocator = instance.function("allocate");
+    instance.state().allocator = allocator;
+    instance
+}
+
+fn default_runtime() -> WasmtimeRuntime {
+    WasmtimeRuntime::new(RuntimeConfig::default()).unwrap()
+}
+
+#[test]
+fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
+    let mut instance = instance(&default_runtime());
+    let f = instance.function("call_record").unwrap();
+    let mut result = [0];
+    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
+    assert_eq!(result, [7]);
+    // i32 arguments arrive zero-extended, i64 arguments as their bits.
+    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
+}
+
+#[test]
+fn host_functions_can_call_the_guest_and_see_grown_memory() {
+    let mut instance = instance(&default_runtime());
+    assert_eq!(instance.memory_size(), 65536);
+    let f = instance.function("call_allocate").unwrap();
+    let mut pointer = [0];
+    instance.call(f, &[], &mut pointer).unwrap();
+    assert_eq!(pointer[0], 65536, "the new page");
+    assert_eq!(instance.memory_size(), 2 * 65536);
+}
+
+#[test]
+fn calls_with_the_wrong_arity_are_refused() {
+    let mut instance = instance(&default_runtime());
+    let f = instance.function("call_record").unwrap();
+    let error = instance.call(f, &[], &mut [0]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
+}
+
+#[test]
+fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
+    let mut instance = instance(&default_runtime());
+    let trap = instance.function("trap").unwrap();
+    let error = instance.call(trap, &[], &mut []).unwrap_err();
+    assert_eq!(error.kind, TrapKind::Wasm);
+    assert!(error.message.contains("unreachable"), "{error}");
+    let exit = instance.function("exit_with").unwrap();
+    assert_eq!(
+        instance.call(exit, &[3], &mut []).unwrap_err().kind,
+        TrapKind::Exit(3)
+    );
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn unknown_imports_and_mismatched_signatures_are_link_errors() {
+    let runtime = default_runtime();
+    let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
+    assert!(matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
+    let mismatched =
+        wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
+    assert!(matches!(
+        module.link(HOST),
+        Err(Error::ImportSignatureMismatch { .. })
+    ));
+    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(b"\0asm\x01\0\0\0\xff");
+    assert!(matches!(result, Err(Error::InvalidModule(_))));
+}
+
+#[test]
+fn the_memory_cap_makes_memory_grow_fail() {
+    let runtime = WasmtimeRuntime::new(RuntimeConfig {
+        max_memory_bytes: Some(2 * 65536),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let grow = instance.function("grow").unwrap();
+    let mut result = [0];
+    instance.call(grow, &[1], &mut result).unwrap();
+    assert_eq!(result[0], 1, "growing to the cap succeeds");
+    instance.call(grow, &[1], &mut result).unwrap();
+    assert_eq!(
+        result[0] as u32,
+        u32::MAX,
+        "growing past the cap returns -1"
+    );
+}
+
+#[test]
+fn a_call_deadline_stops_a_spinning_guest() {
+    let runtime = WasmtimeRuntime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let spin = instance.function("spin").unwrap();
+    assert_eq!(
+        instance.call(spin, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded
+    );
+    // The next call gets a fresh deadline.
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn precompiled_modules_round_trip() {
+    let runtime = default_runtime();
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let artifact = module.serialize().unwrap();
+    // SAFETY: the artifact was produced just above by the same engine.
+    let loaded: Arc<dyn CompiledModule<State>> =
+        unsafe { runtime.load_precompiled(&artifact) }.unwrap();
+    assert_eq!(loaded.exports().len(), module.exports().len());
+    let mut instance = loaded
+        .link(HOST)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[5], &mut [0]).unwrap();
+}
+
+#[test]
+fn one_linked_module_instantiates_on_many_threads() {
+    let runtime = WasmtimeRuntime::with_options(
+        RuntimeConfig::default(),
+        WasmtimeOptions {
+            pooling_instances: Some(16),
+        },
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let linked = module.link(HOST).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let linked = linked.clone();
+            std::thread::spawn(move || {
+                let mut instance = linked.instantiate(State::default()).unwrap();
+                let record = instance.function("call_record").unwrap();
+                instance.call(record, &[i], &mut [0]).unwrap();
+                instance.state().seen[0]
+            })
+        })
+        .collect();
+    let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+}
