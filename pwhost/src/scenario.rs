@@ -583,16 +583,38 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
     Ok(report)
 }
 
-fn fail(report: &mut HttpReport, policy: FailurePolicy, error: String) {
+/// Records a VM failure: fail closed answers 503; fail open forwards what the plugin had not
+/// yet handled as it arrived.
+fn fail(report: &mut HttpReport, policy: FailurePolicy, error: String, exchange: &HttpExchange) {
     report.error = Some(error);
-    if policy == FailurePolicy::FailClosed {
-        report.local_response = Some(LocalResponseReport {
-            status: 503,
-            headers: Vec::new(),
-            body: String::new(),
-            details: "plugin_failed".into(),
-            grpc_status: None,
-        });
+    match policy {
+        FailurePolicy::FailClosed => {
+            report.local_response = Some(LocalResponseReport {
+                status: 503,
+                headers: Vec::new(),
+                body: String::new(),
+                details: "plugin_failed".into(),
+                grpc_status: None,
+            });
+        }
+        FailurePolicy::FailOpen => {
+            if report.request_headers.is_empty() {
+                report.request_headers = exchange
+                    .request_headers
+                    .clone()
+                    .unwrap_or_else(default_request_headers);
+                report.request_body = exchange.request_body.concat();
+                report.request_trailers = exchange.request_trailers.clone();
+            }
+            if report.response_headers.is_empty() {
+                report.response_headers = exchange
+                    .response_headers
+                    .clone()
+                    .unwrap_or_else(|| vec![(":status".into(), "200".into())]);
+                report.response_body = exchange.response_body.concat();
+                report.response_trailers = exchange.response_trailers.clone();
+            }
+        }
     }
 }
 
@@ -609,25 +631,13 @@ fn run_exchange(
         } else {
             "the plugin is not configured"
         };
-        fail(&mut report, policy, reason.into());
-        if policy == FailurePolicy::FailOpen {
-            report.request_headers = exchange
-                .request_headers
-                .clone()
-                .unwrap_or_else(default_request_headers);
-            report.request_body = exchange.request_body.concat();
-            report.response_headers = exchange
-                .response_headers
-                .clone()
-                .unwrap_or_else(|| vec![(":status".into(), "200".into())]);
-            report.response_body = exchange.response_body.concat();
-        }
+        fail(&mut report, policy, reason.into(), exchange);
         return report;
     }
     let context = match vm.create_http_context() {
         Ok(context) => context,
         Err(error) => {
-            fail(&mut report, policy, error.to_string());
+            fail(&mut report, policy, error.to_string(), exchange);
             return report;
         }
     };
@@ -648,7 +658,7 @@ fn run_exchange(
         Ok(()) => {}
         Err(Stop::Stalled) => report.stalled = true,
         Err(Stop::LocalResponse) => {}
-        Err(Stop::Failed(error)) => fail(&mut report, policy, error.to_string()),
+        Err(Stop::Failed(error)) => fail(&mut report, policy, error.to_string(), exchange),
     }
     let host_ref = in_memory_host(vm);
     if let Some(local) = host_ref.stream(context).local_response.clone() {

@@ -1,0 +1,198 @@
+//! The `pwhost run` command-line contract: output shape, inputs, exit codes and one-line errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn plugin(name: &str) -> PathBuf {
+    let path = root().join("plugins/dist").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash plugins/build.sh` first",
+        path.display()
+    );
+    path
+}
+
+fn pwhost(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pwhost"))
+        .args(args)
+        .output()
+        .expect("pwhost runs")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON report")
+}
+
+#[test]
+fn without_a_scenario_it_runs_one_get_and_reports_json() {
+    let plugin = plugin("rust/http_headers.wasm");
+    let report = json(&pwhost(&["run", "--plugin", plugin.to_str().unwrap()]));
+    assert_eq!(report["runtime"], "wasmtime");
+    assert_eq!(report["abi_version"], "0.2.1");
+    assert_eq!(report["vm_start"], true);
+    assert_eq!(report["configure"], true);
+    let http = report["http"].as_array().unwrap();
+    assert_eq!(http.len(), 1);
+    assert_eq!(
+        http[0]["request_headers"][1],
+        serde_json::json!([":path", "/"])
+    );
+    assert_eq!(http[0]["actions"]["request_headers"], "continue");
+    assert_eq!(http[0]["stalled"], false);
+    for key in ["logs", "metrics", "shared_data"] {
+        assert!(report.get(key).is_some(), "{key} is part of the report");
+    }
+    assert_eq!(report["logs"][0]["context_id"], 2);
+}
+
+#[test]
+fn configuration_comes_from_text_or_a_file_and_scenarios_from_yaml() {
+    let directory = std::env::temp_dir().join(format!("pwhost-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let config = directory.join("config.json");
+    std::fs::write(&config, r#"{"header": "x-from-file", "value": "1"}"#).unwrap();
+    let scenario = directory.join("scenario.yaml");
+    std::fs::write(
+        &scenario,
+        "http:\n  - request_headers: [[\":path\", \"/a\"]]\n  - {}\n",
+    )
+    .unwrap();
+    let plugin = plugin("rust/plugin_config.wasm");
+    let report = json(&pwhost(&[
+        "run",
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--vm-config",
+        "inline vm config",
+        "--plugin-config",
+        &format!("@{}", config.display()),
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]));
+    assert_eq!(report["http"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        report["http"][0]["request_headers"],
+        serde_json::json!([[":path", "/a"], ["x-from-file", "1"]])
+    );
+    assert_eq!(report["logs"][0]["message"], "vm config: inline vm config");
+    std::fs::remove_dir_all(&directory).ok();
+}
+
+#[test]
+fn the_text_format_is_for_people() {
+    let plugin = plugin("rust/http_headers.wasm");
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--format",
+        "text",
+    ]);
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("runtime wasmtime"), "{text}");
+    assert!(text.contains("> x-pwhost-plugin: http_headers"), "{text}");
+}
+
+fn assert_one_line_error(output: &Output, needle: &str) {
+    assert!(!output.status.success(), "should fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr} should mention {needle}");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line_errors() {
+    let malformed = plugin("wat/malformed.wasm");
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", malformed.to_str().unwrap()]),
+        "invalid module",
+    );
+    let not_wasm = plugin("wat/not_wasm.wasm");
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", not_wasm.to_str().unwrap()]),
+        "magic header",
+    );
+    let unknown_abi = plugin("wat/unknown_abi.wasm");
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", unknown_abi.to_str().unwrap()]),
+        "proxy_abi_version_0_3_0",
+    );
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", "/no/such/plugin.wasm"]),
+        "cannot read plugin",
+    );
+    let good = plugin("wat/minimal.wasm");
+    let good = good.to_str().unwrap();
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", good, "--scenario", "/no/such.yaml"]),
+        "cannot read scenario",
+    );
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", good, "--plugin-config", "@/no/such"]),
+        "plugin configuration",
+    );
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", good, "--runtime", "nonesuch"]),
+        "nonesuch",
+    );
+    let bad_scenario =
+        std::env::temp_dir().join(format!("pwhost-bad-scenario-{}.yaml", std::process::id()));
+    std::fs::write(&bad_scenario, "http: [{request_headerz: []}]\n").unwrap();
+    assert_one_line_error(
+        &pwhost(&[
+            "run",
+            "--plugin",
+            good,
+            "--scenario",
+            bad_scenario.to_str().unwrap(),
+        ]),
+        "invalid scenario",
+    );
+    std::fs::remove_file(&bad_scenario).ok();
+}
+
+#[test]
+fn a_plugin_that_traps_still_completes_the_run() {
+    let plugin = plugin("wat/trap_in_request_headers.wasm");
+    let report = json(&pwhost(&["run", "--plugin", plugin.to_str().unwrap()]));
+    assert_eq!(report["http"][0]["local_response"]["status"], 503);
+    let fail_open = json(&pwhost(&[
+        "run",
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--failure-policy",
+        "fail-open",
+    ]));
+    assert_eq!(
+        fail_open["http"][0]["local_response"],
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        fail_open["http"][0]["request_headers"][1],
+        serde_json::json!([":path", "/"]),
+        "forwarded as it came"
+    );
+    assert_eq!(
+        fail_open["http"][0]["response_headers"][0],
+        serde_json::json!([":status", "200"])
+    );
+    assert!(fail_open["http"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("trapped"));
+}
