@@ -26,7 +26,7 @@ pub use header_map::{wire, HeaderMap};
 pub use host::{Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
 pub use in_memory::{DispatchedCall, InMemoryHost, LogRecord, StreamRecord};
 pub use plugin::{LoadError, Plugin, PluginConfig};
-pub use shared::{Metric, MetricType, SharedState};
+pub use shared::{ForeignFunction, Metric, MetricType, SharedState};
 pub use state::VmState;
 pub use types::{
     BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, Status, StreamType,

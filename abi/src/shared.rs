@@ -1,15 +1,22 @@
-//! State shared between VMs: shared data and metrics.
+//! State shared between VMs: shared data, shared queues, metrics and foreign functions.
 //!
 //! A [`SharedState`] is created by the embedder and handed to every VM that should see the same
 //! data (typically all VMs of one process). It is thread-safe; VMs on different threads share it.
 
+use std::collections::VecDeque;
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use rustc_hash::FxHashMap;
 
 use crate::Status;
 
-/// Shared data and metrics, shared by every VM created with the same `SharedState`.
+/// A function the embedder offers to plugins through `proxy_call_foreign_function`: arguments in,
+/// result out, both opaque bytes.
+pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, Status> + Send + Sync>;
+
+/// Shared data, queues, metrics and foreign functions, shared by every VM created with the same
+/// `SharedState`.
 #[derive(Clone, Default)]
 pub struct SharedState {
     inner: Arc<Inner>,
@@ -18,7 +25,28 @@ pub struct SharedState {
 #[derive(Default)]
 struct Inner {
     data: RwLock<FxHashMap<(String, Vec<u8>), SharedValue>>,
+    queues: Mutex<QueueRegistry>,
     metrics: Mutex<MetricRegistry>,
+    foreign_functions: RwLock<FxHashMap<String, ForeignFunction>>,
+}
+
+/// Where a queue's "ready" notifications go: the VM whose root context registered it, which
+/// delivers them on its own thread ([`crate::Vm::dispatch_queue_ready`]).
+#[derive(Clone, Debug)]
+pub(crate) struct QueueOwner {
+    pub(crate) notify: Sender<u32>,
+}
+
+struct Queue {
+    items: VecDeque<Vec<u8>>,
+    owner: QueueOwner,
+}
+
+#[derive(Default)]
+struct QueueRegistry {
+    /// Queue `token` is `queues[token - 1]`; tokens are never reused.
+    queues: Vec<Queue>,
+    by_name: FxHashMap<(String, String), u32>,
 }
 
 #[derive(Clone)]
@@ -142,6 +170,86 @@ impl SharedState {
         entries
     }
 
+    fn queues(&self) -> std::sync::MutexGuard<'_, QueueRegistry> {
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers queue `name` in `vm_id`'s namespace for `owner` and returns its token.
+    /// Registering an existing name again keeps its items and token and moves the notifications
+    /// to the new owner.
+    pub(crate) fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> u32 {
+        let mut registry = self.queues();
+        let key = (vm_id.to_string(), name.to_string());
+        if let Some(token) = registry.by_name.get(&key).copied() {
+            registry.queues[token as usize - 1].owner = owner;
+            return token;
+        }
+        registry.queues.push(Queue {
+            items: VecDeque::new(),
+            owner,
+        });
+        let token = registry.queues.len() as u32;
+        registry.by_name.insert(key, token);
+        token
+    }
+
+    /// The token of queue `name` in `vm_id`'s namespace.
+    pub fn resolve_queue(&self, vm_id: &str, name: &str) -> Option<u32> {
+        self.queues()
+            .by_name
+            .get(&(vm_id.to_string(), name.to_string()))
+            .copied()
+    }
+
+    /// Appends an item to a queue and tells its owner.
+    pub fn enqueue(&self, token: u32, item: &[u8]) -> Status {
+        let mut registry = self.queues();
+        let Some(queue) = token
+            .checked_sub(1)
+            .and_then(|i| registry.queues.get_mut(i as usize))
+        else {
+            return Status::NotFound;
+        };
+        queue.items.push_back(item.to_vec());
+        // The owner may be gone (its VM was dropped); the item stays for a later owner.
+        let _ = queue.owner.notify.send(token);
+        Status::Ok
+    }
+
+    /// Takes the oldest item of a queue: [`Status::Empty`] if there is none, [`Status::NotFound`]
+    /// if there is no such queue.
+    pub fn dequeue(&self, token: u32) -> Result<Vec<u8>, Status> {
+        let mut registry = self.queues();
+        let queue = token
+            .checked_sub(1)
+            .and_then(|i| registry.queues.get_mut(i as usize))
+            .ok_or(Status::NotFound)?;
+        queue.items.pop_front().ok_or(Status::Empty)
+    }
+
+    /// Offers `function` to plugins under `name` (replacing any function of that name).
+    pub fn register_foreign_function(&self, name: &str, function: ForeignFunction) {
+        self.inner
+            .foreign_functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), function);
+    }
+
+    /// The foreign function called `name`.
+    pub fn foreign_function(&self, name: &[u8]) -> Option<ForeignFunction> {
+        let name = std::str::from_utf8(name).ok()?;
+        self.inner
+            .foreign_functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
     fn metrics(&self) -> std::sync::MutexGuard<'_, MetricRegistry> {
         self.inner
             .metrics
@@ -234,6 +342,38 @@ mod tests {
             None,
             "keys are scoped by vm_id"
         );
+    }
+
+    #[test]
+    fn queues_are_scoped_by_vm_id_and_notify_their_owner() {
+        let shared = SharedState::new();
+        let (notify, notifications) = std::sync::mpsc::channel();
+        let token = shared.register_queue("vm", "events", QueueOwner { notify });
+        assert_eq!(shared.resolve_queue("vm", "events"), Some(token));
+        assert_eq!(shared.resolve_queue("other-vm", "events"), None);
+        assert_eq!(shared.dequeue(token), Err(Status::Empty));
+        assert_eq!(shared.enqueue(token, b"one"), Status::Ok);
+        assert_eq!(shared.enqueue(token, b"two"), Status::Ok);
+        assert_eq!(
+            notifications.try_iter().collect::<Vec<_>>(),
+            vec![token, token]
+        );
+        assert_eq!(shared.dequeue(token).unwrap(), b"one");
+        assert_eq!(shared.dequeue(token).unwrap(), b"two");
+        assert_eq!(shared.enqueue(token + 1, b"x"), Status::NotFound);
+        assert_eq!(shared.dequeue(0), Err(Status::NotFound));
+    }
+
+    #[test]
+    fn foreign_functions_are_found_by_name() {
+        let shared = SharedState::new();
+        shared.register_foreign_function(
+            "reverse",
+            Arc::new(|args: &[u8]| Ok(args.iter().rev().copied().collect())),
+        );
+        let reverse = shared.foreign_function(b"reverse").unwrap();
+        assert_eq!(reverse(b"abc").unwrap(), b"cba");
+        assert!(shared.foreign_function(b"missing").is_none());
     }
 
     #[test]

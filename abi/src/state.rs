@@ -6,6 +6,7 @@ use std::time::Duration;
 use runtime_api::GuestFunction;
 use rustc_hash::FxHashMap;
 
+use crate::shared::QueueOwner;
 use crate::{ContextId, Host, HttpCallResponse, PluginConfig, SharedState};
 
 /// What kind of context an id names.
@@ -34,10 +35,19 @@ pub struct VmState {
     pub(crate) http_call_response: Option<HttpCallResponse>,
     /// The tick period each root context asked for.
     pub(crate) tick_periods: FxHashMap<u32, Duration>,
+    /// Where queues this VM registers send their "ready" notifications.
+    pub(crate) queue_owner: QueueOwner,
+    /// Arguments of the foreign function call being delivered (`CallData` buffer).
+    pub(crate) call_data: Option<Vec<u8>>,
 }
 
 impl VmState {
-    pub(crate) fn new(host: Box<dyn Host>, config: Arc<PluginConfig>, shared: SharedState) -> Self {
+    pub(crate) fn new(
+        host: Box<dyn Host>,
+        config: Arc<PluginConfig>,
+        shared: SharedState,
+        queue_owner: QueueOwner,
+    ) -> Self {
         VmState {
             host,
             config,
@@ -47,6 +57,8 @@ impl VmState {
             contexts: FxHashMap::default(),
             http_call_response: None,
             tick_periods: FxHashMap::default(),
+            queue_owner,
+            call_data: None,
         }
     }
 

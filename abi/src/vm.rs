@@ -5,6 +5,7 @@ use std::time::Duration;
 use runtime_api::{GuestFunction, Instance, InterruptHandle, Trap, TrapKind};
 
 use crate::callbacks::{Callback, CALLBACKS, CALLBACK_COUNT};
+use crate::shared::QueueOwner;
 use crate::state::ContextKind;
 use crate::{
     AbiVersion, ContextId, DataAction, HeadersAction, Host, HttpCallResponse, Plugin, VmState,
@@ -56,13 +57,21 @@ pub struct Vm {
     root: ContextId,
     next_context_id: u32,
     failure: Option<String>,
+    /// Tokens of this VM's queues that received items, to deliver as `proxy_on_queue_ready`.
+    queue_ready: std::sync::mpsc::Receiver<u32>,
 }
 
 impl Vm {
     /// Instantiates `plugin` with `host` as its view of the proxy, and runs the module's
     /// initialisation (`_initialize`, else `_start`, else `main(0, 0)`).
     pub fn new(plugin: &Plugin, host: Box<dyn Host>) -> Result<Vm, VmError> {
-        let state = VmState::new(host, plugin.config.clone(), plugin.shared.clone());
+        let (notify, queue_ready) = std::sync::mpsc::channel();
+        let state = VmState::new(
+            host,
+            plugin.config.clone(),
+            plugin.shared.clone(),
+            QueueOwner { notify },
+        );
         let mut instance = plugin.linked.instantiate(state)?;
         let mut callbacks = [None; CALLBACK_COUNT];
         for (slot, spec) in callbacks.iter_mut().zip(CALLBACKS.iter()) {
@@ -81,6 +90,7 @@ impl Vm {
             root: ContextId(1),
             next_context_id: 2,
             failure: None,
+            queue_ready,
         };
         vm.initialize()?;
         Ok(vm)
@@ -415,6 +425,43 @@ impl Vm {
         self.instance.state().http_call_response = Some(response);
         let result = self.call(Callback::HttpCallResponse, root, &args, &mut []);
         self.instance.state().http_call_response = None;
+        result.map(|_| ())
+    }
+
+    /// Delivers `proxy_on_queue_ready` for every item enqueued (from any thread) into a queue
+    /// this VM's root context registered. Call it from the VM's own thread, e.g. once per turn of
+    /// the event loop. Returns how many notifications were delivered.
+    pub fn dispatch_queue_ready(&mut self) -> Result<usize, VmError> {
+        let root = self.root;
+        let mut delivered = 0;
+        while let Ok(token) = self.queue_ready.try_recv() {
+            self.call(
+                Callback::QueueReady,
+                root,
+                &[u64::from(root.0), u64::from(token)],
+                &mut [],
+            )?;
+            delivered += 1;
+        }
+        Ok(delivered)
+    }
+
+    /// Calls `proxy_on_foreign_function` on the root context: the host invoking a function of the
+    /// plugin, with `arguments` readable as the `CallData` buffer.
+    pub fn on_foreign_function(
+        &mut self,
+        function_id: u32,
+        arguments: Vec<u8>,
+    ) -> Result<(), VmError> {
+        let root = self.root;
+        let args = [
+            u64::from(root.0),
+            u64::from(function_id),
+            arguments.len() as u64,
+        ];
+        self.instance.state().call_data = Some(arguments);
+        let result = self.call(Callback::ForeignFunction, root, &args, &mut []);
+        self.instance.state().call_data = None;
         result.map(|_| ())
     }
 }

@@ -15,7 +15,8 @@ fn buffer(state: &mut VmState, buffer_type: u64) -> Result<&[u8], Failure> {
         BufferType::HttpCallResponseBody => {
             state.http_call_response.as_ref().map(|r| r.body.as_slice())
         }
-        BufferType::GrpcReceiveBuffer | BufferType::CallData => None,
+        BufferType::CallData => state.call_data.as_deref(),
+        BufferType::GrpcReceiveBuffer => None,
         other => state.host.buffer(context, other).map(|b| b.as_slice()),
     };
     Ok(bytes.ok_or(Status::NotFound)?)

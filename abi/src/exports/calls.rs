@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use runtime_api::Caller;
 
-use super::{write_u32, HostResult};
+use super::{return_data, write_u32, HostResult};
 use crate::header_map::wire;
 use crate::{HttpCallRequest, Status, VmState};
 
@@ -68,10 +68,20 @@ pub(super) fn get_status(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> Ho
 }
 
 /// `proxy_call_foreign_function(name_data, name_size, args_data, args_size, return_data,
-/// return_size)`: no foreign functions are registered yet, so every name is `NOT_FOUND`.
+/// return_size)`: calls a function the embedder registered in the [`crate::SharedState`];
+/// `NOT_FOUND` if there is none of that name.
 pub(super) fn call_foreign_function(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let memory = caller.memory();
-    memory.slice(args[0], args[1])?;
-    memory.slice(args[2], args[3])?;
-    Err(Status::NotFound.into())
+    let (function, arguments) = {
+        let (state, memory) = caller.state_and_memory();
+        let function = state
+            .shared
+            .foreign_function(memory.slice(args[0], args[1])?)
+            .ok_or(Status::NotFound)?;
+        (function, memory.slice(args[2], args[3])?.to_vec())
+    };
+    let result = function(&arguments)?;
+    let len = result.len() as u64;
+    return_data(caller, len, args[4], args[5], |_, memory, pointer| {
+        super::fill_exact(memory, pointer, len, &result)
+    })
 }

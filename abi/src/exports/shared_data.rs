@@ -38,30 +38,52 @@ pub(super) fn set_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) ->
     }
 }
 
-/// `proxy_register_shared_queue(name_data, name_size, return_id)`: not implemented yet.
+/// `proxy_register_shared_queue(name_data, name_size, return_id)`: the queue's "ready"
+/// notifications go to this VM's root context.
 pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    caller.memory().slice(args[0], args[1])?;
-    Err(Status::Unimplemented.into())
+    let (state, mut memory) = caller.state_and_memory();
+    memory.slice_mut(args[2], 4)?;
+    let name =
+        std::str::from_utf8(memory.slice(args[0], args[1])?).map_err(|_| Status::BadArgument)?;
+    let token = state
+        .shared
+        .register_queue(&state.config.vm_id, name, state.queue_owner.clone());
+    memory.write_u32(args[2], token)?;
+    Ok(())
 }
 
-/// `proxy_resolve_shared_queue(vm_id_data, vm_id_size, name_data, name_size, return_id)`: not
-/// implemented yet.
+/// `proxy_resolve_shared_queue(vm_id_data, vm_id_size, name_data, name_size, return_id)`.
 pub(super) fn resolve_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    caller.memory().slice(args[0], args[1])?;
-    caller.memory().slice(args[2], args[3])?;
-    Err(Status::Unimplemented.into())
+    let (state, mut memory) = caller.state_and_memory();
+    let vm_id =
+        std::str::from_utf8(memory.slice(args[0], args[1])?).map_err(|_| Status::BadArgument)?;
+    let name =
+        std::str::from_utf8(memory.slice(args[2], args[3])?).map_err(|_| Status::BadArgument)?;
+    let token = state
+        .shared
+        .resolve_queue(vm_id, name)
+        .ok_or(Status::NotFound)?;
+    memory.write_u32(args[4], token)?;
+    Ok(())
 }
 
-/// `proxy_dequeue_shared_queue(queue_id, return_value_data, return_value_size)`: not
-/// implemented yet.
-pub(super) fn dequeue_shared_queue(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+/// `proxy_dequeue_shared_queue(queue_id, return_value_data, return_value_size)`.
+pub(super) fn dequeue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let item = caller.state().shared.dequeue(args[0] as u32)?;
+    let len = item.len() as u64;
+    return_data(caller, len, args[1], args[2], |_, memory, pointer| {
+        fill_exact(memory, pointer, len, &item)
+    })
 }
 
-/// `proxy_enqueue_shared_queue(queue_id, value_data, value_size)`: not implemented yet.
+/// `proxy_enqueue_shared_queue(queue_id, value_data, value_size)`.
 pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    caller.memory().slice(args[1], args[2])?;
-    Err(Status::Unimplemented.into())
+    let (state, memory) = caller.state_and_memory();
+    let item = memory.slice(args[1], args[2])?;
+    match state.shared.enqueue(args[0] as u32, item) {
+        Status::Ok => Ok(()),
+        status => Err(status.into()),
+    }
 }
 
 /// `proxy_define_metric(metric_type, name_data, name_size, return_metric_id)`.

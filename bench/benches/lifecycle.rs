@@ -1,0 +1,170 @@
+//! pwhost against its floor on wasmtime, on the `lifecycle_bench` plugin.
+//!
+//! Group `request_lifecycle` — one full HTTP request per iteration on a started VM:
+//! create the HTTP context, `proxy_on_request_headers` with the 10 headers of
+//! [`REQUEST_HEADERS`] (the plugin reads all 10 by name and adds `x-bench`),
+//! `proxy_on_response_headers` with [`RESPONSE_HEADERS`] (the plugin reads `:status`),
+//! `proxy_on_log` (the plugin logs one line), `proxy_on_done`, `proxy_on_delete`.
+//!
+//! * `pwhost/wasmtime`: through `abi::Vm` on `runtime_wasmtime`, with [`BenchHost`].
+//! * `floor/wasmtime`: the hand-written raw-wasmtime host of [`pwhost_bench::floor`], doing the
+//!   same callbacks and the same embedder work (the same [`pwhost_bench::BenchStream`]).
+//! * `pwhost/wasmtime+deadline`: pwhost with a 1 s CPU deadline per call.
+//! * `floor/wasmtime+epoch`: the floor with the same deadline, enforced the same way (epoch
+//!   interruption, a ticker every 100 ms, a fresh deadline before every top-level call).
+//!
+//! Group `vm_start` — a new VM copy of an already-loaded plugin, ready to serve:
+//! instantiate, `_initialize`, `proxy_on_context_create(1, 0)`, `proxy_on_vm_start`,
+//! `proxy_on_configure`. The VM is dropped inside the timed routine (plain `iter`), so each
+//! figure is the whole cost of a VM copy's life minus its requests: creation plus teardown.
+//!
+//! Both groups name the pwhost and floor variants side by side so one run compares them.
+//!
+//! Run: `cargo bench -p pwhost-bench --bench lifecycle`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use abi::{HeadersAction, Plugin, PluginConfig, SharedState, Vm};
+use criterion::{criterion_group, criterion_main, Criterion};
+use pwhost_bench::floor::{FloorOptions, FloorPlugin, FloorVm};
+use pwhost_bench::{
+    pwhost_request, pwhost_vm, read_plugin, BenchHost, LIFECYCLE_PLUGIN, REQUEST_HEADERS,
+};
+use runtime_api::RuntimeConfig;
+use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
+
+/// The CPU deadline of the `+deadline`/`+epoch` variants.
+const DEADLINE: Duration = Duration::from_secs(1);
+
+fn plugin_bytes() -> Vec<u8> {
+    read_plugin(LIFECYCLE_PLUGIN).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn runtime(config: RuntimeConfig, options: WasmtimeOptions) -> WasmtimeRuntime {
+    WasmtimeRuntime::with_options(config, options).expect("wasmtime runtime")
+}
+
+fn load(runtime: &WasmtimeRuntime, wasm: &[u8]) -> Plugin {
+    Plugin::load(runtime, wasm, PluginConfig::default(), SharedState::new())
+        .expect("load lifecycle_bench")
+}
+
+fn deadline_config() -> RuntimeConfig {
+    RuntimeConfig {
+        call_deadline: Some(DEADLINE),
+        ..Default::default()
+    }
+}
+
+/// Runs one request on a pwhost VM and checks the plugin did its work, so a broken setup fails
+/// loudly instead of benchmarking nothing.
+fn verify_pwhost(vm: &mut Vm) {
+    let logs = vm.host_as::<BenchHost>().unwrap().stream.logs();
+    let outcome = pwhost_request(vm).expect("pwhost request");
+    assert_eq!(outcome.request, HeadersAction::Continue);
+    assert_eq!(outcome.response, HeadersAction::Continue);
+    let stream = &vm.host_as::<BenchHost>().unwrap().stream;
+    assert_eq!(
+        stream.logs(),
+        logs + 1,
+        "the plugin logs one line per request"
+    );
+    assert_eq!(stream.request_headers().get(b"x-bench"), Some(&b"1"[..]));
+    assert_eq!(stream.request_headers().len(), REQUEST_HEADERS.len() + 1);
+}
+
+/// As [`verify_pwhost`], for the floor.
+fn verify_floor(vm: &mut FloorVm) {
+    let logs = vm.state().stream().logs();
+    let outcome = vm.request().expect("floor request");
+    assert_eq!(outcome.request, HeadersAction::Continue);
+    assert_eq!(outcome.response, HeadersAction::Continue);
+    let stream = vm.state().stream();
+    assert_eq!(
+        stream.logs(),
+        logs + 1,
+        "the plugin logs one line per request"
+    );
+    assert_eq!(stream.request_headers().get(b"x-bench"), Some(&b"1"[..]));
+    assert_eq!(stream.request_headers().len(), REQUEST_HEADERS.len() + 1);
+}
+
+fn request_lifecycle(c: &mut Criterion) {
+    let wasm = plugin_bytes();
+    let mut group = c.benchmark_group("request_lifecycle");
+
+    let variants = [
+        (
+            "pwhost/wasmtime",
+            "floor/wasmtime",
+            RuntimeConfig::default(),
+            None,
+        ),
+        (
+            "pwhost/wasmtime+deadline",
+            "floor/wasmtime+epoch",
+            deadline_config(),
+            Some(DEADLINE),
+        ),
+    ];
+    for (pwhost_name, floor_name, config, deadline) in variants {
+        // Each engine (and its epoch ticker thread) lives only while its benchmark runs.
+        {
+            let runtime = runtime(config, WasmtimeOptions::default());
+            let plugin = load(&runtime, &wasm);
+            let mut vm = pwhost_vm(&plugin).expect("start pwhost VM");
+            verify_pwhost(&mut vm);
+            group.bench_function(pwhost_name, |b| {
+                b.iter(|| black_box(pwhost_request(&mut vm).unwrap()))
+            });
+        }
+        {
+            let options = FloorOptions {
+                deadline,
+                pooling_instances: None,
+            };
+            let plugin = FloorPlugin::new(&wasm, options).expect("floor plugin");
+            let mut vm = plugin.instantiate().expect("start floor VM");
+            verify_floor(&mut vm);
+            group.bench_function(floor_name, |b| b.iter(|| black_box(vm.request().unwrap())));
+        }
+    }
+    group.finish();
+}
+
+fn vm_start(c: &mut Criterion) {
+    let wasm = plugin_bytes();
+    let mut group = c.benchmark_group("vm_start");
+
+    for (name, pooling) in [("", None), ("+pooling", Some(100))] {
+        {
+            let options = WasmtimeOptions {
+                pooling_instances: pooling,
+            };
+            let runtime = runtime(RuntimeConfig::default(), options);
+            let plugin = load(&runtime, &wasm);
+            verify_pwhost(&mut pwhost_vm(&plugin).expect("start pwhost VM"));
+            group.bench_function(format!("pwhost/wasmtime{name}"), |b| {
+                // The VM is dropped inside the timed routine: creation plus teardown.
+                b.iter(|| drop(black_box(pwhost_vm(&plugin).unwrap())))
+            });
+        }
+        {
+            let options = FloorOptions {
+                deadline: None,
+                pooling_instances: pooling,
+            };
+            let plugin = FloorPlugin::new(&wasm, options).expect("floor plugin");
+            verify_floor(&mut plugin.instantiate().expect("start floor VM"));
+            group.bench_function(format!("floor/wasmtime{name}"), |b| {
+                // As above: creation plus teardown.
+                b.iter(|| drop(black_box(plugin.instantiate().unwrap())))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, request_lifecycle, vm_start);
+criterion_main!(benches);

@@ -1,0 +1,311 @@
+//! Shared pieces of pwhost's benchmarks: where the benchmark plugins live, the request the
+//! benchmarks replay, a proxy-like [`Host`] with one reusable stream ([`BenchHost`]), the pwhost
+//! side of the lifecycle ([`pwhost_request`]) and a hand-written wasmtime host that is the
+//! performance floor pwhost is compared against ([`floor`]).
+//!
+//! The benchmarks themselves are in `benches/lifecycle.rs`; `src/bin/memory.rs` measures the
+//! resident memory of extra VM copies. A later `pwhost bench` command can reuse everything here.
+//!
+//! # Fairness
+//!
+//! pwhost and the floor keep their stream in the same [`BenchStream`]: the same [`HeaderMap`]s,
+//! restored the same way before every request, and the same log counter. So what differs
+//! between the two is only what lies between the engine and the embedder's data: the ABI layer
+//! (pointer checks, status codes, context bookkeeping, the `runtime_api` indirection) in pwhost,
+//! and the least a correct host must do in the floor.
+
+pub mod floor;
+pub mod memory;
+
+use std::borrow::Cow;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use abi::{
+    BufferType, ContextId, HeaderMap, HeadersAction, Host, LocalResponse, LogLevel, MapType,
+    PropertyPath, Status, StreamType, Vm, VmError,
+};
+
+/// The plugin every lifecycle benchmark runs (`plugins/rust/lifecycle_bench`).
+pub const LIFECYCLE_PLUGIN: &str = "lifecycle_bench";
+
+/// The request headers of every benchmarked request; the plugin reads all ten by name.
+pub const REQUEST_HEADERS: [(&str, &str); 10] = [
+    (":method", "GET"),
+    (":path", "/index.html"),
+    (":authority", "example.com"),
+    (":scheme", "https"),
+    ("user-agent", "bench"),
+    ("accept", "*/*"),
+    ("accept-encoding", "gzip"),
+    ("accept-language", "en"),
+    ("x-request-id", "42"),
+    ("x-forwarded-for", "10.0.0.1"),
+];
+
+/// The response headers of every benchmarked request; the plugin reads `:status`.
+pub const RESPONSE_HEADERS: [(&str, &str); 3] = [
+    (":status", "200"),
+    ("content-type", "text/html"),
+    ("content-length", "1024"),
+];
+
+/// The path of a prebuilt plugin of the repository: `plugins/dist/rust/<name>.wasm` (a name
+/// ending in `.wasm` is taken as the file name). The file exists once `bash plugins/build.sh`
+/// has run.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let file = if name.ends_with(".wasm") {
+        name.to_string()
+    } else {
+        format!("{name}.wasm")
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist/rust")
+        .join(file)
+}
+
+/// Reads a prebuilt plugin (see [`plugin_path`]). A missing file is an error telling the user to
+/// build the plugins.
+pub fn read_plugin(name: &str) -> io::Result<Vec<u8>> {
+    let path = plugin_path(name);
+    std::fs::read(&path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot read plugin {}: {e}; build the plugins first with `bash plugins/build.sh` \
+                 (from the repository root)",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// The state of the one HTTP stream a benchmark VM serves, shared by [`BenchHost`] and the
+/// floor so that both do exactly the same embedder work.
+///
+/// The header maps are restored from templates before every request ([`BenchStream::begin`]),
+/// without allocating when the plugin only appended headers (as `lifecycle_bench` does): a proxy
+/// would fill maps it already owns, so allocation here would be the benchmark's cost, not the
+/// ABI's.
+#[derive(Debug)]
+pub struct BenchStream {
+    context: u32,
+    request: HeaderMap,
+    response: HeaderMap,
+    request_template: HeaderMap,
+    response_template: HeaderMap,
+    logs: u64,
+}
+
+impl Default for BenchStream {
+    fn default() -> Self {
+        BenchStream::new()
+    }
+}
+
+impl BenchStream {
+    /// A stream holding [`REQUEST_HEADERS`] and [`RESPONSE_HEADERS`], bound to no context yet.
+    pub fn new() -> Self {
+        let request_template: HeaderMap = REQUEST_HEADERS.into_iter().collect();
+        let response_template: HeaderMap = RESPONSE_HEADERS.into_iter().collect();
+        BenchStream {
+            context: 0,
+            request: request_template.clone(),
+            response: response_template.clone(),
+            request_template,
+            response_template,
+            logs: 0,
+        }
+    }
+
+    /// Binds the stream to a new request's context and restores both header maps.
+    pub fn begin(&mut self, context: u32) {
+        self.context = context;
+        restore(&mut self.request, &self.request_template);
+        restore(&mut self.response, &self.response_template);
+    }
+
+    /// The context the stream is bound to (0: none).
+    pub fn context(&self) -> u32 {
+        self.context
+    }
+
+    /// The header map `map` of `context`, if `context` is this stream's.
+    #[inline]
+    pub fn header_map(&mut self, context: u32, map: MapType) -> Option<&mut HeaderMap> {
+        if context != self.context || context == 0 {
+            return None;
+        }
+        match map {
+            MapType::HttpRequestHeaders => Some(&mut self.request),
+            MapType::HttpResponseHeaders => Some(&mut self.response),
+            _ => None,
+        }
+    }
+
+    /// The request headers as the plugin left them.
+    pub fn request_headers(&self) -> &HeaderMap {
+        &self.request
+    }
+
+    /// Records a log line: the benchmark only counts them.
+    #[inline]
+    pub fn log(&mut self, _level: LogLevel, _message: &str) {
+        self.logs += 1;
+    }
+
+    /// How many lines plugins logged.
+    pub fn logs(&self) -> u64 {
+        self.logs
+    }
+}
+
+/// Makes `map` equal to `template`. When the plugin only appended entries with names the
+/// template lacks, they are removed in place (no allocation); otherwise the map is re-cloned.
+fn restore(map: &mut HeaderMap, template: &HeaderMap) {
+    const MAX_NAME: usize = 64;
+    let prefix_intact =
+        map.len() >= template.len() && map.iter().zip(template.iter()).all(|(a, b)| a == b);
+    if !prefix_intact {
+        *map = template.clone();
+        return;
+    }
+    while map.len() > template.len() {
+        let mut name = [0u8; MAX_NAME];
+        let len = match map.iter().last() {
+            Some((k, _)) if k.len() <= MAX_NAME && template.get(k).is_none() => {
+                name[..k.len()].copy_from_slice(k);
+                k.len()
+            }
+            _ => {
+                *map = template.clone();
+                return;
+            }
+        };
+        map.remove(&name[..len]);
+    }
+}
+
+/// A [`Host`] shaped like a proxy's: one reusable stream ([`BenchStream`]) instead of a map of
+/// streams, logs counted instead of stored, and nothing else (properties, bodies, local replies
+/// and calls are reported as unavailable).
+#[derive(Debug, Default)]
+pub struct BenchHost {
+    /// The stream the VM serves.
+    pub stream: BenchStream,
+}
+
+impl BenchHost {
+    /// A host with a fresh [`BenchStream`].
+    pub fn new() -> Self {
+        BenchHost::default()
+    }
+}
+
+impl Host for BenchHost {
+    fn log(&mut self, _context: ContextId, level: LogLevel, message: &str) {
+        self.stream.log(level, message);
+    }
+
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap> {
+        self.stream.header_map(context.0, map)
+    }
+
+    fn buffer(&mut self, _context: ContextId, _buffer: BufferType) -> Option<&mut Vec<u8>> {
+        None
+    }
+
+    fn property(&mut self, _context: ContextId, _path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
+        None
+    }
+
+    fn set_property(&mut self, _context: ContextId, _path: PropertyPath<'_>, _: &[u8]) -> Status {
+        Status::Unimplemented
+    }
+
+    fn send_local_response(&mut self, _context: ContextId, _response: LocalResponse) -> Status {
+        Status::Unimplemented
+    }
+
+    fn continue_stream(&mut self, _context: ContextId, _stream: StreamType) -> Status {
+        Status::Unimplemented
+    }
+
+    fn close_stream(&mut self, _context: ContextId, _stream: StreamType) -> Status {
+        Status::Unimplemented
+    }
+}
+
+/// What one request's headers callbacks returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestOutcome {
+    /// `proxy_on_request_headers`'s action.
+    pub request: HeadersAction,
+    /// `proxy_on_response_headers`'s action.
+    pub response: HeadersAction,
+}
+
+/// One full request through pwhost: create an HTTP context, bind the host's stream to it,
+/// request headers, response headers, log, done, delete.
+///
+/// # Panics
+/// If the VM's host is not a [`BenchHost`].
+#[inline]
+pub fn pwhost_request(vm: &mut Vm) -> Result<RequestOutcome, VmError> {
+    let context = vm.create_http_context()?;
+    vm.host_as::<BenchHost>()
+        .expect("the VM's host is a BenchHost")
+        .stream
+        .begin(context.0);
+    let request = vm.on_request_headers(context, REQUEST_HEADERS.len(), false)?;
+    let response = vm.on_response_headers(context, RESPONSE_HEADERS.len(), false)?;
+    vm.on_log(context)?;
+    vm.on_done(context)?;
+    vm.on_delete(context)?;
+    Ok(RequestOutcome { request, response })
+}
+
+/// A new pwhost VM of `plugin` with a [`BenchHost`], started and configured: what a worker
+/// thread does before it can serve requests.
+pub fn pwhost_vm(plugin: &abi::Plugin) -> Result<Vm, VmError> {
+    let mut vm = Vm::new(plugin, Box::new(BenchHost::new()))?;
+    vm.start()?;
+    vm.configure()?;
+    Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_removes_appended_headers_in_place() {
+        let mut stream = BenchStream::new();
+        stream.begin(2);
+        let map = stream.header_map(2, MapType::HttpRequestHeaders).unwrap();
+        map.add(b"x-bench", b"1");
+        assert_eq!(map.len(), 11);
+        stream.begin(3);
+        assert_eq!(stream.request, stream.request_template);
+        assert!(stream.header_map(2, MapType::HttpRequestHeaders).is_none());
+    }
+
+    #[test]
+    fn restore_reclones_changed_maps() {
+        let mut stream = BenchStream::new();
+        stream.begin(2);
+        let map = stream.header_map(2, MapType::HttpRequestHeaders).unwrap();
+        map.replace(b":path", b"/other");
+        map.add(b"accept", b"text/html");
+        stream.begin(3);
+        assert_eq!(stream.request, stream.request_template);
+    }
+
+    #[test]
+    fn plugin_path_points_at_dist() {
+        let path = plugin_path(LIFECYCLE_PLUGIN);
+        assert!(path.ends_with("plugins/dist/rust/lifecycle_bench.wasm"));
+        let missing = read_plugin("no_such_plugin").unwrap_err().to_string();
+        assert!(missing.contains("bash plugins/build.sh"), "{missing}");
+    }
+}
