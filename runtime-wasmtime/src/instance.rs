@@ -1,17 +1,18 @@
 //! Instances and the host-function caller.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use runtime_api::{
     Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, RuntimeConfig, Trap,
-    ValType, MAX_ARGS,
+    MAX_ARGS,
 };
 use wasmtime::{
     AsContextMut, Func, Memory, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline, ValRaw,
 };
 
 use crate::epoch::{EpochState, EpochTicker, WasmtimeInterruptHandle};
-use crate::module::{convert_error, function_type};
+use crate::module::{convert_error, ExportedFunctions};
 
 /// A guest function resolved once: the wasmtime handle and how to pass its values.
 #[derive(Clone, Copy)]
@@ -35,12 +36,14 @@ pub(crate) struct StoreData<S> {
 pub struct WasmtimeInstance<S: 'static> {
     store: Store<StoreData<S>>,
     instance: wasmtime::Instance,
+    exports: Arc<ExportedFunctions>,
     interrupt: Option<Arc<dyn InterruptHandle>>,
 }
 
 impl<S: Send + 'static> WasmtimeInstance<S> {
     pub(crate) fn new(
         pre: &wasmtime::InstancePre<StoreData<S>>,
+        exports: Arc<ExportedFunctions>,
         config: &RuntimeConfig,
         epoch: Option<&EpochTicker>,
         state: S,
@@ -52,7 +55,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
         let data = StoreData {
             state,
             memory: None,
-            functions: Vec::new(),
+            functions: Vec::with_capacity(exports.len()),
             limits: limits.build(),
             epoch: epoch.map(|ticker| EpochState::new(ticker.max_ticks)),
         };
@@ -81,6 +84,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
         Ok(WasmtimeInstance {
             store,
             instance,
+            exports,
             interrupt,
         })
     }
@@ -95,30 +99,31 @@ fn call_resolved<T: 'static>(
     results: &mut [u64],
 ) -> Result<(), Trap> {
     handle.check_arity(args.len(), results.len())?;
-    let mut raw = [ValRaw::u64(0); MAX_ARGS];
-    for (i, arg) in args.iter().enumerate() {
-        raw[i] = if resolved.i64_params & (1 << i) != 0 {
-            ValRaw::u64(*arg)
-        } else {
-            ValRaw::u32(*arg as u32)
-        };
-    }
     let used = args.len().max(results.len());
-    // SAFETY: `resolved.func` belongs to this store (it was resolved from this store's instance);
-    // `check_arity` matched the argument and result counts to its type; each argument is encoded
-    // with the type recorded at resolution; the functions resolved have integer types only, so
-    // no reference values are involved.
-    unsafe {
-        resolved
-            .func
-            .call_unchecked(store.as_context_mut(), &mut raw[..used] as *mut [ValRaw])
-    }
-    .map_err(convert_error)?;
-    for (i, result) in results.iter_mut().enumerate() {
-        *result = if resolved.i64_result {
-            raw[i].get_u64()
+    let mut raw = [MaybeUninit::<ValRaw>::uninit(); MAX_ARGS];
+    for (i, slot) in raw.iter_mut().enumerate().take(used) {
+        let arg = args.get(i).copied().unwrap_or(0);
+        let value = if resolved.i64_params & (1 << i) != 0 {
+            ValRaw::u64(arg)
         } else {
-            u64::from(raw[i].get_u32())
+            ValRaw::u32(arg as u32)
+        };
+        *slot = MaybeUninit::new(value);
+    }
+    let slots = std::ptr::slice_from_raw_parts_mut(raw.as_mut_ptr().cast::<ValRaw>(), used);
+    // SAFETY: the first `used` slots were initialised above; `resolved.func` belongs to this store
+    // (it was resolved from this store's instance); `check_arity` matched the argument and result
+    // counts to its type; each argument is encoded with the type recorded at resolution; only
+    // functions of integer types are resolved, so no reference values are involved.
+    unsafe { resolved.func.call_unchecked(store.as_context_mut(), slots) }
+        .map_err(convert_error)?;
+    for (i, result) in results.iter_mut().enumerate() {
+        // SAFETY: the slot was initialised above and the call wrote the results over it.
+        let raw = unsafe { raw[i].assume_init_ref() };
+        *result = if resolved.i64_result {
+            raw.get_u64()
+        } else {
+            u64::from(raw.get_u32())
         };
     }
     Ok(())
@@ -142,30 +147,19 @@ impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
     }
 
     fn function(&mut self, name: &str) -> Option<GuestFunction> {
-        let func = self.instance.get_func(&mut self.store, name)?;
-        let ty = function_type(&func.ty(&self.store));
-        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
-        if ty.params.len() > MAX_ARGS
-            || ty.results.len() > 1
-            || !ty.params.iter().chain(&ty.results).all(integer)
-        {
-            return None;
-        }
-        let i64_params = ty
-            .params
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == ValType::I64)
-            .fold(0u32, |mask, (i, _)| mask | (1 << i));
+        let exported = self.exports.get(name)?;
+        let func = self
+            .instance
+            .get_module_export(&mut self.store, &exported.export)?
+            .into_func()?;
         let resolved = ResolvedFunction {
             func,
-            i64_params,
-            i64_result: ty.results.first() == Some(&ValType::I64),
+            i64_params: exported.i64_params,
+            i64_result: exported.i64_result,
         };
-        let functions = &mut self.store.data_mut().functions;
-        let index = functions.len() as u32;
-        functions.push(resolved);
-        Some(GuestFunction::new(index, &ty))
+        let handle = GuestFunction::new(self.store.data().functions.len() as u32, &exported.ty);
+        self.store.data_mut().functions.push(resolved);
+        Some(handle)
     }
 
     fn call(

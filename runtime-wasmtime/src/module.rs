@@ -4,8 +4,8 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use runtime_api::{
-    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostFunction, Import,
-    Instance, LinkedModule, RuntimeConfig, Trap, ValType, MAX_ARGS,
+    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostCallback,
+    HostFunction, Import, Instance, LinkedModule, RuntimeConfig, Trap, ValType, MAX_ARGS,
 };
 use wasmtime::{Caller, ValRaw};
 
@@ -17,8 +17,63 @@ pub struct WasmtimeModule {
     module: wasmtime::Module,
     imports: Vec<Import>,
     exports: Vec<Export>,
+    functions: Arc<ExportedFunctions>,
     config: RuntimeConfig,
     epoch: Option<Arc<EpochTicker>>,
+}
+
+/// An exported function the host may call, resolved once per module so that each new instance
+/// finds its exports without name hashing, type queries or allocation.
+pub(crate) struct ExportedFunction {
+    pub(crate) name: String,
+    pub(crate) export: wasmtime::ModuleExport,
+    pub(crate) ty: FunctionType,
+    pub(crate) i64_params: u32,
+    pub(crate) i64_result: bool,
+}
+
+/// The callable exports of a module, sorted by name.
+pub(crate) struct ExportedFunctions(Vec<ExportedFunction>);
+
+impl ExportedFunctions {
+    fn new(module: &wasmtime::Module) -> Self {
+        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
+        let mut functions: Vec<ExportedFunction> = module
+            .exports()
+            .filter_map(|e| {
+                let ty = function_type(e.ty().func()?);
+                let callable = ty.params.len() <= MAX_ARGS
+                    && ty.results.len() <= 1
+                    && ty.params.iter().chain(&ty.results).all(integer);
+                if !callable {
+                    return None;
+                }
+                Some(ExportedFunction {
+                    name: e.name().to_string(),
+                    export: module.get_export_index(e.name())?,
+                    i64_params: i64_mask(&ty.params),
+                    i64_result: ty.results.first() == Some(&ValType::I64),
+                    ty,
+                })
+            })
+            .collect();
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        ExportedFunctions(functions)
+    }
+
+    /// The callable export called `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&ExportedFunction> {
+        let index = self
+            .0
+            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .ok()?;
+        self.0.get(index)
+    }
+
+    /// How many there are.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl WasmtimeModule {
@@ -42,10 +97,12 @@ impl WasmtimeModule {
                 kind: extern_kind(&e.ty()),
             })
             .collect();
+        let functions = Arc::new(ExportedFunctions::new(&module));
         WasmtimeModule {
             module,
             imports,
             exports,
+            functions,
             config,
             epoch,
         }
@@ -121,10 +178,11 @@ impl<S: Send + 'static> CompiledModule<S> for WasmtimeModule {
                     .iter()
                     .map(|t| wasmtime_val_type(*t)),
             );
-            let host_function = *function;
+            let shape = HostShape::of(function);
+            let callback = function.callback;
             let trampoline = move |caller: Caller<'_, StoreData<S>>,
                                    slots: &mut [MaybeUninit<ValRaw>]| {
-                call_host(&host_function, caller, slots)
+                call_host(callback, shape, caller, slots)
             };
             // SAFETY: `call_host` reads exactly the parameters of `ty` with their declared types
             // and writes a result of the declared type only when `ty` has one, as
@@ -137,6 +195,7 @@ impl<S: Send + 'static> CompiledModule<S> for WasmtimeModule {
             .map_err(|e| Error::Instantiation(format!("{e:#}")))?;
         Ok(Arc::new(WasmtimeLinkedModule {
             pre,
+            functions: self.functions.clone(),
             config: self.config.clone(),
             epoch: self.epoch.clone(),
         }))
@@ -149,30 +208,63 @@ impl<S: Send + 'static> CompiledModule<S> for WasmtimeModule {
     }
 }
 
+/// What `call_host` needs to know of a host function's type, computed once at link time.
+#[derive(Clone, Copy)]
+struct HostShape {
+    params: usize,
+    /// Bit `i` set: parameter `i` is an `i64`.
+    i64_params: u32,
+    /// `None`: no result; `Some(true)`: an `i64` result.
+    result_i64: Option<bool>,
+}
+
+impl HostShape {
+    fn of<S>(function: &HostFunction<S>) -> Self {
+        let params = function.signature.params;
+        HostShape {
+            params: params.len(),
+            i64_params: i64_mask(params),
+            result_i64: function
+                .signature
+                .results
+                .first()
+                .map(|t| *t == ValType::I64),
+        }
+    }
+}
+
+/// A bit mask of the `i64` positions in `types`.
+pub(crate) fn i64_mask(types: &[ValType]) -> u32 {
+    types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == ValType::I64)
+        .fold(0, |mask, (i, _)| mask | (1 << i))
+}
+
 /// The body of every host function: slots in, callback, slot 0 out.
 fn call_host<S: 'static>(
-    function: &HostFunction<S>,
+    callback: HostCallback<S>,
+    shape: HostShape,
     caller: Caller<'_, StoreData<S>>,
     slots: &mut [MaybeUninit<ValRaw>],
 ) -> wasmtime::Result<()> {
-    let params = function.signature.params;
     let mut args = [0u64; MAX_ARGS];
-    for (i, ty) in params.iter().enumerate() {
-        // SAFETY: wasmtime initialises one slot per parameter, typed as declared in `ty`.
+    for (i, arg) in args.iter_mut().enumerate().take(shape.params) {
+        // SAFETY: wasmtime initialises one slot per parameter, typed as declared at link time.
         let raw = unsafe { slots[i].assume_init_ref() };
-        args[i] = match ty {
-            ValType::I64 => raw.get_u64(),
-            _ => u64::from(raw.get_u32()),
+        *arg = if shape.i64_params & (1 << i) != 0 {
+            raw.get_u64()
+        } else {
+            u64::from(raw.get_u32())
         };
     }
     let mut caller = WasmtimeCaller { caller };
-    let used = params.len().max(1);
-    (function.callback)(&mut caller, &mut args[..used]).map_err(wasmtime::Error::new)?;
-    if let Some(result) = function.signature.results.first() {
-        slots[0] = MaybeUninit::new(match result {
-            ValType::I64 => ValRaw::u64(args[0]),
-            _ => ValRaw::u32(args[0] as u32),
-        });
+    callback(&mut caller, &mut args[..shape.params.max(1)]).map_err(wasmtime::Error::new)?;
+    match shape.result_i64 {
+        Some(true) => slots[0] = MaybeUninit::new(ValRaw::u64(args[0])),
+        Some(false) => slots[0] = MaybeUninit::new(ValRaw::u32(args[0] as u32)),
+        None => {}
     }
     Ok(())
 }
@@ -180,6 +272,7 @@ fn call_host<S: 'static>(
 /// A module linked against a host function table, instantiated once per VM copy.
 pub struct WasmtimeLinkedModule<S: 'static> {
     pre: wasmtime::InstancePre<StoreData<S>>,
+    functions: Arc<ExportedFunctions>,
     config: RuntimeConfig,
     epoch: Option<Arc<EpochTicker>>,
 }
@@ -188,6 +281,7 @@ impl<S: Send + 'static> LinkedModule<S> for WasmtimeLinkedModule<S> {
     fn instantiate(&self, state: S) -> Result<Box<dyn Instance<S>>, Error> {
         Ok(Box::new(WasmtimeInstance::new(
             &self.pre,
+            self.functions.clone(),
             &self.config,
             self.epoch.as_deref(),
             state,

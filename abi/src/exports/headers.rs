@@ -48,20 +48,40 @@ pub(super) fn set_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
     Ok(())
 }
 
+/// Values up to this size are copied out once, before the guest's allocator runs, instead of
+/// being looked up again after it.
+const INLINE_VALUE: usize = 256;
+
 /// `proxy_get_header_map_value(map_type, key_data, key_size, return_value_data,
 /// return_value_size)`: the first value of the key.
 pub(super) fn get_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let mut inline = [0u8; INLINE_VALUE];
     let len = {
         let (state, memory) = caller.state_and_memory();
         let key = memory.slice(args[1], args[2])?;
-        map(state, args[0])?.get(key).ok_or(Status::NotFound)?.len() as u64
-    };
-    return_data(caller, len, args[3], args[4], |state, memory, pointer| {
-        // Look the key up again: the allocator ran in between and may have changed anything.
-        let key = memory.slice(args[1], args[2])?;
         let value = map(state, args[0])?.get(key).ok_or(Status::NotFound)?;
-        super::fill_exact(memory, pointer, len, value)
-    })
+        if let Some(copy) = inline.get_mut(..value.len()) {
+            copy.copy_from_slice(value);
+        }
+        value.len()
+    };
+    return_data(
+        caller,
+        len as u64,
+        args[3],
+        args[4],
+        |state, memory, pointer| {
+            if let Some(value) = inline.get(..len) {
+                memory.write(pointer, value)?;
+                return Ok(());
+            }
+            // A long value: look the key up again, since the allocator ran in between and may have
+            // changed anything.
+            let key = memory.slice(args[1], args[2])?;
+            let value = map(state, args[0])?.get(key).ok_or(Status::NotFound)?;
+            super::fill_exact(memory, pointer, len as u64, value)
+        },
+    )
 }
 
 /// `proxy_add_header_map_value(map_type, key_data, key_size, value_data, value_size)`.
