@@ -4,15 +4,22 @@
 #   dist/rust/<name>.wasm          the same plugins for wasm32-unknown-unknown
 #   dist/wat/<name>.wasm           hand-written WAT edge cases (plugins/wat/*.wat)
 #   dist/wat/{malformed,not_wasm,empty}.wasm   invalid binaries for loader tests
+#   dist/c/abi_0_1_0.wasm          ABI 0.1.0 plugin in C (plugins/c/), clang + wasi-libc
+#   dist/assemblyscript/http_headers.wasm   AssemblyScript SDK plugin (ABI 0.2.0), only if npm exists
 #
 # Usage: bash plugins/build.sh          (from any directory; idempotent, no-op rebuild ~1-2 s)
 #
 # Needs these Debian/Ubuntu packages (apt-get install):
-#   rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt
+#   rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19
+# and, for the AssemblyScript plugin, nodejs + npm (any recent Node; skipped with a warning when
+# npm is missing).
 # i.e. /usr/bin/cargo + /usr/bin/rustc with the std sources (the wasm std is built from source
 # with -Zbuild-std; RUSTC_BOOTSTRAP=1 unlocks that on a stable compiler), wasm-ld-19 as linker,
-# wasi-libc's libc.a for wasm32-wasip1, and wat2wasm / wasm-objdump from wabt. The first build
-# also needs crates.io access (or a populated ~/.cargo/registry) for proxy-wasm, log, serde(_json).
+# wasi-libc's libc.a + crt1-command.o for wasm32-wasip1 and the C plugin, clang-19 to compile
+# the C plugin (linked with wasm-ld-19 directly, so no compiler-rt package is needed), and
+# wat2wasm / wasm-objdump from wabt. The first build also needs crates.io access (or a populated
+# ~/.cargo/registry) for proxy-wasm, log, serde(_json), and registry.npmjs.org access (or a
+# populated npm cache) for `npm ci` of assemblyscript 0.14.13 + @solo-io/proxy-runtime 0.1.8.
 #
 # Environment:
 #   PWHOST_PLUGIN_TARGET_DIR  cargo target dir (default: plugins/rust/target), e.g. for CI caching
@@ -26,19 +33,24 @@ cargo="${PWHOST_CARGO:-/usr/bin/cargo}"
 rustc="${PWHOST_RUSTC:-/usr/bin/rustc}"
 wasi_libc_dir=/usr/lib/wasm32-wasi
 linker=wasm-ld-19
+clang=clang-19
 
 # Debian's toolchain must win over a rustup one in ~/.cargo/bin (no wasm std there).
 export PATH="/usr/bin:$PATH"
 
 die() { echo "build.sh: $*" >&2; exit 1; }
-for tool in "$cargo" "$rustc" "$linker" wat2wasm wasm-objdump; do
-    command -v "$tool" >/dev/null || die "missing '$tool' (apt-get install rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt)"
+for tool in "$cargo" "$rustc" "$linker" "$clang" wat2wasm wasm-objdump; do
+    command -v "$tool" >/dev/null || die "missing '$tool' (apt-get install rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19)"
 done
-[[ -f "$wasi_libc_dir/libc.a" ]] || die "missing $wasi_libc_dir/libc.a (apt-get install wasi-libc)"
+for file in libc.a crt1-command.o; do
+    [[ -f "$wasi_libc_dir/$file" ]] || die "missing $wasi_libc_dir/$file (apt-get install wasi-libc)"
+done
 [[ -d "$("$rustc" --print sysroot)/lib/rustlib/src/rust/library" ]] \
     || die "missing Rust std sources for -Zbuild-std (apt-get install rust-web-src)"
 
-mkdir -p "$dist/rust" "$dist/wat"
+mkdir -p "$dist/rust" "$dist/wat" "$dist/c" "$dist/assemblyscript"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
 
 # copy_if_changed SRC DST: leaves DST (and its mtime) alone when the content is identical.
 copy_if_changed() {
@@ -49,6 +61,16 @@ copy_if_changed() {
         mv -f "$2.partial" "$2"
         printf '  built      %s (%s bytes)\n' "${2#"$here"/}" "$(wc -c <"$2")"
     fi
+}
+
+# require_exports WASM NAME...: dies unless WASM exports every NAME.
+require_exports() {
+    local wasm="$1" exports name
+    shift
+    exports="$(wasm-objdump -x -j Export "$wasm")"
+    for name in "$@"; do
+        [[ "$exports" == *"-> \"$name\""* ]] || die "$wasm does not export $name"
+    done
 }
 
 # ---- Rust SDK plugins ------------------------------------------------------------------------
@@ -76,9 +98,7 @@ for manifest in "$here"/rust/*/Cargo.toml; do
         out="$dist/rust/${pair#*:}"
         src="$target_dir/$triple/release/$name.wasm"
         [[ -f "$src" ]] || die "cargo did not produce $src"
-        exports="$(wasm-objdump -x -j Export "$src")"
-        [[ "$exports" == *'"proxy_abi_version_0_2_1"'* ]] \
-            || die "$src does not export proxy_abi_version_0_2_1"
+        require_exports "$src" proxy_abi_version_0_2_1
         copy_if_changed "$src" "$out"
     done
 done
@@ -100,13 +120,54 @@ done
 #   malformed.wasm  valid magic + version, then an unknown section id 0xff
 #   not_wasm.wasm   text, bad magic
 #   empty.wasm      zero bytes
-scratch="$(mktemp -d)"
-trap 'rm -rf "$scratch"' EXIT
 printf '\0asm\x01\0\0\0\xff' >"$scratch/malformed.wasm"
 printf 'this is not a wasm module\n' >"$scratch/not_wasm.wasm"
 : >"$scratch/empty.wasm"
 for name in malformed not_wasm empty; do
     copy_if_changed "$scratch/$name.wasm" "$dist/wat/$name.wasm"
 done
+
+# ---- C plugins (ABI 0.1.0) ---------------------------------------------------------------
+# WASI command modules: wasi-libc's crt1-command.o provides `_start`, libc.a `malloc`. Linked
+# with wasm-ld directly rather than through the clang driver, which would run binaryen's
+# wasm-opt when one happens to be on PATH (making the output machine-dependent).
+echo "== C plugins (clang + wasi-libc) -> dist/c/"
+for src in "$here"/c/*.c; do
+    name="$(basename "${src%.c}")"
+    "$clang" --target=wasm32-wasi -Oz -Wall -Wextra -Werror -c "$src" -o "$scratch/$name.o" \
+        || die "clang failed for $src"
+    "$linker" -m wasm32 -L"$wasi_libc_dir" "$wasi_libc_dir/crt1-command.o" "$scratch/$name.o" \
+        -lc --export=malloc --strip-debug -o "$scratch/$name.wasm" \
+        || die "$linker failed for $src"
+    require_exports "$scratch/$name.wasm" proxy_abi_version_0_1_0 _start malloc memory
+    copy_if_changed "$scratch/$name.wasm" "$dist/c/$name.wasm"
+done
+
+# ---- AssemblyScript plugin (ABI 0.2.0) -------------------------------------------------------
+# `npm ci` only when node_modules is older than the lock file, `asc` only when the sources changed
+# since the last asc run (stamp file), so a no-op rebuild does not pay npm's or asc's start-up.
+echo "== AssemblyScript plugin -> dist/assemblyscript/"
+as_dir="$here/assemblyscript"
+as_out="$dist/assemblyscript/http_headers.wasm"
+if ! command -v npm >/dev/null; then
+    echo "  WARNING: npm not found; skipping ${as_out#"$here"/} (apt-get install nodejs npm)" >&2
+else
+    if [[ ! "$as_dir/node_modules/.package-lock.json" -nt "$as_dir/package-lock.json" ]]; then
+        (cd "$as_dir" && npm ci --no-audit --no-fund --prefer-offline) \
+            || die "npm ci failed in $as_dir"
+    fi
+    as_stamp="$as_dir/node_modules/.pwhost-asc-stamp"   # newer than the inputs = up to date
+    if [[ -f "$as_out" && "$as_stamp" -nt "$as_dir/assembly/index.ts" \
+          && "$as_stamp" -nt "$as_dir/node_modules/.package-lock.json" ]]; then
+        printf '  unchanged  %s\n' "${as_out#"$here"/}"
+    else
+        (cd "$as_dir" && ./node_modules/.bin/asc assembly/index.ts -b "$scratch/http_headers.wasm" \
+            --use abort=abort_proc_exit --optimize) \
+            || die "asc failed for $as_dir/assembly/index.ts"
+        require_exports "$scratch/http_headers.wasm" proxy_abi_version_0_2_0 malloc memory
+        copy_if_changed "$scratch/http_headers.wasm" "$as_out"
+        touch "$as_stamp"
+    fi
+fi
 
 echo "== done: $(find "$dist" -name '*.wasm' | wc -l) modules in ${dist#"$here"/}/"

@@ -2,11 +2,12 @@
 # Installs what pwhost's build and tests need on a fresh Debian machine, then builds the plugin
 # corpus. Safe to run again: it skips what is already there.
 #   - wasm toolchain for the plugin corpus: Debian's rustc-web/cargo-web (rustc with the
-#     library sources, for -Zbuild-std), lld-19 (wasm-ld), wasi-libc, wabt (wat2wasm)
+#     library sources, for -Zbuild-std), lld-19 (wasm-ld), wasi-libc, wabt (wat2wasm), clang-19
+#     (the C plugin for ABI 0.1.0); the AssemblyScript plugin uses the machine's node and npm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt)
+packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -19,4 +20,5 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
 fi
 
+command -v npm >/dev/null || { echo "setup: npm is required for the AssemblyScript plugin" >&2; exit 1; }
 bash plugins/build.sh

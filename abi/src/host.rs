@@ -72,6 +72,24 @@ pub struct HttpCallResponse {
     pub trailers: HeaderMap,
 }
 
+/// A gRPC call (`proxy_grpc_call`) or stream (`proxy_grpc_stream`) a plugin asked the host to
+/// open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcRequest {
+    /// The upstream (cluster) name.
+    pub upstream: Vec<u8>,
+    /// The gRPC service, e.g. `pwhost.Auth`.
+    pub service: Vec<u8>,
+    /// The method, e.g. `Check`.
+    pub method: Vec<u8>,
+    /// Initial metadata.
+    pub initial_metadata: HeaderMap,
+    /// The request message of a unary call; `None` for a stream.
+    pub message: Option<Vec<u8>>,
+    /// The timeout of a unary call; `None` for a stream.
+    pub timeout: Option<Duration>,
+}
+
 /// What the embedding proxy provides to plugins: its view of each stream (headers, bodies,
 /// properties), its actions (local replies, continuing streams, outgoing calls), time and logging.
 ///
@@ -127,6 +145,45 @@ pub trait Host: Send + std::any::Any {
     fn http_call(&mut self, context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
         let _ = (context, request);
         Err(Status::Unimplemented)
+    }
+
+    /// Dispatches a unary gRPC call for a root context and returns its token; the proxy later
+    /// delivers the reply through the `Vm::on_grpc_*` methods.
+    fn grpc_call(&mut self, context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        let _ = (context, request);
+        Err(Status::Unimplemented)
+    }
+
+    /// Opens a gRPC stream for a root context and returns its token.
+    fn grpc_stream(&mut self, context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        let _ = (context, request);
+        Err(Status::Unimplemented)
+    }
+
+    /// Sends a message on an open gRPC stream.
+    fn grpc_send(
+        &mut self,
+        _context: ContextId,
+        _token: u32,
+        _message: &[u8],
+        _end_of_stream: bool,
+    ) -> Status {
+        Status::NotFound
+    }
+
+    /// Cancels a gRPC call or stream: no more callbacks will come for it.
+    fn grpc_cancel(&mut self, _context: ContextId, _token: u32) -> Status {
+        Status::NotFound
+    }
+
+    /// Half-closes a gRPC stream (or cancels a call).
+    fn grpc_close(&mut self, _context: ContextId, _token: u32) -> Status {
+        Status::NotFound
+    }
+
+    /// Clears the route cache of a stream (ABI 0.1.0 `proxy_clear_route_cache`).
+    fn clear_route_cache(&mut self, _context: ContextId) -> Status {
+        Status::Ok
     }
 
     /// The root context finished the asynchronous work it had pending when the host asked it to

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use crate::{
-    BufferType, ContextId, HeaderMap, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
-    PropertyPath, Status, StreamType,
+    BufferType, ContextId, GrpcRequest, HeaderMap, Host, HttpCallRequest, LocalResponse, LogLevel,
+    MapType, PropertyPath, Status, StreamType,
 };
 
 /// One log line a plugin wrote.
@@ -47,6 +47,33 @@ pub struct StreamRecord {
     pub closed: Vec<StreamType>,
     /// Properties the plugin set on this stream.
     pub properties: HashMap<String, Vec<u8>>,
+    /// TCP data from downstream the plugin currently sees.
+    pub downstream_data: Vec<u8>,
+    /// Whether `downstream_data` ends the downstream direction.
+    pub downstream_end_of_stream: bool,
+    /// TCP data from upstream the plugin currently sees.
+    pub upstream_data: Vec<u8>,
+    /// Whether `upstream_data` ends the upstream direction.
+    pub upstream_end_of_stream: bool,
+    /// `proxy_clear_route_cache` calls (ABI 0.1.0).
+    pub route_cache_clears: u32,
+}
+
+/// A gRPC call or stream a plugin opened, and what it did with it since.
+#[derive(Clone, Debug)]
+pub struct GrpcRecord {
+    /// The token returned to the plugin.
+    pub token: u32,
+    /// The context that opened it (the root context).
+    pub context: ContextId,
+    /// What was asked.
+    pub request: GrpcRequest,
+    /// Messages sent on a stream, with their end-of-stream flag.
+    pub sent: Vec<(Vec<u8>, bool)>,
+    /// Whether the plugin cancelled it.
+    pub cancelled: bool,
+    /// Whether the plugin closed it.
+    pub closed: bool,
 }
 
 /// An HTTP call a plugin dispatched.
@@ -73,6 +100,8 @@ pub struct InMemoryHost {
     pub properties: HashMap<String, Vec<u8>>,
     /// HTTP calls dispatched, in order.
     pub http_calls: Vec<DispatchedCall>,
+    /// gRPC calls and streams opened, in order.
+    pub grpc_calls: Vec<GrpcRecord>,
     /// Root contexts that called `proxy_done`.
     pub done: Vec<ContextId>,
     /// A fixed wall-clock time, for reproducible runs; `None` uses the system clock.
@@ -81,6 +110,22 @@ pub struct InMemoryHost {
 }
 
 impl InMemoryHost {
+    /// Records a gRPC call or stream and returns its token (tokens are shared with HTTP calls,
+    /// so each is unique).
+    fn open_grpc(&mut self, context: ContextId, request: GrpcRequest) -> u32 {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.grpc_calls.push(GrpcRecord {
+            token,
+            context,
+            request,
+            sent: Vec::new(),
+            cancelled: false,
+            closed: false,
+        });
+        token
+    }
+
     /// An empty host that records every log level.
     pub fn new() -> Self {
         InMemoryHost::default()
@@ -149,6 +194,8 @@ impl Host for InMemoryHost {
         match buffer {
             BufferType::HttpRequestBody => Some(&mut stream.request_body),
             BufferType::HttpResponseBody => Some(&mut stream.response_body),
+            BufferType::DownstreamData => Some(&mut stream.downstream_data),
+            BufferType::UpstreamData => Some(&mut stream.upstream_data),
             _ => None,
         }
     }
@@ -159,6 +206,8 @@ impl Host for InMemoryHost {
             .is_some_and(|stream| match buffer {
                 BufferType::HttpRequestBody => stream.request_end_of_stream,
                 BufferType::HttpResponseBody => stream.response_end_of_stream,
+                BufferType::DownstreamData => stream.downstream_end_of_stream,
+                BufferType::UpstreamData => stream.upstream_end_of_stream,
                 _ => false,
             })
     }
@@ -229,6 +278,64 @@ impl Host for InMemoryHost {
             request,
         });
         Ok(token)
+    }
+
+    fn grpc_call(&mut self, context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        Ok(self.open_grpc(context, request))
+    }
+
+    fn grpc_stream(&mut self, context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        Ok(self.open_grpc(context, request))
+    }
+
+    fn grpc_send(
+        &mut self,
+        _context: ContextId,
+        token: u32,
+        message: &[u8],
+        end_of_stream: bool,
+    ) -> Status {
+        match self
+            .grpc_calls
+            .iter_mut()
+            .find(|c| c.token == token && c.request.message.is_none())
+        {
+            Some(stream) if !stream.cancelled => {
+                stream.sent.push((message.to_vec(), end_of_stream));
+                Status::Ok
+            }
+            _ => Status::NotFound,
+        }
+    }
+
+    fn grpc_cancel(&mut self, _context: ContextId, token: u32) -> Status {
+        match self.grpc_calls.iter_mut().find(|c| c.token == token) {
+            Some(call) => {
+                call.cancelled = true;
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
+    }
+
+    fn grpc_close(&mut self, _context: ContextId, token: u32) -> Status {
+        match self.grpc_calls.iter_mut().find(|c| c.token == token) {
+            Some(call) => {
+                call.closed = true;
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
+    }
+
+    fn clear_route_cache(&mut self, context: ContextId) -> Status {
+        match self.streams.get_mut(&context) {
+            Some(stream) => {
+                stream.route_cache_clears += 1;
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
     }
 
     fn done(&mut self, context: ContextId) -> Status {

@@ -23,13 +23,14 @@ mod version;
 mod vm;
 
 pub use header_map::{wire, HeaderMap};
-pub use host::{Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
-pub use in_memory::{DispatchedCall, InMemoryHost, LogRecord, StreamRecord};
+pub use host::{GrpcRequest, Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
+pub use in_memory::{DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, StreamRecord};
 pub use plugin::{LoadError, Plugin, PluginConfig};
 pub use shared::{ForeignFunction, Metric, MetricType, SharedState};
 pub use state::VmState;
 pub use types::{
-    BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, Status, StreamType,
+    BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, PeerType, Status,
+    StreamType,
 };
 pub use version::AbiVersion;
 pub use vm::{Vm, VmError};

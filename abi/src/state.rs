@@ -7,7 +7,7 @@ use runtime_api::GuestFunction;
 use rustc_hash::FxHashMap;
 
 use crate::shared::QueueOwner;
-use crate::{ContextId, Host, HttpCallResponse, PluginConfig, SharedState};
+use crate::{ContextId, HeaderMap, Host, HttpCallResponse, PluginConfig, SharedState};
 
 /// What kind of context an id names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +39,17 @@ pub struct VmState {
     pub(crate) queue_owner: QueueOwner,
     /// Arguments of the foreign function call being delivered (`CallData` buffer).
     pub(crate) call_data: Option<Vec<u8>>,
+    /// gRPC initial metadata being delivered (map type 4).
+    pub(crate) grpc_initial_metadata: Option<HeaderMap>,
+    /// gRPC trailing metadata being delivered (map type 5).
+    pub(crate) grpc_trailing_metadata: Option<HeaderMap>,
+    /// The gRPC message being delivered (`GrpcReceiveBuffer`).
+    pub(crate) grpc_message: Option<Vec<u8>>,
+    /// The status of the last gRPC call or stream that closed (`proxy_get_status`).
+    pub(crate) grpc_status: Option<(u32, Vec<u8>)>,
+    /// Whether `proxy_on_vm_start` is running: ABI 0.1.0's `proxy_get_configuration` then
+    /// returns the VM configuration instead of the plugin configuration.
+    pub(crate) in_vm_start: bool,
 }
 
 impl VmState {
@@ -59,6 +70,11 @@ impl VmState {
             tick_periods: FxHashMap::default(),
             queue_owner,
             call_data: None,
+            grpc_initial_metadata: None,
+            grpc_trailing_metadata: None,
+            grpc_message: None,
+            grpc_status: None,
+            in_vm_start: false,
         }
     }
 

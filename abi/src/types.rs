@@ -156,6 +156,18 @@ spec_enum! {
 }
 
 spec_enum! {
+    /// Which side closed a connection (`proxy_peer_type_t`).
+    PeerType {
+        /// Unknown.
+        Unknown = 0 => "unknown",
+        /// This proxy.
+        Local = 1 => "local",
+        /// The remote peer.
+        Remote = 2 => "remote",
+    }
+}
+
+spec_enum! {
     /// Streams (`proxy_stream_type_t`).
     StreamType {
         /// The HTTP request.

@@ -8,7 +8,8 @@ use crate::callbacks::{Callback, CALLBACKS, CALLBACK_COUNT};
 use crate::shared::QueueOwner;
 use crate::state::ContextKind;
 use crate::{
-    AbiVersion, ContextId, DataAction, HeadersAction, Host, HttpCallResponse, Plugin, VmState,
+    AbiVersion, ContextId, DataAction, HeaderMap, HeadersAction, Host, HttpCallResponse, PeerType,
+    Plugin, VmState,
 };
 
 /// Why a call into a VM failed.
@@ -224,7 +225,10 @@ impl Vm {
         )?;
         let size = self.instance.state().config.vm_configuration.len() as u64;
         let mut ok = [1];
-        self.call(Callback::VmStart, root, &[u64::from(root.0), size], &mut ok)?;
+        self.instance.state().in_vm_start = true;
+        let result = self.call(Callback::VmStart, root, &[u64::from(root.0), size], &mut ok);
+        self.instance.state().in_vm_start = false;
+        result?;
         Ok(ok[0] != 0)
     }
 
@@ -463,5 +467,135 @@ impl Vm {
         let result = self.call(Callback::ForeignFunction, root, &args, &mut []);
         self.instance.state().call_data = None;
         result.map(|_| ())
+    }
+
+    /// Calls a gRPC callback on the root context with `args` after the token.
+    fn grpc_callback(&mut self, callback: Callback, token: u32, value: u64) -> Result<(), VmError> {
+        let root = self.root;
+        self.call(
+            callback,
+            root,
+            &[u64::from(root.0), u64::from(token), value],
+            &mut [],
+        )?;
+        Ok(())
+    }
+
+    /// Delivers the initial metadata of gRPC call or stream `token`, readable as map type
+    /// `GrpcReceiveInitialMetadata` while the callback runs.
+    pub fn on_grpc_receive_initial_metadata(
+        &mut self,
+        token: u32,
+        metadata: HeaderMap,
+    ) -> Result<(), VmError> {
+        let count = metadata.len() as u64;
+        self.instance.state().grpc_initial_metadata = Some(metadata);
+        let result = self.grpc_callback(Callback::GrpcReceiveInitialMetadata, token, count);
+        self.instance.state().grpc_initial_metadata = None;
+        result
+    }
+
+    /// Delivers a message of gRPC call or stream `token`, readable as the `GrpcReceiveBuffer`.
+    pub fn on_grpc_receive(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
+        let size = message.len() as u64;
+        self.instance.state().grpc_message = Some(message);
+        let result = self.grpc_callback(Callback::GrpcReceive, token, size);
+        self.instance.state().grpc_message = None;
+        result
+    }
+
+    /// Delivers the trailing metadata of gRPC call or stream `token`.
+    pub fn on_grpc_receive_trailing_metadata(
+        &mut self,
+        token: u32,
+        metadata: HeaderMap,
+    ) -> Result<(), VmError> {
+        let count = metadata.len() as u64;
+        self.instance.state().grpc_trailing_metadata = Some(metadata);
+        let result = self.grpc_callback(Callback::GrpcReceiveTrailingMetadata, token, count);
+        self.instance.state().grpc_trailing_metadata = None;
+        result
+    }
+
+    /// Closes gRPC call or stream `token` with a gRPC status code and message (the message stays
+    /// readable through `proxy_get_status` until the next close).
+    pub fn on_grpc_close(
+        &mut self,
+        token: u32,
+        status_code: u32,
+        message: Vec<u8>,
+    ) -> Result<(), VmError> {
+        self.instance.state().grpc_status = Some((status_code, message));
+        self.grpc_callback(Callback::GrpcClose, token, u64::from(status_code))
+    }
+
+    /// Creates a context for a new TCP connection.
+    pub fn create_tcp_context(&mut self) -> Result<ContextId, VmError> {
+        self.create_http_context()
+    }
+
+    /// Calls `proxy_on_new_connection`.
+    pub fn on_new_connection(&mut self, context: ContextId) -> Result<DataAction, VmError> {
+        self.check_stream(context)?;
+        let mut action = [0];
+        self.call(
+            Callback::NewConnection,
+            context,
+            &[u64::from(context.0)],
+            &mut action,
+        )?;
+        Ok(DataAction::from_raw(action[0]))
+    }
+
+    /// Calls `proxy_on_downstream_data` with the size of the (buffered) downstream data.
+    pub fn on_downstream_data(
+        &mut self,
+        context: ContextId,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Result<DataAction, VmError> {
+        self.body_callback(Callback::DownstreamData, context, size, end_of_stream)
+    }
+
+    /// Calls `proxy_on_upstream_data` with the size of the (buffered) upstream data.
+    pub fn on_upstream_data(
+        &mut self,
+        context: ContextId,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Result<DataAction, VmError> {
+        self.body_callback(Callback::UpstreamData, context, size, end_of_stream)
+    }
+
+    /// Calls `proxy_on_downstream_connection_close`.
+    pub fn on_downstream_connection_close(
+        &mut self,
+        context: ContextId,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.check_stream(context)?;
+        self.call(
+            Callback::DownstreamConnectionClose,
+            context,
+            &[u64::from(context.0), peer as u64],
+            &mut [],
+        )?;
+        Ok(())
+    }
+
+    /// Calls `proxy_on_upstream_connection_close`.
+    pub fn on_upstream_connection_close(
+        &mut self,
+        context: ContextId,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.check_stream(context)?;
+        self.call(
+            Callback::UpstreamConnectionClose,
+            context,
+            &[u64::from(context.0), peer as u64],
+            &mut [],
+        )?;
+        Ok(())
     }
 }

@@ -16,7 +16,7 @@ fn buffer(state: &mut VmState, buffer_type: u64) -> Result<&[u8], Failure> {
             state.http_call_response.as_ref().map(|r| r.body.as_slice())
         }
         BufferType::CallData => state.call_data.as_deref(),
-        BufferType::GrpcReceiveBuffer => None,
+        BufferType::GrpcReceiveBuffer => state.grpc_message.as_deref(),
         other => state.host.buffer(context, other).map(|b| b.as_slice()),
     };
     Ok(bytes.ok_or(Status::NotFound)?)
@@ -98,4 +98,21 @@ mod tests {
         assert_eq!(clip(10, 12, 3), 10..10);
         assert_eq!(clip(10, u64::MAX, u64::MAX), 10..10);
     }
+}
+
+/// ABI 0.1.0 `proxy_get_configuration(return_data, return_size)`: the VM configuration while
+/// `proxy_on_vm_start` runs, the plugin configuration otherwise.
+pub(super) fn get_configuration(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let which = |state: &VmState| {
+        if state.in_vm_start {
+            BufferType::VmConfiguration as u64
+        } else {
+            BufferType::PluginConfiguration as u64
+        }
+    };
+    let buffer_type = which(caller.state());
+    get_buffer_bytes(
+        caller,
+        &[buffer_type, 0, u64::from(u32::MAX), args[0], args[1]],
+    )
 }

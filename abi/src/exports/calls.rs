@@ -6,7 +6,7 @@ use runtime_api::Caller;
 
 use super::{return_data, write_u32, HostResult};
 use crate::header_map::wire;
-use crate::{HttpCallRequest, Status, VmState};
+use crate::{GrpcRequest, HttpCallRequest, Status, VmState};
 
 /// `proxy_http_call(upstream_data, upstream_size, headers_data, headers_size, body_data,
 /// body_size, trailers_data, trailers_size, timeout_ms, return_token)`. The call is dispatched
@@ -36,35 +36,95 @@ pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     write_u32(caller, args[9], token)
 }
 
-/// `proxy_grpc_call(...)`: not implemented yet.
-pub(super) fn grpc_call(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+/// `proxy_grpc_call(upstream_data, upstream_size, service_data, service_size, method_data,
+/// method_size, initial_metadata_data, initial_metadata_size, message_data, message_size,
+/// timeout_ms, return_token)`: dispatched for the root context, which receives the reply.
+pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (state, mut memory) = caller.state_and_memory();
+    memory.slice_mut(args[11], 4)?;
+    let request = GrpcRequest {
+        upstream: memory.slice(args[0], args[1])?.to_vec(),
+        service: memory.slice(args[2], args[3])?.to_vec(),
+        method: memory.slice(args[4], args[5])?.to_vec(),
+        initial_metadata: wire::decode(memory.slice(args[6], args[7])?)?
+            .into_iter()
+            .collect(),
+        message: Some(memory.slice(args[8], args[9])?.to_vec()),
+        timeout: Some(Duration::from_millis(args[10])),
+    };
+    if request.upstream.is_empty() || request.service.is_empty() || request.method.is_empty() {
+        return Err(Status::BadArgument.into());
+    }
+    let root = state.effective_root();
+    let token = state.host.grpc_call(root, request)?;
+    write_u32(caller, args[11], token)
 }
 
-/// `proxy_grpc_stream(...)`: not implemented yet.
-pub(super) fn grpc_stream(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+/// `proxy_grpc_stream(upstream_data, upstream_size, service_data, service_size, method_data,
+/// method_size, initial_metadata_data, initial_metadata_size, return_token)`.
+pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (state, mut memory) = caller.state_and_memory();
+    memory.slice_mut(args[8], 4)?;
+    let request = GrpcRequest {
+        upstream: memory.slice(args[0], args[1])?.to_vec(),
+        service: memory.slice(args[2], args[3])?.to_vec(),
+        method: memory.slice(args[4], args[5])?.to_vec(),
+        initial_metadata: wire::decode(memory.slice(args[6], args[7])?)?
+            .into_iter()
+            .collect(),
+        message: None,
+        timeout: None,
+    };
+    if request.upstream.is_empty() || request.service.is_empty() || request.method.is_empty() {
+        return Err(Status::BadArgument.into());
+    }
+    let root = state.effective_root();
+    let token = state.host.grpc_stream(root, request)?;
+    write_u32(caller, args[8], token)
 }
 
-/// `proxy_grpc_send(token, message_data, message_size, end_of_stream)`: not implemented yet.
-pub(super) fn grpc_send(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+fn status(status: Status) -> HostResult {
+    match status {
+        Status::Ok => Ok(()),
+        other => Err(other.into()),
+    }
 }
 
-/// `proxy_grpc_cancel(token)`: not implemented yet.
-pub(super) fn grpc_cancel(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+/// `proxy_grpc_send(token, message_data, message_size, end_of_stream)`.
+pub(super) fn grpc_send(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (state, memory) = caller.state_and_memory();
+    let message = memory.slice(args[1], args[2])?;
+    let root = state.effective_root();
+    status(
+        state
+            .host
+            .grpc_send(root, args[0] as u32, message, args[3] != 0),
+    )
 }
 
-/// `proxy_grpc_close(token)`: not implemented yet.
-pub(super) fn grpc_close(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+/// `proxy_grpc_cancel(token)`.
+pub(super) fn grpc_cancel(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let state = caller.state();
+    let root = state.effective_root();
+    status(state.host.grpc_cancel(root, args[0] as u32))
 }
 
-/// `proxy_get_status(return_code, return_message_data, return_message_size)`: not implemented
-/// yet.
-pub(super) fn get_status(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
-    Err(Status::Unimplemented.into())
+/// `proxy_grpc_close(token)`.
+pub(super) fn grpc_close(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let state = caller.state();
+    let root = state.effective_root();
+    status(state.host.grpc_close(root, args[0] as u32))
+}
+
+/// `proxy_get_status(return_code, return_message_data, return_message_size)`: the status of the
+/// gRPC call or stream that closed last; `NOT_FOUND` before any closed.
+pub(super) fn get_status(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (code, message) = caller.state().grpc_status.clone().ok_or(Status::NotFound)?;
+    caller.memory().write_u32(args[0], code)?;
+    let len = message.len() as u64;
+    return_data(caller, len, args[1], args[2], |_, memory, pointer| {
+        super::fill_exact(memory, pointer, len, &message)
+    })
 }
 
 /// `proxy_call_foreign_function(name_data, name_size, args_data, args_size, return_data,

@@ -17,6 +17,8 @@ pub(crate) fn map(state: &mut VmState, map_type: u64) -> Result<&mut HeaderMap, 
         MapType::HttpCallResponseTrailers => {
             state.http_call_response.as_mut().map(|r| &mut r.trailers)
         }
+        MapType::GrpcReceiveInitialMetadata => state.grpc_initial_metadata.as_mut(),
+        MapType::GrpcReceiveTrailingMetadata => state.grpc_trailing_metadata.as_mut(),
         other => state.host.header_map(context, other),
     };
     Ok(map.ok_or(Status::NotFound)?)

@@ -237,17 +237,44 @@ static V0_2: &[HostFunction<VmState>] = &[
     ),
 ];
 
-/// Every host function a module of ABI `abi` may import.
+/// Host functions only ABI 0.1.0 has.
+static V0_1_ONLY: &[HostFunction<VmState>] = &[
+    env!(
+        proxy_get_configuration,
+        [I32, I32],
+        buffers::get_configuration
+    ),
+    env!(proxy_continue_request, [], stream::continue_request),
+    env!(proxy_continue_response, [], stream::continue_response),
+    env!(proxy_clear_route_cache, [], stream::clear_route_cache),
+];
+
+/// Host functions of 0.2.x that 0.1.0 does not have.
+const NOT_IN_V0_1: [&str; 3] = [
+    "proxy_continue_stream",
+    "proxy_close_stream",
+    "proxy_get_log_level",
+];
+
+/// Every host function a module of ABI `abi` may import: that version's `env` functions, and
+/// WASI under both of its module names.
 pub(crate) fn host_functions(abi: AbiVersion) -> &'static [HostFunction<VmState>] {
-    static ALL: std::sync::OnceLock<Vec<HostFunction<VmState>>> = std::sync::OnceLock::new();
-    let _ = abi;
-    ALL.get_or_init(|| {
-        V0_2.iter()
-            .chain(wasi::FUNCTIONS.iter())
-            .copied()
-            .chain(wasi::unstable())
-            .collect()
-    })
+    static V0_1: std::sync::OnceLock<Vec<HostFunction<VmState>>> = std::sync::OnceLock::new();
+    static V0_2_ALL: std::sync::OnceLock<Vec<HostFunction<VmState>>> = std::sync::OnceLock::new();
+    let wasi = || wasi::FUNCTIONS.iter().copied().chain(wasi::unstable());
+    match abi {
+        AbiVersion::V0_1_0 => V0_1.get_or_init(|| {
+            V0_2.iter()
+                .filter(|f| !NOT_IN_V0_1.contains(&f.name))
+                .chain(V0_1_ONLY)
+                .copied()
+                .chain(wasi())
+                .collect()
+        }),
+        AbiVersion::V0_2_0 | AbiVersion::V0_2_1 => {
+            V0_2_ALL.get_or_init(|| V0_2.iter().copied().chain(wasi()).collect())
+        }
+    }
 }
 
 /// Copies guest bytes out, so the host may be borrowed mutably afterwards.

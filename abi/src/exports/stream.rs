@@ -69,3 +69,28 @@ pub(super) fn done(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResul
     let root = state.effective_root();
     status(state.host.done(root))
 }
+
+/// ABI 0.1.0 `proxy_continue_request()`.
+pub(super) fn continue_request(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
+    let state = caller.state();
+    let context = state.effective_context;
+    status(state.host.continue_stream(context, StreamType::HttpRequest))
+}
+
+/// ABI 0.1.0 `proxy_continue_response()`.
+pub(super) fn continue_response(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
+    let state = caller.state();
+    let context = state.effective_context;
+    status(
+        state
+            .host
+            .continue_stream(context, StreamType::HttpResponse),
+    )
+}
+
+/// ABI 0.1.0 `proxy_clear_route_cache()`.
+pub(super) fn clear_route_cache(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
+    let state = caller.state();
+    let context = state.effective_context;
+    status(state.host.clear_route_cache(context))
+}

@@ -324,10 +324,39 @@ fn sched_yield(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> WasiResult {
     Ok(())
 }
 
-/// `poll_oneoff(in, out, nsubscriptions, nevents)`: succeeds with no events. Go's runtime calls it
-/// (even from its allocator) and crashes on an error.
+/// `poll_oneoff(in, out, nsubscriptions, nevents)`: never blocks (a plugin must not stall the
+/// proxy's worker). Clock subscriptions fire at once; descriptor subscriptions report `EBADF`,
+/// except writes to stdout/stderr, which are always ready. Zero subscriptions succeed with zero
+/// events: Go's runtime calls that (even from its allocator) and crashes on an error.
 fn poll_oneoff(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
-    caller.memory().write_u32(args[3], 0).map_err(fault)?;
+    const SUBSCRIPTION_SIZE: u64 = 48;
+    const EVENT_SIZE: u64 = 32;
+    const FD_WRITE: u8 = 2;
+    let (subscriptions, events, count) = (args[0], args[1], args[2]);
+    let mut memory = caller.memory();
+    for i in 0..count {
+        let subscription = subscriptions + i * SUBSCRIPTION_SIZE;
+        let userdata = memory.slice(subscription, 8).map_err(fault)?;
+        let userdata = u64::from_le_bytes(userdata.try_into().map_err(|_| Ok(FAULT))?);
+        let tag = memory.slice(subscription + 8, 1).map_err(fault)?[0];
+        let errno = match tag {
+            0 => SUCCESS,
+            FD_WRITE if matches!(memory.read_u32(subscription + 16).map_err(fault)?, 1 | 2) => {
+                SUCCESS
+            }
+            1 | FD_WRITE => BADF,
+            _ => return errno(INVAL),
+        };
+        // event: userdata u64, error u16, type u8, then fd_readwrite { nbytes u64, flags u16 }.
+        let mut event = [0u8; EVENT_SIZE as usize];
+        event[..8].copy_from_slice(&userdata.to_le_bytes());
+        event[8..10].copy_from_slice(&errno.0.to_le_bytes());
+        event[10] = tag;
+        memory
+            .write(events + i * EVENT_SIZE, &event)
+            .map_err(fault)?;
+    }
+    memory.write_u32(args[3], count as u32).map_err(fault)?;
     Ok(())
 }
 

@@ -1,242 +1,10 @@
-//! Scenarios: scripted traffic for a plugin, and the report of what the plugin did with it.
-//!
-//! A scenario is JSON or YAML:
-//!
-//! ```yaml
-//! properties: [{path: [source, address], value: "10.0.0.1:1234"}]
-//! ticks: 0
-//! http:
-//!   - request_headers: [[":method", "GET"], [":path", "/"]]
-//!     request_body: ["first chunk", "last chunk"]
-//!     response_headers: [[":status", "200"]]
-//!     http_call_responses: [{headers: [[":status", "200"]], body: "ok"}]
-//! ```
-//!
-//! Each HTTP exchange runs through the plugin as a proxy would run it: request headers, body
-//! chunks (the last one carries end-of-stream), trailers, then the same for the response, then
-//! `on_log`, `on_done` and `on_delete`. A stream the plugin pauses resumes only when the plugin
-//! continues it (typically from an HTTP call response, which the runner answers from
-//! `http_call_responses` in order, or with the spec's failure callback when none is left);
-//! otherwise it is reported as stalled.
+//! Running one HTTP exchange through a VM, as a proxy would.
 
-use std::collections::BTreeMap;
+use abi::{ContextId, DataAction, HeadersAction, StreamType, Vm, VmError};
 
-use abi::{
-    ContextId, DataAction, HeaderMap, HeadersAction, HttpCallResponse, InMemoryHost, Plugin,
-    StreamType, Vm, VmError,
-};
-use serde::{Deserialize, Serialize};
-
-/// A header list as `[name, value]` pairs.
-pub type Headers = Vec<(String, String)>;
-
-/// Scripted traffic for one plugin.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Scenario {
-    /// HTTP exchanges, run one after the other.
-    #[serde(default)]
-    pub http: Vec<HttpExchange>,
-    /// Properties the host answers `proxy_get_property` with.
-    #[serde(default)]
-    pub properties: Vec<PropertyValue>,
-    /// How many timer ticks to deliver after configuration (only if the plugin set a tick
-    /// period).
-    #[serde(default)]
-    pub ticks: u32,
-}
-
-/// One HTTP exchange.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpExchange {
-    /// Request headers; default `GET /` to `localhost`.
-    #[serde(default)]
-    pub request_headers: Option<Headers>,
-    /// Request body chunks.
-    #[serde(default)]
-    pub request_body: Vec<String>,
-    /// Request trailers.
-    #[serde(default)]
-    pub request_trailers: Headers,
-    /// Response headers from upstream; default `:status 200`.
-    #[serde(default)]
-    pub response_headers: Option<Headers>,
-    /// Response body chunks.
-    #[serde(default)]
-    pub response_body: Vec<String>,
-    /// Response trailers.
-    #[serde(default)]
-    pub response_trailers: Headers,
-    /// Answers to the HTTP calls the plugin dispatches during this exchange, in order.
-    #[serde(default)]
-    pub http_call_responses: Vec<CallResponse>,
-}
-
-/// The answer to one HTTP call.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CallResponse {
-    /// Response headers (include `:status`).
-    #[serde(default)]
-    pub headers: Headers,
-    /// Response body.
-    #[serde(default)]
-    pub body: String,
-    /// Response trailers.
-    #[serde(default)]
-    pub trailers: Headers,
-}
-
-/// A property the host provides.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PropertyValue {
-    /// Path segments, e.g. `["request", "path"]`.
-    pub path: Vec<String>,
-    /// The value.
-    pub value: String,
-}
-
-impl Scenario {
-    /// Parses a scenario from JSON or YAML text (YAML is a superset of JSON).
-    pub fn parse(text: &str) -> Result<Scenario, serde_yaml::Error> {
-        serde_yaml::from_str(text)
-    }
-
-    /// The scenario used when none is given: one `GET /`.
-    pub fn single_get() -> Scenario {
-        Scenario {
-            http: vec![HttpExchange::default()],
-            ..Scenario::default()
-        }
-    }
-}
-
-/// What the host does when the VM fails (a trap) while a stream is in the plugin's hands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailurePolicy {
-    /// Answer the stream with a local 503 reply (never leave it hanging).
-    #[default]
-    FailClosed,
-    /// Forward the stream as if the plugin were not there.
-    FailOpen,
-}
-
-/// What happened to one HTTP exchange.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct HttpReport {
-    /// Request headers as forwarded upstream (empty if never forwarded).
-    pub request_headers: Headers,
-    /// Request body as forwarded upstream.
-    pub request_body: String,
-    /// Request trailers as forwarded upstream.
-    pub request_trailers: Headers,
-    /// Response headers as sent downstream.
-    pub response_headers: Headers,
-    /// Response body as sent downstream.
-    pub response_body: String,
-    /// Response trailers as sent downstream.
-    pub response_trailers: Headers,
-    /// The local reply the plugin (or a fail-closed policy) sent instead.
-    pub local_response: Option<LocalResponseReport>,
-    /// HTTP calls the plugin dispatched during the exchange.
-    pub http_calls: Vec<HttpCallReport>,
-    /// The action the plugin returned from each callback (the last one, for bodies).
-    pub actions: BTreeMap<&'static str, &'static str>,
-    /// Whether the plugin paused the stream and never continued it.
-    pub stalled: bool,
-    /// The error that failed the VM during this exchange, if any.
-    pub error: Option<String>,
-}
-
-/// A local reply.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct LocalResponseReport {
-    /// HTTP status.
-    pub status: u32,
-    /// Extra headers.
-    pub headers: Headers,
-    /// Body.
-    pub body: String,
-    /// Status code details.
-    pub details: String,
-    /// gRPC status, if a gRPC reply.
-    pub grpc_status: Option<i32>,
-}
-
-/// A dispatched HTTP call.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct HttpCallReport {
-    /// Upstream (cluster) name.
-    pub upstream: String,
-    /// Request headers.
-    pub headers: Headers,
-    /// Request body.
-    pub body: String,
-    /// Request trailers.
-    pub trailers: Headers,
-    /// Timeout in milliseconds.
-    pub timeout_ms: u64,
-}
-
-/// A log line.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct LogReport {
-    /// Level name.
-    pub level: &'static str,
-    /// Text.
-    pub message: String,
-    /// The context that wrote it.
-    pub context_id: u32,
-}
-
-/// A metric's final value.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct MetricReport {
-    /// The name the plugin defined.
-    pub name: String,
-    /// `counter`, `gauge` or `histogram`.
-    #[serde(rename = "type")]
-    pub metric_type: &'static str,
-    /// The value (last recorded value for histograms).
-    pub value: i64,
-}
-
-/// Everything a run produced.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Report {
-    /// The engine.
-    pub runtime: String,
-    /// The plugin's ABI version.
-    pub abi_version: String,
-    /// Whether `proxy_on_vm_start` succeeded.
-    pub vm_start: bool,
-    /// Whether `proxy_on_configure` succeeded.
-    pub configure: bool,
-    /// The error that failed the VM while starting, if any.
-    pub start_error: Option<String>,
-    /// One report per HTTP exchange.
-    pub http: Vec<HttpReport>,
-    /// Log lines in order.
-    pub logs: Vec<LogReport>,
-    /// Metrics in definition order.
-    pub metrics: Vec<MetricReport>,
-    /// Shared data of the plugin's VM id.
-    pub shared_data: BTreeMap<String, String>,
-}
-
-fn to_map(headers: &Headers) -> HeaderMap {
-    headers
-        .iter()
-        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-        .collect()
-}
-
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use super::callouts::{to_map, Callouts};
+use super::report::{HttpReport, LocalResponseReport};
+use super::{in_memory_host, lossy, FailurePolicy, Headers, HttpExchange};
 
 fn default_request_headers() -> Headers {
     [
@@ -248,6 +16,10 @@ fn default_request_headers() -> Headers {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
+}
+
+fn default_response_headers() -> Headers {
+    vec![(":status".into(), "200".into())]
 }
 
 /// Which way data flows.
@@ -272,11 +44,7 @@ struct ExchangeRun<'a> {
     context: ContextId,
     exchange: &'a HttpExchange,
     report: HttpReport,
-    answers: std::slice::Iter<'a, CallResponse>,
-    /// Index into the host's dispatched calls of the first one made during this exchange.
-    first_call: usize,
-    /// How many of the calls made during this exchange have been answered.
-    answered: usize,
+    callouts: Callouts<'a>,
 }
 
 /// Why an exchange stopped before its end.
@@ -290,11 +58,6 @@ impl From<VmError> for Stop {
     fn from(error: VmError) -> Self {
         Stop::Failed(error)
     }
-}
-
-fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
-    vm.host_as::<InMemoryHost>()
-        .expect("scenario VMs run on an InMemoryHost")
 }
 
 impl<'a> ExchangeRun<'a> {
@@ -320,23 +83,7 @@ impl<'a> ExchangeRun<'a> {
 
     /// Answers the next unanswered call of this exchange; `false` if there is none.
     fn answer_next_call(&mut self) -> Result<bool, Stop> {
-        let calls = &in_memory_host(self.vm).http_calls;
-        let Some(call) = calls.get(self.first_call + self.answered) else {
-            return Ok(false);
-        };
-        let token = call.token;
-        self.answered += 1;
-        // No scripted answer left: the spec's failure callback has no headers, body or trailers.
-        let response = match self.answers.next() {
-            Some(answer) => HttpCallResponse {
-                headers: to_map(&answer.headers),
-                body: answer.body.clone().into_bytes(),
-                trailers: to_map(&answer.trailers),
-            },
-            None => HttpCallResponse::default(),
-        };
-        self.vm.on_http_call_response(token, response)?;
-        Ok(true)
+        Ok(self.callouts.answer_next(self.vm)?)
     }
 
     /// Waits, as a proxy would, for the plugin to continue a paused `direction`: delivers pending
@@ -404,7 +151,7 @@ impl<'a> ExchangeRun<'a> {
                 exchange
                     .response_headers
                     .clone()
-                    .unwrap_or_else(|| vec![(":status".into(), "200".into())]),
+                    .unwrap_or_else(default_response_headers),
                 &exchange.response_body,
                 &exchange.response_trailers,
             ),
@@ -514,75 +261,6 @@ impl<'a> ExchangeRun<'a> {
     }
 }
 
-/// Runs `scenario` through a new VM of `plugin` and reports what happened.
-pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Result<Report, VmError> {
-    let mut host = InMemoryHost::new();
-    for property in &scenario.properties {
-        host.properties
-            .insert(property.path.join("."), property.value.clone().into_bytes());
-    }
-    let mut vm = Vm::new(plugin, Box::new(host))?;
-    let mut report = Report {
-        runtime: plugin.runtime_name().to_string(),
-        abi_version: plugin.abi_version().to_string(),
-        vm_start: false,
-        configure: false,
-        start_error: None,
-        http: Vec::new(),
-        logs: Vec::new(),
-        metrics: Vec::new(),
-        shared_data: BTreeMap::new(),
-    };
-    let started = vm.start().and_then(|ok| {
-        report.vm_start = ok;
-        if ok {
-            report.configure = vm.configure()?;
-        }
-        Ok(())
-    });
-    if let Err(error) = started {
-        report.start_error = Some(error.to_string());
-    }
-    if report.configure {
-        for _ in 0..scenario.ticks {
-            if vm.tick_period().is_none() || vm.tick().is_err() {
-                break;
-            }
-        }
-    }
-    for exchange in &scenario.http {
-        report
-            .http
-            .push(run_exchange(&mut vm, exchange, policy, report.configure));
-    }
-    let host = in_memory_host(&mut vm);
-    report.logs = host
-        .logs
-        .iter()
-        .map(|log| LogReport {
-            level: log.level.as_str(),
-            message: log.message.clone(),
-            context_id: log.context.0,
-        })
-        .collect();
-    let shared = plugin.shared_state();
-    report.metrics = shared
-        .metrics_snapshot()
-        .into_iter()
-        .map(|m| MetricReport {
-            name: m.name,
-            metric_type: m.metric_type.as_str(),
-            value: m.value,
-        })
-        .collect();
-    report.shared_data = shared
-        .data_snapshot(&plugin.config().vm_id)
-        .into_iter()
-        .map(|(k, v)| (lossy(&k), lossy(&v)))
-        .collect();
-    Ok(report)
-}
-
 /// Records a VM failure: fail closed answers 503; fail open forwards what the plugin had not
 /// yet handled as it arrived.
 fn fail(report: &mut HttpReport, policy: FailurePolicy, error: String, exchange: &HttpExchange) {
@@ -610,7 +288,7 @@ fn fail(report: &mut HttpReport, policy: FailurePolicy, error: String, exchange:
                 report.response_headers = exchange
                     .response_headers
                     .clone()
-                    .unwrap_or_else(|| vec![(":status".into(), "200".into())]);
+                    .unwrap_or_else(default_response_headers);
                 report.response_body = exchange.response_body.concat();
                 report.response_trailers = exchange.response_trailers.clone();
             }
@@ -618,7 +296,7 @@ fn fail(report: &mut HttpReport, policy: FailurePolicy, error: String, exchange:
     }
 }
 
-fn run_exchange(
+pub(super) fn run_exchange(
     vm: &mut Vm,
     exchange: &HttpExchange,
     policy: FailurePolicy,
@@ -641,27 +319,32 @@ fn run_exchange(
             return report;
         }
     };
-    let first_call = in_memory_host(vm).http_calls.len();
+    let callouts = Callouts::new(
+        vm,
+        &exchange.http_call_responses,
+        &exchange.grpc_call_responses,
+    );
     let mut run = ExchangeRun {
         vm,
         context,
         exchange,
         report,
-        answers: exchange.http_call_responses.iter(),
-        first_call,
-        answered: 0,
+        callouts,
     };
     let outcome = run.run();
-    let mut report = run.report;
-    let vm = run.vm;
+    let ExchangeRun {
+        vm,
+        mut report,
+        callouts,
+        ..
+    } = run;
     match outcome {
         Ok(()) => {}
         Err(Stop::Stalled) => report.stalled = true,
         Err(Stop::LocalResponse) => {}
         Err(Stop::Failed(error)) => fail(&mut report, policy, error.to_string(), exchange),
     }
-    let host_ref = in_memory_host(vm);
-    if let Some(local) = host_ref.stream(context).local_response.clone() {
+    if let Some(local) = in_memory_host(vm).stream(context).local_response.clone() {
         report.local_response = Some(LocalResponseReport {
             status: local.status,
             headers: local.headers.to_string_pairs(),
@@ -670,16 +353,7 @@ fn run_exchange(
             grpc_status: local.grpc_status,
         });
     }
-    report.http_calls = host_ref.http_calls[first_call..]
-        .iter()
-        .map(|call| HttpCallReport {
-            upstream: lossy(&call.request.upstream),
-            headers: call.request.headers.to_string_pairs(),
-            body: lossy(&call.request.body),
-            trailers: call.request.trailers.to_string_pairs(),
-            timeout_ms: call.request.timeout.as_millis() as u64,
-        })
-        .collect();
+    (report.http_calls, report.grpc_calls) = callouts.report(vm);
     // The stream ends: the plugin logs it and lets go of it, even after a stall or a local reply.
     if !vm.is_failed() {
         let ended = vm

@@ -1,0 +1,132 @@
+//! Answering the HTTP and gRPC calls a plugin makes, from the scenario's scripted responses.
+
+use abi::{HeaderMap, HttpCallResponse, Vm, VmError};
+
+use super::report::{GrpcCallReport, HttpCallReport};
+use super::{in_memory_host, lossy, CallResponse, GrpcResponse, Headers};
+
+/// The gRPC status a call gets when nothing answers it (the host's timeout).
+const DEADLINE_EXCEEDED: u32 = 4;
+
+pub(super) fn to_map(headers: &Headers) -> HeaderMap {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+        .collect()
+}
+
+/// The calls made during one exchange (or connection, or tick) and their scripted answers.
+pub(super) struct Callouts<'a> {
+    http_answers: std::slice::Iter<'a, CallResponse>,
+    grpc_answers: std::slice::Iter<'a, GrpcResponse>,
+    /// Index of the first HTTP call made during this exchange in the host's record.
+    first_http: usize,
+    http_answered: usize,
+    first_grpc: usize,
+    grpc_answered: usize,
+}
+
+impl<'a> Callouts<'a> {
+    /// Starts watching the calls `vm` makes from now on.
+    pub(super) fn new(vm: &mut Vm, http: &'a [CallResponse], grpc: &'a [GrpcResponse]) -> Self {
+        let host = in_memory_host(vm);
+        Callouts {
+            http_answers: http.iter(),
+            grpc_answers: grpc.iter(),
+            first_http: host.http_calls.len(),
+            http_answered: 0,
+            first_grpc: host.grpc_calls.len(),
+            grpc_answered: 0,
+        }
+    }
+
+    /// Answers the oldest unanswered call, HTTP first; `false` if every call is answered.
+    /// A call with no scripted answer left gets the spec's failure callback: an HTTP response
+    /// with no headers, body or trailers; a gRPC close with DEADLINE_EXCEEDED.
+    pub(super) fn answer_next(&mut self, vm: &mut Vm) -> Result<bool, VmError> {
+        let host = in_memory_host(vm);
+        if let Some(call) = host.http_calls.get(self.first_http + self.http_answered) {
+            let token = call.token;
+            self.http_answered += 1;
+            let response = match self.http_answers.next() {
+                Some(answer) => HttpCallResponse {
+                    headers: to_map(&answer.headers),
+                    body: answer.body.clone().into_bytes(),
+                    trailers: to_map(&answer.trailers),
+                },
+                None => HttpCallResponse::default(),
+            };
+            vm.on_http_call_response(token, response)?;
+            return Ok(true);
+        }
+        let Some(call) = host.grpc_calls.get(self.first_grpc + self.grpc_answered) else {
+            return Ok(false);
+        };
+        let (token, cancelled) = (call.token, call.cancelled);
+        self.grpc_answered += 1;
+        if cancelled {
+            return Ok(true);
+        }
+        let Some(answer) = self.grpc_answers.next() else {
+            vm.on_grpc_close(token, DEADLINE_EXCEEDED, b"no response".to_vec())?;
+            return Ok(true);
+        };
+        // Stop delivering as soon as the plugin cancels the call.
+        let still_open = |vm: &mut Vm| {
+            in_memory_host(vm)
+                .grpc_calls
+                .iter()
+                .any(|c| c.token == token && !c.cancelled)
+        };
+        if !answer.initial_metadata.is_empty() {
+            vm.on_grpc_receive_initial_metadata(token, to_map(&answer.initial_metadata))?;
+        }
+        for message in &answer.messages {
+            if !still_open(vm) {
+                return Ok(true);
+            }
+            vm.on_grpc_receive(token, message.clone().into_bytes())?;
+        }
+        if !answer.trailing_metadata.is_empty() && still_open(vm) {
+            vm.on_grpc_receive_trailing_metadata(token, to_map(&answer.trailing_metadata))?;
+        }
+        if still_open(vm) {
+            vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())?;
+        }
+        Ok(true)
+    }
+
+    /// Reports the HTTP and gRPC calls made since `new`.
+    pub(super) fn report(&self, vm: &mut Vm) -> (Vec<HttpCallReport>, Vec<GrpcCallReport>) {
+        let host = in_memory_host(vm);
+        let http = host.http_calls[self.first_http.min(host.http_calls.len())..]
+            .iter()
+            .map(|call| HttpCallReport {
+                upstream: lossy(&call.request.upstream),
+                headers: call.request.headers.to_string_pairs(),
+                body: lossy(&call.request.body),
+                trailers: call.request.trailers.to_string_pairs(),
+                timeout_ms: call.request.timeout.as_millis() as u64,
+            })
+            .collect();
+        let grpc = host.grpc_calls[self.first_grpc.min(host.grpc_calls.len())..]
+            .iter()
+            .map(|call| GrpcCallReport {
+                upstream: lossy(&call.request.upstream),
+                service: lossy(&call.request.service),
+                method: lossy(&call.request.method),
+                initial_metadata: call.request.initial_metadata.to_string_pairs(),
+                message: call.request.message.as_deref().map(lossy),
+                timeout_ms: call.request.timeout.map(|t| t.as_millis() as u64),
+                sent: call
+                    .sent
+                    .iter()
+                    .map(|(message, _)| lossy(message))
+                    .collect(),
+                cancelled: call.cancelled,
+                closed: call.closed,
+            })
+            .collect();
+        (http, grpc)
+    }
+}

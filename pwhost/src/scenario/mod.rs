@@ -1,0 +1,331 @@
+//! Scenarios: scripted traffic for a plugin, and the report of what the plugin did with it.
+//!
+//! A scenario is JSON or YAML:
+//!
+//! ```yaml
+//! vms: 1                  # VM copies of the plugin sharing shared data and queues
+//! properties: [{path: [source, address], value: "10.0.0.1:1234"}]
+//! ticks: 0                # timer ticks after configuration (if the plugin set a period)
+//! http:
+//!   - request_headers: [[":method", "GET"], [":path", "/"]]
+//!     request_body: ["first chunk", "last chunk"]
+//!     response_headers: [[":status", "200"]]
+//!     http_call_responses: [{headers: [[":status", "200"]], body: "ok"}]
+//!     grpc_call_responses: [{messages: ["reply"], status: 0}]
+//!     vm: 0                # which VM copy handles it
+//! tcp:
+//!   - downstream: ["hello"]
+//!     upstream: ["world"]
+//! ```
+//!
+//! Each HTTP exchange runs through the plugin as a proxy would run it: request headers, body
+//! chunks (the last one carries end-of-stream), trailers, then the same for the response, then
+//! `on_log`, `on_done` and `on_delete`. A stream the plugin pauses resumes only when the plugin
+//! continues it (typically from a callout response, which the runner answers from
+//! `http_call_responses`/`grpc_call_responses` in order, or with the spec's failure callback when
+//! none is left); otherwise it is reported as stalled. TCP connections run likewise: new
+//! connection, downstream data, upstream data, both closes.
+
+mod callouts;
+mod http;
+mod report;
+mod tcp;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use abi::{InMemoryHost, Plugin, SharedState, Vm, VmError};
+use serde::{Deserialize, Serialize};
+
+pub use report::{
+    GrpcCallReport, HttpCallReport, HttpReport, LocalResponseReport, LogReport, MetricReport,
+    Report, TcpReport,
+};
+
+/// A header list as `[name, value]` pairs.
+pub type Headers = Vec<(String, String)>;
+
+/// Scripted traffic for one plugin.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// How many VM copies of the plugin to run (default 1); they share shared data and queues.
+    #[serde(default = "one")]
+    pub vms: usize,
+    /// HTTP exchanges, run one after the other.
+    #[serde(default)]
+    pub http: Vec<HttpExchange>,
+    /// TCP connections, run after the HTTP exchanges.
+    #[serde(default)]
+    pub tcp: Vec<TcpConnection>,
+    /// Properties the host answers `proxy_get_property` with.
+    #[serde(default)]
+    pub properties: Vec<PropertyValue>,
+    /// How many timer ticks to deliver after configuration (only while the plugin has a tick
+    /// period set).
+    #[serde(default)]
+    pub ticks: u32,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One HTTP exchange.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpExchange {
+    /// Which VM copy handles it (default 0).
+    #[serde(default)]
+    pub vm: usize,
+    /// Request headers; default `GET /` to `localhost`.
+    #[serde(default)]
+    pub request_headers: Option<Headers>,
+    /// Request body chunks.
+    #[serde(default)]
+    pub request_body: Vec<String>,
+    /// Request trailers.
+    #[serde(default)]
+    pub request_trailers: Headers,
+    /// Response headers from upstream; default `:status 200`.
+    #[serde(default)]
+    pub response_headers: Option<Headers>,
+    /// Response body chunks.
+    #[serde(default)]
+    pub response_body: Vec<String>,
+    /// Response trailers.
+    #[serde(default)]
+    pub response_trailers: Headers,
+    /// Answers to the HTTP calls the plugin dispatches during this exchange, in order.
+    #[serde(default)]
+    pub http_call_responses: Vec<CallResponse>,
+    /// Answers to the gRPC calls and streams the plugin opens during this exchange, in order.
+    #[serde(default)]
+    pub grpc_call_responses: Vec<GrpcResponse>,
+}
+
+/// One TCP connection.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConnection {
+    /// Which VM copy handles it (default 0).
+    #[serde(default)]
+    pub vm: usize,
+    /// Data chunks from downstream; the last one ends the direction.
+    #[serde(default)]
+    pub downstream: Vec<String>,
+    /// Data chunks from upstream; the last one ends the direction.
+    #[serde(default)]
+    pub upstream: Vec<String>,
+    /// Answers to HTTP calls dispatched during the connection.
+    #[serde(default)]
+    pub http_call_responses: Vec<CallResponse>,
+    /// Answers to gRPC calls dispatched during the connection.
+    #[serde(default)]
+    pub grpc_call_responses: Vec<GrpcResponse>,
+}
+
+/// The answer to one HTTP call.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallResponse {
+    /// Response headers (include `:status`).
+    #[serde(default)]
+    pub headers: Headers,
+    /// Response body.
+    #[serde(default)]
+    pub body: String,
+    /// Response trailers.
+    #[serde(default)]
+    pub trailers: Headers,
+}
+
+/// The answer to one gRPC call or stream: metadata, messages, then the closing status.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcResponse {
+    /// Initial metadata (delivered only if not empty).
+    #[serde(default)]
+    pub initial_metadata: Headers,
+    /// Messages, in order.
+    #[serde(default)]
+    pub messages: Vec<String>,
+    /// Trailing metadata (delivered only if not empty).
+    #[serde(default)]
+    pub trailing_metadata: Headers,
+    /// The gRPC status code (0 = OK).
+    #[serde(default)]
+    pub status: u32,
+    /// The status message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A property the host provides.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyValue {
+    /// Path segments, e.g. `["request", "path"]`.
+    pub path: Vec<String>,
+    /// The value.
+    pub value: String,
+}
+
+impl Scenario {
+    /// Parses a scenario from JSON or YAML text (YAML is a superset of JSON).
+    pub fn parse(text: &str) -> Result<Scenario, serde_yaml::Error> {
+        serde_yaml::from_str(text)
+    }
+
+    /// The scenario used when none is given: one `GET /`.
+    pub fn single_get() -> Scenario {
+        Scenario {
+            vms: 1,
+            http: vec![HttpExchange::default()],
+            ..Scenario::default()
+        }
+    }
+}
+
+/// What the host does when the VM fails (a trap) while a stream is in the plugin's hands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Answer the stream with a local 503 reply (never leave it hanging).
+    #[default]
+    FailClosed,
+    /// Forward the stream as if the plugin were not there.
+    FailOpen,
+}
+
+/// The foreign functions `pwhost run` offers plugins (`proxy_call_foreign_function`).
+///
+/// * `reverse`: the argument bytes reversed.
+/// * `echo`: the argument bytes unchanged.
+/// * `uppercase`: the argument with ASCII letters upper-cased.
+pub fn register_builtin_foreign_functions(shared: &SharedState) {
+    shared.register_foreign_function(
+        "reverse",
+        Arc::new(|args: &[u8]| Ok(args.iter().rev().copied().collect())),
+    );
+    shared.register_foreign_function("echo", Arc::new(|args: &[u8]| Ok(args.to_vec())));
+    shared.register_foreign_function(
+        "uppercase",
+        Arc::new(|args: &[u8]| Ok(args.to_ascii_uppercase())),
+    );
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
+    vm.host_as::<InMemoryHost>()
+        .expect("scenario VMs run on an InMemoryHost")
+}
+
+/// Delivers pending queue notifications on every VM.
+fn dispatch_queues(vms: &mut [Vm]) {
+    for vm in vms.iter_mut().filter(|vm| !vm.is_failed()) {
+        // A trap here fails the VM, which the next exchange on it reports.
+        let _ = vm.dispatch_queue_ready();
+    }
+}
+
+/// Runs `scenario` through new VMs of `plugin` and reports what happened.
+pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Result<Report, VmError> {
+    register_builtin_foreign_functions(plugin.shared_state());
+    let mut vms = Vec::new();
+    let mut report = Report {
+        runtime: plugin.runtime_name().to_string(),
+        abi_version: plugin.abi_version().to_string(),
+        vm_start: true,
+        configure: true,
+        start_error: None,
+        http: Vec::new(),
+        tcp: Vec::new(),
+        logs: Vec::new(),
+        metrics: Vec::new(),
+        shared_data: BTreeMap::new(),
+    };
+    for _ in 0..scenario.vms.max(1) {
+        let mut host = InMemoryHost::new();
+        for property in &scenario.properties {
+            host.properties
+                .insert(property.path.join("."), property.value.clone().into_bytes());
+        }
+        let mut vm = Vm::new(plugin, Box::new(host))?;
+        match vm.start() {
+            Ok(true) => match vm.configure() {
+                Ok(configured) => report.configure &= configured,
+                Err(error) => {
+                    report.configure = false;
+                    report.start_error.get_or_insert_with(|| error.to_string());
+                }
+            },
+            Ok(false) => report.vm_start = false,
+            Err(error) => {
+                report.vm_start = false;
+                report.start_error.get_or_insert_with(|| error.to_string());
+            }
+        }
+        vms.push(vm);
+    }
+    report.configure &= report.vm_start;
+    dispatch_queues(&mut vms);
+    if report.configure {
+        for vm in &mut vms {
+            for _ in 0..scenario.ticks {
+                if vm.tick_period().is_none() || vm.tick().is_err() {
+                    break;
+                }
+                // Calls made from a tick get the failure callback: nothing scripts them.
+                let mut callouts = callouts::Callouts::new(vm, &[], &[]);
+                while callouts.answer_next(vm).unwrap_or(false) {}
+            }
+        }
+        dispatch_queues(&mut vms);
+    }
+    let vm_count = vms.len();
+    for exchange in &scenario.http {
+        let http = match vms.get_mut(exchange.vm) {
+            Some(vm) => http::run_exchange(vm, exchange, policy, report.configure),
+            None => HttpReport::no_such_vm(exchange.vm, vm_count),
+        };
+        report.http.push(http);
+        dispatch_queues(&mut vms);
+    }
+    for connection in &scenario.tcp {
+        let tcp = match vms.get_mut(connection.vm) {
+            Some(vm) => tcp::run_connection(vm, connection, report.configure),
+            None => TcpReport::no_such_vm(connection.vm, vm_count),
+        };
+        report.tcp.push(tcp);
+        dispatch_queues(&mut vms);
+    }
+    for (index, vm) in vms.iter_mut().enumerate() {
+        let host = in_memory_host(vm);
+        report.logs.extend(host.logs.iter().map(|log| LogReport {
+            level: log.level.as_str(),
+            message: log.message.clone(),
+            context_id: log.context.0,
+            vm: index,
+        }));
+    }
+    let shared = plugin.shared_state();
+    report.metrics = shared
+        .metrics_snapshot()
+        .into_iter()
+        .map(|m| MetricReport {
+            name: m.name,
+            metric_type: m.metric_type.as_str(),
+            value: m.value,
+        })
+        .collect();
+    report.shared_data = shared
+        .data_snapshot(&plugin.config().vm_id)
+        .into_iter()
+        .map(|(k, v)| (lossy(&k), lossy(&v)))
+        .collect();
+    Ok(report)
+}

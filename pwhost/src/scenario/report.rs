@@ -1,0 +1,180 @@
+//! What a scenario run reports (the JSON of `pwhost run`).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Headers;
+
+/// What happened to one HTTP exchange.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct HttpReport {
+    /// Request headers as forwarded upstream (empty if never forwarded).
+    pub request_headers: Headers,
+    /// Request body as forwarded upstream.
+    pub request_body: String,
+    /// Request trailers as forwarded upstream.
+    pub request_trailers: Headers,
+    /// Response headers as sent downstream.
+    pub response_headers: Headers,
+    /// Response body as sent downstream.
+    pub response_body: String,
+    /// Response trailers as sent downstream.
+    pub response_trailers: Headers,
+    /// The local reply the plugin (or a fail-closed policy) sent instead.
+    pub local_response: Option<LocalResponseReport>,
+    /// HTTP calls the plugin dispatched during the exchange.
+    pub http_calls: Vec<HttpCallReport>,
+    /// gRPC calls and streams the plugin opened during the exchange.
+    pub grpc_calls: Vec<GrpcCallReport>,
+    /// The action the plugin returned from each callback (the last one, for bodies).
+    pub actions: BTreeMap<&'static str, &'static str>,
+    /// Whether the plugin paused the stream and never continued it.
+    pub stalled: bool,
+    /// The error that failed the VM during this exchange, if any.
+    pub error: Option<String>,
+}
+
+impl HttpReport {
+    pub(super) fn no_such_vm(vm: usize, count: usize) -> Self {
+        HttpReport {
+            error: Some(no_such_vm(vm, count)),
+            ..HttpReport::default()
+        }
+    }
+}
+
+fn no_such_vm(vm: usize, count: usize) -> String {
+    format!("the scenario names VM {vm}, but runs {count} (vms: {count})")
+}
+
+/// What happened to one TCP connection.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct TcpReport {
+    /// Downstream data as forwarded upstream.
+    pub upstream_received: String,
+    /// Upstream data as forwarded downstream.
+    pub downstream_received: String,
+    /// HTTP calls the plugin dispatched during the connection.
+    pub http_calls: Vec<HttpCallReport>,
+    /// gRPC calls and streams the plugin opened during the connection.
+    pub grpc_calls: Vec<GrpcCallReport>,
+    /// The action the plugin returned from each callback (the last one, for data).
+    pub actions: BTreeMap<&'static str, &'static str>,
+    /// Whether data the plugin paused was never continued.
+    pub stalled: bool,
+    /// The error that failed the VM during this connection, if any.
+    pub error: Option<String>,
+}
+
+impl TcpReport {
+    pub(super) fn no_such_vm(vm: usize, count: usize) -> Self {
+        TcpReport {
+            error: Some(no_such_vm(vm, count)),
+            ..TcpReport::default()
+        }
+    }
+}
+
+/// A local reply.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LocalResponseReport {
+    /// HTTP status.
+    pub status: u32,
+    /// Extra headers.
+    pub headers: Headers,
+    /// Body.
+    pub body: String,
+    /// Status code details.
+    pub details: String,
+    /// gRPC status, if a gRPC reply.
+    pub grpc_status: Option<i32>,
+}
+
+/// A dispatched HTTP call.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HttpCallReport {
+    /// Upstream (cluster) name.
+    pub upstream: String,
+    /// Request headers.
+    pub headers: Headers,
+    /// Request body.
+    pub body: String,
+    /// Request trailers.
+    pub trailers: Headers,
+    /// Timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// A gRPC call or stream the plugin opened.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct GrpcCallReport {
+    /// Upstream (cluster) name.
+    pub upstream: String,
+    /// gRPC service.
+    pub service: String,
+    /// gRPC method.
+    pub method: String,
+    /// Initial metadata.
+    pub initial_metadata: Headers,
+    /// The request message of a unary call (`null` for a stream).
+    pub message: Option<String>,
+    /// The timeout of a unary call (`null` for a stream).
+    pub timeout_ms: Option<u64>,
+    /// Messages the plugin sent on a stream.
+    pub sent: Vec<String>,
+    /// Whether the plugin cancelled it.
+    pub cancelled: bool,
+    /// Whether the plugin closed it.
+    pub closed: bool,
+}
+
+/// A log line.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LogReport {
+    /// Level name.
+    pub level: &'static str,
+    /// Text.
+    pub message: String,
+    /// The context that wrote it.
+    pub context_id: u32,
+    /// The VM copy that wrote it.
+    pub vm: usize,
+}
+
+/// A metric's final value.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MetricReport {
+    /// The name the plugin defined.
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    #[serde(rename = "type")]
+    pub metric_type: &'static str,
+    /// The value (last recorded value for histograms).
+    pub value: i64,
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    /// The engine.
+    pub runtime: String,
+    /// The plugin's ABI version.
+    pub abi_version: String,
+    /// Whether `proxy_on_vm_start` succeeded (on every VM copy).
+    pub vm_start: bool,
+    /// Whether `proxy_on_configure` succeeded (on every VM copy).
+    pub configure: bool,
+    /// The error that failed a VM while starting, if any.
+    pub start_error: Option<String>,
+    /// One report per HTTP exchange.
+    pub http: Vec<HttpReport>,
+    /// One report per TCP connection.
+    pub tcp: Vec<TcpReport>,
+    /// Log lines in order, VM by VM.
+    pub logs: Vec<LogReport>,
+    /// Metrics in definition order.
+    pub metrics: Vec<MetricReport>,
+    /// Shared data of the plugin's VM id.
+    pub shared_data: BTreeMap<String, String>,
+}

@@ -1,0 +1,145 @@
+//! Running one TCP connection through a VM: new connection, data both ways, both closes.
+
+use abi::{DataAction, PeerType, Vm, VmError};
+
+use super::callouts::Callouts;
+use super::report::TcpReport;
+use super::{in_memory_host, lossy, TcpConnection};
+
+/// Which way data flows on a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// From the client, forwarded upstream.
+    Downstream,
+    /// From the server, forwarded downstream.
+    Upstream,
+}
+
+/// Feeds one direction's chunks; returns what was forwarded and whether data was left paused.
+fn feed(
+    vm: &mut Vm,
+    context: abi::ContextId,
+    side: Side,
+    chunks: &[String],
+    report: &mut TcpReport,
+    callouts: &mut Callouts<'_>,
+) -> Result<(Vec<u8>, bool), VmError> {
+    let mut forwarded = Vec::new();
+    let mut held = false;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let end_of_stream = i + 1 == chunks.len();
+        let stream = in_memory_host(vm).stream(context);
+        let (data, end) = match side {
+            Side::Downstream => (
+                &mut stream.downstream_data,
+                &mut stream.downstream_end_of_stream,
+            ),
+            Side::Upstream => (
+                &mut stream.upstream_data,
+                &mut stream.upstream_end_of_stream,
+            ),
+        };
+        data.extend_from_slice(chunk.as_bytes());
+        *end = end_of_stream;
+        let size = data.len();
+        let (action, key) = match side {
+            Side::Downstream => (
+                vm.on_downstream_data(context, size, end_of_stream)?,
+                "downstream_data",
+            ),
+            Side::Upstream => (
+                vm.on_upstream_data(context, size, end_of_stream)?,
+                "upstream_data",
+            ),
+        };
+        report.actions.insert(key, action.as_str());
+        held = !matches!(action, DataAction::Continue);
+        if !held {
+            forwarded.append(buffer(vm, context, side));
+        }
+    }
+    // Paused data waits for the calls the plugin made; a real proxy would wait for them too.
+    while held && callouts.answer_next(vm)? {
+        let stream = in_memory_host(vm).stream(context);
+        let continued = match side {
+            Side::Downstream => abi::StreamType::Downstream,
+            Side::Upstream => abi::StreamType::Upstream,
+        };
+        if let Some(position) = stream.continued.iter().position(|t| *t == continued) {
+            stream.continued.remove(position);
+            held = false;
+            forwarded.append(buffer(vm, context, side));
+        }
+    }
+    Ok((forwarded, held))
+}
+
+fn buffer(vm: &mut Vm, context: abi::ContextId, side: Side) -> &mut Vec<u8> {
+    let stream = in_memory_host(vm).stream(context);
+    match side {
+        Side::Downstream => &mut stream.downstream_data,
+        Side::Upstream => &mut stream.upstream_data,
+    }
+}
+
+pub(super) fn run_connection(
+    vm: &mut Vm,
+    connection: &TcpConnection,
+    configured: bool,
+) -> TcpReport {
+    let mut report = TcpReport::default();
+    if !configured || vm.is_failed() {
+        report.error = Some(
+            if vm.is_failed() {
+                "the VM has failed"
+            } else {
+                "the plugin is not configured"
+            }
+            .into(),
+        );
+        return report;
+    }
+    let mut callouts = Callouts::new(
+        vm,
+        &connection.http_call_responses,
+        &connection.grpc_call_responses,
+    );
+    let outcome = (|| -> Result<(), VmError> {
+        let context = vm.create_tcp_context()?;
+        in_memory_host(vm).stream(context);
+        let action = vm.on_new_connection(context)?;
+        report.actions.insert("new_connection", action.as_str());
+        let (upstream, held_down) = feed(
+            vm,
+            context,
+            Side::Downstream,
+            &connection.downstream,
+            &mut report,
+            &mut callouts,
+        )?;
+        report.upstream_received = lossy(&upstream);
+        let (downstream, held_up) = feed(
+            vm,
+            context,
+            Side::Upstream,
+            &connection.upstream,
+            &mut report,
+            &mut callouts,
+        )?;
+        report.downstream_received = lossy(&downstream);
+        report.stalled = held_down || held_up;
+        while callouts.answer_next(vm)? {}
+        vm.on_downstream_connection_close(context, PeerType::Remote)?;
+        vm.on_upstream_connection_close(context, PeerType::Local)?;
+        vm.on_log(context)?;
+        vm.on_done(context)?;
+        vm.on_delete(context)?;
+        in_memory_host(vm).streams.remove(&context);
+        Ok(())
+    })();
+    if let Err(error) = outcome {
+        report.error = Some(error.to_string());
+    }
+    (report.http_calls, report.grpc_calls) = callouts.report(vm);
+    report
+}
