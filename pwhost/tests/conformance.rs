@@ -29,6 +29,9 @@ struct Case {
     root_id: String,
     #[serde(default)]
     deadline_ms: Option<u64>,
+    /// Environment variables for WASI, as `KEY=VALUE`.
+    #[serde(default)]
+    environment: Vec<String>,
     #[serde(default)]
     scenario: Scenario,
     #[serde(default)]
@@ -45,8 +48,12 @@ fn root() -> PathBuf {
 }
 
 /// The builds of a case's plugin: both targets for Rust SDK plugins, the one module otherwise.
+/// A case that names a file (`rust/NAME.wasip1.wasm`) runs that build only.
 fn plugin_builds(plugin: &str) -> Vec<PathBuf> {
     let dist = root().join("plugins/dist");
+    if plugin.ends_with(".wasm") {
+        return vec![dist.join(plugin)];
+    }
     let mut builds = vec![dist.join(format!("{plugin}.wasm"))];
     if plugin.starts_with("rust/") {
         builds.push(dist.join(format!("{plugin}.wasip1.wasm")));
@@ -107,15 +114,25 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &Path) -> Result
     let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
     let wasm = std::fs::read(build).map_err(|e| format!("{}: {e}", build.display()))?;
     let plugin_config = abi::PluginConfig {
+        // `rust/NAME.wasip1.wasm` is plugin NAME.
         name: case
             .plugin
             .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .split('.')
             .next()
             .unwrap_or_default()
             .to_string(),
         root_id: case.root_id.clone(),
         vm_configuration: case.vm_config.clone().into_bytes(),
         plugin_configuration: case.plugin_config.clone().into_bytes(),
+        environment: case
+            .environment
+            .iter()
+            .filter_map(|entry| entry.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..abi::PluginConfig::default()
     };
     let loaded = abi::Plugin::load(&*runtime, &wasm, plugin_config, abi::SharedState::new());

@@ -62,7 +62,8 @@ impl<'a> Callouts<'a> {
         let Some(call) = host.grpc_calls.get(self.first_grpc + self.grpc_answered) else {
             return Ok(false);
         };
-        let (token, cancelled) = (call.token, call.cancelled);
+        let (token, cancelled, unary) =
+            (call.token, call.cancelled, call.request.message.is_some());
         self.grpc_answered += 1;
         if cancelled {
             return Ok(true);
@@ -71,7 +72,17 @@ impl<'a> Callouts<'a> {
             vm.on_grpc_close(token, DEADLINE_EXCEEDED, b"no response".to_vec())?;
             return Ok(true);
         };
-        // Stop delivering as soon as the plugin cancels the call.
+        // A unary call gets its reply as one message, or a close with the failure status, as
+        // Envoy delivers them; a stream gets everything the answer scripts.
+        if unary {
+            if answer.status == 0 {
+                vm.on_grpc_receive(token, answer.messages.concat().into_bytes())?;
+            } else {
+                vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())?;
+            }
+            return Ok(true);
+        }
+        // Stop delivering as soon as the plugin cancels the stream.
         let still_open = |vm: &mut Vm| {
             in_memory_host(vm)
                 .grpc_calls

@@ -140,7 +140,9 @@ pub struct CallResponse {
     pub trailers: Headers,
 }
 
-/// The answer to one gRPC call or stream: metadata, messages, then the closing status.
+/// The answer to one gRPC call or stream. A stream gets the initial metadata, messages,
+/// trailing metadata, then the closing status. A unary call gets its messages as one reply
+/// when `status` is 0, and only the closing status otherwise.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcResponse {
