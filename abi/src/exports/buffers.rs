@@ -87,19 +87,6 @@ pub(super) fn get_buffer_status(caller: &mut dyn Caller<VmState>, args: &[u64]) 
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::clip;
-
-    #[test]
-    fn ranges_are_clipped_to_the_buffer() {
-        assert_eq!(clip(10, 0, u64::from(u32::MAX)), 0..10);
-        assert_eq!(clip(10, 4, 3), 4..7);
-        assert_eq!(clip(10, 12, 3), 10..10);
-        assert_eq!(clip(10, u64::MAX, u64::MAX), 10..10);
-    }
-}
-
 /// ABI 0.1.0 `proxy_get_configuration(return_data, return_size)`: the VM configuration while
 /// `proxy_on_vm_start` runs, the plugin configuration otherwise.
 pub(super) fn get_configuration(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
@@ -115,4 +102,17 @@ pub(super) fn get_configuration(caller: &mut dyn Caller<VmState>, args: &[u64]) 
         caller,
         &[buffer_type, 0, u64::from(u32::MAX), args[0], args[1]],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn ranges_are_clipped_to_the_buffer() {
+        assert_eq!(clip(10, 0, u64::from(u32::MAX)), 0..10);
+        assert_eq!(clip(10, 4, 3), 4..7);
+        assert_eq!(clip(10, 12, 3), 10..10);
+        assert_eq!(clip(10, u64::MAX, u64::MAX), 10..10);
+    }
 }
