@@ -237,6 +237,18 @@ static V0_2: &[HostFunction<VmState>] = &[
     ),
 ];
 
+/// Imports some toolchains add beside the ABI, provided for every version.
+static TOOLCHAIN: &[HostFunction<VmState>] = &[
+    // Emscripten (the C++ SDK) tells the host its memory grew; pwhost re-reads memory on every
+    // access anyway, so there is nothing to do.
+    HostFunction {
+        module: "env",
+        name: "emscripten_notify_memory_growth",
+        signature: runtime_api::Signature::new(&[I32], &[]),
+        callback: |_, _| Ok(()),
+    },
+];
+
 /// Host functions only ABI 0.1.0 has.
 static V0_1_ONLY: &[HostFunction<VmState>] = &[
     env!(
@@ -267,13 +279,18 @@ pub(crate) fn host_functions(abi: AbiVersion) -> &'static [HostFunction<VmState>
             V0_2.iter()
                 .filter(|f| !NOT_IN_V0_1.contains(&f.name))
                 .chain(V0_1_ONLY)
+                .chain(TOOLCHAIN)
                 .copied()
                 .chain(wasi())
                 .collect()
         }),
-        AbiVersion::V0_2_0 | AbiVersion::V0_2_1 => {
-            V0_2_ALL.get_or_init(|| V0_2.iter().copied().chain(wasi()).collect())
-        }
+        AbiVersion::V0_2_0 | AbiVersion::V0_2_1 => V0_2_ALL.get_or_init(|| {
+            V0_2.iter()
+                .chain(TOOLCHAIN)
+                .copied()
+                .chain(wasi())
+                .collect()
+        }),
     }
 }
 

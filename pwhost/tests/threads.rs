@@ -1,0 +1,72 @@
+//! VMs on several threads: queue notifications reach the registering VM on its own thread.
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use abi::{InMemoryHost, Plugin, PluginConfig, SharedState, Vm};
+use pwhost::runtimes;
+use runtime_api::RuntimeConfig;
+
+#[test]
+fn queue_ready_is_delivered_on_the_registering_vms_thread() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/rust/shared_queue.wasm");
+    let wasm = std::fs::read(&path).expect("run `bash plugins/build.sh` first");
+    let name = runtimes::default_name().expect("an engine");
+    let runtime = runtimes::create(name, RuntimeConfig::default()).unwrap();
+    let plugin = std::sync::Arc::new(
+        Plugin::load(
+            &*runtime,
+            &wasm,
+            PluginConfig::default(),
+            SharedState::new(),
+        )
+        .unwrap(),
+    );
+
+    // Every VM of this plugin registers the queue when it starts; the last one to register owns
+    // the notifications. The producer starts first, so the owner (started second) owns them.
+    let (producer_started_tx, producer_started_rx) = mpsc::channel();
+    let (owner_registered_tx, owner_registered_rx) = mpsc::channel();
+    let (enqueued_tx, enqueued_rx) = mpsc::channel::<()>();
+    let producer_plugin = plugin.clone();
+    let producer = std::thread::spawn(move || {
+        let mut vm = Vm::new(&producer_plugin, Box::new(InMemoryHost::new())).unwrap();
+        assert!(vm.start().unwrap() && vm.configure().unwrap());
+        producer_started_tx.send(()).unwrap();
+        owner_registered_rx.recv().unwrap();
+        let stream = vm.create_http_context().unwrap();
+        let host = vm.host_as::<InMemoryHost>().unwrap();
+        host.stream(stream)
+            .request_headers
+            .add(b":path", b"/from-another-thread");
+        vm.on_request_headers(stream, 1, true).unwrap();
+        assert_eq!(
+            vm.dispatch_queue_ready().unwrap(),
+            0,
+            "the producer no longer owns the queue"
+        );
+        enqueued_tx.send(()).unwrap();
+    });
+
+    producer_started_rx.recv().unwrap();
+    let owner_plugin = plugin.clone();
+    let owner = std::thread::spawn(move || {
+        let mut vm = Vm::new(&owner_plugin, Box::new(InMemoryHost::new())).unwrap();
+        assert!(vm.start().unwrap() && vm.configure().unwrap());
+        owner_registered_tx.send(()).unwrap();
+        enqueued_rx.recv().unwrap();
+        let delivered = vm.dispatch_queue_ready().unwrap();
+        let host = vm.host_as::<InMemoryHost>().unwrap();
+        let logs: Vec<String> = host.logs.iter().map(|l| l.message.clone()).collect();
+        (std::thread::current().id(), delivered, logs)
+    });
+
+    producer.join().unwrap();
+    let (owner_thread, delivered, logs) = owner.join().unwrap();
+    assert_ne!(owner_thread, std::thread::current().id());
+    assert_eq!(delivered, 1);
+    assert!(
+        logs.contains(&"dequeued: /from-another-thread".to_string()),
+        "{logs:?}"
+    );
+}
