@@ -30,6 +30,7 @@ pub struct GuestMemory<'a> {
 
 impl<'a> GuestMemory<'a> {
     /// A view of a Wasm linear memory.
+    #[inline]
     pub fn new(memory: &'a mut [u8]) -> Self {
         GuestMemory {
             base: memory.as_mut_ptr(),
@@ -40,6 +41,7 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// A guest without a memory: every non-empty access fails.
+    #[inline]
     pub fn empty() -> Self {
         GuestMemory {
             base: std::ptr::NonNull::dangling().as_ptr(),
@@ -55,6 +57,7 @@ impl<'a> GuestMemory<'a> {
     /// Accesses through this view are not bounds-checked: the caller promises that every
     /// pointer/length pair the plugin passes is valid for the access, which holds only for
     /// trusted native plugin code.
+    #[inline]
     pub unsafe fn native() -> Self {
         GuestMemory {
             base: std::ptr::null_mut(),
@@ -65,15 +68,18 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// The memory size in bytes (`usize::MAX` for the native address space).
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the memory has no bytes.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    #[inline]
     fn checked(&self, ptr: u64, len: u64) -> Result<*mut u8, MemoryAccessError> {
         let err = MemoryAccessError { ptr, len };
         if self.native {
@@ -91,6 +97,7 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// The `len` bytes at `ptr`.
+    #[inline]
     pub fn slice(&self, ptr: u64, len: u64) -> Result<&[u8], MemoryAccessError> {
         if len == 0 {
             return Ok(&[]);
@@ -102,6 +109,7 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// The `len` bytes at `ptr`, writable.
+    #[inline]
     pub fn slice_mut(&mut self, ptr: u64, len: u64) -> Result<&mut [u8], MemoryAccessError> {
         if len == 0 {
             return Ok(&mut []);
@@ -112,6 +120,7 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// Copies `bytes` to `ptr`.
+    #[inline]
     pub fn write(&mut self, ptr: u64, bytes: &[u8]) -> Result<(), MemoryAccessError> {
         self.slice_mut(ptr, bytes.len() as u64)?
             .copy_from_slice(bytes);
@@ -119,22 +128,26 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// Reads a little-endian `u32` at `ptr`.
+    #[inline]
     pub fn read_u32(&self, ptr: u64) -> Result<u32, MemoryAccessError> {
         let bytes = self.slice(ptr, 4)?;
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
     /// Writes a little-endian `u32` at `ptr`.
+    #[inline]
     pub fn write_u32(&mut self, ptr: u64, value: u32) -> Result<(), MemoryAccessError> {
         self.write(ptr, &value.to_le_bytes())
     }
 
     /// Writes a little-endian `u64` at `ptr`.
+    #[inline]
     pub fn write_u64(&mut self, ptr: u64, value: u64) -> Result<(), MemoryAccessError> {
         self.write(ptr, &value.to_le_bytes())
     }
 
     /// The size of a guest pointer or `usize`: 4 bytes for Wasm, 8 for native plugins.
+    #[inline]
     pub fn pointer_size(&self) -> u64 {
         if self.native {
             8
@@ -144,6 +157,7 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// Writes a guest pointer at `ptr`: 4 bytes for Wasm, 8 for native plugins.
+    #[inline]
     pub fn write_pointer(&mut self, ptr: u64, value: u64) -> Result<(), MemoryAccessError> {
         if self.native {
             self.write_u64(ptr, value)
@@ -153,6 +167,7 @@ impl<'a> GuestMemory<'a> {
     }
 
     /// Writes a guest size (`usize` in the guest): 4 bytes for Wasm, 8 for native plugins.
+    #[inline]
     pub fn write_size(&mut self, ptr: u64, value: u64) -> Result<(), MemoryAccessError> {
         self.write_pointer(ptr, value)
     }

@@ -110,6 +110,7 @@ pub struct GuestFunction {
 
 impl GuestFunction {
     /// A handle to the engine's function number `index`, of type `ty`. Called by engines.
+    #[inline]
     pub fn new(index: u32, ty: &FunctionType) -> Self {
         GuestFunction {
             index,
@@ -119,33 +120,42 @@ impl GuestFunction {
     }
 
     /// The engine's function number.
+    #[inline]
     pub fn index(self) -> u32 {
         self.index
     }
 
     /// How many parameters the function takes.
+    #[inline]
     pub fn param_count(self) -> usize {
         self.params as usize
     }
 
     /// How many results the function returns.
+    #[inline]
     pub fn result_count(self) -> usize {
         self.results as usize
     }
 
     /// Checks that a call passes as many arguments and result slots as the function has.
+    #[inline]
     pub fn check_arity(self, args: usize, results: usize) -> Result<(), Trap> {
         if args == self.param_count() && results == self.result_count() && args <= crate::MAX_ARGS {
             Ok(())
         } else {
-            Err(Trap::new(
-                crate::TrapKind::BadCall,
-                format!(
-                    "function takes {} arguments and returns {} results, called with {args} and {results}",
-                    self.params, self.results
-                ),
-            ))
+            Err(self.arity_mismatch(args, results))
         }
+    }
+
+    #[cold]
+    fn arity_mismatch(self, args: usize, results: usize) -> Trap {
+        Trap::new(
+            crate::TrapKind::BadCall,
+            format!(
+                "function takes {} arguments and returns {} results, called with {args} and {results}",
+                self.params, self.results
+            ),
+        )
     }
 }
 

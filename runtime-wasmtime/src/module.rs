@@ -165,6 +165,9 @@ impl<S: Send + 'static> CompiledModule<S> for WasmtimeModule {
                     "host function {function:?} has too many parameters or results"
                 )));
             }
+            if define_typed(&mut linker, function)? {
+                continue;
+            }
             let ty = wasmtime::FuncType::new(
                 engine,
                 function
@@ -206,6 +209,54 @@ impl<S: Send + 'static> CompiledModule<S> for WasmtimeModule {
             .serialize()
             .map_err(|e| Error::Config(format!("{e:#}")))
     }
+}
+
+/// Defines the common shape, `i32` parameters and one `i32` result, as a typed wasmtime host
+/// function: wasm then calls it with native arguments, without spilling them into a slot array.
+/// Returns `false` for other shapes, which go through `func_new_unchecked`.
+fn define_typed<S: Send + 'static>(
+    linker: &mut wasmtime::Linker<StoreData<S>>,
+    function: &HostFunction<S>,
+) -> Result<bool, Error> {
+    let signature = function.signature;
+    if signature.results != [ValType::I32] || signature.params.iter().any(|t| *t != ValType::I32) {
+        return Ok(false);
+    }
+    let callback = function.callback;
+    // Each arm: a closure of that arity that puts its arguments in slots, calls the callback and
+    // returns slot 0.
+    macro_rules! typed {
+        ($($arg:ident),*) => {
+            linker.func_wrap(
+                function.module,
+                function.name,
+                move |caller: Caller<'_, StoreData<S>>, $($arg: u32),*| -> wasmtime::Result<u32> {
+                    let mut args = [$(u64::from($arg),)* 0u64];
+                    let mut caller = WasmtimeCaller { caller };
+                    callback(&mut caller, &mut args).map_err(wasmtime::Error::new)?;
+                    Ok(args[0] as u32)
+                },
+            )
+        };
+    }
+    let defined = match signature.params.len() {
+        0 => typed!(),
+        1 => typed!(a),
+        2 => typed!(a, b),
+        3 => typed!(a, b, c),
+        4 => typed!(a, b, c, d),
+        5 => typed!(a, b, c, d, e),
+        6 => typed!(a, b, c, d, e, f),
+        7 => typed!(a, b, c, d, e, f, g),
+        8 => typed!(a, b, c, d, e, f, g, h),
+        9 => typed!(a, b, c, d, e, f, g, h, i),
+        10 => typed!(a, b, c, d, e, f, g, h, i, j),
+        11 => typed!(a, b, c, d, e, f, g, h, i, j, k),
+        12 => typed!(a, b, c, d, e, f, g, h, i, j, k, l),
+        _ => return Ok(false),
+    };
+    defined.map_err(|e| Error::Config(format!("{e:#}")))?;
+    Ok(true)
 }
 
 /// What `call_host` needs to know of a host function's type, computed once at link time.
