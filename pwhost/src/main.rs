@@ -147,6 +147,9 @@ fn print_text(report: &Report) {
     if let Some(error) = &report.start_error {
         println!("start error: {error}");
     }
+    for error in &report.errors {
+        println!("error: {error}");
+    }
     for (i, http) in report.http.iter().enumerate() {
         println!("\nHTTP exchange {}", i + 1);
         let actions: Vec<String> = http
@@ -173,10 +176,33 @@ fn print_text(report: &Report) {
         for call in &http.http_calls {
             println!("  http call to {} ({} ms)", call.upstream, call.timeout_ms);
         }
+        for call in &http.grpc_calls {
+            println!(
+                "  grpc call to {} {}/{}",
+                call.upstream, call.service, call.method
+            );
+        }
         if http.stalled {
             println!("  STALLED: the plugin paused the stream and never continued it");
         }
         if let Some(error) = &http.error {
+            println!("  error: {error}");
+        }
+    }
+    for (i, tcp) in report.tcp.iter().enumerate() {
+        println!("\nTCP connection {}", i + 1);
+        let actions: Vec<String> = tcp
+            .actions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("  actions: {}", actions.join(" "));
+        println!("  > upstream received: {:?}", tcp.upstream_received);
+        println!("  < downstream received: {:?}", tcp.downstream_received);
+        if tcp.stalled {
+            println!("  STALLED: the plugin paused data and never continued it");
+        }
+        if let Some(error) = &tcp.error {
             println!("  error: {error}");
         }
     }

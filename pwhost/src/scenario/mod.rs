@@ -65,6 +65,20 @@ pub struct Scenario {
     /// period set).
     #[serde(default)]
     pub ticks: u32,
+    /// Calls of the plugin's `proxy_on_foreign_function`, made after configuration.
+    #[serde(default)]
+    pub foreign_function_calls: Vec<ForeignFunctionCall>,
+}
+
+/// The host calling a function of the plugin (`proxy_on_foreign_function`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForeignFunctionCall {
+    /// The function's id.
+    pub function_id: u32,
+    /// Its arguments, readable as the `CallData` buffer.
+    #[serde(default)]
+    pub arguments: String,
 }
 
 fn one() -> usize {
@@ -227,11 +241,29 @@ fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
 }
 
 /// Delivers pending queue notifications on every VM.
-fn dispatch_queues(vms: &mut [Vm]) {
+fn dispatch_queues(vms: &mut [Vm], errors: &mut Vec<String>) {
     for vm in vms.iter_mut().filter(|vm| !vm.is_failed()) {
-        // A trap here fails the VM, which the next exchange on it reports.
-        let _ = vm.dispatch_queue_ready();
+        if let Err(error) = vm.dispatch_queue_ready() {
+            errors.push(error.to_string());
+        }
     }
+}
+
+/// Delivers ticks and foreign function calls to one VM's root context, answering the calls it
+/// makes meanwhile with the failure callback (nothing scripts them).
+fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
+    for call in &scenario.foreign_function_calls {
+        vm.on_foreign_function(call.function_id, call.arguments.clone().into_bytes())?;
+    }
+    for _ in 0..scenario.ticks {
+        if vm.tick_period().is_none() {
+            break;
+        }
+        vm.tick()?;
+        let mut callouts = callouts::Callouts::new(vm, &[], &[]);
+        while callouts.answer_next(vm)? {}
+    }
+    Ok(())
 }
 
 /// Runs `scenario` through new VMs of `plugin` and reports what happened.
@@ -244,6 +276,7 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         vm_start: true,
         configure: true,
         start_error: None,
+        errors: Vec::new(),
         http: Vec::new(),
         tcp: Vec::new(),
         logs: Vec::new(),
@@ -274,19 +307,14 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         vms.push(vm);
     }
     report.configure &= report.vm_start;
-    dispatch_queues(&mut vms);
+    dispatch_queues(&mut vms, &mut report.errors);
     if report.configure {
         for vm in &mut vms {
-            for _ in 0..scenario.ticks {
-                if vm.tick_period().is_none() || vm.tick().is_err() {
-                    break;
-                }
-                // Calls made from a tick get the failure callback: nothing scripts them.
-                let mut callouts = callouts::Callouts::new(vm, &[], &[]);
-                while callouts.answer_next(vm).unwrap_or(false) {}
+            if let Err(error) = run_root(vm, scenario) {
+                report.errors.push(error.to_string());
             }
         }
-        dispatch_queues(&mut vms);
+        dispatch_queues(&mut vms, &mut report.errors);
     }
     let vm_count = vms.len();
     for exchange in &scenario.http {
@@ -295,7 +323,7 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
             None => HttpReport::no_such_vm(exchange.vm, vm_count),
         };
         report.http.push(http);
-        dispatch_queues(&mut vms);
+        dispatch_queues(&mut vms, &mut report.errors);
     }
     for connection in &scenario.tcp {
         let tcp = match vms.get_mut(connection.vm) {
@@ -303,7 +331,7 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
             None => TcpReport::no_such_vm(connection.vm, vm_count),
         };
         report.tcp.push(tcp);
-        dispatch_queues(&mut vms);
+        dispatch_queues(&mut vms, &mut report.errors);
     }
     for (index, vm) in vms.iter_mut().enumerate() {
         let host = in_memory_host(vm);

@@ -167,6 +167,9 @@ pub struct Report {
     pub configure: bool,
     /// The error that failed a VM while starting, if any.
     pub start_error: Option<String>,
+    /// Failures in root-context callbacks outside any exchange (ticks, foreign function calls,
+    /// queue notifications).
+    pub errors: Vec<String>,
     /// One report per HTTP exchange.
     pub http: Vec<HttpReport>,
     /// One report per TCP connection.
