@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use runtime_api::Caller;
+use runtime_api::{Caller, GuestMemory};
 
-use super::{return_data, write_u32, HostResult};
+use super::{check, return_data, write_u32, Failure, HostResult};
 use crate::header_map::wire;
 use crate::{GrpcRequest, HttpCallRequest, Status, VmState};
 
@@ -36,35 +36,9 @@ pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     write_u32(caller, args[9], token)
 }
 
-/// `proxy_grpc_call(upstream_data, upstream_size, service_data, service_size, method_data,
-/// method_size, initial_metadata_data, initial_metadata_size, message_data, message_size,
-/// timeout_ms, return_token)`: dispatched for the root context, which receives the reply.
-pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let (state, mut memory) = caller.state_and_memory();
-    memory.slice_mut(args[11], 4)?;
-    let request = GrpcRequest {
-        upstream: memory.slice(args[0], args[1])?.to_vec(),
-        service: memory.slice(args[2], args[3])?.to_vec(),
-        method: memory.slice(args[4], args[5])?.to_vec(),
-        initial_metadata: wire::decode(memory.slice(args[6], args[7])?)?
-            .into_iter()
-            .collect(),
-        message: Some(memory.slice(args[8], args[9])?.to_vec()),
-        timeout: Some(Duration::from_millis(args[10])),
-    };
-    if request.upstream.is_empty() || request.service.is_empty() || request.method.is_empty() {
-        return Err(Status::BadArgument.into());
-    }
-    let root = state.effective_root();
-    let token = state.host.grpc_call(root, request)?;
-    write_u32(caller, args[11], token)
-}
-
-/// `proxy_grpc_stream(upstream_data, upstream_size, service_data, service_size, method_data,
-/// method_size, initial_metadata_data, initial_metadata_size, return_token)`.
-pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let (state, mut memory) = caller.state_and_memory();
-    memory.slice_mut(args[8], 4)?;
+/// Reads the target of a gRPC call or stream: upstream, service, method and initial metadata from
+/// the first eight arguments, none of the names empty.
+fn grpc_request(memory: &GuestMemory<'_>, args: &[u64]) -> Result<GrpcRequest, Failure> {
     let request = GrpcRequest {
         upstream: memory.slice(args[0], args[1])?.to_vec(),
         service: memory.slice(args[2], args[3])?.to_vec(),
@@ -78,16 +52,34 @@ pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Hos
     if request.upstream.is_empty() || request.service.is_empty() || request.method.is_empty() {
         return Err(Status::BadArgument.into());
     }
+    Ok(request)
+}
+
+/// `proxy_grpc_call(upstream_data, upstream_size, service_data, service_size, method_data,
+/// method_size, initial_metadata_data, initial_metadata_size, message_data, message_size,
+/// timeout_ms, return_token)`: dispatched for the root context, which receives the reply.
+pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (state, mut memory) = caller.state_and_memory();
+    memory.slice_mut(args[11], 4)?;
+    let request = GrpcRequest {
+        message: Some(memory.slice(args[8], args[9])?.to_vec()),
+        timeout: Some(Duration::from_millis(args[10])),
+        ..grpc_request(&memory, args)?
+    };
+    let root = state.effective_root();
+    let token = state.host.grpc_call(root, request)?;
+    write_u32(caller, args[11], token)
+}
+
+/// `proxy_grpc_stream(upstream_data, upstream_size, service_data, service_size, method_data,
+/// method_size, initial_metadata_data, initial_metadata_size, return_token)`.
+pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let (state, mut memory) = caller.state_and_memory();
+    memory.slice_mut(args[8], 4)?;
+    let request = grpc_request(&memory, args)?;
     let root = state.effective_root();
     let token = state.host.grpc_stream(root, request)?;
     write_u32(caller, args[8], token)
-}
-
-fn status(status: Status) -> HostResult {
-    match status {
-        Status::Ok => Ok(()),
-        other => Err(other.into()),
-    }
 }
 
 /// `proxy_grpc_send(token, message_data, message_size, end_of_stream)`.
@@ -95,7 +87,7 @@ pub(super) fn grpc_send(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     let (state, memory) = caller.state_and_memory();
     let message = memory.slice(args[1], args[2])?;
     let root = state.effective_root();
-    status(
+    check(
         state
             .host
             .grpc_send(root, args[0] as u32, message, args[3] != 0),
@@ -106,14 +98,14 @@ pub(super) fn grpc_send(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
 pub(super) fn grpc_cancel(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    status(state.host.grpc_cancel(root, args[0] as u32))
+    check(state.host.grpc_cancel(root, args[0] as u32))
 }
 
 /// `proxy_grpc_close(token)`.
 pub(super) fn grpc_close(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    status(state.host.grpc_close(root, args[0] as u32))
+    check(state.host.grpc_close(root, args[0] as u32))
 }
 
 /// `proxy_get_status(return_code, return_message_data, return_message_size)`: the status of the

@@ -47,6 +47,14 @@ impl From<Trap> for Failure {
 /// The result of a host function body: `Ok` is `Status::Ok`.
 pub(crate) type HostResult = Result<(), Failure>;
 
+/// A status from the host (or shared state) as a host function result.
+pub(crate) fn check(status: Status) -> HostResult {
+    match status {
+        Status::Ok => Ok(()),
+        other => Err(other.into()),
+    }
+}
+
 /// Wraps a body returning [`HostResult`] as a [`runtime_api::HostCallback`] that writes the
 /// status into slot 0.
 macro_rules! status {

@@ -2,7 +2,7 @@
 
 use runtime_api::Caller;
 
-use super::{fill_exact, return_data, HostResult};
+use super::{check, fill_exact, return_data, HostResult};
 use crate::{PropertyPath, Status, VmState};
 
 /// Properties the ABI answers itself from the plugin's configuration.
@@ -56,8 +56,5 @@ pub(super) fn set_property(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Ho
         return Err(Status::BadArgument.into());
     }
     let context = state.effective_context;
-    match state.host.set_property(context, path, value) {
-        Status::Ok => Ok(()),
-        status => Err(status.into()),
-    }
+    check(state.host.set_property(context, path, value))
 }

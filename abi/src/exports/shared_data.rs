@@ -2,7 +2,7 @@
 
 use runtime_api::Caller;
 
-use super::{fill_exact, read_bytes, return_data, HostResult};
+use super::{check, fill_exact, read_bytes, return_data, HostResult};
 use crate::{MetricType, Status, VmState};
 
 /// `proxy_get_shared_data(key_data, key_size, return_value_data, return_value_size,
@@ -29,13 +29,11 @@ pub(super) fn set_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) ->
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[0], args[1])?;
     let value = memory.slice(args[2], args[3])?;
-    match state
-        .shared
-        .set(&state.config.vm_id, key, value, args[4] as u32)
-    {
-        Status::Ok => Ok(()),
-        status => Err(status.into()),
-    }
+    check(
+        state
+            .shared
+            .set(&state.config.vm_id, key, value, args[4] as u32),
+    )
 }
 
 /// `proxy_register_shared_queue(name_data, name_size, return_id)`: the queue's "ready"
@@ -80,10 +78,7 @@ pub(super) fn dequeue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
 pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let item = memory.slice(args[1], args[2])?;
-    match state.shared.enqueue(args[0] as u32, item) {
-        Status::Ok => Ok(()),
-        status => Err(status.into()),
-    }
+    check(state.shared.enqueue(args[0] as u32, item))
 }
 
 /// `proxy_define_metric(metric_type, name_data, name_size, return_metric_id)`.
@@ -97,16 +92,9 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
     Ok(())
 }
 
-fn metric_status(status: Status) -> HostResult {
-    match status {
-        Status::Ok => Ok(()),
-        other => Err(other.into()),
-    }
-}
-
 /// `proxy_increment_metric(metric_id, offset)`.
 pub(super) fn increment_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    metric_status(
+    check(
         caller
             .state()
             .shared
@@ -116,7 +104,7 @@ pub(super) fn increment_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -
 
 /// `proxy_record_metric(metric_id, value)`.
 pub(super) fn record_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    metric_status(caller.state().shared.record_metric(args[0] as u32, args[1]))
+    check(caller.state().shared.record_metric(args[0] as u32, args[1]))
 }
 
 /// `proxy_get_metric(metric_id, return_value)`.

@@ -2,16 +2,9 @@
 
 use runtime_api::Caller;
 
-use super::HostResult;
+use super::{check, HostResult};
 use crate::header_map::wire;
 use crate::{LocalResponse, Status, StreamType, VmState};
-
-fn status(status: Status) -> HostResult {
-    match status {
-        Status::Ok => Ok(()),
-        other => Err(other.into()),
-    }
-}
 
 /// `proxy_send_local_response(status_code, details_data, details_size, body_data, body_size,
 /// headers_data, headers_size, grpc_status)`.
@@ -32,7 +25,7 @@ pub(super) fn send_local_response(caller: &mut dyn Caller<VmState>, args: &[u64]
         grpc_status: (grpc_status >= 0).then_some(grpc_status),
     };
     let context = state.effective_context;
-    status(state.host.send_local_response(context, response))
+    check(state.host.send_local_response(context, response))
 }
 
 /// `proxy_continue_stream(stream_type)`.
@@ -40,7 +33,7 @@ pub(super) fn continue_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) ->
     let stream = StreamType::from_raw(args[0]).ok_or(Status::BadArgument)?;
     let state = caller.state();
     let context = state.effective_context;
-    status(state.host.continue_stream(context, stream))
+    check(state.host.continue_stream(context, stream))
 }
 
 /// `proxy_close_stream(stream_type)`.
@@ -48,7 +41,7 @@ pub(super) fn close_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Ho
     let stream = StreamType::from_raw(args[0]).ok_or(Status::BadArgument)?;
     let state = caller.state();
     let context = state.effective_context;
-    status(state.host.close_stream(context, stream))
+    check(state.host.close_stream(context, stream))
 }
 
 /// `proxy_set_effective_context(context_id)`: later host calls of this callback act on that
@@ -67,21 +60,21 @@ pub(super) fn set_effective_context(caller: &mut dyn Caller<VmState>, args: &[u6
 pub(super) fn done(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    status(state.host.done(root))
+    check(state.host.done(root))
 }
 
 /// ABI 0.1.0 `proxy_continue_request()`.
 pub(super) fn continue_request(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
     let state = caller.state();
     let context = state.effective_context;
-    status(state.host.continue_stream(context, StreamType::HttpRequest))
+    check(state.host.continue_stream(context, StreamType::HttpRequest))
 }
 
 /// ABI 0.1.0 `proxy_continue_response()`.
 pub(super) fn continue_response(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
     let state = caller.state();
     let context = state.effective_context;
-    status(
+    check(
         state
             .host
             .continue_stream(context, StreamType::HttpResponse),
@@ -92,5 +85,5 @@ pub(super) fn continue_response(caller: &mut dyn Caller<VmState>, _args: &[u64])
 pub(super) fn clear_route_cache(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
     let state = caller.state();
     let context = state.effective_context;
-    status(state.host.clear_route_cache(context))
+    check(state.host.clear_route_cache(context))
 }
