@@ -4,5 +4,6 @@
 //! plugin on any engine of [`runtimes`], producing a [`scenario::Report`]. The conformance suite
 //! uses the same runner, so `pwhost run` and the tests cannot drift apart.
 
+pub mod bench;
 pub mod runtimes;
 pub mod scenario;

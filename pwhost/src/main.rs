@@ -22,8 +22,38 @@ struct Cli {
 enum Command {
     /// Run a plugin against scripted traffic and report what it did.
     Run(Box<RunArgs>),
+    /// Time a plugin per request and per VM start on each engine compiled in (or those named).
+    Bench(Box<BenchArgs>),
     /// List the engines compiled into this build.
     Runtimes,
+}
+
+#[derive(Parser)]
+struct BenchArgs {
+    /// The plugin module (.wasm).
+    #[arg(long)]
+    plugin: PathBuf,
+    /// Engines to compare (repeatable); default: every engine compiled in.
+    #[arg(long = "runtime")]
+    runtimes: Vec<String>,
+    /// Plugin configuration: text, or @FILE.
+    #[arg(long, default_value = "")]
+    plugin_config: String,
+    /// VM configuration: text, or @FILE.
+    #[arg(long, default_value = "")]
+    vm_config: String,
+    /// Scenario whose first HTTP exchange is the request measured; default `GET /`.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Requests to time per engine.
+    #[arg(long, default_value_t = 100_000)]
+    requests: u32,
+    /// VM starts to time per engine.
+    #[arg(long, default_value_t = 1_000)]
+    starts: u32,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,6 +168,42 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
 }
 
+fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> {
+    let wasm = std::fs::read(&args.plugin)
+        .with_context(|| format!("cannot read plugin {}", args.plugin.display()))?;
+    let scenario = load_scenario(args.scenario.as_deref())?;
+    let exchange = scenario.http.first().cloned().unwrap_or_default();
+    let names: Vec<String> = if args.runtimes.is_empty() {
+        runtimes::available()
+            .iter()
+            .map(|name| name.to_string())
+            .collect()
+    } else {
+        args.runtimes.clone()
+    };
+    let mut figures = Vec::new();
+    for name in names {
+        let runtime = runtimes::create(&name, RuntimeConfig::default())?;
+        let config = abi::PluginConfig {
+            name: args
+                .plugin
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            vm_configuration: text_or_file(&args.vm_config, "VM configuration")?,
+            plugin_configuration: text_or_file(&args.plugin_config, "plugin configuration")?,
+            ..abi::PluginConfig::default()
+        };
+        let plugin = abi::Plugin::load(&*runtime, &wasm, config, abi::SharedState::new())
+            .with_context(|| format!("cannot load plugin {}", args.plugin.display()))?;
+        pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
+        let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
+            .with_context(|| format!("the plugin failed on {name}"))?;
+        figures.push(measured);
+    }
+    Ok(figures)
+}
+
 fn print_text(report: &Report) {
     println!("runtime {} · ABI {}", report.runtime, report.abi_version);
     println!(
@@ -232,6 +298,44 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Bench(args) => match bench(&args) {
+            Ok(figures) => {
+                match args.format {
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&figures).unwrap_or_default()
+                    ),
+                    Format::Text => {
+                        let fastest = figures
+                            .iter()
+                            .map(|f| f.request_ns)
+                            .fold(f64::INFINITY, f64::min);
+                        println!(
+                            "{:<20} {:>14} {:>10} {:>14}",
+                            "runtime", "ns/request", "ratio", "µs/VM start"
+                        );
+                        for f in &figures {
+                            println!(
+                                "{:<20} {:>14.0} {:>9.2}× {:>14.1}",
+                                f.runtime,
+                                f.request_ns,
+                                f.request_ns / fastest,
+                                f.vm_start_us
+                            );
+                        }
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                let message = format!("{error:#}");
+                eprintln!(
+                    "error: {}",
+                    message.split_whitespace().collect::<Vec<_>>().join(" ")
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             let format = args.format;
             match run(&args) {

@@ -1,0 +1,112 @@
+//! `pwhost bench`: how long a plugin takes per request and per VM start on each engine.
+//!
+//! The request loop is the first HTTP exchange of the scenario (default `GET /`) through the full
+//! lifecycle: create the context, request headers, response headers, `on_log`, `on_done`,
+//! `on_delete`. It runs on the same in-memory host as `pwhost run`, so the figures include that
+//! host's bookkeeping; `cargo bench -p pwhost-bench` measures the ABI alone against a floor.
+
+use std::time::{Duration, Instant};
+
+use abi::{HeaderMap, InMemoryHost, Plugin, Vm, VmError};
+use serde::Serialize;
+
+use crate::scenario::HttpExchange;
+
+/// One engine's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineFigures {
+    /// The engine.
+    pub runtime: String,
+    /// Mean time per request, in nanoseconds.
+    pub request_ns: f64,
+    /// Mean time to create, start and configure a VM copy (and drop it), in microseconds.
+    pub vm_start_us: f64,
+}
+
+fn headers(list: &Option<Vec<(String, String)>>, default: &[(&str, &str)]) -> HeaderMap {
+    match list {
+        Some(list) => list
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect(),
+        None => default
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect(),
+    }
+}
+
+fn request(
+    vm: &mut Vm,
+    request_headers: &HeaderMap,
+    response_headers: &HeaderMap,
+) -> Result<(), VmError> {
+    let context = vm.create_http_context()?;
+    let host = vm
+        .host_as::<InMemoryHost>()
+        .expect("bench VMs run on an InMemoryHost");
+    host.stream(context).request_headers = request_headers.clone();
+    vm.on_request_headers(context, request_headers.len(), true)?;
+    let host = vm
+        .host_as::<InMemoryHost>()
+        .expect("bench VMs run on an InMemoryHost");
+    host.stream(context).response_headers = response_headers.clone();
+    vm.on_response_headers(context, response_headers.len(), true)?;
+    vm.on_log(context)?;
+    vm.on_done(context)?;
+    vm.on_delete(context)?;
+    let host = vm
+        .host_as::<InMemoryHost>()
+        .expect("bench VMs run on an InMemoryHost");
+    host.streams.remove(&context);
+    // Keep the log from growing over millions of requests.
+    host.logs.clear();
+    Ok(())
+}
+
+fn started_vm(plugin: &Plugin) -> Result<Vm, VmError> {
+    let mut vm = Vm::new(plugin, Box::new(InMemoryHost::new()))?;
+    vm.start()?;
+    vm.configure()?;
+    Ok(vm)
+}
+
+/// Measures `plugin` with `exchange`: `requests` requests on one VM after a warm-up, and
+/// `starts` VM starts.
+pub fn measure(
+    plugin: &Plugin,
+    exchange: &HttpExchange,
+    requests: u32,
+    starts: u32,
+) -> Result<EngineFigures, VmError> {
+    let request_headers = headers(
+        &exchange.request_headers,
+        &[
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "localhost"),
+            (":scheme", "http"),
+        ],
+    );
+    let response_headers = headers(&exchange.response_headers, &[(":status", "200")]);
+    let mut vm = started_vm(plugin)?;
+    for _ in 0..requests.div_ceil(10) {
+        request(&mut vm, &request_headers, &response_headers)?;
+    }
+    let begin = Instant::now();
+    for _ in 0..requests {
+        request(&mut vm, &request_headers, &response_headers)?;
+    }
+    let request_time = begin.elapsed();
+    let begin = Instant::now();
+    for _ in 0..starts {
+        drop(started_vm(plugin)?);
+    }
+    let start_time = begin.elapsed();
+    let mean = |total: Duration, count: u32| total.as_secs_f64() / f64::from(count.max(1));
+    Ok(EngineFigures {
+        runtime: plugin.runtime_name().to_string(),
+        request_ns: mean(request_time, requests) * 1e9,
+        vm_start_us: mean(start_time, starts) * 1e6,
+    })
+}
