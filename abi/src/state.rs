@@ -35,6 +35,8 @@ pub struct VmState {
     pub(crate) http_call_response: Option<HttpCallResponse>,
     /// The tick period each root context asked for.
     pub(crate) tick_periods: FxHashMap<u32, Duration>,
+    /// Root contexts whose `proxy_on_done` returned false: they owe a `proxy_done`.
+    pub(crate) pending_done: Vec<ContextId>,
     /// Where queues this VM registers send their "ready" notifications.
     pub(crate) queue_owner: QueueOwner,
     /// Arguments of the foreign function call being delivered (`CallData` buffer).
@@ -68,6 +70,7 @@ impl VmState {
             contexts: FxHashMap::default(),
             http_call_response: None,
             tick_periods: FxHashMap::default(),
+            pending_done: Vec::new(),
             queue_owner,
             call_data: None,
             grpc_initial_metadata: None,

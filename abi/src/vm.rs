@@ -398,7 +398,22 @@ impl Vm {
         }
         let mut done = [1];
         self.call(Callback::Done, context, &[u64::from(context.0)], &mut done)?;
-        Ok(done[0] != 0)
+        let done = done[0] != 0;
+        let state = self.instance.state();
+        if !done
+            && state.contexts.get(&context.0) == Some(&ContextKind::Root)
+            && !state.pending_done.contains(&context)
+        {
+            state.pending_done.push(context);
+        }
+        Ok(done)
+    }
+
+    /// Whether the root context still owes a `proxy_done` after its `proxy_on_done` returned
+    /// false.
+    pub fn is_done_pending(&mut self) -> bool {
+        let root = self.root;
+        self.instance.state().pending_done.contains(&root)
     }
 
     /// Calls `proxy_on_delete` and forgets the context.

@@ -56,10 +56,17 @@ pub(super) fn set_effective_context(caller: &mut dyn Caller<VmState>, args: &[u6
     Ok(())
 }
 
-/// `proxy_done()`: the root context finished its pending work.
+/// `proxy_done()`: the root context finished the work it had pending when its `proxy_on_done`
+/// returned false; `NOT_FOUND` if it owes none (as the reference host answers).
 pub(super) fn done(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
+    let position = state
+        .pending_done
+        .iter()
+        .position(|pending| *pending == root)
+        .ok_or(Status::NotFound)?;
+    state.pending_done.swap_remove(position);
     check(state.host.done(root))
 }
 

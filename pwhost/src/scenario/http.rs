@@ -50,6 +50,7 @@ struct ExchangeRun<'a> {
 /// Why an exchange stopped before its end.
 enum Stop {
     LocalResponse,
+    Reset,
     Stalled,
     Failed(VmError),
 }
@@ -66,9 +67,15 @@ impl<'a> ExchangeRun<'a> {
         in_memory_host(self.vm).stream(context)
     }
 
+    /// Whether the plugin ended the exchange: a local reply, or closing the stream (which a
+    /// proxy answers by resetting it: nothing more is forwarded either way).
     fn check_local_response(&mut self) -> Result<(), Stop> {
-        if self.stream().local_response.is_some() {
+        let stream = self.stream();
+        if stream.local_response.is_some() {
             return Err(Stop::LocalResponse);
+        }
+        if !stream.closed.is_empty() {
+            return Err(Stop::Reset);
         }
         Ok(())
     }
@@ -342,6 +349,7 @@ pub(super) fn run_exchange(
         Ok(()) => {}
         Err(Stop::Stalled) => report.stalled = true,
         Err(Stop::LocalResponse) => {}
+        Err(Stop::Reset) => report.reset = true,
         Err(Stop::Failed(error)) => fail(&mut report, policy, error.to_string(), exchange),
     }
     if let Some(local) = in_memory_host(vm).stream(context).local_response.clone() {

@@ -65,6 +65,10 @@ pub struct Scenario {
     /// period set).
     #[serde(default)]
     pub ticks: u32,
+    /// How many timer ticks to deliver at shutdown while a root context whose `proxy_on_done`
+    /// returned false still owes `proxy_done`.
+    #[serde(default)]
+    pub shutdown_ticks: u32,
     /// Calls of the plugin's `proxy_on_foreign_function`, made after configuration.
     #[serde(default)]
     pub foreign_function_calls: Vec<ForeignFunctionCall>,
@@ -266,6 +270,27 @@ fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Ends a VM as a proxy does at shutdown: `proxy_on_done` on the root context; if it has work
+/// pending, timer ticks (up to `shutdown_ticks`) and call answers until it calls
+/// `proxy_done`; then `proxy_on_delete`. Returns whether the root context finished.
+fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, VmError> {
+    let root = vm.root_context();
+    let mut done = vm.on_done(root)?;
+    let mut ticks = 0;
+    while !done {
+        let mut callouts = callouts::Callouts::new(vm, &[], &[]);
+        while callouts.answer_next(vm)? {}
+        done = !vm.is_done_pending();
+        if done || ticks >= scenario.shutdown_ticks || vm.tick_period().is_none() {
+            break;
+        }
+        vm.tick()?;
+        ticks += 1;
+    }
+    vm.on_delete(root)?;
+    Ok(done)
+}
+
 /// Runs `scenario` through new VMs of `plugin` and reports what happened.
 pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Result<Report, VmError> {
     register_builtin_foreign_functions(plugin.shared_state());
@@ -282,6 +307,7 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         logs: Vec::new(),
         metrics: Vec::new(),
         shared_data: BTreeMap::new(),
+        done: true,
     };
     for _ in 0..scenario.vms.max(1) {
         let mut host = InMemoryHost::new();
@@ -332,6 +358,15 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         };
         report.tcp.push(tcp);
         dispatch_queues(&mut vms, &mut report.errors);
+    }
+    for vm in vms.iter_mut().filter(|vm| !vm.is_failed()) {
+        match shut_down(vm, scenario) {
+            Ok(done) => report.done &= done,
+            Err(error) => {
+                report.done = false;
+                report.errors.push(error.to_string());
+            }
+        }
     }
     for (index, vm) in vms.iter_mut().enumerate() {
         let host = in_memory_host(vm);

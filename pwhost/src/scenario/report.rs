@@ -31,6 +31,8 @@ pub struct HttpReport {
     pub actions: BTreeMap<&'static str, &'static str>,
     /// Whether the plugin paused the stream and never continued it.
     pub stalled: bool,
+    /// Whether the plugin closed the stream (`proxy_close_stream`), which resets it.
+    pub reset: bool,
     /// The error that failed the VM during this exchange, if any.
     pub error: Option<String>,
 }
@@ -180,4 +182,7 @@ pub struct Report {
     pub metrics: Vec<MetricReport>,
     /// Shared data of the plugin's VM id.
     pub shared_data: BTreeMap<String, String>,
+    /// Whether every VM's root context finished at shutdown: its `proxy_on_done` returned true,
+    /// or it called `proxy_done` afterwards.
+    pub done: bool,
 }
