@@ -204,6 +204,39 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     Ok(figures)
 }
 
+fn print_actions(actions: &std::collections::BTreeMap<&'static str, &'static str>) {
+    let actions: Vec<String> = actions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("  actions: {}", actions.join(" "));
+}
+
+/// One direction of an exchange: headers, body and trailers, each line marked `>` or `<`.
+fn print_message(
+    mark: &str,
+    headers: &[(String, String)],
+    body: &str,
+    trailers: &[(String, String)],
+) {
+    for (k, v) in headers {
+        println!("  {mark} {k}: {v}");
+    }
+    if !body.is_empty() {
+        println!("  {mark} body: {body:?}");
+    }
+    for (k, v) in trailers {
+        println!("  {mark} trailer {k}: {v}");
+    }
+}
+
+/// Prints an error on one line, even when an engine's message spans several, and fails.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    let message = format!("{error:#}");
+    eprintln!(
+        "error: {}",
+        message.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    ExitCode::FAILURE
+}
+
 fn print_text(report: &Report) {
     println!("runtime {} · ABI {}", report.runtime, report.abi_version);
     println!(
@@ -218,24 +251,19 @@ fn print_text(report: &Report) {
     }
     for (i, http) in report.http.iter().enumerate() {
         println!("\nHTTP exchange {}", i + 1);
-        let actions: Vec<String> = http
-            .actions
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        println!("  actions: {}", actions.join(" "));
-        for (k, v) in &http.request_headers {
-            println!("  > {k}: {v}");
-        }
-        if !http.request_body.is_empty() {
-            println!("  > body: {:?}", http.request_body);
-        }
-        for (k, v) in &http.response_headers {
-            println!("  < {k}: {v}");
-        }
-        if !http.response_body.is_empty() {
-            println!("  < body: {:?}", http.response_body);
-        }
+        print_actions(&http.actions);
+        print_message(
+            ">",
+            &http.request_headers,
+            &http.request_body,
+            &http.request_trailers,
+        );
+        print_message(
+            "<",
+            &http.response_headers,
+            &http.response_body,
+            &http.response_trailers,
+        );
         if let Some(local) = &http.local_response {
             println!("  local response {} {:?}", local.status, local.body);
         }
@@ -251,18 +279,16 @@ fn print_text(report: &Report) {
         if http.stalled {
             println!("  STALLED: the plugin paused the stream and never continued it");
         }
+        if http.reset {
+            println!("  RESET: the plugin closed the stream");
+        }
         if let Some(error) = &http.error {
             println!("  error: {error}");
         }
     }
     for (i, tcp) in report.tcp.iter().enumerate() {
         println!("\nTCP connection {}", i + 1);
-        let actions: Vec<String> = tcp
-            .actions
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        println!("  actions: {}", actions.join(" "));
+        print_actions(&tcp.actions);
         println!("  > upstream received: {:?}", tcp.upstream_received);
         println!("  < downstream received: {:?}", tcp.downstream_received);
         if tcp.stalled {
@@ -327,14 +353,7 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(error) => {
-                let message = format!("{error:#}");
-                eprintln!(
-                    "error: {}",
-                    message.split_whitespace().collect::<Vec<_>>().join(" ")
-                );
-                ExitCode::FAILURE
-            }
+            Err(error) => fail(&error),
         },
         Command::Run(args) => {
             let format = args.format;
@@ -352,15 +371,7 @@ fn main() -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(error) => {
-                    // One line, even when an engine's message spans several.
-                    let message = format!("{error:#}");
-                    eprintln!(
-                        "error: {}",
-                        message.split_whitespace().collect::<Vec<_>>().join(" ")
-                    );
-                    ExitCode::FAILURE
-                }
+                Err(error) => fail(&error),
             }
         }
     }
