@@ -1,5 +1,7 @@
 //! The `pwhost` command.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -204,26 +206,30 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     Ok(figures)
 }
 
-fn print_actions(actions: &std::collections::BTreeMap<&'static str, &'static str>) {
+fn render_actions(
+    out: &mut String,
+    actions: &std::collections::BTreeMap<&'static str, &'static str>,
+) {
     let actions: Vec<String> = actions.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("  actions: {}", actions.join(" "));
+    writeln!(out, "  actions: {}", actions.join(" ")).ok();
 }
 
 /// One direction of an exchange: headers, body and trailers, each line marked `>` or `<`.
-fn print_message(
+fn render_message(
+    out: &mut String,
     mark: &str,
     headers: &[(String, String)],
     body: &str,
     trailers: &[(String, String)],
 ) {
     for (k, v) in headers {
-        println!("  {mark} {k}: {v}");
+        writeln!(out, "  {mark} {k}: {v}").ok();
     }
     if !body.is_empty() {
-        println!("  {mark} body: {body:?}");
+        writeln!(out, "  {mark} body: {body:?}").ok();
     }
     for (k, v) in trailers {
-        println!("  {mark} trailer {k}: {v}");
+        writeln!(out, "  {mark} trailer {k}: {v}").ok();
     }
 }
 
@@ -237,142 +243,192 @@ fn fail(error: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn print_text(report: &Report) {
-    println!("runtime {} · ABI {}", report.runtime, report.abi_version);
-    println!(
+fn render_text(report: &Report) -> String {
+    let mut out = String::new();
+    let out = &mut out;
+    writeln!(
+        out,
+        "runtime {} · ABI {}",
+        report.runtime, report.abi_version
+    )
+    .ok();
+    writeln!(
+        out,
         "vm_start {} · configure {}",
         report.vm_start, report.configure
-    );
+    )
+    .ok();
     if let Some(error) = &report.start_error {
-        println!("start error: {error}");
+        writeln!(out, "start error: {error}").ok();
     }
     for error in &report.errors {
-        println!("error: {error}");
+        writeln!(out, "error: {error}").ok();
     }
     for (i, http) in report.http.iter().enumerate() {
-        println!("\nHTTP exchange {}", i + 1);
-        print_actions(&http.actions);
-        print_message(
+        writeln!(out, "\nHTTP exchange {}", i + 1).ok();
+        render_actions(out, &http.actions);
+        render_message(
+            out,
             ">",
             &http.request_headers,
             &http.request_body,
             &http.request_trailers,
         );
-        print_message(
+        render_message(
+            out,
             "<",
             &http.response_headers,
             &http.response_body,
             &http.response_trailers,
         );
         if let Some(local) = &http.local_response {
-            println!("  local response {} {:?}", local.status, local.body);
+            writeln!(out, "  local response {} {:?}", local.status, local.body).ok();
         }
         for call in &http.http_calls {
-            println!("  http call to {} ({} ms)", call.upstream, call.timeout_ms);
+            writeln!(
+                out,
+                "  http call to {} ({} ms)",
+                call.upstream, call.timeout_ms
+            )
+            .ok();
         }
         for call in &http.grpc_calls {
-            println!(
+            writeln!(
+                out,
                 "  grpc call to {} {}/{}",
                 call.upstream, call.service, call.method
-            );
+            )
+            .ok();
         }
         if http.stalled {
-            println!("  STALLED: the plugin paused the stream and never continued it");
+            writeln!(
+                out,
+                "  STALLED: the plugin paused the stream and never continued it"
+            )
+            .ok();
         }
         if http.reset {
-            println!("  RESET: the plugin closed the stream");
+            writeln!(out, "  RESET: the plugin closed the stream").ok();
         }
         if let Some(error) = &http.error {
-            println!("  error: {error}");
+            writeln!(out, "  error: {error}").ok();
         }
     }
     for (i, tcp) in report.tcp.iter().enumerate() {
-        println!("\nTCP connection {}", i + 1);
-        print_actions(&tcp.actions);
-        println!("  > upstream received: {:?}", tcp.upstream_received);
-        println!("  < downstream received: {:?}", tcp.downstream_received);
+        writeln!(out, "\nTCP connection {}", i + 1).ok();
+        render_actions(out, &tcp.actions);
+        writeln!(out, "  > upstream received: {:?}", tcp.upstream_received).ok();
+        writeln!(
+            out,
+            "  < downstream received: {:?}",
+            tcp.downstream_received
+        )
+        .ok();
         if tcp.stalled {
-            println!("  STALLED: the plugin paused data and never continued it");
+            writeln!(
+                out,
+                "  STALLED: the plugin paused data and never continued it"
+            )
+            .ok();
         }
         if let Some(error) = &tcp.error {
-            println!("  error: {error}");
+            writeln!(out, "  error: {error}").ok();
         }
     }
     if !report.logs.is_empty() {
-        println!("\nlogs");
+        writeln!(out, "\nlogs").ok();
         for log in &report.logs {
-            println!("  [{}] ({}) {}", log.level, log.context_id, log.message);
+            writeln!(
+                out,
+                "  [{}] ({}) {}",
+                log.level, log.context_id, log.message
+            )
+            .ok();
         }
     }
     for metric in &report.metrics {
-        println!(
+        writeln!(
+            out,
             "metric {} {} = {}",
             metric.metric_type, metric.name, metric.value
-        );
+        )
+        .ok();
     }
     for (key, value) in &report.shared_data {
-        println!("shared {key} = {value}");
+        writeln!(out, "shared {key} = {value}").ok();
+    }
+    std::mem::take(out)
+}
+
+fn render_figures(figures: &[pwhost::bench::EngineFigures]) -> String {
+    let mut out = String::new();
+    let fastest = figures
+        .iter()
+        .map(|f| f.request_ns)
+        .fold(f64::INFINITY, f64::min);
+    writeln!(
+        out,
+        "{:<20} {:>14} {:>10} {:>14}",
+        "runtime", "ns/request", "ratio", "µs/VM start"
+    )
+    .ok();
+    for f in figures {
+        writeln!(
+            out,
+            "{:<20} {:>14.0} {:>9.2}× {:>14.1}",
+            f.runtime,
+            f.request_ns,
+            f.request_ns / fastest,
+            f.vm_start_us
+        )
+        .ok();
+    }
+    out
+}
+
+/// Writes the command's output. A reader that went away (`pwhost run … | head`) is not an
+/// error worth reporting.
+fn emit(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => fail(&error.into()),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => emit(&(json + "\n")),
+        Err(error) => fail(&anyhow::anyhow!("cannot encode the report: {error}")),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Runtimes => {
-            for name in runtimes::available() {
-                println!("{name}");
-            }
-            ExitCode::SUCCESS
-        }
+        Command::Runtimes => emit(
+            &runtimes::available()
+                .iter()
+                .map(|name| format!("{name}\n"))
+                .collect::<String>(),
+        ),
         Command::Bench(args) => match bench(&args) {
-            Ok(figures) => {
-                match args.format {
-                    Format::Json => println!(
-                        "{}",
-                        serde_json::to_string_pretty(&figures).unwrap_or_default()
-                    ),
-                    Format::Text => {
-                        let fastest = figures
-                            .iter()
-                            .map(|f| f.request_ns)
-                            .fold(f64::INFINITY, f64::min);
-                        println!(
-                            "{:<20} {:>14} {:>10} {:>14}",
-                            "runtime", "ns/request", "ratio", "µs/VM start"
-                        );
-                        for f in &figures {
-                            println!(
-                                "{:<20} {:>14.0} {:>9.2}× {:>14.1}",
-                                f.runtime,
-                                f.request_ns,
-                                f.request_ns / fastest,
-                                f.vm_start_us
-                            );
-                        }
-                    }
-                }
-                ExitCode::SUCCESS
-            }
+            Ok(figures) => match args.format {
+                Format::Json => json(&figures),
+                Format::Text => emit(&render_figures(&figures)),
+            },
             Err(error) => fail(&error),
         },
-        Command::Run(args) => {
-            let format = args.format;
-            match run(&args) {
-                Ok(report) => {
-                    match format {
-                        Format::Json => match serde_json::to_string_pretty(&report) {
-                            Ok(json) => println!("{json}"),
-                            Err(error) => {
-                                eprintln!("error: cannot encode the report: {error}");
-                                return ExitCode::FAILURE;
-                            }
-                        },
-                        Format::Text => print_text(&report),
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(error) => fail(&error),
-            }
-        }
+        Command::Run(args) => match run(&args) {
+            Ok(report) => match args.format {
+                Format::Json => json(&report),
+                Format::Text => emit(&render_text(&report)),
+            },
+            Err(error) => fail(&error),
+        },
     }
 }

@@ -196,3 +196,21 @@ fn a_plugin_that_traps_still_completes_the_run() {
         .unwrap()
         .contains("trapped"));
 }
+
+#[test]
+fn a_reader_that_goes_away_is_not_a_crash() {
+    use std::process::Stdio;
+    let plugin = plugin("rust/http_headers.wasm");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
+        .args(["run", "--plugin", plugin.to_str().unwrap(), "--format", "text"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close our end of stdout at once, like `pwhost run … | head -0`.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{stderr}");
+}
