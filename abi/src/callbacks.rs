@@ -9,9 +9,6 @@ const I: ValType = ValType::I32;
 /// A callback the host calls, as an index into [`CALLBACKS`] and a VM's resolved handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
-// Every callback is resolved at start; the TCP, queue, gRPC and foreign-function ones are not
-// called by `Vm` yet.
-#[allow(dead_code)]
 pub(crate) enum Callback {
     ContextCreate,
     VmStart,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use abi::{HeaderMap, InMemoryHost, Plugin, Vm, VmError};
 use serde::Serialize;
 
-use crate::scenario::HttpExchange;
+use crate::scenario::{in_memory_host, HttpExchange};
 
 /// One engine's figures.
 #[derive(Clone, Debug, Serialize)]
@@ -42,22 +42,16 @@ fn request(
     response_headers: &HeaderMap,
 ) -> Result<(), VmError> {
     let context = vm.create_http_context()?;
-    let host = vm
-        .host_as::<InMemoryHost>()
-        .expect("bench VMs run on an InMemoryHost");
+    let host = in_memory_host(vm);
     host.stream(context).request_headers = request_headers.clone();
     vm.on_request_headers(context, request_headers.len(), true)?;
-    let host = vm
-        .host_as::<InMemoryHost>()
-        .expect("bench VMs run on an InMemoryHost");
+    let host = in_memory_host(vm);
     host.stream(context).response_headers = response_headers.clone();
     vm.on_response_headers(context, response_headers.len(), true)?;
     vm.on_log(context)?;
     vm.on_done(context)?;
     vm.on_delete(context)?;
-    let host = vm
-        .host_as::<InMemoryHost>()
-        .expect("bench VMs run on an InMemoryHost");
+    let host = in_memory_host(vm);
     host.streams.remove(&context);
     // Keep the log from growing over millions of requests.
     host.logs.clear();

@@ -202,7 +202,13 @@ fn a_reader_that_goes_away_is_not_a_crash() {
     use std::process::Stdio;
     let plugin = plugin("rust/http_headers.wasm");
     let mut child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
-        .args(["run", "--plugin", plugin.to_str().unwrap(), "--format", "text"])
+        .args([
+            "run",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--format",
+            "text",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

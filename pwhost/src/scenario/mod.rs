@@ -239,7 +239,7 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
+pub(crate) fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
     vm.host_as::<InMemoryHost>()
         .expect("scenario VMs run on an InMemoryHost")
 }
