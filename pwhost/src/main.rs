@@ -32,18 +32,11 @@ enum Command {
 
 #[derive(Parser)]
 struct BenchArgs {
-    /// The plugin module (.wasm).
-    #[arg(long)]
-    plugin: PathBuf,
+    #[command(flatten)]
+    plugin: PluginArgs,
     /// Engines to compare (repeatable); default: every engine compiled in.
     #[arg(long = "runtime")]
     runtimes: Vec<String>,
-    /// Plugin configuration: text, or @FILE.
-    #[arg(long, default_value = "")]
-    plugin_config: String,
-    /// VM configuration: text, or @FILE.
-    #[arg(long, default_value = "")]
-    vm_config: String,
     /// Scenario whose first HTTP exchange is the request measured; default `GET /`.
     #[arg(long)]
     scenario: Option<PathBuf>,
@@ -64,14 +57,12 @@ enum Format {
     Text,
 }
 
+/// The plugin and what it is given, shared by the subcommands that load one.
 #[derive(Parser)]
-struct RunArgs {
+struct PluginArgs {
     /// The plugin module (.wasm).
     #[arg(long)]
     plugin: PathBuf,
-    /// The engine to run it on (see `pwhost runtimes`).
-    #[arg(long)]
-    runtime: Option<String>,
     /// The root id selecting the plugin's root context (property `plugin_root_id`).
     #[arg(long, default_value = "")]
     root_id: String,
@@ -87,6 +78,63 @@ struct RunArgs {
     /// Plugin configuration: text, or @FILE.
     #[arg(long, default_value = "")]
     plugin_config: String,
+    /// An environment variable visible to the plugin through WASI (KEY=VALUE; repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    environment: Vec<String>,
+}
+
+impl PluginArgs {
+    /// The module's bytes.
+    fn wasm(&self) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(&self.plugin)
+            .with_context(|| format!("cannot read plugin {}", self.plugin.display()))
+    }
+
+    /// The plugin's configuration, reading `@FILE` values.
+    fn config(&self) -> anyhow::Result<abi::PluginConfig> {
+        let environment = self
+            .environment
+            .iter()
+            .map(|entry| {
+                entry
+                    .split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("--env {entry:?} is not KEY=VALUE"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(abi::PluginConfig {
+            name: self.name.clone().unwrap_or_else(|| {
+                self.plugin
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
+            root_id: self.root_id.clone(),
+            vm_id: self.vm_id.clone(),
+            vm_configuration: text_or_file(&self.vm_config, "VM configuration")?,
+            plugin_configuration: text_or_file(&self.plugin_config, "plugin configuration")?,
+            environment,
+        })
+    }
+
+    /// Loads the plugin on `runtime`.
+    fn load(
+        &self,
+        runtime: &dyn runtime_api::WasmRuntime<abi::VmState>,
+        wasm: &[u8],
+    ) -> anyhow::Result<abi::Plugin> {
+        abi::Plugin::load(runtime, wasm, self.config()?, abi::SharedState::new())
+            .with_context(|| format!("cannot load plugin {}", self.plugin.display()))
+    }
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    #[command(flatten)]
+    plugin: PluginArgs,
+    /// The engine to run it on (see `pwhost runtimes`).
+    #[arg(long)]
+    runtime: Option<String>,
     /// Scenario file (JSON or YAML); default: one GET /.
     #[arg(long)]
     scenario: Option<PathBuf>,
@@ -103,9 +151,6 @@ struct RunArgs {
     /// Cap the plugin's linear memory (MiB).
     #[arg(long)]
     max_memory_mib: Option<u64>,
-    /// An environment variable visible to the plugin through WASI (KEY=VALUE; repeatable).
-    #[arg(long = "env", value_name = "KEY=VALUE")]
-    environment: Vec<String>,
 }
 
 fn text_or_file(value: &str, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -134,45 +179,19 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
             .to_string(),
     };
     let scenario = load_scenario(args.scenario.as_deref())?;
-    let wasm = std::fs::read(&args.plugin)
-        .with_context(|| format!("cannot read plugin {}", args.plugin.display()))?;
-    let environment = args
-        .environment
-        .iter()
-        .map(|entry| {
-            entry
-                .split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("--env {entry:?} is not KEY=VALUE"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let config = abi::PluginConfig {
-        name: args.name.clone().unwrap_or_else(|| {
-            args.plugin
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        }),
-        root_id: args.root_id.clone(),
-        vm_id: args.vm_id.clone(),
-        vm_configuration: text_or_file(&args.vm_config, "VM configuration")?,
-        plugin_configuration: text_or_file(&args.plugin_config, "plugin configuration")?,
-        environment,
-    };
+    let wasm = args.plugin.wasm()?;
     let runtime_config = RuntimeConfig {
         max_memory_bytes: args.max_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
         call_deadline: (args.deadline_ms > 0).then(|| Duration::from_millis(args.deadline_ms)),
         interruptible: false,
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
-    let plugin = abi::Plugin::load(&*runtime, &wasm, config, abi::SharedState::new())
-        .with_context(|| format!("cannot load plugin {}", args.plugin.display()))?;
+    let plugin = args.plugin.load(&*runtime, &wasm)?;
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> {
-    let wasm = std::fs::read(&args.plugin)
-        .with_context(|| format!("cannot read plugin {}", args.plugin.display()))?;
+    let wasm = args.plugin.wasm()?;
     let scenario = load_scenario(args.scenario.as_deref())?;
     let exchange = scenario.http.first().cloned().unwrap_or_default();
     let names: Vec<String> = if args.runtimes.is_empty() {
@@ -186,18 +205,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     let mut figures = Vec::new();
     for name in names {
         let runtime = runtimes::create(&name, RuntimeConfig::default())?;
-        let config = abi::PluginConfig {
-            name: args
-                .plugin
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            vm_configuration: text_or_file(&args.vm_config, "VM configuration")?,
-            plugin_configuration: text_or_file(&args.plugin_config, "plugin configuration")?,
-            ..abi::PluginConfig::default()
-        };
-        let plugin = abi::Plugin::load(&*runtime, &wasm, config, abi::SharedState::new())
-            .with_context(|| format!("cannot load plugin {}", args.plugin.display()))?;
+        let plugin = args.plugin.load(&*runtime, &wasm)?;
         pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
         let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
             .with_context(|| format!("the plugin failed on {name}"))?;
