@@ -220,3 +220,36 @@ fn a_reader_that_goes_away_is_not_a_crash() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(output.status.success(), "{stderr}");
 }
+
+#[test]
+fn bench_times_every_engine_compiled_in() {
+    let plugin = plugin("rust/lifecycle_bench.wasm");
+    let output = pwhost(&[
+        "bench",
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--requests",
+        "200",
+        "--starts",
+        "3",
+        "--format",
+        "json",
+    ]);
+    let figures = json(&output);
+    let figures = figures.as_array().expect("one entry per engine");
+    assert_eq!(figures.len(), pwhost::runtimes::available().len());
+    for engine in figures {
+        assert!(engine["request_ns"].as_f64().unwrap() > 0.0, "{engine}");
+        assert!(engine["vm_start_us"].as_f64().unwrap() > 0.0, "{engine}");
+    }
+    assert_one_line_error(
+        &pwhost(&[
+            "bench",
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--runtime",
+            "nonesuch",
+        ]),
+        "nonesuch",
+    );
+}
