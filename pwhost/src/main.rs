@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pwhost::runtimes;
-use pwhost::scenario::{self, FailurePolicy, Report, Scenario};
+use pwhost::scenario::{self, FailurePolicy, GrpcCallReport, HttpCallReport, Report, Scenario};
 use runtime_api::RuntimeConfig;
 
 /// Run Proxy-Wasm plugins on any of pwhost's engines.
@@ -241,6 +241,26 @@ fn render_message(
     }
 }
 
+/// The HTTP and gRPC calls an exchange or connection made.
+fn render_calls(out: &mut String, http: &[HttpCallReport], grpc: &[GrpcCallReport]) {
+    for call in http {
+        writeln!(
+            out,
+            "  http call to {} ({} ms)",
+            call.upstream, call.timeout_ms
+        )
+        .ok();
+    }
+    for call in grpc {
+        writeln!(
+            out,
+            "  grpc call to {} {}/{}",
+            call.upstream, call.service, call.method
+        )
+        .ok();
+    }
+}
+
 /// Prints an error on one line, even when an engine's message spans several, and fails.
 fn fail(error: &anyhow::Error) -> ExitCode {
     let message = format!("{error:#}");
@@ -292,22 +312,7 @@ fn render_text(report: &Report) -> String {
         if let Some(local) = &http.local_response {
             writeln!(out, "  local response {} {:?}", local.status, local.body).ok();
         }
-        for call in &http.http_calls {
-            writeln!(
-                out,
-                "  http call to {} ({} ms)",
-                call.upstream, call.timeout_ms
-            )
-            .ok();
-        }
-        for call in &http.grpc_calls {
-            writeln!(
-                out,
-                "  grpc call to {} {}/{}",
-                call.upstream, call.service, call.method
-            )
-            .ok();
-        }
+        render_calls(out, &http.http_calls, &http.grpc_calls);
         if http.stalled {
             writeln!(
                 out,
@@ -332,6 +337,7 @@ fn render_text(report: &Report) -> String {
             tcp.downstream_received
         )
         .ok();
+        render_calls(out, &tcp.http_calls, &tcp.grpc_calls);
         if tcp.stalled {
             writeln!(
                 out,

@@ -30,6 +30,14 @@ enum Direction {
 }
 
 impl Direction {
+    /// The report's action keys for this direction's headers, body and trailers.
+    fn action_keys(self) -> [&'static str; 3] {
+        match self {
+            Direction::Request => ["request_headers", "request_body", "request_trailers"],
+            Direction::Response => ["response_headers", "response_body", "response_trailers"],
+        }
+    }
+
     fn stream_type(self) -> StreamType {
         match self {
             Direction::Request => StreamType::HttpRequest,
@@ -125,11 +133,7 @@ impl<'a> ExchangeRun<'a> {
             Direction::Request => self.vm.on_request_headers(context, count, end_of_stream)?,
             Direction::Response => self.vm.on_response_headers(context, count, end_of_stream)?,
         };
-        let key = if direction == Direction::Request {
-            "request_headers"
-        } else {
-            "response_headers"
-        };
+        let key = direction.action_keys()[0];
         self.report.actions.insert(key, action.as_str());
         self.check_local_response()?;
         // StopAll* also holds back the body callbacks; plain Pause (StopIteration) does not.
@@ -186,11 +190,7 @@ impl<'a> ExchangeRun<'a> {
                 Direction::Request => self.vm.on_request_body(context, size, end_of_stream)?,
                 Direction::Response => self.vm.on_response_body(context, size, end_of_stream)?,
             };
-            let key = if direction == Direction::Request {
-                "request_body"
-            } else {
-                "response_body"
-            };
+            let key = direction.action_keys()[1];
             self.report.actions.insert(key, action.as_str());
             self.check_local_response()?;
             body_held = !matches!(action, DataAction::Continue);
@@ -214,11 +214,7 @@ impl<'a> ExchangeRun<'a> {
                 Direction::Request => self.vm.on_request_trailers(context, count)?,
                 Direction::Response => self.vm.on_response_trailers(context, count)?,
             };
-            let key = if direction == Direction::Request {
-                "request_trailers"
-            } else {
-                "response_trailers"
-            };
+            let key = direction.action_keys()[2];
             self.report.actions.insert(key, action.as_str());
             self.check_local_response()?;
             if !action.continues() {
