@@ -15,8 +15,9 @@ use crate::{
 /// Why a call into a VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// The engine could not instantiate the module.
-    #[error("cannot instantiate plugin: {0}")]
+    /// The engine could not instantiate the module (its message already says so; being the
+    /// error's own text rather than a wrapper keeps it from appearing twice in error chains).
+    #[error(transparent)]
     Instantiate(#[from] runtime_api::Error),
     /// Plugin code trapped (or was stopped); the VM is now failed.
     #[error("{callback} trapped in context {context}: {trap}")]

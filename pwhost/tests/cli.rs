@@ -253,3 +253,31 @@ fn bench_times_every_engine_compiled_in() {
         "nonesuch",
     );
 }
+
+#[test]
+fn the_memory_cap_refuses_a_plugin_that_needs_more_in_one_line() {
+    let plugin = plugin("rust/http_headers.wasm");
+    let plugin = plugin.to_str().unwrap();
+    // The SDK plugin's memory starts at 17 pages (1088 KiB).
+    let output = pwhost(&["run", "--plugin", plugin, "--max-memory-mib", "1"]);
+    assert_one_line_error(
+        &output,
+        "memory minimum size of 17 pages exceeds memory limits",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.matches("exceeds memory limits").count(),
+        1,
+        "said once: {stderr}"
+    );
+    assert!(
+        json(&pwhost(&[
+            "run",
+            "--plugin",
+            plugin,
+            "--max-memory-mib",
+            "2"
+        ]))["configure"]
+            == true
+    );
+}
