@@ -69,6 +69,51 @@ pub enum TrapKind {
     BadCall,
 }
 
+/// Why a WebAssembly instruction trapped, in words that are the same on every engine.
+///
+/// Engines word their traps differently; mapping them onto these codes lets a plugin's failure read
+/// the same whichever engine ran it (and lets the conformance suite expect one message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WasmTrapCode {
+    /// An `unreachable` instruction ran (Rust panics end here).
+    Unreachable,
+    /// A load or store outside linear memory.
+    MemoryOutOfBounds,
+    /// The guest's call stack overflowed.
+    StackOverflow,
+    /// Integer division or remainder by zero.
+    IntegerDivisionByZero,
+    /// Integer overflow (`i32.div_s` of `INT_MIN` by -1, or a float-to-int truncation overflow).
+    IntegerOverflow,
+    /// A float-to-integer conversion of NaN.
+    BadConversionToInteger,
+    /// `call_indirect` through a null table entry.
+    IndirectCallToNull,
+    /// `call_indirect` to a function of another type.
+    BadSignature,
+    /// An access outside a table.
+    TableOutOfBounds,
+}
+
+impl WasmTrapCode {
+    /// The message every engine reports for this trap (wasmtime's wording).
+    pub fn message(self) -> &'static str {
+        match self {
+            WasmTrapCode::Unreachable => "wasm trap: wasm `unreachable` instruction executed",
+            WasmTrapCode::MemoryOutOfBounds => "wasm trap: out of bounds memory access",
+            WasmTrapCode::StackOverflow => "wasm trap: call stack exhausted",
+            WasmTrapCode::IntegerDivisionByZero => "wasm trap: integer divide by zero",
+            WasmTrapCode::IntegerOverflow => "wasm trap: integer overflow",
+            WasmTrapCode::BadConversionToInteger => "wasm trap: invalid conversion to integer",
+            WasmTrapCode::IndirectCallToNull => "wasm trap: uninitialized element",
+            WasmTrapCode::BadSignature => "wasm trap: indirect call type mismatch",
+            WasmTrapCode::TableOutOfBounds => {
+                "wasm trap: undefined element: out of bounds table access"
+            }
+        }
+    }
+}
+
 /// A guest call that did not complete normally.
 ///
 /// Built only on the failure path, so it may carry an owned message.
@@ -87,6 +132,11 @@ impl Trap {
             kind,
             message: message.into(),
         }
+    }
+
+    /// A WebAssembly trap, with the engine-independent message of `code`.
+    pub fn wasm(code: WasmTrapCode) -> Self {
+        Trap::new(TrapKind::Wasm, code.message())
     }
 
     /// A host function failure that must stop the guest.

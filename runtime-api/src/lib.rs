@@ -32,7 +32,7 @@ mod value;
 
 pub use caller::Caller;
 pub use capabilities::{Capabilities, RuntimeConfig};
-pub use error::{Error, Trap, TrapKind};
+pub use error::{Error, Trap, TrapKind, WasmTrapCode};
 pub use host::{resolve_imports, HostCallback, HostFunction};
 pub use memory::{GuestMemory, MemoryAccessError};
 pub use module::{

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use runtime_api::{
     resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostCallback,
-    HostFunction, Import, Instance, LinkedModule, RuntimeConfig, Trap, ValType, MAX_ARGS,
+    HostFunction, Import, Instance, LinkedModule, RuntimeConfig, Trap, ValType, WasmTrapCode,
+    MAX_ARGS,
 };
 use wasmtime::{Caller, ValRaw};
 
@@ -348,8 +349,27 @@ pub(crate) fn convert_error(error: wasmtime::Error) -> Trap {
         Some(wasmtime::Trap::OutOfFuel) => {
             Trap::new(runtime_api::TrapKind::OutOfFuel, "out of fuel")
         }
-        // The trap itself is the message; the backtrace wasmtime attaches is for debugging.
-        Some(trap) => Trap::new(runtime_api::TrapKind::Wasm, trap.to_string()),
+        Some(trap) => match wasm_trap_code(*trap) {
+            Some(code) => Trap::wasm(code),
+            // The trap itself is the message; the backtrace wasmtime attaches is for debugging.
+            None => Trap::new(runtime_api::TrapKind::Wasm, trap.to_string()),
+        },
         None => Trap::new(runtime_api::TrapKind::Wasm, format!("{error:#}")),
     }
+}
+
+fn wasm_trap_code(trap: wasmtime::Trap) -> Option<WasmTrapCode> {
+    use wasmtime::Trap as T;
+    Some(match trap {
+        T::UnreachableCodeReached => WasmTrapCode::Unreachable,
+        T::MemoryOutOfBounds => WasmTrapCode::MemoryOutOfBounds,
+        T::StackOverflow => WasmTrapCode::StackOverflow,
+        T::IntegerDivisionByZero => WasmTrapCode::IntegerDivisionByZero,
+        T::IntegerOverflow => WasmTrapCode::IntegerOverflow,
+        T::BadConversionToInteger => WasmTrapCode::BadConversionToInteger,
+        T::IndirectCallToNull => WasmTrapCode::IndirectCallToNull,
+        T::BadSignature => WasmTrapCode::BadSignature,
+        T::TableOutOfBounds => WasmTrapCode::TableOutOfBounds,
+        _ => return None,
+    })
 }

@@ -1,0 +1,1 @@
+//! Native plugins compiled into pwhost.

@@ -1,0 +1,1 @@
+//! Native Proxy-Wasm plugins on the null runtime.
