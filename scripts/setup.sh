@@ -4,10 +4,14 @@
 #   - wasm toolchain for the plugin corpus: Debian's rustc-web/cargo-web (rustc with the
 #     library sources, for -Zbuild-std), lld-19 (wasm-ld), wasi-libc, wabt (wat2wasm), clang-19
 #     (the C plugin for ABI 0.1.0); the AssemblyScript plugin uses the machine's node and npm
+#   - engines: LLVM 22 for wasmer's LLVM compiler (llvm-22-dev libpolly-22-dev libzstd-dev), cmake
+#     and libclang-dev for WAMR, libuv1 and libc-ares2 for libnode (V8), whose own files
+#     scripts/fetch-libnode.sh unpacks into .deps/libnode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19)
+packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19
+  llvm-22-dev libpolly-22-dev libzstd-dev cmake libclang-dev libuv1 libc-ares2)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -21,4 +25,5 @@ if ((${#missing[@]})); then
 fi
 
 command -v npm >/dev/null || { echo "setup: npm is required for the AssemblyScript plugin" >&2; exit 1; }
+bash scripts/fetch-libnode.sh
 bash plugins/build.sh
