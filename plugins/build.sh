@@ -2,6 +2,7 @@
 # Builds the pwhost plugin corpus into plugins/dist/ (gitignored):
 #   dist/rust/<name>.wasip1.wasm   Rust SDK plugins for wasm32-wasip1
 #   dist/rust/<name>.wasm          the same plugins for wasm32-unknown-unknown
+#   dist/native/lib<name>.so       the same plugins as native libraries, for the null runtime
 #   dist/wat/<name>.wasm           hand-written WAT edge cases (plugins/wat/*.wat)
 #   dist/wat/{malformed,not_wasm,empty}.wasm   invalid binaries for loader tests
 #   dist/c/abi_0_1_0.wasm          ABI 0.1.0 plugin in C (plugins/c/), clang + wasi-libc
@@ -101,6 +102,21 @@ for manifest in "$here"/rust/*/Cargo.toml; do
         require_exports "$src" proxy_abi_version_0_2_1
         copy_if_changed "$src" "$out"
     done
+done
+
+# ---- The same Rust SDK plugins as native shared libraries, for the null runtime -----------------
+echo "== Rust plugins (native cdylib for the host) -> dist/native/"
+mkdir -p "$dist/native"
+(
+    cd "$here/rust"
+    unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS CARGO_BUILD_TARGET
+    RUSTC="$rustc" "$cargo" build --release --locked --target-dir "$target_dir/native"
+)
+for manifest in "$here"/rust/*/Cargo.toml; do
+    name="$(basename "$(dirname "$manifest")")"
+    src="$target_dir/native/release/lib$name.so"
+    [[ -f "$src" ]] || die "cargo did not produce $src"
+    copy_if_changed "$src" "$dist/native/lib$name.so"
 done
 
 # ---- WAT edge cases --------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 //! `INVALID_MEMORY_ACCESS` to the plugin and never reaches the host.
 
 mod callbacks;
-mod exports;
+pub(crate) mod exports;
 mod header_map;
 mod host;
 mod in_memory;
@@ -22,6 +22,7 @@ mod types;
 mod version;
 mod vm;
 
+pub use exports::host_functions;
 pub use header_map::{wire, HeaderMap};
 pub use host::{GrpcRequest, Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
 pub use in_memory::{DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, StreamRecord};

@@ -5,5 +5,6 @@
 //! uses the same runner, so `pwhost run` and the tests cannot drift apart.
 
 pub mod bench;
+pub mod plugins;
 pub mod runtimes;
 pub mod scenario;

@@ -60,9 +60,11 @@ enum Format {
 /// The plugin and what it is given, shared by the subcommands that load one.
 #[derive(Parser)]
 struct PluginArgs {
-    /// The plugin module (.wasm).
+    /// The plugin: a WebAssembly module (.wasm); on the null runtime, a compiled-in native plugin
+    /// (native:NAME) or a proxy-wasm SDK plugin built as a native shared library (.so), which
+    /// runs unsandboxed: native plugins are trusted code.
     #[arg(long)]
-    plugin: PathBuf,
+    plugin: String,
     /// The root id selecting the plugin's root context (property `plugin_root_id`).
     #[arg(long, default_value = "")]
     root_id: String,
@@ -84,12 +86,6 @@ struct PluginArgs {
 }
 
 impl PluginArgs {
-    /// The module's bytes.
-    fn wasm(&self) -> anyhow::Result<Vec<u8>> {
-        std::fs::read(&self.plugin)
-            .with_context(|| format!("cannot read plugin {}", self.plugin.display()))
-    }
-
     /// The plugin's configuration, reading `@FILE` values.
     fn config(&self) -> anyhow::Result<abi::PluginConfig> {
         let environment = self
@@ -104,7 +100,11 @@ impl PluginArgs {
             .collect::<anyhow::Result<_>>()?;
         Ok(abi::PluginConfig {
             name: self.name.clone().unwrap_or_else(|| {
-                self.plugin
+                let plugin = self
+                    .plugin
+                    .strip_prefix(pwhost::plugins::NATIVE_PREFIX)
+                    .unwrap_or(&self.plugin);
+                Path::new(plugin)
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default()
@@ -121,10 +121,25 @@ impl PluginArgs {
     fn load(
         &self,
         runtime: &dyn runtime_api::WasmRuntime<abi::VmState>,
-        wasm: &[u8],
     ) -> anyhow::Result<abi::Plugin> {
-        abi::Plugin::load(runtime, wasm, self.config()?, abi::SharedState::new())
-            .with_context(|| format!("cannot load plugin {}", self.plugin.display()))
+        pwhost::plugins::load(
+            runtime,
+            &self.plugin,
+            self.config()?,
+            abi::SharedState::new(),
+        )
+        .with_context(|| format!("cannot load plugin {}", self.plugin))
+    }
+
+    /// The engine to use when none is named: the null runtime for native plugins, else the
+    /// first engine compiled in.
+    fn default_runtime(&self) -> anyhow::Result<String> {
+        if pwhost::plugins::is_native(&self.plugin) {
+            return Ok("null".into());
+        }
+        Ok(runtimes::default_name()
+            .context("this build has no engine")?
+            .to_string())
     }
 }
 
@@ -174,29 +189,28 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
 fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let runtime_name = match &args.runtime {
         Some(name) => name.clone(),
-        None => runtimes::default_name()
-            .context("this build has no engine")?
-            .to_string(),
+        None => args.plugin.default_runtime()?,
     };
     let scenario = load_scenario(args.scenario.as_deref())?;
-    let wasm = args.plugin.wasm()?;
     let runtime_config = RuntimeConfig {
         max_memory_bytes: args.max_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
         call_deadline: (args.deadline_ms > 0).then(|| Duration::from_millis(args.deadline_ms)),
         interruptible: false,
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
-    let plugin = args.plugin.load(&*runtime, &wasm)?;
+    let plugin = args.plugin.load(&*runtime)?;
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> {
-    let wasm = args.plugin.wasm()?;
     let scenario = load_scenario(args.scenario.as_deref())?;
     let exchange = scenario.http.first().cloned().unwrap_or_default();
     let names: Vec<String> = if args.runtimes.is_empty() {
+        // Every engine that can run this kind of plugin: native code or WebAssembly.
+        let native = pwhost::plugins::is_native(&args.plugin.plugin);
         runtimes::available()
             .iter()
+            .filter(|name| (**name == "null") == native)
             .map(|name| name.to_string())
             .collect()
     } else {
@@ -205,7 +219,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     let mut figures = Vec::new();
     for name in names {
         let runtime = runtimes::create(&name, RuntimeConfig::default())?;
-        let plugin = args.plugin.load(&*runtime, &wasm)?;
+        let plugin = args.plugin.load(&*runtime)?;
         pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
         let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
             .with_context(|| format!("the plugin failed on {name}"))?;

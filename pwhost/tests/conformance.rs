@@ -38,6 +38,9 @@ struct Case {
     expect: Option<Value>,
     #[serde(default)]
     expect_load_error: Option<String>,
+    /// Why the case cannot run on native code (the null runtime), e.g. it needs a sandbox.
+    #[serde(default)]
+    wasm_only: Option<String>,
 }
 
 fn root() -> PathBuf {
@@ -47,25 +50,46 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The builds of a case's plugin: both targets for Rust SDK plugins, the one module otherwise.
-/// A case that names a file (`rust/NAME.wasip1.wasm`) runs that build only.
-fn plugin_builds(plugin: &str) -> Vec<PathBuf> {
+/// The builds of a case's plugin that `runtime` runs.
+///
+/// On WebAssembly engines: both targets for Rust SDK plugins, the one module otherwise; a case
+/// that names a file (`rust/NAME.wasip1.wasm`) runs that build only. On the null runtime: the
+/// same Rust SDK plugin built as a native library, and its compiled-in port if there is one;
+/// other plugins are WebAssembly only.
+fn plugin_builds(case: &Case, runtime: &str) -> Vec<String> {
     let dist = root().join("plugins/dist");
-    if plugin.ends_with(".wasm") {
-        return vec![dist.join(plugin)];
-    }
-    let mut builds = vec![dist.join(format!("{plugin}.wasm"))];
-    if plugin.starts_with("rust/") {
-        builds.push(dist.join(format!("{plugin}.wasip1.wasm")));
+    let plugin = &case.plugin;
+    let mut builds: Vec<PathBuf> = Vec::new();
+    if runtime == "null" {
+        let Some(name) = plugin.strip_prefix("rust/") else {
+            return Vec::new();
+        };
+        if name.ends_with(".wasm") || case.wasm_only.is_some() {
+            return Vec::new();
+        }
+        builds.push(dist.join(format!("native/lib{name}.so")));
+        if pwhost::plugins::native_plugins().contains(&name) {
+            builds.push(PathBuf::from(format!("native:{name}")));
+        }
+    } else if plugin.ends_with(".wasm") {
+        builds.push(dist.join(plugin));
+    } else {
+        builds.push(dist.join(format!("{plugin}.wasm")));
+        if plugin.starts_with("rust/") {
+            builds.push(dist.join(format!("{plugin}.wasip1.wasm")));
+        }
     }
     for build in &builds {
         assert!(
-            build.exists(),
+            build.to_string_lossy().starts_with("native:") || build.exists(),
             "{} is missing: run `bash plugins/build.sh` first",
             build.display()
         );
     }
     builds
+        .into_iter()
+        .map(|b| b.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Checks that `actual` contains everything in `expected`; returns where it differs.
@@ -106,13 +130,12 @@ fn check(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
     }
 }
 
-fn run_case(name: &str, case: &Case, runtime_name: &str, build: &Path) -> Result<(), String> {
+fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<(), String> {
     let config = RuntimeConfig {
         call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
         ..RuntimeConfig::default()
     };
     let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
-    let wasm = std::fs::read(build).map_err(|e| format!("{}: {e}", build.display()))?;
     let plugin_config = abi::PluginConfig {
         // `rust/NAME.wasip1.wasm` is plugin NAME.
         name: case
@@ -135,11 +158,11 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &Path) -> Result
             .collect(),
         ..abi::PluginConfig::default()
     };
-    let loaded = abi::Plugin::load(&*runtime, &wasm, plugin_config, abi::SharedState::new());
-    let context = format!("{name} on {runtime_name} with {}", build.display());
+    let loaded = pwhost::plugins::load(&*runtime, build, plugin_config, abi::SharedState::new());
+    let context = format!("{name} on {runtime_name} with {build}");
     match (&case.expect_load_error, loaded) {
         (Some(expected), Err(error)) => {
-            let message = error.to_string();
+            let message = format!("{error:#}");
             if message.contains(expected.as_str()) {
                 Ok(())
             } else {
@@ -181,6 +204,7 @@ fn every_case_passes_on_every_engine_and_build() {
     );
     let mut failures = Vec::new();
     let mut runs = 0;
+    let mut runs_per_engine = std::collections::BTreeMap::<&str, usize>::new();
     for path in &paths {
         let name = path
             .file_stem()
@@ -200,8 +224,9 @@ fn every_case_passes_on_every_engine_and_build() {
             "{name}: every case says what it checks"
         );
         for runtime_name in runtimes::available() {
-            for build in plugin_builds(&case.plugin) {
+            for build in plugin_builds(&case, runtime_name) {
                 runs += 1;
+                *runs_per_engine.entry(runtime_name).or_default() += 1;
                 if let Err(failure) = run_case(&name, &case, runtime_name, &build) {
                     failures.push(failure);
                 }
@@ -209,7 +234,7 @@ fn every_case_passes_on_every_engine_and_build() {
         }
     }
     println!(
-        "{} passed, {} failed",
+        "{} passed, {} failed; runs per engine: {runs_per_engine:?}",
         runs - failures.len(),
         failures.len()
     );

@@ -1,18 +1,66 @@
-//! The null runtime: native functions in place of a WebAssembly module.
+//! The null runtime: native code in place of a WebAssembly module.
+//!
+//! The counterpart of proxy-wasm-cpp-host's "null VM". A [`NativeModule`] describes native
+//! functions as if they were a module's exports, and declares the host functions it may call as
+//! imports; the runtime links and instantiates it through the same [`runtime_api`] traits as every
+//! WebAssembly engine, so the Proxy-Wasm ABI runs on it unchanged.
+//!
+//! Native code calls host functions with [`call_host`], which finds the instance whose call is
+//! running on this thread. Guest "pointers" are native addresses
+//! ([`runtime_api::GuestMemory::native`]): nothing is bounds-checked, no call can be interrupted
+//! and no memory can be capped. Native plugins are trusted code, like the host itself; the
+//! [`Capabilities`] this runtime reports say so, so that embedders can tell.
+//!
+//! This crate knows nothing of Proxy-Wasm: the native plugin SDK and the loader of proxy-wasm SDK
+//! shared libraries live in `pwhost-native`.
+
+mod frame;
+mod instance;
+mod module;
+mod native;
 
 use std::sync::Arc;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
-/// The null runtime.
+pub use frame::call_host;
+pub use instance::NullInstance;
+pub use module::{NullLinkedModule, NullModule};
+pub use native::{NativeInstance, NativeModule};
+
+/// The null runtime: runs [`NativeModule`]s, never WebAssembly.
 pub struct NullRuntime {
     config: RuntimeConfig,
 }
 
 impl NullRuntime {
-    /// An engine with the given configuration.
+    /// A null runtime. `config`'s limits cannot be enforced on native code; they are kept only so
+    /// [`NullRuntime::unenforced_limits`] can name them.
     pub fn new(config: RuntimeConfig) -> Result<Self, Error> {
         Ok(NullRuntime { config })
+    }
+
+    /// The limits `config` asked for that native code cannot be held to, as words for a warning.
+    pub fn unenforced_limits(&self) -> Vec<&'static str> {
+        let mut limits = Vec::new();
+        if self.config.call_deadline.is_some() {
+            limits.push("call deadline");
+        }
+        if self.config.interruptible {
+            limits.push("interruption");
+        }
+        if self.config.max_memory_bytes.is_some() {
+            limits.push("memory limit");
+        }
+        limits
+    }
+
+    /// Wraps a native module as a compiled module of this runtime, ready to link.
+    pub fn load<S: Send + 'static>(
+        &self,
+        module: Arc<dyn NativeModule>,
+    ) -> Arc<dyn CompiledModule<S>> {
+        Arc::new(NullModule::new(module))
     }
 }
 
@@ -22,11 +70,20 @@ impl<S: Send + 'static> WasmRuntime<S> for NullRuntime {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let _ = &self.config;
-        Capabilities::default()
+        // Native code runs on the host's own stack and address space: nothing can stop it,
+        // cap its memory or check its pointers.
+        Capabilities {
+            interrupt: false,
+            call_deadline: false,
+            memory_limit: false,
+            precompiled_modules: false,
+            sandboxed: false,
+        }
     }
 
     fn compile(&self, _wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
-        Err(Error::Unsupported("null (work in progress)"))
+        Err(Error::Unsupported(
+            "running WebAssembly (the null runtime runs native plugins only)",
+        ))
     }
 }

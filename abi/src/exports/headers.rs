@@ -2,7 +2,7 @@
 
 use runtime_api::Caller;
 
-use super::{return_data, write_u32, Failure, HostResult};
+use super::{return_data, Failure, HostResult};
 use crate::header_map::wire;
 use crate::{HeaderMap, MapType, Status, VmState};
 
@@ -122,5 +122,7 @@ pub(super) fn remove_header_map_value(
 pub(super) fn get_header_map_size(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let len = wire::encoded_len(map(caller.state(), args[0])?.iter())
         .ok_or(Status::SerializationFailure)?;
-    write_u32(caller, args[1], len as u32)
+    // `return_size` is a `usize` in the guest: 4 bytes in Wasm, 8 for native plugins.
+    caller.memory().write_size(args[1], len as u64)?;
+    Ok(())
 }

@@ -278,7 +278,7 @@ const NOT_IN_V0_1: [&str; 3] = [
 
 /// Every host function a module of ABI `abi` may import: that version's `env` functions, and
 /// WASI under both of its module names.
-pub(crate) fn host_functions(abi: AbiVersion) -> &'static [HostFunction<VmState>] {
+pub fn host_functions(abi: AbiVersion) -> &'static [HostFunction<VmState>] {
     static V0_1: std::sync::OnceLock<Vec<HostFunction<VmState>>> = std::sync::OnceLock::new();
     static V0_2_ALL: std::sync::OnceLock<Vec<HostFunction<VmState>>> = std::sync::OnceLock::new();
     let wasi = || wasi::FUNCTIONS.iter().copied().chain(wasi::unstable());

@@ -1,0 +1,205 @@
+//! proxy-wasm SDK plugins built as native shared libraries (`cdylib`), loaded at run time.
+//!
+//! The plugin is the unmodified source a Wasm build uses, built for the host target. Its
+//! `proxy_*` imports bind to the executable's symbols ([`crate::symbols`]). The SDK keeps each
+//! plugin's state in the library's own statics and thread-locals, so two VMs must not share a
+//! loaded library: every instance loads a private copy of the file (the dynamic loader returns
+//! the same library for the same path), and stays on the thread that created it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::ThreadId;
+
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use runtime_api::{Error, Export, FunctionType, Import, Trap, TrapKind};
+use runtime_null::{NativeInstance, NativeModule};
+
+use crate::callbacks::{function_export, memory_export, Shape, ABI_MARKERS, CALLBACKS};
+
+/// A native proxy-wasm SDK plugin library, as a module for the null runtime.
+pub struct SdkLibrary {
+    path: PathBuf,
+    exports: Vec<Export>,
+    /// The C type of each function export, in export order (`None` for the memory).
+    shapes: Vec<Option<Shape>>,
+}
+
+impl SdkLibrary {
+    /// Opens the library at `path` and finds its Proxy-Wasm exports.
+    ///
+    /// Fails if it is not a loadable shared library, if it imports a host function this host
+    /// does not define, or if it exports no Proxy-Wasm ABI version marker (then it is not a
+    /// Proxy-Wasm plugin).
+    ///
+    /// # Safety
+    /// Loading a library runs its initialisers, and calling it later runs its code in this
+    /// process with no sandbox: the library must be a trusted Proxy-Wasm plugin.
+    pub unsafe fn open(path: &Path) -> Result<Self, Error> {
+        crate::symbols::keep_symbols();
+        // SAFETY: the caller vouches that the library is trusted.
+        let library = unsafe { load(path) }?;
+        let mut exports = vec![memory_export()];
+        let mut shapes = vec![None];
+        let mut has_marker = false;
+        for marker in ABI_MARKERS {
+            if symbol(&library, marker).is_some() {
+                exports.push(function_export(marker, FunctionType::default()));
+                shapes.push(Some(Shape::Unit));
+                has_marker = true;
+            }
+        }
+        if !has_marker {
+            return Err(Error::InvalidModule(format!(
+                "{} exports no proxy_abi_version_* symbol: not a Proxy-Wasm plugin",
+                path.display()
+            )));
+        }
+        for (name, shape) in CALLBACKS {
+            if symbol(&library, name).is_some() {
+                exports.push(function_export(name, shape.wasm_type()));
+                shapes.push(Some(*shape));
+            }
+        }
+        Ok(SdkLibrary {
+            path: path.to_path_buf(),
+            exports,
+            shapes,
+        })
+    }
+}
+
+/// Loads `path`, binding every symbol now so that a missing host function is an error here
+/// rather than an abort at its first call.
+///
+/// # Safety
+/// As [`SdkLibrary::open`].
+unsafe fn load(path: &Path) -> Result<Library, Error> {
+    // SAFETY: the caller vouches that the library is trusted.
+    unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+        .map_err(|e| Error::InvalidModule(format!("cannot load {}: {e}", path.display())))
+}
+
+/// The address of `name` defined by `library` itself, if any.
+///
+/// `dlsym` also searches the library's dependencies, so a symbol the plugin does not define
+/// (such as `malloc`) could resolve to libc's; callers only look up Proxy-Wasm names.
+fn symbol(library: &Library, name: &str) -> Option<*const ()> {
+    // SAFETY: the symbol is read as an untyped address; it is called only through
+    // `Shape::call`, whose C type the Proxy-Wasm ABI fixes for this name.
+    let symbol = unsafe { library.get::<*const ()>(name.as_bytes()) }.ok()?;
+    let address = *symbol;
+    (!address.is_null()).then_some(address)
+}
+
+impl NativeModule for SdkLibrary {
+    fn imports(&self) -> &[Import] {
+        crate::host_imports::imports()
+    }
+
+    fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    fn instantiate(&self) -> Result<Box<dyn NativeInstance>, Error> {
+        let copy = PrivateCopy::new(&self.path)?;
+        // SAFETY: `open` loaded this same file under the caller's promise that it is trusted.
+        let library = unsafe { load(copy.path()) }?;
+        drop(copy); // The mapping stays; the file is no longer needed.
+        let functions = self
+            .exports
+            .iter()
+            .zip(&self.shapes)
+            .map(|(export, shape)| match shape {
+                Some(shape) => symbol(&library, &export.name)
+                    .map(|address| Some((*shape, address)))
+                    .ok_or_else(|| {
+                        Error::Instantiation(format!("{} changed while loading", export.name))
+                    }),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Box::new(SdkInstance {
+            functions,
+            thread: std::thread::current().id(),
+            _library: Arc::new(library),
+        }))
+    }
+}
+
+/// A copy of a library file under a unique name, removed on drop.
+struct PrivateCopy(PathBuf);
+
+impl PrivateCopy {
+    fn new(original: &Path) -> Result<Self, Error> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = original
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "plugin.so".into());
+        let path = std::env::temp_dir().join(format!(
+            "pwhost-{}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::copy(original, &path).map_err(|e| {
+            Error::Instantiation(format!(
+                "cannot copy {} to {}: {e}",
+                original.display(),
+                path.display()
+            ))
+        })?;
+        Ok(PrivateCopy(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// One loaded copy of an SDK library.
+struct SdkInstance {
+    /// Per export: its C type and address, or `None` for the memory.
+    functions: Vec<Option<(Shape, *const ())>>,
+    /// The SDK keeps the plugin's contexts in thread-locals: on another thread it would find
+    /// none.
+    thread: ThreadId,
+    /// Keeps the code mapped while the addresses above are in use. Never unloaded before the
+    /// instance, whose calls are the only users of the addresses.
+    _library: Arc<Library>,
+}
+
+// SAFETY: the raw function addresses point into `_library`, which the instance owns; they are
+// plain code addresses with no thread affinity of their own. The SDK's thread-local state is
+// guarded by the thread check in `call`, so moving the instance to another thread can at worst
+// make its calls fail.
+unsafe impl Send for SdkInstance {}
+
+impl NativeInstance for SdkInstance {
+    fn call(&self, index: u32, args: &[u64], results: &mut [u64]) -> Result<(), Trap> {
+        if std::thread::current().id() != self.thread {
+            return Err(Trap::new(
+                TrapKind::BadCall,
+                "a native proxy-wasm SDK plugin keeps its state in thread-locals: \
+                 call it only on the thread that created its VM",
+            ));
+        }
+        let Some(Some((shape, address))) = self.functions.get(index as usize) else {
+            return Err(Trap::new(TrapKind::BadCall, "no such function"));
+        };
+        let ty = shape.wasm_type();
+        if args.len() != ty.params.len() || results.len() != ty.results.len() {
+            return Err(Trap::new(TrapKind::BadCall, "wrong number of arguments"));
+        }
+        // SAFETY: `address` was found under a name whose C type the ABI fixes as `shape`
+        // (the plugin is trusted to follow the ABI), and the slot counts were just checked.
+        unsafe { shape.call(*address, args, results) };
+        Ok(())
+    }
+}

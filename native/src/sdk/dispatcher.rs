@@ -1,0 +1,464 @@
+//! Native plugins as null-runtime modules: the exports the host calls, dispatched to contexts.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use runtime_api::{Error, Export, FunctionType, Import, Trap, TrapKind};
+use runtime_null::{NativeInstance, NativeModule};
+
+use super::hostcalls;
+use super::logger;
+use super::traits::{HttpContext, RootContext, StreamContext};
+use super::types::{Action, ContextType, LogLevel, NewHttpContext, NewRootContext, PeerType};
+use crate::callbacks::{function_export, memory_export, Shape};
+
+/// What a plugin's set-up function declares (the SDK's `main!` block).
+pub struct Setup {
+    log_level: LogLevel,
+    root: Option<NewRootContext>,
+    http: Option<NewHttpContext>,
+}
+
+impl Setup {
+    /// The least level of the plugin's log messages that reach the host.
+    pub fn set_log_level(&mut self, level: LogLevel) {
+        self.log_level = level;
+    }
+
+    /// The factory of the plugin's root contexts.
+    pub fn set_root_context(&mut self, factory: NewRootContext) {
+        self.root = Some(factory);
+    }
+
+    /// The factory of HTTP contexts, for plugins that need no root context.
+    pub fn set_http_context(&mut self, factory: NewHttpContext) {
+        self.http = Some(factory);
+    }
+}
+
+/// A native plugin: its name and its set-up function.
+#[derive(Clone, Copy)]
+pub struct NativePlugin {
+    name: &'static str,
+    setup: fn(&mut Setup),
+}
+
+impl NativePlugin {
+    /// A plugin called `name` (registered as `native:NAME`) set up by `setup`.
+    pub const fn new(name: &'static str, setup: fn(&mut Setup)) -> Self {
+        NativePlugin { name, setup }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The plugin as a module for the null runtime.
+    pub fn module(&self) -> Arc<dyn NativeModule> {
+        let mut exports = vec![
+            memory_export(),
+            function_export("proxy_abi_version_0_2_1", FunctionType::default()),
+        ];
+        exports.extend(
+            EXPORTS
+                .iter()
+                .map(|(name, shape, _)| function_export(name, shape.wasm_type())),
+        );
+        Arc::new(PluginModule {
+            plugin: *self,
+            exports,
+        })
+    }
+}
+
+/// Exports before the callbacks of [`EXPORTS`]: the memory and the ABI marker.
+const FIXED_EXPORTS: u32 = 2;
+
+struct PluginModule {
+    plugin: NativePlugin,
+    exports: Vec<Export>,
+}
+
+impl NativeModule for PluginModule {
+    fn imports(&self) -> &[Import] {
+        crate::host_imports::imports()
+    }
+
+    fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    fn instantiate(&self) -> Result<Box<dyn NativeInstance>, Error> {
+        Ok(Box::new(Dispatcher {
+            plugin: self.plugin,
+            log_level: Cell::new(LogLevel::Trace),
+            new_root: Cell::new(None),
+            new_http: Cell::new(None),
+            roots: RefCell::default(),
+            http: RefCell::default(),
+            streams: RefCell::default(),
+            callouts: RefCell::default(),
+        }))
+    }
+}
+
+/// One VM's contexts (the SDK's dispatcher, per instance instead of per thread).
+///
+/// Contexts are taken out of their map while a callback runs, so that no `RefCell` borrow is held
+/// across host calls (which may re-enter the instance, e.g. through the allocator).
+struct Dispatcher {
+    plugin: NativePlugin,
+    log_level: Cell<LogLevel>,
+    new_root: Cell<Option<NewRootContext>>,
+    new_http: Cell<Option<NewHttpContext>>,
+    roots: RefCell<HashMap<u32, Box<dyn RootContext>>>,
+    http: RefCell<HashMap<u32, Box<dyn HttpContext>>>,
+    streams: RefCell<HashMap<u32, Box<dyn StreamContext>>>,
+    /// HTTP call token → the context that dispatched it.
+    callouts: RefCell<HashMap<u32, u32>>,
+}
+
+thread_local! {
+    /// The instance and context whose callback is running, for [`register_callout`].
+    static ACTIVE: Cell<Option<(*const Dispatcher, u32)>> = const { Cell::new(None) };
+}
+
+/// Remembers that the running context dispatched HTTP call `token`.
+pub(crate) fn register_callout(token: u32) {
+    if let Some((dispatcher, context)) = ACTIVE.with(Cell::get) {
+        // SAFETY: `ACTIVE` is set only while `Dispatcher::call` runs on this thread and borrows
+        // the dispatcher; it is restored before that call returns.
+        let dispatcher = unsafe { &*dispatcher };
+        dispatcher.callouts.borrow_mut().insert(token, context);
+    }
+}
+
+type Handler = fn(&Dispatcher, &[u64], &mut [u64]);
+
+fn id(args: &[u64], i: usize) -> u32 {
+    args[i] as u32
+}
+
+fn action(action: Action) -> u64 {
+    action as u64
+}
+
+/// The exports after [`FIXED_EXPORTS`], with their C shape (for the Wasm type the ABI checks)
+/// and handler.
+const EXPORTS: &[(&str, Shape, Handler)] = &[
+    ("_initialize", Shape::Unit, |d, _, _| d.initialize()),
+    (
+        "proxy_on_memory_allocate",
+        Shape::UsizeToPointer,
+        |_, a, r| {
+            r[0] = hostcalls::allocate(a[0] as usize).expose_provenance() as u64;
+        },
+    ),
+    ("proxy_on_context_create", Shape::U32U32, |d, a, _| {
+        d.create_context(id(a, 0), id(a, 1))
+    }),
+    ("proxy_on_vm_start", Shape::U32UsizeToBool, |d, a, r| {
+        r[0] = d
+            .with_root(id(a, 0), |c| c.on_vm_start(a[1] as usize))
+            .unwrap_or(true) as u64;
+    }),
+    ("proxy_on_configure", Shape::U32UsizeToBool, |d, a, r| {
+        r[0] = d
+            .with_root(id(a, 0), |c| c.on_configure(a[1] as usize))
+            .unwrap_or(true) as u64;
+    }),
+    ("proxy_on_tick", Shape::U32, |d, a, _| {
+        d.with_root(id(a, 0), |c| c.on_tick());
+    }),
+    ("proxy_on_queue_ready", Shape::U32U32, |d, a, _| {
+        d.with_root(id(a, 0), |c| c.on_queue_ready(id(a, 1)));
+    }),
+    ("proxy_on_done", Shape::U32ToBool, |d, a, r| {
+        let context = id(a, 0);
+        let done = d
+            .with_root(context, |c| c.on_done())
+            .or_else(|| d.with_http(context, |c| c.on_done()))
+            .or_else(|| d.with_stream(context, |c| c.on_done()))
+            .unwrap_or(true);
+        r[0] = u64::from(done);
+    }),
+    ("proxy_on_log", Shape::U32, |d, a, _| {
+        let context = id(a, 0);
+        d.with_http(context, |c| c.on_log())
+            .or_else(|| d.with_stream(context, |c| c.on_log()))
+            .or_else(|| d.with_root(context, |c| c.on_log()));
+    }),
+    ("proxy_on_delete", Shape::U32, |d, a, _| {
+        let context = id(a, 0);
+        d.http.borrow_mut().remove(&context);
+        d.streams.borrow_mut().remove(&context);
+        d.roots.borrow_mut().remove(&context);
+    }),
+    ("proxy_on_new_connection", Shape::U32ToU32, |d, a, r| {
+        r[0] = action(
+            d.with_stream(id(a, 0), |c| c.on_new_connection())
+                .unwrap_or(Action::Continue),
+        );
+    }),
+    (
+        "proxy_on_downstream_data",
+        Shape::U32UsizeBoolToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_stream(id(a, 0), |c| c.on_downstream_data(a[1] as usize, a[2] != 0))
+                    .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_upstream_data",
+        Shape::U32UsizeBoolToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_stream(id(a, 0), |c| c.on_upstream_data(a[1] as usize, a[2] != 0))
+                    .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_downstream_connection_close",
+        Shape::U32U32,
+        |d, a, _| {
+            d.with_stream(id(a, 0), |c| c.on_downstream_close(peer(a[1])));
+        },
+    ),
+    (
+        "proxy_on_upstream_connection_close",
+        Shape::U32U32,
+        |d, a, _| {
+            d.with_stream(id(a, 0), |c| c.on_upstream_close(peer(a[1])));
+        },
+    ),
+    (
+        "proxy_on_request_headers",
+        Shape::U32UsizeBoolToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_http(id(a, 0), |c| {
+                    c.on_http_request_headers(a[1] as usize, a[2] != 0)
+                })
+                .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_request_body",
+        Shape::U32UsizeBoolToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_http(id(a, 0), |c| {
+                    c.on_http_request_body(a[1] as usize, a[2] != 0)
+                })
+                .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_request_trailers",
+        Shape::U32UsizeToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_http(id(a, 0), |c| c.on_http_request_trailers(a[1] as usize))
+                    .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_response_headers",
+        Shape::U32UsizeBoolToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_http(id(a, 0), |c| {
+                    c.on_http_response_headers(a[1] as usize, a[2] != 0)
+                })
+                .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_response_body",
+        Shape::U32UsizeBoolToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_http(id(a, 0), |c| {
+                    c.on_http_response_body(a[1] as usize, a[2] != 0)
+                })
+                .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_response_trailers",
+        Shape::U32UsizeToU32,
+        |d, a, r| {
+            r[0] = action(
+                d.with_http(id(a, 0), |c| c.on_http_response_trailers(a[1] as usize))
+                    .unwrap_or(Action::Continue),
+            );
+        },
+    ),
+    (
+        "proxy_on_http_call_response",
+        Shape::U32U32UsizeUsizeUsize,
+        |d, a, _| {
+            let token = id(a, 1);
+            let Some(context) = d.callouts.borrow_mut().remove(&token) else {
+                return;
+            };
+            let _ = hostcalls::set_effective_context(context);
+            let (headers, body, trailers) = (a[2] as usize, a[3] as usize, a[4] as usize);
+            d.with_root(context, |c| {
+                c.on_http_call_response(token, headers, body, trailers)
+            })
+            .or_else(|| {
+                d.with_http(context, |c| {
+                    c.on_http_call_response(token, headers, body, trailers)
+                })
+            })
+            .or_else(|| {
+                d.with_stream(context, |c| {
+                    c.on_http_call_response(token, headers, body, trailers)
+                })
+            });
+        },
+    ),
+];
+
+fn peer(raw: u64) -> PeerType {
+    PeerType::from_raw(raw).unwrap_or(PeerType::Unknown)
+}
+
+impl Dispatcher {
+    fn initialize(&self) {
+        let mut setup = Setup {
+            log_level: LogLevel::Trace,
+            root: None,
+            http: None,
+        };
+        (self.plugin.setup)(&mut setup);
+        self.log_level.set(setup.log_level);
+        self.new_root.set(setup.root);
+        self.new_http.set(setup.http);
+    }
+
+    fn create_context(&self, context: u32, root: u32) {
+        if root == 0 {
+            if let Some(new_root) = self.new_root.get() {
+                let root_context = new_root(context);
+                self.roots.borrow_mut().insert(context, root_context);
+            }
+            return;
+        }
+        if let Some(new_http) = self.new_http.get() {
+            let http = self.run_as(context, || new_http(context, root));
+            self.http.borrow_mut().insert(context, http);
+            return;
+        }
+        let created = self.with_root(root, |root_context| match root_context.get_type() {
+            Some(ContextType::HttpContext) => {
+                root_context.create_http_context(context).map(Created::Http)
+            }
+            Some(ContextType::StreamContext) => root_context
+                .create_stream_context(context)
+                .map(Created::Stream),
+            None => root_context
+                .create_http_context(context)
+                .map(Created::Http)
+                .or_else(|| {
+                    root_context
+                        .create_stream_context(context)
+                        .map(Created::Stream)
+                }),
+        });
+        match created.flatten() {
+            Some(Created::Http(http)) => {
+                self.http.borrow_mut().insert(context, http);
+            }
+            Some(Created::Stream(stream)) => {
+                self.streams.borrow_mut().insert(context, stream);
+            }
+            None => {}
+        }
+    }
+
+    fn with_root<R>(&self, context: u32, f: impl FnOnce(&mut dyn RootContext) -> R) -> Option<R> {
+        let mut root = self.roots.borrow_mut().remove(&context)?;
+        let result = self.run_as(context, || f(&mut *root));
+        self.roots.borrow_mut().insert(context, root);
+        Some(result)
+    }
+
+    fn with_http<R>(&self, context: u32, f: impl FnOnce(&mut dyn HttpContext) -> R) -> Option<R> {
+        let mut http = self.http.borrow_mut().remove(&context)?;
+        let result = self.run_as(context, || f(&mut *http));
+        self.http.borrow_mut().insert(context, http);
+        Some(result)
+    }
+
+    fn with_stream<R>(
+        &self,
+        context: u32,
+        f: impl FnOnce(&mut dyn StreamContext) -> R,
+    ) -> Option<R> {
+        let mut stream = self.streams.borrow_mut().remove(&context)?;
+        let result = self.run_as(context, || f(&mut *stream));
+        self.streams.borrow_mut().insert(context, stream);
+        Some(result)
+    }
+
+    /// Runs `f` as context `context` of this instance (for callouts and the log level).
+    fn run_as<R>(&self, context: u32, f: impl FnOnce() -> R) -> R {
+        // Restored on drop, so that a panic (caught in `call`) leaves no dangling pointer.
+        struct Restore(Option<(*const Dispatcher, u32)>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ACTIVE.with(|a| a.set(self.0));
+            }
+        }
+        let _restore =
+            Restore(ACTIVE.with(|a| a.replace(Some((self as *const Dispatcher, context)))));
+        let _level = logger::enter(self.log_level.get());
+        let result = f();
+        if let Some(level) = logger::take_requested_level() {
+            self.log_level.set(level);
+        }
+        result
+    }
+}
+
+enum Created {
+    Http(Box<dyn HttpContext>),
+    Stream(Box<dyn StreamContext>),
+}
+
+impl NativeInstance for Dispatcher {
+    fn call(&self, index: u32, args: &[u64], results: &mut [u64]) -> Result<(), Trap> {
+        let Some(handler) = index
+            .checked_sub(FIXED_EXPORTS)
+            .and_then(|i| EXPORTS.get(i as usize))
+            .map(|(_, _, handler)| *handler)
+        else {
+            // The ABI version marker: nothing to do.
+            return Ok(());
+        };
+        catch_unwind(AssertUnwindSafe(|| handler(self, args, results))).map_err(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic with a non-string payload".into());
+            Trap::new(
+                TrapKind::Wasm,
+                format!("native plugin {} panicked: {message}", self.plugin.name),
+            )
+        })
+    }
+}

@@ -1,0 +1,379 @@
+//! Typed host calls: what the SDK's trait methods do, over [`crate::host_imports`].
+
+use std::ptr::null_mut;
+use std::time::{Duration, SystemTime};
+
+use super::types::{BufferType, Bytes, LogLevel, MapType, MetricType, Status, StreamType};
+use crate::host_imports::{call, HostImport};
+
+/// A native address as a slot.
+fn address<T>(pointer: *const T) -> u64 {
+    pointer.expose_provenance() as u64
+}
+
+fn bytes(value: &[u8]) -> [u64; 2] {
+    [address(value.as_ptr()), value.len() as u64]
+}
+
+fn status(code: u32) -> Result<(), Status> {
+    match code {
+        0 => Ok(()),
+        1 => Err(Status::NotFound),
+        2 => Err(Status::BadArgument),
+        3 => Err(Status::SerializationFailure),
+        4 => Err(Status::ParseFailure),
+        6 => Err(Status::InvalidMemoryAccess),
+        7 => Err(Status::Empty),
+        8 => Err(Status::CasMismatch),
+        12 => Err(Status::Unimplemented),
+        _ => Err(Status::InternalFailure),
+    }
+}
+
+/// Calls a host function that returns data through `(return_data, return_size)` as its last two
+/// arguments, and takes ownership of the data (allocated by this plugin's allocator).
+fn with_return_data(import: HostImport, args: &[u64]) -> Result<Option<Bytes>, Status> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut slots = [0u64; 12];
+    slots[..args.len()].copy_from_slice(args);
+    slots[args.len()] = address(&mut data as *mut *mut u8);
+    slots[args.len() + 1] = address(&mut size as *mut usize);
+    status(call(import, &slots[..args.len() + 2]))?;
+    Ok(take(data, size))
+}
+
+fn take(data: *mut u8, size: usize) -> Option<Bytes> {
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: the host filled `size` bytes at `data`, which it got from this plugin's allocator
+    // (`allocate`) for exactly `size` bytes.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// The allocator the host calls to hand data to the plugin.
+pub(crate) fn allocate(size: usize) -> *mut u8 {
+    let mut block = std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size));
+    block.as_mut_ptr()
+}
+
+pub(crate) fn log(level: LogLevel, message: &str) {
+    let [data, len] = bytes(message.as_bytes());
+    call(HostImport::Log, &[level as u64, data, len]);
+}
+
+pub(crate) fn get_current_time() -> SystemTime {
+    let mut nanos = 0u64;
+    call(
+        HostImport::GetCurrentTimeNanoseconds,
+        &[address(&mut nanos as *mut u64)],
+    );
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos)
+}
+
+pub(crate) fn set_tick_period(period: Duration) {
+    call(
+        HostImport::SetTickPeriodMilliseconds,
+        &[period.as_millis().min(u128::from(u32::MAX)) as u64],
+    );
+}
+
+pub(crate) fn get_buffer(buffer: BufferType, start: usize, max_size: usize) -> Option<Bytes> {
+    with_return_data(
+        HostImport::GetBufferBytes,
+        &[buffer as u64, start as u64, max_size as u64],
+    )
+    .ok()
+    .flatten()
+}
+
+pub(crate) fn set_buffer(buffer: BufferType, start: usize, size: usize, value: &[u8]) {
+    let [data, len] = bytes(value);
+    call(
+        HostImport::SetBufferBytes,
+        &[buffer as u64, start as u64, size as u64, data, len],
+    );
+}
+
+pub(crate) fn get_map(map: MapType) -> Vec<(String, String)> {
+    get_map_bytes(map)
+        .into_iter()
+        .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+        .collect()
+}
+
+pub(crate) fn get_map_bytes(map: MapType) -> Vec<(String, Bytes)> {
+    let Ok(Some(serialized)) = with_return_data(HostImport::GetHeaderMapPairs, &[map as u64])
+    else {
+        return Vec::new();
+    };
+    match abi::wire::decode(&serialized) {
+        Ok(pairs) => pairs
+            .into_iter()
+            .map(|(name, value)| (String::from_utf8_lossy(name).into_owned(), value.to_vec()))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+pub(crate) fn set_map(map: MapType, pairs: &[(&str, &[u8])]) {
+    let serialized = abi::wire::encode(pairs.iter().map(|(n, v)| (n.as_bytes(), *v)));
+    let [data, len] = bytes(&serialized);
+    call(HostImport::SetHeaderMapPairs, &[map as u64, data, len]);
+}
+
+pub(crate) fn get_map_value(map: MapType, name: &str) -> Option<Bytes> {
+    let [key, key_len] = bytes(name.as_bytes());
+    // As the proxy-wasm SDK: an empty value comes back as no data, i.e. `None`.
+    with_return_data(HostImport::GetHeaderMapValue, &[map as u64, key, key_len])
+        .ok()
+        .flatten()
+}
+
+pub(crate) fn set_map_value(map: MapType, name: &str, value: Option<&[u8]>) {
+    let [key, key_len] = bytes(name.as_bytes());
+    match value {
+        Some(value) => {
+            let [data, len] = bytes(value);
+            call(
+                HostImport::ReplaceHeaderMapValue,
+                &[map as u64, key, key_len, data, len],
+            );
+        }
+        None => {
+            call(
+                HostImport::RemoveHeaderMapValue,
+                &[map as u64, key, key_len],
+            );
+        }
+    }
+}
+
+pub(crate) fn add_map_value(map: MapType, name: &str, value: &[u8]) {
+    let [key, key_len] = bytes(name.as_bytes());
+    let [data, len] = bytes(value);
+    call(
+        HostImport::AddHeaderMapValue,
+        &[map as u64, key, key_len, data, len],
+    );
+}
+
+fn serialize_path(path: &[&str]) -> Vec<u8> {
+    let mut serialized = Vec::new();
+    for part in path {
+        serialized.extend_from_slice(part.as_bytes());
+        serialized.push(0);
+    }
+    serialized
+}
+
+pub(crate) fn get_property(path: &[&str]) -> Option<Bytes> {
+    let serialized = serialize_path(path);
+    let [data, len] = bytes(&serialized);
+    with_return_data(HostImport::GetProperty, &[data, len])
+        .ok()
+        .flatten()
+}
+
+pub(crate) fn set_property(path: &[&str], value: Option<&[u8]>) {
+    let serialized = serialize_path(path);
+    let [path_data, path_len] = bytes(&serialized);
+    let [data, len] = bytes(value.unwrap_or_default());
+    call(HostImport::SetProperty, &[path_data, path_len, data, len]);
+}
+
+pub(crate) fn get_shared_data(key: &str) -> (Option<Bytes>, Option<u32>) {
+    let [key_data, key_len] = bytes(key.as_bytes());
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let mut cas = 0u32;
+    let code = call(
+        HostImport::GetSharedData,
+        &[
+            key_data,
+            key_len,
+            address(&mut data as *mut *mut u8),
+            address(&mut size as *mut usize),
+            address(&mut cas as *mut u32),
+        ],
+    );
+    match status(code) {
+        Ok(()) => (take(data, size), Some(cas)),
+        Err(_) => (None, None),
+    }
+}
+
+pub(crate) fn set_shared_data(
+    key: &str,
+    value: Option<&[u8]>,
+    cas: Option<u32>,
+) -> Result<(), Status> {
+    let [key_data, key_len] = bytes(key.as_bytes());
+    let [data, len] = bytes(value.unwrap_or_default());
+    status(call(
+        HostImport::SetSharedData,
+        &[key_data, key_len, data, len, u64::from(cas.unwrap_or(0))],
+    ))
+}
+
+fn with_return_id(import: HostImport, args: &[u64]) -> Result<u32, Status> {
+    let mut id = 0u32;
+    let mut slots = [0u64; 12];
+    slots[..args.len()].copy_from_slice(args);
+    slots[args.len()] = address(&mut id as *mut u32);
+    status(call(import, &slots[..args.len() + 1]))?;
+    Ok(id)
+}
+
+pub(crate) fn register_shared_queue(name: &str) -> Result<u32, Status> {
+    let [data, len] = bytes(name.as_bytes());
+    with_return_id(HostImport::RegisterSharedQueue, &[data, len])
+}
+
+pub(crate) fn resolve_shared_queue(vm_id: &str, name: &str) -> Result<Option<u32>, Status> {
+    let [vm_data, vm_len] = bytes(vm_id.as_bytes());
+    let [data, len] = bytes(name.as_bytes());
+    match with_return_id(
+        HostImport::ResolveSharedQueue,
+        &[vm_data, vm_len, data, len],
+    ) {
+        Ok(id) => Ok(Some(id)),
+        Err(Status::NotFound) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
+pub(crate) fn dequeue_shared_queue(queue_id: u32) -> Result<Option<Bytes>, Status> {
+    match with_return_data(HostImport::DequeueSharedQueue, &[u64::from(queue_id)]) {
+        Ok(data) => Ok(Some(data.unwrap_or_default())),
+        Err(Status::Empty) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
+pub(crate) fn enqueue_shared_queue(queue_id: u32, value: Option<&[u8]>) -> Result<(), Status> {
+    let [data, len] = bytes(value.unwrap_or_default());
+    status(call(
+        HostImport::EnqueueSharedQueue,
+        &[u64::from(queue_id), data, len],
+    ))
+}
+
+/// Defines a metric, returning its id.
+pub fn define_metric(metric_type: MetricType, name: &str) -> Result<u32, Status> {
+    let [data, len] = bytes(name.as_bytes());
+    with_return_id(HostImport::DefineMetric, &[metric_type as u64, data, len])
+}
+
+/// Adds `offset` to a metric.
+pub fn increment_metric(metric_id: u32, offset: i64) -> Result<(), Status> {
+    status(call(
+        HostImport::IncrementMetric,
+        &[u64::from(metric_id), offset as u64],
+    ))
+}
+
+/// Sets a metric.
+pub fn record_metric(metric_id: u32, value: u64) -> Result<(), Status> {
+    status(call(
+        HostImport::RecordMetric,
+        &[u64::from(metric_id), value],
+    ))
+}
+
+/// Reads a metric.
+pub fn get_metric(metric_id: u32) -> Result<u64, Status> {
+    let mut value = 0u64;
+    status(call(
+        HostImport::GetMetric,
+        &[u64::from(metric_id), address(&mut value as *mut u64)],
+    ))?;
+    Ok(value)
+}
+
+pub(crate) fn send_http_response(
+    status_code: u32,
+    headers: &[(&str, &[u8])],
+    body: Option<&[u8]>,
+    grpc_status: i32,
+) -> Result<(), Status> {
+    let serialized = abi::wire::encode(headers.iter().map(|(n, v)| (n.as_bytes(), *v)));
+    let [headers_data, headers_len] = bytes(&serialized);
+    let [body_data, body_len] = bytes(body.unwrap_or_default());
+    status(call(
+        HostImport::SendLocalResponse,
+        &[
+            u64::from(status_code),
+            0,
+            0,
+            body_data,
+            body_len,
+            headers_data,
+            headers_len,
+            u64::from(grpc_status as u32),
+        ],
+    ))
+}
+
+pub(crate) fn continue_stream(stream: StreamType) -> Result<(), Status> {
+    status(call(HostImport::ContinueStream, &[stream as u64]))
+}
+
+pub(crate) fn close_stream(stream: StreamType) -> Result<(), Status> {
+    status(call(HostImport::CloseStream, &[stream as u64]))
+}
+
+pub(crate) fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    status(call(
+        HostImport::SetEffectiveContext,
+        &[u64::from(context_id)],
+    ))
+}
+
+pub(crate) fn done() -> Result<(), Status> {
+    status(call(HostImport::Done, &[]))
+}
+
+pub(crate) fn dispatch_http_call(
+    upstream: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    trailers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<u32, Status> {
+    let headers = abi::wire::encode(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    let trailers = abi::wire::encode(trailers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    let [upstream_data, upstream_len] = bytes(upstream.as_bytes());
+    let [headers_data, headers_len] = bytes(&headers);
+    let [body_data, body_len] = bytes(body.unwrap_or_default());
+    let [trailers_data, trailers_len] = bytes(&trailers);
+    let token = with_return_id(
+        HostImport::HttpCall,
+        &[
+            upstream_data,
+            upstream_len,
+            headers_data,
+            headers_len,
+            body_data,
+            body_len,
+            trailers_data,
+            trailers_len,
+            timeout.as_millis().min(u128::from(u32::MAX)) as u64,
+        ],
+    )?;
+    super::dispatcher::register_callout(token);
+    Ok(token)
+}
+
+pub(crate) fn call_foreign_function(
+    name: &str,
+    arguments: Option<&[u8]>,
+) -> Result<Option<Bytes>, Status> {
+    let [name_data, name_len] = bytes(name.as_bytes());
+    let [data, len] = bytes(arguments.unwrap_or_default());
+    with_return_data(
+        HostImport::CallForeignFunction,
+        &[name_data, name_len, data, len],
+    )
+}

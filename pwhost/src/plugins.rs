@@ -1,0 +1,90 @@
+//! Loading a plugin from what the user names: a WebAssembly file, a compiled-in native plugin
+//! (`native:NAME`) or a native proxy-wasm SDK library (`.so`), on a given engine.
+
+use std::path::Path;
+
+use abi::{Plugin, PluginConfig, SharedState, VmState};
+use anyhow::Context as _;
+use runtime_api::WasmRuntime;
+
+/// The prefix naming a compiled-in native plugin.
+pub const NATIVE_PREFIX: &str = "native:";
+
+/// Whether `plugin` names native code (a compiled-in plugin or a shared library), which only the
+/// `null` runtime runs.
+pub fn is_native(plugin: &str) -> bool {
+    plugin.starts_with(NATIVE_PREFIX)
+        || Path::new(plugin)
+            .extension()
+            .is_some_and(|e| e == "so" || e == "dylib")
+}
+
+/// The names of the compiled-in native plugins.
+pub fn native_plugins() -> Vec<&'static str> {
+    #[cfg(feature = "null")]
+    {
+        native_plugins::PLUGINS.iter().map(|p| p.name()).collect()
+    }
+    #[cfg(not(feature = "null"))]
+    {
+        Vec::new()
+    }
+}
+
+/// Loads `plugin` on `runtime`.
+pub fn load(
+    runtime: &dyn WasmRuntime<VmState>,
+    plugin: &str,
+    config: PluginConfig,
+    shared: SharedState,
+) -> anyhow::Result<Plugin> {
+    if runtime.name() == "null" {
+        return load_native(runtime, plugin, config, shared);
+    }
+    if is_native(plugin) {
+        anyhow::bail!("{plugin} is native code, which only the null runtime runs (--runtime null)");
+    }
+    let wasm = std::fs::read(plugin).with_context(|| format!("cannot read plugin {plugin}"))?;
+    Ok(Plugin::load(runtime, &wasm, config, shared)?)
+}
+
+#[cfg(feature = "null")]
+fn load_native(
+    runtime: &dyn WasmRuntime<VmState>,
+    plugin: &str,
+    config: PluginConfig,
+    shared: SharedState,
+) -> anyhow::Result<Plugin> {
+    let native: std::sync::Arc<dyn runtime_null::NativeModule> =
+        if let Some(name) = plugin.strip_prefix(NATIVE_PREFIX) {
+            native_plugins::find(name)
+                .with_context(|| {
+                    format!(
+                        "no compiled-in native plugin {name:?} (this build has: {})",
+                        native_plugins().join(", ")
+                    )
+                })?
+                .module()
+        } else if is_native(plugin) {
+            // SAFETY: the user asked to run this library; native plugins are trusted code (the
+            // null runtime's trust model, stated in the README and `pwhost run --help`).
+            std::sync::Arc::new(unsafe { native::SdkLibrary::open(Path::new(plugin)) }?)
+        } else {
+            anyhow::bail!(
+                "the null runtime runs native plugins (native:NAME or a .so built with the \
+                 proxy-wasm SDK), not {plugin}"
+            );
+        };
+    let module = std::sync::Arc::new(runtime_null::NullModule::new(native));
+    Ok(Plugin::from_module(runtime, module, config, shared)?)
+}
+
+#[cfg(not(feature = "null"))]
+fn load_native(
+    _runtime: &dyn WasmRuntime<VmState>,
+    plugin: &str,
+    _config: PluginConfig,
+    _shared: SharedState,
+) -> anyhow::Result<Plugin> {
+    anyhow::bail!("cannot load {plugin}: this build has no null runtime")
+}
