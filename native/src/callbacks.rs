@@ -58,6 +58,21 @@ impl Shape {
         }
     }
 
+    /// How many parameters and results [`Shape::wasm_type`] has, without allocating.
+    pub(crate) fn arity(self) -> (usize, usize) {
+        use Shape::*;
+        match self {
+            Unit => (0, 0),
+            U32 => (1, 0),
+            U32ToBool | U32ToU32 | UsizeToPointer => (1, 1),
+            U32U32 => (2, 0),
+            U32UsizeToBool | U32UsizeToU32 => (2, 1),
+            U32UsizeBoolToU32 => (3, 1),
+            U32U32U32 | U32U32Usize => (3, 0),
+            U32U32UsizeUsizeUsize => (5, 0),
+        }
+    }
+
     /// Calls the function at `address` as this shape.
     ///
     /// # Safety

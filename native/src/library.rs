@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::ThreadId;
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use runtime_api::{Error, Export, FunctionType, Import, Trap, TrapKind};
@@ -121,7 +120,7 @@ impl NativeModule for SdkLibrary {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Box::new(SdkInstance {
             functions,
-            thread: std::thread::current().id(),
+            thread: thread_marker(),
             _library: Arc::new(library),
         }))
     }
@@ -163,13 +162,22 @@ impl Drop for PrivateCopy {
     }
 }
 
+/// An identity of the current thread that is cheap to read: the address of a thread-local.
+/// (`std::thread::current().id()` clones a reference-counted handle on every call.)
+fn thread_marker() -> usize {
+    thread_local! {
+        static MARKER: u8 = const { 0 };
+    }
+    MARKER.with(|marker| marker as *const u8 as usize)
+}
+
 /// One loaded copy of an SDK library.
 struct SdkInstance {
     /// Per export: its C type and address, or `None` for the memory.
     functions: Vec<Option<(Shape, *const ())>>,
-    /// The SDK keeps the plugin's contexts in thread-locals: on another thread it would find
-    /// none.
-    thread: ThreadId,
+    /// The thread that created the instance ([`thread_marker`]): the SDK keeps the plugin's
+    /// contexts in thread-locals, so on another thread it would find none.
+    thread: usize,
     /// Keeps the code mapped while the addresses above are in use. Never unloaded before the
     /// instance, whose calls are the only users of the addresses.
     _library: Arc<Library>,
@@ -183,7 +191,7 @@ unsafe impl Send for SdkInstance {}
 
 impl NativeInstance for SdkInstance {
     fn call(&self, index: u32, args: &[u64], results: &mut [u64]) -> Result<(), Trap> {
-        if std::thread::current().id() != self.thread {
+        if thread_marker() != self.thread {
             return Err(Trap::new(
                 TrapKind::BadCall,
                 "a native proxy-wasm SDK plugin keeps its state in thread-locals: \
@@ -193,8 +201,7 @@ impl NativeInstance for SdkInstance {
         let Some(Some((shape, address))) = self.functions.get(index as usize) else {
             return Err(Trap::new(TrapKind::BadCall, "no such function"));
         };
-        let ty = shape.wasm_type();
-        if args.len() != ty.params.len() || results.len() != ty.results.len() {
+        if (args.len(), results.len()) != shape.arity() {
             return Err(Trap::new(TrapKind::BadCall, "wrong number of arguments"));
         }
         // SAFETY: `address` was found under a name whose C type the ABI fixes as `shape`

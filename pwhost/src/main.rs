@@ -160,9 +160,10 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "fail-closed")]
     failure_policy: FailurePolicy,
     /// Stop any single plugin callback after this many milliseconds (0: no limit), so a
-    /// plugin stuck in a loop fails its VM instead of hanging the run.
-    #[arg(long, default_value_t = 10_000)]
-    deadline_ms: u64,
+    /// plugin stuck in a loop fails its VM instead of hanging the run [default: 10000 on
+    /// engines that can stop a call; the null runtime cannot].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
     /// Cap the plugin's linear memory (MiB).
     #[arg(long)]
     max_memory_mib: Option<u64>,
@@ -186,18 +187,31 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
     Scenario::parse(&text).with_context(|| format!("invalid scenario {}", path.display()))
 }
 
+/// The per-callback deadline of `pwhost run` unless `--deadline-ms` says otherwise.
+const DEFAULT_DEADLINE_MS: u64 = 10_000;
+
 fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let runtime_name = match &args.runtime {
         Some(name) => name.clone(),
         None => args.plugin.default_runtime()?,
     };
     let scenario = load_scenario(args.scenario.as_deref())?;
+    let deadline_ms = args.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
     let runtime_config = RuntimeConfig {
         max_memory_bytes: args.max_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
-        call_deadline: (args.deadline_ms > 0).then(|| Duration::from_millis(args.deadline_ms)),
+        call_deadline: (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms)),
         interruptible: false,
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
+    // Limits the engine cannot enforce (native code on the null runtime) are said, not silently
+    // dropped, when the user asked for them.
+    let capabilities = runtime.capabilities();
+    if args.deadline_ms.is_some_and(|ms| ms > 0) && !capabilities.call_deadline {
+        eprintln!("warning: the {runtime_name} runtime cannot enforce --deadline-ms");
+    }
+    if args.max_memory_mib.is_some() && !capabilities.memory_limit {
+        eprintln!("warning: the {runtime_name} runtime cannot enforce --max-memory-mib");
+    }
     let plugin = args.plugin.load(&*runtime)?;
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
 }

@@ -65,7 +65,7 @@ fn load_native(
                     )
                 })?
                 .module()
-        } else if is_native(plugin) {
+        } else if !plugin.ends_with(".wasm") {
             // SAFETY: the user asked to run this library; native plugins are trusted code (the
             // null runtime's trust model, stated in the README and `pwhost run --help`).
             std::sync::Arc::new(unsafe { native::SdkLibrary::open(Path::new(plugin)) }?)

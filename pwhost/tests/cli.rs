@@ -237,7 +237,12 @@ fn bench_times_every_engine_compiled_in() {
     ]);
     let figures = json(&output);
     let figures = figures.as_array().expect("one entry per engine");
-    assert_eq!(figures.len(), pwhost::runtimes::available().len());
+    // Every engine that runs WebAssembly (the null runtime runs native plugins only).
+    let wasm_engines = pwhost::runtimes::available()
+        .iter()
+        .filter(|name| **name != "null")
+        .count();
+    assert_eq!(figures.len(), wasm_engines);
     for engine in figures {
         assert!(engine["request_ns"].as_f64().unwrap() > 0.0, "{engine}");
         assert!(engine["vm_start_us"].as_f64().unwrap() > 0.0, "{engine}");
@@ -280,4 +285,51 @@ fn the_memory_cap_refuses_a_plugin_that_needs_more_in_one_line() {
         ]))["configure"]
             == true
     );
+}
+
+#[cfg(feature = "null")]
+#[test]
+fn native_plugins_run_on_the_null_runtime_by_default_and_say_which_limits_do_not_apply() {
+    let scenario = root().join("examples/http_headers.yaml");
+    let scenario = scenario.to_str().unwrap();
+    let library = plugin("native/libhttp_headers.so");
+    for plugin in ["native:http_headers", library.to_str().unwrap()] {
+        let output = pwhost(&["run", "--plugin", plugin, "--scenario", scenario]);
+        let report = json(&output);
+        assert_eq!(report["runtime"], "null", "{plugin}");
+        let headers = report["http"][0]["request_headers"].to_string();
+        assert!(headers.contains("x-pwhost-plugin"), "{plugin}: {headers}");
+        assert!(
+            output.stderr.is_empty(),
+            "no warning unless a limit is asked for"
+        );
+    }
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        "native:http_headers",
+        "--deadline-ms",
+        "50",
+    ]);
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim(),
+        "warning: the null runtime cannot enforce --deadline-ms"
+    );
+}
+
+#[cfg(feature = "null")]
+#[test]
+fn native_code_on_a_webassembly_engine_is_a_one_line_error() {
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        "native:http_headers",
+        "--runtime",
+        "wasmtime",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("only the null runtime runs"), "{stderr}");
 }

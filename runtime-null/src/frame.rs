@@ -84,6 +84,17 @@ impl<S> HostDispatch for Frame<'_, S> {
         if let Some(trap) = &*self.trap.borrow() {
             return Err(trap.clone());
         }
+        let result = self.dispatch_first(import, slots);
+        if let Err(trap) = &result {
+            self.trap.borrow_mut().get_or_insert_with(|| trap.clone());
+        }
+        result
+    }
+}
+
+impl<S> Frame<'_, S> {
+    /// Runs host function `import`; any failure will end the call.
+    fn dispatch_first(&self, import: usize, slots: &mut [u64]) -> Result<(), Trap> {
         let function = match self.host.get(import) {
             Some(Some(function)) => function,
             Some(None) => {
@@ -116,11 +127,7 @@ impl<S> HostDispatch for Frame<'_, S> {
             ));
         }
         let mut caller = NullCaller { frame: self };
-        let result = (function.callback)(&mut caller, slots);
-        if let Err(trap) = &result {
-            self.trap.borrow_mut().get_or_insert_with(|| trap.clone());
-        }
-        result
+        (function.callback)(&mut caller, slots)
     }
 }
 

@@ -123,6 +123,6 @@ pub(super) fn get_header_map_size(caller: &mut dyn Caller<VmState>, args: &[u64]
     let len = wire::encoded_len(map(caller.state(), args[0])?.iter())
         .ok_or(Status::SerializationFailure)?;
     // `return_size` is a `usize` in the guest: 4 bytes in Wasm, 8 for native plugins.
-    caller.memory().write_size(args[1], len as u64)?;
+    caller.memory().write_size(args[1], len)?;
     Ok(())
 }

@@ -1,0 +1,170 @@
+//! Native plugins on the null runtime: compiled-in plugins and proxy-wasm SDK libraries, each VM
+//! with its own state.
+
+#![cfg(feature = "null")]
+
+use std::path::PathBuf;
+
+use abi::{HeadersAction, InMemoryHost, LogLevel, Plugin, PluginConfig, SharedState, Vm};
+use pwhost::runtimes;
+use runtime_api::RuntimeConfig;
+
+fn library(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist/native")
+        .join(format!("lib{name}.so"));
+    assert!(path.exists(), "run `bash plugins/build.sh` first");
+    path.to_string_lossy().into_owned()
+}
+
+fn load(plugin: &str) -> Plugin {
+    let runtime = runtimes::create("null", RuntimeConfig::default()).unwrap();
+    pwhost::plugins::load(
+        &*runtime,
+        plugin,
+        PluginConfig::default(),
+        SharedState::new(),
+    )
+    .unwrap()
+}
+
+fn started(plugin: &Plugin) -> Vm {
+    let mut vm = Vm::new(plugin, Box::new(InMemoryHost::new())).unwrap();
+    assert!(vm.start().unwrap() && vm.configure().unwrap());
+    vm
+}
+
+/// Runs one request through `vm` and returns its request headers afterwards.
+fn request(vm: &mut Vm, path: &str) -> Vec<(String, String)> {
+    let stream = vm.create_http_context().unwrap();
+    vm.host_as::<InMemoryHost>()
+        .unwrap()
+        .stream(stream)
+        .request_headers
+        .add(b":path", path.as_bytes());
+    assert_eq!(
+        vm.on_request_headers(stream, 1, true).unwrap(),
+        HeadersAction::Continue
+    );
+    vm.on_log(stream).unwrap();
+    vm.host_as::<InMemoryHost>()
+        .unwrap()
+        .stream(stream)
+        .request_headers
+        .to_string_pairs()
+}
+
+fn info_logs(vm: &mut Vm) -> Vec<String> {
+    vm.host_as::<InMemoryHost>()
+        .unwrap()
+        .logs
+        .iter()
+        .filter(|l| l.level == LogLevel::Info)
+        .map(|l| l.message.clone())
+        .collect()
+}
+
+#[test]
+fn two_vms_of_one_sdk_library_on_one_thread_keep_their_own_contexts() {
+    // The SDK keeps contexts in the library's thread-locals and panics on a duplicate context
+    // id: two VMs sharing one loaded library would both create root context 1 there.
+    let plugin = load(&library("http_headers"));
+    let mut first = started(&plugin);
+    let mut second = started(&plugin);
+    for (which, path) in [(0, "/one"), (1, "/two"), (0, "/three")] {
+        let vm = if which == 0 { &mut first } else { &mut second };
+        let headers = request(vm, path);
+        assert!(headers.contains(&("x-pwhost-plugin".into(), "http_headers".into())));
+    }
+    assert_eq!(
+        info_logs(&mut first)
+            .iter()
+            .filter(|l| l.starts_with("done:"))
+            .count(),
+        2
+    );
+    assert_eq!(
+        info_logs(&mut second),
+        ["request header: :path: /two", "done: /two"]
+    );
+}
+
+#[test]
+fn two_different_sdk_libraries_run_side_by_side() {
+    let headers_plugin = load(&library("http_headers"));
+    let bench_plugin = load(&library("lifecycle_bench"));
+    let mut headers_vm = started(&headers_plugin);
+    let mut bench_vm = started(&bench_plugin);
+    let from_headers = request(&mut headers_vm, "/a");
+    let from_bench = request(&mut bench_vm, "/b");
+    assert!(from_headers.contains(&("x-pwhost-plugin".into(), "http_headers".into())));
+    assert!(from_bench.contains(&("x-bench".into(), "1".into())));
+    assert!(!from_bench.iter().any(|(name, _)| name == "x-pwhost-plugin"));
+}
+
+#[test]
+fn compiled_in_plugins_are_registered_by_name_and_isolated_per_vm() {
+    assert!(pwhost::plugins::native_plugins().contains(&"http_headers"));
+    let plugin = load("native:http_headers");
+    let mut first = started(&plugin);
+    let mut second = started(&plugin);
+    request(&mut first, "/one");
+    let headers = request(&mut second, "/two");
+    assert!(headers.contains(&("x-pwhost-plugin".into(), "http_headers".into())));
+    assert_eq!(
+        info_logs(&mut second),
+        ["request header: :path: /two", "done: /two"]
+    );
+}
+
+#[test]
+fn an_sdk_library_vm_used_from_another_thread_fails_instead_of_crashing() {
+    let plugin = load(&library("http_headers"));
+    let mut vm = started(&plugin);
+    let failure = std::thread::spawn(move || {
+        let stream = vm.create_http_context();
+        (stream.is_err(), vm.is_failed())
+    })
+    .join()
+    .expect("no crash");
+    assert_eq!(failure, (true, true));
+}
+
+#[test]
+fn the_null_runtime_reports_that_it_cannot_limit_native_code() {
+    let runtime = runtimes::create("null", RuntimeConfig::default()).unwrap();
+    let capabilities = runtime.capabilities();
+    assert!(!capabilities.sandboxed);
+    assert!(!capabilities.call_deadline && !capabilities.interrupt && !capabilities.memory_limit);
+    let wasm = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/rust/http_headers.wasm"),
+    )
+    .unwrap();
+    let error = runtime
+        .compile(&wasm)
+        .err()
+        .expect("no WebAssembly on null");
+    assert!(error.to_string().contains("native plugins only"), "{error}");
+}
+
+#[test]
+fn a_library_that_is_not_a_proxy_wasm_plugin_is_refused() {
+    let runtime = runtimes::create("null", RuntimeConfig::default()).unwrap();
+    let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    let error = pwhost::plugins::load(&*runtime, libc, PluginConfig::default(), SharedState::new())
+        .err()
+        .expect("libc is not a plugin");
+    assert!(
+        format!("{error:#}").contains("not a Proxy-Wasm plugin"),
+        "{error:#}"
+    );
+    let error = pwhost::plugins::load(
+        &*runtime,
+        "/nonexistent/libplugin.so",
+        PluginConfig::default(),
+        SharedState::new(),
+    )
+    .err()
+    .expect("no such file");
+    assert!(format!("{error:#}").contains("cannot load"), "{error:#}");
+}

@@ -1,0 +1,192 @@
+//! The null runtime runs native functions as a module: host calls reach the running instance,
+//! re-enter it, and report failures without unwinding native code.
+
+use std::sync::Arc;
+
+use runtime_api::{
+    Caller, Error, Export, ExternKind, FunctionType, HostFunction, Import, Signature, Trap,
+    TrapKind, ValType, WasmRuntime,
+};
+use runtime_null::{call_host, NativeInstance, NativeModule, NullRuntime};
+
+const I32: ValType = ValType::I32;
+
+fn function(params: usize, results: usize) -> ExternKind {
+    ExternKind::Function(FunctionType {
+        params: vec![I32; params],
+        results: vec![I32; results],
+    })
+}
+
+/// Exports `run(x) -> i32`, which calls host import 0 (`env.add_state`) with `x` and returns its
+/// result, and `double(x) -> i32`; imports `env.add_state` and `env.missing`.
+struct TestModule {
+    imports: Vec<Import>,
+    exports: Vec<Export>,
+}
+
+impl TestModule {
+    fn new() -> Arc<Self> {
+        Arc::new(TestModule {
+            imports: ["add_state", "missing"]
+                .into_iter()
+                .map(|name| Import {
+                    module: "env".into(),
+                    name: name.into(),
+                    kind: function(1, 1),
+                })
+                .collect(),
+            exports: vec![
+                Export {
+                    name: "run".into(),
+                    kind: function(1, 1),
+                },
+                Export {
+                    name: "double".into(),
+                    kind: function(1, 1),
+                },
+                Export {
+                    name: "call_missing".into(),
+                    kind: function(0, 1),
+                },
+            ],
+        })
+    }
+}
+
+impl NativeModule for TestModule {
+    fn imports(&self) -> &[Import] {
+        &self.imports
+    }
+
+    fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    fn instantiate(&self) -> Result<Box<dyn NativeInstance>, Error> {
+        Ok(Box::new(TestInstance))
+    }
+}
+
+struct TestInstance;
+
+impl NativeInstance for TestInstance {
+    fn call(&self, index: u32, args: &[u64], results: &mut [u64]) -> Result<(), Trap> {
+        match index {
+            0 => {
+                let mut slots = [args[0]];
+                results[0] = match call_host(0, &mut slots) {
+                    Ok(()) => slots[0],
+                    Err(_) => u64::from(u32::MAX),
+                };
+            }
+            1 => results[0] = args[0] * 2,
+            _ => {
+                let mut slots = [0];
+                results[0] = u64::from(call_host(1, &mut slots).is_err());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `add_state(x)`: adds `double(x)` (a re-entrant call into the instance) to the state and
+/// returns the new state; traps when `x` is 0.
+fn add_state(caller: &mut dyn Caller<u64>, args: &mut [u64]) -> Result<(), Trap> {
+    if args[0] == 0 {
+        return Err(Trap::host("zero is not allowed"));
+    }
+    let double = runtime_api::GuestFunction::new(
+        1,
+        &FunctionType {
+            params: vec![I32],
+            results: vec![I32],
+        },
+    );
+    let mut doubled = [0];
+    caller.call(double, &[args[0]], &mut doubled)?;
+    *caller.state() += doubled[0];
+    args[0] = *caller.state();
+    Ok(())
+}
+
+fn host() -> Vec<HostFunction<u64>> {
+    vec![HostFunction {
+        module: "env",
+        name: "add_state",
+        signature: Signature::new(&[I32], &[I32]),
+        callback: add_state,
+    }]
+}
+
+fn instance() -> Box<dyn runtime_api::Instance<u64>> {
+    let runtime = NullRuntime::new(Default::default()).unwrap();
+    let module = runtime.load::<u64>(TestModule::new());
+    module.link(&host()).unwrap().instantiate(10).unwrap()
+}
+
+#[test]
+fn host_calls_reach_the_running_instance_and_may_reenter_it() {
+    let mut instance = instance();
+    let run = instance.function("run").unwrap();
+    let mut result = [0];
+    instance.call(run, &[5], &mut result).unwrap();
+    assert_eq!(result[0], 20);
+    assert_eq!(*instance.state(), 20);
+}
+
+#[test]
+fn a_host_trap_ends_the_call_with_that_trap_after_the_native_code_returns() {
+    let mut instance = instance();
+    let run = instance.function("run").unwrap();
+    let error = instance.call(run, &[0], &mut [0]).unwrap_err();
+    assert_eq!(error, Trap::host("zero is not allowed"));
+    // The instance is still usable for the next call.
+    let mut result = [0];
+    instance.call(run, &[1], &mut result).unwrap();
+    assert_eq!(result[0], 12);
+}
+
+#[test]
+fn an_import_the_host_lacks_fails_when_called_not_when_linked() {
+    let mut instance = instance();
+    let call_missing = instance.function("call_missing").unwrap();
+    let mut failed = [0];
+    let error = instance.call(call_missing, &[], &mut failed);
+    assert_eq!(failed[0], 1);
+    assert!(
+        matches!(
+            error,
+            Err(Trap {
+                kind: TrapKind::BadCall,
+                ..
+            })
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn host_calls_outside_a_call_fail() {
+    let error = call_host(0, &mut [1]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
+}
+
+#[test]
+fn a_signature_mismatch_is_a_link_error_and_webassembly_is_refused() {
+    let runtime = NullRuntime::new(Default::default()).unwrap();
+    let module = runtime.load::<u64>(TestModule::new());
+    let wrong = vec![HostFunction {
+        module: "env",
+        name: "add_state",
+        signature: Signature::new(&[ValType::I64], &[I32]),
+        callback: add_state,
+    }];
+    assert!(matches!(
+        module.link(&wrong).err(),
+        Some(Error::ImportSignatureMismatch { .. })
+    ));
+    let compiled = WasmRuntime::<u64>::compile(&runtime, b"\0asm\x01\0\0\0");
+    assert!(matches!(compiled.err(), Some(Error::Unsupported(_))));
+    assert!(!WasmRuntime::<u64>::capabilities(&runtime).sandboxed);
+}
