@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every check: formatting, clippy, and all tests (unit tests
-# and the conformance suite on every engine compiled in). CI runs exactly this (.ci/run).
+# and the conformance suite on every engine: wasmtime, wasmer with its three compilers, wasmi,
+# WAMR, V8 and the null runtime). CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== cargo fmt"
 cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test"
-cargo test --workspace
+echo "== cargo clippy (every engine)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo test (every engine)"
+cargo test --workspace --all-features

@@ -1,12 +1,12 @@
 //! Native plugins as null-runtime modules: the exports the host calls, dispatched to contexts.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use runtime_api::{Error, Export, FunctionType, Import, Trap, TrapKind};
 use runtime_null::{NativeInstance, NativeModule};
+use rustc_hash::FxHashMap as HashMap;
 
 use super::hostcalls;
 use super::logger;

@@ -52,6 +52,12 @@ fn take(data: *mut u8, size: usize) -> Option<Bytes> {
     Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
+/// Bytes as text, without a copy when they are valid UTF-8 (the usual case).
+pub(crate) fn into_string(bytes: Bytes) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+}
+
 /// The allocator the host calls to hand data to the plugin.
 pub(crate) fn allocate(size: usize) -> *mut u8 {
     let mut block = std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size));
@@ -99,7 +105,7 @@ pub(crate) fn set_buffer(buffer: BufferType, start: usize, size: usize, value: &
 pub(crate) fn get_map(map: MapType) -> Vec<(String, String)> {
     get_map_bytes(map)
         .into_iter()
-        .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+        .map(|(name, value)| (name, into_string(value)))
         .collect()
 }
 

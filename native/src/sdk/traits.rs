@@ -92,8 +92,7 @@ pub trait Context: Send {
 
     /// One HTTP call response header.
     fn get_http_call_response_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
+        hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name).map(hostcalls::into_string)
     }
 
     /// The HTTP call response's body.
@@ -265,7 +264,7 @@ macro_rules! header_methods {
 
         #[doc = concat!("One value of `", stringify!($map), "`.")]
         fn $get(&self, name: &str) -> Option<String> {
-            hostcalls::get_map_value($map, name).map(|v| String::from_utf8_lossy(&v).into_owned())
+            hostcalls::get_map_value($map, name).map(hostcalls::into_string)
         }
 
         #[doc = concat!("Replaces (or with `None` removes) a value of `", stringify!($map), "`.")]
