@@ -1,8 +1,41 @@
-//! The [wasmer](https://wasmer.io) engine behind [`runtime_api::WasmRuntime`].
+//! The [wasmer](https://wasmer.io) engine behind [`runtime_api::WasmRuntime`], with any of its
+//! three compilers (cranelift, singlepass, LLVM).
+//!
+//! * Host functions are resolved once per module ([`CompiledModule::link`]); each instance only
+//!   creates them in its new store, in import order, and instantiates with
+//!   `Instance::new_by_index` (no name lookups). The all-`i32` shapes Proxy-Wasm uses are typed
+//!   host functions (`Function::new_typed_with_env`): native arguments, no value vectors.
+//! * Guest functions are called through `TypedFunction`s resolved once per export, and host
+//!   functions reach the guest memory through its `VMMemoryDefinition`, read afresh on every
+//!   access (two loads, no store lookup).
+//! * CPU deadlines and interruption: a middleware adds a stop flag that the guest checks at
+//!   function entries and loop headers; the host raises it from any thread (see the `stop` module).
+//!   Modules compiled without deadlines or interruption carry no checks.
+//! * Every module gets its own wasmer engine: the stop-flag middleware keeps per-module state,
+//!   and wasmer frees a module's machine code only with the engine that compiled it, so a shared
+//!   engine would also keep the code of every unloaded plugin.
+//! * The memory cap is a [`wasmer::sys::Tunables`] that lowers every memory's maximum.
+//! * Precompiled modules are wasmer's serialized artifacts behind a small header naming the
+//!   compiler and the stop checks they were compiled with.
+
+mod call;
+mod instance;
+mod module;
+mod stop;
+mod tunables;
 
 use std::sync::Arc;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
+use wasmer::sys::{CompilerConfig, EngineBuilder, NativeEngineExt};
+
+pub use instance::WasmerInstance;
+pub use module::{WasmerLinkedModule, WasmerModule};
+
+use instance::StopConfig;
+use module::ArtifactHeader;
+use stop::{CheckStyle, StopCheck, Ticker};
+use tunables::CappedTunables;
 
 /// Which wasmer compiler translates modules to machine code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,30 +51,186 @@ pub enum Compiler {
     Llvm,
 }
 
-/// The wasmer engine.
+impl Compiler {
+    /// The runtime name users select it by.
+    pub fn runtime_name(self) -> &'static str {
+        match self {
+            #[cfg(feature = "cranelift")]
+            Compiler::Cranelift => "wasmer-cranelift",
+            #[cfg(feature = "singlepass")]
+            Compiler::Singlepass => "wasmer-singlepass",
+            #[cfg(feature = "llvm")]
+            Compiler::Llvm => "wasmer-llvm",
+        }
+    }
+
+    /// How this compiler's code must check the stop flag (see the `stop` module).
+    fn check_style(self) -> CheckStyle {
+        match self {
+            #[cfg(feature = "cranelift")]
+            Compiler::Cranelift => CheckStyle::ScratchStore,
+            #[cfg(feature = "singlepass")]
+            Compiler::Singlepass => CheckStyle::Plain,
+            #[cfg(feature = "llvm")]
+            Compiler::Llvm => CheckStyle::AtomicLoad,
+        }
+    }
+
+    /// A byte that identifies the compiler in precompiled artifacts.
+    fn artifact_tag(self) -> u8 {
+        match self {
+            #[cfg(feature = "cranelift")]
+            Compiler::Cranelift => b'c',
+            #[cfg(feature = "singlepass")]
+            Compiler::Singlepass => b's',
+            #[cfg(feature = "llvm")]
+            Compiler::Llvm => b'l',
+        }
+    }
+
+    fn config(self) -> Box<dyn CompilerConfig> {
+        match self {
+            #[cfg(feature = "cranelift")]
+            Compiler::Cranelift => Box::new(wasmer::sys::Cranelift::new()),
+            #[cfg(feature = "singlepass")]
+            Compiler::Singlepass => Box::new(wasmer::sys::Singlepass::new()),
+            #[cfg(feature = "llvm")]
+            Compiler::Llvm => Box::new(wasmer::sys::LLVM::new()),
+        }
+    }
+}
+
+/// The wasmer engine with one compiler and one configuration.
 pub struct WasmerRuntime {
+    compiler: Compiler,
     config: RuntimeConfig,
+    ticker: Option<Arc<Ticker>>,
 }
 
 impl WasmerRuntime {
-    /// An engine with the given configuration.
+    /// An engine with the given compiler and configuration.
     pub fn new(compiler: Compiler, config: RuntimeConfig) -> Result<Self, Error> {
-        let _ = compiler;
-        Ok(WasmerRuntime { config })
+        let ticker = match config.call_deadline {
+            Some(deadline) => Some(
+                Ticker::start(deadline)
+                    .ok_or_else(|| Error::Config("cannot start the deadline thread".to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(WasmerRuntime {
+            compiler,
+            config,
+            ticker,
+        })
+    }
+
+    /// The compiler this runtime uses.
+    pub fn compiler(&self) -> Compiler {
+        self.compiler
+    }
+
+    /// Whether modules need the stop-flag checks.
+    fn stops(&self) -> bool {
+        self.config.interruptible || self.config.call_deadline.is_some()
+    }
+
+    fn stop_config(&self) -> StopConfig {
+        StopConfig {
+            enabled: self.stops(),
+            ticker: self.ticker.clone(),
+            interruptible: self.config.interruptible,
+        }
+    }
+
+    /// What this runtime records in front of the artifacts it precompiles.
+    fn artifact_header(&self) -> ArtifactHeader {
+        ArtifactHeader {
+            compiler: self.compiler.artifact_tag(),
+            checks: self.stops().then(|| self.compiler.check_style().tag()),
+        }
+    }
+
+    /// A fresh engine: a compiler (with the stop-flag middleware when needed), or none for
+    /// loading artifacts; the memory cap either way.
+    fn engine(&self, compiler: bool) -> wasmer::Engine {
+        let mut engine: wasmer::Engine = if compiler {
+            let mut config = self.compiler.config();
+            if self.stops() {
+                config.push_middleware(Arc::new(StopCheck::new(self.compiler.check_style())));
+            }
+            EngineBuilder::new(config).engine().into()
+        } else {
+            EngineBuilder::headless().engine().into()
+        };
+        engine.set_tunables(CappedTunables::new(self.config.max_memory_bytes));
+        engine
     }
 }
 
 impl<S: Send + 'static> WasmRuntime<S> for WasmerRuntime {
     fn name(&self) -> &'static str {
-        "wasmer"
+        self.compiler.runtime_name()
     }
 
     fn capabilities(&self) -> Capabilities {
-        let _ = &self.config;
-        Capabilities::default()
+        Capabilities {
+            interrupt: self.config.interruptible,
+            call_deadline: self.config.call_deadline.is_some(),
+            memory_limit: true,
+            precompiled_modules: true,
+            sandboxed: true,
+        }
     }
 
-    fn compile(&self, _wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
-        Err(Error::Unsupported("wasmer (work in progress)"))
+    fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
+        let engine = self.engine(true);
+        let module = wasmer::Module::from_binary(&engine, wasm).map_err(|e| match e {
+            // The module is valid, but the stop checks cannot be added to it.
+            wasmer::CompileError::Wasm(wasmer::WasmError::Middleware(e)) => {
+                Error::Config(e.to_string())
+            }
+            wasmer::CompileError::MiddlewareError(message) => Error::Config(message),
+            e => Error::InvalidModule(e.to_string()),
+        })?;
+        Ok(Arc::new(WasmerModule::new(
+            engine,
+            module,
+            self.artifact_header(),
+            self.stop_config(),
+            self.config.max_memory_bytes,
+        )))
+    }
+
+    unsafe fn load_precompiled(
+        &self,
+        artifact: &[u8],
+    ) -> Result<Arc<dyn CompiledModule<S>>, Error> {
+        let (header, artifact) = ArtifactHeader::split(artifact)?;
+        let expected = self.artifact_header();
+        if header.compiler != expected.compiler {
+            return Err(Error::InvalidModule(
+                "the artifact was precompiled by another wasmer compiler".to_string(),
+            ));
+        }
+        // Checks the runtime does not need are harmless; missing ones would let a call overrun.
+        if self.stops() && header.checks != expected.checks {
+            return Err(Error::InvalidModule(
+                "the artifact was compiled without deadline and interrupt checks, which this \
+                 runtime needs"
+                    .to_string(),
+            ));
+        }
+        let engine = self.engine(false);
+        // SAFETY: the trait's contract makes the caller vouch that the artifact is trusted output
+        // of `serialize`; wasmer checks its format, version and target.
+        let module = unsafe { wasmer::Module::deserialize(&engine, artifact) }
+            .map_err(|e| Error::InvalidModule(e.to_string()))?;
+        Ok(Arc::new(WasmerModule::new(
+            engine,
+            module,
+            header,
+            self.stop_config(),
+            self.config.max_memory_bytes,
+        )))
     }
 }

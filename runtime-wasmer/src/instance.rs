@@ -1,0 +1,312 @@
+//! Instances, their per-store environment and the host-function caller.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use runtime_api::{
+    Caller, Error, GuestFunction, GuestMemory, HostFunction, Instance, InterruptHandle, Trap,
+    TrapKind,
+};
+use wasmer::sys::vm::{LinearMemory, VMExtern, VMMemoryDefinition};
+use wasmer::{AsStoreMut, Extern, FunctionEnv, FunctionEnvMut, Store};
+
+use crate::call::{convert_error, host_function, GuestCall};
+use crate::module::ExportedFunctions;
+use crate::stop::{self, FlagPtr, StopSlot, Ticker, WasmerInterruptHandle};
+
+/// The address of an instance's memory definition (base pointer and current length), which
+/// wasmer updates in place when the memory grows.
+#[derive(Clone, Copy)]
+struct MemoryDefinition(NonNull<VMMemoryDefinition>);
+
+// SAFETY: the definition lives in the instance's `VMContext`, owned by the store that also owns
+// the `Env` holding this pointer; it is only read by whoever holds the store.
+unsafe impl Send for MemoryDefinition {}
+
+impl MemoryDefinition {
+    /// The memory as bytes.
+    ///
+    /// # Safety
+    /// The instance must be alive and no guest code may run (or the memory grow) while the
+    /// returned slice is in use.
+    #[inline]
+    unsafe fn bytes<'a>(self) -> &'a mut [u8] {
+        // SAFETY: per the contract, the definition is alive and describes `current_length`
+        // accessible bytes at `base`.
+        unsafe {
+            let definition = self.0.as_ref();
+            if definition.current_length == 0 {
+                return &mut [];
+            }
+            std::slice::from_raw_parts_mut(definition.base, definition.current_length)
+        }
+    }
+}
+
+/// What each store holds beside the embedder's state: the host functions' environment.
+pub(crate) struct Env<S> {
+    state: S,
+    memory: Option<MemoryDefinition>,
+    functions: Vec<GuestCall>,
+}
+
+impl<S> Env<S> {
+    #[inline]
+    fn memory(&mut self) -> GuestMemory<'_> {
+        match self.memory {
+            // SAFETY: the guest is not running while the host holds `&mut Env` (host functions
+            // run with the guest suspended), and the borrow of `self` keeps the view from
+            // outliving this host call.
+            Some(memory) => GuestMemory::new(unsafe { memory.bytes() }),
+            None => GuestMemory::empty(),
+        }
+    }
+
+    #[inline]
+    fn function(&self, handle: GuestFunction) -> Result<&GuestCall, Trap> {
+        self.functions
+            .get(handle.index() as usize)
+            .ok_or_else(|| Trap::new(TrapKind::BadCall, "unknown guest function handle"))
+    }
+}
+
+/// How instances of one linked module stop runaway calls.
+#[derive(Clone, Default)]
+pub(crate) struct StopConfig {
+    /// The module was compiled with the stop-flag checks and the runtime wants them.
+    pub(crate) enabled: bool,
+    /// The ticker enforcing call deadlines, if they are configured.
+    pub(crate) ticker: Option<Arc<Ticker>>,
+    /// Hand out interrupt handles.
+    pub(crate) interruptible: bool,
+}
+
+/// A wasmer store that may move between threads while none of its code runs.
+///
+/// wasmer 7 made `Store` `!Send` by dropping `Send` from the type of its "on called" handler
+/// (wasmerio/wasmer#7001; 6.x stores were `Send`), and its VM objects are raw pointers. Moving
+/// this store is nevertheless sound: no "on called" handler is ever set, every host function
+/// closure is `Send + Sync`, the embedder state is `Send`, and wasmer's thread-local store context
+/// only holds the store while a call runs on that thread (as do its trap handler and coroutine
+/// stack); an `Instance` is used by one thread at a time, and a call never outlives the `&mut`
+/// borrow that started it.
+struct SendStore(Store);
+
+// SAFETY: see the type's documentation.
+unsafe impl Send for SendStore {}
+
+/// A wasmer instance with its store.
+pub struct WasmerInstance<S: 'static> {
+    store: SendStore,
+    env: FunctionEnv<Env<S>>,
+    exports: Arc<ExportedFunctions>,
+    instance: wasmer::Instance,
+    stop: Option<Arc<StopSlot>>,
+    ticker: Option<Arc<Ticker>>,
+    interruptible: bool,
+}
+
+impl<S: Send + 'static> WasmerInstance<S> {
+    pub(crate) fn new(
+        engine: &wasmer::Engine,
+        module: &wasmer::Module,
+        host: &[HostFunction<S>],
+        exports: Arc<ExportedFunctions>,
+        stop: &StopConfig,
+        state: S,
+    ) -> Result<Self, Error> {
+        let mut store = Store::new(engine.clone());
+        let env = FunctionEnv::new(
+            &mut store,
+            Env {
+                state,
+                memory: None,
+                functions: Vec::with_capacity(exports.len()),
+            },
+        );
+        let imports: Vec<Extern> = host
+            .iter()
+            .map(|function| Extern::Function(host_function(&mut store, &env, function)))
+            .collect();
+        let instance = wasmer::Instance::new_by_index(&mut store, module, &imports)
+            .map_err(|e| Error::Instantiation(instantiation_message(e)))?;
+        let memory = instance
+            .exports
+            .get_extern("memory")
+            .and_then(|memory| memory_definition(&mut store, memory));
+        env.as_mut(&mut store).memory = memory;
+        let slot = if stop.enabled {
+            let flag = instance
+                .exports
+                .get_extern(stop::STOP_FLAG_EXPORT)
+                .and_then(|global| stop_flag(&mut store, global))
+                .ok_or_else(|| {
+                    Error::Instantiation("the module has no stop flag to enforce deadlines".into())
+                })?;
+            let slot = StopSlot::new();
+            slot.attach(flag);
+            if let Some(ticker) = &stop.ticker {
+                ticker.register(&slot);
+            }
+            Some(slot)
+        } else {
+            None
+        };
+        Ok(WasmerInstance {
+            store: SendStore(store),
+            env,
+            exports,
+            instance,
+            stop: slot,
+            ticker: stop.ticker.clone(),
+            interruptible: stop.interruptible,
+        })
+    }
+}
+
+/// The message of an instantiation failure: a trap in the start function reads as the trap.
+fn instantiation_message(error: wasmer::InstantiationError) -> String {
+    match error {
+        wasmer::InstantiationError::Start(trap) => convert_error(trap).to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The definition of an exported memory.
+fn memory_definition(store: &mut Store, memory: &Extern) -> Option<MemoryDefinition> {
+    let Extern::Memory(_) = memory else {
+        return None;
+    };
+    let VMExtern::Memory(handle) = memory.to_vm_extern().unwrap_sys() else {
+        return None;
+    };
+    let definition = handle.get(store.objects_mut().as_sys()).vmmemory();
+    Some(MemoryDefinition(definition))
+}
+
+/// The address of the stop flag global.
+fn stop_flag(store: &mut Store, global: &Extern) -> Option<FlagPtr> {
+    let Extern::Global(_) = global else {
+        return None;
+    };
+    let VMExtern::Global(handle) = global.to_vm_extern().unwrap_sys() else {
+        return None;
+    };
+    let definition = handle.get(store.objects_mut().as_sys()).vmglobal();
+    // SAFETY: the middleware declared the global as a mutable `i32`; its value is the first 4
+    // bytes of the 16-byte aligned definition inside the instance's `VMContext`, which lives as
+    // long as the store (the instance detaches the slot before the store is dropped).
+    Some(unsafe { FlagPtr::new(definition.cast::<i32>()) })
+}
+
+impl<S: 'static> Drop for WasmerInstance<S> {
+    fn drop(&mut self) {
+        // Before the store (and the flag inside it) is freed.
+        if let Some(slot) = &self.stop {
+            slot.detach();
+        }
+    }
+}
+
+impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
+    fn state(&mut self) -> &mut S {
+        &mut self.env.as_mut(&mut self.store.0).state
+    }
+
+    fn function(&mut self, name: &str) -> Option<GuestFunction> {
+        let exported = self.exports.get(name)?;
+        let function = self.instance.exports.get_function(name).ok()?;
+        let call = GuestCall::new(&self.store.0, function, &exported.wasmer_ty);
+        let env = self.env.as_mut(&mut self.store.0);
+        let handle = GuestFunction::new(env.functions.len() as u32, &exported.ty);
+        env.functions.push(call);
+        Some(handle)
+    }
+
+    fn call(
+        &mut self,
+        function: GuestFunction,
+        args: &[u64],
+        results: &mut [u64],
+    ) -> Result<(), Trap> {
+        function.check_arity(args.len(), results.len())?;
+        let call = self
+            .env
+            .as_mut(&mut self.store.0)
+            .function(function)?
+            .clone();
+        let Some(slot) = &self.stop else {
+            return call
+                .call(&mut self.store.0, args, results)
+                .map_err(convert_error);
+        };
+        slot.begin(self.ticker.as_ref().map_or(u64::MAX - 2, |t| t.deadline()));
+        let outcome = call
+            .call(&mut self.store.0, args, results)
+            .map_err(convert_error);
+        // Only the check's own trap may stand for a stop; any other failure leaves a pending
+        // interrupt pending.
+        let stop = slot.end(matches!(&outcome, Err(trap) if stop::is_check_trap(trap)));
+        outcome.map_err(|trap| stop::reclassify(trap, stop))
+    }
+
+    fn memory_size(&mut self) -> usize {
+        let env = self.env.as_mut(&mut self.store.0);
+        env.memory().len()
+    }
+
+    fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {
+        match &self.stop {
+            Some(slot) if self.interruptible => Some(Arc::new(WasmerInterruptHandle(slot.clone()))),
+            _ => None,
+        }
+    }
+}
+
+/// The [`Caller`] handed to host functions.
+pub(crate) struct WasmerCaller<'a, S: 'static> {
+    env: FunctionEnvMut<'a, Env<S>>,
+}
+
+impl<'a, S: Send + 'static> WasmerCaller<'a, S> {
+    #[inline]
+    pub(crate) fn new(env: FunctionEnvMut<'a, Env<S>>) -> Self {
+        WasmerCaller { env }
+    }
+}
+
+impl<S: Send + 'static> Caller<S> for WasmerCaller<'_, S> {
+    #[inline]
+    fn state(&mut self) -> &mut S {
+        &mut self.env.data_mut().state
+    }
+
+    #[inline]
+    fn memory(&mut self) -> GuestMemory<'_> {
+        self.env.data_mut().memory()
+    }
+
+    #[inline]
+    fn state_and_memory(&mut self) -> (&mut S, GuestMemory<'_>) {
+        let env = self.env.data_mut();
+        let memory = match env.memory {
+            // SAFETY: as in `Env::memory`; the memory bytes are not part of `Env`, so the view
+            // and the state borrow are disjoint.
+            Some(memory) => GuestMemory::new(unsafe { memory.bytes() }),
+            None => GuestMemory::empty(),
+        };
+        (&mut env.state, memory)
+    }
+
+    fn call(
+        &mut self,
+        function: GuestFunction,
+        args: &[u64],
+        results: &mut [u64],
+    ) -> Result<(), Trap> {
+        function.check_arity(args.len(), results.len())?;
+        let (env, mut store) = self.env.data_and_store_mut();
+        let call = env.function(function)?.clone();
+        call.call(&mut store, args, results).map_err(convert_error)
+    }
+}

@@ -1,0 +1,96 @@
+//! The memory cap: wasmer's base tunables with every linear memory's maximum lowered to the cap.
+
+use std::ptr::NonNull;
+
+use wasmer::sys::vm::{
+    MemoryStyle, TableStyle, VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition,
+};
+use wasmer::sys::{BaseTunables, Tunables};
+use wasmer::{MemoryError, MemoryType, Pages, TableType, WASM_PAGE_SIZE};
+
+/// [`BaseTunables`] with an optional cap on the size of each linear memory.
+///
+/// Memory and table styles are the base ones, so code compiled with or without a cap (or loaded
+/// from a precompiled artifact) runs under either.
+pub(crate) struct CappedTunables {
+    base: BaseTunables,
+    /// The most pages one memory may have; `None` leaves the module's own maximum.
+    max_pages: Option<u32>,
+}
+
+impl CappedTunables {
+    pub(crate) fn new(max_memory_bytes: Option<u64>) -> Self {
+        CappedTunables {
+            base: BaseTunables::new(),
+            max_pages: max_memory_bytes
+                .map(|bytes| u32::try_from(bytes / WASM_PAGE_SIZE as u64).unwrap_or(u32::MAX)),
+        }
+    }
+
+    /// `ty` with its maximum lowered to the cap; an error if even its minimum exceeds the cap.
+    fn capped(&self, ty: &MemoryType) -> Result<MemoryType, MemoryError> {
+        let Some(cap) = self.max_pages else {
+            return Ok(*ty);
+        };
+        if ty.minimum.0 > cap {
+            return Err(MemoryError::MinimumMemoryTooLarge {
+                min_requested: ty.minimum,
+                max_allowed: Pages(cap),
+            });
+        }
+        let maximum = match ty.maximum {
+            Some(max) if max.0 <= cap => max,
+            _ => Pages(cap),
+        };
+        Ok(MemoryType {
+            maximum: Some(maximum),
+            ..*ty
+        })
+    }
+}
+
+impl Tunables for CappedTunables {
+    fn memory_style(&self, memory: &MemoryType) -> MemoryStyle {
+        self.base.memory_style(memory)
+    }
+
+    fn table_style(&self, table: &TableType) -> TableStyle {
+        self.base.table_style(table)
+    }
+
+    fn create_host_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+    ) -> Result<VMMemory, MemoryError> {
+        self.base.create_host_memory(&self.capped(ty)?, style)
+    }
+
+    unsafe fn create_vm_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        vm_definition_location: NonNull<VMMemoryDefinition>,
+    ) -> Result<VMMemory, MemoryError> {
+        let ty = self.capped(ty)?;
+        // SAFETY: forwarded unchanged from wasmer, which upholds `create_vm_memory`'s contract.
+        unsafe {
+            self.base
+                .create_vm_memory(&ty, style, vm_definition_location)
+        }
+    }
+
+    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
+        self.base.create_host_table(ty, style)
+    }
+
+    unsafe fn create_vm_table(
+        &self,
+        ty: &TableType,
+        style: &TableStyle,
+        vm_definition_location: NonNull<VMTableDefinition>,
+    ) -> Result<VMTable, String> {
+        // SAFETY: forwarded unchanged from wasmer, which upholds `create_vm_table`'s contract.
+        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
+    }
+}

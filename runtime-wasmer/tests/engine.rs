@@ -1,0 +1,677 @@
+//! wasmer behind `runtime-api`, with every compiler built in: linking, calls in both directions,
+//! memory, limits, deadlines, interrupts, precompiled modules and threads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runtime_api::{
+    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
+    TrapKind, ValType, WasmRuntime, WasmTrapCode,
+};
+use runtime_wasmer::{Compiler, WasmerRuntime};
+
+/// Host state for these tests: what the host functions saw.
+#[derive(Default)]
+struct State {
+    seen: Vec<u64>,
+    allocator: Option<runtime_api::GuestFunction>,
+}
+
+const I32: ValType = ValType::I32;
+const I64: ValType = ValType::I64;
+
+/// Every compiler this build has.
+fn compilers() -> Vec<Compiler> {
+    vec![
+        #[cfg(feature = "cranelift")]
+        Compiler::Cranelift,
+        #[cfg(feature = "singlepass")]
+        Compiler::Singlepass,
+        #[cfg(feature = "llvm")]
+        Compiler::Llvm,
+    ]
+}
+
+fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..2]);
+    args[0] = 7;
+    Ok(())
+}
+
+/// Takes every argument shape the typed fast path does not cover: an `i64` in the middle and an
+/// `i64` result.
+fn mixed(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..3]);
+    args[0] = u64::MAX - 1;
+    Ok(())
+}
+
+/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
+fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let allocator = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no allocator"))?;
+    let mut pointer = [0];
+    caller.call(allocator, &[8], &mut pointer)?;
+    let mut memory = caller.memory();
+    memory
+        .write(pointer[0], b"written!")
+        .map_err(|e| Trap::host(e.to_string()))?;
+    args[0] = pointer[0];
+    Ok(())
+}
+
+fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    Err(Trap::exit(args[0] as i32))
+}
+
+/// Calls the guest's `spin` from inside a host function, so a deadline hits a nested call.
+fn call_spin(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+    let spin = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no spin"))?;
+    caller.call(spin, &[], &mut [])
+}
+
+static HOST: &[HostFunction<State>] = &[
+    HostFunction {
+        module: "env",
+        name: "record",
+        signature: Signature::new(&[I32, I64], &[I32]),
+        callback: record,
+    },
+    HostFunction {
+        module: "env",
+        name: "mixed",
+        signature: Signature::new(&[I32, I64, I32], &[I64]),
+        callback: mixed,
+    },
+    HostFunction {
+        module: "env",
+        name: "allocate_and_write",
+        signature: Signature::new(&[], &[I32]),
+        callback: allocate_and_write,
+    },
+    HostFunction {
+        module: "env",
+        name: "exit",
+        signature: Signature::new(&[I32], &[]),
+        callback: exit,
+    },
+    HostFunction {
+        module: "env",
+        name: "call_spin",
+        signature: Signature::new(&[], &[]),
+        callback: call_spin,
+    },
+];
+
+const MODULE: &str = r#"
+(module
+  (import "env" "record" (func $record (param i32 i64) (result i32)))
+  (import "env" "mixed" (func $mixed (param i32 i64 i32) (result i64)))
+  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
+  (import "env" "exit" (func $exit (param i32)))
+  (import "env" "call_spin" (func $call_spin))
+  (memory (export "memory") 1)
+  (table 2 funcref)
+  (elem (i32.const 0) $takes_i64)
+  (type $i32_to_i32 (func (param i32) (result i32)))
+  (func $takes_i64 (param i64) (result i64) (local.get 0))
+  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
+  ;; must re-read the memory after calling it.
+  (func (export "allocate") (param $size i32) (result i32)
+    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
+  (func (export "call_record") (param $a i32) (result i32)
+    (call $record (local.get $a) (i64.const -1)))
+  (func (export "call_mixed") (result i64)
+    (call $mixed (i32.const -2) (i64.const 0x123456789) (i32.const 3)))
+  (func (export "call_allocate") (result i32) (call $allocate_and_write))
+  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
+  (func (export "spin") (loop $forever (br $forever)))
+  (func (export "spin_nested") (local $i i32)
+    (loop $outer
+      (local.set $i (i32.const 0))
+      (loop $inner (local.set $i (i32.add (local.get $i) (i32.const 1))) (br $inner))
+      (br $outer)))
+  ;; No loop at all: two recursive calls per level, 2^60 calls in total.
+  (func $fan (export "fan") (param $depth i32)
+    (if (local.get $depth)
+      (then
+        (call $fan (i32.sub (local.get $depth) (i32.const 1)))
+        (call $fan (i32.sub (local.get $depth) (i32.const 1))))))
+  (func (export "spin_in_host") (call $call_spin))
+  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
+  (func (export "trap") unreachable)
+  (func (export "divide") (param i32 i32) (result i32) (i32.div_s (local.get 0) (local.get 1)))
+  (func (export "load") (param i32) (result i32) (i32.load (local.get 0)))
+  (func $recurse (export "recurse") (param i32) (result i32)
+    (i32.add (call $recurse (local.get 0)) (i32.const 1)))
+  (func (export "call_null") (result i32)
+    (call_indirect (type $i32_to_i32) (i32.const 0) (i32.const 1)))
+  (func (export "call_wrong_type") (result i32)
+    (call_indirect (type $i32_to_i32) (i32.const 0) (i32.const 0)))
+  (func (export "call_out_of_table") (result i32)
+    (call_indirect (type $i32_to_i32) (i32.const 0) (i32.const 9)))
+  (func (export "add64") (param i64 i32) (result i64)
+    (i64.add (local.get 0) (i64.extend_i32_u (local.get 1))))
+  (func (export "nine") (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+    (i32.add (local.get 0) (local.get 8))))
+"#;
+
+fn runtime(compiler: Compiler, config: RuntimeConfig) -> WasmerRuntime {
+    WasmerRuntime::new(compiler, config).unwrap()
+}
+
+fn instance(runtime: &WasmerRuntime) -> Box<dyn Instance<State>> {
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let mut instance = module
+        .link(HOST)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let allocator = instance.function("allocate");
+    instance.state().allocator = allocator;
+    instance
+}
+
+fn default_instance(compiler: Compiler) -> Box<dyn Instance<State>> {
+    instance(&runtime(compiler, RuntimeConfig::default()))
+}
+
+#[test]
+fn names_follow_the_compiler() {
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let name = WasmRuntime::<State>::name(&runtime);
+        assert_eq!(name, compiler.runtime_name());
+        assert!(name.starts_with("wasmer-"), "{name}");
+    }
+}
+
+#[test]
+fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let f = instance.function("call_record").unwrap();
+        let mut result = [0];
+        instance.call(f, &[0xffff_fffe], &mut result).unwrap();
+        assert_eq!(result, [7], "{compiler:?}");
+        // i32 arguments arrive zero-extended, i64 arguments as their bits.
+        assert_eq!(
+            instance.state().seen,
+            vec![0xffff_fffe, u64::MAX],
+            "{compiler:?}"
+        );
+    }
+}
+
+#[test]
+fn host_functions_of_other_shapes_take_the_dynamic_path() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let f = instance.function("call_mixed").unwrap();
+        let mut result = [0];
+        instance.call(f, &[], &mut result).unwrap();
+        assert_eq!(result, [u64::MAX - 1], "{compiler:?}");
+        assert_eq!(
+            instance.state().seen,
+            vec![0xffff_fffe, 0x1_2345_6789, 3],
+            "{compiler:?}"
+        );
+    }
+}
+
+#[test]
+fn guest_functions_of_any_integer_shape_can_be_called() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let add64 = instance.function("add64").unwrap();
+        let mut result = [0];
+        instance
+            .call(add64, &[u64::MAX - 5, 0xffff_ffff], &mut result)
+            .unwrap();
+        assert_eq!(result[0], (u64::MAX - 5).wrapping_add(0xffff_ffff));
+        let nine = instance.function("nine").unwrap();
+        instance
+            .call(nine, &[1, 0, 0, 0, 0, 0, 0, 0, 0xffff_ffff], &mut result)
+            .unwrap();
+        assert_eq!(result[0], 0, "{compiler:?}: 1 + u32::MAX wraps");
+        assert!(instance.function("no_such_function").is_none());
+        assert!(instance.function("memory").is_none(), "not a function");
+    }
+}
+
+#[test]
+fn host_functions_can_call_the_guest_and_see_grown_memory() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        assert_eq!(instance.memory_size(), 65536);
+        let f = instance.function("call_allocate").unwrap();
+        let mut pointer = [0];
+        instance.call(f, &[], &mut pointer).unwrap();
+        assert_eq!(pointer[0], 65536, "{compiler:?}: the new page");
+        assert_eq!(instance.memory_size(), 2 * 65536);
+        let load = instance.function("load").unwrap();
+        let mut word = [0];
+        instance.call(load, &[65536], &mut word).unwrap();
+        assert_eq!(word[0], u64::from(u32::from_le_bytes(*b"writ")));
+    }
+}
+
+#[test]
+fn calls_with_the_wrong_arity_are_refused() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let f = instance.function("call_record").unwrap();
+        let error = instance.call(f, &[], &mut [0]).unwrap_err();
+        assert_eq!(error.kind, TrapKind::BadCall);
+    }
+}
+
+#[test]
+fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let trap = instance.function("trap").unwrap();
+        let error = instance.call(trap, &[], &mut []).unwrap_err();
+        assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable), "{compiler:?}");
+        let exit = instance.function("exit_with").unwrap();
+        assert_eq!(
+            instance.call(exit, &[3], &mut []).unwrap_err(),
+            Trap::exit(3),
+            "{compiler:?}: host errors come back unchanged"
+        );
+        let record = instance.function("call_record").unwrap();
+        instance.call(record, &[1], &mut [0]).unwrap();
+    }
+}
+
+#[test]
+fn wasm_traps_have_the_canonical_messages() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let mut expect = |name: &str, args: &[u64], code: WasmTrapCode| {
+            let f = instance.function(name).unwrap();
+            let error = instance.call(f, args, &mut [0]).unwrap_err();
+            assert_eq!(error, Trap::wasm(code), "{compiler:?} {name}");
+        };
+        expect("divide", &[1, 0], WasmTrapCode::IntegerDivisionByZero);
+        expect(
+            "divide",
+            &[0x8000_0000, 0xffff_ffff],
+            WasmTrapCode::IntegerOverflow,
+        );
+        expect("load", &[65535], WasmTrapCode::MemoryOutOfBounds);
+        expect("recurse", &[0], WasmTrapCode::StackOverflow);
+        expect("call_null", &[], WasmTrapCode::IndirectCallToNull);
+        expect("call_wrong_type", &[], WasmTrapCode::BadSignature);
+        expect("call_out_of_table", &[], WasmTrapCode::TableOutOfBounds);
+        // Still usable after a stack overflow.
+        let record = instance.function("call_record").unwrap();
+        instance.call(record, &[1], &mut [0]).unwrap();
+    }
+}
+
+#[test]
+fn unknown_imports_and_mismatched_signatures_are_link_errors() {
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
+        assert!(
+            matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope")
+        );
+        let mismatched =
+            wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
+        assert!(matches!(
+            module.link(HOST),
+            Err(Error::ImportSignatureMismatch { .. })
+        ));
+        let memory = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&memory).unwrap();
+        assert!(matches!(
+            module.link(HOST),
+            Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
+        ));
+        for bytes in [&b"\0asm\x01\0\0\0\xff"[..], b"", b"(module)", b"\0asm"] {
+            let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
+            assert!(
+                matches!(result, Err(Error::InvalidModule(_))),
+                "{compiler:?} {bytes:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn imports_and_exports_are_listed_with_their_types() {
+    let runtime = runtime(
+        compilers()[0],
+        RuntimeConfig {
+            call_deadline: Some(Duration::from_secs(1)),
+            ..Default::default()
+        },
+    );
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let record = &module.imports()[0];
+    assert_eq!(
+        (record.module.as_str(), record.name.as_str()),
+        ("env", "record")
+    );
+    assert_eq!(
+        record.kind,
+        runtime_api::ExternKind::Function(runtime_api::FunctionType {
+            params: vec![I32, I64],
+            results: vec![I32],
+        })
+    );
+    assert_eq!(module.imports().len(), 5);
+    let names: Vec<&str> = module.exports().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names[0], "memory");
+    assert!(names.contains(&"add64"));
+    // The stop flag the deadline checks use is not the module's own export.
+    assert!(
+        names.iter().all(|name| !name.contains("pwhost")),
+        "{names:?}"
+    );
+    assert_eq!(module.exports()[0].kind, runtime_api::ExternKind::Memory);
+}
+
+#[test]
+fn a_start_function_trap_fails_instantiation() {
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let wasm = wat::parse_str(r#"(module (func $s unreachable) (start $s))"#).unwrap();
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+        let linked = module.link(HOST).unwrap();
+        let Err(Error::Instantiation(message)) = linked.instantiate(State::default()) else {
+            panic!("{compiler:?}: the start function trapped");
+        };
+        assert!(message.contains("unreachable"), "{message}");
+    }
+}
+
+#[test]
+fn the_memory_cap_makes_memory_grow_fail() {
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                max_memory_bytes: Some(2 * 65536),
+                ..Default::default()
+            },
+        );
+        let mut instance = instance(&runtime);
+        let grow = instance.function("grow").unwrap();
+        let mut result = [0];
+        instance.call(grow, &[1], &mut result).unwrap();
+        assert_eq!(result[0], 1, "{compiler:?}: growing to the cap succeeds");
+        instance.call(grow, &[1], &mut result).unwrap();
+        assert_eq!(result[0] as u32, u32::MAX, "{compiler:?}: past the cap, -1");
+        instance.call(grow, &[0x10000], &mut result).unwrap();
+        assert_eq!(result[0] as u32, u32::MAX, "{compiler:?}: huge growth, -1");
+        assert_eq!(instance.memory_size(), 2 * 65536);
+        // A module whose minimum is above the cap cannot be instantiated.
+        let big = wat::parse_str("(module (memory 3))").unwrap();
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&big).unwrap();
+        assert!(matches!(
+            module.link(HOST).unwrap().instantiate(State::default()),
+            Err(Error::Instantiation(_))
+        ));
+    }
+}
+
+#[test]
+fn a_call_deadline_stops_spinning_and_recursing_guests() {
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                call_deadline: Some(Duration::from_millis(30)),
+                ..Default::default()
+            },
+        );
+        let mut instance = instance(&runtime);
+        for name in ["spin", "spin_nested", "fan"] {
+            let f = instance.function(name).unwrap();
+            let args: &[u64] = if name == "fan" { &[60] } else { &[] };
+            let start = Instant::now();
+            let error = instance.call(f, args, &mut []).unwrap_err();
+            assert_eq!(
+                error.kind,
+                TrapKind::DeadlineExceeded,
+                "{compiler:?} {name}"
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{compiler:?} {name}"
+            );
+            // The next call gets a fresh deadline.
+            let record = instance.function("call_record").unwrap();
+            instance.call(record, &[1], &mut [0]).unwrap();
+        }
+        // A deadline that expires inside a nested call (guest → host → guest) is reported by
+        // the top-level call as a deadline, however the host function passed it on.
+        let spin = instance.function("spin").unwrap();
+        instance.state().allocator = Some(spin);
+        let spin_in_host = instance.function("spin_in_host").unwrap();
+        let error = instance.call(spin_in_host, &[], &mut []).unwrap_err();
+        assert_eq!(
+            error.kind,
+            TrapKind::DeadlineExceeded,
+            "{compiler:?} nested"
+        );
+    }
+}
+
+#[test]
+fn genuine_traps_under_a_deadline_stay_traps() {
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                call_deadline: Some(Duration::from_secs(10)),
+                interruptible: true,
+                ..Default::default()
+            },
+        );
+        let mut instance = instance(&runtime);
+        let trap = instance.function("trap").unwrap();
+        let error = instance.call(trap, &[], &mut []).unwrap_err();
+        assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable), "{compiler:?}");
+        let record = instance.function("call_record").unwrap();
+        instance.call(record, &[1], &mut [0]).unwrap();
+    }
+}
+
+#[test]
+fn an_interrupt_from_another_thread_stops_a_running_call() {
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                interruptible: true,
+                ..Default::default()
+            },
+        );
+        let caps = WasmRuntime::<State>::capabilities(&runtime);
+        assert!(caps.interrupt && !caps.call_deadline && caps.memory_limit);
+        let mut instance = instance(&runtime);
+        let handle = instance.interrupt_handle().expect("interruptible");
+        let spin = instance.function("spin_nested").unwrap();
+        let interrupter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            handle.interrupt();
+        });
+        let error = instance.call(spin, &[], &mut []).unwrap_err();
+        interrupter.join().unwrap();
+        assert_eq!(error.kind, TrapKind::Interrupted, "{compiler:?}");
+        // The instance keeps working, and an interrupt raised between calls stops the next one.
+        let record = instance.function("call_record").unwrap();
+        instance.call(record, &[1], &mut [0]).unwrap();
+        instance.interrupt_handle().unwrap().interrupt();
+        assert_eq!(
+            instance.call(record, &[1], &mut [0]).unwrap_err().kind,
+            TrapKind::Interrupted,
+            "{compiler:?}: pending interrupt"
+        );
+        instance.call(record, &[1], &mut [0]).unwrap();
+    }
+}
+
+#[test]
+fn without_stop_configuration_there_is_no_interrupt_handle() {
+    for compiler in compilers() {
+        let instance = default_instance(compiler);
+        assert!(instance.interrupt_handle().is_none());
+    }
+}
+
+#[cfg(feature = "llvm")]
+#[test]
+fn llvm_refuses_deadlines_for_modules_without_memory() {
+    let runtime = runtime(
+        Compiler::Llvm,
+        RuntimeConfig {
+            call_deadline: Some(Duration::from_secs(1)),
+            ..Default::default()
+        },
+    );
+    let wasm = wat::parse_str(r#"(module (func (export "spin") (loop (br 0))))"#).unwrap();
+    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&wasm);
+    assert!(
+        matches!(result, Err(Error::Config(_))),
+        "{:?}",
+        result.err()
+    );
+    // Without a deadline the same module compiles.
+    let runtime = self::runtime(Compiler::Llvm, RuntimeConfig::default());
+    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&wasm);
+    assert!(result.is_ok());
+}
+
+#[test]
+fn precompiled_modules_round_trip() {
+    for compiler in compilers() {
+        for config in [
+            RuntimeConfig::default(),
+            RuntimeConfig {
+                call_deadline: Some(Duration::from_millis(30)),
+                ..Default::default()
+            },
+        ] {
+            let runtime = runtime(compiler, config.clone());
+            let module: Arc<dyn CompiledModule<State>> =
+                runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+            let artifact = module.serialize().unwrap();
+            // SAFETY: the artifact was produced just above by the same engine.
+            let loaded: Arc<dyn CompiledModule<State>> =
+                unsafe { runtime.load_precompiled(&artifact) }.unwrap();
+            assert_eq!(loaded.exports(), module.exports());
+            assert_eq!(loaded.imports(), module.imports());
+            let mut instance = loaded
+                .link(HOST)
+                .unwrap()
+                .instantiate(State::default())
+                .unwrap();
+            let record = instance.function("call_record").unwrap();
+            instance.call(record, &[5], &mut [0]).unwrap();
+            if config.call_deadline.is_some() {
+                let spin = instance.function("spin").unwrap();
+                let error = instance.call(spin, &[], &mut []).unwrap_err();
+                assert_eq!(error.kind, TrapKind::DeadlineExceeded, "{compiler:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn precompiled_modules_only_load_where_they_fit() {
+    let plain = runtime(compilers()[0], RuntimeConfig::default());
+    let with_deadline = runtime(
+        compilers()[0],
+        RuntimeConfig {
+            call_deadline: Some(Duration::from_secs(1)),
+            ..Default::default()
+        },
+    );
+    let wasm = wat::parse_str(MODULE).unwrap();
+    let without_checks = WasmRuntime::<State>::compile(&plain, &wasm)
+        .unwrap()
+        .serialize()
+        .unwrap();
+    let with_checks = WasmRuntime::<State>::compile(&with_deadline, &wasm)
+        .unwrap()
+        .serialize()
+        .unwrap();
+    // SAFETY (all loads below): the artifacts come from this test, or are not artifacts at all,
+    // which the header check refuses before wasmer sees them.
+    let load = |runtime: &WasmerRuntime, artifact: &[u8]| {
+        unsafe { WasmRuntime::<State>::load_precompiled(runtime, artifact) }.map(|_| ())
+    };
+    assert!(matches!(
+        load(&with_deadline, &without_checks),
+        Err(Error::InvalidModule(_))
+    ));
+    load(&plain, &with_checks).unwrap();
+    load(&with_deadline, &with_checks).unwrap();
+    assert!(matches!(load(&plain, &wasm), Err(Error::InvalidModule(_))));
+    assert!(matches!(load(&plain, b""), Err(Error::InvalidModule(_))));
+    let mut truncated = without_checks.clone();
+    truncated.truncate(without_checks.len() / 2);
+    assert!(load(&plain, &truncated).is_err());
+    for other in compilers().into_iter().skip(1) {
+        let other = runtime(other, RuntimeConfig::default());
+        assert!(
+            matches!(load(&other, &without_checks), Err(Error::InvalidModule(_))),
+            "another compiler's artifact"
+        );
+    }
+}
+
+#[test]
+fn one_linked_module_instantiates_on_many_threads() {
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let module: Arc<dyn CompiledModule<State>> =
+            runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+        let linked = module.link(HOST).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let linked = linked.clone();
+                std::thread::spawn(move || {
+                    let mut instance = linked.instantiate(State::default()).unwrap();
+                    let record = instance.function("call_record").unwrap();
+                    instance.call(record, &[i], &mut [0]).unwrap();
+                    instance.state().seen[0]
+                })
+            })
+            .collect();
+        let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+    }
+}
+
+#[test]
+fn an_instance_moves_between_threads_between_calls() {
+    for compiler in compilers() {
+        let mut instance = default_instance(compiler);
+        let record = instance.function("call_record").unwrap();
+        instance.call(record, &[1], &mut [0]).unwrap();
+        let mut instance = std::thread::spawn(move || {
+            instance.call(record, &[2], &mut [0]).unwrap();
+            instance
+        })
+        .join()
+        .unwrap();
+        instance.call(record, &[3], &mut [0]).unwrap();
+        let seen: Vec<u64> = instance.state().seen.iter().step_by(2).copied().collect();
+        assert_eq!(seen, vec![1, 2, 3], "{compiler:?}");
+    }
+}
