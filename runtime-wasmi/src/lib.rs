@@ -1,18 +1,73 @@
 //! The [wasmi](https://github.com/wasmi-labs/wasmi) interpreter behind [`runtime_api::WasmRuntime`].
+//!
+//! wasmi is a pure-Rust interpreter: nothing is generated at run time, so it runs where JIT
+//! compilation is not allowed, and compiling a module is fast.
+//!
+//! * Every module gets its own wasmi `Engine`. wasmi frees compiled code only when its engine
+//!   goes away, so a shared engine would keep the code of every plugin ever loaded.
+//! * Host functions are registered once per module in a wasmi `Linker` as typed closures (one per
+//!   signature shape, see `host.rs`), which wasmi calls without allocating. wasmi 2 has no
+//!   pre-instantiated form, so each instantiation resolves the imports through the linker again.
+//! * Guest functions the host calls are resolved once per instance into typed handles (see
+//!   `call.rs`): a call passes its arguments on the stack, with one arity compare.
+//! * CPU deadlines and interruption run guest calls on slices of fuel (see `fuel.rs`): when a
+//!   slice runs out wasmi suspends the call, the host checks the clock and the interrupt flag,
+//!   then resumes or stops it. Without either option fuel metering stays off in optimized
+//!   builds; builds with debug assertions always slice, to bound the native stack.
+//! * A guest recursing through host functions is stopped after a few levels with a stack
+//!   overflow trap: wasmi's own recursion limit does not see it (see `instance.rs`).
+//! * The memory cap is a `StoreLimits` resource limiter.
+//! * There are no precompiled artifacts: wasmi compiles quickly, and translates each function
+//!   lazily on its first call.
+
+mod call;
+mod fuel;
+mod host;
+mod instance;
+mod module;
 
 use std::sync::Arc;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
-/// The wasmi interpreter.
+pub use instance::WasmiInstance;
+pub use module::{WasmiLinkedModule, WasmiModule};
+
+/// The first four bytes of every binary WebAssembly module.
+const WASM_MAGIC: &[u8] = b"\0asm";
+
+/// The wasmi interpreter, configured once; every module compiled with it shares the configuration.
 pub struct WasmiRuntime {
+    wasmi_config: wasmi::Config,
     config: RuntimeConfig,
+    fuel: Option<fuel::FuelPolicy>,
 }
 
 impl WasmiRuntime {
     /// An engine with the given configuration.
     pub fn new(config: RuntimeConfig) -> Result<Self, Error> {
-        Ok(WasmiRuntime { config })
+        let fuel = fuel::FuelPolicy::for_config(&config);
+        let mut wasmi_config = wasmi::Config::default();
+        wasmi_config.consume_fuel(fuel.is_some());
+        // wasmi translates each function on its first call and charges fuel for it, but running
+        // out of fuel there ends the call instead of suspending it. Translation is bounded by
+        // the module's size and happens once per module, so it is free; copying bytes keeps
+        // wasmi's default cost.
+        wasmi_config.fuel_cost(wasmi::CustomFuelCosts {
+            bytes_copied_per_fuel: 64,
+            fuel_per_bytes_translated: 0,
+            fuel_per_bytes_validated: 0,
+        });
+        // wasmi keeps finished execution stacks for reuse, two by default. Every thread running a
+        // guest needs one, plus one per nested call (the ABI calls the plugin's allocator from
+        // inside host functions); without enough cached stacks each call would allocate one.
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        wasmi_config.set_max_cached_stacks(threads.saturating_mul(4).max(8));
+        Ok(WasmiRuntime {
+            wasmi_config,
+            config,
+            fuel,
+        })
     }
 }
 
@@ -22,11 +77,31 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmiRuntime {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let _ = &self.config;
-        Capabilities::default()
+        Capabilities {
+            interrupt: self.config.interruptible,
+            call_deadline: self.config.call_deadline.is_some(),
+            memory_limit: true,
+            precompiled_modules: false,
+            sandboxed: true,
+        }
     }
 
-    fn compile(&self, _wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
-        Err(Error::Unsupported("wasmi (work in progress)"))
+    fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
+        // wasmi (built with its `wat` feature) would parse anything else as the text format;
+        // like every other engine, accept only binary modules.
+        if !wasm.starts_with(WASM_MAGIC) {
+            return Err(Error::InvalidModule(
+                "not a WebAssembly binary (magic header not detected)".into(),
+            ));
+        }
+        let engine = wasmi::Engine::new(&self.wasmi_config);
+        let module =
+            wasmi::Module::new(&engine, wasm).map_err(|e| Error::InvalidModule(e.to_string()))?;
+        Ok(Arc::new(WasmiModule::new(
+            module,
+            module::has_start_section(wasm),
+            self.config.clone(),
+            self.fuel,
+        )))
     }
 }

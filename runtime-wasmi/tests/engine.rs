@@ -1,0 +1,650 @@
+//! wasmi behind `runtime-api`: linking, calls in both directions, memory, limits, deadlines and
+//! interrupts through fuel slices.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runtime_api::{
+    Caller, CompiledModule, Error, HostFunction, Instance, LinkedModule, RuntimeConfig, Signature,
+    Trap, TrapKind, ValType, WasmRuntime,
+};
+use runtime_wasmi::WasmiRuntime;
+
+/// Host state for these tests: what the host functions saw.
+#[derive(Default)]
+struct State {
+    seen: Vec<u64>,
+    allocator: Option<runtime_api::GuestFunction>,
+    reenter: Option<runtime_api::GuestFunction>,
+    depth: u32,
+}
+
+const I32: ValType = ValType::I32;
+const I64: ValType = ValType::I64;
+
+fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..2]);
+    args[0] = 7;
+    Ok(())
+}
+
+/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
+fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let allocator = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no allocator"))?;
+    let mut pointer = [0];
+    caller.call(allocator, &[8], &mut pointer)?;
+    let mut memory = caller.memory();
+    memory
+        .write(pointer[0], b"written!")
+        .map_err(|e| Trap::host(e.to_string()))?;
+    args[0] = pointer[0];
+    Ok(())
+}
+
+fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    Err(Trap::exit(args[0] as i32))
+}
+
+/// A shape no Proxy-Wasm or WASI function has, so it goes through wasmi's untyped host functions.
+fn add_i64(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..3]);
+    args[0] = args[0].wrapping_add(args[1]).wrapping_add(args[2]);
+    Ok(())
+}
+
+/// Calls the guest's `reenter`, which calls this host function again: a guest recursing through
+/// the host. Returns the depth reached.
+fn reenter(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let reenter = caller
+        .state()
+        .reenter
+        .ok_or_else(|| Trap::host("no reenter"))?;
+    caller.state().depth += 1;
+    let mut depth = [0];
+    caller.call(reenter, &[], &mut depth)?;
+    args[0] = depth[0] + 1;
+    Ok(())
+}
+
+static HOST: &[HostFunction<State>] = &[
+    HostFunction {
+        module: "env",
+        name: "reenter",
+        signature: Signature::new(&[], &[I32]),
+        callback: reenter,
+    },
+    HostFunction {
+        module: "env",
+        name: "record",
+        signature: Signature::new(&[I32, I64], &[I32]),
+        callback: record,
+    },
+    HostFunction {
+        module: "env",
+        name: "allocate_and_write",
+        signature: Signature::new(&[], &[I32]),
+        callback: allocate_and_write,
+    },
+    HostFunction {
+        module: "env",
+        name: "exit",
+        signature: Signature::new(&[I32], &[]),
+        callback: exit,
+    },
+    HostFunction {
+        module: "env",
+        name: "add_i64",
+        signature: Signature::new(&[I64, I64, I32], &[I64]),
+        callback: add_i64,
+    },
+];
+
+const MODULE: &str = r#"
+(module
+  (import "env" "record" (func $record (param i32 i64) (result i32)))
+  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
+  (import "env" "exit" (func $exit (param i32)))
+  (import "env" "add_i64" (func $add_i64 (param i64 i64 i32) (result i64)))
+  (import "env" "reenter" (func $reenter (result i32)))
+  (memory (export "memory") 1)
+  (func (export "reenter") (result i32) (call $reenter))
+  (global $spin_allocator (mut i32) (i32.const 0))
+  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
+  ;; must re-read the memory after calling it. After `make_allocator_spin` it loops forever.
+  (func (export "allocate") (param $size i32) (result i32)
+    (if (global.get $spin_allocator) (then (loop $forever (br $forever))))
+    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
+  (func (export "make_allocator_spin") (global.set $spin_allocator (i32.const 1)))
+  (func (export "call_record") (param $a i32) (result i32)
+    (call $record (local.get $a) (i64.const -1)))
+  (func (export "call_allocate") (result i32) (call $allocate_and_write))
+  (func (export "call_add_i64") (param $a i64) (param $b i64) (param $c i32) (result i64)
+    (call $add_i64 (local.get $a) (local.get $b) (local.get $c)))
+  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
+  (func (export "spin") (loop $forever (br $forever)))
+  (func (export "spin_with_result") (param i32 i32 i32) (result i32)
+    (loop $forever (br $forever))
+    (i32.const 0))
+  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
+  (func (export "divide") (param $a i32) (param $b i32) (result i32)
+    (i32.div_u (local.get $a) (local.get $b)))
+  (func (export "sum8") (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+    (i32.add (i32.add (i32.add (local.get 0) (local.get 1)) (i32.add (local.get 2) (local.get 3)))
+             (i32.add (i32.add (local.get 4) (local.get 5)) (i32.add (local.get 6) (local.get 7)))))
+  (func (export "trap") unreachable))
+"#;
+
+fn linked(runtime: &WasmiRuntime) -> Arc<dyn LinkedModule<State>> {
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    module.link(HOST).unwrap()
+}
+
+fn instance(runtime: &WasmiRuntime) -> Box<dyn Instance<State>> {
+    let mut instance = linked(runtime).instantiate(State::default()).unwrap();
+    let allocator = instance.function("allocate");
+    instance.state().allocator = allocator;
+    instance
+}
+
+fn default_runtime() -> WasmiRuntime {
+    WasmiRuntime::new(RuntimeConfig::default()).unwrap()
+}
+
+fn runtime_with_deadline(deadline: Duration) -> WasmiRuntime {
+    WasmiRuntime::new(RuntimeConfig {
+        call_deadline: Some(deadline),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
+    let mut instance = instance(&default_runtime());
+    let f = instance.function("call_record").unwrap();
+    let mut result = [0];
+    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
+    assert_eq!(result, [7]);
+    // i32 arguments arrive zero-extended, i64 arguments as their bits.
+    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
+}
+
+#[test]
+fn unusual_shapes_pass_through_untyped_calls_in_both_directions() {
+    let mut instance = instance(&default_runtime());
+    let f = instance.function("call_add_i64").unwrap();
+    let mut result = [0];
+    instance
+        .call(f, &[u64::MAX, 3, 0xffff_ffff], &mut result)
+        .unwrap();
+    assert_eq!(result, [u64::MAX.wrapping_add(3).wrapping_add(0xffff_ffff)]);
+    assert_eq!(instance.state().seen, vec![u64::MAX, 3, 0xffff_ffff]);
+}
+
+#[test]
+fn typed_guest_calls_pass_all_their_arguments() {
+    let mut instance = instance(&default_runtime());
+    let sum8 = instance.function("sum8").unwrap();
+    let mut result = [0];
+    instance
+        .call(sum8, &[1, 2, 3, 4, 5, 6, 7, 0xffff_ffff], &mut result)
+        .unwrap();
+    assert_eq!(result, [27], "the last argument wraps around as an i32");
+}
+
+#[test]
+fn host_functions_can_call_the_guest_and_see_grown_memory() {
+    let mut instance = instance(&default_runtime());
+    assert_eq!(instance.memory_size(), 65536);
+    let f = instance.function("call_allocate").unwrap();
+    let mut pointer = [0];
+    instance.call(f, &[], &mut pointer).unwrap();
+    assert_eq!(pointer[0], 65536, "the new page");
+    assert_eq!(instance.memory_size(), 2 * 65536);
+}
+
+#[test]
+fn calls_with_the_wrong_arity_or_a_foreign_handle_are_refused() {
+    let runtime = default_runtime();
+    let mut instance = instance(&runtime);
+    let f = instance.function("call_record").unwrap();
+    let error = instance.call(f, &[], &mut [0]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
+    // A handle of another instance, at an index this instance has not given out.
+    let mut other = linked(&runtime).instantiate(State::default()).unwrap();
+    for _ in 0..3 {
+        other.function("divide").unwrap();
+    }
+    let foreign = other.function("divide").unwrap();
+    let error = instance.call(foreign, &[1, 1], &mut [0]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
+    assert!(instance.function("no_such_export").is_none());
+    assert!(instance.function("memory").is_none(), "not a function");
+}
+
+#[test]
+fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
+    let mut instance = instance(&default_runtime());
+    let trap = instance.function("trap").unwrap();
+    let error = instance.call(trap, &[], &mut []).unwrap_err();
+    assert_eq!(error, Trap::wasm(runtime_api::WasmTrapCode::Unreachable));
+    let divide = instance.function("divide").unwrap();
+    let error = instance.call(divide, &[1, 0], &mut [0]).unwrap_err();
+    assert_eq!(
+        error,
+        Trap::wasm(runtime_api::WasmTrapCode::IntegerDivisionByZero)
+    );
+    let exit = instance.function("exit_with").unwrap();
+    assert_eq!(
+        instance.call(exit, &[3], &mut []).unwrap_err(),
+        Trap::exit(3),
+        "a host function's trap comes back unchanged"
+    );
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn unknown_imports_and_mismatched_signatures_are_link_errors() {
+    let runtime = default_runtime();
+    let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
+    assert!(matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
+    let mismatched =
+        wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
+    assert!(matches!(
+        module.link(HOST),
+        Err(Error::ImportSignatureMismatch { .. })
+    ));
+    let memory = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&memory).unwrap();
+    assert!(matches!(
+        module.link(HOST),
+        Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
+    ));
+}
+
+#[test]
+fn malformed_bytes_and_the_text_format_are_invalid_modules() {
+    let runtime = default_runtime();
+    for bytes in [
+        &b"\0asm\x01\0\0\0\xff"[..],
+        b"",
+        b"this is not a wasm module",
+        b"(module)",
+    ] {
+        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
+        assert!(
+            matches!(result, Err(Error::InvalidModule(_))),
+            "{bytes:?} compiled"
+        );
+    }
+}
+
+#[test]
+fn imports_and_exports_are_listed_with_their_types() {
+    let runtime = default_runtime();
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let imports = module.imports();
+    assert_eq!(imports.len(), 5);
+    assert_eq!(imports[0].name, "record");
+    assert_eq!(
+        imports[0].kind,
+        runtime_api::ExternKind::Function(runtime_api::FunctionType {
+            params: vec![I32, I64],
+            results: vec![I32],
+        })
+    );
+    let memory = module.exports().iter().find(|e| e.name == "memory");
+    assert_eq!(
+        memory.map(|e| &e.kind),
+        Some(&runtime_api::ExternKind::Memory)
+    );
+    let divide = module.exports().iter().find(|e| e.name == "divide");
+    assert_eq!(
+        divide.map(|e| &e.kind),
+        Some(&runtime_api::ExternKind::Function(
+            runtime_api::FunctionType {
+                params: vec![I32, I32],
+                results: vec![I32],
+            }
+        ))
+    );
+}
+
+#[test]
+fn the_memory_cap_makes_memory_grow_fail() {
+    let runtime = WasmiRuntime::new(RuntimeConfig {
+        max_memory_bytes: Some(2 * 65536),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let grow = instance.function("grow").unwrap();
+    let mut result = [0];
+    instance.call(grow, &[1], &mut result).unwrap();
+    assert_eq!(result[0], 1, "growing to the cap succeeds");
+    instance.call(grow, &[1], &mut result).unwrap();
+    assert_eq!(
+        result[0] as u32,
+        u32::MAX,
+        "growing past the cap returns -1"
+    );
+    instance.call(grow, &[0x1_0000], &mut result).unwrap();
+    assert_eq!(result[0] as u32, u32::MAX, "so does a huge request");
+    assert_eq!(instance.memory_size(), 2 * 65536);
+}
+
+#[test]
+fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
+    let runtime = WasmiRuntime::new(RuntimeConfig {
+        max_memory_bytes: Some(65536),
+        ..Default::default()
+    })
+    .unwrap();
+    let wasm = wat::parse_str(r#"(module (memory (export "memory") 2))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    match module.link(HOST).unwrap().instantiate(State::default()) {
+        Err(Error::Instantiation(message)) => assert_eq!(
+            message,
+            "memory minimum size of 2 pages exceeds memory limits"
+        ),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("instantiated past the memory cap"),
+    }
+    // A memory that is not exported is refused by wasmi's limiter itself.
+    let hidden = wat::parse_str("(module (memory 2))").unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&hidden).unwrap();
+    let result = module.link(HOST).unwrap().instantiate(State::default());
+    assert!(matches!(result, Err(Error::Instantiation(_))));
+}
+
+#[test]
+fn a_call_deadline_stops_a_spinning_guest() {
+    let runtime = runtime_with_deadline(Duration::from_millis(30));
+    assert!(WasmRuntime::<State>::capabilities(&runtime).call_deadline);
+    let mut instance = instance(&runtime);
+    let spin = instance.function("spin").unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        instance.call(spin, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(30), "stopped early: {took:?}");
+    assert!(took < Duration::from_secs(2), "stopped late: {took:?}");
+    // The next call gets a fresh deadline.
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+    let spin_with_result = instance.function("spin_with_result").unwrap();
+    assert_eq!(
+        instance
+            .call(spin_with_result, &[1, 2, 3], &mut [0])
+            .unwrap_err()
+            .kind,
+        TrapKind::DeadlineExceeded
+    );
+}
+
+#[test]
+fn a_call_deadline_stops_a_guest_spinning_inside_a_nested_call() {
+    let runtime = runtime_with_deadline(Duration::from_millis(30));
+    let mut instance = instance(&runtime);
+    let make_spin = instance.function("make_allocator_spin").unwrap();
+    instance.call(make_spin, &[], &mut []).unwrap();
+    // The host function calls the (now spinning) allocator from inside the guest.
+    let call_allocate = instance.function("call_allocate").unwrap();
+    assert_eq!(
+        instance
+            .call(call_allocate, &[], &mut [0])
+            .unwrap_err()
+            .kind,
+        TrapKind::DeadlineExceeded
+    );
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn calls_within_the_deadline_run_to_completion() {
+    let runtime = runtime_with_deadline(Duration::from_secs(10));
+    let mut instance = instance(&runtime);
+    let call_allocate = instance.function("call_allocate").unwrap();
+    let mut pointer = [0];
+    instance.call(call_allocate, &[], &mut pointer).unwrap();
+    assert_eq!(pointer[0], 65536);
+    let exit = instance.function("exit_with").unwrap();
+    assert_eq!(
+        instance.call(exit, &[4], &mut []).unwrap_err(),
+        Trap::exit(4)
+    );
+    let call_add = instance.function("call_add_i64").unwrap();
+    let mut sum = [0];
+    instance.call(call_add, &[1, 2, 3], &mut sum).unwrap();
+    assert_eq!(sum, [6]);
+}
+
+#[test]
+fn an_interrupt_from_another_thread_stops_a_spinning_guest() {
+    let runtime = WasmiRuntime::new(RuntimeConfig {
+        interruptible: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(WasmRuntime::<State>::capabilities(&runtime).interrupt);
+    let mut instance = instance(&runtime);
+    let handle = instance.interrupt_handle().unwrap();
+    let spin = instance.function("spin").unwrap();
+    let interrupter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        handle.interrupt();
+    });
+    let started = Instant::now();
+    let error = instance.call(spin, &[], &mut []).unwrap_err();
+    assert_eq!(error.kind, TrapKind::Interrupted);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    interrupter.join().unwrap();
+    // The interrupt was consumed: the instance works again.
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn an_interrupt_between_calls_stops_the_next_call() {
+    let runtime = WasmiRuntime::new(RuntimeConfig {
+        interruptible: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let record = instance.function("call_record").unwrap();
+    instance.interrupt_handle().unwrap().interrupt();
+    assert_eq!(
+        instance.call(record, &[1], &mut [0]).unwrap_err().kind,
+        TrapKind::Interrupted
+    );
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn without_deadline_or_interruption_there_is_no_interrupt_handle() {
+    let runtime = default_runtime();
+    let capabilities = WasmRuntime::<State>::capabilities(&runtime);
+    assert!(!capabilities.interrupt && !capabilities.call_deadline);
+    assert!(capabilities.memory_limit && capabilities.sandboxed);
+    assert!(!capabilities.precompiled_modules);
+    assert!(instance(&runtime).interrupt_handle().is_none());
+}
+
+#[test]
+fn a_start_function_runs_at_instantiation_and_its_traps_fail_it() {
+    let runtime = default_runtime();
+    let wasm = wat::parse_str(
+        r#"(module
+             (memory (export "memory") 1)
+             (func $start (i32.store (i32.const 0) (i32.const 42)))
+             (start $start)
+             (func (export "read") (result i32) (i32.load (i32.const 0))))"#,
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let mut instance = module
+        .link(HOST)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let read = instance.function("read").unwrap();
+    let mut value = [0];
+    instance.call(read, &[], &mut value).unwrap();
+    assert_eq!(value, [42]);
+
+    let trapping = wat::parse_str("(module (func $start unreachable) (start $start))").unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&trapping).unwrap();
+    match module.link(HOST).unwrap().instantiate(State::default()) {
+        Err(Error::Instantiation(message)) => assert!(message.contains("unreachable"), "{message}"),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a trapping start function instantiated"),
+    }
+}
+
+#[test]
+fn a_spinning_start_function_is_stopped_by_its_fuel_budget() {
+    let runtime = runtime_with_deadline(Duration::from_millis(20));
+    let wasm = wat::parse_str("(module (func $start (loop $l (br $l))) (start $start))").unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let started = Instant::now();
+    let result = module.link(HOST).unwrap().instantiate(State::default());
+    assert!(matches!(result, Err(Error::Instantiation(_))));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Counts down from its argument: seven units of fuel per iteration.
+const COUNTER: &str = r#"
+(module
+  (global $started (mut i32) (i32.const 0))
+  (func $count (export "count") (param $n i32) (result i32)
+    (loop $again
+      (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+      (br_if $again (local.get $n)))
+    (local.get $n))
+  (func $start (global.set $started (call $count (i32.const 50000))))
+  (start $start))
+"#;
+
+#[test]
+fn long_calls_and_start_functions_run_to_completion_in_every_configuration() {
+    // Builds with debug assertions keep a native frame per executed instruction between returns
+    // to the host; fuel slices must keep long calls from overflowing the native stack.
+    for config in [
+        RuntimeConfig::default(),
+        RuntimeConfig {
+            call_deadline: Some(Duration::from_secs(60)),
+            interruptible: true,
+            ..Default::default()
+        },
+    ] {
+        let runtime = WasmiRuntime::new(config).unwrap();
+        let module: Arc<dyn CompiledModule<State>> =
+            runtime.compile(&wat::parse_str(COUNTER).unwrap()).unwrap();
+        let mut instance = module
+            .link(HOST)
+            .unwrap()
+            .instantiate(State::default())
+            .unwrap();
+        let count = instance.function("count").unwrap();
+        let mut left = [1];
+        instance.call(count, &[5_000_000], &mut left).unwrap();
+        assert_eq!(left, [0]);
+    }
+}
+
+#[test]
+fn a_guest_recursing_through_a_host_function_gets_a_stack_overflow_trap() {
+    for runtime in [
+        default_runtime(),
+        runtime_with_deadline(Duration::from_secs(10)),
+    ] {
+        let mut instance = instance(&runtime);
+        let reenter = instance.function("reenter").unwrap();
+        instance.state().reenter = Some(reenter);
+        let error = instance.call(reenter, &[], &mut [0]).unwrap_err();
+        assert_eq!(error, Trap::wasm(runtime_api::WasmTrapCode::StackOverflow));
+        assert!(
+            instance.state().depth > 1,
+            "the host calls back at least once"
+        );
+        // The nesting count unwound with the calls: the host may call back again.
+        let call_allocate = instance.function("call_allocate").unwrap();
+        instance.call(call_allocate, &[], &mut [0]).unwrap();
+    }
+}
+
+#[test]
+fn deep_recursion_is_a_stack_overflow_trap() {
+    let runtime = default_runtime();
+    let wasm = wat::parse_str(
+        r#"(module (func $f (export "recurse") (param i32) (result i32)
+             (i32.add (call $f (local.get 0)) (i32.const 1))))"#,
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let mut instance = module
+        .link(HOST)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let recurse = instance.function("recurse").unwrap();
+    let error = instance.call(recurse, &[0], &mut [0]).unwrap_err();
+    assert_eq!(error, Trap::wasm(runtime_api::WasmTrapCode::StackOverflow));
+}
+
+#[test]
+fn instances_move_between_threads_and_modules_are_shared() {
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<Box<dyn Instance<State>>>();
+    assert_send::<runtime_wasmi::WasmiInstance<State>>();
+    assert_send_sync::<runtime_wasmi::WasmiLinkedModule<State>>();
+    assert_send_sync::<runtime_wasmi::WasmiModule>();
+
+    let mut instance = instance(&default_runtime());
+    let record = instance.function("call_record").unwrap();
+    let mut instance = std::thread::spawn(move || {
+        instance.call(record, &[9], &mut [0]).unwrap();
+        instance
+    })
+    .join()
+    .unwrap();
+    instance.call(record, &[10], &mut [0]).unwrap();
+    assert_eq!(instance.state().seen, vec![9, u64::MAX, 10, u64::MAX]);
+}
+
+#[test]
+fn one_linked_module_instantiates_on_many_threads() {
+    let linked = linked(&runtime_with_deadline(Duration::from_secs(10)));
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let linked = linked.clone();
+            std::thread::spawn(move || {
+                let mut instance = linked.instantiate(State::default()).unwrap();
+                let allocator = instance.function("allocate");
+                instance.state().allocator = allocator;
+                let record = instance.function("call_record").unwrap();
+                let call_allocate = instance.function("call_allocate").unwrap();
+                for _ in 0..100 {
+                    instance.call(record, &[i], &mut [0]).unwrap();
+                }
+                instance.call(call_allocate, &[], &mut [0]).unwrap();
+                instance.state().seen[0]
+            })
+        })
+        .collect();
+    let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+}
