@@ -1,0 +1,670 @@
+//! WAMR behind `runtime-api`: linking, calls in both directions, memory, limits, interrupts, and
+//! what WAMR's process-wide registry and exec envs make engine-specific (several host tables,
+//! threads, start functions).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runtime_api::{
+    Caller, CompiledModule, Error, ExternKind, FunctionType, HostFunction, Instance, RuntimeConfig,
+    Signature, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
+};
+use runtime_wamr::{WamrOptions, WamrRuntime};
+
+/// Host state for these tests: what the host functions saw.
+#[derive(Default)]
+struct State {
+    seen: Vec<u64>,
+    allocator: Option<runtime_api::GuestFunction>,
+}
+
+const I32: ValType = ValType::I32;
+const I64: ValType = ValType::I64;
+
+fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..2]);
+    args[0] = 7;
+    Ok(())
+}
+
+/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
+fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let allocator = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no allocator"))?;
+    let mut pointer = [0];
+    caller.call(allocator, &[8], &mut pointer)?;
+    let mut memory = caller.memory();
+    memory
+        .write(pointer[0], b"written!")
+        .map_err(|e| Trap::host(e.to_string()))?;
+    args[0] = pointer[0];
+    Ok(())
+}
+
+fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    Err(Trap::exit(args[0] as i32))
+}
+
+/// Calls the guest's `trap` export, ignores its failure, and returns 5.
+fn survive_guest_trap(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let trap = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no trap function"))?;
+    let error = caller.call(trap, &[], &mut []).unwrap_err();
+    caller
+        .state()
+        .seen
+        .push(u64::from(error.kind == TrapKind::Wasm));
+    args[0] = 5;
+    Ok(())
+}
+
+fn panic_in_host(_caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+    panic!("a host bug");
+}
+
+static HOST: &[HostFunction<State>] = &[
+    HostFunction {
+        module: "env",
+        name: "record",
+        signature: Signature::new(&[I32, I64], &[I32]),
+        callback: record,
+    },
+    HostFunction {
+        module: "env",
+        name: "allocate_and_write",
+        signature: Signature::new(&[], &[I32]),
+        callback: allocate_and_write,
+    },
+    HostFunction {
+        module: "env",
+        name: "exit",
+        signature: Signature::new(&[I32], &[]),
+        callback: exit,
+    },
+];
+
+const MODULE: &str = r#"
+(module
+  (import "env" "record" (func $record (param i32 i64) (result i32)))
+  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
+  (import "env" "exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
+  ;; must re-read the memory after calling it.
+  (func (export "allocate") (param $size i32) (result i32)
+    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
+  (func (export "call_record") (param $a i32) (result i32)
+    (call $record (local.get $a) (i64.const -1)))
+  (func (export "call_allocate") (result i32) (call $allocate_and_write))
+  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
+  (func (export "spin") (loop $forever (br $forever)))
+  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
+  (func (export "add64") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1)))
+  (func (export "trap") unreachable))
+"#;
+
+fn instance(runtime: &WamrRuntime) -> Box<dyn Instance<State>> {
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let mut instance = module
+        .link(HOST)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let allocator = instance.function("allocate");
+    instance.state().allocator = allocator;
+    instance
+}
+
+fn default_runtime() -> WamrRuntime {
+    WamrRuntime::new(RuntimeConfig::default()).unwrap()
+}
+
+#[test]
+fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
+    let mut instance = instance(&default_runtime());
+    let f = instance.function("call_record").unwrap();
+    let mut result = [0];
+    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
+    assert_eq!(result, [7]);
+    // i32 arguments arrive zero-extended, i64 arguments as their bits.
+    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
+}
+
+#[test]
+fn i64_arguments_and_results_pass_through_guest_calls() {
+    let mut instance = instance(&default_runtime());
+    let add = instance.function("add64").unwrap();
+    let mut result = [0];
+    instance
+        .call(add, &[0x1_0000_0001, u64::MAX - 1], &mut result)
+        .unwrap();
+    assert_eq!(result, [0xffff_ffff], "wrapping i64 addition");
+}
+
+#[test]
+fn host_functions_can_call_the_guest_and_see_grown_memory() {
+    let mut instance = instance(&default_runtime());
+    assert_eq!(instance.memory_size(), 65536);
+    let f = instance.function("call_allocate").unwrap();
+    let mut pointer = [0];
+    instance.call(f, &[], &mut pointer).unwrap();
+    assert_eq!(pointer[0], 65536, "the new page");
+    assert_eq!(instance.memory_size(), 2 * 65536);
+}
+
+#[test]
+fn calls_with_the_wrong_arity_are_refused() {
+    let mut instance = instance(&default_runtime());
+    let f = instance.function("call_record").unwrap();
+    let error = instance.call(f, &[], &mut [0]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
+}
+
+#[test]
+fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
+    let mut instance = instance(&default_runtime());
+    let trap = instance.function("trap").unwrap();
+    let error = instance.call(trap, &[], &mut []).unwrap_err();
+    assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable));
+    let exit = instance.function("exit_with").unwrap();
+    assert_eq!(
+        instance.call(exit, &[3], &mut []).unwrap_err(),
+        Trap::exit(3),
+        "a host function's trap comes back unchanged"
+    );
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn wasm_traps_get_the_canonical_codes() {
+    let runtime = default_runtime();
+    let wasm = wat::parse_str(
+        r#"(module
+             (memory 1)
+             (table 2 funcref)
+             (type $t (func (param i32)))
+             (elem (i32.const 0) $f)
+             (func $f)
+             (func (export "oob") (drop (i32.load (i32.const 65535))))
+             (func (export "div") (drop (i32.div_s (i32.const 1) (i32.const 0))))
+             (func (export "overflow") (drop (i32.div_s (i32.const 0x80000000) (i32.const -1))))
+             (func (export "convert") (drop (i32.trunc_f32_s (f32.const nan))))
+             (func (export "null") (call_indirect (i32.const 1)))
+             (func (export "signature") (call_indirect (type $t) (i32.const 0) (i32.const 0)))
+             (func (export "table") (call_indirect (i32.const 5)))
+             (func $deep (export "recurse") (call $deep)))"#,
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&[])
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    for (name, code) in [
+        ("oob", WasmTrapCode::MemoryOutOfBounds),
+        ("div", WasmTrapCode::IntegerDivisionByZero),
+        ("overflow", WasmTrapCode::IntegerOverflow),
+        ("convert", WasmTrapCode::BadConversionToInteger),
+        ("null", WasmTrapCode::IndirectCallToNull),
+        ("signature", WasmTrapCode::BadSignature),
+        ("table", WasmTrapCode::TableOutOfBounds),
+        ("recurse", WasmTrapCode::StackOverflow),
+    ] {
+        let function = instance.function(name).unwrap();
+        let error = instance.call(function, &[], &mut []).unwrap_err();
+        assert_eq!(error, Trap::wasm(code), "{name}");
+    }
+}
+
+#[test]
+fn a_host_function_may_recover_from_a_trap_in_a_nested_call() {
+    let host = [HostFunction {
+        module: "env",
+        name: "survive",
+        signature: Signature::new(&[], &[I32]),
+        callback: survive_guest_trap,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "survive" (func $survive (result i32)))
+             (func (export "trap") unreachable)
+             (func (export "outer") (result i32) (i32.add (call $survive) (i32.const 1))))"#,
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = default_runtime().compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&host)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    instance.state().allocator = instance.function("trap");
+    let outer = instance.function("outer").unwrap();
+    let mut result = [0];
+    instance.call(outer, &[], &mut result).unwrap();
+    assert_eq!(result, [6], "the guest ran on after the host recovered");
+    assert_eq!(instance.state().seen, [1]);
+}
+
+#[test]
+fn a_panicking_host_function_fails_the_call_not_the_process() {
+    let host = [HostFunction {
+        module: "env",
+        name: "bug",
+        signature: Signature::new(&[], &[]),
+        callback: panic_in_host,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module (import "env" "bug" (func $bug)) (func (export "f") (call $bug)))"#,
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = default_runtime().compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&host)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let f = instance.function("f").unwrap();
+    let error = instance.call(f, &[], &mut []).unwrap_err();
+    assert_eq!(error.kind, TrapKind::Host);
+    assert!(error.message.contains("panicked"), "{error}");
+}
+
+#[test]
+fn unknown_imports_and_mismatched_signatures_are_link_errors() {
+    let runtime = default_runtime();
+    let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
+    assert!(matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
+    let mismatched =
+        wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
+    assert!(matches!(
+        module.link(HOST),
+        Err(Error::ImportSignatureMismatch { .. })
+    ));
+    let memory = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&memory).unwrap();
+    assert!(matches!(
+        module.link(HOST),
+        Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
+    ));
+    for bytes in [&b"\0asm\x01\0\0\0\xff"[..], b"", b"not wasm at all"] {
+        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
+        assert!(matches!(result, Err(Error::InvalidModule(_))), "{bytes:?}");
+    }
+}
+
+#[test]
+fn imports_and_exports_are_listed_with_their_types() {
+    let module: Arc<dyn CompiledModule<State>> = default_runtime()
+        .compile(&wat::parse_str(MODULE).unwrap())
+        .unwrap();
+    let imports = module.imports();
+    assert_eq!(imports.len(), 3);
+    assert_eq!(
+        (imports[0].module.as_str(), imports[0].name.as_str()),
+        ("env", "record")
+    );
+    assert_eq!(
+        imports[0].kind,
+        ExternKind::Function(FunctionType {
+            params: vec![I32, I64],
+            results: vec![I32]
+        })
+    );
+    let exports = module.exports();
+    assert_eq!(exports[0].name, "memory");
+    assert_eq!(exports[0].kind, ExternKind::Memory);
+    let add = exports.iter().find(|e| e.name == "add64").unwrap();
+    assert_eq!(
+        add.kind,
+        ExternKind::Function(FunctionType {
+            params: vec![I64, I64],
+            results: vec![I64]
+        })
+    );
+}
+
+#[test]
+fn the_memory_cap_makes_memory_grow_fail() {
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        max_memory_bytes: Some(2 * 65536),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let grow = instance.function("grow").unwrap();
+    let mut result = [0];
+    instance.call(grow, &[1], &mut result).unwrap();
+    assert_eq!(result[0], 1, "growing to the cap succeeds");
+    instance.call(grow, &[1], &mut result).unwrap();
+    assert_eq!(
+        result[0] as u32,
+        u32::MAX,
+        "growing past the cap returns -1"
+    );
+    instance.call(grow, &[0x7fff_ffff], &mut result).unwrap();
+    assert_eq!(result[0] as u32, u32::MAX, "so does a huge growth");
+}
+
+#[test]
+fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        max_memory_bytes: Some(65536),
+        ..Default::default()
+    })
+    .unwrap();
+    let wasm = wat::parse_str(r#"(module (memory (export "memory") 3))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    assert!(matches!(
+        module.link(&[]).unwrap().instantiate(State::default()),
+        Err(Error::Instantiation(_))
+    ));
+    let below_a_page = WamrRuntime::new(RuntimeConfig {
+        max_memory_bytes: Some(1000),
+        ..Default::default()
+    });
+    assert!(matches!(below_a_page, Err(Error::Config(_))));
+}
+
+#[test]
+fn a_call_deadline_stops_a_spinning_guest() {
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let spin = instance.function("spin").unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        instance.call(spin, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The next call gets a fresh deadline.
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+    assert_eq!(
+        instance.call(spin, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded,
+        "and is stopped again"
+    );
+}
+
+#[test]
+fn a_deadline_reaches_a_guest_spinning_inside_a_nested_call() {
+    fn call_spin(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+        let spin = caller.state().allocator.ok_or_else(|| Trap::host("none"))?;
+        // Ignoring the trap must not let the guest escape its deadline.
+        let _ = caller.call(spin, &[], &mut []);
+        Ok(())
+    }
+    let host = [HostFunction {
+        module: "env",
+        name: "call_spin",
+        signature: Signature::new(&[], &[]),
+        callback: call_spin,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "call_spin" (func $call_spin))
+             (func (export "spin") (loop $forever (br $forever)))
+             (func (export "outer") (call $call_spin) (loop $forever (br $forever))))"#,
+    )
+    .unwrap();
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&host)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    instance.state().allocator = instance.function("spin");
+    let outer = instance.function("outer").unwrap();
+    assert_eq!(
+        instance.call(outer, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded
+    );
+}
+
+#[test]
+fn an_interrupt_from_another_thread_stops_a_call_and_the_instance_stays_usable() {
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        interruptible: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(WasmRuntime::<State>::capabilities(&runtime).interrupt);
+    let mut instance = instance(&runtime);
+    let handle = instance.interrupt_handle().expect("WAMR can interrupt");
+    let spin = instance.function("spin").unwrap();
+    let interrupter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        handle.interrupt();
+        handle
+    });
+    assert_eq!(
+        instance.call(spin, &[], &mut []).unwrap_err().kind,
+        TrapKind::Interrupted
+    );
+    let handle = interrupter.join().unwrap();
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+    // An interrupt between calls stops the next one.
+    handle.interrupt();
+    assert_eq!(
+        instance.call(record, &[1], &mut [0]).unwrap_err().kind,
+        TrapKind::Interrupted
+    );
+    instance.call(record, &[1], &mut [0]).unwrap();
+    // A handle that outlives its instance does nothing.
+    drop(instance);
+    handle.interrupt();
+}
+
+#[test]
+fn instances_without_a_deadline_or_interrupts_have_no_handle() {
+    let instance = instance(&default_runtime());
+    assert!(instance.interrupt_handle().is_none());
+    let caps = WasmRuntime::<State>::capabilities(&default_runtime());
+    assert!(caps.memory_limit && caps.sandboxed && !caps.interrupt && !caps.call_deadline);
+    assert!(!caps.precompiled_modules);
+}
+
+#[test]
+fn the_start_function_runs_at_instantiation_under_the_deadline() {
+    fn started(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+        caller.state().seen.push(args[0]);
+        Ok(())
+    }
+    let host = [HostFunction {
+        module: "env",
+        name: "started",
+        signature: Signature::new(&[I32], &[]),
+        callback: started,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "started" (func $started (param i32)))
+             (func $start (call $started (i32.const 42)))
+             (start $start)
+             (func (export "__wasm_call_ctors") (call $started (i32.const 7))))"#,
+    )
+    .unwrap();
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    // The start function is not listed; the constructors keep their name.
+    let names: Vec<&str> = module.exports().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["__wasm_call_ctors"]);
+    let mut instance = module
+        .link(&host)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    assert_eq!(
+        instance.state().seen,
+        [42],
+        "the start function ran once, the constructors did not run by themselves"
+    );
+    let ctors = instance.function("__wasm_call_ctors").unwrap();
+    instance.call(ctors, &[], &mut []).unwrap();
+    assert_eq!(instance.state().seen, [42, 7]);
+
+    let spinning =
+        wat::parse_str(r#"(module (func $start (loop $forever (br $forever))) (start $start))"#)
+            .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&spinning).unwrap();
+    let error = module.link(&[]).unwrap().instantiate(State::default());
+    assert!(
+        matches!(&error, Err(Error::Instantiation(m)) if m.contains("deadline")),
+        "{:?}",
+        error.err()
+    );
+}
+
+/// A second host table with the same import names but other behaviour and another state type.
+mod other_host {
+    use super::*;
+
+    #[derive(Default)]
+    pub struct OtherState {
+        pub calls: u32,
+    }
+
+    fn record(caller: &mut dyn Caller<OtherState>, args: &mut [u64]) -> Result<(), Trap> {
+        caller.state().calls += 1;
+        args[0] = 1000;
+        Ok(())
+    }
+
+    fn nothing(_caller: &mut dyn Caller<OtherState>, args: &mut [u64]) -> Result<(), Trap> {
+        args[0] = 0;
+        Ok(())
+    }
+
+    pub static HOST: &[HostFunction<OtherState>] = &[
+        HostFunction {
+            module: "env",
+            name: "record",
+            signature: Signature::new(&[I32, I64], &[I32]),
+            callback: record,
+        },
+        HostFunction {
+            module: "env",
+            name: "allocate_and_write",
+            signature: Signature::new(&[], &[I32]),
+            callback: nothing,
+        },
+        HostFunction {
+            module: "env",
+            name: "exit",
+            signature: Signature::new(&[I32], &[]),
+            callback: |_, _| Ok(()),
+        },
+    ];
+}
+
+#[test]
+fn modules_linked_against_different_host_tables_each_call_their_own() {
+    let runtime = default_runtime();
+    let wasm = wat::parse_str(MODULE).unwrap();
+    let mut first = instance(&runtime);
+    let module: Arc<dyn CompiledModule<other_host::OtherState>> = runtime.compile(&wasm).unwrap();
+    let mut second = module
+        .link(other_host::HOST)
+        .unwrap()
+        .instantiate(other_host::OtherState::default())
+        .unwrap();
+    // The same compiled module, linked twice.
+    let same: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let linked_twice = [same.link(HOST).unwrap(), same.link(HOST).unwrap()];
+    let mut third = linked_twice[1].instantiate(State::default()).unwrap();
+    for _ in 0..3 {
+        let f = first.function("call_record").unwrap();
+        let mut result = [0];
+        first.call(f, &[1], &mut result).unwrap();
+        assert_eq!(result, [7]);
+        let f = second.function("call_record").unwrap();
+        second.call(f, &[1], &mut result).unwrap();
+        assert_eq!(result, [1000]);
+        let f = third.function("call_record").unwrap();
+        third.call(f, &[2], &mut result).unwrap();
+        assert_eq!(result, [7]);
+    }
+    assert_eq!(first.state().seen.len(), 6);
+    assert_eq!(second.state().calls, 3);
+    assert_eq!(third.state().seen[0], 2);
+}
+
+#[test]
+fn one_linked_module_instantiates_and_runs_on_many_threads() {
+    let runtime = WamrRuntime::with_options(
+        RuntimeConfig {
+            call_deadline: Some(Duration::from_secs(10)),
+            ..Default::default()
+        },
+        WamrOptions {
+            stack_size: 64 * 1024,
+        },
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> =
+        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let linked = module.link(HOST).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let linked = linked.clone();
+            std::thread::spawn(move || {
+                let mut sum = 0;
+                for round in 0..50 {
+                    let mut instance = linked.instantiate(State::default()).unwrap();
+                    instance.state().allocator = instance.function("allocate");
+                    let record = instance.function("call_record").unwrap();
+                    instance.call(record, &[i], &mut [0]).unwrap();
+                    let allocate = instance.function("call_allocate").unwrap();
+                    let mut pointer = [0];
+                    instance.call(allocate, &[], &mut pointer).unwrap();
+                    assert_eq!(pointer[0], 65536, "round {round}");
+                    sum += instance.state().seen[0];
+                }
+                sum
+            })
+        })
+        .collect();
+    let sums: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(sums, vec![0, 50, 100, 150]);
+}
+
+#[test]
+fn an_instance_moves_between_threads() {
+    let mut instance = instance(&default_runtime());
+    for i in 0..3 {
+        instance = std::thread::spawn(move || {
+            let record = instance.function("call_record").unwrap();
+            instance.call(record, &[i], &mut [0]).unwrap();
+            instance
+        })
+        .join()
+        .unwrap();
+    }
+    assert_eq!(
+        instance.state().seen,
+        [0, u64::MAX, 1, u64::MAX, 2, u64::MAX]
+    );
+}
