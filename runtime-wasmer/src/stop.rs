@@ -54,7 +54,12 @@ pub(crate) const STOP_FLAG_EXPORT: &str = "__pwhost_stop";
 
 /// What each check does before reading the flag, so that the compiler cannot reuse an earlier
 /// read (see the module documentation).
+/// Builds without some compiler never construct its style.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    not(all(feature = "cranelift", feature = "singlepass", feature = "llvm")),
+    allow(dead_code)
+)]
 pub(crate) enum CheckStyle {
     /// Read the flag (singlepass).
     Plain,
