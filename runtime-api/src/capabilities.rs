@@ -7,7 +7,7 @@ use std::time::Duration;
 pub struct Capabilities {
     /// A running call can be stopped from another thread ([`crate::InterruptHandle`]).
     pub interrupt: bool,
-    /// A CPU deadline per call ([`RuntimeConfig::call_deadline`]) is enforced.
+    /// A deadline per call ([`RuntimeConfig::call_deadline`]) is enforced.
     pub call_deadline: bool,
     /// The guest's memory can be capped ([`RuntimeConfig::max_memory_bytes`]).
     pub memory_limit: bool,
@@ -22,7 +22,9 @@ pub struct Capabilities {
 pub struct RuntimeConfig {
     /// The most linear memory one instance may have; `memory.grow` beyond it fails.
     pub max_memory_bytes: Option<u64>,
-    /// The most CPU time one top-level guest call may take before it is stopped.
+    /// The longest one top-level guest call may run before it is stopped. Engines measure it
+    /// as their timers allow: elapsed time (wasmtime, wasmer, wasmi, WAMR) or the calling
+    /// thread's CPU time (V8); either way within a few milliseconds.
     pub call_deadline: Option<Duration>,
     /// Prepare every instance for [`crate::Instance::interrupt_handle`]; may cost a little speed.
     pub interruptible: bool,

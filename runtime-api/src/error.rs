@@ -55,7 +55,7 @@ pub enum Error {
 pub enum TrapKind {
     /// The guest trapped (`unreachable`, out-of-bounds access, stack overflow, …).
     Wasm,
-    /// The call ran past its CPU deadline ([`crate::RuntimeConfig::call_deadline`]).
+    /// The call ran past its deadline ([`crate::RuntimeConfig::call_deadline`]).
     DeadlineExceeded,
     /// The call was stopped from another thread through an [`crate::InterruptHandle`].
     Interrupted,

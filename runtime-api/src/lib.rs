@@ -14,7 +14,7 @@
 //! * A module is compiled once ([`CompiledModule`]), linked once against a host function table
 //!   ([`LinkedModule`]) and instantiated many times, on any thread, without re-registering host
 //!   functions.
-//! * What differs between engines (interrupting a running call, CPU deadlines, memory caps,
+//! * What differs between engines (interrupting a running call, call deadlines, memory caps,
 //!   precompiled artifacts) is reported as data in [`Capabilities`], so the ABI adapts without
 //!   knowing which engine it runs on.
 //!

@@ -11,7 +11,8 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, Trap, TrapKind, MAX_ARGS,
+    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, Trap, TrapKind,
+    WasmTrapCode, MAX_ARGS,
 };
 use wamrx_sys as sys;
 
@@ -20,6 +21,13 @@ use crate::module::{c_buffer_text, LinkedInner};
 use crate::trap::{current_exception, StopReason, HOST_TRAP};
 use crate::watchdog::{watchdog, CallWatch, Paused, WamrInterruptHandle};
 
+/// How deeply host functions may call back into the guest. WAMR checks the native stack only
+/// with a small margin (3 KiB) at guest function entries, which does not cover the Rust frames of
+/// the host function and the trampoline between two guest levels: a guest that recurses through
+/// a host function (the allocator calling a host function that calls the allocator …) could run
+/// into the guard page and crash the process. The ABI needs one level; other engines allow 8.
+const MAX_NESTED_CALLS: u32 = 8;
+
 /// A guest function resolved once per instance: WAMR's handle and how to pass its values.
 #[derive(Clone, Copy)]
 struct ResolvedFunction {
@@ -27,6 +35,14 @@ struct ResolvedFunction {
     /// Bit `i` set: parameter `i` is an `i64`.
     i64_params: u32,
     i64_result: bool,
+}
+
+/// A function handed out by [`Instance::function`]: the handle, kept so that a handle of another
+/// instance with the same index is refused, and the function it stands for.
+#[derive(Clone, Copy)]
+struct HandedOut {
+    handle: GuestFunction,
+    resolved: ResolvedFunction,
 }
 
 /// Where the instance's exported `memory` is.
@@ -46,10 +62,12 @@ struct InstanceContext<S: 'static> {
     header: ContextHeader,
     state: S,
     linked: Arc<LinkedInner<S>>,
-    functions: Vec<ResolvedFunction>,
+    functions: Vec<HandedOut>,
     memory: MemoryLookup,
     /// The trap of a failed host function, while WAMR unwinds the guest.
     pending: Option<Trap>,
+    /// How many calls from host functions into the guest are running.
+    nested_calls: u32,
     watch: Option<Arc<CallWatch>>,
 }
 
@@ -110,6 +128,7 @@ impl<S: Send + 'static> WamrInstance<S> {
             functions: Vec::new(),
             memory: MemoryLookup::Unknown,
             pending: None,
+            nested_calls: 0,
             watch: None,
         })));
         // SAFETY: `module` is loaded with its imports resolved (it was linked) and stays alive
@@ -150,8 +169,10 @@ impl<S: Send + 'static> WamrInstance<S> {
         }
         if let Some(max) = settings.max_memory_bytes {
             // WAMR would silently raise a cap below the initial size to it; refuse instead, in
-            // the words wasmtime uses, so the message is the same on every engine.
-            let size = instance.memory_size() as u64;
+            // the words wasmtime uses, so the message is the same on every engine. The cap
+            // applies to the module's memory whatever it is exported as, if at all.
+            // SAFETY: the instance is alive and no call is running.
+            let size = unsafe { default_memory_size(module_inst) } as u64;
             if size > max {
                 return Err(Error::Instantiation(format!(
                     "memory minimum size of {} pages exceeds memory limits",
@@ -248,6 +269,21 @@ impl<S: Send + 'static> WamrInstance<S> {
         // SAFETY: the instance is alive and no stopper acts on it between calls.
         unsafe { sys::wasm_runtime_clear_exception(self.module_inst) };
     }
+}
+
+/// The size in bytes of the instance's memory (index 0: this build has no multi-memory), exported
+/// or not; 0 if it has none.
+///
+/// # Safety
+/// `module_inst` is a live instance.
+unsafe fn default_memory_size(module_inst: sys::wasm_module_inst_t) -> usize {
+    // SAFETY: per the contract.
+    let memory = unsafe { sys::wasm_runtime_get_default_memory(module_inst) };
+    if memory.is_null() {
+        return 0;
+    }
+    // SAFETY: the memory belongs to the live instance.
+    unsafe { memory_bytes(memory) }.1
 }
 
 /// Instantiates `module` with its memory capped and `context` as its custom data.
@@ -368,12 +404,16 @@ unsafe fn invoke(
     completed
 }
 
-/// Looks up a handle's resolved function.
-fn lookup(functions: &[ResolvedFunction], handle: GuestFunction) -> Result<ResolvedFunction, Trap> {
-    functions
-        .get(handle.index() as usize)
-        .copied()
-        .ok_or_else(|| Trap::new(TrapKind::BadCall, "unknown guest function handle"))
+/// Looks up a handle's resolved function. The whole handle must match the one handed out at its
+/// index: a handle of another instance may share the index but stand for another function.
+fn lookup(functions: &[HandedOut], handle: GuestFunction) -> Result<ResolvedFunction, Trap> {
+    match functions.get(handle.index() as usize) {
+        Some(handed_out) if handed_out.handle == handle => Ok(handed_out.resolved),
+        _ => Err(Trap::new(
+            TrapKind::BadCall,
+            "unknown guest function handle",
+        )),
+    }
 }
 
 impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
@@ -406,7 +446,7 @@ impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
             i64_result: exported.i64_result,
         };
         // SAFETY: as above.
-        unsafe { (*context).functions.push(resolved) };
+        unsafe { (*context).functions.push(HandedOut { handle, resolved }) };
         Some(handle)
     }
 
@@ -573,8 +613,19 @@ impl<S: 'static> Caller<S> for WamrCaller<S> {
         // SAFETY: the context is alive during the host call.
         let resolved = lookup(unsafe { &(*self.context).functions }, function)?;
         function.check_arity(args.len(), results.len())?;
+        // SAFETY: the context is alive during the host call; deeper levels have returned.
+        let depth = unsafe { (*self.context).nested_calls };
+        if depth >= MAX_NESTED_CALLS {
+            return Err(Trap::wasm(WasmTrapCode::StackOverflow));
+        }
+        // SAFETY: as above.
+        unsafe { (*self.context).nested_calls = depth + 1 };
         // SAFETY: the exec env runs this instance, which owns the function; arity checked.
-        if unsafe { invoke(self.exec_env, resolved, args, results) } {
+        let completed = unsafe { invoke(self.exec_env, resolved, args, results) };
+        // Restored whether the call completed or not: the limit counts levels in progress.
+        // SAFETY: as above; the guest call is over.
+        unsafe { (*self.context).nested_calls = depth };
+        if completed {
             return Ok(());
         }
         // SAFETY: the context is alive during the host call.

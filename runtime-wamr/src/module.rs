@@ -328,6 +328,11 @@ impl<S: Send + 'static> CompiledModule<S> for WamrModule {
     }
 
     fn link(&self, host: &[HostFunction<S>]) -> Result<Arc<dyn LinkedModule<S>>, Error> {
+        // Linking may resolve the module's imports, which needs WAMR's environment on this
+        // thread like loading does (a module may be linked on a thread other than its loader's).
+        if !ensure_thread_env() {
+            return Err(Error::Config(thread_env_error()));
+        }
         let resolved = resolve_imports(&self.imports, host)?;
         for function in &resolved {
             if function.signature.params.len() > MAX_ARGS || function.signature.results.len() > 1 {

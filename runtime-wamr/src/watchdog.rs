@@ -105,6 +105,11 @@ impl CallWatch {
 
     /// Marks the top-level call as finished, waiting for a stopper that is terminating it.
     /// Returns why it was stopped, if it was. No stopper acts on the instance afterwards.
+    ///
+    /// An interrupt requested until then was meant for this call: it stopped it, or came too
+    /// late (the call had finished, or its deadline had stopped it), so it is forgotten rather
+    /// than stopping the next call. One requested afterwards finds the instance idle and stops
+    /// the next call, as an interrupt between calls should.
     #[inline]
     pub(crate) fn end(&self) -> Option<StopReason> {
         loop {
@@ -115,18 +120,15 @@ impl CallWatch {
                     .compare_exchange(state, IDLE, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
+                    self.interrupt_requested.store(false, Ordering::SeqCst);
                     return None;
                 }
             } else if state == STOPPING {
                 wait_a_little();
             } else if state == STOPPED {
                 self.state.store(IDLE, Ordering::Release);
-                let reason = self.stop_reason();
-                if reason == StopReason::Interrupted {
-                    // This interrupt is used up.
-                    self.interrupt_requested.store(false, Ordering::SeqCst);
-                }
-                return Some(reason);
+                self.interrupt_requested.store(false, Ordering::SeqCst);
+                return Some(self.stop_reason());
             } else {
                 // IDLE (or BUSY left behind, which the owner never does): nothing ran.
                 self.state.store(IDLE, Ordering::Release);

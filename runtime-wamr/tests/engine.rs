@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, ExternKind, FunctionType, HostFunction, Instance, RuntimeConfig,
-    Signature, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
+    Caller, CompiledModule, Error, ExternKind, FunctionType, HostFunction, Instance,
+    InterruptHandle, RuntimeConfig, Signature, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
 use runtime_wamr::{WamrOptions, WamrRuntime};
 
@@ -16,6 +16,7 @@ use runtime_wamr::{WamrOptions, WamrRuntime};
 struct State {
     seen: Vec<u64>,
     allocator: Option<runtime_api::GuestFunction>,
+    interrupt: Option<Arc<dyn InterruptHandle>>,
 }
 
 const I32: ValType = ValType::I32;
@@ -166,6 +167,20 @@ fn calls_with_the_wrong_arity_are_refused() {
 }
 
 #[test]
+fn handles_from_another_instance_are_refused() {
+    let runtime = default_runtime();
+    let mut one = instance(&runtime);
+    let mut other = instance(&runtime);
+    // Resolved in a different order, so one index means different functions.
+    let add = other.function("add64").unwrap();
+    let record = one.function("call_record").unwrap();
+    assert_eq!(add.index(), record.index());
+    let error = one.call(add, &[1, 2], &mut [0]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
+    one.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
 fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
     let mut instance = instance(&default_runtime());
     let trap = instance.function("trap").unwrap();
@@ -250,6 +265,52 @@ fn a_host_function_may_recover_from_a_trap_in_a_nested_call() {
     instance.call(outer, &[], &mut result).unwrap();
     assert_eq!(result, [6], "the guest ran on after the host recovered");
     assert_eq!(instance.state().seen, [1]);
+}
+
+/// Calls the guest's `enter` (kept in `allocator`), which calls this again.
+fn reenter(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+    let enter = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no enter"))?;
+    caller.state().seen.push(0);
+    caller.call(enter, &[], &mut [])
+}
+
+#[test]
+fn host_functions_calling_back_into_the_guest_nest_at_most_eight_levels() {
+    let host = [HostFunction {
+        module: "env",
+        name: "reenter",
+        signature: Signature::new(&[], &[]),
+        callback: reenter,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "reenter" (func $reenter))
+             (func (export "enter") (call $reenter)))"#,
+    )
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = default_runtime().compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&host)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let enter = instance.function("enter").unwrap();
+    instance.state().allocator = Some(enter);
+    let error = instance.call(enter, &[], &mut []).unwrap_err();
+    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow));
+    assert_eq!(
+        instance.state().seen.len(),
+        9,
+        "the top-level call and eight nested ones reached the host function"
+    );
+    // The limit counts levels in progress, also after a failure: the next call nests as deep.
+    instance.state().seen.clear();
+    let error = instance.call(enter, &[], &mut []).unwrap_err();
+    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow));
+    assert_eq!(instance.state().seen.len(), 9);
 }
 
 #[test]
@@ -361,12 +422,28 @@ fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
         ..Default::default()
     })
     .unwrap();
-    let wasm = wat::parse_str(r#"(module (memory (export "memory") 3))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-    assert!(matches!(
-        module.link(&[]).unwrap().instantiate(State::default()),
-        Err(Error::Instantiation(_))
-    ));
+    // The cap applies to the module's memory however it is exported, if at all.
+    for text in [
+        r#"(module (memory (export "memory") 3))"#,
+        r#"(module (memory (export "heap") 3))"#,
+        r#"(module (memory 3))"#,
+    ] {
+        let module: Arc<dyn CompiledModule<State>> =
+            runtime.compile(&wat::parse_str(text).unwrap()).unwrap();
+        let result = module.link(&[]).unwrap().instantiate(State::default());
+        assert!(
+            matches!(&result, Err(Error::Instantiation(m)) if m.contains("exceeds memory limits")),
+            "{text}: {:?}",
+            result.err()
+        );
+    }
+    let fits = wat::parse_str(r#"(module (memory 1))"#).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&fits).unwrap();
+    assert!(module
+        .link(&[])
+        .unwrap()
+        .instantiate(State::default())
+        .is_ok());
     let below_a_page = WamrRuntime::new(RuntimeConfig {
         max_memory_bytes: Some(1000),
         ..Default::default()
@@ -472,6 +549,53 @@ fn an_interrupt_from_another_thread_stops_a_call_and_the_instance_stays_usable()
     // A handle that outlives its instance does nothing.
     drop(instance);
     handle.interrupt();
+}
+
+#[test]
+fn an_interrupt_that_comes_after_a_deadline_stopped_the_call_does_not_stop_the_next_one() {
+    /// Outlasts the deadline (the watchdog stops the call meanwhile), then interrupts the call
+    /// that is already stopped.
+    fn sleep_then_interrupt(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+        std::thread::sleep(Duration::from_millis(300));
+        let handle = caller.state().interrupt.clone();
+        handle.ok_or_else(|| Trap::host("no handle"))?.interrupt();
+        Ok(())
+    }
+    let host = [HostFunction {
+        module: "env",
+        name: "sleep_then_interrupt",
+        signature: Signature::new(&[], &[]),
+        callback: sleep_then_interrupt,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "sleep_then_interrupt" (func $late))
+             (func (export "late") (call $late))
+             (func (export "quick")))"#,
+    )
+    .unwrap();
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        interruptible: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&host)
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    instance.state().interrupt = instance.interrupt_handle();
+    let late = instance.function("late").unwrap();
+    assert_eq!(
+        instance.call(late, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded
+    );
+    let quick = instance.function("quick").unwrap();
+    instance
+        .call(quick, &[], &mut [])
+        .expect("the late interrupt was for the call that ended");
 }
 
 #[test]

@@ -144,17 +144,23 @@ impl GuestCall {
     }
 }
 
+/// A 64-bit slot as a value of type `ty` (floats travel as their bits).
 fn to_value(ty: Type, slot: u64) -> Value {
     match ty {
         Type::I64 => Value::I64(slot as i64),
+        Type::F32 => Value::F32(f32::from_bits(slot as u32)),
+        Type::F64 => Value::F64(f64::from_bits(slot)),
         _ => Value::I32(slot as u32 as i32),
     }
 }
 
+/// A value as a 64-bit slot (floats travel as their bits; references have no slot form).
 fn from_value(value: &Value) -> u64 {
     match value {
         Value::I32(v) => u64::from(*v as u32),
         Value::I64(v) => *v as u64,
+        Value::F32(v) => u64::from(v.to_bits()),
+        Value::F64(v) => v.to_bits(),
         _ => 0,
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use runtime_api::{
     Caller, Error, GuestFunction, GuestMemory, HostFunction, Instance, InterruptHandle, Trap,
-    TrapKind,
+    TrapKind, WasmTrapCode,
 };
 use wasmer::sys::vm::{LinearMemory, VMExtern, VMMemoryDefinition};
 use wasmer::{AsStoreMut, Extern, FunctionEnv, FunctionEnvMut, Store};
@@ -43,11 +43,19 @@ impl MemoryDefinition {
     }
 }
 
+/// How deeply host functions may nest calls back into the guest (the allocator calling a host
+/// function that calls the allocator …). Every level takes a fresh guest stack from wasmer, which
+/// aborts the process when it cannot get one; the ABI needs one level.
+const MAX_NESTED_CALLS: u32 = 8;
+
 /// What each store holds beside the embedder's state: the host functions' environment.
 pub(crate) struct Env<S> {
     state: S,
     memory: Option<MemoryDefinition>,
-    functions: Vec<GuestCall>,
+    /// Guest functions resolved for this store, with the handle given out for each.
+    functions: Vec<(GuestFunction, GuestCall)>,
+    /// Calls into the guest currently made from host functions.
+    nested_calls: u32,
 }
 
 impl<S> Env<S> {
@@ -62,11 +70,17 @@ impl<S> Env<S> {
         }
     }
 
+    /// The call behind `handle`, which must be one this store gave out: a handle of another
+    /// instance with the same index may have another type.
     #[inline]
     fn function(&self, handle: GuestFunction) -> Result<&GuestCall, Trap> {
-        self.functions
-            .get(handle.index() as usize)
-            .ok_or_else(|| Trap::new(TrapKind::BadCall, "unknown guest function handle"))
+        match self.functions.get(handle.index() as usize) {
+            Some((given, call)) if *given == handle => Ok(call),
+            _ => Err(Trap::new(
+                TrapKind::BadCall,
+                "unknown guest function handle",
+            )),
+        }
     }
 }
 
@@ -122,6 +136,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
                 state,
                 memory: None,
                 functions: Vec::with_capacity(exports.len()),
+                nested_calls: 0,
             },
         );
         let imports: Vec<Extern> = host
@@ -152,7 +167,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
         } else {
             None
         };
-        Ok(WasmerInstance {
+        let mut this = WasmerInstance {
             store: SendStore(store),
             env,
             exports,
@@ -160,7 +175,35 @@ impl<S: Send + 'static> WasmerInstance<S> {
             stop: slot,
             ticker: stop.ticker.clone(),
             interruptible: stop.interruptible,
-        })
+        };
+        // The middleware turned the start function into an export, so that it runs here,
+        // under the deadline and interruptible, instead of unguarded inside `Instance::new`.
+        if let Ok(start) = this.instance.exports.get_function(stop::START_EXPORT) {
+            let start = start.clone();
+            this.guarded(|store| start.call(store, &[]).map(drop))
+                .map_err(|trap| Error::Instantiation(trap.to_string()))?;
+        }
+        Ok(this)
+    }
+
+    /// Runs a top-level call into the guest under the instance's deadline and interrupt flag.
+    fn guarded(
+        &mut self,
+        call: impl FnOnce(&mut Store) -> Result<(), wasmer::RuntimeError>,
+    ) -> Result<(), Trap> {
+        let Some(slot) = &self.stop else {
+            return call(&mut self.store.0).map_err(convert_error);
+        };
+        slot.begin(self.ticker.as_ref().map_or(u64::MAX - 2, |t| t.deadline()));
+        // Should a host function panic through the call, the guard still ends it, so that the
+        // deadline does not stay armed for an instance the embedder keeps using.
+        let mut guard = EndOnUnwind(Some(slot));
+        let outcome = call(&mut self.store.0).map_err(convert_error);
+        guard.0 = None;
+        // Only the check's own trap may stand for a stop; any other failure leaves a pending
+        // interrupt pending.
+        let stop = slot.end(matches!(&outcome, Err(trap) if stop::is_check_trap(trap)));
+        outcome.map_err(|trap| stop::reclassify(trap, stop))
     }
 }
 
@@ -219,7 +262,7 @@ impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
         let call = GuestCall::new(&self.store.0, function, &exported.wasmer_ty);
         let env = self.env.as_mut(&mut self.store.0);
         let handle = GuestFunction::new(env.functions.len() as u32, &exported.ty);
-        env.functions.push(call);
+        env.functions.push((handle, call));
         Some(handle)
     }
 
@@ -235,19 +278,7 @@ impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
             .as_mut(&mut self.store.0)
             .function(function)?
             .clone();
-        let Some(slot) = &self.stop else {
-            return call
-                .call(&mut self.store.0, args, results)
-                .map_err(convert_error);
-        };
-        slot.begin(self.ticker.as_ref().map_or(u64::MAX - 2, |t| t.deadline()));
-        let outcome = call
-            .call(&mut self.store.0, args, results)
-            .map_err(convert_error);
-        // Only the check's own trap may stand for a stop; any other failure leaves a pending
-        // interrupt pending.
-        let stop = slot.end(matches!(&outcome, Err(trap) if stop::is_check_trap(trap)));
-        outcome.map_err(|trap| stop::reclassify(trap, stop))
+        self.guarded(|store| call.call(store, args, results))
     }
 
     fn memory_size(&mut self) -> usize {
@@ -259,6 +290,17 @@ impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
         match &self.stop {
             Some(slot) if self.interruptible => Some(Arc::new(WasmerInterruptHandle(slot.clone()))),
             _ => None,
+        }
+    }
+}
+
+/// Ends a top-level call on its slot if the call unwinds instead of returning.
+struct EndOnUnwind<'a>(Option<&'a Arc<StopSlot>>);
+
+impl Drop for EndOnUnwind<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            slot.end(false);
         }
     }
 }
@@ -306,7 +348,14 @@ impl<S: Send + 'static> Caller<S> for WasmerCaller<'_, S> {
     ) -> Result<(), Trap> {
         function.check_arity(args.len(), results.len())?;
         let (env, mut store) = self.env.data_and_store_mut();
+        if env.nested_calls >= MAX_NESTED_CALLS {
+            return Err(Trap::wasm(WasmTrapCode::StackOverflow));
+        }
         let call = env.function(function)?.clone();
-        call.call(&mut store, args, results).map_err(convert_error)
+        env.nested_calls += 1;
+        let result = call.call(&mut store, args, results).map_err(convert_error);
+        let env = self.env.data_mut();
+        env.nested_calls = env.nested_calls.saturating_sub(1);
+        result
     }
 }

@@ -27,7 +27,7 @@ mod tunables;
 use std::sync::Arc;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
-use wasmer::sys::{CompilerConfig, EngineBuilder, NativeEngineExt};
+use wasmer::sys::{CompilerConfig, EngineBuilder, Features, NativeEngineExt};
 
 pub use instance::WasmerInstance;
 pub use module::{WasmerLinkedModule, WasmerModule};
@@ -158,7 +158,14 @@ impl WasmerRuntime {
             if self.stops() {
                 config.push_middleware(Arc::new(StopCheck::new(self.compiler.check_style())));
             }
-            EngineBuilder::new(config).engine().into()
+            // No threads proposal: a guest blocked in `memory.atomic.wait32` on a shared memory of
+            // its own would sit in wasmer's wait, where no stop check can reach it.
+            let mut features = Features::new();
+            features.threads(false);
+            EngineBuilder::new(config)
+                .set_features(Some(features))
+                .engine()
+                .into()
         } else {
             EngineBuilder::headless().engine().into()
         };

@@ -8,7 +8,7 @@ use runtime_api::{
 };
 
 use crate::instance::{StopConfig, WasmerInstance};
-use crate::stop::STOP_FLAG_EXPORT;
+use crate::stop::{START_EXPORT, STOP_FLAG_EXPORT};
 
 /// A module compiled by wasmer, with the engine that compiled (or loaded) it.
 pub struct WasmerModule {
@@ -92,7 +92,7 @@ impl WasmerModule {
             .collect();
         let exports = module
             .exports()
-            .filter(|e| e.name() != STOP_FLAG_EXPORT)
+            .filter(|e| e.name() != STOP_FLAG_EXPORT && e.name() != START_EXPORT)
             .map(|e| Export {
                 name: e.name().to_string(),
                 kind: extern_kind(e.ty()),

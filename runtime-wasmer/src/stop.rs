@@ -52,6 +52,10 @@ use wasmer::{
 /// The export name under which the middleware publishes the stop flag.
 pub(crate) const STOP_FLAG_EXPORT: &str = "__pwhost_stop";
 
+/// The export name under which the middleware publishes the module's start function, which it
+/// takes out of the module so that the instance runs it under the deadline.
+pub(crate) const START_EXPORT: &str = "__pwhost_start";
+
 /// What each check does before reading the flag, so that the compiler cannot reuse an earlier
 /// read (see the module documentation).
 /// Builds without some compiler never construct its style.
@@ -155,6 +159,10 @@ impl ModuleMiddleware for StopCheck {
             .globals
             .push(GlobalType::new(Type::I32, Mutability::Var));
         info.global_initializers.push(GlobalInit::I32Const(0));
+        if let Some(start) = info.start_function.take() {
+            info.exports
+                .insert(START_EXPORT.to_string(), ExportIndex::Function(start));
+        }
         *slot = Some(CheckIndexes {
             flag: flag.as_u32(),
             scratch: scratch.as_u32(),
@@ -470,10 +478,11 @@ impl Ticker {
             .push(Arc::downgrade(slot));
     }
 
-    /// The deadline tick of a call starting now.
+    /// The deadline tick of a call starting now. The current tick is already partly over, so
+    /// one more tick is added: a call is never stopped before it had the whole deadline.
     #[inline]
     pub(crate) fn deadline(&self) -> u64 {
-        self.shared.now.load(Ordering::Acquire) + self.max_ticks
+        self.shared.now.load(Ordering::Acquire) + self.max_ticks + 1
     }
 }
 

@@ -8,6 +8,24 @@ use wasmer::sys::vm::{
 use wasmer::sys::{BaseTunables, Tunables};
 use wasmer::{MemoryError, MemoryType, Pages, TableType, WASM_PAGE_SIZE};
 
+/// The most pages a 32-bit linear memory can have.
+const MAX_PAGES: u64 = 65536;
+
+/// The most elements one table may grow to. wasmer grows tables with an infallible `Vec`
+/// resize, so a guest's `table.grow` by billions of elements would abort the process; the
+/// Proxy-Wasm SDKs' tables hold a few hundred functions.
+pub(crate) const MAX_TABLE_ELEMENTS: u32 = 1 << 20;
+
+/// `ty` with its maximum lowered to [`MAX_TABLE_ELEMENTS`] (or to its minimum, if larger: a
+/// module may declare a large table, it may not grow it without bound).
+fn capped_table(ty: &TableType) -> TableType {
+    let cap = MAX_TABLE_ELEMENTS.max(ty.minimum);
+    TableType {
+        maximum: Some(ty.maximum.map_or(cap, |max| max.min(cap))),
+        ..*ty
+    }
+}
+
 /// [`BaseTunables`] with an optional cap on the size of each linear memory.
 ///
 /// Memory and table styles are the base ones, so code compiled with or without a cap (or loaded
@@ -22,8 +40,9 @@ impl CappedTunables {
     pub(crate) fn new(max_memory_bytes: Option<u64>) -> Self {
         CappedTunables {
             base: BaseTunables::new(),
+            // A 32-bit memory has at most 65536 pages; wasmer refuses a larger maximum.
             max_pages: max_memory_bytes
-                .map(|bytes| u32::try_from(bytes / WASM_PAGE_SIZE as u64).unwrap_or(u32::MAX)),
+                .map(|bytes| (bytes / WASM_PAGE_SIZE as u64).min(MAX_PAGES) as u32),
         }
     }
 
@@ -81,7 +100,7 @@ impl Tunables for CappedTunables {
     }
 
     fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
-        self.base.create_host_table(ty, style)
+        self.base.create_host_table(&capped_table(ty), style)
     }
 
     unsafe fn create_vm_table(
@@ -91,6 +110,9 @@ impl Tunables for CappedTunables {
         vm_definition_location: NonNull<VMTableDefinition>,
     ) -> Result<VMTable, String> {
         // SAFETY: forwarded unchanged from wasmer, which upholds `create_vm_table`'s contract.
-        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
+        unsafe {
+            self.base
+                .create_vm_table(&capped_table(ty), style, vm_definition_location)
+        }
     }
 }

@@ -675,3 +675,157 @@ fn an_instance_moves_between_threads_between_calls() {
         assert_eq!(seen, vec![1, 2, 3], "{compiler:?}");
     }
 }
+
+#[test]
+fn the_start_function_runs_at_instantiation_under_the_deadline() {
+    let wasm = |body: &str| {
+        wat::parse_str(format!(
+            r#"(module
+                 (import "env" "record" (func $record (param i32)))
+                 (memory (export "memory") 1)
+                 (func $start {body})
+                 (start $start))"#
+        ))
+        .unwrap()
+    };
+    fn started(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+        caller.state().seen.push(args[0]);
+        Ok(())
+    }
+    let host = &[HostFunction {
+        module: "env",
+        name: "record",
+        signature: Signature::new(&[I32], &[]),
+        callback: started,
+    }];
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                call_deadline: Some(Duration::from_millis(30)),
+                ..Default::default()
+            },
+        );
+        // A start function that returns runs once, and sees the host functions.
+        let module: Arc<dyn CompiledModule<State>> = runtime
+            .compile(&wasm("(call $record (i32.const 42))"))
+            .unwrap();
+        let names: Vec<&str> = module.exports().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["memory"], "{compiler:?}: no private exports listed");
+        let mut instance = module
+            .link(host)
+            .unwrap()
+            .instantiate(State::default())
+            .unwrap();
+        assert_eq!(instance.state().seen, [42], "{compiler:?}");
+        // A start function that never returns is stopped by the deadline.
+        let module: Arc<dyn CompiledModule<State>> = runtime
+            .compile(&wasm("(loop $forever (br $forever))"))
+            .unwrap();
+        let started = Instant::now();
+        let error = module
+            .link(host)
+            .unwrap()
+            .instantiate(State::default())
+            .err()
+            .expect("a spinning start function fails instantiation");
+        assert!(matches!(error, Error::Instantiation(_)), "{compiler:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{compiler:?}");
+    }
+}
+
+/// Calls the guest's `enter` (kept in `allocator`), which calls this again.
+fn reenter(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+    let enter = caller
+        .state()
+        .allocator
+        .ok_or_else(|| Trap::host("no enter"))?;
+    caller.state().seen.push(0);
+    caller.call(enter, &[], &mut [])
+}
+
+#[test]
+fn host_functions_calling_back_into_the_guest_nest_only_a_few_levels() {
+    let host = [HostFunction {
+        module: "env",
+        name: "reenter",
+        signature: Signature::new(&[], &[]),
+        callback: reenter,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "reenter" (func $reenter))
+             (func (export "enter") (call $reenter)))"#,
+    )
+    .unwrap();
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+        let mut instance = module
+            .link(&host)
+            .unwrap()
+            .instantiate(State::default())
+            .unwrap();
+        let enter = instance.function("enter").unwrap();
+        instance.state().allocator = Some(enter);
+        let error = instance.call(enter, &[], &mut []).unwrap_err();
+        assert_eq!(
+            error,
+            Trap::wasm(WasmTrapCode::StackOverflow),
+            "{compiler:?}"
+        );
+        assert!(instance.state().seen.len() <= 10, "{compiler:?}");
+        // The limit counts levels in progress: the next call may nest again.
+        instance.state().seen.clear();
+        assert!(instance.call(enter, &[], &mut []).is_err());
+        assert_eq!(instance.state().seen.len(), 9, "{compiler:?}");
+    }
+}
+
+#[test]
+fn handles_from_another_instance_are_refused() {
+    for compiler in compilers() {
+        let mut one = default_instance(compiler);
+        let mut other = default_instance(compiler);
+        // Resolve functions in a different order, so one index means different functions.
+        let nine = other.function("nine").unwrap();
+        let _ = one.function("spin");
+        let error = one.call(nine, &[0; 9], &mut [0]).unwrap_err();
+        assert_eq!(error.kind, TrapKind::BadCall, "{compiler:?}");
+    }
+}
+
+#[test]
+fn a_guest_cannot_grow_a_table_without_bound_or_block_on_a_shared_memory() {
+    let grow = wat::parse_str(
+        r#"(module
+             (table 1 funcref)
+             (func (export "grow") (param i32) (result i32)
+               (table.grow (ref.null func) (local.get 0))))"#,
+    )
+    .unwrap();
+    // The threads proposal is off: `memory.atomic.wait32` could block where no deadline reaches.
+    let shared = wat::parse_str(r#"(module (memory 1 1 shared))"#).unwrap();
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&grow).unwrap();
+        let mut instance = module
+            .link(&[])
+            .unwrap()
+            .instantiate(State::default())
+            .unwrap();
+        let grow = instance.function("grow").unwrap();
+        let mut result = [0];
+        instance.call(grow, &[0x7fff_ffff], &mut result).unwrap();
+        assert_eq!(result[0] as u32 as i32, -1, "{compiler:?}: growth refused");
+        instance.call(grow, &[10], &mut result).unwrap();
+        assert_eq!(result[0], 1, "{compiler:?}: modest growth works");
+        assert!(
+            matches!(
+                WasmRuntime::<State>::compile(&runtime, &shared),
+                Err(Error::InvalidModule(_))
+            ),
+            "{compiler:?}"
+        );
+    }
+}

@@ -19,6 +19,11 @@ use crate::module::ExportedFunctions;
 /// running out of it would abort the process. The ABI needs one level.
 pub(crate) const MAX_NESTED_CALLS: u32 = 8;
 
+/// The most elements one table may grow to: a guest's `table.grow` by billions of elements
+/// would otherwise take that much host memory. The Proxy-Wasm SDKs' tables hold a few hundred
+/// functions.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
 /// A guest function resolved for this store: the handle given out for it, and how to call it.
 #[derive(Clone, Copy)]
 struct ResolvedFunction {
@@ -57,7 +62,7 @@ impl<S: Send + 'static> WasmiInstance<S> {
         fuel: Option<FuelPolicy>,
         state: S,
     ) -> Result<Self, Error> {
-        let mut limits = StoreLimitsBuilder::new();
+        let mut limits = StoreLimitsBuilder::new().table_elements(MAX_TABLE_ELEMENTS);
         if let Some(max) = config.max_memory_bytes {
             limits = limits.memory_size(usize::try_from(max).unwrap_or(usize::MAX));
         }

@@ -648,3 +648,27 @@ fn one_linked_module_instantiates_on_many_threads() {
     let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(seen, vec![0, 1, 2, 3]);
 }
+
+#[test]
+fn a_guest_cannot_grow_a_table_without_bound() {
+    let wasm = wat::parse_str(
+        r#"(module
+             (table 1 funcref)
+             (func (export "grow") (param i32) (result i32)
+               (table.grow (ref.null func) (local.get 0))))"#,
+    )
+    .unwrap();
+    let runtime = WasmiRuntime::new(RuntimeConfig::default()).unwrap();
+    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let mut instance = module
+        .link(&[])
+        .unwrap()
+        .instantiate(State::default())
+        .unwrap();
+    let grow = instance.function("grow").unwrap();
+    let mut result = [0];
+    instance.call(grow, &[0x7fff_ffff], &mut result).unwrap();
+    assert_eq!(result[0] as u32 as i32, -1, "growth refused");
+    instance.call(grow, &[10], &mut result).unwrap();
+    assert_eq!(result[0], 1, "modest growth works");
+}

@@ -14,6 +14,10 @@ use wasmtime::{
 use crate::epoch::{EpochState, EpochTicker, WasmtimeInterruptHandle};
 use crate::module::{convert_error, ExportedFunctions};
 
+/// The most elements one table may grow to: a guest's `table.grow` by billions of elements
+/// would otherwise take that much host memory. The Proxy-Wasm SDKs' tables hold a few hundred
+/// functions.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// A guest function resolved once: the wasmtime handle and how to pass its values.
 #[derive(Clone, Copy)]
 pub(crate) struct ResolvedFunction {
@@ -48,7 +52,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
         epoch: Option<&EpochTicker>,
         state: S,
     ) -> Result<Self, Error> {
-        let mut limits = StoreLimitsBuilder::new();
+        let mut limits = StoreLimitsBuilder::new().table_elements(MAX_TABLE_ELEMENTS);
         if let Some(max) = config.max_memory_bytes {
             limits = limits.memory_size(usize::try_from(max).unwrap_or(usize::MAX));
         }
