@@ -258,6 +258,11 @@ struct pwv8_vm {
   /// that is what keeps the threads parked. Freed after the isolate is disposed.
   std::vector<void*> parked_storage;
   std::atomic<bool> heap_exhausted{false};
+  /// Set by pwv8_vm_terminate, cleared by pwv8_vm_cancel_terminate. V8 keeps a termination request
+  /// with the state of the thread holding the isolate's lock, which a Locker saves and restores
+  /// (or initialises afresh): a request made just before a thread takes the lock can be lost. So
+  /// every Entry renews a request this flag records.
+  std::atomic<bool> stop_requested{false};
 };
 
 namespace {
@@ -313,6 +318,8 @@ class Entry {
       : locker_((park == Park::kYes ? ParkThread(vm) : void(), vm->isolate)),
         isolate_scope_(vm->isolate) {
     UseThreadStack(vm);
+    // The lock may have brought in a thread state without the stop requested for this call.
+    if (vm->stop_requested.load()) vm->isolate->TerminateExecution();
   }
 
  private:
@@ -325,7 +332,9 @@ class Entry {
 void RunPendingTasks(pwv8_vm* vm) {
 #if PWHOST_V8_NODE_PLATFORM
   TaskQueue& tasks = *vm->delegate.tasks;
-  if (!tasks.MaybeDue() || vm->isolate->IsExecutionTerminating()) return;
+  if (!tasks.MaybeDue() || vm->stop_requested.load() || vm->isolate->IsExecutionTerminating()) {
+    return;
+  }
   size_t budget = tasks.Size();
   for (; budget > 0; --budget) {
     std::unique_ptr<v8::Task> task = tasks.PopDue();
@@ -334,7 +343,7 @@ void RunPendingTasks(pwv8_vm* vm) {
     task->Run();
   }
 #else
-  if (vm->isolate->IsExecutionTerminating()) return;
+  if (vm->stop_requested.load() || vm->isolate->IsExecutionTerminating()) return;
   // Bounded, in case tasks keep posting tasks.
   for (int budget = 64; budget > 0; --budget) {
     if (!v8::platform::PumpMessageLoop(g_platform, vm->isolate)) break;
@@ -795,9 +804,19 @@ int32_t pwv8_vm_memory(pwv8_vm* vm, int32_t nested, uint8_t** base, size_t* len)
 
 int32_t pwv8_vm_heap_exhausted(const pwv8_vm* vm) { return vm->heap_exhausted.load() ? 1 : 0; }
 
-void pwv8_vm_terminate(pwv8_vm* vm) { vm->isolate->TerminateExecution(); }
+void pwv8_vm_terminate(pwv8_vm* vm) {
+  // Recorded first: an Entry that takes the lock after this request may have wiped it, but then
+  // it sees the flag and renews the request.
+  vm->stop_requested.store(true);
+  vm->isolate->TerminateExecution();
+}
 
-void pwv8_vm_cancel_terminate(pwv8_vm* vm) { vm->isolate->CancelTerminateExecution(); }
+void pwv8_vm_cancel_terminate(pwv8_vm* vm) {
+  // Under the lock: that is where this thread's state, and a request saved with it, is live.
+  v8::Locker locker(vm->isolate);
+  vm->stop_requested.store(false);
+  vm->isolate->CancelTerminateExecution();
+}
 
 void pwv8_vm_delete(pwv8_vm* vm) {
   try {

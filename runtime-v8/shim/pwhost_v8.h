@@ -101,11 +101,14 @@ int32_t pwv8_vm_memory(pwv8_vm* vm, int32_t nested, uint8_t** base, size_t* len)
 /// the instance refuses further calls).
 int32_t pwv8_vm_heap_exhausted(const pwv8_vm* vm);
 
-/// Stops the running call of `vm` (or the next one to start). Callable from any thread while
+/// Stops the running call of `vm`, even one that has not taken the isolate's lock yet; every
+/// entry into `vm` is stopped until `pwv8_vm_cancel_terminate`. Callable from any thread while
 /// `vm` is alive.
 void pwv8_vm_terminate(pwv8_vm* vm);
 
-/// Undoes `pwv8_vm_terminate`, so the instance runs calls again. Callable from any thread.
+/// Undoes `pwv8_vm_terminate` (and a termination the heap limit caused), so the instance runs
+/// calls again. Takes the isolate's lock: call it once the call has returned, not from inside
+/// one, and when no `pwv8_vm_terminate` can follow for the call that was stopped.
 void pwv8_vm_cancel_terminate(pwv8_vm* vm);
 
 /// Disposes of the instance, its context and its isolate.

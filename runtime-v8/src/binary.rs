@@ -1,6 +1,7 @@
 //! What V8's C++ API does not tell about a module, read from its bytes: its imports and exports
-//! with their types; and the limits V8 cannot set per instance, written into the module before
-//! it is compiled: the memory cap, and a bound on its tables.
+//! with their types; whether it has a shared memory, which is refused; and the limits V8 cannot
+//! set per instance, written into the module before it is compiled: the memory cap, and a bound
+//! on its tables.
 //!
 //! Only the sections involved are decoded (types, imports, functions, tables, memories,
 //! exports); every other section is skipped by its size. Every read is bounds-checked and a
@@ -37,8 +38,25 @@ pub(crate) struct Prepared<'a> {
     pub(crate) memory_too_large: Option<u64>,
 }
 
-/// Writes the memory cap (if any) and the table budget into `wasm`.
-pub(crate) fn prepare(wasm: &[u8], max_memory_bytes: Option<u64>) -> Result<Prepared<'_>, String> {
+/// Why [`prepare`] refused a module.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The bytes are malformed where `prepare` reads them (V8 can tell how more precisely).
+    Malformed(String),
+    /// The module is well-formed, but uses what this engine does not run.
+    Unsupported(String),
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Self {
+        Refused::Malformed(reason)
+    }
+}
+
+/// Refuses a module with a shared memory, then writes the memory cap (if any) and the table
+/// budget into `wasm`.
+pub(crate) fn prepare(wasm: &[u8], max_memory_bytes: Option<u64>) -> Result<Prepared<'_>, Refused> {
+    refuse_shared_memories(wasm)?;
     let mut prepared = Prepared {
         bytes: Cow::Borrowed(wasm),
         memory_too_large: None,
@@ -152,6 +170,63 @@ pub(crate) fn interface(wasm: &[u8]) -> Result<Interface, String> {
         }
     }
     Ok(interface)
+}
+
+/// Refuses a module that defines or imports a shared memory (limits flag bit 1). Only WebAssembly
+/// threads use one, and V8 runs them with its threads feature off (see `platform.rs`); the check
+/// here says why in words, where V8 would only report invalid limits flags.
+fn refuse_shared_memories(wasm: &[u8]) -> Result<(), Refused> {
+    const SHARED: u8 = 0x02;
+    // Memories are numbered imports first, as the sections come.
+    let mut index = 0u32;
+    for section in sections(wasm)? {
+        let mut reader = Reader::new(section.content);
+        let mut memories = Vec::new();
+        match section.id {
+            IMPORT_SECTION => {
+                for _ in 0..reader.count()? {
+                    reader.name()?;
+                    reader.name()?;
+                    match reader.byte()? {
+                        0x00 => {
+                            reader.u32()?;
+                        }
+                        0x01 => {
+                            reader.val_type()?;
+                            reader.limits()?;
+                        }
+                        0x02 => memories.push(reader.limits()?),
+                        0x03 => {
+                            reader.val_type()?;
+                            reader.byte()?;
+                        }
+                        0x04 => {
+                            reader.byte()?;
+                            reader.u32()?;
+                        }
+                        other => return Err(format!("unknown import kind {other:#x}").into()),
+                    }
+                }
+            }
+            MEMORY_SECTION => {
+                for _ in 0..reader.count()? {
+                    memories.push(reader.limits()?);
+                }
+            }
+            _ => continue,
+        }
+        for memory in memories {
+            if memory.flags & SHARED != 0 {
+                return Err(Refused::Unsupported(format!(
+                    "memory {index} is shared, and the V8 engine does not run WebAssembly \
+                     threads: a guest waiting on a shared memory uses no CPU time, so no call \
+                     deadline could stop it"
+                )));
+            }
+            index += 1;
+        }
+    }
+    Ok(())
 }
 
 /// What capping a module's memories did.
@@ -606,6 +681,37 @@ mod tests {
         ));
         let huge = wasm(r#"(module (table 6000000 funcref) (table 6000000 funcref))"#);
         assert!(prepare(&huge, None).is_err());
+    }
+
+    #[test]
+    fn shared_memories_are_refused_as_unsupported() {
+        for (text, index) in [
+            (r#"(module (memory 1 1 shared))"#, 0),
+            (
+                r#"(module (import "env" "f" (func)) (import "env" "m" (memory 1 1 shared)))"#,
+                0,
+            ),
+            (
+                r#"(module (import "env" "m" (memory 1)) (memory 1 1 shared))"#,
+                1,
+            ),
+        ] {
+            match prepare(&wasm(text), None) {
+                Err(Refused::Unsupported(reason)) => {
+                    assert!(
+                        reason.starts_with(&format!("memory {index} is shared")),
+                        "{reason}"
+                    )
+                }
+                _ => panic!("{text}: not refused as unsupported"),
+            }
+        }
+        assert!(prepare(&wasm(r#"(module (memory 1 1))"#), None).is_ok());
+        // A memory section cut short is malformed, not unsupported.
+        assert!(matches!(
+            prepare(b"\0asm\x01\0\0\0\x05\x01\x01", None),
+            Err(Refused::Malformed(_))
+        ));
     }
 
     #[test]

@@ -136,7 +136,8 @@ impl<S: Send + 'static> V8Instance<S> {
     fn end_call(&self, status: i32) -> Option<StopReason> {
         let stopped = self.watch.as_ref().and_then(|watch| watch.end());
         if status == ffi::TERMINATED && stopped.is_none() {
-            // SAFETY: the VM is alive; cancelling is allowed from any thread, at any time.
+            // SAFETY: the VM is alive and its call returned, so the shim may take the isolate's
+            // lock on this thread.
             unsafe { ffi::pwv8_vm_cancel_terminate(self.vm) };
         }
         stopped

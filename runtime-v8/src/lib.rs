@@ -24,8 +24,12 @@
 //!   JavaScript exception and comes back out of the call unchanged. Traps map from V8's messages
 //!   (`trap.rs`).
 //! * CPU deadlines and interrupts call `TerminateExecution` from a shared watchdog thread or the
-//!   interrupting thread, and `CancelTerminateExecution` afterwards, so the instance stays
-//!   usable (`watchdog.rs`).
+//!   interrupting thread (renewed by the shim whenever it takes the isolate's lock, where V8
+//!   keeps the request), and `CancelTerminateExecution` under that lock afterwards, so the
+//!   instance stays usable (`watchdog.rs`).
+//! * Wasm threads and exception handling are off (`platform.rs`): a guest blocked in
+//!   `memory.atomic.wait32` would use no CPU time and outlive its deadline, and a guest's
+//!   `catch_all` could catch the exception a host function's trap unwinds it with.
 //! * The memory cap lowers the maximum of the module's memories before compilation (`binary.rs`),
 //!   so `memory.grow` beyond it fails in the guest, per engine configuration (V8 itself has only
 //!   a process-wide limit). Tables, which live on the JS heap, get a budget the same way, and the
@@ -85,7 +89,8 @@ impl<S: Send + 'static> WasmRuntime<S> for V8Runtime {
         binary::check_magic(wasm).map_err(Error::InvalidModule)?;
         let prepared = match binary::prepare(wasm, self.config.max_memory_bytes) {
             Ok(prepared) => prepared,
-            Err(reason) => {
+            Err(binary::Refused::Unsupported(reason)) => return Err(Error::InvalidModule(reason)),
+            Err(binary::Refused::Malformed(reason)) => {
                 // Malformed, most likely: V8 says how. If V8 would run it, running it without
                 // the limits is not an option.
                 CompiledCode::compile(wasm)?;

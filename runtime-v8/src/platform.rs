@@ -6,11 +6,19 @@ use runtime_api::Error;
 
 use crate::ffi;
 
-/// V8 flags set before V8 initialises (V8's command-line syntax). None are needed: V8's trap
-/// handler stays off because the shim never calls `V8::EnableWebAssemblyTrapHandler`, so wasm
-/// memory accesses are bounds-checked in code and V8 installs no signal handler that could
-/// conflict with another engine's in the same process.
-const FLAGS: &str = "";
+/// V8 flags set before V8 initialises (V8's command-line syntax). Two wasm features V8 10.2
+/// ships are turned off, so that modules using them fail to compile:
+///
+/// * threads: a guest could block in `memory.atomic.wait32` on a shared memory with no timeout,
+///   using no CPU time, so its CPU deadline would never come (`binary::prepare` refuses shared
+///   memories too, with a clearer message);
+/// * exception handling: a host function's trap unwinds the guest as a JS exception, which a
+///   guest's `catch_all` could catch and run on after, even after `proc_exit`.
+///
+/// V8's trap handler needs no flag: it stays off because the shim never calls
+/// `V8::EnableWebAssemblyTrapHandler`, so wasm memory accesses are bounds-checked in code and V8
+/// installs no signal handler that could conflict with another engine's in the same process.
+const FLAGS: &str = "--no-experimental-wasm-threads --no-experimental-wasm-eh";
 
 /// Initialises V8 (platform, then V8 itself) the first time it is called; later calls return the
 /// first outcome.

@@ -3,9 +3,17 @@
 //!
 //! Each watched instance has a [`CallWatch`]: whether a top-level call is running, and whether
 //! (and why) it was stopped. Stoppers (the watchdog thread, interrupt handles) terminate a call
-//! only while holding the watch's lock and seeing it run, and the instance ends each call under
-//! the same lock, cancelling a termination that was requested: so a stop never leaks into the
-//! next call, and no stopper touches an instance after it is dropped.
+//! only while holding the watch's lock and seeing it run, and the instance marks each call as
+//! ended under the same lock: so no stopper touches an instance after it is dropped, and none
+//! terminates it between calls.
+//!
+//! V8 keeps a termination request with the state of the thread holding the isolate's
+//! `v8::Locker`, which is saved, restored or set up afresh as threads take the lock. So a request
+//! made as a call takes the lock may vanish, and one made as a call releases it may be saved for
+//! later. The shim therefore records each request and renews it whenever it takes the lock; the
+//! watchdog renews it on every tick while a stopped call still runs; and the instance cancels it,
+//! under the isolate's lock, once the stopped call has ended: so a stop is never lost, and never
+//! leaks into the next call.
 //!
 //! Deadlines are checked by one process-wide watchdog thread that wakes at a tenth of the
 //! shortest deadline it watches (at least every millisecond) and reads the CPU clock of the thread
@@ -40,9 +48,10 @@ pub(crate) struct CallWatch {
     deadline: Option<Duration>,
 }
 
-// SAFETY: `vm` is used only for `pwv8_vm_terminate` and `pwv8_vm_cancel_terminate`, which V8
-// allows from any thread, and only under the state lock while `alive` is set, i.e. before the
-// instance's drop (which clears it under the same lock) deletes the VM. The rest is a mutex.
+// SAFETY: stoppers, on any thread, use `vm` only for `pwv8_vm_terminate`, which V8 allows from
+// any thread, and only under the state lock while `alive` is set, i.e. before the instance's drop
+// (which clears it under the same lock) deletes the VM. `pwv8_vm_cancel_terminate` is called only
+// by the instance that owns the VM, in `end`. The rest is a mutex.
 unsafe impl Send for CallWatch {}
 // SAFETY: as above.
 unsafe impl Sync for CallWatch {}
@@ -135,14 +144,21 @@ impl CallWatch {
     }
 
     /// Marks the top-level call as finished and returns why it was stopped, if it was; a
-    /// termination requested for it is cancelled, so the instance runs calls again.
+    /// termination requested for it is cancelled, so the instance runs calls again. Called by the
+    /// instance once the call has returned.
     #[inline]
     pub(crate) fn end(&self) -> Option<StopReason> {
-        let mut state = self.lock();
-        state.running = false;
-        let stopped = state.stopped.take();
+        let stopped = {
+            let mut state = self.lock();
+            state.running = false;
+            state.stopped.take()
+        };
+        // No stopper terminates the VM from here on (no call runs), so this cancels the last
+        // request. Outside the state lock: cancelling takes the isolate's lock, which the thread
+        // of a call holds while it reads the state (`current_stop`).
         if stopped.is_some() {
-            // SAFETY: the instance is alive (it is ending its own call).
+            // SAFETY: the instance is alive (it is ending its own call) and its call returned, so
+            // the shim may take the isolate's lock on this thread.
             unsafe { ffi::pwv8_vm_cancel_terminate(self.vm) };
         }
         stopped
@@ -161,20 +177,28 @@ impl CallWatch {
         }
         if !state.running {
             state.interrupt_pending = true;
-        } else if state.stopped.is_none() {
-            // SAFETY: `alive` is set under the lock, so the VM exists.
-            unsafe { ffi::pwv8_vm_terminate(self.vm) };
-            state.stopped = Some(StopReason::Interrupted);
+            return;
         }
+        // Even if the call was stopped already: terminating again is harmless, and renews a
+        // request V8 may have lost.
+        // SAFETY: `alive` is set under the lock, so the VM exists.
+        unsafe { ffi::pwv8_vm_terminate(self.vm) };
+        state.stopped.get_or_insert(StopReason::Interrupted);
     }
 
-    /// Stops the running call if it has used up its deadline. `tick` is the watchdog's period.
+    /// Stops the running call if it has used up its deadline, or renews the termination of a
+    /// call that was stopped but still runs. `tick` is the watchdog's period.
     fn check_deadline(&self, tick: Duration) {
         let Some(deadline) = self.deadline else {
             return;
         };
         let mut state = self.lock();
-        if !state.alive || !state.running || state.stopped.is_some() {
+        if !state.alive || !state.running {
+            return;
+        }
+        if state.stopped.is_some() {
+            // SAFETY: `alive` is set under the lock, so the VM exists.
+            unsafe { ffi::pwv8_vm_terminate(self.vm) };
             return;
         }
         // The call ran for up to one tick before the first look: count a whole tick.

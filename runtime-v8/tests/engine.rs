@@ -556,6 +556,110 @@ fn interrupts_racing_with_short_calls_never_outlive_their_call() {
 }
 
 #[test]
+fn an_interrupt_landing_as_a_call_starts_stops_that_call() {
+    let runtime = V8Runtime::new(RuntimeConfig {
+        interruptible: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = instance(&runtime);
+    let spin = instance.function("spin").unwrap();
+    // Each round calls from a new thread, whose V8 thread state is set up as the call takes the
+    // isolate's lock, and interrupts it after a delay that sweeps over that moment. However the
+    // two meet, the spinning call is stopped (or never starts): it does not spin on.
+    for round in 0..300u32 {
+        let handle = instance.interrupt_handle().unwrap();
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let (done, finished) = std::sync::mpsc::channel();
+        let caller = {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let result = instance.call(spin, &[], &mut []);
+                // The receiver may be gone if the test already failed.
+                let _ = done.send(());
+                (instance, result)
+            })
+        };
+        start.wait();
+        let delay = Duration::from_nanos(u64::from(round % 60) * 500);
+        let begun = Instant::now();
+        while begun.elapsed() < delay {
+            std::hint::spin_loop();
+        }
+        handle.interrupt();
+        if finished.recv_timeout(Duration::from_secs(10)).is_err() {
+            panic!("round {round}: the interrupt was lost and the guest spins on");
+        }
+        let (returned, result) = caller.join().unwrap();
+        instance = returned;
+        assert_eq!(
+            result.unwrap_err().kind,
+            TrapKind::Interrupted,
+            "round {round}"
+        );
+    }
+    // No stop outlives its call.
+    let record = instance.function("call_record").unwrap();
+    instance.call(record, &[1], &mut [0]).unwrap();
+}
+
+#[test]
+fn a_module_with_a_shared_memory_is_refused() {
+    // A guest waiting on a shared memory with no timeout would use no CPU time, so its call
+    // deadline would never come: such modules are not run at all.
+    let runtime = V8Runtime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let waits_forever = wat::parse_str(
+        r#"(module
+             (memory (export "memory") 1 1 shared)
+             (func (export "wait") (result i32)
+               (memory.atomic.wait32 (i32.const 0) (i32.const 0) (i64.const -1))))"#,
+    )
+    .unwrap();
+    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&waits_forever);
+    match result {
+        Err(Error::InvalidModule(message)) => assert!(message.contains("shared"), "{message}"),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a module with a shared memory compiled"),
+    }
+    // Atomic instructions are refused as well, shared memory or not.
+    let atomics = wat::parse_str(
+        r#"(module (memory 1) (func (export "f") (result i32) (i32.atomic.load (i32.const 0))))"#,
+    )
+    .unwrap();
+    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&atomics);
+    assert!(matches!(result, Err(Error::InvalidModule(_))));
+}
+
+#[test]
+fn a_module_using_exception_handling_is_refused() {
+    // A host function's trap unwinds the guest as an exception: a guest that could catch it would
+    // run on after the host stopped it (after proc_exit, for one).
+    let runtime = default_runtime();
+    let swallows_exit = wat::parse_str(
+        r#"(module
+             (import "env" "exit" (func $exit (param i32)))
+             (func (export "exit_and_go_on") (result i32)
+               try
+                 (call $exit (i32.const 0))
+               catch_all
+               end
+               (i32.const 1)))"#,
+    )
+    .unwrap();
+    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&swallows_exit);
+    match result {
+        Err(Error::InvalidModule(message)) => assert!(!message.is_empty()),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a module using exception handling compiled"),
+    }
+}
+
+#[test]
 fn one_linked_module_instantiates_on_many_threads() {
     let runtime = default_runtime();
     let linked = compile(&runtime, MODULE).link(HOST).unwrap();
