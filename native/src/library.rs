@@ -5,6 +5,11 @@
 //! plugin's state in the library's own statics and thread-locals, so two VMs must not share a
 //! loaded library: every instance loads a private copy of the file (the dynamic loader returns
 //! the same library for the same path), and stays on the thread that created it.
+//!
+//! Dropping an instance closes its copy, but the copy stays mapped (measured: about 200 KiB per
+//! instance started and dropped on one thread), as glibc does not unload a library whose
+//! thread-locals registered destructors (the SDK's do) on a thread that still runs: instances
+//! are meant to be created once per worker thread, not per request.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
