@@ -829,3 +829,109 @@ fn a_guest_cannot_grow_a_table_without_bound_or_block_on_a_shared_memory() {
         );
     }
 }
+
+#[test]
+fn float_values_travel_as_their_bits_on_the_dynamic_path() {
+    fn halve(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+        args[0] = (f64::from_bits(args[0]) / 2.0).to_bits();
+        Ok(())
+    }
+    let host = [HostFunction {
+        module: "env",
+        name: "halve",
+        signature: Signature::new(&[ValType::F64], &[ValType::F64]),
+        callback: halve,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "halve" (func $halve (param f64) (result f64)))
+             ;; Guest exports the host calls are integer-typed: the float goes in as its bits.
+             (func (export "quarter") (param i64) (result i64)
+               (i64.reinterpret_f64
+                 (call $halve (call $halve (f64.reinterpret_i64 (local.get 0)))))))"#,
+    )
+    .unwrap();
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+        let mut instance = module
+            .link(&host)
+            .unwrap()
+            .instantiate(State::default())
+            .unwrap();
+        let quarter = instance.function("quarter").unwrap();
+        let mut result = [0];
+        instance
+            .call(quarter, &[10.0f64.to_bits()], &mut result)
+            .unwrap();
+        assert_eq!(f64::from_bits(result[0]), 2.5, "{compiler:?}");
+    }
+}
+
+#[test]
+fn a_memory_cap_above_four_gibibytes_leaves_32_bit_memories_usable() {
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                max_memory_bytes: Some(8 << 30),
+                ..Default::default()
+            },
+        );
+        let mut instance = instance(&runtime);
+        let grow = instance.function("grow").unwrap();
+        let mut result = [0];
+        instance.call(grow, &[1], &mut result).unwrap();
+        assert_eq!(result[0], 1, "{compiler:?}");
+    }
+}
+
+#[test]
+fn a_host_function_panicking_through_a_call_leaves_no_deadline_armed() {
+    fn panics(_caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+        panic!("a host bug");
+    }
+    let host = [HostFunction {
+        module: "env",
+        name: "panics",
+        signature: Signature::new(&[], &[]),
+        callback: panics,
+    }];
+    let wasm = wat::parse_str(
+        r#"(module
+             (import "env" "panics" (func $panics))
+             (memory 1)
+             (func (export "panic") (call $panics))
+             (func (export "work")))"#,
+    )
+    .unwrap();
+    for compiler in compilers() {
+        let runtime = runtime(
+            compiler,
+            RuntimeConfig {
+                call_deadline: Some(Duration::from_millis(20)),
+                ..Default::default()
+            },
+        );
+        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+        let mut instance = module
+            .link(&host)
+            .unwrap()
+            .instantiate(State::default())
+            .unwrap();
+        let panic = instance.function("panic").unwrap();
+        let work = instance.function("work").unwrap();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            instance.call(panic, &[], &mut [])
+        }));
+        assert!(
+            unwound.is_err(),
+            "{compiler:?}: the panic reaches the embedder"
+        );
+        // Long past the panicked call's deadline, later calls run normally.
+        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..3 {
+            instance.call(work, &[], &mut []).unwrap();
+        }
+    }
+}
