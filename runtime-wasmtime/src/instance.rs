@@ -21,6 +21,9 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// A guest function resolved once: the wasmtime handle and how to pass its values.
 #[derive(Clone, Copy)]
 pub(crate) struct ResolvedFunction {
+    /// The handle given out for it: a handle of another instance may have the same index but
+    /// another type, and `call_unchecked` relies on the type.
+    handle: GuestFunction,
     func: Func,
     /// Bit `i` set: parameter `i` is an `i64`.
     i64_params: u32,
@@ -116,8 +119,8 @@ fn call_resolved<T: 'static>(
     }
     let slots = std::ptr::slice_from_raw_parts_mut(raw.as_mut_ptr().cast::<ValRaw>(), used);
     // SAFETY: the first `used` slots were initialised above; `resolved.func` belongs to this store
-    // (it was resolved from this store's instance); `check_arity` matched the argument and result
-    // counts to its type; each argument is encoded with the type recorded at resolution; only
+    // (it was resolved from this store's instance); `lookup` matched the handle to the one given
+    // out for it and `check_arity` the argument and result counts to its type; each argument is encoded with the type recorded at resolution; only
     // functions of integer types are resolved, so no reference values are involved.
     unsafe { resolved.func.call_unchecked(store.as_context_mut(), slots) }
         .map_err(convert_error)?;
@@ -134,15 +137,13 @@ fn call_resolved<T: 'static>(
 }
 
 fn lookup<S>(data: &StoreData<S>, handle: GuestFunction) -> Result<ResolvedFunction, Trap> {
-    data.functions
-        .get(handle.index() as usize)
-        .copied()
-        .ok_or_else(|| {
-            Trap::new(
-                runtime_api::TrapKind::BadCall,
-                "unknown guest function handle",
-            )
-        })
+    match data.functions.get(handle.index() as usize) {
+        Some(resolved) if resolved.handle == handle => Ok(*resolved),
+        _ => Err(Trap::new(
+            runtime_api::TrapKind::BadCall,
+            "unknown guest function handle",
+        )),
+    }
 }
 
 impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
@@ -156,12 +157,13 @@ impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
             .instance
             .get_module_export(&mut self.store, &exported.export)?
             .into_func()?;
+        let handle = GuestFunction::new(self.store.data().functions.len() as u32, &exported.ty);
         let resolved = ResolvedFunction {
+            handle,
             func,
             i64_params: exported.i64_params,
             i64_result: exported.i64_result,
         };
-        let handle = GuestFunction::new(self.store.data().functions.len() as u32, &exported.ty);
         self.store.data_mut().functions.push(resolved);
         Some(handle)
     }
