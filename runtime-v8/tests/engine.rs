@@ -732,3 +732,9 @@ fn capabilities_follow_the_configuration() {
     assert!(!capabilities.interrupt && !capabilities.precompiled_modules);
     assert_eq!(WasmRuntime::<State>::name(&runtime), "v8");
 }
+
+#[test]
+fn the_contract_against_hostile_guests_holds() {
+    let runtime = V8Runtime::new(RuntimeConfig::default()).unwrap();
+    runtime_contract::handles_of_another_instance_are_refused(&runtime);
+}

@@ -167,20 +167,6 @@ fn calls_with_the_wrong_arity_are_refused() {
 }
 
 #[test]
-fn handles_from_another_instance_are_refused() {
-    let runtime = default_runtime();
-    let mut one = instance(&runtime);
-    let mut other = instance(&runtime);
-    // Resolved in a different order, so one index means different functions.
-    let add = other.function("add64").unwrap();
-    let record = one.function("call_record").unwrap();
-    assert_eq!(add.index(), record.index());
-    let error = one.call(add, &[1, 2], &mut [0]).unwrap_err();
-    assert_eq!(error.kind, TrapKind::BadCall);
-    one.call(record, &[1], &mut [0]).unwrap();
-}
-
-#[test]
 fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
     let mut instance = instance(&default_runtime());
     let trap = instance.function("trap").unwrap();
@@ -265,52 +251,6 @@ fn a_host_function_may_recover_from_a_trap_in_a_nested_call() {
     instance.call(outer, &[], &mut result).unwrap();
     assert_eq!(result, [6], "the guest ran on after the host recovered");
     assert_eq!(instance.state().seen, [1]);
-}
-
-/// Calls the guest's `enter` (kept in `allocator`), which calls this again.
-fn reenter(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    let enter = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no enter"))?;
-    caller.state().seen.push(0);
-    caller.call(enter, &[], &mut [])
-}
-
-#[test]
-fn host_functions_calling_back_into_the_guest_nest_at_most_eight_levels() {
-    let host = [HostFunction {
-        module: "env",
-        name: "reenter",
-        signature: Signature::new(&[], &[]),
-        callback: reenter,
-    }];
-    let wasm = wat::parse_str(
-        r#"(module
-             (import "env" "reenter" (func $reenter))
-             (func (export "enter") (call $reenter)))"#,
-    )
-    .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = default_runtime().compile(&wasm).unwrap();
-    let mut instance = module
-        .link(&host)
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    let enter = instance.function("enter").unwrap();
-    instance.state().allocator = Some(enter);
-    let error = instance.call(enter, &[], &mut []).unwrap_err();
-    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow));
-    assert_eq!(
-        instance.state().seen.len(),
-        9,
-        "the top-level call and eight nested ones reached the host function"
-    );
-    // The limit counts levels in progress, also after a failure: the next call nests as deep.
-    instance.state().seen.clear();
-    let error = instance.call(enter, &[], &mut []).unwrap_err();
-    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow));
-    assert_eq!(instance.state().seen.len(), 9);
 }
 
 #[test]
@@ -791,4 +731,11 @@ fn an_instance_moves_between_threads() {
         instance.state().seen,
         [0, u64::MAX, 1, u64::MAX, 2, u64::MAX]
     );
+}
+
+#[test]
+fn the_contract_against_hostile_guests_holds() {
+    let runtime = WamrRuntime::new(RuntimeConfig::default()).unwrap();
+    runtime_contract::handles_of_another_instance_are_refused(&runtime);
+    runtime_contract::guest_calls_from_host_functions_nest_at_most_eight_levels(&runtime);
 }

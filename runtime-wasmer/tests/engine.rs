@@ -734,102 +734,6 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
     }
 }
 
-/// Calls the guest's `enter` (kept in `allocator`), which calls this again.
-fn reenter(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    let enter = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no enter"))?;
-    caller.state().seen.push(0);
-    caller.call(enter, &[], &mut [])
-}
-
-#[test]
-fn host_functions_calling_back_into_the_guest_nest_only_a_few_levels() {
-    let host = [HostFunction {
-        module: "env",
-        name: "reenter",
-        signature: Signature::new(&[], &[]),
-        callback: reenter,
-    }];
-    let wasm = wat::parse_str(
-        r#"(module
-             (import "env" "reenter" (func $reenter))
-             (func (export "enter") (call $reenter)))"#,
-    )
-    .unwrap();
-    for compiler in compilers() {
-        let runtime = runtime(compiler, RuntimeConfig::default());
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-        let mut instance = module
-            .link(&host)
-            .unwrap()
-            .instantiate(State::default())
-            .unwrap();
-        let enter = instance.function("enter").unwrap();
-        instance.state().allocator = Some(enter);
-        let error = instance.call(enter, &[], &mut []).unwrap_err();
-        assert_eq!(
-            error,
-            Trap::wasm(WasmTrapCode::StackOverflow),
-            "{compiler:?}"
-        );
-        assert!(instance.state().seen.len() <= 10, "{compiler:?}");
-        // The limit counts levels in progress: the next call may nest again.
-        instance.state().seen.clear();
-        assert!(instance.call(enter, &[], &mut []).is_err());
-        assert_eq!(instance.state().seen.len(), 9, "{compiler:?}");
-    }
-}
-
-#[test]
-fn handles_from_another_instance_are_refused() {
-    for compiler in compilers() {
-        let mut one = default_instance(compiler);
-        let mut other = default_instance(compiler);
-        // Resolve functions in a different order, so one index means different functions.
-        let nine = other.function("nine").unwrap();
-        let _ = one.function("spin");
-        let error = one.call(nine, &[0; 9], &mut [0]).unwrap_err();
-        assert_eq!(error.kind, TrapKind::BadCall, "{compiler:?}");
-    }
-}
-
-#[test]
-fn a_guest_cannot_grow_a_table_without_bound_or_block_on_a_shared_memory() {
-    let grow = wat::parse_str(
-        r#"(module
-             (table 1 funcref)
-             (func (export "grow") (param i32) (result i32)
-               (table.grow (ref.null func) (local.get 0))))"#,
-    )
-    .unwrap();
-    // The threads proposal is off: `memory.atomic.wait32` could block where no deadline reaches.
-    let shared = wat::parse_str(r#"(module (memory 1 1 shared))"#).unwrap();
-    for compiler in compilers() {
-        let runtime = runtime(compiler, RuntimeConfig::default());
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&grow).unwrap();
-        let mut instance = module
-            .link(&[])
-            .unwrap()
-            .instantiate(State::default())
-            .unwrap();
-        let grow = instance.function("grow").unwrap();
-        let mut result = [0];
-        instance.call(grow, &[0x7fff_ffff], &mut result).unwrap();
-        assert_eq!(result[0] as u32 as i32, -1, "{compiler:?}: growth refused");
-        instance.call(grow, &[10], &mut result).unwrap();
-        assert_eq!(result[0], 1, "{compiler:?}: modest growth works");
-        assert!(
-            matches!(
-                WasmRuntime::<State>::compile(&runtime, &shared),
-                Err(Error::InvalidModule(_))
-            ),
-            "{compiler:?}"
-        );
-    }
-}
-
 #[test]
 fn float_values_travel_as_their_bits_on_the_dynamic_path() {
     fn halve(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
@@ -933,5 +837,31 @@ fn a_host_function_panicking_through_a_call_leaves_no_deadline_armed() {
         for _ in 0..3 {
             instance.call(work, &[], &mut []).unwrap();
         }
+    }
+}
+
+#[test]
+fn the_contract_against_hostile_guests_holds() {
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        runtime_contract::handles_of_another_instance_are_refused(&runtime);
+        runtime_contract::tables_cannot_grow_without_bound(&runtime);
+        runtime_contract::guest_calls_from_host_functions_nest_at_most_eight_levels(&runtime);
+    }
+}
+
+#[test]
+fn modules_with_a_shared_memory_are_refused() {
+    // The threads proposal is off: `memory.atomic.wait32` could block where no deadline reaches.
+    let shared = wat::parse_str(r#"(module (memory 1 1 shared))"#).unwrap();
+    for compiler in compilers() {
+        let runtime = runtime(compiler, RuntimeConfig::default());
+        assert!(
+            matches!(
+                WasmRuntime::<State>::compile(&runtime, &shared),
+                Err(Error::InvalidModule(_))
+            ),
+            "{compiler:?}"
+        );
     }
 }

@@ -650,25 +650,9 @@ fn one_linked_module_instantiates_on_many_threads() {
 }
 
 #[test]
-fn a_guest_cannot_grow_a_table_without_bound() {
-    let wasm = wat::parse_str(
-        r#"(module
-             (table 1 funcref)
-             (func (export "grow") (param i32) (result i32)
-               (table.grow (ref.null func) (local.get 0))))"#,
-    )
-    .unwrap();
+fn the_contract_against_hostile_guests_holds() {
     let runtime = WasmiRuntime::new(RuntimeConfig::default()).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-    let mut instance = module
-        .link(&[])
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    let grow = instance.function("grow").unwrap();
-    let mut result = [0];
-    instance.call(grow, &[0x7fff_ffff], &mut result).unwrap();
-    assert_eq!(result[0] as u32 as i32, -1, "growth refused");
-    instance.call(grow, &[10], &mut result).unwrap();
-    assert_eq!(result[0], 1, "modest growth works");
+    runtime_contract::handles_of_another_instance_are_refused(&runtime);
+    runtime_contract::tables_cannot_grow_without_bound(&runtime);
+    runtime_contract::guest_calls_from_host_functions_nest_at_most_eight_levels(&runtime);
 }

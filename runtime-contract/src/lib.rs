@@ -1,0 +1,139 @@
+//! Checks of the [`runtime_api`] contract that hold on every engine, written once and run by each
+//! engine crate's own tests against that engine (`runtime-*/tests/engine.rs`). Each check panics
+//! with a message naming the engine when the engine breaks the contract.
+//!
+//! Engine-specific behaviour (how deadlines are enforced, what is precompiled) stays in the
+//! engine's own tests; what a hostile guest must not be able to do to any host lives here.
+
+use std::sync::Arc;
+
+use runtime_api::{
+    Caller, CompiledModule, GuestFunction, HostFunction, Instance, Signature, Trap, TrapKind,
+    WasmRuntime, WasmTrapCode,
+};
+
+/// The host state of these checks: how often the host function ran, and the guest function it
+/// calls back.
+#[derive(Default)]
+pub struct State {
+    /// Entries into the `reenter` host function.
+    pub entries: u32,
+    /// The guest function `reenter` calls.
+    pub callee: Option<GuestFunction>,
+}
+
+/// Instantiates `wat` on `runtime`, linked against `host`.
+fn instantiate(
+    runtime: &dyn WasmRuntime<State>,
+    wat: &str,
+    host: &[HostFunction<State>],
+) -> Box<dyn Instance<State>> {
+    let name = runtime.name();
+    let wasm = wat::parse_str(wat).expect("the check's module is valid text");
+    let module: Arc<dyn CompiledModule<State>> = runtime
+        .compile(&wasm)
+        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    module
+        .link(host)
+        .unwrap_or_else(|e| panic!("{name}: link: {e}"))
+        .instantiate(State::default())
+        .unwrap_or_else(|e| panic!("{name}: instantiate: {e}"))
+}
+
+/// A handle is only good on the instance that gave it out: one of another instance, at an index
+/// this instance uses for a function of another type, is refused as a bad call (engines that
+/// trusted the index would call with the wrong number of values).
+pub fn handles_of_another_instance_are_refused(runtime: &dyn WasmRuntime<State>) {
+    let name = runtime.name();
+    let wat = r#"(module
+                   (func (export "nothing"))
+                   (func (export "double") (param i32) (result i32)
+                     (i32.add (local.get 0) (local.get 0))))"#;
+    let mut one = instantiate(runtime, wat, &[]);
+    let mut other = instantiate(runtime, wat, &[]);
+    // Resolved in different orders, so the same index stands for different functions.
+    let nothing = one.function("nothing").expect("export nothing");
+    let double = other.function("double").expect("export double");
+    assert_eq!(
+        nothing.index(),
+        double.index(),
+        "{name}: handles share an index"
+    );
+    let error = one.call(double, &[1], &mut [0]).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall, "{name}: {error}");
+    one.call(nothing, &[], &mut [])
+        .unwrap_or_else(|e| panic!("{name}: the instance's own handle works: {e}"));
+}
+
+/// `table.grow` fails (returns -1) past a bound of the host's, instead of taking as much host
+/// memory as the guest asks for; modest growth still works.
+pub fn tables_cannot_grow_without_bound(runtime: &dyn WasmRuntime<State>) {
+    let name = runtime.name();
+    let mut instance = instantiate(
+        runtime,
+        r#"(module
+             (table 1 funcref)
+             (func (export "grow") (param i32) (result i32)
+               (table.grow (ref.null func) (local.get 0))))"#,
+        &[],
+    );
+    let grow = instance.function("grow").expect("export grow");
+    let mut result = [0];
+    instance
+        .call(grow, &[0x7fff_ffff], &mut result)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        result[0] as u32 as i32, -1,
+        "{name}: huge growth is refused"
+    );
+    instance
+        .call(grow, &[10], &mut result)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(result[0], 1, "{name}: modest growth works");
+}
+
+/// Calls the guest's `enter` (kept in [`State::callee`]), which calls this again.
+fn reenter(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().entries += 1;
+    let enter = caller
+        .state()
+        .callee
+        .ok_or_else(|| Trap::host("no callee"))?;
+    caller.call(enter, &[], &mut [])
+}
+
+/// A guest recursing through a host function (the allocator calling a host function that calls
+/// the allocator …) is stopped with a stack-overflow trap after eight nested levels, before the
+/// native stack runs out; the count is of levels in progress, so the next call nests as deep.
+pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(runtime: &dyn WasmRuntime<State>) {
+    let name = runtime.name();
+    let host = [HostFunction {
+        module: "env",
+        name: "reenter",
+        signature: Signature::new(&[], &[]),
+        callback: reenter,
+    }];
+    let mut instance = instantiate(
+        runtime,
+        r#"(module
+             (import "env" "reenter" (func $reenter))
+             (func (export "enter") (call $reenter)))"#,
+        &host,
+    );
+    let enter = instance.function("enter").expect("export enter");
+    instance.state().callee = Some(enter);
+    for round in ["first", "second"] {
+        instance.state().entries = 0;
+        let error = instance.call(enter, &[], &mut []).unwrap_err();
+        assert_eq!(
+            error,
+            Trap::wasm(WasmTrapCode::StackOverflow),
+            "{name}, {round} call"
+        );
+        assert_eq!(
+            instance.state().entries,
+            9,
+            "{name}, {round} call: the top-level call and eight nested ones reached the host"
+        );
+    }
+}
