@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, CompiledModule, GuestFunction, HostFunction, Instance, Signature, Trap, TrapKind,
-    WasmRuntime, WasmTrapCode,
+    Caller, CompiledModule, GuestFunction, HostFunction, Instance, RuntimeConfig, Signature, Trap,
+    TrapKind, WasmRuntime, WasmTrapCode,
 };
 
 /// The host state of these checks: how often the host function ran, and the guest function it
@@ -136,4 +136,64 @@ pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(runtime: &dyn W
             "{name}, {round} call: the top-level call and eight nested ones reached the host"
         );
     }
+}
+
+/// With [`RuntimeConfig::max_memory_bytes`] set, `memory.grow` fails (returns -1) past the cap,
+/// however much is asked, and a module whose initial memory is already above the cap does not
+/// instantiate. `make` creates the engine with the configuration given.
+pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<State>>(
+    make: impl Fn(RuntimeConfig) -> R,
+) {
+    const PAGE: u64 = 65536;
+    let runtime = make(RuntimeConfig {
+        max_memory_bytes: Some(2 * PAGE),
+        ..Default::default()
+    });
+    let name = runtime.name();
+    let mut instance = instantiate(
+        &runtime,
+        r#"(module
+             (memory (export "memory") 1)
+             (func (export "grow") (param i32) (result i32)
+               (memory.grow (local.get 0))))"#,
+        &[],
+    );
+    let grow = instance.function("grow").expect("export grow");
+    let mut result = [0];
+    let mut grow_by = |pages: u64, instance: &mut Box<dyn Instance<State>>| {
+        instance
+            .call(grow, &[pages], &mut result)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        result[0] as u32 as i32
+    };
+    assert_eq!(
+        grow_by(1, &mut instance),
+        1,
+        "{name}: growing to the cap succeeds"
+    );
+    assert_eq!(
+        grow_by(1, &mut instance),
+        -1,
+        "{name}: growing past it returns -1"
+    );
+    assert_eq!(
+        grow_by(0x7fff_ffff, &mut instance),
+        -1,
+        "{name}: so does a huge growth"
+    );
+    assert_eq!(instance.memory_size() as u64, 2 * PAGE, "{name}");
+    let above = wat::parse_str("(module (memory (export \"memory\") 3))").expect("valid text");
+    let module: Arc<dyn CompiledModule<State>> = runtime
+        .compile(&above)
+        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    let linked = module
+        .link(&[])
+        .unwrap_or_else(|e| panic!("{name}: link: {e}"));
+    assert!(
+        matches!(
+            linked.instantiate(State::default()),
+            Err(runtime_api::Error::Instantiation(_))
+        ),
+        "{name}: an initial memory above the cap is refused"
+    );
 }

@@ -400,30 +400,7 @@ fn a_start_function_trap_fails_instantiation() {
 #[test]
 fn the_memory_cap_makes_memory_grow_fail() {
     for compiler in compilers() {
-        let runtime = runtime(
-            compiler,
-            RuntimeConfig {
-                max_memory_bytes: Some(2 * 65536),
-                ..Default::default()
-            },
-        );
-        let mut instance = instance(&runtime);
-        let grow = instance.function("grow").unwrap();
-        let mut result = [0];
-        instance.call(grow, &[1], &mut result).unwrap();
-        assert_eq!(result[0], 1, "{compiler:?}: growing to the cap succeeds");
-        instance.call(grow, &[1], &mut result).unwrap();
-        assert_eq!(result[0] as u32, u32::MAX, "{compiler:?}: past the cap, -1");
-        instance.call(grow, &[0x10000], &mut result).unwrap();
-        assert_eq!(result[0] as u32, u32::MAX, "{compiler:?}: huge growth, -1");
-        assert_eq!(instance.memory_size(), 2 * 65536);
-        // A module whose minimum is above the cap cannot be instantiated.
-        let big = wat::parse_str("(module (memory 3))").unwrap();
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&big).unwrap();
-        assert!(matches!(
-            module.link(HOST).unwrap().instantiate(State::default()),
-            Err(Error::Instantiation(_))
-        ));
+        runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| runtime(compiler, config));
     }
 }
 

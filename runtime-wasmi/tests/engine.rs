@@ -320,25 +320,9 @@ fn imports_and_exports_are_listed_with_their_types() {
 
 #[test]
 fn the_memory_cap_makes_memory_grow_fail() {
-    let runtime = WasmiRuntime::new(RuntimeConfig {
-        max_memory_bytes: Some(2 * 65536),
-        ..Default::default()
-    })
-    .unwrap();
-    let mut instance = instance(&runtime);
-    let grow = instance.function("grow").unwrap();
-    let mut result = [0];
-    instance.call(grow, &[1], &mut result).unwrap();
-    assert_eq!(result[0], 1, "growing to the cap succeeds");
-    instance.call(grow, &[1], &mut result).unwrap();
-    assert_eq!(
-        result[0] as u32,
-        u32::MAX,
-        "growing past the cap returns -1"
-    );
-    instance.call(grow, &[0x1_0000], &mut result).unwrap();
-    assert_eq!(result[0] as u32, u32::MAX, "so does a huge request");
-    assert_eq!(instance.memory_size(), 2 * 65536);
+    runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| {
+        WasmiRuntime::new(config).unwrap()
+    });
 }
 
 #[test]

@@ -167,22 +167,9 @@ fn unknown_imports_and_mismatched_signatures_are_link_errors() {
 
 #[test]
 fn the_memory_cap_makes_memory_grow_fail() {
-    let runtime = WasmtimeRuntime::new(RuntimeConfig {
-        max_memory_bytes: Some(2 * 65536),
-        ..Default::default()
-    })
-    .unwrap();
-    let mut instance = instance(&runtime);
-    let grow = instance.function("grow").unwrap();
-    let mut result = [0];
-    instance.call(grow, &[1], &mut result).unwrap();
-    assert_eq!(result[0], 1, "growing to the cap succeeds");
-    instance.call(grow, &[1], &mut result).unwrap();
-    assert_eq!(
-        result[0] as u32,
-        u32::MAX,
-        "growing past the cap returns -1"
-    );
+    runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| {
+        WasmtimeRuntime::new(config).unwrap()
+    });
 }
 
 #[test]
