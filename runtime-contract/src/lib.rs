@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use runtime_api::{
     Caller, CompiledModule, GuestFunction, HostFunction, Instance, RuntimeConfig, Signature, Trap,
-    TrapKind, WasmRuntime, WasmTrapCode,
+    TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
 
 /// The host state of these checks: how often the host function ran, and the guest function it
@@ -196,4 +196,60 @@ pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<State>>(
         ),
         "{name}: an initial memory above the cap is refused"
     );
+}
+
+/// A host function these checks link against: `env.answer`, `(i32, i64) -> i32`.
+fn answer(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    args[0] = 42;
+    Ok(())
+}
+
+/// Linking and compiling fail with errors that say what is wrong: an import the host does not
+/// have names it, one with another signature is a mismatch, an imported memory is unsupported,
+/// and bytes that are not a module are an invalid module.
+pub fn bad_modules_and_imports_fail_with_errors_that_say_why(runtime: &dyn WasmRuntime<State>) {
+    use runtime_api::Error;
+    let name = runtime.name();
+    let host = [HostFunction {
+        module: "env",
+        name: "answer",
+        signature: Signature::new(&[ValType::I32, ValType::I64], &[ValType::I32]),
+        callback: answer,
+    }];
+    let link = |wat: &str| {
+        let wasm = wat::parse_str(wat).expect("valid text");
+        let module: Arc<dyn CompiledModule<State>> = runtime
+            .compile(&wasm)
+            .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+        module.link(&host).err()
+    };
+    let error = link(r#"(module (import "env" "nope" (func)))"#);
+    assert!(
+        matches!(&error, Some(Error::UnknownImport { name, .. }) if name == "nope"),
+        "{name}: {error:?}"
+    );
+    let error = link(r#"(module (import "env" "answer" (func (param i32))))"#);
+    assert!(
+        matches!(&error, Some(Error::ImportSignatureMismatch { .. })),
+        "{name}: {error:?}"
+    );
+    let error = link(r#"(module (import "env" "memory" (memory 1)))"#);
+    assert!(
+        matches!(&error, Some(Error::UnsupportedImport { kind, .. }) if kind == "memory"),
+        "{name}: {error:?}"
+    );
+    let not_modules = [
+        &b"\0asm\x01\0\0\0\xff"[..],
+        b"",
+        b"\0asm",
+        b"(module)",
+        b"not wasm at all",
+    ];
+    for bytes in not_modules {
+        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
+        assert!(
+            matches!(result, Err(Error::InvalidModule(_))),
+            "{name}: {bytes:?}"
+        );
+    }
 }

@@ -261,26 +261,9 @@ fn a_panicking_host_function_is_a_trap() {
 
 #[test]
 fn unknown_imports_and_mismatched_signatures_are_link_errors() {
-    let runtime = default_runtime();
-    let unknown = compile(&runtime, r#"(module (import "env" "nope" (func)))"#);
-    assert!(matches!(unknown.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
-    let mismatched = compile(
-        &runtime,
-        r#"(module (import "env" "record" (func (param i32))))"#,
+    runtime_contract::bad_modules_and_imports_fail_with_errors_that_say_why(
+        &V8Runtime::new(RuntimeConfig::default()).unwrap(),
     );
-    assert!(matches!(
-        mismatched.link(HOST),
-        Err(Error::ImportSignatureMismatch { .. })
-    ));
-    let memory = compile(&runtime, r#"(module (import "env" "memory" (memory 1)))"#);
-    assert!(matches!(
-        memory.link(HOST),
-        Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
-    ));
-    for bytes in [&b"\0asm\x01\0\0\0\xff"[..], b"", b"not wasm at all"] {
-        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
-        assert!(matches!(result, Err(Error::InvalidModule(_))), "{bytes:?}");
-    }
 }
 
 #[test]

@@ -279,27 +279,9 @@ fn a_panicking_host_function_fails_the_call_not_the_process() {
 
 #[test]
 fn unknown_imports_and_mismatched_signatures_are_link_errors() {
-    let runtime = default_runtime();
-    let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
-    assert!(matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
-    let mismatched =
-        wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
-    assert!(matches!(
-        module.link(HOST),
-        Err(Error::ImportSignatureMismatch { .. })
-    ));
-    let memory = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&memory).unwrap();
-    assert!(matches!(
-        module.link(HOST),
-        Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
-    ));
-    for bytes in [&b"\0asm\x01\0\0\0\xff"[..], b"", b"not wasm at all"] {
-        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
-        assert!(matches!(result, Err(Error::InvalidModule(_))), "{bytes:?}");
-    }
+    runtime_contract::bad_modules_and_imports_fail_with_errors_that_say_why(
+        &WamrRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]

@@ -319,32 +319,10 @@ fn wasm_traps_have_the_canonical_messages() {
 #[test]
 fn unknown_imports_and_mismatched_signatures_are_link_errors() {
     for compiler in compilers() {
-        let runtime = runtime(compiler, RuntimeConfig::default());
-        let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
-        assert!(
-            matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope")
-        );
-        let mismatched =
-            wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
-        assert!(matches!(
-            module.link(HOST),
-            Err(Error::ImportSignatureMismatch { .. })
+        runtime_contract::bad_modules_and_imports_fail_with_errors_that_say_why(&runtime(
+            compiler,
+            RuntimeConfig::default(),
         ));
-        let memory = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&memory).unwrap();
-        assert!(matches!(
-            module.link(HOST),
-            Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
-        ));
-        for bytes in [&b"\0asm\x01\0\0\0\xff"[..], b"", b"(module)", b"\0asm"] {
-            let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
-            assert!(
-                matches!(result, Err(Error::InvalidModule(_))),
-                "{compiler:?} {bytes:?}"
-            );
-        }
     }
 }
 

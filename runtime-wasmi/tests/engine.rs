@@ -250,23 +250,9 @@ fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
 
 #[test]
 fn unknown_imports_and_mismatched_signatures_are_link_errors() {
-    let runtime = default_runtime();
-    let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
-    assert!(matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
-    let mismatched =
-        wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
-    assert!(matches!(
-        module.link(HOST),
-        Err(Error::ImportSignatureMismatch { .. })
-    ));
-    let memory = wat::parse_str(r#"(module (import "env" "memory" (memory 1)))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&memory).unwrap();
-    assert!(matches!(
-        module.link(HOST),
-        Err(Error::UnsupportedImport { kind, .. }) if kind == "memory"
-    ));
+    runtime_contract::bad_modules_and_imports_fail_with_errors_that_say_why(
+        &WasmiRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]

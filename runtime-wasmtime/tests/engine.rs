@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime_api::{
-    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
-    TrapKind, ValType, WasmRuntime,
+    Caller, CompiledModule, HostFunction, Instance, RuntimeConfig, Signature, Trap, TrapKind,
+    ValType, WasmRuntime,
 };
 use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
 
@@ -150,19 +150,9 @@ fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
 
 #[test]
 fn unknown_imports_and_mismatched_signatures_are_link_errors() {
-    let runtime = default_runtime();
-    let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&unknown).unwrap();
-    assert!(matches!(module.link(HOST), Err(Error::UnknownImport { name, .. }) if name == "nope"));
-    let mismatched =
-        wat::parse_str(r#"(module (import "env" "record" (func (param i32))))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&mismatched).unwrap();
-    assert!(matches!(
-        module.link(HOST),
-        Err(Error::ImportSignatureMismatch { .. })
-    ));
-    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(b"\0asm\x01\0\0\0\xff");
-    assert!(matches!(result, Err(Error::InvalidModule(_))));
+    runtime_contract::bad_modules_and_imports_fail_with_errors_that_say_why(
+        &WasmtimeRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]
