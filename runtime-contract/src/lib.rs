@@ -253,3 +253,89 @@ pub fn bad_modules_and_imports_fail_with_errors_that_say_why(runtime: &dyn WasmR
         );
     }
 }
+
+/// A host function that asks to exit with its argument: `env.exit`, `(i32) -> ()`.
+fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    Err(Trap::exit(args[0] as i32))
+}
+
+/// Every kind of WebAssembly trap comes back with its canonical code (the same words on every
+/// engine), a host function's own trap comes back unchanged, and the instance stays usable after
+/// each, a stack overflow included.
+///
+/// `indistinct` lists the codes an engine cannot tell apart from others (V8 words a NaN
+/// conversion and an out-of-range one alike, and a null entry and a signature mismatch alike):
+/// those must still be WebAssembly traps, in the engine's own words.
+pub fn traps_have_canonical_codes_and_leave_the_instance_usable(
+    runtime: &dyn WasmRuntime<State>,
+    indistinct: &[WasmTrapCode],
+) {
+    let name = runtime.name();
+    let host = [HostFunction {
+        module: "env",
+        name: "exit",
+        signature: Signature::new(&[ValType::I32], &[]),
+        callback: exit,
+    }];
+    let mut instance = instantiate(
+        runtime,
+        r#"(module
+             (import "env" "exit" (func $exit (param i32)))
+             (memory 1)
+             (table 2 funcref)
+             (type $t (func (param i32)))
+             (elem (i32.const 0) $f)
+             (func $f)
+             (func (export "unreachable") unreachable)
+             (func (export "oob") (drop (i32.load (i32.const 65535))))
+             (func (export "div") (drop (i32.div_s (i32.const 1) (i32.const 0))))
+             (func (export "overflow") (drop (i32.div_s (i32.const 0x80000000) (i32.const -1))))
+             (func (export "convert") (drop (i32.trunc_f32_s (f32.const nan))))
+             (func (export "null") (call_indirect (i32.const 1)))
+             (func (export "signature") (call_indirect (type $t) (i32.const 0) (i32.const 0)))
+             (func (export "table") (call_indirect (i32.const 5)))
+             (func $deep (export "recurse") (call $deep))
+             (func (export "exit_with_3") (call $exit (i32.const 3)))
+             (func (export "divide") (param i32 i32) (result i32)
+               (i32.div_s (local.get 0) (local.get 1))))"#,
+        &host,
+    );
+    let divide = instance.function("divide").expect("export divide");
+    let still_usable = |instance: &mut Box<dyn Instance<State>>, after: &str| {
+        let mut quotient = [0];
+        instance
+            .call(divide, &[9, 3], &mut quotient)
+            .unwrap_or_else(|e| panic!("{name}: usable after {after}: {e}"));
+        assert_eq!(quotient, [3], "{name}: after {after}");
+    };
+    for (export, code) in [
+        ("unreachable", WasmTrapCode::Unreachable),
+        ("oob", WasmTrapCode::MemoryOutOfBounds),
+        ("div", WasmTrapCode::IntegerDivisionByZero),
+        ("overflow", WasmTrapCode::IntegerOverflow),
+        ("convert", WasmTrapCode::BadConversionToInteger),
+        ("null", WasmTrapCode::IndirectCallToNull),
+        ("signature", WasmTrapCode::BadSignature),
+        ("table", WasmTrapCode::TableOutOfBounds),
+        ("recurse", WasmTrapCode::StackOverflow),
+    ] {
+        let function = instance.function(export).expect("export");
+        let error = instance.call(function, &[], &mut []).unwrap_err();
+        if indistinct.contains(&code) {
+            assert_eq!(error.kind, TrapKind::Wasm, "{name}: {export}: {error}");
+            assert!(error.message.starts_with("wasm trap: "), "{name}: {error}");
+        } else {
+            assert_eq!(error, Trap::wasm(code), "{name}: {export}");
+        }
+        still_usable(&mut instance, export);
+    }
+    let exit = instance
+        .function("exit_with_3")
+        .expect("export exit_with_3");
+    assert_eq!(
+        instance.call(exit, &[], &mut []).unwrap_err(),
+        Trap::exit(3),
+        "{name}: a host function's trap comes back unchanged"
+    );
+    still_usable(&mut instance, "an exit");
+}

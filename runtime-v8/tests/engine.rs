@@ -213,41 +213,14 @@ fn calls_with_the_wrong_arity_or_a_foreign_handle_are_refused() {
 
 #[test]
 fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
-    let mut instance = instance(&default_runtime());
-    let trap = instance.function("trap").unwrap();
-    let error = instance.call(trap, &[], &mut []).unwrap_err();
-    assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable));
-    let exit = instance.function("exit_with").unwrap();
-    assert_eq!(
-        instance.call(exit, &[3], &mut []).unwrap_err(),
-        Trap::exit(3),
-        "a host function's trap comes back unchanged"
+    runtime_contract::traps_have_canonical_codes_and_leave_the_instance_usable(
+        &V8Runtime::new(RuntimeConfig::default()).unwrap(),
+        &[
+            WasmTrapCode::BadConversionToInteger,
+            WasmTrapCode::IndirectCallToNull,
+            WasmTrapCode::BadSignature,
+        ],
     );
-    let record = instance.function("call_record").unwrap();
-    instance.call(record, &[1], &mut [0]).unwrap();
-}
-
-#[test]
-fn wasm_traps_map_to_their_codes() {
-    let mut instance = instance(&default_runtime());
-    let load = instance.function("load").unwrap();
-    assert_eq!(
-        instance.call(load, &[65535], &mut [0]).unwrap_err(),
-        Trap::wasm(WasmTrapCode::MemoryOutOfBounds)
-    );
-    let divide = instance.function("divide").unwrap();
-    assert_eq!(
-        instance.call(divide, &[1, 0], &mut [0]).unwrap_err(),
-        Trap::wasm(WasmTrapCode::IntegerDivisionByZero)
-    );
-    let recurse = instance.function("recurse").unwrap();
-    assert_eq!(
-        instance.call(recurse, &[], &mut []).unwrap_err(),
-        Trap::wasm(WasmTrapCode::StackOverflow)
-    );
-    let mut quotient = [0];
-    instance.call(divide, &[9, 3], &mut quotient).unwrap();
-    assert_eq!(quotient, [3]);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use runtime_api::{
     Caller, CompiledModule, Error, ExternKind, FunctionType, HostFunction, Instance,
-    InterruptHandle, RuntimeConfig, Signature, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
+    InterruptHandle, RuntimeConfig, Signature, Trap, TrapKind, ValType, WasmRuntime,
 };
 use runtime_wamr::{WamrOptions, WamrRuntime};
 
@@ -168,60 +168,10 @@ fn calls_with_the_wrong_arity_are_refused() {
 
 #[test]
 fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
-    let mut instance = instance(&default_runtime());
-    let trap = instance.function("trap").unwrap();
-    let error = instance.call(trap, &[], &mut []).unwrap_err();
-    assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable));
-    let exit = instance.function("exit_with").unwrap();
-    assert_eq!(
-        instance.call(exit, &[3], &mut []).unwrap_err(),
-        Trap::exit(3),
-        "a host function's trap comes back unchanged"
+    runtime_contract::traps_have_canonical_codes_and_leave_the_instance_usable(
+        &WamrRuntime::new(RuntimeConfig::default()).unwrap(),
+        &[],
     );
-    let record = instance.function("call_record").unwrap();
-    instance.call(record, &[1], &mut [0]).unwrap();
-}
-
-#[test]
-fn wasm_traps_get_the_canonical_codes() {
-    let runtime = default_runtime();
-    let wasm = wat::parse_str(
-        r#"(module
-             (memory 1)
-             (table 2 funcref)
-             (type $t (func (param i32)))
-             (elem (i32.const 0) $f)
-             (func $f)
-             (func (export "oob") (drop (i32.load (i32.const 65535))))
-             (func (export "div") (drop (i32.div_s (i32.const 1) (i32.const 0))))
-             (func (export "overflow") (drop (i32.div_s (i32.const 0x80000000) (i32.const -1))))
-             (func (export "convert") (drop (i32.trunc_f32_s (f32.const nan))))
-             (func (export "null") (call_indirect (i32.const 1)))
-             (func (export "signature") (call_indirect (type $t) (i32.const 0) (i32.const 0)))
-             (func (export "table") (call_indirect (i32.const 5)))
-             (func $deep (export "recurse") (call $deep)))"#,
-    )
-    .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-    let mut instance = module
-        .link(&[])
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    for (name, code) in [
-        ("oob", WasmTrapCode::MemoryOutOfBounds),
-        ("div", WasmTrapCode::IntegerDivisionByZero),
-        ("overflow", WasmTrapCode::IntegerOverflow),
-        ("convert", WasmTrapCode::BadConversionToInteger),
-        ("null", WasmTrapCode::IndirectCallToNull),
-        ("signature", WasmTrapCode::BadSignature),
-        ("table", WasmTrapCode::TableOutOfBounds),
-        ("recurse", WasmTrapCode::StackOverflow),
-    ] {
-        let function = instance.function(name).unwrap();
-        let error = instance.call(function, &[], &mut []).unwrap_err();
-        assert_eq!(error, Trap::wasm(code), "{name}");
-    }
 }
 
 #[test]

@@ -275,44 +275,10 @@ fn calls_with_the_wrong_arity_are_refused() {
 #[test]
 fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
     for compiler in compilers() {
-        let mut instance = default_instance(compiler);
-        let trap = instance.function("trap").unwrap();
-        let error = instance.call(trap, &[], &mut []).unwrap_err();
-        assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable), "{compiler:?}");
-        let exit = instance.function("exit_with").unwrap();
-        assert_eq!(
-            instance.call(exit, &[3], &mut []).unwrap_err(),
-            Trap::exit(3),
-            "{compiler:?}: host errors come back unchanged"
+        runtime_contract::traps_have_canonical_codes_and_leave_the_instance_usable(
+            &runtime(compiler, RuntimeConfig::default()),
+            &[],
         );
-        let record = instance.function("call_record").unwrap();
-        instance.call(record, &[1], &mut [0]).unwrap();
-    }
-}
-
-#[test]
-fn wasm_traps_have_the_canonical_messages() {
-    for compiler in compilers() {
-        let mut instance = default_instance(compiler);
-        let mut expect = |name: &str, args: &[u64], code: WasmTrapCode| {
-            let f = instance.function(name).unwrap();
-            let error = instance.call(f, args, &mut [0]).unwrap_err();
-            assert_eq!(error, Trap::wasm(code), "{compiler:?} {name}");
-        };
-        expect("divide", &[1, 0], WasmTrapCode::IntegerDivisionByZero);
-        expect(
-            "divide",
-            &[0x8000_0000, 0xffff_ffff],
-            WasmTrapCode::IntegerOverflow,
-        );
-        expect("load", &[65535], WasmTrapCode::MemoryOutOfBounds);
-        expect("recurse", &[0], WasmTrapCode::StackOverflow);
-        expect("call_null", &[], WasmTrapCode::IndirectCallToNull);
-        expect("call_wrong_type", &[], WasmTrapCode::BadSignature);
-        expect("call_out_of_table", &[], WasmTrapCode::TableOutOfBounds);
-        // Still usable after a stack overflow.
-        let record = instance.function("call_record").unwrap();
-        instance.call(record, &[1], &mut [0]).unwrap();
     }
 }
 

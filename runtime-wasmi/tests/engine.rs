@@ -228,24 +228,10 @@ fn calls_with_the_wrong_arity_or_a_foreign_handle_are_refused() {
 
 #[test]
 fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
-    let mut instance = instance(&default_runtime());
-    let trap = instance.function("trap").unwrap();
-    let error = instance.call(trap, &[], &mut []).unwrap_err();
-    assert_eq!(error, Trap::wasm(runtime_api::WasmTrapCode::Unreachable));
-    let divide = instance.function("divide").unwrap();
-    let error = instance.call(divide, &[1, 0], &mut [0]).unwrap_err();
-    assert_eq!(
-        error,
-        Trap::wasm(runtime_api::WasmTrapCode::IntegerDivisionByZero)
+    runtime_contract::traps_have_canonical_codes_and_leave_the_instance_usable(
+        &WasmiRuntime::new(RuntimeConfig::default()).unwrap(),
+        &[],
     );
-    let exit = instance.function("exit_with").unwrap();
-    assert_eq!(
-        instance.call(exit, &[3], &mut []).unwrap_err(),
-        Trap::exit(3),
-        "a host function's trap comes back unchanged"
-    );
-    let record = instance.function("call_record").unwrap();
-    instance.call(record, &[1], &mut [0]).unwrap();
 }
 
 #[test]
