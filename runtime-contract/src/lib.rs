@@ -16,9 +16,12 @@ use runtime_api::{
 /// calls back.
 #[derive(Default)]
 pub struct State {
+    /// The arguments host functions received.
+    pub seen: Vec<u64>,
     /// Entries into the `reenter` host function.
     pub entries: u32,
-    /// The guest function `reenter` calls.
+    /// The guest function host functions call back (`reenter`'s callee, `allocate_and_write`'s
+    /// allocator).
     pub callee: Option<GuestFunction>,
 }
 
@@ -338,4 +341,191 @@ pub fn traps_have_canonical_codes_and_leave_the_instance_usable(
         "{name}: a host function's trap comes back unchanged"
     );
     still_usable(&mut instance, "an exit");
+}
+
+/// `env.record`, `(i32, i64) -> i32`: keeps its arguments and returns 7.
+fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    caller.state().seen.extend_from_slice(&args[..2]);
+    args[0] = 7;
+    Ok(())
+}
+
+/// `env.allocate_and_write`, `() -> i32`: allocates 8 bytes through the guest (whose allocator
+/// grows memory) and writes a marker there, through a view of memory taken after the call.
+fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    let allocate = caller
+        .state()
+        .callee
+        .ok_or_else(|| Trap::host("no allocator"))?;
+    let mut pointer = [0];
+    caller.call(allocate, &[8], &mut pointer)?;
+    caller
+        .memory()
+        .write(pointer[0], b"written!")
+        .map_err(|e| Trap::host(e.to_string()))?;
+    args[0] = pointer[0];
+    Ok(())
+}
+
+/// The host functions of [`CALLS_MODULE`].
+const CALLS_HOST: [HostFunction<State>; 2] = [
+    HostFunction {
+        module: "env",
+        name: "record",
+        signature: Signature::new(&[ValType::I32, ValType::I64], &[ValType::I32]),
+        callback: record,
+    },
+    HostFunction {
+        module: "env",
+        name: "allocate_and_write",
+        signature: Signature::new(&[], &[ValType::I32]),
+        callback: allocate_and_write,
+    },
+];
+
+/// A module calling [`CALLS_HOST`], whose allocator grows memory by a page per allocation and
+/// returns the new page, so the host must look at memory afresh after calling it.
+const CALLS_MODULE: &str = r#"(module
+  (import "env" "record" (func $record (param i32 i64) (result i32)))
+  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
+  (memory (export "memory") 1)
+  (func (export "allocate") (param $size i32) (result i32)
+    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
+  (func (export "call_record") (param $a i32) (result i32)
+    (call $record (local.get $a) (i64.const -1)))
+  (func (export "call_allocate") (result i32) (call $allocate_and_write))
+  (func (export "read") (param i32) (result i64) (i64.load (local.get 0)))
+  (func (export "add64") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1))))"#;
+
+/// Values cross in 64-bit slots both ways (`i32` zero-extended, `i64` as its bits, the result
+/// in slot 0), and a host function that calls the guest's allocator sees the memory it grew.
+pub fn calls_cross_in_slots_and_host_functions_see_grown_memory(runtime: &dyn WasmRuntime<State>) {
+    let name = runtime.name();
+    let mut instance = instantiate(runtime, CALLS_MODULE, &CALLS_HOST);
+    let call_record = instance
+        .function("call_record")
+        .expect("export call_record");
+    let mut result = [0];
+    instance
+        .call(call_record, &[0xffff_fffe], &mut result)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(result, [7], "{name}");
+    assert_eq!(instance.state().seen, [0xffff_fffe, u64::MAX], "{name}");
+    let add64 = instance.function("add64").expect("export add64");
+    instance
+        .call(add64, &[u64::MAX - 1, 1], &mut result)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(result, [u64::MAX], "{name}: i64 values keep all their bits");
+
+    instance.state().callee = instance.function("allocate");
+    assert_eq!(instance.memory_size(), 65536, "{name}");
+    let call_allocate = instance
+        .function("call_allocate")
+        .expect("export call_allocate");
+    let mut pointer = [0];
+    instance
+        .call(call_allocate, &[], &mut pointer)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(pointer[0], 65536, "{name}: the new page");
+    assert_eq!(instance.memory_size(), 2 * 65536, "{name}");
+    let read = instance.function("read").expect("export read");
+    instance
+        .call(read, &[pointer[0]], &mut result)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        result[0].to_le_bytes(),
+        *b"written!",
+        "{name}: the guest sees the write"
+    );
+}
+
+/// A compiled module lists its imports with their types in declaration order, and its exports
+/// with their types (in an order of the engine's choosing).
+pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime<State>) {
+    use runtime_api::{ExternKind, FunctionType};
+    let name = runtime.name();
+    let wasm = wat::parse_str(CALLS_MODULE).expect("valid text");
+    let module: Arc<dyn CompiledModule<State>> = runtime
+        .compile(&wasm)
+        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    let imports: Vec<(&str, &str, &ExternKind)> = module
+        .imports()
+        .iter()
+        .map(|i| (i.module.as_str(), i.name.as_str(), &i.kind))
+        .collect();
+    let function = |params: &[ValType], results: &[ValType]| {
+        ExternKind::Function(FunctionType {
+            params: params.to_vec(),
+            results: results.to_vec(),
+        })
+    };
+    use ValType::{I32, I64};
+    assert_eq!(
+        imports,
+        [
+            ("env", "record", &function(&[I32, I64], &[I32])),
+            ("env", "allocate_and_write", &function(&[], &[I32])),
+        ],
+        "{name}"
+    );
+    let mut exports: Vec<(&str, &ExternKind)> = module
+        .exports()
+        .iter()
+        .map(|e| (e.name.as_str(), &e.kind))
+        .collect();
+    exports.sort_by_key(|(export, _)| *export);
+    assert_eq!(
+        exports,
+        [
+            ("add64", &function(&[I64, I64], &[I64])),
+            ("allocate", &function(&[I32], &[I32])),
+            ("call_allocate", &function(&[], &[I32])),
+            ("call_record", &function(&[I32], &[I32])),
+            ("memory", &ExternKind::Memory),
+            ("read", &function(&[I32], &[I64])),
+        ],
+        "{name}"
+    );
+}
+
+/// One linked module instantiates on several threads at once, each instance with its own state,
+/// and runs calls in both directions there.
+pub fn one_linked_module_instantiates_on_many_threads(runtime: &dyn WasmRuntime<State>) {
+    let name = runtime.name();
+    let wasm = wat::parse_str(CALLS_MODULE).expect("valid text");
+    let module: Arc<dyn CompiledModule<State>> = runtime
+        .compile(&wasm)
+        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    let linked = module
+        .link(&CALLS_HOST)
+        .unwrap_or_else(|e| panic!("{name}: link: {e}"));
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let linked = linked.clone();
+            std::thread::spawn(move || {
+                let mut instance = linked
+                    .instantiate(State::default())
+                    .unwrap_or_else(|e| panic!("{name}: instantiate: {e}"));
+                instance.state().callee = instance.function("allocate");
+                let record = instance
+                    .function("call_record")
+                    .expect("export call_record");
+                let call_allocate = instance.function("call_allocate").expect("export");
+                for _ in 0..100 {
+                    instance
+                        .call(record, &[i], &mut [0])
+                        .unwrap_or_else(|e| panic!("{name}: {e}"));
+                }
+                instance
+                    .call(call_allocate, &[], &mut [0])
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                instance.state().seen[0]
+            })
+        })
+        .collect();
+    let seen: Vec<u64> = threads
+        .into_iter()
+        .map(|thread| thread.join().expect("the thread finished"))
+        .collect();
+    assert_eq!(seen, [0, 1, 2, 3], "{name}");
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, ExternKind, FunctionType, HostFunction, Instance, RuntimeConfig,
-    Signature, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
+    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
+    TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
 use runtime_v8::V8Runtime;
 
@@ -154,14 +154,10 @@ fn default_runtime() -> V8Runtime {
 }
 
 #[test]
-fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
-    let mut instance = instance(&default_runtime());
-    let f = instance.function("call_record").unwrap();
-    let mut result = [0];
-    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
-    assert_eq!(result, [7]);
-    // i32 arguments arrive zero-extended, i64 arguments as their bits.
-    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
+fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
+    runtime_contract::calls_cross_in_slots_and_host_functions_see_grown_memory(
+        &V8Runtime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]
@@ -173,22 +169,6 @@ fn i64_values_cross_in_both_directions() {
     assert_eq!(result, [u64::MAX - 3]);
     instance.call(f, &[u64::MAX], &mut result).unwrap();
     assert_eq!(result, [1], "i64 arithmetic wraps like the guest's");
-}
-
-#[test]
-fn host_functions_can_call_the_guest_and_see_grown_memory() {
-    let mut instance = instance(&default_runtime());
-    assert_eq!(instance.memory_size(), 65536);
-    let f = instance.function("call_allocate").unwrap();
-    let mut pointer = [0];
-    instance.call(f, &[], &mut pointer).unwrap();
-    assert_eq!(pointer[0], 65536, "the new page");
-    assert_eq!(instance.memory_size(), 2 * 65536);
-    // The host wrote into the grown memory, where the guest reads it.
-    let load = instance.function("load").unwrap();
-    let mut word = [0];
-    instance.call(load, &[65536], &mut word).unwrap();
-    assert_eq!(word[0] as u32, u32::from_le_bytes(*b"writ"));
 }
 
 #[test]
@@ -241,33 +221,8 @@ fn unknown_imports_and_mismatched_signatures_are_link_errors() {
 
 #[test]
 fn imports_and_exports_are_listed_with_their_types() {
-    let module = compile(&default_runtime(), MODULE);
-    assert_eq!(module.imports().len(), 6);
-    assert_eq!(module.imports()[0].name, "record");
-    assert_eq!(
-        module.imports()[0].kind,
-        ExternKind::Function(FunctionType {
-            params: vec![I32, I64],
-            results: vec![I32],
-        })
-    );
-    let memory = module
-        .exports()
-        .iter()
-        .find(|e| e.name == "memory")
-        .unwrap();
-    assert_eq!(memory.kind, ExternKind::Memory);
-    let increment = module
-        .exports()
-        .iter()
-        .find(|e| e.name == "increment_twice")
-        .unwrap();
-    assert_eq!(
-        increment.kind,
-        ExternKind::Function(FunctionType {
-            params: vec![I64],
-            results: vec![I64],
-        })
+    runtime_contract::imports_and_exports_are_listed_with_their_types(
+        &V8Runtime::new(RuntimeConfig::default()).unwrap(),
     );
 }
 
@@ -609,21 +564,9 @@ fn a_module_using_exception_handling_is_refused() {
 
 #[test]
 fn one_linked_module_instantiates_on_many_threads() {
-    let runtime = default_runtime();
-    let linked = compile(&runtime, MODULE).link(HOST).unwrap();
-    let threads: Vec<_> = (0..4)
-        .map(|i| {
-            let linked = linked.clone();
-            std::thread::spawn(move || {
-                let mut instance = linked.instantiate(State::default()).unwrap();
-                let record = instance.function("call_record").unwrap();
-                instance.call(record, &[i], &mut [0]).unwrap();
-                instance.state().seen[0]
-            })
-        })
-        .collect();
-    let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(seen, vec![0, 1, 2, 3]);
+    runtime_contract::one_linked_module_instantiates_on_many_threads(
+        &V8Runtime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]

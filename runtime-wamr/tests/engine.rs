@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, ExternKind, FunctionType, HostFunction, Instance,
-    InterruptHandle, RuntimeConfig, Signature, Trap, TrapKind, ValType, WasmRuntime,
+    Caller, CompiledModule, Error, HostFunction, Instance, InterruptHandle, RuntimeConfig,
+    Signature, Trap, TrapKind, ValType, WasmRuntime,
 };
 use runtime_wamr::{WamrOptions, WamrRuntime};
 
@@ -126,14 +126,10 @@ fn default_runtime() -> WamrRuntime {
 }
 
 #[test]
-fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
-    let mut instance = instance(&default_runtime());
-    let f = instance.function("call_record").unwrap();
-    let mut result = [0];
-    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
-    assert_eq!(result, [7]);
-    // i32 arguments arrive zero-extended, i64 arguments as their bits.
-    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
+fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
+    runtime_contract::calls_cross_in_slots_and_host_functions_see_grown_memory(
+        &WamrRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]
@@ -145,17 +141,6 @@ fn i64_arguments_and_results_pass_through_guest_calls() {
         .call(add, &[0x1_0000_0001, u64::MAX - 1], &mut result)
         .unwrap();
     assert_eq!(result, [0xffff_ffff], "wrapping i64 addition");
-}
-
-#[test]
-fn host_functions_can_call_the_guest_and_see_grown_memory() {
-    let mut instance = instance(&default_runtime());
-    assert_eq!(instance.memory_size(), 65536);
-    let f = instance.function("call_allocate").unwrap();
-    let mut pointer = [0];
-    instance.call(f, &[], &mut pointer).unwrap();
-    assert_eq!(pointer[0], 65536, "the new page");
-    assert_eq!(instance.memory_size(), 2 * 65536);
 }
 
 #[test]
@@ -236,32 +221,8 @@ fn unknown_imports_and_mismatched_signatures_are_link_errors() {
 
 #[test]
 fn imports_and_exports_are_listed_with_their_types() {
-    let module: Arc<dyn CompiledModule<State>> = default_runtime()
-        .compile(&wat::parse_str(MODULE).unwrap())
-        .unwrap();
-    let imports = module.imports();
-    assert_eq!(imports.len(), 3);
-    assert_eq!(
-        (imports[0].module.as_str(), imports[0].name.as_str()),
-        ("env", "record")
-    );
-    assert_eq!(
-        imports[0].kind,
-        ExternKind::Function(FunctionType {
-            params: vec![I32, I64],
-            results: vec![I32]
-        })
-    );
-    let exports = module.exports();
-    assert_eq!(exports[0].name, "memory");
-    assert_eq!(exports[0].kind, ExternKind::Memory);
-    let add = exports.iter().find(|e| e.name == "add64").unwrap();
-    assert_eq!(
-        add.kind,
-        ExternKind::Function(FunctionType {
-            params: vec![I64, I64],
-            results: vec![I64]
-        })
+    runtime_contract::imports_and_exports_are_listed_with_their_types(
+        &WamrRuntime::new(RuntimeConfig::default()).unwrap(),
     );
 }
 

@@ -193,19 +193,12 @@ fn names_follow_the_compiler() {
 }
 
 #[test]
-fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
+fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
     for compiler in compilers() {
-        let mut instance = default_instance(compiler);
-        let f = instance.function("call_record").unwrap();
-        let mut result = [0];
-        instance.call(f, &[0xffff_fffe], &mut result).unwrap();
-        assert_eq!(result, [7], "{compiler:?}");
-        // i32 arguments arrive zero-extended, i64 arguments as their bits.
-        assert_eq!(
-            instance.state().seen,
-            vec![0xffff_fffe, u64::MAX],
-            "{compiler:?}"
-        );
+        runtime_contract::calls_cross_in_slots_and_host_functions_see_grown_memory(&runtime(
+            compiler,
+            RuntimeConfig::default(),
+        ));
     }
 }
 
@@ -246,23 +239,6 @@ fn guest_functions_of_any_integer_shape_can_be_called() {
 }
 
 #[test]
-fn host_functions_can_call_the_guest_and_see_grown_memory() {
-    for compiler in compilers() {
-        let mut instance = default_instance(compiler);
-        assert_eq!(instance.memory_size(), 65536);
-        let f = instance.function("call_allocate").unwrap();
-        let mut pointer = [0];
-        instance.call(f, &[], &mut pointer).unwrap();
-        assert_eq!(pointer[0], 65536, "{compiler:?}: the new page");
-        assert_eq!(instance.memory_size(), 2 * 65536);
-        let load = instance.function("load").unwrap();
-        let mut word = [0];
-        instance.call(load, &[65536], &mut word).unwrap();
-        assert_eq!(word[0], u64::from(u32::from_le_bytes(*b"writ")));
-    }
-}
-
-#[test]
 fn calls_with_the_wrong_arity_are_refused() {
     for compiler in compilers() {
         let mut instance = default_instance(compiler);
@@ -294,37 +270,16 @@ fn unknown_imports_and_mismatched_signatures_are_link_errors() {
 
 #[test]
 fn imports_and_exports_are_listed_with_their_types() {
-    let runtime = runtime(
-        compilers()[0],
-        RuntimeConfig {
-            call_deadline: Some(Duration::from_secs(1)),
-            ..Default::default()
-        },
-    );
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let record = &module.imports()[0];
-    assert_eq!(
-        (record.module.as_str(), record.name.as_str()),
-        ("env", "record")
-    );
-    assert_eq!(
-        record.kind,
-        runtime_api::ExternKind::Function(runtime_api::FunctionType {
-            params: vec![I32, I64],
-            results: vec![I32],
-        })
-    );
-    assert_eq!(module.imports().len(), 5);
-    let names: Vec<&str> = module.exports().iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names[0], "memory");
-    assert!(names.contains(&"add64"));
-    // The stop flag the deadline checks use is not the module's own export.
-    assert!(
-        names.iter().all(|name| !name.contains("pwhost")),
-        "{names:?}"
-    );
-    assert_eq!(module.exports()[0].kind, runtime_api::ExternKind::Memory);
+    // With a deadline: the stop flag and start function the checks add are not listed.
+    for compiler in compilers() {
+        runtime_contract::imports_and_exports_are_listed_with_their_types(&runtime(
+            compiler,
+            RuntimeConfig {
+                call_deadline: Some(Duration::from_secs(1)),
+                ..Default::default()
+            },
+        ));
+    }
 }
 
 #[test]
@@ -559,23 +514,10 @@ fn precompiled_modules_only_load_where_they_fit() {
 #[test]
 fn one_linked_module_instantiates_on_many_threads() {
     for compiler in compilers() {
-        let runtime = runtime(compiler, RuntimeConfig::default());
-        let module: Arc<dyn CompiledModule<State>> =
-            runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-        let linked = module.link(HOST).unwrap();
-        let threads: Vec<_> = (0..4)
-            .map(|i| {
-                let linked = linked.clone();
-                std::thread::spawn(move || {
-                    let mut instance = linked.instantiate(State::default()).unwrap();
-                    let record = instance.function("call_record").unwrap();
-                    instance.call(record, &[i], &mut [0]).unwrap();
-                    instance.state().seen[0]
-                })
-            })
-            .collect();
-        let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        assert_eq!(seen, vec![0, 1, 2, 3]);
+        runtime_contract::one_linked_module_instantiates_on_many_threads(&runtime(
+            compiler,
+            RuntimeConfig::default(),
+        ));
     }
 }
 

@@ -163,14 +163,10 @@ fn runtime_with_deadline(deadline: Duration) -> WasmiRuntime {
 }
 
 #[test]
-fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
-    let mut instance = instance(&default_runtime());
-    let f = instance.function("call_record").unwrap();
-    let mut result = [0];
-    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
-    assert_eq!(result, [7]);
-    // i32 arguments arrive zero-extended, i64 arguments as their bits.
-    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
+fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
+    runtime_contract::calls_cross_in_slots_and_host_functions_see_grown_memory(
+        &WasmiRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]
@@ -194,17 +190,6 @@ fn typed_guest_calls_pass_all_their_arguments() {
         .call(sum8, &[1, 2, 3, 4, 5, 6, 7, 0xffff_ffff], &mut result)
         .unwrap();
     assert_eq!(result, [27], "the last argument wraps around as an i32");
-}
-
-#[test]
-fn host_functions_can_call_the_guest_and_see_grown_memory() {
-    let mut instance = instance(&default_runtime());
-    assert_eq!(instance.memory_size(), 65536);
-    let f = instance.function("call_allocate").unwrap();
-    let mut pointer = [0];
-    instance.call(f, &[], &mut pointer).unwrap();
-    assert_eq!(pointer[0], 65536, "the new page");
-    assert_eq!(instance.memory_size(), 2 * 65536);
 }
 
 #[test]
@@ -260,33 +245,8 @@ fn malformed_bytes_and_the_text_format_are_invalid_modules() {
 
 #[test]
 fn imports_and_exports_are_listed_with_their_types() {
-    let runtime = default_runtime();
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let imports = module.imports();
-    assert_eq!(imports.len(), 5);
-    assert_eq!(imports[0].name, "record");
-    assert_eq!(
-        imports[0].kind,
-        runtime_api::ExternKind::Function(runtime_api::FunctionType {
-            params: vec![I32, I64],
-            results: vec![I32],
-        })
-    );
-    let memory = module.exports().iter().find(|e| e.name == "memory");
-    assert_eq!(
-        memory.map(|e| &e.kind),
-        Some(&runtime_api::ExternKind::Memory)
-    );
-    let divide = module.exports().iter().find(|e| e.name == "divide");
-    assert_eq!(
-        divide.map(|e| &e.kind),
-        Some(&runtime_api::ExternKind::Function(
-            runtime_api::FunctionType {
-                params: vec![I32, I32],
-                results: vec![I32],
-            }
-        ))
+    runtime_contract::imports_and_exports_are_listed_with_their_types(
+        &WasmiRuntime::new(RuntimeConfig::default()).unwrap(),
     );
 }
 
@@ -583,26 +543,9 @@ fn instances_move_between_threads_and_modules_are_shared() {
 
 #[test]
 fn one_linked_module_instantiates_on_many_threads() {
-    let linked = linked(&runtime_with_deadline(Duration::from_secs(10)));
-    let threads: Vec<_> = (0..4)
-        .map(|i| {
-            let linked = linked.clone();
-            std::thread::spawn(move || {
-                let mut instance = linked.instantiate(State::default()).unwrap();
-                let allocator = instance.function("allocate");
-                instance.state().allocator = allocator;
-                let record = instance.function("call_record").unwrap();
-                let call_allocate = instance.function("call_allocate").unwrap();
-                for _ in 0..100 {
-                    instance.call(record, &[i], &mut [0]).unwrap();
-                }
-                instance.call(call_allocate, &[], &mut [0]).unwrap();
-                instance.state().seen[0]
-            })
-        })
-        .collect();
-    let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(seen, vec![0, 1, 2, 3]);
+    runtime_contract::one_linked_module_instantiates_on_many_threads(&runtime_with_deadline(
+        Duration::from_secs(10),
+    ));
 }
 
 #[test]

@@ -103,25 +103,10 @@ fn default_runtime() -> WasmtimeRuntime {
 }
 
 #[test]
-fn host_functions_get_arguments_in_slots_and_return_slot_zero() {
-    let mut instance = instance(&default_runtime());
-    let f = instance.function("call_record").unwrap();
-    let mut result = [0];
-    instance.call(f, &[0xffff_fffe], &mut result).unwrap();
-    assert_eq!(result, [7]);
-    // i32 arguments arrive zero-extended, i64 arguments as their bits.
-    assert_eq!(instance.state().seen, vec![0xffff_fffe, u64::MAX]);
-}
-
-#[test]
-fn host_functions_can_call_the_guest_and_see_grown_memory() {
-    let mut instance = instance(&default_runtime());
-    assert_eq!(instance.memory_size(), 65536);
-    let f = instance.function("call_allocate").unwrap();
-    let mut pointer = [0];
-    instance.call(f, &[], &mut pointer).unwrap();
-    assert_eq!(pointer[0], 65536, "the new page");
-    assert_eq!(instance.memory_size(), 2 * 65536);
+fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
+    runtime_contract::calls_cross_in_slots_and_host_functions_see_grown_memory(
+        &WasmtimeRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
 
 #[test]
@@ -193,29 +178,15 @@ fn precompiled_modules_round_trip() {
 
 #[test]
 fn one_linked_module_instantiates_on_many_threads() {
-    let runtime = WasmtimeRuntime::with_options(
-        RuntimeConfig::default(),
-        WasmtimeOptions {
-            pooling_instances: Some(16),
-        },
-    )
-    .unwrap();
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let linked = module.link(HOST).unwrap();
-    let threads: Vec<_> = (0..4)
-        .map(|i| {
-            let linked = linked.clone();
-            std::thread::spawn(move || {
-                let mut instance = linked.instantiate(State::default()).unwrap();
-                let record = instance.function("call_record").unwrap();
-                instance.call(record, &[i], &mut [0]).unwrap();
-                instance.state().seen[0]
-            })
-        })
-        .collect();
-    let seen: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(seen, vec![0, 1, 2, 3]);
+    runtime_contract::one_linked_module_instantiates_on_many_threads(
+        &WasmtimeRuntime::with_options(
+            RuntimeConfig::default(),
+            WasmtimeOptions {
+                pooling_instances: Some(16),
+            },
+        )
+        .unwrap(),
+    );
 }
 
 #[test]
@@ -223,4 +194,11 @@ fn the_contract_against_hostile_guests_holds() {
     let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
     runtime_contract::handles_of_another_instance_are_refused(&runtime);
     runtime_contract::tables_cannot_grow_without_bound(&runtime);
+}
+
+#[test]
+fn imports_and_exports_are_listed_with_their_types() {
+    runtime_contract::imports_and_exports_are_listed_with_their_types(
+        &WasmtimeRuntime::new(RuntimeConfig::default()).unwrap(),
+    );
 }
