@@ -9,7 +9,7 @@
 //! * `pwhost/wasmtime`: through `abi::Vm` on `runtime_wasmtime`, with [`BenchHost`].
 //! * `floor/wasmtime`: the hand-written raw-wasmtime host of [`pwhost_bench::floor`], doing the
 //!   same callbacks and the same embedder work (the same [`pwhost_bench::BenchStream`]).
-//! * `pwhost/wasmtime+deadline`: pwhost with a 1 s CPU deadline per call.
+//! * `pwhost/wasmtime+deadline`: pwhost with a 1 s deadline per call.
 //! * `floor/wasmtime+epoch`: the floor with the same deadline, enforced the same way (epoch
 //!   interruption, a ticker every 100 ms, a fresh deadline before every top-level call).
 //!
@@ -34,7 +34,7 @@ use pwhost_bench::{
 use runtime_api::RuntimeConfig;
 use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
 
-/// The CPU deadline of the `+deadline`/`+epoch` variants.
+/// The call deadline of the `+deadline`/`+epoch` variants.
 const DEADLINE: Duration = Duration::from_secs(1);
 
 fn plugin_bytes() -> Vec<u8> {

@@ -36,7 +36,7 @@ use crate::{BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
 /// How the floor's engine is configured, mirroring the pwhost runtime it is compared with.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FloorOptions {
-    /// A CPU deadline per top-level call, enforced with epoch interruption: a ticker thread
+    /// A deadline per top-level call, enforced with epoch interruption: a ticker thread
     /// advances the epoch every `deadline / 10` (as pwhost's wasmtime runtime does) and every
     /// top-level call is given a deadline ten ticks ahead.
     pub deadline: Option<Duration>,

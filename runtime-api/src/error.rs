@@ -139,6 +139,16 @@ impl Trap {
         Trap::new(TrapKind::Wasm, code.message())
     }
 
+    /// The call ran past [`crate::RuntimeConfig::call_deadline`] and was stopped.
+    pub fn deadline_exceeded() -> Self {
+        Trap::new(TrapKind::DeadlineExceeded, "call exceeded its deadline")
+    }
+
+    /// The call was stopped through an [`crate::InterruptHandle`] from another thread.
+    pub fn interrupted() -> Self {
+        Trap::new(TrapKind::Interrupted, "interrupted from another thread")
+    }
+
     /// A host function failure that must stop the guest.
     pub fn host(message: impl Into<String>) -> Self {
         Trap::new(TrapKind::Host, message)
@@ -157,7 +167,7 @@ impl fmt::Display for Trap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             TrapKind::Wasm => f.write_str(&self.message),
-            TrapKind::DeadlineExceeded => write!(f, "call exceeded its CPU deadline"),
+            TrapKind::DeadlineExceeded => write!(f, "call exceeded its deadline"),
             TrapKind::Interrupted => write!(f, "call interrupted"),
             TrapKind::OutOfFuel => write!(f, "guest ran out of fuel"),
             TrapKind::Exit(code) => write!(f, "guest exited with code {code}"),

@@ -21,12 +21,8 @@ impl StopReason {
     /// The trap a stopped call reports (wasmtime's wording).
     pub(crate) fn trap(self) -> Trap {
         match self {
-            StopReason::Deadline => {
-                Trap::new(TrapKind::DeadlineExceeded, "call exceeded its CPU deadline")
-            }
-            StopReason::Interrupted => {
-                Trap::new(TrapKind::Interrupted, "interrupted from another thread")
-            }
+            StopReason::Deadline => Trap::deadline_exceeded(),
+            StopReason::Interrupted => Trap::interrupted(),
         }
     }
 }

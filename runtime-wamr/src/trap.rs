@@ -22,12 +22,8 @@ impl StopReason {
     /// The trap the stopped call returns.
     pub(crate) fn trap(self) -> Trap {
         match self {
-            StopReason::Deadline => {
-                Trap::new(TrapKind::DeadlineExceeded, "call exceeded its CPU deadline")
-            }
-            StopReason::Interrupted => {
-                Trap::new(TrapKind::Interrupted, "interrupted from another thread")
-            }
+            StopReason::Deadline => Trap::deadline_exceeded(),
+            StopReason::Interrupted => Trap::interrupted(),
         }
     }
 }

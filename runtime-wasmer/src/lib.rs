@@ -8,7 +8,7 @@
 //! * Guest functions are called through `TypedFunction`s resolved once per export, and host
 //!   functions reach the guest memory through its `VMMemoryDefinition`, read afresh on every
 //!   access (two loads, no store lookup).
-//! * CPU deadlines and interruption: a middleware adds a stop flag that the guest checks at
+//! * Call deadlines and interruption: a middleware adds a stop flag that the guest checks at
 //!   function entries and loop headers; the host raises it from any thread (see the `stop` module).
 //!   Modules compiled without deadlines or interruption carry no checks.
 //! * Every module gets its own wasmer engine: the stop-flag middleware keeps per-module state,

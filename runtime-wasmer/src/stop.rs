@@ -1,4 +1,4 @@
-//! Stopping a running guest: CPU deadlines and interruption from another thread.
+//! Stopping a running guest: call deadlines and interruption from another thread.
 //!
 //! wasmer has no epoch counter. Instead a module middleware ([`StopCheck`]) gives every module
 //! one extra `i32` global, the *stop flag*, and checks it at every function entry and loop header
@@ -392,12 +392,8 @@ pub(crate) fn reclassify(trap: Trap, stop: Option<TrapKind>) -> Trap {
         return trap;
     }
     match stop {
-        Some(TrapKind::DeadlineExceeded) => {
-            Trap::new(TrapKind::DeadlineExceeded, "call exceeded its CPU deadline")
-        }
-        Some(TrapKind::Interrupted) => {
-            Trap::new(TrapKind::Interrupted, "interrupted from another thread")
-        }
+        Some(TrapKind::DeadlineExceeded) => Trap::deadline_exceeded(),
+        Some(TrapKind::Interrupted) => Trap::interrupted(),
         _ => trap,
     }
 }

@@ -1,4 +1,4 @@
-//! CPU deadlines and interruption through slices of fuel.
+//! Call deadlines and interruption through slices of fuel.
 //!
 //! wasmi offers nothing that stops a running guest from outside; the one hook into a running
 //! guest is fuel. With a deadline or interruption configured, fuel metering is on and every call
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runtime_api::{InterruptHandle, RuntimeConfig, Trap, TrapKind};
+use runtime_api::{InterruptHandle, RuntimeConfig, Trap};
 
 /// How long one slice of fuel should last.
 const SLICE_TARGET: Duration = Duration::from_millis(1);
@@ -180,10 +180,7 @@ impl FuelSlices {
         self.take_interrupt()?;
         let now = Instant::now();
         if self.deadline_at.is_some_and(|at| now >= at) {
-            return Err(Trap::new(
-                TrapKind::DeadlineExceeded,
-                "call exceeded its CPU deadline",
-            ));
+            return Err(Trap::deadline_exceeded());
         }
         if let Some(started) = self.slice_started {
             let took = now.saturating_duration_since(started).as_nanos().max(1);
@@ -206,10 +203,7 @@ impl FuelSlices {
         if self.interrupted.load(Ordering::Relaxed)
             && self.interrupted.swap(false, Ordering::AcqRel)
         {
-            return Err(Trap::new(
-                TrapKind::Interrupted,
-                "interrupted from another thread",
-            ));
+            return Err(Trap::interrupted());
         }
         Ok(())
     }
@@ -230,6 +224,7 @@ impl InterruptHandle for WasmiInterruptHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runtime_api::TrapKind;
 
     fn policy(deadline_ms: Option<u64>, interruptible: bool) -> Option<FuelPolicy> {
         FuelPolicy::for_config(&RuntimeConfig {

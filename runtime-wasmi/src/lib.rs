@@ -10,7 +10,7 @@
 //!   pre-instantiated form, so each instantiation resolves the imports through the linker again.
 //! * Guest functions the host calls are resolved once per instance into typed handles (see
 //!   `call.rs`): a call passes its arguments on the stack, with one arity compare.
-//! * CPU deadlines and interruption run guest calls on slices of fuel (see `fuel.rs`): when a
+//! * Call deadlines and interruption run guest calls on slices of fuel (see `fuel.rs`): when a
 //!   slice runs out wasmi suspends the call, the host checks the clock and the interrupt flag,
 //!   then resumes or stops it. Without either option fuel metering stays off in optimized
 //!   builds; builds with debug assertions always slice, to bound the native stack.

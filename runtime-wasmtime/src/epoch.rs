@@ -1,4 +1,4 @@
-//! Epoch-based CPU deadlines and interruption.
+//! Epoch-based call deadlines and interruption.
 //!
 //! wasmtime checks an engine-wide epoch counter at function entries and loop heads. Every store
 //! sets its deadline one tick ahead, so each tick runs the store's callback, which counts the ticks
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime_api::{InterruptHandle, Trap, TrapKind};
+use runtime_api::{InterruptHandle, Trap};
 
 /// A thread that advances the engine's epoch while call deadlines are configured.
 pub(crate) struct EpochTicker {
@@ -77,17 +77,11 @@ impl EpochState {
     /// Called on every tick while the store runs guest code.
     pub(crate) fn on_tick(&mut self) -> Result<(), Trap> {
         if self.interrupted.swap(false, Ordering::AcqRel) {
-            return Err(Trap::new(
-                TrapKind::Interrupted,
-                "interrupted from another thread",
-            ));
+            return Err(Trap::interrupted());
         }
         self.ticks_used = self.ticks_used.saturating_add(1);
         if self.ticks_used >= self.max_ticks {
-            return Err(Trap::new(
-                TrapKind::DeadlineExceeded,
-                "call exceeded its CPU deadline",
-            ));
+            return Err(Trap::deadline_exceeded());
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 //!   instantiated many times through an `InstancePre`, so a new VM copy resolves nothing.
 //! * Calls in both directions go through `ValRaw` slots on the stack: no allocation, no dynamic
 //!   type check beyond one arity compare.
-//! * CPU deadlines and interruption use epoch interruption: a ticker thread advances the epoch, and
+//! * Call deadlines and interruption use epoch interruption: a ticker thread advances the epoch, and
 //!   each store's epoch callback decides whether its running call must stop.
 //! * The memory cap is a `StoreLimits` resource limiter.
 

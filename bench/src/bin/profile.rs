@@ -21,7 +21,7 @@ use pwhost_bench::{pwhost_request, pwhost_vm, read_plugin, LIFECYCLE_PLUGIN};
 use runtime_api::RuntimeConfig;
 use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
 
-/// The CPU deadline of the `-deadline`/`-epoch` kinds, as in the criterion benchmarks.
+/// The call deadline of the `-deadline`/`-epoch` kinds, as in the criterion benchmarks.
 const DEADLINE: Duration = Duration::from_secs(1);
 
 #[inline(never)]
