@@ -28,5 +28,9 @@ pub mod symbols;
 pub use host_imports::HostImport;
 pub use library::SdkLibrary;
 
+// The proxy-wasm Rust SDK's paths (`proxy_wasm::traits::*`, `proxy_wasm::set_root_context`, ...),
+// so that a plugin's source compiles unchanged against this crate: see [`sdk`].
+pub use sdk::{hostcalls, set_http_context, set_log_level, set_root_context, traits, types};
+
 /// The linker argument that exports the host's `proxy_*` symbols to SDK libraries.
 pub const LINK_ARG: &str = "-Wl,--export-dynamic-symbol=proxy_*";

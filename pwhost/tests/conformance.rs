@@ -54,7 +54,8 @@ fn root() -> PathBuf {
 ///
 /// On WebAssembly engines: both targets for Rust SDK plugins, the one module otherwise; a case
 /// that names a file (`rust/NAME.wasip1.wasm`) runs that build only. On the null runtime: the
-/// same Rust SDK plugin built as a native library, and its compiled-in port if there is one;
+/// same Rust SDK plugin built as a native library, and compiled in from the same source
+/// (`native:NAME`) where `native-plugins` includes it;
 /// other plugins are WebAssembly only.
 fn plugin_builds(case: &Case, runtime: &str) -> Vec<String> {
     let dist = root().join("plugins/dist");

@@ -103,6 +103,35 @@ fn two_different_sdk_libraries_run_side_by_side() {
 }
 
 #[test]
+fn the_corpus_rust_plugins_are_compiled_in_under_their_own_names() {
+    let mut compiled_in = pwhost::plugins::native_plugins();
+    compiled_in.sort_unstable();
+    // Every Rust plugin of the corpus but `wasi_calls` (about a Wasm build's WASI imports) and
+    // `panics` (about Wasm traps), from the same source files as its Wasm builds.
+    assert_eq!(
+        compiled_in,
+        [
+            "abi_coverage",
+            "body_rewrite",
+            "foreign_call",
+            "grpc_call",
+            "grpc_stream",
+            "http_call",
+            "http_headers",
+            "lifecycle_bench",
+            "local_response",
+            "metrics",
+            "plugin_config",
+            "properties",
+            "shared_data",
+            "shared_queue",
+            "tcp_filter",
+            "timers",
+        ]
+    );
+}
+
+#[test]
 fn compiled_in_plugins_are_registered_by_name_and_isolated_per_vm() {
     assert!(pwhost::plugins::native_plugins().contains(&"http_headers"));
     let plugin = load("native:http_headers");

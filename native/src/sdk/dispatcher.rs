@@ -10,50 +10,63 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::hostcalls;
 use super::logger;
-use super::traits::{HttpContext, RootContext, StreamContext};
+use super::traits::{Context, HttpContext, RootContext, StreamContext};
 use super::types::{Action, ContextType, LogLevel, NewHttpContext, NewRootContext, PeerType};
 use crate::callbacks::{function_export, memory_export, Shape};
 
-/// What a plugin's set-up function declares (the SDK's `main!` block).
-pub struct Setup {
-    log_level: LogLevel,
+/// What a plugin's set-up function declares through [`set_root_context`] and
+/// [`set_http_context`] (the SDK's `main!` block).
+#[derive(Default)]
+struct Setup {
     root: Option<NewRootContext>,
     http: Option<NewHttpContext>,
 }
 
-impl Setup {
-    /// The least level of the plugin's log messages that reach the host.
-    pub fn set_log_level(&mut self, level: LogLevel) {
-        self.log_level = level;
-    }
+thread_local! {
+    /// The declarations of the set-up function running on this thread.
+    static SETUP: RefCell<Option<Setup>> = const { RefCell::new(None) };
+}
 
-    /// The factory of the plugin's root contexts.
-    pub fn set_root_context(&mut self, factory: NewRootContext) {
-        self.root = Some(factory);
-    }
+/// Declares the factory of the plugin's root contexts (the SDK's `proxy_wasm::set_root_context`).
+/// Only the plugin's set-up function may call it; elsewhere it does nothing.
+pub fn set_root_context(factory: NewRootContext) {
+    SETUP.with(|setup| {
+        if let Some(setup) = setup.borrow_mut().as_mut() {
+            setup.root = Some(factory);
+        }
+    });
+}
 
-    /// The factory of HTTP contexts, for plugins that need no root context.
-    pub fn set_http_context(&mut self, factory: NewHttpContext) {
-        self.http = Some(factory);
-    }
+/// Declares the factory of HTTP contexts, for plugins that need no root context (the SDK's
+/// `proxy_wasm::set_http_context`). Only the plugin's set-up function may call it.
+pub fn set_http_context(factory: NewHttpContext) {
+    SETUP.with(|setup| {
+        if let Some(setup) = setup.borrow_mut().as_mut() {
+            setup.http = Some(factory);
+        }
+    });
 }
 
 /// A native plugin: its name and its set-up function.
 #[derive(Clone, Copy)]
 pub struct NativePlugin {
     name: &'static str,
-    setup: fn(&mut Setup),
+    setup: fn(),
 }
 
 impl NativePlugin {
-    /// A plugin called `name` (registered as `native:NAME`) set up by `setup`.
-    pub const fn new(name: &'static str, setup: fn(&mut Setup)) -> Self {
+    /// A plugin called `name` (registered as `native:NAME`) whose set-up function `setup` calls
+    /// [`set_log_level`](crate::sdk::set_log_level), [`set_root_context`] and
+    /// [`set_http_context`]. [`crate::main!`] declares one named after its module.
+    ///
+    /// A path such as `module_path!()` names the plugin after its last segment.
+    pub const fn new(name: &'static str, setup: fn()) -> Self {
         NativePlugin { name, setup }
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &'static str {
-        self.name
+        self.name.rsplit("::").next().unwrap_or(self.name)
     }
 
     /// The plugin as a module for the null runtime.
@@ -117,8 +130,19 @@ struct Dispatcher {
     roots: RefCell<HashMap<u32, Box<dyn RootContext>>>,
     http: RefCell<HashMap<u32, Box<dyn HttpContext>>>,
     streams: RefCell<HashMap<u32, Box<dyn StreamContext>>>,
-    /// HTTP call token → the context that dispatched it.
-    callouts: RefCell<HashMap<u32, u32>>,
+    /// Callout (kind, token) → the context that dispatched it.
+    callouts: RefCell<HashMap<(Callout, u32), u32>>,
+}
+
+/// What a callout token stands for; the host numbers each kind on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Callout {
+    /// `dispatch_http_call`: one `on_http_call_response`.
+    Http,
+    /// `dispatch_grpc_call`: one `on_grpc_call_response`.
+    GrpcCall,
+    /// `open_grpc_stream`: stream callbacks until it closes.
+    GrpcStream,
 }
 
 thread_local! {
@@ -126,13 +150,16 @@ thread_local! {
     static ACTIVE: Cell<Option<(*const Dispatcher, u32)>> = const { Cell::new(None) };
 }
 
-/// Remembers that the running context dispatched HTTP call `token`.
-pub(crate) fn register_callout(token: u32) {
+/// Remembers that the running context dispatched callout `token` of kind `kind`.
+pub(crate) fn register_callout(kind: Callout, token: u32) {
     if let Some((dispatcher, context)) = ACTIVE.with(Cell::get) {
         // SAFETY: `ACTIVE` is set only while `Dispatcher::call` runs on this thread and borrows
         // the dispatcher; it is restored before that call returns.
         let dispatcher = unsafe { &*dispatcher };
-        dispatcher.callouts.borrow_mut().insert(token, context);
+        dispatcher
+            .callouts
+            .borrow_mut()
+            .insert((kind, token), context);
     }
 }
 
@@ -310,24 +337,63 @@ const EXPORTS: &[(&str, Shape, Handler)] = &[
         Shape::U32U32UsizeUsizeUsize,
         |d, a, _| {
             let token = id(a, 1);
-            let Some(context) = d.callouts.borrow_mut().remove(&token) else {
-                return;
-            };
-            let _ = hostcalls::set_effective_context(context);
             let (headers, body, trailers) = (a[2] as usize, a[3] as usize, a[4] as usize);
-            d.with_root(context, |c| {
+            d.with_callout(Callout::Http, token, Take::Remove, |c| {
                 c.on_http_call_response(token, headers, body, trailers)
-            })
-            .or_else(|| {
-                d.with_http(context, |c| {
-                    c.on_http_call_response(token, headers, body, trailers)
-                })
-            })
-            .or_else(|| {
-                d.with_stream(context, |c| {
-                    c.on_http_call_response(token, headers, body, trailers)
-                })
             });
+        },
+    ),
+    (
+        "proxy_on_grpc_receive_initial_metadata",
+        Shape::U32U32U32,
+        |d, a, _| {
+            let (token, count) = (id(a, 1), id(a, 2));
+            d.with_callout(Callout::GrpcStream, token, Take::Keep, |c| {
+                c.on_grpc_stream_initial_metadata(token, count)
+            });
+        },
+    ),
+    // As the SDK: a unary call's reply is `on_grpc_call_response` with status 0, a stream's
+    // message is `on_grpc_stream_message`.
+    ("proxy_on_grpc_receive", Shape::U32U32Usize, |d, a, _| {
+        let (token, size) = (id(a, 1), a[2] as usize);
+        d.with_callout(Callout::GrpcCall, token, Take::Remove, |c| {
+            c.on_grpc_call_response(token, 0, size)
+        })
+        .or_else(|| {
+            d.with_callout(Callout::GrpcStream, token, Take::Keep, |c| {
+                c.on_grpc_stream_message(token, size)
+            })
+        });
+    }),
+    (
+        "proxy_on_grpc_receive_trailing_metadata",
+        Shape::U32U32U32,
+        |d, a, _| {
+            let (token, count) = (id(a, 1), id(a, 2));
+            d.with_callout(Callout::GrpcStream, token, Take::Keep, |c| {
+                c.on_grpc_stream_trailing_metadata(token, count)
+            });
+        },
+    ),
+    // A unary call that failed closes with its status and no message; a stream closes.
+    ("proxy_on_grpc_close", Shape::U32U32U32, |d, a, _| {
+        let (token, status) = (id(a, 1), id(a, 2));
+        d.with_callout(Callout::GrpcCall, token, Take::Remove, |c| {
+            c.on_grpc_call_response(token, status, 0)
+        })
+        .or_else(|| {
+            d.with_callout(Callout::GrpcStream, token, Take::Remove, |c| {
+                c.on_grpc_stream_close(token, status)
+            })
+        });
+    }),
+    (
+        "proxy_on_foreign_function",
+        Shape::U32U32Usize,
+        |d, a, _| {
+            let (function, size) = (id(a, 1), a[2] as usize);
+            d.with_context(id(a, 0), |c| c.on_foreign_function(function, size));
         },
     ),
 ];
@@ -338,13 +404,20 @@ fn peer(raw: u64) -> PeerType {
 
 impl Dispatcher {
     fn initialize(&self) {
-        let mut setup = Setup {
-            log_level: LogLevel::Trace,
-            root: None,
-            http: None,
-        };
-        (self.plugin.setup)(&mut setup);
-        self.log_level.set(setup.log_level);
+        // Set up as context 0, so that `set_log_level` sets this instance's level.
+        let setup = self.run_as(0, || {
+            struct Restore(Option<Setup>);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    SETUP.with(|setup| setup.replace(self.0.take()));
+                }
+            }
+            let restore = Restore(SETUP.with(|setup| setup.replace(Some(Setup::default()))));
+            (self.plugin.setup)();
+            let declared = SETUP.with(|setup| setup.take()).unwrap_or_default();
+            drop(restore);
+            declared
+        });
         self.new_root.set(setup.root);
         self.new_http.set(setup.http);
     }
@@ -414,6 +487,35 @@ impl Dispatcher {
         Some(result)
     }
 
+    /// Runs `f` on context `context`, whatever its kind: for the callbacks every context may
+    /// receive.
+    fn with_context<R>(&self, context: u32, f: impl FnOnce(&mut dyn Context) -> R) -> Option<R> {
+        if self.http.borrow().contains_key(&context) {
+            self.with_http(context, |c| f(c))
+        } else if self.streams.borrow().contains_key(&context) {
+            self.with_stream(context, |c| f(c))
+        } else {
+            self.with_root(context, |c| f(c))
+        }
+    }
+
+    /// Runs `f` on the context that dispatched callout `token` of `kind`, as that context's
+    /// host calls (the SDK's `set_effective_context`). `None` if no context of this VM did.
+    fn with_callout<R>(
+        &self,
+        kind: Callout,
+        token: u32,
+        take: Take,
+        f: impl FnOnce(&mut dyn Context) -> R,
+    ) -> Option<R> {
+        let context = match take {
+            Take::Remove => self.callouts.borrow_mut().remove(&(kind, token)),
+            Take::Keep => self.callouts.borrow().get(&(kind, token)).copied(),
+        }?;
+        let _ = hostcalls::set_effective_context(context);
+        self.with_context(context, f)
+    }
+
     /// Runs `f` as context `context` of this instance (for callouts and the log level).
     fn run_as<R>(&self, context: u32, f: impl FnOnce() -> R) -> R {
         // Restored on drop, so that a panic (caught in `call`) leaves no dangling pointer.
@@ -432,6 +534,15 @@ impl Dispatcher {
         }
         result
     }
+}
+
+/// Whether a callback ends its callout.
+#[derive(Clone, Copy)]
+enum Take {
+    /// The last callback of the callout: forget its token.
+    Remove,
+    /// More callbacks may follow (a gRPC stream's metadata and messages).
+    Keep,
 }
 
 enum Created {

@@ -1,8 +1,11 @@
-//! Typed host calls: what the SDK's trait methods do, over [`crate::host_imports`].
+//! Typed host calls over [`crate::host_imports`]. The public ones have the signatures of the SDK's
+//! `hostcalls` functions of the same names (buffers, metrics, gRPC cancel and close); the others
+//! serve the traits' methods.
 
 use std::ptr::null_mut;
 use std::time::{Duration, SystemTime};
 
+use super::dispatcher::Callout;
 use super::types::{BufferType, Bytes, LogLevel, MapType, MetricType, Status, StreamType};
 use crate::host_imports::{call, HostImport};
 
@@ -85,13 +88,21 @@ pub(crate) fn set_tick_period(period: Duration) {
     );
 }
 
-pub(crate) fn get_buffer(buffer: BufferType, start: usize, max_size: usize) -> Option<Bytes> {
+/// Up to `max_size` bytes of a buffer from `start` (the SDK's `hostcalls::get_buffer`).
+pub fn get_buffer(
+    buffer: BufferType,
+    start: usize,
+    max_size: usize,
+) -> Result<Option<Bytes>, Status> {
     with_return_data(
         HostImport::GetBufferBytes,
         &[buffer as u64, start as u64, max_size as u64],
     )
-    .ok()
-    .flatten()
+}
+
+/// [`get_buffer`] for the traits' methods, which return no status.
+pub(crate) fn buffer(buffer: BufferType, start: usize, max_size: usize) -> Option<Bytes> {
+    get_buffer(buffer, start, max_size).ok().flatten()
 }
 
 pub(crate) fn set_buffer(buffer: BufferType, start: usize, size: usize, value: &[u8]) {
@@ -368,8 +379,118 @@ pub(crate) fn dispatch_http_call(
             timeout.as_millis().min(u128::from(u32::MAX)) as u64,
         ],
     )?;
-    super::dispatcher::register_callout(token);
+    super::dispatcher::register_callout(Callout::Http, token);
     Ok(token)
+}
+
+pub(crate) fn dispatch_grpc_call(
+    upstream: &str,
+    service: &str,
+    method: &str,
+    initial_metadata: &[(&str, &[u8])],
+    message: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<u32, Status> {
+    let metadata = abi::wire::encode(initial_metadata.iter().map(|(n, v)| (n.as_bytes(), *v)));
+    let [upstream_data, upstream_len] = bytes(upstream.as_bytes());
+    let [service_data, service_len] = bytes(service.as_bytes());
+    let [method_data, method_len] = bytes(method.as_bytes());
+    let [metadata_data, metadata_len] = bytes(&metadata);
+    let [message_data, message_len] = bytes(message.unwrap_or_default());
+    let token = with_return_id(
+        HostImport::GrpcCall,
+        &[
+            upstream_data,
+            upstream_len,
+            service_data,
+            service_len,
+            method_data,
+            method_len,
+            metadata_data,
+            metadata_len,
+            message_data,
+            message_len,
+            timeout.as_millis().min(u128::from(u32::MAX)) as u64,
+        ],
+    )?;
+    super::dispatcher::register_callout(Callout::GrpcCall, token);
+    Ok(token)
+}
+
+pub(crate) fn open_grpc_stream(
+    upstream: &str,
+    service: &str,
+    method: &str,
+    initial_metadata: &[(&str, &[u8])],
+) -> Result<u32, Status> {
+    let metadata = abi::wire::encode(initial_metadata.iter().map(|(n, v)| (n.as_bytes(), *v)));
+    let [upstream_data, upstream_len] = bytes(upstream.as_bytes());
+    let [service_data, service_len] = bytes(service.as_bytes());
+    let [method_data, method_len] = bytes(method.as_bytes());
+    let [metadata_data, metadata_len] = bytes(&metadata);
+    let token = with_return_id(
+        HostImport::GrpcStream,
+        &[
+            upstream_data,
+            upstream_len,
+            service_data,
+            service_len,
+            method_data,
+            method_len,
+            metadata_data,
+            metadata_len,
+        ],
+    )?;
+    super::dispatcher::register_callout(Callout::GrpcStream, token);
+    Ok(token)
+}
+
+pub(crate) fn send_grpc_stream_message(
+    token: u32,
+    message: Option<&[u8]>,
+    end_stream: bool,
+) -> Result<(), Status> {
+    let [data, len] = bytes(message.unwrap_or_default());
+    status(call(
+        HostImport::GrpcSend,
+        &[u64::from(token), data, len, u64::from(end_stream)],
+    ))
+}
+
+/// Cancels a gRPC call: no callback comes for it.
+pub fn cancel_grpc_call(token: u32) -> Result<(), Status> {
+    status(call(HostImport::GrpcCancel, &[u64::from(token)]))
+}
+
+/// Cancels a gRPC stream: no more callbacks come for it.
+pub fn cancel_grpc_stream(token: u32) -> Result<(), Status> {
+    status(call(HostImport::GrpcCancel, &[u64::from(token)]))
+}
+
+/// Half-closes a gRPC stream from the plugin's side.
+pub fn close_grpc_stream(token: u32) -> Result<(), Status> {
+    status(call(HostImport::GrpcClose, &[u64::from(token)]))
+}
+
+/// The status of the last gRPC reply: its code and message, if any.
+pub(crate) fn get_grpc_status() -> (u32, Option<String>) {
+    let mut code = 0u32;
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    let result = call(
+        HostImport::GetStatus,
+        &[
+            address(&mut code as *mut u32),
+            address(&mut data as *mut *mut u8),
+            address(&mut size as *mut usize),
+        ],
+    );
+    // Taken whatever the status, so that nothing the host handed over leaks.
+    let message = take(data, size).map(into_string);
+    match status(result) {
+        Ok(()) => (code, message),
+        Err(_) => (code, None),
+    }
 }
 
 pub(crate) fn call_foreign_function(

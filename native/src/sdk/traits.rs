@@ -1,5 +1,5 @@
-//! The plugin traits, method for method as the proxy-wasm Rust SDK defines them (the subset this
-//! SDK implements), so that moving a plugin between Wasm and native is a change of `use` lines.
+//! The plugin traits, method for method as the proxy-wasm Rust SDK (0.2.5) defines them, so that
+//! moving a plugin between Wasm and native is a change of `use` lines.
 
 use std::time::{Duration, SystemTime};
 
@@ -41,6 +41,11 @@ pub trait Context: Send {
         cas: Option<u32>,
     ) -> Result<(), Status> {
         hostcalls::set_shared_data(key, value, cas)
+    }
+
+    /// Removes shared data if `cas` matches (or unconditionally without one).
+    fn remove_shared_data(&self, key: &str, cas: Option<u32>) -> Result<(), Status> {
+        hostcalls::set_shared_data(key, None, cas)
     }
 
     /// Registers a shared queue of this VM, returning its id.
@@ -90,20 +95,152 @@ pub trait Context: Send {
         hostcalls::get_map(MapType::HttpCallResponseHeaders)
     }
 
+    /// The HTTP call response's headers, values as bytes.
+    fn get_http_call_response_headers_bytes(&self) -> Vec<(String, Bytes)> {
+        hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders)
+    }
+
     /// One HTTP call response header.
     fn get_http_call_response_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name).map(hostcalls::into_string)
     }
 
+    /// One HTTP call response header, as bytes.
+    fn get_http_call_response_header_bytes(&self, name: &str) -> Option<Bytes> {
+        hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name)
+    }
+
     /// The HTTP call response's body.
     fn get_http_call_response_body(&self, start: usize, max_size: usize) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, start, max_size)
+        hostcalls::buffer(BufferType::HttpCallResponseBody, start, max_size)
     }
 
     /// The HTTP call response's trailers.
     fn get_http_call_response_trailers(&self) -> Vec<(String, String)> {
         hostcalls::get_map(MapType::HttpCallResponseTrailers)
     }
+
+    /// The HTTP call response's trailers, values as bytes.
+    fn get_http_call_response_trailers_bytes(&self) -> Vec<(String, Bytes)> {
+        hostcalls::get_map_bytes(MapType::HttpCallResponseTrailers)
+    }
+
+    /// One HTTP call response trailer.
+    fn get_http_call_response_trailer(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpCallResponseTrailers, name)
+            .map(hostcalls::into_string)
+    }
+
+    /// One HTTP call response trailer, as bytes.
+    fn get_http_call_response_trailer_bytes(&self, name: &str) -> Option<Bytes> {
+        hostcalls::get_map_value(MapType::HttpCallResponseTrailers, name)
+    }
+
+    /// Sends a unary gRPC request; the answer comes to `on_grpc_call_response`.
+    fn dispatch_grpc_call(
+        &self,
+        upstream_name: &str,
+        service_name: &str,
+        method_name: &str,
+        initial_metadata: Vec<(&str, &[u8])>,
+        message: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        hostcalls::dispatch_grpc_call(
+            upstream_name,
+            service_name,
+            method_name,
+            &initial_metadata,
+            message,
+            timeout,
+        )
+    }
+
+    /// The answer to `dispatch_grpc_call`: status 0 with the reply's size, or a failure status
+    /// (read its message with [`Context::get_grpc_status`]) and size 0.
+    fn on_grpc_call_response(&mut self, _token_id: u32, _status_code: u32, _response_size: usize) {}
+
+    /// The gRPC reply's message.
+    fn get_grpc_call_response_body(&self, start: usize, max_size: usize) -> Option<Bytes> {
+        hostcalls::buffer(BufferType::GrpcReceiveBuffer, start, max_size)
+    }
+
+    /// Cancels a gRPC call: no callback comes for it.
+    fn cancel_grpc_call(&self, token_id: u32) {
+        let _ = hostcalls::cancel_grpc_call(token_id);
+    }
+
+    /// Opens a gRPC stream; what arrives comes to the `on_grpc_stream_*` callbacks.
+    fn open_grpc_stream(
+        &self,
+        cluster_name: &str,
+        service_name: &str,
+        method_name: &str,
+        initial_metadata: Vec<(&str, &[u8])>,
+    ) -> Result<u32, Status> {
+        hostcalls::open_grpc_stream(cluster_name, service_name, method_name, &initial_metadata)
+    }
+
+    /// A gRPC stream's initial metadata arrived.
+    fn on_grpc_stream_initial_metadata(&mut self, _token_id: u32, _num_elements: u32) {}
+
+    /// The gRPC stream's initial metadata.
+    fn get_grpc_stream_initial_metadata(&self) -> Vec<(String, Bytes)> {
+        hostcalls::get_map_bytes(MapType::GrpcReceiveInitialMetadata)
+    }
+
+    /// One value of the gRPC stream's initial metadata.
+    fn get_grpc_stream_initial_metadata_value(&self, name: &str) -> Option<Bytes> {
+        hostcalls::get_map_value(MapType::GrpcReceiveInitialMetadata, name)
+    }
+
+    /// Sends a message on a gRPC stream, and with `end_stream` half-closes it.
+    fn send_grpc_stream_message(&self, token_id: u32, message: Option<&[u8]>, end_stream: bool) {
+        let _ = hostcalls::send_grpc_stream_message(token_id, message, end_stream);
+    }
+
+    /// A message arrived on a gRPC stream.
+    fn on_grpc_stream_message(&mut self, _token_id: u32, _message_size: usize) {}
+
+    /// The gRPC stream message that arrived.
+    fn get_grpc_stream_message(&mut self, start: usize, max_size: usize) -> Option<Bytes> {
+        hostcalls::buffer(BufferType::GrpcReceiveBuffer, start, max_size)
+    }
+
+    /// A gRPC stream's trailing metadata arrived.
+    fn on_grpc_stream_trailing_metadata(&mut self, _token_id: u32, _num_elements: u32) {}
+
+    /// The gRPC stream's trailing metadata.
+    fn get_grpc_stream_trailing_metadata(&self) -> Vec<(String, Bytes)> {
+        hostcalls::get_map_bytes(MapType::GrpcReceiveTrailingMetadata)
+    }
+
+    /// One value of the gRPC stream's trailing metadata.
+    fn get_grpc_stream_trailing_metadata_value(&self, name: &str) -> Option<Bytes> {
+        hostcalls::get_map_value(MapType::GrpcReceiveTrailingMetadata, name)
+    }
+
+    /// Cancels a gRPC stream: no more callbacks come for it.
+    fn cancel_grpc_stream(&self, token_id: u32) {
+        let _ = hostcalls::cancel_grpc_stream(token_id);
+    }
+
+    /// Half-closes a gRPC stream from this side.
+    fn close_grpc_stream(&self, token_id: u32) {
+        let _ = hostcalls::close_grpc_stream(token_id);
+    }
+
+    /// A gRPC stream closed with `status_code`.
+    fn on_grpc_stream_close(&mut self, _token_id: u32, _status_code: u32) {}
+
+    /// The status of the last gRPC reply: code and message.
+    fn get_grpc_status(&self) -> (u32, Option<String>) {
+        hostcalls::get_grpc_status()
+    }
+
+    /// The host called foreign function `function_id` of this plugin; the arguments are the
+    /// `CallData` buffer.
+    fn on_foreign_function(&mut self, _function_id: u32, _arguments_size: usize) {}
 
     /// Calls a host-registered foreign function.
     fn call_foreign_function(
@@ -134,7 +271,7 @@ pub trait RootContext: Context {
 
     /// The VM configuration.
     fn get_vm_configuration(&self) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::VmConfiguration, 0, usize::MAX)
+        hostcalls::buffer(BufferType::VmConfiguration, 0, usize::MAX)
     }
 
     /// The plugin is configured; `false` rejects the configuration.
@@ -144,7 +281,7 @@ pub trait RootContext: Context {
 
     /// The plugin configuration.
     fn get_plugin_configuration(&self) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+        hostcalls::buffer(BufferType::PluginConfiguration, 0, usize::MAX)
     }
 
     /// Asks for `on_tick` every `period` (zero stops it).
@@ -191,7 +328,7 @@ pub trait StreamContext: Context {
 
     /// The downstream data buffered so far.
     fn get_downstream_data(&self, start: usize, max_size: usize) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::DownstreamData, start, max_size)
+        hostcalls::buffer(BufferType::DownstreamData, start, max_size)
     }
 
     /// Replaces `size` bytes of downstream data at `start`.
@@ -219,7 +356,7 @@ pub trait StreamContext: Context {
 
     /// The upstream data buffered so far.
     fn get_upstream_data(&self, start: usize, max_size: usize) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::UpstreamData, start, max_size)
+        hostcalls::buffer(BufferType::UpstreamData, start, max_size)
     }
 
     /// Replaces `size` bytes of upstream data at `start`.
@@ -245,7 +382,12 @@ pub trait StreamContext: Context {
 }
 
 macro_rules! header_methods {
-    ($map:expr, $get_all:ident, $get_all_bytes:ident, $set_all:ident, $get:ident, $set:ident, $add:ident, $remove:ident) => {
+    (
+        $map:expr,
+        $get_all:ident, $get_all_bytes:ident, $set_all:ident, $set_all_bytes:ident,
+        $get:ident, $get_bytes:ident, $set:ident, $set_bytes:ident,
+        $add:ident, $add_bytes:ident, $remove:ident
+    ) => {
         #[doc = concat!("All pairs of `", stringify!($map), "`.")]
         fn $get_all(&self) -> Vec<(String, String)> {
             hostcalls::get_map($map)
@@ -262,9 +404,19 @@ macro_rules! header_methods {
             hostcalls::set_map($map, &pairs)
         }
 
+        #[doc = concat!("Replaces all pairs of `", stringify!($map), "`, values as bytes.")]
+        fn $set_all_bytes(&self, pairs: Vec<(&str, &[u8])>) {
+            hostcalls::set_map($map, &pairs)
+        }
+
         #[doc = concat!("One value of `", stringify!($map), "`.")]
         fn $get(&self, name: &str) -> Option<String> {
             hostcalls::get_map_value($map, name).map(hostcalls::into_string)
+        }
+
+        #[doc = concat!("One value of `", stringify!($map), "`, as bytes.")]
+        fn $get_bytes(&self, name: &str) -> Option<Bytes> {
+            hostcalls::get_map_value($map, name)
         }
 
         #[doc = concat!("Replaces (or with `None` removes) a value of `", stringify!($map), "`.")]
@@ -272,9 +424,19 @@ macro_rules! header_methods {
             hostcalls::set_map_value($map, name, value.map(str::as_bytes))
         }
 
+        #[doc = concat!("Replaces (or with `None` removes) a value of `", stringify!($map), "`, as bytes.")]
+        fn $set_bytes(&self, name: &str, value: Option<&[u8]>) {
+            hostcalls::set_map_value($map, name, value)
+        }
+
         #[doc = concat!("Adds a value to `", stringify!($map), "`.")]
         fn $add(&self, name: &str, value: &str) {
             hostcalls::add_map_value($map, name, value.as_bytes())
+        }
+
+        #[doc = concat!("Adds a value to `", stringify!($map), "`, as bytes.")]
+        fn $add_bytes(&self, name: &str, value: &[u8]) {
+            hostcalls::add_map_value($map, name, value)
         }
 
         #[doc = concat!("Removes a name from `", stringify!($map), "`.")]
@@ -296,9 +458,13 @@ pub trait HttpContext: Context {
         get_http_request_headers,
         get_http_request_headers_bytes,
         set_http_request_headers,
+        set_http_request_headers_bytes,
         get_http_request_header,
+        get_http_request_header_bytes,
         set_http_request_header,
+        set_http_request_header_bytes,
         add_http_request_header,
+        add_http_request_header_bytes,
         remove_http_request_header
     );
 
@@ -309,7 +475,7 @@ pub trait HttpContext: Context {
 
     /// The request body buffered so far.
     fn get_http_request_body(&self, start: usize, max_size: usize) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::HttpRequestBody, start, max_size)
+        hostcalls::buffer(BufferType::HttpRequestBody, start, max_size)
     }
 
     /// Replaces `size` bytes of the request body at `start`.
@@ -327,9 +493,13 @@ pub trait HttpContext: Context {
         get_http_request_trailers,
         get_http_request_trailers_bytes,
         set_http_request_trailers,
+        set_http_request_trailers_bytes,
         get_http_request_trailer,
+        get_http_request_trailer_bytes,
         set_http_request_trailer,
+        set_http_request_trailer_bytes,
         add_http_request_trailer,
+        add_http_request_trailer_bytes,
         remove_http_request_trailer
     );
 
@@ -353,9 +523,13 @@ pub trait HttpContext: Context {
         get_http_response_headers,
         get_http_response_headers_bytes,
         set_http_response_headers,
+        set_http_response_headers_bytes,
         get_http_response_header,
+        get_http_response_header_bytes,
         set_http_response_header,
+        set_http_response_header_bytes,
         add_http_response_header,
+        add_http_response_header_bytes,
         remove_http_response_header
     );
 
@@ -366,7 +540,7 @@ pub trait HttpContext: Context {
 
     /// The response body buffered so far.
     fn get_http_response_body(&self, start: usize, max_size: usize) -> Option<Bytes> {
-        hostcalls::get_buffer(BufferType::HttpResponseBody, start, max_size)
+        hostcalls::buffer(BufferType::HttpResponseBody, start, max_size)
     }
 
     /// Replaces `size` bytes of the response body at `start`.
@@ -384,9 +558,13 @@ pub trait HttpContext: Context {
         get_http_response_trailers,
         get_http_response_trailers_bytes,
         set_http_response_trailers,
+        set_http_response_trailers_bytes,
         get_http_response_trailer,
+        get_http_response_trailer_bytes,
         set_http_response_trailer,
+        set_http_response_trailer_bytes,
         add_http_response_trailer,
+        add_http_response_trailer_bytes,
         remove_http_response_trailer
     );
 

@@ -89,7 +89,10 @@ fn log_foreign(prefix: &str, function_id: u32, arguments_size: usize) {
         Ok(None) => String::new(),
         Err(status) => format!("<error {:?}>", status),
     };
-    info!("{}foreign function {} called with {}", prefix, function_id, args);
+    info!(
+        "{}foreign function {} called with {}",
+        prefix, function_id, args
+    );
 }
 
 struct AbiCoverageRoot {
@@ -175,11 +178,18 @@ impl Context for AbiCoverage {
         let message = self
             .get_grpc_stream_message(0, message_size)
             .unwrap_or_default();
-        info!("grpc stream {} message: {}", token_id, String::from_utf8_lossy(&message));
+        info!(
+            "grpc stream {} message: {}",
+            token_id,
+            String::from_utf8_lossy(&message)
+        );
     }
 
     fn on_grpc_stream_trailing_metadata(&mut self, token_id: u32, num_elements: u32) {
-        info!("grpc stream {} trailing metadata {}", token_id, num_elements);
+        info!(
+            "grpc stream {} trailing metadata {}",
+            token_id, num_elements
+        );
     }
 
     fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
@@ -256,7 +266,10 @@ impl HttpContext for AbiCoverage {
         let mut length: usize = 0;
         let mut flags: u32 = 0;
         let status = unsafe { proxy_get_buffer_status(0, &mut length, &mut flags) };
-        info!("buffer status: {} {} {} eos={}", status, length, flags, end_of_stream);
+        info!(
+            "buffer status: {} {} {} eos={}",
+            status, length, flags, end_of_stream
+        );
         Action::Continue
     }
 

@@ -30,7 +30,9 @@ impl HttpContext for ForeignCall {
                 "x-foreign",
                 &String::from_utf8_lossy(&result.unwrap_or_default()),
             ),
-            Err(status) => self.add_http_request_header("x-foreign-error", &format!("{:?}", status)),
+            Err(status) => {
+                self.add_http_request_header("x-foreign-error", &format!("{:?}", status))
+            }
         }
         let missing = match self.call_foreign_function("no_such_function", None) {
             Ok(_) => "Ok".to_string(),

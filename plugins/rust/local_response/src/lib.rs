@@ -15,17 +15,17 @@
 use log::info;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
-use std::rc::Rc;
+use std::sync::Arc; // Arc, not Rc: the same source compiles into pwhost, whose contexts are Send
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(LocalResponseRoot { api_key: Rc::from("secret") })
+        Box::new(LocalResponseRoot { api_key: Arc::from("secret") })
     });
 }}
 
 struct LocalResponseRoot {
-    api_key: Rc<str>,
+    api_key: Arc<str>,
 }
 
 impl Context for LocalResponseRoot {}
@@ -37,9 +37,9 @@ impl RootContext for LocalResponseRoot {
             .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
             .unwrap_or_default();
         self.api_key = if key.is_empty() {
-            Rc::from("secret")
+            Arc::from("secret")
         } else {
-            Rc::from(key)
+            Arc::from(key)
         };
         info!("configured api key of {} bytes", self.api_key.len());
         true
@@ -51,13 +51,13 @@ impl RootContext for LocalResponseRoot {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(LocalResponse {
-            api_key: Rc::clone(&self.api_key),
+            api_key: Arc::clone(&self.api_key),
         }))
     }
 }
 
 struct LocalResponse {
-    api_key: Rc<str>,
+    api_key: Arc<str>,
 }
 
 impl Context for LocalResponse {}

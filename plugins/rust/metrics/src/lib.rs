@@ -15,7 +15,7 @@ use log::info;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
-use std::rc::Rc;
+use std::sync::Arc; // Arc, not Rc: the same source compiles into pwhost, whose contexts are Send
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -29,7 +29,7 @@ struct MetricIds {
 }
 
 struct MetricsRoot {
-    ids: Option<Rc<MetricIds>>,
+    ids: Option<Arc<MetricIds>>,
 }
 
 impl Context for MetricsRoot {}
@@ -51,7 +51,7 @@ impl RootContext for MetricsRoot {
             "metrics defined: {} {} {}",
             ids.requests_total, ids.active_requests, ids.request_header_count
         );
-        self.ids = Some(Rc::new(ids));
+        self.ids = Some(Arc::new(ids));
         true
     }
 
@@ -68,7 +68,7 @@ impl RootContext for MetricsRoot {
 }
 
 struct Metrics {
-    ids: Rc<MetricIds>,
+    ids: Arc<MetricIds>,
     /// Whether this stream incremented the gauge (so on_log only undoes its own increment).
     active: bool,
 }

@@ -12,7 +12,7 @@ use log::{error, info};
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 use serde::Deserialize;
-use std::rc::Rc;
+use std::sync::Arc; // Arc, not Rc: the same source compiles into pwhost, whose contexts are Send
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -28,7 +28,7 @@ struct Config {
 }
 
 struct PluginConfigRoot {
-    config: Option<Rc<Config>>,
+    config: Option<Arc<Config>>,
 }
 
 impl Context for PluginConfigRoot {}
@@ -45,7 +45,7 @@ impl RootContext for PluginConfigRoot {
         match serde_json::from_slice::<Config>(&raw) {
             Ok(config) => {
                 info!("plugin config: {}: {}", config.header, config.value);
-                self.config = Some(Rc::new(config));
+                self.config = Some(Arc::new(config));
                 true
             }
             Err(err) => {
@@ -67,7 +67,7 @@ impl RootContext for PluginConfigRoot {
 }
 
 struct PluginConfig {
-    config: Option<Rc<Config>>,
+    config: Option<Arc<Config>>,
 }
 
 impl Context for PluginConfig {}

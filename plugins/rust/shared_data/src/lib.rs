@@ -32,7 +32,8 @@ impl Context for SharedDataRoot {}
 
 impl RootContext for SharedDataRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        self.set_shared_data("vm_started", Some(b"yes"), None).is_ok()
+        self.set_shared_data("vm_started", Some(b"yes"), None)
+            .is_ok()
     }
 
     fn get_type(&self) -> Option<ContextType> {
