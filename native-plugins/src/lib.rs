@@ -5,8 +5,7 @@
 //! The sources are written against the crates.io `proxy-wasm` SDK and the `log` crate; here both
 //! names stand for pwhost's native SDK, whose crate root answers to the same paths (raw `proxy_*`
 //! imports, as `abi_coverage` declares, bind to pwhost's exported host functions). Left out:
-//! `wasi_calls`, which is about the WASI imports of a Wasm build, and `panics`, whose conformance
-//! case is about Wasm traps.
+//! `wasi_calls`, which is about the WASI imports of a Wasm build.
 
 // The names the plugin sources use for the SDK and for the `log` macros.
 extern crate native as log;
@@ -34,6 +33,8 @@ mod lifecycle_bench;
 mod local_response;
 #[path = "../../plugins/rust/metrics/src/lib.rs"]
 mod metrics;
+#[path = "../../plugins/rust/panics/src/lib.rs"]
+mod panics;
 #[path = "../../plugins/rust/plugin_config/src/lib.rs"]
 mod plugin_config;
 #[path = "../../plugins/rust/properties/src/lib.rs"]
@@ -59,6 +60,7 @@ pub const PLUGINS: &[NativePlugin] = &[
     lifecycle_bench::PLUGIN,
     local_response::PLUGIN,
     metrics::PLUGIN,
+    panics::PLUGIN,
     plugin_config::PLUGIN,
     properties::PLUGIN,
     shared_data::PLUGIN,

@@ -106,8 +106,8 @@ fn two_different_sdk_libraries_run_side_by_side() {
 fn the_corpus_rust_plugins_are_compiled_in_under_their_own_names() {
     let mut compiled_in = pwhost::plugins::native_plugins();
     compiled_in.sort_unstable();
-    // Every Rust plugin of the corpus but `wasi_calls` (about a Wasm build's WASI imports) and
-    // `panics` (about Wasm traps), from the same source files as its Wasm builds.
+    // Every Rust plugin of the corpus but `wasi_calls` (about a Wasm build's WASI imports), from
+    // the same source files as its Wasm builds.
     assert_eq!(
         compiled_in,
         [
@@ -121,6 +121,7 @@ fn the_corpus_rust_plugins_are_compiled_in_under_their_own_names() {
             "lifecycle_bench",
             "local_response",
             "metrics",
+            "panics",
             "plugin_config",
             "properties",
             "shared_data",

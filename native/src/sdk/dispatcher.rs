@@ -406,17 +406,11 @@ impl Dispatcher {
     fn initialize(&self) {
         // Set up as context 0, so that `set_log_level` sets this instance's level.
         let setup = self.run_as(0, || {
-            struct Restore(Option<Setup>);
-            impl Drop for Restore {
-                fn drop(&mut self) {
-                    SETUP.with(|setup| setup.replace(self.0.take()));
-                }
-            }
-            let restore = Restore(SETUP.with(|setup| setup.replace(Some(Setup::default()))));
+            // A set-up function that panicked leaves its partial declarations behind; the next
+            // one starts from a fresh `Setup` all the same.
+            SETUP.with(|setup| setup.replace(Some(Setup::default())));
             (self.plugin.setup)();
-            let declared = SETUP.with(|setup| setup.take()).unwrap_or_default();
-            drop(restore);
-            declared
+            SETUP.with(|setup| setup.take()).unwrap_or_default()
         });
         self.new_root.set(setup.root);
         self.new_http.set(setup.http);
