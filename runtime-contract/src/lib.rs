@@ -3,50 +3,23 @@
 //! with a message naming the engine when the engine breaks the contract.
 //!
 //! Engine-specific behaviour (how deadlines are enforced, what is precompiled) stays in the
-//! engine's own tests; what a hostile guest must not be able to do to any host lives here.
+//! engine's own tests; what a hostile guest must not be able to do to any host lives here. The
+//! guest and host functions the checks and the engines' own tests share are in [`fixture`].
+
+pub mod fixture;
 
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, CompiledModule, GuestFunction, HostFunction, Instance, RuntimeConfig, Signature, Trap,
-    TrapKind, ValType, WasmRuntime, WasmTrapCode,
+    CompiledModule, Instance, RuntimeConfig, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
 
-/// The host state of these checks: how often the host function ran, and the guest function it
-/// calls back.
-#[derive(Default)]
-pub struct State {
-    /// The arguments host functions received.
-    pub seen: Vec<u64>,
-    /// Entries into the `reenter` host function.
-    pub entries: u32,
-    /// The guest function host functions call back (`reenter`'s callee, `allocate_and_write`'s
-    /// allocator).
-    pub callee: Option<GuestFunction>,
-}
-
-/// Instantiates `wat` on `runtime`, linked against `host`.
-fn instantiate(
-    runtime: &dyn WasmRuntime<State>,
-    wat: &str,
-    host: &[HostFunction<State>],
-) -> Box<dyn Instance<State>> {
-    let name = runtime.name();
-    let wasm = wat::parse_str(wat).expect("the check's module is valid text");
-    let module: Arc<dyn CompiledModule<State>> = runtime
-        .compile(&wasm)
-        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
-    module
-        .link(host)
-        .unwrap_or_else(|e| panic!("{name}: link: {e}"))
-        .instantiate(State::default())
-        .unwrap_or_else(|e| panic!("{name}: instantiate: {e}"))
-}
+use fixture::{compile, instantiate, FixtureState, HOST, REENTER, SHARED};
 
 /// A handle is only good on the instance that gave it out: one of another instance, at an index
 /// this instance uses for a function of another type, is refused as a bad call (engines that
 /// trusted the index would call with the wrong number of values).
-pub fn handles_of_another_instance_are_refused(runtime: &dyn WasmRuntime<State>) {
+pub fn handles_of_another_instance_are_refused(runtime: &dyn WasmRuntime<FixtureState>) {
     let name = runtime.name();
     let wat = r#"(module
                    (func (export "nothing"))
@@ -70,7 +43,7 @@ pub fn handles_of_another_instance_are_refused(runtime: &dyn WasmRuntime<State>)
 
 /// `table.grow` fails (returns -1) past a bound of the host's, instead of taking as much host
 /// memory as the guest asks for; modest growth still works.
-pub fn tables_cannot_grow_without_bound(runtime: &dyn WasmRuntime<State>) {
+pub fn tables_cannot_grow_without_bound(runtime: &dyn WasmRuntime<FixtureState>) {
     let name = runtime.name();
     let mut instance = instantiate(
         runtime,
@@ -95,39 +68,25 @@ pub fn tables_cannot_grow_without_bound(runtime: &dyn WasmRuntime<State>) {
     assert_eq!(result[0], 1, "{name}: modest growth works");
 }
 
-/// Calls the guest's `enter` (kept in [`State::callee`]), which calls this again.
-fn reenter(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().entries += 1;
-    let enter = caller
-        .state()
-        .callee
-        .ok_or_else(|| Trap::host("no callee"))?;
-    caller.call(enter, &[], &mut [])
-}
-
 /// A guest recursing through a host function (the allocator calling a host function that calls
 /// the allocator …) is stopped with a stack-overflow trap after eight nested levels, before the
 /// native stack runs out; the count is of levels in progress, so the next call nests as deep.
-pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(runtime: &dyn WasmRuntime<State>) {
+pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(
+    runtime: &dyn WasmRuntime<FixtureState>,
+) {
     let name = runtime.name();
-    let host = [HostFunction {
-        module: "env",
-        name: "reenter",
-        signature: Signature::new(&[], &[]),
-        callback: reenter,
-    }];
     let mut instance = instantiate(
         runtime,
         r#"(module
-             (import "env" "reenter" (func $reenter))
-             (func (export "enter") (call $reenter)))"#,
-        &host,
+             (import "env" "reenter" (func $reenter (result i32)))
+             (func (export "enter") (result i32) (call $reenter)))"#,
+        &[REENTER],
     );
     let enter = instance.function("enter").expect("export enter");
     instance.state().callee = Some(enter);
     for round in ["first", "second"] {
         instance.state().entries = 0;
-        let error = instance.call(enter, &[], &mut []).unwrap_err();
+        let error = instance.call(enter, &[], &mut [0]).unwrap_err();
         assert_eq!(
             error,
             Trap::wasm(WasmTrapCode::StackOverflow),
@@ -144,7 +103,7 @@ pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(runtime: &dyn W
 /// With [`RuntimeConfig::max_memory_bytes`] set, `memory.grow` fails (returns -1) past the cap,
 /// however much is asked, and a module whose initial memory is already above the cap does not
 /// instantiate. `make` creates the engine with the configuration given.
-pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<State>>(
+pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<FixtureState>>(
     make: impl Fn(RuntimeConfig) -> R,
 ) {
     const PAGE: u64 = 65536;
@@ -163,7 +122,7 @@ pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<State>>(
     );
     let grow = instance.function("grow").expect("export grow");
     let mut result = [0];
-    let mut grow_by = |pages: u64, instance: &mut Box<dyn Instance<State>>| {
+    let mut grow_by = |pages: u64, instance: &mut Box<dyn Instance<FixtureState>>| {
         instance
             .call(grow, &[pages], &mut result)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -185,53 +144,33 @@ pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<State>>(
         "{name}: so does a huge growth"
     );
     assert_eq!(instance.memory_size() as u64, 2 * PAGE, "{name}");
-    let above = wat::parse_str("(module (memory (export \"memory\") 3))").expect("valid text");
-    let module: Arc<dyn CompiledModule<State>> = runtime
-        .compile(&above)
-        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
-    let linked = module
+    let linked = compile(&runtime, r#"(module (memory (export "memory") 3))"#)
         .link(&[])
         .unwrap_or_else(|e| panic!("{name}: link: {e}"));
     assert!(
         matches!(
-            linked.instantiate(State::default()),
+            linked.instantiate(FixtureState::default()),
             Err(runtime_api::Error::Instantiation(_))
         ),
         "{name}: an initial memory above the cap is refused"
     );
 }
 
-/// A host function these checks link against: `env.answer`, `(i32, i64) -> i32`.
-fn answer(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    args[0] = 42;
-    Ok(())
-}
-
 /// Linking and compiling fail with errors that say what is wrong: an import the host does not
 /// have names it, one with another signature is a mismatch, an imported memory is unsupported,
 /// and bytes that are not a module are an invalid module.
-pub fn bad_modules_and_imports_fail_with_errors_that_say_why(runtime: &dyn WasmRuntime<State>) {
+pub fn bad_modules_and_imports_fail_with_errors_that_say_why(
+    runtime: &dyn WasmRuntime<FixtureState>,
+) {
     use runtime_api::Error;
     let name = runtime.name();
-    let host = [HostFunction {
-        module: "env",
-        name: "answer",
-        signature: Signature::new(&[ValType::I32, ValType::I64], &[ValType::I32]),
-        callback: answer,
-    }];
-    let link = |wat: &str| {
-        let wasm = wat::parse_str(wat).expect("valid text");
-        let module: Arc<dyn CompiledModule<State>> = runtime
-            .compile(&wasm)
-            .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
-        module.link(&host).err()
-    };
+    let link = |wat: &str| compile(runtime, wat).link(HOST).err();
     let error = link(r#"(module (import "env" "nope" (func)))"#);
     assert!(
         matches!(&error, Some(Error::UnknownImport { name, .. }) if name == "nope"),
         "{name}: {error:?}"
     );
-    let error = link(r#"(module (import "env" "answer" (func (param i32))))"#);
+    let error = link(r#"(module (import "env" "record" (func (param i32))))"#);
     assert!(
         matches!(&error, Some(Error::ImportSignatureMismatch { .. })),
         "{name}: {error:?}"
@@ -249,17 +188,12 @@ pub fn bad_modules_and_imports_fail_with_errors_that_say_why(runtime: &dyn WasmR
         b"not wasm at all",
     ];
     for bytes in not_modules {
-        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
+        let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(bytes);
         assert!(
             matches!(result, Err(Error::InvalidModule(_))),
             "{name}: {bytes:?}"
         );
     }
-}
-
-/// A host function that asks to exit with its argument: `env.exit`, `(i32) -> ()`.
-fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    Err(Trap::exit(args[0] as i32))
 }
 
 /// Every kind of WebAssembly trap comes back with its canonical code (the same words on every
@@ -270,16 +204,10 @@ fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
 /// conversion and an out-of-range one alike, and a null entry and a signature mismatch alike):
 /// those must still be WebAssembly traps, in the engine's own words.
 pub fn traps_have_canonical_codes_and_leave_the_instance_usable(
-    runtime: &dyn WasmRuntime<State>,
+    runtime: &dyn WasmRuntime<FixtureState>,
     indistinct: &[WasmTrapCode],
 ) {
     let name = runtime.name();
-    let host = [HostFunction {
-        module: "env",
-        name: "exit",
-        signature: Signature::new(&[ValType::I32], &[]),
-        callback: exit,
-    }];
     let mut instance = instantiate(
         runtime,
         r#"(module
@@ -301,10 +229,10 @@ pub fn traps_have_canonical_codes_and_leave_the_instance_usable(
              (func (export "exit_with_3") (call $exit (i32.const 3)))
              (func (export "divide") (param i32 i32) (result i32)
                (i32.div_s (local.get 0) (local.get 1))))"#,
-        &host,
+        HOST,
     );
     let divide = instance.function("divide").expect("export divide");
-    let still_usable = |instance: &mut Box<dyn Instance<State>>, after: &str| {
+    let still_usable = |instance: &mut Box<dyn Instance<FixtureState>>, after: &str| {
         let mut quotient = [0];
         instance
             .call(divide, &[9, 3], &mut quotient)
@@ -343,65 +271,13 @@ pub fn traps_have_canonical_codes_and_leave_the_instance_usable(
     still_usable(&mut instance, "an exit");
 }
 
-/// `env.record`, `(i32, i64) -> i32`: keeps its arguments and returns 7.
-fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().seen.extend_from_slice(&args[..2]);
-    args[0] = 7;
-    Ok(())
-}
-
-/// `env.allocate_and_write`, `() -> i32`: allocates 8 bytes through the guest (whose allocator
-/// grows memory) and writes a marker there, through a view of memory taken after the call.
-fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let allocate = caller
-        .state()
-        .callee
-        .ok_or_else(|| Trap::host("no allocator"))?;
-    let mut pointer = [0];
-    caller.call(allocate, &[8], &mut pointer)?;
-    caller
-        .memory()
-        .write(pointer[0], b"written!")
-        .map_err(|e| Trap::host(e.to_string()))?;
-    args[0] = pointer[0];
-    Ok(())
-}
-
-/// The host functions of [`CALLS_MODULE`].
-const CALLS_HOST: [HostFunction<State>; 2] = [
-    HostFunction {
-        module: "env",
-        name: "record",
-        signature: Signature::new(&[ValType::I32, ValType::I64], &[ValType::I32]),
-        callback: record,
-    },
-    HostFunction {
-        module: "env",
-        name: "allocate_and_write",
-        signature: Signature::new(&[], &[ValType::I32]),
-        callback: allocate_and_write,
-    },
-];
-
-/// A module calling [`CALLS_HOST`], whose allocator grows memory by a page per allocation and
-/// returns the new page, so the host must look at memory afresh after calling it.
-const CALLS_MODULE: &str = r#"(module
-  (import "env" "record" (func $record (param i32 i64) (result i32)))
-  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
-  (memory (export "memory") 1)
-  (func (export "allocate") (param $size i32) (result i32)
-    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
-  (func (export "call_record") (param $a i32) (result i32)
-    (call $record (local.get $a) (i64.const -1)))
-  (func (export "call_allocate") (result i32) (call $allocate_and_write))
-  (func (export "read") (param i32) (result i64) (i64.load (local.get 0)))
-  (func (export "add64") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1))))"#;
-
 /// Values cross in 64-bit slots both ways (`i32` zero-extended, `i64` as its bits, the result
 /// in slot 0), and a host function that calls the guest's allocator sees the memory it grew.
-pub fn calls_cross_in_slots_and_host_functions_see_grown_memory(runtime: &dyn WasmRuntime<State>) {
+pub fn calls_cross_in_slots_and_host_functions_see_grown_memory(
+    runtime: &dyn WasmRuntime<FixtureState>,
+) {
     let name = runtime.name();
-    let mut instance = instantiate(runtime, CALLS_MODULE, &CALLS_HOST);
+    let mut instance = SHARED.instance(runtime);
     let call_record = instance
         .function("call_record")
         .expect("export call_record");
@@ -417,7 +293,6 @@ pub fn calls_cross_in_slots_and_host_functions_see_grown_memory(runtime: &dyn Wa
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(result, [u64::MAX], "{name}: i64 values keep all their bits");
 
-    instance.state().callee = instance.function("allocate");
     assert_eq!(instance.memory_size(), 65536, "{name}");
     let call_allocate = instance
         .function("call_allocate")
@@ -441,13 +316,10 @@ pub fn calls_cross_in_slots_and_host_functions_see_grown_memory(runtime: &dyn Wa
 
 /// A compiled module lists its imports with their types in declaration order, and its exports
 /// with their types (in an order of the engine's choosing).
-pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime<State>) {
+pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime<FixtureState>) {
     use runtime_api::{ExternKind, FunctionType};
     let name = runtime.name();
-    let wasm = wat::parse_str(CALLS_MODULE).expect("valid text");
-    let module: Arc<dyn CompiledModule<State>> = runtime
-        .compile(&wasm)
-        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
+    let module = SHARED.compile(runtime);
     let imports: Vec<(&str, &str, &ExternKind)> = module
         .imports()
         .iter()
@@ -465,6 +337,7 @@ pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime
         [
             ("env", "record", &function(&[I32, I64], &[I32])),
             ("env", "allocate_and_write", &function(&[], &[I32])),
+            ("env", "exit", &function(&[I32], &[])),
         ],
         "{name}"
     );
@@ -481,8 +354,12 @@ pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime
             ("allocate", &function(&[I32], &[I32])),
             ("call_allocate", &function(&[], &[I32])),
             ("call_record", &function(&[I32], &[I32])),
+            ("exit_with", &function(&[I32], &[])),
+            ("grow", &function(&[I32], &[I32])),
             ("memory", &ExternKind::Memory),
             ("read", &function(&[I32], &[I64])),
+            ("spin", &function(&[], &[])),
+            ("trap", &function(&[], &[])),
         ],
         "{name}"
     );
@@ -490,23 +367,17 @@ pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime
 
 /// One linked module instantiates on several threads at once, each instance with its own state,
 /// and runs calls in both directions there.
-pub fn one_linked_module_instantiates_on_many_threads(runtime: &dyn WasmRuntime<State>) {
+pub fn one_linked_module_instantiates_on_many_threads(runtime: &dyn WasmRuntime<FixtureState>) {
     let name = runtime.name();
-    let wasm = wat::parse_str(CALLS_MODULE).expect("valid text");
-    let module: Arc<dyn CompiledModule<State>> = runtime
-        .compile(&wasm)
-        .unwrap_or_else(|e| panic!("{name}: compile: {e}"));
-    let linked = module
-        .link(&CALLS_HOST)
-        .unwrap_or_else(|e| panic!("{name}: link: {e}"));
+    let linked = SHARED.link(runtime);
     let threads: Vec<_> = (0..4u64)
         .map(|i| {
             let linked = linked.clone();
             std::thread::spawn(move || {
                 let mut instance = linked
-                    .instantiate(State::default())
+                    .instantiate(FixtureState::default())
                     .unwrap_or_else(|e| panic!("{name}: instantiate: {e}"));
-                instance.state().callee = instance.function("allocate");
+                instance.state().allocator = instance.function("allocate");
                 let record = instance
                     .function("call_record")
                     .expect("export call_record");

@@ -5,149 +5,42 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
-    TrapKind, ValType, WasmRuntime, WasmTrapCode,
+    Caller, CompiledModule, Error, HostFunction, RuntimeConfig, Signature, Trap, TrapKind, ValType,
+    WasmRuntime, WasmTrapCode,
 };
+use runtime_contract::fixture::{self, compile, Fixture, FixtureState};
 use runtime_v8::V8Runtime;
 
-/// Host state for these tests: what the host functions saw.
-#[derive(Default)]
-struct State {
-    seen: Vec<u64>,
-    allocator: Option<runtime_api::GuestFunction>,
-}
-
-const I32: ValType = ValType::I32;
-const I64: ValType = ValType::I64;
-
-fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().seen.extend_from_slice(&args[..2]);
-    args[0] = 7;
-    Ok(())
-}
-
-/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
-fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let allocator = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no allocator"))?;
-    let mut pointer = [0];
-    caller.call(allocator, &[8], &mut pointer)?;
-    let mut memory = caller.memory();
-    memory
-        .write(pointer[0], b"written!")
-        .map_err(|e| Trap::host(e.to_string()))?;
-    args[0] = pointer[0];
-    Ok(())
-}
-
-fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    Err(Trap::exit(args[0] as i32))
-}
-
 /// Returns its i64 argument plus one, as an i64.
-fn increment(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+fn increment(_caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
     args[0] = args[0].wrapping_add(1);
     Ok(())
 }
 
-fn panics(_caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    panic!("a host function bug");
-}
-
-/// Calls the guest's `spin` export: a nested call that never returns on its own.
-fn call_spin(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    let spin = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no spin"))?;
-    caller.call(spin, &[], &mut [])
-}
-
-static HOST: &[HostFunction<State>] = &[
-    HostFunction {
-        module: "env",
-        name: "record",
-        signature: Signature::new(&[I32, I64], &[I32]),
-        callback: record,
-    },
-    HostFunction {
-        module: "env",
-        name: "allocate_and_write",
-        signature: Signature::new(&[], &[I32]),
-        callback: allocate_and_write,
-    },
-    HostFunction {
-        module: "env",
-        name: "exit",
-        signature: Signature::new(&[I32], &[]),
-        callback: exit,
-    },
-    HostFunction {
-        module: "env",
-        name: "increment",
-        signature: Signature::new(&[I64], &[I64]),
-        callback: increment,
-    },
-    HostFunction {
-        module: "env",
-        name: "panics",
-        signature: Signature::new(&[], &[]),
-        callback: panics,
-    },
-    HostFunction {
-        module: "env",
-        name: "call_spin",
-        signature: Signature::new(&[], &[]),
-        callback: call_spin,
-    },
-];
-
-const MODULE: &str = r#"
-(module
-  (import "env" "record" (func $record (param i32 i64) (result i32)))
-  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
-  (import "env" "exit" (func $exit (param i32)))
-  (import "env" "increment" (func $increment (param i64) (result i64)))
-  (import "env" "panics" (func $panics))
-  (import "env" "call_spin" (func $call_spin))
-  (memory (export "memory") 1)
-  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
-  ;; must re-read the memory after calling it.
-  (func (export "allocate") (param $size i32) (result i32)
-    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
-  (func (export "call_record") (param $a i32) (result i32)
-    (call $record (local.get $a) (i64.const -1)))
-  (func (export "call_allocate") (result i32) (call $allocate_and_write))
-  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
-  (func (export "spin") (loop $forever (br $forever)))
-  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
-  (func (export "trap") unreachable)
-  (func (export "increment_twice") (param $x i64) (result i64)
-    (call $increment (call $increment (local.get $x))))
-  (func (export "load") (param $address i32) (result i32) (i32.load (local.get $address)))
-  (func (export "divide") (param $a i32) (param $b i32) (result i32)
-    (i32.div_u (local.get $a) (local.get $b)))
-  (func $recurse (export "recurse") (call $recurse))
-  (func (export "call_panics") (call $panics))
-  (func (export "call_call_spin") (call $call_spin)))
-"#;
-
-fn compile(runtime: &V8Runtime, text: &str) -> Arc<dyn CompiledModule<State>> {
-    runtime.compile(&wat::parse_str(text).unwrap()).unwrap()
-}
-
-fn instance(runtime: &V8Runtime) -> Box<dyn Instance<State>> {
-    let mut instance = compile(runtime, MODULE)
-        .link(HOST)
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    let allocator = instance.function("allocate");
-    instance.state().allocator = allocator;
-    instance
-}
+/// The shared fixture with what only these tests call: i64 values in both directions, a
+/// panicking host function, a guest spinning inside a host function, and deep recursion.
+const FIXTURE: Fixture = Fixture {
+    imports: r#"
+      (import "env" "increment" (func $increment (param i64) (result i64)))
+      (import "env" "panics" (func $panics))
+      (import "env" "call_spin" (func $call_spin))"#,
+    functions: r#"
+      (func (export "increment_twice") (param $x i64) (result i64)
+        (call $increment (call $increment (local.get $x))))
+      (func $recurse (export "recurse") (call $recurse))
+      (func (export "call_panics") (call $panics))
+      (func (export "call_call_spin") (call $call_spin))"#,
+    host: &[
+        HostFunction {
+            module: "env",
+            name: "increment",
+            signature: Signature::new(&[ValType::I64], &[ValType::I64]),
+            callback: increment,
+        },
+        fixture::PANICS,
+        fixture::CALL_SPIN,
+    ],
+};
 
 fn default_runtime() -> V8Runtime {
     V8Runtime::new(RuntimeConfig::default()).unwrap()
@@ -162,7 +55,7 @@ fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
 
 #[test]
 fn i64_values_cross_in_both_directions() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let f = instance.function("increment_twice").unwrap();
     let mut result = [0];
     instance.call(f, &[u64::MAX - 5], &mut result).unwrap();
@@ -174,11 +67,11 @@ fn i64_values_cross_in_both_directions() {
 #[test]
 fn calls_with_the_wrong_arity_or_a_foreign_handle_are_refused() {
     let runtime = default_runtime();
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let f = instance.function("call_record").unwrap();
     let error = instance.call(f, &[], &mut [0]).unwrap_err();
     assert_eq!(error.kind, TrapKind::BadCall);
-    let mut other = self::instance(&runtime);
+    let mut other = FIXTURE.instance(&runtime);
     let foreign = other.function("trap").unwrap();
     assert_eq!(
         instance.call(foreign, &[], &mut []).unwrap_err().kind,
@@ -205,7 +98,7 @@ fn traps_and_exits_are_reported_and_the_instance_stays_usable() {
 
 #[test]
 fn a_panicking_host_function_is_a_trap() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let f = instance.function("call_panics").unwrap();
     let error = instance.call(f, &[], &mut []).unwrap_err();
     assert_eq!(error.kind, TrapKind::Host);
@@ -233,8 +126,8 @@ fn a_start_function_trap_fails_instantiation() {
         &runtime,
         r#"(module (func $start unreachable) (start $start))"#,
     );
-    let linked = module.link(HOST).unwrap();
-    match linked.instantiate(State::default()) {
+    let linked = module.link(fixture::HOST).unwrap();
+    match linked.instantiate(FixtureState::default()) {
         Err(Error::Instantiation(message)) => assert!(message.contains("unreachable"), "{message}"),
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("instantiation should fail"),
@@ -252,7 +145,7 @@ fn the_memory_cap_makes_memory_grow_fail() {
         ..Default::default()
     })
     .unwrap();
-    let module = compile(&runtime, MODULE);
+    let module = FIXTURE.compile(&runtime);
     assert!(module.exports().iter().any(|e| e.name == "memory"));
 }
 
@@ -264,13 +157,16 @@ fn a_memory_larger_than_the_cap_at_start_fails_instantiation() {
     })
     .unwrap();
     let module = compile(&runtime, r#"(module (memory 2))"#);
-    let result = module.link(HOST).unwrap().instantiate(State::default());
+    let result = module
+        .link(fixture::HOST)
+        .unwrap()
+        .instantiate(FixtureState::default());
     assert!(matches!(result, Err(Error::Instantiation(_))));
 }
 
 #[test]
 fn huge_memory_growth_without_a_cap_fails_in_the_guest() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let grow = instance.function("grow").unwrap();
     let mut result = [0];
     // 65535 more pages would make 4 GiB; the process has no such memory to commit, or V8
@@ -298,9 +194,9 @@ fn tables_cannot_outgrow_their_budget() {
     }
     text.push_str(" (i32.const -2)))");
     let mut instance = compile(&runtime, &text)
-        .link(HOST)
+        .link(fixture::HOST)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     let grow = instance.function("grow").unwrap();
     let mut result = [0];
@@ -316,7 +212,7 @@ fn tables_cannot_outgrow_their_budget() {
         instance.call(grow, &[table, 1000], &mut result).unwrap();
         assert_eq!(result[0], 0, "table {table} grows within its share");
     }
-    let too_large: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(
+    let too_large: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(
         &wat::parse_str("(module (table 6000000 funcref) (table 6000000 funcref))").unwrap(),
     );
     assert!(matches!(too_large, Err(Error::InvalidModule(_))));
@@ -329,7 +225,7 @@ fn a_call_deadline_stops_a_spinning_guest() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let spin = instance.function("spin").unwrap();
     let started = Instant::now();
     assert_eq!(
@@ -349,10 +245,11 @@ fn a_call_deadline_stops_a_guest_spinning_in_a_nested_call() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
-    // The host function `call_spin` calls the guest's allocator slot: point it at `spin`.
+    let mut instance = FIXTURE.instance(&runtime);
+    // The host function `call_spin` calls the guest function in the callee slot: point it at
+    // `spin`.
     let spin = instance.function("spin");
-    instance.state().allocator = spin;
+    instance.state().callee = spin;
     let f = instance.function("call_call_spin").unwrap();
     assert_eq!(
         instance.call(f, &[], &mut []).unwrap_err().kind,
@@ -373,7 +270,11 @@ fn a_call_deadline_stops_a_spinning_start_function() {
         &runtime,
         r#"(module (func $start (loop $forever (br $forever))) (start $start))"#,
     );
-    match module.link(HOST).unwrap().instantiate(State::default()) {
+    match module
+        .link(fixture::HOST)
+        .unwrap()
+        .instantiate(FixtureState::default())
+    {
         Err(Error::Instantiation(message)) => {
             assert!(message.contains("deadline"), "{message}")
         }
@@ -389,8 +290,8 @@ fn an_interrupt_stops_a_running_call_from_another_thread() {
         ..Default::default()
     })
     .unwrap();
-    assert!(WasmRuntime::<State>::capabilities(&runtime).interrupt);
-    let mut instance = instance(&runtime);
+    assert!(WasmRuntime::<FixtureState>::capabilities(&runtime).interrupt);
+    let mut instance = FIXTURE.instance(&runtime);
     let handle = instance.interrupt_handle().unwrap();
     let spin = instance.function("spin").unwrap();
     let interrupter = std::thread::spawn(move || {
@@ -421,7 +322,7 @@ fn interrupts_racing_with_short_calls_never_outlive_their_call() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let handle = instance.interrupt_handle().unwrap();
     let record = instance.function("call_record").unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -465,7 +366,7 @@ fn an_interrupt_landing_as_a_call_starts_stops_that_call() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let spin = instance.function("spin").unwrap();
     // Each round calls from a new thread, whose V8 thread state is set up as the call takes the
     // isolate's lock, and interrupts it after a delay that sweeps over that moment. However the
@@ -523,7 +424,7 @@ fn a_module_with_a_shared_memory_is_refused() {
                (memory.atomic.wait32 (i32.const 0) (i32.const 0) (i64.const -1))))"#,
     )
     .unwrap();
-    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&waits_forever);
+    let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(&waits_forever);
     match result {
         Err(Error::InvalidModule(message)) => assert!(message.contains("shared"), "{message}"),
         Err(other) => panic!("unexpected error {other}"),
@@ -534,7 +435,7 @@ fn a_module_with_a_shared_memory_is_refused() {
         r#"(module (memory 1) (func (export "f") (result i32) (i32.atomic.load (i32.const 0))))"#,
     )
     .unwrap();
-    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&atomics);
+    let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(&atomics);
     assert!(matches!(result, Err(Error::InvalidModule(_))));
 }
 
@@ -554,7 +455,7 @@ fn a_module_using_exception_handling_is_refused() {
                (i32.const 1)))"#,
     )
     .unwrap();
-    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&swallows_exit);
+    let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(&swallows_exit);
     match result {
         Err(Error::InvalidModule(message)) => assert!(!message.is_empty()),
         Err(other) => panic!("unexpected error {other}"),
@@ -571,7 +472,7 @@ fn one_linked_module_instantiates_on_many_threads() {
 
 #[test]
 fn an_instance_moves_between_threads() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let record = instance.function("call_record").unwrap();
     let recurse = instance.function("recurse").unwrap();
     for round in 0..6u64 {
@@ -597,11 +498,11 @@ fn an_instance_moves_between_threads() {
 #[test]
 fn a_small_thread_stack_overflows_as_a_trap() {
     let runtime = default_runtime();
-    let linked = compile(&runtime, MODULE).link(HOST).unwrap();
+    let linked = FIXTURE.link(&runtime);
     let result = std::thread::Builder::new()
         .stack_size(512 * 1024)
         .spawn(move || {
-            let mut instance = linked.instantiate(State::default()).unwrap();
+            let mut instance = linked.instantiate(FixtureState::default()).unwrap();
             let recurse = instance.function("recurse").unwrap();
             instance.call(recurse, &[], &mut [])
         })
@@ -618,10 +519,10 @@ fn capabilities_follow_the_configuration() {
         ..Default::default()
     })
     .unwrap();
-    let capabilities = WasmRuntime::<State>::capabilities(&runtime);
+    let capabilities = WasmRuntime::<FixtureState>::capabilities(&runtime);
     assert!(capabilities.call_deadline && capabilities.memory_limit && capabilities.sandboxed);
     assert!(!capabilities.interrupt && !capabilities.precompiled_modules);
-    assert_eq!(WasmRuntime::<State>::name(&runtime), "v8");
+    assert_eq!(WasmRuntime::<FixtureState>::name(&runtime), "v8");
 }
 
 #[test]

@@ -6,53 +6,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, HostFunction, Instance, InterruptHandle, RuntimeConfig,
-    Signature, Trap, TrapKind, ValType, WasmRuntime,
+    Caller, CompiledModule, Error, HostFunction, RuntimeConfig, Signature, Trap, TrapKind, ValType,
+    WasmRuntime,
 };
+use runtime_contract::fixture::{self, FixtureState};
 use runtime_wamr::{WamrOptions, WamrRuntime};
-
-/// Host state for these tests: what the host functions saw.
-#[derive(Default)]
-struct State {
-    seen: Vec<u64>,
-    allocator: Option<runtime_api::GuestFunction>,
-    interrupt: Option<Arc<dyn InterruptHandle>>,
-}
 
 const I32: ValType = ValType::I32;
 const I64: ValType = ValType::I64;
 
-fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().seen.extend_from_slice(&args[..2]);
-    args[0] = 7;
-    Ok(())
-}
-
-/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
-fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let allocator = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no allocator"))?;
-    let mut pointer = [0];
-    caller.call(allocator, &[8], &mut pointer)?;
-    let mut memory = caller.memory();
-    memory
-        .write(pointer[0], b"written!")
-        .map_err(|e| Trap::host(e.to_string()))?;
-    args[0] = pointer[0];
-    Ok(())
-}
-
-fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    Err(Trap::exit(args[0] as i32))
-}
-
-/// Calls the guest's `trap` export, ignores its failure, and returns 5.
-fn survive_guest_trap(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+/// Calls the guest's `trap` export (kept in [`FixtureState::callee`]), ignores its failure, and
+/// returns 5.
+fn survive_guest_trap(caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
     let trap = caller
         .state()
-        .allocator
+        .callee
         .ok_or_else(|| Trap::host("no trap function"))?;
     let error = caller.call(trap, &[], &mut []).unwrap_err();
     caller
@@ -61,64 +29,6 @@ fn survive_guest_trap(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Resul
         .push(u64::from(error.kind == TrapKind::Wasm));
     args[0] = 5;
     Ok(())
-}
-
-fn panic_in_host(_caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    panic!("a host bug");
-}
-
-static HOST: &[HostFunction<State>] = &[
-    HostFunction {
-        module: "env",
-        name: "record",
-        signature: Signature::new(&[I32, I64], &[I32]),
-        callback: record,
-    },
-    HostFunction {
-        module: "env",
-        name: "allocate_and_write",
-        signature: Signature::new(&[], &[I32]),
-        callback: allocate_and_write,
-    },
-    HostFunction {
-        module: "env",
-        name: "exit",
-        signature: Signature::new(&[I32], &[]),
-        callback: exit,
-    },
-];
-
-const MODULE: &str = r#"
-(module
-  (import "env" "record" (func $record (param i32 i64) (result i32)))
-  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
-  (import "env" "exit" (func $exit (param i32)))
-  (memory (export "memory") 1)
-  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
-  ;; must re-read the memory after calling it.
-  (func (export "allocate") (param $size i32) (result i32)
-    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
-  (func (export "call_record") (param $a i32) (result i32)
-    (call $record (local.get $a) (i64.const -1)))
-  (func (export "call_allocate") (result i32) (call $allocate_and_write))
-  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
-  (func (export "spin") (loop $forever (br $forever)))
-  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
-  (func (export "add64") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1)))
-  (func (export "trap") unreachable))
-"#;
-
-fn instance(runtime: &WamrRuntime) -> Box<dyn Instance<State>> {
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let mut instance = module
-        .link(HOST)
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    let allocator = instance.function("allocate");
-    instance.state().allocator = allocator;
-    instance
 }
 
 fn default_runtime() -> WamrRuntime {
@@ -134,7 +44,7 @@ fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
 
 #[test]
 fn i64_arguments_and_results_pass_through_guest_calls() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = fixture::SHARED.instance(&default_runtime());
     let add = instance.function("add64").unwrap();
     let mut result = [0];
     instance
@@ -145,7 +55,7 @@ fn i64_arguments_and_results_pass_through_guest_calls() {
 
 #[test]
 fn calls_with_the_wrong_arity_are_refused() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = fixture::SHARED.instance(&default_runtime());
     let f = instance.function("call_record").unwrap();
     let error = instance.call(f, &[], &mut [0]).unwrap_err();
     assert_eq!(error.kind, TrapKind::BadCall);
@@ -174,13 +84,13 @@ fn a_host_function_may_recover_from_a_trap_in_a_nested_call() {
              (func (export "outer") (result i32) (i32.add (call $survive) (i32.const 1))))"#,
     )
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = default_runtime().compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = default_runtime().compile(&wasm).unwrap();
     let mut instance = module
         .link(&host)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
-    instance.state().allocator = instance.function("trap");
+    instance.state().callee = instance.function("trap");
     let outer = instance.function("outer").unwrap();
     let mut result = [0];
     instance.call(outer, &[], &mut result).unwrap();
@@ -190,21 +100,15 @@ fn a_host_function_may_recover_from_a_trap_in_a_nested_call() {
 
 #[test]
 fn a_panicking_host_function_fails_the_call_not_the_process() {
-    let host = [HostFunction {
-        module: "env",
-        name: "bug",
-        signature: Signature::new(&[], &[]),
-        callback: panic_in_host,
-    }];
     let wasm = wat::parse_str(
-        r#"(module (import "env" "bug" (func $bug)) (func (export "f") (call $bug)))"#,
+        r#"(module (import "env" "panics" (func $panics)) (func (export "f") (call $panics)))"#,
     )
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = default_runtime().compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = default_runtime().compile(&wasm).unwrap();
     let mut instance = module
-        .link(&host)
+        .link(&[fixture::PANICS])
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     let f = instance.function("f").unwrap();
     let error = instance.call(f, &[], &mut []).unwrap_err();
@@ -246,9 +150,12 @@ fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
         r#"(module (memory (export "heap") 3))"#,
         r#"(module (memory 3))"#,
     ] {
-        let module: Arc<dyn CompiledModule<State>> =
+        let module: Arc<dyn CompiledModule<FixtureState>> =
             runtime.compile(&wat::parse_str(text).unwrap()).unwrap();
-        let result = module.link(&[]).unwrap().instantiate(State::default());
+        let result = module
+            .link(&[])
+            .unwrap()
+            .instantiate(FixtureState::default());
         assert!(
             matches!(&result, Err(Error::Instantiation(m)) if m.contains("exceeds memory limits")),
             "{text}: {:?}",
@@ -256,11 +163,11 @@ fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
         );
     }
     let fits = wat::parse_str(r#"(module (memory 1))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&fits).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&fits).unwrap();
     assert!(module
         .link(&[])
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .is_ok());
     let below_a_page = WamrRuntime::new(RuntimeConfig {
         max_memory_bytes: Some(1000),
@@ -276,7 +183,7 @@ fn a_call_deadline_stops_a_spinning_guest() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
+    let mut instance = fixture::SHARED.instance(&runtime);
     let spin = instance.function("spin").unwrap();
     let started = Instant::now();
     assert_eq!(
@@ -296,8 +203,8 @@ fn a_call_deadline_stops_a_spinning_guest() {
 
 #[test]
 fn a_deadline_reaches_a_guest_spinning_inside_a_nested_call() {
-    fn call_spin(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-        let spin = caller.state().allocator.ok_or_else(|| Trap::host("none"))?;
+    fn call_spin(caller: &mut dyn Caller<FixtureState>, _args: &mut [u64]) -> Result<(), Trap> {
+        let spin = caller.state().callee.ok_or_else(|| Trap::host("none"))?;
         // Ignoring the trap must not let the guest escape its deadline.
         let _ = caller.call(spin, &[], &mut []);
         Ok(())
@@ -320,13 +227,13 @@ fn a_deadline_reaches_a_guest_spinning_inside_a_nested_call() {
         ..Default::default()
     })
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
     let mut instance = module
         .link(&host)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
-    instance.state().allocator = instance.function("spin");
+    instance.state().callee = instance.function("spin");
     let outer = instance.function("outer").unwrap();
     assert_eq!(
         instance.call(outer, &[], &mut []).unwrap_err().kind,
@@ -341,8 +248,8 @@ fn an_interrupt_from_another_thread_stops_a_call_and_the_instance_stays_usable()
         ..Default::default()
     })
     .unwrap();
-    assert!(WasmRuntime::<State>::capabilities(&runtime).interrupt);
-    let mut instance = instance(&runtime);
+    assert!(WasmRuntime::<FixtureState>::capabilities(&runtime).interrupt);
+    let mut instance = fixture::SHARED.instance(&runtime);
     let handle = instance.interrupt_handle().expect("WAMR can interrupt");
     let spin = instance.function("spin").unwrap();
     let interrupter = std::thread::spawn(move || {
@@ -373,7 +280,10 @@ fn an_interrupt_from_another_thread_stops_a_call_and_the_instance_stays_usable()
 fn an_interrupt_that_comes_after_a_deadline_stopped_the_call_does_not_stop_the_next_one() {
     /// Outlasts the deadline (the watchdog stops the call meanwhile), then interrupts the call
     /// that is already stopped.
-    fn sleep_then_interrupt(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
+    fn sleep_then_interrupt(
+        caller: &mut dyn Caller<FixtureState>,
+        _args: &mut [u64],
+    ) -> Result<(), Trap> {
         std::thread::sleep(Duration::from_millis(300));
         let handle = caller.state().interrupt.clone();
         handle.ok_or_else(|| Trap::host("no handle"))?.interrupt();
@@ -398,11 +308,11 @@ fn an_interrupt_that_comes_after_a_deadline_stopped_the_call_does_not_stop_the_n
         ..Default::default()
     })
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
     let mut instance = module
         .link(&host)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     instance.state().interrupt = instance.interrupt_handle();
     let late = instance.function("late").unwrap();
@@ -418,16 +328,16 @@ fn an_interrupt_that_comes_after_a_deadline_stopped_the_call_does_not_stop_the_n
 
 #[test]
 fn instances_without_a_deadline_or_interrupts_have_no_handle() {
-    let instance = instance(&default_runtime());
+    let instance = fixture::SHARED.instance(&default_runtime());
     assert!(instance.interrupt_handle().is_none());
-    let caps = WasmRuntime::<State>::capabilities(&default_runtime());
+    let caps = WasmRuntime::<FixtureState>::capabilities(&default_runtime());
     assert!(caps.memory_limit && caps.sandboxed && !caps.interrupt && !caps.call_deadline);
     assert!(!caps.precompiled_modules);
 }
 
 #[test]
 fn the_start_function_runs_at_instantiation_under_the_deadline() {
-    fn started(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    fn started(caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
         caller.state().seen.push(args[0]);
         Ok(())
     }
@@ -450,14 +360,14 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
         ..Default::default()
     })
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
     // The start function is not listed; the constructors keep their name.
     let names: Vec<&str> = module.exports().iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ["__wasm_call_ctors"]);
     let mut instance = module
         .link(&host)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     assert_eq!(
         instance.state().seen,
@@ -471,8 +381,11 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
     let spinning =
         wat::parse_str(r#"(module (func $start (loop $forever (br $forever))) (start $start))"#)
             .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&spinning).unwrap();
-    let error = module.link(&[]).unwrap().instantiate(State::default());
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&spinning).unwrap();
+    let error = module
+        .link(&[])
+        .unwrap()
+        .instantiate(FixtureState::default());
     assert!(
         matches!(&error, Err(Error::Instantiation(m)) if m.contains("deadline")),
         "{:?}",
@@ -525,8 +438,8 @@ mod other_host {
 #[test]
 fn modules_linked_against_different_host_tables_each_call_their_own() {
     let runtime = default_runtime();
-    let wasm = wat::parse_str(MODULE).unwrap();
-    let mut first = instance(&runtime);
+    let wasm = wat::parse_str(fixture::SHARED.module()).unwrap();
+    let mut first = fixture::SHARED.instance(&runtime);
     let module: Arc<dyn CompiledModule<other_host::OtherState>> = runtime.compile(&wasm).unwrap();
     let mut second = module
         .link(other_host::HOST)
@@ -534,9 +447,14 @@ fn modules_linked_against_different_host_tables_each_call_their_own() {
         .instantiate(other_host::OtherState::default())
         .unwrap();
     // The same compiled module, linked twice.
-    let same: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-    let linked_twice = [same.link(HOST).unwrap(), same.link(HOST).unwrap()];
-    let mut third = linked_twice[1].instantiate(State::default()).unwrap();
+    let same: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
+    let linked_twice = [
+        same.link(fixture::HOST).unwrap(),
+        same.link(fixture::HOST).unwrap(),
+    ];
+    let mut third = linked_twice[1]
+        .instantiate(FixtureState::default())
+        .unwrap();
     for _ in 0..3 {
         let f = first.function("call_record").unwrap();
         let mut result = [0];
@@ -566,16 +484,14 @@ fn one_linked_module_instantiates_and_runs_on_many_threads() {
         },
     )
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let linked = module.link(HOST).unwrap();
+    let linked = fixture::SHARED.link(&runtime);
     let threads: Vec<_> = (0..4)
         .map(|i| {
             let linked = linked.clone();
             std::thread::spawn(move || {
                 let mut sum = 0;
                 for round in 0..50 {
-                    let mut instance = linked.instantiate(State::default()).unwrap();
+                    let mut instance = linked.instantiate(FixtureState::default()).unwrap();
                     instance.state().allocator = instance.function("allocate");
                     let record = instance.function("call_record").unwrap();
                     instance.call(record, &[i], &mut [0]).unwrap();
@@ -595,7 +511,7 @@ fn one_linked_module_instantiates_and_runs_on_many_threads() {
 
 #[test]
 fn an_instance_moves_between_threads() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = fixture::SHARED.instance(&default_runtime());
     for i in 0..3 {
         instance = std::thread::spawn(move || {
             let record = instance.function("call_record").unwrap();

@@ -8,14 +8,8 @@ use runtime_api::{
     Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
     TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
+use runtime_contract::fixture::{self, Fixture, FixtureState};
 use runtime_wasmer::{Compiler, WasmerRuntime};
-
-/// Host state for these tests: what the host functions saw.
-#[derive(Default)]
-struct State {
-    seen: Vec<u64>,
-    allocator: Option<runtime_api::GuestFunction>,
-}
 
 const I32: ValType = ValType::I32;
 const I64: ValType = ValType::I64;
@@ -32,161 +26,63 @@ fn compilers() -> Vec<Compiler> {
     ]
 }
 
-fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().seen.extend_from_slice(&args[..2]);
-    args[0] = 7;
-    Ok(())
-}
-
 /// Takes every argument shape the typed fast path does not cover: an `i64` in the middle and an
 /// `i64` result.
-fn mixed(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+fn mixed(caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
     caller.state().seen.extend_from_slice(&args[..3]);
     args[0] = u64::MAX - 1;
     Ok(())
 }
 
-/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
-fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let allocator = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no allocator"))?;
-    let mut pointer = [0];
-    caller.call(allocator, &[8], &mut pointer)?;
-    let mut memory = caller.memory();
-    memory
-        .write(pointer[0], b"written!")
-        .map_err(|e| Trap::host(e.to_string()))?;
-    args[0] = pointer[0];
-    Ok(())
-}
-
-fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    Err(Trap::exit(args[0] as i32))
-}
-
-/// Calls the guest's `spin` from inside a host function, so a deadline hits a nested call.
-fn call_spin(caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-    let spin = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no spin"))?;
-    caller.call(spin, &[], &mut [])
-}
-
-static HOST: &[HostFunction<State>] = &[
-    HostFunction {
-        module: "env",
-        name: "record",
-        signature: Signature::new(&[I32, I64], &[I32]),
-        callback: record,
-    },
-    HostFunction {
-        module: "env",
-        name: "mixed",
-        signature: Signature::new(&[I32, I64, I32], &[I64]),
-        callback: mixed,
-    },
-    HostFunction {
-        module: "env",
-        name: "allocate_and_write",
-        signature: Signature::new(&[], &[I32]),
-        callback: allocate_and_write,
-    },
-    HostFunction {
-        module: "env",
-        name: "exit",
-        signature: Signature::new(&[I32], &[]),
-        callback: exit,
-    },
-    HostFunction {
-        module: "env",
-        name: "call_spin",
-        signature: Signature::new(&[], &[]),
-        callback: call_spin,
-    },
-];
-
-const MODULE: &str = r#"
-(module
-  (import "env" "record" (func $record (param i32 i64) (result i32)))
-  (import "env" "mixed" (func $mixed (param i32 i64 i32) (result i64)))
-  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
-  (import "env" "exit" (func $exit (param i32)))
-  (import "env" "call_spin" (func $call_spin))
-  (memory (export "memory") 1)
-  (table 2 funcref)
-  (elem (i32.const 0) $takes_i64)
-  (type $i32_to_i32 (func (param i32) (result i32)))
-  (func $takes_i64 (param i64) (result i64) (local.get 0))
-  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
-  ;; must re-read the memory after calling it.
-  (func (export "allocate") (param $size i32) (result i32)
-    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
-  (func (export "call_record") (param $a i32) (result i32)
-    (call $record (local.get $a) (i64.const -1)))
-  (func (export "call_mixed") (result i64)
-    (call $mixed (i32.const -2) (i64.const 0x123456789) (i32.const 3)))
-  (func (export "call_allocate") (result i32) (call $allocate_and_write))
-  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
-  (func (export "spin") (loop $forever (br $forever)))
-  (func (export "spin_nested") (local $i i32)
-    (loop $outer
-      (local.set $i (i32.const 0))
-      (loop $inner (local.set $i (i32.add (local.get $i) (i32.const 1))) (br $inner))
-      (br $outer)))
-  ;; No loop at all: two recursive calls per level, 2^60 calls in total.
-  (func $fan (export "fan") (param $depth i32)
-    (if (local.get $depth)
-      (then
-        (call $fan (i32.sub (local.get $depth) (i32.const 1)))
-        (call $fan (i32.sub (local.get $depth) (i32.const 1))))))
-  (func (export "spin_in_host") (call $call_spin))
-  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
-  (func (export "trap") unreachable)
-  (func (export "divide") (param i32 i32) (result i32) (i32.div_s (local.get 0) (local.get 1)))
-  (func (export "load") (param i32) (result i32) (i32.load (local.get 0)))
-  (func $recurse (export "recurse") (param i32) (result i32)
-    (i32.add (call $recurse (local.get 0)) (i32.const 1)))
-  (func (export "call_null") (result i32)
-    (call_indirect (type $i32_to_i32) (i32.const 0) (i32.const 1)))
-  (func (export "call_wrong_type") (result i32)
-    (call_indirect (type $i32_to_i32) (i32.const 0) (i32.const 0)))
-  (func (export "call_out_of_table") (result i32)
-    (call_indirect (type $i32_to_i32) (i32.const 0) (i32.const 9)))
-  (func (export "add64") (param i64 i32) (result i64)
-    (i64.add (local.get 0) (i64.extend_i32_u (local.get 1))))
-  (func (export "nine") (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
-    (i32.add (local.get 0) (local.get 8))))
-"#;
+/// The shared fixture with what only these tests call: host and guest functions of shapes the
+/// typed fast paths do not cover, and guest code that a deadline must stop however it spins.
+const FIXTURE: Fixture = Fixture {
+    imports: r#"
+      (import "env" "mixed" (func $mixed (param i32 i64 i32) (result i64)))
+      (import "env" "call_spin" (func $call_spin))"#,
+    functions: r#"
+      (func (export "call_mixed") (result i64)
+        (call $mixed (i32.const -2) (i64.const 0x123456789) (i32.const 3)))
+      (func (export "spin_nested") (local $i i32)
+        (loop $outer
+          (local.set $i (i32.const 0))
+          (loop $inner (local.set $i (i32.add (local.get $i) (i32.const 1))) (br $inner))
+          (br $outer)))
+      ;; No loop at all: two recursive calls per level, 2^60 calls in total.
+      (func $fan (export "fan") (param $depth i32)
+        (if (local.get $depth)
+          (then
+            (call $fan (i32.sub (local.get $depth) (i32.const 1)))
+            (call $fan (i32.sub (local.get $depth) (i32.const 1))))))
+      (func (export "spin_in_host") (call $call_spin))
+      (func (export "add_u32") (param i64 i32) (result i64)
+        (i64.add (local.get 0) (i64.extend_i32_u (local.get 1))))
+      (func (export "nine") (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+        (i32.add (local.get 0) (local.get 8)))"#,
+    host: &[
+        HostFunction {
+            module: "env",
+            name: "mixed",
+            signature: Signature::new(&[I32, I64, I32], &[I64]),
+            callback: mixed,
+        },
+        fixture::CALL_SPIN,
+    ],
+};
 
 fn runtime(compiler: Compiler, config: RuntimeConfig) -> WasmerRuntime {
     WasmerRuntime::new(compiler, config).unwrap()
 }
 
-fn instance(runtime: &WasmerRuntime) -> Box<dyn Instance<State>> {
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let mut instance = module
-        .link(HOST)
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    let allocator = instance.function("allocate");
-    instance.state().allocator = allocator;
-    instance
-}
-
-fn default_instance(compiler: Compiler) -> Box<dyn Instance<State>> {
-    instance(&runtime(compiler, RuntimeConfig::default()))
+fn default_instance(compiler: Compiler) -> Box<dyn Instance<FixtureState>> {
+    FIXTURE.instance(&runtime(compiler, RuntimeConfig::default()))
 }
 
 #[test]
 fn names_follow_the_compiler() {
     for compiler in compilers() {
         let runtime = runtime(compiler, RuntimeConfig::default());
-        let name = WasmRuntime::<State>::name(&runtime);
+        let name = WasmRuntime::<FixtureState>::name(&runtime);
         assert_eq!(name, compiler.runtime_name());
         assert!(name.starts_with("wasmer-"), "{name}");
     }
@@ -222,10 +118,10 @@ fn host_functions_of_other_shapes_take_the_dynamic_path() {
 fn guest_functions_of_any_integer_shape_can_be_called() {
     for compiler in compilers() {
         let mut instance = default_instance(compiler);
-        let add64 = instance.function("add64").unwrap();
+        let add_u32 = instance.function("add_u32").unwrap();
         let mut result = [0];
         instance
-            .call(add64, &[u64::MAX - 5, 0xffff_ffff], &mut result)
+            .call(add_u32, &[u64::MAX - 5, 0xffff_ffff], &mut result)
             .unwrap();
         assert_eq!(result[0], (u64::MAX - 5).wrapping_add(0xffff_ffff));
         let nine = instance.function("nine").unwrap();
@@ -287,9 +183,9 @@ fn a_start_function_trap_fails_instantiation() {
     for compiler in compilers() {
         let runtime = runtime(compiler, RuntimeConfig::default());
         let wasm = wat::parse_str(r#"(module (func $s unreachable) (start $s))"#).unwrap();
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-        let linked = module.link(HOST).unwrap();
-        let Err(Error::Instantiation(message)) = linked.instantiate(State::default()) else {
+        let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
+        let linked = module.link(fixture::HOST).unwrap();
+        let Err(Error::Instantiation(message)) = linked.instantiate(FixtureState::default()) else {
             panic!("{compiler:?}: the start function trapped");
         };
         assert!(message.contains("unreachable"), "{message}");
@@ -313,7 +209,7 @@ fn a_call_deadline_stops_spinning_and_recursing_guests() {
                 ..Default::default()
             },
         );
-        let mut instance = instance(&runtime);
+        let mut instance = FIXTURE.instance(&runtime);
         for name in ["spin", "spin_nested", "fan"] {
             let f = instance.function(name).unwrap();
             let args: &[u64] = if name == "fan" { &[60] } else { &[] };
@@ -335,7 +231,7 @@ fn a_call_deadline_stops_spinning_and_recursing_guests() {
         // A deadline that expires inside a nested call (guest → host → guest) is reported by
         // the top-level call as a deadline, however the host function passed it on.
         let spin = instance.function("spin").unwrap();
-        instance.state().allocator = Some(spin);
+        instance.state().callee = Some(spin);
         let spin_in_host = instance.function("spin_in_host").unwrap();
         let error = instance.call(spin_in_host, &[], &mut []).unwrap_err();
         assert_eq!(
@@ -357,7 +253,7 @@ fn genuine_traps_under_a_deadline_stay_traps() {
                 ..Default::default()
             },
         );
-        let mut instance = instance(&runtime);
+        let mut instance = FIXTURE.instance(&runtime);
         let trap = instance.function("trap").unwrap();
         let error = instance.call(trap, &[], &mut []).unwrap_err();
         assert_eq!(error, Trap::wasm(WasmTrapCode::Unreachable), "{compiler:?}");
@@ -376,9 +272,9 @@ fn an_interrupt_from_another_thread_stops_a_running_call() {
                 ..Default::default()
             },
         );
-        let caps = WasmRuntime::<State>::capabilities(&runtime);
+        let caps = WasmRuntime::<FixtureState>::capabilities(&runtime);
         assert!(caps.interrupt && !caps.call_deadline && caps.memory_limit);
-        let mut instance = instance(&runtime);
+        let mut instance = FIXTURE.instance(&runtime);
         let handle = instance.interrupt_handle().expect("interruptible");
         let spin = instance.function("spin_nested").unwrap();
         let interrupter = std::thread::spawn(move || {
@@ -420,7 +316,7 @@ fn llvm_refuses_deadlines_for_modules_without_memory() {
         },
     );
     let wasm = wat::parse_str(r#"(module (func (export "spin") (loop (br 0))))"#).unwrap();
-    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&wasm);
+    let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(&wasm);
     assert!(
         matches!(result, Err(Error::Config(_))),
         "{:?}",
@@ -428,7 +324,7 @@ fn llvm_refuses_deadlines_for_modules_without_memory() {
     );
     // Without a deadline the same module compiles.
     let runtime = self::runtime(Compiler::Llvm, RuntimeConfig::default());
-    let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(&wasm);
+    let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(&wasm);
     assert!(result.is_ok());
 }
 
@@ -443,18 +339,17 @@ fn precompiled_modules_round_trip() {
             },
         ] {
             let runtime = runtime(compiler, config.clone());
-            let module: Arc<dyn CompiledModule<State>> =
-                runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+            let module = FIXTURE.compile(&runtime);
             let artifact = module.serialize().unwrap();
             // SAFETY: the artifact was produced just above by the same engine.
-            let loaded: Arc<dyn CompiledModule<State>> =
+            let loaded: Arc<dyn CompiledModule<FixtureState>> =
                 unsafe { runtime.load_precompiled(&artifact) }.unwrap();
             assert_eq!(loaded.exports(), module.exports());
             assert_eq!(loaded.imports(), module.imports());
             let mut instance = loaded
-                .link(HOST)
+                .link(&FIXTURE.host())
                 .unwrap()
-                .instantiate(State::default())
+                .instantiate(FixtureState::default())
                 .unwrap();
             let record = instance.function("call_record").unwrap();
             instance.call(record, &[5], &mut [0]).unwrap();
@@ -477,19 +372,19 @@ fn precompiled_modules_only_load_where_they_fit() {
             ..Default::default()
         },
     );
-    let wasm = wat::parse_str(MODULE).unwrap();
-    let without_checks = WasmRuntime::<State>::compile(&plain, &wasm)
+    let wasm = wat::parse_str(FIXTURE.module()).unwrap();
+    let without_checks = WasmRuntime::<FixtureState>::compile(&plain, &wasm)
         .unwrap()
         .serialize()
         .unwrap();
-    let with_checks = WasmRuntime::<State>::compile(&with_deadline, &wasm)
+    let with_checks = WasmRuntime::<FixtureState>::compile(&with_deadline, &wasm)
         .unwrap()
         .serialize()
         .unwrap();
     // SAFETY (all loads below): the artifacts come from this test, or are not artifacts at all,
     // which the header check refuses before wasmer sees them.
     let load = |runtime: &WasmerRuntime, artifact: &[u8]| {
-        unsafe { WasmRuntime::<State>::load_precompiled(runtime, artifact) }.map(|_| ())
+        unsafe { WasmRuntime::<FixtureState>::load_precompiled(runtime, artifact) }.map(|_| ())
     };
     assert!(matches!(
         load(&with_deadline, &without_checks),
@@ -551,7 +446,7 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
         ))
         .unwrap()
     };
-    fn started(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    fn started(caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
         caller.state().seen.push(args[0]);
         Ok(())
     }
@@ -570,7 +465,7 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
             },
         );
         // A start function that returns runs once, and sees the host functions.
-        let module: Arc<dyn CompiledModule<State>> = runtime
+        let module: Arc<dyn CompiledModule<FixtureState>> = runtime
             .compile(&wasm("(call $record (i32.const 42))"))
             .unwrap();
         let names: Vec<&str> = module.exports().iter().map(|e| e.name.as_str()).collect();
@@ -578,18 +473,18 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
         let mut instance = module
             .link(host)
             .unwrap()
-            .instantiate(State::default())
+            .instantiate(FixtureState::default())
             .unwrap();
         assert_eq!(instance.state().seen, [42], "{compiler:?}");
         // A start function that never returns is stopped by the deadline.
-        let module: Arc<dyn CompiledModule<State>> = runtime
+        let module: Arc<dyn CompiledModule<FixtureState>> = runtime
             .compile(&wasm("(loop $forever (br $forever))"))
             .unwrap();
         let started = Instant::now();
         let error = module
             .link(host)
             .unwrap()
-            .instantiate(State::default())
+            .instantiate(FixtureState::default())
             .err()
             .expect("a spinning start function fails instantiation");
         assert!(matches!(error, Error::Instantiation(_)), "{compiler:?}");
@@ -599,7 +494,7 @@ fn the_start_function_runs_at_instantiation_under_the_deadline() {
 
 #[test]
 fn float_values_travel_as_their_bits_on_the_dynamic_path() {
-    fn halve(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+    fn halve(_caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
         args[0] = (f64::from_bits(args[0]) / 2.0).to_bits();
         Ok(())
     }
@@ -620,11 +515,11 @@ fn float_values_travel_as_their_bits_on_the_dynamic_path() {
     .unwrap();
     for compiler in compilers() {
         let runtime = runtime(compiler, RuntimeConfig::default());
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+        let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
         let mut instance = module
             .link(&host)
             .unwrap()
-            .instantiate(State::default())
+            .instantiate(FixtureState::default())
             .unwrap();
         let quarter = instance.function("quarter").unwrap();
         let mut result = [0];
@@ -645,7 +540,7 @@ fn a_memory_cap_above_four_gibibytes_leaves_32_bit_memories_usable() {
                 ..Default::default()
             },
         );
-        let mut instance = instance(&runtime);
+        let mut instance = FIXTURE.instance(&runtime);
         let grow = instance.function("grow").unwrap();
         let mut result = [0];
         instance.call(grow, &[1], &mut result).unwrap();
@@ -655,15 +550,7 @@ fn a_memory_cap_above_four_gibibytes_leaves_32_bit_memories_usable() {
 
 #[test]
 fn a_host_function_panicking_through_a_call_leaves_no_deadline_armed() {
-    fn panics(_caller: &mut dyn Caller<State>, _args: &mut [u64]) -> Result<(), Trap> {
-        panic!("a host bug");
-    }
-    let host = [HostFunction {
-        module: "env",
-        name: "panics",
-        signature: Signature::new(&[], &[]),
-        callback: panics,
-    }];
+    let host = [fixture::PANICS];
     let wasm = wat::parse_str(
         r#"(module
              (import "env" "panics" (func $panics))
@@ -680,11 +567,11 @@ fn a_host_function_panicking_through_a_call_leaves_no_deadline_armed() {
                 ..Default::default()
             },
         );
-        let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+        let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
         let mut instance = module
             .link(&host)
             .unwrap()
-            .instantiate(State::default())
+            .instantiate(FixtureState::default())
             .unwrap();
         let panic = instance.function("panic").unwrap();
         let work = instance.function("work").unwrap();
@@ -721,7 +608,7 @@ fn modules_with_a_shared_memory_are_refused() {
         let runtime = runtime(compiler, RuntimeConfig::default());
         assert!(
             matches!(
-                WasmRuntime::<State>::compile(&runtime, &shared),
+                WasmRuntime::<FixtureState>::compile(&runtime, &shared),
                 Err(Error::InvalidModule(_))
             ),
             "{compiler:?}"

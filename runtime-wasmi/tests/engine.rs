@@ -5,150 +5,52 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, HostFunction, Instance, LinkedModule, RuntimeConfig, Signature,
-    Trap, TrapKind, ValType, WasmRuntime,
+    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
+    TrapKind, ValType, WasmRuntime,
 };
+use runtime_contract::fixture::{self, Fixture, FixtureState};
 use runtime_wasmi::WasmiRuntime;
 
-/// Host state for these tests: what the host functions saw.
-#[derive(Default)]
-struct State {
-    seen: Vec<u64>,
-    allocator: Option<runtime_api::GuestFunction>,
-    reenter: Option<runtime_api::GuestFunction>,
-    depth: u32,
-}
-
-const I32: ValType = ValType::I32;
-const I64: ValType = ValType::I64;
-
-fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().seen.extend_from_slice(&args[..2]);
-    args[0] = 7;
-    Ok(())
-}
-
-/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
-fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let allocator = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no allocator"))?;
-    let mut pointer = [0];
-    caller.call(allocator, &[8], &mut pointer)?;
-    let mut memory = caller.memory();
-    memory
-        .write(pointer[0], b"written!")
-        .map_err(|e| Trap::host(e.to_string()))?;
-    args[0] = pointer[0];
-    Ok(())
-}
-
-fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    Err(Trap::exit(args[0] as i32))
-}
-
 /// A shape no Proxy-Wasm or WASI function has, so it goes through wasmi's untyped host functions.
-fn add_i64(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
+fn add_i64(caller: &mut dyn Caller<FixtureState>, args: &mut [u64]) -> Result<(), Trap> {
     caller.state().seen.extend_from_slice(&args[..3]);
     args[0] = args[0].wrapping_add(args[1]).wrapping_add(args[2]);
     Ok(())
 }
 
-/// Calls the guest's `reenter`, which calls this host function again: a guest recursing through
-/// the host. Returns the depth reached.
-fn reenter(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let reenter = caller
-        .state()
-        .reenter
-        .ok_or_else(|| Trap::host("no reenter"))?;
-    caller.state().depth += 1;
-    let mut depth = [0];
-    caller.call(reenter, &[], &mut depth)?;
-    args[0] = depth[0] + 1;
-    Ok(())
-}
-
-static HOST: &[HostFunction<State>] = &[
-    HostFunction {
-        module: "env",
-        name: "reenter",
-        signature: Signature::new(&[], &[I32]),
-        callback: reenter,
-    },
-    HostFunction {
-        module: "env",
-        name: "record",
-        signature: Signature::new(&[I32, I64], &[I32]),
-        callback: record,
-    },
-    HostFunction {
-        module: "env",
-        name: "allocate_and_write",
-        signature: Signature::new(&[], &[I32]),
-        callback: allocate_and_write,
-    },
-    HostFunction {
-        module: "env",
-        name: "exit",
-        signature: Signature::new(&[I32], &[]),
-        callback: exit,
-    },
-    HostFunction {
-        module: "env",
-        name: "add_i64",
-        signature: Signature::new(&[I64, I64, I32], &[I64]),
-        callback: add_i64,
-    },
-];
-
-const MODULE: &str = r#"
-(module
-  (import "env" "record" (func $record (param i32 i64) (result i32)))
-  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
-  (import "env" "exit" (func $exit (param i32)))
-  (import "env" "add_i64" (func $add_i64 (param i64 i64 i32) (result i64)))
-  (import "env" "reenter" (func $reenter (result i32)))
-  (memory (export "memory") 1)
-  (func (export "reenter") (result i32) (call $reenter))
-  (global $spin_allocator (mut i32) (i32.const 0))
-  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
-  ;; must re-read the memory after calling it. After `make_allocator_spin` it loops forever.
-  (func (export "allocate") (param $size i32) (result i32)
-    (if (global.get $spin_allocator) (then (loop $forever (br $forever))))
-    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
-  (func (export "make_allocator_spin") (global.set $spin_allocator (i32.const 1)))
-  (func (export "call_record") (param $a i32) (result i32)
-    (call $record (local.get $a) (i64.const -1)))
-  (func (export "call_allocate") (result i32) (call $allocate_and_write))
-  (func (export "call_add_i64") (param $a i64) (param $b i64) (param $c i32) (result i64)
-    (call $add_i64 (local.get $a) (local.get $b) (local.get $c)))
-  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
-  (func (export "spin") (loop $forever (br $forever)))
-  (func (export "spin_with_result") (param i32 i32 i32) (result i32)
-    (loop $forever (br $forever))
-    (i32.const 0))
-  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
-  (func (export "divide") (param $a i32) (param $b i32) (result i32)
-    (i32.div_u (local.get $a) (local.get $b)))
-  (func (export "sum8") (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
-    (i32.add (i32.add (i32.add (local.get 0) (local.get 1)) (i32.add (local.get 2) (local.get 3)))
-             (i32.add (i32.add (local.get 4) (local.get 5)) (i32.add (local.get 6) (local.get 7)))))
-  (func (export "trap") unreachable))
-"#;
-
-fn linked(runtime: &WasmiRuntime) -> Arc<dyn LinkedModule<State>> {
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    module.link(HOST).unwrap()
-}
-
-fn instance(runtime: &WasmiRuntime) -> Box<dyn Instance<State>> {
-    let mut instance = linked(runtime).instantiate(State::default()).unwrap();
-    let allocator = instance.function("allocate");
-    instance.state().allocator = allocator;
-    instance
-}
+/// The shared fixture with what only these tests call: host and guest functions of unusual
+/// shapes, guest code spinning where fuel slices must stop it, and recursion through the host.
+const FIXTURE: Fixture = Fixture {
+    imports: r#"
+      (import "env" "add_i64" (func $add_i64 (param i64 i64 i32) (result i64)))
+      (import "env" "reenter" (func $reenter (result i32)))"#,
+    functions: r#"
+      (func (export "reenter") (result i32) (call $reenter))
+      ;; An allocator that never returns, for a host function to call.
+      (func (export "spinning_allocate") (param $size i32) (result i32)
+        (loop $forever (br $forever))
+        (i32.const 0))
+      (func (export "call_add_i64") (param $a i64) (param $b i64) (param $c i32) (result i64)
+        (call $add_i64 (local.get $a) (local.get $b) (local.get $c)))
+      (func (export "spin_with_result") (param i32 i32 i32) (result i32)
+        (loop $forever (br $forever))
+        (i32.const 0))
+      (func (export "divide") (param $a i32) (param $b i32) (result i32)
+        (i32.div_u (local.get $a) (local.get $b)))
+      (func (export "sum8") (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+        (i32.add
+          (i32.add (i32.add (local.get 0) (local.get 1)) (i32.add (local.get 2) (local.get 3)))
+          (i32.add (i32.add (local.get 4) (local.get 5)) (i32.add (local.get 6) (local.get 7)))))"#,
+    host: &[
+        HostFunction {
+            module: "env",
+            name: "add_i64",
+            signature: Signature::new(&[ValType::I64, ValType::I64, ValType::I32], &[ValType::I64]),
+            callback: add_i64,
+        },
+        fixture::REENTER,
+    ],
+};
 
 fn default_runtime() -> WasmiRuntime {
     WasmiRuntime::new(RuntimeConfig::default()).unwrap()
@@ -171,7 +73,7 @@ fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
 
 #[test]
 fn unusual_shapes_pass_through_untyped_calls_in_both_directions() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let f = instance.function("call_add_i64").unwrap();
     let mut result = [0];
     instance
@@ -183,7 +85,7 @@ fn unusual_shapes_pass_through_untyped_calls_in_both_directions() {
 
 #[test]
 fn typed_guest_calls_pass_all_their_arguments() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let sum8 = instance.function("sum8").unwrap();
     let mut result = [0];
     instance
@@ -195,12 +97,15 @@ fn typed_guest_calls_pass_all_their_arguments() {
 #[test]
 fn calls_with_the_wrong_arity_or_a_foreign_handle_are_refused() {
     let runtime = default_runtime();
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let f = instance.function("call_record").unwrap();
     let error = instance.call(f, &[], &mut [0]).unwrap_err();
     assert_eq!(error.kind, TrapKind::BadCall);
     // A handle of another instance, at an index this instance has not given out.
-    let mut other = linked(&runtime).instantiate(State::default()).unwrap();
+    let mut other = FIXTURE
+        .link(&runtime)
+        .instantiate(FixtureState::default())
+        .unwrap();
     for _ in 0..3 {
         other.function("divide").unwrap();
     }
@@ -235,7 +140,7 @@ fn malformed_bytes_and_the_text_format_are_invalid_modules() {
         b"this is not a wasm module",
         b"(module)",
     ] {
-        let result: Result<Arc<dyn CompiledModule<State>>, _> = runtime.compile(bytes);
+        let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(bytes);
         assert!(
             matches!(result, Err(Error::InvalidModule(_))),
             "{bytes:?} compiled"
@@ -265,8 +170,12 @@ fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
     })
     .unwrap();
     let wasm = wat::parse_str(r#"(module (memory (export "memory") 2))"#).unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
-    match module.link(HOST).unwrap().instantiate(State::default()) {
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
+    match module
+        .link(fixture::HOST)
+        .unwrap()
+        .instantiate(FixtureState::default())
+    {
         Err(Error::Instantiation(message)) => assert_eq!(
             message,
             "memory minimum size of 2 pages exceeds memory limits"
@@ -276,16 +185,19 @@ fn a_module_whose_initial_memory_exceeds_the_cap_does_not_instantiate() {
     }
     // A memory that is not exported is refused by wasmi's limiter itself.
     let hidden = wat::parse_str("(module (memory 2))").unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&hidden).unwrap();
-    let result = module.link(HOST).unwrap().instantiate(State::default());
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&hidden).unwrap();
+    let result = module
+        .link(fixture::HOST)
+        .unwrap()
+        .instantiate(FixtureState::default());
     assert!(matches!(result, Err(Error::Instantiation(_))));
 }
 
 #[test]
 fn a_call_deadline_stops_a_spinning_guest() {
     let runtime = runtime_with_deadline(Duration::from_millis(30));
-    assert!(WasmRuntime::<State>::capabilities(&runtime).call_deadline);
-    let mut instance = instance(&runtime);
+    assert!(WasmRuntime::<FixtureState>::capabilities(&runtime).call_deadline);
+    let mut instance = FIXTURE.instance(&runtime);
     let spin = instance.function("spin").unwrap();
     let started = Instant::now();
     assert_eq!(
@@ -311,9 +223,8 @@ fn a_call_deadline_stops_a_spinning_guest() {
 #[test]
 fn a_call_deadline_stops_a_guest_spinning_inside_a_nested_call() {
     let runtime = runtime_with_deadline(Duration::from_millis(30));
-    let mut instance = instance(&runtime);
-    let make_spin = instance.function("make_allocator_spin").unwrap();
-    instance.call(make_spin, &[], &mut []).unwrap();
+    let mut instance = FIXTURE.instance(&runtime);
+    instance.state().allocator = instance.function("spinning_allocate");
     // The host function calls the (now spinning) allocator from inside the guest.
     let call_allocate = instance.function("call_allocate").unwrap();
     assert_eq!(
@@ -330,7 +241,7 @@ fn a_call_deadline_stops_a_guest_spinning_inside_a_nested_call() {
 #[test]
 fn calls_within_the_deadline_run_to_completion() {
     let runtime = runtime_with_deadline(Duration::from_secs(10));
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let call_allocate = instance.function("call_allocate").unwrap();
     let mut pointer = [0];
     instance.call(call_allocate, &[], &mut pointer).unwrap();
@@ -353,8 +264,8 @@ fn an_interrupt_from_another_thread_stops_a_spinning_guest() {
         ..Default::default()
     })
     .unwrap();
-    assert!(WasmRuntime::<State>::capabilities(&runtime).interrupt);
-    let mut instance = instance(&runtime);
+    assert!(WasmRuntime::<FixtureState>::capabilities(&runtime).interrupt);
+    let mut instance = FIXTURE.instance(&runtime);
     let handle = instance.interrupt_handle().unwrap();
     let spin = instance.function("spin").unwrap();
     let interrupter = std::thread::spawn(move || {
@@ -378,7 +289,7 @@ fn an_interrupt_between_calls_stops_the_next_call() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
+    let mut instance = FIXTURE.instance(&runtime);
     let record = instance.function("call_record").unwrap();
     instance.interrupt_handle().unwrap().interrupt();
     assert_eq!(
@@ -391,11 +302,11 @@ fn an_interrupt_between_calls_stops_the_next_call() {
 #[test]
 fn without_deadline_or_interruption_there_is_no_interrupt_handle() {
     let runtime = default_runtime();
-    let capabilities = WasmRuntime::<State>::capabilities(&runtime);
+    let capabilities = WasmRuntime::<FixtureState>::capabilities(&runtime);
     assert!(!capabilities.interrupt && !capabilities.call_deadline);
     assert!(capabilities.memory_limit && capabilities.sandboxed);
     assert!(!capabilities.precompiled_modules);
-    assert!(instance(&runtime).interrupt_handle().is_none());
+    assert!(FIXTURE.instance(&runtime).interrupt_handle().is_none());
 }
 
 #[test]
@@ -409,11 +320,11 @@ fn a_start_function_runs_at_instantiation_and_its_traps_fail_it() {
              (func (export "read") (result i32) (i32.load (i32.const 0))))"#,
     )
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
     let mut instance = module
-        .link(HOST)
+        .link(fixture::HOST)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     let read = instance.function("read").unwrap();
     let mut value = [0];
@@ -421,8 +332,12 @@ fn a_start_function_runs_at_instantiation_and_its_traps_fail_it() {
     assert_eq!(value, [42]);
 
     let trapping = wat::parse_str("(module (func $start unreachable) (start $start))").unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&trapping).unwrap();
-    match module.link(HOST).unwrap().instantiate(State::default()) {
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&trapping).unwrap();
+    match module
+        .link(fixture::HOST)
+        .unwrap()
+        .instantiate(FixtureState::default())
+    {
         Err(Error::Instantiation(message)) => assert!(message.contains("unreachable"), "{message}"),
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("a trapping start function instantiated"),
@@ -433,9 +348,12 @@ fn a_start_function_runs_at_instantiation_and_its_traps_fail_it() {
 fn a_spinning_start_function_is_stopped_by_its_fuel_budget() {
     let runtime = runtime_with_deadline(Duration::from_millis(20));
     let wasm = wat::parse_str("(module (func $start (loop $l (br $l))) (start $start))").unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
     let started = Instant::now();
-    let result = module.link(HOST).unwrap().instantiate(State::default());
+    let result = module
+        .link(fixture::HOST)
+        .unwrap()
+        .instantiate(FixtureState::default());
     assert!(matches!(result, Err(Error::Instantiation(_))));
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -466,12 +384,12 @@ fn long_calls_and_start_functions_run_to_completion_in_every_configuration() {
         },
     ] {
         let runtime = WasmiRuntime::new(config).unwrap();
-        let module: Arc<dyn CompiledModule<State>> =
+        let module: Arc<dyn CompiledModule<FixtureState>> =
             runtime.compile(&wat::parse_str(COUNTER).unwrap()).unwrap();
         let mut instance = module
-            .link(HOST)
+            .link(fixture::HOST)
             .unwrap()
-            .instantiate(State::default())
+            .instantiate(FixtureState::default())
             .unwrap();
         let count = instance.function("count").unwrap();
         let mut left = [1];
@@ -486,13 +404,13 @@ fn a_guest_recursing_through_a_host_function_gets_a_stack_overflow_trap() {
         default_runtime(),
         runtime_with_deadline(Duration::from_secs(10)),
     ] {
-        let mut instance = instance(&runtime);
+        let mut instance = FIXTURE.instance(&runtime);
         let reenter = instance.function("reenter").unwrap();
-        instance.state().reenter = Some(reenter);
+        instance.state().callee = Some(reenter);
         let error = instance.call(reenter, &[], &mut [0]).unwrap_err();
         assert_eq!(error, Trap::wasm(runtime_api::WasmTrapCode::StackOverflow));
         assert!(
-            instance.state().depth > 1,
+            instance.state().entries > 1,
             "the host calls back at least once"
         );
         // The nesting count unwound with the calls: the host may call back again.
@@ -509,11 +427,11 @@ fn deep_recursion_is_a_stack_overflow_trap() {
              (i32.add (call $f (local.get 0)) (i32.const 1))))"#,
     )
     .unwrap();
-    let module: Arc<dyn CompiledModule<State>> = runtime.compile(&wasm).unwrap();
+    let module: Arc<dyn CompiledModule<FixtureState>> = runtime.compile(&wasm).unwrap();
     let mut instance = module
-        .link(HOST)
+        .link(fixture::HOST)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     let recurse = instance.function("recurse").unwrap();
     let error = instance.call(recurse, &[0], &mut [0]).unwrap_err();
@@ -524,12 +442,12 @@ fn deep_recursion_is_a_stack_overflow_trap() {
 fn instances_move_between_threads_and_modules_are_shared() {
     fn assert_send<T: Send>() {}
     fn assert_send_sync<T: Send + Sync>() {}
-    assert_send::<Box<dyn Instance<State>>>();
-    assert_send::<runtime_wasmi::WasmiInstance<State>>();
-    assert_send_sync::<runtime_wasmi::WasmiLinkedModule<State>>();
+    assert_send::<Box<dyn Instance<FixtureState>>>();
+    assert_send::<runtime_wasmi::WasmiInstance<FixtureState>>();
+    assert_send_sync::<runtime_wasmi::WasmiLinkedModule<FixtureState>>();
     assert_send_sync::<runtime_wasmi::WasmiModule>();
 
-    let mut instance = instance(&default_runtime());
+    let mut instance = FIXTURE.instance(&default_runtime());
     let record = instance.function("call_record").unwrap();
     let mut instance = std::thread::spawn(move || {
         instance.call(record, &[9], &mut [0]).unwrap();

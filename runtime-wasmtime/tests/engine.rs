@@ -3,100 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime_api::{
-    Caller, CompiledModule, HostFunction, Instance, RuntimeConfig, Signature, Trap, TrapKind,
-    ValType, WasmRuntime,
-};
+use runtime_api::{CompiledModule, RuntimeConfig, TrapKind, WasmRuntime};
+use runtime_contract::fixture::{self, FixtureState};
 use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
-
-/// Host state for these tests: what the host functions saw.
-#[derive(Default)]
-struct State {
-    seen: Vec<u64>,
-    allocator: Option<runtime_api::GuestFunction>,
-}
-
-const I32: ValType = ValType::I32;
-const I64: ValType = ValType::I64;
-
-fn record(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    caller.state().seen.extend_from_slice(&args[..2]);
-    args[0] = 7;
-    Ok(())
-}
-
-/// Allocates 8 bytes through the guest (which grows memory) and writes a marker there.
-fn allocate_and_write(caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    let allocator = caller
-        .state()
-        .allocator
-        .ok_or_else(|| Trap::host("no allocator"))?;
-    let mut pointer = [0];
-    caller.call(allocator, &[8], &mut pointer)?;
-    let mut memory = caller.memory();
-    memory
-        .write(pointer[0], b"written!")
-        .map_err(|e| Trap::host(e.to_string()))?;
-    args[0] = pointer[0];
-    Ok(())
-}
-
-fn exit(_caller: &mut dyn Caller<State>, args: &mut [u64]) -> Result<(), Trap> {
-    Err(Trap::exit(args[0] as i32))
-}
-
-static HOST: &[HostFunction<State>] = &[
-    HostFunction {
-        module: "env",
-        name: "record",
-        signature: Signature::new(&[I32, I64], &[I32]),
-        callback: record,
-    },
-    HostFunction {
-        module: "env",
-        name: "allocate_and_write",
-        signature: Signature::new(&[], &[I32]),
-        callback: allocate_and_write,
-    },
-    HostFunction {
-        module: "env",
-        name: "exit",
-        signature: Signature::new(&[I32], &[]),
-        callback: exit,
-    },
-];
-
-const MODULE: &str = r#"
-(module
-  (import "env" "record" (func $record (param i32 i64) (result i32)))
-  (import "env" "allocate_and_write" (func $allocate_and_write (result i32)))
-  (import "env" "exit" (func $exit (param i32)))
-  (memory (export "memory") 1)
-  ;; Every allocation grows memory by a page and returns the start of the new page, so the host
-  ;; must re-read the memory after calling it.
-  (func (export "allocate") (param $size i32) (result i32)
-    (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
-  (func (export "call_record") (param $a i32) (result i32)
-    (call $record (local.get $a) (i64.const -1)))
-  (func (export "call_allocate") (result i32) (call $allocate_and_write))
-  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
-  (func (export "spin") (loop $forever (br $forever)))
-  (func (export "exit_with") (param $code i32) (call $exit (local.get $code)))
-  (func (export "trap") unreachable))
-"#;
-
-fn instance(runtime: &WasmtimeRuntime) -> Box<dyn Instance<State>> {
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
-    let mut instance = module
-        .link(HOST)
-        .unwrap()
-        .instantiate(State::default())
-        .unwrap();
-    let allocator = instance.function("allocate");
-    instance.state().allocator = allocator;
-    instance
-}
 
 fn default_runtime() -> WasmtimeRuntime {
     WasmtimeRuntime::new(RuntimeConfig::default()).unwrap()
@@ -111,7 +20,7 @@ fn calls_cross_in_slots_and_host_functions_see_grown_memory() {
 
 #[test]
 fn calls_with_the_wrong_arity_are_refused() {
-    let mut instance = instance(&default_runtime());
+    let mut instance = fixture::SHARED.instance(&default_runtime());
     let f = instance.function("call_record").unwrap();
     let error = instance.call(f, &[], &mut [0]).unwrap_err();
     assert_eq!(error.kind, TrapKind::BadCall);
@@ -146,7 +55,7 @@ fn a_call_deadline_stops_a_spinning_guest() {
         ..Default::default()
     })
     .unwrap();
-    let mut instance = instance(&runtime);
+    let mut instance = fixture::SHARED.instance(&runtime);
     let spin = instance.function("spin").unwrap();
     assert_eq!(
         instance.call(spin, &[], &mut []).unwrap_err().kind,
@@ -160,17 +69,16 @@ fn a_call_deadline_stops_a_spinning_guest() {
 #[test]
 fn precompiled_modules_round_trip() {
     let runtime = default_runtime();
-    let module: Arc<dyn CompiledModule<State>> =
-        runtime.compile(&wat::parse_str(MODULE).unwrap()).unwrap();
+    let module = fixture::SHARED.compile(&runtime);
     let artifact = module.serialize().unwrap();
     // SAFETY: the artifact was produced just above by the same engine.
-    let loaded: Arc<dyn CompiledModule<State>> =
+    let loaded: Arc<dyn CompiledModule<FixtureState>> =
         unsafe { runtime.load_precompiled(&artifact) }.unwrap();
     assert_eq!(loaded.exports().len(), module.exports().len());
     let mut instance = loaded
-        .link(HOST)
+        .link(fixture::HOST)
         .unwrap()
-        .instantiate(State::default())
+        .instantiate(FixtureState::default())
         .unwrap();
     let record = instance.function("call_record").unwrap();
     instance.call(record, &[5], &mut [0]).unwrap();
