@@ -383,6 +383,25 @@ pub(crate) fn dispatch_http_call(
     Ok(token)
 }
 
+/// The arguments `proxy_grpc_call` and `proxy_grpc_stream` begin with: upstream, service, method
+/// and the serialized initial metadata, each as address and size.
+fn grpc_target(upstream: &str, service: &str, method: &str, metadata: &[u8]) -> [u64; 8] {
+    let [upstream_data, upstream_len] = bytes(upstream.as_bytes());
+    let [service_data, service_len] = bytes(service.as_bytes());
+    let [method_data, method_len] = bytes(method.as_bytes());
+    let [metadata_data, metadata_len] = bytes(metadata);
+    [
+        upstream_data,
+        upstream_len,
+        service_data,
+        service_len,
+        method_data,
+        method_len,
+        metadata_data,
+        metadata_len,
+    ]
+}
+
 pub(crate) fn dispatch_grpc_call(
     upstream: &str,
     service: &str,
@@ -392,27 +411,11 @@ pub(crate) fn dispatch_grpc_call(
     timeout: Duration,
 ) -> Result<u32, Status> {
     let metadata = abi::wire::encode(initial_metadata.iter().map(|(n, v)| (n.as_bytes(), *v)));
-    let [upstream_data, upstream_len] = bytes(upstream.as_bytes());
-    let [service_data, service_len] = bytes(service.as_bytes());
-    let [method_data, method_len] = bytes(method.as_bytes());
-    let [metadata_data, metadata_len] = bytes(&metadata);
-    let [message_data, message_len] = bytes(message.unwrap_or_default());
-    let token = with_return_id(
-        HostImport::GrpcCall,
-        &[
-            upstream_data,
-            upstream_len,
-            service_data,
-            service_len,
-            method_data,
-            method_len,
-            metadata_data,
-            metadata_len,
-            message_data,
-            message_len,
-            timeout.as_millis().min(u128::from(u32::MAX)) as u64,
-        ],
-    )?;
+    let mut args = [0u64; 11];
+    args[..8].copy_from_slice(&grpc_target(upstream, service, method, &metadata));
+    args[8..10].copy_from_slice(&bytes(message.unwrap_or_default()));
+    args[10] = timeout.as_millis().min(u128::from(u32::MAX)) as u64;
+    let token = with_return_id(HostImport::GrpcCall, &args)?;
     super::dispatcher::register_callout(Callout::GrpcCall, token);
     Ok(token)
 }
@@ -424,23 +427,8 @@ pub(crate) fn open_grpc_stream(
     initial_metadata: &[(&str, &[u8])],
 ) -> Result<u32, Status> {
     let metadata = abi::wire::encode(initial_metadata.iter().map(|(n, v)| (n.as_bytes(), *v)));
-    let [upstream_data, upstream_len] = bytes(upstream.as_bytes());
-    let [service_data, service_len] = bytes(service.as_bytes());
-    let [method_data, method_len] = bytes(method.as_bytes());
-    let [metadata_data, metadata_len] = bytes(&metadata);
-    let token = with_return_id(
-        HostImport::GrpcStream,
-        &[
-            upstream_data,
-            upstream_len,
-            service_data,
-            service_len,
-            method_data,
-            method_len,
-            metadata_data,
-            metadata_len,
-        ],
-    )?;
+    let args = grpc_target(upstream, service, method, &metadata);
+    let token = with_return_id(HostImport::GrpcStream, &args)?;
     super::dispatcher::register_callout(Callout::GrpcStream, token);
     Ok(token)
 }
