@@ -134,7 +134,8 @@ struct Dispatcher {
     callouts: RefCell<HashMap<(Callout, u32), u32>>,
 }
 
-/// What a callout token stands for; the host numbers each kind on its own.
+/// What a callout token stands for (a host may number each kind on its own, so the kind is part
+/// of the key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Callout {
     /// `dispatch_http_call`: one `on_http_call_response`.
