@@ -25,6 +25,7 @@
 mod caller;
 mod capabilities;
 mod error;
+mod exports;
 mod host;
 mod memory;
 mod module;
@@ -33,13 +34,14 @@ mod value;
 pub use caller::Caller;
 pub use capabilities::{Capabilities, RuntimeConfig};
 pub use error::{Error, Trap, TrapKind, WasmTrapCode};
+pub use exports::ExportedFunctions;
 pub use host::{resolve_imports, HostCallback, HostFunction};
 pub use memory::{GuestMemory, MemoryAccessError};
 pub use module::{
     CompiledModule, Export, ExternKind, GuestFunction, Import, Instance, InterruptHandle,
     LinkedModule, WasmRuntime,
 };
-pub use value::{FunctionType, Signature, ValType};
+pub use value::{i64_mask, FunctionType, Signature, ValType};
 
 /// The largest number of arguments a guest function called through [`Instance::call`] or a host
 /// function may take. Proxy-Wasm needs at most 8 (`proxy_http_call` has 10 host arguments, which is

@@ -68,6 +68,29 @@ pub struct FunctionType {
     pub results: Vec<ValType>,
 }
 
+impl FunctionType {
+    /// Whether the host can call a guest function of this type through
+    /// [`crate::Instance::call`]: at most [`crate::MAX_ARGS`] parameters and one result, all
+    /// integers (what the Proxy-Wasm callbacks need).
+    pub fn is_callable(&self) -> bool {
+        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
+        self.params.len() <= crate::MAX_ARGS
+            && self.results.len() <= 1
+            && self.params.iter().chain(&self.results).all(integer)
+    }
+}
+
+/// Bit `i` set where `types[i]` is `i64`: how engines that pass values as 64-bit slots know which
+/// slots to read whole (bits for the first 32 types only, which covers [`crate::MAX_ARGS`]).
+pub fn i64_mask(types: &[ValType]) -> u32 {
+    types
+        .iter()
+        .take(32)
+        .enumerate()
+        .filter(|(_, t)| **t == ValType::I64)
+        .fold(0, |mask, (i, _)| mask | (1 << i))
+}
+
 impl fmt::Display for FunctionType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write_signature(f, &self.params, &self.results)
@@ -94,4 +117,35 @@ fn write_signature(
         write!(f, "{r}")?;
     }
     f.write_str(")")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(params: &[ValType], results: &[ValType]) -> FunctionType {
+        FunctionType {
+            params: params.to_vec(),
+            results: results.to_vec(),
+        }
+    }
+
+    #[test]
+    fn only_integer_functions_of_few_arguments_and_one_result_are_callable() {
+        use ValType::{F32, I32, I64};
+        assert!(function(&[], &[]).is_callable());
+        assert!(function(&[I32, I64], &[I64]).is_callable());
+        assert!(function(&[I32; crate::MAX_ARGS], &[I32]).is_callable());
+        assert!(!function(&[I32; crate::MAX_ARGS + 1], &[]).is_callable());
+        assert!(!function(&[], &[I32, I32]).is_callable());
+        assert!(!function(&[F32], &[]).is_callable());
+        assert!(!function(&[], &[F32]).is_callable());
+    }
+
+    #[test]
+    fn the_i64_mask_marks_the_positions_of_i64_values() {
+        use ValType::{I32, I64};
+        assert_eq!(i64_mask(&[]), 0);
+        assert_eq!(i64_mask(&[I32, I64, I32, I64]), 0b1010);
+    }
 }

@@ -282,12 +282,7 @@ impl<S: Send + 'static> Instance<S> for V8Instance<S> {
         let exported = self.shared.functions.get(name)?;
         // SAFETY: the VM is live; the name is a valid (pointer, length) pair.
         let index = unsafe {
-            ffi::pwv8_vm_export_function(
-                self.vm,
-                exported.name.as_ptr().cast(),
-                exported.name.len(),
-                exported.shape,
-            )
+            ffi::pwv8_vm_export_function(self.vm, name.as_ptr().cast(), name.len(), exported.shape)
         };
         let index = u32::try_from(index).ok()?;
         let handle = GuestFunction::new(index, &exported.ty);

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime_api::{
-    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostCallback,
-    HostFunction, Import, Instance, LinkedModule, ValType, MAX_ARGS,
+    i64_mask, resolve_imports, CompiledModule, Error, Export, ExportedFunctions, ExternKind,
+    FunctionType, HostCallback, HostFunction, Import, Instance, LinkedModule, ValType, MAX_ARGS,
 };
 
 use crate::ffi;
@@ -61,43 +61,23 @@ pub(crate) struct InstanceSettings {
 
 /// An exported function the host may call: its type, and how the shim passes its values.
 pub(crate) struct ExportedFunction {
-    pub(crate) name: String,
     pub(crate) ty: FunctionType,
     pub(crate) shape: ffi::Shape,
 }
 
-/// The callable exports of a module (integer parameters and at most one integer result), sorted
-/// by name.
-pub(crate) struct ExportedFunctions(Vec<ExportedFunction>);
-
-impl ExportedFunctions {
-    fn new(exports: &[Export]) -> Self {
-        let mut functions: Vec<ExportedFunction> = exports
-            .iter()
-            .filter_map(|export| {
-                let ExternKind::Function(ty) = &export.kind else {
-                    return None;
-                };
-                let shape = shape(&ty.params, &ty.results)?;
-                Some(ExportedFunction {
-                    name: export.name.clone(),
-                    ty: ty.clone(),
-                    shape,
-                })
-            })
-            .collect();
-        functions.sort_by(|a, b| a.name.cmp(&b.name));
-        ExportedFunctions(functions)
-    }
-
-    /// The callable export called `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<&ExportedFunction> {
-        let index = self
-            .0
-            .binary_search_by(|f| f.name.as_str().cmp(name))
-            .ok()?;
-        self.0.get(index)
-    }
+/// The exports of a module that the shim can call.
+fn exported_functions(exports: &[Export]) -> ExportedFunctions<ExportedFunction> {
+    exports
+        .iter()
+        .filter_map(|export| {
+            let ExternKind::Function(ty) = &export.kind else {
+                return None;
+            };
+            let shape = shape(&ty.params, &ty.results)?;
+            let ty = ty.clone();
+            Some((export.name.clone(), ExportedFunction { ty, shape }))
+        })
+        .collect()
 }
 
 /// How the shim passes the values of a function of this type; `None` if it cannot (more than
@@ -107,11 +87,7 @@ pub(crate) fn shape(params: &[ValType], results: &[ValType]) -> Option<ffi::Shap
     if params.len() > MAX_ARGS || results.len() > 1 || !params.iter().chain(results).all(integer) {
         return None;
     }
-    let i64_params = params
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == ValType::I64)
-        .fold(0u32, |mask, (i, _)| mask | (1 << i));
+    let i64_params = i64_mask(params);
     let result = match results.first() {
         None => -1,
         Some(ValType::I32) => 0,
@@ -127,7 +103,7 @@ pub(crate) fn shape(params: &[ValType], results: &[ValType]) -> Option<ffi::Shap
 /// What a module's instances share: the compiled code, the exports, the settings.
 pub(crate) struct ModuleShared {
     pub(crate) code: CompiledCode,
-    pub(crate) functions: ExportedFunctions,
+    pub(crate) functions: ExportedFunctions<ExportedFunction>,
     pub(crate) settings: InstanceSettings,
 }
 
@@ -145,7 +121,7 @@ impl V8Module {
         exports: Vec<Export>,
         settings: InstanceSettings,
     ) -> Self {
-        let functions = ExportedFunctions::new(&exports);
+        let functions = exported_functions(&exports);
         V8Module {
             shared: Arc::new(ModuleShared {
                 code,

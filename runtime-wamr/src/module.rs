@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use runtime_api::{
-    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostCallback,
-    HostFunction, Import, Instance, LinkedModule, ValType, MAX_ARGS,
+    i64_mask, resolve_imports, CompiledModule, Error, Export, ExportedFunctions, ExternKind,
+    FunctionType, HostCallback, HostFunction, Import, Instance, LinkedModule, ValType, MAX_ARGS,
 };
 use wamrx_sys as sys;
 
@@ -106,8 +106,6 @@ pub(crate) fn c_buffer_text(buffer: &[std::ffi::c_char]) -> String {
 
 /// An exported function the host may call, resolved once per module.
 pub(crate) struct ExportedFunction {
-    /// The name pwhost shows (the module's own).
-    pub(crate) name: String,
     /// The name in the loaded module (different for exports WAMR would run by itself).
     pub(crate) wamr_name: CString,
     pub(crate) ty: FunctionType,
@@ -116,27 +114,12 @@ pub(crate) struct ExportedFunction {
     pub(crate) i64_result: bool,
 }
 
-/// The callable exports of a module (integer types, at most [`MAX_ARGS`] parameters and one
-/// result), sorted by name.
-pub(crate) struct ExportedFunctions(Vec<ExportedFunction>);
-
-impl ExportedFunctions {
-    /// The callable export called `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<&ExportedFunction> {
-        let index = self
-            .0
-            .binary_search_by(|f| f.name.as_str().cmp(name))
-            .ok()?;
-        self.0.get(index)
-    }
-}
-
 /// A module loaded by WAMR.
 pub struct WamrModule {
     loaded: Arc<LoadedModule>,
     imports: Vec<Import>,
     exports: Vec<Export>,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     /// The export that runs the former start section, if the module had one.
     start: Option<CString>,
     settings: Arc<Settings>,
@@ -167,20 +150,16 @@ impl WamrModule {
                 .find(|(_, wamr)| *wamr == export.name)
                 .map_or_else(|| export.name.clone(), |(original, _)| original.clone());
             if let ExternKind::Function(ty) = &export.kind {
-                let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
-                let callable = ty.params.len() <= MAX_ARGS
-                    && ty.results.len() <= 1
-                    && ty.params.iter().chain(&ty.results).all(integer);
-                if callable {
-                    functions.push(ExportedFunction {
-                        name: name.clone(),
+                if ty.is_callable() {
+                    let function = ExportedFunction {
                         wamr_name: CString::new(export.name.as_str()).map_err(|_| {
                             Error::InvalidModule("export name contains a NUL byte".into())
                         })?,
                         i64_params: i64_mask(&ty.params),
                         i64_result: ty.results.first() == Some(&ValType::I64),
                         ty: ty.clone(),
-                    });
+                    };
+                    functions.push((name.clone(), function));
                 }
             }
             exports.push(Export {
@@ -188,7 +167,6 @@ impl WamrModule {
                 kind: export.kind,
             });
         }
-        functions.sort_by(|a, b| a.name.cmp(&b.name));
         let start = start_export
             .map(|name| {
                 CString::new(name)
@@ -199,20 +177,11 @@ impl WamrModule {
             loaded,
             imports,
             exports,
-            functions: Arc::new(ExportedFunctions(functions)),
+            functions: Arc::new(ExportedFunctions::new(functions)),
             start,
             settings,
         })
     }
-}
-
-/// A bit mask of the `i64` positions in `types`.
-fn i64_mask(types: &[ValType]) -> u32 {
-    types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == ValType::I64)
-        .fold(0, |mask, (i, _)| mask | (1 << i))
 }
 
 fn val_type(kind: sys::wasm_valkind_t) -> ValType {
@@ -397,7 +366,7 @@ impl<S> Copy for HostEntry<S> {}
 /// What every instance of a linked module shares.
 pub(crate) struct LinkedInner<S> {
     pub(crate) loaded: Arc<LoadedModule>,
-    pub(crate) functions: Arc<ExportedFunctions>,
+    pub(crate) functions: Arc<ExportedFunctions<ExportedFunction>>,
     /// The host functions by symbol number (see `global.rs`).
     pub(crate) host: Vec<Option<HostEntry<S>>>,
     pub(crate) start: Option<CString>,

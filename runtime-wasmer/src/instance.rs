@@ -4,14 +4,14 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, Error, GuestFunction, GuestMemory, HostFunction, Instance, InterruptHandle, Trap,
-    TrapKind, WasmTrapCode,
+    Caller, Error, ExportedFunctions, GuestFunction, GuestMemory, HostFunction, Instance,
+    InterruptHandle, Trap, TrapKind, WasmTrapCode,
 };
 use wasmer::sys::vm::{LinearMemory, VMExtern, VMMemoryDefinition};
 use wasmer::{AsStoreMut, Extern, FunctionEnv, FunctionEnvMut, Store};
 
 use crate::call::{convert_error, host_function, GuestCall};
-use crate::module::ExportedFunctions;
+use crate::module::ExportedFunction;
 use crate::stop::{self, FlagPtr, StopSlot, Ticker, WasmerInterruptHandle};
 
 /// The address of an instance's memory definition (base pointer and current length), which
@@ -113,7 +113,7 @@ unsafe impl Send for SendStore {}
 pub struct WasmerInstance<S: 'static> {
     store: SendStore,
     env: FunctionEnv<Env<S>>,
-    exports: Arc<ExportedFunctions>,
+    exports: Arc<ExportedFunctions<ExportedFunction>>,
     instance: wasmer::Instance,
     stop: Option<Arc<StopSlot>>,
     ticker: Option<Arc<Ticker>>,
@@ -125,7 +125,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
         engine: &wasmer::Engine,
         module: &wasmer::Module,
         host: &[HostFunction<S>],
-        exports: Arc<ExportedFunctions>,
+        exports: Arc<ExportedFunctions<ExportedFunction>>,
         stop: &StopConfig,
         state: S,
     ) -> Result<Self, Error> {

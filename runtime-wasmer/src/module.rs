@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use runtime_api::{
-    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostFunction, Import,
-    Instance, LinkedModule, ValType, MAX_ARGS,
+    resolve_imports, CompiledModule, Error, Export, ExportedFunctions, ExternKind, FunctionType,
+    HostFunction, Import, Instance, LinkedModule, ValType, MAX_ARGS,
 };
 
 use crate::instance::{StopConfig, WasmerInstance};
@@ -18,7 +18,7 @@ pub struct WasmerModule {
     header: ArtifactHeader,
     imports: Vec<Import>,
     exports: Vec<Export>,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     stop: StopConfig,
     /// Why every instantiation fails, if the module's memory cannot fit the memory cap.
     refusal: Option<String>,
@@ -26,52 +26,25 @@ pub struct WasmerModule {
 
 /// An exported function the host may call, with its type in both vocabularies.
 pub(crate) struct ExportedFunction {
-    pub(crate) name: String,
     pub(crate) ty: FunctionType,
     pub(crate) wasmer_ty: wasmer::FunctionType,
 }
 
-/// The callable exports of a module (integer types, at most [`MAX_ARGS`] parameters and one
-/// result), sorted by name, resolved once per module.
-pub(crate) struct ExportedFunctions(Vec<ExportedFunction>);
-
-impl ExportedFunctions {
-    fn new(module: &wasmer::Module) -> Self {
-        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
-        let mut functions: Vec<ExportedFunction> = module
-            .exports()
-            .filter_map(|e| {
-                let wasmer::ExternType::Function(wasmer_ty) = e.ty() else {
-                    return None;
-                };
-                let ty = function_type(wasmer_ty);
-                let callable = ty.params.len() <= MAX_ARGS
-                    && ty.results.len() <= 1
-                    && ty.params.iter().chain(&ty.results).all(integer);
-                callable.then(|| ExportedFunction {
-                    name: e.name().to_string(),
-                    ty,
-                    wasmer_ty: wasmer_ty.clone(),
-                })
+/// The callable exports of `module`, resolved once per module.
+fn exported_functions(module: &wasmer::Module) -> ExportedFunctions<ExportedFunction> {
+    module
+        .exports()
+        .filter_map(|e| {
+            let wasmer::ExternType::Function(wasmer_ty) = e.ty() else {
+                return None;
+            };
+            let ty = function_type(wasmer_ty);
+            ty.is_callable().then(|| {
+                let wasmer_ty = wasmer_ty.clone();
+                (e.name().to_string(), ExportedFunction { ty, wasmer_ty })
             })
-            .collect();
-        functions.sort_by(|a, b| a.name.cmp(&b.name));
-        ExportedFunctions(functions)
-    }
-
-    /// The callable export called `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<&ExportedFunction> {
-        let index = self
-            .0
-            .binary_search_by(|f| f.name.as_str().cmp(name))
-            .ok()?;
-        self.0.get(index)
-    }
-
-    /// How many there are.
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
+        })
+        .collect()
 }
 
 impl WasmerModule {
@@ -98,7 +71,7 @@ impl WasmerModule {
                 kind: extern_kind(e.ty()),
             })
             .collect();
-        let functions = Arc::new(ExportedFunctions::new(&module));
+        let functions = Arc::new(exported_functions(&module));
         let refusal = memory_over_cap(&module, max_memory_bytes);
         WasmerModule {
             engine,
@@ -245,7 +218,7 @@ pub struct WasmerLinkedModule<S: 'static> {
     engine: wasmer::Engine,
     module: wasmer::Module,
     host: Vec<HostFunction<S>>,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     stop: StopConfig,
     /// Why every instantiation fails (see [`WasmerModule`]).
     refusal: Option<String>,

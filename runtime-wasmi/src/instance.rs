@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, RuntimeConfig, Trap,
-    TrapKind, WasmTrapCode,
+    Caller, Error, ExportedFunctions, GuestFunction, GuestMemory, Instance, InterruptHandle,
+    RuntimeConfig, Trap, TrapKind, WasmTrapCode,
 };
 use wasmi::{AsContextMut, Memory, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::call::{convert_error, GuestCall};
 use crate::fuel::{FuelPolicy, FuelSlices, BOUNDED_NATIVE_STACK, BOUNDED_START_STACK_BYTES};
-use crate::module::ExportedFunctions;
+use crate::module::ExportedFunction;
 
 /// How deeply host functions may call back into the guest. wasmi gives every nested call a stack
 /// of its own, so its recursion limit does not see a guest that recurses through a host function
@@ -48,7 +48,7 @@ pub(crate) struct StoreData<S> {
 pub struct WasmiInstance<S: 'static> {
     store: Store<StoreData<S>>,
     instance: wasmi::Instance,
-    exports: Arc<ExportedFunctions>,
+    exports: Arc<ExportedFunctions<ExportedFunction>>,
     interrupt: Option<Arc<dyn InterruptHandle>>,
 }
 
@@ -56,7 +56,7 @@ impl<S: Send + 'static> WasmiInstance<S> {
     pub(crate) fn new(
         linker: &wasmi::Linker<StoreData<S>>,
         module: &wasmi::Module,
-        exports: Arc<ExportedFunctions>,
+        exports: Arc<ExportedFunctions<ExportedFunction>>,
         config: &RuntimeConfig,
         has_start: bool,
         fuel: Option<FuelPolicy>,

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use runtime_api::{
-    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostFunction, Import,
-    Instance, LinkedModule, RuntimeConfig, ValType, MAX_ARGS,
+    resolve_imports, CompiledModule, Error, Export, ExportedFunctions, ExternKind, FunctionType,
+    HostFunction, Import, Instance, LinkedModule, RuntimeConfig, ValType,
 };
 
 use crate::fuel::FuelPolicy;
@@ -21,7 +21,7 @@ pub struct WasmiModule {
     min_memory_pages: u64,
     imports: Vec<Import>,
     exports: Vec<Export>,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     config: RuntimeConfig,
     fuel: Option<FuelPolicy>,
 }
@@ -29,47 +29,19 @@ pub struct WasmiModule {
 /// An exported function the host may call, described once per module so that each instance
 /// resolves its exports without type queries.
 pub(crate) struct ExportedFunction {
-    pub(crate) name: String,
     pub(crate) ty: FunctionType,
 }
 
-/// The callable exports of a module (integer parameters, at most one integer result), sorted by
-/// name.
-pub(crate) struct ExportedFunctions(Vec<ExportedFunction>);
-
-impl ExportedFunctions {
-    fn new(module: &wasmi::Module) -> Self {
-        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
-        let mut functions: Vec<ExportedFunction> = module
-            .exports()
-            .filter_map(|e| {
-                let ty = function_type(e.ty().func()?);
-                let callable = ty.params.len() <= MAX_ARGS
-                    && ty.results.len() <= 1
-                    && ty.params.iter().chain(&ty.results).all(integer);
-                callable.then(|| ExportedFunction {
-                    name: e.name().to_string(),
-                    ty,
-                })
-            })
-            .collect();
-        functions.sort_by(|a, b| a.name.cmp(&b.name));
-        ExportedFunctions(functions)
-    }
-
-    /// The callable export called `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<&ExportedFunction> {
-        let index = self
-            .0
-            .binary_search_by(|f| f.name.as_str().cmp(name))
-            .ok()?;
-        self.0.get(index)
-    }
-
-    /// How many there are.
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
+/// The callable exports of `module`.
+fn exported_functions(module: &wasmi::Module) -> ExportedFunctions<ExportedFunction> {
+    module
+        .exports()
+        .filter_map(|e| {
+            let ty = function_type(e.ty().func()?);
+            ty.is_callable()
+                .then(|| (e.name().to_string(), ExportedFunction { ty }))
+        })
+        .collect()
 }
 
 impl WasmiModule {
@@ -94,7 +66,7 @@ impl WasmiModule {
                 kind: extern_kind(e.ty()),
             })
             .collect();
-        let functions = Arc::new(ExportedFunctions::new(&module));
+        let functions = Arc::new(exported_functions(&module));
         let min_memory_pages = module
             .exports()
             .filter_map(|e| e.ty().memory().map(|m| m.minimum()))
@@ -204,7 +176,7 @@ pub struct WasmiLinkedModule<S: 'static> {
     has_start: bool,
     /// The largest initial size of the module's exported memories.
     min_memory_pages: u64,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     config: RuntimeConfig,
     fuel: Option<FuelPolicy>,
 }

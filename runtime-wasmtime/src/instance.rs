@@ -4,15 +4,15 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, RuntimeConfig, Trap,
-    MAX_ARGS,
+    Caller, Error, ExportedFunctions, GuestFunction, GuestMemory, Instance, InterruptHandle,
+    RuntimeConfig, Trap, MAX_ARGS,
 };
 use wasmtime::{
     AsContextMut, Func, Memory, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline, ValRaw,
 };
 
 use crate::epoch::{EpochState, EpochTicker, WasmtimeInterruptHandle};
-use crate::module::{convert_error, ExportedFunctions};
+use crate::module::{convert_error, ExportedFunction};
 
 /// The most elements one table may grow to: a guest's `table.grow` by billions of elements
 /// would otherwise take that much host memory. The Proxy-Wasm SDKs' tables hold a few hundred
@@ -43,14 +43,14 @@ pub(crate) struct StoreData<S> {
 pub struct WasmtimeInstance<S: 'static> {
     store: Store<StoreData<S>>,
     instance: wasmtime::Instance,
-    exports: Arc<ExportedFunctions>,
+    exports: Arc<ExportedFunctions<ExportedFunction>>,
     interrupt: Option<Arc<dyn InterruptHandle>>,
 }
 
 impl<S: Send + 'static> WasmtimeInstance<S> {
     pub(crate) fn new(
         pre: &wasmtime::InstancePre<StoreData<S>>,
-        exports: Arc<ExportedFunctions>,
+        exports: Arc<ExportedFunctions<ExportedFunction>>,
         config: &RuntimeConfig,
         epoch: Option<&EpochTicker>,
         state: S,

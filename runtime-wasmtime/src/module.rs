@@ -4,9 +4,9 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use runtime_api::{
-    resolve_imports, CompiledModule, Error, Export, ExternKind, FunctionType, HostCallback,
-    HostFunction, Import, Instance, LinkedModule, RuntimeConfig, Trap, ValType, WasmTrapCode,
-    MAX_ARGS,
+    i64_mask, resolve_imports, CompiledModule, Error, Export, ExportedFunctions, ExternKind,
+    FunctionType, HostCallback, HostFunction, Import, Instance, LinkedModule, RuntimeConfig, Trap,
+    ValType, WasmTrapCode, MAX_ARGS,
 };
 use wasmtime::{Caller, ValRaw};
 
@@ -18,7 +18,7 @@ pub struct WasmtimeModule {
     module: wasmtime::Module,
     imports: Vec<Import>,
     exports: Vec<Export>,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     config: RuntimeConfig,
     epoch: Option<Arc<EpochTicker>>,
 }
@@ -26,55 +26,30 @@ pub struct WasmtimeModule {
 /// An exported function the host may call, resolved once per module so that each new instance
 /// finds its exports without name hashing, type queries or allocation.
 pub(crate) struct ExportedFunction {
-    pub(crate) name: String,
     pub(crate) export: wasmtime::ModuleExport,
     pub(crate) ty: FunctionType,
     pub(crate) i64_params: u32,
     pub(crate) i64_result: bool,
 }
 
-/// The callable exports of a module, sorted by name.
-pub(crate) struct ExportedFunctions(Vec<ExportedFunction>);
-
-impl ExportedFunctions {
-    fn new(module: &wasmtime::Module) -> Self {
-        let integer = |t: &ValType| matches!(t, ValType::I32 | ValType::I64);
-        let mut functions: Vec<ExportedFunction> = module
-            .exports()
-            .filter_map(|e| {
-                let ty = function_type(e.ty().func()?);
-                let callable = ty.params.len() <= MAX_ARGS
-                    && ty.results.len() <= 1
-                    && ty.params.iter().chain(&ty.results).all(integer);
-                if !callable {
-                    return None;
-                }
-                Some(ExportedFunction {
-                    name: e.name().to_string(),
-                    export: module.get_export_index(e.name())?,
-                    i64_params: i64_mask(&ty.params),
-                    i64_result: ty.results.first() == Some(&ValType::I64),
-                    ty,
-                })
-            })
-            .collect();
-        functions.sort_by(|a, b| a.name.cmp(&b.name));
-        ExportedFunctions(functions)
-    }
-
-    /// The callable export called `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<&ExportedFunction> {
-        let index = self
-            .0
-            .binary_search_by(|f| f.name.as_str().cmp(name))
-            .ok()?;
-        self.0.get(index)
-    }
-
-    /// How many there are.
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
+/// The callable exports of `module`.
+fn exported_functions(module: &wasmtime::Module) -> ExportedFunctions<ExportedFunction> {
+    module
+        .exports()
+        .filter_map(|e| {
+            let ty = function_type(e.ty().func()?);
+            if !ty.is_callable() {
+                return None;
+            }
+            let function = ExportedFunction {
+                export: module.get_export_index(e.name())?,
+                i64_params: i64_mask(&ty.params),
+                i64_result: ty.results.first() == Some(&ValType::I64),
+                ty,
+            };
+            Some((e.name().to_string(), function))
+        })
+        .collect()
 }
 
 impl WasmtimeModule {
@@ -98,7 +73,7 @@ impl WasmtimeModule {
                 kind: extern_kind(&e.ty()),
             })
             .collect();
-        let functions = Arc::new(ExportedFunctions::new(&module));
+        let functions = Arc::new(exported_functions(&module));
         WasmtimeModule {
             module,
             imports,
@@ -285,15 +260,6 @@ impl HostShape {
     }
 }
 
-/// A bit mask of the `i64` positions in `types`.
-pub(crate) fn i64_mask(types: &[ValType]) -> u32 {
-    types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == ValType::I64)
-        .fold(0, |mask, (i, _)| mask | (1 << i))
-}
-
 /// The body of every host function: slots in, callback, slot 0 out.
 fn call_host<S: 'static>(
     callback: HostCallback<S>,
@@ -324,7 +290,7 @@ fn call_host<S: 'static>(
 /// A module linked against a host function table, instantiated once per VM copy.
 pub struct WasmtimeLinkedModule<S: 'static> {
     pre: wasmtime::InstancePre<StoreData<S>>,
-    functions: Arc<ExportedFunctions>,
+    functions: Arc<ExportedFunctions<ExportedFunction>>,
     config: RuntimeConfig,
     epoch: Option<Arc<EpochTicker>>,
 }
