@@ -114,6 +114,26 @@ impl WasmTrapCode {
     }
 }
 
+/// Why a running call was stopped from outside the guest (engines that stop calls from a watchdog
+/// or another thread record it, then report [`StopReason::trap`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The call ran past [`crate::RuntimeConfig::call_deadline`].
+    Deadline,
+    /// An [`crate::InterruptHandle`] stopped it.
+    Interrupted,
+}
+
+impl StopReason {
+    /// The trap the stopped call returns.
+    pub fn trap(self) -> Trap {
+        match self {
+            StopReason::Deadline => Trap::deadline_exceeded(),
+            StopReason::Interrupted => Trap::interrupted(),
+        }
+    }
+}
+
 /// A guest call that did not complete normally.
 ///
 /// Built only on the failure path, so it may carry an owned message.
@@ -178,3 +198,18 @@ impl fmt::Display for Trap {
 }
 
 impl std::error::Error for Trap {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_call_reports_why_it_was_stopped() {
+        let deadline = StopReason::Deadline.trap();
+        assert_eq!(deadline.kind, TrapKind::DeadlineExceeded);
+        assert_eq!(deadline.to_string(), "call exceeded its deadline");
+        let interrupted = StopReason::Interrupted.trap();
+        assert_eq!(interrupted.kind, TrapKind::Interrupted);
+        assert_eq!(interrupted.to_string(), "call interrupted");
+    }
+}

@@ -12,13 +12,13 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, Error, GuestFunction, GuestMemory, HostCallback, Instance, InterruptHandle, Trap,
-    TrapKind,
+    Caller, Error, GuestFunction, GuestMemory, HostCallback, Instance, InterruptHandle, StopReason,
+    Trap, TrapKind,
 };
 
 use crate::ffi;
 use crate::module::{ModuleShared, V8LinkedModule};
-use crate::trap::{self, StopReason};
+use crate::trap;
 use crate::watchdog::{self, CallWatch, Registration, V8InterruptHandle};
 
 /// What host functions reach: the state, the pending trap, the VM.

@@ -8,25 +8,6 @@
 
 use runtime_api::{Trap, TrapKind, WasmTrapCode};
 
-/// Why a call was stopped from outside.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StopReason {
-    /// The call ran past its deadline.
-    Deadline,
-    /// An interrupt handle stopped it.
-    Interrupted,
-}
-
-impl StopReason {
-    /// The trap a stopped call reports (wasmtime's wording).
-    pub(crate) fn trap(self) -> Trap {
-        match self {
-            StopReason::Deadline => Trap::deadline_exceeded(),
-            StopReason::Interrupted => Trap::interrupted(),
-        }
-    }
-}
-
 /// The trap for a call V8 terminated without a stop reason: the instance's JS heap ran out.
 pub(crate) fn heap_exhausted() -> Trap {
     Trap::host("the guest exhausted the JS heap of its V8 isolate")

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use runtime_api::{Error, InterruptHandle};
 
 use crate::ffi;
-use crate::trap::StopReason;
+use runtime_api::StopReason;
 
 thread_local! {
     /// The calling thread's CPU clock (-1 if it has none), looked up once per thread.

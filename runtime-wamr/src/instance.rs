@@ -11,14 +11,14 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use runtime_api::{
-    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, Trap, TrapKind,
-    WasmTrapCode, MAX_ARGS,
+    Caller, Error, GuestFunction, GuestMemory, Instance, InterruptHandle, StopReason, Trap,
+    TrapKind, WasmTrapCode, MAX_ARGS,
 };
 use wamrx_sys as sys;
 
 use crate::global::{ensure_thread_env, thread_env_error, ContextHeader};
 use crate::module::{c_buffer_text, LinkedInner};
-use crate::trap::{current_exception, StopReason, HOST_TRAP};
+use crate::trap::{current_exception, HOST_TRAP};
 use crate::watchdog::{watchdog, CallWatch, Paused, WamrInterruptHandle};
 
 /// How deeply host functions may call back into the guest. WAMR checks the native stack only

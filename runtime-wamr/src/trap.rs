@@ -9,25 +9,6 @@ use wamrx_sys as sys;
 /// [`Trap`] is kept beside it and returned instead.
 pub(crate) const HOST_TRAP: &CStr = c"host function trapped";
 
-/// Why a running call was stopped from outside the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StopReason {
-    /// Its call deadline passed.
-    Deadline,
-    /// An interrupt handle stopped it.
-    Interrupted,
-}
-
-impl StopReason {
-    /// The trap the stopped call returns.
-    pub(crate) fn trap(self) -> Trap {
-        match self {
-            StopReason::Deadline => Trap::deadline_exceeded(),
-            StopReason::Interrupted => Trap::interrupted(),
-        }
-    }
-}
-
 /// The instance's current exception as a trap.
 ///
 /// # Safety

@@ -31,7 +31,7 @@ use runtime_api::{Error, InterruptHandle};
 use wamrx_sys as sys;
 
 use crate::global::ensure_thread_env;
-use crate::trap::StopReason;
+use runtime_api::StopReason;
 
 const IDLE: u64 = u64::MAX;
 const DEAD: u64 = u64::MAX - 1;

@@ -5,7 +5,7 @@
 //! (where wasmtime checks its epoch): `global.get $stop; if; unreachable; end`. The guest only ever
 //! reads the flag, so the host can raise it from any thread by storing 1 into the global's slot in
 //! the instance's `VMContext`; the guest then traps at its next check, and the host turns that trap
-//! into [`TrapKind::DeadlineExceeded`] or [`TrapKind::Interrupted`] according to who raised it.
+//! into the trap of its [`StopReason`] according to who raised it.
 //!
 //! A plain `global.get` is not enough for the optimising compilers, which may read the flag once
 //! and keep it in a register (measured: a spinning loop was never stopped):
@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use runtime_api::{InterruptHandle, Trap, TrapKind, WasmTrapCode};
+use runtime_api::{InterruptHandle, StopReason, Trap, TrapKind, WasmTrapCode};
 use wasmer::sys::{FunctionMiddleware, MiddlewareError, MiddlewareReaderState, ModuleMiddleware};
 use wasmer::wasmparser::{BlockType, MemArg, Operator};
 use wasmer::{
@@ -323,7 +323,7 @@ impl StopSlot {
     /// the call ended with the check's trap (`trapped`), and lowers the flag again (a pending interrupt stays raised for the next call
     /// when this one finished before noticing it).
     #[inline]
-    pub(crate) fn end(&self, trapped: bool) -> Option<TrapKind> {
+    pub(crate) fn end(&self, trapped: bool) -> Option<StopReason> {
         let fired = self.deadline.swap(IDLE, Ordering::AcqRel) == FIRED;
         if !(fired || trapped && self.interrupt.load(Ordering::Acquire)) {
             return None;
@@ -332,7 +332,7 @@ impl StopSlot {
     }
 
     #[cold]
-    fn end_slow(&self, fired: bool, trapped: bool) -> Option<TrapKind> {
+    fn end_slow(&self, fired: bool, trapped: bool) -> Option<StopReason> {
         // The raiser stores the flag under the lock: taking it waits for a store in flight.
         let slot = self.lock();
         let interrupted = trapped && self.interrupt.swap(false, Ordering::AcqRel);
@@ -342,8 +342,8 @@ impl StopSlot {
         }
         match (trapped, fired, interrupted) {
             (false, _, _) => None,
-            (true, true, _) => Some(TrapKind::DeadlineExceeded),
-            (true, false, true) => Some(TrapKind::Interrupted),
+            (true, true, _) => Some(StopReason::Deadline),
+            (true, false, true) => Some(StopReason::Interrupted),
             (true, false, false) => None,
         }
     }
@@ -387,13 +387,9 @@ pub(crate) fn is_check_trap(trap: &Trap) -> bool {
 /// Only the trap the check raises (`unreachable`) is reinterpreted, also when it comes back
 /// through a host function that called into the guest; any other trap, a host error or an exit
 /// stays what it is.
-pub(crate) fn reclassify(trap: Trap, stop: Option<TrapKind>) -> Trap {
-    if !is_check_trap(&trap) {
-        return trap;
-    }
+pub(crate) fn reclassify(trap: Trap, stop: Option<StopReason>) -> Trap {
     match stop {
-        Some(TrapKind::DeadlineExceeded) => Trap::deadline_exceeded(),
-        Some(TrapKind::Interrupted) => Trap::interrupted(),
+        Some(reason) if is_check_trap(&trap) => reason.trap(),
         _ => trap,
     }
 }
