@@ -3,20 +3,21 @@
 //! set per instance, written into the module before it is compiled: the memory cap, and a bound
 //! on its tables.
 //!
-//! Only the sections involved are decoded (types, imports, functions, tables, memories,
-//! exports); every other section is skipped by its size. Every read is bounds-checked and a
-//! malformed module is an error, never a panic: these bytes come from plugin authors.
+//! These bytes come from plugin authors, so a malformed module must be an error, never a panic.
+//! `wasmparser` reads them: it splits the sections (skipping function bodies by their size) and
+//! decodes the ones involved (types, imports, functions, tables, memories, exports). A rewritten
+//! section is encoded by `wasm-encoder` and spliced in where the old one was; every other section
+//! stays byte-identical.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use runtime_api::{Export, ExternKind, FunctionType, Import, ValType};
-
-const TYPE_SECTION: u8 = 1;
-const IMPORT_SECTION: u8 = 2;
-const FUNCTION_SECTION: u8 = 3;
-const TABLE_SECTION: u8 = 4;
-const MEMORY_SECTION: u8 = 5;
-const EXPORT_SECTION: u8 = 7;
+use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
+use wasmparser::{
+    Chunk, CompositeInnerType, Encoding, ExternalKind, Parser, Payload, SubType, TypeRef,
+    WasmFeatures,
+};
 
 /// The most pages a 32-bit memory can have in V8 10.2 (4 GiB); a larger maximum is invalid.
 const V8_MAX_MEMORY_PAGES: u64 = 65536;
@@ -75,11 +76,10 @@ pub(crate) fn prepare(wasm: &[u8], max_memory_bytes: Option<u64>) -> Result<Prep
 }
 
 /// Refuses bytes that do not even start like a module, in the words other engines use (V8's
-/// would be "expected magic word 00 61 73 6d, found …").
+/// would be "expected magic word 00 61 73 6d, found …"). A prefix of the magic word passes: V8
+/// says better that the module is truncated.
 pub(crate) fn check_magic(wasm: &[u8]) -> Result<(), String> {
-    let magic = b"\0asm";
-    let prefix = &wasm[..wasm.len().min(magic.len())];
-    if prefix.is_empty() || prefix != &magic[..prefix.len()] {
+    if wasm.is_empty() || wasm.iter().zip(b"\0asm").any(|(byte, magic)| byte != magic) {
         return Err("magic header not detected".into());
     }
     Ok(())
@@ -94,76 +94,65 @@ pub(crate) struct Interface {
 
 /// Reads the imports and exports of a module V8 has already validated.
 pub(crate) fn interface(wasm: &[u8]) -> Result<Interface, String> {
-    let mut types: Vec<Option<FunctionType>> = Vec::new();
+    let mut types: Vec<FunctionType> = Vec::new();
     // The type index of every function, imported ones first.
     let mut functions: Vec<u32> = Vec::new();
     let mut interface = Interface::default();
     for section in sections(wasm)? {
-        let mut reader = Reader::new(section.content);
-        match section.id {
-            TYPE_SECTION => {
-                for _ in 0..reader.count()? {
-                    types.push(Some(function_type(&mut reader)?));
+        match section.payload {
+            Payload::TypeSection(reader) => {
+                for group in reader {
+                    for ty in group.map_err(malformed)?.into_types() {
+                        types.push(function_type(ty)?);
+                    }
                 }
             }
-            IMPORT_SECTION => {
-                for _ in 0..reader.count()? {
-                    let module = reader.name()?;
-                    let name = reader.name()?;
-                    let kind = match reader.byte()? {
-                        0x00 => {
-                            let index = reader.u32()?;
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    let import = import.map_err(malformed)?;
+                    let kind = match import.ty {
+                        TypeRef::Func(index) | TypeRef::FuncExact(index) => {
                             functions.push(index);
                             ExternKind::Function(type_at(&types, index)?)
                         }
-                        0x01 => {
-                            reader.val_type()?;
-                            reader.limits()?;
-                            ExternKind::Table
-                        }
-                        0x02 => {
-                            reader.limits()?;
-                            ExternKind::Memory
-                        }
-                        0x03 => {
-                            reader.val_type()?;
-                            reader.byte()?;
-                            ExternKind::Global
-                        }
-                        0x04 => {
-                            reader.byte()?;
-                            reader.u32()?;
-                            ExternKind::Other
-                        }
-                        other => return Err(format!("unknown import kind {other:#x}")),
+                        TypeRef::Table(_) => ExternKind::Table,
+                        TypeRef::Memory(_) => ExternKind::Memory,
+                        TypeRef::Global(_) => ExternKind::Global,
+                        TypeRef::Tag(_) => ExternKind::Other,
                     };
-                    interface.imports.push(Import { module, name, kind });
+                    interface.imports.push(Import {
+                        module: import.module.into(),
+                        name: import.name.into(),
+                        kind,
+                    });
                 }
             }
-            FUNCTION_SECTION => {
-                for _ in 0..reader.count()? {
-                    functions.push(reader.u32()?);
+            Payload::FunctionSection(reader) => {
+                for type_index in reader {
+                    functions.push(type_index.map_err(malformed)?);
                 }
             }
-            EXPORT_SECTION => {
-                for _ in 0..reader.count()? {
-                    let name = reader.name()?;
-                    let kind = reader.byte()?;
-                    let index = reader.u32()?;
-                    let kind = match kind {
-                        0x00 => {
+            Payload::ExportSection(reader) => {
+                for export in reader {
+                    let export = export.map_err(malformed)?;
+                    let kind = match export.kind {
+                        ExternalKind::Func | ExternalKind::FuncExact => {
+                            let index = export.index;
                             let type_index = functions
                                 .get(index as usize)
                                 .copied()
                                 .ok_or_else(|| format!("export of unknown function {index}"))?;
                             ExternKind::Function(type_at(&types, type_index)?)
                         }
-                        0x01 => ExternKind::Table,
-                        0x02 => ExternKind::Memory,
-                        0x03 => ExternKind::Global,
-                        _ => ExternKind::Other,
+                        ExternalKind::Table => ExternKind::Table,
+                        ExternalKind::Memory => ExternKind::Memory,
+                        ExternalKind::Global => ExternKind::Global,
+                        ExternalKind::Tag => ExternKind::Other,
                     };
-                    interface.exports.push(Export { name, kind });
+                    interface.exports.push(Export {
+                        name: export.name.into(),
+                        kind,
+                    });
                 }
             }
             _ => {}
@@ -172,51 +161,30 @@ pub(crate) fn interface(wasm: &[u8]) -> Result<Interface, String> {
     Ok(interface)
 }
 
-/// Refuses a module that defines or imports a shared memory (limits flag bit 1). Only WebAssembly
-/// threads use one, and V8 runs them with its threads feature off (see `platform.rs`); the check
-/// here says why in words, where V8 would only report invalid limits flags.
+/// Refuses a module that defines or imports a shared memory. Only WebAssembly threads use one,
+/// and V8 runs them with its threads feature off (see `platform.rs`); the check here says why in
+/// words, where V8 would only report invalid limits flags.
 fn refuse_shared_memories(wasm: &[u8]) -> Result<(), Refused> {
-    const SHARED: u8 = 0x02;
     // Memories are numbered imports first, as the sections come.
     let mut index = 0u32;
     for section in sections(wasm)? {
-        let mut reader = Reader::new(section.content);
-        let mut memories = Vec::new();
-        match section.id {
-            IMPORT_SECTION => {
-                for _ in 0..reader.count()? {
-                    reader.name()?;
-                    reader.name()?;
-                    match reader.byte()? {
-                        0x00 => {
-                            reader.u32()?;
-                        }
-                        0x01 => {
-                            reader.val_type()?;
-                            reader.limits()?;
-                        }
-                        0x02 => memories.push(reader.limits()?),
-                        0x03 => {
-                            reader.val_type()?;
-                            reader.byte()?;
-                        }
-                        0x04 => {
-                            reader.byte()?;
-                            reader.u32()?;
-                        }
-                        other => return Err(format!("unknown import kind {other:#x}").into()),
-                    }
-                }
-            }
-            MEMORY_SECTION => {
-                for _ in 0..reader.count()? {
-                    memories.push(reader.limits()?);
-                }
-            }
+        let memories = match section.payload {
+            Payload::ImportSection(reader) => reader
+                .into_imports()
+                .filter_map(|import| match import {
+                    Ok(import) => match import.ty {
+                        TypeRef::Memory(memory) => Some(Ok(memory)),
+                        _ => None,
+                    },
+                    Err(error) => Some(Err(error)),
+                })
+                .collect::<Result<Vec<_>, _>>(),
+            Payload::MemorySection(reader) => reader.into_iter().collect(),
             _ => continue,
         }
+        .map_err(malformed)?;
         for memory in memories {
-            if memory.flags & SHARED != 0 {
+            if memory.shared {
                 return Err(Refused::Unsupported(format!(
                     "memory {index} is shared, and the V8 engine does not run WebAssembly \
                      threads: a guest waiting on a shared memory uses no CPU time, so no call \
@@ -248,41 +216,34 @@ pub(crate) enum Capped {
 /// no Proxy-Wasm host provides one, so linking rejects them anyway.
 pub(crate) fn cap_memories(wasm: &[u8], max_bytes: u64) -> Result<Capped, String> {
     let cap = (max_bytes / PAGE_SIZE).min(V8_MAX_MEMORY_PAGES);
-    let all = sections(wasm)?;
-    let mut memory_sections = all.iter().filter(|s| s.id == MEMORY_SECTION);
-    let Some(section) = memory_sections.next() else {
+    let Some((range, reader)) = only_section(wasm, "memory", |payload| match payload {
+        Payload::MemorySection(reader) => Some(reader),
+        _ => None,
+    })?
+    else {
         return Ok(Capped::Unchanged);
     };
-    if memory_sections.next().is_some() {
-        return Err("more than one memory section".into());
-    }
-    let mut reader = Reader::new(section.content);
-    let count = reader.count()?;
-    let mut memories = Vec::with_capacity(count.min(16) as usize);
-    for _ in 0..count {
-        memories.push(reader.limits()?);
-    }
-    if !reader.is_empty() {
-        return Err("trailing bytes in the memory section".into());
-    }
-    if let Some(too_large) = memories.iter().find(|m| m.min > cap) {
+    let memories = collect_section(reader)?;
+    if let Some(too_large) = memories.iter().find(|memory| memory.initial > cap) {
         return Ok(Capped::MinimumTooLarge {
-            pages: too_large.min,
+            pages: too_large.initial,
         });
     }
-    if memories.iter().all(|m| m.max.is_some_and(|max| max <= cap)) {
+    if memories
+        .iter()
+        .all(|memory| memory.maximum.is_some_and(|max| max <= cap))
+    {
         return Ok(Capped::Unchanged);
     }
-    let mut content = Vec::with_capacity(section.content.len() + 8 * memories.len());
-    write_leb(&mut content, u64::from(count));
-    for memory in &memories {
-        write_limits(
-            &mut content,
-            memory,
-            memory.max.map_or(cap, |max| max.min(cap)),
-        );
+    let mut section = wasm_encoder::MemorySection::new();
+    for memory in memories {
+        let maximum = memory.maximum.map_or(cap, |max| max.min(cap));
+        // Everything else about the memory (flags, page size) is kept as it was.
+        let mut memory = RoundtripReencoder.memory_type(memory).map_err(reencoding)?;
+        memory.maximum = Some(maximum);
+        section.memory(memory);
     }
-    Ok(Capped::Rewritten(replace_section(wasm, section, &content)))
+    splice(wasm, range, &section).map(Capped::Rewritten)
 }
 
 /// Keeps the tables of one instance within [`TABLE_ENTRY_BUDGET`] entries: refuses a module whose
@@ -290,29 +251,17 @@ pub(crate) fn cap_memories(wasm: &[u8], max_bytes: u64) -> Result<Capped, String
 /// size plus an equal share of the rest of the budget. One table needs nothing: V8's own limit
 /// for a table is the budget. Returns the rewritten module, or `None` if nothing changed.
 fn bound_tables(wasm: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let all = sections(wasm)?;
-    let mut table_sections = all.iter().filter(|s| s.id == TABLE_SECTION);
-    let Some(section) = table_sections.next() else {
+    let Some((range, reader)) = only_section(wasm, "table", |payload| match payload {
+        Payload::TableSection(reader) => Some(reader),
+        _ => None,
+    })?
+    else {
         return Ok(None);
     };
-    if table_sections.next().is_some() {
-        return Err("more than one table section".into());
-    }
-    let mut reader = Reader::new(section.content);
-    let count = reader.count()?;
-    let mut tables = Vec::with_capacity(count.min(16) as usize);
-    for _ in 0..count {
-        let start = reader.position;
-        reader.val_type()?;
-        let element_type = &section.content[start..reader.position];
-        tables.push((element_type, reader.limits()?));
-    }
-    if !reader.is_empty() {
-        return Err("trailing bytes in the table section".into());
-    }
+    let tables = collect_section(reader)?;
     let initial = tables
         .iter()
-        .fold(0u64, |sum, (_, limits)| sum.saturating_add(limits.min));
+        .fold(0u64, |sum, table| sum.saturating_add(table.ty.initial));
     if initial > TABLE_ENTRY_BUDGET {
         return Err(format!(
             "the module's tables start with {initial} entries, more than the {TABLE_ENTRY_BUDGET} \
@@ -323,215 +272,171 @@ fn bound_tables(wasm: &[u8]) -> Result<Option<Vec<u8>>, String> {
         return Ok(None);
     }
     let share = (TABLE_ENTRY_BUDGET - initial) / tables.len() as u64;
-    let bounded = |limits: &Limits| {
-        let most = limits.min + share;
-        limits.max.map_or(most, |max| max.min(most))
+    let bounded = |ty: &wasmparser::TableType| {
+        let most = ty.initial + share;
+        ty.maximum.map_or(most, |max| max.min(most))
     };
     if tables
         .iter()
-        .all(|(_, limits)| limits.max == Some(bounded(limits)))
+        .all(|table| table.ty.maximum == Some(bounded(&table.ty)))
     {
         return Ok(None);
     }
-    let mut content = Vec::with_capacity(section.content.len() + 8 * tables.len());
-    write_leb(&mut content, u64::from(count));
-    for (element_type, limits) in &tables {
-        content.extend_from_slice(element_type);
-        write_limits(&mut content, limits, bounded(limits));
+    let mut section = wasm_encoder::TableSection::new();
+    for mut table in tables {
+        table.ty.maximum = Some(bounded(&table.ty));
+        // Element type, flags and any initializer are kept as they were.
+        RoundtripReencoder
+            .parse_table(&mut section, table)
+            .map_err(reencoding)?;
     }
-    Ok(Some(replace_section(wasm, section, &content)))
+    splice(wasm, range, &section).map(Some)
 }
 
-/// `limits` with maximum `max`.
-fn write_limits(out: &mut Vec<u8>, limits: &Limits, max: u64) {
-    out.push(limits.flags | 0x01);
-    write_leb(out, limits.min);
-    write_leb(out, max);
+/// The one section `pick` selects (a memory or table section), with the bytes it spans; `None`
+/// if the module has none. The rewrites replace a single section, so a second one is an error
+/// (`wasmparser` reports it as out of order before this could see it, but the rewrite must not
+/// depend on that).
+fn only_section<'a, T>(
+    wasm: &'a [u8],
+    what: &str,
+    pick: impl Fn(Payload<'a>) -> Option<T>,
+) -> Result<Option<(Range<usize>, T)>, String> {
+    let mut found = None;
+    for section in sections(wasm)? {
+        if let Some(reader) = pick(section.payload) {
+            if found.is_some() {
+                return Err(format!("more than one {what} section"));
+            }
+            found = Some((section.range, reader));
+        }
+    }
+    Ok(found)
 }
 
-/// `wasm` with the content of `section` replaced by `content`.
-fn replace_section(wasm: &[u8], section: &Section<'_>, content: &[u8]) -> Vec<u8> {
-    let mut rewritten = Vec::with_capacity(wasm.len() + content.len() + 16);
-    rewritten.extend_from_slice(&wasm[..section.start]);
-    rewritten.push(section.id);
-    write_leb(&mut rewritten, content.len() as u64);
-    rewritten.extend_from_slice(content);
-    rewritten.extend_from_slice(&wasm[section.end..]);
-    rewritten
+/// Every entry of a memory or table section; an error if one is malformed or if bytes follow
+/// the last.
+fn collect_section<'a, T: wasmparser::FromReader<'a>>(
+    reader: wasmparser::SectionLimited<'a, T>,
+) -> Result<Vec<T>, String> {
+    reader
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(malformed)
 }
 
-/// One section: its id, its content, and where the whole section (id included) lies.
+/// `wasm` with the bytes of one section (`range`, its id and size included) replaced by
+/// `section`.
+fn splice(
+    wasm: &[u8],
+    range: Range<usize>,
+    section: &impl wasm_encoder::Section,
+) -> Result<Vec<u8>, String> {
+    let (Some(before), Some(after)) = (wasm.get(..range.start), wasm.get(range.end..)) else {
+        return Err("section outside the module".into());
+    };
+    let mut rewritten = Vec::with_capacity(wasm.len() + 16);
+    rewritten.extend_from_slice(before);
+    section.append_to(&mut rewritten);
+    rewritten.extend_from_slice(after);
+    Ok(rewritten)
+}
+
+/// One section of a module, as `wasmparser` found it.
 struct Section<'a> {
-    id: u8,
-    content: &'a [u8],
-    start: usize,
-    end: usize,
+    /// The section, its entries not yet decoded.
+    payload: Payload<'a>,
+    /// Where the whole section (id and size included) lies in the module.
+    range: Range<usize>,
 }
 
+/// Splits a WebAssembly 1.0 module into its sections, in order, except the code section, which is
+/// skipped by its size: nothing here reads function bodies.
 fn sections(wasm: &[u8]) -> Result<Vec<Section<'_>>, String> {
-    if wasm.len() < 8 || &wasm[..4] != b"\0asm" || wasm[4..8] != [1, 0, 0, 0] {
-        return Err("not a WebAssembly 1.0 module".into());
-    }
-    let mut reader = Reader::new(wasm);
-    reader.position = 8;
+    const TRUNCATED: &str = "unexpected end of module";
+    let mut parser = Parser::new(0);
+    // V8 10.2 runs no 64-bit memories (memory64 is an experimental flag, off), and without the
+    // feature wasmparser reads every memory or table limit as a 32-bit number, as V8 reads a
+    // 32-bit memory's. A limit that does not fit in 32 bits is then malformed; read as 64 bits,
+    // it would be capped into a module V8 accepts. (V8 refuses a memory flagged 64-bit anyway.)
+    parser.set_features(WasmFeatures::all().difference(WasmFeatures::MEMORY64));
     let mut sections = Vec::new();
-    while !reader.is_empty() {
-        let start = reader.position;
-        let id = reader.byte()?;
-        let size = reader.u32()? as usize;
-        let content = reader.take(size)?;
-        sections.push(Section {
-            id,
-            content,
-            start,
-            end: reader.position,
-        });
+    let mut offset = 0usize;
+    loop {
+        let rest = wasm.get(offset..).ok_or(TRUNCATED)?;
+        // `eof` is true: the whole module is here, so a section cut short is an error, never a
+        // request for more data.
+        let Chunk::Parsed { consumed, payload } = parser.parse(rest, true).map_err(malformed)?
+        else {
+            return Err(TRUNCATED.into());
+        };
+        let start = offset;
+        offset += consumed;
+        match payload {
+            Payload::Version { encoding, .. } => {
+                if encoding != Encoding::Module {
+                    return Err("not a WebAssembly 1.0 module".into());
+                }
+            }
+            Payload::CodeSectionStart { size, .. } => {
+                parser.skip_section();
+                offset = offset
+                    .checked_add(size as usize)
+                    .filter(|end| *end <= wasm.len())
+                    .ok_or(TRUNCATED)?;
+            }
+            Payload::End(_) => return Ok(sections),
+            payload => sections.push(Section {
+                payload,
+                range: start..offset,
+            }),
+        }
     }
-    Ok(sections)
 }
 
-fn type_at(types: &[Option<FunctionType>], index: u32) -> Result<FunctionType, String> {
+/// The function type at `index` of the type section.
+fn type_at(types: &[FunctionType], index: u32) -> Result<FunctionType, String> {
     types
         .get(index as usize)
         .cloned()
-        .flatten()
         .ok_or_else(|| format!("unknown function type {index}"))
 }
 
-fn function_type(reader: &mut Reader<'_>) -> Result<FunctionType, String> {
-    let form = reader.byte()?;
-    if form != 0x60 {
-        return Err(format!("unsupported type form {form:#x}"));
-    }
-    let mut ty = FunctionType::default();
-    for _ in 0..reader.count()? {
-        ty.params.push(reader.val_type()?);
-    }
-    for _ in 0..reader.count()? {
-        ty.results.push(reader.val_type()?);
-    }
-    Ok(ty)
+/// A type section entry as a function type: V8 10.2 runs no other kind (struct and array types
+/// come with garbage collection, an experimental flag).
+fn function_type(ty: SubType) -> Result<FunctionType, String> {
+    let CompositeInnerType::Func(function) = &ty.composite_type.inner else {
+        return Err(format!("unsupported type {ty}"));
+    };
+    Ok(FunctionType {
+        params: function.params().iter().map(val_type).collect(),
+        results: function.results().iter().map(val_type).collect(),
+    })
 }
 
-/// A memory's or table's limits as encoded.
-struct Limits {
-    flags: u8,
-    min: u64,
-    max: Option<u64>,
-}
-
-/// A bounds-checked cursor over a module's bytes.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    position: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Reader { bytes, position: 0 }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.position >= self.bytes.len()
-    }
-
-    fn byte(&mut self) -> Result<u8, String> {
-        let byte = *self
-            .bytes
-            .get(self.position)
-            .ok_or("unexpected end of module")?;
-        self.position += 1;
-        Ok(byte)
-    }
-
-    fn take(&mut self, len: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .position
-            .checked_add(len)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or("unexpected end of module")?;
-        let taken = &self.bytes[self.position..end];
-        self.position = end;
-        Ok(taken)
-    }
-
-    /// An unsigned LEB128 number of at most `bits` bits.
-    fn leb(&mut self, bits: u32) -> Result<u64, String> {
-        let mut value: u64 = 0;
-        let mut shift = 0;
-        loop {
-            let byte = self.byte()?;
-            if shift >= bits || (shift > 0 && u64::from(byte & 0x7f) >> (bits - shift).min(63) != 0)
-            {
-                return Err("integer too large".into());
-            }
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-            shift += 7;
-        }
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(self.leb(32)? as u32)
-    }
-
-    /// A vector length; bounded by the bytes left, since every element takes at least one byte.
-    fn count(&mut self) -> Result<u32, String> {
-        let count = self.u32()?;
-        if count as usize > self.bytes.len() - self.position.min(self.bytes.len()) {
-            return Err("vector longer than its section".into());
-        }
-        Ok(count)
-    }
-
-    fn name(&mut self) -> Result<String, String> {
-        let len = self.u32()? as usize;
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| "name is not UTF-8".to_string())
-    }
-
-    fn val_type(&mut self) -> Result<ValType, String> {
-        Ok(match self.byte()? {
-            0x7f => ValType::I32,
-            0x7e => ValType::I64,
-            0x7d => ValType::F32,
-            0x7c => ValType::F64,
-            // v128, funcref, externref.
-            0x7b | 0x70 | 0x6f => ValType::Other,
-            // (ref ht) and (ref null ht): a heap type follows, as a signed LEB128 number.
-            0x6b | 0x6c => {
-                self.leb(64)?;
-                ValType::Other
-            }
-            other => return Err(format!("unknown value type {other:#x}")),
-        })
-    }
-
-    fn limits(&mut self) -> Result<Limits, String> {
-        let flags = self.byte()?;
-        // Bit 2: a 64-bit memory, whose limits may use 64 bits.
-        let bits = if flags & 0x04 != 0 { 64 } else { 32 };
-        let min = self.leb(bits)?;
-        let max = if flags & 0x01 != 0 {
-            Some(self.leb(bits)?)
-        } else {
-            None
-        };
-        Ok(Limits { flags, min, max })
+/// The host's view of a value type: only numbers are told apart, since only they cross the
+/// Proxy-Wasm ABI.
+fn val_type(ty: &wasmparser::ValType) -> ValType {
+    match ty {
+        wasmparser::ValType::I32 => ValType::I32,
+        wasmparser::ValType::I64 => ValType::I64,
+        wasmparser::ValType::F32 => ValType::F32,
+        wasmparser::ValType::F64 => ValType::F64,
+        wasmparser::ValType::V128 | wasmparser::ValType::Ref(_) => ValType::Other,
     }
 }
 
-fn write_leb(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
+/// A `wasmparser` error in words (with the offset it happened at).
+fn malformed(error: wasmparser::BinaryReaderError) -> String {
+    error.to_string()
+}
+
+/// A `wasm-encoder` error in words: a malformed table initializer, in practice, since the
+/// reencoder reads those.
+fn reencoding(error: wasm_encoder::reencode::Error) -> String {
+    match error {
+        wasm_encoder::reencode::Error::ParseError(error) => malformed(error),
+        other => other.to_string(),
     }
 }
 
@@ -541,6 +446,44 @@ mod tests {
 
     fn wasm(text: &str) -> Vec<u8> {
         wat::parse_str(text).unwrap()
+    }
+
+    /// The range of the module's memory section, id and size included.
+    fn memory_section_range(wasm: &[u8]) -> Range<usize> {
+        sections(wasm)
+            .unwrap()
+            .into_iter()
+            .find(|section| matches!(section.payload, Payload::MemorySection(_)))
+            .unwrap()
+            .range
+    }
+
+    /// The content of the module's memory section: what follows its id and size.
+    fn memory_section_content(wasm: &[u8]) -> &[u8] {
+        let range = sections(wasm)
+            .unwrap()
+            .into_iter()
+            .find_map(|section| match section.payload {
+                Payload::MemorySection(reader) => Some(reader.range()),
+                _ => None,
+            })
+            .unwrap();
+        &wasm[range.start as usize..range.end as usize]
+    }
+
+    /// The types of the module's defined tables.
+    fn table_section(wasm: &[u8]) -> Vec<wasmparser::TableType> {
+        sections(wasm)
+            .unwrap()
+            .into_iter()
+            .find_map(|section| match section.payload {
+                Payload::TableSection(reader) => Some(reader),
+                _ => None,
+            })
+            .unwrap()
+            .into_iter()
+            .map(|table| table.unwrap().ty)
+            .collect()
     }
 
     #[test]
@@ -624,10 +567,8 @@ mod tests {
         let Capped::Rewritten(capped) = cap_memories(&module, 3 * PAGE_SIZE + 100).unwrap() else {
             panic!("expected a rewrite");
         };
-        let sections = sections(&capped).unwrap();
-        let memory = sections.iter().find(|s| s.id == MEMORY_SECTION).unwrap();
         // One memory, flags 1 (has a maximum), minimum 1, maximum 3.
-        assert_eq!(memory.content, &[1, 1, 1, 3]);
+        assert_eq!(memory_section_content(&capped), &[1, 1, 1, 3]);
         // The rest of the module is unchanged.
         assert_eq!(interface(&capped).unwrap(), interface(&module).unwrap());
     }
@@ -655,16 +596,10 @@ mod tests {
                  (func (export "f")))"#,
         );
         let prepared = prepare(&module, None).unwrap();
-        let sections = sections(&prepared.bytes).unwrap();
-        let tables = sections.iter().find(|s| s.id == TABLE_SECTION).unwrap();
-        let mut reader = Reader::new(tables.content);
-        assert_eq!(reader.count().unwrap(), 3);
+        let tables = table_section(&prepared.bytes);
+        assert_eq!(tables.len(), 3);
         let share = (TABLE_ENTRY_BUDGET - 15) / 3;
-        let mut maxima = Vec::new();
-        for _ in 0..3 {
-            reader.val_type().unwrap();
-            maxima.push(reader.limits().unwrap().max);
-        }
+        let maxima: Vec<_> = tables.iter().map(|table| table.maximum).collect();
         assert_eq!(maxima, vec![Some(10 + share), Some(20), Some(5 + share)]);
         assert_eq!(
             interface(&prepared.bytes).unwrap(),
@@ -721,5 +656,101 @@ mod tests {
             cap_memories(&module, 2 * PAGE_SIZE).unwrap(),
             Capped::MinimumTooLarge { pages: 5 }
         );
+    }
+
+    #[test]
+    fn a_rewrite_leaves_every_other_section_byte_identical() {
+        let module = wasm(
+            r#"(module
+                 (type (func (param i32) (result i32)))
+                 (import "env" "f" (func (type 0)))
+                 (memory (export "memory") 2)
+                 (func (export "g") (type 0) local.get 0 call 0)
+                 (data (i32.const 8) "hello")
+                 (@custom "notes" "kept as is"))"#,
+        );
+        let Capped::Rewritten(capped) = cap_memories(&module, 5 * PAGE_SIZE).unwrap() else {
+            panic!("expected a rewrite");
+        };
+        let (old, new) = (memory_section_range(&module), memory_section_range(&capped));
+        assert_eq!(new.start, old.start);
+        assert_eq!(capped[..new.start], module[..old.start]);
+        assert_eq!(capped[new.end..], module[old.end..]);
+        // One memory, flags 1, minimum 2, maximum 5.
+        assert_eq!(memory_section_content(&capped), &[1, 1, 2, 5]);
+    }
+
+    #[test]
+    fn bounded_tables_keep_their_element_types() {
+        let module = wasm(r#"(module (table 1 funcref) (table 2 3 externref))"#);
+        let prepared = prepare(&module, None).unwrap();
+        let before = table_section(&module);
+        let after = table_section(&prepared.bytes);
+        assert_eq!(before.len(), after.len());
+        for (before, after) in before.iter().zip(&after) {
+            assert_eq!(before.element_type, after.element_type);
+            assert_eq!(before.initial, after.initial);
+        }
+        assert_eq!(after[1].maximum, Some(3));
+    }
+
+    #[test]
+    fn memory_limits_are_32_bit_numbers() {
+        let header = b"\0asm\x01\0\0\0";
+        // A maximum of 2^32 pages: too large for the 32 bits V8 reads; capping it must not turn
+        // the module into one V8 accepts.
+        let too_large = [
+            header.as_slice(),
+            b"\x05\x08\x01\x01\x01\x80\x80\x80\x80\x10",
+        ]
+        .concat();
+        // A minimum of 1 in six bytes, one more than a 32-bit number may take.
+        let too_long = [
+            header.as_slice(),
+            b"\x05\x08\x01\x00\x81\x80\x80\x80\x80\x00",
+        ]
+        .concat();
+        for module in [too_large, too_long] {
+            assert!(cap_memories(&module, PAGE_SIZE).is_err());
+            assert!(matches!(
+                prepare(&module, Some(PAGE_SIZE)),
+                Err(Refused::Malformed(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn components_are_not_modules() {
+        let component = b"\0asm\x0d\0\x01\0";
+        assert!(interface(component).is_err());
+        assert!(matches!(
+            prepare(component, None),
+            Err(Refused::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn damaged_modules_are_errors_not_panics() {
+        let module = wasm(
+            r#"(module
+                 (type (func (param i32 i64) (result i32)))
+                 (import "env" "f" (func (type 0)))
+                 (import "env" "t" (table 1 funcref))
+                 (table 2 externref)
+                 (memory (export "memory") 1 3)
+                 (global (export "x") i32 (i32.const 7))
+                 (func (export "g") (type 0) local.get 0 local.get 1 call 0)
+                 (data (i32.const 8) "hello"))"#,
+        );
+        let mut damaged = module.clone();
+        for len in 0..module.len() {
+            let cut = &module[..len];
+            let _ = prepare(cut, Some(PAGE_SIZE));
+            let _ = interface(cut);
+            damaged[len] ^= 0xff;
+            let _ = prepare(&damaged, Some(PAGE_SIZE));
+            let _ = interface(&damaged);
+            damaged[len] ^= 0xff;
+        }
     }
 }

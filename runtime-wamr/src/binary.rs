@@ -11,16 +11,25 @@
 //! * the two names WAMR looks for are exported under reserved names instead, and mapped back
 //!   when pwhost lists or looks up exports.
 //!
-//! Function indices do not change, so the code, names and tables are untouched. A module this
-//! parser cannot read is loaded unchanged, for WAMR to reject (or run as it would anyway).
+//! `wasmparser` reads the module and `wasm-encoder` writes the new export section, which is
+//! spliced in by the section ranges wasmparser reports: every other section is copied byte for
+//! byte and function indices do not change, so the code, names and tables are untouched. A module
+//! wasmparser cannot read is loaded unchanged, for WAMR to reject (or run as it would anyway).
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use wasm_encoder::{ExportSection, Section as _, SectionId};
+use wasmparser::{Encoding, ExternalKind, Parser, Payload};
 
 /// The exports WAMR calls by itself during instantiation (with bulk memory enabled and WAMR's
 /// own WASI disabled, as pwhost builds it).
 const AUTO_RUN: [&str; 2] = ["__post_instantiate", "__wasm_call_ctors"];
 
-const EXPORT_SECTION: u8 = 7;
-const START_SECTION: u8 = 8;
-const FUNCTION_KIND: u8 = 0;
+/// The id of the export section.
+const EXPORT_SECTION: u8 = SectionId::Export as u8;
+/// The id of the start section.
+const START_SECTION: u8 = SectionId::Start as u8;
 
 /// A module rewritten for WAMR.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,45 +45,32 @@ pub(crate) struct Rewritten {
 /// Rewrites `wasm` if WAMR would run any of its code during instantiation; `None` if it would
 /// not (or the module cannot be parsed), in which case `wasm` is loaded as it is.
 pub(crate) fn rewrite(wasm: &[u8]) -> Option<Rewritten> {
-    let sections = sections(wasm)?;
-    let mut export_section = None;
-    let mut start_function = None;
-    for section in &sections {
-        let payload = &wasm[section.payload.clone()];
-        match section.id {
-            EXPORT_SECTION if export_section.is_none() => {
-                export_section = Some(exports(payload)?);
-            }
-            START_SECTION if start_function.is_none() => {
-                let mut reader = Reader::new(payload);
-                start_function = Some(reader.u32()?);
-                reader.end()?;
-            }
-            // A second export or start section: invalid, WAMR will say so.
-            EXPORT_SECTION | START_SECTION => return None,
-            _ => {}
-        }
-    }
-    let had_export_section = export_section.is_some();
-    let mut entries = export_section.unwrap_or_default();
+    let module = read(wasm)?;
+    let had_export_section = module.exports.is_some();
+    let mut entries = module.exports.unwrap_or_default();
     let mut renamed = Vec::new();
     for index in 0..entries.len() {
-        let entry = &entries[index];
-        let auto_run = AUTO_RUN.iter().any(|name| entry.name == name.as_bytes());
-        if entry.kind != FUNCTION_KIND || !auto_run {
+        let Some(entry) = entries.get(index) else {
+            break;
+        };
+        let auto_run = AUTO_RUN.contains(&&*entry.name);
+        if entry.kind != ExternalKind::Func || !auto_run {
             continue;
         }
-        let original = String::from_utf8(entry.name.clone()).ok()?;
+        let original = entry.name.to_string();
+        // Checked against the names renamed so far too, so two reserved names never clash.
         let reserved = unique_name(&entries, &format!("pwhost:hoisted:{original}"));
-        entries[index].name = reserved.clone().into_bytes();
+        if let Some(entry) = entries.get_mut(index) {
+            entry.name = Cow::Owned(reserved.clone());
+        }
         renamed.push((original, reserved));
     }
     let mut start_export = None;
-    if let Some(function) = start_function {
+    if let Some(function) = module.start {
         let name = unique_name(&entries, "pwhost:start");
         entries.push(Export {
-            name: name.clone().into_bytes(),
-            kind: FUNCTION_KIND,
+            name: Cow::Owned(name.clone()),
+            kind: ExternalKind::Func,
             index: function,
         });
         start_export = Some(name);
@@ -82,17 +78,17 @@ pub(crate) fn rewrite(wasm: &[u8]) -> Option<Rewritten> {
     if start_export.is_none() && renamed.is_empty() {
         return None;
     }
-    let new_exports = export_section_bytes(&entries)?;
-    let mut bytes = Vec::with_capacity(wasm.len() + new_exports.len());
-    bytes.extend_from_slice(&wasm[..HEADER.len()]);
-    for section in &sections {
+    let new_exports = export_section(&entries)?;
+    let mut bytes = Vec::with_capacity(wasm.len().saturating_add(new_exports.len()));
+    bytes.extend_from_slice(wasm.get(..module.header_end)?);
+    for section in &module.sections {
         match section.id {
             EXPORT_SECTION => bytes.extend_from_slice(&new_exports),
             // The export section comes right before the start section, so a module without one
             // gets it where its start section was.
             START_SECTION if !had_export_section => bytes.extend_from_slice(&new_exports),
             START_SECTION => {}
-            _ => bytes.extend_from_slice(&wasm[section.start..section.payload.end]),
+            _ => bytes.extend_from_slice(wasm.get(section.range.clone())?),
         }
     }
     Some(Rewritten {
@@ -105,156 +101,124 @@ pub(crate) fn rewrite(wasm: &[u8]) -> Option<Rewritten> {
 /// `base`, with apostrophes appended until no export has that name.
 fn unique_name(entries: &[Export], base: &str) -> String {
     let mut name = base.to_string();
-    while entries.iter().any(|e| e.name == name.as_bytes()) {
+    while entries.iter().any(|e| e.name == name) {
         name.push('\'');
     }
     name
 }
 
-/// The magic number and version 1.
-const HEADER: [u8; 8] = *b"\0asm\x01\0\0\0";
+/// What the rewrite needs of a module.
+struct Module<'a> {
+    /// Where the header (magic number and version) ends and the first section starts.
+    header_end: usize,
+    /// Every top-level section, in order.
+    sections: Vec<Section>,
+    /// The export section's entries, if the module has one.
+    exports: Option<Vec<Export<'a>>>,
+    /// The start function, if the module has one.
+    start: Option<u32>,
+}
 
 /// One top-level section.
 struct Section {
     id: u8,
-    /// Where the section (its id byte) starts.
-    start: usize,
-    /// Where its payload lies.
-    payload: std::ops::Range<usize>,
+    /// The whole section: its id byte, size and payload.
+    range: Range<usize>,
 }
 
-fn sections(wasm: &[u8]) -> Option<Vec<Section>> {
-    if !wasm.starts_with(&HEADER) {
-        return None;
-    }
-    let mut reader = Reader::new(wasm);
-    reader.pos = HEADER.len();
-    let mut sections = Vec::new();
-    while !reader.at_end() {
-        let start = reader.pos;
-        let id = reader.byte()?;
-        let len = reader.u32()? as usize;
-        let payload_start = reader.pos;
-        reader.take(len)?;
-        sections.push(Section {
-            id,
-            start,
-            payload: payload_start..reader.pos,
-        });
-    }
-    Some(sections)
-}
-
-/// One export entry.
-struct Export {
-    name: Vec<u8>,
-    kind: u8,
+/// One export entry; its name is owned once renamed.
+struct Export<'a> {
+    name: Cow<'a, str>,
+    kind: ExternalKind,
     index: u32,
 }
 
-fn exports(payload: &[u8]) -> Option<Vec<Export>> {
-    let mut reader = Reader::new(payload);
-    let count = reader.u32()?;
-    let mut entries = Vec::new();
-    for _ in 0..count {
-        let len = reader.u32()? as usize;
-        let name = reader.take(len)?.to_vec();
-        let kind = reader.byte()?;
-        let index = reader.u32()?;
-        entries.push(Export { name, kind, index });
+/// Reads `wasm` with wasmparser; `None` if it is no core module wasmparser can read. wasmparser
+/// refuses sections out of order, and with them a second export or start section.
+fn read(wasm: &[u8]) -> Option<Module<'_>> {
+    let mut module = Module {
+        header_end: 0,
+        sections: Vec::new(),
+        exports: None,
+        start: None,
+    };
+    for payload in Parser::new(0).parse_all(wasm) {
+        let payload = payload.ok()?;
+        // wasmparser reports a section's payload; sections are contiguous, so each one's id byte
+        // and size start where the previous one (or the header) ends.
+        if let Some((id, payload_range)) = payload.as_section() {
+            let start = module
+                .sections
+                .last()
+                .map_or(module.header_end, |s| s.range.end);
+            let end = usize::try_from(payload_range.end).ok()?;
+            module.sections.push(Section {
+                id,
+                range: start..end,
+            });
+        }
+        match payload {
+            // A component is no module WAMR loads.
+            Payload::Version {
+                encoding: Encoding::Module,
+                range,
+                ..
+            } => module.header_end = usize::try_from(range.end).ok()?,
+            Payload::Version { .. } => return None,
+            Payload::ExportSection(reader) => {
+                let mut entries = Vec::new();
+                for export in reader {
+                    let export = export.ok()?;
+                    entries.push(Export {
+                        name: Cow::Borrowed(export.name),
+                        kind: export.kind,
+                        index: export.index,
+                    });
+                }
+                module.exports = Some(entries);
+            }
+            Payload::StartSection { func, .. } => module.start = Some(func),
+            _ => {}
+        }
     }
-    reader.end()?;
-    Some(entries)
+    Some(module)
 }
 
-fn export_section_bytes(entries: &[Export]) -> Option<Vec<u8>> {
-    let mut payload = Vec::new();
-    write_u32(&mut payload, u32::try_from(entries.len()).ok()?);
+/// `entries` encoded as an export section, id byte and size included; `None` if the section
+/// could outgrow the binary format's `u32` sizes (wasm-encoder asserts they fit).
+fn export_section(entries: &[Export]) -> Option<Vec<u8>> {
+    // At most 5 bytes for the count, and per entry 5 for the name's length, the name, 1 for the
+    // kind and 5 for the index.
+    let bound = entries.iter().try_fold(5_usize, |size, e| {
+        size.checked_add(e.name.len())?.checked_add(11)
+    })?;
+    u32::try_from(bound).ok()?;
+    let mut section = ExportSection::new();
     for entry in entries {
-        write_u32(&mut payload, u32::try_from(entry.name.len()).ok()?);
-        payload.extend_from_slice(&entry.name);
-        payload.push(entry.kind);
-        write_u32(&mut payload, entry.index);
+        section.export(&entry.name, entry.kind.into(), entry.index);
     }
-    let mut section = vec![EXPORT_SECTION];
-    write_u32(&mut section, u32::try_from(payload.len()).ok()?);
-    section.extend_from_slice(&payload);
-    Some(section)
-}
-
-fn write_u32(out: &mut Vec<u8>, mut value: u32) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-/// A cursor over bytes whose every read is bounds-checked.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Reader { bytes, pos: 0 }
-    }
-
-    fn at_end(&self) -> bool {
-        self.pos >= self.bytes.len()
-    }
-
-    fn end(&self) -> Option<()> {
-        self.at_end().then_some(())
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        let byte = *self.bytes.get(self.pos)?;
-        self.pos += 1;
-        Some(byte)
-    }
-
-    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(len)?;
-        let bytes = self.bytes.get(self.pos..end)?;
-        self.pos = end;
-        Some(bytes)
-    }
-
-    /// An unsigned LEB128 `u32` (at most 5 bytes, no bits beyond 32).
-    fn u32(&mut self) -> Option<u32> {
-        let mut value: u32 = 0;
-        for shift in (0..35).step_by(7) {
-            let byte = self.byte()?;
-            let bits = u32::from(byte & 0x7f);
-            if shift == 28 && bits > 0x0f {
-                return None;
-            }
-            value |= bits << shift;
-            if byte & 0x80 == 0 {
-                return Some(value);
-            }
-        }
-        None
-    }
+    let mut bytes = Vec::new();
+    section.append_to(&mut bytes);
+    Some(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Every top-level section of `wasm`.
+    fn sections(wasm: &[u8]) -> Option<Vec<Section>> {
+        read(wasm).map(|module| module.sections)
+    }
+
+    /// The export names of `wasm`, in order.
     fn export_names(wasm: &[u8]) -> Vec<String> {
-        let sections = sections(wasm).unwrap();
-        let section = sections.iter().find(|s| s.id == EXPORT_SECTION).unwrap();
-        exports(&wasm[section.payload.clone()])
+        read(wasm)
+            .unwrap()
+            .exports
             .unwrap()
             .into_iter()
-            .map(|e| String::from_utf8(e.name).unwrap())
+            .map(|e| e.name.into_owned())
             .collect()
     }
 
@@ -319,12 +283,70 @@ mod tests {
         );
     }
 
-    /// Checks that the rewritten module still parses section by section (WAMR itself loads
-    /// rewritten modules in `tests/engine.rs`).
+    #[test]
+    fn every_other_section_is_copied_byte_for_byte() {
+        let wasm = wat::parse_str(
+            r#"(module
+                 (import "env" "g" (func $g))
+                 (memory (export "memory") 1)
+                 (global $x (mut i32) (i32.const 7))
+                 (func $c (export "__post_instantiate") (global.set $x (i32.const 1)))
+                 (func $s (call $g))
+                 (start $s)
+                 (data (i32.const 8) "data")
+                 (@custom "c" (after code) "custom"))"#,
+        )
+        .unwrap();
+        let rewritten = rewrite(&wasm).unwrap();
+        let kept = |wasm: &[u8]| -> Vec<(u8, Vec<u8>)> {
+            sections(wasm)
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.id != EXPORT_SECTION && s.id != START_SECTION)
+                .map(|s| (s.id, wasm[s.range].to_vec()))
+                .collect()
+        };
+        assert_eq!(kept(&wasm).len(), 9);
+        assert_eq!(kept(&rewritten.bytes), kept(&wasm));
+        assert_eq!(rewritten.bytes[..8], wasm[..8]);
+        assert_eq!(
+            export_names(&rewritten.bytes),
+            [
+                "memory",
+                "pwhost:hoisted:__post_instantiate",
+                "pwhost:start"
+            ]
+        );
+        // The start function keeps its index: 2, after the import and `$c`.
+        let exports = read(&rewritten.bytes).unwrap().exports.unwrap();
+        let start = exports.iter().find(|e| e.name == "pwhost:start").unwrap();
+        assert_eq!((start.kind, start.index), (ExternalKind::Func, 2));
+        assert_sections_parse(&rewritten.bytes);
+    }
+
+    #[test]
+    fn only_function_exports_are_renamed() {
+        let wasm =
+            wat::parse_str(r#"(module (global (export "__wasm_call_ctors") i32 (i32.const 0)))"#)
+                .unwrap();
+        assert_eq!(rewrite(&wasm), None);
+    }
+
+    #[test]
+    fn a_second_start_section_or_a_component_is_left_alone() {
+        let two_starts = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0\x08\x01\0\x08\x01\0\x0a\x04\x01\x02\0\x0b";
+        assert_eq!(rewrite(two_starts), None);
+        let mut one_start = two_starts.to_vec();
+        // Without the second start section (bytes 21..24) the module is rewritten.
+        one_start.drain(21..24);
+        assert!(rewrite(&one_start).is_some());
+        assert_eq!(rewrite(b"\0asm\x0d\0\x01\0"), None);
+    }
+
+    /// Checks that the rewritten module still parses section by section and validates (WAMR
+    /// itself loads rewritten modules in `tests/engine.rs`).
     fn assert_sections_parse(wasm: &[u8]) {
-        let sections = sections(wasm).unwrap();
-        for section in sections.iter().filter(|s| s.id == EXPORT_SECTION) {
-            exports(&wasm[section.payload.clone()]).unwrap();
-        }
+        read(wasm).unwrap();
+        wasmparser::validate(wasm).unwrap();
     }
 }
