@@ -57,7 +57,7 @@ pub struct HttpCallRequest {
     pub body: Vec<u8>,
     /// Request trailers.
     pub trailers: HeaderMap,
-    /// How long the host waits for the response.
+    /// How long the host waits for the response; zero: no timeout (as in Envoy).
     pub timeout: Duration,
 }
 
@@ -113,17 +113,15 @@ pub trait Host: Send + std::any::Any {
         SystemTime::now()
     }
 
-    /// A header map of a context, or `None` if it is not available (yet) in this context.
+    /// A header map of a stream, or `None` if the stream has none. The ABI asks only for maps
+    /// the plugin may reach at that moment (Envoy's rules: e.g. request headers until the
+    /// plugin lets them go upstream, response trailers while it holds them), and refuses the
+    /// plugin itself otherwise.
     fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap>;
 
-    /// A body or data buffer of a context, or `None` if it is not available.
+    /// A body or data buffer of a stream, or `None` if it has none. As for maps, the ABI asks
+    /// only while the plugin holds that body or data.
     fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>>;
-
-    /// Whether the body or data in `buffer` is the end of its stream (for
-    /// `proxy_get_buffer_status`).
-    fn end_of_stream(&mut self, _context: ContextId, _buffer: BufferType) -> bool {
-        false
-    }
 
     /// A property (`proxy_get_property`), or `None` if the host has none at this path.
     fn property(&mut self, context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>>;
@@ -131,13 +129,18 @@ pub trait Host: Send + std::any::Any {
     /// Sets a property (`proxy_set_property`).
     fn set_property(&mut self, context: ContextId, path: PropertyPath<'_>, value: &[u8]) -> Status;
 
-    /// Sends a local reply on a stream instead of forwarding it.
+    /// Sends a local reply on a stream instead of forwarding it. Called at most once per stream
+    /// (the ABI ignores a plugin's later replies, as Envoy does) and never for a root context.
+    /// A reply sent from a request callback goes out through the plugin's response callbacks, as
+    /// Envoy sends it through the whole filter chain; one sent later replaces the response
+    /// without them.
     fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status;
 
-    /// Resumes a stream the plugin had paused.
+    /// Resumes a stream the plugin had paused (never called for a root context, nor for the
+    /// upstream direction of a connection, which Envoy cannot resume).
     fn continue_stream(&mut self, context: ContextId, stream: StreamType) -> Status;
 
-    /// Closes a stream.
+    /// Closes a stream (never called for a root context).
     fn close_stream(&mut self, context: ContextId, stream: StreamType) -> Status;
 
     /// Dispatches an HTTP call on behalf of a root context and returns its token; the proxy later
@@ -181,10 +184,9 @@ pub trait Host: Send + std::any::Any {
         Status::NotFound
     }
 
-    /// Clears the route cache of a stream (ABI 0.1.0 `proxy_clear_route_cache`).
-    fn clear_route_cache(&mut self, _context: ContextId) -> Status {
-        Status::Ok
-    }
+    /// Clears the route cache of an HTTP stream (ABI 0.1.0 `proxy_clear_route_cache`, and the
+    /// foreign function `clear_route_cache` of 0.2.x). The plugin is always told `OK`.
+    fn clear_route_cache(&mut self, _context: ContextId) {}
 
     /// The root context finished the asynchronous work it had pending when the host asked it to
     /// finish (`proxy_done`).

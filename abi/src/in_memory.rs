@@ -27,16 +27,12 @@ pub struct StreamRecord {
     pub request_headers: HeaderMap,
     /// The request body the plugin currently sees (the current chunk plus anything buffered).
     pub request_body: Vec<u8>,
-    /// Whether `request_body` ends the request.
-    pub request_end_of_stream: bool,
     /// Request trailers.
     pub request_trailers: HeaderMap,
     /// Response headers.
     pub response_headers: HeaderMap,
     /// The response body the plugin currently sees.
     pub response_body: Vec<u8>,
-    /// Whether `response_body` ends the response.
-    pub response_end_of_stream: bool,
     /// Response trailers.
     pub response_trailers: HeaderMap,
     /// The local reply the plugin sent, if any.
@@ -49,13 +45,10 @@ pub struct StreamRecord {
     pub properties: HashMap<String, Vec<u8>>,
     /// TCP data from downstream the plugin currently sees.
     pub downstream_data: Vec<u8>,
-    /// Whether `downstream_data` ends the downstream direction.
-    pub downstream_end_of_stream: bool,
     /// TCP data from upstream the plugin currently sees.
     pub upstream_data: Vec<u8>,
-    /// Whether `upstream_data` ends the upstream direction.
-    pub upstream_end_of_stream: bool,
-    /// `proxy_clear_route_cache` calls (ABI 0.1.0).
+    /// Route cache clears (`proxy_clear_route_cache` of ABI 0.1.0, the `clear_route_cache`
+    /// foreign function of 0.2.x).
     pub route_cache_clears: u32,
 }
 
@@ -200,18 +193,6 @@ impl Host for InMemoryHost {
         }
     }
 
-    fn end_of_stream(&mut self, context: ContextId, buffer: BufferType) -> bool {
-        self.streams
-            .get(&context)
-            .is_some_and(|stream| match buffer {
-                BufferType::HttpRequestBody => stream.request_end_of_stream,
-                BufferType::HttpResponseBody => stream.response_end_of_stream,
-                BufferType::DownstreamData => stream.downstream_end_of_stream,
-                BufferType::UpstreamData => stream.upstream_end_of_stream,
-                _ => false,
-            })
-    }
-
     fn property(&mut self, context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
         let dotted = path.dotted();
         let stream = self.streams.get(&context);
@@ -328,13 +309,9 @@ impl Host for InMemoryHost {
         }
     }
 
-    fn clear_route_cache(&mut self, context: ContextId) -> Status {
-        match self.streams.get_mut(&context) {
-            Some(stream) => {
-                stream.route_cache_clears += 1;
-                Status::Ok
-            }
-            None => Status::NotFound,
+    fn clear_route_cache(&mut self, context: ContextId) {
+        if let Some(stream) = self.streams.get_mut(&context) {
+            stream.route_cache_clears += 1;
         }
     }
 

@@ -18,6 +18,7 @@ mod in_memory;
 mod plugin;
 mod shared;
 mod state;
+mod stream;
 mod types;
 mod version;
 mod vm;

@@ -6,7 +6,7 @@ use runtime_api::{
     Capabilities, CompiledModule, ExternKind, LinkedModule, Signature, ValType, WasmRuntime,
 };
 
-use crate::callbacks::CALLBACKS;
+use crate::callbacks::{CALLBACKS, CALLBACK_COUNT};
 use crate::exports::host_functions;
 use crate::{AbiVersion, SharedState, VmState};
 
@@ -36,8 +36,8 @@ pub enum LoadError {
     BadExport {
         /// The export's name.
         name: String,
-        /// The type the ABI requires.
-        expected: Signature,
+        /// The type the ABI requires (or the types it accepts, joined with "or").
+        expected: String,
         /// The module's type.
         found: String,
         /// The module's ABI version.
@@ -62,12 +62,19 @@ pub struct PluginConfig {
     /// Environment variables visible through WASI `environ_get`; nothing else of the host's
     /// environment is exposed.
     pub environment: Vec<(String, String)>,
+    /// Let `StopIteration` from a header callback stop only the headers, so body chunks and
+    /// trailers still reach the plugin (Envoy's `allow_on_headers_stop_iteration`). Off by
+    /// default, as in Envoy: the host then treats it as `StopAllIterationAndWatermark`.
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 /// A plugin compiled and linked once; create any number of [`crate::Vm`]s from it, on any thread.
 pub struct Plugin {
     pub(crate) linked: Arc<dyn LinkedModule<VmState>>,
     pub(crate) abi: AbiVersion,
+    /// How many parameters each callback the module exports takes (its type was checked at
+    /// load; 0.1.0 header callbacks come in two shapes).
+    pub(crate) callback_params: [usize; CALLBACK_COUNT],
     pub(crate) config: Arc<PluginConfig>,
     pub(crate) shared: SharedState,
     pub(crate) runtime: &'static str,
@@ -95,11 +102,12 @@ impl Plugin {
         shared: SharedState,
     ) -> Result<Plugin, LoadError> {
         let abi = AbiVersion::detect(module.exports())?;
-        check_exports(&*module, abi)?;
+        let callback_params = check_exports(&*module, abi)?;
         let linked = module.link(host_functions(abi))?;
         Ok(Plugin {
             linked,
             abi,
+            callback_params,
             config: Arc::new(config),
             shared,
             runtime: runtime.name(),
@@ -135,7 +143,11 @@ impl Plugin {
 
 const ALLOCATOR: Signature = Signature::new(&[ValType::I32], &[ValType::I32]);
 
-fn check_exports(module: &dyn CompiledModule<VmState>, abi: AbiVersion) -> Result<(), LoadError> {
+/// Checks the module's memory, allocator and callbacks; returns each callback's parameter count.
+fn check_exports(
+    module: &dyn CompiledModule<VmState>,
+    abi: AbiVersion,
+) -> Result<[usize; CALLBACK_COUNT], LoadError> {
     let exports = module.exports();
     let function_type = |name: &str| {
         exports
@@ -159,7 +171,7 @@ fn check_exports(module: &dyn CompiledModule<VmState>, abi: AbiVersion) -> Resul
             Some(Ok(ty)) if name == "proxy_on_memory_allocate" => {
                 return Err(LoadError::BadExport {
                     name: name.into(),
-                    expected: ALLOCATOR,
+                    expected: ALLOCATOR.to_string(),
                     found: ty.to_string(),
                     abi,
                 })
@@ -170,28 +182,30 @@ fn check_exports(module: &dyn CompiledModule<VmState>, abi: AbiVersion) -> Resul
     if !has_allocator {
         return Err(LoadError::MissingAllocator);
     }
-    for callback in CALLBACKS.iter().filter(|c| c.in_abi(abi)) {
-        let expected = callback.signature(abi);
-        match function_type(callback.name) {
-            Some(Ok(ty)) if expected.matches(&ty) => {}
-            Some(Ok(ty)) => {
-                return Err(LoadError::BadExport {
-                    name: callback.name.into(),
-                    expected,
-                    found: ty.to_string(),
-                    abi,
-                })
-            }
-            Some(Err(kind)) => {
-                return Err(LoadError::BadExport {
-                    name: callback.name.into(),
-                    expected,
-                    found: kind,
-                    abi,
-                })
-            }
-            None => {}
+    let mut params = [0; CALLBACK_COUNT];
+    for (callback, params) in CALLBACKS.iter().zip(&mut params) {
+        if !callback.in_abi(abi) {
+            continue;
         }
+        let accepted = callback.signatures(abi);
+        let found = match function_type(callback.name) {
+            None => continue,
+            Some(Ok(ty)) => match accepted.iter().find(|s| s.matches(&ty)) {
+                Some(signature) => {
+                    *params = signature.params.len();
+                    continue;
+                }
+                None => ty.to_string(),
+            },
+            Some(Err(kind)) => kind,
+        };
+        let expected: Vec<String> = accepted.iter().map(ToString::to_string).collect();
+        return Err(LoadError::BadExport {
+            name: callback.name.into(),
+            expected: expected.join(" or "),
+            found,
+            abi,
+        });
     }
-    Ok(())
+    Ok(params)
 }

@@ -24,7 +24,7 @@ pub struct SharedState {
 
 #[derive(Default)]
 struct Inner {
-    data: RwLock<FxHashMap<(String, Vec<u8>), SharedValue>>,
+    data: RwLock<SharedData>,
     queues: Mutex<QueueRegistry>,
     metrics: Mutex<MetricRegistry>,
     foreign_functions: RwLock<FxHashMap<String, ForeignFunction>>,
@@ -53,6 +53,21 @@ struct QueueRegistry {
 struct SharedValue {
     value: Vec<u8>,
     cas: u32,
+}
+
+/// Shared data of every vm_id, with one CAS counter for all keys (as proxy-wasm-cpp-host), so a
+/// token of one key never matches another.
+#[derive(Default)]
+struct SharedData {
+    entries: FxHashMap<(String, Vec<u8>), SharedValue>,
+    last_cas: u32,
+}
+
+impl SharedData {
+    fn next_cas(&mut self) -> u32 {
+        self.last_cas = self.last_cas.wrapping_add(1).max(1);
+        self.last_cas
+    }
 }
 
 /// The kind of a metric (`proxy_metric_type_t`).
@@ -119,35 +134,34 @@ impl SharedState {
             .data
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        data.get(&(vm_id.to_string(), key.to_vec()))
+        data.entries
+            .get(&(vm_id.to_string(), key.to_vec()))
             .map(|v| (v.value.clone(), v.cas))
     }
 
     /// Sets a shared data key. `cas` 0 sets unconditionally; otherwise it must equal the key's
-    /// current CAS token, or the call fails with [`Status::CasMismatch`].
+    /// current CAS token, or the call fails with [`Status::CasMismatch`]. A missing key is set
+    /// whatever `cas` says, as in proxy-wasm-cpp-host.
     pub fn set(&self, vm_id: &str, key: &[u8], value: &[u8], cas: u32) -> Status {
         let mut data = self
             .inner
             .data
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let entry = data.entry((vm_id.to_string(), key.to_vec()));
-        match entry {
+        let next_cas = data.next_cas();
+        match data.entries.entry((vm_id.to_string(), key.to_vec())) {
             std::collections::hash_map::Entry::Occupied(mut occupied) => {
                 let current = occupied.get_mut();
                 if cas != 0 && cas != current.cas {
                     return Status::CasMismatch;
                 }
                 current.value = value.to_vec();
-                current.cas = current.cas.wrapping_add(1).max(1);
+                current.cas = next_cas;
             }
             std::collections::hash_map::Entry::Vacant(vacant) => {
-                if cas != 0 {
-                    return Status::CasMismatch;
-                }
                 vacant.insert(SharedValue {
                     value: value.to_vec(),
-                    cas: 1,
+                    cas: next_cas,
                 });
             }
         }
@@ -162,6 +176,7 @@ impl SharedState {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         let mut entries: Vec<_> = data
+            .entries
             .iter()
             .filter(|((vm, _), _)| vm == vm_id)
             .map(|((_, k), v)| (k.clone(), v.value.clone()))
@@ -274,14 +289,15 @@ impl SharedState {
         id
     }
 
-    /// Adds `offset` to a counter or gauge. Counters cannot go down.
+    /// Adds `offset` to a counter or gauge, as Envoy: a counter only goes up (an offset of 0 or
+    /// less is [`Status::BadArgument`]); a histogram cannot be incremented.
     pub fn increment_metric(&self, id: u32, offset: i64) -> Status {
         let mut registry = self.metrics();
         let Some(metric) = registry.metrics.get_mut(id as usize) else {
             return Status::NotFound;
         };
         match metric.metric_type {
-            MetricType::Counter if offset < 0 => Status::BadArgument,
+            MetricType::Counter if offset <= 0 => Status::BadArgument,
             MetricType::Counter | MetricType::Gauge => {
                 metric.value = metric.value.saturating_add(offset);
                 Status::Ok
@@ -290,22 +306,33 @@ impl SharedState {
         }
     }
 
-    /// Sets a gauge, records into a histogram, or sets a counter.
+    /// Records `value`, as Envoy: adds it to a counter, sets a gauge, records it into a histogram.
     pub fn record_metric(&self, id: u32, value: u64) -> Status {
         let mut registry = self.metrics();
         let Some(metric) = registry.metrics.get_mut(id as usize) else {
             return Status::NotFound;
         };
-        metric.value = i64::try_from(value).unwrap_or(i64::MAX);
-        if metric.metric_type == MetricType::Histogram {
-            metric.recorded.push(value);
+        let value_i64 = i64::try_from(value).unwrap_or(i64::MAX);
+        match metric.metric_type {
+            MetricType::Counter => metric.value = metric.value.saturating_add(value_i64),
+            MetricType::Gauge => metric.value = value_i64,
+            MetricType::Histogram => {
+                metric.value = value_i64;
+                metric.recorded.push(value);
+            }
         }
         Status::Ok
     }
 
-    /// A metric's current value.
-    pub fn metric_value(&self, id: u32) -> Option<i64> {
-        self.metrics().metrics.get(id as usize).map(|m| m.value)
+    /// A counter's or gauge's current value: `Err(NotFound)` for no such metric,
+    /// `Err(BadArgument)` for a histogram (which has no single value), as Envoy answers.
+    pub fn metric_value(&self, id: u32) -> Result<i64, Status> {
+        let registry = self.metrics();
+        let metric = registry.metrics.get(id as usize).ok_or(Status::NotFound)?;
+        match metric.metric_type {
+            MetricType::Histogram => Err(Status::BadArgument),
+            MetricType::Counter | MetricType::Gauge => Ok(metric.value),
+        }
     }
 
     /// Every metric, in definition order.
@@ -323,10 +350,9 @@ mod tests {
         let shared = SharedState::new();
         assert_eq!(
             shared.set("vm", b"k", b"v1", 7),
-            Status::CasMismatch,
-            "cas on a missing key"
+            Status::Ok,
+            "a missing key is set whatever the cas"
         );
-        assert_eq!(shared.set("vm", b"k", b"v1", 0), Status::Ok);
         let (value, cas) = shared.get("vm", b"k").unwrap();
         assert_eq!(value, b"v1");
         assert_eq!(shared.set("vm", b"k", b"v2", cas + 1), Status::CasMismatch);
@@ -342,6 +368,17 @@ mod tests {
             None,
             "keys are scoped by vm_id"
         );
+    }
+
+    #[test]
+    fn cas_tokens_never_collide_across_keys() {
+        let shared = SharedState::new();
+        assert_eq!(shared.set("vm", b"a", b"1", 0), Status::Ok);
+        assert_eq!(shared.set("vm", b"b", b"1", 0), Status::Ok);
+        let (_, a) = shared.get("vm", b"a").unwrap();
+        let (_, b) = shared.get("vm", b"b").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(shared.set("vm", b"b", b"2", a), Status::CasMismatch);
     }
 
     #[test]
@@ -386,11 +423,19 @@ mod tests {
         );
         assert_eq!(shared.increment_metric(counter, 2), Status::Ok);
         assert_eq!(shared.increment_metric(counter, -1), Status::BadArgument);
-        assert_eq!(shared.metric_value(counter), Some(2));
+        assert_eq!(shared.increment_metric(counter, 0), Status::BadArgument);
+        assert_eq!(shared.record_metric(counter, 3), Status::Ok, "adds");
+        assert_eq!(shared.metric_value(counter), Ok(5));
         let gauge = shared.define_metric(MetricType::Gauge, "level");
         assert_eq!(shared.record_metric(gauge, 10), Status::Ok);
         assert_eq!(shared.increment_metric(gauge, -3), Status::Ok);
-        assert_eq!(shared.metric_value(gauge), Some(7));
+        assert_eq!(shared.increment_metric(gauge, 0), Status::Ok);
+        assert_eq!(shared.metric_value(gauge), Ok(7));
+        let histogram = shared.define_metric(MetricType::Histogram, "latency");
+        assert_eq!(shared.record_metric(histogram, 12), Status::Ok);
+        assert_eq!(shared.increment_metric(histogram, 1), Status::BadArgument);
+        assert_eq!(shared.metric_value(histogram), Err(Status::BadArgument));
         assert_eq!(shared.increment_metric(99, 1), Status::NotFound);
+        assert_eq!(shared.metric_value(99), Err(Status::NotFound));
     }
 }

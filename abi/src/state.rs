@@ -6,14 +6,60 @@ use std::time::Duration;
 use runtime_api::GuestFunction;
 use rustc_hash::FxHashMap;
 
+use crate::callbacks::Callback;
 use crate::shared::QueueOwner;
-use crate::{ContextId, HeaderMap, Host, HttpCallResponse, PluginConfig, SharedState};
+use crate::stream::StreamState;
+use crate::{AbiVersion, ContextId, HeaderMap, Host, HttpCallResponse, PluginConfig, SharedState};
 
 /// What kind of context an id names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ContextKind {
     Root,
-    Stream { root: ContextId },
+    Stream(StreamState),
+}
+
+/// Host functions a plugin may call while the host is inside code of the plugin that must not
+/// act on the proxy: its start function, or its allocator running for a host call's reply.
+/// Anything else traps and fails the VM, as proxy-wasm-cpp-host does on V8 (here on every
+/// engine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Restriction {
+    /// No restriction.
+    None,
+    /// `_initialize` / `_start` / `main`: WASI and `proxy_log` only.
+    Start,
+    /// `proxy_on_memory_allocate` / `malloc` for a reply: logging, time and WASI `poll_oneoff`
+    /// (which Go's runtime may call from its allocator).
+    Allocator,
+}
+
+impl Restriction {
+    /// Whether the host function `module.name` may run under this restriction.
+    pub(crate) fn allows(self, module: &str, name: &str) -> bool {
+        let wasi = matches!(module, "wasi_snapshot_preview1" | "wasi_unstable");
+        match self {
+            Restriction::None => true,
+            Restriction::Start => wasi || is_notification(name) || name == "proxy_log",
+            Restriction::Allocator => {
+                is_notification(name)
+                    || name == "proxy_log"
+                    || (wasi && matches!(name, "fd_write" | "clock_time_get" | "poll_oneoff"))
+            }
+        }
+    }
+
+    /// The functions allowed, for error messages.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Restriction::None => "any host function",
+            Restriction::Start => "WASI functions and proxy_log",
+            Restriction::Allocator => "proxy_log, fd_write, clock_time_get and poll_oneoff",
+        }
+    }
+}
+
+/// Emscripten's memory-growth notice comes from the allocator itself (sbrk) and does nothing.
+fn is_notification(name: &str) -> bool {
+    name == "emscripten_notify_memory_growth"
 }
 
 /// The per-VM state the engine keeps beside the guest and hands to host functions.
@@ -22,6 +68,8 @@ pub(crate) enum ContextKind {
 /// [`crate::Vm::host`].
 pub struct VmState {
     pub(crate) host: Box<dyn Host>,
+    /// The module's ABI version (a few answers differ for 0.1.0, as in Envoy).
+    pub(crate) abi: AbiVersion,
     pub(crate) config: Arc<PluginConfig>,
     pub(crate) shared: SharedState,
     /// The guest's allocator, resolved once at start.
@@ -29,6 +77,16 @@ pub struct VmState {
     /// The context that host calls act on: the callback's context unless the plugin switched it
     /// with `proxy_set_effective_context`.
     pub(crate) effective_context: ContextId,
+    /// The context the running callback was called for (what `proxy_set_effective_context(0)`
+    /// goes back to).
+    pub(crate) callback_context: ContextId,
+    /// The callback running now (`None` between callbacks and while the module starts).
+    pub(crate) callback: Option<Callback>,
+    /// Host functions the plugin may call right now.
+    pub(crate) restriction: Restriction,
+    /// Set by `proxy_send_local_response`: the running callback's result is overridden to stop
+    /// the stream (proxy-wasm-cpp-host's `stopNextIteration`).
+    pub(crate) stop_iteration: bool,
     /// Every live context; a hash map keyed by id, so lookups cost no tree walk.
     pub(crate) contexts: FxHashMap<u32, ContextKind>,
     /// The HTTP call response being delivered, readable while `proxy_on_http_call_response` runs.
@@ -47,26 +105,33 @@ pub struct VmState {
     pub(crate) grpc_trailing_metadata: Option<HeaderMap>,
     /// The gRPC message being delivered (`GrpcReceiveBuffer`).
     pub(crate) grpc_message: Option<Vec<u8>>,
-    /// The status of the last gRPC call or stream that closed (`proxy_get_status`).
-    pub(crate) grpc_status: Option<(u32, Vec<u8>)>,
-    /// Whether `proxy_on_vm_start` is running: ABI 0.1.0's `proxy_get_configuration` then
-    /// returns the VM configuration instead of the plugin configuration.
-    pub(crate) in_vm_start: bool,
+    /// What `proxy_get_status` reports: the code of the last failed HTTP call (11, "reset") or
+    /// closed gRPC call, 0 before any. The message is readable only in the callback that set it.
+    pub(crate) status: (u32, Vec<u8>),
+    /// Whether the plugin configuration is readable: only while the root context is created
+    /// and configured, as in Envoy.
+    pub(crate) plugin_configuration_readable: bool,
 }
 
 impl VmState {
     pub(crate) fn new(
         host: Box<dyn Host>,
+        abi: AbiVersion,
         config: Arc<PluginConfig>,
         shared: SharedState,
         queue_owner: QueueOwner,
     ) -> Self {
         VmState {
             host,
+            abi,
             config,
             shared,
             allocator: None,
             effective_context: ContextId(0),
+            callback_context: ContextId(0),
+            callback: None,
+            restriction: Restriction::None,
+            stop_iteration: false,
             contexts: FxHashMap::default(),
             http_call_response: None,
             tick_periods: FxHashMap::default(),
@@ -76,16 +141,24 @@ impl VmState {
             grpc_initial_metadata: None,
             grpc_trailing_metadata: None,
             grpc_message: None,
-            grpc_status: None,
-            in_vm_start: false,
+            status: (0, Vec::new()),
+            plugin_configuration_readable: false,
         }
     }
 
     /// The root context of the effective context (itself if it is a root).
     pub(crate) fn effective_root(&self) -> ContextId {
         match self.contexts.get(&self.effective_context.0) {
-            Some(ContextKind::Stream { root }) => *root,
+            Some(ContextKind::Stream(stream)) => stream.root,
             _ => self.effective_context,
+        }
+    }
+
+    /// The stream the plugin acts on, or `None` if the effective context is a root context.
+    pub(crate) fn effective_stream(&mut self) -> Option<&mut StreamState> {
+        match self.contexts.get_mut(&self.effective_context.0) {
+            Some(ContextKind::Stream(stream)) => Some(stream),
+            _ => None,
         }
     }
 }

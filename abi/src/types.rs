@@ -181,43 +181,50 @@ spec_enum! {
     }
 }
 
-/// What a header or trailer callback asked the host to do (`proxy_action_t` and Envoy's
-/// `FilterHeadersStatus`).
+/// What the host does after a header or trailer callback (Envoy's `FilterHeadersStatus` and
+/// `FilterTrailersStatus`), decided from the plugin's return value as proxy-wasm-cpp-host and
+/// Envoy decide it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HeadersAction {
     /// Continue processing.
     Continue,
-    /// Stop until the plugin continues the stream (`StopIteration`, the SDKs' `Pause`).
+    /// Stop until the plugin continues the stream (`StopIteration`, the SDKs' `Pause`); later
+    /// body chunks and trailers still reach the plugin. From a header callback only when the
+    /// embedder allows it ([`crate::PluginConfig::allow_on_headers_stop_iteration`]); from a
+    /// trailers callback always.
     Pause,
-    /// Continue, ending the stream here (`ContinueAndEndStream`).
-    ContinueAndEndStream,
-    /// Stop, buffering the body (`StopAllIterationAndBuffer`).
+    /// Stop, buffering the body until the plugin continues (`StopAllIterationAndBuffer`).
     StopAllAndBuffer,
-    /// Stop, buffering with flow control (`StopAllIterationAndWatermark`).
+    /// Stop, buffering with flow control until the plugin continues
+    /// (`StopAllIterationAndWatermark`): no body or trailer callbacks meanwhile.
     StopAllAndWatermark,
-    /// A value the spec does not define, kept as the plugin returned it.
-    Unknown(u32),
 }
 
 impl HeadersAction {
-    /// Decodes a callback's return value.
-    pub fn from_raw(raw: u64) -> Self {
+    /// The action for a header callback's return value `raw`. As in Envoy: `StopIteration` (1)
+    /// becomes `StopAllIterationAndWatermark` unless `allow_stop_iteration` (proxy-wasm-cpp-host
+    /// #143); `ContinueAndEndStream` (2) continues; values above 4 stop everything.
+    pub fn from_headers_callback(raw: u64, allow_stop_iteration: bool) -> Self {
         match raw {
-            0 => HeadersAction::Continue,
-            1 => HeadersAction::Pause,
-            2 => HeadersAction::ContinueAndEndStream,
+            0 | 2 => HeadersAction::Continue,
+            1 if allow_stop_iteration => HeadersAction::Pause,
             3 => HeadersAction::StopAllAndBuffer,
-            4 => HeadersAction::StopAllAndWatermark,
-            other => HeadersAction::Unknown(other as u32),
+            _ => HeadersAction::StopAllAndWatermark,
+        }
+    }
+
+    /// The action for a trailers callback's return value: 0 continues, anything else stops.
+    pub fn from_trailers_callback(raw: u64) -> Self {
+        if raw == 0 {
+            HeadersAction::Continue
+        } else {
+            HeadersAction::Pause
         }
     }
 
     /// Whether the host forwards the headers now.
     pub fn continues(self) -> bool {
-        matches!(
-            self,
-            HeadersAction::Continue | HeadersAction::ContinueAndEndStream
-        )
+        self == HeadersAction::Continue
     }
 
     /// A short name for reports.
@@ -225,15 +232,13 @@ impl HeadersAction {
         match self {
             HeadersAction::Continue => "continue",
             HeadersAction::Pause => "pause",
-            HeadersAction::ContinueAndEndStream => "continue_and_end_stream",
             HeadersAction::StopAllAndBuffer => "stop_all_and_buffer",
             HeadersAction::StopAllAndWatermark => "stop_all_and_watermark",
-            HeadersAction::Unknown(_) => "unknown",
         }
     }
 }
 
-/// What a body or data callback asked the host to do (`FilterDataStatus`).
+/// What the host does after a body or data callback (`FilterDataStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DataAction {
     /// Forward the data (and anything buffered before it).
@@ -245,19 +250,27 @@ pub enum DataAction {
     StopAndWatermark,
     /// Stop without buffering: the chunk is dropped from the plugin's view.
     StopNoBuffer,
-    /// A value the spec does not define.
-    Unknown(u32),
 }
 
 impl DataAction {
-    /// Decodes a callback's return value.
-    pub fn from_raw(raw: u64) -> Self {
+    /// The action for an HTTP body callback's return value: values above 3 stop without
+    /// buffering, as in proxy-wasm-cpp-host.
+    pub fn from_body_callback(raw: u64) -> Self {
         match raw {
             0 => DataAction::Continue,
             1 => DataAction::StopAndBuffer,
             2 => DataAction::StopAndWatermark,
-            3 => DataAction::StopNoBuffer,
-            other => DataAction::Unknown(other as u32),
+            _ => DataAction::StopNoBuffer,
+        }
+    }
+
+    /// The action for a TCP callback's return value: 0 continues; anything else stops, and the
+    /// connection keeps the data for the next callback (Envoy's network `StopIteration`).
+    pub fn from_network_callback(raw: u64) -> Self {
+        if raw == 0 {
+            DataAction::Continue
+        } else {
+            DataAction::StopAndBuffer
         }
     }
 
@@ -268,7 +281,6 @@ impl DataAction {
             DataAction::StopAndBuffer => "pause",
             DataAction::StopAndWatermark => "stop_and_watermark",
             DataAction::StopNoBuffer => "stop_no_buffer",
-            DataAction::Unknown(_) => "unknown",
         }
     }
 }

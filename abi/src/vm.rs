@@ -6,11 +6,15 @@ use runtime_api::{GuestFunction, Instance, InterruptHandle, Trap, TrapKind};
 
 use crate::callbacks::{Callback, CALLBACKS, CALLBACK_COUNT};
 use crate::shared::QueueOwner;
-use crate::state::ContextKind;
+use crate::state::{ContextKind, Restriction};
+use crate::stream::{Part, StreamState};
 use crate::{
     AbiVersion, ContextId, DataAction, HeaderMap, HeadersAction, Host, HttpCallResponse, PeerType,
     Plugin, VmState,
 };
+
+/// What `proxy_get_status` reports after an HTTP call failed, as Envoy: `BrokenConnection`.
+const HTTP_CALL_FAILED: u32 = 11;
 
 /// Why a call into a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +59,10 @@ impl VmError {
 pub struct Vm {
     instance: Box<dyn Instance<VmState>>,
     callbacks: [Option<GuestFunction>; CALLBACK_COUNT],
+    /// How many of the arguments a callback is given its export takes.
+    callback_params: [usize; CALLBACK_COUNT],
     abi: AbiVersion,
+    allow_on_headers_stop_iteration: bool,
     root: ContextId,
     next_context_id: u32,
     failure: Option<String>,
@@ -70,6 +77,7 @@ impl Vm {
         let (notify, queue_ready) = std::sync::mpsc::channel();
         let state = VmState::new(
             host,
+            plugin.abi,
             plugin.config.clone(),
             plugin.shared.clone(),
             QueueOwner { notify },
@@ -88,7 +96,9 @@ impl Vm {
         let mut vm = Vm {
             instance,
             callbacks,
+            callback_params: plugin.callback_params,
             abi: plugin.abi,
+            allow_on_headers_stop_iteration: plugin.config.allow_on_headers_stop_iteration,
             root: ContextId(1),
             next_context_id: 2,
             failure: None,
@@ -98,7 +108,15 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Runs the module's start function, which may call only WASI functions and `proxy_log`.
     fn initialize(&mut self) -> Result<(), VmError> {
+        self.instance.state().restriction = Restriction::Start;
+        let result = self.run_start_function();
+        self.instance.state().restriction = Restriction::None;
+        result
+    }
+
+    fn run_start_function(&mut self) -> Result<(), VmError> {
         let entry = ["_initialize", "_start"]
             .into_iter()
             .find_map(|name| Some((name, self.instance.function(name)?)));
@@ -140,6 +158,7 @@ impl Vm {
 
     /// Calls `callback` for `context`. A missing export is not an error: the result slots keep
     /// their defaults, which the callers choose to mean what the spec's default behaviour is.
+    /// Returns whether `proxy_send_local_response` asked to stop the stream meanwhile.
     #[inline]
     fn call(
         &mut self,
@@ -154,17 +173,39 @@ impl Vm {
         let Some(function) = self.callbacks[callback as usize] else {
             return Ok(false);
         };
-        self.instance.state().effective_context = context;
-        match self.instance.call(function, args, results) {
-            Ok(()) => Ok(true),
+        let state = self.instance.state();
+        state.effective_context = context;
+        state.callback_context = context;
+        state.callback = Some(callback);
+        state.stop_iteration = false;
+        let args = &args[..self.callback_params[callback as usize].min(args.len())];
+        let result = self.instance.call(function, args, results);
+        let state = self.instance.state();
+        state.callback = None;
+        match result {
+            Ok(()) => Ok(std::mem::take(&mut state.stop_iteration)),
             Err(trap) => Err(self.fail(CALLBACKS[callback as usize].name, context, trap)),
         }
     }
 
-    fn check_stream(&mut self, context: ContextId) -> Result<(), VmError> {
-        match self.instance.state().contexts.get(&context.0) {
-            Some(ContextKind::Stream { .. }) => Ok(()),
+    fn stream(&mut self, context: ContextId) -> Result<&mut StreamState, VmError> {
+        match self.instance.state().contexts.get_mut(&context.0) {
+            Some(ContextKind::Stream(stream)) => Ok(stream),
             _ => Err(VmError::UnknownContext(context)),
+        }
+    }
+
+    fn check_stream(&mut self, context: ContextId) -> Result<(), VmError> {
+        self.stream(context).map(|_| ())
+    }
+
+    /// Hands `part` of the stream to the plugin for one callback and lets go of it again if the
+    /// callback returned `continues`.
+    fn release_if(&mut self, context: ContextId, part: Part, continues: bool) {
+        if continues {
+            if let Ok(stream) = self.stream(context) {
+                stream.release(part);
+            }
         }
     }
 
@@ -218,19 +259,27 @@ impl Vm {
             .state()
             .contexts
             .insert(root.0, ContextKind::Root);
-        self.call(
-            Callback::ContextCreate,
-            root,
-            &[u64::from(root.0), 0],
-            &mut [],
-        )?;
+        // As in Envoy, the plugin configuration is readable while the root context is created
+        // and configured, not in `proxy_on_vm_start` (which must not depend on the plugin).
+        self.with_plugin_configuration(|vm| {
+            vm.call(
+                Callback::ContextCreate,
+                root,
+                &[u64::from(root.0), 0],
+                &mut [],
+            )
+        })?;
         let size = self.instance.state().config.vm_configuration.len() as u64;
         let mut ok = [1];
-        self.instance.state().in_vm_start = true;
-        let result = self.call(Callback::VmStart, root, &[u64::from(root.0), size], &mut ok);
-        self.instance.state().in_vm_start = false;
-        result?;
+        self.call(Callback::VmStart, root, &[u64::from(root.0), size], &mut ok)?;
         Ok(ok[0] != 0)
+    }
+
+    fn with_plugin_configuration<T>(&mut self, call: impl FnOnce(&mut Self) -> T) -> T {
+        self.instance.state().plugin_configuration_readable = true;
+        let result = call(self);
+        self.instance.state().plugin_configuration_readable = false;
+        result
     }
 
     /// Calls `proxy_on_configure`. Returns whether the plugin accepted its configuration.
@@ -238,12 +287,14 @@ impl Vm {
         let root = self.root;
         let size = self.instance.state().config.plugin_configuration.len() as u64;
         let mut ok = [1];
-        self.call(
-            Callback::Configure,
-            root,
-            &[u64::from(root.0), size],
-            &mut ok,
-        )?;
+        self.with_plugin_configuration(|vm| {
+            vm.call(
+                Callback::Configure,
+                root,
+                &[u64::from(root.0), size],
+                &mut ok,
+            )
+        })?;
         Ok(ok[0] != 0)
     }
 
@@ -262,7 +313,7 @@ impl Vm {
         self.instance
             .state()
             .contexts
-            .insert(context.0, ContextKind::Stream { root });
+            .insert(context.0, ContextKind::Stream(StreamState::new(root)));
         self.call(
             Callback::ContextCreate,
             context,
@@ -275,55 +326,74 @@ impl Vm {
     fn headers_callback(
         &mut self,
         callback: Callback,
+        part: Part,
         context: ContextId,
         count: usize,
         end_of_stream: bool,
     ) -> Result<HeadersAction, VmError> {
-        self.check_stream(context)?;
+        self.stream(context)?.deliver(part);
         let mut action = [0];
+        // A 0.1.0 export of the spec's shape takes only the first two (see `callbacks`).
         let args = [u64::from(context.0), count as u64, u64::from(end_of_stream)];
-        let args = if self.abi == AbiVersion::V0_1_0 {
-            &args[..2]
+        let stopped = self.call(callback, context, &args, &mut action)?;
+        let action = if stopped {
+            HeadersAction::StopAllAndWatermark
         } else {
-            &args[..]
+            HeadersAction::from_headers_callback(action[0], self.allow_on_headers_stop_iteration)
         };
-        self.call(callback, context, args, &mut action)?;
-        Ok(HeadersAction::from_raw(action[0]))
+        self.release_if(context, part, action.continues());
+        Ok(action)
     }
 
     fn body_callback(
         &mut self,
         callback: Callback,
+        part: Part,
         context: ContextId,
         size: usize,
         end_of_stream: bool,
     ) -> Result<DataAction, VmError> {
-        self.check_stream(context)?;
+        self.stream(context)?.deliver_body(part, end_of_stream);
         let mut action = [0];
-        self.call(
+        let stopped = self.call(
             callback,
             context,
             &[u64::from(context.0), size as u64, u64::from(end_of_stream)],
             &mut action,
         )?;
-        Ok(DataAction::from_raw(action[0]))
+        let action = match part {
+            Part::DownstreamData | Part::UpstreamData => {
+                DataAction::from_network_callback(action[0])
+            }
+            _ if stopped => DataAction::StopNoBuffer,
+            _ => DataAction::from_body_callback(action[0]),
+        };
+        self.release_if(context, part, action == DataAction::Continue);
+        Ok(action)
     }
 
     fn trailers_callback(
         &mut self,
         callback: Callback,
+        part: Part,
         context: ContextId,
         count: usize,
     ) -> Result<HeadersAction, VmError> {
-        self.check_stream(context)?;
+        self.stream(context)?.deliver(part);
         let mut action = [0];
-        self.call(
+        let stopped = self.call(
             callback,
             context,
             &[u64::from(context.0), count as u64],
             &mut action,
         )?;
-        Ok(HeadersAction::from_raw(action[0]))
+        let action = if stopped {
+            HeadersAction::Pause
+        } else {
+            HeadersAction::from_trailers_callback(action[0])
+        };
+        self.release_if(context, part, action.continues());
+        Ok(action)
     }
 
     /// Calls `proxy_on_request_headers` with the number of request headers.
@@ -333,7 +403,13 @@ impl Vm {
         headers: usize,
         end_of_stream: bool,
     ) -> Result<HeadersAction, VmError> {
-        self.headers_callback(Callback::RequestHeaders, context, headers, end_of_stream)
+        self.headers_callback(
+            Callback::RequestHeaders,
+            Part::RequestHeaders,
+            context,
+            headers,
+            end_of_stream,
+        )
     }
 
     /// Calls `proxy_on_request_body` with the size of the (buffered) body.
@@ -343,7 +419,13 @@ impl Vm {
         size: usize,
         end_of_stream: bool,
     ) -> Result<DataAction, VmError> {
-        self.body_callback(Callback::RequestBody, context, size, end_of_stream)
+        self.body_callback(
+            Callback::RequestBody,
+            Part::RequestBody,
+            context,
+            size,
+            end_of_stream,
+        )
     }
 
     /// Calls `proxy_on_request_trailers` with the number of trailers.
@@ -352,7 +434,12 @@ impl Vm {
         context: ContextId,
         trailers: usize,
     ) -> Result<HeadersAction, VmError> {
-        self.trailers_callback(Callback::RequestTrailers, context, trailers)
+        self.trailers_callback(
+            Callback::RequestTrailers,
+            Part::RequestTrailers,
+            context,
+            trailers,
+        )
     }
 
     /// Calls `proxy_on_response_headers` with the number of response headers.
@@ -362,7 +449,13 @@ impl Vm {
         headers: usize,
         end_of_stream: bool,
     ) -> Result<HeadersAction, VmError> {
-        self.headers_callback(Callback::ResponseHeaders, context, headers, end_of_stream)
+        self.headers_callback(
+            Callback::ResponseHeaders,
+            Part::ResponseHeaders,
+            context,
+            headers,
+            end_of_stream,
+        )
     }
 
     /// Calls `proxy_on_response_body` with the size of the (buffered) body.
@@ -372,7 +465,13 @@ impl Vm {
         size: usize,
         end_of_stream: bool,
     ) -> Result<DataAction, VmError> {
-        self.body_callback(Callback::ResponseBody, context, size, end_of_stream)
+        self.body_callback(
+            Callback::ResponseBody,
+            Part::ResponseBody,
+            context,
+            size,
+            end_of_stream,
+        )
     }
 
     /// Calls `proxy_on_response_trailers` with the number of trailers.
@@ -381,7 +480,12 @@ impl Vm {
         context: ContextId,
         trailers: usize,
     ) -> Result<HeadersAction, VmError> {
-        self.trailers_callback(Callback::ResponseTrailers, context, trailers)
+        self.trailers_callback(
+            Callback::ResponseTrailers,
+            Part::ResponseTrailers,
+            context,
+            trailers,
+        )
     }
 
     /// Calls `proxy_on_log` when the stream is complete.
@@ -402,7 +506,7 @@ impl Vm {
         let done = done[0] != 0;
         let state = self.instance.state();
         if !done
-            && state.contexts.get(&context.0) == Some(&ContextKind::Root)
+            && matches!(state.contexts.get(&context.0), Some(ContextKind::Root))
             && !state.pending_done.contains(&context)
         {
             state.pending_done.push(context);
@@ -445,6 +549,19 @@ impl Vm {
         self.instance.state().http_call_response = Some(response);
         let result = self.call(Callback::HttpCallResponse, root, &args, &mut []);
         self.instance.state().http_call_response = None;
+        result.map(|_| ())
+    }
+
+    /// Tells the root context that HTTP call `token` failed (reset, timed out, or no upstream):
+    /// `proxy_on_http_call_response` with no headers, body or trailers, while `proxy_get_status`
+    /// reports `BrokenConnection` (11) and "reset", as in Envoy. The code stays until a later
+    /// failure or gRPC close replaces it; the message is readable in this callback only.
+    pub fn on_http_call_failure(&mut self, token: u32) -> Result<(), VmError> {
+        let root = self.root;
+        self.instance.state().status = (HTTP_CALL_FAILED, b"reset".to_vec());
+        let args = [u64::from(root.0), u64::from(token), 0, 0, 0];
+        let result = self.call(Callback::HttpCallResponse, root, &args, &mut []);
+        self.instance.state().status.1.clear();
         result.map(|_| ())
     }
 
@@ -533,16 +650,19 @@ impl Vm {
         result
     }
 
-    /// Closes gRPC call or stream `token` with a gRPC status code and message (the message stays
-    /// readable through `proxy_get_status` until the next close).
+    /// Closes gRPC call or stream `token` with a gRPC status code and message, which
+    /// `proxy_get_status` reports: the code until a later close or failed HTTP call replaces it,
+    /// the message in this callback only (as Envoy).
     pub fn on_grpc_close(
         &mut self,
         token: u32,
         status_code: u32,
         message: Vec<u8>,
     ) -> Result<(), VmError> {
-        self.instance.state().grpc_status = Some((status_code, message));
-        self.grpc_callback(Callback::GrpcClose, token, u64::from(status_code))
+        self.instance.state().status = (status_code, message);
+        let result = self.grpc_callback(Callback::GrpcClose, token, u64::from(status_code));
+        self.instance.state().status.1.clear();
+        result
     }
 
     /// Creates a context for a new TCP connection.
@@ -560,7 +680,7 @@ impl Vm {
             &[u64::from(context.0)],
             &mut action,
         )?;
-        Ok(DataAction::from_raw(action[0]))
+        Ok(DataAction::from_network_callback(action[0]))
     }
 
     /// Calls `proxy_on_downstream_data` with the size of the (buffered) downstream data.
@@ -570,7 +690,13 @@ impl Vm {
         size: usize,
         end_of_stream: bool,
     ) -> Result<DataAction, VmError> {
-        self.body_callback(Callback::DownstreamData, context, size, end_of_stream)
+        self.body_callback(
+            Callback::DownstreamData,
+            Part::DownstreamData,
+            context,
+            size,
+            end_of_stream,
+        )
     }
 
     /// Calls `proxy_on_upstream_data` with the size of the (buffered) upstream data.
@@ -580,7 +706,13 @@ impl Vm {
         size: usize,
         end_of_stream: bool,
     ) -> Result<DataAction, VmError> {
-        self.body_callback(Callback::UpstreamData, context, size, end_of_stream)
+        self.body_callback(
+            Callback::UpstreamData,
+            Part::UpstreamData,
+            context,
+            size,
+            end_of_stream,
+        )
     }
 
     /// Calls `proxy_on_downstream_connection_close`.

@@ -441,8 +441,8 @@ impl FloorVm {
         self.arm(context);
         self.callbacks.delete.call(&mut self.store, ctx)?;
         Ok(RequestOutcome {
-            request: abi::HeadersAction::from_raw(request as u32 as u64),
-            response: abi::HeadersAction::from_raw(response as u32 as u64),
+            request: abi::HeadersAction::from_headers_callback(request as u32 as u64, false),
+            response: abi::HeadersAction::from_headers_callback(response as u32 as u64, false),
         })
     }
 

@@ -17,6 +17,8 @@ use native::sdk::NativePlugin;
 mod abi_coverage;
 #[path = "../../plugins/rust/body_rewrite/src/lib.rs"]
 mod body_rewrite;
+#[path = "../../plugins/rust/envoy_rules/src/lib.rs"]
+mod envoy_rules;
 #[path = "../../plugins/rust/foreign_call/src/lib.rs"]
 mod foreign_call;
 #[path = "../../plugins/rust/grpc_call/src/lib.rs"]
@@ -52,6 +54,7 @@ mod timers;
 pub const PLUGINS: &[NativePlugin] = &[
     abi_coverage::PLUGIN,
     body_rewrite::PLUGIN,
+    envoy_rules::PLUGIN,
     foreign_call::PLUGIN,
     grpc_call::PLUGIN,
     grpc_stream::PLUGIN,

@@ -99,10 +99,42 @@ pub(crate) fn imports() -> &'static [Import] {
 /// stopped the plugin) is `Status::InternalFailure`; in the second case the plugin's current call
 /// fails with the host's trap when it returns.
 pub fn call(import: HostImport, args: &[u64]) -> u32 {
+    if import == HostImport::Log && !runtime_null::in_instance_call() {
+        return log_outside_call(args);
+    }
     match try_call(import, args) {
         Ok(status) => status,
         Err(_) => INTERNAL_FAILURE,
     }
+}
+
+/// A log line written where no plugin call runs: a plugin library's thread-local contexts are
+/// dropped when their thread exits, and a context that logs from `Drop` would otherwise get a
+/// failure, on which the SDK panics and, in an `extern "C"` callback's thread teardown, aborts
+/// the process. The line goes to standard error instead.
+fn log_outside_call(args: &[u64]) -> u32 {
+    let &[level, data, size] = args else {
+        return INTERNAL_FAILURE;
+    };
+    let message = if data == 0 || size == 0 {
+        &[][..]
+    } else {
+        // SAFETY: `proxy_log`'s contract (the only caller, through the `proxy_log` symbol or
+        // the native SDK, both trusted native code) is that `data` points at `size` readable
+        // bytes for the duration of the call.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::with_exposed_provenance::<u8>(data as usize),
+                size as usize,
+            )
+        }
+    };
+    let level = abi::LogLevel::from_raw(level).map_or("unknown", abi::LogLevel::as_str);
+    eprintln!(
+        "[{level}] (plugin, outside a call) {}",
+        String::from_utf8_lossy(message)
+    );
+    0
 }
 
 /// As [`call`], with the failure.

@@ -83,6 +83,11 @@ struct PluginArgs {
     /// An environment variable visible to the plugin through WASI (KEY=VALUE; repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     environment: Vec<String>,
+    /// Let a Pause (StopIteration) from a header callback hold the headers only, so body and
+    /// trailer callbacks still come (Envoy's `allow_on_headers_stop_iteration`); by default it
+    /// holds everything until the plugin continues, as in Envoy.
+    #[arg(long)]
+    allow_on_headers_stop_iteration: bool,
 }
 
 impl PluginArgs {
@@ -114,6 +119,7 @@ impl PluginArgs {
             vm_configuration: text_or_file(&self.vm_config, "VM configuration")?,
             plugin_configuration: text_or_file(&self.plugin_config, "plugin configuration")?,
             environment,
+            allow_on_headers_stop_iteration: self.allow_on_headers_stop_iteration,
         })
     }
 
@@ -164,7 +170,7 @@ struct RunArgs {
     /// engines that can stop a call; the null runtime cannot].
     #[arg(long)]
     deadline_ms: Option<u64>,
-    /// Cap the plugin's linear memory (MiB).
+    /// Cap the plugin's linear memory (MiB; 0: no cap) [default: 1024, as Envoy].
     #[arg(long)]
     max_memory_mib: Option<u64>,
 }
@@ -198,7 +204,11 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let scenario = load_scenario(args.scenario.as_deref())?;
     let deadline_ms = args.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
     let runtime_config = RuntimeConfig {
-        max_memory_bytes: args.max_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
+        max_memory_bytes: match args.max_memory_mib {
+            None => Some(RuntimeConfig::DEFAULT_MAX_MEMORY_BYTES),
+            Some(0) => None,
+            Some(mib) => Some(mib.saturating_mul(1 << 20)),
+        },
         call_deadline: (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms)),
         interruptible: false,
     };
@@ -209,7 +219,7 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     if args.deadline_ms.is_some_and(|ms| ms > 0) && !capabilities.call_deadline {
         eprintln!("warning: the {runtime_name} runtime cannot enforce --deadline-ms");
     }
-    if args.max_memory_mib.is_some() && !capabilities.memory_limit {
+    if args.max_memory_mib.is_some_and(|mib| mib > 0) && !capabilities.memory_limit {
         eprintln!("warning: the {runtime_name} runtime cannot enforce --max-memory-mib");
     }
     let plugin = args.plugin.load(&*runtime)?;

@@ -5,7 +5,8 @@
 //! A case names a plugin under `plugins/dist/` (built by `bash plugins/build.sh`), its
 //! configuration, a scenario, and either `expect` — a subset of the `pwhost run` JSON report that
 //! must match (objects: the keys given; lists: same length, element by element; `{contains: s}`:
-//! a string containing `s`) — or `expect_load_error`, a substring of the load error.
+//! a string containing `s`) — or `expect_load_error`, a substring of the load error, or
+//! `expect_run_error`, a substring of the error that ends the run (e.g. a VM that cannot start).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,6 +30,9 @@ struct Case {
     root_id: String,
     #[serde(default)]
     deadline_ms: Option<u64>,
+    /// Envoy's `allow_on_headers_stop_iteration` for the plugin.
+    #[serde(default)]
+    allow_on_headers_stop_iteration: bool,
     /// Environment variables for WASI, as `KEY=VALUE`.
     #[serde(default)]
     environment: Vec<String>,
@@ -38,6 +42,8 @@ struct Case {
     expect: Option<Value>,
     #[serde(default)]
     expect_load_error: Option<String>,
+    #[serde(default)]
+    expect_run_error: Option<String>,
     /// Why the case cannot run on a proxy-wasm SDK library (`.so`) on the null runtime; its
     /// compiled-in build (`native:NAME`) still runs it.
     #[serde(default)]
@@ -160,6 +166,7 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<
             .filter_map(|entry| entry.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        allow_on_headers_stop_iteration: case.allow_on_headers_stop_iteration,
         ..abi::PluginConfig::default()
     };
     let loaded = pwhost::plugins::load(&*runtime, build, plugin_config, abi::SharedState::new());
@@ -180,13 +187,27 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<
         )),
         (None, Err(error)) => Err(format!("{context}: cannot load: {error}")),
         (None, Ok(plugin)) => {
-            let report = scenario::run(&plugin, &case.scenario, FailurePolicy::FailClosed)
-                .map_err(|e| format!("{context}: {e}"))?;
+            let outcome = scenario::run(&plugin, &case.scenario, FailurePolicy::FailClosed);
+            let report = match (&case.expect_run_error, outcome) {
+                (Some(expected), Err(error)) => {
+                    let message = error.to_string();
+                    return if message.contains(expected.as_str()) {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{context}: run error {message:?} does not contain {expected:?}"
+                        ))
+                    };
+                }
+                (Some(_), Ok(_)) => {
+                    return Err(format!("{context}: ran, but the case expects a run error"))
+                }
+                (None, outcome) => outcome.map_err(|e| format!("{context}: {e}"))?,
+            };
             let actual = serde_json::to_value(&report).map_err(|e| e.to_string())?;
-            let expected = case
-                .expect
-                .as_ref()
-                .ok_or_else(|| format!("{name}: no expect or expect_load_error"))?;
+            let expected = case.expect.as_ref().ok_or_else(|| {
+                format!("{name}: no expect, expect_load_error or expect_run_error")
+            })?;
             check(expected, &actual, "report").map_err(|diff| format!("{context}:\n  {diff}"))
         }
     }

@@ -18,9 +18,10 @@ pub struct Capabilities {
 }
 
 /// How an engine runs guests. Engines ignore what they cannot do and say so in [`Capabilities`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuntimeConfig {
-    /// The most linear memory one instance may have; `memory.grow` beyond it fails.
+    /// The most linear memory one instance may have; `memory.grow` beyond it fails. Default:
+    /// [`RuntimeConfig::DEFAULT_MAX_MEMORY_BYTES`]; `None` removes the cap.
     pub max_memory_bytes: Option<u64>,
     /// The longest one top-level guest call may run before it is stopped. Engines measure it
     /// as their timers allow: elapsed time (wasmtime, wasmer, wasmi, WAMR) or the calling
@@ -28,4 +29,21 @@ pub struct RuntimeConfig {
     pub call_deadline: Option<Duration>,
     /// Prepare every instance for [`crate::Instance::interrupt_handle`]; may cost a little speed.
     pub interruptible: bool,
+}
+
+impl RuntimeConfig {
+    /// The memory cap unless configured otherwise: 1 GiB, proxy-wasm-cpp-host's
+    /// (`PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES`), so a guest that needs more fails here as it
+    /// would in Envoy instead of passing here and failing there.
+    pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 1 << 30;
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_memory_bytes: Some(Self::DEFAULT_MAX_MEMORY_BYTES),
+            call_deadline: None,
+            interruptible: false,
+        }
+    }
 }

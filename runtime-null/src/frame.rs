@@ -46,6 +46,12 @@ pub fn call_host(import: usize, slots: &mut [u64]) -> Result<(), Trap> {
     unsafe { frame.as_ref() }.dispatch(import, slots)
 }
 
+/// Whether a call of an instance is running on this thread, i.e. whether [`call_host`] has
+/// an instance to call for.
+pub fn in_instance_call() -> bool {
+    CURRENT.with(|current| current.get().is_some())
+}
+
 /// The state of one top-level call of an instance, as host functions need it.
 pub(crate) struct Frame<'a, S> {
     /// The instance's state, borrowed mutably by the instance's `call` for the frame's lifetime.

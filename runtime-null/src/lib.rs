@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
-pub use frame::call_host;
+pub use frame::{call_host, in_instance_call};
 pub use instance::NullInstance;
 pub use module::{NullLinkedModule, NullModule};
 pub use native::{NativeInstance, NativeModule};

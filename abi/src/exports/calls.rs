@@ -8,12 +8,20 @@ use super::{check, return_data, write_u32, Failure, HostResult};
 use crate::header_map::wire;
 use crate::{GrpcRequest, HttpCallRequest, Status, VmState};
 
+/// The pseudo-headers Envoy requires of an HTTP call.
+const REQUIRED_CALL_HEADERS: [&[u8]; 3] = [b":method", b":path", b":authority"];
+
 /// `proxy_http_call(upstream_data, upstream_size, headers_data, headers_size, body_data,
 /// body_size, trailers_data, trailers_size, timeout_ms, return_token)`. The call is dispatched
-/// for the root context, which receives the response.
+/// for the root context, which receives the response. As in Envoy, a call without `:method`,
+/// `:path` or `:authority`, or with a timeout that is negative as a signed 32-bit number, is
+/// `BAD_ARGUMENT` and nothing is sent; a timeout of 0 means none.
 pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, mut memory) = caller.state_and_memory();
     memory.slice_mut(args[9], 4)?;
+    if (args[8] as u32 as i32) < 0 {
+        return Err(Status::BadArgument.into());
+    }
     let request = HttpCallRequest {
         upstream: memory.slice(args[0], args[1])?.to_vec(),
         headers: wire::decode(memory.slice(args[2], args[3])?)?
@@ -25,7 +33,10 @@ pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
             .collect(),
         timeout: Duration::from_millis(args[8]),
     };
-    if request.upstream.is_empty() {
+    let complete = REQUIRED_CALL_HEADERS
+        .iter()
+        .all(|name| request.headers.get(name).is_some());
+    if request.upstream.is_empty() || !complete {
         return Err(Status::BadArgument.into());
     }
     let root = state.effective_root();
@@ -108,10 +119,11 @@ pub(super) fn grpc_close(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Host
     check(state.host.grpc_close(root, args[0] as u32))
 }
 
-/// `proxy_get_status(return_code, return_message_data, return_message_size)`: the status of the
-/// gRPC call or stream that closed last; `NOT_FOUND` before any closed.
+/// `proxy_get_status(return_code, return_message_data, return_message_size)`: always `OK`, with
+/// the code of the last failed HTTP call or closed gRPC call (0 before any) and, in the callback
+/// that reported it, its message (see `VmState::status`).
 pub(super) fn get_status(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let (code, message) = caller.state().grpc_status.clone().ok_or(Status::NotFound)?;
+    let (code, message) = caller.state().status.clone();
     caller.memory().write_u32(args[0], code)?;
     let len = message.len() as u64;
     return_data(caller, len, args[1], args[2], |_, memory, pointer| {

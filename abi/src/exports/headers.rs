@@ -1,35 +1,105 @@
-//! Header maps: request/response headers and trailers, and the HTTP call response's.
+//! Header maps: request/response headers and trailers, call responses' headers, gRPC metadata.
+//!
+//! A map is reachable only while the plugin holds it (see `crate::stream`), with Envoy's
+//! answers otherwise: `BAD_ARGUMENT` for a read of a single value and for every change,
+//! an empty `OK` for a read of all pairs. Maps of call responses and gRPC metadata are readable
+//! in their callbacks only and never writable.
 
 use runtime_api::Caller;
 
 use super::{return_data, Failure, HostResult};
+use crate::callbacks::Callback;
 use crate::header_map::wire;
-use crate::{HeaderMap, MapType, Status, VmState};
+use crate::stream::Access;
+use crate::{AbiVersion, HeaderMap, MapType, Status, VmState};
 
-/// The map a plugin names, in the effective context.
-pub(crate) fn map(state: &mut VmState, map_type: u64) -> Result<&mut HeaderMap, Failure> {
-    let map_type = MapType::from_raw(map_type).ok_or(Status::BadArgument)?;
-    let context = state.effective_context;
-    let map = match map_type {
-        MapType::HttpCallResponseHeaders => {
-            state.http_call_response.as_mut().map(|r| &mut r.headers)
-        }
-        MapType::HttpCallResponseTrailers => {
-            state.http_call_response.as_mut().map(|r| &mut r.trailers)
-        }
-        MapType::GrpcReceiveInitialMetadata => state.grpc_initial_metadata.as_mut(),
-        MapType::GrpcReceiveTrailingMetadata => state.grpc_trailing_metadata.as_mut(),
-        other => state.host.header_map(context, other),
-    };
-    Ok(map.ok_or(Status::NotFound)?)
+/// Why a map cannot be reached.
+enum Unavailable {
+    /// Not held by the plugin now: `BAD_ARGUMENT`.
+    NotHeld,
+    /// Held, but the stream has none (e.g. no response trailers came): reads find nothing.
+    Missing,
 }
 
-/// `proxy_get_header_map_pairs(map_type, return_map_data, return_map_size)`.
+/// The map a plugin names, in the effective context, if it may use it in this way now. A read
+/// of a map the stream does not have, or of any map the plugin cannot reach in `proxy_on_log`
+/// (Envoy's access-log phase), finds nothing (`NOT_FOUND`); anything else unavailable is
+/// `BAD_ARGUMENT`.
+fn map(state: &mut VmState, map_type: u64, access: Access) -> Result<&mut HeaderMap, Failure> {
+    let map_type = MapType::from_raw(map_type).ok_or(Status::BadArgument)?;
+    let in_log = state.callback == Some(Callback::Log);
+    lookup(state, map_type, access).map_err(|unavailable| {
+        match (unavailable, access) {
+            (Unavailable::Missing, Access::Read) => Status::NotFound,
+            (Unavailable::NotHeld, Access::Read) if in_log => Status::NotFound,
+            _ => Status::BadArgument,
+        }
+        .into()
+    })
+}
+
+fn lookup(
+    state: &mut VmState,
+    map_type: MapType,
+    access: Access,
+) -> Result<&mut HeaderMap, Unavailable> {
+    match map_type {
+        MapType::HttpCallResponseHeaders => callout_map(
+            state.http_call_response.as_mut().map(|r| &mut r.headers),
+            access,
+        ),
+        MapType::HttpCallResponseTrailers => callout_map(
+            state.http_call_response.as_mut().map(|r| &mut r.trailers),
+            access,
+        ),
+        MapType::GrpcReceiveInitialMetadata => {
+            callout_map(state.grpc_initial_metadata.as_mut(), access)
+        }
+        MapType::GrpcReceiveTrailingMetadata => {
+            callout_map(state.grpc_trailing_metadata.as_mut(), access)
+        }
+        _ => stream_map(state, map_type, access),
+    }
+}
+
+/// A map of a call response or gRPC reply: readable while its callback runs, never writable.
+fn callout_map(map: Option<&mut HeaderMap>, access: Access) -> Result<&mut HeaderMap, Unavailable> {
+    match map {
+        Some(map) if access == Access::Read => Ok(map),
+        _ => Err(Unavailable::NotHeld),
+    }
+}
+
+/// A map of the effective stream, if the plugin holds it.
+fn stream_map(
+    state: &mut VmState,
+    map_type: MapType,
+    access: Access,
+) -> Result<&mut HeaderMap, Unavailable> {
+    let in_log = state.callback == Some(Callback::Log);
+    let context = state.effective_context;
+    match state.effective_stream() {
+        Some(stream) if stream.map_available(map_type, access, in_log) => {}
+        _ => return Err(Unavailable::NotHeld),
+    }
+    state
+        .host
+        .header_map(context, map_type)
+        .ok_or(Unavailable::Missing)
+}
+
+/// `proxy_get_header_map_pairs(map_type, return_map_data, return_map_size)`: an unavailable or
+/// empty map is an empty answer (a null pointer and size 0), as in Envoy.
 pub(super) fn get_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let len = wire::encoded_len(map(caller.state(), args[0])?.iter())
-        .ok_or(Status::SerializationFailure)?;
+    let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    let len = match lookup(caller.state(), map_type, Access::Read) {
+        Ok(map) if !map.is_empty() => {
+            wire::encoded_len(map.iter()).ok_or(Status::SerializationFailure)?
+        }
+        _ => 0,
+    };
     return_data(caller, len, args[1], args[2], |state, memory, pointer| {
-        let map = map(state, args[0])?;
+        let map = map(state, args[0], Access::Read)?;
         if wire::encoded_len(map.iter()) != Some(len) {
             return Err(Status::InternalFailure.into());
         }
@@ -42,7 +112,7 @@ pub(super) fn get_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
 pub(super) fn set_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let pairs = wire::decode(memory.slice(args[1], args[2])?)?;
-    let map = map(state, args[0])?;
+    let map = map(state, args[0], Access::Write)?;
     map.clear();
     for (key, value) in pairs {
         map.add(key, value);
@@ -55,17 +125,30 @@ pub(super) fn set_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
 const INLINE_VALUE: usize = 256;
 
 /// `proxy_get_header_map_value(map_type, key_data, key_size, return_value_data,
-/// return_value_size)`: the first value of the key.
+/// return_value_size)`: the first value of the key. A missing key (or, in `proxy_on_log`, a
+/// missing map) is `NOT_FOUND`, except for ABI 0.1.0 modules, which Envoy answers with an empty
+/// value.
 pub(super) fn get_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let mut inline = [0u8; INLINE_VALUE];
     let len = {
         let (state, memory) = caller.state_and_memory();
         let key = memory.slice(args[1], args[2])?;
-        let value = map(state, args[0])?.get(key).ok_or(Status::NotFound)?;
-        if let Some(copy) = inline.get_mut(..value.len()) {
-            copy.copy_from_slice(value);
+        let legacy = state.abi == AbiVersion::V0_1_0;
+        let value = match map(state, args[0], Access::Read) {
+            Ok(map) => map.get(key),
+            Err(Failure::Status(Status::NotFound)) => None,
+            Err(other) => return Err(other),
+        };
+        match value {
+            Some(value) => {
+                if let Some(copy) = inline.get_mut(..value.len()) {
+                    copy.copy_from_slice(value);
+                }
+                value.len()
+            }
+            None if legacy => 0,
+            None => return Err(Status::NotFound.into()),
         }
-        value.len()
     };
     return_data(
         caller,
@@ -80,7 +163,9 @@ pub(super) fn get_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64
             // A long value: look the key up again, since the allocator ran in between and may have
             // changed anything.
             let key = memory.slice(args[1], args[2])?;
-            let value = map(state, args[0])?.get(key).ok_or(Status::NotFound)?;
+            let value = map(state, args[0], Access::Read)?
+                .get(key)
+                .ok_or(Status::NotFound)?;
             super::fill_exact(memory, pointer, len as u64, value)
         },
     )
@@ -91,7 +176,7 @@ pub(super) fn add_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[1], args[2])?;
     let value = memory.slice(args[3], args[4])?;
-    map(state, args[0])?.add(key, value);
+    map(state, args[0], Access::Write)?.add(key, value);
     Ok(())
 }
 
@@ -103,7 +188,7 @@ pub(super) fn replace_header_map_value(
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[1], args[2])?;
     let value = memory.slice(args[3], args[4])?;
-    map(state, args[0])?.replace(key, value);
+    map(state, args[0], Access::Write)?.replace(key, value);
     Ok(())
 }
 
@@ -114,15 +199,26 @@ pub(super) fn remove_header_map_value(
 ) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[1], args[2])?;
-    map(state, args[0])?.remove(key);
+    map(state, args[0], Access::Write)?.remove(key);
     Ok(())
 }
 
-/// `proxy_get_header_map_size(map_type, return_size)`: the size of the serialized map in bytes.
+/// `proxy_get_header_map_size(map_type, return_size)`: as Envoy, the sum of the names' and
+/// values' lengths in bytes, from a map the plugin holds (`BAD_ARGUMENT` otherwise, also for
+/// call responses and gRPC metadata).
 pub(super) fn get_header_map_size(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let len = wire::encoded_len(map(caller.state(), args[0])?.iter())
-        .ok_or(Status::SerializationFailure)?;
+    let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    let size: u64 = match map_type {
+        MapType::HttpRequestHeaders
+        | MapType::HttpRequestTrailers
+        | MapType::HttpResponseHeaders
+        | MapType::HttpResponseTrailers => map(caller.state(), args[0], Access::Write)?
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum(),
+        _ => return Err(Status::BadArgument.into()),
+    };
     // `return_size` is a `usize` in the guest: 4 bytes in Wasm, 8 for native plugins.
-    caller.memory().write_size(args[1], len)?;
+    caller.memory().write_size(args[1], size)?;
     Ok(())
 }

@@ -16,6 +16,7 @@ mod wasi;
 
 use runtime_api::{Caller, GuestMemory, HostFunction, MemoryAccessError, Trap, ValType};
 
+use crate::state::Restriction;
 use crate::{AbiVersion, Status, VmState};
 
 /// Why a host function did not complete with `OK`.
@@ -55,13 +56,36 @@ pub(crate) fn check(status: Status) -> HostResult {
     }
 }
 
+/// Refuses host function `module.name` while the plugin runs code that may not call it (see
+/// [`Restriction`]): the plugin is stopped and its VM fails.
+#[inline]
+pub(crate) fn check_allowed(
+    caller: &mut dyn Caller<VmState>,
+    module: &str,
+    name: &str,
+) -> Result<(), Trap> {
+    let restriction = caller.state().restriction;
+    if restriction == Restriction::None || restriction.allows(module, name) {
+        return Ok(());
+    }
+    let during = match restriction {
+        Restriction::Start => "the module's start function",
+        _ => "the plugin's allocator (running to return data of a host call)",
+    };
+    Err(Trap::host(format!(
+        "{module}.{name} called from {during}, which may call only {}",
+        restriction.describe()
+    )))
+}
+
 /// Wraps a body returning [`HostResult`] as a [`runtime_api::HostCallback`] that writes the
 /// status into slot 0.
 macro_rules! status {
-    ($body:path) => {
+    ($name:expr, $body:path) => {
         |caller: &mut dyn runtime_api::Caller<crate::VmState>,
          args: &mut [u64]|
          -> Result<(), runtime_api::Trap> {
+            crate::exports::check_allowed(caller, "env", $name)?;
             let status = match $body(caller, args) {
                 Ok(()) => crate::Status::Ok,
                 Err(crate::exports::Failure::Status(status)) => status,
@@ -84,7 +108,7 @@ macro_rules! env {
             module: "env",
             name: stringify!($name),
             signature: runtime_api::Signature::new(&[$(crate::exports::$param),*], &[crate::exports::I32]),
-            callback: crate::exports::status!($body),
+            callback: crate::exports::status!(stringify!($name), $body),
         }
     };
 }
@@ -318,7 +342,11 @@ fn allocate(caller: &mut dyn Caller<VmState>, len: u64) -> Result<u64, Failure> 
         return Err(Status::InternalFailure.into());
     }
     let mut pointer = [0];
-    caller.call(allocator, &[len], &mut pointer)?;
+    let state = caller.state();
+    let outer = std::mem::replace(&mut state.restriction, Restriction::Allocator);
+    let result = caller.call(allocator, &[len], &mut pointer);
+    caller.state().restriction = outer;
+    result?;
     if pointer[0] == 0 {
         return Err(Status::InternalFailure.into());
     }

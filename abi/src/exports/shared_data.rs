@@ -50,11 +50,17 @@ pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u6
     Ok(())
 }
 
-/// `proxy_resolve_shared_queue(vm_id_data, vm_id_size, name_data, name_size, return_id)`.
+/// `proxy_resolve_shared_queue(vm_id_data, vm_id_size, name_data, name_size, return_id)`; an
+/// empty vm_id means the plugin's own.
 pub(super) fn resolve_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, mut memory) = caller.state_and_memory();
     let vm_id =
         std::str::from_utf8(memory.slice(args[0], args[1])?).map_err(|_| Status::BadArgument)?;
+    let vm_id = if vm_id.is_empty() {
+        state.config.vm_id.as_str()
+    } else {
+        vm_id
+    };
     let name =
         std::str::from_utf8(memory.slice(args[2], args[3])?).map_err(|_| Status::BadArgument)?;
     let token = state
@@ -109,11 +115,7 @@ pub(super) fn record_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
 
 /// `proxy_get_metric(metric_id, return_value)`.
 pub(super) fn get_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let value = caller
-        .state()
-        .shared
-        .metric_value(args[0] as u32)
-        .ok_or(Status::NotFound)?;
+    let value = caller.state().shared.metric_value(args[0] as u32)?;
     caller.memory().write_u64(args[1], value as u64)?;
     Ok(())
 }

@@ -52,6 +52,7 @@ macro_rules! wasi {
             name: $name,
             signature: Signature::new(&[$(ValType::$param),*], &[$(ValType::$result),*]),
             callback: |caller: &mut dyn Caller<VmState>, args: &mut [u64]| -> Result<(), Trap> {
+                super::check_allowed(caller, $module, $name)?;
                 let code = match $body(caller, args) {
                     Ok(()) => SUCCESS,
                     Err(Ok(errno)) => errno,
@@ -312,8 +313,14 @@ fn clock_time_get(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult 
     Ok(())
 }
 
+/// The most bytes one `random_get` returns, as proxy-wasm-cpp-host (more is `EINVAL`).
+const RANDOM_GET_MAX: u64 = 64 * 1024;
+
 /// `random_get(buf, len)`.
 fn random_get(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
+    if args[1] > RANDOM_GET_MAX {
+        return errno(INVAL);
+    }
     let mut memory = caller.memory();
     let buffer = memory.slice_mut(args[0], args[1]).map_err(fault)?;
     getrandom::fill(buffer).map_err(|_| Ok(NOSYS))?;

@@ -41,22 +41,25 @@ impl<'a> Callouts<'a> {
     }
 
     /// Answers the oldest unanswered call, HTTP first; `false` if every call is answered.
-    /// A call with no scripted answer left gets the spec's failure callback: an HTTP response
-    /// with no headers, body or trailers; a gRPC close with DEADLINE_EXCEEDED.
+    /// A call with no scripted answer left fails as in Envoy: an HTTP call gets the response
+    /// callback with no headers, body or trailers (and `proxy_get_status` says 11, "reset"); a
+    /// gRPC call closes with DEADLINE_EXCEEDED.
     pub(super) fn answer_next(&mut self, vm: &mut Vm) -> Result<bool, VmError> {
         let host = in_memory_host(vm);
         if let Some(call) = host.http_calls.get(self.first_http + self.http_answered) {
             let token = call.token;
             self.http_answered += 1;
-            let response = match self.http_answers.next() {
-                Some(answer) => HttpCallResponse {
-                    headers: to_map(&answer.headers),
-                    body: answer.body.clone().into_bytes(),
-                    trailers: to_map(&answer.trailers),
-                },
-                None => HttpCallResponse::default(),
-            };
-            vm.on_http_call_response(token, response)?;
+            match self.http_answers.next() {
+                Some(answer) => vm.on_http_call_response(
+                    token,
+                    HttpCallResponse {
+                        headers: to_map(&answer.headers),
+                        body: answer.body.clone().into_bytes(),
+                        trailers: to_map(&answer.trailers),
+                    },
+                )?,
+                None => vm.on_http_call_failure(token)?,
+            }
             return Ok(true);
         }
         let Some(call) = host.grpc_calls.get(self.first_grpc + self.grpc_answered) else {

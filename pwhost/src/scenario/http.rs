@@ -1,6 +1,22 @@
-//! Running one HTTP exchange through a VM, as a proxy would.
+//! Running one HTTP exchange through a VM, as Envoy runs a stream through a Wasm filter.
+//!
+//! Per direction: the headers callback; then each body chunk (the last one carries
+//! end_of_stream); then the trailers callback. What the plugin lets go on is recorded as
+//! forwarded at that moment. Envoy's rules for stopping:
+//! - headers returning `StopAllIteration*` (which includes a plain `Pause` unless the plugin is
+//!   configured with `allow_on_headers_stop_iteration`) hold everything: no body or trailer
+//!   callback until the plugin continues the stream; then the body that arrived meanwhile comes
+//!   in one callback;
+//! - headers returning `Pause` (allowed) hold the headers only: body chunks and trailers still
+//!   reach the plugin, and a `Continue` from any of them resumes the whole stream;
+//! - a body chunk the plugin holds is buffered and handed back with the next one;
+//! - a local reply from a request callback goes back through the plugin's own response
+//!   callbacks, as Envoy sends it through the whole filter chain; one from a response callback
+//!   replaces the response without them.
 
-use abi::{ContextId, DataAction, HeadersAction, StreamType, Vm, VmError};
+use abi::{
+    ContextId, DataAction, HeaderMap, HeadersAction, LocalResponse, StreamType, Vm, VmError,
+};
 
 use super::callouts::{to_map, Callouts};
 use super::report::{HttpReport, LocalResponseReport};
@@ -46,13 +62,115 @@ impl Direction {
     }
 }
 
+/// One direction of an exchange as it arrives at the proxy.
+struct Message {
+    headers: HeaderMap,
+    body: Vec<Vec<u8>>,
+    trailers: HeaderMap,
+}
+
+impl Message {
+    fn request(exchange: &HttpExchange) -> Message {
+        Message {
+            headers: to_map(
+                &exchange
+                    .request_headers
+                    .clone()
+                    .unwrap_or_else(default_request_headers),
+            ),
+            body: exchange
+                .request_body
+                .iter()
+                .map(|c| c.clone().into_bytes())
+                .collect(),
+            trailers: to_map(&exchange.request_trailers),
+        }
+    }
+
+    fn response(exchange: &HttpExchange) -> Message {
+        Message {
+            headers: to_map(
+                &exchange
+                    .response_headers
+                    .clone()
+                    .unwrap_or_else(default_response_headers),
+            ),
+            body: exchange
+                .response_body
+                .iter()
+                .map(|c| c.clone().into_bytes())
+                .collect(),
+            trailers: to_map(&exchange.response_trailers),
+        }
+    }
+
+    /// The response Envoy makes of a local reply: `:status`, the plugin's headers, and for a body
+    /// its length and (unless the plugin set one) `content-type: text/plain`. For a gRPC request
+    /// it is a trailers-only gRPC response: `:status 200` with `grpc-status` (the plugin's, else
+    /// the HTTP status mapped as Envoy maps it) and the body as `grpc-message`.
+    fn local_reply(reply: &LocalResponse, grpc_request: bool) -> Message {
+        let mut headers = HeaderMap::new();
+        if grpc_request {
+            headers.add(b":status", b"200");
+            headers.add(b"content-type", b"application/grpc");
+            let status = reply
+                .grpc_status
+                .unwrap_or_else(|| grpc_status_of_http(reply.status));
+            headers.add(b"grpc-status", status.to_string().as_bytes());
+            if !reply.body.is_empty() {
+                headers.add(b"grpc-message", &reply.body);
+            }
+            for (name, value) in reply.headers.iter() {
+                headers.add(name, value);
+            }
+            return Message {
+                headers,
+                body: Vec::new(),
+                trailers: HeaderMap::new(),
+            };
+        }
+        headers.add(b":status", reply.status.to_string().as_bytes());
+        for (name, value) in reply.headers.iter() {
+            headers.add(name, value);
+        }
+        if !reply.body.is_empty() {
+            headers.replace(b"content-length", reply.body.len().to_string().as_bytes());
+            if headers.get(b"content-type").is_none() {
+                headers.add(b"content-type", b"text/plain");
+            }
+        }
+        Message {
+            headers,
+            body: if reply.body.is_empty() {
+                Vec::new()
+            } else {
+                vec![reply.body.clone()]
+            },
+            trailers: HeaderMap::new(),
+        }
+    }
+}
+
+/// Envoy's gRPC status for an HTTP status (`Grpc::Utility::httpToGrpcStatus`).
+fn grpc_status_of_http(status: u32) -> i32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
 /// Runs one exchange; stops early on a local reply, a stall or a VM failure.
 struct ExchangeRun<'a> {
     vm: &'a mut Vm,
     context: ContextId,
-    exchange: &'a HttpExchange,
     report: HttpReport,
     callouts: Callouts<'a>,
+    /// Whether the local reply the host holds was already acted upon.
+    local_reply_handled: bool,
 }
 
 /// Why an exchange stopped before its end.
@@ -75,11 +193,12 @@ impl<'a> ExchangeRun<'a> {
         in_memory_host(self.vm).stream(context)
     }
 
-    /// Whether the plugin ended the exchange: a local reply, or closing the stream (which a
+    /// Whether the plugin ended the exchange: a new local reply, or closing the stream (which a
     /// proxy answers by resetting it: nothing more is forwarded either way).
     fn check_local_response(&mut self) -> Result<(), Stop> {
+        let handled = self.local_reply_handled;
         let stream = self.stream();
-        if stream.local_response.is_some() {
+        if stream.local_response.is_some() && !handled {
             return Err(Stop::LocalResponse);
         }
         if !stream.closed.is_empty() {
@@ -96,11 +215,6 @@ impl<'a> ExchangeRun<'a> {
         stream.continued.len() != before
     }
 
-    /// Answers the next unanswered call of this exchange; `false` if there is none.
-    fn answer_next_call(&mut self) -> Result<bool, Stop> {
-        Ok(self.callouts.answer_next(self.vm)?)
-    }
-
     /// Waits, as a proxy would, for the plugin to continue a paused `direction`: delivers pending
     /// call responses until it does, replies locally, or nothing is left to wait for.
     fn settle(&mut self, direction: Direction) -> Result<(), Stop> {
@@ -109,142 +223,18 @@ impl<'a> ExchangeRun<'a> {
             if self.take_continued(direction) {
                 return Ok(());
             }
-            if !self.answer_next_call()? {
+            if !self.callouts.answer_next(self.vm)? {
                 return Err(Stop::Stalled);
             }
         }
     }
 
-    fn headers_phase(
-        &mut self,
-        direction: Direction,
-        headers: Headers,
-        end_of_stream: bool,
-    ) -> Result<HeadersAction, Stop> {
-        let map = to_map(&headers);
-        let count = map.len();
+    fn headers_mut(&mut self, direction: Direction) -> &mut HeaderMap {
         let stream = self.stream();
         match direction {
-            Direction::Request => stream.request_headers = map,
-            Direction::Response => stream.response_headers = map,
+            Direction::Request => &mut stream.request_headers,
+            Direction::Response => &mut stream.response_headers,
         }
-        let context = self.context;
-        let action = match direction {
-            Direction::Request => self.vm.on_request_headers(context, count, end_of_stream)?,
-            Direction::Response => self.vm.on_response_headers(context, count, end_of_stream)?,
-        };
-        let key = direction.action_keys()[0];
-        self.report.actions.insert(key, action.as_str());
-        self.check_local_response()?;
-        // StopAll* also holds back the body callbacks; plain Pause (StopIteration) does not.
-        if matches!(
-            action,
-            HeadersAction::StopAllAndBuffer | HeadersAction::StopAllAndWatermark
-        ) {
-            self.settle(direction)?;
-            return Ok(HeadersAction::Continue);
-        }
-        Ok(action)
-    }
-
-    fn direction_phase(&mut self, direction: Direction) -> Result<(), Stop> {
-        let exchange = self.exchange;
-        let (headers, chunks, trailers) = match direction {
-            Direction::Request => (
-                exchange
-                    .request_headers
-                    .clone()
-                    .unwrap_or_else(default_request_headers),
-                &exchange.request_body,
-                &exchange.request_trailers,
-            ),
-            Direction::Response => (
-                exchange
-                    .response_headers
-                    .clone()
-                    .unwrap_or_else(default_response_headers),
-                &exchange.response_body,
-                &exchange.response_trailers,
-            ),
-        };
-        let headers_end = chunks.is_empty() && trailers.is_empty();
-        let action = self.headers_phase(direction, headers, headers_end)?;
-        let mut headers_held = !action.continues();
-        let mut forwarded_body = Vec::new();
-        let mut body_held = false;
-        let context = self.context;
-        for (i, chunk) in chunks.iter().enumerate() {
-            let end_of_stream = i + 1 == chunks.len() && trailers.is_empty();
-            let stream = self.stream();
-            let (body, eos) = match direction {
-                Direction::Request => (&mut stream.request_body, &mut stream.request_end_of_stream),
-                Direction::Response => (
-                    &mut stream.response_body,
-                    &mut stream.response_end_of_stream,
-                ),
-            };
-            body.extend_from_slice(chunk.as_bytes());
-            *eos = end_of_stream;
-            let size = body.len();
-            let action = match direction {
-                Direction::Request => self.vm.on_request_body(context, size, end_of_stream)?,
-                Direction::Response => self.vm.on_response_body(context, size, end_of_stream)?,
-            };
-            let key = direction.action_keys()[1];
-            self.report.actions.insert(key, action.as_str());
-            self.check_local_response()?;
-            body_held = !matches!(action, DataAction::Continue);
-            if !body_held && !headers_held {
-                forwarded_body.append(self.body_mut(direction));
-            }
-            if headers_held && self.take_continued(direction) {
-                headers_held = false;
-                forwarded_body.append(self.body_mut(direction));
-            }
-        }
-        if !trailers.is_empty() {
-            let map = to_map(trailers);
-            let count = map.len();
-            let stream = self.stream();
-            match direction {
-                Direction::Request => stream.request_trailers = map,
-                Direction::Response => stream.response_trailers = map,
-            }
-            let action = match direction {
-                Direction::Request => self.vm.on_request_trailers(context, count)?,
-                Direction::Response => self.vm.on_response_trailers(context, count)?,
-            };
-            let key = direction.action_keys()[2];
-            self.report.actions.insert(key, action.as_str());
-            self.check_local_response()?;
-            if !action.continues() {
-                headers_held = true;
-            }
-        }
-        if headers_held || body_held {
-            self.settle(direction)?;
-        }
-        forwarded_body.append(self.body_mut(direction));
-        let stream = self.stream();
-        let (headers, trailers) = match direction {
-            Direction::Request => (&stream.request_headers, &stream.request_trailers),
-            Direction::Response => (&stream.response_headers, &stream.response_trailers),
-        };
-        let (headers, trailers) = (headers.to_string_pairs(), trailers.to_string_pairs());
-        let body = lossy(&forwarded_body);
-        match direction {
-            Direction::Request => {
-                self.report.request_headers = headers;
-                self.report.request_body = body;
-                self.report.request_trailers = trailers;
-            }
-            Direction::Response => {
-                self.report.response_headers = headers;
-                self.report.response_body = body;
-                self.report.response_trailers = trailers;
-            }
-        }
-        Ok(())
     }
 
     fn body_mut(&mut self, direction: Direction) -> &mut Vec<u8> {
@@ -255,11 +245,177 @@ impl<'a> ExchangeRun<'a> {
         }
     }
 
-    fn run(&mut self) -> Result<(), Stop> {
-        self.direction_phase(Direction::Request)?;
-        self.direction_phase(Direction::Response)?;
+    fn trailers_mut(&mut self, direction: Direction) -> &mut HeaderMap {
+        let stream = self.stream();
+        match direction {
+            Direction::Request => &mut stream.request_trailers,
+            Direction::Response => &mut stream.response_trailers,
+        }
+    }
+
+    /// Records the headers as forwarded, as they are now.
+    fn forward_headers(&mut self, direction: Direction) {
+        let headers = self.headers_mut(direction).to_string_pairs();
+        match direction {
+            Direction::Request => self.report.request_headers = headers,
+            Direction::Response => self.report.response_headers = headers,
+        }
+    }
+
+    /// Records the body the plugin holds as forwarded, and empties it.
+    fn forward_body(&mut self, direction: Direction) {
+        let body = std::mem::take(self.body_mut(direction));
+        let forwarded = match direction {
+            Direction::Request => &mut self.report.request_body,
+            Direction::Response => &mut self.report.response_body,
+        };
+        forwarded.push_str(&lossy(&body));
+    }
+
+    /// Records the trailers as forwarded.
+    fn forward_trailers(&mut self, direction: Direction) {
+        let trailers = self.trailers_mut(direction).to_string_pairs();
+        match direction {
+            Direction::Request => self.report.request_trailers = trailers,
+            Direction::Response => self.report.response_trailers = trailers,
+        }
+    }
+
+    fn record(&mut self, key: &'static str, action: &'static str) {
+        self.report.actions.insert(key, action);
+    }
+
+    fn direction_phase(&mut self, direction: Direction, message: Message) -> Result<(), Stop> {
+        let context = self.context;
+        let [headers_key, body_key, trailers_key] = direction.action_keys();
+        let has_trailers = !message.trailers.is_empty();
+        let headers_end = message.body.is_empty() && !has_trailers;
+        let count = message.headers.len();
+        *self.headers_mut(direction) = message.headers;
+        let action = match direction {
+            Direction::Request => self.vm.on_request_headers(context, count, headers_end)?,
+            Direction::Response => self.vm.on_response_headers(context, count, headers_end)?,
+        };
+        self.record(headers_key, action.as_str());
+        self.check_local_response()?;
+        let mut chunks = message.body;
+        // Whether the headers (and with them everything after) wait for the plugin.
+        let mut held = match action {
+            HeadersAction::Continue => false,
+            HeadersAction::Pause => true,
+            HeadersAction::StopAllAndBuffer | HeadersAction::StopAllAndWatermark => {
+                self.settle(direction)?;
+                // The body that arrived while everything was stopped comes in one callback.
+                if chunks.len() > 1 {
+                    chunks = vec![chunks.concat()];
+                }
+                false
+            }
+        };
+        if !held {
+            self.forward_headers(direction);
+        }
+        let chunk_count = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let end_of_stream = i + 1 == chunk_count && !has_trailers;
+            let body = self.body_mut(direction);
+            body.extend_from_slice(&chunk);
+            let size = body.len();
+            let action = match direction {
+                Direction::Request => self.vm.on_request_body(context, size, end_of_stream)?,
+                Direction::Response => self.vm.on_response_body(context, size, end_of_stream)?,
+            };
+            self.record(body_key, action.as_str());
+            self.check_local_response()?;
+            // A Continue from the body, or the plugin continuing the stream, resumes it all.
+            if action == DataAction::Continue || self.take_continued(direction) {
+                if held {
+                    self.forward_headers(direction);
+                    held = false;
+                }
+                self.forward_body(direction);
+            }
+        }
+        let mut body_held = !self.body_mut(direction).is_empty();
+        if has_trailers {
+            let count = message.trailers.len();
+            *self.trailers_mut(direction) = message.trailers;
+            let action = match direction {
+                Direction::Request => self.vm.on_request_trailers(context, count)?,
+                Direction::Response => self.vm.on_response_trailers(context, count)?,
+            };
+            self.record(trailers_key, action.as_str());
+            self.check_local_response()?;
+            if action.continues() || self.take_continued(direction) {
+                if held {
+                    self.forward_headers(direction);
+                    held = false;
+                }
+                self.forward_body(direction);
+                body_held = false;
+            } else {
+                held = true;
+            }
+        }
+        if held || body_held {
+            self.settle(direction)?;
+            if self.report_headers(direction).is_empty() {
+                self.forward_headers(direction);
+            }
+            self.forward_body(direction);
+        }
+        // Trailers the plugin added during the last body chunk go out too.
+        self.forward_trailers(direction);
+        Ok(())
+    }
+
+    fn report_headers(&self, direction: Direction) -> &Headers {
+        match direction {
+            Direction::Request => &self.report.request_headers,
+            Direction::Response => &self.report.response_headers,
+        }
+    }
+
+    /// The response to a local reply, and the request it answered.
+    fn local_reply(&mut self, from_request: bool) -> Result<(), Stop> {
+        self.local_reply_handled = true;
+        let grpc_request = self
+            .stream()
+            .request_headers
+            .get(b"content-type")
+            .is_some_and(|v| v.starts_with(b"application/grpc"));
+        let Some(reply) = self.stream().local_response.clone() else {
+            return Ok(());
+        };
+        let response = Message::local_reply(&reply, grpc_request);
+        if from_request {
+            // Nothing more of the request goes upstream; the reply passes the plugin's own
+            // response callbacks.
+            *self.body_mut(Direction::Response) = Vec::new();
+            self.report.response_headers.clear();
+            self.report.response_body.clear();
+            return self.direction_phase(Direction::Response, response);
+        }
+        // From the response path the reply replaces the response as it is.
+        self.report.response_headers = response.headers.to_string_pairs();
+        self.report.response_body = lossy(&response.body.concat());
+        self.report.response_trailers.clear();
+        Ok(())
+    }
+
+    fn run(&mut self, exchange: &HttpExchange) -> Result<(), Stop> {
+        match self.direction_phase(Direction::Request, Message::request(exchange)) {
+            Err(Stop::LocalResponse) => self.local_reply(true)?,
+            other => {
+                other?;
+                match self.direction_phase(Direction::Response, Message::response(exchange)) {
+                    Err(Stop::LocalResponse) => self.local_reply(false)?,
+                    other => other?,
+                }
+            }
+        }
         // Calls nobody waited for still get their answers before the stream ends.
-        while self.answer_next_call()? {}
+        while self.callouts.answer_next(self.vm)? {}
         Ok(())
     }
 }
@@ -330,11 +486,11 @@ pub(super) fn run_exchange(
     let mut run = ExchangeRun {
         vm,
         context,
-        exchange,
         report,
         callouts,
+        local_reply_handled: false,
     };
-    let outcome = run.run();
+    let outcome = run.run(exchange);
     let ExchangeRun {
         vm,
         mut report,
@@ -342,9 +498,8 @@ pub(super) fn run_exchange(
         ..
     } = run;
     match outcome {
-        Ok(()) => {}
+        Ok(()) | Err(Stop::LocalResponse) => {}
         Err(Stop::Stalled) => report.stalled = true,
-        Err(Stop::LocalResponse) => {}
         Err(Stop::Reset) => report.reset = true,
         Err(Stop::Failed(error)) => fail(&mut report, policy, error.to_string(), exchange),
     }

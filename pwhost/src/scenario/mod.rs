@@ -120,6 +120,10 @@ pub struct HttpExchange {
     /// Answers to the gRPC calls and streams the plugin opens during this exchange, in order.
     #[serde(default)]
     pub grpc_call_responses: Vec<GrpcResponse>,
+    /// Timer ticks delivered to the exchange's VM after it ends, while its root context has a
+    /// tick period (one the plugin may have set during the exchange).
+    #[serde(default)]
+    pub ticks_after: u32,
 }
 
 /// One TCP connection.
@@ -141,6 +145,10 @@ pub struct TcpConnection {
     /// Answers to gRPC calls dispatched during the connection.
     #[serde(default)]
     pub grpc_call_responses: Vec<GrpcResponse>,
+    /// Timer ticks delivered to the connection's VM after it ends, while its root context has a
+    /// tick period.
+    #[serde(default)]
+    pub ticks_after: u32,
 }
 
 /// The answer to one HTTP call.
@@ -253,14 +261,11 @@ fn dispatch_queues(vms: &mut [Vm], errors: &mut Vec<String>) {
     }
 }
 
-/// Delivers ticks and foreign function calls to one VM's root context, answering the calls it
-/// makes meanwhile with the failure callback (nothing scripts them).
-fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
-    for call in &scenario.foreign_function_calls {
-        vm.on_foreign_function(call.function_id, call.arguments.clone().into_bytes())?;
-    }
-    for _ in 0..scenario.ticks {
-        if vm.tick_period().is_none() {
+/// Delivers up to `ticks` timer ticks while the root context has a tick period, answering the
+/// calls it makes meanwhile with the failure callback (nothing scripts them).
+fn tick(vm: &mut Vm, ticks: u32) -> Result<(), VmError> {
+    for _ in 0..ticks {
+        if vm.is_failed() || vm.tick_period().is_none() {
             break;
         }
         vm.tick()?;
@@ -270,9 +275,18 @@ fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
     Ok(())
 }
 
+/// Delivers ticks and foreign function calls to one VM's root context.
+fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
+    for call in &scenario.foreign_function_calls {
+        vm.on_foreign_function(call.function_id, call.arguments.clone().into_bytes())?;
+    }
+    tick(vm, scenario.ticks)
+}
+
 /// Ends a VM as a proxy does at shutdown: `proxy_on_done` on the root context; if it has work
 /// pending, timer ticks (up to `shutdown_ticks`) and call answers until it calls
-/// `proxy_done`; then `proxy_on_delete`. Returns whether the root context finished.
+/// `proxy_done`; then `proxy_on_delete`, only for a root context that finished (as in
+/// proxy-wasm-cpp-host, which never deletes one that did not). Returns whether it finished.
 fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, VmError> {
     let root = vm.root_context();
     let mut done = vm.on_done(root)?;
@@ -287,7 +301,9 @@ fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, VmError> {
         vm.tick()?;
         ticks += 1;
     }
-    vm.on_delete(root)?;
+    if done {
+        vm.on_delete(root)?;
+    }
     Ok(done)
 }
 
@@ -345,7 +361,13 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
     let vm_count = vms.len();
     for exchange in &scenario.http {
         let http = match vms.get_mut(exchange.vm) {
-            Some(vm) => http::run_exchange(vm, exchange, policy, report.configure),
+            Some(vm) => {
+                let http = http::run_exchange(vm, exchange, policy, report.configure);
+                if let Err(error) = tick(vm, exchange.ticks_after) {
+                    report.errors.push(error.to_string());
+                }
+                http
+            }
             None => HttpReport::no_such_vm(exchange.vm, vm_count),
         };
         report.http.push(http);
@@ -353,7 +375,13 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
     }
     for connection in &scenario.tcp {
         let tcp = match vms.get_mut(connection.vm) {
-            Some(vm) => tcp::run_connection(vm, connection, report.configure),
+            Some(vm) => {
+                let tcp = tcp::run_connection(vm, connection, report.configure);
+                if let Err(error) = tick(vm, connection.ticks_after) {
+                    report.errors.push(error.to_string());
+                }
+                tcp
+            }
             None => TcpReport::no_such_vm(connection.vm, vm_count),
         };
         report.tcp.push(tcp);

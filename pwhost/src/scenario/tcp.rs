@@ -1,4 +1,5 @@
-//! Running one TCP connection through a VM: new connection, data both ways, both closes.
+//! Running one TCP connection through a VM: new connection, data both ways, both closes, then
+//! `on_done`, `on_log` and `on_delete` in Envoy's order.
 
 use abi::{DataAction, PeerType, Vm, VmError};
 
@@ -28,19 +29,8 @@ fn feed(
     let mut held = false;
     for (i, chunk) in chunks.iter().enumerate() {
         let end_of_stream = i + 1 == chunks.len();
-        let stream = in_memory_host(vm).stream(context);
-        let (data, end) = match side {
-            Side::Downstream => (
-                &mut stream.downstream_data,
-                &mut stream.downstream_end_of_stream,
-            ),
-            Side::Upstream => (
-                &mut stream.upstream_data,
-                &mut stream.upstream_end_of_stream,
-            ),
-        };
+        let data = buffer(vm, context, side);
         data.extend_from_slice(chunk.as_bytes());
-        *end = end_of_stream;
         let size = data.len();
         let (action, key) = match side {
             Side::Downstream => (
@@ -131,8 +121,9 @@ pub(super) fn run_connection(
         while callouts.answer_next(vm)? {}
         vm.on_downstream_connection_close(context, PeerType::Remote)?;
         vm.on_upstream_connection_close(context, PeerType::Local)?;
-        vm.on_log(context)?;
+        // Envoy ends a connection with on_done before on_log (an HTTP stream the other way).
         vm.on_done(context)?;
+        vm.on_log(context)?;
         vm.on_delete(context)?;
         in_memory_host(vm).streams.remove(&context);
         Ok(())

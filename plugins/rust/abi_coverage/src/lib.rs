@@ -6,8 +6,8 @@
 //!
 //! Request headers (`on_http_request_headers`, returns Continue), in this order:
 //! 1. `proxy_get_header_map_size(HttpRequestHeaders)` on the untouched map → header
-//!    `x-header-map-size: <status>:<size>` (pwhost: size of the serialized map,
-//!    4 + 8·n + Σ(len(key)+1+len(value)+1)).
+//!    `x-header-map-size: <status>:<size>` (as Envoy: the names' and values' lengths summed,
+//!    Σ(len(key)+len(value))).
 //! 2. If `x-replace-all` is present: `proxy_set_header_map_pairs` replaces the whole map with
 //!    `:method: GET`, `:path: /replaced`, `x-replaced: yes` (the headers below are added after).
 //! 3. `proxy_get_log_level` → `x-log-level: <level as u32>` (`x-log-level: status <status>` if
@@ -28,7 +28,7 @@
 //!
 //! Request body (`on_http_request_body(body_size, end_of_stream)`, Continue):
 //! `proxy_get_buffer_status(HttpRequestBody)` → info log
-//! `buffer status: <status> <length> <flags> eos=<true|false>`.
+//! `buffer status: <status> <length> <flags> eos=<true|false>` (Envoy sets no flags: 0).
 //!
 //! Trailers: `on_http_request_trailers` logs `request trailer: <x-trailer value>` (`<missing>`
 //! when absent), adds request trailer `x-added-trailer: yes`, returns Continue.

@@ -6,6 +6,9 @@
 //! - `:status` == `200`: adds request header `x-auth-user: <value of the callout's x-auth-user
 //!   response header>` (empty if absent) and resumes the request (`proxy_continue_stream`).
 //! - otherwise: sends a local response 401 whose body is the callout's response body.
+//! - no headers at all: the call failed (reset, timeout, no upstream); its response maps do not
+//!   exist then (Envoy answers BAD_ARGUMENT, on which the SDK's getters panic), so the plugin
+//!   answers 503 `auth callout failed` without reading them.
 //!
 //! Logs `dispatched http call: token {token}` and `http call response: token {token}, body
 //! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally.
@@ -52,10 +55,15 @@ impl Context for HttpCall {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _num_headers: usize,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if num_headers == 0 {
+            info!("http call failed: token {}", token_id);
+            self.send_http_response(503, vec![], Some(b"auth callout failed\n"));
+            return;
+        }
         let user = self.get_http_call_response_header("x-auth-user");
         let body = self
             .get_http_call_response_body(0, body_size)
