@@ -3,7 +3,9 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
-use crate::{BufferType, ContextId, HeaderMap, LogLevel, MapType, Status, StreamType};
+use crate::{
+    BufferType, ContextId, HeaderMap, LogLevel, MapType, Node, Status, StreamInfo, StreamType,
+};
 
 /// A property path as the plugin passed it: segments separated by NUL bytes, e.g.
 /// `request\0path`.
@@ -123,11 +125,24 @@ pub trait Host: Send + std::any::Any {
     /// only while the plugin holds that body or data.
     fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>>;
 
-    /// A property (`proxy_get_property`), or `None` if the host has none at this path.
-    fn property(&mut self, context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>>;
+    /// What the proxy knows of a stream or connection beyond its maps (addresses, connection
+    /// id, times, sizes, response code, route and cluster), for Envoy's attributes; `None` if
+    /// nothing. The ABI derives the rest (`request.path`, `response.headers`, ...) from the maps.
+    fn stream_info(&mut self, _context: ContextId) -> Option<&StreamInfo> {
+        None
+    }
 
-    /// Sets a property (`proxy_set_property`).
-    fn set_property(&mut self, context: ContextId, path: PropertyPath<'_>, value: &[u8]) -> Status;
+    /// The proxy's identity, for `xds.node` (`node.id`, `node.metadata`, ...); `None` if none.
+    fn node(&self) -> Option<&Node> {
+        None
+    }
+
+    /// A property the proxy answers itself, before Envoy's attributes (`proxy_get_property`),
+    /// as the bytes the plugin receives; `None` to let the ABI answer. Properties a plugin sets
+    /// are the ABI's (its filter state, see [`crate::Vm::filter_state`]).
+    fn property(&mut self, _context: ContextId, _path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
+        None
+    }
 
     /// Sends a local reply on a stream instead of forwarding it. Called at most once per stream
     /// (the ABI ignores a plugin's later replies, as Envoy does) and never for a root context.

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use crate::{
     BufferType, ContextId, GrpcRequest, HeaderMap, Host, HttpCallRequest, LocalResponse, LogLevel,
-    MapType, PropertyPath, Status, StreamType,
+    MapType, Node, PropertyPath, Status, StreamInfo, StreamType,
 };
 
 /// One log line a plugin wrote.
@@ -41,8 +41,8 @@ pub struct StreamRecord {
     pub continued: Vec<StreamType>,
     /// `proxy_close_stream` calls.
     pub closed: Vec<StreamType>,
-    /// Properties the plugin set on this stream.
-    pub properties: HashMap<String, Vec<u8>>,
+    /// What the proxy knows of the stream beyond its maps, for Envoy's attributes.
+    pub info: StreamInfo,
     /// TCP data from downstream the plugin currently sees.
     pub downstream_data: Vec<u8>,
     /// TCP data from upstream the plugin currently sees.
@@ -89,8 +89,11 @@ pub struct InMemoryHost {
     pub logs: Vec<LogRecord>,
     /// The least severe level recorded (reported by `proxy_get_log_level`).
     pub log_level: LogLevel,
-    /// Properties by dotted path (`request.path`), visible to every context.
+    /// Properties answered as given (the bytes the plugin receives) before Envoy's attributes, by
+    /// dotted path (`request.path`), for every context.
     pub properties: HashMap<String, Vec<u8>>,
+    /// The proxy's identity (`xds.node`).
+    pub node: Option<Node>,
     /// HTTP calls dispatched, in order.
     pub http_calls: Vec<DispatchedCall>,
     /// gRPC calls and streams opened, in order.
@@ -127,28 +130,6 @@ impl InMemoryHost {
     /// The stream of `context`, created empty if needed.
     pub fn stream(&mut self, context: ContextId) -> &mut StreamRecord {
         self.streams.entry(context).or_default()
-    }
-
-    /// Properties a proxy derives from the request itself, as Envoy does.
-    fn derived_property<'a>(stream: &'a StreamRecord, path: &str) -> Option<&'a [u8]> {
-        let header = |name: &[u8]| stream.request_headers.get(name);
-        match path {
-            "request.path" | "request.url_path" => header(b":path"),
-            "request.method" => header(b":method"),
-            "request.host" => header(b":authority"),
-            "request.scheme" => header(b":scheme"),
-            "request.id" => header(b"x-request-id"),
-            "request.useragent" => header(b"user-agent"),
-            "request.referer" => header(b"referer"),
-            "response.code" => stream.response_headers.get(b":status"),
-            _ => path
-                .strip_prefix("request.headers.")
-                .and_then(|name| header(name.as_bytes()))
-                .or_else(|| {
-                    path.strip_prefix("response.headers.")
-                        .and_then(|n| stream.response_headers.get(n.as_bytes()))
-                }),
-        }
     }
 }
 
@@ -193,31 +174,18 @@ impl Host for InMemoryHost {
         }
     }
 
-    fn property(&mut self, context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
-        let dotted = path.dotted();
-        let stream = self.streams.get(&context);
-        if let Some(value) = stream.and_then(|s| s.properties.get(&dotted)) {
-            return Some(Cow::Borrowed(value));
-        }
-        if let Some(value) = self.properties.get(&dotted) {
-            return Some(Cow::Borrowed(value));
-        }
-        stream
-            .and_then(|s| Self::derived_property(s, &dotted))
-            .map(Cow::Borrowed)
+    fn stream_info(&mut self, context: ContextId) -> Option<&StreamInfo> {
+        self.streams.get(&context).map(|stream| &stream.info)
     }
 
-    fn set_property(&mut self, context: ContextId, path: PropertyPath<'_>, value: &[u8]) -> Status {
-        let dotted = path.dotted();
-        match self.streams.get_mut(&context) {
-            Some(stream) => {
-                stream.properties.insert(dotted, value.to_vec());
-            }
-            None => {
-                self.properties.insert(dotted, value.to_vec());
-            }
-        }
-        Status::Ok
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    fn property(&mut self, _context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
+        self.properties
+            .get(&path.dotted())
+            .map(|v| Cow::Borrowed(&v[..]))
     }
 
     fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status {

@@ -9,17 +9,24 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use rustc_hash::FxHashMap;
 
-use crate::Status;
-
-/// A function the embedder offers to plugins through `proxy_call_foreign_function`: arguments in,
-/// result out, both opaque bytes.
-pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, Status> + Send + Sync>;
+use crate::{ForeignFunction, Status};
 
 /// Shared data, queues, metrics and foreign functions, shared by every VM created with the same
 /// `SharedState`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SharedState {
     inner: Arc<Inner>,
+}
+
+impl Default for SharedState {
+    /// A new shared state offering Envoy's foreign functions.
+    fn default() -> Self {
+        let shared = SharedState {
+            inner: Arc::default(),
+        };
+        crate::foreign::register(&shared);
+        shared
+    }
 }
 
 #[derive(Default)]
@@ -122,7 +129,10 @@ struct MetricRegistry {
 }
 
 impl SharedState {
-    /// A new, empty shared state.
+    /// A new shared state: no data, queues or metrics, and Envoy's foreign functions
+    /// (`compress`, `uncompress`, `set_envoy_filter_state`, `declare_property`,
+    /// `clear_route_cache`, `verify_signature`, `sign`, `expr_create`, `expr_evaluate`,
+    /// `expr_delete`).
     pub fn new() -> Self {
         SharedState::default()
     }
@@ -406,11 +416,16 @@ mod tests {
         let shared = SharedState::new();
         shared.register_foreign_function(
             "reverse",
-            Arc::new(|args: &[u8]| Ok(args.iter().rev().copied().collect())),
+            Arc::new(|_, args: &[u8]| Ok(args.iter().rev().copied().collect())),
         );
-        let reverse = shared.foreign_function(b"reverse").unwrap();
-        assert_eq!(reverse(b"abc").unwrap(), b"cba");
+        assert!(shared.foreign_function(b"reverse").is_some());
         assert!(shared.foreign_function(b"missing").is_none());
+        for envoy in ["compress", "set_envoy_filter_state", "declare_property"] {
+            assert!(
+                shared.foreign_function(envoy.as_bytes()).is_some(),
+                "{envoy}"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use runtime_api::GuestFunction;
 use rustc_hash::FxHashMap;
 
 use crate::callbacks::Callback;
+use crate::filter_state::PropertyDeclaration;
 use crate::shared::QueueOwner;
 use crate::stream::StreamState;
 use crate::{AbiVersion, ContextId, HeaderMap, Host, HttpCallResponse, PluginConfig, SharedState};
@@ -111,6 +112,10 @@ pub struct VmState {
     /// Whether the plugin configuration is readable: only while the root context is created
     /// and configured, as in Envoy.
     pub(crate) plugin_configuration_readable: bool,
+    /// Properties the root context declared (`declare_property`), by name.
+    pub(crate) declarations: FxHashMap<Vec<u8>, PropertyDeclaration>,
+    /// Data of foreign functions kept per VM (e.g. compiled CEL expressions), by type.
+    pub(crate) foreign_data: FxHashMap<std::any::TypeId, Box<dyn std::any::Any + Send>>,
 }
 
 impl VmState {
@@ -143,6 +148,8 @@ impl VmState {
             grpc_message: None,
             status: (0, Vec::new()),
             plugin_configuration_readable: false,
+            declarations: FxHashMap::default(),
+            foreign_data: FxHashMap::default(),
         }
     }
 

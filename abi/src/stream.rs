@@ -6,6 +6,7 @@
 //! while the request is still in the plugin's hands. The rules are applied here, once, so every
 //! embedder (and `pwhost run`) behaves as Envoy does without re-implementing them.
 
+use crate::filter_state::FilterState;
 use crate::{BufferType, ContextId, MapType};
 
 /// A part of a stream the plugin may be holding.
@@ -49,6 +50,8 @@ pub(crate) struct StreamState {
     held: u16,
     /// Whether the plugin sent a local reply on it: a second one does not replace the first.
     pub(crate) local_reply_sent: bool,
+    /// The properties and Envoy objects the plugin set on it.
+    pub(crate) filter_state: FilterState,
 }
 
 impl StreamState {
@@ -57,6 +60,7 @@ impl StreamState {
             root,
             held: 0,
             local_reply_sent: false,
+            filter_state: FilterState::default(),
         }
     }
 

@@ -209,6 +209,16 @@ impl Vm {
         }
     }
 
+    /// The filter state of a stream or connection: the properties the plugin set on it and the
+    /// Envoy objects it set with `set_envoy_filter_state` (e.g. `envoy.tcp_proxy.cluster`), until
+    /// the context is deleted. Empty for a root context or an unknown one.
+    pub fn filter_state(&mut self, context: ContextId) -> &[crate::FilterStateObject] {
+        match self.instance.state().contexts.get(&context.0) {
+            Some(ContextKind::Stream(stream)) => stream.filter_state.objects(),
+            _ => &[],
+        }
+    }
+
     /// The ABI version the plugin was built for.
     pub fn abi_version(&self) -> AbiVersion {
         self.abi

@@ -17,13 +17,12 @@
 pub mod floor;
 pub mod memory;
 
-use std::borrow::Cow;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use abi::{
     BufferType, ContextId, HeaderMap, HeadersAction, Host, LocalResponse, LogLevel, MapType,
-    PropertyPath, Status, StreamType, Vm, VmError,
+    Status, StreamType, Vm, VmError,
 };
 
 /// The plugin every lifecycle benchmark runs (`plugins/rust/lifecycle_bench`).
@@ -213,14 +212,6 @@ impl Host for BenchHost {
 
     fn buffer(&mut self, _context: ContextId, _buffer: BufferType) -> Option<&mut Vec<u8>> {
         None
-    }
-
-    fn property(&mut self, _context: ContextId, _path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
-        None
-    }
-
-    fn set_property(&mut self, _context: ContextId, _path: PropertyPath<'_>, _: &[u8]) -> Status {
-        Status::Unimplemented
     }
 
     fn send_local_response(&mut self, _context: ContextId, _response: LocalResponse) -> Status {

@@ -17,6 +17,10 @@ use native::sdk::NativePlugin;
 mod abi_coverage;
 #[path = "../../plugins/rust/body_rewrite/src/lib.rs"]
 mod body_rewrite;
+#[path = "../../plugins/rust/envoy_attributes/src/lib.rs"]
+mod envoy_attributes;
+#[path = "../../plugins/rust/envoy_foreign/src/lib.rs"]
+mod envoy_foreign;
 #[path = "../../plugins/rust/envoy_rules/src/lib.rs"]
 mod envoy_rules;
 #[path = "../../plugins/rust/foreign_call/src/lib.rs"]
@@ -54,6 +58,8 @@ mod timers;
 pub const PLUGINS: &[NativePlugin] = &[
     abi_coverage::PLUGIN,
     body_rewrite::PLUGIN,
+    envoy_attributes::PLUGIN,
+    envoy_foreign::PLUGIN,
     envoy_rules::PLUGIN,
     foreign_call::PLUGIN,
     grpc_call::PLUGIN,

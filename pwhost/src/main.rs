@@ -252,6 +252,20 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     Ok(figures)
 }
 
+fn render_filter_state(
+    out: &mut String,
+    filter_state: &std::collections::BTreeMap<String, scenario::FilterStateReport>,
+) {
+    for (key, object) in filter_state {
+        writeln!(
+            out,
+            "  filter state {key} = {:?} ({})",
+            object.value, object.span
+        )
+        .ok();
+    }
+}
+
 fn render_actions(
     out: &mut String,
     actions: &std::collections::BTreeMap<&'static str, &'static str>,
@@ -351,6 +365,10 @@ fn render_text(report: &Report) -> String {
             writeln!(out, "  local response {} {:?}", local.status, local.body).ok();
         }
         render_calls(out, &http.http_calls, &http.grpc_calls);
+        render_filter_state(out, &http.filter_state);
+        if http.route_cache_clears > 0 {
+            writeln!(out, "  route cache cleared {}×", http.route_cache_clears).ok();
+        }
         if http.stalled {
             writeln!(
                 out,
@@ -376,6 +394,7 @@ fn render_text(report: &Report) -> String {
         )
         .ok();
         render_calls(out, &tcp.http_calls, &tcp.grpc_calls);
+        render_filter_state(out, &tcp.filter_state);
         if tcp.stalled {
             writeln!(
                 out,

@@ -132,8 +132,9 @@ pub(super) fn get_status(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Host
 }
 
 /// `proxy_call_foreign_function(name_data, name_size, args_data, args_size, return_data,
-/// return_size)`: calls a function the embedder registered in the [`crate::SharedState`];
-/// `NOT_FOUND` if there is none of that name.
+/// return_size)`: calls a function registered in the [`crate::SharedState`] (Envoy's, and the
+/// embedder's); `NOT_FOUND` if there is none of that name. A function that panics is an
+/// `INTERNAL_FAILURE` for the plugin, never a crash of the host.
 pub(super) fn call_foreign_function(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (function, arguments) = {
         let (state, memory) = caller.state_and_memory();
@@ -143,7 +144,17 @@ pub(super) fn call_foreign_function(caller: &mut dyn Caller<VmState>, args: &[u6
             .ok_or(Status::NotFound)?;
         (function, memory.slice(args[2], args[3])?.to_vec())
     };
-    let result = function(&arguments)?;
+    let result = {
+        let mut call = crate::ForeignCall {
+            state: caller.state(),
+        };
+        // A panic leaves at most the function's own data half-updated; the VM state it may touch
+        // stays consistent (every field is valid on its own).
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            function(&mut call, &arguments)
+        }))
+        .unwrap_or(Err(Status::InternalFailure))?
+    };
     let len = result.len() as u64;
     return_data(caller, len, args[4], args[5], |_, memory, pointer| {
         super::fill_exact(memory, pointer, len, &result)

@@ -14,6 +14,8 @@ mod shared_data;
 mod stream;
 mod wasi;
 
+pub(crate) use properties::property_bytes;
+
 use runtime_api::{Caller, GuestMemory, HostFunction, MemoryAccessError, Trap, ValType};
 
 use crate::state::Restriction;

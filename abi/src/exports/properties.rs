@@ -1,60 +1,54 @@
-//! Properties.
+//! Properties: Envoy's attributes and the properties plugins set.
 
 use runtime_api::Caller;
 
-use super::{check, fill_exact, return_data, HostResult};
-use crate::{PropertyPath, Status, VmState};
+use super::{fill_exact, return_data, HostResult};
+use crate::{attributes, PropertyPath, Status, VmState};
 
-/// Properties the ABI answers itself from the plugin's configuration.
-fn plugin_property<'a>(state: &'a VmState, path: PropertyPath<'_>) -> Option<&'a [u8]> {
-    let mut segments = path.segments();
-    let first = segments.next()?;
-    if segments.next().is_some() {
-        return None;
+/// The bytes of the property at `path`: what the embedder answers itself, else Envoy's
+/// attributes and the properties plugins set. The plugin's identity is always the ABI's.
+pub(crate) fn property_bytes(
+    state: &mut VmState,
+    path: PropertyPath<'_>,
+) -> Result<Vec<u8>, Status> {
+    let identity = matches!(
+        path.0.strip_suffix(b"\0").unwrap_or(path.0),
+        b"plugin_name" | b"plugin_root_id" | b"plugin_vm_id"
+    );
+    if !identity {
+        let context = state.effective_context;
+        if let Some(value) = state.host.property(context, path) {
+            return Ok(value.into_owned());
+        }
     }
-    match first {
-        b"plugin_name" => Some(state.config.name.as_bytes()),
-        b"plugin_root_id" => Some(state.config.root_id.as_bytes()),
-        b"plugin_vm_id" => Some(state.config.vm_id.as_bytes()),
-        _ => None,
-    }
-}
-
-fn property_len(state: &mut VmState, path: PropertyPath<'_>) -> Option<u64> {
-    if let Some(value) = plugin_property(state, path) {
-        return Some(value.len() as u64);
-    }
-    let context = state.effective_context;
-    state.host.property(context, path).map(|v| v.len() as u64)
+    attributes::property(state, path)?.encode()
 }
 
 /// `proxy_get_property(path_data, path_size, return_value_data, return_value_size)`.
 pub(super) fn get_property(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let len = {
+    let value = {
         let (state, memory) = caller.state_and_memory();
         let path = PropertyPath(memory.slice(args[0], args[1])?);
-        property_len(state, path).ok_or(Status::NotFound)?
+        property_bytes(state, path)?
     };
-    return_data(caller, len, args[2], args[3], |state, memory, pointer| {
-        let path = PropertyPath(memory.slice(args[0], args[1])?);
-        if let Some(value) = plugin_property(state, path) {
-            return fill_exact(memory, pointer, len, value);
-        }
-        let context = state.effective_context;
-        let value = state.host.property(context, path).ok_or(Status::NotFound)?;
+    let len = value.len() as u64;
+    return_data(caller, len, args[2], args[3], |_, memory, pointer| {
         fill_exact(memory, pointer, len, &value)
     })
 }
 
-/// `proxy_set_property(path_data, path_size, value_data, value_size)`.
+/// `proxy_set_property(path_data, path_size, value_data, value_size)`: as Envoy, the stream's
+/// filter state at `wasm.<path>`, typed as the root context declared it; `NOT_FOUND` from a root
+/// context (which has no stream), `BAD_ARGUMENT` for a read-only property already set.
 pub(super) fn set_property(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
-    let path = PropertyPath(memory.slice(args[0], args[1])?);
+    let path = memory.slice(args[0], args[1])?;
     let value = memory.slice(args[2], args[3])?;
-    if plugin_property(state, path).is_some() {
-        // The plugin's identity is the host's to set.
-        return Err(Status::BadArgument.into());
-    }
-    let context = state.effective_context;
-    check(state.host.set_property(context, path, value))
+    let declaration = state.declarations.get(path).cloned();
+    let stream = state.effective_stream().ok_or(Status::NotFound)?;
+    super::check(
+        stream
+            .filter_state
+            .set_property(path, value, declaration.as_ref()),
+    )
 }

@@ -176,13 +176,12 @@ pub(crate) fn add_map_value(map: MapType, name: &str, value: &[u8]) {
     );
 }
 
+/// A property path as the proxy-wasm SDK sends it: segments separated (not ended) by NUL.
 fn serialize_path(path: &[&str]) -> Vec<u8> {
-    let mut serialized = Vec::new();
-    for part in path {
-        serialized.extend_from_slice(part.as_bytes());
-        serialized.push(0);
-    }
-    serialized
+    path.iter()
+        .map(|part| part.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&0)
 }
 
 pub(crate) fn get_property(path: &[&str]) -> Option<Bytes> {

@@ -19,8 +19,8 @@ use abi::{
 };
 
 use super::callouts::{to_map, Callouts};
-use super::report::{HttpReport, LocalResponseReport};
-use super::{in_memory_host, lossy, FailurePolicy, Headers, HttpExchange};
+use super::report::{FilterStateReport, HttpReport, LocalResponseReport};
+use super::{in_memory_host, lossy, FailurePolicy, Headers, HttpExchange, UPSTREAM_ADDRESS};
 
 fn default_request_headers() -> Headers {
     [
@@ -257,7 +257,11 @@ impl<'a> ExchangeRun<'a> {
     fn forward_headers(&mut self, direction: Direction) {
         let headers = self.headers_mut(direction).to_string_pairs();
         match direction {
-            Direction::Request => self.report.request_headers = headers,
+            Direction::Request => {
+                self.report.request_headers = headers;
+                // The request goes to an upstream host now.
+                self.stream().info.upstream_address = Some(UPSTREAM_ADDRESS.into());
+            }
             Direction::Response => self.report.response_headers = headers,
         }
     }
@@ -265,6 +269,10 @@ impl<'a> ExchangeRun<'a> {
     /// Records the body the plugin holds as forwarded, and empties it.
     fn forward_body(&mut self, direction: Direction) {
         let body = std::mem::take(self.body_mut(direction));
+        if direction == Direction::Response {
+            let sent = &mut self.stream().info.bytes_sent;
+            *sent = Some(sent.unwrap_or(0) + body.len() as u64);
+        }
         let forwarded = match direction {
             Direction::Request => &mut self.report.request_body,
             Direction::Response => &mut self.report.response_body,
@@ -291,6 +299,19 @@ impl<'a> ExchangeRun<'a> {
         let has_trailers = !message.trailers.is_empty();
         let headers_end = message.body.is_empty() && !has_trailers;
         let count = message.headers.len();
+        if direction == Direction::Response && !self.local_reply_handled {
+            let code = message
+                .headers
+                .get(b":status")
+                .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+            let info = &mut self.stream().info;
+            info.response_code = code;
+            info.response_code_details = Some("via_upstream".into());
+        }
+        if direction == Direction::Request {
+            let received: u64 = message.body.iter().map(|chunk| chunk.len() as u64).sum();
+            self.stream().info.bytes_received = Some(received);
+        }
         *self.headers_mut(direction) = message.headers;
         let action = match direction {
             Direction::Request => self.vm.on_request_headers(context, count, headers_end)?,
@@ -387,6 +408,9 @@ impl<'a> ExchangeRun<'a> {
         let Some(reply) = self.stream().local_response.clone() else {
             return Ok(());
         };
+        let info = &mut self.stream().info;
+        info.response_code = Some(reply.status);
+        info.response_code_details = Some(lossy(&reply.details));
         let response = Message::local_reply(&reply, grpc_request);
         if from_request {
             // Nothing more of the request goes upstream; the reply passes the plugin's own
@@ -460,6 +484,7 @@ pub(super) fn run_exchange(
     exchange: &HttpExchange,
     policy: FailurePolicy,
     configured: bool,
+    connection_id: u64,
 ) -> HttpReport {
     let mut report = HttpReport::default();
     if !configured || vm.is_failed() {
@@ -478,6 +503,10 @@ pub(super) fn run_exchange(
             return report;
         }
     };
+    let start_time = vm.host().now();
+    let stream = in_memory_host(vm).stream(context);
+    stream.info = super::connection_info(connection_id, start_time);
+    stream.info.protocol = Some("HTTP/1.1".into());
     let callouts = Callouts::new(
         vm,
         &exchange.http_call_responses,
@@ -513,13 +542,18 @@ pub(super) fn run_exchange(
         });
     }
     (report.http_calls, report.grpc_calls) = callouts.report(vm);
+    let now = vm.host().now();
+    let stream = in_memory_host(vm).stream(context);
+    stream.info.duration = stream
+        .info
+        .start_time
+        .and_then(|start| now.duration_since(start).ok());
+    report.route_cache_clears = stream.route_cache_clears;
     // The stream ends: the plugin logs it and lets go of it, even after a stall or a local reply.
     if !vm.is_failed() {
-        let ended = vm
-            .on_log(context)
-            .and_then(|_| vm.on_done(context))
-            .and_then(|_| vm.on_delete(context));
-        if let Err(error) = ended {
+        let ended = vm.on_log(context).and_then(|_| vm.on_done(context));
+        report.filter_state = FilterStateReport::of(vm.filter_state(context));
+        if let Err(error) = ended.and_then(|_| vm.on_delete(context)) {
             report.error.get_or_insert_with(|| error.to_string());
         }
     }

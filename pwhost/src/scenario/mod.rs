@@ -31,6 +31,7 @@ mod http;
 mod report;
 mod tcp;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -38,8 +39,8 @@ use abi::{InMemoryHost, Plugin, SharedState, Vm, VmError};
 use serde::{Deserialize, Serialize};
 
 pub use report::{
-    GrpcCallReport, HttpCallReport, HttpReport, LocalResponseReport, LogReport, MetricReport,
-    Report, TcpReport,
+    FilterStateReport, GrpcCallReport, HttpCallReport, HttpReport, LocalResponseReport, LogReport,
+    MetricReport, Report, TcpReport,
 };
 
 /// A header list as `[name, value]` pairs.
@@ -58,9 +59,12 @@ pub struct Scenario {
     /// TCP connections, run after the HTTP exchanges.
     #[serde(default)]
     pub tcp: Vec<TcpConnection>,
-    /// Properties the host answers `proxy_get_property` with.
+    /// Properties the host answers `proxy_get_property` with, before Envoy's attributes.
     #[serde(default)]
     pub properties: Vec<PropertyValue>,
+    /// The proxy's identity, for `xds.node` (default: id `pwhost`, no metadata).
+    #[serde(default)]
+    pub node: Option<NodeConfig>,
     /// How many timer ticks to deliver after configuration (only while the plugin has a tick
     /// period set).
     #[serde(default)]
@@ -189,14 +193,68 @@ pub struct GrpcResponse {
     pub message: String,
 }
 
-/// A property the host provides.
+/// A property the host answers as given, before Envoy's attributes (so a scenario can set or
+/// override any attribute).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PropertyValue {
     /// Path segments, e.g. `["request", "path"]`.
     pub path: Vec<String>,
-    /// The value.
-    pub value: String,
+    /// The value, handed to the plugin encoded as Envoy encodes values of its type.
+    pub value: Data,
+}
+
+/// A typed value in a scenario: a string, integer (8 little-endian bytes), double, boolean (one
+/// byte), list or map (header pairs), as the plugin receives such values from Envoy.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Data {
+    /// A boolean.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A double.
+    Double(f64),
+    /// A string.
+    String(String),
+    /// A list.
+    List(Vec<Data>),
+    /// A map.
+    Map(BTreeMap<String, Data>),
+}
+
+impl Data {
+    /// The value as the ABI's.
+    pub fn to_value(&self) -> abi::Value<'static> {
+        match self {
+            Data::Bool(b) => abi::Value::Bool(*b),
+            Data::Int(i) => abi::Value::Int(*i),
+            Data::Double(d) => abi::Value::Double(*d),
+            Data::String(s) => abi::Value::string(s.clone()),
+            Data::List(items) => abi::Value::List(items.iter().map(Data::to_value).collect()),
+            Data::Map(entries) => abi::Value::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| (Cow::Owned(k.clone().into_bytes()), v.to_value()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The proxy's identity (`xds.node`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `xds.node.id`.
+    #[serde(default)]
+    pub id: String,
+    /// `xds.node.cluster`.
+    #[serde(default)]
+    pub cluster: String,
+    /// `xds.node.metadata`.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Data>,
 }
 
 impl Scenario {
@@ -234,13 +292,34 @@ pub enum FailurePolicy {
 pub fn register_builtin_foreign_functions(shared: &SharedState) {
     shared.register_foreign_function(
         "reverse",
-        Arc::new(|args: &[u8]| Ok(args.iter().rev().copied().collect())),
+        Arc::new(|_, args: &[u8]| Ok(args.iter().rev().copied().collect())),
     );
-    shared.register_foreign_function("echo", Arc::new(|args: &[u8]| Ok(args.to_vec())));
+    shared.register_foreign_function("echo", Arc::new(|_, args: &[u8]| Ok(args.to_vec())));
     shared.register_foreign_function(
         "uppercase",
-        Arc::new(|args: &[u8]| Ok(args.to_ascii_uppercase())),
+        Arc::new(|_, args: &[u8]| Ok(args.to_ascii_uppercase())),
     );
+}
+
+/// The addresses a scenario's connections come from and go to, as Envoy's stream info would
+/// have them (a scenario's `properties` override any attribute).
+const SOURCE_ADDRESS: &str = "127.0.0.1:50000";
+const DESTINATION_ADDRESS: &str = "127.0.0.1:10000";
+const UPSTREAM_ADDRESS: &str = "127.0.0.1:8080";
+
+/// What a proxy knows of a new downstream connection `connection_id`.
+fn connection_info(connection_id: u64, start_time: std::time::SystemTime) -> abi::StreamInfo {
+    abi::StreamInfo {
+        source_address: Some(SOURCE_ADDRESS.into()),
+        destination_address: Some(DESTINATION_ADDRESS.into()),
+        connection_id: Some(connection_id),
+        mtls: Some(false),
+        requested_server_name: Some(String::new()),
+        start_time: Some(start_time),
+        bytes_received: Some(0),
+        bytes_sent: Some(0),
+        ..abi::StreamInfo::default()
+    }
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -328,9 +407,22 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
     for _ in 0..scenario.vms.max(1) {
         let mut host = InMemoryHost::new();
         for property in &scenario.properties {
-            host.properties
-                .insert(property.path.join("."), property.value.clone().into_bytes());
+            let value = property.value.to_value().encode().unwrap_or_default();
+            host.properties.insert(property.path.join("."), value);
         }
+        let node = scenario.node.clone().unwrap_or_else(|| NodeConfig {
+            id: "pwhost".into(),
+            ..NodeConfig::default()
+        });
+        host.node = Some(abi::Node {
+            id: node.id,
+            cluster: node.cluster,
+            metadata: node
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_value()))
+                .collect(),
+        });
         let mut vm = Vm::new(plugin, Box::new(host))?;
         match vm.start() {
             Ok(true) => match vm.configure() {
@@ -359,10 +451,14 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         dispatch_queues(&mut vms, &mut report.errors);
     }
     let vm_count = vms.len();
+    // Each exchange and connection comes on a downstream connection of its own.
+    let mut connection_id = 0;
     for exchange in &scenario.http {
+        connection_id += 1;
         let http = match vms.get_mut(exchange.vm) {
             Some(vm) => {
-                let http = http::run_exchange(vm, exchange, policy, report.configure);
+                let http =
+                    http::run_exchange(vm, exchange, policy, report.configure, connection_id);
                 if let Err(error) = tick(vm, exchange.ticks_after) {
                     report.errors.push(error.to_string());
                 }
@@ -374,9 +470,10 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         dispatch_queues(&mut vms, &mut report.errors);
     }
     for connection in &scenario.tcp {
+        connection_id += 1;
         let tcp = match vms.get_mut(connection.vm) {
             Some(vm) => {
-                let tcp = tcp::run_connection(vm, connection, report.configure);
+                let tcp = tcp::run_connection(vm, connection, report.configure, connection_id);
                 if let Err(error) = tick(vm, connection.ticks_after) {
                     report.errors.push(error.to_string());
                 }

@@ -33,8 +33,40 @@ pub struct HttpReport {
     pub stalled: bool,
     /// Whether the plugin closed the stream (`proxy_close_stream`), which resets it.
     pub reset: bool,
+    /// How often the plugin cleared the stream's route cache.
+    pub route_cache_clears: u32,
+    /// The stream's filter state when it ended: properties the plugin set (`wasm.NAME`) and
+    /// Envoy objects (`set_envoy_filter_state`), by key.
+    pub filter_state: BTreeMap<String, FilterStateReport>,
     /// The error that failed the VM during this exchange, if any.
     pub error: Option<String>,
+}
+
+/// One object of a stream's or connection's filter state.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FilterStateReport {
+    /// The value (UTF-8, lossily).
+    pub value: String,
+    /// How long it lives: `filter_chain`, `downstream_request` or `downstream_connection`.
+    pub span: &'static str,
+}
+
+impl FilterStateReport {
+    /// The report of a context's filter state.
+    pub(super) fn of(objects: &[abi::FilterStateObject]) -> BTreeMap<String, FilterStateReport> {
+        objects
+            .iter()
+            .map(|object| {
+                (
+                    super::lossy(&object.key),
+                    FilterStateReport {
+                        value: super::lossy(&object.value),
+                        span: object.span.as_str(),
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 impl HttpReport {
@@ -65,6 +97,8 @@ pub struct TcpReport {
     pub actions: BTreeMap<&'static str, &'static str>,
     /// Whether data the plugin paused was never continued.
     pub stalled: bool,
+    /// The connection's filter state when it ended (e.g. `envoy.tcp_proxy.cluster`), by key.
+    pub filter_state: BTreeMap<String, FilterStateReport>,
     /// The error that failed the VM during this connection, if any.
     pub error: Option<String>,
 }

@@ -4,8 +4,8 @@
 use abi::{DataAction, PeerType, Vm, VmError};
 
 use super::callouts::Callouts;
-use super::report::TcpReport;
-use super::{in_memory_host, lossy, TcpConnection};
+use super::report::{FilterStateReport, TcpReport};
+use super::{in_memory_host, lossy, TcpConnection, UPSTREAM_ADDRESS};
 
 /// Which way data flows on a connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,7 @@ pub(super) fn run_connection(
     vm: &mut Vm,
     connection: &TcpConnection,
     configured: bool,
+    connection_id: u64,
 ) -> TcpReport {
     let mut report = TcpReport::default();
     if !configured || vm.is_failed() {
@@ -96,7 +97,10 @@ pub(super) fn run_connection(
     );
     let outcome = (|| -> Result<(), VmError> {
         let context = vm.create_tcp_context()?;
-        in_memory_host(vm).stream(context);
+        let start_time = vm.host().now();
+        let info = &mut in_memory_host(vm).stream(context).info;
+        *info = super::connection_info(connection_id, start_time);
+        info.upstream_address = Some(UPSTREAM_ADDRESS.into());
         let action = vm.on_new_connection(context)?;
         report.actions.insert("new_connection", action.as_str());
         let (upstream, held_down) = feed(
@@ -124,6 +128,7 @@ pub(super) fn run_connection(
         // Envoy ends a connection with on_done before on_log (an HTTP stream the other way).
         vm.on_done(context)?;
         vm.on_log(context)?;
+        report.filter_state = FilterStateReport::of(vm.filter_state(context));
         vm.on_delete(context)?;
         in_memory_host(vm).streams.remove(&context);
         Ok(())

@@ -11,9 +11,11 @@
 //! | `source.address`          | `x-prop-source-address` |
 //!
 //! Reads `no.such.property` and adds `x-prop-missing: none` when it is absent (the host must
-//! answer NOT_FOUND, not an error). Sets `pwhost.test` = `set-by-plugin` and reads it back into
+//! answer NOT_FOUND, not an error). Sets `pwhost_test` = `set-by-plugin` and reads it back into
 //! `x-prop-roundtrip` (expected `set-by-plugin`). The SDK panics (trap) if `proxy_set_property`
 //! returns anything but OK, so a host that rejects the write shows up as a trapped request.
+//! (The name is one path segment: Envoy stores a property under its whole path and reads by the
+//! first segment, so a property set at `pwhost.test`, two segments, cannot be read back.)
 
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
@@ -46,8 +48,8 @@ impl HttpContext for Properties {
             self.add_http_request_header("x-prop-missing", "none");
         }
 
-        self.set_property(vec!["pwhost", "test"], Some(b"set-by-plugin"));
-        if let Some(value) = self.get_property(vec!["pwhost", "test"]) {
+        self.set_property(vec!["pwhost_test"], Some(b"set-by-plugin"));
+        if let Some(value) = self.get_property(vec!["pwhost_test"]) {
             self.add_http_request_header("x-prop-roundtrip", &String::from_utf8_lossy(&value));
         }
         Action::Continue

@@ -1,0 +1,298 @@
+//! Envoy's CEL foreign functions, with the `cel` crate: `expr_create` compiles an expression
+//! (the argument's text) and returns its token (4 little-endian bytes), `expr_evaluate`
+//! evaluates it over the attributes of the plugin's context and returns the value encoded as
+//! `proxy_get_property` encodes values, `expr_delete` forgets it. Tokens belong to the VM's root
+//! context, as in Envoy.
+//!
+//! Expressions see the attribute groups (`request`, `response`, `connection`, `source`,
+//! `destination`, `upstream`, `xds`) as maps of the attributes found, `filter_state` as a map of
+//! the stream's objects by key, `plugin_name`, `plugin_root_id`, `plugin_vm_id`,
+//! `connection_id`, and any other name as the property the plugin set under it. Envoy hands
+//! protobuf messages (`xds.node`, `metadata`) to CEL as messages; here the node is a map of its
+//! id, cluster and metadata.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use rustc_hash::FxHashMap;
+
+use super::ForeignCall;
+use crate::value::{timestamp_nanos, Value};
+use crate::{attributes, SharedState, Status};
+
+/// The parser and the evaluator recurse over an expression's nesting (a chain of `+` is as deep
+/// as it is long), so a plugin must not be able to hand over one deep enough to exhaust a
+/// worker's stack: sources are at most this long (the parser's recursion stays within about
+/// a quarter of a 1 MiB stack, measured), ...
+const MAX_SOURCE_BYTES: usize = 1024;
+/// ... their brackets nest at most this deep, ...
+const MAX_NESTING: usize = 32;
+/// ... and the compiled expression is at most this deep (the evaluator's recursion).
+const MAX_DEPTH: usize = 64;
+
+/// The expressions a VM's root context compiled, by token.
+#[derive(Default)]
+struct Expressions {
+    next_token: u32,
+    programs: FxHashMap<u32, Arc<cel::Program>>,
+}
+
+pub(super) fn register(shared: &SharedState) {
+    shared.register_foreign_function("expr_create", Arc::new(create));
+    shared.register_foreign_function("expr_evaluate", Arc::new(evaluate));
+    shared.register_foreign_function("expr_delete", Arc::new(delete));
+}
+
+/// Whether the expression's brackets nest deeper than [`MAX_NESTING`].
+fn too_deep(source: &str) -> bool {
+    let mut depth = 0usize;
+    for byte in source.bytes() {
+        match byte {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return true;
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// `expr_create(source)`: the token of the compiled expression; `BAD_ARGUMENT` for one that
+/// does not compile.
+fn create(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
+    let source = std::str::from_utf8(args).map_err(|_| Status::BadArgument)?;
+    if source.len() > MAX_SOURCE_BYTES || too_deep(source) {
+        return Err(Status::BadArgument);
+    }
+    let program = cel::Program::compile(source).map_err(|_| Status::BadArgument)?;
+    if depth(program.expression()) > MAX_DEPTH {
+        return Err(Status::BadArgument);
+    }
+    let expressions = call.vm_data::<Expressions>();
+    let mut token = expressions.next_token;
+    while expressions.programs.contains_key(&token) {
+        token = token.wrapping_add(1);
+    }
+    expressions.next_token = token.wrapping_add(1);
+    expressions.programs.insert(token, Arc::new(program));
+    Ok(token.to_le_bytes().to_vec())
+}
+
+/// How deep an expression's tree is, measured without recursion.
+fn depth(root: &cel::IdedExpr) -> usize {
+    use cel::common::ast::{EntryExpr, Expr};
+    let mut deepest = 0;
+    let mut pending: Vec<(&cel::IdedExpr, usize)> = vec![(root, 1)];
+    while let Some((node, level)) = pending.pop() {
+        deepest = deepest.max(level);
+        let mut children: Vec<&cel::IdedExpr> = Vec::new();
+        match &node.expr {
+            Expr::Call(call) => {
+                children.extend(call.target.as_deref());
+                children.extend(&call.args);
+            }
+            Expr::Comprehension(c) => children.extend([
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ]),
+            Expr::List(list) => children.extend(&list.elements),
+            Expr::Map(cel::common::ast::MapExpr { entries })
+            | Expr::Struct(cel::common::ast::StructExpr { entries, .. }) => {
+                for entry in entries {
+                    match &entry.expr {
+                        EntryExpr::MapEntry(e) => children.extend([&e.key, &e.value]),
+                        EntryExpr::StructField(f) => children.push(&f.value),
+                    }
+                }
+            }
+            Expr::Select(select) => children.push(&select.operand),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+        pending.extend(children.into_iter().map(|child| (child, level + 1)));
+    }
+    deepest
+}
+
+fn token(args: &[u8]) -> Result<u32, Status> {
+    let bytes: [u8; 4] = args.try_into().map_err(|_| Status::BadArgument)?;
+    Ok(u32::from_le_bytes(bytes))
+}
+
+/// `expr_evaluate(token)`: the value, or `NOT_FOUND` for an unknown token, `INTERNAL_FAILURE`
+/// for an evaluation error (e.g. a missing attribute), `SERIALIZATION_FAILURE` for a value
+/// that cannot be handed over (null).
+fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
+    let token = token(args)?;
+    let program = call
+        .vm_data::<Expressions>()
+        .programs
+        .get(&token)
+        .cloned()
+        .ok_or(Status::NotFound)?;
+    let mut context = cel::Context::default();
+    for name in program.references().variables() {
+        if let Some(value) = variable(call, name) {
+            context.add_variable_from_value(name, to_cel(value));
+        }
+    }
+    let result = program
+        .execute(&context)
+        .map_err(|_| Status::InternalFailure)?;
+    from_cel(&result)?.encode()
+}
+
+/// `expr_delete(token)`: always `OK` for a well-formed token, known or not.
+fn delete(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
+    let token = token(args)?;
+    call.vm_data::<Expressions>().programs.remove(&token);
+    Ok(Vec::new())
+}
+
+/// The value of a top-level name an expression uses.
+fn variable(call: &mut ForeignCall<'_>, name: &str) -> Option<Value<'static>> {
+    let groups = attributes::GROUPS.iter().map(|(group, _)| *group);
+    if name == "filter_state" || groups.clone().any(|group| group == name) {
+        return attributes::group_value(call.state, name);
+    }
+    attributes::property(call.state, crate::PropertyPath(name.as_bytes())).ok()
+}
+
+fn to_cel(value: Value<'static>) -> cel::Value {
+    match value {
+        Value::String(s) => cel::Value::String(Arc::new(String::from_utf8_lossy(&s).into_owned())),
+        Value::Bytes(b) | Value::Message(b) => cel::Value::Bytes(Arc::new(b.into_owned())),
+        Value::Int(i) => cel::Value::Int(i),
+        Value::Uint(u) => cel::Value::UInt(u),
+        Value::Double(d) => cel::Value::Float(d),
+        Value::Bool(b) => cel::Value::Bool(b),
+        Value::Timestamp(t) => {
+            let nanos = timestamp_nanos(t);
+            chrono::DateTime::from_timestamp_nanos(nanos)
+                .fixed_offset()
+                .into()
+        }
+        Value::Duration(d) => {
+            cel::Value::Duration(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+        }
+        Value::Map(entries) => {
+            let map: HashMap<String, cel::Value> = entries
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), to_cel(v)))
+                .collect();
+            map.into()
+        }
+        Value::List(items) => cel::Value::List(Arc::new(items.into_iter().map(to_cel).collect())),
+        Value::Null => cel::Value::Null,
+    }
+}
+
+fn from_cel(value: &cel::Value) -> Result<Value<'static>, Status> {
+    Ok(match value {
+        cel::Value::String(s) => Value::string(s.as_str()),
+        cel::Value::Bytes(b) => Value::Bytes(Cow::Owned(b.to_vec())),
+        cel::Value::Int(i) => Value::Int(*i),
+        cel::Value::UInt(u) => Value::Uint(*u),
+        cel::Value::Float(f) => Value::Double(*f),
+        cel::Value::Bool(b) => Value::Bool(*b),
+        cel::Value::Timestamp(t) => {
+            let nanos = t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+            let time = if nanos >= 0 {
+                UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+            } else {
+                UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs())
+            };
+            Value::Timestamp(time)
+        }
+        cel::Value::Duration(d) => Value::Duration(d.to_std().unwrap_or_default()),
+        cel::Value::List(items) => {
+            Value::List(items.iter().map(from_cel).collect::<Result<_, Status>>()?)
+        }
+        cel::Value::Map(map) => {
+            let mut entries = map
+                .map
+                .iter()
+                .map(|(k, v)| Ok((Cow::<[u8]>::Owned(key_bytes(k)), from_cel(v)?)))
+                .collect::<Result<Vec<_>, Status>>()?;
+            // A CEL map has no order; sort so that the same map always encodes the same.
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Map(entries)
+        }
+        _ => return Err(Status::SerializationFailure),
+    })
+}
+
+/// A map key encoded as Envoy encodes any value.
+fn key_bytes(key: &cel::objects::Key) -> Vec<u8> {
+    match key {
+        cel::objects::Key::String(s) => s.as_bytes().to_vec(),
+        cel::objects::Key::Int(i) => i.to_le_bytes().to_vec(),
+        cel::objects::Key::Uint(u) => u.to_le_bytes().to_vec(),
+        cel::objects::Key::Bool(b) => vec![u8::from(*b)],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worst expressions the limits let through compile on a thread with a small stack (a
+    /// proxy's worker threads have 2 MiB or less), and those shallow enough to keep evaluate
+    /// there too; deeper ones are refused after compiling.
+    #[test]
+    fn the_largest_expressions_allowed_do_not_exhaust_a_small_stack() {
+        let chain = |first: &str, op: &str| {
+            format!(
+                "{first}{}",
+                op.repeat((MAX_SOURCE_BYTES - first.len()) / op.len())
+            )
+        };
+        let nested = format!("{}1{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING));
+        let shallow = format!("1{}", "+1".repeat(MAX_DEPTH - 2));
+        for (source, evaluates) in [
+            (chain("1", "+1"), false),
+            (chain("1", "==1"), false),
+            // The parser balances chains of `&&` and `||`.
+            (chain("true", "&&true"), true),
+            (nested, true),
+            (shallow, true),
+        ] {
+            assert!(source.len() <= MAX_SOURCE_BYTES && !too_deep(&source));
+            let result = std::thread::Builder::new()
+                .stack_size(1 << 20)
+                .spawn(move || {
+                    let Ok(program) = cel::Program::compile(&source) else {
+                        return Ok(false);
+                    };
+                    if depth(program.expression()) > MAX_DEPTH {
+                        return Ok(false);
+                    }
+                    program
+                        .execute(&cel::Context::default())
+                        .map(|_| true)
+                        .map_err(|e| e.to_string())
+                })
+                .unwrap()
+                .join();
+            assert!(
+                matches!(result, Ok(Ok(e)) if e == evaluates),
+                "{result:?} for an expression of {evaluates}"
+            );
+        }
+    }
+
+    #[test]
+    fn nesting_is_counted_over_every_kind_of_bracket() {
+        assert!(!too_deep(&"(".repeat(MAX_NESTING)));
+        assert!(too_deep(&"([{".repeat(MAX_NESTING)));
+        assert!(!too_deep(&"()".repeat(1000)));
+    }
+}
