@@ -162,7 +162,18 @@ pub(crate) fn property(
 ) -> Result<Value<'static>, Status> {
     let mut segments = path.segments();
     let first = segments.next().ok_or(Status::NotFound)?;
-    let rest: Vec<&[u8]> = segments.collect();
+    let mut rest: Vec<Cow<'_, [u8]>> = segments.map(Cow::Borrowed).collect();
+    // Header names are looked up as Envoy does, whatever their case.
+    if matches!(first, b"request" | b"response")
+        && rest
+            .first()
+            .is_some_and(|s| matches!(s.as_ref(), b"headers" | b"trailers"))
+    {
+        if let Some(name) = rest.get_mut(1) {
+            *name = Cow::Owned(name.to_ascii_lowercase());
+        }
+    }
+    let rest: Vec<&[u8]> = rest.iter().map(|s| s.as_ref()).collect();
     let (value, selected) = root_value(state, first, &rest)?;
     rest[selected..].iter().try_fold(value, |value, segment| {
         value.select(segment).ok_or(Status::NotFound)
@@ -190,6 +201,10 @@ fn root_value(
         first,
         b"request" | b"response" | b"connection" | b"upstream" | b"source" | b"destination"
     );
+    if (group || first == b"filter_state") && state.effective_stream().is_none() {
+        // A root context has no stream, so none of these (Envoy has no stream info there).
+        return Err(Status::NotFound);
+    }
     if group || first == b"xds" || first == b"filter_state" {
         let Some(second) = rest.first() else {
             // A group as a whole: Envoy cannot list its keys.

@@ -179,8 +179,9 @@ impl FilterState {
         Status::Ok
     }
 
-    /// `set_envoy_filter_state`: the object of a well-known Envoy key, replacing any earlier
-    /// value. An unknown key is `NOT_FOUND` and a value the key's object cannot be made from is
+    /// `set_envoy_filter_state`: the object of a well-known Envoy key, replacing an earlier value
+    /// of the same life span (Envoy keeps an object set with another life span, and still answers
+    /// `OK`). An unknown key is `NOT_FOUND` and a value the key's object cannot be made from is
     /// `BAD_ARGUMENT`, as Envoy's object factories answer.
     pub(crate) fn set_envoy_object(&mut self, key: &str, value: &[u8], span: LifeSpan) -> Status {
         let Some(check) = envoy_object_check(key) else {
@@ -196,7 +197,8 @@ impl FilterState {
             source: FilterStateSource::EnvoyObject,
         };
         match self.objects.iter_mut().find(|o| o.key == key.as_bytes()) {
-            Some(existing) => *existing = object,
+            Some(existing) if existing.span == span => *existing = object,
+            Some(_) => {}
             None => self.objects.push(object),
         }
         Status::Ok

@@ -89,9 +89,10 @@ pub struct InMemoryHost {
     pub logs: Vec<LogRecord>,
     /// The least severe level recorded (reported by `proxy_get_log_level`).
     pub log_level: LogLevel,
-    /// Properties answered as given (the bytes the plugin receives) before Envoy's attributes, by
-    /// dotted path (`request.path`), for every context.
-    pub properties: HashMap<String, Vec<u8>>,
+    /// Properties answered as given (the bytes the plugin receives) before Envoy's attributes,
+    /// for every context, by path as the plugin sends it: segments separated by NUL
+    /// (`request\0path`).
+    pub properties: HashMap<Vec<u8>, Vec<u8>>,
     /// The proxy's identity (`xds.node`).
     pub node: Option<Node>,
     /// HTTP calls dispatched, in order.
@@ -183,9 +184,8 @@ impl Host for InMemoryHost {
     }
 
     fn property(&mut self, _context: ContextId, path: PropertyPath<'_>) -> Option<Cow<'_, [u8]>> {
-        self.properties
-            .get(&path.dotted())
-            .map(|v| Cow::Borrowed(&v[..]))
+        let path = path.0.strip_suffix(b"\0").unwrap_or(path.0);
+        self.properties.get(path).map(|v| Cow::Borrowed(&v[..]))
     }
 
     fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status {

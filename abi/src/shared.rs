@@ -81,11 +81,11 @@ impl SharedData {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MetricType {
     /// A monotonically increasing count.
-    Counter,
+    Counter = 0,
     /// A value that goes up and down.
-    Gauge,
+    Gauge = 1,
     /// A distribution of recorded values.
-    Histogram,
+    Histogram = 2,
 }
 
 impl MetricType {
@@ -122,10 +122,26 @@ pub struct Metric {
     pub recorded: Vec<u64>,
 }
 
+/// Metrics, with Envoy's ids: each definition gets a new id (the same name and type share one
+/// metric), whose two low bits are the type (first counter 4, gauge 5, histogram 6, then 8, 9,
+/// 10, ...), so a call on a histogram id is refused before any lookup, as in Envoy.
 #[derive(Default)]
 struct MetricRegistry {
     metrics: Vec<Metric>,
-    by_name: FxHashMap<(MetricType, String), u32>,
+    by_name: FxHashMap<(MetricType, String), usize>,
+    by_id: FxHashMap<u32, usize>,
+    /// How many ids were given out per type.
+    defined: [u32; 3],
+}
+
+/// The type bits of a metric id.
+const METRIC_TYPE_MASK: u32 = 3;
+
+impl MetricRegistry {
+    fn get_mut(&mut self, id: u32) -> Option<&mut Metric> {
+        let index = *self.by_id.get(&id)?;
+        self.metrics.get_mut(index)
+    }
 }
 
 impl SharedState {
@@ -158,23 +174,20 @@ impl SharedState {
             .data
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let next_cas = data.next_cas();
-        match data.entries.entry((vm_id.to_string(), key.to_vec())) {
-            std::collections::hash_map::Entry::Occupied(mut occupied) => {
-                let current = occupied.get_mut();
-                if cas != 0 && cas != current.cas {
-                    return Status::CasMismatch;
-                }
-                current.value = value.to_vec();
-                current.cas = next_cas;
-            }
-            std::collections::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert(SharedValue {
-                    value: value.to_vec(),
-                    cas: next_cas,
-                });
+        let key = (vm_id.to_string(), key.to_vec());
+        if let Some(current) = data.entries.get(&key) {
+            if cas != 0 && cas != current.cas {
+                return Status::CasMismatch;
             }
         }
+        let cas = data.next_cas();
+        data.entries.insert(
+            key,
+            SharedValue {
+                value: value.to_vec(),
+                cas,
+            },
+        );
         Status::Ok
     }
 
@@ -282,28 +295,41 @@ impl SharedState {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Defines a metric, or returns the id of the one already defined with this name and type.
+    /// Defines a metric and returns a new id for it; a name defined before with the same type
+    /// is the same metric.
     pub fn define_metric(&self, metric_type: MetricType, name: &str) -> u32 {
         let mut registry = self.metrics();
-        if let Some(id) = registry.by_name.get(&(metric_type, name.to_string())) {
-            return *id;
-        }
-        let id = registry.metrics.len() as u32;
-        registry.metrics.push(Metric {
-            name: name.to_string(),
-            metric_type,
-            value: 0,
-            recorded: Vec::new(),
-        });
-        registry.by_name.insert((metric_type, name.to_string()), id);
+        let key = (metric_type, name.to_string());
+        let index = match registry.by_name.get(&key) {
+            Some(index) => *index,
+            None => {
+                registry.metrics.push(Metric {
+                    name: name.to_string(),
+                    metric_type,
+                    value: 0,
+                    recorded: Vec::new(),
+                });
+                let index = registry.metrics.len() - 1;
+                registry.by_name.insert(key, index);
+                index
+            }
+        };
+        let kind = metric_type as u32;
+        let defined = &mut registry.defined[kind as usize];
+        *defined = defined.wrapping_add(1);
+        let id = (*defined << 2) | kind;
+        registry.by_id.insert(id, index);
         id
     }
 
     /// Adds `offset` to a counter or gauge, as Envoy: a counter only goes up (an offset of 0 or
     /// less is [`Status::BadArgument`]); a histogram cannot be incremented.
     pub fn increment_metric(&self, id: u32, offset: i64) -> Status {
+        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
+            return Status::BadArgument;
+        }
         let mut registry = self.metrics();
-        let Some(metric) = registry.metrics.get_mut(id as usize) else {
+        let Some(metric) = registry.get_mut(id) else {
             return Status::NotFound;
         };
         match metric.metric_type {
@@ -319,7 +345,7 @@ impl SharedState {
     /// Records `value`, as Envoy: adds it to a counter, sets a gauge, records it into a histogram.
     pub fn record_metric(&self, id: u32, value: u64) -> Status {
         let mut registry = self.metrics();
-        let Some(metric) = registry.metrics.get_mut(id as usize) else {
+        let Some(metric) = registry.get_mut(id) else {
             return Status::NotFound;
         };
         let value_i64 = i64::try_from(value).unwrap_or(i64::MAX);
@@ -334,15 +360,17 @@ impl SharedState {
         Status::Ok
     }
 
-    /// A counter's or gauge's current value: `Err(NotFound)` for no such metric,
-    /// `Err(BadArgument)` for a histogram (which has no single value), as Envoy answers.
+    /// A counter's or gauge's current value: `Err(BadArgument)` for a histogram's id (which has
+    /// no single value), `Err(NotFound)` for no such metric, as Envoy answers.
     pub fn metric_value(&self, id: u32) -> Result<i64, Status> {
-        let registry = self.metrics();
-        let metric = registry.metrics.get(id as usize).ok_or(Status::NotFound)?;
-        match metric.metric_type {
-            MetricType::Histogram => Err(Status::BadArgument),
-            MetricType::Counter | MetricType::Gauge => Ok(metric.value),
+        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
+            return Err(Status::BadArgument);
         }
+        let mut registry = self.metrics();
+        registry
+            .get_mut(id)
+            .map(|m| m.value)
+            .ok_or(Status::NotFound)
     }
 
     /// Every metric, in definition order.
@@ -429,18 +457,20 @@ mod tests {
     }
 
     #[test]
-    fn metrics_are_defined_once_per_name_and_type() {
+    fn metrics_follow_envoys_ids_and_rules() {
         let shared = SharedState::new();
         let counter = shared.define_metric(MetricType::Counter, "requests");
-        assert_eq!(
-            shared.define_metric(MetricType::Counter, "requests"),
-            counter
-        );
+        assert_eq!(counter, 4, "Envoy's first counter id");
+        let again = shared.define_metric(MetricType::Counter, "requests");
+        assert_ne!(again, counter, "a new id for every definition, as in Envoy");
+        assert_eq!(shared.increment_metric(again, 1), Status::Ok);
+        assert_eq!(shared.metric_value(counter), Ok(1), "the same metric");
+        assert_eq!(shared.increment_metric(counter, 1), Status::Ok);
         assert_eq!(shared.increment_metric(counter, 2), Status::Ok);
         assert_eq!(shared.increment_metric(counter, -1), Status::BadArgument);
         assert_eq!(shared.increment_metric(counter, 0), Status::BadArgument);
         assert_eq!(shared.record_metric(counter, 3), Status::Ok, "adds");
-        assert_eq!(shared.metric_value(counter), Ok(5));
+        assert_eq!(shared.metric_value(counter), Ok(7));
         let gauge = shared.define_metric(MetricType::Gauge, "level");
         assert_eq!(shared.record_metric(gauge, 10), Status::Ok);
         assert_eq!(shared.increment_metric(gauge, -3), Status::Ok);
@@ -450,7 +480,12 @@ mod tests {
         assert_eq!(shared.record_metric(histogram, 12), Status::Ok);
         assert_eq!(shared.increment_metric(histogram, 1), Status::BadArgument);
         assert_eq!(shared.metric_value(histogram), Err(Status::BadArgument));
-        assert_eq!(shared.increment_metric(99, 1), Status::NotFound);
-        assert_eq!(shared.metric_value(99), Err(Status::NotFound));
+        assert_eq!(shared.increment_metric(97, 1), Status::NotFound);
+        assert_eq!(shared.metric_value(97), Err(Status::NotFound));
+        assert_eq!(
+            shared.metric_value(98),
+            Err(Status::BadArgument),
+            "a histogram's id"
+        );
     }
 }

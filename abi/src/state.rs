@@ -21,7 +21,9 @@ pub(crate) enum ContextKind {
 /// Host functions a plugin may call while the host is inside code of the plugin that must not
 /// act on the proxy: its start function, or its allocator running for a host call's reply.
 /// Anything else traps and fails the VM, as proxy-wasm-cpp-host does on V8 (here on every
-/// engine).
+/// engine). The lists are proxy-wasm-cpp-host's widened where real toolchains need it: the start
+/// function may call every WASI function (cpp-host lists nine), the allocator may also poll
+/// (Go's runtime does), and Emscripten's memory-growth notice is allowed in both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Restriction {
     /// No restriction.

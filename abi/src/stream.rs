@@ -31,6 +31,15 @@ const RESPONSE_BODY_ENDED: u16 = 1 << 9;
 const REQUEST_TRAILERS_SEEN: u16 = 1 << 10;
 const RESPONSE_TRAILERS_SEEN: u16 = 1 << 11;
 
+/// What a context is besides a root context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamKind {
+    /// An HTTP stream.
+    Http,
+    /// A TCP connection.
+    Tcp,
+}
+
 /// How a host function wants to use a header map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -46,6 +55,8 @@ pub(crate) enum Access {
 pub(crate) struct StreamState {
     /// The root context it belongs to.
     pub(crate) root: ContextId,
+    /// An HTTP stream or a TCP connection.
+    pub(crate) kind: StreamKind,
     /// [`Part`]s the plugin holds now, and the flags above.
     held: u16,
     /// Whether the plugin sent a local reply on it: a second one does not replace the first.
@@ -55,12 +66,28 @@ pub(crate) struct StreamState {
 }
 
 impl StreamState {
-    pub(crate) fn new(root: ContextId) -> Self {
+    pub(crate) fn new(root: ContextId, kind: StreamKind) -> Self {
         StreamState {
             root,
+            kind,
             held: 0,
             local_reply_sent: false,
             filter_state: FilterState::default(),
+        }
+    }
+
+    /// Whether this is an HTTP stream (local replies, routes and the HTTP maps exist only there).
+    pub(crate) fn is_http(&self) -> bool {
+        self.kind == StreamKind::Http
+    }
+
+    /// The plugin changes `map`, which it may: trailers it adds during the last body chunk
+    /// exist from then on (readable and writable, as Envoy's new trailer map is).
+    pub(crate) fn note_change(&mut self, map: MapType) {
+        match map {
+            MapType::HttpRequestTrailers => self.held |= Part::RequestTrailers as u16,
+            MapType::HttpResponseTrailers => self.held |= Part::ResponseTrailers as u16,
+            _ => {}
         }
     }
 
@@ -110,13 +137,21 @@ impl StreamState {
     /// running callback is `proxy_on_log`, where the request and response headers and the
     /// response trailers stay readable (Envoy's access-log phase).
     pub(crate) fn map_available(&self, map: MapType, access: Access, in_log: bool) -> bool {
-        let readable_in_log = in_log && access == Access::Read;
+        // In Envoy's access-log phase (an HTTP stream's on_log, not a connection's) reads go to
+        // the logged request headers, response headers and response trailers, and only those.
+        if in_log && access == Access::Read && self.is_http() {
+            return matches!(
+                map,
+                MapType::HttpRequestHeaders
+                    | MapType::HttpResponseHeaders
+                    | MapType::HttpResponseTrailers
+            );
+        }
         match map {
-            MapType::HttpRequestHeaders => self.holds(Part::RequestHeaders) || readable_in_log,
-            MapType::HttpResponseHeaders => self.holds(Part::ResponseHeaders) || readable_in_log,
+            MapType::HttpRequestHeaders => self.holds(Part::RequestHeaders),
+            MapType::HttpResponseHeaders => self.holds(Part::ResponseHeaders),
             MapType::HttpResponseTrailers => {
                 self.holds(Part::ResponseTrailers)
-                    || readable_in_log
                     || (access == Access::Write
                         && self.holds(Part::ResponseBody)
                         && self.held & RESPONSE_BODY_ENDED != 0
@@ -151,7 +186,7 @@ mod tests {
 
     #[test]
     fn request_headers_are_held_until_the_plugin_lets_them_go() {
-        let mut stream = StreamState::new(ContextId(1));
+        let mut stream = StreamState::new(ContextId(1), StreamKind::Http);
         let map = MapType::HttpRequestHeaders;
         assert!(!stream.map_available(map, Access::Read, false));
         stream.deliver(Part::RequestHeaders);
@@ -167,7 +202,7 @@ mod tests {
 
     #[test]
     fn continuing_either_direction_lets_go_of_the_request_only() {
-        let mut stream = StreamState::new(ContextId(1));
+        let mut stream = StreamState::new(ContextId(1), StreamKind::Http);
         stream.deliver(Part::RequestHeaders);
         stream.deliver(Part::ResponseHeaders);
         stream.release_request();
@@ -177,7 +212,7 @@ mod tests {
 
     #[test]
     fn trailers_may_be_added_during_the_last_body_chunk_only() {
-        let mut stream = StreamState::new(ContextId(1));
+        let mut stream = StreamState::new(ContextId(1), StreamKind::Http);
         let trailers = MapType::HttpRequestTrailers;
         stream.deliver_body(Part::RequestBody, false);
         assert!(!stream.map_available(trailers, Access::Write, false));
@@ -193,7 +228,7 @@ mod tests {
 
     #[test]
     fn request_trailers_are_not_readable_in_on_log() {
-        let stream = StreamState::new(ContextId(1));
+        let stream = StreamState::new(ContextId(1), StreamKind::Http);
         assert!(!stream.map_available(MapType::HttpRequestTrailers, Access::Read, true));
         assert!(stream.map_available(MapType::HttpResponseTrailers, Access::Read, true));
     }

@@ -16,14 +16,20 @@ pub enum Status {
     SerializationFailure = 3,
     /// A value could not be parsed.
     ParseFailure = 4,
+    /// An expression could not be evaluated (Envoy's `BadExpression`).
+    BadExpression = 5,
     /// A pointer/length pair does not lie inside guest memory.
     InvalidMemoryAccess = 6,
     /// There is nothing to return (e.g. an empty queue).
     Empty = 7,
     /// A compare-and-swap did not match.
     CasMismatch = 8,
+    /// A result did not match what was expected (Envoy's `ResultMismatch`).
+    ResultMismatch = 9,
     /// The host failed.
     InternalFailure = 10,
+    /// A connection failed: what `proxy_get_status` reports after an HTTP call failed.
+    BrokenConnection = 11,
     /// The host does not implement this call.
     Unimplemented = 12,
 }

@@ -7,14 +7,11 @@ use runtime_api::{GuestFunction, Instance, InterruptHandle, Trap, TrapKind};
 use crate::callbacks::{Callback, CALLBACKS, CALLBACK_COUNT};
 use crate::shared::QueueOwner;
 use crate::state::{ContextKind, Restriction};
-use crate::stream::{Part, StreamState};
+use crate::stream::{Part, StreamKind, StreamState};
 use crate::{
     AbiVersion, ContextId, DataAction, HeaderMap, HeadersAction, Host, HttpCallResponse, PeerType,
-    Plugin, VmState,
+    Plugin, Status, VmState,
 };
-
-/// What `proxy_get_status` reports after an HTTP call failed, as Envoy: `BrokenConnection`.
-const HTTP_CALL_FAILED: u32 = 11;
 
 /// Why a call into a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -317,13 +314,17 @@ impl Vm {
 
     /// Creates a context for a new HTTP stream.
     pub fn create_http_context(&mut self) -> Result<ContextId, VmError> {
+        self.create_stream_context(StreamKind::Http)
+    }
+
+    fn create_stream_context(&mut self, kind: StreamKind) -> Result<ContextId, VmError> {
         let context = ContextId(self.next_context_id);
         self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
         let root = self.root;
         self.instance
             .state()
             .contexts
-            .insert(context.0, ContextKind::Stream(StreamState::new(root)));
+            .insert(context.0, ContextKind::Stream(StreamState::new(root, kind)));
         self.call(
             Callback::ContextCreate,
             context,
@@ -568,7 +569,7 @@ impl Vm {
     /// failure or gRPC close replaces it; the message is readable in this callback only.
     pub fn on_http_call_failure(&mut self, token: u32) -> Result<(), VmError> {
         let root = self.root;
-        self.instance.state().status = (HTTP_CALL_FAILED, b"reset".to_vec());
+        self.instance.state().status = (Status::BrokenConnection.code(), b"reset".to_vec());
         let args = [u64::from(root.0), u64::from(token), 0, 0, 0];
         let result = self.call(Callback::HttpCallResponse, root, &args, &mut []);
         self.instance.state().status.1.clear();
@@ -576,21 +577,22 @@ impl Vm {
     }
 
     /// Delivers `proxy_on_queue_ready` for every item enqueued (from any thread) into a queue
-    /// this VM's root context registered. Call it from the VM's own thread, e.g. once per turn of
-    /// the event loop. Returns how many notifications were delivered.
+    /// this VM's root context registered, up to now: items the plugin enqueues meanwhile (e.g. into
+    /// its own queue) wait for the next call, so a plugin cannot keep this going forever. Call it
+    /// from the VM's own thread, e.g. once per turn of the event loop. Returns how many
+    /// notifications were delivered.
     pub fn dispatch_queue_ready(&mut self) -> Result<usize, VmError> {
         let root = self.root;
-        let mut delivered = 0;
-        while let Ok(token) = self.queue_ready.try_recv() {
+        let pending: Vec<u32> = self.queue_ready.try_iter().collect();
+        for token in &pending {
             self.call(
                 Callback::QueueReady,
                 root,
-                &[u64::from(root.0), u64::from(token)],
+                &[u64::from(root.0), u64::from(*token)],
                 &mut [],
             )?;
-            delivered += 1;
         }
-        Ok(delivered)
+        Ok(pending.len())
     }
 
     /// Calls `proxy_on_foreign_function` on the root context: the host invoking a function of the
@@ -677,7 +679,7 @@ impl Vm {
 
     /// Creates a context for a new TCP connection.
     pub fn create_tcp_context(&mut self) -> Result<ContextId, VmError> {
-        self.create_http_context()
+        self.create_stream_context(StreamKind::Tcp)
     }
 
     /// Calls `proxy_on_new_connection`.

@@ -116,7 +116,7 @@ fn log_outside_call(args: &[u64]) -> u32 {
     let &[level, data, size] = args else {
         return INTERNAL_FAILURE;
     };
-    let message = if data == 0 || size == 0 {
+    let message = if data == 0 || size == 0 || size > isize::MAX as u64 {
         &[][..]
     } else {
         // SAFETY: `proxy_log`'s contract (the only caller, through the `proxy_log` symbol or

@@ -18,7 +18,8 @@ const REQUIRED_CALL_HEADERS: [&[u8]; 3] = [b":method", b":path", b":authority"];
 /// `BAD_ARGUMENT` and nothing is sent; a timeout of 0 means none.
 pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, mut memory) = caller.state_and_memory();
-    memory.slice_mut(args[9], 4)?;
+    // The token reads 0 unless the call is made, as in Envoy.
+    memory.write_u32(args[9], 0)?;
     if (args[8] as u32 as i32) < 0 {
         return Err(Status::BadArgument.into());
     }
@@ -153,10 +154,32 @@ pub(super) fn call_foreign_function(caller: &mut dyn Caller<VmState>, args: &[u6
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             function(&mut call, &arguments)
         }))
-        .unwrap_or(Err(Status::InternalFailure))?
+        .unwrap_or(Err(Status::InternalFailure))
     };
-    let len = result.len() as u64;
-    return_data(caller, len, args[4], args[5], |_, memory, pointer| {
-        super::fill_exact(memory, pointer, len, &result)
-    })
+    let (return_data_at, return_size_at) = (args[4], args[5]);
+    match result {
+        // As in Envoy, a null place for the result discards it.
+        Ok(_) if return_data_at == 0 || return_size_at == 0 => Ok(()),
+        Ok(result) => {
+            let len = result.len() as u64;
+            return_data(
+                caller,
+                len,
+                return_data_at,
+                return_size_at,
+                |_, memory, pointer| super::fill_exact(memory, pointer, len, &result),
+            )
+        }
+        // A failure returns no result: a null pointer and size 0 where the plugin asked for them.
+        Err(status) => {
+            let mut memory = caller.memory();
+            if return_data_at != 0 {
+                memory.write_pointer(return_data_at, 0)?;
+            }
+            if return_size_at != 0 {
+                memory.write_size(return_size_at, 0)?;
+            }
+            Err(status.into())
+        }
+    }
 }

@@ -79,7 +79,11 @@ fn stream_map(
     let in_log = state.callback == Some(Callback::Log);
     let context = state.effective_context;
     match state.effective_stream() {
-        Some(stream) if stream.map_available(map_type, access, in_log) => {}
+        Some(stream) if stream.map_available(map_type, access, in_log) => {
+            if access == Access::Write {
+                stream.note_change(map_type);
+            }
+        }
         _ => return Err(Unavailable::NotHeld),
     }
     state

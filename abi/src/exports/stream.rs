@@ -1,7 +1,8 @@
 //! Stream control: local replies, continuing and closing streams, contexts.
 //!
-//! On a root context (no stream) these succeed and do nothing, as in Envoy, so a plugin may call
-//! them from wherever its SDK lets it.
+//! As in Envoy, these answer `OK` whatever the proxy makes of them: on a root context (no
+//! stream), or a TCP connection for what only HTTP streams have, they do nothing, so a plugin
+//! may call them from wherever its SDK lets it.
 
 use runtime_api::Caller;
 
@@ -42,12 +43,14 @@ pub(super) fn send_local_response(caller: &mut dyn Caller<VmState>, args: &[u64]
     state.stop_iteration = true;
     let context = state.effective_context;
     match state.effective_stream() {
-        Some(stream) if !stream.local_reply_sent => {
+        Some(stream) if stream.is_http() && !stream.local_reply_sent => {
             stream.local_reply_sent = true;
-            check(state.host.send_local_response(context, response))
+            // Envoy sends the reply after the callback and tells the plugin nothing of it.
+            let _ = state.host.send_local_response(context, response);
         }
-        _ => Ok(()),
+        _ => {}
     }
+    Ok(())
 }
 
 /// `proxy_continue_stream(stream_type)`: lets go of the request's headers, body and trailers (for
@@ -66,13 +69,18 @@ fn continue_(state: &mut VmState, stream_type: StreamType) -> HostResult {
     let Some(stream) = state.effective_stream() else {
         return Ok(());
     };
-    if matches!(
+    let http = matches!(
         stream_type,
         StreamType::HttpRequest | StreamType::HttpResponse
-    ) {
+    );
+    if http != stream.is_http() {
+        return Ok(());
+    }
+    if http {
         stream.release_request();
     }
-    check(state.host.continue_stream(context, stream_type))
+    let _ = state.host.continue_stream(context, stream_type);
+    Ok(())
 }
 
 /// `proxy_close_stream(stream_type)`.
@@ -80,10 +88,14 @@ pub(super) fn close_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Ho
     let stream = StreamType::from_raw(args[0]).ok_or(Status::BadArgument)?;
     let state = caller.state();
     let context = state.effective_context;
-    if state.effective_stream().is_none() {
-        return Ok(());
+    let http = matches!(stream, StreamType::HttpRequest | StreamType::HttpResponse);
+    if state
+        .effective_stream()
+        .is_some_and(|s| s.is_http() == http)
+    {
+        let _ = state.host.close_stream(context, stream);
     }
-    check(state.host.close_stream(context, stream))
+    Ok(())
 }
 
 /// `proxy_set_effective_context(context_id)`: later host calls of this callback act on that
@@ -130,7 +142,7 @@ pub(super) fn continue_response(caller: &mut dyn Caller<VmState>, _args: &[u64])
 pub(super) fn clear_route_cache(caller: &mut dyn Caller<VmState>, _args: &[u64]) -> HostResult {
     let state = caller.state();
     let context = state.effective_context;
-    if state.effective_stream().is_some() {
+    if state.effective_stream().is_some_and(|s| s.is_http()) {
         state.host.clear_route_cache(context);
     }
     Ok(())

@@ -116,7 +116,7 @@ fn declare_property(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, 
 /// `clear_route_cache`: the stream's route is chosen again (ABI 0.2.x has no host function for
 /// it); the arguments are ignored and the answer is always `OK`.
 fn clear_route_cache(call: &mut ForeignCall<'_>, _args: &[u8]) -> Result<Vec<u8>, Status> {
-    if call.is_stream() {
+    if call.is_http_stream() {
         let context = call.context();
         call.host().clear_route_cache(context);
     }

@@ -31,6 +31,10 @@ const MAX_SOURCE_BYTES: usize = 1024;
 const MAX_NESTING: usize = 32;
 /// ... and the compiled expression is at most this deep (the evaluator's recursion).
 const MAX_DEPTH: usize = 64;
+/// Comprehensions (`all`, `exists`, `map`, `filter`) nest at most this deep: each multiplies
+/// the work of the ones inside it, and an evaluation runs in a host function, out of reach of
+/// the engine's deadline. Two levels over lists of a 1 KiB source stay within milliseconds.
+const MAX_COMPREHENSION_NESTING: usize = 2;
 
 /// The expressions a VM's root context compiled, by token.
 #[derive(Default)]
@@ -45,11 +49,24 @@ pub(super) fn register(shared: &SharedState) {
     shared.register_foreign_function("expr_delete", Arc::new(delete));
 }
 
-/// Whether the expression's brackets nest deeper than [`MAX_NESTING`].
+/// Whether the expression's brackets (outside string literals) nest deeper than
+/// [`MAX_NESTING`].
 fn too_deep(source: &str) -> bool {
     let mut depth = 0usize;
+    let mut quote = None;
+    let mut escaped = false;
     for byte in source.bytes() {
+        if let Some(open) = quote {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                _ if byte == open => quote = None,
+                _ => {}
+            }
+            continue;
+        }
         match byte {
+            b'"' | b'\'' => quote = Some(byte),
             b'(' | b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_NESTING {
@@ -71,7 +88,7 @@ fn create(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
         return Err(Status::BadArgument);
     }
     let program = cel::Program::compile(source).map_err(|_| Status::BadArgument)?;
-    if depth(program.expression()) > MAX_DEPTH {
+    if too_complex(program.expression()) {
         return Err(Status::BadArgument);
     }
     let expressions = call.vm_data::<Expressions>();
@@ -84,26 +101,39 @@ fn create(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
     Ok(token.to_le_bytes().to_vec())
 }
 
-/// How deep an expression's tree is, measured without recursion.
-fn depth(root: &cel::IdedExpr) -> usize {
+/// Whether a compiled expression is deeper than [`MAX_DEPTH`] or nests comprehensions deeper
+/// than [`MAX_COMPREHENSION_NESTING`].
+fn too_complex(expression: &cel::IdedExpr) -> bool {
+    let (depth, comprehensions) = shape(expression);
+    depth > MAX_DEPTH || comprehensions > MAX_COMPREHENSION_NESTING
+}
+
+/// How deep an expression's tree is, and how deep comprehensions nest in it, measured without
+/// recursion.
+fn shape(root: &cel::IdedExpr) -> (usize, usize) {
     use cel::common::ast::{EntryExpr, Expr};
-    let mut deepest = 0;
-    let mut pending: Vec<(&cel::IdedExpr, usize)> = vec![(root, 1)];
-    while let Some((node, level)) = pending.pop() {
+    let (mut deepest, mut comprehensions) = (0, 0);
+    let mut pending: Vec<(&cel::IdedExpr, usize, usize)> = vec![(root, 1, 0)];
+    while let Some((node, level, nesting)) = pending.pop() {
         deepest = deepest.max(level);
+        comprehensions = comprehensions.max(nesting);
         let mut children: Vec<&cel::IdedExpr> = Vec::new();
+        let mut inner = nesting;
         match &node.expr {
             Expr::Call(call) => {
                 children.extend(call.target.as_deref());
                 children.extend(&call.args);
             }
-            Expr::Comprehension(c) => children.extend([
-                &c.iter_range,
-                &c.accu_init,
-                &c.loop_cond,
-                &c.loop_step,
-                &c.result,
-            ]),
+            Expr::Comprehension(c) => {
+                inner += 1;
+                children.extend([
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ])
+            }
             Expr::List(list) => children.extend(&list.elements),
             Expr::Map(cel::common::ast::MapExpr { entries })
             | Expr::Struct(cel::common::ast::StructExpr { entries, .. }) => {
@@ -117,9 +147,9 @@ fn depth(root: &cel::IdedExpr) -> usize {
             Expr::Select(select) => children.push(&select.operand),
             Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
         }
-        pending.extend(children.into_iter().map(|child| (child, level + 1)));
+        pending.extend(children.into_iter().map(|child| (child, level + 1, inner)));
     }
-    deepest
+    (deepest, comprehensions)
 }
 
 fn token(args: &[u8]) -> Result<u32, Status> {
@@ -163,7 +193,13 @@ fn variable(call: &mut ForeignCall<'_>, name: &str) -> Option<Value<'static>> {
     if name == "filter_state" || groups.clone().any(|group| group == name) {
         return attributes::group_value(call.state, name);
     }
-    attributes::property(call.state, crate::PropertyPath(name.as_bytes())).ok()
+    // What the embedder answers itself comes first, as for `proxy_get_property`.
+    let context = call.state.effective_context;
+    let path = crate::PropertyPath(name.as_bytes());
+    if let Some(bytes) = call.state.host.property(context, path) {
+        return Some(Value::Bytes(Cow::Owned(bytes.into_owned())));
+    }
+    attributes::property(call.state, path).ok()
 }
 
 fn to_cel(value: Value<'static>) -> cel::Value {
@@ -272,7 +308,7 @@ mod tests {
                     let Ok(program) = cel::Program::compile(&source) else {
                         return Ok(false);
                     };
-                    if depth(program.expression()) > MAX_DEPTH {
+                    if shape(program.expression()).0 > MAX_DEPTH {
                         return Ok(false);
                     }
                     program
@@ -290,9 +326,29 @@ mod tests {
     }
 
     #[test]
-    fn nesting_is_counted_over_every_kind_of_bracket() {
+    fn nesting_is_counted_over_every_kind_of_bracket_outside_strings() {
         assert!(!too_deep(&"(".repeat(MAX_NESTING)));
         assert!(too_deep(&"([{".repeat(MAX_NESTING)));
         assert!(!too_deep(&"()".repeat(1000)));
+        let quoted = format!("'{}' + \"{}\"", "(".repeat(100), "[".repeat(100));
+        assert!(!too_deep(&quoted));
+        assert!(!too_deep(r"'it\'s (((' + 'x'"));
+    }
+
+    /// Comprehensions nested deeper than two would multiply the work past any deadline
+    /// (ten elements nested seven deep took seconds), so they are refused.
+    #[test]
+    fn comprehensions_nest_at_most_twice() {
+        let nested = |levels: usize| {
+            let mut source = "true".to_string();
+            for level in 0..levels {
+                source = format!("[0,1,2,3,4,5,6,7,8,9].all(v{level}, {source})");
+            }
+            cel::Program::compile(&source).unwrap()
+        };
+        assert_eq!(shape(nested(2).expression()).1, 2);
+        assert_eq!(shape(nested(3).expression()).1, 3);
+        assert!(!too_complex(nested(2).expression()));
+        assert!(too_complex(nested(3).expression()));
     }
 }

@@ -40,6 +40,11 @@ impl ForeignCall<'_> {
         self.state.effective_stream().is_some()
     }
 
+    /// Whether that context is an HTTP stream.
+    pub fn is_http_stream(&mut self) -> bool {
+        self.state.effective_stream().is_some_and(|s| s.is_http())
+    }
+
     /// The embedder's host.
     pub fn host(&mut self) -> &mut dyn Host {
         &mut *self.state.host

@@ -14,6 +14,13 @@ use sha2::Digest;
 
 use crate::{SharedState, Status};
 
+/// The largest key accepted, DER or PEM: an 8192-bit RSA private key is about 5 KiB as DER.
+/// A plugin must not make the host parse or compute with keys of unbounded size.
+const MAX_KEY_BYTES: usize = 16 * 1024;
+/// The largest RSA modulus used, in bytes (8192 bits, the limit RustCrypto already applies to
+/// public keys), so a crafted multi-prime private key cannot make signing arbitrarily slow.
+const MAX_RSA_MODULUS_BYTES: usize = 1024;
+
 /// `envoy.source.extensions.common.wasm.VerifySignatureArguments`.
 #[derive(Clone, PartialEq, Message)]
 struct VerifySignatureArguments {
@@ -114,10 +121,10 @@ impl Hash {
     }
 }
 
-/// Exactly one of a DER and a PEM key, or `BAD_ARGUMENT`.
-fn one_key(der: &[u8], pem: &str) -> Result<(), Status> {
+/// Exactly one of a DER and a PEM key, or `BAD_ARGUMENT`; `None` for one too large to use.
+fn one_key(der: &[u8], pem: &str) -> Result<Option<()>, Status> {
     match (der.is_empty(), pem.is_empty()) {
-        (false, true) | (true, false) => Ok(()),
+        (false, true) | (true, false) => Ok((der.len() + pem.len() <= MAX_KEY_BYTES).then_some(())),
         _ => Err(Status::BadArgument),
     }
 }
@@ -162,13 +169,14 @@ impl PublicKey {
 /// `verify_signature`.
 fn verify(args: &[u8]) -> Result<Vec<u8>, Status> {
     let args = VerifySignatureArguments::decode(args).map_err(|_| Status::BadArgument)?;
-    one_key(&args.public_key, &args.public_key_pem)?;
+    let usable = one_key(&args.public_key, &args.public_key_pem)?;
     let answer =
         |result: bool, error: String| Ok(VerifySignatureResult { result, error }.encode_to_vec());
     let Some(hash) = Hash::named(&args.hash_function) else {
         return answer(false, format!("{} is not supported.", args.hash_function));
     };
-    let Some(key) = PublicKey::parse(&args.public_key, &args.public_key_pem) else {
+    let Some(key) = usable.and_then(|()| PublicKey::parse(&args.public_key, &args.public_key_pem))
+    else {
         return answer(false, "Failed to initialize digest verify.".into());
     };
     if key.verify(hash, &hash.digest(&args.text), &args.signature) {
@@ -199,8 +207,12 @@ impl PrivateKey {
             use rsa::pkcs1::DecodeRsaPrivateKey;
             rsa::PrivateKey::from_pkcs1_pem(pem).ok()
         };
-        any(der, pem)
+        any::<rsa::PrivateKey>(der, pem)
             .or_else(|| der.is_empty().then(pkcs1).flatten())
+            .filter(|key| {
+                use rsa::traits::PublicKeyParts;
+                key.size() <= MAX_RSA_MODULUS_BYTES
+            })
             .map(PrivateKey::Rsa)
             .or_else(|| any(der, pem).map(PrivateKey::P256))
             .or_else(|| any(der, pem).map(PrivateKey::P384))
@@ -229,7 +241,7 @@ impl PrivateKey {
 /// `sign`.
 fn sign(args: &[u8]) -> Result<Vec<u8>, Status> {
     let args = SignArguments::decode(args).map_err(|_| Status::BadArgument)?;
-    one_key(&args.private_key, &args.private_key_pem)?;
+    let usable = one_key(&args.private_key, &args.private_key_pem)?;
     let answer = |signature: Option<Vec<u8>>, error: String| {
         Ok(SignResult {
             result: signature.is_some(),
@@ -241,7 +253,9 @@ fn sign(args: &[u8]) -> Result<Vec<u8>, Status> {
     let Some(hash) = Hash::named(&args.hash_function) else {
         return answer(None, format!("{} is not supported.", args.hash_function));
     };
-    let Some(key) = PrivateKey::parse(&args.private_key, &args.private_key_pem) else {
+    let Some(key) =
+        usable.and_then(|()| PrivateKey::parse(&args.private_key, &args.private_key_pem))
+    else {
         return answer(
             None,
             "Invalid key type: private key required for signing operation.".into(),

@@ -8,6 +8,10 @@ use super::{in_memory_host, lossy, CallResponse, GrpcResponse, Headers};
 /// The gRPC status a call gets when nothing answers it (the host's timeout).
 const DEADLINE_EXCEEDED: u32 = 4;
 
+/// The most calls answered for one exchange, connection or root callback: a plugin that makes a
+/// new call from every answer (e.g. retrying a failure forever) must not keep a run going.
+pub(super) const MAX_ANSWERS: usize = 1000;
+
 pub(super) fn to_map(headers: &Headers) -> HeaderMap {
     headers
         .iter()
@@ -24,6 +28,8 @@ pub(super) struct Callouts<'a> {
     http_answered: usize,
     first_grpc: usize,
     grpc_answered: usize,
+    /// Whether [`MAX_ANSWERS`] calls were answered and the rest left unanswered.
+    gave_up: bool,
 }
 
 impl<'a> Callouts<'a> {
@@ -37,6 +43,7 @@ impl<'a> Callouts<'a> {
             http_answered: 0,
             first_grpc: host.grpc_calls.len(),
             grpc_answered: 0,
+            gave_up: false,
         }
     }
 
@@ -45,6 +52,12 @@ impl<'a> Callouts<'a> {
     /// callback with no headers, body or trailers (and `proxy_get_status` says 11, "reset"); a
     /// gRPC call closes with DEADLINE_EXCEEDED.
     pub(super) fn answer_next(&mut self, vm: &mut Vm) -> Result<bool, VmError> {
+        if self.http_answered + self.grpc_answered >= MAX_ANSWERS {
+            let host = in_memory_host(vm);
+            self.gave_up |= host.http_calls.len() > self.first_http + self.http_answered
+                || host.grpc_calls.len() > self.first_grpc + self.grpc_answered;
+            return Ok(false);
+        }
         let host = in_memory_host(vm);
         if let Some(call) = host.http_calls.get(self.first_http + self.http_answered) {
             let token = call.token;
@@ -108,6 +121,13 @@ impl<'a> Callouts<'a> {
             vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())?;
         }
         Ok(true)
+    }
+
+    /// Why calls were left unanswered, if the plugin kept making them past [`MAX_ANSWERS`].
+    pub(super) fn gave_up(&self) -> Option<String> {
+        self.gave_up.then(|| {
+            format!("the plugin kept making calls: {MAX_ANSWERS} were answered, the rest were not")
+        })
     }
 
     /// Reports the HTTP and gRPC calls made since `new`.

@@ -70,38 +70,42 @@ struct Message {
 }
 
 impl Message {
-    fn request(exchange: &HttpExchange) -> Message {
+    /// A direction as the scenario scripts it.
+    fn scripted(
+        headers: Option<&Headers>,
+        default: fn() -> Headers,
+        body: &[String],
+        trailers: &Headers,
+    ) -> Message {
         Message {
-            headers: to_map(
-                &exchange
-                    .request_headers
-                    .clone()
-                    .unwrap_or_else(default_request_headers),
-            ),
-            body: exchange
-                .request_body
+            headers: match headers {
+                Some(headers) => to_map(headers),
+                None => to_map(&default()),
+            },
+            body: body
                 .iter()
-                .map(|c| c.clone().into_bytes())
+                .map(|chunk| chunk.clone().into_bytes())
                 .collect(),
-            trailers: to_map(&exchange.request_trailers),
+            trailers: to_map(trailers),
         }
     }
 
+    fn request(exchange: &HttpExchange) -> Message {
+        Message::scripted(
+            exchange.request_headers.as_ref(),
+            default_request_headers,
+            &exchange.request_body,
+            &exchange.request_trailers,
+        )
+    }
+
     fn response(exchange: &HttpExchange) -> Message {
-        Message {
-            headers: to_map(
-                &exchange
-                    .response_headers
-                    .clone()
-                    .unwrap_or_else(default_response_headers),
-            ),
-            body: exchange
-                .response_body
-                .iter()
-                .map(|c| c.clone().into_bytes())
-                .collect(),
-            trailers: to_map(&exchange.response_trailers),
-        }
+        Message::scripted(
+            exchange.response_headers.as_ref(),
+            default_response_headers,
+            &exchange.response_body,
+            &exchange.response_trailers,
+        )
     }
 
     /// The response Envoy makes of a local reply: `:status`, the plugin's headers, and for a body
@@ -294,6 +298,9 @@ impl<'a> ExchangeRun<'a> {
     }
 
     fn direction_phase(&mut self, direction: Direction, message: Message) -> Result<(), Stop> {
+        // A continue made while nothing of this direction was held does not release what the
+        // plugin holds from now on.
+        self.take_continued(direction);
         let context = self.context;
         let [headers_key, body_key, trailers_key] = direction.action_keys();
         let has_trailers = !message.trailers.is_empty();
@@ -307,10 +314,6 @@ impl<'a> ExchangeRun<'a> {
             let info = &mut self.stream().info;
             info.response_code = code;
             info.response_code_details = Some("via_upstream".into());
-        }
-        if direction == Direction::Request {
-            let received: u64 = message.body.iter().map(|chunk| chunk.len() as u64).sum();
-            self.stream().info.bytes_received = Some(received);
         }
         *self.headers_mut(direction) = message.headers;
         let action = match direction {
@@ -339,6 +342,10 @@ impl<'a> ExchangeRun<'a> {
         let chunk_count = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let end_of_stream = i + 1 == chunk_count && !has_trailers;
+            if direction == Direction::Request {
+                let received = &mut self.stream().info.bytes_received;
+                *received = Some(received.unwrap_or(0) + chunk.len() as u64);
+            }
             let body = self.body_mut(direction);
             body.extend_from_slice(&chunk);
             let size = body.len();
@@ -348,6 +355,11 @@ impl<'a> ExchangeRun<'a> {
             };
             self.record(body_key, action.as_str());
             self.check_local_response()?;
+            // Without buffering, the plugin has taken the chunk (as Envoy's filter manager keeps
+            // nothing for StopIterationNoBuffer).
+            if action == DataAction::StopNoBuffer {
+                self.body_mut(direction).clear();
+            }
             // A Continue from the body, or the plugin continuing the stream, resumes it all.
             if action == DataAction::Continue || self.take_continued(direction) {
                 if held {
@@ -420,10 +432,18 @@ impl<'a> ExchangeRun<'a> {
             self.report.response_body.clear();
             return self.direction_phase(Direction::Response, response);
         }
-        // From the response path the reply replaces the response as it is.
+        if !self.report.response_headers.is_empty() {
+            // The response headers already went downstream: Envoy can only reset the stream.
+            return Err(Stop::Reset);
+        }
+        // From the response path, before anything went downstream, the reply replaces the
+        // response as it is (what on_log reads too).
         self.report.response_headers = response.headers.to_string_pairs();
         self.report.response_body = lossy(&response.body.concat());
         self.report.response_trailers.clear();
+        let stream = self.stream();
+        stream.response_headers = response.headers;
+        stream.response_trailers = HeaderMap::new();
         Ok(())
     }
 
@@ -542,6 +562,9 @@ pub(super) fn run_exchange(
         });
     }
     (report.http_calls, report.grpc_calls) = callouts.report(vm);
+    if let Some(reason) = callouts.gave_up() {
+        report.error.get_or_insert(reason);
+    }
     let now = vm.host().now();
     let stream = in_memory_host(vm).stream(context);
     stream.info.duration = stream

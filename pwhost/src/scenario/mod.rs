@@ -340,24 +340,37 @@ fn dispatch_queues(vms: &mut [Vm], errors: &mut Vec<String>) {
     }
 }
 
+/// Answers the calls a root context made (with the failure callback: nothing scripts them);
+/// the error if it kept making them.
+fn answer_root_calls(vm: &mut Vm) -> Result<(), String> {
+    let mut callouts = callouts::Callouts::new(vm, &[], &[]);
+    loop {
+        match callouts.answer_next(vm) {
+            Ok(true) => {}
+            Ok(false) => return callouts.gave_up().map_or(Ok(()), Err),
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+}
+
 /// Delivers up to `ticks` timer ticks while the root context has a tick period, answering the
-/// calls it makes meanwhile with the failure callback (nothing scripts them).
-fn tick(vm: &mut Vm, ticks: u32) -> Result<(), VmError> {
+/// calls it makes meanwhile.
+fn tick(vm: &mut Vm, ticks: u32) -> Result<(), String> {
     for _ in 0..ticks {
         if vm.is_failed() || vm.tick_period().is_none() {
             break;
         }
-        vm.tick()?;
-        let mut callouts = callouts::Callouts::new(vm, &[], &[]);
-        while callouts.answer_next(vm)? {}
+        vm.tick().map_err(|e| e.to_string())?;
+        answer_root_calls(vm)?;
     }
     Ok(())
 }
 
 /// Delivers ticks and foreign function calls to one VM's root context.
-fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
+fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), String> {
     for call in &scenario.foreign_function_calls {
-        vm.on_foreign_function(call.function_id, call.arguments.clone().into_bytes())?;
+        vm.on_foreign_function(call.function_id, call.arguments.clone().into_bytes())
+            .map_err(|e| e.to_string())?;
     }
     tick(vm, scenario.ticks)
 }
@@ -366,22 +379,21 @@ fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), VmError> {
 /// pending, timer ticks (up to `shutdown_ticks`) and call answers until it calls
 /// `proxy_done`; then `proxy_on_delete`, only for a root context that finished (as in
 /// proxy-wasm-cpp-host, which never deletes one that did not). Returns whether it finished.
-fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, VmError> {
+fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, String> {
     let root = vm.root_context();
-    let mut done = vm.on_done(root)?;
+    let mut done = vm.on_done(root).map_err(|e| e.to_string())?;
     let mut ticks = 0;
     while !done {
-        let mut callouts = callouts::Callouts::new(vm, &[], &[]);
-        while callouts.answer_next(vm)? {}
+        answer_root_calls(vm)?;
         done = !vm.is_done_pending();
         if done || ticks >= scenario.shutdown_ticks || vm.tick_period().is_none() {
             break;
         }
-        vm.tick()?;
+        vm.tick().map_err(|e| e.to_string())?;
         ticks += 1;
     }
     if done {
-        vm.on_delete(root)?;
+        vm.on_delete(root).map_err(|e| e.to_string())?;
     }
     Ok(done)
 }
@@ -408,7 +420,8 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         let mut host = InMemoryHost::new();
         for property in &scenario.properties {
             let value = property.value.to_value().encode().unwrap_or_default();
-            host.properties.insert(property.path.join("."), value);
+            host.properties
+                .insert(property.path.join("\0").into_bytes(), value);
         }
         let node = scenario.node.clone().unwrap_or_else(|| NodeConfig {
             id: "pwhost".into(),

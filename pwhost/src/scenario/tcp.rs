@@ -124,7 +124,8 @@ pub(super) fn run_connection(
         report.stalled = held_down || held_up;
         while callouts.answer_next(vm)? {}
         vm.on_downstream_connection_close(context, PeerType::Remote)?;
-        vm.on_upstream_connection_close(context, PeerType::Local)?;
+        // Envoy does not know who closed the upstream side (its filter sees the end of the data).
+        vm.on_upstream_connection_close(context, PeerType::Unknown)?;
         // Envoy ends a connection with on_done before on_log (an HTTP stream the other way).
         vm.on_done(context)?;
         vm.on_log(context)?;
@@ -137,5 +138,8 @@ pub(super) fn run_connection(
         report.error = Some(error.to_string());
     }
     (report.http_calls, report.grpc_calls) = callouts.report(vm);
+    if let Some(reason) = callouts.gave_up() {
+        report.error.get_or_insert(reason);
+    }
     report
 }
