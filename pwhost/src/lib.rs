@@ -5,6 +5,7 @@
 //! uses the same runner, so `pwhost run` and the tests cannot drift apart.
 
 pub mod bench;
+pub mod configured;
 pub mod plugins;
 pub mod runtimes;
 pub mod scenario;

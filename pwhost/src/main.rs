@@ -64,7 +64,7 @@ struct PluginArgs {
     /// (native:NAME) or a proxy-wasm SDK plugin built as a native shared library (.so), which
     /// runs unsandboxed: native plugins are trusted code.
     #[arg(long)]
-    plugin: String,
+    plugin: Option<String>,
     /// The root id selecting the plugin's root context (property `plugin_root_id`).
     #[arg(long, default_value = "")]
     root_id: String,
@@ -91,6 +91,13 @@ struct PluginArgs {
 }
 
 impl PluginArgs {
+    /// The plugin named by `--plugin`.
+    fn plugin(&self) -> anyhow::Result<&str> {
+        self.plugin
+            .as_deref()
+            .context("name the plugin with --plugin FILE (or, for pwhost run, --config FILE)")
+    }
+
     /// The plugin's configuration, reading `@FILE` values.
     fn config(&self) -> anyhow::Result<abi::PluginConfig> {
         let environment = self
@@ -105,10 +112,10 @@ impl PluginArgs {
             .collect::<anyhow::Result<_>>()?;
         Ok(abi::PluginConfig {
             name: self.name.clone().unwrap_or_else(|| {
-                let plugin = self
-                    .plugin
+                let plugin = self.plugin.as_deref().unwrap_or_default();
+                let plugin = plugin
                     .strip_prefix(pwhost::plugins::NATIVE_PREFIX)
-                    .unwrap_or(&self.plugin);
+                    .unwrap_or(plugin);
                 Path::new(plugin)
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
@@ -128,19 +135,15 @@ impl PluginArgs {
         &self,
         runtime: &dyn runtime_api::WasmRuntime<abi::VmState>,
     ) -> anyhow::Result<abi::Plugin> {
-        pwhost::plugins::load(
-            runtime,
-            &self.plugin,
-            self.config()?,
-            abi::SharedState::new(),
-        )
-        .with_context(|| format!("cannot load plugin {}", self.plugin))
+        let plugin = self.plugin()?;
+        pwhost::plugins::load(runtime, plugin, self.config()?, abi::SharedState::new())
+            .with_context(|| format!("cannot load plugin {plugin}"))
     }
 
     /// The engine to use when none is named: the null runtime for native plugins, else the
     /// first engine compiled in.
     fn default_runtime(&self) -> anyhow::Result<String> {
-        if pwhost::plugins::is_native(&self.plugin) {
+        if pwhost::plugins::is_native(self.plugin()?) {
             return Ok("null".into());
         }
         Ok(runtimes::default_name()
@@ -153,6 +156,11 @@ impl PluginArgs {
 struct RunArgs {
     #[command(flatten)]
     plugin: PluginArgs,
+    /// The plugin as Envoy or Traffic Server configures it (a YAML or JSON file: an Envoy filter
+    /// entry, the Wasm message, a PluginConfig; see the README), instead of --plugin and its
+    /// flags.
+    #[arg(long, conflicts_with_all = ["plugin", "vm_config", "plugin_config", "root_id", "vm_id", "name", "environment", "allow_on_headers_stop_iteration", "failure_policy"])]
+    config: Option<PathBuf>,
     /// The engine to run it on (see `pwhost runtimes`).
     #[arg(long)]
     runtime: Option<String>,
@@ -197,10 +205,6 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
 const DEFAULT_DEADLINE_MS: u64 = 10_000;
 
 fn run(args: &RunArgs) -> anyhow::Result<Report> {
-    let runtime_name = match &args.runtime {
-        Some(name) => name.clone(),
-        None => args.plugin.default_runtime()?,
-    };
     let scenario = load_scenario(args.scenario.as_deref())?;
     let deadline_ms = args.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
     let runtime_config = RuntimeConfig {
@@ -211,6 +215,18 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
         },
         call_deadline: (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms)),
         interruptible: false,
+    };
+    if let Some(config) = &args.config {
+        let configured = pwhost::configured::load(config, args.runtime.as_deref(), runtime_config)?;
+        return Ok(scenario::run(
+            &configured.plugin,
+            &scenario,
+            configured.policy,
+        )?);
+    }
+    let runtime_name = match &args.runtime {
+        Some(name) => name.clone(),
+        None => args.plugin.default_runtime()?,
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
     // Limits the engine cannot enforce (native code on the null runtime) are said, not silently
@@ -231,7 +247,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     let exchange = scenario.http.first().cloned().unwrap_or_default();
     let names: Vec<String> = if args.runtimes.is_empty() {
         // Every engine that can run this kind of plugin: native code or WebAssembly.
-        let native = pwhost::plugins::is_native(&args.plugin.plugin);
+        let native = pwhost::plugins::is_native(args.plugin.plugin()?);
         runtimes::available()
             .iter()
             .filter(|name| (**name == "null") == native)

@@ -339,3 +339,78 @@ fn native_code_on_a_webassembly_engine_is_a_one_line_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("only the null runtime runs"), "{stderr}");
 }
+
+/// A scratch directory of this test process.
+fn scratch(name: &str) -> PathBuf {
+    let directory = std::env::temp_dir().join(format!("pwhost-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    directory
+}
+
+#[test]
+fn an_envoy_filter_configuration_runs_as_written() {
+    let directory = scratch("envoy-config");
+    // The code's file name is relative to the configuration's directory.
+    std::fs::copy(
+        plugin("rust/plugin_config.wasm"),
+        directory.join("plugin.wasm"),
+    )
+    .unwrap();
+    let config = directory.join("filter.yaml");
+    std::fs::write(
+        &config,
+        r#"
+name: envoy.filters.http.wasm
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+  config:
+    name: "configured"
+    root_id: ""
+    configuration:
+      "@type": "type.googleapis.com/google.protobuf.StringValue"
+      value: '{"header": "x-configured", "value": "yes"}'
+    vm_config:
+      vm_id: "vm"
+      code:
+        local:
+          filename: "plugin.wasm"
+"#,
+    )
+    .unwrap();
+    let report = json(&pwhost(&["run", "--config", config.to_str().unwrap()]));
+    let request = report["http"][0]["request_headers"].as_array().unwrap();
+    assert!(
+        request.contains(&serde_json::json!(["x-configured", "yes"])),
+        "{request:?}"
+    );
+}
+
+#[test]
+fn a_bad_configuration_is_one_error_naming_the_field() {
+    let directory = scratch("bad-config");
+    let config = directory.join("bad.yaml");
+    std::fs::write(
+        &config,
+        "config:\n  vmConfig:\n    runtme: envoy.wasm.runtime.v8\n    code: {local: {filename: x.wasm}}\n",
+    )
+    .unwrap();
+    let output = pwhost(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("config.vmConfig.runtme: unknown field"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &config,
+        "config:\n  vmConfig:\n    runtime: envoy.wasm.runtime.wasmedge\n    code: {local: {filename: x.wasm}}\n",
+    )
+    .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&pwhost(&["run", "--config", config.to_str().unwrap()]).stderr)
+            .into_owned();
+    assert!(
+        stderr.contains("config.vm_config.runtime: unknown runtime \"envoy.wasm.runtime.wasmedge\" (this build has: "),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,199 @@
+//! A plugin's code, read from where its configuration says, and the VM key it shares a VM by.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{CodeSource, PluginConfig};
+
+/// A plugin's code, ready for an engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// A WebAssembly module.
+    Wasm(Vec<u8>),
+    /// For the null runtime: a compiled-in native plugin, by name (`inline_string`, as Envoy
+    /// names its null-VM plugins).
+    NativeName(String),
+    /// For the null runtime: a native plugin library (`filename`).
+    NativeLibrary(PathBuf),
+}
+
+impl Code {
+    /// The bytes that identify the code: the module, the plugin's name, or the library's path.
+    pub fn identity(&self) -> &[u8] {
+        match self {
+            Code::Wasm(bytes) => bytes,
+            Code::NativeName(name) => name.as_bytes(),
+            Code::NativeLibrary(path) => path.as_os_str().as_encoded_bytes(),
+        }
+    }
+}
+
+/// Why code could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CodeError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An environment variable named as the code source is not set.
+    #[error("environment variable {0} (the code's source) is not set")]
+    MissingVariable(String),
+    /// Remote code is not read by this function (see the fetcher).
+    #[error("remote code ({0}) has to be fetched first")]
+    Remote(String),
+}
+
+/// Reads a plugin's local code for `engine` (pwhost's engine name). Relative file names are
+/// taken from `base_dir` (the configuration's directory, as Traffic Server does).
+pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<Code, CodeError> {
+    let native = engine == "null";
+    match source {
+        CodeSource::File(path) => {
+            let path = base_dir.join(path);
+            if native {
+                return Ok(Code::NativeLibrary(path));
+            }
+            std::fs::read(&path)
+                .map(Code::Wasm)
+                .map_err(|source| CodeError::File { path, source })
+        }
+        CodeSource::Bytes(bytes) => Ok(Code::Wasm(bytes.clone())),
+        CodeSource::String(text) if native => Ok(Code::NativeName(text.clone())),
+        CodeSource::String(text) => Ok(Code::Wasm(text.clone().into_bytes())),
+        CodeSource::EnvironmentVariable(name) => std::env::var_os(name)
+            .map(|value| Code::Wasm(value.into_encoded_bytes()))
+            .ok_or_else(|| CodeError::MissingVariable(name.clone())),
+        CodeSource::Remote(remote) => Err(CodeError::Remote(remote.uri.clone())),
+    }
+}
+
+/// Which VM a plugin runs in: plugins with equal keys share one compiled module and, per
+/// thread, one VM copy. As Envoy's, a SHA-256 over the vm_id, the VM configuration and the code;
+/// unlike Envoy's, also over the engine, so that plugins asking for different engines never
+/// share a VM (Envoy lets the first plugin's runtime win).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmKey([u8; 32]);
+
+impl VmKey {
+    /// The key of `plugin`'s VM on `engine` with `code`.
+    pub fn new(plugin: &PluginConfig, engine: &str, code: &Code) -> VmKey {
+        let mut hash = Sha256::new();
+        for part in [
+            plugin.vm.vm_id.as_bytes(),
+            engine.as_bytes(),
+            &plugin.vm.configuration,
+            code.identity(),
+        ] {
+            // Lengths first, so that no two different inputs run together into the same bytes.
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part);
+        }
+        VmKey(hash.finalize().into())
+    }
+}
+
+impl fmt::Display for VmKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02X}"))
+    }
+}
+
+impl fmt::Debug for VmKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VmKey({self})")
+    }
+}
+
+/// The SHA-256 of `bytes` in lowercase hex, as remote code's `sha256` is written.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `plugin`'s identity and configuration as the ABI takes them.
+pub fn abi_config(plugin: &PluginConfig) -> abi::PluginConfig {
+    abi::PluginConfig {
+        name: plugin.name.clone(),
+        root_id: plugin.root_id.clone(),
+        vm_id: plugin.vm.vm_id.clone(),
+        vm_configuration: plugin.vm.configuration.clone(),
+        plugin_configuration: plugin.configuration.clone(),
+        environment: plugin.vm.environment.resolve(),
+        allow_on_headers_stop_iteration: plugin.allow_on_headers_stop_iteration,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(vm_id: &str, configuration: &str) -> PluginConfig {
+        let yaml = format!(
+            "{{vm_config: {{vm_id: {vm_id:?}, configuration: {configuration:?}, code: {{local: {{inline_bytes: AGFzbQEAAAA=}}}}}}}}"
+        );
+        crate::parse(&yaml).unwrap().http_filters.remove(0)
+    }
+
+    #[test]
+    fn equal_vm_ids_configurations_code_and_engines_share_a_key() {
+        let code = Code::Wasm(b"\0asm\x01\0\0\0".to_vec());
+        let key = VmKey::new(&plugin("vm", "c"), "wasmtime", &code);
+        assert_eq!(key, VmKey::new(&plugin("vm", "c"), "wasmtime", &code));
+        assert_ne!(key, VmKey::new(&plugin("other", "c"), "wasmtime", &code));
+        assert_ne!(key, VmKey::new(&plugin("vm", "d"), "wasmtime", &code));
+        assert_ne!(key, VmKey::new(&plugin("vm", "c"), "wasmi", &code));
+        assert_ne!(
+            key,
+            VmKey::new(&plugin("vm", "c"), "wasmtime", &Code::Wasm(vec![0]))
+        );
+        assert_ne!(
+            VmKey::new(&plugin("ab", ""), "wasmtime", &code),
+            VmKey::new(&plugin("a", "b"), "wasmtime", &code),
+            "parts do not run together"
+        );
+        assert_eq!(key.to_string().len(), 64);
+    }
+
+    #[test]
+    fn local_code_is_read_for_its_engine() {
+        let dir = std::env::temp_dir();
+        let source = CodeSource::String("http_headers".into());
+        assert_eq!(
+            read_local(&source, "null", &dir).unwrap(),
+            Code::NativeName("http_headers".into())
+        );
+        assert_eq!(
+            read_local(&source, "wasmtime", &dir).unwrap(),
+            Code::Wasm(b"http_headers".to_vec())
+        );
+        let missing = CodeSource::File("no/such/file.wasm".into());
+        let error = read_local(&missing, "wasmtime", &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("cannot read "), "{error}");
+        assert!(matches!(
+            read_local(
+                &CodeSource::EnvironmentVariable("PWHOST_NO_SUCH_VAR".into()),
+                "wasmtime",
+                &dir
+            ),
+            Err(CodeError::MissingVariable(_))
+        ));
+    }
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

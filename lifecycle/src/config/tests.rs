@@ -1,0 +1,245 @@
+use super::*;
+
+fn error(yaml: &str) -> String {
+    parse(yaml).unwrap_err().to_string()
+}
+
+const ENVOY_HTTP_FILTER: &str = r#"
+name: envoy.filters.http.wasm
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+  config:
+    name: "add_header"
+    root_id: "add_header_root"
+    configuration:
+      "@type": "type.googleapis.com/google.protobuf.StringValue"
+      value: |
+        {"header": "x-added"}
+    vm_config:
+      vm_id: "my_vm"
+      runtime: "envoy.wasm.runtime.v8"
+      code:
+        local:
+          filename: "/etc/envoy/filter.wasm"
+"#;
+
+#[test]
+fn an_envoy_http_filter_entry_loads_as_written() {
+    let deployment = parse(ENVOY_HTTP_FILTER).unwrap();
+    assert_eq!(deployment.http_filters.len(), 1);
+    let plugin = &deployment.http_filters[0];
+    assert_eq!(plugin.name, "add_header");
+    assert_eq!(plugin.root_id, "add_header_root");
+    assert_eq!(plugin.configuration, b"{\"header\": \"x-added\"}\n");
+    assert_eq!(plugin.vm.vm_id, "my_vm");
+    assert_eq!(plugin.vm.runtime, "envoy.wasm.runtime.v8");
+    assert_eq!(
+        plugin.vm.code,
+        CodeSource::File("/etc/envoy/filter.wasm".into())
+    );
+    assert_eq!(plugin.failure_policy, FailurePolicy::FailClosed);
+}
+
+#[test]
+fn a_typed_struct_carries_the_same_message() {
+    let yaml = r#"
+name: envoy.filters.http.wasm
+typed_config:
+  "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+  type_url: type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+  value:
+    config:
+      vm_config: {code: {local: {inline_string: "native_plugin"}}, runtime: envoy.wasm.runtime.null}
+"#;
+    let deployment = parse(yaml).unwrap();
+    assert_eq!(
+        deployment.http_filters[0].vm.code,
+        CodeSource::String("native_plugin".into())
+    );
+}
+
+#[test]
+fn traffic_servers_files_load_with_their_camel_case_names() {
+    let yaml = r#"
+config:
+  name: "ats_plugin"
+  rootId: "root"
+  configuration: |
+    {"rules": []}
+  capability_restriction_config:
+    allowed_capabilities: [proxy_log, proxy_get_header_map_value]
+  vmConfig:
+    vmId: "vm"
+    runtime: "ats.wasm.runtime.wamr"
+    allow_precompiled: true
+    environmentVariables: {hostEnvKeys: [HOME], keyValues: {MODE: test}}
+    code:
+      local:
+        filename: "/usr/local/var/wasm/plugin.wasm"
+"#;
+    let plugin = &parse(yaml).unwrap().http_filters[0];
+    assert_eq!(plugin.root_id, "root");
+    assert_eq!(plugin.vm.vm_id, "vm");
+    assert!(plugin.vm.allow_precompiled);
+    assert_eq!(plugin.configuration, b"{\"rules\": []}\n");
+    assert_eq!(
+        plugin.allowed_capabilities.as_ref().map(|c| c.len()),
+        Some(2)
+    );
+    assert_eq!(plugin.vm.environment.key_values["MODE"], "test");
+}
+
+#[test]
+fn a_list_is_a_chain_in_order_with_network_filters_and_services() {
+    let yaml = r#"
+- {vm_config: {code: {local: {filename: a.wasm}}}, name: first}
+- name: envoy.filters.network.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+    config: {name: tcp, vm_config: {code: {local: {filename: b.wasm}}}}
+- name: envoy.bootstrap.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    singleton: true
+    config: {name: service, vm_config: {code: {local: {filename: c.wasm}}}}
+- {config: {name: second, vm_config: {code: {local: {filename: d.wasm}}}}}
+"#;
+    let deployment = parse(yaml).unwrap();
+    let names: Vec<_> = deployment.http_filters.iter().map(|p| &p.name).collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(deployment.network_filters[0].name, "tcp");
+    assert!(deployment.services[0].singleton);
+    assert_eq!(deployment.services[0].plugin.name, "service");
+}
+
+#[test]
+fn failure_policies_resolve_as_envoy_resolves_them() {
+    let with = |fields: &str| {
+        parse(&format!(
+            "{{vm_config: {{code: {{local: {{filename: a.wasm}}}}}}, {fields}}}"
+        ))
+    };
+    assert_eq!(
+        with("fail_open: true").unwrap().http_filters[0].failure_policy,
+        FailurePolicy::FailOpen
+    );
+    assert_eq!(
+        with("failure_policy: UNSPECIFIED").unwrap().http_filters[0].failure_policy,
+        FailurePolicy::FailClosed
+    );
+    assert_eq!(
+        with("failure_policy: FAIL_RELOAD").unwrap().http_filters[0].failure_policy,
+        FailurePolicy::FailReload {
+            base_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(10)
+        }
+    );
+    assert_eq!(
+        with("failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 0.5s, max_interval: 2s}}")
+            .unwrap()
+            .http_filters[0]
+            .failure_policy,
+        FailurePolicy::FailReload {
+            base_interval: Duration::from_millis(500),
+            max_interval: Duration::from_secs(2)
+        }
+    );
+    assert_eq!(
+        with("fail_open: true, failure_policy: FAIL_CLOSED")
+            .unwrap_err()
+            .to_string(),
+        "fail_open: only one of fail_open or failure_policy can be set"
+    );
+}
+
+#[test]
+fn remote_code_takes_envoys_defaults() {
+    let sha = "a".repeat(64);
+    let yaml = format!(
+        "vm_config: {{code: {{remote: {{http_uri: {{uri: \"http://127.0.0.1:1/x.wasm\", cluster: c, timeout: 5s}}, sha256: \"{sha}\"}}}}}}"
+    );
+    let deployment = parse(&yaml).unwrap();
+    let CodeSource::Remote(remote) = &deployment.http_filters[0].vm.code else {
+        panic!("remote code expected");
+    };
+    assert_eq!(remote.timeout, Duration::from_secs(5));
+    assert_eq!(remote.retries, 1);
+    assert_eq!(remote.backoff_base, Duration::from_secs(1));
+    assert_eq!(remote.backoff_max, Duration::from_secs(10));
+}
+
+#[test]
+fn every_error_names_the_field_path_and_the_problem() {
+    let cases = [
+        (
+            "{vm_config: {runtme: v8, code: {local: {filename: a.wasm}}}}",
+            "vm_config.runtme: unknown field",
+        ),
+        (
+            "{vm_config: {code: {remote: {http_uri: {uri: \"http://h/x\", timeout: 1s}}}}}",
+            "vm_config.code.remote.sha256: required",
+        ),
+        ("{name: x}", "vm_config: required"),
+        ("{vm_config: {}}", "vm_config.code: required"),
+        (
+            "{vm_config: {code: {}}}",
+            "vm_config.code: one of local or remote is required",
+        ),
+        (
+            "{vm_config: {code: {local: {filename: a, inline_string: b}}}}",
+            "vm_config.code.local: exactly one of filename",
+        ),
+        (
+            "{vm_config: {code: {local: {inline_bytes: \"!!\"}}}}",
+            "vm_config.code.local.inline_bytes: not base64",
+        ),
+        (
+            "{vm_config: {code: {remote: {http_uri: {uri: \"http://h/x\", timeout: 1s}, sha256: ABC}}}}",
+            "vm_config.code.remote.sha256: 64 lowercase hexadecimal digits",
+        ),
+        (
+            "{vm_config: {code: {remote: {http_uri: {uri: \"http://h/x\", timeout: 5}, sha256: x}}}}",
+            "vm_config.code.remote.http_uri.timeout: invalid type",
+        ),
+        (
+            "{vm_config: {code: {remote: {http_uri: {uri: \"http://h/x\", timeout: 1m}, sha256: x}}}}",
+            "vm_config.code.remote.http_uri.timeout: \"1m\" is not a duration",
+        ),
+        (
+            "{failure_policy: FAIL_SOMETIMES, vm_config: {code: {local: {filename: a}}}}",
+            "failure_policy: unknown variant `FAIL_SOMETIMES`",
+        ),
+        (
+            "{reload_config: {backoff: {}}, failure_policy: FAIL_RELOAD, vm_config: {code: {local: {filename: a}}}}",
+            "reload_config.backoff.base_interval: required",
+        ),
+        (
+            "{vm_config: {code: {local: {filename: a}}, environment_variables: {host_env_keys: [A], key_values: {A: b}}}}",
+            "vm_config.environment_variables: key \"A\" is given twice",
+        ),
+        (
+            "{configuration: {\"@type\": type.googleapis.com/my.Config, value: {}}, vm_config: {code: {local: {filename: a}}}}",
+            "configuration: unsupported configuration type \"my.Config\"",
+        ),
+        (
+            "{name: envoy.filters.http.lua, typed_config: {\"@type\": x}}",
+            "name: unknown extension \"envoy.filters.http.lua\"",
+        ),
+        (
+            "{name: envoy.filters.http.wasm, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm, config: {}}}",
+            "typed_config.@type: envoy.filters.http.wasm takes type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        ),
+        (
+            "- {vm_config: {code: {local: {filename: a}}}}\n- {vm_config: {code: {local: {filename: a}}, vmid: x}}",
+            "[1].vm_config.vmid: unknown field",
+        ),
+        ("", "the configuration is empty"),
+    ];
+    for (yaml, expected) in cases {
+        let message = error(yaml);
+        assert!(
+            message.starts_with(expected),
+            "{yaml}\n  gave: {message}\n  expected: {expected}..."
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! Plugins as a proxy runs them, over [`abi`]: the layer Envoy and Traffic Server get from
+//! proxy-wasm-cpp-host's `wasm.cc`. It knows no engine (the embedder hands it the engines it
+//! has) and no proxy.
+//!
+//! * [`config`]: Envoy's and Traffic Server's plugin configurations, parsed strictly.
+//! * [`runtime_name`]: which engine a configured runtime name stands for.
+//! * [`code`]: a plugin's code, and the [`VmKey`] plugins share a VM by.
+
+pub mod code;
+pub mod config;
+pub mod runtime_name;
+
+pub use code::{abi_config, Code, CodeError, VmKey};
+pub use config::{
+    parse, CodeSource, ConfigError, Deployment, Environment, FailurePolicy, PluginConfig,
+    RemoteCode, VmConfig, WasmService,
+};
