@@ -187,11 +187,11 @@ fn root_value(
     first: &[u8],
     rest: &[&[u8]],
 ) -> Result<(Value<'static>, usize), Status> {
-    let config = &state.config;
+    let root = state.effective_root_config();
     let identity = match first {
-        b"plugin_name" => Some(config.name.clone()),
-        b"plugin_root_id" => Some(config.root_id.clone()),
-        b"plugin_vm_id" => Some(config.vm_id.clone()),
+        b"plugin_name" => root.map(|root| root.name.clone()),
+        b"plugin_root_id" => root.map(|root| root.root_id.clone()),
+        b"plugin_vm_id" => Some(state.config.vm_id.clone()),
         _ => None,
     };
     if let Some(identity) = identity {

@@ -41,7 +41,7 @@ pub use foreign::{ForeignCall, ForeignFunction};
 pub use header_map::{wire, HeaderMap};
 pub use host::{GrpcRequest, Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
 pub use in_memory::{DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, StreamRecord};
-pub use plugin::{LoadError, Plugin, PluginConfig};
+pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
 pub use shared::{Metric, MetricType, SharedState};
 pub use state::VmState;
 pub use types::{

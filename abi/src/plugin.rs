@@ -68,6 +68,35 @@ pub struct PluginConfig {
     pub allow_on_headers_stop_iteration: bool,
 }
 
+/// One plugin of a VM: what selects and configures its root context. A VM runs one root
+/// context per plugin sharing it (see [`crate::Vm::add_root`]); each gets its own name, root
+/// id and configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RootConfig {
+    /// The plugin's name (property `plugin_name`).
+    pub name: String,
+    /// The root id that selects the plugin's root context in the module (property
+    /// `plugin_root_id`).
+    pub root_id: String,
+    /// The plugin configuration, read by `proxy_on_configure`.
+    pub plugin_configuration: Vec<u8>,
+    /// Envoy's `allow_on_headers_stop_iteration` for this plugin's streams (see
+    /// [`PluginConfig::allow_on_headers_stop_iteration`]).
+    pub allow_on_headers_stop_iteration: bool,
+}
+
+impl PluginConfig {
+    /// The configuration of the plugin's own root context.
+    pub fn root(&self) -> RootConfig {
+        RootConfig {
+            name: self.name.clone(),
+            root_id: self.root_id.clone(),
+            plugin_configuration: self.plugin_configuration.clone(),
+            allow_on_headers_stop_iteration: self.allow_on_headers_stop_iteration,
+        }
+    }
+}
+
 /// A plugin compiled and linked once; create any number of [`crate::Vm`]s from it, on any thread.
 pub struct Plugin {
     pub(crate) linked: Arc<dyn LinkedModule<VmState>>,

@@ -37,11 +37,14 @@ struct Inner {
     foreign_functions: RwLock<FxHashMap<String, ForeignFunction>>,
 }
 
-/// Where a queue's "ready" notifications go: the VM whose root context registered it, which
-/// delivers them on its own thread ([`crate::Vm::dispatch_queue_ready`]).
+/// Where a queue's "ready" notifications go: the root context that registered it, in its VM,
+/// which delivers them on its own thread ([`crate::Vm::dispatch_queue_ready`]).
 #[derive(Clone, Debug)]
 pub(crate) struct QueueOwner {
-    pub(crate) notify: Sender<u32>,
+    /// The VM's channel of (root context, queue token).
+    pub(crate) notify: Sender<(u32, u32)>,
+    /// The root context.
+    pub(crate) root: u32,
 }
 
 struct Queue {
@@ -253,7 +256,7 @@ impl SharedState {
         };
         queue.items.push_back(item.to_vec());
         // The owner may be gone (its VM was dropped); the item stays for a later owner.
-        let _ = queue.owner.notify.send(token);
+        let _ = queue.owner.notify.send((queue.owner.root, token));
         Status::Ok
     }
 
@@ -423,7 +426,7 @@ mod tests {
     fn queues_are_scoped_by_vm_id_and_notify_their_owner() {
         let shared = SharedState::new();
         let (notify, notifications) = std::sync::mpsc::channel();
-        let token = shared.register_queue("vm", "events", QueueOwner { notify });
+        let token = shared.register_queue("vm", "events", QueueOwner { notify, root: 1 });
         assert_eq!(shared.resolve_queue("vm", "events"), Some(token));
         assert_eq!(shared.resolve_queue("other-vm", "events"), None);
         assert_eq!(shared.dequeue(token), Err(Status::Empty));
@@ -431,7 +434,7 @@ mod tests {
         assert_eq!(shared.enqueue(token, b"two"), Status::Ok);
         assert_eq!(
             notifications.try_iter().collect::<Vec<_>>(),
-            vec![token, token]
+            vec![(1, token), (1, token)]
         );
         assert_eq!(shared.dequeue(token).unwrap(), b"one");
         assert_eq!(shared.dequeue(token).unwrap(), b"two");

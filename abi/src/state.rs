@@ -10,12 +10,35 @@ use crate::callbacks::Callback;
 use crate::filter_state::PropertyDeclaration;
 use crate::shared::QueueOwner;
 use crate::stream::StreamState;
-use crate::{AbiVersion, ContextId, HeaderMap, Host, HttpCallResponse, PluginConfig, SharedState};
+use crate::{
+    AbiVersion, ContextId, HeaderMap, Host, HttpCallResponse, PluginConfig, RootConfig, SharedState,
+};
 
 /// What kind of context an id names.
 pub(crate) enum ContextKind {
-    Root,
+    Root(RootState),
     Stream(StreamState),
+}
+
+/// A root context: one plugin of the VM.
+pub(crate) struct RootState {
+    /// Its plugin's name, root id and configuration.
+    pub(crate) config: Arc<RootConfig>,
+    /// What `proxy_get_status` reports: the code of the last failed HTTP call (11, "reset") or
+    /// closed gRPC call, 0 before any. The message is readable only in the callback that set it.
+    pub(crate) status: (u32, Vec<u8>),
+    /// Properties it declared (`declare_property`), by name.
+    pub(crate) declarations: FxHashMap<Vec<u8>, PropertyDeclaration>,
+}
+
+impl RootState {
+    pub(crate) fn new(config: RootConfig) -> Self {
+        RootState {
+            config: Arc::new(config),
+            status: (0, Vec::new()),
+            declarations: FxHashMap::default(),
+        }
+    }
 }
 
 /// Host functions a plugin may call while the host is inside code of the plugin that must not
@@ -100,6 +123,8 @@ pub struct VmState {
     pub(crate) pending_done: Vec<ContextId>,
     /// Where queues this VM registers send their "ready" notifications.
     pub(crate) queue_owner: QueueOwner,
+    /// Which root context made each pending HTTP or gRPC call, by token: answers go there.
+    pub(crate) callout_roots: FxHashMap<u32, ContextId>,
     /// Arguments of the foreign function call being delivered (`CallData` buffer).
     pub(crate) call_data: Option<Vec<u8>>,
     /// gRPC initial metadata being delivered (map type 4).
@@ -108,14 +133,9 @@ pub struct VmState {
     pub(crate) grpc_trailing_metadata: Option<HeaderMap>,
     /// The gRPC message being delivered (`GrpcReceiveBuffer`).
     pub(crate) grpc_message: Option<Vec<u8>>,
-    /// What `proxy_get_status` reports: the code of the last failed HTTP call (11, "reset") or
-    /// closed gRPC call, 0 before any. The message is readable only in the callback that set it.
-    pub(crate) status: (u32, Vec<u8>),
     /// Whether the plugin configuration is readable: only while the root context is created
     /// and configured, as in Envoy.
     pub(crate) plugin_configuration_readable: bool,
-    /// Properties the root context declared (`declare_property`), by name.
-    pub(crate) declarations: FxHashMap<Vec<u8>, PropertyDeclaration>,
     /// Data of foreign functions kept per VM (e.g. compiled CEL expressions), by type.
     pub(crate) foreign_data: FxHashMap<std::any::TypeId, Box<dyn std::any::Any + Send>>,
 }
@@ -144,13 +164,12 @@ impl VmState {
             tick_periods: FxHashMap::default(),
             pending_done: Vec::new(),
             queue_owner,
+            callout_roots: FxHashMap::default(),
             call_data: None,
             grpc_initial_metadata: None,
             grpc_trailing_metadata: None,
             grpc_message: None,
-            status: (0, Vec::new()),
             plugin_configuration_readable: false,
-            declarations: FxHashMap::default(),
             foreign_data: FxHashMap::default(),
         }
     }
@@ -160,6 +179,23 @@ impl VmState {
         match self.contexts.get(&self.effective_context.0) {
             Some(ContextKind::Stream(stream)) => stream.root,
             _ => self.effective_context,
+        }
+    }
+
+    /// The root context the plugin acts on (the effective context's root).
+    pub(crate) fn effective_root_state(&mut self) -> Option<&mut RootState> {
+        let root = self.effective_root();
+        match self.contexts.get_mut(&root.0) {
+            Some(ContextKind::Root(state)) => Some(state),
+            _ => None,
+        }
+    }
+
+    /// The configuration of the plugin the effective context belongs to.
+    pub(crate) fn effective_root_config(&self) -> Option<&RootConfig> {
+        match self.contexts.get(&self.effective_root().0) {
+            Some(ContextKind::Root(state)) => Some(&state.config),
+            _ => None,
         }
     }
 

@@ -6,12 +6,13 @@ use runtime_api::{GuestFunction, Instance, InterruptHandle, Trap, TrapKind};
 
 use crate::callbacks::{Callback, CALLBACKS, CALLBACK_COUNT};
 use crate::shared::QueueOwner;
-use crate::state::{ContextKind, Restriction};
+use crate::state::{ContextKind, Restriction, RootState};
 use crate::stream::{Part, StreamKind, StreamState};
 use crate::{
     AbiVersion, ContextId, DataAction, HeaderMap, HeadersAction, Host, HttpCallResponse, PeerType,
-    Plugin, Status, VmState,
+    Plugin, RootConfig, Status, VmState,
 };
+use std::sync::Arc;
 
 /// Why a call into a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +60,13 @@ pub struct Vm {
     /// How many of the arguments a callback is given its export takes.
     callback_params: [usize; CALLBACK_COUNT],
     abi: AbiVersion,
-    allow_on_headers_stop_iteration: bool,
+    /// The first root context (the plugin's own).
     root: ContextId,
     next_context_id: u32,
     failure: Option<String>,
-    /// Tokens of this VM's queues that received items, to deliver as `proxy_on_queue_ready`.
-    queue_ready: std::sync::mpsc::Receiver<u32>,
+    /// Queues of this VM that received items, with the root context that registered each, to
+    /// deliver as `proxy_on_queue_ready`.
+    queue_ready: std::sync::mpsc::Receiver<(u32, u32)>,
 }
 
 impl Vm {
@@ -77,9 +79,14 @@ impl Vm {
             plugin.abi,
             plugin.config.clone(),
             plugin.shared.clone(),
-            QueueOwner { notify },
+            QueueOwner { notify, root: 1 },
         );
         let mut instance = plugin.linked.instantiate(state)?;
+        let root = ContextId(1);
+        instance.state().contexts.insert(
+            root.0,
+            ContextKind::Root(RootState::new(plugin.config.root())),
+        );
         let mut callbacks = [None; CALLBACK_COUNT];
         for (slot, spec) in callbacks.iter_mut().zip(CALLBACKS.iter()) {
             if spec.in_abi(plugin.abi) {
@@ -95,8 +102,7 @@ impl Vm {
             callbacks,
             callback_params: plugin.callback_params,
             abi: plugin.abi,
-            allow_on_headers_stop_iteration: plugin.config.allow_on_headers_stop_iteration,
-            root: ContextId(1),
+            root,
             next_context_id: 2,
             failure: None,
             queue_ready,
@@ -226,9 +232,53 @@ impl Vm {
         self.failure.is_some()
     }
 
-    /// The root context's id.
+    /// The plugin's own root context (the first; see [`Vm::add_root`] for others).
     pub fn root_context(&self) -> ContextId {
         self.root
+    }
+
+    /// Every root context, the plugin's own first.
+    pub fn roots(&mut self) -> Vec<ContextId> {
+        let mut roots: Vec<ContextId> = self
+            .instance
+            .state()
+            .contexts
+            .iter()
+            .filter(|(_, kind)| matches!(kind, ContextKind::Root(_)))
+            .map(|(id, _)| ContextId(*id))
+            .collect();
+        roots.sort();
+        roots
+    }
+
+    /// Adds the root context of another plugin sharing this VM (as Envoy runs plugins with the
+    /// same VM key in one VM): its own name, root id and configuration; start and configure it
+    /// with [`Vm::start_root`] and [`Vm::configure_root`], and give it streams with
+    /// [`Vm::create_http_context_for`].
+    pub fn add_root(&mut self, config: RootConfig) -> ContextId {
+        let root = self.next_id();
+        self.instance
+            .state()
+            .contexts
+            .insert(root.0, ContextKind::Root(RootState::new(config)));
+        root
+    }
+
+    fn next_id(&mut self) -> ContextId {
+        loop {
+            let id = self.next_context_id;
+            self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
+            if !self.instance.state().contexts.contains_key(&id) {
+                return ContextId(id);
+            }
+        }
+    }
+
+    fn check_root(&mut self, root: ContextId) -> Result<(), VmError> {
+        match self.instance.state().contexts.get(&root.0) {
+            Some(ContextKind::Root(_)) => Ok(()),
+            _ => Err(VmError::UnknownContext(root)),
+        }
     }
 
     /// The embedder's host, to feed it data or read what plugins did.
@@ -252,20 +302,30 @@ impl Vm {
         self.instance.memory_size()
     }
 
-    /// The tick period the root context asked for with `proxy_set_tick_period_milliseconds`.
+    /// The tick period the plugin's root context asked for with
+    /// `proxy_set_tick_period_milliseconds`.
     pub fn tick_period(&mut self) -> Option<Duration> {
-        let root = self.root.0;
-        self.instance.state().tick_periods.get(&root).copied()
+        let root = self.root;
+        self.tick_period_of(root)
     }
 
-    /// Creates the root context and calls `proxy_on_vm_start`. Returns whether the plugin
-    /// accepted its VM configuration.
+    /// The tick period root context `root` asked for.
+    pub fn tick_period_of(&mut self, root: ContextId) -> Option<Duration> {
+        self.instance.state().tick_periods.get(&root.0).copied()
+    }
+
+    /// Creates the plugin's root context and calls `proxy_on_vm_start`. Returns whether the
+    /// plugin accepted its VM configuration.
     pub fn start(&mut self) -> Result<bool, VmError> {
         let root = self.root;
-        self.instance
-            .state()
-            .contexts
-            .insert(root.0, ContextKind::Root);
+        self.start_root(root)
+    }
+
+    /// Creates root context `root` in the plugin (`proxy_on_context_create`) and calls its
+    /// `proxy_on_vm_start`, as Envoy does for every root context. Returns whether it accepted
+    /// the VM configuration.
+    pub fn start_root(&mut self, root: ContextId) -> Result<bool, VmError> {
+        self.check_root(root)?;
         // As in Envoy, the plugin configuration is readable while the root context is created
         // and configured, not in `proxy_on_vm_start` (which must not depend on the plugin).
         self.with_plugin_configuration(|vm| {
@@ -289,10 +349,19 @@ impl Vm {
         result
     }
 
-    /// Calls `proxy_on_configure`. Returns whether the plugin accepted its configuration.
+    /// Calls `proxy_on_configure` on the plugin's root context. Returns whether the plugin
+    /// accepted its configuration.
     pub fn configure(&mut self) -> Result<bool, VmError> {
         let root = self.root;
-        let size = self.instance.state().config.plugin_configuration.len() as u64;
+        self.configure_root(root)
+    }
+
+    /// Calls `proxy_on_configure` on root context `root` with its plugin's configuration.
+    pub fn configure_root(&mut self, root: ContextId) -> Result<bool, VmError> {
+        let size = match self.instance.state().contexts.get(&root.0) {
+            Some(ContextKind::Root(state)) => state.config.plugin_configuration.len() as u64,
+            _ => return Err(VmError::UnknownContext(root)),
+        };
         let mut ok = [1];
         self.with_plugin_configuration(|vm| {
             vm.call(
@@ -305,22 +374,37 @@ impl Vm {
         Ok(ok[0] != 0)
     }
 
-    /// Calls `proxy_on_tick` on the root context.
+    /// Calls `proxy_on_tick` on the plugin's root context.
     pub fn tick(&mut self) -> Result<(), VmError> {
         let root = self.root;
+        self.tick_root(root)
+    }
+
+    /// Calls `proxy_on_tick` on root context `root`.
+    pub fn tick_root(&mut self, root: ContextId) -> Result<(), VmError> {
+        self.check_root(root)?;
         self.call(Callback::Tick, root, &[u64::from(root.0)], &mut [])?;
         Ok(())
     }
 
-    /// Creates a context for a new HTTP stream.
+    /// Creates a context for a new HTTP stream of the plugin's root context.
     pub fn create_http_context(&mut self) -> Result<ContextId, VmError> {
-        self.create_stream_context(StreamKind::Http)
+        let root = self.root;
+        self.create_stream_context(root, StreamKind::Http)
     }
 
-    fn create_stream_context(&mut self, kind: StreamKind) -> Result<ContextId, VmError> {
-        let context = ContextId(self.next_context_id);
-        self.next_context_id = self.next_context_id.wrapping_add(1).max(2);
-        let root = self.root;
+    /// Creates a context for a new HTTP stream of root context `root`.
+    pub fn create_http_context_for(&mut self, root: ContextId) -> Result<ContextId, VmError> {
+        self.check_root(root)?;
+        self.create_stream_context(root, StreamKind::Http)
+    }
+
+    fn create_stream_context(
+        &mut self,
+        root: ContextId,
+        kind: StreamKind,
+    ) -> Result<ContextId, VmError> {
+        let context = self.next_id();
         self.instance
             .state()
             .contexts
@@ -350,7 +434,8 @@ impl Vm {
         let action = if stopped {
             HeadersAction::StopAllAndWatermark
         } else {
-            HeadersAction::from_headers_callback(action[0], self.allow_on_headers_stop_iteration)
+            let allow = self.root_config_of(context).allow_on_headers_stop_iteration;
+            HeadersAction::from_headers_callback(action[0], allow)
         };
         self.release_if(context, part, action.continues());
         Ok(action)
@@ -517,7 +602,7 @@ impl Vm {
         let done = done[0] != 0;
         let state = self.instance.state();
         if !done
-            && matches!(state.contexts.get(&context.0), Some(ContextKind::Root))
+            && matches!(state.contexts.get(&context.0), Some(ContextKind::Root(_)))
             && !state.pending_done.contains(&context)
         {
             state.pending_done.push(context);
@@ -525,11 +610,54 @@ impl Vm {
         Ok(done)
     }
 
-    /// Whether the root context still owes a `proxy_done` after its `proxy_on_done` returned
-    /// false.
+    /// Whether the plugin's root context still owes a `proxy_done` after its `proxy_on_done`
+    /// returned false.
     pub fn is_done_pending(&mut self) -> bool {
         let root = self.root;
+        self.is_done_pending_for(root)
+    }
+
+    /// Whether root context `root` still owes a `proxy_done`.
+    pub fn is_done_pending_for(&mut self, root: ContextId) -> bool {
         self.instance.state().pending_done.contains(&root)
+    }
+
+    /// The configuration of the plugin a context belongs to.
+    fn root_config_of(&mut self, context: ContextId) -> Arc<RootConfig> {
+        let state = self.instance.state();
+        let root = match state.contexts.get(&context.0) {
+            Some(ContextKind::Stream(stream)) => stream.root,
+            _ => context,
+        };
+        match state.contexts.get(&root.0) {
+            Some(ContextKind::Root(root)) => Arc::clone(&root.config),
+            _ => Arc::default(),
+        }
+    }
+
+    /// The root context that made call `token` (the plugin's own if the token is unknown).
+    fn callout_root(&mut self, token: u32, done: bool) -> ContextId {
+        let roots = &mut self.instance.state().callout_roots;
+        let root = if done {
+            roots.remove(&token)
+        } else {
+            roots.get(&token).copied()
+        };
+        root.unwrap_or(self.root)
+    }
+
+    /// Sets what `proxy_get_status` reports to root context `root`.
+    fn set_status(&mut self, root: ContextId, status: (u32, Vec<u8>)) {
+        if let Some(ContextKind::Root(state)) = self.instance.state().contexts.get_mut(&root.0) {
+            state.status = status;
+        }
+    }
+
+    /// Forgets the message of root context `root`'s status (readable in one callback only).
+    fn clear_status_message(&mut self, root: ContextId) {
+        if let Some(ContextKind::Root(state)) = self.instance.state().contexts.get_mut(&root.0) {
+            state.status.1.clear();
+        }
     }
 
     /// Calls `proxy_on_delete` and forgets the context.
@@ -549,7 +677,7 @@ impl Vm {
         token: u32,
         response: HttpCallResponse,
     ) -> Result<(), VmError> {
-        let root = self.root;
+        let root = self.callout_root(token, true);
         let args = [
             u64::from(root.0),
             u64::from(token),
@@ -568,11 +696,11 @@ impl Vm {
     /// reports `BrokenConnection` (11) and "reset", as in Envoy. The code stays until a later
     /// failure or gRPC close replaces it; the message is readable in this callback only.
     pub fn on_http_call_failure(&mut self, token: u32) -> Result<(), VmError> {
-        let root = self.root;
-        self.instance.state().status = (Status::BrokenConnection.code(), b"reset".to_vec());
+        let root = self.callout_root(token, true);
+        self.set_status(root, (Status::BrokenConnection.code(), b"reset".to_vec()));
         let args = [u64::from(root.0), u64::from(token), 0, 0, 0];
         let result = self.call(Callback::HttpCallResponse, root, &args, &mut []);
-        self.instance.state().status.1.clear();
+        self.clear_status_message(root);
         result.map(|_| ())
     }
 
@@ -582,13 +710,12 @@ impl Vm {
     /// from the VM's own thread, e.g. once per turn of the event loop. Returns how many
     /// notifications were delivered.
     pub fn dispatch_queue_ready(&mut self) -> Result<usize, VmError> {
-        let root = self.root;
-        let pending: Vec<u32> = self.queue_ready.try_iter().collect();
-        for token in &pending {
+        let pending: Vec<(u32, u32)> = self.queue_ready.try_iter().collect();
+        for (root, token) in &pending {
             self.call(
                 Callback::QueueReady,
-                root,
-                &[u64::from(root.0), u64::from(*token)],
+                ContextId(*root),
+                &[u64::from(*root), u64::from(*token)],
                 &mut [],
             )?;
         }
@@ -614,9 +741,10 @@ impl Vm {
         result.map(|_| ())
     }
 
-    /// Calls a gRPC callback on the root context with `args` after the token.
+    /// Calls a gRPC callback on the root context that made call `token`, with `value` after the
+    /// token.
     fn grpc_callback(&mut self, callback: Callback, token: u32, value: u64) -> Result<(), VmError> {
-        let root = self.root;
+        let root = self.callout_root(token, false);
         self.call(
             callback,
             root,
@@ -671,15 +799,24 @@ impl Vm {
         status_code: u32,
         message: Vec<u8>,
     ) -> Result<(), VmError> {
-        self.instance.state().status = (status_code, message);
+        let root = self.callout_root(token, false);
+        self.set_status(root, (status_code, message));
         let result = self.grpc_callback(Callback::GrpcClose, token, u64::from(status_code));
-        self.instance.state().status.1.clear();
+        self.clear_status_message(root);
+        self.instance.state().callout_roots.remove(&token);
         result
     }
 
-    /// Creates a context for a new TCP connection.
+    /// Creates a context for a new TCP connection of the plugin's root context.
     pub fn create_tcp_context(&mut self) -> Result<ContextId, VmError> {
-        self.create_stream_context(StreamKind::Tcp)
+        let root = self.root;
+        self.create_stream_context(root, StreamKind::Tcp)
+    }
+
+    /// Creates a context for a new TCP connection of root context `root`.
+    pub fn create_tcp_context_for(&mut self, root: ContextId) -> Result<ContextId, VmError> {
+        self.check_root(root)?;
+        self.create_stream_context(root, StreamKind::Tcp)
     }
 
     /// Calls `proxy_on_new_connection`.

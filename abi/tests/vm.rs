@@ -140,3 +140,70 @@ fn an_interrupt_from_another_thread_stops_a_running_callback() {
         Some(runtime_api::TrapKind::Interrupted)
     );
 }
+
+/// A Rust SDK plugin from the built corpus (`bash plugins/build.sh`).
+fn corpus_plugin(name: &str, config: PluginConfig) -> Plugin {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist/rust")
+        .join(format!("{name}.wasm"));
+    let wasm = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `bash plugins/build.sh`)", path.display()));
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).expect("engine");
+    Plugin::load(&runtime, &wasm, config, SharedState::new()).expect("plugin loads")
+}
+
+/// Runs one request through a stream of `root` and returns its request headers.
+fn request_through(vm: &mut Vm, root: ContextId) -> Vec<(String, String)> {
+    let stream = vm.create_http_context_for(root).unwrap();
+    vm.host_as::<InMemoryHost>()
+        .unwrap()
+        .stream(stream)
+        .request_headers
+        .add(b":path", b"/");
+    assert_eq!(
+        vm.on_request_headers(stream, 1, true).unwrap(),
+        HeadersAction::Continue
+    );
+    vm.host_as::<InMemoryHost>()
+        .unwrap()
+        .stream(stream)
+        .request_headers
+        .to_string_pairs()
+}
+
+#[test]
+fn plugins_sharing_a_vm_each_get_a_root_context_with_their_own_configuration() {
+    let first = PluginConfig {
+        name: "first".into(),
+        plugin_configuration: br#"{"header": "x-first", "value": "1"}"#.to_vec(),
+        ..PluginConfig::default()
+    };
+    let plugin = corpus_plugin("plugin_config", first);
+    let mut vm = started(&plugin);
+    let second = vm.add_root(abi::RootConfig {
+        name: "second".into(),
+        plugin_configuration: br#"{"header": "x-second", "value": "2"}"#.to_vec(),
+        ..abi::RootConfig::default()
+    });
+    assert_ne!(second, vm.root_context());
+    assert!(vm.start_root(second).unwrap());
+    assert!(vm.configure_root(second).unwrap());
+    assert_eq!(vm.roots(), vec![vm.root_context(), second]);
+    let root = vm.root_context();
+    let from_first = request_through(&mut vm, root);
+    let from_second = request_through(&mut vm, second);
+    assert!(
+        from_first.contains(&("x-first".into(), "1".into())),
+        "{from_first:?}"
+    );
+    assert!(!from_first.iter().any(|(k, _)| k == "x-second"));
+    assert!(
+        from_second.contains(&("x-second".into(), "2".into())),
+        "{from_second:?}"
+    );
+    assert!(!from_second.iter().any(|(k, _)| k == "x-first"));
+    assert!(matches!(
+        vm.create_http_context_for(ContextId(999)),
+        Err(VmError::UnknownContext(_))
+    ));
+}

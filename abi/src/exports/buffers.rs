@@ -14,9 +14,14 @@ use crate::{BufferType, Status, VmState};
 fn readable(state: &mut VmState, buffer_type: BufferType) -> Option<&[u8]> {
     match buffer_type {
         BufferType::VmConfiguration => Some(state.config.vm_configuration.as_slice()),
-        BufferType::PluginConfiguration => state
-            .plugin_configuration_readable
-            .then_some(state.config.plugin_configuration.as_slice()),
+        BufferType::PluginConfiguration => {
+            if !state.plugin_configuration_readable {
+                return None;
+            }
+            state
+                .effective_root_config()
+                .map(|root| root.plugin_configuration.as_slice())
+        }
         BufferType::HttpCallResponseBody => state
             .http_call_response
             .as_ref()

@@ -45,6 +45,7 @@ pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
         .host
         .http_call(root, request)
         .map_err(super::Failure::Status)?;
+    state.callout_roots.insert(token, root);
     write_u32(caller, args[9], token)
 }
 
@@ -80,6 +81,7 @@ pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     };
     let root = state.effective_root();
     let token = state.host.grpc_call(root, request)?;
+    state.callout_roots.insert(token, root);
     write_u32(caller, args[11], token)
 }
 
@@ -91,6 +93,7 @@ pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Hos
     let request = grpc_request(&memory, args)?;
     let root = state.effective_root();
     let token = state.host.grpc_stream(root, request)?;
+    state.callout_roots.insert(token, root);
     write_u32(caller, args[8], token)
 }
 
@@ -124,7 +127,11 @@ pub(super) fn grpc_close(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Host
 /// the code of the last failed HTTP call or closed gRPC call (0 before any) and, in the callback
 /// that reported it, its message (see `VmState::status`).
 pub(super) fn get_status(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let (code, message) = caller.state().status.clone();
+    let (code, message) = caller
+        .state()
+        .effective_root_state()
+        .map(|root| root.status.clone())
+        .unwrap_or_default();
     caller.memory().write_u32(args[0], code)?;
     let len = message.len() as u64;
     return_data(caller, len, args[1], args[2], |_, memory, pointer| {

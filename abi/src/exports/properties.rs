@@ -44,7 +44,9 @@ pub(super) fn set_property(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Ho
     let (state, memory) = caller.state_and_memory();
     let path = memory.slice(args[0], args[1])?;
     let value = memory.slice(args[2], args[3])?;
-    let declaration = state.declarations.get(path).cloned();
+    let declaration = state
+        .effective_root_state()
+        .and_then(|root| root.declarations.get(path).cloned());
     let stream = state.effective_stream().ok_or(Status::NotFound)?;
     super::check(
         stream

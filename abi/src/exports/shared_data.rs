@@ -3,6 +3,7 @@
 use runtime_api::Caller;
 
 use super::{check, fill_exact, read_bytes, return_data, HostResult};
+use crate::shared::QueueOwner;
 use crate::{MetricType, Status, VmState};
 
 /// `proxy_get_shared_data(key_data, key_size, return_value_data, return_value_size,
@@ -43,9 +44,13 @@ pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u6
     memory.slice_mut(args[2], 4)?;
     let name =
         std::str::from_utf8(memory.slice(args[0], args[1])?).map_err(|_| Status::BadArgument)?;
+    let owner = QueueOwner {
+        root: state.effective_root().0,
+        ..state.queue_owner.clone()
+    };
     let token = state
         .shared
-        .register_queue(&state.config.vm_id, name, state.queue_owner.clone());
+        .register_queue(&state.config.vm_id, name, owner);
     memory.write_u32(args[2], token)?;
     Ok(())
 }

@@ -82,14 +82,12 @@ impl ForeignCall<'_> {
     /// stream's is accepted and ignored, as in Envoy); declaring a name twice is `BAD_ARGUMENT`.
     pub fn declare_property(&mut self, name: &[u8], declaration: PropertyDeclaration) -> Status {
         let state = &mut *self.state;
-        let from_root = matches!(
-            state.contexts.get(&state.callback_context.0),
-            Some(crate::state::ContextKind::Root)
-        );
-        if !from_root {
+        let Some(crate::state::ContextKind::Root(root)) =
+            state.contexts.get_mut(&state.callback_context.0)
+        else {
             return Status::Ok;
-        }
-        match state.declarations.entry(name.to_vec()) {
+        };
+        match root.declarations.entry(name.to_vec()) {
             std::collections::hash_map::Entry::Occupied(_) => Status::BadArgument,
             std::collections::hash_map::Entry::Vacant(vacant) => {
                 vacant.insert(declaration);
