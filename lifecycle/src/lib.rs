@@ -5,9 +5,12 @@
 //! * [`config`]: Envoy's and Traffic Server's plugin configurations, parsed strictly.
 //! * [`runtime_name`]: which engine a configured runtime name stands for.
 //! * [`code`]: a plugin's code, and the [`VmKey`] plugins share a VM by.
+//! * [`plugins`]: a deployment loaded ([`Plugins`]) and run on worker threads ([`Worker`]): VM
+//!   sharing, per-thread copies, failure policies and their counters.
 
 pub mod code;
 pub mod config;
+pub mod plugins;
 pub mod runtime_name;
 
 pub use code::{abi_config, Code, CodeError, VmKey};
@@ -15,3 +18,4 @@ pub use config::{
     parse, CodeSource, ConfigError, Deployment, Environment, FailurePolicy, PluginConfig,
     RemoteCode, VmConfig, WasmService,
 };
+pub use plugins::{Admission, Counters, Engines, LoadError, PluginId, Plugins, Worker};

@@ -1,27 +1,64 @@
-//! `pwhost run --config FILE`: a plugin as Envoy or Traffic Server configures it (see the
-//! `lifecycle` crate for the configuration).
+//! `pwhost run --config FILE`: plugins as Envoy or Traffic Server configure them, loaded through
+//! the `lifecycle` layer (VM keys, the check at load) on this build's engines.
 
 use std::path::Path;
 
 use anyhow::Context as _;
-use lifecycle::{Code, FailurePolicy};
+use lifecycle::{Code, FailurePolicy, Plugins};
 use runtime_api::RuntimeConfig;
 
 use crate::runtimes;
 use crate::scenario;
 
-/// A plugin loaded from a configuration file, with how `pwhost run` runs it.
-pub struct Configured {
-    /// The loaded plugin.
-    pub plugin: abi::Plugin,
-    /// What a VM failure does to streams.
-    pub policy: scenario::FailurePolicy,
-    /// The engine it runs on.
-    pub engine: &'static str,
+/// This build's engines, as the `lifecycle` layer asks for them.
+pub struct BuildEngines {
+    /// How every engine runs guests (deadline, memory cap).
+    pub config: RuntimeConfig,
 }
 
-/// Loads the plugin the configuration at `path` describes, on `runtime_override` if given,
-/// else on the engine its `vm_config.runtime` names. Relative code file names are taken from
+impl lifecycle::Engines for BuildEngines {
+    fn available(&self) -> Vec<&'static str> {
+        runtimes::available().to_vec()
+    }
+
+    fn load(
+        &self,
+        engine: &'static str,
+        code: &Code,
+        config: abi::PluginConfig,
+        shared: abi::SharedState,
+    ) -> Result<abi::Plugin, String> {
+        let runtime = runtimes::create(engine, self.config.clone()).map_err(|e| e.to_string())?;
+        let loaded = match code {
+            Code::Wasm(wasm) => {
+                abi::Plugin::load(&*runtime, wasm, config, shared).map_err(anyhow::Error::from)
+            }
+            Code::NativeName(name) => crate::plugins::load(
+                &*runtime,
+                &format!("{}{name}", crate::plugins::NATIVE_PREFIX),
+                config,
+                shared,
+            ),
+            Code::NativeLibrary(library) => {
+                crate::plugins::load(&*runtime, &library.to_string_lossy(), config, shared)
+            }
+        };
+        loaded.map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// A plugin loaded from a configuration file, with how `pwhost run` runs it.
+pub struct Configured {
+    /// The plugins loaded.
+    pub plugins: Plugins,
+    /// The one plugin `pwhost run` runs.
+    pub plugin: lifecycle::PluginId,
+    /// What a VM failure does to streams.
+    pub policy: scenario::FailurePolicy,
+}
+
+/// Loads the plugins the configuration at `path` describes, each on the engine its
+/// `vm_config.runtime` names (or `runtime_override`). Relative code file names are taken from
 /// the configuration's directory.
 pub fn load(
     path: &Path,
@@ -30,13 +67,10 @@ pub fn load(
 ) -> anyhow::Result<Configured> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read configuration {}", path.display()))?;
-    let deployment = lifecycle::parse(&text)
+    let mut deployment = lifecycle::parse(&text)
         .with_context(|| format!("invalid configuration {}", path.display()))?;
-    let mut plugins = deployment
-        .http_filters
-        .iter()
-        .chain(&deployment.network_filters);
-    let (Some(config), None) = (plugins.next(), plugins.next()) else {
+    let plugin_count = deployment.http_filters.len() + deployment.network_filters.len();
+    if plugin_count != 1 || !deployment.services.is_empty() {
         anyhow::bail!(
             "{}: pwhost run runs one HTTP or network filter plugin per configuration so far \
              (this one has {} HTTP filters, {} network filters and {} services)",
@@ -45,11 +79,31 @@ pub fn load(
             deployment.network_filters.len(),
             deployment.services.len()
         );
-    };
-    if !deployment.services.is_empty() {
-        anyhow::bail!("{}: pwhost run does not run services yet", path.display());
     }
-    let policy = match config.failure_policy {
+    if let Some(name) = runtime_override {
+        let engine = lifecycle::runtime_name::resolve(name, runtimes::available())
+            .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?;
+        // --runtime replaces what the configuration names.
+        for plugin in deployment
+            .http_filters
+            .iter_mut()
+            .chain(&mut deployment.network_filters)
+        {
+            plugin.vm.runtime = engine.to_string();
+        }
+    }
+    let engines = BuildEngines {
+        config: runtime_config,
+    };
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let plugins = Plugins::load(&deployment, &engines, base_dir, abi::SharedState::new())
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    let plugin = plugins
+        .http_filters()
+        .chain(plugins.network_filters())
+        .next()
+        .context("no plugin")?;
+    let policy = match plugins.config(plugin).failure_policy {
         FailurePolicy::FailClosed => scenario::FailurePolicy::FailClosed,
         FailurePolicy::FailOpen => scenario::FailurePolicy::FailOpen,
         FailurePolicy::FailReload { .. } => anyhow::bail!(
@@ -57,41 +111,9 @@ pub fn load(
             path.display()
         ),
     };
-    let engine = match runtime_override {
-        Some(name) => lifecycle::runtime_name::resolve(name, runtimes::available()),
-        None => lifecycle::runtime_name::resolve(&config.vm.runtime, runtimes::available()),
-    }
-    .map_err(|message| {
-        let field = config.field_path("vm_config.runtime");
-        anyhow::anyhow!("{}: {field}: {message}", path.display())
-    })?;
-    let base_dir = path.parent().unwrap_or(Path::new("."));
-    let code =
-        lifecycle::code::read_local(&config.vm.code, engine, base_dir).with_context(|| {
-            let field = config.field_path("vm_config.code");
-            format!("{}: {field}", path.display())
-        })?;
-    let runtime = runtimes::create(engine, runtime_config)?;
-    let abi_config = lifecycle::abi_config(config);
-    let shared = abi::SharedState::new();
-    let plugin = match code {
-        Code::Wasm(wasm) => {
-            abi::Plugin::load(&*runtime, &wasm, abi_config, shared).map_err(anyhow::Error::from)
-        }
-        Code::NativeName(name) => crate::plugins::load(
-            &*runtime,
-            &format!("{}{name}", crate::plugins::NATIVE_PREFIX),
-            abi_config,
-            shared,
-        ),
-        Code::NativeLibrary(library) => {
-            crate::plugins::load(&*runtime, &library.to_string_lossy(), abi_config, shared)
-        }
-    }
-    .with_context(|| format!("cannot load plugin {:?}", config.name))?;
     Ok(Configured {
+        plugins,
         plugin,
         policy,
-        engine,
     })
 }

@@ -218,11 +218,8 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     };
     if let Some(config) = &args.config {
         let configured = pwhost::configured::load(config, args.runtime.as_deref(), runtime_config)?;
-        return Ok(scenario::run(
-            &configured.plugin,
-            &scenario,
-            configured.policy,
-        )?);
+        let plugin = configured.plugins.module(configured.plugin);
+        return Ok(scenario::run(plugin, &scenario, configured.policy)?);
     }
     let runtime_name = match &args.runtime {
         Some(name) => name.clone(),

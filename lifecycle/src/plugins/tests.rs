@@ -1,0 +1,212 @@
+use std::sync::Mutex;
+
+use abi::{HeadersAction, InMemoryHost};
+use runtime_api::{RuntimeConfig, WasmRuntime};
+
+use super::*;
+
+/// Engines for tests: wasmtime, from the plugin corpus and WAT.
+struct Wasmtime;
+
+impl Engines for Wasmtime {
+    fn available(&self) -> Vec<&'static str> {
+        vec!["wasmtime"]
+    }
+
+    fn load(
+        &self,
+        _engine: &'static str,
+        code: &Code,
+        config: abi::PluginConfig,
+        shared: SharedState,
+    ) -> Result<abi::Plugin, String> {
+        let Code::Wasm(wasm) = code else {
+            return Err("wasm only".into());
+        };
+        let runtime = runtime_wasmtime::WasmtimeRuntime::new(RuntimeConfig::default())
+            .map_err(|e| e.to_string())?;
+        let runtime: &dyn WasmRuntime<abi::VmState> = &runtime;
+        abi::Plugin::load(runtime, wasm, config, shared).map_err(|e| e.to_string())
+    }
+}
+
+fn corpus() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist")
+}
+
+fn load(yaml: &str) -> Result<Plugins, LoadError> {
+    let deployment = crate::parse(yaml).expect("valid configuration");
+    Plugins::load(&deployment, &Wasmtime, &corpus(), SharedState::new())
+}
+
+fn config_plugin(name: &str, vm_id: &str, header: &str) -> String {
+    format!(
+        "- name: {name}\n  configuration: '{{\"header\": \"{header}\", \"value\": \"{name}\"}}'\n  vm_config: {{vm_id: {vm_id}, code: {{local: {{filename: rust/plugin_config.wasm}}}}}}\n"
+    )
+}
+
+fn worker(plugins: Plugins) -> Worker {
+    Worker::new(Arc::new(plugins), || Box::new(InMemoryHost::new()))
+}
+
+/// Runs request headers through `plugin` and returns them as the plugin left them.
+fn request(worker: &mut Worker, plugin: PluginId) -> Result<Vec<(String, String)>, String> {
+    let Admission::Run { vm, root } = worker.admit(plugin) else {
+        return Err("not admitted".into());
+    };
+    let stream = vm
+        .create_http_context_for(root)
+        .map_err(|e| e.to_string())?;
+    let host = vm.host_as::<InMemoryHost>().expect("in-memory host");
+    host.stream(stream).request_headers.add(b":path", b"/");
+    let action = vm.on_request_headers(stream, 1, true);
+    let headers = vm
+        .host_as::<InMemoryHost>()
+        .expect("in-memory host")
+        .stream(stream)
+        .request_headers
+        .to_string_pairs();
+    match action {
+        Ok(HeadersAction::Continue) => Ok(headers),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(error) => {
+            worker.failed(plugin, &error);
+            Err(error.to_string())
+        }
+    }
+}
+
+#[test]
+fn plugins_with_one_vm_key_share_a_module_and_each_keeps_its_configuration() {
+    let yaml = [
+        config_plugin("a", "shared", "x-a"),
+        config_plugin("b", "shared", "x-b"),
+        config_plugin("c", "other", "x-c"),
+    ]
+    .concat();
+    let plugins = load(&yaml).unwrap();
+    assert_eq!(
+        plugins.module_count(),
+        2,
+        "a and b share one VM, c has its own"
+    );
+    let mut worker = worker(plugins);
+    for (plugin, header) in [(0, "x-a"), (1, "x-b"), (2, "x-c")] {
+        let headers = request(&mut worker, PluginId(plugin)).unwrap();
+        let own: Vec<_> = headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-"))
+            .collect();
+        assert_eq!(own.len(), 1, "{headers:?}");
+        assert_eq!(own[0].0, header);
+    }
+}
+
+#[test]
+fn a_plugin_that_rejects_its_configuration_is_refused_at_load_by_name() {
+    let yaml = "- name: picky\n  configuration: 'not json'\n  vm_config: {code: {local: {filename: rust/plugin_config.wasm}}}\n";
+    let error = load(yaml).err().expect("refused").to_string();
+    assert_eq!(
+        error,
+        "plugin \"picky\" rejected its configuration: its proxy_on_configure returned false"
+    );
+    let missing = "- {name: gone, vm_config: {code: {local: {filename: no/such.wasm}}}}";
+    let error = load(missing).err().expect("refused").to_string();
+    assert!(
+        error.starts_with("[0].vm_config.code: cannot read "),
+        "{error}"
+    );
+}
+
+fn trapping(policy: &str) -> Plugins {
+    let wat =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/wat/trap_in_request_headers.wat");
+    let wasm = wat::parse_file(wat).unwrap();
+    let base64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(wasm)
+    };
+    load(&format!(
+        "{{name: trap, {policy} vm_config: {{code: {{local: {{inline_bytes: {base64}}}}}}}}}"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn fail_closed_answers_every_later_stream_with_a_local_reply() {
+    let mut worker = worker(trapping("failure_policy: FAIL_CLOSED,"));
+    let plugin = PluginId(0);
+    assert!(request(&mut worker, plugin)
+        .unwrap_err()
+        .contains("trapped"));
+    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    let counters = worker.plugins().counters(plugin).snapshot();
+    assert_eq!(counters[0], ("failed_by_trap", 1));
+    assert_eq!(counters[5], ("closed", 2));
+}
+
+#[test]
+fn fail_open_passes_later_streams_on_without_the_plugin() {
+    let mut worker = worker(trapping("fail_open: true,"));
+    let plugin = PluginId(0);
+    assert!(request(&mut worker, plugin).is_err());
+    assert!(matches!(worker.admit(plugin), Admission::FailOpen));
+    assert_eq!(
+        worker.plugins().counters(plugin).snapshot()[4],
+        ("bypassed", 1)
+    );
+}
+
+#[test]
+fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles() {
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock: Clock = {
+        let now = Arc::clone(&now);
+        Arc::new(move || *now.lock().unwrap())
+    };
+    let advance = |by: Duration| *now.lock().unwrap() += by;
+    let plugins = trapping(
+        "failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 1s, max_interval: 60s}},",
+    );
+    let mut worker = worker(plugins).with_clock(clock);
+    let plugin = PluginId(0);
+    // The first copy fails at once: the first reload waits for the base interval (and its
+    // jitter, at most half of it) since the copy was made.
+    assert!(request(&mut worker, plugin).is_err());
+    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    advance(Duration::from_millis(999));
+    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    advance(Duration::from_millis(501));
+    assert!(
+        request(&mut worker, plugin).is_err(),
+        "a fresh copy, which traps again"
+    );
+    assert_eq!(
+        worker.plugins().counters(plugin).snapshot()[3],
+        ("reloads", 1)
+    );
+    // The second reload waits twice as long.
+    advance(Duration::from_millis(1999));
+    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    advance(Duration::from_millis(1001));
+    assert!(matches!(worker.admit(plugin), Admission::Run { .. }));
+    assert_eq!(
+        worker.plugins().counters(plugin).snapshot()[3],
+        ("reloads", 2)
+    );
+}
+
+#[test]
+fn each_worker_thread_has_its_own_copy() {
+    let plugins = Arc::new(trapping("failure_policy: FAIL_CLOSED,"));
+    let mut here = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    assert!(request(&mut here, PluginId(0)).is_err());
+    assert!(matches!(here.admit(PluginId(0)), Admission::FailClosed));
+    // The copy of another thread has not failed.
+    let other = std::thread::spawn(move || {
+        let mut there = Worker::new(plugins, || Box::new(InMemoryHost::new()));
+        matches!(there.admit(PluginId(0)), Admission::Run { .. })
+    });
+    assert!(other.join().unwrap());
+}
