@@ -50,4 +50,4 @@ pub use types::{
 };
 pub use value::Value;
 pub use version::AbiVersion;
-pub use vm::{Vm, VmError};
+pub use vm::{Vm, VmError, VmWaker};

@@ -98,6 +98,8 @@ impl PluginConfig {
 }
 
 /// A plugin compiled and linked once; create any number of [`crate::Vm`]s from it, on any thread.
+/// Cloning it is cheap: clones share the compiled module and the shared state.
+#[derive(Clone)]
 pub struct Plugin {
     pub(crate) linked: Arc<dyn LinkedModule<VmState>>,
     pub(crate) abi: AbiVersion,
@@ -142,6 +144,15 @@ impl Plugin {
             runtime: runtime.name(),
             capabilities: runtime.capabilities(),
         })
+    }
+
+    /// This plugin's compiled module with another configuration: for a plugin that shares the
+    /// code but needs VMs of its own (e.g. a singleton service with the filters' VM key).
+    pub fn with_config(&self, config: PluginConfig) -> Plugin {
+        Plugin {
+            config: Arc::new(config),
+            ..self.clone()
+        }
     }
 
     /// The module's ABI version.

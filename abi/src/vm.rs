@@ -49,6 +49,17 @@ impl VmError {
     }
 }
 
+/// Wakes a VM waiting in [`Vm::wait_for_queue_ready`], from any thread.
+#[derive(Clone, Debug)]
+pub struct VmWaker(std::sync::mpsc::Sender<(u32, u32)>);
+
+impl VmWaker {
+    /// Wakes the VM (a no-op once the VM is gone).
+    pub fn wake(&self) {
+        let _ = self.0.send((0, 0));
+    }
+}
+
 /// One instance of a plugin with its contexts.
 ///
 /// A `Vm` is used by one thread at a time and may move between threads. Create as many as needed
@@ -711,15 +722,42 @@ impl Vm {
     /// notifications were delivered.
     pub fn dispatch_queue_ready(&mut self) -> Result<usize, VmError> {
         let pending: Vec<(u32, u32)> = self.queue_ready.try_iter().collect();
-        for (root, token) in &pending {
+        self.deliver_queue_ready(&pending)
+    }
+
+    fn deliver_queue_ready(&mut self, pending: &[(u32, u32)]) -> Result<usize, VmError> {
+        let mut delivered = 0;
+        // Root 0 is no context: it is a wake-up (see `VmWaker`).
+        for (root, token) in pending.iter().filter(|(root, _)| *root != 0) {
             self.call(
                 Callback::QueueReady,
                 ContextId(*root),
                 &[u64::from(*root), u64::from(*token)],
                 &mut [],
             )?;
+            delivered += 1;
         }
-        Ok(pending.len())
+        Ok(delivered)
+    }
+
+    /// Waits up to `timeout` (without one, until something comes) for an item to be enqueued
+    /// into a queue of this VM, or for a [`VmWaker`] to wake it, then delivers
+    /// `proxy_on_queue_ready` as [`Vm::dispatch_queue_ready`] does. For a VM on a thread of its
+    /// own (a singleton service), which sleeps between its events.
+    pub fn wait_for_queue_ready(&mut self, timeout: Option<Duration>) -> Result<usize, VmError> {
+        let first = match timeout {
+            Some(timeout) => self.queue_ready.recv_timeout(timeout).ok(),
+            // The VM holds a sender itself, so the channel never closes under it.
+            None => self.queue_ready.recv().ok(),
+        };
+        let mut pending: Vec<(u32, u32)> = first.into_iter().collect();
+        pending.extend(self.queue_ready.try_iter());
+        self.deliver_queue_ready(&pending)
+    }
+
+    /// A handle that wakes [`Vm::wait_for_queue_ready`] from any thread.
+    pub fn waker(&mut self) -> VmWaker {
+        VmWaker(self.instance.state().queue_owner.notify.clone())
     }
 
     /// Calls `proxy_on_foreign_function` on the root context: the host invoking a function of the
@@ -729,7 +767,17 @@ impl Vm {
         function_id: u32,
         arguments: Vec<u8>,
     ) -> Result<(), VmError> {
-        let root = self.root;
+        self.on_foreign_function_for(self.root, function_id, arguments)
+    }
+
+    /// As [`Vm::on_foreign_function`], on root context `root`.
+    pub fn on_foreign_function_for(
+        &mut self,
+        root: ContextId,
+        function_id: u32,
+        arguments: Vec<u8>,
+    ) -> Result<(), VmError> {
+        self.check_root(root)?;
         let args = [
             u64::from(root.0),
             u64::from(function_id),

@@ -18,4 +18,7 @@ pub use config::{
     parse, CodeSource, ConfigError, Deployment, Environment, FailurePolicy, PluginConfig,
     RemoteCode, VmConfig, WasmService,
 };
-pub use plugins::{Admission, Counters, Engines, LoadError, PluginId, Plugins, Worker};
+pub use plugins::{
+    Admission, CopyId, Counters, Engines, LoadError, OnFailure, PluginId, Plugins, StartFailure,
+    StartStep, StreamVm, Worker, FAIL_STREAM_DETAILS,
+};

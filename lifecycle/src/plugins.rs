@@ -73,7 +73,7 @@ pub struct PluginId(pub usize);
 pub struct Counters {
     /// VM copies failed by a trap in plugin code.
     pub failed_by_trap: AtomicU64,
-    /// VM copies failed by running past the call deadline (or being interrupted).
+    /// VM copies failed by running past the call deadline (or out of fuel, or interrupted).
     pub failed_by_deadline: AtomicU64,
     /// VM copies that could not be made or started on a thread.
     pub failed_to_start: AtomicU64,
@@ -105,9 +105,22 @@ impl Counters {
     }
 }
 
+/// Per module, the plugins whose root contexts it has, in root order.
+fn users_of(modules: &[Module], entries: &[Entry]) -> Vec<Vec<PluginId>> {
+    let mut users = vec![Vec::new(); modules.len()];
+    for (index, entry) in entries.iter().enumerate() {
+        let roots: &mut Vec<PluginId> = &mut users[entry.module];
+        if roots.len() == entry.root {
+            roots.push(PluginId(index));
+        }
+    }
+    users
+}
+
 /// One compiled module and the plugins sharing it (one root context each).
 struct Module {
-    key: VmKey,
+    /// `None` for a plugin loaded by the embedder ([`Plugins::single`]).
+    key: Option<VmKey>,
     plugin: abi::Plugin,
     roots: Vec<RootConfig>,
 }
@@ -123,6 +136,8 @@ struct Entry {
 /// The plugins of a deployment, loaded: compiled and linked once, shared by every worker.
 pub struct Plugins {
     modules: Vec<Module>,
+    /// Per module: the plugins whose root contexts it has, in root order.
+    module_plugins: Vec<Vec<PluginId>>,
     entries: Vec<Entry>,
     http_filters: usize,
     network_filters: usize,
@@ -158,7 +173,7 @@ impl Plugins {
                 }
             })?;
             let key = VmKey::new(config, engine, &code);
-            let module = match modules.iter().position(|m| m.key == key) {
+            let module = match modules.iter().position(|m| m.key.as_ref() == Some(&key)) {
                 Some(index) => {
                     modules[index].roots.push(abi_config(config).root());
                     index
@@ -171,7 +186,7 @@ impl Plugins {
                             message,
                         })?;
                     modules.push(Module {
-                        key,
+                        key: Some(key),
                         plugin,
                         roots: vec![abi_config(config).root()],
                     });
@@ -186,6 +201,7 @@ impl Plugins {
             });
         }
         let plugins = Plugins {
+            module_plugins: users_of(&modules, &entries),
             modules,
             entries,
             http_filters: deployment.http_filters.len(),
@@ -199,22 +215,53 @@ impl Plugins {
     /// Starts a throwaway copy of every module to refuse plugins that reject their
     /// configuration (Envoy's canary).
     fn check(&self) -> Result<(), LoadError> {
-        for (index, module) in self.modules.iter().enumerate() {
-            let name_of = |root: usize| {
-                self.entries
-                    .iter()
-                    .find(|e| e.module == index && e.root == root)
-                    .map(|e| e.config.name.clone())
-                    .unwrap_or_default()
+        for index in 0..self.modules.len() {
+            let failure = match VmCopy::start(self, index, Box::new(InMemoryHost::new())) {
+                Ok((_, None)) => continue,
+                Ok((_, Some(failure))) | Err(failure) => failure,
             };
-            if let Err((root, reason)) = VmCopy::start(module, Box::new(InMemoryHost::new())) {
-                return Err(LoadError::Rejected {
-                    plugin: name_of(root),
-                    reason,
-                });
-            }
+            return Err(LoadError::Rejected {
+                plugin: self.entries[failure.plugin.0].config.name.clone(),
+                reason: failure.to_string(),
+            });
         }
         Ok(())
+    }
+
+    /// One plugin already loaded, as both the HTTP filter and the network filter of a
+    /// deployment (one root context serves both), not checked at load: `pwhost run`'s
+    /// shorthand for a plugin given on the command line, which reports a plugin refusing to
+    /// start rather than refusing it.
+    pub fn single(config: PluginConfig, plugin: abi::Plugin) -> Plugins {
+        let shared = plugin.shared_state().clone();
+        let counters = Arc::<Counters>::default();
+        let entry = |config: PluginConfig| Entry {
+            config,
+            module: 0,
+            root: 0,
+            counters: Arc::clone(&counters),
+        };
+        Plugins {
+            modules: vec![Module {
+                key: None,
+                roots: vec![plugin.config().root()],
+                plugin,
+            }],
+            module_plugins: vec![vec![PluginId(0)]],
+            entries: vec![entry(config.clone()), entry(config)],
+            http_filters: 1,
+            network_filters: 1,
+            shared,
+        }
+    }
+
+    /// A module's plugins paired with their root contexts in a copy.
+    fn roots_of(&self, module: usize, roots: &[ContextId]) -> Vec<(PluginId, ContextId)> {
+        self.module_plugins[module]
+            .iter()
+            .copied()
+            .zip(roots.iter().copied())
+            .collect()
     }
 
     /// The shared data, queues and metrics the plugins use.
@@ -264,43 +311,97 @@ struct VmCopy {
     roots: Vec<ContextId>,
 }
 
+/// Why a VM copy could not be started: which of its plugins, and what happened.
+#[derive(Debug)]
+pub struct StartFailure {
+    /// The plugin whose root context failed (the first sharing the VM if the VM itself could
+    /// not be made).
+    pub plugin: PluginId,
+    /// Which step failed.
+    pub step: StartStep,
+    /// The error, for a trap or a VM that could not be made; `None` when the plugin returned
+    /// false.
+    pub error: Option<VmError>,
+}
+
+/// The steps of starting a VM copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartStep {
+    /// Instantiating the module and running its start function.
+    Instantiate,
+    /// `proxy_on_vm_start`.
+    VmStart,
+    /// `proxy_on_configure`.
+    Configure,
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.error, self.step) {
+            (Some(error), _) => write!(f, "{error}"),
+            (None, StartStep::VmStart) => f.write_str("its proxy_on_vm_start returned false"),
+            (None, _) => f.write_str("its proxy_on_configure returned false"),
+        }
+    }
+}
+
 impl VmCopy {
-    /// A new copy with every plugin's root context started and configured; on failure, which
-    /// root failed and why.
-    fn start(module: &Module, host: Box<dyn Host>) -> Result<VmCopy, (usize, String)> {
-        let mut vm = Vm::new(&module.plugin, host).map_err(|e| (0, e.to_string()))?;
+    /// A new copy of `module` (number `index`) with every plugin's root context started and
+    /// configured. A copy whose start failed is returned too, with why, so that its host can
+    /// still be read (its logs say why).
+    fn start(
+        plugins: &Plugins,
+        index: usize,
+        host: Box<dyn Host>,
+    ) -> Result<(VmCopy, Option<StartFailure>), StartFailure> {
+        let module = &plugins.modules[index];
+        let users = &plugins.module_plugins[index];
+        let mut vm = Vm::new(&module.plugin, host).map_err(|error| StartFailure {
+            plugin: users[0],
+            step: StartStep::Instantiate,
+            error: Some(error),
+        })?;
         let mut roots = vec![vm.root_context()];
         for config in &module.roots[1..] {
             roots.push(vm.add_root(config.clone()));
         }
-        for (index, root) in roots.iter().enumerate() {
-            let fail = |what: &str| (index, format!("its {what} returned false"));
+        let mut failure = None;
+        for (root_index, root) in roots.iter().enumerate() {
+            let plugin = users[root_index];
+            let fail = |step, error| StartFailure {
+                plugin,
+                step,
+                error,
+            };
             match vm.start_root(*root) {
                 Ok(true) => {}
-                Ok(false) => return Err(fail("proxy_on_vm_start")),
-                Err(error) => return Err((index, error.to_string())),
+                Ok(false) => failure = Some(fail(StartStep::VmStart, None)),
+                Err(error) => failure = Some(fail(StartStep::VmStart, Some(error))),
+            }
+            if failure.is_some() {
+                break;
             }
             match vm.configure_root(*root) {
                 Ok(true) => {}
-                Ok(false) => return Err(fail("proxy_on_configure")),
-                Err(error) => return Err((index, error.to_string())),
+                Ok(false) => failure = Some(fail(StartStep::Configure, None)),
+                Err(error) => failure = Some(fail(StartStep::Configure, Some(error))),
+            }
+            if failure.is_some() {
+                break;
             }
         }
-        Ok(VmCopy { vm, roots })
+        Ok((VmCopy { vm, roots }, failure))
     }
 }
 
 /// What a stream gets from a plugin.
-pub enum Admission<'a> {
-    /// Run the stream through the plugin: its VM copy on this thread and its root context.
-    Run {
-        /// The VM copy.
-        vm: &'a mut Vm,
-        /// The plugin's root context in it.
-        root: ContextId,
-    },
+#[derive(Debug)]
+pub enum Admission {
+    /// Run the stream through the plugin, in the VM copy this handle holds; give the handle back
+    /// with [`Worker::release`] when the stream ends.
+    Run(StreamVm),
     /// The plugin failed: answer the stream with a local 503 (gRPC status 14 UNAVAILABLE for a
-    /// gRPC request), details `wasm_fail_stream`, as Envoy fails a stream closed.
+    /// gRPC request), details [`FAIL_STREAM_DETAILS`], as Envoy fails a stream closed.
     FailClosed,
     /// The plugin failed: pass the stream on without it.
     FailOpen,
@@ -309,27 +410,79 @@ pub enum Admission<'a> {
 /// The details of a stream failed closed, as Envoy writes them.
 pub const FAIL_STREAM_DETAILS: &str = "wasm_fail_stream";
 
-/// Where a module's copy on a thread stands.
-enum Slot {
-    /// Not made yet on this thread.
-    Empty,
-    /// Ready (or failed: see `Vm::is_failed`).
-    Ready(Box<VmCopy>),
-    /// Could not be made; retried under `FAIL_RELOAD` as a failed copy is.
-    Broken,
+/// A stream's hold on the VM copy it runs a plugin in, from [`Worker::admit`] to
+/// [`Worker::release`]. The copy lives while a stream holds it, even once the plugin's copy on
+/// the thread was replaced (a reload after a failure), so in-flight streams finish where they
+/// started.
+#[derive(Debug)]
+#[must_use = "give the handle back with Worker::release when the stream ends"]
+pub struct StreamVm {
+    plugin: PluginId,
+    copy: usize,
+    generation: CopyId,
+    root: ContextId,
+}
+
+/// Which VM copy of a worker: unique among the copies a worker ever made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CopyId(pub u64);
+
+impl StreamVm {
+    /// The plugin.
+    pub fn plugin(&self) -> PluginId {
+        self.plugin
+    }
+
+    /// The plugin's root context in the copy: create the stream's context for it
+    /// ([`Vm::create_http_context_for`], [`Vm::create_tcp_context_for`]).
+    pub fn root(&self) -> ContextId {
+        self.root
+    }
+
+    /// The VM copy.
+    pub fn copy(&self) -> CopyId {
+        self.generation
+    }
+}
+
+/// A VM copy on a worker, with how many streams hold it.
+struct LiveCopy {
+    copy: VmCopy,
+    module: usize,
+    generation: CopyId,
+    streams: usize,
+    /// Whether every root context started; a copy that did not is never admitted.
+    started: bool,
+    /// Whether it is its module's current copy on the worker (else it goes away with its last
+    /// stream).
+    current: bool,
 }
 
 /// A source of time, so that tests can step through a reload backoff.
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
-/// A worker thread's view of the plugins: its own VM copy of each module, made on first use.
+/// Called with a VM copy about to go away (replaced and left by its last stream, or with its
+/// worker) and its plugins' root contexts, e.g. to collect what its host recorded.
+pub type RetireHook = Box<dyn FnMut(CopyId, &mut Vm, &[(PluginId, ContextId)]) + Send>;
+
+/// A worker thread's view of the plugins: its own VM copy of each module, made on first use,
+/// and the failure policy applied to streams when a copy has failed.
+///
+/// Streams find their copy by index ([`StreamVm`]), without a lock or a map lookup.
 pub struct Worker {
     plugins: Arc<Plugins>,
     host: Box<dyn Fn() -> Box<dyn Host> + Send>,
-    slots: Vec<Slot>,
-    /// Per module: when the copy last failed, how many reloads in a row, when it may reload.
+    /// Every copy alive on this worker (current ones and replaced ones still held by streams).
+    copies: Vec<Option<LiveCopy>>,
+    /// Per module: its current copy in `copies`, if one was made.
+    current: Vec<Option<usize>>,
+    /// Per module: whether a copy was ever tried (a first failure to instantiate leaves none).
+    tried: Vec<bool>,
+    /// Per module: the reload backoff's state.
     reload: Vec<ReloadState>,
+    next_generation: u64,
     clock: Clock,
+    on_retire: Option<RetireHook>,
 }
 
 #[derive(Clone, Copy)]
@@ -348,7 +501,9 @@ impl Worker {
         Worker {
             plugins,
             host: Box::new(host),
-            slots: (0..modules).map(|_| Slot::Empty).collect(),
+            copies: Vec::new(),
+            current: vec![None; modules],
+            tried: vec![false; modules],
             reload: vec![
                 ReloadState {
                     attempts: 0,
@@ -356,7 +511,9 @@ impl Worker {
                 };
                 modules
             ],
+            next_generation: 0,
             clock: Arc::new(Instant::now),
+            on_retire: None,
         }
     }
 
@@ -370,36 +527,58 @@ impl Worker {
         self
     }
 
+    /// The same worker, calling `hook` with each VM copy about to go away.
+    pub fn on_retire(mut self, hook: RetireHook) -> Worker {
+        self.on_retire = Some(hook);
+        self
+    }
+
     /// The plugins.
     pub fn plugins(&self) -> &Arc<Plugins> {
         &self.plugins
     }
 
+    /// Makes `plugin`'s VM copy on this thread now, if not made yet, rather than on first use
+    /// (e.g. to tick root contexts before traffic). Returns why it could not start.
+    pub fn start(&mut self, plugin: PluginId) -> Result<(), StartFailure> {
+        let module = self.plugins.entries[plugin.0].module;
+        if self.tried[module] {
+            return Ok(());
+        }
+        let counters = Arc::clone(&self.plugins.entries[plugin.0].counters);
+        self.make_copy(module, true, &counters)
+    }
+
     /// What a new stream gets from `plugin`: its VM copy on this thread (made now if this is the
     /// thread's first use, or remade under `FAIL_RELOAD` once the backoff allows), or what the
     /// plugin's failure policy says when the copy has failed.
-    pub fn admit(&mut self, plugin: PluginId) -> Admission<'_> {
+    pub fn admit(&mut self, plugin: PluginId) -> Admission {
         let entry = &self.plugins.entries[plugin.0];
         let module = entry.module;
         let policy = entry.config.failure_policy;
         let counters = Arc::clone(&entry.counters);
         let root_index = entry.root;
-        let usable = match &self.slots[module] {
-            Slot::Ready(copy) => !copy.vm.is_failed(),
-            Slot::Empty | Slot::Broken => false,
-        };
-        if !usable {
-            let first_use = matches!(self.slots[module], Slot::Empty);
+        if self.usable(module).is_none() {
+            let first_use = !self.tried[module];
             if first_use || self.may_reload(module, policy) {
-                self.make_copy(module, first_use, &counters);
+                // A failure is counted, and applied below.
+                let _ = self.make_copy(module, first_use, &counters);
             }
         }
-        match &mut self.slots[module] {
-            Slot::Ready(copy) if !copy.vm.is_failed() => Admission::Run {
-                root: copy.roots[root_index],
-                vm: &mut copy.vm,
-            },
-            _ => match policy {
+        match self.usable(module) {
+            Some(index) => {
+                let Some(live) = self.copies[index].as_mut() else {
+                    unreachable!("a usable copy is alive");
+                };
+                live.streams += 1;
+                Admission::Run(StreamVm {
+                    plugin,
+                    copy: index,
+                    generation: live.generation,
+                    root: live.copy.roots[root_index],
+                })
+            }
+            None => match policy {
                 FailurePolicy::FailOpen => {
                     Counters::add(&counters.bypassed);
                     Admission::FailOpen
@@ -412,7 +591,77 @@ impl Worker {
         }
     }
 
-    /// Whether a failed copy may be replaced now: only under `FAIL_RELOAD`, once as long has
+    /// The module's current copy, if it started and has not failed.
+    fn usable(&self, module: usize) -> Option<usize> {
+        let index = self.current[module]?;
+        let live = self.copies[index].as_ref()?;
+        (live.started && !live.copy.vm.is_failed()).then_some(index)
+    }
+
+    /// The VM a stream runs in (`None` only for a handle from another worker).
+    pub fn vm(&mut self, stream: &StreamVm) -> Option<&mut Vm> {
+        match self.copies.get_mut(stream.copy)? {
+            Some(live) if live.generation == stream.generation => Some(&mut live.copy.vm),
+            _ => None,
+        }
+    }
+
+    /// Gives back a stream's hold on its VM copy: a replaced copy goes away with its last
+    /// stream.
+    pub fn release(&mut self, stream: StreamVm) {
+        let Some(Some(live)) = self.copies.get_mut(stream.copy) else {
+            return;
+        };
+        if live.generation != stream.generation {
+            return;
+        }
+        live.streams = live.streams.saturating_sub(1);
+        if live.streams == 0 && !live.current {
+            self.retire(stream.copy);
+        }
+    }
+
+    fn retire(&mut self, index: usize) {
+        if let Some(mut live) = self.copies[index].take() {
+            if let Some(hook) = &mut self.on_retire {
+                let roots = self.plugins.roots_of(live.module, &live.copy.roots);
+                hook(live.generation, &mut live.copy.vm, &roots);
+            }
+        }
+    }
+
+    /// Calls `visit` with every current VM copy on this worker and its plugins' root contexts
+    /// (for root work: timer ticks, queue notifications, shutdown).
+    pub fn for_each_copy(
+        &mut self,
+        mut visit: impl FnMut(CopyId, &mut Vm, &[(PluginId, ContextId)]),
+    ) {
+        for module in 0..self.current.len() {
+            let Some(index) = self.current[module] else {
+                continue;
+            };
+            let Some(live) = self.copies[index].as_mut() else {
+                continue;
+            };
+            let roots = self.plugins.roots_of(module, &live.copy.roots);
+            visit(live.generation, &mut live.copy.vm, &roots);
+        }
+    }
+
+    /// The current VM copy `plugin` runs in on this worker and the plugin's root context in it,
+    /// if one was made (started or not, failed or not).
+    pub fn copy_of(&mut self, plugin: PluginId) -> Option<(CopyId, &mut Vm, ContextId)> {
+        let entry = &self.plugins.entries[plugin.0];
+        let index = self.current[entry.module]?;
+        let live = self.copies[index].as_mut()?;
+        Some((
+            live.generation,
+            &mut live.copy.vm,
+            live.copy.roots[entry.root],
+        ))
+    }
+
+    /// Whether a copy may be replaced now: only under `FAIL_RELOAD`, once as long has
     /// passed since the copy was made as the backoff asks (as Envoy, which measures from the
     /// copy's load): the base interval, doubling with every reload in a row up to the max
     /// interval. A copy that lasted the max interval starts the sequence again.
@@ -437,34 +686,110 @@ impl Worker {
         true
     }
 
-    fn make_copy(&mut self, module: usize, first_use: bool, counters: &Counters) {
+    /// Makes a new current copy of `module`, replacing the one there (which goes away now, or
+    /// with its last stream).
+    fn make_copy(
+        &mut self,
+        module: usize,
+        first_use: bool,
+        counters: &Counters,
+    ) -> Result<(), StartFailure> {
         let host = (self.host)();
+        self.tried[module] = true;
         self.reload[module].last_load = (self.clock)();
-        match VmCopy::start(&self.plugins.modules[module], host) {
-            Ok(copy) => {
-                self.slots[module] = Slot::Ready(Box::new(copy));
-                if !first_use {
-                    Counters::add(&counters.reloads);
-                }
+        if let Some(old) = self.current[module].take() {
+            match self.copies[old].as_mut() {
+                Some(live) if live.streams > 0 => live.current = false,
+                Some(_) => self.retire(old),
+                None => {}
             }
-            Err(_) => {
+        }
+        if !first_use {
+            Counters::add(&counters.reloads);
+        }
+        let (copy, failure) = match VmCopy::start(&self.plugins, module, host) {
+            Ok(started) => started,
+            Err(failure) => {
                 Counters::add(&counters.failed_to_start);
-                self.slots[module] = Slot::Broken;
+                return Err(failure);
+            }
+        };
+        if failure.is_some() {
+            Counters::add(&counters.failed_to_start);
+        }
+        self.next_generation += 1;
+        let live = LiveCopy {
+            copy,
+            module,
+            generation: CopyId(self.next_generation),
+            streams: 0,
+            started: failure.is_none(),
+            current: true,
+        };
+        let index = match self.copies.iter().position(Option::is_none) {
+            Some(free) => {
+                self.copies[free] = Some(live);
+                free
+            }
+            None => {
+                self.copies.push(Some(live));
+                self.copies.len() - 1
+            }
+        };
+        self.current[module] = Some(index);
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Records that a callback of `plugin` failed (the error a `Vm` method returned) while a
+    /// stream was in its hands, and says what that stream gets by the plugin's policy: a local
+    /// 503, or going on without the plugin. Later streams get what [`Worker::admit`] says.
+    pub fn failed(&mut self, plugin: PluginId, error: &VmError) -> OnFailure {
+        let entry = &self.plugins.entries[plugin.0];
+        let counters = &entry.counters;
+        match error.trap().map(|t| &t.kind) {
+            Some(
+                runtime_api::TrapKind::DeadlineExceeded
+                | runtime_api::TrapKind::Interrupted
+                | runtime_api::TrapKind::OutOfFuel,
+            ) => Counters::add(&counters.failed_by_deadline),
+            Some(_) => Counters::add(&counters.failed_by_trap),
+            // A call refused on an already failed VM (one another plugin sharing it failed) is
+            // no new failure.
+            None => {}
+        }
+        match entry.config.failure_policy {
+            FailurePolicy::FailOpen => {
+                Counters::add(&counters.bypassed);
+                OnFailure::FailOpen
+            }
+            FailurePolicy::FailClosed | FailurePolicy::FailReload { .. } => {
+                Counters::add(&counters.closed);
+                OnFailure::FailClosed
             }
         }
     }
+}
 
-    /// Records that a callback of `plugin` failed its VM copy (the error a `Vm` method
-    /// returned), for the plugin's counters; the next [`Worker::admit`] applies its policy.
-    pub fn failed(&mut self, plugin: PluginId, error: &VmError) {
-        let counters = &self.plugins.entries[plugin.0].counters;
-        match error.trap().map(|t| &t.kind) {
-            Some(runtime_api::TrapKind::DeadlineExceeded | runtime_api::TrapKind::Interrupted) => {
-                Counters::add(&counters.failed_by_deadline)
+/// What a stream gets from a plugin that failed while the stream was in its hands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// A local 503 (gRPC status 14 UNAVAILABLE for a gRPC request), details
+    /// [`FAIL_STREAM_DETAILS`]; under `FAIL_RELOAD` too, as Envoy fails the stream in flight.
+    FailClosed,
+    /// The stream goes on without the plugin, with what the plugin had let through or held.
+    FailOpen,
+}
+
+impl Drop for Worker {
+    /// The copies go away: the current ones in module order, then any still held by streams.
+    fn drop(&mut self) {
+        for module in 0..self.current.len() {
+            if let Some(index) = self.current[module].take() {
+                self.retire(index);
             }
-            Some(_) => Counters::add(&counters.failed_by_trap),
-            // A call refused on an already failed VM is no new failure.
-            None => {}
+        }
+        for index in 0..self.copies.len() {
+            self.retire(index);
         }
     }
 }

@@ -17,6 +17,8 @@ use native::sdk::NativePlugin;
 mod abi_coverage;
 #[path = "../../plugins/rust/body_rewrite/src/lib.rs"]
 mod body_rewrite;
+#[path = "../../plugins/rust/chain_probe/src/lib.rs"]
+mod chain_probe;
 #[path = "../../plugins/rust/envoy_attributes/src/lib.rs"]
 mod envoy_attributes;
 #[path = "../../plugins/rust/envoy_foreign/src/lib.rs"]
@@ -58,6 +60,7 @@ mod timers;
 pub const PLUGINS: &[NativePlugin] = &[
     abi_coverage::PLUGIN,
     body_rewrite::PLUGIN,
+    chain_probe::PLUGIN,
     envoy_attributes::PLUGIN,
     envoy_foreign::PLUGIN,
     envoy_rules::PLUGIN,

@@ -4,11 +4,10 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use lifecycle::{Code, FailurePolicy, Plugins};
+use lifecycle::{Code, Plugins};
 use runtime_api::RuntimeConfig;
 
 use crate::runtimes;
-use crate::scenario;
 
 /// This build's engines, as the `lifecycle` layer asks for them.
 pub struct BuildEngines {
@@ -47,16 +46,6 @@ impl lifecycle::Engines for BuildEngines {
     }
 }
 
-/// A plugin loaded from a configuration file, with how `pwhost run` runs it.
-pub struct Configured {
-    /// The plugins loaded.
-    pub plugins: Plugins,
-    /// The one plugin `pwhost run` runs.
-    pub plugin: lifecycle::PluginId,
-    /// What a VM failure does to streams.
-    pub policy: scenario::FailurePolicy,
-}
-
 /// Loads the plugins the configuration at `path` describes, each on the engine its
 /// `vm_config.runtime` names (or `runtime_override`). Relative code file names are taken from
 /// the configuration's directory.
@@ -64,20 +53,21 @@ pub fn load(
     path: &Path,
     runtime_override: Option<&str>,
     runtime_config: RuntimeConfig,
-) -> anyhow::Result<Configured> {
+) -> anyhow::Result<Plugins> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read configuration {}", path.display()))?;
     let mut deployment = lifecycle::parse(&text)
         .with_context(|| format!("invalid configuration {}", path.display()))?;
-    let plugin_count = deployment.http_filters.len() + deployment.network_filters.len();
-    if plugin_count != 1 || !deployment.services.is_empty() {
+    if deployment.http_filters.is_empty() && deployment.network_filters.is_empty() {
         anyhow::bail!(
-            "{}: pwhost run runs one HTTP or network filter plugin per configuration so far \
-             (this one has {} HTTP filters, {} network filters and {} services)",
-            path.display(),
-            deployment.http_filters.len(),
-            deployment.network_filters.len(),
-            deployment.services.len()
+            "{}: no HTTP or network filter to run the scenario through",
+            path.display()
+        );
+    }
+    if !deployment.services.is_empty() {
+        anyhow::bail!(
+            "{}: pwhost run does not run services (bootstrap extensions) yet",
+            path.display()
         );
     }
     if let Some(name) = runtime_override {
@@ -96,24 +86,6 @@ pub fn load(
         config: runtime_config,
     };
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    let plugins = Plugins::load(&deployment, &engines, base_dir, abi::SharedState::new())
-        .with_context(|| format!("cannot load {}", path.display()))?;
-    let plugin = plugins
-        .http_filters()
-        .chain(plugins.network_filters())
-        .next()
-        .context("no plugin")?;
-    let policy = match plugins.config(plugin).failure_policy {
-        FailurePolicy::FailClosed => scenario::FailurePolicy::FailClosed,
-        FailurePolicy::FailOpen => scenario::FailurePolicy::FailOpen,
-        FailurePolicy::FailReload { .. } => anyhow::bail!(
-            "{}: pwhost run does not run failure_policy FAIL_RELOAD yet",
-            path.display()
-        ),
-    };
-    Ok(Configured {
-        plugins,
-        plugin,
-        policy,
-    })
+    Plugins::load(&deployment, &engines, base_dir, abi::SharedState::new())
+        .with_context(|| format!("cannot load {}", path.display()))
 }

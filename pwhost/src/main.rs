@@ -217,9 +217,11 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
         interruptible: false,
     };
     if let Some(config) = &args.config {
-        let configured = pwhost::configured::load(config, args.runtime.as_deref(), runtime_config)?;
-        let plugin = configured.plugins.module(configured.plugin);
-        return Ok(scenario::run(plugin, &scenario, configured.policy)?);
+        let plugins = pwhost::configured::load(config, args.runtime.as_deref(), runtime_config)?;
+        return Ok(scenario::run_plugins(
+            &std::sync::Arc::new(plugins),
+            &scenario,
+        )?);
     }
     let runtime_name = match &args.runtime {
         Some(name) => name.clone(),

@@ -347,8 +347,23 @@ fn scratch(name: &str) -> PathBuf {
     directory
 }
 
+/// The README's configuration example, as it is there.
+fn readme_configuration_example() -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("## Configuration")
+        .nth(1)
+        .expect("the README has a configuration section");
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("with a YAML example");
+    block.to_string()
+}
+
 #[test]
-fn an_envoy_filter_configuration_runs_as_written() {
+fn the_readme_configuration_example_runs_as_written() {
     let directory = scratch("envoy-config");
     // The code's file name is relative to the configuration's directory.
     std::fs::copy(
@@ -357,32 +372,46 @@ fn an_envoy_filter_configuration_runs_as_written() {
     )
     .unwrap();
     let config = directory.join("filter.yaml");
-    std::fs::write(
-        &config,
-        r#"
-name: envoy.filters.http.wasm
-typed_config:
-  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-  config:
-    name: "configured"
-    root_id: ""
-    configuration:
-      "@type": "type.googleapis.com/google.protobuf.StringValue"
-      value: '{"header": "x-configured", "value": "yes"}'
-    vm_config:
-      vm_id: "vm"
-      code:
-        local:
-          filename: "plugin.wasm"
-"#,
-    )
-    .unwrap();
+    std::fs::write(&config, readme_configuration_example()).unwrap();
     let report = json(&pwhost(&["run", "--config", config.to_str().unwrap()]));
     let request = report["http"][0]["request_headers"].as_array().unwrap();
     assert!(
         request.contains(&serde_json::json!(["x-configured", "yes"])),
         "{request:?}"
     );
+    assert_eq!(report["plugins"][0]["name"], "my_plugin");
+    assert_eq!(report["plugins"][0]["vm_id"], "my_vm_id");
+    assert_eq!(report["logs"][0]["plugin"], "my_plugin");
+}
+
+#[test]
+fn a_filter_chain_runs_each_request_through_every_plugin_in_order() {
+    let directory = scratch("chain");
+    std::fs::copy(
+        plugin("rust/chain_probe.wasm"),
+        directory.join("probe.wasm"),
+    )
+    .unwrap();
+    let config = directory.join("chain.yaml");
+    let filter = |name: &str, vm_id: &str| {
+        format!(
+            "- name: envoy.filters.http.wasm\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n    config:\n      name: {name}\n      configuration: '{{\"name\": \"{name}\"}}'\n      vm_config: {{vm_id: {vm_id}, code: {{local: {{filename: probe.wasm}}}}}}\n"
+        )
+    };
+    std::fs::write(&config, [filter("a", "one"), filter("b", "two")].concat()).unwrap();
+    let report = json(&pwhost(&["run", "--config", config.to_str().unwrap()]));
+    let exchange = &report["http"][0];
+    assert!(exchange["request_headers"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(["x-chain", "a,b"])));
+    assert!(exchange["response_headers"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!(["x-chain", "b,a"])));
+    assert_eq!(exchange["filters"][0]["plugin"], "a");
+    assert_eq!(exchange["filters"][1]["plugin"], "b");
+    assert_eq!(report["plugins"].as_array().unwrap().len(), 2);
 }
 
 #[test]

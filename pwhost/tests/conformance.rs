@@ -2,11 +2,17 @@
 //! against every build of its plugin (Rust SDK plugins for wasm32-unknown-unknown and
 //! wasm32-wasip1), and must produce the same report.
 //!
-//! A case names a plugin under `plugins/dist/` (built by `bash plugins/build.sh`), its
-//! configuration, a scenario, and either `expect` — a subset of the `pwhost run` JSON report that
-//! must match (objects: the keys given; lists: same length, element by element; `{contains: s}`:
-//! a string containing `s`) — or `expect_load_error`, a substring of the load error, or
-//! `expect_run_error`, a substring of the error that ends the run (e.g. a VM that cannot start).
+//! A case names a plugin under `plugins/dist/` (built by `bash plugins/build.sh`) and its
+//! configuration — or gives a whole `config` as `pwhost run --config` takes it (Envoy's or Traffic
+//! Server's YAML: a filter chain, VM sharing, failure policies), code file names relative to
+//! `plugins/dist/` — a scenario, and either `expect` — a subset of the `pwhost run` JSON report
+//! that must match (objects: the keys given; lists: same length, element by element;
+//! `{contains: s}`: a string containing `s`) — or `expect_load_error`, a substring of the load
+//! error, or `expect_run_error`, a substring of the error that ends the run (e.g. a VM that
+//! cannot start).
+//!
+//! A `config` case runs on every engine (its `vm_config.runtime` replaced); on the null runtime
+//! it runs when every plugin it names (`rust/NAME.wasm`) is compiled in, as `inline_string: NAME`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,7 +27,11 @@ use serde_json::Value;
 #[serde(deny_unknown_fields)]
 struct Case {
     description: String,
+    #[serde(default)]
     plugin: String,
+    /// A whole configuration instead of `plugin` and its settings.
+    #[serde(default)]
+    config: Option<serde_yaml::Value>,
     #[serde(default)]
     plugin_config: String,
     #[serde(default)]
@@ -140,6 +150,117 @@ fn check(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
     }
 }
 
+/// The deployment of a `config` case for `runtime`: every plugin on that engine; on the null
+/// runtime, each `rust/NAME.wasm` as compiled-in plugin NAME (`None` if one is not compiled in).
+fn deployment_for(case: &Case, runtime: &str) -> Result<Option<lifecycle::Deployment>, String> {
+    let config = case.config.as_ref().ok_or("no config")?;
+    let text = serde_yaml::to_string(config).map_err(|e| e.to_string())?;
+    let mut deployment = match lifecycle::parse(&text) {
+        Ok(deployment) => deployment,
+        // A configuration error is what some cases check.
+        Err(error) => return Err(format!("config error: {error}")),
+    };
+    let plugins = deployment
+        .http_filters
+        .iter_mut()
+        .chain(&mut deployment.network_filters)
+        .chain(deployment.services.iter_mut().map(|s| &mut s.plugin));
+    let available = runtimes::available();
+    for plugin in plugins {
+        // A runtime name no engine stands for stays, for the error it is to give.
+        if plugin.vm.runtime.is_empty()
+            || lifecycle::runtime_name::resolve(&plugin.vm.runtime, available).is_ok()
+        {
+            plugin.vm.runtime = runtime.to_string();
+        }
+        if runtime != "null" {
+            continue;
+        }
+        let lifecycle::CodeSource::File(path) = &plugin.vm.code else {
+            return Ok(None);
+        };
+        let path = path.to_string_lossy();
+        let native = path
+            .strip_prefix("rust/")
+            .and_then(|file| file.strip_suffix(".wasm"))
+            .filter(|name| pwhost::plugins::native_plugins().contains(name));
+        match native {
+            Some(name) => plugin.vm.code = lifecycle::CodeSource::String(name.to_string()),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(deployment))
+}
+
+/// Runs a `config` case on `runtime_name`; `None` if it does not run there.
+fn run_config_case(name: &str, case: &Case, runtime_name: &str) -> Option<Result<(), String>> {
+    let context = format!("{name} on {runtime_name}");
+    let deployment = match deployment_for(case, runtime_name) {
+        Ok(Some(deployment)) => deployment,
+        Ok(None) => return None,
+        Err(error) => return Some(expect_load_error(case, &context, error)),
+    };
+    let engines = pwhost::configured::BuildEngines {
+        config: RuntimeConfig {
+            call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
+            ..RuntimeConfig::default()
+        },
+    };
+    let dist = root().join("plugins/dist");
+    let loaded = lifecycle::Plugins::load(&deployment, &engines, &dist, abi::SharedState::new());
+    let plugins = match loaded {
+        Ok(plugins) => std::sync::Arc::new(plugins),
+        Err(error) => return Some(expect_load_error(case, &context, error.to_string())),
+    };
+    if case.expect_load_error.is_some() {
+        return Some(Err(format!(
+            "{context}: loaded, but the case expects a load error"
+        )));
+    }
+    let outcome = scenario::run_plugins(&plugins, &case.scenario);
+    Some(check_outcome(name, case, &context, outcome))
+}
+
+fn expect_load_error(case: &Case, context: &str, message: String) -> Result<(), String> {
+    match &case.expect_load_error {
+        Some(expected) if message.contains(expected.as_str()) => Ok(()),
+        Some(expected) => Err(format!(
+            "{context}: load error {message:?} does not contain {expected:?}"
+        )),
+        None => Err(format!("{context}: cannot load: {message}")),
+    }
+}
+
+fn check_outcome(
+    name: &str,
+    case: &Case,
+    context: &str,
+    outcome: Result<scenario::Report, abi::VmError>,
+) -> Result<(), String> {
+    let report = match (&case.expect_run_error, outcome) {
+        (Some(expected), Err(error)) => {
+            let message = error.to_string();
+            return if message.contains(expected.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{context}: run error {message:?} does not contain {expected:?}"
+                ))
+            };
+        }
+        (Some(_), Ok(_)) => {
+            return Err(format!("{context}: ran, but the case expects a run error"))
+        }
+        (None, outcome) => outcome.map_err(|e| format!("{context}: {e}"))?,
+    };
+    let actual = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+    let expected = case
+        .expect
+        .as_ref()
+        .ok_or_else(|| format!("{name}: no expect, expect_load_error or expect_run_error"))?;
+    check(expected, &actual, "report").map_err(|diff| format!("{context}:\n  {diff}"))
+}
+
 fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<(), String> {
     let config = RuntimeConfig {
         call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
@@ -171,44 +292,14 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<
     };
     let loaded = pwhost::plugins::load(&*runtime, build, plugin_config, abi::SharedState::new());
     let context = format!("{name} on {runtime_name} with {build}");
-    match (&case.expect_load_error, loaded) {
-        (Some(expected), Err(error)) => {
-            let message = format!("{error:#}");
-            if message.contains(expected.as_str()) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{context}: load error {message:?} does not contain {expected:?}"
-                ))
-            }
-        }
-        (Some(_), Ok(_)) => Err(format!(
+    match loaded {
+        Err(error) => expect_load_error(case, &context, format!("{error:#}")),
+        Ok(_) if case.expect_load_error.is_some() => Err(format!(
             "{context}: loaded, but the case expects a load error"
         )),
-        (None, Err(error)) => Err(format!("{context}: cannot load: {error}")),
-        (None, Ok(plugin)) => {
+        Ok(plugin) => {
             let outcome = scenario::run(&plugin, &case.scenario, FailurePolicy::FailClosed);
-            let report = match (&case.expect_run_error, outcome) {
-                (Some(expected), Err(error)) => {
-                    let message = error.to_string();
-                    return if message.contains(expected.as_str()) {
-                        Ok(())
-                    } else {
-                        Err(format!(
-                            "{context}: run error {message:?} does not contain {expected:?}"
-                        ))
-                    };
-                }
-                (Some(_), Ok(_)) => {
-                    return Err(format!("{context}: ran, but the case expects a run error"))
-                }
-                (None, outcome) => outcome.map_err(|e| format!("{context}: {e}"))?,
-            };
-            let actual = serde_json::to_value(&report).map_err(|e| e.to_string())?;
-            let expected = case.expect.as_ref().ok_or_else(|| {
-                format!("{name}: no expect, expect_load_error or expect_run_error")
-            })?;
-            check(expected, &actual, "report").map_err(|diff| format!("{context}:\n  {diff}"))
+            check_outcome(name, case, &context, outcome)
         }
     }
 }
@@ -248,7 +339,21 @@ fn every_case_passes_on_every_engine_and_build() {
             !case.description.is_empty(),
             "{name}: every case says what it checks"
         );
+        assert!(
+            case.plugin.is_empty() != case.config.is_none(),
+            "{name}: a case names a plugin or gives a config"
+        );
         for runtime_name in runtimes::available() {
+            if case.config.is_some() {
+                if let Some(outcome) = run_config_case(&name, &case, runtime_name) {
+                    runs += 1;
+                    *runs_per_engine.entry(runtime_name).or_default() += 1;
+                    if let Err(failure) = outcome {
+                        failures.push(failure);
+                    }
+                }
+                continue;
+            }
             for build in plugin_builds(&case, runtime_name) {
                 runs += 1;
                 *runs_per_engine.entry(runtime_name).or_default() += 1;

@@ -113,6 +113,7 @@ fn the_corpus_rust_plugins_are_compiled_in_under_their_own_names() {
         [
             "abi_coverage",
             "body_rewrite",
+            "chain_probe",
             "envoy_attributes",
             "envoy_foreign",
             "envoy_rules",

@@ -51,11 +51,19 @@ fn worker(plugins: Plugins) -> Worker {
 
 /// Runs request headers through `plugin` and returns them as the plugin left them.
 fn request(worker: &mut Worker, plugin: PluginId) -> Result<Vec<(String, String)>, String> {
-    let Admission::Run { vm, root } = worker.admit(plugin) else {
+    let Admission::Run(held) = worker.admit(plugin) else {
         return Err("not admitted".into());
     };
+    let result = run_request(worker, &held);
+    worker.release(held);
+    result
+}
+
+fn run_request(worker: &mut Worker, held: &StreamVm) -> Result<Vec<(String, String)>, String> {
+    let plugin = held.plugin();
+    let vm = worker.vm(held).expect("this worker's copy");
     let stream = vm
-        .create_http_context_for(root)
+        .create_http_context_for(held.root())
         .map_err(|e| e.to_string())?;
     let host = vm.host_as::<InMemoryHost>().expect("in-memory host");
     host.stream(stream).request_headers.add(b":path", b"/");
@@ -70,7 +78,7 @@ fn request(worker: &mut Worker, plugin: PluginId) -> Result<Vec<(String, String)
         Ok(HeadersAction::Continue) => Ok(headers),
         Ok(other) => Err(format!("{other:?}")),
         Err(error) => {
-            worker.failed(plugin, &error);
+            let _ = worker.failed(plugin, &error);
             Err(error.to_string())
         }
     }
@@ -143,7 +151,11 @@ fn fail_closed_answers_every_later_stream_with_a_local_reply() {
     assert!(matches!(worker.admit(plugin), Admission::FailClosed));
     let counters = worker.plugins().counters(plugin).snapshot();
     assert_eq!(counters[0], ("failed_by_trap", 1));
-    assert_eq!(counters[5], ("closed", 2));
+    assert_eq!(
+        counters[5],
+        ("closed", 3),
+        "the failing stream and the two after it"
+    );
 }
 
 #[test]
@@ -154,7 +166,8 @@ fn fail_open_passes_later_streams_on_without_the_plugin() {
     assert!(matches!(worker.admit(plugin), Admission::FailOpen));
     assert_eq!(
         worker.plugins().counters(plugin).snapshot()[4],
-        ("bypassed", 1)
+        ("bypassed", 2),
+        "the failing stream and the one after it"
     );
 }
 
@@ -190,7 +203,7 @@ fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles() {
     advance(Duration::from_millis(1999));
     assert!(matches!(worker.admit(plugin), Admission::FailClosed));
     advance(Duration::from_millis(1001));
-    assert!(matches!(worker.admit(plugin), Admission::Run { .. }));
+    assert!(matches!(worker.admit(plugin), Admission::Run(_)));
     assert_eq!(
         worker.plugins().counters(plugin).snapshot()[3],
         ("reloads", 2)
@@ -206,7 +219,72 @@ fn each_worker_thread_has_its_own_copy() {
     // The copy of another thread has not failed.
     let other = std::thread::spawn(move || {
         let mut there = Worker::new(plugins, || Box::new(InMemoryHost::new()));
-        matches!(there.admit(PluginId(0)), Admission::Run { .. })
+        matches!(there.admit(PluginId(0)), Admission::Run(_))
     });
     assert!(other.join().unwrap());
+}
+
+#[test]
+fn a_replaced_copy_stays_with_its_streams_and_goes_away_with_the_last() {
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock: Clock = {
+        let now = Arc::clone(&now);
+        Arc::new(move || *now.lock().unwrap())
+    };
+    let retired = Arc::new(Mutex::new(0));
+    let plugins = trapping(
+        "failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 1s, max_interval: 60s}},",
+    );
+    let mut worker = worker(plugins).with_clock(clock).on_retire({
+        let retired = Arc::clone(&retired);
+        Box::new(move |_copy, _vm, _roots| *retired.lock().unwrap() += 1)
+    });
+    let plugin = PluginId(0);
+    let Admission::Run(in_flight) = worker.admit(plugin) else {
+        panic!("the first copy is admitted");
+    };
+    // Another stream fails the copy; after the backoff a new stream gets a fresh copy.
+    assert!(request(&mut worker, plugin).is_err());
+    *now.lock().unwrap() += Duration::from_secs(2);
+    let Admission::Run(fresh) = worker.admit(plugin) else {
+        panic!("a fresh copy after the backoff");
+    };
+    assert!(!worker.vm(&fresh).unwrap().is_failed());
+    // The stream that started on the old copy still finds it (failed), not the fresh one.
+    assert!(worker.vm(&in_flight).unwrap().is_failed());
+    assert_eq!(*retired.lock().unwrap(), 0, "the old copy is still held");
+    worker.release(in_flight);
+    assert_eq!(*retired.lock().unwrap(), 1, "gone with its last stream");
+    worker.release(fresh);
+    assert_eq!(*retired.lock().unwrap(), 1, "the current copy stays");
+    drop(worker);
+    assert_eq!(*retired.lock().unwrap(), 2, "and goes with the worker");
+}
+
+#[test]
+fn a_copy_that_cannot_start_on_a_thread_says_which_plugin_and_why() {
+    // `Plugins::single` skips the check at load, so the refusal shows on the worker.
+    let wasm = std::fs::read(corpus().join("rust/plugin_config.wasm")).unwrap();
+    let config = crate::parse("- {name: picky, configuration: 'not json', vm_config: {code: {local: {inline_string: x}}}}")
+        .unwrap()
+        .http_filters
+        .remove(0);
+    let loaded = Wasmtime
+        .load(
+            "wasmtime",
+            &Code::Wasm(wasm),
+            abi_config(&config),
+            SharedState::new(),
+        )
+        .unwrap();
+    let mut worker = worker(Plugins::single(config, loaded));
+    let failure = worker.start(PluginId(0)).unwrap_err();
+    assert_eq!(failure.plugin, PluginId(0));
+    assert_eq!(failure.step, StartStep::Configure);
+    assert_eq!(failure.to_string(), "its proxy_on_configure returned false");
+    assert!(matches!(worker.admit(PluginId(0)), Admission::FailClosed));
+    assert_eq!(
+        worker.plugins().counters(PluginId(0)).snapshot()[2],
+        ("failed_to_start", 1)
+    );
 }

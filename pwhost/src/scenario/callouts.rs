@@ -1,6 +1,15 @@
-//! Answering the HTTP and gRPC calls a plugin makes, from the scenario's scripted responses.
+//! Answering the HTTP and gRPC calls plugins make, from the scenario's scripted responses.
+//!
+//! An exchange (or connection) hands its scripted answers out in the order the plugins of its
+//! chain dispatched the calls (HTTP calls before gRPC ones, as a proxy whose HTTP upstreams
+//! answer first would), whichever plugin made them. Calls made by root contexts outside any
+//! exchange (timer ticks, queue notifications, shutdown) get the failure callback: nothing
+//! scripts them.
+
+use std::collections::VecDeque;
 
 use abi::{HeaderMap, HttpCallResponse, Vm, VmError};
+use lifecycle::{CopyId, StreamVm, Worker};
 
 use super::report::{GrpcCallReport, HttpCallReport};
 use super::{in_memory_host, lossy, CallResponse, GrpcResponse, Headers};
@@ -19,148 +28,311 @@ pub(super) fn to_map(headers: &Headers) -> HeaderMap {
         .collect()
 }
 
-/// The calls made during one exchange (or connection, or tick) and their scripted answers.
+/// A call a plugin of the chain made: which stage, HTTP or gRPC, and its place in the host's
+/// record of the stage's VM copy.
+#[derive(Clone, Copy)]
+struct Call {
+    stage: usize,
+    grpc: bool,
+    index: usize,
+}
+
+/// The calls the plugins of one exchange (or connection) make, and their scripted answers.
 pub(super) struct Callouts<'a> {
     http_answers: std::slice::Iter<'a, CallResponse>,
     grpc_answers: std::slice::Iter<'a, GrpcResponse>,
-    /// Index of the first HTTP call made during this exchange in the host's record.
-    first_http: usize,
-    http_answered: usize,
-    first_grpc: usize,
-    grpc_answered: usize,
+    /// Per VM copy of the chain: how many of its host's HTTP and gRPC records were seen.
+    seen: Vec<(CopyId, usize, usize)>,
+    /// Calls not answered yet, in dispatch order.
+    pending: VecDeque<Call>,
+    /// Every call made, in dispatch order, for the report.
+    made: Vec<Call>,
+    answered: usize,
     /// Whether [`MAX_ANSWERS`] calls were answered and the rest left unanswered.
     gave_up: bool,
 }
 
+/// Each stage's hold on its VM copy (`None` for a plugin the stream bypasses).
+pub(super) type Handles<'s> = [Option<&'s StreamVm>];
+
 impl<'a> Callouts<'a> {
-    /// Starts watching the calls `vm` makes from now on.
-    pub(super) fn new(vm: &mut Vm, http: &'a [CallResponse], grpc: &'a [GrpcResponse]) -> Self {
-        let host = in_memory_host(vm);
+    /// Starts watching the calls the stages' VM copies make from now on.
+    pub(super) fn new(
+        worker: &mut Worker,
+        handles: &Handles<'_>,
+        http: &'a [CallResponse],
+        grpc: &'a [GrpcResponse],
+    ) -> Self {
+        let mut seen: Vec<(CopyId, usize, usize)> = Vec::new();
+        for held in handles.iter().flatten() {
+            if seen.iter().any(|(copy, ..)| *copy == held.copy()) {
+                continue;
+            }
+            if let Some(vm) = worker.vm(held) {
+                let host = in_memory_host(vm);
+                seen.push((held.copy(), host.http_calls.len(), host.grpc_calls.len()));
+            }
+        }
         Callouts {
             http_answers: http.iter(),
             grpc_answers: grpc.iter(),
-            first_http: host.http_calls.len(),
-            http_answered: 0,
-            first_grpc: host.grpc_calls.len(),
-            grpc_answered: 0,
+            seen,
+            pending: VecDeque::new(),
+            made: Vec::new(),
+            answered: 0,
             gave_up: false,
         }
     }
 
-    /// Answers the oldest unanswered call, HTTP first; `false` if every call is answered.
+    /// Takes note of the calls made since the last look, attributing each to the stage whose
+    /// root context made it. Call after every plugin callback.
+    pub(super) fn scan(&mut self, worker: &mut Worker, handles: &Handles<'_>) {
+        for (copy, http_seen, grpc_seen) in &mut self.seen {
+            let Some(first) = handles.iter().flatten().find(|h| h.copy() == *copy) else {
+                continue;
+            };
+            let Some(vm) = worker.vm(first) else {
+                continue;
+            };
+            let host = in_memory_host(vm);
+            let stage_of = |root: abi::ContextId| {
+                handles
+                    .iter()
+                    .position(|h| h.is_some_and(|h| h.copy() == *copy && h.root() == root))
+            };
+            for index in *http_seen..host.http_calls.len() {
+                if let Some(stage) = stage_of(host.http_calls[index].context) {
+                    let call = Call {
+                        stage,
+                        grpc: false,
+                        index,
+                    };
+                    self.pending.push_back(call);
+                    self.made.push(call);
+                }
+            }
+            for index in *grpc_seen..host.grpc_calls.len() {
+                if let Some(stage) = stage_of(host.grpc_calls[index].context) {
+                    let call = Call {
+                        stage,
+                        grpc: true,
+                        index,
+                    };
+                    self.pending.push_back(call);
+                    self.made.push(call);
+                }
+            }
+            *http_seen = host.http_calls.len();
+            *grpc_seen = host.grpc_calls.len();
+        }
+    }
+
+    /// Answers the oldest unanswered call (HTTP calls first). Returns the stage whose plugin got
+    /// the answer, `None` if every call is answered; on a failure of its VM, the stage and the
+    /// error.
+    ///
     /// A call with no scripted answer left fails as in Envoy: an HTTP call gets the response
     /// callback with no headers, body or trailers (and `proxy_get_status` says 11, "reset"); a
     /// gRPC call closes with DEADLINE_EXCEEDED.
-    pub(super) fn answer_next(&mut self, vm: &mut Vm) -> Result<bool, VmError> {
-        if self.http_answered + self.grpc_answered >= MAX_ANSWERS {
-            let host = in_memory_host(vm);
-            self.gave_up |= host.http_calls.len() > self.first_http + self.http_answered
-                || host.grpc_calls.len() > self.first_grpc + self.grpc_answered;
-            return Ok(false);
+    pub(super) fn answer_next(
+        &mut self,
+        worker: &mut Worker,
+        handles: &Handles<'_>,
+    ) -> Result<Option<usize>, (usize, VmError)> {
+        if self.answered >= MAX_ANSWERS {
+            self.gave_up |= !self.pending.is_empty();
+            return Ok(None);
         }
-        let host = in_memory_host(vm);
-        if let Some(call) = host.http_calls.get(self.first_http + self.http_answered) {
-            let token = call.token;
-            self.http_answered += 1;
-            match self.http_answers.next() {
-                Some(answer) => vm.on_http_call_response(
-                    token,
-                    HttpCallResponse {
-                        headers: to_map(&answer.headers),
-                        body: answer.body.clone().into_bytes(),
-                        trailers: to_map(&answer.trailers),
-                    },
-                )?,
-                None => vm.on_http_call_failure(token)?,
-            }
-            return Ok(true);
-        }
-        let Some(call) = host.grpc_calls.get(self.first_grpc + self.grpc_answered) else {
-            return Ok(false);
-        };
-        let (token, cancelled, unary) =
-            (call.token, call.cancelled, call.request.message.is_some());
-        self.grpc_answered += 1;
-        if cancelled {
-            return Ok(true);
-        }
-        let Some(answer) = self.grpc_answers.next() else {
-            vm.on_grpc_close(token, DEADLINE_EXCEEDED, b"no response".to_vec())?;
-            return Ok(true);
-        };
-        // A unary call gets its reply as one message, or a close with the failure status, as
-        // Envoy delivers them; a stream gets everything the answer scripts.
-        if unary {
-            if answer.status == 0 {
-                vm.on_grpc_receive(token, answer.messages.concat().into_bytes())?;
-            } else {
-                vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())?;
-            }
-            return Ok(true);
-        }
-        // Stop delivering as soon as the plugin cancels the stream.
-        let still_open = |vm: &mut Vm| {
-            in_memory_host(vm)
-                .grpc_calls
+        let position =
+            self.pending
                 .iter()
-                .any(|c| c.token == token && !c.cancelled)
+                .position(|call| !call.grpc)
+                .or(if self.pending.is_empty() {
+                    None
+                } else {
+                    Some(0)
+                });
+        let Some(call) = position.and_then(|p| self.pending.remove(p)) else {
+            return Ok(None);
         };
-        if !answer.initial_metadata.is_empty() {
-            vm.on_grpc_receive_initial_metadata(token, to_map(&answer.initial_metadata))?;
+        self.answered += 1;
+        let Some(vm) = handles[call.stage].and_then(|held| worker.vm(held)) else {
+            return Ok(Some(call.stage));
+        };
+        // A failed VM gets no more callbacks: its calls are dropped.
+        if !vm.is_failed() {
+            let answered = if call.grpc {
+                answer_grpc(vm, call.index, &mut self.grpc_answers)
+            } else {
+                answer_http(vm, call.index, self.http_answers.next())
+            };
+            answered.map_err(|error| (call.stage, error))?;
         }
-        for message in &answer.messages {
-            if !still_open(vm) {
-                return Ok(true);
-            }
-            vm.on_grpc_receive(token, message.clone().into_bytes())?;
-        }
-        if !answer.trailing_metadata.is_empty() && still_open(vm) {
-            vm.on_grpc_receive_trailing_metadata(token, to_map(&answer.trailing_metadata))?;
-        }
-        if still_open(vm) {
-            vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())?;
-        }
-        Ok(true)
+        self.scan(worker, handles);
+        Ok(Some(call.stage))
     }
 
-    /// Why calls were left unanswered, if the plugin kept making them past [`MAX_ANSWERS`].
+    /// Why calls were left unanswered, if the plugins kept making them past [`MAX_ANSWERS`].
     pub(super) fn gave_up(&self) -> Option<String> {
         self.gave_up.then(|| {
             format!("the plugin kept making calls: {MAX_ANSWERS} were answered, the rest were not")
         })
     }
 
-    /// Reports the HTTP and gRPC calls made since `new`.
-    pub(super) fn report(&self, vm: &mut Vm) -> (Vec<HttpCallReport>, Vec<GrpcCallReport>) {
+    /// Reports the HTTP and gRPC calls `stage` made.
+    pub(super) fn report(
+        &self,
+        worker: &mut Worker,
+        handles: &Handles<'_>,
+        stage: usize,
+    ) -> (Vec<HttpCallReport>, Vec<GrpcCallReport>) {
+        let Some(vm) = handles[stage].and_then(|held| worker.vm(held)) else {
+            return (Vec::new(), Vec::new());
+        };
         let host = in_memory_host(vm);
-        let http = host.http_calls[self.first_http.min(host.http_calls.len())..]
-            .iter()
-            .map(|call| HttpCallReport {
-                upstream: lossy(&call.request.upstream),
-                headers: call.request.headers.to_string_pairs(),
-                body: lossy(&call.request.body),
-                trailers: call.request.trailers.to_string_pairs(),
-                timeout_ms: call.request.timeout.as_millis() as u64,
-            })
-            .collect();
-        let grpc = host.grpc_calls[self.first_grpc.min(host.grpc_calls.len())..]
-            .iter()
-            .map(|call| GrpcCallReport {
-                upstream: lossy(&call.request.upstream),
-                service: lossy(&call.request.service),
-                method: lossy(&call.request.method),
-                initial_metadata: call.request.initial_metadata.to_string_pairs(),
-                message: call.request.message.as_deref().map(lossy),
-                timeout_ms: call.request.timeout.map(|t| t.as_millis() as u64),
-                sent: call
-                    .sent
-                    .iter()
-                    .map(|(message, _)| lossy(message))
-                    .collect(),
-                cancelled: call.cancelled,
-                closed: call.closed,
-            })
-            .collect();
+        let mut http = Vec::new();
+        let mut grpc = Vec::new();
+        for call in self.made.iter().filter(|call| call.stage == stage) {
+            if call.grpc {
+                if let Some(record) = host.grpc_calls.get(call.index) {
+                    grpc.push(grpc_report(record));
+                }
+            } else if let Some(record) = host.http_calls.get(call.index) {
+                http.push(http_report(record));
+            }
+        }
         (http, grpc)
+    }
+}
+
+/// Answers HTTP call number `index` of `vm`'s host with `answer`, or fails it.
+fn answer_http(vm: &mut Vm, index: usize, answer: Option<&CallResponse>) -> Result<(), VmError> {
+    let Some(token) = in_memory_host(vm).http_calls.get(index).map(|c| c.token) else {
+        return Ok(());
+    };
+    match answer {
+        Some(answer) => vm.on_http_call_response(
+            token,
+            HttpCallResponse {
+                headers: to_map(&answer.headers),
+                body: answer.body.clone().into_bytes(),
+                trailers: to_map(&answer.trailers),
+            },
+        ),
+        None => vm.on_http_call_failure(token),
+    }
+}
+
+/// Answers gRPC call or stream number `index` of `vm`'s host with the next of `answers`, or closes it with
+/// DEADLINE_EXCEEDED. A unary call gets its reply as one message, or a close with the failure
+/// status, as Envoy delivers them; a stream gets everything the answer scripts, until the plugin
+/// cancels it.
+fn answer_grpc(
+    vm: &mut Vm,
+    index: usize,
+    answers: &mut dyn Iterator<Item = &GrpcResponse>,
+) -> Result<(), VmError> {
+    let Some(call) = in_memory_host(vm).grpc_calls.get(index) else {
+        return Ok(());
+    };
+    let (token, cancelled, unary) = (call.token, call.cancelled, call.request.message.is_some());
+    // A call the plugin cancelled takes no answer.
+    if cancelled {
+        return Ok(());
+    }
+    let Some(answer) = answers.next() else {
+        return vm.on_grpc_close(token, DEADLINE_EXCEEDED, b"no response".to_vec());
+    };
+    if unary {
+        return if answer.status == 0 {
+            vm.on_grpc_receive(token, answer.messages.concat().into_bytes())
+        } else {
+            vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())
+        };
+    }
+    let still_open = |vm: &mut Vm| {
+        in_memory_host(vm)
+            .grpc_calls
+            .iter()
+            .any(|c| c.token == token && !c.cancelled)
+    };
+    if !answer.initial_metadata.is_empty() {
+        vm.on_grpc_receive_initial_metadata(token, to_map(&answer.initial_metadata))?;
+    }
+    for message in &answer.messages {
+        if !still_open(vm) {
+            return Ok(());
+        }
+        vm.on_grpc_receive(token, message.clone().into_bytes())?;
+    }
+    if !answer.trailing_metadata.is_empty() && still_open(vm) {
+        vm.on_grpc_receive_trailing_metadata(token, to_map(&answer.trailing_metadata))?;
+    }
+    if still_open(vm) {
+        vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())?;
+    }
+    Ok(())
+}
+
+/// Answers, with the failure callback, the calls a root context of `vm` made since `since`
+/// (the host's HTTP and gRPC record lengths then); the error if it kept making them.
+pub(super) fn answer_root_calls(vm: &mut Vm, since: (usize, usize)) -> Result<(), String> {
+    let (mut next_http, mut next_grpc) = since;
+    for _ in 0..MAX_ANSWERS {
+        if vm.is_failed() {
+            return Ok(());
+        }
+        let host = in_memory_host(vm);
+        let answered = if next_http < host.http_calls.len() {
+            next_http += 1;
+            answer_http(vm, next_http - 1, None)
+        } else if next_grpc < host.grpc_calls.len() {
+            next_grpc += 1;
+            answer_grpc(vm, next_grpc - 1, &mut std::iter::empty())
+        } else {
+            return Ok(());
+        };
+        answered.map_err(|e| e.to_string())?;
+    }
+    let host = in_memory_host(vm);
+    if next_http < host.http_calls.len() || next_grpc < host.grpc_calls.len() {
+        return Err(format!(
+            "the plugin kept making calls: {MAX_ANSWERS} were answered, the rest were not"
+        ));
+    }
+    Ok(())
+}
+
+/// Where `vm`'s host's call records end now, for [`answer_root_calls`].
+pub(super) fn calls_mark(vm: &mut Vm) -> (usize, usize) {
+    let host = in_memory_host(vm);
+    (host.http_calls.len(), host.grpc_calls.len())
+}
+
+fn http_report(call: &abi::DispatchedCall) -> HttpCallReport {
+    HttpCallReport {
+        upstream: lossy(&call.request.upstream),
+        headers: call.request.headers.to_string_pairs(),
+        body: lossy(&call.request.body),
+        trailers: call.request.trailers.to_string_pairs(),
+        timeout_ms: call.request.timeout.as_millis() as u64,
+    }
+}
+
+fn grpc_report(call: &abi::GrpcRecord) -> GrpcCallReport {
+    GrpcCallReport {
+        upstream: lossy(&call.request.upstream),
+        service: lossy(&call.request.service),
+        method: lossy(&call.request.method),
+        initial_metadata: call.request.initial_metadata.to_string_pairs(),
+        message: call.request.message.as_deref().map(lossy),
+        timeout_ms: call.request.timeout.map(|t| t.as_millis() as u64),
+        sent: call
+            .sent
+            .iter()
+            .map(|(message, _)| lossy(message))
+            .collect(),
+        cancelled: call.cancelled,
+        closed: call.closed,
     }
 }

@@ -1,9 +1,9 @@
-//! Scenarios: scripted traffic for a plugin, and the report of what the plugin did with it.
+//! Scenarios: scripted traffic for plugins, and the report of what the plugins did with it.
 //!
 //! A scenario is JSON or YAML:
 //!
 //! ```yaml
-//! vms: 1                  # VM copies of the plugin sharing shared data and queues
+//! vms: 1                  # worker threads, each with its own VM copy of every plugin's VM
 //! properties: [{path: [source, address], value: "10.0.0.1:1234"}]
 //! ticks: 0                # timer ticks after configuration (if the plugin set a period)
 //! http:
@@ -12,19 +12,23 @@
 //!     response_headers: [[":status", "200"]]
 //!     http_call_responses: [{headers: [[":status", "200"]], body: "ok"}]
 //!     grpc_call_responses: [{messages: ["reply"], status: 0}]
-//!     vm: 0                # which VM copy handles it
+//!     vm: 0                # which worker handles it
+//!     delay_ms: 0          # wall-clock wait before it
 //! tcp:
 //!   - downstream: ["hello"]
 //!     upstream: ["world"]
 //! ```
 //!
-//! Each HTTP exchange runs through the plugin as a proxy would run it: request headers, body
-//! chunks (the last one carries end-of-stream), trailers, then the same for the response, then
-//! `on_log`, `on_done` and `on_delete`. A stream the plugin pauses resumes only when the plugin
-//! continues it (typically from a callout response, which the runner answers from
-//! `http_call_responses`/`grpc_call_responses` in order, or with the spec's failure callback when
-//! none is left); otherwise it is reported as stalled. TCP connections run likewise: new
-//! connection, downstream data, upstream data, both closes.
+//! The plugins run as a proxy runs them (see [`lifecycle`]): one plugin given on the command
+//! line, or a configuration's HTTP filter chain and network filter chain. Each HTTP exchange
+//! runs through the HTTP filters as Envoy runs a stream: request headers, body chunks (the
+//! last one carries end-of-stream), trailers, in chain order; then the same for the response
+//! in reverse order; then `on_log`, `on_done` and `on_delete`. A stream a plugin pauses resumes
+//! only when the plugin continues it (typically from a callout response, which the runner
+//! answers from `http_call_responses`/`grpc_call_responses` in the order the calls were made,
+//! or with the spec's failure callback when none is left); otherwise it is reported as stalled.
+//! TCP connections run likewise through the network filters: new connection, downstream data,
+//! upstream data, both closes.
 
 mod callouts;
 mod http;
@@ -32,15 +36,16 @@ mod report;
 mod tcp;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use abi::{InMemoryHost, Plugin, SharedState, Vm, VmError};
+use abi::{ContextId, InMemoryHost, LogRecord, Plugin, SharedState, Vm, VmError};
+use lifecycle::{CopyId, PluginId, Plugins, StartStep, Worker};
 use serde::{Deserialize, Serialize};
 
 pub use report::{
-    FilterStateReport, GrpcCallReport, HttpCallReport, HttpReport, LocalResponseReport, LogReport,
-    MetricReport, Report, TcpReport,
+    FilterReport, FilterStateReport, GrpcCallReport, HttpCallReport, HttpReport,
+    LocalResponseReport, LogReport, MetricReport, PluginReport, Report, TcpReport,
 };
 
 /// A header list as `[name, value]` pairs.
@@ -128,7 +133,14 @@ pub struct HttpExchange {
     /// tick period (one the plugin may have set during the exchange).
     #[serde(default)]
     pub ticks_after: u32,
+    /// Wall-clock milliseconds to wait before the exchange (e.g. for a `FAIL_RELOAD` backoff to
+    /// pass); at most [`MAX_DELAY_MS`].
+    #[serde(default)]
+    pub delay_ms: u64,
 }
+
+/// The longest wait a scenario may ask for before an exchange, so a run stays short.
+pub const MAX_DELAY_MS: u64 = 10_000;
 
 /// One TCP connection.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -273,7 +285,8 @@ impl Scenario {
     }
 }
 
-/// What the host does when the VM fails (a trap) while a stream is in the plugin's hands.
+/// What the host does when the VM fails (a trap) while a stream is in the plugin's hands, for a
+/// plugin given on the command line (a configuration file says it with `failure_policy`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
@@ -282,6 +295,15 @@ pub enum FailurePolicy {
     FailClosed,
     /// Forward the stream as if the plugin were not there.
     FailOpen,
+}
+
+impl FailurePolicy {
+    fn to_lifecycle(self) -> lifecycle::FailurePolicy {
+        match self {
+            FailurePolicy::FailClosed => lifecycle::FailurePolicy::FailClosed,
+            FailurePolicy::FailOpen => lifecycle::FailurePolicy::FailOpen,
+        }
+    }
 }
 
 /// The foreign functions `pwhost run` offers plugins (`proxy_call_foreign_function`).
@@ -331,65 +353,107 @@ pub(crate) fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
         .expect("scenario VMs run on an InMemoryHost")
 }
 
-/// Delivers pending queue notifications on every VM.
-fn dispatch_queues(vms: &mut [Vm], errors: &mut Vec<String>) {
-    for vm in vms.iter_mut().filter(|vm| !vm.is_failed()) {
-        if let Err(error) = vm.dispatch_queue_ready() {
-            errors.push(error.to_string());
+/// The host of every VM copy of a run: the scenario's properties and node.
+fn scenario_host(scenario: &Scenario) -> InMemoryHost {
+    let mut host = InMemoryHost::new();
+    for property in &scenario.properties {
+        let value = property.value.to_value().encode().unwrap_or_default();
+        host.properties
+            .insert(property.path.join("\0").into_bytes(), value);
+    }
+    let node = scenario.node.clone().unwrap_or_else(|| NodeConfig {
+        id: "pwhost".into(),
+        ..NodeConfig::default()
+    });
+    host.node = Some(abi::Node {
+        id: node.id,
+        cluster: node.cluster,
+        metadata: node
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_value()))
+            .collect(),
+    });
+    host
+}
+
+/// Runs root work on every current VM copy of `worker` that has not failed: `work` gets the VM
+/// and one root context; the calls the root makes get the failure callback (nothing scripts
+/// them). Errors go to `errors`.
+fn each_root(
+    worker: &mut Worker,
+    errors: &mut Vec<String>,
+    mut work: impl FnMut(&mut Vm, ContextId) -> Result<(), VmError>,
+) {
+    worker.for_each_copy(|_, vm, roots| {
+        for (_, root) in roots {
+            if vm.is_failed() {
+                return;
+            }
+            let mark = callouts::calls_mark(vm);
+            let outcome = work(vm, *root)
+                .map_err(|e| e.to_string())
+                .and_then(|_| callouts::answer_root_calls(vm, mark));
+            if let Err(error) = outcome {
+                errors.push(error);
+            }
         }
+    });
+}
+
+/// Delivers pending queue notifications on every VM copy of every worker.
+fn dispatch_queues(workers: &mut [Worker], errors: &mut Vec<String>) {
+    for worker in workers {
+        worker.for_each_copy(|_, vm, _| {
+            if vm.is_failed() {
+                return;
+            }
+            let mark = callouts::calls_mark(vm);
+            let outcome = vm
+                .dispatch_queue_ready()
+                .map_err(|e| e.to_string())
+                .and_then(|_| callouts::answer_root_calls(vm, mark));
+            if let Err(error) = outcome {
+                errors.push(error);
+            }
+        });
     }
 }
 
-/// Answers the calls a root context made (with the failure callback: nothing scripts them);
-/// the error if it kept making them.
-fn answer_root_calls(vm: &mut Vm) -> Result<(), String> {
-    let mut callouts = callouts::Callouts::new(vm, &[], &[]);
-    loop {
-        match callouts.answer_next(vm) {
-            Ok(true) => {}
-            Ok(false) => return callouts.gave_up().map_or(Ok(()), Err),
-            Err(error) => return Err(error.to_string()),
-        }
-    }
-}
-
-/// Delivers up to `ticks` timer ticks while the root context has a tick period, answering the
-/// calls it makes meanwhile.
-fn tick(vm: &mut Vm, ticks: u32) -> Result<(), String> {
+/// Delivers up to `ticks` timer ticks to every root context of `worker` that has a tick period.
+fn tick(worker: &mut Worker, ticks: u32, errors: &mut Vec<String>) {
     for _ in 0..ticks {
-        if vm.is_failed() || vm.tick_period().is_none() {
+        let mut ticking = false;
+        each_root(worker, errors, |vm, root| {
+            if vm.tick_period_of(root).is_none() {
+                return Ok(());
+            }
+            ticking = true;
+            vm.tick_root(root)
+        });
+        if !ticking {
             break;
         }
-        vm.tick().map_err(|e| e.to_string())?;
-        answer_root_calls(vm)?;
     }
-    Ok(())
 }
 
-/// Delivers ticks and foreign function calls to one VM's root context.
-fn run_root(vm: &mut Vm, scenario: &Scenario) -> Result<(), String> {
-    for call in &scenario.foreign_function_calls {
-        vm.on_foreign_function(call.function_id, call.arguments.clone().into_bytes())
-            .map_err(|e| e.to_string())?;
-    }
-    tick(vm, scenario.ticks)
-}
-
-/// Ends a VM as a proxy does at shutdown: `proxy_on_done` on the root context; if it has work
-/// pending, timer ticks (up to `shutdown_ticks`) and call answers until it calls
-/// `proxy_done`; then `proxy_on_delete`, only for a root context that finished (as in
-/// proxy-wasm-cpp-host, which never deletes one that did not). Returns whether it finished.
-fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, String> {
-    let root = vm.root_context();
+/// Ends a root context as a proxy does at shutdown: `proxy_on_done`; if it has work pending,
+/// timer ticks (up to `shutdown_ticks`) and call answers until it calls `proxy_done`; then
+/// `proxy_on_delete`, only for a root context that finished (as in proxy-wasm-cpp-host, which
+/// never deletes one that did not). Returns whether it finished.
+fn shut_down(vm: &mut Vm, root: ContextId, scenario: &Scenario) -> Result<bool, String> {
+    let mark = callouts::calls_mark(vm);
     let mut done = vm.on_done(root).map_err(|e| e.to_string())?;
     let mut ticks = 0;
+    let mut mark = mark;
     while !done {
-        answer_root_calls(vm)?;
-        done = !vm.is_done_pending();
-        if done || ticks >= scenario.shutdown_ticks || vm.tick_period().is_none() {
+        callouts::answer_root_calls(vm, mark)?;
+        done = !vm.is_done_pending_for(root);
+        if done || ticks >= scenario.shutdown_ticks || vm.tick_period_of(root).is_none() {
             break;
         }
-        vm.tick().map_err(|e| e.to_string())?;
+        mark = callouts::calls_mark(vm);
+        vm.tick_root(root).map_err(|e| e.to_string())?;
         ticks += 1;
     }
     if done {
@@ -398,13 +462,60 @@ fn shut_down(vm: &mut Vm, scenario: &Scenario) -> Result<bool, String> {
     Ok(done)
 }
 
-/// Runs `scenario` through new VMs of `plugin` and reports what happened.
+/// Which plugin wrote what, per VM copy: its root contexts and the streams it was given.
+type Owners = HashMap<(CopyId, ContextId), PluginId>;
+
+/// The log lines of VM copies gone away, with the copy and its roots' plugins.
+type Retired = Arc<Mutex<Vec<(usize, CopyId, Vec<LogRecord>, Vec<(PluginId, ContextId)>)>>>;
+
+/// Runs `scenario` through the plugins of a one-plugin deployment: `plugin`, given on the
+/// command line, as its HTTP and network filter, failing by `policy`. Unlike a deployment from
+/// a configuration file, a plugin that refuses to start is reported (`vm_start`, `configure`,
+/// its logs), not refused.
 pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Result<Report, VmError> {
-    register_builtin_foreign_functions(plugin.shared_state());
-    let mut vms = Vec::new();
+    let config = plugin.config();
+    let plugin_config = lifecycle::PluginConfig {
+        path: String::new(),
+        name: config.name.clone(),
+        root_id: config.root_id.clone(),
+        vm: lifecycle::VmConfig {
+            vm_id: config.vm_id.clone(),
+            runtime: plugin.runtime_name().to_string(),
+            code: lifecycle::CodeSource::String(String::new()),
+            configuration: config.vm_configuration.clone(),
+            allow_precompiled: false,
+            nack_on_code_cache_miss: false,
+            environment: lifecycle::Environment {
+                host_env_keys: Vec::new(),
+                key_values: config.environment.iter().cloned().collect(),
+            },
+        },
+        configuration: config.plugin_configuration.clone(),
+        failure_policy: policy.to_lifecycle(),
+        allowed_capabilities: None,
+        allow_on_headers_stop_iteration: config.allow_on_headers_stop_iteration,
+    };
+    let plugins = Arc::new(Plugins::single(plugin_config, plugin.clone()));
+    run_plugins(&plugins, scenario)
+}
+
+/// Runs `scenario` through `plugins` as a proxy runs them: `vms` worker threads, each with its
+/// own VM copy of every plugin's VM, made and started before traffic; each HTTP exchange
+/// through the HTTP filter chain, each TCP connection through the network filter chain, on
+/// the worker the exchange names. Returns an error only if a VM copy cannot be made at all.
+pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report, VmError> {
+    register_builtin_foreign_functions(plugins.shared_state());
+    let http_chain: Vec<PluginId> = plugins.http_filters().collect();
+    let network_chain: Vec<PluginId> = plugins.network_filters().collect();
+    let first = http_chain
+        .first()
+        .or(network_chain.first())
+        .copied()
+        .unwrap_or(PluginId(0));
+    let retired: Retired = Arc::default();
     let mut report = Report {
-        runtime: plugin.runtime_name().to_string(),
-        abi_version: plugin.abi_version().to_string(),
+        runtime: plugins.module(first).runtime_name().to_string(),
+        abi_version: plugins.module(first).abi_version().to_string(),
         vm_start: true,
         configure: true,
         start_error: None,
@@ -414,108 +525,159 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
         logs: Vec::new(),
         metrics: Vec::new(),
         shared_data: BTreeMap::new(),
+        shared_data_by_vm_id: BTreeMap::new(),
+        plugins: Vec::new(),
         done: true,
     };
-    for _ in 0..scenario.vms.max(1) {
-        let mut host = InMemoryHost::new();
-        for property in &scenario.properties {
-            let value = property.value.to_value().encode().unwrap_or_default();
-            host.properties
-                .insert(property.path.join("\0").into_bytes(), value);
-        }
-        let node = scenario.node.clone().unwrap_or_else(|| NodeConfig {
-            id: "pwhost".into(),
-            ..NodeConfig::default()
-        });
-        host.node = Some(abi::Node {
-            id: node.id,
-            cluster: node.cluster,
-            metadata: node
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_value()))
-                .collect(),
-        });
-        let mut vm = Vm::new(plugin, Box::new(host))?;
-        match vm.start() {
-            Ok(true) => match vm.configure() {
-                Ok(configured) => report.configure &= configured,
-                Err(error) => {
-                    report.configure = false;
-                    report.start_error.get_or_insert_with(|| error.to_string());
+    let mut workers = Vec::new();
+    let mut owners = Owners::new();
+    for index in 0..scenario.vms.max(1) {
+        let host_scenario = scenario.clone();
+        let retired = Arc::clone(&retired);
+        let mut worker = Worker::new(Arc::clone(plugins), move || {
+            Box::new(scenario_host(&host_scenario))
+        })
+        .on_retire(Box::new(move |copy, vm, roots| {
+            let logs = std::mem::take(&mut in_memory_host(vm).logs);
+            if let Ok(mut retired) = retired.lock() {
+                retired.push((index, copy, logs, roots.to_vec()));
+            }
+        }));
+        // Every plugin's copy on every worker is made before traffic, as Envoy does when a
+        // configuration arrives.
+        for plugin in http_chain.iter().chain(&network_chain) {
+            let Err(failure) = worker.start(*plugin) else {
+                continue;
+            };
+            match (failure.step, failure.error) {
+                (StartStep::Instantiate, Some(error)) => return Err(error),
+                (StartStep::Instantiate | StartStep::VmStart, error) => {
+                    report.vm_start = false;
+                    if let Some(error) = error {
+                        report.start_error.get_or_insert_with(|| error.to_string());
+                    }
                 }
-            },
-            Ok(false) => report.vm_start = false,
-            Err(error) => {
-                report.vm_start = false;
-                report.start_error.get_or_insert_with(|| error.to_string());
+                (StartStep::Configure, error) => {
+                    report.configure = false;
+                    if let Some(error) = error {
+                        report.start_error.get_or_insert_with(|| error.to_string());
+                    }
+                }
             }
         }
-        vms.push(vm);
+        worker.for_each_copy(|copy, _, roots| {
+            for (plugin, root) in roots {
+                owners.insert((copy, *root), *plugin);
+            }
+        });
+        workers.push(worker);
     }
     report.configure &= report.vm_start;
-    dispatch_queues(&mut vms, &mut report.errors);
+    dispatch_queues(&mut workers, &mut report.errors);
     if report.configure {
-        for vm in &mut vms {
-            if let Err(error) = run_root(vm, scenario) {
-                report.errors.push(error.to_string());
+        for worker in &mut workers {
+            for call in &scenario.foreign_function_calls {
+                each_root(worker, &mut report.errors, |vm, root| {
+                    vm.on_foreign_function_for(
+                        root,
+                        call.function_id,
+                        call.arguments.clone().into_bytes(),
+                    )
+                });
             }
+            tick(worker, scenario.ticks, &mut report.errors);
         }
-        dispatch_queues(&mut vms, &mut report.errors);
+        dispatch_queues(&mut workers, &mut report.errors);
     }
-    let vm_count = vms.len();
+    let worker_count = workers.len();
     // Each exchange and connection comes on a downstream connection of its own.
     let mut connection_id = 0;
     for exchange in &scenario.http {
         connection_id += 1;
-        let http = match vms.get_mut(exchange.vm) {
-            Some(vm) => {
+        if exchange.delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(
+                exchange.delay_ms.min(MAX_DELAY_MS),
+            ));
+        }
+        let http = match workers.get_mut(exchange.vm) {
+            Some(worker) => {
                 let http =
-                    http::run_exchange(vm, exchange, policy, report.configure, connection_id);
-                if let Err(error) = tick(vm, exchange.ticks_after) {
-                    report.errors.push(error.to_string());
-                }
+                    http::run_exchange(worker, &http_chain, exchange, connection_id, &mut owners);
+                tick(worker, exchange.ticks_after, &mut report.errors);
                 http
             }
-            None => HttpReport::no_such_vm(exchange.vm, vm_count),
+            None => HttpReport::no_such_vm(exchange.vm, worker_count),
         };
         report.http.push(http);
-        dispatch_queues(&mut vms, &mut report.errors);
+        dispatch_queues(&mut workers, &mut report.errors);
     }
     for connection in &scenario.tcp {
         connection_id += 1;
-        let tcp = match vms.get_mut(connection.vm) {
-            Some(vm) => {
-                let tcp = tcp::run_connection(vm, connection, report.configure, connection_id);
-                if let Err(error) = tick(vm, connection.ticks_after) {
-                    report.errors.push(error.to_string());
-                }
+        let tcp = match workers.get_mut(connection.vm) {
+            Some(worker) => {
+                let tcp = tcp::run_connection(
+                    worker,
+                    &network_chain,
+                    connection,
+                    connection_id,
+                    &mut owners,
+                );
+                tick(worker, connection.ticks_after, &mut report.errors);
                 tcp
             }
-            None => TcpReport::no_such_vm(connection.vm, vm_count),
+            None => TcpReport::no_such_vm(connection.vm, worker_count),
         };
         report.tcp.push(tcp);
-        dispatch_queues(&mut vms, &mut report.errors);
+        dispatch_queues(&mut workers, &mut report.errors);
     }
-    for vm in vms.iter_mut().filter(|vm| !vm.is_failed()) {
-        match shut_down(vm, scenario) {
-            Ok(done) => report.done &= done,
-            Err(error) => {
-                report.done = false;
-                report.errors.push(error.to_string());
+    for worker in &mut workers {
+        let mut errors = Vec::new();
+        let mut done = true;
+        worker.for_each_copy(|_, vm, roots| {
+            for (_, root) in roots {
+                if vm.is_failed() {
+                    return;
+                }
+                match shut_down(vm, *root, scenario) {
+                    Ok(finished) => done &= finished,
+                    Err(error) => {
+                        done = false;
+                        errors.push(error);
+                    }
+                }
             }
-        }
+        });
+        report.done &= done;
+        report.errors.extend(errors);
     }
-    for (index, vm) in vms.iter_mut().enumerate() {
-        let host = in_memory_host(vm);
-        report.logs.extend(host.logs.iter().map(|log| LogReport {
-            level: log.level.as_str(),
-            message: log.message.clone(),
-            context_id: log.context.0,
-            vm: index,
+    report.plugins = plugin_reports(plugins);
+    // The copies go away: their logs are collected, worker by worker.
+    drop(workers);
+    let mut retired = std::mem::take(&mut *retired.lock().unwrap_or_else(|e| e.into_inner()));
+    retired.sort_by_key(|(worker, ..)| *worker);
+    for (worker, copy, logs, roots) in retired {
+        let owner_of = |context: ContextId| {
+            roots
+                .iter()
+                .find(|(_, root)| *root == context)
+                .map(|(plugin, _)| *plugin)
+                .or_else(|| owners.get(&(copy, context)).copied())
+                // The VM's own lines (its start function) are its first plugin's.
+                .or_else(|| roots.first().map(|(plugin, _)| *plugin))
+        };
+        report.logs.extend(logs.into_iter().map(|log| {
+            LogReport {
+                level: log.level.as_str(),
+                message: log.message,
+                context_id: log.context.0,
+                vm: worker,
+                plugin: owner_of(log.context)
+                    .map(|plugin| plugins.config(plugin).name.clone())
+                    .unwrap_or_default(),
+            }
         }));
     }
-    let shared = plugin.shared_state();
+    let shared = plugins.shared_state();
     report.metrics = shared
         .metrics_snapshot()
         .into_iter()
@@ -525,10 +687,56 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
             value: m.value,
         })
         .collect();
-    report.shared_data = shared
-        .data_snapshot(&plugin.config().vm_id)
-        .into_iter()
-        .map(|(k, v)| (lossy(&k), lossy(&v)))
-        .collect();
+    let shared_data = |vm_id: &str| -> BTreeMap<String, String> {
+        shared
+            .data_snapshot(vm_id)
+            .into_iter()
+            .map(|(k, v)| (lossy(&k), lossy(&v)))
+            .collect()
+    };
+    report.shared_data = shared_data(&plugins.config(first).vm.vm_id);
+    for plugin in http_chain.iter().chain(&network_chain) {
+        let vm_id = &plugins.config(*plugin).vm.vm_id;
+        report
+            .shared_data_by_vm_id
+            .entry(vm_id.clone())
+            .or_insert_with(|| shared_data(vm_id));
+    }
     Ok(report)
+}
+
+/// Each plugin of `plugins`, for the report.
+fn plugin_reports(plugins: &Plugins) -> Vec<PluginReport> {
+    let kinds = plugins
+        .http_filters()
+        .map(|p| (p, "http_filter"))
+        .chain(plugins.network_filters().map(|p| (p, "network_filter")))
+        .chain(plugins.services().map(|p| (p, "service")));
+    let mut reports: Vec<(&Arc<lifecycle::Counters>, PluginReport)> = Vec::new();
+    for (plugin, kind) in kinds {
+        // One plugin serving as both filters (`pwhost run`'s shorthand) is reported once.
+        let counters = plugins.counters(plugin);
+        if let Some((_, seen)) = reports.iter_mut().find(|(c, _)| Arc::ptr_eq(c, counters)) {
+            seen.kind = "http_and_network_filter";
+            continue;
+        }
+        let config = plugins.config(plugin);
+        reports.push((
+            counters,
+            PluginReport {
+                name: config.name.clone(),
+                kind,
+                root_id: config.root_id.clone(),
+                vm_id: config.vm.vm_id.clone(),
+                runtime: plugins.module(plugin).runtime_name().to_string(),
+                failure_policy: match config.failure_policy {
+                    lifecycle::FailurePolicy::FailClosed => "fail_closed",
+                    lifecycle::FailurePolicy::FailOpen => "fail_open",
+                    lifecycle::FailurePolicy::FailReload { .. } => "fail_reload",
+                },
+                counters: counters.snapshot().into_iter().collect(),
+            },
+        ));
+    }
+    reports.into_iter().map(|(_, report)| report).collect()
 }

@@ -7,6 +7,10 @@ use serde::Serialize;
 use super::Headers;
 
 /// What happened to one HTTP exchange.
+///
+/// With one plugin, what the plugin did (its `actions`, calls, filter state and error) is in
+/// the exchange's own fields. With a chain of plugins, each plugin's is in `filters`, in chain
+/// order, and those fields hold what concerns the whole stream (its `error`: why it failed).
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct HttpReport {
     /// Request headers as forwarded upstream (empty if never forwarded).
@@ -39,6 +43,31 @@ pub struct HttpReport {
     /// Envoy objects (`set_envoy_filter_state`), by key.
     pub filter_state: BTreeMap<String, FilterStateReport>,
     /// The error that failed the VM during this exchange, if any.
+    pub error: Option<String>,
+    /// With a chain of plugins: what each did, in chain order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterReport>,
+}
+
+/// What one plugin of a chain did with an exchange or connection.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct FilterReport {
+    /// The plugin's name.
+    pub plugin: String,
+    /// The action the plugin returned from each callback (the last one, for bodies and data).
+    pub actions: BTreeMap<&'static str, &'static str>,
+    /// HTTP calls the plugin dispatched.
+    pub http_calls: Vec<HttpCallReport>,
+    /// gRPC calls and streams the plugin opened.
+    pub grpc_calls: Vec<GrpcCallReport>,
+    /// The plugin's filter state when the stream ended.
+    pub filter_state: BTreeMap<String, FilterStateReport>,
+    /// How often the plugin cleared the stream's route cache.
+    pub route_cache_clears: u32,
+    /// Whether the stream went on without the plugin: its failure policy is `FAIL_OPEN` and it
+    /// had failed (before or during the stream).
+    pub bypassed: bool,
+    /// The error that failed the plugin's VM, or why the stream did not get the plugin.
     pub error: Option<String>,
 }
 
@@ -97,10 +126,15 @@ pub struct TcpReport {
     pub actions: BTreeMap<&'static str, &'static str>,
     /// Whether data the plugin paused was never continued.
     pub stalled: bool,
+    /// Whether the proxy closed the connection because a plugin failed (fail closed).
+    pub closed: bool,
     /// The connection's filter state when it ended (e.g. `envoy.tcp_proxy.cluster`), by key.
     pub filter_state: BTreeMap<String, FilterStateReport>,
     /// The error that failed the VM during this connection, if any.
     pub error: Option<String>,
+    /// With a chain of plugins: what each did, in chain order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterReport>,
 }
 
 impl TcpReport {
@@ -125,6 +159,9 @@ pub struct LocalResponseReport {
     pub details: String,
     /// gRPC status, if a gRPC reply.
     pub grpc_status: Option<i32>,
+    /// With a chain of plugins: the plugin that sent it (or whose failure did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
 }
 
 /// A dispatched HTTP call.
@@ -174,8 +211,10 @@ pub struct LogReport {
     pub message: String,
     /// The context that wrote it.
     pub context_id: u32,
-    /// The VM copy that wrote it.
+    /// The worker (VM copy) that wrote it.
     pub vm: usize,
+    /// The plugin whose context wrote it.
+    pub plugin: String,
 }
 
 /// A metric's final value.
@@ -214,9 +253,32 @@ pub struct Report {
     pub logs: Vec<LogReport>,
     /// Metrics in definition order.
     pub metrics: Vec<MetricReport>,
-    /// Shared data of the plugin's VM id.
+    /// Shared data of the (first) plugin's VM id.
     pub shared_data: BTreeMap<String, String>,
+    /// Shared data of every VM id the plugins use, by VM id.
+    pub shared_data_by_vm_id: BTreeMap<String, BTreeMap<String, String>>,
+    /// Each plugin: what it is and what its failures came to.
+    pub plugins: Vec<PluginReport>,
     /// Whether every VM's root context finished at shutdown: its `proxy_on_done` returned true,
     /// or it called `proxy_done` afterwards.
     pub done: bool,
+}
+
+/// A plugin of the run.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PluginReport {
+    /// Its name.
+    pub name: String,
+    /// `http_filter`, `network_filter` or `service`.
+    pub kind: &'static str,
+    /// Its root id.
+    pub root_id: String,
+    /// Its VM id.
+    pub vm_id: String,
+    /// The engine it runs on.
+    pub runtime: String,
+    /// Its failure policy: `fail_closed`, `fail_open` or `fail_reload`.
+    pub failure_policy: &'static str,
+    /// What its failures came to (see `lifecycle::Counters`).
+    pub counters: BTreeMap<&'static str, u64>,
 }
