@@ -7,11 +7,15 @@
 //! * [`code`]: a plugin's code, and the [`VmKey`] plugins share a VM by.
 //! * [`plugins`]: a deployment loaded ([`Plugins`]) and run on worker threads ([`Worker`]): VM
 //!   sharing, per-thread copies, failure policies and their counters.
+//! * [`services`]: singleton services, each in one VM on a thread of its own.
 
 pub mod code;
 pub mod config;
 pub mod plugins;
 pub mod runtime_name;
+pub mod services;
+#[cfg(test)]
+mod test_support;
 
 pub use code::{abi_config, Code, CodeError, VmKey};
 pub use config::{
@@ -22,3 +26,4 @@ pub use plugins::{
     Admission, CopyId, Counters, Engines, LoadError, OnFailure, PluginId, Plugins, StartFailure,
     StartStep, StreamVm, Worker, FAIL_STREAM_DETAILS,
 };
+pub use services::{AfterCallback, ServiceEnd, SingletonService, SpawnError, Ticking};

@@ -121,6 +121,8 @@ fn users_of(modules: &[Module], entries: &[Entry]) -> Vec<Vec<PluginId>> {
 struct Module {
     /// `None` for a plugin loaded by the embedder ([`Plugins::single`]).
     key: Option<VmKey>,
+    /// A singleton service's VM: never shared, never copied onto workers.
+    singleton: bool,
     plugin: abi::Plugin,
     roots: Vec<RootConfig>,
 }
@@ -158,7 +160,11 @@ impl Plugins {
         let available = engines.available();
         let mut modules: Vec<Module> = Vec::new();
         let mut entries = Vec::new();
-        for config in deployment.plugins() {
+        // Compiled once per key, even when a singleton service needs a VM of its own.
+        let mut compiled: Vec<(VmKey, abi::Plugin)> = Vec::new();
+        let filters = deployment.http_filters.len() + deployment.network_filters.len();
+        for (index, config) in deployment.plugins().enumerate() {
+            let singleton = index >= filters && deployment.services[index - filters].singleton;
             let engine =
                 runtime_name::resolve(&config.vm.runtime, &available).map_err(|message| {
                     LoadError::Config {
@@ -173,22 +179,33 @@ impl Plugins {
                 }
             })?;
             let key = VmKey::new(config, engine, &code);
-            let module = match modules.iter().position(|m| m.key.as_ref() == Some(&key)) {
-                Some(index) => {
+            let shared_module = modules
+                .iter()
+                .position(|m| !m.singleton && m.key.as_ref() == Some(&key));
+            let module = match shared_module {
+                Some(index) if !singleton => {
                     modules[index].roots.push(abi_config(config).root());
                     index
                 }
-                None => {
-                    let plugin = engines
-                        .load(engine, &code, abi_config(config), shared.clone())
-                        .map_err(|message| LoadError::Module {
-                            plugin: config.name.clone(),
-                            message,
-                        })?;
+                _ => {
+                    let plugin = match compiled.iter().find(|(k, _)| *k == key) {
+                        Some((_, plugin)) => plugin.with_config(abi_config(config)),
+                        None => {
+                            let plugin = engines
+                                .load(engine, &code, abi_config(config), shared.clone())
+                                .map_err(|message| LoadError::Module {
+                                    plugin: config.name.clone(),
+                                    message,
+                                })?;
+                            compiled.push((key.clone(), plugin.clone()));
+                            plugin
+                        }
+                    };
                     modules.push(Module {
                         key: Some(key),
                         plugin,
                         roots: vec![abi_config(config).root()],
+                        singleton,
                     });
                     modules.len() - 1
                 }
@@ -244,6 +261,7 @@ impl Plugins {
         Plugins {
             modules: vec![Module {
                 key: None,
+                singleton: false,
                 roots: vec![plugin.config().root()],
                 plugin,
             }],
@@ -255,8 +273,17 @@ impl Plugins {
         }
     }
 
+    /// The module `plugin` runs in.
+    pub(crate) fn module_of(&self, plugin: PluginId) -> usize {
+        self.entries[plugin.0].module
+    }
+
     /// A module's plugins paired with their root contexts in a copy.
-    fn roots_of(&self, module: usize, roots: &[ContextId]) -> Vec<(PluginId, ContextId)> {
+    pub(crate) fn roots_of(
+        &self,
+        module: usize,
+        roots: &[ContextId],
+    ) -> Vec<(PluginId, ContextId)> {
         self.module_plugins[module]
             .iter()
             .copied()
@@ -284,6 +311,11 @@ impl Plugins {
         (self.http_filters + self.network_filters..self.entries.len()).map(PluginId)
     }
 
+    /// Whether `plugin` is a singleton service (one VM, on a thread of its own).
+    pub fn is_singleton(&self, plugin: PluginId) -> bool {
+        self.modules[self.entries[plugin.0].module].singleton
+    }
+
     /// A plugin's configuration.
     pub fn config(&self, plugin: PluginId) -> &PluginConfig {
         &self.entries[plugin.0].config
@@ -306,9 +338,9 @@ impl Plugins {
 }
 
 /// One VM copy of a module on a thread, with the root context of each plugin sharing it.
-struct VmCopy {
-    vm: Vm,
-    roots: Vec<ContextId>,
+pub(crate) struct VmCopy {
+    pub(crate) vm: Vm,
+    pub(crate) roots: Vec<ContextId>,
 }
 
 /// Why a VM copy could not be started: which of its plugins, and what happened.
@@ -349,7 +381,7 @@ impl VmCopy {
     /// A new copy of `module` (number `index`) with every plugin's root context started and
     /// configured. A copy whose start failed is returned too, with why, so that its host can
     /// still be read (its logs say why).
-    fn start(
+    pub(crate) fn start(
         plugins: &Plugins,
         index: usize,
         host: Box<dyn Host>,
@@ -539,10 +571,12 @@ impl Worker {
     }
 
     /// Makes `plugin`'s VM copy on this thread now, if not made yet, rather than on first use
-    /// (e.g. to tick root contexts before traffic). Returns why it could not start.
+    /// (e.g. to tick root contexts before traffic; a service that is not a singleton has no
+    /// other use). Returns why it could not start. A singleton service runs on a thread of its
+    /// own ([`crate::SingletonService`]), never on a worker.
     pub fn start(&mut self, plugin: PluginId) -> Result<(), StartFailure> {
         let module = self.plugins.entries[plugin.0].module;
-        if self.tried[module] {
+        if self.tried[module] || self.plugins.modules[module].singleton {
             return Ok(());
         }
         let counters = Arc::clone(&self.plugins.entries[plugin.0].counters);
@@ -555,6 +589,10 @@ impl Worker {
     pub fn admit(&mut self, plugin: PluginId) -> Admission {
         let entry = &self.plugins.entries[plugin.0];
         let module = entry.module;
+        // Streams never go to a singleton service.
+        if self.plugins.modules[module].singleton {
+            return Admission::FailClosed;
+        }
         let policy = entry.config.failure_policy;
         let counters = Arc::clone(&entry.counters);
         let root_index = entry.root;
@@ -746,17 +784,7 @@ impl Worker {
     pub fn failed(&mut self, plugin: PluginId, error: &VmError) -> OnFailure {
         let entry = &self.plugins.entries[plugin.0];
         let counters = &entry.counters;
-        match error.trap().map(|t| &t.kind) {
-            Some(
-                runtime_api::TrapKind::DeadlineExceeded
-                | runtime_api::TrapKind::Interrupted
-                | runtime_api::TrapKind::OutOfFuel,
-            ) => Counters::add(&counters.failed_by_deadline),
-            Some(_) => Counters::add(&counters.failed_by_trap),
-            // A call refused on an already failed VM (one another plugin sharing it failed) is
-            // no new failure.
-            None => {}
-        }
+        count_failure(counters, error);
         match entry.config.failure_policy {
             FailurePolicy::FailOpen => {
                 Counters::add(&counters.bypassed);
@@ -767,6 +795,21 @@ impl Worker {
                 OnFailure::FailClosed
             }
         }
+    }
+}
+
+/// Counts a failure of a plugin's VM by its cause.
+pub(crate) fn count_failure(counters: &Counters, error: &VmError) {
+    match error.trap().map(|t| &t.kind) {
+        Some(
+            runtime_api::TrapKind::DeadlineExceeded
+            | runtime_api::TrapKind::Interrupted
+            | runtime_api::TrapKind::OutOfFuel,
+        ) => Counters::add(&counters.failed_by_deadline),
+        Some(_) => Counters::add(&counters.failed_by_trap),
+        // A call refused on an already failed VM (one another plugin sharing it failed) is no
+        // new failure.
+        None => {}
     }
 }
 

@@ -64,12 +64,6 @@ pub fn load(
             path.display()
         );
     }
-    if !deployment.services.is_empty() {
-        anyhow::bail!(
-            "{}: pwhost run does not run services (bootstrap extensions) yet",
-            path.display()
-        );
-    }
     if let Some(name) = runtime_override {
         let engine = lifecycle::runtime_name::resolve(name, runtimes::available())
             .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?;
@@ -78,6 +72,7 @@ pub fn load(
             .http_filters
             .iter_mut()
             .chain(&mut deployment.network_filters)
+            .chain(deployment.services.iter_mut().map(|s| &mut s.plugin))
         {
             plugin.vm.runtime = engine.to_string();
         }

@@ -1,43 +1,9 @@
 use std::sync::Mutex;
 
 use abi::{HeadersAction, InMemoryHost};
-use runtime_api::{RuntimeConfig, WasmRuntime};
 
 use super::*;
-
-/// Engines for tests: wasmtime, from the plugin corpus and WAT.
-struct Wasmtime;
-
-impl Engines for Wasmtime {
-    fn available(&self) -> Vec<&'static str> {
-        vec!["wasmtime"]
-    }
-
-    fn load(
-        &self,
-        _engine: &'static str,
-        code: &Code,
-        config: abi::PluginConfig,
-        shared: SharedState,
-    ) -> Result<abi::Plugin, String> {
-        let Code::Wasm(wasm) = code else {
-            return Err("wasm only".into());
-        };
-        let runtime = runtime_wasmtime::WasmtimeRuntime::new(RuntimeConfig::default())
-            .map_err(|e| e.to_string())?;
-        let runtime: &dyn WasmRuntime<abi::VmState> = &runtime;
-        abi::Plugin::load(runtime, wasm, config, shared).map_err(|e| e.to_string())
-    }
-}
-
-fn corpus() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist")
-}
-
-fn load(yaml: &str) -> Result<Plugins, LoadError> {
-    let deployment = crate::parse(yaml).expect("valid configuration");
-    Plugins::load(&deployment, &Wasmtime, &corpus(), SharedState::new())
-}
+use crate::test_support::{corpus, load, Wasmtime};
 
 fn config_plugin(name: &str, vm_id: &str, header: &str) -> String {
     format!(

@@ -40,7 +40,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use abi::{ContextId, InMemoryHost, LogRecord, Plugin, SharedState, Vm, VmError};
-use lifecycle::{CopyId, PluginId, Plugins, StartStep, Worker};
+use lifecycle::{
+    CopyId, PluginId, Plugins, SingletonService, StartFailure, StartStep, Ticking, Worker,
+};
 use serde::{Deserialize, Serialize};
 
 pub use report::{
@@ -462,6 +464,38 @@ fn shut_down(vm: &mut Vm, root: ContextId, scenario: &Scenario) -> Result<bool, 
     Ok(done)
 }
 
+/// Records a VM copy that did not start in the report; an error if it could not be made at
+/// all.
+fn record_start_failure(report: &mut Report, failure: StartFailure) -> Result<(), VmError> {
+    match (failure.step, failure.error) {
+        (StartStep::Instantiate, Some(error)) => return Err(error),
+        (StartStep::Instantiate | StartStep::VmStart, error) => {
+            report.vm_start = false;
+            if let Some(error) = error {
+                report.start_error.get_or_insert_with(|| error.to_string());
+            }
+        }
+        (StartStep::Configure, error) => {
+            report.configure = false;
+            if let Some(error) = error {
+                report.start_error.get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The calls a singleton service's root makes get the failure callback after each of its
+/// callbacks (nothing scripts them), as root calls on the workers do.
+fn answer_service_calls() -> lifecycle::AfterCallback {
+    let mut mark = (0, 0);
+    Box::new(move |vm| {
+        // Failures show in the service's own errors when its next callback refuses to run.
+        let _ = callouts::answer_root_calls(vm, mark);
+        mark = callouts::calls_mark(vm);
+    })
+}
+
 /// Which plugin wrote what, per VM copy: its root contexts and the streams it was given.
 type Owners = HashMap<(CopyId, ContextId), PluginId>;
 
@@ -529,6 +563,13 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         plugins: Vec::new(),
         done: true,
     };
+    let services: Vec<PluginId> = plugins.services().collect();
+    let worker_plugins: Vec<PluginId> = http_chain
+        .iter()
+        .chain(&network_chain)
+        .chain(services.iter().filter(|s| !plugins.is_singleton(**s)))
+        .copied()
+        .collect();
     let mut workers = Vec::new();
     let mut owners = Owners::new();
     for index in 0..scenario.vms.max(1) {
@@ -544,25 +585,10 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             }
         }));
         // Every plugin's copy on every worker is made before traffic, as Envoy does when a
-        // configuration arrives.
-        for plugin in http_chain.iter().chain(&network_chain) {
-            let Err(failure) = worker.start(*plugin) else {
-                continue;
-            };
-            match (failure.step, failure.error) {
-                (StartStep::Instantiate, Some(error)) => return Err(error),
-                (StartStep::Instantiate | StartStep::VmStart, error) => {
-                    report.vm_start = false;
-                    if let Some(error) = error {
-                        report.start_error.get_or_insert_with(|| error.to_string());
-                    }
-                }
-                (StartStep::Configure, error) => {
-                    report.configure = false;
-                    if let Some(error) = error {
-                        report.start_error.get_or_insert_with(|| error.to_string());
-                    }
-                }
+        // configuration arrives; so are services that run on every worker.
+        for plugin in worker_plugins.iter() {
+            if let Err(failure) = worker.start(*plugin) {
+                record_start_failure(&mut report, failure)?;
             }
         }
         worker.for_each_copy(|copy, _, roots| {
@@ -571,6 +597,24 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             }
         });
         workers.push(worker);
+    }
+    // Singleton services: one VM each, on a thread of its own, ticked only when the scenario
+    // says so (runs repeat exactly).
+    let mut singletons = Vec::new();
+    for service in services.iter().filter(|s| plugins.is_singleton(**s)) {
+        match SingletonService::spawn(
+            Arc::clone(plugins),
+            *service,
+            Box::new(scenario_host(scenario)),
+            Ticking::Manual,
+            answer_service_calls(),
+        ) {
+            Ok(running) => singletons.push((*service, running)),
+            Err(lifecycle::SpawnError::Start(_, failure)) => {
+                record_start_failure(&mut report, *failure)?
+            }
+            Err(error) => report.errors.push(error.to_string()),
+        }
     }
     report.configure &= report.vm_start;
     dispatch_queues(&mut workers, &mut report.errors);
@@ -586,6 +630,11 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
                 });
             }
             tick(worker, scenario.ticks, &mut report.errors);
+        }
+        for (_, service) in &singletons {
+            for _ in 0..scenario.ticks {
+                service.tick();
+            }
         }
         dispatch_queues(&mut workers, &mut report.errors);
     }
@@ -610,6 +659,9 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         };
         report.http.push(http);
         dispatch_queues(&mut workers, &mut report.errors);
+        for (_, service) in &singletons {
+            service.sync();
+        }
     }
     for connection in &scenario.tcp {
         connection_id += 1;
@@ -629,6 +681,9 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         };
         report.tcp.push(tcp);
         dispatch_queues(&mut workers, &mut report.errors);
+        for (_, service) in &singletons {
+            service.sync();
+        }
     }
     for worker in &mut workers {
         let mut errors = Vec::new();
@@ -649,6 +704,22 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         });
         report.done &= done;
         report.errors.extend(errors);
+    }
+    // Singleton services stop last, with everything the workers enqueued delivered; their VMs
+    // are numbered after the workers.
+    let mut service_logs = Vec::new();
+    for (index, (service, running)) in singletons.into_iter().enumerate() {
+        let Some(mut end) = running.stop(scenario.shutdown_ticks) else {
+            report.errors.push(format!(
+                "service {:?}: its thread panicked",
+                plugins.config(service).name
+            ));
+            continue;
+        };
+        report.done &= end.done;
+        report.errors.extend(end.errors);
+        let logs = std::mem::take(&mut in_memory_host(&mut end.vm).logs);
+        service_logs.push((workers.len() + index, service, logs));
     }
     report.plugins = plugin_reports(plugins);
     // The copies go away: their logs are collected, worker by worker.
@@ -677,6 +748,15 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             }
         }));
     }
+    for (vm, service, logs) in service_logs {
+        report.logs.extend(logs.into_iter().map(|log| LogReport {
+            level: log.level.as_str(),
+            message: log.message,
+            context_id: log.context.0,
+            vm,
+            plugin: plugins.config(service).name.clone(),
+        }));
+    }
     let shared = plugins.shared_state();
     report.metrics = shared
         .metrics_snapshot()
@@ -695,7 +775,7 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             .collect()
     };
     report.shared_data = shared_data(&plugins.config(first).vm.vm_id);
-    for plugin in http_chain.iter().chain(&network_chain) {
+    for plugin in http_chain.iter().chain(&network_chain).chain(&services) {
         let vm_id = &plugins.config(*plugin).vm.vm_id;
         report
             .shared_data_by_vm_id

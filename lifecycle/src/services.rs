@@ -1,0 +1,307 @@
+//! Singleton services: a plugin with no streams (Envoy's `envoy.bootstrap.wasm` with
+//! `singleton: true`) running in one VM on a thread of its own, which sleeps until its next
+//! timer tick or until a worker's plugin enqueues into one of its queues.
+//!
+//! A service without `singleton` runs on every worker instead: start it there with
+//! [`Worker::start`](crate::Worker::start) and deliver its ticks and queue notifications in the
+//! worker's loop, as for any root context.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use abi::{ContextId, Host, Vm, VmError, VmWaker};
+
+use crate::plugins::{count_failure, StartFailure, StartStep, VmCopy};
+use crate::{PluginId, Plugins};
+
+/// Where a singleton service's timer ticks come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ticking {
+    /// The wall clock, at the period the plugin set (a proxy).
+    Clock,
+    /// Only [`SingletonService::tick`] (a test bench that wants runs to repeat exactly).
+    Manual,
+}
+
+/// Called on the service's thread after each callback of its plugin, e.g. to answer the calls
+/// the plugin made (the embedder's host recorded them).
+pub type AfterCallback = Box<dyn FnMut(&mut Vm) + Send>;
+
+enum Command {
+    Tick,
+    Sync,
+    Stop { shutdown_ticks: u32 },
+}
+
+type Commands = Arc<Mutex<VecDeque<(Command, mpsc::Sender<()>)>>>;
+
+/// A singleton service running on its own thread. Stopping it (or dropping it) ends the VM as a
+/// proxy does at shutdown.
+pub struct SingletonService {
+    waker: VmWaker,
+    commands: Commands,
+    thread: Option<JoinHandle<Option<ServiceEnd>>>,
+}
+
+/// What a singleton service left when it stopped.
+pub struct ServiceEnd {
+    /// Its VM (its host holds what it recorded).
+    pub vm: Vm,
+    /// The plugin's root context.
+    pub root: ContextId,
+    /// Failures of its callbacks.
+    pub errors: Vec<String>,
+    /// Whether its root context finished at shutdown (`proxy_on_done` returned true, or it
+    /// called `proxy_done` in time).
+    pub done: bool,
+}
+
+/// Why a singleton service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The plugin is not a singleton service.
+    #[error("plugin {0:?} is not a singleton service")]
+    NotSingleton(String),
+    /// No thread could be made for it.
+    #[error("cannot start a thread for service {0:?}: {1}")]
+    Thread(String, std::io::Error),
+    /// Its VM did not start.
+    #[error("service {0:?} did not start: {1}")]
+    Start(String, Box<StartFailure>),
+}
+
+impl SingletonService {
+    /// Starts `plugin` (a singleton service of `plugins`) in a VM of its own on a new thread,
+    /// with `host` as its view of the proxy. Returns once the VM started, or why it did not.
+    pub fn spawn(
+        plugins: Arc<Plugins>,
+        plugin: PluginId,
+        host: Box<dyn Host>,
+        ticking: Ticking,
+        after: AfterCallback,
+    ) -> Result<SingletonService, SpawnError> {
+        let name = plugins.config(plugin).name.clone();
+        if !plugins.is_singleton(plugin) {
+            return Err(SpawnError::NotSingleton(name));
+        }
+        let commands: Commands = Arc::default();
+        let (started, start) = mpsc::sync_channel(1);
+        let thread_commands = Arc::clone(&commands);
+        let thread = std::thread::Builder::new()
+            .name(format!("wasm-service-{name}"))
+            .spawn(move || {
+                let module = plugins.module_of(plugin);
+                let VmCopy { mut vm, roots } = match VmCopy::start(&plugins, module, host) {
+                    Ok((copy, None)) => copy,
+                    Ok((_, Some(failure))) | Err(failure) => {
+                        let _ = started.send(Err(failure));
+                        return None;
+                    }
+                };
+                let _ = started.send(Ok(vm.waker()));
+                let mut service = ServiceLoop {
+                    plugins,
+                    plugin,
+                    root: roots[0],
+                    errors: Vec::new(),
+                    after,
+                    failed: false,
+                };
+                let done = service.run(&mut vm, &thread_commands, ticking);
+                Some(ServiceEnd {
+                    vm,
+                    root: service.root,
+                    errors: service.errors,
+                    done,
+                })
+            })
+            .map_err(|error| SpawnError::Thread(name.clone(), error))?;
+        match start.recv() {
+            Ok(Ok(waker)) => Ok(SingletonService {
+                waker,
+                commands,
+                thread: Some(thread),
+            }),
+            Ok(Err(failure)) => {
+                let _ = thread.join();
+                Err(SpawnError::Start(name, Box::new(failure)))
+            }
+            // The thread ended without a word: it panicked.
+            Err(_) => Err(SpawnError::Start(
+                name,
+                Box::new(StartFailure {
+                    plugin,
+                    step: StartStep::Instantiate,
+                    error: Some(VmError::Failed("the service thread panicked".into())),
+                }),
+            )),
+        }
+    }
+
+    /// Sends a command and waits until the service thread carried it out.
+    fn command(&self, command: Command) {
+        let (done, wait) = mpsc::channel();
+        if let Ok(mut commands) = self.commands.lock() {
+            commands.push_back((command, done));
+        }
+        self.waker.wake();
+        // An error means the thread is gone: nothing to wait for.
+        let _ = wait.recv();
+    }
+
+    /// Delivers one timer tick now if the plugin has a tick period (with [`Ticking::Manual`];
+    /// with the clock, an extra one), and returns once it was delivered.
+    pub fn tick(&self) {
+        self.command(Command::Tick);
+    }
+
+    /// Returns once every queue notification pending now was delivered.
+    pub fn sync(&self) {
+        self.command(Command::Sync);
+    }
+
+    /// Stops the service as a proxy does at shutdown: pending queue notifications, then
+    /// `proxy_on_done`; if the plugin has work pending, up to `shutdown_ticks` timer ticks
+    /// while it owes `proxy_done`; `proxy_on_delete` if it finished. `None` if the thread
+    /// panicked.
+    pub fn stop(mut self, shutdown_ticks: u32) -> Option<ServiceEnd> {
+        self.finish(shutdown_ticks)
+    }
+
+    fn finish(&mut self, shutdown_ticks: u32) -> Option<ServiceEnd> {
+        let thread = self.thread.take()?;
+        if let Ok(mut commands) = self.commands.lock() {
+            let (done, _) = mpsc::channel();
+            commands.push_back((Command::Stop { shutdown_ticks }, done));
+        }
+        self.waker.wake();
+        thread.join().ok().flatten()
+    }
+}
+
+impl Drop for SingletonService {
+    fn drop(&mut self) {
+        self.finish(0);
+    }
+}
+
+/// The service thread's state.
+struct ServiceLoop {
+    plugins: Arc<Plugins>,
+    plugin: PluginId,
+    root: ContextId,
+    errors: Vec<String>,
+    after: AfterCallback,
+    /// Whether the VM failed (then it gets no more callbacks).
+    failed: bool,
+}
+
+impl ServiceLoop {
+    /// Runs one callback's outcome through the failure bookkeeping and the embedder's hook.
+    fn after<T>(&mut self, vm: &mut Vm, outcome: Result<T, VmError>) {
+        if let Err(error) = outcome {
+            if !self.failed {
+                count_failure(self.plugins.counters(self.plugin), &error);
+                self.errors.push(error.to_string());
+            }
+        }
+        self.failed |= vm.is_failed();
+        if !self.failed {
+            (self.after)(vm);
+        }
+    }
+
+    /// A timer tick, if the plugin has a tick period.
+    fn tick(&mut self, vm: &mut Vm) {
+        if !self.failed && vm.tick_period_of(self.root).is_some() {
+            let outcome = vm.tick_root(self.root);
+            self.after(vm, outcome);
+        }
+    }
+
+    /// Serves commands, queue notifications and (with the clock) ticks until told to stop;
+    /// then shuts down. Returns whether the root context finished.
+    fn run(
+        &mut self,
+        vm: &mut Vm,
+        commands: &Mutex<VecDeque<(Command, mpsc::Sender<()>)>>,
+        ticking: Ticking,
+    ) -> bool {
+        let mut next_tick: Option<Instant> = None;
+        loop {
+            let pending: Vec<_> = match commands.lock() {
+                Ok(mut commands) => commands.drain(..).collect(),
+                Err(_) => Vec::new(),
+            };
+            for (command, done) in pending {
+                match command {
+                    Command::Tick => self.tick(vm),
+                    Command::Sync => {
+                        if !self.failed {
+                            let outcome = vm.dispatch_queue_ready();
+                            self.after(vm, outcome);
+                        }
+                    }
+                    Command::Stop { shutdown_ticks } => return self.shut_down(vm, shutdown_ticks),
+                }
+                let _ = done.send(());
+            }
+            let now = Instant::now();
+            if ticking == Ticking::Clock && !self.failed {
+                match (vm.tick_period_of(self.root), next_tick) {
+                    (None, _) => next_tick = None,
+                    (Some(period), None) => next_tick = Some(now + period),
+                    (Some(period), Some(at)) if now >= at => {
+                        self.tick(vm);
+                        next_tick = Some(now + period);
+                    }
+                    (Some(_), Some(_)) => {}
+                }
+            }
+            let timeout = next_tick.map(|at| at.saturating_duration_since(Instant::now()));
+            if self.failed {
+                // Nothing more to deliver: only commands wake the thread.
+                let _ = vm.wait_for_queue_ready(timeout);
+                continue;
+            }
+            let outcome = vm.wait_for_queue_ready(timeout);
+            if !matches!(outcome, Ok(0)) {
+                self.after(vm, outcome);
+            }
+        }
+    }
+
+    fn shut_down(&mut self, vm: &mut Vm, shutdown_ticks: u32) -> bool {
+        if self.failed {
+            return false;
+        }
+        let outcome = vm.dispatch_queue_ready();
+        self.after(vm, outcome);
+        if self.failed {
+            return false;
+        }
+        let outcome = vm.on_done(self.root);
+        let mut done = matches!(outcome, Ok(true));
+        self.after(vm, outcome);
+        let mut ticks = 0;
+        while !done && !self.failed {
+            done = !vm.is_done_pending_for(self.root);
+            if done || ticks >= shutdown_ticks || vm.tick_period_of(self.root).is_none() {
+                break;
+            }
+            self.tick(vm);
+            ticks += 1;
+        }
+        if done && !self.failed {
+            let outcome = vm.on_delete(self.root);
+            self.after(vm, outcome);
+        }
+        done && !self.failed
+    }
+}
+
+#[cfg(test)]
+mod tests;

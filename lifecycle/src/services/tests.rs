@@ -1,0 +1,165 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use abi::{HeadersAction, InMemoryHost};
+
+use super::*;
+use crate::test_support::load;
+use crate::{Admission, Worker};
+
+/// A filter that enqueues each request's path into queue `events` of VM `svc`, and a singleton
+/// service with VM id `svc` that registers the queue (and ticks every `tick_ms`).
+fn filter_and_service(tick_ms: u64) -> Arc<Plugins> {
+    let yaml = format!(
+        r#"
+- name: filter
+  configuration: '{{"name": "filter", "enqueue": {{"vm_id": "svc", "queue": "events"}}}}'
+  vm_config: {{vm_id: workers, code: {{local: {{filename: rust/chain_probe.wasm}}}}}}
+- name: envoy.bootstrap.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    singleton: true
+    config:
+      name: svc
+      configuration: '{{"name": "svc", "register_queue": "events", "tick_ms": {tick_ms}}}'
+      vm_config: {{vm_id: svc, code: {{local: {{filename: rust/chain_probe.wasm}}}}}}
+"#
+    );
+    Arc::new(load(&yaml).expect("loads"))
+}
+
+fn service_plugin(plugins: &Plugins) -> PluginId {
+    plugins.services().next().expect("a service")
+}
+
+/// Runs one request with `path` through the filter on `worker`.
+fn request(worker: &mut Worker, path: &str) {
+    let Admission::Run(held) = worker.admit(PluginId(0)) else {
+        panic!("admitted");
+    };
+    let vm = worker.vm(&held).unwrap();
+    let stream = vm.create_http_context_for(held.root()).unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    host.stream(stream)
+        .request_headers
+        .add(b":path", path.as_bytes());
+    assert_eq!(
+        vm.on_request_headers(stream, 1, true).unwrap(),
+        HeadersAction::Continue
+    );
+    worker.release(held);
+}
+
+fn messages(vm: &mut Vm) -> Vec<String> {
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    host.logs.iter().map(|l| l.message.clone()).collect()
+}
+
+fn no_hook() -> AfterCallback {
+    Box::new(|_| {})
+}
+
+#[test]
+fn a_singleton_service_receives_what_worker_filters_enqueue() {
+    let plugins = filter_and_service(60_000);
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        no_hook(),
+    )
+    .expect("starts");
+    // Two workers, each with its own copy of the filter, one service.
+    let mut first = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    let mut second = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    request(&mut first, "/a");
+    request(&mut second, "/b");
+    service.sync();
+    request(&mut first, "/c");
+    let mut end = service.stop(0).expect("the thread ends cleanly");
+    assert!(end.done);
+    assert!(end.errors.is_empty(), "{:?}", end.errors);
+    let dequeued: Vec<String> = messages(&mut end.vm)
+        .into_iter()
+        .filter(|m| m.contains("dequeued"))
+        .collect();
+    assert_eq!(
+        dequeued,
+        ["svc dequeued /a", "svc dequeued /b", "svc dequeued /c"],
+        "everything enqueued before the stop is delivered"
+    );
+}
+
+#[test]
+fn a_singleton_service_is_never_copied_onto_workers() {
+    let plugins = filter_and_service(60_000);
+    let service = service_plugin(&plugins);
+    let mut worker = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    worker.start(service).unwrap();
+    assert!(matches!(worker.admit(service), Admission::FailClosed));
+    let mut copies = 0;
+    worker.for_each_copy(|_, _, _| copies += 1);
+    assert_eq!(copies, 0);
+}
+
+#[test]
+fn manual_ticks_arrive_when_asked_and_clock_ticks_by_the_period() {
+    let plugins = filter_and_service(60_000);
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        no_hook(),
+    )
+    .unwrap();
+    service.tick();
+    service.tick();
+    let mut end = service.stop(0).unwrap();
+    let ticks: Vec<String> = messages(&mut end.vm)
+        .into_iter()
+        .filter(|m| m.contains("tick"))
+        .collect();
+    assert_eq!(ticks, ["svc tick 1", "svc tick 2"]);
+
+    // With the clock and a 5 ms period, ticks keep coming without anyone asking.
+    let plugins = filter_and_service(5);
+    let ticks_seen = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&ticks_seen);
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Clock,
+        Box::new(move |vm| {
+            let ticks = messages(vm).iter().filter(|m| m.contains("tick")).count();
+            counter.store(ticks, Ordering::Relaxed);
+        }),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks_seen.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(ticks_seen.load(Ordering::Relaxed) >= 3);
+    drop(service);
+}
+
+#[test]
+fn only_a_singleton_service_gets_a_thread() {
+    let plugins = filter_and_service(60_000);
+    let error = SingletonService::spawn(
+        Arc::clone(&plugins),
+        PluginId(0),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        no_hook(),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(
+        error.to_string(),
+        "plugin \"filter\" is not a singleton service"
+    );
+}
