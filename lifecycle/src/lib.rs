@@ -7,11 +7,13 @@
 //! * [`code`]: a plugin's code, and the [`VmKey`] plugins share a VM by.
 //! * [`plugins`]: a deployment loaded ([`Plugins`]) and run on worker threads ([`Worker`]): VM
 //!   sharing, per-thread copies, failure policies and their counters.
+//! * [`remote`]: remote code, fetched, checked and cached by sha256.
 //! * [`services`]: singleton services, each in one VM on a thread of its own.
 
 pub mod code;
 pub mod config;
 pub mod plugins;
+pub mod remote;
 pub mod runtime_name;
 pub mod services;
 #[cfg(test)]
@@ -23,7 +25,8 @@ pub use config::{
     RemoteCode, VmConfig, WasmService,
 };
 pub use plugins::{
-    Admission, CopyId, Counters, Engines, LoadError, OnFailure, PluginId, Plugins, StartFailure,
-    StartStep, StreamVm, Worker, FAIL_STREAM_DETAILS,
+    Admission, CopyId, Counters, Engines, LoadError, LoadOptions, OnFailure, PluginId, Plugins,
+    StartFailure, StartStep, StreamVm, Worker, FAIL_STREAM_DETAILS,
 };
+pub use remote::{CodeCache, FetchError};
 pub use services::{AfterCallback, ServiceEnd, SingletonService, SpawnError, Ticking};

@@ -7,7 +7,6 @@
 //! hands every worker thread a [`Worker`], and asks the worker, per stream, for the plugin's VM
 //! ([`Worker::admit`]): no lock and no map lookup on that path.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +14,8 @@ use std::time::{Duration, Instant};
 use abi::{ContextId, Host, InMemoryHost, RootConfig, SharedState, Vm, VmError};
 
 use crate::code::{self, abi_config, Code, VmKey};
-use crate::config::{Deployment, FailurePolicy, PluginConfig};
+use crate::config::{CodeSource, Deployment, FailurePolicy, PluginConfig};
+use crate::remote::{self, CodeCache};
 use crate::runtime_name;
 
 /// What an embedder provides: its engines.
@@ -105,6 +105,49 @@ impl Counters {
     }
 }
 
+/// Where a deployment's code comes from.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// The directory relative code file names are taken from (the configuration's, as Traffic
+    /// Server does).
+    pub base_dir: std::path::PathBuf,
+    /// Where remote code is kept by sha256 (always in memory; on disk if it has a directory).
+    pub code_cache: CodeCache,
+}
+
+/// A plugin's code for `engine`, local or remote.
+fn read_code(
+    config: &PluginConfig,
+    engine: &str,
+    options: &LoadOptions,
+) -> Result<Code, LoadError> {
+    let CodeSource::Remote(source) = &config.vm.code else {
+        return code::read_local(&config.vm.code, engine, &options.base_dir).map_err(|error| {
+            LoadError::Config {
+                path: config.field_path("vm_config.code"),
+                message: error.to_string(),
+            }
+        });
+    };
+    let fail = |message: String| LoadError::Config {
+        path: config.field_path("vm_config.code.remote"),
+        message,
+    };
+    if engine == "null" {
+        return Err(fail(
+            "the null runtime runs compiled-in plugins (local.inline_string), not fetched code"
+                .into(),
+        ));
+    }
+    let code = remote::load(
+        source,
+        &options.code_cache,
+        config.vm.nack_on_code_cache_miss,
+    )
+    .map_err(|error| fail(error.to_string()))?;
+    Ok(Code::Wasm(code.to_vec()))
+}
+
 /// Per module, the plugins whose root contexts it has, in root order.
 fn users_of(modules: &[Module], entries: &[Entry]) -> Vec<Vec<PluginId>> {
     let mut users = vec![Vec::new(); modules.len()];
@@ -148,13 +191,13 @@ pub struct Plugins {
 
 impl Plugins {
     /// Loads every plugin of `deployment`: plugins with the same [`VmKey`] share one module
-    /// (and, per thread, one VM copy). Relative code file names are taken from `base_dir`.
+    /// (and, per thread, one VM copy). Code comes as `options` say.
     /// Each module is started once, with every plugin's root context configured, to refuse a
     /// plugin that rejects its configuration or traps before any traffic comes.
     pub fn load(
         deployment: &Deployment,
         engines: &dyn Engines,
-        base_dir: &Path,
+        options: &LoadOptions,
         shared: SharedState,
     ) -> Result<Plugins, LoadError> {
         let available = engines.available();
@@ -172,12 +215,7 @@ impl Plugins {
                         message,
                     }
                 })?;
-            let code = code::read_local(&config.vm.code, engine, base_dir).map_err(|error| {
-                LoadError::Config {
-                    path: config.field_path("vm_config.code"),
-                    message: error.to_string(),
-                }
-            })?;
+            let code = read_code(config, engine, options)?;
             let key = VmKey::new(config, engine, &code);
             let shared_module = modules
                 .iter()

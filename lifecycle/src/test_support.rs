@@ -5,7 +5,7 @@ use std::path::Path;
 use abi::SharedState;
 use runtime_api::{RuntimeConfig, WasmRuntime};
 
-use crate::{Code, Engines, LoadError, Plugins};
+use crate::{Code, Engines, LoadError, LoadOptions, Plugins};
 
 /// Engines for tests: wasmtime, from the plugin corpus and WAT.
 pub(crate) struct Wasmtime;
@@ -40,5 +40,9 @@ pub(crate) fn corpus() -> std::path::PathBuf {
 /// Loads a deployment from YAML, code from the corpus.
 pub(crate) fn load(yaml: &str) -> Result<Plugins, LoadError> {
     let deployment = crate::parse(yaml).expect("valid configuration");
-    Plugins::load(&deployment, &Wasmtime, &corpus(), SharedState::new())
+    let options = LoadOptions {
+        base_dir: corpus(),
+        ..LoadOptions::default()
+    };
+    Plugins::load(&deployment, &Wasmtime, &options, SharedState::new())
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use lifecycle::{Code, Plugins};
+use lifecycle::{Code, CodeCache, LoadOptions, Plugins};
 use runtime_api::RuntimeConfig;
 
 use crate::runtimes;
@@ -48,11 +48,12 @@ impl lifecycle::Engines for BuildEngines {
 
 /// Loads the plugins the configuration at `path` describes, each on the engine its
 /// `vm_config.runtime` names (or `runtime_override`). Relative code file names are taken from
-/// the configuration's directory.
+/// the configuration's directory; remote code is kept in `cache_dir` (and in memory).
 pub fn load(
     path: &Path,
     runtime_override: Option<&str>,
     runtime_config: RuntimeConfig,
+    cache_dir: Option<&Path>,
 ) -> anyhow::Result<Plugins> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read configuration {}", path.display()))?;
@@ -80,7 +81,20 @@ pub fn load(
     let engines = BuildEngines {
         config: runtime_config,
     };
-    let base_dir = path.parent().unwrap_or(Path::new("."));
-    Plugins::load(&deployment, &engines, base_dir, abi::SharedState::new())
+    let options = LoadOptions {
+        base_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        code_cache: CodeCache::new(cache_dir.map(|d| d.join("code"))),
+    };
+    Plugins::load(&deployment, &engines, &options, abi::SharedState::new())
         .with_context(|| format!("cannot load {}", path.display()))
+}
+
+/// Where `pwhost` keeps what it caches (remote code under `code/`): `$XDG_CACHE_HOME/pwhost`, else
+/// `~/.cache/pwhost`; `None` without either variable.
+pub fn default_cache_dir() -> Option<std::path::PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+        _ => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(base.join("pwhost"))
 }

@@ -181,6 +181,13 @@ struct RunArgs {
     /// Cap the plugin's linear memory (MiB; 0: no cap) [default: 1024, as Envoy].
     #[arg(long)]
     max_memory_mib: Option<u64>,
+    /// Where to keep fetched remote code (by sha256), so a run without network still starts
+    /// [default: $XDG_CACHE_HOME/pwhost, else ~/.cache/pwhost].
+    #[arg(long, conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Keep nothing on disk (remote code is fetched every run).
+    #[arg(long)]
+    no_cache: bool,
 }
 
 fn text_or_file(value: &str, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -217,7 +224,17 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
         interruptible: false,
     };
     if let Some(config) = &args.config {
-        let plugins = pwhost::configured::load(config, args.runtime.as_deref(), runtime_config)?;
+        let cache_dir = match (&args.cache_dir, args.no_cache) {
+            (_, true) => None,
+            (Some(dir), false) => Some(dir.clone()),
+            (None, false) => pwhost::configured::default_cache_dir(),
+        };
+        let plugins = pwhost::configured::load(
+            config,
+            args.runtime.as_deref(),
+            runtime_config,
+            cache_dir.as_deref(),
+        )?;
         return Ok(scenario::run_plugins(
             &std::sync::Arc::new(plugins),
             &scenario,

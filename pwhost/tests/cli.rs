@@ -443,3 +443,46 @@ fn a_bad_configuration_is_one_error_naming_the_field() {
         "{stderr}"
     );
 }
+
+#[test]
+fn remote_code_fetched_once_starts_again_from_the_cache_without_the_server() {
+    let directory = scratch("remote");
+    let cache = directory.join("cache");
+    let code = std::fs::read(plugin("rust/http_headers.wasm")).unwrap();
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let port = server.server_addr().to_ip().unwrap().port();
+    let sha256 = lifecycle::remote::sha256_hex(&code);
+    let config = directory.join("remote.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "name: fetched\nvm_config:\n  code:\n    remote:\n      http_uri: {{uri: \"http://127.0.0.1:{port}/plugin.wasm\", timeout: 5s}}\n      sha256: {sha256}\n      retry_policy: {{num_retries: 0}}\n"
+        ),
+    )
+    .unwrap();
+    let run = || {
+        pwhost(&[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+    };
+    // The server answers exactly one request, then goes away.
+    let serving = std::thread::spawn(move || {
+        let request = server.recv_timeout(std::time::Duration::from_secs(30));
+        if let Ok(Some(request)) = request {
+            let _ = request.respond(tiny_http::Response::from_data(code));
+        }
+    });
+    let first = json(&run());
+    serving.join().unwrap();
+    assert_eq!(first["plugins"][0]["name"], "fetched");
+    let second = json(&run());
+    assert_eq!(
+        second["http"][0]["request_headers"],
+        first["http"][0]["request_headers"]
+    );
+    assert!(cache.join("code").join(format!("{sha256}.wasm")).exists());
+}

@@ -13,6 +13,8 @@
 //!
 //! A `config` case runs on every engine (its `vm_config.runtime` replaced); on the null runtime
 //! it runs when every plugin it names (`rust/NAME.wasm`) is compiled in, as `inline_string: NAME`.
+//! With `serve`, the test runs an HTTP server on 127.0.0.1 for the case's remote code: `{url}`
+//! in the config stands for the file's address and `{sha256}` for its digest.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +34,9 @@ struct Case {
     /// A whole configuration instead of `plugin` and its settings.
     #[serde(default)]
     config: Option<serde_yaml::Value>,
+    /// A file served over HTTP for the configuration's remote code.
+    #[serde(default)]
+    serve: Option<Serve>,
     #[serde(default)]
     plugin_config: String,
     #[serde(default)]
@@ -58,6 +63,90 @@ struct Case {
     /// compiled-in build (`native:NAME`) still runs it.
     #[serde(default)]
     not_on_sdk_libraries: Option<String>,
+}
+
+/// What the case's HTTP server serves: `file` (under `plugins/dist/`), answering request `i`
+/// as `answers[i]` says (the last one after that).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Serve {
+    file: String,
+    #[serde(default)]
+    answers: Vec<ServeAnswer>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeAnswer {
+    #[serde(default = "ok_status")]
+    status: u16,
+    #[serde(default)]
+    delay_ms: u64,
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+/// An HTTP server on 127.0.0.1 for one case; stopped when dropped.
+struct CodeServer {
+    url: String,
+    sha256: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CodeServer {
+    fn start(serve: &Serve) -> Result<CodeServer, String> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let body = std::fs::read(root().join("plugins/dist").join(&serve.file))
+            .map_err(|e| format!("{}: {e}", serve.file))?;
+        let sha256 = lifecycle::remote::sha256_hex(&body);
+        let server = tiny_http::Server::http("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = server.server_addr().to_ip().ok_or("no IP address")?.port();
+        let answers = if serve.answers.is_empty() {
+            vec![ServeAnswer {
+                status: 200,
+                delay_ms: 0,
+            }]
+        } else {
+            serve.answers.clone()
+        };
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut served = 0;
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let answer = answers[served.min(answers.len() - 1)].clone();
+                served += 1;
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(answer.delay_ms));
+                    let response =
+                        tiny_http::Response::from_data(body).with_status_code(answer.status);
+                    let _ = request.respond(response);
+                });
+            }
+        });
+        Ok(CodeServer {
+            url: format!("http://127.0.0.1:{port}/plugin.wasm"),
+            sha256,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for CodeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn root() -> PathBuf {
@@ -152,9 +241,18 @@ fn check(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
 
 /// The deployment of a `config` case for `runtime`: every plugin on that engine; on the null
 /// runtime, each `rust/NAME.wasm` as compiled-in plugin NAME (`None` if one is not compiled in).
-fn deployment_for(case: &Case, runtime: &str) -> Result<Option<lifecycle::Deployment>, String> {
+fn deployment_for(
+    case: &Case,
+    runtime: &str,
+    server: Option<&CodeServer>,
+) -> Result<Option<lifecycle::Deployment>, String> {
     let config = case.config.as_ref().ok_or("no config")?;
-    let text = serde_yaml::to_string(config).map_err(|e| e.to_string())?;
+    let mut text = serde_yaml::to_string(config).map_err(|e| e.to_string())?;
+    if let Some(server) = server {
+        text = text
+            .replace("{url}", &server.url)
+            .replace("{sha256}", &server.sha256);
+    }
     let mut deployment = match lifecycle::parse(&text) {
         Ok(deployment) => deployment,
         // A configuration error is what some cases check.
@@ -176,6 +274,7 @@ fn deployment_for(case: &Case, runtime: &str) -> Result<Option<lifecycle::Deploy
         if runtime != "null" {
             continue;
         }
+        // Fetched code is WebAssembly.
         let lifecycle::CodeSource::File(path) = &plugin.vm.code else {
             return Ok(None);
         };
@@ -195,7 +294,13 @@ fn deployment_for(case: &Case, runtime: &str) -> Result<Option<lifecycle::Deploy
 /// Runs a `config` case on `runtime_name`; `None` if it does not run there.
 fn run_config_case(name: &str, case: &Case, runtime_name: &str) -> Option<Result<(), String>> {
     let context = format!("{name} on {runtime_name}");
-    let deployment = match deployment_for(case, runtime_name) {
+    // A server per run; the first run fetches, later ones find a module that was fetched in
+    // the process's memory cache (as another Envoy listener would), while failures fetch again.
+    let server = match case.serve.as_ref().map(CodeServer::start).transpose() {
+        Ok(server) => server,
+        Err(error) => return Some(Err(format!("{context}: cannot serve: {error}"))),
+    };
+    let deployment = match deployment_for(case, runtime_name, server.as_ref()) {
         Ok(Some(deployment)) => deployment,
         Ok(None) => return None,
         Err(error) => return Some(expect_load_error(case, &context, error)),
@@ -206,8 +311,12 @@ fn run_config_case(name: &str, case: &Case, runtime_name: &str) -> Option<Result
             ..RuntimeConfig::default()
         },
     };
-    let dist = root().join("plugins/dist");
-    let loaded = lifecycle::Plugins::load(&deployment, &engines, &dist, abi::SharedState::new());
+    let options = lifecycle::LoadOptions {
+        base_dir: root().join("plugins/dist"),
+        // In memory only (a fetched module stays for the process, as in Envoy).
+        code_cache: lifecycle::CodeCache::default(),
+    };
+    let loaded = lifecycle::Plugins::load(&deployment, &engines, &options, abi::SharedState::new());
     let plugins = match loaded {
         Ok(plugins) => std::sync::Arc::new(plugins),
         Err(error) => return Some(expect_load_error(case, &context, error.to_string())),

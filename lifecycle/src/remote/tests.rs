@@ -1,0 +1,226 @@
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use super::*;
+
+/// How the test server answers one request.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    delay: Duration,
+}
+
+fn ok(body: &[u8]) -> Answer {
+    Answer {
+        status: 200,
+        body: body.to_vec(),
+        delay: Duration::ZERO,
+    }
+}
+
+/// An HTTP server on 127.0.0.1 answering request `i` with `answers[i]` (the last one after),
+/// each on a thread of its own; stopped when dropped.
+struct TestServer {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(answers: Vec<Answer>) -> TestServer {
+        let server = tiny_http::Server::http("127.0.0.1:0").expect("a loopback port");
+        let port = server.server_addr().to_ip().expect("an IP address").port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopping) = (Arc::clone(&requests), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let index = count.fetch_add(1, Ordering::Relaxed);
+                let answer = answers[index.min(answers.len() - 1)].clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(answer.delay);
+                    let response =
+                        tiny_http::Response::from_data(answer.body).with_status_code(answer.status);
+                    let _ = request.respond(response);
+                });
+            }
+        });
+        TestServer {
+            url: format!("http://127.0.0.1:{port}/plugin.wasm"),
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Code unique to each test, so tests sharing the process's memory cache never meet.
+fn code(test: &str) -> Vec<u8> {
+    format!("\0asm\x01\0\0\0 code of {test}").into_bytes()
+}
+
+fn remote(url: &str, code: &[u8]) -> RemoteCode {
+    RemoteCode {
+        uri: url.to_string(),
+        cluster: None,
+        timeout: Duration::from_secs(5),
+        sha256: sha256_hex(code),
+        retries: 1,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+    }
+}
+
+fn forget_in_memory(sha256: &str) {
+    memory().lock().unwrap().remove(sha256);
+}
+
+#[test]
+fn fetched_code_is_checked_and_kept_on_disk_for_a_start_without_network() {
+    let code = code("disk");
+    let directory = tempfile::tempdir().unwrap();
+    let cache = CodeCache::new(Some(directory.path().to_path_buf()));
+    let server = TestServer::start(vec![ok(&code)]);
+    let source = remote(&server.url, &code);
+    assert_eq!(*load(&source, &cache, false).unwrap(), code);
+    assert_eq!(server.requests(), 1);
+    let file = directory.path().join(format!("{}.wasm", source.sha256));
+    assert_eq!(std::fs::read(&file).unwrap(), code);
+    // A restart: nothing in memory, and no server.
+    drop(server);
+    forget_in_memory(&source.sha256);
+    assert_eq!(*load(&source, &cache, false).unwrap(), code);
+}
+
+#[test]
+fn a_cached_file_that_does_not_match_its_name_is_not_used() {
+    let code = code("torn");
+    let directory = tempfile::tempdir().unwrap();
+    let cache = CodeCache::new(Some(directory.path().to_path_buf()));
+    let sha256 = sha256_hex(&code);
+    std::fs::write(
+        directory.path().join(format!("{sha256}.wasm")),
+        &code[..code.len() / 2],
+    )
+    .unwrap();
+    assert!(cache.get(&sha256).is_none());
+    assert!(!directory.path().join(format!("{sha256}.wasm")).exists());
+}
+
+#[test]
+fn a_404_is_final() {
+    let code = code("404");
+    let server = TestServer::start(vec![Answer {
+        status: 404,
+        body: b"not here".to_vec(),
+        delay: Duration::ZERO,
+    }]);
+    let error = load(&remote(&server.url, &code), &CodeCache::default(), false).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!("cannot fetch {} (1 attempt): HTTP status 404", server.url)
+    );
+    assert_eq!(server.requests(), 1);
+}
+
+#[test]
+fn a_timeout_or_a_5xx_is_retried_as_the_retry_policy_says() {
+    let code = code("retry");
+    let slow = Answer {
+        delay: Duration::from_secs(3),
+        ..ok(&code)
+    };
+    let server = TestServer::start(vec![slow, ok(&code)]);
+    let mut source = remote(&server.url, &code);
+    source.timeout = Duration::from_millis(300);
+    assert_eq!(*load(&source, &CodeCache::default(), false).unwrap(), code);
+    assert_eq!(server.requests(), 2, "the first attempt timed out");
+
+    let code = self::code("5xx");
+    let unavailable = Answer {
+        status: 503,
+        body: Vec::new(),
+        delay: Duration::ZERO,
+    };
+    let server = TestServer::start(vec![unavailable.clone(), unavailable, ok(&code)]);
+    let mut source = remote(&server.url, &code);
+    source.retries = 1;
+    let error = load(&source, &CodeCache::default(), false).unwrap_err();
+    assert!(
+        error.to_string().ends_with("(2 attempts): HTTP status 503"),
+        "{error}"
+    );
+    source.retries = 2;
+    assert_eq!(*load(&source, &CodeCache::default(), false).unwrap(), code);
+}
+
+#[test]
+fn code_that_is_not_what_the_configuration_says_names_both_digests() {
+    let code = code("mismatch");
+    let server = TestServer::start(vec![ok(b"something else")]);
+    let mut source = remote(&server.url, &code);
+    source.sha256 = sha256_hex(b"what was configured");
+    let error = load(&source, &CodeCache::default(), false).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "the code fetched from {} has sha256 {}, but the configuration says {}",
+            server.url,
+            sha256_hex(b"something else"),
+            source.sha256
+        )
+    );
+}
+
+#[test]
+fn nack_on_code_cache_miss_refuses_now_and_fills_the_cache_for_later() {
+    let code = code("nack");
+    let server = TestServer::start(vec![ok(&code)]);
+    let source = remote(&server.url, &code);
+    let cache = CodeCache::default();
+    let error = load(&source, &cache, true).unwrap_err();
+    assert!(matches!(error, FetchError::CacheMiss { .. }), "{error}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.get(&source.sha256).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(*load(&source, &cache, true).unwrap(), code);
+    assert_eq!(server.requests(), 1);
+}
+
+#[test]
+fn an_unreachable_server_is_an_error_after_the_retries() {
+    let code = code("unreachable");
+    // A port nothing listens on: bind one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/plugin.wasm");
+    let error = load(&remote(&url, &code), &CodeCache::default(), false).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("cannot fetch {url} (2 attempts): ")),
+        "{error}"
+    );
+}
