@@ -59,6 +59,13 @@ pub struct PluginConfig {
     pub vm_configuration: Vec<u8>,
     /// The plugin configuration, read by `proxy_on_configure`.
     pub plugin_configuration: Vec<u8>,
+    /// Envoy's `capability_restriction_config.allowed_capabilities`: when set and not empty,
+    /// only these host functions (`proxy_log`, `fd_write`, ...) and callbacks
+    /// (`proxy_on_request_headers`, ...) are the plugin's. Any other `proxy_*` host function
+    /// logs an error and returns `INTERNAL_FAILURE`, any other WASI function returns
+    /// `ENOTCAPABLE`, and any other callback is never called, as in proxy-wasm-cpp-host. The
+    /// allocator and the module's start functions are always allowed.
+    pub allowed_capabilities: Option<std::collections::BTreeSet<String>>,
     /// Environment variables visible through WASI `environ_get`; nothing else of the host's
     /// environment is exposed.
     pub environment: Vec<(String, String)>,

@@ -110,6 +110,9 @@ pub struct VmState {
     pub(crate) callback: Option<Callback>,
     /// Host functions the plugin may call right now.
     pub(crate) restriction: Restriction,
+    /// The capabilities the plugin is restricted to, if any (see
+    /// [`PluginConfig::allowed_capabilities`]); `None` when unrestricted.
+    pub(crate) allowed_capabilities: Option<Arc<std::collections::BTreeSet<String>>>,
     /// Set by `proxy_send_local_response`: the running callback's result is overridden to stop
     /// the stream (proxy-wasm-cpp-host's `stopNextIteration`).
     pub(crate) stop_iteration: bool,
@@ -151,13 +154,18 @@ impl VmState {
         VmState {
             host,
             abi,
-            config,
             shared,
             allocator: None,
             effective_context: ContextId(0),
             callback_context: ContextId(0),
             callback: None,
             restriction: Restriction::None,
+            allowed_capabilities: config
+                .allowed_capabilities
+                .as_ref()
+                .filter(|allowed| !allowed.is_empty())
+                .map(|allowed| Arc::new(allowed.clone())),
+            config: Arc::clone(&config),
             stop_iteration: false,
             contexts: FxHashMap::default(),
             http_call_response: None,

@@ -99,8 +99,14 @@ impl Vm {
             ContextKind::Root(RootState::new(plugin.config.root())),
         );
         let mut callbacks = [None; CALLBACK_COUNT];
+        // Callbacks the plugin's capability restriction leaves out are never called, as if the
+        // module did not export them.
+        let allowed = |name: &str| match &plugin.config.allowed_capabilities {
+            Some(allowed) if !allowed.is_empty() => allowed.contains(name),
+            _ => true,
+        };
         for (slot, spec) in callbacks.iter_mut().zip(CALLBACKS.iter()) {
-            if spec.in_abi(plugin.abi) {
+            if spec.in_abi(plugin.abi) && allowed(spec.name) {
                 *slot = instance.function(spec.name);
             }
         }

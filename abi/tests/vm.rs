@@ -207,3 +207,131 @@ fn plugins_sharing_a_vm_each_get_a_root_context_with_their_own_configuration() {
         Err(VmError::UnknownContext(_))
     ));
 }
+
+/// A plugin that, on request headers, calls WASI `fd_write` and `proxy_log` and reports what
+/// each returned as a request header, one byte each: the errno or status plus 48 (so `0` for
+/// success).
+const CAPABILITY_PROBE: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x-fd-write")
+  (data (i32.const 16) "x-log")
+  (data (i32.const 32) "hello\n")
+  (data (i32.const 48) "\20\00\00\00\06\00\00\00")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 64)
+      (i32.add (i32.const 48)
+        (call $fd_write (i32.const 1) (i32.const 48) (i32.const 1) (i32.const 56))))
+    (i32.store8 (i32.const 65)
+      (i32.add (i32.const 48) (call $log (i32.const 2) (i32.const 32) (i32.const 5))))
+    (drop (call $add (i32.const 0) (i32.const 0) (i32.const 10) (i32.const 64) (i32.const 1)))
+    (drop (call $add (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 65) (i32.const 1)))
+    i32.const 0))
+"#;
+
+/// The capability probe's request headers, and the host's log, with `allowed` capabilities.
+fn probe_capabilities(allowed: Option<&[&str]>) -> (Vec<(String, String)>, Vec<String>) {
+    let wasm = wat::parse_str(CAPABILITY_PROBE).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let config = PluginConfig {
+        allowed_capabilities: allowed.map(|names| names.iter().map(|n| n.to_string()).collect()),
+        ..PluginConfig::default()
+    };
+    let plugin = Plugin::load(&runtime, &wasm, config, SharedState::new()).unwrap();
+    let mut vm = started(&plugin);
+    let stream = vm.create_http_context().unwrap();
+    vm.host_as::<InMemoryHost>()
+        .unwrap()
+        .stream(stream)
+        .request_headers
+        .add(b":path", b"/");
+    vm.on_request_headers(stream, 1, true).unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    let headers = host
+        .stream(stream)
+        .request_headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into(),
+                String::from_utf8_lossy(v).into(),
+            )
+        })
+        .filter(|(k, _): &(String, String)| k != ":path")
+        .collect();
+    let logs = host.logs.iter().map(|log| log.message.clone()).collect();
+    (headers, logs)
+}
+
+#[test]
+fn without_a_capability_restriction_every_host_function_acts() {
+    for allowed in [None, Some(&[][..])] {
+        let (headers, logs) = probe_capabilities(allowed);
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            value("x-fd-write").as_deref(),
+            Some("0"),
+            "fd_write succeeds"
+        );
+        assert_eq!(value("x-log").as_deref(), Some("0"), "proxy_log returns OK");
+        assert_eq!(
+            logs,
+            ["hello", "hello"],
+            "an empty restriction is none, as in Envoy"
+        );
+    }
+}
+
+#[test]
+fn restricted_host_functions_log_and_answer_as_proxy_wasm_cpp_host_stubs() {
+    let allowed = [
+        "proxy_on_context_create",
+        "proxy_on_request_headers",
+        "proxy_add_header_map_value",
+    ];
+    let (headers, logs) = probe_capabilities(Some(&allowed));
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        value("x-fd-write").as_deref(),
+        Some("|"),
+        "ENOTCAPABLE (76)"
+    );
+    assert_eq!(
+        value("x-log").as_deref(),
+        Some(":"),
+        "INTERNAL_FAILURE (10)"
+    );
+    assert_eq!(
+        logs,
+        [
+            "Attempted call to restricted WASI capability: fd_write",
+            "Attempted call to restricted proxy-wasm capability: proxy_log",
+        ]
+    );
+}
+
+#[test]
+fn restricted_callbacks_are_never_called() {
+    let (headers, logs) = probe_capabilities(Some(&["proxy_on_context_create", "proxy_log"]));
+    assert!(
+        headers.is_empty(),
+        "proxy_on_request_headers did not run: {headers:?}"
+    );
+    assert!(logs.is_empty());
+}

@@ -75,8 +75,9 @@ pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<
 
 /// Which VM a plugin runs in: plugins with equal keys share one compiled module and, per
 /// thread, one VM copy. As Envoy's, a SHA-256 over the vm_id, the VM configuration and the code;
-/// unlike Envoy's, also over the engine, so that plugins asking for different engines never
-/// share a VM (Envoy lets the first plugin's runtime win).
+/// unlike Envoy's, also over the engine and the capability restriction, so that plugins asking
+/// for different engines or capabilities never share a VM (Envoy lets the first plugin's
+/// runtime and restriction win, so a restricted plugin could run in an unrestricted VM).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VmKey([u8; 32]);
 
@@ -84,11 +85,20 @@ impl VmKey {
     /// The key of `plugin`'s VM on `engine` with `code`.
     pub fn new(plugin: &PluginConfig, engine: &str, code: &Code) -> VmKey {
         let mut hash = Sha256::new();
+        // An empty restriction is none, as in Envoy.
+        let capabilities = match &plugin.allowed_capabilities {
+            Some(allowed) if !allowed.is_empty() => {
+                let names: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                format!("restricted:{}", names.join(","))
+            }
+            _ => String::new(),
+        };
         for part in [
             plugin.vm.vm_id.as_bytes(),
             engine.as_bytes(),
             &plugin.vm.configuration,
             code.identity(),
+            capabilities.as_bytes(),
         ] {
             // Lengths first, so that no two different inputs run together into the same bytes.
             hash.update((part.len() as u64).to_le_bytes());
@@ -126,6 +136,7 @@ pub fn abi_config(plugin: &PluginConfig) -> abi::PluginConfig {
         vm_id: plugin.vm.vm_id.clone(),
         vm_configuration: plugin.vm.configuration.clone(),
         plugin_configuration: plugin.configuration.clone(),
+        allowed_capabilities: plugin.allowed_capabilities.clone(),
         environment: plugin.vm.environment.resolve(),
         allow_on_headers_stop_iteration: plugin.allow_on_headers_stop_iteration,
     }
@@ -160,6 +171,31 @@ mod tests {
             "parts do not run together"
         );
         assert_eq!(key.to_string().len(), 64);
+    }
+
+    #[test]
+    fn plugins_with_different_capability_restrictions_never_share_a_vm() {
+        let code = Code::Wasm(b"\0asm\x01\0\0\0".to_vec());
+        let restricted = |names: &[&str]| PluginConfig {
+            allowed_capabilities: Some(names.iter().map(|n| n.to_string()).collect()),
+            ..plugin("vm", "c")
+        };
+        let open = VmKey::new(&plugin("vm", "c"), "wasmtime", &code);
+        let logs_only = VmKey::new(&restricted(&["proxy_log"]), "wasmtime", &code);
+        assert_ne!(open, logs_only);
+        assert_eq!(
+            logs_only,
+            VmKey::new(&restricted(&["proxy_log"]), "wasmtime", &code)
+        );
+        assert_ne!(
+            logs_only,
+            VmKey::new(&restricted(&["proxy_log", "fd_write"]), "wasmtime", &code)
+        );
+        assert_eq!(
+            open,
+            VmKey::new(&restricted(&[]), "wasmtime", &code),
+            "an empty restriction is none"
+        );
     }
 
     #[test]

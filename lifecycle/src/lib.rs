@@ -5,12 +5,14 @@
 //! * [`config`]: Envoy's and Traffic Server's plugin configurations, parsed strictly.
 //! * [`runtime_name`]: which engine a configured runtime name stands for.
 //! * [`code`]: a plugin's code, and the [`VmKey`] plugins share a VM by.
+//! * [`compiled`]: precompiled sections in modules and the compilation cache on disk.
 //! * [`plugins`]: a deployment loaded ([`Plugins`]) and run on worker threads ([`Worker`]): VM
 //!   sharing, per-thread copies, failure policies and their counters.
 //! * [`remote`]: remote code, fetched, checked and cached by sha256.
 //! * [`services`]: singleton services, each in one VM on a thread of its own.
 
 pub mod code;
+pub mod compiled;
 pub mod config;
 pub mod plugins;
 pub mod remote;
@@ -20,6 +22,7 @@ pub mod services;
 mod test_support;
 
 pub use code::{abi_config, Code, CodeError, VmKey};
+pub use compiled::{CompilationCache, CompiledFrom};
 pub use config::{
     parse, CodeSource, ConfigError, Deployment, Environment, FailurePolicy, PluginConfig,
     RemoteCode, VmConfig, WasmService,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use abi::{ContextId, Host, InMemoryHost, RootConfig, SharedState, Vm, VmError};
 
 use crate::code::{self, abi_config, Code, VmKey};
+use crate::compiled::{self, CompilationCache, CompiledFrom};
 use crate::config::{CodeSource, Deployment, FailurePolicy, PluginConfig};
 use crate::remote::{self, CodeCache};
 use crate::runtime_name;
@@ -23,14 +24,28 @@ pub trait Engines: Send + Sync {
     /// The engines compiled in, by pwhost name, in preference order.
     fn available(&self) -> Vec<&'static str>;
 
-    /// Compiles and links `code` on `engine` as a plugin with `config`, sharing `shared`.
-    fn load(
+    /// The engine called `engine` (one of [`Engines::available`]), configured as the embedder
+    /// runs plugins. The lifecycle layer compiles WebAssembly with it (from a precompiled
+    /// section or the compilation cache where it can).
+    fn runtime(
         &self,
         engine: &'static str,
+    ) -> Result<Arc<dyn runtime_api::WasmRuntime<abi::VmState>>, String>;
+
+    /// Loads native code ([`Code::NativeName`], [`Code::NativeLibrary`]) on `runtime` (the null
+    /// runtime) as a plugin with `config`, sharing `shared`. By default, native code is refused.
+    fn load_native(
+        &self,
+        runtime: &dyn runtime_api::WasmRuntime<abi::VmState>,
         code: &Code,
         config: abi::PluginConfig,
         shared: SharedState,
-    ) -> Result<abi::Plugin, String>;
+    ) -> Result<abi::Plugin, String> {
+        let _ = (runtime, config, shared);
+        Err(format!(
+            "this host runs no native plugins ({code:?} is not WebAssembly)"
+        ))
+    }
 }
 
 /// Why a deployment could not be loaded. Nothing of it runs then.
@@ -113,6 +128,9 @@ pub struct LoadOptions {
     pub base_dir: std::path::PathBuf,
     /// Where remote code is kept by sha256 (always in memory; on disk if it has a directory).
     pub code_cache: CodeCache,
+    /// Where compiled code is kept for the next start, for engines that can load it back
+    /// (none: every start compiles).
+    pub compilation_cache: Option<CompilationCache>,
 }
 
 /// A plugin's code for `engine`, local or remote.
@@ -148,6 +166,32 @@ fn read_code(
     Ok(Code::Wasm(code.to_vec()))
 }
 
+/// Compiles (or loads) `code` on `engine` as `config`'s plugin.
+fn compile(
+    engines: &dyn Engines,
+    engine: &'static str,
+    code: &Code,
+    config: &PluginConfig,
+    options: &LoadOptions,
+    shared: &SharedState,
+) -> Result<(abi::Plugin, CompiledFrom), String> {
+    let runtime = engines.runtime(engine)?;
+    let Code::Wasm(wasm) = code else {
+        let plugin = engines.load_native(&*runtime, code, abi_config(config), shared.clone())?;
+        return Ok((plugin, CompiledFrom::Native));
+    };
+    let (module, from) = compiled::compile(
+        &*runtime,
+        wasm,
+        config.vm.allow_precompiled,
+        options.compilation_cache.as_ref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let plugin = abi::Plugin::from_module(&*runtime, module, abi_config(config), shared.clone())
+        .map_err(|e| e.to_string())?;
+    Ok((plugin, from))
+}
+
 /// Per module, the plugins whose root contexts it has, in root order.
 fn users_of(modules: &[Module], entries: &[Entry]) -> Vec<Vec<PluginId>> {
     let mut users = vec![Vec::new(); modules.len()];
@@ -167,6 +211,8 @@ struct Module {
     /// A singleton service's VM: never shared, never copied onto workers.
     singleton: bool,
     plugin: abi::Plugin,
+    /// Where its machine code came from.
+    compiled_from: CompiledFrom,
     roots: Vec<RootConfig>,
 }
 
@@ -204,7 +250,7 @@ impl Plugins {
         let mut modules: Vec<Module> = Vec::new();
         let mut entries = Vec::new();
         // Compiled once per key, even when a singleton service needs a VM of its own.
-        let mut compiled: Vec<(VmKey, abi::Plugin)> = Vec::new();
+        let mut compiled: Vec<(VmKey, abi::Plugin, CompiledFrom)> = Vec::new();
         let filters = deployment.http_filters.len() + deployment.network_filters.len();
         for (index, config) in deployment.plugins().enumerate() {
             let singleton = index >= filters && deployment.services[index - filters].singleton;
@@ -226,22 +272,24 @@ impl Plugins {
                     index
                 }
                 _ => {
-                    let plugin = match compiled.iter().find(|(k, _)| *k == key) {
-                        Some((_, plugin)) => plugin.with_config(abi_config(config)),
+                    let (plugin, compiled_from) = match compiled.iter().find(|(k, ..)| *k == key) {
+                        Some((_, plugin, from)) => (plugin.with_config(abi_config(config)), *from),
                         None => {
-                            let plugin = engines
-                                .load(engine, &code, abi_config(config), shared.clone())
-                                .map_err(|message| LoadError::Module {
-                                    plugin: config.name.clone(),
-                                    message,
-                                })?;
-                            compiled.push((key.clone(), plugin.clone()));
-                            plugin
+                            let (plugin, from) = compile(
+                                engines, engine, &code, config, options, &shared,
+                            )
+                            .map_err(|message| LoadError::Module {
+                                plugin: config.name.clone(),
+                                message,
+                            })?;
+                            compiled.push((key.clone(), plugin.clone(), from));
+                            (plugin, from)
                         }
                     };
                     modules.push(Module {
                         key: Some(key),
                         plugin,
+                        compiled_from,
                         roots: vec![abi_config(config).root()],
                         singleton,
                     });
@@ -300,6 +348,12 @@ impl Plugins {
             modules: vec![Module {
                 key: None,
                 singleton: false,
+                // Native code runs unsandboxed; anything else the embedder compiled.
+                compiled_from: if plugin.capabilities().sandboxed {
+                    CompiledFrom::Bytecode
+                } else {
+                    CompiledFrom::Native
+                },
                 roots: vec![plugin.config().root()],
                 plugin,
             }],
@@ -372,6 +426,11 @@ impl Plugins {
     /// The compiled module a plugin runs in.
     pub fn module(&self, plugin: PluginId) -> &abi::Plugin {
         &self.modules[self.entries[plugin.0].module].plugin
+    }
+
+    /// Where the machine code of a plugin's module came from.
+    pub fn compiled_from(&self, plugin: PluginId) -> CompiledFrom {
+        self.modules[self.entries[plugin.0].module].compiled_from
     }
 }
 

@@ -2,10 +2,12 @@
 
 use std::path::Path;
 
-use abi::SharedState;
+use std::sync::Arc;
+
+use abi::{SharedState, VmState};
 use runtime_api::{RuntimeConfig, WasmRuntime};
 
-use crate::{Code, Engines, LoadError, LoadOptions, Plugins};
+use crate::{Engines, LoadError, LoadOptions, Plugins};
 
 /// Engines for tests: wasmtime, from the plugin corpus and WAT.
 pub(crate) struct Wasmtime;
@@ -15,20 +17,10 @@ impl Engines for Wasmtime {
         vec!["wasmtime"]
     }
 
-    fn load(
-        &self,
-        _engine: &'static str,
-        code: &Code,
-        config: abi::PluginConfig,
-        shared: SharedState,
-    ) -> Result<abi::Plugin, String> {
-        let Code::Wasm(wasm) = code else {
-            return Err("wasm only".into());
-        };
+    fn runtime(&self, _engine: &'static str) -> Result<Arc<dyn WasmRuntime<VmState>>, String> {
         let runtime = runtime_wasmtime::WasmtimeRuntime::new(RuntimeConfig::default())
             .map_err(|e| e.to_string())?;
-        let runtime: &dyn WasmRuntime<abi::VmState> = &runtime;
-        abi::Plugin::load(runtime, wasm, config, shared).map_err(|e| e.to_string())
+        Ok(Arc::new(runtime))
     }
 }
 

@@ -1,18 +1,33 @@
 //! `pwhost run --config FILE`: plugins as Envoy or Traffic Server configure them, loaded through
 //! the `lifecycle` layer (VM keys, the check at load) on this build's engines.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use abi::VmState;
 use anyhow::Context as _;
-use lifecycle::{Code, CodeCache, LoadOptions, Plugins};
-use runtime_api::RuntimeConfig;
+use lifecycle::{Code, CodeCache, CompilationCache, LoadOptions, Plugins};
+use runtime_api::{RuntimeConfig, WasmRuntime};
 
 use crate::runtimes;
 
-/// This build's engines, as the `lifecycle` layer asks for them.
+/// This build's engines, as the `lifecycle` layer asks for them: each made once, on first use,
+/// and shared by every plugin that runs on it.
 pub struct BuildEngines {
     /// How every engine runs guests (deadline, memory cap).
-    pub config: RuntimeConfig,
+    config: RuntimeConfig,
+    made: Mutex<HashMap<&'static str, Arc<dyn WasmRuntime<VmState>>>>,
+}
+
+impl BuildEngines {
+    /// This build's engines, each to run guests as `config` says.
+    pub fn new(config: RuntimeConfig) -> BuildEngines {
+        BuildEngines {
+            config,
+            made: Mutex::default(),
+        }
+    }
 }
 
 impl lifecycle::Engines for BuildEngines {
@@ -20,26 +35,36 @@ impl lifecycle::Engines for BuildEngines {
         runtimes::available().to_vec()
     }
 
-    fn load(
+    fn runtime(&self, engine: &'static str) -> Result<Arc<dyn WasmRuntime<VmState>>, String> {
+        // A poisoned lock only means another load panicked; the map is still whole.
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(runtime) = made.get(engine) {
+            return Ok(Arc::clone(runtime));
+        }
+        let runtime = runtimes::create(engine, self.config.clone()).map_err(|e| e.to_string())?;
+        made.insert(engine, Arc::clone(&runtime));
+        Ok(runtime)
+    }
+
+    fn load_native(
         &self,
-        engine: &'static str,
+        runtime: &dyn WasmRuntime<VmState>,
         code: &Code,
         config: abi::PluginConfig,
         shared: abi::SharedState,
     ) -> Result<abi::Plugin, String> {
-        let runtime = runtimes::create(engine, self.config.clone()).map_err(|e| e.to_string())?;
         let loaded = match code {
-            Code::Wasm(wasm) => {
-                abi::Plugin::load(&*runtime, wasm, config, shared).map_err(anyhow::Error::from)
-            }
             Code::NativeName(name) => crate::plugins::load(
-                &*runtime,
+                runtime,
                 &format!("{}{name}", crate::plugins::NATIVE_PREFIX),
                 config,
                 shared,
             ),
             Code::NativeLibrary(library) => {
-                crate::plugins::load(&*runtime, &library.to_string_lossy(), config, shared)
+                crate::plugins::load(runtime, &library.to_string_lossy(), config, shared)
+            }
+            Code::Wasm(wasm) => {
+                abi::Plugin::load(runtime, wasm, config, shared).map_err(anyhow::Error::from)
             }
         };
         loaded.map_err(|e| format!("{e:#}"))
@@ -78,18 +103,18 @@ pub fn load(
             plugin.vm.runtime = engine.to_string();
         }
     }
-    let engines = BuildEngines {
-        config: runtime_config,
-    };
+    let engines = BuildEngines::new(runtime_config);
     let options = LoadOptions {
         base_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         code_cache: CodeCache::new(cache_dir.map(|d| d.join("code"))),
+        compilation_cache: cache_dir.map(|d| CompilationCache::new(d.join("compiled"))),
     };
     Plugins::load(&deployment, &engines, &options, abi::SharedState::new())
         .with_context(|| format!("cannot load {}", path.display()))
 }
 
-/// Where `pwhost` keeps what it caches (remote code under `code/`): `$XDG_CACHE_HOME/pwhost`, else
+/// Where `pwhost` keeps what it caches (remote code under `code/`, compiled code under
+/// `compiled/`): `$XDG_CACHE_HOME/pwhost`, else
 /// `~/.cache/pwhost`; `None` without either variable.
 pub fn default_cache_dir() -> Option<std::path::PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {

@@ -28,6 +28,54 @@ enum Command {
     Bench(Box<BenchArgs>),
     /// List the engines compiled into this build.
     Runtimes,
+    /// Add engines' precompiled code to a module, for hosts that load it with
+    /// `allow_precompiled: true`; every other host ignores it and compiles the bytecode.
+    Precompile(PrecompileArgs),
+}
+
+#[derive(Parser)]
+struct PrecompileArgs {
+    /// The module to precompile.
+    input: PathBuf,
+    /// Where to write the module with its precompiled sections.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// An engine to precompile for (repeatable): one section each, named after the engine and
+    /// its version (e.g. `precompiled_wasmtime_48.0.8`).
+    #[arg(long = "runtime", required = true)]
+    runtimes: Vec<String>,
+    /// As the host that loads it will run: precompiled code carries deadline checks or not.
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// How engines run guests; precompiled code is made for one such setting.
+#[derive(Parser)]
+struct LimitArgs {
+    /// Stop any single plugin callback after this many milliseconds (0: no limit), so a
+    /// plugin stuck in a loop fails its VM instead of hanging the run [default: 10000 on
+    /// engines that can stop a call; the null runtime cannot].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Cap the plugin's linear memory (MiB; 0: no cap) [default: 1024, as Envoy].
+    #[arg(long)]
+    max_memory_mib: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The engines' configuration these flags ask for.
+    fn runtime_config(&self) -> RuntimeConfig {
+        let deadline_ms = self.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
+        RuntimeConfig {
+            max_memory_bytes: match self.max_memory_mib {
+                None => Some(RuntimeConfig::DEFAULT_MAX_MEMORY_BYTES),
+                Some(0) => None,
+                Some(mib) => Some(mib.saturating_mul(1 << 20)),
+            },
+            call_deadline: (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms)),
+            interruptible: false,
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -127,6 +175,7 @@ impl PluginArgs {
             plugin_configuration: text_or_file(&self.plugin_config, "plugin configuration")?,
             environment,
             allow_on_headers_stop_iteration: self.allow_on_headers_stop_iteration,
+            ..abi::PluginConfig::default()
         })
     }
 
@@ -173,15 +222,10 @@ struct RunArgs {
     /// What to do with a stream when the plugin fails.
     #[arg(long, value_enum, default_value = "fail-closed")]
     failure_policy: FailurePolicy,
-    /// Stop any single plugin callback after this many milliseconds (0: no limit), so a
-    /// plugin stuck in a loop fails its VM instead of hanging the run [default: 10000 on
-    /// engines that can stop a call; the null runtime cannot].
-    #[arg(long)]
-    deadline_ms: Option<u64>,
-    /// Cap the plugin's linear memory (MiB; 0: no cap) [default: 1024, as Envoy].
-    #[arg(long)]
-    max_memory_mib: Option<u64>,
-    /// Where to keep fetched remote code (by sha256), so a run without network still starts
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Where to keep fetched remote code (by sha256), so a run without network still starts,
+    /// and compiled code, so a second run skips compiling
     /// [default: $XDG_CACHE_HOME/pwhost, else ~/.cache/pwhost].
     #[arg(long, conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
@@ -213,16 +257,7 @@ const DEFAULT_DEADLINE_MS: u64 = 10_000;
 
 fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let scenario = load_scenario(args.scenario.as_deref())?;
-    let deadline_ms = args.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
-    let runtime_config = RuntimeConfig {
-        max_memory_bytes: match args.max_memory_mib {
-            None => Some(RuntimeConfig::DEFAULT_MAX_MEMORY_BYTES),
-            Some(0) => None,
-            Some(mib) => Some(mib.saturating_mul(1 << 20)),
-        },
-        call_deadline: (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms)),
-        interruptible: false,
-    };
+    let runtime_config = args.limits.runtime_config();
     if let Some(config) = &args.config {
         let cache_dir = match (&args.cache_dir, args.no_cache) {
             (_, true) => None,
@@ -248,14 +283,38 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     // Limits the engine cannot enforce (native code on the null runtime) are said, not silently
     // dropped, when the user asked for them.
     let capabilities = runtime.capabilities();
-    if args.deadline_ms.is_some_and(|ms| ms > 0) && !capabilities.call_deadline {
+    if args.limits.deadline_ms.is_some_and(|ms| ms > 0) && !capabilities.call_deadline {
         eprintln!("warning: the {runtime_name} runtime cannot enforce --deadline-ms");
     }
-    if args.max_memory_mib.is_some_and(|mib| mib > 0) && !capabilities.memory_limit {
+    if args.limits.max_memory_mib.is_some_and(|mib| mib > 0) && !capabilities.memory_limit {
         eprintln!("warning: the {runtime_name} runtime cannot enforce --max-memory-mib");
     }
     let plugin = args.plugin.load(&*runtime)?;
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
+}
+
+/// Adds a precompiled section per engine named; returns what it did, a line per section.
+fn precompile(args: &PrecompileArgs) -> anyhow::Result<String> {
+    let mut wasm = std::fs::read(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let mut done = String::new();
+    for name in &args.runtimes {
+        let engine = lifecycle::runtime_name::resolve(name, runtimes::available())
+            .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?;
+        let runtime = runtimes::create(engine, args.limits.runtime_config())?;
+        wasm = lifecycle::compiled::precompile(&*runtime, &wasm).map_err(|message| {
+            anyhow::anyhow!(
+                "cannot precompile {} for {engine}: {message}",
+                args.input.display()
+            )
+        })?;
+        if let Some(identity) = runtime.artifact_identity() {
+            writeln!(done, "added section {} ({engine})", identity.section_name()).ok();
+        }
+    }
+    std::fs::write(&args.output, &wasm)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    Ok(done)
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> {
@@ -524,6 +583,13 @@ fn main() -> ExitCode {
                 Format::Json => json(&figures),
                 Format::Text => emit(&render_figures(&figures)),
             },
+            Err(error) => fail(&error),
+        },
+        Command::Precompile(args) => match precompile(&args) {
+            Ok(done) => {
+                eprint!("{done}");
+                ExitCode::SUCCESS
+            }
             Err(error) => fail(&error),
         },
         Command::Run(args) => match run(&args) {

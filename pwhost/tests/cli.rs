@@ -486,3 +486,115 @@ fn remote_code_fetched_once_starts_again_from_the_cache_without_the_server() {
     );
     assert!(cache.join("code").join(format!("{sha256}.wasm")).exists());
 }
+
+/// A configuration running `code` (a path) on wasmtime with `allow_precompiled` as given.
+fn precompiled_config(directory: &Path, code: &Path, allow_precompiled: bool) -> PathBuf {
+    let config = directory.join(format!("precompiled-{allow_precompiled}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "name: p\nvm_config:\n  runtime: envoy.wasm.runtime.wasmtime\n  allow_precompiled: {allow_precompiled}\n  code: {{local: {{filename: {:?}}}}}\n",
+            code.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[cfg(feature = "wasmtime")]
+#[test]
+fn precompile_adds_a_section_that_runs_only_with_allow_precompiled() {
+    let directory = scratch("precompile");
+    let output = directory.join("http_headers.precompiled.wasm");
+    let done = pwhost(&[
+        "precompile",
+        "--runtime",
+        "envoy.wasm.runtime.wasmtime",
+        plugin("rust/http_headers.wasm").to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let stderr = String::from_utf8_lossy(&done.stderr).into_owned();
+    assert!(
+        stderr.contains(&format!(
+            "added section precompiled_wasmtime_{}",
+            runtime_wasmtime::WASMTIME_VERSION
+        )),
+        "{stderr}"
+    );
+    let run = |allow: bool| {
+        json(&pwhost(&[
+            "run",
+            "--config",
+            precompiled_config(&directory, &output, allow).to_str().unwrap(),
+            "--no-cache",
+        ]))
+    };
+    let allowed = run(true);
+    assert_eq!(allowed["plugins"][0]["compiled_from"], "precompiled_section");
+    let refused = run(false);
+    assert_eq!(refused["plugins"][0]["compiled_from"], "bytecode");
+    assert_eq!(allowed["http"], refused["http"], "the same plugin either way");
+    // Still a plain module for every engine.
+    let runtimes = pwhost(&["runtimes"]);
+    for engine in String::from_utf8_lossy(&runtimes.stdout).lines() {
+        if engine == "null" {
+            continue;
+        }
+        let report = json(&pwhost(&[
+            "run",
+            "--plugin",
+            output.to_str().unwrap(),
+            "--runtime",
+            engine,
+        ]));
+        assert_eq!(report["http"], allowed["http"], "on {engine}");
+    }
+}
+
+#[cfg(feature = "null")]
+#[test]
+fn precompiling_for_an_engine_that_cannot_is_a_one_line_error() {
+    let directory = scratch("precompile-null");
+    let out = directory.join("out.wasm");
+    let args = |runtime: &'static str| {
+        [
+            "precompile",
+            "--runtime",
+            runtime,
+            plugin("rust/http_headers.wasm").to_str().unwrap().to_string().leak(),
+            "-o",
+            out.to_str().unwrap().to_string().leak(),
+        ]
+    };
+    let output = pwhost(&args("null"));
+    assert_one_line_error(&output, "the null runtime cannot precompile modules");
+    assert!(!out.exists(), "nothing written");
+    let output = pwhost(&args("no-such-engine"));
+    assert_one_line_error(&output, "--runtime: unknown runtime");
+}
+
+#[cfg(feature = "wasmtime")]
+#[test]
+fn a_second_run_takes_compiled_code_from_the_cache() {
+    let directory = scratch("compilation-cache");
+    let cache = directory.join("cache");
+    let config = precompiled_config(&directory, &plugin("rust/http_headers.wasm"), false);
+    let run = || {
+        json(&pwhost(&[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]))
+    };
+    let first = run();
+    assert_eq!(first["plugins"][0]["compiled_from"], "bytecode");
+    let second = run();
+    assert_eq!(second["plugins"][0]["compiled_from"], "compilation_cache");
+    assert_eq!(first["http"], second["http"]);
+    let entries = std::fs::read_dir(cache.join("compiled")).unwrap().count();
+    assert_eq!(entries, 1);
+}

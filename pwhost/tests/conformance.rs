@@ -7,14 +7,20 @@
 //! Server's YAML: a filter chain, VM sharing, failure policies), code file names relative to
 //! `plugins/dist/` — a scenario, and either `expect` — a subset of the `pwhost run` JSON report
 //! that must match (objects: the keys given; lists: same length, element by element;
-//! `{contains: s}`: a string containing `s`) — or `expect_load_error`, a substring of the load
+//! `{contains: s}`: a string containing `s`; `{includes: [...]}`: a list with these entries, in
+//! this order, among others) — or `expect_load_error`, a substring of the load
 //! error, or `expect_run_error`, a substring of the error that ends the run (e.g. a VM that
 //! cannot start).
 //!
 //! A `config` case runs on every engine (its `vm_config.runtime` replaced); on the null runtime
 //! it runs when every plugin it names (`rust/NAME.wasm`) is compiled in, as `inline_string: NAME`.
 //! With `serve`, the test runs an HTTP server on 127.0.0.1 for the case's remote code: `{url}`
-//! in the config stands for the file's address and `{sha256}` for its digest.
+//! in the config stands for the file's address and `{sha256}` for its digest. With
+//! `precompiled: FILE`, the case runs on each engine that can precompile, with `{precompiled}`
+//! in the config standing for FILE with that engine's precompiled section added (as
+//! `pwhost precompile` adds it, for the engine configuration the case runs with); with
+//! `precompiled_artifact_of: FILE2` too, the section carries FILE2's code instead, so that
+//! what runs shows whether the section or the bytecode was loaded.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +43,12 @@ struct Case {
     /// A file served over HTTP for the configuration's remote code.
     #[serde(default)]
     serve: Option<Serve>,
+    /// A module (under `plugins/dist/`) to precompile for the engine under test.
+    #[serde(default)]
+    precompiled: Option<String>,
+    /// Another module whose code goes into `precompiled`'s section instead of its own.
+    #[serde(default)]
+    precompiled_artifact_of: Option<String>,
     #[serde(default)]
     plugin_config: String,
     #[serde(default)]
@@ -212,6 +224,21 @@ fn check(expected: &Value, actual: &Value, at: &str) -> Result<(), String> {
                 Err(format!("{at}: {a:?} does not contain {needle:?}"))
             }
         }
+        (Value::Object(e), Value::Array(a)) if e.len() == 1 && e.contains_key("includes") => {
+            let wanted = e["includes"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let mut rest = a.iter();
+            for (i, entry) in wanted.iter().enumerate() {
+                if !rest.any(|actual| check(entry, actual, at).is_ok()) {
+                    return Err(format!(
+                        "{at}: no entry {entry} (entry {i}) in order in {actual}"
+                    ));
+                }
+            }
+            Ok(())
+        }
         (Value::Object(e), Value::Object(a)) => {
             e.iter().try_for_each(|(key, value)| match a.get(key) {
                 Some(actual) => check(value, actual, &format!("{at}.{key}")),
@@ -245,6 +272,7 @@ fn deployment_for(
     case: &Case,
     runtime: &str,
     server: Option<&CodeServer>,
+    precompiled: Option<&Path>,
 ) -> Result<Option<lifecycle::Deployment>, String> {
     let config = case.config.as_ref().ok_or("no config")?;
     let mut text = serde_yaml::to_string(config).map_err(|e| e.to_string())?;
@@ -252,6 +280,9 @@ fn deployment_for(
         text = text
             .replace("{url}", &server.url)
             .replace("{sha256}", &server.sha256);
+    }
+    if let Some(precompiled) = precompiled {
+        text = text.replace("{precompiled}", &precompiled.to_string_lossy());
     }
     let mut deployment = match lifecycle::parse(&text) {
         Ok(deployment) => deployment,
@@ -300,21 +331,36 @@ fn run_config_case(name: &str, case: &Case, runtime_name: &str) -> Option<Result
         Ok(server) => server,
         Err(error) => return Some(Err(format!("{context}: cannot serve: {error}"))),
     };
-    let deployment = match deployment_for(case, runtime_name, server.as_ref()) {
-        Ok(Some(deployment)) => deployment,
-        Ok(None) => return None,
-        Err(error) => return Some(expect_load_error(case, &context, error)),
+    let runtime_config = RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
+        ..RuntimeConfig::default()
     };
-    let engines = pwhost::configured::BuildEngines {
-        config: RuntimeConfig {
-            call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
-            ..RuntimeConfig::default()
-        },
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string());
+    let precompiled = match (&case.precompiled, &scratch) {
+        (None, _) => None,
+        (Some(file), Ok(scratch)) => {
+            let artifact_of = case.precompiled_artifact_of.as_deref();
+            let config = runtime_config.clone();
+            match precompile_for(file, artifact_of, runtime_name, config, scratch.path()) {
+                Ok(Some(path)) => Some(path),
+                Ok(None) => return None,
+                Err(error) => return Some(Err(format!("{context}: cannot precompile: {error}"))),
+            }
+        }
+        (Some(_), Err(error)) => return Some(Err(format!("{context}: {error}"))),
     };
+    let deployment =
+        match deployment_for(case, runtime_name, server.as_ref(), precompiled.as_deref()) {
+            Ok(Some(deployment)) => deployment,
+            Ok(None) => return None,
+            Err(error) => return Some(expect_load_error(case, &context, error)),
+        };
+    let engines = pwhost::configured::BuildEngines::new(runtime_config);
     let options = lifecycle::LoadOptions {
         base_dir: root().join("plugins/dist"),
         // In memory only (a fetched module stays for the process, as in Envoy).
         code_cache: lifecycle::CodeCache::default(),
+        compilation_cache: None,
     };
     let loaded = lifecycle::Plugins::load(&deployment, &engines, &options, abi::SharedState::new());
     let plugins = match loaded {
@@ -328,6 +374,38 @@ fn run_config_case(name: &str, case: &Case, runtime_name: &str) -> Option<Result
     }
     let outcome = scenario::run_plugins(&plugins, &case.scenario);
     Some(check_outcome(name, case, &context, outcome))
+}
+
+/// `file` (under `plugins/dist/`) with `runtime_name`'s precompiled section (of `artifact_of`'s
+/// code if given), written into `directory`; `None` if that engine cannot precompile.
+fn precompile_for(
+    file: &str,
+    artifact_of: Option<&str>,
+    runtime_name: &str,
+    config: RuntimeConfig,
+    directory: &Path,
+) -> Result<Option<PathBuf>, String> {
+    let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
+    let Some(identity) = runtime.artifact_identity() else {
+        return Ok(None);
+    };
+    let read = |file: &str| {
+        std::fs::read(root().join("plugins/dist").join(file)).map_err(|e| format!("{file}: {e}"))
+    };
+    let wasm = read(file)?;
+    let precompiled = match artifact_of {
+        None => lifecycle::compiled::precompile(&*runtime, &wasm)?,
+        Some(other) => {
+            let other = lifecycle::compiled::precompile(&*runtime, &read(other)?)?;
+            let name = identity.section_name();
+            let payload = lifecycle::compiled::custom_section(&other, &name)?
+                .ok_or("precompile added no section")?;
+            lifecycle::compiled::with_custom_section(&wasm, &name, payload)?
+        }
+    };
+    let path = directory.join("precompiled.wasm");
+    std::fs::write(&path, precompiled).map_err(|e| e.to_string())?;
+    Ok(Some(path))
 }
 
 fn expect_load_error(case: &Case, context: &str, message: String) -> Result<(), String> {

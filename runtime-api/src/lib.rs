@@ -38,8 +38,8 @@ pub use exports::ExportedFunctions;
 pub use host::{resolve_imports, HostCallback, HostFunction};
 pub use memory::{GuestMemory, MemoryAccessError};
 pub use module::{
-    CompiledModule, Export, ExternKind, GuestFunction, Import, Instance, InterruptHandle,
-    LinkedModule, WasmRuntime,
+    ArtifactIdentity, CompiledModule, Export, ExternKind, GuestFunction, Import, Instance,
+    InterruptHandle, LinkedModule, WasmRuntime,
 };
 pub use value::{i64_mask, FunctionType, Signature, ValType};
 

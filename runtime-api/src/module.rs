@@ -30,6 +30,36 @@ pub trait WasmRuntime<S: Send + 'static>: Send + Sync + 'static {
     ) -> Result<Arc<dyn CompiledModule<S>>, Error> {
         Err(Error::Unsupported("loading precompiled modules"))
     }
+
+    /// Which engine build and code-affecting configuration this runtime's precompiled artifacts
+    /// need, for naming them and keying caches of them; `None` if it cannot precompile.
+    fn artifact_identity(&self) -> Option<ArtifactIdentity> {
+        None
+    }
+}
+
+/// What a precompiled artifact must match to be loaded by a runtime: the engine, its exact
+/// version, and the settings that change the code it generates.
+///
+/// Engines check their artifacts again when loading them; this identity lets a host pick the
+/// right artifact (or cache entry) without trying each one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ArtifactIdentity {
+    /// The runtime's name, e.g. `wasmtime` or `wasmer-cranelift`.
+    pub engine: &'static str,
+    /// The engine crate's exact version, e.g. `48.0.8`.
+    pub version: &'static str,
+    /// A fingerprint of the engine settings that change generated code (e.g. whether calls
+    /// carry deadline checks); artifacts made under another one cannot be loaded.
+    pub configuration: String,
+}
+
+impl ArtifactIdentity {
+    /// The name of the custom section that carries this engine build's artifact inside a
+    /// module, e.g. `precompiled_wasmtime_48.0.8`.
+    pub fn section_name(&self) -> String {
+        format!("precompiled_{}_{}", self.engine, self.version)
+    }
 }
 
 /// A compiled module: its interface, and the ability to link it against host functions.

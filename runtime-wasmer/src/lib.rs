@@ -26,8 +26,14 @@ mod tunables;
 
 use std::sync::Arc;
 
-use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
+use runtime_api::{
+    ArtifactIdentity, Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime,
+};
 use wasmer::sys::{CompilerConfig, EngineBuilder, Features, NativeEngineExt};
+
+/// The wasmer version this crate is built with (pinned exactly in the workspace, and checked
+/// against `Cargo.lock` by a test): precompiled artifacts are tied to it.
+pub const WASMER_VERSION: &str = "7.4.2";
 
 pub use instance::WasmerInstance;
 pub use module::{WasmerLinkedModule, WasmerModule};
@@ -239,5 +245,32 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmerRuntime {
             self.stop_config(),
             self.config.max_memory_bytes,
         )))
+    }
+
+    fn artifact_identity(&self) -> Option<ArtifactIdentity> {
+        // The compiler is in the engine name; what else changes the code is the stop checks.
+        let header = self.artifact_header();
+        Some(ArtifactIdentity {
+            engine: self.compiler.runtime_name(),
+            version: WASMER_VERSION,
+            configuration: match header.checks {
+                Some(tag) => format!("stop-checks-{}", tag as char),
+                None => "no-stop-checks".to_string(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn the_version_constant_is_the_wasmer_in_cargo_lock() {
+        let lock = include_str!("../../Cargo.lock");
+        let expected = format!("name = \"wasmer\"\nversion = \"{}\"", super::WASMER_VERSION);
+        assert!(
+            lock.contains(&expected),
+            "Cargo.lock has another wasmer than WASMER_VERSION {}",
+            super::WASMER_VERSION
+        );
     }
 }

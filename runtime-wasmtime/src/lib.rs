@@ -14,7 +14,15 @@ mod module;
 
 use std::sync::Arc;
 
-use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
+use std::hash::{Hash, Hasher};
+
+use runtime_api::{
+    ArtifactIdentity, Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime,
+};
+
+/// The wasmtime version this crate is built with (pinned exactly in the workspace, and checked
+/// against `Cargo.lock` by a test): precompiled artifacts are tied to it.
+pub const WASMTIME_VERSION: &str = "48.0.8";
 
 pub use instance::WasmtimeInstance;
 pub use module::{WasmtimeLinkedModule, WasmtimeModule};
@@ -111,5 +119,36 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmtimeRuntime {
             self.config.clone(),
             self.epoch.clone(),
         )))
+    }
+
+    fn artifact_identity(&self) -> Option<ArtifactIdentity> {
+        // wasmtime's own fingerprint of every setting its artifacts depend on (epoch checks,
+        // memory layout, target features); SipHash with fixed keys keeps it stable across runs.
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        Some(ArtifactIdentity {
+            engine: "wasmtime",
+            version: WASMTIME_VERSION,
+            configuration: format!("{:016x}", hasher.finish()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_constant_is_the_wasmtime_in_cargo_lock() {
+        let lock = include_str!("../../Cargo.lock");
+        let expected = format!(
+            "name = \"wasmtime\"\nversion = \"{}\"",
+            super::WASMTIME_VERSION
+        );
+        assert!(
+            lock.contains(&expected),
+            "Cargo.lock has another wasmtime than WASMTIME_VERSION {}",
+            super::WASMTIME_VERSION
+        );
     }
 }

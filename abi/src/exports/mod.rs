@@ -58,26 +58,60 @@ pub(crate) fn check(status: Status) -> HostResult {
     }
 }
 
-/// Refuses host function `module.name` while the plugin runs code that may not call it (see
-/// [`Restriction`]): the plugin is stopped and its VM fails.
+/// Whether host function `module.name` runs now. A trap while the plugin runs code that may
+/// not call it (see [`Restriction`]): the plugin is stopped and its VM fails. `Ok(false)` when
+/// the plugin's capability restriction leaves the function out: the caller then answers as
+/// proxy-wasm-cpp-host's stub does, after the error logged here.
 #[inline]
 pub(crate) fn check_allowed(
     caller: &mut dyn Caller<VmState>,
     module: &str,
     name: &str,
-) -> Result<(), Trap> {
-    let restriction = caller.state().restriction;
-    if restriction == Restriction::None || restriction.allows(module, name) {
-        return Ok(());
+) -> Result<bool, Trap> {
+    let state = caller.state();
+    if state.restriction == Restriction::None && state.allowed_capabilities.is_none() {
+        return Ok(true);
     }
-    let during = match restriction {
-        Restriction::Start => "the module's start function",
-        _ => "the plugin's allocator (running to return data of a host call)",
+    check_restricted(caller, module, name)
+}
+
+#[cold]
+fn check_restricted(
+    caller: &mut dyn Caller<VmState>,
+    module: &str,
+    name: &str,
+) -> Result<bool, Trap> {
+    let state = caller.state();
+    let restriction = state.restriction;
+    if restriction != Restriction::None && !restriction.allows(module, name) {
+        let during = match restriction {
+            Restriction::Start => "the module's start function",
+            _ => "the plugin's allocator (running to return data of a host call)",
+        };
+        return Err(Trap::host(format!(
+            "{module}.{name} called from {during}, which may call only {}",
+            restriction.describe()
+        )));
+    }
+    let Some(allowed) = &state.allowed_capabilities else {
+        return Ok(true);
     };
-    Err(Trap::host(format!(
-        "{module}.{name} called from {during}, which may call only {}",
-        restriction.describe()
-    )))
+    let kind = match module {
+        "env" if name.starts_with("proxy_") => "proxy-wasm",
+        "wasi_snapshot_preview1" | "wasi_unstable" => "WASI",
+        // Toolchain notices (Emscripten's) are no capability.
+        _ => return Ok(true),
+    };
+    if allowed.contains(name) {
+        return Ok(true);
+    }
+    let context = state.effective_context;
+    state.host.log(
+        context,
+        crate::LogLevel::Error,
+        &format!("Attempted call to restricted {kind} capability: {name}"),
+    );
+    Ok(false)
 }
 
 /// Wraps a body returning [`HostResult`] as a [`runtime_api::HostCallback`] that writes the
@@ -87,7 +121,10 @@ macro_rules! status {
         |caller: &mut dyn runtime_api::Caller<crate::VmState>,
          args: &mut [u64]|
          -> Result<(), runtime_api::Trap> {
-            crate::exports::check_allowed(caller, "env", $name)?;
+            if !crate::exports::check_allowed(caller, "env", $name)? {
+                args[0] = u64::from(crate::Status::InternalFailure.code());
+                return Ok(());
+            }
             let status = match $body(caller, args) {
                 Ok(()) => crate::Status::Ok,
                 Err(crate::exports::Failure::Status(status)) => status,

@@ -18,6 +18,7 @@ const FAULT: Errno = Errno(21);
 const INVAL: Errno = Errno(28);
 const NOSYS: Errno = Errno(52);
 const SPIPE: Errno = Errno(70);
+/// Also what a WASI function the plugin's capabilities leave out returns.
 const NOTCAPABLE: Errno = Errno(76);
 
 impl From<MemoryAccessError> for Errno {
@@ -52,7 +53,10 @@ macro_rules! wasi {
             name: $name,
             signature: Signature::new(&[$(ValType::$param),*], &[$(ValType::$result),*]),
             callback: |caller: &mut dyn Caller<VmState>, args: &mut [u64]| -> Result<(), Trap> {
-                super::check_allowed(caller, $module, $name)?;
+                if !super::check_allowed(caller, $module, $name)? {
+                    args[0] = u64::from(NOTCAPABLE.0);
+                    return Ok(());
+                }
                 let code = match $body(caller, args) {
                     Ok(()) => SUCCESS,
                     Err(Ok(errno)) => errno,

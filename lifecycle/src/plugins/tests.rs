@@ -236,14 +236,9 @@ fn a_copy_that_cannot_start_on_a_thread_says_which_plugin_and_why() {
         .unwrap()
         .http_filters
         .remove(0);
-    let loaded = Wasmtime
-        .load(
-            "wasmtime",
-            &Code::Wasm(wasm),
-            abi_config(&config),
-            SharedState::new(),
-        )
-        .unwrap();
+    let runtime = Wasmtime.runtime("wasmtime").unwrap();
+    let loaded =
+        abi::Plugin::load(&*runtime, &wasm, abi_config(&config), SharedState::new()).unwrap();
     let mut worker = worker(Plugins::single(config, loaded));
     let failure = worker.start(PluginId(0)).unwrap_err();
     assert_eq!(failure.plugin, PluginId(0));

@@ -33,6 +33,14 @@ fn status(code: u32) -> Result<(), Status> {
     }
 }
 
+/// As the proxy-wasm SDK's calls that only act (set a header, a property): any status but OK
+/// is a bug of the plugin or a capability the host withheld, and panics with the SDK's message.
+fn expect_ok(code: u32) {
+    if code != 0 {
+        panic!("unexpected status: {code}");
+    }
+}
+
 /// Calls a host function that returns data through `(return_data, return_size)` as its last two
 /// arguments, and takes ownership of the data (allocated by this plugin's allocator).
 fn with_return_data(import: HostImport, args: &[u64]) -> Result<Option<Bytes>, Status> {
@@ -137,7 +145,10 @@ pub(crate) fn get_map_bytes(map: MapType) -> Vec<(String, Bytes)> {
 pub(crate) fn set_map(map: MapType, pairs: &[(&str, &[u8])]) {
     let serialized = abi::wire::encode(pairs.iter().map(|(n, v)| (n.as_bytes(), *v)));
     let [data, len] = bytes(&serialized);
-    call(HostImport::SetHeaderMapPairs, &[map as u64, data, len]);
+    expect_ok(call(
+        HostImport::SetHeaderMapPairs,
+        &[map as u64, data, len],
+    ));
 }
 
 pub(crate) fn get_map_value(map: MapType, name: &str) -> Option<Bytes> {
@@ -153,16 +164,16 @@ pub(crate) fn set_map_value(map: MapType, name: &str, value: Option<&[u8]>) {
     match value {
         Some(value) => {
             let [data, len] = bytes(value);
-            call(
+            expect_ok(call(
                 HostImport::ReplaceHeaderMapValue,
                 &[map as u64, key, key_len, data, len],
-            );
+            ));
         }
         None => {
-            call(
+            expect_ok(call(
                 HostImport::RemoveHeaderMapValue,
                 &[map as u64, key, key_len],
-            );
+            ));
         }
     }
 }
@@ -170,10 +181,10 @@ pub(crate) fn set_map_value(map: MapType, name: &str, value: Option<&[u8]>) {
 pub(crate) fn add_map_value(map: MapType, name: &str, value: &[u8]) {
     let [key, key_len] = bytes(name.as_bytes());
     let [data, len] = bytes(value);
-    call(
+    expect_ok(call(
         HostImport::AddHeaderMapValue,
         &[map as u64, key, key_len, data, len],
-    );
+    ));
 }
 
 /// A property path as the proxy-wasm SDK sends it: segments separated (not ended) by NUL.
@@ -196,7 +207,10 @@ pub(crate) fn set_property(path: &[&str], value: Option<&[u8]>) {
     let serialized = serialize_path(path);
     let [path_data, path_len] = bytes(&serialized);
     let [data, len] = bytes(value.unwrap_or_default());
-    call(HostImport::SetProperty, &[path_data, path_len, data, len]);
+    expect_ok(call(
+        HostImport::SetProperty,
+        &[path_data, path_len, data, len],
+    ));
 }
 
 pub(crate) fn get_shared_data(key: &str) -> (Option<Bytes>, Option<u32>) {

@@ -809,6 +809,7 @@ fn plugin_reports(plugins: &Plugins) -> Vec<PluginReport> {
                 root_id: config.root_id.clone(),
                 vm_id: config.vm.vm_id.clone(),
                 runtime: plugins.module(plugin).runtime_name().to_string(),
+                compiled_from: plugins.compiled_from(plugin).as_str(),
                 failure_policy: match config.failure_policy {
                     lifecycle::FailurePolicy::FailClosed => "fail_closed",
                     lifecycle::FailurePolicy::FailOpen => "fail_open",

@@ -277,6 +277,9 @@ pub struct PluginReport {
     pub vm_id: String,
     /// The engine it runs on.
     pub runtime: String,
+    /// Where its machine code came from: `bytecode` (compiled at load), `precompiled_section`
+    /// (`allow_precompiled`), `compilation_cache` or `native`.
+    pub compiled_from: &'static str,
     /// Its failure policy: `fail_closed`, `fail_open` or `fail_reload`.
     pub failure_policy: &'static str,
     /// What its failures came to (see `lifecycle::Counters`).

@@ -1,0 +1,451 @@
+//! Machine code that need not be compiled again: precompiled sections carried in a module
+//! (`vm_config.allow_precompiled`) and the compilation cache on disk.
+//!
+//! A precompiled section is a custom section named after the engine build that made it
+//! ([`ArtifactIdentity::section_name`], e.g. `precompiled_wasmtime_48.0.8`); every other host
+//! ignores it and compiles the bytecode, so the module stays portable. Its payload starts with
+//! [`SECTION_MAGIC`] and the engine configuration it was made under, then the engine's artifact.
+//! It is native code the host runs unchecked, so it is used only when the plugin's configuration
+//! says `allow_precompiled: true` (trusting whoever produced the module), and only when made by
+//! this engine build under this configuration; otherwise the bytecode is compiled.
+//!
+//! The compilation cache keeps artifacts this host compiled itself, keyed by engine, version,
+//! configuration and the code's sha256, each file written whole (a temporary file renamed into
+//! place, so concurrent writers and crashes never leave a torn entry) and checked against the
+//! checksum in its header before it is loaded.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use runtime_api::{ArtifactIdentity, CompiledModule, WasmRuntime};
+use sha2::{Digest, Sha256};
+
+use crate::code::sha256_hex;
+
+/// The first bytes of a precompiled section's payload.
+pub const SECTION_MAGIC: &[u8] = b"pwhost precompiled 1\n";
+
+/// The first bytes of a compilation cache file; a SHA-256 of the artifact follows.
+const CACHE_MAGIC: &[u8] = b"pwhost compiled 1\n";
+
+/// Where a plugin's machine code came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompiledFrom {
+    /// The module's bytecode was compiled.
+    Bytecode,
+    /// The module's precompiled section for this engine build was loaded.
+    PrecompiledSection,
+    /// The compilation cache had it.
+    CompilationCache,
+    /// Native code: a compiled-in plugin or a plugin library (the null runtime).
+    Native,
+}
+
+impl CompiledFrom {
+    /// A word for reports: `bytecode`, `precompiled_section`, `compilation_cache`, `native`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompiledFrom::Bytecode => "bytecode",
+            CompiledFrom::PrecompiledSection => "precompiled_section",
+            CompiledFrom::CompilationCache => "compilation_cache",
+            CompiledFrom::Native => "native",
+        }
+    }
+}
+
+/// A directory of artifacts this host compiled, for engines that can load them back.
+///
+/// The directory must be writable only by the user the host runs as: its files are loaded as
+/// machine code (after their checksum is checked, which guards against torn or damaged files,
+/// not against someone who can write there).
+#[derive(Clone, Debug)]
+pub struct CompilationCache {
+    directory: PathBuf,
+}
+
+impl CompilationCache {
+    /// A cache in `directory` (made when the first entry is written).
+    pub fn new(directory: impl Into<PathBuf>) -> CompilationCache {
+        CompilationCache {
+            directory: directory.into(),
+        }
+    }
+
+    /// The cache's directory.
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// The file of the artifact for `code_sha256` made by `identity`.
+    pub fn entry_path(&self, identity: &ArtifactIdentity, code_sha256: &str) -> PathBuf {
+        let mut key = Sha256::new();
+        for part in [
+            identity.engine,
+            identity.version,
+            &identity.configuration,
+            code_sha256,
+        ] {
+            // Lengths first, so that no two different inputs run together into the same bytes.
+            key.update((part.len() as u64).to_le_bytes());
+            key.update(part.as_bytes());
+        }
+        self.directory.join(format!(
+            "{}-{}",
+            identity.engine,
+            sha256_hex(&key.finalize())
+        ))
+    }
+
+    /// The artifact in `path`, if the file is there whole and undamaged.
+    fn read(path: &Path) -> Option<Vec<u8>> {
+        let file = std::fs::read(path).ok()?;
+        let rest = file.strip_prefix(CACHE_MAGIC)?;
+        let (checksum, artifact) = rest.split_at_checked(32)?;
+        (Sha256::digest(artifact).as_slice() == checksum).then(|| artifact.to_vec())
+    }
+
+    /// Writes `artifact` to `path` whole or not at all.
+    fn write(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.directory)?;
+        let mut file = tempfile::NamedTempFile::new_in(&self.directory)?;
+        file.write_all(CACHE_MAGIC)?;
+        file.write_all(&Sha256::digest(artifact))?;
+        file.write_all(artifact)?;
+        file.as_file().sync_all()?;
+        file.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+/// Compiles `wasm` on `runtime`: from its precompiled section when `allow_precompiled` and one
+/// fits this engine build, else from `cache` when it has the artifact, else from the bytecode
+/// (keeping the result in `cache`). A precompiled section or cache entry that does not load is
+/// skipped with a warning on stderr, never an error: the bytecode is always there.
+pub fn compile<S: Send + 'static>(
+    runtime: &dyn WasmRuntime<S>,
+    wasm: &[u8],
+    allow_precompiled: bool,
+    cache: Option<&CompilationCache>,
+) -> Result<(Arc<dyn CompiledModule<S>>, CompiledFrom), runtime_api::Error> {
+    let Some(identity) = runtime.artifact_identity() else {
+        return Ok((runtime.compile(wasm)?, CompiledFrom::Bytecode));
+    };
+    if allow_precompiled {
+        match precompiled_artifact(wasm, &identity) {
+            Ok(Some(artifact)) => {
+                // SAFETY: `allow_precompiled: true` is the configuration's statement that the
+                // module's producer is trusted with native code, as Envoy's is; the section was
+                // made by this engine build under this configuration, which the engine checks
+                // again before loading anything.
+                match unsafe { runtime.load_precompiled(artifact) } {
+                    Ok(module) => return Ok((module, CompiledFrom::PrecompiledSection)),
+                    Err(error) => eprintln!(
+                        "pwhost: warning: section {} does not load ({error}); compiling the bytecode",
+                        identity.section_name()
+                    ),
+                }
+            }
+            Ok(None) => {}
+            Err(reason) => eprintln!("pwhost: warning: {reason}; compiling the bytecode"),
+        }
+    }
+    let Some(cache) = cache else {
+        return Ok((runtime.compile(wasm)?, CompiledFrom::Bytecode));
+    };
+    let path = cache.entry_path(&identity, &sha256_hex(wasm));
+    if let Some(artifact) = CompilationCache::read(&path) {
+        // SAFETY: the file is this host's own output of `serialize` for this engine build and
+        // configuration (its name is derived from them), whole and undamaged (its checksum
+        // matches); the cache directory is the host's own (see `CompilationCache`).
+        match unsafe { runtime.load_precompiled(&artifact) } {
+            Ok(module) => return Ok((module, CompiledFrom::CompilationCache)),
+            Err(error) => eprintln!(
+                "pwhost: warning: cached code {} does not load ({error}); compiling again",
+                path.display()
+            ),
+        }
+    }
+    let module = runtime.compile(wasm)?;
+    // A cache that cannot be written costs the next start a compilation, nothing more.
+    match module.serialize() {
+        Ok(artifact) => {
+            if let Err(error) = cache.write(&path, &artifact) {
+                eprintln!(
+                    "pwhost: warning: cannot write {} to the compilation cache: {error}",
+                    path.display()
+                );
+            }
+        }
+        Err(error) => eprintln!("pwhost: warning: cannot serialize compiled code: {error}"),
+    }
+    Ok((module, CompiledFrom::Bytecode))
+}
+
+/// The artifact in `wasm`'s precompiled section for `identity`: `None` if there is no such
+/// section; an error if there is one, but made under another configuration or damaged.
+pub fn precompiled_artifact<'a>(
+    wasm: &'a [u8],
+    identity: &ArtifactIdentity,
+) -> Result<Option<&'a [u8]>, String> {
+    let name = identity.section_name();
+    let Some(payload) = custom_section(wasm, &name)? else {
+        return Ok(None);
+    };
+    let body = payload
+        .strip_prefix(SECTION_MAGIC)
+        .ok_or_else(|| format!("section {name} is not a pwhost precompiled section"))?;
+    let line_end = body
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| format!("section {name} is damaged"))?;
+    let configuration = String::from_utf8_lossy(&body[..line_end]);
+    if configuration != identity.configuration {
+        return Err(format!(
+            "section {name} was made under engine configuration {configuration}, this host runs \
+             {}",
+            identity.configuration
+        ));
+    }
+    Ok(Some(&body[line_end + 1..]))
+}
+
+/// The payload of `wasm`'s first custom section called `name`.
+pub fn custom_section<'a>(wasm: &'a [u8], name: &str) -> Result<Option<&'a [u8]>, String> {
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| format!("not a WebAssembly module: {e}"))? {
+            wasmparser::Payload::CustomSection(section) if section.name() == name => {
+                return Ok(Some(section.data()));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Compiles `wasm` on `runtime` and returns the module with that engine build's precompiled
+/// section added (replacing one of the same name); other hosts ignore the section.
+pub fn precompile<S: Send + 'static>(
+    runtime: &dyn WasmRuntime<S>,
+    wasm: &[u8],
+) -> Result<Vec<u8>, String> {
+    let identity = runtime
+        .artifact_identity()
+        .ok_or_else(|| format!("the {} runtime cannot precompile modules", runtime.name()))?;
+    let module = runtime.compile(wasm).map_err(|e| e.to_string())?;
+    let artifact = module.serialize().map_err(|e| e.to_string())?;
+    let mut payload = Vec::with_capacity(SECTION_MAGIC.len() + 64 + artifact.len());
+    payload.extend_from_slice(SECTION_MAGIC);
+    payload.extend_from_slice(identity.configuration.as_bytes());
+    payload.push(b'\n');
+    payload.extend_from_slice(&artifact);
+    with_custom_section(wasm, &identity.section_name(), &payload)
+}
+
+/// `wasm` with the custom section `name` holding `payload` at its end, and no other section of
+/// that name.
+pub fn with_custom_section(wasm: &[u8], name: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let mut module = wasm_encoder::Module::new();
+    for item in wasmparser::Parser::new(0).parse_all(wasm) {
+        let item = item.map_err(|e| format!("not a WebAssembly module: {e}"))?;
+        match &item {
+            wasmparser::Payload::Version { encoding, .. } => {
+                if *encoding != wasmparser::Encoding::Module {
+                    return Err("a component, not a core WebAssembly module".to_string());
+                }
+            }
+            wasmparser::Payload::CustomSection(section) if section.name() == name => {}
+            _ => {
+                if let Some((id, range)) = item.as_section() {
+                    module.section(&wasm_encoder::RawSection {
+                        id,
+                        data: &wasm[range.start as usize..range.end as usize],
+                    });
+                }
+            }
+        }
+    }
+    module.section(&wasm_encoder::CustomSection {
+        name: name.into(),
+        data: payload.into(),
+    });
+    Ok(module.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime_api::RuntimeConfig;
+    use runtime_wasmtime::WasmtimeRuntime;
+
+    /// A module that returns `value` from `answer`.
+    fn module(value: i32) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module (func (export "answer") (result i32) i32.const {value}) (@custom "note" "kept"))"#
+        ))
+        .unwrap()
+    }
+
+    fn wasmtime(config: RuntimeConfig) -> WasmtimeRuntime {
+        WasmtimeRuntime::new(config).unwrap()
+    }
+
+    /// What `answer` returns in `module`.
+    fn answer(module: &Arc<dyn CompiledModule<()>>) -> u64 {
+        let linked = module.link(&[]).unwrap();
+        let mut instance = linked.instantiate(()).unwrap();
+        let function = instance.function("answer").unwrap();
+        let mut results = [0];
+        instance.call(function, &[], &mut results).unwrap();
+        results[0]
+    }
+
+    /// Module `bytecode` carrying the precompiled section of module `artifact_of`: which of the
+    /// two runs shows which was loaded.
+    fn trojan(runtime: &WasmtimeRuntime, bytecode: &[u8], artifact_of: &[u8]) -> Vec<u8> {
+        let precompiled = precompile::<()>(runtime, artifact_of).unwrap();
+        let identity = WasmRuntime::<()>::artifact_identity(runtime).unwrap();
+        let payload = custom_section(&precompiled, &identity.section_name())
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        with_custom_section(bytecode, &identity.section_name(), &payload).unwrap()
+    }
+
+    #[test]
+    fn precompile_adds_a_section_named_after_the_engine_build_and_keeps_the_module_valid() {
+        let runtime = wasmtime(RuntimeConfig::default());
+        let wasm = module(7);
+        let precompiled = precompile::<()>(&runtime, &wasm).unwrap();
+        wasmparser::Validator::new()
+            .validate_all(&precompiled)
+            .unwrap();
+        let name = format!(
+            "precompiled_wasmtime_{}",
+            runtime_wasmtime::WASMTIME_VERSION
+        );
+        assert!(custom_section(&precompiled, &name).unwrap().is_some());
+        assert_eq!(
+            custom_section(&precompiled, "note").unwrap(),
+            Some(&b"kept"[..])
+        );
+        // Again: the section is replaced, not added twice.
+        let twice = precompile::<()>(&runtime, &precompiled).unwrap();
+        let sections = wasmparser::Parser::new(0)
+            .parse_all(&twice)
+            .filter(|p| matches!(p, Ok(wasmparser::Payload::CustomSection(s)) if s.name() == name))
+            .count();
+        assert_eq!(sections, 1);
+    }
+
+    #[test]
+    fn the_section_is_loaded_only_when_allowed() {
+        let runtime = wasmtime(RuntimeConfig::default());
+        let wasm = trojan(&runtime, &module(1), &module(2));
+        let (allowed, from) = compile::<()>(&runtime, &wasm, true, None).unwrap();
+        assert_eq!(
+            (answer(&allowed), from),
+            (2, CompiledFrom::PrecompiledSection)
+        );
+        let (refused, from) = compile::<()>(&runtime, &wasm, false, None).unwrap();
+        assert_eq!((answer(&refused), from), (1, CompiledFrom::Bytecode));
+    }
+
+    #[test]
+    fn a_section_made_under_another_configuration_is_skipped_for_the_bytecode() {
+        // Made without deadline checks; this host runs with deadlines.
+        let plain = wasmtime(RuntimeConfig::default());
+        let wasm = trojan(&plain, &module(1), &module(2));
+        let with_deadlines = wasmtime(RuntimeConfig {
+            call_deadline: Some(std::time::Duration::from_secs(1)),
+            ..RuntimeConfig::default()
+        });
+        let identity = WasmRuntime::<()>::artifact_identity(&with_deadlines).unwrap();
+        let error = precompiled_artifact(&wasm, &identity).unwrap_err();
+        assert!(error.contains("engine configuration"), "{error}");
+        let (module, from) = compile::<()>(&with_deadlines, &wasm, true, None).unwrap();
+        assert_eq!((answer(&module), from), (1, CompiledFrom::Bytecode));
+    }
+
+    #[test]
+    fn a_damaged_section_is_skipped_for_the_bytecode() {
+        let runtime = wasmtime(RuntimeConfig::default());
+        let identity = WasmRuntime::<()>::artifact_identity(&runtime).unwrap();
+        let mut payload = SECTION_MAGIC.to_vec();
+        payload.extend_from_slice(identity.configuration.as_bytes());
+        payload.extend_from_slice(b"\nnot machine code");
+        let wasm = with_custom_section(&module(1), &identity.section_name(), &payload).unwrap();
+        let (module, from) = compile::<()>(&runtime, &wasm, true, None).unwrap();
+        assert_eq!((answer(&module), from), (1, CompiledFrom::Bytecode));
+    }
+
+    #[test]
+    fn a_second_compilation_comes_from_the_cache() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = CompilationCache::new(directory.path().join("compiled"));
+        let runtime = wasmtime(RuntimeConfig::default());
+        let (first, from) = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        assert_eq!((answer(&first), from), (5, CompiledFrom::Bytecode));
+        let (second, from) = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        assert_eq!((answer(&second), from), (5, CompiledFrom::CompilationCache));
+        // Other code, another entry.
+        let (other, from) = compile::<()>(&runtime, &module(6), false, Some(&cache)).unwrap();
+        assert_eq!((answer(&other), from), (6, CompiledFrom::Bytecode));
+        // Another configuration, another entry.
+        let with_deadlines = wasmtime(RuntimeConfig {
+            call_deadline: Some(std::time::Duration::from_secs(1)),
+            ..RuntimeConfig::default()
+        });
+        let (_, from) = compile::<()>(&with_deadlines, &module(5), false, Some(&cache)).unwrap();
+        assert_eq!(from, CompiledFrom::Bytecode);
+        let entries = std::fs::read_dir(cache.directory()).unwrap().count();
+        assert_eq!(entries, 3, "one file per entry, no temporary files left");
+    }
+
+    #[test]
+    fn a_torn_or_damaged_cache_entry_is_compiled_again_and_replaced() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = CompilationCache::new(directory.path());
+        let runtime = wasmtime(RuntimeConfig::default());
+        compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        let identity = WasmRuntime::<()>::artifact_identity(&runtime).unwrap();
+        let path = cache.entry_path(&identity, &sha256_hex(&module(5)));
+        let whole = std::fs::read(&path).unwrap();
+        // Torn: cut short.
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        let (module_again, from) =
+            compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        assert_eq!((answer(&module_again), from), (5, CompiledFrom::Bytecode));
+        assert_eq!(std::fs::read(&path).unwrap(), whole, "rewritten whole");
+        // Damaged: one byte of the artifact flipped.
+        let mut damaged = whole.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0xff;
+        std::fs::write(&path, &damaged).unwrap();
+        let (_, from) = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        assert_eq!(from, CompiledFrom::Bytecode);
+    }
+
+    #[test]
+    fn concurrent_writers_leave_one_whole_entry() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = CompilationCache::new(directory.path());
+        let runtime = Arc::new(wasmtime(RuntimeConfig::default()));
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| compile::<()>(&*runtime, &module(9), false, Some(&cache)).unwrap());
+            }
+        });
+        let entries: Vec<_> = std::fs::read_dir(cache.directory()).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+        let (module, from) = compile::<()>(&*runtime, &module(9), false, Some(&cache)).unwrap();
+        assert_eq!((answer(&module), from), (9, CompiledFrom::CompilationCache));
+    }
+
+    #[test]
+    fn a_module_that_is_not_wasm_cannot_be_precompiled() {
+        let runtime = wasmtime(RuntimeConfig::default());
+        assert!(precompile::<()>(&runtime, b"not wasm").is_err());
+        assert!(with_custom_section(b"\0asm\x0d\0\x01\0", "x", b"").is_err());
+    }
+}
