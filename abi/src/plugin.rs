@@ -162,6 +162,12 @@ impl Plugin {
         }
     }
 
+    /// Whether `other` runs the same compiled, linked module (a clone, or
+    /// [`Plugin::with_config`] of this one).
+    pub fn shares_module_with(&self, other: &Plugin) -> bool {
+        Arc::ptr_eq(&self.linked, &other.linked)
+    }
+
     /// The module's ABI version.
     pub fn abi_version(&self) -> AbiVersion {
         self.abi

@@ -20,13 +20,25 @@
 //!
 //! Both groups name the pwhost and floor variants side by side so one run compares them.
 //!
+//! Group `plugin_layer` — what the `lifecycle` layer adds (a proxy's view: a worker per thread,
+//! a hold on the plugin's VM copy per stream), to compare with the groups above in one run:
+//! * `new_copy`: a new worker's first stream: the VM copy made, its root context started and
+//!   configured, the hold given back, the worker (and copy) dropped — against `vm_start`.
+//! * `admit_release`: a stream's lookup of its VM copy on a warm worker (admit, find the VM,
+//!   release), no callback.
+//! * `admit_release+live`: the same through [`lifecycle::ThreadWorkers`] (the per-stream check
+//!   for a configuration update).
+//! * `request`: one full request through the worker — against `request_lifecycle`.
+//!
 //! Run: `cargo bench -p pwhost-bench --bench lifecycle`.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use abi::{HeadersAction, Plugin, PluginConfig, SharedState, Vm};
 use criterion::{criterion_group, criterion_main, Criterion};
+use lifecycle::{Admission, LivePlugins, PluginId, StreamVm, ThreadWorkers, Worker};
 use pwhost_bench::floor::{FloorOptions, FloorPlugin, FloorVm};
 use pwhost_bench::{
     pwhost_request, pwhost_vm, read_plugin, BenchHost, LIFECYCLE_PLUGIN, REQUEST_HEADERS,
@@ -166,5 +178,84 @@ fn vm_start(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_lifecycle, vm_start);
+/// The `lifecycle_bench` plugin loaded through the lifecycle layer on wasmtime.
+fn lifecycle_plugins() -> Arc<lifecycle::Plugins> {
+    let yaml = format!(
+        "name: bench\nvm_config:\n  runtime: wasmtime\n  code: {{local: {{filename: {:?}}}}}\n",
+        pwhost_bench::plugin_path(LIFECYCLE_PLUGIN).to_string_lossy()
+    );
+    let deployment = lifecycle::parse(&yaml).expect("valid configuration");
+    let engines = pwhost::configured::BuildEngines::new(RuntimeConfig::default());
+    let plugins = lifecycle::Plugins::load(
+        &deployment,
+        &engines,
+        &lifecycle::LoadOptions::default(),
+        SharedState::new(),
+    )
+    .expect("the plugin loads");
+    Arc::new(plugins)
+}
+
+fn bench_worker(plugins: &Arc<lifecycle::Plugins>) -> Worker {
+    Worker::new(Arc::clone(plugins), || Box::new(BenchHost::new()))
+}
+
+/// A stream's hold on the plugin's copy.
+fn admit(worker: &mut Worker) -> StreamVm {
+    match worker.admit(PluginId(0)) {
+        Admission::Run(held) => held,
+        _ => panic!("the plugin failed"),
+    }
+}
+
+fn plugin_layer(c: &mut Criterion) {
+    let plugins = lifecycle_plugins();
+    let mut group = c.benchmark_group("plugin_layer");
+    group.bench_function("new_copy", |b| {
+        b.iter(|| {
+            let mut worker = bench_worker(&plugins);
+            let held = admit(&mut worker);
+            worker.release(held);
+            drop(black_box(worker));
+        })
+    });
+    let mut worker = bench_worker(&plugins);
+    let held = admit(&mut worker);
+    verify_pwhost(worker.vm(&held).expect("the VM"));
+    worker.release(held);
+    group.bench_function("admit_release", |b| {
+        b.iter(|| {
+            let held = admit(&mut worker);
+            black_box(worker.vm(&held).is_some());
+            worker.release(held);
+        })
+    });
+    group.bench_function("request", |b| {
+        b.iter(|| {
+            let held = admit(&mut worker);
+            let vm = worker.vm(&held).expect("the VM");
+            black_box(pwhost_request(vm).unwrap());
+            worker.release(held);
+        })
+    });
+    let live = Arc::new(LivePlugins::new(
+        Arc::try_unwrap(lifecycle_plugins()).unwrap_or_else(|_| unreachable!("one owner")),
+    ));
+    let mut threads = ThreadWorkers::new(
+        Arc::clone(&live),
+        Box::new(|plugins| bench_worker(&plugins)),
+    );
+    group.bench_function("admit_release+live", |b| {
+        b.iter(|| {
+            let (generation, worker) = threads.for_new_stream();
+            let held = admit(worker);
+            black_box(worker.vm(&held).is_some());
+            worker.release(held);
+            threads.stream_ended(generation);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, request_lifecycle, vm_start, plugin_layer);
 criterion_main!(benches);

@@ -8,6 +8,8 @@
 //! * [`compiled`]: precompiled sections in modules and the compilation cache on disk.
 //! * [`plugins`]: a deployment loaded ([`Plugins`]) and run on worker threads ([`Worker`]): VM
 //!   sharing, per-thread copies, failure policies and their counters.
+//! * [`reconfigure`]: configuration updates while traffic flows ([`LivePlugins`],
+//!   [`ThreadWorkers`]).
 //! * [`remote`]: remote code, fetched, checked and cached by sha256.
 //! * [`services`]: singleton services, each in one VM on a thread of its own.
 
@@ -15,6 +17,7 @@ pub mod code;
 pub mod compiled;
 pub mod config;
 pub mod plugins;
+pub mod reconfigure;
 pub mod remote;
 pub mod runtime_name;
 pub mod services;
@@ -31,5 +34,6 @@ pub use plugins::{
     Admission, CopyId, Counters, Engines, LoadError, LoadOptions, OnFailure, PluginId, Plugins,
     StartFailure, StartStep, StreamVm, Worker, FAIL_STREAM_DETAILS,
 };
+pub use reconfigure::{Generation, LivePlugins, ThreadWorkers, WorkerFactory};
 pub use remote::{CodeCache, FetchError};
 pub use services::{AfterCallback, ServiceEnd, SingletonService, SpawnError, Ticking};

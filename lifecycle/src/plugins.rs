@@ -246,11 +246,44 @@ impl Plugins {
         options: &LoadOptions,
         shared: SharedState,
     ) -> Result<Plugins, LoadError> {
+        Self::load_with(deployment, engines, options, shared, Vec::new())
+    }
+
+    /// As [`Plugins::load`], for a deployment replacing `previous` (a configuration update):
+    /// modules whose [`VmKey`] did not change are not compiled again. The new plugins get VM
+    /// copies of their own all the same (see [`crate::LivePlugins`]); they share `previous`'s
+    /// shared data and queues.
+    pub fn load_replacing(
+        previous: &Plugins,
+        deployment: &Deployment,
+        engines: &dyn Engines,
+        options: &LoadOptions,
+    ) -> Result<Plugins, LoadError> {
+        let compiled = previous
+            .modules
+            .iter()
+            .filter_map(|m| Some((m.key.clone()?, m.plugin.clone(), m.compiled_from)))
+            .collect();
+        Self::load_with(
+            deployment,
+            engines,
+            options,
+            previous.shared.clone(),
+            compiled,
+        )
+    }
+
+    fn load_with(
+        deployment: &Deployment,
+        engines: &dyn Engines,
+        options: &LoadOptions,
+        shared: SharedState,
+        // Compiled once per key, even when a singleton service needs a VM of its own.
+        mut compiled: Vec<(VmKey, abi::Plugin, CompiledFrom)>,
+    ) -> Result<Plugins, LoadError> {
         let available = engines.available();
         let mut modules: Vec<Module> = Vec::new();
         let mut entries = Vec::new();
-        // Compiled once per key, even when a singleton service needs a VM of its own.
-        let mut compiled: Vec<(VmKey, abi::Plugin, CompiledFrom)> = Vec::new();
         let filters = deployment.http_filters.len() + deployment.network_filters.len();
         for (index, config) in deployment.plugins().enumerate() {
             let singleton = index >= filters && deployment.services[index - filters].singleton;
@@ -665,6 +698,11 @@ impl Worker {
     /// The plugins.
     pub fn plugins(&self) -> &Arc<Plugins> {
         &self.plugins
+    }
+
+    /// How many stream holds on this worker's VM copies are not released yet.
+    pub fn streams_in_flight(&self) -> usize {
+        self.copies.iter().flatten().map(|live| live.streams).sum()
     }
 
     /// Makes `plugin`'s VM copy on this thread now, if not made yet, rather than on first use

@@ -514,7 +514,11 @@ fn precompile_adds_a_section_that_runs_only_with_allow_precompiled() {
         "-o",
         output.to_str().unwrap(),
     ]);
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let stderr = String::from_utf8_lossy(&done.stderr).into_owned();
     assert!(
         stderr.contains(&format!(
@@ -527,15 +531,23 @@ fn precompile_adds_a_section_that_runs_only_with_allow_precompiled() {
         json(&pwhost(&[
             "run",
             "--config",
-            precompiled_config(&directory, &output, allow).to_str().unwrap(),
+            precompiled_config(&directory, &output, allow)
+                .to_str()
+                .unwrap(),
             "--no-cache",
         ]))
     };
     let allowed = run(true);
-    assert_eq!(allowed["plugins"][0]["compiled_from"], "precompiled_section");
+    assert_eq!(
+        allowed["plugins"][0]["compiled_from"],
+        "precompiled_section"
+    );
     let refused = run(false);
     assert_eq!(refused["plugins"][0]["compiled_from"], "bytecode");
-    assert_eq!(allowed["http"], refused["http"], "the same plugin either way");
+    assert_eq!(
+        allowed["http"], refused["http"],
+        "the same plugin either way"
+    );
     // Still a plain module for every engine.
     let runtimes = pwhost(&["runtimes"]);
     for engine in String::from_utf8_lossy(&runtimes.stdout).lines() {
@@ -563,7 +575,11 @@ fn precompiling_for_an_engine_that_cannot_is_a_one_line_error() {
             "precompile",
             "--runtime",
             runtime,
-            plugin("rust/http_headers.wasm").to_str().unwrap().to_string().leak(),
+            plugin("rust/http_headers.wasm")
+                .to_str()
+                .unwrap()
+                .to_string()
+                .leak(),
             "-o",
             out.to_str().unwrap().to_string().leak(),
         ]

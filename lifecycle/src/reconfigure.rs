@@ -1,0 +1,267 @@
+//! Configuration updates while traffic flows: new streams go to the new plugins, each in new VM
+//! copies, while streams in flight finish on the copies they started in; the old copies go
+//! away with their last stream, as Envoy drains a filter chain replaced by a listener update.
+//!
+//! The embedder publishes deployments through one [`LivePlugins`], and each worker thread keeps
+//! a [`ThreadWorkers`]: per stream, it asks [`ThreadWorkers::for_new_stream`] for the worker to
+//! admit the stream's plugins on (one atomic load when nothing changed), keeps the returned
+//! [`Generation`] with the stream, and after releasing the stream's holds calls
+//! [`ThreadWorkers::stream_ended`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::{Plugins, Worker};
+
+/// Which deployment of a [`LivePlugins`] a stream runs in: 0 for the first, one more with
+/// every replacement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(pub u64);
+
+/// The plugins in force, replaceable while worker threads serve streams.
+pub struct LivePlugins {
+    current: Mutex<Arc<Plugins>>,
+    /// The number of the deployment in `current`; read without the lock on every stream.
+    generation: AtomicU64,
+}
+
+impl LivePlugins {
+    /// `plugins` as deployment 0.
+    pub fn new(plugins: Plugins) -> LivePlugins {
+        LivePlugins {
+            current: Mutex::new(Arc::new(plugins)),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts `plugins` in force: streams that start from now on run in them. Returns the new
+    /// deployment's number.
+    pub fn replace(&self, plugins: Plugins) -> Generation {
+        // A poisoned lock means a replacement panicked; the value in it is still whole.
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(plugins);
+        let next = self.generation.load(Ordering::Relaxed) + 1;
+        // Published while the lock is held, so a reader seeing `next` finds these plugins.
+        self.generation.store(next, Ordering::Release);
+        Generation(next)
+    }
+
+    /// The plugins in force and their deployment number.
+    pub fn current(&self) -> (Generation, Arc<Plugins>) {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            Generation(self.generation.load(Ordering::Acquire)),
+            Arc::clone(&current),
+        )
+    }
+
+    /// The number of the deployment in force.
+    pub fn deployment(&self) -> Generation {
+        Generation(self.generation.load(Ordering::Acquire))
+    }
+}
+
+/// Makes a worker for a deployment's plugins on the thread (with its hosts, clock and hooks).
+pub type WorkerFactory = Box<dyn FnMut(Arc<Plugins>) -> Worker + Send>;
+
+/// One worker thread's workers: the one of the deployment in force, and older ones until their
+/// last stream ends.
+pub struct ThreadWorkers {
+    live: Arc<LivePlugins>,
+    make: WorkerFactory,
+    current: (Generation, Worker),
+    /// Replaced workers whose streams are still in flight.
+    draining: Vec<(Generation, Worker)>,
+}
+
+impl ThreadWorkers {
+    /// A thread's workers for the plugins `live` has in force, each made by `make`.
+    pub fn new(live: Arc<LivePlugins>, mut make: WorkerFactory) -> ThreadWorkers {
+        let (deployment, plugins) = live.current();
+        let worker = make(plugins);
+        ThreadWorkers {
+            live,
+            make,
+            current: (deployment, worker),
+            draining: Vec::new(),
+        }
+    }
+
+    /// The worker a new stream runs on, and its deployment number to keep with the stream:
+    /// the deployment in force (the thread switches to it now if it was replaced).
+    pub fn for_new_stream(&mut self) -> (Generation, &mut Worker) {
+        if self.live.deployment() != self.current.0 {
+            self.switch();
+        }
+        (self.current.0, &mut self.current.1)
+    }
+
+    #[cold]
+    fn switch(&mut self) {
+        let (deployment, plugins) = self.live.current();
+        let worker = (self.make)(plugins);
+        let old = std::mem::replace(&mut self.current, (deployment, worker));
+        if old.1.streams_in_flight() > 0 {
+            self.draining.push(old);
+        }
+        // Else the old worker, and its copies, go away now.
+    }
+
+    /// The worker of a stream that started in `deployment` (`None` if that worker is gone,
+    /// which it is only once the stream ended).
+    pub fn worker(&mut self, deployment: Generation) -> Option<&mut Worker> {
+        if self.current.0 == deployment {
+            return Some(&mut self.current.1);
+        }
+        self.draining
+            .iter_mut()
+            .find(|(d, _)| *d == deployment)
+            .map(|(_, worker)| worker)
+    }
+
+    /// Says that a stream of `deployment` released its holds: a replaced worker goes away
+    /// (with its VM copies) once its last stream has ended.
+    pub fn stream_ended(&mut self, deployment: Generation) {
+        if deployment == self.current.0 {
+            return;
+        }
+        self.draining
+            .retain(|(d, worker)| *d != deployment || worker.streams_in_flight() > 0);
+    }
+
+    /// The worker of the deployment in force, without switching (e.g. to tick its copies).
+    pub fn current(&mut self) -> (Generation, &mut Worker) {
+        (self.current.0, &mut self.current.1)
+    }
+
+    /// How many replaced workers still have streams in flight.
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use abi::InMemoryHost;
+
+    use super::*;
+    use crate::test_support::load;
+    use crate::{Admission, PluginId, StreamVm};
+
+    fn config(name: &str) -> String {
+        format!(
+            "- {{name: p, configuration: '{{\"name\": \"{name}\"}}', vm_config: {{code: {{local: {{filename: rust/chain_probe.wasm}}}}}}}}"
+        )
+    }
+
+    /// Counts the VM copies that went away.
+    fn threads(live: &Arc<LivePlugins>, retired: &Arc<AtomicUsize>) -> ThreadWorkers {
+        let retired = Arc::clone(retired);
+        ThreadWorkers::new(
+            Arc::clone(live),
+            Box::new(move |plugins| {
+                let retired = Arc::clone(&retired);
+                Worker::new(plugins, || Box::new(InMemoryHost::new())).on_retire(Box::new(
+                    move |_, _, _| {
+                        retired.fetch_add(1, Ordering::Relaxed);
+                    },
+                ))
+            }),
+        )
+    }
+
+    /// Admits a stream on the deployment in force; returns its deployment, hold and the name
+    /// the plugin's configuration gives it.
+    fn admit(threads: &mut ThreadWorkers) -> (Generation, StreamVm, String) {
+        let (deployment, worker) = threads.for_new_stream();
+        let Admission::Run(held) = worker.admit(PluginId(0)) else {
+            panic!("admitted");
+        };
+        let name = worker.plugins().config(PluginId(0)).configuration.clone();
+        (deployment, held, String::from_utf8(name).unwrap())
+    }
+
+    fn end(threads: &mut ThreadWorkers, deployment: Generation, held: StreamVm) {
+        threads.worker(deployment).unwrap().release(held);
+        threads.stream_ended(deployment);
+    }
+
+    #[test]
+    fn new_streams_get_new_copies_while_streams_in_flight_finish_on_the_old_ones() {
+        let first = load(&config("one")).unwrap();
+        let live = Arc::new(LivePlugins::new(first));
+        let retired = Arc::new(AtomicUsize::new(0));
+        let mut threads = threads(&live, &retired);
+        let (old, in_flight, name) = admit(&mut threads);
+        assert!(name.contains("one"));
+
+        let (_, current) = live.current();
+        let second = Plugins::load_replacing(
+            &current,
+            &crate::parse(&config("two")).unwrap(),
+            &crate::test_support::Wasmtime,
+            &crate::LoadOptions {
+                base_dir: crate::test_support::corpus(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(live.replace(second), Generation(1));
+
+        let (new, fresh, name) = admit(&mut threads);
+        assert!(name.contains("two"));
+        assert_ne!(new, old);
+        assert_eq!(threads.draining(), 1, "the old worker waits for its stream");
+        assert_eq!(retired.load(Ordering::Relaxed), 0);
+        // The stream in flight still has its VM.
+        assert!(threads.worker(old).unwrap().vm(&in_flight).is_some());
+
+        end(&mut threads, old, in_flight);
+        assert_eq!(threads.draining(), 0);
+        assert_eq!(
+            retired.load(Ordering::Relaxed),
+            1,
+            "the old copy went with its stream"
+        );
+        end(&mut threads, new, fresh);
+        assert_eq!(retired.load(Ordering::Relaxed), 1, "the current copy stays");
+        drop(threads);
+        assert_eq!(retired.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_replaced_deployment_without_streams_goes_at_once_and_code_is_not_compiled_again() {
+        let first = load(&config("one")).unwrap();
+        let first_module = first.module(PluginId(0)).clone();
+        let live = Arc::new(LivePlugins::new(first));
+        let retired = Arc::new(AtomicUsize::new(0));
+        let mut threads = threads(&live, &retired);
+        let (deployment, held, _) = admit(&mut threads);
+        end(&mut threads, deployment, held);
+        for round in 0..3 {
+            let (_, current) = live.current();
+            let next = Plugins::load_replacing(
+                &current,
+                &crate::parse(&config(&format!("round {round}"))).unwrap(),
+                &crate::test_support::Wasmtime,
+                &crate::LoadOptions {
+                    base_dir: crate::test_support::corpus(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(
+                next.module(PluginId(0)).shares_module_with(&first_module),
+                "the compiled module is reused"
+            );
+            live.replace(next);
+            let (deployment, held, name) = admit(&mut threads);
+            assert!(name.contains(&format!("round {round}")));
+            end(&mut threads, deployment, held);
+            assert_eq!(threads.draining(), 0);
+        }
+        assert_eq!(retired.load(Ordering::Relaxed), 3);
+    }
+}
