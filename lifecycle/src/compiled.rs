@@ -118,18 +118,40 @@ impl CompilationCache {
     }
 }
 
+/// A module compiled (or loaded) by [`compile`].
+pub struct Compiled<S> {
+    /// The module.
+    pub module: Arc<dyn CompiledModule<S>>,
+    /// Where its machine code came from.
+    pub from: CompiledFrom,
+    /// What did not go as it could have (a precompiled section that does not fit, a cache
+    /// entry that could not be read or written), for the embedder's log. None of it is an
+    /// error: the bytecode is always there.
+    pub warnings: Vec<String>,
+}
+
 /// Compiles `wasm` on `runtime`: from its precompiled section when `allow_precompiled` and one
 /// fits this engine build, else from `cache` when it has the artifact, else from the bytecode
 /// (keeping the result in `cache`). A precompiled section or cache entry that does not load is
-/// skipped with a warning on stderr, never an error: the bytecode is always there.
+/// skipped with a warning, never an error.
 pub fn compile<S: Send + 'static>(
     runtime: &dyn WasmRuntime<S>,
     wasm: &[u8],
     allow_precompiled: bool,
     cache: Option<&CompilationCache>,
-) -> Result<(Arc<dyn CompiledModule<S>>, CompiledFrom), runtime_api::Error> {
+) -> Result<Compiled<S>, runtime_api::Error> {
+    let mut warnings = Vec::new();
+    let done = |module, from, warnings| Compiled {
+        module,
+        from,
+        warnings,
+    };
     let Some(identity) = runtime.artifact_identity() else {
-        return Ok((runtime.compile(wasm)?, CompiledFrom::Bytecode));
+        return Ok(done(
+            runtime.compile(wasm)?,
+            CompiledFrom::Bytecode,
+            warnings,
+        ));
     };
     if allow_precompiled {
         match precompiled_artifact(wasm, &identity) {
@@ -139,19 +161,25 @@ pub fn compile<S: Send + 'static>(
                 // made by this engine build under this configuration, which the engine checks
                 // again before loading anything.
                 match unsafe { runtime.load_precompiled(artifact) } {
-                    Ok(module) => return Ok((module, CompiledFrom::PrecompiledSection)),
-                    Err(error) => eprintln!(
-                        "pwhost: warning: section {} does not load ({error}); compiling the bytecode",
+                    Ok(module) => {
+                        return Ok(done(module, CompiledFrom::PrecompiledSection, warnings))
+                    }
+                    Err(error) => warnings.push(format!(
+                        "section {} does not load ({error}); compiled the bytecode",
                         identity.section_name()
-                    ),
+                    )),
                 }
             }
             Ok(None) => {}
-            Err(reason) => eprintln!("pwhost: warning: {reason}; compiling the bytecode"),
+            Err(reason) => warnings.push(format!("{reason}; compiled the bytecode")),
         }
     }
     let Some(cache) = cache else {
-        return Ok((runtime.compile(wasm)?, CompiledFrom::Bytecode));
+        return Ok(done(
+            runtime.compile(wasm)?,
+            CompiledFrom::Bytecode,
+            warnings,
+        ));
     };
     let path = cache.entry_path(&identity, &sha256_hex(wasm));
     if let Some(artifact) = CompilationCache::read(&path) {
@@ -159,11 +187,11 @@ pub fn compile<S: Send + 'static>(
         // configuration (its name is derived from them), whole and undamaged (its checksum
         // matches); the cache directory is the host's own (see `CompilationCache`).
         match unsafe { runtime.load_precompiled(&artifact) } {
-            Ok(module) => return Ok((module, CompiledFrom::CompilationCache)),
-            Err(error) => eprintln!(
-                "pwhost: warning: cached code {} does not load ({error}); compiling again",
+            Ok(module) => return Ok(done(module, CompiledFrom::CompilationCache, warnings)),
+            Err(error) => warnings.push(format!(
+                "cached code {} does not load ({error}); compiled again",
                 path.display()
-            ),
+            )),
         }
     }
     let module = runtime.compile(wasm)?;
@@ -171,15 +199,15 @@ pub fn compile<S: Send + 'static>(
     match module.serialize() {
         Ok(artifact) => {
             if let Err(error) = cache.write(&path, &artifact) {
-                eprintln!(
-                    "pwhost: warning: cannot write {} to the compilation cache: {error}",
+                warnings.push(format!(
+                    "cannot write {} to the compilation cache: {error}",
                     path.display()
-                );
+                ));
             }
         }
-        Err(error) => eprintln!("pwhost: warning: cannot serialize compiled code: {error}"),
+        Err(error) => warnings.push(format!("cannot serialize compiled code: {error}")),
     }
-    Ok((module, CompiledFrom::Bytecode))
+    Ok(done(module, CompiledFrom::Bytecode, warnings))
 }
 
 /// The artifact in `wasm`'s precompiled section for `identity`: `None` if there is no such
@@ -342,12 +370,20 @@ mod tests {
     fn the_section_is_loaded_only_when_allowed() {
         let runtime = wasmtime(RuntimeConfig::default());
         let wasm = trojan(&runtime, &module(1), &module(2));
-        let (allowed, from) = compile::<()>(&runtime, &wasm, true, None).unwrap();
+        let Compiled {
+            module: allowed,
+            from,
+            ..
+        } = compile::<()>(&runtime, &wasm, true, None).unwrap();
         assert_eq!(
             (answer(&allowed), from),
             (2, CompiledFrom::PrecompiledSection)
         );
-        let (refused, from) = compile::<()>(&runtime, &wasm, false, None).unwrap();
+        let Compiled {
+            module: refused,
+            from,
+            ..
+        } = compile::<()>(&runtime, &wasm, false, None).unwrap();
         assert_eq!((answer(&refused), from), (1, CompiledFrom::Bytecode));
     }
 
@@ -363,8 +399,17 @@ mod tests {
         let identity = WasmRuntime::<()>::artifact_identity(&with_deadlines).unwrap();
         let error = precompiled_artifact(&wasm, &identity).unwrap_err();
         assert!(error.contains("engine configuration"), "{error}");
-        let (module, from) = compile::<()>(&with_deadlines, &wasm, true, None).unwrap();
+        let Compiled {
+            module,
+            from,
+            warnings,
+        } = compile::<()>(&with_deadlines, &wasm, true, None).unwrap();
         assert_eq!((answer(&module), from), (1, CompiledFrom::Bytecode));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("compiled the bytecode"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
@@ -375,8 +420,13 @@ mod tests {
         payload.extend_from_slice(identity.configuration.as_bytes());
         payload.extend_from_slice(b"\nnot machine code");
         let wasm = with_custom_section(&module(1), &identity.section_name(), &payload).unwrap();
-        let (module, from) = compile::<()>(&runtime, &wasm, true, None).unwrap();
+        let Compiled {
+            module,
+            from,
+            warnings,
+        } = compile::<()>(&runtime, &wasm, true, None).unwrap();
         assert_eq!((answer(&module), from), (1, CompiledFrom::Bytecode));
+        assert!(warnings[0].contains("does not load"), "{warnings:?}");
     }
 
     #[test]
@@ -384,19 +434,32 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let cache = CompilationCache::new(directory.path().join("compiled"));
         let runtime = wasmtime(RuntimeConfig::default());
-        let (first, from) = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        let Compiled {
+            module: first,
+            from,
+            ..
+        } = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
         assert_eq!((answer(&first), from), (5, CompiledFrom::Bytecode));
-        let (second, from) = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        let Compiled {
+            module: second,
+            from,
+            ..
+        } = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
         assert_eq!((answer(&second), from), (5, CompiledFrom::CompilationCache));
         // Other code, another entry.
-        let (other, from) = compile::<()>(&runtime, &module(6), false, Some(&cache)).unwrap();
+        let Compiled {
+            module: other,
+            from,
+            ..
+        } = compile::<()>(&runtime, &module(6), false, Some(&cache)).unwrap();
         assert_eq!((answer(&other), from), (6, CompiledFrom::Bytecode));
         // Another configuration, another entry.
         let with_deadlines = wasmtime(RuntimeConfig {
             call_deadline: Some(std::time::Duration::from_secs(1)),
             ..RuntimeConfig::default()
         });
-        let (_, from) = compile::<()>(&with_deadlines, &module(5), false, Some(&cache)).unwrap();
+        let Compiled { from, .. } =
+            compile::<()>(&with_deadlines, &module(5), false, Some(&cache)).unwrap();
         assert_eq!(from, CompiledFrom::Bytecode);
         let entries = std::fs::read_dir(cache.directory()).unwrap().count();
         assert_eq!(entries, 3, "one file per entry, no temporary files left");
@@ -413,8 +476,12 @@ mod tests {
         let whole = std::fs::read(&path).unwrap();
         // Torn: cut short.
         std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
-        let (module_again, from) =
-            compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        let Compiled {
+            module: module_again,
+            from,
+            warnings,
+        } = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        assert!(warnings.is_empty(), "a torn entry is a miss: {warnings:?}");
         assert_eq!((answer(&module_again), from), (5, CompiledFrom::Bytecode));
         assert_eq!(std::fs::read(&path).unwrap(), whole, "rewritten whole");
         // Damaged: one byte of the artifact flipped.
@@ -422,7 +489,8 @@ mod tests {
         let last = damaged.len() - 1;
         damaged[last] ^= 0xff;
         std::fs::write(&path, &damaged).unwrap();
-        let (_, from) = compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+        let Compiled { from, .. } =
+            compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
         assert_eq!(from, CompiledFrom::Bytecode);
     }
 
@@ -438,7 +506,8 @@ mod tests {
         });
         let entries: Vec<_> = std::fs::read_dir(cache.directory()).unwrap().collect();
         assert_eq!(entries.len(), 1);
-        let (module, from) = compile::<()>(&*runtime, &module(9), false, Some(&cache)).unwrap();
+        let Compiled { module, from, .. } =
+            compile::<()>(&*runtime, &module(9), false, Some(&cache)).unwrap();
         assert_eq!((answer(&module), from), (9, CompiledFrom::CompilationCache));
     }
 

@@ -166,7 +166,8 @@ fn read_code(
     Ok(Code::Wasm(code.to_vec()))
 }
 
-/// Compiles (or loads) `code` on `engine` as `config`'s plugin.
+/// Compiles (or loads) `code` on `engine` as `config`'s plugin; with the compilation's
+/// warnings.
 fn compile(
     engines: &dyn Engines,
     engine: &'static str,
@@ -174,22 +175,27 @@ fn compile(
     config: &PluginConfig,
     options: &LoadOptions,
     shared: &SharedState,
-) -> Result<(abi::Plugin, CompiledFrom), String> {
+) -> Result<(abi::Plugin, CompiledFrom, Vec<String>), String> {
     let runtime = engines.runtime(engine)?;
     let Code::Wasm(wasm) = code else {
         let plugin = engines.load_native(&*runtime, code, abi_config(config), shared.clone())?;
-        return Ok((plugin, CompiledFrom::Native));
+        return Ok((plugin, CompiledFrom::Native, Vec::new()));
     };
-    let (module, from) = compiled::compile(
+    let compiled = compiled::compile(
         &*runtime,
         wasm,
         config.vm.allow_precompiled,
         options.compilation_cache.as_ref(),
     )
     .map_err(|e| e.to_string())?;
-    let plugin = abi::Plugin::from_module(&*runtime, module, abi_config(config), shared.clone())
-        .map_err(|e| e.to_string())?;
-    Ok((plugin, from))
+    let plugin = abi::Plugin::from_module(
+        &*runtime,
+        compiled.module,
+        abi_config(config),
+        shared.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((plugin, compiled.from, compiled.warnings))
 }
 
 /// Per module, the plugins whose root contexts it has, in root order.
@@ -233,6 +239,8 @@ pub struct Plugins {
     http_filters: usize,
     network_filters: usize,
     shared: SharedState,
+    /// What did not go as it could have while loading (see [`crate::compiled::Compiled`]).
+    warnings: Vec<String>,
 }
 
 impl Plugins {
@@ -284,6 +292,7 @@ impl Plugins {
         let available = engines.available();
         let mut modules: Vec<Module> = Vec::new();
         let mut entries = Vec::new();
+        let mut warnings = Vec::new();
         let filters = deployment.http_filters.len() + deployment.network_filters.len();
         for (index, config) in deployment.plugins().enumerate() {
             let singleton = index >= filters && deployment.services[index - filters].singleton;
@@ -308,13 +317,18 @@ impl Plugins {
                     let (plugin, compiled_from) = match compiled.iter().find(|(k, ..)| *k == key) {
                         Some((_, plugin, from)) => (plugin.with_config(abi_config(config)), *from),
                         None => {
-                            let (plugin, from) = compile(
+                            let (plugin, from, compile_warnings) = compile(
                                 engines, engine, &code, config, options, &shared,
                             )
                             .map_err(|message| LoadError::Module {
                                 plugin: config.name.clone(),
                                 message,
                             })?;
+                            warnings.extend(
+                                compile_warnings
+                                    .into_iter()
+                                    .map(|w| format!("plugin {:?}: {w}", config.name)),
+                            );
                             compiled.push((key.clone(), plugin.clone(), from));
                             (plugin, from)
                         }
@@ -343,6 +357,7 @@ impl Plugins {
             http_filters: deployment.http_filters.len(),
             network_filters: deployment.network_filters.len(),
             shared,
+            warnings,
         };
         plugins.check()?;
         Ok(plugins)
@@ -395,6 +410,7 @@ impl Plugins {
             http_filters: 1,
             network_filters: 1,
             shared,
+            warnings: Vec::new(),
         }
     }
 
@@ -459,6 +475,13 @@ impl Plugins {
     /// The compiled module a plugin runs in.
     pub fn module(&self, plugin: PluginId) -> &abi::Plugin {
         &self.modules[self.entries[plugin.0].module].plugin
+    }
+
+    /// What did not go as it could have while loading (a precompiled section that does not
+    /// fit, a compilation cache that cannot be written), one line each naming the plugin, for
+    /// the embedder's log. None of it kept the plugins from loading.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Where the machine code of a plugin's module came from.

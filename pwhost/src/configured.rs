@@ -109,8 +109,12 @@ pub fn load(
         code_cache: CodeCache::new(cache_dir.map(|d| d.join("code"))),
         compilation_cache: cache_dir.map(|d| CompilationCache::new(d.join("compiled"))),
     };
-    Plugins::load(&deployment, &engines, &options, abi::SharedState::new())
-        .with_context(|| format!("cannot load {}", path.display()))
+    let plugins = Plugins::load(&deployment, &engines, &options, abi::SharedState::new())
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    for warning in plugins.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    Ok(plugins)
 }
 
 /// Where `pwhost` keeps what it caches (remote code under `code/`, compiled code under
