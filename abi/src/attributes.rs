@@ -15,7 +15,7 @@ use crate::callbacks::Callback;
 use crate::filter_state::{FilterStateObject, FilterStateSource, PropertyType};
 use crate::stream::Access;
 use crate::value::Value;
-use crate::{HeaderMap, MapType, PropertyPath, Status, VmState};
+use crate::{Headers, MapType, PropertyPath, Status, VmState};
 
 /// What the proxy knows of a stream or connection beyond its header maps (Envoy's
 /// `StreamInfo`), for the attributes. A field left `None` is an attribute not found.
@@ -234,7 +234,7 @@ fn info(state: &mut VmState) -> Option<&StreamInfo> {
 }
 
 /// A header map of the effective stream if the plugin may read it now (as for the maps).
-fn held_map(state: &mut VmState, map: MapType) -> Option<&HeaderMap> {
+fn held_map(state: &mut VmState, map: MapType) -> Option<&dyn Headers> {
     let in_log = state.callback == Some(Callback::Log);
     let context = state.effective_context;
     if !state
@@ -246,22 +246,24 @@ fn held_map(state: &mut VmState, map: MapType) -> Option<&HeaderMap> {
     state.host.header_map(context, map).map(|m| &*m)
 }
 
-fn header(map: Option<&HeaderMap>, name: &[u8]) -> Option<Value<'static>> {
+fn header(map: Option<&dyn Headers>, name: &[u8]) -> Option<Value<'static>> {
     map?.get(name)
         .map(|value| Value::String(Cow::Owned(value.to_vec())))
 }
 
 /// One entry per name, repeated values joined with commas, as Envoy's header attributes.
-fn header_attribute_map(map: Option<&HeaderMap>) -> Value<'static> {
+fn header_attribute_map(map: Option<&dyn Headers>) -> Value<'static> {
     let mut entries: Vec<(Cow<'static, [u8]>, Vec<u8>)> = Vec::new();
-    for (name, value) in map.into_iter().flat_map(HeaderMap::iter) {
-        match entries.iter_mut().find(|(k, _)| k.as_ref() == name) {
-            Some((_, joined)) => {
-                joined.push(b',');
-                joined.extend_from_slice(value);
-            }
-            None => entries.push((Cow::Owned(name.to_vec()), value.to_vec())),
-        }
+    if let Some(map) = map {
+        map.for_each(
+            &mut |name, value| match entries.iter_mut().find(|(k, _)| k.as_ref() == name) {
+                Some((_, joined)) => {
+                    joined.push(b',');
+                    joined.extend_from_slice(value);
+                }
+                None => entries.push((Cow::Owned(name.to_vec()), value.to_vec())),
+            },
+        );
     }
     Value::Map(
         entries
@@ -272,11 +274,12 @@ fn header_attribute_map(map: Option<&HeaderMap>) -> Value<'static> {
 }
 
 /// The sum of names' and values' lengths (Envoy's `byteSize`).
-fn byte_size(map: Option<&HeaderMap>) -> u64 {
-    map.into_iter()
-        .flat_map(HeaderMap::iter)
-        .map(|(k, v)| (k.len() + v.len()) as u64)
-        .sum()
+fn byte_size(map: Option<&dyn Headers>) -> u64 {
+    let mut size = 0;
+    if let Some(map) = map {
+        map.for_each(&mut |k, v| size += (k.len() + v.len()) as u64);
+    }
+    size
 }
 
 fn port_of(address: &str) -> Option<Value<'static>> {

@@ -1,4 +1,74 @@
-//! Header maps and their wire format.
+//! Header maps: what the ABI needs of one ([`Headers`]), pwhost's in-memory map
+//! ([`HeaderMap`]), and the wire format.
+
+/// A header map as the ABI reads and edits it while a plugin runs: the embedding proxy's own
+/// storage, lent for one host call ([`crate::Host::header_map`]), so that nothing is copied into
+/// a map of pwhost's and back. [`HeaderMap`] is the in-memory implementation.
+///
+/// Names come from the plugin in any ASCII case: lookups ignore case, and names added may be
+/// stored lower-cased (HTTP/2 semantics, as Envoy stores them). Entries keep their order and a
+/// name may occur several times. None of the methods may allocate for a map whose storage
+/// needs none: the ABI itself allocates nothing to read or edit a map.
+pub trait Headers {
+    /// The number of entries (counting repeated names).
+    fn len(&self) -> usize;
+
+    /// Whether the map has no entries.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first value of `name`.
+    fn get(&self, name: &[u8]) -> Option<&[u8]>;
+
+    /// Calls `visit` with every entry, in order.
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8]));
+
+    /// Appends an entry, keeping any existing ones of the same name.
+    fn add(&mut self, name: &[u8], value: &[u8]);
+
+    /// Sets `name` to `value`: the first entry of that name gets the value and later ones are
+    /// removed; if there is none, an entry is appended.
+    fn replace(&mut self, name: &[u8], value: &[u8]);
+
+    /// Removes every entry of `name`.
+    fn remove(&mut self, name: &[u8]);
+
+    /// Removes every entry.
+    fn clear(&mut self);
+}
+
+impl Headers for HeaderMap {
+    fn len(&self) -> usize {
+        HeaderMap::len(self)
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        HeaderMap::get(self, name)
+    }
+
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        for (name, value) in self.iter() {
+            visit(name, value);
+        }
+    }
+
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        HeaderMap::add(self, name, value);
+    }
+
+    fn replace(&mut self, name: &[u8], value: &[u8]) {
+        HeaderMap::replace(self, name, value);
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        HeaderMap::remove(self, name);
+    }
+
+    fn clear(&mut self) {
+        HeaderMap::clear(self);
+    }
+}
 
 /// An ordered multimap of header names to values, as HTTP carries them.
 ///
@@ -138,6 +208,54 @@ pub mod wire {
         }
     }
 
+    /// The encoded size of `map`, or `None` if it does not fit in a guest's 32-bit size.
+    pub fn encoded_len_of(map: &dyn super::Headers) -> Option<u64> {
+        let mut count = 0u64;
+        let mut len = 4u64;
+        map.for_each(&mut |k, v| {
+            count += 1;
+            len += 8 + k.len() as u64 + v.len() as u64 + 2;
+        });
+        (count == map.len() as u64 && len <= u32::MAX as u64).then_some(len)
+    }
+
+    /// Encodes `map` into `out`, which must be exactly [`encoded_len_of`] bytes long. Returns
+    /// false, with `out` unspecified, if the map does not fit `out` (its entries changed, or it
+    /// reports another length than it has).
+    pub fn encode_headers_into(map: &dyn super::Headers, out: &mut [u8]) -> bool {
+        let count = map.len();
+        let (Some(head), Ok(count32), Some(first_data)) = (
+            out.get_mut(..4),
+            u32::try_from(count),
+            count.checked_mul(8).and_then(|n| n.checked_add(4)),
+        ) else {
+            return false;
+        };
+        head.copy_from_slice(&count32.to_le_bytes());
+        let mut sizes = 4;
+        let mut data = first_data;
+        let mut fits = true;
+        map.for_each(&mut |k, v| {
+            let Some(size) = out.get_mut(sizes..sizes + 8) else {
+                fits = false;
+                return;
+            };
+            size[..4].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            size[4..].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            sizes += 8;
+            for part in [k, v] {
+                let Some(slot) = out.get_mut(data..data + part.len() + 1) else {
+                    fits = false;
+                    return;
+                };
+                slot[..part.len()].copy_from_slice(part);
+                slot[part.len()] = 0;
+                data += part.len() + 1;
+            }
+        });
+        fits && sizes == first_data && data == out.len()
+    }
+
     /// Encodes `pairs` into a new vector.
     pub fn encode<'a>(
         pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> + Clone,
@@ -194,6 +312,68 @@ pub mod wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An embedder's map whose `len` disagrees with what it visits.
+    struct Lying {
+        map: HeaderMap,
+        claimed: usize,
+    }
+
+    impl Headers for Lying {
+        fn len(&self) -> usize {
+            self.claimed
+        }
+        fn get(&self, name: &[u8]) -> Option<&[u8]> {
+            self.map.get(name)
+        }
+        fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+            Headers::for_each(&self.map, visit)
+        }
+        fn add(&mut self, name: &[u8], value: &[u8]) {
+            self.map.add(name, value)
+        }
+        fn replace(&mut self, name: &[u8], value: &[u8]) {
+            self.map.replace(name, value)
+        }
+        fn remove(&mut self, name: &[u8]) {
+            self.map.remove(name)
+        }
+        fn clear(&mut self) {
+            self.map.clear()
+        }
+    }
+
+    #[test]
+    fn a_lent_map_encodes_as_the_in_memory_one() {
+        let map: HeaderMap = [(":path", "/"), ("a", "1"), ("a", "2")]
+            .into_iter()
+            .collect();
+        let len = wire::encoded_len_of(&map).unwrap();
+        assert_eq!(Some(len), wire::encoded_len(map.iter()));
+        let mut out = vec![0; len as usize];
+        assert!(wire::encode_headers_into(&map, &mut out));
+        assert_eq!(out, wire::encode(map.iter()));
+    }
+
+    #[test]
+    fn a_map_that_misreports_its_length_is_refused_without_a_panic() {
+        let map: HeaderMap = [("a", "1"), ("b", "2")].into_iter().collect();
+        let real = wire::encoded_len(map.iter()).unwrap() as usize;
+        for claimed in [0, 1, 3, 1000, usize::MAX / 4, usize::MAX] {
+            let lying = Lying {
+                map: map.clone(),
+                claimed,
+            };
+            assert_eq!(wire::encoded_len_of(&lying), None, "claimed {claimed}");
+            for size in [0, 4, real, real + 16] {
+                let mut out = vec![0; size];
+                assert!(
+                    !wire::encode_headers_into(&lying, &mut out),
+                    "claimed {claimed}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn names_are_case_insensitive_and_stored_lower_case() {

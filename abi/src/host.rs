@@ -4,7 +4,8 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use crate::{
-    BufferType, ContextId, HeaderMap, LogLevel, MapType, Node, Status, StreamInfo, StreamType,
+    BufferType, ContextId, HeaderMap, Headers, LogLevel, MapType, Node, Status, StreamInfo,
+    StreamType,
 };
 
 /// A property path as the plugin passed it: segments separated by NUL bytes, e.g.
@@ -99,8 +100,9 @@ pub struct GrpcRequest {
 /// effective context), so the proxy maps ids to its own streams. Methods return `Option`/`Status`
 /// for what may be missing or refused; the ABI turns those into the spec's status codes.
 ///
-/// Header maps and bodies are exposed as [`HeaderMap`] and byte vectors that the ABI reads and
-/// edits in place, so a proxy converts its own representation at the boundary of each callback.
+/// Header maps are the proxy's own, lent through [`Headers`] for each host call: the ABI reads
+/// and edits them in place, with nothing copied into a map of pwhost's and back (see the crate
+/// docs for a proxy-owned map). Bodies are byte vectors the ABI edits in place.
 pub trait Host: Send + std::any::Any {
     /// A log line from the plugin.
     fn log(&mut self, context: ContextId, level: LogLevel, message: &str);
@@ -119,7 +121,7 @@ pub trait Host: Send + std::any::Any {
     /// the plugin may reach at that moment (Envoy's rules: e.g. request headers until the
     /// plugin lets them go upstream, response trailers while it holds them), and refuses the
     /// plugin itself otherwise.
-    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap>;
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers>;
 
     /// A body or data buffer of a stream, or `None` if it has none. As for maps, the ABI asks
     /// only while the plugin holds that body or data.

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use crate::{
-    BufferType, ContextId, GrpcRequest, HeaderMap, Host, HttpCallRequest, LocalResponse, LogLevel,
-    MapType, Node, PropertyPath, Status, StreamInfo, StreamType,
+    BufferType, ContextId, GrpcRequest, HeaderMap, Headers, Host, HttpCallRequest, LocalResponse,
+    LogLevel, MapType, Node, PropertyPath, Status, StreamInfo, StreamType,
 };
 
 /// One log line a plugin wrote.
@@ -153,7 +153,7 @@ impl Host for InMemoryHost {
         self.fixed_time.unwrap_or_else(SystemTime::now)
     }
 
-    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap> {
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers> {
         let stream = self.streams.get_mut(&context)?;
         match map {
             MapType::HttpRequestHeaders => Some(&mut stream.request_headers),

@@ -21,8 +21,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use abi::{
-    BufferType, ContextId, HeaderMap, HeadersAction, Host, LocalResponse, LogLevel, MapType,
-    Status, StreamType, Vm, VmError,
+    BufferType, ContextId, HeaderMap, Headers, HeadersAction, Host, LocalResponse, LogLevel,
+    MapType, Status, StreamType, Vm, VmError,
 };
 
 /// The plugin every lifecycle benchmark runs (`plugins/rust/lifecycle_bench`).
@@ -206,8 +206,9 @@ impl Host for BenchHost {
         self.stream.log(level, message);
     }
 
-    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut HeaderMap> {
-        self.stream.header_map(context.0, map)
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers> {
+        let map: &mut dyn Headers = self.stream.header_map(context.0, map)?;
+        Some(map)
     }
 
     fn buffer(&mut self, _context: ContextId, _buffer: BufferType) -> Option<&mut Vec<u8>> {

@@ -11,7 +11,7 @@ use super::{return_data, Failure, HostResult};
 use crate::callbacks::Callback;
 use crate::header_map::wire;
 use crate::stream::Access;
-use crate::{AbiVersion, HeaderMap, MapType, Status, VmState};
+use crate::{AbiVersion, HeaderMap, Headers, MapType, Status, VmState};
 
 /// Why a map cannot be reached.
 enum Unavailable {
@@ -25,7 +25,7 @@ enum Unavailable {
 /// of a map the stream does not have, or of any map the plugin cannot reach in `proxy_on_log`
 /// (Envoy's access-log phase), finds nothing (`NOT_FOUND`); anything else unavailable is
 /// `BAD_ARGUMENT`.
-fn map(state: &mut VmState, map_type: u64, access: Access) -> Result<&mut HeaderMap, Failure> {
+fn map(state: &mut VmState, map_type: u64, access: Access) -> Result<&mut dyn Headers, Failure> {
     let map_type = MapType::from_raw(map_type).ok_or(Status::BadArgument)?;
     let in_log = state.callback == Some(Callback::Log);
     lookup(state, map_type, access).map_err(|unavailable| {
@@ -42,7 +42,7 @@ fn lookup(
     state: &mut VmState,
     map_type: MapType,
     access: Access,
-) -> Result<&mut HeaderMap, Unavailable> {
+) -> Result<&mut dyn Headers, Unavailable> {
     match map_type {
         MapType::HttpCallResponseHeaders => callout_map(
             state.http_call_response.as_mut().map(|r| &mut r.headers),
@@ -63,7 +63,10 @@ fn lookup(
 }
 
 /// A map of a call response or gRPC reply: readable while its callback runs, never writable.
-fn callout_map(map: Option<&mut HeaderMap>, access: Access) -> Result<&mut HeaderMap, Unavailable> {
+fn callout_map(
+    map: Option<&mut HeaderMap>,
+    access: Access,
+) -> Result<&mut dyn Headers, Unavailable> {
     match map {
         Some(map) if access == Access::Read => Ok(map),
         _ => Err(Unavailable::NotHeld),
@@ -75,7 +78,7 @@ fn stream_map(
     state: &mut VmState,
     map_type: MapType,
     access: Access,
-) -> Result<&mut HeaderMap, Unavailable> {
+) -> Result<&mut dyn Headers, Unavailable> {
     let in_log = state.callback == Some(Callback::Log);
     let context = state.effective_context;
     match state.effective_stream() {
@@ -98,16 +101,17 @@ pub(super) fn get_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
     let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
     let len = match lookup(caller.state(), map_type, Access::Read) {
         Ok(map) if !map.is_empty() => {
-            wire::encoded_len(map.iter()).ok_or(Status::SerializationFailure)?
+            wire::encoded_len_of(map).ok_or(Status::SerializationFailure)?
         }
         _ => 0,
     };
     return_data(caller, len, args[1], args[2], |state, memory, pointer| {
+        // The allocator ran in between: the map may have changed, or an embedder's map may
+        // misreport its length; either way the plugin gets no half-written answer.
         let map = map(state, args[0], Access::Read)?;
-        if wire::encoded_len(map.iter()) != Some(len) {
+        if !wire::encode_headers_into(map, memory.slice_mut(pointer, len)?) {
             return Err(Status::InternalFailure.into());
         }
-        wire::encode_into(map.iter(), memory.slice_mut(pointer, len)?);
         Ok(())
     })
 }
@@ -216,10 +220,12 @@ pub(super) fn get_header_map_size(caller: &mut dyn Caller<VmState>, args: &[u64]
         MapType::HttpRequestHeaders
         | MapType::HttpRequestTrailers
         | MapType::HttpResponseHeaders
-        | MapType::HttpResponseTrailers => map(caller.state(), args[0], Access::Write)?
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum(),
+        | MapType::HttpResponseTrailers => {
+            let mut size = 0u64;
+            map(caller.state(), args[0], Access::Write)?
+                .for_each(&mut |k, v| size += (k.len() + v.len()) as u64);
+            size
+        }
         _ => return Err(Status::BadArgument.into()),
     };
     // `return_size` is a `usize` in the guest: 4 bytes in Wasm, 8 for native plugins.
