@@ -75,9 +75,11 @@ pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<
 
 /// Which VM a plugin runs in: plugins with equal keys share one compiled module and, per
 /// thread, one VM copy. As Envoy's, a SHA-256 over the vm_id, the VM configuration and the code;
-/// unlike Envoy's, also over the engine and the capability restriction, so that plugins asking
-/// for different engines or capabilities never share a VM (Envoy lets the first plugin's
-/// runtime and restriction win, so a restricted plugin could run in an unrestricted VM).
+/// unlike Envoy's, also over the engine, the capability restriction and `allow_precompiled`, so
+/// that plugins asking for different engines or capabilities never share a VM (Envoy lets the
+/// first plugin's runtime and restriction win, so a restricted plugin could run in an
+/// unrestricted VM), and a plugin that does not allow precompiled code never runs a module
+/// loaded from a precompiled section (nor does a configuration update that turns it off).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VmKey([u8; 32]);
 
@@ -85,20 +87,34 @@ impl VmKey {
     /// The key of `plugin`'s VM on `engine` with `code`.
     pub fn new(plugin: &PluginConfig, engine: &str, code: &Code) -> VmKey {
         let mut hash = Sha256::new();
-        // An empty restriction is none, as in Envoy.
-        let capabilities = match &plugin.allowed_capabilities {
-            Some(allowed) if !allowed.is_empty() => {
-                let names: Vec<&str> = allowed.iter().map(String::as_str).collect();
-                format!("restricted:{}", names.join(","))
+        // An empty restriction is none, as in Envoy; names are length-prefixed, so that no
+        // two different sets encode alike.
+        let mut capabilities = Vec::new();
+        if let Some(allowed) = plugin
+            .allowed_capabilities
+            .as_ref()
+            .filter(|a| !a.is_empty())
+        {
+            capabilities.extend_from_slice(b"restricted");
+            for name in allowed {
+                capabilities.extend_from_slice(&(name.len() as u64).to_le_bytes());
+                capabilities.extend_from_slice(name.as_bytes());
             }
-            _ => String::new(),
+        }
+        // A plugin that does not allow precompiled code never shares a module loaded from a
+        // precompiled section.
+        let precompiled: &[u8] = if plugin.vm.allow_precompiled {
+            b"allow_precompiled"
+        } else {
+            b""
         };
         for part in [
             plugin.vm.vm_id.as_bytes(),
             engine.as_bytes(),
             &plugin.vm.configuration,
             code.identity(),
-            capabilities.as_bytes(),
+            &capabilities,
+            precompiled,
         ] {
             // Lengths first, so that no two different inputs run together into the same bytes.
             hash.update((part.len() as u64).to_le_bytes());
@@ -195,6 +211,22 @@ mod tests {
             open,
             VmKey::new(&restricted(&[]), "wasmtime", &code),
             "an empty restriction is none"
+        );
+        assert_ne!(
+            VmKey::new(&restricted(&["a,b"]), "wasmtime", &code),
+            VmKey::new(&restricted(&["a", "b"]), "wasmtime", &code),
+            "names do not run together"
+        );
+    }
+
+    #[test]
+    fn allowing_precompiled_code_is_part_of_the_key() {
+        let code = Code::Wasm(b"\0asm\x01\0\0\0".to_vec());
+        let mut trusting = plugin("vm", "c");
+        trusting.vm.allow_precompiled = true;
+        assert_ne!(
+            VmKey::new(&trusting, "wasmtime", &code),
+            VmKey::new(&plugin("vm", "c"), "wasmtime", &code)
         );
     }
 

@@ -97,8 +97,40 @@ impl CompilationCache {
         ))
     }
 
-    /// The artifact in `path`, if the file is there whole and undamaged.
+    /// Makes the directory if missing (readable and writable by this user only), and checks
+    /// that no one else can write there, so that what is read from it is this host's own.
+    fn open(&self) -> Result<(), String> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&self.directory)
+            .map_err(|e| format!("cannot make it: {e}"))?;
+        private(&self.directory)
+    }
+
+    /// Removes temporary files a crash left behind (an hour old or more).
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.directory) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|age| age.as_secs() >= 3600);
+            if stale && entry.file_name().to_string_lossy().starts_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// The artifact in `path`, if the file is there whole and undamaged, and this user's own.
     fn read(path: &Path) -> Option<Vec<u8>> {
+        private(path).ok()?;
         let file = std::fs::read(path).ok()?;
         let rest = file.strip_prefix(CACHE_MAGIC)?;
         let (checksum, artifact) = rest.split_at_checked(32)?;
@@ -107,7 +139,7 @@ impl CompilationCache {
 
     /// Writes `artifact` to `path` whole or not at all.
     fn write(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.directory)?;
+        self.sweep();
         let mut file = tempfile::NamedTempFile::new_in(&self.directory)?;
         file.write_all(CACHE_MAGIC)?;
         file.write_all(&Sha256::digest(artifact))?;
@@ -128,6 +160,33 @@ pub struct Compiled<S> {
     /// entry that could not be read or written), for the embedder's log. None of it is an
     /// error: the bytecode is always there.
     pub warnings: Vec<String>,
+}
+
+/// Whether `path` is this user's and writable by no one else (on Unix; elsewhere not checked).
+fn private(path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+        // SAFETY: `geteuid` has no preconditions and cannot fail.
+        let user = unsafe { libc::geteuid() };
+        if metadata.uid() != user {
+            return Err(format!(
+                "{} belongs to another user (uid {})",
+                path.display(),
+                metadata.uid()
+            ));
+        }
+        if metadata.mode() & 0o022 != 0 {
+            return Err(format!(
+                "{} is writable by other users (mode {:o})",
+                path.display(),
+                metadata.mode() & 0o777
+            ));
+        }
+    }
+    let _ = path;
+    Ok(())
 }
 
 /// Compiles `wasm` on `runtime`: from its precompiled section when `allow_precompiled` and one
@@ -157,9 +216,9 @@ pub fn compile<S: Send + 'static>(
         match precompiled_artifact(wasm, &identity) {
             Ok(Some(artifact)) => {
                 // SAFETY: `allow_precompiled: true` is the configuration's statement that the
-                // module's producer is trusted with native code, as Envoy's is; the section was
-                // made by this engine build under this configuration, which the engine checks
-                // again before loading anything.
+                // module's producer is trusted with native code, as Envoy's is (the section's
+                // name and configuration line only select it; the engine checks its own header
+                // again before loading anything).
                 match unsafe { runtime.load_precompiled(artifact) } {
                     Ok(module) => {
                         return Ok(done(module, CompiledFrom::PrecompiledSection, warnings))
@@ -181,11 +240,23 @@ pub fn compile<S: Send + 'static>(
             warnings,
         ));
     };
+    if let Err(reason) = cache.open() {
+        warnings.push(format!(
+            "compilation cache {} not used: {reason}",
+            cache.directory.display()
+        ));
+        return Ok(done(
+            runtime.compile(wasm)?,
+            CompiledFrom::Bytecode,
+            warnings,
+        ));
+    }
     let path = cache.entry_path(&identity, &sha256_hex(wasm));
     if let Some(artifact) = CompilationCache::read(&path) {
         // SAFETY: the file is this host's own output of `serialize` for this engine build and
-        // configuration (its name is derived from them), whole and undamaged (its checksum
-        // matches); the cache directory is the host's own (see `CompilationCache`).
+        // configuration (its name is derived from them): the directory and the file belong to
+        // this user and no one else can write them (checked by `open` and `read`), and it is
+        // whole and undamaged (its checksum matches).
         match unsafe { runtime.load_precompiled(&artifact) } {
             Ok(module) => return Ok(done(module, CompiledFrom::CompilationCache, warnings)),
             Err(error) => warnings.push(format!(
@@ -227,11 +298,15 @@ pub fn precompiled_artifact<'a>(
         .iter()
         .position(|&b| b == b'\n')
         .ok_or_else(|| format!("section {name} is damaged"))?;
-    let configuration = String::from_utf8_lossy(&body[..line_end]);
-    if configuration != identity.configuration {
+    let configuration = &body[..line_end];
+    if configuration != identity.configuration.as_bytes() {
+        // The line is the module's text: shown short and escaped.
+        let shown: String = String::from_utf8_lossy(configuration)
+            .chars()
+            .take(64)
+            .collect();
         return Err(format!(
-            "section {name} was made under engine configuration {configuration}, this host runs \
-             {}",
+            "section {name} was made under engine configuration {shown:?}, this host runs {:?}",
             identity.configuration
         ));
     }
@@ -492,6 +567,40 @@ mod tests {
         let Compiled { from, .. } =
             compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
         assert_eq!(from, CompiledFrom::Bytecode);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_others_can_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let directory = tempfile::tempdir().unwrap();
+        let shared = directory.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let cache = CompilationCache::new(&shared);
+        let runtime = wasmtime(RuntimeConfig::default());
+        for _ in 0..2 {
+            let Compiled { from, warnings, .. } =
+                compile::<()>(&runtime, &module(5), false, Some(&cache)).unwrap();
+            assert_eq!(from, CompiledFrom::Bytecode);
+            assert!(
+                warnings[0].contains("writable by other users"),
+                "{warnings:?}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(&shared).unwrap().count(),
+            0,
+            "nothing written"
+        );
+        // A cache directory it makes is this user's alone.
+        let made = CompilationCache::new(directory.path().join("made/compiled"));
+        compile::<()>(&runtime, &module(5), false, Some(&made)).unwrap();
+        let mode = std::fs::metadata(made.directory())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

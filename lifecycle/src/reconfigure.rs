@@ -64,74 +64,126 @@ impl LivePlugins {
 /// Makes a worker for a deployment's plugins on the thread (with its hosts, clock and hooks).
 pub type WorkerFactory = Box<dyn FnMut(Arc<Plugins>) -> Worker + Send>;
 
+/// A worker and how many streams that started on it have not ended.
+struct Tenure {
+    generation: Generation,
+    worker: Worker,
+    streams: usize,
+}
+
 /// One worker thread's workers: the one of the deployment in force, and older ones until their
 /// last stream ends.
+///
+/// Streams are counted here, from [`ThreadWorkers::for_new_stream`] to
+/// [`ThreadWorkers::stream_ended`], whatever they hold: a stream that was failed open or closed,
+/// or that admits its plugins later, keeps its worker too.
 pub struct ThreadWorkers {
     live: Arc<LivePlugins>,
     make: WorkerFactory,
-    current: (Generation, Worker),
+    current: Tenure,
     /// Replaced workers whose streams are still in flight.
-    draining: Vec<(Generation, Worker)>,
+    draining: Vec<Tenure>,
 }
 
 impl ThreadWorkers {
     /// A thread's workers for the plugins `live` has in force, each made by `make`.
     pub fn new(live: Arc<LivePlugins>, mut make: WorkerFactory) -> ThreadWorkers {
-        let (deployment, plugins) = live.current();
+        let (generation, plugins) = live.current();
         let worker = make(plugins);
         ThreadWorkers {
             live,
             make,
-            current: (deployment, worker),
+            current: Tenure {
+                generation,
+                worker,
+                streams: 0,
+            },
             draining: Vec::new(),
         }
     }
 
-    /// The worker a new stream runs on, and its deployment number to keep with the stream:
-    /// the deployment in force (the thread switches to it now if it was replaced).
+    /// The worker a new stream runs on, and its deployment's generation to keep with the
+    /// stream: the deployment in force (the thread switches to it now if it was replaced).
+    /// Every call starts a stream: end it with [`ThreadWorkers::stream_ended`].
     pub fn for_new_stream(&mut self) -> (Generation, &mut Worker) {
-        if self.live.deployment() != self.current.0 {
+        self.refresh();
+        self.current.streams += 1;
+        (self.current.generation, &mut self.current.worker)
+    }
+
+    /// Switches to the deployment in force if it was replaced: the replaced worker goes away
+    /// now if no stream of it is in flight, else with its last stream. Called by
+    /// [`ThreadWorkers::for_new_stream`] and [`ThreadWorkers::current`]; a thread without
+    /// traffic calls it on its timer so that it lets go of replaced plugins.
+    #[inline]
+    pub fn refresh(&mut self) {
+        if self.live.deployment() != self.current.generation {
             self.switch();
         }
-        (self.current.0, &mut self.current.1)
     }
 
     #[cold]
     fn switch(&mut self) {
-        let (deployment, plugins) = self.live.current();
-        let worker = (self.make)(plugins);
-        let old = std::mem::replace(&mut self.current, (deployment, worker));
-        if old.1.streams_in_flight() > 0 {
+        let (generation, plugins) = self.live.current();
+        let fresh = Tenure {
+            generation,
+            worker: (self.make)(plugins),
+            streams: 0,
+        };
+        let old = std::mem::replace(&mut self.current, fresh);
+        if old.streams > 0 {
             self.draining.push(old);
         }
         // Else the old worker, and its copies, go away now.
     }
 
-    /// The worker of a stream that started in `deployment` (`None` if that worker is gone,
-    /// which it is only once the stream ended).
-    pub fn worker(&mut self, deployment: Generation) -> Option<&mut Worker> {
-        if self.current.0 == deployment {
-            return Some(&mut self.current.1);
+    /// The worker of a stream that started in `generation` (`None` once every stream of that
+    /// generation has ended and its worker is gone).
+    pub fn worker(&mut self, generation: Generation) -> Option<&mut Worker> {
+        if self.current.generation == generation {
+            return Some(&mut self.current.worker);
         }
         self.draining
             .iter_mut()
-            .find(|(d, _)| *d == deployment)
-            .map(|(_, worker)| worker)
+            .find(|tenure| tenure.generation == generation)
+            .map(|tenure| &mut tenure.worker)
     }
 
-    /// Says that a stream of `deployment` released its holds: a replaced worker goes away
-    /// (with its VM copies) once its last stream has ended.
-    pub fn stream_ended(&mut self, deployment: Generation) {
-        if deployment == self.current.0 {
+    /// Says that a stream of `generation` ended (after it released its holds): a replaced
+    /// worker goes away, with its VM copies, with its last stream.
+    pub fn stream_ended(&mut self, generation: Generation) {
+        if self.current.generation == generation {
+            self.current.streams = self.current.streams.saturating_sub(1);
             return;
         }
-        self.draining
-            .retain(|(d, worker)| *d != deployment || worker.streams_in_flight() > 0);
+        if let Some(index) = self
+            .draining
+            .iter()
+            .position(|tenure| tenure.generation == generation)
+        {
+            let tenure = &mut self.draining[index];
+            tenure.streams = tenure.streams.saturating_sub(1);
+            if tenure.streams == 0 {
+                self.draining.swap_remove(index);
+            }
+        }
     }
 
-    /// The worker of the deployment in force, without switching (e.g. to tick its copies).
+    /// The worker of the deployment in force (switching to it first if it was replaced), e.g.
+    /// to tick its copies.
     pub fn current(&mut self) -> (Generation, &mut Worker) {
-        (self.current.0, &mut self.current.1)
+        self.refresh();
+        (self.current.generation, &mut self.current.worker)
+    }
+
+    /// Calls `visit` with every worker of the thread, the current one first, then replaced ones
+    /// still finishing streams (for root work their streams may wait on: timer ticks, queue
+    /// notifications, call answers).
+    pub fn for_each_worker(&mut self, mut visit: impl FnMut(Generation, &mut Worker)) {
+        visit(self.current.generation, &mut self.current.worker);
+        for tenure in &mut self.draining {
+            visit(tenure.generation, &mut tenure.worker);
+        }
     }
 
     /// How many replaced workers still have streams in flight.
@@ -229,6 +281,55 @@ mod tests {
         assert_eq!(retired.load(Ordering::Relaxed), 1, "the current copy stays");
         drop(threads);
         assert_eq!(retired.load(Ordering::Relaxed), 2);
+    }
+
+    fn replace_with(live: &LivePlugins, name: &str) {
+        let (_, current) = live.current();
+        let next = Plugins::load_replacing(
+            &current,
+            &crate::parse(&config(name)).unwrap(),
+            &crate::test_support::Wasmtime,
+            &crate::LoadOptions {
+                base_dir: crate::test_support::corpus(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        live.replace(next);
+    }
+
+    #[test]
+    fn a_stream_holding_no_copy_keeps_its_worker_until_it_ends() {
+        let live = Arc::new(LivePlugins::new(load(&config("one")).unwrap()));
+        let retired = Arc::new(AtomicUsize::new(0));
+        let mut threads = threads(&live, &retired);
+        // A stream that has not admitted its plugin yet (or was failed open or closed).
+        let (old, _) = threads.for_new_stream();
+        replace_with(&live, "two");
+        let (new, _) = threads.for_new_stream();
+        assert_ne!(new, old);
+        assert!(threads.worker(old).is_some(), "its worker waits for it");
+        threads.stream_ended(old);
+        assert!(threads.worker(old).is_none());
+        threads.stream_ended(new);
+    }
+
+    #[test]
+    fn an_idle_thread_lets_go_of_a_replaced_deployment_when_it_looks() {
+        let live = Arc::new(LivePlugins::new(load(&config("one")).unwrap()));
+        let retired = Arc::new(AtomicUsize::new(0));
+        let mut threads = threads(&live, &retired);
+        let (deployment, held, _) = admit(&mut threads);
+        end(&mut threads, deployment, held);
+        replace_with(&live, "two");
+        let (generation, worker) = threads.current();
+        assert_eq!(generation, Generation(1));
+        let name = worker.plugins().config(PluginId(0)).configuration.clone();
+        assert!(String::from_utf8(name).unwrap().contains("two"));
+        assert_eq!(retired.load(Ordering::Relaxed), 1, "the old copy is gone");
+        let mut seen = Vec::new();
+        threads.for_each_worker(|generation, _| seen.push(generation));
+        assert_eq!(seen, [Generation(1)]);
     }
 
     #[test]

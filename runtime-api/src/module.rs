@@ -23,7 +23,9 @@ pub trait WasmRuntime<S: Send + 'static>: Send + Sync + 'static {
     ///
     /// # Safety
     /// Engines that run precompiled machine code cannot validate it: the artifact must come from
-    /// a trusted source (this host), never from a plugin author.
+    /// a source the embedder trusts with native code (its own cache, or a module producer the
+    /// configuration trusts, as Envoy's `allow_precompiled`); anything in the artifact that
+    /// names its engine or configuration only selects it and proves nothing.
     unsafe fn load_precompiled(
         &self,
         _artifact: &[u8],

@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use std::hash::{Hash, Hasher};
 
+use sha2::{Digest, Sha256};
+
 use runtime_api::{
     ArtifactIdentity, Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime,
 };
@@ -123,21 +125,60 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmtimeRuntime {
 
     fn artifact_identity(&self) -> Option<ArtifactIdentity> {
         // wasmtime's own fingerprint of every setting its artifacts depend on (epoch checks,
-        // memory layout, target features); SipHash with fixed keys keeps it stable across runs.
-        let mut hasher = std::hash::DefaultHasher::new();
+        // memory layout, target features), digested with SHA-256 rather than std's hasher,
+        // whose output may change with the Rust release.
+        let mut hasher = Sha256Hasher(Sha256::new());
         self.engine
             .precompile_compatibility_hash()
             .hash(&mut hasher);
+        let digest = hasher.0.finalize();
         Some(ArtifactIdentity {
             engine: "wasmtime",
             version: WASMTIME_VERSION,
-            configuration: format!("{:016x}", hasher.finish()),
+            configuration: digest[..12].iter().map(|b| format!("{b:02x}")).collect(),
         })
+    }
+}
+
+/// A [`Hasher`] that feeds everything into a SHA-256 digest (read with `finalize`; `finish`
+/// is there for the trait).
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(first)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_fingerprint_follows_settings_that_change_code() {
+        use runtime_api::WasmRuntime;
+        let identity = |config| {
+            let runtime = super::WasmtimeRuntime::new(config).unwrap();
+            WasmRuntime::<()>::artifact_identity(&runtime).unwrap()
+        };
+        let plain = identity(runtime_api::RuntimeConfig::default());
+        assert_eq!(plain, identity(runtime_api::RuntimeConfig::default()));
+        let with_deadlines = identity(runtime_api::RuntimeConfig {
+            call_deadline: Some(std::time::Duration::from_secs(1)),
+            ..Default::default()
+        });
+        assert_ne!(plain.configuration, with_deadlines.configuration);
+        assert_eq!(
+            plain.section_name(),
+            format!("precompiled_wasmtime_{}", super::WASMTIME_VERSION)
+        );
+    }
+
     #[test]
     fn the_version_constant_is_the_wasmtime_in_cargo_lock() {
         let lock = include_str!("../../Cargo.lock");
