@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use abi::{HeaderMap, HttpCallResponse, Vm, VmError};
+use abi::{ContextId, HeaderMap, HttpCallResponse, Vm, VmError};
 use lifecycle::{CopyId, StreamVm, Worker};
 
 use super::report::{GrpcCallReport, HttpCallReport};
@@ -177,6 +177,35 @@ impl<'a> Callouts<'a> {
         self.gave_up.then(|| {
             format!("the plugin kept making calls: {MAX_ANSWERS} were answered, the rest were not")
         })
+    }
+
+    /// Runs `callback` for `context` in the VM copy `handles[stage]` holds, then takes note of
+    /// the calls the chain's plugins made ([`Callouts::scan`]).
+    pub(super) fn invoke<T>(
+        &mut self,
+        worker: &mut Worker,
+        handles: &Handles<'_>,
+        stage: usize,
+        context: ContextId,
+        callback: impl FnOnce(&mut Vm, ContextId) -> Result<T, VmError>,
+    ) -> Result<T, VmError> {
+        let result = match handles[stage].and_then(|held| worker.vm(held)) {
+            Some(vm) => callback(vm, context),
+            None => Err(super::no_vm_on_worker()),
+        };
+        self.scan(worker, handles);
+        result
+    }
+
+    /// The HTTP and gRPC calls of every stage, in stage order.
+    pub(super) fn reports(
+        &self,
+        worker: &mut Worker,
+        handles: &Handles<'_>,
+    ) -> Vec<(Vec<HttpCallReport>, Vec<GrpcCallReport>)> {
+        (0..handles.len())
+            .map(|stage| self.report(worker, handles, stage))
+            .collect()
     }
 
     /// Reports the HTTP and gRPC calls `stage` made.

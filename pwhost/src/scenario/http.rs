@@ -260,12 +260,7 @@ struct Exchange<'w, 'a> {
 
 /// The stream record of stage `stage` (in the host of its VM copy).
 fn record<'s>(worker: &'s mut Worker, stage: &Stage) -> Result<&'s mut StreamRecord, VmError> {
-    let vm = stage
-        .held_vm
-        .as_ref()
-        .and_then(|held| worker.vm(held))
-        .ok_or_else(|| VmError::Failed("the plugin has no VM on this worker".into()))?;
-    Ok(in_memory_host(vm).stream(stage.context))
+    super::stream_record(worker, stage.held_vm.as_ref(), stage.context)
 }
 
 impl Exchange<'_, '_> {
@@ -279,18 +274,12 @@ impl Exchange<'_, '_> {
         k: usize,
         callback: impl FnOnce(&mut Vm, ContextId) -> Result<T, VmError>,
     ) -> Result<T, Stop> {
-        let stage = &self.stages[k];
-        let context = stage.context;
-        let result = match stage.held_vm.as_ref().and_then(|h| self.worker.vm(h)) {
-            Some(vm) => callback(vm, context),
-            None => Err(VmError::Failed(
-                "the plugin has no VM on this worker".into(),
-            )),
-        };
         let handles: Vec<Option<&StreamVm>> =
             self.stages.iter().map(|s| s.held_vm.as_ref()).collect();
-        self.callouts.scan(self.worker, &handles);
-        result.map_err(|error| Stop::Failed(k, error))
+        let context = self.stages[k].context;
+        self.callouts
+            .invoke(self.worker, &handles, k, context, callback)
+            .map_err(|error| Stop::Failed(k, error))
     }
 
     fn record_action(&mut self, k: usize, key: &'static str, action: &'static str) {
@@ -974,9 +963,7 @@ fn finish(mut run: Exchange<'_, '_>, chain_length: usize) -> HttpReport {
         ..
     } = run;
     let handles: Vec<Option<&StreamVm>> = stages.iter().map(|s| s.held_vm.as_ref()).collect();
-    let calls: Vec<_> = (0..stages.len())
-        .map(|k| callouts.report(worker, &handles, k))
-        .collect();
+    let calls = callouts.reports(worker, &handles);
     for (stage, (http_calls, grpc_calls)) in stages.iter_mut().zip(calls) {
         stage.report.http_calls = http_calls;
         stage.report.grpc_calls = grpc_calls;

@@ -355,6 +355,23 @@ pub(crate) fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
         .expect("scenario VMs run on an InMemoryHost")
 }
 
+/// The record of a stream (or connection) `context` in the host of the VM copy `held` names.
+pub(crate) fn stream_record<'s>(
+    worker: &'s mut lifecycle::Worker,
+    held: Option<&lifecycle::StreamVm>,
+    context: ContextId,
+) -> Result<&'s mut abi::StreamRecord, VmError> {
+    let vm = held
+        .and_then(|held| worker.vm(held))
+        .ok_or_else(no_vm_on_worker)?;
+    Ok(in_memory_host(vm).stream(context))
+}
+
+/// What a stage whose plugin holds no VM copy on the worker gets.
+pub(crate) fn no_vm_on_worker() -> VmError {
+    VmError::Failed("the plugin has no VM on this worker".into())
+}
+
 /// The host of every VM copy of a run: the scenario's properties and node.
 fn scenario_host(scenario: &Scenario) -> InMemoryHost {
     let mut host = InMemoryHost::new();
