@@ -723,11 +723,6 @@ impl Worker {
         &self.plugins
     }
 
-    /// How many stream holds on this worker's VM copies are not released yet.
-    pub fn streams_in_flight(&self) -> usize {
-        self.copies.iter().flatten().map(|live| live.streams).sum()
-    }
-
     /// Makes `plugin`'s VM copy on this thread now, if not made yet, rather than on first use
     /// (e.g. to tick root contexts before traffic; a service that is not a singleton has no
     /// other use). Returns why it could not start. A singleton service runs on a thread of its

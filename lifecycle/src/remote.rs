@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use crate::config::RemoteCode;
 
 /// The largest module fetched (a bigger body is refused rather than read into memory).
@@ -53,13 +51,7 @@ pub enum FetchError {
     Unsupported,
 }
 
-/// The sha256 of `bytes`, as 64 lowercase hex digits.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use crate::code::sha256_hex;
 
 /// Remote code kept by sha256: in this process's memory, and in a directory if one is given.
 #[derive(Clone, Debug, Default)]
