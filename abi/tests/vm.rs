@@ -235,8 +235,24 @@ const CAPABILITY_PROBE: &str = r#"
     i32.const 0))
 "#;
 
-/// The capability probe's request headers, and the host's log, with `allowed` capabilities.
-fn probe_capabilities(allowed: Option<&[&str]>) -> (Vec<(String, String)>, Vec<String>) {
+/// What the capability probe left: the request headers it added, and the host's log.
+struct Probe {
+    headers: Vec<(String, String)>,
+    logs: Vec<String>,
+}
+
+impl Probe {
+    /// The value of a header the probe added.
+    fn value(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Runs the capability probe with `allowed` capabilities.
+fn probe_capabilities(allowed: Option<&[&str]>) -> Probe {
     let wasm = wat::parse_str(CAPABILITY_PROBE).unwrap();
     let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
     let config = PluginConfig {
@@ -266,27 +282,17 @@ fn probe_capabilities(allowed: Option<&[&str]>) -> (Vec<(String, String)>, Vec<S
         .filter(|(k, _): &(String, String)| k != ":path")
         .collect();
     let logs = host.logs.iter().map(|log| log.message.clone()).collect();
-    (headers, logs)
+    Probe { headers, logs }
 }
 
 #[test]
 fn without_a_capability_restriction_every_host_function_acts() {
     for allowed in [None, Some(&[][..])] {
-        let (headers, logs) = probe_capabilities(allowed);
-        let value = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let probe = probe_capabilities(allowed);
+        assert_eq!(probe.value("x-fd-write"), Some("0"), "fd_write succeeds");
+        assert_eq!(probe.value("x-log"), Some("0"), "proxy_log returns OK");
         assert_eq!(
-            value("x-fd-write").as_deref(),
-            Some("0"),
-            "fd_write succeeds"
-        );
-        assert_eq!(value("x-log").as_deref(), Some("0"), "proxy_log returns OK");
-        assert_eq!(
-            logs,
+            probe.logs,
             ["hello", "hello"],
             "an empty restriction is none, as in Envoy"
         );
@@ -300,25 +306,11 @@ fn restricted_host_functions_log_and_answer_as_proxy_wasm_cpp_host_stubs() {
         "proxy_on_request_headers",
         "proxy_add_header_map_value",
     ];
-    let (headers, logs) = probe_capabilities(Some(&allowed));
-    let value = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let probe = probe_capabilities(Some(&allowed));
+    assert_eq!(probe.value("x-fd-write"), Some("|"), "ENOTCAPABLE (76)");
+    assert_eq!(probe.value("x-log"), Some(":"), "INTERNAL_FAILURE (10)");
     assert_eq!(
-        value("x-fd-write").as_deref(),
-        Some("|"),
-        "ENOTCAPABLE (76)"
-    );
-    assert_eq!(
-        value("x-log").as_deref(),
-        Some(":"),
-        "INTERNAL_FAILURE (10)"
-    );
-    assert_eq!(
-        logs,
+        probe.logs,
         [
             "Attempted call to restricted WASI capability: fd_write",
             "Attempted call to restricted proxy-wasm capability: proxy_log",
@@ -328,10 +320,11 @@ fn restricted_host_functions_log_and_answer_as_proxy_wasm_cpp_host_stubs() {
 
 #[test]
 fn restricted_callbacks_are_never_called() {
-    let (headers, logs) = probe_capabilities(Some(&["proxy_on_context_create", "proxy_log"]));
+    let probe = probe_capabilities(Some(&["proxy_on_context_create", "proxy_log"]));
     assert!(
-        headers.is_empty(),
-        "proxy_on_request_headers did not run: {headers:?}"
+        probe.headers.is_empty(),
+        "proxy_on_request_headers did not run: {:?}",
+        probe.headers
     );
-    assert!(logs.is_empty());
+    assert!(probe.logs.is_empty());
 }
