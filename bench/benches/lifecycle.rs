@@ -12,6 +12,9 @@
 //! * `pwhost/wasmtime+deadline`: pwhost with a 1 s deadline per call.
 //! * `floor/wasmtime+epoch`: the floor with the same deadline, enforced the same way (epoch
 //!   interruption, a ticker every 100 ms, a fresh deadline before every top-level call).
+//! * `.../proxy-headers`: each of the above with the headers in storage the embedder owns and
+//!   lends through `abi::Headers` ([`ProxyHeaders`], a proxy's arena-backed map), instead of
+//!   pwhost's own `abi::HeaderMap`; the floor reads and writes the same storage.
 //!
 //! Group `vm_start` — a new VM copy of an already-loaded plugin, ready to serve:
 //! instantiate, `_initialize`, `proxy_on_context_create(1, 0)`, `proxy_on_vm_start`,
@@ -36,12 +39,15 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
+use abi::HeaderMap;
 use abi::{HeadersAction, Plugin, PluginConfig, SharedState, Vm};
 use criterion::{criterion_group, criterion_main, Criterion};
 use lifecycle::{Admission, LivePlugins, PluginId, StreamVm, ThreadWorkers, Worker};
 use pwhost_bench::floor::{FloorOptions, FloorPlugin, FloorVm};
+use pwhost_bench::pwhost_request;
 use pwhost_bench::{
-    pwhost_request, pwhost_vm, read_plugin, BenchHost, LIFECYCLE_PLUGIN, REQUEST_HEADERS,
+    pwhost_request_in, pwhost_vm, pwhost_vm_in, read_plugin, BenchHeaders, BenchHost, ProxyHeaders,
+    LIFECYCLE_PLUGIN, REQUEST_HEADERS,
 };
 use runtime_api::RuntimeConfig;
 use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
@@ -72,11 +78,16 @@ fn deadline_config() -> RuntimeConfig {
 /// Runs one request on a pwhost VM and checks the plugin did its work, so a broken setup fails
 /// loudly instead of benchmarking nothing.
 fn verify_pwhost(vm: &mut Vm) {
-    let logs = vm.host_as::<BenchHost>().unwrap().stream.logs();
-    let outcome = pwhost_request(vm).expect("pwhost request");
+    verify_pwhost_in::<HeaderMap>(vm);
+}
+
+/// As [`verify_pwhost`], with the headers in storage `M`.
+fn verify_pwhost_in<M: BenchHeaders>(vm: &mut Vm) {
+    let logs = vm.host_as::<BenchHost<M>>().unwrap().stream.logs();
+    let outcome = pwhost_request_in::<M>(vm).expect("pwhost request");
     assert_eq!(outcome.request, HeadersAction::Continue);
     assert_eq!(outcome.response, HeadersAction::Continue);
-    let stream = &vm.host_as::<BenchHost>().unwrap().stream;
+    let stream = &vm.host_as::<BenchHost<M>>().unwrap().stream;
     assert_eq!(
         stream.logs(),
         logs + 1,
@@ -87,7 +98,7 @@ fn verify_pwhost(vm: &mut Vm) {
 }
 
 /// As [`verify_pwhost`], for the floor.
-fn verify_floor(vm: &mut FloorVm) {
+fn verify_floor<M: BenchHeaders>(vm: &mut FloorVm<M>) {
     let logs = vm.state().stream().logs();
     let outcome = vm.request().expect("floor request");
     assert_eq!(outcome.request, HeadersAction::Continue);
@@ -102,46 +113,56 @@ fn verify_floor(vm: &mut FloorVm) {
     assert_eq!(stream.request_headers().len(), REQUEST_HEADERS.len() + 1);
 }
 
+/// pwhost and the floor on one configuration and header storage `M`, side by side.
+fn request_pair<M: BenchHeaders>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    wasm: &[u8],
+    (pwhost_name, floor_name): (&str, &str),
+    deadline: Option<Duration>,
+) {
+    let config = match deadline {
+        Some(_) => deadline_config(),
+        None => RuntimeConfig::default(),
+    };
+    // Each engine (and its epoch ticker thread) lives only while its benchmark runs.
+    {
+        let runtime = runtime(config, WasmtimeOptions::default());
+        let plugin = load(&runtime, wasm);
+        let mut vm = pwhost_vm_in::<M>(&plugin).expect("start pwhost VM");
+        verify_pwhost_in::<M>(&mut vm);
+        group.bench_function(pwhost_name, |b| {
+            b.iter(|| black_box(pwhost_request_in::<M>(&mut vm).unwrap()))
+        });
+    }
+    {
+        let options = FloorOptions {
+            deadline,
+            pooling_instances: None,
+        };
+        let plugin = FloorPlugin::<M>::new(wasm, options).expect("floor plugin");
+        let mut vm = plugin.instantiate().expect("start floor VM");
+        verify_floor(&mut vm);
+        group.bench_function(floor_name, |b| b.iter(|| black_box(vm.request().unwrap())));
+    }
+}
+
 fn request_lifecycle(c: &mut Criterion) {
     let wasm = plugin_bytes();
     let mut group = c.benchmark_group("request_lifecycle");
-
-    let variants = [
-        (
-            "pwhost/wasmtime",
-            "floor/wasmtime",
-            RuntimeConfig::default(),
-            None,
-        ),
-        (
-            "pwhost/wasmtime+deadline",
-            "floor/wasmtime+epoch",
-            deadline_config(),
-            Some(DEADLINE),
-        ),
-    ];
-    for (pwhost_name, floor_name, config, deadline) in variants {
-        // Each engine (and its epoch ticker thread) lives only while its benchmark runs.
-        {
-            let runtime = runtime(config, WasmtimeOptions::default());
-            let plugin = load(&runtime, &wasm);
-            let mut vm = pwhost_vm(&plugin).expect("start pwhost VM");
-            verify_pwhost(&mut vm);
-            group.bench_function(pwhost_name, |b| {
-                b.iter(|| black_box(pwhost_request(&mut vm).unwrap()))
-            });
-        }
-        {
-            let options = FloorOptions {
-                deadline,
-                pooling_instances: None,
-            };
-            let plugin = FloorPlugin::new(&wasm, options).expect("floor plugin");
-            let mut vm = plugin.instantiate().expect("start floor VM");
-            verify_floor(&mut vm);
-            group.bench_function(floor_name, |b| b.iter(|| black_box(vm.request().unwrap())));
-        }
-    }
+    let names = ("pwhost/wasmtime", "floor/wasmtime");
+    request_pair::<HeaderMap>(&mut group, &wasm, names, None);
+    let names = ("pwhost/wasmtime+deadline", "floor/wasmtime+epoch");
+    request_pair::<HeaderMap>(&mut group, &wasm, names, Some(DEADLINE));
+    let names = (
+        "pwhost/wasmtime/proxy-headers",
+        "floor/wasmtime/proxy-headers",
+    );
+    request_pair::<ProxyHeaders>(&mut group, &wasm, names, None);
+    let names = (
+        "pwhost/wasmtime+deadline/proxy-headers",
+        "floor/wasmtime+epoch/proxy-headers",
+    );
+    request_pair::<ProxyHeaders>(&mut group, &wasm, names, Some(DEADLINE));
     group.finish();
 }
 
@@ -167,7 +188,7 @@ fn vm_start(c: &mut Criterion) {
                 deadline: None,
                 pooling_instances: pooling,
             };
-            let plugin = FloorPlugin::new(&wasm, options).expect("floor plugin");
+            let plugin = FloorPlugin::<HeaderMap>::new(&wasm, options).expect("floor plugin");
             verify_floor(&mut plugin.instantiate().expect("start floor VM"));
             group.bench_function(format!("floor/wasmtime{name}"), |b| {
                 // As above: creation plus teardown.

@@ -8,14 +8,20 @@
 //!
 //! # Fairness
 //!
-//! pwhost and the floor keep their stream in the same [`BenchStream`]: the same [`HeaderMap`]s,
-//! restored the same way before every request, and the same log counter. So what differs
+//! pwhost and the floor keep their stream in the same [`BenchStream`]: the same header maps,
+//! restored the same way before every request, and the same log counter. The maps are either
+//! pwhost's own [`HeaderMap`] or [`ProxyHeaders`], storage the embedder owns and lends to pwhost
+//! through [`abi::Headers`] (as a proxy does); the floors read and write the very same storage
+//! through the same trait, monomorphized. So what differs
 //! between the two is only what lies between the engine and the embedder's data: the ABI layer
 //! (pointer checks, status codes, context bookkeeping, the `runtime_api` indirection) in pwhost,
 //! and the least a correct host must do in the floor.
 
 pub mod floor;
 pub mod memory;
+mod proxy_headers;
+
+pub use proxy_headers::ProxyHeaders;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -79,34 +85,95 @@ pub fn read_plugin(name: &str) -> io::Result<Vec<u8>> {
     })
 }
 
-/// The state of the one HTTP stream a benchmark VM serves, shared by [`BenchHost`] and the
-/// floor so that both do exactly the same embedder work.
+/// Header storage a benchmark stream can keep its maps in: [`HeaderMap`] (pwhost's in-memory
+/// map) or [`ProxyHeaders`] (an embedder's own arena-backed map).
 ///
-/// The header maps are restored from templates before every request ([`BenchStream::begin`]),
-/// without allocating when the plugin only appended headers (as `lifecycle_bench` does): a proxy
-/// would fill maps it already owns, so allocation here would be the benchmark's cost, not the
-/// ABI's.
+/// Beside [`Headers`], the floors need a lookup by position, so that they can find a value,
+/// call the plugin's allocator, and copy the value without a second search by name.
+pub trait BenchHeaders: Headers + Clone + Default + Send + 'static {
+    /// A map holding `pairs`, in order.
+    fn from_pairs(pairs: &[(&str, &str)]) -> Self;
+
+    /// Makes `self` equal to `template`, without allocating when the plugin only appended
+    /// entries (a proxy fills maps it already owns: allocation here would be the benchmark's
+    /// cost, not the ABI's).
+    fn restore_from(&mut self, template: &Self);
+
+    /// The position of the first entry named `name` (ASCII case ignored) and its value's length.
+    fn find(&self, name: &[u8]) -> Option<(usize, usize)>;
+
+    /// The value of the entry at `index`.
+    fn value_at(&self, index: usize) -> Option<&[u8]>;
+}
+
+impl BenchHeaders for HeaderMap {
+    fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        pairs.iter().copied().collect()
+    }
+
+    fn restore_from(&mut self, template: &Self) {
+        restore(self, template);
+    }
+
+    #[inline]
+    fn find(&self, name: &[u8]) -> Option<(usize, usize)> {
+        self.iter()
+            .enumerate()
+            .find(|(_, (key, _))| key.eq_ignore_ascii_case(name))
+            .map(|(index, (_, value))| (index, value.len()))
+    }
+
+    #[inline]
+    fn value_at(&self, index: usize) -> Option<&[u8]> {
+        self.iter().nth(index).map(|(_, value)| value)
+    }
+}
+
+impl BenchHeaders for ProxyHeaders {
+    fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        ProxyHeaders::from_pairs(pairs)
+    }
+
+    fn restore_from(&mut self, template: &Self) {
+        self.restore_from(template);
+    }
+
+    #[inline]
+    fn find(&self, name: &[u8]) -> Option<(usize, usize)> {
+        ProxyHeaders::find(self, name)
+    }
+
+    #[inline]
+    fn value_at(&self, index: usize) -> Option<&[u8]> {
+        ProxyHeaders::value_at(self, index)
+    }
+}
+
+/// The state of the one HTTP stream a benchmark VM serves, shared by [`BenchHost`] and the
+/// floors so that both do exactly the same embedder work, in the header storage `M`.
+///
+/// The header maps are restored from templates before every request ([`BenchStream::begin`]).
 #[derive(Debug)]
-pub struct BenchStream {
+pub struct BenchStream<M: BenchHeaders = HeaderMap> {
     context: u32,
-    request: HeaderMap,
-    response: HeaderMap,
-    request_template: HeaderMap,
-    response_template: HeaderMap,
+    request: M,
+    response: M,
+    request_template: M,
+    response_template: M,
     logs: u64,
 }
 
-impl Default for BenchStream {
+impl<M: BenchHeaders> Default for BenchStream<M> {
     fn default() -> Self {
         BenchStream::new()
     }
 }
 
-impl BenchStream {
+impl<M: BenchHeaders> BenchStream<M> {
     /// A stream holding [`REQUEST_HEADERS`] and [`RESPONSE_HEADERS`], bound to no context yet.
     pub fn new() -> Self {
-        let request_template: HeaderMap = REQUEST_HEADERS.into_iter().collect();
-        let response_template: HeaderMap = RESPONSE_HEADERS.into_iter().collect();
+        let request_template = M::from_pairs(&REQUEST_HEADERS);
+        let response_template = M::from_pairs(&RESPONSE_HEADERS);
         BenchStream {
             context: 0,
             request: request_template.clone(),
@@ -118,10 +185,11 @@ impl BenchStream {
     }
 
     /// Binds the stream to a new request's context and restores both header maps.
+    #[inline]
     pub fn begin(&mut self, context: u32) {
         self.context = context;
-        restore(&mut self.request, &self.request_template);
-        restore(&mut self.response, &self.response_template);
+        self.request.restore_from(&self.request_template);
+        self.response.restore_from(&self.response_template);
     }
 
     /// The context the stream is bound to (0: none).
@@ -131,7 +199,7 @@ impl BenchStream {
 
     /// The header map `map` of `context`, if `context` is this stream's.
     #[inline]
-    pub fn header_map(&mut self, context: u32, map: MapType) -> Option<&mut HeaderMap> {
+    pub fn header_map(&mut self, context: u32, map: MapType) -> Option<&mut M> {
         if context != self.context || context == 0 {
             return None;
         }
@@ -143,7 +211,7 @@ impl BenchStream {
     }
 
     /// The request headers as the plugin left them.
-    pub fn request_headers(&self) -> &HeaderMap {
+    pub fn request_headers(&self) -> &M {
         &self.request
     }
 
@@ -188,20 +256,27 @@ fn restore(map: &mut HeaderMap, template: &HeaderMap) {
 /// A [`Host`] shaped like a proxy's: one reusable stream ([`BenchStream`]) instead of a map of
 /// streams, logs counted instead of stored, and nothing else (properties, bodies, local replies
 /// and calls are reported as unavailable).
+///
+/// `M` is where the stream keeps its headers: [`HeaderMap`] by default, [`ProxyHeaders`] for an
+/// embedder lending its own storage ([`ProxyHost`]).
 #[derive(Debug, Default)]
-pub struct BenchHost {
+pub struct BenchHost<M: BenchHeaders = HeaderMap> {
     /// The stream the VM serves.
-    pub stream: BenchStream,
+    pub stream: BenchStream<M>,
 }
 
+/// A [`BenchHost`] whose headers live in the embedder's own storage ([`ProxyHeaders`]).
+pub type ProxyHost = BenchHost<ProxyHeaders>;
+
 impl BenchHost {
-    /// A host with a fresh [`BenchStream`].
+    /// A host with a fresh [`BenchStream`] in [`HeaderMap`]s (`BenchHost::<M>::default()` for
+    /// another storage, e.g. a [`ProxyHost`]).
     pub fn new() -> Self {
         BenchHost::default()
     }
 }
 
-impl Host for BenchHost {
+impl<M: BenchHeaders> Host for BenchHost<M> {
     fn log(&mut self, _context: ContextId, level: LogLevel, message: &str) {
         self.stream.log(level, message);
     }
@@ -241,12 +316,21 @@ pub struct RequestOutcome {
 /// request headers, response headers, log, done, delete.
 ///
 /// # Panics
-/// If the VM's host is not a [`BenchHost`].
+/// If the VM's host is not a [`BenchHost`] (see [`pwhost_request_in`] for a [`ProxyHost`]).
 #[inline]
 pub fn pwhost_request(vm: &mut Vm) -> Result<RequestOutcome, VmError> {
+    pwhost_request_in::<HeaderMap>(vm)
+}
+
+/// As [`pwhost_request`], on a VM whose host is a `BenchHost<M>`.
+///
+/// # Panics
+/// If the VM's host is not a `BenchHost<M>`.
+#[inline]
+pub fn pwhost_request_in<M: BenchHeaders>(vm: &mut Vm) -> Result<RequestOutcome, VmError> {
     let context = vm.create_http_context()?;
-    vm.host_as::<BenchHost>()
-        .expect("the VM's host is a BenchHost")
+    vm.host_as::<BenchHost<M>>()
+        .expect("the VM's host is a BenchHost of this header storage")
         .stream
         .begin(context.0);
     let request = vm.on_request_headers(context, REQUEST_HEADERS.len(), false)?;
@@ -260,7 +344,12 @@ pub fn pwhost_request(vm: &mut Vm) -> Result<RequestOutcome, VmError> {
 /// A new pwhost VM of `plugin` with a [`BenchHost`], started and configured: what a worker
 /// thread does before it can serve requests.
 pub fn pwhost_vm(plugin: &abi::Plugin) -> Result<Vm, VmError> {
-    let mut vm = Vm::new(plugin, Box::new(BenchHost::new()))?;
+    pwhost_vm_in::<HeaderMap>(plugin)
+}
+
+/// As [`pwhost_vm`], with a `BenchHost<M>`.
+pub fn pwhost_vm_in<M: BenchHeaders>(plugin: &abi::Plugin) -> Result<Vm, VmError> {
+    let mut vm = Vm::new(plugin, Box::new(BenchHost::<M>::default()))?;
     vm.start()?;
     vm.configure()?;
     Ok(vm)
@@ -272,7 +361,7 @@ mod tests {
 
     #[test]
     fn restore_removes_appended_headers_in_place() {
-        let mut stream = BenchStream::new();
+        let mut stream = BenchStream::<HeaderMap>::new();
         stream.begin(2);
         let map = stream.header_map(2, MapType::HttpRequestHeaders).unwrap();
         map.add(b"x-bench", b"1");
@@ -284,7 +373,7 @@ mod tests {
 
     #[test]
     fn restore_reclones_changed_maps() {
-        let mut stream = BenchStream::new();
+        let mut stream = BenchStream::<HeaderMap>::new();
         stream.begin(2);
         let map = stream.header_map(2, MapType::HttpRequestHeaders).unwrap();
         map.replace(b":path", b"/other");

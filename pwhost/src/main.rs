@@ -97,6 +97,9 @@ struct BenchArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Also draw the figures as an SVG picture into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -331,14 +334,30 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     } else {
         args.runtimes.clone()
     };
+    // Every engine named is made first, so that a wrong name fails at once, before any work.
+    let engines = names
+        .into_iter()
+        .map(|name| Ok((runtimes::create(&name, RuntimeConfig::default())?, name)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut figures = Vec::new();
-    for name in names {
-        let runtime = runtimes::create(&name, RuntimeConfig::default())?;
+    let count = engines.len();
+    for (index, (runtime, name)) in engines.into_iter().enumerate() {
+        // A whole matrix takes minutes (wasmer's LLVM compiler alone takes seconds per module).
+        eprintln!("pwhost bench: [{}/{count}] {name}", index + 1);
         let plugin = args.plugin.load(&*runtime)?;
         pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
         let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
             .with_context(|| format!("the plugin failed on {name}"))?;
         figures.push(measured);
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "pwhost bench: {}",
+            args.plugin.plugin()?.rsplit('/').next().unwrap_or_default()
+        );
+        pwhost::bench::plot_matrix(&figures, &title, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("pwhost bench: drew {}", path.display());
     }
     Ok(figures)
 }

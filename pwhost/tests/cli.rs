@@ -230,6 +230,8 @@ fn a_reader_that_goes_away_is_not_a_crash() {
 #[test]
 fn bench_times_every_engine_compiled_in() {
     let plugin = plugin("rust/lifecycle_bench.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let picture = dir.path().join("matrix.svg");
     let output = pwhost(&[
         "bench",
         "--plugin",
@@ -240,6 +242,8 @@ fn bench_times_every_engine_compiled_in() {
         "3",
         "--format",
         "json",
+        "--plot",
+        picture.to_str().unwrap(),
     ]);
     let figures = json(&output);
     let figures = figures.as_array().expect("one entry per engine");
@@ -249,10 +253,25 @@ fn bench_times_every_engine_compiled_in() {
         .filter(|name| **name != "null")
         .count();
     assert_eq!(figures.len(), wasm_engines);
+    let svg = std::fs::read_to_string(&picture).expect("--plot wrote the picture");
+    assert!(svg.starts_with("<svg"), "an SVG document");
+    assert!(svg.contains("time per request") && svg.contains("VM start"));
     for engine in figures {
         assert!(engine["request_ns"].as_f64().unwrap() > 0.0, "{engine}");
         assert!(engine["vm_start_us"].as_f64().unwrap() > 0.0, "{engine}");
+        let name = engine["runtime"].as_str().unwrap();
+        assert!(
+            svg.lines().any(|line| line.trim() == name),
+            "{name} labelled in the picture"
+        );
+        // pwhost bench has no floor for an arbitrary plugin: no floor figures are made up.
+        assert!(engine.get("floor_request_ns").is_none(), "{engine}");
     }
+    let progress = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        progress.contains(&format!("[1/{wasm_engines}]")),
+        "{progress}"
+    );
     assert_one_line_error(
         &pwhost(&[
             "bench",

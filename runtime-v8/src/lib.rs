@@ -36,12 +36,15 @@
 //!   JS heap's limit terminates the call instead of aborting the process.
 //! * V8's trap handler stays off: bounds checks are explicit, and V8 installs no signal handler
 //!   that could conflict with another engine's in the same process.
+//!
+//! The shim's C ABI itself is public as [`shim`], for benchmarks and other raw users.
 
 mod binary;
 mod ffi;
 mod instance;
 mod module;
 mod platform;
+pub mod shim;
 mod trap;
 mod watchdog;
 

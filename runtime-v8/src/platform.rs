@@ -18,7 +18,7 @@ use crate::ffi;
 /// V8's trap handler needs no flag: it stays off because the shim never calls
 /// `V8::EnableWebAssemblyTrapHandler`, so wasm memory accesses are bounds-checked in code and V8
 /// installs no signal handler that could conflict with another engine's in the same process.
-const FLAGS: &str = "--no-experimental-wasm-threads --no-experimental-wasm-eh";
+pub(crate) const FLAGS: &str = "--no-experimental-wasm-threads --no-experimental-wasm-eh";
 
 /// Initialises V8 (platform, then V8 itself) the first time it is called; later calls return the
 /// first outcome.
@@ -26,10 +26,7 @@ pub(crate) fn ensure_initialized() -> Result<(), Error> {
     static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
     STARTED
         .get_or_init(|| {
-            // Background compilation and GC helpers; wasm compiles on them too.
-            let workers = std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(2, 4) as u32;
+            let workers = thread_pool_size();
             let mut message = ffi::Message::new();
             // SAFETY: FLAGS is a valid (pointer, length) pair; the shim copies what it needs
             // and initialises V8 at most once (guarded on its side as well as by this OnceLock).
@@ -49,4 +46,12 @@ pub(crate) fn ensure_initialized() -> Result<(), Error> {
         })
         .clone()
         .map_err(Error::Config)
+}
+
+/// The platform's worker threads: background compilation and GC helpers (wasm compiles on them
+/// too), one per core, two to four.
+pub(crate) fn thread_pool_size() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4) as u32
 }

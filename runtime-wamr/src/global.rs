@@ -120,14 +120,16 @@ unsafe extern "C" fn native_trampoline(exec_env: sys::wasm_exec_env_t, args: *mu
     unsafe {
         let symbol = sys::wasm_runtime_get_function_attachment(exec_env).addr() as u32;
         let mut header = sys::wasm_runtime_get_user_data(exec_env).cast::<ContextHeader>();
-        let module_inst = sys::wasm_runtime_get_module_inst(exec_env);
+        // The module instance is only needed off the usual path (no user data yet, or none at
+        // all): not fetched on every host call.
         if header.is_null() {
+            let module_inst = sys::wasm_runtime_get_module_inst(exec_env);
             header = sys::wasm_runtime_get_custom_data(module_inst).cast();
         }
         match NonNull::new(header) {
             Some(header) => ((*header.as_ptr()).dispatch)(header, exec_env, symbol, args),
             None => sys::wasm_runtime_set_exception(
-                module_inst,
+                sys::wasm_runtime_get_module_inst(exec_env),
                 c"host function called outside a pwhost instance".as_ptr(),
             ),
         }
@@ -162,6 +164,19 @@ struct ModuleNatives {
 unsafe impl Send for ModuleNatives {}
 
 static NATIVES: OnceLock<Mutex<Natives>> = OnceLock::new();
+
+/// The lock that serialises every use of WAMR's process-wide registry of native functions
+/// (registering, unregistering, and loading or unloading a module, which reads it), held until
+/// dropped. For code beside this crate that registers natives of its own through WAMR's C API
+/// (the benchmarks' hand-written WAMR host): WAMR's registry has no lock of its own.
+pub struct NativeRegistryLock {
+    _guard: MutexGuard<'static, Natives>,
+}
+
+/// Takes the [`NativeRegistryLock`], waiting for any module being linked or unloaded here.
+pub fn lock_native_registry() -> NativeRegistryLock {
+    NativeRegistryLock { _guard: natives() }
+}
 
 /// Locks WAMR's global registry.
 pub(crate) fn natives() -> MutexGuard<'static, Natives> {

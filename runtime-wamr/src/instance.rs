@@ -52,7 +52,9 @@ enum MemoryLookup {
     Unknown,
     /// The module exports no memory called `memory`.
     None,
-    Some(sys::wasm_memory_inst_t),
+    /// The memory, and its page size in bytes (fixed per memory, so read once rather than on
+    /// every access).
+    Some(sys::wasm_memory_inst_t, u64),
 }
 
 /// Everything host functions reach through the exec env's user data.
@@ -164,7 +166,7 @@ impl<S: Send + 'static> WamrInstance<S> {
             (*context.as_ptr()).memory = if memory.is_null() {
                 MemoryLookup::None
             } else {
-                MemoryLookup::Some(memory)
+                MemoryLookup::Some(memory, sys::wasm_memory_get_bytes_per_page(memory))
             };
         }
         if let Some(max) = settings.max_memory_bytes {
@@ -283,7 +285,7 @@ unsafe fn default_memory_size(module_inst: sys::wasm_module_inst_t) -> usize {
         return 0;
     }
     // SAFETY: the memory belongs to the live instance.
-    unsafe { memory_bytes(memory) }.1
+    unsafe { memory_bytes(memory, sys::wasm_memory_get_bytes_per_page(memory)) }.1
 }
 
 /// Instantiates `module` with its memory capped and `context` as its custom data.
@@ -406,14 +408,20 @@ unsafe fn invoke(
 
 /// Looks up a handle's resolved function. The whole handle must match the one handed out at its
 /// index: a handle of another instance may share the index but stand for another function.
+#[inline]
 fn lookup(functions: &[HandedOut], handle: GuestFunction) -> Result<ResolvedFunction, Trap> {
     match functions.get(handle.index() as usize) {
         Some(handed_out) if handed_out.handle == handle => Ok(handed_out.resolved),
-        _ => Err(Trap::new(
-            TrapKind::BadCall,
-            "unknown guest function handle",
-        )),
+        _ => Err(unknown_handle()),
     }
+}
+
+/// The trap of a call through a handle [`lookup`] does not know (kept out of line, so that the
+/// lookup itself inlines into every call).
+#[cold]
+#[inline(never)]
+fn unknown_handle() -> Trap {
+    Trap::new(TrapKind::BadCall, "unknown guest function handle")
 }
 
 impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
@@ -467,7 +475,7 @@ impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
         let memory = unsafe { (*self.context.as_ptr()).memory };
         match memory {
             // SAFETY: the memory belongs to this live instance.
-            MemoryLookup::Some(memory) => unsafe { memory_bytes(memory) }.1,
+            MemoryLookup::Some(memory, page_size) => unsafe { memory_bytes(memory, page_size) }.1,
             _ => 0,
         }
     }
@@ -481,13 +489,14 @@ impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
 /// The base address and size of a linear memory, read fresh (`memory.grow` moves it).
 ///
 /// # Safety
-/// `memory` is a memory of a live instance.
-unsafe fn memory_bytes(memory: sys::wasm_memory_inst_t) -> (*mut u8, usize) {
+/// `memory` is a memory of a live instance and `page_size` its page size
+/// (`wasm_memory_get_bytes_per_page`).
+#[inline]
+unsafe fn memory_bytes(memory: sys::wasm_memory_inst_t, page_size: u64) -> (*mut u8, usize) {
     // SAFETY: per the contract.
     unsafe {
         let base = sys::wasm_memory_get_base_address(memory).cast::<u8>();
         let pages = sys::wasm_memory_get_cur_page_count(memory);
-        let page_size = sys::wasm_memory_get_bytes_per_page(memory);
         let size = pages
             .checked_mul(page_size)
             .and_then(|size| usize::try_from(size).ok())
@@ -511,8 +520,8 @@ unsafe fn guest_memory<'a, S>(
 ) -> GuestMemory<'a> {
     // SAFETY: per the contract.
     unsafe {
-        let memory = match (*context).memory {
-            MemoryLookup::Some(memory) => memory,
+        let (memory, page_size) = match (*context).memory {
+            MemoryLookup::Some(memory, page_size) => (memory, page_size),
             MemoryLookup::None => return GuestMemory::empty(),
             MemoryLookup::Unknown => {
                 let module_inst = sys::wasm_runtime_get_module_inst(exec_env);
@@ -520,10 +529,10 @@ unsafe fn guest_memory<'a, S>(
                 if memory.is_null() {
                     return GuestMemory::empty();
                 }
-                memory
+                (memory, sys::wasm_memory_get_bytes_per_page(memory))
             }
         };
-        let (base, size) = memory_bytes(memory);
+        let (base, size) = memory_bytes(memory, page_size);
         if size == 0 {
             return GuestMemory::empty();
         }

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
+pub use global::{lock_native_registry, NativeRegistryLock};
 pub use instance::WamrInstance;
 pub use module::{WamrLinkedModule, WamrModule};
 

@@ -71,7 +71,8 @@ fn run(kind: &str, count: usize) -> ExitCode {
             println!("pwhost/wasmtime: {report}");
         }
         "floor" => {
-            let plugin = FloorPlugin::new(&wasm, FloorOptions::default()).expect("floor plugin");
+            let plugin = FloorPlugin::<abi::HeaderMap>::new(&wasm, FloorOptions::default())
+                .expect("floor plugin");
             let (report, vms) = memory::measure(
                 count,
                 WARM_UP,

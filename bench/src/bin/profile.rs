@@ -1,7 +1,9 @@
 //! Runs the benchmarked request in a loop, for profilers.
 //!
 //! `profile KIND [COUNT]` with KIND one of `pwhost`, `floor`, `pwhost-deadline`,
-//! `floor-epoch` (COUNT requests on one started VM), or `pwhost-start`, `floor-start`,
+//! `floor-epoch`, `pwhost-proxy`, `floor-proxy` (the last two with the headers in the
+//! embedder's own storage, [`ProxyHeaders`]; COUNT requests on one started VM), `pwhost-null`
+//! (the same on the null runtime, `native:lifecycle_bench`, when built with `null`), or `pwhost-start`, `floor-start`,
 //! `pwhost-start-pooling`, `floor-start-pooling` (start and drop COUNT VMs).
 //! The measured work is in `run_*` functions that are never inlined, e.g.:
 //!
@@ -15,9 +17,12 @@ use std::hint::black_box;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use abi::{Plugin, PluginConfig, SharedState, Vm};
+use abi::{HeaderMap, Plugin, PluginConfig, SharedState, Vm};
 use pwhost_bench::floor::{FloorOptions, FloorPlugin, FloorVm};
-use pwhost_bench::{pwhost_request, pwhost_vm, read_plugin, LIFECYCLE_PLUGIN};
+use pwhost_bench::{
+    pwhost_request_in, pwhost_vm, pwhost_vm_in, read_plugin, BenchHeaders, ProxyHeaders,
+    LIFECYCLE_PLUGIN,
+};
 use runtime_api::RuntimeConfig;
 use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
 
@@ -25,14 +30,14 @@ use runtime_wasmtime::{WasmtimeOptions, WasmtimeRuntime};
 const DEADLINE: Duration = Duration::from_secs(1);
 
 #[inline(never)]
-fn run_pwhost(vm: &mut Vm, requests: u64) {
+fn run_pwhost<M: BenchHeaders>(vm: &mut Vm, requests: u64) {
     for _ in 0..requests {
-        black_box(pwhost_request(vm).unwrap());
+        black_box(pwhost_request_in::<M>(vm).unwrap());
     }
 }
 
 #[inline(never)]
-fn run_floor(vm: &mut FloorVm, requests: u64) {
+fn run_floor<M: BenchHeaders>(vm: &mut FloorVm<M>, requests: u64) {
     for _ in 0..requests {
         black_box(vm.request().unwrap());
     }
@@ -46,7 +51,7 @@ fn run_pwhost_start(plugin: &Plugin, count: u64) {
 }
 
 #[inline(never)]
-fn run_floor_start(plugin: &FloorPlugin, count: u64) {
+fn run_floor_start(plugin: &FloorPlugin<HeaderMap>, count: u64) {
     for _ in 0..count {
         drop(black_box(plugin.instantiate().unwrap()));
     }
@@ -82,7 +87,7 @@ fn main() -> ExitCode {
             deadline,
             pooling_instances,
         };
-        FloorPlugin::new(&wasm, options).expect("floor plugin")
+        FloorPlugin::<HeaderMap>::new(&wasm, options).expect("floor plugin")
     };
     let pooling = kind.ends_with("-pooling").then_some(100);
     match kind.as_str() {
@@ -95,7 +100,38 @@ fn main() -> ExitCode {
             let (_runtime, plugin) = load(config, None);
             let mut vm = pwhost_vm(&plugin).expect("start VM");
             let start = Instant::now();
-            run_pwhost(&mut vm, count);
+            run_pwhost::<HeaderMap>(&mut vm, count);
+            report(&kind, count, start);
+        }
+        "pwhost-proxy" => {
+            let (_runtime, plugin) = load(RuntimeConfig::default(), None);
+            let mut vm = pwhost_vm_in::<ProxyHeaders>(&plugin).expect("start VM");
+            let start = Instant::now();
+            run_pwhost::<ProxyHeaders>(&mut vm, count);
+            report(&kind, count, start);
+        }
+        #[cfg(feature = "null")]
+        "pwhost-null" => {
+            let runtime =
+                pwhost::runtimes::create("null", RuntimeConfig::default()).expect("null runtime");
+            let plugin = pwhost::plugins::load(
+                &*runtime,
+                "native:lifecycle_bench",
+                PluginConfig::default(),
+                SharedState::new(),
+            )
+            .expect("native plugin");
+            let mut vm = pwhost_vm_in::<ProxyHeaders>(&plugin).expect("start VM");
+            let start = Instant::now();
+            run_pwhost::<ProxyHeaders>(&mut vm, count);
+            report(&kind, count, start);
+        }
+        "floor-proxy" => {
+            let plugin = FloorPlugin::<ProxyHeaders>::new(&wasm, FloorOptions::default())
+                .expect("floor plugin");
+            let mut vm = plugin.instantiate().expect("start VM");
+            let start = Instant::now();
+            run_floor(&mut vm, count);
             report(&kind, count, start);
         }
         "floor" | "floor-epoch" => {
@@ -120,7 +156,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: profile KIND [COUNT], KIND: pwhost, floor, pwhost-deadline, floor-epoch, \
-                 pwhost-start[-pooling], floor-start[-pooling]"
+                 pwhost-proxy, floor-proxy, pwhost-null, pwhost-start[-pooling], floor-start[-pooling]"
             );
             return ExitCode::FAILURE;
         }

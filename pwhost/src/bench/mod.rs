@@ -4,16 +4,23 @@
 //! lifecycle: create the context, request headers, response headers, `on_log`, `on_done`,
 //! `on_delete`. It runs on the same in-memory host as `pwhost run`, so the figures include that
 //! host's bookkeeping; `cargo bench -p pwhost-bench` measures the ABI alone against a floor.
+//!
+//! [`plot_matrix`] draws figures as an SVG picture (`pwhost bench --plot FILE.svg`); the
+//! benchmark crate's `matrix` binary fills in each engine's floor and draws with it too.
+
+mod plot;
+
+pub use plot::plot_matrix;
 
 use std::time::{Duration, Instant};
 
 use abi::{HeaderMap, InMemoryHost, Plugin, Vm, VmError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scenario::{in_memory_host, HttpExchange};
 
 /// One engine's figures.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EngineFigures {
     /// The engine.
     pub runtime: String,
@@ -21,6 +28,25 @@ pub struct EngineFigures {
     pub request_ns: f64,
     /// Mean time to create, start and configure a VM copy (and drop it), in microseconds.
     pub vm_start_us: f64,
+    /// The same request on the engine's floor (a host written by hand on the engine's own API
+    /// for one plugin), in nanoseconds, when one was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_request_ns: Option<f64>,
+    /// The floor's VM start, in microseconds, when one was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_vm_start_us: Option<f64>,
+}
+
+impl EngineFigures {
+    /// pwhost's time per request over the floor's, when there is a floor.
+    pub fn request_ratio(&self) -> Option<f64> {
+        self.floor_request_ns.map(|floor| self.request_ns / floor)
+    }
+
+    /// pwhost's VM start over the floor's, when there is a floor.
+    pub fn vm_start_ratio(&self) -> Option<f64> {
+        self.floor_vm_start_us.map(|floor| self.vm_start_us / floor)
+    }
 }
 
 fn headers(list: &Option<Vec<(String, String)>>, default: &[(&str, &str)]) -> HeaderMap {
@@ -102,5 +128,7 @@ pub fn measure(
         runtime: plugin.runtime_name().to_string(),
         request_ns: mean(request_time, requests) * 1e9,
         vm_start_us: mean(start_time, starts) * 1e6,
+        floor_request_ns: None,
+        floor_vm_start_us: None,
     })
 }

@@ -1,5 +1,6 @@
-//! The floor: the least a correct Proxy-Wasm host on raw wasmtime must do to run
-//! `lifecycle_bench`, written by hand for this one plugin.
+//! The wasmtime floor: the least a correct Proxy-Wasm host on raw wasmtime must do to run
+//! `lifecycle_bench`, written by hand for this one plugin (the rules all floors follow are in
+//! [`super`]).
 //!
 //! Why it is a fair floor for pwhost on wasmtime:
 //!
@@ -13,8 +14,8 @@
 //! * It still does what any correct host must: bounds-checks every guest pointer (safe slice
 //!   indexing), validates the log level and the message's UTF-8, allocates reply buffers with
 //!   the plugin's allocator and writes values straight into guest memory.
-//! * Its embedder data work is identical to pwhost's bench host: the same [`BenchStream`] with
-//!   the same [`abi::HeaderMap`]s, restored the same way, and the same log counter.
+//! * Its embedder data work is identical to pwhost's bench host: the same [`BenchStream`] in the
+//!   same header storage `M`, restored the same way, and the same log counter.
 //!
 //! What it leaves out is what pwhost adds for generality: the engine-neutral `runtime_api`
 //! layer, the `dyn Host` indirection, context bookkeeping, per-call status plumbing and the
@@ -25,13 +26,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use abi::{LogLevel, MapType, Status};
+use abi::{HeaderMap, LogLevel, MapType};
 use wasmtime::{
     Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory,
     Module, PoolingAllocationConfig, Store, TypedFunc, Val,
 };
 
-use crate::{BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
+use super::{
+    outcome, slice, write_u32, BAD_ARGUMENT, IMPLEMENTED, INTERNAL_FAILURE, INVALID_MEMORY_ACCESS,
+    NOT_FOUND, OK, UNIMPLEMENTED,
+};
+use crate::{BenchHeaders, BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
 
 /// How the floor's engine is configured, mirroring the pwhost runtime it is compared with.
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,63 +87,37 @@ impl Drop for EpochTicker {
 }
 
 /// The per-instance state of the floor host.
-pub struct FloorState {
-    stream: BenchStream,
+pub struct FloorState<M: BenchHeaders = HeaderMap> {
+    stream: BenchStream<M>,
     /// The context host calls act on (the callback's context).
     effective_context: u32,
     memory: Option<Memory>,
     malloc: Option<TypedFunc<i32, i32>>,
 }
 
-impl FloorState {
+impl<M: BenchHeaders> FloorState<M> {
     /// The stream the instance serves.
-    pub fn stream(&self) -> &BenchStream {
+    pub fn stream(&self) -> &BenchStream<M> {
         &self.stream
     }
 }
 
 /// `lifecycle_bench` compiled and linked once against the floor's host functions.
-pub struct FloorPlugin {
-    pre: InstancePre<FloorState>,
+pub struct FloorPlugin<M: BenchHeaders = HeaderMap> {
+    pre: InstancePre<FloorState<M>>,
     engine: Engine,
     /// Ticks ahead for each top-level call's deadline, when deadlines are on.
     deadline_ticks: Option<u64>,
     _ticker: Option<EpochTicker>,
 }
 
-const OK: i32 = Status::Ok as i32;
-const NOT_FOUND: i32 = Status::NotFound as i32;
-const BAD_ARGUMENT: i32 = Status::BadArgument as i32;
-const INVALID_MEMORY_ACCESS: i32 = Status::InvalidMemoryAccess as i32;
-const INTERNAL_FAILURE: i32 = Status::InternalFailure as i32;
-const UNIMPLEMENTED: i32 = Status::Unimplemented as i32;
-
-/// The host functions the floor implements; every other import returns `UNIMPLEMENTED`.
-const IMPLEMENTED: [&str; 3] = [
-    "proxy_log",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-];
-
-/// `bytes[ptr..ptr + len]`, if it lies in guest memory.
-#[inline]
-fn slice(bytes: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {
-    let start = ptr as u32 as usize;
-    bytes.get(start..start.checked_add(len as u32 as usize)?)
-}
-
-/// Writes a little-endian `u32` at `ptr`, if it lies in guest memory.
-#[inline]
-fn write_u32(bytes: &mut [u8], ptr: i32, value: u32) -> Option<()> {
-    let start = ptr as u32 as usize;
-    bytes
-        .get_mut(start..start.checked_add(4)?)?
-        .copy_from_slice(&value.to_le_bytes());
-    Some(())
-}
-
 /// `proxy_log(level, message_data, message_size)`.
-fn proxy_log(mut caller: Caller<'_, FloorState>, level: i32, ptr: i32, len: i32) -> i32 {
+fn proxy_log<M: BenchHeaders>(
+    mut caller: Caller<'_, FloorState<M>>,
+    level: i32,
+    ptr: i32,
+    len: i32,
+) -> i32 {
     let Some(level) = LogLevel::from_raw(u64::from(level as u32)) else {
         return BAD_ARGUMENT;
     };
@@ -156,8 +135,8 @@ fn proxy_log(mut caller: Caller<'_, FloorState>, level: i32, ptr: i32, len: i32)
 /// `proxy_get_header_map_value(map_type, key_data, key_size, return_value_data,
 /// return_value_size)`: looks the key up once, allocates with the plugin's `malloc`, copies the
 /// value into guest memory and writes the pointer and size.
-fn proxy_get_header_map_value(
-    mut caller: Caller<'_, FloorState>,
+fn proxy_get_header_map_value<M: BenchHeaders>(
+    mut caller: Caller<'_, FloorState<M>>,
     map_type: i32,
     key_ptr: i32,
     key_len: i32,
@@ -179,12 +158,8 @@ fn proxy_get_header_map_value(
         let Some(map) = state.stream.header_map(context, map_type) else {
             return Ok(NOT_FOUND);
         };
-        match map
-            .iter()
-            .enumerate()
-            .find(|(_, (name, _))| name.eq_ignore_ascii_case(key))
-        {
-            Some((index, (_, value))) => (index, value.len()),
+        match map.find(key) {
+            Some(found) => found,
             None => return Ok(NOT_FOUND),
         }
     };
@@ -202,8 +177,7 @@ fn proxy_get_header_map_value(
         let value = state
             .stream
             .header_map(context, map_type)
-            .and_then(|map| map.iter().nth(index))
-            .map(|(_, value)| value);
+            .and_then(|map| map.value_at(index));
         let start = pointer as u32 as usize;
         match (value, bytes.get_mut(start..start + len)) {
             (Some(value), Some(out)) if value.len() == len => out.copy_from_slice(value),
@@ -224,7 +198,10 @@ fn proxy_get_header_map_value(
 /// being cloned: a clone copies its `FuncType`, whose registered-type reference count costs
 /// more than the rest of the host call.
 #[inline]
-fn allocate(caller: &mut Caller<'_, FloorState>, len: usize) -> wasmtime::Result<i32> {
+fn allocate<M: BenchHeaders>(
+    caller: &mut Caller<'_, FloorState<M>>,
+    len: usize,
+) -> wasmtime::Result<i32> {
     let Some(malloc) = caller.data_mut().malloc.take() else {
         return Ok(0);
     };
@@ -234,8 +211,8 @@ fn allocate(caller: &mut Caller<'_, FloorState>, len: usize) -> wasmtime::Result
 }
 
 /// `proxy_add_header_map_value(map_type, key_data, key_size, value_data, value_size)`.
-fn proxy_add_header_map_value(
-    mut caller: Caller<'_, FloorState>,
+fn proxy_add_header_map_value<M: BenchHeaders>(
+    mut caller: Caller<'_, FloorState<M>>,
     map_type: i32,
     key_ptr: i32,
     key_len: i32,
@@ -265,7 +242,7 @@ fn proxy_add_header_map_value(
     }
 }
 
-impl FloorPlugin {
+impl<M: BenchHeaders> FloorPlugin<M> {
     /// Compiles `wasm` and links it: the three host functions the plugin uses, and
     /// `UNIMPLEMENTED` for every other function import.
     pub fn new(wasm: &[u8], options: FloorOptions) -> wasmtime::Result<Self> {
@@ -282,16 +259,16 @@ impl FloorPlugin {
         let module = Module::from_binary(&engine, wasm)?;
 
         let mut linker = Linker::new(&engine);
-        linker.func_wrap("env", "proxy_log", proxy_log)?;
+        linker.func_wrap("env", "proxy_log", proxy_log::<M>)?;
         linker.func_wrap(
             "env",
             "proxy_get_header_map_value",
-            proxy_get_header_map_value,
+            proxy_get_header_map_value::<M>,
         )?;
         linker.func_wrap(
             "env",
             "proxy_add_header_map_value",
-            proxy_add_header_map_value,
+            proxy_add_header_map_value::<M>,
         )?;
         for import in module.imports() {
             let ExternType::Func(ty) = import.ty() else {
@@ -327,9 +304,9 @@ impl FloorPlugin {
 
     /// A new instance, initialised, started and configured: `_initialize` (if exported),
     /// `proxy_on_context_create(1, 0)`, `proxy_on_vm_start(1, 0)`, `proxy_on_configure(1, 0)`.
-    pub fn instantiate(&self) -> wasmtime::Result<FloorVm> {
+    pub fn instantiate(&self) -> wasmtime::Result<FloorVm<M>> {
         let state = FloorState {
-            stream: BenchStream::new(),
+            stream: BenchStream::<M>::new(),
             effective_context: 0,
             memory: None,
             malloc: None,
@@ -392,14 +369,14 @@ struct Callbacks {
 }
 
 /// One started floor instance.
-pub struct FloorVm {
-    store: Store<FloorState>,
+pub struct FloorVm<M: BenchHeaders = HeaderMap> {
+    store: Store<FloorState<M>>,
     callbacks: Callbacks,
     deadline_ticks: Option<u64>,
     next_context: u32,
 }
 
-impl FloorVm {
+impl<M: BenchHeaders> FloorVm<M> {
     /// Prepares a top-level call for `context`: sets the effective context and, when deadlines
     /// are on, the call's epoch deadline.
     #[inline]
@@ -440,14 +417,11 @@ impl FloorVm {
         self.callbacks.done.call(&mut self.store, ctx)?;
         self.arm(context);
         self.callbacks.delete.call(&mut self.store, ctx)?;
-        Ok(RequestOutcome {
-            request: abi::HeadersAction::from_headers_callback(request as u32 as u64, false),
-            response: abi::HeadersAction::from_headers_callback(response as u32 as u64, false),
-        })
+        Ok(outcome(request, response))
     }
 
     /// The instance's host state.
-    pub fn state(&self) -> &FloorState {
+    pub fn state(&self) -> &FloorState<M> {
         self.store.data()
     }
 
