@@ -373,7 +373,13 @@ pub struct FloorState<M: BenchHeaders> {
     effective_context: u32,
     memory: Option<MemoryDefinition>,
     malloc: Option<Allocator>,
+    /// Allocator calls in progress (see [`MAX_NESTED_CALLS`]).
+    nested_calls: u32,
 }
+
+/// How deeply host functions may call back into the guest, as `runtime-wasmer` allows: every
+/// level takes a fresh guest stack, and wasmer aborts the process when it cannot get one.
+const MAX_NESTED_CALLS: u32 = 8;
 
 impl<M: BenchHeaders> FloorState<M> {
     /// The stream the instance serves.
@@ -486,7 +492,13 @@ fn allocate<M: BenchHeaders>(
         return Ok(0);
     };
     let (state, mut store) = env.data_and_store_mut();
-    match &state.malloc {
+    if state.nested_calls >= MAX_NESTED_CALLS {
+        return Err(RuntimeError::new(
+            "host functions nested calls into the guest too deeply",
+        ));
+    }
+    state.nested_calls += 1;
+    let result = match &state.malloc {
         // A `TypedFunction` is a store handle (an id and an index): cloning it copies two words.
         Some(Allocator::Typed(malloc)) => malloc.clone().call(&mut store, len),
         Some(Allocator::Trampoline(malloc)) => {
@@ -499,7 +511,10 @@ fn allocate<M: BenchHeaders>(
             store.parked(|| unsafe { malloc.call([len]) })
         }
         None => Ok(0),
-    }
+    };
+    let state = env.data_mut();
+    state.nested_calls = state.nested_calls.saturating_sub(1);
+    result
 }
 
 /// `proxy_add_header_map_value(map_type, key_data, key_size, value_data, value_size)`.
@@ -622,6 +637,7 @@ impl<M: BenchHeaders> FloorPlugin<M> {
                 effective_context: 0,
                 memory: None,
                 malloc: None,
+                nested_calls: 0,
             },
         );
         let imports: Vec<Extern> = self
