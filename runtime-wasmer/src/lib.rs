@@ -41,7 +41,7 @@ pub use module::{WasmerLinkedModule, WasmerModule};
 use instance::StopConfig;
 use module::ArtifactHeader;
 use stop::{CheckStyle, StopCheck, Ticker};
-use tunables::CappedTunables;
+pub use tunables::CappedTunables;
 
 /// Which wasmer compiler translates modules to machine code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

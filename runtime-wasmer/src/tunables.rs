@@ -29,15 +29,18 @@ fn capped_table(ty: &TableType) -> TableType {
 /// [`BaseTunables`] with an optional cap on the size of each linear memory.
 ///
 /// Memory and table styles are the base ones, so code compiled with or without a cap (or loaded
-/// from a precompiled artifact) runs under either.
-pub(crate) struct CappedTunables {
+/// from a precompiled artifact) runs under either. Public so that other hosts on raw wasmer
+/// (the benchmarks' floor) run under exactly pwhost's memory settings.
+pub struct CappedTunables {
     base: BaseTunables,
     /// The most pages one memory may have; `None` leaves the module's own maximum.
     max_pages: Option<u32>,
 }
 
 impl CappedTunables {
-    pub(crate) fn new(max_memory_bytes: Option<u64>) -> Self {
+    /// wasmer's base tunables with every linear memory capped at `max_memory_bytes` (rounded
+    /// down to whole pages) and tables at 2^20 elements; `None`: no memory cap.
+    pub fn new(max_memory_bytes: Option<u64>) -> Self {
         CappedTunables {
             base: BaseTunables::new(),
             // A 32-bit memory has at most 65536 pages; wasmer refuses a larger maximum.

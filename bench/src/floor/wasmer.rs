@@ -62,15 +62,13 @@ use std::ptr::NonNull;
 use abi::{LogLevel, MapType};
 use runtime_api::RuntimeConfig;
 use wasmer::sys::vm::{
-    wasmer_call_trampoline, LinearMemory, MemoryStyle, TableStyle, TrapHandlerFn,
-    VMCallerCheckedAnyfunc, VMConfig, VMExtern, VMMemory, VMMemoryDefinition, VMTable,
-    VMTableDefinition,
+    wasmer_call_trampoline, LinearMemory, TrapHandlerFn, VMCallerCheckedAnyfunc, VMConfig,
+    VMExtern, VMMemoryDefinition,
 };
-use wasmer::sys::{BaseTunables, EngineBuilder, Features, NativeEngineExt, Tunables};
+use wasmer::sys::{EngineBuilder, Features, NativeEngineExt};
 use wasmer::{
     AsStoreMut, AsStoreRef, Exports, Extern, ExternType, Function, FunctionEnv, FunctionEnvMut,
-    FunctionType, MemoryError, MemoryType, Pages, RuntimeError, Store, TableType, Type,
-    TypedFunction, Value,
+    FunctionType, RuntimeError, Store, Type, TypedFunction, Value,
 };
 
 use super::{
@@ -108,96 +106,6 @@ impl Compiler {
                 format!("{other:?}").to_lowercase()
             ),
         }
-    }
-}
-
-/// The most pages a 32-bit linear memory can have (wasmer refuses a larger maximum).
-const MAX_PAGES: u64 = 65536;
-
-/// wasmer's base tunables with every linear memory's maximum lowered to the cap, the idea of
-/// pwhost's `CappedTunables` (which also caps tables; no table of `lifecycle_bench` grows).
-/// Memory styles are the base ones, so the compiled code is the code pwhost runs.
-struct CappedTunables {
-    base: BaseTunables,
-    /// The most pages one memory may have; `None` leaves the module's own maximum.
-    max_pages: Option<u32>,
-}
-
-impl CappedTunables {
-    fn new(max_memory_bytes: Option<u64>) -> Self {
-        CappedTunables {
-            base: BaseTunables::new(),
-            max_pages: max_memory_bytes
-                .map(|bytes| (bytes / wasmer::WASM_PAGE_SIZE as u64).min(MAX_PAGES) as u32),
-        }
-    }
-
-    /// `ty` with its maximum lowered to the cap; an error if its minimum is over the cap.
-    fn capped(&self, ty: &MemoryType) -> Result<MemoryType, MemoryError> {
-        let Some(cap) = self.max_pages else {
-            return Ok(*ty);
-        };
-        if ty.minimum.0 > cap {
-            return Err(MemoryError::MinimumMemoryTooLarge {
-                min_requested: ty.minimum,
-                max_allowed: Pages(cap),
-            });
-        }
-        let maximum = match ty.maximum {
-            Some(max) if max.0 <= cap => max,
-            _ => Pages(cap),
-        };
-        Ok(MemoryType {
-            maximum: Some(maximum),
-            ..*ty
-        })
-    }
-}
-
-impl Tunables for CappedTunables {
-    fn memory_style(&self, memory: &MemoryType) -> MemoryStyle {
-        self.base.memory_style(memory)
-    }
-
-    fn table_style(&self, table: &TableType) -> TableStyle {
-        self.base.table_style(table)
-    }
-
-    fn create_host_memory(
-        &self,
-        ty: &MemoryType,
-        style: &MemoryStyle,
-    ) -> Result<VMMemory, MemoryError> {
-        self.base.create_host_memory(&self.capped(ty)?, style)
-    }
-
-    unsafe fn create_vm_memory(
-        &self,
-        ty: &MemoryType,
-        style: &MemoryStyle,
-        vm_definition_location: NonNull<VMMemoryDefinition>,
-    ) -> Result<VMMemory, MemoryError> {
-        let ty = self.capped(ty)?;
-        // SAFETY: wasmer calls this with a location that satisfies `create_vm_memory`'s
-        // contract; it is forwarded unchanged, only the type's maximum is lowered.
-        unsafe {
-            self.base
-                .create_vm_memory(&ty, style, vm_definition_location)
-        }
-    }
-
-    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
-        self.base.create_host_table(ty, style)
-    }
-
-    unsafe fn create_vm_table(
-        &self,
-        ty: &TableType,
-        style: &TableStyle,
-        vm_definition_location: NonNull<VMTableDefinition>,
-    ) -> Result<VMTable, String> {
-        // SAFETY: forwarded unchanged from wasmer, which upholds `create_vm_table`'s contract.
-        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
     }
 }
 
@@ -598,7 +506,8 @@ impl<M: BenchHeaders> FloorPlugin<M> {
             .set_features(Some(features))
             .engine()
             .into();
-        engine.set_tunables(CappedTunables::new(config.max_memory_bytes));
+        // pwhost's own tunables: the same memory (and table) caps, the same memory styles.
+        engine.set_tunables(runtime_wasmer::CappedTunables::new(config.max_memory_bytes));
         let module = wasmer::Module::from_binary(&engine, wasm)?;
         let imports = module
             .imports()
