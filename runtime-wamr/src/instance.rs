@@ -328,11 +328,13 @@ unsafe fn instantiate<S>(
 
 /// With the thread manager, every exec env is a "cluster" that keeps a share of the module's
 /// auxiliary (shadow) stack for threads pwhost never spawns: give the whole stack back to the
-/// one exec env, so guests get the stack they were linked with, as on other engines.
+/// one exec env, so guests get the stack they were linked with, as on other engines. Public for
+/// other hosts on raw WAMR beside this crate (the benchmarks' floor), so they run guests as
+/// pwhost does.
 ///
 /// # Safety
 /// `exec_env` is a fresh exec env of a live instance, before any call.
-unsafe fn give_back_aux_stack(exec_env: sys::wasm_exec_env_t) {
+pub unsafe fn give_back_aux_stack(exec_env: sys::wasm_exec_env_t) {
     // WAMR's internal (but exported) API for its thread manager; pinned by wamrx-sys =0.3.0.
     unsafe extern "C" {
         fn wasm_exec_env_get_aux_stack(

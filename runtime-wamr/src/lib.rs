@@ -33,7 +33,7 @@ use std::time::Duration;
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
 pub use global::{lock_native_registry, NativeRegistryLock};
-pub use instance::WamrInstance;
+pub use instance::{give_back_aux_stack, WamrInstance};
 pub use module::{WamrLinkedModule, WamrModule};
 
 /// The size of a WebAssembly page.

@@ -1142,7 +1142,7 @@ impl<M: BenchHeaders> WamrFloor<M> {
         // SAFETY: the exec env was just created for this instance; the state outlives it (both
         // are destroyed by the `WamrFloorVm`, the exec env first).
         unsafe {
-            give_back_aux_stack(exec_env);
+            runtime_wamr::give_back_aux_stack(exec_env);
             sys::wasm_runtime_set_user_data(exec_env, state.as_ptr().cast());
         }
         let lookup = |(name, _, _): Signature| {
@@ -1210,36 +1210,6 @@ unsafe fn instantiate(
             );
         }
         Ok(module_inst)
-    }
-}
-
-/// Gives the exec env the module's whole auxiliary (shadow) stack, as `runtime-wamr` does: with
-/// the thread manager, every exec env is a cluster that keeps a share of it for threads that are
-/// never spawned.
-///
-/// # Safety
-/// `exec_env` is a fresh exec env of a live instance, before any call.
-unsafe fn give_back_aux_stack(exec_env: sys::wasm_exec_env_t) {
-    // WAMR's internal (but exported) API for its thread manager; pinned by wamrx-sys =0.3.0.
-    unsafe extern "C" {
-        fn wasm_exec_env_get_aux_stack(
-            exec_env: sys::wasm_exec_env_t,
-            start_offset: *mut u64,
-            size: *mut u32,
-        ) -> bool;
-        fn wasm_exec_env_set_aux_stack(
-            exec_env: sys::wasm_exec_env_t,
-            start_offset: u64,
-            size: u32,
-        ) -> bool;
-    }
-    let (mut start, mut size) = (0u64, 0u32);
-    // SAFETY: per the contract; the getter reads the module's stack layout and the setter resets
-    // the stack pointer global and this exec env's bounds to it.
-    unsafe {
-        if wasm_exec_env_get_aux_stack(exec_env, &mut start, &mut size) {
-            wasm_exec_env_set_aux_stack(exec_env, start, size);
-        }
     }
 }
 
