@@ -1,75 +1,15 @@
 //! `pwhost run --config FILE`: plugins as Envoy or Traffic Server configure them, loaded through
 //! the `lifecycle` layer (VM keys, the check at load) on this build's engines.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use abi::VmState;
 use anyhow::Context as _;
-use lifecycle::{Code, CodeCache, CompilationCache, LoadOptions, Plugins};
-use runtime_api::{RuntimeConfig, WasmRuntime};
+use lifecycle::{CodeCache, CompilationCache, LoadOptions, Plugins};
+use runtime_api::RuntimeConfig;
 
 use crate::runtimes;
 
-/// This build's engines, as the `lifecycle` layer asks for them: each made once, on first use,
-/// and shared by every plugin that runs on it.
-pub struct BuildEngines {
-    /// How every engine runs guests (deadline, memory cap).
-    config: RuntimeConfig,
-    made: Mutex<HashMap<&'static str, Arc<dyn WasmRuntime<VmState>>>>,
-}
-
-impl BuildEngines {
-    /// This build's engines, each to run guests as `config` says.
-    pub fn new(config: RuntimeConfig) -> BuildEngines {
-        BuildEngines {
-            config,
-            made: Mutex::default(),
-        }
-    }
-}
-
-impl lifecycle::Engines for BuildEngines {
-    fn available(&self) -> Vec<&'static str> {
-        runtimes::available().to_vec()
-    }
-
-    fn runtime(&self, engine: &'static str) -> Result<Arc<dyn WasmRuntime<VmState>>, String> {
-        // A poisoned lock only means another load panicked; the map is still whole.
-        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(runtime) = made.get(engine) {
-            return Ok(Arc::clone(runtime));
-        }
-        let runtime = runtimes::create(engine, self.config.clone()).map_err(|e| e.to_string())?;
-        made.insert(engine, Arc::clone(&runtime));
-        Ok(runtime)
-    }
-
-    fn load_native(
-        &self,
-        runtime: &dyn WasmRuntime<VmState>,
-        code: &Code,
-        config: abi::PluginConfig,
-        shared: abi::SharedState,
-    ) -> Result<abi::Plugin, String> {
-        let loaded = match code {
-            Code::NativeName(name) => crate::plugins::load(
-                runtime,
-                &format!("{}{name}", crate::plugins::NATIVE_PREFIX),
-                config,
-                shared,
-            ),
-            Code::NativeLibrary(library) => {
-                crate::plugins::load(runtime, &library.to_string_lossy(), config, shared)
-            }
-            Code::Wasm(wasm) => {
-                abi::Plugin::load(runtime, wasm, config, shared).map_err(anyhow::Error::from)
-            }
-        };
-        loaded.map_err(|e| format!("{e:#}"))
-    }
-}
+pub use engines::BuildEngines;
 
 /// Loads the plugins the configuration at `path` describes, each on the engine its
 /// `vm_config.runtime` names (or `runtime_override`). Relative code file names are taken from

@@ -6,6 +6,6 @@
 
 pub mod bench;
 pub mod configured;
-pub mod plugins;
-pub mod runtimes;
 pub mod scenario;
+
+pub use engines::{plugins, runtimes};

@@ -1,0 +1,424 @@
+//! Traffic Server's MIME headers lent to plugins as [`abi::Headers`]: the ABI reads and edits
+//! the transaction's own header heap, nothing is copied into a map of pwhost's.
+//!
+//! Envoy's pseudo-headers are mapped onto the HTTP header's parts: `:method`, `:scheme`,
+//! `:path` (the URL's path and query) and `:authority` (the `Host` header, else the URL's host)
+//! for a request, `:status` for a response. Their values are read once when the map is lent
+//! and kept up to date by the plugin's edits; every other name goes to the MIME fields.
+
+use std::ffi::{c_char, c_int};
+
+use crate::sys;
+
+/// Which HTTP header a map is, for its pseudo-headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeaderKind {
+    Request,
+    Response,
+}
+
+/// A transaction's request or response header in Traffic Server's marshal buffer.
+///
+/// The handles stay valid while the transaction is held in the hook that lent them (Traffic
+/// Server does not move or free a transaction's headers before `TSHttpTxnReenable`); the
+/// transaction code drops the map before it reenables.
+pub(crate) struct MimeHeaders {
+    buffer: sys::TSMBuffer,
+    header: sys::TSMLoc,
+    kind: HeaderKind,
+    /// The pseudo-headers' values, in the order plugins see them.
+    pseudo: Vec<(&'static [u8], Vec<u8>)>,
+}
+
+/// Borrows `len` bytes at `ptr` that Traffic Server handed out (a null pointer is empty).
+///
+/// # Safety
+/// `ptr..ptr+len` must be readable for the returned lifetime.
+unsafe fn bytes<'a>(ptr: *const c_char, len: c_int) -> &'a [u8] {
+    if ptr.is_null() || len <= 0 {
+        return &[];
+    }
+    // SAFETY: the caller vouches for the range.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) }
+}
+
+/// A length as Traffic Server's `int` (names and values longer than 2 GiB are cut, never
+/// wrapped into a negative length, which Traffic Server would read as "use strlen").
+fn c_len(bytes: &[u8]) -> c_int {
+    c_int::try_from(bytes.len()).unwrap_or(c_int::MAX)
+}
+
+impl MimeHeaders {
+    /// The request or response header at `buffer`/`header`, with its pseudo-headers read.
+    ///
+    /// # Safety
+    /// `buffer` and `header` must be a live HTTP header of a transaction held by the caller's
+    /// hook, for as long as the map is used.
+    pub(crate) unsafe fn new(
+        buffer: sys::TSMBuffer,
+        header: sys::TSMLoc,
+        kind: HeaderKind,
+    ) -> MimeHeaders {
+        let mut headers = MimeHeaders {
+            buffer,
+            header,
+            kind,
+            pseudo: Vec::new(),
+        };
+        headers.read_pseudo();
+        headers
+    }
+
+    /// The HTTP status of a response header (0 for a request).
+    pub(crate) fn status(&self) -> u32 {
+        if self.kind != HeaderKind::Response {
+            return 0;
+        }
+        // SAFETY: the handles are live (see the type's documentation).
+        unsafe { sys::TSHttpHdrStatusGet(self.buffer, self.header) }
+    }
+
+    /// Sets the HTTP status (and its standard reason) of a response header.
+    pub(crate) fn set_status(&mut self, status: u32) {
+        if self.kind != HeaderKind::Response {
+            return;
+        }
+        let status = status as sys::TSHttpStatus;
+        // SAFETY: the handles are live; the reason Traffic Server looks up is a static string
+        // (or null, which the length check turns into an empty reason).
+        unsafe {
+            sys::TSHttpHdrStatusSet(self.buffer, self.header, status);
+            let reason = sys::TSHttpHdrReasonLookup(status);
+            let len = if reason.is_null() {
+                0
+            } else {
+                c_len(std::ffi::CStr::from_ptr(reason).to_bytes())
+            };
+            sys::TSHttpHdrReasonSet(self.buffer, self.header, reason, len);
+        }
+        self.read_pseudo();
+    }
+
+    fn read_pseudo(&mut self) {
+        self.pseudo.clear();
+        match self.kind {
+            HeaderKind::Request => {
+                let (scheme, host, path) = self.url_parts();
+                let authority = match self.field(b"host") {
+                    Some(host) => host.to_vec(),
+                    None => host,
+                };
+                let mut len = 0;
+                // SAFETY: the handles are live; the method lives in the buffer until changed.
+                let method = unsafe {
+                    bytes(
+                        sys::TSHttpHdrMethodGet(self.buffer, self.header, &mut len),
+                        len,
+                    )
+                }
+                .to_vec();
+                self.pseudo.push((b":authority", authority));
+                self.pseudo.push((b":path", path));
+                self.pseudo.push((b":method", method));
+                self.pseudo.push((b":scheme", scheme));
+            }
+            HeaderKind::Response => {
+                let status = self.status().to_string().into_bytes();
+                self.pseudo.push((b":status", status));
+            }
+        }
+    }
+
+    /// The URL's scheme (`http` when the request line had none), `host[:port]` and
+    /// `/path?query`.
+    fn url_parts(&self) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let Some(url) = self.url() else {
+            return (b"http".to_vec(), Vec::new(), b"/".to_vec());
+        };
+        let mut len = 0;
+        // SAFETY: `url` is a live URL of this header; each string is copied before the next
+        // call that could change the buffer.
+        unsafe {
+            let scheme = bytes(sys::TSUrlSchemeGet(self.buffer, url, &mut len), len).to_vec();
+            let mut host = bytes(sys::TSUrlHostGet(self.buffer, url, &mut len), len).to_vec();
+            let raw_port = sys::TSUrlRawPortGet(self.buffer, url);
+            if !host.is_empty() && raw_port > 0 {
+                host.extend_from_slice(format!(":{raw_port}").as_bytes());
+            }
+            let mut path = b"/".to_vec();
+            path.extend_from_slice(bytes(sys::TSUrlPathGet(self.buffer, url, &mut len), len));
+            let query = bytes(sys::TSUrlHttpQueryGet(self.buffer, url, &mut len), len);
+            if !query.is_empty() {
+                path.push(b'?');
+                path.extend_from_slice(query);
+            }
+            sys::TSHandleMLocRelease(self.buffer, self.header, url);
+            let scheme = if scheme.is_empty() {
+                b"http".to_vec()
+            } else {
+                scheme
+            };
+            (scheme, host, path)
+        }
+    }
+
+    fn url(&self) -> Option<sys::TSMLoc> {
+        let mut url: sys::TSMLoc = std::ptr::null_mut();
+        // SAFETY: the handles are live; `url` receives a handle released by the caller.
+        let found = unsafe { sys::TSHttpHdrUrlGet(self.buffer, self.header, &mut url) };
+        (found == sys::TS_SUCCESS && !url.is_null()).then_some(url)
+    }
+
+    /// Writes a pseudo-header through to the header's parts.
+    fn set_pseudo(&mut self, name: &[u8], value: &[u8]) {
+        match (self.kind, name) {
+            (HeaderKind::Request, b":method") => {
+                // SAFETY: the handles are live; Traffic Server copies the value.
+                unsafe {
+                    sys::TSHttpHdrMethodSet(
+                        self.buffer,
+                        self.header,
+                        value.as_ptr().cast(),
+                        c_len(value),
+                    )
+                };
+            }
+            (HeaderKind::Request, b":path") => {
+                if let Some(url) = self.url() {
+                    let (path, query) = match value.iter().position(|b| *b == b'?') {
+                        Some(at) => (&value[..at], &value[at + 1..]),
+                        None => (value, &b""[..]),
+                    };
+                    let path = path.strip_prefix(b"/").unwrap_or(path);
+                    // SAFETY: `url` is live; Traffic Server copies the values.
+                    unsafe {
+                        sys::TSUrlPathSet(self.buffer, url, path.as_ptr().cast(), c_len(path));
+                        sys::TSUrlHttpQuerySet(
+                            self.buffer,
+                            url,
+                            query.as_ptr().cast(),
+                            c_len(query),
+                        );
+                        sys::TSHandleMLocRelease(self.buffer, self.header, url);
+                    }
+                }
+            }
+            (HeaderKind::Request, b":scheme") => {
+                if let Some(url) = self.url() {
+                    // SAFETY: as above.
+                    unsafe {
+                        sys::TSUrlSchemeSet(self.buffer, url, value.as_ptr().cast(), c_len(value));
+                        sys::TSHandleMLocRelease(self.buffer, self.header, url);
+                    }
+                }
+            }
+            (HeaderKind::Request, b":authority") => self.replace_field(b"host", value),
+            (HeaderKind::Response, b":status") => {
+                if let Some(status) = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .filter(|s| (100..=999).contains(s))
+                {
+                    self.set_status(status);
+                }
+                return;
+            }
+            // Another pseudo-header has no place in an HTTP/1 header: ignored, as Envoy's
+            // HTTP/1 codec ignores it.
+            _ => return,
+        }
+        self.read_pseudo();
+    }
+
+    /// The first value of MIME field `name` (case-insensitive).
+    fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        // SAFETY: the handles are live; the value stays in the buffer until the header is
+        // changed, which needs `&mut self`.
+        unsafe {
+            let field = sys::TSMimeHdrFieldFind(
+                self.buffer,
+                self.header,
+                name.as_ptr().cast(),
+                c_len(name),
+            );
+            if field.is_null() {
+                return None;
+            }
+            let mut len = 0;
+            let value =
+                sys::TSMimeHdrFieldValueStringGet(self.buffer, self.header, field, -1, &mut len);
+            let value = bytes(value, len);
+            sys::TSHandleMLocRelease(self.buffer, self.header, field);
+            Some(value)
+        }
+    }
+
+    fn add_field(&mut self, name: &[u8], value: &[u8]) {
+        let mut field: sys::TSMLoc = std::ptr::null_mut();
+        // SAFETY: the handles are live; Traffic Server copies name and value; the new field's
+        // handle is released once appended.
+        unsafe {
+            if sys::TSMimeHdrFieldCreateNamed(
+                self.buffer,
+                self.header,
+                name.as_ptr().cast(),
+                c_len(name),
+                &mut field,
+            ) != sys::TS_SUCCESS
+            {
+                return;
+            }
+            sys::TSMimeHdrFieldValueStringSet(
+                self.buffer,
+                self.header,
+                field,
+                -1,
+                value.as_ptr().cast(),
+                c_len(value),
+            );
+            sys::TSMimeHdrFieldAppend(self.buffer, self.header, field);
+            sys::TSHandleMLocRelease(self.buffer, self.header, field);
+        }
+    }
+
+    fn replace_field(&mut self, name: &[u8], value: &[u8]) {
+        // SAFETY: the handles are live; every field handle is released after use.
+        unsafe {
+            let field = sys::TSMimeHdrFieldFind(
+                self.buffer,
+                self.header,
+                name.as_ptr().cast(),
+                c_len(name),
+            );
+            if field.is_null() {
+                self.add_field(name, value);
+                return;
+            }
+            sys::TSMimeHdrFieldValueStringSet(
+                self.buffer,
+                self.header,
+                field,
+                -1,
+                value.as_ptr().cast(),
+                c_len(value),
+            );
+            // Later fields of the same name go: the map then has exactly this value.
+            loop {
+                let duplicate = sys::TSMimeHdrFieldNextDup(self.buffer, self.header, field);
+                if duplicate.is_null() {
+                    break;
+                }
+                sys::TSMimeHdrFieldDestroy(self.buffer, self.header, duplicate);
+                sys::TSHandleMLocRelease(self.buffer, self.header, duplicate);
+            }
+            sys::TSHandleMLocRelease(self.buffer, self.header, field);
+        }
+    }
+
+    fn field_count(&self) -> usize {
+        // SAFETY: the handles are live.
+        let count = unsafe { sys::TSMimeHdrFieldsCount(self.buffer, self.header) };
+        usize::try_from(count).unwrap_or(0)
+    }
+}
+
+impl abi::Headers for MimeHeaders {
+    fn len(&self) -> usize {
+        self.pseudo.len() + self.field_count()
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        if name.starts_with(b":") {
+            return self
+                .pseudo
+                .iter()
+                .find(|(pseudo, _)| *pseudo == name)
+                .map(|(_, value)| value.as_slice());
+        }
+        self.field(name)
+    }
+
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        for (name, value) in &self.pseudo {
+            visit(name, value);
+        }
+        // Names reach plugins in lower case, as Envoy's codecs hand them over.
+        let mut lower = Vec::new();
+        for index in 0..self.field_count() {
+            // SAFETY: the handles are live; `index` is below the field count; name and value
+            // are read before the field's handle is released.
+            unsafe {
+                let field = sys::TSMimeHdrFieldGet(self.buffer, self.header, index as c_int);
+                if field.is_null() {
+                    continue;
+                }
+                let mut len = 0;
+                let name = bytes(
+                    sys::TSMimeHdrFieldNameGet(self.buffer, self.header, field, &mut len),
+                    len,
+                );
+                lower.clear();
+                lower.extend(name.iter().map(u8::to_ascii_lowercase));
+                let value = bytes(
+                    sys::TSMimeHdrFieldValueStringGet(
+                        self.buffer,
+                        self.header,
+                        field,
+                        -1,
+                        &mut len,
+                    ),
+                    len,
+                );
+                visit(&lower, value);
+                sys::TSHandleMLocRelease(self.buffer, self.header, field);
+            }
+        }
+    }
+
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        if name.starts_with(b":") {
+            self.set_pseudo(name, value);
+        } else {
+            self.add_field(name, value);
+        }
+    }
+
+    fn replace(&mut self, name: &[u8], value: &[u8]) {
+        if name.starts_with(b":") {
+            self.set_pseudo(name, value);
+        } else {
+            self.replace_field(name, value);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if name.starts_with(b":") {
+            // Pseudo-headers are parts of the request or status line: they stay.
+            return;
+        }
+        // SAFETY: the handles are live; each found field is destroyed and its handle released.
+        unsafe {
+            loop {
+                let field = sys::TSMimeHdrFieldFind(
+                    self.buffer,
+                    self.header,
+                    name.as_ptr().cast(),
+                    c_len(name),
+                );
+                if field.is_null() {
+                    break;
+                }
+                sys::TSMimeHdrFieldDestroy(self.buffer, self.header, field);
+                sys::TSHandleMLocRelease(self.buffer, self.header, field);
+            }
+        }
+        if self.kind == HeaderKind::Request && name.eq_ignore_ascii_case(b"host") {
+            self.read_pseudo();
+        }
+    }
+
+    fn clear(&mut self) {
+        // SAFETY: the handles are live.
+        unsafe { sys::TSMimeHdrFieldsClear(self.buffer, self.header) };
+    }
+}

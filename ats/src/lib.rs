@@ -1,0 +1,275 @@
+//! `pwhost_ats.so`: Proxy-Wasm plugins in Apache Traffic Server, on every pwhost engine.
+//!
+//! A global Traffic Server plugin, loaded from `plugin.config` as Traffic Server's own Wasm
+//! plugin is, with the same YAML files:
+//!
+//! ```text
+//! pwhost_ats.so [--deadline-ms=N] [--max-memory-mib=N] a.yaml [b.yaml ...]
+//! ```
+//!
+//! Each file configures plugins as the `lifecycle` layer reads them (Traffic Server's
+//! `config: {name, rootId, vmConfig: {vmId, runtime, code}, configuration}`, or Envoy's filter
+//! blocks), chosen engine per file (`ats.wasm.runtime.wamr`, `envoy.wasm.runtime.v8`,
+//! `wasmtime`, ...), plus an optional `upstreams:` map for HTTP callouts. Relative file names
+//! are taken from Traffic Server's configuration directory.
+//!
+//! How it runs:
+//! * Every Traffic Server thread that runs transactions has its own VM copy of every plugin
+//!   (the `lifecycle` layer's [`lifecycle::Worker`], kept in a thread-local): no lock on the
+//!   request path, unlike Traffic Server's plugin, which sends every transaction of every
+//!   thread through one VM behind one mutex.
+//! * Hooks map to callbacks: read request header → `proxy_on_request_headers` (filters in
+//!   order); send response header → `proxy_on_response_headers` (in reverse order, as Envoy's
+//!   encoder filters run; a local reply goes through them too); transaction close →
+//!   `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
+//! * Headers are read and edited in Traffic Server's own MIME heap ([`headers`]), with Envoy's
+//!   pseudo-headers mapped onto the request line and status.
+//! * A plugin's local reply is sent down Traffic Server's error path with its status, body and
+//!   headers; a stream whose plugin failed gets the plugin's failure policy (503 fail-closed,
+//!   or bypass).
+//! * `traffic_ctl config reload` reads the files again: new transactions run in the new
+//!   plugins, transactions in flight finish in the old ones ([`lifecycle::LivePlugins`]).
+
+mod config;
+mod diag;
+mod headers;
+mod host;
+mod sys;
+mod transaction;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use engines::BuildEngines;
+use lifecycle::{LivePlugins, ThreadWorkers, Worker};
+use runtime_api::RuntimeConfig;
+
+use config::Upstreams;
+
+/// The longest one plugin callback may run before it is stopped and its VM fails, unless
+/// `--deadline-ms` says otherwise: a transaction thread is never held longer by a stuck plugin.
+pub const DEFAULT_DEADLINE_MS: u64 = 1000;
+
+/// What the plugin keeps for the life of the process.
+struct Global {
+    /// The plugins in force; replaced on reload.
+    live: Arc<LivePlugins>,
+    /// The upstreams of the plugins in force.
+    upstreams: Mutex<Arc<Upstreams>>,
+    /// The configuration files, as `plugin.config` names them (absolute).
+    files: Vec<PathBuf>,
+    /// The engines, made once.
+    engines: BuildEngines,
+}
+
+static GLOBAL: OnceLock<Global> = OnceLock::new();
+
+thread_local! {
+    /// This Traffic Server thread's VM copies, made on its first transaction.
+    static WORKERS: RefCell<Option<ThreadWorkers>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` with this thread's workers (made on first use). `None` before the plugin is
+/// initialised, or if called re-entrantly (which the transaction code never does: it reenables
+/// Traffic Server only after its work here is done).
+fn with_workers<R>(work: impl FnOnce(&mut ThreadWorkers) -> R) -> Option<R> {
+    let global = GLOBAL.get()?;
+    WORKERS.with(|cell| {
+        let mut workers = cell.try_borrow_mut().ok()?;
+        let workers = workers.get_or_insert_with(|| {
+            ThreadWorkers::new(
+                Arc::clone(&global.live),
+                Box::new(|plugins| Worker::new(plugins, || Box::new(host::AtsHost::default()))),
+            )
+        });
+        Some(work(workers))
+    })
+}
+
+/// The plugin's arguments.
+struct Arguments {
+    files: Vec<PathBuf>,
+    runtime: RuntimeConfig,
+}
+
+fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
+    let mut files = Vec::new();
+    let mut deadline_ms = DEFAULT_DEADLINE_MS;
+    let mut runtime = RuntimeConfig::default();
+    for arg in args {
+        let number = |value: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{arg}: expected a number"))
+        };
+        if let Some(value) = arg.strip_prefix("--deadline-ms=") {
+            deadline_ms = number(value)?;
+        } else if let Some(value) = arg.strip_prefix("--max-memory-mib=") {
+            runtime.max_memory_bytes = match number(value)? {
+                0 => None,
+                mib => Some(mib.saturating_mul(1 << 20)),
+            };
+        } else if arg.starts_with("--") {
+            return Err(format!(
+                "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N)"
+            ));
+        } else {
+            files.push(config_path(arg));
+        }
+    }
+    runtime.call_deadline = (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms));
+    Ok(Arguments { files, runtime })
+}
+
+/// A file named in `plugin.config`: relative names are in Traffic Server's configuration
+/// directory, as other plugins' files are.
+fn config_path(name: &str) -> PathBuf {
+    let path = PathBuf::from(name);
+    if path.is_absolute() {
+        return path;
+    }
+    // SAFETY: Traffic Server returns a NUL-terminated string it owns for the process's life.
+    let dir = unsafe { sys::TSConfigDirGet() };
+    if dir.is_null() {
+        return path;
+    }
+    // SAFETY: as above.
+    let dir = unsafe { CStr::from_ptr(dir) }
+        .to_string_lossy()
+        .into_owned();
+    PathBuf::from(dir).join(path)
+}
+
+/// Traffic Server's entry point: registers the plugin, loads every configuration file and adds
+/// the hooks. A configuration that cannot be loaded stops Traffic Server with the reason, as
+/// Envoy refuses to start on one: transactions never run without the plugins they were meant
+/// to pass through.
+///
+/// # Safety
+/// Called by Traffic Server once, on its main thread, with `argc` C strings in `argv`.
+#[no_mangle]
+pub unsafe extern "C" fn TSPluginInit(argc: c_int, argv: *mut *const c_char) {
+    let outcome = std::panic::catch_unwind(|| {
+        // SAFETY: Traffic Server passes `argc` valid C strings.
+        let args = unsafe { arguments(argc, argv) };
+        init(&args)
+    });
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(message)) => diag::emergency(&message),
+        Err(_) => diag::emergency("initialisation panicked"),
+    }
+}
+
+/// The plugin's arguments after its own name.
+///
+/// # Safety
+/// `argv` must hold `argc` NUL-terminated strings (or be null).
+unsafe fn arguments(argc: c_int, argv: *mut *const c_char) -> Vec<String> {
+    if argv.is_null() {
+        return Vec::new();
+    }
+    let count = usize::try_from(argc).unwrap_or(0);
+    (1..count)
+        .filter_map(|i| {
+            // SAFETY: `i < argc`, and each entry is a C string (the caller's promise).
+            let arg = unsafe { *argv.add(i) };
+            (!arg.is_null()).then(|| {
+                unsafe { CStr::from_ptr(arg) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        })
+        .collect()
+}
+
+fn init(args: &[String]) -> Result<(), String> {
+    let info = sys::TSPluginRegistrationInfo {
+        plugin_name: c"pwhost_ats".as_ptr(),
+        vendor_name: c"pwhost".as_ptr(),
+        support_email: c"".as_ptr(),
+    };
+    // SAFETY: `info` points at static strings; Traffic Server copies what it keeps.
+    if unsafe { sys::TSPluginRegister(&info) } != sys::TS_SUCCESS {
+        return Err("plugin registration failed".into());
+    }
+    let arguments = parse_arguments(args)?;
+    let engines = BuildEngines::new(arguments.runtime);
+    let loaded = config::load(&arguments.files, &engines)?;
+    for warning in loaded.plugins.warnings() {
+        diag::warning(warning);
+    }
+    let names: Vec<String> = loaded
+        .plugins
+        .http_filters()
+        .map(|plugin| plugin_name(loaded.plugins.config(plugin)).to_string())
+        .collect();
+    let global = Global {
+        live: Arc::new(LivePlugins::new(loaded.plugins)),
+        upstreams: Mutex::new(Arc::new(loaded.upstreams)),
+        files: arguments.files,
+        engines,
+    };
+    if GLOBAL.set(global).is_err() {
+        return Err("initialised twice".into());
+    }
+    // SAFETY: the handlers are `extern "C"` functions of the right type that live for the
+    // process; the reload continuation gets a mutex so that reloads never run concurrently.
+    unsafe {
+        let requests = sys::TSContCreate(Some(transaction::on_read_request), std::ptr::null_mut());
+        sys::TSHttpHookAdd(sys::TS_HTTP_READ_REQUEST_HDR_HOOK, requests);
+        let reload = sys::TSContCreate(Some(on_reload), sys::TSMutexCreate());
+        sys::TSMgmtUpdateRegister(reload, c"pwhost_ats".as_ptr());
+    }
+    diag::note(&format!("running {}", names.join(", ")));
+    Ok(())
+}
+
+/// A plugin's name for logs: its `name`, else its `root_id`, else `plugin`.
+fn plugin_name(config: &lifecycle::PluginConfig) -> &str {
+    if !config.name.is_empty() {
+        &config.name
+    } else if !config.root_id.is_empty() {
+        &config.root_id
+    } else {
+        "plugin"
+    }
+}
+
+/// `traffic_ctl config reload`: reads the files again and puts the new plugins in force; a
+/// configuration that cannot be loaded leaves the old one running, with the reason logged.
+unsafe extern "C" fn on_reload(
+    _cont: sys::TSCont,
+    event: sys::TSEvent,
+    _data: *mut c_void,
+) -> c_int {
+    if event != sys::TS_EVENT_MGMT_UPDATE {
+        return 0;
+    }
+    let outcome = std::panic::catch_unwind(|| {
+        let Some(global) = GLOBAL.get() else {
+            return;
+        };
+        match config::load(&global.files, &global.engines) {
+            Ok(loaded) => {
+                let generation = global.live.replace(loaded.plugins);
+                *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(loaded.upstreams);
+                diag::note(&format!(
+                    "reloaded the configuration (deployment {})",
+                    generation.0
+                ));
+            }
+            Err(message) => diag::error(&format!(
+                "reload failed, the previous configuration stays in force: {message}"
+            )),
+        }
+    });
+    if outcome.is_err() {
+        diag::error("reload panicked; the previous configuration stays in force");
+    }
+    0
+}

@@ -1,0 +1,585 @@
+//! `pwhost_ats.so` in a real Traffic Server: each test starts `traffic_manager` (which runs
+//! `traffic_server` and answers `traffic_ctl`) in a private run root with its own ports on
+//! 127.0.0.1 and no cache, in front of an origin server started by the test, and sends real
+//! HTTP requests through it. Every server is bounded in time and stopped by the test.
+//!
+//! The plugins are the corpus's Rust SDK plugins, unchanged, on every engine the plugin was
+//! built with among wasmtime, WAMR and V8.
+
+use std::io::Read as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The engines this build of the plugin has, as Traffic Server's YAML names them.
+fn engines() -> Vec<&'static str> {
+    let mut engines = Vec::new();
+    if cfg!(feature = "wasmtime") {
+        engines.push("ats.wasm.runtime.wasmtime");
+    }
+    if cfg!(feature = "wamr") {
+        engines.push("ats.wasm.runtime.wamr");
+    }
+    if cfg!(feature = "v8") {
+        engines.push("ats.wasm.runtime.v8");
+    }
+    engines
+}
+
+/// The workspace's root (plugins are in `plugins/dist`).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate is in the workspace")
+        .to_path_buf()
+}
+
+fn corpus_plugin(name: &str) -> PathBuf {
+    let path = workspace()
+        .join("plugins/dist/rust")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup.sh (it builds the plugin corpus)",
+        path.display()
+    );
+    path
+}
+
+/// The plugin library cargo built with this test: `cargo test` leaves the cdylib beside the
+/// test executable in `target/<profile>/deps` (only `cargo build` copies it one level up).
+fn plugin_library() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let library = exe
+        .parent()
+        .expect("the test executable is in a directory")
+        .join("libpwhost_ats.so");
+    assert!(
+        library.exists(),
+        "{} is missing: cargo builds it with the tests of pwhost-ats",
+        library.display()
+    );
+    library
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// An origin server answering every request with 200, `server: origin`, and a body listing the
+/// request line and headers it received (`name: value` lines), so tests see what the plugins
+/// forwarded.
+struct Origin {
+    address: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Origin {
+    fn start() -> Origin {
+        let server = tiny_http::Server::http("127.0.0.1:0").expect("the origin binds");
+        let address = server
+            .server_addr()
+            .to_ip()
+            .expect("the origin listens on IP");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut body = format!("{} {}\n", request.method(), request.url());
+                for header in request.headers() {
+                    body.push_str(&format!(
+                        "{}: {}\n",
+                        header.field.as_str().as_str().to_ascii_lowercase(),
+                        header.value
+                    ));
+                }
+                let response = tiny_http::Response::from_string(body).with_header(
+                    tiny_http::Header::from_bytes("server", "origin").expect("header"),
+                );
+                let _ = request.respond(response);
+            }
+        });
+        Origin {
+            address,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A Traffic Server in a private run root: `traffic_manager` and the `traffic_server` it runs,
+/// in a process group of their own that is killed when the value is dropped.
+struct TrafficServer {
+    root: tempfile::TempDir,
+    port: u16,
+    manager: Child,
+}
+
+/// One plugin of a test configuration: a YAML file's content.
+struct PluginFile {
+    name: &'static str,
+    yaml: String,
+}
+
+/// Traffic Server's YAML for corpus plugin `plugin` on `runtime` with `configuration` and extra
+/// plugin fields (`failurePolicy: ...`, unindented).
+fn plugin_yaml(plugin: &str, runtime: &str, configuration: &str, extra: &str) -> String {
+    format!(
+        "config:\n  name: {plugin}\n  rootId: \"\"\n  vmConfig:\n    vmId: {plugin}\n    \
+         runtime: {runtime}\n    code:\n      local:\n        filename: {}\n  \
+         configuration:\n    \"@type\": type.googleapis.com/google.protobuf.StringValue\n    \
+         value: \"{configuration}\"\n{}",
+        corpus_plugin(plugin).display(),
+        extra
+            .lines()
+            .map(|line| format!("  {line}\n"))
+            .collect::<String>()
+    )
+}
+
+const RECORDS: &str = "\
+CONFIG proxy.config.admin.user_id STRING #-1
+CONFIG proxy.config.exec_thread.autoconfig INT 0
+CONFIG proxy.config.exec_thread.limit INT 2
+CONFIG proxy.config.accept_threads INT 0
+CONFIG proxy.config.task_threads INT 1
+CONFIG proxy.config.http.cache.http INT 0
+CONFIG proxy.config.cache.ram_cache.size INT 0
+CONFIG proxy.config.url_remap.remap_required INT 1
+CONFIG proxy.config.reverse_proxy.enabled INT 1
+CONFIG proxy.config.http.insert_response_via_str INT 0
+CONFIG proxy.config.http.insert_request_via_str INT 0
+CONFIG proxy.config.diags.debug.enabled INT 1
+CONFIG proxy.config.diags.debug.tags STRING pwhost_ats
+CONFIG proxy.config.diags.output.debug STRING L
+CONFIG proxy.config.diags.output.diag STRING L
+CONFIG proxy.config.log.logging_enabled INT 0
+CONFIG proxy.config.http.transaction_active_timeout_in INT 30
+";
+
+impl TrafficServer {
+    /// Writes the run root for `plugins` in front of `origin`; `traffic_server` (not the
+    /// manager) when `direct`, which is how a start that must fail is observed.
+    fn prepare(origin: &Origin, plugins: &[PluginFile]) -> (tempfile::TempDir, u16) {
+        assert!(
+            Path::new("/usr/bin/traffic_manager").exists(),
+            "Traffic Server is not installed: run scripts/setup.sh (apt-get install trafficserver)"
+        );
+        let root = tempfile::tempdir().expect("a temporary run root");
+        let dir = root.path();
+        for sub in ["etc", "log", "run", "cache"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("run root directories");
+        }
+        let at = |sub: &str| dir.join(sub).display().to_string();
+        // What `traffic_layout init` writes, with every writable directory inside the root and
+        // the programs and plugins where Debian installs them.
+        let runroot = format!(
+            "prefix: {}\nexec_prefix: /usr\nbindir: /usr/bin\nsbindir: /usr/sbin\nsysconfdir: {}\n\
+             datadir: {}\nincludedir: /usr/include\nlibdir: /usr/lib/trafficserver\n\
+             libexecdir: /usr/lib/trafficserver/modules\nlocalstatedir: {}\nruntimedir: {}\n\
+             logdir: {}\ncachedir: {}\n",
+            dir.display(),
+            at("etc"),
+            at("cache"),
+            at("run"),
+            at("run"),
+            at("log"),
+            at("cache")
+        );
+        std::fs::write(dir.join("runroot.yaml"), runroot).expect("runroot.yaml");
+        let port = free_port();
+        let etc = dir.join("etc");
+        let records = format!("{RECORDS}CONFIG proxy.config.http.server_ports STRING {port}\n");
+        std::fs::write(etc.join("records.config"), records).expect("records.config");
+        std::fs::write(
+            etc.join("remap.config"),
+            format!("map / http://{}/\n", origin.address),
+        )
+        .expect("remap.config");
+        std::fs::copy(
+            "/etc/trafficserver/ip_allow.yaml",
+            etc.join("ip_allow.yaml"),
+        )
+        .expect("ip_allow.yaml");
+        for empty in [
+            "storage.config",
+            "logging.yaml",
+            "cache.config",
+            "hosting.config",
+        ] {
+            std::fs::write(etc.join(empty), "").expect("empty configuration file");
+        }
+        let mut line = plugin_library().display().to_string();
+        for plugin in plugins {
+            let file = format!("{}.yaml", plugin.name);
+            std::fs::write(etc.join(&file), &plugin.yaml).expect("plugin YAML");
+            // Relative names are taken from Traffic Server's configuration directory.
+            line.push(' ');
+            line.push_str(&file);
+        }
+        std::fs::write(etc.join("plugin.config"), format!("{line}\n")).expect("plugin.config");
+        (root, port)
+    }
+
+    fn start(origin: &Origin, plugins: &[PluginFile]) -> TrafficServer {
+        let (root, port) = Self::prepare(origin, plugins);
+        let manager = Command::new("traffic_manager")
+            .arg(format!("--run-root={}", root.path().display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("traffic_manager starts");
+        let server = TrafficServer {
+            root,
+            port,
+            manager,
+        };
+        // The manager listens for Traffic Server from the start: ready is what Traffic Server
+        // says once its plugins are loaded.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let diagnostics = server.diagnostics();
+            if diagnostics.contains("traffic server running")
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                return server;
+            }
+            assert!(
+                !diagnostics.contains("EMERGENCY") && Instant::now() < deadline,
+                "Traffic Server did not start:\n{diagnostics}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Traffic Server's diagnostics so far (`diags.log` and `traffic.out`).
+    fn diagnostics(&self) -> String {
+        let log = self.root.path().join("log");
+        ["diags.log", "traffic.out", "manager.log"]
+            .iter()
+            .map(|name| std::fs::read_to_string(log.join(name)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn etc(&self) -> PathBuf {
+        self.root.path().join("etc")
+    }
+
+    /// `traffic_ctl ARGS` against this server.
+    fn ctl(&self, args: &[&str]) -> String {
+        let output = Command::new("traffic_ctl")
+            .arg(format!("--run-root={}", self.root.path().display()))
+            .args(args)
+            .output()
+            .expect("traffic_ctl runs");
+        assert!(
+            output.status.success(),
+            "traffic_ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for TrafficServer {
+    fn drop(&mut self) {
+        // SAFETY: `kill` with a negative pid signals the process group the manager leads
+        // (made with `process_group(0)`), which holds traffic_server and its helpers.
+        unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
+        let _ = self.manager.wait();
+    }
+}
+
+/// A response as the tests look at it.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `GET url` with `headers` on a new connection.
+fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    try_get(url, headers).unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+fn try_get(url: &str, headers: &[(&str, &str)]) -> Result<Reply, ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut request = agent.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request.call()?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut body = String::new();
+    response
+        .body_mut()
+        .as_reader()
+        .read_to_string(&mut body)
+        .expect("a readable body");
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+const KEY: (&str, &str) = ("x-api-key", "secret");
+
+#[test]
+fn plugins_rewrite_headers_answer_locally_share_data_and_fail_closed_on_every_engine() {
+    let engines = engines();
+    assert!(!engines.is_empty(), "built without wasmtime, WAMR or V8");
+    for runtime in engines {
+        let origin = Origin::start();
+        let reload = "failurePolicy: FAIL_RELOAD\nreloadConfig:\n  backoff:\n    \
+                      baseInterval: 0.1s\n    maxInterval: 0.2s\n";
+        let server = TrafficServer::start(
+            &origin,
+            &[
+                PluginFile {
+                    name: "panics",
+                    yaml: plugin_yaml("panics", runtime, "", reload),
+                },
+                PluginFile {
+                    name: "http_headers",
+                    yaml: plugin_yaml("http_headers", runtime, "", ""),
+                },
+                PluginFile {
+                    name: "local_response",
+                    yaml: plugin_yaml("local_response", runtime, "secret", ""),
+                },
+                PluginFile {
+                    name: "shared_data",
+                    yaml: plugin_yaml("shared_data", runtime, "", ""),
+                },
+            ],
+        );
+        let context = |what: &str| format!("{runtime}: {what}\n{}", server.diagnostics());
+
+        // Header rewrite both ways, in Traffic Server's own headers.
+        let reply = try_get(
+            &server.url("/hello?x=1"),
+            &[KEY, ("user-agent", "test-agent"), ("x-remove-me", "1")],
+        )
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+        assert_eq!(reply.status, 200, "{}", context(&reply.body));
+        let forwarded = &reply.body;
+        assert!(forwarded.starts_with("GET /hello?x=1\n"), "{forwarded}");
+        for line in [
+            "x-pwhost-plugin: http_headers",
+            "user-agent: pwhost-test",
+            "x-panics: no",
+            "x-vm-started: yes",
+        ] {
+            assert!(
+                forwarded.contains(line),
+                "{runtime}: no {line:?} in\n{forwarded}"
+            );
+        }
+        assert!(!forwarded.contains("x-remove-me"), "{forwarded}");
+        assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{runtime}");
+        assert_eq!(
+            reply.header("server"),
+            None,
+            "{runtime}: the plugin removes it"
+        );
+
+        // A local reply: the origin never sees the request; the reply still goes through the
+        // response callbacks, as in Envoy.
+        let before = origin.requests();
+        let reply = get(&server.url("/private"), &[]);
+        assert_eq!(reply.status, 403, "{}", context(&reply.body));
+        assert_eq!(reply.body, "access denied\n", "{runtime}");
+        assert_eq!(reply.header("x-denied-by"), Some("pwhost"), "{runtime}");
+        assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{runtime}");
+        assert_eq!(
+            origin.requests(),
+            before,
+            "{runtime}: the origin saw a denied request"
+        );
+
+        // Shared data is one store for the VM copies of every Traffic Server thread: each
+        // request, on a connection of its own, counts one more.
+        let mut counts = Vec::new();
+        for _ in 0..6 {
+            let reply = get(&server.url("/count"), &[KEY]);
+            assert_eq!(reply.status, 200, "{}", context(&reply.body));
+            let count = reply
+                .body
+                .lines()
+                .find_map(|line| line.strip_prefix("x-counter: "))
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or_else(|| panic!("{runtime}: no x-counter in {}", reply.body));
+            counts.push(count);
+        }
+        assert!(
+            counts.windows(2).all(|pair| pair[1] == pair[0] + 1),
+            "{runtime}: the counter did not count up across threads: {counts:?}"
+        );
+
+        // A plugin that traps fails the transaction closed (503) and Traffic Server goes on;
+        // FAIL_RELOAD gives the next transactions a fresh VM copy.
+        let reply = get(&server.url("/boom"), &[KEY, ("x-panic", "boom")]);
+        assert_eq!(reply.status, 503, "{}", context(&reply.body));
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..4 {
+            let reply = get(&server.url("/after"), &[KEY]);
+            assert_eq!(reply.status, 200, "{}", context("after the trap"));
+        }
+        let diagnostics = server.diagnostics();
+        assert!(
+            diagnostics.contains("pwhost test panic: boom"),
+            "{runtime}: the plugin's panic message is not in the log:\n{diagnostics}"
+        );
+        assert!(
+            diagnostics.contains("[http_headers] done: /hello?x=1"),
+            "{runtime}: on_log did not run with the request headers readable:\n{diagnostics}"
+        );
+    }
+}
+
+#[test]
+fn reload_puts_a_changed_configuration_in_force_for_new_transactions() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "local_response",
+            yaml: plugin_yaml("local_response", runtime, "first", ""),
+        }],
+    );
+    assert_eq!(get(&server.url("/"), &[("x-api-key", "first")]).status, 200);
+    std::fs::write(
+        server.etc().join("local_response.yaml"),
+        plugin_yaml("local_response", runtime, "second", ""),
+    )
+    .expect("the changed configuration");
+    server.ctl(&["config", "reload"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&server.url("/"), &[("x-api-key", "second")]).status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new key was not in force within 20 s:\n{}",
+            server.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get(&server.url("/"), &[("x-api-key", "first")]).status, 403);
+    assert!(server.diagnostics().contains("reloaded the configuration"));
+}
+
+#[test]
+fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
+    let origin = Origin::start();
+    let bad = plugin_yaml("http_headers", engines()[0], "", "").replace("vmId:", "vmIdd:");
+    let (root, _port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "bad",
+            yaml: bad,
+        }],
+    );
+    let mut server = Command::new("traffic_server")
+        .arg(format!("--run-root={}", root.path().display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("traffic_server starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.try_wait().expect("traffic_server's status") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: signals the process group made above.
+            unsafe { libc::kill(-(server.id() as i32), libc::SIGKILL) };
+            let _ = server.wait();
+            panic!("traffic_server kept running on a bad configuration");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let mut output = String::new();
+    for stream in [
+        server
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read>),
+        server
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut stream = stream;
+        let _ = stream.read_to_string(&mut output);
+    }
+    let log = std::fs::read_to_string(root.path().join("log/diags.log")).unwrap_or_default();
+    output.push_str(&log);
+    assert!(
+        output.contains("bad.yaml") && output.contains("vmIdd"),
+        "the error does not name the file and the field:\n{output}"
+    );
+}
