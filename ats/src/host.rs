@@ -7,20 +7,27 @@
 //! reply, continuing or closing the stream): the host never drives Traffic Server itself from
 //! inside a callback, because Traffic Server may re-enter the plugin synchronously.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use abi::{
-    BufferType, ContextId, Headers, Host, LocalResponse, LogLevel, MapType, Status, StreamType,
+    BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
+    Status, StreamType,
 };
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::diag;
 use crate::headers::MimeHeaders;
+use crate::{callout, diag, sys, Upstreams};
 
 /// A transaction's place in a VM copy's host, for one plugin.
 pub(crate) struct StreamSlot {
     /// The plugin's name, for its logs.
     pub(crate) plugin: Arc<str>,
+    /// The continuation holding the transaction, to act on it after a callback outside its
+    /// hooks (a tick, a callout's answer).
+    pub(crate) transaction: sys::TSCont,
+    /// Whether the transaction waits in a hook for this plugin to continue it.
+    pub(crate) held: bool,
     /// The client request header, while a hook lends it.
     pub(crate) request: Option<MimeHeaders>,
     /// The client response header, while a hook lends it.
@@ -34,9 +41,11 @@ pub(crate) struct StreamSlot {
 }
 
 impl StreamSlot {
-    pub(crate) fn new(plugin: Arc<str>) -> StreamSlot {
+    pub(crate) fn new(plugin: Arc<str>, transaction: sys::TSCont) -> StreamSlot {
         StreamSlot {
             plugin,
+            transaction,
+            held: false,
             request: None,
             response: None,
             local_reply: None,
@@ -47,15 +56,37 @@ impl StreamSlot {
 }
 
 /// The host of one VM copy.
-#[derive(Default)]
 pub(crate) struct AtsHost {
     /// The transactions running through this copy, by the plugin's stream context.
     pub(crate) streams: FxHashMap<u32, StreamSlot>,
     /// Plugin names by root context, for logs of root contexts.
     pub(crate) roots: FxHashMap<u32, Arc<str>>,
+    /// Where `proxy_http_call` may go (the deployment's `upstreams:`).
+    upstreams: Arc<Upstreams>,
+    /// The tokens of this copy's HTTP calls still waiting for an answer.
+    pub(crate) callouts: FxHashSet<u32>,
 }
 
-// SAFETY: the only non-`Send` parts are the Traffic Server header handles lent to slots. A VM
+thread_local! {
+    /// The last HTTP call token given out on this thread: tokens are unique among the copies of
+    /// a thread, so an answer finds its copy by token.
+    static LAST_TOKEN: Cell<u32> = const { Cell::new(0) };
+}
+
+impl AtsHost {
+    /// The host of a new VM copy whose plugins may call `upstreams`.
+    pub(crate) fn new(upstreams: Arc<Upstreams>) -> AtsHost {
+        AtsHost {
+            streams: FxHashMap::default(),
+            roots: FxHashMap::default(),
+            upstreams,
+            callouts: FxHashSet::default(),
+        }
+    }
+}
+
+// SAFETY: the only non-`Send` parts are Traffic Server handles: header handles lent to slots
+// and the transactions' continuations. A VM
 // copy (and so its host) is made, used and dropped on the one Traffic Server thread whose worker
 // owns it (a thread-local), and headers are lent only for the duration of a hook of a
 // transaction running on that thread; the host is never used from another thread.
@@ -122,6 +153,28 @@ impl Host for AtsHost {
                 Status::Ok
             }
             None => Status::NotFound,
+        }
+    }
+
+    fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
+        let name = String::from_utf8_lossy(&request.upstream);
+        let Some(address) = self.upstreams.get(name.as_ref()).copied() else {
+            diag::debug(&format!(
+                "proxy_http_call to {name:?}: not in the configuration's upstreams"
+            ));
+            return Err(Status::BadArgument);
+        };
+        let token = LAST_TOKEN.with(|last| {
+            let token = last.get().wrapping_add(1).max(1);
+            last.set(token);
+            token
+        });
+        match callout::dispatch(token, address, &request) {
+            Status::Ok => {
+                self.callouts.insert(token);
+                Ok(token)
+            }
+            status => Err(status),
         }
     }
 

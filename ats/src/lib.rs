@@ -30,11 +30,13 @@
 //! * `traffic_ctl config reload` reads the files again: new transactions run in the new
 //!   plugins, transactions in flight finish in the old ones ([`lifecycle::LivePlugins`]).
 
+mod callout;
 mod config;
 mod diag;
 mod headers;
 mod host;
 mod sys;
+mod ticker;
 mod transaction;
 
 use std::cell::RefCell;
@@ -67,26 +69,49 @@ struct Global {
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
 
-thread_local! {
-    /// This Traffic Server thread's VM copies, made on its first transaction.
-    static WORKERS: RefCell<Option<ThreadWorkers>> = const { RefCell::new(None) };
+/// What one Traffic Server thread keeps: its workers (VM copies) and its timer.
+pub(crate) struct ThreadState {
+    pub(crate) workers: ThreadWorkers,
+    pub(crate) ticker: ticker::Ticker,
 }
 
-/// Runs `work` with this thread's workers (made on first use). `None` before the plugin is
-/// initialised, or if called re-entrantly (which the transaction code never does: it reenables
-/// Traffic Server only after its work here is done).
-fn with_workers<R>(work: impl FnOnce(&mut ThreadWorkers) -> R) -> Option<R> {
+thread_local! {
+    /// This Traffic Server thread's VM copies, made on its first transaction.
+    static THREAD: RefCell<Option<ThreadState>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` with this thread's state (made on first use). `None` before the plugin is
+/// initialised, or if called re-entrantly (which the plugin never does: it reenables Traffic
+/// Server only after its work here is done).
+pub(crate) fn with_thread<R>(work: impl FnOnce(&mut ThreadState) -> R) -> Option<R> {
     let global = GLOBAL.get()?;
-    WORKERS.with(|cell| {
-        let mut workers = cell.try_borrow_mut().ok()?;
-        let workers = workers.get_or_insert_with(|| {
-            ThreadWorkers::new(
+    THREAD.with(|cell| {
+        let mut state = cell.try_borrow_mut().ok()?;
+        let state = state.get_or_insert_with(|| ThreadState {
+            workers: ThreadWorkers::new(
                 Arc::clone(&global.live),
-                Box::new(|plugins| Worker::new(plugins, || Box::new(host::AtsHost::default()))),
-            )
+                Box::new(|plugins| {
+                    // Each deployment's copies call the upstreams configured with it.
+                    let upstreams = GLOBAL
+                        .get()
+                        .map(|global| {
+                            Arc::clone(&global.upstreams.lock().unwrap_or_else(|e| e.into_inner()))
+                        })
+                        .unwrap_or_default();
+                    Worker::new(plugins, move || {
+                        Box::new(host::AtsHost::new(Arc::clone(&upstreams)))
+                    })
+                }),
+            ),
+            ticker: ticker::Ticker::for_this_thread(),
         });
-        Some(work(workers))
+        Some(work(state))
     })
+}
+
+/// Runs `work` with this thread's workers (see [`with_thread`]).
+pub(crate) fn with_workers<R>(work: impl FnOnce(&mut ThreadWorkers) -> R) -> Option<R> {
+    with_thread(|state| work(&mut state.workers))
 }
 
 /// The plugin's arguments.
@@ -255,9 +280,10 @@ unsafe extern "C" fn on_reload(
         };
         match config::load(&global.files, &global.engines) {
             Ok(loaded) => {
-                let generation = global.live.replace(loaded.plugins);
+                // The upstreams first: a worker made for the new plugins must find theirs.
                 *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
                     Arc::new(loaded.upstreams);
+                let generation = global.live.replace(loaded.plugins);
                 diag::note(&format!(
                     "reloaded the configuration (deployment {})",
                     generation.0

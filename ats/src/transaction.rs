@@ -1,21 +1,27 @@
 //! One Traffic Server transaction running through the plugins: the hooks and what they call.
 //!
-//! The transaction is created at the read-request-header hook (a global hook), then holds its
-//! own continuation for the send-response-header and transaction-close hooks. Every handler
-//! does its work with this thread's workers, lets go of them and of the transaction, and only
-//! then reenables Traffic Server, which may run the next hook before `TSHttpTxnReenable`
-//! returns.
+//! The transaction is created at the read-request-header hook (a global hook) with a
+//! continuation of its own for the send-response-header and transaction-close hooks. Every
+//! handler does its work with this thread's workers, lets go of them and of the transaction,
+//! and only then reenables Traffic Server, which may run the next hook before
+//! `TSHttpTxnReenable` returns.
+//!
+//! A plugin that pauses (`StopIteration` and the like) holds the transaction in its hook: it is
+//! not reenabled until the plugin continues it (`proxy_continue_stream`), answers it
+//! (`proxy_send_local_response`) or closes it, from a later callback such as a callout's answer
+//! or a tick. Those callbacks run outside the transaction's hooks; afterwards [`act_on`] picks
+//! the held transactions up where they stopped.
 
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 use std::thread::ThreadId;
 
-use abi::{HeadersAction, LocalResponse, Vm};
-use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, ThreadWorkers, Worker};
+use abi::{HeadersAction, LocalResponse, Vm, VmError};
+use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
 
 use crate::headers::{HeaderKind, MimeHeaders};
 use crate::host::{AtsHost, StreamSlot};
-use crate::{diag, sys, with_workers};
+use crate::{callout, diag, sys, with_thread, with_workers, ThreadState};
 
 /// One plugin's part in a transaction.
 struct Filter {
@@ -32,6 +38,7 @@ struct Filter {
 struct Reply {
     status: u32,
     headers: Vec<(Vec<u8>, Vec<u8>)>,
+    body: Vec<u8>,
 }
 
 /// How a hook handler lets the transaction go on.
@@ -45,19 +52,25 @@ enum Next {
     Hold,
 }
 
+/// Where a held transaction waits.
+#[derive(Clone, Copy, Debug)]
+enum Pause {
+    /// In the request header hook, at filter `0`.
+    Request(usize),
+    /// In the response header hook, at filter `0` (filters run in reverse there).
+    Response(usize),
+}
+
 /// A transaction and its plugins.
 pub(crate) struct Transaction {
     txn: sys::TSHttpTxn,
-    /// The continuation of the transaction's own hooks (destroyed with it).
-    cont: sys::TSCont,
     /// The deployment its plugins belong to (a reload does not move it).
     generation: Generation,
     /// The Traffic Server thread it runs on, which owns its VM copies.
     thread: ThreadId,
     filters: Vec<Filter>,
     reply: Option<Reply>,
-    /// The body of a plugin's local reply, until it is handed to Traffic Server.
-    pending_body: Option<Vec<u8>>,
+    paused: Option<Pause>,
 }
 
 /// Runs a hook handler's body, turning a panic into an error message: unwinding into Traffic
@@ -77,7 +90,7 @@ fn guarded(what: &str, body: impl FnOnce() -> Next) -> Next {
 /// Lets Traffic Server go on with `txn`.
 ///
 /// # Safety
-/// `txn` must be the transaction of the hook being handled, not yet reenabled.
+/// `txn` must be a transaction held by this plugin (in the hook being handled, or paused).
 unsafe fn reenable(txn: sys::TSHttpTxn, next: Next) {
     let event = match next {
         Next::Continue => sys::TS_EVENT_HTTP_CONTINUE,
@@ -112,34 +125,52 @@ pub(crate) unsafe extern "C" fn on_read_request(
     0
 }
 
+/// Whether `txn` is one of the plugin's own HTTP calls.
+///
+/// # Safety
+/// `txn` must be the transaction of the hook being handled.
+unsafe fn is_callout(txn: sys::TSHttpTxn) -> bool {
+    // SAFETY: `txn` is live.
+    if unsafe { sys::TSHttpTxnIsInternal(txn) } == 0 {
+        return false;
+    }
+    client_header(txn, HeaderKind::Request)
+        .is_some_and(|headers| abi::Headers::get(&headers, callout::MARKER.as_bytes()).is_some())
+}
+
 /// Admits the transaction to every HTTP filter and runs their request header callbacks.
 ///
 /// # Safety
 /// `txn` must be the transaction of the read-request-header hook being handled.
 unsafe fn start(txn: sys::TSHttpTxn) -> Next {
-    // SAFETY: `txn` is live.
-    if unsafe { sys::TSHttpTxnIsInternal(txn) } != 0 {
-        // The plugin's own callouts (TSFetchUrl) do not go through the plugins again.
+    // SAFETY: `txn` is this hook's transaction.
+    if unsafe { is_callout(txn) } {
+        // The plugin's own call goes straight to the upstream its URL names: no remap rule
+        // needed, and no plugin runs on it.
+        // SAFETY: as above.
+        unsafe { sys::TSSkipRemappingSet(txn, 1) };
         return Next::Continue;
     }
-    let begun = with_workers(|workers| begin(workers, txn)).flatten();
+    // SAFETY: a continuation without a mutex is what transaction hooks call under the
+    // transaction's own lock.
+    let cont = unsafe { sys::TSContCreate(Some(on_transaction_event), std::ptr::null_mut()) };
+    let begun = with_thread(|state| begin(state, txn, cont)).flatten();
     let Some(mut transaction) = begun else {
+        // SAFETY: the continuation was never handed to Traffic Server.
+        unsafe { sys::TSContDestroy(cont) };
         return Next::Continue;
     };
     let next = if transaction.reply.is_some() {
         Next::Reply
     } else {
-        transaction.request_headers()
+        transaction.request_headers(0)
     };
     if next == Next::Reply {
         transaction.send_reply_body();
     }
     // The transaction now lives with its continuation, until it closes.
-    // SAFETY: a continuation without a mutex is what transaction hooks call under the
-    // transaction's own lock; its data is the boxed transaction, freed at close.
+    // SAFETY: the continuation's data is the boxed transaction, freed at close.
     unsafe {
-        let cont = sys::TSContCreate(Some(on_transaction_event), std::ptr::null_mut());
-        transaction.cont = cont;
         let transaction = Box::into_raw(Box::new(transaction));
         sys::TSContDataSet(cont, transaction.cast());
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_RESPONSE_HDR_HOOK, cont);
@@ -150,38 +181,45 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
 
 /// The transaction with a stream context in every plugin that admits it; `None` if no plugin
 /// takes part (every one failed open).
-fn begin(workers: &mut ThreadWorkers, txn: sys::TSHttpTxn) -> Option<Transaction> {
-    let (generation, worker) = workers.for_new_stream();
+fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Option<Transaction> {
+    let (generation, worker) = state.workers.for_new_stream();
     let mut transaction = Transaction {
         txn,
-        cont: std::ptr::null_mut(),
         generation,
         thread: std::thread::current().id(),
         filters: Vec::new(),
         reply: None,
-        pending_body: None,
+        paused: None,
     };
     let plugins: Vec<PluginId> = worker.plugins().http_filters().collect();
     for plugin in plugins {
         let name: Arc<str> = crate::plugin_name(worker.plugins().config(plugin)).into();
         match worker.admit(plugin) {
-            Admission::Run(stream) => match open_stream(worker, &stream, &name) {
-                Ok(context) => transaction.filters.push(Filter {
-                    plugin,
-                    name,
-                    stream: Some(stream),
-                    context,
-                    bypassed: false,
-                }),
-                Err(error) => {
-                    diag::error(&format!("[{name}] cannot create a stream context: {error}"));
-                    worker.release(stream);
-                    if worker.failed(plugin, &error) == OnFailure::FailClosed {
-                        transaction.reply = Some(Reply::fail_closed());
-                        break;
+            Admission::Run(stream) => {
+                let opened = open_stream(worker, &stream, &name, cont);
+                if let Some(vm) = worker.vm(&stream) {
+                    // The copy may be new, or have asked for ticks since the last transaction.
+                    let period = vm.tick_period_of(stream.root());
+                    state.ticker.note(stream.copy(), stream.root(), period);
+                }
+                match opened {
+                    Ok(context) => transaction.filters.push(Filter {
+                        plugin,
+                        name,
+                        stream: Some(stream),
+                        context,
+                        bypassed: false,
+                    }),
+                    Err(error) => {
+                        diag::error(&format!("[{name}] cannot create a stream context: {error}"));
+                        worker.release(stream);
+                        if worker.failed(plugin, &error) == OnFailure::FailClosed {
+                            transaction.reply = Some(Reply::fail_closed());
+                            break;
+                        }
                     }
                 }
-            },
+            }
             Admission::FailClosed => {
                 transaction.reply = Some(Reply::fail_closed());
                 break;
@@ -190,7 +228,7 @@ fn begin(workers: &mut ThreadWorkers, txn: sys::TSHttpTxn) -> Option<Transaction
         }
     }
     if transaction.filters.is_empty() && transaction.reply.is_none() {
-        workers.stream_ended(generation);
+        state.workers.stream_ended(generation);
         return None;
     }
     Some(transaction)
@@ -201,15 +239,16 @@ fn open_stream(
     worker: &mut Worker,
     stream: &StreamVm,
     name: &Arc<str>,
-) -> Result<abi::ContextId, abi::VmError> {
+    cont: sys::TSCont,
+) -> Result<abi::ContextId, VmError> {
     let vm = worker
         .vm(stream)
-        .ok_or_else(|| abi::VmError::Failed("the VM copy went away".into()))?;
+        .ok_or_else(|| VmError::Failed("the VM copy went away".into()))?;
     let context = vm.create_http_context_for(stream.root())?;
     if let Some(host) = vm.host_as::<AtsHost>() {
         host.roots.insert(stream.root().0, Arc::clone(name));
         host.streams
-            .insert(context.0, StreamSlot::new(Arc::clone(name)));
+            .insert(context.0, StreamSlot::new(Arc::clone(name), cont));
     }
     Ok(context)
 }
@@ -220,6 +259,29 @@ impl Reply {
         Reply {
             status: 503,
             headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// The answer for a stream a plugin closed. Traffic Server's API cannot reset a client
+    /// transaction: it gets a 503 and its connection is closed after it.
+    fn closed() -> Reply {
+        Reply {
+            status: 503,
+            headers: vec![(b"connection".to_vec(), b"close".to_vec())],
+            body: Vec::new(),
+        }
+    }
+
+    fn from_local(local: LocalResponse) -> Reply {
+        Reply {
+            status: local.status,
+            headers: local
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_vec(), value.to_vec()))
+                .collect(),
+            body: local.body,
         }
     }
 }
@@ -248,7 +310,8 @@ unsafe extern "C" fn on_transaction_event(
             let next = guarded("the response hook", || {
                 // SAFETY: see above; nothing else holds the transaction while its hook runs.
                 let transaction = unsafe { &mut *transaction };
-                transaction.response_headers()
+                let from = transaction.filters.len();
+                transaction.response_headers(from)
             });
             // SAFETY: the borrow of the transaction ended with the closure.
             unsafe { reenable(txn, next) };
@@ -277,6 +340,40 @@ unsafe extern "C" fn on_transaction_event(
     0
 }
 
+/// The held transactions of `vm`'s streams whose plugin has since continued, answered or
+/// closed them (added to `out` as their continuations).
+pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<sys::TSCont>) {
+    let Some(host) = vm.host_as::<AtsHost>() else {
+        return;
+    };
+    for slot in host.streams.values() {
+        if slot.held && (slot.continued || slot.closed || slot.local_reply.is_some()) {
+            out.push(slot.transaction);
+        }
+    }
+}
+
+/// Picks up held transactions after plugin code ran outside their hooks (see [`pending_in`]).
+/// Called with no thread state borrowed: it reenables Traffic Server.
+pub(crate) fn act_on(pending: Vec<sys::TSCont>) {
+    for cont in pending {
+        // SAFETY: a held transaction's continuation lives, with its transaction as data, until
+        // the transaction closes, which Traffic Server does not do while it is held.
+        let transaction = unsafe { sys::TSContDataGet(cont) }.cast::<Transaction>();
+        if transaction.is_null() {
+            continue;
+        }
+        let (txn, next) = {
+            // SAFETY: as above; no hook of the transaction runs while it is held.
+            let transaction = unsafe { &mut *transaction };
+            let next = guarded("resuming a transaction", || transaction.resume());
+            (transaction.txn, next)
+        };
+        // SAFETY: the transaction was held by this plugin until now; the borrow has ended.
+        unsafe { reenable(txn, next) };
+    }
+}
+
 /// Runs `work` with the worker of deployment `generation` if this is `thread`, the thread
 /// owning the transaction's VM copies.
 fn in_worker<R>(
@@ -297,8 +394,8 @@ fn in_worker<R>(
 fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
     let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
     let mut header: sys::TSMLoc = std::ptr::null_mut();
-    // SAFETY: `txn` is the transaction of the hook being handled; the handles returned belong
-    // to it and stay valid while the hook holds it.
+    // SAFETY: `txn` is a transaction held by this plugin; the handles returned belong to it
+    // and stay valid while it is held.
     unsafe {
         let found = match kind {
             HeaderKind::Request => sys::TSHttpTxnClientReqGet(txn, &mut buffer, &mut header),
@@ -323,97 +420,172 @@ fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
     headers.get(b"transfer-encoding").is_none() && length.unwrap_or(0) == 0
 }
 
-impl Transaction {
-    /// Runs `work` with the worker of the transaction's deployment, on its own thread only.
-    fn with_worker<R>(&self, work: impl FnOnce(&mut Worker) -> R) -> Option<R> {
-        in_worker(self.thread, self.generation, work)
-    }
+/// What the plugin asked for its stream since the last look.
+#[derive(Default)]
+struct Requests {
+    local_reply: Option<LocalResponse>,
+    continued: bool,
+    closed: bool,
+}
 
-    /// `proxy_on_request_headers` of every plugin, in order, until one replies or holds.
-    fn request_headers(&mut self) -> Next {
+/// Takes what the plugin asked for its stream `context` (and ends a hold on it).
+fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
+    match vm
+        .host_as::<AtsHost>()
+        .and_then(|host| host.streams.get_mut(&context.0))
+    {
+        Some(slot) => {
+            slot.held = false;
+            Requests {
+                local_reply: slot.local_reply.take(),
+                continued: std::mem::take(&mut slot.continued),
+                closed: std::mem::take(&mut slot.closed),
+            }
+        }
+        None => Requests::default(),
+    }
+}
+
+/// Marks the plugin's stream as held (waiting for the plugin).
+fn hold(vm: &mut Vm, context: abi::ContextId) {
+    if let Some(slot) = vm
+        .host_as::<AtsHost>()
+        .and_then(|host| host.streams.get_mut(&context.0))
+    {
+        slot.held = true;
+    }
+}
+
+/// Lends the headers to the plugin's slot in the copy's host (`None` takes them back).
+fn lend(
+    vm: &mut Vm,
+    context: abi::ContextId,
+    request: Option<MimeHeaders>,
+    response: Option<MimeHeaders>,
+) {
+    if let Some(slot) = vm
+        .host_as::<AtsHost>()
+        .and_then(|host| host.streams.get_mut(&context.0))
+    {
+        slot.request = request;
+        slot.response = response;
+    }
+}
+
+/// What one header callback came to.
+enum Outcome {
+    Continue,
+    Hold,
+    Reply(Reply),
+}
+
+/// Turns a header callback's result and the plugin's requests into what happens next, applying
+/// the plugin's failure policy to an error.
+fn outcome(
+    worker: &mut Worker,
+    filter: &mut Filter,
+    result: Result<HeadersAction, VmError>,
+    asked: Requests,
+) -> Outcome {
+    if let Some(local) = asked.local_reply {
+        return Outcome::Reply(Reply::from_local(local));
+    }
+    if asked.closed {
+        return Outcome::Reply(Reply::closed());
+    }
+    match result {
+        Ok(HeadersAction::Continue) => Outcome::Continue,
+        Ok(_) if asked.continued => Outcome::Continue,
+        Ok(_) => Outcome::Hold,
+        Err(error) => {
+            diag::error(&format!("[{}] {error}", filter.name));
+            match worker.failed(filter.plugin, &error) {
+                OnFailure::FailClosed => Outcome::Reply(Reply::fail_closed()),
+                OnFailure::FailOpen => {
+                    filter.bypassed = true;
+                    Outcome::Continue
+                }
+            }
+        }
+    }
+}
+
+impl Transaction {
+    /// `proxy_on_request_headers` of the plugins from filter `from` on, in order, until one
+    /// replies or holds.
+    fn request_headers(&mut self, from: usize) -> Next {
         let txn = self.txn;
         let filters = &mut self.filters;
         let mut reply = None;
-        let next = in_worker(self.thread, self.generation, |worker| {
-            for filter in filters.iter_mut() {
+        let mut paused = None;
+        in_worker(self.thread, self.generation, |worker| {
+            for (index, filter) in filters.iter_mut().enumerate().skip(from) {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
                     continue;
                 };
-                let Some(headers) = client_header(txn, HeaderKind::Request) else {
-                    return Next::Continue;
-                };
                 let Some(vm) = worker.vm(stream) else {
                     continue;
+                };
+                let Some(headers) = client_header(txn, HeaderKind::Request) else {
+                    return;
                 };
                 let count = abi::Headers::len(&headers);
                 let end_of_stream = ends_stream(&headers, HeaderKind::Request);
                 lend(vm, filter.context, Some(headers), None);
                 let result = vm.on_request_headers(filter.context, count, end_of_stream);
                 let asked = take_requests(vm, filter.context);
-                if let Some(local) = asked.local_reply {
-                    reply = Some(local);
-                    return Next::Reply;
-                }
-                match result {
-                    Ok(HeadersAction::Continue) => {}
-                    Ok(_) => return Next::Hold,
-                    Err(error) => {
-                        diag::error(&format!("[{}] {error}", filter.name));
-                        match worker.failed(filter.plugin, &error) {
-                            OnFailure::FailClosed => {
-                                reply = Some(LocalResponse {
-                                    status: 503,
-                                    details: lifecycle::FAIL_STREAM_DETAILS.into(),
-                                    body: Vec::new(),
-                                    headers: abi::HeaderMap::new(),
-                                    grpc_status: None,
-                                });
-                                return Next::Reply;
-                            }
-                            OnFailure::FailOpen => filter.bypassed = true,
+                match outcome(worker, filter, result, asked) {
+                    Outcome::Continue => {}
+                    Outcome::Hold => {
+                        if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
+                            hold(vm, filter.context);
                         }
+                        paused = Some(Pause::Request(index));
+                        return;
+                    }
+                    Outcome::Reply(answer) => {
+                        reply = Some(answer);
+                        return;
                     }
                 }
             }
-            Next::Continue
-        })
-        .unwrap_or(Next::Continue);
-        if let Some(local) = reply {
-            self.reply = Some(Reply::from_local(&local));
-            self.pending_body = Some(local.body);
+        });
+        if let Some(pause) = paused {
+            self.paused = Some(pause);
+            return Next::Hold;
         }
-        if next != Next::Hold {
-            self.unlend();
+        self.unlend();
+        match reply {
+            Some(reply) => {
+                self.reply = Some(reply);
+                Next::Reply
+            }
+            None => Next::Continue,
         }
-        next
     }
 
-    /// `proxy_on_response_headers` of every plugin, in reverse order; a reply's status and
-    /// headers are put on the response first.
-    fn response_headers(&mut self) -> Next {
+    /// `proxy_on_response_headers` of the plugins before filter `until`, in reverse order; a
+    /// reply's status and headers are put on the response first.
+    fn response_headers(&mut self, until: usize) -> Next {
         let txn = self.txn;
-        if let Some(reply) = &self.reply {
-            if let Some(mut headers) = client_header(txn, HeaderKind::Response) {
-                // Traffic Server 9.2 turns a reply sent down the error path into a 500 unless
-                // the status is set again as the response header goes out.
-                headers.set_status(reply.status);
-                for (name, value) in &reply.headers {
-                    abi::Headers::replace(&mut headers, name, value);
-                }
+        if until == self.filters.len() {
+            if let Some(reply) = &self.reply {
+                self.put_on_response(reply.status, &reply.headers);
             }
         }
         let filters = &mut self.filters;
         let mut replaced = None;
-        let next = in_worker(self.thread, self.generation, |worker| {
-            for filter in filters.iter_mut().rev() {
+        let mut paused = None;
+        in_worker(self.thread, self.generation, |worker| {
+            for (index, filter) in filters.iter_mut().enumerate().take(until).rev() {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
                     continue;
                 };
-                let Some(headers) = client_header(txn, HeaderKind::Response) else {
-                    return Next::Continue;
-                };
                 let Some(vm) = worker.vm(stream) else {
                     continue;
+                };
+                let Some(headers) = client_header(txn, HeaderKind::Response) else {
+                    return;
                 };
                 let count = abi::Headers::len(&headers);
                 let end_of_stream = ends_stream(&headers, HeaderKind::Response);
@@ -421,56 +593,99 @@ impl Transaction {
                 lend(vm, filter.context, request, Some(headers));
                 let result = vm.on_response_headers(filter.context, count, end_of_stream);
                 let asked = take_requests(vm, filter.context);
-                if let Some(local) = asked.local_reply {
-                    replaced = Some(local);
-                    return Next::Continue;
-                }
-                match result {
-                    Ok(HeadersAction::Continue) => {}
-                    Ok(_) => return Next::Hold,
-                    Err(error) => {
-                        diag::error(&format!("[{}] {error}", filter.name));
-                        match worker.failed(filter.plugin, &error) {
-                            OnFailure::FailClosed => {
-                                replaced = Some(LocalResponse {
-                                    status: 503,
-                                    details: lifecycle::FAIL_STREAM_DETAILS.into(),
-                                    body: Vec::new(),
-                                    headers: abi::HeaderMap::new(),
-                                    grpc_status: None,
-                                });
-                                return Next::Continue;
-                            }
-                            OnFailure::FailOpen => filter.bypassed = true,
+                match outcome(worker, filter, result, asked) {
+                    Outcome::Continue => {}
+                    Outcome::Hold => {
+                        if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
+                            hold(vm, filter.context);
                         }
+                        paused = Some(Pause::Response(index));
+                        return;
+                    }
+                    Outcome::Reply(answer) => {
+                        // A reply asked for once the response is on its way replaces its
+                        // status and headers (its body would need the response transform);
+                        // the plugins before it still see the response.
+                        replaced = Some(answer);
                     }
                 }
             }
-            Next::Continue
-        })
-        .unwrap_or(Next::Continue);
-        if let Some(local) = replaced {
-            // A reply asked for once the response is on its way replaces its status and
-            // headers (its body would need the response transform).
-            if let Some(mut headers) = client_header(txn, HeaderKind::Response) {
-                headers.set_status(local.status);
-                for (name, value) in local.headers.iter() {
-                    abi::Headers::replace(&mut headers, name, value);
-                }
-            }
+        });
+        if let Some(reply) = replaced {
+            self.put_on_response(reply.status, &reply.headers);
         }
-        if next != Next::Hold {
-            self.unlend();
+        if let Some(pause) = paused {
+            self.paused = Some(pause);
+            return Next::Hold;
         }
-        next
+        self.unlend();
+        Next::Continue
     }
 
-    /// Sets the reply's body (and content type) for Traffic Server's error path.
+    /// Sets a reply's status and headers on the client response.
+    fn put_on_response(&self, status: u32, headers: &[(Vec<u8>, Vec<u8>)]) {
+        if let Some(mut response) = client_header(self.txn, HeaderKind::Response) {
+            // Traffic Server 9.2 turns a reply sent down the error path into a 500 unless the
+            // status is set again as the response header goes out.
+            response.set_status(status);
+            for (name, value) in headers {
+                abi::Headers::replace(&mut response, name, value);
+            }
+        }
+    }
+
+    /// Goes on with a held transaction whose plugin continued, answered or closed it.
+    fn resume(&mut self) -> Next {
+        let Some(pause) = self.paused.take() else {
+            return Next::Hold;
+        };
+        let index = match pause {
+            Pause::Request(index) | Pause::Response(index) => index,
+        };
+        let asked = self
+            .filters
+            .get(index)
+            .and_then(|filter| {
+                let stream = filter.stream.as_ref()?;
+                let context = filter.context;
+                in_worker(self.thread, self.generation, |worker| {
+                    worker.vm(stream).map(|vm| take_requests(vm, context))
+                })
+                .flatten()
+            })
+            .unwrap_or_default();
+        let reply = match (asked.local_reply, asked.closed) {
+            (Some(local), _) => Some(Reply::from_local(local)),
+            (None, true) => Some(Reply::closed()),
+            (None, false) => None,
+        };
+        match (pause, reply) {
+            (Pause::Request(_), Some(reply)) => {
+                self.unlend();
+                self.reply = Some(reply);
+                self.send_reply_body();
+                Next::Reply
+            }
+            (Pause::Request(index), None) if asked.continued => self.request_headers(index + 1),
+            (Pause::Response(index), Some(reply)) => {
+                self.put_on_response(reply.status, &reply.headers);
+                self.response_headers(index)
+            }
+            (Pause::Response(index), None) if asked.continued => self.response_headers(index),
+            (_, None) => {
+                // Nothing the transaction can act on yet: it stays held.
+                self.paused = Some(pause);
+                Next::Hold
+            }
+        }
+    }
+
+    /// Sets the reply's status, body and content type for Traffic Server's error path.
     fn send_reply_body(&mut self) {
-        let Some(reply) = &self.reply else {
+        let Some(reply) = &mut self.reply else {
             return;
         };
-        let body = self.pending_body.take().unwrap_or_default();
+        let body = std::mem::take(&mut reply.body);
         let content_type = reply
             .headers
             .iter()
@@ -493,7 +708,7 @@ impl Transaction {
         let txn = self.txn;
         let generation = self.generation;
         let filters = std::mem::take(&mut self.filters);
-        let done = self.with_worker(|worker| {
+        let done = in_worker(self.thread, generation, |worker| {
             for mut filter in filters {
                 let Some(stream) = filter.stream.take() else {
                     continue;
@@ -527,26 +742,13 @@ impl Transaction {
     /// Takes the lent headers back from every plugin's slot (before Traffic Server goes on).
     fn unlend(&mut self) {
         let filters = &self.filters;
-        self.with_worker(|worker| {
+        in_worker(self.thread, self.generation, |worker| {
             for filter in filters {
                 if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
                     lend(vm, filter.context, None, None);
                 }
             }
         });
-    }
-}
-
-impl Reply {
-    fn from_local(local: &LocalResponse) -> Reply {
-        Reply {
-            status: local.status,
-            headers: local
-                .headers
-                .iter()
-                .map(|(name, value)| (name.to_vec(), value.to_vec()))
-                .collect(),
-        }
     }
 }
 
@@ -565,38 +767,5 @@ unsafe fn ts_copy(bytes: &[u8], terminate: bool) -> *mut std::ffi::c_char {
             *buffer.add(bytes.len()) = 0;
         }
         buffer.cast()
-    }
-}
-
-/// Lends the headers to the plugin's slot in the copy's host (`None` takes them back).
-fn lend(
-    vm: &mut Vm,
-    context: abi::ContextId,
-    request: Option<MimeHeaders>,
-    response: Option<MimeHeaders>,
-) {
-    if let Some(slot) = vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-    {
-        slot.request = request;
-        slot.response = response;
-    }
-}
-
-/// What the plugin asked for during the callback that just returned.
-struct Requests {
-    local_reply: Option<LocalResponse>,
-}
-
-fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
-    match vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-    {
-        Some(slot) => Requests {
-            local_reply: slot.local_reply.take(),
-        },
-        None => Requests { local_reply: None },
     }
 }

@@ -86,6 +86,15 @@ struct Origin {
 
 impl Origin {
     fn start() -> Origin {
+        Origin::answering_with(&[])
+    }
+
+    /// An origin adding `headers` to every answer.
+    fn answering_with(headers: &[(&str, &str)]) -> Origin {
+        let extra: Vec<tiny_http::Header> = headers
+            .iter()
+            .map(|(name, value)| tiny_http::Header::from_bytes(*name, *value).expect("header"))
+            .collect();
         let server = tiny_http::Server::http("127.0.0.1:0").expect("the origin binds");
         let address = server
             .server_addr()
@@ -108,9 +117,12 @@ impl Origin {
                         header.value
                     ));
                 }
-                let response = tiny_http::Response::from_string(body).with_header(
+                let mut response = tiny_http::Response::from_string(body).with_header(
                     tiny_http::Header::from_bytes("server", "origin").expect("header"),
                 );
+                for header in &extra {
+                    response.add_header(header.clone());
+                }
                 let _ = request.respond(response);
             }
         });
@@ -184,6 +196,9 @@ CONFIG proxy.config.diags.output.debug STRING L
 CONFIG proxy.config.diags.output.diag STRING L
 CONFIG proxy.config.log.logging_enabled INT 0
 CONFIG proxy.config.http.transaction_active_timeout_in INT 30
+CONFIG proxy.config.http.connect_attempts_max_retries INT 0
+CONFIG proxy.config.http.connect_attempts_max_retries_down_server INT 0
+CONFIG proxy.config.http.connect_attempts_timeout INT 2
 ";
 
 impl TrafficServer {
@@ -294,6 +309,19 @@ impl TrafficServer {
             .map(|name| std::fs::read_to_string(log.join(name)).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Waits (at most 20 s) until the diagnostics contain `text`.
+    fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.diagnostics().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log within 20 s:\n{}",
+                self.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn etc(&self) -> PathBuf {
@@ -582,4 +610,83 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
         output.contains("bad.yaml") && output.contains("vmIdd"),
         "the error does not name the file and the field:\n{output}"
     );
+}
+
+#[test]
+fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
+    for runtime in engines() {
+        let origin = Origin::start();
+        let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+        let http_call = format!(
+            "{}upstreams:\n  auth_cluster: {}\n",
+            plugin_yaml("http_call", runtime, "", ""),
+            auth.address
+        );
+        let server = TrafficServer::start(
+            &origin,
+            &[
+                PluginFile {
+                    name: "http_call",
+                    yaml: http_call,
+                },
+                PluginFile {
+                    name: "timers",
+                    yaml: plugin_yaml("timers", runtime, "", ""),
+                },
+            ],
+        );
+        let context = |what: &str| format!("{runtime}: {what}\n{}", server.diagnostics());
+
+        // The plugin holds the request, asks the auth server through Traffic Server's own
+        // client, and continues it with what the answer said.
+        let reply = try_get(&server.url("/account"), &[])
+            .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+        assert_eq!(reply.status, 200, "{}", context(&reply.body));
+        assert!(
+            reply.body.contains("x-auth-user: alice"),
+            "{}",
+            context(&reply.body)
+        );
+        assert_eq!(auth.requests(), 1, "{runtime}: one callout per request");
+
+        // An upstream that never answers: the call times out after the plugin's 5 s, the
+        // plugin gets the failure and answers 503 itself. The new upstream comes with a reload.
+        let silent = TcpListener::bind("127.0.0.1:0").expect("a listener that never answers");
+        let http_call = format!(
+            "{}upstreams:\n  auth_cluster: {}\n",
+            plugin_yaml("http_call", runtime, "", ""),
+            silent.local_addr().expect("its address")
+        );
+        std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
+        server.ctl(&["config", "reload"]);
+        server.wait_for_log("reloaded the configuration");
+        let before = origin.requests();
+        let started = Instant::now();
+        let reply = get(&server.url("/account"), &[]);
+        assert_eq!(reply.status, 503, "{}", context(&reply.body));
+        assert_eq!(reply.body, "auth callout failed\n", "{runtime}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "{runtime}: before the timeout"
+        );
+        assert_eq!(
+            origin.requests(),
+            before,
+            "{runtime}: a denied request went upstream"
+        );
+
+        // Ticks: every 100 ms, stopped by the plugin after the third.
+        std::thread::sleep(Duration::from_millis(800));
+        let diagnostics = server.diagnostics();
+        assert!(
+            diagnostics.contains("[timers] tick 3"),
+            "{}",
+            context("no third tick")
+        );
+        assert!(
+            !diagnostics.contains("tick 4"),
+            "{}",
+            context("a tick after the plugin stopped them")
+        );
+    }
 }

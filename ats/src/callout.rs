@@ -1,0 +1,349 @@
+//! `proxy_http_call` through Traffic Server's own client (`TSFetchUrl`): the request enters
+//! Traffic Server as an internal transaction for the upstream's address (remapping skipped, so
+//! no remap rule is needed), and the answer comes back to the VM copy that asked, on its
+//! thread.
+//!
+//! Each call has a continuation of its own whose data is the [`Callout`]. The fetch's events
+//! and the call's timeout both arrive there, under the continuation's mutex; whichever comes
+//! first is delivered, the other is dropped. An answer that arrives on another thread than the
+//! VM copy's is passed to that thread first.
+
+use std::ffi::{c_int, c_void};
+use std::net::SocketAddr;
+
+use abi::{HeaderMap, HttpCallRequest, HttpCallResponse, Status};
+
+use crate::{diag, sys, with_thread};
+
+/// The header marking a callout's internal transaction, so the request hook skips remapping
+/// and the plugins for it. Its value is never trusted for anything else.
+pub(crate) const MARKER: &str = "x-pwhost-ats-callout";
+
+/// Fetch event numbers (Traffic Server leaves them to the plugin).
+const FETCH_SUCCESS: c_int = 61_001;
+const FETCH_FAILURE: c_int = 61_002;
+const FETCH_TIMEOUT: c_int = 61_003;
+
+/// Where a call stands.
+enum Progress {
+    /// Sent; nothing back yet.
+    Waiting,
+    /// Answered (or failed, `None`) on another thread; to be delivered on the VM's.
+    Arrived(Option<HttpCallResponse>),
+    /// Delivered (the answer or the timeout); later events are dropped.
+    Delivered,
+}
+
+/// One HTTP call, owned by its continuation.
+struct Callout {
+    token: u32,
+    /// The thread of the VM copy that made the call.
+    thread: sys::TSEventThread,
+    progress: Progress,
+    /// Whether the fetch has finished (its last event came): the continuation may then go.
+    fetch_done: bool,
+    /// Whether a timeout is scheduled and has not fired.
+    timeout: Option<sys::TSAction>,
+    /// The last event is scheduled: the continuation goes when it comes.
+    closing: bool,
+}
+
+/// Sends `request` to `address` for the VM copy on the calling thread and returns at once;
+/// `token` identifies the answer. The request is checked here: names and values with CR, LF or
+/// NUL would let a plugin smuggle requests, and are refused with `BAD_ARGUMENT`.
+pub(crate) fn dispatch(token: u32, address: SocketAddr, request: &HttpCallRequest) -> Status {
+    let Some(bytes) = encode(address, request) else {
+        return Status::BadArgument;
+    };
+    let Ok(len) = c_int::try_from(bytes.len()) else {
+        return Status::BadArgument;
+    };
+    // SAFETY: called on a Traffic Server event thread (from a plugin callback).
+    let thread = unsafe { sys::TSEventThreadSelf() };
+    let callout = Box::new(Callout {
+        token,
+        thread,
+        progress: Progress::Waiting,
+        fetch_done: false,
+        timeout: None,
+        closing: false,
+    });
+    // The internal transaction appears to come from the loopback address (Traffic Server
+    // insists on a port, which names no real socket).
+    let client: SocketAddr = ([127, 0, 0, 1], 1).into();
+    let client = socket_address(client);
+    // SAFETY: the continuation's data is the boxed callout, freed in `finish` once both the
+    // fetch and the timeout are over; the request bytes and the address are copied by
+    // Traffic Server during the call.
+    unsafe {
+        let cont = sys::TSContCreate(Some(on_event), sys::TSMutexCreate());
+        let callout = Box::into_raw(callout);
+        sys::TSContDataSet(cont, callout.cast());
+        if !request.timeout.is_zero() {
+            let ms = sys::TSHRTime::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX);
+            (*callout).timeout = Some(sys::TSContScheduleOnThread(cont, ms, thread));
+        }
+        let events = sys::TSFetchEvent {
+            success_event_id: FETCH_SUCCESS,
+            failure_event_id: FETCH_FAILURE,
+            timeout_event_id: FETCH_TIMEOUT,
+        };
+        sys::TSFetchUrl(
+            bytes.as_ptr().cast(),
+            len,
+            (&client as *const libc::sockaddr_in).cast(),
+            cont,
+            sys::AFTER_BODY,
+            events,
+        );
+    }
+    Status::Ok
+}
+
+fn socket_address(address: SocketAddr) -> libc::sockaddr_in {
+    let (ip, port) = match address {
+        SocketAddr::V4(v4) => (*v4.ip(), v4.port()),
+        SocketAddr::V6(_) => ([127, 0, 0, 1].into(), 0),
+    };
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn is_clean(bytes: &[u8]) -> bool {
+    !bytes.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// The request as Traffic Server's client takes it: HTTP/1.0 (so the answer is never chunked),
+/// an absolute URL naming the upstream's address, the plugin's `:authority` as `Host`.
+fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
+    let headers = &request.headers;
+    let method = headers.get(b":method").unwrap_or(b"GET");
+    let path = headers.get(b":path").unwrap_or(b"/");
+    let authority = headers
+        .get(b":authority")
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| address.to_string().into_bytes());
+    if !method.iter().all(u8::is_ascii_alphabetic) || !path.starts_with(b"/") || !is_clean(path) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(256 + request.body.len());
+    out.extend_from_slice(method);
+    out.extend_from_slice(format!(" http://{address}").as_bytes());
+    out.extend_from_slice(path);
+    out.extend_from_slice(b" HTTP/1.0\r\nHost: ");
+    if !is_clean(&authority) {
+        return None;
+    }
+    out.extend_from_slice(&authority);
+    out.extend_from_slice(format!("\r\n{MARKER}: 1\r\n").as_bytes());
+    for (name, value) in headers.iter() {
+        if name.starts_with(b":")
+            || name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(MARKER.as_bytes())
+        {
+            continue;
+        }
+        if name.is_empty() || !is_clean(name) || name.contains(&b':') || !is_clean(value) {
+            return None;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !request.body.is_empty() || method.eq_ignore_ascii_case(b"POST") {
+        out.extend_from_slice(format!("Content-Length: {}\r\n", request.body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&request.body);
+    Some(out)
+}
+
+/// The answer Traffic Server's client read: status line and headers parsed with `httparse`,
+/// the rest is the body.
+fn decode(bytes: &[u8]) -> Option<HttpCallResponse> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(length) = response.parse(bytes).ok()? else {
+        return None;
+    };
+    let mut map = HeaderMap::new();
+    map.add(b":status", response.code?.to_string().as_bytes());
+    for header in response.headers.iter() {
+        map.add(header.name.to_ascii_lowercase().as_bytes(), header.value);
+    }
+    Some(HttpCallResponse {
+        headers: map,
+        body: bytes[length..].to_vec(),
+        trailers: HeaderMap::new(),
+    })
+}
+
+/// The call's continuation: fetch events, the timeout, and an answer passed over from another
+/// thread.
+unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut c_void) -> c_int {
+    // SAFETY: the continuation's data is its callout until `finish` frees both.
+    let callout = unsafe { sys::TSContDataGet(cont) }.cast::<Callout>();
+    if callout.is_null() {
+        return 0;
+    }
+    let event = event as c_int;
+    let from_fetch = matches!(event, FETCH_SUCCESS | FETCH_FAILURE | FETCH_TIMEOUT);
+    // SAFETY: the callout lives until `finish`.
+    if !from_fetch && unsafe { (*callout).closing } {
+        // SAFETY: the closing event is the continuation's last.
+        unsafe { free(cont, callout) };
+        return 0;
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: the callout lives until `finish`; events of this continuation are serialized
+        // by its mutex, so this is the only reference.
+        let callout = unsafe { &mut *callout };
+        match event {
+            FETCH_SUCCESS | FETCH_FAILURE | FETCH_TIMEOUT => {
+                callout.fetch_done = true;
+                let answer = if event == FETCH_SUCCESS {
+                    let mut len: c_int = 0;
+                    // SAFETY: on success the event's data is the fetch, whose response stays
+                    // readable during this event.
+                    let raw = unsafe { sys::TSFetchRespGet(data as sys::TSHttpTxn, &mut len) };
+                    let bytes = if raw.is_null() || len <= 0 {
+                        &[][..]
+                    } else {
+                        // SAFETY: as above, `len` bytes at `raw`.
+                        unsafe { std::slice::from_raw_parts(raw.cast::<u8>(), len as usize) }
+                    };
+                    decode(bytes)
+                } else {
+                    None
+                };
+                if matches!(callout.progress, Progress::Waiting) {
+                    if let Some(timeout) = callout.timeout.take() {
+                        // SAFETY: the timeout is scheduled and has not fired (it clears
+                        // `timeout` when it does).
+                        unsafe { sys::TSActionCancel(timeout) };
+                    }
+                    callout.progress = Progress::Arrived(answer);
+                    // SAFETY: called on an event thread.
+                    if unsafe { sys::TSEventThreadSelf() } != callout.thread {
+                        // SAFETY: the continuation lives until delivered (not finished
+                        // while an answer is pending).
+                        unsafe { sys::TSContScheduleOnThread(cont, 0, callout.thread) };
+                        return;
+                    }
+                    deliver(callout);
+                }
+            }
+            _ => {
+                // The timeout, or an answer passed over to this thread.
+                callout.timeout = None;
+                match std::mem::replace(&mut callout.progress, Progress::Delivered) {
+                    Progress::Waiting => {
+                        callout.progress = Progress::Arrived(None);
+                        deliver(callout);
+                    }
+                    Progress::Arrived(answer) => {
+                        callout.progress = Progress::Arrived(answer);
+                        deliver(callout);
+                    }
+                    Progress::Delivered => {}
+                }
+            }
+        }
+    }));
+    if outcome.is_err() {
+        diag::error("an HTTP call's answer panicked");
+    }
+    // SAFETY: as above.
+    unsafe { finish(cont, callout, from_fetch) };
+    0
+}
+
+/// Ends the call once its fetch and timeout are both over and its answer delivered. Traffic
+/// Server's fetch still uses the continuation after its last event returns, so the
+/// continuation goes in an event of its own after that.
+///
+/// # Safety
+/// `callout` must be `cont`'s data, not used after this returns if it frees them.
+unsafe fn finish(cont: sys::TSCont, callout: *mut Callout, from_fetch: bool) {
+    // SAFETY: the caller's promise.
+    let callout_ref = unsafe { &mut *callout };
+    let done = callout_ref.fetch_done
+        && callout_ref.timeout.is_none()
+        && matches!(callout_ref.progress, Progress::Delivered);
+    if !done {
+        return;
+    }
+    if from_fetch {
+        callout_ref.closing = true;
+        // SAFETY: the continuation lives until that event frees it.
+        unsafe { sys::TSContScheduleOnThread(cont, 0, callout_ref.thread) };
+    } else {
+        // SAFETY: the caller's promise; this is the continuation's own scheduled event.
+        unsafe { free(cont, callout) };
+    }
+}
+
+/// Frees the call and its continuation.
+///
+/// # Safety
+/// Nothing may refer to either afterwards: the fetch has sent its last event and no event of
+/// the continuation is scheduled.
+unsafe fn free(cont: sys::TSCont, callout: *mut Callout) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        sys::TSContDataSet(cont, std::ptr::null_mut());
+        drop(Box::from_raw(callout));
+        sys::TSContDestroy(cont);
+    }
+}
+
+/// Delivers the call's answer (or failure) to the VM copy that made it, on this thread, then
+/// acts on what the plugin asked for its held transactions.
+fn deliver(callout: &mut Callout) {
+    let Progress::Arrived(mut answer) =
+        std::mem::replace(&mut callout.progress, Progress::Delivered)
+    else {
+        return;
+    };
+    let token = callout.token;
+    let pending = with_thread(|state| {
+        let mut pending = Vec::new();
+        let mut found = false;
+        state.workers.for_each_worker(|_, worker| {
+            if found {
+                return;
+            }
+            worker.for_each_copy(|_, vm, _| {
+                if found {
+                    return;
+                }
+                let Some(host) = vm.host_as::<crate::host::AtsHost>() else {
+                    return;
+                };
+                if !host.callouts.remove(&token) {
+                    return;
+                }
+                found = true;
+                let result = match answer.take() {
+                    Some(response) => vm.on_http_call_response(token, response),
+                    None => vm.on_http_call_failure(token),
+                };
+                if let Err(error) = result {
+                    diag::error(&format!("proxy_on_http_call_response: {error}"));
+                }
+                crate::transaction::pending_in(vm, &mut pending);
+            });
+        });
+        pending
+    })
+    .unwrap_or_default();
+    crate::transaction::act_on(pending);
+}

@@ -1,0 +1,156 @@
+//! Timer ticks (`proxy_set_tick_period_milliseconds` → `proxy_on_tick`) for the VM copies of one
+//! Traffic Server thread, delivered on that thread: one continuation per thread, scheduled
+//! (`TSContScheduleOnThread`) for the earliest tick due among its copies' root contexts, and
+//! nothing scheduled while no root context asked for ticks.
+
+use std::ffi::{c_int, c_void};
+use std::time::{Duration, Instant};
+
+use abi::ContextId;
+use lifecycle::CopyId;
+use rustc_hash::FxHashMap;
+
+use crate::{diag, sys, with_thread, ThreadState};
+
+/// One root context's timer.
+struct Timer {
+    period: Duration,
+    due: Instant,
+}
+
+/// A thread's ticks.
+pub(crate) struct Ticker {
+    cont: sys::TSCont,
+    thread: sys::TSEventThread,
+    /// When the continuation is scheduled to run, and its action (to cancel it for an earlier
+    /// tick).
+    scheduled: Option<(Instant, sys::TSAction)>,
+    timers: FxHashMap<(CopyId, u32), Timer>,
+}
+
+impl Ticker {
+    /// The ticker of the calling Traffic Server thread.
+    pub(crate) fn for_this_thread() -> Ticker {
+        // SAFETY: the handler is an `extern "C"` function for the life of the process; the
+        // continuation gets its own mutex, as a scheduled continuation needs one.
+        let cont = unsafe { sys::TSContCreate(Some(on_tick), sys::TSMutexCreate()) };
+        Ticker {
+            cont,
+            // SAFETY: called on a Traffic Server event thread (a hook handler's).
+            thread: unsafe { sys::TSEventThreadSelf() },
+            scheduled: None,
+            timers: FxHashMap::default(),
+        }
+    }
+
+    /// Records root context `root`'s tick period in copy `copy` as the plugin set it (`None`: no
+    /// ticks) and schedules the next tick if it is now the earliest.
+    pub(crate) fn note(&mut self, copy: CopyId, root: ContextId, period: Option<Duration>) {
+        let key = (copy, root.0);
+        match period.filter(|p| !p.is_zero()) {
+            Some(period) => {
+                if self.timers.get(&key).is_some_and(|t| t.period == period) {
+                    return;
+                }
+                self.timers.insert(
+                    key,
+                    Timer {
+                        period,
+                        due: Instant::now() + period,
+                    },
+                );
+            }
+            None => {
+                if self.timers.remove(&key).is_none() {
+                    return;
+                }
+            }
+        }
+        self.arm();
+    }
+
+    /// Schedules the continuation for the earliest tick due, unless it already runs by then.
+    fn arm(&mut self) {
+        let Some(earliest) = self.timers.values().map(|t| t.due).min() else {
+            return;
+        };
+        if let Some((at, action)) = self.scheduled {
+            if at <= earliest {
+                return;
+            }
+            // SAFETY: the action was returned by the scheduling below and has not run (it
+            // clears `scheduled` when it does).
+            unsafe { sys::TSActionCancel(action) };
+        }
+        let delay = earliest.saturating_duration_since(Instant::now());
+        let delay_ms = sys::TSHRTime::try_from(delay.as_millis()).unwrap_or(sys::TSHRTime::MAX);
+        // SAFETY: the continuation and thread are this thread's, made in `for_this_thread`.
+        let action = unsafe { sys::TSContScheduleOnThread(self.cont, delay_ms, self.thread) };
+        self.scheduled = Some((earliest, action));
+    }
+}
+
+/// The tick continuation: ticks every root context that is due, then acts on what the plugins
+/// asked for their held transactions.
+unsafe extern "C" fn on_tick(
+    _cont: sys::TSCont,
+    _event: sys::TSEvent,
+    _data: *mut c_void,
+) -> c_int {
+    let outcome = std::panic::catch_unwind(|| {
+        let pending = with_thread(tick_due).unwrap_or_default();
+        crate::transaction::act_on(pending);
+    });
+    if outcome.is_err() {
+        diag::error("a timer tick panicked");
+    }
+    0
+}
+
+/// Ticks the due root contexts of every copy of the thread; returns the transactions the
+/// plugins continued, closed or answered meanwhile.
+fn tick_due(state: &mut ThreadState) -> Vec<sys::TSCont> {
+    let ticker = &mut state.ticker;
+    ticker.scheduled = None;
+    let now = Instant::now();
+    let mut pending = Vec::new();
+    let mut seen = Vec::new();
+    state.workers.for_each_worker(|_, worker| {
+        worker.for_each_copy(|copy, vm, roots| {
+            for (_, root) in roots {
+                let key = (copy, root.0);
+                seen.push(key);
+                let Some(timer) = ticker.timers.get_mut(&key) else {
+                    continue;
+                };
+                if timer.due > now || vm.is_failed() {
+                    continue;
+                }
+                if let Err(error) = vm.tick_root(*root) {
+                    diag::error(&format!("proxy_on_tick: {error}"));
+                }
+                timer.due = now + timer.period;
+            }
+            for (_, root) in roots {
+                // The plugin may have changed or stopped its period while ticking.
+                let period = vm.tick_period_of(*root).filter(|p| !p.is_zero());
+                let key = (copy, root.0);
+                match period {
+                    Some(period) => {
+                        if let Some(timer) = ticker.timers.get_mut(&key) {
+                            timer.period = period;
+                        }
+                    }
+                    None => {
+                        ticker.timers.remove(&key);
+                    }
+                }
+            }
+            crate::transaction::pending_in(vm, &mut pending);
+        });
+    });
+    // Copies that went away (replaced or failed) tick no more.
+    ticker.timers.retain(|key, _| seen.contains(key));
+    ticker.arm();
+    pending
+}
