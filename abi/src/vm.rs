@@ -239,6 +239,16 @@ impl Vm {
         }
     }
 
+    /// Whether the plugin exports callback `name` (e.g. `proxy_on_response_body`), so that an
+    /// embedder can skip work only that callback needs, such as passing bodies through a
+    /// plugin that never looks at them.
+    pub fn exports_callback(&self, name: &str) -> bool {
+        CALLBACKS
+            .iter()
+            .position(|spec| spec.name == name)
+            .is_some_and(|index| self.callbacks[index].is_some())
+    }
+
     /// The ABI version the plugin was built for.
     pub fn abi_version(&self) -> AbiVersion {
         self.abi

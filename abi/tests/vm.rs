@@ -328,3 +328,12 @@ fn restricted_callbacks_are_never_called() {
     );
     assert!(probe.logs.is_empty());
 }
+
+#[test]
+fn an_embedder_can_ask_which_callbacks_a_plugin_exports() {
+    let plugin = load("minimal.wat", SharedState::new());
+    let vm = started(&plugin);
+    assert!(vm.exports_callback("proxy_on_request_headers"));
+    assert!(!vm.exports_callback("proxy_on_response_body"));
+    assert!(!vm.exports_callback("not_a_callback"));
+}

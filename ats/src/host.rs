@@ -32,6 +32,8 @@ pub(crate) struct StreamSlot {
     pub(crate) request: Option<MimeHeaders>,
     /// The client response header, while a hook lends it.
     pub(crate) response: Option<MimeHeaders>,
+    /// The body (chunk and what the plugin buffered) while its callback runs.
+    pub(crate) body: Option<Vec<u8>>,
     /// A local reply the plugin asked for (`proxy_send_local_response`).
     pub(crate) local_reply: Option<LocalResponse>,
     /// The plugin asked to continue the stream it had paused.
@@ -48,6 +50,7 @@ impl StreamSlot {
             held: false,
             request: None,
             response: None,
+            body: None,
             local_reply: None,
             continued: false,
             closed: false,
@@ -132,8 +135,13 @@ impl Host for AtsHost {
         Some(headers)
     }
 
-    fn buffer(&mut self, _context: ContextId, _buffer: BufferType) -> Option<&mut Vec<u8>> {
-        None
+    fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>> {
+        match buffer {
+            BufferType::HttpRequestBody | BufferType::HttpResponseBody => {
+                self.streams.get_mut(&context.0)?.body.as_mut()
+            }
+            _ => None,
+        }
     }
 
     fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status {

@@ -30,6 +30,7 @@
 //! * `traffic_ctl config reload` reads the files again: new transactions run in the new
 //!   plugins, transactions in flight finish in the old ones ([`lifecycle::LivePlugins`]).
 
+mod body;
 mod callout;
 mod config;
 mod diag;

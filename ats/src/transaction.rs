@@ -12,13 +12,16 @@
 //! or a tick. Those callbacks run outside the transaction's hooks; afterwards [`act_on`] picks
 //! the held transactions up where they stopped.
 
+use std::cell::Cell;
 use std::ffi::{c_int, c_void};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::ThreadId;
 
 use abi::{HeadersAction, LocalResponse, Vm, VmError};
 use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
 
+use crate::body::{self, Direction, TransactionLink};
 use crate::headers::{HeaderKind, MimeHeaders};
 use crate::host::{AtsHost, StreamSlot};
 use crate::{callout, diag, sys, with_thread, with_workers, ThreadState};
@@ -32,6 +35,18 @@ struct Filter {
     context: abi::ContextId,
     /// The plugin failed open during this transaction: it is not called again for it.
     bypassed: bool,
+    /// Body bytes the plugin keeps buffered (it returned `StopIterationAndBuffer`), by direction.
+    request_body: Vec<u8>,
+    response_body: Vec<u8>,
+}
+
+impl Filter {
+    fn buffered(&mut self, direction: Direction) -> &mut Vec<u8> {
+        match direction {
+            Direction::Request => &mut self.request_body,
+            Direction::Response => &mut self.response_body,
+        }
+    }
 }
 
 /// A reply sent instead of the origin's response.
@@ -71,6 +86,11 @@ pub(crate) struct Transaction {
     filters: Vec<Filter>,
     reply: Option<Reply>,
     paused: Option<Pause>,
+    /// Shared with the body transforms, which stop using the transaction once it is cleared.
+    link: TransactionLink,
+    /// Whether some plugin has a request or response body callback.
+    wants_request_body: bool,
+    wants_response_body: bool,
 }
 
 /// Runs a hook handler's body, turning a panic into an error message: unwinding into Traffic
@@ -168,13 +188,27 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
     if next == Next::Reply {
         transaction.send_reply_body();
     }
+    let request_body = transaction.wants_request_body
+        && next != Next::Reply
+        && client_header(txn, HeaderKind::Request)
+            .is_some_and(|headers| !ends_stream(&headers, HeaderKind::Request));
+    let response_body = transaction.wants_response_body;
     // The transaction now lives with its continuation, until it closes.
-    // SAFETY: the continuation's data is the boxed transaction, freed at close.
+    // SAFETY: the continuation's data is the boxed transaction, freed at close; the link lets
+    // the transforms reach it until then.
     unsafe {
+        let link = Rc::clone(&transaction.link);
         let transaction = Box::into_raw(Box::new(transaction));
+        link.set(transaction);
         sys::TSContDataSet(cont, transaction.cast());
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_RESPONSE_HDR_HOOK, cont);
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_TXN_CLOSE_HOOK, cont);
+        if request_body {
+            body::add(txn, Direction::Request, Rc::clone(&link));
+        }
+        if response_body {
+            body::add(txn, Direction::Response, link);
+        }
     }
     next
 }
@@ -190,6 +224,9 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         filters: Vec::new(),
         reply: None,
         paused: None,
+        link: Rc::new(Cell::new(std::ptr::null_mut())),
+        wants_request_body: false,
+        wants_response_body: false,
     };
     let plugins: Vec<PluginId> = worker.plugins().http_filters().collect();
     for plugin in plugins {
@@ -201,6 +238,9 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                     // The copy may be new, or have asked for ticks since the last transaction.
                     let period = vm.tick_period_of(stream.root());
                     state.ticker.note(stream.copy(), stream.root(), period);
+                    transaction.wants_request_body |= vm.exports_callback("proxy_on_request_body");
+                    transaction.wants_response_body |=
+                        vm.exports_callback("proxy_on_response_body");
                 }
                 match opened {
                     Ok(context) => transaction.filters.push(Filter {
@@ -209,6 +249,8 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                         stream: Some(stream),
                         context,
                         bypassed: false,
+                        request_body: Vec::new(),
+                        response_body: Vec::new(),
                     }),
                     Err(error) => {
                         diag::error(&format!("[{name}] cannot create a stream context: {error}"));
@@ -320,6 +362,8 @@ unsafe extern "C" fn on_transaction_event(
             // SAFETY: the box is taken back exactly once, here; Traffic Server calls no more
             // hooks of this continuation after the close.
             let transaction = unsafe { Box::from_raw(transaction) };
+            // Transforms still open stop reaching the transaction.
+            transaction.link.set(std::ptr::null_mut());
             // SAFETY: the continuation is not used again.
             unsafe {
                 sys::TSContDataSet(cont, std::ptr::null_mut());
@@ -420,6 +464,16 @@ fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
     headers.get(b"transfer-encoding").is_none() && length.unwrap_or(0) == 0
 }
 
+/// The header that frames a request's body (`Content-Length` or `Transfer-Encoding`) and its
+/// value, if there is one.
+fn framing_of(headers: &MimeHeaders) -> Option<(Vec<u8>, Vec<u8>)> {
+    [&b"content-length"[..], b"transfer-encoding"]
+        .into_iter()
+        .find_map(|name| {
+            abi::Headers::get(headers, name).map(|value| (name.to_vec(), value.to_vec()))
+        })
+}
+
 /// What the plugin asked for its stream since the last look.
 #[derive(Default)]
 struct Requests {
@@ -444,6 +498,14 @@ fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
         }
         None => Requests::default(),
     }
+}
+
+/// Lends a body to the plugin's slot (`None` takes it back and returns it).
+fn lend_body(vm: &mut Vm, context: abi::ContextId, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    let slot = vm
+        .host_as::<AtsHost>()
+        .and_then(|host| host.streams.get_mut(&context.0))?;
+    std::mem::replace(&mut slot.body, body)
 }
 
 /// Marks the plugin's stream as held (waiting for the plugin).
@@ -515,6 +577,8 @@ impl Transaction {
     /// replies or holds.
     fn request_headers(&mut self, from: usize) -> Next {
         let txn = self.txn;
+        let framing =
+            client_header(txn, HeaderKind::Request).and_then(|headers| framing_of(&headers));
         let filters = &mut self.filters;
         let mut reply = None;
         let mut paused = None;
@@ -555,6 +619,16 @@ impl Transaction {
             return Next::Hold;
         }
         self.unlend();
+        if let (Some((name, value)), Some(mut headers)) =
+            (framing, client_header(txn, HeaderKind::Request))
+        {
+            // A plugin that drops Content-Length (because it will change the body) speaks for
+            // the upstream request; Traffic Server still needs it to read the client's body,
+            // and frames the transformed body to the origin itself.
+            if framing_of(&headers).is_none() {
+                abi::Headers::add(&mut headers, &name, &value);
+            }
+        }
         match reply {
             Some(reply) => {
                 self.reply = Some(reply);
@@ -620,6 +694,73 @@ impl Transaction {
         }
         self.unlend();
         Next::Continue
+    }
+
+    /// Runs a body chunk through the plugins (the request body in order, the response body in
+    /// reverse) and returns what goes on. A plugin that buffers (`StopIterationAndBuffer`)
+    /// keeps the bytes and the plugins after it see nothing until it lets them through; at the
+    /// end of the stream whatever is buffered goes on (Traffic Server cannot hold a body once
+    /// its end came).
+    pub(crate) fn body_chunk(
+        &mut self,
+        direction: Direction,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Vec<u8> {
+        let filters = &mut self.filters;
+        let order: Vec<usize> = match direction {
+            Direction::Request => (0..filters.len()).collect(),
+            Direction::Response => (0..filters.len()).rev().collect(),
+        };
+        let mut data = chunk;
+        let ran = in_worker(self.thread, self.generation, |worker| {
+            for index in order {
+                let filter = &mut filters[index];
+                let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
+                    continue;
+                };
+                let Some(vm) = worker.vm(stream) else {
+                    continue;
+                };
+                let mut buffer = std::mem::take(filter.buffered(direction));
+                buffer.append(&mut data);
+                let size = buffer.len();
+                lend_body(vm, filter.context, Some(buffer));
+                let result = match direction {
+                    Direction::Request => vm.on_request_body(filter.context, size, end_of_stream),
+                    Direction::Response => vm.on_response_body(filter.context, size, end_of_stream),
+                };
+                let buffer = lend_body(vm, filter.context, None).unwrap_or_default();
+                let asked = take_requests(vm, filter.context);
+                if asked.local_reply.is_some() || asked.closed {
+                    diag::warning(&format!(
+                        "[{}] a local reply or close during a body is not supported by Traffic \
+                         Server's transforms; the body goes on",
+                        filter.name
+                    ));
+                }
+                match result {
+                    Ok(abi::DataAction::Continue) => data = buffer,
+                    Ok(_) if end_of_stream => data = buffer,
+                    Ok(_) => {
+                        *filter.buffered(direction) = buffer;
+                        return;
+                    }
+                    Err(error) => {
+                        diag::error(&format!("[{}] {error}", filter.name));
+                        // The headers are gone: failing closed can only cut the body short.
+                        if worker.failed(filter.plugin, &error) == OnFailure::FailOpen {
+                            filter.bypassed = true;
+                            data = buffer;
+                        }
+                    }
+                }
+            }
+        });
+        if ran.is_none() {
+            return Vec::new();
+        }
+        data
     }
 
     /// Sets a reply's status and headers on the client response.

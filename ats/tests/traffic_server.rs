@@ -75,8 +75,8 @@ fn free_port() -> u16 {
 }
 
 /// An origin server answering every request with 200, `server: origin`, and a body listing the
-/// request line and headers it received (`name: value` lines), so tests see what the plugins
-/// forwarded.
+/// request line and headers it received (`name: value` lines), an empty line, the request body
+/// and a last line `hello from origin`, so tests see what the plugins forwarded.
 struct Origin {
     address: SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -105,9 +105,11 @@ impl Origin {
         let (count, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50)) else {
                     continue;
                 };
+                let mut request_body = String::new();
+                let _ = request.as_reader().read_to_string(&mut request_body);
                 count.fetch_add(1, Ordering::Relaxed);
                 let mut body = format!("{} {}\n", request.method(), request.url());
                 for header in request.headers() {
@@ -117,6 +119,7 @@ impl Origin {
                         header.value
                     ));
                 }
+                body.push_str(&format!("\n{request_body}\nhello from origin\n"));
                 let mut response = tiny_http::Response::from_string(body).with_header(
                     tiny_http::Header::from_bytes("server", "origin").expect("header"),
                 );
@@ -346,6 +349,11 @@ impl TrafficServer {
 
 impl Drop for TrafficServer {
     fn drop(&mut self) {
+        if std::env::var_os("PWHOST_KEEP_RUNROOT").is_some() {
+            eprintln!("run root kept: {}", self.root.path().display());
+            let root = std::mem::replace(&mut self.root, tempfile::tempdir().expect("tempdir"));
+            let _ = root.keep();
+        }
         // SAFETY: `kill` with a negative pid signals the process group the manager leads
         // (made with `process_group(0)`), which holds traffic_server and its helpers.
         unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
@@ -406,6 +414,23 @@ fn try_get(url: &str, headers: &[(&str, &str)]) -> Result<Reply, ureq::Error> {
         status,
         headers,
         body,
+    })
+}
+
+/// Sends `POST url` with `body` on a new connection.
+fn post(url: &str, body: &str) -> Result<Reply, ureq::Error> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut response = agent.post(url).send(body)?;
+    let mut text = String::new();
+    response.body_mut().as_reader().read_to_string(&mut text)?;
+    Ok(Reply {
+        status: response.status().as_u16(),
+        headers: Vec::new(),
+        body: text,
     })
 }
 
@@ -688,5 +713,45 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
             "{}",
             context("a tick after the plugin stopped them")
         );
+    }
+}
+
+#[test]
+fn request_and_response_bodies_pass_through_the_plugins_on_every_engine() {
+    for runtime in engines() {
+        let origin = Origin::start();
+        let server = TrafficServer::start(
+            &origin,
+            &[PluginFile {
+                name: "body_rewrite",
+                yaml: plugin_yaml("body_rewrite", runtime, "", ""),
+            }],
+        );
+        let context = |what: &str| format!("{runtime}: {what}\n{}", server.diagnostics());
+        // The plugin buffers the request body to its end and upper-cases it on its way to the
+        // origin, and replaces `hello` by `howdy` in the whole response body.
+        let reply = post(&server.url("/echo"), "hello world")
+            .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+        assert_eq!(reply.status, 200, "{}", context(&reply.body));
+        assert!(
+            reply.body.contains("\nHELLO WORLD\n"),
+            "{}",
+            context(&reply.body)
+        );
+        assert!(
+            reply.body.ends_with("howdy from origin\n"),
+            "{}",
+            context(&reply.body)
+        );
+        // A body larger than one buffer block arrives whole.
+        let large = "hello ".repeat(20_000);
+        let reply = post(&server.url("/echo"), &large)
+            .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+        assert_eq!(reply.status, 200, "{}", context("large body"));
+        assert!(
+            reply.body.contains(&"HELLO ".repeat(20_000)),
+            "{runtime}: the large body was not upper-cased whole"
+        );
+        assert!(reply.body.ends_with("howdy from origin\n"), "{runtime}");
     }
 }
