@@ -76,8 +76,14 @@ fn upstreams(value: &Value) -> Result<Upstreams, String> {
 }
 
 /// Reads every file and loads their plugins on `engines`: one deployment, the files' HTTP
-/// filters in order. Nothing is loaded if any file is wrong.
-pub fn load(files: &[PathBuf], engines: &dyn lifecycle::Engines) -> Result<Loaded, String> {
+/// filters in order. Nothing is loaded if any file is wrong. With `previous` (a reload), the
+/// plugins keep its shared data and queues, and modules whose VM key did not change are not
+/// compiled again.
+pub fn load(
+    files: &[PathBuf],
+    engines: &dyn lifecycle::Engines,
+    previous: Option<&Plugins>,
+) -> Result<Loaded, String> {
     if files.is_empty() {
         return Err(
             "no configuration file given (plugin.config: pwhost_ats.so FILE.yaml ...)".into(),
@@ -111,7 +117,10 @@ pub fn load(files: &[PathBuf], engines: &dyn lifecycle::Engines) -> Result<Loade
         code_cache: CodeCache::new(None),
         compilation_cache: None,
     };
-    let plugins = Plugins::load(&deployment, engines, &options, abi::SharedState::new())
-        .map_err(|e| e.to_string())?;
+    let plugins = match previous {
+        Some(previous) => Plugins::load_replacing(previous, &deployment, engines, &options),
+        None => Plugins::load(&deployment, engines, &options, abi::SharedState::new()),
+    }
+    .map_err(|e| e.to_string())?;
     Ok(Loaded { plugins, upstreams })
 }

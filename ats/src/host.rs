@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use abi::{
     BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
-    Status, StreamType,
+    Status, StreamInfo, StreamType,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -34,6 +34,8 @@ pub(crate) struct StreamSlot {
     pub(crate) response: Option<MimeHeaders>,
     /// The body (chunk and what the plugin buffered) while its callback runs.
     pub(crate) body: Option<Vec<u8>>,
+    /// What Traffic Server knows of the transaction beyond its headers, for Envoy's attributes.
+    pub(crate) info: StreamInfo,
     /// A local reply the plugin asked for (`proxy_send_local_response`).
     pub(crate) local_reply: Option<LocalResponse>,
     /// The plugin asked to continue the stream it had paused.
@@ -51,6 +53,7 @@ impl StreamSlot {
             request: None,
             response: None,
             body: None,
+            info: StreamInfo::default(),
             local_reply: None,
             continued: false,
             closed: false,
@@ -142,6 +145,10 @@ impl Host for AtsHost {
             }
             _ => None,
         }
+    }
+
+    fn stream_info(&mut self, context: ContextId) -> Option<&StreamInfo> {
+        self.streams.get(&context.0).map(|slot| &slot.info)
     }
 
     fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status {

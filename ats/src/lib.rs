@@ -36,6 +36,7 @@ mod config;
 mod diag;
 mod headers;
 mod host;
+mod stats;
 mod sys;
 mod ticker;
 mod transaction;
@@ -224,7 +225,7 @@ fn init(args: &[String]) -> Result<(), String> {
     }
     let arguments = parse_arguments(args)?;
     let engines = BuildEngines::new(arguments.runtime);
-    let loaded = config::load(&arguments.files, &engines)?;
+    let loaded = config::load(&arguments.files, &engines, None)?;
     for warning in loaded.plugins.warnings() {
         diag::warning(warning);
     }
@@ -250,6 +251,7 @@ fn init(args: &[String]) -> Result<(), String> {
         let reload = sys::TSContCreate(Some(on_reload), sys::TSMutexCreate());
         sys::TSMgmtUpdateRegister(reload, c"pwhost_ats".as_ptr());
     }
+    stats::start();
     diag::note(&format!("running {}", names.join(", ")));
     Ok(())
 }
@@ -279,7 +281,8 @@ unsafe extern "C" fn on_reload(
         let Some(global) = GLOBAL.get() else {
             return;
         };
-        match config::load(&global.files, &global.engines) {
+        let (_, previous) = global.live.current();
+        match config::load(&global.files, &global.engines, Some(&previous)) {
             Ok(loaded) => {
                 // The upstreams first: a worker made for the new plugins must find theirs.
                 *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =

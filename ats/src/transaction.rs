@@ -229,11 +229,12 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         wants_response_body: false,
     };
     let plugins: Vec<PluginId> = worker.plugins().http_filters().collect();
+    let info = stream_info(txn);
     for plugin in plugins {
         let name: Arc<str> = crate::plugin_name(worker.plugins().config(plugin)).into();
         match worker.admit(plugin) {
             Admission::Run(stream) => {
-                let opened = open_stream(worker, &stream, &name, cont);
+                let opened = open_stream(worker, &stream, &name, cont, &info);
                 if let Some(vm) = worker.vm(&stream) {
                     // The copy may be new, or have asked for ticks since the last transaction.
                     let period = vm.tick_period_of(stream.root());
@@ -282,6 +283,7 @@ fn open_stream(
     stream: &StreamVm,
     name: &Arc<str>,
     cont: sys::TSCont,
+    info: &abi::StreamInfo,
 ) -> Result<abi::ContextId, VmError> {
     let vm = worker
         .vm(stream)
@@ -289,8 +291,9 @@ fn open_stream(
     let context = vm.create_http_context_for(stream.root())?;
     if let Some(host) = vm.host_as::<AtsHost>() {
         host.roots.insert(stream.root().0, Arc::clone(name));
-        host.streams
-            .insert(context.0, StreamSlot::new(Arc::clone(name), cont));
+        let mut slot = StreamSlot::new(Arc::clone(name), cont);
+        slot.info = info.clone();
+        host.streams.insert(context.0, slot);
     }
     Ok(context)
 }
@@ -432,6 +435,71 @@ fn in_worker<R>(
         return None;
     }
     with_workers(|workers| workers.worker(generation).map(work)).flatten()
+}
+
+/// What Traffic Server knows of a new transaction beyond its headers: its addresses,
+/// connection, protocol and start.
+fn stream_info(txn: sys::TSHttpTxn) -> abi::StreamInfo {
+    // SAFETY: `txn` is the transaction of the hook being handled; the addresses Traffic Server
+    // returns live as long as it.
+    let (source, destination, connection, http2) = unsafe {
+        let session = sys::TSHttpTxnSsnGet(txn);
+        (
+            socket_address(sys::TSHttpTxnClientAddrGet(txn)),
+            socket_address(sys::TSHttpTxnIncomingAddrGet(txn)),
+            (!session.is_null()).then(|| sys::TSHttpSsnIdGet(session)),
+            !sys::TSHttpTxnClientProtocolStackContains(txn, c"h2".as_ptr()).is_null(),
+        )
+    };
+    abi::StreamInfo {
+        source_address: source.map(|a| a.to_string()),
+        destination_address: destination.map(|a| a.to_string()),
+        connection_id: connection.and_then(|id| u64::try_from(id).ok()),
+        protocol: Some(if http2 { "HTTP/2" } else { "HTTP/1.1" }.to_string()),
+        start_time: Some(std::time::SystemTime::now()),
+        ..Default::default()
+    }
+}
+
+/// A socket address Traffic Server handed out (IPv4 or IPv6), if any.
+///
+/// # Safety
+/// `address` must be null or point at a `sockaddr` of its family's size.
+unsafe fn socket_address(address: *const sys::sockaddr) -> Option<std::net::SocketAddr> {
+    if address.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's promise; the family says which structure it is.
+    unsafe {
+        match i32::from((*address).sa_family) {
+            libc::AF_INET => {
+                let v4 = &*address.cast::<libc::sockaddr_in>();
+                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+                Some((ip, u16::from_be(v4.sin_port)).into())
+            }
+            libc::AF_INET6 => {
+                let v6 = &*address.cast::<libc::sockaddr_in6>();
+                let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
+                Some((ip, u16::from_be(v6.sin6_port)).into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Records the response's status (and the upstream's address) for the plugin's attributes.
+fn note_response(vm: &mut Vm, context: abi::ContextId, txn: sys::TSHttpTxn, status: u32) {
+    if let Some(slot) = vm
+        .host_as::<AtsHost>()
+        .and_then(|host| host.streams.get_mut(&context.0))
+    {
+        slot.info.response_code = Some(status);
+        if slot.info.upstream_address.is_none() {
+            // SAFETY: `txn` is held by the hook being handled.
+            let upstream = unsafe { socket_address(sys::TSHttpTxnServerAddrGet(txn)) };
+            slot.info.upstream_address = upstream.filter(|a| a.port() != 0).map(|a| a.to_string());
+        }
+    }
 }
 
 /// A transaction's client request or response header, if Traffic Server has it now.
@@ -663,6 +731,7 @@ impl Transaction {
                 };
                 let count = abi::Headers::len(&headers);
                 let end_of_stream = ends_stream(&headers, HeaderKind::Response);
+                note_response(vm, filter.context, txn, headers.status());
                 let request = client_header(txn, HeaderKind::Request);
                 lend(vm, filter.context, request, Some(headers));
                 let result = vm.on_response_headers(filter.context, count, end_of_stream);

@@ -199,9 +199,6 @@ CONFIG proxy.config.diags.output.debug STRING L
 CONFIG proxy.config.diags.output.diag STRING L
 CONFIG proxy.config.log.logging_enabled INT 0
 CONFIG proxy.config.http.transaction_active_timeout_in INT 30
-CONFIG proxy.config.http.connect_attempts_max_retries INT 0
-CONFIG proxy.config.http.connect_attempts_max_retries_down_server INT 0
-CONFIG proxy.config.http.connect_attempts_timeout INT 2
 ";
 
 impl TrafficServer {
@@ -333,17 +330,22 @@ impl TrafficServer {
 
     /// `traffic_ctl ARGS` against this server.
     fn ctl(&self, args: &[&str]) -> String {
+        self.try_ctl(args)
+            .unwrap_or_else(|e| panic!("traffic_ctl {args:?} failed: {e}"))
+    }
+
+    /// `traffic_ctl ARGS`: its output, or its error output if it failed.
+    fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
         let output = Command::new("traffic_ctl")
             .arg(format!("--run-root={}", self.root.path().display()))
             .args(args)
             .output()
             .expect("traffic_ctl runs");
-        assert!(
-            output.status.success(),
-            "traffic_ctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
     }
 }
 
@@ -753,5 +755,61 @@ fn request_and_response_bodies_pass_through_the_plugins_on_every_engine() {
             "{runtime}: the large body was not upper-cased whole"
         );
         assert!(reply.body.ends_with("howdy from origin\n"), "{runtime}");
+    }
+}
+
+#[test]
+fn plugin_metrics_are_traffic_server_stats_and_attributes_come_from_the_transaction() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    let probes = "request source/address string\\nrequest destination/port int\\n\
+                  request request/path string\\nresponse response/code int\\n\
+                  log request/protocol string";
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "metrics",
+                yaml: plugin_yaml("metrics", runtime, "", ""),
+            },
+            PluginFile {
+                name: "envoy_attributes",
+                yaml: plugin_yaml("envoy_attributes", runtime, probes, ""),
+            },
+        ],
+    );
+    for _ in 0..2 {
+        assert_eq!(get(&server.url("/attributes?x=1"), &[]).status, 200);
+    }
+    // The plugin's counter, published once a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Not found until the first publication after the plugin defined it.
+        let shown = server.try_ctl(&["metric", "get", "plugin.pwhost_ats.requests_total"]);
+        if shown.as_deref().map(str::trim) == Ok("plugin.pwhost_ats.requests_total 2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the counter is not a Traffic Server stat: {shown:?}\n{}",
+            server.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failures = server.ctl(&["metric", "get", "plugin.pwhost_ats.metrics.failed_by_trap"]);
+    assert_eq!(
+        failures.trim(),
+        "plugin.pwhost_ats.metrics.failed_by_trap 0"
+    );
+    let diagnostics = server.diagnostics();
+    let port = server.port;
+    for line in [
+        "request source/address: 127.0.0.1:".to_string(),
+        format!("request destination/port: {port}"),
+        "request request/path: /attributes?x=1".to_string(),
+        "response response/code: 200".to_string(),
+        "log request/protocol: HTTP/1.1".to_string(),
+    ] {
+        assert!(diagnostics.contains(&line), "no {line:?} in\n{diagnostics}");
     }
 }

@@ -1,0 +1,98 @@
+//! Plugin metrics as Traffic Server stats: once a second, on a task thread, every counter and
+//! gauge the plugins defined (`proxy_define_metric`) and every plugin's failure counters are
+//! copied into Traffic Server's stats, where `traffic_ctl metric get` and the stats plugins see
+//! them: `plugin.pwhost_ats.<metric name>` and `plugin.pwhost_ats.<plugin>.<counter>`.
+//! A histogram's stat is its last recorded value.
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void, CString};
+use std::sync::Mutex;
+
+use crate::{diag, sys, GLOBAL};
+
+/// How often the stats are brought up to date.
+const PERIOD_MS: sys::TSHRTime = 1000;
+
+/// The stat ids made so far, by name (Traffic Server's stats cannot be removed).
+static STATS: Mutex<Option<HashMap<String, c_int>>> = Mutex::new(None);
+
+/// Starts the periodic copy.
+pub(crate) fn start() {
+    // SAFETY: the handler lives for the process; the continuation gets its own mutex, so two
+    // copies never run at once.
+    unsafe {
+        let cont = sys::TSContCreate(Some(on_period), sys::TSMutexCreate());
+        sys::TSContScheduleEveryOnPool(cont, PERIOD_MS, sys::TS_THREAD_POOL_TASK);
+    }
+}
+
+unsafe extern "C" fn on_period(
+    _cont: sys::TSCont,
+    _event: sys::TSEvent,
+    _data: *mut c_void,
+) -> c_int {
+    if std::panic::catch_unwind(publish).is_err() {
+        diag::error("publishing the plugins' metrics panicked");
+    }
+    0
+}
+
+/// Copies the metrics of the plugins in force into Traffic Server's stats.
+fn publish() {
+    let Some(global) = GLOBAL.get() else {
+        return;
+    };
+    let (_, plugins) = global.live.current();
+    let mut values: Vec<(String, i64)> = plugins
+        .shared_state()
+        .metrics_snapshot()
+        .into_iter()
+        .map(|metric| (format!("plugin.pwhost_ats.{}", metric.name), metric.value))
+        .collect();
+    for plugin in plugins.http_filters() {
+        let name = crate::plugin_name(plugins.config(plugin));
+        for (counter, value) in plugins.counters(plugin).snapshot() {
+            let value = i64::try_from(value).unwrap_or(i64::MAX);
+            values.push((format!("plugin.pwhost_ats.{name}.{counter}"), value));
+        }
+    }
+    let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    let stats = stats.get_or_insert_with(HashMap::new);
+    for (name, value) in values {
+        let id = match stats.get(&name) {
+            Some(id) => *id,
+            None => {
+                let Some(id) = create(&name) else {
+                    continue;
+                };
+                stats.insert(name, id);
+                id
+            }
+        };
+        // SAFETY: `id` was returned by Traffic Server for a stat of type INT.
+        unsafe { sys::TSStatIntSet(id, value) };
+    }
+}
+
+/// Finds or creates the integer stat `name`.
+fn create(name: &str) -> Option<c_int> {
+    let c_name = CString::new(name).ok()?;
+    let mut id: c_int = -1;
+    // SAFETY: `c_name` is a NUL-terminated string that lives through the calls.
+    unsafe {
+        if sys::TSStatFindName(c_name.as_ptr(), &mut id) == sys::TS_SUCCESS {
+            return Some(id);
+        }
+        let id = sys::TSStatCreate(
+            c_name.as_ptr(),
+            sys::TS_RECORDDATATYPE_INT,
+            sys::TS_STAT_NON_PERSISTENT,
+            sys::TS_STAT_SYNC_SUM,
+        );
+        if id == sys::TS_ERROR as c_int {
+            diag::warning(&format!("cannot create stat {name}"));
+            return None;
+        }
+        Some(id)
+    }
+}
