@@ -3,9 +3,10 @@
 //!
 //! Envoy's pseudo-headers are mapped onto the HTTP header's parts: `:method`, `:scheme`,
 //! `:path` (the URL's path and query) and `:authority` (the `Host` header, else the URL's host)
-//! for a request, `:status` for a response. Their values are read once when the map is lent
-//! and kept up to date by the plugin's edits; every other name goes to the MIME fields.
+//! for a request, `:status` for a response. Their values are read when a plugin first asks for
+//! one and read again after the plugin changes one; every other name goes to the MIME fields.
 
+use std::cell::OnceCell;
 use std::ffi::{c_char, c_int};
 
 use crate::sys;
@@ -26,8 +27,8 @@ pub(crate) struct MimeHeaders {
     buffer: sys::TSMBuffer,
     header: sys::TSMLoc,
     kind: HeaderKind,
-    /// The pseudo-headers' values, in the order plugins see them.
-    pseudo: Vec<(&'static [u8], Vec<u8>)>,
+    /// The pseudo-headers' values, in the order plugins see them, once read.
+    pseudo: OnceCell<Vec<(&'static [u8], Vec<u8>)>>,
 }
 
 /// Borrows `len` bytes at `ptr` that Traffic Server handed out (a null pointer is empty).
@@ -59,14 +60,12 @@ impl MimeHeaders {
         header: sys::TSMLoc,
         kind: HeaderKind,
     ) -> MimeHeaders {
-        let mut headers = MimeHeaders {
+        MimeHeaders {
             buffer,
             header,
             kind,
-            pseudo: Vec::new(),
-        };
-        headers.read_pseudo();
-        headers
+            pseudo: OnceCell::new(),
+        }
     }
 
     /// The HTTP status of a response header (0 for a request).
@@ -96,11 +95,24 @@ impl MimeHeaders {
             };
             sys::TSHttpHdrReasonSet(self.buffer, self.header, reason, len);
         }
-        self.read_pseudo();
+        self.pseudo = OnceCell::new();
     }
 
-    fn read_pseudo(&mut self) {
-        self.pseudo.clear();
+    /// How many pseudo-headers the map has.
+    fn pseudo_count(&self) -> usize {
+        match self.kind {
+            HeaderKind::Request => 4,
+            HeaderKind::Response => 1,
+        }
+    }
+
+    /// The pseudo-headers, read on first use.
+    fn pseudo(&self) -> &[(&'static [u8], Vec<u8>)] {
+        self.pseudo.get_or_init(|| self.read_pseudo())
+    }
+
+    fn read_pseudo(&self) -> Vec<(&'static [u8], Vec<u8>)> {
+        let mut pseudo = Vec::with_capacity(self.pseudo_count());
         match self.kind {
             HeaderKind::Request => {
                 let (scheme, host, path) = self.url_parts();
@@ -117,16 +129,17 @@ impl MimeHeaders {
                     )
                 }
                 .to_vec();
-                self.pseudo.push((b":authority", authority));
-                self.pseudo.push((b":path", path));
-                self.pseudo.push((b":method", method));
-                self.pseudo.push((b":scheme", scheme));
+                pseudo.push((&b":authority"[..], authority));
+                pseudo.push((&b":path"[..], path));
+                pseudo.push((&b":method"[..], method));
+                pseudo.push((&b":scheme"[..], scheme));
             }
             HeaderKind::Response => {
                 let status = self.status().to_string().into_bytes();
-                self.pseudo.push((b":status", status));
+                pseudo.push((&b":status"[..], status));
             }
         }
+        pseudo
     }
 
     /// The URL's scheme (`http` when the request line had none), `host[:port]` and
@@ -227,7 +240,7 @@ impl MimeHeaders {
             // HTTP/1 codec ignores it.
             _ => return,
         }
-        self.read_pseudo();
+        self.pseudo = OnceCell::new();
     }
 
     /// The first value of MIME field `name` (case-insensitive).
@@ -315,6 +328,13 @@ impl MimeHeaders {
         }
     }
 
+    /// `:authority` is the `Host` header: read again after a change of it.
+    fn forget_authority(&mut self, name: &[u8]) {
+        if self.kind == HeaderKind::Request && name.eq_ignore_ascii_case(b"host") {
+            self.pseudo = OnceCell::new();
+        }
+    }
+
     fn field_count(&self) -> usize {
         // SAFETY: the handles are live.
         let count = unsafe { sys::TSMimeHdrFieldsCount(self.buffer, self.header) };
@@ -324,13 +344,13 @@ impl MimeHeaders {
 
 impl abi::Headers for MimeHeaders {
     fn len(&self) -> usize {
-        self.pseudo.len() + self.field_count()
+        self.pseudo_count() + self.field_count()
     }
 
     fn get(&self, name: &[u8]) -> Option<&[u8]> {
         if name.starts_with(b":") {
             return self
-                .pseudo
+                .pseudo()
                 .iter()
                 .find(|(pseudo, _)| *pseudo == name)
                 .map(|(_, value)| value.as_slice());
@@ -339,19 +359,17 @@ impl abi::Headers for MimeHeaders {
     }
 
     fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
-        for (name, value) in &self.pseudo {
+        for (name, value) in self.pseudo() {
             visit(name, value);
         }
         // Names reach plugins in lower case, as Envoy's codecs hand them over.
         let mut lower = Vec::new();
-        for index in 0..self.field_count() {
-            // SAFETY: the handles are live; `index` is below the field count; name and value
-            // are read before the field's handle is released.
-            unsafe {
-                let field = sys::TSMimeHdrFieldGet(self.buffer, self.header, index as c_int);
-                if field.is_null() {
-                    continue;
-                }
+        // SAFETY: the handles are live; fields are walked from the first with `Next` (one step
+        // each, where `FieldGet(index)` walks from the start every time); each field's name and
+        // value are read before its handle is released.
+        unsafe {
+            let mut field = sys::TSMimeHdrFieldGet(self.buffer, self.header, 0);
+            while !field.is_null() {
                 let mut len = 0;
                 let name = bytes(
                     sys::TSMimeHdrFieldNameGet(self.buffer, self.header, field, &mut len),
@@ -370,7 +388,9 @@ impl abi::Headers for MimeHeaders {
                     len,
                 );
                 visit(&lower, value);
+                let next = sys::TSMimeHdrFieldNext(self.buffer, self.header, field);
                 sys::TSHandleMLocRelease(self.buffer, self.header, field);
+                field = next;
             }
         }
     }
@@ -380,6 +400,7 @@ impl abi::Headers for MimeHeaders {
             self.set_pseudo(name, value);
         } else {
             self.add_field(name, value);
+            self.forget_authority(name);
         }
     }
 
@@ -388,6 +409,7 @@ impl abi::Headers for MimeHeaders {
             self.set_pseudo(name, value);
         } else {
             self.replace_field(name, value);
+            self.forget_authority(name);
         }
     }
 
@@ -412,13 +434,12 @@ impl abi::Headers for MimeHeaders {
                 sys::TSHandleMLocRelease(self.buffer, self.header, field);
             }
         }
-        if self.kind == HeaderKind::Request && name.eq_ignore_ascii_case(b"host") {
-            self.read_pseudo();
-        }
+        self.forget_authority(name);
     }
 
     fn clear(&mut self) {
         // SAFETY: the handles are live.
         unsafe { sys::TSMimeHdrFieldsClear(self.buffer, self.header) };
+        self.pseudo = OnceCell::new();
     }
 }

@@ -109,14 +109,19 @@ impl AtsHost {
 
 impl Host for AtsHost {
     fn log(&mut self, context: ContextId, level: LogLevel, message: &str) {
+        let debug = matches!(level, LogLevel::Trace | LogLevel::Debug | LogLevel::Info);
+        if debug && !diag::debug_enabled() {
+            // Nothing shows it: no formatting, no copy.
+            return;
+        }
         let line = match self.name_of(context) {
             Some(name) => format!("[{name}] {message}"),
             None => format!("[context {}] {message}", context.0),
         };
         match level {
-            LogLevel::Trace | LogLevel::Debug | LogLevel::Info => diag::debug(&line),
+            _ if debug => diag::debug(&line),
             LogLevel::Warn => diag::warning(&line),
-            LogLevel::Error | LogLevel::Critical => diag::error(&line),
+            _ => diag::error(&line),
         }
     }
 

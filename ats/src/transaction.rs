@@ -16,7 +16,6 @@ use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::thread::ThreadId;
 
 use abi::{HeadersAction, LocalResponse, Vm, VmError};
 use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
@@ -82,7 +81,7 @@ pub(crate) struct Transaction {
     /// The deployment its plugins belong to (a reload does not move it).
     generation: Generation,
     /// The Traffic Server thread it runs on, which owns its VM copies.
-    thread: ThreadId,
+    thread: sys::TSEventThread,
     filters: Vec<Filter>,
     reply: Option<Reply>,
     paused: Option<Pause>,
@@ -220,7 +219,8 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
     let mut transaction = Transaction {
         txn,
         generation,
-        thread: std::thread::current().id(),
+        // SAFETY: called on the event thread running the hook.
+        thread: unsafe { sys::TSEventThreadSelf() },
         filters: Vec::new(),
         reply: None,
         paused: None,
@@ -424,11 +424,12 @@ pub(crate) fn act_on(pending: Vec<sys::TSCont>) {
 /// Runs `work` with the worker of deployment `generation` if this is `thread`, the thread
 /// owning the transaction's VM copies.
 fn in_worker<R>(
-    thread: ThreadId,
+    thread: sys::TSEventThread,
     generation: Generation,
     work: impl FnOnce(&mut Worker) -> R,
 ) -> Option<R> {
-    if std::thread::current().id() != thread {
+    // SAFETY: the plugin's code runs on Traffic Server's event threads only.
+    if unsafe { sys::TSEventThreadSelf() } != thread {
         diag::error(
             "a transaction hook ran on another thread than its VM copies'; its plugins are skipped",
         );

@@ -694,7 +694,8 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
         assert_eq!(reply.body, "auth callout failed\n", "{runtime}");
         assert!(
             started.elapsed() >= Duration::from_secs(5),
-            "{runtime}: before the timeout"
+            "{}",
+            context(&format!("failed after {:?}, before the timeout", started.elapsed()))
         );
         assert_eq!(
             origin.requests(),

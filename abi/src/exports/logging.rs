@@ -11,7 +11,12 @@ use crate::{LogLevel, Status, VmState};
 pub(super) fn log(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let level = LogLevel::from_raw(args[0]).ok_or(Status::BadArgument)?;
     let (state, memory) = caller.state_and_memory();
+    // The message is checked first, as proxy-wasm-cpp-host does, then dropped unread when
+    // the host records nothing at its level.
     let message = memory.slice(args[1], args[2])?;
+    if level < state.host.log_level() {
+        return Ok(());
+    }
     let message = String::from_utf8_lossy(message);
     let context = state.effective_context;
     state.host.log(context, level, &message);
