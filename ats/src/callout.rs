@@ -16,8 +16,24 @@ use abi::{HeaderMap, HttpCallRequest, HttpCallResponse, Status};
 use crate::{diag, sys, with_thread};
 
 /// The header marking a callout's internal transaction, so the request hook skips remapping
-/// and the plugins for it. Its value is never trusted for anything else.
+/// and the plugins for it; its value is [`marker_value`], a secret of this process, so that a
+/// request someone else sends with the header is not mistaken for one.
 pub(crate) const MARKER: &str = "x-pwhost-ats-callout";
+
+/// This process's value of [`MARKER`]: random, made once.
+pub(crate) fn marker_value() -> &'static str {
+    static VALUE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VALUE.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // std's hasher keys are random per process; two of them make 128 random bits.
+        let mut value = String::new();
+        for _ in 0..2 {
+            let hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            value.push_str(&format!("{:016x}", hasher.finish()));
+        }
+        value
+    })
+}
 
 /// Fetch event numbers (Traffic Server leaves them to the plugin).
 const FETCH_SUCCESS: c_int = 61_001;
@@ -141,7 +157,7 @@ fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
         return None;
     }
     out.extend_from_slice(&authority);
-    out.extend_from_slice(format!("\r\n{MARKER}: 1\r\n").as_bytes());
+    out.extend_from_slice(format!("\r\n{MARKER}: {}\r\n", marker_value()).as_bytes());
     for (name, value) in headers.iter() {
         if name.starts_with(b":")
             || name.eq_ignore_ascii_case(b"host")
@@ -238,7 +254,7 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
                         unsafe { sys::TSContScheduleOnThread(cont, 0, callout.thread) };
                         return;
                     }
-                    deliver(callout);
+                    deliver(cont, callout);
                 }
             }
             _ => {
@@ -247,11 +263,11 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
                 match std::mem::replace(&mut callout.progress, Progress::Delivered) {
                     Progress::Waiting => {
                         callout.progress = Progress::Arrived(None);
-                        deliver(callout);
+                        deliver(cont, callout);
                     }
                     Progress::Arrived(answer) => {
                         callout.progress = Progress::Arrived(answer);
-                        deliver(callout);
+                        deliver(cont, callout);
                     }
                     Progress::Delivered => {}
                 }
@@ -307,14 +323,14 @@ unsafe fn free(cont: sys::TSCont, callout: *mut Callout) {
 
 /// Delivers the call's answer (or failure) to the VM copy that made it, on this thread, then
 /// acts on what the plugin asked for its held transactions.
-fn deliver(callout: &mut Callout) {
+fn deliver(cont: sys::TSCont, callout: &mut Callout) {
     let Progress::Arrived(mut answer) =
         std::mem::replace(&mut callout.progress, Progress::Delivered)
     else {
         return;
     };
     let token = callout.token;
-    let pending = with_thread(|state| {
+    let delivered = with_thread(|state| {
         let mut pending = Vec::new();
         let mut found = false;
         state.workers.for_each_worker(|_, worker| {
@@ -343,7 +359,15 @@ fn deliver(callout: &mut Callout) {
             });
         });
         pending
-    })
-    .unwrap_or_default();
-    crate::transaction::act_on(pending);
+    });
+    match delivered {
+        Some(pending) => crate::transaction::act_on(pending),
+        None => {
+            // The thread's plugins are busy (the answer came back inside one of their
+            // callbacks): deliver it in an event of its own.
+            callout.progress = Progress::Arrived(answer);
+            // SAFETY: the continuation lives until its answer is delivered.
+            unsafe { sys::TSContScheduleOnThread(cont, 0, callout.thread) };
+        }
+    }
 }

@@ -342,6 +342,22 @@ impl MimeHeaders {
     }
 }
 
+/// Whether a plugin's header may go into Traffic Server's headers: no CR, LF or NUL, which
+/// would let it split the message Traffic Server writes, and a non-empty name. Anything else
+/// is left out, with a warning.
+fn writable(name: &[u8], value: &[u8]) -> bool {
+    let clean = |bytes: &[u8]| !bytes.iter().any(|b| matches!(b, b'\r' | b'\n' | 0));
+    let ok = !name.is_empty() && clean(name) && clean(value) && !name[1..].contains(&b':');
+    if !ok {
+        crate::diag::warning(&format!(
+            "a plugin's header {:?} was left out: CR, LF or NUL in its name or value, or an \
+             empty or invalid name",
+            String::from_utf8_lossy(name)
+        ));
+    }
+    ok
+}
+
 impl abi::Headers for MimeHeaders {
     fn len(&self) -> usize {
         self.pseudo_count() + self.field_count()
@@ -396,6 +412,9 @@ impl abi::Headers for MimeHeaders {
     }
 
     fn add(&mut self, name: &[u8], value: &[u8]) {
+        if !writable(name, value) {
+            return;
+        }
         if name.starts_with(b":") {
             self.set_pseudo(name, value);
         } else {
@@ -405,6 +424,9 @@ impl abi::Headers for MimeHeaders {
     }
 
     fn replace(&mut self, name: &[u8], value: &[u8]) {
+        if !writable(name, value) {
+            return;
+        }
         if name.starts_with(b":") {
             self.set_pseudo(name, value);
         } else {

@@ -62,13 +62,15 @@ fn publish() {
         let id = match stats.get(&name) {
             Some(id) => *id,
             None => {
-                let Some(id) = create(&name) else {
-                    continue;
-                };
+                // A name Traffic Server refused is not tried (and warned about) again.
+                let id = create(&name).unwrap_or(-1);
                 stats.insert(name, id);
                 id
             }
         };
+        if id < 0 {
+            continue;
+        }
         // SAFETY: `id` was returned by Traffic Server for a stat of type INT.
         unsafe { sys::TSStatIntSet(id, value) };
     }

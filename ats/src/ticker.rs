@@ -7,7 +7,7 @@ use std::ffi::{c_int, c_void};
 use std::time::{Duration, Instant};
 
 use abi::ContextId;
-use lifecycle::CopyId;
+use lifecycle::{CopyId, Generation};
 use rustc_hash::FxHashMap;
 
 use crate::{diag, sys, with_thread, ThreadState};
@@ -25,7 +25,8 @@ pub(crate) struct Ticker {
     /// When the continuation is scheduled to run, and its action (to cancel it for an earlier
     /// tick).
     scheduled: Option<(Instant, sys::TSAction)>,
-    timers: FxHashMap<(CopyId, u32), Timer>,
+    /// By deployment, copy and root context (copy ids restart with each deployment's worker).
+    timers: FxHashMap<(Generation, CopyId, u32), Timer>,
 }
 
 impl Ticker {
@@ -43,10 +44,17 @@ impl Ticker {
         }
     }
 
-    /// Records root context `root`'s tick period in copy `copy` as the plugin set it (`None`: no
-    /// ticks) and schedules the next tick if it is now the earliest.
-    pub(crate) fn note(&mut self, copy: CopyId, root: ContextId, period: Option<Duration>) {
-        let key = (copy, root.0);
+    /// Records root context `root`'s tick period in copy `copy` of deployment `generation` as
+    /// the plugin set it (`None`: no ticks) and schedules the next tick if it is now the
+    /// earliest.
+    pub(crate) fn note(
+        &mut self,
+        generation: Generation,
+        copy: CopyId,
+        root: ContextId,
+        period: Option<Duration>,
+    ) {
+        let key = (generation, copy, root.0);
         match period.filter(|p| !p.is_zero()) {
             Some(period) => {
                 if self.timers.get(&key).is_some_and(|t| t.period == period) {
@@ -115,10 +123,10 @@ fn tick_due(state: &mut ThreadState) -> Vec<sys::TSCont> {
     let now = Instant::now();
     let mut pending = Vec::new();
     let mut seen = Vec::new();
-    state.workers.for_each_worker(|_, worker| {
+    state.workers.for_each_worker(|generation, worker| {
         worker.for_each_copy(|copy, vm, roots| {
             for (_, root) in roots {
-                let key = (copy, root.0);
+                let key = (generation, copy, root.0);
                 seen.push(key);
                 let Some(timer) = ticker.timers.get_mut(&key) else {
                     continue;
@@ -134,7 +142,7 @@ fn tick_due(state: &mut ThreadState) -> Vec<sys::TSCont> {
             for (_, root) in roots {
                 // The plugin may have changed or stopped its period while ticking.
                 let period = vm.tick_period_of(*root).filter(|p| !p.is_zero());
-                let key = (copy, root.0);
+                let key = (generation, copy, root.0);
                 match period {
                     Some(period) => {
                         if let Some(timer) = ticker.timers.get_mut(&key) {

@@ -66,6 +66,16 @@ enum Next {
     Hold,
 }
 
+/// Which response header the response callbacks see: the origin's, at the read-response-header
+/// hook (before any body, which Traffic Server sends through the transform only after it), or
+/// the one Traffic Server sends, for responses that have no origin's (local replies, Traffic
+/// Server's own errors, cache hits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResponseFrom {
+    Origin,
+    Client,
+}
+
 /// Where a held transaction waits.
 #[derive(Clone, Copy, Debug)]
 enum Pause {
@@ -90,20 +100,31 @@ pub(crate) struct Transaction {
     /// Whether some plugin has a request or response body callback.
     wants_request_body: bool,
     wants_response_body: bool,
+    /// Whether the response callbacks ran (or run), and on which header.
+    response_from: Option<ResponseFrom>,
 }
 
-/// Runs a hook handler's body, turning a panic into an error message: unwinding into Traffic
-/// Server would abort it.
-fn guarded(what: &str, body: impl FnOnce() -> Next) -> Next {
+/// Runs a hook handler's body, turning a panic into an error message and `on_panic`:
+/// unwinding into Traffic Server would abort it.
+fn guarded(what: &str, on_panic: Next, body: impl FnOnce() -> Next) -> Next {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
         Ok(next) => next,
         Err(_) => {
-            diag::error(&format!(
-                "{what} panicked; the transaction goes on without plugins"
-            ));
-            Next::Continue
+            diag::error(&format!("{what} panicked"));
+            on_panic
         }
     }
+}
+
+/// Answers `txn` with a 503 down the error path, for a transaction the plugins could not take:
+/// going on without them would bypass a plugin that must not be bypassed.
+///
+/// # Safety
+/// `txn` must be the transaction of the hook being handled.
+unsafe fn fail_closed(txn: sys::TSHttpTxn) -> Next {
+    // SAFETY: the caller's promise.
+    unsafe { sys::TSHttpTxnStatusSet(txn, 503) };
+    Next::Reply
 }
 
 /// Lets Traffic Server go on with `txn`.
@@ -135,10 +156,18 @@ pub(crate) unsafe extern "C" fn on_read_request(
         unsafe { reenable(txn, Next::Continue) };
         return 0;
     }
-    let next = guarded("the request hook", || {
+    let next = guarded("the request hook", Next::Reply, || {
         // SAFETY: `txn` is this hook's transaction.
         unsafe { start(txn) }
     });
+    if next == Next::Reply {
+        // A reply without a status set (a panic) is the failure-closed 503; the plugins' own
+        // replies set theirs again below, which is harmless.
+        // SAFETY: `txn` is this hook's transaction.
+        if unsafe { sys::TSHttpTxnStatusGet(txn) } == 0 {
+            unsafe { fail_closed(txn) };
+        }
+    }
     // SAFETY: `txn` is this hook's transaction; nothing of it is borrowed any more.
     unsafe { reenable(txn, next) };
     0
@@ -153,8 +182,10 @@ unsafe fn is_callout(txn: sys::TSHttpTxn) -> bool {
     if unsafe { sys::TSHttpTxnIsInternal(txn) } == 0 {
         return false;
     }
-    client_header(txn, HeaderKind::Request)
-        .is_some_and(|headers| abi::Headers::get(&headers, callout::MARKER.as_bytes()).is_some())
+    client_header(txn, HeaderKind::Request).is_some_and(|headers| {
+        abi::Headers::get(&headers, callout::MARKER.as_bytes())
+            == Some(callout::marker_value().as_bytes())
+    })
 }
 
 /// Admits the transaction to every HTTP filter and runs their request header callbacks.
@@ -173,11 +204,19 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
     // SAFETY: a continuation without a mutex is what transaction hooks call under the
     // transaction's own lock.
     let cont = unsafe { sys::TSContCreate(Some(on_transaction_event), std::ptr::null_mut()) };
-    let begun = with_thread(|state| begin(state, txn, cont)).flatten();
-    let Some(mut transaction) = begun else {
-        // SAFETY: the continuation was never handed to Traffic Server.
-        unsafe { sys::TSContDestroy(cont) };
-        return Next::Continue;
+    let mut transaction = match with_thread(|state| begin(state, txn, cont)) {
+        Some(Some(transaction)) => transaction,
+        unused => {
+            // SAFETY: the continuation was never handed to Traffic Server.
+            unsafe { sys::TSContDestroy(cont) };
+            return match unused {
+                // The thread's plugins could not be reached.
+                // SAFETY: `txn` is this hook's transaction.
+                None => unsafe { fail_closed(txn) },
+                // Every plugin failed open: the transaction goes on without them.
+                _ => Next::Continue,
+            };
+        }
     };
     let next = if transaction.reply.is_some() {
         Next::Reply
@@ -200,6 +239,7 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         let transaction = Box::into_raw(Box::new(transaction));
         link.set(transaction);
         sys::TSContDataSet(cont, transaction.cast());
+        sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_READ_RESPONSE_HDR_HOOK, cont);
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_RESPONSE_HDR_HOOK, cont);
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_TXN_CLOSE_HOOK, cont);
         if request_body {
@@ -227,6 +267,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         link: Rc::new(Cell::new(std::ptr::null_mut())),
         wants_request_body: false,
         wants_response_body: false,
+        response_from: None,
     };
     let plugins: Vec<PluginId> = worker.plugins().http_filters().collect();
     let info = stream_info(txn);
@@ -238,7 +279,9 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                 if let Some(vm) = worker.vm(&stream) {
                     // The copy may be new, or have asked for ticks since the last transaction.
                     let period = vm.tick_period_of(stream.root());
-                    state.ticker.note(stream.copy(), stream.root(), period);
+                    state
+                        .ticker
+                        .note(generation, stream.copy(), stream.root(), period);
                     transaction.wants_request_body |= vm.exports_callback("proxy_on_request_body");
                     transaction.wants_response_body |=
                         vm.exports_callback("proxy_on_response_body");
@@ -351,10 +394,19 @@ unsafe extern "C" fn on_transaction_event(
         return 0;
     }
     match event {
-        sys::TS_EVENT_HTTP_SEND_RESPONSE_HDR => {
-            let next = guarded("the response hook", || {
+        sys::TS_EVENT_HTTP_READ_RESPONSE_HDR | sys::TS_EVENT_HTTP_SEND_RESPONSE_HDR => {
+            let next = guarded("the response hook", Next::Continue, || {
                 // SAFETY: see above; nothing else holds the transaction while its hook runs.
                 let transaction = unsafe { &mut *transaction };
+                if transaction.response_from.is_some() {
+                    return Next::Continue;
+                }
+                transaction.response_from =
+                    Some(if event == sys::TS_EVENT_HTTP_READ_RESPONSE_HDR {
+                        ResponseFrom::Origin
+                    } else {
+                        ResponseFrom::Client
+                    });
                 let from = transaction.filters.len();
                 transaction.response_headers(from)
             });
@@ -372,7 +424,7 @@ unsafe extern "C" fn on_transaction_event(
                 sys::TSContDataSet(cont, std::ptr::null_mut());
                 sys::TSContDestroy(cont);
             }
-            guarded("the close hook", || {
+            guarded("the close hook", Next::Continue, || {
                 transaction.close();
                 Next::Continue
             });
@@ -390,11 +442,14 @@ unsafe extern "C" fn on_transaction_event(
 /// The held transactions of `vm`'s streams whose plugin has since continued, answered or
 /// closed them (added to `out` as their continuations).
 pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<sys::TSCont>) {
+    // A VM that failed meanwhile (its callout's answer or tick trapped) answers for every
+    // transaction it holds: they get the plugin's failure policy.
+    let failed = vm.is_failed();
     let Some(host) = vm.host_as::<AtsHost>() else {
         return;
     };
     for slot in host.streams.values() {
-        if slot.held && (slot.continued || slot.closed || slot.local_reply.is_some()) {
+        if slot.held && (failed || slot.continued || slot.closed || slot.local_reply.is_some()) {
             out.push(slot.transaction);
         }
     }
@@ -413,7 +468,9 @@ pub(crate) fn act_on(pending: Vec<sys::TSCont>) {
         let (txn, next) = {
             // SAFETY: as above; no hook of the transaction runs while it is held.
             let transaction = unsafe { &mut *transaction };
-            let next = guarded("resuming a transaction", || transaction.resume());
+            let next = guarded("resuming a transaction", Next::Continue, || {
+                transaction.resume()
+            });
             (transaction.txn, next)
         };
         // SAFETY: the transaction was held by this plugin until now; the borrow has ended.
@@ -519,6 +576,38 @@ fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
     }
 }
 
+/// Sets a reply's status and headers on the response the callbacks see.
+fn put_on_response(
+    txn: sys::TSHttpTxn,
+    from: ResponseFrom,
+    status: u32,
+    headers: &[(Vec<u8>, Vec<u8>)],
+) {
+    if let Some(mut response) = response_header(txn, from) {
+        // Traffic Server 9.2 turns a reply sent down the error path into a 500 unless the
+        // status is set again as the response header goes out.
+        response.set_status(status);
+        for (name, value) in headers {
+            abi::Headers::replace(&mut response, name, value);
+        }
+    }
+}
+
+/// The response header the response callbacks see (see [`ResponseFrom`]).
+fn response_header(txn: sys::TSHttpTxn, from: ResponseFrom) -> Option<MimeHeaders> {
+    if from == ResponseFrom::Client {
+        return client_header(txn, HeaderKind::Response);
+    }
+    let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
+    let mut header: sys::TSMLoc = std::ptr::null_mut();
+    // SAFETY: as in `client_header`.
+    unsafe {
+        let found = sys::TSHttpTxnServerRespGet(txn, &mut buffer, &mut header);
+        (found == sys::TS_SUCCESS && !buffer.is_null() && !header.is_null())
+            .then(|| MimeHeaders::new(buffer, header, HeaderKind::Response))
+    }
+}
+
 /// Whether a header announces no body: no `Content-Length` above 0 and no `Transfer-Encoding`
 /// (for a response also: a status that never has one).
 fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
@@ -559,13 +648,26 @@ fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
     {
         Some(slot) => {
             slot.held = false;
-            Requests {
-                local_reply: slot.local_reply.take(),
-                continued: std::mem::take(&mut slot.continued),
-                closed: std::mem::take(&mut slot.closed),
-            }
+            take_asked(slot)
         }
         None => Requests::default(),
+    }
+}
+
+/// Takes what the plugin asked for its stream `context` during a body callback: a hold of a
+/// header phase, if any, stays.
+fn take_body_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
+    vm.host_as::<AtsHost>()
+        .and_then(|host| host.streams.get_mut(&context.0))
+        .map(take_asked)
+        .unwrap_or_default()
+}
+
+fn take_asked(slot: &mut StreamSlot) -> Requests {
+    Requests {
+        local_reply: slot.local_reply.take(),
+        continued: std::mem::take(&mut slot.continued),
+        closed: std::mem::take(&mut slot.closed),
     }
 }
 
@@ -711,13 +813,13 @@ impl Transaction {
     /// reply's status and headers are put on the response first.
     fn response_headers(&mut self, until: usize) -> Next {
         let txn = self.txn;
+        let from = self.response_from.unwrap_or(ResponseFrom::Client);
         if until == self.filters.len() {
             if let Some(reply) = &self.reply {
-                self.put_on_response(reply.status, &reply.headers);
+                put_on_response(txn, from, reply.status, &reply.headers);
             }
         }
         let filters = &mut self.filters;
-        let mut replaced = None;
         let mut paused = None;
         in_worker(self.thread, self.generation, |worker| {
             for (index, filter) in filters.iter_mut().enumerate().take(until).rev() {
@@ -727,7 +829,7 @@ impl Transaction {
                 let Some(vm) = worker.vm(stream) else {
                     continue;
                 };
-                let Some(headers) = client_header(txn, HeaderKind::Response) else {
+                let Some(headers) = response_header(txn, from) else {
                     return;
                 };
                 let count = abi::Headers::len(&headers);
@@ -748,16 +850,16 @@ impl Transaction {
                     }
                     Outcome::Reply(answer) => {
                         // A reply asked for once the response is on its way replaces its
-                        // status and headers (its body would need the response transform);
-                        // the plugins before it still see the response.
-                        replaced = Some(answer);
+                        // status and headers (its body would need the response transform)
+                        // before the plugins after it see the response.
+                        if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
+                            lend(vm, filter.context, None, None);
+                        }
+                        put_on_response(txn, from, answer.status, &answer.headers);
                     }
                 }
             }
         });
-        if let Some(reply) = replaced {
-            self.put_on_response(reply.status, &reply.headers);
-        }
         if let Some(pause) = paused {
             self.paused = Some(pause);
             return Next::Hold;
@@ -801,7 +903,7 @@ impl Transaction {
                     Direction::Response => vm.on_response_body(filter.context, size, end_of_stream),
                 };
                 let buffer = lend_body(vm, filter.context, None).unwrap_or_default();
-                let asked = take_requests(vm, filter.context);
+                let asked = take_body_requests(vm, filter.context);
                 if asked.local_reply.is_some() || asked.closed {
                     diag::warning(&format!(
                         "[{}] a local reply or close during a body is not supported by Traffic \
@@ -812,6 +914,8 @@ impl Transaction {
                 match result {
                     Ok(abi::DataAction::Continue) => data = buffer,
                     Ok(_) if end_of_stream => data = buffer,
+                    // Stopped without buffering: the bytes are not kept for the plugin.
+                    Ok(abi::DataAction::StopNoBuffer) => return,
                     Ok(_) => {
                         *filter.buffered(direction) = buffer;
                         return;
@@ -828,21 +932,10 @@ impl Transaction {
             }
         });
         if ran.is_none() {
-            return Vec::new();
+            // The plugins cannot be reached: the body goes on as it came.
+            return data;
         }
         data
-    }
-
-    /// Sets a reply's status and headers on the client response.
-    fn put_on_response(&self, status: u32, headers: &[(Vec<u8>, Vec<u8>)]) {
-        if let Some(mut response) = client_header(self.txn, HeaderKind::Response) {
-            // Traffic Server 9.2 turns a reply sent down the error path into a 500 unless the
-            // status is set again as the response header goes out.
-            response.set_status(status);
-            for (name, value) in headers {
-                abi::Headers::replace(&mut response, name, value);
-            }
-        }
     }
 
     /// Goes on with a held transaction whose plugin continued, answered or closed it.
@@ -853,23 +946,40 @@ impl Transaction {
         let index = match pause {
             Pause::Request(index) | Pause::Response(index) => index,
         };
-        let asked = self
+        let thread = self.thread;
+        let generation = self.generation;
+        let (asked, failure) = self
             .filters
-            .get(index)
+            .get_mut(index)
             .and_then(|filter| {
                 let stream = filter.stream.as_ref()?;
                 let context = filter.context;
-                in_worker(self.thread, self.generation, |worker| {
-                    worker.vm(stream).map(|vm| take_requests(vm, context))
+                in_worker(thread, generation, |worker| {
+                    let vm = worker.vm(stream)?;
+                    let failed = vm.is_failed();
+                    let asked = take_requests(vm, context);
+                    let failure = failed.then(|| {
+                        let error =
+                            VmError::Failed("the VM failed while it held the stream".into());
+                        worker.failed(filter.plugin, &error)
+                    });
+                    Some((asked, failure))
                 })
                 .flatten()
             })
             .unwrap_or_default();
-        let reply = match (asked.local_reply, asked.closed) {
-            (Some(local), _) => Some(Reply::from_local(local)),
-            (None, true) => Some(Reply::closed()),
-            (None, false) => None,
+        let reply = match (asked.local_reply, asked.closed, failure) {
+            (_, _, Some(OnFailure::FailClosed)) => Some(Reply::fail_closed()),
+            (Some(local), _, _) => Some(Reply::from_local(local)),
+            (None, true, _) => Some(Reply::closed()),
+            (None, false, _) => None,
         };
+        let continued = asked.continued || failure == Some(OnFailure::FailOpen);
+        if failure == Some(OnFailure::FailOpen) {
+            if let Some(filter) = self.filters.get_mut(index) {
+                filter.bypassed = true;
+            }
+        }
         match (pause, reply) {
             (Pause::Request(_), Some(reply)) => {
                 self.unlend();
@@ -877,15 +987,26 @@ impl Transaction {
                 self.send_reply_body();
                 Next::Reply
             }
-            (Pause::Request(index), None) if asked.continued => self.request_headers(index + 1),
+            (Pause::Request(index), None) if continued => self.request_headers(index + 1),
             (Pause::Response(index), Some(reply)) => {
-                self.put_on_response(reply.status, &reply.headers);
+                let from = self.response_from.unwrap_or(ResponseFrom::Client);
+                put_on_response(self.txn, from, reply.status, &reply.headers);
                 self.response_headers(index)
             }
-            (Pause::Response(index), None) if asked.continued => self.response_headers(index),
+            (Pause::Response(index), None) if continued => self.response_headers(index),
             (_, None) => {
                 // Nothing the transaction can act on yet: it stays held.
                 self.paused = Some(pause);
+                if let Some(filter) = self.filters.get(index) {
+                    let context = filter.context;
+                    if let Some(stream) = filter.stream.as_ref() {
+                        in_worker(thread, generation, |worker| {
+                            if let Some(vm) = worker.vm(stream) {
+                                hold(vm, context);
+                            }
+                        });
+                    }
+                }
                 Next::Hold
             }
         }
