@@ -268,6 +268,11 @@ impl TrafficServer {
 
     fn start(origin: &Origin, plugins: &[PluginFile]) -> TrafficServer {
         let (root, port) = Self::prepare(origin, plugins);
+        Self::start_prepared(root, port)
+    }
+
+    /// Starts the server of a run root made by [`TrafficServer::prepare`].
+    fn start_prepared(root: tempfile::TempDir, port: u16) -> TrafficServer {
         let manager = Command::new("traffic_manager")
             .arg(format!("--run-root={}", root.path().display()))
             .stdout(Stdio::null())
@@ -819,4 +824,53 @@ fn plugin_metrics_are_traffic_server_stats_and_attributes_come_from_the_transact
     ] {
         assert!(diagnostics.contains(&line), "no {line:?} in\n{diagnostics}");
     }
+}
+
+#[test]
+fn a_plugin_stuck_in_a_loop_is_stopped_by_its_deadline_and_traffic_server_goes_on() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    let looping = workspace().join("plugins/dist/wat/infinite_loop.wasm");
+    assert!(
+        looping.exists(),
+        "run scripts/setup.sh (it builds the plugin corpus)"
+    );
+    let yaml = format!(
+        "config:\n  name: looping\n  vmConfig:\n    vmId: looping\n    runtime: {runtime}\n    \
+         code:\n      local:\n        filename: {}\n  failurePolicy: FAIL_RELOAD\n  \
+         reloadConfig:\n    backoff:\n      baseInterval: 0.1s\n      maxInterval: 0.2s\n",
+        looping.display()
+    );
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "looping",
+            yaml,
+        }],
+    );
+    // A 200 ms deadline instead of the default second keeps the test short.
+    let plugin_config = root.path().join("etc/plugin.config");
+    let line = std::fs::read_to_string(&plugin_config).expect("plugin.config");
+    let line = line.replacen(".so ", ".so --deadline-ms=200 ", 1);
+    std::fs::write(&plugin_config, line).expect("plugin.config");
+    let server = TrafficServer::start_prepared(root, port);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = get(&server.url("/"), &[]);
+        let took = started.elapsed();
+        assert_eq!(reply.status, 503, "{}", server.diagnostics());
+        assert!(
+            took < Duration::from_secs(5),
+            "the stuck request took {took:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Traffic Server itself still answers (the request hook never held a thread for good),
+    // and the failures are counted as deadline failures.
+    assert!(
+        server.diagnostics().contains("deadline"),
+        "{}",
+        server.diagnostics()
+    );
+    assert_eq!(origin.requests(), 0, "a request went past the stuck plugin");
 }
