@@ -71,6 +71,9 @@ pub(crate) struct AtsHost {
     upstreams: Arc<Upstreams>,
     /// The tokens of this copy's HTTP calls still waiting for an answer.
     pub(crate) callouts: FxHashSet<u32>,
+    /// The host of a singleton service, whose thread is not one of Traffic Server's: it
+    /// cannot use Traffic Server's client.
+    service: bool,
 }
 
 thread_local! {
@@ -87,6 +90,15 @@ impl AtsHost {
             roots: FxHashMap::default(),
             upstreams,
             callouts: FxHashSet::default(),
+            service: false,
+        }
+    }
+
+    /// The host of a singleton service.
+    pub(crate) fn for_service() -> AtsHost {
+        AtsHost {
+            service: true,
+            ..AtsHost::new(Arc::default())
         }
     }
 }
@@ -177,6 +189,10 @@ impl Host for AtsHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
+        if self.service {
+            diag::debug("proxy_http_call from a singleton service: not supported yet");
+            return Err(Status::Unimplemented);
+        }
         let name = String::from_utf8_lossy(&request.upstream);
         let Some(address) = self.upstreams.get(name.as_ref()).copied() else {
             diag::debug(&format!(

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use engines::BuildEngines;
-use lifecycle::{LivePlugins, ThreadWorkers, Worker};
+use lifecycle::{LivePlugins, Plugins, SingletonService, ThreadWorkers, Ticking, Worker};
 use runtime_api::RuntimeConfig;
 
 use config::Upstreams;
@@ -67,6 +67,33 @@ struct Global {
     files: Vec<PathBuf>,
     /// The engines, made once.
     engines: BuildEngines,
+    /// The singleton services of the plugins in force, each on a thread of its own.
+    services: Mutex<Vec<SingletonService>>,
+}
+
+/// Starts the singleton services of `plugins`, each in its own VM on its own thread, ticking on
+/// the clock. Services that would run on every worker (no `singleton`) are refused: this
+/// plugin runs singleton services only.
+fn start_services(plugins: &Arc<Plugins>) -> Result<Vec<SingletonService>, String> {
+    let mut services = Vec::new();
+    for plugin in plugins.services() {
+        let name = plugin_name(plugins.config(plugin)).to_string();
+        if !plugins.is_singleton(plugin) {
+            return Err(format!(
+                "service {name}: pwhost_ats runs singleton services only (singleton: true)"
+            ));
+        }
+        let service = SingletonService::spawn(
+            Arc::clone(plugins),
+            plugin,
+            Box::new(host::AtsHost::for_service()),
+            Ticking::Clock,
+            Box::new(|_| {}),
+        )
+        .map_err(|e| e.to_string())?;
+        services.push(service);
+    }
+    Ok(services)
 }
 
 static GLOBAL: OnceLock<Global> = OnceLock::new();
@@ -234,11 +261,14 @@ fn init(args: &[String]) -> Result<(), String> {
         .http_filters()
         .map(|plugin| plugin_name(loaded.plugins.config(plugin)).to_string())
         .collect();
+    let live = Arc::new(LivePlugins::new(loaded.plugins));
+    let services = start_services(&live.current().1)?;
     let global = Global {
-        live: Arc::new(LivePlugins::new(loaded.plugins)),
+        live,
         upstreams: Mutex::new(Arc::new(loaded.upstreams)),
         files: arguments.files,
         engines,
+        services: Mutex::new(services),
     };
     if GLOBAL.set(global).is_err() {
         return Err("initialised twice".into());
@@ -284,10 +314,26 @@ unsafe extern "C" fn on_reload(
         let (_, previous) = global.live.current();
         match config::load(&global.files, &global.engines, Some(&previous)) {
             Ok(loaded) => {
+                let plugins = Arc::new(loaded.plugins);
+                let services = match start_services(&plugins) {
+                    Ok(services) => services,
+                    Err(message) => {
+                        diag::error(&format!(
+                            "reload failed, the previous configuration stays in force: {message}"
+                        ));
+                        return;
+                    }
+                };
                 // The upstreams first: a worker made for the new plugins must find theirs.
                 *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
                     Arc::new(loaded.upstreams);
-                let generation = global.live.replace(loaded.plugins);
+                let generation = global.live.replace_shared(plugins);
+                // The old services end as at shutdown (dropping them stops their threads).
+                let old = std::mem::replace(
+                    &mut *global.services.lock().unwrap_or_else(|e| e.into_inner()),
+                    services,
+                );
+                drop(old);
                 diag::note(&format!(
                     "reloaded the configuration (deployment {})",
                     generation.0

@@ -874,3 +874,34 @@ fn a_plugin_stuck_in_a_loop_is_stopped_by_its_deadline_and_traffic_server_goes_o
     );
     assert_eq!(origin.requests(), 0, "a request went past the stuck plugin");
 }
+
+#[test]
+fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    // Traffic Server's format with `singleton`: a WasmService (Envoy's bootstrap extension).
+    let service = format!(
+        "{}singleton: true\n",
+        plugin_yaml("timers", runtime, "", "")
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "http_headers",
+                yaml: plugin_yaml("http_headers", runtime, "", ""),
+            },
+            PluginFile {
+                name: "timers_service",
+                yaml: service,
+            },
+        ],
+    );
+    // No request is sent: the service started with Traffic Server and ticks on its own, three
+    // times 100 ms apart, then stops its timer.
+    server.wait_for_log("tick 3");
+    std::thread::sleep(Duration::from_millis(500));
+    let diagnostics = server.diagnostics();
+    assert!(!diagnostics.contains("tick 4"), "{diagnostics}");
+    assert_eq!(get(&server.url("/"), &[]).status, 200);
+}

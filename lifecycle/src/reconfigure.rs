@@ -37,9 +37,15 @@ impl LivePlugins {
     /// Puts `plugins` in force: streams that start from now on run in them. Returns the new
     /// deployment's number.
     pub fn replace(&self, plugins: Plugins) -> Generation {
+        self.replace_shared(Arc::new(plugins))
+    }
+
+    /// As [`LivePlugins::replace`], for plugins already shared, e.g. with the singleton services
+    /// started for them before they were put in force.
+    pub fn replace_shared(&self, plugins: Arc<Plugins>) -> Generation {
         // A poisoned lock means a replacement panicked; the value in it is still whole.
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        *current = Arc::new(plugins);
+        *current = plugins;
         let next = self.generation.load(Ordering::Relaxed) + 1;
         // Published while the lock is held, so a reader seeing `next` finds these plugins.
         self.generation.store(next, Ordering::Release);
