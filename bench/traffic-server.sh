@@ -71,7 +71,7 @@ cachedir: $dir/cache
 EOF
   cat > "$dir/etc/records.config" <<EOF
 CONFIG proxy.config.admin.user_id STRING #-1
-CONFIG proxy.config.http.server_ports STRING $proxy_port
+CONFIG proxy.config.http.server_ports STRING $proxy_port:ip-in=127.0.0.1
 CONFIG proxy.config.exec_thread.autoconfig INT 0
 CONFIG proxy.config.exec_thread.limit INT $2
 CONFIG proxy.config.accept_threads INT 0

@@ -234,7 +234,9 @@ impl TrafficServer {
         std::fs::write(dir.join("runroot.yaml"), runroot).expect("runroot.yaml");
         let port = free_port();
         let etc = dir.join("etc");
-        let records = format!("{RECORDS}CONFIG proxy.config.http.server_ports STRING {port}\n");
+        let records = format!(
+            "{RECORDS}CONFIG proxy.config.http.server_ports STRING {port}:ip-in=127.0.0.1\n"
+        );
         std::fs::write(etc.join("records.config"), records).expect("records.config");
         std::fs::write(
             etc.join("remap.config"),
