@@ -243,17 +243,41 @@ impl MimeHeaders {
         self.pseudo = OnceCell::new();
     }
 
+    /// The first MIME field called `name` (case-insensitive), or null; the caller releases it.
+    ///
+    /// # Safety
+    /// The handles must be live (see the type's documentation).
+    unsafe fn find(&self, name: &[u8]) -> sys::TSMLoc {
+        // SAFETY: the caller's promise; Traffic Server reads `name` during the call only.
+        unsafe {
+            sys::TSMimeHdrFieldFind(self.buffer, self.header, name.as_ptr().cast(), c_len(name))
+        }
+    }
+
+    /// Sets all of field `field`'s value to `value`.
+    ///
+    /// # Safety
+    /// The handles must be live and `field` a field of this header.
+    unsafe fn set_value(&mut self, field: sys::TSMLoc, value: &[u8]) {
+        // SAFETY: the caller's promise; Traffic Server copies the value.
+        unsafe {
+            sys::TSMimeHdrFieldValueStringSet(
+                self.buffer,
+                self.header,
+                field,
+                -1,
+                value.as_ptr().cast(),
+                c_len(value),
+            );
+        }
+    }
+
     /// The first value of MIME field `name` (case-insensitive).
     fn field(&self, name: &[u8]) -> Option<&[u8]> {
         // SAFETY: the handles are live; the value stays in the buffer until the header is
         // changed, which needs `&mut self`.
         unsafe {
-            let field = sys::TSMimeHdrFieldFind(
-                self.buffer,
-                self.header,
-                name.as_ptr().cast(),
-                c_len(name),
-            );
+            let field = self.find(name);
             if field.is_null() {
                 return None;
             }
@@ -281,14 +305,7 @@ impl MimeHeaders {
             {
                 return;
             }
-            sys::TSMimeHdrFieldValueStringSet(
-                self.buffer,
-                self.header,
-                field,
-                -1,
-                value.as_ptr().cast(),
-                c_len(value),
-            );
+            self.set_value(field, value);
             sys::TSMimeHdrFieldAppend(self.buffer, self.header, field);
             sys::TSHandleMLocRelease(self.buffer, self.header, field);
         }
@@ -297,24 +314,12 @@ impl MimeHeaders {
     fn replace_field(&mut self, name: &[u8], value: &[u8]) {
         // SAFETY: the handles are live; every field handle is released after use.
         unsafe {
-            let field = sys::TSMimeHdrFieldFind(
-                self.buffer,
-                self.header,
-                name.as_ptr().cast(),
-                c_len(name),
-            );
+            let field = self.find(name);
             if field.is_null() {
                 self.add_field(name, value);
                 return;
             }
-            sys::TSMimeHdrFieldValueStringSet(
-                self.buffer,
-                self.header,
-                field,
-                -1,
-                value.as_ptr().cast(),
-                c_len(value),
-            );
+            self.set_value(field, value);
             // Later fields of the same name go: the map then has exactly this value.
             loop {
                 let duplicate = sys::TSMimeHdrFieldNextDup(self.buffer, self.header, field);
@@ -443,12 +448,7 @@ impl abi::Headers for MimeHeaders {
         // SAFETY: the handles are live; each found field is destroyed and its handle released.
         unsafe {
             loop {
-                let field = sys::TSMimeHdrFieldFind(
-                    self.buffer,
-                    self.header,
-                    name.as_ptr().cast(),
-                    c_len(name),
-                );
+                let field = self.find(name);
                 if field.is_null() {
                     break;
                 }

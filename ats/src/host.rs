@@ -74,6 +74,8 @@ pub(crate) struct AtsHost {
     /// The host of a singleton service, whose thread is not one of Traffic Server's: it
     /// cannot use Traffic Server's client.
     service: bool,
+    /// Whether the copy's module has request and response body callbacks, once looked up.
+    pub(crate) body_callbacks: Option<(bool, bool)>,
 }
 
 thread_local! {
@@ -91,6 +93,7 @@ impl AtsHost {
             upstreams,
             callouts: FxHashSet::default(),
             service: false,
+            body_callbacks: None,
         }
     }
 

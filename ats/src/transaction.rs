@@ -269,35 +269,39 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         wants_response_body: false,
         response_from: None,
     };
-    let plugins: Vec<PluginId> = worker.plugins().http_filters().collect();
+    let plugins = Arc::clone(worker.plugins());
     let info = stream_info(txn);
-    for plugin in plugins {
-        let name: Arc<str> = crate::plugin_name(worker.plugins().config(plugin)).into();
+    for plugin in plugins.http_filters() {
+        let config = plugins.config(plugin);
         match worker.admit(plugin) {
             Admission::Run(stream) => {
-                let opened = open_stream(worker, &stream, &name, cont, &info);
+                let opened = open_stream(worker, &stream, config, cont, &info);
                 if let Some(vm) = worker.vm(&stream) {
                     // The copy may be new, or have asked for ticks since the last transaction.
                     let period = vm.tick_period_of(stream.root());
                     state
                         .ticker
                         .note(generation, stream.copy(), stream.root(), period);
-                    transaction.wants_request_body |= vm.exports_callback("proxy_on_request_body");
-                    transaction.wants_response_body |=
-                        vm.exports_callback("proxy_on_response_body");
                 }
                 match opened {
-                    Ok(context) => transaction.filters.push(Filter {
-                        plugin,
-                        name,
-                        stream: Some(stream),
-                        context,
-                        bypassed: false,
-                        request_body: Vec::new(),
-                        response_body: Vec::new(),
-                    }),
+                    Ok(opened) => {
+                        transaction.wants_request_body |= opened.request_body;
+                        transaction.wants_response_body |= opened.response_body;
+                        transaction.filters.push(Filter {
+                            plugin,
+                            name: opened.name,
+                            stream: Some(stream),
+                            context: opened.context,
+                            bypassed: false,
+                            request_body: Vec::new(),
+                            response_body: Vec::new(),
+                        });
+                    }
                     Err(error) => {
-                        diag::error(&format!("[{name}] cannot create a stream context: {error}"));
+                        diag::error(&format!(
+                            "[{}] cannot create a stream context: {error}",
+                            crate::plugin_name(config)
+                        ));
                         worker.release(stream);
                         if worker.failed(plugin, &error) == OnFailure::FailClosed {
                             transaction.reply = Some(Reply::fail_closed());
@@ -320,25 +324,59 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
     Some(transaction)
 }
 
+/// A plugin's new stream context, with what the transaction needs to know of its plugin.
+struct OpenedStream {
+    context: abi::ContextId,
+    /// The plugin's name for logs (shared with its copy's host, made once per root context).
+    name: Arc<str>,
+    /// Whether the plugin's module has body callbacks.
+    request_body: bool,
+    response_body: bool,
+}
+
 /// Creates the plugin's context for a new stream and gives it a slot in the copy's host.
 fn open_stream(
     worker: &mut Worker,
     stream: &StreamVm,
-    name: &Arc<str>,
+    config: &lifecycle::PluginConfig,
     cont: sys::TSCont,
     info: &abi::StreamInfo,
-) -> Result<abi::ContextId, VmError> {
+) -> Result<OpenedStream, VmError> {
     let vm = worker
         .vm(stream)
         .ok_or_else(|| VmError::Failed("the VM copy went away".into()))?;
     let context = vm.create_http_context_for(stream.root())?;
-    if let Some(host) = vm.host_as::<AtsHost>() {
-        host.roots.insert(stream.root().0, Arc::clone(name));
-        let mut slot = StreamSlot::new(Arc::clone(name), cont);
-        slot.info = info.clone();
-        host.streams.insert(context.0, slot);
-    }
-    Ok(context)
+    // The copy's exports never change: looked up once per copy, kept in its host.
+    let known = vm.host_as::<AtsHost>().and_then(|host| host.body_callbacks);
+    let (request_body, response_body) = known.unwrap_or_else(|| {
+        (
+            vm.exports_callback("proxy_on_request_body"),
+            vm.exports_callback("proxy_on_response_body"),
+        )
+    });
+    let Some(host) = vm.host_as::<AtsHost>() else {
+        return Ok(OpenedStream {
+            context,
+            name: crate::plugin_name(config).into(),
+            request_body,
+            response_body,
+        });
+    };
+    host.body_callbacks = Some((request_body, response_body));
+    let name = Arc::clone(
+        host.roots
+            .entry(stream.root().0)
+            .or_insert_with(|| crate::plugin_name(config).into()),
+    );
+    let mut slot = StreamSlot::new(Arc::clone(&name), cont);
+    slot.info = info.clone();
+    host.streams.insert(context.0, slot);
+    Ok(OpenedStream {
+        context,
+        name,
+        request_body,
+        response_body,
+    })
 }
 
 impl Reply {
