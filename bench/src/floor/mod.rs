@@ -80,6 +80,88 @@ pub fn write_u32(bytes: &mut [u8], ptr: i32, value: u32) -> Option<()> {
     Some(())
 }
 
+/// `proxy_get_header_map_value` up to the allocator, with the guest memory in hand: where the
+/// value of the key at `key_ptr` is in map `map_type` of `stream` and its length, or the status
+/// that answers the call. Every floor does this part alike; only reaching the memory and the
+/// allocator is the engine's.
+#[inline]
+pub fn find_value<M: BenchHeaders>(
+    bytes: &[u8],
+    stream: &mut BenchStream<M>,
+    context: u32,
+    map_type: abi::MapType,
+    key_ptr: i32,
+    key_len: i32,
+) -> Result<(usize, usize), i32> {
+    let key = slice(bytes, key_ptr, key_len).ok_or(INVALID_MEMORY_ACCESS)?;
+    let map = stream.header_map(context, map_type).ok_or(NOT_FOUND)?;
+    map.find(key).ok_or(NOT_FOUND)
+}
+
+/// `proxy_get_header_map_value` after the allocator returned `pointer` for the `len` bytes of
+/// value `index` (`find_value`'s answer; `pointer` is 0 for an empty value): copies the value
+/// there, writes the pointer and the size, and returns the call's status.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn return_value<M: BenchHeaders>(
+    bytes: &mut [u8],
+    stream: &mut BenchStream<M>,
+    context: u32,
+    map_type: abi::MapType,
+    (index, len): (usize, usize),
+    pointer: u32,
+    return_data: i32,
+    return_size: i32,
+) -> i32 {
+    if len > 0 {
+        let value = stream
+            .header_map(context, map_type)
+            .and_then(|map| map.value_at(index));
+        let start = pointer as usize;
+        let out = start
+            .checked_add(len)
+            .and_then(|end| bytes.get_mut(start..end));
+        match (value, out) {
+            (Some(value), Some(out)) if value.len() == len => out.copy_from_slice(value),
+            _ => return INTERNAL_FAILURE,
+        }
+    }
+    if write_u32(bytes, return_data, pointer).is_none()
+        || write_u32(bytes, return_size, len as u32).is_none()
+    {
+        return INVALID_MEMORY_ACCESS;
+    }
+    OK
+}
+
+/// `proxy_add_header_map_value` with the guest memory in hand.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn add_value<M: BenchHeaders>(
+    bytes: &[u8],
+    stream: &mut BenchStream<M>,
+    context: u32,
+    map_type: abi::MapType,
+    key_ptr: i32,
+    key_len: i32,
+    value_ptr: i32,
+    value_len: i32,
+) -> i32 {
+    let (Some(key), Some(value)) = (
+        slice(bytes, key_ptr, key_len),
+        slice(bytes, value_ptr, value_len),
+    ) else {
+        return INVALID_MEMORY_ACCESS;
+    };
+    match stream.header_map(context, map_type) {
+        Some(map) => {
+            map.add(key, value);
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
 /// The outcome of a request from the two headers callbacks' raw results.
 #[inline]
 pub fn outcome(request: i32, response: i32) -> RequestOutcome {

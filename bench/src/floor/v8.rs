@@ -43,8 +43,8 @@ use runtime_api::RuntimeConfig;
 use runtime_v8::shim::{self, Message, RawImport, RawModule, RawVm, Shape};
 
 use super::{
-    outcome, slice, write_u32, FloorEngine, FloorInstance, BAD_ARGUMENT, IMPLEMENTED,
-    INTERNAL_FAILURE, INVALID_MEMORY_ACCESS, NOT_FOUND, OK, UNIMPLEMENTED,
+    add_value, find_value, outcome, return_value, slice, FloorEngine, FloorInstance, BAD_ARGUMENT,
+    IMPLEMENTED, INTERNAL_FAILURE, INVALID_MEMORY_ACCESS, OK, UNIMPLEMENTED,
 };
 use crate::{BenchHeaders, BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
 
@@ -618,7 +618,7 @@ unsafe fn proxy_get_header_map_value<M: BenchHeaders>(
     let Some(map_type) = MapType::from_raw(map_type) else {
         return Ok(BAD_ARGUMENT);
     };
-    let (index, len, vm, allocator) = {
+    let (found, vm, allocator) = {
         // SAFETY: the caller guarantees the data is alive and unaliased; this borrow ends
         // before the allocator runs guest code.
         let state = unsafe { &mut *data };
@@ -626,18 +626,21 @@ unsafe fn proxy_get_header_map_value<M: BenchHeaders>(
         let Some(bytes) = (unsafe { guest_memory(state.vm) }) else {
             return Ok(INTERNAL_FAILURE);
         };
-        let Some(key) = slice(bytes, key_ptr as i32, key_len as i32) else {
-            return Ok(INVALID_MEMORY_ACCESS);
-        };
         let context = state.effective_context;
-        let Some(map) = state.stream.header_map(context, map_type) else {
-            return Ok(NOT_FOUND);
-        };
-        match map.find(key) {
-            Some((index, len)) => (index, len, state.vm, state.allocator),
-            None => return Ok(NOT_FOUND),
+        let (key_ptr, key_len) = (key_ptr as i32, key_len as i32);
+        match find_value(
+            bytes,
+            &mut state.stream,
+            context,
+            map_type,
+            key_ptr,
+            key_len,
+        ) {
+            Ok(found) => (found, state.vm, state.allocator),
+            Err(status) => return Ok(status),
         }
     };
+    let len = found.1;
     let pointer = match (len, allocator) {
         (0, _) => 0,
         (_, None) => return Ok(INTERNAL_FAILURE),
@@ -678,27 +681,17 @@ unsafe fn proxy_get_header_map_value<M: BenchHeaders>(
     let Some(bytes) = (unsafe { guest_memory(vm) }) else {
         return Ok(INTERNAL_FAILURE);
     };
-    if len > 0 {
-        let context = state.effective_context;
-        let value = state
-            .stream
-            .header_map(context, map_type)
-            .and_then(|map| map.value_at(index));
-        let start = pointer as u32 as usize;
-        let out = start
-            .checked_add(len)
-            .and_then(|end| bytes.get_mut(start..end));
-        match (value, out) {
-            (Some(value), Some(out)) if value.len() == len => out.copy_from_slice(value),
-            _ => return Ok(INTERNAL_FAILURE),
-        }
-    }
-    if write_u32(bytes, return_data as i32, pointer as u32).is_none()
-        || write_u32(bytes, return_size as i32, len as u32).is_none()
-    {
-        return Ok(INVALID_MEMORY_ACCESS);
-    }
-    Ok(OK)
+    let context = state.effective_context;
+    Ok(return_value(
+        bytes,
+        &mut state.stream,
+        context,
+        map_type,
+        found,
+        pointer as u32,
+        return_data as i32,
+        return_size as i32,
+    ))
 }
 
 /// `proxy_add_header_map_value(map_type, key_data, key_size, value_data, value_size)`.
@@ -724,18 +717,15 @@ unsafe fn proxy_add_header_map_value<M: BenchHeaders>(
     let Some(bytes) = (unsafe { guest_memory(state.vm) }) else {
         return INTERNAL_FAILURE;
     };
-    let (Some(key), Some(value)) = (
-        slice(bytes, key_ptr as i32, key_len as i32),
-        slice(bytes, value_ptr as i32, value_len as i32),
-    ) else {
-        return INVALID_MEMORY_ACCESS;
-    };
     let context = state.effective_context;
-    match state.stream.header_map(context, map_type) {
-        Some(map) => {
-            map.add(key, value);
-            OK
-        }
-        None => NOT_FOUND,
-    }
+    add_value(
+        bytes,
+        &mut state.stream,
+        context,
+        map_type,
+        key_ptr as i32,
+        key_len as i32,
+        value_ptr as i32,
+        value_len as i32,
+    )
 }

@@ -63,8 +63,8 @@ use runtime_api::RuntimeConfig;
 use wamrx_sys as sys;
 
 use super::{
-    outcome, slice, write_u32, FloorEngine, FloorInstance, BAD_ARGUMENT, INTERNAL_FAILURE,
-    INVALID_MEMORY_ACCESS, NOT_FOUND, OK, UNIMPLEMENTED,
+    add_value, find_value, outcome, return_value, slice, FloorEngine, FloorInstance, BAD_ARGUMENT,
+    INTERNAL_FAILURE, INVALID_MEMORY_ACCESS, OK, UNIMPLEMENTED,
 };
 use crate::{BenchHeaders, BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
 
@@ -285,7 +285,7 @@ unsafe fn proxy_get_header_map_value<M: BenchHeaders>(
     if state_ptr.is_null() {
         return INTERNAL_FAILURE;
     }
-    let (index, len) = {
+    let found = {
         // SAFETY: as in `proxy_log`; this reference ends before the allocator (guest code that
         // may re-enter the natives) runs.
         let state = unsafe { &mut *state_ptr };
@@ -293,18 +293,20 @@ unsafe fn proxy_get_header_map_value<M: BenchHeaders>(
         let Some(bytes) = (unsafe { guest_memory(state.memory, state.page_size) }) else {
             return INTERNAL_FAILURE;
         };
-        let Some(key) = slice(bytes, key_ptr, key_len) else {
-            return INVALID_MEMORY_ACCESS;
-        };
         let context = state.effective_context;
-        let Some(map) = state.stream.header_map(context, map_type) else {
-            return NOT_FOUND;
-        };
-        match map.find(key) {
-            Some(found) => found,
-            None => return NOT_FOUND,
+        match find_value(
+            bytes,
+            &mut state.stream,
+            context,
+            map_type,
+            key_ptr,
+            key_len,
+        ) {
+            Ok(found) => found,
+            Err(status) => return status,
         }
     };
+    let len = found.1;
     let pointer = if len == 0 {
         0
     } else {
@@ -321,27 +323,17 @@ unsafe fn proxy_get_header_map_value<M: BenchHeaders>(
     let Some(bytes) = (unsafe { guest_memory(state.memory, state.page_size) }) else {
         return INTERNAL_FAILURE;
     };
-    if len > 0 {
-        let context = state.effective_context;
-        let value = state
-            .stream
-            .header_map(context, map_type)
-            .and_then(|map| map.value_at(index));
-        let start = pointer as usize;
-        let out = start
-            .checked_add(len)
-            .and_then(|end| bytes.get_mut(start..end));
-        match (value, out) {
-            (Some(value), Some(out)) if value.len() == len => out.copy_from_slice(value),
-            _ => return INTERNAL_FAILURE,
-        }
-    }
-    if write_u32(bytes, return_data, pointer).is_none()
-        || write_u32(bytes, return_size, len as u32).is_none()
-    {
-        return INVALID_MEMORY_ACCESS;
-    }
-    OK
+    let context = state.effective_context;
+    return_value(
+        bytes,
+        &mut state.stream,
+        context,
+        map_type,
+        found,
+        pointer,
+        return_data,
+        return_size,
+    )
 }
 
 /// Allocates `len` bytes with the plugin's allocator, on the exec env that is calling the host
@@ -409,20 +401,17 @@ unsafe fn proxy_add_header_map_value<M: BenchHeaders>(
     let Some(bytes) = (unsafe { guest_memory(state.memory, state.page_size) }) else {
         return INTERNAL_FAILURE;
     };
-    let (Some(key), Some(value)) = (
-        slice(bytes, key_ptr, key_len),
-        slice(bytes, value_ptr, value_len),
-    ) else {
-        return INVALID_MEMORY_ACCESS;
-    };
     let context = state.effective_context;
-    match state.stream.header_map(context, map_type) {
-        Some(map) => {
-            map.add(key, value);
-            OK
-        }
-        None => NOT_FOUND,
-    }
+    add_value(
+        bytes,
+        &mut state.stream,
+        context,
+        map_type,
+        key_ptr,
+        key_len,
+        value_ptr,
+        value_len,
+    )
 }
 
 /// Argument `index` of a raw native as the `i32` it is.

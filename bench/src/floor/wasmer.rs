@@ -72,8 +72,8 @@ use wasmer::{
 };
 
 use super::{
-    outcome, slice, write_u32, FloorEngine, FloorInstance, BAD_ARGUMENT, IMPLEMENTED,
-    INTERNAL_FAILURE, INVALID_MEMORY_ACCESS, NOT_FOUND, OK, UNIMPLEMENTED,
+    add_value, find_value, outcome, return_value, slice, FloorEngine, FloorInstance, BAD_ARGUMENT,
+    IMPLEMENTED, INTERNAL_FAILURE, INVALID_MEMORY_ACCESS, OK, UNIMPLEMENTED,
 };
 use crate::{BenchHeaders, BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
 
@@ -341,21 +341,16 @@ fn proxy_get_header_map_value<M: BenchHeaders>(
     let Some(map_type) = MapType::from_raw(u64::from(map_type as u32)) else {
         return Ok(BAD_ARGUMENT);
     };
-    let (index, len) = {
+    let found = {
         let Some((bytes, stream, context)) = env.data_mut().memory_and_stream() else {
             return Ok(INTERNAL_FAILURE);
         };
-        let Some(key) = slice(bytes, key_ptr, key_len) else {
-            return Ok(INVALID_MEMORY_ACCESS);
-        };
-        let Some(map) = stream.header_map(context, map_type) else {
-            return Ok(NOT_FOUND);
-        };
-        match map.find(key) {
-            Some(found) => found,
-            None => return Ok(NOT_FOUND),
+        match find_value(bytes, stream, context, map_type, key_ptr, key_len) {
+            Ok(found) => found,
+            Err(status) => return Ok(status),
         }
     };
+    let len = found.1;
     let pointer = if len == 0 {
         0
     } else {
@@ -368,25 +363,16 @@ fn proxy_get_header_map_value<M: BenchHeaders>(
     let Some((bytes, stream, context)) = env.data_mut().memory_and_stream() else {
         return Ok(INTERNAL_FAILURE);
     };
-    if len > 0 {
-        let value = stream
-            .header_map(context, map_type)
-            .and_then(|map| map.value_at(index));
-        let start = pointer as u32 as usize;
-        let out = start
-            .checked_add(len)
-            .and_then(|end| bytes.get_mut(start..end));
-        match (value, out) {
-            (Some(value), Some(out)) if value.len() == len => out.copy_from_slice(value),
-            _ => return Ok(INTERNAL_FAILURE),
-        }
-    }
-    if write_u32(bytes, return_data, pointer as u32).is_none()
-        || write_u32(bytes, return_size, len as u32).is_none()
-    {
-        return Ok(INVALID_MEMORY_ACCESS);
-    }
-    Ok(OK)
+    Ok(return_value(
+        bytes,
+        stream,
+        context,
+        map_type,
+        found,
+        pointer as u32,
+        return_data,
+        return_size,
+    ))
 }
 
 /// Allocates `len` bytes with the plugin's allocator; 0 if it has none (or `len` does not fit
@@ -440,19 +426,9 @@ fn proxy_add_header_map_value<M: BenchHeaders>(
     let Some((bytes, stream, context)) = env.data_mut().memory_and_stream() else {
         return INTERNAL_FAILURE;
     };
-    let (Some(key), Some(value)) = (
-        slice(bytes, key_ptr, key_len),
-        slice(bytes, value_ptr, value_len),
-    ) else {
-        return INVALID_MEMORY_ACCESS;
-    };
-    match stream.header_map(context, map_type) {
-        Some(map) => {
-            map.add(key, value);
-            OK
-        }
-        None => NOT_FOUND,
-    }
+    add_value(
+        bytes, stream, context, map_type, key_ptr, key_len, value_ptr, value_len,
+    )
 }
 
 /// What each import of the module is bound to, resolved once per module.

@@ -33,8 +33,8 @@ use wasmtime::{
 };
 
 use super::{
-    outcome, slice, write_u32, BAD_ARGUMENT, IMPLEMENTED, INTERNAL_FAILURE, INVALID_MEMORY_ACCESS,
-    NOT_FOUND, OK, UNIMPLEMENTED,
+    add_value, find_value, outcome, return_value, slice, BAD_ARGUMENT, IMPLEMENTED,
+    INTERNAL_FAILURE, INVALID_MEMORY_ACCESS, OK, UNIMPLEMENTED,
 };
 use crate::{BenchHeaders, BenchStream, RequestOutcome, REQUEST_HEADERS, RESPONSE_HEADERS};
 
@@ -149,20 +149,22 @@ fn proxy_get_header_map_value<M: BenchHeaders>(
     let Some(memory) = caller.data().memory else {
         return Ok(INTERNAL_FAILURE);
     };
-    let (index, len) = {
+    let found = {
         let (bytes, state) = memory.data_and_store_mut(&mut caller);
-        let Some(key) = slice(bytes, key_ptr, key_len) else {
-            return Ok(INVALID_MEMORY_ACCESS);
-        };
         let context = state.effective_context;
-        let Some(map) = state.stream.header_map(context, map_type) else {
-            return Ok(NOT_FOUND);
-        };
-        match map.find(key) {
-            Some(found) => found,
-            None => return Ok(NOT_FOUND),
+        match find_value(
+            bytes,
+            &mut state.stream,
+            context,
+            map_type,
+            key_ptr,
+            key_len,
+        ) {
+            Ok(found) => found,
+            Err(status) => return Ok(status),
         }
     };
+    let len = found.1;
     let pointer = if len == 0 {
         0
     } else {
@@ -172,24 +174,17 @@ fn proxy_get_header_map_value<M: BenchHeaders>(
         return Ok(INTERNAL_FAILURE);
     }
     let (bytes, state) = memory.data_and_store_mut(&mut caller);
-    if len > 0 {
-        let context = state.effective_context;
-        let value = state
-            .stream
-            .header_map(context, map_type)
-            .and_then(|map| map.value_at(index));
-        let start = pointer as u32 as usize;
-        match (value, bytes.get_mut(start..start + len)) {
-            (Some(value), Some(out)) if value.len() == len => out.copy_from_slice(value),
-            _ => return Ok(INTERNAL_FAILURE),
-        }
-    }
-    if write_u32(bytes, return_data, pointer as u32).is_none()
-        || write_u32(bytes, return_size, len as u32).is_none()
-    {
-        return Ok(INVALID_MEMORY_ACCESS);
-    }
-    Ok(OK)
+    let context = state.effective_context;
+    Ok(return_value(
+        bytes,
+        &mut state.stream,
+        context,
+        map_type,
+        found,
+        pointer as u32,
+        return_data,
+        return_size,
+    ))
 }
 
 /// Allocates `len` bytes with the plugin's allocator; 0 if it has none.
@@ -226,20 +221,17 @@ fn proxy_add_header_map_value<M: BenchHeaders>(
         return INTERNAL_FAILURE;
     };
     let (bytes, state) = memory.data_and_store_mut(&mut caller);
-    let (Some(key), Some(value)) = (
-        slice(bytes, key_ptr, key_len),
-        slice(bytes, value_ptr, value_len),
-    ) else {
-        return INVALID_MEMORY_ACCESS;
-    };
     let context = state.effective_context;
-    match state.stream.header_map(context, map_type) {
-        Some(map) => {
-            map.add(key, value);
-            OK
-        }
-        None => NOT_FOUND,
-    }
+    add_value(
+        bytes,
+        &mut state.stream,
+        context,
+        map_type,
+        key_ptr,
+        key_len,
+        value_ptr,
+        value_len,
+    )
 }
 
 impl<M: BenchHeaders> FloorPlugin<M> {
