@@ -25,6 +25,13 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
+  # Debian's trafficserver package starts a system Traffic Server on port 8080 of every
+  # interface where systemd runs; the tests start their own on 127.0.0.1 and need none.
+  if [[ " ${missing[*]} " == *" trafficserver "* ]] && command -v systemctl >/dev/null &&
+    systemctl is-active --quiet trafficserver 2>/dev/null; then
+    echo "setup: stopping and disabling the system Traffic Server the package started"
+    "${sudo_cmd[@]}" systemctl disable --now trafficserver
+  fi
 fi
 
 command -v npm >/dev/null || { echo "setup: npm is required for the AssemblyScript plugin" >&2; exit 1; }

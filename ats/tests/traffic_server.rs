@@ -181,6 +181,9 @@ fn plugin_yaml(plugin: &str, runtime: &str, configuration: &str, extra: &str) ->
     )
 }
 
+/// The longest a Traffic Server of a test lives, even if the test dies without stopping it.
+const SERVER_LIFETIME_SECONDS: &str = "600";
+
 const RECORDS: &str = "\
 CONFIG proxy.config.admin.user_id STRING #-1
 CONFIG proxy.config.exec_thread.autoconfig INT 0
@@ -275,7 +278,10 @@ impl TrafficServer {
 
     /// Starts the server of a run root made by [`TrafficServer::prepare`].
     fn start_prepared(root: tempfile::TempDir, port: u16) -> TrafficServer {
-        let manager = Command::new("traffic_manager")
+        // `timeout` bounds the server's life even if the test process dies before its drop: it
+        // leads the process group, and its KILL reaches every process in it.
+        let manager = Command::new("timeout")
+            .args(["-s", "KILL", SERVER_LIFETIME_SECONDS, "traffic_manager"])
             .arg(format!("--run-root={}", root.path().display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -601,7 +607,8 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
             yaml: bad,
         }],
     );
-    let mut server = Command::new("traffic_server")
+    let mut server = Command::new("timeout")
+        .args(["-s", "KILL", SERVER_LIFETIME_SECONDS, "traffic_server"])
         .arg(format!("--run-root={}", root.path().display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
