@@ -7,13 +7,32 @@
 //! and the call's timeout both arrive there, under the continuation's mutex; whichever comes
 //! first is delivered, the other is dropped. An answer that arrives on another thread than the
 //! VM copy's is passed to that thread first.
+//!
+//! A singleton service's VM runs on a thread of its own, not one of Traffic Server's event
+//! threads: its calls are launched on a net thread, and their answers are handed to the
+//! service's thread through its [`ServiceInbox`].
 
+use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use abi::{HeaderMap, HttpCallRequest, HttpCallResponse, Status};
+use lifecycle::ServiceInbox;
 
 use crate::{diag, sys, with_thread};
+
+/// Where a call's answer goes.
+#[derive(Clone)]
+pub(crate) enum AnswerTo {
+    /// The VM copy that made the call, on the Traffic Server thread it was made on.
+    ThisThread,
+    /// A singleton service, through its inbox (set once the service has started: a call made
+    /// while it starts may be answered before).
+    Service(Arc<OnceLock<ServiceInbox>>),
+}
 
 /// The header marking a callout's internal transaction, so the request hook skips remapping
 /// and the plugins for it; its value is [`marker_value`], a secret of this process, so that a
@@ -53,6 +72,7 @@ enum Progress {
 /// One HTTP call, owned by its continuation.
 struct Callout {
     token: u32,
+    answer_to: AnswerTo,
     /// The thread of the VM copy that made the call.
     thread: sys::TSEventThread,
     progress: Progress,
@@ -64,20 +84,162 @@ struct Callout {
     closing: bool,
 }
 
-/// Sends `request` to `address` for the VM copy on the calling thread and returns at once;
-/// `token` identifies the answer. The request is checked here: names and values with CR, LF or
-/// NUL would let a plugin smuggle requests, and are refused with `BAD_ARGUMENT`.
+/// Sends `request` to `address` for the VM copy on the calling thread (a Traffic Server event
+/// thread) and returns at once; `token` identifies the answer. The request is checked here:
+/// names and values with CR, LF or NUL would let a plugin smuggle requests, and are refused
+/// with `BAD_ARGUMENT`.
 pub(crate) fn dispatch(token: u32, address: SocketAddr, request: &HttpCallRequest) -> Status {
     let Some(bytes) = encode(address, request) else {
         return Status::BadArgument;
     };
-    let Ok(len) = c_int::try_from(bytes.len()) else {
+    if c_int::try_from(bytes.len()).is_err() {
+        return Status::BadArgument;
+    }
+    // SAFETY: called on a Traffic Server event thread (from a plugin callback).
+    unsafe { launch(token, &bytes, request.timeout, AnswerTo::ThisThread) };
+    Status::Ok
+}
+
+/// Whether Traffic Server has finished starting (its ports are open). Services start with the
+/// plugin, before that, and Traffic Server's client crashes if used earlier: their calls wait.
+static TRAFFIC_SERVER_READY: AtomicBool = AtomicBool::new(false);
+
+/// Arms [`TRAFFIC_SERVER_READY`]; called once from the plugin's initialisation.
+pub(crate) fn watch_for_readiness() {
+    unsafe extern "C" fn on_ready(_: sys::TSCont, _: sys::TSEvent, _: *mut c_void) -> c_int {
+        TRAFFIC_SERVER_READY.store(true, Ordering::Release);
+        0
+    }
+    // SAFETY: the handler is an `extern "C"` function of the right type; the continuation
+    // lives for the process.
+    unsafe {
+        let cont = sys::TSContCreate(Some(on_ready), std::ptr::null_mut());
+        sys::TSLifecycleHookAdd(sys::TS_LIFECYCLE_PORTS_READY_HOOK, cont);
+    }
+}
+
+/// A singleton service's call, on its way to a net thread.
+struct Launch {
+    token: u32,
+    bytes: Vec<u8>,
+    timeout: Duration,
+    answer_to: AnswerTo,
+}
+
+/// Sends `request` to `address` for a singleton service, from the service's own thread: the
+/// request is checked here (as by [`dispatch`]), then launched on one of Traffic Server's net
+/// threads, since its client works only there. The answer goes to `inbox`.
+pub(crate) fn dispatch_from_service(
+    token: u32,
+    address: SocketAddr,
+    request: &HttpCallRequest,
+    inbox: Arc<OnceLock<ServiceInbox>>,
+) -> Status {
+    let Some(bytes) = encode(address, request) else {
         return Status::BadArgument;
     };
-    // SAFETY: called on a Traffic Server event thread (from a plugin callback).
+    if c_int::try_from(bytes.len()).is_err() {
+        return Status::BadArgument;
+    }
+    if !ensure_traffic_server_thread() {
+        return Status::InternalFailure;
+    }
+    let launch = Box::into_raw(Box::new(Launch {
+        token,
+        bytes,
+        timeout: request.timeout,
+        answer_to: AnswerTo::Service(inbox),
+    }));
+    // SAFETY: this thread is known to Traffic Server (`TSThreadInit`), which its continuation
+    // and scheduling calls need; the continuation's data is the boxed launch, taken back (and
+    // the continuation destroyed) by its one event.
+    unsafe {
+        let cont = sys::TSContCreate(Some(on_launch), sys::TSMutexCreate());
+        sys::TSContDataSet(cont, launch.cast());
+        sys::TSContScheduleOnPool(cont, 0, sys::TS_THREAD_POOL_NET);
+    }
+    Status::Ok
+}
+
+/// Makes the calling thread (a singleton service's) known to Traffic Server once, for as long
+/// as it runs; `false` if Traffic Server refused.
+fn ensure_traffic_server_thread() -> bool {
+    /// The thread's registration, undone when the thread ends.
+    struct Registered(Cell<sys::TSThread>);
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            let thread = self.0.get();
+            if !thread.is_null() {
+                // SAFETY: made by `TSThreadInit` on this very thread, which is ending; nothing
+                // of the plugin uses it any more.
+                unsafe { sys::TSThreadDestroy(thread) };
+            }
+        }
+    }
+    thread_local! {
+        static REGISTERED: Registered = const { Registered(Cell::new(std::ptr::null_mut())) };
+    }
+    REGISTERED.with(|registered| {
+        if registered.0.get().is_null() {
+            // SAFETY: called on a thread Traffic Server did not make, once.
+            registered.0.set(unsafe { sys::TSThreadInit() });
+        }
+        !registered.0.get().is_null()
+    })
+}
+
+/// A singleton service's call arriving on a net thread: sent from here once Traffic Server is
+/// ready (until then, the launch waits in 50 ms steps).
+unsafe extern "C" fn on_launch(
+    cont: sys::TSCont,
+    _event: sys::TSEvent,
+    _data: *mut c_void,
+) -> c_int {
+    if !TRAFFIC_SERVER_READY.load(Ordering::Acquire) {
+        // SAFETY: the continuation and its data live until the launch; on a net thread.
+        unsafe { sys::TSContScheduleOnPool(cont, 50, sys::TS_THREAD_POOL_NET) };
+        return 0;
+    }
+    // SAFETY: the data is the boxed launch `dispatch_from_service` left, taken once; this is
+    // the continuation's last event, so it may go now.
+    let raw = unsafe {
+        let raw = sys::TSContDataGet(cont).cast::<Launch>();
+        sys::TSContDataSet(cont, std::ptr::null_mut());
+        sys::TSContDestroy(cont);
+        raw
+    };
+    if raw.is_null() {
+        return 0;
+    }
+    // SAFETY: as above, ours alone now.
+    let call = unsafe { Box::from_raw(raw) };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let Launch {
+            token,
+            bytes,
+            timeout,
+            answer_to,
+        } = *call;
+        // SAFETY: on a Traffic Server net thread; `bytes` was checked to fit.
+        unsafe { launch(token, &bytes, timeout, answer_to) }
+    }));
+    if outcome.is_err() {
+        diag::error("launching a service's HTTP call panicked");
+    }
+    0
+}
+
+/// Sends the encoded request with Traffic Server's client and arms the call's timeout.
+///
+/// # Safety
+/// Must run on a Traffic Server event thread; `bytes` fits a `c_int`.
+unsafe fn launch(token: u32, bytes: &[u8], timeout: Duration, answer_to: AnswerTo) {
+    let len = c_int::try_from(bytes.len()).unwrap_or(c_int::MAX);
+    // SAFETY: the caller's promise.
     let thread = unsafe { sys::TSEventThreadSelf() };
     let callout = Box::new(Callout {
         token,
+        answer_to,
         thread,
         progress: Progress::Waiting,
         fetch_done: false,
@@ -95,8 +257,8 @@ pub(crate) fn dispatch(token: u32, address: SocketAddr, request: &HttpCallReques
         let cont = sys::TSContCreate(Some(on_event), sys::TSMutexCreate());
         let callout = Box::into_raw(callout);
         sys::TSContDataSet(cont, callout.cast());
-        if !request.timeout.is_zero() {
-            let ms = sys::TSHRTime::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX);
+        if !timeout.is_zero() {
+            let ms = sys::TSHRTime::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
             (*callout).timeout = Some(sys::TSContScheduleOnThread(cont, ms, thread));
         }
         let events = sys::TSFetchEvent {
@@ -113,7 +275,6 @@ pub(crate) fn dispatch(token: u32, address: SocketAddr, request: &HttpCallReques
             events,
         );
     }
-    Status::Ok
 }
 
 fn socket_address(address: SocketAddr) -> libc::sockaddr_in {
@@ -330,6 +491,21 @@ fn deliver(cont: sys::TSCont, callout: &mut Callout) {
         return;
     };
     let token = callout.token;
+    if let AnswerTo::Service(inbox) = &callout.answer_to {
+        match inbox.get() {
+            Some(inbox) => inbox.post(Box::new(move |vm| match answer {
+                Some(response) => vm.on_http_call_response(token, response),
+                None => vm.on_http_call_failure(token),
+            })),
+            None => {
+                // The service is still starting: try again shortly.
+                callout.progress = Progress::Arrived(answer);
+                // SAFETY: the continuation lives until its answer is delivered.
+                unsafe { sys::TSContScheduleOnThread(cont, 10, callout.thread) };
+            }
+        }
+        return;
+    }
     let delivered = with_thread(|state| {
         let mut pending = Vec::new();
         let mut found = false;

@@ -8,12 +8,13 @@
 //! inside a callback, because Traffic Server may re-enter the plugin synchronously.
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use abi::{
     BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
     Status, StreamInfo, StreamType,
 };
+use lifecycle::ServiceInbox;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::headers::MimeHeaders;
@@ -71,9 +72,11 @@ pub(crate) struct AtsHost {
     upstreams: Arc<Upstreams>,
     /// The tokens of this copy's HTTP calls still waiting for an answer.
     pub(crate) callouts: FxHashSet<u32>,
-    /// The host of a singleton service, whose thread is not one of Traffic Server's: it
-    /// cannot use Traffic Server's client.
-    service: bool,
+    /// For a singleton service (whose thread is not one of Traffic Server's), where the
+    /// answers to its calls go.
+    service: Option<Arc<OnceLock<ServiceInbox>>>,
+    /// The name for logs of contexts not in `streams` or `roots` (a service's one plugin).
+    fallback_name: Option<Arc<str>>,
     /// Whether the copy's module has request and response body callbacks, once looked up.
     pub(crate) body_callbacks: Option<(bool, bool)>,
 }
@@ -92,16 +95,23 @@ impl AtsHost {
             roots: FxHashMap::default(),
             upstreams,
             callouts: FxHashSet::default(),
-            service: false,
+            service: None,
+            fallback_name: None,
             body_callbacks: None,
         }
     }
 
-    /// The host of a singleton service.
-    pub(crate) fn for_service() -> AtsHost {
+    /// The host of singleton service `name`, whose plugin may call `upstreams`; the answers go
+    /// to `inbox` once the service has started.
+    pub(crate) fn for_service(
+        name: &str,
+        upstreams: Arc<Upstreams>,
+        inbox: Arc<OnceLock<ServiceInbox>>,
+    ) -> AtsHost {
         AtsHost {
-            service: true,
-            ..AtsHost::new(Arc::default())
+            service: Some(inbox),
+            fallback_name: Some(name.into()),
+            ..AtsHost::new(upstreams)
         }
     }
 }
@@ -119,6 +129,7 @@ impl AtsHost {
             .get(&context.0)
             .map(|slot| &*slot.plugin)
             .or_else(|| self.roots.get(&context.0).map(|name| &**name))
+            .or(self.fallback_name.as_deref())
     }
 }
 
@@ -192,10 +203,6 @@ impl Host for AtsHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
-        if self.service {
-            diag::debug("proxy_http_call from a singleton service: not supported yet");
-            return Err(Status::Unimplemented);
-        }
         let name = String::from_utf8_lossy(&request.upstream);
         let Some(address) = self.upstreams.get(name.as_ref()).copied() else {
             diag::debug(&format!(
@@ -208,7 +215,13 @@ impl Host for AtsHost {
             last.set(token);
             token
         });
-        match callout::dispatch(token, address, &request) {
+        let status = match &self.service {
+            Some(inbox) => {
+                callout::dispatch_from_service(token, address, &request, Arc::clone(inbox))
+            }
+            None => callout::dispatch(token, address, &request),
+        };
+        match status {
             Status::Ok => {
                 self.callouts.insert(token);
                 Ok(token)

@@ -72,9 +72,12 @@ struct Global {
 }
 
 /// Starts the singleton services of `plugins`, each in its own VM on its own thread, ticking on
-/// the clock. Services that would run on every worker (no `singleton`) are refused: this
-/// plugin runs singleton services only.
-fn start_services(plugins: &Arc<Plugins>) -> Result<Vec<SingletonService>, String> {
+/// the clock and calling `upstreams`. Services that would run on every worker (no `singleton`)
+/// are refused: this plugin runs singleton services only.
+fn start_services(
+    plugins: &Arc<Plugins>,
+    upstreams: &Arc<Upstreams>,
+) -> Result<Vec<SingletonService>, String> {
     let mut services = Vec::new();
     for plugin in plugins.services() {
         let name = plugin_name(plugins.config(plugin)).to_string();
@@ -83,14 +86,20 @@ fn start_services(plugins: &Arc<Plugins>) -> Result<Vec<SingletonService>, Strin
                 "service {name}: pwhost_ats runs singleton services only (singleton: true)"
             ));
         }
+        let inbox = Arc::new(OnceLock::new());
         let service = SingletonService::spawn(
             Arc::clone(plugins),
             plugin,
-            Box::new(host::AtsHost::for_service()),
+            Box::new(host::AtsHost::for_service(
+                &name,
+                Arc::clone(upstreams),
+                Arc::clone(&inbox),
+            )),
             Ticking::Clock,
             Box::new(|_| {}),
         )
         .map_err(|e| e.to_string())?;
+        let _ = inbox.set(service.inbox());
         services.push(service);
     }
     Ok(services)
@@ -251,6 +260,8 @@ fn init(args: &[String]) -> Result<(), String> {
         return Err("plugin registration failed".into());
     }
     let arguments = parse_arguments(args)?;
+    // Before the services start: their calls wait for it.
+    callout::watch_for_readiness();
     let engines = BuildEngines::new(arguments.runtime);
     let loaded = config::load(&arguments.files, &engines, None)?;
     for warning in loaded.plugins.warnings() {
@@ -262,10 +273,11 @@ fn init(args: &[String]) -> Result<(), String> {
         .map(|plugin| plugin_name(loaded.plugins.config(plugin)).to_string())
         .collect();
     let live = Arc::new(LivePlugins::new(loaded.plugins));
-    let services = start_services(&live.current().1)?;
+    let upstreams = Arc::new(loaded.upstreams);
+    let services = start_services(&live.current().1, &upstreams)?;
     let global = Global {
         live,
-        upstreams: Mutex::new(Arc::new(loaded.upstreams)),
+        upstreams: Mutex::new(upstreams),
         files: arguments.files,
         engines,
         services: Mutex::new(services),
@@ -315,7 +327,8 @@ unsafe extern "C" fn on_reload(
         match config::load(&global.files, &global.engines, Some(&previous)) {
             Ok(loaded) => {
                 let plugins = Arc::new(loaded.plugins);
-                let services = match start_services(&plugins) {
+                let upstreams = Arc::new(loaded.upstreams);
+                let services = match start_services(&plugins, &upstreams) {
                     Ok(services) => services,
                     Err(message) => {
                         diag::error(&format!(
@@ -325,8 +338,7 @@ unsafe extern "C" fn on_reload(
                     }
                 };
                 // The upstreams first: a worker made for the new plugins must find theirs.
-                *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Arc::new(loaded.upstreams);
+                *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) = upstreams;
                 let generation = global.live.replace_shared(plugins);
                 // The old services end as at shutdown (dropping them stops their threads).
                 let old = std::mem::replace(

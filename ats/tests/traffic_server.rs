@@ -365,6 +365,23 @@ impl TrafficServer {
 
 impl Drop for TrafficServer {
     fn drop(&mut self) {
+        // traffic_manager restarts a traffic_server that crashed, which would hide the crash
+        // from a test that only looks at answers: every test also checks there was none.
+        let crashed = self.diagnostics().contains("Server Process was reset")
+            || std::fs::read_dir(self.root.path().join("log"))
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .any(|entry| entry.file_name().to_string_lossy().starts_with("crash-"))
+                })
+                .unwrap_or(false);
+        if crashed && !std::thread::panicking() {
+            let diagnostics = self.diagnostics();
+            // SAFETY: as below.
+            unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
+            let _ = self.manager.wait();
+            panic!("traffic_server crashed during the test:\n{diagnostics}");
+        }
         if std::env::var_os("PWHOST_KEEP_RUNROOT").is_some() {
             eprintln!("run root kept: {}", self.root.path().display());
             let root = std::mem::replace(&mut self.root, tempfile::tempdir().expect("tempdir"));
@@ -913,4 +930,111 @@ fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
     let diagnostics = server.diagnostics();
     assert!(!diagnostics.contains("tick 4"), "{diagnostics}");
     assert_eq!(get(&server.url("/"), &[]).status, 200);
+}
+
+#[test]
+fn root_contexts_and_singleton_services_call_upstreams_when_they_start_on_every_engine() {
+    for runtime in engines() {
+        let origin = Origin::start();
+        let config_server = Origin::start();
+        let upstreams = format!("upstreams:\n  config_cluster: {}\n", config_server.address);
+        let with_vm_id = |yaml: String, vm_id: &str| {
+            yaml.replace("vmId: root_http_call", &format!("vmId: {vm_id}"))
+        };
+        // A singleton service fetching at start-up, and a filter in the same VM id reading what
+        // it fetched (shared data); a filter whose every VM copy fetches on its own thread when
+        // the copy starts.
+        let service = format!(
+            "{}singleton: true\n{upstreams}",
+            with_vm_id(
+                plugin_yaml("root_http_call", runtime, "config_cluster", ""),
+                "service_vm"
+            )
+        );
+        let reader = with_vm_id(
+            plugin_yaml("root_http_call", runtime, "- x-from-service", ""),
+            "service_vm",
+        )
+        .replace("name: root_http_call", "name: reader");
+        let filter = format!(
+            "{}{upstreams}",
+            with_vm_id(
+                plugin_yaml("root_http_call", runtime, "config_cluster x-from-copy", ""),
+                "filter_vm"
+            )
+            .replace("name: root_http_call", "name: fetching_filter")
+        );
+        let server = TrafficServer::start(
+            &origin,
+            &[
+                PluginFile {
+                    name: "service",
+                    yaml: service,
+                },
+                PluginFile {
+                    name: "reader",
+                    yaml: reader,
+                },
+                PluginFile {
+                    name: "filter",
+                    yaml: filter,
+                },
+            ],
+        );
+        let context = |what: &str| format!("{runtime}: {what}\n{}", server.diagnostics());
+        // The copies start with the first transaction on their thread, so their answer may
+        // come after that transaction's response: ask until both answers show.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let reply = loop {
+            let reply = try_get(&server.url("/"), &[])
+                .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+            assert_eq!(reply.status, 200, "{}", context(&reply.body));
+            let fetched = |header| reply.header(header) == Some("200 GET /config");
+            if (fetched("x-from-service") && fetched("x-from-copy")) || Instant::now() > deadline {
+                break reply;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(
+            reply.header("x-from-service"),
+            Some("200 GET /config"),
+            "{}",
+            context("the service's answer")
+        );
+        assert_eq!(
+            reply.header("x-from-copy"),
+            Some("200 GET /config"),
+            "{}",
+            context("a VM copy's answer")
+        );
+        let diagnostics = server.diagnostics();
+        assert!(
+            diagnostics.contains("[root_http_call] root http call response"),
+            "{}",
+            context("the service logs its answer under its name")
+        );
+        // One call from the service, one from each thread's copy (Traffic Server has two).
+        let calls = config_server.requests();
+        assert!(
+            (2..=3).contains(&calls),
+            "{}",
+            context(&format!("{calls} calls"))
+        );
+
+        // A reload restarts the service on a new thread, which calls again (the old thread
+        // ended and left Traffic Server cleanly: the server's drop checks it did not crash).
+        server.ctl(&["config", "reload"]);
+        server.wait_for_log("reloaded the configuration");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server
+            .diagnostics()
+            .matches("[root_http_call] root http call response")
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "{}", context("no second answer"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(config_server.requests() > calls);
+    }
 }

@@ -36,4 +36,6 @@ pub use plugins::{
 };
 pub use reconfigure::{Generation, LivePlugins, ThreadWorkers, WorkerFactory};
 pub use remote::{CodeCache, FetchError};
-pub use services::{AfterCallback, ServiceEnd, SingletonService, SpawnError, Ticking};
+pub use services::{
+    AfterCallback, ServiceEnd, ServiceInbox, SingletonService, SpawnError, Ticking, VmWork,
+};

@@ -30,9 +30,14 @@ pub enum Ticking {
 /// the plugin made (the embedder's host recorded them).
 pub type AfterCallback = Box<dyn FnMut(&mut Vm) + Send>;
 
+/// Work for a service's VM from another thread, e.g. delivering the answer of an HTTP call
+/// the embedder's client received on one of its own threads.
+pub type VmWork = Box<dyn FnOnce(&mut Vm) -> Result<(), VmError> + Send>;
+
 enum Command {
     Tick,
     Sync,
+    Run(VmWork),
     Stop { shutdown_ticks: u32 },
 }
 
@@ -44,6 +49,28 @@ pub struct SingletonService {
     waker: VmWaker,
     commands: Commands,
     thread: Option<JoinHandle<Option<ServiceEnd>>>,
+}
+
+/// A handle that hands work to a running singleton service's VM from any thread, without
+/// waiting for it (see [`SingletonService::inbox`]).
+#[derive(Clone)]
+pub struct ServiceInbox {
+    waker: VmWaker,
+    commands: Commands,
+}
+
+impl ServiceInbox {
+    /// Queues `work` for the service's thread, which runs it on the VM between callbacks, in
+    /// the order posted. Its outcome counts as a callback's (an error is recorded in the
+    /// service's errors and failure counters). Dropped without running if the service has
+    /// stopped or its VM failed.
+    pub fn post(&self, work: VmWork) {
+        if let Ok(mut commands) = self.commands.lock() {
+            let (done, _) = mpsc::channel();
+            commands.push_back((Command::Run(work), done));
+        }
+        self.waker.wake();
+    }
 }
 
 /// What a singleton service left when it stopped.
@@ -158,6 +185,15 @@ impl SingletonService {
         self.command(Command::Tick);
     }
 
+    /// A handle for other threads to hand work to the service's VM, e.g. answers to the calls
+    /// its plugin made. Work for a service that has stopped is dropped.
+    pub fn inbox(&self) -> ServiceInbox {
+        ServiceInbox {
+            waker: self.waker.clone(),
+            commands: Arc::clone(&self.commands),
+        }
+    }
+
     /// Returns once every queue notification pending now was delivered.
     pub fn sync(&self) {
         self.command(Command::Sync);
@@ -242,6 +278,12 @@ impl ServiceLoop {
                     Command::Sync => {
                         if !self.failed {
                             let outcome = vm.dispatch_queue_ready();
+                            self.after(vm, outcome);
+                        }
+                    }
+                    Command::Run(work) => {
+                        if !self.failed {
+                            let outcome = work(vm);
                             self.after(vm, outcome);
                         }
                     }

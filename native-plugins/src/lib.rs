@@ -47,6 +47,8 @@ mod panics;
 mod plugin_config;
 #[path = "../../plugins/rust/properties/src/lib.rs"]
 mod properties;
+#[path = "../../plugins/rust/root_http_call/src/lib.rs"]
+mod root_http_call;
 #[path = "../../plugins/rust/shared_data/src/lib.rs"]
 mod shared_data;
 #[path = "../../plugins/rust/shared_queue/src/lib.rs"]
@@ -75,6 +77,7 @@ pub const PLUGINS: &[NativePlugin] = &[
     panics::PLUGIN,
     plugin_config::PLUGIN,
     properties::PLUGIN,
+    root_http_call::PLUGIN,
     shared_data::PLUGIN,
     shared_queue::PLUGIN,
     tcp_filter::PLUGIN,

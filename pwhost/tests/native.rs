@@ -128,6 +128,7 @@ fn the_corpus_rust_plugins_are_compiled_in_under_their_own_names() {
             "panics",
             "plugin_config",
             "properties",
+            "root_http_call",
             "shared_data",
             "shared_queue",
             "tcp_filter",

@@ -1,4 +1,5 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use abi::{HeadersAction, InMemoryHost};
@@ -89,6 +90,57 @@ fn a_singleton_service_receives_what_worker_filters_enqueue() {
         ["svc dequeued /a", "svc dequeued /b", "svc dequeued /c"],
         "everything enqueued before the stop is delivered"
     );
+}
+
+#[test]
+fn work_posted_to_the_inbox_runs_on_the_service_thread_in_order() {
+    let plugins = filter_and_service(60_000);
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        no_hook(),
+    )
+    .unwrap();
+    let inbox = service.inbox();
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let record = |label: &'static str, fail: bool| -> VmWork {
+        let ran = Arc::clone(&ran);
+        Box::new(move |vm: &mut Vm| {
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            ran.lock().unwrap().push(format!("{label} on {thread}"));
+            let _ = vm;
+            if fail {
+                return Err(VmError::Failed("the answer could not be delivered".into()));
+            }
+            Ok(())
+        })
+    };
+    // Posted from another thread, as a proxy's client thread would.
+    let from_elsewhere = inbox.clone();
+    let first = record("first", false);
+    std::thread::spawn(move || from_elsewhere.post(first))
+        .join()
+        .unwrap();
+    inbox.post(record("second", true));
+    inbox.post(record("third", false));
+    service.sync();
+    let end = service.stop(0).unwrap();
+    assert_eq!(
+        *ran.lock().unwrap(),
+        [
+            "first on wasm-service-svc",
+            "second on wasm-service-svc",
+            "third on wasm-service-svc"
+        ]
+    );
+    // An error is recorded as a callback's; the VM did not trap, so it goes on and finishes.
+    assert_eq!(end.errors, ["the VM failed earlier and runs no more plugin code (the answer could not be delivered)"]);
+    assert!(end.done);
+    // A stopped service drops what is posted.
+    inbox.post(record("late", false));
+    assert_eq!(ran.lock().unwrap().len(), 3);
 }
 
 #[test]
