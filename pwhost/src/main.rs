@@ -26,6 +26,10 @@ enum Command {
     Run(Box<RunArgs>),
     /// Time a plugin per request and per VM start on each engine compiled in (or those named).
     Bench(Box<BenchArgs>),
+    /// Proxy live HTTP traffic through chains of plugins (listeners, routes, clusters and
+    /// plugins from a YAML file), until SIGTERM or SIGINT.
+    #[cfg(feature = "serve")]
+    Serve(ServeArgs),
     /// List the engines compiled into this build.
     Runtimes,
     /// Add engines' precompiled code to a module, for hosts that load it with
@@ -76,6 +80,45 @@ impl LimitArgs {
             interruptible: false,
         }
     }
+}
+
+#[cfg(feature = "serve")]
+#[derive(Parser)]
+struct ServeArgs {
+    /// The configuration: listeners (address, routes, HTTP filter chain), clusters, services.
+    #[arg(long)]
+    config: PathBuf,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// How logs are written to standard error (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[cfg(feature = "serve")]
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `pwhost serve`: loads everything first (a bad configuration or plugin stops it here, with
+/// the reason), then serves until told to stop.
+#[cfg(feature = "serve")]
+fn serve(args: &ServeArgs) -> anyhow::Result<std::convert::Infallible> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let config = serve::ServeConfig::read(&args.config)?;
+    let engines = pwhost::configured::BuildEngines::new(args.limits.runtime_config());
+    let proxy = serve::Proxy::load(config, &engines)?;
+    proxy.run()
 }
 
 #[derive(Parser)]
@@ -591,6 +634,11 @@ fn json(value: &impl serde::Serialize) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => match serve(&args) {
+            Ok(never) => match never {},
+            Err(error) => fail(&error),
+        },
         Command::Runtimes => emit(
             &runtimes::available()
                 .iter()

@@ -1,0 +1,448 @@
+//! `pwhost serve` end to end: a real proxy process on loopback ports of its own, an origin
+//! started by the test, real HTTP clients, the corpus's Rust SDK plugins unchanged.
+#![cfg(all(feature = "serve", feature = "wasmtime"))]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn corpus_plugin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist/rust")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup.sh (plugins/build.sh)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// An origin that answers every request with what it received: request line, headers (lower
+/// case), body, then `hello from origin`.
+struct Origin {
+    address: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    last_body: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Origin {
+    fn start() -> Origin {
+        Origin::answering_with(&[])
+    }
+
+    /// An origin adding `headers` to every answer.
+    fn answering_with(headers: &[(&str, &str)]) -> Origin {
+        let extra: Vec<tiny_http::Header> = headers
+            .iter()
+            .map(|(name, value)| tiny_http::Header::from_bytes(*name, *value).expect("header"))
+            .collect();
+        let server = tiny_http::Server::http("127.0.0.1:0").expect("the origin binds");
+        let address = server.server_addr().to_ip().expect("an IP address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let last_body = Arc::new(Mutex::new(String::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped, body_seen) = (
+            Arc::clone(&requests),
+            Arc::clone(&stop),
+            Arc::clone(&last_body),
+        );
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let mut request_body = String::new();
+                let _ = request.as_reader().read_to_string(&mut request_body);
+                count.fetch_add(1, Ordering::Relaxed);
+                *body_seen.lock().unwrap() = request_body.clone();
+                let mut body = format!("{} {}\n", request.method(), request.url());
+                for header in request.headers() {
+                    body.push_str(&format!(
+                        "{}: {}\n",
+                        header.field.as_str().as_str().to_ascii_lowercase(),
+                        header.value
+                    ));
+                }
+                body.push_str(&format!("\n{request_body}\nhello from origin\n"));
+                let mut response = tiny_http::Response::from_string(body).with_header(
+                    tiny_http::Header::from_bytes("server", "origin").expect("header"),
+                );
+                for header in &extra {
+                    response.add_header(header.clone());
+                }
+                let _ = request.respond(response);
+            }
+        });
+        Origin {
+            address,
+            requests,
+            last_body,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A `pwhost serve` process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Serve {
+    _dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A plugin block in Envoy's filter format.
+fn envoy_filter(name: &str, plugin: &str, configuration: &str) -> String {
+    format!(
+        "      - name: envoy.filters.http.wasm\n        typed_config:\n          \
+         \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n          \
+         config:\n            name: {name}\n            configuration:\n              \
+         \"@type\": type.googleapis.com/google.protobuf.StringValue\n              \
+         value: \"{configuration}\"\n            vm_config:\n              \
+         runtime: envoy.wasm.runtime.wasmtime\n              \
+         code: {{local: {{filename: {}}}}}\n",
+        corpus_plugin(plugin).display()
+    )
+}
+
+impl Serve {
+    /// Starts the proxy with `filters` (plugin blocks) in front of `upstream`.
+    fn start(upstream: SocketAddr, filters: &[String]) -> Serve {
+        Serve::start_with(upstream, filters, &[])
+    }
+
+    /// As [`Serve::start`], with more clusters (name, address) for the plugins' calls.
+    fn start_with(
+        upstream: SocketAddr,
+        filters: &[String],
+        clusters: &[(&str, SocketAddr)],
+    ) -> Serve {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let config = format!(
+            "workers: 2\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n    \
+             routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
+             clusters:\n  backend: {{endpoints: [\"{upstream}\"], connect_timeout: 1s, \
+             request_timeout: 5s}}\n{}",
+            filters.concat(),
+            clusters
+                .iter()
+                .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
+                .collect::<String>()
+        );
+        let config_path = dir.path().join("serve.yaml");
+        std::fs::write(&config_path, config).expect("the configuration");
+        let log = dir.path().join("serve.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the log file"))
+            .spawn()
+            .expect("pwhost starts");
+        let serve = Serve {
+            _dir: dir,
+            port,
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pwhost serve did not listen within 30 s:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serve
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (at most 10 s) until the log contains `text`.
+    fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(text) {
+            assert!(Instant::now() < deadline, "no {text:?} in:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response as the tests look at it.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let response = match body {
+        Some(body) => {
+            let mut request = agent.post(url);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            request.send(body)
+        }
+        None => {
+            let mut request = agent.get(url);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            assert_eq!(method, "GET");
+            request.call()
+        }
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = response
+        .into_body()
+        .read_to_string()
+        .expect("a readable body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    send("GET", url, headers, None)
+}
+
+#[test]
+fn a_chain_of_two_plugins_rewrites_headers_both_ways_and_answers_locally() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[
+            envoy_filter("headers", "http_headers", ""),
+            envoy_filter("api_key", "local_response", "secret"),
+        ],
+    );
+    let reply = get(
+        &serve.url("/hello?x=1"),
+        &[
+            ("x-api-key", "secret"),
+            ("user-agent", "curl/8"),
+            ("x-remove-me", "1"),
+        ],
+    );
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    // The request as the origin saw it: the first plugin's edits.
+    assert!(reply.body.starts_with("GET /hello?x=1\n"), "{}", reply.body);
+    assert!(
+        reply.body.contains("x-pwhost-plugin: http_headers"),
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains("user-agent: pwhost-test"),
+        "{}",
+        reply.body
+    );
+    assert!(!reply.body.contains("x-remove-me"), "{}", reply.body);
+    // The response as the client sees it.
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    assert_eq!(reply.header("server"), None);
+
+    // The second plugin answers without the key; the reply still goes back through the first
+    // plugin's response callback, and the origin never sees the request.
+    let before = origin.requests.load(Ordering::Relaxed);
+    let denied = get(&serve.url("/secret"), &[]);
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.body, "access denied\n");
+    assert_eq!(denied.header("x-powered-by"), Some("pwhost"));
+    assert_eq!(origin.requests.load(Ordering::Relaxed), before);
+    // `proxy_on_log` reads the request headers.
+    serve.wait_for_log("done: /secret");
+}
+
+#[test]
+fn bodies_are_rewritten_on_the_way_up_and_down() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[envoy_filter("bodies", "body_rewrite", "")],
+    );
+    let reply = send("POST", &serve.url("/upload"), &[], Some("hello world"));
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(*origin.last_body.lock().unwrap(), "HELLO WORLD");
+    // The origin's echo of the (upper-cased) body, then its greeting rewritten.
+    assert!(reply.body.contains("HELLO WORLD"), "{}", reply.body);
+    assert!(
+        reply.body.ends_with("howdy from origin\n"),
+        "{}",
+        reply.body
+    );
+}
+
+#[test]
+fn an_unreachable_upstream_is_a_503_and_a_trapping_plugin_fails_closed() {
+    let closed = free_port();
+    let serve = Serve::start(
+        ([127, 0, 0, 1], closed).into(),
+        &[
+            envoy_filter("headers", "http_headers", ""),
+            envoy_filter("panics", "panics", ""),
+        ],
+    );
+    let reply = get(&serve.url("/nowhere"), &[]);
+    assert_eq!(reply.status, 503, "{}", serve.log());
+    // The plugins saw the stream to its end.
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    serve.wait_for_log("done: /nowhere");
+
+    let trapped = get(&serve.url("/"), &[("x-panic", "boom")]);
+    assert_eq!(trapped.status, 503);
+    serve.wait_for_log("pwhost test panic: boom");
+}
+
+#[test]
+fn a_paused_request_waits_for_an_http_call_and_timers_tick_on_every_worker() {
+    let origin = Origin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let serve = Serve::start_with(
+        origin.address,
+        &[
+            envoy_filter("auth", "http_call", ""),
+            envoy_filter("timers", "timers", ""),
+        ],
+        &[("auth_cluster", auth.address)],
+    );
+    // The plugin holds the request, asks the auth server, and lets it go on with the answer.
+    let reply = get(&serve.url("/account"), &[]);
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert!(reply.body.contains("x-auth-user: alice"), "{}", reply.body);
+    assert_eq!(auth.requests.load(Ordering::Relaxed), 1);
+    assert!(auth.last_body.lock().unwrap().is_empty());
+    // The timer plugin's copy on the thread that served the request ticks three times.
+    serve.wait_for_log("tick 3");
+}
+
+#[test]
+fn a_call_to_an_unreachable_cluster_fails_and_the_plugin_answers_itself() {
+    let origin = Origin::start();
+    let closed = free_port();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("auth", "http_call", "")],
+        &[("auth_cluster", ([127, 0, 0, 1], closed).into())],
+    );
+    let reply = get(&serve.url("/account"), &[]);
+    assert_eq!(reply.status, 503, "{}", serve.log());
+    assert_eq!(reply.body, "auth callout failed\n");
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn http2_clients_without_tls_are_served_through_the_same_chain() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[envoy_filter("headers", "http_headers", "")],
+    );
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "-H",
+            "x-remove-me: 1",
+        ])
+        .arg(serve.url("/h2"))
+        .output()
+        .expect("curl runs (apt-get install curl)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}\n{}", serve.log());
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    assert!(text.contains("x-powered-by: pwhost"), "{text}");
+    assert!(text.contains("x-pwhost-plugin: http_headers"), "{text}");
+    assert!(!text.contains("x-remove-me"), "{text}");
+    serve.wait_for_log("done: /h2");
+}
+
+#[test]
+fn an_upstream_that_does_not_answer_in_time_is_a_504_and_the_plugins_see_it() {
+    // Accepts connections (the kernel does) but never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let serve = Serve::start(
+        silent.local_addr().expect("its address"),
+        &[envoy_filter("headers", "http_headers", "")],
+    );
+    let started = Instant::now();
+    let reply = get(&serve.url("/slow"), &[]);
+    assert_eq!(reply.status, 504, "{}", serve.log());
+    // The cluster's request timeout is 5 s.
+    assert!(started.elapsed() >= Duration::from_millis(4900));
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    serve.wait_for_log("done: /slow");
+}

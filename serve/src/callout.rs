@@ -1,0 +1,150 @@
+//! `proxy_http_call` over the network: the request goes to a cluster through Pingora's own
+//! client (its connection pools), in a task on the calling worker's runtime, and the answer
+//! (or the failure: refused, reset, timed out) comes back to the VM copy that made the call, on
+//! the same thread.
+
+use std::cell::Cell;
+use std::sync::{Arc, OnceLock};
+
+use abi::{HeaderMap, HttpCallRequest, HttpCallResponse, Status};
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+
+use crate::host::ServeHost;
+use crate::proxy::ClusterState;
+use crate::worker::{with_workers, Listener};
+
+thread_local! {
+    /// The last token given out on this thread: tokens are unique among a thread's copies, so
+    /// an answer finds its copy by token.
+    static LAST_TOKEN: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The client all calls share (its pools are per process).
+fn connector() -> &'static Connector {
+    static CONNECTOR: OnceLock<Connector> = OnceLock::new();
+    CONNECTOR.get_or_init(|| Connector::new(None))
+}
+
+/// Starts `request` to `cluster` from a plugin of `listener` on this worker thread; returns its
+/// token. The request is checked here: a method, path or header that is not valid HTTP (CR, LF,
+/// NUL included) is refused with `BAD_ARGUMENT`.
+pub(crate) fn dispatch(
+    listener: &Arc<Listener>,
+    cluster: &Arc<ClusterState>,
+    request: HttpCallRequest,
+) -> Result<u32, Status> {
+    let header = request_header(&request).ok_or(Status::BadArgument)?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Status::InternalFailure)?;
+    let token = LAST_TOKEN.with(|last| {
+        let token = last.get().wrapping_add(1).max(1);
+        last.set(token);
+        token
+    });
+    let (listener, cluster) = (Arc::clone(listener), Arc::clone(cluster));
+    let body = Bytes::from(request.body);
+    let timeout = request.timeout;
+    runtime.spawn(async move {
+        let call = send(&cluster, header, body);
+        let answer = if timeout.is_zero() {
+            call.await
+        } else {
+            tokio::time::timeout(timeout, call).await.ok().flatten()
+        };
+        deliver(&listener, token, answer);
+    });
+    Ok(token)
+}
+
+/// The request header of a call: `:method`, `:path`, `:authority` (as `Host`) and the rest.
+fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
+    let headers = &request.headers;
+    let method = headers.get(b":method").unwrap_or(b"GET");
+    let path = headers.get(b":path").unwrap_or(b"/");
+    let method = std::str::from_utf8(method).ok()?;
+    let mut header = RequestHeader::build(method, path, Some(headers.len())).ok()?;
+    if let Some(authority) = headers.get(b":authority") {
+        header
+            .insert_header(
+                http::header::HOST,
+                http::HeaderValue::from_bytes(authority).ok()?,
+            )
+            .ok()?;
+    }
+    for (name, value) in headers.iter() {
+        if name.starts_with(b":") || name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        let name = http::HeaderName::from_bytes(name).ok()?;
+        let value = http::HeaderValue::from_bytes(value).ok()?;
+        header.append_header(name, value).ok()?;
+    }
+    header
+        .insert_header(http::header::CONTENT_LENGTH, request.body.len().to_string())
+        .ok()?;
+    Some(Box::new(header))
+}
+
+/// Sends the call and reads the whole answer; `None` if it failed on the way.
+async fn send(
+    cluster: &ClusterState,
+    header: Box<RequestHeader>,
+    body: Bytes,
+) -> Option<HttpCallResponse> {
+    let peer = cluster.peer();
+    let (mut session, _reused) = connector().get_http_session(&peer).await.ok()?;
+    session.write_request_header(header).await.ok()?;
+    if !body.is_empty() {
+        session.write_request_body(body, true).await.ok()?;
+    }
+    session.finish_request_body().await.ok()?;
+    session.read_response_header().await.ok()?;
+    let mut headers = HeaderMap::new();
+    let response = session.response_header()?;
+    headers.add(b":status", response.status.as_str().as_bytes());
+    for (name, value) in response.headers.iter() {
+        headers.add(name.as_str().as_bytes(), value.as_bytes());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_response_body().await.ok()? {
+        body.extend_from_slice(&chunk);
+    }
+    connector().release_http_session(session, &peer, None).await;
+    Some(HttpCallResponse {
+        headers,
+        body,
+        trailers: HeaderMap::new(),
+    })
+}
+
+/// Hands the answer to the copy that made call `token`, on this thread.
+fn deliver(listener: &Arc<Listener>, token: u32, mut answer: Option<HttpCallResponse>) {
+    let delivered = with_workers(listener, |workers| {
+        let mut found = false;
+        workers.for_each_worker(|_, worker| {
+            worker.for_each_copy(|_, vm, _| {
+                if found {
+                    return;
+                }
+                let Some(host) = vm.host_as::<ServeHost>() else {
+                    return;
+                };
+                if !host.callouts.remove(&token) {
+                    return;
+                }
+                found = true;
+                let result = match answer.take() {
+                    Some(response) => vm.on_http_call_response(token, response),
+                    None => vm.on_http_call_failure(token),
+                };
+                if let Err(error) = result {
+                    tracing::error!("proxy_on_http_call_response failed: {error}");
+                }
+            });
+        });
+    });
+    if delivered.is_none() {
+        tracing::error!(token, "an HTTP call's answer found no VM copy to go to");
+    }
+}

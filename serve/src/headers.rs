@@ -1,0 +1,301 @@
+//! Pingora's request and response headers lent to the plugins as [`abi::Headers`], read and
+//! written in place, with Envoy's pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`;
+//! `:status`) mapped onto the request line and the status.
+//!
+//! A header is lent for one synchronous callback: the proxy puts a pointer to its header in the
+//! stream's slot, calls the plugin, and takes the pointer back (see [`Lent`]).
+
+use abi::Headers;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+/// A header lent for the length of a callback.
+pub(crate) struct Lent<T>(*mut T);
+
+// SAFETY: a `Lent` only exists while the proxy lends the header, on the thread running the
+// callback (the host holding it stays on that thread: one VM copy per worker thread).
+unsafe impl<T> Send for Lent<T> {}
+
+impl<T> Lent<T> {
+    /// Lends `header`.
+    ///
+    /// # Safety
+    /// The `Lent` must be dropped before `header`'s borrow ends and must not be used by
+    /// anyone but the callback the header is lent to.
+    pub(crate) unsafe fn new(header: &mut T) -> Lent<T> {
+        Lent(header)
+    }
+
+    fn get(&self) -> &T {
+        // SAFETY: `new`'s promise: the header outlives the loan, which is exclusive.
+        unsafe { &*self.0 }
+    }
+
+    fn get_mut(&mut self) -> &mut T {
+        // SAFETY: as in `get`.
+        unsafe { &mut *self.0 }
+    }
+}
+
+/// Whether a name or value could split a header (CR, LF, NUL): refused, as Envoy does.
+fn is_clean(bytes: &[u8]) -> bool {
+    !bytes.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// A header name as HTTP/2 requires it (lower case); Pingora keeps the case for HTTP/1.
+fn header_name(name: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::from(name.to_ascii_lowercase())
+}
+
+fn refuse(name: &[u8]) {
+    tracing::warn!(
+        header = %String::from_utf8_lossy(name),
+        "a plugin's header name or value is not valid HTTP: left out"
+    );
+}
+
+impl Headers for Lent<RequestHeader> {
+    fn len(&self) -> usize {
+        // As `for_each` shows them: the pseudo-headers, then every header but `host` (shown as
+        // `:authority`).
+        let header = self.get();
+        let hosts = header.headers.get_all(http::header::HOST).iter().count();
+        let authority = usize::from(Headers::get(self, b":authority").is_some());
+        3 + authority + header.headers.len() - hosts
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        let header = Lent::get(self);
+        match name {
+            b":method" => Some(header.method.as_str().as_bytes()),
+            b":path" => Some(header.raw_path()),
+            b":authority" => header
+                .uri
+                .authority()
+                .map(|authority| authority.as_str().as_bytes())
+                .or_else(|| header.headers.get(http::header::HOST).map(|v| v.as_bytes())),
+            b":scheme" => Some(header.uri.scheme_str().unwrap_or("http").as_bytes()),
+            _ => std::str::from_utf8(name)
+                .ok()
+                .and_then(|name| header.headers.get(name))
+                .map(|value| value.as_bytes()),
+        }
+    }
+
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        for pseudo in [&b":authority"[..], b":path", b":method", b":scheme"] {
+            if let Some(value) = Headers::get(self, pseudo) {
+                visit(pseudo, value);
+            }
+        }
+        for (name, value) in self.get().headers.iter() {
+            if name != http::header::HOST {
+                visit(name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+    }
+
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        if name.starts_with(b":") || name.eq_ignore_ascii_case(b"host") {
+            return self.replace(name, value);
+        }
+        if !is_clean(value)
+            || self
+                .get_mut()
+                .append_header(header_name(name), value)
+                .is_err()
+        {
+            refuse(name);
+        }
+    }
+
+    fn replace(&mut self, name: &[u8], value: &[u8]) {
+        if !is_clean(value) {
+            return refuse(name);
+        }
+        let header = self.get_mut();
+        let done = match name {
+            b":method" => http::Method::from_bytes(value)
+                .map(|method| header.set_method(method))
+                .is_ok(),
+            b":path" => header.set_raw_path(value).is_ok(),
+            b":authority" | b"host" => header.insert_header(http::header::HOST, value).is_ok(),
+            b":scheme" => true,
+            _ if name.starts_with(b":") => false,
+            _ => header.insert_header(header_name(name), value).is_ok(),
+        };
+        if !done {
+            refuse(name);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if let Ok(name) = std::str::from_utf8(name) {
+            if !name.starts_with(':') {
+                self.get_mut().remove_header(name);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        let names: Vec<http::HeaderName> = self.get().headers.keys().cloned().collect();
+        for name in names {
+            self.get_mut().remove_header(&name);
+        }
+    }
+}
+
+impl Headers for Lent<ResponseHeader> {
+    fn len(&self) -> usize {
+        1 + self.get().headers.len()
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        let header = Lent::get(self);
+        match name {
+            b":status" => Some(header.status.as_str().as_bytes()),
+            _ => std::str::from_utf8(name)
+                .ok()
+                .and_then(|name| header.headers.get(name))
+                .map(|value| value.as_bytes()),
+        }
+    }
+
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        let header = self.get();
+        visit(b":status", header.status.as_str().as_bytes());
+        for (name, value) in header.headers.iter() {
+            visit(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        if name == b":status" {
+            return self.replace(name, value);
+        }
+        if !is_clean(value)
+            || self
+                .get_mut()
+                .append_header(header_name(name), value)
+                .is_err()
+        {
+            refuse(name);
+        }
+    }
+
+    fn replace(&mut self, name: &[u8], value: &[u8]) {
+        if !is_clean(value) {
+            return refuse(name);
+        }
+        let header = self.get_mut();
+        let done = match name {
+            b":status" => std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u16>().ok())
+                .is_some_and(|status| header.set_status(status).is_ok()),
+            _ if name.starts_with(b":") => false,
+            _ => header.insert_header(header_name(name), value).is_ok(),
+        };
+        if !done {
+            refuse(name);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if let Ok(name) = std::str::from_utf8(name) {
+            if !name.starts_with(':') {
+                self.get_mut().remove_header(name);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        let names: Vec<http::HeaderName> = self.get().headers.keys().cloned().collect();
+        for name in names {
+            self.get_mut().remove_header(&name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> RequestHeader {
+        let mut header = RequestHeader::build("GET", b"/search?q=1", None).unwrap();
+        header.insert_header("host", "example.com").unwrap();
+        header.insert_header("user-agent", "curl").unwrap();
+        header
+    }
+
+    fn pairs(headers: &dyn Headers) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        headers.for_each(&mut |name, value| {
+            out.push((
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            ))
+        });
+        out
+    }
+
+    #[test]
+    fn a_request_shows_envoys_pseudo_headers_first_and_host_as_authority() {
+        let mut header = request();
+        // SAFETY: the loan ends before `header` is used again.
+        let lent = unsafe { Lent::new(&mut header) };
+        assert_eq!(
+            pairs(&lent),
+            [
+                (":authority", "example.com"),
+                (":path", "/search?q=1"),
+                (":method", "GET"),
+                (":scheme", "http"),
+                ("user-agent", "curl"),
+            ]
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+        );
+        assert_eq!(lent.len(), 5);
+    }
+
+    #[test]
+    fn plugin_edits_land_in_the_request_line_and_headers() {
+        let mut header = request();
+        {
+            // SAFETY: as above.
+            let mut lent = unsafe { Lent::new(&mut header) };
+            lent.replace(b":path", b"/rewritten");
+            lent.replace(b":method", b"POST");
+            lent.add(b"x-added", b"1");
+            lent.add(b"x-added", b"2");
+            lent.remove(b"user-agent");
+            lent.replace(b":authority", b"other.example");
+            // Header splitting is refused; the map stays as it was.
+            lent.add(b"x-evil", b"a\r\nx-injected: 1");
+        }
+        assert_eq!(header.raw_path(), b"/rewritten");
+        assert_eq!(header.method, http::Method::POST);
+        let added: Vec<_> = header.headers.get_all("x-added").iter().collect();
+        assert_eq!(added, ["1", "2"]);
+        assert!(header.headers.get("user-agent").is_none());
+        assert_eq!(header.headers["host"], "other.example");
+        assert!(header.headers.get("x-evil").is_none());
+    }
+
+    #[test]
+    fn a_response_maps_status() {
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        header.insert_header("server", "origin").unwrap();
+        {
+            // SAFETY: as above.
+            let mut lent = unsafe { Lent::new(&mut header) };
+            assert_eq!(Headers::get(&lent, b":status"), Some(&b"200"[..]));
+            lent.replace(b":status", b"418");
+            lent.remove(b"server");
+            lent.add(b"x-powered-by", b"pwhost");
+            lent.replace(b":status", b"not a number");
+        }
+        assert_eq!(header.status.as_u16(), 418);
+        assert!(header.headers.get("server").is_none());
+        assert_eq!(header.headers["x-powered-by"], "pwhost");
+    }
+}

@@ -1,0 +1,183 @@
+//! What a plugin's VM copy sees of the proxy: the [`abi::Host`] of one VM copy on one worker
+//! thread.
+//!
+//! Each stream running through a plugin has a [`StreamSlot`] in the host of the plugin's VM
+//! copy, keyed by the plugin's stream context. The stream lends its headers to the slot for
+//! each callback and reads back afterwards what the plugin asked for (a local reply, continuing
+//! or closing the stream). A plugin may ask from a later callback (a timer tick): the slot's
+//! [`Notify`] wakes the stream waiting for it.
+
+use std::sync::Arc;
+
+use abi::{
+    BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
+    Status, StreamInfo, StreamType,
+};
+use pingora::http::{RequestHeader, ResponseHeader};
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::sync::Notify;
+
+use crate::callout;
+use crate::headers::Lent;
+use crate::worker::Listener;
+
+/// A stream's place in a VM copy's host, for one plugin.
+pub(crate) struct StreamSlot {
+    /// The plugin's name, for its logs.
+    pub(crate) plugin: Arc<str>,
+    /// Wakes the stream when the plugin asks for something outside the stream's callbacks.
+    pub(crate) wake: Arc<Notify>,
+    /// The request header, while a callback has it.
+    pub(crate) request: Option<Lent<RequestHeader>>,
+    /// The response header, while a callback has it.
+    pub(crate) response: Option<Lent<ResponseHeader>>,
+    /// The body (chunk and what the plugin buffered) while its callback runs.
+    pub(crate) body: Option<Vec<u8>>,
+    /// What is known of the stream beyond its headers, for Envoy's attributes.
+    pub(crate) info: StreamInfo,
+    /// What the plugin asked for.
+    pub(crate) asked: Asked,
+}
+
+/// What a plugin asked for its stream.
+#[derive(Default)]
+pub(crate) struct Asked {
+    /// A local reply (`proxy_send_local_response`).
+    pub(crate) local_reply: Option<LocalResponse>,
+    /// To continue the stream it paused.
+    pub(crate) continued: bool,
+    /// To close the stream.
+    pub(crate) closed: bool,
+}
+
+/// The host of one VM copy.
+pub(crate) struct ServeHost {
+    /// The listener whose plugins run in this copy (`None`: a singleton service's).
+    listener: Option<Arc<Listener>>,
+    /// The tokens of this copy's HTTP calls still waiting for an answer.
+    pub(crate) callouts: FxHashSet<u32>,
+    /// The streams running through this copy, by the plugin's stream context.
+    pub(crate) streams: FxHashMap<u32, StreamSlot>,
+    /// Plugin names by root context, for logs of root contexts.
+    pub(crate) roots: FxHashMap<u32, Arc<str>>,
+    /// The worker thread, for logs.
+    pub(crate) worker: String,
+}
+
+impl ServeHost {
+    /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
+    pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
+        ServeHost {
+            listener: Some(listener),
+            ..ServeHost::for_service()
+        }
+    }
+
+    /// The host of a singleton service.
+    pub(crate) fn for_service() -> ServeHost {
+        ServeHost {
+            listener: None,
+            callouts: FxHashSet::default(),
+            streams: FxHashMap::default(),
+            roots: FxHashMap::default(),
+            // Pingora names its threads after the service: the id tells workers apart.
+            worker: format!("{:?}", std::thread::current().id()),
+        }
+    }
+
+    fn name_of(&self, context: ContextId) -> Option<&str> {
+        self.streams
+            .get(&context.0)
+            .map(|slot| &*slot.plugin)
+            .or_else(|| self.roots.get(&context.0).map(|name| &**name))
+    }
+
+    /// Records a request of the plugin for stream `context` and wakes the stream.
+    fn ask(&mut self, context: ContextId, asking: impl FnOnce(&mut Asked)) -> Status {
+        match self.streams.get_mut(&context.0) {
+            Some(slot) => {
+                asking(&mut slot.asked);
+                slot.wake.notify_one();
+                Status::Ok
+            }
+            None => Status::NotFound,
+        }
+    }
+}
+
+impl Host for ServeHost {
+    fn log(&mut self, context: ContextId, level: LogLevel, message: &str) {
+        let plugin = self.name_of(context).unwrap_or("");
+        let worker = &self.worker;
+        let context = context.0;
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, worker, context, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, worker, context, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, worker, context, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, worker, context, "{message}"),
+            _ => tracing::error!(plugin, worker, context, "{message}"),
+        }
+    }
+
+    fn log_level(&self) -> LogLevel {
+        use tracing::level_filters::LevelFilter;
+        match LevelFilter::current() {
+            LevelFilter::TRACE => LogLevel::Trace,
+            LevelFilter::DEBUG => LogLevel::Debug,
+            LevelFilter::INFO => LogLevel::Info,
+            LevelFilter::WARN => LogLevel::Warn,
+            _ => LogLevel::Error,
+        }
+    }
+
+    fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers> {
+        let slot = self.streams.get_mut(&context.0)?;
+        match map {
+            MapType::HttpRequestHeaders => Some(slot.request.as_mut()?),
+            MapType::HttpResponseHeaders => Some(slot.response.as_mut()?),
+            _ => None,
+        }
+    }
+
+    fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>> {
+        match buffer {
+            BufferType::HttpRequestBody | BufferType::HttpResponseBody => {
+                self.streams.get_mut(&context.0)?.body.as_mut()
+            }
+            _ => None,
+        }
+    }
+
+    fn stream_info(&mut self, context: ContextId) -> Option<&StreamInfo> {
+        self.streams.get(&context.0).map(|slot| &slot.info)
+    }
+
+    fn send_local_response(&mut self, context: ContextId, response: LocalResponse) -> Status {
+        self.ask(context, |asked| {
+            asked.local_reply.get_or_insert(response);
+        })
+    }
+
+    fn continue_stream(&mut self, context: ContextId, _stream: StreamType) -> Status {
+        self.ask(context, |asked| asked.continued = true)
+    }
+
+    fn close_stream(&mut self, context: ContextId, _stream: StreamType) -> Status {
+        self.ask(context, |asked| asked.closed = true)
+    }
+
+    fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
+        let Some(listener) = &self.listener else {
+            tracing::debug!("proxy_http_call from a singleton service: not supported yet");
+            return Err(Status::Unimplemented);
+        };
+        let name = String::from_utf8_lossy(&request.upstream);
+        let Some(cluster) = listener.clusters.get(name.as_ref()) else {
+            tracing::debug!(cluster = %name, "proxy_http_call to an unknown cluster");
+            return Err(Status::BadArgument);
+        };
+        let token = callout::dispatch(listener, cluster, request)?;
+        self.callouts.insert(token);
+        Ok(token)
+    }
+}

@@ -1,0 +1,173 @@
+//! `pwhost serve`: a proxy on [Pingora](https://github.com/cloudflare/pingora) whose every
+//! HTTP stream goes through a chain of Proxy-Wasm plugins, with Envoy's worker model.
+//!
+//! - Each listener has its routes (path prefix, optional host → cluster) and its HTTP filter
+//!   chain (plugin blocks as Envoy and Traffic Server write them, through the lifecycle layer).
+//! - Workers: Pingora runs one single-threaded runtime per worker thread (no work stealing), so
+//!   a stream stays on one thread from start to end, and each thread has its own VM copy of
+//!   every plugin, made on the thread's first stream. Shared data and queues are one store for
+//!   the process.
+//! - Pingora's phases map onto the callbacks: `request_filter` → `proxy_on_request_headers`
+//!   (a paused stream waits there, asynchronously, for the plugin to continue it),
+//!   `request_body_filter` → `proxy_on_request_body`, `response_filter` →
+//!   `proxy_on_response_headers`, `response_body_filter` → `proxy_on_response_body`,
+//!   `logging` → `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
+//!
+//! Singleton services run each on a thread of their own (lifecycle's `SingletonService`).
+
+mod callout;
+pub mod config;
+mod headers;
+mod host;
+mod proxy;
+mod stream;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lifecycle::{CodeCache, Engines, LivePlugins, LoadOptions, Plugins, SingletonService, Ticking};
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+
+pub use config::{ConfigError, ServeConfig};
+
+/// Bytes a plugin may buffer of one body by default (Envoy's default buffer limit is 1 MiB).
+pub const DEFAULT_BUFFER_LIMIT: usize = 1 << 20;
+
+/// Why the proxy did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A plugin did not load or start.
+    #[error("{0}")]
+    Plugins(String),
+}
+
+/// The proxy, loaded and ready to run.
+pub struct Proxy {
+    config: ServeConfig,
+    listeners: Vec<(String, std::net::SocketAddr, proxy::ListenerProxy)>,
+    services: Vec<SingletonService>,
+}
+
+impl Proxy {
+    /// Loads every plugin of `config` (compiled once, checked by starting them) and starts its
+    /// singleton services; nothing listens yet.
+    pub fn load(config: ServeConfig, engines: &dyn Engines) -> Result<Proxy, ServeError> {
+        let options = LoadOptions {
+            base_dir: PathBuf::from("/"),
+            code_cache: CodeCache::new(None),
+            compilation_cache: None,
+        };
+        let shared = abi::SharedState::default();
+        let clusters: Arc<std::collections::BTreeMap<String, Arc<proxy::ClusterState>>> = Arc::new(
+            config
+                .clusters
+                .iter()
+                .map(|(name, cluster)| {
+                    (
+                        name.clone(),
+                        Arc::new(proxy::ClusterState::new(name.clone(), cluster.clone())),
+                    )
+                })
+                .collect(),
+        );
+        let mut listeners = Vec::new();
+        for (index, listener) in config.listeners.iter().enumerate() {
+            let plugins = Plugins::load(&listener.plugins, engines, &options, shared.clone())
+                .map_err(|e| {
+                    ServeError::Plugins(format!("listeners[{index}].http_filters: {e}"))
+                })?;
+            for warning in plugins.warnings() {
+                tracing::warn!(listener = %listener.name, "{warning}");
+            }
+            let routes = listener
+                .routes
+                .iter()
+                .map(|route| (route.clone(), Arc::clone(&clusters[&route.cluster])))
+                .collect();
+            listeners.push((
+                listener.name.clone(),
+                listener.address,
+                proxy::ListenerProxy {
+                    listener: Arc::new(worker::Listener {
+                        index,
+                        live: Arc::new(LivePlugins::new(plugins)),
+                        clusters: Arc::clone(&clusters),
+                    }),
+                    routes,
+                    buffer_limit: DEFAULT_BUFFER_LIMIT,
+                },
+            ));
+        }
+        let mut services = Vec::new();
+        if !config.services.services.is_empty() {
+            let plugins = Arc::new(
+                Plugins::load(&config.services, engines, &options, shared)
+                    .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
+            );
+            for plugin in plugins.services() {
+                let name = stream::plugin_name(plugins.config(plugin)).to_string();
+                if !plugins.is_singleton(plugin) {
+                    return Err(ServeError::Plugins(format!(
+                        "services: {name}: only singleton services (singleton: true) run yet"
+                    )));
+                }
+                let service = SingletonService::spawn(
+                    Arc::clone(&plugins),
+                    plugin,
+                    Box::new(host::ServeHost::for_service()),
+                    Ticking::Clock,
+                    Box::new(|_| {}),
+                )
+                .map_err(|e| ServeError::Plugins(e.to_string()))?;
+                services.push(service);
+            }
+        }
+        Ok(Proxy {
+            config,
+            listeners,
+            services,
+        })
+    }
+
+    /// Listens and serves until the process is told to stop (SIGTERM: stop accepting, let
+    /// streams in flight finish within the grace period, exit).
+    pub fn run(self) -> ! {
+        let conf = ServerConf {
+            threads: self.config.workers,
+            work_stealing: false,
+            grace_period_seconds: Some(1),
+            graceful_shutdown_timeout_seconds: Some(10),
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+        server.bootstrap();
+        for (name, address, listener) in self.listeners {
+            let mut service = pingora::proxy::http_proxy_service_with_name(
+                &server.configuration,
+                listener,
+                &name,
+            );
+            if let Some(proxy) = service.app_logic_mut() {
+                let mut options = HttpServerOptions::default();
+                options.h2c = true;
+                proxy.server_options = Some(options);
+            }
+            service.add_tcp(&address.to_string());
+            server.add_service(service);
+        }
+        tracing::info!(
+            workers = self.config.workers,
+            listeners = self.config.listeners.len(),
+            "serving"
+        );
+        // The services live as long as the process.
+        std::mem::forget(self.services);
+        server.run_forever()
+    }
+}

@@ -1,0 +1,408 @@
+//! Pingora's proxy phases mapped onto the Proxy-Wasm callbacks, for one listener.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::{Cluster, Route};
+use crate::stream::{lend_request, lend_response, Direction, Outcome, Reply, Stream};
+use crate::worker::Listener;
+
+/// One listener's proxy: its routes, the clusters they name, its plugin chain.
+pub(crate) struct ListenerProxy {
+    pub(crate) listener: Arc<Listener>,
+    pub(crate) routes: Vec<(Route, Arc<ClusterState>)>,
+    pub(crate) buffer_limit: usize,
+}
+
+/// A cluster and where its next request goes.
+pub(crate) struct ClusterState {
+    pub(crate) name: String,
+    pub(crate) cluster: Cluster,
+    next: AtomicUsize,
+}
+
+impl ClusterState {
+    pub(crate) fn new(name: String, cluster: Cluster) -> ClusterState {
+        ClusterState {
+            name,
+            cluster,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next endpoint's peer, round robin.
+    pub(crate) fn peer(&self) -> HttpPeer {
+        let endpoints = &self.cluster.endpoints;
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len().max(1);
+        let mut peer = HttpPeer::new(endpoints[index], false, String::new());
+        peer.options.connection_timeout = Some(self.cluster.connect_timeout);
+        peer.options.read_timeout = Some(self.cluster.request_timeout);
+        if self.cluster.http2 {
+            peer.options.set_http_version(2, 2);
+        }
+        peer
+    }
+}
+
+/// A stream's state across the phases.
+pub(crate) struct StreamContext {
+    stream: Stream,
+    /// The request's framing headers as the plugins left them, for the upstream request (the
+    /// client's stay as they came: Pingora reads the client's body by them).
+    upstream_framing: Option<Framing>,
+    /// The response the plugins answered with, replacing the upstream's body.
+    replacing_body: Option<Vec<u8>>,
+    /// The response callbacks ran.
+    response_done: bool,
+}
+
+/// Sends `reply` to the client, through the response callbacks first (Envoy's local replies go
+/// through the encoder filters).
+async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply) -> Result<bool> {
+    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
+    for (name, value) in &reply.headers {
+        header.append_header(Bytes::from(name.to_ascii_lowercase()), value.as_slice())?;
+    }
+    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    let mut body = reply.body;
+    if !ctx.response_done {
+        ctx.response_done = true;
+        ctx.stream.note_response(reply.status);
+        match ctx
+            .stream
+            .headers(
+                Direction::Response,
+                &mut header,
+                body.is_empty(),
+                lend_response,
+            )
+            .await
+        {
+            Outcome::Continue => {}
+            Outcome::Close => return Err(closed()),
+            // A reply asked for while answering with one: Envoy sends the first.
+            Outcome::Reply(_) => {}
+        }
+        if !body.is_empty() {
+            match ctx.stream.body(Direction::Response, body, true) {
+                Ok(data) => body = data,
+                Err(Outcome::Close) => return Err(closed()),
+                Err(_) => body = Vec::new(),
+            }
+            header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+    }
+    session
+        .write_response_header(Box::new(header), body.is_empty())
+        .await?;
+    if !body.is_empty() {
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
+    }
+    Ok(true)
+}
+
+/// The error that resets a stream a plugin closed.
+fn closed() -> Box<Error> {
+    Error::explain(ErrorType::InternalError, "a plugin closed the stream")
+}
+
+/// Envoy's attributes of the connection.
+fn stream_info(session: &Session) -> abi::StreamInfo {
+    let mut info = abi::StreamInfo::default();
+    if let Some(address) = session.client_addr().and_then(|a| a.as_inet()) {
+        info.source_address = Some(address.to_string());
+    }
+    if let Some(address) = session.server_addr().and_then(|a| a.as_inet()) {
+        info.destination_address = Some(address.to_string());
+    }
+    info.protocol = Some(
+        if session.is_http2() {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        }
+        .to_string(),
+    );
+    info
+}
+
+/// A request's framing headers (`Content-Length`, `Transfer-Encoding`).
+#[derive(Debug, PartialEq, Eq)]
+struct Framing {
+    content_length: Option<http::HeaderValue>,
+    transfer_encoding: Option<http::HeaderValue>,
+}
+
+impl Framing {
+    fn of(header: &pingora::http::RequestHeader) -> Framing {
+        Framing {
+            content_length: header.headers.get(http::header::CONTENT_LENGTH).cloned(),
+            transfer_encoding: header.headers.get(http::header::TRANSFER_ENCODING).cloned(),
+        }
+    }
+
+    fn put_on(&self, header: &mut pingora::http::RequestHeader) -> Result<()> {
+        for (name, value) in [
+            (http::header::CONTENT_LENGTH, &self.content_length),
+            (http::header::TRANSFER_ENCODING, &self.transfer_encoding),
+        ] {
+            match value {
+                Some(value) => header.insert_header(name, value.clone())?,
+                None => {
+                    header.remove_header(&name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the request has no body (so the request headers end the stream).
+fn request_ends_with_headers(session: &Session) -> bool {
+    let header = session.req_header();
+    if session.is_http2() {
+        // HTTP/2 says so with END_STREAM, which Pingora exposes as an empty body reader.
+        return header.headers.get(http::header::CONTENT_LENGTH).is_none()
+            && matches!(header.method, http::Method::GET | http::Method::HEAD);
+    }
+    let length = header
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    header
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .is_none()
+        && length.unwrap_or(0) == 0
+}
+
+#[async_trait]
+impl ProxyHttp for ListenerProxy {
+    type CTX = StreamContext;
+
+    fn new_ctx(&self) -> StreamContext {
+        StreamContext {
+            stream: Stream::new(Arc::clone(&self.listener), self.buffer_limit),
+            upstream_framing: None,
+            replacing_body: None,
+            response_done: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut StreamContext) -> Result<bool> {
+        ctx.stream.begin(&stream_info(session));
+        if let Some(reply) = ctx.stream.early_reply.take() {
+            return send_reply(session, ctx, reply).await;
+        }
+        let end_of_stream = request_ends_with_headers(session);
+        let client_framing = Framing::of(session.req_header());
+        let outcome = ctx
+            .stream
+            .headers(
+                Direction::Request,
+                session.req_header_mut(),
+                end_of_stream,
+                lend_request,
+            )
+            .await;
+        let plugins_framing = Framing::of(session.req_header());
+        if plugins_framing != client_framing {
+            client_framing.put_on(session.req_header_mut())?;
+            ctx.upstream_framing = Some(plugins_framing);
+        }
+        match outcome {
+            Outcome::Continue => Ok(false),
+            Outcome::Reply(reply) => send_reply(session, ctx, reply).await,
+            Outcome::Close => Err(closed()),
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut StreamContext,
+    ) -> Result<()> {
+        let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
+        match ctx.stream.body(Direction::Request, chunk, end_of_stream) {
+            Ok(data) => {
+                *body = (!data.is_empty()).then(|| Bytes::from(data));
+                Ok(())
+            }
+            Err(Outcome::Reply(reply)) => Err(Error::explain(
+                ErrorType::HTTPStatus(reply.status),
+                "a plugin answered during the request body",
+            )),
+            Err(_) => Err(closed()),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut StreamContext,
+    ) -> Result<()> {
+        // Without framing headers, Pingora frames a body it forwards itself (chunked).
+        if let Some(framing) = &ctx.upstream_framing {
+            framing.put_on(upstream_request)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        _ctx: &mut StreamContext,
+    ) -> Result<Box<HttpPeer>> {
+        let header = session.req_header();
+        let path = header.raw_path();
+        let host = header
+            .uri
+            .host()
+            .or_else(|| {
+                header
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .map(|host| host.split(':').next().unwrap_or(host));
+        let route = self.routes.iter().find(|(route, _)| {
+            path.starts_with(route.prefix.as_bytes())
+                && route
+                    .host
+                    .as_deref()
+                    .is_none_or(|wanted| host.is_some_and(|h| h.eq_ignore_ascii_case(wanted)))
+        });
+        match route {
+            Some((_, cluster)) => {
+                tracing::trace!(cluster = %cluster.name, "routed");
+                Ok(Box::new(cluster.peer()))
+            }
+            None => Err(Error::explain(
+                ErrorType::HTTPStatus(404),
+                "no route for the request",
+            )),
+        }
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut StreamContext,
+    ) -> Result<()> {
+        if ctx.response_done {
+            return Ok(());
+        }
+        ctx.response_done = true;
+        ctx.stream.note_response(upstream_response.status.as_u16());
+        let end_of_stream = upstream_response
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+        match ctx
+            .stream
+            .headers(
+                Direction::Response,
+                upstream_response,
+                end_of_stream,
+                lend_response,
+            )
+            .await
+        {
+            Outcome::Continue => Ok(()),
+            Outcome::Close => Err(closed()),
+            Outcome::Reply(reply) => {
+                // The upstream's response is replaced: its status and headers now, its body as it
+                // comes (see `response_body_filter`).
+                upstream_response.set_status(reply.status)?;
+                let names: Vec<http::HeaderName> =
+                    upstream_response.headers.keys().cloned().collect();
+                for name in names {
+                    upstream_response.remove_header(&name);
+                }
+                for (name, value) in &reply.headers {
+                    upstream_response
+                        .append_header(Bytes::from(name.to_ascii_lowercase()), value.as_slice())?;
+                }
+                upstream_response
+                    .insert_header(http::header::CONTENT_LENGTH, reply.body.len().to_string())?;
+                ctx.replacing_body = Some(reply.body);
+                Ok(())
+            }
+        }
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut StreamContext,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(replacement) = &mut ctx.replacing_body {
+            *body = end_of_stream.then(|| Bytes::from(std::mem::take(replacement)));
+            return Ok(None);
+        }
+        let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
+        match ctx.stream.body(Direction::Response, chunk, end_of_stream) {
+            Ok(data) => {
+                *body = (!data.is_empty()).then(|| Bytes::from(data));
+                Ok(None)
+            }
+            // The headers are gone: the response can only end here.
+            Err(_) => Err(closed()),
+        }
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut StreamContext,
+    ) -> FailToProxy {
+        // Envoy's codes: an upstream that cannot be reached is 503, one too slow 504.
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => 503,
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => 0,
+                _ => 500,
+            },
+        };
+        if code > 0 && !ctx.response_done {
+            let reply = Reply {
+                status: code,
+                headers: Vec::new(),
+                body: Vec::new(),
+            };
+            if let Err(error) = send_reply(session, ctx, reply).await {
+                tracing::debug!("could not answer the client: {error}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut StreamContext) {
+        let mut response = session.response_written().cloned();
+        ctx.stream
+            .end(Some(session.req_header_mut()), response.as_mut());
+    }
+}

@@ -1,0 +1,599 @@
+//! One HTTP stream running through a listener's plugin chain, on the worker thread that owns
+//! the VM copies it uses.
+//!
+//! Request callbacks run in chain order, response callbacks in reverse (as Envoy's encoder
+//! filters). A plugin that pauses leaves the stream waiting (asynchronously) until it continues
+//! it, answers it or closes it; each callback's outcome goes through the plugin's failure
+//! policy.
+
+use std::sync::Arc;
+
+use abi::{ContextId, DataAction, HeadersAction, LocalResponse, Vm, VmError};
+use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
+use tokio::sync::Notify;
+
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::headers::Lent;
+use crate::host::{Asked, ServeHost, StreamSlot};
+use crate::worker::{with_workers, Listener};
+
+/// A reply sent instead of the upstream's response.
+#[derive(Debug, Clone)]
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Reply {
+    /// Envoy's answer for a stream whose plugin failed closed: 503.
+    fn fail_closed() -> Reply {
+        Reply {
+            status: 503,
+            headers: vec![(
+                b"x-pwhost-details".to_vec(),
+                lifecycle::FAIL_STREAM_DETAILS.as_bytes().to_vec(),
+            )],
+            body: Vec::new(),
+        }
+    }
+
+    fn from_local(local: LocalResponse) -> Reply {
+        Reply {
+            status: u16::try_from(local.status)
+                .ok()
+                .filter(|s| (100..=999).contains(s))
+                .unwrap_or(500),
+            headers: local
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_vec(), value.to_vec()))
+                .collect(),
+            body: local.body,
+        }
+    }
+}
+
+/// One plugin's part in a stream.
+struct Filter {
+    plugin: PluginId,
+    name: Arc<str>,
+    stream: Option<StreamVm>,
+    context: ContextId,
+    /// Failed open during this stream: not called again for it.
+    bypassed: bool,
+    /// Body bytes it keeps buffered, by direction.
+    request_body: Vec<u8>,
+    response_body: Vec<u8>,
+}
+
+/// What a header phase came to.
+pub(crate) enum Outcome {
+    /// On to the next phase.
+    Continue,
+    /// Answer with this reply instead.
+    Reply(Reply),
+    /// A plugin closed the stream: reset it.
+    Close,
+}
+
+/// Which direction a body or header callback is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Request,
+    Response,
+}
+
+/// A stream and its plugins.
+pub(crate) struct Stream {
+    listener: Arc<Listener>,
+    generation: Option<Generation>,
+    filters: Vec<Filter>,
+    wake: Arc<Notify>,
+    /// Bytes a plugin may buffer per direction before the stream fails (413 / 500).
+    buffer_limit: usize,
+    /// A reply decided before any callback ran (a plugin that failed closed at admission).
+    pub(crate) early_reply: Option<Reply>,
+}
+
+// SAFETY: (for `Sync`) a stream is used only by the task serving it, on its worker thread (the
+// proxy runs one single-threaded runtime per worker); Pingora requires `Sync` of its contexts
+// but never shares them. Everything in it is `Send`.
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// A stream of `listener`, not yet admitted to its plugins.
+    pub(crate) fn new(listener: Arc<Listener>, buffer_limit: usize) -> Stream {
+        Stream {
+            listener,
+            generation: None,
+            filters: Vec::new(),
+            wake: Arc::new(Notify::new()),
+            buffer_limit,
+            early_reply: None,
+        }
+    }
+
+    /// Admits the stream to every plugin of the chain, creating its context in each.
+    pub(crate) fn begin(&mut self, info: &abi::StreamInfo) {
+        let wake = Arc::clone(&self.wake);
+        let begun = with_workers(&self.listener, |workers| {
+            let (generation, worker) = workers.for_new_stream();
+            let plugins = Arc::clone(worker.plugins());
+            let mut filters = Vec::new();
+            let mut reply = None;
+            for plugin in plugins.http_filters() {
+                let name: Arc<str> = plugin_name(plugins.config(plugin)).into();
+                match worker.admit(plugin) {
+                    Admission::Run(stream) => match open(worker, &stream, &name, &wake, info) {
+                        Ok(context) => filters.push(Filter {
+                            plugin,
+                            name: Arc::clone(&name),
+                            stream: Some(stream),
+                            context,
+                            bypassed: false,
+                            request_body: Vec::new(),
+                            response_body: Vec::new(),
+                        }),
+                        Err(error) => {
+                            tracing::error!(plugin = %name, "cannot create a stream context: {error}");
+                            worker.release(stream);
+                            if worker.failed(plugin, &error) == OnFailure::FailClosed {
+                                reply = Some(Reply::fail_closed());
+                                break;
+                            }
+                        }
+                    },
+                    Admission::FailClosed => {
+                        reply = Some(Reply::fail_closed());
+                        break;
+                    }
+                    Admission::FailOpen => {}
+                }
+            }
+            (generation, filters, reply)
+        });
+        match begun {
+            Some((generation, filters, reply)) => {
+                self.generation = Some(generation);
+                self.filters = filters;
+                self.early_reply = reply;
+            }
+            // The thread's plugins cannot be reached: fail closed rather than bypass them.
+            None => self.early_reply = Some(Reply::fail_closed()),
+        }
+    }
+
+    /// Runs `work` with the VM copy of filter `index` and its context. Whatever `work` lent
+    /// to the stream's slot is taken back afterwards, even if it panicked: a lent header must
+    /// never outlive the callback it was lent for.
+    fn with_filter<R>(
+        &mut self,
+        index: usize,
+        work: impl FnOnce(&mut Vm, ContextId) -> R,
+    ) -> Option<R> {
+        let generation = self.generation?;
+        let filter = self.filters.get(index)?;
+        let (stream, context) = (filter.stream.as_ref()?, filter.context);
+        with_workers(&self.listener, |workers| {
+            let worker = workers.worker(generation)?;
+            let vm = worker.vm(stream)?;
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(vm, context)));
+            if let Some(slot) = slot(vm, context) {
+                slot.request = None;
+                slot.response = None;
+            }
+            match outcome {
+                Ok(result) => Some(result),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+        .flatten()
+    }
+
+    /// As [`Stream::with_filter`], but what `work` lends stays lent: the caller must hold a
+    /// [`LoanGuard`] for the length of the loan.
+    fn with_filter_lending(&mut self, index: usize, work: impl FnOnce(&mut Vm, ContextId)) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        let Some(filter) = self.filters.get(index) else {
+            return;
+        };
+        let (Some(stream), context) = (filter.stream.as_ref(), filter.context) else {
+            return;
+        };
+        with_workers(&self.listener, |workers| {
+            if let Some(vm) = workers.worker(generation).and_then(|w| w.vm(stream)) {
+                work(vm, context);
+            }
+        });
+    }
+
+    /// Applies the plugin's failure policy to a failed callback of filter `index`.
+    fn failed(&mut self, index: usize, error: &VmError) -> Outcome {
+        let Some(generation) = self.generation else {
+            return Outcome::Reply(Reply::fail_closed());
+        };
+        let plugin = self.filters[index].plugin;
+        tracing::error!(plugin = %self.filters[index].name, "plugin failed: {error}");
+        let policy = with_workers(&self.listener, |workers| {
+            workers.worker(generation).map(|w| w.failed(plugin, error))
+        })
+        .flatten();
+        match policy {
+            Some(OnFailure::FailOpen) => {
+                self.filters[index].bypassed = true;
+                Outcome::Continue
+            }
+            _ => Outcome::Reply(Reply::fail_closed()),
+        }
+    }
+
+    /// Runs the request (or response) header callbacks over `header`, lent to each plugin in
+    /// turn, waiting while a plugin holds the stream. `lend` puts the header in a slot (see
+    /// [`lend_request`], [`lend_response`]).
+    pub(crate) async fn headers<H>(
+        &mut self,
+        direction: Direction,
+        header: &mut H,
+        end_of_stream: bool,
+        lend: fn(&mut StreamSlot, &mut H),
+    ) -> Outcome {
+        let order: Vec<usize> = match direction {
+            Direction::Request => (0..self.filters.len()).collect(),
+            Direction::Response => (0..self.filters.len()).rev().collect(),
+        };
+        for index in order {
+            if self.filters[index].bypassed {
+                continue;
+            }
+            let result = self.with_filter(index, |vm, context| {
+                let count = lend_to(vm, context, header, lend);
+                let result = match direction {
+                    Direction::Request => vm.on_request_headers(context, count, end_of_stream),
+                    Direction::Response => vm.on_response_headers(context, count, end_of_stream),
+                };
+                (result, take_asked(vm, context))
+            });
+            let Some((result, asked)) = result else {
+                return Outcome::Reply(Reply::fail_closed());
+            };
+            match result {
+                Err(error) => match self.failed(index, &error) {
+                    Outcome::Continue => continue,
+                    other => return other,
+                },
+                Ok(action) => {
+                    match acted(asked) {
+                        // Continued from inside its own callback: on to the next plugin.
+                        Some(Outcome::Continue) => continue,
+                        Some(other) => return other,
+                        None => {}
+                    }
+                    if action != HeadersAction::Continue {
+                        // Held: wait for the plugin to continue, answer or close the stream.
+                        // The header stays lent meanwhile: a plugin edits it before it lets
+                        // the stream go on (e.g. from a callout's answer). The borrow of
+                        // `header` spans the wait, and the guard takes the loan back when the
+                        // wait ends or is abandoned.
+                        let guard = LoanGuard {
+                            listener: Arc::clone(&self.listener),
+                            wake: Arc::clone(&self.wake),
+                        };
+                        self.with_filter_lending(index, |vm, context| {
+                            lend_to(vm, context, header, lend);
+                        });
+                        let outcome = self.wait(index).await;
+                        drop(guard);
+                        match outcome {
+                            Outcome::Continue => {}
+                            other => return other,
+                        }
+                    }
+                }
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Waits until filter `index` asks for something for its stream.
+    async fn wait(&mut self, index: usize) -> Outcome {
+        loop {
+            self.wake.notified().await;
+            let asked = self.with_filter(index, take_asked).unwrap_or_default();
+            if let Some(outcome) = acted(asked) {
+                return outcome;
+            }
+        }
+    }
+
+    /// Runs the body callbacks over one chunk in `direction`: each plugin sees the chunk (after
+    /// what it buffered) and may change it, buffer it or let it through. Returns what goes on
+    /// (nothing while a plugin buffers) or how the stream ends.
+    pub(crate) fn body(
+        &mut self,
+        direction: Direction,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<Vec<u8>, Outcome> {
+        let order: Vec<usize> = match direction {
+            Direction::Request => (0..self.filters.len()).collect(),
+            Direction::Response => (0..self.filters.len()).rev().collect(),
+        };
+        let mut data = chunk;
+        for index in order {
+            if self.filters[index].bypassed {
+                continue;
+            }
+            let buffered = match direction {
+                Direction::Request => &mut self.filters[index].request_body,
+                Direction::Response => &mut self.filters[index].response_body,
+            };
+            let mut body = std::mem::take(buffered);
+            body.extend_from_slice(&data);
+            let result = self.with_filter(index, |vm, context| {
+                let len = body.len();
+                set_body(vm, context, Some(body));
+                let result = match direction {
+                    Direction::Request => vm.on_request_body(context, len, end_of_stream),
+                    Direction::Response => vm.on_response_body(context, len, end_of_stream),
+                };
+                let body = set_body(vm, context, None).unwrap_or_default();
+                (result, body, take_asked(vm, context))
+            });
+            let Some((result, body, asked)) = result else {
+                return Err(Outcome::Reply(Reply::fail_closed()));
+            };
+            match result {
+                Err(error) => match self.failed(index, &error) {
+                    Outcome::Continue => {
+                        data = body;
+                        continue;
+                    }
+                    other => return Err(other),
+                },
+                Ok(action) => {
+                    if asked.closed {
+                        return Err(Outcome::Close);
+                    }
+                    if let Some(reply) = asked.local_reply {
+                        return Err(Outcome::Reply(Reply::from_local(reply)));
+                    }
+                    if action == DataAction::Continue || end_of_stream {
+                        data = body;
+                    } else {
+                        // Buffered (or held) by the plugin until a later chunk.
+                        if body.len() > self.buffer_limit {
+                            let status = match direction {
+                                Direction::Request => 413,
+                                Direction::Response => 500,
+                            };
+                            return Err(Outcome::Reply(Reply {
+                                status,
+                                headers: Vec::new(),
+                                body: Vec::new(),
+                            }));
+                        }
+                        let buffered = match direction {
+                            Direction::Request => &mut self.filters[index].request_body,
+                            Direction::Response => &mut self.filters[index].response_body,
+                        };
+                        *buffered = body;
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    /// Records the response status for the plugins' attributes.
+    pub(crate) fn note_response(&mut self, status: u16) {
+        for index in 0..self.filters.len() {
+            self.with_filter(index, |vm, context| {
+                if let Some(slot) = slot(vm, context) {
+                    slot.info.response_code = Some(u32::from(status));
+                }
+            });
+        }
+    }
+
+    /// The stream is over: `proxy_on_log` (with the request and response headers readable, when
+    /// given), `proxy_on_done` and `proxy_on_delete` for every plugin, then the contexts and VM
+    /// holds go.
+    pub(crate) fn end(
+        &mut self,
+        mut request: Option<&mut RequestHeader>,
+        mut response: Option<&mut ResponseHeader>,
+    ) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        for index in 0..self.filters.len() {
+            if self.filters[index].bypassed {
+                continue;
+            }
+            let outcome = self.with_filter(index, |vm, context| {
+                if let Some(slot) = slot(vm, context) {
+                    if let Some(header) = request.as_deref_mut() {
+                        lend_request(slot, header);
+                    }
+                    if let Some(header) = response.as_deref_mut() {
+                        lend_response(slot, header);
+                    }
+                }
+                vm.on_log(context)
+                    .and_then(|()| vm.on_done(context).map(|_| ()))
+                    .and_then(|()| vm.on_delete(context))
+            });
+            if let Some(Err(error)) = outcome {
+                tracing::error!(
+                    plugin = %self.filters[index].name,
+                    "plugin failed at the end of a stream: {error}"
+                );
+                let plugin = self.filters[index].plugin;
+                with_workers(&self.listener, |workers| {
+                    workers.worker(generation).map(|w| w.failed(plugin, &error))
+                });
+            }
+        }
+        self.generation = None;
+        let filters = std::mem::take(&mut self.filters);
+        with_workers(&self.listener, |workers| {
+            if let Some(worker) = workers.worker(generation) {
+                for filter in filters {
+                    let Some(stream) = filter.stream else {
+                        continue;
+                    };
+                    if let Some(host) = worker.vm(&stream).and_then(|vm| vm.host_as::<ServeHost>())
+                    {
+                        host.streams.remove(&filter.context.0);
+                    }
+                    worker.release(stream);
+                }
+            }
+            workers.stream_ended(generation);
+        });
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // A stream dropped before its logging phase (a client gone mid-way) still ends its
+        // contexts: nothing is left live in the VM.
+        self.end(None, None);
+    }
+}
+
+/// Takes back every header a stream (known by its [`Notify`]) lent to its slots on this thread
+/// when dropped: a header lent across a wait must not outlive the wait, even one abandoned
+/// because the client went away.
+struct LoanGuard {
+    listener: Arc<Listener>,
+    wake: Arc<Notify>,
+}
+
+impl Drop for LoanGuard {
+    fn drop(&mut self) {
+        with_workers(&self.listener, |workers| {
+            workers.for_each_worker(|_, worker| {
+                worker.for_each_copy(|_, vm, _| {
+                    let Some(host) = vm.host_as::<ServeHost>() else {
+                        return;
+                    };
+                    for slot in host.streams.values_mut() {
+                        if Arc::ptr_eq(&slot.wake, &self.wake) {
+                            slot.request = None;
+                            slot.response = None;
+                        }
+                    }
+                });
+            });
+        });
+    }
+}
+
+/// A plugin's name for logs: its `name`, else its `root_id`, else `plugin`.
+pub(crate) fn plugin_name(config: &lifecycle::PluginConfig) -> &str {
+    if !config.name.is_empty() {
+        &config.name
+    } else if !config.root_id.is_empty() {
+        &config.root_id
+    } else {
+        "plugin"
+    }
+}
+
+/// Creates the plugin's context for a new stream and gives it a slot in the copy's host.
+fn open(
+    worker: &mut Worker,
+    stream: &StreamVm,
+    name: &Arc<str>,
+    wake: &Arc<Notify>,
+    info: &abi::StreamInfo,
+) -> Result<ContextId, VmError> {
+    let vm = worker
+        .vm(stream)
+        .ok_or_else(|| VmError::Failed("the VM copy went away".into()))?;
+    let context = vm.create_http_context_for(stream.root())?;
+    if let Some(host) = vm.host_as::<ServeHost>() {
+        host.roots
+            .entry(stream.root().0)
+            .or_insert_with(|| Arc::clone(name));
+        host.streams.insert(
+            context.0,
+            StreamSlot {
+                plugin: Arc::clone(name),
+                wake: Arc::clone(wake),
+                request: None,
+                response: None,
+                body: None,
+                info: info.clone(),
+                asked: Asked::default(),
+            },
+        );
+    }
+    Ok(context)
+}
+
+fn slot(vm: &mut Vm, context: ContextId) -> Option<&mut StreamSlot> {
+    vm.host_as::<ServeHost>()?.streams.get_mut(&context.0)
+}
+
+/// Lends `header` to the plugin's slot (taken back by [`Stream::with_filter`]); returns the
+/// number of entries it shows.
+fn lend_to<H>(
+    vm: &mut Vm,
+    context: ContextId,
+    header: &mut H,
+    lend: fn(&mut StreamSlot, &mut H),
+) -> usize {
+    match slot(vm, context) {
+        Some(slot) => {
+            lend(slot, header);
+            let request = slot.request.as_ref().map(abi::Headers::len);
+            let response = slot.response.as_ref().map(abi::Headers::len);
+            request.or(response).unwrap_or(0)
+        }
+        None => 0,
+    }
+}
+
+/// Puts `body` in the slot (or takes it out, with `None`); returns what was there.
+fn set_body(vm: &mut Vm, context: ContextId, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    let slot = slot(vm, context)?;
+    std::mem::replace(&mut slot.body, body)
+}
+
+fn take_asked(vm: &mut Vm, context: ContextId) -> Asked {
+    slot(vm, context)
+        .map(|slot| std::mem::take(&mut slot.asked))
+        .unwrap_or_default()
+}
+
+/// What the plugin's requests mean for a header phase: `None` to go on as its action says.
+fn acted(asked: Asked) -> Option<Outcome> {
+    if asked.closed {
+        return Some(Outcome::Close);
+    }
+    if let Some(reply) = asked.local_reply {
+        return Some(Outcome::Reply(Reply::from_local(reply)));
+    }
+    asked.continued.then_some(Outcome::Continue)
+}
+
+/// Lends a request header to a slot, for [`Stream::headers`].
+pub(crate) fn lend_request(slot: &mut StreamSlot, header: &mut RequestHeader) {
+    // SAFETY: `Stream::with_filter` takes the loan back before the callback it was made for
+    // returns (or unwinds), within the borrow of `header`.
+    slot.request = Some(unsafe { Lent::new(header) });
+}
+
+/// Lends a response header to a slot, for [`Stream::headers`].
+pub(crate) fn lend_response(slot: &mut StreamSlot, header: &mut ResponseHeader) {
+    // SAFETY: as in `lend_request`.
+    slot.response = Some(unsafe { Lent::new(header) });
+}
