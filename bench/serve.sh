@@ -81,7 +81,7 @@ serve_config() { # name plugin|none runtime
     [ "$3" = null ] && code="{local: {inline_string: $2}}"
     filters="    http_filters:
       - name: $2
-        vm_config: {vm_id: $2, runtime: $3, code: $code}"
+        vm_config: {vm_id: $2, runtime: \"$3\", code: $code}"
   fi
   cat > "$work/$1.yaml" <<EOF
 workers: $WORKERS

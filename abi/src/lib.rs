@@ -177,7 +177,7 @@ pub use header_map::{wire, HeaderMap, Headers};
 pub use host::{GrpcRequest, Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
 pub use in_memory::{DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, StreamRecord};
 pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
-pub use shared::{Metric, MetricType, SharedState};
+pub use shared::{Histogram, Metric, MetricType, SharedState, HISTOGRAM_BUCKETS};
 pub use state::VmState;
 pub use types::{
     BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, PeerType, Status,

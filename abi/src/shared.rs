@@ -121,8 +121,55 @@ pub struct Metric {
     pub metric_type: MetricType,
     /// Counter or gauge value; for a histogram, the last recorded value.
     pub value: i64,
-    /// Every value recorded into a histogram, in order (empty for counters and gauges).
-    pub recorded: Vec<u64>,
+    /// For a histogram, the distribution of what was recorded (in constant space: a
+    /// proxy's histograms record on every request for as long as it runs).
+    pub histogram: Option<Histogram>,
+}
+
+/// The upper bounds of a histogram's buckets: Envoy's default buckets.
+pub const HISTOGRAM_BUCKETS: [u64; 19] = [
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    300_000,
+    600_000,
+    1_800_000,
+    3_600_000,
+    u64::MAX,
+];
+
+/// What a histogram recorded: how many values, their sum, and how many fell at or under each
+/// bound of [`HISTOGRAM_BUCKETS`] (counts per bucket, not cumulative; the last bucket takes
+/// everything above the one before).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Values recorded.
+    pub count: u64,
+    /// Their sum (saturating).
+    pub sum: u64,
+    /// Values per bucket.
+    pub buckets: [u64; HISTOGRAM_BUCKETS.len()],
+}
+
+impl Histogram {
+    /// Records one value.
+    pub fn record(&mut self, value: u64) {
+        self.count = self.count.saturating_add(1);
+        self.sum = self.sum.saturating_add(value);
+        let bucket = HISTOGRAM_BUCKETS.partition_point(|&bound| bound < value);
+        self.buckets[bucket.min(HISTOGRAM_BUCKETS.len() - 1)] += 1;
+    }
 }
 
 /// Metrics, with Envoy's ids: each definition gets a new id (the same name and type share one
@@ -310,7 +357,7 @@ impl SharedState {
                     name: name.to_string(),
                     metric_type,
                     value: 0,
-                    recorded: Vec::new(),
+                    histogram: (metric_type == MetricType::Histogram).then(Histogram::default),
                 });
                 let index = registry.metrics.len() - 1;
                 registry.by_name.insert(key, index);
@@ -357,7 +404,10 @@ impl SharedState {
             MetricType::Gauge => metric.value = value_i64,
             MetricType::Histogram => {
                 metric.value = value_i64;
-                metric.recorded.push(value);
+                metric
+                    .histogram
+                    .get_or_insert_with(Histogram::default)
+                    .record(value);
             }
         }
         Status::Ok
@@ -385,6 +435,27 @@ impl SharedState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_keeps_its_distribution_in_constant_space() {
+        let shared = SharedState::new();
+        let id = shared.define_metric(MetricType::Histogram, "latency_ms");
+        for value in 0..100_000u64 {
+            assert_eq!(shared.record_metric(id, value % 100), Status::Ok);
+        }
+        assert_eq!(shared.record_metric(id, u64::MAX), Status::Ok);
+        let metric = &shared.metrics_snapshot()[0];
+        let histogram = metric.histogram.as_ref().expect("a histogram");
+        assert_eq!(histogram.count, 100_001);
+        assert_eq!(histogram.sum, u64::MAX, "the sum saturates");
+        // 0 and 1 fall in the first bucket (<= 1), 2..=5 in the second, 51..=99 under 100.
+        assert_eq!(histogram.buckets[0], 2 * 1000);
+        assert_eq!(histogram.buckets[1], 4 * 1000);
+        assert_eq!(histogram.buckets[5], 49 * 1000);
+        assert_eq!(histogram.buckets[18], 1);
+        assert_eq!(histogram.buckets.iter().sum::<u64>(), histogram.count);
+        assert_eq!(metric.value, i64::MAX, "the last value, saturated");
+    }
 
     #[test]
     fn shared_data_cas_follows_the_spec() {

@@ -110,6 +110,8 @@ impl Drop for Origin {
 struct Serve {
     _dir: tempfile::TempDir,
     port: u16,
+    admin_port: u16,
+    config: PathBuf,
     child: Child,
     log: PathBuf,
 }
@@ -142,8 +144,9 @@ impl Serve {
     ) -> Serve {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = free_port();
+        let admin_port = free_port();
         let config = format!(
-            "workers: 2\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n    \
+            "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n    \
              routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
              clusters:\n  backend: {{endpoints: [\"{upstream}\"], connect_timeout: 1s, \
              request_timeout: 5s}}\n{}",
@@ -167,6 +170,8 @@ impl Serve {
         let serve = Serve {
             _dir: dir,
             port,
+            admin_port,
+            config: config_path,
             child,
             log,
         };
@@ -184,6 +189,10 @@ impl Serve {
 
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
     fn log(&self) -> String {
@@ -445,4 +454,92 @@ fn an_upstream_that_does_not_answer_in_time_is_a_504_and_the_plugins_see_it() {
     assert!(started.elapsed() >= Duration::from_millis(4900));
     assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
     serve.wait_for_log("done: /slow");
+}
+
+#[test]
+fn the_admin_listener_shows_plugin_and_proxy_metrics_readiness_and_the_configuration() {
+    let origin = Origin::start();
+    let serve = Serve::start(origin.address, &[envoy_filter("metrics", "metrics", "")]);
+    for _ in 0..3 {
+        assert_eq!(get(&serve.url("/"), &[]).status, 200, "{}", serve.log());
+    }
+    // The plugin's counter, gauge and histogram (Envoy's names), and the proxy's own counts;
+    // responses are counted once logged, just after they went out.
+    let expected = [
+        "envoy_wasmcustom_requests_total 3",
+        "envoy_wasmcustom_active_requests 0",
+        "envoy_wasmcustom_request_header_count_count 3",
+        "pwhost_requests_total{listener=\"main\"} 3",
+        "pwhost_responses_total{listener=\"main\",code=\"200\"} 3",
+        "pwhost_plugin_streams_total{listener=\"main\",plugin=\"metrics\",outcome=\"closed\"} 0",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]);
+        assert_eq!(metrics.status, 200);
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|line| !metrics.body.lines().any(|l| l == **line))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing {missing:?} in:\n{}",
+            metrics.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ready = get(&serve.admin_url("/ready"), &[]);
+    assert_eq!((ready.status, ready.body.as_str()), (200, "LIVE\n"));
+    let config = get(&serve.admin_url("/config_dump"), &[]);
+    assert!(
+        config.body.contains("envoy.filters.http.wasm"),
+        "{}",
+        config.body
+    );
+    assert_eq!(get(&serve.admin_url("/nothing"), &[]).status, 404);
+}
+
+#[test]
+fn sighup_puts_new_chains_in_force_and_a_bad_configuration_is_refused() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[envoy_filter("api_key", "local_response", "first")],
+    );
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "first")]).status, 200);
+    let text = std::fs::read_to_string(&serve.config).expect("the configuration");
+    std::fs::write(
+        &serve.config,
+        text.replace("value: \"first\"", "value: \"second\""),
+    )
+    .expect("the changed configuration");
+    let status = Command::new("kill")
+        .args(["-HUP", &serve.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&serve.url("/"), &[("x-api-key", "second")]).status != 200 {
+        assert!(Instant::now() < deadline, "not reloaded:\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "first")]).status, 403);
+
+    // A configuration that does not parse is refused; the one in force keeps serving.
+    std::fs::write(&serve.config, "listeners: [").expect("a broken configuration");
+    let refused = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("serve.yaml"), "{}", refused.body);
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "second")]).status, 200);
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    for line in [
+        "pwhost_reloads_total{outcome=\"done\"} 1",
+        "pwhost_reloads_total{outcome=\"refused\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert!(serve.log().contains("reload refused"), "{}", serve.log());
 }

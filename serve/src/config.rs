@@ -32,6 +32,12 @@ pub struct ServeConfig {
     pub clusters: BTreeMap<String, Cluster>,
     /// Plugins that run beside the traffic (Envoy's `WasmService`).
     pub services: Deployment,
+    /// Where the admin listener listens, if anywhere.
+    pub admin: Option<SocketAddr>,
+    /// The configuration as written (for `/config_dump`).
+    pub text: String,
+    /// The file it was read from (what a reload reads again).
+    pub path: Option<PathBuf>,
 }
 
 /// One listening address and what runs on it.
@@ -48,7 +54,7 @@ pub struct Listener {
 }
 
 /// A request to `cluster` when its path starts with `prefix` (and its host is `host`, if set).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// The path prefix (default `/`).
@@ -66,7 +72,7 @@ fn slash() -> String {
 }
 
 /// Upstream endpoints and how to reach them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     /// Addresses, used in turn.
@@ -128,6 +134,14 @@ struct File {
     clusters: BTreeMap<String, Cluster>,
     #[serde(default)]
     services: Option<serde_yaml::Value>,
+    #[serde(default)]
+    admin: Option<AdminFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    address: SocketAddr,
 }
 
 #[derive(Deserialize)]
@@ -153,7 +167,9 @@ impl ServeConfig {
         // Code paths are relative to the file's directory, wherever the proxy runs from.
         let absolute = std::path::absolute(file).map_err(|e| error(format!("{e}")))?;
         let base = absolute.parent().unwrap_or(Path::new("/"));
-        ServeConfig::parse(&text, base).map_err(error)
+        let mut config = ServeConfig::parse(&text, base).map_err(error)?;
+        config.path = Some(absolute);
+        Ok(config)
     }
 
     /// Parses a configuration; relative code paths are made relative to `base`.
@@ -220,6 +236,9 @@ impl ServeConfig {
             listeners,
             clusters: file.clusters,
             services,
+            admin: file.admin.map(|admin| admin.address),
+            text: text.to_string(),
+            path: None,
         })
     }
 }

@@ -15,11 +15,13 @@
 //!
 //! Singleton services run each on a thread of their own (lifecycle's `SingletonService`).
 
+mod admin;
 mod callout;
 pub mod config;
 mod headers;
 mod host;
 mod proxy;
+mod reload;
 mod stream;
 mod worker;
 
@@ -47,9 +49,21 @@ pub enum ServeError {
     Plugins(String),
 }
 
+/// Where a deployment's code comes from: files (relative paths were made absolute from the
+/// configuration's directory), remote code cached in memory.
+pub(crate) fn load_options() -> LoadOptions {
+    LoadOptions {
+        base_dir: PathBuf::from("/"),
+        code_cache: CodeCache::new(None),
+        compilation_cache: None,
+    }
+}
+
 /// The proxy, loaded and ready to run.
 pub struct Proxy {
     config: ServeConfig,
+    engines: Arc<dyn Engines>,
+    metrics: Arc<admin::HostMetrics>,
     listeners: Vec<(String, std::net::SocketAddr, proxy::ListenerProxy)>,
     services: Vec<SingletonService>,
 }
@@ -57,12 +71,8 @@ pub struct Proxy {
 impl Proxy {
     /// Loads every plugin of `config` (compiled once, checked by starting them) and starts its
     /// singleton services; nothing listens yet.
-    pub fn load(config: ServeConfig, engines: &dyn Engines) -> Result<Proxy, ServeError> {
-        let options = LoadOptions {
-            base_dir: PathBuf::from("/"),
-            code_cache: CodeCache::new(None),
-            compilation_cache: None,
-        };
+    pub fn load(config: ServeConfig, engines: Arc<dyn Engines>) -> Result<Proxy, ServeError> {
+        let options = load_options();
         let shared = abi::SharedState::default();
         let clusters: Arc<std::collections::BTreeMap<String, Arc<proxy::ClusterState>>> = Arc::new(
             config
@@ -76,9 +86,10 @@ impl Proxy {
                 })
                 .collect(),
         );
+        let metrics = Arc::new(admin::HostMetrics::default());
         let mut listeners = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
-            let plugins = Plugins::load(&listener.plugins, engines, &options, shared.clone())
+            let plugins = Plugins::load(&listener.plugins, &*engines, &options, shared.clone())
                 .map_err(|e| {
                     ServeError::Plugins(format!("listeners[{index}].http_filters: {e}"))
                 })?;
@@ -99,15 +110,17 @@ impl Proxy {
                         live: Arc::new(LivePlugins::new(plugins)),
                         clusters: Arc::clone(&clusters),
                     }),
+                    name: listener.name.clone(),
                     routes,
                     buffer_limit: DEFAULT_BUFFER_LIMIT,
+                    metrics: Arc::clone(&metrics),
                 },
             ));
         }
         let mut services = Vec::new();
         if !config.services.services.is_empty() {
             let plugins = Arc::new(
-                Plugins::load(&config.services, engines, &options, shared)
+                Plugins::load(&config.services, &*engines, &options, shared)
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
             for plugin in plugins.services() {
@@ -130,13 +143,16 @@ impl Proxy {
         }
         Ok(Proxy {
             config,
+            engines,
+            metrics,
             listeners,
             services,
         })
     }
 
     /// Listens and serves until the process is told to stop (SIGTERM: stop accepting, let
-    /// streams in flight finish within the grace period, exit).
+    /// streams in flight finish within the grace period, exit). SIGHUP reloads the
+    /// configuration file's plugin chains.
     pub fn run(self) -> ! {
         let conf = ServerConf {
             threads: self.config.workers,
@@ -147,6 +163,41 @@ impl Proxy {
         };
         let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
         server.bootstrap();
+        let workers = self.config.workers;
+        let listener_count = self.config.listeners.len();
+        let admin_address = self.config.admin;
+        let path = self.config.path.clone();
+        let reloader = Arc::new(reload::Reloader {
+            path: path.clone().unwrap_or_default(),
+            engines: Arc::clone(&self.engines),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|(_, _, proxy)| Arc::clone(&proxy.listener))
+                .collect(),
+            config: std::sync::Mutex::new(self.config),
+            reloads: Default::default(),
+        });
+        if path.is_some() {
+            server.add_service(pingora::services::background::background_service(
+                "reload on SIGHUP",
+                reload::OnHangup(Arc::clone(&reloader)),
+            ));
+        }
+        if let Some(address) = admin_address {
+            let plugins = self
+                .listeners
+                .iter()
+                .map(|(name, _, proxy)| (name.clone(), Arc::clone(&proxy.listener.live)))
+                .collect();
+            let admin = admin::Admin::new(plugins, &self.metrics, Arc::clone(&reloader));
+            let mut service = pingora::services::listening::Service::new(
+                "admin".to_string(),
+                pingora::apps::http_app::HttpServer::new_app(admin),
+            );
+            service.add_tcp(&address.to_string());
+            server.add_service(service);
+        }
         for (name, address, listener) in self.listeners {
             let mut service = pingora::proxy::http_proxy_service_with_name(
                 &server.configuration,
@@ -161,11 +212,7 @@ impl Proxy {
             service.add_tcp(&address.to_string());
             server.add_service(service);
         }
-        tracing::info!(
-            workers = self.config.workers,
-            listeners = self.config.listeners.len(),
-            "serving"
-        );
+        tracing::info!(workers, listeners = listener_count, "serving");
         // The services live as long as the process.
         std::mem::forget(self.services);
         server.run_forever()

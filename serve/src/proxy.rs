@@ -10,6 +10,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::admin::{HostMetrics, ListenerLabel, ResponseLabels};
 use crate::config::{Cluster, Route};
 use crate::stream::{lend_request, lend_response, Direction, Outcome, Reply, Stream};
 use crate::worker::Listener;
@@ -17,6 +18,10 @@ use crate::worker::Listener;
 /// One listener's proxy: its routes, the clusters they name, its plugin chain.
 pub(crate) struct ListenerProxy {
     pub(crate) listener: Arc<Listener>,
+    /// The listener's name, for metrics.
+    pub(crate) name: String,
+    /// The proxy's own metrics.
+    pub(crate) metrics: Arc<HostMetrics>,
     pub(crate) routes: Vec<(Route, Arc<ClusterState>)>,
     pub(crate) buffer_limit: usize,
 }
@@ -200,6 +205,12 @@ impl ProxyHttp for ListenerProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut StreamContext) -> Result<bool> {
+        self.metrics
+            .requests
+            .get_or_create(&ListenerLabel {
+                listener: self.name.clone(),
+            })
+            .inc();
         ctx.stream.begin(&stream_info(session));
         if let Some(reply) = ctx.stream.early_reply.take() {
             return send_reply(session, ctx, reply).await;
@@ -402,6 +413,15 @@ impl ProxyHttp for ListenerProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut StreamContext) {
         let mut response = session.response_written().cloned();
+        if let Some(response) = &response {
+            self.metrics
+                .responses
+                .get_or_create(&ResponseLabels {
+                    listener: self.name.clone(),
+                    code: response.status.as_u16(),
+                })
+                .inc();
+        }
         ctx.stream
             .end(Some(session.req_header_mut()), response.as_mut());
     }

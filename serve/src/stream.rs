@@ -97,11 +97,6 @@ pub(crate) struct Stream {
     pub(crate) early_reply: Option<Reply>,
 }
 
-// SAFETY: (for `Sync`) a stream is used only by the task serving it, on its worker thread (the
-// proxy runs one single-threaded runtime per worker); Pingora requires `Sync` of its contexts
-// but never shares them. Everything in it is `Send`.
-unsafe impl Sync for Stream {}
-
 impl Stream {
     /// A stream of `listener`, not yet admitted to its plugins.
     pub(crate) fn new(listener: Arc<Listener>, buffer_limit: usize) -> Stream {

@@ -1,0 +1,239 @@
+//! The admin listener: `/stats/prometheus` (every plugin metric with Envoy's names, and the
+//! proxy's own), `/ready`, `/config_dump`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lifecycle::LivePlugins;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::reload::Reloader;
+
+/// The proxy's own metrics, counted on the request path.
+#[derive(Default)]
+pub(crate) struct HostMetrics {
+    /// Requests received, by listener.
+    pub(crate) requests: Family<ListenerLabel, Counter>,
+    /// Responses sent, by listener and status code.
+    pub(crate) responses: Family<ResponseLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ListenerLabel {
+    pub(crate) listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResponseLabels {
+    pub(crate) listener: String,
+    pub(crate) code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OutcomeLabel {
+    pub(crate) outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    listener: String,
+    plugin: String,
+    outcome: String,
+}
+
+/// The plugins' metrics, read when scraped: they are defined by the plugins as they run.
+struct PluginMetrics {
+    listeners: Vec<(String, Arc<LivePlugins>)>,
+}
+
+impl std::fmt::Debug for PluginMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginMetrics").finish_non_exhaustive()
+    }
+}
+
+/// Envoy's Prometheus name for a plugin's metric: its `wasmcustom.` prefix, `envoy_` in front,
+/// anything but letters, digits and `_` as `_`.
+fn envoy_name(name: &str) -> String {
+    let mut out = String::from("envoy_wasmcustom_");
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    }));
+    out
+}
+
+impl Collector for PluginMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some((_, first)) = self.listeners.first() else {
+            return Ok(());
+        };
+        // One store for the process: every listener's plugins share it.
+        let (_, plugins) = first.current();
+        for metric in plugins.shared_state().metrics_snapshot() {
+            let name = envoy_name(&metric.name);
+            match metric.metric_type {
+                abi::MetricType::Counter => {
+                    // The encoder adds `_total` to a counter's name.
+                    let name = name.strip_suffix("_total").unwrap_or(&name);
+                    let value = u64::try_from(metric.value).unwrap_or(0);
+                    let counter = ConstCounter::new(value);
+                    let descriptor = encoder.encode_descriptor(
+                        name,
+                        "plugin counter",
+                        None,
+                        counter.metric_type(),
+                    )?;
+                    counter.encode(descriptor)?;
+                }
+                abi::MetricType::Gauge => {
+                    let gauge = ConstGauge::new(metric.value);
+                    let descriptor = encoder.encode_descriptor(
+                        &name,
+                        "plugin gauge",
+                        None,
+                        gauge.metric_type(),
+                    )?;
+                    gauge.encode(descriptor)?;
+                }
+                abi::MetricType::Histogram => {
+                    let histogram = metric.histogram.unwrap_or_default();
+                    let mut cumulative = 0;
+                    let buckets: Vec<(f64, u64)> = abi::HISTOGRAM_BUCKETS
+                        .iter()
+                        .zip(histogram.buckets)
+                        .map(|(&bound, count)| {
+                            cumulative += count;
+                            let bound = if bound == u64::MAX {
+                                f64::INFINITY
+                            } else {
+                                bound as f64
+                            };
+                            (bound, cumulative)
+                        })
+                        .collect();
+                    let mut descriptor = encoder.encode_descriptor(
+                        &name,
+                        "plugin histogram",
+                        None,
+                        MetricType::Histogram,
+                    )?;
+                    descriptor.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        histogram.sum as f64,
+                        histogram.count,
+                        &buckets,
+                        None,
+                    )?;
+                }
+            }
+        }
+        let mut failures = encoder.encode_descriptor(
+            "pwhost_plugin_streams",
+            "streams a plugin failed or let through by its failure policy, and VM failures by cause",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, live) in &self.listeners {
+            let (_, plugins) = live.current();
+            for plugin in plugins.http_filters() {
+                let name = crate::stream::plugin_name(plugins.config(plugin)).to_string();
+                for (outcome, value) in plugins.counters(plugin).snapshot() {
+                    let labels = FailureLabels {
+                        listener: listener.clone(),
+                        plugin: name.clone(),
+                        outcome: outcome.to_string(),
+                    };
+                    ConstCounter::new(value).encode(failures.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The admin listener's application.
+pub(crate) struct Admin {
+    registry: Registry,
+    reloader: Arc<Reloader>,
+}
+
+impl Admin {
+    pub(crate) fn new(
+        listeners: Vec<(String, Arc<LivePlugins>)>,
+        host: &HostMetrics,
+        reloader: Arc<Reloader>,
+    ) -> Admin {
+        let mut registry = Registry::default();
+        registry.register(
+            "pwhost_requests",
+            "requests received, by listener",
+            host.requests.clone(),
+        );
+        registry.register(
+            "pwhost_responses",
+            "responses sent, by listener and status code",
+            host.responses.clone(),
+        );
+        registry.register(
+            "pwhost_reloads",
+            "configuration reloads, by outcome (done, refused)",
+            reloader.reloads.clone(),
+        );
+        registry.register_collector(Box::new(PluginMetrics { listeners }));
+        Admin { registry, reloader }
+    }
+
+    fn prometheus(&self) -> (u16, &'static str, Vec<u8>) {
+        let mut text = String::new();
+        match prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            Ok(()) => (
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text.into_bytes(),
+            ),
+            Err(_) => (500, "text/plain", b"cannot encode the metrics\n".to_vec()),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let post = session.req_header().method == http::Method::POST;
+        let (status, content_type, body) = match (post, path.as_str()) {
+            (false, "/stats/prometheus") => self.prometheus(),
+            (false, "/ready") => (200, "text/plain", b"LIVE\n".to_vec()),
+            (false, "/config_dump") => {
+                let config = self
+                    .reloader
+                    .config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                (200, "application/yaml", config.text.clone().into_bytes())
+            }
+            (true, "/reload") => match self.reloader.reload() {
+                Ok(()) => (200, "text/plain", b"reloaded\n".to_vec()),
+                Err(error) => (400, "text/plain", format!("{error}\n").into_bytes()),
+            },
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

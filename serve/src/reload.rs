@@ -1,0 +1,108 @@
+//! Configuration updates while serving: on SIGHUP (or `POST /reload` on the admin listener) the
+//! file is read again and every listener's plugin chain replaced. Streams that start afterwards
+//! run the new chains; streams in flight finish on the old ones. A configuration that cannot be
+//! used is refused with the reason, logged and counted, and the old one keeps serving.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use lifecycle::{Engines, Plugins};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::admin::OutcomeLabel;
+use crate::config::ServeConfig;
+use crate::worker::Listener;
+
+/// Reloads the configuration file into the running listeners.
+pub(crate) struct Reloader {
+    /// The configuration file.
+    pub(crate) path: PathBuf,
+    pub(crate) engines: Arc<dyn Engines>,
+    pub(crate) listeners: Vec<Arc<Listener>>,
+    /// The configuration in force.
+    pub(crate) config: Mutex<ServeConfig>,
+    /// Reloads by outcome (`done`, `refused`).
+    pub(crate) reloads: Family<OutcomeLabel, Counter>,
+}
+
+impl Reloader {
+    /// Reads the file again and puts its plugin chains in force; what changed beyond the chains
+    /// (listeners, routes, clusters, workers, services) needs a restart and is refused.
+    pub(crate) fn reload(&self) -> Result<(), String> {
+        let outcome = self.try_reload();
+        let label = OutcomeLabel {
+            outcome: if outcome.is_ok() { "done" } else { "refused" }.into(),
+        };
+        self.reloads.get_or_create(&label).inc();
+        match &outcome {
+            Ok(()) => tracing::info!(file = %self.path.display(), "configuration reloaded"),
+            Err(error) => tracing::error!(
+                file = %self.path.display(),
+                "reload refused, the configuration in force stays: {error}"
+            ),
+        }
+        outcome
+    }
+
+    fn try_reload(&self) -> Result<(), String> {
+        let config = ServeConfig::read(&self.path).map_err(|e| e.to_string())?;
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        if config.listeners.len() != current.listeners.len() {
+            return Err("listeners were added or removed: restart to apply".into());
+        }
+        for (index, (new, old)) in config.listeners.iter().zip(&current.listeners).enumerate() {
+            if new.address != old.address || new.routes != old.routes || new.name != old.name {
+                return Err(format!(
+                    "listeners[{index}]: its name, address or routes changed: restart to apply"
+                ));
+            }
+        }
+        if config.clusters != current.clusters {
+            return Err("clusters changed: restart to apply".into());
+        }
+        // Every chain loads before any is put in force: all or nothing.
+        let options = crate::load_options();
+        let mut loaded = Vec::new();
+        for (index, (listener, new)) in self.listeners.iter().zip(&config.listeners).enumerate() {
+            let (_, previous) = listener.live.current();
+            let plugins =
+                Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
+                    .map_err(|e| format!("listeners[{index}].http_filters: {e}"))?;
+            loaded.push(plugins);
+        }
+        for (listener, plugins) in self.listeners.iter().zip(loaded) {
+            listener.live.replace(plugins);
+        }
+        *current = config;
+        Ok(())
+    }
+}
+
+/// Waits for SIGHUP and reloads, until the server shuts down.
+pub(crate) struct OnHangup(pub(crate) Arc<Reloader>);
+
+#[async_trait]
+impl BackgroundService for OnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!("cannot watch for SIGHUP, reload only by POST /reload: {error}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => {
+                    let _ = self.0.reload();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
