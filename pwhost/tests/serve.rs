@@ -543,3 +543,23 @@ fn sighup_puts_new_chains_in_force_and_a_bad_configuration_is_refused() {
     }
     assert!(serve.log().contains("reload refused"), "{}", serve.log());
 }
+
+#[test]
+fn a_plugin_that_closes_the_stream_resets_it_and_the_upstream_never_sees_it() {
+    let origin = Origin::start();
+    let serve = Serve::start(origin.address, &[envoy_filter("calls", "abi_coverage", "")]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let outcome = agent.get(&serve.url("/")).header("x-close", "1").call();
+    assert!(
+        outcome.is_err(),
+        "a closed stream gets no response: {:?}",
+        outcome.map(|r| r.status())
+    );
+    serve.wait_for_log("close_stream status: 0");
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+    // The connection went; the next request is served.
+    assert_eq!(get(&serve.url("/"), &[]).status, 200);
+}

@@ -21,6 +21,10 @@ thread_local! {
     static LAST_TOKEN: Cell<u32> = const { Cell::new(0) };
 }
 
+/// The largest answer body a call takes (more fails the call), so that an upstream cannot
+/// make the proxy buffer without bound.
+const MAX_ANSWER_BODY: usize = 16 << 20;
+
 /// The client all calls share (its pools are per process).
 fn connector() -> &'static Connector {
     static CONNECTOR: OnceLock<Connector> = OnceLock::new();
@@ -108,6 +112,10 @@ async fn send(
     }
     let mut body = Vec::new();
     while let Some(chunk) = session.read_response_body().await.ok()? {
+        if body.len() + chunk.len() > MAX_ANSWER_BODY {
+            tracing::warn!(cluster = %cluster.name, "an HTTP call's answer is over 16 MiB: failed");
+            return None;
+        }
         body.extend_from_slice(&chunk);
     }
     connector().release_http_session(session, &peer, None).await;
@@ -140,6 +148,9 @@ fn deliver(listener: &Arc<Listener>, token: u32, mut answer: Option<HttpCallResp
                 };
                 if let Err(error) = result {
                     tracing::error!("proxy_on_http_call_response failed: {error}");
+                    if let Some(host) = vm.host_as::<ServeHost>() {
+                        host.wake_all();
+                    }
                 }
             });
         });

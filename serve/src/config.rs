@@ -119,7 +119,7 @@ mod duration {
             (text.strip_suffix('s')?, 1.0)
         };
         let value: f64 = number.trim().parse().ok()?;
-        (value.is_finite() && value >= 0.0).then(|| Duration::from_secs_f64(value * scale))
+        Duration::try_from_secs_f64(value * scale).ok()
     }
 }
 

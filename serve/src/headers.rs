@@ -46,6 +46,49 @@ fn header_name(name: &[u8]) -> bytes::Bytes {
     bytes::Bytes::from(name.to_ascii_lowercase())
 }
 
+/// Sets the request's path, keeping the URI's scheme and authority (an HTTP/2 request's
+/// `:scheme` and `:authority`); an HTTP/1 origin-form URI keeps its raw bytes.
+fn set_path(header: &mut RequestHeader, path: &[u8]) -> bool {
+    let (Some(scheme), Some(authority)) = (header.uri.scheme(), header.uri.authority()) else {
+        return header.set_raw_path(path).is_ok();
+    };
+    let uri = http::Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build();
+    match uri {
+        Ok(uri) => {
+            header.set_uri(uri);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sets the request's authority: its `Host`, and the URI's authority if it has one (Pingora
+/// writes the upstream `Host` from it).
+fn set_authority(header: &mut RequestHeader, authority: &[u8]) -> bool {
+    if header.insert_header(http::header::HOST, authority).is_err() {
+        return false;
+    }
+    if header.uri.authority().is_none() {
+        return true;
+    }
+    let mut parts = header.uri.clone().into_parts();
+    let Ok(authority) = http::uri::Authority::try_from(authority) else {
+        return false;
+    };
+    parts.authority = Some(authority);
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            header.set_uri(uri);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 fn refuse(name: &[u8]) {
     tracing::warn!(
         header = %String::from_utf8_lossy(name),
@@ -117,8 +160,8 @@ impl Headers for Lent<RequestHeader> {
             b":method" => http::Method::from_bytes(value)
                 .map(|method| header.set_method(method))
                 .is_ok(),
-            b":path" => header.set_raw_path(value).is_ok(),
-            b":authority" | b"host" => header.insert_header(http::header::HOST, value).is_ok(),
+            b":path" => set_path(header, value),
+            b":authority" | b"host" => set_authority(header, value),
             b":scheme" => true,
             _ if name.starts_with(b":") => false,
             _ => header.insert_header(header_name(name), value).is_ok(),
@@ -279,6 +322,24 @@ mod tests {
         assert!(header.headers.get("user-agent").is_none());
         assert_eq!(header.headers["host"], "other.example");
         assert!(header.headers.get("x-evil").is_none());
+    }
+
+    #[test]
+    fn an_http2_request_keeps_scheme_and_authority_when_its_path_changes() {
+        let mut header = RequestHeader::build("GET", b"/old", None).unwrap();
+        header.set_uri("http://example.com/old?q".parse().unwrap());
+        {
+            // SAFETY: as above.
+            let mut lent = unsafe { Lent::new(&mut header) };
+            lent.replace(b":path", b"/new?x=1");
+            assert_eq!(
+                Headers::get(&lent, b":authority"),
+                Some(&b"example.com"[..])
+            );
+            lent.replace(b":authority", b"other.example:8080");
+        }
+        assert_eq!(header.uri.to_string(), "http://other.example:8080/new?x=1");
+        assert_eq!(header.headers["host"], "other.example:8080");
     }
 
     #[test]

@@ -85,6 +85,15 @@ impl ServeHost {
         }
     }
 
+    /// Wakes every stream waiting on this copy, e.g. once its VM failed outside their
+    /// callbacks (a tick, a callout's answer), so that they get the plugin's failure policy
+    /// instead of waiting forever.
+    pub(crate) fn wake_all(&self) {
+        for slot in self.streams.values() {
+            slot.wake.notify_one();
+        }
+    }
+
     fn name_of(&self, context: ContextId) -> Option<&str> {
         self.streams
             .get(&context.0)

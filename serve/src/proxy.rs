@@ -62,10 +62,12 @@ pub(crate) struct StreamContext {
     /// The request's framing headers as the plugins left them, for the upstream request (the
     /// client's stay as they came: Pingora reads the client's body by them).
     upstream_framing: Option<Framing>,
-    /// The response the plugins answered with, replacing the upstream's body.
-    replacing_body: Option<Vec<u8>>,
+    /// A reply a plugin asked for after the request headers, sent from `fail_to_proxy`.
+    pending_reply: Option<Reply>,
     /// The response callbacks ran.
     response_done: bool,
+    /// Request body went through the plugins.
+    body_seen: bool,
 }
 
 /// Sends `reply` to the client, through the response callbacks first (Envoy's local replies go
@@ -73,7 +75,13 @@ pub(crate) struct StreamContext {
 async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply) -> Result<bool> {
     let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
     for (name, value) in &reply.headers {
-        header.append_header(Bytes::from(name.to_ascii_lowercase()), value.as_slice())?;
+        let lower = Bytes::from(name.to_ascii_lowercase());
+        if header.append_header(lower, value.as_slice()).is_err() {
+            tracing::warn!(
+                header = %String::from_utf8_lossy(name),
+                "a plugin's reply header is not valid HTTP: left out"
+            );
+        }
     }
     header.insert_header(http::header::CONTENT_LENGTH, reply.body.len().to_string())?;
     let mut body = reply.body;
@@ -115,9 +123,26 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
     Ok(true)
 }
 
+/// What marks the error of a stream a plugin closed: it is reset, not answered.
+const CLOSED: ErrorType = ErrorType::Custom("a plugin closed the stream");
+
+/// What marks the error that leaves the proxy's path for a plugin's reply (kept in the
+/// stream's context and sent by `fail_to_proxy`).
+const REPLIED: ErrorType = ErrorType::Custom("a plugin answered");
+
+/// Leaves the proxy's path to answer with `reply`.
+fn answer_with(ctx: &mut StreamContext, reply: Reply) -> Box<Error> {
+    ctx.pending_reply = Some(reply);
+    let mut error = Error::explain(REPLIED, "a plugin answered");
+    error.set_retry(false);
+    error
+}
+
 /// The error that resets a stream a plugin closed.
 fn closed() -> Box<Error> {
-    Error::explain(ErrorType::InternalError, "a plugin closed the stream")
+    let mut error = Error::explain(CLOSED, "a plugin closed the stream");
+    error.set_retry(false);
+    error
 }
 
 /// Envoy's attributes of the connection.
@@ -199,7 +224,8 @@ impl ProxyHttp for ListenerProxy {
         StreamContext {
             stream: Stream::new(Arc::clone(&self.listener), self.buffer_limit),
             upstream_framing: None,
-            replacing_body: None,
+            body_seen: false,
+            pending_reply: None,
             response_done: false,
         }
     }
@@ -245,16 +271,14 @@ impl ProxyHttp for ListenerProxy {
         end_of_stream: bool,
         ctx: &mut StreamContext,
     ) -> Result<()> {
+        ctx.body_seen = true;
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.body(Direction::Request, chunk, end_of_stream) {
             Ok(data) => {
                 *body = (!data.is_empty()).then(|| Bytes::from(data));
                 Ok(())
             }
-            Err(Outcome::Reply(reply)) => Err(Error::explain(
-                ErrorType::HTTPStatus(reply.status),
-                "a plugin answered during the request body",
-            )),
+            Err(Outcome::Reply(reply)) => Err(answer_with(ctx, reply)),
             Err(_) => Err(closed()),
         }
     }
@@ -314,11 +338,13 @@ impl ProxyHttp for ListenerProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut StreamContext,
     ) -> Result<()> {
-        if ctx.response_done {
+        let status = upstream_response.status;
+        if ctx.response_done || (status.is_informational() && status.as_u16() != 101) {
+            // A 100 or 103 goes before the real response: the plugins see that one.
             return Ok(());
         }
         ctx.response_done = true;
-        ctx.stream.note_response(upstream_response.status.as_u16());
+        ctx.stream.note_response(status.as_u16());
         let end_of_stream = upstream_response
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -335,24 +361,9 @@ impl ProxyHttp for ListenerProxy {
         {
             Outcome::Continue => Ok(()),
             Outcome::Close => Err(closed()),
-            Outcome::Reply(reply) => {
-                // The upstream's response is replaced: its status and headers now, its body as it
-                // comes (see `response_body_filter`).
-                upstream_response.set_status(reply.status)?;
-                let names: Vec<http::HeaderName> =
-                    upstream_response.headers.keys().cloned().collect();
-                for name in names {
-                    upstream_response.remove_header(&name);
-                }
-                for (name, value) in &reply.headers {
-                    upstream_response
-                        .append_header(Bytes::from(name.to_ascii_lowercase()), value.as_slice())?;
-                }
-                upstream_response
-                    .insert_header(http::header::CONTENT_LENGTH, reply.body.len().to_string())?;
-                ctx.replacing_body = Some(reply.body);
-                Ok(())
-            }
+            // The upstream's response is dropped for the reply (which skips the response
+            // callbacks: they are running).
+            Outcome::Reply(reply) => Err(answer_with(ctx, reply)),
         }
     }
 
@@ -363,10 +374,6 @@ impl ProxyHttp for ListenerProxy {
         end_of_stream: bool,
         ctx: &mut StreamContext,
     ) -> Result<Option<std::time::Duration>> {
-        if let Some(replacement) = &mut ctx.replacing_body {
-            *body = end_of_stream.then(|| Bytes::from(std::mem::take(replacement)));
-            return Ok(None);
-        }
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.body(Direction::Response, chunk, end_of_stream) {
             Ok(data) => {
@@ -378,14 +385,52 @@ impl ProxyHttp for ListenerProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &StreamContext, error: &Error) -> bool {
+        // A plugin's reply or reset is no proxy error.
+        matches!(error.etype(), etype if *etype == CLOSED || *etype == REPLIED)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut StreamContext,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A retry would send the request body through the plugins a second time.
+        if ctx.body_seen
+            || !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         ctx: &mut StreamContext,
     ) -> FailToProxy {
-        // Envoy's codes: an upstream that cannot be reached is 503, one too slow 504.
+        if let Some(reply) = ctx.pending_reply.take() {
+            let status = reply.status;
+            if let Err(error) = send_reply(session, ctx, reply).await {
+                tracing::debug!("could not answer the client: {error}");
+            }
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
+        // Envoy's codes: an upstream that cannot be reached is 503, one too slow 504; a stream
+        // a plugin closed gets no answer (its connection closes).
         let code = match e.etype() {
+            etype if *etype == CLOSED => 0,
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => 503,
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,

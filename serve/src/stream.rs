@@ -41,9 +41,10 @@ impl Reply {
 
     fn from_local(local: LocalResponse) -> Reply {
         Reply {
+            // An informational or out-of-range status cannot end a stream: 500, as Envoy.
             status: u16::try_from(local.status)
                 .ok()
-                .filter(|s| (100..=999).contains(s))
+                .filter(|s| (200..=599).contains(s))
                 .unwrap_or(500),
             headers: local
                 .headers
@@ -168,12 +169,7 @@ impl Stream {
         index: usize,
         work: impl FnOnce(&mut Vm, ContextId) -> R,
     ) -> Option<R> {
-        let generation = self.generation?;
-        let filter = self.filters.get(index)?;
-        let (stream, context) = (filter.stream.as_ref()?, filter.context);
-        with_workers(&self.listener, |workers| {
-            let worker = workers.worker(generation)?;
-            let vm = worker.vm(stream)?;
+        self.with_filter_lending(index, |vm, context| {
             let outcome =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(vm, context)));
             if let Some(slot) = slot(vm, context) {
@@ -181,30 +177,27 @@ impl Stream {
                 slot.response = None;
             }
             match outcome {
-                Ok(result) => Some(result),
+                Ok(result) => result,
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         })
-        .flatten()
     }
 
     /// As [`Stream::with_filter`], but what `work` lends stays lent: the caller must hold a
     /// [`LoanGuard`] for the length of the loan.
-    fn with_filter_lending(&mut self, index: usize, work: impl FnOnce(&mut Vm, ContextId)) {
-        let Some(generation) = self.generation else {
-            return;
-        };
-        let Some(filter) = self.filters.get(index) else {
-            return;
-        };
-        let (Some(stream), context) = (filter.stream.as_ref(), filter.context) else {
-            return;
-        };
+    fn with_filter_lending<R>(
+        &mut self,
+        index: usize,
+        work: impl FnOnce(&mut Vm, ContextId) -> R,
+    ) -> Option<R> {
+        let generation = self.generation?;
+        let filter = self.filters.get(index)?;
+        let (stream, context) = (filter.stream.as_ref()?, filter.context);
         with_workers(&self.listener, |workers| {
-            if let Some(vm) = workers.worker(generation).and_then(|w| w.vm(stream)) {
-                work(vm, context);
-            }
-        });
+            let vm = workers.worker(generation)?.vm(stream)?;
+            Some(work(vm, context))
+        })
+        .flatten()
     }
 
     /// Applies the plugin's failure policy to a failed callback of filter `index`.
@@ -294,14 +287,25 @@ impl Stream {
         Outcome::Continue
     }
 
-    /// Waits until filter `index` asks for something for its stream.
+    /// Waits until filter `index` asks for something for its stream, or its VM fails (then
+    /// the plugin's failure policy decides). What the plugin asked is read without taking
+    /// back the header lent across the wait; a wake-up left from earlier only costs a look.
     async fn wait(&mut self, index: usize) -> Outcome {
         loop {
-            self.wake.notified().await;
-            let asked = self.with_filter(index, take_asked).unwrap_or_default();
+            let looked = self.with_filter_lending(index, |vm, context| {
+                (take_asked(vm, context), vm.is_failed())
+            });
+            let Some((asked, failed)) = looked else {
+                return Outcome::Reply(Reply::fail_closed());
+            };
             if let Some(outcome) = acted(asked) {
                 return outcome;
             }
+            if failed {
+                let error = VmError::Failed("the VM failed while holding the stream".into());
+                return self.failed(index, &error);
+            }
+            self.wake.notified().await;
         }
     }
 
@@ -407,12 +411,18 @@ impl Stream {
         let Some(generation) = self.generation else {
             return;
         };
+        // While unwinding (a panic on the way, e.g. from these very callbacks, after which
+        // `Drop` comes here again), no plugin code runs: the contexts and holds only go.
+        let call_plugins = !std::thread::panicking();
         for index in 0..self.filters.len() {
-            if self.filters[index].bypassed {
+            if self.filters[index].bypassed || !call_plugins {
                 continue;
             }
             let outcome = self.with_filter(index, |vm, context| {
                 if let Some(slot) = slot(vm, context) {
+                    // Only what is lent now: nothing from an abandoned wait.
+                    slot.request = None;
+                    slot.response = None;
                     if let Some(header) = request.as_deref_mut() {
                         lend_request(slot, header);
                     }

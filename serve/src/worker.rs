@@ -72,6 +72,8 @@ async fn tick_loop(listener: Arc<Listener>) {
         let now = Instant::now();
         let mut seen = Vec::new();
         with_workers(&listener, |workers| {
+            // A thread without traffic lets go of replaced plugins here.
+            workers.refresh();
             workers.for_each_worker(|generation, worker| {
                 worker.for_each_copy(|copy, vm, roots| {
                     for &(_, root) in roots {
@@ -90,6 +92,9 @@ async fn tick_loop(listener: Arc<Listener>) {
                         if entry.0 <= now && !vm.is_failed() {
                             if let Err(error) = vm.tick_root(root) {
                                 tracing::error!("proxy_on_tick failed: {error}");
+                                if let Some(host) = vm.host_as::<ServeHost>() {
+                                    host.wake_all();
+                                }
                             }
                             entry.0 = now + period;
                         }
