@@ -563,3 +563,41 @@ fn a_plugin_that_closes_the_stream_resets_it_and_the_upstream_never_sees_it() {
     // The connection went; the next request is served.
     assert_eq!(get(&serve.url("/"), &[]).status, 200);
 }
+
+#[test]
+fn a_plugin_holding_the_last_request_body_chunk_checks_the_whole_body_before_it_goes_up() {
+    let origin = Origin::start();
+    let auth = Origin::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("body_check", "http_call", "")],
+        &[("auth_cluster", auth.address)],
+    );
+    let reply = send(
+        "POST",
+        &serve.url("/upload"),
+        &[("x-check-body", "1")],
+        Some("the whole body"),
+    );
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(*auth.last_body.lock().unwrap(), "the whole body");
+    assert_eq!(*origin.last_body.lock().unwrap(), "the whole body");
+
+    // With the checker unreachable, the plugin answers itself: nothing reached the upstream.
+    let closed = free_port();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("body_check", "http_call", "")],
+        &[("auth_cluster", ([127, 0, 0, 1], closed).into())],
+    );
+    let before = origin.requests.load(Ordering::Relaxed);
+    let reply = send(
+        "POST",
+        &serve.url("/upload"),
+        &[("x-check-body", "1")],
+        Some("unchecked"),
+    );
+    assert_eq!(reply.status, 503, "{}", serve.log());
+    assert_eq!(reply.body, "auth callout failed\n");
+    assert_eq!(origin.requests.load(Ordering::Relaxed), before);
+}

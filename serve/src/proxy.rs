@@ -104,7 +104,7 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
             Outcome::Reply(_) => {}
         }
         if !body.is_empty() {
-            match ctx.stream.body(Direction::Response, body, true) {
+            match ctx.stream.response_body(body, true) {
                 Ok(data) => body = data,
                 Err(Outcome::Close) => return Err(closed()),
                 Err(_) => body = Vec::new(),
@@ -273,7 +273,7 @@ impl ProxyHttp for ListenerProxy {
     ) -> Result<()> {
         ctx.body_seen = true;
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
-        match ctx.stream.body(Direction::Request, chunk, end_of_stream) {
+        match ctx.stream.request_body(chunk, end_of_stream).await {
             Ok(data) => {
                 *body = (!data.is_empty()).then(|| Bytes::from(data));
                 Ok(())
@@ -375,7 +375,7 @@ impl ProxyHttp for ListenerProxy {
         ctx: &mut StreamContext,
     ) -> Result<Option<std::time::Duration>> {
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
-        match ctx.stream.body(Direction::Response, chunk, end_of_stream) {
+        match ctx.stream.response_body(chunk, end_of_stream) {
             Ok(data) => {
                 *body = (!data.is_empty()).then(|| Bytes::from(data));
                 Ok(None)

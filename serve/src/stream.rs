@@ -79,6 +79,14 @@ pub(crate) enum Outcome {
     Close,
 }
 
+/// Where a body chunk got to in the chain.
+enum BodyStep {
+    /// Through every plugin: what goes on (empty while a plugin buffers).
+    Pass(Vec<u8>),
+    /// Held by the plugin at `position` in the chain's order (filter `index`).
+    Held { position: usize, index: usize },
+}
+
 /// Which direction a body or header callback is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -309,21 +317,65 @@ impl Stream {
         }
     }
 
-    /// Runs the body callbacks over one chunk in `direction`: each plugin sees the chunk (after
-    /// what it buffered) and may change it, buffer it or let it through. Returns what goes on
+    /// Runs the response body callbacks over one chunk: each plugin sees the chunk (after what
+    /// it buffered) and may change it, buffer it or let it through. Returns what goes on
     /// (nothing while a plugin buffers) or how the stream ends.
-    pub(crate) fn body(
+    pub(crate) fn response_body(
         &mut self,
-        direction: Direction,
         chunk: Vec<u8>,
         end_of_stream: bool,
     ) -> Result<Vec<u8>, Outcome> {
+        match self.body_from(Direction::Response, 0, chunk, end_of_stream)? {
+            BodyStep::Pass(data) => Ok(data),
+            // Only a request is held on its last chunk (a response cannot wait: Pingora's
+            // response body filter is synchronous, so `body_from` lets its last chunk go on).
+            BodyStep::Held { .. } => Err(Outcome::Reply(Reply::fail_closed())),
+        }
+    }
+
+    /// The request body callbacks over one chunk: as [`Stream::response_body`], and a plugin that stops
+    /// on the last chunk holds the request there (e.g. to check the whole body elsewhere)
+    /// until it continues it, answers it or closes it.
+    pub(crate) async fn request_body(
+        &mut self,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<Vec<u8>, Outcome> {
+        let mut start = 0;
+        let mut data = chunk;
+        loop {
+            match self.body_from(Direction::Request, start, data, end_of_stream)? {
+                BodyStep::Pass(data) => return Ok(data),
+                BodyStep::Held { position, index } => {
+                    match self.wait(index).await {
+                        Outcome::Continue => {}
+                        other => return Err(other),
+                    }
+                    // The body as the plugin left it, on to the next plugin.
+                    data = self
+                        .with_filter_lending(index, |vm, context| set_body(vm, context, None))
+                        .flatten()
+                        .unwrap_or_default();
+                    start = position + 1;
+                }
+            }
+        }
+    }
+
+    /// Runs the body callbacks from the `start`th plugin of the chain in `direction`.
+    fn body_from(
+        &mut self,
+        direction: Direction,
+        start: usize,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<BodyStep, Outcome> {
         let order: Vec<usize> = match direction {
             Direction::Request => (0..self.filters.len()).collect(),
             Direction::Response => (0..self.filters.len()).rev().collect(),
         };
         let mut data = chunk;
-        for index in order {
+        for (position, index) in order.into_iter().enumerate().skip(start) {
             if self.filters[index].bypassed {
                 continue;
             }
@@ -361,6 +413,16 @@ impl Stream {
                     if let Some(reply) = asked.local_reply {
                         return Err(Outcome::Reply(Reply::from_local(reply)));
                     }
+                    if end_of_stream
+                        && action != DataAction::Continue
+                        && direction == Direction::Request
+                    {
+                        // Held with the whole body readable (and replaceable) meanwhile.
+                        self.with_filter_lending(index, |vm, context| {
+                            set_body(vm, context, Some(body));
+                        });
+                        return Ok(BodyStep::Held { position, index });
+                    }
                     if action == DataAction::Continue || end_of_stream {
                         data = body;
                     } else {
@@ -381,12 +443,12 @@ impl Stream {
                             Direction::Response => &mut self.filters[index].response_body,
                         };
                         *buffered = body;
-                        return Ok(Vec::new());
+                        return Ok(BodyStep::Pass(Vec::new()));
                     }
                 }
             }
         }
-        Ok(data)
+        Ok(BodyStep::Pass(data))
     }
 
     /// Records the response status for the plugins' attributes.

@@ -12,6 +12,12 @@
 //!
 //! Logs `dispatched http call: token {token}` and `http call response: token {token}, body
 //! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally.
+//!
+//! With request header `x-check-body` the call checks the request body instead: the headers
+//! go on, the body is buffered (StopIterationAndBuffer) until `end_of_stream`, then sent as
+//! `POST /check` to `auth_cluster` while the plugin holds the request (Pause on the last
+//! chunk). A 200 answer continues the request with its body unchanged; any other answers
+//! 401 with the callout's body, and a failed call 503 as above.
 
 use log::{info, warn};
 use proxy_wasm::traits::*;
@@ -20,13 +26,57 @@ use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> { Box::new(HttpCall) });
+    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
+        Box::new(HttpCall { check_body: false })
+    });
 }}
 
-struct HttpCall;
+struct HttpCall {
+    /// Whether the call checks the request body (header `x-check-body`).
+    check_body: bool,
+}
 
 impl HttpContext for HttpCall {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.check_body {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        match self.dispatch_http_call(
+            "auth_cluster",
+            vec![
+                (":method", "POST"),
+                (":path", "/check"),
+                (":authority", "auth.local"),
+            ],
+            Some(&body),
+            vec![],
+            Duration::from_secs(5),
+        ) {
+            Ok(token) => {
+                info!(
+                    "dispatched body check: token {}, {} bytes",
+                    token,
+                    body.len()
+                );
+                Action::Pause
+            }
+            Err(status) => {
+                warn!("dispatch_http_call failed: {:?}", status);
+                self.send_http_response(503, vec![], Some(b"auth callout failed\n"));
+                Action::Pause
+            }
+        }
+    }
+
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.get_http_request_header("x-check-body").is_some() {
+            self.check_body = true;
+            return Action::Continue;
+        }
         match self.dispatch_http_call(
             "auth_cluster",
             vec![
@@ -74,7 +124,9 @@ impl Context for HttpCall {
             body.len()
         );
         if self.get_http_call_response_header(":status").as_deref() == Some("200") {
-            self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
+            if !self.check_body {
+                self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
+            }
             self.resume_http_request();
         } else {
             self.send_http_response(401, vec![], Some(&body));
