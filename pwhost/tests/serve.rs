@@ -601,3 +601,48 @@ fn a_plugin_holding_the_last_request_body_chunk_checks_the_whole_body_before_it_
     assert_eq!(reply.body, "auth callout failed\n");
     assert_eq!(origin.requests.load(Ordering::Relaxed), before);
 }
+
+#[test]
+fn a_client_that_gives_up_on_a_held_request_leaves_no_plugin_context_behind() {
+    let origin = Origin::start();
+    // A checker that accepts connections and never answers: the plugin's call times out
+    // after its 5 s, long after the client has gone.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let serve = Serve::start_with(
+        origin.address,
+        &[
+            envoy_filter("headers", "http_headers", ""),
+            envoy_filter("auth", "http_call", ""),
+        ],
+        &[("auth_cluster", silent.local_addr().expect("its address"))],
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(500)))
+        .build()
+        .into();
+    assert!(
+        agent.get(&serve.url("/abandoned")).call().is_err(),
+        "the client gives up"
+    );
+    let live = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("pwhost_live_stream_contexts "))
+            .map(str::to_string)
+    };
+    let during = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(live(&during).as_deref(), Some("2"), "{during}");
+    // Both plugins' contexts end (proxy_on_log, proxy_on_done, proxy_on_delete) once the
+    // held stream is over.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+        if live(&metrics).as_deref() == Some("0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    serve.wait_for_log("done: /abandoned");
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}

@@ -11,7 +11,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -24,6 +24,8 @@ pub(crate) struct HostMetrics {
     pub(crate) requests: Family<ListenerLabel, Counter>,
     /// Responses sent, by listener and status code.
     pub(crate) responses: Family<ResponseLabels, Counter>,
+    /// Plugin stream contexts alive now (each stream has one per plugin until it ends).
+    pub(crate) live_contexts: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,6 +186,11 @@ impl Admin {
             "pwhost_responses",
             "responses sent, by listener and status code",
             host.responses.clone(),
+        );
+        registry.register(
+            "pwhost_live_stream_contexts",
+            "plugin stream contexts alive now",
+            host.live_contexts.clone(),
         );
         registry.register(
             "pwhost_reloads",

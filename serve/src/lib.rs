@@ -109,6 +109,7 @@ impl Proxy {
                         index,
                         live: Arc::new(LivePlugins::new(plugins)),
                         clusters: Arc::clone(&clusters),
+                        metrics: Arc::clone(&metrics),
                     }),
                     name: listener.name.clone(),
                     routes,

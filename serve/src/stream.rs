@@ -161,6 +161,10 @@ impl Stream {
         match begun {
             Some((generation, filters, reply)) => {
                 self.generation = Some(generation);
+                self.listener
+                    .metrics
+                    .live_contexts
+                    .inc_by(filters.len() as i64);
                 self.filters = filters;
                 self.early_reply = reply;
             }
@@ -509,6 +513,10 @@ impl Stream {
         }
         self.generation = None;
         let filters = std::mem::take(&mut self.filters);
+        self.listener
+            .metrics
+            .live_contexts
+            .dec_by(filters.len() as i64);
         with_workers(&self.listener, |workers| {
             if let Some(worker) = workers.worker(generation) {
                 for filter in filters {

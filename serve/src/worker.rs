@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use abi::ContextId;
 use lifecycle::{CopyId, Generation, LivePlugins, ThreadWorkers, Worker};
 
+use crate::admin::HostMetrics;
 use crate::host::ServeHost;
 use crate::proxy::ClusterState;
 
@@ -24,6 +25,8 @@ pub(crate) struct Listener {
     pub(crate) live: Arc<LivePlugins>,
     /// Where `proxy_http_call` may go, by cluster name.
     pub(crate) clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+    /// The proxy's own metrics.
+    pub(crate) metrics: Arc<HostMetrics>,
 }
 
 thread_local! {
