@@ -196,24 +196,10 @@ impl Framing {
     }
 }
 
-/// Whether the request has no body (so the request headers end the stream).
-fn request_ends_with_headers(session: &Session) -> bool {
-    let header = session.req_header();
-    if session.is_http2() {
-        // HTTP/2 says so with END_STREAM, which Pingora exposes as an empty body reader.
-        return header.headers.get(http::header::CONTENT_LENGTH).is_none()
-            && matches!(header.method, http::Method::GET | http::Method::HEAD);
-    }
-    let length = header
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    header
-        .headers
-        .get(http::header::TRANSFER_ENCODING)
-        .is_none()
-        && length.unwrap_or(0) == 0
+/// Whether the request has no body (so the request headers end the stream): Pingora knows
+/// from the framing (HTTP/1) or the END_STREAM flag (HTTP/2).
+fn request_ends_with_headers(session: &mut Session) -> bool {
+    session.as_mut().is_body_empty()
 }
 
 #[async_trait]
