@@ -11,6 +11,8 @@
 # Needs wrk and nginx (apt-get install wrk nginx) and the plugin corpus (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
@@ -24,33 +26,18 @@ cargo build --release -q -p pwhost --features "wasmtime wamr v8 null serve"
 pwhost=$PWD/target/release/pwhost
 
 work=$(mktemp -d)
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-origin_port=$(port)
-proxy_port=$(port)
+origin_port=$(free_port)
+proxy_port=$(free_port)
 proxy_pid=
 cleanup() {
   [ -n "$proxy_pid" ] && kill -9 "$proxy_pid" 2>/dev/null || true
-  for pid in "$work"/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true; done
+  for pid in "$work"/*/nginx.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 # The origin: nginx answering every request with a small body.
-mkdir -p "$work/origin"
-cat > "$work/origin/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/origin.pid;
-error_log $work/origin/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$origin_port;
-    location / { return 200 "hello from origin\n"; }
-  }
-}
-EOF
-nginx -c "$work/origin/nginx.conf" -p "$work/origin"
+start_origin "$work/origin" "$origin_port"
 
 # nginx as the reverse proxy to compare with, keeping upstream connections alive as Pingora does.
 mkdir -p "$work/nginx-proxy"
@@ -129,13 +116,6 @@ stop() { # case
   fi
   # The port is free again before the next case starts.
   while curl -s -o /dev/null "http://127.0.0.1:$proxy_port/"; do sleep 0.1; done
-}
-
-to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 }
-    else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 } }'
 }
 
 cases=(none headers-wasmtime headers-wamr headers-v8 headers-null body-wasmtime nginx)

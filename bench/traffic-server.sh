@@ -11,6 +11,8 @@
 # corpus (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
@@ -23,32 +25,18 @@ cargo build --release -q -p pwhost-ats --features "wasmtime wamr v8"
 library=$PWD/target/release/libpwhost_ats.so
 
 work=$(mktemp -d)
-origin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-proxy_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+origin_port=$(free_port)
+proxy_port=$(free_port)
 ts_pid=
 cleanup() {
   [ -n "$ts_pid" ] && kill -9 -- "-$ts_pid" 2>/dev/null || true
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ -f "$work/nginx/nginx.pid" ] && kill "$(cat "$work/nginx/nginx.pid")" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 # The origin: nginx answering every request with a small body.
-mkdir -p "$work/nginx"
-cat > "$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$origin_port;
-    location / { return 200 "hello from origin\n"; }
-  }
-}
-EOF
-nginx -c "$work/nginx/nginx.conf" -p "$work/nginx"
+start_origin "$work/nginx" "$origin_port"
 
 # One run root per configuration: TS's files in $work/<name>/.
 make_root() { # name threads runtime|none
@@ -124,13 +112,6 @@ stop_ts() {
   kill -9 -- "-$ts_pid" 2>/dev/null || true
   wait "$ts_pid" 2>/dev/null || true
   ts_pid=
-}
-
-to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 }
-    else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 } }'
 }
 
 configs=(none wasmtime wamr v8)

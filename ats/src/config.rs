@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use lifecycle::{CodeCache, CodeSource, Deployment, LoadOptions, Plugins};
+use lifecycle::{CodeCache, Deployment, LoadOptions, Plugins};
 use serde_yaml::Value;
 
 /// Where `proxy_http_call` may send requests: upstream name → address.
@@ -37,19 +37,7 @@ pub fn read(file: &Path) -> Result<(Deployment, Upstreams), String> {
     };
     let rest = serde_yaml::to_string(&document).map_err(|e| format!("{shown}: {e}"))?;
     let mut deployment = lifecycle::parse(&rest).map_err(|e| format!("{shown}: {e}"))?;
-    let base = file.parent().unwrap_or(Path::new("."));
-    for plugin in deployment
-        .http_filters
-        .iter_mut()
-        .chain(&mut deployment.network_filters)
-        .chain(deployment.services.iter_mut().map(|s| &mut s.plugin))
-    {
-        if let CodeSource::File(path) = &mut plugin.vm.code {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
-        }
-    }
+    deployment.resolve_files(file.parent().unwrap_or(Path::new(".")));
     Ok((deployment, upstreams))
 }
 

@@ -80,7 +80,7 @@ fn start_services(
 ) -> Result<Vec<SingletonService>, String> {
     let mut services = Vec::new();
     for plugin in plugins.services() {
-        let name = plugin_name(plugins.config(plugin)).to_string();
+        let name = plugins.config(plugin).display_name().to_string();
         if !plugins.is_singleton(plugin) {
             return Err(format!(
                 "service {name}: pwhost_ats runs singleton services only (singleton: true)"
@@ -270,7 +270,7 @@ fn init(args: &[String]) -> Result<(), String> {
     let names: Vec<String> = loaded
         .plugins
         .http_filters()
-        .map(|plugin| plugin_name(loaded.plugins.config(plugin)).to_string())
+        .map(|plugin| loaded.plugins.config(plugin).display_name().to_string())
         .collect();
     let live = Arc::new(LivePlugins::new(loaded.plugins));
     let upstreams = Arc::new(loaded.upstreams);
@@ -296,17 +296,6 @@ fn init(args: &[String]) -> Result<(), String> {
     stats::start();
     diag::note(&format!("running {}", names.join(", ")));
     Ok(())
-}
-
-/// A plugin's name for logs: its `name`, else its `root_id`, else `plugin`.
-fn plugin_name(config: &lifecycle::PluginConfig) -> &str {
-    if !config.name.is_empty() {
-        &config.name
-    } else if !config.root_id.is_empty() {
-        &config.root_id
-    } else {
-        "plugin"
-    }
 }
 
 /// `traffic_ctl config reload`: reads the files again and puts the new plugins in force; a

@@ -50,7 +50,7 @@ fn publish() {
         .map(|metric| (format!("plugin.pwhost_ats.{}", metric.name), metric.value))
         .collect();
     for plugin in plugins.http_filters() {
-        let name = crate::plugin_name(plugins.config(plugin));
+        let name = plugins.config(plugin).display_name();
         for (counter, value) in plugins.counters(plugin).snapshot() {
             let value = i64::try_from(value).unwrap_or(i64::MAX);
             values.push((format!("plugin.pwhost_ats.{name}.{counter}"), value));

@@ -300,7 +300,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                     Err(error) => {
                         diag::error(&format!(
                             "[{}] cannot create a stream context: {error}",
-                            crate::plugin_name(config)
+                            config.display_name()
                         ));
                         worker.release(stream);
                         if worker.failed(plugin, &error) == OnFailure::FailClosed {
@@ -357,7 +357,7 @@ fn open_stream(
     let Some(host) = vm.host_as::<AtsHost>() else {
         return Ok(OpenedStream {
             context,
-            name: crate::plugin_name(config).into(),
+            name: config.display_name().into(),
             request_body,
             response_body,
         });
@@ -366,7 +366,7 @@ fn open_stream(
     let name = Arc::clone(
         host.roots
             .entry(stream.root().0)
-            .or_insert_with(|| crate::plugin_name(config).into()),
+            .or_insert_with(|| config.display_name().into()),
     );
     let mut slot = StreamSlot::new(Arc::clone(&name), cont);
     slot.info = info.clone();

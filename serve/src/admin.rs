@@ -149,7 +149,7 @@ impl Collector for PluginMetrics {
         for (listener, live) in &self.listeners {
             let (_, plugins) = live.current();
             for plugin in plugins.http_filters() {
-                let name = crate::stream::plugin_name(plugins.config(plugin)).to_string();
+                let name = plugins.config(plugin).display_name().to_string();
                 for (outcome, value) in plugins.counters(plugin).snapshot() {
                     let labels = FailureLabels {
                         listener: listener.clone(),

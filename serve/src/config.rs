@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lifecycle::{CodeSource, Deployment};
+use lifecycle::Deployment;
 use serde::Deserialize;
 
 /// A configuration file that could not be used.
@@ -188,7 +188,7 @@ impl ServeConfig {
                     "{at}.http_filters: only HTTP filters belong here (services go under services:)"
                 ));
             }
-            relative_to(&mut plugins, base);
+            plugins.resolve_files(base);
             for (route_index, route) in listener.routes.iter().enumerate() {
                 if !file.clusters.contains_key(&route.cluster) {
                     return Err(format!(
@@ -225,7 +225,7 @@ impl ServeConfig {
                     .into(),
             );
         }
-        relative_to(&mut services, base);
+        services.resolve_files(base);
         let workers = match file.workers {
             Some(0) => return Err("workers: must be at least 1".into()),
             Some(workers) => workers,
@@ -249,24 +249,10 @@ fn plugin_blocks(value: &serde_yaml::Value, at: &str) -> Result<Deployment, Stri
     lifecycle::parse(&text).map_err(|e| format!("{at}: {e}"))
 }
 
-fn relative_to(deployment: &mut Deployment, base: &Path) {
-    for plugin in deployment
-        .http_filters
-        .iter_mut()
-        .chain(&mut deployment.network_filters)
-        .chain(deployment.services.iter_mut().map(|s| &mut s.plugin))
-    {
-        if let CodeSource::File(path) = &mut plugin.vm.code {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lifecycle::CodeSource;
 
     const MINIMAL: &str = "
 listeners:

@@ -96,6 +96,74 @@ fn refuse(name: &[u8]) {
     );
 }
 
+/// What Pingora's request and response headers have alike: the regular (not pseudo) headers.
+trait RegularHeaders {
+    fn map(&self) -> &http::HeaderMap;
+    fn append(&mut self, name: &[u8], value: &[u8]) -> bool;
+    fn insert(&mut self, name: &[u8], value: &[u8]) -> bool;
+    fn remove_named(&mut self, name: &str);
+}
+
+impl RegularHeaders for RequestHeader {
+    fn map(&self) -> &http::HeaderMap {
+        &self.headers
+    }
+    fn append(&mut self, name: &[u8], value: &[u8]) -> bool {
+        self.append_header(header_name(name), value).is_ok()
+    }
+    fn insert(&mut self, name: &[u8], value: &[u8]) -> bool {
+        self.insert_header(header_name(name), value).is_ok()
+    }
+    fn remove_named(&mut self, name: &str) {
+        self.remove_header(name);
+    }
+}
+
+impl RegularHeaders for ResponseHeader {
+    fn map(&self) -> &http::HeaderMap {
+        &self.headers
+    }
+    fn append(&mut self, name: &[u8], value: &[u8]) -> bool {
+        self.append_header(header_name(name), value).is_ok()
+    }
+    fn insert(&mut self, name: &[u8], value: &[u8]) -> bool {
+        self.insert_header(header_name(name), value).is_ok()
+    }
+    fn remove_named(&mut self, name: &str) {
+        self.remove_header(name);
+    }
+}
+
+/// A regular header's first value.
+fn regular_value<'a>(header: &'a impl RegularHeaders, name: &[u8]) -> Option<&'a [u8]> {
+    let name = std::str::from_utf8(name).ok()?;
+    header.map().get(name).map(|value| value.as_bytes())
+}
+
+/// Appends a regular header, refusing what is not valid HTTP.
+fn add_regular(header: &mut impl RegularHeaders, name: &[u8], value: &[u8]) {
+    if !is_clean(value) || !header.append(name, value) {
+        refuse(name);
+    }
+}
+
+/// Removes every entry of a regular header (pseudo-headers cannot go).
+fn remove_regular(header: &mut impl RegularHeaders, name: &[u8]) {
+    if let Ok(name) = std::str::from_utf8(name) {
+        if !name.starts_with(':') {
+            header.remove_named(name);
+        }
+    }
+}
+
+/// Removes every regular header.
+fn clear_regular(header: &mut impl RegularHeaders) {
+    let names: Vec<String> = header.map().keys().map(|n| n.to_string()).collect();
+    for name in names {
+        header.remove_named(&name);
+    }
+}
+
 impl Headers for Lent<RequestHeader> {
     fn len(&self) -> usize {
         // As `for_each` shows them: the pseudo-headers, then every header but `host` (shown as
@@ -117,10 +185,7 @@ impl Headers for Lent<RequestHeader> {
                 .map(|authority| authority.as_str().as_bytes())
                 .or_else(|| header.headers.get(http::header::HOST).map(|v| v.as_bytes())),
             b":scheme" => Some(header.uri.scheme_str().unwrap_or("http").as_bytes()),
-            _ => std::str::from_utf8(name)
-                .ok()
-                .and_then(|name| header.headers.get(name))
-                .map(|value| value.as_bytes()),
+            _ => regular_value(header, name),
         }
     }
 
@@ -141,14 +206,7 @@ impl Headers for Lent<RequestHeader> {
         if name.starts_with(b":") || name.eq_ignore_ascii_case(b"host") {
             return self.replace(name, value);
         }
-        if !is_clean(value)
-            || self
-                .get_mut()
-                .append_header(header_name(name), value)
-                .is_err()
-        {
-            refuse(name);
-        }
+        add_regular(self.get_mut(), name, value);
     }
 
     fn replace(&mut self, name: &[u8], value: &[u8]) {
@@ -164,7 +222,7 @@ impl Headers for Lent<RequestHeader> {
             b":authority" | b"host" => set_authority(header, value),
             b":scheme" => true,
             _ if name.starts_with(b":") => false,
-            _ => header.insert_header(header_name(name), value).is_ok(),
+            _ => header.insert(name, value),
         };
         if !done {
             refuse(name);
@@ -172,18 +230,11 @@ impl Headers for Lent<RequestHeader> {
     }
 
     fn remove(&mut self, name: &[u8]) {
-        if let Ok(name) = std::str::from_utf8(name) {
-            if !name.starts_with(':') {
-                self.get_mut().remove_header(name);
-            }
-        }
+        remove_regular(self.get_mut(), name);
     }
 
     fn clear(&mut self) {
-        let names: Vec<http::HeaderName> = self.get().headers.keys().cloned().collect();
-        for name in names {
-            self.get_mut().remove_header(&name);
-        }
+        clear_regular(self.get_mut());
     }
 }
 
@@ -196,10 +247,7 @@ impl Headers for Lent<ResponseHeader> {
         let header = Lent::get(self);
         match name {
             b":status" => Some(header.status.as_str().as_bytes()),
-            _ => std::str::from_utf8(name)
-                .ok()
-                .and_then(|name| header.headers.get(name))
-                .map(|value| value.as_bytes()),
+            _ => regular_value(header, name),
         }
     }
 
@@ -215,14 +263,7 @@ impl Headers for Lent<ResponseHeader> {
         if name == b":status" {
             return self.replace(name, value);
         }
-        if !is_clean(value)
-            || self
-                .get_mut()
-                .append_header(header_name(name), value)
-                .is_err()
-        {
-            refuse(name);
-        }
+        add_regular(self.get_mut(), name, value);
     }
 
     fn replace(&mut self, name: &[u8], value: &[u8]) {
@@ -236,7 +277,7 @@ impl Headers for Lent<ResponseHeader> {
                 .and_then(|v| v.parse::<u16>().ok())
                 .is_some_and(|status| header.set_status(status).is_ok()),
             _ if name.starts_with(b":") => false,
-            _ => header.insert_header(header_name(name), value).is_ok(),
+            _ => header.insert(name, value),
         };
         if !done {
             refuse(name);
@@ -244,18 +285,11 @@ impl Headers for Lent<ResponseHeader> {
     }
 
     fn remove(&mut self, name: &[u8]) {
-        if let Ok(name) = std::str::from_utf8(name) {
-            if !name.starts_with(':') {
-                self.get_mut().remove_header(name);
-            }
-        }
+        remove_regular(self.get_mut(), name);
     }
 
     fn clear(&mut self) {
-        let names: Vec<http::HeaderName> = self.get().headers.keys().cloned().collect();
-        for name in names {
-            self.get_mut().remove_header(&name);
-        }
+        clear_regular(self.get_mut());
     }
 }
 

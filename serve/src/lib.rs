@@ -125,7 +125,7 @@ impl Proxy {
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
             for plugin in plugins.services() {
-                let name = stream::plugin_name(plugins.config(plugin)).to_string();
+                let name = plugins.config(plugin).display_name().to_string();
                 if !plugins.is_singleton(plugin) {
                     return Err(ServeError::Plugins(format!(
                         "services: {name}: only singleton services (singleton: true) run yet"

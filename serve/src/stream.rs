@@ -128,7 +128,7 @@ impl Stream {
             let mut filters = Vec::new();
             let mut reply = None;
             for plugin in plugins.http_filters() {
-                let name: Arc<str> = plugin_name(plugins.config(plugin)).into();
+                let name: Arc<str> = plugins.config(plugin).display_name().into();
                 match worker.admit(plugin) {
                     Admission::Run(stream) => match open(worker, &stream, &name, &wake, info) {
                         Ok(context) => filters.push(Filter {
@@ -568,17 +568,6 @@ impl Drop for LoanGuard {
                 });
             });
         });
-    }
-}
-
-/// A plugin's name for logs: its `name`, else its `root_id`, else `plugin`.
-pub(crate) fn plugin_name(config: &lifecycle::PluginConfig) -> &str {
-    if !config.name.is_empty() {
-        &config.name
-    } else if !config.root_id.is_empty() {
-        &config.root_id
-    } else {
-        "plugin"
     }
 }
 

@@ -191,6 +191,23 @@ impl Deployment {
             .chain(&self.network_filters)
             .chain(self.services.iter().map(|s| &s.plugin))
     }
+
+    /// Makes every relative code file name relative to `base` (the directory of the file the
+    /// configuration came from), as Envoy and Traffic Server read them.
+    pub fn resolve_files(&mut self, base: &std::path::Path) {
+        let plugins = self
+            .http_filters
+            .iter_mut()
+            .chain(&mut self.network_filters)
+            .chain(self.services.iter_mut().map(|s| &mut s.plugin));
+        for plugin in plugins {
+            if let CodeSource::File(path) = &mut plugin.vm.code {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
+    }
 }
 
 const HTTP_FILTER: &str = "envoy.filters.http.wasm";
@@ -648,6 +665,17 @@ fn remote_source(raw: document::RemoteDataSource, path: &str) -> Result<CodeSour
 }
 
 impl PluginConfig {
+    /// The plugin's name for logs and metrics: its `name`, else its `root_id`, else `plugin`.
+    pub fn display_name(&self) -> &str {
+        if !self.name.is_empty() {
+            &self.name
+        } else if !self.root_id.is_empty() {
+            &self.root_id
+        } else {
+            "plugin"
+        }
+    }
+
     /// The path of one of its fields, for messages (e.g. `[1].typed_config.config.vm_config`).
     pub fn field_path(&self, field: &str) -> String {
         join(&self.path, field)

@@ -60,17 +60,21 @@ fn no_hook() -> AfterCallback {
     Box::new(|_| {})
 }
 
-#[test]
-fn a_singleton_service_receives_what_worker_filters_enqueue() {
-    let plugins = filter_and_service(60_000);
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
+/// The service of `plugins`, ticking only when asked, over an in-memory host.
+fn spawn_manual(plugins: &Arc<Plugins>) -> Result<SingletonService, SpawnError> {
+    SingletonService::spawn(
+        Arc::clone(plugins),
+        service_plugin(plugins),
         Box::new(InMemoryHost::new()),
         Ticking::Manual,
         no_hook(),
     )
-    .expect("starts");
+}
+
+#[test]
+fn a_singleton_service_receives_what_worker_filters_enqueue() {
+    let plugins = filter_and_service(60_000);
+    let service = spawn_manual(&plugins).expect("starts");
     // Two workers, each with its own copy of the filter, one service.
     let mut first = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
     let mut second = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
@@ -95,14 +99,7 @@ fn a_singleton_service_receives_what_worker_filters_enqueue() {
 #[test]
 fn work_posted_to_the_inbox_runs_on_the_service_thread_in_order() {
     let plugins = filter_and_service(60_000);
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
-        Box::new(InMemoryHost::new()),
-        Ticking::Manual,
-        no_hook(),
-    )
-    .unwrap();
+    let service = spawn_manual(&plugins).unwrap();
     let inbox = service.inbox();
     let ran = Arc::new(Mutex::new(Vec::new()));
     let record = |label: &'static str, fail: bool| -> VmWork {
@@ -158,14 +155,7 @@ fn a_singleton_service_is_never_copied_onto_workers() {
 #[test]
 fn manual_ticks_arrive_when_asked_and_clock_ticks_by_the_period() {
     let plugins = filter_and_service(60_000);
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
-        Box::new(InMemoryHost::new()),
-        Ticking::Manual,
-        no_hook(),
-    )
-    .unwrap();
+    let service = spawn_manual(&plugins).unwrap();
     service.tick();
     service.tick();
     let mut end = service.stop(0).unwrap();
