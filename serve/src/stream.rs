@@ -27,14 +27,16 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    /// Envoy's answer for a stream whose plugin failed closed: 503.
+    /// Envoy's answer for a stream whose plugin failed closed: 503 with no extra header (the
+    /// response callbacks see what they would in Envoy); Envoy's details go to the log.
     fn fail_closed() -> Reply {
+        tracing::debug!(
+            details = lifecycle::FAIL_STREAM_DETAILS,
+            "stream failed closed"
+        );
         Reply {
             status: 503,
-            headers: vec![(
-                b"x-pwhost-details".to_vec(),
-                lifecycle::FAIL_STREAM_DETAILS.as_bytes().to_vec(),
-            )],
+            headers: Vec::new(),
             body: Vec::new(),
         }
     }
