@@ -156,6 +156,12 @@ impl Serve {
                 .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
                 .collect::<String>()
         );
+        Serve::launch(dir, port, admin_port, &config)
+    }
+
+    /// Starts the proxy with the configuration `config`, whose first listener is on `port`
+    /// and admin listener on `admin_port`.
+    fn launch(dir: tempfile::TempDir, port: u16, admin_port: u16, config: &str) -> Serve {
         let config_path = dir.path().join("serve.yaml");
         std::fs::write(&config_path, config).expect("the configuration");
         let log = dir.path().join("serve.log");
@@ -645,4 +651,210 @@ fn a_client_that_gives_up_on_a_held_request_leaves_no_plugin_context_behind() {
     }
     serve.wait_for_log("done: /abandoned");
     assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
+/// A TCP server that sends back whatever it receives and closes once the client has sent
+/// everything (its FIN); it serves until dropped.
+struct Echo {
+    address: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the echo server binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("an address");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (Arc::clone(&connections), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((mut connection, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let _ = connection.set_nonblocking(false);
+                    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(count) = connection.read(&mut buffer) {
+                        if count == 0 || connection.write_all(&buffer[..count]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Echo {
+            address,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `pwhost serve` with one TCP listener whose network filter is `plugin` (configured with
+/// `configuration`), in front of `upstream`, with more `clusters` for the plugin's calls.
+fn serve_tcp(
+    upstream: SocketAddr,
+    plugin: &str,
+    configuration: &str,
+    clusters: &[(&str, SocketAddr)],
+) -> Serve {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: tcp\n    \
+         address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    network_filters:\n      \
+         - name: envoy.filters.network.wasm\n        typed_config:\n          \
+         \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n          \
+         config:\n            name: upper\n            configuration: \"{configuration}\"\n            \
+         vm_config:\n              runtime: envoy.wasm.runtime.wasmtime\n              \
+         code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{upstream}\"], \
+         connect_timeout: 1s}}\n{}",
+        corpus_plugin(plugin).display(),
+        clusters
+            .iter()
+            .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
+            .collect::<String>()
+    );
+    Serve::launch(dir, port, admin_port, &config)
+}
+
+/// Sends `parts` (a pause between them) on a new connection to `port`, ends its side, and
+/// returns everything received until the proxy closes the connection.
+fn tcp_exchange(port: u16, parts: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    // A proxy that closes the connection early may refuse what follows: what was received
+    // tells.
+    for part in parts {
+        let _ = connection.write_all(part.as_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = connection.shutdown(std::net::Shutdown::Write);
+    let mut received = Vec::new();
+    let started = Instant::now();
+    if let Err(error) = connection.read_to_end(&mut received) {
+        // A reset ends it too; a timeout is the proxy not ending the connection.
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "the proxy did not end the connection: {error}"
+        );
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// The value of the Prometheus sample `name` (with its labels, as exposed), if there is one.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+#[test]
+fn a_tcp_listener_runs_each_connection_through_its_network_filter_both_ways() {
+    let echo = Echo::start();
+    let serve = serve_tcp(echo.address, "tcp_filter", "", &[]);
+    // The plugin upper-cases what the client sends and puts `[up] ` before the first bytes
+    // coming back: the echo server sends back the upper-cased bytes.
+    assert_eq!(tcp_exchange(serve.port, &["hello"]), "[up] HELLO");
+    // Several chunks on one connection, half-closed by the client: nothing is lost, the
+    // prefix comes once.
+    assert_eq!(tcp_exchange(serve.port, &["ab", "cd", "ef"]), "[up] ABCDEF");
+    // Connections at once, on both workers.
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let port = serve.port;
+            std::thread::spawn(move || tcp_exchange(port, &[&format!("client {i}")]))
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        assert_eq!(client.join().expect("a client"), format!("[up] CLIENT {i}"));
+    }
+    // The plugin saw each connection start and both of its sides close, the client's first.
+    serve.wait_for_log("new connection");
+    serve.wait_for_log("downstream closed by Remote");
+    serve.wait_for_log("upstream closed by Remote");
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    let connections = sample(&metrics, "pwhost_connections_total{listener=\"tcp\"}")
+        .expect("a connection counter");
+    assert!(connections >= 10.0, "{connections} in\n{metrics}");
+    assert!(echo.connections.load(Ordering::Relaxed) >= 10);
+    // Every connection's context went with it.
+    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+}
+
+#[test]
+fn a_tcp_connection_whose_upstream_is_unreachable_is_closed_and_the_plugin_hears_of_it() {
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("an address");
+    let serve = serve_tcp(nowhere, "tcp_filter", "", &[]);
+    assert_eq!(tcp_exchange(serve.port, &["hello"]), "");
+    serve.wait_for_log("upstream closed by Unknown");
+    serve.wait_for_log("downstream closed by Local");
+}
+
+#[test]
+fn a_network_filter_holds_a_connection_until_an_http_call_lets_it_through() {
+    let echo = Echo::start();
+    let gate = Origin::start();
+    let serve = serve_tcp(
+        echo.address,
+        "tcp_filter",
+        "gate gate",
+        &[("gate", gate.address)],
+    );
+    // The first bytes wait for the gate's answer; the ones sent meanwhile wait with them.
+    assert_eq!(
+        tcp_exchange(serve.port, &["let ", "me ", "in"]),
+        "[up] LET ME IN"
+    );
+    serve.wait_for_log("gate answered 200");
+    assert_eq!(gate.requests.load(Ordering::Relaxed), 1);
+    // The call carried the first chunk as the client sent it.
+    assert_eq!(*gate.last_body.lock().unwrap(), "let ");
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+}
+
+#[test]
+fn a_network_filter_whose_gate_cannot_be_reached_closes_the_connection_unforwarded() {
+    let echo = Echo::start();
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("an address");
+    let serve = serve_tcp(
+        echo.address,
+        "tcp_filter",
+        "gate gate",
+        &[("gate", nowhere)],
+    );
+    assert_eq!(tcp_exchange(serve.port, &["let me in"]), "");
+    serve.wait_for_log("gate answered nothing");
+    serve.wait_for_log("downstream closed by Local");
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
 }

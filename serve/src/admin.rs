@@ -22,6 +22,8 @@ use crate::reload::Reloader;
 pub(crate) struct HostMetrics {
     /// Requests received, by listener.
     pub(crate) requests: Family<ListenerLabel, Counter>,
+    /// TCP connections accepted, by listener.
+    pub(crate) connections: Family<ListenerLabel, Counter>,
     /// Responses sent, by listener and status code.
     pub(crate) responses: Family<ResponseLabels, Counter>,
     /// Plugin stream contexts alive now (each stream has one per plugin until it ends).
@@ -188,8 +190,13 @@ impl Admin {
             host.responses.clone(),
         );
         registry.register(
+            "pwhost_connections",
+            "TCP connections accepted, by listener",
+            host.connections.clone(),
+        );
+        registry.register(
             "pwhost_live_stream_contexts",
-            "plugin stream contexts alive now",
+            "plugin stream (HTTP) and connection (TCP) contexts alive now",
             host.live_contexts.clone(),
         );
         registry.register(

@@ -47,10 +47,35 @@ pub struct Listener {
     pub name: String,
     /// Where it listens.
     pub address: SocketAddr,
-    /// Which cluster a request goes to.
+    /// What it carries: HTTP streams or TCP connections.
+    pub protocol: Protocol,
+    /// Which cluster a request goes to (HTTP).
     pub routes: Vec<Route>,
-    /// The HTTP filter chain, in order.
+    /// Where every connection goes (TCP, as Envoy's `tcp_proxy` filter's `cluster`).
+    pub cluster: Option<String>,
+    /// The filter chain, in order: HTTP filters (HTTP) or network filters (TCP).
     pub plugins: Deployment,
+}
+
+impl Listener {
+    /// The field its filter chain is written in, for errors.
+    pub fn filters_field(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Http => "http_filters",
+            Protocol::Tcp => "network_filters",
+        }
+    }
+}
+
+/// What a listener carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 (h2c) streams through HTTP filters, routed to clusters.
+    #[default]
+    Http,
+    /// TCP connections through network filters to one cluster.
+    Tcp,
 }
 
 /// A request to `cluster` when its path starts with `prefix` (and its host is `host`, if set).
@@ -151,9 +176,15 @@ struct ListenerFile {
     name: Option<String>,
     address: SocketAddr,
     #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
     routes: Vec<Route>,
     #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
     http_filters: Option<serde_yaml::Value>,
+    #[serde(default)]
+    network_filters: Option<serde_yaml::Value>,
 }
 
 impl ServeConfig {
@@ -179,31 +210,17 @@ impl ServeConfig {
         let mut listeners = Vec::new();
         for (index, listener) in file.listeners.into_iter().enumerate() {
             let at = format!("listeners[{index}]");
-            let mut plugins = match &listener.http_filters {
-                Some(value) => plugin_blocks(value, &format!("{at}.http_filters"))?,
-                None => Deployment::default(),
+            let mut plugins = match listener.protocol {
+                Protocol::Http => http_listener(&listener, &file.clusters, &at)?,
+                Protocol::Tcp => tcp_listener(&listener, &file.clusters, &at)?,
             };
-            if !plugins.services.is_empty() || !plugins.network_filters.is_empty() {
-                return Err(format!(
-                    "{at}.http_filters: only HTTP filters belong here (services go under services:)"
-                ));
-            }
             plugins.resolve_files(base);
-            for (route_index, route) in listener.routes.iter().enumerate() {
-                if !file.clusters.contains_key(&route.cluster) {
-                    return Err(format!(
-                        "{at}.routes[{route_index}].cluster: no cluster named {:?}",
-                        route.cluster
-                    ));
-                }
-            }
-            if listener.routes.is_empty() {
-                return Err(format!("{at}.routes: at least one route is needed"));
-            }
             listeners.push(Listener {
                 name: listener.name.unwrap_or_else(|| format!("listener_{index}")),
                 address: listener.address,
+                protocol: listener.protocol,
                 routes: listener.routes,
+                cluster: listener.cluster,
                 plugins,
             });
         }
@@ -243,6 +260,95 @@ impl ServeConfig {
     }
 }
 
+/// Checks an HTTP listener; returns its HTTP filter chain.
+fn http_listener(
+    listener: &ListenerFile,
+    clusters: &BTreeMap<String, Cluster>,
+    at: &str,
+) -> Result<Deployment, String> {
+    if listener.cluster.is_some() {
+        return Err(format!(
+            "{at}.cluster: only a TCP listener (protocol: tcp) has one; HTTP listeners route with routes:"
+        ));
+    }
+    if listener.network_filters.is_some() {
+        return Err(format!(
+            "{at}.network_filters: only a TCP listener (protocol: tcp) has network filters"
+        ));
+    }
+    let plugins = match &listener.http_filters {
+        Some(value) => plugin_blocks(value, &format!("{at}.http_filters"))?,
+        None => Deployment::default(),
+    };
+    if !plugins.services.is_empty() || !plugins.network_filters.is_empty() {
+        return Err(format!(
+            "{at}.http_filters: only HTTP filters belong here (services go under services:)"
+        ));
+    }
+    for (route_index, route) in listener.routes.iter().enumerate() {
+        if !clusters.contains_key(&route.cluster) {
+            return Err(format!(
+                "{at}.routes[{route_index}].cluster: no cluster named {:?}",
+                route.cluster
+            ));
+        }
+    }
+    if listener.routes.is_empty() {
+        return Err(format!("{at}.routes: at least one route is needed"));
+    }
+    Ok(plugins)
+}
+
+/// Checks a TCP listener; returns its network filter chain. A plugin block there is a network
+/// filter whether written bare or in Envoy's `envoy.filters.network.wasm` wrapper.
+fn tcp_listener(
+    listener: &ListenerFile,
+    clusters: &BTreeMap<String, Cluster>,
+    at: &str,
+) -> Result<Deployment, String> {
+    if !listener.routes.is_empty() {
+        return Err(format!(
+            "{at}.routes: a TCP listener has no routes; its connections go to its cluster:"
+        ));
+    }
+    if listener.http_filters.is_some() {
+        return Err(format!(
+            "{at}.http_filters: a TCP listener runs network filters (network_filters:)"
+        ));
+    }
+    match &listener.cluster {
+        None => return Err(format!("{at}.cluster: required for a TCP listener")),
+        Some(cluster) if !clusters.contains_key(cluster) => {
+            return Err(format!("{at}.cluster: no cluster named {cluster:?}"))
+        }
+        Some(_) => {}
+    }
+    let mut chain = Deployment::default();
+    let field = format!("{at}.network_filters");
+    let entries = match &listener.network_filters {
+        None => Vec::new(),
+        Some(serde_yaml::Value::Sequence(entries)) => entries.clone(),
+        Some(entry) => vec![entry.clone()],
+    };
+    // One entry at a time, so that bare blocks and wrapped ones keep their order.
+    for (entry_index, entry) in entries.iter().enumerate() {
+        let at = format!("{field}[{entry_index}]");
+        let named = |name: &str| entry.get("name").and_then(|n| n.as_str()) == Some(name);
+        if named("envoy.filters.http.wasm") {
+            return Err(format!(
+                "{at}: an HTTP filter (envoy.filters.http.wasm) on a TCP listener"
+            ));
+        }
+        let mut parsed = plugin_blocks(entry, &at)?;
+        if !parsed.services.is_empty() {
+            return Err(format!("{at}: services go under services:"));
+        }
+        chain.network_filters.append(&mut parsed.network_filters);
+        chain.network_filters.append(&mut parsed.http_filters);
+    }
+    Ok(chain)
+}
+
 /// Parses plugin blocks with the lifecycle layer, prefixing its errors with `at`.
 fn plugin_blocks(value: &serde_yaml::Value, at: &str) -> Result<Deployment, String> {
     let text = serde_yaml::to_string(value).map_err(|e| format!("{at}: {e}"))?;
@@ -279,6 +385,84 @@ clusters:
         let backend = &config.clusters["backend"];
         assert_eq!(backend.connect_timeout, Duration::from_millis(500));
         assert_eq!(backend.request_timeout, Duration::from_secs(15));
+    }
+
+    const TCP: &str = "
+listeners:
+  - name: tcp
+    address: 127.0.0.1:8081
+    protocol: tcp
+    cluster: backend
+    network_filters:
+      - name: bare
+        vm_config: {code: {local: {filename: tcp_filter.wasm}}}
+      - name: envoy.filters.network.wasm
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+          config:
+            name: wrapped
+            vm_config: {code: {local: {filename: tcp_filter.wasm}}}
+clusters:
+  backend: {endpoints: [127.0.0.1:9000]}
+";
+
+    #[test]
+    fn a_tcp_listener_has_a_cluster_and_network_filters_bare_or_wrapped_in_order() {
+        let config = ServeConfig::parse(TCP, Path::new("/etc/pwhost")).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.protocol, Protocol::Tcp);
+        assert_eq!(listener.cluster.as_deref(), Some("backend"));
+        assert!(listener.routes.is_empty());
+        assert!(listener.plugins.http_filters.is_empty());
+        let names: Vec<&str> = listener
+            .plugins
+            .network_filters
+            .iter()
+            .map(|plugin| plugin.name.as_str())
+            .collect();
+        assert_eq!(names, ["bare", "wrapped"]);
+        assert_eq!(listener.filters_field(), "network_filters");
+    }
+
+    #[test]
+    fn tcp_and_http_listeners_refuse_what_belongs_to_the_other() {
+        let cases = [
+            (
+                TCP.replace("    cluster: backend\n", ""),
+                "listeners[0].cluster: required for a TCP listener",
+            ),
+            (
+                TCP.replace("cluster: backend", "cluster: elsewhere"),
+                "listeners[0].cluster: no cluster named \"elsewhere\"",
+            ),
+            (
+                TCP.replace(
+                    "    cluster: backend\n",
+                    "    cluster: backend\n    routes: [{cluster: backend}]\n",
+                ),
+                "listeners[0].routes: a TCP listener has no routes",
+            ),
+            (
+                TCP.replace("envoy.filters.network.wasm", "envoy.filters.http.wasm"),
+                "listeners[0].network_filters[1]: an HTTP filter",
+            ),
+            (
+                TCP.replace("network_filters:", "http_filters:"),
+                "listeners[0].http_filters: a TCP listener runs network filters",
+            ),
+            (
+                MINIMAL.replace("    routes:", "    cluster: backend\n    routes:"),
+                "listeners[0].cluster: only a TCP listener",
+            ),
+            (
+                TCP.replace("protocol: tcp", "protocol: udp"),
+                "listeners[0].protocol: unknown variant `udp`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = ServeConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(error.starts_with(expected), "{error:?} for {expected:?}");
+        }
     }
 
     #[test]

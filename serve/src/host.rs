@@ -150,9 +150,10 @@ impl Host for ServeHost {
 
     fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>> {
         match buffer {
-            BufferType::HttpRequestBody | BufferType::HttpResponseBody => {
-                self.streams.get_mut(&context.0)?.body.as_mut()
-            }
+            BufferType::HttpRequestBody
+            | BufferType::HttpResponseBody
+            | BufferType::DownstreamData
+            | BufferType::UpstreamData => self.streams.get_mut(&context.0)?.body.as_mut(),
             _ => None,
         }
     }

@@ -1,8 +1,10 @@
 //! `pwhost serve`: a proxy on [Pingora](https://github.com/cloudflare/pingora) whose every
-//! HTTP stream goes through a chain of Proxy-Wasm plugins, with Envoy's worker model.
+//! HTTP stream and TCP connection goes through a chain of Proxy-Wasm plugins, with Envoy's
+//! worker model.
 //!
-//! - Each listener has its routes (path prefix, optional host → cluster) and its HTTP filter
-//!   chain (plugin blocks as Envoy and Traffic Server write them, through the lifecycle layer).
+//! - Each HTTP listener has its routes (path prefix, optional host → cluster) and its HTTP
+//!   filter chain (plugin blocks as Envoy and Traffic Server write them, through the lifecycle
+//!   layer); each TCP listener its cluster and its network filter chain (see [`tcp`]).
 //! - Workers: Pingora runs one single-threaded runtime per worker thread (no work stealing), so
 //!   a stream stays on one thread from start to end, and each thread has its own VM copy of
 //!   every plugin, made on the thread's first stream. Shared data and queues are one store for
@@ -23,6 +25,7 @@ mod host;
 mod proxy;
 mod reload;
 mod stream;
+mod tcp;
 mod worker;
 
 use std::path::PathBuf;
@@ -59,12 +62,26 @@ pub(crate) fn load_options() -> LoadOptions {
     }
 }
 
+/// A listener ready to serve: its plugins and the Pingora application that runs them.
+struct ListenerService {
+    name: String,
+    address: std::net::SocketAddr,
+    shared: Arc<worker::Listener>,
+    front: Front,
+}
+
+/// What serves a listener's clients.
+enum Front {
+    Http(proxy::ListenerProxy),
+    Tcp(tcp::TcpProxy),
+}
+
 /// The proxy, loaded and ready to run.
 pub struct Proxy {
     config: ServeConfig,
     engines: Arc<dyn Engines>,
     metrics: Arc<admin::HostMetrics>,
-    listeners: Vec<(String, std::net::SocketAddr, proxy::ListenerProxy)>,
+    listeners: Vec<ListenerService>,
     services: Vec<SingletonService>,
 }
 
@@ -89,34 +106,45 @@ impl Proxy {
         let metrics = Arc::new(admin::HostMetrics::default());
         let mut listeners = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
+            let field = listener.filters_field();
             let plugins = Plugins::load(&listener.plugins, &*engines, &options, shared.clone())
-                .map_err(|e| {
-                    ServeError::Plugins(format!("listeners[{index}].http_filters: {e}"))
-                })?;
+                .map_err(|e| ServeError::Plugins(format!("listeners[{index}].{field}: {e}")))?;
             for warning in plugins.warnings() {
                 tracing::warn!(listener = %listener.name, "{warning}");
             }
-            let routes = listener
-                .routes
-                .iter()
-                .map(|route| (route.clone(), Arc::clone(&clusters[&route.cluster])))
-                .collect();
-            listeners.push((
-                listener.name.clone(),
-                listener.address,
-                proxy::ListenerProxy {
-                    listener: Arc::new(worker::Listener {
-                        index,
-                        live: Arc::new(LivePlugins::new(plugins)),
-                        clusters: Arc::clone(&clusters),
-                        metrics: Arc::clone(&metrics),
-                    }),
+            let shared = Arc::new(worker::Listener {
+                index,
+                live: Arc::new(LivePlugins::new(plugins)),
+                clusters: Arc::clone(&clusters),
+                metrics: Arc::clone(&metrics),
+            });
+            let front = match &listener.cluster {
+                // A TCP listener (the configuration checked that its cluster exists).
+                Some(cluster) => Front::Tcp(tcp::TcpProxy {
+                    listener: Arc::clone(&shared),
                     name: listener.name.clone(),
-                    routes,
+                    cluster: Arc::clone(&clusters[cluster]),
                     buffer_limit: DEFAULT_BUFFER_LIMIT,
                     metrics: Arc::clone(&metrics),
-                },
-            ));
+                }),
+                None => Front::Http(proxy::ListenerProxy {
+                    listener: Arc::clone(&shared),
+                    name: listener.name.clone(),
+                    routes: listener
+                        .routes
+                        .iter()
+                        .map(|route| (route.clone(), Arc::clone(&clusters[&route.cluster])))
+                        .collect(),
+                    buffer_limit: DEFAULT_BUFFER_LIMIT,
+                    metrics: Arc::clone(&metrics),
+                }),
+            };
+            listeners.push(ListenerService {
+                name: listener.name.clone(),
+                address: listener.address,
+                shared,
+                front,
+            });
         }
         let mut services = Vec::new();
         if !config.services.services.is_empty() {
@@ -174,7 +202,7 @@ impl Proxy {
             listeners: self
                 .listeners
                 .iter()
-                .map(|(_, _, proxy)| Arc::clone(&proxy.listener))
+                .map(|listener| Arc::clone(&listener.shared))
                 .collect(),
             config: std::sync::Mutex::new(self.config),
             reloads: Default::default(),
@@ -189,7 +217,7 @@ impl Proxy {
             let plugins = self
                 .listeners
                 .iter()
-                .map(|(name, _, proxy)| (name.clone(), Arc::clone(&proxy.listener.live)))
+                .map(|listener| (listener.name.clone(), Arc::clone(&listener.shared.live)))
                 .collect();
             let admin = admin::Admin::new(plugins, &self.metrics, Arc::clone(&reloader));
             let mut service = pingora::services::listening::Service::new(
@@ -199,19 +227,30 @@ impl Proxy {
             service.add_tcp(&address.to_string());
             server.add_service(service);
         }
-        for (name, address, listener) in self.listeners {
-            let mut service = pingora::proxy::http_proxy_service_with_name(
-                &server.configuration,
-                listener,
-                &name,
-            );
-            if let Some(proxy) = service.app_logic_mut() {
-                let mut options = HttpServerOptions::default();
-                options.h2c = true;
-                proxy.server_options = Some(options);
+        for listener in self.listeners {
+            let address = listener.address.to_string();
+            match listener.front {
+                Front::Http(proxy) => {
+                    let mut service = pingora::proxy::http_proxy_service_with_name(
+                        &server.configuration,
+                        proxy,
+                        &listener.name,
+                    );
+                    if let Some(proxy) = service.app_logic_mut() {
+                        let mut options = HttpServerOptions::default();
+                        options.h2c = true;
+                        proxy.server_options = Some(options);
+                    }
+                    service.add_tcp(&address);
+                    server.add_service(service);
+                }
+                Front::Tcp(proxy) => {
+                    let mut service =
+                        pingora::services::listening::Service::new(listener.name, proxy);
+                    service.add_tcp(&address);
+                    server.add_service(service);
+                }
             }
-            service.add_tcp(&address.to_string());
-            server.add_service(service);
         }
         tracing::info!(workers, listeners = listener_count, "serving");
         // The services live as long as the process.

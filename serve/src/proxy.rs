@@ -12,7 +12,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::{HostMetrics, ListenerLabel, ResponseLabels};
 use crate::config::{Cluster, Route};
-use crate::stream::{lend_request, lend_response, Direction, Outcome, Reply, Stream};
+use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
 
 /// One listener's proxy: its routes, the clusters they name, its plugin chain.
@@ -42,11 +42,16 @@ impl ClusterState {
         }
     }
 
-    /// The next endpoint's peer, round robin.
-    pub(crate) fn peer(&self) -> HttpPeer {
+    /// The next endpoint, round robin (a cluster has at least one).
+    pub(crate) fn next_endpoint(&self) -> std::net::SocketAddr {
         let endpoints = &self.cluster.endpoints;
         let index = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len().max(1);
-        let mut peer = HttpPeer::new(endpoints[index], false, String::new());
+        endpoints[index]
+    }
+
+    /// The next endpoint's peer, round robin.
+    pub(crate) fn peer(&self) -> HttpPeer {
+        let mut peer = HttpPeer::new(self.next_endpoint(), false, String::new());
         peer.options.connection_timeout = Some(self.cluster.connect_timeout);
         peer.options.read_timeout = Some(self.cluster.request_timeout);
         if self.cluster.http2 {
@@ -208,7 +213,7 @@ impl ProxyHttp for ListenerProxy {
 
     fn new_ctx(&self) -> StreamContext {
         StreamContext {
-            stream: Stream::new(Arc::clone(&self.listener), self.buffer_limit),
+            stream: Stream::new(Kind::Http, Arc::clone(&self.listener), self.buffer_limit),
             upstream_framing: None,
             body_seen: false,
             pending_reply: None,

@@ -55,9 +55,15 @@ impl Reloader {
             return Err("listeners were added or removed: restart to apply".into());
         }
         for (index, (new, old)) in config.listeners.iter().zip(&current.listeners).enumerate() {
-            if new.address != old.address || new.routes != old.routes || new.name != old.name {
+            if new.address != old.address
+                || new.routes != old.routes
+                || new.name != old.name
+                || new.protocol != old.protocol
+                || new.cluster != old.cluster
+            {
                 return Err(format!(
-                    "listeners[{index}]: its name, address or routes changed: restart to apply"
+                    "listeners[{index}]: its name, address, protocol, routes or cluster changed: \
+                     restart to apply"
                 ));
             }
         }
@@ -71,7 +77,7 @@ impl Reloader {
             let (_, previous) = listener.live.current();
             let plugins =
                 Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
-                    .map_err(|e| format!("listeners[{index}].http_filters: {e}"))?;
+                    .map_err(|e| format!("listeners[{index}].{}: {e}", new.filters_field()))?;
             loaded.push(plugins);
         }
         for (listener, plugins) in self.listeners.iter().zip(loaded) {

@@ -1,14 +1,14 @@
-//! One HTTP stream running through a listener's plugin chain, on the worker thread that owns
-//! the VM copies it uses.
+//! One HTTP stream or TCP connection running through a listener's plugin chain, on the worker
+//! thread that owns the VM copies it uses.
 //!
-//! Request callbacks run in chain order, response callbacks in reverse (as Envoy's encoder
-//! filters). A plugin that pauses leaves the stream waiting (asynchronously) until it continues
-//! it, answers it or closes it; each callback's outcome goes through the plugin's failure
-//! policy.
+//! Request (downstream) callbacks run in chain order, response (upstream) callbacks in reverse
+//! (as Envoy's encoder and write filters). A plugin that pauses leaves the stream waiting
+//! (asynchronously) until it continues it, answers it or closes it; each callback's outcome goes
+//! through the plugin's failure policy.
 
 use std::sync::Arc;
 
-use abi::{ContextId, DataAction, HeadersAction, LocalResponse, Vm, VmError};
+use abi::{ContextId, DataAction, HeadersAction, LocalResponse, PeerType, Vm, VmError};
 use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
 use tokio::sync::Notify;
 
@@ -69,6 +69,25 @@ struct Filter {
     /// Body bytes it keeps buffered, by direction.
     request_body: Vec<u8>,
     response_body: Vec<u8>,
+    /// TCP: it holds the end of the data from downstream (request) or upstream (response).
+    held_end: [bool; 2],
+}
+
+impl Filter {
+    fn buffered(&mut self, direction: Direction) -> &mut Vec<u8> {
+        match direction {
+            Direction::Request => &mut self.request_body,
+            Direction::Response => &mut self.response_body,
+        }
+    }
+}
+
+/// What runs through a chain: an HTTP stream (HTTP filters) or a TCP connection (network
+/// filters).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Http,
+    Tcp,
 }
 
 /// What a header phase came to.
@@ -89,15 +108,35 @@ enum BodyStep {
     Held { position: usize, index: usize },
 }
 
-/// Which direction a body or header callback is for.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which direction a body or header callback is for. On a TCP connection: data from
+/// downstream (request) or from upstream (response).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Direction {
     Request,
     Response,
 }
 
+impl Direction {
+    /// 0 for the request (downstream side), 1 for the response (upstream side).
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Direction::Request => 0,
+            Direction::Response => 1,
+        }
+    }
+}
+
+/// Data a TCP connection's chain let through: where it goes (the request direction goes
+/// upstream), and whether it ends that direction.
+pub(crate) struct Forward {
+    pub(crate) direction: Direction,
+    pub(crate) data: Vec<u8>,
+    pub(crate) end: bool,
+}
+
 /// A stream and its plugins.
 pub(crate) struct Stream {
+    kind: Kind,
     listener: Arc<Listener>,
     generation: Option<Generation>,
     filters: Vec<Filter>,
@@ -106,33 +145,52 @@ pub(crate) struct Stream {
     buffer_limit: usize,
     /// A reply decided before any callback ran (a plugin that failed closed at admission).
     pub(crate) early_reply: Option<Reply>,
+    /// TCP: who closed the downstream and the upstream side, for the close callbacks (the
+    /// proxy, unless the connection learns otherwise).
+    pub(crate) closed_by: [PeerType; 2],
+    /// TCP: bytes received from downstream and sent to it, for `on_log`'s attributes.
+    pub(crate) transferred: [u64; 2],
 }
 
 impl Stream {
-    /// A stream of `listener`, not yet admitted to its plugins.
-    pub(crate) fn new(listener: Arc<Listener>, buffer_limit: usize) -> Stream {
+    /// A stream (or connection, by `kind`) of `listener`, not yet admitted to its plugins.
+    pub(crate) fn new(kind: Kind, listener: Arc<Listener>, buffer_limit: usize) -> Stream {
         Stream {
+            kind,
             listener,
             generation: None,
             filters: Vec::new(),
             wake: Arc::new(Notify::new()),
             buffer_limit,
             early_reply: None,
+            closed_by: [PeerType::Local; 2],
+            transferred: [0; 2],
         }
+    }
+
+    /// What wakes the stream when a plugin asks for something outside its callbacks.
+    pub(crate) fn wake(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
     }
 
     /// Admits the stream to every plugin of the chain, creating its context in each.
     pub(crate) fn begin(&mut self, info: &abi::StreamInfo) {
         let wake = Arc::clone(&self.wake);
+        let kind = self.kind;
         let begun = with_workers(&self.listener, |workers| {
             let (generation, worker) = workers.for_new_stream();
             let plugins = Arc::clone(worker.plugins());
             let mut filters = Vec::new();
             let mut reply = None;
-            for plugin in plugins.http_filters() {
+            let chain: Vec<PluginId> = match kind {
+                Kind::Http => plugins.http_filters().collect(),
+                Kind::Tcp => plugins.network_filters().collect(),
+            };
+            for plugin in chain {
                 let name: Arc<str> = plugins.config(plugin).display_name().into();
                 match worker.admit(plugin) {
-                    Admission::Run(stream) => match open(worker, &stream, &name, &wake, info) {
+                    Admission::Run(stream) => match open(worker, &stream, &name, &wake, info, kind)
+                    {
                         Ok(context) => filters.push(Filter {
                             plugin,
                             name: Arc::clone(&name),
@@ -141,6 +199,7 @@ impl Stream {
                             bypassed: false,
                             request_body: Vec::new(),
                             response_body: Vec::new(),
+                            held_end: [false; 2],
                         }),
                         Err(error) => {
                             tracing::error!(plugin = %name, "cannot create a stream context: {error}");
@@ -385,18 +444,25 @@ impl Stream {
             if self.filters[index].bypassed {
                 continue;
             }
-            let buffered = match direction {
-                Direction::Request => &mut self.filters[index].request_body,
-                Direction::Response => &mut self.filters[index].response_body,
-            };
-            let mut body = std::mem::take(buffered);
+            let mut body = std::mem::take(self.filters[index].buffered(direction));
             body.extend_from_slice(&data);
+            let kind = self.kind;
             let result = self.with_filter(index, |vm, context| {
                 let len = body.len();
                 set_body(vm, context, Some(body));
-                let result = match direction {
-                    Direction::Request => vm.on_request_body(context, len, end_of_stream),
-                    Direction::Response => vm.on_response_body(context, len, end_of_stream),
+                let result = match (kind, direction) {
+                    (Kind::Http, Direction::Request) => {
+                        vm.on_request_body(context, len, end_of_stream)
+                    }
+                    (Kind::Http, Direction::Response) => {
+                        vm.on_response_body(context, len, end_of_stream)
+                    }
+                    (Kind::Tcp, Direction::Request) => {
+                        vm.on_downstream_data(context, len, end_of_stream)
+                    }
+                    (Kind::Tcp, Direction::Response) => {
+                        vm.on_upstream_data(context, len, end_of_stream)
+                    }
                 };
                 let body = set_body(vm, context, None).unwrap_or_default();
                 (result, body, take_asked(vm, context))
@@ -416,24 +482,49 @@ impl Stream {
                     if asked.closed {
                         return Err(Outcome::Close);
                     }
-                    if let Some(reply) = asked.local_reply {
+                    if let Some(reply) = asked.local_reply.filter(|_| self.kind == Kind::Http) {
                         return Err(Outcome::Reply(Reply::from_local(reply)));
                     }
-                    if end_of_stream
-                        && action != DataAction::Continue
-                        && direction == Direction::Request
-                    {
-                        // Held with the whole body readable (and replaceable) meanwhile.
-                        self.with_filter_lending(index, |vm, context| {
-                            set_body(vm, context, Some(body));
-                        });
-                        return Ok(BodyStep::Held { position, index });
+                    let continued = asked.continued && self.kind == Kind::Tcp;
+                    if end_of_stream && action != DataAction::Continue && !continued {
+                        match self.kind {
+                            Kind::Http if direction == Direction::Request => {
+                                // Held with the whole body readable (and replaceable)
+                                // meanwhile.
+                                self.with_filter_lending(index, |vm, context| {
+                                    set_body(vm, context, Some(body));
+                                });
+                                return Ok(BodyStep::Held { position, index });
+                            }
+                            Kind::Tcp => {
+                                // Held until the plugin continues it (`resume`); the other
+                                // direction flows meanwhile.
+                                let filter = &mut self.filters[index];
+                                *filter.buffered(direction) = body;
+                                filter.held_end[direction.index()] = true;
+                                return Ok(BodyStep::Held { position, index });
+                            }
+                            Kind::Http => {}
+                        }
                     }
+                    let action = if continued {
+                        DataAction::Continue
+                    } else {
+                        action
+                    };
                     if action == DataAction::Continue || end_of_stream {
                         data = body;
                     } else {
                         // Buffered (or held) by the plugin until a later chunk.
                         if body.len() > self.buffer_limit {
+                            if self.kind == Kind::Tcp {
+                                tracing::warn!(
+                                    plugin = %self.filters[index].name,
+                                    limit = self.buffer_limit,
+                                    "a plugin buffered more than the limit: connection closed"
+                                );
+                                return Err(Outcome::Close);
+                            }
                             let status = match direction {
                                 Direction::Request => 413,
                                 Direction::Response => 500,
@@ -444,17 +535,112 @@ impl Stream {
                                 body: Vec::new(),
                             }));
                         }
-                        let buffered = match direction {
-                            Direction::Request => &mut self.filters[index].request_body,
-                            Direction::Response => &mut self.filters[index].response_body,
-                        };
-                        *buffered = body;
+                        *self.filters[index].buffered(direction) = body;
                         return Ok(BodyStep::Pass(Vec::new()));
                     }
                 }
             }
         }
         Ok(BodyStep::Pass(data))
+    }
+
+    /// TCP: `proxy_on_new_connection` for every plugin, in chain order. `Close` if a plugin
+    /// closed the connection or failed closed.
+    pub(crate) fn new_connection(&mut self) -> Outcome {
+        for index in 0..self.filters.len() {
+            if self.filters[index].bypassed {
+                continue;
+            }
+            let result = self.with_filter(index, |vm, context| {
+                (vm.on_new_connection(context), take_asked(vm, context))
+            });
+            let Some((result, asked)) = result else {
+                return Outcome::Close;
+            };
+            match result {
+                Err(error) => {
+                    if let Outcome::Reply(_) | Outcome::Close = self.failed(index, &error) {
+                        return Outcome::Close;
+                    }
+                }
+                // A pause here holds nothing yet: the connection's data decides.
+                Ok(_) if asked.closed => return Outcome::Close,
+                Ok(_) => {}
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// TCP: runs one chunk from downstream (`Request`) or upstream (`Response`), `end` when
+    /// that side has no more, through the network filters; returns what goes on, or `Close`.
+    pub(crate) fn tcp_data(
+        &mut self,
+        direction: Direction,
+        chunk: Vec<u8>,
+        end: bool,
+    ) -> Result<Vec<Forward>, Outcome> {
+        match self.body_from(direction, 0, chunk, end) {
+            Ok(BodyStep::Pass(data)) => Ok(forward(direction, data, end)),
+            Ok(BodyStep::Held { .. }) => Ok(Vec::new()),
+            Err(_) => Err(Outcome::Close),
+        }
+    }
+
+    /// TCP: what the plugins asked outside their callbacks (a callout's answer, a tick):
+    /// data a plugin held goes on once it continues the connection (from the next plugin on),
+    /// or the connection closes. A plugin whose VM failed meanwhile gets its failure policy.
+    pub(crate) fn resume(&mut self) -> Result<Vec<Forward>, Outcome> {
+        let mut out = Vec::new();
+        for index in 0..self.filters.len() {
+            if self.filters[index].bypassed {
+                continue;
+            }
+            let looked = self.with_filter(index, |vm, context| {
+                (take_asked(vm, context), vm.is_failed())
+            });
+            let Some((asked, failed)) = looked else {
+                return Err(Outcome::Close);
+            };
+            if asked.closed {
+                return Err(Outcome::Close);
+            }
+            let holds = {
+                let filter = &self.filters[index];
+                !filter.request_body.is_empty()
+                    || !filter.response_body.is_empty()
+                    || filter.held_end.contains(&true)
+            };
+            if !holds {
+                continue;
+            }
+            if failed && !asked.continued {
+                let error = VmError::Failed("the VM failed while holding the connection".into());
+                if let Outcome::Reply(_) | Outcome::Close = self.failed(index, &error) {
+                    return Err(Outcome::Close);
+                }
+            } else if !asked.continued {
+                continue;
+            }
+            // Continued (or failed open): what it held goes on from the next plugin.
+            for direction in [Direction::Request, Direction::Response] {
+                let filter = &mut self.filters[index];
+                let end = std::mem::take(&mut filter.held_end[direction.index()]);
+                let data = std::mem::take(filter.buffered(direction));
+                if data.is_empty() && !end {
+                    continue;
+                }
+                let position = match direction {
+                    Direction::Request => index,
+                    Direction::Response => self.filters.len() - 1 - index,
+                };
+                match self.body_from(direction, position + 1, data, end) {
+                    Ok(BodyStep::Pass(data)) => out.extend(forward(direction, data, end)),
+                    Ok(BodyStep::Held { .. }) => {}
+                    Err(_) => return Err(Outcome::Close),
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Records the response status for the plugins' attributes.
@@ -486,21 +672,37 @@ impl Stream {
             if self.filters[index].bypassed || !call_plugins {
                 continue;
             }
+            let (kind, closed_by, transferred) = (self.kind, self.closed_by, self.transferred);
             let outcome = self.with_filter(index, |vm, context| {
                 if let Some(slot) = slot(vm, context) {
                     // Only what is lent now: nothing from an abandoned wait.
                     slot.request = None;
                     slot.response = None;
+                    slot.body = None;
                     if let Some(header) = request.as_deref_mut() {
                         lend_request(slot, header);
                     }
                     if let Some(header) = response.as_deref_mut() {
                         lend_response(slot, header);
                     }
+                    if kind == Kind::Tcp {
+                        slot.info.bytes_received = Some(transferred[0]);
+                        slot.info.bytes_sent = Some(transferred[1]);
+                    }
                 }
-                vm.on_log(context)
-                    .and_then(|()| vm.on_done(context).map(|_| ()))
-                    .and_then(|()| vm.on_delete(context))
+                match kind {
+                    Kind::Http => vm
+                        .on_log(context)
+                        .and_then(|()| vm.on_done(context).map(|_| ()))
+                        .and_then(|()| vm.on_delete(context)),
+                    // Envoy ends a connection with both closes, then on_done before on_log.
+                    Kind::Tcp => vm
+                        .on_downstream_connection_close(context, closed_by[0])
+                        .and_then(|()| vm.on_upstream_connection_close(context, closed_by[1]))
+                        .and_then(|()| vm.on_done(context).map(|_| ()))
+                        .and_then(|()| vm.on_log(context))
+                        .and_then(|()| vm.on_delete(context)),
+                }
             });
             if let Some(Err(error)) = outcome {
                 tracing::error!(
@@ -573,6 +775,18 @@ impl Drop for LoanGuard {
     }
 }
 
+/// What a TCP chain let through, if anything.
+fn forward(direction: Direction, data: Vec<u8>, end: bool) -> Vec<Forward> {
+    if data.is_empty() && !end {
+        return Vec::new();
+    }
+    vec![Forward {
+        direction,
+        data,
+        end,
+    }]
+}
+
 /// Creates the plugin's context for a new stream and gives it a slot in the copy's host.
 fn open(
     worker: &mut Worker,
@@ -580,11 +794,15 @@ fn open(
     name: &Arc<str>,
     wake: &Arc<Notify>,
     info: &abi::StreamInfo,
+    kind: Kind,
 ) -> Result<ContextId, VmError> {
     let vm = worker
         .vm(stream)
         .ok_or_else(|| VmError::Failed("the VM copy went away".into()))?;
-    let context = vm.create_http_context_for(stream.root())?;
+    let context = match kind {
+        Kind::Http => vm.create_http_context_for(stream.root())?,
+        Kind::Tcp => vm.create_tcp_context_for(stream.root())?,
+    };
     if let Some(host) = vm.host_as::<ServeHost>() {
         host.roots
             .entry(stream.root().0)

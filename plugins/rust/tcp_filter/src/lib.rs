@@ -13,22 +13,49 @@
 //! - `on_downstream_close(peer)` / `on_upstream_close(peer)`: log `downstream closed by <peer>` /
 //!   `upstream closed by <peer>` with the PeerType as Debug (`Unknown`, `Local` or `Remote`).
 //!
+//! Configured `gate CLUSTER`, the filter also holds each connection's data from downstream
+//! (upper-cased as above, and pausing) until an HTTP call answers whether it may go on: on the
+//! first downstream chunk it sends `POST /gate` (`:authority gate`, the chunk as the body) to
+//! `CLUSTER`, logs `gate answered <status>` when the answer comes (`nothing` for a call that
+//! failed), and continues the connection (`resume_downstream`) on 200, else closes it
+//! (`close_downstream`). A call that cannot be made closes the connection at once; a connection
+//! that ends before sending anything goes on unjudged.
+//!
 //! All logs at info.
 
 use log::info;
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
 
+use std::time::Duration;
+
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(TcpFilterRoot) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(TcpFilterRoot { gate: None })
+    });
 }}
 
-struct TcpFilterRoot;
+struct TcpFilterRoot {
+    /// The cluster that says whether a connection may go on (`gate CLUSTER`).
+    gate: Option<String>,
+}
 
 impl Context for TcpFilterRoot {}
 
 impl RootContext for TcpFilterRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let configuration = self
+            .get_plugin_configuration()
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default();
+        self.gate = configuration
+            .trim()
+            .strip_prefix("gate ")
+            .map(|cluster| cluster.trim().to_string());
+        true
+    }
+
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::StreamContext)
     }
@@ -36,15 +63,55 @@ impl RootContext for TcpFilterRoot {
     fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(TcpFilter {
             seen_upstream: false,
+            gate: self.gate.clone().map(|cluster| Gate {
+                cluster,
+                asked: false,
+                open: false,
+            }),
         }))
     }
 }
 
 struct TcpFilter {
     seen_upstream: bool,
+    gate: Option<Gate>,
 }
 
-impl Context for TcpFilter {}
+/// Where a gated connection stands.
+struct Gate {
+    cluster: String,
+    /// The call went out.
+    asked: bool,
+    /// The answer let the connection go on.
+    open: bool,
+}
+
+impl Context for TcpFilter {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        // A call that failed has no answer to read (reading one is an error, as in Envoy).
+        let status = if headers == 0 {
+            String::from("nothing")
+        } else {
+            self.get_http_call_response_header(":status")
+                .unwrap_or_default()
+        };
+        info!("gate answered {status}");
+        if status == "200" {
+            if let Some(gate) = &mut self.gate {
+                gate.open = true;
+            }
+            self.resume_downstream();
+        } else {
+            self.close_downstream();
+        }
+    }
+}
 
 impl StreamContext for TcpFilter {
     fn on_new_connection(&mut self) -> Action {
@@ -53,10 +120,37 @@ impl StreamContext for TcpFilter {
     }
 
     fn on_downstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
-        if let Some(data) = self.get_downstream_data(0, data_size) {
+        let data = self.get_downstream_data(0, data_size).unwrap_or_default();
+        if !data.is_empty() {
             self.set_downstream_data(0, data_size, &data.to_ascii_uppercase());
         }
-        Action::Continue
+        let Some(gate) = &mut self.gate else {
+            return Action::Continue;
+        };
+        // Nothing to judge yet (a connection that ends before sending anything goes on).
+        if gate.open || (!gate.asked && data.is_empty()) {
+            return Action::Continue;
+        }
+        if !gate.asked {
+            gate.asked = true;
+            let cluster = gate.cluster.clone();
+            let called = self.dispatch_http_call(
+                &cluster,
+                vec![
+                    (":method", "POST"),
+                    (":path", "/gate"),
+                    (":authority", "gate"),
+                ],
+                Some(&data),
+                vec![],
+                Duration::from_secs(5),
+            );
+            if called.is_err() {
+                info!("gate call failed");
+                self.close_downstream();
+            }
+        }
+        Action::Pause
     }
 
     fn on_upstream_data(&mut self, _data_size: usize, _end_of_stream: bool) -> Action {
