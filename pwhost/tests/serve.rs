@@ -30,7 +30,7 @@ fn free_port() -> u16 {
 }
 
 /// An origin that answers every request with what it received: request line, headers (lower
-/// case), body, then `hello from origin`.
+/// case), body, then `hello from origin`; a request for `/slow...` after 1.5 s.
 struct Origin {
     address: SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -69,6 +69,9 @@ impl Origin {
                 let _ = request.as_reader().read_to_string(&mut request_body);
                 count.fetch_add(1, Ordering::Relaxed);
                 *body_seen.lock().unwrap() = request_body.clone();
+                if request.url().starts_with("/slow") {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
                 let mut body = format!("{} {}\n", request.method(), request.url());
                 for header in request.headers() {
                     body.push_str(&format!(
@@ -857,4 +860,136 @@ fn a_network_filter_whose_gate_cannot_be_reached_closes_the_connection_unforward
     serve.wait_for_log("downstream closed by Local");
     let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
     assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+}
+
+/// Sends `request` as is on a new connection to `port`; returns the response's status line
+/// (empty if the proxy closed the connection without answering within 5 s).
+fn raw_status_line(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let _ = connection.write_all(request);
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !received.windows(2).any(|w| w == b"\r\n") {
+        match connection.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(count) => received.extend_from_slice(&buffer[..count]),
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn malformed_or_oversized_requests_are_refused_before_any_plugin_or_upstream_sees_them() {
+    let origin = Origin::start();
+    // The plugin answers 403 to any request without the key: a 400 or 431 shows it never ran.
+    let serve = Serve::start(
+        origin.address,
+        &[envoy_filter("api_key", "local_response", "secret")],
+    );
+    let many_headers: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let big_header = format!("x-big: {}\r\n", "a".repeat(61 * 1024));
+    let cases: [(&str, Vec<u8>); 4] = [
+        (
+            "HTTP/1.1 400",
+            b"GET / HTTP/1.1\r\nHost: x\r\nthis is no header\r\n\r\n".to_vec(),
+        ),
+        (
+            "HTTP/1.1 400",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n".to_vec(),
+        ),
+        // Envoy's limits: 100 headers, 60 KiB of headers.
+        (
+            "HTTP/1.1 431",
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+        ),
+        (
+            "HTTP/1.1 431",
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{big_header}\r\n").into_bytes(),
+        ),
+    ];
+    for (expected, request) in cases {
+        let status = raw_status_line(serve.port, &request);
+        assert!(
+            status.starts_with(expected),
+            "{status:?} for {:?}",
+            String::from_utf8_lossy(&request[..40])
+        );
+    }
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+    // Just under the limits, the plugin decides.
+    let fine_headers: String = (0..90).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let status = raw_status_line(
+        serve.port,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{fine_headers}\r\n").as_bytes(),
+    );
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
+}
+
+/// Starts a slow request, sends `signal` to the proxy while it is at the origin, and checks the
+/// drain: no new connection is accepted, the request still gets its whole answer, the process
+/// exits 0 once it is done.
+fn drains_on(signal: &str) {
+    let origin = Origin::start();
+    let mut serve = Serve::start(
+        origin.address,
+        &[envoy_filter("api_key", "local_response", "secret")],
+    );
+    let url = serve.url("/slow");
+    let in_flight = std::thread::spawn(move || get(&url, &[("x-api-key", "secret")]));
+    // The request is at the origin (which takes 1.5 s) when the proxy is told to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.requests.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the origin"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = Command::new("kill")
+        .args([signal, &serve.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    // It stops accepting at once, while the request is still in flight.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while TcpStream::connect(("127.0.0.1", serve.port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still accepting:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !in_flight.is_finished(),
+        "the request ended before the listener closed"
+    );
+    let reply = in_flight.join().expect("the client");
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert!(reply.body.contains("hello from origin"), "{}", reply.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = serve.child.try_wait().expect("the process") {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "still running:\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}:\n{}", serve.log());
+    assert!(serve.log().contains("drained: exiting"), "{}", serve.log());
+}
+
+#[test]
+fn sigterm_stops_accepting_lets_streams_in_flight_finish_then_exits_cleanly() {
+    drains_on("-TERM");
+}
+
+#[test]
+fn sigint_drains_as_sigterm_does() {
+    drains_on("-INT");
 }

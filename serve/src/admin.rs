@@ -28,6 +28,8 @@ pub(crate) struct HostMetrics {
     pub(crate) responses: Family<ResponseLabels, Counter>,
     /// Plugin stream contexts alive now (each stream has one per plugin until it ends).
     pub(crate) live_contexts: Gauge,
+    /// HTTP streams and TCP connections being served.
+    pub(crate) in_flight: crate::drain::InFlight,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -198,6 +200,11 @@ impl Admin {
             "pwhost_live_stream_contexts",
             "plugin stream (HTTP) and connection (TCP) contexts alive now",
             host.live_contexts.clone(),
+        );
+        registry.register(
+            "pwhost_in_flight",
+            "HTTP streams and TCP connections being served now",
+            host.in_flight.gauge(),
         );
         registry.register(
             "pwhost_reloads",

@@ -34,6 +34,9 @@ pub struct ServeConfig {
     pub services: Deployment,
     /// Where the admin listener listens, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// How long streams and connections in flight may take to finish once the proxy is told
+    /// to stop (SIGTERM, SIGINT).
+    pub drain_timeout: Duration,
     /// The configuration as written (for `/config_dump`).
     pub text: String,
     /// The file it was read from (what a reload reads again).
@@ -55,6 +58,34 @@ pub struct Listener {
     pub cluster: Option<String>,
     /// The filter chain, in order: HTTP filters (HTTP) or network filters (TCP).
     pub plugins: Deployment,
+    /// What a client may send, with Envoy's names and defaults.
+    pub limits: Limits,
+}
+
+/// A listener's limits on what clients send, as Envoy's listener and HTTP connection manager
+/// have them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes a plugin may buffer per body (HTTP: over it, 413 for a request and 500 for a
+    /// response) or per direction (TCP: over it, the connection closes). Envoy's listener
+    /// `per_connection_buffer_limit_bytes` (1 MiB).
+    pub buffer_limit_bytes: usize,
+    /// HTTP: request headers larger than this many KiB (names and values) are answered 431
+    /// before any plugin sees them. Envoy's `max_request_headers_kb` (60, at most 8192).
+    pub max_request_headers_kb: u32,
+    /// HTTP: requests with more headers than this are answered 431 before any plugin sees
+    /// them. Envoy's `max_headers_count` (100).
+    pub max_headers_count: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            buffer_limit_bytes: 1 << 20,
+            max_request_headers_kb: 60,
+            max_headers_count: 100,
+        }
+    }
 }
 
 impl Listener {
@@ -161,6 +192,12 @@ struct File {
     services: Option<serde_yaml::Value>,
     #[serde(default)]
     admin: Option<AdminFile>,
+    #[serde(default = "drain_timeout", with = "duration")]
+    drain_timeout: Duration,
+}
+
+fn drain_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Deserialize)]
@@ -185,6 +222,55 @@ struct ListenerFile {
     http_filters: Option<serde_yaml::Value>,
     #[serde(default)]
     network_filters: Option<serde_yaml::Value>,
+    #[serde(default)]
+    per_connection_buffer_limit_bytes: Option<usize>,
+    #[serde(default)]
+    max_request_headers_kb: Option<u32>,
+    #[serde(default)]
+    max_headers_count: Option<u32>,
+}
+
+impl ListenerFile {
+    /// Its limits, checked (`at`: its path, for errors).
+    fn limits(&self, at: &str) -> Result<Limits, String> {
+        let mut limits = Limits::default();
+        if self.protocol == Protocol::Tcp {
+            for (field, set) in [
+                (
+                    "max_request_headers_kb",
+                    self.max_request_headers_kb.is_some(),
+                ),
+                ("max_headers_count", self.max_headers_count.is_some()),
+            ] {
+                if set {
+                    return Err(format!("{at}.{field}: only an HTTP listener has one"));
+                }
+            }
+        }
+        if let Some(bytes) = self.per_connection_buffer_limit_bytes {
+            if bytes == 0 {
+                return Err(format!(
+                    "{at}.per_connection_buffer_limit_bytes: must be at least 1"
+                ));
+            }
+            limits.buffer_limit_bytes = bytes;
+        }
+        if let Some(kb) = self.max_request_headers_kb {
+            if !(1..=8192).contains(&kb) {
+                return Err(format!(
+                    "{at}.max_request_headers_kb: {kb} is not in 1..=8192 (Envoy's range)"
+                ));
+            }
+            limits.max_request_headers_kb = kb;
+        }
+        if let Some(count) = self.max_headers_count {
+            if count == 0 {
+                return Err(format!("{at}.max_headers_count: must be at least 1"));
+            }
+            limits.max_headers_count = count;
+        }
+        Ok(limits)
+    }
 }
 
 impl ServeConfig {
@@ -215,6 +301,7 @@ impl ServeConfig {
                 Protocol::Tcp => tcp_listener(&listener, &file.clusters, &at)?,
             };
             plugins.resolve_files(base);
+            let limits = listener.limits(&at)?;
             listeners.push(Listener {
                 name: listener.name.unwrap_or_else(|| format!("listener_{index}")),
                 address: listener.address,
@@ -222,6 +309,7 @@ impl ServeConfig {
                 routes: listener.routes,
                 cluster: listener.cluster,
                 plugins,
+                limits,
             });
         }
         if listeners.is_empty() {
@@ -254,6 +342,7 @@ impl ServeConfig {
             clusters: file.clusters,
             services,
             admin: file.admin.map(|admin| admin.address),
+            drain_timeout: file.drain_timeout,
             text: text.to_string(),
             path: None,
         })
@@ -385,6 +474,59 @@ clusters:
         let backend = &config.clusters["backend"];
         assert_eq!(backend.connect_timeout, Duration::from_millis(500));
         assert_eq!(backend.request_timeout, Duration::from_secs(15));
+        assert_eq!(config.drain_timeout, Duration::from_secs(10));
+        // Envoy's defaults.
+        assert_eq!(
+            listener.limits,
+            Limits {
+                buffer_limit_bytes: 1 << 20,
+                max_request_headers_kb: 60,
+                max_headers_count: 100,
+            }
+        );
+    }
+
+    #[test]
+    fn limits_and_the_drain_timeout_are_set_with_envoys_names_and_ranges() {
+        let text = MINIMAL.replace(
+            "    routes:",
+            "    per_connection_buffer_limit_bytes: 4096\n    max_request_headers_kb: 8\n    \
+             max_headers_count: 20\n    routes:",
+        ) + "drain_timeout: 2.5s\n";
+        let config = ServeConfig::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(
+            config.listeners[0].limits,
+            Limits {
+                buffer_limit_bytes: 4096,
+                max_request_headers_kb: 8,
+                max_headers_count: 20,
+            }
+        );
+        assert_eq!(config.drain_timeout, Duration::from_millis(2500));
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "    routes:",
+                    "    max_request_headers_kb: 9000\n    routes:",
+                ),
+                "listeners[0].max_request_headers_kb: 9000 is not in 1..=8192",
+            ),
+            (
+                MINIMAL.replace("    routes:", "    max_headers_count: 0\n    routes:"),
+                "listeners[0].max_headers_count: must be at least 1",
+            ),
+            (
+                TCP.replace(
+                    "    cluster: backend\n",
+                    "    cluster: backend\n    max_headers_count: 5\n",
+                ),
+                "listeners[0].max_headers_count: only an HTTP listener",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = ServeConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(error.starts_with(expected), "{error:?} for {expected:?}");
+        }
     }
 
     const TCP: &str = "

@@ -20,6 +20,7 @@
 mod admin;
 mod callout;
 pub mod config;
+mod drain;
 mod headers;
 mod host;
 mod proxy;
@@ -36,10 +37,7 @@ use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
-pub use config::{ConfigError, ServeConfig};
-
-/// Bytes a plugin may buffer of one body by default (Envoy's default buffer limit is 1 MiB).
-pub const DEFAULT_BUFFER_LIMIT: usize = 1 << 20;
+pub use config::{ConfigError, Limits, ServeConfig};
 
 /// Why the proxy did not start.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +122,7 @@ impl Proxy {
                     listener: Arc::clone(&shared),
                     name: listener.name.clone(),
                     cluster: Arc::clone(&clusters[cluster]),
-                    buffer_limit: DEFAULT_BUFFER_LIMIT,
+                    buffer_limit: listener.limits.buffer_limit_bytes,
                     metrics: Arc::clone(&metrics),
                 }),
                 None => Front::Http(proxy::ListenerProxy {
@@ -135,7 +133,7 @@ impl Proxy {
                         .iter()
                         .map(|route| (route.clone(), Arc::clone(&clusters[&route.cluster])))
                         .collect(),
-                    buffer_limit: DEFAULT_BUFFER_LIMIT,
+                    limits: listener.limits,
                     metrics: Arc::clone(&metrics),
                 }),
             };
@@ -179,15 +177,17 @@ impl Proxy {
         })
     }
 
-    /// Listens and serves until the process is told to stop (SIGTERM: stop accepting, let
-    /// streams in flight finish within the grace period, exit). SIGHUP reloads the
-    /// configuration file's plugin chains.
+    /// Listens and serves until the process is told to stop (SIGTERM or SIGINT: stop
+    /// accepting, let streams and connections in flight finish within the drain timeout,
+    /// exit 0). SIGHUP reloads the configuration file's plugin chains.
     pub fn run(self) -> ! {
+        let drain_timeout = self.config.drain_timeout;
         let conf = ServerConf {
             threads: self.config.workers,
             work_stealing: false,
-            grace_period_seconds: Some(1),
-            graceful_shutdown_timeout_seconds: Some(10),
+            // The drain (see `drain`) exits before Pingora's grace period ends.
+            grace_period_seconds: Some(drain::grace_period(drain_timeout)),
+            graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         };
         let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
@@ -207,6 +207,13 @@ impl Proxy {
             config: std::sync::Mutex::new(self.config),
             reloads: Default::default(),
         });
+        server.add_service(pingora::services::background::background_service(
+            "drain",
+            drain::Drain {
+                in_flight: self.metrics.in_flight.clone(),
+                timeout: drain_timeout,
+            },
+        ));
         if path.is_some() {
             server.add_service(pingora::services::background::background_service(
                 "reload on SIGHUP",
@@ -255,6 +262,9 @@ impl Proxy {
         tracing::info!(workers, listeners = listener_count, "serving");
         // The services live as long as the process.
         std::mem::forget(self.services);
-        server.run_forever()
+        server.run(pingora::server::RunArgs {
+            shutdown_signal: Box::new(drain::Signals),
+        });
+        std::process::exit(0)
     }
 }

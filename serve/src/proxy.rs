@@ -11,7 +11,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::{HostMetrics, ListenerLabel, ResponseLabels};
-use crate::config::{Cluster, Route};
+use crate::config::{Cluster, Limits, Route};
+use crate::drain::InFlightGuard;
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
 
@@ -23,7 +24,8 @@ pub(crate) struct ListenerProxy {
     /// The proxy's own metrics.
     pub(crate) metrics: Arc<HostMetrics>,
     pub(crate) routes: Vec<(Route, Arc<ClusterState>)>,
-    pub(crate) buffer_limit: usize,
+    /// What clients may send.
+    pub(crate) limits: Limits,
 }
 
 /// A cluster and where its next request goes.
@@ -73,6 +75,8 @@ pub(crate) struct StreamContext {
     response_done: bool,
     /// Request body went through the plugins.
     body_seen: bool,
+    /// Counts the stream as in flight (for a drain) while it lives.
+    _in_flight: InFlightGuard,
 }
 
 /// Sends `reply` to the client, through the response callbacks first (Envoy's local replies go
@@ -201,6 +205,33 @@ impl Framing {
     }
 }
 
+/// Why a request's headers are over the listener's limits (Envoy's: the bytes of every name
+/// and value, pseudo-headers included, and the number of headers), if they are.
+fn too_large(header: &pingora::http::RequestHeader, limits: &Limits) -> Option<String> {
+    let count = header.headers.len();
+    if count > limits.max_headers_count as usize {
+        return Some(format!(
+            "{count} headers, over max_headers_count {}",
+            limits.max_headers_count
+        ));
+    }
+    let pseudo =
+        ":method".len() + header.method.as_str().len() + ":path".len() + header.raw_path().len();
+    let bytes: usize = header
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum::<usize>()
+        + pseudo;
+    let limit = limits.max_request_headers_kb as usize * 1024;
+    (bytes > limit).then(|| {
+        format!(
+            "{bytes} bytes of headers, over max_request_headers_kb {}",
+            limits.max_request_headers_kb
+        )
+    })
+}
+
 /// Whether the request has no body (so the request headers end the stream): Pingora knows
 /// from the framing (HTTP/1) or the END_STREAM flag (HTTP/2).
 fn request_ends_with_headers(session: &mut Session) -> bool {
@@ -213,11 +244,16 @@ impl ProxyHttp for ListenerProxy {
 
     fn new_ctx(&self) -> StreamContext {
         StreamContext {
-            stream: Stream::new(Kind::Http, Arc::clone(&self.listener), self.buffer_limit),
+            stream: Stream::new(
+                Kind::Http,
+                Arc::clone(&self.listener),
+                self.limits.buffer_limit_bytes,
+            ),
             upstream_framing: None,
             body_seen: false,
             pending_reply: None,
             response_done: false,
+            _in_flight: self.metrics.in_flight.enter(),
         }
     }
 
@@ -228,6 +264,16 @@ impl ProxyHttp for ListenerProxy {
                 listener: self.name.clone(),
             })
             .inc();
+        // Bad input never reaches a plugin.
+        if let Some(problem) = too_large(session.req_header(), &self.limits) {
+            tracing::debug!("request refused before the plugins: {problem}");
+            let reply = Reply {
+                status: 431,
+                headers: Vec::new(),
+                body: Vec::new(),
+            };
+            return send_reply(session, ctx, reply).await;
+        }
         ctx.stream.begin(&stream_info(session));
         if let Some(reply) = ctx.stream.early_reply.take() {
             return send_reply(session, ctx, reply).await;

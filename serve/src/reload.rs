@@ -60,10 +60,11 @@ impl Reloader {
                 || new.name != old.name
                 || new.protocol != old.protocol
                 || new.cluster != old.cluster
+                || new.limits != old.limits
             {
                 return Err(format!(
-                    "listeners[{index}]: its name, address, protocol, routes or cluster changed: \
-                     restart to apply"
+                    "listeners[{index}]: its name, address, protocol, routes, cluster or limits \
+                     changed: restart to apply"
                 ));
             }
         }

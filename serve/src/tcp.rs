@@ -59,6 +59,7 @@ impl ServerApp for TcpProxy {
                 listener: self.name.clone(),
             })
             .inc();
+        let _in_flight = self.metrics.in_flight.enter();
         let endpoint = self.cluster.next_endpoint();
         let mut connection = Stream::new(Kind::Tcp, Arc::clone(&self.listener), self.buffer_limit);
         let mut info = connection_info(&downstream);
