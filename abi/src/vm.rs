@@ -841,6 +841,14 @@ impl Vm {
         result
     }
 
+    /// Delivers the reply of unary gRPC call `token` (its one message, as
+    /// [`Vm::on_grpc_receive`]) and forgets the call: a unary call ends with its reply.
+    pub fn on_grpc_call_reply(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
+        let result = self.on_grpc_receive(token, message);
+        self.instance.state().callout_roots.remove(&token);
+        result
+    }
+
     /// Delivers the trailing metadata of gRPC call or stream `token`.
     pub fn on_grpc_receive_trailing_metadata(
         &mut self,

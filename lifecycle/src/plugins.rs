@@ -595,6 +595,22 @@ pub enum Admission {
 /// The details of a stream failed closed, as Envoy writes them.
 pub const FAIL_STREAM_DETAILS: &str = "wasm_fail_stream";
 
+/// The gRPC status of a stream failed closed (14 UNAVAILABLE), for a gRPC request.
+pub const FAIL_STREAM_GRPC_STATUS: i32 = 14;
+
+/// The gRPC status Envoy gives a local reply to a gRPC request when the plugin named none: its
+/// HTTP status mapped as `Grpc::Utility::httpToGrpcStatus` maps it.
+pub fn grpc_status_of_http(status: u32) -> i32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
 /// A stream's hold on the VM copy it runs a plugin in, from [`Worker::admit`] to
 /// [`Worker::release`]. The copy lives while a stream holds it, even once the plugin's copy on
 /// the thread was replaced (a reload after a failure), so in-flight streams finish where they

@@ -993,3 +993,287 @@ fn sigterm_stops_accepting_lets_streams_in_flight_finish_then_exits_cleanly() {
 fn sigint_drains_as_sigterm_does() {
     drains_on("-INT");
 }
+
+/// A gRPC server (tonic) for the plugins' calls, on a thread of its own until dropped:
+/// `pwhost.Auth/Check` answers `checked <message> (x-meta <value>)`, or PERMISSION_DENIED
+/// (7, `not you`) while `deny` is set; `pwhost.Echo/Stream` answers with initial metadata
+/// `x-init: ready`, then `echo: <first message>`, then ends with status OK.
+struct GrpcUpstream {
+    address: SocketAddr,
+    deny: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+mod grpc_upstream {
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use tonic::codegen::{http, BoxFuture, Service};
+    use tonic::{Request, Response, Status, Streaming};
+
+    #[derive(Clone)]
+    pub struct Upstream {
+        pub deny: Arc<AtomicBool>,
+        pub calls: Arc<AtomicUsize>,
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Upstream {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+            let upstream = self.clone();
+            Box::pin(async move {
+                upstream.calls.fetch_add(1, Ordering::Relaxed);
+                let mut grpc = tonic::server::Grpc::new(serve::RawCodec);
+                Ok(match request.uri().path() {
+                    "/pwhost.Auth/Check" => grpc.unary(Check(upstream.deny), request).await,
+                    "/pwhost.Echo/Stream" => grpc.streaming(Echo, request).await,
+                    _ => Status::unimplemented("no such method").into_http(),
+                })
+            })
+        }
+    }
+
+    struct Check(Arc<AtomicBool>);
+
+    impl tonic::server::UnaryService<Bytes> for Check {
+        type Response = Bytes;
+        type Future = BoxFuture<Response<Bytes>, Status>;
+
+        fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+            let deny = self.0.load(Ordering::Relaxed);
+            Box::pin(async move {
+                if deny {
+                    return Err(Status::permission_denied("not you"));
+                }
+                let meta = request
+                    .metadata()
+                    .get("x-meta")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_string();
+                let message = String::from_utf8_lossy(request.get_ref()).into_owned();
+                Ok(Response::new(Bytes::from(format!(
+                    "checked {message} (x-meta {meta})"
+                ))))
+            })
+        }
+    }
+
+    struct Echo;
+
+    type Replies = Pin<Box<dyn tokio_stream::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+    impl tonic::server::StreamingService<Bytes> for Echo {
+        type Response = Bytes;
+        type ResponseStream = Replies;
+        type Future = BoxFuture<Response<Replies>, Status>;
+
+        fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+            Box::pin(async move {
+                let mut incoming = request.into_inner();
+                let first = incoming.message().await?.unwrap_or_default();
+                let reply = Bytes::from([b"echo: ".as_slice(), &first].concat());
+                let replies: Replies = Box::pin(tokio_stream::iter([Ok(reply)]));
+                let mut response = Response::new(replies);
+                response.metadata_mut().insert(
+                    "x-init",
+                    tonic::metadata::MetadataValue::from_static("ready"),
+                );
+                Ok(response)
+            })
+        }
+    }
+}
+
+impl GrpcUpstream {
+    fn start() -> GrpcUpstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("the gRPC server binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("an address");
+        let deny = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let upstream = grpc_upstream::Upstream {
+            deny: Arc::clone(&deny),
+            calls: Arc::clone(&calls),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let _ = tonic::transport::Server::builder()
+                    .serve_with_incoming_shutdown(upstream, incoming, async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        });
+        GrpcUpstream {
+            address,
+            deny,
+            calls,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for GrpcUpstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn a_unary_grpc_call_holds_the_request_until_its_reply_or_failure_comes() {
+    let origin = Origin::start();
+    let upstream = GrpcUpstream::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("grpc", "grpc_call", "")],
+        &[("grpc_cluster", upstream.address)],
+    );
+    // The reply (over HTTP/2, gRPC framing) reaches the plugin, which puts it on the request.
+    let reply = get(&serve.url("/checked"), &[]);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
+    assert!(
+        reply
+            .body
+            .contains("x-grpc-reply: checked request-bytes (x-meta 1)"),
+        "{}",
+        reply.body
+    );
+    // A failure status goes to the plugin's close callback with its message.
+    upstream.deny.store(true, Ordering::Relaxed);
+    let denied = get(&serve.url("/denied"), &[]);
+    assert_eq!(denied.status, 503);
+    assert_eq!(denied.body, "grpc failed: 7 not you");
+    assert_eq!(upstream.calls.load(Ordering::Relaxed), 2);
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+}
+
+#[test]
+fn a_grpc_call_to_an_unreachable_cluster_closes_with_unavailable() {
+    let origin = Origin::start();
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("an address");
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("grpc", "grpc_call", "")],
+        &[("grpc_cluster", nowhere)],
+    );
+    let reply = get(&serve.url("/"), &[]);
+    assert_eq!(reply.status, 503);
+    assert!(reply.body.starts_with("grpc failed: 14"), "{}", reply.body);
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_grpc_stream_delivers_metadata_messages_and_its_close_to_the_plugin() {
+    let origin = Origin::start();
+    let upstream = GrpcUpstream::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("stream", "grpc_stream", "")],
+        &[("grpc_cluster", upstream.address)],
+    );
+    let reply = get(&serve.url("/streamed"), &[]);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
+    // The plugin resumed the request from the stream's close, with its status.
+    assert!(reply.body.contains("x-stream-status: 0"), "{}", reply.body);
+    serve.wait_for_log("initial metadata x-init: ready");
+    serve.wait_for_log("stream message: echo: hello");
+    serve.wait_for_log("trailing metadata count");
+}
+
+/// Sends a gRPC-shaped request (HTTP/2 without TLS, `content-type: application/grpc`) with
+/// `headers`; returns the response's status line and headers as curl prints them.
+fn grpc_request(url: &str, headers: &[&str]) -> String {
+    let mut command = Command::new("curl");
+    command.args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "content-type: application/grpc",
+        "--data-binary",
+        "",
+    ]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let output = command
+        .arg(url)
+        .output()
+        .expect("curl runs (apt-get install curl)");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_grpc_client_gets_local_replies_and_failures_as_grpc_statuses() {
+    let closed = free_port();
+    let serve = Serve::start(
+        ([127, 0, 0, 1], closed).into(),
+        &[
+            envoy_filter("api_key", "local_response", "secret"),
+            envoy_filter("panics", "panics", ""),
+        ],
+    );
+    // The plugin's 403 becomes a trailers-only gRPC response: PERMISSION_DENIED, the body as
+    // the percent-encoded message.
+    let denied = grpc_request(&serve.url("/pwhost.Auth/Check"), &[]);
+    assert!(denied.starts_with("HTTP/2 200"), "{denied}");
+    assert!(denied.contains("grpc-status: 7\r\n"), "{denied}");
+    assert!(
+        denied.contains("grpc-message: access denied%0A\r\n"),
+        "{denied}"
+    );
+    assert!(
+        denied.contains("content-type: application/grpc"),
+        "{denied}"
+    );
+    // An unreachable upstream and a plugin failing closed are UNAVAILABLE, as in Envoy.
+    let unreachable = grpc_request(&serve.url("/pwhost.Auth/Check"), &["x-api-key: secret"]);
+    assert!(unreachable.contains("grpc-status: 14\r\n"), "{unreachable}");
+    // A plain HTTP client still gets the plain reply.
+    let plain = get(&serve.url("/"), &[]);
+    assert_eq!(plain.status, 403);
+    assert_eq!(plain.header("content-type"), Some("text/plain"));
+    let failed = grpc_request(
+        &serve.url("/pwhost.Auth/Check"),
+        &["x-api-key: secret", "x-panic: boom"],
+    );
+    assert!(failed.starts_with("HTTP/2 200"), "{failed}");
+    assert!(failed.contains("grpc-status: 14\r\n"), "{failed}");
+}

@@ -41,11 +41,7 @@ pub(crate) fn dispatch(
 ) -> Result<u32, Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| Status::InternalFailure)?;
-    let token = LAST_TOKEN.with(|last| {
-        let token = last.get().wrapping_add(1).max(1);
-        last.set(token);
-        token
-    });
+    let token = next_token();
     let (listener, cluster) = (Arc::clone(listener), Arc::clone(cluster));
     let body = Bytes::from(request.body);
     let timeout = request.timeout;
@@ -56,9 +52,21 @@ pub(crate) fn dispatch(
         } else {
             tokio::time::timeout(timeout, call).await.ok().flatten()
         };
-        deliver(&listener, token, answer);
+        deliver(&listener, token, Last::Yes, |vm| match answer {
+            Some(response) => vm.on_http_call_response(token, response),
+            None => vm.on_http_call_failure(token),
+        });
     });
     Ok(token)
+}
+
+/// A new token for a call from this thread.
+pub(crate) fn next_token() -> u32 {
+    LAST_TOKEN.with(|last| {
+        let token = last.get().wrapping_add(1).max(1);
+        last.set(token);
+        token
+    })
 }
 
 /// The request header of a call: `:method`, `:path`, `:authority` (as `Host`) and the rest.
@@ -126,8 +134,24 @@ async fn send(
     })
 }
 
-/// Hands the answer to the copy that made call `token`, on this thread.
-fn deliver(listener: &Arc<Listener>, token: u32, mut answer: Option<HttpCallResponse>) {
+/// Whether a delivery is the last one of its call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Last {
+    /// The call is over once delivered: the copy forgets its token.
+    Yes,
+    /// More comes (a gRPC stream's metadata and messages).
+    No,
+}
+
+/// Runs `callback` (an answer's callback) in the copy that made call `token`, on this thread.
+/// Nothing runs if the copy is gone or forgot the call (the plugin cancelled it).
+pub(crate) fn deliver(
+    listener: &Arc<Listener>,
+    token: u32,
+    last: Last,
+    callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
+) {
+    let mut callback = Some(callback);
     let delivered = with_workers(listener, |workers| {
         let mut found = false;
         workers.for_each_worker(|_, worker| {
@@ -138,24 +162,27 @@ fn deliver(listener: &Arc<Listener>, token: u32, mut answer: Option<HttpCallResp
                 let Some(host) = vm.host_as::<ServeHost>() else {
                     return;
                 };
-                if !host.callouts.remove(&token) {
+                if !host.callouts.contains(&token) {
                     return;
                 }
                 found = true;
-                let result = match answer.take() {
-                    Some(response) => vm.on_http_call_response(token, response),
-                    None => vm.on_http_call_failure(token),
+                if last == Last::Yes {
+                    host.forget_call(token);
+                }
+                let Some(callback) = callback.take() else {
+                    return;
                 };
-                if let Err(error) = result {
-                    tracing::error!("proxy_on_http_call_response failed: {error}");
+                if let Err(error) = callback(vm) {
+                    tracing::error!("a call's answer failed in the plugin: {error}");
                     if let Some(host) = vm.host_as::<ServeHost>() {
                         host.wake_all();
                     }
                 }
             });
         });
+        found
     });
-    if delivered.is_none() {
-        tracing::error!(token, "an HTTP call's answer found no VM copy to go to");
+    if delivered != Some(true) {
+        tracing::debug!(token, "a call's answer found no VM copy waiting for it");
     }
 }

@@ -10,15 +10,19 @@
 use std::sync::Arc;
 
 use abi::{
-    BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
-    Status, StreamInfo, StreamType,
+    BufferType, ContextId, GrpcRequest, Headers, Host, HttpCallRequest, LocalResponse, LogLevel,
+    MapType, Status, StreamInfo, StreamType,
 };
+use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::AbortHandle;
 
 use crate::callout;
+use crate::grpc;
 use crate::headers::Lent;
+use crate::proxy::ClusterState;
 use crate::worker::Listener;
 
 /// A stream's place in a VM copy's host, for one plugin.
@@ -54,8 +58,13 @@ pub(crate) struct Asked {
 pub(crate) struct ServeHost {
     /// The listener whose plugins run in this copy (`None`: a singleton service's).
     listener: Option<Arc<Listener>>,
-    /// The tokens of this copy's HTTP calls still waiting for an answer.
+    /// The tokens of this copy's HTTP and gRPC calls still waiting for (more of) an answer.
     pub(crate) callouts: FxHashSet<u32>,
+    /// The tasks of its gRPC calls and streams, by token (cancelled with them).
+    grpc_tasks: FxHashMap<u32, AbortHandle>,
+    /// Its open gRPC streams, by token, with where their messages go until they are
+    /// half-closed (`None` after).
+    grpc_senders: FxHashMap<u32, Option<mpsc::UnboundedSender<Bytes>>>,
     /// The streams running through this copy, by the plugin's stream context.
     pub(crate) streams: FxHashMap<u32, StreamSlot>,
     /// Plugin names by root context, for logs of root contexts.
@@ -67,10 +76,9 @@ pub(crate) struct ServeHost {
 impl ServeHost {
     /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
-        ServeHost {
-            listener: Some(listener),
-            ..ServeHost::for_service()
-        }
+        let mut host = ServeHost::for_service();
+        host.listener = Some(listener);
+        host
     }
 
     /// The host of a singleton service.
@@ -78,6 +86,8 @@ impl ServeHost {
         ServeHost {
             listener: None,
             callouts: FxHashSet::default(),
+            grpc_tasks: FxHashMap::default(),
+            grpc_senders: FxHashMap::default(),
             streams: FxHashMap::default(),
             roots: FxHashMap::default(),
             // Pingora names its threads after the service: the id tells workers apart.
@@ -91,6 +101,31 @@ impl ServeHost {
     pub(crate) fn wake_all(&self) {
         for slot in self.streams.values() {
             slot.wake.notify_one();
+        }
+    }
+
+    /// Forgets call `token`: it is over, or cancelled (its task, if still running, stops).
+    pub(crate) fn forget_call(&mut self, token: u32) {
+        self.callouts.remove(&token);
+        self.grpc_senders.remove(&token);
+        if let Some(task) = self.grpc_tasks.remove(&token) {
+            task.abort();
+        }
+    }
+
+    /// The cluster a call from this copy names, checked.
+    fn cluster(&self, upstream: &[u8]) -> Result<(&Arc<Listener>, &Arc<ClusterState>), Status> {
+        let Some(listener) = &self.listener else {
+            tracing::debug!("a call from a singleton service: not supported yet");
+            return Err(Status::Unimplemented);
+        };
+        let name = String::from_utf8_lossy(upstream);
+        match listener.clusters.get(name.as_ref()) {
+            Some(cluster) => Ok((listener, cluster)),
+            None => {
+                tracing::debug!(cluster = %name, "a call to an unknown cluster");
+                Err(Status::BadArgument)
+            }
         }
     }
 
@@ -177,17 +212,81 @@ impl Host for ServeHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
-        let Some(listener) = &self.listener else {
-            tracing::debug!("proxy_http_call from a singleton service: not supported yet");
-            return Err(Status::Unimplemented);
-        };
-        let name = String::from_utf8_lossy(&request.upstream);
-        let Some(cluster) = listener.clusters.get(name.as_ref()) else {
-            tracing::debug!(cluster = %name, "proxy_http_call to an unknown cluster");
-            return Err(Status::BadArgument);
-        };
+        let (listener, cluster) = self.cluster(&request.upstream)?;
         let token = callout::dispatch(listener, cluster, request)?;
         self.callouts.insert(token);
         Ok(token)
+    }
+
+    fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        let (listener, cluster) = self.cluster(&request.upstream)?;
+        let (token, task) = grpc::call(listener, cluster, request)?;
+        self.callouts.insert(token);
+        self.grpc_tasks.insert(token, task);
+        Ok(token)
+    }
+
+    fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        let (listener, cluster) = self.cluster(&request.upstream)?;
+        let (token, task, sender) = grpc::open(listener, cluster, request)?;
+        self.callouts.insert(token);
+        self.grpc_tasks.insert(token, task);
+        self.grpc_senders.insert(token, Some(sender));
+        Ok(token)
+    }
+
+    fn grpc_send(
+        &mut self,
+        _context: ContextId,
+        token: u32,
+        message: &[u8],
+        end_of_stream: bool,
+    ) -> Status {
+        let Some(open) = self.grpc_senders.get_mut(&token) else {
+            return Status::NotFound;
+        };
+        let Some(sender) = open else {
+            // Half-closed already: nothing more may be sent.
+            return Status::BadArgument;
+        };
+        if sender.send(Bytes::copy_from_slice(message)).is_err() {
+            // The stream ended meanwhile.
+            return Status::NotFound;
+        }
+        if end_of_stream {
+            // No more messages: the request side half-closes.
+            *open = None;
+        }
+        Status::Ok
+    }
+
+    fn grpc_cancel(&mut self, _context: ContextId, token: u32) -> Status {
+        if !self.callouts.contains(&token) {
+            return Status::NotFound;
+        }
+        self.forget_call(token);
+        Status::Ok
+    }
+
+    fn grpc_close(&mut self, _context: ContextId, token: u32) -> Status {
+        if !self.callouts.contains(&token) {
+            return Status::NotFound;
+        }
+        match self.grpc_senders.get_mut(&token) {
+            // A stream: its request side half-closes; the answer still comes.
+            Some(open) => *open = None,
+            // A unary call: closing it cancels it, as in Envoy.
+            None => self.forget_call(token),
+        }
+        Status::Ok
+    }
+}
+
+impl Drop for ServeHost {
+    fn drop(&mut self) {
+        // A copy that goes (replaced, failed) takes its calls with it.
+        for task in self.grpc_tasks.values() {
+            task.abort();
+        }
     }
 }

@@ -15,12 +15,15 @@
 //!   `proxy_on_response_headers`, `response_body_filter` → `proxy_on_response_body`,
 //!   `logging` → `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
 //!
-//! Singleton services run each on a thread of their own (lifecycle's `SingletonService`).
+//! Callouts go to the configuration's clusters: HTTP through Pingora's client, gRPC through
+//! tonic's (messages as the plugins' own bytes, see [`RawCodec`]). Singleton services run each
+//! on a thread of their own (lifecycle's `SingletonService`).
 
 mod admin;
 mod callout;
 pub mod config;
 mod drain;
+mod grpc;
 mod headers;
 mod host;
 mod proxy;
@@ -38,6 +41,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
 pub use config::{ConfigError, Limits, ServeConfig};
+pub use grpc::RawCodec;
 
 /// Why the proxy did not start.
 #[derive(Debug, thiserror::Error)]

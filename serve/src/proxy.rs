@@ -79,10 +79,47 @@ pub(crate) struct StreamContext {
     _in_flight: InFlightGuard,
 }
 
+/// Whether a request is gRPC (its local replies are gRPC responses, as in Envoy).
+fn is_grpc(header: &pingora::http::RequestHeader) -> bool {
+    header
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// gRPC's percent-encoding of `grpc-message`: everything but printable ASCII, and `%`.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// A reply as a gRPC request gets it, as Envoy makes it: a trailers-only response (`200`,
+/// `content-type: application/grpc`, `grpc-status`: the plugin's, else the HTTP status mapped,
+/// and the body as `grpc-message`), with the plugin's headers.
+fn grpc_form(reply: Reply) -> Reply {
+    let status = reply
+        .grpc_status
+        .unwrap_or_else(|| lifecycle::grpc_status_of_http(u32::from(reply.status)));
+    let mut headers = vec![
+        (b"content-type".to_vec(), b"application/grpc".to_vec()),
+        (b"grpc-status".to_vec(), status.to_string().into_bytes()),
+    ];
+    if !reply.body.is_empty() {
+        let message = percent_encoding::percent_encode(&reply.body, GRPC_MESSAGE).to_string();
+        headers.push((b"grpc-message".to_vec(), message.into_bytes()));
+    }
+    headers.extend(reply.headers);
+    Reply {
+        status: 200,
+        headers,
+        body: Vec::new(),
+        grpc_status: Some(status),
+    }
+}
+
 /// Sends `reply` to the client, through the response callbacks first (Envoy's local replies go
 /// through the encoder filters).
 async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply) -> Result<bool> {
-    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
+    let grpc = is_grpc(session.req_header());
+    let reply = if grpc { grpc_form(reply) } else { reply };
+    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 2))?;
     for (name, value) in &reply.headers {
         let lower = Bytes::from(name.to_ascii_lowercase());
         if header.append_header(lower, value.as_slice()).is_err() {
@@ -92,7 +129,12 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
             );
         }
     }
-    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len().to_string())?;
+    if !grpc {
+        header.insert_header(http::header::CONTENT_LENGTH, reply.body.len().to_string())?;
+        if !reply.body.is_empty() && header.headers.get(http::header::CONTENT_TYPE).is_none() {
+            header.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+        }
+    }
     let mut body = reply.body;
     if !ctx.response_done {
         ctx.response_done = true;
@@ -124,11 +166,11 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
     session
         .write_response_header(Box::new(header), body.is_empty())
         .await?;
-    if !body.is_empty() {
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await?;
-    }
+    // The body write ends the response even when empty: an HTTP/2 stream ends with it (the
+    // header write alone leaves it open, and Pingora resets it on a failed stream's way out).
+    session
+        .write_response_body((!body.is_empty()).then(|| Bytes::from(body)), true)
+        .await?;
     Ok(true)
 }
 
@@ -267,12 +309,7 @@ impl ProxyHttp for ListenerProxy {
         // Bad input never reaches a plugin.
         if let Some(problem) = too_large(session.req_header(), &self.limits) {
             tracing::debug!("request refused before the plugins: {problem}");
-            let reply = Reply {
-                status: 431,
-                headers: Vec::new(),
-                body: Vec::new(),
-            };
-            return send_reply(session, ctx, reply).await;
+            return send_reply(session, ctx, Reply::status(431)).await;
         }
         ctx.stream.begin(&stream_info(session));
         if let Some(reply) = ctx.stream.early_reply.take() {
@@ -478,12 +515,7 @@ impl ProxyHttp for ListenerProxy {
             },
         };
         if code > 0 && !ctx.response_done {
-            let reply = Reply {
-                status: code,
-                headers: Vec::new(),
-                body: Vec::new(),
-            };
-            if let Err(error) = send_reply(session, ctx, reply).await {
+            if let Err(error) = send_reply(session, ctx, Reply::status(code)).await {
                 tracing::debug!("could not answer the client: {error}");
             }
         }

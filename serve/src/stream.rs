@@ -24,9 +24,21 @@ pub(crate) struct Reply {
     pub(crate) status: u16,
     pub(crate) headers: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) body: Vec<u8>,
+    /// The gRPC status a gRPC request gets (`None`: the HTTP status mapped as Envoy does).
+    pub(crate) grpc_status: Option<i32>,
 }
 
 impl Reply {
+    /// A reply with `status` and nothing else.
+    pub(crate) fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            grpc_status: None,
+        }
+    }
+
     /// Envoy's answer for a stream whose plugin failed closed: 503 with no extra header (the
     /// response callbacks see what they would in Envoy); Envoy's details go to the log.
     fn fail_closed() -> Reply {
@@ -35,9 +47,8 @@ impl Reply {
             "stream failed closed"
         );
         Reply {
-            status: 503,
-            headers: Vec::new(),
-            body: Vec::new(),
+            grpc_status: Some(lifecycle::FAIL_STREAM_GRPC_STATUS),
+            ..Reply::status(503)
         }
     }
 
@@ -54,6 +65,7 @@ impl Reply {
                 .map(|(name, value)| (name.to_vec(), value.to_vec()))
                 .collect(),
             body: local.body,
+            grpc_status: local.grpc_status,
         }
     }
 }
@@ -529,11 +541,7 @@ impl Stream {
                                 Direction::Request => 413,
                                 Direction::Response => 500,
                             };
-                            return Err(Outcome::Reply(Reply {
-                                status,
-                                headers: Vec::new(),
-                                body: Vec::new(),
-                            }));
+                            return Err(Outcome::Reply(Reply::status(status)));
                         }
                         *self.filters[index].buffered(direction) = body;
                         return Ok(BodyStep::Pass(Vec::new()));

@@ -274,7 +274,7 @@ fn answer_grpc(
     };
     if unary {
         return if answer.status == 0 {
-            vm.on_grpc_receive(token, answer.messages.concat().into_bytes())
+            vm.on_grpc_call_reply(token, answer.messages.concat().into_bytes())
         } else {
             vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())
         };

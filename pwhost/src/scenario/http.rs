@@ -129,7 +129,7 @@ impl Message {
             headers.add(b"content-type", b"application/grpc");
             let status = reply
                 .grpc_status
-                .unwrap_or_else(|| grpc_status_of_http(reply.status));
+                .unwrap_or_else(|| lifecycle::grpc_status_of_http(reply.status));
             headers.add(b"grpc-status", status.to_string().as_bytes());
             if !reply.body.is_empty() {
                 headers.add(b"grpc-message", &reply.body);
@@ -176,18 +176,6 @@ impl Message {
             events.push(Event::Trailers(self.trailers));
         }
         events
-    }
-}
-
-/// Envoy's gRPC status for an HTTP status (`Grpc::Utility::httpToGrpcStatus`).
-fn grpc_status_of_http(status: u32) -> i32 {
-    match status {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502 | 503 | 504 => 14,
-        _ => 2,
     }
 }
 
@@ -779,7 +767,7 @@ impl Exchange<'_, '_> {
                     status: 503,
                     body: Vec::new(),
                     headers: HeaderMap::new(),
-                    grpc_status: Some(14),
+                    grpc_status: Some(lifecycle::FAIL_STREAM_GRPC_STATUS),
                     details: FAIL_STREAM_DETAILS.as_bytes().to_vec(),
                 },
             )),

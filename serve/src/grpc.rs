@@ -1,0 +1,287 @@
+//! `proxy_grpc_call` and `proxy_grpc_stream` over the network: HTTP/2 to a cluster with
+//! tonic's client (its gRPC framing, `grpc-timeout`, status and metadata handling), messages
+//! as the plugin's own bytes. Each call is a task on the calling worker's runtime; what comes
+//! back goes to the VM copy that made the call, on the same thread, as Envoy delivers it:
+//!
+//! - a unary call: its reply (`proxy_on_grpc_receive`), or `proxy_on_grpc_close` with the
+//!   failure's status (14 UNAVAILABLE for an unreachable cluster, 4 DEADLINE_EXCEEDED past its
+//!   timeout);
+//! - a stream: the initial metadata, each message, the trailing metadata, then the close with
+//!   the stream's status, until the plugin cancels it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use abi::{GrpcRequest, HeaderMap, Status};
+use bytes::{Buf, BufMut, Bytes};
+use http::uri::PathAndQuery;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::metadata::{
+    AsciiMetadataKey, AsciiMetadataValue, BinaryMetadataKey, BinaryMetadataValue, MetadataMap,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::callout::{deliver, next_token, Last};
+use crate::proxy::ClusterState;
+use crate::worker::Listener;
+
+/// gRPC's DEADLINE_EXCEEDED, for a call past its timeout.
+const DEADLINE_EXCEEDED: tonic::Code = tonic::Code::DeadlineExceeded;
+
+/// Messages as the plugin gives and takes them, framed by tonic: the codec leaves the bytes
+/// as they are (the plugin encodes and decodes its protobufs itself).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+thread_local! {
+    /// This thread's HTTP/2 channels, by cluster: calls to a cluster share its connections.
+    static CHANNELS: RefCell<HashMap<String, Channel>> = RefCell::new(HashMap::new());
+}
+
+/// This thread's channel to `cluster` (made on first use, connecting when first needed).
+fn channel(cluster: &ClusterState) -> Result<Channel, Status> {
+    CHANNELS.with(|channels| {
+        if let Some(channel) = channels.borrow().get(&cluster.name) {
+            return Ok(channel.clone());
+        }
+        let mut endpoints = Vec::new();
+        for address in &cluster.cluster.endpoints {
+            let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|_| Status::BadArgument)?
+                .connect_timeout(cluster.cluster.connect_timeout);
+            endpoints.push(endpoint);
+        }
+        let channel = Channel::balance_list(endpoints.into_iter());
+        channels
+            .borrow_mut()
+            .insert(cluster.name.clone(), channel.clone());
+        Ok(channel)
+    })
+}
+
+/// What a call needs before it goes: checked here, so that a bad service, method or
+/// metadata name is the plugin's `BAD_ARGUMENT`, not a failed call.
+struct Prepared {
+    path: PathAndQuery,
+    metadata: MetadataMap,
+    channel: Channel,
+    runtime: tokio::runtime::Handle,
+    token: u32,
+}
+
+fn prepare(cluster: &ClusterState, request: &GrpcRequest) -> Result<Prepared, Status> {
+    let service = std::str::from_utf8(&request.service).map_err(|_| Status::BadArgument)?;
+    let method = std::str::from_utf8(&request.method).map_err(|_| Status::BadArgument)?;
+    if service.is_empty() || method.is_empty() {
+        return Err(Status::BadArgument);
+    }
+    let path =
+        PathAndQuery::try_from(format!("/{service}/{method}")).map_err(|_| Status::BadArgument)?;
+    let metadata = metadata_of(&request.initial_metadata).ok_or(Status::BadArgument)?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Status::InternalFailure)?;
+    Ok(Prepared {
+        path,
+        metadata,
+        channel: channel(cluster)?,
+        runtime,
+        token: next_token(),
+    })
+}
+
+/// Starts unary call `request` to `cluster`; returns its token and its task.
+pub(crate) fn call(
+    listener: &Arc<Listener>,
+    cluster: &Arc<ClusterState>,
+    request: GrpcRequest,
+) -> Result<(u32, AbortHandle), Status> {
+    let prepared = prepare(cluster, &request)?;
+    let token = prepared.token;
+    let listener = Arc::clone(listener);
+    let message = Bytes::from(request.message.unwrap_or_default());
+    let timeout = request.timeout.filter(|t| !t.is_zero());
+    let task = prepared.runtime.spawn(async move {
+        let mut client = tonic::client::Grpc::new(prepared.channel);
+        let mut outgoing = tonic::Request::new(message);
+        *outgoing.metadata_mut() = prepared.metadata;
+        if let Some(timeout) = timeout {
+            outgoing.set_timeout(timeout);
+        }
+        let path = prepared.path;
+        let answer = within(timeout, async move {
+            client.ready().await.map_err(unavailable)?;
+            client.unary(outgoing, path, RawCodec).await
+        })
+        .await;
+        deliver(&listener, token, Last::Yes, |vm| match answer {
+            Ok(reply) => vm.on_grpc_call_reply(token, reply.into_inner().to_vec()),
+            Err(status) => vm.on_grpc_close(token, code(&status), status.message().into()),
+        });
+    });
+    Ok((token, task.abort_handle()))
+}
+
+/// Opens stream `request` to `cluster`; returns its token, its task and where the plugin's
+/// messages go (dropping it half-closes the stream).
+pub(crate) fn open(
+    listener: &Arc<Listener>,
+    cluster: &Arc<ClusterState>,
+    request: GrpcRequest,
+) -> Result<(u32, AbortHandle, mpsc::UnboundedSender<Bytes>), Status> {
+    let prepared = prepare(cluster, &request)?;
+    let token = prepared.token;
+    let listener = Arc::clone(listener);
+    let (sender, messages) = mpsc::unbounded_channel::<Bytes>();
+    let task = prepared.runtime.spawn(async move {
+        let mut client = tonic::client::Grpc::new(prepared.channel);
+        let mut outgoing = tonic::Request::new(UnboundedReceiverStream::new(messages));
+        *outgoing.metadata_mut() = prepared.metadata;
+        let opened = async {
+            client.ready().await.map_err(unavailable)?;
+            client.streaming(outgoing, prepared.path, RawCodec).await
+        }
+        .await;
+        let response = match opened {
+            Ok(response) => response,
+            Err(status) => {
+                close(&listener, token, &status);
+                return;
+            }
+        };
+        let (metadata, mut incoming, _) = response.into_parts();
+        let metadata = map_of(&metadata);
+        deliver(&listener, token, Last::No, |vm| {
+            vm.on_grpc_receive_initial_metadata(token, metadata)
+        });
+        loop {
+            match incoming.message().await {
+                Ok(Some(message)) => deliver(&listener, token, Last::No, |vm| {
+                    vm.on_grpc_receive(token, message.to_vec())
+                }),
+                Ok(None) => break,
+                Err(status) => {
+                    close(&listener, token, &status);
+                    return;
+                }
+            }
+        }
+        if let Ok(Some(trailers)) = incoming.trailers().await {
+            let trailers = map_of(&trailers);
+            deliver(&listener, token, Last::No, |vm| {
+                vm.on_grpc_receive_trailing_metadata(token, trailers)
+            });
+        }
+        deliver(&listener, token, Last::Yes, |vm| {
+            vm.on_grpc_close(token, 0, Vec::new())
+        });
+    });
+    Ok((token, task.abort_handle(), sender))
+}
+
+/// Ends stream `token` with `status`: its trailing metadata (if any), then the close.
+fn close(listener: &Arc<Listener>, token: u32, status: &tonic::Status) {
+    if !status.metadata().is_empty() {
+        let trailers = map_of(status.metadata());
+        deliver(listener, token, Last::No, |vm| {
+            vm.on_grpc_receive_trailing_metadata(token, trailers)
+        });
+    }
+    deliver(listener, token, Last::Yes, |vm| {
+        vm.on_grpc_close(token, code(status), status.message().into())
+    });
+}
+
+/// `call`'s outcome, or DEADLINE_EXCEEDED once `timeout` (if any) has passed.
+async fn within<T>(
+    timeout: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::new(DEADLINE_EXCEEDED, "timed out"))),
+        None => call.await,
+    }
+}
+
+/// A channel that cannot take the call: UNAVAILABLE, as gRPC reports an unreachable server.
+fn unavailable(error: impl std::fmt::Display) -> tonic::Status {
+    tonic::Status::unavailable(error.to_string())
+}
+
+fn code(status: &tonic::Status) -> u32 {
+    status.code() as u32
+}
+
+/// The plugin's metadata for tonic (`-bin` names carry raw bytes); `None` if a name or value
+/// is not valid metadata.
+fn metadata_of(map: &HeaderMap) -> Option<MetadataMap> {
+    let mut metadata = MetadataMap::new();
+    for (name, value) in map.iter() {
+        if name.ends_with(b"-bin") {
+            let key = BinaryMetadataKey::from_bytes(name).ok()?;
+            metadata.append_bin(key, BinaryMetadataValue::from_bytes(value));
+        } else {
+            let key = AsciiMetadataKey::from_bytes(name).ok()?;
+            let value = AsciiMetadataValue::try_from(value).ok()?;
+            metadata.append(key, value);
+        }
+    }
+    Some(metadata)
+}
+
+/// Metadata as the plugin reads it (binary values decoded).
+fn map_of(metadata: &MetadataMap) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for entry in metadata.iter() {
+        match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                map.add(key.as_str().as_bytes(), value.as_bytes());
+            }
+            tonic::metadata::KeyAndValueRef::Binary(key, value) => {
+                if let Ok(bytes) = value.to_bytes() {
+                    map.add(key.as_str().as_bytes(), &bytes);
+                }
+            }
+        }
+    }
+    map
+}
