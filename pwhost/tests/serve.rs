@@ -208,6 +208,20 @@ impl Serve {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most 10 s) until no plugin stream or connection context is live: a stream's
+    /// contexts end just after its client has its answer.
+    fn wait_for_no_live_contexts(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = get(&self.admin_url("/stats/prometheus"), &[]).body;
+            if sample(&metrics, "pwhost_live_stream_contexts") == Some(0.0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "contexts left live:\n{metrics}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (at most 10 s) until the log contains `text`.
     fn wait_for_log(&self, text: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -721,11 +735,22 @@ fn serve_tcp(
     configuration: &str,
     clusters: &[(&str, SocketAddr)],
 ) -> Serve {
+    serve_tcp_with(upstream, plugin, configuration, clusters, "")
+}
+
+/// As [`serve_tcp`], with more settings (`listener`: YAML lines) for the TCP listener.
+fn serve_tcp_with(
+    upstream: SocketAddr,
+    plugin: &str,
+    configuration: &str,
+    clusters: &[(&str, SocketAddr)],
+    listener: &str,
+) -> Serve {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (port, admin_port) = (free_port(), free_port());
     let config = format!(
         "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: tcp\n    \
-         address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    network_filters:\n      \
+         address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n{listener}    network_filters:\n      \
          - name: envoy.filters.network.wasm\n        typed_config:\n          \
          \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n          \
          config:\n            name: upper\n            configuration: \"{configuration}\"\n            \
@@ -806,7 +831,7 @@ fn a_tcp_listener_runs_each_connection_through_its_network_filter_both_ways() {
     assert!(connections >= 10.0, "{connections} in\n{metrics}");
     assert!(echo.connections.load(Ordering::Relaxed) >= 10);
     // Every connection's context went with it.
-    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+    serve.wait_for_no_live_contexts();
 }
 
 #[test]
@@ -839,8 +864,7 @@ fn a_network_filter_holds_a_connection_until_an_http_call_lets_it_through() {
     assert_eq!(gate.requests.load(Ordering::Relaxed), 1);
     // The call carried the first chunk as the client sent it.
     assert_eq!(*gate.last_body.lock().unwrap(), "let ");
-    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+    serve.wait_for_no_live_contexts();
 }
 
 #[test]
@@ -858,8 +882,7 @@ fn a_network_filter_whose_gate_cannot_be_reached_closes_the_connection_unforward
     assert_eq!(tcp_exchange(serve.port, &["let me in"]), "");
     serve.wait_for_log("gate answered nothing");
     serve.wait_for_log("downstream closed by Local");
-    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+    serve.wait_for_no_live_contexts();
 }
 
 /// Sends `request` as is on a new connection to `port`; returns the response's status line
@@ -1174,8 +1197,7 @@ fn a_unary_grpc_call_holds_the_request_until_its_reply_or_failure_comes() {
     assert_eq!(denied.status, 503);
     assert_eq!(denied.body, "grpc failed: 7 not you");
     assert_eq!(upstream.calls.load(Ordering::Relaxed), 2);
-    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-    assert_eq!(sample(&metrics, "pwhost_live_stream_contexts"), Some(0.0));
+    serve.wait_for_no_live_contexts();
 }
 
 #[test]
@@ -1240,6 +1262,33 @@ fn grpc_request(url: &str, headers: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A unary call from a gRPC client (tonic's, HTTP/2 without TLS) to `base` + `path`, with an
+/// empty message.
+fn grpc_client_call(base: &str, path: &str) -> Result<bytes::Bytes, tonic::Status> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(base.to_string())
+            .expect("an endpoint")
+            .connect()
+            .await
+            .expect("the proxy accepts");
+        let mut client = tonic::client::Grpc::new(channel);
+        client.ready().await.expect("a ready channel");
+        let path = tonic::codegen::http::uri::PathAndQuery::try_from(path).expect("a path");
+        client
+            .unary(
+                tonic::Request::new(bytes::Bytes::new()),
+                path,
+                serve::RawCodec,
+            )
+            .await
+            .map(tonic::Response::into_inner)
+    })
+}
+
 #[test]
 fn a_grpc_client_gets_local_replies_and_failures_as_grpc_statuses() {
     let closed = free_port();
@@ -1250,8 +1299,12 @@ fn a_grpc_client_gets_local_replies_and_failures_as_grpc_statuses() {
             envoy_filter("panics", "panics", ""),
         ],
     );
-    // The plugin's 403 becomes a trailers-only gRPC response: PERMISSION_DENIED, the body as
-    // the percent-encoded message.
+    // A gRPC client (tonic's) reads the plugin's 403 as PERMISSION_DENIED with the body as
+    // the message.
+    let status = grpc_client_call(&serve.url(""), "/pwhost.Auth/Check").expect_err("a failed call");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "access denied\n");
+    // On the wire: 200, then the status and the percent-encoded message.
     let denied = grpc_request(&serve.url("/pwhost.Auth/Check"), &[]);
     assert!(denied.starts_with("HTTP/2 200"), "{denied}");
     assert!(denied.contains("grpc-status: 7\r\n"), "{denied}");
@@ -1276,4 +1329,70 @@ fn a_grpc_client_gets_local_replies_and_failures_as_grpc_statuses() {
     );
     assert!(failed.starts_with("HTTP/2 200"), "{failed}");
     assert!(failed.contains("grpc-status: 14\r\n"), "{failed}");
+}
+
+#[test]
+fn a_large_transfer_both_ways_at_once_neither_stalls_nor_loses_a_byte() {
+    use std::io::{Read, Write};
+    let echo = Echo::start();
+    // A small buffer limit: the proxy must pace each side by the other, not buffer it all.
+    let serve = serve_tcp_with(
+        echo.address,
+        "tcp_filter",
+        "",
+        &[],
+        "    per_connection_buffer_limit_bytes: 65536\n",
+    );
+    let size = 8 << 20;
+    let connection = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("a read timeout");
+    let mut writer = connection.try_clone().expect("a second handle");
+    let sending = std::thread::spawn(move || {
+        let chunk = vec![b'a'; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            writer.write_all(&chunk).expect("the proxy keeps reading");
+        }
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("a half-close");
+    });
+    let mut received = Vec::new();
+    (&connection)
+        .read_to_end(&mut received)
+        .expect("the whole echo comes back");
+    sending.join().expect("the sender");
+    assert_eq!(received.len(), size + "[up] ".len());
+    assert!(received.starts_with(b"[up] A"));
+    assert!(received[5..].iter().all(|&b| b == b'A'));
+    serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn a_tcp_connection_without_traffic_is_closed_after_the_idle_timeout() {
+    use std::io::Read;
+    let echo = Echo::start();
+    let serve = serve_tcp_with(
+        echo.address,
+        "tcp_filter",
+        "",
+        &[],
+        "    idle_timeout: 0.3s\n",
+    );
+    let mut connection = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let _ = connection.read_to_end(&mut received);
+    assert!(received.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    serve.wait_for_log("downstream closed by Local");
+    serve.wait_for_no_live_contexts();
 }

@@ -60,6 +60,9 @@ pub struct Listener {
     pub plugins: Deployment,
     /// What a client may send, with Envoy's names and defaults.
     pub limits: Limits,
+    /// TCP: how long a connection may go without traffic before it is closed (`None`: for
+    /// ever). Envoy's `tcp_proxy` `idle_timeout` (1 h; `0s` turns it off).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A listener's limits on what clients send, as Envoy's listener and HTTP connection manager
@@ -77,6 +80,12 @@ pub struct Limits {
     /// them. Envoy's `max_headers_count` (100).
     pub max_headers_count: u32,
 }
+
+/// The most headers Pingora's HTTP/1 parser takes (more is its 400).
+const MAX_HEADERS_COUNT: u32 = 256;
+
+/// The most KiB of headers Pingora's HTTP/1 parser takes (more is its 400).
+const MAX_HEADERS_KB: u32 = 1023;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -167,7 +176,7 @@ mod duration {
         })
     }
 
-    fn parse(text: &str) -> Option<Duration> {
+    pub(super) fn parse(text: &str) -> Option<Duration> {
         let text = text.trim();
         let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
             (ms, 0.001)
@@ -228,9 +237,27 @@ struct ListenerFile {
     max_request_headers_kb: Option<u32>,
     #[serde(default)]
     max_headers_count: Option<u32>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
 }
 
 impl ListenerFile {
+    /// Its idle timeout, checked (TCP only; `0s` is none).
+    fn idle_timeout(&self, at: &str) -> Result<Option<Duration>, String> {
+        let Some(text) = &self.idle_timeout else {
+            return Ok((self.protocol == Protocol::Tcp).then_some(Duration::from_secs(3600)));
+        };
+        if self.protocol != Protocol::Tcp {
+            return Err(format!("{at}.idle_timeout: only a TCP listener has one"));
+        }
+        let timeout = duration::parse(text).ok_or_else(|| {
+            format!(
+                "{at}.idle_timeout: {text:?} is not a duration (e.g. \"1s\", \"0.5s\", \"250ms\")"
+            )
+        })?;
+        Ok((!timeout.is_zero()).then_some(timeout))
+    }
+
     /// Its limits, checked (`at`: its path, for errors).
     fn limits(&self, at: &str) -> Result<Limits, String> {
         let mut limits = Limits::default();
@@ -256,16 +283,21 @@ impl ListenerFile {
             limits.buffer_limit_bytes = bytes;
         }
         if let Some(kb) = self.max_request_headers_kb {
-            if !(1..=8192).contains(&kb) {
+            // Envoy allows up to 8192; Pingora's HTTP/1 parser refuses more than 1 MiB itself.
+            if !(1..=MAX_HEADERS_KB).contains(&kb) {
                 return Err(format!(
-                    "{at}.max_request_headers_kb: {kb} is not in 1..=8192 (Envoy's range)"
+                    "{at}.max_request_headers_kb: {kb} is not in 1..={MAX_HEADERS_KB} \
+                     (Pingora's parser refuses larger headers)"
                 ));
             }
             limits.max_request_headers_kb = kb;
         }
         if let Some(count) = self.max_headers_count {
-            if count == 0 {
-                return Err(format!("{at}.max_headers_count: must be at least 1"));
+            if !(1..=MAX_HEADERS_COUNT).contains(&count) {
+                return Err(format!(
+                    "{at}.max_headers_count: {count} is not in 1..={MAX_HEADERS_COUNT} \
+                     (Pingora's parser refuses more headers)"
+                ));
             }
             limits.max_headers_count = count;
         }
@@ -302,6 +334,7 @@ impl ServeConfig {
             };
             plugins.resolve_files(base);
             let limits = listener.limits(&at)?;
+            let idle_timeout = listener.idle_timeout(&at)?;
             listeners.push(Listener {
                 name: listener.name.unwrap_or_else(|| format!("listener_{index}")),
                 address: listener.address,
@@ -310,6 +343,7 @@ impl ServeConfig {
                 cluster: listener.cluster,
                 plugins,
                 limits,
+                idle_timeout,
             });
         }
         if listeners.is_empty() {
@@ -509,11 +543,11 @@ clusters:
                     "    routes:",
                     "    max_request_headers_kb: 9000\n    routes:",
                 ),
-                "listeners[0].max_request_headers_kb: 9000 is not in 1..=8192",
+                "listeners[0].max_request_headers_kb: 9000 is not in 1..=1023",
             ),
             (
                 MINIMAL.replace("    routes:", "    max_headers_count: 0\n    routes:"),
-                "listeners[0].max_headers_count: must be at least 1",
+                "listeners[0].max_headers_count: 0 is not in 1..=256",
             ),
             (
                 TCP.replace(

@@ -18,6 +18,10 @@ use prometheus_client::metrics::gauge::Gauge;
 /// How often a drain looks at what is left.
 const POLL: Duration = Duration::from_millis(20);
 
+/// How long the connections get to write out what their last streams queued (HTTP/2 frames go
+/// out from the connection's own task, after the stream is counted out).
+const LINGER: Duration = Duration::from_millis(200);
+
 /// HTTP streams and TCP connections being served, process-wide.
 #[derive(Clone, Default, Debug)]
 pub(crate) struct InFlight(Gauge);
@@ -95,8 +99,12 @@ impl BackgroundService for Drain {
         loop {
             let left = self.in_flight.count();
             if left <= 0 {
-                tracing::info!("drained: exiting");
-                std::process::exit(0);
+                tokio::time::sleep(LINGER).await;
+                if self.in_flight.count() <= 0 {
+                    tracing::info!("drained: exiting");
+                    std::process::exit(0);
+                }
+                continue;
             }
             if Instant::now() >= deadline {
                 tracing::warn!(left, timeout = ?self.timeout, "drain timeout: exiting with streams in flight");

@@ -50,6 +50,9 @@ pub(crate) struct Asked {
     pub(crate) local_reply: Option<LocalResponse>,
     /// To continue the stream it paused.
     pub(crate) continued: bool,
+    /// Which directions it continued, by [`crate::stream::Direction::index`] (a TCP
+    /// connection's downstream or upstream data; both for an HTTP stream).
+    pub(crate) continued_sides: [bool; 2],
     /// To close the stream.
     pub(crate) closed: bool,
 }
@@ -203,8 +206,18 @@ impl Host for ServeHost {
         })
     }
 
-    fn continue_stream(&mut self, context: ContextId, _stream: StreamType) -> Status {
-        self.ask(context, |asked| asked.continued = true)
+    fn continue_stream(&mut self, context: ContextId, stream: StreamType) -> Status {
+        let sides = match stream {
+            StreamType::Downstream => [true, false],
+            StreamType::Upstream => [false, true],
+            _ => [true, true],
+        };
+        self.ask(context, |asked| {
+            asked.continued = true;
+            for (side, continued) in asked.continued_sides.iter_mut().zip(sides) {
+                *side |= continued;
+            }
+        })
     }
 
     fn close_stream(&mut self, context: ContextId, _stream: StreamType) -> Status {
@@ -261,7 +274,8 @@ impl Host for ServeHost {
     }
 
     fn grpc_cancel(&mut self, _context: ContextId, token: u32) -> Status {
-        if !self.callouts.contains(&token) {
+        // Only a gRPC call's token (not an HTTP call's) names something to cancel.
+        if !self.grpc_tasks.contains_key(&token) {
             return Status::NotFound;
         }
         self.forget_call(token);
@@ -269,7 +283,7 @@ impl Host for ServeHost {
     }
 
     fn grpc_close(&mut self, _context: ContextId, token: u32) -> Status {
-        if !self.callouts.contains(&token) {
+        if !self.grpc_tasks.contains_key(&token) {
             return Status::NotFound;
         }
         match self.grpc_senders.get_mut(&token) {

@@ -127,6 +127,7 @@ impl Proxy {
                     name: listener.name.clone(),
                     cluster: Arc::clone(&clusters[cluster]),
                     buffer_limit: listener.limits.buffer_limit_bytes,
+                    idle_timeout: listener.idle_timeout,
                     metrics: Arc::clone(&metrics),
                 }),
                 None => Front::Http(proxy::ListenerProxy {

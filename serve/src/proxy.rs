@@ -79,12 +79,15 @@ pub(crate) struct StreamContext {
     _in_flight: InFlightGuard,
 }
 
-/// Whether a request is gRPC (its local replies are gRPC responses, as in Envoy).
+/// Whether a request is gRPC (its local replies are gRPC responses, as in Envoy):
+/// `application/grpc`, or a subtype (`application/grpc+proto`) or parameters of it; not
+/// gRPC-Web.
 fn is_grpc(header: &pingora::http::RequestHeader) -> bool {
     header
         .headers
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
 }
 
 /// gRPC's percent-encoding of `grpc-message`: everything but printable ASCII, and `%`.
@@ -162,6 +165,22 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
             }
             header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
+    }
+    if grpc && body.is_empty() && session.is_http2() {
+        // Pingora cannot end an HTTP/2 stream with its headers: the status and message go as
+        // trailers after them, which every gRPC client reads (plugins saw them as headers, as
+        // in Envoy's trailers-only reply).
+        let mut trailers = http::HeaderMap::new();
+        for name in ["grpc-status", "grpc-message"] {
+            if let Some(value) = header.remove_header(name) {
+                trailers.insert(http::HeaderName::from_static(name), value);
+            }
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.as_mut().write_response_trailers(trailers).await?;
+        return Ok(true);
     }
     session
         .write_response_header(Box::new(header), body.is_empty())

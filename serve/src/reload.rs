@@ -61,6 +61,7 @@ impl Reloader {
                 || new.protocol != old.protocol
                 || new.cluster != old.cluster
                 || new.limits != old.limits
+                || new.idle_timeout != old.idle_timeout
             {
                 return Err(format!(
                     "listeners[{index}]: its name, address, protocol, routes, cluster or limits \

@@ -83,6 +83,9 @@ struct Filter {
     response_body: Vec<u8>,
     /// TCP: it holds the end of the data from downstream (request) or upstream (response).
     held_end: [bool; 2],
+    /// TCP: what it holds in each direction goes on at the next chance (it continued the
+    /// connection, or failed open).
+    release: [bool; 2],
 }
 
 impl Filter {
@@ -212,6 +215,7 @@ impl Stream {
                             request_body: Vec::new(),
                             response_body: Vec::new(),
                             held_end: [false; 2],
+                            release: [false; 2],
                         }),
                         Err(error) => {
                             tracing::error!(plugin = %name, "cannot create a stream context: {error}");
@@ -485,6 +489,8 @@ impl Stream {
             match result {
                 Err(error) => match self.failed(index, &error) {
                     Outcome::Continue => {
+                        // Failed open: what it held the other way goes on too.
+                        self.filters[index].release = [true; 2];
                         data = body;
                         continue;
                     }
@@ -497,7 +503,18 @@ impl Stream {
                     if let Some(reply) = asked.local_reply.filter(|_| self.kind == Kind::Http) {
                         return Err(Outcome::Reply(Reply::from_local(reply)));
                     }
-                    let continued = asked.continued && self.kind == Kind::Tcp;
+                    let continued = self.kind == Kind::Tcp
+                        && asked.continued
+                        && asked.continued_sides[direction.index()];
+                    if self.kind == Kind::Tcp {
+                        // A continue of the other direction is for what it holds there.
+                        let filter = &mut self.filters[index];
+                        for (release, continued) in
+                            filter.release.iter_mut().zip(asked.continued_sides)
+                        {
+                            *release |= continued;
+                        }
+                    }
                     if end_of_stream && action != DataAction::Continue && !continued {
                         match self.kind {
                             Kind::Http if direction == Direction::Request => {
@@ -527,16 +544,10 @@ impl Stream {
                     if action == DataAction::Continue || end_of_stream {
                         data = body;
                     } else {
-                        // Buffered (or held) by the plugin until a later chunk.
-                        if body.len() > self.buffer_limit {
-                            if self.kind == Kind::Tcp {
-                                tracing::warn!(
-                                    plugin = %self.filters[index].name,
-                                    limit = self.buffer_limit,
-                                    "a plugin buffered more than the limit: connection closed"
-                                );
-                                return Err(Outcome::Close);
-                            }
+                        // Buffered (or held) by the plugin until a later chunk. Over the limit
+                        // an HTTP stream fails; a TCP connection stops reading that side
+                        // instead (see `held`).
+                        if body.len() > self.buffer_limit && self.kind == Kind::Http {
                             let status = match direction {
                                 Direction::Request => 413,
                                 Direction::Response => 500,
@@ -552,9 +563,11 @@ impl Stream {
         Ok(BodyStep::Pass(data))
     }
 
-    /// TCP: `proxy_on_new_connection` for every plugin, in chain order. `Close` if a plugin
-    /// closed the connection or failed closed.
-    pub(crate) fn new_connection(&mut self) -> Outcome {
+    /// TCP: `proxy_on_new_connection` for every plugin, in chain order. A plugin that pauses
+    /// holds the connection there (the upstream is not dialled) until it continues it, as
+    /// Envoy's filter chain stops before its `tcp_proxy`. `Close` if a plugin closed the
+    /// connection or failed closed.
+    pub(crate) async fn new_connection(&mut self) -> Outcome {
         for index in 0..self.filters.len() {
             if self.filters[index].bypassed {
                 continue;
@@ -571,9 +584,13 @@ impl Stream {
                         return Outcome::Close;
                     }
                 }
-                // A pause here holds nothing yet: the connection's data decides.
                 Ok(_) if asked.closed => return Outcome::Close,
-                Ok(_) => {}
+                Ok(DataAction::Continue) => {}
+                Ok(_) if asked.continued => {}
+                Ok(_) => match self.wait(index).await {
+                    Outcome::Continue => {}
+                    _ => return Outcome::Close,
+                },
             }
         }
         Outcome::Continue
@@ -587,18 +604,19 @@ impl Stream {
         chunk: Vec<u8>,
         end: bool,
     ) -> Result<Vec<Forward>, Outcome> {
-        match self.body_from(direction, 0, chunk, end) {
-            Ok(BodyStep::Pass(data)) => Ok(forward(direction, data, end)),
-            Ok(BodyStep::Held { .. }) => Ok(Vec::new()),
-            Err(_) => Err(Outcome::Close),
-        }
+        let mut out = match self.body_from(direction, 0, chunk, end) {
+            Ok(BodyStep::Pass(data)) => forward(direction, data, end),
+            Ok(BodyStep::Held { .. }) => Vec::new(),
+            Err(_) => return Err(Outcome::Close),
+        };
+        out.extend(self.release()?);
+        Ok(out)
     }
 
-    /// TCP: what the plugins asked outside their callbacks (a callout's answer, a tick):
-    /// data a plugin held goes on once it continues the connection (from the next plugin on),
-    /// or the connection closes. A plugin whose VM failed meanwhile gets its failure policy.
+    /// TCP: what the plugins asked outside their callbacks (a callout's answer, a tick): data
+    /// a plugin held goes on once it continues that direction (from the next plugin on), or
+    /// the connection closes. A plugin whose VM failed meanwhile gets its failure policy.
     pub(crate) fn resume(&mut self) -> Result<Vec<Forward>, Outcome> {
-        let mut out = Vec::new();
         for index in 0..self.filters.len() {
             if self.filters[index].bypassed {
                 continue;
@@ -612,40 +630,66 @@ impl Stream {
             if asked.closed {
                 return Err(Outcome::Close);
             }
-            let holds = {
-                let filter = &self.filters[index];
-                !filter.request_body.is_empty()
-                    || !filter.response_body.is_empty()
-                    || filter.held_end.contains(&true)
-            };
-            if !holds {
-                continue;
+            let filter = &mut self.filters[index];
+            for (release, continued) in filter.release.iter_mut().zip(asked.continued_sides) {
+                *release |= continued;
             }
-            if failed && !asked.continued {
+            let holds = !filter.request_body.is_empty()
+                || !filter.response_body.is_empty()
+                || filter.held_end.contains(&true);
+            if failed && holds {
                 let error = VmError::Failed("the VM failed while holding the connection".into());
-                if let Outcome::Reply(_) | Outcome::Close = self.failed(index, &error) {
-                    return Err(Outcome::Close);
+                match self.failed(index, &error) {
+                    Outcome::Continue => self.filters[index].release = [true; 2],
+                    _ => return Err(Outcome::Close),
                 }
-            } else if !asked.continued {
+            }
+        }
+        self.release()
+    }
+
+    /// TCP: bytes the plugins hold of the data in `direction` (the connection stops reading
+    /// that side at the buffer limit, as Envoy's watermarks do).
+    pub(crate) fn held(&self, direction: Direction) -> usize {
+        self.filters
+            .iter()
+            .map(|filter| match direction {
+                Direction::Request => filter.request_body.len(),
+                Direction::Response => filter.response_body.len(),
+            })
+            .sum()
+    }
+
+    /// TCP: passes on what each plugin marked for release holds, from the next plugin on,
+    /// until no mark is left (a plugin further on may hold it again, or let more go).
+    fn release(&mut self) -> Result<Vec<Forward>, Outcome> {
+        let mut out = Vec::new();
+        // Each round clears a mark; a mark is only set again by a callback that got data.
+        for _ in 0..=4 * self.filters.len() {
+            let marked = self.filters.iter().enumerate().find_map(|(index, filter)| {
+                [Direction::Request, Direction::Response]
+                    .into_iter()
+                    .find(|d| filter.release[d.index()])
+                    .map(|direction| (index, direction))
+            });
+            let Some((index, direction)) = marked else {
+                return Ok(out);
+            };
+            let filter = &mut self.filters[index];
+            filter.release[direction.index()] = false;
+            let end = std::mem::take(&mut filter.held_end[direction.index()]);
+            let data = std::mem::take(filter.buffered(direction));
+            if data.is_empty() && !end {
                 continue;
             }
-            // Continued (or failed open): what it held goes on from the next plugin.
-            for direction in [Direction::Request, Direction::Response] {
-                let filter = &mut self.filters[index];
-                let end = std::mem::take(&mut filter.held_end[direction.index()]);
-                let data = std::mem::take(filter.buffered(direction));
-                if data.is_empty() && !end {
-                    continue;
-                }
-                let position = match direction {
-                    Direction::Request => index,
-                    Direction::Response => self.filters.len() - 1 - index,
-                };
-                match self.body_from(direction, position + 1, data, end) {
-                    Ok(BodyStep::Pass(data)) => out.extend(forward(direction, data, end)),
-                    Ok(BodyStep::Held { .. }) => {}
-                    Err(_) => return Err(Outcome::Close),
-                }
+            let position = match direction {
+                Direction::Request => index,
+                Direction::Response => self.filters.len() - 1 - index,
+            };
+            match self.body_from(direction, position + 1, data, end) {
+                Ok(BodyStep::Pass(data)) => out.extend(forward(direction, data, end)),
+                Ok(BodyStep::Held { .. }) => {}
+                Err(_) => return Err(Outcome::Close),
             }
         }
         Ok(out)

@@ -1,12 +1,17 @@
 //! TCP listeners: every connection goes through the listener's network filters to its cluster,
 //! as Envoy's Wasm network filters in front of its `tcp_proxy`.
 //!
-//! - `proxy_on_new_connection` when a client connects (before the upstream is dialled), in
-//!   chain order.
+//! - `proxy_on_new_connection` when a client connects, in chain order; a plugin that pauses
+//!   there holds the connection (the upstream is not dialled yet) until it continues it.
 //! - Data from the client: `proxy_on_downstream_data` in chain order, then upstream; data from
 //!   the upstream: `proxy_on_upstream_data` in reverse order, then to the client. Each plugin
 //!   may change the chunk (`DownstreamData` / `UpstreamData` buffers) or pause, keeping it (and
-//!   what follows) until its next callback or until it continues the connection.
+//!   what follows) until its next callback or until it continues that direction
+//!   (`proxy_continue_stream` with `Downstream` or `Upstream`); what it held then goes on from
+//!   the next plugin.
+//! - A side is read only while less than the buffer limit of its data waits, in the plugins or
+//!   to be written (Envoy's watermarks); a connection without traffic for the listener's
+//!   `idle_timeout` is closed.
 //! - Each side's end (a FIN) goes through the chain as `end_of_stream` and is passed on as a
 //!   half-close, so request/response protocols over TCP work.
 //! - At the end: `proxy_on_downstream_connection_close` and
@@ -17,13 +22,14 @@
 //!   both sides.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use abi::PeerType;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream as Downstream;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::admin::{HostMetrics, ListenerLabel};
@@ -41,8 +47,11 @@ pub(crate) struct TcpProxy {
     pub(crate) name: String,
     /// Where every connection goes.
     pub(crate) cluster: Arc<ClusterState>,
-    /// Bytes a plugin may hold per direction before the connection is closed.
+    /// Bytes of one direction's data the plugins may hold (and the proxy keep to write)
+    /// before the connection stops reading that side.
     pub(crate) buffer_limit: usize,
+    /// How long a connection may stay without traffic (`None`: for ever).
+    pub(crate) idle_timeout: Option<Duration>,
     pub(crate) metrics: Arc<HostMetrics>,
 }
 
@@ -68,10 +77,22 @@ impl ServerApp for TcpProxy {
         connection.begin(&info);
         // The upstream side is not open yet: its close is of a connection never made.
         connection.closed_by[1] = PeerType::Unknown;
-        if connection.early_reply.take().is_some()
-            || !matches!(connection.new_connection(), Outcome::Continue)
-        {
-            // Failed closed or closed by a plugin: the client's connection goes.
+        if connection.early_reply.take().is_some() {
+            // Failed closed: the client's connection goes.
+            return None;
+        }
+        // A plugin may hold the connection before the upstream is dialled, for at most the
+        // idle timeout.
+        let started = sleep_until(self.idle_timeout.map(|timeout| Instant::now() + timeout));
+        let opened = tokio::select! {
+            outcome = connection.new_connection() => outcome,
+            () = started => {
+                tracing::debug!("a plugin held a new connection past the idle timeout: closed");
+                Outcome::Close
+            }
+        };
+        if !matches!(opened, Outcome::Continue) {
+            connection.closed_by[0] = PeerType::Local;
             return None;
         }
         let timeout = self.cluster.cluster.connect_timeout;
@@ -87,7 +108,14 @@ impl ServerApp for TcpProxy {
             }
         };
         connection.closed_by[1] = PeerType::Local;
-        relay(&mut connection, downstream, upstream).await;
+        relay(
+            &mut connection,
+            downstream,
+            upstream,
+            self.buffer_limit,
+            self.idle_timeout,
+        )
+        .await;
         // Dropping the connection ends its plugin contexts (see `Stream`'s `Drop`).
         None
     }
@@ -117,44 +145,127 @@ fn connection_info(downstream: &Downstream) -> abi::StreamInfo {
 enum Event {
     /// Bytes from one side (none: its end), or an error reading it.
     Read(Direction, std::io::Result<usize>),
+    /// Progress writing to the side data in `Direction` goes to, or an error doing so.
+    Wrote(Direction, std::io::Result<Progress>),
     /// A plugin asked for something outside its callbacks.
     Woken,
+    /// Nothing moved for the idle timeout.
+    Idle,
 }
 
-/// Carries data both ways through the chain until both sides have ended or the connection is
-/// closed, recording who closed what.
-async fn relay(connection: &mut Stream, mut downstream: Downstream, mut upstream: TcpStream) {
+/// What a write step did.
+enum Progress {
+    /// Wrote this many pending bytes.
+    Wrote(usize),
+    /// Flushed what was written.
+    Flushed,
+    /// Half-closed the side (all its data was written).
+    Ended,
+}
+
+/// What waits to be written to one side.
+#[derive(Default)]
+struct Outbox {
+    pending: Vec<u8>,
+    /// Written but not yet flushed.
+    unflushed: bool,
+    /// The chain passed the end of the data: half-close once it is written.
+    end: bool,
+    /// Half-closed.
+    ended: bool,
+}
+
+impl Outbox {
+    fn has_work(&self) -> bool {
+        !self.pending.is_empty() || self.unflushed || (self.end && !self.ended)
+    }
+}
+
+/// The next write step to `writer` for `outbox`: write, then flush, then half-close. Each
+/// step may be cancelled (another event came first) and taken again: a write that was cancelled
+/// wrote nothing.
+async fn drive<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    outbox: &Outbox,
+) -> std::io::Result<Progress> {
+    if !outbox.pending.is_empty() {
+        return writer.write(&outbox.pending).await.map(Progress::Wrote);
+    }
+    if outbox.unflushed {
+        writer.flush().await?;
+        return Ok(Progress::Flushed);
+    }
+    writer.shutdown().await?;
+    Ok(Progress::Ended)
+}
+
+/// Carries data both ways through the chain until both sides have ended, the connection is
+/// closed or it stays idle past `idle_timeout`, recording who closed what. Reading and
+/// writing both sides go on at once (a side that does not read cannot stall the other way);
+/// a side is read only while less than `limit` bytes of its data wait (in the plugins or to be
+/// written), so a slow reader slows its writer down instead of growing buffers.
+async fn relay(
+    connection: &mut Stream,
+    downstream: Downstream,
+    upstream: TcpStream,
+    limit: usize,
+    idle_timeout: Option<Duration>,
+) {
     let wake = connection.wake();
+    let (mut downstream_reader, mut downstream_writer) = tokio::io::split(downstream);
+    let (mut upstream_reader, mut upstream_writer) = upstream.into_split();
     let mut from_downstream = vec![0u8; CHUNK];
     let mut from_upstream = vec![0u8; CHUNK];
-    // Whether each side may still send, and whether its end has reached the other side.
+    // By direction: [0] goes upstream, [1] downstream.
+    let mut outboxes = [Outbox::default(), Outbox::default()];
     let mut reading = [true, true];
-    let mut ended = [false, false];
-    while !(ended[0] && ended[1]) {
+    let mut active = Instant::now();
+    loop {
+        if outboxes[0].ended && outboxes[1].ended {
+            return;
+        }
+        let may_read = |direction: Direction| {
+            let side = direction.index();
+            reading[side]
+                && outboxes[side].pending.len() < limit
+                && connection.held(direction) < limit
+        };
+        let (read_downstream, read_upstream) =
+            (may_read(Direction::Request), may_read(Direction::Response));
+        let (write_upstream, write_downstream) = (outboxes[0].has_work(), outboxes[1].has_work());
+        let idle_at = idle_timeout.map(|timeout| active + timeout);
         let event = tokio::select! {
-            read = downstream.read(&mut from_downstream), if reading[0] => {
+            read = downstream_reader.read(&mut from_downstream), if read_downstream => {
                 Event::Read(Direction::Request, read)
             }
-            read = upstream.read(&mut from_upstream), if reading[1] => {
+            read = upstream_reader.read(&mut from_upstream), if read_upstream => {
                 Event::Read(Direction::Response, read)
             }
+            wrote = drive(&mut upstream_writer, &outboxes[0]), if write_upstream => {
+                Event::Wrote(Direction::Request, wrote)
+            }
+            wrote = drive(&mut downstream_writer, &outboxes[1]), if write_downstream => {
+                Event::Wrote(Direction::Response, wrote)
+            }
             () = wake.notified() => Event::Woken,
+            () = sleep_until(idle_at) => Event::Idle,
         };
         let forwarded = match event {
             Event::Read(direction, Ok(count)) => {
+                active = Instant::now();
                 let side = direction.index();
                 let end = count == 0;
                 if end {
                     reading[side] = false;
                     connection.closed_by[side] = PeerType::Remote;
                 }
+                if direction == Direction::Request {
+                    connection.transferred[0] += count as u64;
+                }
                 let buffer = match direction {
                     Direction::Request => &from_downstream,
                     Direction::Response => &from_upstream,
                 };
-                if direction == Direction::Request {
-                    connection.transferred[0] += count as u64;
-                }
                 connection.tcp_data(direction, buffer[..count].to_vec(), end)
             }
             Event::Read(direction, Err(error)) => {
@@ -163,55 +274,61 @@ async fn relay(connection: &mut Stream, mut downstream: Downstream, mut upstream
                 connection.closed_by[direction.index()] = PeerType::Remote;
                 return;
             }
+            Event::Wrote(direction, Ok(progress)) => {
+                active = Instant::now();
+                let outbox = &mut outboxes[direction.index()];
+                match progress {
+                    Progress::Wrote(count) => {
+                        outbox.pending.drain(..count);
+                        outbox.unflushed = true;
+                        if direction == Direction::Response {
+                            connection.transferred[1] += count as u64;
+                        }
+                    }
+                    Progress::Flushed => outbox.unflushed = false,
+                    Progress::Ended => outbox.ended = true,
+                }
+                continue;
+            }
+            Event::Wrote(direction, Err(error)) => {
+                // The receiving side went away: it closed, the proxy closes the other.
+                tracing::debug!(?direction, "connection write failed: {error}");
+                connection.closed_by[1 - direction.index()] = PeerType::Remote;
+                return;
+            }
             Event::Woken => connection.resume(),
+            Event::Idle => {
+                tracing::debug!(timeout = ?idle_timeout, "TCP connection idle: closed");
+                connection.closed_by = [PeerType::Local; 2];
+                return;
+            }
         };
-        let forwards = match forwarded {
-            Ok(forwards) => forwards,
+        match forwarded {
+            Ok(forwards) => {
+                for Forward {
+                    direction,
+                    data,
+                    end,
+                } in forwards
+                {
+                    let outbox = &mut outboxes[direction.index()];
+                    outbox.pending.extend_from_slice(&data);
+                    outbox.end |= end;
+                }
+            }
             // Closed by a plugin or its failure policy: both sides go.
             Err(_) => {
                 connection.closed_by = [PeerType::Local; 2];
                 return;
             }
-        };
-        for Forward {
-            direction,
-            data,
-            end,
-        } in forwards
-        {
-            let sent = match direction {
-                Direction::Request => send(&mut upstream, &data, end).await,
-                Direction::Response => send(&mut downstream, &data, end).await,
-            };
-            if let Err(error) = sent {
-                // The receiving side went away: it closed, the proxy closes the other.
-                tracing::debug!(?direction, "connection write failed: {error}");
-                let receiving = 1 - direction.index();
-                connection.closed_by[receiving] = PeerType::Remote;
-                return;
-            }
-            if direction == Direction::Response {
-                connection.transferred[1] += data.len() as u64;
-            }
-            if end {
-                ended[direction.index()] = true;
-            }
         }
     }
 }
 
-/// Writes `data` to one side, then half-closes it if `end`.
-async fn send<S: AsyncRead + AsyncWrite + Unpin>(
-    to: &mut S,
-    data: &[u8],
-    end: bool,
-) -> std::io::Result<()> {
-    if !data.is_empty() {
-        to.write_all(data).await?;
+/// Resolves at `at`, or never.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
-    to.flush().await?;
-    if end {
-        AsyncWriteExt::shutdown(to).await?;
-    }
-    Ok(())
 }

@@ -109,11 +109,16 @@ pub(super) fn grpc_send(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     )
 }
 
-/// `proxy_grpc_cancel(token)`.
+/// `proxy_grpc_cancel(token)`: no callback comes for a cancelled call, so it is forgotten.
 pub(super) fn grpc_cancel(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    check(state.host.grpc_cancel(root, args[0] as u32))
+    let token = args[0] as u32;
+    let status = state.host.grpc_cancel(root, token);
+    if status == Status::Ok {
+        state.callout_roots.remove(&token);
+    }
+    check(status)
 }
 
 /// `proxy_grpc_close(token)`.
