@@ -249,6 +249,7 @@ impl Drop for Serve {
 }
 
 /// A response as the tests look at it.
+#[derive(Debug)]
 struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
@@ -1265,6 +1266,17 @@ fn grpc_request(url: &str, headers: &[&str]) -> String {
 /// A unary call from a gRPC client (tonic's, HTTP/2 without TLS) to `base` + `path`, with an
 /// empty message.
 fn grpc_client_call(base: &str, path: &str) -> Result<bytes::Bytes, tonic::Status> {
+    grpc_unary(base, path, "", &[]).map(|(message, _)| message)
+}
+
+/// A unary call from tonic's gRPC client with `message` and `metadata`: the reply and its
+/// metadata (headers and trailers: tonic merges them for a unary call).
+fn grpc_unary(
+    base: &str,
+    path: &str,
+    message: &str,
+    metadata: &[(&'static str, &'static str)],
+) -> Result<(bytes::Bytes, tonic::metadata::MetadataMap), tonic::Status> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1278,15 +1290,79 @@ fn grpc_client_call(base: &str, path: &str) -> Result<bytes::Bytes, tonic::Statu
         let mut client = tonic::client::Grpc::new(channel);
         client.ready().await.expect("a ready channel");
         let path = tonic::codegen::http::uri::PathAndQuery::try_from(path).expect("a path");
+        let mut request = tonic::Request::new(bytes::Bytes::from(message.to_string()));
+        for (name, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(*name, tonic::metadata::MetadataValue::from_static(value));
+        }
         client
-            .unary(
-                tonic::Request::new(bytes::Bytes::new()),
-                path,
-                serve::RawCodec,
-            )
+            .unary(request, path, serve::RawCodec)
             .await
-            .map(tonic::Response::into_inner)
+            .map(|response| {
+                let (metadata, message, _) = response.into_parts();
+                (message, metadata)
+            })
     })
+}
+
+#[test]
+fn grpc_through_the_proxy_reaches_the_plugins_with_its_bodies_and_trailers() {
+    let upstream = GrpcUpstream::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: grpc}}]\n    \
+         http_filters:\n{}{}clusters:\n  grpc: {{endpoints: [\"{}\"], http2: true}}\n",
+        envoy_filter("headers", "http_headers", ""),
+        envoy_filter("rewrite", "body_rewrite", ""),
+        upstream.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let (message, metadata) = grpc_unary(
+        &serve.url(""),
+        "/pwhost.Auth/Check",
+        "hello",
+        &[("x-meta", "hello")],
+    )
+    .unwrap_or_else(|status| panic!("the call failed: {status:?}\n{}", serve.log()));
+    // Up: the request body upper-cased by `rewrite`. Down: the reply has no last body chunk
+    // (its trailers end it), so `rewrite` buffered it until its trailers callback, rewrote it
+    // there, and it went on to the client before the trailers.
+    assert_eq!(&message[..], b"checked HELLO (x-meta howdy)");
+    let trailer = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string)
+    };
+    // Both plugins changed the upstream's trailers, in response order: `rewrite` first
+    // (5-byte gRPC frame header and 28 bytes of message), then `headers`, which saw that.
+    assert_eq!(trailer("x-body-rewritten").as_deref(), Some("33"));
+    assert_eq!(trailer("x-pwhost-trailer").as_deref(), Some("seen"));
+    assert_eq!(trailer("x-powered-by").as_deref(), Some("pwhost"));
+    serve.wait_for_log("response trailer: x-body-rewritten: 33");
+    serve.wait_for_log("response trailer: grpc-status: 0");
+    // Written in order, without Pingora (or pwhost) complaining about it.
+    let log = serve.log();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+    // An HTTP/1.1 client gets no trailers (Pingora writes none to it), but the whole body.
+    let plain = send(
+        "POST",
+        &serve.url("/pwhost.Auth/Check"),
+        &[("content-type", "application/grpc"), ("x-meta", "hello")],
+        Some("\0\0\0\0\x05hello"),
+    );
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.body, "\0\0\0\0\x1cchecked HELLO (x-meta howdy)");
+    // A failed call's status comes back as the upstream's trailers said, through the plugins.
+    upstream.deny.store(true, Ordering::Relaxed);
+    let status = grpc_unary(&serve.url(""), "/pwhost.Auth/Check", "hi", &[])
+        .expect_err("the upstream denies");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "not you");
+    serve.wait_for_no_live_contexts();
 }
 
 #[test]
@@ -1395,4 +1471,77 @@ fn a_tcp_connection_without_traffic_is_closed_after_the_idle_timeout() {
     );
     serve.wait_for_log("downstream closed by Local");
     serve.wait_for_no_live_contexts();
+}
+
+/// A singleton service block (Envoy's `envoy.bootstrap.wasm`) running `plugin` in VM `vm_id`.
+fn envoy_service(name: &str, vm_id: &str, plugin: &str, configuration: &str) -> String {
+    format!(
+        "  - name: envoy.bootstrap.wasm\n    typed_config:\n      \
+         \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n      \
+         singleton: true\n      config:\n        name: {name}\n        \
+         configuration: {{\"@type\": type.googleapis.com/google.protobuf.StringValue, \
+         value: \"{configuration}\"}}\n        vm_config:\n          vm_id: {vm_id}\n          \
+         runtime: envoy.wasm.runtime.wasmtime\n          \
+         code: {{local: {{filename: {}}}}}\n",
+        corpus_plugin(plugin).display()
+    )
+}
+
+#[test]
+fn singleton_services_call_clusters_over_http_and_grpc_and_the_workers_read_what_they_fetched() {
+    let origin = Origin::start();
+    let grpc = GrpcUpstream::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    // Each service calls while it starts (from `proxy_on_configure`) and stores the answer in
+    // shared data of its VM id; a filter of the same VM id shows it on every response.
+    let filter = |name: &str, vm_id: &str, configuration: &str| {
+        format!(
+            "      - name: {name}\n        vm_config: {{vm_id: {vm_id}, runtime: wasmtime, \
+             code: {{local: {{filename: {}}}}}}}\n        configuration: \"{configuration}\"\n",
+            corpus_plugin("root_http_call").display()
+        )
+    };
+    let config =
+        format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n{}{}clusters:\n  backend: {{endpoints: [\"{origin}\"]}}\n  \
+         config_cluster: {{endpoints: [\"{origin}\"]}}\n  \
+         grpc_cluster: {{endpoints: [\"{grpc}\"], http2: true}}\nservices:\n{}{}",
+        filter("show_http", "http_fetch", "- x-fetched"),
+        filter("show_grpc", "grpc_fetch", "- x-grpc-fetched"),
+        envoy_service("fetch_http", "http_fetch", "root_http_call", "config_cluster"),
+        envoy_service("fetch_grpc", "grpc_fetch", "root_http_call", "grpc grpc_cluster"),
+        origin = origin.address,
+        grpc = grpc.address,
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let reply = get(&serve.url("/"), &[]);
+        let fetched = |name| reply.header(name).is_some_and(|v| v != "nothing yet");
+        if fetched("x-fetched") && fetched("x-grpc-fetched") {
+            break reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the services' answers did not arrive: {reply:?}\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(reply.status, 200);
+    // The origin's answer to the service's `GET /config`: status and first line.
+    assert_eq!(reply.header("x-fetched"), Some("200 GET /config"));
+    // The gRPC server's reply to the service's unary call, status 0.
+    assert_eq!(
+        reply.header("x-grpc-fetched"),
+        Some("grpc 0 checked root (x-meta none)")
+    );
+    assert!(
+        serve.log().contains("root grpc call response"),
+        "{}",
+        serve.log()
+    );
 }

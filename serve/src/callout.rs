@@ -1,13 +1,16 @@
 //! `proxy_http_call` over the network: the request goes to a cluster through Pingora's own
 //! client (its connection pools), in a task on the calling worker's runtime, and the answer
 //! (or the failure: refused, reset, timed out) comes back to the VM copy that made the call, on
-//! the same thread.
+//! the same thread. A singleton service's calls run on a runtime of their own (its thread has
+//! none) and their answers are posted to the service's thread.
 
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use abi::{HeaderMap, HttpCallRequest, HttpCallResponse, Status};
 use bytes::Bytes;
+use lifecycle::ServiceInbox;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 
@@ -31,18 +34,64 @@ fn connector() -> &'static Connector {
     CONNECTOR.get_or_init(|| Connector::new(None))
 }
 
-/// Starts `request` to `cluster` from a plugin of `listener` on this worker thread; returns its
-/// token. The request is checked here: a method, path or header that is not valid HTTP (CR, LF,
-/// NUL included) is refused with `BAD_ARGUMENT`.
+/// Who made a call, and so where its answers go.
+#[derive(Clone)]
+pub(crate) enum Caller {
+    /// A plugin of this listener, on the calling worker thread: answers are delivered to its
+    /// VM copy there.
+    Worker(Arc<Listener>),
+    /// A singleton service: answers are posted to its thread through its inbox, which is set
+    /// once the service has started (a call made while it starts waits for it).
+    Service(Arc<OnceLock<ServiceInbox>>),
+}
+
+/// How long an answer for a singleton service waits for the service to finish starting.
+const SERVICE_START_WAIT: Duration = Duration::from_secs(60);
+
+impl Caller {
+    /// The runtime the caller's calls run on: the worker's own, or the services' runtime.
+    pub(crate) fn runtime(&self) -> Result<tokio::runtime::Handle, Status> {
+        match self {
+            Caller::Worker(_) => {
+                tokio::runtime::Handle::try_current().map_err(|_| Status::InternalFailure)
+            }
+            Caller::Service(_) => service_runtime(),
+        }
+    }
+}
+
+/// The runtime of singleton services' calls (one thread: their clients only wait on I/O).
+fn service_runtime() -> Result<tokio::runtime::Handle, Status> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("wasm-service-calls")
+                .enable_all()
+                .build()
+                .inspect_err(|error| {
+                    tracing::error!("no runtime for singleton services' calls: {error}")
+                })
+                .ok()
+        })
+        .as_ref()
+        .map(|runtime| runtime.handle().clone())
+        .ok_or(Status::InternalFailure)
+}
+
+/// Starts `request` to `cluster` for `caller`; returns its token. The request is checked
+/// here: a method, path or header that is not valid HTTP (CR, LF, NUL included) is refused
+/// with `BAD_ARGUMENT`.
 pub(crate) fn dispatch(
-    listener: &Arc<Listener>,
+    caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: HttpCallRequest,
 ) -> Result<u32, Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Status::InternalFailure)?;
+    let runtime = caller.runtime()?;
     let token = next_token();
-    let (listener, cluster) = (Arc::clone(listener), Arc::clone(cluster));
+    let (caller, cluster) = (caller.clone(), Arc::clone(cluster));
     let body = Bytes::from(request.body);
     let timeout = request.timeout;
     runtime.spawn(async move {
@@ -52,10 +101,11 @@ pub(crate) fn dispatch(
         } else {
             tokio::time::timeout(timeout, call).await.ok().flatten()
         };
-        deliver(&listener, token, Last::Yes, |vm| match answer {
+        deliver(&caller, token, Last::Yes, move |vm| match answer {
             Some(response) => vm.on_http_call_response(token, response),
             None => vm.on_http_call_failure(token),
-        });
+        })
+        .await;
     });
     Ok(token)
 }
@@ -143,9 +193,47 @@ pub(crate) enum Last {
     No,
 }
 
-/// Runs `callback` (an answer's callback) in the copy that made call `token`, on this thread.
+/// Runs `callback` (an answer's callback) in the VM that made call `token`: for a worker's
+/// plugin, in its copy on this thread; for a singleton service, on the service's thread.
 /// Nothing runs if the copy is gone or forgot the call (the plugin cancelled it).
-pub(crate) fn deliver(
+pub(crate) async fn deliver(
+    caller: &Caller,
+    token: u32,
+    last: Last,
+    callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError> + Send + 'static,
+) {
+    match caller {
+        Caller::Worker(listener) => deliver_here(listener, token, last, callback),
+        Caller::Service(inbox) => {
+            let deadline = Instant::now() + SERVICE_START_WAIT;
+            let inbox = loop {
+                if let Some(inbox) = inbox.get() {
+                    break inbox;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(token, "a call's answer found its service never started");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            inbox.post(Box::new(move |vm| {
+                let Some(host) = vm.host_as::<ServeHost>() else {
+                    return Ok(());
+                };
+                if !host.callouts.contains(&token) {
+                    return Ok(());
+                }
+                if last == Last::Yes {
+                    host.forget_call(token);
+                }
+                callback(vm)
+            }));
+        }
+    }
+}
+
+/// [`deliver`] to the copy of a plugin of `listener` on this worker thread.
+fn deliver_here(
     listener: &Arc<Listener>,
     token: u32,
     last: Last,

@@ -1,7 +1,8 @@
 //! `proxy_grpc_call` and `proxy_grpc_stream` over the network: HTTP/2 to a cluster with
 //! tonic's client (its gRPC framing, `grpc-timeout`, status and metadata handling), messages
-//! as the plugin's own bytes. Each call is a task on the calling worker's runtime; what comes
-//! back goes to the VM copy that made the call, on the same thread, as Envoy delivers it:
+//! as the plugin's own bytes. Each call is a task on the caller's runtime (see
+//! [`Caller::runtime`]); what comes back goes to the VM that made the call (for a worker's
+//! plugin, its copy on the same thread), as Envoy delivers it:
 //!
 //! - a unary call: its reply (`proxy_on_grpc_receive`), or `proxy_on_grpc_close` with the
 //!   failure's status (14 UNAVAILABLE for an unreachable cluster, 4 DEADLINE_EXCEEDED past its
@@ -26,9 +27,8 @@ use tonic::metadata::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::callout::{deliver, next_token, Last};
+use crate::callout::{deliver, next_token, Caller, Last};
 use crate::proxy::ClusterState;
-use crate::worker::Listener;
 
 /// gRPC's DEADLINE_EXCEEDED, for a call past its timeout.
 const DEADLINE_EXCEEDED: tonic::Code = tonic::Code::DeadlineExceeded;
@@ -77,8 +77,9 @@ thread_local! {
     static CHANNELS: RefCell<HashMap<String, Channel>> = RefCell::new(HashMap::new());
 }
 
-/// This thread's channel to `cluster` (made on first use, connecting when first needed).
-fn channel(cluster: &ClusterState) -> Result<Channel, Status> {
+/// This thread's channel to `cluster` (made on first use, connecting when first needed), its
+/// connections driven by `runtime`.
+fn channel(cluster: &ClusterState, runtime: &tokio::runtime::Handle) -> Result<Channel, Status> {
     CHANNELS.with(|channels| {
         if let Some(channel) = channels.borrow().get(&cluster.name) {
             return Ok(channel.clone());
@@ -90,6 +91,8 @@ fn channel(cluster: &ClusterState) -> Result<Channel, Status> {
                 .connect_timeout(cluster.cluster.connect_timeout);
             endpoints.push(endpoint);
         }
+        // The channel's balancer is a task: it lives on the caller's runtime.
+        let _runtime = runtime.enter();
         let channel = Channel::balance_list(endpoints.into_iter());
         channels
             .borrow_mut()
@@ -108,7 +111,11 @@ struct Prepared {
     token: u32,
 }
 
-fn prepare(cluster: &ClusterState, request: &GrpcRequest) -> Result<Prepared, Status> {
+fn prepare(
+    caller: &Caller,
+    cluster: &ClusterState,
+    request: &GrpcRequest,
+) -> Result<Prepared, Status> {
     let service = std::str::from_utf8(&request.service).map_err(|_| Status::BadArgument)?;
     let method = std::str::from_utf8(&request.method).map_err(|_| Status::BadArgument)?;
     if service.is_empty() || method.is_empty() {
@@ -117,11 +124,11 @@ fn prepare(cluster: &ClusterState, request: &GrpcRequest) -> Result<Prepared, St
     let path =
         PathAndQuery::try_from(format!("/{service}/{method}")).map_err(|_| Status::BadArgument)?;
     let metadata = metadata_of(&request.initial_metadata).ok_or(Status::BadArgument)?;
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Status::InternalFailure)?;
+    let runtime = caller.runtime()?;
     Ok(Prepared {
         path,
         metadata,
-        channel: channel(cluster)?,
+        channel: channel(cluster, &runtime)?,
         runtime,
         token: next_token(),
     })
@@ -129,13 +136,13 @@ fn prepare(cluster: &ClusterState, request: &GrpcRequest) -> Result<Prepared, St
 
 /// Starts unary call `request` to `cluster`; returns its token and its task.
 pub(crate) fn call(
-    listener: &Arc<Listener>,
+    caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: GrpcRequest,
 ) -> Result<(u32, AbortHandle), Status> {
-    let prepared = prepare(cluster, &request)?;
+    let prepared = prepare(caller, cluster, &request)?;
     let token = prepared.token;
-    let listener = Arc::clone(listener);
+    let caller = caller.clone();
     let message = Bytes::from(request.message.unwrap_or_default());
     let timeout = request.timeout.filter(|t| !t.is_zero());
     let task = prepared.runtime.spawn(async move {
@@ -151,10 +158,11 @@ pub(crate) fn call(
             client.unary(outgoing, path, RawCodec).await
         })
         .await;
-        deliver(&listener, token, Last::Yes, |vm| match answer {
+        deliver(&caller, token, Last::Yes, move |vm| match answer {
             Ok(reply) => vm.on_grpc_call_reply(token, reply.into_inner().to_vec()),
             Err(status) => vm.on_grpc_close(token, code(&status), status.message().into()),
-        });
+        })
+        .await;
     });
     Ok((token, task.abort_handle()))
 }
@@ -162,13 +170,13 @@ pub(crate) fn call(
 /// Opens stream `request` to `cluster`; returns its token, its task and where the plugin's
 /// messages go (dropping it half-closes the stream).
 pub(crate) fn open(
-    listener: &Arc<Listener>,
+    caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: GrpcRequest,
 ) -> Result<(u32, AbortHandle, mpsc::UnboundedSender<Bytes>), Status> {
-    let prepared = prepare(cluster, &request)?;
+    let prepared = prepare(caller, cluster, &request)?;
     let token = prepared.token;
-    let listener = Arc::clone(listener);
+    let caller = caller.clone();
     let (sender, messages) = mpsc::unbounded_channel::<Bytes>();
     let task = prepared.runtime.spawn(async move {
         let mut client = tonic::client::Grpc::new(prepared.channel);
@@ -182,51 +190,60 @@ pub(crate) fn open(
         let response = match opened {
             Ok(response) => response,
             Err(status) => {
-                close(&listener, token, &status);
+                close(&caller, token, &status).await;
                 return;
             }
         };
         let (metadata, mut incoming, _) = response.into_parts();
         let metadata = map_of(&metadata);
-        deliver(&listener, token, Last::No, |vm| {
+        deliver(&caller, token, Last::No, move |vm| {
             vm.on_grpc_receive_initial_metadata(token, metadata)
-        });
+        })
+        .await;
         loop {
             match incoming.message().await {
-                Ok(Some(message)) => deliver(&listener, token, Last::No, |vm| {
-                    vm.on_grpc_receive(token, message.to_vec())
-                }),
+                Ok(Some(message)) => {
+                    deliver(&caller, token, Last::No, move |vm| {
+                        vm.on_grpc_receive(token, message.to_vec())
+                    })
+                    .await
+                }
                 Ok(None) => break,
                 Err(status) => {
-                    close(&listener, token, &status);
+                    close(&caller, token, &status).await;
                     return;
                 }
             }
         }
         if let Ok(Some(trailers)) = incoming.trailers().await {
             let trailers = map_of(&trailers);
-            deliver(&listener, token, Last::No, |vm| {
+            deliver(&caller, token, Last::No, move |vm| {
                 vm.on_grpc_receive_trailing_metadata(token, trailers)
-            });
+            })
+            .await;
         }
-        deliver(&listener, token, Last::Yes, |vm| {
+        deliver(&caller, token, Last::Yes, move |vm| {
             vm.on_grpc_close(token, 0, Vec::new())
-        });
+        })
+        .await;
     });
     Ok((token, task.abort_handle(), sender))
 }
 
 /// Ends stream `token` with `status`: its trailing metadata (if any), then the close.
-fn close(listener: &Arc<Listener>, token: u32, status: &tonic::Status) {
+async fn close(caller: &Caller, token: u32, status: &tonic::Status) {
     if !status.metadata().is_empty() {
         let trailers = map_of(status.metadata());
-        deliver(listener, token, Last::No, |vm| {
+        deliver(caller, token, Last::No, move |vm| {
             vm.on_grpc_receive_trailing_metadata(token, trailers)
-        });
+        })
+        .await;
     }
-    deliver(listener, token, Last::Yes, |vm| {
-        vm.on_grpc_close(token, code(status), status.message().into())
-    });
+    let (code, message) = (code(status), status.message().as_bytes().to_vec());
+    deliver(caller, token, Last::Yes, move |vm| {
+        vm.on_grpc_close(token, code, message)
+    })
+    .await;
 }
 
 /// `call`'s outcome, or DEADLINE_EXCEEDED once `timeout` (if any) has passed.

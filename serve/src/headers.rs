@@ -1,6 +1,6 @@
-//! Pingora's request and response headers lent to the plugins as [`abi::Headers`], read and
-//! written in place, with Envoy's pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`;
-//! `:status`) mapped onto the request line and the status.
+//! Pingora's request and response headers (and response trailers) lent to the plugins as
+//! [`abi::Headers`], read and written in place, with Envoy's pseudo-headers (`:method`,
+//! `:path`, `:authority`, `:scheme`; `:status`) mapped onto the request line and the status.
 //!
 //! A header is lent for one synchronous callback: the proxy puts a pointer to its header in the
 //! stream's slot, calls the plugin, and takes the pointer back (see [`Lent`]).
@@ -131,6 +131,39 @@ impl RegularHeaders for ResponseHeader {
     }
     fn remove_named(&mut self, name: &str) {
         self.remove_header(name);
+    }
+}
+
+impl RegularHeaders for http::HeaderMap {
+    fn map(&self) -> &http::HeaderMap {
+        self
+    }
+    fn append(&mut self, name: &[u8], value: &[u8]) -> bool {
+        match (
+            http::HeaderName::from_bytes(&header_name(name)),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                self.append(name, value);
+                true
+            }
+            _ => false,
+        }
+    }
+    fn insert(&mut self, name: &[u8], value: &[u8]) -> bool {
+        match (
+            http::HeaderName::from_bytes(&header_name(name)),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                self.insert(name, value);
+                true
+            }
+            _ => false,
+        }
+    }
+    fn remove_named(&mut self, name: &str) {
+        self.remove(name);
     }
 }
 
@@ -293,6 +326,47 @@ impl Headers for Lent<ResponseHeader> {
     }
 }
 
+/// Trailers: regular headers only.
+impl Headers for Lent<http::HeaderMap> {
+    fn len(&self) -> usize {
+        self.get().len()
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        regular_value(Lent::get(self), name)
+    }
+
+    fn for_each(&self, visit: &mut dyn FnMut(&[u8], &[u8])) {
+        for (name, value) in self.get().iter() {
+            visit(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        if name.starts_with(b":") {
+            return refuse(name);
+        }
+        add_regular(self.get_mut(), name, value);
+    }
+
+    fn replace(&mut self, name: &[u8], value: &[u8]) {
+        if name.starts_with(b":")
+            || !is_clean(value)
+            || !RegularHeaders::insert(self.get_mut(), name, value)
+        {
+            refuse(name);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        remove_regular(self.get_mut(), name);
+    }
+
+    fn clear(&mut self) {
+        self.get_mut().clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +466,25 @@ mod tests {
         assert_eq!(header.status.as_u16(), 418);
         assert!(header.headers.get("server").is_none());
         assert_eq!(header.headers["x-powered-by"], "pwhost");
+    }
+
+    #[test]
+    fn trailers_take_regular_names_only_and_refuse_what_http_cannot_carry() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        {
+            // SAFETY: as above.
+            let mut lent = unsafe { Lent::new(&mut trailers) };
+            assert_eq!(Headers::get(&lent, b"grpc-status"), Some(&b"0"[..]));
+            lent.add(b"X-Added", b"1");
+            lent.replace(b"grpc-status", b"7");
+            lent.add(b":status", b"500");
+            lent.replace(b"x-evil", b"a\r\nx-injected: 1");
+            assert_eq!(lent.len(), 2);
+        }
+        assert_eq!(trailers["grpc-status"], "7");
+        assert_eq!(trailers["x-added"], "1");
+        assert!(trailers.get("x-evil").is_none());
+        assert_eq!(trailers.len(), 2);
     }
 }

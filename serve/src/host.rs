@@ -7,19 +7,21 @@
 //! or closing the stream). A plugin may ask from a later callback (a timer tick): the slot's
 //! [`Notify`] wakes the stream waiting for it.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use abi::{
     BufferType, ContextId, GrpcRequest, Headers, Host, HttpCallRequest, LocalResponse, LogLevel,
     MapType, Status, StreamInfo, StreamType,
 };
 use bytes::Bytes;
+use lifecycle::ServiceInbox;
 use pingora::http::{RequestHeader, ResponseHeader};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 
-use crate::callout;
+use crate::callout::{self, Caller};
 use crate::grpc;
 use crate::headers::Lent;
 use crate::proxy::ClusterState;
@@ -35,6 +37,8 @@ pub(crate) struct StreamSlot {
     pub(crate) request: Option<Lent<RequestHeader>>,
     /// The response header, while a callback has it.
     pub(crate) response: Option<Lent<ResponseHeader>>,
+    /// The response trailers, while a callback has them.
+    pub(crate) trailers: Option<Lent<http::HeaderMap>>,
     /// The body (chunk and what the plugin buffered) while its callback runs.
     pub(crate) body: Option<Vec<u8>>,
     /// What is known of the stream beyond its headers, for Envoy's attributes.
@@ -59,8 +63,11 @@ pub(crate) struct Asked {
 
 /// The host of one VM copy.
 pub(crate) struct ServeHost {
-    /// The listener whose plugins run in this copy (`None`: a singleton service's).
-    listener: Option<Arc<Listener>>,
+    /// Who this copy's calls are from: a listener's plugins on a worker, or a singleton
+    /// service.
+    caller: Caller,
+    /// Where its calls may go, by cluster name.
+    clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
     /// The tokens of this copy's HTTP and gRPC calls still waiting for (more of) an answer.
     pub(crate) callouts: FxHashSet<u32>,
     /// The tasks of its gRPC calls and streams, by token (cancelled with them).
@@ -79,15 +86,23 @@ pub(crate) struct ServeHost {
 impl ServeHost {
     /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
-        let mut host = ServeHost::for_service();
-        host.listener = Some(listener);
-        host
+        let clusters = Arc::clone(&listener.clusters);
+        ServeHost::with_caller(Caller::Worker(listener), clusters)
     }
 
-    /// The host of a singleton service.
-    pub(crate) fn for_service() -> ServeHost {
+    /// The host of a singleton service calling `clusters`, whose answers go to `inbox` (set
+    /// once the service has started).
+    pub(crate) fn for_service(
+        clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+        inbox: Arc<OnceLock<ServiceInbox>>,
+    ) -> ServeHost {
+        ServeHost::with_caller(Caller::Service(inbox), clusters)
+    }
+
+    fn with_caller(caller: Caller, clusters: Arc<BTreeMap<String, Arc<ClusterState>>>) -> Self {
         ServeHost {
-            listener: None,
+            caller,
+            clusters,
             callouts: FxHashSet::default(),
             grpc_tasks: FxHashMap::default(),
             grpc_senders: FxHashMap::default(),
@@ -117,14 +132,10 @@ impl ServeHost {
     }
 
     /// The cluster a call from this copy names, checked.
-    fn cluster(&self, upstream: &[u8]) -> Result<(&Arc<Listener>, &Arc<ClusterState>), Status> {
-        let Some(listener) = &self.listener else {
-            tracing::debug!("a call from a singleton service: not supported yet");
-            return Err(Status::Unimplemented);
-        };
+    fn cluster(&self, upstream: &[u8]) -> Result<(&Caller, &Arc<ClusterState>), Status> {
         let name = String::from_utf8_lossy(upstream);
-        match listener.clusters.get(name.as_ref()) {
-            Some(cluster) => Ok((listener, cluster)),
+        match self.clusters.get(name.as_ref()) {
+            Some(cluster) => Ok((&self.caller, cluster)),
             None => {
                 tracing::debug!(cluster = %name, "a call to an unknown cluster");
                 Err(Status::BadArgument)
@@ -182,6 +193,7 @@ impl Host for ServeHost {
         match map {
             MapType::HttpRequestHeaders => Some(slot.request.as_mut()?),
             MapType::HttpResponseHeaders => Some(slot.response.as_mut()?),
+            MapType::HttpResponseTrailers => Some(slot.trailers.as_mut()?),
             _ => None,
         }
     }
@@ -225,23 +237,23 @@ impl Host for ServeHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
-        let (listener, cluster) = self.cluster(&request.upstream)?;
-        let token = callout::dispatch(listener, cluster, request)?;
+        let (caller, cluster) = self.cluster(&request.upstream)?;
+        let token = callout::dispatch(caller, cluster, request)?;
         self.callouts.insert(token);
         Ok(token)
     }
 
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
-        let (listener, cluster) = self.cluster(&request.upstream)?;
-        let (token, task) = grpc::call(listener, cluster, request)?;
+        let (caller, cluster) = self.cluster(&request.upstream)?;
+        let (token, task) = grpc::call(caller, cluster, request)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
         Ok(token)
     }
 
     fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
-        let (listener, cluster) = self.cluster(&request.upstream)?;
-        let (token, task, sender) = grpc::open(listener, cluster, request)?;
+        let (caller, cluster) = self.cluster(&request.upstream)?;
+        let (token, task, sender) = grpc::open(caller, cluster, request)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
         self.grpc_senders.insert(token, Some(sender));

@@ -13,11 +13,13 @@
 //!   (a paused stream waits there, asynchronously, for the plugin to continue it),
 //!   `request_body_filter` → `proxy_on_request_body`, `response_filter` →
 //!   `proxy_on_response_headers`, `response_body_filter` → `proxy_on_response_body`,
-//!   `logging` → `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
+//!   `response_trailer_filter` → `proxy_on_response_trailers`, `logging` → `proxy_on_log`,
+//!   `proxy_on_done`, `proxy_on_delete`.
 //!
 //! Callouts go to the configuration's clusters: HTTP through Pingora's client, gRPC through
 //! tonic's (messages as the plugins' own bytes, see [`RawCodec`]). Singleton services run each
-//! on a thread of their own (lifecycle's `SingletonService`).
+//! on a thread of their own (lifecycle's `SingletonService`); their calls run on a runtime of
+//! their own and the answers are posted to the service's thread.
 
 mod admin;
 mod callout;
@@ -162,14 +164,20 @@ impl Proxy {
                         "services: {name}: only singleton services (singleton: true) run yet"
                     )));
                 }
+                // Answers to the service's calls go to its inbox, known once it started.
+                let inbox = Arc::new(std::sync::OnceLock::new());
                 let service = SingletonService::spawn(
                     Arc::clone(&plugins),
                     plugin,
-                    Box::new(host::ServeHost::for_service()),
+                    Box::new(host::ServeHost::for_service(
+                        Arc::clone(&clusters),
+                        Arc::clone(&inbox),
+                    )),
                     Ticking::Clock,
                     Box::new(|_| {}),
                 )
                 .map_err(|e| ServeError::Plugins(e.to_string()))?;
+                let _ = inbox.set(service.inbox());
                 services.push(service);
             }
         }

@@ -75,6 +75,14 @@ pub(crate) struct StreamContext {
     response_done: bool,
     /// Request body went through the plugins.
     body_seen: bool,
+    /// Response body bytes the plugins let go to the client, to tell whether all of it was
+    /// written before the trailers (see `response_trailer_filter`).
+    response_body_out: usize,
+    /// The upstream speaks HTTP/2 (only then can a response have trailers).
+    upstream_h2: bool,
+    /// The response header as the plugins left it, kept while trailers may come to an HTTP/2
+    /// client (see `finish_before_trailers`).
+    response_header: Option<ResponseHeader>,
     /// Counts the stream as in flight (for a drain) while it lives.
     _in_flight: InFlightGuard,
 }
@@ -209,6 +217,46 @@ fn answer_with(ctx: &mut StreamContext, reply: Reply) -> Box<Error> {
 }
 
 /// The error that resets a stream a plugin closed.
+/// Ends an HTTP/2 response whose plugins let a buffered body go at its trailers: the body
+/// must reach the client before the trailers, but Pingora writes the chunks it read together
+/// (the header, a body chunk, the trailers) only after filtering all of them, so this writes
+/// the header (if not out yet), the body and the trailers itself. It refuses if body the
+/// plugins let go earlier is not written yet (it would come after the trailers).
+async fn finish_before_trailers(
+    session: &mut Session,
+    ctx: &mut StreamContext,
+    held: Vec<u8>,
+    trailers: &mut http::HeaderMap,
+) -> std::result::Result<(), String> {
+    if session.as_ref().body_bytes_sent() != ctx.response_body_out {
+        return Err(
+            "a plugin let a buffered body go at the trailers while earlier body was \
+                    still queued"
+                .into(),
+        );
+    }
+    if session.as_ref().response_written().is_none() {
+        let header = ctx
+            .response_header
+            .take()
+            .ok_or("the response header to write before the body is gone")?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await
+            .map_err(|e| format!("response header: {e}"))?;
+    }
+    ctx.response_body_out += held.len();
+    session
+        .write_response_body(Some(Bytes::from(held)), false)
+        .await
+        .map_err(|e| format!("response body before the trailers: {e}"))?;
+    session
+        .as_mut()
+        .write_response_trailers(std::mem::take(trailers))
+        .await
+        .map_err(|e| format!("response trailers: {e}"))
+}
+
 fn closed() -> Box<Error> {
     let mut error = Error::explain(CLOSED, "a plugin closed the stream");
     error.set_retry(false);
@@ -312,6 +360,9 @@ impl ProxyHttp for ListenerProxy {
             ),
             upstream_framing: None,
             body_seen: false,
+            response_body_out: 0,
+            upstream_h2: false,
+            response_header: None,
             pending_reply: None,
             response_done: false,
             _in_flight: self.metrics.in_flight.enter(),
@@ -368,7 +419,9 @@ impl ProxyHttp for ListenerProxy {
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.request_body(chunk, end_of_stream).await {
             Ok(data) => {
-                *body = (!data.is_empty()).then(|| Bytes::from(data));
+                // Pingora reads `None` as the end of the body: while a plugin buffers, nothing
+                // goes on, but the body has not ended.
+                *body = (!data.is_empty() || !end_of_stream).then(|| Bytes::from(data));
                 Ok(())
             }
             Err(Outcome::Reply(reply)) => Err(answer_with(ctx, reply)),
@@ -392,7 +445,7 @@ impl ProxyHttp for ListenerProxy {
     async fn upstream_peer(
         &self,
         session: &mut Session,
-        _ctx: &mut StreamContext,
+        ctx: &mut StreamContext,
     ) -> Result<Box<HttpPeer>> {
         let header = session.req_header();
         let path = header.raw_path();
@@ -416,6 +469,7 @@ impl ProxyHttp for ListenerProxy {
         match route {
             Some((_, cluster)) => {
                 tracing::trace!(cluster = %cluster.name, "routed");
+                ctx.upstream_h2 = cluster.cluster.http2;
                 Ok(Box::new(cluster.peer()))
             }
             None => Err(Error::explain(
@@ -427,7 +481,7 @@ impl ProxyHttp for ListenerProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut StreamContext,
     ) -> Result<()> {
@@ -452,7 +506,12 @@ impl ProxyHttp for ListenerProxy {
             )
             .await
         {
-            Outcome::Continue => Ok(()),
+            Outcome::Continue => {
+                if ctx.upstream_h2 && !end_of_stream && session.as_ref().is_http2() {
+                    ctx.response_header = Some(upstream_response.clone());
+                }
+                Ok(())
+            }
             Outcome::Close => Err(closed()),
             // The upstream's response is dropped for the reply (which skips the response
             // callbacks: they are running).
@@ -470,12 +529,44 @@ impl ProxyHttp for ListenerProxy {
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.response_body(chunk, end_of_stream) {
             Ok(data) => {
+                ctx.response_body_out += data.len();
                 *body = (!data.is_empty()).then(|| Bytes::from(data));
                 Ok(None)
             }
             // The headers are gone: the response can only end here.
             Err(_) => Err(closed()),
         }
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut StreamContext,
+    ) -> Result<Option<Bytes>> {
+        let (outcome, held) = ctx.stream.response_trailers(trailers).await;
+        if let Outcome::Continue = outcome {
+            if held.is_empty() {
+                return Ok(None);
+            }
+            if !session.as_ref().is_http2() {
+                // Pingora gives an HTTP/1.1 client no trailers: what a plugin held ends the
+                // body.
+                return Ok(Some(Bytes::from(held)));
+            }
+            match finish_before_trailers(session, ctx, held, trailers).await {
+                // The stream is over: what Pingora still writes of it (the trailers, as an
+                // empty last chunk) finds it ended.
+                Ok(()) => return Ok(Some(Bytes::new())),
+                Err(error) => tracing::warn!("{error}: stream reset"),
+            }
+        }
+        // Too late for a reply (the response header is out), and a trailers filter's error
+        // does not stop Pingora from forwarding the trailers: reset the stream itself.
+        tracing::debug!("stream reset at the response trailers");
+        session.as_mut().shutdown().await;
+        trailers.clear();
+        Ok(None)
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &StreamContext, error: &Error) -> bool {

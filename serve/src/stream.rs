@@ -123,6 +123,13 @@ enum BodyStep {
     Held { position: usize, index: usize },
 }
 
+/// Which of a message's header maps a header callback is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Headers,
+    Trailers,
+}
+
 /// Which direction a body or header callback is for. On a TCP connection: data from
 /// downstream (request) or from upstream (response).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -264,6 +271,7 @@ impl Stream {
             if let Some(slot) = slot(vm, context) {
                 slot.request = None;
                 slot.response = None;
+                slot.trailers = None;
             }
             match outcome {
                 Ok(result) => result,
@@ -319,61 +327,141 @@ impl Stream {
         end_of_stream: bool,
         lend: fn(&mut StreamSlot, &mut H),
     ) -> Outcome {
+        self.header_phase(Phase::Headers, direction, header, end_of_stream, lend)
+            .await
+            .0
+    }
+
+    /// Runs the response trailers callbacks over `trailers`, as [`Stream::headers`], in
+    /// Envoy's way: the trailers end the body, so a plugin still buffering the body reads (and
+    /// may replace) what it buffered from its trailers callback, and once it lets the trailers
+    /// go on, that body goes on to the plugins after it as one more chunk, before their
+    /// trailers callbacks. Returns how the phase ended and the body that must reach the client
+    /// before the trailers.
+    pub(crate) async fn response_trailers(
+        &mut self,
+        trailers: &mut http::HeaderMap,
+    ) -> (Outcome, Vec<u8>) {
+        self.header_phase(
+            Phase::Trailers,
+            Direction::Response,
+            trailers,
+            true,
+            lend_trailers,
+        )
+        .await
+    }
+
+    /// The header (or trailers) callbacks of one phase; with the body the plugins let go in a
+    /// trailers phase.
+    async fn header_phase<H>(
+        &mut self,
+        phase: Phase,
+        direction: Direction,
+        header: &mut H,
+        end_of_stream: bool,
+        lend: fn(&mut StreamSlot, &mut H),
+    ) -> (Outcome, Vec<u8>) {
         let order: Vec<usize> = match direction {
             Direction::Request => (0..self.filters.len()).collect(),
             Direction::Response => (0..self.filters.len()).rev().collect(),
         };
-        for index in order {
+        let trailers = phase == Phase::Trailers;
+        let mut flushed = Vec::new();
+        for (position, index) in order.into_iter().enumerate() {
             if self.filters[index].bypassed {
                 continue;
             }
+            // What the plugin buffered of the body, readable from its trailers callback.
+            let mut held = if trailers {
+                std::mem::take(self.filters[index].buffered(direction))
+            } else {
+                Vec::new()
+            };
             let result = self.with_filter(index, |vm, context| {
                 let count = lend_to(vm, context, header, lend);
-                let result = match direction {
-                    Direction::Request => vm.on_request_headers(context, count, end_of_stream),
-                    Direction::Response => vm.on_response_headers(context, count, end_of_stream),
+                if trailers {
+                    set_body(vm, context, Some(std::mem::take(&mut held)));
+                }
+                let result = match (phase, direction) {
+                    (Phase::Headers, Direction::Request) => {
+                        vm.on_request_headers(context, count, end_of_stream)
+                    }
+                    (Phase::Headers, Direction::Response) => {
+                        vm.on_response_headers(context, count, end_of_stream)
+                    }
+                    (Phase::Trailers, Direction::Request) => vm.on_request_trailers(context, count),
+                    (Phase::Trailers, Direction::Response) => {
+                        vm.on_response_trailers(context, count)
+                    }
                 };
-                (result, take_asked(vm, context))
+                let body = if trailers {
+                    set_body(vm, context, None).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                (result, body, take_asked(vm, context))
             });
-            let Some((result, asked)) = result else {
-                return Outcome::Reply(Reply::fail_closed());
+            let Some((result, body, asked)) = result else {
+                return (Outcome::Reply(Reply::fail_closed()), flushed);
             };
+            held = body;
             match result {
                 Err(error) => match self.failed(index, &error) {
-                    Outcome::Continue => continue,
-                    other => return other,
+                    // Failed open: what it buffered goes on.
+                    Outcome::Continue => {}
+                    other => return (other, flushed),
                 },
-                Ok(action) => {
-                    match acted(asked) {
-                        // Continued from inside its own callback: on to the next plugin.
-                        Some(Outcome::Continue) => continue,
-                        Some(other) => return other,
-                        None => {}
-                    }
-                    if action != HeadersAction::Continue {
+                Ok(action) => match acted(asked) {
+                    // Continued from inside its own callback: on to the next plugin.
+                    Some(Outcome::Continue) => {}
+                    Some(other) => return (other, flushed),
+                    None if action == HeadersAction::Continue => {}
+                    None => {
                         // Held: wait for the plugin to continue, answer or close the stream.
-                        // The header stays lent meanwhile: a plugin edits it before it lets
-                        // the stream go on (e.g. from a callout's answer). The borrow of
-                        // `header` spans the wait, and the guard takes the loan back when the
-                        // wait ends or is abandoned.
+                        // The header (and in a trailers phase the body) stays lent meanwhile:
+                        // a plugin edits it before it lets the stream go on (e.g. from a
+                        // callout's answer). The borrow of `header` spans the wait, and the
+                        // guard takes the loan back when the wait ends or is abandoned.
                         let guard = LoanGuard {
                             listener: Arc::clone(&self.listener),
                             wake: Arc::clone(&self.wake),
                         };
                         self.with_filter_lending(index, |vm, context| {
                             lend_to(vm, context, header, lend);
+                            if trailers {
+                                set_body(vm, context, Some(std::mem::take(&mut held)));
+                            }
                         });
                         let outcome = self.wait(index).await;
                         drop(guard);
-                        match outcome {
-                            Outcome::Continue => {}
-                            other => return other,
+                        if trailers {
+                            held = self
+                                .with_filter_lending(index, |vm, context| {
+                                    set_body(vm, context, None)
+                                })
+                                .flatten()
+                                .unwrap_or_default();
+                        }
+                        if let other @ (Outcome::Reply(_) | Outcome::Close) = outcome {
+                            return (other, flushed);
                         }
                     }
+                },
+            }
+            if !held.is_empty() {
+                // The body this plugin let go: one more chunk for the plugins after it.
+                match self.body_from(direction, position + 1, held, false) {
+                    Ok(BodyStep::Pass(data)) => flushed.extend(data),
+                    // Only a last chunk is held, and this one is not the last.
+                    Ok(BodyStep::Held { .. }) => {
+                        return (Outcome::Reply(Reply::fail_closed()), flushed);
+                    }
+                    Err(outcome) => return (outcome, flushed),
                 }
             }
         }
-        Outcome::Continue
+        (Outcome::Continue, flushed)
     }
 
     /// Waits until filter `index` asks for something for its stream, or its VM fails (then
@@ -730,6 +818,7 @@ impl Stream {
                     // Only what is lent now: nothing from an abandoned wait.
                     slot.request = None;
                     slot.response = None;
+                    slot.trailers = None;
                     slot.body = None;
                     if let Some(header) = request.as_deref_mut() {
                         lend_request(slot, header);
@@ -819,6 +908,7 @@ impl Drop for LoanGuard {
                         if Arc::ptr_eq(&slot.wake, &self.wake) {
                             slot.request = None;
                             slot.response = None;
+                            slot.trailers = None;
                         }
                     }
                 });
@@ -866,6 +956,7 @@ fn open(
                 wake: Arc::clone(wake),
                 request: None,
                 response: None,
+                trailers: None,
                 body: None,
                 info: info.clone(),
                 asked: Asked::default(),
@@ -890,9 +981,11 @@ fn lend_to<H>(
     match slot(vm, context) {
         Some(slot) => {
             lend(slot, header);
+            // What was just lent: trailers are lent alone, headers one map at a time.
+            let trailers = slot.trailers.as_ref().map(abi::Headers::len);
             let request = slot.request.as_ref().map(abi::Headers::len);
             let response = slot.response.as_ref().map(abi::Headers::len);
-            request.or(response).unwrap_or(0)
+            trailers.or(request).or(response).unwrap_or(0)
         }
         None => 0,
     }
@@ -926,6 +1019,12 @@ pub(crate) fn lend_request(slot: &mut StreamSlot, header: &mut RequestHeader) {
     // SAFETY: `Stream::with_filter` takes the loan back before the callback it was made for
     // returns (or unwinds), within the borrow of `header`.
     slot.request = Some(unsafe { Lent::new(header) });
+}
+
+/// Lends response trailers to a slot, for [`Stream::response_trailers`].
+fn lend_trailers(slot: &mut StreamSlot, trailers: &mut http::HeaderMap) {
+    // SAFETY: as in `lend_request`.
+    slot.trailers = Some(unsafe { Lent::new(trailers) });
 }
 
 /// Lends a response header to a slot, for [`Stream::headers`].

@@ -6,6 +6,9 @@
 //!   the body is UTF-8, ASCII-only otherwise). Upstream should receive e.g. `HELLO WORLD`.
 //! - Response body: likewise buffers until `end_of_stream`, then replaces every `hello` with
 //!   `howdy`. The client should receive e.g. `howdy world`.
+//! - Response trailers: the body ended without an `end_of_stream` chunk (as a gRPC response
+//!   does), so the buffered body is rewritten here the same way, and a trailer
+//!   `x-body-rewritten: {n}` tells how many bytes were buffered.
 //!
 //! A host test should check that the body callbacks see the accumulated body size, that chunks
 //! are buffered (not forwarded) while Pause is returned, and that `proxy_set_buffer_bytes` with
@@ -54,6 +57,22 @@ impl HttpContext for BodyRewrite {
             info!("response body: {} bytes rewritten", body_size);
             self.set_http_response_body(0, body_size, &rewritten);
         }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let body = self
+            .get_http_response_body(0, usize::MAX)
+            .unwrap_or_default();
+        if !body.is_empty() {
+            let rewritten = replace_all(&body, b"hello", b"howdy");
+            self.set_http_response_body(0, body.len(), &rewritten);
+        }
+        info!(
+            "response body at the trailers: {} bytes rewritten",
+            body.len()
+        );
+        self.add_http_response_trailer("x-body-rewritten", &body.len().to_string());
         Action::Continue
     }
 }

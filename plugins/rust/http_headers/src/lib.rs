@@ -3,7 +3,8 @@
 //! Request headers: logs every header at info as `request header: {k}: {v}`, adds
 //! `x-pwhost-plugin: http_headers`, replaces `user-agent` with `pwhost-test` (only if present) and
 //! removes `x-remove-me`. Response headers: adds `x-powered-by: pwhost` and removes `server`.
-//! Both return Continue. `on_log` logs `done: {path}` once, reading `:path` from the request
+//! Response trailers: logs each as `response trailer: {k}: {v}` and adds
+//! `x-pwhost-trailer: seen`. All return Continue. `on_log` logs `done: {path}` once, reading `:path` from the request
 //! headers — a host test should see the original path, i.e. request headers must stay readable
 //! during `proxy_on_log`.
 
@@ -50,6 +51,14 @@ impl HttpContext for HttpHeaders {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.add_http_response_header("x-powered-by", "pwhost");
         self.remove_http_response_header("server");
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        for (name, value) in &self.get_http_response_trailers() {
+            info!("response trailer: {}: {}", name, value);
+        }
+        self.add_http_response_trailer("x-pwhost-trailer", "seen");
         Action::Continue
     }
 

@@ -4,12 +4,15 @@
 //!
 //! The plugin configuration is `[UPSTREAM [HEADER]]`, separated by spaces: the upstream to call
 //! (default `config_cluster`; `-` for none) and the response header streams add (default
-//! `x-fetched`).
+//! `x-fetched`). `grpc UPSTREAM [HEADER]` makes the root call a gRPC one instead.
 //!
 //! - Root `on_configure`: dispatches `GET /config` (authority `config.local`, 5 s timeout) to
 //!   the upstream and logs `dispatched root http call: token {token}`; if the dispatch fails,
 //!   logs `root http call not dispatched: {status:?}` at warn and stores `not dispatched:
 //!   {status:?}` in shared data key `root_http_call.fetched`. Returns true either way.
+//! - In gRPC mode, root `on_configure` dispatches unary `pwhost.Auth/Check` (message `root`,
+//!   5 s timeout) to the upstream instead, and root `on_grpc_call_response` stores `grpc
+//!   {status} {reply as UTF-8, lossy}` (`grpc {status}` without a reply) in the same key.
 //! - Root `on_http_call_response`: stores `<:status> <first line of the body>` (e.g. `200 rules
 //!   v1`) in shared data key `root_http_call.fetched` (`failed` if the call failed: no
 //!   headers), and logs `root http call response: token {token}, status {status}`.
@@ -42,7 +45,8 @@ impl RootContext for Root {
             .get_plugin_configuration()
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .unwrap_or_default();
-        let mut words = configuration.split_whitespace();
+        let mut words = configuration.split_whitespace().peekable();
+        let grpc = words.next_if_eq(&"grpc").is_some();
         let upstream = words.next().unwrap_or("config_cluster").to_string();
         if let Some(header) = words.next() {
             self.header = header.to_string();
@@ -50,17 +54,29 @@ impl RootContext for Root {
         if upstream == "-" {
             return true;
         }
-        match self.dispatch_http_call(
-            &upstream,
-            vec![
-                (":method", "GET"),
-                (":path", "/config"),
-                (":authority", "config.local"),
-            ],
-            None,
-            vec![],
-            Duration::from_secs(5),
-        ) {
+        let dispatched = if grpc {
+            self.dispatch_grpc_call(
+                &upstream,
+                "pwhost.Auth",
+                "Check",
+                vec![],
+                Some(b"root"),
+                Duration::from_secs(5),
+            )
+        } else {
+            self.dispatch_http_call(
+                &upstream,
+                vec![
+                    (":method", "GET"),
+                    (":path", "/config"),
+                    (":authority", "config.local"),
+                ],
+                None,
+                vec![],
+                Duration::from_secs(5),
+            )
+        };
+        match dispatched {
             Ok(token) => info!("dispatched root http call: token {}", token),
             Err(status) => {
                 warn!("root http call not dispatched: {:?}", status);
@@ -83,6 +99,19 @@ impl RootContext for Root {
 }
 
 impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let reply = self
+            .get_grpc_call_response_body(0, response_size)
+            .map(|bytes| format!(" {}", String::from_utf8_lossy(&bytes)))
+            .unwrap_or_default();
+        info!(
+            "root grpc call response: token {}, status {}",
+            token_id, status_code
+        );
+        let value = format!("grpc {}{}", status_code, reply);
+        let _ = self.set_shared_data(KEY, Some(value.as_bytes()), None);
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
