@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Requests/s and latency through `pwhost serve` with no plugin, with the corpus's http_headers
-# plugin (Rust SDK) on wasmtime, WAMR, V8 and the null runtime (the same plugin compiled in), and
-# with body_rewrite on wasmtime; and through nginx as a reverse proxy to the same origin, with
+# plugin (Rust SDK) on wasmtime, WAMR, V8 and the null runtime (the same plugin compiled in), with
+# lifecycle_bench (the benchmark plugin of `pwhost bench` and criterion: ten header reads, one
+# header added, one log line) on wasmtime and the null runtime, and with body_rewrite on wasmtime; and through nginx as a reverse proxy to the same origin, with
 # the same number of workers. wrk on loopback against an nginx origin; every run bounded in
 # time; configurations alternated round by round so that a busy machine affects them alike.
 # Prints a Markdown table (medians over the rounds; ratios to `pwhost serve` without plugins).
@@ -118,12 +119,14 @@ stop() { # case
   while curl -s -o /dev/null "http://127.0.0.1:$proxy_port/"; do sleep 0.1; done
 }
 
-cases=(none headers-wasmtime headers-wamr headers-v8 headers-null body-wasmtime nginx)
+cases=(none headers-wasmtime headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime nginx)
 serve_config none none none
 serve_config headers-wasmtime http_headers wasmtime
 serve_config headers-wamr http_headers wamr
 serve_config headers-v8 http_headers v8
 serve_config headers-null http_headers null
+serve_config bench-wasmtime lifecycle_bench wasmtime
+serve_config bench-null lifecycle_bench null
 serve_config body-wasmtime body_rewrite wasmtime
 results=$work/results
 : > "$results"

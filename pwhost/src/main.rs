@@ -12,6 +12,11 @@ use pwhost::runtimes;
 use pwhost::scenario::{self, FailurePolicy, GrpcCallReport, HttpCallReport, Report, Scenario};
 use runtime_api::RuntimeConfig;
 
+// The engines' own C and C++ code (WAMR, V8) keeps its own allocator; this is Rust's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run Proxy-Wasm plugins on any of pwhost's engines.
 #[derive(Parser)]
 #[command(name = "pwhost", version, about)]

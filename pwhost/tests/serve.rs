@@ -36,7 +36,7 @@ struct Origin {
     requests: Arc<AtomicUsize>,
     last_body: Arc<Mutex<String>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Origin {
@@ -60,42 +60,56 @@ impl Origin {
             Arc::clone(&stop),
             Arc::clone(&last_body),
         );
-        let thread = std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50)) else {
-                    continue;
-                };
-                let mut request_body = String::new();
-                let _ = request.as_reader().read_to_string(&mut request_body);
-                count.fetch_add(1, Ordering::Relaxed);
-                *body_seen.lock().unwrap() = request_body.clone();
-                if request.url().starts_with("/slow") {
-                    std::thread::sleep(Duration::from_millis(1500));
-                }
-                let mut body = format!("{} {}\n", request.method(), request.url());
-                for header in request.headers() {
-                    body.push_str(&format!(
-                        "{}: {}\n",
-                        header.field.as_str().as_str().to_ascii_lowercase(),
-                        header.value
-                    ));
-                }
-                body.push_str(&format!("\n{request_body}\nhello from origin\n"));
-                let mut response = tiny_http::Response::from_string(body).with_header(
-                    tiny_http::Header::from_bytes("server", "origin").expect("header"),
+        // Four handlers: a request waits on another only while all four are busy.
+        let server = Arc::new(server);
+        let threads = (0..4)
+            .map(|_| {
+                let (server, count, stopped, body_seen, extra) = (
+                    Arc::clone(&server),
+                    Arc::clone(&count),
+                    Arc::clone(&stopped),
+                    Arc::clone(&body_seen),
+                    extra.clone(),
                 );
-                for header in &extra {
-                    response.add_header(header.clone());
-                }
-                let _ = request.respond(response);
-            }
-        });
+                std::thread::spawn(move || {
+                    while !stopped.load(Ordering::Relaxed) {
+                        let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50))
+                        else {
+                            continue;
+                        };
+                        let mut request_body = String::new();
+                        let _ = request.as_reader().read_to_string(&mut request_body);
+                        count.fetch_add(1, Ordering::Relaxed);
+                        *body_seen.lock().unwrap() = request_body.clone();
+                        if request.url().starts_with("/slow") {
+                            std::thread::sleep(Duration::from_millis(1500));
+                        }
+                        let mut body = format!("{} {}\n", request.method(), request.url());
+                        for header in request.headers() {
+                            body.push_str(&format!(
+                                "{}: {}\n",
+                                header.field.as_str().as_str().to_ascii_lowercase(),
+                                header.value
+                            ));
+                        }
+                        body.push_str(&format!("\n{request_body}\nhello from origin\n"));
+                        let mut response = tiny_http::Response::from_string(body).with_header(
+                            tiny_http::Header::from_bytes("server", "origin").expect("header"),
+                        );
+                        for header in &extra {
+                            response.add_header(header.clone());
+                        }
+                        let _ = request.respond(response);
+                    }
+                })
+            })
+            .collect();
         Origin {
             address,
             requests,
             last_body,
             stop,
-            thread: Some(thread),
+            threads,
         }
     }
 }
@@ -103,7 +117,7 @@ impl Origin {
 impl Drop for Origin {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -418,6 +432,11 @@ fn a_paused_request_waits_for_an_http_call_and_timers_tick_on_every_worker() {
     assert!(auth.last_body.lock().unwrap().is_empty());
     // The timer plugin's copy on the thread that served the request ticks three times.
     serve.wait_for_log("tick 3");
+    // The call's latency, by kind, cluster and outcome.
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    let calls = "pwhost_callout_duration_seconds_count{kind=\"http\",cluster=\"auth_cluster\",\
+                 outcome=\"answered\"}";
+    assert_eq!(sample(&metrics, calls), Some(1.0), "{metrics}");
 }
 
 #[test]
@@ -515,6 +534,13 @@ fn the_admin_listener_shows_plugin_and_proxy_metrics_readiness_and_the_configura
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // One VM copy per worker that served a stream (at most the two workers).
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    let copies = sample(&metrics, "pwhost_vm_copies{owner=\"listener/main\"}");
+    assert!(
+        matches!(copies, Some(n) if (1.0..=2.0).contains(&n)),
+        "{metrics}"
+    );
     let ready = get(&serve.admin_url("/ready"), &[]);
     assert_eq!((ready.status, ready.body.as_str()), (200, "LIVE\n"));
     let config = get(&serve.admin_url("/config_dump"), &[]);
@@ -1544,4 +1570,272 @@ fn singleton_services_call_clusters_over_http_and_grpc_and_the_workers_read_what
         "{}",
         serve.log()
     );
+    // Each service is one VM; its calls are timed as the workers' are.
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    for (name, value) in [
+        ("pwhost_vm_copies{owner=\"service/fetch_http\"}", 1.0),
+        ("pwhost_vm_copies{owner=\"service/fetch_grpc\"}", 1.0),
+        (
+            "pwhost_callout_duration_seconds_count{kind=\"http\",cluster=\"config_cluster\",\
+             outcome=\"answered\"}",
+            1.0,
+        ),
+        (
+            "pwhost_callout_duration_seconds_count{kind=\"grpc\",cluster=\"grpc_cluster\",\
+             outcome=\"answered\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
+    }
+}
+
+/// A plain plugin block (the lifecycle layer's `PluginConfig`) for `plugin` with `extra`
+/// fields (each a YAML line at the block's indentation).
+fn plugin_block(name: &str, plugin: &str, configuration: &str, extra: &[&str]) -> String {
+    let mut block = format!(
+        "      - name: {name}\n        vm_config: {{runtime: wasmtime, code: {{local: \
+         {{filename: {}}}}}}}\n        configuration: '{configuration}'\n",
+        corpus_plugin(plugin).display()
+    );
+    for line in extra {
+        block.push_str(&format!("        {line}\n"));
+    }
+    block
+}
+
+/// One request on a connection of its own, or why it failed (no panic: for client threads).
+fn try_get(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let mut request = agent.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.call().map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok(Reply {
+        status,
+        headers: Vec::new(),
+        body,
+    })
+}
+
+/// The value of `name` in an origin's echo of the request headers.
+fn echoed<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+}
+
+#[test]
+fn shared_data_is_one_store_for_every_worker() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[plugin_block("count", "shared_data", "", &[])],
+    );
+    // 40 streams on connections of their own, 8 at a time: the workers' copies count in one
+    // store, with compare-and-swap, so every stream gets a number of its own.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let url = serve.url("/");
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| {
+                        let reply = try_get(&url, &[])?;
+                        echoed(&reply.body, "x-counter")
+                            .and_then(|n| n.parse::<u32>().ok())
+                            .ok_or_else(|| format!("no x-counter in {reply:?}"))
+                    })
+                    .collect::<Result<Vec<u32>, String>>()
+            })
+        })
+        .collect();
+    let mut counts: Vec<u32> = clients
+        .into_iter()
+        .flat_map(|client| {
+            let counts = client.join().expect("a client");
+            counts.unwrap_or_else(|e| panic!("{e}\n{}", serve.log()))
+        })
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=40).collect::<Vec<_>>());
+    // The streams ran on both workers (connections go to the workers at random).
+    let log = serve.log();
+    let workers: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter(|line| line.contains("counter: "))
+        .filter_map(|line| line.split("ThreadId(").nth(1)?.split(')').next())
+        .collect();
+    assert_eq!(workers.len(), 2, "{log}");
+}
+
+#[test]
+fn each_failure_policy_holds_under_live_traffic() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (admin_port, ports) = (free_port(), [free_port(), free_port(), free_port()]);
+    let policies = [
+        ("closed", "failure_policy: FAIL_CLOSED"),
+        ("open", "failure_policy: FAIL_OPEN"),
+        (
+            "reload",
+            "failure_policy: FAIL_RELOAD\n        \
+             reload_config: {backoff: {base_interval: 0.2s, max_interval: 1s}}",
+        ),
+    ];
+    let mut config =
+        format!("workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n");
+    for ((name, policy), port) in policies.iter().zip(ports) {
+        config.push_str(&format!(
+            "  - name: {name}\n    address: 127.0.0.1:{port}\n    \
+             routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}",
+            plugin_block("panics", "panics", "", &[policy])
+        ));
+    }
+    config.push_str(&format!(
+        "clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
+        origin.address
+    ));
+    let serve = Serve::launch(dir, ports[0], admin_port, &config);
+    let url = |index: usize| format!("http://127.0.0.1:{}/", ports[index]);
+    // Two clients per listener send requests all along, each on a connection of its own.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|client| {
+            let (url, stop) = (url(client % 3), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    statuses.push(try_get(&url, &[]).map(|reply| reply.status));
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A trap in the plugin, on each listener.
+    let trapped: Vec<u16> = (0..3)
+        .map(|index| get(&url(index), &[("x-panic", "boom")]).status)
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let statuses: Vec<Vec<Result<u16, String>>> = clients
+        .into_iter()
+        .map(|client| client.join().expect("a client"))
+        .collect();
+    // FAIL_CLOSED and FAIL_RELOAD fail the stream in flight; FAIL_OPEN lets it through.
+    assert_eq!(trapped, [503, 200, 503], "{}", serve.log());
+    for (client, statuses) in statuses.iter().enumerate() {
+        let (policy, _) = policies[client % 3];
+        assert!(statuses.len() > 5, "{policy}: {statuses:?}");
+        for status in statuses {
+            match (policy, status) {
+                // Streams on the other copies go on; streams on the failed copy are refused
+                // (closed; reload until its backoff has passed) or bypass the plugin (open);
+                // no stream hangs or is cut.
+                (_, Ok(200)) | ("closed" | "reload", Ok(503)) => {}
+                other => panic!("{policy}: {other:?} in {statuses:?}\n{}", serve.log()),
+            }
+        }
+    }
+    // Past the backoff, FAIL_RELOAD serves from a fresh copy on every worker again, and
+    // FAIL_OPEN still bypasses its failed copy.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        assert_eq!(get(&url(2), &[]).status, 200, "{}", serve.log());
+        assert_eq!(get(&url(1), &[]).status, 200, "{}", serve.log());
+    }
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    let count = |listener: &str, outcome: &str| {
+        let name = format!(
+            "pwhost_plugin_streams_total{{listener=\"{listener}\",plugin=\"panics\",\
+             outcome=\"{outcome}\"}}"
+        );
+        sample(&metrics, &name).unwrap_or(0.0)
+    };
+    for listener in ["closed", "open", "reload"] {
+        assert_eq!(
+            count(listener, "failed_by_trap"),
+            1.0,
+            "{listener}:\n{metrics}"
+        );
+    }
+    assert!(count("open", "bypassed") >= 1.0, "{metrics}");
+    assert!(count("closed", "closed") >= 1.0, "{metrics}");
+    assert!(count("reload", "reloads") >= 1.0, "{metrics}");
+    serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn reloads_under_load_fail_no_request_and_new_streams_run_the_new_chain() {
+    let origin = Origin::start();
+    let configuration =
+        |generation: u32| format!("{{\"header\": \"x-generation\", \"value\": \"{generation}\"}}");
+    let serve = Serve::start(
+        origin.address,
+        &[plugin_block(
+            "generation",
+            "plugin_config",
+            &configuration(1),
+            &[],
+        )],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, stop) = (serve.url("/"), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = try_get(&url, &[]);
+                    seen.push(reply.map(|reply| {
+                        let generation =
+                            echoed(&reply.body, "x-generation").and_then(|g| g.parse::<u32>().ok());
+                        (reply.status, generation)
+                    }));
+                }
+                seen
+            })
+        })
+        .collect();
+    // Three reloads while the clients run, each with the next generation's configuration.
+    let mut text = std::fs::read_to_string(&serve.config).expect("the configuration");
+    for generation in 2..=4 {
+        std::thread::sleep(Duration::from_millis(300));
+        text = text.replace(&configuration(generation - 1), &configuration(generation));
+        std::fs::write(&serve.config, &text).expect("the next configuration");
+        let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+        assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let seen = client.join().expect("a client");
+        let mut last = 1;
+        for reply in &seen {
+            // Every request answered by the origin, through one chain or the next: a client's
+            // later stream never runs an older chain than its earlier one did.
+            let (status, generation) = reply.clone().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(status, 200, "{seen:?}");
+            let generation = generation.unwrap_or_else(|| panic!("no generation: {seen:?}"));
+            assert!(generation >= last, "{seen:?}");
+            last = generation;
+        }
+        assert_eq!(last, 4, "{seen:?}");
+    }
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(
+        sample(&metrics, "pwhost_reloads_total{outcome=\"done\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+    serve.wait_for_no_live_contexts();
 }

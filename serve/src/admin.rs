@@ -12,13 +12,13 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::reload::Reloader;
 
 /// The proxy's own metrics, counted on the request path.
-#[derive(Default)]
 pub(crate) struct HostMetrics {
     /// Requests received, by listener.
     pub(crate) requests: Family<ListenerLabel, Counter>,
@@ -30,6 +30,63 @@ pub(crate) struct HostMetrics {
     pub(crate) live_contexts: Gauge,
     /// HTTP streams and TCP connections being served.
     pub(crate) in_flight: crate::drain::InFlight,
+    /// VM copies alive, by whose they are (a listener's, on the workers, or a service's).
+    pub(crate) vm_copies: Family<VmOwnerLabel, Gauge>,
+    /// How long HTTP calls and unary gRPC calls took to be answered (or to fail), by kind,
+    /// cluster and outcome.
+    pub(crate) callouts: Family<CalloutLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for HostMetrics {
+    fn default() -> Self {
+        HostMetrics {
+            requests: Family::default(),
+            connections: Family::default(),
+            responses: Family::default(),
+            live_contexts: Gauge::default(),
+            in_flight: crate::drain::InFlight::default(),
+            vm_copies: Family::default(),
+            callouts: Family::new_with_constructor(callout_histogram),
+        }
+    }
+}
+
+/// Callout latency buckets: 0.5 ms to about 16 s, doubling.
+fn callout_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl HostMetrics {
+    /// Records a callout that took `took`.
+    pub(crate) fn callout(
+        &self,
+        kind: &'static str,
+        cluster: &str,
+        answered: bool,
+        took: std::time::Duration,
+    ) {
+        let labels = CalloutLabels {
+            kind,
+            cluster: cluster.to_string(),
+            outcome: if answered { "answered" } else { "failed" },
+        };
+        self.callouts
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Whose a VM copy is: `listener/NAME` (a copy on a worker) or `service/NAME`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct VmOwnerLabel {
+    pub(crate) owner: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CalloutLabels {
+    kind: &'static str,
+    cluster: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,7 +209,7 @@ impl Collector for PluginMetrics {
         )?;
         for (listener, live) in &self.listeners {
             let (_, plugins) = live.current();
-            for plugin in plugins.http_filters() {
+            for plugin in plugins.http_filters().chain(plugins.network_filters()) {
                 let name = plugins.config(plugin).display_name().to_string();
                 for (outcome, value) in plugins.counters(plugin).snapshot() {
                     let labels = FailureLabels {
@@ -205,6 +262,17 @@ impl Admin {
             "pwhost_in_flight",
             "HTTP streams and TCP connections being served now",
             host.in_flight.gauge(),
+        );
+        registry.register(
+            "pwhost_vm_copies",
+            "VM copies alive, by owner (listener/NAME: on the workers; service/NAME)",
+            host.vm_copies.clone(),
+        );
+        registry.register(
+            "pwhost_callout_duration_seconds",
+            "time from a plugin's HTTP or unary gRPC call to its answer or failure, by kind \
+             (http, grpc), cluster and outcome (answered, failed)",
+            host.callouts.clone(),
         );
         registry.register(
             "pwhost_reloads",

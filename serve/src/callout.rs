@@ -14,6 +14,7 @@ use lifecycle::ServiceInbox;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 
+use crate::admin::HostMetrics;
 use crate::host::ServeHost;
 use crate::proxy::ClusterState;
 use crate::worker::{with_workers, Listener};
@@ -87,11 +88,13 @@ pub(crate) fn dispatch(
     caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: HttpCallRequest,
+    metrics: &Arc<HostMetrics>,
 ) -> Result<u32, Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
     let runtime = caller.runtime()?;
     let token = next_token();
-    let (caller, cluster) = (caller.clone(), Arc::clone(cluster));
+    let (caller, cluster, metrics) = (caller.clone(), Arc::clone(cluster), Arc::clone(metrics));
+    let started = Instant::now();
     let body = Bytes::from(request.body);
     let timeout = request.timeout;
     runtime.spawn(async move {
@@ -101,6 +104,7 @@ pub(crate) fn dispatch(
         } else {
             tokio::time::timeout(timeout, call).await.ok().flatten()
         };
+        metrics.callout("http", &cluster.name, answer.is_some(), started.elapsed());
         deliver(&caller, token, Last::Yes, move |vm| match answer {
             Some(response) => vm.on_http_call_response(token, response),
             None => vm.on_http_call_failure(token),

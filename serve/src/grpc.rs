@@ -27,6 +27,7 @@ use tonic::metadata::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+use crate::admin::HostMetrics;
 use crate::callout::{deliver, next_token, Caller, Last};
 use crate::proxy::ClusterState;
 
@@ -139,10 +140,13 @@ pub(crate) fn call(
     caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: GrpcRequest,
+    metrics: &Arc<HostMetrics>,
 ) -> Result<(u32, AbortHandle), Status> {
     let prepared = prepare(caller, cluster, &request)?;
     let token = prepared.token;
     let caller = caller.clone();
+    let (cluster, metrics) = (Arc::clone(cluster), Arc::clone(metrics));
+    let started = std::time::Instant::now();
     let message = Bytes::from(request.message.unwrap_or_default());
     let timeout = request.timeout.filter(|t| !t.is_zero());
     let task = prepared.runtime.spawn(async move {
@@ -158,6 +162,7 @@ pub(crate) fn call(
             client.unary(outgoing, path, RawCodec).await
         })
         .await;
+        metrics.callout("grpc", &cluster.name, answer.is_ok(), started.elapsed());
         deliver(&caller, token, Last::Yes, move |vm| match answer {
             Ok(reply) => vm.on_grpc_call_reply(token, reply.into_inner().to_vec()),
             Err(status) => vm.on_grpc_close(token, code(&status), status.message().into()),

@@ -21,6 +21,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 
+use crate::admin::{HostMetrics, VmOwnerLabel};
 use crate::callout::{self, Caller};
 use crate::grpc;
 use crate::headers::Lent;
@@ -68,6 +69,10 @@ pub(crate) struct ServeHost {
     caller: Caller,
     /// Where its calls may go, by cluster name.
     clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+    /// The proxy's metrics (the copy counts itself in `vm_copies` while it lives).
+    metrics: Arc<HostMetrics>,
+    /// Whose copy it is, for `vm_copies`.
+    owner: VmOwnerLabel,
     /// The tokens of this copy's HTTP and gRPC calls still waiting for (more of) an answer.
     pub(crate) callouts: FxHashSet<u32>,
     /// The tasks of its gRPC calls and streams, by token (cancelled with them).
@@ -87,22 +92,36 @@ impl ServeHost {
     /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
         let clusters = Arc::clone(&listener.clusters);
-        ServeHost::with_caller(Caller::Worker(listener), clusters)
+        let metrics = Arc::clone(&listener.metrics);
+        let owner = format!("listener/{}", listener.name);
+        ServeHost::with_caller(Caller::Worker(listener), clusters, metrics, owner)
     }
 
-    /// The host of a singleton service calling `clusters`, whose answers go to `inbox` (set
-    /// once the service has started).
+    /// The host of singleton service `name`, calling `clusters`, whose answers go to `inbox`
+    /// (set once the service has started).
     pub(crate) fn for_service(
+        name: &str,
         clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
         inbox: Arc<OnceLock<ServiceInbox>>,
+        metrics: Arc<HostMetrics>,
     ) -> ServeHost {
-        ServeHost::with_caller(Caller::Service(inbox), clusters)
+        let owner = format!("service/{name}");
+        ServeHost::with_caller(Caller::Service(inbox), clusters, metrics, owner)
     }
 
-    fn with_caller(caller: Caller, clusters: Arc<BTreeMap<String, Arc<ClusterState>>>) -> Self {
+    fn with_caller(
+        caller: Caller,
+        clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+        metrics: Arc<HostMetrics>,
+        owner: String,
+    ) -> Self {
+        let owner = VmOwnerLabel { owner };
+        metrics.vm_copies.get_or_create(&owner).inc();
         ServeHost {
             caller,
             clusters,
+            metrics,
+            owner,
             callouts: FxHashSet::default(),
             grpc_tasks: FxHashMap::default(),
             grpc_senders: FxHashMap::default(),
@@ -238,14 +257,14 @@ impl Host for ServeHost {
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let token = callout::dispatch(caller, cluster, request)?;
+        let token = callout::dispatch(caller, cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         Ok(token)
     }
 
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let (token, task) = grpc::call(caller, cluster, request)?;
+        let (token, task) = grpc::call(caller, cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
         Ok(token)
@@ -314,5 +333,6 @@ impl Drop for ServeHost {
         for task in self.grpc_tasks.values() {
             task.abort();
         }
+        self.metrics.vm_copies.get_or_create(&self.owner).dec();
     }
 }

@@ -118,6 +118,7 @@ impl Proxy {
             }
             let shared = Arc::new(worker::Listener {
                 index,
+                name: listener.name.clone(),
                 live: Arc::new(LivePlugins::new(plugins)),
                 clusters: Arc::clone(&clusters),
                 metrics: Arc::clone(&metrics),
@@ -170,8 +171,10 @@ impl Proxy {
                     Arc::clone(&plugins),
                     plugin,
                     Box::new(host::ServeHost::for_service(
+                        &name,
                         Arc::clone(&clusters),
                         Arc::clone(&inbox),
+                        Arc::clone(&metrics),
                     )),
                     Ticking::Clock,
                     Box::new(|_| {}),

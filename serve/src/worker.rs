@@ -21,6 +21,8 @@ use crate::proxy::ClusterState;
 pub(crate) struct Listener {
     /// Its index: its workers' slot on each thread.
     pub(crate) index: usize,
+    /// Its name, for metrics.
+    pub(crate) name: String,
     /// The plugins in force.
     pub(crate) live: Arc<LivePlugins>,
     /// Where `proxy_http_call` may go, by cluster name.
