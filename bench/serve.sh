@@ -8,6 +8,8 @@
 # Prints a Markdown table (medians over the rounds; ratios to `pwhost serve` without plugins).
 #
 #   bash bench/serve.sh            # ROUNDS=3 DURATION=10s CONNECTIONS=32 WORKERS=1
+#   SYSTEM_ALLOCATOR=1 bash bench/serve.sh   # also a build on the system allocator (cases
+#                                            # none-sysalloc, bench-wasmtime-sysalloc)
 #
 # Needs wrk and nginx (apt-get install wrk nginx) and the plugin corpus (scripts/setup.sh).
 set -euo pipefail
@@ -25,6 +27,13 @@ dist=$PWD/plugins/dist/rust
 [ -f "$dist/http_headers.wasm" ] || { echo "bench: $dist/http_headers.wasm is missing: run scripts/setup.sh" >&2; exit 1; }
 cargo build --release -q -p pwhost --features "wasmtime wamr v8 null serve"
 pwhost=$PWD/target/release/pwhost
+SYSTEM_ALLOCATOR=${SYSTEM_ALLOCATOR:-0}
+if [ "$SYSTEM_ALLOCATOR" = 1 ]; then
+  # The same proxy without mimalloc (pwhost's default allocator), in a target dir of its own.
+  cargo build --release -q -p pwhost --no-default-features --features "wasmtime serve" \
+    --target-dir target/system-allocator
+  pwhost_system=$PWD/target/system-allocator/release/pwhost
+fi
 
 work=$(mktemp -d)
 origin_port=$(free_port)
@@ -98,6 +107,10 @@ start() { # case
       nginx -c "$work/nginx-proxy/nginx.conf" -p "$work/nginx-proxy"
       proxy_pid=
       ;;
+    *-sysalloc)
+      RUST_LOG=warn "$pwhost_system" serve --config "$work/${1%-sysalloc}.yaml" --deadline-ms 1000 > "$work/$1.log" 2>&1 &
+      proxy_pid=$!
+      ;;
     *)
       RUST_LOG=warn "$pwhost" serve --config "$work/$1.yaml" --deadline-ms 1000 > "$work/$1.log" 2>&1 &
       proxy_pid=$!
@@ -120,6 +133,7 @@ stop() { # case
 }
 
 cases=(none headers-wasmtime headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime nginx)
+[ "$SYSTEM_ALLOCATOR" = 1 ] && cases+=(none-sysalloc bench-wasmtime-sysalloc)
 serve_config none none none
 serve_config headers-wasmtime http_headers wasmtime
 serve_config headers-wamr http_headers wamr

@@ -35,8 +35,8 @@ struct Origin {
     address: SocketAddr,
     requests: Arc<AtomicUsize>,
     last_body: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Origin {
@@ -44,80 +44,120 @@ impl Origin {
         Origin::answering_with(&[])
     }
 
-    /// An origin adding `headers` to every answer.
+    /// An origin (hyper's HTTP/1.1 server) answering every request with its request line,
+    /// headers and body, adding `headers`; `/slow...` answers after 1.5 s.
     fn answering_with(headers: &[(&str, &str)]) -> Origin {
-        let extra: Vec<tiny_http::Header> = headers
+        let extra: Vec<(http::HeaderName, http::HeaderValue)> = headers
             .iter()
-            .map(|(name, value)| tiny_http::Header::from_bytes(*name, *value).expect("header"))
-            .collect();
-        let server = tiny_http::Server::http("127.0.0.1:0").expect("the origin binds");
-        let address = server.server_addr().to_ip().expect("an IP address");
-        let requests = Arc::new(AtomicUsize::new(0));
-        let last_body = Arc::new(Mutex::new(String::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, stopped, body_seen) = (
-            Arc::clone(&requests),
-            Arc::clone(&stop),
-            Arc::clone(&last_body),
-        );
-        // Four handlers: a request waits on another only while all four are busy.
-        let server = Arc::new(server);
-        let threads = (0..4)
-            .map(|_| {
-                let (server, count, stopped, body_seen, extra) = (
-                    Arc::clone(&server),
-                    Arc::clone(&count),
-                    Arc::clone(&stopped),
-                    Arc::clone(&body_seen),
-                    extra.clone(),
-                );
-                std::thread::spawn(move || {
-                    while !stopped.load(Ordering::Relaxed) {
-                        let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50))
-                        else {
-                            continue;
-                        };
-                        let mut request_body = String::new();
-                        let _ = request.as_reader().read_to_string(&mut request_body);
-                        count.fetch_add(1, Ordering::Relaxed);
-                        *body_seen.lock().unwrap() = request_body.clone();
-                        if request.url().starts_with("/slow") {
-                            std::thread::sleep(Duration::from_millis(1500));
-                        }
-                        let mut body = format!("{} {}\n", request.method(), request.url());
-                        for header in request.headers() {
-                            body.push_str(&format!(
-                                "{}: {}\n",
-                                header.field.as_str().as_str().to_ascii_lowercase(),
-                                header.value
-                            ));
-                        }
-                        body.push_str(&format!("\n{request_body}\nhello from origin\n"));
-                        let mut response = tiny_http::Response::from_string(body).with_header(
-                            tiny_http::Header::from_bytes("server", "origin").expect("header"),
-                        );
-                        for header in &extra {
-                            response.add_header(header.clone());
-                        }
-                        let _ = request.respond(response);
-                    }
-                })
+            .map(|(name, value)| {
+                (
+                    http::HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+                    http::HeaderValue::from_str(value).expect("a header value"),
+                )
             })
             .collect();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("the origin binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("an address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let last_body = Arc::new(Mutex::new(String::new()));
+        let (count, body_seen) = (Arc::clone(&requests), Arc::clone(&last_body));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let extra = Arc::new(extra);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                loop {
+                    let stream = tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(_) => continue,
+                        },
+                    };
+                    let (count, body_seen, extra) = (
+                        Arc::clone(&count),
+                        Arc::clone(&body_seen),
+                        Arc::clone(&extra),
+                    );
+                    let service = hyper::service::service_fn(move |request| {
+                        let (count, body_seen, extra) = (
+                            Arc::clone(&count),
+                            Arc::clone(&body_seen),
+                            Arc::clone(&extra),
+                        );
+                        async move { echo(request, &count, &body_seen, &extra).await }
+                    });
+                    tokio::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
         Origin {
             address,
             requests,
             last_body,
-            stop,
-            threads,
+            stop: Some(stop),
+            thread: Some(thread),
         }
     }
 }
 
+/// The origin's answer: the request line, the headers (`name: value`), a blank line, the body
+/// and `hello from origin`.
+async fn echo(
+    request: http::Request<hyper::body::Incoming>,
+    count: &AtomicUsize,
+    body_seen: &Mutex<String>,
+    extra: &[(http::HeaderName, http::HeaderValue)],
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    let request_body = String::from_utf8_lossy(&body).into_owned();
+    count.fetch_add(1, Ordering::Relaxed);
+    *body_seen.lock().unwrap() = request_body.clone();
+    if parts.uri.path().starts_with("/slow") {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let mut text = format!("{} {}\n", parts.method, parts.uri);
+    for (name, value) in &parts.headers {
+        text.push_str(&format!(
+            "{}: {}\n",
+            name,
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    text.push_str(&format!("\n{request_body}\nhello from origin\n"));
+    let mut response = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+    let headers = response.headers_mut();
+    headers.insert("server", http::HeaderValue::from_static("origin"));
+    for (name, value) in extra {
+        headers.append(name.clone(), value.clone());
+    }
+    Ok(response)
+}
+
 impl Drop for Origin {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
@@ -1838,4 +1878,47 @@ fn reloads_under_load_fail_no_request_and_new_streams_run_the_new_chain() {
         "{metrics}"
     );
     serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn a_reload_puts_new_routes_and_clusters_in_force_and_refuses_what_needs_a_restart() {
+    let (first, second) = (
+        Origin::start(),
+        Origin::answering_with(&[("x-origin", "second")]),
+    );
+    let serve = Serve::start(
+        first.address,
+        &[envoy_filter("headers", "http_headers", "")],
+    );
+    let from_second = |path: &str| get(&serve.url(path), &[]).header("x-origin") == Some("second");
+    assert!(!from_second("/b"));
+    // A new route, to a new cluster, ahead of the one there was.
+    let text = std::fs::read_to_string(&serve.config).expect("the configuration");
+    let routed = text.replace(
+        "routes: [{prefix: /, cluster: backend}]",
+        "routes: [{prefix: /b, cluster: other}, {prefix: /, cluster: backend}]",
+    ) + &format!("  other: {{endpoints: [\"{}\"]}}\n", second.address);
+    std::fs::write(&serve.config, &routed).expect("the new routes");
+    let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    assert!(from_second("/b/page"));
+    assert!(!from_second("/a"));
+    // A cluster's endpoints changed: its traffic goes to the new ones.
+    std::fs::write(
+        &serve.config,
+        routed.replacen(&first.address.to_string(), &second.address.to_string(), 1),
+    )
+    .expect("the new endpoints");
+    let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    assert!(from_second("/a"));
+    // More workers need a restart: refused, and what is in force stays.
+    std::fs::write(&serve.config, routed.replace("workers: 2", "workers: 3"))
+        .expect("more workers");
+    let refused = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("workers changed"), "{}", refused.body);
+    assert!(from_second("/a"));
+    let reply = get(&serve.url("/b"), &[]);
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{reply:?}");
 }

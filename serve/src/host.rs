@@ -7,7 +7,6 @@
 //! or closing the stream). A plugin may ask from a later callback (a timer tick): the slot's
 //! [`Notify`] wakes the stream waiting for it.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use abi::{
@@ -26,6 +25,7 @@ use crate::callout::{self, Caller};
 use crate::grpc;
 use crate::headers::Lent;
 use crate::proxy::ClusterState;
+use crate::routing::SharedRouting;
 use crate::worker::Listener;
 
 /// A stream's place in a VM copy's host, for one plugin.
@@ -67,8 +67,8 @@ pub(crate) struct ServeHost {
     /// Who this copy's calls are from: a listener's plugins on a worker, or a singleton
     /// service.
     caller: Caller,
-    /// Where its calls may go, by cluster name.
-    clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+    /// Where its calls may go (the clusters of the routing in force when it calls).
+    routing: SharedRouting,
     /// The proxy's metrics (the copy counts itself in `vm_copies` while it lives).
     metrics: Arc<HostMetrics>,
     /// Whose copy it is, for `vm_copies`.
@@ -91,27 +91,27 @@ pub(crate) struct ServeHost {
 impl ServeHost {
     /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
-        let clusters = Arc::clone(&listener.clusters);
+        let routing = Arc::clone(&listener.routing);
         let metrics = Arc::clone(&listener.metrics);
         let owner = format!("listener/{}", listener.name);
-        ServeHost::with_caller(Caller::Worker(listener), clusters, metrics, owner)
+        ServeHost::with_caller(Caller::Worker(listener), routing, metrics, owner)
     }
 
-    /// The host of singleton service `name`, calling `clusters`, whose answers go to `inbox`
-    /// (set once the service has started).
+    /// The host of singleton service `name`, calling the clusters of `routing`, whose answers
+    /// go to `inbox` (set once the service has started).
     pub(crate) fn for_service(
         name: &str,
-        clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+        routing: SharedRouting,
         inbox: Arc<OnceLock<ServiceInbox>>,
         metrics: Arc<HostMetrics>,
     ) -> ServeHost {
         let owner = format!("service/{name}");
-        ServeHost::with_caller(Caller::Service(inbox), clusters, metrics, owner)
+        ServeHost::with_caller(Caller::Service(inbox), routing, metrics, owner)
     }
 
     fn with_caller(
         caller: Caller,
-        clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+        routing: SharedRouting,
         metrics: Arc<HostMetrics>,
         owner: String,
     ) -> Self {
@@ -119,7 +119,7 @@ impl ServeHost {
         metrics.vm_copies.get_or_create(&owner).inc();
         ServeHost {
             caller,
-            clusters,
+            routing,
             metrics,
             owner,
             callouts: FxHashSet::default(),
@@ -151,10 +151,10 @@ impl ServeHost {
     }
 
     /// The cluster a call from this copy names, checked.
-    fn cluster(&self, upstream: &[u8]) -> Result<(&Caller, &Arc<ClusterState>), Status> {
+    fn cluster(&self, upstream: &[u8]) -> Result<(&Caller, Arc<ClusterState>), Status> {
         let name = String::from_utf8_lossy(upstream);
-        match self.clusters.get(name.as_ref()) {
-            Some(cluster) => Ok((&self.caller, cluster)),
+        match self.routing.load().clusters.get(name.as_ref()) {
+            Some(cluster) => Ok((&self.caller, Arc::clone(cluster))),
             None => {
                 tracing::debug!(cluster = %name, "a call to an unknown cluster");
                 Err(Status::BadArgument)
@@ -257,14 +257,14 @@ impl Host for ServeHost {
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let token = callout::dispatch(caller, cluster, request, &self.metrics)?;
+        let token = callout::dispatch(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         Ok(token)
     }
 
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let (token, task) = grpc::call(caller, cluster, request, &self.metrics)?;
+        let (token, task) = grpc::call(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
         Ok(token)
@@ -272,7 +272,7 @@ impl Host for ServeHost {
 
     fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let (token, task, sender) = grpc::open(caller, cluster, request)?;
+        let (token, task, sender) = grpc::open(caller, &cluster, request)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
         self.grpc_senders.insert(token, Some(sender));

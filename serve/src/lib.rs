@@ -30,6 +30,7 @@ mod headers;
 mod host;
 mod proxy;
 mod reload;
+mod routing;
 mod stream;
 mod tcp;
 mod worker;
@@ -87,6 +88,7 @@ pub struct Proxy {
     metrics: Arc<admin::HostMetrics>,
     listeners: Vec<ListenerService>,
     services: Vec<SingletonService>,
+    routing: routing::SharedRouting,
 }
 
 impl Proxy {
@@ -95,18 +97,9 @@ impl Proxy {
     pub fn load(config: ServeConfig, engines: Arc<dyn Engines>) -> Result<Proxy, ServeError> {
         let options = load_options();
         let shared = abi::SharedState::default();
-        let clusters: Arc<std::collections::BTreeMap<String, Arc<proxy::ClusterState>>> = Arc::new(
-            config
-                .clusters
-                .iter()
-                .map(|(name, cluster)| {
-                    (
-                        name.clone(),
-                        Arc::new(proxy::ClusterState::new(name.clone(), cluster.clone())),
-                    )
-                })
-                .collect(),
-        );
+        let routing: routing::SharedRouting = Arc::new(arc_swap::ArcSwap::from_pointee(
+            routing::Routing::of(&config, None),
+        ));
         let metrics = Arc::new(admin::HostMetrics::default());
         let mut listeners = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
@@ -120,15 +113,13 @@ impl Proxy {
                 index,
                 name: listener.name.clone(),
                 live: Arc::new(LivePlugins::new(plugins)),
-                clusters: Arc::clone(&clusters),
+                routing: Arc::clone(&routing),
                 metrics: Arc::clone(&metrics),
             });
             let front = match &listener.cluster {
-                // A TCP listener (the configuration checked that its cluster exists).
-                Some(cluster) => Front::Tcp(tcp::TcpProxy {
+                Some(_) => Front::Tcp(tcp::TcpProxy {
                     listener: Arc::clone(&shared),
                     name: listener.name.clone(),
-                    cluster: Arc::clone(&clusters[cluster]),
                     buffer_limit: listener.limits.buffer_limit_bytes,
                     idle_timeout: listener.idle_timeout,
                     metrics: Arc::clone(&metrics),
@@ -136,11 +127,6 @@ impl Proxy {
                 None => Front::Http(proxy::ListenerProxy {
                     listener: Arc::clone(&shared),
                     name: listener.name.clone(),
-                    routes: listener
-                        .routes
-                        .iter()
-                        .map(|route| (route.clone(), Arc::clone(&clusters[&route.cluster])))
-                        .collect(),
                     limits: listener.limits,
                     metrics: Arc::clone(&metrics),
                 }),
@@ -172,7 +158,7 @@ impl Proxy {
                     plugin,
                     Box::new(host::ServeHost::for_service(
                         &name,
-                        Arc::clone(&clusters),
+                        Arc::clone(&routing),
                         Arc::clone(&inbox),
                         Arc::clone(&metrics),
                     )),
@@ -190,6 +176,7 @@ impl Proxy {
             metrics,
             listeners,
             services,
+            routing,
         })
     }
 
@@ -221,6 +208,7 @@ impl Proxy {
                 .map(|listener| Arc::clone(&listener.shared))
                 .collect(),
             config: std::sync::Mutex::new(self.config),
+            routing: Arc::clone(&self.routing),
             reloads: Default::default(),
         });
         server.add_service(pingora::services::background::background_service(

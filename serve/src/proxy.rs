@@ -11,7 +11,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::{HostMetrics, ListenerLabel, ResponseLabels};
-use crate::config::{Cluster, Limits, Route};
+use crate::config::{Cluster, Limits};
 use crate::drain::InFlightGuard;
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
@@ -23,7 +23,6 @@ pub(crate) struct ListenerProxy {
     pub(crate) name: String,
     /// The proxy's own metrics.
     pub(crate) metrics: Arc<HostMetrics>,
-    pub(crate) routes: Vec<(Route, Arc<ClusterState>)>,
     /// What clients may send.
     pub(crate) limits: Limits,
 }
@@ -459,15 +458,9 @@ impl ProxyHttp for ListenerProxy {
                     .and_then(|v| v.to_str().ok())
             })
             .map(|host| host.split(':').next().unwrap_or(host));
-        let route = self.routes.iter().find(|(route, _)| {
-            path.starts_with(route.prefix.as_bytes())
-                && route
-                    .host
-                    .as_deref()
-                    .is_none_or(|wanted| host.is_some_and(|h| h.eq_ignore_ascii_case(wanted)))
-        });
-        match route {
-            Some((_, cluster)) => {
+        let routing = self.listener.routing.load();
+        match routing.route(self.listener.index, path, host) {
+            Some(cluster) => {
                 tracing::trace!(cluster = %cluster.name, "routed");
                 ctx.upstream_h2 = cluster.cluster.http2;
                 Ok(Box::new(cluster.peer()))

@@ -1,7 +1,9 @@
 //! Configuration updates while serving: on SIGHUP (or `POST /reload` on the admin listener) the
-//! file is read again and every listener's plugin chain replaced. Streams that start afterwards
-//! run the new chains; streams in flight finish on the old ones. A configuration that cannot be
-//! used is refused with the reason, logged and counted, and the old one keeps serving.
+//! file is read again, and every listener's plugin chain, the routes, the TCP listeners'
+//! clusters and the clusters replaced. Streams that start afterwards run the new chains and
+//! are routed by the new routes; streams in flight finish on the old ones. A configuration that
+//! cannot be used, or that changes what needs a restart, is refused with the reason, logged and
+//! counted, and the old one keeps serving.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 
 use crate::admin::OutcomeLabel;
 use crate::config::ServeConfig;
+use crate::routing::{Routing, SharedRouting};
 use crate::worker::Listener;
 
 /// Reloads the configuration file into the running listeners.
@@ -25,13 +28,16 @@ pub(crate) struct Reloader {
     pub(crate) listeners: Vec<Arc<Listener>>,
     /// The configuration in force.
     pub(crate) config: Mutex<ServeConfig>,
+    /// The routing in force.
+    pub(crate) routing: SharedRouting,
     /// Reloads by outcome (`done`, `refused`).
     pub(crate) reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl Reloader {
-    /// Reads the file again and puts its plugin chains in force; what changed beyond the chains
-    /// (listeners, routes, clusters, workers, services) needs a restart and is refused.
+    /// Reads the file again and puts its plugin chains, routes and clusters in force; a change
+    /// to what listens (listeners, their names, addresses, protocols, limits), the workers,
+    /// the services, the admin listener or the drain timeout needs a restart and is refused.
     pub(crate) fn reload(&self) -> Result<(), String> {
         let outcome = self.try_reload();
         let label = OutcomeLabel {
@@ -56,21 +62,29 @@ impl Reloader {
         }
         for (index, (new, old)) in config.listeners.iter().zip(&current.listeners).enumerate() {
             if new.address != old.address
-                || new.routes != old.routes
                 || new.name != old.name
                 || new.protocol != old.protocol
-                || new.cluster != old.cluster
                 || new.limits != old.limits
                 || new.idle_timeout != old.idle_timeout
             {
                 return Err(format!(
-                    "listeners[{index}]: its name, address, protocol, routes, cluster or limits \
+                    "listeners[{index}]: its name, address, protocol, limits or idle timeout \
                      changed: restart to apply"
                 ));
             }
         }
-        if config.clusters != current.clusters {
-            return Err("clusters changed: restart to apply".into());
+        for (field, changed) in [
+            ("workers", config.workers != current.workers),
+            ("services", config.services != current.services),
+            ("admin", config.admin != current.admin),
+            (
+                "drain_timeout",
+                config.drain_timeout != current.drain_timeout,
+            ),
+        ] {
+            if changed {
+                return Err(format!("{field} changed: restart to apply"));
+            }
         }
         // Every chain loads before any is put in force: all or nothing.
         let options = crate::load_options();
@@ -82,6 +96,8 @@ impl Reloader {
                     .map_err(|e| format!("listeners[{index}].{}: {e}", new.filters_field()))?;
             loaded.push(plugins);
         }
+        let routing = Routing::of(&config, Some(&self.routing.load()));
+        self.routing.store(Arc::new(routing));
         for (listener, plugins) in self.listeners.iter().zip(loaded) {
             listener.live.replace(plugins);
         }

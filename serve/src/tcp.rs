@@ -33,7 +33,6 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::admin::{HostMetrics, ListenerLabel};
-use crate::proxy::ClusterState;
 use crate::stream::{Direction, Forward, Kind, Outcome, Stream};
 use crate::worker::Listener;
 
@@ -45,8 +44,6 @@ pub(crate) struct TcpProxy {
     pub(crate) listener: Arc<Listener>,
     /// The listener's name, for metrics.
     pub(crate) name: String,
-    /// Where every connection goes.
-    pub(crate) cluster: Arc<ClusterState>,
     /// Bytes of one direction's data the plugins may hold (and the proxy keep to write)
     /// before the connection stops reading that side.
     pub(crate) buffer_limit: usize,
@@ -69,11 +66,22 @@ impl ServerApp for TcpProxy {
             })
             .inc();
         let _in_flight = self.metrics.in_flight.enter();
-        let endpoint = self.cluster.next_endpoint();
+        // The cluster in force when the connection came, for the whole connection.
+        let Some(cluster) = self
+            .listener
+            .routing
+            .load()
+            .tcp_cluster(self.listener.index)
+            .cloned()
+        else {
+            tracing::error!(listener = %self.name, "a TCP listener without a cluster");
+            return None;
+        };
+        let endpoint = cluster.next_endpoint();
         let mut connection = Stream::new(Kind::Tcp, Arc::clone(&self.listener), self.buffer_limit);
         let mut info = connection_info(&downstream);
         info.upstream_address = Some(endpoint.to_string());
-        info.cluster_name = Some(self.cluster.name.clone());
+        info.cluster_name = Some(cluster.name.clone());
         connection.begin(&info);
         // The upstream side is not open yet: its close is of a connection never made.
         connection.closed_by[1] = PeerType::Unknown;
@@ -95,7 +103,7 @@ impl ServerApp for TcpProxy {
             connection.closed_by[0] = PeerType::Local;
             return None;
         }
-        let timeout = self.cluster.cluster.connect_timeout;
+        let timeout = cluster.cluster.connect_timeout;
         let upstream = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
             Ok(Ok(upstream)) => upstream,
             Ok(Err(error)) => {

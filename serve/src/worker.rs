@@ -6,7 +6,7 @@
 //! `proxy_on_tick` to those copies.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use lifecycle::{CopyId, Generation, LivePlugins, ThreadWorkers, Worker};
 
 use crate::admin::HostMetrics;
 use crate::host::ServeHost;
-use crate::proxy::ClusterState;
+use crate::routing::SharedRouting;
 
 /// What every thread's copies of a listener's plugins share.
 pub(crate) struct Listener {
@@ -25,8 +25,8 @@ pub(crate) struct Listener {
     pub(crate) name: String,
     /// The plugins in force.
     pub(crate) live: Arc<LivePlugins>,
-    /// Where `proxy_http_call` may go, by cluster name.
-    pub(crate) clusters: Arc<BTreeMap<String, Arc<ClusterState>>>,
+    /// Where its traffic and its plugins' calls go (replaced by a reload).
+    pub(crate) routing: SharedRouting,
     /// The proxy's own metrics.
     pub(crate) metrics: Arc<HostMetrics>,
 }

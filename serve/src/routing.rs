@@ -1,0 +1,160 @@
+//! Where requests and connections go: the clusters, and each listener's routes (an HTTP
+//! listener) or cluster (a TCP listener). A reload replaces them as one; a stream keeps the
+//! routing it was routed with, and calls already made keep their cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Route, ServeConfig};
+use crate::proxy::ClusterState;
+
+/// The clusters by name.
+pub(crate) type ClusterMap = BTreeMap<String, Arc<ClusterState>>;
+
+/// The routing in force, replaced whole by a reload.
+pub(crate) type SharedRouting = Arc<ArcSwap<Routing>>;
+
+/// One configuration's routing.
+pub(crate) struct Routing {
+    /// Every cluster, by name (where plugins' calls may go).
+    pub(crate) clusters: ClusterMap,
+    /// Per listener, by index.
+    listeners: Vec<Destination>,
+}
+
+/// Where one listener's traffic goes.
+enum Destination {
+    /// An HTTP listener's routes, in order, with their clusters.
+    Routes(Vec<(Route, Arc<ClusterState>)>),
+    /// A TCP listener's cluster.
+    Cluster(Arc<ClusterState>),
+}
+
+impl Routing {
+    /// The routing of `config`, whose routes and listeners name only clusters it has (as
+    /// [`ServeConfig::read`] checks). A cluster configured as in `previous` keeps its state
+    /// (where its round robin stands).
+    pub(crate) fn of(config: &ServeConfig, previous: Option<&Routing>) -> Routing {
+        let clusters: ClusterMap = config
+            .clusters
+            .iter()
+            .map(|(name, cluster)| {
+                let kept = previous
+                    .and_then(|previous| previous.clusters.get(name))
+                    .filter(|state| state.cluster == *cluster);
+                let state = match kept {
+                    Some(state) => Arc::clone(state),
+                    None => Arc::new(ClusterState::new(name.clone(), cluster.clone())),
+                };
+                (name.clone(), state)
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|listener| match &listener.cluster {
+                Some(name) => match clusters.get(name) {
+                    Some(cluster) => Destination::Cluster(Arc::clone(cluster)),
+                    None => Destination::Routes(Vec::new()),
+                },
+                None => Destination::Routes(
+                    listener
+                        .routes
+                        .iter()
+                        .filter_map(|route| {
+                            let cluster = clusters.get(&route.cluster)?;
+                            Some((route.clone(), Arc::clone(cluster)))
+                        })
+                        .collect(),
+                ),
+            })
+            .collect();
+        Routing {
+            clusters,
+            listeners,
+        }
+    }
+
+    /// The cluster of the first route of HTTP listener `listener` that a request for `path` at
+    /// `host` (without port) matches.
+    pub(crate) fn route(
+        &self,
+        listener: usize,
+        path: &[u8],
+        host: Option<&str>,
+    ) -> Option<&Arc<ClusterState>> {
+        let Some(Destination::Routes(routes)) = self.listeners.get(listener) else {
+            return None;
+        };
+        routes
+            .iter()
+            .find(|(route, _)| {
+                path.starts_with(route.prefix.as_bytes())
+                    && route
+                        .host
+                        .as_deref()
+                        .is_none_or(|wanted| host.is_some_and(|h| h.eq_ignore_ascii_case(wanted)))
+            })
+            .map(|(_, cluster)| cluster)
+    }
+
+    /// TCP listener `listener`'s cluster.
+    pub(crate) fn tcp_cluster(&self, listener: usize) -> Option<&Arc<ClusterState>> {
+        match self.listeners.get(listener) {
+            Some(Destination::Cluster(cluster)) => Some(cluster),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> ServeConfig {
+        ServeConfig::parse(text, std::path::Path::new(".")).expect("a configuration")
+    }
+
+    const FIRST: &str = "listeners:\n  - address: 127.0.0.1:1\n    routes: \
+                         [{prefix: /api, cluster: api}, {prefix: /, cluster: web}]\n  \
+                         - address: 127.0.0.1:2\n    protocol: tcp\n    cluster: web\n\
+                         clusters:\n  api: {endpoints: [\"127.0.0.1:10\"]}\n  \
+                         web: {endpoints: [\"127.0.0.1:20\"]}\n";
+
+    #[test]
+    fn requests_take_the_first_matching_route_and_tcp_listeners_their_cluster() {
+        let routing = Routing::of(&config(FIRST), None);
+        let name = |cluster: Option<&Arc<ClusterState>>| cluster.map(|c| c.name.clone());
+        assert_eq!(
+            name(routing.route(0, b"/api/v1", None)).as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            name(routing.route(0, b"/other", None)).as_deref(),
+            Some("web")
+        );
+        assert_eq!(name(routing.tcp_cluster(1)).as_deref(), Some("web"));
+        assert!(routing.route(1, b"/", None).is_none());
+        assert!(routing.tcp_cluster(0).is_none());
+    }
+
+    #[test]
+    fn a_cluster_unchanged_by_a_reload_keeps_its_state_and_a_changed_one_starts_anew() {
+        let first = Routing::of(&config(FIRST), None);
+        let second = Routing::of(
+            &config(&FIRST.replace("127.0.0.1:10", "127.0.0.1:11")),
+            Some(&first),
+        );
+        assert!(Arc::ptr_eq(&first.clusters["web"], &second.clusters["web"]));
+        assert!(!Arc::ptr_eq(
+            &first.clusters["api"],
+            &second.clusters["api"]
+        ));
+        assert_eq!(
+            second.clusters["api"].cluster.endpoints,
+            ["127.0.0.1:11".parse::<std::net::SocketAddr>().unwrap()]
+        );
+    }
+}
