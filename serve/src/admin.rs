@@ -271,7 +271,8 @@ impl Admin {
         registry.register(
             "pwhost_callout_duration_seconds",
             "time from a plugin's HTTP or unary gRPC call to its answer or failure, by kind \
-             (http, grpc), cluster and outcome (answered, failed)",
+             (http, grpc), cluster and outcome (answered; failed: no HTTP response, or a gRPC \
+             status other than OK)",
             host.callouts.clone(),
         );
         registry.register(

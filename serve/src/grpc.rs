@@ -74,16 +74,23 @@ impl Decoder for RawCodec {
 }
 
 thread_local! {
-    /// This thread's HTTP/2 channels, by cluster: calls to a cluster share its connections.
-    static CHANNELS: RefCell<HashMap<String, Channel>> = RefCell::new(HashMap::new());
+    /// This thread's HTTP/2 channels, by cluster name, with the cluster they were made for:
+    /// calls to a cluster share its connections until a reload changes the cluster.
+    static CHANNELS: RefCell<HashMap<String, (Arc<ClusterState>, Channel)>> =
+        RefCell::new(HashMap::new());
 }
 
 /// This thread's channel to `cluster` (made on first use, connecting when first needed), its
 /// connections driven by `runtime`.
-fn channel(cluster: &ClusterState, runtime: &tokio::runtime::Handle) -> Result<Channel, Status> {
+fn channel(
+    cluster: &Arc<ClusterState>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Channel, Status> {
     CHANNELS.with(|channels| {
-        if let Some(channel) = channels.borrow().get(&cluster.name) {
-            return Ok(channel.clone());
+        if let Some((made_for, channel)) = channels.borrow().get(&cluster.name) {
+            if Arc::ptr_eq(made_for, cluster) {
+                return Ok(channel.clone());
+            }
         }
         let mut endpoints = Vec::new();
         for address in &cluster.cluster.endpoints {
@@ -97,7 +104,7 @@ fn channel(cluster: &ClusterState, runtime: &tokio::runtime::Handle) -> Result<C
         let channel = Channel::balance_list(endpoints.into_iter());
         channels
             .borrow_mut()
-            .insert(cluster.name.clone(), channel.clone());
+            .insert(cluster.name.clone(), (Arc::clone(cluster), channel.clone()));
         Ok(channel)
     })
 }
@@ -114,7 +121,7 @@ struct Prepared {
 
 fn prepare(
     caller: &Caller,
-    cluster: &ClusterState,
+    cluster: &Arc<ClusterState>,
     request: &GrpcRequest,
 ) -> Result<Prepared, Status> {
     let service = std::str::from_utf8(&request.service).map_err(|_| Status::BadArgument)?;

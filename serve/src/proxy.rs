@@ -82,6 +82,12 @@ pub(crate) struct StreamContext {
     /// The response header as the plugins left it, kept while trailers may come to an HTTP/2
     /// client (see `finish_before_trailers`).
     response_header: Option<ResponseHeader>,
+    /// Meanwhile, the body that went on and Pingora may not have written yet.
+    passed: PassedBody,
+    /// The stream was reset at its trailers.
+    reset_at_trailers: bool,
+    /// The cluster the stream was routed to (a retry goes there too, whatever a reload did).
+    cluster: Option<Arc<ClusterState>>,
     /// Counts the stream as in flight (for a drain) while it lives.
     _in_flight: InFlightGuard,
 }
@@ -215,25 +221,20 @@ fn answer_with(ctx: &mut StreamContext, reply: Reply) -> Box<Error> {
     error
 }
 
-/// The error that resets a stream a plugin closed.
 /// Ends an HTTP/2 response whose plugins let a buffered body go at its trailers: the body
 /// must reach the client before the trailers, but Pingora writes the chunks it read together
-/// (the header, a body chunk, the trailers) only after filtering all of them, so this writes
-/// the header (if not out yet), the body and the trailers itself. It refuses if body the
-/// plugins let go earlier is not written yet (it would come after the trailers).
+/// (the header, body chunks, the trailers) only after filtering all of them, so this writes
+/// the header (if not out yet), the body the plugins let go before and Pingora has not written
+/// yet, what they let go now, and the trailers itself. What Pingora then writes of the batch
+/// finds the stream ended.
 async fn finish_before_trailers(
     session: &mut Session,
     ctx: &mut StreamContext,
     held: Vec<u8>,
     trailers: &mut http::HeaderMap,
 ) -> std::result::Result<(), String> {
-    if session.as_ref().body_bytes_sent() != ctx.response_body_out {
-        return Err(
-            "a plugin let a buffered body go at the trailers while earlier body was \
-                    still queued"
-                .into(),
-        );
-    }
+    ctx.passed.written_up_to(session.as_ref().body_bytes_sent());
+    let queued = ctx.passed.unwritten(session.as_ref().body_bytes_sent());
     if session.as_ref().response_written().is_none() {
         let header = ctx
             .response_header
@@ -244,11 +245,13 @@ async fn finish_before_trailers(
             .await
             .map_err(|e| format!("response header: {e}"))?;
     }
-    ctx.response_body_out += held.len();
-    session
-        .write_response_body(Some(Bytes::from(held)), false)
-        .await
-        .map_err(|e| format!("response body before the trailers: {e}"))?;
+    for chunk in queued.into_iter().chain([Bytes::from(held)]) {
+        ctx.response_body_out += chunk.len();
+        session
+            .write_response_body(Some(chunk), false)
+            .await
+            .map_err(|e| format!("response body before the trailers: {e}"))?;
+    }
     session
         .as_mut()
         .write_response_trailers(std::mem::take(trailers))
@@ -256,6 +259,7 @@ async fn finish_before_trailers(
         .map_err(|e| format!("response trailers: {e}"))
 }
 
+/// The error that resets a stream a plugin closed.
 fn closed() -> Box<Error> {
     let mut error = Error::explain(CLOSED, "a plugin closed the stream");
     error.set_retry(false);
@@ -280,6 +284,45 @@ fn stream_info(session: &Session) -> abi::StreamInfo {
         .to_string(),
     );
     info
+}
+
+/// Response body chunks that went on to Pingora, from the offset `start` of the body on, kept
+/// until Pingora has written them.
+#[derive(Default)]
+struct PassedBody {
+    start: usize,
+    chunks: std::collections::VecDeque<Bytes>,
+}
+
+impl PassedBody {
+    fn push(&mut self, chunk: Bytes) {
+        self.chunks.push_back(chunk);
+    }
+
+    /// Forgets the chunks wholly within the first `sent` bytes of the body.
+    fn written_up_to(&mut self, sent: usize) {
+        while let Some(chunk) = self.chunks.front() {
+            if self.start + chunk.len() > sent {
+                break;
+            }
+            self.start += chunk.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// What of the kept chunks lies beyond the first `sent` bytes of the body.
+    fn unwritten(&self, sent: usize) -> Vec<Bytes> {
+        let mut offset = self.start;
+        let mut out = Vec::new();
+        for chunk in &self.chunks {
+            let end = offset + chunk.len();
+            if end > sent {
+                out.push(chunk.slice(sent.saturating_sub(offset).min(chunk.len())..));
+            }
+            offset = end;
+        }
+        out
+    }
 }
 
 /// A request's framing headers (`Content-Length`, `Transfer-Encoding`).
@@ -362,6 +405,9 @@ impl ProxyHttp for ListenerProxy {
             response_body_out: 0,
             upstream_h2: false,
             response_header: None,
+            passed: PassedBody::default(),
+            reset_at_trailers: false,
+            cluster: None,
             pending_reply: None,
             response_done: false,
             _in_flight: self.metrics.in_flight.enter(),
@@ -459,8 +505,14 @@ impl ProxyHttp for ListenerProxy {
             })
             .map(|host| host.split(':').next().unwrap_or(host));
         let routing = self.listener.routing.load();
-        match routing.route(self.listener.index, path, host) {
+        let cluster = match &ctx.cluster {
+            // A retry: the cluster the stream was routed to.
+            Some(cluster) => Some(Arc::clone(cluster)),
+            None => routing.route(self.listener.index, path, host).cloned(),
+        };
+        match cluster {
             Some(cluster) => {
+                ctx.cluster = Some(Arc::clone(&cluster));
                 tracing::trace!(cluster = %cluster.name, "routed");
                 ctx.upstream_h2 = cluster.cluster.http2;
                 Ok(Box::new(cluster.peer()))
@@ -514,7 +566,7 @@ impl ProxyHttp for ListenerProxy {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut StreamContext,
@@ -523,7 +575,17 @@ impl ProxyHttp for ListenerProxy {
         match ctx.stream.response_body(chunk, end_of_stream) {
             Ok(data) => {
                 ctx.response_body_out += data.len();
-                *body = (!data.is_empty()).then(|| Bytes::from(data));
+                let data = (!data.is_empty()).then(|| Bytes::from(data));
+                if ctx.response_header.is_some() {
+                    // Trailers may come: what goes on is kept until Pingora has written it
+                    // (see `finish_before_trailers`).
+                    let sent = session.as_ref().body_bytes_sent();
+                    ctx.passed.written_up_to(sent);
+                    if let Some(data) = &data {
+                        ctx.passed.push(data.clone());
+                    }
+                }
+                *body = data;
                 Ok(None)
             }
             // The headers are gone: the response can only end here.
@@ -557,14 +619,17 @@ impl ProxyHttp for ListenerProxy {
         // Too late for a reply (the response header is out), and a trailers filter's error
         // does not stop Pingora from forwarding the trailers: reset the stream itself.
         tracing::debug!("stream reset at the response trailers");
+        ctx.reset_at_trailers = true;
         session.as_mut().shutdown().await;
         trailers.clear();
         Ok(None)
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &StreamContext, error: &Error) -> bool {
-        // A plugin's reply or reset is no proxy error.
-        matches!(error.etype(), etype if *etype == CLOSED || *etype == REPLIED)
+    fn suppress_error_log(&self, _session: &Session, ctx: &StreamContext, error: &Error) -> bool {
+        // A plugin's reply or reset is no proxy error (nor is Pingora failing to write the
+        // rest of a stream reset at its trailers).
+        ctx.reset_at_trailers
+            || matches!(error.etype(), etype if *etype == CLOSED || *etype == REPLIED)
     }
 
     fn error_while_proxy(
@@ -641,5 +706,28 @@ impl ProxyHttp for ListenerProxy {
         }
         ctx.stream
             .end(Some(session.req_header_mut()), response.as_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_kept_before_trailers_is_what_pingora_has_not_written_yet() {
+        let mut passed = PassedBody::default();
+        passed.push(Bytes::from_static(b"abc"));
+        passed.push(Bytes::from_static(b"defg"));
+        // Nothing written: all of it is still to go, in order.
+        assert_eq!(passed.unwritten(0), ["abc", "defg"]);
+        // Part of a chunk written: the rest of it, then the next.
+        assert_eq!(passed.unwritten(2), ["c", "defg"]);
+        // A chunk wholly written is forgotten.
+        passed.written_up_to(3);
+        assert_eq!(passed.chunks.len(), 1);
+        assert_eq!(passed.unwritten(5), ["fg"]);
+        passed.written_up_to(7);
+        assert!(passed.unwritten(7).is_empty());
+        assert!(passed.chunks.is_empty());
     }
 }
