@@ -74,9 +74,6 @@ pub(crate) struct StreamContext {
     response_done: bool,
     /// Request body went through the plugins.
     body_seen: bool,
-    /// Response body bytes the plugins let go to the client, to tell whether all of it was
-    /// written before the trailers (see `response_trailer_filter`).
-    response_body_out: usize,
     /// The upstream speaks HTTP/2 (only then can a response have trailers).
     upstream_h2: bool,
     /// The response header as the plugins left it, kept while trailers may come to an HTTP/2
@@ -246,7 +243,6 @@ async fn finish_before_trailers(
             .map_err(|e| format!("response header: {e}"))?;
     }
     for chunk in queued.into_iter().chain([Bytes::from(held)]) {
-        ctx.response_body_out += chunk.len();
         session
             .write_response_body(Some(chunk), false)
             .await
@@ -402,7 +398,6 @@ impl ProxyHttp for ListenerProxy {
             ),
             upstream_framing: None,
             body_seen: false,
-            response_body_out: 0,
             upstream_h2: false,
             response_header: None,
             passed: PassedBody::default(),
@@ -574,7 +569,6 @@ impl ProxyHttp for ListenerProxy {
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.response_body(chunk, end_of_stream) {
             Ok(data) => {
-                ctx.response_body_out += data.len();
                 let data = (!data.is_empty()).then(|| Bytes::from(data));
                 if ctx.response_header.is_some() {
                     // Trailers may come: what goes on is kept until Pingora has written it
