@@ -1422,6 +1422,22 @@ fn grpc_through_the_proxy_reaches_the_plugins_with_its_bodies_and_trailers() {
     );
     assert_eq!(plain.status, 200);
     assert_eq!(plain.body, "\0\0\0\0\x1cchecked HELLO (x-meta howdy)");
+    // A plugin resetting the stream at its trailers: the client sees the stream reset, not a
+    // reply without its status; the proxy logs no error of its own for it.
+    let reset = grpc_unary(
+        &serve.url(""),
+        "/pwhost.Auth/Check",
+        "hello",
+        &[("x-reset-at-trailers", "1")],
+    )
+    .expect_err("the stream is reset");
+    assert!(
+        matches!(reset.code(), tonic::Code::Internal | tonic::Code::Unknown),
+        "{reset:?}"
+    );
+    serve.wait_for_log("resetting the stream at its trailers");
+    let log = serve.log();
+    assert!(!log.contains("ERROR"), "{log}");
     // A failed call's status comes back as the upstream's trailers said, through the plugins.
     upstream.deny.store(true, Ordering::Relaxed);
     let status = grpc_unary(&serve.url(""), "/pwhost.Auth/Check", "hi", &[])

@@ -4,7 +4,8 @@
 //! `x-pwhost-plugin: http_headers`, replaces `user-agent` with `pwhost-test` (only if present) and
 //! removes `x-remove-me`. Response headers: adds `x-powered-by: pwhost` and removes `server`.
 //! Response trailers: logs each as `response trailer: {k}: {v}` and adds
-//! `x-pwhost-trailer: seen`. All return Continue. `on_log` logs `done: {path}` once, reading `:path` from the request
+//! `x-pwhost-trailer: seen`; if the request had header `x-reset-at-trailers`, resets the stream
+//! there instead. All return Continue. `on_log` logs `done: {path}` once, reading `:path` from the request
 //! headers — a host test should see the original path, i.e. request headers must stay readable
 //! during `proxy_on_log`.
 
@@ -27,11 +28,15 @@ impl RootContext for HttpHeadersRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(HttpHeaders))
+        Some(Box::new(HttpHeaders {
+            reset_at_trailers: false,
+        }))
     }
 }
 
-struct HttpHeaders;
+struct HttpHeaders {
+    reset_at_trailers: bool,
+}
 
 impl Context for HttpHeaders {}
 
@@ -45,6 +50,9 @@ impl HttpContext for HttpHeaders {
             self.set_http_request_header("user-agent", Some("pwhost-test"));
         }
         self.remove_http_request_header("x-remove-me");
+        self.reset_at_trailers = self
+            .get_http_request_header("x-reset-at-trailers")
+            .is_some();
         Action::Continue
     }
 
@@ -57,6 +65,11 @@ impl HttpContext for HttpHeaders {
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
         for (name, value) in &self.get_http_response_trailers() {
             info!("response trailer: {}: {}", name, value);
+        }
+        if self.reset_at_trailers {
+            info!("resetting the stream at its trailers");
+            self.reset_http_response();
+            return Action::Pause;
         }
         self.add_http_response_trailer("x-pwhost-trailer", "seen");
         Action::Continue
