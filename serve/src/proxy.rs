@@ -83,6 +83,8 @@ pub(crate) struct StreamContext {
     passed: PassedBody,
     /// The stream was reset at its trailers.
     reset_at_trailers: bool,
+    /// The response trailers as the plugins left them, for `proxy_on_log`.
+    response_trailers: Option<http::HeaderMap>,
     /// The cluster the stream was routed to (a retry goes there too, whatever a reload did).
     cluster: Option<Arc<ClusterState>>,
     /// Counts the stream as in flight (for a drain) while it lives.
@@ -402,6 +404,7 @@ impl ProxyHttp for ListenerProxy {
             response_header: None,
             passed: PassedBody::default(),
             reset_at_trailers: false,
+            response_trailers: None,
             cluster: None,
             pending_reply: None,
             response_done: false,
@@ -595,6 +598,7 @@ impl ProxyHttp for ListenerProxy {
     ) -> Result<Option<Bytes>> {
         let (outcome, held) = ctx.stream.response_trailers(trailers).await;
         if let Outcome::Continue = outcome {
+            ctx.response_trailers = Some(trailers.clone());
             if held.is_empty() {
                 return Ok(None);
             }
@@ -698,8 +702,11 @@ impl ProxyHttp for ListenerProxy {
                 })
                 .inc();
         }
-        ctx.stream
-            .end(Some(session.req_header_mut()), response.as_mut());
+        ctx.stream.end(
+            Some(session.req_header_mut()),
+            response.as_mut(),
+            ctx.response_trailers.as_mut(),
+        );
     }
 }
 

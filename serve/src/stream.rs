@@ -794,13 +794,14 @@ impl Stream {
         }
     }
 
-    /// The stream is over: `proxy_on_log` (with the request and response headers readable, when
-    /// given), `proxy_on_done` and `proxy_on_delete` for every plugin, then the contexts and VM
-    /// holds go.
+    /// The stream is over: `proxy_on_log` (with the request and response headers and the
+    /// response trailers readable, when given), `proxy_on_done` and `proxy_on_delete` for every
+    /// plugin, then the contexts and VM holds go.
     pub(crate) fn end(
         &mut self,
         mut request: Option<&mut RequestHeader>,
         mut response: Option<&mut ResponseHeader>,
+        mut trailers: Option<&mut http::HeaderMap>,
     ) {
         let Some(generation) = self.generation else {
             return;
@@ -825,6 +826,9 @@ impl Stream {
                     }
                     if let Some(header) = response.as_deref_mut() {
                         lend_response(slot, header);
+                    }
+                    if let Some(map) = trailers.as_deref_mut() {
+                        lend_trailers(slot, map);
                     }
                     if kind == Kind::Tcp {
                         slot.info.bytes_received = Some(transferred[0]);
@@ -884,7 +888,7 @@ impl Drop for Stream {
     fn drop(&mut self) {
         // A stream dropped before its logging phase (a client gone mid-way) still ends its
         // contexts: nothing is left live in the VM.
-        self.end(None, None);
+        self.end(None, None, None);
     }
 }
 

@@ -5,9 +5,10 @@
 //! removes `x-remove-me`. Response headers: adds `x-powered-by: pwhost` and removes `server`.
 //! Response trailers: logs each as `response trailer: {k}: {v}` and adds
 //! `x-pwhost-trailer: seen`; if the request had header `x-reset-at-trailers`, resets the stream
-//! there instead. All return Continue. `on_log` logs `done: {path}` once, reading `:path` from the request
-//! headers — a host test should see the original path, i.e. request headers must stay readable
-//! during `proxy_on_log`.
+//! there instead. All return Continue. `on_log` logs `done: {path}` once (`done: {path}
+//! (grpc-status {s})` when the response had a `grpc-status` trailer), reading `:path` from the
+//! request headers — a host test should see the original path, i.e. request headers (and the
+//! response trailers) must stay readable during `proxy_on_log`.
 
 use log::info;
 use proxy_wasm::traits::*;
@@ -77,6 +78,9 @@ impl HttpContext for HttpHeaders {
 
     fn on_log(&mut self) {
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        info!("done: {}", path);
+        match self.get_http_response_trailer("grpc-status") {
+            Some(status) => info!("done: {} (grpc-status {})", path, status),
+            None => info!("done: {}", path),
+        }
     }
 }
