@@ -31,12 +31,65 @@ fn free_port() -> u16 {
 
 /// An origin that answers every request with what it received: request line, headers (lower
 /// case), body, then `hello from origin`; a request for `/slow...` after 1.5 s.
+/// A server on 127.0.0.1 on a thread of its own (a current-thread runtime), stopped and joined
+/// when dropped.
+struct Background {
+    address: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Binds a port and runs `serve(listener, stopped)` on it; `stopped` resolves on drop.
+    fn start<F>(
+        serve: impl FnOnce(tokio::net::TcpListener, tokio::sync::oneshot::Receiver<()>) -> F
+            + Send
+            + 'static,
+    ) -> Background
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a test server binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("an address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                serve(listener, stopped).await;
+            });
+        });
+        Background {
+            address,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 struct Origin {
     address: SocketAddr,
     requests: Arc<AtomicUsize>,
     last_body: Arc<Mutex<String>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl Origin {
@@ -47,68 +100,54 @@ impl Origin {
     /// An origin (hyper's HTTP/1.1 server) answering every request with its request line,
     /// headers and body, adding `headers`; `/slow...` answers after 1.5 s.
     fn answering_with(headers: &[(&str, &str)]) -> Origin {
-        let extra: Vec<(http::HeaderName, http::HeaderValue)> = headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    http::HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
-                    http::HeaderValue::from_str(value).expect("a header value"),
-                )
-            })
-            .collect();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("the origin binds");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let address = listener.local_addr().expect("an address");
+        let extra: Arc<Vec<(http::HeaderName, http::HeaderValue)>> = Arc::new(
+            headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        http::HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+                        http::HeaderValue::from_str(value).expect("a header value"),
+                    )
+                })
+                .collect(),
+        );
         let requests = Arc::new(AtomicUsize::new(0));
         let last_body = Arc::new(Mutex::new(String::new()));
         let (count, body_seen) = (Arc::clone(&requests), Arc::clone(&last_body));
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let extra = Arc::new(extra);
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
-                loop {
-                    let stream = tokio::select! {
-                        _ = &mut stopped => return,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => stream,
-                            Err(_) => continue,
-                        },
-                    };
+        let server = Background::start(move |listener, mut stopped| async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = &mut stopped => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (count, body_seen, extra) = (
+                    Arc::clone(&count),
+                    Arc::clone(&body_seen),
+                    Arc::clone(&extra),
+                );
+                let service = hyper::service::service_fn(move |request| {
                     let (count, body_seen, extra) = (
                         Arc::clone(&count),
                         Arc::clone(&body_seen),
                         Arc::clone(&extra),
                     );
-                    let service = hyper::service::service_fn(move |request| {
-                        let (count, body_seen, extra) = (
-                            Arc::clone(&count),
-                            Arc::clone(&body_seen),
-                            Arc::clone(&extra),
-                        );
-                        async move { echo(request, &count, &body_seen, &extra).await }
-                    });
-                    tokio::spawn(async move {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
+                    async move { echo(request, &count, &body_seen, &extra).await }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
         });
         Origin {
-            address,
+            address: server.address,
             requests,
             last_body,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 }
@@ -149,17 +188,6 @@ async fn echo(
         headers.append(name.clone(), value.clone());
     }
     Ok(response)
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// A `pwhost serve` process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -319,6 +347,13 @@ impl Reply {
 }
 
 fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Reply {
+    assert_eq!(method, if body.is_some() { "POST" } else { "GET" });
+    try_send(url, headers, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// `POST` with `body`, or `GET` without one, on a connection of its own; or why it failed (no
+/// panic: for client threads).
+fn try_send(url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Result<Reply, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(20)))
@@ -337,11 +372,10 @@ fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -
             for (name, value) in headers {
                 request = request.header(*name, *value);
             }
-            assert_eq!(method, "GET");
             request.call()
         }
     }
-    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -351,12 +385,12 @@ fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -
     let body = response
         .into_body()
         .read_to_string()
-        .expect("a readable body");
-    Reply {
+        .map_err(|e| e.to_string())?;
+    Ok(Reply {
         status,
         headers,
         body,
-    }
+    })
 }
 
 fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
@@ -1094,8 +1128,7 @@ struct GrpcUpstream {
     address: SocketAddr,
     deny: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 mod grpc_upstream {
@@ -1192,51 +1225,25 @@ mod grpc_upstream {
 
 impl GrpcUpstream {
     fn start() -> GrpcUpstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("the gRPC server binds");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let address = listener.local_addr().expect("an address");
         let deny = Arc::new(AtomicBool::new(false));
         let calls = Arc::new(AtomicUsize::new(0));
         let upstream = grpc_upstream::Upstream {
             deny: Arc::clone(&deny),
             calls: Arc::clone(&calls),
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let _ = tonic::transport::Server::builder()
-                    .serve_with_incoming_shutdown(upstream, incoming, async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
+        let server = Background::start(move |listener, stopped| async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .serve_with_incoming_shutdown(upstream, incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
         });
         GrpcUpstream {
-            address,
+            address: server.address,
             deny,
             calls,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for GrpcUpstream {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            _server: server,
         }
     }
 }
@@ -1664,28 +1671,9 @@ fn plugin_block(name: &str, plugin: &str, configuration: &str, extra: &[&str]) -
     block
 }
 
-/// One request on a connection of its own, or why it failed (no panic: for client threads).
+/// `GET` on a connection of its own, or why it failed (no panic: for client threads).
 fn try_get(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(20)))
-        .build()
-        .into();
-    let mut request = agent.get(url);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request.call().map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
-    Ok(Reply {
-        status,
-        headers: Vec::new(),
-        body,
-    })
+    try_send(url, headers, None)
 }
 
 /// The value of `name` in an origin's echo of the request headers.

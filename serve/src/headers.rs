@@ -139,32 +139,24 @@ impl RegularHeaders for http::HeaderMap {
         self
     }
     fn append(&mut self, name: &[u8], value: &[u8]) -> bool {
-        match (
-            http::HeaderName::from_bytes(&header_name(name)),
-            http::HeaderValue::from_bytes(value),
-        ) {
-            (Ok(name), Ok(value)) => {
-                self.append(name, value);
-                true
-            }
-            _ => false,
-        }
+        parsed(name, value)
+            .map(|(name, value)| self.append(name, value))
+            .is_some()
     }
     fn insert(&mut self, name: &[u8], value: &[u8]) -> bool {
-        match (
-            http::HeaderName::from_bytes(&header_name(name)),
-            http::HeaderValue::from_bytes(value),
-        ) {
-            (Ok(name), Ok(value)) => {
-                self.insert(name, value);
-                true
-            }
-            _ => false,
-        }
+        parsed(name, value)
+            .map(|(name, value)| self.insert(name, value))
+            .is_some()
     }
     fn remove_named(&mut self, name: &str) {
         self.remove(name);
     }
+}
+
+/// A plugin's header name and value as `http` takes them, if they are valid.
+fn parsed(name: &[u8], value: &[u8]) -> Option<(http::HeaderName, http::HeaderValue)> {
+    let name = http::HeaderName::from_bytes(&header_name(name)).ok()?;
+    Some((name, http::HeaderValue::from_bytes(value).ok()?))
 }
 
 /// A regular header's first value.

@@ -74,8 +74,6 @@ pub(crate) struct StreamContext {
     response_done: bool,
     /// Request body went through the plugins.
     body_seen: bool,
-    /// The upstream speaks HTTP/2 (only then can a response have trailers).
-    upstream_h2: bool,
     /// The response header as the plugins left it, kept while trailers may come to an HTTP/2
     /// client (see `finish_before_trailers`).
     response_header: Option<ResponseHeader>,
@@ -232,7 +230,6 @@ async fn finish_before_trailers(
     held: Vec<u8>,
     trailers: &mut http::HeaderMap,
 ) -> std::result::Result<(), String> {
-    ctx.passed.written_up_to(session.as_ref().body_bytes_sent());
     let queued = ctx.passed.unwritten(session.as_ref().body_bytes_sent());
     if session.as_ref().response_written().is_none() {
         let header = ctx
@@ -400,7 +397,6 @@ impl ProxyHttp for ListenerProxy {
             ),
             upstream_framing: None,
             body_seen: false,
-            upstream_h2: false,
             response_header: None,
             passed: PassedBody::default(),
             reset_at_trailers: false,
@@ -502,17 +498,20 @@ impl ProxyHttp for ListenerProxy {
                     .and_then(|v| v.to_str().ok())
             })
             .map(|host| host.split(':').next().unwrap_or(host));
-        let routing = self.listener.routing.load();
         let cluster = match &ctx.cluster {
             // A retry: the cluster the stream was routed to.
             Some(cluster) => Some(Arc::clone(cluster)),
-            None => routing.route(self.listener.index, path, host).cloned(),
+            None => self
+                .listener
+                .routing
+                .load()
+                .route(self.listener.index, path, host)
+                .cloned(),
         };
         match cluster {
             Some(cluster) => {
                 ctx.cluster = Some(Arc::clone(&cluster));
                 tracing::trace!(cluster = %cluster.name, "routed");
-                ctx.upstream_h2 = cluster.cluster.http2;
                 Ok(Box::new(cluster.peer()))
             }
             None => Err(Error::explain(
@@ -550,7 +549,9 @@ impl ProxyHttp for ListenerProxy {
             .await
         {
             Outcome::Continue => {
-                if ctx.upstream_h2 && !end_of_stream && session.as_ref().is_http2() {
+                // Only an HTTP/2 upstream's response has trailers.
+                let upstream_h2 = ctx.cluster.as_ref().is_some_and(|c| c.cluster.http2);
+                if upstream_h2 && !end_of_stream && session.as_ref().is_http2() {
                     ctx.response_header = Some(upstream_response.clone());
                 }
                 Ok(())
