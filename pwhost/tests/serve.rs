@@ -1273,6 +1273,20 @@ fn a_unary_grpc_call_holds_the_request_until_its_reply_or_failure_comes() {
     assert_eq!(denied.status, 503);
     assert_eq!(denied.body, "grpc failed: 7 not you");
     assert_eq!(upstream.calls.load(Ordering::Relaxed), 2);
+    // A reload that moves the cluster to another server: the workers' channels to the old
+    // endpoint are not used again.
+    let moved = GrpcUpstream::start();
+    let text = std::fs::read_to_string(&serve.config).expect("the configuration");
+    let text = text.replace(&upstream.address.to_string(), &moved.address.to_string());
+    std::fs::write(&serve.config, text).expect("the moved cluster");
+    let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    for _ in 0..4 {
+        let reply = get(&serve.url("/checked"), &[]);
+        assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
+    }
+    assert_eq!(moved.calls.load(Ordering::Relaxed), 4);
+    assert_eq!(upstream.calls.load(Ordering::Relaxed), 2);
     serve.wait_for_no_live_contexts();
 }
 

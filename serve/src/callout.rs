@@ -41,10 +41,14 @@ pub(crate) enum Caller {
     /// A plugin of this listener, on the calling worker thread: answers are delivered to its
     /// VM copy there.
     Worker(Arc<Listener>),
-    /// A singleton service: answers are posted to its thread through its inbox, which is set
-    /// once the service has started (a call made while it starts waits for it).
-    Service(Arc<OnceLock<ServiceInbox>>),
+    /// A singleton service: answers are posted to its thread through its inbox, which is
+    /// published once the service has started (an answer to a call made while it starts waits
+    /// for it; a service that failed to start closes the channel unpublished).
+    Service(ServiceAddress),
 }
+
+/// Where a singleton service's answers go: its inbox, published once the service has started.
+pub(crate) type ServiceAddress = tokio::sync::watch::Receiver<Option<ServiceInbox>>;
 
 /// How long an answer for a singleton service waits for the service to finish starting.
 const SERVICE_START_WAIT: Duration = Duration::from_secs(60);
@@ -208,17 +212,17 @@ pub(crate) async fn deliver(
 ) {
     match caller {
         Caller::Worker(listener) => deliver_here(listener, token, last, callback),
-        Caller::Service(inbox) => {
-            let deadline = Instant::now() + SERVICE_START_WAIT;
-            let inbox = loop {
-                if let Some(inbox) = inbox.get() {
-                    break inbox;
-                }
-                if Instant::now() >= deadline {
-                    tracing::warn!(token, "a call's answer found its service never started");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        Caller::Service(address) => {
+            let mut address = address.clone();
+            let started =
+                tokio::time::timeout(SERVICE_START_WAIT, address.wait_for(Option::is_some)).await;
+            let Some(inbox) = started
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|inbox| inbox.clone())
+            else {
+                tracing::warn!(token, "a call's answer found its service never started");
+                return;
             };
             inbox.post(Box::new(move |vm| {
                 let Some(host) = vm.host_as::<ServeHost>() else {

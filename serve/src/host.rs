@@ -7,21 +7,20 @@
 //! or closing the stream). A plugin may ask from a later callback (a timer tick): the slot's
 //! [`Notify`] wakes the stream waiting for it.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use abi::{
     BufferType, ContextId, GrpcRequest, Headers, Host, HttpCallRequest, LocalResponse, LogLevel,
     MapType, Status, StreamInfo, StreamType,
 };
 use bytes::Bytes;
-use lifecycle::ServiceInbox;
 use pingora::http::{RequestHeader, ResponseHeader};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 
 use crate::admin::{HostMetrics, VmOwnerLabel};
-use crate::callout::{self, Caller};
+use crate::callout::{self, Caller, ServiceAddress};
 use crate::grpc;
 use crate::headers::Lent;
 use crate::proxy::ClusterState;
@@ -98,15 +97,15 @@ impl ServeHost {
     }
 
     /// The host of singleton service `name`, calling the clusters of `routing`, whose answers
-    /// go to `inbox` (set once the service has started).
+    /// go to the service's inbox at `address` (published once the service has started).
     pub(crate) fn for_service(
         name: &str,
         routing: SharedRouting,
-        inbox: Arc<OnceLock<ServiceInbox>>,
+        address: ServiceAddress,
         metrics: Arc<HostMetrics>,
     ) -> ServeHost {
         let owner = format!("service/{name}");
-        ServeHost::with_caller(Caller::Service(inbox), routing, metrics, owner)
+        ServeHost::with_caller(Caller::Service(address), routing, metrics, owner)
     }
 
     fn with_caller(

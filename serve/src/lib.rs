@@ -151,22 +151,23 @@ impl Proxy {
                         "services: {name}: only singleton services (singleton: true) run yet"
                     )));
                 }
-                // Answers to the service's calls go to its inbox, known once it started.
-                let inbox = Arc::new(std::sync::OnceLock::new());
+                // Answers to the service's calls go to its inbox, published once it started
+                // (calls made while it starts, e.g. from `proxy_on_configure`, wait for it).
+                let (publish, address) = tokio::sync::watch::channel(None);
                 let service = SingletonService::spawn(
                     Arc::clone(&plugins),
                     plugin,
                     Box::new(host::ServeHost::for_service(
                         &name,
                         Arc::clone(&routing),
-                        Arc::clone(&inbox),
+                        address,
                         Arc::clone(&metrics),
                     )),
                     Ticking::Clock,
                     Box::new(|_| {}),
                 )
                 .map_err(|e| ServeError::Plugins(e.to_string()))?;
-                let _ = inbox.set(service.inbox());
+                publish.send_replace(Some(service.inbox()));
                 services.push(service);
             }
         }
