@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine and runs every check: formatting, clippy, and all tests (unit tests
+# Sets up a fresh machine and runs every check: formatting, clippy, all tests (unit tests
 # and the conformance suite on every engine: wasmtime, wasmer with its three compilers, wasmi,
-# WAMR, V8 and the null runtime). CI runs exactly this (.ci/run).
+# WAMR, V8 and the null runtime) and a short run of each fuzz target. CI runs exactly this
+# (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,7 +14,12 @@ if [ -n "${CI:-}" ]; then
 fi
 echo "== cargo fmt"
 cargo fmt --all -- --check
+# The fuzz targets are a workspace of their own (scripts/fuzz.sh builds them); their harness,
+# run on seeds by the tests below, is a member of this one.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy (every engine)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test (every engine)"
 cargo test --workspace --all-features
+echo "== fuzz smoke run (cargo-fuzz targets, each briefly from its seeds)"
+bash scripts/fuzz.sh smoke 20

@@ -64,6 +64,15 @@ impl CallbackSpec {
     }
 }
 
+/// The callbacks a module of ABI `abi` may export, by export name, each with the type the spec
+/// gives it in that version (0.1.0's header callbacks also have a second accepted shape), for
+/// tools that generate plugins, such as the fuzzers.
+pub fn callback_exports(abi: AbiVersion) -> impl Iterator<Item = (&'static str, Signature)> {
+    CALLBACKS
+        .iter()
+        .filter_map(move |spec| Some((spec.name, *spec.signatures(abi).first()?)))
+}
+
 /// A callback of the same type in every version.
 macro_rules! same {
     ($name:literal, $params:expr, $results:expr) => {

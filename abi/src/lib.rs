@@ -167,6 +167,7 @@ mod version;
 mod vm;
 
 pub use attributes::{Node, StreamInfo};
+pub use callbacks::callback_exports;
 pub use exports::host_functions;
 pub use filter_state::{
     is_envoy_object, FilterStateObject, FilterStateSource, LifeSpan, PropertyDeclaration,

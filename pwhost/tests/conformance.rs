@@ -57,6 +57,9 @@ struct Case {
     root_id: String,
     #[serde(default)]
     deadline_ms: Option<u64>,
+    /// The engines' memory cap in MiB (default: proxy-wasm-cpp-host's 1 GiB).
+    #[serde(default)]
+    max_memory_mib: Option<u64>,
     /// Envoy's `allow_on_headers_stop_iteration` for the plugin.
     #[serde(default)]
     allow_on_headers_stop_iteration: bool,
@@ -75,6 +78,21 @@ struct Case {
     /// compiled-in build (`native:NAME`) still runs it.
     #[serde(default)]
     not_on_sdk_libraries: Option<String>,
+}
+
+impl Case {
+    /// How the engines run the case's plugin: its deadline (10 s unless it says) and memory cap
+    /// (proxy-wasm-cpp-host's 1 GiB unless it says).
+    fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            call_deadline: Some(Duration::from_millis(self.deadline_ms.unwrap_or(10_000))),
+            max_memory_bytes: Some(
+                self.max_memory_mib
+                    .map_or(RuntimeConfig::DEFAULT_MAX_MEMORY_BYTES, |mib| mib << 20),
+            ),
+            ..RuntimeConfig::default()
+        }
+    }
 }
 
 /// What the case's HTTP server serves: `file` (under `plugins/dist/`), answering request `i`
@@ -331,10 +349,7 @@ fn run_config_case(name: &str, case: &Case, runtime_name: &str) -> Option<Result
         Ok(server) => server,
         Err(error) => return Some(Err(format!("{context}: cannot serve: {error}"))),
     };
-    let runtime_config = RuntimeConfig {
-        call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
-        ..RuntimeConfig::default()
-    };
+    let runtime_config = case.runtime_config();
     let scratch = tempfile::tempdir().map_err(|e| e.to_string());
     let precompiled = match (&case.precompiled, &scratch) {
         (None, _) => None,
@@ -449,10 +464,7 @@ fn check_outcome(
 }
 
 fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<(), String> {
-    let config = RuntimeConfig {
-        call_deadline: Some(Duration::from_millis(case.deadline_ms.unwrap_or(10_000))),
-        ..RuntimeConfig::default()
-    };
+    let config = case.runtime_config();
     let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
     let plugin_config = abi::PluginConfig {
         // `rust/NAME.wasip1.wasm` is plugin NAME.

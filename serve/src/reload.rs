@@ -57,7 +57,7 @@ impl Reloader {
     fn try_reload(&self) -> Result<(), String> {
         let config = ServeConfig::read(&self.path).map_err(|e| e.to_string())?;
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        needs_no_restart(&config, &current)?;
+        check_reloadable(&config, &current)?;
         // Every chain loads before any is put in force: all or nothing.
         let options = crate::load_options();
         let mut loaded = Vec::new();
@@ -107,7 +107,7 @@ impl BackgroundService for OnHangup {
 /// routes, clusters, a TCP listener's cluster); otherwise the first field that needs a
 /// restart: what listens (listeners, their names, addresses, protocols, limits, idle
 /// timeouts), the workers, the services, the admin listener or the drain timeout.
-fn needs_no_restart(new: &ServeConfig, old: &ServeConfig) -> Result<(), String> {
+fn check_reloadable(new: &ServeConfig, old: &ServeConfig) -> Result<(), String> {
     if new.listeners.len() != old.listeners.len() {
         return Err("listeners were added or removed: restart to apply".into());
     }
@@ -167,7 +167,7 @@ clusters:
 
     fn check(change: impl Fn(&str) -> String) -> Result<(), String> {
         let parse = |text: &str| ServeConfig::parse(text, Path::new("/")).expect("a valid file");
-        needs_no_restart(&parse(&change(IN_FORCE)), &parse(IN_FORCE))
+        check_reloadable(&parse(&change(IN_FORCE)), &parse(IN_FORCE))
     }
 
     #[test]

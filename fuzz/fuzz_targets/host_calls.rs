@@ -1,0 +1,23 @@
+//! Fuzzed host calls from generated plugins on every engine (see `pwhost_fuzz::host_calls`).
+#![no_main]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pwhost_fuzz::host_calls::HostCallPlugin;
+
+/// Host calls the plugins so far plan, for the campaign's statistics.
+static PLANNED_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+libfuzzer_sys::fuzz_target!(|plugin: HostCallPlugin| {
+    // The generator makes valid plugins: an engine refusing one is a finding too.
+    let loaded = pwhost_fuzz::host_calls(&plugin);
+    assert_eq!(
+        loaded,
+        pwhost_fuzz::engines().len(),
+        "an engine refused {plugin:?}"
+    );
+    let planned = PLANNED_CALLS.fetch_add(plugin.planned_calls(), Ordering::Relaxed);
+    pwhost_fuzz::report_stats("host_calls", || {
+        format!(", {} host calls planned", planned + plugin.planned_calls())
+    });
+});

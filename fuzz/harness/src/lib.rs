@@ -1,0 +1,205 @@
+//! What pwhost's fuzz targets run (the cargo-fuzz binaries in `fuzz/fuzz_targets` are one
+//! line each), so that the workspace's tests run the very same code on seeds (`tests/smoke.rs`):
+//! [`module_bytes`], [`smith_module`], [`host_calls`] and [`config`], over the engines under test
+//! and the traffic every module that loads is put through.
+//!
+//! Every target checks the same promise: whatever the input, pwhost answers with a clean
+//! error or a trap, and never crashes, hangs or grows without bound. A looping guest is
+//! stopped by the engines' call deadline ([`DEADLINE`]), a memory bomb by their memory cap
+//! ([`MAX_MEMORY_BYTES`]); anything else is libFuzzer's finding (a crash, a panic, a timeout,
+//! or the process passing its memory limit).
+
+pub mod host_calls;
+pub mod smith;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use abi::{Plugin, PluginConfig, SharedState, VmState};
+use pwhost::scenario::{FailurePolicy, Scenario};
+use runtime_api::{RuntimeConfig, Signature, ValType, WasmRuntime};
+
+/// The longest one callback may run: a looping guest is stopped here, as a proxy's deadline
+/// would stop it, so that the fuzzer moves on.
+pub const DEADLINE: Duration = Duration::from_millis(100);
+
+/// The most linear memory one guest may have.
+pub const MAX_MEMORY_BYTES: u64 = 64 << 20;
+
+/// The Wasm engines of this build (the null runtime runs native code, not modules), each made
+/// once with [`DEADLINE`] and [`MAX_MEMORY_BYTES`].
+pub fn engines() -> &'static [Arc<dyn WasmRuntime<VmState>>] {
+    static ENGINES: OnceLock<Vec<Arc<dyn WasmRuntime<VmState>>>> = OnceLock::new();
+    ENGINES.get_or_init(|| {
+        let config = RuntimeConfig {
+            max_memory_bytes: Some(MAX_MEMORY_BYTES),
+            call_deadline: Some(DEADLINE),
+            interruptible: false,
+        };
+        engines::runtimes::available()
+            .iter()
+            .filter(|name| **name != "null")
+            .map(|name| {
+                engines::runtimes::create(name, config.clone())
+                    .unwrap_or_else(|e| panic!("engine {name} cannot be made: {e:#}"))
+            })
+            .collect()
+    })
+}
+
+/// The traffic a module that loads gets, offering it every callback of the ABI: VM start and
+/// configuration, timer ticks (if it sets a period), an HTTP exchange with bodies and
+/// trailers both ways and answers to an HTTP call and a gRPC call (if it makes them), a TCP
+/// connection with data both ways, a foreign function call, and shutdown.
+pub fn scenario() -> &'static Scenario {
+    static SCENARIO: OnceLock<Scenario> = OnceLock::new();
+    SCENARIO.get_or_init(|| Scenario::parse(SCENARIO_YAML).expect("the fuzz scenario parses"))
+}
+
+const SCENARIO_YAML: &str = r#"
+ticks: 2
+shutdown_ticks: 1
+foreign_function_calls: [{function_id: 1, arguments: "arguments"}]
+http:
+  - request_headers: [[":method", "POST"], [":path", "/fuzz?q=1"], [":authority", "example.com"],
+                      ["content-type", "text/plain"], ["x-one", "1"]]
+    request_body: ["first chunk, ", "last chunk"]
+    request_trailers: [["x-request-trailer", "one"]]
+    response_headers: [[":status", "200"], ["content-type", "text/plain"]]
+    response_body: ["answer", ""]
+    response_trailers: [["grpc-status", "0"]]
+    http_call_responses:
+      - headers: [[":status", "200"]]
+        body: "called"
+        trailers: [["x-call-trailer", "t"]]
+    grpc_call_responses:
+      - initial_metadata: [["x-init", "i"]]
+        messages: ["reply"]
+        trailing_metadata: [["x-end", "e"]]
+        status: 0
+    ticks_after: 2
+tcp:
+  - downstream: ["hello, ", "world"]
+    upstream: ["answer"]
+    ticks_after: 1
+"#;
+
+/// Declares every host function of ABI 0.2.1 (WASI included) as an import, one type each:
+/// type `i` and function `i` are the host's function `i`. Returns how many there are.
+pub(crate) fn import_host_functions(
+    types: &mut wasm_encoder::TypeSection,
+    imports: &mut wasm_encoder::ImportSection,
+) -> u32 {
+    let host = abi::host_functions(abi::AbiVersion::V0_2_1);
+    for (index, function) in host.iter().enumerate() {
+        declare_type(types, function.signature);
+        imports.import(
+            function.module,
+            function.name,
+            wasm_encoder::EntityType::Function(index as u32),
+        );
+    }
+    host.len() as u32
+}
+
+/// Adds the function type `signature` to `types`.
+pub(crate) fn declare_type(types: &mut wasm_encoder::TypeSection, signature: Signature) {
+    types.ty().function(
+        signature.params.iter().map(|t| wasm_type(*t)),
+        signature.results.iter().map(|t| wasm_type(*t)),
+    );
+}
+
+fn wasm_type(ty: ValType) -> wasm_encoder::ValType {
+    match ty {
+        ValType::I64 => wasm_encoder::ValType::I64,
+        ValType::F32 => wasm_encoder::ValType::F32,
+        ValType::F64 => wasm_encoder::ValType::F64,
+        ValType::I32 | ValType::Other => wasm_encoder::ValType::I32,
+    }
+}
+
+/// Target `module_bytes`: arbitrary bytes as a plugin module, on every engine: a clean load
+/// error, or (for the rare input that is a Proxy-Wasm module) a run of [`scenario`].
+pub fn module_bytes(data: &[u8]) -> usize {
+    load_and_run(data)
+}
+
+/// Target `smith_module`: a `wasm-smith` module drawn from `data` (see [`smith`]), loaded and
+/// run on every engine.
+pub fn smith_module(data: &[u8]) -> usize {
+    match smith::module(&mut arbitrary::Unstructured::new(data)) {
+        Ok(wasm) => load_and_run(&wasm),
+        Err(_) => 0,
+    }
+}
+
+/// Target `host_calls`: every host function called with fuzzed arguments over a fuzzed memory
+/// image, from every callback, with a misbehaving allocator (see [`host_calls`]).
+pub fn host_calls(plugin: &host_calls::HostCallPlugin) -> usize {
+    load_and_run(&plugin.to_wasm())
+}
+
+/// Target `config`: arbitrary text as a plugin configuration (YAML or JSON, Envoy's and Traffic
+/// Server's shapes) and as a `pwhost run` scenario: a value, or an error naming the field.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = lifecycle::config::parse(text);
+    let _ = Scenario::parse(text);
+}
+
+/// Modules that loaded on at least one engine, and runs of them, since the process started.
+static LOADED: AtomicU64 = AtomicU64::new(0);
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// Loads `wasm` as a plugin on every engine and, where it loads, runs [`scenario`] through
+/// it; returns on how many engines it loaded. Errors and traps are expected answers; only a
+/// crash, a hang or a panic is a finding.
+pub fn load_and_run(wasm: &[u8]) -> usize {
+    let mut loaded = 0;
+    for runtime in engines() {
+        let plugin = match Plugin::load(
+            &**runtime,
+            wasm,
+            PluginConfig::default(),
+            SharedState::default(),
+        ) {
+            Ok(plugin) => plugin,
+            Err(_) => continue,
+        };
+        loaded += 1;
+        RUNS.fetch_add(1, Ordering::Relaxed);
+        let _ = pwhost::scenario::run(&plugin, scenario(), FailurePolicy::FailClosed);
+    }
+    if loaded > 0 {
+        LOADED.fetch_add(1, Ordering::Relaxed);
+    }
+    loaded
+}
+
+/// `(modules loaded on some engine, scenario runs)` so far in this process, for campaign
+/// statistics.
+pub fn counts() -> (u64, u64) {
+    (LOADED.load(Ordering::Relaxed), RUNS.load(Ordering::Relaxed))
+}
+
+/// Prints campaign statistics to standard error every 2^k inputs when `PWHOST_FUZZ_STATS` is
+/// set: inputs seen, modules loaded, scenario runs and the target's own `extra` figures.
+pub fn report_stats(target: &str, extra: impl FnOnce() -> String) {
+    static INPUTS: AtomicU64 = AtomicU64::new(0);
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let inputs = INPUTS.fetch_add(1, Ordering::Relaxed) + 1;
+    if !*ENABLED.get_or_init(|| std::env::var_os("PWHOST_FUZZ_STATS").is_some()) {
+        return;
+    }
+    if inputs.is_power_of_two() || inputs % 100_000 == 0 {
+        let (loaded, runs) = counts();
+        eprintln!(
+            "pwhost-fuzz {target}: {inputs} inputs, {loaded} modules loaded, {runs} runs{}",
+            extra()
+        );
+    }
+}

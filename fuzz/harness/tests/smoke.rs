@@ -1,0 +1,182 @@
+//! The fuzz targets on their seeds and on a fixed set of generated inputs, in the workspace's
+//! test run (so on every engine CI builds, sharing its build). Campaigns run the same targets
+//! under libFuzzer (`scripts/fuzz.sh`); this run shows they hold on known inputs and that each
+//! generator makes what it should.
+
+use std::path::{Path, PathBuf};
+
+use arbitrary::{Arbitrary, Unstructured};
+use pwhost_fuzz::host_calls::HostCallPlugin;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The files of `dirs` (relative to the workspace) with extension `ext`, sorted.
+fn seeds_of(dirs: &[&str], ext: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(workspace().join(dir))
+                .into_iter()
+                .flatten()
+        })
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == ext))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).expect("a readable seed");
+            (path.display().to_string(), bytes)
+        })
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (SplitMix64), so every run tries the same inputs.
+struct Bytes(u64);
+
+impl Bytes {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn fill(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    /// `seed` changed as libFuzzer's mutators would: bytes overwritten, cut short, or
+    /// random bytes spliced in.
+    fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
+        let mut mutant = seed.to_vec();
+        if mutant.is_empty() {
+            return self.fill(16);
+        }
+        match self.next() % 3 {
+            0 => {
+                for _ in 0..=self.next() % 4 {
+                    let at = self.next() as usize % mutant.len();
+                    mutant[at] = self.next() as u8;
+                }
+            }
+            1 => mutant.truncate(self.next() as usize % mutant.len()),
+            _ => {
+                let at = self.next() as usize % mutant.len();
+                let len = (self.next() % 16) as usize;
+                let spliced = self.fill(len);
+                mutant.splice(at..at, spliced);
+            }
+        }
+        mutant
+    }
+}
+
+#[test]
+fn module_bytes_loads_the_corpus_plugins_and_refuses_their_mutants_cleanly() {
+    let engines = pwhost_fuzz::engines().len();
+    assert!(engines > 0, "no Wasm engine in this build");
+    let seeds = seeds_of(
+        &[
+            "plugins/dist/wat",
+            "plugins/dist/c",
+            "plugins/dist/assemblyscript",
+        ],
+        "wasm",
+    );
+    assert!(
+        seeds.len() >= 30,
+        "the plugin corpus is built (scripts/setup.sh)"
+    );
+    let mut bytes = Bytes(1);
+    for (name, seed) in &seeds {
+        let loaded = pwhost_fuzz::module_bytes(seed);
+        if name.ends_with("/minimal.wasm") || name.ends_with("/http_headers.wasm") {
+            assert_eq!(loaded, engines, "{name} loads on every engine");
+        }
+        for _ in 0..4 {
+            pwhost_fuzz::module_bytes(&bytes.mutate(seed));
+        }
+    }
+}
+
+#[test]
+fn host_call_plugins_load_on_every_engine_and_survive_their_calls() {
+    let engines = pwhost_fuzz::engines().len();
+    let mut bytes = Bytes(2);
+    let mut calls = 0;
+    for input in 0..150 {
+        let data = bytes.fill(4096);
+        // As libFuzzer hands inputs to the target.
+        let plugin = HostCallPlugin::arbitrary_take_rest(Unstructured::new(&data))
+            .expect("4 KiB make a plugin");
+        calls += plugin
+            .callbacks
+            .iter()
+            .map(|c| c.calls.len())
+            .sum::<usize>();
+        // The generator makes valid plugins: what they do to the host is the test.
+        assert_eq!(
+            pwhost_fuzz::host_calls(&plugin),
+            engines,
+            "generated plugin {input} loads on every engine: {plugin:?}"
+        );
+    }
+    assert!(calls > 1_000, "the plugins call the host ({calls} calls)");
+}
+
+#[test]
+fn smith_modules_load_as_plugins_and_run() {
+    let mut bytes = Bytes(3);
+    let mut loaded = 0;
+    let runs = 40;
+    for _ in 0..runs {
+        if pwhost_fuzz::smith_module(&bytes.fill(8192)) > 0 {
+            loaded += 1;
+        }
+    }
+    // The configuration makes plugins (the ABI's exports, the host's imports), not modules
+    // that every loader refuses.
+    assert!(
+        loaded * 2 >= runs,
+        "{loaded} of {runs} generated modules loaded"
+    );
+}
+
+#[test]
+fn configuration_and_scenario_text_parses_or_is_refused_cleanly() {
+    // Seeds: the example scenario, and the scenarios and plugin configurations inside the
+    // conformance cases; the scenarios are valid, the configurations are valid or refused on
+    // purpose.
+    let mut seeds = Vec::new();
+    for (name, text) in seeds_of(&["examples", "conformance"], "yaml") {
+        let case: serde_yaml::Value = serde_yaml::from_slice(&text).expect("a YAML file");
+        let scenario = match case.get("scenario") {
+            Some(scenario) => serde_yaml::to_string(scenario).expect("YAML"),
+            None if name.contains("examples/") && !name.ends_with("serve.yaml") => {
+                String::from_utf8(text.clone()).expect("UTF-8")
+            }
+            None => String::new(),
+        };
+        if !scenario.is_empty() {
+            let parsed = pwhost::scenario::Scenario::parse(&scenario);
+            assert!(parsed.is_ok(), "{name}: {parsed:?}");
+            seeds.push(scenario.into_bytes());
+        }
+        if let Some(config) = case.get("config") {
+            seeds.push(serde_yaml::to_string(config).expect("YAML").into_bytes());
+        }
+    }
+    assert!(seeds.len() >= 100, "{} seeds", seeds.len());
+    let mut bytes = Bytes(4);
+    for seed in &seeds {
+        pwhost_fuzz::config(seed);
+        for _ in 0..4 {
+            pwhost_fuzz::config(&bytes.mutate(seed));
+        }
+    }
+}
