@@ -127,7 +127,20 @@ impl HostCallPlugin {
     /// How many host calls the plugin's callbacks make if none ends early (a trap, or a
     /// callback the traffic never reaches, ends a plan early).
     pub fn planned_calls(&self) -> usize {
-        self.callbacks.iter().map(|plan| plan.calls.len()).sum()
+        let callbacks = abi::callback_exports(AbiVersion::V0_2_1).count();
+        self.plans(callbacks)
+            .map(|(_, plan)| plan.calls.len())
+            .sum()
+    }
+
+    /// The plans that count, with the index of their callback among `callbacks`: the first
+    /// plan for each.
+    fn plans(&self, callbacks: usize) -> impl Iterator<Item = (usize, &CallbackPlan)> {
+        let mut planned = vec![false; callbacks];
+        self.callbacks.iter().filter_map(move |plan| {
+            let which = usize::from(plan.callback) % callbacks;
+            (!std::mem::replace(&mut planned[which], true)).then_some((which, plan))
+        })
     }
 
     /// The module: every host function imported, memory with the image, the allocator, the
@@ -164,20 +177,12 @@ impl HostCallPlugin {
         code.function(&self.allocator_body(host));
         exports.export("proxy_on_memory_allocate", ExportKind::Func, imported + 1);
 
-        // The callbacks, each once.
-        let mut exported = vec![false; callbacks.len()];
-        let mut next_function = imported + 2;
-        for plan in &self.callbacks {
-            let which = usize::from(plan.callback) % callbacks.len();
-            if exported[which] {
-                continue;
-            }
-            exported[which] = true;
+        // The callbacks, each once, as the functions after the marker and the allocator.
+        for (function, (which, plan)) in (imported + 2..).zip(self.plans(callbacks.len())) {
             let (name, signature) = callbacks[which];
             functions.function(add_type(&mut types, signature));
             code.function(&plan.body(host, !signature.results.is_empty()));
-            exports.export(name, ExportKind::Func, next_function);
-            next_function += 1;
+            exports.export(name, ExportKind::Func, function);
         }
 
         let mut memories = MemorySection::new();
