@@ -5,7 +5,7 @@
 #   bash scripts/fuzz.sh campaign SECONDS [FEATURES] # every target for SECONDS, with statistics
 #
 # FEATURES are the fuzz crate's engine features (default: its defaults, wasmtime and wasmi;
-# `all-engines` for every engine). Findings land in fuzz/artifacts/TARGET/; a campaign's
+# `all-engines` for every engine); FUZZ_TARGETS="host_calls config" runs only those targets. Findings land in fuzz/artifacts/TARGET/; a campaign's
 # logs and grown corpora in fuzz/campaign/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,8 @@ build_flags=(--sanitizer none -O --fuzz-dir fuzz)
 if [ -n "$features" ]; then
   build_flags+=(--features "$features")
 fi
-targets=(module_bytes host_calls smith_module config)
+# FUZZ_TARGETS (space-separated) narrows the run to some targets.
+read -r -a targets <<< "${FUZZ_TARGETS:-module_bytes host_calls smith_module config}"
 
 # Seeds: the plugin corpus's small modules (scripts/setup.sh builds them) and the project's
 # configurations and scenarios.
