@@ -16,8 +16,7 @@ libfuzzer_sys::fuzz_target!(|plugin: HostCallPlugin| {
         pwhost_fuzz::engines().len(),
         "an engine refused {plugin:?}"
     );
-    let planned = PLANNED_CALLS.fetch_add(plugin.planned_calls(), Ordering::Relaxed);
-    pwhost_fuzz::report_stats("host_calls", || {
-        format!(", {} host calls planned", planned + plugin.planned_calls())
-    });
+    let calls = plugin.planned_calls();
+    let planned = PLANNED_CALLS.fetch_add(calls, Ordering::Relaxed) + calls;
+    pwhost_fuzz::report_stats("host_calls", || format!(", {planned} host calls planned"));
 });

@@ -44,10 +44,7 @@ impl<'a> Arbitrary<'a> for HostCallPlugin {
     fn arbitrary(input: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         let pages = input.arbitrary()?;
         let allocator = input.arbitrary()?;
-        let count = input.int_in_range(1..=MAX_CALLBACKS)?;
-        let callbacks = (0..count)
-            .map(|_| input.arbitrary())
-            .collect::<arbitrary::Result<_>>()?;
+        let callbacks = several(input, 1, MAX_CALLBACKS)?;
         let image = input.bytes(input.len().min(MAX_IMAGE))?.to_vec();
         Ok(HostCallPlugin {
             pages,
@@ -56,6 +53,16 @@ impl<'a> Arbitrary<'a> for HostCallPlugin {
             image,
         })
     }
+}
+
+/// Between `min` and `max` values drawn from `input`, the count drawn first.
+fn several<'a, T: Arbitrary<'a>>(
+    input: &mut Unstructured<'a>,
+    min: usize,
+    max: usize,
+) -> arbitrary::Result<Vec<T>> {
+    let count = input.int_in_range(min..=max)?;
+    (0..count).map(|_| input.arbitrary()).collect()
 }
 
 /// How the plugin's allocator (`proxy_on_memory_allocate`) behaves.
@@ -89,10 +96,7 @@ impl<'a> Arbitrary<'a> for CallbackPlan {
     fn arbitrary(input: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         let callback = input.arbitrary()?;
         let result = input.arbitrary()?;
-        let count = input.int_in_range(0..=MAX_CALLS)?;
-        let calls = (0..count)
-            .map(|_| input.arbitrary())
-            .collect::<arbitrary::Result<_>>()?;
+        let calls = several(input, 0, MAX_CALLS)?;
         Ok(CallbackPlan {
             callback,
             calls,

@@ -34,20 +34,16 @@ fn seeds_of(dirs: &[&str], ext: &str) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// Deterministic pseudo-random bytes (SplitMix64), so every run tries the same inputs.
-struct Bytes(u64);
+/// Deterministic pseudo-random bytes, so every run tries the same inputs.
+struct Bytes(fastrand::Rng);
 
 impl Bytes {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    fn seeded(seed: u64) -> Bytes {
+        Bytes(fastrand::Rng::with_seed(seed))
     }
 
     fn fill(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
+        std::iter::repeat_with(|| self.0.u8(..)).take(len).collect()
     }
 
     /// `seed` changed as libFuzzer's mutators would: bytes overwritten, cut short, or
@@ -57,17 +53,17 @@ impl Bytes {
         if mutant.is_empty() {
             return self.fill(16);
         }
-        match self.next() % 3 {
+        match self.0.u8(..3) {
             0 => {
-                for _ in 0..=self.next() % 4 {
-                    let at = self.next() as usize % mutant.len();
-                    mutant[at] = self.next() as u8;
+                for _ in 0..=self.0.u8(..4) {
+                    let at = self.0.usize(..mutant.len());
+                    mutant[at] = self.0.u8(..);
                 }
             }
-            1 => mutant.truncate(self.next() as usize % mutant.len()),
+            1 => mutant.truncate(self.0.usize(..mutant.len())),
             _ => {
-                let at = self.next() as usize % mutant.len();
-                let len = (self.next() % 16) as usize;
+                let at = self.0.usize(..mutant.len());
+                let len = self.0.usize(..16);
                 let spliced = self.fill(len);
                 mutant.splice(at..at, spliced);
             }
@@ -92,7 +88,7 @@ fn module_bytes_loads_the_corpus_plugins_and_refuses_their_mutants_cleanly() {
         seeds.len() >= 30,
         "the plugin corpus is built (scripts/setup.sh)"
     );
-    let mut bytes = Bytes(1);
+    let mut bytes = Bytes::seeded(1);
     for (name, seed) in &seeds {
         let loaded = pwhost_fuzz::module_bytes(seed);
         if name.ends_with("/minimal.wasm") || name.ends_with("/http_headers.wasm") {
@@ -107,7 +103,7 @@ fn module_bytes_loads_the_corpus_plugins_and_refuses_their_mutants_cleanly() {
 #[test]
 fn host_call_plugins_load_on_every_engine_and_survive_their_calls() {
     let engines = pwhost_fuzz::engines().len();
-    let mut bytes = Bytes(2);
+    let mut bytes = Bytes::seeded(2);
     let mut calls = 0;
     for input in 0..150 {
         let data = bytes.fill(4096);
@@ -131,7 +127,7 @@ fn host_call_plugins_load_on_every_engine_and_survive_their_calls() {
 
 #[test]
 fn smith_modules_load_as_plugins_and_run() {
-    let mut bytes = Bytes(3);
+    let mut bytes = Bytes::seeded(3);
     let mut loaded = 0;
     let runs = 40;
     for _ in 0..runs {
@@ -172,7 +168,7 @@ fn configuration_and_scenario_text_parses_or_is_refused_cleanly() {
         }
     }
     assert!(seeds.len() >= 100, "{} seeds", seeds.len());
-    let mut bytes = Bytes(4);
+    let mut bytes = Bytes::seeded(4);
     for seed in &seeds {
         pwhost_fuzz::config(seed);
         for _ in 0..4 {
