@@ -1,8 +1,13 @@
-//! Exports the Proxy-Wasm host functions from the benchmark executables, so that the null
-//! runtime can load the native build of `lifecycle_bench` (see pwhost's build script).
+//! Link settings of the benchmark executables: the Proxy-Wasm host functions exported, so that
+//! the null runtime can load the native build of `lifecycle_bench`, and V8's library found (see
+//! pwhost's build script).
 
 fn main() {
     if std::env::var_os("CARGO_FEATURE_NULL").is_some() {
         println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=proxy_*");
+    }
+    if std::env::var_os("CARGO_FEATURE_V8").is_some() {
+        // V8's library in the build tree (see pwhost's build script).
+        println!("cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN");
     }
 }

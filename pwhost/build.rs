@@ -1,9 +1,18 @@
-//! Exports the Proxy-Wasm host functions from pwhost's executables (the CLI, tests, benches), so
-//! that native proxy-wasm SDK libraries loaded by the null runtime bind to them.
+//! Link settings of pwhost's executables (the CLI, tests, benches).
 
 fn main() {
     if std::env::var_os("CARGO_FEATURE_NULL").is_some() {
-        // Keep in sync with `native::LINK_ARG` (a build script cannot depend on the crate).
+        // Exports the Proxy-Wasm host functions, so that native proxy-wasm SDK libraries loaded
+        // by the null runtime bind to them. Keep in sync with `native::LINK_ARG` (a build script
+        // cannot depend on the crate).
         println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=proxy_*");
+    }
+    if std::env::var_os("CARGO_FEATURE_V8").is_some() {
+        // Where V8's library is looked for before the system's, relative to the binary: the
+        // bundled copy of an installation (`PREFIX/bin/pwhost`, `PREFIX/lib/pwhost/`), then the
+        // build tree's (see runtime-v8's build script). Never a path of the build machine.
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib/pwhost:$ORIGIN"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Builds the C++ shim between runtime-v8 and V8 as a shared library linked against the system's
-//! V8 (Debian's libnode by default).
+//! Builds the C++ shim between runtime-v8 and V8 into a static library, linked into every binary
+//! that uses this crate, against the system's V8 (Debian's libnode by default).
 //!
 //! * `PWHOST_V8_DIR`: a prefix with V8's headers in `include/node` or `include`, and its library
 //!   in `lib/<multiarch>`, `lib64` or `lib`. Default: `../.deps/libnode/usr` (filled by
@@ -10,14 +10,19 @@
 //! With libnode's headers (`node.h` present) the shim uses Node's platform; without, V8's
 //! libplatform.
 //!
-//! Why a shared shim: an rpath given with `cargo:rustc-link-arg` applies only to this package's
-//! own binaries and tests, never to the binaries of crates depending on it (pwhost, benches), and
-//! nothing else a build script emits reaches their link lines except `rustc-link-lib` and
-//! `rustc-link-search`. So the shim is linked here, where the link line is ours, with an rpath to
-//! V8's directory and with its own absolute path as its soname. Every binary linking this crate
-//! then records that absolute path as a dependency, and the dynamic loader finds the shim, and
-//! through its rpath V8, without `LD_LIBRARY_PATH` and without any cooperation from the crates
-//! that depend on this one.
+//! Binaries record V8's library by its file name only (`NEEDED libnode.so.108`), never by a path
+//! of the build machine, so the dynamic loader looks for it where a packaged program's libraries
+//! are: the directories the binary's own run path names relative to itself (pwhost's binaries and
+//! the Traffic Server plugin name `$ORIGIN/../lib/pwhost`, where the Debian package and
+//! `scripts/install.sh` put a bundled copy, and `$ORIGIN`), then the system's (Debian's
+//! `libnode108`). A build script cannot give its dependents' binaries a run path (an rpath from
+//! `cargo:rustc-link-arg` applies to this package's own targets only), so those crates' build
+//! scripts add it themselves.
+//!
+//! For binaries run from the build tree, the library is linked (as a symbolic link) into the
+//! profile's output directories, `target/<profile>/` and its `deps/`: next to `pwhost` and the
+//! Traffic Server plugin, found through `$ORIGIN`, and where `cargo run` and `cargo test` point
+//! the loader for every binary they start.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -77,7 +82,6 @@ fn main() {
     // Node's platform (node.h) when building against libnode; V8's own libplatform otherwise.
     let node_platform = include_dir.join("node.h").is_file();
 
-    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -93,31 +97,51 @@ fn main() {
         // under -Wall.
         .flag_if_supported("-Wno-unused-parameter")
         .cargo_metadata(false);
-    let objects = build.compile_intermediates();
-
-    let shim = out_dir.join(format!("lib{SHIM_NAME}.so"));
-    let compiler = build.get_compiler();
-    let mut link = compiler.to_command();
-    link.arg("-shared")
-        .arg("-o")
-        .arg(&shim)
-        .args(&objects)
-        .arg(format!("-L{}", lib_dir.display()))
-        .args(libraries.iter().map(|name| format!("-l:{name}")))
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        // Dependents record this absolute path, so the loader needs no search path for the shim.
-        .arg(format!("-Wl,-soname,{}", shim.display()))
-        // Every V8 symbol the shim uses must exist in the library now, not fail at load time.
-        .arg("-Wl,--no-undefined");
-    let status = link
-        .status()
-        .unwrap_or_else(|e| fail(&format!("cannot run the C++ linker ({link:?}): {e}")));
-    if !status.success() {
-        fail(&format!("linking the V8 shim failed: {link:?}"));
-    }
-
+    // A static library, named in this crate's link metadata: it reaches the link line of every
+    // binary depending on the crate, V8's library (and the C++ runtime) after it.
+    build.compile(SHIM_NAME);
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     println!("cargo:rustc-link-search=native={}", out_dir.display());
-    println!("cargo:rustc-link-lib=dylib={SHIM_NAME}");
+    println!("cargo:rustc-link-lib=static={SHIM_NAME}");
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    for name in &libraries {
+        // By file name (`-l:libnode.so.108`): Debian installs no unversioned `libnode.so`.
+        println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+    }
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+
+    link_into_profile_dir(&out_dir, &lib_dir, &libraries);
+}
+
+/// Links V8's libraries into the profile's output directory (`OUT_DIR` is
+/// `<profile dir>/build/runtime-v8-<hash>/out`) and its `deps/` (where test builds leave
+/// libraries such as the Traffic Server plugin), where binaries of the build tree find them (see
+/// the module docs). A failure only warns: the build itself does not need the links.
+fn link_into_profile_dir(out_dir: &Path, lib_dir: &Path, libraries: &[&str]) {
+    let Some(profile_dir) = out_dir.ancestors().nth(3) else {
+        return;
+    };
+    let dirs = [profile_dir.to_path_buf(), profile_dir.join("deps")];
+    for (dir, name) in dirs
+        .iter()
+        .flat_map(|dir| libraries.iter().map(move |name| (dir, name)))
+    {
+        let link = dir.join(name);
+        let target = lib_dir.join(name);
+        if std::fs::read_link(&link).is_ok_and(|current| current == target) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&link);
+        if let Err(e) = std::os::unix::fs::symlink(&target, &link) {
+            println!(
+                "cargo:warning=cannot link {} to {}: {e}; binaries run from the build tree need \
+                 LD_LIBRARY_PATH={}",
+                link.display(),
+                target.display(),
+                lib_dir.display()
+            );
+        }
+    }
 }
 
 /// Debian's multiarch directory name for the target, e.g. `x86_64-linux-gnu`.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine and runs every check: formatting, clippy, all tests (unit tests
 # and the conformance suite on every engine: wasmtime, wasmer with its three compilers, wasmi,
-# WAMR, V8 and the null runtime) and a short run of each fuzz target. CI runs exactly this
-# (.ci/run).
+# WAMR, V8 and the null runtime), the Debian package tried as installed software
+# (scripts/install-test.sh) and a short run of each fuzz target. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,5 +21,8 @@ echo "== cargo clippy (every engine)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test (every engine)"
 cargo test --workspace --all-features
+echo "== Debian package of the test build, installed into a throwaway root"
+bash scripts/package.sh --profile dev --no-build --fast
+bash scripts/install-test.sh
 echo "== fuzz smoke run (cargo-fuzz targets, each briefly from its seeds)"
 bash scripts/fuzz.sh smoke 20

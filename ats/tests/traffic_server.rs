@@ -583,6 +583,38 @@ fn plugins_rewrite_headers_answer_locally_share_data_and_fail_closed_on_every_en
 }
 
 #[test]
+fn the_example_plugin_file_runs_where_the_package_installs_it() {
+    // examples/traffic_server.yaml as the Debian package lays it out: the plugin it names by a
+    // relative path one directory up, in plugins/dist/rust/ (here: beside the run root's etc/).
+    let origin = Origin::start();
+    let example = std::fs::read_to_string(workspace().join("examples/traffic_server.yaml"))
+        .expect("examples/traffic_server.yaml");
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "traffic_server",
+            yaml: example,
+        }],
+    );
+    let plugins = root.path().join("plugins/dist/rust");
+    std::fs::create_dir_all(&plugins).expect("the plugins' directory");
+    std::fs::copy(
+        corpus_plugin("http_headers"),
+        plugins.join("http_headers.wasm"),
+    )
+    .expect("the example's plugin");
+    let server = TrafficServer::start_prepared(root, port);
+    let reply = get(&server.url("/"), &[]);
+    assert_eq!(reply.status, 200, "{}", server.diagnostics());
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    assert!(
+        reply.body.contains("x-pwhost-plugin: http_headers"),
+        "{}",
+        reply.body
+    );
+}
+
+#[test]
 fn reload_puts_a_changed_configuration_in_force_for_new_transactions() {
     let runtime = engines()[0];
     let origin = Origin::start();

@@ -38,6 +38,13 @@
 //!   that could conflict with another engine's in the same process.
 //!
 //! The shim's C ABI itself is public as [`shim`], for benchmarks and other raw users.
+//!
+//! The shim is a static library, linked into every binary that uses this crate; V8's library
+//! is a dependency of those binaries by file name only (`libnode.so.108`). They find it through
+//! their own run path, relative to themselves (`$ORIGIN/../lib/pwhost` beside an installed
+//! `bin/pwhost`, the build tree's `target/<profile>/`), then in the system's directories, so a
+//! binary keeps working after `cargo install`, `cargo clean` or a copy to another machine that
+//! has the library in one of those places. `build.rs` says who sets the run path and why.
 
 mod binary;
 mod ffi;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds pwhost's Debian package with cargo-deb (metadata: [package.metadata.deb] in
+# pwhost/Cargo.toml): the `pwhost` binary and the Traffic Server plugin with every engine, Debian's
+# libnode (V8) bundled in /usr/lib/pwhost, the examples. Prints the package's path.
+#
+#   bash scripts/package.sh                            # release build, then target/debian/*.deb
+#   bash scripts/package.sh --profile dev --no-build   # package what a test build left (CI)
+#
+# Other arguments go to cargo-deb (e.g. --fast for quicker, larger compression). Needs the
+# system packages and libnode of scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+build=1
+deb_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile=$2; shift 2 ;;
+    --no-build) build=0; shift ;;
+    *) deb_args+=("$1"); shift ;;
+  esac
+done
+
+# Pinned: the package's metadata is written for this version, which packages a dev-profile
+# build (the test build) with a warning that later versions will refuse it.
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+  cargo install --locked --quiet cargo-deb --version "$cargo_deb_version"
+fi
+if [ "$build" = 1 ]; then
+  # One build for both packages, so that they share every dependency.
+  cargo build --profile "$profile" -p pwhost -p pwhost-ats \
+    --features pwhost/all-engines,pwhost-ats/all-engines
+fi
+# Both binaries are built by this script (or the test build), not by cargo-deb, which builds
+# only the package it is given.
+cargo deb -p pwhost --no-build --profile "$profile" --output target/debian ${deb_args[@]+"${deb_args[@]}"}
