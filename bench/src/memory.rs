@@ -1,4 +1,5 @@
-//! Resident memory of extra VM copies (Linux only: reads `/proc/self`).
+//! Resident memory of extra VM copies, and what the process holds over a soak run (Linux only:
+//! reads `/proc/self`).
 //!
 //! [`measure`] creates VMs, keeps them alive, and compares the process's resident set before and
 //! after. Guest linear memories are found in `/proc/self/smaps` by their shape (see
@@ -65,6 +66,46 @@ pub fn rss_kib() -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/self/status")
+}
+
+/// What the process holds at one moment: its resident set and the threads, open files and
+/// memory mappings a leak would add to, compared across a soak run.
+#[derive(Clone, Copy, Debug)]
+pub struct Footprint {
+    /// The resident set in KiB.
+    pub rss_kib: u64,
+    /// Threads (`/proc/self/task`).
+    pub threads: usize,
+    /// Open file descriptors (`/proc/self/fd`).
+    pub files: usize,
+    /// Memory mappings (`/proc/self/maps`).
+    pub mappings: usize,
+}
+
+impl Footprint {
+    /// The process's footprint now.
+    pub fn now() -> Footprint {
+        let count = |dir: &str| fs::read_dir(dir).map_or(0, |entries| entries.count());
+        let mappings = fs::read_to_string("/proc/self/maps").map_or(0, |maps| maps.lines().count());
+        Footprint {
+            rss_kib: rss_kib(),
+            threads: count("/proc/self/task"),
+            files: count("/proc/self/fd"),
+            mappings,
+        }
+    }
+
+    /// How much the resident set grew since `earlier`, in percent (negative if it shrank).
+    pub fn rss_growth_percent(&self, earlier: &Footprint) -> f64 {
+        (self.rss_kib as f64 - earlier.rss_kib as f64) / earlier.rss_kib as f64 * 100.0
+    }
+
+    /// Whether threads, open files or mappings grew since `earlier`.
+    pub fn leaked_since(&self, earlier: &Footprint) -> bool {
+        self.threads > earlier.threads
+            || self.files > earlier.files
+            || self.mappings > earlier.mappings
+    }
 }
 
 /// One mapping of `/proc/self/smaps`.

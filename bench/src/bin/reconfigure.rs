@@ -14,40 +14,12 @@ use std::sync::Arc;
 use abi::{ContextId, Vm};
 use lifecycle::{Admission, LivePlugins, LoadOptions, PluginId, Plugins, ThreadWorkers, Worker};
 use pwhost::configured::BuildEngines;
+use pwhost_bench::memory::Footprint;
 use pwhost_bench::{plugin_path, BenchHost, REQUEST_HEADERS, RESPONSE_HEADERS};
 use runtime_api::RuntimeConfig;
 
 /// Requests served on each new deployment before the old stream finishes.
 const REQUESTS_PER_UPDATE: usize = 10;
-
-/// What the process holds at one moment.
-#[derive(Clone, Copy, Debug)]
-struct Footprint {
-    rss_kib: u64,
-    threads: usize,
-    files: usize,
-    mappings: usize,
-}
-
-impl Footprint {
-    fn now() -> Footprint {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let rss_kib = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |entries| entries.count());
-        let mappings =
-            std::fs::read_to_string("/proc/self/maps").map_or(0, |maps| maps.lines().count());
-        Footprint {
-            rss_kib,
-            threads: count("/proc/self/task"),
-            files: count("/proc/self/fd"),
-            mappings,
-        }
-    }
-}
 
 fn deployment(configuration: &str) -> lifecycle::Deployment {
     let yaml = format!(
@@ -145,14 +117,12 @@ fn main() -> ExitCode {
     }
     let end = Footprint::now();
     let start = after_warm_up.expect("warm-up done");
-    let growth = (end.rss_kib as f64 - start.rss_kib as f64) / start.rss_kib as f64 * 100.0;
+    let growth = end.rss_growth_percent(&start);
     println!(
         "{runtime}: {updates} updates, {} requests; after {warm_up} updates: {start:?}; at the end: {end:?}; RSS growth {growth:+.2}%",
         updates * (REQUESTS_PER_UPDATE + 1)
     );
-    let leaked =
-        end.threads > start.threads || end.files > start.files || end.mappings > start.mappings;
-    if growth > 2.0 || leaked {
+    if growth > 2.0 || end.leaked_since(&start) {
         eprintln!("reconfigure: memory, threads, files or mappings grew");
         return ExitCode::FAILURE;
     }
