@@ -5,14 +5,12 @@
 use std::path::PathBuf;
 
 fn main() {
-    if std::env::var_os("CARGO_FEATURE_V8").is_some() {
-        // Where V8's library is looked for before the system's, relative to the plugin: the
-        // bundled copy of an installation (modules in `/usr/lib/trafficserver/modules`, the copy
-        // in `/usr/lib/pwhost`), then the build tree's (see runtime-v8's build script).
-        println!(
-            "cargo:rustc-link-arg-cdylib=-Wl,--enable-new-dtags,-rpath,$ORIGIN/../../pwhost:$ORIGIN"
-        );
-    }
+    // Where V8's library is looked for before the system's, relative to the plugin: the bundled
+    // copy of an installation (modules in `/usr/lib/trafficserver/modules`, the copy in
+    // `/usr/lib/pwhost`), then the build tree's (see runtime-v8's build script).
+    println!(
+        "cargo:rustc-link-arg-cdylib=-Wl,--enable-new-dtags,-rpath,$ORIGIN/../../pwhost:$ORIGIN"
+    );
     let include = std::env::var_os("TS_INCLUDE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/include"));

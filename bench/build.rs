@@ -6,8 +6,6 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_NULL").is_some() {
         println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=proxy_*");
     }
-    if std::env::var_os("CARGO_FEATURE_V8").is_some() {
-        // V8's library in the build tree (see pwhost's build script).
-        println!("cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN");
-    }
+    // V8's library in the build tree (see pwhost's build script).
+    println!("cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN");
 }

@@ -7,12 +7,11 @@ fn main() {
         // cannot depend on the crate).
         println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=proxy_*");
     }
-    if std::env::var_os("CARGO_FEATURE_V8").is_some() {
-        // Where V8's library is looked for before the system's, relative to the binary: the
-        // bundled copy of an installation (`PREFIX/bin/pwhost`, `PREFIX/lib/pwhost/`), then the
-        // build tree's (see runtime-v8's build script). Never a path of the build machine.
-        println!(
-            "cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib/pwhost:$ORIGIN"
-        );
-    }
+    // Where V8's library is looked for before the system's, relative to the binary: the bundled
+    // copy of an installation (`PREFIX/bin/pwhost`, `PREFIX/lib/pwhost/`), then the build tree's
+    // (see runtime-v8's build script). Never a path of the build machine. A binary without V8
+    // looks nothing up there.
+    println!(
+        "cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib/pwhost:$ORIGIN"
+    );
 }

@@ -12,17 +12,21 @@
 //!
 //! Binaries record V8's library by its file name only (`NEEDED libnode.so.108`), never by a path
 //! of the build machine, so the dynamic loader looks for it where a packaged program's libraries
-//! are: the directories the binary's own run path names relative to itself (pwhost's binaries and
-//! the Traffic Server plugin name `$ORIGIN/../lib/pwhost`, where the Debian package and
-//! `scripts/install.sh` put a bundled copy, and `$ORIGIN`), then the system's (Debian's
-//! `libnode108`). A build script cannot give its dependents' binaries a run path (an rpath from
-//! `cargo:rustc-link-arg` applies to this package's own targets only), so those crates' build
-//! scripts add it themselves.
+//! are: the directories the binary's own run path names relative to itself, then the system's
+//! (Debian's `libnode108`). pwhost's executables name `$ORIGIN/../lib/pwhost` (`/usr/lib/pwhost`
+//! for `/usr/bin/pwhost`, where the Debian package bundles libnode) and the Traffic Server plugin
+//! `$ORIGIN/../../pwhost` (the same directory from `/usr/lib/trafficserver/modules`), both then
+//! `$ORIGIN`. A build script cannot give its dependents' binaries a run path (an rpath from
+//! `cargo:rustc-link-arg` applies to this package's own targets only), so the build scripts of
+//! the crates that make binaries (pwhost, pwhost-ats, pwhost-bench, the fuzz targets) add it.
 //!
 //! For binaries run from the build tree, the library is linked (as a symbolic link) into the
 //! profile's output directories, `target/<profile>/` and its `deps/`: next to `pwhost` and the
 //! Traffic Server plugin, found through `$ORIGIN`, and where `cargo run` and `cargo test` point
-//! the loader for every binary they start.
+//! the loader for every binary they start. This writes outside `OUT_DIR`, as few build scripts
+//! should, for a build tree that runs without `LD_LIBRARY_PATH`; it assumes Cargo's default
+//! layout (`OUT_DIR` three levels below the profile's directory) and, if a link is removed, puts
+//! it back only when this script runs again.
 
 use std::env;
 use std::path::{Path, PathBuf};
