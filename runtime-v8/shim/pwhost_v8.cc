@@ -18,7 +18,9 @@
 //   thread's archived state and archives it again, lazily. That is V8's documented "Locker inside
 //   an Unlocker" path, and it halves the cost of a call. Its price: V8 never frees a parked
 //   thread's archived state (under 1 KiB for the last thread, a few KiB with its handle blocks
-//   for others), so only the first kMaxParkedThreads threads that call an instance are parked.
+//   for others), so only the first kMaxParkedThreads threads that call an instance are parked,
+//   and the thread deleting an instance, when parked, is unparked first (UnparkThread), which
+//   frees its state: an instance made, called and deleted on one thread leaves nothing behind.
 // * No C++ exception crosses the C ABI, and none reaches V8 from the host function callback.
 
 #include "pwhost_v8.h"
@@ -254,8 +256,9 @@ struct pwv8_vm {
   uint64_t stack_thread = 0;
   /// The threads (ThreadTokens) left inside an Unlocker by ParkThread.
   std::vector<uint64_t> parked_threads;
-  /// The storage of the Locker and Unlocker of each parked thread. Their destructors never run:
-  /// that is what keeps the threads parked. Freed after the isolate is disposed.
+  /// The storage of the Locker and Unlocker of each parked thread. Their destructors run only
+  /// for the thread that deletes the VM (UnparkThread), else never: that is what keeps the
+  /// threads parked. Freed after the isolate is disposed.
   std::vector<void*> parked_storage;
   std::atomic<bool> heap_exhausted{false};
   /// Set by pwv8_vm_terminate, cleared by pwv8_vm_cancel_terminate. V8 keeps a termination request
@@ -305,6 +308,28 @@ void ParkThread(pwv8_vm* vm) {
   vm->parked_storage.push_back(locker);
   vm->parked_storage.push_back(unlocker);
   vm->parked_threads.push_back(token);
+}
+
+/// Takes the calling thread out of the isolate if ParkThread left it parked, as a Locker that was
+/// never parked would leave it: the Unlocker's destructor restores the thread's archived state
+/// (taking the lock), the Locker's, a top-level one, frees it. Without this, every isolate a
+/// thread called into would leave that state behind (V8 frees no archived state of its own).
+/// Only the calling thread can be unparked; no Locker of the isolate may be alive on it.
+void UnparkThread(pwv8_vm* vm) {
+  uint64_t token = ThreadToken();
+  for (size_t i = 0; i < vm->parked_threads.size(); ++i) {
+    if (vm->parked_threads[i] != token) continue;
+    auto* locker = static_cast<v8::Locker*>(vm->parked_storage[2 * i]);
+    auto* unlocker = static_cast<v8::Unlocker*>(vm->parked_storage[2 * i + 1]);
+    unlocker->~Unlocker();
+    locker->~Locker();
+    ::operator delete(unlocker);
+    ::operator delete(locker);
+    vm->parked_storage[2 * i] = nullptr;
+    vm->parked_storage[2 * i + 1] = nullptr;
+    vm->parked_threads[i] = 0;
+    return;
+  }
 }
 
 /// Whether an Entry parks the thread (only guest calls do: they are the hot path).
@@ -505,6 +530,7 @@ void DeleteVm(pwv8_vm* vm) {
     vm->exports.Reset();
     vm->context.Reset();
   }
+  UnparkThread(vm);
 #if PWHOST_V8_NODE_PLATFORM
   // Node's order: unregister first, so no other isolate at the same address races with it.
   g_platform->UnregisterIsolate(isolate);

@@ -17,8 +17,10 @@
 //!   export through `Function::Call` (about 230 ns; V8's `Isolate::Enter` allocates once per
 //!   entry). The first threads to call an instance are left "parked" inside an `Unlocker`, which
 //!   makes later Lockers on them restore the thread's state instead of rebuilding it (see
-//!   `shim/pwhost_v8.cc`): a third off each call, for a little memory V8 never frees when the
-//!   isolate goes (under 1 KiB for the last parked thread, a few KiB for the other one).
+//!   `shim/pwhost_v8.cc`): a third off each call. V8 never frees a parked thread's state, so the
+//!   thread that deletes an instance is unparked first (its state freed); a thread that called
+//!   an instance deleted elsewhere leaves its state behind (under 1 KiB for the last parked
+//!   thread, a few KiB for the other one).
 //! * Host functions are one `FunctionTemplate` callback that copies the arguments into `u64`
 //!   slots and calls the Rust host function; a host function's trap unwinds the guest as a
 //!   JavaScript exception and comes back out of the call unchanged. Traps map from V8's messages
