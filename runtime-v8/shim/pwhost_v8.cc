@@ -313,9 +313,12 @@ void ParkThread(pwv8_vm* vm) {
 /// Takes the calling thread out of the isolate if ParkThread left it parked, as a Locker that was
 /// never parked would leave it: the Unlocker's destructor restores the thread's archived state
 /// (taking the lock), the Locker's, a top-level one, frees it. Without this, every isolate a
-/// thread called into would leave that state behind (V8 frees no archived state of its own).
-/// Only the calling thread can be unparked; no Locker of the isolate may be alive on it.
+/// thread called into would leave that state behind (what the archive holds, e.g. handle
+/// blocks, is freed only when the thread restores it).
+/// Only the calling thread can be unparked, and only while it holds no Locker of the isolate
+/// (the Unlocker's destructor would wait for its own lock): then its state is left as before.
 void UnparkThread(pwv8_vm* vm) {
+  if (v8::Locker::IsLocked(vm->isolate)) return;
   uint64_t token = ThreadToken();
   for (size_t i = 0; i < vm->parked_threads.size(); ++i) {
     if (vm->parked_threads[i] != token) continue;

@@ -101,6 +101,11 @@ fn requests(engine: &str, count: usize) -> anyhow::Result<bool> {
             after_warm_up = Some(Footprint::now());
         }
     }
+    let counters = worker.plugins().counters(PluginId(0)).snapshot();
+    anyhow::ensure!(
+        counters.iter().all(|(_, value)| *value == 0),
+        "the one VM copy failed or was replaced: {counters:?}"
+    );
     let start = after_warm_up.expect("the warm-up is part of the run");
     Ok(report(
         engine,
@@ -161,6 +166,18 @@ fn failures(engine: &str, count: usize) -> anyhow::Result<bool> {
     }
     let counters = worker.plugins().counters(PluginId(0)).snapshot();
     println!("{engine}: counters {counters:?}");
+    let counter = |name| {
+        counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v as usize)
+    };
+    anyhow::ensure!(
+        counter("failed_by_trap") == Some(count)
+            && counter("reloads") == Some(count - 1)
+            && counter("closed") == Some(2 * count),
+        "the counters do not add up to {count} failures"
+    );
     let start = after_warm_up.expect("the warm-up is part of the run");
     Ok(report(
         engine,

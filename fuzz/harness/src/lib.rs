@@ -1,7 +1,8 @@
 //! What pwhost's fuzz targets run (the cargo-fuzz binaries in `fuzz/fuzz_targets` are one
 //! line each), so that the workspace's tests run the very same code on seeds (`tests/smoke.rs`):
 //! [`module_bytes`], [`smith_module`], [`host_calls`] and [`config`], over the engines under test
-//! and the traffic every module that loads is put through.
+//! and the traffic every module that loads is put through; [`host_calls`] compares the
+//! engines' reports of each run ([`differential`]).
 //!
 //! Every target checks the same promise: whatever the input, pwhost answers with a clean
 //! error or a trap, and never crashes, hangs or grows without bound. A looping guest is
@@ -17,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use abi::{Plugin, PluginConfig, SharedState, VmState};
-use pwhost::scenario::{FailurePolicy, Scenario};
+use pwhost::scenario::{FailurePolicy, Report, Scenario};
 use runtime_api::{RuntimeConfig, Signature, ValType, WasmRuntime};
 
 /// The longest one callback may run: a looping guest is stopped here, as a proxy's deadline
@@ -136,9 +137,20 @@ pub fn smith_module(data: &[u8]) -> usize {
 }
 
 /// Target `host_calls`: every host function called with fuzzed arguments over a fuzzed memory
-/// image, from every callback, with a misbehaving allocator (see [`host_calls`]).
-pub fn host_calls(plugin: &host_calls::HostCallPlugin) -> usize {
-    load_and_run(&plugin.to_wasm())
+/// image, from every callback, with a misbehaving allocator (see [`host_calls`]), as a
+/// [`differential`] run when its calls have the same answers on every run
+/// ([`host_calls::HostCallPlugin::is_deterministic`]). Says whether every engine ran the
+/// plugin (`false`: every engine refused it), or how two engines differed.
+pub fn host_calls(plugin: &host_calls::HostCallPlugin) -> Result<bool, String> {
+    let wasm = plugin.to_wasm();
+    if plugin.is_deterministic() {
+        return differential(&wasm);
+    }
+    match load_and_run(&wasm) {
+        0 => Ok(false),
+        loaded if loaded == engines().len() => Ok(true),
+        loaded => Err(format!("{loaded} of {} engines loaded it", engines().len())),
+    }
 }
 
 /// Target `config`: arbitrary text as a plugin configuration (YAML or JSON, Envoy's and Traffic
@@ -151,33 +163,128 @@ pub fn config(data: &[u8]) {
     let _ = Scenario::parse(text);
 }
 
+/// What [`scenario`] came to on one engine.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// The engine refused the module (each engine words its validation errors its own way, so
+    /// only the refusal is compared).
+    Refused,
+    /// The run's report.
+    Ran(Box<Report>),
+    /// The run failed as a whole.
+    Failed(String),
+}
+
+impl Outcome {
+    /// Whether a call ran into the deadline: wall-clock time, which one engine may reach and
+    /// another not on a busy machine, so such runs are not compared.
+    fn hit_deadline(&self) -> bool {
+        match self {
+            Outcome::Ran(report) => report
+                .plugins
+                .iter()
+                .any(|plugin| plugin.counters.get("failed_by_deadline") > Some(&0)),
+            Outcome::Refused | Outcome::Failed(_) => false,
+        }
+    }
+
+    /// The outcome with what may differ between engines erased: the engine's name, in the
+    /// report and in each plugin's (`fuzz/README.md` keeps the list of what is not compared).
+    fn comparable(self) -> Outcome {
+        match self {
+            Outcome::Ran(mut report) => {
+                report.runtime.clear();
+                for plugin in &mut report.plugins {
+                    plugin.runtime.clear();
+                }
+                Outcome::Ran(report)
+            }
+            other => other,
+        }
+    }
+}
+
 /// Modules that loaded on at least one engine, and runs of them, since the process started.
 static LOADED: AtomicU64 = AtomicU64::new(0);
 static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// Loads `wasm` as a plugin on `runtime` and, if it loads, runs [`scenario`] through it.
+fn run_on(runtime: &dyn WasmRuntime<VmState>, wasm: &[u8]) -> Outcome {
+    match Plugin::load(
+        runtime,
+        wasm,
+        PluginConfig::default(),
+        SharedState::default(),
+    ) {
+        Err(_) => Outcome::Refused,
+        Ok(plugin) => {
+            RUNS.fetch_add(1, Ordering::Relaxed);
+            match pwhost::scenario::run(&plugin, scenario(), FailurePolicy::FailClosed) {
+                Ok(report) => Outcome::Ran(Box::new(report)),
+                Err(e) => Outcome::Failed(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Runs `wasm` on every engine; counts it as loaded if some engine loaded it.
+fn run_everywhere(wasm: &[u8]) -> Vec<(&'static str, Outcome)> {
+    let outcomes: Vec<_> = engines()
+        .iter()
+        .map(|runtime| (runtime.name(), run_on(&**runtime, wasm)))
+        .collect();
+    if outcomes
+        .iter()
+        .any(|(_, outcome)| *outcome != Outcome::Refused)
+    {
+        LOADED.fetch_add(1, Ordering::Relaxed);
+    }
+    outcomes
+}
 
 /// Loads `wasm` as a plugin on every engine and, where it loads, runs [`scenario`] through
 /// it; returns on how many engines it loaded. Errors and traps are expected answers; only a
 /// crash, a hang or a panic is a finding.
 pub fn load_and_run(wasm: &[u8]) -> usize {
-    let mut loaded = 0;
-    for runtime in engines() {
-        let plugin = match Plugin::load(
-            &**runtime,
-            wasm,
-            PluginConfig::default(),
-            SharedState::default(),
-        ) {
-            Ok(plugin) => plugin,
-            Err(_) => continue,
-        };
-        loaded += 1;
-        RUNS.fetch_add(1, Ordering::Relaxed);
-        let _ = pwhost::scenario::run(&plugin, scenario(), FailurePolicy::FailClosed);
+    run_everywhere(wasm)
+        .iter()
+        .filter(|(_, outcome)| *outcome != Outcome::Refused)
+        .count()
+}
+
+/// Differential run: loads `wasm` on every engine and runs [`scenario`] through it. Every
+/// engine must refuse the module, or every engine run it to the same report but for what
+/// [`Outcome::comparable`] erases (runs that hit the deadline somewhere are not compared).
+/// Returns whether the engines ran it, or the first difference found: both engines and what
+/// each did.
+pub fn differential(wasm: &[u8]) -> Result<bool, String> {
+    let outcomes = run_everywhere(wasm);
+    let ran = outcomes
+        .iter()
+        .any(|(_, outcome)| *outcome != Outcome::Refused);
+    if outcomes.iter().any(|(_, outcome)| outcome.hit_deadline()) {
+        if outcomes
+            .iter()
+            .any(|(_, outcome)| *outcome == Outcome::Refused)
+        {
+            return Err("some engines refused the module, others ran it".to_string());
+        }
+        return Ok(true);
     }
-    if loaded > 0 {
-        LOADED.fetch_add(1, Ordering::Relaxed);
+    let mut outcomes = outcomes
+        .into_iter()
+        .map(|(name, outcome)| (name, outcome.comparable()));
+    let Some((first, expected)) = outcomes.next() else {
+        return Ok(false);
+    };
+    for (name, outcome) in outcomes {
+        if outcome != expected {
+            return Err(format!(
+                "{first} and {name} differ:\n{first}: {expected:#?}\n{name}: {outcome:#?}"
+            ));
+        }
     }
-    loaded
+    Ok(ran)
 }
 
 /// `(modules loaded on some engine, scenario runs)` so far in this process, for campaign
