@@ -42,6 +42,7 @@ if [ "$build" = 1 ]; then
     --features pwhost/all-engines,pwhost-ats/all-engines
 fi
 # Both binaries are built by this script (or the test build), not by cargo-deb, which builds
-# only the package it is given.
-"$tools/bin/cargo-deb" -p pwhost --no-build --profile "$profile" --output target/debian \
+# only the package it is given. Stripped: the release profile keeps line tables for profiling,
+# which would make the installed binaries several times larger.
+"$tools/bin/cargo-deb" -p pwhost --no-build --profile "$profile" --output target/debian --strip \
   ${deb_args[@]+"${deb_args[@]}"}
