@@ -88,25 +88,20 @@ for file in usr/bin/pwhost usr/lib/trafficserver/modules/pwhost_ats.so; do
     status=1
   fi
 done
-# run_plugin LABEL ENGINE PLUGIN: the header plugin's report must show its edits.
+# run_plugin LABEL ENGINE PLUGIN: the header plugin's report (the text one: nothing beyond
+# grep needed) must name the engine, show the plugin's edits both ways, and no error.
 run_plugin() {
+  local report=$work/$1.txt
   if "$pwhost" run --plugin "$3" --runtime "$2" --scenario "$docs/examples/http_headers.yaml" \
-    --format json > "$work/$1.json" 2> "$work/$1.err" &&
-    python3 - "$2" "$work/$1.json" <<'PYTHON'
-import json, sys
-engine, path = sys.argv[1], sys.argv[2]
-report = json.load(open(path))
-exchange = report["http"][0]
-assert report["runtime"] == engine, report["runtime"]
-assert report["errors"] == [] and exchange["error"] is None, (report["errors"], exchange["error"])
-assert ["x-pwhost-plugin", "http_headers"] in exchange["request_headers"], exchange
-assert ["x-powered-by", "pwhost"] in exchange["response_headers"], exchange
-PYTHON
-  then
+    --format text > "$report" 2> "$work/$1.err" &&
+    grep -q "^runtime $2 " "$report" &&
+    grep -qx '  > x-pwhost-plugin: http_headers' "$report" &&
+    grep -qx '  < x-powered-by: pwhost' "$report" &&
+    ! grep -qE '^ *(start )?error:' "$report"; then
     echo "  $1: the plugin ran"
   else
     echo "  $1: FAILED" >&2
-    cat "$work/$1.err" "$work/$1.json" >&2
+    cat "$work/$1.err" "$report" >&2
     status=1
   fi
 }

@@ -11,9 +11,10 @@
 //!   `lifecycle_bench`, each the whole lifecycle (context, request and response headers, log,
 //!   done, delete). Fails if the resident set grew by 1% or more after the warm-up (the first
 //!   tenth), or threads, files or mappings leaked.
-//! * `failures` (every engine but null): N failures (default 10,000) of a plugin whose request headers callback traps
-//!   (`plugins/wat/trap_in_request_headers.wat`) under `FAIL_RELOAD`: each stream gets a new VM
-//!   copy (the failed one goes away), fails in it and is failed closed. The worker's clock is
+//! * `failures` (every engine but null): N failures (default 10,000) of a plugin whose request
+//!   headers callback traps (`plugins/wat/trap_in_request_headers.wat`) under `FAIL_RELOAD`:
+//!   each stream gets a new VM copy (the failed one goes away), fails in it and is failed
+//!   closed. The worker's clock is
 //!   moved past the reload backoff instead of waiting it out. Fails if the resident set grew by
 //!   2% or more after the warm-up, or threads, files or mappings leaked.
 
@@ -22,10 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use abi::VmError;
 use lifecycle::{Admission, LoadOptions, OnFailure, PluginId, Plugins, Worker};
 use pwhost::configured::BuildEngines;
 use pwhost_bench::memory::Footprint;
-use pwhost_bench::{plugin_path, pwhost_request, BenchHost};
+use pwhost_bench::{plugin_path, pwhost_request, BenchHost, RequestOutcome};
 use runtime_api::RuntimeConfig;
 
 fn main() -> ExitCode {
@@ -72,6 +74,18 @@ fn worker(yaml: &str, engine: &str, clock: lifecycle::plugins::Clock) -> anyhow:
     Ok(Worker::new(Arc::new(plugins), || Box::new(BenchHost::new())).with_clock(clock))
 }
 
+/// One stream through the plugin's VM copy on `worker`: admitted, the whole request
+/// ([`pwhost_request`]), released. `None`: no VM copy was admitted (the plugin failed).
+fn stream(worker: &mut Worker) -> Option<Result<RequestOutcome, VmError>> {
+    let Admission::Run(held) = worker.admit(PluginId(0)) else {
+        return None;
+    };
+    let vm = worker.vm(&held).expect("the stream's own VM copy");
+    let outcome = pwhost_request(vm);
+    worker.release(held);
+    Some(outcome)
+}
+
 fn requests(engine: &str, count: usize) -> anyhow::Result<bool> {
     // The null runtime runs the plugin's native build (a proxy-wasm SDK library).
     let plugin = if engine == "null" {
@@ -88,14 +102,10 @@ fn requests(engine: &str, count: usize) -> anyhow::Result<bool> {
     let warm_up = count / 10;
     let mut after_warm_up = None;
     for request in 1..=count {
-        let Admission::Run(held) = worker.admit(PluginId(0)) else {
-            anyhow::bail!("the plugin failed to start");
-        };
-        let vm = worker.vm(&held).expect("the stream's own VM copy");
-        let outcome = pwhost_request(vm);
-        worker.release(held);
-        if let Err(e) = outcome {
-            anyhow::bail!("request {request} failed: {e}");
+        match stream(&mut worker) {
+            None => anyhow::bail!("the plugin failed to start"),
+            Some(Err(e)) => anyhow::bail!("request {request} failed: {e}"),
+            Some(Ok(_)) => {}
         }
         if request == warm_up {
             after_warm_up = Some(Footprint::now());
@@ -140,16 +150,12 @@ fn failures(engine: &str, count: usize) -> anyhow::Result<bool> {
     let warm_up = count / 10;
     let mut after_warm_up = None;
     for failure in 1..=count {
-        let Admission::Run(held) = worker.admit(PluginId(0)) else {
-            anyhow::bail!("failure {failure}: no new VM copy after the backoff");
-        };
-        let vm = worker.vm(&held).expect("the stream's own VM copy");
-        let error = match pwhost_request(vm) {
-            Ok(_) => anyhow::bail!("failure {failure}: the request did not trap"),
-            Err(error) => error,
+        let error = match stream(&mut worker) {
+            None => anyhow::bail!("failure {failure}: no new VM copy after the backoff"),
+            Some(Ok(_)) => anyhow::bail!("failure {failure}: the request did not trap"),
+            Some(Err(error)) => error,
         };
         let outcome = worker.failed(PluginId(0), &error);
-        worker.release(held);
         anyhow::ensure!(
             outcome == OnFailure::FailClosed,
             "failure {failure}: the stream was not failed closed"
