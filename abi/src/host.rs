@@ -8,6 +8,12 @@ use crate::{
     StreamType,
 };
 
+/// The time since the process's first reading of this clock.
+pub(crate) fn system_monotonic() -> Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
+}
+
 /// A property path as the plugin passed it: segments separated by NUL bytes, e.g.
 /// `request\0path`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,9 +118,22 @@ pub trait Host: Send + std::any::Any {
         LogLevel::Trace
     }
 
-    /// The wall-clock time.
+    /// The wall-clock time (`proxy_get_current_time_nanoseconds`, WASI's realtime clock, the
+    /// time attributes).
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    /// Time on a monotonic clock since an origin of the host's choosing (WASI's monotonic
+    /// clock); by default the process's first reading.
+    fn monotonic(&self) -> Duration {
+        system_monotonic()
+    }
+
+    /// Fills `buffer` with random bytes (WASI's `random_get`); `false` if there are none to be
+    /// had. By default the operating system's.
+    fn fill_random(&mut self, buffer: &mut [u8]) -> bool {
+        getrandom::fill(buffer).is_ok()
     }
 
     /// A header map of a stream, or `None` if the stream has none. The ABI asks only for maps

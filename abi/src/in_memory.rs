@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::{
     BufferType, ContextId, GrpcRequest, HeaderMap, Headers, Host, HttpCallRequest, LocalResponse,
@@ -18,6 +18,40 @@ pub struct LogRecord {
     pub message: String,
     /// The context that was effective when it was written.
     pub context: ContextId,
+}
+
+/// Time and randomness that are the same on every run of the same plugin with the same
+/// traffic: both clocks start at a fixed point and move [`Reproducible::TICK`] with every
+/// reading (so a plugin waiting for time to pass is not stuck, and each run reads the same
+/// times), and random bytes come from a seeded generator. For reports that can be compared
+/// (across engines, or with a recorded one).
+#[derive(Clone, Debug)]
+pub struct Reproducible {
+    /// The wall clock's first reading.
+    pub start: SystemTime,
+    readings: std::cell::Cell<u32>,
+    random: fastrand::Rng,
+}
+
+impl Reproducible {
+    /// How far both clocks move with each reading.
+    pub const TICK: Duration = Duration::from_micros(1);
+
+    /// Clocks from `start`, random bytes from `seed`.
+    pub fn new(start: SystemTime, seed: u64) -> Reproducible {
+        Reproducible {
+            start,
+            readings: std::cell::Cell::new(0),
+            random: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    /// The time since `start` at this reading.
+    fn reading(&self) -> Duration {
+        let reading = self.readings.get();
+        self.readings.set(reading.saturating_add(1));
+        Reproducible::TICK * reading
+    }
 }
 
 /// Everything the host knows about one HTTP stream.
@@ -101,8 +135,9 @@ pub struct InMemoryHost {
     pub grpc_calls: Vec<GrpcRecord>,
     /// Root contexts that called `proxy_done`.
     pub done: Vec<ContextId>,
-    /// A fixed wall-clock time, for reproducible runs; `None` uses the system clock.
-    pub fixed_time: Option<SystemTime>,
+    /// Clocks and random bytes that are the same on every run, for reproducible reports;
+    /// `None` uses the system's.
+    pub reproducible: Option<Reproducible>,
     next_token: u32,
 }
 
@@ -150,7 +185,27 @@ impl Host for InMemoryHost {
     }
 
     fn now(&self) -> SystemTime {
-        self.fixed_time.unwrap_or_else(SystemTime::now)
+        match &self.reproducible {
+            Some(reproducible) => reproducible.start + reproducible.reading(),
+            None => SystemTime::now(),
+        }
+    }
+
+    fn monotonic(&self) -> Duration {
+        match &self.reproducible {
+            Some(reproducible) => reproducible.reading(),
+            None => crate::host::system_monotonic(),
+        }
+    }
+
+    fn fill_random(&mut self, buffer: &mut [u8]) -> bool {
+        match &mut self.reproducible {
+            Some(reproducible) => {
+                reproducible.random.fill(buffer);
+                true
+            }
+            None => getrandom::fill(buffer).is_ok(),
+        }
     }
 
     fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers> {

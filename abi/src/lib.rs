@@ -176,7 +176,9 @@ pub use filter_state::{
 pub use foreign::{ForeignCall, ForeignFunction};
 pub use header_map::{wire, HeaderMap, Headers};
 pub use host::{GrpcRequest, Host, HttpCallRequest, HttpCallResponse, LocalResponse, PropertyPath};
-pub use in_memory::{DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, StreamRecord};
+pub use in_memory::{
+    DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, Reproducible, StreamRecord,
+};
 pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
 pub use shared::{Histogram, Metric, MetricType, SharedState, HISTOGRAM_BUCKETS};
 pub use state::VmState;
@@ -187,3 +189,10 @@ pub use types::{
 pub use value::Value;
 pub use version::AbiVersion;
 pub use vm::{Vm, VmError, VmWaker};
+
+/// How many host calls plugins have made in this process, on every engine and VM (those a
+/// capability restriction refused included).
+#[cfg(feature = "host-call-count")]
+pub fn host_calls_made() -> u64 {
+    exports::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}

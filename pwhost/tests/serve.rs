@@ -1945,3 +1945,432 @@ fn a_reload_puts_new_routes_and_clusters_in_force_and_refuses_what_needs_a_resta
     let reply = get(&serve.url("/b"), &[]);
     assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{reply:?}");
 }
+
+/// What a misbehaving upstream does with each connection once it has read a request's head.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Resets the connection (RST) before answering anything.
+    Reset,
+    /// Never answers; holds the connection until the test ends.
+    Stall,
+    /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
+    CutMidBody,
+}
+
+/// An upstream on 127.0.0.1 treating every connection as `misbehaviour` says.
+fn misbehaving(misbehaviour: Misbehaviour) -> Background {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    Background::start(move |listener, mut stopped| async move {
+        loop {
+            let mut stream = tokio::select! {
+                _ = &mut stopped => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(count) => head.extend_from_slice(&buffer[..count]),
+                    }
+                }
+                match misbehaviour {
+                    Misbehaviour::Reset => {}
+                    Misbehaviour::Stall => tokio::time::sleep(Duration::from_secs(120)).await,
+                    Misbehaviour::CutMidBody => {
+                        let mut response =
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+                        response.resize(response.len() + 1000, b'x');
+                        let _ = stream.write_all(&response).await;
+                        // Long enough for the proxy to have sent the response on its way.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                let _ = stream.set_zero_linger();
+            });
+        }
+    })
+}
+
+/// A callout target answering `200` with `x-auth-user: load` to every call but each
+/// `stall_every`-th, which it never answers.
+fn flaky_checker(stall_every: usize) -> Background {
+    let calls = Arc::new(AtomicUsize::new(0));
+    Background::start(move |listener, mut stopped| async move {
+        loop {
+            let stream = tokio::select! {
+                _ = &mut stopped => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+            };
+            let calls = Arc::clone(&calls);
+            let service = hyper::service::service_fn(move |_request| {
+                let call = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                async move {
+                    if call % stall_every == 0 {
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                    }
+                    let mut response = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    ));
+                    response
+                        .headers_mut()
+                        .insert("x-auth-user", http::HeaderValue::from_static("load"));
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// `POST` of `chunks` as a chunked body on a connection of its own, with a pause after each
+/// chunk (so the plugins see the body in parts); the response's status and body if it came
+/// whole, else why not.
+fn chunked_post(port: u16, path: &str, chunks: &[&str]) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    connection
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: load\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    );
+    // A write failing once the proxy has answered early is fine: its answer is read below.
+    let _ = connection.write_all(head.as_bytes());
+    for chunk in chunks {
+        let _ = connection.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = connection.write_all(b"0\r\n\r\n");
+    let mut received = Vec::new();
+    connection
+        .read_to_end(&mut received)
+        .map_err(|e| format!("reading the response: {e}"))?;
+    let text = String::from_utf8_lossy(&received);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no whole response head in {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .ok_or_else(|| format!("no content-length in {head:?}"))?;
+    if body.len() != length {
+        return Err(format!("{} of {length} body bytes", body.len()));
+    }
+    Ok((status, body.to_string()))
+}
+
+/// One kind of request of the fault-injection load, and what it may end in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum FaultyRequest {
+    /// To the origin: a whole 200.
+    Healthy,
+    /// To the origin with a body: a whole 200 that echoes it.
+    HealthyWithBody,
+    /// To a cluster nobody listens on: 503.
+    Refused,
+    /// To an upstream that resets before answering: 503.
+    UpstreamReset,
+    /// To an upstream that never answers, past its `request_timeout`: 504.
+    UpstreamStall,
+    /// To an upstream that resets mid-body: the client's response is cut.
+    UpstreamCutMidBody,
+    /// A client that gives up while its upstream stalls: it sees nothing more.
+    ClientAbort,
+    /// Through a plugin whose HTTP call is answered, or times out: 200, or the plugin's 503.
+    Callout,
+    /// A body through a plugin that traps in its body callback (FAIL_RELOAD): 503 (or a
+    /// reset, when the proxy closes before the client has sent it all).
+    TrapMidBody,
+    /// Through that plugin without a body: 200, 503 while its VM copy is failed, or a reset.
+    BesideTraps,
+}
+
+impl FaultyRequest {
+    const ALL: [FaultyRequest; 10] = [
+        FaultyRequest::Healthy,
+        FaultyRequest::HealthyWithBody,
+        FaultyRequest::Refused,
+        FaultyRequest::UpstreamReset,
+        FaultyRequest::UpstreamStall,
+        FaultyRequest::UpstreamCutMidBody,
+        FaultyRequest::ClientAbort,
+        FaultyRequest::Callout,
+        FaultyRequest::TrapMidBody,
+        FaultyRequest::BesideTraps,
+    ];
+
+    /// Which listener it goes to (an index into the test's three).
+    fn listener(self) -> usize {
+        match self {
+            FaultyRequest::Callout => 1,
+            FaultyRequest::TrapMidBody | FaultyRequest::BesideTraps => 2,
+            _ => 0,
+        }
+    }
+
+    /// Sends it; `Ok(status)` for a whole response, `Err` for none (a reset, a cut response,
+    /// a client that gave up).
+    fn send(self, ports: [u16; 3], index: usize) -> Result<u16, String> {
+        let url = |path: &str| format!("http://127.0.0.1:{}{path}", ports[self.listener()]);
+        let expect_body = |reply: Reply, text: &str| {
+            if reply.status == 200 && !reply.body.contains(text) {
+                return Err(format!("a 200 without {text:?}: {reply:?}"));
+            }
+            Ok(reply.status)
+        };
+        match self {
+            FaultyRequest::Healthy => {
+                expect_body(try_get(&url("/healthy"), &[])?, "hello from origin")
+            }
+            FaultyRequest::HealthyWithBody => {
+                let body = format!("request {index}");
+                expect_body(try_send(&url("/healthy"), &[], Some(&body))?, &body)
+            }
+            FaultyRequest::Refused => Ok(try_get(&url("/refused"), &[])?.status),
+            FaultyRequest::UpstreamReset => Ok(try_get(&url("/reset"), &[])?.status),
+            FaultyRequest::UpstreamStall => Ok(try_get(&url("/stall"), &[])?.status),
+            FaultyRequest::UpstreamCutMidBody => Ok(try_get(&url("/cut"), &[])?.status),
+            FaultyRequest::ClientAbort => {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_millis(50)))
+                    .build()
+                    .into();
+                match agent.get(&url("/stall")).call() {
+                    Ok(response) => Ok(response.status().as_u16()),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            FaultyRequest::Callout => {
+                expect_body(try_get(&url("/checked"), &[])?, "x-auth-user: load")
+            }
+            FaultyRequest::TrapMidBody => {
+                chunked_post(ports[2], "/trapped", &["first part", "second part"])
+                    .map(|(status, _)| status)
+            }
+            FaultyRequest::BesideTraps => Ok(try_get(&url("/beside"), &[])?.status),
+        }
+    }
+
+    /// Whether `outcome` is one this request may end in.
+    fn may_end_in(self, outcome: &Result<u16, String>) -> bool {
+        matches!(
+            (self, outcome),
+            (
+                FaultyRequest::Healthy | FaultyRequest::HealthyWithBody,
+                Ok(200)
+            ) | (
+                FaultyRequest::Refused | FaultyRequest::UpstreamReset,
+                Ok(503)
+            ) | (FaultyRequest::UpstreamStall, Ok(504))
+                | (
+                    FaultyRequest::UpstreamCutMidBody | FaultyRequest::ClientAbort,
+                    Err(_)
+                )
+                | (FaultyRequest::Callout, Ok(200 | 503))
+                | (FaultyRequest::TrapMidBody, Ok(503) | Err(_))
+                | (FaultyRequest::BesideTraps, Ok(200 | 503) | Err(_))
+        )
+    }
+}
+
+/// A bounded load of requests meeting every fault at once (upstreams refusing, resetting,
+/// stalling and cutting responses, callouts timing out, a plugin trapping mid-body, clients
+/// giving up), `PWHOST_FAULT_REQUESTS` of them (default 200): each ends as it may, the proxy's
+/// counters add up (requests in = whole responses out + resets), every plugin stream context
+/// ends, and the proxy serves on.
+#[test]
+fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_counts_add_up() {
+    let requests: usize = std::env::var("PWHOST_FAULT_REQUESTS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(200);
+    let origin = Origin::start();
+    let (resetting, stalling, cutting) = (
+        misbehaving(Misbehaviour::Reset),
+        misbehaving(Misbehaviour::Stall),
+        misbehaving(Misbehaviour::CutMidBody),
+    );
+    let checker = flaky_checker(10);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (admin_port, ports) = (free_port(), [free_port(), free_port(), free_port()]);
+    let trap_plugin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist/wat/trap_in_request_body.wasm");
+    let config = format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  \
+         - name: edge\n    address: 127.0.0.1:{}\n    routes: [{{prefix: /refused, cluster: \
+         refused}}, {{prefix: /reset, cluster: resetting}}, {{prefix: /stall, cluster: \
+         stalling}}, {{prefix: /cut, cluster: cutting}}, {{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n{}  \
+         - name: callout\n    address: 127.0.0.1:{}\n    routes: [{{prefix: /, cluster: \
+         backend}}]\n    http_filters:\n{}  \
+         - name: trap\n    address: 127.0.0.1:{}\n    routes: [{{prefix: /, cluster: \
+         backend}}]\n    http_filters:\n      - name: trap\n        vm_config: {{runtime: \
+         wasmtime, code: {{local: {{filename: {}}}}}}}\n        failure_policy: FAIL_RELOAD\n        \
+         reload_config: {{backoff: {{base_interval: 0.05s, max_interval: 0.2s}}}}\n\
+         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n  refused: {{endpoints: \
+         [\"127.0.0.1:{}\"]}}\n  resetting: {{endpoints: [\"{}\"]}}\n  stalling: {{endpoints: \
+         [\"{}\"], request_timeout: 0.3s}}\n  cutting: {{endpoints: [\"{}\"]}}\n  \
+         auth_cluster: {{endpoints: [\"{}\"]}}\n",
+        ports[0],
+        envoy_filter("headers", "http_headers", ""),
+        ports[1],
+        envoy_filter("auth", "http_call", ""),
+        ports[2],
+        trap_plugin.display(),
+        origin.address,
+        free_port(),
+        resetting.address,
+        stalling.address,
+        cutting.address,
+        checker.address,
+    );
+    let serve = Serve::launch(dir, ports[0], admin_port, &config);
+    // Eight clients, each sending every eighth request of the load, one connection each.
+    let clients = 8;
+    let started = Instant::now();
+    let outcomes: Vec<(FaultyRequest, Result<u16, String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|client| {
+                scope.spawn(move || {
+                    (client..requests)
+                        .step_by(clients)
+                        .map(|index| {
+                            let kind = FaultyRequest::ALL[index % FaultyRequest::ALL.len()];
+                            (kind, kind.send(ports, index))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().expect("a client"))
+            .collect()
+    });
+    assert_eq!(outcomes.len(), requests);
+    let unexpected: Vec<_> = outcomes
+        .iter()
+        .filter(|(kind, outcome)| !kind.may_end_in(outcome))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}\n{}", serve.log());
+    // Every stream has ended: no plugin context, nothing in flight.
+    serve.wait_for_no_live_contexts();
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(sample(&metrics, "pwhost_in_flight"), Some(0.0), "{metrics}");
+    // The proxy's counts: each request it received ended as a whole response or a reset.
+    let total = |prefix: &str, listener: &str| -> u64 {
+        let labels = format!("{{listener=\"{listener}\"");
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(prefix) && line[prefix.len()..].starts_with(&labels))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum()
+    };
+    let mut summary = format!(
+        "{requests} requests in {:.1} s\n",
+        started.elapsed().as_secs_f64()
+    );
+    for kind in FaultyRequest::ALL {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for (_, outcome) in outcomes.iter().filter(|(sent, _)| *sent == kind) {
+            let class = match outcome {
+                Ok(status) => status.to_string(),
+                Err(_) => "no whole response".to_string(),
+            };
+            *seen.entry(class).or_default() += 1;
+        }
+        summary.push_str(&format!("  {:?}: {seen:?}\n", kind));
+    }
+    for (index, listener) in ["edge", "callout", "trap"].into_iter().enumerate() {
+        let sent = outcomes
+            .iter()
+            .filter(|(kind, _)| kind.listener() == index)
+            .count() as u64;
+        let whole = outcomes
+            .iter()
+            .filter(|(kind, outcome)| kind.listener() == index && outcome.is_ok())
+            .count() as u64;
+        let received = total("pwhost_requests_total", listener);
+        let responses = total("pwhost_responses_total", listener);
+        let resets = total("pwhost_resets_total", listener);
+        assert_eq!(received, sent, "{listener}: requests in\n{metrics}");
+        assert_eq!(
+            responses + resets,
+            received,
+            "{listener}: responses + resets\n{metrics}"
+        );
+        // A client sees a whole response only if the proxy sent one (not conversely: a client
+        // that left, or whose unsent body made its connection reset, may miss one).
+        assert!(whole <= responses, "{listener}: {whole} seen\n{metrics}");
+        summary.push_str(&format!(
+            "{listener}: {received} requests, {responses} whole responses, {resets} resets; \
+             clients saw {whole} whole\n"
+        ));
+    }
+    for line in metrics.lines() {
+        if line.starts_with("pwhost_resets_total{") {
+            summary.push_str(&format!("  {line}\n"));
+        }
+    }
+    // Both the upstream cut mid-body and the client's own abort show up as resets.
+    assert!(
+        total("pwhost_resets_total", "edge") >= (requests / FaultyRequest::ALL.len()) as u64,
+        "{metrics}"
+    );
+    // The trapping plugin's streams: each one it failed (a trap in its body callback, or its
+    // VM found failed) or refused (its copy failed, within the backoff) was failed closed once,
+    // and ended as a 503 or, when its response had begun, a reset.
+    let trap_streams = |outcome: &str| {
+        let name = format!(
+            "pwhost_plugin_streams_total{{listener=\"trap\",plugin=\"trap\",outcome=\"{outcome}\"}}"
+        );
+        sample(&metrics, &name).unwrap_or(0.0) as u64
+    };
+    assert!(trap_streams("failed_by_trap") >= 1, "{metrics}");
+    assert_eq!(
+        trap_streams("closed"),
+        sample(
+            &metrics,
+            "pwhost_responses_total{listener=\"trap\",code=\"503\"}"
+        )
+        .unwrap_or(0.0) as u64
+            + total("pwhost_resets_total", "trap"),
+        "{metrics}"
+    );
+    // Each edge stream's plugin saw its end (`proxy_on_log`), whatever ended it.
+    let logged = serve.log().matches("done: /").count() as u64;
+    assert_eq!(logged, total("pwhost_requests_total", "edge"), "{summary}");
+    // And the proxy serves on: the edge at once, the trapping plugin's listener from a fresh
+    // VM copy once its backoff (at most 0.2 s) has passed.
+    assert_eq!(get(&serve.url("/healthy"), &[]).status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..4 {
+        let reply = get(&format!("http://127.0.0.1:{}/", ports[2]), &[]);
+        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+        assert_eq!(reply.status, 200, "{reply:?}\n{metrics}\n{}", serve.log());
+    }
+    println!("{summary}");
+}

@@ -24,8 +24,11 @@ pub(crate) struct HostMetrics {
     pub(crate) requests: Family<ListenerLabel, Counter>,
     /// TCP connections accepted, by listener.
     pub(crate) connections: Family<ListenerLabel, Counter>,
-    /// Responses sent, by listener and status code.
+    /// Responses sent whole, by listener and status code.
     pub(crate) responses: Family<ResponseLabels, Counter>,
+    /// Streams that ended without a whole response (the client saw a reset or a closed
+    /// connection), by listener and cause: with `requests`, every stream is accounted for.
+    pub(crate) resets: Family<ResetLabels, Counter>,
     /// Plugin stream contexts alive now (each stream has one per plugin until it ends).
     pub(crate) live_contexts: Gauge,
     /// HTTP streams and TCP connections being served.
@@ -43,6 +46,7 @@ impl Default for HostMetrics {
             requests: Family::default(),
             connections: Family::default(),
             responses: Family::default(),
+            resets: Family::default(),
             live_contexts: Gauge::default(),
             in_flight: crate::drain::InFlight::default(),
             vm_copies: Family::default(),
@@ -98,6 +102,14 @@ pub(crate) struct ListenerLabel {
 pub(crate) struct ResponseLabels {
     pub(crate) listener: String,
     pub(crate) code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResetLabels {
+    pub(crate) listener: String,
+    /// `plugin` (a plugin closed the stream), `client` (the client went away or sent
+    /// something unusable), `upstream` (it failed after the response had begun), `proxy`.
+    pub(crate) cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -245,8 +257,15 @@ impl Admin {
         );
         registry.register(
             "pwhost_responses",
-            "responses sent, by listener and status code",
+            "responses sent whole, by listener and status code",
             host.responses.clone(),
+        );
+        registry.register(
+            "pwhost_resets",
+            "HTTP streams ended without a whole response (reset, or the connection closed), by \
+             listener and cause (plugin: a plugin closed the stream; client: the client went \
+             away; upstream: the upstream failed after the response had begun; proxy: other)",
+            host.resets.clone(),
         );
         registry.register(
             "pwhost_connections",

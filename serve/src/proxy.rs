@@ -10,7 +10,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::admin::{HostMetrics, ListenerLabel, ResponseLabels};
+use crate::admin::{HostMetrics, ListenerLabel, ResetLabels, ResponseLabels};
 use crate::config::{Cluster, Limits};
 use crate::drain::InFlightGuard;
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
@@ -72,8 +72,14 @@ pub(crate) struct StreamContext {
     pending_reply: Option<Reply>,
     /// The response callbacks ran.
     response_done: bool,
+    /// A reply of the proxy's or a plugin's was written whole (`send_reply`).
+    replied: bool,
     /// Request body went through the plugins.
     body_seen: bool,
+    /// The request's, and the response's, headers ended their direction (no body follows):
+    /// the body filter Pingora still calls with nothing is not a body, and no plugin sees it
+    /// (as in Envoy, which calls no body callback for a header-only request or response).
+    ended_at_headers: [bool; 2],
     /// The response header as the plugins left it, kept while trailers may come to an HTTP/2
     /// client (see `finish_before_trailers`).
     response_header: Option<ResponseHeader>,
@@ -190,6 +196,7 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
             .write_response_header(Box::new(header), false)
             .await?;
         session.as_mut().write_response_trailers(trailers).await?;
+        ctx.replied = true;
         return Ok(true);
     }
     session
@@ -200,6 +207,7 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
     session
         .write_response_body((!body.is_empty()).then(|| Bytes::from(body)), true)
         .await?;
+    ctx.replied = true;
     Ok(true)
 }
 
@@ -252,6 +260,21 @@ async fn finish_before_trailers(
         .write_response_trailers(std::mem::take(trailers))
         .await
         .map_err(|e| format!("response trailers: {e}"))
+}
+
+/// Why a stream ended without a whole response, as `pwhost_resets_total` labels it.
+fn reset_cause(error: Option<&Error>) -> &'static str {
+    let Some(error) = error else {
+        return "proxy";
+    };
+    if *error.etype() == CLOSED {
+        return "plugin";
+    }
+    match error.esource() {
+        ErrorSource::Downstream => "client",
+        ErrorSource::Upstream => "upstream",
+        _ => "proxy",
+    }
 }
 
 /// The error that resets a stream a plugin closed.
@@ -397,6 +420,7 @@ impl ProxyHttp for ListenerProxy {
             ),
             upstream_framing: None,
             body_seen: false,
+            ended_at_headers: [false; 2],
             response_header: None,
             passed: PassedBody::default(),
             reset_at_trailers: false,
@@ -404,6 +428,7 @@ impl ProxyHttp for ListenerProxy {
             cluster: None,
             pending_reply: None,
             response_done: false,
+            replied: false,
             _in_flight: self.metrics.in_flight.enter(),
         }
     }
@@ -425,6 +450,7 @@ impl ProxyHttp for ListenerProxy {
             return send_reply(session, ctx, reply).await;
         }
         let end_of_stream = request_ends_with_headers(session);
+        ctx.ended_at_headers[0] = end_of_stream;
         let client_framing = Framing::of(session.req_header());
         let outcome = ctx
             .stream
@@ -454,6 +480,9 @@ impl ProxyHttp for ListenerProxy {
         end_of_stream: bool,
         ctx: &mut StreamContext,
     ) -> Result<()> {
+        if ctx.ended_at_headers[0] && body.as_ref().is_none_or(Bytes::is_empty) {
+            return Ok(());
+        }
         ctx.body_seen = true;
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.request_body(chunk, end_of_stream).await {
@@ -534,10 +563,14 @@ impl ProxyHttp for ListenerProxy {
         }
         ctx.response_done = true;
         ctx.stream.note_response(status.as_u16());
-        let end_of_stream = upstream_response
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() == b"0");
+        // No body follows a 204 or 304, an answer to HEAD, or a declared empty one.
+        let end_of_stream = matches!(status.as_u16(), 204 | 304)
+            || session.req_header().method == http::Method::HEAD
+            || upstream_response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        ctx.ended_at_headers[1] = end_of_stream;
         match ctx
             .stream
             .headers(
@@ -570,6 +603,9 @@ impl ProxyHttp for ListenerProxy {
         end_of_stream: bool,
         ctx: &mut StreamContext,
     ) -> Result<Option<std::time::Duration>> {
+        if ctx.ended_at_headers[1] && body.as_ref().is_none_or(Bytes::is_empty) {
+            return Ok(None);
+        }
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.response_body(chunk, end_of_stream) {
             Ok(data) => {
@@ -668,12 +704,18 @@ impl ProxyHttp for ListenerProxy {
                 can_reuse_downstream: false,
             };
         }
-        // Envoy's codes: an upstream that cannot be reached is 503, one too slow 504; a stream
-        // a plugin closed gets no answer (its connection closes).
+        // Envoy's codes: an upstream that cannot be reached, or that closes or resets the
+        // connection before its response, is 503; one too slow 504; one answering what is not
+        // HTTP 502; a stream a plugin closed gets no answer (its connection closes).
         let code = match e.etype() {
             etype if *etype == CLOSED => 0,
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => 503,
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                if *e.esource() == ErrorSource::Upstream =>
+            {
+                503
+            }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
             _ => match e.esource() {
                 ErrorSource::Upstream => 502,
@@ -692,17 +734,29 @@ impl ProxyHttp for ListenerProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut StreamContext) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut StreamContext) {
         let mut response = session.response_written().cloned();
-        if let Some(response) = &response {
-            self.metrics
+        // A stream that failed after its response began (an upstream reset mid-body, a client
+        // gone, a plugin closing it) is a reset for its client, not a response.
+        let whole = e.is_none() || ctx.replied;
+        match &response {
+            Some(response) if whole => self
+                .metrics
                 .responses
                 .get_or_create(&ResponseLabels {
                     listener: self.name.clone(),
                     code: response.status.as_u16(),
                 })
-                .inc();
-        }
+                .inc(),
+            _ => self
+                .metrics
+                .resets
+                .get_or_create(&ResetLabels {
+                    listener: self.name.clone(),
+                    cause: reset_cause(e),
+                })
+                .inc(),
+        };
         ctx.stream.end(
             Some(session.req_header_mut()),
             response.as_mut(),

@@ -78,6 +78,9 @@ struct Filter {
     context: ContextId,
     /// Failed open during this stream: not called again for it.
     bypassed: bool,
+    /// Failed closed during this stream: not called again for it (its VM runs no more plugin
+    /// code), and its failure counted once.
+    failed: bool,
     /// Body bytes it keeps buffered, by direction.
     request_body: Vec<u8>,
     response_body: Vec<u8>,
@@ -89,6 +92,11 @@ struct Filter {
 }
 
 impl Filter {
+    /// Whether the stream goes on without calling it.
+    fn skipped(&self) -> bool {
+        self.bypassed || self.failed
+    }
+
     fn buffered(&mut self, direction: Direction) -> &mut Vec<u8> {
         match direction {
             Direction::Request => &mut self.request_body,
@@ -219,6 +227,7 @@ impl Stream {
                             stream: Some(stream),
                             context,
                             bypassed: false,
+                            failed: false,
                             request_body: Vec::new(),
                             response_body: Vec::new(),
                             held_end: [false; 2],
@@ -302,14 +311,21 @@ impl Stream {
         let Some(generation) = self.generation else {
             return Outcome::Reply(Reply::fail_closed());
         };
+        if self.filters[index].failed {
+            // Counted and applied when it failed first (this is its VM refusing more work).
+            tracing::debug!(plugin = %self.filters[index].name, "plugin failed again: {error}");
+            return Outcome::Reply(Reply::fail_closed());
+        }
         let plugin = self.filters[index].plugin;
         tracing::error!(plugin = %self.filters[index].name, "plugin failed: {error}");
+        self.filters[index].failed = true;
         let policy = with_workers(&self.listener, |workers| {
             workers.worker(generation).map(|w| w.failed(plugin, error))
         })
         .flatten();
         match policy {
             Some(OnFailure::FailOpen) => {
+                self.filters[index].failed = false;
                 self.filters[index].bypassed = true;
                 Outcome::Continue
             }
@@ -369,7 +385,7 @@ impl Stream {
         let trailers = phase == Phase::Trailers;
         let mut flushed = Vec::new();
         for (position, index) in order.into_iter().enumerate() {
-            if self.filters[index].bypassed {
+            if self.filters[index].skipped() {
                 continue;
             }
             // What the plugin buffered of the body, readable from its trailers callback.
@@ -545,7 +561,7 @@ impl Stream {
         };
         let mut data = chunk;
         for (position, index) in order.into_iter().enumerate().skip(start) {
-            if self.filters[index].bypassed {
+            if self.filters[index].skipped() {
                 continue;
             }
             let mut body = std::mem::take(self.filters[index].buffered(direction));
@@ -657,7 +673,7 @@ impl Stream {
     /// connection or failed closed.
     pub(crate) async fn new_connection(&mut self) -> Outcome {
         for index in 0..self.filters.len() {
-            if self.filters[index].bypassed {
+            if self.filters[index].skipped() {
                 continue;
             }
             let result = self.with_filter(index, |vm, context| {
@@ -706,7 +722,7 @@ impl Stream {
     /// the connection closes. A plugin whose VM failed meanwhile gets its failure policy.
     pub(crate) fn resume(&mut self) -> Result<Vec<Forward>, Outcome> {
         for index in 0..self.filters.len() {
-            if self.filters[index].bypassed {
+            if self.filters[index].skipped() {
                 continue;
             }
             let looked = self.with_filter(index, |vm, context| {
@@ -810,7 +826,7 @@ impl Stream {
         // `Drop` comes here again), no plugin code runs: the contexts and holds only go.
         let call_plugins = !std::thread::panicking();
         for index in 0..self.filters.len() {
-            if self.filters[index].bypassed || !call_plugins {
+            if self.filters[index].skipped() || !call_plugins {
                 continue;
             }
             let (kind, closed_by, transferred) = (self.kind, self.closed_by, self.transferred);

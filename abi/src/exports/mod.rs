@@ -68,6 +68,8 @@ pub(crate) fn check_allowed(
     module: &str,
     name: &str,
 ) -> Result<bool, Trap> {
+    #[cfg(feature = "host-call-count")]
+    HOST_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let state = caller.state();
     if state.restriction == Restriction::None && state.allowed_capabilities.is_none() {
         return Ok(true);
@@ -113,6 +115,10 @@ fn check_restricted(
     );
     Ok(false)
 }
+
+/// Host calls made in this process (every engine, every VM), for fuzzing campaigns.
+#[cfg(feature = "host-call-count")]
+pub(crate) static HOST_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Wraps a body returning [`HostResult`] as a [`runtime_api::HostCallback`] that writes the
 /// status into slot 0.

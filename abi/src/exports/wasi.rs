@@ -295,10 +295,9 @@ fn clock_res_get(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     Ok(())
 }
 
-/// `clock_time_get(clock_id, precision, time)`: realtime from the host; monotonic from a
-/// process-wide origin; CPU-time clocks are not available.
+/// `clock_time_get(clock_id, precision, time)`: realtime and monotonic from the host;
+/// CPU-time clocks are not available.
 fn clock_time_get(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let nanos = match args[0] {
         0 => {
             let now = caller.state().host.now();
@@ -306,10 +305,7 @@ fn clock_time_get(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult 
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0)
         }
-        1 => ORIGIN
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_nanos() as u64,
+        1 => caller.state().host.monotonic().as_nanos() as u64,
         2 | 3 => return errno(NOSYS),
         _ => return errno(INVAL),
     };
@@ -325,9 +321,21 @@ fn random_get(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     if args[1] > RANDOM_GET_MAX {
         return errno(INVAL);
     }
-    let mut memory = caller.memory();
-    let buffer = memory.slice_mut(args[0], args[1]).map_err(fault)?;
-    getrandom::fill(buffer).map_err(|_| Ok(NOSYS))?;
+    // The whole buffer must lie within memory before any of it is written.
+    caller.memory().slice_mut(args[0], args[1]).map_err(fault)?;
+    // The host fills a bounce buffer (memory and host are both reached through the caller),
+    // a piece at a time.
+    let mut piece = [0u8; 256];
+    let (mut address, end) = (args[0], args[0] + args[1]);
+    while address < end {
+        let length = (end - address).min(piece.len() as u64);
+        let bytes = &mut piece[..length as usize];
+        if !caller.state().host.fill_random(bytes) {
+            return errno(NOSYS);
+        }
+        caller.memory().write(address, bytes).map_err(fault)?;
+        address += length;
+    }
     Ok(())
 }
 

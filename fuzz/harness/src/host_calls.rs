@@ -127,33 +127,7 @@ pub enum Argument {
     Context,
 }
 
-/// Host functions whose answers differ from one run to the next (the clocks, randomness): a
-/// plugin calling them may write different bytes on two engines, so its runs are not compared.
-const NONDETERMINISTIC: [&str; 3] = [
-    "proxy_get_current_time_nanoseconds",
-    "clock_time_get",
-    "random_get",
-];
-
 impl HostCallPlugin {
-    /// Whether the plugin's runs can be compared across engines: neither its planned calls nor
-    /// its allocator's re-entry call a host function of [`NONDETERMINISTIC`].
-    pub fn is_deterministic(&self) -> bool {
-        let host = abi::host_functions(AbiVersion::V0_2_1);
-        let reads_nondeterminism = |function: u16| {
-            NONDETERMINISTIC.contains(&host[usize::from(function) % host.len()].name)
-        };
-        if let Allocator::Reenter(function) = self.allocator {
-            if reads_nondeterminism(function) {
-                return false;
-            }
-        }
-        let callbacks = abi::callback_exports(AbiVersion::V0_2_1).count();
-        self.plans(callbacks)
-            .flat_map(|(_, plan)| &plan.calls)
-            .all(|call| !reads_nondeterminism(call.function))
-    }
-
     /// How many host calls the plugin's callbacks make if none ends early (a trap, or a
     /// callback the traffic never reaches, ends a plan early).
     pub fn planned_calls(&self) -> usize {

@@ -28,8 +28,9 @@ pub const DEADLINE: Duration = Duration::from_millis(100);
 /// The most linear memory one guest may have.
 pub const MAX_MEMORY_BYTES: u64 = 64 << 20;
 
-/// The Wasm engines of this build (the null runtime runs native code, not modules), each made
-/// once with [`DEADLINE`] and [`MAX_MEMORY_BYTES`].
+/// The Wasm engines of this build (the null runtime runs native code, not modules), or those
+/// of them `PWHOST_FUZZ_ENGINES` names (comma-separated), each made once with [`DEADLINE`] and
+/// [`MAX_MEMORY_BYTES`].
 pub fn engines() -> &'static [Arc<dyn WasmRuntime<VmState>>] {
     static ENGINES: OnceLock<Vec<Arc<dyn WasmRuntime<VmState>>>> = OnceLock::new();
     ENGINES.get_or_init(|| {
@@ -38,9 +39,15 @@ pub fn engines() -> &'static [Arc<dyn WasmRuntime<VmState>>] {
             call_deadline: Some(DEADLINE),
             interruptible: false,
         };
+        let chosen = std::env::var("PWHOST_FUZZ_ENGINES").ok();
         engines::runtimes::available()
             .iter()
             .filter(|name| **name != "null")
+            .filter(|name| {
+                chosen
+                    .as_deref()
+                    .is_none_or(|chosen| chosen.split(',').any(|c| c.trim() == **name))
+            })
             .map(|name| {
                 engines::runtimes::create(name, config.clone())
                     .unwrap_or_else(|e| panic!("engine {name} cannot be made: {e:#}"))
@@ -52,13 +59,15 @@ pub fn engines() -> &'static [Arc<dyn WasmRuntime<VmState>>] {
 /// The traffic a module that loads gets, offering it every callback of the ABI: VM start and
 /// configuration, timer ticks (if it sets a period), an HTTP exchange with bodies and
 /// trailers both ways and answers to an HTTP call and a gRPC call (if it makes them), a TCP
-/// connection with data both ways, a foreign function call, and shutdown.
+/// connection with data both ways, a foreign function call, and shutdown; its clocks and
+/// random bytes are the same on every run (`reproducible`), so runs compare.
 pub fn scenario() -> &'static Scenario {
     static SCENARIO: OnceLock<Scenario> = OnceLock::new();
     SCENARIO.get_or_init(|| Scenario::parse(SCENARIO_YAML).expect("the fuzz scenario parses"))
 }
 
 const SCENARIO_YAML: &str = r#"
+reproducible: {}
 ticks: 2
 shutdown_ticks: 1
 foreign_function_calls: [{function_id: 1, arguments: "arguments"}]
@@ -138,19 +147,11 @@ pub fn smith_module(data: &[u8]) -> usize {
 
 /// Target `host_calls`: every host function called with fuzzed arguments over a fuzzed memory
 /// image, from every callback, with a misbehaving allocator (see [`host_calls`]), as a
-/// [`differential`] run when its calls have the same answers on every run
-/// ([`host_calls::HostCallPlugin::is_deterministic`]). Says whether every engine ran the
-/// plugin (`false`: every engine refused it), or how two engines differed.
+/// [`differential`] run (the scenario's clocks and random bytes are the same on every run).
+/// Says whether every engine ran the plugin (`false`: every engine refused it), or how two
+/// engines differed.
 pub fn host_calls(plugin: &host_calls::HostCallPlugin) -> Result<bool, String> {
-    let wasm = plugin.to_wasm();
-    if plugin.is_deterministic() {
-        return differential(&wasm);
-    }
-    match load_and_run(&wasm) {
-        0 => Ok(false),
-        loaded if loaded == engines().len() => Ok(true),
-        loaded => Err(format!("{loaded} of {} engines loaded it", engines().len())),
-    }
+    differential(&plugin.to_wasm())
 }
 
 /// Target `config`: arbitrary text as a plugin configuration (YAML or JSON, Envoy's and Traffic
@@ -258,7 +259,11 @@ pub fn load_and_run(wasm: &[u8]) -> usize {
 /// Returns whether the engines ran it, or the first difference found: both engines and what
 /// each did.
 pub fn differential(wasm: &[u8]) -> Result<bool, String> {
-    let outcomes = run_everywhere(wasm);
+    compare(run_everywhere(wasm))
+}
+
+/// The comparison of [`differential`], over what each engine did with one module.
+fn compare(outcomes: Vec<(&'static str, Outcome)>) -> Result<bool, String> {
     let ran = outcomes
         .iter()
         .any(|(_, outcome)| *outcome != Outcome::Refused);
@@ -308,5 +313,133 @@ pub fn report_stats(target: &str, extra: impl FnOnce() -> String) {
             "pwhost-fuzz {target}: {inputs} inputs, {loaded} modules loaded, {runs} runs{}",
             extra()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real run's report: the corpus's header plugin through [`scenario`] on the first engine.
+    fn report() -> Report {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../plugins/dist/rust/http_headers.wasm"
+        );
+        let wasm = std::fs::read(path).expect("plugins/dist is built (scripts/setup.sh)");
+        match run_on(&*engines()[0], &wasm) {
+            Outcome::Ran(report) => *report,
+            other => panic!("the header plugin did not run: {other:?}"),
+        }
+    }
+
+    fn ran(report: &Report, engine: &str) -> Outcome {
+        let mut report = report.clone();
+        report.runtime = engine.to_string();
+        for plugin in &mut report.plugins {
+            plugin.runtime = engine.to_string();
+        }
+        Outcome::Ran(Box::new(report))
+    }
+
+    #[test]
+    fn the_host_calls_plugins_make_are_counted() {
+        let before = abi::host_calls_made();
+        let report = report();
+        assert!(!report.logs.is_empty());
+        // At least one host call per log line.
+        let made = abi::host_calls_made() - before;
+        assert!(
+            made >= report.logs.len() as u64,
+            "{made} host calls counted"
+        );
+    }
+
+    #[test]
+    fn reports_alike_but_for_the_engine_name_are_no_difference() {
+        let report = report();
+        assert!(
+            !report.http.is_empty() && !report.logs.is_empty(),
+            "{report:#?}"
+        );
+        assert_eq!(
+            compare(vec![
+                ("one", ran(&report, "one")),
+                ("two", ran(&report, "two"))
+            ]),
+            Ok(true)
+        );
+        assert_eq!(
+            compare(vec![("one", Outcome::Refused), ("two", Outcome::Refused)]),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn any_other_difference_in_a_report_is_found_and_shows_both_engines() {
+        let report = report();
+        type Change = fn(&mut Report);
+        let changes: [(&str, Change); 5] = [
+            ("a forwarded header", |r| {
+                r.http[0].request_headers[0].1.push('!')
+            }),
+            ("a response body", |r| r.http[0].response_body.push('!')),
+            ("a log line", |r| {
+                r.logs.pop();
+            }),
+            ("a failure counter", |r| {
+                *r.plugins[0].counters.entry("failed_by_trap").or_default() += 1;
+            }),
+            ("shared data", |r| {
+                r.shared_data.insert("key".to_string(), "value".to_string());
+            }),
+        ];
+        for (what, change) in changes {
+            let mut changed = report.clone();
+            change(&mut changed);
+            let found = compare(vec![
+                ("one", ran(&report, "one")),
+                ("two", ran(&report, "two")),
+                ("three", ran(&changed, "three")),
+            ]);
+            let Err(difference) = found else {
+                panic!("{what}: not found");
+            };
+            assert!(
+                difference.starts_with("one and three differ"),
+                "{what}: {difference}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_module_one_engine_refuses_and_another_runs_is_a_difference() {
+        let report = report();
+        let found = compare(vec![
+            ("one", Outcome::Refused),
+            ("two", ran(&report, "two")),
+        ]);
+        assert!(found.is_err_and(|e| e.starts_with("one and two differ")));
+        let failed = compare(vec![
+            ("one", Outcome::Failed("the run failed".to_string())),
+            ("two", ran(&report, "two")),
+        ]);
+        assert!(failed.is_err());
+    }
+
+    #[test]
+    fn runs_that_hit_the_deadline_are_not_compared_but_a_refusal_beside_them_is() {
+        let mut slow = report();
+        slow.plugins[0].counters.insert("failed_by_deadline", 1);
+        let mut other = report();
+        other.logs.clear();
+        assert_eq!(
+            compare(vec![
+                ("one", ran(&slow, "one")),
+                ("two", ran(&other, "two"))
+            ]),
+            Ok(true)
+        );
+        assert!(compare(vec![("one", ran(&slow, "one")), ("two", Outcome::Refused)]).is_err());
     }
 }

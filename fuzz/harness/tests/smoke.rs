@@ -104,7 +104,6 @@ fn module_bytes_loads_the_corpus_plugins_and_refuses_their_mutants_cleanly() {
 fn host_call_plugins_load_on_every_engine_survive_their_calls_and_run_alike() {
     let mut bytes = Bytes::seeded(2);
     let mut calls = 0;
-    let mut compared = 0;
     for input in 0..150 {
         let data = bytes.fill(4096);
         // As libFuzzer hands inputs to the target.
@@ -115,9 +114,9 @@ fn host_call_plugins_load_on_every_engine_survive_their_calls_and_run_alike() {
             .iter()
             .map(|c| c.calls.len())
             .sum::<usize>();
-        compared += usize::from(plugin.is_deterministic());
         // The generator makes valid plugins: what they do to the host is the test, and every
-        // engine must report the same run.
+        // engine must report the same run (clocks and random bytes included: the fuzz scenario
+        // is reproducible).
         assert_eq!(
             pwhost_fuzz::host_calls(&plugin),
             Ok(true),
@@ -125,11 +124,6 @@ fn host_call_plugins_load_on_every_engine_survive_their_calls_and_run_alike() {
         );
     }
     assert!(calls > 1_000, "the plugins call the host ({calls} calls)");
-    // About a quarter of the plugins never read a clock or random bytes (36 with these seeds).
-    assert!(
-        compared >= 30,
-        "only {compared} of 150 runs compared across engines"
-    );
 }
 
 #[test]

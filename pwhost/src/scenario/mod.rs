@@ -83,6 +83,28 @@ pub struct Scenario {
     /// Calls of the plugin's `proxy_on_foreign_function`, made after configuration.
     #[serde(default)]
     pub foreign_function_calls: Vec<ForeignFunctionCall>,
+    /// Clocks and random bytes the same on every run, so that reports compare (across
+    /// engines, or with a recorded one); absent, the system's.
+    #[serde(default)]
+    pub reproducible: Option<Reproducible>,
+}
+
+/// A run's fixed clocks and random seed (see [`abi::Reproducible`]): the wall clock starts at
+/// `start_unix_nanos` and both clocks move 1 µs with every reading.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reproducible {
+    /// The wall clock's first reading, in nanoseconds since the Unix epoch (default
+    /// 2026-01-01T00:00:00Z).
+    #[serde(default = "new_year_2026")]
+    pub start_unix_nanos: u64,
+    /// The seed of the random bytes (default 0).
+    #[serde(default)]
+    pub random_seed: u64,
+}
+
+fn new_year_2026() -> u64 {
+    1_767_225_600_000_000_000
 }
 
 /// The host calling a function of the plugin (`proxy_on_foreign_function`).
@@ -375,6 +397,12 @@ pub(crate) fn no_vm_on_worker() -> VmError {
 /// The host of every VM copy of a run: the scenario's properties and node.
 fn scenario_host(scenario: &Scenario) -> InMemoryHost {
     let mut host = InMemoryHost::new();
+    host.reproducible = scenario.reproducible.as_ref().map(|fixed| {
+        abi::Reproducible::new(
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(fixed.start_unix_nanos),
+            fixed.random_seed,
+        )
+    });
     for property in &scenario.properties {
         let value = property.value.to_value().encode().unwrap_or_default();
         host.properties
