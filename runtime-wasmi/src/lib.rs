@@ -17,8 +17,9 @@
 //! * A guest recursing through host functions is stopped after a few levels with a stack
 //!   overflow trap: wasmi's own recursion limit does not see it (see `instance.rs`).
 //! * The memory cap is a `StoreLimits` resource limiter.
-//! * There are no precompiled artifacts: wasmi compiles quickly, and translates each function
-//!   lazily on its first call.
+//! * There are no precompiled artifacts: wasmi compiles quickly. It translates every function
+//!   when the module is compiled (not lazily on its first call, wasmi's default), so a function
+//!   wasmi cannot translate refuses the module at load, and no request pays for translation.
 
 mod call;
 mod fuel;
@@ -27,6 +28,8 @@ mod instance;
 mod module;
 
 use std::sync::Arc;
+
+use std::panic::AssertUnwindSafe;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
@@ -63,6 +66,11 @@ impl WasmiRuntime {
         // inside host functions); without enough cached stacks each call would allocate one.
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         wasmi_config.set_max_cached_stacks(threads.saturating_mul(4).max(8));
+        // Every function is translated when the module is compiled, not on its first call: a
+        // function wasmi cannot translate then refuses the module at load (see `compile`)
+        // instead of failing a plugin's callback mid-traffic, and no request pays for
+        // translation.
+        wasmi_config.compilation_mode(wasmi::CompilationMode::Eager);
         Ok(WasmiRuntime {
             wasmi_config,
             config,
@@ -95,8 +103,20 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmiRuntime {
             ));
         }
         let engine = wasmi::Engine::new(&self.wasmi_config);
-        let module =
-            wasmi::Module::new(&engine, wasm).map_err(|e| Error::InvalidModule(e.to_string()))?;
+        // wasmi panics on some valid modules it cannot translate (2.0.0: an `i32.store8` with
+        // a large offset, found by the fuzz campaign): the module is refused like an invalid
+        // one. The engine is the module's own and is dropped with the panic, so nothing a
+        // half-done translation left behind is ever used (hence `AssertUnwindSafe`).
+        let compiled =
+            std::panic::catch_unwind(AssertUnwindSafe(|| wasmi::Module::new(&engine, wasm)));
+        let module = compiled
+            .map_err(|panic| {
+                Error::InvalidModule(format!(
+                    "wasmi cannot translate the module (an internal error of wasmi: {})",
+                    panic_message(&*panic)
+                ))
+            })?
+            .map_err(|e| Error::InvalidModule(e.to_string()))?;
         Ok(Arc::new(WasmiModule::new(
             module,
             module::has_start_section(wasm),
@@ -104,4 +124,13 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmiRuntime {
             self.fuel,
         )))
     }
+}
+
+/// The message of a panic's payload, if it has one.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }

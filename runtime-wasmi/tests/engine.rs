@@ -148,6 +148,34 @@ fn malformed_bytes_and_the_text_format_are_invalid_modules() {
     }
 }
 
+/// Found by the generator campaign (`fuzz/`, wasm-smith seed 10165): wasmi 2.0.0's
+/// translator has no instruction for `i32.store8` whose address and value are the same
+/// register and whose offset needs more than 16 bits, and panics (`unreachable!`). The module
+/// is valid; pwhost translates every function when it compiles the module, so wasmi's failure
+/// refuses the module at load with a clear error instead of panicking in a plugin's callback.
+#[test]
+fn a_module_wasmi_cannot_translate_is_refused_at_load_without_a_panic() {
+    let wasm = wat::parse_str(
+        r#"(module
+             (memory 1)
+             (func (export "store") (param i32)
+               (local.tee 0 (i32.load16_s (local.get 0)))
+               (local.get 0)
+               (i32.store8 offset=1599648856)))"#,
+    )
+    .expect("valid text");
+    let result: Result<Arc<dyn CompiledModule<FixtureState>>, _> = default_runtime().compile(&wasm);
+    let Err(Error::InvalidModule(message)) = result else {
+        panic!("wasmi compiled a module it cannot translate");
+    };
+    assert!(message.contains("wasmi"), "{message}");
+    // The engine goes on compiling other modules.
+    let fine = wat::parse_str(r#"(module (func (export "nothing")))"#).expect("valid text");
+    let compiled: Result<Arc<dyn CompiledModule<FixtureState>>, _> =
+        default_runtime().compile(&fine);
+    assert!(compiled.is_ok());
+}
+
 #[test]
 fn imports_and_exports_are_listed_with_their_types() {
     runtime_contract::imports_and_exports_are_listed_with_their_types(
