@@ -199,7 +199,15 @@ impl Vm {
         state.callback = Some(callback);
         state.stop_iteration = false;
         let args = &args[..self.callback_params[callback as usize].min(args.len())];
-        let result = self.instance.call(function, args, results);
+        // A panic under the call (in the engine, in a host function, in the embedder's `Host`)
+        // fails the VM as a trap does, instead of unwinding into the embedder: the VM is never
+        // called again, so nothing the panic left half-done in it is seen (hence
+        // `AssertUnwindSafe`), and shared state is behind poison-tolerant locks.
+        let instance = &mut self.instance;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            instance.call(function, args, results)
+        }))
+        .unwrap_or_else(|panic| Err(Trap::host(format!("panicked: {}", panic_message(&*panic)))));
         let state = self.instance.state();
         state.callback = None;
         match result {
@@ -967,4 +975,13 @@ impl Vm {
         )?;
         Ok(())
     }
+}
+
+/// The message of a panic's payload, if it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }

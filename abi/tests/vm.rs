@@ -83,6 +83,47 @@ fn a_trap_fails_the_vm_and_later_calls_are_refused() {
     assert!(matches!(vm.create_http_context(), Err(VmError::Failed(_))));
 }
 
+/// An embedder whose `Host` panics when a plugin reaches for a header map.
+struct PanickingHost;
+
+impl abi::Host for PanickingHost {
+    fn log(&mut self, _: ContextId, _: abi::LogLevel, _: &str) {}
+
+    fn header_map(&mut self, _: ContextId, _: abi::MapType) -> Option<&mut dyn abi::Headers> {
+        panic!("the embedder's bug");
+    }
+
+    fn buffer(&mut self, _: ContextId, _: abi::BufferType) -> Option<&mut Vec<u8>> {
+        None
+    }
+
+    fn send_local_response(&mut self, _: ContextId, _: abi::LocalResponse) -> abi::Status {
+        abi::Status::Ok
+    }
+
+    fn continue_stream(&mut self, _: ContextId, _: abi::StreamType) -> abi::Status {
+        abi::Status::Ok
+    }
+
+    fn close_stream(&mut self, _: ContextId, _: abi::StreamType) -> abi::Status {
+        abi::Status::Ok
+    }
+}
+
+#[test]
+fn a_panic_under_a_callback_fails_the_vm_like_a_trap_instead_of_unwinding() {
+    let plugin = load("minimal.wat", SharedState::new());
+    let mut vm = Vm::new(&plugin, Box::new(PanickingHost)).expect("instantiates");
+    assert!(vm.start().expect("starts"));
+    let stream = vm.create_http_context().unwrap();
+    // minimal.wat adds a request header: the host's map lookup panics.
+    let error = vm.on_request_headers(stream, 0, true).unwrap_err();
+    let trap = error.trap().expect("a trap");
+    assert!(trap.message.contains("the embedder's bug"), "{error}");
+    assert!(vm.is_failed());
+    assert!(matches!(vm.create_http_context(), Err(VmError::Failed(_))));
+}
+
 #[test]
 fn vms_of_one_plugin_are_independent_instances() {
     let plugin = load("trap_in_request_headers.wat", SharedState::new());
