@@ -85,6 +85,21 @@ impl Drop for Background {
     }
 }
 
+/// The next connection to `listener`, or `None` once `stopped` fires.
+async fn next_connection(
+    listener: &tokio::net::TcpListener,
+    stopped: &mut tokio::sync::oneshot::Receiver<()>,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            _ = &mut *stopped => return None,
+            accepted = listener.accept() => if let Ok((stream, _)) = accepted {
+                return Some(stream);
+            },
+        }
+    }
+}
+
 struct Origin {
     address: SocketAddr,
     requests: Arc<AtomicUsize>,
@@ -116,12 +131,8 @@ impl Origin {
         let (count, body_seen) = (Arc::clone(&requests), Arc::clone(&last_body));
         let server = Background::start(move |listener, mut stopped| async move {
             loop {
-                let stream = tokio::select! {
-                    _ = &mut stopped => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(_) => continue,
-                    },
+                let Some(stream) = next_connection(&listener, &mut stopped).await else {
+                    return;
                 };
                 let (count, body_seen, extra) = (
                     Arc::clone(&count),
@@ -1946,6 +1957,36 @@ fn a_reload_puts_new_routes_and_clusters_in_force_and_refuses_what_needs_a_resta
     assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{reply:?}");
 }
 
+/// The count in environment variable `name` (for longer runs by hand), or `default`.
+fn count_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `send(0)` to `send(count - 1)` on `clients` threads (each taking every
+/// `clients`-th index, in order), and collects what each returned.
+fn on_clients<T: Send>(clients: usize, count: usize, send: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|scope| {
+        let send = &send;
+        let threads: Vec<_> = (0..clients)
+            .map(|client| {
+                scope.spawn(move || {
+                    (client..count)
+                        .step_by(clients)
+                        .map(send)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|thread| thread.join().expect("a client"))
+            .collect()
+    })
+}
+
 /// What a misbehaving upstream does with each connection once it has read a request's head.
 #[derive(Clone, Copy)]
 enum Misbehaviour {
@@ -1962,12 +2003,8 @@ fn misbehaving(misbehaviour: Misbehaviour) -> Background {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     Background::start(move |listener, mut stopped| async move {
         loop {
-            let mut stream = tokio::select! {
-                _ = &mut stopped => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                },
+            let Some(mut stream) = next_connection(&listener, &mut stopped).await else {
+                return;
             };
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -2002,12 +2039,8 @@ fn flaky_checker(stall_every: usize) -> Background {
     let calls = Arc::new(AtomicUsize::new(0));
     Background::start(move |listener, mut stopped| async move {
         loop {
-            let stream = tokio::select! {
-                _ = &mut stopped => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                },
+            let Some(stream) = next_connection(&listener, &mut stopped).await else {
+                return;
             };
             let calls = Arc::clone(&calls);
             let service = hyper::service::service_fn(move |_request| {
@@ -2202,10 +2235,7 @@ impl FaultyRequest {
 /// ends, and the proxy serves on.
 #[test]
 fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_counts_add_up() {
-    let requests: usize = std::env::var("PWHOST_FAULT_REQUESTS")
-        .ok()
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(200);
+    let requests = count_from_env("PWHOST_FAULT_REQUESTS", 200);
     let origin = Origin::start();
     let (resetting, stalling, cutting) = (
         misbehaving(Misbehaviour::Reset),
@@ -2250,24 +2280,9 @@ fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_co
     // Eight clients, each sending every eighth request of the load, one connection each.
     let clients = 8;
     let started = Instant::now();
-    let outcomes: Vec<(FaultyRequest, Result<u16, String>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|client| {
-                scope.spawn(move || {
-                    (client..requests)
-                        .step_by(clients)
-                        .map(|index| {
-                            let kind = FaultyRequest::ALL[index % FaultyRequest::ALL.len()];
-                            (kind, kind.send(ports, index))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| handle.join().expect("a client"))
-            .collect()
+    let outcomes = on_clients(clients, requests, |index| {
+        let kind = FaultyRequest::ALL[index % FaultyRequest::ALL.len()];
+        (kind, kind.send(ports, index))
     });
     assert_eq!(outcomes.len(), requests);
     let unexpected: Vec<_> = outcomes
@@ -2472,10 +2487,7 @@ fn raw_exchange(port: u16, request: &[u8]) -> String {
 /// the plugins ends, and a valid request is served afterwards.
 #[test]
 fn mutated_http_requests_get_an_answer_or_a_close_and_the_proxy_serves_on() {
-    let inputs: u64 = std::env::var("PWHOST_HTTP_FUZZ_INPUTS")
-        .ok()
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(400);
+    let inputs = count_from_env("PWHOST_HTTP_FUZZ_INPUTS", 400);
     let origin = Origin::start();
     // The Rust SDK's `get_http_request_headers` panics on a header value that is not UTF-8
     // (proxy-wasm 0.2.5 unwraps it; it would in Envoy too), and mutants have such values: the
@@ -2493,24 +2505,9 @@ fn mutated_http_requests_get_an_answer_or_a_close_and_the_proxy_serves_on() {
     );
     let port = serve.port;
     let started = Instant::now();
-    let outcomes: Vec<(u64, String)> = std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..4u64)
-            .map(|client| {
-                scope.spawn(move || {
-                    (client..inputs)
-                        .step_by(4)
-                        .map(|seed| {
-                            let request = mutate_http(&mut fastrand::Rng::with_seed(seed));
-                            (seed, raw_exchange(port, &request))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        clients
-            .into_iter()
-            .flat_map(|client| client.join().expect("a client"))
-            .collect()
+    let outcomes = on_clients(4, inputs, |seed| {
+        let request = mutate_http(&mut fastrand::Rng::with_seed(seed as u64));
+        (seed, raw_exchange(port, &request))
     });
     let mut seen = std::collections::BTreeMap::<&str, usize>::new();
     for (_, outcome) in &outcomes {
