@@ -207,7 +207,12 @@ impl Vm {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             instance.call(function, args, results)
         }))
-        .unwrap_or_else(|panic| Err(Trap::host(format!("panicked: {}", panic_message(&*panic)))));
+        .unwrap_or_else(|panic| {
+            Err(Trap::host(format!(
+                "panicked: {}",
+                runtime_api::panic_message(&*panic)
+            )))
+        });
         let state = self.instance.state();
         state.callback = None;
         match result {
@@ -975,13 +980,4 @@ impl Vm {
         )?;
         Ok(())
     }
-}
-
-/// The message of a panic's payload, if it has one.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("no message")
 }

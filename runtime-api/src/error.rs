@@ -199,6 +199,16 @@ impl fmt::Display for Trap {
 
 impl std::error::Error for Trap {}
 
+/// The message of a panic's payload, if it has one: for engines and hosts that turn a panic
+/// into an error instead of letting it unwind further.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ mod value;
 
 pub use caller::Caller;
 pub use capabilities::{Capabilities, RuntimeConfig};
-pub use error::{Error, StopReason, Trap, TrapKind, WasmTrapCode};
+pub use error::{panic_message, Error, StopReason, Trap, TrapKind, WasmTrapCode};
 pub use exports::ExportedFunctions;
 pub use host::{resolve_imports, HostCallback, HostFunction};
 pub use memory::{GuestMemory, MemoryAccessError};

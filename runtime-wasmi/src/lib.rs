@@ -112,7 +112,7 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmiRuntime {
             .map_err(|panic| {
                 Error::InvalidModule(format!(
                     "wasmi cannot translate the module (an internal error of wasmi: {})",
-                    panic_message(&*panic)
+                    runtime_api::panic_message(&*panic)
                 ))
             })?
             .map_err(|e| Error::InvalidModule(e.to_string()))?;
@@ -123,13 +123,4 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmiRuntime {
             self.fuel,
         )))
     }
-}
-
-/// The message of a panic's payload, if it has one.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("no message")
 }

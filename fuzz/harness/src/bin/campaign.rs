@@ -136,11 +136,6 @@ fn smith_module(input: &[u8], figures: &mut Figures) -> Option<(&'static str, St
 
 /// Runs `f`, turning a panic into its message.
 fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic".to_string())
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|panic| runtime_api::panic_message(&*panic).to_string())
 }
