@@ -14,9 +14,9 @@
 //! * `failures` (every engine but null): N failures (default 10,000) of a plugin whose request
 //!   headers callback traps (`plugins/wat/trap_in_request_headers.wat`) under `FAIL_RELOAD`:
 //!   each stream gets a new VM copy (the failed one goes away), fails in it and is failed
-//!   closed. The worker's clock is
-//!   moved past the reload backoff instead of waiting it out. Fails if the resident set grew by
-//!   2% or more after the warm-up, or threads, files or mappings leaked.
+//!   closed. The worker's clock is moved past the reload backoff instead of waiting it out.
+//!   Fails if the resident set grew by 2% or more after the warm-up, or threads, files or
+//!   mappings leaked.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};

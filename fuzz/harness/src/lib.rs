@@ -29,8 +29,8 @@ pub const DEADLINE: Duration = Duration::from_millis(100);
 pub const MAX_MEMORY_BYTES: u64 = 64 << 20;
 
 /// The Wasm engines of this build (the null runtime runs native code, not modules), or those
-/// of them `PWHOST_FUZZ_ENGINES` names (comma-separated), each made once with [`DEADLINE`] and
-/// [`MAX_MEMORY_BYTES`].
+/// of them `PWHOST_FUZZ_ENGINES` names (comma-separated; a name that is not one of them is a
+/// panic with the list), each made once with [`DEADLINE`] and [`MAX_MEMORY_BYTES`].
 pub fn engines() -> &'static [Arc<dyn WasmRuntime<VmState>>] {
     static ENGINES: OnceLock<Vec<Arc<dyn WasmRuntime<VmState>>>> = OnceLock::new();
     ENGINES.get_or_init(|| {
@@ -39,14 +39,31 @@ pub fn engines() -> &'static [Arc<dyn WasmRuntime<VmState>>] {
             call_deadline: Some(DEADLINE),
             interruptible: false,
         };
-        let chosen = std::env::var("PWHOST_FUZZ_ENGINES").ok();
-        engines::runtimes::available()
+        let available = engines::runtimes::available();
+        let chosen: Option<Vec<String>> = std::env::var("PWHOST_FUZZ_ENGINES").ok().map(|names| {
+            names
+                .split(',')
+                .map(|name| name.trim().to_string())
+                .collect()
+        });
+        // A misspelt name must not quietly leave its engine out of a campaign.
+        for name in chosen.iter().flatten() {
+            assert!(
+                available.contains(&name.as_str()) && name != "null",
+                "PWHOST_FUZZ_ENGINES names {name:?}, not a Wasm engine of this build ({:?})",
+                available
+                    .iter()
+                    .filter(|n| **n != "null")
+                    .collect::<Vec<_>>()
+            );
+        }
+        available
             .iter()
             .filter(|name| **name != "null")
             .filter(|name| {
                 chosen
-                    .as_deref()
-                    .is_none_or(|chosen| chosen.split(',').any(|c| c.trim() == **name))
+                    .as_ref()
+                    .is_none_or(|chosen| chosen.iter().any(|c| c == *name))
             })
             .map(|name| {
                 engines::runtimes::create(name, config.clone())

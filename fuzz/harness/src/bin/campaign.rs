@@ -39,10 +39,6 @@ fn main() {
         }
     };
     let engines: Vec<_> = pwhost_fuzz::engines().iter().map(|e| e.name()).collect();
-    if engines.is_empty() {
-        eprintln!("campaign: no engine (PWHOST_FUZZ_ENGINES names none of this build's)");
-        std::process::exit(2);
-    }
     println!("campaign: engines {engines:?}, {seconds} s, seeds from {first_seed}");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
