@@ -311,25 +311,30 @@ impl Stream {
         let Some(generation) = self.generation else {
             return Outcome::Reply(Reply::fail_closed());
         };
-        if self.filters[index].failed {
+        if self.filters[index].skipped() {
             // Counted and applied when it failed first (this is its VM refusing more work).
             tracing::debug!(plugin = %self.filters[index].name, "plugin failed again: {error}");
-            return Outcome::Reply(Reply::fail_closed());
+            return if self.filters[index].bypassed {
+                Outcome::Continue
+            } else {
+                Outcome::Reply(Reply::fail_closed())
+            };
         }
         let plugin = self.filters[index].plugin;
         tracing::error!(plugin = %self.filters[index].name, "plugin failed: {error}");
-        self.filters[index].failed = true;
         let policy = with_workers(&self.listener, |workers| {
             workers.worker(generation).map(|w| w.failed(plugin, error))
         })
         .flatten();
         match policy {
             Some(OnFailure::FailOpen) => {
-                self.filters[index].failed = false;
                 self.filters[index].bypassed = true;
                 Outcome::Continue
             }
-            _ => Outcome::Reply(Reply::fail_closed()),
+            _ => {
+                self.filters[index].failed = true;
+                Outcome::Reply(Reply::fail_closed())
+            }
         }
     }
 
