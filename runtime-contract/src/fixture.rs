@@ -163,6 +163,11 @@ const DEFINITIONS: &str = r#"
   (func (export "spin") (loop $forever (br $forever)))
   (func (export "trap") unreachable)
   (func (export "add64") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1)))
+  ;; zext(a) + 2b + (zext(c) << 32): each slot's type and bits show in the result.
+  (func (export "mix") (param $a i32) (param $b i64) (param $c i32) (result i64)
+    (i64.add
+      (i64.add (i64.extend_i32_u (local.get $a)) (i64.shl (local.get $b) (i64.const 1)))
+      (i64.shl (i64.extend_i32_u (local.get $c)) (i64.const 32))))
   (func (export "read") (param i32) (result i64) (i64.load (local.get 0)))"#;
 
 /// The shared module and host functions, with what one engine's tests add to them: the shared
@@ -190,7 +195,8 @@ impl Fixture {
     /// returns the new page), `call_record` (`(i32) -> i32`: calls `env.record` with its argument
     /// and -1), `call_allocate` (`() -> i32`: calls `env.allocate_and_write`), `exit_with`
     /// (`(i32) -> ()`: calls `env.exit`), `grow` (`memory.grow`), `spin` (loops forever), `trap`
-    /// (`unreachable`), `add64` (`(i64, i64) -> i64`) and `read` (the `i64` at an address).
+    /// (`unreachable`), `add64` (`(i64, i64) -> i64`), `mix` (`(i32, i64, i32) -> i64`: `a + 2b +
+    /// (c << 32)`, the `i32`s unsigned) and `read` (the `i64` at an address).
     pub fn module(&self) -> String {
         format!(
             "(module{IMPORTS}{}{DEFINITIONS}{})",

@@ -292,6 +292,16 @@ pub fn calls_cross_in_slots_and_host_functions_see_grown_memory(
         .call(add64, &[u64::MAX - 1, 1], &mut result)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(result, [u64::MAX], "{name}: i64 values keep all their bits");
+    let mix = instance.function("mix").expect("export mix");
+    let (a, b, c) = (0xffff_fffe_u64, (1_u64 << 40) + 1, 3_u64);
+    instance
+        .call(mix, &[a, b, c], &mut result)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        result,
+        [a.wrapping_add(b.wrapping_mul(2)).wrapping_add(c << 32)],
+        "{name}: i32 and i64 parameters mixed each keep their own slot"
+    );
 
     assert_eq!(instance.memory_size(), 65536, "{name}");
     let call_allocate = instance
@@ -357,6 +367,7 @@ pub fn imports_and_exports_are_listed_with_their_types(runtime: &dyn WasmRuntime
             ("exit_with", &function(&[I32], &[])),
             ("grow", &function(&[I32], &[I32])),
             ("memory", &ExternKind::Memory),
+            ("mix", &function(&[I32, I64, I32], &[I64])),
             ("read", &function(&[I32], &[I64])),
             ("spin", &function(&[], &[])),
             ("trap", &function(&[], &[])),

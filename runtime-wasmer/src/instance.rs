@@ -109,10 +109,31 @@ struct SendStore(Store);
 // SAFETY: see the type's documentation.
 unsafe impl Send for SendStore {}
 
+/// Where a store keeps the host functions' environment.
+///
+/// wasmer finds a `FunctionEnv`'s data by looking it up in the store and checking its type on
+/// every access; the embedder reaches its state several times per callback. The data is boxed
+/// in the store's objects, so its address stays put for the store's life.
+struct EnvData<S>(NonNull<Env<S>>);
+
+// SAFETY: the pointer is only dereferenced by whoever holds the store that owns the data (see
+// `WasmerInstance::env`), and the data itself is `Send` (wasmer requires it of a `FunctionEnv`).
+unsafe impl<S: Send> Send for EnvData<S> {}
+
+impl<S: Send + 'static> EnvData<S> {
+    /// `env`'s data in `store`.
+    fn of(env: &FunctionEnv<Env<S>>, store: &mut Store) -> Self {
+        EnvData(NonNull::from(env.as_mut(store)))
+    }
+}
+
 /// A wasmer instance with its store.
 pub struct WasmerInstance<S: 'static> {
     store: SendStore,
     env: FunctionEnv<Env<S>>,
+    /// `env`'s data, found again after every call into the guest (whose host functions reach
+    /// the data through the store in the meantime).
+    data: EnvData<S>,
     exports: Arc<ExportedFunctions<ExportedFunction>>,
     instance: wasmer::Instance,
     stop: Option<Arc<StopSlot>>,
@@ -150,6 +171,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
             .get_extern("memory")
             .and_then(|memory| memory_definition(&mut store, memory));
         env.as_mut(&mut store).memory = memory;
+        let data = EnvData::of(&env, &mut store);
         let slot = if stop.enabled {
             let flag = instance
                 .exports
@@ -170,6 +192,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
         let mut this = WasmerInstance {
             store: SendStore(store),
             env,
+            data,
             exports,
             instance,
             stop: slot,
@@ -186,8 +209,27 @@ impl<S: Send + 'static> WasmerInstance<S> {
         Ok(this)
     }
 
+    /// The host functions' environment, without a store lookup.
+    #[inline]
+    fn env(&mut self) -> &mut Env<S> {
+        // SAFETY: `data` points at the environment boxed in the store's objects, which `self`
+        // owns; `&mut self` keeps every other path to it (host functions, which only run inside
+        // `guarded`) away for as long as the borrow lives, and `guarded` finds `data` again
+        // after each call, so it is never used across one.
+        unsafe { self.data.0.as_mut() }
+    }
+
     /// Runs a top-level call into the guest under the instance's deadline and interrupt flag.
     fn guarded(
+        &mut self,
+        call: impl FnOnce(&mut Store) -> Result<(), wasmer::RuntimeError>,
+    ) -> Result<(), Trap> {
+        let outcome = self.guarded_call(call);
+        self.data = EnvData::of(&self.env, &mut self.store.0);
+        outcome
+    }
+
+    fn guarded_call(
         &mut self,
         call: impl FnOnce(&mut Store) -> Result<(), wasmer::RuntimeError>,
     ) -> Result<(), Trap> {
@@ -253,15 +295,16 @@ impl<S: 'static> Drop for WasmerInstance<S> {
 
 impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
     fn state(&mut self) -> &mut S {
-        &mut self.env.as_mut(&mut self.store.0).state
+        &mut self.env().state
     }
 
     fn function(&mut self, name: &str) -> Option<GuestFunction> {
-        let exported = self.exports.get(name)?;
+        let exports = self.exports.clone();
+        let ty = &exports.get(name)?.ty;
         let function = self.instance.exports.get_function(name).ok()?;
-        let call = GuestCall::new(&self.store.0, function, &exported.wasmer_ty);
-        let env = self.env.as_mut(&mut self.store.0);
-        let handle = GuestFunction::new(env.functions.len() as u32, &exported.ty);
+        let call = GuestCall::new(&mut self.store.0, function, ty)?;
+        let env = self.env();
+        let handle = GuestFunction::new(env.functions.len() as u32, ty);
         env.functions.push((handle, call));
         Some(handle)
     }
@@ -273,17 +316,14 @@ impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
         results: &mut [u64],
     ) -> Result<(), Trap> {
         function.check_arity(args.len(), results.len())?;
-        let call = self
-            .env
-            .as_mut(&mut self.store.0)
-            .function(function)?
-            .clone();
-        self.guarded(|store| call.call(store, args, results))
+        let call = *self.env().function(function)?;
+        // SAFETY: `call` was resolved in this instance's store (its `Env` holds only those), which
+        // `guarded` lends to the call alone.
+        self.guarded(|store| unsafe { call.call(store, args, results) })
     }
 
     fn memory_size(&mut self) -> usize {
-        let env = self.env.as_mut(&mut self.store.0);
-        env.memory().len()
+        self.env().memory().len()
     }
 
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {
@@ -306,31 +346,49 @@ impl Drop for EndOnUnwind<'_> {
 }
 
 /// The [`Caller`] handed to host functions.
+///
+/// The host function's environment is found once, when the host function starts: wasmer's
+/// `FunctionEnvMut::data_mut` looks the environment up in the store and checks its type on every
+/// use, and a Proxy-Wasm host call reaches its state several times.
 pub(crate) struct WasmerCaller<'a, S: 'static> {
     env: FunctionEnvMut<'a, Env<S>>,
+    /// `env`'s data, found through it and found again after every call into the guest.
+    data: NonNull<Env<S>>,
 }
 
 impl<'a, S: Send + 'static> WasmerCaller<'a, S> {
     #[inline]
-    pub(crate) fn new(env: FunctionEnvMut<'a, Env<S>>) -> Self {
-        WasmerCaller { env }
+    pub(crate) fn new(mut env: FunctionEnvMut<'a, Env<S>>) -> Self {
+        let data = NonNull::from(env.data_mut());
+        WasmerCaller { env, data }
+    }
+
+    /// The environment, borrowed for as long as `self` is.
+    #[inline]
+    fn data(&mut self) -> &mut Env<S> {
+        // SAFETY: `data` was derived from `env`, which holds the store (and so the environment,
+        // boxed in the store's objects where it never moves) exclusively for this host call;
+        // nothing else reaches the environment meanwhile except host functions of a nested
+        // guest call, and `call` derives `data` afresh after one. The returned borrow is tied
+        // to `&mut self`, so no two are live at once.
+        unsafe { self.data.as_mut() }
     }
 }
 
 impl<S: Send + 'static> Caller<S> for WasmerCaller<'_, S> {
     #[inline]
     fn state(&mut self) -> &mut S {
-        &mut self.env.data_mut().state
+        &mut self.data().state
     }
 
     #[inline]
     fn memory(&mut self) -> GuestMemory<'_> {
-        self.env.data_mut().memory()
+        self.data().memory()
     }
 
     #[inline]
     fn state_and_memory(&mut self) -> (&mut S, GuestMemory<'_>) {
-        let env = self.env.data_mut();
+        let env = self.data();
         let memory = match env.memory {
             // SAFETY: as in `Env::memory`; the memory bytes are not part of `Env`, so the view
             // and the state borrow are disjoint.
@@ -351,11 +409,14 @@ impl<S: Send + 'static> Caller<S> for WasmerCaller<'_, S> {
         if env.nested_calls >= MAX_NESTED_CALLS {
             return Err(Trap::wasm(WasmTrapCode::StackOverflow));
         }
-        let call = env.function(function)?.clone();
+        let call = *env.function(function)?;
         env.nested_calls += 1;
-        let result = call.call(&mut store, args, results).map_err(convert_error);
+        // SAFETY: `call` was resolved in this store (its `Env` holds only those), which this host
+        // function holds and lends to the call alone; `env` is not used until it returns.
+        let result = unsafe { call.call(&mut store, args, results) }.map_err(convert_error);
         let env = self.env.data_mut();
         env.nested_calls = env.nested_calls.saturating_sub(1);
+        self.data = NonNull::from(env);
         result
     }
 }

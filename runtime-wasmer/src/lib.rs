@@ -5,9 +5,11 @@
 //!   creates them in its new store, in import order, and instantiates with
 //!   `Instance::new_by_index` (no name lookups). The all-`i32` shapes Proxy-Wasm uses are typed
 //!   host functions (`Function::new_typed_with_env`): native arguments, no value vectors.
-//! * Guest functions are called through `TypedFunction`s resolved once per export, and host
-//!   functions reach the guest memory through its `VMMemoryDefinition`, read afresh on every
-//!   access (two loads, no store lookup).
+//! * Guest functions are called through wasmer's own call trampoline, resolved once per export
+//!   and entered under `StoreMut::parked` (what `TypedFunction::call` does, less its per-call
+//!   lookups; see the `call` module). Host functions find their environment once per host call
+//!   and reach the guest memory through its `VMMemoryDefinition`, read afresh on every access
+//!   (two loads, no store lookup).
 //! * Call deadlines and interruption: a middleware adds a stop flag that the guest checks at
 //!   function entries and loop headers; the host raises it from any thread (see the `stop` module).
 //!   Modules compiled without deadlines or interruption carry no checks.

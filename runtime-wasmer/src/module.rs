@@ -24,10 +24,9 @@ pub struct WasmerModule {
     refusal: Option<String>,
 }
 
-/// An exported function the host may call, with its type in both vocabularies.
+/// An exported function the host may call.
 pub(crate) struct ExportedFunction {
     pub(crate) ty: FunctionType,
-    pub(crate) wasmer_ty: wasmer::FunctionType,
 }
 
 /// The callable exports of `module`, resolved once per module.
@@ -39,10 +38,8 @@ fn exported_functions(module: &wasmer::Module) -> ExportedFunctions<ExportedFunc
                 return None;
             };
             let ty = function_type(wasmer_ty);
-            ty.is_callable().then(|| {
-                let wasmer_ty = wasmer_ty.clone();
-                (e.name().to_string(), ExportedFunction { ty, wasmer_ty })
-            })
+            ty.is_callable()
+                .then(|| (e.name().to_string(), ExportedFunction { ty }))
         })
         .collect()
 }

@@ -47,7 +47,8 @@ struct Args {
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Put the figures of earlier runs (JSON written by `--json`) first: builds with different
-    /// engine features then make one matrix.
+    /// engine features then make one matrix. An engine measured in this run replaces its
+    /// included figures.
     #[arg(long)]
     include: Vec<PathBuf>,
 }
@@ -207,7 +208,12 @@ fn main() -> anyhow::Result<()> {
     }
     for (index, engine) in engines.iter().enumerate() {
         eprintln!("matrix: [{}/{}] {engine}", index + 1, engines.len());
-        matrix.push(measure(&args, engine, &wasm).with_context(|| format!("engine {engine}"))?);
+        let figures = measure(&args, engine, &wasm).with_context(|| format!("engine {engine}"))?;
+        // A figure measured now replaces an included one of the same engine, in its place.
+        match matrix.iter_mut().find(|f| f.runtime == figures.runtime) {
+            Some(earlier) => *earlier = figures,
+            None => matrix.push(figures),
+        }
     }
     let json = serde_json::to_string_pretty(&matrix)? + "\n";
     match &args.json {

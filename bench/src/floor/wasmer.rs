@@ -21,7 +21,8 @@
 //! * Calls into the guest take the cheapest path wasmer 7.4.2 offers ([`GuestCalls`]): by
 //!   default wasmer's own call trampoline, entered once per request under one store-context
 //!   entry ([`GuestCalls::Trampoline`]); [`GuestCalls::Typed`] is the ordinary
-//!   `TypedFunction::call`, which pwhost uses.
+//!   `TypedFunction::call`. pwhost takes the trampoline too, but installs the store context
+//!   once per call (`runtime_api::Instance::call` is one callback).
 //! * It does only the host calls the plugin makes (`proxy_log`, `proxy_get_header_map_value`,
 //!   `proxy_add_header_map_value`); the module's other imports return `UNIMPLEMENTED` (12).
 //! * It still does what any correct host must: bounds-checks every guest pointer, validates the
@@ -155,7 +156,7 @@ impl MemoryDefinition {
 /// How the floor calls into the guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GuestCalls {
-    /// `TypedFunction::call` for every call, as pwhost does: wasmer installs and removes its
+    /// `TypedFunction::call` for every call: wasmer installs and removes its
     /// store context and looks the function up in the store on each call.
     Typed,
     /// wasmer's call trampoline, resolved once per instance, entered with the store context
