@@ -29,6 +29,9 @@
 //!   or bypass).
 //! * `traffic_ctl config reload` reads the files again: new transactions run in the new
 //!   plugins, transactions in flight finish in the old ones ([`lifecycle::LivePlugins`]).
+//! * Services (Envoy's `WasmService`): a singleton runs in one VM on a thread of its own; one
+//!   without `singleton` has a VM copy on every net thread, started there when Traffic Server's
+//!   ports are ready ([`warm`]), as Envoy starts it on every worker.
 
 mod body;
 mod callout;
@@ -40,6 +43,7 @@ mod stats;
 mod sys;
 mod ticker;
 mod transaction;
+mod warm;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -48,7 +52,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use engines::BuildEngines;
-use lifecycle::{LivePlugins, Plugins, SingletonService, ThreadWorkers, Ticking, Worker};
+use lifecycle::{
+    Generation, LivePlugins, PluginId, Plugins, SingletonService, ThreadWorkers, Ticking, Worker,
+};
 use runtime_api::RuntimeConfig;
 
 use config::Upstreams;
@@ -72,20 +78,18 @@ struct Global {
 }
 
 /// Starts the singleton services of `plugins`, each in its own VM on its own thread, ticking on
-/// the clock and calling `upstreams`. Services that would run on every worker (no `singleton`)
-/// are refused: this plugin runs singleton services only.
+/// the clock and calling `upstreams`. Services without `singleton` run on every transaction
+/// thread instead, as Envoy runs them on every worker ([`start_worker`]).
 fn start_services(
     plugins: &Arc<Plugins>,
     upstreams: &Arc<Upstreams>,
 ) -> Result<Vec<SingletonService>, String> {
     let mut services = Vec::new();
     for plugin in plugins.services() {
-        let name = plugins.config(plugin).display_name().to_string();
         if !plugins.is_singleton(plugin) {
-            return Err(format!(
-                "service {name}: pwhost_ats runs singleton services only (singleton: true)"
-            ));
+            continue;
         }
+        let name = plugins.config(plugin).display_name().to_string();
         let inbox = Arc::new(OnceLock::new());
         let service = SingletonService::spawn(
             Arc::clone(plugins),
@@ -111,6 +115,47 @@ static GLOBAL: OnceLock<Global> = OnceLock::new();
 pub(crate) struct ThreadState {
     pub(crate) workers: ThreadWorkers,
     pub(crate) ticker: ticker::Ticker,
+    /// The deployment whose copies' timers the ticker last looked at (see [`note_new_worker`]).
+    ticking: Option<Generation>,
+}
+
+/// A thread's worker for `plugins`, calling the upstreams configured with them, with the
+/// services that run on every worker (no `singleton`) started in it, as Envoy starts them on
+/// each worker thread: each has its VM copy on every transaction thread, ticking there.
+fn start_worker(plugins: Arc<Plugins>) -> Worker {
+    let upstreams = GLOBAL
+        .get()
+        .map(|global| Arc::clone(&global.upstreams.lock().unwrap_or_else(|e| e.into_inner())))
+        .unwrap_or_default();
+    let services: Vec<PluginId> = plugins
+        .services()
+        .filter(|plugin| !plugins.is_singleton(*plugin))
+        .collect();
+    let mut worker = Worker::new(Arc::clone(&plugins), move || {
+        Box::new(host::AtsHost::new(Arc::clone(&upstreams)))
+    });
+    for service in services {
+        // A service that fails to start is counted and logged; it gets its failure policy's
+        // treatment as any copy does, and the thread serves on.
+        if let Err(failure) = worker.start(service) {
+            diag::error(&format!(
+                "service {} did not start on this thread: {failure}",
+                plugins.config(service).display_name()
+            ));
+        }
+    }
+    worker
+}
+
+/// Has the ticker learn the timers of the copies in force on this thread if they changed since
+/// it last looked: the services a new worker started set their periods as they started, before
+/// any transaction.
+pub(crate) fn note_new_worker(state: &mut ThreadState) {
+    let (generation, _) = state.workers.current();
+    if state.ticking != Some(generation) {
+        state.ticking = Some(generation);
+        state.ticker.note_all(&mut state.workers);
+    }
 }
 
 thread_local! {
@@ -126,23 +171,12 @@ pub(crate) fn with_thread<R>(work: impl FnOnce(&mut ThreadState) -> R) -> Option
     THREAD.with(|cell| {
         let mut state = cell.try_borrow_mut().ok()?;
         let state = state.get_or_insert_with(|| ThreadState {
-            workers: ThreadWorkers::new(
-                Arc::clone(&global.live),
-                Box::new(|plugins| {
-                    // Each deployment's copies call the upstreams configured with it.
-                    let upstreams = GLOBAL
-                        .get()
-                        .map(|global| {
-                            Arc::clone(&global.upstreams.lock().unwrap_or_else(|e| e.into_inner()))
-                        })
-                        .unwrap_or_default();
-                    Worker::new(plugins, move || {
-                        Box::new(host::AtsHost::new(Arc::clone(&upstreams)))
-                    })
-                }),
-            ),
+            // Each deployment's copies call the upstreams configured with it.
+            workers: ThreadWorkers::new(Arc::clone(&global.live), Box::new(start_worker)),
             ticker: ticker::Ticker::for_this_thread(),
+            ticking: None,
         });
+        note_new_worker(state);
         Some(work(state))
     })
 }
@@ -275,6 +309,7 @@ fn init(args: &[String]) -> Result<(), String> {
     let live = Arc::new(LivePlugins::new(loaded.plugins));
     let upstreams = Arc::new(loaded.upstreams);
     let services = start_services(&live.current().1, &upstreams)?;
+    let worker_services = has_worker_services(&live.current().1);
     let global = Global {
         live,
         upstreams: Mutex::new(upstreams),
@@ -293,9 +328,32 @@ fn init(args: &[String]) -> Result<(), String> {
         let reload = sys::TSContCreate(Some(on_reload), sys::TSMutexCreate());
         sys::TSMgmtUpdateRegister(reload, c"pwhost_ats".as_ptr());
     }
+    if worker_services {
+        // SAFETY: the handler is an `extern "C"` function of the right type; the continuation
+        // lives for the process.
+        unsafe {
+            let cont = sys::TSContCreate(Some(on_ports_ready), std::ptr::null_mut());
+            sys::TSLifecycleHookAdd(sys::TS_LIFECYCLE_PORTS_READY_HOOK, cont);
+        }
+    }
     stats::start();
     diag::note(&format!("running {}", names.join(", ")));
     Ok(())
+}
+
+/// Whether `plugins` has services that run on every worker (no `singleton`).
+fn has_worker_services(plugins: &Plugins) -> bool {
+    plugins
+        .services()
+        .any(|plugin| !plugins.is_singleton(plugin))
+}
+
+/// Traffic Server's threads run: the services of every worker start on each of them.
+unsafe extern "C" fn on_ports_ready(_: sys::TSCont, _: sys::TSEvent, _: *mut c_void) -> c_int {
+    if std::panic::catch_unwind(warm::every_net_thread).is_err() {
+        diag::error("starting the services of every thread panicked");
+    }
+    0
 }
 
 /// `traffic_ctl config reload`: reads the files again and puts the new plugins in force; a
@@ -335,6 +393,9 @@ unsafe extern "C" fn on_reload(
                     services,
                 );
                 drop(old);
+                if has_worker_services(&global.live.current().1) {
+                    warm::every_net_thread();
+                }
                 diag::note(&format!(
                     "reloaded the configuration (deployment {})",
                     generation.0

@@ -77,6 +77,18 @@ impl Ticker {
         self.arm();
     }
 
+    /// Records the tick periods of every root context of every copy on this thread (e.g. of
+    /// services a new worker just started).
+    pub(crate) fn note_all(&mut self, workers: &mut lifecycle::ThreadWorkers) {
+        workers.for_each_worker(|generation, worker| {
+            worker.for_each_copy(|copy, vm, roots| {
+                for (_, root) in roots {
+                    self.note(generation, copy, *root, vm.tick_period_of(*root));
+                }
+            });
+        });
+    }
+
     /// Schedules the continuation for the earliest tick due, unless it already runs by then.
     fn arm(&mut self) {
         let Some(earliest) = self.timers.values().map(|t| t.due).min() else {

@@ -965,6 +965,57 @@ fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
 }
 
 #[test]
+fn a_service_without_singleton_runs_on_every_net_thread_from_the_start() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    // Envoy's default for a WasmService: one VM copy per worker, here per net thread (two).
+    let service = format!(
+        "{}singleton: false\n",
+        plugin_yaml("timers", runtime, "", "")
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "http_headers",
+                yaml: plugin_yaml("http_headers", runtime, "", ""),
+            },
+            PluginFile {
+                name: "timers_service",
+                yaml: service,
+            },
+        ],
+    );
+    // No request is sent: each thread's copy started with Traffic Server and ticks three
+    // times on its own thread, then stops its timer.
+    let threads_that_ticked = || {
+        let log =
+            std::fs::read_to_string(server.root.path().join("log/diags.log")).unwrap_or_default();
+        let mut threads: Vec<String> = log
+            .lines()
+            .filter(|line| line.contains("tick 3"))
+            .filter_map(|line| Some(line.split("] [").nth(1)?.split(']').next()?.to_string()))
+            .collect();
+        threads.sort();
+        threads
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads_that_ticked().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let diagnostics = server.diagnostics();
+    assert_eq!(
+        threads_that_ticked(),
+        ["ET_NET 0", "ET_NET 1"],
+        "one copy ticking on each net thread:\n{diagnostics}"
+    );
+    assert!(!diagnostics.contains("tick 4"), "{diagnostics}");
+    // The thread's copies serve transactions as before.
+    assert_eq!(get(&server.url("/"), &[]).status, 200);
+}
+
+#[test]
 fn root_contexts_and_singleton_services_call_upstreams_when_they_start_on_every_engine() {
     for runtime in engines() {
         let origin = Origin::start();
