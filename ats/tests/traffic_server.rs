@@ -965,7 +965,7 @@ fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
 }
 
 #[test]
-fn a_service_without_singleton_runs_on_every_net_thread_from_the_start() {
+fn a_service_without_singleton_runs_on_every_net_thread_from_the_start_and_after_a_reload() {
     let runtime = engines()[0];
     let origin = Origin::start();
     // Envoy's default for a WasmService: one VM copy per worker, here per net thread (two).
@@ -1013,6 +1013,27 @@ fn a_service_without_singleton_runs_on_every_net_thread_from_the_start() {
     assert!(!diagnostics.contains("tick 4"), "{diagnostics}");
     // The thread's copies serve transactions as before.
     assert_eq!(get(&server.url("/"), &[]).status, 200);
+
+    // A reload with the service in a new VM starts it again on every thread, traffic or not.
+    std::fs::write(
+        server.etc().join("timers_service.yaml"),
+        format!(
+            "{}singleton: false\n",
+            plugin_yaml("timers", runtime, "", "").replace("vmId: timers", "vmId: timers_2")
+        ),
+    )
+    .expect("the changed configuration");
+    server.ctl(&["config", "reload"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while threads_that_ticked().len() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        threads_that_ticked(),
+        ["ET_NET 0", "ET_NET 0", "ET_NET 1", "ET_NET 1"],
+        "the reloaded service's copy ticking on each net thread:\n{}",
+        server.diagnostics()
+    );
 }
 
 #[test]
