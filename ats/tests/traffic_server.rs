@@ -933,17 +933,11 @@ fn a_plugin_stuck_in_a_loop_is_stopped_by_its_deadline_and_traffic_server_goes_o
     assert_eq!(origin.requests(), 0, "a request went past the stuck plugin");
 }
 
-#[test]
-fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
-    let runtime = engines()[0];
-    let origin = Origin::start();
-    // Traffic Server's format with `singleton`: a WasmService (Envoy's bootstrap extension).
-    let service = format!(
-        "{}singleton: true\n",
-        plugin_yaml("timers", runtime, "", "")
-    );
-    let server = TrafficServer::start(
-        &origin,
+/// A Traffic Server running the header filter and the `timers` plugin as a service
+/// (Traffic Server's format with `singleton`: a WasmService, Envoy's bootstrap extension).
+fn start_with_timers_service(origin: &Origin, runtime: &str, singleton: bool) -> TrafficServer {
+    TrafficServer::start(
+        origin,
         &[
             PluginFile {
                 name: "http_headers",
@@ -951,10 +945,20 @@ fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
             },
             PluginFile {
                 name: "timers_service",
-                yaml: service,
+                yaml: format!(
+                    "{}singleton: {singleton}\n",
+                    plugin_yaml("timers", runtime, "", "")
+                ),
             },
         ],
-    );
+    )
+}
+
+#[test]
+fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    let server = start_with_timers_service(&origin, runtime, true);
     // No request is sent: the service started with Traffic Server and ticks on its own, three
     // times 100 ms apart, then stops its timer.
     server.wait_for_log("tick 3");
@@ -969,23 +973,7 @@ fn a_service_without_singleton_runs_on_every_net_thread_from_the_start_and_after
     let runtime = engines()[0];
     let origin = Origin::start();
     // Envoy's default for a WasmService: one VM copy per worker, here per net thread (two).
-    let service = format!(
-        "{}singleton: false\n",
-        plugin_yaml("timers", runtime, "", "")
-    );
-    let server = TrafficServer::start(
-        &origin,
-        &[
-            PluginFile {
-                name: "http_headers",
-                yaml: plugin_yaml("http_headers", runtime, "", ""),
-            },
-            PluginFile {
-                name: "timers_service",
-                yaml: service,
-            },
-        ],
-    );
+    let server = start_with_timers_service(&origin, runtime, false);
     // No request is sent: each thread's copy started with Traffic Server and ticks three
     // times on its own thread, then stops its timer.
     let threads_that_ticked = || {
