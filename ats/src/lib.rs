@@ -127,10 +127,7 @@ fn start_worker(plugins: Arc<Plugins>) -> Worker {
         .get()
         .map(|global| Arc::clone(&global.upstreams.lock().unwrap_or_else(|e| e.into_inner())))
         .unwrap_or_default();
-    let services: Vec<PluginId> = plugins
-        .services()
-        .filter(|plugin| !plugins.is_singleton(*plugin))
-        .collect();
+    let services: Vec<PluginId> = plugins.worker_services().collect();
     let mut worker = Worker::new(Arc::clone(&plugins), move || {
         Box::new(host::AtsHost::new(Arc::clone(&upstreams)))
     });
@@ -309,7 +306,7 @@ fn init(args: &[String]) -> Result<(), String> {
     let live = Arc::new(LivePlugins::new(loaded.plugins));
     let upstreams = Arc::new(loaded.upstreams);
     let services = start_services(&live.current().1, &upstreams)?;
-    let worker_services = has_worker_services(&live.current().1);
+    let worker_services = live.current().1.worker_services().next().is_some();
     let global = Global {
         live,
         upstreams: Mutex::new(upstreams),
@@ -339,13 +336,6 @@ fn init(args: &[String]) -> Result<(), String> {
     stats::start();
     diag::note(&format!("running {}", names.join(", ")));
     Ok(())
-}
-
-/// Whether `plugins` has services that run on every worker (no `singleton`).
-fn has_worker_services(plugins: &Plugins) -> bool {
-    plugins
-        .services()
-        .any(|plugin| !plugins.is_singleton(plugin))
 }
 
 /// Traffic Server's threads run: the services of every worker start on each of them.
@@ -393,7 +383,7 @@ unsafe extern "C" fn on_reload(
                     services,
                 );
                 drop(old);
-                if has_worker_services(&global.live.current().1) {
+                if global.live.current().1.worker_services().next().is_some() {
                     warm::every_net_thread();
                 }
                 diag::note(&format!(

@@ -452,6 +452,12 @@ impl Plugins {
         (self.http_filters + self.network_filters..self.entries.len()).map(PluginId)
     }
 
+    /// The services without `singleton`, which run on every worker, in the worker's VM copies
+    /// (start them there with [`Worker::start`]).
+    pub fn worker_services(&self) -> impl Iterator<Item = PluginId> + '_ {
+        self.services().filter(|plugin| !self.is_singleton(*plugin))
+    }
+
     /// Whether `plugin` is a singleton service (one VM, on a thread of its own).
     pub fn is_singleton(&self, plugin: PluginId) -> bool {
         self.modules[self.entries[plugin.0].module].singleton

@@ -113,8 +113,8 @@ impl GuestCall {
         };
         store.as_store_mut().parked(|| {
             // SAFETY: `new` resolved the record in this store (the caller's contract), which is
-            // alive, held by us and, through `parked`, installed as the thread's store for as long as the
-            // guest runs, as `TypedFunction::call` installs it. The function takes `params`
+            // alive, held by us and, through `parked`, installed as the thread's store for as
+            // long as the guest runs, as `TypedFunction::call` installs it. The function takes `params`
             // integers and returns at most one, so its trampoline reads and writes within
             // `slots` (`MAX_ARGS` of wasmer's own `RawValue`s), each parameter written above as
             // the type the function declares.

@@ -612,8 +612,8 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
     let worker_plugins: Vec<PluginId> = http_chain
         .iter()
         .chain(&network_chain)
-        .chain(services.iter().filter(|s| !plugins.is_singleton(**s)))
         .copied()
+        .chain(plugins.worker_services())
         .collect();
     let mut workers = Vec::new();
     let mut owners = Owners::new();
