@@ -180,7 +180,7 @@ pub use in_memory::{
     DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, Reproducible, StreamRecord,
 };
 pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
-pub use shared::{Histogram, Metric, MetricType, SharedState, HISTOGRAM_BUCKETS};
+pub use shared::{Histogram, Metric, MetricType, QueueWake, SharedState, HISTOGRAM_BUCKETS};
 pub use state::VmState;
 pub use types::{
     BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, PeerType, Status,

@@ -37,14 +37,50 @@ struct Inner {
     foreign_functions: RwLock<FxHashMap<String, ForeignFunction>>,
 }
 
+/// Tells an embedder, on the enqueuing thread, that a VM has queue notifications waiting, so
+/// that it has the VM's own thread call [`crate::Vm::dispatch_queue_ready`] (see
+/// [`crate::Vm::set_queue_wake`]). It runs while an enqueue returns: it should only schedule
+/// work (post to an event loop, signal a condition), never call into a VM.
+pub type QueueWake = Arc<dyn Fn() + Send + Sync>;
+
 /// Where a queue's "ready" notifications go: the root context that registered it, in its VM,
 /// which delivers them on its own thread ([`crate::Vm::dispatch_queue_ready`]).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct QueueOwner {
     /// The VM's channel of (root context, queue token).
     pub(crate) notify: Sender<(u32, u32)>,
+    /// The VM's wake-up, if its embedder set one; shared by all of the VM's queues, so one set
+    /// after a queue was registered still covers it.
+    pub(crate) wake: Arc<RwLock<Option<QueueWake>>>,
     /// The root context.
     pub(crate) root: u32,
+}
+
+impl std::fmt::Debug for QueueOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueOwner")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueOwner {
+    /// The owner of a new VM's queues: root context 1 until a registration says otherwise.
+    pub(crate) fn new(notify: Sender<(u32, u32)>) -> QueueOwner {
+        QueueOwner {
+            notify,
+            wake: Arc::default(),
+            root: 1,
+        }
+    }
+
+    /// The wake-up to run once the registry is unlocked, if the embedder set one.
+    fn wake(&self) -> Option<QueueWake> {
+        self.wake
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 struct Queue {
@@ -304,6 +340,12 @@ impl SharedState {
         queue.items.push_back(item.to_vec());
         // The owner may be gone (its VM was dropped); the item stays for a later owner.
         let _ = queue.owner.notify.send((queue.owner.root, token));
+        let wake = queue.owner.wake();
+        // The embedder's wake-up runs unlocked: it may well enqueue or look up queues itself.
+        drop(registry);
+        if let Some(wake) = wake {
+            wake();
+        }
         Status::Ok
     }
 
@@ -497,7 +539,7 @@ mod tests {
     fn queues_are_scoped_by_vm_id_and_notify_their_owner() {
         let shared = SharedState::new();
         let (notify, notifications) = std::sync::mpsc::channel();
-        let token = shared.register_queue("vm", "events", QueueOwner { notify, root: 1 });
+        let token = shared.register_queue("vm", "events", QueueOwner::new(notify));
         assert_eq!(shared.resolve_queue("vm", "events"), Some(token));
         assert_eq!(shared.resolve_queue("other-vm", "events"), None);
         assert_eq!(shared.dequeue(token), Err(Status::Empty));

@@ -90,7 +90,7 @@ impl Vm {
             plugin.abi,
             plugin.config.clone(),
             plugin.shared.clone(),
-            QueueOwner { notify, root: 1 },
+            QueueOwner::new(notify),
         );
         let mut instance = plugin.linked.instantiate(state)?;
         let root = ContextId(1);
@@ -782,6 +782,19 @@ impl Vm {
         let mut pending: Vec<(u32, u32)> = first.into_iter().collect();
         pending.extend(self.queue_ready.try_iter());
         self.deliver_queue_ready(&pending)
+    }
+
+    /// Has `wake` run, on the enqueuing thread, every time an item is enqueued into a queue this
+    /// VM's root contexts registered (whenever they registered it), replacing any earlier
+    /// wake-up. For a VM on a thread that does not sleep in [`Vm::wait_for_queue_ready`] (a
+    /// proxy's worker with its own event loop): `wake` schedules [`Vm::dispatch_queue_ready`] on
+    /// that thread, as Envoy posts `onQueueReady` to the registering worker's dispatcher.
+    pub fn set_queue_wake(&mut self, wake: crate::QueueWake) {
+        let owner = &self.instance.state().queue_owner;
+        *owner
+            .wake
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(wake);
     }
 
     /// A handle that wakes [`Vm::wait_for_queue_ready`] from any thread.

@@ -162,8 +162,9 @@ pub(crate) fn dispatch_from_service(
 }
 
 /// Makes the calling thread (a singleton service's) known to Traffic Server once, for as long
-/// as it runs; `false` if Traffic Server refused.
-fn ensure_traffic_server_thread() -> bool {
+/// as it runs, unless it already is (one of Traffic Server's own); `false` if Traffic Server
+/// refused.
+pub(crate) fn ensure_traffic_server_thread() -> bool {
     /// The thread's registration, undone when the thread ends.
     struct Registered(Cell<sys::TSThread>);
     impl Drop for Registered {
@@ -178,6 +179,10 @@ fn ensure_traffic_server_thread() -> bool {
     }
     thread_local! {
         static REGISTERED: Registered = const { Registered(Cell::new(std::ptr::null_mut())) };
+    }
+    // SAFETY: reads the calling thread's Traffic Server thread, null for a foreign thread.
+    if !unsafe { sys::TSThreadSelf() }.is_null() {
+        return true;
     }
     REGISTERED.with(|registered| {
         if registered.0.get().is_null() {

@@ -32,6 +32,8 @@
 //! * Services (Envoy's `WasmService`): a singleton runs in one VM on a thread of its own; one
 //!   without `singleton` has a VM copy on every net thread, started there when Traffic Server's
 //!   ports are ready ([`warm`]), as Envoy starts it on every worker.
+//! * Shared queues: an item enqueued from any thread wakes the thread whose copy registered the
+//!   queue, which delivers `proxy_on_queue_ready` there ([`queue`]), filters and services alike.
 
 mod body;
 mod callout;
@@ -39,6 +41,7 @@ mod config;
 mod diag;
 mod headers;
 mod host;
+mod queue;
 mod stats;
 mod sys;
 mod ticker;
@@ -130,7 +133,8 @@ fn start_worker(plugins: Arc<Plugins>) -> Worker {
     let services: Vec<PluginId> = plugins.worker_services().collect();
     let mut worker = Worker::new(Arc::clone(&plugins), move || {
         Box::new(host::AtsHost::new(Arc::clone(&upstreams)))
-    });
+    })
+    .on_queue_ready(queue::wake_for_this_thread());
     for service in services {
         // A service that fails to start is counted and logged; it gets its failure policy's
         // treatment as any copy does, and the thread serves on.

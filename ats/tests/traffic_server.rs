@@ -1025,6 +1025,42 @@ fn a_service_without_singleton_runs_on_every_net_thread_from_the_start_and_after
 }
 
 #[test]
+fn an_item_enqueued_by_a_transaction_reaches_the_registering_copy_on_its_net_thread() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    // Each net thread's copy of the filter registers queue `events` as it starts (the last to
+    // register owns the notifications, as in Envoy); every request enqueues its path, and the
+    // owner's root context dequeues and logs each item when its thread is told.
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "shared_queue",
+            yaml: plugin_yaml("shared_queue", runtime, "", ""),
+        }],
+    );
+    let paths: Vec<String> = (1..=6).map(|n| format!("/queued-{n}")).collect();
+    for path in &paths {
+        let reply = get(&server.url(path), &[]);
+        assert_eq!(reply.status, 200);
+    }
+    for path in &paths {
+        server.wait_for_log(&format!("dequeued: {path}"));
+    }
+    let log = std::fs::read_to_string(server.root.path().join("log/diags.log")).unwrap_or_default();
+    for line in log.lines().filter(|line| line.contains("dequeued: ")) {
+        assert!(
+            line.contains("[ET_NET "),
+            "delivered on a net thread, the owner's: {line}"
+        );
+    }
+    assert_eq!(
+        log.matches("dequeued: ").count(),
+        paths.len(),
+        "each item delivered once:\n{log}"
+    );
+}
+
+#[test]
 fn root_contexts_and_singleton_services_call_upstreams_when_they_start_on_every_engine() {
     for runtime in engines() {
         let origin = Origin::start();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abi::{ContextId, Host, InMemoryHost, RootConfig, SharedState, Vm, VmError};
+use abi::{ContextId, Host, InMemoryHost, QueueWake, RootConfig, SharedState, Vm, VmError};
 
 use crate::code::{self, abi_config, Code, VmKey};
 use crate::compiled::{self, CompilationCache, CompiledFrom};
@@ -367,7 +367,7 @@ impl Plugins {
     /// configuration (Envoy's canary).
     fn check(&self) -> Result<(), LoadError> {
         for index in 0..self.modules.len() {
-            let failure = match VmCopy::start(self, index, Box::new(InMemoryHost::new())) {
+            let failure = match VmCopy::start(self, index, Box::new(InMemoryHost::new()), None) {
                 Ok((_, None)) => continue,
                 Ok((_, Some(failure))) | Err(failure) => failure,
             };
@@ -540,10 +540,13 @@ impl VmCopy {
     /// A new copy of `module` (number `index`) with every plugin's root context started and
     /// configured. A copy whose start failed is returned too, with why, so that its host can
     /// still be read (its logs say why).
+    /// `queue_wake`, if given, is set before any root context starts, so it covers every queue
+    /// they register.
     pub(crate) fn start(
         plugins: &Plugins,
         index: usize,
         host: Box<dyn Host>,
+        queue_wake: Option<&QueueWake>,
     ) -> Result<(VmCopy, Option<StartFailure>), StartFailure> {
         let module = &plugins.modules[index];
         let users = &plugins.module_plugins[index];
@@ -552,6 +555,9 @@ impl VmCopy {
             step: StartStep::Instantiate,
             error: Some(error),
         })?;
+        if let Some(wake) = queue_wake {
+            vm.set_queue_wake(Arc::clone(wake));
+        }
         let mut roots = vec![vm.root_context()];
         for config in &module.roots[1..] {
             roots.push(vm.add_root(config.clone()));
@@ -690,6 +696,7 @@ pub struct Worker {
     next_generation: u64,
     clock: Clock,
     on_retire: Option<RetireHook>,
+    queue_wake: Option<QueueWake>,
 }
 
 #[derive(Clone, Copy)]
@@ -721,6 +728,7 @@ impl Worker {
             next_generation: 0,
             clock: Arc::new(Instant::now),
             on_retire: None,
+            queue_wake: None,
         }
     }
 
@@ -738,6 +746,45 @@ impl Worker {
     pub fn on_retire(mut self, hook: RetireHook) -> Worker {
         self.on_retire = Some(hook);
         self
+    }
+
+    /// The same worker, with `wake` run (on the enqueuing thread, whichever it is) whenever an
+    /// item is enqueued into a queue that one of its copies registered: `wake` has the
+    /// worker's thread call [`Worker::dispatch_queue_ready`] soon, as Envoy posts
+    /// `onQueueReady` to the registering worker. Without it, only threads that call
+    /// [`Worker::dispatch_queue_ready`] of their own accord deliver queue notifications.
+    pub fn on_queue_ready(mut self, wake: QueueWake) -> Worker {
+        for live in self.copies.iter_mut().flatten() {
+            live.copy.vm.set_queue_wake(Arc::clone(&wake));
+        }
+        self.queue_wake = Some(wake);
+        self
+    }
+
+    /// Delivers `proxy_on_queue_ready` in every current copy on this worker for the items
+    /// enqueued so far into queues its root contexts registered (on the worker's thread). A copy
+    /// whose callback fails is failed like one failing under a stream: its plugins' failure
+    /// policies apply to later streams. Returns the failures, by the copy's first plugin, for the
+    /// embedder's log.
+    pub fn dispatch_queue_ready(&mut self) -> Vec<(PluginId, VmError)> {
+        let mut failures = Vec::new();
+        for module in 0..self.current.len() {
+            let Some(index) = self.current[module] else {
+                continue;
+            };
+            let Some(live) = self.copies[index].as_mut() else {
+                continue;
+            };
+            if !live.started || live.copy.vm.is_failed() {
+                continue;
+            }
+            if let Err(error) = live.copy.vm.dispatch_queue_ready() {
+                let plugin = self.plugins.module_plugins[module][0];
+                count_failure(&self.plugins.entries[plugin.0].counters, &error);
+                failures.push((plugin, error));
+            }
+        }
+        failures
     }
 
     /// The plugins.
@@ -920,7 +967,8 @@ impl Worker {
         if !first_use {
             Counters::add(&counters.reloads);
         }
-        let (copy, failure) = match VmCopy::start(&self.plugins, module, host) {
+        let started = VmCopy::start(&self.plugins, module, host, self.queue_wake.as_ref());
+        let (copy, failure) = match started {
             Ok(started) => started,
             Err(failure) => {
                 Counters::add(&counters.failed_to_start);

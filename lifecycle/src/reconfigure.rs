@@ -28,8 +28,14 @@ pub struct LivePlugins {
 impl LivePlugins {
     /// `plugins` as deployment 0.
     pub fn new(plugins: Plugins) -> LivePlugins {
+        LivePlugins::new_shared(Arc::new(plugins))
+    }
+
+    /// As [`LivePlugins::new`], for plugins already shared, e.g. with the singleton services
+    /// started for them.
+    pub fn new_shared(plugins: Arc<Plugins>) -> LivePlugins {
         LivePlugins {
-            current: Mutex::new(Arc::new(plugins)),
+            current: Mutex::new(plugins),
             generation: AtomicU64::new(0),
         }
     }

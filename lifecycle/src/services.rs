@@ -121,7 +121,7 @@ impl SingletonService {
             .name(format!("wasm-service-{name}"))
             .spawn(move || {
                 let module = plugins.module_of(plugin);
-                let VmCopy { mut vm, roots } = match VmCopy::start(&plugins, module, host) {
+                let VmCopy { mut vm, roots } = match VmCopy::start(&plugins, module, host, None) {
                     Ok((copy, None)) => copy,
                     Ok((_, Some(failure))) | Err(failure) => {
                         let _ = started.send(Err(failure));

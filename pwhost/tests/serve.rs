@@ -524,6 +524,34 @@ fn a_paused_request_waits_for_an_http_call_and_timers_tick_on_every_worker() {
 }
 
 #[test]
+fn an_item_a_stream_enqueues_reaches_the_worker_copy_that_registered_the_queue() {
+    let origin = Origin::start();
+    // Each worker's copy of the filter registers queue `events` as it starts (the last to
+    // register owns the notifications, as in Envoy); every request enqueues its path, and the
+    // owner's root context, on its worker, dequeues and logs each item.
+    let serve = Serve::start(origin.address, &[envoy_filter("queue", "shared_queue", "")]);
+    let paths: Vec<String> = (1..=4).map(|n| format!("/queued-{n}")).collect();
+    for path in &paths {
+        let reply = get(&serve.url(path), &[]);
+        assert_eq!(reply.status, 200, "{}", serve.log());
+        assert!(
+            reply.body.contains(&format!("x-enqueued: {path}")),
+            "{}",
+            reply.body
+        );
+    }
+    for path in &paths {
+        serve.wait_for_log(&format!("dequeued: {path}"));
+    }
+    assert_eq!(
+        serve.log().matches("dequeued: ").count(),
+        paths.len(),
+        "each item delivered once:\n{}",
+        serve.log()
+    );
+}
+
+#[test]
 fn a_call_to_an_unreachable_cluster_fails_and_the_plugin_answers_itself() {
     let origin = Origin::start();
     let closed = free_port();
@@ -1591,7 +1619,8 @@ fn a_tcp_connection_without_traffic_is_closed_after_the_idle_timeout() {
     serve.wait_for_no_live_contexts();
 }
 
-/// A singleton service block (Envoy's `envoy.bootstrap.wasm`) running `plugin` in VM `vm_id`.
+/// A singleton service block (Envoy's `envoy.bootstrap.wasm`) running `plugin` in VM `vm_id`
+/// (`singleton: true`, which a test may replace).
 fn envoy_service(name: &str, vm_id: &str, plugin: &str, configuration: &str) -> String {
     format!(
         "  - name: envoy.bootstrap.wasm\n    typed_config:\n      \
@@ -1676,6 +1705,71 @@ fn singleton_services_call_clusters_over_http_and_grpc_and_the_workers_read_what
             "pwhost_callout_duration_seconds_count{kind=\"grpc\",cluster=\"grpc_cluster\",\
              outcome=\"answered\"}",
             1.0,
+        ),
+    ] {
+        assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
+    }
+}
+
+#[test]
+fn a_service_without_singleton_has_a_copy_on_every_worker_that_ticks_and_calls_clusters() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    // Envoy's default for a WasmService: one VM copy per worker (two here), each ticking and
+    // calling on its own; the fetching service stores the answer in shared data of its VM id,
+    // which a filter of the same VM id shows on every response.
+    let on_workers = |block: String| block.replace("singleton: true", "singleton: false");
+    let config = format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n      - name: show_http\n        vm_config: {{vm_id: http_fetch, \
+         runtime: wasmtime, code: {{local: {{filename: {}}}}}}}\n        configuration: \"- x-fetched\"\n\
+         clusters:\n  backend: {{endpoints: [\"{origin}\"]}}\n  \
+         config_cluster: {{endpoints: [\"{origin}\"]}}\nservices:\n{}{}",
+        corpus_plugin("root_http_call").display(),
+        on_workers(envoy_service("fetch_http", "http_fetch", "root_http_call", "config_cluster")),
+        on_workers(envoy_service("ticking", "timers", "timers", "")),
+        origin = origin.address,
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // No request is needed for the services: each copy ticks three times, then stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serve.log().matches("tick 3").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two copies did not tick:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        let reply = get(&serve.url("/"), &[]);
+        if reply
+            .header("x-fetched")
+            .is_some_and(|v| v != "nothing yet")
+        {
+            break reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the services' answers did not arrive: {reply:?}\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(reply.header("x-fetched"), Some("200 GET /config"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(serve.log().matches("tick 4").count(), 0, "{}", serve.log());
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    for (name, value) in [
+        // Two services on two workers, besides the listener's own copies.
+        ("pwhost_vm_copies{owner=\"services\"}", 4.0),
+        (
+            "pwhost_callout_duration_seconds_count{kind=\"http\",cluster=\"config_cluster\",\
+             outcome=\"answered\"}",
+            2.0,
         ),
     ] {
         assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");

@@ -70,3 +70,61 @@ fn queue_ready_is_delivered_on_the_registering_vms_thread() {
         "{logs:?}"
     );
 }
+
+#[test]
+fn a_queue_wake_tells_the_owner_when_another_thread_enqueues() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/rust/shared_queue.wasm");
+    let wasm = std::fs::read(&path).expect("run `bash plugins/build.sh` first");
+    let name = runtimes::default_name().expect("an engine");
+    let runtime = runtimes::create(name, RuntimeConfig::default()).unwrap();
+    let plugin = std::sync::Arc::new(
+        Plugin::load(
+            &*runtime,
+            &wasm,
+            PluginConfig::default(),
+            SharedState::new(),
+        )
+        .unwrap(),
+    );
+    // Every VM of this plugin registers the queue when it starts and the last one owns its
+    // notifications: the producer starts first.
+    let mut producer = Vm::new(&plugin, Box::new(InMemoryHost::new())).unwrap();
+    assert!(producer.start().unwrap() && producer.configure().unwrap());
+
+    // The owner's thread runs an event loop of its own (here: a channel it reads) instead of
+    // sleeping in `wait_for_queue_ready`: the wake-up it set is what tells it to dispatch.
+    let (wake_tx, wake_rx) = mpsc::channel::<std::thread::ThreadId>();
+    let (owner_registered_tx, owner_registered_rx) = mpsc::channel();
+    let owner_plugin = plugin.clone();
+    let owner = std::thread::spawn(move || {
+        let mut vm = Vm::new(&owner_plugin, Box::new(InMemoryHost::new())).unwrap();
+        let wake_tx = std::sync::Mutex::new(wake_tx);
+        vm.set_queue_wake(std::sync::Arc::new(move || {
+            let _ = wake_tx.lock().unwrap().send(std::thread::current().id());
+        }));
+        assert!(vm.start().unwrap() && vm.configure().unwrap());
+        owner_registered_tx.send(()).unwrap();
+        let woken_from = wake_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("woken when the producer enqueued");
+        let delivered = vm.dispatch_queue_ready().unwrap();
+        let host = vm.host_as::<InMemoryHost>().unwrap();
+        let logs: Vec<String> = host.logs.iter().map(|l| l.message.clone()).collect();
+        (woken_from, delivered, logs)
+    });
+
+    owner_registered_rx.recv().unwrap();
+    let stream = producer.create_http_context().unwrap();
+    let host = producer.host_as::<InMemoryHost>().unwrap();
+    host.stream(stream).request_headers.add(b":path", b"/woken");
+    producer.on_request_headers(stream, 1, true).unwrap();
+
+    let (woken_from, delivered, logs) = owner.join().unwrap();
+    assert_eq!(
+        woken_from,
+        std::thread::current().id(),
+        "the wake-up runs on the enqueuing thread"
+    );
+    assert_eq!(delivered, 1);
+    assert!(logs.contains(&"dequeued: /woken".to_string()), "{logs:?}");
+}

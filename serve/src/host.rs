@@ -92,7 +92,7 @@ impl ServeHost {
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
         let routing = Arc::clone(&listener.routing);
         let metrics = Arc::clone(&listener.metrics);
-        let owner = format!("listener/{}", listener.name);
+        let owner = listener.owner.clone();
         ServeHost::with_caller(Caller::Worker(listener), routing, metrics, owner)
     }
 

@@ -19,7 +19,10 @@
 //! Callouts go to the configuration's clusters: HTTP through Pingora's client, gRPC through
 //! tonic's (messages as the plugins' own bytes, see [`RawCodec`]). Singleton services run each
 //! on a thread of their own (lifecycle's `SingletonService`); their calls run on a runtime of
-//! their own and the answers are posted to the service's thread.
+//! their own and the answers are posted to the service's thread. A service without `singleton`
+//! (Envoy's default) has a VM copy per worker, as in Envoy: Pingora's worker threads belong to
+//! each listener, so these copies run on `workers` threads of their own, each an event loop like
+//! a listener's worker thread (ticks, queue notifications, calls answered on the thread).
 
 mod admin;
 mod callout;
@@ -38,7 +41,9 @@ mod worker;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lifecycle::{CodeCache, Engines, LivePlugins, LoadOptions, Plugins, SingletonService, Ticking};
+use lifecycle::{
+    CodeCache, Engines, LivePlugins, LoadOptions, PluginId, Plugins, SingletonService, Ticking,
+};
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -88,6 +93,9 @@ pub struct Proxy {
     metrics: Arc<admin::HostMetrics>,
     listeners: Vec<ListenerService>,
     services: Vec<SingletonService>,
+    /// The services without `singleton` (run on every worker, see [`Proxy::run`]), with the
+    /// listener-like view their copies' hosts share.
+    worker_services: Option<(Arc<worker::Listener>, Vec<PluginId>)>,
     routing: routing::SharedRouting,
 }
 
@@ -111,7 +119,7 @@ impl Proxy {
             }
             let shared = Arc::new(worker::Listener {
                 index,
-                name: listener.name.clone(),
+                owner: format!("listener/{}", listener.name),
                 live: Arc::new(LivePlugins::new(plugins)),
                 routing: Arc::clone(&routing),
                 metrics: Arc::clone(&metrics),
@@ -139,17 +147,28 @@ impl Proxy {
             });
         }
         let mut services = Vec::new();
+        let mut worker_services = None;
         if !config.services.services.is_empty() {
             let plugins = Arc::new(
                 Plugins::load(&config.services, &*engines, &options, shared)
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
+            let on_workers: Vec<PluginId> = plugins.worker_services().collect();
+            if !on_workers.is_empty() {
+                let view = Arc::new(worker::Listener {
+                    // A slot of its own in each thread's workers, after the listeners'.
+                    index: listeners.len(),
+                    owner: "services".to_string(),
+                    live: Arc::new(LivePlugins::new_shared(Arc::clone(&plugins))),
+                    routing: Arc::clone(&routing),
+                    metrics: Arc::clone(&metrics),
+                });
+                worker_services = Some((view, on_workers));
+            }
             for plugin in plugins.services() {
                 let name = plugins.config(plugin).display_name().to_string();
                 if !plugins.is_singleton(plugin) {
-                    return Err(ServeError::Plugins(format!(
-                        "services: {name}: only singleton services (singleton: true) run yet"
-                    )));
+                    continue;
                 }
                 // Answers to the service's calls go to its inbox, published once it started
                 // (calls made while it starts, e.g. from `proxy_on_configure`, wait for it).
@@ -177,6 +196,7 @@ impl Proxy {
             metrics,
             listeners,
             services,
+            worker_services,
             routing,
         })
     }
@@ -263,6 +283,9 @@ impl Proxy {
                     server.add_service(service);
                 }
             }
+        }
+        if let Some((view, on_workers)) = self.worker_services {
+            worker::start_service_workers(workers, &view, &on_workers);
         }
         tracing::info!(workers, listeners = listener_count, "serving");
         // The services live as long as the process.

@@ -2,16 +2,18 @@
 //!
 //! Pingora runs one single-threaded runtime per worker thread, so everything here is
 //! thread-local: each listener's [`ThreadWorkers`] (its plugins' VM copies on this thread, made
-//! on the thread's first stream for the listener) and a tick task per listener that delivers
-//! `proxy_on_tick` to those copies.
+//! on the thread's first stream for the listener), a tick task per listener that delivers
+//! `proxy_on_tick` to those copies, and a queue task that delivers `proxy_on_queue_ready` to
+//! them when an item is enqueued (from any thread) into a queue one of them registered.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abi::ContextId;
-use lifecycle::{CopyId, Generation, LivePlugins, ThreadWorkers, Worker};
+use abi::{ContextId, QueueWake};
+use lifecycle::{CopyId, Generation, LivePlugins, PluginId, ThreadWorkers, Worker};
+use tokio::sync::Notify;
 
 use crate::admin::HostMetrics;
 use crate::host::ServeHost;
@@ -21,8 +23,9 @@ use crate::routing::SharedRouting;
 pub(crate) struct Listener {
     /// Its index: its workers' slot on each thread.
     pub(crate) index: usize,
-    /// Its name, for metrics.
-    pub(crate) name: String,
+    /// Whose copies these are, for metrics: `listener/NAME`, or `services` for the copies of
+    /// the services without `singleton`.
+    pub(crate) owner: String,
     /// The plugins in force.
     pub(crate) live: Arc<LivePlugins>,
     /// Where its traffic and its plugins' calls go (replaced by a reload).
@@ -51,9 +54,12 @@ pub(crate) fn with_workers<R>(
             all.resize_with(listener.index + 1, || None);
         }
         let workers = all[listener.index].get_or_insert_with(|| {
+            let queue_ready = Arc::new(Notify::new());
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(tick_loop(Arc::clone(listener)));
+                runtime.spawn(queue_loop(Arc::clone(listener), Arc::clone(&queue_ready)));
             }
+            let wake: QueueWake = Arc::new(move || queue_ready.notify_one());
             let shared = Arc::clone(listener);
             ThreadWorkers::new(
                 Arc::clone(&listener.live),
@@ -62,6 +68,7 @@ pub(crate) fn with_workers<R>(
                     Worker::new(plugins, move || {
                         Box::new(ServeHost::new(Arc::clone(&shared)))
                     })
+                    .on_queue_ready(Arc::clone(&wake))
                 }),
             )
         });
@@ -116,5 +123,76 @@ async fn tick_loop(listener: Arc<Listener>) {
             .unwrap_or(IDLE_TICK_CHECK)
             .min(IDLE_TICK_CHECK);
         tokio::time::sleep(next).await;
+    }
+}
+
+/// Delivers `proxy_on_queue_ready` to this thread's copies of `listener`'s plugins each time
+/// `queue_ready` is notified (an enqueue on any thread into a queue they registered), as Envoy
+/// posts it to the registering worker's dispatcher.
+async fn queue_loop(listener: Arc<Listener>, queue_ready: Arc<Notify>) {
+    loop {
+        queue_ready.notified().await;
+        with_workers(&listener, |workers| {
+            workers.for_each_worker(|_, worker| {
+                let failures = worker.dispatch_queue_ready();
+                for (plugin, error) in &failures {
+                    let name = worker.plugins().config(*plugin).display_name().to_string();
+                    tracing::error!("{name}: proxy_on_queue_ready failed: {error}");
+                }
+                if !failures.is_empty() {
+                    // Streams held by a copy that failed get its failure policy now.
+                    worker.for_each_copy(|_, vm, _| {
+                        if vm.is_failed() {
+                            if let Some(host) = vm.host_as::<ServeHost>() {
+                                host.wake_all();
+                            }
+                        }
+                    });
+                }
+            });
+        });
+    }
+}
+
+/// Starts the services without `singleton` of `view` (their plugins) on `workers` threads of
+/// their own, one VM copy per thread as Envoy has one per worker: each thread runs an event loop
+/// like a listener's worker thread, which ticks the copies, delivers their queue notifications
+/// and answers their calls, for as long as the process runs. A copy that does not start is
+/// logged (its failure policy applies as for any copy) and its thread serves on.
+pub(crate) fn start_service_workers(workers: usize, view: &Arc<Listener>, services: &[PluginId]) {
+    for index in 0..workers.max(1) {
+        let view = Arc::clone(view);
+        let services = services.to_vec();
+        let spawned = std::thread::Builder::new()
+            .name(format!("wasm-services-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!("no runtime for the services of worker {index}: {error}");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    with_workers(&view, |workers| {
+                        let (_, worker) = workers.current();
+                        for &service in &services {
+                            if let Err(failure) = worker.start(service) {
+                                tracing::error!(
+                                    "service {} did not start on worker {index}: {failure}",
+                                    worker.plugins().config(service).display_name()
+                                );
+                            }
+                        }
+                    });
+                    std::future::pending::<()>().await
+                });
+            });
+        if let Err(error) = spawned {
+            tracing::error!("cannot start a thread for the services of worker {index}: {error}");
+        }
     }
 }

@@ -250,3 +250,44 @@ fn a_copy_that_cannot_start_on_a_thread_says_which_plugin_and_why() {
         ("failed_to_start", 1)
     );
 }
+
+#[test]
+fn a_worker_is_woken_to_deliver_the_queue_notifications_of_its_copies() {
+    let plugins = Arc::new(
+        load("- name: queue\n  vm_config: {vm_id: q, code: {local: {filename: rust/shared_queue.wasm}}}\n")
+            .unwrap(),
+    );
+    // Each copy registers the queue as it starts; the last to register owns the notifications.
+    let mut producer = worker_of(&plugins);
+    let Admission::Run(producing) = producer.admit(PluginId(0)) else {
+        panic!("admitted");
+    };
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+    let mut owner = worker_of(&plugins).on_queue_ready(Arc::new(move || {
+        let _ = wake_tx.send(());
+    }));
+    let Admission::Run(owning) = owner.admit(PluginId(0)) else {
+        panic!("admitted");
+    };
+    owner.release(owning);
+    assert!(wake_rx.try_recv().is_err(), "nothing enqueued yet");
+
+    // The producer's stream enqueues its path.
+    run_request(&mut producer, &producing).unwrap();
+    producer.release(producing);
+    wake_rx.try_recv().expect("the owner's worker was woken");
+    assert!(owner.dispatch_queue_ready().is_empty());
+    let (_, vm, _) = owner.copy_of(PluginId(0)).expect("the owner's copy");
+    let logs: Vec<String> = vm
+        .host_as::<InMemoryHost>()
+        .expect("in-memory host")
+        .logs
+        .iter()
+        .map(|l| l.message.clone())
+        .collect();
+    assert!(logs.contains(&"dequeued: /".to_string()), "{logs:?}");
+}
+
+fn worker_of(plugins: &Arc<Plugins>) -> Worker {
+    Worker::new(Arc::clone(plugins), || Box::new(InMemoryHost::new()))
+}
