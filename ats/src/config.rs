@@ -81,8 +81,16 @@ pub fn load(
     let mut upstreams = Upstreams::new();
     for file in files {
         let (part, part_upstreams) = read(file)?;
+        if let Some(filter) = part.network_filters.first() {
+            // Refused rather than left idle: a user who sent one expects it to run.
+            return Err(format!(
+                "{}: network filter {:?}: TCP (L4) filters do not run in Traffic Server; \
+                 only HTTP filters and services do",
+                file.display(),
+                filter.display_name()
+            ));
+        }
         deployment.http_filters.extend(part.http_filters);
-        deployment.network_filters.extend(part.network_filters);
         deployment.services.extend(part.services);
         for (name, address) in part_upstreams {
             if let Some(other) = upstreams.insert(name.clone(), address) {
@@ -95,10 +103,8 @@ pub fn load(
             }
         }
     }
-    if deployment.http_filters.is_empty() {
-        return Err(
-            "no HTTP filter in the configuration files: nothing to run on transactions".into(),
-        );
+    if deployment.http_filters.is_empty() && deployment.services.is_empty() {
+        return Err("no HTTP filter or service in the configuration files: nothing to run".into());
     }
     let options = LoadOptions {
         base_dir: PathBuf::from("/"),

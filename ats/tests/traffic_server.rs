@@ -649,13 +649,31 @@ fn reload_puts_a_changed_configuration_in_force_for_new_transactions() {
 fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
     let origin = Origin::start();
     let bad = plugin_yaml("http_headers", engines()[0], "", "").replace("vmId:", "vmIdd:");
-    let (root, _port) = TrafficServer::prepare(
-        &origin,
-        &[PluginFile {
-            name: "bad",
-            yaml: bad,
-        }],
+    let output = refused_start(&origin, bad);
+    assert!(
+        output.contains("bad.yaml") && output.contains("vmIdd"),
+        "the error does not name the file and the field:\n{output}"
     );
+    // A network filter would never run here: refused, not left idle.
+    let network = format!(
+        "- name: envoy.filters.network.wasm\n  typed_config:\n    \
+         \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n    \
+         config:\n      name: tcp_filter\n      vm_config:\n        runtime: {}\n        \
+         code: {{local: {{filename: {}}}}}\n",
+        engines()[0],
+        corpus_plugin("http_headers").display()
+    );
+    let output = refused_start(&origin, network);
+    assert!(
+        output.contains("bad.yaml") && output.contains("network filter \"tcp_filter\""),
+        "the error does not name the file and the filter:\n{output}"
+    );
+}
+
+/// Starts `traffic_server` with the plugin file `bad.yaml` holding `yaml`, which it must refuse
+/// to start with; returns what it printed and logged.
+fn refused_start(origin: &Origin, yaml: String) -> String {
+    let (root, _port) = TrafficServer::prepare(origin, &[PluginFile { name: "bad", yaml }]);
     let mut server = Command::new("timeout")
         .args(["-s", "KILL", SERVER_LIFETIME_SECONDS, "traffic_server"])
         .arg(format!("--run-root={}", root.path().display()))
@@ -697,10 +715,7 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
     }
     let log = std::fs::read_to_string(root.path().join("log/diags.log")).unwrap_or_default();
     output.push_str(&log);
-    assert!(
-        output.contains("bad.yaml") && output.contains("vmIdd"),
-        "the error does not name the file and the field:\n{output}"
-    );
+    output
 }
 
 #[test]
@@ -935,30 +950,38 @@ fn a_plugin_stuck_in_a_loop_is_stopped_by_its_deadline_and_traffic_server_goes_o
 
 /// A Traffic Server running the header filter and the `timers` plugin as a service
 /// (Traffic Server's format with `singleton`: a WasmService, Envoy's bootstrap extension).
-fn start_with_timers_service(origin: &Origin, runtime: &str, singleton: bool) -> TrafficServer {
-    TrafficServer::start(
-        origin,
-        &[
+/// Traffic Server with the `timers` plugin as a service, and an HTTP filter if `with_filter`.
+fn start_with_timers_service(
+    origin: &Origin,
+    runtime: &str,
+    singleton: bool,
+    with_filter: bool,
+) -> TrafficServer {
+    let mut files = vec![PluginFile {
+        name: "timers_service",
+        yaml: format!(
+            "{}singleton: {singleton}\n",
+            plugin_yaml("timers", runtime, "", "")
+        ),
+    }];
+    if with_filter {
+        files.insert(
+            0,
             PluginFile {
                 name: "http_headers",
                 yaml: plugin_yaml("http_headers", runtime, "", ""),
             },
-            PluginFile {
-                name: "timers_service",
-                yaml: format!(
-                    "{}singleton: {singleton}\n",
-                    plugin_yaml("timers", runtime, "", "")
-                ),
-            },
-        ],
-    )
+        );
+    }
+    TrafficServer::start(origin, &files)
 }
 
 #[test]
-fn a_singleton_service_ticks_on_a_thread_of_its_own_without_traffic() {
+fn a_singleton_service_alone_ticks_on_a_thread_of_its_own_without_traffic() {
     let runtime = engines()[0];
     let origin = Origin::start();
-    let server = start_with_timers_service(&origin, runtime, true);
+    // A configuration of services only, as an Envoy bootstrap with no HTTP filter.
+    let server = start_with_timers_service(&origin, runtime, true, false);
     // No request is sent: the service started with Traffic Server and ticks on its own, three
     // times 100 ms apart, then stops its timer.
     server.wait_for_log("tick 3");
@@ -973,7 +996,7 @@ fn a_service_without_singleton_runs_on_every_net_thread_from_the_start_and_after
     let runtime = engines()[0];
     let origin = Origin::start();
     // Envoy's default for a WasmService: one VM copy per worker, here per net thread (two).
-    let server = start_with_timers_service(&origin, runtime, false);
+    let server = start_with_timers_service(&origin, runtime, false, true);
     // No request is sent: each thread's copy started with Traffic Server and ticks three
     // times on its own thread, then stops its timer.
     let threads_that_ticked = || {
