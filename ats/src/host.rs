@@ -8,6 +8,7 @@
 //! inside a callback, because Traffic Server may re-enter the plugin synchronously.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use abi::{
@@ -108,11 +109,36 @@ impl AtsHost {
         upstreams: Arc<Upstreams>,
         inbox: Arc<OnceLock<ServiceInbox>>,
     ) -> AtsHost {
-        AtsHost {
-            service: Some(inbox),
-            fallback_name: Some(name.into()),
-            ..AtsHost::new(upstreams)
+        let mut host = AtsHost::new(upstreams);
+        host.service = Some(inbox);
+        host.fallback_name = Some(name.into());
+        host
+    }
+
+    /// Gives the transaction of stream context `context` its slot.
+    pub(crate) fn open_stream(&mut self, context: ContextId, slot: StreamSlot) {
+        if self.streams.insert(context.0, slot).is_none() {
+            LIVE_STREAMS.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Takes the slot of stream context `context` away (its transaction closed).
+    pub(crate) fn close_stream(&mut self, context: ContextId) {
+        if self.streams.remove(&context.0).is_some() {
+            LIVE_STREAMS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The stream slots alive in every copy's host: the plugins' stream contexts of the
+/// transactions in flight, published as a stat (`plugin.pwhost_ats.live_stream_contexts`), so
+/// that a context a transaction left behind shows.
+pub(crate) static LIVE_STREAMS: AtomicI64 = AtomicI64::new(0);
+
+impl Drop for AtsHost {
+    fn drop(&mut self) {
+        // A copy going away takes the slots still in it along.
+        LIVE_STREAMS.fetch_sub(self.streams.len() as i64, Ordering::Relaxed);
     }
 }
 

@@ -1,7 +1,9 @@
 //! Plugin metrics as Traffic Server stats: once a second, on a task thread, every counter and
 //! gauge the plugins defined (`proxy_define_metric`) and every plugin's failure counters are
 //! copied into Traffic Server's stats, where `traffic_ctl metric get` and the stats plugins see
-//! them: `plugin.pwhost_ats.<metric name>` and `plugin.pwhost_ats.<plugin>.<counter>`.
+//! them: `plugin.pwhost_ats.<metric name>` and `plugin.pwhost_ats.<plugin>.<counter>`, and
+//! the plugin's own `plugin.pwhost_ats.live_stream_contexts` (the plugins' stream contexts of
+//! transactions in flight).
 //! A histogram's stat is its last recorded value.
 
 use std::collections::HashMap;
@@ -49,6 +51,10 @@ fn publish() {
         .into_iter()
         .map(|metric| (format!("plugin.pwhost_ats.{}", metric.name), metric.value))
         .collect();
+    values.push((
+        "plugin.pwhost_ats.live_stream_contexts".to_string(),
+        crate::host::LIVE_STREAMS.load(std::sync::atomic::Ordering::Relaxed),
+    ));
     for plugin in plugins.http_filters() {
         let name = plugins.config(plugin).display_name();
         for (counter, value) in plugins.counters(plugin).snapshot() {

@@ -370,7 +370,7 @@ fn open_stream(
     );
     let mut slot = StreamSlot::new(Arc::clone(&name), cont);
     slot.info = info.clone();
-    host.streams.insert(context.0, slot);
+    host.open_stream(context, slot);
     Ok(OpenedStream {
         context,
         name,
@@ -1099,7 +1099,7 @@ impl Transaction {
                     }
                 }
                 if let Some(host) = worker.vm(&stream).and_then(|vm| vm.host_as::<AtsHost>()) {
-                    host.streams.remove(&filter.context.0);
+                    host.close_stream(filter.context);
                 }
                 worker.release(stream);
             }

@@ -6,7 +6,7 @@
 //! The plugins are the corpus's Rust SDK plugins, unchanged, on every engine the plugin was
 //! built with among wasmtime, WAMR and V8.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -438,11 +438,8 @@ fn try_get(url: &str, headers: &[(&str, &str)]) -> Result<Reply, ureq::Error> {
         })
         .collect();
     let mut body = String::new();
-    response
-        .body_mut()
-        .as_reader()
-        .read_to_string(&mut body)
-        .expect("a readable body");
+    // A response cut short (the upstream reset mid-body) is an error, not a panic.
+    response.body_mut().as_reader().read_to_string(&mut body)?;
     Ok(Reply {
         status,
         headers,
@@ -1188,4 +1185,414 @@ fn root_contexts_and_singleton_services_call_upstreams_when_they_start_on_every_
         }
         assert!(config_server.requests() > calls);
     }
+}
+
+/// What a misbehaving upstream does with each connection once it has read a request's head.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Resets the connection (RST) before answering anything.
+    Reset,
+    /// Never answers; holds the connection until the upstream stops.
+    Stall,
+    /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
+    CutMidBody,
+}
+
+/// An upstream on 127.0.0.1 treating every connection as its misbehaviour says, until dropped.
+struct Misbehaving {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Misbehaving {
+    fn start(misbehaviour: Misbehaviour) -> Misbehaving {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the upstream binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("its address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(count) => head.extend_from_slice(&buffer[..count]),
+                    }
+                }
+                match misbehaviour {
+                    Misbehaviour::Reset => reset(stream),
+                    Misbehaviour::Stall => held.push(stream),
+                    Misbehaviour::CutMidBody => {
+                        let mut response =
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+                        response.resize(response.len() + 1000, b'x');
+                        let _ = stream.write_all(&response);
+                        // Long enough for Traffic Server to have sent the response on its way.
+                        std::thread::sleep(Duration::from_millis(200));
+                        reset(stream);
+                    }
+                }
+            }
+        });
+        Misbehaving {
+            address,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Misbehaving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Closes `stream` with a reset (RST) rather than an orderly close.
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: sets an option on a socket this function owns, from a value that lives through
+    // the call, with its exact size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+/// An HTTP callout target answering 200 with `x-auth-user: load`, but each `stall_every`-th
+/// call only after `stall`.
+fn flaky_checker(stall_every: usize, stall: Duration) -> Origin {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("the checker binds");
+    let address = server.server_addr().to_ip().expect("an IP address");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (count, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
+    let thread = std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
+            let call = count.fetch_add(1, Ordering::Relaxed) + 1;
+            let answer = move |request: tiny_http::Request| {
+                let response = tiny_http::Response::from_string("ok").with_header(
+                    tiny_http::Header::from_bytes("x-auth-user", "load").expect("header"),
+                );
+                let _ = request.respond(response);
+            };
+            if call % stall_every == 0 {
+                std::thread::spawn(move || {
+                    std::thread::sleep(stall);
+                    answer(request);
+                });
+            } else {
+                answer(request);
+            }
+        }
+    });
+    Origin {
+        address,
+        requests,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// One kind of request of the fault-injection load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum FaultyRequest {
+    /// To the origin.
+    Healthy,
+    /// To an upstream nobody listens on.
+    Refused,
+    /// To an upstream that resets before answering.
+    UpstreamReset,
+    /// To an upstream that never answers (Traffic Server's inactivity timeout here: 1 s).
+    UpstreamStall,
+    /// To an upstream that resets mid-body.
+    UpstreamCutMidBody,
+    /// A client that gives up while its upstream stalls.
+    ClientAbort,
+    /// A chunked body, through the plugin that traps in its body callback.
+    TrapMidBody,
+}
+
+impl FaultyRequest {
+    const ALL: [FaultyRequest; 7] = [
+        FaultyRequest::Healthy,
+        FaultyRequest::Refused,
+        FaultyRequest::UpstreamReset,
+        FaultyRequest::UpstreamStall,
+        FaultyRequest::UpstreamCutMidBody,
+        FaultyRequest::ClientAbort,
+        FaultyRequest::TrapMidBody,
+    ];
+
+    /// Sends it; `Ok(status)` for a whole response, `Err` for none (a reset, a cut response, a
+    /// client that gave up).
+    fn send(self, port: u16) -> Result<u16, String> {
+        let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+        let status = |reply: Result<Reply, ureq::Error>| match reply {
+            Ok(reply) => Ok(reply.status),
+            Err(error) => Err(error.to_string()),
+        };
+        match self {
+            FaultyRequest::Healthy => status(try_get(&url("/healthy"), &[])),
+            FaultyRequest::Refused => status(try_get(&url("/refused"), &[])),
+            FaultyRequest::UpstreamReset => status(try_get(&url("/reset"), &[])),
+            FaultyRequest::UpstreamStall => status(try_get(&url("/stall"), &[])),
+            FaultyRequest::UpstreamCutMidBody => status(try_get(&url("/cut"), &[])),
+            FaultyRequest::ClientAbort => {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_millis(50)))
+                    .build()
+                    .into();
+                match agent.get(&url("/stall")).call() {
+                    Ok(response) => Ok(response.status().as_u16()),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
+            FaultyRequest::TrapMidBody => chunked_post(port, "/trapped"),
+        }
+    }
+
+    /// Whether `outcome` is one this request may end in. Every request also goes through the
+    /// callout plugin, whose call may fail (its 503) or be answered by Traffic Server's own 504
+    /// when the checker stalls past the inactivity timeout (the plugin's 401 for a non-200
+    /// answer), and through the trapping plugin, whose copy may be failed and waiting for its
+    /// reload (FAIL_RELOAD: 503).
+    fn may_end_in(self, outcome: &Result<u16, String>) -> bool {
+        if matches!(outcome, Ok(401 | 503)) {
+            return true;
+        }
+        matches!(
+            (self, outcome),
+            (FaultyRequest::Healthy, Ok(200))
+                | (
+                    FaultyRequest::Refused | FaultyRequest::UpstreamReset,
+                    Ok(502)
+                )
+                | (FaultyRequest::UpstreamStall, Ok(504))
+                | (
+                    FaultyRequest::UpstreamCutMidBody
+                        | FaultyRequest::ClientAbort
+                        | FaultyRequest::TrapMidBody,
+                    Err(_)
+                )
+        )
+    }
+}
+
+/// `POST` of a two-part chunked body on a connection of its own; the response's status if it
+/// came whole, else why not.
+fn chunked_post(port: u16, path: &str) -> Result<u16, String> {
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    connection
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    );
+    // A write failing once Traffic Server has answered early is fine: its answer is read below.
+    let _ = connection.write_all(head.as_bytes());
+    for chunk in ["first part", "second part"] {
+        let _ = connection.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = connection.write_all(b"0\r\n\r\n");
+    let mut received = Vec::new();
+    connection
+        .read_to_end(&mut received)
+        .map_err(|e| format!("reading the response: {e}"))?;
+    let text = String::from_utf8_lossy(&received);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no whole status line in {text:?}"))
+}
+
+/// A bounded load of requests meeting every fault at once (upstreams refusing, resetting,
+/// stalling and cutting responses, callouts timing out, a plugin trapping mid-body, clients
+/// giving up), `PWHOST_FAULT_REQUESTS` of them (default 140): each ends as it may, no plugin
+/// stream context is left live, and Traffic Server serves on.
+#[test]
+fn under_a_load_of_faults_every_transaction_ends_and_no_plugin_context_is_left_live() {
+    let requests = std::env::var("PWHOST_FAULT_REQUESTS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(140);
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    let (resetting, stalling, cutting) = (
+        Misbehaving::start(Misbehaviour::Reset),
+        Misbehaving::start(Misbehaviour::Stall),
+        Misbehaving::start(Misbehaviour::CutMidBody),
+    );
+    // Its stalls outlast Traffic Server's inactivity timeout (1 s here), which ends the call.
+    let checker = flaky_checker(25, Duration::from_secs(2));
+    let trap = workspace().join("plugins/dist/wat/trap_in_request_body.wasm");
+    let trap_yaml = plugin_yaml(
+        "http_headers",
+        runtime,
+        "",
+        "failurePolicy: FAIL_RELOAD\nreloadConfig: {backoff: {baseInterval: 0.05s, maxInterval: 0.2s}}",
+    )
+    .replace("name: http_headers", "name: trap")
+    .replace("vmId: http_headers", "vmId: trap")
+    .replace(
+        &corpus_plugin("http_headers").display().to_string(),
+        &trap.display().to_string(),
+    );
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[
+            PluginFile {
+                name: "http_headers",
+                yaml: plugin_yaml("http_headers", runtime, "", ""),
+            },
+            PluginFile {
+                name: "http_call",
+                yaml: format!(
+                    "{}upstreams:\n  auth_cluster: {}\n",
+                    plugin_yaml("http_call", runtime, "", ""),
+                    checker.address
+                ),
+            },
+            PluginFile {
+                name: "trap",
+                yaml: trap_yaml,
+            },
+        ],
+    );
+    let etc = root.path().join("etc");
+    let host = format!("http://127.0.0.1:{port}");
+    std::fs::write(
+        etc.join("remap.config"),
+        format!(
+            "map {host}/refused http://127.0.0.1:{}/refused\n\
+             map {host}/reset http://{}/reset\n\
+             map {host}/stall http://{}/stall\n\
+             map {host}/cut http://{}/cut\n\
+             map / http://{}/\n",
+            free_port(),
+            resetting.address,
+            stalling.address,
+            cutting.address,
+            origin.address
+        ),
+    )
+    .expect("remap.config");
+    let mut records = std::fs::read_to_string(etc.join("records.config")).expect("records");
+    records.push_str(
+        "CONFIG proxy.config.http.transaction_no_activity_timeout_out INT 1\n\
+         CONFIG proxy.config.http.connect_attempts_max_retries INT 0\n",
+    );
+    std::fs::write(etc.join("records.config"), records).expect("records.config");
+    let server = TrafficServer::start_prepared(root, port);
+
+    let clients = 8;
+    let started = Instant::now();
+    let outcomes: Vec<(FaultyRequest, Result<u16, String>)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|client| {
+                scope.spawn(move || {
+                    (client..requests)
+                        .step_by(clients)
+                        .map(|index| {
+                            let kind = FaultyRequest::ALL[index % FaultyRequest::ALL.len()];
+                            (kind, kind.send(port))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|thread| thread.join().expect("a client"))
+            .collect()
+    });
+    assert_eq!(outcomes.len(), requests);
+    let mut summary = format!(
+        "{requests} requests in {:.1} s\n",
+        started.elapsed().as_secs_f64()
+    );
+    for kind in FaultyRequest::ALL {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for (_, outcome) in outcomes.iter().filter(|(sent, _)| *sent == kind) {
+            let class = match outcome {
+                Ok(status) => status.to_string(),
+                Err(_) => "no whole response".to_string(),
+            };
+            *seen.entry(class).or_default() += 1;
+        }
+        summary.push_str(&format!("  {kind:?}: {seen:?}\n"));
+    }
+    eprintln!("{summary}");
+    let unexpected: Vec<_> = outcomes
+        .iter()
+        .filter(|(kind, outcome)| !kind.may_end_in(outcome))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{unexpected:?}\n{summary}{}",
+        server.diagnostics()
+    );
+    // Healthy requests were served, not all failed closed.
+    assert!(
+        outcomes
+            .iter()
+            .any(|(kind, outcome)| *kind == FaultyRequest::Healthy && *outcome == Ok(200)),
+        "{summary}"
+    );
+
+    // Every transaction closed and took its plugin contexts along (the stat is published once a
+    // second; stalled upstream connections are cut by the inactivity timeout).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let live = server.ctl(&["metric", "get", "plugin.pwhost_ats.live_stream_contexts"]);
+        if live.trim().ends_with(" 0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plugin contexts left live: {live}\n{summary}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The trapping plugin failed and was reloaded; Traffic Server serves on.
+    let traps = server.ctl(&["metric", "get", "plugin.pwhost_ats.trap.failed_by_trap"]);
+    assert!(!traps.trim().ends_with(" 0"), "{traps}");
+    assert!(
+        matches!(
+            try_get(&server.url("/healthy"), &[]).map(|r| r.status),
+            Ok(200 | 503)
+        ),
+        "{}",
+        server.diagnostics()
+    );
 }
