@@ -2644,3 +2644,301 @@ fn mutated_http_requests_get_an_answer_or_a_close_and_the_proxy_serves_on() {
         assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
     }
 }
+
+/// An HTTP/2 frame: 24-bit length, type, flags, 31-bit stream id, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = payload.len() as u32;
+    let mut frame = length.to_be_bytes()[1..].to_vec();
+    frame.push(kind);
+    frame.push(flags);
+    frame.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// HTTP/2 frame types and flags the seeds use.
+const H2_DATA: u8 = 0x0;
+const H2_HEADERS: u8 = 0x1;
+const H2_RST_STREAM: u8 = 0x3;
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+const H2_GOAWAY: u8 = 0x7;
+const H2_WINDOW_UPDATE: u8 = 0x8;
+const H2_CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// A request header block in HPACK without Huffman coding or the dynamic table: `method` and
+/// `path` as literals with indexed names (static table: `:method` 2, `:path` 4, `:authority`
+/// 1), `:scheme: http` indexed (6), then `extra` literal names and values.
+fn h2_request_block(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let literal = |block: &mut Vec<u8>, text: &str| {
+        block.push(text.len() as u8);
+        block.extend_from_slice(text.as_bytes());
+    };
+    let mut block = vec![0x02];
+    literal(&mut block, method);
+    block.push(0x86);
+    block.push(0x04);
+    literal(&mut block, path);
+    block.push(0x01);
+    literal(&mut block, "fuzz");
+    for (name, value) in extra {
+        block.push(0x00);
+        literal(&mut block, name);
+        literal(&mut block, value);
+    }
+    block
+}
+
+/// Valid h2c (prior knowledge) conversations the fuzzer mutates, as lists of frames after the
+/// connection preface: a GET, a POST in two DATA frames, two concurrent streams, a header
+/// block split over CONTINUATION, and a body followed by trailers.
+fn h2_seeds() -> Vec<Vec<Vec<u8>>> {
+    let settings = h2_frame(H2_SETTINGS, 0, 0, &[]);
+    let get = h2_request_block("GET", "/h2-seed", &[("x-remove-me", "1")]);
+    let post = h2_request_block("POST", "/h2-upload", &[("content-type", "text/plain")]);
+    let (first, rest) = get.split_at(get.len() / 2);
+    vec![
+        vec![
+            settings.clone(),
+            h2_frame(H2_HEADERS, END_HEADERS | END_STREAM, 1, &get),
+        ],
+        vec![
+            settings.clone(),
+            h2_frame(H2_HEADERS, END_HEADERS, 1, &post),
+            h2_frame(H2_DATA, 0, 1, b"hello "),
+            h2_frame(H2_DATA, END_STREAM, 1, b"world"),
+        ],
+        vec![
+            settings.clone(),
+            h2_frame(H2_HEADERS, END_HEADERS | END_STREAM, 1, &get),
+            h2_frame(H2_HEADERS, END_HEADERS | END_STREAM, 3, &get),
+        ],
+        vec![
+            settings.clone(),
+            h2_frame(H2_HEADERS, END_STREAM, 1, first),
+            h2_frame(H2_CONTINUATION, END_HEADERS, 1, rest),
+        ],
+        vec![
+            settings,
+            h2_frame(H2_HEADERS, END_HEADERS, 1, &post),
+            h2_frame(H2_DATA, 0, 1, b"body"),
+            h2_frame(
+                H2_HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[
+                    0x00, 9, b'x', b'-', b't', b'r', b'a', b'i', b'l', b'e', b'r', 1, b't',
+                ],
+            ),
+        ],
+    ]
+}
+
+/// Frames HTTP/2 implementations trip on, inserted by the mutator: resets, GOAWAY, window
+/// overflows, pings, bogus settings, a CONTINUATION without its HEADERS, an empty DATA on
+/// stream 0, and a frame of an unknown type.
+fn h2_tokens() -> Vec<Vec<u8>> {
+    vec![
+        h2_frame(H2_RST_STREAM, 0, 1, &8u32.to_be_bytes()),
+        h2_frame(H2_GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]),
+        h2_frame(H2_WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes()),
+        h2_frame(H2_WINDOW_UPDATE, 0, 1, &0u32.to_be_bytes()),
+        h2_frame(H2_PING, 0, 0, &[7; 8]),
+        h2_frame(H2_SETTINGS, 0, 0, &[0, 4, 0xff, 0xff, 0xff, 0xff]),
+        h2_frame(H2_SETTINGS, 0, 0, &[0, 5, 0, 0, 0, 1]),
+        h2_frame(H2_CONTINUATION, 0, 5, &[0x82; 64]),
+        h2_frame(H2_DATA, END_STREAM, 0, &[]),
+        h2_frame(0x42, 0xff, 7, b"unknown"),
+    ]
+}
+
+/// A mutant of an HTTP/2 seed: frames dropped, duplicated, reordered or inserted, and bytes
+/// flipped, cut or inserted (lengths, types, flags and stream ids included), drawn from
+/// `random`; the connection preface stays in front unless a byte mutation hits it.
+fn mutate_h2(random: &mut fastrand::Rng) -> Vec<u8> {
+    let seeds = h2_seeds();
+    let mut frames = seeds[random.usize(..seeds.len())].clone();
+    let tokens = h2_tokens();
+    for _ in 0..random.usize(1..=2) {
+        let at = random.usize(..=frames.len());
+        match random.u8(..4) {
+            0 if !frames.is_empty() => {
+                frames.remove(random.usize(..frames.len()));
+            }
+            1 if !frames.is_empty() => {
+                let frame = frames[random.usize(..frames.len())].clone();
+                for _ in 0..random.usize(1..=40) {
+                    frames.insert(at.min(frames.len()), frame.clone());
+                }
+            }
+            2 if frames.len() > 1 => {
+                let (a, b) = (random.usize(..frames.len()), random.usize(..frames.len()));
+                frames.swap(a, b);
+            }
+            _ => frames.insert(at, tokens[random.usize(..tokens.len())].clone()),
+        }
+    }
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frames.concat());
+    // Byte damage in one mutant of three, so that most reach the plugins as frames.
+    let damage = if random.u8(..3) == 0 {
+        random.usize(1..=3)
+    } else {
+        0
+    };
+    for _ in 0..damage {
+        let at = random.usize(24..=bytes.len());
+        match random.u8(..3) {
+            0 if at < bytes.len() => bytes[at] = random.u8(..),
+            1 => bytes.truncate(at),
+            _ => {
+                let noise: Vec<u8> = (0..random.usize(1..9)).map(|_| random.u8(..)).collect();
+                bytes.splice(at..at, noise);
+            }
+        }
+    }
+    bytes
+}
+
+/// Sends an HTTP/2 `conversation` on a connection of its own, reads the server's frames until
+/// it has been quiet for `quiet` (an HTTP/2 server keeps a connection open for more streams,
+/// and closing ours at once would cut the answers short), half-closes the connection and reads
+/// until the server closes it: whether a response (a HEADERS frame) came, or how the exchange
+/// ended ("timed out" if the server neither answered nor closed within 10 s of the half-close).
+fn raw_h2_exchange(port: u16, conversation: &[u8], quiet: Duration) -> String {
+    use std::io::{ErrorKind, Read, Write};
+    let Ok(mut connection) = TcpStream::connect(("127.0.0.1", port)) else {
+        return "not accepted".to_string();
+    };
+    let _ = connection.write_all(conversation);
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let _ = connection.set_read_timeout(Some(quiet));
+    let mut end = None;
+    while end.is_none() {
+        match connection.read(&mut buffer) {
+            Ok(0) => end = Some("closed"),
+            Ok(count) => received.extend_from_slice(&buffer[..count]),
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                break
+            }
+            Err(_) => end = Some("reset"),
+        }
+    }
+    if end.is_none() {
+        let _ = connection.shutdown(std::net::Shutdown::Write);
+        let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+        end = Some(loop {
+            match connection.read(&mut buffer) {
+                Ok(0) => break "closed",
+                Ok(count) => received.extend_from_slice(&buffer[..count]),
+                Err(error)
+                    if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    break "timed out"
+                }
+                Err(_) => break "reset",
+            }
+        });
+    }
+    let end = end.unwrap_or("closed");
+    // Walk the server's frames: a HEADERS frame is a response (or its trailers).
+    let (mut at, mut answered, mut goaway) = (0, false, false);
+    while at + 9 <= received.len() {
+        let length = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]);
+        match received[at + 3] {
+            H2_HEADERS => answered = true,
+            H2_GOAWAY => goaway = true,
+            _ => {}
+        }
+        at += 9 + length as usize;
+    }
+    match (answered, goaway, end) {
+        (_, _, "timed out") => "timed out".to_string(),
+        (true, _, _) => "answered".to_string(),
+        (false, true, _) => "GOAWAY".to_string(),
+        (false, false, end) => end.to_string(),
+    }
+}
+
+/// Mutated HTTP/2 conversations (`PWHOST_H2_FUZZ_INPUTS`, default 300, from fixed seeds) on
+/// raw h2c connections through a chain of plugins: each is answered, refused with GOAWAY or
+/// closed within a bounded time, never hung; the proxy stays up, every stream that reached the
+/// plugins ends and the counts add up, and valid requests are served afterwards.
+#[test]
+fn mutated_http2_conversations_get_an_answer_or_a_close_and_the_proxy_serves_on() {
+    let inputs = count_from_env("PWHOST_H2_FUZZ_INPUTS", 300);
+    let origin = Origin::start();
+    let reload = [
+        "failure_policy: FAIL_RELOAD",
+        "reload_config: {backoff: {base_interval: 0.05s, max_interval: 0.2s}}",
+    ];
+    let mut serve = Serve::start(
+        origin.address,
+        &[
+            plugin_block("headers", "http_headers", "", &reload),
+            plugin_block("bodies", "body_rewrite", "", &reload),
+        ],
+    );
+    let port = serve.port;
+    // The seeds themselves are valid: each is answered.
+    for (index, seed) in h2_seeds().iter().enumerate() {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(seed.concat());
+        assert_eq!(
+            raw_h2_exchange(port, &bytes, Duration::from_millis(500)),
+            "answered",
+            "seed {index}\n{}",
+            serve.log()
+        );
+    }
+    let started = Instant::now();
+    let outcomes = on_clients(4, inputs, |seed| {
+        let conversation = mutate_h2(&mut fastrand::Rng::with_seed(seed as u64));
+        (
+            seed,
+            raw_h2_exchange(port, &conversation, Duration::from_millis(100)),
+        )
+    });
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, outcome) in &outcomes {
+        *seen.entry(outcome.as_str()).or_default() += 1;
+    }
+    println!(
+        "{inputs} mutated HTTP/2 conversations in {:.1} s: {seen:?}",
+        started.elapsed().as_secs_f64()
+    );
+    let hung: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, outcome)| outcome == "timed out" || outcome == "not accepted")
+        .collect();
+    assert!(hung.is_empty(), "seeds {hung:?}\n{}", serve.log());
+    assert!(
+        matches!(serve.child.try_wait(), Ok(None)),
+        "the proxy exited:\n{}",
+        serve.log()
+    );
+    serve.wait_for_no_live_contexts();
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(sample(&metrics, "pwhost_in_flight"), Some(0.0), "{metrics}");
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        sum("pwhost_responses_total{") + sum("pwhost_resets_total{"),
+        sum("pwhost_requests_total{"),
+        "{metrics}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..4 {
+        let reply = get(&serve.url("/after"), &[]);
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", serve.log());
+        assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    }
+}
