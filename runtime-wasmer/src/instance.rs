@@ -137,7 +137,9 @@ pub struct WasmerInstance<S: 'static> {
     exports: Arc<ExportedFunctions<ExportedFunction>>,
     instance: wasmer::Instance,
     stop: Option<Arc<StopSlot>>,
-    ticker: Option<Arc<Ticker>>,
+    /// Keeps the ticker watching this instance's calls while it lives, even once the runtime
+    /// that started the ticker is gone.
+    _ticker: Option<Arc<Ticker>>,
     interruptible: bool,
 }
 
@@ -196,7 +198,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
             exports,
             instance,
             stop: slot,
-            ticker: stop.ticker.clone(),
+            _ticker: stop.ticker.clone(),
             interruptible: stop.interruptible,
         };
         // The middleware turned the start function into an export, so that it runs here,
@@ -236,7 +238,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
         let Some(slot) = &self.stop else {
             return call(&mut self.store.0).map_err(convert_error);
         };
-        slot.begin(self.ticker.as_ref().map_or(u64::MAX - 2, |t| t.deadline()));
+        slot.begin();
         // Should a host function panic through the call, the guard still ends it, so that the
         // deadline does not stay armed for an instance the embedder keeps using.
         let mut guard = EndOnUnwind(Some(slot));

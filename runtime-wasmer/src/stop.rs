@@ -21,8 +21,12 @@
 //!
 //! Singlepass reads the global on every check as written.
 //!
-//! Deadlines: a ticker thread advances a tick counter and raises the flag of every registered
-//! instance whose current call started more than the deadline's worth of ticks ago.
+//! Deadlines: a ticker thread wakes ten times per deadline and raises the flag of every
+//! registered instance whose current call it has seen running for the deadline by the clock,
+//! counted from the first wake-up that saw the call (which began before it, so no call is
+//! stopped early). Each call only stores its serial number; the clock is read on the ticker's
+//! wake-ups alone. Counting wake-ups instead would let their lateness add up on a saturated
+//! machine, where by the clock a stop is late by at most two ticks and two wake-ups.
 //!
 //! Why not wasmer's own tools (measured on this machine, see the crate's tests and the report):
 //! * the `Metering` middleware of `wasmer-middlewares` counts instructions, not time; setting its
@@ -40,7 +44,7 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use runtime_api::{InterruptHandle, StopReason, Trap, TrapKind, WasmTrapCode};
 use wasmer::sys::{FunctionMiddleware, MiddlewareError, MiddlewareReaderState, ModuleMiddleware};
@@ -239,9 +243,9 @@ impl<'a> FunctionMiddleware<'a> for FunctionStopCheck {
     }
 }
 
-/// `deadline` while no call runs.
+/// `call` while no call runs.
 const IDLE: u64 = u64::MAX;
-/// `deadline` once the ticker has raised the flag for the current call.
+/// `call` once the ticker has raised the flag for the current call.
 const FIRED: u64 = u64::MAX - 1;
 
 /// The address of an instance's stop flag.
@@ -271,8 +275,10 @@ pub(crate) struct StopSlot {
     /// The instance's stop flag while the instance lives; writers from other threads hold this
     /// lock, so the instance can take the pointer away before it is freed.
     flag: Mutex<Option<FlagPtr>>,
-    /// The tick at which the current top-level call overruns; [`IDLE`] or [`FIRED`].
-    deadline: AtomicU64,
+    /// The serial number of the current top-level call; [`IDLE`] or [`FIRED`].
+    call: AtomicU64,
+    /// The serial number of the last call (written only by the thread running the instance).
+    serial: AtomicU64,
     /// An interrupt was requested and not yet consumed by a trapping call.
     interrupt: AtomicBool,
 }
@@ -280,7 +286,7 @@ pub(crate) struct StopSlot {
 impl fmt::Debug for StopSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StopSlot")
-            .field("deadline", &self.deadline)
+            .field("call", &self.call)
             .field("interrupt", &self.interrupt)
             .finish_non_exhaustive()
     }
@@ -290,7 +296,8 @@ impl StopSlot {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(StopSlot {
             flag: Mutex::new(None),
-            deadline: AtomicU64::new(IDLE),
+            call: AtomicU64::new(IDLE),
+            serial: AtomicU64::new(0),
             interrupt: AtomicBool::new(false),
         })
     }
@@ -313,10 +320,15 @@ impl StopSlot {
         *self.lock() = None;
     }
 
-    /// Marks the start of a top-level call that may run until tick `deadline`.
+    /// Marks the start of a top-level call, with a serial number of its own so that the ticker
+    /// tells it from the call before.
     #[inline]
-    pub(crate) fn begin(&self, deadline: u64) {
-        self.deadline.store(deadline, Ordering::Release);
+    pub(crate) fn begin(&self) {
+        // Only this instance's thread writes the serial: no read-modify-write needed. It stays
+        // below `FIRED` for longer than any process runs (2^64 calls).
+        let serial = self.serial.load(Ordering::Relaxed) + 1;
+        self.serial.store(serial, Ordering::Relaxed);
+        self.call.store(serial, Ordering::Release);
     }
 
     /// Marks the end of a top-level call; says why the flag was raised during it, if it was and
@@ -324,7 +336,7 @@ impl StopSlot {
     /// when this one finished before noticing it).
     #[inline]
     pub(crate) fn end(&self, trapped: bool) -> Option<StopReason> {
-        let fired = self.deadline.swap(IDLE, Ordering::AcqRel) == FIRED;
+        let fired = self.call.swap(IDLE, Ordering::AcqRel) == FIRED;
         if !(fired || trapped && self.interrupt.load(Ordering::Acquire)) {
             return None;
         }
@@ -348,16 +360,29 @@ impl StopSlot {
         }
     }
 
-    /// Raises the flag if the current call's deadline is at or before tick `now`.
-    fn expire(&self, now: u64) {
-        let deadline = self.deadline.load(Ordering::Acquire);
-        if deadline > now || deadline >= FIRED {
+    /// The ticker's look at the slot at `now`: `seen` is the call it saw running last time and
+    /// when it first saw it; the flag is raised once that same call has run for `deadline`.
+    fn watch(&self, seen: &mut Option<(u64, Instant)>, now: Instant, deadline: Duration) {
+        let call = self.call.load(Ordering::Acquire);
+        if call >= FIRED {
+            *seen = None;
             return;
+        }
+        match *seen {
+            Some((serial, first)) if serial == call => {
+                if now.duration_since(first) < deadline {
+                    return;
+                }
+            }
+            _ => {
+                *seen = Some((call, now));
+                return;
+            }
         }
         let slot = self.lock();
         if self
-            .deadline
-            .compare_exchange(deadline, FIRED, Ordering::AcqRel, Ordering::Acquire)
+            .call
+            .compare_exchange(call, FIRED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             if let Some(flag) = *slot {
@@ -403,24 +428,27 @@ impl InterruptHandle for WasmerInterruptHandle {
     }
 }
 
+/// A registered slot and the ticker's memory of it: the call it saw running and when it first
+/// saw it.
+type Watched = (Weak<StopSlot>, Option<(u64, Instant)>);
+
 /// What the ticker thread and the instances share.
 struct TickerShared {
-    now: AtomicU64,
     stop: AtomicBool,
-    slots: Mutex<Vec<Weak<StopSlot>>>,
+    slots: Mutex<Vec<Watched>>,
 }
 
-/// A thread that advances a tick counter and expires the calls that overran their deadline.
+/// A thread that wakes ten times per deadline and stops the calls that overran it.
 pub(crate) struct Ticker {
     shared: Arc<TickerShared>,
-    /// How many ticks one call may use.
-    max_ticks: u64,
+    /// How long one call may run.
+    deadline: Duration,
 }
 
 impl fmt::Debug for Ticker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ticker")
-            .field("max_ticks", &self.max_ticks)
+            .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
@@ -428,12 +456,11 @@ impl fmt::Debug for Ticker {
 impl Ticker {
     /// Starts the ticker for calls of at most `deadline`; `None` if no thread can be started.
     pub(crate) fn start(deadline: Duration) -> Option<Arc<Self>> {
-        // Ten ticks per deadline bound the overshoot at about 10%, with at most one wake-up per
-        // millisecond (as the wasmtime engine does).
+        // Ten ticks per deadline bound the overshoot at about 20% (the first wake-up that sees a
+        // call and the one after its deadline), with at most one wake-up per millisecond (as
+        // the wasmtime engine does).
         let tick = (deadline / 10).max(Duration::from_millis(1));
-        let max_ticks = (deadline.as_nanos() / tick.as_nanos()).max(1) as u64;
         let shared = Arc::new(TickerShared {
-            now: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             slots: Mutex::new(Vec::new()),
         });
@@ -443,14 +470,14 @@ impl Ticker {
             .spawn(move || {
                 while !thread_shared.stop.load(Ordering::Relaxed) {
                     std::thread::sleep(tick);
-                    let now = thread_shared.now.fetch_add(1, Ordering::AcqRel) + 1;
+                    let now = Instant::now();
                     let mut slots = thread_shared
                         .slots
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    slots.retain(|slot| match slot.upgrade() {
+                    slots.retain_mut(|(slot, seen)| match slot.upgrade() {
                         Some(slot) => {
-                            slot.expire(now);
+                            slot.watch(seen, now, deadline);
                             true
                         }
                         None => false,
@@ -458,7 +485,7 @@ impl Ticker {
                 }
             })
             .ok()?;
-        Some(Arc::new(Ticker { shared, max_ticks }))
+        Some(Arc::new(Ticker { shared, deadline }))
     }
 
     /// Has the ticker watch `slot` for as long as it lives.
@@ -467,14 +494,7 @@ impl Ticker {
             .slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::downgrade(slot));
-    }
-
-    /// The deadline tick of a call starting now. The current tick is already partly over, so
-    /// one more tick is added: a call is never stopped before it had the whole deadline.
-    #[inline]
-    pub(crate) fn deadline(&self) -> u64 {
-        self.shared.now.load(Ordering::Acquire) + self.max_ticks + 1
+            .push((Arc::downgrade(slot), None));
     }
 }
 

@@ -224,6 +224,12 @@ fn a_call_deadline_stops_spinning_and_recursing_guests() {
                 start.elapsed() < Duration::from_secs(5),
                 "{compiler:?} {name}"
             );
+            // Measured by the clock from the ticker's first sight of the call: never early.
+            assert!(
+                start.elapsed() >= Duration::from_millis(30),
+                "{compiler:?} {name} stopped after {:?}",
+                start.elapsed()
+            );
             // The next call gets a fresh deadline.
             let record = instance.function("call_record").unwrap();
             instance.call(record, &[1], &mut [0]).unwrap();

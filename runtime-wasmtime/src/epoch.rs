@@ -1,21 +1,27 @@
 //! Epoch-based call deadlines and interruption.
 //!
 //! wasmtime checks an engine-wide epoch counter at function entries and loop heads. Every store
-//! sets its deadline one tick ahead, so each tick runs the store's callback, which counts the ticks
-//! the current call has used and looks at the store's interrupt flag. An interrupt also advances
-//! the epoch at once, so it takes effect without waiting for the ticker.
+//! sets its deadline one tick ahead, so each tick runs the store's callback, which looks at the
+//! store's interrupt flag and at the wall clock. An interrupt also advances the epoch at once,
+//! so it takes effect without waiting for the ticker.
+//!
+//! The deadline is measured by the clock, from the first tick the call sees (it began before
+//! that tick, so no call is stopped early), not by counting ticks: on a saturated machine the
+//! ticker thread is scheduled late, and lateness counted over a deadline's ten ticks would add
+//! up, where by the clock a stop is late by at most two ticks and two of the ticker's wake-ups.
+//! Reading the clock only on ticks keeps it off the call path.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use runtime_api::{InterruptHandle, Trap};
 
 /// A thread that advances the engine's epoch while call deadlines are configured.
 pub(crate) struct EpochTicker {
     stop: Arc<AtomicBool>,
-    /// How many ticks one call may use; `u32::MAX` when only interruption is configured.
-    pub(crate) max_ticks: u32,
+    /// How long one call may run; `None` when only interruption is configured.
+    pub(crate) deadline: Option<Duration>,
 }
 
 impl EpochTicker {
@@ -24,13 +30,12 @@ impl EpochTicker {
         let Some(deadline) = deadline else {
             return Arc::new(EpochTicker {
                 stop,
-                max_ticks: u32::MAX,
+                deadline: None,
             });
         };
-        // Ten ticks per deadline bounds the overshoot at about 10%, with at most one wake-up per
-        // millisecond.
+        // Ten ticks per deadline bound the overshoot at about 20% (the first tick a call sees and
+        // the one after its deadline), with at most one wake-up per millisecond.
         let tick = (deadline / 10).max(Duration::from_millis(1));
-        let max_ticks = (deadline.as_nanos() / tick.as_nanos()).max(1) as u32;
         let engine = engine.clone();
         let thread_stop = stop.clone();
         let spawned = std::thread::Builder::new()
@@ -45,10 +50,13 @@ impl EpochTicker {
             // Without a ticker deadlines cannot fire; interruption still works.
             return Arc::new(EpochTicker {
                 stop,
-                max_ticks: u32::MAX,
+                deadline: None,
             });
         }
-        Arc::new(EpochTicker { stop, max_ticks })
+        Arc::new(EpochTicker {
+            stop,
+            deadline: Some(deadline),
+        })
     }
 }
 
@@ -61,16 +69,18 @@ impl Drop for EpochTicker {
 /// Per-store epoch bookkeeping.
 pub(crate) struct EpochState {
     pub(crate) interrupted: Arc<AtomicBool>,
-    pub(crate) ticks_used: u32,
-    pub(crate) max_ticks: u32,
+    /// When the current call saw its first tick (`None` until it does; reset by every call).
+    pub(crate) first_tick: Option<Instant>,
+    /// How long one call may run, if deadlines are configured.
+    deadline: Option<Duration>,
 }
 
 impl EpochState {
-    pub(crate) fn new(max_ticks: u32) -> Self {
+    pub(crate) fn new(deadline: Option<Duration>) -> Self {
         EpochState {
             interrupted: Arc::new(AtomicBool::new(false)),
-            ticks_used: 0,
-            max_ticks,
+            first_tick: None,
+            deadline,
         }
     }
 
@@ -79,9 +89,16 @@ impl EpochState {
         if self.interrupted.swap(false, Ordering::AcqRel) {
             return Err(Trap::interrupted());
         }
-        self.ticks_used = self.ticks_used.saturating_add(1);
-        if self.ticks_used >= self.max_ticks {
-            return Err(Trap::deadline_exceeded());
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        match self.first_tick {
+            None => self.first_tick = Some(now),
+            Some(first) if now.duration_since(first) >= deadline => {
+                return Err(Trap::deadline_exceeded())
+            }
+            Some(_) => {}
         }
         Ok(())
     }

@@ -64,7 +64,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
             memory: None,
             functions: Vec::with_capacity(exports.len()),
             limits: limits.build(),
-            epoch: epoch.map(|ticker| EpochState::new(ticker.max_ticks)),
+            epoch: epoch.map(|ticker| EpochState::new(ticker.deadline)),
         };
         let engine = pre.module().engine().clone();
         let mut store = Store::new(&engine, data);
@@ -176,7 +176,7 @@ impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
     ) -> Result<(), Trap> {
         let resolved = lookup(self.store.data(), function)?;
         if let Some(epoch) = &mut self.store.data_mut().epoch {
-            epoch.ticks_used = 0;
+            epoch.first_tick = None;
             self.store.set_epoch_deadline(1);
         }
         call_resolved(&mut self.store, resolved, function, args, results)
