@@ -764,8 +764,8 @@ impl Worker {
     /// Delivers `proxy_on_queue_ready` in every current copy on this worker for the items
     /// enqueued so far into queues its root contexts registered (on the worker's thread). A copy
     /// whose callback fails is failed like one failing under a stream: its plugins' failure
-    /// policies apply to later streams. Returns the failures, by the copy's first plugin, for the
-    /// embedder's log.
+    /// policies apply to later streams. Returns the failures, by the plugin whose root context
+    /// failed, for the embedder's log.
     pub fn dispatch_queue_ready(&mut self) -> Vec<(PluginId, VmError)> {
         let mut failures = Vec::new();
         for module in 0..self.current.len() {
@@ -779,7 +779,16 @@ impl Worker {
                 continue;
             }
             if let Err(error) = live.copy.vm.dispatch_queue_ready() {
-                let plugin = self.plugins.module_plugins[module][0];
+                let roots = self.plugins.roots_of(module, &live.copy.roots);
+                let failed_root = match &error {
+                    VmError::Trap { context, .. } => Some(*context),
+                    _ => None,
+                };
+                let plugin = roots
+                    .iter()
+                    .find(|(_, root)| Some(*root) == failed_root)
+                    .or(roots.first())
+                    .map_or(self.plugins.module_plugins[module][0], |(plugin, _)| *plugin);
                 count_failure(&self.plugins.entries[plugin.0].counters, &error);
                 failures.push((plugin, error));
             }
