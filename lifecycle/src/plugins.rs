@@ -788,7 +788,9 @@ impl Worker {
                     .iter()
                     .find(|(_, root)| Some(*root) == failed_root)
                     .or(roots.first())
-                    .map_or(self.plugins.module_plugins[module][0], |(plugin, _)| *plugin);
+                    .map_or(self.plugins.module_plugins[module][0], |(plugin, _)| {
+                        *plugin
+                    });
                 count_failure(&self.plugins.entries[plugin.0].counters, &error);
                 failures.push((plugin, error));
             }
