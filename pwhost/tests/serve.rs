@@ -2575,40 +2575,40 @@ fn raw_exchange(port: u16, request: &[u8]) -> String {
     }
 }
 
-/// Mutated HTTP/1.x requests (`PWHOST_HTTP_FUZZ_INPUTS`, default 400, from fixed seeds) on
-/// raw connections through a chain of plugins: each gets a status line or its connection
-/// closed within a bounded time, never a hang; the proxy stays up, every stream that reached
-/// the plugins ends, and a valid request is served afterwards.
-#[test]
-fn mutated_http_requests_get_an_answer_or_a_close_and_the_proxy_serves_on() {
-    let inputs = count_from_env("PWHOST_HTTP_FUZZ_INPUTS", 400);
-    let origin = Origin::start();
-    // The Rust SDK's `get_http_request_headers` panics on a header value that is not UTF-8
-    // (proxy-wasm 0.2.5 unwraps it; it would in Envoy too), and mutants have such values: the
-    // plugin's VM copy fails, and FAIL_RELOAD brings a fresh one after the backoff.
+/// The proxy the mutation tests send their inputs through: two Rust SDK plugins under
+/// FAIL_RELOAD. (The Rust SDK's `get_http_request_headers` panics on a header value that is not
+/// UTF-8 — proxy-wasm 0.2.5 unwraps it; it would in Envoy too — and mutants have such values:
+/// the plugin's VM copy fails, and FAIL_RELOAD brings a fresh one after the backoff.)
+fn serve_for_fuzzing(origin: &Origin) -> Serve {
     let reload = [
         "failure_policy: FAIL_RELOAD",
         "reload_config: {backoff: {base_interval: 0.05s, max_interval: 0.2s}}",
     ];
-    let mut serve = Serve::start(
+    Serve::start(
         origin.address,
         &[
             plugin_block("headers", "http_headers", "", &reload),
             plugin_block("bodies", "body_rewrite", "", &reload),
         ],
-    );
-    let port = serve.port;
-    let started = Instant::now();
-    let outcomes = on_clients(4, inputs, |seed| {
-        let request = mutate_http(&mut fastrand::Rng::with_seed(seed as u64));
-        (seed, raw_exchange(port, &request))
-    });
+    )
+}
+
+/// What every mutation run must leave: no input hung or was refused a connection, the proxy
+/// is up, every stream that reached the plugins ended and the counts add up, and past the
+/// plugins' backoff every worker serves through both plugins again. Prints what the inputs
+/// got (`summary` names them).
+fn assert_no_hang_and_serving_on(
+    serve: &mut Serve,
+    summary: &str,
+    started: Instant,
+    outcomes: &[(usize, String)],
+) {
     let mut seen = std::collections::BTreeMap::<&str, usize>::new();
-    for (_, outcome) in &outcomes {
+    for (_, outcome) in outcomes {
         *seen.entry(outcome.as_str()).or_default() += 1;
     }
     println!(
-        "{inputs} mutated requests in {:.1} s: {seen:?}",
+        "{summary} in {:.1} s: {seen:?}",
         started.elapsed().as_secs_f64()
     );
     let hung: Vec<_> = outcomes
@@ -2636,13 +2636,31 @@ fn mutated_http_requests_get_an_answer_or_a_close_and_the_proxy_serves_on() {
         sum("pwhost_requests_total{"),
         "{metrics}"
     );
-    // Past the backoff, every worker serves through both plugins again.
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..4 {
         let reply = get(&serve.url("/after"), &[]);
         assert_eq!(reply.status, 200, "{reply:?}\n{}", serve.log());
         assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
     }
+}
+
+/// Mutated HTTP/1.x requests (`PWHOST_HTTP_FUZZ_INPUTS`, default 400, from fixed seeds) on
+/// raw connections through a chain of plugins: each gets a status line or its connection
+/// closed within a bounded time, never a hang; the proxy stays up, every stream that reached
+/// the plugins ends, and a valid request is served afterwards.
+#[test]
+fn mutated_http_requests_get_an_answer_or_a_close_and_the_proxy_serves_on() {
+    let inputs = count_from_env("PWHOST_HTTP_FUZZ_INPUTS", 400);
+    let origin = Origin::start();
+    let mut serve = serve_for_fuzzing(&origin);
+    let port = serve.port;
+    let started = Instant::now();
+    let outcomes = on_clients(4, inputs, |seed| {
+        let request = mutate_http(&mut fastrand::Rng::with_seed(seed as u64));
+        (seed, raw_exchange(port, &request))
+    });
+    let summary = format!("{inputs} mutated requests");
+    assert_no_hang_and_serving_on(&mut serve, &summary, started, &outcomes);
 }
 
 /// An HTTP/2 frame: 24-bit length, type, flags, 31-bit stream id, payload.
@@ -2871,17 +2889,7 @@ fn raw_h2_exchange(port: u16, conversation: &[u8], quiet: Duration) -> String {
 fn mutated_http2_conversations_get_an_answer_or_a_close_and_the_proxy_serves_on() {
     let inputs = count_from_env("PWHOST_H2_FUZZ_INPUTS", 300);
     let origin = Origin::start();
-    let reload = [
-        "failure_policy: FAIL_RELOAD",
-        "reload_config: {backoff: {base_interval: 0.05s, max_interval: 0.2s}}",
-    ];
-    let mut serve = Serve::start(
-        origin.address,
-        &[
-            plugin_block("headers", "http_headers", "", &reload),
-            plugin_block("bodies", "body_rewrite", "", &reload),
-        ],
-    );
+    let mut serve = serve_for_fuzzing(&origin);
     let port = serve.port;
     // The seeds themselves are valid: each is answered.
     for (index, seed) in h2_seeds().iter().enumerate() {
@@ -2902,43 +2910,6 @@ fn mutated_http2_conversations_get_an_answer_or_a_close_and_the_proxy_serves_on(
             raw_h2_exchange(port, &conversation, Duration::from_millis(100)),
         )
     });
-    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
-    for (_, outcome) in &outcomes {
-        *seen.entry(outcome.as_str()).or_default() += 1;
-    }
-    println!(
-        "{inputs} mutated HTTP/2 conversations in {:.1} s: {seen:?}",
-        started.elapsed().as_secs_f64()
-    );
-    let hung: Vec<_> = outcomes
-        .iter()
-        .filter(|(_, outcome)| outcome == "timed out" || outcome == "not accepted")
-        .collect();
-    assert!(hung.is_empty(), "seeds {hung:?}\n{}", serve.log());
-    assert!(
-        matches!(serve.child.try_wait(), Ok(None)),
-        "the proxy exited:\n{}",
-        serve.log()
-    );
-    serve.wait_for_no_live_contexts();
-    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-    assert_eq!(sample(&metrics, "pwhost_in_flight"), Some(0.0), "{metrics}");
-    let sum = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|line| line.starts_with(prefix))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    assert_eq!(
-        sum("pwhost_responses_total{") + sum("pwhost_resets_total{"),
-        sum("pwhost_requests_total{"),
-        "{metrics}"
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    for _ in 0..4 {
-        let reply = get(&serve.url("/after"), &[]);
-        assert_eq!(reply.status, 200, "{reply:?}\n{}", serve.log());
-        assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
-    }
+    let summary = format!("{inputs} mutated HTTP/2 conversations");
+    assert_no_hang_and_serving_on(&mut serve, &summary, started, &outcomes);
 }

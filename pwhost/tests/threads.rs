@@ -1,19 +1,21 @@
 //! VMs on several threads: queue notifications reach the registering VM on its own thread.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use abi::{InMemoryHost, Plugin, PluginConfig, SharedState, Vm};
 use pwhost::runtimes;
 use runtime_api::RuntimeConfig;
 
-#[test]
-fn queue_ready_is_delivered_on_the_registering_vms_thread() {
+/// The corpus's `shared_queue` plugin on the default engine: every VM registers queue
+/// `events` as it starts, every request enqueues its path, and the registering root context
+/// logs `dequeued: <path>` for each item.
+fn shared_queue_plugin() -> Arc<Plugin> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/rust/shared_queue.wasm");
     let wasm = std::fs::read(&path).expect("run `bash plugins/build.sh` first");
     let name = runtimes::default_name().expect("an engine");
     let runtime = runtimes::create(name, RuntimeConfig::default()).unwrap();
-    let plugin = std::sync::Arc::new(
+    Arc::new(
         Plugin::load(
             &*runtime,
             &wasm,
@@ -21,7 +23,12 @@ fn queue_ready_is_delivered_on_the_registering_vms_thread() {
             SharedState::new(),
         )
         .unwrap(),
-    );
+    )
+}
+
+#[test]
+fn queue_ready_is_delivered_on_the_registering_vms_thread() {
+    let plugin = shared_queue_plugin();
 
     // Every VM of this plugin registers the queue when it starts; the last one to register owns
     // the notifications. The producer starts first, so the owner (started second) owns them.
@@ -73,19 +80,7 @@ fn queue_ready_is_delivered_on_the_registering_vms_thread() {
 
 #[test]
 fn a_queue_wake_tells_the_owner_when_another_thread_enqueues() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/rust/shared_queue.wasm");
-    let wasm = std::fs::read(&path).expect("run `bash plugins/build.sh` first");
-    let name = runtimes::default_name().expect("an engine");
-    let runtime = runtimes::create(name, RuntimeConfig::default()).unwrap();
-    let plugin = std::sync::Arc::new(
-        Plugin::load(
-            &*runtime,
-            &wasm,
-            PluginConfig::default(),
-            SharedState::new(),
-        )
-        .unwrap(),
-    );
+    let plugin = shared_queue_plugin();
     // Every VM of this plugin registers the queue when it starts and the last one owns its
     // notifications: the producer starts first.
     let mut producer = Vm::new(&plugin, Box::new(InMemoryHost::new())).unwrap();
@@ -99,7 +94,7 @@ fn a_queue_wake_tells_the_owner_when_another_thread_enqueues() {
     let owner = std::thread::spawn(move || {
         let mut vm = Vm::new(&owner_plugin, Box::new(InMemoryHost::new())).unwrap();
         let wake_tx = std::sync::Mutex::new(wake_tx);
-        vm.set_queue_wake(std::sync::Arc::new(move || {
+        vm.set_queue_wake(Arc::new(move || {
             let _ = wake_tx.lock().unwrap().send(std::thread::current().id());
         }));
         assert!(vm.start().unwrap() && vm.configure().unwrap());
