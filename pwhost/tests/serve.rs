@@ -1634,6 +1634,25 @@ fn envoy_service(name: &str, vm_id: &str, plugin: &str, configuration: &str) -> 
     )
 }
 
+/// The first reply to `GET /` (within 10 s) in which each of `headers` shows what a service
+/// fetched (the filter shows `nothing yet` until the service's answer is in shared data).
+fn reply_once_fetched(serve: &Serve, headers: &[&str]) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = get(&serve.url("/"), &[]);
+        let fetched = |name: &&str| reply.header(name).is_some_and(|v| v != "nothing yet");
+        if headers.iter().all(fetched) {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the services' answers did not arrive: {reply:?}\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn singleton_services_call_clusters_over_http_and_grpc_and_the_workers_read_what_they_fetched() {
     let origin = Origin::start();
@@ -1664,20 +1683,7 @@ fn singleton_services_call_clusters_over_http_and_grpc_and_the_workers_read_what
         grpc = grpc.address,
     );
     let serve = Serve::launch(dir, port, admin_port, &config);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reply = loop {
-        let reply = get(&serve.url("/"), &[]);
-        let fetched = |name| reply.header(name).is_some_and(|v| v != "nothing yet");
-        if fetched("x-fetched") && fetched("x-grpc-fetched") {
-            break reply;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the services' answers did not arrive: {reply:?}\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let reply = reply_once_fetched(&serve, &["x-fetched", "x-grpc-fetched"]);
     assert_eq!(reply.status, 200);
     // The origin's answer to the service's `GET /config`: status and first line.
     assert_eq!(reply.header("x-fetched"), Some("200 GET /config"));
@@ -1743,22 +1749,7 @@ fn a_service_without_singleton_has_a_copy_on_every_worker_that_ticks_and_calls_c
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reply = loop {
-        let reply = get(&serve.url("/"), &[]);
-        if reply
-            .header("x-fetched")
-            .is_some_and(|v| v != "nothing yet")
-        {
-            break reply;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the services' answers did not arrive: {reply:?}\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let reply = reply_once_fetched(&serve, &["x-fetched"]);
     assert_eq!(reply.header("x-fetched"), Some("200 GET /config"));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(serve.log().matches("tick 4").count(), 0, "{}", serve.log());
