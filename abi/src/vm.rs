@@ -788,7 +788,9 @@ impl Vm {
     /// VM's root contexts registered (whenever they registered it), replacing any earlier
     /// wake-up. For a VM on a thread that does not sleep in [`Vm::wait_for_queue_ready`] (a
     /// proxy's worker with its own event loop): `wake` schedules [`Vm::dispatch_queue_ready`] on
-    /// that thread, as Envoy posts `onQueueReady` to the registering worker's dispatcher.
+    /// that thread, as Envoy posts `onQueueReady` to the registering worker's dispatcher. A
+    /// plugin that enqueues into its own queue from `proxy_on_queue_ready` wakes its VM again
+    /// at once: the embedder's loop should let its other work run between deliveries.
     pub fn set_queue_wake(&mut self, wake: crate::QueueWake) {
         let owner = &self.instance.state().queue_owner;
         *owner

@@ -1066,6 +1066,8 @@ fn an_item_enqueued_by_a_transaction_reaches_the_registering_copy_on_its_net_thr
     for path in &paths {
         server.wait_for_log(&format!("dequeued: {path}"));
     }
+    // Time for a duplicate to show, were any delivered twice.
+    std::thread::sleep(Duration::from_millis(300));
     let log = std::fs::read_to_string(server.root.path().join("log/diags.log")).unwrap_or_default();
     for line in log.lines().filter(|line| line.contains("dequeued: ")) {
         assert!(
@@ -1078,6 +1080,42 @@ fn an_item_enqueued_by_a_transaction_reaches_the_registering_copy_on_its_net_thr
         paths.len(),
         "each item delivered once:\n{log}"
     );
+}
+
+#[test]
+fn a_plugin_that_refills_its_own_queue_does_not_freeze_its_net_thread() {
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    // `queue_echo` enqueues an item when configured and enqueues it again from every
+    // `proxy_on_queue_ready`: its thread is woken again at once, every time. Transactions must
+    // still be served between the deliveries.
+    let echo = workspace().join("plugins/dist/wat/queue_echo.wasm");
+    let echo_yaml = plugin_yaml("http_headers", runtime, "", "")
+        .replace("name: http_headers", "name: echo")
+        .replace("vmId: http_headers", "vmId: echo")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &echo.display().to_string(),
+        );
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "echo",
+                yaml: echo_yaml,
+            },
+            PluginFile {
+                name: "http_headers",
+                yaml: plugin_yaml("http_headers", runtime, "", ""),
+            },
+        ],
+    );
+    for _ in 0..8 {
+        let reply = try_get(&server.url("/while-echoing"), &[])
+            .unwrap_or_else(|e| panic!("{e}: the thread froze"));
+        assert_eq!(reply.status, 200);
+    }
+    server.wait_for_log("[echo] ready");
 }
 
 #[test]

@@ -543,12 +543,43 @@ fn an_item_a_stream_enqueues_reaches_the_worker_copy_that_registered_the_queue()
     for path in &paths {
         serve.wait_for_log(&format!("dequeued: {path}"));
     }
+    // Time for a duplicate to show, were any delivered twice.
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         serve.log().matches("dequeued: ").count(),
         paths.len(),
         "each item delivered once:\n{}",
         serve.log()
     );
+}
+
+#[test]
+fn a_plugin_that_refills_its_own_queue_does_not_freeze_its_worker() {
+    let origin = Origin::start();
+    // `queue_echo` enqueues an item when configured and enqueues it again from every
+    // `proxy_on_queue_ready`: its worker is woken again at once, every time, for as long as the
+    // proxy runs. The worker's streams must still be served between the deliveries.
+    let echo =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/queue_echo.wasm");
+    let serve = Serve::start(
+        origin.address,
+        &[
+            format!(
+                "      - name: echo\n        vm_config: {{runtime: wasmtime, code: {{local: \
+                 {{filename: {}}}}}}}\n",
+                echo.display()
+            ),
+            envoy_filter("headers", "http_headers", ""),
+        ],
+    );
+    for _ in 0..8 {
+        let reply = try_get(&serve.url("/while-echoing"), &[]).unwrap_or_else(|e| {
+            let log = serve.log();
+            panic!("{e}\n{}", &log[log.len().saturating_sub(4000)..])
+        });
+        assert_eq!(reply.status, 200);
+    }
+    assert!(serve.log().matches("ready").count() >= 2, "no deliveries");
 }
 
 #[test]

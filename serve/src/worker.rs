@@ -151,6 +151,10 @@ async fn queue_loop(listener: Arc<Listener>, queue_ready: Arc<Notify>) {
                 }
             });
         });
+        // A plugin that enqueues again from `proxy_on_queue_ready` notifies again at once, and
+        // tokio's `Notify` does not count against the task's budget: yield, so that the
+        // thread's streams and ticks run between rounds.
+        tokio::task::yield_now().await;
     }
 }
 
