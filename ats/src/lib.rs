@@ -88,10 +88,7 @@ fn start_services(
     upstreams: &Arc<Upstreams>,
 ) -> Result<Vec<SingletonService>, String> {
     let mut services = Vec::new();
-    for plugin in plugins.services() {
-        if !plugins.is_singleton(plugin) {
-            continue;
-        }
+    for plugin in plugins.singleton_services() {
         let name = plugins.config(plugin).display_name().to_string();
         let inbox = Arc::new(OnceLock::new());
         let service = SingletonService::spawn(

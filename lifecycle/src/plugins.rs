@@ -458,6 +458,12 @@ impl Plugins {
         self.services().filter(|plugin| !self.is_singleton(*plugin))
     }
 
+    /// The services with `singleton`, each of which runs in one VM on a thread of its own
+    /// ([`crate::SingletonService`]).
+    pub fn singleton_services(&self) -> impl Iterator<Item = PluginId> + '_ {
+        self.services().filter(|plugin| self.is_singleton(*plugin))
+    }
+
     /// Whether `plugin` is a singleton service (one VM, on a thread of its own).
     pub fn is_singleton(&self, plugin: PluginId) -> bool {
         self.modules[self.entries[plugin.0].module].singleton

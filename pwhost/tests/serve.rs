@@ -2532,7 +2532,7 @@ const HTTP_TOKENS: [&[u8]; 14] = [
     b"ffffffffffffffff\r\n",
     b"0\r\n\r\n",
     b"HTTP/9.9",
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    H2_PREFACE,
 ];
 
 /// A mutant of a seed: a few byte flips, insertions of tokens or random bytes, deletions,
@@ -2696,6 +2696,9 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// The connection preface an h2c client with prior knowledge opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// HTTP/2 frame types and flags the seeds use.
 const H2_DATA: u8 = 0x0;
 const H2_HEADERS: u8 = 0x1;
@@ -2820,7 +2823,7 @@ fn mutate_h2(random: &mut fastrand::Rng) -> Vec<u8> {
             _ => frames.insert(at, tokens[random.usize(..tokens.len())].clone()),
         }
     }
-    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut bytes = H2_PREFACE.to_vec();
     bytes.extend(frames.concat());
     // Byte damage in one mutant of three, so that most reach the plugins as frames.
     let damage = if random.u8(..3) == 0 {
@@ -2915,7 +2918,7 @@ fn mutated_http2_conversations_get_an_answer_or_a_close_and_the_proxy_serves_on(
     let port = serve.port;
     // The seeds themselves are valid: each is answered.
     for (index, seed) in h2_seeds().iter().enumerate() {
-        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut bytes = H2_PREFACE.to_vec();
         bytes.extend(seed.concat());
         assert_eq!(
             raw_h2_exchange(port, &bytes, Duration::from_millis(500)),

@@ -165,11 +165,8 @@ impl Proxy {
                 });
                 worker_services = Some((view, on_workers));
             }
-            for plugin in plugins.services() {
+            for plugin in plugins.singleton_services() {
                 let name = plugins.config(plugin).display_name().to_string();
-                if !plugins.is_singleton(plugin) {
-                    continue;
-                }
                 // Answers to the service's calls go to its inbox, published once it started
                 // (calls made while it starts, e.g. from `proxy_on_configure`, wait for it).
                 let (publish, address) = tokio::sync::watch::channel(None);

@@ -646,15 +646,15 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
     // Singleton services: one VM each, on a thread of its own, ticked only when the scenario
     // says so (runs repeat exactly).
     let mut singletons = Vec::new();
-    for service in services.iter().filter(|s| plugins.is_singleton(**s)) {
+    for service in plugins.singleton_services() {
         match SingletonService::spawn(
             Arc::clone(plugins),
-            *service,
+            service,
             Box::new(scenario_host(scenario)),
             Ticking::Manual,
             answer_service_calls(),
         ) {
-            Ok(running) => singletons.push((*service, running)),
+            Ok(running) => singletons.push((service, running)),
             Err(lifecycle::SpawnError::Start(_, failure)) => {
                 record_start_failure(&mut report, *failure)?
             }
