@@ -945,8 +945,6 @@ fn a_plugin_stuck_in_a_loop_is_stopped_by_its_deadline_and_traffic_server_goes_o
     assert_eq!(origin.requests(), 0, "a request went past the stuck plugin");
 }
 
-/// A Traffic Server running the header filter and the `timers` plugin as a service
-/// (Traffic Server's format with `singleton`: a WasmService, Envoy's bootstrap extension).
 /// Traffic Server with the `timers` plugin as a service, and an HTTP filter if `with_filter`.
 fn start_with_timers_service(
     origin: &Origin,
