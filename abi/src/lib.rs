@@ -151,6 +151,7 @@
 
 mod attributes;
 mod callbacks;
+pub mod direct;
 pub(crate) mod exports;
 mod filter_state;
 mod foreign;

@@ -2,9 +2,11 @@
 //!
 //! A WebAssembly engine hands host functions the calling instance. Native code has no such
 //! handle, so each top-level [`crate::NullInstance`] call publishes a [`Frame`] in a
-//! thread-local for its duration; [`call_host`] dispatches through it. Frames nest (a host
-//! function may run another instance), each restoring the previous one when it ends.
+//! thread-local for its duration; [`call_host`] dispatches through it, and [`with_state`] lends
+//! native code the instance's state for a typed host call. Frames nest (a host function may run
+//! another instance), each restoring the previous one when it ends.
 
+use std::any::TypeId;
 use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
 
@@ -15,6 +17,9 @@ use crate::NativeInstance;
 /// Dispatches host calls for the instance whose call is running.
 pub(crate) trait HostDispatch {
     fn dispatch(&self, import: usize, slots: &mut [u64]) -> Result<(), Trap>;
+
+    /// The frame's parts that do not depend on the state's type.
+    fn core(&self) -> &FrameCore;
 }
 
 thread_local! {
@@ -34,10 +39,7 @@ thread_local! {
 /// returns, and every further host call of that call fails.
 pub fn call_host(import: usize, slots: &mut [u64]) -> Result<(), Trap> {
     let Some(frame) = CURRENT.with(Cell::get) else {
-        return Err(Trap::new(
-            TrapKind::BadCall,
-            "host function called outside a call from the host (e.g. from a thread of the plugin's own)",
-        ));
+        return Err(outside_a_call());
     };
     // SAFETY: a frame is published only by `FrameGuard::enter`, which takes it by reference and
     // removes it when the guard drops, before the frame goes out of scope; so a published
@@ -46,24 +48,108 @@ pub fn call_host(import: usize, slots: &mut [u64]) -> Result<(), Trap> {
     unsafe { frame.as_ref() }.dispatch(import, slots)
 }
 
+/// Runs `f` on the state of the instance whose call is running on this thread: the typed
+/// counterpart of [`call_host`], for native code that knows its host's state type and calls the
+/// host's functions directly (no argument slots, no numbered dispatch, no "guest memory").
+///
+/// A trap `f` returns ends the instance's call as a host function's trap does: it is returned
+/// here, and the call fails with it as soon as the native code returns.
+///
+/// Errors: no instance call is running on this thread, the instance's state is not an `S`, a
+/// host function of the call trapped before, or `f` is running already (the state is lent once
+/// at a time: a nested `with_state` or [`call_host`] from within `f` fails instead of aliasing
+/// it).
+pub fn with_state<S: 'static, R>(f: impl FnOnce(&mut S) -> Result<R, Trap>) -> Result<R, Trap> {
+    let Some(frame) = CURRENT.with(Cell::get) else {
+        return Err(outside_a_call());
+    };
+    // SAFETY: as in `call_host`: a published frame is live and only shared references to it
+    // are made.
+    let core = unsafe { frame.as_ref() }.core();
+    if core.state_type != TypeId::of::<S>() {
+        return Err(Trap::new(
+            TrapKind::BadCall,
+            "typed host call for a state of another type than the instance's",
+        ));
+    }
+    core.check_reachable()?;
+    // Cleared on drop, so that a panic unwinding through `f` leaves the state reachable.
+    struct Return<'c>(&'c Cell<bool>);
+    impl Drop for Return<'_> {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    core.lent.set(true);
+    let _return = Return(&core.lent);
+    // SAFETY: the pointer is the frame's state, lent by the instance's `call` for the frame's
+    // lifetime, and of type `S` (checked above). While `f` runs the state is marked lent, so
+    // neither a host function (`dispatch`) nor a nested `with_state` makes another reference to
+    // it; and no host function's reference is live now, since host functions reach native code
+    // only through `Caller::call`, which ends their borrow of the state (see `NullCaller`).
+    let state = unsafe { core.state.cast::<S>().as_mut() };
+    core.record(f(state))
+}
+
+fn outside_a_call() -> Trap {
+    Trap::new(
+        TrapKind::BadCall,
+        "host function called outside a call from the host (e.g. from a thread of the plugin's own)",
+    )
+}
+
 /// Whether a call of an instance is running on this thread, i.e. whether [`call_host`] has
 /// an instance to call for.
 pub fn in_instance_call() -> bool {
     CURRENT.with(|current| current.get().is_some())
 }
 
-/// The state of one top-level call of an instance, as host functions need it.
-pub(crate) struct Frame<'a, S> {
+/// What a frame holds whatever its instance's state type.
+pub(crate) struct FrameCore {
     /// The instance's state, borrowed mutably by the instance's `call` for the frame's lifetime.
-    state: NonNull<S>,
-    host: &'a [Option<HostFunction<S>>],
-    imports: &'a [runtime_api::Import],
-    instance: &'a dyn NativeInstance,
+    state: NonNull<()>,
+    /// The state's type, for [`with_state`].
+    state_type: TypeId,
+    /// Whether [`with_state`] has lent the state out: nothing else may reach it meanwhile.
+    lent: Cell<bool>,
     /// The first trap a host function raised; the call ends with it.
     trap: RefCell<Option<Trap>>,
 }
 
-impl<'a, S> Frame<'a, S> {
+impl FrameCore {
+    /// Fails if the call may not reach the state now: a host function trapped before, or the
+    /// state is lent to [`with_state`].
+    fn check_reachable(&self) -> Result<(), Trap> {
+        if let Some(trap) = &*self.trap.borrow() {
+            return Err(trap.clone());
+        }
+        if self.lent.get() {
+            return Err(Trap::new(
+                TrapKind::BadCall,
+                "host call made while the instance's state is lent to a typed host call",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Keeps the first trap of the call; the call ends with it.
+    fn record<T>(&self, result: Result<T, Trap>) -> Result<T, Trap> {
+        if let Err(trap) = &result {
+            self.trap.borrow_mut().get_or_insert_with(|| trap.clone());
+        }
+        result
+    }
+}
+
+/// The state of one top-level call of an instance, as host functions need it.
+pub(crate) struct Frame<'a, S> {
+    core: FrameCore,
+    host: &'a [Option<HostFunction<S>>],
+    imports: &'a [runtime_api::Import],
+    instance: &'a dyn NativeInstance,
+}
+
+impl<'a, S: 'static> Frame<'a, S> {
     pub(crate) fn new(
         state: &'a mut S,
         host: &'a [Option<HostFunction<S>>],
@@ -71,30 +157,32 @@ impl<'a, S> Frame<'a, S> {
         instance: &'a dyn NativeInstance,
     ) -> Self {
         Frame {
-            state: NonNull::from(state),
+            core: FrameCore {
+                state: NonNull::from(state).cast(),
+                state_type: TypeId::of::<S>(),
+                lent: Cell::new(false),
+                trap: RefCell::new(None),
+            },
             host,
             imports,
             instance,
-            trap: RefCell::new(None),
         }
     }
 
     /// The trap a host function raised during the call, if any.
     pub(crate) fn take_trap(&self) -> Option<Trap> {
-        self.trap.borrow_mut().take()
+        self.core.trap.borrow_mut().take()
     }
 }
 
 impl<S> HostDispatch for Frame<'_, S> {
     fn dispatch(&self, import: usize, slots: &mut [u64]) -> Result<(), Trap> {
-        if let Some(trap) = &*self.trap.borrow() {
-            return Err(trap.clone());
-        }
-        let result = self.dispatch_first(import, slots);
-        if let Err(trap) = &result {
-            self.trap.borrow_mut().get_or_insert_with(|| trap.clone());
-        }
-        result
+        self.core.check_reachable()?;
+        self.core.record(self.dispatch_first(import, slots))
+    }
+
+    fn core(&self) -> &FrameCore {
+        &self.core
     }
 }
 
@@ -174,10 +262,11 @@ struct NullCaller<'f, 'a, S> {
 impl<S> Caller<S> for NullCaller<'_, '_, S> {
     fn state(&mut self) -> &mut S {
         // SAFETY: the pointer comes from the `&mut S` the instance's `call` lent the frame for the
-        // call's duration, and nothing else touches the state meanwhile. Host calls nest only
-        // through `Caller::call`, which takes `&mut self`, so a nested host function's `&mut S`
-        // never overlaps a live one from an outer host function.
-        unsafe { &mut *self.frame.state.as_ptr() }
+        // call's duration (so it is an `S`), and nothing else touches the state meanwhile: a host
+        // function runs only while `with_state` has not lent it (`dispatch` checks), and host
+        // calls nest only through `Caller::call`, which takes `&mut self`, so a nested host
+        // function's `&mut S` never overlaps a live one from an outer host function.
+        unsafe { self.frame.core.state.cast::<S>().as_mut() }
     }
 
     fn memory(&mut self) -> GuestMemory<'_> {
@@ -190,7 +279,10 @@ impl<S> Caller<S> for NullCaller<'_, '_, S> {
         // SAFETY: as in `memory`.
         let memory = unsafe { GuestMemory::native() };
         // SAFETY: as in `state`.
-        (unsafe { &mut *self.frame.state.as_ptr() }, memory)
+        (
+            unsafe { self.frame.core.state.cast::<S>().as_mut() },
+            memory,
+        )
     }
 
     fn call(

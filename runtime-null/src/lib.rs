@@ -6,7 +6,9 @@
 //! WebAssembly engine, so the Proxy-Wasm ABI runs on it unchanged.
 //!
 //! Native code calls host functions with [`call_host`], which finds the instance whose call is
-//! running on this thread. Guest "pointers" are native addresses
+//! running on this thread; native code that knows the host's state type may instead call the
+//! host directly on that state with [`with_state`] (a typed fast path: no argument slots, no
+//! data copied through the plugin's allocator). Guest "pointers" are native addresses
 //! ([`runtime_api::GuestMemory::native`]): nothing is bounds-checked, no call can be interrupted
 //! and no memory can be capped. Native plugins are trusted code, like the host itself; the
 //! [`Capabilities`] this runtime reports say so, so that embedders can tell.
@@ -23,7 +25,7 @@ use std::sync::Arc;
 
 use runtime_api::{Capabilities, CompiledModule, Error, RuntimeConfig, WasmRuntime};
 
-pub use frame::{call_host, in_instance_call};
+pub use frame::{call_host, in_instance_call, with_state};
 pub use instance::NullInstance;
 pub use module::{NullLinkedModule, NullModule};
 pub use native::{NativeInstance, NativeModule};

@@ -7,7 +7,7 @@ use runtime_api::{
     Caller, Error, Export, ExternKind, FunctionType, HostFunction, Import, Signature, Trap,
     TrapKind, ValType, WasmRuntime,
 };
-use runtime_null::{call_host, NativeInstance, NativeModule, NullRuntime};
+use runtime_null::{call_host, with_state, NativeInstance, NativeModule, NullRuntime};
 
 const I32: ValType = ValType::I32;
 
@@ -19,7 +19,8 @@ fn function(params: usize, results: usize) -> ExternKind {
 }
 
 /// Exports `run(x) -> i32`, which calls host import 0 (`env.add_state`) with `x` and returns its
-/// result, and `double(x) -> i32`; imports `env.add_state` and `env.missing`.
+/// result, `double(x) -> i32`, `call_missing() -> i32` and the typed host calls of [`Typed`];
+/// imports `env.add_state` and `env.missing`.
 struct TestModule {
     imports: Vec<Import>,
     exports: Vec<Export>,
@@ -48,6 +49,10 @@ impl TestModule {
                 Export {
                     name: "call_missing".into(),
                     kind: function(0, 1),
+                },
+                Export {
+                    name: "typed".into(),
+                    kind: function(1, 1),
                 },
             ],
         })
@@ -81,12 +86,73 @@ impl NativeInstance for TestInstance {
                 };
             }
             1 => results[0] = args[0] * 2,
-            _ => {
+            2 => {
                 let mut slots = [0];
                 results[0] = u64::from(call_host(1, &mut slots).is_err());
             }
+            _ => results[0] = Typed::from(args[0]).run(),
         }
         Ok(())
+    }
+}
+
+/// What export `typed(what)` does with [`with_state`]; it returns 1 for a failure it was meant to
+/// meet (0 if the call succeeded when it should not have), or the state it read.
+#[derive(Clone, Copy)]
+enum Typed {
+    /// Adds 1 to the state and returns the new state.
+    Increment,
+    /// Asks for the state as a type it is not.
+    WrongType,
+    /// Calls `with_state` from within `with_state`.
+    Nested,
+    /// Calls a host function while the state is lent.
+    HostCallWhileLent,
+    /// Returns a trap from the typed call, then tries a host call and a typed call.
+    Trap,
+}
+
+impl From<u64> for Typed {
+    fn from(what: u64) -> Self {
+        [
+            Typed::Increment,
+            Typed::WrongType,
+            Typed::Nested,
+            Typed::HostCallWhileLent,
+            Typed::Trap,
+        ][what as usize]
+    }
+}
+
+impl Typed {
+    fn run(self) -> u64 {
+        let failed = |failed: bool| u64::from(failed);
+        match self {
+            Typed::Increment => with_state(|state: &mut u64| {
+                *state += 1;
+                Ok(*state)
+            })
+            .unwrap_or(u64::MAX),
+            Typed::WrongType => failed(with_state(|_: &mut u32| Ok(())).is_err()),
+            Typed::Nested => {
+                let inner = with_state(|_: &mut u64| Ok(with_state(|_: &mut u64| Ok(()))))
+                    .expect("the outer typed call runs");
+                failed(inner.is_err())
+            }
+            Typed::HostCallWhileLent => {
+                let host_call = with_state(|_: &mut u64| Ok(call_host(0, &mut [1])))
+                    .expect("the typed call runs");
+                failed(host_call.is_err())
+            }
+            Typed::Trap => {
+                let trap = with_state(|_: &mut u64| -> Result<(), Trap> {
+                    Err(Trap::host("typed call trapped"))
+                });
+                assert_eq!(trap, Err(Trap::host("typed call trapped")));
+                let after = (call_host(0, &mut [1]), with_state(|_: &mut u64| Ok(())));
+                failed(after.0.is_err() && after.1.is_err())
+            }
+        }
     }
 }
 
@@ -189,4 +255,49 @@ fn a_signature_mismatch_is_a_link_error_and_webassembly_is_refused() {
     let compiled = WasmRuntime::<u64>::compile(&runtime, b"\0asm\x01\0\0\0");
     assert!(matches!(compiled.err(), Some(Error::Unsupported(_))));
     assert!(!WasmRuntime::<u64>::capabilities(&runtime).sandboxed);
+}
+
+fn typed(instance: &mut dyn runtime_api::Instance<u64>, what: Typed) -> Result<u64, Trap> {
+    let typed = instance.function("typed").unwrap();
+    let mut result = [0];
+    instance.call(typed, &[what as u64], &mut result)?;
+    Ok(result[0])
+}
+
+#[test]
+fn a_typed_host_call_gets_the_running_instance_s_state() {
+    let mut instance = instance();
+    assert_eq!(typed(&mut *instance, Typed::Increment), Ok(11));
+    assert_eq!(typed(&mut *instance, Typed::Increment), Ok(12));
+    assert_eq!(*instance.state(), 12);
+}
+
+#[test]
+fn a_typed_host_call_for_another_state_type_fails() {
+    assert_eq!(typed(&mut *instance(), Typed::WrongType), Ok(1));
+}
+
+#[test]
+fn the_state_is_lent_once_at_a_time() {
+    let mut instance = instance();
+    assert_eq!(typed(&mut *instance, Typed::Nested), Ok(1));
+    assert_eq!(typed(&mut *instance, Typed::HostCallWhileLent), Ok(1));
+    // Lent states come back: the next call reaches it again.
+    assert_eq!(typed(&mut *instance, Typed::Increment), Ok(11));
+}
+
+#[test]
+fn a_typed_host_call_s_trap_ends_the_call_like_a_host_function_s() {
+    let mut instance = instance();
+    assert_eq!(
+        typed(&mut *instance, Typed::Trap),
+        Err(Trap::host("typed call trapped"))
+    );
+    assert_eq!(typed(&mut *instance, Typed::Increment), Ok(11));
+}
+
+#[test]
+fn typed_host_calls_outside_a_call_fail() {
+    let error = with_state(|_: &mut u64| Ok(())).unwrap_err();
+    assert_eq!(error.kind, TrapKind::BadCall);
 }

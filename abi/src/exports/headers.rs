@@ -27,6 +27,15 @@ enum Unavailable {
 /// `BAD_ARGUMENT`.
 fn map(state: &mut VmState, map_type: u64, access: Access) -> Result<&mut dyn Headers, Failure> {
     let map_type = MapType::from_raw(map_type).ok_or(Status::BadArgument)?;
+    map_of(state, map_type, access)
+}
+
+/// [`map`] for a known map type.
+fn map_of(
+    state: &mut VmState,
+    map_type: MapType,
+    access: Access,
+) -> Result<&mut dyn Headers, Failure> {
     let in_log = state.callback == Some(Callback::Log);
     lookup(state, map_type, access).map_err(|unavailable| {
         match (unavailable, access) {
@@ -116,11 +125,33 @@ pub(super) fn get_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
     })
 }
 
+/// Every pair of a map, as `proxy_get_header_map_pairs` answers: nothing for a map that is
+/// unavailable.
+pub(crate) fn visit_pairs(
+    state: &mut VmState,
+    map_type: MapType,
+    visit: &mut dyn FnMut(&[u8], &[u8]),
+) {
+    if let Ok(map) = lookup(state, map_type, Access::Read) {
+        map.for_each(visit);
+    }
+}
+
 /// `proxy_set_header_map_pairs(map_type, map_data, map_size)`: replaces the whole map.
 pub(super) fn set_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let pairs = wire::decode(memory.slice(args[1], args[2])?)?;
-    let map = map(state, args[0], Access::Write)?;
+    let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    set_pairs(state, map_type, pairs)
+}
+
+/// Replaces the whole map with `pairs`, in order.
+pub(crate) fn set_pairs<'p>(
+    state: &mut VmState,
+    map_type: MapType,
+    pairs: impl IntoIterator<Item = (&'p [u8], &'p [u8])>,
+) -> HostResult {
+    let map = map_of(state, map_type, Access::Write)?;
     map.clear();
     for (key, value) in pairs {
         map.add(key, value);
@@ -141,22 +172,12 @@ pub(super) fn get_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64
     let len = {
         let (state, memory) = caller.state_and_memory();
         let key = memory.slice(args[1], args[2])?;
-        let legacy = state.abi == AbiVersion::V0_1_0;
-        let value = match map(state, args[0], Access::Read) {
-            Ok(map) => map.get(key),
-            Err(Failure::Status(Status::NotFound)) => None,
-            Err(other) => return Err(other),
-        };
-        match value {
-            Some(value) => {
-                if let Some(copy) = inline.get_mut(..value.len()) {
-                    copy.copy_from_slice(value);
-                }
-                value.len()
-            }
-            None if legacy => 0,
-            None => return Err(Status::NotFound.into()),
+        let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+        let value = value(state, map_type, key)?;
+        if let Some(copy) = inline.get_mut(..value.len()) {
+            copy.copy_from_slice(value);
         }
+        value.len()
     };
     return_data(
         caller,
@@ -179,13 +200,33 @@ pub(super) fn get_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64
     )
 }
 
+/// The first value of `key`, as `proxy_get_header_map_value` answers (an ABI 0.1.0 module's
+/// missing key is an empty value).
+pub(crate) fn value<'s>(
+    state: &'s mut VmState,
+    map_type: MapType,
+    key: &[u8],
+) -> Result<&'s [u8], Failure> {
+    let legacy = state.abi == AbiVersion::V0_1_0;
+    let value = match map_of(state, map_type, Access::Read) {
+        Ok(map) => map.get(key),
+        Err(Failure::Status(Status::NotFound)) => None,
+        Err(other) => return Err(other),
+    };
+    match value {
+        Some(value) => Ok(value),
+        None if legacy => Ok(&[]),
+        None => Err(Status::NotFound.into()),
+    }
+}
+
 /// `proxy_add_header_map_value(map_type, key_data, key_size, value_data, value_size)`.
 pub(super) fn add_header_map_value(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[1], args[2])?;
     let value = memory.slice(args[3], args[4])?;
-    map(state, args[0], Access::Write)?.add(key, value);
-    Ok(())
+    let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    edit(state, map_type, key, Edit::Add(value))
 }
 
 /// `proxy_replace_header_map_value(map_type, key_data, key_size, value_data, value_size)`.
@@ -196,8 +237,8 @@ pub(super) fn replace_header_map_value(
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[1], args[2])?;
     let value = memory.slice(args[3], args[4])?;
-    map(state, args[0], Access::Write)?.replace(key, value);
-    Ok(())
+    let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    edit(state, map_type, key, Edit::Replace(value))
 }
 
 /// `proxy_remove_header_map_value(map_type, key_data, key_size)`.
@@ -207,7 +248,28 @@ pub(super) fn remove_header_map_value(
 ) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[1], args[2])?;
-    map(state, args[0], Access::Write)?.remove(key);
+    let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    edit(state, map_type, key, Edit::Remove)
+}
+
+/// A change to one key of a map.
+pub(crate) enum Edit<'v> {
+    /// Adds a value (keeping the key's others).
+    Add(&'v [u8]),
+    /// Sets the key's only value.
+    Replace(&'v [u8]),
+    /// Removes every value of the key.
+    Remove,
+}
+
+/// Changes `key` of a map the plugin holds (`BAD_ARGUMENT` otherwise).
+pub(crate) fn edit(state: &mut VmState, map_type: MapType, key: &[u8], edit: Edit) -> HostResult {
+    let map = map_of(state, map_type, Access::Write)?;
+    match edit {
+        Edit::Add(value) => map.add(key, value),
+        Edit::Replace(value) => map.replace(key, value),
+        Edit::Remove => map.remove(key),
+    }
     Ok(())
 }
 
@@ -216,19 +278,24 @@ pub(super) fn remove_header_map_value(
 /// call responses and gRPC metadata).
 pub(super) fn get_header_map_size(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
-    let size: u64 = match map_type {
+    let size = size(caller.state(), map_type)?;
+    // `return_size` is a `usize` in the guest: 4 bytes in Wasm, 8 for native plugins.
+    caller.memory().write_size(args[1], size)?;
+    Ok(())
+}
+
+/// What `proxy_get_header_map_size` answers for `map_type`.
+pub(crate) fn size(state: &mut VmState, map_type: MapType) -> Result<u64, Failure> {
+    match map_type {
         MapType::HttpRequestHeaders
         | MapType::HttpRequestTrailers
         | MapType::HttpResponseHeaders
         | MapType::HttpResponseTrailers => {
             let mut size = 0u64;
-            map(caller.state(), args[0], Access::Write)?
+            map_of(state, map_type, Access::Write)?
                 .for_each(&mut |k, v| size += (k.len() + v.len()) as u64);
-            size
+            Ok(size)
         }
-        _ => return Err(Status::BadArgument.into()),
-    };
-    // `return_size` is a `usize` in the guest: 4 bytes in Wasm, 8 for native plugins.
-    caller.memory().write_size(args[1], size)?;
-    Ok(())
+        _ => Err(Status::BadArgument.into()),
+    }
 }

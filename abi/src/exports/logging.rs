@@ -14,13 +14,18 @@ pub(super) fn log(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult 
     // The message is checked first, as proxy-wasm-cpp-host does, then dropped unread when
     // the host records nothing at its level.
     let message = memory.slice(args[1], args[2])?;
+    write_log(state, level, message);
+    Ok(())
+}
+
+/// Hands `message` to the host's log, unless the host records nothing at `level`.
+pub(crate) fn write_log(state: &mut VmState, level: LogLevel, message: &[u8]) {
     if level < state.host.log_level() {
-        return Ok(());
+        return;
     }
     let message = String::from_utf8_lossy(message);
     let context = state.effective_context;
     state.host.log(context, level, &message);
-    Ok(())
 }
 
 /// `proxy_get_log_level(return_level)`.

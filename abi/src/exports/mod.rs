@@ -7,8 +7,8 @@
 
 mod buffers;
 mod calls;
-mod headers;
-mod logging;
+pub(crate) mod headers;
+pub(crate) mod logging;
 mod properties;
 mod shared_data;
 mod stream;
@@ -63,27 +63,17 @@ pub(crate) fn check(status: Status) -> HostResult {
 /// the plugin's capability restriction leaves the function out: the caller then answers as
 /// proxy-wasm-cpp-host's stub does, after the error logged here.
 #[inline]
-pub(crate) fn check_allowed(
-    caller: &mut dyn Caller<VmState>,
-    module: &str,
-    name: &str,
-) -> Result<bool, Trap> {
+pub(crate) fn check_allowed(state: &mut VmState, module: &str, name: &str) -> Result<bool, Trap> {
     #[cfg(feature = "host-call-count")]
     HOST_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let state = caller.state();
     if state.restriction == Restriction::None && state.allowed_capabilities.is_none() {
         return Ok(true);
     }
-    check_restricted(caller, module, name)
+    check_restricted(state, module, name)
 }
 
 #[cold]
-fn check_restricted(
-    caller: &mut dyn Caller<VmState>,
-    module: &str,
-    name: &str,
-) -> Result<bool, Trap> {
-    let state = caller.state();
+fn check_restricted(state: &mut VmState, module: &str, name: &str) -> Result<bool, Trap> {
     let restriction = state.restriction;
     if restriction != Restriction::None && !restriction.allows(module, name) {
         let during = match restriction {
@@ -127,7 +117,7 @@ macro_rules! status {
         |caller: &mut dyn runtime_api::Caller<crate::VmState>,
          args: &mut [u64]|
          -> Result<(), runtime_api::Trap> {
-            if !crate::exports::check_allowed(caller, "env", $name)? {
+            if !crate::exports::check_allowed(caller.state(), "env", $name)? {
                 args[0] = u64::from(crate::Status::InternalFailure.code());
                 return Ok(());
             }

@@ -53,7 +53,7 @@ macro_rules! wasi {
             name: $name,
             signature: Signature::new(&[$(ValType::$param),*], &[$(ValType::$result),*]),
             callback: |caller: &mut dyn Caller<VmState>, args: &mut [u64]| -> Result<(), Trap> {
-                if !super::check_allowed(caller, $module, $name)? {
+                if !super::check_allowed(caller.state(), $module, $name)? {
                     args[0] = u64::from(NOTCAPABLE.0);
                     return Ok(());
                 }

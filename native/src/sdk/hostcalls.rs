@@ -1,9 +1,16 @@
 //! Typed host calls over [`crate::host_imports`]. The public ones have the signatures of the SDK's
 //! `hostcalls` functions of the same names (buffers, metrics, gRPC cancel and close); the others
 //! serve the traits' methods.
+//!
+//! The calls on a request's hot path (header maps, logging) skip the host-function interface
+//! altogether: they run [`abi::direct`]'s functions on the VM state the null runtime lends
+//! ([`runtime_null::with_state`]), so values are lent straight from the embedder's maps instead
+//! of being copied through the plugin's allocator. Both paths answer alike.
 
 use std::ptr::null_mut;
 use std::time::{Duration, SystemTime};
+
+use abi::direct::HostCallResult;
 
 use super::dispatcher::Callout;
 use super::types::{BufferType, Bytes, LogLevel, MapType, MetricType, Status, StreamType};
@@ -41,6 +48,20 @@ fn expect_ok(code: u32) {
     }
 }
 
+/// [`expect_ok`] for a call made directly.
+fn expect_done(result: Result<(), Status>) {
+    if let Err(status) = result {
+        expect_ok(status.code());
+    }
+}
+
+/// Makes a host call directly on the running call's VM state ([`abi::direct`]). Failing to reach
+/// the state (no call running, or the state lent already) is `INTERNAL_FAILURE`, as
+/// [`call`] answers when the host function cannot run; a trap also ends the plugin's call.
+fn direct<R>(call: impl FnOnce(&mut abi::VmState) -> HostCallResult<R>) -> Result<R, Status> {
+    runtime_null::with_state(call).unwrap_or(Err(Status::InternalFailure))
+}
+
 /// Calls a host function that returns data through `(return_data, return_size)` as its last two
 /// arguments, and takes ownership of the data (allocated by this plugin's allocator).
 fn with_return_data(import: HostImport, args: &[u64]) -> Result<Option<Bytes>, Status> {
@@ -76,6 +97,11 @@ pub(crate) fn allocate(size: usize) -> *mut u8 {
 }
 
 pub(crate) fn log(level: LogLevel, message: &str) {
+    if runtime_null::in_instance_call() {
+        let _ = direct(|state| abi::direct::log(state, level, message.as_bytes()));
+        return;
+    }
+    // Outside a call (a context dropped with its thread), `call` writes the line to stderr.
     let [data, len] = bytes(message.as_bytes());
     call(HostImport::Log, &[level as u64, data, len]);
 }
@@ -122,69 +148,54 @@ pub(crate) fn set_buffer(buffer: BufferType, start: usize, size: usize, value: &
 }
 
 pub(crate) fn get_map(map: MapType) -> Vec<(String, String)> {
-    get_map_bytes(map)
-        .into_iter()
-        .map(|(name, value)| (name, into_string(value)))
-        .collect()
+    pairs(map, |value| String::from_utf8_lossy(value).into_owned())
 }
 
 pub(crate) fn get_map_bytes(map: MapType) -> Vec<(String, Bytes)> {
-    let Ok(Some(serialized)) = with_return_data(HostImport::GetHeaderMapPairs, &[map as u64])
-    else {
-        return Vec::new();
-    };
-    match abi::wire::decode(&serialized) {
-        Ok(pairs) => pairs
-            .into_iter()
-            .map(|(name, value)| (String::from_utf8_lossy(name).into_owned(), value.to_vec()))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    pairs(map, <[u8]>::to_vec)
+}
+
+/// Every pair of a map, names as text and values as `value` makes them; none on failure.
+fn pairs<V>(map: MapType, value: impl Fn(&[u8]) -> V) -> Vec<(String, V)> {
+    direct(|state| {
+        let mut pairs = Vec::new();
+        let status = abi::direct::get_header_map_pairs(state, map, &mut |name, bytes| {
+            pairs.push((String::from_utf8_lossy(name).into_owned(), value(bytes)));
+        })?;
+        Ok(status.map(|()| pairs))
+    })
+    .unwrap_or_default()
 }
 
 pub(crate) fn set_map(map: MapType, pairs: &[(&str, &[u8])]) {
-    let serialized = abi::wire::encode(pairs.iter().map(|(n, v)| (n.as_bytes(), *v)));
-    let [data, len] = bytes(&serialized);
-    expect_ok(call(
-        HostImport::SetHeaderMapPairs,
-        &[map as u64, data, len],
-    ));
+    expect_done(direct(|state| {
+        abi::direct::set_header_map_pairs(
+            state,
+            map,
+            pairs.iter().map(|(name, value)| (name.as_bytes(), *value)),
+        )
+    }));
 }
 
 pub(crate) fn get_map_value(map: MapType, name: &str) -> Option<Bytes> {
-    let [key, key_len] = bytes(name.as_bytes());
     // As the proxy-wasm SDK: an empty value comes back as no data, i.e. `None`.
-    with_return_data(HostImport::GetHeaderMapValue, &[map as u64, key, key_len])
+    direct(|state| abi::direct::get_header_map_value(state, map, name.as_bytes(), <[u8]>::to_vec))
         .ok()
-        .flatten()
+        .filter(|value| !value.is_empty())
 }
 
 pub(crate) fn set_map_value(map: MapType, name: &str, value: Option<&[u8]>) {
-    let [key, key_len] = bytes(name.as_bytes());
-    match value {
-        Some(value) => {
-            let [data, len] = bytes(value);
-            expect_ok(call(
-                HostImport::ReplaceHeaderMapValue,
-                &[map as u64, key, key_len, data, len],
-            ));
-        }
-        None => {
-            expect_ok(call(
-                HostImport::RemoveHeaderMapValue,
-                &[map as u64, key, key_len],
-            ));
-        }
-    }
+    let key = name.as_bytes();
+    expect_done(direct(|state| match value {
+        Some(value) => abi::direct::replace_header_map_value(state, map, key, value),
+        None => abi::direct::remove_header_map_value(state, map, key),
+    }));
 }
 
 pub(crate) fn add_map_value(map: MapType, name: &str, value: &[u8]) {
-    let [key, key_len] = bytes(name.as_bytes());
-    let [data, len] = bytes(value);
-    expect_ok(call(
-        HostImport::AddHeaderMapValue,
-        &[map as u64, key, key_len, data, len],
-    ));
+    expect_done(direct(|state| {
+        abi::direct::add_header_map_value(state, map, name.as_bytes(), value)
+    }));
 }
 
 /// A property path as the proxy-wasm SDK sends it: segments separated (not ended) by NUL.

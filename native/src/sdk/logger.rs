@@ -39,7 +39,11 @@ impl Drop for LevelGuard {
 /// Logs `message` at `level` if the plugin's level lets it through. Used by the macros.
 pub fn log(level: LogLevel, message: std::fmt::Arguments<'_>) {
     if level >= LEVEL.with(Cell::get) {
-        super::hostcalls::log(level, &message.to_string());
+        match message.as_str() {
+            // A message without arguments needs no formatting.
+            Some(message) => super::hostcalls::log(level, message),
+            None => super::hostcalls::log(level, &message.to_string()),
+        }
     }
 }
 
