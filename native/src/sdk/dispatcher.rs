@@ -110,26 +110,61 @@ impl NativeModule for PluginModule {
             log_level: Cell::new(LogLevel::Trace),
             new_root: Cell::new(None),
             new_http: Cell::new(None),
-            roots: RefCell::default(),
-            http: RefCell::default(),
-            streams: RefCell::default(),
+            roots: Contexts::default(),
+            http: Contexts::default(),
+            streams: Contexts::default(),
             callouts: RefCell::default(),
         }))
     }
 }
 
-/// One VM's contexts (the SDK's dispatcher, per instance instead of per thread).
+/// Contexts of one kind, by id.
 ///
-/// Contexts are taken out of their map while a callback runs, so that no `RefCell` borrow is held
-/// across host calls (which may re-enter the instance, e.g. through the allocator).
+/// A context is taken out of its slot while its callback runs, so that no `RefCell` borrow is
+/// held across host calls (which may re-enter the instance, e.g. through the allocator); it stays
+/// in the map, so the callback costs two lookups instead of a removal and an insertion.
+struct Contexts<T: ?Sized>(RefCell<HashMap<u32, Option<Box<T>>>>);
+
+impl<T: ?Sized> Default for Contexts<T> {
+    fn default() -> Self {
+        Contexts(RefCell::default())
+    }
+}
+
+impl<T: ?Sized> Contexts<T> {
+    fn insert(&self, context: u32, value: Box<T>) {
+        self.0.borrow_mut().insert(context, Some(value));
+    }
+
+    fn remove(&self, context: u32) {
+        self.0.borrow_mut().remove(&context);
+    }
+
+    fn contains(&self, context: u32) -> bool {
+        self.0.borrow().contains_key(&context)
+    }
+
+    /// Runs `f` on context `context`; `None` if there is none (or its callback is running).
+    fn with<R>(&self, context: u32, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let mut value = self.0.borrow_mut().get_mut(&context)?.take()?;
+        let result = f(&mut *value);
+        // The context may have been deleted meanwhile (only by a host bug): then it goes.
+        if let Some(slot) = self.0.borrow_mut().get_mut(&context) {
+            *slot = Some(value);
+        }
+        Some(result)
+    }
+}
+
+/// One VM's contexts (the SDK's dispatcher, per instance instead of per thread).
 struct Dispatcher {
     plugin: NativePlugin,
     log_level: Cell<LogLevel>,
     new_root: Cell<Option<NewRootContext>>,
     new_http: Cell<Option<NewHttpContext>>,
-    roots: RefCell<HashMap<u32, Box<dyn RootContext>>>,
-    http: RefCell<HashMap<u32, Box<dyn HttpContext>>>,
-    streams: RefCell<HashMap<u32, Box<dyn StreamContext>>>,
+    roots: Contexts<dyn RootContext>,
+    http: Contexts<dyn HttpContext>,
+    streams: Contexts<dyn StreamContext>,
     /// Callout (kind, token) → the context that dispatched it.
     callouts: RefCell<HashMap<(Callout, u32), u32>>,
 }
@@ -221,9 +256,9 @@ const EXPORTS: &[(&str, Shape, Handler)] = &[
     }),
     ("proxy_on_delete", Shape::U32, |d, a, _| {
         let context = id(a, 0);
-        d.http.borrow_mut().remove(&context);
-        d.streams.borrow_mut().remove(&context);
-        d.roots.borrow_mut().remove(&context);
+        d.http.remove(context);
+        d.streams.remove(context);
+        d.roots.remove(context);
     }),
     ("proxy_on_new_connection", Shape::U32ToU32, |d, a, r| {
         r[0] = action(
@@ -421,13 +456,13 @@ impl Dispatcher {
         if root == 0 {
             if let Some(new_root) = self.new_root.get() {
                 let root_context = new_root(context);
-                self.roots.borrow_mut().insert(context, root_context);
+                self.roots.insert(context, root_context);
             }
             return;
         }
         if let Some(new_http) = self.new_http.get() {
             let http = self.run_as(context, || new_http(context, root));
-            self.http.borrow_mut().insert(context, http);
+            self.http.insert(context, http);
             return;
         }
         let created = self.with_root(root, |root_context| match root_context.get_type() {
@@ -448,27 +483,23 @@ impl Dispatcher {
         });
         match created.flatten() {
             Some(Created::Http(http)) => {
-                self.http.borrow_mut().insert(context, http);
+                self.http.insert(context, http);
             }
             Some(Created::Stream(stream)) => {
-                self.streams.borrow_mut().insert(context, stream);
+                self.streams.insert(context, stream);
             }
             None => {}
         }
     }
 
     fn with_root<R>(&self, context: u32, f: impl FnOnce(&mut dyn RootContext) -> R) -> Option<R> {
-        let mut root = self.roots.borrow_mut().remove(&context)?;
-        let result = self.run_as(context, || f(&mut *root));
-        self.roots.borrow_mut().insert(context, root);
-        Some(result)
+        self.roots
+            .with(context, |root| self.run_as(context, || f(root)))
     }
 
     fn with_http<R>(&self, context: u32, f: impl FnOnce(&mut dyn HttpContext) -> R) -> Option<R> {
-        let mut http = self.http.borrow_mut().remove(&context)?;
-        let result = self.run_as(context, || f(&mut *http));
-        self.http.borrow_mut().insert(context, http);
-        Some(result)
+        self.http
+            .with(context, |http| self.run_as(context, || f(http)))
     }
 
     fn with_stream<R>(
@@ -476,18 +507,16 @@ impl Dispatcher {
         context: u32,
         f: impl FnOnce(&mut dyn StreamContext) -> R,
     ) -> Option<R> {
-        let mut stream = self.streams.borrow_mut().remove(&context)?;
-        let result = self.run_as(context, || f(&mut *stream));
-        self.streams.borrow_mut().insert(context, stream);
-        Some(result)
+        self.streams
+            .with(context, |stream| self.run_as(context, || f(stream)))
     }
 
     /// Runs `f` on context `context`, whatever its kind: for the callbacks every context may
     /// receive.
     fn with_context<R>(&self, context: u32, f: impl FnOnce(&mut dyn Context) -> R) -> Option<R> {
-        if self.http.borrow().contains_key(&context) {
+        if self.http.contains(context) {
             self.with_http(context, |c| f(c))
-        } else if self.streams.borrow().contains_key(&context) {
+        } else if self.streams.contains(context) {
             self.with_stream(context, |c| f(c))
         } else {
             self.with_root(context, |c| f(c))
