@@ -3,9 +3,9 @@
 //! A WebAssembly plugin reaches the host through the functions it imports: arguments in its
 //! linear memory, answers copied into blocks of its own allocator. A native plugin (the null
 //! runtime) shares the host's address space, so on a request's hot path it may skip both: these
-//! functions take and lend plain Rust values, and answer exactly as the host functions of the
-//! same names — the same statuses, capability checks and restrictions, and the same count of
-//! host calls. Embedders never call them; a native plugin SDK does, on the state its runtime
+//! functions take and lend plain Rust values, and answer as the host functions of the same
+//! names — the same statuses, capability checks and restrictions, and the same count of host
+//! calls — except that nothing is serialized, so nothing can fail to be. Embedders never call them; a native plugin SDK does, on the state its runtime
 //! lends it for the duration of one call (e.g. `runtime_null::with_state`).
 //!
 //! Each returns `Err(trap)` when the plugin must be stopped (where the host function would
@@ -114,12 +114,5 @@ pub fn remove_header_map_value(
 ) -> HostCallResult<()> {
     host_call(state, "proxy_remove_header_map_value", |state| {
         headers::edit(state, map_type, key, Edit::Remove)
-    })
-}
-
-/// `proxy_get_header_map_size`: the sum of the map's names' and values' lengths in bytes.
-pub fn get_header_map_size(state: &mut VmState, map_type: MapType) -> HostCallResult<u64> {
-    host_call(state, "proxy_get_header_map_size", |state| {
-        headers::size(state, map_type)
     })
 }

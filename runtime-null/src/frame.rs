@@ -33,8 +33,9 @@ thread_local! {
 /// least as long as the function's parameter list (and at least 1 if it has a result).
 ///
 /// Errors: no instance call is running on this thread (e.g. native code called from a thread of
-/// its own), the host does not provide the function, or the host function failed in a way that
-/// must stop the plugin. Native code cannot be unwound like a trapping WebAssembly guest, so
+/// its own), the host does not provide the function, the state is in use (by a [`with_state`]
+/// closure, or by a host function calling this directly instead of through its
+/// [`runtime_api::Caller`]), or the host function failed in a way that must stop the plugin. Native code cannot be unwound like a trapping WebAssembly guest, so
 /// after such a failure the instance's current call returns the trap as soon as the native code
 /// returns, and every further host call of that call fails.
 pub fn call_host(import: usize, slots: &mut [u64]) -> Result<(), Trap> {
@@ -56,9 +57,10 @@ pub fn call_host(import: usize, slots: &mut [u64]) -> Result<(), Trap> {
 /// here, and the call fails with it as soon as the native code returns.
 ///
 /// Errors: no instance call is running on this thread, the instance's state is not an `S`, a
-/// host function of the call trapped before, or `f` is running already (the state is lent once
-/// at a time: a nested `with_state` or [`call_host`] from within `f` fails instead of aliasing
-/// it).
+/// host function of the call trapped before, or the state is in use: `f` is running already (a
+/// nested `with_state` or [`call_host`] from within `f`), or a host function is (one that calls
+/// `with_state` itself instead of going through [`runtime_api::Caller`]). Such calls fail instead
+/// of aliasing the state.
 pub fn with_state<S: 'static, R>(f: impl FnOnce(&mut S) -> Result<R, Trap>) -> Result<R, Trap> {
     let Some(frame) = CURRENT.with(Cell::get) else {
         return Err(outside_a_call());
@@ -73,20 +75,13 @@ pub fn with_state<S: 'static, R>(f: impl FnOnce(&mut S) -> Result<R, Trap>) -> R
         ));
     }
     core.check_reachable()?;
-    // Cleared on drop, so that a panic unwinding through `f` leaves the state reachable.
-    struct Return<'c>(&'c Cell<bool>);
-    impl Drop for Return<'_> {
-        fn drop(&mut self) {
-            self.0.set(false);
-        }
-    }
-    core.lent.set(true);
-    let _return = Return(&core.lent);
+    let _lent = UseGuard::set(&core.in_use, InUse::Lent);
     // SAFETY: the pointer is the frame's state, lent by the instance's `call` for the frame's
-    // lifetime, and of type `S` (checked above). While `f` runs the state is marked lent, so
-    // neither a host function (`dispatch`) nor a nested `with_state` makes another reference to
-    // it; and no host function's reference is live now, since host functions reach native code
-    // only through `Caller::call`, which ends their borrow of the state (see `NullCaller`).
+    // lifetime, and of type `S` (checked above). No other reference to it is live: the state
+    // was `InUse::Free` (checked above), i.e. no host function and no other `with_state` is
+    // using it — a host function that reaches native code does so through `Caller::call`,
+    // which frees the state only after the borrow checker ended the host function's borrows.
+    // While `f` runs the state is `Lent`, so `dispatch` and a nested `with_state` refuse.
     let state = unsafe { core.state.cast::<S>().as_mut() };
     core.record(f(state))
 }
@@ -104,32 +99,67 @@ pub fn in_instance_call() -> bool {
     CURRENT.with(|current| current.get().is_some())
 }
 
+/// Who is using a frame's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InUse {
+    /// Nobody: native code runs, and may call a host function or [`with_state`].
+    Free,
+    /// A host function, through a `NullCaller`.
+    HostFunction,
+    /// [`with_state`]'s closure.
+    Lent,
+}
+
+/// Sets who uses a frame's state until dropped, then restores who did before (also when a
+/// panic unwinds).
+struct UseGuard<'c> {
+    cell: &'c Cell<InUse>,
+    previous: InUse,
+}
+
+impl<'c> UseGuard<'c> {
+    fn set(cell: &'c Cell<InUse>, in_use: InUse) -> Self {
+        UseGuard {
+            cell,
+            previous: cell.replace(in_use),
+        }
+    }
+}
+
+impl Drop for UseGuard<'_> {
+    fn drop(&mut self) {
+        self.cell.set(self.previous);
+    }
+}
+
 /// What a frame holds whatever its instance's state type.
 pub(crate) struct FrameCore {
     /// The instance's state, borrowed mutably by the instance's `call` for the frame's lifetime.
     state: NonNull<()>,
     /// The state's type, for [`with_state`].
     state_type: TypeId,
-    /// Whether [`with_state`] has lent the state out: nothing else may reach it meanwhile.
-    lent: Cell<bool>,
+    /// Who uses the state now: one user at a time, so no two `&mut` to it are ever live.
+    in_use: Cell<InUse>,
     /// The first trap a host function raised; the call ends with it.
     trap: RefCell<Option<Trap>>,
 }
 
 impl FrameCore {
     /// Fails if the call may not reach the state now: a host function trapped before, or the
-    /// state is lent to [`with_state`].
+    /// state is in use.
     fn check_reachable(&self) -> Result<(), Trap> {
         if let Some(trap) = &*self.trap.borrow() {
             return Err(trap.clone());
         }
-        if self.lent.get() {
-            return Err(Trap::new(
-                TrapKind::BadCall,
-                "host call made while the instance's state is lent to a typed host call",
-            ));
-        }
-        Ok(())
+        let user = match self.in_use.get() {
+            InUse::Free => return Ok(()),
+            InUse::Lent => "a typed host call",
+            InUse::HostFunction => "a host function (it may re-enter only through its caller)",
+        };
+        Err(Trap::new(
+            TrapKind::BadCall,
+            format!("host call made while the instance's state is in use by {user}"),
+        ))
     }
 
     /// Keeps the first trap of the call; the call ends with it.
@@ -160,7 +190,7 @@ impl<'a, S: 'static> Frame<'a, S> {
             core: FrameCore {
                 state: NonNull::from(state).cast(),
                 state_type: TypeId::of::<S>(),
-                lent: Cell::new(false),
+                in_use: Cell::new(InUse::Free),
                 trap: RefCell::new(None),
             },
             host,
@@ -178,6 +208,7 @@ impl<'a, S: 'static> Frame<'a, S> {
 impl<S> HostDispatch for Frame<'_, S> {
     fn dispatch(&self, import: usize, slots: &mut [u64]) -> Result<(), Trap> {
         self.core.check_reachable()?;
+        let _host_function = UseGuard::set(&self.core.in_use, InUse::HostFunction);
         self.core.record(self.dispatch_first(import, slots))
     }
 
@@ -262,10 +293,11 @@ struct NullCaller<'f, 'a, S> {
 impl<S> Caller<S> for NullCaller<'_, '_, S> {
     fn state(&mut self) -> &mut S {
         // SAFETY: the pointer comes from the `&mut S` the instance's `call` lent the frame for the
-        // call's duration (so it is an `S`), and nothing else touches the state meanwhile: a host
-        // function runs only while `with_state` has not lent it (`dispatch` checks), and host
-        // calls nest only through `Caller::call`, which takes `&mut self`, so a nested host
-        // function's `&mut S` never overlaps a live one from an outer host function.
+        // call's duration (so it is an `S`), and nothing else touches the state meanwhile: a
+        // `NullCaller` exists only while its host function runs, which `dispatch` started with the
+        // state free and marked `InUse::HostFunction`, so `with_state` and other host calls
+        // refuse. Only `Caller::call` frees the state for native code, and it takes `&mut self`,
+        // so every `&mut S` this caller handed out has ended by then.
         unsafe { self.frame.core.state.cast::<S>().as_mut() }
     }
 
@@ -292,6 +324,9 @@ impl<S> Caller<S> for NullCaller<'_, '_, S> {
         results: &mut [u64],
     ) -> Result<(), Trap> {
         function.check_arity(args.len(), results.len())?;
+        // The host function's borrows of the state ended (this takes `&mut self`): the native
+        // code it calls may use the state, until it returns.
+        let _free = UseGuard::set(&self.frame.core.in_use, InUse::Free);
         self.frame.instance.call(function.index(), args, results)
     }
 }

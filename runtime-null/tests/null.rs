@@ -20,7 +20,8 @@ fn function(params: usize, results: usize) -> ExternKind {
 
 /// Exports `run(x) -> i32`, which calls host import 0 (`env.add_state`) with `x` and returns its
 /// result, `double(x) -> i32`, `call_missing() -> i32` and the typed host calls of [`Typed`];
-/// imports `env.add_state` and `env.missing`.
+/// and `reach_directly(_) -> i32`, which calls import 2; imports `env.add_state`, `env.missing`
+/// and `env.reach_directly`.
 struct TestModule {
     imports: Vec<Import>,
     exports: Vec<Export>,
@@ -29,7 +30,7 @@ struct TestModule {
 impl TestModule {
     fn new() -> Arc<Self> {
         Arc::new(TestModule {
-            imports: ["add_state", "missing"]
+            imports: ["add_state", "missing", "reach_directly"]
                 .into_iter()
                 .map(|name| Import {
                     module: "env".into(),
@@ -52,6 +53,10 @@ impl TestModule {
                 },
                 Export {
                     name: "typed".into(),
+                    kind: function(1, 1),
+                },
+                Export {
+                    name: "reach_directly".into(),
                     kind: function(1, 1),
                 },
             ],
@@ -90,7 +95,14 @@ impl NativeInstance for TestInstance {
                 let mut slots = [0];
                 results[0] = u64::from(call_host(1, &mut slots).is_err());
             }
-            _ => results[0] = Typed::from(args[0]).run(),
+            3 => results[0] = Typed::from(args[0]).run(),
+            _ => {
+                let mut slots = [0];
+                results[0] = match call_host(2, &mut slots) {
+                    Ok(()) => slots[0],
+                    Err(_) => u64::from(u32::MAX),
+                };
+            }
         }
         Ok(())
     }
@@ -176,13 +188,30 @@ fn add_state(caller: &mut dyn Caller<u64>, args: &mut [u64]) -> Result<(), Trap>
     Ok(())
 }
 
+/// `reach_directly(_)`: tries to reach the state past its caller, with `with_state` and with a
+/// host call of its own; returns 1 if both were refused.
+fn reach_directly(_: &mut dyn Caller<u64>, args: &mut [u64]) -> Result<(), Trap> {
+    let typed = with_state(|_: &mut u64| Ok(())).is_err();
+    let host_call = call_host(0, &mut [1]).is_err();
+    args[0] = u64::from(typed && host_call);
+    Ok(())
+}
+
 fn host() -> Vec<HostFunction<u64>> {
-    vec![HostFunction {
-        module: "env",
-        name: "add_state",
-        signature: Signature::new(&[I32], &[I32]),
-        callback: add_state,
-    }]
+    vec![
+        HostFunction {
+            module: "env",
+            name: "add_state",
+            signature: Signature::new(&[I32], &[I32]),
+            callback: add_state,
+        },
+        HostFunction {
+            module: "env",
+            name: "reach_directly",
+            signature: Signature::new(&[I32], &[I32]),
+            callback: reach_directly,
+        },
+    ]
 }
 
 fn instance() -> Box<dyn runtime_api::Instance<u64>> {
@@ -284,6 +313,20 @@ fn the_state_is_lent_once_at_a_time() {
     assert_eq!(typed(&mut *instance, Typed::HostCallWhileLent), Ok(1));
     // Lent states come back: the next call reaches it again.
     assert_eq!(typed(&mut *instance, Typed::Increment), Ok(11));
+}
+
+#[test]
+fn a_host_function_reaches_the_state_only_through_its_caller() {
+    let mut instance = instance();
+    let reach = instance.function("reach_directly").unwrap();
+    let mut refused = [0];
+    instance.call(reach, &[0], &mut refused).unwrap();
+    assert_eq!(refused[0], 1);
+    // Through its caller it may re-enter the instance, which may use the state again.
+    let run = instance.function("run").unwrap();
+    let mut result = [0];
+    instance.call(run, &[5], &mut result).unwrap();
+    assert_eq!(result[0], 20);
 }
 
 #[test]

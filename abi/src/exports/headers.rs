@@ -285,7 +285,7 @@ pub(super) fn get_header_map_size(caller: &mut dyn Caller<VmState>, args: &[u64]
 }
 
 /// What `proxy_get_header_map_size` answers for `map_type`.
-pub(crate) fn size(state: &mut VmState, map_type: MapType) -> Result<u64, Failure> {
+fn size(state: &mut VmState, map_type: MapType) -> Result<u64, Failure> {
     match map_type {
         MapType::HttpRequestHeaders
         | MapType::HttpRequestTrailers

@@ -1,4 +1,4 @@
-//! Typed host calls over [`crate::host_imports`]. The public ones have the signatures of the SDK's
+//! Typed host calls, over [`crate::host_imports`] or [`abi::direct`]. The public ones have the signatures of the SDK's
 //! `hostcalls` functions of the same names (buffers, metrics, gRPC cancel and close); the others
 //! serve the traits' methods.
 //!
