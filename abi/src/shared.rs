@@ -303,12 +303,25 @@ impl SharedState {
 
     /// Registers queue `name` in `vm_id`'s namespace for `owner` and returns its token.
     /// Registering an existing name again keeps its items and token and moves the notifications
-    /// to the new owner.
+    /// to the new owner, who is told at once of items already waiting: items left for an earlier
+    /// owner (a VM copy that failed or was replaced before it dequeued them) would otherwise
+    /// wait for the next enqueue.
     pub(crate) fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> u32 {
         let mut registry = self.queues();
         let key = (vm_id.to_string(), name.to_string());
         if let Some(token) = registry.by_name.get(&key).copied() {
-            registry.queues[token as usize - 1].owner = owner;
+            let queue = &mut registry.queues[token as usize - 1];
+            queue.owner = owner;
+            if queue.items.is_empty() {
+                return token;
+            }
+            let _ = queue.owner.notify.send((queue.owner.root, token));
+            let wake = queue.owner.wake();
+            // As in `enqueue`: the embedder's wake-up runs unlocked.
+            drop(registry);
+            if let Some(wake) = wake {
+                wake();
+            }
             return token;
         }
         registry.queues.push(Queue {

@@ -1,4 +1,5 @@
-//! VMs on several threads: queue notifications reach the registering VM on its own thread.
+//! VMs on several threads: queue notifications reach the registering VM on its own thread, and
+//! a VM taking over a queue hears of the items waiting in it.
 
 use std::path::Path;
 use std::sync::{mpsc, Arc};
@@ -122,4 +123,35 @@ fn a_queue_wake_tells_the_owner_when_another_thread_enqueues() {
     );
     assert_eq!(delivered, 1);
     assert!(logs.contains(&"dequeued: /woken".to_string()), "{logs:?}");
+}
+
+#[test]
+fn a_vm_taking_over_a_queue_that_holds_items_is_told_of_them_at_once() {
+    let plugin = shared_queue_plugin();
+    // The first VM registers the queue and one of its requests enqueues an item, but the VM goes
+    // away before delivering it (as a copy that failed, or one a reload replaced).
+    let mut first = Vm::new(&plugin, Box::new(InMemoryHost::new())).unwrap();
+    assert!(first.start().unwrap() && first.configure().unwrap());
+    let stream = first.create_http_context().unwrap();
+    first
+        .host_as::<InMemoryHost>()
+        .unwrap()
+        .stream(stream)
+        .request_headers
+        .add(b":path", b"/left-behind");
+    first.on_request_headers(stream, 1, true).unwrap();
+    drop(first);
+
+    // The VM registering the queue next is told of the item without another enqueue.
+    let mut next = Vm::new(&plugin, Box::new(InMemoryHost::new())).unwrap();
+    assert!(next.start().unwrap() && next.configure().unwrap());
+    assert_eq!(next.dispatch_queue_ready().unwrap(), 1);
+    let host = next.host_as::<InMemoryHost>().unwrap();
+    let logs: Vec<String> = host.logs.iter().map(|l| l.message.clone()).collect();
+    assert!(
+        logs.contains(&"dequeued: /left-behind".to_string()),
+        "{logs:?}"
+    );
+    // Nothing is announced twice.
+    assert_eq!(next.dispatch_queue_ready().unwrap(), 0);
 }
