@@ -51,6 +51,13 @@ for target in host_calls smith_module; do
   offset=100
 done
 
+# Inputs that once found a problem (fuzz/regressions/TARGET/), so that every run tries them again.
+for target in "${targets[@]}"; do
+  if [ -d "fuzz/regressions/$target" ]; then
+    cp fuzz/regressions/"$target"/* "$seeds/$target/"
+  fi
+done
+
 echo "== fuzz: building the targets"
 cargo fuzz build "${build_flags[@]}"
 

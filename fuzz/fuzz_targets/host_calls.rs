@@ -9,7 +9,7 @@ use pwhost_fuzz::host_calls::HostCallPlugin;
 /// Host calls the plugins so far plan, for the campaign's statistics.
 static PLANNED_CALLS: AtomicUsize = AtomicUsize::new(0);
 
-libfuzzer_sys::fuzz_target!(|plugin: HostCallPlugin| {
+libfuzzer_sys::fuzz_target!(init: pwhost_fuzz::let_known_engine_panics_unwind(), |plugin: HostCallPlugin| {
     // The generator makes valid plugins: an engine refusing one is a finding too.
     match pwhost_fuzz::host_calls(&plugin) {
         Ok(true) => {}
