@@ -1,6 +1,6 @@
-//! Typed host calls, over [`crate::host_imports`] or [`abi::direct`]. The public ones have the signatures of the SDK's
-//! `hostcalls` functions of the same names (buffers, metrics, gRPC cancel and close); the others
-//! serve the traits' methods.
+//! Typed host calls, over [`crate::host_imports`] or [`abi::direct`]. The public ones have the
+//! signatures of the SDK's `hostcalls` functions of the same names (buffers, metrics, gRPC cancel
+//! and close); the others serve the traits' methods.
 //!
 //! The calls on a request's hot path (header maps, logging) skip the host-function interface
 //! altogether: they run [`abi::direct`]'s functions on the VM state the null runtime lends
@@ -56,8 +56,8 @@ fn expect_done(result: Result<(), Status>) {
 }
 
 /// Makes a host call directly on the running call's VM state ([`abi::direct`]). Failing to reach
-/// the state (no call running, or the state lent already) is `INTERNAL_FAILURE`, as
-/// [`call`] answers when the host function cannot run; a trap also ends the plugin's call.
+/// the state (no call running, or the state in use) is `INTERNAL_FAILURE`, as [`call`] answers
+/// when the host function cannot run; a trap also ends the plugin's call.
 fn direct<R>(call: impl FnOnce(&mut abi::VmState) -> HostCallResult<R>) -> Result<R, Status> {
     runtime_null::with_state(call).unwrap_or(Err(Status::InternalFailure))
 }
