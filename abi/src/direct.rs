@@ -5,8 +5,9 @@
 //! runtime) shares the host's address space, so on a request's hot path it may skip both: these
 //! functions take and lend plain Rust values, and answer as the host functions of the same
 //! names — the same statuses, capability checks and restrictions, and the same count of host
-//! calls — except that nothing is serialized, so nothing can fail to be. Embedders never call them; a native plugin SDK does, on the state its runtime
-//! lends it for the duration of one call (e.g. `runtime_null::with_state`).
+//! calls — except that nothing is serialized, so nothing can fail to be. Embedders never call
+//! them; a native plugin SDK does, on the state its runtime lends it for the duration of one call
+//! (e.g. `runtime_null::with_state`).
 //!
 //! Each returns `Err(trap)` when the plugin must be stopped (where the host function would
 //! trap), otherwise the call's status, `Ok(Ok(_))` being `OK`.

@@ -35,9 +35,10 @@ thread_local! {
 /// Errors: no instance call is running on this thread (e.g. native code called from a thread of
 /// its own), the host does not provide the function, the state is in use (by a [`with_state`]
 /// closure, or by a host function calling this directly instead of through its
-/// [`runtime_api::Caller`]), or the host function failed in a way that must stop the plugin. Native code cannot be unwound like a trapping WebAssembly guest, so
-/// after such a failure the instance's current call returns the trap as soon as the native code
-/// returns, and every further host call of that call fails.
+/// [`runtime_api::Caller`]), or the host function failed in a way that must stop the plugin.
+/// Native code cannot be unwound like a trapping WebAssembly guest, so after such a failure the
+/// instance's current call returns the trap as soon as the native code returns, and every
+/// further host call of that call fails.
 pub fn call_host(import: usize, slots: &mut [u64]) -> Result<(), Trap> {
     let Some(frame) = CURRENT.with(Cell::get) else {
         return Err(outside_a_call());
