@@ -15,7 +15,7 @@
 use runtime_api::Trap;
 
 use crate::exports::headers::{self, Edit};
-use crate::exports::{check_allowed, logging, Failure};
+use crate::exports::{answer, check_allowed, logging, Failure};
 use crate::{LogLevel, MapType, Status, VmState};
 
 /// What a host call made directly answers: a trap that stops the plugin, or the call's status.
@@ -31,11 +31,7 @@ fn host_call<T>(
     if !check_allowed(state, "env", name)? {
         return Ok(Err(Status::InternalFailure));
     }
-    match body(state) {
-        Ok(value) => Ok(Ok(value)),
-        Err(Failure::Status(status)) => Ok(Err(status)),
-        Err(Failure::Trap(trap)) => Err(trap),
-    }
+    answer(body(state))
 }
 
 /// `proxy_log`: `message` to the host's log at `level`, from the effective context.

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use rustc_hash::FxHashMap;
 
@@ -86,6 +86,24 @@ impl QueueOwner {
 struct Queue {
     items: VecDeque<Vec<u8>>,
     owner: QueueOwner,
+}
+
+/// Tells queue `token`'s owner that it holds items, then runs the owner's wake-up once the
+/// registry is unlocked (the wake-up may well enqueue or look up queues itself). The owner may
+/// be gone (its VM was dropped): the items stay for a later owner.
+fn announce(registry: MutexGuard<'_, QueueRegistry>, token: u32) {
+    let Some(queue) = (token as usize)
+        .checked_sub(1)
+        .and_then(|index| registry.queues.get(index))
+    else {
+        return;
+    };
+    let _ = queue.owner.notify.send((queue.owner.root, token));
+    let wake = queue.owner.wake();
+    drop(registry);
+    if let Some(wake) = wake {
+        wake();
+    }
 }
 
 #[derive(Default)]
@@ -294,7 +312,7 @@ impl SharedState {
         entries
     }
 
-    fn queues(&self) -> std::sync::MutexGuard<'_, QueueRegistry> {
+    fn queues(&self) -> MutexGuard<'_, QueueRegistry> {
         self.inner
             .queues
             .lock()
@@ -312,15 +330,8 @@ impl SharedState {
         if let Some(token) = registry.by_name.get(&key).copied() {
             let queue = &mut registry.queues[token as usize - 1];
             queue.owner = owner;
-            if queue.items.is_empty() {
-                return token;
-            }
-            let _ = queue.owner.notify.send((queue.owner.root, token));
-            let wake = queue.owner.wake();
-            // As in `enqueue`: the embedder's wake-up runs unlocked.
-            drop(registry);
-            if let Some(wake) = wake {
-                wake();
+            if !queue.items.is_empty() {
+                announce(registry, token);
             }
             return token;
         }
@@ -351,14 +362,7 @@ impl SharedState {
             return Status::NotFound;
         };
         queue.items.push_back(item.to_vec());
-        // The owner may be gone (its VM was dropped); the item stays for a later owner.
-        let _ = queue.owner.notify.send((queue.owner.root, token));
-        let wake = queue.owner.wake();
-        // The embedder's wake-up runs unlocked: it may well enqueue or look up queues itself.
-        drop(registry);
-        if let Some(wake) = wake {
-            wake();
-        }
+        announce(registry, token);
         Status::Ok
     }
 

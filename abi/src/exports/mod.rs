@@ -50,6 +50,17 @@ impl From<Trap> for Failure {
 /// The result of a host function body: `Ok` is `Status::Ok`.
 pub(crate) type HostResult = Result<(), Failure>;
 
+/// A body's result as the plugin meets it: `Err` stops the plugin, otherwise the call's status
+/// (`Ok(_)` being `OK`).
+#[inline]
+pub(crate) fn answer<T>(result: Result<T, Failure>) -> Result<Result<T, Status>, Trap> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(Failure::Status(status)) => Ok(Err(status)),
+        Err(Failure::Trap(trap)) => Err(trap),
+    }
+}
+
 /// A status from the host (or shared state) as a host function result.
 pub(crate) fn check(status: Status) -> HostResult {
     match status {
@@ -121,10 +132,9 @@ macro_rules! status {
                 args[0] = u64::from(crate::Status::InternalFailure.code());
                 return Ok(());
             }
-            let status = match $body(caller, args) {
+            let status = match crate::exports::answer($body(caller, args))? {
                 Ok(()) => crate::Status::Ok,
-                Err(crate::exports::Failure::Status(status)) => status,
-                Err(crate::exports::Failure::Trap(trap)) => return Err(trap),
+                Err(status) => status,
             };
             args[0] = u64::from(status.code());
             Ok(())
