@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,25 +22,9 @@ fn corpus_plugin(name: &str) -> PathBuf {
     path
 }
 
-/// A port for a server the test starts by number (the proxy under test), outside the kernel's
-/// ephemeral range (32768-60999 by default): a server bound to port 0 (the origins and upstreams
-/// of tests running beside) is never given it between this call and the proxy's own bind, which
-/// a port picked by binding port 0 could not promise. Each process tries ports of a block of its
-/// own in turn, skipping any in use.
-fn free_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let block = 10_000 + (std::process::id() % 110) as u16 * 200;
-    for _ in 0..200 {
-        let port = block + NEXT.fetch_add(1, Ordering::Relaxed) % 200;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port on 127.0.0.1")
-}
+#[path = "common/free_port.rs"]
+mod ports;
+use ports::free_port;
 
 /// An origin that answers every request with what it received: request line, headers (lower
 /// case), body, then `hello from origin`; a request for `/slow...` after 1.5 s.
