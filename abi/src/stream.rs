@@ -63,6 +63,9 @@ pub(crate) struct StreamState {
     pub(crate) local_reply_sent: bool,
     /// The properties and Envoy objects the plugin set on it.
     pub(crate) filter_state: FilterState,
+    /// Its plugin's `allow_on_headers_stop_iteration`, copied at creation (a root context's
+    /// configuration never changes) so that a headers callback needs no second lookup.
+    pub(crate) allow_on_headers_stop_iteration: bool,
 }
 
 impl StreamState {
@@ -73,6 +76,7 @@ impl StreamState {
             held: 0,
             local_reply_sent: false,
             filter_state: FilterState::default(),
+            allow_on_headers_stop_iteration: false,
         }
     }
 

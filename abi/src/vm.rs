@@ -12,7 +12,6 @@ use crate::{
     AbiVersion, ContextId, DataAction, HeaderMap, HeadersAction, Host, HttpCallResponse, PeerType,
     Plugin, RootConfig, Status, VmState,
 };
-use std::sync::Arc;
 
 /// Why a call into a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -445,10 +444,12 @@ impl Vm {
         kind: StreamKind,
     ) -> Result<ContextId, VmError> {
         let context = self.next_id();
-        self.instance
-            .state()
-            .contexts
-            .insert(context.0, ContextKind::Stream(StreamState::new(root, kind)));
+        let contexts = &mut self.instance.state().contexts;
+        let mut stream = StreamState::new(root, kind);
+        if let Some(ContextKind::Root(root)) = contexts.get(&root.0) {
+            stream.allow_on_headers_stop_iteration = root.config.allow_on_headers_stop_iteration;
+        }
+        contexts.insert(context.0, ContextKind::Stream(stream));
         self.call(
             Callback::ContextCreate,
             context,
@@ -466,7 +467,11 @@ impl Vm {
         count: usize,
         end_of_stream: bool,
     ) -> Result<HeadersAction, VmError> {
-        self.stream(context)?.deliver(part);
+        let allow = {
+            let stream = self.stream(context)?;
+            stream.deliver(part);
+            stream.allow_on_headers_stop_iteration
+        };
         let mut action = [0];
         // A 0.1.0 export of the spec's shape takes only the first two (see `callbacks`).
         let args = [u64::from(context.0), count as u64, u64::from(end_of_stream)];
@@ -474,7 +479,6 @@ impl Vm {
         let action = if stopped {
             HeadersAction::StopAllAndWatermark
         } else {
-            let allow = self.root_config_of(context).allow_on_headers_stop_iteration;
             HeadersAction::from_headers_callback(action[0], allow)
         };
         self.release_if(context, part, action.continues());
@@ -660,19 +664,6 @@ impl Vm {
     /// Whether root context `root` still owes a `proxy_done`.
     pub fn is_done_pending_for(&mut self, root: ContextId) -> bool {
         self.instance.state().pending_done.contains(&root)
-    }
-
-    /// The configuration of the plugin a context belongs to.
-    fn root_config_of(&mut self, context: ContextId) -> Arc<RootConfig> {
-        let state = self.instance.state();
-        let root = match state.contexts.get(&context.0) {
-            Some(ContextKind::Stream(stream)) => stream.root,
-            _ => context,
-        };
-        match state.contexts.get(&root.0) {
-            Some(ContextKind::Root(root)) => Arc::clone(&root.config),
-            _ => Arc::default(),
-        }
     }
 
     /// The root context that made call `token` (the plugin's own if the token is unknown).
