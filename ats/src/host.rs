@@ -65,8 +65,9 @@ impl StreamSlot {
 
 /// The host of one VM copy.
 pub(crate) struct AtsHost {
-    /// The transactions running through this copy, by the plugin's stream context.
-    pub(crate) streams: FxHashMap<u32, StreamSlot>,
+    /// The transactions running through this copy, by the plugin's stream context. Private:
+    /// [`LIVE_STREAMS`] counts its entries, so only `open_stream`/`close_stream` change it.
+    streams: FxHashMap<u32, StreamSlot>,
     /// Plugin names by root context, for logs of root contexts.
     pub(crate) roots: FxHashMap<u32, Arc<str>>,
     /// Where `proxy_http_call` may go (the deployment's `upstreams:`).
@@ -127,6 +128,16 @@ impl AtsHost {
         if self.streams.remove(&context.0).is_some() {
             LIVE_STREAMS.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// The slot of stream context `context`, if its transaction is running through this copy.
+    pub(crate) fn stream_mut(&mut self, context: ContextId) -> Option<&mut StreamSlot> {
+        self.streams.get_mut(&context.0)
+    }
+
+    /// The slots of every transaction running through this copy.
+    pub(crate) fn stream_slots(&self) -> impl Iterator<Item = &StreamSlot> {
+        self.streams.values()
     }
 }
 

@@ -486,7 +486,7 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<sys::TSCont>) {
     let Some(host) = vm.host_as::<AtsHost>() else {
         return;
     };
-    for slot in host.streams.values() {
+    for slot in host.stream_slots() {
         if slot.held && (failed || slot.continued || slot.closed || slot.local_reply.is_some()) {
             out.push(slot.transaction);
         }
@@ -585,10 +585,7 @@ unsafe fn socket_address(address: *const sys::sockaddr) -> Option<std::net::Sock
 
 /// Records the response's status (and the upstream's address) for the plugin's attributes.
 fn note_response(vm: &mut Vm, context: abi::ContextId, txn: sys::TSHttpTxn, status: u32) {
-    if let Some(slot) = vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-    {
+    if let Some(slot) = slot_of(vm, context) {
         slot.info.response_code = Some(status);
         if slot.info.upstream_address.is_none() {
             // SAFETY: `txn` is held by the hook being handled.
@@ -678,12 +675,14 @@ struct Requests {
     closed: bool,
 }
 
+/// The slot of the plugin's stream `context` in the copy's host.
+fn slot_of(vm: &mut Vm, context: abi::ContextId) -> Option<&mut StreamSlot> {
+    vm.host_as::<AtsHost>()?.stream_mut(context)
+}
+
 /// Takes what the plugin asked for its stream `context` (and ends a hold on it).
 fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
-    match vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-    {
+    match slot_of(vm, context) {
         Some(slot) => {
             slot.held = false;
             take_asked(slot)
@@ -695,10 +694,7 @@ fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
 /// Takes what the plugin asked for its stream `context` during a body callback: a hold of a
 /// header phase, if any, stays.
 fn take_body_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
-    vm.host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-        .map(take_asked)
-        .unwrap_or_default()
+    slot_of(vm, context).map(take_asked).unwrap_or_default()
 }
 
 fn take_asked(slot: &mut StreamSlot) -> Requests {
@@ -711,18 +707,13 @@ fn take_asked(slot: &mut StreamSlot) -> Requests {
 
 /// Lends a body to the plugin's slot (`None` takes it back and returns it).
 fn lend_body(vm: &mut Vm, context: abi::ContextId, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    let slot = vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))?;
+    let slot = slot_of(vm, context)?;
     std::mem::replace(&mut slot.body, body)
 }
 
 /// Marks the plugin's stream as held (waiting for the plugin).
 fn hold(vm: &mut Vm, context: abi::ContextId) {
-    if let Some(slot) = vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-    {
+    if let Some(slot) = slot_of(vm, context) {
         slot.held = true;
     }
 }
@@ -734,10 +725,7 @@ fn lend(
     request: Option<MimeHeaders>,
     response: Option<MimeHeaders>,
 ) {
-    if let Some(slot) = vm
-        .host_as::<AtsHost>()
-        .and_then(|host| host.streams.get_mut(&context.0))
-    {
+    if let Some(slot) = slot_of(vm, context) {
         slot.request = request;
         slot.response = response;
     }
