@@ -6,7 +6,7 @@
 //! The plugins are the corpus's Rust SDK plugins, unchanged, on every engine the plugin was
 //! built with among wasmtime, WAMR and V8.
 
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -70,6 +70,10 @@ fn plugin_library() -> PathBuf {
 #[path = "../../pwhost/tests/common/free_port.rs"]
 mod ports;
 use ports::free_port;
+
+#[path = "../../pwhost/tests/common/faulty_peers.rs"]
+mod faulty_peers;
+use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
 
 /// An origin server answering every request with 200, `server: origin`, and a body listing the
 /// request line and headers it received (`name: value` lines), an empty line, the request body
@@ -1220,103 +1224,6 @@ fn root_contexts_and_singleton_services_call_upstreams_when_they_start_on_every_
     }
 }
 
-/// What a misbehaving upstream does with each connection once it has read a request's head.
-#[derive(Clone, Copy)]
-enum Misbehaviour {
-    /// Resets the connection (RST) before answering anything.
-    Reset,
-    /// Never answers; holds the connection until the upstream stops.
-    Stall,
-    /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
-    CutMidBody,
-}
-
-/// An upstream on 127.0.0.1 treating every connection as its misbehaviour says, until dropped.
-struct Misbehaving {
-    address: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Misbehaving {
-    fn start(misbehaviour: Misbehaviour) -> Misbehaving {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("the upstream binds");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let address = listener.local_addr().expect("its address");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let mut held = Vec::new();
-            while !stopped.load(Ordering::Relaxed) {
-                let Ok((mut stream, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                    match stream.read(&mut buffer) {
-                        Ok(0) | Err(_) => break,
-                        Ok(count) => head.extend_from_slice(&buffer[..count]),
-                    }
-                }
-                match misbehaviour {
-                    Misbehaviour::Reset => reset(stream),
-                    Misbehaviour::Stall => held.push(stream),
-                    Misbehaviour::CutMidBody => {
-                        let mut response =
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
-                        response.resize(response.len() + 1000, b'x');
-                        let _ = stream.write_all(&response);
-                        // Long enough for Traffic Server to have sent the response on its way.
-                        std::thread::sleep(Duration::from_millis(200));
-                        reset(stream);
-                    }
-                }
-            }
-        });
-        Misbehaving {
-            address,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Misbehaving {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Closes `stream` with a reset (RST) rather than an orderly close.
-fn reset(stream: TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: sets an option on a socket this function owns, from a value that lives through
-    // the call, with its exact size.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-    drop(stream);
-}
-
 /// An HTTP callout target answering 200 with `x-auth-user: load`, but each `stall_every`-th
 /// call only after `stall`.
 fn flaky_checker(stall_every: usize, stall: Duration) -> Origin {
@@ -1409,7 +1316,13 @@ impl FaultyRequest {
                     Err(error) => Err(error.to_string()),
                 }
             }
-            FaultyRequest::TrapMidBody => chunked_post(port, "/trapped"),
+            FaultyRequest::TrapMidBody => chunked_post(
+                port,
+                &format!("127.0.0.1:{port}"),
+                "/trapped",
+                &["first part", "second part"],
+            )
+            .and_then(|response| response.whole_status()),
         }
     }
 
@@ -1438,35 +1351,6 @@ impl FaultyRequest {
                 )
         )
     }
-}
-
-/// `POST` of a two-part chunked body on a connection of its own; the response's status if it
-/// came whole, else why not.
-fn chunked_post(port: u16, path: &str) -> Result<u16, String> {
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    connection
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ntransfer-encoding: chunked\r\n\
-         connection: close\r\n\r\n"
-    );
-    // A write failing once Traffic Server has answered early is fine: its answer is read below.
-    let _ = connection.write_all(head.as_bytes());
-    for chunk in ["first part", "second part"] {
-        let _ = connection.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = connection.write_all(b"0\r\n\r\n");
-    let mut received = Vec::new();
-    connection
-        .read_to_end(&mut received)
-        .map_err(|e| format!("reading the response: {e}"))?;
-    let text = String::from_utf8_lossy(&received);
-    text.split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("no whole status line in {text:?}"))
 }
 
 /// A bounded load of requests meeting every fault at once (upstreams refusing, resetting,

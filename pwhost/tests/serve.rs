@@ -26,6 +26,10 @@ fn corpus_plugin(name: &str) -> PathBuf {
 mod ports;
 use ports::free_port;
 
+#[path = "common/faulty_peers.rs"]
+mod faulty_peers;
+use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
+
 /// An origin that answers every request with what it received: request line, headers (lower
 /// case), body, then `hello from origin`; a request for `/slow...` after 1.5 s.
 /// A server on 127.0.0.1 on a thread of its own (a current-thread runtime), stopped and joined
@@ -2100,52 +2104,6 @@ fn on_clients<T: Send>(clients: usize, count: usize, send: impl Fn(usize) -> T +
     })
 }
 
-/// What a misbehaving upstream does with each connection once it has read a request's head.
-#[derive(Clone, Copy)]
-enum Misbehaviour {
-    /// Resets the connection (RST) before answering anything.
-    Reset,
-    /// Never answers; holds the connection until the test ends.
-    Stall,
-    /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
-    CutMidBody,
-}
-
-/// An upstream on 127.0.0.1 treating every connection as `misbehaviour` says.
-fn misbehaving(misbehaviour: Misbehaviour) -> Background {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    Background::start(move |listener, mut stopped| async move {
-        loop {
-            let Some(mut stream) = next_connection(&listener, &mut stopped).await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(count) => head.extend_from_slice(&buffer[..count]),
-                    }
-                }
-                match misbehaviour {
-                    Misbehaviour::Reset => {}
-                    Misbehaviour::Stall => tokio::time::sleep(Duration::from_secs(120)).await,
-                    Misbehaviour::CutMidBody => {
-                        let mut response =
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
-                        response.resize(response.len() + 1000, b'x');
-                        let _ = stream.write_all(&response).await;
-                        // Long enough for the proxy to have sent the response on its way.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                let _ = stream.set_zero_linger();
-            });
-        }
-    })
-}
-
 /// A callout target answering `200` with `x-auth-user: load` to every call but each
 /// `stall_every`-th, which it never answers.
 fn flaky_checker(stall_every: usize) -> Background {
@@ -2178,53 +2136,6 @@ fn flaky_checker(stall_every: usize) -> Background {
             });
         }
     })
-}
-
-/// `POST` of `chunks` as a chunked body on a connection of its own, with a pause after each
-/// chunk (so the plugins see the body in parts); the response's status and body if it came
-/// whole, else why not.
-fn chunked_post(port: u16, path: &str, chunks: &[&str]) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    connection
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: load\r\ntransfer-encoding: chunked\r\n\
-         connection: close\r\n\r\n"
-    );
-    // A write failing once the proxy has answered early is fine: its answer is read below.
-    let _ = connection.write_all(head.as_bytes());
-    for chunk in chunks {
-        let _ = connection.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = connection.write_all(b"0\r\n\r\n");
-    let mut received = Vec::new();
-    connection
-        .read_to_end(&mut received)
-        .map_err(|e| format!("reading the response: {e}"))?;
-    let text = String::from_utf8_lossy(&received);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no whole response head in {text:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    let length = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
-        .ok_or_else(|| format!("no content-length in {head:?}"))?;
-    if body.len() != length {
-        return Err(format!("{} of {length} body bytes", body.len()));
-    }
-    Ok((status, body.to_string()))
 }
 
 /// One kind of request of the fault-injection load, and what it may end in.
@@ -2312,8 +2223,8 @@ impl FaultyRequest {
                 expect_body(try_get(&url("/checked"), &[])?, "x-auth-user: load")
             }
             FaultyRequest::TrapMidBody => {
-                chunked_post(ports[2], "/trapped", &["first part", "second part"])
-                    .map(|(status, _)| status)
+                chunked_post(ports[2], "load", "/trapped", &["first part", "second part"])
+                    .and_then(|response| response.whole_status())
             }
             FaultyRequest::BesideTraps => Ok(try_get(&url("/beside"), &[])?.status),
         }
@@ -2351,9 +2262,9 @@ fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_co
     let requests = count_from_env("PWHOST_FAULT_REQUESTS", 200);
     let origin = Origin::start();
     let (resetting, stalling, cutting) = (
-        misbehaving(Misbehaviour::Reset),
-        misbehaving(Misbehaviour::Stall),
-        misbehaving(Misbehaviour::CutMidBody),
+        Misbehaving::start(Misbehaviour::Reset),
+        Misbehaving::start(Misbehaviour::Stall),
+        Misbehaving::start(Misbehaviour::CutMidBody),
     );
     let checker = flaky_checker(10);
     let dir = tempfile::tempdir().expect("a temporary directory");

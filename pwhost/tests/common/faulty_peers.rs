@@ -1,0 +1,202 @@
+//! Peers that misbehave on purpose, for the fault-injection tests of the `pwhost serve` suite
+//! and the Traffic Server suite (a `#[path]` module of both): upstreams that reset, stall or cut
+//! a response short, and a client sending a chunked body in parts.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What a misbehaving upstream does with each connection once it has read a request's head.
+#[derive(Clone, Copy, Debug)]
+pub enum Misbehaviour {
+    /// Resets the connection (RST) before answering anything.
+    Reset,
+    /// Never answers; holds the connection until the upstream is dropped.
+    Stall,
+    /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
+    CutMidBody,
+}
+
+/// An upstream on 127.0.0.1 treating every connection as its misbehaviour says, until dropped.
+pub struct Misbehaving {
+    /// Where it listens.
+    pub address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Misbehaving {
+    /// Binds a port of its own and starts misbehaving on it.
+    pub fn start(misbehaviour: Misbehaviour) -> Misbehaving {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the upstream binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("its address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            // Stalled connections, held until the upstream stops.
+            let held = Arc::new(Mutex::new(Vec::new()));
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                // A thread per connection, so a slow one (a head that never comes ends after
+                // the 5 s read timeout) holds up no other.
+                let held = Arc::clone(&held);
+                std::thread::spawn(move || {
+                    if let Some(stream) = misbehave(stream, misbehaviour) {
+                        held.lock().unwrap_or_else(|e| e.into_inner()).push(stream);
+                    }
+                });
+            }
+            held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        });
+        Misbehaving {
+            address,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Reads a request's head from `stream` and misbehaves; returns a stalled connection to hold.
+fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour) -> Option<TcpStream> {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return None,
+            Ok(count) => head.extend_from_slice(&buffer[..count]),
+        }
+    }
+    match misbehaviour {
+        Misbehaviour::Reset => reset(stream),
+        Misbehaviour::Stall => return Some(stream),
+        Misbehaviour::CutMidBody => {
+            let mut response = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+            response.resize(response.len() + 1000, b'x');
+            let _ = stream.write_all(&response);
+            // Long enough for the proxy to have sent the response on its way.
+            std::thread::sleep(Duration::from_millis(200));
+            reset(stream);
+        }
+    }
+    None
+}
+
+impl Drop for Misbehaving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Closes `stream` with a reset (RST) rather than an orderly close.
+pub fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: sets an option on a socket this function owns, from a value that lives through
+    // the call, with its exact size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+/// A response read to the end of its connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// The status code.
+    pub status: u16,
+    /// The head, status line and header lines.
+    pub head: String,
+    /// Every byte after the head, as text.
+    pub body: String,
+}
+
+impl RawResponse {
+    /// The value of header `name` (any case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (header, value) = line.split_once(':')?;
+            header.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+impl RawResponse {
+    /// The status, if the body came whole as far as its `content-length` says (a response
+    /// without one counts as whole: it was read to the close).
+    pub fn whole_status(&self) -> Result<u16, String> {
+        match self.header("content-length").map(str::parse::<usize>) {
+            Some(Ok(length)) if length != self.body.len() => {
+                Err(format!("{} of {length} body bytes", self.body.len()))
+            }
+            Some(Err(_)) => Err(format!("a bad content-length in {:?}", self.head)),
+            _ => Ok(self.status),
+        }
+    }
+}
+
+/// `POST` of `chunks` to `path` as a chunked body on a connection of its own (with `Host:
+/// host`), with a pause after each chunk so the plugins see the body in parts; the response,
+/// read until the peer closes (the request asks for `connection: close`), else why none came.
+pub fn chunked_post(
+    port: u16,
+    host: &str,
+    path: &str,
+    chunks: &[&str],
+) -> Result<RawResponse, String> {
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    connection
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    );
+    // A write failing once the proxy has answered early is fine: its answer is read below.
+    let _ = connection.write_all(head.as_bytes());
+    for chunk in chunks {
+        let _ = connection.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = connection.write_all(b"0\r\n\r\n");
+    let mut received = Vec::new();
+    connection
+        .read_to_end(&mut received)
+        .map_err(|e| format!("reading the response: {e}"))?;
+    let text = String::from_utf8_lossy(&received);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no whole response head in {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok(RawResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
