@@ -111,8 +111,8 @@ pub struct Plugin {
     pub(crate) linked: Arc<dyn LinkedModule<VmState>>,
     pub(crate) abi: AbiVersion,
     /// How many parameters each callback the module exports takes (its type was checked at
-    /// load; 0.1.0 header callbacks come in two shapes).
-    pub(crate) callback_params: [usize; CALLBACK_COUNT],
+    /// load; 0.1.0 header callbacks come in two shapes); `None` for one it does not export.
+    pub(crate) callback_params: [Option<usize>; CALLBACK_COUNT],
     pub(crate) config: Arc<PluginConfig>,
     pub(crate) shared: SharedState,
     pub(crate) runtime: &'static str,
@@ -200,7 +200,7 @@ const ALLOCATOR: Signature = Signature::new(&[ValType::I32], &[ValType::I32]);
 fn check_exports(
     module: &dyn CompiledModule<VmState>,
     abi: AbiVersion,
-) -> Result<[usize; CALLBACK_COUNT], LoadError> {
+) -> Result<[Option<usize>; CALLBACK_COUNT], LoadError> {
     let exports = module.exports();
     let function_type = |name: &str| {
         exports
@@ -235,7 +235,7 @@ fn check_exports(
     if !has_allocator {
         return Err(LoadError::MissingAllocator);
     }
-    let mut params = [0; CALLBACK_COUNT];
+    let mut params = [None; CALLBACK_COUNT];
     for (callback, params) in CALLBACKS.iter().zip(&mut params) {
         if !callback.in_abi(abi) {
             continue;
@@ -245,7 +245,7 @@ fn check_exports(
             None => continue,
             Some(Ok(ty)) => match accepted.iter().find(|s| s.matches(&ty)) {
                 Some(signature) => {
-                    *params = signature.params.len();
+                    *params = Some(signature.params.len());
                     continue;
                 }
                 None => ty.to_string(),

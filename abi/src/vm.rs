@@ -66,7 +66,7 @@ impl VmWaker {
 /// the plugin's [`crate::SharedState`], and nothing else.
 pub struct Vm {
     instance: Box<dyn Instance<VmState>>,
-    callbacks: [Option<GuestFunction>; CALLBACK_COUNT],
+    callbacks: [Export; CALLBACK_COUNT],
     /// How many of the arguments a callback is given its export takes.
     callback_params: [usize; CALLBACK_COUNT],
     abi: AbiVersion,
@@ -77,6 +77,20 @@ pub struct Vm {
     /// Queues of this VM that received items, with the root context that registered each, to
     /// deliver as `proxy_on_queue_ready`.
     queue_ready: std::sync::mpsc::Receiver<(u32, u32)>,
+}
+
+/// A callback's export in the instance.
+#[derive(Clone, Copy)]
+enum Export {
+    /// Not exported (or left out by the plugin's capability restriction): never called.
+    Absent,
+    /// Exported, not yet looked up in the instance: a module exports some twenty callbacks and a
+    /// request calls a handful, and on some engines a lookup costs more than a callback (on
+    /// wasmtime ~1.8 k instructions, a third of a VM start's own work), so each is looked up at
+    /// its first call.
+    Unresolved,
+    /// Looked up.
+    Resolved(GuestFunction),
 }
 
 impl Vm {
@@ -97,16 +111,20 @@ impl Vm {
             root.0,
             ContextKind::Root(RootState::new(plugin.config.root())),
         );
-        let mut callbacks = [None; CALLBACK_COUNT];
+        let mut callbacks = [Export::Absent; CALLBACK_COUNT];
         // Callbacks the plugin's capability restriction leaves out are never called, as if the
         // module did not export them.
         let allowed = |name: &str| match &plugin.config.allowed_capabilities {
             Some(allowed) if !allowed.is_empty() => allowed.contains(name),
             _ => true,
         };
-        for (slot, spec) in callbacks.iter_mut().zip(CALLBACKS.iter()) {
-            if spec.in_abi(plugin.abi) && allowed(spec.name) {
-                *slot = instance.function(spec.name);
+        for ((slot, spec), params) in callbacks
+            .iter_mut()
+            .zip(CALLBACKS.iter())
+            .zip(plugin.callback_params)
+        {
+            if params.is_some() && spec.in_abi(plugin.abi) && allowed(spec.name) {
+                *slot = Export::Unresolved;
             }
         }
         let allocator = instance
@@ -116,7 +134,7 @@ impl Vm {
         let mut vm = Vm {
             instance,
             callbacks,
-            callback_params: plugin.callback_params,
+            callback_params: plugin.callback_params.map(|params| params.unwrap_or(0)),
             abi: plugin.abi,
             root,
             next_context_id: 2,
@@ -189,8 +207,13 @@ impl Vm {
         if let Some(failure) = &self.failure {
             return Err(VmError::Failed(failure.clone()));
         }
-        let Some(function) = self.callbacks[callback as usize] else {
-            return Ok(false);
+        let function = match self.callbacks[callback as usize] {
+            Export::Resolved(function) => function,
+            Export::Absent => return Ok(false),
+            Export::Unresolved => match self.resolve(callback) {
+                Some(function) => function,
+                None => return Ok(false),
+            },
         };
         let state = self.instance.state();
         state.effective_context = context;
@@ -218,6 +241,17 @@ impl Vm {
             Ok(()) => Ok(std::mem::take(&mut state.stop_iteration)),
             Err(trap) => Err(self.fail(CALLBACKS[callback as usize].name, context, trap)),
         }
+    }
+
+    /// Looks `callback` up in the instance, at its first call.
+    #[cold]
+    fn resolve(&mut self, callback: Callback) -> Option<GuestFunction> {
+        let function = self.instance.function(CALLBACKS[callback as usize].name);
+        self.callbacks[callback as usize] = match function {
+            Some(function) => Export::Resolved(function),
+            None => Export::Absent,
+        };
+        function
     }
 
     fn stream(&mut self, context: ContextId) -> Result<&mut StreamState, VmError> {
@@ -258,7 +292,7 @@ impl Vm {
         CALLBACKS
             .iter()
             .position(|spec| spec.name == name)
-            .is_some_and(|index| self.callbacks[index].is_some())
+            .is_some_and(|index| !matches!(self.callbacks[index], Export::Absent))
     }
 
     /// The ABI version the plugin was built for.
