@@ -85,9 +85,9 @@ enum Export {
     /// Not exported (or left out by the plugin's capability restriction): never called.
     Absent,
     /// Exported, not yet looked up in the instance: a module exports some twenty callbacks and a
-    /// request calls a handful, and on some engines a lookup costs more than a callback (on
-    /// wasmtime ~1.8 k instructions, a third of a VM start's own work), so each is looked up at
-    /// its first call.
+    /// request calls a handful, and a lookup can cost more than a call (on wasmtime ~1.8 k
+    /// instructions; all of them were nearly half of a VM start), so each is looked up at its
+    /// first call.
     Unresolved,
     /// Looked up.
     Resolved(GuestFunction),
