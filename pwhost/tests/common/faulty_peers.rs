@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -39,23 +39,22 @@ impl Misbehaving {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            // Stalled connections, held until the upstream stops.
-            let held = Arc::new(Mutex::new(Vec::new()));
+            let mut connections = Vec::new();
             while !stopped.load(Ordering::Relaxed) {
                 let Ok((stream, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
-                // A thread per connection, so a slow one (a head that never comes ends after
-                // the 5 s read timeout) holds up no other.
-                let held = Arc::clone(&held);
-                std::thread::spawn(move || {
-                    if let Some(stream) = misbehave(stream, misbehaviour) {
-                        held.lock().unwrap_or_else(|e| e.into_inner()).push(stream);
-                    }
-                });
+                // A thread per connection, so a slow one holds up no other; each ends soon
+                // after the upstream stops, and is joined then.
+                let stopped = Arc::clone(&stopped);
+                connections.push(std::thread::spawn(move || {
+                    misbehave(stream, misbehaviour, &stopped)
+                }));
             }
-            held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            for connection in connections {
+                let _ = connection.join();
+            }
         });
         Misbehaving {
             address,
@@ -65,21 +64,35 @@ impl Misbehaving {
     }
 }
 
-/// Reads a request's head from `stream` and misbehaves; returns a stalled connection to hold.
-fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour) -> Option<TcpStream> {
+/// Reads a request's head from `stream` (for at most 5 s, or until the upstream stops) and
+/// misbehaves.
+fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour, stopped: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let started = std::time::Instant::now();
     let mut head = Vec::new();
     let mut buffer = [0u8; 4096];
     while !head.windows(4).any(|window| window == b"\r\n\r\n") {
         match stream.read(&mut buffer) {
-            Ok(0) | Err(_) => return None,
+            Ok(0) => return,
             Ok(count) => head.extend_from_slice(&buffer[..count]),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && !stopped.load(Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(5) => {}
+            Err(_) => return,
         }
     }
     match misbehaviour {
         Misbehaviour::Reset => reset(stream),
-        Misbehaviour::Stall => return Some(stream),
+        Misbehaviour::Stall => {
+            // Held open, unanswered, until the upstream stops.
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Misbehaviour::CutMidBody => {
             let mut response = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
             response.resize(response.len() + 1000, b'x');
@@ -89,7 +102,6 @@ fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour) -> Option<TcpStr
             reset(stream);
         }
     }
-    None
 }
 
 impl Drop for Misbehaving {
@@ -144,16 +156,26 @@ impl RawResponse {
 }
 
 impl RawResponse {
-    /// The status, if the body came whole as far as its `content-length` says (a response
-    /// without one counts as whole: it was read to the close).
+    /// The status, if the body came whole: as long as its `content-length` says, or a chunked
+    /// body up to its last chunk. A response framed by the close alone cannot show it was cut,
+    /// so it does not count as whole.
     pub fn whole_status(&self) -> Result<u16, String> {
-        match self.header("content-length").map(str::parse::<usize>) {
-            Some(Ok(length)) if length != self.body.len() => {
-                Err(format!("{} of {length} body bytes", self.body.len()))
+        if let Some(length) = self.header("content-length") {
+            let length: usize = length
+                .parse()
+                .map_err(|_| format!("a bad content-length in {:?}", self.head))?;
+            if length != self.body.len() {
+                return Err(format!("{} of {length} body bytes", self.body.len()));
             }
-            Some(Err(_)) => Err(format!("a bad content-length in {:?}", self.head)),
-            _ => Ok(self.status),
+            return Ok(self.status);
         }
+        let chunked = self
+            .header("transfer-encoding")
+            .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
+        if chunked && self.body.ends_with("0\r\n\r\n") {
+            return Ok(self.status);
+        }
+        Err(format!("no whole body to be seen in {:?}", self.head))
     }
 }
 
