@@ -111,7 +111,8 @@ pub struct Plugin {
     pub(crate) linked: Arc<dyn LinkedModule<VmState>>,
     pub(crate) abi: AbiVersion,
     /// How many parameters each callback the module exports takes (its type was checked at
-    /// load; 0.1.0 header callbacks come in two shapes); `None` for one it does not export.
+    /// load; 0.1.0 header callbacks come in two shapes); `None` for one it does not export or
+    /// that its ABI version does not have.
     pub(crate) callback_params: [Option<usize>; CALLBACK_COUNT],
     pub(crate) config: Arc<PluginConfig>,
     pub(crate) shared: SharedState,

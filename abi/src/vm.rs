@@ -123,7 +123,8 @@ impl Vm {
             .zip(CALLBACKS.iter())
             .zip(plugin.callback_params)
         {
-            if params.is_some() && spec.in_abi(plugin.abi) && allowed(spec.name) {
+            // A parameter count: exported, and of the module's ABI version (`check_exports`).
+            if params.is_some() && allowed(spec.name) {
                 *slot = Export::Unresolved;
             }
         }

@@ -341,6 +341,31 @@ impl TrafficServer {
         }
     }
 
+    /// Waits (until `deadline`) for stat `name` to have a value `wanted` accepts, and returns its
+    /// `name value` line. The plugin publishes its stats once a second: until the first time,
+    /// Traffic Server does not know the stat.
+    fn wait_for_metric(
+        &self,
+        name: &str,
+        deadline: Instant,
+        wanted: impl Fn(&str) -> bool,
+    ) -> String {
+        loop {
+            let shown = self.try_ctl(&["metric", "get", name]);
+            if let Ok(line) = shown.as_deref().map(str::trim) {
+                if wanted(line) {
+                    return line.to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stat {name} never as wanted: {shown:?}\n{}",
+                self.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn etc(&self) -> PathBuf {
         self.root.path().join("etc")
     }
@@ -866,21 +891,12 @@ fn plugin_metrics_are_traffic_server_stats_and_attributes_come_from_the_transact
     for _ in 0..2 {
         assert_eq!(get(&server.url("/attributes?x=1"), &[]).status, 200);
     }
-    // The plugin's counter, published once a second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // Not found until the first publication after the plugin defined it.
-        let shown = server.try_ctl(&["metric", "get", "plugin.pwhost_ats.requests_total"]);
-        if shown.as_deref().map(str::trim) == Ok("plugin.pwhost_ats.requests_total 2") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the counter is not a Traffic Server stat: {shown:?}\n{}",
-            server.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The plugin's counter, a Traffic Server stat.
+    server.wait_for_metric(
+        "plugin.pwhost_ats.requests_total",
+        Instant::now() + Duration::from_secs(10),
+        |line| line == "plugin.pwhost_ats.requests_total 2",
+    );
     let failures = server.ctl(&["metric", "get", "plugin.pwhost_ats.metrics.failed_by_trap"]);
     assert_eq!(
         failures.trim(),
@@ -1490,25 +1506,14 @@ fn under_a_load_of_faults_every_transaction_ends_and_no_plugin_context_is_left_l
     );
 
     // Every transaction closed and took its plugin contexts along, and the trapping plugin
-    // failed (and was reloaded). The stats are published once a second, the first time up to a
-    // second after start, which a quick load may beat: until then Traffic Server does not know
-    // them. Stalled upstream connections are cut by the inactivity timeout.
+    // failed (and was reloaded); a load may end before the stats' first publication. Stalled
+    // upstream connections are cut by the inactivity timeout.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let metric_until = |name: &str, wanted: &dyn Fn(&str) -> bool| loop {
-        let value = server
-            .try_ctl(&["metric", "get", name])
-            .unwrap_or_else(|error| format!("not published: {error}"));
-        if wanted(value.trim()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{name}: {value}\n{summary}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    metric_until("plugin.pwhost_ats.live_stream_contexts", &|value| {
-        !value.starts_with("not published") && value.ends_with(" 0")
+    server.wait_for_metric("plugin.pwhost_ats.live_stream_contexts", deadline, |line| {
+        line.ends_with(" 0")
     });
-    metric_until("plugin.pwhost_ats.trap.failed_by_trap", &|value| {
-        !value.starts_with("not published") && !value.ends_with(" 0")
+    server.wait_for_metric("plugin.pwhost_ats.trap.failed_by_trap", deadline, |line| {
+        !line.ends_with(" 0")
     });
     // (A healthy request still goes through the callout, which may meet the stalling checker.)
     let after = try_get(&server.url("/healthy"), &[])
