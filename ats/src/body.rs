@@ -220,7 +220,7 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
 ///
 /// # Safety
 /// `reader` must be a live reader with at least `length` bytes available.
-unsafe fn read_into(reader: sys::TSIOBufferReader, length: i64, out: &mut Vec<u8>) {
+pub(crate) unsafe fn read_into(reader: sys::TSIOBufferReader, length: i64, out: &mut Vec<u8>) {
     let mut left = length;
     // SAFETY: the caller's promise; each block's bytes are readable while the reader is.
     unsafe {

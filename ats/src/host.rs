@@ -21,20 +21,31 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::headers::MimeHeaders;
 use crate::{callout, diag, sys, Upstreams};
 
-/// A transaction's place in a VM copy's host, for one plugin.
+/// What a stream slot is the place of, by its continuation: to act on it after a callback
+/// outside its hooks or events (a tick, a callout's answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Holder {
+    /// An HTTP transaction ([`crate::transaction`]).
+    Transaction(sys::TSCont),
+    /// A TCP connection ([`crate::connection`]).
+    Connection(sys::TSCont),
+}
+
+/// A transaction's (or TCP connection's) place in a VM copy's host, for one plugin.
 pub(crate) struct StreamSlot {
     /// The plugin's name, for its logs.
     pub(crate) plugin: Arc<str>,
-    /// The continuation holding the transaction, to act on it after a callback outside its
-    /// hooks (a tick, a callout's answer).
-    pub(crate) transaction: sys::TSCont,
-    /// Whether the transaction waits in a hook for this plugin to continue it.
+    /// The continuation of the transaction or connection.
+    pub(crate) holder: Holder,
+    /// Whether the transaction waits in a hook for this plugin to continue it (a connection's
+    /// slot is always: anything its plugin asks outside a callback wakes it).
     pub(crate) held: bool,
     /// The client request header, while a hook lends it.
     pub(crate) request: Option<MimeHeaders>,
     /// The client response header, while a hook lends it.
     pub(crate) response: Option<MimeHeaders>,
-    /// The body (chunk and what the plugin buffered) while its callback runs.
+    /// The body (chunk and what the plugin buffered) while its callback runs; a connection's
+    /// data in its data callbacks.
     pub(crate) body: Option<Vec<u8>>,
     /// What Traffic Server knows of the transaction beyond its headers, for Envoy's attributes.
     pub(crate) info: StreamInfo,
@@ -42,22 +53,25 @@ pub(crate) struct StreamSlot {
     pub(crate) local_reply: Option<LocalResponse>,
     /// The plugin asked to continue the stream it had paused.
     pub(crate) continued: bool,
+    /// A connection's directions the plugin continued: `[downstream, upstream]`.
+    pub(crate) continued_sides: [bool; 2],
     /// The plugin asked to close the stream.
     pub(crate) closed: bool,
 }
 
 impl StreamSlot {
-    pub(crate) fn new(plugin: Arc<str>, transaction: sys::TSCont) -> StreamSlot {
+    pub(crate) fn new(plugin: Arc<str>, holder: Holder) -> StreamSlot {
         StreamSlot {
             plugin,
-            transaction,
-            held: false,
+            holder,
+            held: matches!(holder, Holder::Connection(_)),
             request: None,
             response: None,
             body: None,
             info: StreamInfo::default(),
             local_reply: None,
             continued: false,
+            continued_sides: [false; 2],
             closed: false,
         }
     }
@@ -142,8 +156,8 @@ impl AtsHost {
 }
 
 /// The stream slots alive in every copy's host: the plugins' stream contexts of the
-/// transactions in flight, published as a stat (`plugin.pwhost_ats.live_stream_contexts`), so
-/// that a context a transaction left behind shows.
+/// transactions and TCP connections in flight, published as a stat
+/// (`plugin.pwhost_ats.live_stream_contexts`), so that a context left behind shows.
 pub(crate) static LIVE_STREAMS: AtomicI64 = AtomicI64::new(0);
 
 impl Drop for AtsHost {
@@ -208,9 +222,10 @@ impl Host for AtsHost {
 
     fn buffer(&mut self, context: ContextId, buffer: BufferType) -> Option<&mut Vec<u8>> {
         match buffer {
-            BufferType::HttpRequestBody | BufferType::HttpResponseBody => {
-                self.streams.get_mut(&context.0)?.body.as_mut()
-            }
+            BufferType::HttpRequestBody
+            | BufferType::HttpResponseBody
+            | BufferType::DownstreamData
+            | BufferType::UpstreamData => self.streams.get_mut(&context.0)?.body.as_mut(),
             _ => None,
         }
     }
@@ -229,10 +244,18 @@ impl Host for AtsHost {
         }
     }
 
-    fn continue_stream(&mut self, context: ContextId, _stream: StreamType) -> Status {
+    fn continue_stream(&mut self, context: ContextId, stream: StreamType) -> Status {
         match self.streams.get_mut(&context.0) {
             Some(slot) => {
                 slot.continued = true;
+                let sides = match stream {
+                    StreamType::Downstream => [true, false],
+                    StreamType::Upstream => [false, true],
+                    _ => [true, true],
+                };
+                for (side, continued) in slot.continued_sides.iter_mut().zip(sides) {
+                    *side |= continued;
+                }
                 Status::Ok
             }
             None => Status::NotFound,

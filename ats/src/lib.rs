@@ -34,10 +34,14 @@
 //!   ports are ready ([`warm`]), as Envoy starts it on every worker.
 //! * Shared queues: an item enqueued from any thread wakes the thread whose copy registered the
 //!   queue, which delivers `proxy_on_queue_ready` there ([`queue`]), filters and services alike.
+//! * TCP (L4): a file's `tcp:` listener runs its network filters on every connection Traffic
+//!   Server accepts there, proxied to the listener's upstream with Traffic Server's VIOs on the
+//!   accepting net thread, as Envoy's network filters in front of `tcp_proxy` ([`connection`]).
 
 mod body;
 mod callout;
 mod config;
+mod connection;
 mod diag;
 mod headers;
 mod host;
@@ -302,12 +306,13 @@ fn init(args: &[String]) -> Result<(), String> {
     let names: Vec<String> = loaded
         .plugins
         .http_filters()
+        .chain(loaded.plugins.network_filters())
         .map(|plugin| loaded.plugins.config(plugin).display_name().to_string())
         .collect();
     let live = Arc::new(LivePlugins::new(loaded.plugins));
+    connection::note_deployment(&live.current().1, loaded.listeners);
     let upstreams = Arc::new(loaded.upstreams);
     let services = start_services(&live.current().1, &upstreams)?;
-    let worker_services = live.current().1.worker_services().next().is_some();
     let global = Global {
         live,
         upstreams: Mutex::new(upstreams),
@@ -326,22 +331,30 @@ fn init(args: &[String]) -> Result<(), String> {
         let reload = sys::TSContCreate(Some(on_reload), sys::TSMutexCreate());
         sys::TSMgmtUpdateRegister(reload, c"pwhost_ats".as_ptr());
     }
-    if worker_services {
-        // SAFETY: the handler is an `extern "C"` function of the right type; the continuation
-        // lives for the process.
-        unsafe {
-            let cont = sys::TSContCreate(Some(on_ports_ready), std::ptr::null_mut());
-            sys::TSLifecycleHookAdd(sys::TS_LIFECYCLE_PORTS_READY_HOOK, cont);
-        }
+    // SAFETY: the handler is an `extern "C"` function of the right type; the continuation
+    // lives for the process.
+    unsafe {
+        let cont = sys::TSContCreate(Some(on_ports_ready), std::ptr::null_mut());
+        sys::TSLifecycleHookAdd(sys::TS_LIFECYCLE_PORTS_READY_HOOK, cont);
     }
     stats::start();
     diag::note(&format!("running {}", names.join(", ")));
     Ok(())
 }
 
-/// Traffic Server's threads run: the services of every worker start on each of them.
+/// Traffic Server's threads run: the TCP listeners open, and the services of every worker
+/// start on each thread. A listener that cannot open stops Traffic Server, as a configuration
+/// error does.
 unsafe extern "C" fn on_ports_ready(_: sys::TSCont, _: sys::TSEvent, _: *mut c_void) -> c_int {
-    if std::panic::catch_unwind(warm::every_net_thread).is_err() {
+    match std::panic::catch_unwind(connection::open_listeners) {
+        Ok(Ok(())) => {}
+        Ok(Err(message)) => diag::emergency(&message),
+        Err(_) => diag::emergency("opening the TCP listeners panicked"),
+    }
+    let worker_services = GLOBAL
+        .get()
+        .is_some_and(|global| global.live.current().1.worker_services().next().is_some());
+    if worker_services && std::panic::catch_unwind(warm::every_net_thread).is_err() {
         diag::error("starting the services of every thread panicked");
     }
     0
@@ -364,6 +377,12 @@ unsafe extern "C" fn on_reload(
         let (_, previous) = global.live.current();
         match config::load(&global.files, &global.engines, Some(&previous)) {
             Ok(loaded) => {
+                if let Err(message) = connection::check_reload(&loaded.listeners) {
+                    diag::error(&format!(
+                        "reload failed, the previous configuration stays in force: {message}"
+                    ));
+                    return;
+                }
                 let plugins = Arc::new(loaded.plugins);
                 let upstreams = Arc::new(loaded.upstreams);
                 let services = match start_services(&plugins, &upstreams) {
@@ -377,6 +396,7 @@ unsafe extern "C" fn on_reload(
                 };
                 // The upstreams first: a worker made for the new plugins must find theirs.
                 *global.upstreams.lock().unwrap_or_else(|e| e.into_inner()) = upstreams;
+                connection::note_deployment(&plugins, loaded.listeners);
                 let generation = global.live.replace_shared(plugins);
                 // The old services end as at shutdown (dropping them stops their threads).
                 let old = std::mem::replace(

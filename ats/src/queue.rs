@@ -139,7 +139,7 @@ unsafe extern "C" fn on_queue_ready(
 
 /// Delivers the pending notifications of every copy of the thread; returns the transactions
 /// the plugins continued, closed or answered meanwhile.
-fn deliver(state: &mut ThreadState) -> Vec<sys::TSCont> {
+fn deliver(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     let mut pending = Vec::new();
     state.workers.for_each_worker(|_, worker| {
         for (plugin, error) in worker.dispatch_queue_ready() {

@@ -3,7 +3,7 @@
 //! copied into Traffic Server's stats, where `traffic_ctl metric get` and the stats plugins see
 //! them: `plugin.pwhost_ats.<metric name>` and `plugin.pwhost_ats.<plugin>.<counter>`, and
 //! the plugin's own `plugin.pwhost_ats.live_stream_contexts` (the plugins' stream contexts of
-//! transactions in flight).
+//! transactions and TCP connections in flight).
 //! A histogram's stat is its last recorded value.
 
 use std::collections::HashMap;

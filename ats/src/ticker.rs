@@ -129,7 +129,7 @@ unsafe extern "C" fn on_tick(
 
 /// Ticks the due root contexts of every copy of the thread; returns the transactions the
 /// plugins continued, closed or answered meanwhile.
-fn tick_due(state: &mut ThreadState) -> Vec<sys::TSCont> {
+fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     let ticker = &mut state.ticker;
     ticker.scheduled = None;
     let now = Instant::now();

@@ -22,7 +22,7 @@ use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
 
 use crate::body::{self, Direction, TransactionLink};
 use crate::headers::{HeaderKind, MimeHeaders};
-use crate::host::{AtsHost, StreamSlot};
+use crate::host::{AtsHost, Holder, StreamSlot};
 use crate::{callout, diag, sys, with_thread, with_workers, ThreadState};
 
 /// One plugin's part in a transaction.
@@ -368,7 +368,7 @@ fn open_stream(
             .entry(stream.root().0)
             .or_insert_with(|| config.display_name().into()),
     );
-    let mut slot = StreamSlot::new(Arc::clone(&name), cont);
+    let mut slot = StreamSlot::new(Arc::clone(&name), Holder::Transaction(cont));
     slot.info = info.clone();
     host.open_stream(context, slot);
     Ok(OpenedStream {
@@ -477,9 +477,9 @@ unsafe extern "C" fn on_transaction_event(
     0
 }
 
-/// The held transactions of `vm`'s streams whose plugin has since continued, answered or
-/// closed them (added to `out` as their continuations).
-pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<sys::TSCont>) {
+/// The held transactions (and connections) of `vm`'s streams whose plugin has since
+/// continued, answered or closed them (added to `out`).
+pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
     // A VM that failed meanwhile (its callout's answer or tick trapped) answers for every
     // transaction it holds: they get the plugin's failure policy.
     let failed = vm.is_failed();
@@ -488,15 +488,29 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<sys::TSCont>) {
     };
     for slot in host.stream_slots() {
         if slot.held && (failed || slot.continued || slot.closed || slot.local_reply.is_some()) {
-            out.push(slot.transaction);
+            out.push(slot.holder);
         }
     }
 }
 
-/// Picks up held transactions after plugin code ran outside their hooks (see [`pending_in`]).
-/// Called with no thread state borrowed: it reenables Traffic Server.
-pub(crate) fn act_on(pending: Vec<sys::TSCont>) {
-    for cont in pending {
+/// Picks up held transactions and connections after plugin code ran outside their hooks (see
+/// [`pending_in`]). Called with no thread state borrowed: it reenables Traffic Server.
+pub(crate) fn act_on(pending: Vec<Holder>) {
+    let mut seen = rustc_hash::FxHashSet::default();
+    for holder in pending {
+        // A connection has a slot in each of its plugins: it is picked up once.
+        if !seen.insert(holder) {
+            continue;
+        }
+        let cont = match holder {
+            Holder::Transaction(cont) => cont,
+            Holder::Connection(cont) => {
+                // SAFETY: taken from a slot on this thread just now (`pending_in`); a
+                // connection's continuation outlives the slots that name it.
+                unsafe { crate::connection::resume(cont) };
+                continue;
+            }
+        };
         // SAFETY: a held transaction's continuation lives, with its transaction as data, until
         // the transaction closes, which Traffic Server does not do while it is held.
         let transaction = unsafe { sys::TSContDataGet(cont) }.cast::<Transaction>();
@@ -561,7 +575,7 @@ fn stream_info(txn: sys::TSHttpTxn) -> abi::StreamInfo {
 ///
 /// # Safety
 /// `address` must be null or point at a `sockaddr` of its family's size.
-unsafe fn socket_address(address: *const sys::sockaddr) -> Option<std::net::SocketAddr> {
+pub(crate) unsafe fn socket_address(address: *const sys::sockaddr) -> Option<std::net::SocketAddr> {
     if address.is_null() {
         return None;
     }

@@ -6,7 +6,7 @@
 //! The plugins are the corpus's Rust SDK plugins, unchanged, on every engine the plugin was
 //! built with among wasmtime, WAMR and V8.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -76,6 +76,10 @@ use ports::free_port;
 #[path = "../../pwhost/tests/common/faulty_peers.rs"]
 mod faulty_peers;
 use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
+
+#[path = "../../pwhost/tests/common/tcp_peers.rs"]
+mod tcp_peers;
+use tcp_peers::{tcp_exchange, Echo};
 
 /// An origin server answering every request with 200, `server: origin`, and a body listing the
 /// request line and headers it received (`name: value` lines), an empty line, the request body
@@ -679,19 +683,323 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
         output.contains("bad.yaml") && output.contains("vmIdd"),
         "the error does not name the file and the field:\n{output}"
     );
-    // A network filter would never run here: refused, not left idle.
-    let network = format!(
-        "- name: envoy.filters.network.wasm\n  typed_config:\n    \
-         \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n    \
-         config:\n      name: tcp_filter\n      vm_config:\n        runtime: {}\n        \
-         code: {{local: {{filename: {}}}}}\n",
-        engines()[0],
-        corpus_plugin("http_headers").display()
-    );
+    // A network filter without a TCP listener would never run: refused, not left idle.
+    let network = network_filter_yaml("tcp_filter", engines()[0], "");
     let output = refused_start(&origin, network);
     assert!(
-        output.contains("bad.yaml") && output.contains("network filter \"tcp_filter\""),
+        output.contains("bad.yaml")
+            && output.contains("network filter \"tcp_filter\" needs a TCP listener"),
         "the error does not name the file and the filter:\n{output}"
+    );
+    // A listener's fields are checked as the plugins' are.
+    let bad_listener = format!(
+        "tcp: {{listen: 127.0.0.1:{}, upstream: nowhere}}\n{}",
+        free_port(),
+        network_filter_yaml("tcp_filter", engines()[0], "")
+    );
+    let output = refused_start(&origin, bad_listener);
+    assert!(
+        output.contains("bad.yaml: tcp.upstream: \"nowhere\" is neither a name in upstreams"),
+        "the error does not name the file and the field:\n{output}"
+    );
+}
+
+/// Envoy's network filter block for corpus plugin `plugin` on `runtime` with `configuration`.
+fn network_filter_yaml(plugin: &str, runtime: &str, configuration: &str) -> String {
+    format!(
+        "name: envoy.filters.network.wasm\ntyped_config:\n  \
+         \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n  \
+         config:\n    name: {plugin}\n    configuration: \"{configuration}\"\n    \
+         vm_config:\n      vm_id: {plugin}\n      runtime: {runtime}\n      \
+         code: {{local: {{filename: {}}}}}\n",
+        corpus_plugin(plugin).display()
+    )
+}
+
+/// A plugin file with a TCP listener on `port` in front of `upstream` (a name in `upstreams`
+/// or an address), running `filter` (a network filter block), with more top-level `extra`.
+fn tcp_listener_file(
+    name: &'static str,
+    port: u16,
+    upstream: &str,
+    filter: &str,
+    extra: &str,
+) -> PluginFile {
+    PluginFile {
+        name,
+        yaml: format!(
+            "tcp:\n  listen: 127.0.0.1:{port}\n  upstream: \"{upstream}\"\n{extra}{filter}"
+        ),
+    }
+}
+
+/// Sends `data` on a new connection to `port` while reading what comes back (a client that
+/// wrote everything before reading would stall any proxy that limits its buffers), ends its
+/// side, and returns everything received until the proxy closes the connection.
+fn tcp_stream_both_ways(port: u16, data: &[u8]) -> Vec<u8> {
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("a read timeout");
+    let mut writer = connection.try_clone().expect("a second handle");
+    let data = data.to_vec();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&data).expect("the proxy reads on");
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("a half-close");
+    });
+    let mut received = Vec::new();
+    connection
+        .read_to_end(&mut received)
+        .expect("the proxy ends the connection");
+    sender.join().expect("the sender");
+    received
+}
+
+/// Waits (at most 20 s) until Traffic Server accepts connections on `port`.
+fn wait_for_port(server: &TrafficServer, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on port {port}:\n{}",
+            server.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn tcp_listeners_run_network_filters_both_ways_on_every_engine() {
+    let origin = Origin::start();
+    let echo = Echo::start();
+    let listeners: Vec<(&str, u16)> = engines().into_iter().map(|e| (e, free_port())).collect();
+    let names = ["tcp_a", "tcp_b", "tcp_c"];
+    let files: Vec<PluginFile> = listeners
+        .iter()
+        .zip(names)
+        .map(|((engine, port), name)| {
+            let filter = network_filter_yaml("tcp_filter", engine, "");
+            let limit = "  buffer_limit_bytes: 65536\n";
+            tcp_listener_file(name, *port, &echo.address.to_string(), &filter, limit)
+        })
+        .collect();
+    let server = TrafficServer::start(&origin, &files);
+    for (engine, port) in &listeners {
+        wait_for_port(&server, *port);
+        // The plugin upper-cases what the client sends and puts `[up] ` before the first
+        // bytes coming back: the echo server sends back the upper-cased bytes.
+        assert_eq!(tcp_exchange(*port, &["hello"]), "[up] HELLO", "on {engine}");
+        // Several chunks on one connection, half-closed by the client: nothing is lost, the
+        // prefix comes once.
+        assert_eq!(
+            tcp_exchange(*port, &["ab", "cd", "ef"]),
+            "[up] ABCDEF",
+            "on {engine}"
+        );
+        // Connections at once, on both net threads.
+        let clients: Vec<_> = (0..8)
+            .map(|i| {
+                let port = *port;
+                std::thread::spawn(move || tcp_exchange(port, &[&format!("client {i}")]))
+            })
+            .collect();
+        for (i, client) in clients.into_iter().enumerate() {
+            let received = client.join().expect("a client");
+            assert_eq!(received, format!("[up] CLIENT {i}"), "on {engine}");
+        }
+        // Sixteen times the listener's buffer limit, both ways at once: every byte arrives,
+        // in order (the proxy stops reading a side while the other is slow to take it).
+        let sent: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+        let received = tcp_stream_both_ways(*port, &sent);
+        assert_eq!(received.len(), sent.len() + 5, "on {engine}");
+        assert!(received.starts_with(b"[up] "), "on {engine}");
+        assert!(
+            received[5..] == sent.to_ascii_uppercase()[..],
+            "the data changed on the way on {engine}"
+        );
+    }
+    // The plugin saw each connection start and both of its sides close, the client's first.
+    server.wait_for_log("new connection");
+    server.wait_for_log("downstream closed by Remote");
+    server.wait_for_log("upstream closed by Remote");
+    assert!(echo.connections.load(Ordering::Relaxed) >= 10 * listeners.len());
+    // Every connection's contexts went with it.
+    server.wait_for_metric(
+        "plugin.pwhost_ats.live_stream_contexts",
+        Instant::now() + Duration::from_secs(20),
+        |line| line.ends_with(" 0"),
+    );
+    // HTTP traffic goes on beside.
+    assert_eq!(get(&server.url("/"), &[]).status, 200);
+}
+
+#[test]
+fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idle_connections() {
+    let origin = Origin::start();
+    let echo = Echo::start();
+    let engine = engines()[0];
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let (gated, dead, idle, denied) = (free_port(), free_port(), free_port(), free_port());
+    let (trap_closed, trap_open, chain) = (free_port(), free_port(), free_port());
+    // Two network filters on one listener, as a `filters:` list: the second a plugin of its
+    // own (its own VM).
+    let second = network_filter_yaml("tcp_filter", engine, "")
+        .replace("name: tcp_filter\n", "name: second\n")
+        .replace("vm_id: tcp_filter\n", "vm_id: second\n");
+    let chained: String = [network_filter_yaml("tcp_filter", engine, ""), second]
+        .iter()
+        .map(|block| {
+            let mut lines = block.lines();
+            let first = lines.next().unwrap_or_default();
+            let rest: String = lines.map(|line| format!("    {line}\n")).collect();
+            format!("  - {first}\n{rest}")
+        })
+        .collect();
+    // A plugin that traps when a connection's context is made, failing closed (Envoy's
+    // default) and open.
+    let trapping = workspace().join("plugins/dist/wat/trap_in_context_create.wasm");
+    let trapping_filter = |fail_open: bool| {
+        format!(
+            "name: envoy.filters.network.wasm\ntyped_config:\n  \
+             \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n  \
+             config:\n    name: trapping\n    fail_open: {fail_open}\n    vm_config:\n      \
+             runtime: {engine}\n      code: {{local: {{filename: {}}}}}\n",
+            trapping.display()
+        )
+    };
+    let files = [
+        tcp_listener_file(
+            "gated",
+            gated,
+            "echo",
+            &network_filter_yaml("tcp_filter", engine, "gate gate"),
+            &format!(
+                "upstreams:\n  echo: \"{}\"\n  gate: \"{}\"\n",
+                echo.address, origin.address
+            ),
+        ),
+        tcp_listener_file(
+            "dead",
+            dead,
+            &nowhere,
+            &network_filter_yaml("tcp_filter", engine, ""),
+            "",
+        ),
+        tcp_listener_file(
+            "idle",
+            idle,
+            &echo.address.to_string(),
+            &network_filter_yaml("tcp_filter", engine, ""),
+            "  idle_timeout: 1s\n",
+        ),
+        tcp_listener_file(
+            "denied",
+            denied,
+            &echo.address.to_string(),
+            &network_filter_yaml("tcp_filter", engine, "gate gone"),
+            &format!("upstreams:\n  gone: \"{nowhere}\"\n"),
+        ),
+        tcp_listener_file(
+            "trap_closed",
+            trap_closed,
+            &echo.address.to_string(),
+            &trapping_filter(false),
+            "",
+        ),
+        tcp_listener_file(
+            "trap_open",
+            trap_open,
+            &echo.address.to_string(),
+            &trapping_filter(true),
+            "",
+        ),
+        tcp_listener_file(
+            "chain",
+            chain,
+            &echo.address.to_string(),
+            &format!("filters:\n{chained}"),
+            "",
+        ),
+    ];
+    let server = TrafficServer::start(&origin, &files);
+    for port in [gated, dead, idle, denied, trap_closed, trap_open, chain] {
+        wait_for_port(&server, port);
+    }
+    // The first bytes wait for the gate's answer (an HTTP call through Traffic Server); the
+    // ones sent meanwhile wait with them.
+    assert_eq!(
+        tcp_exchange(gated, &["let ", "me ", "in"]),
+        "[up] LET ME IN"
+    );
+    server.wait_for_log("gate answered 200");
+    assert_eq!(origin.requests(), 1);
+    // A gate that cannot be reached (Traffic Server's client answers 502): the plugin closes
+    // the connection whose data it held, from the callout's answer, outside the connection's
+    // own events; nothing it held went on.
+    assert_eq!(tcp_exchange(denied, &["let me in"]), "");
+    server.wait_for_log("gate answered 502");
+    // A chain: the client's data through both in order, the upstream's in reverse order,
+    // each filter putting its prefix before the first bytes coming back.
+    assert_eq!(tcp_exchange(chain, &["chain"]), "[up] [up] CHAIN");
+    // A plugin that fails: the connection is closed (fail closed), or goes on without it
+    // (fail open); Traffic Server goes on either way.
+    assert_eq!(tcp_exchange(trap_closed, &["hello"]), "");
+    assert_eq!(tcp_exchange(trap_open, &["hello"]), "hello");
+    server.wait_for_log("unreachable");
+    // An upstream nobody listens on: the client's connection is closed, the plugin hears that
+    // its upstream was never reached.
+    assert_eq!(tcp_exchange(dead, &["hello"]), "");
+    server.wait_for_log("upstream closed by Unknown");
+    server.wait_for_log("downstream closed by Local");
+    // A connection without traffic is closed after the listener's idle timeout. (It sends
+    // first: Traffic Server's default `proxy.config.net.defer_accept` accepts a connection
+    // only once the client sends something.)
+    let mut quiet = TcpStream::connect(("127.0.0.1", idle)).expect("the listener accepts");
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("a read timeout");
+    quiet.write_all(b"ping").expect("the listener reads");
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let _ = quiet.read_to_end(&mut received);
+    let waited = started.elapsed();
+    assert_eq!(String::from_utf8_lossy(&received), "[up] PING");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    // A reload puts a changed network filter in force for new connections: no gate now.
+    let ungated = tcp_listener_file(
+        "gated",
+        gated,
+        "echo",
+        &network_filter_yaml("tcp_filter", engine, ""),
+        &format!("upstreams:\n  echo: \"{}\"\n", echo.address),
+    );
+    std::fs::write(server.etc().join("gated.yaml"), &ungated.yaml).expect("a changed file");
+    server.ctl(&["config", "reload"]);
+    server.wait_for_log("reloaded the configuration");
+    assert_eq!(tcp_exchange(gated, &["no gate"]), "[up] NO GATE");
+    assert_eq!(origin.requests(), 1);
+    // A reload that moves a listener is refused (Traffic Server cannot close a plugin's
+    // port): the configuration in force stays.
+    let moved = tcp_listener_file(
+        "idle",
+        free_port(),
+        &echo.address.to_string(),
+        &network_filter_yaml("tcp_filter", engine, ""),
+        "",
+    );
+    std::fs::write(server.etc().join("idle.yaml"), &moved.yaml).expect("a changed file");
+    server.ctl(&["config", "reload"]);
+    server.wait_for_log("the TCP listeners changed");
+    assert_eq!(tcp_exchange(gated, &["still"]), "[up] STILL");
+    server.wait_for_metric(
+        "plugin.pwhost_ats.live_stream_contexts",
+        Instant::now() + Duration::from_secs(20),
+        |line| line.ends_with(" 0"),
     );
 }
 

@@ -21,8 +21,9 @@ impl<'de> Deserialize<'de> for ProtoDuration {
     }
 }
 
-/// Parses `<seconds>[.<fraction>]s`: non-negative, at most nanosecond precision.
-pub(super) fn parse(text: &str) -> Option<Duration> {
+/// Parses a duration as `google.protobuf.Duration`'s JSON mapping writes it,
+/// `<seconds>[.<fraction>]s` (`"1s"`, `"0.5s"`): non-negative, at most nanosecond precision.
+pub fn parse(text: &str) -> Option<Duration> {
     let number = text.strip_suffix('s')?;
     let (whole, fraction) = match number.split_once('.') {
         Some((_, "")) => return None,

@@ -12,6 +12,8 @@ mod any;
 mod document;
 mod duration;
 
+pub use duration::parse as parse_duration;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;

@@ -1,0 +1,91 @@
+//! A TCP echo upstream and a TCP client for the proxies' TCP listeners; shared by the `pwhost
+//! serve` tests and the Traffic Server tests (`#[path]` module).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A TCP server that sends back whatever it receives and closes once the client has sent
+/// everything (its FIN); it serves until dropped.
+pub struct Echo {
+    pub address: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the echo server binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("an address");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (Arc::clone(&connections), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((mut connection, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let _ = connection.set_nonblocking(false);
+                    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(count) = connection.read(&mut buffer) {
+                        if count == 0 || connection.write_all(&buffer[..count]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Echo {
+            address,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends `parts` (a pause between them) on a new connection to `port`, ends its side, and
+/// returns everything received until the proxy closes the connection.
+pub fn tcp_exchange(port: u16, parts: &[&str]) -> String {
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    // A proxy that closes the connection early may refuse what follows: what was received
+    // tells.
+    for part in parts {
+        let _ = connection.write_all(part.as_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = connection.shutdown(std::net::Shutdown::Write);
+    let mut received = Vec::new();
+    let started = Instant::now();
+    if let Err(error) = connection.read_to_end(&mut received) {
+        // A reset ends it too; a timeout is the proxy not ending the connection.
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "the proxy did not end the connection: {error}"
+        );
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
