@@ -39,7 +39,7 @@ use lifecycle::{Admission, Generation, OnFailure, PluginId, Plugins, StreamVm, W
 
 use crate::config::TcpListener;
 use crate::host::{AtsHost, Holder, StreamSlot};
-use crate::{diag, sys, with_thread, with_workers};
+use crate::{diag, in_worker, sys, with_thread, with_workers};
 
 /// The TCP listeners of each deployment still in use, newest last: a connection takes the
 /// listener settings of the deployment its thread's worker runs (a reload may be under way).
@@ -1095,7 +1095,7 @@ impl Connection {
         let filter = self.filters.get(index)?;
         let stream = filter.stream.as_ref()?;
         let context = filter.context;
-        in_worker(self.thread, self.generation, |worker| {
+        in_worker(self.thread, self.generation, "a TCP connection", |worker| {
             worker.vm(stream).map(|vm| work(vm, context))
         })
         .flatten()
@@ -1109,7 +1109,7 @@ impl Connection {
             (filter.plugin, Arc::clone(&filter.name))
         };
         diag::error(&format!("[{name}] {error}"));
-        let policy = in_worker(self.thread, self.generation, |worker| {
+        let policy = in_worker(self.thread, self.generation, "a TCP connection", |worker| {
             worker.failed(plugin, error)
         });
         match policy {
@@ -1160,15 +1160,20 @@ impl Connection {
         self.dial_wanted = true;
     }
 
+    /// What filter `index`'s plugin asked since the last look, and whether its VM failed;
+    /// `None` if its VM copy cannot be reached.
+    fn look(&mut self, index: usize) -> Option<(Asked, bool)> {
+        self.with_filter(index, |vm, context| {
+            (take_asked(vm, context), vm.is_failed())
+        })
+    }
+
     /// What the plugins asked outside their callbacks: a held new connection goes on (or
     /// closes); data a plugin held goes on once it continues that direction; a plugin whose
     /// VM failed meanwhile gets its failure policy.
     fn resume(&mut self) {
         if let Phase::Held(index) = self.phase {
-            let looked = self.with_filter(index, |vm, context| {
-                (take_asked(vm, context), vm.is_failed())
-            });
-            let Some((asked, failed)) = looked else {
+            let Some((asked, failed)) = self.look(index) else {
                 self.close();
                 return;
             };
@@ -1192,10 +1197,7 @@ impl Connection {
             if self.filters[index].bypassed {
                 continue;
             }
-            let looked = self.with_filter(index, |vm, context| {
-                (take_asked(vm, context), vm.is_failed())
-            });
-            let Some((asked, failed)) = looked else {
+            let Some((asked, failed)) = self.look(index) else {
                 self.close_locally();
                 return;
             };
@@ -1370,7 +1372,7 @@ impl Connection {
         {
             side.close();
         }
-        let finished = in_worker(self.thread, self.generation, |worker| {
+        let finished = in_worker(self.thread, self.generation, "a TCP connection", |worker| {
             self.end_plugins(worker);
         });
         if finished.is_some() {
@@ -1482,21 +1484,4 @@ fn take_asked(vm: &mut Vm, context: ContextId) -> Asked {
 fn lend(vm: &mut Vm, context: ContextId, data: Option<Vec<u8>>) -> Option<Vec<u8>> {
     let slot = slot_of(vm, context)?;
     std::mem::replace(&mut slot.body, data)
-}
-
-/// Runs `work` with the worker of deployment `generation` if this is `thread`, the thread
-/// owning the connection's VM copies.
-fn in_worker<R>(
-    thread: sys::TSEventThread,
-    generation: Generation,
-    work: impl FnOnce(&mut Worker) -> R,
-) -> Option<R> {
-    // SAFETY: the plugin's code runs on Traffic Server's event threads only.
-    if unsafe { sys::TSEventThreadSelf() } != thread {
-        diag::error(
-            "a TCP connection's event came on another thread than its VM copies'; it is closed",
-        );
-        return None;
-    }
-    with_workers(|workers| workers.worker(generation).map(work)).flatten()
 }

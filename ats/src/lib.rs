@@ -188,6 +188,25 @@ pub(crate) fn with_workers<R>(work: impl FnOnce(&mut ThreadWorkers) -> R) -> Opt
     with_thread(|state| work(&mut state.workers))
 }
 
+/// Runs `work` with the worker of deployment `generation` if this is `thread`, the thread
+/// owning the VM copies of `subject` (a transaction or connection, for the message when it is
+/// not: its plugins are skipped).
+pub(crate) fn in_worker<R>(
+    thread: sys::TSEventThread,
+    generation: Generation,
+    subject: &str,
+    work: impl FnOnce(&mut Worker) -> R,
+) -> Option<R> {
+    // SAFETY: the plugin's code runs on Traffic Server's event threads only.
+    if unsafe { sys::TSEventThreadSelf() } != thread {
+        diag::error(&format!(
+            "{subject} ran on another thread than its VM copies'; its plugins are skipped"
+        ));
+        return None;
+    }
+    with_workers(|workers| workers.worker(generation).map(work)).flatten()
+}
+
 /// The plugin's arguments.
 struct Arguments {
     files: Vec<PathBuf>,

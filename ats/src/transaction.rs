@@ -23,7 +23,7 @@ use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
 use crate::body::{self, Direction, TransactionLink};
 use crate::headers::{HeaderKind, MimeHeaders};
 use crate::host::{AtsHost, Holder, StreamSlot};
-use crate::{callout, diag, sys, with_thread, with_workers, ThreadState};
+use crate::{callout, diag, in_worker, sys, with_thread, with_workers, ThreadState};
 
 /// One plugin's part in a transaction.
 struct Filter {
@@ -530,23 +530,6 @@ pub(crate) fn act_on(pending: Vec<Holder>) {
     }
 }
 
-/// Runs `work` with the worker of deployment `generation` if this is `thread`, the thread
-/// owning the transaction's VM copies.
-fn in_worker<R>(
-    thread: sys::TSEventThread,
-    generation: Generation,
-    work: impl FnOnce(&mut Worker) -> R,
-) -> Option<R> {
-    // SAFETY: the plugin's code runs on Traffic Server's event threads only.
-    if unsafe { sys::TSEventThreadSelf() } != thread {
-        diag::error(
-            "a transaction hook ran on another thread than its VM copies'; its plugins are skipped",
-        );
-        return None;
-    }
-    with_workers(|workers| workers.worker(generation).map(work)).flatten()
-}
-
 /// What Traffic Server knows of a new transaction beyond its headers: its addresses,
 /// connection, protocol and start.
 fn stream_info(txn: sys::TSHttpTxn) -> abi::StreamInfo {
@@ -793,7 +776,7 @@ impl Transaction {
         let filters = &mut self.filters;
         let mut reply = None;
         let mut paused = None;
-        in_worker(self.thread, self.generation, |worker| {
+        in_worker(self.thread, self.generation, "a transaction", |worker| {
             for (index, filter) in filters.iter_mut().enumerate().skip(from) {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
                     continue;
@@ -861,7 +844,7 @@ impl Transaction {
         }
         let filters = &mut self.filters;
         let mut paused = None;
-        in_worker(self.thread, self.generation, |worker| {
+        in_worker(self.thread, self.generation, "a transaction", |worker| {
             for (index, filter) in filters.iter_mut().enumerate().take(until).rev() {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
                     continue;
@@ -925,7 +908,7 @@ impl Transaction {
             Direction::Response => (0..filters.len()).rev().collect(),
         };
         let mut data = chunk;
-        let ran = in_worker(self.thread, self.generation, |worker| {
+        let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
             for index in order {
                 let filter = &mut filters[index];
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
@@ -994,7 +977,7 @@ impl Transaction {
             .and_then(|filter| {
                 let stream = filter.stream.as_ref()?;
                 let context = filter.context;
-                in_worker(thread, generation, |worker| {
+                in_worker(thread, generation, "a transaction", |worker| {
                     let vm = worker.vm(stream)?;
                     let failed = vm.is_failed();
                     let asked = take_requests(vm, context);
@@ -1040,7 +1023,7 @@ impl Transaction {
                 if let Some(filter) = self.filters.get(index) {
                     let context = filter.context;
                     if let Some(stream) = filter.stream.as_ref() {
-                        in_worker(thread, generation, |worker| {
+                        in_worker(thread, generation, "a transaction", |worker| {
                             if let Some(vm) = worker.vm(stream) {
                                 hold(vm, context);
                             }
@@ -1080,7 +1063,7 @@ impl Transaction {
         let txn = self.txn;
         let generation = self.generation;
         let filters = std::mem::take(&mut self.filters);
-        let done = in_worker(self.thread, generation, |worker| {
+        let done = in_worker(self.thread, generation, "a transaction", |worker| {
             for mut filter in filters {
                 let Some(stream) = filter.stream.take() else {
                     continue;
@@ -1114,7 +1097,7 @@ impl Transaction {
     /// Takes the lent headers back from every plugin's slot (before Traffic Server goes on).
     fn unlend(&mut self) {
         let filters = &self.filters;
-        in_worker(self.thread, self.generation, |worker| {
+        in_worker(self.thread, self.generation, "a transaction", |worker| {
             for filter in filters {
                 if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
                     lend(vm, filter.context, None, None);
