@@ -706,13 +706,18 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
 
 /// Envoy's network filter block for corpus plugin `plugin` on `runtime` with `configuration`.
 fn network_filter_yaml(plugin: &str, runtime: &str, configuration: &str) -> String {
+    network_filter_yaml_at(plugin, &corpus_plugin(plugin), runtime, configuration)
+}
+
+/// As [`network_filter_yaml`], for plugin `name` whose code is at `code`.
+fn network_filter_yaml_at(name: &str, code: &Path, runtime: &str, configuration: &str) -> String {
     format!(
         "name: envoy.filters.network.wasm\ntyped_config:\n  \
          \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n  \
-         config:\n    name: {plugin}\n    configuration: \"{configuration}\"\n    \
-         vm_config:\n      vm_id: {plugin}\n      runtime: {runtime}\n      \
+         config:\n    name: {name}\n    configuration: \"{configuration}\"\n    \
+         vm_config:\n      vm_id: {name}\n      runtime: {runtime}\n      \
          code: {{local: {{filename: {}}}}}\n",
-        corpus_plugin(plugin).display()
+        code.display()
     )
 }
 
@@ -842,7 +847,8 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     let engine = engines()[0];
     let nowhere = format!("127.0.0.1:{}", free_port());
     let (gated, dead, idle, denied) = (free_port(), free_port(), free_port(), free_port());
-    let (trap_closed, trap_open, chain) = (free_port(), free_port(), free_port());
+    let (trap_closed, trap_open, chain, held) =
+        (free_port(), free_port(), free_port(), free_port());
     // Two network filters on one listener, as a `filters:` list: the second a plugin of its
     // own (its own VM).
     let second = network_filter_yaml("tcp_filter", engine, "")
@@ -922,9 +928,30 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             &format!("filters:\n{chained}"),
             "",
         ),
+        tcp_listener_file(
+            "held",
+            held,
+            &echo.address.to_string(),
+            &network_filter_yaml_at(
+                "tcp_hold",
+                &workspace().join("plugins/dist/wat/tcp_hold.wasm"),
+                engine,
+                "",
+            ),
+            "",
+        ),
     ];
     let server = TrafficServer::start(&origin, &files);
-    for port in [gated, dead, idle, denied, trap_closed, trap_open, chain] {
+    for port in [
+        gated,
+        dead,
+        idle,
+        denied,
+        trap_closed,
+        trap_open,
+        chain,
+        held,
+    ] {
         wait_for_port(&server, port);
     }
     // The first bytes wait for the gate's answer (an HTTP call through Traffic Server); the
@@ -940,6 +967,11 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     // own events; nothing it held went on.
     assert_eq!(tcp_exchange(denied, &["let me in"]), "");
     server.wait_for_log("gate answered 502");
+    // A plugin that pauses its new-connection callback holds the connection (the upstream is
+    // not dialled, the client's bytes wait) until it continues it from a tick.
+    assert_eq!(tcp_exchange(held, &["wait ", "for ", "me"]), "wait for me");
+    server.wait_for_log("tcp_hold: held");
+    server.wait_for_log("tcp_hold: released");
     // A chain: the client's data through both in order, the upstream's in reverse order,
     // each filter putting its prefix before the first bytes coming back.
     assert_eq!(tcp_exchange(chain, &["chain"]), "[up] [up] CHAIN");
