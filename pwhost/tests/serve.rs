@@ -10,10 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A plugin of the corpus: `name` of the Rust SDK's, or `wat/<name>` of the WAT modules.
 fn corpus_plugin(name: &str) -> PathBuf {
+    let file = match name.contains('/') {
+        true => format!("{name}.wasm"),
+        false => format!("rust/{name}.wasm"),
+    };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/dist/rust")
-        .join(format!("{name}.wasm"));
+        .join("../plugins/dist")
+        .join(file);
     assert!(
         path.exists(),
         "{} is missing: run scripts/setup.sh (plugins/build.sh)",
@@ -925,6 +930,20 @@ fn a_tcp_listener_runs_each_connection_through_its_network_filter_both_ways() {
     assert!(connections >= 10.0, "{connections} in\n{metrics}");
     assert!(echo.connections.load(Ordering::Relaxed) >= 10);
     // Every connection's context went with it.
+    serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn a_network_filter_that_pauses_a_new_connection_holds_the_dial_until_a_tick_continues_it() {
+    let echo = Echo::start();
+    let serve = serve_tcp(echo.address, "wat/tcp_hold", "", &[]);
+    // The client's bytes wait with the connection, then go on unchanged.
+    assert_eq!(
+        tcp_exchange(serve.port, &["wait ", "for ", "me"]),
+        "wait for me"
+    );
+    serve.wait_for_log("tcp_hold: held");
+    serve.wait_for_log("tcp_hold: released");
     serve.wait_for_no_live_contexts();
 }
 
