@@ -1150,6 +1150,11 @@ impl Connection {
                 }
                 Ok(DataAction::Continue) => {}
                 Ok(_) if asked.continued => {}
+                Ok(_) if asked.replied => {
+                    // Held with an answer a connection cannot carry: closed.
+                    self.close();
+                    return;
+                }
                 Ok(_) => {
                     self.phase = Phase::Held(index);
                     return;
@@ -1177,7 +1182,7 @@ impl Connection {
                 self.close();
                 return;
             };
-            if asked.closed {
+            if asked.closed || asked.replied {
                 self.close();
                 return;
             }
@@ -1453,6 +1458,9 @@ struct Asked {
     continued_sides: [bool; 2],
     /// `proxy_close_stream`.
     closed: bool,
+    /// `proxy_send_local_response`: nothing to answer on a connection; a held one closes (as
+    /// `pwhost serve` closes it), one passing data goes on.
+    replied: bool,
 }
 
 /// The plugin's slot for its connection context `context`.
@@ -1463,19 +1471,17 @@ fn slot_of(vm: &mut Vm, context: ContextId) -> Option<&mut StreamSlot> {
 /// Takes what the plugin asked for its connection `context`.
 fn take_asked(vm: &mut Vm, context: ContextId) -> Asked {
     match slot_of(vm, context) {
-        Some(slot) => {
-            // A connection plugin's local reply has nowhere to go: dropped.
-            slot.local_reply = None;
-            Asked {
-                continued: std::mem::take(&mut slot.continued),
-                continued_sides: std::mem::take(&mut slot.continued_sides),
-                closed: std::mem::take(&mut slot.closed),
-            }
-        }
+        Some(slot) => Asked {
+            continued: std::mem::take(&mut slot.continued),
+            continued_sides: std::mem::take(&mut slot.continued_sides),
+            closed: std::mem::take(&mut slot.closed),
+            replied: slot.local_reply.take().is_some(),
+        },
         None => Asked {
             continued: false,
             continued_sides: [false; 2],
             closed: false,
+            replied: false,
         },
     }
 }
