@@ -189,8 +189,8 @@ pub(crate) fn with_workers<R>(work: impl FnOnce(&mut ThreadWorkers) -> R) -> Opt
 }
 
 /// Runs `work` with the worker of deployment `generation` if this is `thread`, the thread
-/// owning the VM copies of `subject` (a transaction or connection, for the message when it is
-/// not: its plugins are skipped).
+/// owning the VM copies of `subject` (a transaction or connection, named in the error when it
+/// is not: the caller goes on without its plugins, or closes the connection).
 pub(crate) fn in_worker<R>(
     thread: sys::TSEventThread,
     generation: Generation,
@@ -200,7 +200,7 @@ pub(crate) fn in_worker<R>(
     // SAFETY: the plugin's code runs on Traffic Server's event threads only.
     if unsafe { sys::TSEventThreadSelf() } != thread {
         diag::error(&format!(
-            "{subject} ran on another thread than its VM copies'; its plugins are skipped"
+            "{subject} ran on another thread than its VM copies'; its plugins cannot run there"
         ));
         return None;
     }
