@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Requests/s and latency through Traffic Server 9.2 with no plugin and with the corpus's
-# http_headers plugin (Rust SDK) in pwhost_ats.so on wasmtime, WAMR and V8, at 1 and 2 net
-# threads: wrk on loopback against an nginx origin, every run bounded in time, configurations
-# alternated round by round so that a busy machine affects them alike. Prints a Markdown table
-# (medians over the rounds; ratios to "no plugin" at the same thread count).
+# Requests/s and latency through Traffic Server 9.2 with no plugin, with the native floor
+# (bench/ats-floor/floor.c: the same header and body work in C on Traffic Server's API, no VM),
+# and with the corpus's http_headers plugin (Rust SDK) in pwhost_ats.so on wasmtime, WAMR and
+# V8, at 1 and 2 net threads: wrk on loopback against an nginx origin, every run bounded in
+# time, configurations alternated round by round so that a busy machine affects them alike.
+# Prints a Markdown table (medians over the rounds; ratios to "no plugin" at the same thread
+# count, and each plugin's CPU time per request beyond Traffic Server alone against the
+# floor's).
 #
 #   bash bench/traffic-server.sh            # ROUNDS=3 DURATION=10s CONNECTIONS=32
 #
-# Needs trafficserver, wrk and nginx (apt-get install trafficserver wrk nginx) and the plugin
-# corpus (scripts/setup.sh).
+# Needs trafficserver, trafficserver-dev, wrk, nginx, a C compiler (cc, else the clang-19 of
+# scripts/setup.sh; CC=... to choose) and the plugin corpus (scripts/setup.sh); nginx is the one
+# scripts/setup.sh leaves out (apt-get install nginx).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
@@ -16,8 +20,9 @@ source bench/lib.sh
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
-for tool in traffic_server wrk nginx; do
-  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install trafficserver wrk nginx)" >&2; exit 1; }
+CC=${CC:-$(command -v cc || command -v clang-19 || echo cc)}
+for tool in traffic_server wrk nginx "$CC"; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install trafficserver wrk nginx gcc)" >&2; exit 1; }
 done
 plugin_wasm=$PWD/plugins/dist/rust/http_headers.wasm
 [ -f "$plugin_wasm" ] || { echo "bench: $plugin_wasm is missing: run scripts/setup.sh" >&2; exit 1; }
@@ -25,6 +30,8 @@ cargo build --release -q -p pwhost-ats --features "wasmtime wamr v8"
 library=$PWD/target/release/libpwhost_ats.so
 
 work=$(mktemp -d)
+floor=$work/floor.so
+"$CC" -O2 -Wall -Wextra -Werror -shared -fPIC -o "$floor" bench/ats-floor/floor.c
 origin_port=$(free_port)
 proxy_port=$(free_port)
 ts_pid=
@@ -76,6 +83,8 @@ EOF
   touch "$dir/etc/"{storage.config,logging.yaml,cache.config,hosting.config}
   if [ "$3" = none ]; then
     : > "$dir/etc/plugin.config"
+  elif [ "$3" = floor ]; then
+    echo "$floor" > "$dir/etc/plugin.config"
   else
     cat > "$dir/etc/headers.yaml" <<EOF
 config:
@@ -114,7 +123,7 @@ stop_ts() {
   ts_pid=
 }
 
-configs=(none wasmtime wamr v8)
+configs=(none floor wasmtime wamr v8)
 for threads in 1 2; do
   for config in "${configs[@]}"; do make_root "$config-$threads" "$threads" "$config"; done
 done
@@ -139,17 +148,28 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-echo "| net threads | plugin | requests/s | vs no plugin | p50 ms | p99 ms |"
-echo "|---|---|---|---|---|---|"
+echo "| net threads | plugin | requests/s | vs no plugin | µs per request beyond no plugin | ÷ floor's | p50 ms | p99 ms |"
+echo "|---|---|---|---|---:|---:|---|---|"
 for threads in 1 2; do
   base=
+  floor_extra=
   for config in "${configs[@]}"; do
     read -r rps p50 p99 < <(awk -v t="$threads" -v c="$config" '$1 == t && $2 == c {print $3, $4, $5}' "$results" |
       sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
     [ -n "$base" ] || base=$rps
     label=$config
     [ "$config" = none ] && label="none (Traffic Server alone)"
+    [ "$config" = floor ] && label="floor (C, no VM)"
     ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN {printf "%.3f", a / b}')
-    echo "| $threads | $label | $rps | $ratio | $p50 | $p99 |"
+    # Time per request beyond Traffic Server alone, from the request rates (the server is out
+    # of CPU in every configuration at one net thread, so this is its CPU time per request).
+    extra=$(awk -v a="$rps" -v b="$base" 'BEGIN {printf "%.1f", 1e6 / a - 1e6 / b}')
+    [ "$config" = floor ] && floor_extra=$extra
+    versus=—
+    if [ "$config" != none ] && [ "$config" != floor ] && [ -n "$floor_extra" ]; then
+      versus=$(awk -v a="$extra" -v b="$floor_extra" 'BEGIN {printf "%.2f", a / b}')
+    fi
+    [ "$config" = none ] && extra=—
+    echo "| $threads | $label | $rps | $ratio | $extra | $versus | $p50 | $p99 |"
   done
 done

@@ -21,10 +21,11 @@ use crate::{Headers, MapType, PropertyPath, Status, VmState};
 /// `StreamInfo`), for the attributes. A field left `None` is an attribute not found.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StreamInfo {
-    /// The downstream peer's address, `ip:port` (`source.address`, `source.port`).
-    pub source_address: Option<String>,
+    /// The downstream peer's address (`source.address` as `ip:port`, `source.port`). Kept as
+    /// an address, not text: it is formatted only when a plugin reads it.
+    pub source_address: Option<SocketAddr>,
     /// The downstream connection's local address (`destination.address`, `destination.port`).
-    pub destination_address: Option<String>,
+    pub destination_address: Option<SocketAddr>,
     /// The downstream connection's id (`connection.id`, `connection_id`).
     pub connection_id: Option<u64>,
     /// Whether the downstream connection is TLS with a client certificate (`connection.mtls`).
@@ -33,8 +34,8 @@ pub struct StreamInfo {
     pub requested_server_name: Option<String>,
     /// The TLS version, e.g. `TLSv1.3` (`connection.tls_version`).
     pub tls_version: Option<String>,
-    /// The upstream host's address, `ip:port` (`upstream.address`, `upstream.port`).
-    pub upstream_address: Option<String>,
+    /// The upstream host's address (`upstream.address` as `ip:port`, `upstream.port`).
+    pub upstream_address: Option<SocketAddr>,
     /// When the first byte of the request arrived (`request.time`).
     pub start_time: Option<SystemTime>,
     /// How long the request took, once complete (`request.duration`).
@@ -282,11 +283,12 @@ fn byte_size(map: Option<&dyn Headers>) -> u64 {
     size
 }
 
-fn port_of(address: &str) -> Option<Value<'static>> {
-    address
-        .parse::<SocketAddr>()
-        .ok()
-        .map(|a| Value::Int(i64::from(a.port())))
+fn address(address: Option<SocketAddr>) -> Option<Value<'static>> {
+    address.map(|a| Value::string(a.to_string()))
+}
+
+fn port(address: Option<SocketAddr>) -> Option<Value<'static>> {
+    address.map(|a| Value::Int(i64::from(a.port())))
 }
 
 fn to_int(value: u64) -> Value<'static> {
@@ -307,12 +309,12 @@ fn stream_attribute(state: &mut VmState, group: &[u8], name: &[u8]) -> Option<Va
                 )),
                 (b"connection", b"tls_version") => string(&info.tls_version),
                 (b"connection", b"id") => info.connection_id.map(Value::Uint),
-                (b"source", b"address") => string(&info.source_address),
-                (b"source", b"port") => port_of(info.source_address.as_deref()?),
-                (b"destination", b"address") => string(&info.destination_address),
-                (b"destination", b"port") => port_of(info.destination_address.as_deref()?),
-                (b"upstream", b"address") => string(&info.upstream_address),
-                (b"upstream", b"port") => port_of(info.upstream_address.as_deref()?),
+                (b"source", b"address") => address(info.source_address),
+                (b"source", b"port") => port(info.source_address),
+                (b"destination", b"address") => address(info.destination_address),
+                (b"destination", b"port") => port(info.destination_address),
+                (b"upstream", b"address") => address(info.upstream_address),
+                (b"upstream", b"port") => port(info.upstream_address),
                 _ => None,
             }
         }

@@ -140,9 +140,12 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
         let output = state.output.get_or_insert_with(|| {
             let buffer = sys::TSIOBufferCreate();
             let reader = sys::TSIOBufferReaderAlloc(buffer);
-            // A response goes to the client chunked, whatever its length; a request body goes
-            // to the origin framed by a length Traffic Server takes from this write, so it
-            // starts as the client's (and is set to what was written at the end).
+            // A response's length is known only at its end (the plugins may change it): the
+            // write starts unbounded and gets its length at the end, and Traffic Server sends
+            // the response chunked unless that end came first (a body that arrived at once
+            // keeps a Content-Length). A request body goes to the origin framed by a length
+            // Traffic Server takes from this write, so it starts as the client's (and is set
+            // to what was written at the end).
             let length = match direction {
                 Direction::Response => i64::MAX,
                 Direction::Request => sys::TSVIONBytesGet(sys::TSVConnWriteVIOGet(connection)),

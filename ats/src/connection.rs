@@ -126,6 +126,17 @@ pub(crate) fn open_listeners() -> Result<(), String> {
         return Ok(());
     }
     for (index, listener) in listeners.iter().enumerate() {
+        // Traffic Server opens the port later, on its net threads, and stops with its own
+        // message (the port, not the file) if it cannot: a bind tried here first names the
+        // file and the reason. The probe is closed at once (a listener that never accepted
+        // leaves nothing behind).
+        if let Err(error) = std::net::TcpListener::bind(listener.listen) {
+            return Err(format!(
+                "{}: tcp.listen: cannot listen on {}: {error}",
+                listener.file.display(),
+                listener.listen
+            ));
+        }
         // Traffic Server's port syntax (`proxy.config.http.server_ports`), bound to the
         // listener's address only.
         let descriptor = match listener.listen {
@@ -481,9 +492,9 @@ fn begin(vc: sys::TSVConn, cont: sys::TSCont, index: usize) -> Option<Connection
         };
         let listener = &listeners[index];
         let info = abi::StreamInfo {
-            source_address: source.map(|a| a.to_string()),
-            destination_address: destination.map(|a| a.to_string()),
-            upstream_address: Some(listener.upstream.to_string()),
+            source_address: source,
+            destination_address: destination,
+            upstream_address: Some(listener.upstream),
             cluster_name: listener.upstream_name.clone(),
             connection_id: Some(next_connection_id()),
             start_time: Some(std::time::SystemTime::now()),

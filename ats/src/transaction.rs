@@ -545,8 +545,8 @@ fn stream_info(txn: sys::TSHttpTxn) -> abi::StreamInfo {
         )
     };
     abi::StreamInfo {
-        source_address: source.map(|a| a.to_string()),
-        destination_address: destination.map(|a| a.to_string()),
+        source_address: source,
+        destination_address: destination,
         connection_id: connection.and_then(|id| u64::try_from(id).ok()),
         protocol: Some(if http2 { "HTTP/2" } else { "HTTP/1.1" }.to_string()),
         start_time: Some(std::time::SystemTime::now()),
@@ -587,7 +587,7 @@ fn note_response(vm: &mut Vm, context: abi::ContextId, txn: sys::TSHttpTxn, stat
         if slot.info.upstream_address.is_none() {
             // SAFETY: `txn` is held by the hook being handled.
             let upstream = unsafe { socket_address(sys::TSHttpTxnServerAddrGet(txn)) };
-            slot.info.upstream_address = upstream.filter(|a| a.port() != 0).map(|a| a.to_string());
+            slot.info.upstream_address = upstream.filter(|a| a.port() != 0);
         }
     }
 }

@@ -79,7 +79,7 @@ use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
 
 #[path = "../../pwhost/tests/common/tcp_peers.rs"]
 mod tcp_peers;
-use tcp_peers::{tcp_exchange, Echo};
+use tcp_peers::{tcp_exchange, tcp_talk_one_way, Echo, Sink, Unanswering};
 
 /// An origin server answering every request with 200, `server: origin`, and a body listing the
 /// request line and headers it received (`name: value` lines), an empty line, the request body
@@ -702,6 +702,33 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
         output.contains("bad.yaml: tcp.upstream: \"nowhere\" is neither a name in upstreams"),
         "the error does not name the file and the field:\n{output}"
     );
+    // Two files cannot listen on one address.
+    let port = free_port();
+    let listener = |name| {
+        let filter = network_filter_yaml("tcp_filter", engines()[0], "");
+        tcp_listener_file(name, port, "127.0.0.1:9", &filter, "")
+    };
+    let output = refused_start_with(&origin, &[listener("first"), listener("second")]);
+    assert!(
+        output.contains(&format!(
+            "second.yaml: tcp.listen: 127.0.0.1:{port} is already the listener of"
+        )) && output.contains("first.yaml"),
+        "the error does not name both files and the address:\n{output}"
+    );
+    // A listener whose port is taken stops Traffic Server, naming the file and the address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to take");
+    let port = taken.local_addr().expect("its address").port();
+    let filter = network_filter_yaml("tcp_filter", engines()[0], "");
+    let output = refused_start_with(
+        &origin,
+        &[tcp_listener_file("taken", port, "127.0.0.1:9", &filter, "")],
+    );
+    assert!(
+        output.contains(&format!(
+            "taken.yaml: tcp.listen: cannot listen on 127.0.0.1:{port}"
+        )),
+        "the error does not name the file and the address:\n{output}"
+    );
 }
 
 /// Envoy's network filter block for corpus plugin `plugin` on `runtime` with `configuration`.
@@ -849,6 +876,8 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     let (gated, dead, idle, denied) = (free_port(), free_port(), free_port(), free_port());
     let (trap_closed, trap_open, chain, held) =
         (free_port(), free_port(), free_port(), free_port());
+    let (unanswered, one_way) = (free_port(), free_port());
+    let (unanswering, sink) = (Unanswering::start(), Sink::start());
     // Two network filters on one listener, as a `filters:` list: the second a plugin of its
     // own (its own VM).
     let second = network_filter_yaml("tcp_filter", engine, "")
@@ -940,6 +969,20 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             ),
             "",
         ),
+        tcp_listener_file(
+            "unanswered",
+            unanswered,
+            &unanswering.address.to_string(),
+            &network_filter_yaml("tcp_filter", engine, ""),
+            "  connect_timeout: 1s\n",
+        ),
+        tcp_listener_file(
+            "one_way",
+            one_way,
+            &sink.address.to_string(),
+            &network_filter_yaml("tcp_filter", engine, ""),
+            "  idle_timeout: 1s\n",
+        ),
     ];
     let server = TrafficServer::start(&origin, &files);
     for port in [
@@ -951,6 +994,8 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         trap_open,
         chain,
         held,
+        unanswered,
+        one_way,
     ] {
         wait_for_port(&server, port);
     }
@@ -1002,6 +1047,27 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
         "closed after {waited:?}"
     );
+    // Traffic one way only (to an upstream that never sends) keeps a connection open past the
+    // idle timeout: both sides' timers restart on traffic either way. Once it stops, the
+    // connection is closed after the timeout.
+    let (open_for, quiet_for) = tcp_talk_one_way(one_way, b"tick", Duration::from_millis(300), 8);
+    assert!(
+        open_for >= Duration::from_millis(2900),
+        "closed while traffic went on: after {open_for:?}"
+    );
+    assert!(
+        quiet_for >= Duration::from_millis(900) && quiet_for < Duration::from_secs(10),
+        "closed {quiet_for:?} after the traffic stopped"
+    );
+    // An upstream that never answers the connect: the client's connection is closed after the
+    // listener's connect timeout (1 s here; 5 s unless set).
+    let started = Instant::now();
+    assert_eq!(tcp_exchange(unanswered, &["hello"]), "");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
     // A reload puts a changed network filter in force for new connections: no gate now.
     let ungated = tcp_listener_file(
         "gated",
@@ -1038,7 +1104,12 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
 /// Starts `traffic_server` with the plugin file `bad.yaml` holding `yaml`, which it must refuse
 /// to start with; returns what it printed and logged.
 fn refused_start(origin: &Origin, yaml: String) -> String {
-    let (root, _port) = TrafficServer::prepare(origin, &[PluginFile { name: "bad", yaml }]);
+    refused_start_with(origin, &[PluginFile { name: "bad", yaml }])
+}
+
+/// As [`refused_start`], with plugin files `files`.
+fn refused_start_with(origin: &Origin, files: &[PluginFile]) -> String {
+    let (root, _port) = TrafficServer::prepare(origin, files);
     let mut server = Command::new("timeout")
         .args(["-s", "KILL", SERVER_LIFETIME_SECONDS, "traffic_server"])
         .arg(format!("--run-root={}", root.path().display()))

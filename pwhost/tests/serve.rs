@@ -37,7 +37,7 @@ use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
 
 #[path = "common/tcp_peers.rs"]
 mod tcp_peers;
-use tcp_peers::{tcp_exchange, Echo};
+use tcp_peers::{tcp_exchange, tcp_talk_one_way, Echo, Sink, Unanswering};
 
 /// An origin that answers every request with what it received: request line, headers (lower
 /// case), body, then `hello from origin`; a request for `/slow...` after 1.5 s.
@@ -959,6 +959,22 @@ fn a_tcp_connection_whose_upstream_is_unreachable_is_closed_and_the_plugin_hears
 }
 
 #[test]
+fn a_tcp_connection_whose_upstream_never_answers_is_closed_after_the_connect_timeout() {
+    let unanswering = Unanswering::start();
+    // The cluster's connect timeout is 1 s (5 s unless set).
+    let serve = serve_tcp(unanswering.address, "tcp_filter", "", &[]);
+    let started = Instant::now();
+    assert_eq!(tcp_exchange(serve.port, &["hello"]), "");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
+    serve.wait_for_log("upstream closed by Unknown");
+    serve.wait_for_no_live_contexts();
+}
+
+#[test]
 fn a_network_filter_holds_a_connection_until_an_http_call_lets_it_through() {
     let echo = Echo::start();
     let gate = Origin::start();
@@ -1585,6 +1601,32 @@ fn a_tcp_connection_without_traffic_is_closed_after_the_idle_timeout() {
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
+    );
+    serve.wait_for_log("downstream closed by Local");
+    serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn traffic_one_way_keeps_a_tcp_connection_open_past_the_idle_timeout() {
+    let sink = Sink::start();
+    let serve = serve_tcp_with(
+        sink.address,
+        "tcp_filter",
+        "",
+        &[],
+        "    idle_timeout: 0.5s\n",
+    );
+    // To an upstream that never sends: each side's timer restarts on traffic either way. Once
+    // the traffic stops, the connection is closed after the timeout.
+    let (open_for, quiet_for) =
+        tcp_talk_one_way(serve.port, b"tick", Duration::from_millis(150), 10);
+    assert!(
+        open_for >= Duration::from_millis(1700),
+        "closed while traffic went on: after {open_for:?}"
+    );
+    assert!(
+        quiet_for >= Duration::from_millis(400) && quiet_for < Duration::from_secs(5),
+        "closed {quiet_for:?} after the traffic stopped"
     );
     serve.wait_for_log("downstream closed by Local");
     serve.wait_for_no_live_contexts();

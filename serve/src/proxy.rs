@@ -286,22 +286,17 @@ fn closed() -> Box<Error> {
 
 /// Envoy's attributes of the connection.
 fn stream_info(session: &Session) -> abi::StreamInfo {
-    let mut info = abi::StreamInfo::default();
-    if let Some(address) = session.client_addr().and_then(|a| a.as_inet()) {
-        info.source_address = Some(address.to_string());
+    let protocol = if session.is_http2() {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    };
+    abi::StreamInfo {
+        source_address: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        destination_address: session.server_addr().and_then(|a| a.as_inet()).copied(),
+        protocol: Some(protocol.to_string()),
+        ..Default::default()
     }
-    if let Some(address) = session.server_addr().and_then(|a| a.as_inet()) {
-        info.destination_address = Some(address.to_string());
-    }
-    info.protocol = Some(
-        if session.is_http2() {
-            "HTTP/2"
-        } else {
-            "HTTP/1.1"
-        }
-        .to_string(),
-    );
-    info
 }
 
 /// Response body chunks that went on to Pingora, from the offset `start` of the body on, kept

@@ -80,7 +80,7 @@ impl ServerApp for TcpProxy {
         let endpoint = cluster.next_endpoint();
         let mut connection = Stream::new(Kind::Tcp, Arc::clone(&self.listener), self.buffer_limit);
         let mut info = connection_info(&downstream);
-        info.upstream_address = Some(endpoint.to_string());
+        info.upstream_address = Some(endpoint);
         info.cluster_name = Some(cluster.name.clone());
         connection.begin(&info);
         // The upstream side is not open yet: its close is of a connection never made.
@@ -137,14 +137,8 @@ fn connection_info(downstream: &Downstream) -> abi::StreamInfo {
         ..abi::StreamInfo::default()
     };
     if let Some(digest) = downstream.get_socket_digest() {
-        info.source_address = digest
-            .peer_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.to_string());
-        info.destination_address = digest
-            .local_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.to_string());
+        info.source_address = digest.peer_addr().and_then(|a| a.as_inet()).copied();
+        info.destination_address = digest.local_addr().and_then(|a| a.as_inet()).copied();
     }
     info
 }

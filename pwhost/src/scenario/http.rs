@@ -649,7 +649,7 @@ impl Exchange<'_, '_> {
                 // The request goes to an upstream host now.
                 for k in 0..self.stages.len() {
                     if let Ok(stream) = record(self.worker, &self.stages[k]) {
-                        stream.info.upstream_address = Some(UPSTREAM_ADDRESS.into());
+                        stream.info.upstream_address = Some(UPSTREAM_ADDRESS);
                     }
                 }
             }

@@ -37,6 +37,7 @@ mod tcp;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use abi::{ContextId, InMemoryHost, LogRecord, Plugin, SharedState, Vm, VmError};
@@ -349,15 +350,19 @@ pub fn register_builtin_foreign_functions(shared: &SharedState) {
 
 /// The addresses a scenario's connections come from and go to, as Envoy's stream info would
 /// have them (a scenario's `properties` override any attribute).
-const SOURCE_ADDRESS: &str = "127.0.0.1:50000";
-const DESTINATION_ADDRESS: &str = "127.0.0.1:10000";
-const UPSTREAM_ADDRESS: &str = "127.0.0.1:8080";
+const SOURCE_ADDRESS: SocketAddr = loopback(50000);
+const DESTINATION_ADDRESS: SocketAddr = loopback(10000);
+const UPSTREAM_ADDRESS: SocketAddr = loopback(8080);
+
+const fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
 
 /// What a proxy knows of a new downstream connection `connection_id`.
 fn connection_info(connection_id: u64, start_time: std::time::SystemTime) -> abi::StreamInfo {
     abi::StreamInfo {
-        source_address: Some(SOURCE_ADDRESS.into()),
-        destination_address: Some(DESTINATION_ADDRESS.into()),
+        source_address: Some(SOURCE_ADDRESS),
+        destination_address: Some(DESTINATION_ADDRESS),
         connection_id: Some(connection_id),
         mtls: Some(false),
         requested_server_name: Some(String::new()),

@@ -332,7 +332,7 @@ pub(super) fn run_connection(
         let start_time = vm.host().now();
         let info = &mut in_memory_host(vm).stream(stage.context).info;
         *info = super::connection_info(connection_id, start_time);
-        info.upstream_address = Some(UPSTREAM_ADDRESS.into());
+        info.upstream_address = Some(UPSTREAM_ADDRESS);
     }
     let handles: Vec<Option<&StreamVm>> = stages.iter().map(|s| s.held_vm.as_ref()).collect();
     let callouts = Callouts::new(

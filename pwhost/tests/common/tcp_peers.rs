@@ -1,8 +1,10 @@
-//! A TCP echo upstream and a TCP client for the proxies' TCP listeners; shared by the `pwhost
-//! serve` tests and the Traffic Server tests (`#[path]` module).
+//! TCP upstreams (one that echoes, one that only reads, one that never answers a connect) and a
+//! TCP client for the proxies' TCP listeners; shared by the `pwhost serve` tests and the Traffic
+//! Server tests (`#[path]` module).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -64,6 +66,79 @@ impl Drop for Echo {
     }
 }
 
+/// A TCP server that reads whatever it receives and never sends anything; it serves until
+/// dropped.
+pub struct Sink {
+    pub address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the sink binds");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let address = listener.local_addr().expect("an address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((mut connection, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = connection.set_nonblocking(false);
+                    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut buffer = [0u8; 4096];
+                    while matches!(connection.read(&mut buffer), Ok(count) if count > 0) {}
+                });
+            }
+        });
+        Sink {
+            address,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An address where a connect never completes: a listener with no room in its accept queue
+/// (a backlog of none, taken by one connection it never accepts), so the kernel drops every
+/// new SYN and the connecting side waits until it gives up.
+pub struct Unanswering {
+    pub address: SocketAddr,
+    _listener: TcpListener,
+    _queued: TcpStream,
+}
+
+impl Unanswering {
+    pub fn start() -> Unanswering {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the listener binds");
+        // SAFETY: `listen` on a listening socket this value owns only sets its backlog.
+        let listened = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+        assert_eq!(listened, 0, "listen: {}", std::io::Error::last_os_error());
+        let address = listener.local_addr().expect("an address");
+        let queued = TcpStream::connect(address).expect("the one connection the queue holds");
+        Unanswering {
+            address,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
+
 /// Sends `parts` (a pause between them) on a new connection to `port`, ends its side, and
 /// returns everything received until the proxy closes the connection.
 pub fn tcp_exchange(port: u16, parts: &[&str]) -> String {
@@ -88,4 +163,35 @@ pub fn tcp_exchange(port: u16, parts: &[&str]) -> String {
         );
     }
     String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Sends `chunk` to `port` every `every`, `times` times, on one connection (nothing comes back
+/// from an upstream that only reads), then waits for the proxy to close it. Returns how long
+/// after the first send, and how long after the last, the connection ended.
+pub fn tcp_talk_one_way(
+    port: u16,
+    chunk: &[u8],
+    every: Duration,
+    times: usize,
+) -> (Duration, Duration) {
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("a read timeout");
+    let started = Instant::now();
+    for sent in 0..times {
+        if sent > 0 {
+            std::thread::sleep(every);
+        }
+        // A connection closed early refuses the rest: how long it stayed open tells.
+        let _ = connection.write_all(chunk);
+    }
+    let quiet_since = Instant::now();
+    let mut received = Vec::new();
+    let _ = connection.read_to_end(&mut received);
+    assert!(
+        received.is_empty(),
+        "the upstream sent nothing, yet {received:?} came back"
+    );
+    (started.elapsed(), quiet_since.elapsed())
 }
