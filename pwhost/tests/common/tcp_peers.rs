@@ -10,73 +10,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A TCP server that sends back whatever it receives and closes once the client has sent
-/// everything (its FIN); it serves until dropped.
-pub struct Echo {
-    pub address: SocketAddr,
-    pub connections: Arc<AtomicUsize>,
+/// A TCP server on 127.0.0.1 handing each connection to a thread of its own running `serve`,
+/// until dropped.
+struct Acceptor {
+    address: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Echo {
-    pub fn start() -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("the echo server binds");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let address = listener.local_addr().expect("an address");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, stopped) = (Arc::clone(&connections), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                let Ok((mut connection, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                std::thread::spawn(move || {
-                    let _ = connection.set_nonblocking(false);
-                    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut buffer = [0u8; 4096];
-                    while let Ok(count) = connection.read(&mut buffer) {
-                        if count == 0 || connection.write_all(&buffer[..count]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        Echo {
-            address,
-            connections,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// A TCP server that reads whatever it receives and never sends anything; it serves until
-/// dropped.
-pub struct Sink {
-    pub address: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Sink {
-    pub fn start() -> Sink {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("the sink binds");
+impl Acceptor {
+    fn start(serve: impl Fn(TcpStream) + Clone + Send + 'static) -> Acceptor {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the server binds");
         listener
             .set_nonblocking(true)
             .expect("a non-blocking listener");
@@ -85,19 +29,17 @@ impl Sink {
         let stopped = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                let Ok((mut connection, _)) = listener.accept() else {
+                let Ok((connection, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 };
-                std::thread::spawn(move || {
-                    let _ = connection.set_nonblocking(false);
-                    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut buffer = [0u8; 4096];
-                    while matches!(connection.read(&mut buffer), Ok(count) if count > 0) {}
-                });
+                let _ = connection.set_nonblocking(false);
+                let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+                let serve = serve.clone();
+                std::thread::spawn(move || serve(connection));
             }
         });
-        Sink {
+        Acceptor {
             address,
             stop,
             thread: Some(thread),
@@ -105,11 +47,60 @@ impl Sink {
     }
 }
 
-impl Drop for Sink {
+impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// A TCP server that sends back whatever it receives and closes once the client has sent
+/// everything (its FIN); it serves until dropped.
+pub struct Echo {
+    pub address: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    _acceptor: Acceptor,
+}
+
+impl Echo {
+    pub fn start() -> Echo {
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        let acceptor = Acceptor::start(move |mut connection| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let mut buffer = [0u8; 4096];
+            while let Ok(read) = connection.read(&mut buffer) {
+                if read == 0 || connection.write_all(&buffer[..read]).is_err() {
+                    break;
+                }
+            }
+        });
+        Echo {
+            address: acceptor.address,
+            connections,
+            _acceptor: acceptor,
+        }
+    }
+}
+
+/// A TCP server that reads whatever it receives and never sends anything; it serves until
+/// dropped.
+pub struct Sink {
+    pub address: SocketAddr,
+    _acceptor: Acceptor,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        let acceptor = Acceptor::start(|mut connection| {
+            let mut buffer = [0u8; 4096];
+            while matches!(connection.read(&mut buffer), Ok(count) if count > 0) {}
+        });
+        Sink {
+            address: acceptor.address,
+            _acceptor: acceptor,
         }
     }
 }
