@@ -4,9 +4,9 @@
 # and with the corpus's http_headers plugin (Rust SDK) in pwhost_ats.so on wasmtime, WAMR and
 # V8, at 1 and 2 net threads: wrk on loopback against an nginx origin, every run bounded in
 # time, configurations alternated round by round so that a busy machine affects them alike.
-# Prints a Markdown table (medians over the rounds; ratios to "no plugin" at the same thread
-# count, and each plugin's CPU time per request beyond Traffic Server alone against the
-# floor's).
+# Prints a Markdown table (medians over the rounds): ratios to "no plugin" at the same thread
+# count, each plugin's time per request beyond Traffic Server alone (its CPU time at one net
+# thread, where Traffic Server is out of CPU), and that time against the floor's.
 #
 #   bash bench/traffic-server.sh            # ROUNDS=3 DURATION=10s CONNECTIONS=32
 #
