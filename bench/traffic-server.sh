@@ -22,7 +22,7 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 CC=${CC:-$(command -v cc || command -v clang-19 || echo cc)}
 for tool in traffic_server wrk nginx "$CC"; do
-  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install trafficserver wrk nginx gcc)" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install trafficserver trafficserver-dev wrk nginx gcc)" >&2; exit 1; }
 done
 plugin_wasm=$PWD/plugins/dist/rust/http_headers.wasm
 [ -f "$plugin_wasm" ] || { echo "bench: $plugin_wasm is missing: run scripts/setup.sh" >&2; exit 1; }

@@ -126,11 +126,10 @@ pub(crate) fn open_listeners() -> Result<(), String> {
         return Ok(());
     }
     for (index, listener) in listeners.iter().enumerate() {
-        // Traffic Server opens the port later, on its net threads, and stops with its own
-        // message (the port, not the file) if it cannot: a bind tried here first names the
-        // file and the reason. The probe is closed at once (a listener that never accepted
-        // leaves nothing behind).
-        if let Err(error) = std::net::TcpListener::bind(listener.listen) {
+        // A port Traffic Server cannot bind is, depending on its accept threads, its own fatal
+        // error naming the port only, or a warning and a listener that silently never exists:
+        // a bind tried here first names the file and the reason.
+        if let Err(error) = probe_bind(listener.listen) {
             return Err(format!(
                 "{}: tcp.listen: cannot listen on {}: {error}",
                 listener.file.display(),
@@ -177,6 +176,20 @@ pub(crate) fn open_listeners() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Binds and listens on `address` as Traffic Server's listening sockets do (`SO_REUSEADDR`; an
+/// IPv6 address for IPv6 only, so that `[::]:P` does not collide with an IPv4 listener on P),
+/// then closes the socket at once: a listener that never accepted leaves nothing behind.
+fn probe_bind(address: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(1)
 }
 
 /// A new connection on a listener (the continuation's data is the listener's index).

@@ -1048,8 +1048,8 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         "closed after {waited:?}"
     );
     // Traffic one way only (to an upstream that never sends) keeps a connection open past the
-    // idle timeout: both sides' timers restart on traffic either way. Once it stops, the
-    // connection is closed after the timeout.
+    // idle timeout; once it stops, the connection is closed after the timeout. (Here each side
+    // sees traffic of its own: the client's is read, the upstream's written.)
     let (open_for, quiet_for) = tcp_talk_one_way(one_way, b"tick", Duration::from_millis(300), 8);
     assert!(
         open_for >= Duration::from_millis(2900),

@@ -27,7 +27,7 @@
 #define NAME "pwhost_floor"
 
 /* Reads every byte of a string Traffic Server lends, as a copy into the plugin would. */
-static volatile unsigned sink;
+static _Thread_local volatile unsigned sink;
 static void
 touch(const char *bytes, int len)
 {
@@ -147,18 +147,23 @@ struct transform {
   TSVIO output;
   char *chunk;
   int64_t chunk_size;
+  int done;
 };
 
 static void
 transfer(TSCont connection, struct transform *state)
 {
   TSVIO input = TSVConnWriteVIOGet(connection);
+  if (state->done) {
+    return;
+  }
   if (state->output == NULL) {
     state->buffer = TSIOBufferCreate();
     state->reader = TSIOBufferReaderAlloc(state->buffer);
     state->output = TSVConnWrite(TSTransformOutputVConnGet(connection), connection, state->reader, INT64_MAX);
   }
   int open = TSVIOBufferGet(input) != NULL;
+  int64_t copied = 0;
   if (open) {
     int64_t todo = TSVIONTodoGet(input);
     TSIOBufferReader reader = TSVIOReaderGet(input);
@@ -176,7 +181,6 @@ transfer(TSCont connection, struct transform *state)
         state->chunk      = grown;
         state->chunk_size = available;
       }
-      int64_t copied = 0;
       TSIOBufferBlock block = TSIOBufferReaderStart(reader);
       while (block != NULL && copied < available) {
         int64_t block_len = 0;
@@ -194,13 +198,16 @@ transfer(TSCont connection, struct transform *state)
     }
   }
   if (!open || TSVIONTodoGet(input) <= 0) {
+    state->done = 1;
     TSVIONBytesSet(state->output, TSVIONDoneGet(input));
     TSVIOReenable(state->output);
     if (open) {
       TSContCall(TSVIOContGet(input), TS_EVENT_VCONN_WRITE_COMPLETE, input);
     }
   } else {
-    TSVIOReenable(state->output);
+    if (copied > 0) {
+      TSVIOReenable(state->output);
+    }
     TSContCall(TSVIOContGet(input), TS_EVENT_VCONN_WRITE_READY, input);
   }
 }

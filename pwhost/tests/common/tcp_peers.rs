@@ -107,7 +107,8 @@ impl Sink {
 
 /// An address where a connect never completes: a listener with no room in its accept queue
 /// (a backlog of none, taken by one connection it never accepts), so the kernel drops every
-/// new SYN and the connecting side waits until it gives up.
+/// new SYN and the connecting side waits until it gives up. (Linux lets one connection into a
+/// backlog of none; kernels before 6.13 do so only with SYN cookies on, Debian's default.)
 pub struct Unanswering {
     pub address: SocketAddr,
     _listener: TcpListener,
