@@ -79,7 +79,9 @@ use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
 
 #[path = "../../pwhost/tests/common/tcp_peers.rs"]
 mod tcp_peers;
-use tcp_peers::{tcp_exchange, tcp_talk_one_way, Echo, Sink, Unanswering};
+use tcp_peers::{
+    assert_one_way_traffic_outlives_a_1s_idle_timeout, tcp_exchange, Echo, Sink, Unanswering,
+};
 
 /// An origin server answering every request with 200, `server: origin`, and a body listing the
 /// request line and headers it received (`name: value` lines), an empty line, the request body
@@ -1050,15 +1052,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     // Traffic one way only (to an upstream that never sends) keeps a connection open past the
     // idle timeout; once it stops, the connection is closed after the timeout. (Here each side
     // sees traffic of its own: the client's is read, the upstream's written.)
-    let (open_for, quiet_for) = tcp_talk_one_way(one_way, b"tick", Duration::from_millis(300), 8);
-    assert!(
-        open_for >= Duration::from_millis(2900),
-        "closed while traffic went on: after {open_for:?}"
-    );
-    assert!(
-        quiet_for >= Duration::from_millis(900) && quiet_for < Duration::from_secs(10),
-        "closed {quiet_for:?} after the traffic stopped"
-    );
+    assert_one_way_traffic_outlives_a_1s_idle_timeout(one_way);
     // An upstream that never answers the connect: the client's connection is closed after the
     // listener's connect timeout (1 s here; 5 s unless set).
     let started = Instant::now();

@@ -157,26 +157,21 @@ pub fn tcp_exchange(port: u16, parts: &[&str]) -> String {
     String::from_utf8_lossy(&received).into_owned()
 }
 
-/// Sends `chunk` to `port` every `every`, `times` times, on one connection (nothing comes back
-/// from an upstream that only reads), then waits for the proxy to close it. Returns how long
-/// after the first send, and how long after the last, the connection ended.
-pub fn tcp_talk_one_way(
-    port: u16,
-    chunk: &[u8],
-    every: Duration,
-    times: usize,
-) -> (Duration, Duration) {
+/// Sends a few bytes to `port`, a listener with a 1 s idle timeout in front of an upstream that
+/// never sends, every 300 ms for 2.1 s, and checks that the connection stayed open throughout
+/// and was closed about one timeout after the traffic stopped.
+pub fn assert_one_way_traffic_outlives_a_1s_idle_timeout(port: u16) {
     let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
     connection
         .set_read_timeout(Some(Duration::from_secs(15)))
         .expect("a read timeout");
     let started = Instant::now();
-    for sent in 0..times {
+    for sent in 0..8 {
         if sent > 0 {
-            std::thread::sleep(every);
+            std::thread::sleep(Duration::from_millis(300));
         }
         // A connection closed early refuses the rest: how long it stayed open tells.
-        let _ = connection.write_all(chunk);
+        let _ = connection.write_all(b"tick");
     }
     let quiet_since = Instant::now();
     let mut received = Vec::new();
@@ -185,5 +180,13 @@ pub fn tcp_talk_one_way(
         received.is_empty(),
         "the upstream sent nothing, yet {received:?} came back"
     );
-    (started.elapsed(), quiet_since.elapsed())
+    let (open_for, quiet_for) = (started.elapsed(), quiet_since.elapsed());
+    assert!(
+        open_for >= Duration::from_millis(2900),
+        "closed while traffic went on: after {open_for:?}"
+    );
+    assert!(
+        quiet_for >= Duration::from_millis(900) && quiet_for < Duration::from_secs(10),
+        "closed {quiet_for:?} after the traffic stopped"
+    );
 }
