@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A TCP server on 127.0.0.1 handing each connection to a thread of its own running `serve`,
-/// until dropped.
+/// until dropped (the accept loop is joined then; a connection's thread ends when its peer
+/// closes or after 10 s without data).
 struct Acceptor {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -155,6 +156,19 @@ pub fn tcp_exchange(port: u16, parts: &[&str]) -> String {
         );
     }
     String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Sends a few bytes to `port`, a listener with a 1 s connect timeout in front of an upstream
+/// that never answers the connect ([`Unanswering`]), and checks that the proxy closed the
+/// connection after that timeout, with nothing forwarded back.
+pub fn assert_closed_after_a_1s_connect_timeout(port: u16) {
+    let started = Instant::now();
+    assert_eq!(tcp_exchange(port, &["hello"]), "");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
+    );
 }
 
 /// Sends a few bytes to `port`, a listener with a 1 s idle timeout in front of an upstream that
