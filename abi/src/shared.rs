@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
 use rustc_hash::FxHashMap;
 
@@ -73,33 +73,69 @@ impl QueueOwner {
             root: 1,
         }
     }
+}
 
-    /// The wake-up to run once the registry is unlocked, if the embedder set one.
-    fn wake(&self) -> Option<QueueWake> {
-        self.wake
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+/// A registration of a queue, as the registry keeps it: it does not keep the VM's state alive,
+/// so it tells when the VM that registered is gone.
+struct Registration {
+    notify: Sender<(u32, u32)>,
+    /// The VM's wake-up cell, which only the VM's own state holds strongly.
+    wake: Weak<RwLock<Option<QueueWake>>>,
+    root: u32,
+}
+
+impl Registration {
+    fn of(owner: QueueOwner) -> Registration {
+        Registration {
+            wake: Arc::downgrade(&owner.wake),
+            notify: owner.notify,
+            root: owner.root,
+        }
+    }
+
+    fn vm_alive(&self) -> bool {
+        self.wake.strong_count() > 0
+    }
+
+    /// Tells the VM; its wake-up (if the embedder set one) if it could, `Err` if the VM is gone.
+    fn notify(&self, token: u32) -> Result<Option<QueueWake>, ()> {
+        let wake = self.wake.upgrade().ok_or(())?;
+        self.notify.send((self.root, token)).map_err(|_| ())?;
+        let wake = wake.read().unwrap_or_else(PoisonError::into_inner).clone();
+        Ok(wake)
     }
 }
 
 struct Queue {
     items: VecDeque<Vec<u8>>,
-    owner: QueueOwner,
+    /// Who registered the queue, the newest last: the newest VM still alive is told. Earlier
+    /// ones stay so that the queue falls back to them when a newer one goes away (e.g. the VM a
+    /// configuration update started only to check it, then dropped when the update was refused).
+    owners: Vec<Registration>,
 }
 
-/// Tells queue `token`'s owner that it holds items, then runs the owner's wake-up once the
-/// registry is unlocked (the wake-up may well enqueue or look up queues itself). The owner may
-/// be gone (its VM was dropped): the items stay for a later owner.
-fn announce(registry: MutexGuard<'_, QueueRegistry>, token: u32) {
+/// Tells queue `token`'s owner (its newest registrant still alive) that it holds items, then
+/// runs the owner's wake-up once the registry is unlocked (the wake-up may well enqueue or look
+/// up queues itself). With no owner alive the items stay for a later one.
+fn announce(mut registry: MutexGuard<'_, QueueRegistry>, token: u32) {
     let Some(queue) = (token as usize)
         .checked_sub(1)
-        .and_then(|index| registry.queues.get(index))
+        .and_then(|index| registry.queues.get_mut(index))
     else {
         return;
     };
-    let _ = queue.owner.notify.send((queue.owner.root, token));
-    let wake = queue.owner.wake();
+    let mut wake = None;
+    while let Some(owner) = queue.owners.last() {
+        match owner.notify(token) {
+            Ok(owner_wake) => {
+                wake = owner_wake;
+                break;
+            }
+            Err(()) => {
+                queue.owners.pop();
+            }
+        }
+    }
     drop(registry);
     if let Some(wake) = wake {
         wake();
@@ -321,15 +357,21 @@ impl SharedState {
 
     /// Registers queue `name` in `vm_id`'s namespace for `owner` and returns its token.
     /// Registering an existing name again keeps its items and token and moves the notifications
-    /// to the new owner, who is told at once of items already waiting: items left for an earlier
-    /// owner (a VM copy that failed or was replaced before it dequeued them) would otherwise
-    /// wait for the next enqueue.
+    /// to the new owner (as in proxy-wasm-cpp-host, the last registration wins), who is told at
+    /// once of items already waiting: items left for an earlier owner (a VM copy that failed or
+    /// was replaced before it dequeued them) would otherwise wait for the next enqueue. When the
+    /// new owner's VM goes away, the notifications go back to the newest earlier owner alive.
     pub(crate) fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> u32 {
         let mut registry = self.queues();
         let key = (vm_id.to_string(), name.to_string());
+        let owner = Registration::of(owner);
         if let Some(token) = registry.by_name.get(&key).copied() {
             let queue = &mut registry.queues[token as usize - 1];
-            queue.owner = owner;
+            // Gone VMs, and this VM's earlier registration (another root context's), go.
+            queue
+                .owners
+                .retain(|earlier| earlier.vm_alive() && !earlier.wake.ptr_eq(&owner.wake));
+            queue.owners.push(owner);
             if !queue.items.is_empty() {
                 announce(registry, token);
             }
@@ -337,7 +379,7 @@ impl SharedState {
         }
         registry.queues.push(Queue {
             items: VecDeque::new(),
-            owner,
+            owners: vec![owner],
         });
         let token = registry.queues.len() as u32;
         registry.by_name.insert(key, token);
@@ -556,7 +598,9 @@ mod tests {
     fn queues_are_scoped_by_vm_id_and_notify_their_owner() {
         let shared = SharedState::new();
         let (notify, notifications) = std::sync::mpsc::channel();
-        let token = shared.register_queue("vm", "events", QueueOwner::new(notify));
+        // The owner's VM state, alive for the test.
+        let owner = QueueOwner::new(notify);
+        let token = shared.register_queue("vm", "events", owner.clone());
         assert_eq!(shared.resolve_queue("vm", "events"), Some(token));
         assert_eq!(shared.resolve_queue("other-vm", "events"), None);
         assert_eq!(shared.dequeue(token), Err(Status::Empty));
@@ -570,6 +614,58 @@ mod tests {
         assert_eq!(shared.dequeue(token).unwrap(), b"two");
         assert_eq!(shared.enqueue(token + 1, b"x"), Status::NotFound);
         assert_eq!(shared.dequeue(0), Err(Status::NotFound));
+        drop(owner);
+    }
+
+    #[test]
+    fn a_queue_goes_back_to_its_earlier_owner_when_the_newest_vm_goes_away() {
+        let shared = SharedState::new();
+        let (running_notify, running) = std::sync::mpsc::channel();
+        let running_vm = QueueOwner::new(running_notify);
+        let token = shared.register_queue("vm", "events", running_vm.clone());
+        // A VM started only to check a configuration update registers the same queue, and is
+        // dropped when the update is refused.
+        let (checked_notify, checked) = std::sync::mpsc::channel();
+        let checked_vm = QueueOwner::new(checked_notify);
+        assert_eq!(
+            shared.register_queue("vm", "events", checked_vm.clone()),
+            token
+        );
+        assert_eq!(shared.enqueue(token, b"one"), Status::Ok);
+        assert_eq!(
+            checked.try_iter().count(),
+            1,
+            "the newest registrant is told"
+        );
+        assert_eq!(running.try_iter().count(), 0);
+        drop(checked_vm);
+        drop(checked);
+        assert_eq!(shared.enqueue(token, b"two"), Status::Ok);
+        assert_eq!(
+            running.try_iter().collect::<Vec<_>>(),
+            vec![(1, token)],
+            "the running VM is told again"
+        );
+        // A VM registering again (another root context) replaces its own registration only.
+        let again = QueueOwner {
+            root: 2,
+            ..running_vm.clone()
+        };
+        shared.register_queue("vm", "events", again);
+        assert_eq!(shared.queues().queues[token as usize - 1].owners.len(), 1);
+        assert_eq!(shared.enqueue(token, b"three"), Status::Ok);
+        assert_eq!(
+            running.try_iter().collect::<Vec<_>>(),
+            vec![(2, token), (2, token)],
+            "told at registration of the items waiting, then of the new one"
+        );
+        drop(running_vm);
+        assert_eq!(
+            shared.enqueue(token, b"four"),
+            Status::Ok,
+            "with no owner alive the items wait"
+        );
+        assert_eq!(shared.dequeue(token).unwrap(), b"one");
     }
 
     #[test]
@@ -587,6 +683,23 @@ mod tests {
                 "{envoy}"
             );
         }
+    }
+
+    #[test]
+    fn an_embedder_may_replace_a_built_in_foreign_function() {
+        let shared = SharedState::new();
+        let built_in = shared
+            .foreign_function(b"compress")
+            .expect("Envoy's compress");
+        let own: ForeignFunction = Arc::new(|_, args: &[u8]| Ok(args.to_vec()));
+        shared.register_foreign_function("compress", own.clone());
+        let found = shared.foreign_function(b"compress").expect("compress");
+        assert!(Arc::ptr_eq(&found, &own), "the embedder's function answers");
+        assert!(!Arc::ptr_eq(&found, &built_in));
+        assert!(
+            shared.foreign_function(b"uncompress").is_some(),
+            "the other built-ins stay"
+        );
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub enum VmError {
     #[error(transparent)]
     Instantiate(#[from] runtime_api::Error),
     /// Plugin code trapped (or was stopped); the VM is now failed.
-    #[error("{callback} trapped in context {context}: {trap}")]
+    #[error(
+        "{callback} trapped in context {context}: {trap}{}",
+        if *.out_of_memory { " (its memory had grown near the memory cap)" } else { "" }
+    )]
     Trap {
         /// The export that was running.
         callback: &'static str,
@@ -29,6 +32,12 @@ pub enum VmError {
         context: ContextId,
         /// What stopped it.
         trap: Trap,
+        /// The guest's memory had grown past half the memory cap when it trapped: it most
+        /// likely ran out of memory (an SDK's allocator aborts when `memory.grow` fails). The
+        /// engines do not all say when they refuse a `memory.grow`, so this is judged from the
+        /// memory's size: past half the cap, an allocator that doubles its heap (TinyGo's) can
+        /// no longer grow, and one that grows by what it needs fails nearer the cap.
+        out_of_memory: bool,
     },
     /// An earlier trap failed the VM; it runs no more plugin code.
     #[error("the VM failed earlier and runs no more plugin code ({0})")]
@@ -186,12 +195,22 @@ impl Vm {
     }
 
     fn fail(&mut self, callback: &'static str, context: ContextId, trap: Trap) -> VmError {
-        self.failure = Some(format!("{callback} trapped in context {context}: {trap}"));
-        VmError::Trap {
+        let out_of_memory = matches!(trap.kind, TrapKind::Wasm) && self.memory_exhausted();
+        let error = VmError::Trap {
             callback,
             context,
             trap,
-        }
+            out_of_memory,
+        };
+        self.failure = Some(error.to_string());
+        error
+    }
+
+    /// Whether the guest's memory has grown past half its cap (see `VmError::Trap`).
+    fn memory_exhausted(&mut self) -> bool {
+        self.instance
+            .memory_limit()
+            .is_some_and(|limit| self.instance.memory_size() > limit / 2)
     }
 
     /// Calls `callback` for `context`. A missing export is not an error: the result slots keep

@@ -86,10 +86,13 @@ pub struct PluginId(pub usize);
 /// What a plugin's failures came to, across all worker threads.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// VM copies failed by a trap in plugin code.
+    /// VM copies failed by a trap in plugin code (other than running out of memory).
     pub failed_by_trap: AtomicU64,
     /// VM copies failed by running past the call deadline (or out of fuel, or interrupted).
     pub failed_by_deadline: AtomicU64,
+    /// VM copies failed by a trap once their memory had grown near the memory cap (past half
+    /// of it: the plugin most likely ran out of memory; see `abi::VmError::Trap`).
+    pub failed_by_memory_cap: AtomicU64,
     /// VM copies that could not be made or started on a thread.
     pub failed_to_start: AtomicU64,
     /// Fresh copies made after a failure (`FAIL_RELOAD`).
@@ -107,11 +110,12 @@ impl Counters {
     }
 
     /// The counters' values: (name, value), in a stable order, for reports and metrics.
-    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 7] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("failed_by_trap", get(&self.failed_by_trap)),
             ("failed_by_deadline", get(&self.failed_by_deadline)),
+            ("failed_by_memory_cap", get(&self.failed_by_memory_cap)),
             ("failed_to_start", get(&self.failed_to_start)),
             ("reloads", get(&self.reloads)),
             ("bypassed", get(&self.bypassed)),
@@ -604,14 +608,27 @@ pub enum Admission {
     /// with [`Worker::release`] when the stream ends.
     Run(StreamVm),
     /// The plugin failed: answer the stream with a local 503 (gRPC status 14 UNAVAILABLE for a
-    /// gRPC request), details [`FAIL_STREAM_DETAILS`], as Envoy fails a stream closed.
+    /// gRPC request), details [`fail_stream_details`], as Envoy fails a stream closed.
     FailClosed,
     /// The plugin failed: pass the stream on without it.
     FailOpen,
 }
 
-/// The details of a stream failed closed, as Envoy writes them.
+/// The details Envoy gives a stream failed closed; [`fail_stream_details`] names the plugin.
 pub const FAIL_STREAM_DETAILS: &str = "wasm_fail_stream";
+
+/// The details of a stream failed closed by the plugin `name`: Envoy's
+/// [`FAIL_STREAM_DETAILS`] with the plugin in braces (`wasm_fail_stream{my_plugin}`), as Envoy
+/// adds what went wrong to other details (`upstream_reset_before_response_started{...}`), so
+/// that an access log says which plugin failed. Whitespace becomes `_`, as Envoy keeps details
+/// free of it.
+pub fn fail_stream_details(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect();
+    format!("{FAIL_STREAM_DETAILS}{{{name}}}")
+}
 
 /// The gRPC status of a stream failed closed (14 UNAVAILABLE), for a gRPC request.
 pub const FAIL_STREAM_GRPC_STATUS: i32 = 14;
@@ -711,6 +728,9 @@ struct ReloadState {
     attempts: u32,
     /// When the current copy was made (or last failed to be).
     last_load: Instant,
+    /// When this worker first saw the current copy failed (`None` while it has not): how long
+    /// the copy ran is up to its failure, not up to its reload.
+    failed_at: Option<Instant>,
 }
 
 impl Worker {
@@ -728,6 +748,7 @@ impl Worker {
                 ReloadState {
                     attempts: 0,
                     last_load: now,
+                    failed_at: None,
                 };
                 modules
             ],
@@ -798,6 +819,7 @@ impl Worker {
                         *plugin
                     });
                 count_failure(&self.plugins.entries[plugin.0].counters, &error);
+                self.notice_failure(module);
                 failures.push((plugin, error));
             }
         }
@@ -939,9 +961,12 @@ impl Worker {
     }
 
     /// Whether a copy may be replaced now: only under `FAIL_RELOAD`, once as long has
-    /// passed since the copy was made as the backoff asks (as Envoy, which measures from the
-    /// copy's load): the base interval, doubling with every reload in a row up to the max
-    /// interval. A copy that lasted the max interval starts the sequence again.
+    /// passed since the copy was made (as Envoy measures it, from the copy's load) as the
+    /// backoff asks: the base interval, doubling with every reload in a row up to the max
+    /// interval, which no wait exceeds. A copy that ran the max interval before it failed
+    /// starts the sequence again. (Envoy's own `wasm.cc` waits the base interval plus jitter
+    /// every time and ignores `max_interval`; pwhost uses both fields of the `BackoffStrategy`
+    /// as their names say, so a plugin that fails again and again is retried less and less.)
     fn may_reload(&mut self, module: usize, policy: FailurePolicy) -> bool {
         let FailurePolicy::FailReload {
             base_interval,
@@ -952,15 +977,28 @@ impl Worker {
         };
         let now = (self.clock)();
         let state = &mut self.reload[module];
-        let lasted = now.saturating_duration_since(state.last_load);
-        if lasted >= max_interval {
+        let failed_at = *state.failed_at.get_or_insert(now);
+        // Measured up to the failure: a copy that failed at once and then waited out a long
+        // backoff has not lasted, or the waits would fall back to the base interval every time
+        // they reached the max.
+        if failed_at.saturating_duration_since(state.last_load) >= max_interval {
             state.attempts = 0;
         }
+        let lasted = now.saturating_duration_since(state.last_load);
         if lasted < backoff(base_interval, max_interval, state.attempts) {
             return false;
         }
         state.attempts = state.attempts.saturating_add(1);
         true
+    }
+
+    /// Records when the module's current copy was first seen failed (for the reload backoff);
+    /// a failure in a copy already replaced is not the current copy's.
+    fn notice_failure(&mut self, module: usize) {
+        if self.current[module].is_some() && self.usable(module).is_none() {
+            let now = (self.clock)();
+            self.reload[module].failed_at.get_or_insert(now);
+        }
     }
 
     /// Makes a new current copy of `module`, replacing the one there (which goes away now, or
@@ -973,7 +1011,9 @@ impl Worker {
     ) -> Result<(), StartFailure> {
         let host = (self.host)();
         self.tried[module] = true;
-        self.reload[module].last_load = (self.clock)();
+        let now = (self.clock)();
+        self.reload[module].last_load = now;
+        self.reload[module].failed_at = None;
         if let Some(old) = self.current[module].take() {
             match self.copies[old].as_mut() {
                 Some(live) if live.streams > 0 => live.current = false,
@@ -989,11 +1029,13 @@ impl Worker {
             Ok(started) => started,
             Err(failure) => {
                 Counters::add(&counters.failed_to_start);
+                self.reload[module].failed_at = Some(now);
                 return Err(failure);
             }
         };
         if failure.is_some() {
             Counters::add(&counters.failed_to_start);
+            self.reload[module].failed_at = Some(now);
         }
         self.next_generation += 1;
         let live = LiveCopy {
@@ -1022,6 +1064,7 @@ impl Worker {
     /// stream was in its hands, and says what that stream gets by the plugin's policy: a local
     /// 503, or going on without the plugin. Later streams get what [`Worker::admit`] says.
     pub fn failed(&mut self, plugin: PluginId, error: &VmError) -> OnFailure {
+        self.notice_failure(self.plugins.entries[plugin.0].module);
         let entry = &self.plugins.entries[plugin.0];
         let counters = &entry.counters;
         count_failure(counters, error);
@@ -1040,6 +1083,14 @@ impl Worker {
 
 /// Counts a failure of a plugin's VM by its cause.
 pub(crate) fn count_failure(counters: &Counters, error: &VmError) {
+    if let VmError::Trap {
+        out_of_memory: true,
+        ..
+    } = error
+    {
+        Counters::add(&counters.failed_by_memory_cap);
+        return;
+    }
     match error.trap().map(|t| &t.kind) {
         Some(
             runtime_api::TrapKind::DeadlineExceeded
@@ -1057,7 +1108,7 @@ pub(crate) fn count_failure(counters: &Counters, error: &VmError) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnFailure {
     /// A local 503 (gRPC status 14 UNAVAILABLE for a gRPC request), details
-    /// [`FAIL_STREAM_DETAILS`]; under `FAIL_RELOAD` too, as Envoy fails the stream in flight.
+    /// [`fail_stream_details`]; under `FAIL_RELOAD` too, as Envoy fails the stream in flight.
     FailClosed,
     /// The stream goes on without the plugin, with what the plugin had let through or held.
     FailOpen,
@@ -1078,12 +1129,15 @@ impl Drop for Worker {
 }
 
 /// The wait before reload attempt `attempts` (0 for the first): `base` doubling per attempt,
-/// at most `max`, with Envoy's jitter (up to half the wait more).
+/// with the jitter of Envoy's reload backoff (up to half the wait more), and never more than
+/// `max`, as Envoy's exponential backoff never waits past its max interval.
 fn backoff(base: Duration, max: Duration, attempts: u32) -> Duration {
     let wait = base
         .saturating_mul(1u32.checked_shl(attempts.min(31)).unwrap_or(u32::MAX))
         .min(max);
-    wait + jitter(wait / 2)
+    // The jitter only spreads waits over what is left below `max`: once the doubling reaches
+    // it, every wait is `max`.
+    wait + jitter((wait / 2).min(max.saturating_sub(wait)))
 }
 
 /// A random duration below `up_to`.

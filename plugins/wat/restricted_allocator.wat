@@ -2,7 +2,9 @@
 ;;
 ;; While the host runs a plugin's allocator to hand it data, the plugin may only log
 ;; (proxy_log, fd_write), read the clock (clock_time_get) and poll (poll_oneoff); the reference
-;; host fails the VM on anything else. This allocator logs `allocating` every time, and when the
+;; host fails the VM on anything else. This allocator logs `allocating` every time (and calls
+;; fd_write with nothing to write, clock_time_get and poll_oneoff with no subscription, each
+;; allowed, whatever they answer), and when the
 ;; request carries `x-misbehave` (checked by proxy_on_request_headers before it asks for data)
 ;; it also calls proxy_set_tick_period_milliseconds, which must stop the plugin.
 ;;
@@ -15,6 +17,9 @@
     (func $get (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value"
     (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 4096))
   (global $misbehave (mut i32) (i32.const 0))
@@ -26,6 +31,9 @@
   (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
     (local $ptr i32)
     (drop (call $log (i32.const 2) (i32.const 100) (i32.const 10)))
+    (drop (call $fd_write (i32.const 1) (i32.const 1000) (i32.const 0) (i32.const 1008)))
+    (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 1016)))
+    (drop (call $poll (i32.const 1024) (i32.const 1040) (i32.const 0) (i32.const 1048)))
     (if (global.get $misbehave) (then (drop (call $tick (i32.const 1000)))))
     (local.set $ptr (global.get $heap))
     (global.set $heap (i32.add (global.get $heap) (i32.add (local.get $size) (i32.const 8))))

@@ -312,6 +312,39 @@ fn the_memory_cap_refuses_a_plugin_that_needs_more_in_one_line() {
     );
 }
 
+#[test]
+fn without_a_setting_plugin_memory_is_capped_at_1_gib_as_in_envoy() {
+    let plugin = plugin("wat/memory_cap.wasm");
+    let directory = scratch("default-memory-cap");
+    let config = directory.join("plugin.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "name: capped\nvm_config: {{code: {{local: {{filename: {}}}}}}}\n",
+            plugin.display()
+        ),
+    )
+    .unwrap();
+    // The same default whether the plugin comes from the command line or a configuration.
+    for args in [
+        ["run", "--plugin", plugin.to_str().unwrap()],
+        ["run", "--config", config.to_str().unwrap()],
+    ] {
+        let report = json(&pwhost(&args));
+        let logs: Vec<&str> = report["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|log| log["message"].as_str())
+            .collect();
+        assert_eq!(
+            logs,
+            ["grow past 1 GiB: refused", "grow by 1 MiB: allowed"],
+            "{args:?}"
+        );
+    }
+}
+
 #[cfg(feature = "null")]
 #[test]
 fn native_plugins_run_on_the_null_runtime_by_default_and_say_which_limits_do_not_apply() {

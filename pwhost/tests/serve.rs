@@ -2043,6 +2043,258 @@ fn a_reload_puts_new_routes_and_clusters_in_force_and_refuses_what_needs_a_resta
     assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{reply:?}");
 }
 
+/// `GET path` on `connection`, which stays open for the next request: the status and body
+/// (the proxy's responses have a `content-length`).
+fn get_kept_alive(connection: &mut TcpStream, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    connection
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .expect("the request goes out");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        connection.read_exact(&mut byte).expect("a response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    let (Some(status), Some(length)) = (status, length) else {
+        panic!("no status or content-length in {head:?}");
+    };
+    let mut body = vec![0; length];
+    connection.read_exact(&mut body).expect("the response body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// What the `envoy_attributes` plugin logged for `probe` (`<when> <path>`) in the first such
+/// line after the one containing `after` (each stream's lines follow one another), or a panic
+/// showing the log.
+fn probed(log: &str, after: &str, probe: &str) -> String {
+    let wanted = format!("{probe}: ");
+    log.lines()
+        .skip_while(|line| !line.contains(after))
+        .find_map(|line| {
+            let value = &line[line.find(&wanted)? + wanted.len()..];
+            // The message ends where tracing's fields (`plugin=...`, maybe coloured) begin.
+            let end = [" plugin=", " \u{1b}["]
+                .iter()
+                .filter_map(|fields| value.find(fields))
+                .min()
+                .unwrap_or(value.len());
+            Some(value[..end].to_string())
+        })
+        .unwrap_or_else(|| panic!("no {probe:?} after {after:?} in:\n{log}"))
+}
+
+#[test]
+fn a_plugin_reads_envoys_connection_route_upstream_and_response_attributes_on_live_streams() {
+    let origin = Origin::start();
+    let closed = free_port();
+    let probes = [
+        "request request/path string",
+        "request connection/id uint",
+        "request connection/mtls bool",
+        "request request/time int",
+        "request request/duration size",
+        "request source/address string",
+        "request destination/address string",
+        "request upstream/address string",
+        "request xds/cluster_name string",
+        "request xds/route_name string",
+        "response upstream/address string",
+        "response response/code int",
+        "response response/code_details string",
+        "log request/path string",
+        "log connection/id uint",
+        "log upstream/address string",
+        "log upstream/port int",
+        "log xds/cluster_name string",
+        "log xds/route_name string",
+        "log response/code int",
+        "log response/code_details string",
+        "log request/duration int",
+        "log request/size int",
+        "log response/size int",
+    ];
+    let (dir, port, failing_port, admin_port) = (
+        tempfile::tempdir().expect("a temporary directory"),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let attributes = envoy_filter("attributes", "envoy_attributes", &probes.join("\\n"));
+    // A second listener whose chain fails closed in its second plugin.
+    let config = format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /down, cluster: down}}, \
+         {{name: main_route, prefix: /, cluster: backend}}]\n    http_filters:\n{attributes}  \
+         - name: failing\n    address: 127.0.0.1:{failing_port}\n    \
+         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{attributes}{}\
+         clusters:\n  backend: {{endpoints: [\"{}\"], connect_timeout: 1s, request_timeout: 5s}}\n  \
+         down: {{endpoints: [\"127.0.0.1:{closed}\"], connect_timeout: 1s}}\n",
+        envoy_filter("trapper", "wat/trap_in_request_headers", ""),
+        origin.address,
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let since_epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock after 1970")
+            .as_nanos()
+    };
+    let before = since_epoch();
+    let logged = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while serve.log().matches("log response/size: ").count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no log of stream {count}:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Two requests on one keep-alive connection, one at a time.
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("a read timeout");
+    let client = connection.local_addr().expect("the client's address");
+    let (status, first_body) = get_kept_alive(&mut connection, "/first");
+    assert_eq!(status, 200, "{}", serve.log());
+    logged(1);
+    let (status, _) = get_kept_alive(&mut connection, "/second");
+    assert_eq!(status, 200, "{}", serve.log());
+    logged(2);
+    // A chunked body (no content-length) on a connection of its own.
+    let posted = chunked_post(port, "localhost", "/third", &["hello", " world"])
+        .expect("an answer to the chunked POST");
+    assert_eq!(posted.status, 200, "{}", serve.log());
+    logged(3);
+    // A route to a cluster that refuses connections.
+    let down = get(&serve.url("/down/x"), &[]);
+    assert_eq!(down.status, 503, "{}", serve.log());
+    logged(4);
+    // A plugin failing closed after the probe.
+    let failed = get(&format!("http://127.0.0.1:{failing_port}/trap"), &[]);
+    assert_eq!(failed.status, 503, "{}", serve.log());
+    logged(5);
+    drop(connection);
+    let log = serve.log();
+    let at = |after: &str, probe: &str| probed(&log, after, probe);
+
+    // As the request headers come: the connection, the time, the route; no upstream yet.
+    let first = "request request/path: /first";
+    assert_eq!(at(first, "request connection/mtls"), "false");
+    // When the stream began, in nanoseconds since the epoch.
+    let time: u128 = at(first, "request request/time").parse().expect("a time");
+    assert!(before < time && time < since_epoch(), "{before} {time}");
+    assert_eq!(at(first, "request request/duration"), "status 1");
+    assert_eq!(at(first, "request source/address"), client.to_string());
+    assert_eq!(
+        at(first, "request destination/address"),
+        format!("127.0.0.1:{port}")
+    );
+    assert_eq!(at(first, "request upstream/address"), "status 1");
+    assert_eq!(at(first, "request xds/cluster_name"), "backend");
+    assert_eq!(at(first, "request xds/route_name"), "main_route");
+    // The upstream's response.
+    assert_eq!(
+        at(first, "response upstream/address"),
+        origin.address.to_string()
+    );
+    assert_eq!(at(first, "response response/code"), "200");
+    assert_eq!(at(first, "response response/code_details"), "via_upstream");
+    // On `proxy_on_log`: all of it, the duration and the body sizes too.
+    let logged_first = "log request/path: /first";
+    assert_eq!(
+        at(logged_first, "log upstream/address"),
+        origin.address.to_string()
+    );
+    assert_eq!(
+        at(logged_first, "log upstream/port"),
+        origin.address.port().to_string()
+    );
+    assert_eq!(at(logged_first, "log xds/cluster_name"), "backend");
+    assert_eq!(at(logged_first, "log xds/route_name"), "main_route");
+    assert_eq!(at(logged_first, "log response/code"), "200");
+    assert_eq!(
+        at(logged_first, "log response/code_details"),
+        "via_upstream"
+    );
+    let duration: u64 = at(logged_first, "log request/duration")
+        .parse()
+        .expect("a duration");
+    assert!(0 < duration && duration < 10_000_000_000, "{duration} ns");
+    assert_eq!(at(logged_first, "log request/size"), "0");
+    assert_eq!(
+        at(logged_first, "log response/size"),
+        first_body.len().to_string()
+    );
+
+    // One id per connection: the keep-alive connection's two streams share it, in every
+    // phase; the other connections have ids of their own.
+    let id = at(first, "request connection/id");
+    assert!(id.parse::<u64>().is_ok(), "{id}");
+    assert_eq!(at(logged_first, "log connection/id"), id);
+    assert_eq!(
+        at("request request/path: /second", "request connection/id"),
+        id
+    );
+    assert_eq!(at("log request/path: /second", "log connection/id"), id);
+    let third = at("log request/path: /third", "log connection/id");
+    let fourth = at("log request/path: /down/x", "log connection/id");
+    assert!(
+        third != id && fourth != id && third != fourth,
+        "{id} {third} {fourth}"
+    );
+
+    // A body without content-length: its size is what was received.
+    assert_eq!(at("log request/path: /third", "log request/size"), "11");
+    assert_eq!(
+        at("log request/path: /third", "log response/size"),
+        posted.body.len().to_string()
+    );
+
+    // The proxy's own 503 for an unreachable upstream, with Envoy's details; the route has
+    // no name.
+    let details = "upstream_reset_before_response_started{remote_connection_failure}";
+    assert_eq!(
+        at("request request/path: /down/x", "response response/code"),
+        "503"
+    );
+    assert_eq!(
+        at(
+            "request request/path: /down/x",
+            "response response/code_details"
+        ),
+        details
+    );
+    let logged_down = "log request/path: /down/x";
+    assert_eq!(at(logged_down, "log response/code_details"), details);
+    assert_eq!(at(logged_down, "log xds/cluster_name"), "down");
+    assert_eq!(at(logged_down, "log xds/route_name"), "");
+    assert_eq!(
+        at(logged_down, "log upstream/address"),
+        format!("127.0.0.1:{closed}")
+    );
+
+    // The 503 of a plugin failing closed goes back through the plugins before it, with
+    // Envoy's details naming the plugin.
+    let logged_trap = "log request/path: /trap";
+    assert_eq!(at(logged_trap, "log response/code"), "503");
+    assert_eq!(
+        at(logged_trap, "log response/code_details"),
+        "wasm_fail_stream{trapper}"
+    );
+}
+
 /// The count in environment variable `name` (for longer runs by hand), or `default`.
 fn count_from_env(name: &str, default: usize) -> usize {
     std::env::var(name)

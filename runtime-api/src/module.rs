@@ -115,6 +115,13 @@ pub trait Instance<S>: Send {
     /// The current size of the guest memory in bytes (0 if it has none).
     fn memory_size(&mut self) -> usize;
 
+    /// The memory cap this instance runs under ([`crate::RuntimeConfig::max_memory_bytes`]), if
+    /// any and if the engine applies one: with [`Instance::memory_size`] it tells a guest that
+    /// ran out of memory under the cap from one that trapped for another reason.
+    fn memory_limit(&self) -> Option<usize> {
+        None
+    }
+
     /// A handle that stops a running call of this instance from another thread, if the engine can
     /// (see [`Capabilities::interrupt`] and [`crate::RuntimeConfig::interruptible`]).
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {

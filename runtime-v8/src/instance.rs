@@ -321,6 +321,10 @@ impl<S: Send + 'static> Instance<S> for V8Instance<S> {
         unsafe { memory_view(self.vm, false) }.len()
     }
 
+    fn memory_limit(&self) -> Option<usize> {
+        self.shared.settings.memory_limit
+    }
+
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {
         let watch = self.watch.clone()?;
         Some(Arc::new(V8InterruptHandle(watch)))

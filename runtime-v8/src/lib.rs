@@ -120,6 +120,10 @@ impl<S: Send + 'static> WasmRuntime<S> for V8Runtime {
             call_deadline: self.config.call_deadline,
             interruptible: self.config.interruptible,
             over_memory_limit,
+            memory_limit: self
+                .config
+                .max_memory_bytes
+                .map(|max| usize::try_from(max).unwrap_or(usize::MAX)),
         };
         Ok(Arc::new(V8Module::new(
             code,

@@ -57,6 +57,8 @@ pub(crate) struct InstanceSettings {
     pub(crate) interruptible: bool,
     /// Why instances cannot be created: a memory's initial size exceeds the memory limit.
     pub(crate) over_memory_limit: Option<String>,
+    /// The memory cap in bytes (written into the module's memory maximum), if any.
+    pub(crate) memory_limit: Option<usize>,
 }
 
 /// An exported function the host may call: its type, and how the shim passes its values.

@@ -482,6 +482,16 @@ impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
         }
     }
 
+    fn memory_limit(&self) -> Option<usize> {
+        // SAFETY: the context lives as long as the instance, and nothing writes its `linked`.
+        let context = unsafe { self.context.as_ref() };
+        context
+            .linked
+            .settings
+            .max_memory_bytes
+            .map(|max| usize::try_from(max).unwrap_or(usize::MAX))
+    }
+
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {
         let watch = self.watch.clone()?;
         Some(Arc::new(WamrInterruptHandle { watch }))

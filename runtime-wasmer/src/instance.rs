@@ -141,6 +141,7 @@ pub struct WasmerInstance<S: 'static> {
     /// that started the ticker is gone.
     _ticker: Option<Arc<Ticker>>,
     interruptible: bool,
+    memory_limit: Option<usize>,
 }
 
 impl<S: Send + 'static> WasmerInstance<S> {
@@ -150,6 +151,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
         host: &[HostFunction<S>],
         exports: Arc<ExportedFunctions<ExportedFunction>>,
         stop: &StopConfig,
+        memory_limit: Option<usize>,
         state: S,
     ) -> Result<Self, Error> {
         let mut store = Store::new(engine.clone());
@@ -200,6 +202,7 @@ impl<S: Send + 'static> WasmerInstance<S> {
             stop: slot,
             _ticker: stop.ticker.clone(),
             interruptible: stop.interruptible,
+            memory_limit,
         };
         // The middleware turned the start function into an export, so that it runs here,
         // under the deadline and interruptible, instead of unguarded inside `Instance::new`.
@@ -326,6 +329,10 @@ impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
 
     fn memory_size(&mut self) -> usize {
         self.env().memory().len()
+    }
+
+    fn memory_limit(&self) -> Option<usize> {
+        self.memory_limit
     }
 
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {

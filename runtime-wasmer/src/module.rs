@@ -22,6 +22,8 @@ pub struct WasmerModule {
     stop: StopConfig,
     /// Why every instantiation fails, if the module's memory cannot fit the memory cap.
     refusal: Option<String>,
+    /// The memory cap in bytes, if any.
+    memory_limit: Option<usize>,
 }
 
 /// An exported function the host may call.
@@ -79,6 +81,7 @@ impl WasmerModule {
             functions,
             stop,
             refusal,
+            memory_limit: max_memory_bytes.map(|max| usize::try_from(max).unwrap_or(usize::MAX)),
         }
     }
 }
@@ -154,6 +157,7 @@ impl<S: Send + 'static> CompiledModule<S> for WasmerModule {
             functions: self.functions.clone(),
             stop: self.stop.clone(),
             refusal: self.refusal.clone(),
+            memory_limit: self.memory_limit,
         }))
     }
 
@@ -219,6 +223,7 @@ pub struct WasmerLinkedModule<S: 'static> {
     stop: StopConfig,
     /// Why every instantiation fails (see [`WasmerModule`]).
     refusal: Option<String>,
+    memory_limit: Option<usize>,
 }
 
 impl<S: Send + 'static> LinkedModule<S> for WasmerLinkedModule<S> {
@@ -232,6 +237,7 @@ impl<S: Send + 'static> LinkedModule<S> for WasmerLinkedModule<S> {
             &self.host,
             self.functions.clone(),
             &self.stop,
+            self.memory_limit,
             state,
         )?))
     }

@@ -50,6 +50,7 @@ pub struct WasmiInstance<S: 'static> {
     instance: wasmi::Instance,
     exports: Arc<ExportedFunctions<ExportedFunction>>,
     interrupt: Option<Arc<dyn InterruptHandle>>,
+    memory_limit: Option<usize>,
 }
 
 impl<S: Send + 'static> WasmiInstance<S> {
@@ -63,8 +64,11 @@ impl<S: Send + 'static> WasmiInstance<S> {
         state: S,
     ) -> Result<Self, Error> {
         let mut limits = StoreLimitsBuilder::new().table_elements(MAX_TABLE_ELEMENTS);
-        if let Some(max) = config.max_memory_bytes {
-            limits = limits.memory_size(usize::try_from(max).unwrap_or(usize::MAX));
+        let memory_limit = config
+            .max_memory_bytes
+            .map(|max| usize::try_from(max).unwrap_or(usize::MAX));
+        if let Some(max) = memory_limit {
+            limits = limits.memory_size(max);
         }
         let slices = fuel.map(FuelSlices::new);
         let interrupt = match (&slices, fuel) {
@@ -101,6 +105,7 @@ impl<S: Send + 'static> WasmiInstance<S> {
             instance,
             exports,
             interrupt,
+            memory_limit,
         })
     }
 }
@@ -189,6 +194,10 @@ impl<S: Send + 'static> Instance<S> for WasmiInstance<S> {
             Some(memory) => memory.data_size(&self.store),
             None => 0,
         }
+    }
+
+    fn memory_limit(&self) -> Option<usize> {
+        self.memory_limit
     }
 
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {

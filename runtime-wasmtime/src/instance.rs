@@ -45,6 +45,7 @@ pub struct WasmtimeInstance<S: 'static> {
     instance: wasmtime::Instance,
     exports: Arc<ExportedFunctions<ExportedFunction>>,
     interrupt: Option<Arc<dyn InterruptHandle>>,
+    memory_limit: Option<usize>,
 }
 
 impl<S: Send + 'static> WasmtimeInstance<S> {
@@ -56,8 +57,11 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
         state: S,
     ) -> Result<Self, Error> {
         let mut limits = StoreLimitsBuilder::new().table_elements(MAX_TABLE_ELEMENTS);
-        if let Some(max) = config.max_memory_bytes {
-            limits = limits.memory_size(usize::try_from(max).unwrap_or(usize::MAX));
+        let memory_limit = config
+            .max_memory_bytes
+            .map(|max| usize::try_from(max).unwrap_or(usize::MAX));
+        if let Some(max) = memory_limit {
+            limits = limits.memory_size(max);
         }
         let data = StoreData {
             state,
@@ -93,6 +97,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
             instance,
             exports,
             interrupt,
+            memory_limit,
         })
     }
 }
@@ -187,6 +192,10 @@ impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
             Some(memory) => memory.data_size(&self.store),
             None => 0,
         }
+    }
+
+    fn memory_limit(&self) -> Option<usize> {
+        self.memory_limit
     }
 
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {

@@ -122,6 +122,10 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// Its name, for plugins (Envoy's route `name`: the `xds.route_name` attribute, empty if
+    /// unnamed).
+    #[serde(default)]
+    pub name: Option<String>,
     /// The path prefix (default `/`).
     #[serde(default = "slash")]
     pub prefix: String,

@@ -27,6 +27,7 @@
 mod admin;
 mod callout;
 pub mod config;
+mod connections;
 mod drain;
 mod grpc;
 mod headers;

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::{HostMetrics, ListenerLabel, ResetLabels, ResponseLabels};
 use crate::config::{Cluster, Limits};
+use crate::connections;
 use crate::drain::InFlightGuard;
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
@@ -25,6 +27,28 @@ pub(crate) struct ListenerProxy {
     pub(crate) metrics: Arc<HostMetrics>,
     /// What clients may send.
     pub(crate) limits: Limits,
+}
+
+impl ListenerProxy {
+    /// Where a request goes: the first of the listener's routes it matches, by its path and
+    /// host (without port).
+    fn route(&self, header: &pingora::http::RequestHeader) -> Option<Route> {
+        let host = header
+            .uri
+            .host()
+            .or_else(|| {
+                header
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .map(|host| host.split(':').next().unwrap_or(host));
+        self.listener
+            .routing
+            .load()
+            .route(self.listener.index, header.raw_path(), host)
+            .map(|entry| (Arc::clone(&entry.name), Arc::clone(&entry.cluster)))
+    }
 }
 
 /// A cluster and where its next request goes.
@@ -52,7 +76,12 @@ impl ClusterState {
 
     /// The next endpoint's peer, round robin.
     pub(crate) fn peer(&self) -> HttpPeer {
-        let mut peer = HttpPeer::new(self.next_endpoint(), false, String::new());
+        self.peer_at(self.next_endpoint())
+    }
+
+    /// The peer of `endpoint`, one of the cluster's.
+    fn peer_at(&self, endpoint: std::net::SocketAddr) -> HttpPeer {
+        let mut peer = HttpPeer::new(endpoint, false, String::new());
         peer.options.connection_timeout = Some(self.cluster.connect_timeout);
         peer.options.read_timeout = Some(self.cluster.request_timeout);
         if self.cluster.http2 {
@@ -91,6 +120,10 @@ pub(crate) struct StreamContext {
     response_trailers: Option<http::HeaderMap>,
     /// The cluster the stream was routed to (a retry goes there too, whatever a reload did).
     cluster: Option<Arc<ClusterState>>,
+    /// The route the plugins know the stream by (its name and cluster), if any.
+    route: Option<Route>,
+    /// When the stream began (for `request.duration`), once it has.
+    started: Option<Instant>,
     /// Counts the stream as in flight (for a drain) while it lives.
     _in_flight: InFlightGuard,
 }
@@ -130,6 +163,7 @@ fn grpc_form(reply: Reply) -> Reply {
         headers,
         body: Vec::new(),
         grpc_status: Some(status),
+        details: reply.details,
     }
 }
 
@@ -155,9 +189,17 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
         }
     }
     let mut body = reply.body;
+    // The reply is the response, also one asked for from the response callbacks (which do
+    // not run again).
+    let details = reply.details;
+    let received = session.as_ref().body_bytes_read() as u64;
+    ctx.stream.update_info(|info| {
+        info.response_code = Some(u32::from(reply.status));
+        info.response_code_details = Some(details.to_string());
+        info.bytes_received = Some(received);
+    });
     if !ctx.response_done {
         ctx.response_done = true;
-        ctx.stream.note_response(reply.status);
         match ctx
             .stream
             .headers(
@@ -284,18 +326,78 @@ fn closed() -> Box<Error> {
     error
 }
 
-/// Envoy's attributes of the connection.
-fn stream_info(session: &Session) -> abi::StreamInfo {
+/// A route a stream took: its name (empty if unnamed) and its cluster.
+type Route = (Arc<str>, Arc<ClusterState>);
+
+/// A route's name and its cluster's, as the plugins read them.
+fn names(route: Option<&Route>) -> Option<(&str, &str)> {
+    route.map(|(name, cluster)| (&**name, cluster.name.as_str()))
+}
+
+/// Envoy's attributes of a stream as it begins: its connection's, when it began, and the route
+/// it takes as its request came (plugins may change where it goes).
+fn stream_info(session: &Session, route: Option<&Route>) -> abi::StreamInfo {
     let protocol = if session.is_http2() {
         "HTTP/2"
     } else {
         "HTTP/1.1"
     };
+    let socket = session.digest().and_then(|d| d.socket_digest.as_ref());
     abi::StreamInfo {
         source_address: session.client_addr().and_then(|a| a.as_inet()).copied(),
         destination_address: session.server_addr().and_then(|a| a.as_inet()).copied(),
+        connection_id: socket.map(connections::of),
+        // No TLS.
+        mtls: Some(false),
+        start_time: Some(SystemTime::now()),
         protocol: Some(protocol.to_string()),
+        // Body bytes so far (updated when the response comes and before `proxy_on_log`).
+        bytes_received: Some(0),
+        bytes_sent: Some(0),
+        // As Envoy: the route's name is empty without a route; the cluster is not found.
+        route_name: Some(route.map(|(name, _)| name.to_string()).unwrap_or_default()),
+        cluster_name: route.map(|(_, cluster)| cluster.name.clone()),
         ..Default::default()
+    }
+}
+
+/// The status a stream that failed with `error` is answered with (0: none, its connection
+/// closes), and Envoy's response code details for it.
+///
+/// Envoy's codes: an upstream that cannot be reached, or that closes or resets the connection
+/// before its response, is 503; one too slow 504; one answering what is not HTTP 502; a stream
+/// a plugin closed gets no answer.
+fn error_reply(error: &Error) -> (u16, &'static str) {
+    match error.etype() {
+        etype if *etype == CLOSED => (0, ""),
+        ErrorType::HTTPStatus(404) => (404, "route_not_found"),
+        // serve's own details, where Envoy has none to follow.
+        ErrorType::HTTPStatus(code) => (*code, "proxy_error"),
+        ErrorType::ConnectTimedout => (
+            503,
+            "upstream_reset_before_response_started{connection_timeout}",
+        ),
+        ErrorType::ConnectRefused | ErrorType::ConnectError => (
+            503,
+            "upstream_reset_before_response_started{remote_connection_failure}",
+        ),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            if *error.esource() == ErrorSource::Upstream =>
+        {
+            (
+                503,
+                "upstream_reset_before_response_started{connection_termination}",
+            )
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => (504, "response_timeout"),
+        _ => match error.esource() {
+            ErrorSource::Upstream => (
+                502,
+                "upstream_reset_before_response_started{protocol_error}",
+            ),
+            ErrorSource::Downstream => (0, ""),
+            _ => (500, "proxy_error"),
+        },
     }
 }
 
@@ -421,6 +523,8 @@ impl ProxyHttp for ListenerProxy {
             reset_at_trailers: false,
             response_trailers: None,
             cluster: None,
+            route: None,
+            started: None,
             pending_reply: None,
             response_done: false,
             replied: false,
@@ -438,9 +542,14 @@ impl ProxyHttp for ListenerProxy {
         // Bad input never reaches a plugin.
         if let Some(problem) = too_large(session.req_header(), &self.limits) {
             tracing::debug!("request refused before the plugins: {problem}");
-            return send_reply(session, ctx, Reply::status(431)).await;
+            // No plugin sees it, as in Envoy, whose codec refuses it.
+            return send_reply(session, ctx, Reply::status(431, "headers_too_large")).await;
         }
-        ctx.stream.begin(&stream_info(session));
+        ctx.started = Some(Instant::now());
+        // Where the request goes as it came, for the plugins' request callbacks (as Envoy
+        // routes before its filters run); routed again once they ran (see `upstream_peer`).
+        ctx.route = self.route(session.req_header());
+        ctx.stream.begin(&stream_info(session, ctx.route.as_ref()));
         if let Some(reply) = ctx.stream.early_reply.take() {
             return send_reply(session, ctx, reply).await;
         }
@@ -510,33 +619,33 @@ impl ProxyHttp for ListenerProxy {
         session: &mut Session,
         ctx: &mut StreamContext,
     ) -> Result<Box<HttpPeer>> {
-        let header = session.req_header();
-        let path = header.raw_path();
-        let host = header
-            .uri
-            .host()
-            .or_else(|| {
-                header
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-            })
-            .map(|host| host.split(':').next().unwrap_or(host));
         let cluster = match &ctx.cluster {
             // A retry: the cluster the stream was routed to.
             Some(cluster) => Some(Arc::clone(cluster)),
-            None => self
-                .listener
-                .routing
-                .load()
-                .route(self.listener.index, path, host)
-                .cloned(),
+            None => {
+                // The request as the plugins left it.
+                let route = self.route(session.req_header());
+                let now = names(route.as_ref());
+                if now != names(ctx.route.as_ref()) {
+                    // The plugins changed where the request goes (as a route cache cleared
+                    // by a header change in Envoy).
+                    ctx.stream.update_info(|info| {
+                        info.route_name = Some(now.map(|(name, _)| name).unwrap_or("").into());
+                        info.cluster_name = now.map(|(_, cluster)| cluster.into());
+                    });
+                }
+                ctx.route = route;
+                ctx.route.as_ref().map(|(_, cluster)| Arc::clone(cluster))
+            }
         };
         match cluster {
             Some(cluster) => {
                 ctx.cluster = Some(Arc::clone(&cluster));
+                let endpoint = cluster.next_endpoint();
+                ctx.stream
+                    .update_info(|info| info.upstream_address = Some(endpoint));
                 tracing::trace!(cluster = %cluster.name, "routed");
-                Ok(Box::new(cluster.peer()))
+                Ok(Box::new(cluster.peer_at(endpoint)))
             }
             None => Err(Error::explain(
                 ErrorType::HTTPStatus(404),
@@ -557,7 +666,12 @@ impl ProxyHttp for ListenerProxy {
             return Ok(());
         }
         ctx.response_done = true;
-        ctx.stream.note_response(status.as_u16());
+        let received = session.as_ref().body_bytes_read() as u64;
+        ctx.stream.update_info(|info| {
+            info.response_code = Some(u32::from(status.as_u16()));
+            info.response_code_details = Some("via_upstream".to_string());
+            info.bytes_received = Some(received);
+        });
         // No body follows a 204 or 304, an answer to HEAD, or a declared empty one.
         let end_of_stream = matches!(status.as_u16(), 204 | 304)
             || session.req_header().method == http::Method::HEAD
@@ -699,27 +813,9 @@ impl ProxyHttp for ListenerProxy {
                 can_reuse_downstream: false,
             };
         }
-        // Envoy's codes: an upstream that cannot be reached, or that closes or resets the
-        // connection before its response, is 503; one too slow 504; one answering what is not
-        // HTTP 502; a stream a plugin closed gets no answer (its connection closes).
-        let code = match e.etype() {
-            etype if *etype == CLOSED => 0,
-            ErrorType::HTTPStatus(code) => *code,
-            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => 503,
-            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-                if *e.esource() == ErrorSource::Upstream =>
-            {
-                503
-            }
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
-            _ => match e.esource() {
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => 0,
-                _ => 500,
-            },
-        };
+        let (code, details) = error_reply(e);
         if code > 0 && !ctx.response_done {
-            if let Err(error) = send_reply(session, ctx, Reply::status(code)).await {
+            if let Err(error) = send_reply(session, ctx, Reply::status(code, details)).await {
                 tracing::debug!("could not answer the client: {error}");
             }
         }
@@ -752,10 +848,32 @@ impl ProxyHttp for ListenerProxy {
                 })
                 .inc(),
         };
+        let (received, sent) = (
+            session.as_ref().body_bytes_read() as u64,
+            session.as_ref().body_bytes_sent() as u64,
+        );
+        let duration = ctx.started.map(|started| started.elapsed());
+        // Why a stream without a whole response ended, as Envoy details it, where it does.
+        let reset = match reset_cause(e) {
+            _ if whole => None,
+            "client" => Some("downstream_remote_disconnect"),
+            "upstream" if ctx.response_done && !ctx.replied => {
+                Some("upstream_reset_after_response_started{connection_termination}")
+            }
+            _ => None,
+        };
         ctx.stream.end(
             Some(session.req_header_mut()),
             response.as_mut(),
             ctx.response_trailers.as_mut(),
+            &|info| {
+                info.bytes_received = Some(received);
+                info.bytes_sent = Some(sent);
+                info.duration = duration;
+                if let Some(details) = reset {
+                    info.response_code_details = Some(details.to_string());
+                }
+            },
         );
     }
 }

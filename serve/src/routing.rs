@@ -24,10 +24,19 @@ pub(crate) struct Routing {
     listeners: Vec<Destination>,
 }
 
+/// One route of an HTTP listener, with its cluster.
+pub(crate) struct RouteEntry {
+    route: Route,
+    /// The route's name as plugins read it (`xds.route_name`: empty if unnamed), shared by the
+    /// streams routed by it.
+    pub(crate) name: Arc<str>,
+    pub(crate) cluster: Arc<ClusterState>,
+}
+
 /// Where one listener's traffic goes.
 enum Destination {
-    /// An HTTP listener's routes, in order, with their clusters.
-    Routes(Vec<(Route, Arc<ClusterState>)>),
+    /// An HTTP listener's routes, in order.
+    Routes(Vec<RouteEntry>),
     /// A TCP listener's cluster.
     Cluster(Arc<ClusterState>),
 }
@@ -65,7 +74,11 @@ impl Routing {
                         .iter()
                         .filter_map(|route| {
                             let cluster = clusters.get(&route.cluster)?;
-                            Some((route.clone(), Arc::clone(cluster)))
+                            Some(RouteEntry {
+                                route: route.clone(),
+                                name: route.name.as_deref().unwrap_or_default().into(),
+                                cluster: Arc::clone(cluster),
+                            })
                         })
                         .collect(),
                 ),
@@ -77,27 +90,25 @@ impl Routing {
         }
     }
 
-    /// The cluster of the first route of HTTP listener `listener` that a request for `path` at
-    /// `host` (without port) matches.
+    /// The first route of HTTP listener `listener` that a request for `path` at `host`
+    /// (without port) matches.
     pub(crate) fn route(
         &self,
         listener: usize,
         path: &[u8],
         host: Option<&str>,
-    ) -> Option<&Arc<ClusterState>> {
+    ) -> Option<&RouteEntry> {
         let Some(Destination::Routes(routes)) = self.listeners.get(listener) else {
             return None;
         };
-        routes
-            .iter()
-            .find(|(route, _)| {
-                path.starts_with(route.prefix.as_bytes())
-                    && route
-                        .host
-                        .as_deref()
-                        .is_none_or(|wanted| host.is_some_and(|h| h.eq_ignore_ascii_case(wanted)))
-            })
-            .map(|(_, cluster)| cluster)
+        routes.iter().find(|entry| {
+            let route = &entry.route;
+            path.starts_with(route.prefix.as_bytes())
+                && route
+                    .host
+                    .as_deref()
+                    .is_none_or(|wanted| host.is_some_and(|h| h.eq_ignore_ascii_case(wanted)))
+        })
     }
 
     /// TCP listener `listener`'s cluster.
@@ -118,7 +129,7 @@ mod tests {
     }
 
     const FIRST: &str = "listeners:\n  - address: 127.0.0.1:1\n    routes: \
-                         [{prefix: /api, cluster: api}, {prefix: /, cluster: web}]\n  \
+                         [{prefix: /api, cluster: api, name: api_route}, {prefix: /, cluster: web}]\n  \
                          - address: 127.0.0.1:2\n    protocol: tcp\n    cluster: web\n\
                          clusters:\n  api: {endpoints: [\"127.0.0.1:10\"]}\n  \
                          web: {endpoints: [\"127.0.0.1:20\"]}\n";
@@ -127,14 +138,14 @@ mod tests {
     fn requests_take_the_first_matching_route_and_tcp_listeners_their_cluster() {
         let routing = Routing::of(&config(FIRST), None);
         let name = |cluster: Option<&Arc<ClusterState>>| cluster.map(|c| c.name.clone());
-        assert_eq!(
-            name(routing.route(0, b"/api/v1", None)).as_deref(),
-            Some("api")
-        );
-        assert_eq!(
-            name(routing.route(0, b"/other", None)).as_deref(),
-            Some("web")
-        );
+        let route = |path: &[u8]| {
+            routing
+                .route(0, path, None)
+                .map(|entry| (entry.name.to_string(), entry.cluster.name.clone()))
+        };
+        assert_eq!(route(b"/api/v1"), Some(("api_route".into(), "api".into())));
+        // An unnamed route's name is empty, as Envoy's.
+        assert_eq!(route(b"/other"), Some((String::new(), "web".into())));
         assert_eq!(name(routing.tcp_cluster(1)).as_deref(), Some("web"));
         assert!(routing.route(1, b"/", None).is_none());
         assert!(routing.tcp_cluster(0).is_none());

@@ -6,6 +6,7 @@
 //! (asynchronously) until it continues it, answers it or closes it; each callback's outcome goes
 //! through the plugin's failure policy.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use abi::{ContextId, DataAction, HeadersAction, LocalResponse, PeerType, Vm, VmError};
@@ -26,29 +27,36 @@ pub(crate) struct Reply {
     pub(crate) body: Vec<u8>,
     /// The gRPC status a gRPC request gets (`None`: the HTTP status mapped as Envoy does).
     pub(crate) grpc_status: Option<i32>,
+    /// Why it is sent (Envoy's response code details, the `response.code_details` attribute).
+    pub(crate) details: Cow<'static, str>,
 }
 
 impl Reply {
-    /// A reply with `status` and nothing else.
-    pub(crate) fn status(status: u16) -> Reply {
+    /// A reply of the proxy's with `status` and nothing else, sent for `details`.
+    pub(crate) fn status(status: u16, details: &'static str) -> Reply {
         Reply {
             status,
             headers: Vec::new(),
             body: Vec::new(),
             grpc_status: None,
+            details: Cow::Borrowed(details),
         }
     }
 
     /// Envoy's answer for a stream whose plugin failed closed: 503 with no extra header (the
-    /// response callbacks see what they would in Envoy); Envoy's details go to the log.
-    fn fail_closed() -> Reply {
-        tracing::debug!(
-            details = lifecycle::FAIL_STREAM_DETAILS,
-            "stream failed closed"
-        );
+    /// response callbacks see what they would in Envoy), details naming the plugin
+    /// (`wasm_fail_stream{name}`; Envoy's bare `wasm_fail_stream` where no plugin is to blame,
+    /// as when the thread's plugins cannot be reached).
+    fn fail_closed(plugin: Option<&str>) -> Reply {
+        let details = match plugin {
+            Some(name) => Cow::Owned(lifecycle::fail_stream_details(name)),
+            None => Cow::Borrowed(lifecycle::FAIL_STREAM_DETAILS),
+        };
+        tracing::debug!(details = %details, "stream failed closed");
         Reply {
             grpc_status: Some(lifecycle::FAIL_STREAM_GRPC_STATUS),
-            ..Reply::status(503)
+            details,
+            ..Reply::status(503, "")
         }
     }
 
@@ -66,6 +74,8 @@ impl Reply {
                 .collect(),
             body: local.body,
             grpc_status: local.grpc_status,
+            // The plugin's (whitespace already replaced, as Envoy does).
+            details: Cow::Owned(String::from_utf8_lossy(&local.details).into_owned()),
         }
     }
 }
@@ -237,13 +247,13 @@ impl Stream {
                             tracing::error!(plugin = %name, "cannot create a stream context: {error}");
                             worker.release(stream);
                             if worker.failed(plugin, &error) == OnFailure::FailClosed {
-                                reply = Some(Reply::fail_closed());
+                                reply = Some(Reply::fail_closed(Some(&*name)));
                                 break;
                             }
                         }
                     },
                     Admission::FailClosed => {
-                        reply = Some(Reply::fail_closed());
+                        reply = Some(Reply::fail_closed(Some(&*name)));
                         break;
                     }
                     Admission::FailOpen => {}
@@ -262,7 +272,7 @@ impl Stream {
                 self.early_reply = reply;
             }
             // The thread's plugins cannot be reached: fail closed rather than bypass them.
-            None => self.early_reply = Some(Reply::fail_closed()),
+            None => self.early_reply = Some(Reply::fail_closed(None)),
         }
     }
 
@@ -309,7 +319,7 @@ impl Stream {
     /// Applies the plugin's failure policy to a failed callback of filter `index`.
     fn failed(&mut self, index: usize, error: &VmError) -> Outcome {
         let Some(generation) = self.generation else {
-            return Outcome::Reply(Reply::fail_closed());
+            return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
         };
         if self.filters[index].skipped() {
             // Counted and applied when it failed first (this is its VM refusing more work).
@@ -317,7 +327,7 @@ impl Stream {
             return if self.filters[index].bypassed {
                 Outcome::Continue
             } else {
-                Outcome::Reply(Reply::fail_closed())
+                Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)))
             };
         }
         let plugin = self.filters[index].plugin;
@@ -333,7 +343,7 @@ impl Stream {
             }
             _ => {
                 self.filters[index].failed = true;
-                Outcome::Reply(Reply::fail_closed())
+                Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)))
             }
         }
     }
@@ -424,7 +434,10 @@ impl Stream {
                 (result, body, take_asked(vm, context))
             });
             let Some((result, body, asked)) = result else {
-                return (Outcome::Reply(Reply::fail_closed()), flushed);
+                return (
+                    Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name))),
+                    flushed,
+                );
             };
             held = body;
             match result {
@@ -476,7 +489,7 @@ impl Stream {
                     Ok(BodyStep::Pass(data)) => flushed.extend(data),
                     // Only a last chunk is held, and this one is not the last.
                     Ok(BodyStep::Held { .. }) => {
-                        return (Outcome::Reply(Reply::fail_closed()), flushed);
+                        return (Outcome::Reply(Reply::fail_closed(None)), flushed);
                     }
                     Err(outcome) => return (outcome, flushed),
                 }
@@ -494,7 +507,7 @@ impl Stream {
                 (take_asked(vm, context), vm.is_failed())
             });
             let Some((asked, failed)) = looked else {
-                return Outcome::Reply(Reply::fail_closed());
+                return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
             };
             if let Some(outcome) = acted(asked) {
                 return outcome;
@@ -519,7 +532,7 @@ impl Stream {
             BodyStep::Pass(data) => Ok(data),
             // Only a request is held on its last chunk (a response cannot wait: Pingora's
             // response body filter is synchronous, so `body_from` lets its last chunk go on).
-            BodyStep::Held { .. } => Err(Outcome::Reply(Reply::fail_closed())),
+            BodyStep::Held { .. } => Err(Outcome::Reply(Reply::fail_closed(None))),
         }
     }
 
@@ -593,7 +606,9 @@ impl Stream {
                 (result, body, take_asked(vm, context))
             });
             let Some((result, body, asked)) = result else {
-                return Err(Outcome::Reply(Reply::fail_closed()));
+                return Err(Outcome::Reply(Reply::fail_closed(Some(
+                    &*self.filters[index].name,
+                ))));
             };
             match result {
                 Err(error) => match self.failed(index, &error) {
@@ -657,11 +672,16 @@ impl Stream {
                         // an HTTP stream fails; a TCP connection stops reading that side
                         // instead (see `held`).
                         if body.len() > self.buffer_limit && self.kind == Kind::Http {
-                            let status = match direction {
-                                Direction::Request => 413,
-                                Direction::Response => 500,
+                            // Envoy's codes and details for a buffer over its limit.
+                            let reply = match direction {
+                                Direction::Request => {
+                                    Reply::status(413, "request_payload_too_large")
+                                }
+                                Direction::Response => {
+                                    Reply::status(500, "response_payload_too_large")
+                                }
                             };
-                            return Err(Outcome::Reply(Reply::status(status)));
+                            return Err(Outcome::Reply(reply));
                         }
                         *self.filters[index].buffered(direction) = body;
                         return Ok(BodyStep::Pass(Vec::new()));
@@ -804,25 +824,38 @@ impl Stream {
         Ok(out)
     }
 
-    /// Records the response status for the plugins' attributes.
-    pub(crate) fn note_response(&mut self, status: u16) {
-        for index in 0..self.filters.len() {
-            self.with_filter(index, |vm, context| {
-                if let Some(slot) = slot(vm, context) {
-                    slot.info.response_code = Some(u32::from(status));
+    /// Updates what every plugin of the stream knows of it (for Envoy's attributes), in one
+    /// pass over the chain.
+    pub(crate) fn update_info(&self, update: impl Fn(&mut abi::StreamInfo)) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        let filters = &self.filters;
+        with_workers(&self.listener, |workers| {
+            let Some(worker) = workers.worker(generation) else {
+                return;
+            };
+            for filter in filters {
+                let Some(stream) = &filter.stream else {
+                    continue;
+                };
+                if let Some(slot) = worker.vm(stream).and_then(|vm| slot(vm, filter.context)) {
+                    update(&mut slot.info);
                 }
-            });
-        }
+            }
+        });
     }
 
     /// The stream is over: `proxy_on_log` (with the request and response headers and the
-    /// response trailers readable, when given), `proxy_on_done` and `proxy_on_delete` for every
-    /// plugin, then the contexts and VM holds go.
+    /// response trailers readable, when given, and what `last` adds to what the plugins know of
+    /// the stream), `proxy_on_done` and `proxy_on_delete` for every plugin, then the contexts
+    /// and VM holds go.
     pub(crate) fn end(
         &mut self,
         mut request: Option<&mut RequestHeader>,
         mut response: Option<&mut ResponseHeader>,
         mut trailers: Option<&mut http::HeaderMap>,
+        last: &dyn Fn(&mut abi::StreamInfo),
     ) {
         let Some(generation) = self.generation else {
             return;
@@ -855,6 +888,7 @@ impl Stream {
                         slot.info.bytes_received = Some(transferred[0]);
                         slot.info.bytes_sent = Some(transferred[1]);
                     }
+                    last(&mut slot.info);
                 }
                 match kind {
                     Kind::Http => vm
@@ -909,7 +943,7 @@ impl Drop for Stream {
     fn drop(&mut self) {
         // A stream dropped before its logging phase (a client gone mid-way) still ends its
         // contexts: nothing is left live in the VM.
-        self.end(None, None, None);
+        self.end(None, None, None, &|_| {});
     }
 }
 

@@ -132,7 +132,9 @@ impl ServerApp for TcpProxy {
 /// Envoy's attributes of a downstream connection.
 fn connection_info(downstream: &Downstream) -> abi::StreamInfo {
     let mut info = abi::StreamInfo {
-        connection_id: u64::try_from(downstream.id()).ok(),
+        connection_id: Some(crate::connections::next_id()),
+        // No TLS.
+        mtls: Some(false),
         start_time: Some(std::time::SystemTime::now()),
         ..abi::StreamInfo::default()
     };

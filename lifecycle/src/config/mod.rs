@@ -132,8 +132,9 @@ pub enum FailurePolicy {
     FailClosed,
     /// The plugin is skipped.
     FailOpen,
-    /// The next stream gets a fresh VM, at most once per `base_interval` (with jitter, as
-    /// Envoy); streams meanwhile fail closed.
+    /// The next stream gets a fresh VM once the backoff has passed since the failed one was
+    /// made: `base_interval`, doubling with every reload in a row up to `max_interval` (with
+    /// jitter); streams meanwhile fail closed.
     FailReload {
         /// The shortest time between reloads (`reload_config.backoff.base_interval`, default
         /// 1 s).

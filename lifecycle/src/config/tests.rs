@@ -90,6 +90,164 @@ config:
 }
 
 #[test]
+fn every_field_written_in_lower_camel_case_means_what_its_snake_case_name_means() {
+    // Every field of Envoy's v3 messages the parser knows, in both spellings: one entry per
+    // kind of plugin (and per kind of local code, as each plugin has one).
+    let sha256 = "a".repeat(64);
+    let camel = format!(
+        r#"
+- name: envoy.filters.http.wasm
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+    config:
+      name: remote
+      rootId: root
+      configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: "{{}}"}}
+      failurePolicy: FAIL_RELOAD
+      reloadConfig: {{backoff: {{baseInterval: 2s, maxInterval: 30s}}}}
+      capabilityRestrictionConfig: {{allowedCapabilities: {{proxy_log: {{}}, proxy_get_header_map_value: {{}}}}}}
+      allowOnHeadersStopIteration: true
+      vmConfig:
+        vmId: vm
+        runtime: envoy.wasm.runtime.v8
+        configuration: vm settings
+        allowPrecompiled: true
+        nackOnCodeCacheMiss: true
+        environmentVariables: {{hostEnvKeys: [HOME], keyValues: {{MODE: test}}}}
+        code:
+          remote:
+            httpUri: {{uri: "https://example.com/plugin.wasm", cluster: code, timeout: 5s}}
+            sha256: "{sha256}"
+            retryPolicy: {{numRetries: 3, retryBackOff: {{baseInterval: 0.5s, maxInterval: 4s}}}}
+- name: envoy.filters.network.wasm
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+    config: {{name: tcp, failOpen: true, vmConfig: {{code: {{local: {{inlineBytes: AGFzbQEAAAA=}}}}}}}}
+- name: envoy.bootstrap.wasm
+  typedConfig:
+    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+    typeUrl: type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    value:
+      singleton: true
+      config: {{name: service, vmConfig: {{runtime: envoy.wasm.runtime.null, code: {{local: {{inlineString: service}}}}}}}}
+- {{config: {{name: env, vmConfig: {{code: {{local: {{environmentVariable: PLUGIN_WASM}}}}}}}}}}
+"#
+    );
+    let snake = format!(
+        r#"
+- name: envoy.filters.http.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+    config:
+      name: remote
+      root_id: root
+      configuration: {{"@type": type.googleapis.com/google.protobuf.StringValue, value: "{{}}"}}
+      failure_policy: FAIL_RELOAD
+      reload_config: {{backoff: {{base_interval: 2s, max_interval: 30s}}}}
+      capability_restriction_config: {{allowed_capabilities: {{proxy_log: {{}}, proxy_get_header_map_value: {{}}}}}}
+      allow_on_headers_stop_iteration: true
+      vm_config:
+        vm_id: vm
+        runtime: envoy.wasm.runtime.v8
+        configuration: vm settings
+        allow_precompiled: true
+        nack_on_code_cache_miss: true
+        environment_variables: {{host_env_keys: [HOME], key_values: {{MODE: test}}}}
+        code:
+          remote:
+            http_uri: {{uri: "https://example.com/plugin.wasm", cluster: code, timeout: 5s}}
+            sha256: "{sha256}"
+            retry_policy: {{num_retries: 3, retry_back_off: {{base_interval: 0.5s, max_interval: 4s}}}}
+- name: envoy.filters.network.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+    config: {{name: tcp, fail_open: true, vm_config: {{code: {{local: {{inline_bytes: AGFzbQEAAAA=}}}}}}}}
+- name: envoy.bootstrap.wasm
+  typed_config:
+    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+    type_url: type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    value:
+      singleton: true
+      config: {{name: service, vm_config: {{runtime: envoy.wasm.runtime.null, code: {{local: {{inline_string: service}}}}}}}}
+- {{config: {{name: env, vm_config: {{code: {{local: {{environment_variable: PLUGIN_WASM}}}}}}}}}}
+"#
+    );
+    let mut camel = parse(&camel).unwrap();
+    let snake = parse(&snake).unwrap();
+    // Only the paths differ: they name the fields as written, for messages (HTTP filters
+    // first, then network filters, then services).
+    let paths: Vec<&str> = camel.plugins().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "[0].typedConfig.config",
+            "[3].config",
+            "[1].typedConfig.config",
+            "[2].typedConfig.value.config",
+        ]
+    );
+    let plugins = camel
+        .http_filters
+        .iter_mut()
+        .chain(&mut camel.network_filters)
+        .chain(camel.services.iter_mut().map(|s| &mut s.plugin));
+    for plugin in plugins {
+        plugin.path = plugin.path.replace("typedConfig", "typed_config");
+    }
+    assert_eq!(camel, snake);
+
+    // And the fields were read, not left at their defaults in both.
+    let remote = &camel.http_filters[0];
+    assert_eq!(remote.root_id, "root");
+    assert_eq!(
+        remote.failure_policy,
+        FailurePolicy::FailReload {
+            base_interval: Duration::from_secs(2),
+            max_interval: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(
+        remote.allowed_capabilities.as_ref().map(|c| c.len()),
+        Some(2)
+    );
+    assert!(remote.allow_on_headers_stop_iteration);
+    assert_eq!(remote.vm.vm_id, "vm");
+    assert_eq!(remote.vm.configuration, b"vm settings");
+    assert!(remote.vm.allow_precompiled && remote.vm.nack_on_code_cache_miss);
+    assert_eq!(remote.vm.environment.host_env_keys, ["HOME"]);
+    assert_eq!(remote.vm.environment.key_values["MODE"], "test");
+    assert_eq!(
+        remote.vm.code,
+        CodeSource::Remote(RemoteCode {
+            uri: "https://example.com/plugin.wasm".into(),
+            cluster: Some("code".into()),
+            timeout: Duration::from_secs(5),
+            sha256,
+            retries: 3,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(4),
+        })
+    );
+    assert_eq!(
+        camel.network_filters[0].failure_policy,
+        FailurePolicy::FailOpen
+    );
+    assert_eq!(
+        camel.network_filters[0].vm.code,
+        CodeSource::Bytes(b"\0asm\x01\0\0\0".to_vec())
+    );
+    assert!(camel.services[0].singleton);
+    assert_eq!(
+        camel.services[0].plugin.vm.code,
+        CodeSource::String("service".into())
+    );
+    assert_eq!(
+        camel.http_filters[1].vm.code,
+        CodeSource::EnvironmentVariable("PLUGIN_WASM".into())
+    );
+}
+
+#[test]
 fn a_list_is_a_chain_in_order_with_network_filters_and_services() {
     let yaml = r#"
 - {vm_config: {code: {local: {filename: a.wasm}}}, name: first}

@@ -1,10 +1,12 @@
-use std::path::Path;
 use std::sync::Mutex;
 
 use abi::{HeadersAction, InMemoryHost};
+use runtime_api::{RuntimeConfig, TrapKind};
 
 use super::*;
-use crate::test_support::{corpus, load, Wasmtime};
+use crate::test_support::{
+    corpus, corpus_options, load, load_on, wat_base64, Wasmtime, WasmtimeWith,
+};
 
 fn config_plugin(name: &str, vm_id: &str, header: &str) -> String {
     format!(
@@ -93,16 +95,110 @@ fn a_plugin_that_rejects_its_configuration_is_refused_at_load_by_name() {
     );
 }
 
-fn trapping(policy: &str) -> Plugins {
-    let wat =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/wat/trap_in_request_headers.wat");
-    let wasm = wat::parse_file(wat).unwrap();
-    let base64 = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(wasm)
+/// A plugin named `name` with `plugins/wat/<wat>.wat` as its code, as a list entry.
+fn wat_plugin(name: &str, wat: &str) -> String {
+    format!(
+        "- {{name: {name}, vm_config: {{vm_id: {name}, code: {{local: {{inline_bytes: {}}}}}}}}}\n",
+        wat_base64(wat)
+    )
+}
+
+#[test]
+fn a_plugin_whose_vm_start_returns_false_is_refused_at_load_and_never_configured() {
+    let yaml = wat_plugin("cold", "refuse_vm_start");
+    let shared = SharedState::new();
+    let error = load_on(&yaml, &Wasmtime, shared.clone())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&error, LoadError::Rejected { plugin, .. } if plugin == "cold"),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "plugin \"cold\" rejected its configuration: its proxy_on_vm_start returned false"
+    );
+    // As in Envoy, a root context that refused its VM is not configured: the plugin's
+    // proxy_on_configure would have set `configured`.
+    assert_eq!(shared.get("cold", b"configured"), None);
+
+    // (That it would have: configured by hand, the same code sets the key.)
+    let config = crate::parse(&yaml).unwrap().http_filters.remove(0);
+    let CodeSource::Bytes(wasm) = &config.vm.code else {
+        panic!("inline bytes");
     };
+    let runtime = Wasmtime.runtime("wasmtime").unwrap();
+    let plugin = abi::Plugin::load(&*runtime, wasm, abi_config(&config), shared.clone()).unwrap();
+    let mut vm = Vm::new(&plugin, Box::new(InMemoryHost::new())).unwrap();
+    assert!(vm.configure().unwrap());
+    assert_eq!(
+        shared.get("cold", b"configured").map(|(value, _)| value),
+        Some(b"yes".to_vec())
+    );
+}
+
+#[test]
+fn a_plugin_that_traps_in_vm_start_or_configure_is_refused_at_load_with_the_trap() {
+    for (wat, callback) in [
+        ("trap_in_vm_start", "proxy_on_vm_start"),
+        ("trap_in_configure", "proxy_on_configure"),
+    ] {
+        let error = load(&wat_plugin(wat, wat)).err().expect("refused");
+        assert!(
+            matches!(&error, LoadError::Rejected { plugin, .. } if plugin == wat),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        let expected = format!(
+            "plugin \"{wat}\" rejected its configuration: {callback} trapped in context 1: "
+        );
+        assert!(message.starts_with(&expected), "{message}");
+        assert!(message.contains("unreachable"), "{message}");
+    }
+}
+
+#[test]
+fn a_deployment_with_a_refusing_plugin_is_refused_whole_and_the_one_running_keeps_running() {
+    let running = load(&config_plugin("kept", "v", "x-kept")).unwrap();
+    // A good plugin, a plugin sharing its VM that rejects its configuration, and one that
+    // traps: the first refusal is reported, naming the plugin whose root context refused,
+    // not the first plugin of the VM.
+    let update = [
+        config_plugin("fine", "v", "x-fine"),
+        "- name: picky\n  configuration: 'not json'\n  vm_config: {vm_id: v, code: {local: {filename: rust/plugin_config.wasm}}}\n".into(),
+        wat_plugin("trap", "trap_in_configure"),
+    ]
+    .concat();
+    let error = Plugins::load_replacing(
+        &running,
+        &crate::parse(&update).unwrap(),
+        &Wasmtime,
+        &corpus_options(),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(
+        error.to_string(),
+        "plugin \"picky\" rejected its configuration: its proxy_on_configure returned false"
+    );
+    // The deployment in force still admits streams and runs them as before.
+    let mut worker = worker(running);
+    let headers = request(&mut worker, PluginId(0)).unwrap();
+    assert!(
+        headers.contains(&("x-kept".into(), "kept".into())),
+        "{headers:?}"
+    );
+    assert_eq!(
+        worker.plugins().counters(PluginId(0)).snapshot(),
+        Counters::default().snapshot(),
+        "no failures"
+    );
+}
+
+fn trapping(policy: &str) -> Plugins {
     load(&format!(
-        "{{name: trap, {policy} vm_config: {{code: {{local: {{inline_bytes: {base64}}}}}}}}}"
+        "{{name: trap, {policy} vm_config: {{code: {{local: {{inline_bytes: {}}}}}}}}}",
+        wat_base64("trap_in_request_headers")
     ))
     .unwrap()
 }
@@ -119,7 +215,7 @@ fn fail_closed_answers_every_later_stream_with_a_local_reply() {
     let counters = worker.plugins().counters(plugin).snapshot();
     assert_eq!(counters[0], ("failed_by_trap", 1));
     assert_eq!(
-        counters[5],
+        counters[6],
         ("closed", 3),
         "the failing stream and the two after it"
     );
@@ -132,14 +228,14 @@ fn fail_open_passes_later_streams_on_without_the_plugin() {
     assert!(request(&mut worker, plugin).is_err());
     assert!(matches!(worker.admit(plugin), Admission::FailOpen));
     assert_eq!(
-        worker.plugins().counters(plugin).snapshot()[4],
+        worker.plugins().counters(plugin).snapshot()[5],
         ("bypassed", 2),
         "the failing stream and the one after it"
     );
 }
 
 #[test]
-fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles() {
+fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles_up_to_the_max_interval() {
     let now = Arc::new(Mutex::new(Instant::now()));
     let clock: Clock = {
         let now = Arc::clone(&now);
@@ -149,32 +245,112 @@ fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles() {
     let plugins = trapping(
         "failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 1s, max_interval: 60s}},",
     );
+    let max = Duration::from_secs(60);
     let mut worker = worker(plugins).with_clock(clock);
     let plugin = PluginId(0);
-    // The first copy fails at once: the first reload waits for the base interval (and its
-    // jitter, at most half of it) since the copy was made.
+    let reloads = |worker: &Worker| worker.plugins().counters(plugin).snapshot()[4].1;
+    // The first copy fails at once, and so does every fresh copy. Each reload waits, since
+    // the copy was made, the base interval doubled per reload in a row, plus a jitter of up
+    // to half of that; the doubling stops at the max interval, and no wait, jitter included,
+    // goes past it.
     assert!(request(&mut worker, plugin).is_err());
     assert!(matches!(worker.admit(plugin), Admission::FailClosed));
-    advance(Duration::from_millis(999));
-    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
-    advance(Duration::from_millis(501));
-    assert!(
-        request(&mut worker, plugin).is_err(),
-        "a fresh copy, which traps again"
-    );
-    assert_eq!(
-        worker.plugins().counters(plugin).snapshot()[3],
-        ("reloads", 1)
-    );
-    // The second reload waits twice as long.
+    let waits = [1, 2, 4, 8, 16, 32, 60, 60, 60].map(Duration::from_secs);
+    for (reload, wait) in (1..).zip(waits) {
+        let just_short = wait - Duration::from_millis(1);
+        advance(just_short);
+        assert!(
+            matches!(worker.admit(plugin), Admission::FailClosed),
+            "reload {reload} waits at least {wait:?}"
+        );
+        advance((wait + wait / 2).min(max) - just_short);
+        assert!(
+            request(&mut worker, plugin).is_err(),
+            "reload {reload} by {:?}: a fresh copy, which traps again",
+            (wait + wait / 2).min(max)
+        );
+        assert_eq!(reloads(&worker), reload);
+    }
+
+    // A copy that ran the max interval before it failed ends the run of reloads: it is
+    // replaced at once (it was made longer ago than the base interval), and the next wait is
+    // back at the start of the doubling.
+    advance(max);
+    let Admission::Run(healthy) = worker.admit(plugin) else {
+        panic!("a fresh copy after the max interval");
+    };
+    worker.release(healthy);
+    advance(max);
+    assert!(request(&mut worker, plugin).is_err(), "it fails at last");
+    assert!(request(&mut worker, plugin).is_err(), "replaced at once");
     advance(Duration::from_millis(1999));
     assert!(matches!(worker.admit(plugin), Admission::FailClosed));
     advance(Duration::from_millis(1001));
     assert!(matches!(worker.admit(plugin), Admission::Run(_)));
-    assert_eq!(
-        worker.plugins().counters(plugin).snapshot()[3],
-        ("reloads", 2)
-    );
+    assert_eq!(reloads(&worker), waits.len() as u64 + 3);
+}
+
+#[test]
+fn a_reload_wait_is_never_below_the_doubled_base_nor_above_the_max_interval() {
+    let (base, max) = (Duration::from_millis(300), Duration::from_secs(5));
+    for attempts in 0..40 {
+        let doubled = base.saturating_mul(1 << attempts.min(31)).min(max);
+        for _ in 0..100 {
+            let wait = backoff(base, max, attempts);
+            assert!(
+                doubled <= wait && wait <= max,
+                "attempt {attempts}: {wait:?}"
+            );
+            assert!(wait < doubled + doubled / 2 || wait == max, "{wait:?}");
+        }
+    }
+    // A max interval equal to the base leaves no room for jitter.
+    assert_eq!(backoff(base, base, 0), base);
+}
+
+#[test]
+fn a_plugin_running_past_its_call_deadline_is_failed_by_deadline_and_its_policy_applies() {
+    let engines = WasmtimeWith(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(50)),
+        ..RuntimeConfig::default()
+    });
+    let cases = [
+        ("FAIL_CLOSED", OnFailure::FailClosed, ("closed", 2)),
+        ("FAIL_OPEN", OnFailure::FailOpen, ("bypassed", 2)),
+    ];
+    for (policy, on_failure, (answered, streams)) in cases {
+        let yaml = format!(
+            "{{name: spin, failure_policy: {policy}, vm_config: {{code: {{local: {{inline_bytes: {}}}}}}}}}",
+            wat_base64("infinite_loop")
+        );
+        let mut worker = worker(load_on(&yaml, &engines, SharedState::new()).unwrap());
+        let plugin = PluginId(0);
+        let Admission::Run(held) = worker.admit(plugin) else {
+            panic!("admitted");
+        };
+        let vm = worker.vm(&held).expect("this worker's copy");
+        let stream = vm.create_http_context_for(held.root()).unwrap();
+        // proxy_on_request_headers never returns: the deadline stops it.
+        let error = vm.on_request_headers(stream, 0, true).unwrap_err();
+        assert_eq!(
+            error.trap().map(|trap| &trap.kind),
+            Some(&TrapKind::DeadlineExceeded)
+        );
+        assert_eq!(worker.failed(plugin, &error), on_failure, "{policy}");
+        worker.release(held);
+        let later = worker.admit(plugin);
+        match on_failure {
+            OnFailure::FailClosed => assert!(matches!(later, Admission::FailClosed), "{policy}"),
+            OnFailure::FailOpen => assert!(matches!(later, Admission::FailOpen), "{policy}"),
+        }
+        let counters = worker.plugins().counters(plugin).snapshot();
+        assert_eq!(counters[0], ("failed_by_trap", 0), "{policy}");
+        assert_eq!(counters[1], ("failed_by_deadline", 1), "{policy}");
+        assert!(
+            counters.contains(&(answered, streams)),
+            "{policy}: the stream stopped and the one after it: {counters:?}"
+        );
+    }
 }
 
 #[test]
@@ -246,7 +422,7 @@ fn a_copy_that_cannot_start_on_a_thread_says_which_plugin_and_why() {
     assert_eq!(failure.to_string(), "its proxy_on_configure returned false");
     assert!(matches!(worker.admit(PluginId(0)), Admission::FailClosed));
     assert_eq!(
-        worker.plugins().counters(PluginId(0)).snapshot()[2],
+        worker.plugins().counters(PluginId(0)).snapshot()[3],
         ("failed_to_start", 1)
     );
 }
@@ -290,4 +466,14 @@ fn a_worker_is_woken_to_deliver_the_queue_notifications_of_its_copies() {
 
 fn worker_of(plugins: &Arc<Plugins>) -> Worker {
     Worker::new(Arc::clone(plugins), || Box::new(InMemoryHost::new()))
+}
+
+#[test]
+fn a_stream_failed_closed_has_envoys_details_naming_the_plugin() {
+    assert_eq!(crate::fail_stream_details("auth"), "wasm_fail_stream{auth}");
+    assert_eq!(
+        crate::fail_stream_details("my auth\tplugin"),
+        "wasm_fail_stream{my_auth_plugin}",
+        "no whitespace in details, as Envoy"
+    );
 }

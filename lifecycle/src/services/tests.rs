@@ -205,3 +205,51 @@ fn only_a_singleton_service_gets_a_thread() {
         "plugin \"filter\" is not a singleton service"
     );
 }
+
+#[test]
+fn a_refused_configuration_update_leaves_the_running_service_its_queue() {
+    let plugins = filter_and_service(60_000);
+    let service = spawn_manual(&plugins).expect("starts");
+    let mut worker = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    request(&mut worker, "/before");
+    service.sync();
+    // The update's check starts the service's code once more, which registers the queue again,
+    // and is then refused for another plugin: its copies go away, the running service stays.
+    let update = r#"
+- name: envoy.bootstrap.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    singleton: true
+    config:
+      name: svc
+      configuration: '{"name": "svc", "register_queue": "events", "tick_ms": 60000}'
+      vm_config: {vm_id: svc, code: {local: {filename: rust/chain_probe.wasm}}}
+- name: envoy.bootstrap.wasm
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
+    singleton: true
+    config:
+      name: cold
+      vm_config: {vm_id: cold, code: {local: {filename: wat/refuse_vm_start.wasm}}}
+"#;
+    let refused = Plugins::load_replacing(
+        &plugins,
+        &crate::parse(update).expect("valid configuration"),
+        &crate::test_support::Wasmtime,
+        &crate::test_support::corpus_options(),
+    );
+    let refused = refused.err().expect("the update is refused");
+    assert!(refused.to_string().contains("\"cold\""), "{refused}");
+    request(&mut worker, "/after");
+    let mut end = service.stop(0).expect("the thread ends cleanly");
+    assert!(end.errors.is_empty(), "{:?}", end.errors);
+    let dequeued: Vec<String> = messages(&mut end.vm)
+        .into_iter()
+        .filter(|m| m.contains("dequeued"))
+        .collect();
+    assert_eq!(
+        dequeued,
+        ["svc dequeued /before", "svc dequeued /after"],
+        "the running service is still told of what the filter enqueues"
+    );
+}

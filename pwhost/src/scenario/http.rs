@@ -26,7 +26,7 @@ use abi::{
     ContextId, DataAction, HeaderMap, HeadersAction, LocalResponse, StreamRecord, StreamType, Vm,
     VmError,
 };
-use lifecycle::{Admission, OnFailure, PluginId, StreamVm, Worker, FAIL_STREAM_DETAILS};
+use lifecycle::{Admission, OnFailure, PluginId, StreamVm, Worker};
 
 use super::callouts::{to_map, Callouts};
 use super::report::{FilterReport, FilterStateReport, HttpReport, LocalResponseReport};
@@ -768,7 +768,13 @@ impl Exchange<'_, '_> {
                     body: Vec::new(),
                     headers: HeaderMap::new(),
                     grpc_status: Some(lifecycle::FAIL_STREAM_GRPC_STATUS),
-                    details: FAIL_STREAM_DETAILS.as_bytes().to_vec(),
+                    details: lifecycle::fail_stream_details(
+                        self.worker
+                            .plugins()
+                            .config(self.stages[*k].plugin)
+                            .display_name(),
+                    )
+                    .into_bytes(),
                 },
             )),
             _ => None,
@@ -900,6 +906,8 @@ pub(super) fn run_exchange(
         let stream = in_memory_host(vm).stream(stage.context);
         stream.info = super::connection_info(connection_id, start_time);
         stream.info.protocol = Some("HTTP/1.1".into());
+        stream.info.route_name.clone_from(&exchange.route_name);
+        stream.info.cluster_name.clone_from(&exchange.cluster_name);
     }
     let grpc_request = Message::request(exchange)
         .headers

@@ -162,6 +162,13 @@ pub struct HttpExchange {
     /// pass); at most [`MAX_DELAY_MS`].
     #[serde(default)]
     pub delay_ms: u64,
+    /// The name of the route the request took (`xds.route_name`); none: not routed, as a
+    /// stream no route matched in Envoy (`NOT_FOUND`).
+    #[serde(default)]
+    pub route_name: Option<String>,
+    /// The upstream cluster the request went to (`xds.cluster_name`); none: `NOT_FOUND`.
+    #[serde(default)]
+    pub cluster_name: Option<String>,
 }
 
 /// The longest wait a scenario may ask for before an exchange, so a run stays short.
@@ -190,6 +197,10 @@ pub struct TcpConnection {
     /// tick period.
     #[serde(default)]
     pub ticks_after: u32,
+    /// The upstream cluster the connection goes to (`xds.cluster_name`, as Envoy's TCP proxy
+    /// reports it); none: `NOT_FOUND`.
+    #[serde(default)]
+    pub cluster_name: Option<String>,
 }
 
 /// The answer to one HTTP call.

@@ -333,6 +333,7 @@ pub(super) fn run_connection(
         let info = &mut in_memory_host(vm).stream(stage.context).info;
         *info = super::connection_info(connection_id, start_time);
         info.upstream_address = Some(UPSTREAM_ADDRESS);
+        info.cluster_name.clone_from(&connection.cluster_name);
     }
     let handles: Vec<Option<&StreamVm>> = stages.iter().map(|s| s.held_vm.as_ref()).collect();
     let callouts = Callouts::new(

@@ -13,13 +13,18 @@
 //!   `request body: get <s> add <s> pairs <s> <size>` (request headers after they went on) and,
 //!   in the last body chunk, `request body: add trailer <s>` (trailers may be added there);
 //!   `response headers: request :path <s>`; `response body: get <s>` (response headers after
-//!   they went on); in `on_log`: `log: request :path <s> <value>`, `log: response :status <s>
-//!   <value>`, `log: add request header <s>`, `log: request trailer <s>`.
+//!   they went on); in the response headers callback also `response headers: request body get
+//!   <s> <size> set <s>, call response body get <s>` (a body after it went on, a call's body
+//!   outside its callback); in `on_log`: `log: request :path <s> <value>`, `log: response
+//!   :status <s> <value>`, `log: add request header <s>`, `log: request trailer <s>`, `log:
+//!   response body get <s> <size> set <s>`.
 //! - `local-reply`: request headers send a 403 (`x-local: 1`, body `no`) and then a 500; logs
 //!   `local reply: <s> <s>` and returns Continue. The response callbacks log `response headers:
 //!   :status <value>` and add `x-seen-by-plugin: yes`; `on_log` logs `log: :status <value>`.
 //! - `status`: request headers dispatch an HTTP call (Pause); its response callback logs
 //!   `call response: <headers> headers, get_status <s> <code> <message>` and resumes.
+//! - `grpc-status`: request headers dispatch a unary gRPC call (Pause); its response callback
+//!   logs `grpc response: status <code>, get_status <s> <code> <message>` and resumes.
 //! - `incomplete-call`: logs `call without <name>: <s>` for a call missing each of `:method`,
 //!   `:path`, `:authority`.
 //! - `set-buffer`: the request body callback edits the body and logs `set_buffer_bytes <start>
@@ -28,6 +33,7 @@
 //! - `config`: logs `plugin configuration in request: <s>` and `vm configuration in request: <s>`.
 //! - `tick`: sets a 10 ms tick period from the stream; the root's `on_tick` logs `tick <n>` and
 //!   stops the timer after the second.
+//! - `order`: the stream logs `stream log` from `on_log` and `stream done` from `on_done`.
 //!
 //! TCP (plugin configuration `tcp`): the connection logs `connection done` from `on_done` and
 //! `connection log` from `on_log`.
@@ -39,9 +45,11 @@
 //!   set_effective_context(0) <s>`;
 //! - `shared-data`: `shared data: set missing key with cas <s>, get <s> <value>`; `shared data:
 //!   cas of two keys differ <bool>, set b with a's cas <s>`;
-//! - `metrics`: `metrics: increment counter by 0 <s>, record 5 <s>, value <s> <n>`; `metrics:
-//!   histogram record <s> increment <s> get <s>`;
-//! - `queue`: `queue: resolve with empty vm_id <s> same token <bool>`.
+//! - `metrics`: `metrics: increment counter by 0 <s>, by 3 <s>, record 5 <s>, value <s> <n>`;
+//!   `metrics: histogram record <s> increment <s> get <s>`;
+//! - `queue`: registers a queue and resolves it under three vm_ids: `queue: vm_id <plugin_vm_id>,
+//!   resolve with empty vm_id <s> same token <bool>, with own vm_id <s> same token <bool>, with
+//!   vm_id elsewhere <s>`.
 //!
 //! With plugin configuration `never-done` the root's `on_done` returns false and it never calls
 //! `proxy_done`; with `done` it returns true. In both, dropping the root context (which the SDK
@@ -161,6 +169,12 @@ extern "C" {
         name_size: usize,
         return_id: *mut u32,
     ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
 }
 
 const REQUEST_HEADERS: u32 = 0;
@@ -168,6 +182,8 @@ const REQUEST_TRAILERS: u32 = 1;
 const RESPONSE_HEADERS: u32 = 2;
 const CALL_RESPONSE_HEADERS: u32 = 6;
 const REQUEST_BODY: u32 = 0;
+const RESPONSE_BODY: u32 = 1;
+const CALL_RESPONSE_BODY: u32 = 4;
 const VM_CONFIGURATION: u32 = 6;
 const PLUGIN_CONFIGURATION: u32 = 7;
 
@@ -204,13 +220,17 @@ fn get_pairs(map: u32) -> (u32, usize) {
     (status, take(data, size).len())
 }
 
-fn buffer_read_status(buffer: u32) -> u32 {
+/// `proxy_get_buffer_bytes` of the whole buffer: the status and the size read.
+fn buffer_read(buffer: u32) -> (u32, usize) {
     let (mut data, mut size) = (std::ptr::null_mut(), 0);
     // SAFETY: valid out-pointers.
     let status =
         unsafe { proxy_get_buffer_bytes(buffer, 0, usize::MAX >> 1, &mut data, &mut size) };
-    take(data, size);
-    status
+    (status, take(data, size).len())
+}
+
+fn buffer_read_status(buffer: u32) -> u32 {
+    buffer_read(buffer).0
 }
 
 fn set_buffer(buffer: u32, start: usize, size: usize, data: &[u8]) -> u32 {
@@ -410,12 +430,14 @@ fn metrics() {
     };
     let counter = define(0, "probe_counter");
     let zero = unsafe { proxy_increment_metric(counter, 0) };
+    // Recorded onto a counter that is not 0, so that adding and setting differ.
+    let three = unsafe { proxy_increment_metric(counter, 3) };
     let record = unsafe { proxy_record_metric(counter, 5) };
     let mut value = 0;
     let get_counter = unsafe { proxy_get_metric(counter, &mut value) };
     info!(
-        "metrics: increment counter by 0 {}, record 5 {}, value {} {}",
-        zero, record, get_counter, value
+        "metrics: increment counter by 0 {}, by 3 {}, record 5 {}, value {} {}",
+        zero, three, record, get_counter, value
     );
     let histogram = define(2, "probe_histogram");
     let record = unsafe { proxy_record_metric(histogram, 1) };
@@ -429,21 +451,38 @@ fn metrics() {
 
 fn queue() {
     let name = "probe_queue";
-    let (mut registered, mut resolved) = (0, 0);
+    let mut registered = 0;
     unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut registered) };
-    let status = unsafe {
-        proxy_resolve_shared_queue(
-            std::ptr::null(),
-            0,
-            name.as_ptr(),
-            name.len(),
-            &mut resolved,
-        )
+    let resolve = |vm_id: &[u8]| {
+        let mut resolved = 0;
+        let status = unsafe {
+            proxy_resolve_shared_queue(
+                vm_id.as_ptr(),
+                vm_id.len(),
+                name.as_ptr(),
+                name.len(),
+                &mut resolved,
+            )
+        };
+        (status, resolved == registered)
     };
+    let own_vm_id = {
+        let path = "plugin_vm_id";
+        let (mut data, mut size) = (std::ptr::null_mut(), 0);
+        unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+        take(data, size)
+    };
+    let (empty, empty_same) = resolve(b"");
+    let (own, own_same) = resolve(&own_vm_id);
+    let (elsewhere, _) = resolve(b"elsewhere");
     info!(
-        "queue: resolve with empty vm_id {} same token {}",
-        status,
-        registered == resolved
+        "queue: vm_id {}, resolve with empty vm_id {} same token {}, with own vm_id {} same token {}, with vm_id elsewhere {}",
+        String::from_utf8_lossy(&own_vm_id),
+        empty,
+        empty_same,
+        own,
+        own_same,
+        elsewhere
     );
 }
 
@@ -452,6 +491,13 @@ struct Probe {
 }
 
 impl Context for Probe {
+    fn on_done(&mut self) -> bool {
+        if self.probe == "order" {
+            info!("stream done");
+        }
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         _token: u32,
@@ -471,6 +517,18 @@ impl Context for Probe {
         }
         self.resume_http_request();
     }
+
+    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, _size: usize) {
+        let (mut code, mut data, mut size) = (0, std::ptr::null_mut(), 0);
+        // SAFETY: valid out-pointers.
+        let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
+        let message = String::from_utf8_lossy(&take(data, size)).into_owned();
+        info!(
+            "grpc response: status {}, get_status {} {} {}",
+            status_code, status, code, message
+        );
+        self.resume_http_request();
+    }
 }
 
 impl HttpContext for Probe {
@@ -484,6 +542,19 @@ impl HttpContext for Probe {
                     FULL_CALL.to_vec(),
                     None,
                     vec![],
+                    Duration::from_secs(1),
+                ) {
+                    info!("dispatch failed: {:?}", status);
+                }
+                Action::Pause
+            }
+            "grpc-status" => {
+                if let Err(status) = self.dispatch_grpc_call(
+                    "cluster",
+                    "probe.Service",
+                    "Call",
+                    vec![],
+                    Some(b"ping"),
                     Duration::from_secs(1),
                 ) {
                     info!("dispatch failed: {:?}", status);
@@ -586,11 +657,21 @@ impl HttpContext for Probe {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         match self.probe.as_str() {
-            "maps" => info!(
-                "response headers: request :path {} call response :status {}",
-                get_value(REQUEST_HEADERS, ":path").0,
-                get_value(CALL_RESPONSE_HEADERS, ":status").0
-            ),
+            "maps" => {
+                info!(
+                    "response headers: request :path {} call response :status {}",
+                    get_value(REQUEST_HEADERS, ":path").0,
+                    get_value(CALL_RESPONSE_HEADERS, ":status").0
+                );
+                let (get, size) = buffer_read(REQUEST_BODY);
+                info!(
+                    "response headers: request body get {} {} set {}, call response body get {}",
+                    get,
+                    size,
+                    set_buffer(REQUEST_BODY, 0, 0, b"late"),
+                    buffer_read_status(CALL_RESPONSE_BODY)
+                );
+            }
             "local-reply" => {
                 info!(
                     "response headers: :status {}",
@@ -628,7 +709,15 @@ impl HttpContext for Probe {
                     "log: request trailer {}",
                     get_value(REQUEST_TRAILERS, "x-added-in-body").0
                 );
+                let (get, size) = buffer_read(RESPONSE_BODY);
+                info!(
+                    "log: response body get {} {} set {}",
+                    get,
+                    size,
+                    set_buffer(RESPONSE_BODY, 0, 0, b"late")
+                );
             }
+            "order" => info!("stream log"),
             "local-reply" => info!("log: :status {}", get_value(RESPONSE_HEADERS, ":status").1),
             _ => {}
         }
