@@ -386,6 +386,31 @@ impl SharedState {
         token
     }
 
+    /// Takes `owner`'s VM off every queue it registered (it failed, or is going away) and tells
+    /// the owner each queue falls back to of the items waiting there, which this VM may have
+    /// been told of and will never dequeue.
+    pub(crate) fn release_queues(&self, owner: &QueueOwner) {
+        let vm = Arc::downgrade(&owner.wake);
+        let mut registry = self.queues();
+        let mut waiting = Vec::new();
+        for (index, queue) in registry.queues.iter_mut().enumerate() {
+            let owned = queue
+                .owners
+                .last()
+                .is_some_and(|last| last.wake.ptr_eq(&vm));
+            queue
+                .owners
+                .retain(|registered| !registered.wake.ptr_eq(&vm));
+            if owned && !queue.items.is_empty() && !queue.owners.is_empty() {
+                waiting.push(index as u32 + 1);
+            }
+        }
+        drop(registry);
+        for token in waiting {
+            announce(self.queues(), token);
+        }
+    }
+
     /// The token of queue `name` in `vm_id`'s namespace.
     pub fn resolve_queue(&self, vm_id: &str, name: &str) -> Option<u32> {
         self.queues()
@@ -615,6 +640,35 @@ mod tests {
         assert_eq!(shared.enqueue(token + 1, b"x"), Status::NotFound);
         assert_eq!(shared.dequeue(0), Err(Status::NotFound));
         drop(owner);
+    }
+
+    #[test]
+    fn items_told_to_a_vm_that_fails_or_goes_away_are_told_to_the_owner_after_it() {
+        let shared = SharedState::new();
+        let (running_notify, running) = std::sync::mpsc::channel();
+        let running_vm = QueueOwner::new(running_notify);
+        let token = shared.register_queue("vm", "events", running_vm.clone());
+        let (newest_notify, newest) = std::sync::mpsc::channel();
+        let newest_vm = QueueOwner::new(newest_notify);
+        shared.register_queue("vm", "events", newest_vm.clone());
+        assert_eq!(shared.enqueue(token, b"one"), Status::Ok);
+        assert_eq!(newest.try_iter().count(), 1, "told the newest VM only");
+        assert_eq!(running.try_iter().count(), 0);
+        // The newest VM fails (or goes away) before it dequeues.
+        shared.release_queues(&newest_vm);
+        assert_eq!(
+            running.try_iter().collect::<Vec<_>>(),
+            vec![(1, token)],
+            "the item is not left waiting for the next enqueue"
+        );
+        assert_eq!(shared.enqueue(token, b"two"), Status::Ok);
+        assert_eq!(
+            newest.try_iter().count(),
+            0,
+            "a released VM is told nothing more"
+        );
+        assert_eq!(running.try_iter().count(), 1);
+        drop(running_vm);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub enum VmError {
     /// Plugin code trapped (or was stopped); the VM is now failed.
     #[error(
         "{callback} trapped in context {context}: {trap}{}",
-        if *.out_of_memory { " (its memory had grown near the memory cap)" } else { "" }
+        if *.out_of_memory { " (out of memory under the memory cap)" } else { "" }
     )]
     Trap {
         /// The export that was running.
@@ -32,11 +32,12 @@ pub enum VmError {
         context: ContextId,
         /// What stopped it.
         trap: Trap,
-        /// The guest's memory had grown past half the memory cap when it trapped: it most
-        /// likely ran out of memory (an SDK's allocator aborts when `memory.grow` fails). The
-        /// engines do not all say when they refuse a `memory.grow`, so this is judged from the
-        /// memory's size: past half the cap, an allocator that doubles its heap (TinyGo's) can
-        /// no longer grow, and one that grows by what it needs fails nearer the cap.
+        /// The guest had run out of memory under the memory cap when it trapped (an SDK's
+        /// allocator aborts when `memory.grow` fails). Where the engine says when the cap
+        /// refuses a `memory.grow` (wasmtime, wasmi), that is what counts; elsewhere (wasmer,
+        /// WAMR, V8, which enforce the cap as the memory's maximum) the memory's size tells:
+        /// past half the cap, an allocator that doubles its heap (TinyGo's) can no longer grow,
+        /// and one that grows by what it needs fails nearer the cap.
         out_of_memory: bool,
     },
     /// An earlier trap failed the VM; it runs no more plugin code.
@@ -100,6 +101,14 @@ enum Export {
     Unresolved,
     /// Looked up.
     Resolved(GuestFunction),
+}
+
+impl Drop for Vm {
+    /// The VM's queues go to another VM that registered them, if one lives, with their items.
+    fn drop(&mut self) {
+        let state = self.instance.state();
+        state.shared.release_queues(&state.queue_owner);
+    }
 }
 
 impl Vm {
@@ -203,14 +212,22 @@ impl Vm {
             out_of_memory,
         };
         self.failure = Some(error.to_string());
+        // A failed VM dequeues nothing more: its queues' notifications go to another VM that
+        // registered them, if one lives.
+        let state = self.instance.state();
+        state.shared.release_queues(&state.queue_owner);
         error
     }
 
-    /// Whether the guest's memory has grown past half its cap (see `VmError::Trap`).
+    /// Whether the guest ran out of memory under the cap (see `VmError::Trap`).
     fn memory_exhausted(&mut self) -> bool {
-        self.instance
-            .memory_limit()
-            .is_some_and(|limit| self.instance.memory_size() > limit / 2)
+        match self.instance.memory_grow_refused() {
+            Some(refused) => refused,
+            None => self
+                .instance
+                .memory_limit()
+                .is_some_and(|limit| self.instance.memory_size() > limit / 2),
+        }
     }
 
     /// Calls `callback` for `context`. A missing export is not an error: the result slots keep

@@ -136,8 +136,9 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     let mut pending = Vec::new();
     let mut seen = Vec::new();
     state.workers.for_each_worker(|generation, worker| {
+        let mut failed = Vec::new();
         worker.for_each_copy(|copy, vm, roots| {
-            for (_, root) in roots {
+            for (plugin, root) in roots {
                 let key = (generation, copy, root.0);
                 seen.push(key);
                 let Some(timer) = ticker.timers.get_mut(&key) else {
@@ -148,6 +149,7 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                 }
                 if let Err(error) = vm.tick_root(*root) {
                     diag::error(&format!("proxy_on_tick: {error}"));
+                    failed.push((*plugin, error));
                 }
                 timer.due = now + timer.period;
             }
@@ -168,6 +170,9 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
             }
             crate::transaction::pending_in(vm, &mut pending);
         });
+        for (plugin, error) in failed {
+            worker.root_failed(plugin, &error);
+        }
     });
     // Copies that went away (replaced or failed) tick no more.
     ticker.timers.retain(|key, _| seen.contains(key));

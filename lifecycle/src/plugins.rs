@@ -90,8 +90,8 @@ pub struct Counters {
     pub failed_by_trap: AtomicU64,
     /// VM copies failed by running past the call deadline (or out of fuel, or interrupted).
     pub failed_by_deadline: AtomicU64,
-    /// VM copies failed by a trap once their memory had grown near the memory cap (past half
-    /// of it: the plugin most likely ran out of memory; see `abi::VmError::Trap`).
+    /// VM copies failed by a trap once the plugin had run out of memory under the memory cap
+    /// (see `abi::VmError::Trap`'s `out_of_memory`).
     pub failed_by_memory_cap: AtomicU64,
     /// VM copies that could not be made or started on a thread.
     pub failed_to_start: AtomicU64,
@@ -824,6 +824,17 @@ impl Worker {
             }
         }
         failures
+    }
+
+    /// Records that a callback of `plugin`'s root context failed outside any stream (a timer
+    /// tick, a queue notification or a call's answer the embedder delivered itself), so that its
+    /// failure counters and reload backoff know of it; later streams get what the plugin's
+    /// policy says, as after any failure.
+    pub fn root_failed(&mut self, plugin: PluginId, error: &VmError) {
+        let entry = &self.plugins.entries[plugin.0];
+        count_failure(&entry.counters, error);
+        let module = entry.module;
+        self.notice_failure(module);
     }
 
     /// The plugins.

@@ -117,8 +117,15 @@ pub trait Instance<S>: Send {
 
     /// The memory cap this instance runs under ([`crate::RuntimeConfig::max_memory_bytes`]), if
     /// any and if the engine applies one: with [`Instance::memory_size`] it tells a guest that
-    /// ran out of memory under the cap from one that trapped for another reason.
+    /// likely ran out of memory under the cap from one that trapped for another reason.
     fn memory_limit(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether the memory cap has refused one of this instance's `memory.grow`s, if the engine
+    /// can tell (engines with a resource limiter can; `None` for the others): a guest that
+    /// traps after that ran out of memory.
+    fn memory_grow_refused(&self) -> Option<bool> {
         None
     }
 

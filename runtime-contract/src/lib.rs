@@ -101,8 +101,8 @@ pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(
 }
 
 /// With [`RuntimeConfig::max_memory_bytes`] set, `memory.grow` fails (returns -1) past the cap,
-/// however much is asked, and a module whose initial memory is already above the cap does not
-/// instantiate. `make` creates the engine with the configuration given.
+/// however much is asked (and the instance reports its cap and, if the engine can tell, the
+/// refusal), and a module whose initial memory is already above the cap does not instantiate. `make` creates the engine with the configuration given.
 pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<FixtureState>>(
     make: impl Fn(RuntimeConfig) -> R,
 ) {
@@ -134,9 +134,24 @@ pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<FixtureState>>(
         "{name}: growing to the cap succeeds"
     );
     assert_eq!(
+        instance.memory_limit(),
+        Some(2 * PAGE as usize),
+        "{name}: the instance knows its cap"
+    );
+    assert_ne!(
+        instance.memory_grow_refused(),
+        Some(true),
+        "{name}: nothing refused yet"
+    );
+    assert_eq!(
         grow_by(1, &mut instance),
         -1,
         "{name}: growing past it returns -1"
+    );
+    assert_ne!(
+        instance.memory_grow_refused(),
+        Some(false),
+        "{name}: an engine that tells refusals tells this one"
     );
     assert_eq!(
         grow_by(0x7fff_ffff, &mut instance),

@@ -483,10 +483,10 @@ impl<S: Send + 'static> Instance<S> for WamrInstance<S> {
     }
 
     fn memory_limit(&self) -> Option<usize> {
-        // SAFETY: the context lives as long as the instance, and nothing writes its `linked`.
-        let context = unsafe { self.context.as_ref() };
-        context
-            .linked
+        // SAFETY: the context lives as long as the instance, and `&self` means no call is
+        // running; only its `linked`, which nothing writes, is read.
+        let linked = unsafe { &(*self.context.as_ptr()).linked };
+        linked
             .settings
             .max_memory_bytes
             .map(|max| usize::try_from(max).unwrap_or(usize::MAX))

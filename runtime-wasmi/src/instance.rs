@@ -36,12 +36,70 @@ pub(crate) struct StoreData<S> {
     state: S,
     memory: Option<Memory>,
     functions: Vec<ResolvedFunction>,
-    limits: StoreLimits,
+    limits: CapWatch,
     /// How many calls from host functions into the guest are running.
     nested_calls: u32,
     /// Fuel slicing, when a deadline or interruption is configured (or the native stack must be
     /// bounded, see [`BOUNDED_NATIVE_STACK`]).
     pub(crate) fuel: Option<FuelSlices>,
+}
+
+/// wasmi's own limits, noting when the memory cap refuses a `memory.grow`.
+struct CapWatch {
+    limits: StoreLimits,
+    cap: Option<usize>,
+    refused: bool,
+}
+
+impl wasmi::ResourceLimiter for CapWatch {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool, wasmi_core::LimiterError> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        // Refused by the cap, not by the module's own maximum.
+        if !allowed && self.cap.is_some_and(|cap| desired > cap) {
+            self.refused = true;
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(
+        &mut self,
+        error: &wasmi::errors::MemoryError,
+    ) -> Result<(), wasmi_core::LimiterError> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool, wasmi_core::LimiterError> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(
+        &mut self,
+        error: &wasmi::errors::TableError,
+    ) -> Result<(), wasmi_core::LimiterError> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// A wasmi instance with its store.
@@ -81,7 +139,11 @@ impl<S: Send + 'static> WasmiInstance<S> {
             state,
             memory: None,
             functions: Vec::with_capacity(exports.len()),
-            limits: limits.build(),
+            limits: CapWatch {
+                limits: limits.build(),
+                cap: memory_limit,
+                refused: false,
+            },
             nested_calls: 0,
             fuel: slices,
         };
@@ -198,6 +260,10 @@ impl<S: Send + 'static> Instance<S> for WasmiInstance<S> {
 
     fn memory_limit(&self) -> Option<usize> {
         self.memory_limit
+    }
+
+    fn memory_grow_refused(&self) -> Option<bool> {
+        Some(self.store.data().limits.refused)
     }
 
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {

@@ -35,8 +35,60 @@ pub(crate) struct StoreData<S> {
     state: S,
     memory: Option<Memory>,
     functions: Vec<ResolvedFunction>,
-    limits: StoreLimits,
+    limits: CapWatch,
     epoch: Option<EpochState>,
+}
+
+/// wasmtime's own limits, noting when the memory cap refuses a `memory.grow`.
+struct CapWatch {
+    limits: StoreLimits,
+    cap: Option<usize>,
+    refused: bool,
+}
+
+impl wasmtime::ResourceLimiter for CapWatch {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        // Refused by the cap, not by the module's own maximum.
+        if !allowed && self.cap.is_some_and(|cap| desired > cap) {
+            self.refused = true;
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// A wasmtime instance with its store.
@@ -67,7 +119,11 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
             state,
             memory: None,
             functions: Vec::with_capacity(exports.len()),
-            limits: limits.build(),
+            limits: CapWatch {
+                limits: limits.build(),
+                cap: memory_limit,
+                refused: false,
+            },
             epoch: epoch.map(|ticker| EpochState::new(ticker.deadline)),
         };
         let engine = pre.module().engine().clone();
@@ -196,6 +252,10 @@ impl<S: Send + 'static> Instance<S> for WasmtimeInstance<S> {
 
     fn memory_limit(&self) -> Option<usize> {
         self.memory_limit
+    }
+
+    fn memory_grow_refused(&self) -> Option<bool> {
+        Some(self.store.data().limits.refused)
     }
 
     fn interrupt_handle(&self) -> Option<Arc<dyn InterruptHandle>> {

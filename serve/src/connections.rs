@@ -2,9 +2,8 @@
 //! process's listeners, HTTP and TCP alike, and never given to two connections (unlike a file
 //! descriptor, which the next connection may reuse).
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use pingora::protocols::SocketDigest;
 use rustc_hash::FxHashMap;
@@ -16,43 +15,44 @@ pub(crate) fn next_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The ids this thread gave the HTTP connections it serves, by the address of their socket
-/// digest: Pingora makes one per accepted connection and shares it between the connection's
-/// streams (the requests of an HTTP/1.1 keep-alive connection, the streams of an HTTP/2 one).
-/// Each entry holds a weak reference to its digest, which keeps the digest's memory allocated,
-/// so no other connection's digest can have that address while the entry lives. A connection's
-/// streams all run on the thread that accepted it (no work stealing).
+/// The ids given to the HTTP connections served, by the address of their socket digest:
+/// Pingora makes one per accepted connection and shares it between the connection's streams
+/// (the requests of an HTTP/1.1 keep-alive connection, the streams of an HTTP/2 one). Each
+/// entry holds a weak reference to its digest, which keeps the digest's memory allocated, so no
+/// other connection's digest can have that address while the entry lives. One table for the
+/// process, not one per thread: Pingora runs an HTTP/2 connection's streams on any of a
+/// listener's threads, even without work stealing. It is locked once per stream.
 struct Seen {
     ids: FxHashMap<usize, (Weak<SocketDigest>, u64)>,
     /// How many entries there may be before those of closed connections go.
     prune_at: usize,
 }
 
-thread_local! {
-    static SEEN: RefCell<Seen> = RefCell::new(Seen {
+static SEEN: LazyLock<Mutex<Seen>> = LazyLock::new(|| {
+    Mutex::new(Seen {
         ids: FxHashMap::default(),
         prune_at: 64,
-    });
-}
+    })
+});
 
 /// The id of the HTTP connection whose socket digest is `digest`: a new one for a connection
 /// not seen before, the same for all its streams.
 pub(crate) fn of(digest: &Arc<SocketDigest>) -> u64 {
-    SEEN.with_borrow_mut(|seen| {
-        let key = Arc::as_ptr(digest) as usize;
-        if let Some((_, id)) = seen.ids.get(&key) {
-            return *id;
-        }
-        if seen.ids.len() >= seen.prune_at {
-            // The entries of closed connections go; what is left may double before the next
-            // look, so each entry costs a bounded share of one.
-            seen.ids.retain(|_, (digest, _)| digest.strong_count() > 0);
-            seen.prune_at = (seen.ids.len() * 2).max(64);
-        }
-        let id = next_id();
-        seen.ids.insert(key, (Arc::downgrade(digest), id));
-        id
-    })
+    // Nothing under the lock can panic halfway through an update.
+    let mut seen = SEEN.lock().unwrap_or_else(PoisonError::into_inner);
+    let key = Arc::as_ptr(digest) as usize;
+    if let Some((_, id)) = seen.ids.get(&key) {
+        return *id;
+    }
+    if seen.ids.len() >= seen.prune_at {
+        // The entries of closed connections go; what is left may double before the next
+        // look, so each entry costs a bounded share of one.
+        seen.ids.retain(|_, (digest, _)| digest.strong_count() > 0);
+        seen.prune_at = (seen.ids.len() * 2).max(64);
+    }
+    let id = next_id();
+    seen.ids.insert(key, (Arc::downgrade(digest), id));
+    id
 }
 
 #[cfg(test)]
@@ -81,7 +81,9 @@ mod tests {
                 digests.push(digest);
             }
         }
-        SEEN.with_borrow(|seen| assert!(seen.ids.len() <= seen.prune_at));
+        let seen = SEEN.lock().unwrap();
+        assert!(seen.ids.len() <= seen.prune_at);
+        drop(seen);
         assert_eq!(of(&third), third_id);
     }
 }

@@ -87,8 +87,9 @@ async fn tick_loop(listener: Arc<Listener>) {
             // A thread without traffic lets go of replaced plugins here.
             workers.refresh();
             workers.for_each_worker(|generation, worker| {
+                let mut failed = Vec::new();
                 worker.for_each_copy(|copy, vm, roots| {
-                    for &(_, root) in roots {
+                    for &(plugin, root) in roots {
                         let key = (generation, copy, root);
                         let period = vm.tick_period_of(root).filter(|p| !p.is_zero());
                         let Some(period) = period else {
@@ -107,11 +108,15 @@ async fn tick_loop(listener: Arc<Listener>) {
                                 if let Some(host) = vm.host_as::<ServeHost>() {
                                     host.wake_all();
                                 }
+                                failed.push((plugin, error));
                             }
                             entry.0 = now + period;
                         }
                     }
                 });
+                for (plugin, error) in failed {
+                    worker.root_failed(plugin, &error);
+                }
             });
         });
         // Copies that went away (replaced or failed) tick no more.

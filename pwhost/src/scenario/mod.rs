@@ -448,38 +448,68 @@ fn each_root(
     errors: &mut Vec<String>,
     mut work: impl FnMut(&mut Vm, ContextId) -> Result<(), VmError>,
 ) {
+    let mut failed = Vec::new();
     worker.for_each_copy(|_, vm, roots| {
-        for (_, root) in roots {
+        for (plugin, root) in roots {
             if vm.is_failed() {
                 return;
             }
             let mark = callouts::calls_mark(vm);
-            let outcome = work(vm, *root)
-                .map_err(|e| e.to_string())
-                .and_then(|_| callouts::answer_root_calls(vm, mark));
+            let outcome = match work(vm, *root) {
+                Ok(()) => callouts::answer_root_calls(vm, mark),
+                Err(error) => {
+                    let message = error.to_string();
+                    failed.push((*plugin, error));
+                    Err(message)
+                }
+            };
             if let Err(error) = outcome {
                 errors.push(error);
             }
         }
     });
+    // The failures count as a proxy's would (the plugins' counters in the report).
+    for (plugin, error) in failed {
+        worker.root_failed(plugin, &error);
+    }
 }
 
 /// Delivers pending queue notifications on every VM copy of every worker.
 fn dispatch_queues(workers: &mut [Worker], errors: &mut Vec<String>) {
     for worker in workers {
-        worker.for_each_copy(|_, vm, _| {
+        let mut failed = Vec::new();
+        worker.for_each_copy(|_, vm, roots| {
             if vm.is_failed() {
                 return;
             }
             let mark = callouts::calls_mark(vm);
-            let outcome = vm
-                .dispatch_queue_ready()
-                .map_err(|e| e.to_string())
-                .and_then(|_| callouts::answer_root_calls(vm, mark));
+            let outcome = match vm.dispatch_queue_ready() {
+                Ok(_) => callouts::answer_root_calls(vm, mark),
+                Err(error) => {
+                    let message = error.to_string();
+                    // The plugin whose root context failed (else the copy's first).
+                    let failed_root = match &error {
+                        VmError::Trap { context, .. } => Some(*context),
+                        _ => None,
+                    };
+                    let plugin = roots
+                        .iter()
+                        .find(|(_, root)| Some(*root) == failed_root)
+                        .or(roots.first())
+                        .map(|(plugin, _)| *plugin);
+                    if let Some(plugin) = plugin {
+                        failed.push((plugin, error));
+                    }
+                    Err(message)
+                }
+            };
             if let Err(error) = outcome {
                 errors.push(error);
             }
         });
+        for (plugin, error) in failed {
+            worker.root_failed(plugin, &error);
+        }
     }
 }
 
