@@ -31,9 +31,9 @@ pub use config::{
     RemoteCode, VmConfig, WasmService,
 };
 pub use plugins::{
-    fail_stream_details, grpc_status_of_http, Admission, CopyId, Counters, Engines, LoadError,
-    LoadOptions, OnFailure, PluginId, Plugins, StartFailure, StartStep, StreamVm, Worker,
-    FAIL_STREAM_DETAILS, FAIL_STREAM_GRPC_STATUS,
+    fail_stream_details, failing_plugin, grpc_status_of_http, Admission, CopyId, Counters, Engines,
+    LoadError, LoadOptions, OnFailure, PluginId, Plugins, StartFailure, StartStep, StreamVm,
+    Worker, FAIL_STREAM_DETAILS, FAIL_STREAM_GRPC_STATUS,
 };
 pub use reconfigure::{Generation, LivePlugins, ThreadWorkers, WorkerFactory};
 pub use remote::{CodeCache, FetchError};

@@ -807,17 +807,8 @@ impl Worker {
             }
             if let Err(error) = live.copy.vm.dispatch_queue_ready() {
                 let roots = self.plugins.roots_of(module, &live.copy.roots);
-                let failed_root = match &error {
-                    VmError::Trap { context, .. } => Some(*context),
-                    _ => None,
-                };
-                let plugin = roots
-                    .iter()
-                    .find(|(_, root)| Some(*root) == failed_root)
-                    .or(roots.first())
-                    .map_or(self.plugins.module_plugins[module][0], |(plugin, _)| {
-                        *plugin
-                    });
+                let plugin = failing_plugin(&roots, &error)
+                    .unwrap_or(self.plugins.module_plugins[module][0]);
                 count_failure(&self.plugins.entries[plugin.0].counters, &error);
                 self.notice_failure(module);
                 failures.push((plugin, error));
@@ -1090,6 +1081,20 @@ impl Worker {
             }
         }
     }
+}
+
+/// Which of a VM copy's plugins (its `roots`: plugin and root context) a failure of the copy
+/// outside any stream is charged to: the one whose root context trapped, else the first.
+pub fn failing_plugin(roots: &[(PluginId, ContextId)], error: &VmError) -> Option<PluginId> {
+    let failed_root = match error {
+        VmError::Trap { context, .. } => Some(*context),
+        _ => None,
+    };
+    roots
+        .iter()
+        .find(|(_, root)| Some(*root) == failed_root)
+        .or(roots.first())
+        .map(|(plugin, _)| *plugin)
 }
 
 /// Counts a failure of a plugin's VM by its cause.

@@ -51,6 +51,14 @@ fn request(worker: &mut Worker, path: &str) {
     worker.release(held);
 }
 
+/// What the service dequeued, in order, by its log.
+fn dequeued(vm: &mut Vm) -> Vec<String> {
+    messages(vm)
+        .into_iter()
+        .filter(|m| m.contains("dequeued"))
+        .collect()
+}
+
 fn messages(vm: &mut Vm) -> Vec<String> {
     let host = vm.host_as::<InMemoryHost>().unwrap();
     host.logs.iter().map(|l| l.message.clone()).collect()
@@ -85,12 +93,8 @@ fn a_singleton_service_receives_what_worker_filters_enqueue() {
     let mut end = service.stop(0).expect("the thread ends cleanly");
     assert!(end.done);
     assert!(end.errors.is_empty(), "{:?}", end.errors);
-    let dequeued: Vec<String> = messages(&mut end.vm)
-        .into_iter()
-        .filter(|m| m.contains("dequeued"))
-        .collect();
     assert_eq!(
-        dequeued,
+        dequeued(&mut end.vm),
         ["svc dequeued /a", "svc dequeued /b", "svc dequeued /c"],
         "everything enqueued before the stop is delivered"
     );
@@ -243,12 +247,8 @@ fn a_refused_configuration_update_leaves_the_running_service_its_queue() {
     request(&mut worker, "/after");
     let mut end = service.stop(0).expect("the thread ends cleanly");
     assert!(end.errors.is_empty(), "{:?}", end.errors);
-    let dequeued: Vec<String> = messages(&mut end.vm)
-        .into_iter()
-        .filter(|m| m.contains("dequeued"))
-        .collect();
     assert_eq!(
-        dequeued,
+        dequeued(&mut end.vm),
         ["svc dequeued /before", "svc dequeued /after"],
         "the running service is still told of what the filter enqueues"
     );

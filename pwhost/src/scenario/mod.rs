@@ -487,17 +487,7 @@ fn dispatch_queues(workers: &mut [Worker], errors: &mut Vec<String>) {
                 Ok(_) => callouts::answer_root_calls(vm, mark),
                 Err(error) => {
                     let message = error.to_string();
-                    // The plugin whose root context failed (else the copy's first).
-                    let failed_root = match &error {
-                        VmError::Trap { context, .. } => Some(*context),
-                        _ => None,
-                    };
-                    let plugin = roots
-                        .iter()
-                        .find(|(_, root)| Some(*root) == failed_root)
-                        .or(roots.first())
-                        .map(|(plugin, _)| *plugin);
-                    if let Some(plugin) = plugin {
+                    if let Some(plugin) = lifecycle::failing_plugin(roots, &error) {
                         failed.push((plugin, error));
                     }
                     Err(message)
