@@ -53,6 +53,8 @@ struct Reply {
     status: u32,
     headers: Vec<(Vec<u8>, Vec<u8>)>,
     body: Vec<u8>,
+    /// Why it is sent, for `response.code_details` (a plugin's own, or Envoy's).
+    details: Option<String>,
 }
 
 /// How a hook handler lets the transaction go on.
@@ -304,14 +306,14 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                         ));
                         worker.release(stream);
                         if worker.failed(plugin, &error) == OnFailure::FailClosed {
-                            transaction.reply = Some(Reply::fail_closed());
+                            transaction.reply = Some(Reply::fail_closed(config.display_name()));
                             break;
                         }
                     }
                 }
             }
             Admission::FailClosed => {
-                transaction.reply = Some(Reply::fail_closed());
+                transaction.reply = Some(Reply::fail_closed(config.display_name()));
                 break;
             }
             Admission::FailOpen => {}
@@ -380,12 +382,14 @@ fn open_stream(
 }
 
 impl Reply {
-    /// Envoy's answer for a stream whose plugin failed closed: 503, no body.
-    fn fail_closed() -> Reply {
+    /// Envoy's answer for a stream whose plugin failed closed: 503, no body, details naming
+    /// the plugin.
+    fn fail_closed(plugin: &str) -> Reply {
         Reply {
             status: 503,
             headers: Vec::new(),
             body: Vec::new(),
+            details: Some(lifecycle::fail_stream_details(plugin)),
         }
     }
 
@@ -396,6 +400,8 @@ impl Reply {
             status: 503,
             headers: vec![(b"connection".to_vec(), b"close".to_vec())],
             body: Vec::new(),
+            // Envoy resets such a stream: there are no details to follow.
+            details: None,
         }
     }
 
@@ -408,6 +414,7 @@ impl Reply {
                 .map(|(name, value)| (name.to_vec(), value.to_vec()))
                 .collect(),
             body: local.body,
+            details: Some(String::from_utf8_lossy(&local.details).into_owned()),
         }
     }
 }
@@ -580,10 +587,20 @@ pub(crate) unsafe fn socket_address(address: *const sys::sockaddr) -> Option<std
     }
 }
 
-/// Records the response's status (and the upstream's address) for the plugin's attributes.
-fn note_response(vm: &mut Vm, context: abi::ContextId, txn: sys::TSHttpTxn, status: u32) {
+/// Records the response's status, why it is sent (`details`) and the upstream's address for
+/// the plugin's attributes.
+fn note_response(
+    vm: &mut Vm,
+    context: abi::ContextId,
+    txn: sys::TSHttpTxn,
+    status: u32,
+    details: Option<&str>,
+) {
     if let Some(slot) = slot_of(vm, context) {
         slot.info.response_code = Some(status);
+        if slot.info.response_code_details.as_deref() != details {
+            slot.info.response_code_details = details.map(str::to_string);
+        }
         if slot.info.upstream_address.is_none() {
             // SAFETY: `txn` is held by the hook being handled.
             let upstream = unsafe { socket_address(sys::TSHttpTxnServerAddrGet(txn)) };
@@ -756,7 +773,7 @@ fn outcome(
         Err(error) => {
             diag::error(&format!("[{}] {error}", filter.name));
             match worker.failed(filter.plugin, &error) {
-                OnFailure::FailClosed => Outcome::Reply(Reply::fail_closed()),
+                OnFailure::FailClosed => Outcome::Reply(Reply::fail_closed(&filter.name)),
                 OnFailure::FailOpen => {
                     filter.bypassed = true;
                     Outcome::Continue
@@ -842,6 +859,13 @@ impl Transaction {
                 put_on_response(txn, from, reply.status, &reply.headers);
             }
         }
+        // Envoy's details: a reply's own, `via_upstream` for the origin's response; Traffic
+        // Server's own answers (an unreachable origin, ...) have none to follow.
+        let details = match (&self.reply, from) {
+            (Some(reply), _) => reply.details.as_deref(),
+            (None, ResponseFrom::Origin) => Some("via_upstream"),
+            (None, ResponseFrom::Client) => None,
+        };
         let filters = &mut self.filters;
         let mut paused = None;
         in_worker(self.thread, self.generation, "a transaction", |worker| {
@@ -857,7 +881,7 @@ impl Transaction {
                 };
                 let count = abi::Headers::len(&headers);
                 let end_of_stream = ends_stream(&headers, HeaderKind::Response);
-                note_response(vm, filter.context, txn, headers.status());
+                note_response(vm, filter.context, txn, headers.status(), details);
                 let request = client_header(txn, HeaderKind::Request);
                 lend(vm, filter.context, request, Some(headers));
                 let result = vm.on_response_headers(filter.context, count, end_of_stream);
@@ -992,7 +1016,9 @@ impl Transaction {
             })
             .unwrap_or_default();
         let reply = match (asked.local_reply, asked.closed, failure) {
-            (_, _, Some(OnFailure::FailClosed)) => Some(Reply::fail_closed()),
+            (_, _, Some(OnFailure::FailClosed)) => {
+                Some(Reply::fail_closed(&self.filters[index].name))
+            }
             (Some(local), _, _) => Some(Reply::from_local(local)),
             (None, true, _) => Some(Reply::closed()),
             (None, false, _) => None,

@@ -1274,7 +1274,8 @@ fn plugin_metrics_are_traffic_server_stats_and_attributes_come_from_the_transact
     let origin = Origin::start();
     let probes = "request source/address string\\nrequest destination/port int\\n\
                   request request/path string\\nresponse response/code int\\n\
-                  log request/protocol string";
+                  response response/code_details string\\nlog request/protocol string\\n\
+                  log response/code_details string";
     let server = TrafficServer::start(
         &origin,
         &[
@@ -1309,7 +1310,10 @@ fn plugin_metrics_are_traffic_server_stats_and_attributes_come_from_the_transact
         format!("request destination/port: {port}"),
         "request request/path: /attributes?x=1".to_string(),
         "response response/code: 200".to_string(),
+        // Envoy's details for the origin's response.
+        "response response/code_details: via_upstream".to_string(),
         "log request/protocol: HTTP/1.1".to_string(),
+        "log response/code_details: via_upstream".to_string(),
     ] {
         assert!(diagnostics.contains(&line), "no {line:?} in\n{diagnostics}");
     }
