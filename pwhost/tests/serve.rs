@@ -2185,12 +2185,12 @@ fn a_plugin_reads_envoys_connection_route_upstream_and_response_attributes_on_li
     let failed = get(&format!("http://127.0.0.1:{failing_port}/trap"), &[]);
     assert_eq!(failed.status, 503, "{}", serve.log());
     logged(5);
-    // Six streams on one HTTP/2 connection (raw frames: Debian's curl 7.88 cannot reuse an
+    // Sixteen streams on one HTTP/2 connection (raw frames: Debian's curl 7.88 cannot reuse an
     // h2c connection, curl#10634), which Pingora may run on either worker thread.
     let mut conversation = H2_PREFACE.to_vec();
     conversation.extend(h2_frame(H2_SETTINGS, 0, 0, &[]));
-    for i in 1..=6u32 {
-        let block = h2_request_block("GET", &format!("/h2/{i}"), &[]);
+    for i in 1..=16u32 {
+        let block = h2_request_block("GET", &format!("/h2/{i:02}"), &[]);
         conversation.extend(h2_frame(
             H2_HEADERS,
             END_HEADERS | END_STREAM,
@@ -2200,7 +2200,7 @@ fn a_plugin_reads_envoys_connection_route_upstream_and_response_attributes_on_li
     }
     let ended = raw_h2_exchange(port, &conversation, Duration::from_secs(1));
     assert!(ended.starts_with("answered"), "{ended}\n{}", serve.log());
-    logged(11);
+    logged(21);
     drop(connection);
     let log = serve.log();
     let at = |after: &str, probe: &str| probed(&log, after, probe);
@@ -2302,10 +2302,13 @@ fn a_plugin_reads_envoys_connection_route_upstream_and_response_attributes_on_li
     );
 
     // The streams of one HTTP/2 connection share its id, whichever thread ran them.
-    let h2_id = at("log request/path: /h2/1", "log connection/id");
-    for i in 2..=6 {
+    let h2_id = at("log request/path: /h2/01", "log connection/id");
+    for i in 2..=16 {
         assert_eq!(
-            at(&format!("log request/path: /h2/{i}"), "log connection/id"),
+            at(
+                &format!("log request/path: /h2/{i:02}"),
+                "log connection/id"
+            ),
             h2_id,
             "stream {i}"
         );

@@ -102,10 +102,12 @@ pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(
 
 /// With [`RuntimeConfig::max_memory_bytes`] set, `memory.grow` fails (returns -1) past the cap,
 /// however much is asked (and the instance reports its cap and, if the engine can tell, the
-/// refusal), and a module whose initial memory is already above the cap does not instantiate. `make` creates the engine with the configuration given.
+/// refusal), and a module whose initial memory is already above the cap does not instantiate.
+/// `make` creates the engine with the configuration given. Returns what the instance said of
+/// the refusal ([`Instance::memory_grow_refused`]), for engines that must tell it.
 pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<FixtureState>>(
     make: impl Fn(RuntimeConfig) -> R,
-) {
+) -> Option<bool> {
     const PAGE: u64 = 65536;
     let runtime = make(RuntimeConfig {
         max_memory_bytes: Some(2 * PAGE),
@@ -148,8 +150,9 @@ pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<FixtureState>>(
         -1,
         "{name}: growing past it returns -1"
     );
+    let refused = instance.memory_grow_refused();
     assert_ne!(
-        instance.memory_grow_refused(),
+        refused,
         Some(false),
         "{name}: an engine that tells refusals tells this one"
     );
@@ -169,6 +172,7 @@ pub fn the_memory_cap_makes_memory_grow_fail<R: WasmRuntime<FixtureState>>(
         ),
         "{name}: an initial memory above the cap is refused"
     );
+    refused
 }
 
 /// Linking and compiling fail with errors that say what is wrong: an import the host does not

@@ -185,9 +185,14 @@ fn imports_and_exports_are_listed_with_their_types() {
 
 #[test]
 fn the_memory_cap_makes_memory_grow_fail() {
-    runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| {
+    let refused = runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| {
         WasmiRuntime::new(config).unwrap()
     });
+    assert_eq!(
+        refused,
+        Some(true),
+        "its resource limiter tells the refusal"
+    );
 }
 
 #[test]

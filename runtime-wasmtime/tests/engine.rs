@@ -43,9 +43,14 @@ fn unknown_imports_and_mismatched_signatures_are_link_errors() {
 
 #[test]
 fn the_memory_cap_makes_memory_grow_fail() {
-    runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| {
+    let refused = runtime_contract::the_memory_cap_makes_memory_grow_fail(|config| {
         WasmtimeRuntime::new(config).unwrap()
     });
+    assert_eq!(
+        refused,
+        Some(true),
+        "its resource limiter tells the refusal"
+    );
 }
 
 #[test]
