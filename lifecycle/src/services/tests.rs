@@ -16,17 +16,35 @@ fn filter_and_service(tick_ms: u64) -> Arc<Plugins> {
 - name: filter
   configuration: '{{"name": "filter", "enqueue": {{"vm_id": "svc", "queue": "events"}}}}'
   vm_config: {{vm_id: workers, code: {{local: {{filename: rust/chain_probe.wasm}}}}}}
-- name: envoy.bootstrap.wasm
+{}"#,
+        queue_service(tick_ms)
+    );
+    Arc::new(load(&yaml).expect("loads"))
+}
+
+/// The singleton service `svc` of [`filter_and_service`], as a configuration entry.
+fn queue_service(tick_ms: u64) -> String {
+    singleton_service(
+        "svc",
+        &format!(r#"'{{"name": "svc", "register_queue": "events", "tick_ms": {tick_ms}}}'"#),
+        "rust/chain_probe.wasm",
+    )
+}
+
+/// A singleton `WasmService` entry: plugin `name` (also its VM id) with `configuration` (YAML)
+/// and code from `file` in the corpus.
+fn singleton_service(name: &str, configuration: &str, file: &str) -> String {
+    format!(
+        r#"- name: envoy.bootstrap.wasm
   typed_config:
     "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
     singleton: true
     config:
-      name: svc
-      configuration: '{{"name": "svc", "register_queue": "events", "tick_ms": {tick_ms}}}'
-      vm_config: {{vm_id: svc, code: {{local: {{filename: rust/chain_probe.wasm}}}}}}
+      name: {name}
+      configuration: {configuration}
+      vm_config: {{vm_id: {name}, code: {{local: {{filename: {file}}}}}}}
 "#
-    );
-    Arc::new(load(&yaml).expect("loads"))
+    )
 }
 
 fn service_plugin(plugins: &Plugins) -> PluginId {
@@ -219,26 +237,14 @@ fn a_refused_configuration_update_leaves_the_running_service_its_queue() {
     service.sync();
     // The update's check starts the service's code once more, which registers the queue again,
     // and is then refused for another plugin: its copies go away, the running service stays.
-    let update = r#"
-- name: envoy.bootstrap.wasm
-  typed_config:
-    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
-    singleton: true
-    config:
-      name: svc
-      configuration: '{"name": "svc", "register_queue": "events", "tick_ms": 60000}'
-      vm_config: {vm_id: svc, code: {local: {filename: rust/chain_probe.wasm}}}
-- name: envoy.bootstrap.wasm
-  typed_config:
-    "@type": type.googleapis.com/envoy.extensions.wasm.v3.WasmService
-    singleton: true
-    config:
-      name: cold
-      vm_config: {vm_id: cold, code: {local: {filename: wat/refuse_vm_start.wasm}}}
-"#;
+    let update = [
+        queue_service(60_000),
+        singleton_service("cold", "''", "wat/refuse_vm_start.wasm"),
+    ]
+    .concat();
     let refused = Plugins::load_replacing(
         &plugins,
-        &crate::parse(update).expect("valid configuration"),
+        &crate::parse(&update).expect("valid configuration"),
         &crate::test_support::Wasmtime,
         &crate::test_support::corpus_options(),
     );
