@@ -3097,3 +3097,205 @@ fn mutated_http2_conversations_get_an_answer_or_a_close_and_the_proxy_serves_on(
     let summary = format!("{inputs} mutated HTTP/2 conversations");
     assert_no_hang_and_serving_on(&mut serve, &summary, started, &outcomes);
 }
+
+/// Reads from `connection` until it closes or `within` passes: what came, and whether it
+/// closed.
+fn read_until_closed(connection: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (received, false);
+        }
+        connection
+            .set_read_timeout(Some(left))
+            .expect("a read timeout");
+        match connection.read(&mut buffer) {
+            Ok(0) => return (received, true),
+            Ok(count) => received.extend_from_slice(&buffer[..count]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (received, true)
+            }
+            Err(_) => return (received, false),
+        }
+    }
+}
+
+/// Sends one `GET /` on a kept-alive `connection` and reads its whole answer (the origin's
+/// answers have a `content-length`): the status line.
+fn keep_alive_get(connection: &mut TcpStream) -> String {
+    use std::io::{Read, Write};
+    connection
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: secret\r\n\r\n")
+        .expect("the request goes");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&received).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .expect("a content-length");
+            if received.len() >= end + 4 + length {
+                return text.lines().next().unwrap_or("").to_string();
+            }
+        }
+        match connection.read(&mut buffer) {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&received).to_string(),
+            Ok(count) => received.extend_from_slice(&buffer[..count]),
+        }
+    }
+}
+
+#[test]
+fn a_client_too_slow_with_its_headers_gets_a_408_and_a_silent_connection_is_closed() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    request_headers_timeout: 0.5s\n    \
+         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
+         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("api_key", "local_response", "secret"),
+        origin.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let connect = || TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+
+    // A connection that sends nothing is closed without an answer (before, Pingora waited for
+    // its first 24 bytes for ever).
+    let mut silent = connect();
+    let (received, closed) = read_until_closed(&mut silent, Duration::from_secs(10));
+    assert!(
+        closed && received.is_empty(),
+        "{received:?}, closed: {closed}"
+    );
+
+    // A request line cut short, under the 24 bytes Pingora peeks at: 408.
+    let mut short = connect();
+    short.write_all(b"GET / HT").expect("a few bytes");
+    let (received, closed) = read_until_closed(&mut short, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&received);
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text:?}");
+
+    // Headers dripped a byte every 100 ms, each read far within Pingora's own 60 s: the
+    // deadline counts from the first byte, so the drip is cut with a 408 long before it ends.
+    let mut dripping = connect();
+    let started = Instant::now();
+    let header = b"GET / HTTP/1.1\r\nHost: x\r\nx-api-key: secret\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut sent = 0;
+    for byte in header {
+        if dripping.write_all(&[*byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        // Stop at the first sign of an answer (writing on would make the proxy's side reset).
+        dripping
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("a read timeout");
+        match dripping.peek(&mut [0u8; 1]) {
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            _ => break,
+        }
+    }
+    let (received, closed) = read_until_closed(&mut dripping, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&received);
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text:?}");
+    assert!(
+        sent < header.len(),
+        "all {sent} bytes went in over {:?}: the drip was not cut",
+        started.elapsed()
+    );
+
+    // A kept-alive connection has no deadline between requests: idle for three times the
+    // timeout after its first answer, it is served again; its third request, begun and left
+    // unfinished, gets the 408.
+    let mut kept = connect();
+    assert!(keep_alive_get(&mut kept).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(keep_alive_get(&mut kept).starts_with("HTTP/1.1 200"));
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .expect("half a request");
+    let (received, closed) = read_until_closed(&mut kept, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&received);
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text:?}");
+
+    // An HTTP/2 connection is exempt once its preface came: idle past the timeout, its next
+    // stream is answered.
+    let mut h2 = connect();
+    h2.write_all(H2_PREFACE).expect("the preface");
+    h2.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[]))
+        .expect("settings");
+    std::thread::sleep(Duration::from_millis(1500));
+    h2.write_all(&h2_frame(
+        H2_HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &h2_request_block("GET", "/", &[("x-api-key", "secret")]),
+    ))
+    .expect("a request");
+    assert!(
+        h2_response_headers_come(&mut h2, 1),
+        "no response on stream 1"
+    );
+
+    // No plugin saw a timed-out request; each is counted as a request answered 408.
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 3);
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    for (name, value) in [
+        (
+            "pwhost_request_header_timeouts_total{listener=\"main\"}",
+            3.0,
+        ),
+        (
+            "pwhost_responses_total{listener=\"main\",code=\"408\"}",
+            3.0,
+        ),
+        (
+            "pwhost_responses_total{listener=\"main\",code=\"200\"}",
+            3.0,
+        ),
+        ("pwhost_requests_total{listener=\"main\"}", 6.0),
+    ] {
+        assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
+    }
+    serve.wait_for_no_live_contexts();
+}
+
+/// Whether a HEADERS frame for `stream` comes on the HTTP/2 `connection` within 10 s.
+fn h2_response_headers_come(connection: &mut TcpStream, stream: u32) -> bool {
+    use std::io::Read;
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let mut header = [0u8; 9];
+    while connection.read_exact(&mut header).is_ok() {
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        if connection.read_exact(&mut payload).is_err() {
+            return false;
+        }
+        let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        if header[3] == H2_HEADERS && id == stream {
+            return true;
+        }
+    }
+    false
+}

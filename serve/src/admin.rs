@@ -29,6 +29,9 @@ pub(crate) struct HostMetrics {
     /// Streams that ended without a whole response (the client saw a reset or a closed
     /// connection), by listener and cause: with `requests`, every stream is accounted for.
     pub(crate) resets: Family<ResetLabels, Counter>,
+    /// Requests whose headers did not come within the listener's `request_headers_timeout`
+    /// (each also a request, and a response with code 408), by listener.
+    pub(crate) header_timeouts: Family<ListenerLabel, Counter>,
     /// Plugin stream contexts alive now (each stream has one per plugin until it ends).
     pub(crate) live_contexts: Gauge,
     /// HTTP streams and TCP connections being served.
@@ -47,6 +50,7 @@ impl Default for HostMetrics {
             connections: Family::default(),
             responses: Family::default(),
             resets: Family::default(),
+            header_timeouts: Family::default(),
             live_contexts: Gauge::default(),
             in_flight: crate::drain::InFlight::default(),
             vm_copies: Family::default(),
@@ -266,6 +270,12 @@ impl Admin {
              listener and cause (plugin: a plugin closed the stream; client: the client went \
              away; upstream: the upstream failed after the response had begun; proxy: other)",
             host.resets.clone(),
+        );
+        registry.register(
+            "pwhost_request_header_timeouts",
+            "requests whose headers did not come within the listener's request_headers_timeout \
+             (answered 408), by listener",
+            host.header_timeouts.clone(),
         );
         registry.register(
             "pwhost_connections",

@@ -79,6 +79,13 @@ pub struct Limits {
     /// HTTP: requests with more headers than this are answered 431 before any plugin sees
     /// them. Envoy's `max_headers_count` (100).
     pub max_headers_count: u32,
+    /// HTTP: how long a client has to send a request's headers, from the request's first
+    /// byte (from the connection's start for its first request); past it, a client that began
+    /// a request is answered 408 and the connection closes, one that sent nothing is closed.
+    /// Envoy's `request_headers_timeout` (`None`, `0s` in the file: no deadline). Envoy has
+    /// none by default; pwhost has 60 s, nginx's `client_header_timeout`, since Pingora by
+    /// itself would hold a connection that never completes its headers for ever.
+    pub request_headers_timeout: Option<Duration>,
 }
 
 /// The most headers Pingora's HTTP/1 parser takes (more is its 400).
@@ -93,6 +100,7 @@ impl Default for Limits {
             buffer_limit_bytes: 1 << 20,
             max_request_headers_kb: 60,
             max_headers_count: 100,
+            request_headers_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -243,6 +251,8 @@ struct ListenerFile {
     max_headers_count: Option<u32>,
     #[serde(default)]
     idle_timeout: Option<String>,
+    #[serde(default)]
+    request_headers_timeout: Option<String>,
 }
 
 impl ListenerFile {
@@ -272,6 +282,10 @@ impl ListenerFile {
                     self.max_request_headers_kb.is_some(),
                 ),
                 ("max_headers_count", self.max_headers_count.is_some()),
+                (
+                    "request_headers_timeout",
+                    self.request_headers_timeout.is_some(),
+                ),
             ] {
                 if set {
                     return Err(format!("{at}.{field}: only an HTTP listener has one"));
@@ -304,6 +318,15 @@ impl ListenerFile {
                 ));
             }
             limits.max_headers_count = count;
+        }
+        if let Some(text) = &self.request_headers_timeout {
+            let timeout = duration::parse(text).ok_or_else(|| {
+                format!(
+                    "{at}.request_headers_timeout: {text:?} is not a duration \
+                     (e.g. \"10s\", \"0.5s\", \"250ms\"; \"0s\": none)"
+                )
+            })?;
+            limits.request_headers_timeout = (!timeout.is_zero()).then_some(timeout);
         }
         Ok(limits)
     }
@@ -513,13 +536,14 @@ clusters:
         assert_eq!(backend.connect_timeout, Duration::from_millis(500));
         assert_eq!(backend.request_timeout, Duration::from_secs(15));
         assert_eq!(config.drain_timeout, Duration::from_secs(10));
-        // Envoy's defaults.
+        // Envoy's defaults, and nginx's header deadline (Envoy has none).
         assert_eq!(
             listener.limits,
             Limits {
                 buffer_limit_bytes: 1 << 20,
                 max_request_headers_kb: 60,
                 max_headers_count: 100,
+                request_headers_timeout: Some(Duration::from_secs(60)),
             }
         );
     }
@@ -529,7 +553,7 @@ clusters:
         let text = MINIMAL.replace(
             "    routes:",
             "    per_connection_buffer_limit_bytes: 4096\n    max_request_headers_kb: 8\n    \
-             max_headers_count: 20\n    routes:",
+             max_headers_count: 20\n    request_headers_timeout: 2s\n    routes:",
         ) + "drain_timeout: 2.5s\n";
         let config = ServeConfig::parse(&text, Path::new("/")).unwrap();
         assert_eq!(
@@ -538,8 +562,15 @@ clusters:
                 buffer_limit_bytes: 4096,
                 max_request_headers_kb: 8,
                 max_headers_count: 20,
+                request_headers_timeout: Some(Duration::from_secs(2)),
             }
         );
+        let without = MINIMAL.replace(
+            "    routes:",
+            "    request_headers_timeout: 0s\n    routes:",
+        );
+        let none = ServeConfig::parse(&without, Path::new("/")).unwrap();
+        assert_eq!(none.listeners[0].limits.request_headers_timeout, None);
         assert_eq!(config.drain_timeout, Duration::from_millis(2500));
         let cases = [
             (
@@ -559,6 +590,20 @@ clusters:
                     "    cluster: backend\n    max_headers_count: 5\n",
                 ),
                 "listeners[0].max_headers_count: only an HTTP listener",
+            ),
+            (
+                MINIMAL.replace(
+                    "    routes:",
+                    "    request_headers_timeout: soon\n    routes:",
+                ),
+                "listeners[0].request_headers_timeout: \"soon\" is not a duration",
+            ),
+            (
+                TCP.replace(
+                    "    cluster: backend\n",
+                    "    cluster: backend\n    request_headers_timeout: 5s\n",
+                ),
+                "listeners[0].request_headers_timeout: only an HTTP listener",
             ),
         ];
         for (text, expected) in cases {

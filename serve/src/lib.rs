@@ -30,6 +30,7 @@ pub mod config;
 mod connections;
 mod drain;
 mod grpc;
+mod header_timeout;
 mod headers;
 mod host;
 mod proxy;
@@ -41,13 +42,15 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lifecycle::{
     CodeCache, Engines, LivePlugins, LoadOptions, PluginId, Plugins, SingletonService, Ticking,
 };
-use pingora::apps::HttpServerOptions;
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::services::listening::Service;
 
 pub use config::{ConfigError, Limits, ServeConfig};
 pub use grpc::RawCodec;
@@ -250,36 +253,38 @@ impl Proxy {
                 .map(|listener| (listener.name.clone(), Arc::clone(&listener.shared.live)))
                 .collect();
             let admin = admin::Admin::new(plugins, &self.metrics, Arc::clone(&reloader));
-            let mut service = pingora::services::listening::Service::new(
-                "admin".to_string(),
-                pingora::apps::http_app::HttpServer::new_app(admin),
-            );
-            service.add_tcp(&address.to_string());
-            server.add_service(service);
+            let app = pingora::apps::http_app::HttpServer::new_app(admin);
+            listen(&mut server, "admin".to_string(), &address.to_string(), app);
         }
         for listener in self.listeners {
             let address = listener.address.to_string();
             match listener.front {
                 Front::Http(proxy) => {
-                    let mut service = pingora::proxy::http_proxy_service_with_name(
-                        &server.configuration,
-                        proxy,
-                        &listener.name,
-                    );
-                    if let Some(proxy) = service.app_logic_mut() {
-                        let mut options = HttpServerOptions::default();
-                        options.h2c = true;
-                        proxy.server_options = Some(options);
+                    let header_timeout = proxy.limits.request_headers_timeout;
+                    let counters = header_timeout::TimeoutCounters {
+                        metrics: Arc::clone(&proxy.metrics),
+                        listener: listener.name.clone(),
+                    };
+                    let mut proxy = pingora::proxy::http_proxy(&server.configuration, proxy);
+                    let mut options = HttpServerOptions::default();
+                    options.h2c = true;
+                    // An HTTP/2 connection without streams is closed after as long as Pingora
+                    // keeps an idle HTTP/1.1 connection (its keep-alive timeout).
+                    options.h2_idle_timeout = Some(Duration::from_secs(60));
+                    proxy.server_options = Some(options);
+                    match header_timeout {
+                        Some(timeout) => {
+                            let app = header_timeout::WithHeaderTimeout {
+                                app: Arc::new(proxy),
+                                timeout,
+                                counters,
+                            };
+                            listen(&mut server, listener.name, &address, app);
+                        }
+                        None => listen(&mut server, listener.name, &address, proxy),
                     }
-                    service.add_tcp(&address);
-                    server.add_service(service);
                 }
-                Front::Tcp(proxy) => {
-                    let mut service =
-                        pingora::services::listening::Service::new(listener.name, proxy);
-                    service.add_tcp(&address);
-                    server.add_service(service);
-                }
+                Front::Tcp(proxy) => listen(&mut server, listener.name, &address, proxy),
             }
         }
         if let Some((view, on_workers)) = self.worker_services {
@@ -293,4 +298,16 @@ impl Proxy {
         });
         std::process::exit(0)
     }
+}
+
+/// Adds a service running `app` for the connections accepted on `address`.
+fn listen<A: ServerApp + Send + Sync + 'static>(
+    server: &mut Server,
+    name: String,
+    address: &str,
+    app: A,
+) {
+    let mut service = Service::new(name, app);
+    service.add_tcp(address);
+    server.add_service(service);
 }

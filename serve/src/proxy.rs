@@ -15,6 +15,7 @@ use crate::admin::{HostMetrics, ListenerLabel, ResetLabels, ResponseLabels};
 use crate::config::{Cluster, Limits};
 use crate::connections;
 use crate::drain::InFlightGuard;
+use crate::header_timeout::HeaderClock;
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
 
@@ -124,6 +125,8 @@ pub(crate) struct StreamContext {
     route: Option<Route>,
     /// When the stream began (for `request.duration`), once it has.
     started: Option<Instant>,
+    /// Its connection's request headers deadline, told when the request ends.
+    headers_clock: Option<Arc<HeaderClock>>,
     /// Counts the stream as in flight (for a drain) while it lives.
     _in_flight: InFlightGuard,
 }
@@ -336,17 +339,20 @@ fn names(route: Option<&Route>) -> Option<(&str, &str)> {
 
 /// Envoy's attributes of a stream as it begins: its connection's, when it began, and the route
 /// it takes as its request came (plugins may change where it goes).
-fn stream_info(session: &Session, route: Option<&Route>) -> abi::StreamInfo {
+fn stream_info(
+    session: &Session,
+    connection_id: Option<u64>,
+    route: Option<&Route>,
+) -> abi::StreamInfo {
     let protocol = if session.is_http2() {
         "HTTP/2"
     } else {
         "HTTP/1.1"
     };
-    let socket = session.digest().and_then(|d| d.socket_digest.as_ref());
     abi::StreamInfo {
         source_address: session.client_addr().and_then(|a| a.as_inet()).copied(),
         destination_address: session.server_addr().and_then(|a| a.as_inet()).copied(),
-        connection_id: socket.map(connections::of),
+        connection_id,
         // No TLS.
         mtls: Some(false),
         start_time: Some(SystemTime::now()),
@@ -525,6 +531,7 @@ impl ProxyHttp for ListenerProxy {
             cluster: None,
             route: None,
             started: None,
+            headers_clock: None,
             pending_reply: None,
             response_done: false,
             replied: false,
@@ -533,6 +540,17 @@ impl ProxyHttp for ListenerProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut StreamContext) -> Result<bool> {
+        let connection = session
+            .digest()
+            .and_then(|digest| digest.socket_digest.as_ref())
+            .map(connections::of);
+        if let Some(connection) = &connection {
+            // The request's headers are in: its deadline stops.
+            if let Some(clock) = &connection.headers {
+                clock.headers_received();
+            }
+            ctx.headers_clock = connection.headers.clone();
+        }
         self.metrics
             .requests
             .get_or_create(&ListenerLabel {
@@ -549,7 +567,9 @@ impl ProxyHttp for ListenerProxy {
         // Where the request goes as it came, for the plugins' request callbacks (as Envoy
         // routes before its filters run); routed again once they ran (see `upstream_peer`).
         ctx.route = self.route(session.req_header());
-        ctx.stream.begin(&stream_info(session, ctx.route.as_ref()));
+        let connection_id = connection.map(|connection| connection.id);
+        ctx.stream
+            .begin(&stream_info(session, connection_id, ctx.route.as_ref()));
         if let Some(reply) = ctx.stream.early_reply.take() {
             return send_reply(session, ctx, reply).await;
         }
@@ -826,6 +846,9 @@ impl ProxyHttp for ListenerProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut StreamContext) {
+        if let Some(clock) = &ctx.headers_clock {
+            clock.request_ended();
+        }
         let mut response = session.response_written().cloned();
         // A stream that failed after its response began (an upstream reset mid-body, a client
         // gone, a plugin closing it) is a reset for its client, not a response.
