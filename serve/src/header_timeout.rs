@@ -6,13 +6,16 @@
 //!
 //! Pingora has no such deadline: it waits up to 60 s for each read while it reads a request's
 //! headers, so a client sending a byte a minute holds a connection for ever, and with h2c on
-//! it waits without any limit for the first 24 bytes (to tell HTTP/2's preface from HTTP/1).
-//! So the deadline is kept below Pingora, on the connection's stream itself
-//! ([`TimedHeaders`]): reads that wait past it fail. The proxy tells the stream's
+//! it waits without any limit for a new connection's first 24 bytes, to tell HTTP/2's preface
+//! from HTTP/1 (so an HTTP/1.0 request shorter than that, `GET / HTTP/1.0` and an empty line,
+//! was never answered). So the deadline is kept below Pingora, on the connection's stream
+//! itself ([`TimedHeaders`]): reads that wait past it fail. The proxy tells the stream's
 //! [`HeaderClock`] when it has a request's headers and when the request ended, which is where
 //! the deadline stops and where the next one may start. HTTP/2 connections are exempt once
-//! their preface came (their streams' headers come in frames; the connection's idle time is
-//! bounded by Pingora's `h2_idle_timeout`).
+//! their preface came (their streams' headers come in frames; a connection without streams is
+//! closed by Pingora's `h2_idle_timeout`). Every HTTP listener's connections go through
+//! [`TimedHeaders`], with a deadline or without, for its peek, which settles HTTP/1 at the
+//! first byte that differs from the preface.
 
 use std::future::Future;
 use std::io;
@@ -34,7 +37,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::admin::{HostMetrics, ListenerLabel, ResponseLabels};
+use crate::admin::{HostMetrics, ListenerLabel, ResetLabels, ResponseLabels};
 
 /// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -132,22 +135,28 @@ impl std::fmt::Debug for TimeoutCounters {
 }
 
 impl TimeoutCounters {
-    /// Counts a request whose headers did not come in time: as a request answered 408 (so
-    /// that requests in still equal responses out and resets) and as a header timeout (Envoy's
-    /// `downstream_rq_header_timeout`).
-    fn count(&self) {
+    /// Counts a request whose headers did not come in time: as a header timeout (Envoy's
+    /// `downstream_rq_header_timeout`), and as a request answered 408 if the 408 went out
+    /// whole, else reset (so that requests in still equal responses out and resets).
+    fn count(&self, answered: bool) {
         let listener = ListenerLabel {
             listener: self.listener.clone(),
         };
         self.metrics.requests.get_or_create(&listener).inc();
-        self.metrics
-            .responses
-            .get_or_create(&ResponseLabels {
+        self.metrics.header_timeouts.get_or_create(&listener).inc();
+        if answered {
+            let labels = ResponseLabels {
                 listener: self.listener.clone(),
                 code: 408,
-            })
-            .inc();
-        self.metrics.header_timeouts.get_or_create(&listener).inc();
+            };
+            self.metrics.responses.get_or_create(&labels).inc();
+        } else {
+            let labels = ResetLabels {
+                listener: self.listener.clone(),
+                cause: "client",
+            };
+            self.metrics.resets.get_or_create(&labels).inc();
+        }
     }
 }
 
@@ -156,8 +165,8 @@ impl TimeoutCounters {
 pub(crate) struct WithHeaderTimeout<A> {
     /// The listener's own application (Pingora's HTTP proxy).
     pub(crate) app: Arc<A>,
-    /// How long a client has for a request's headers.
-    pub(crate) timeout: Duration,
+    /// How long a client has for a request's headers (`None`: for ever).
+    pub(crate) timeout: Option<Duration>,
     /// What is counted when it runs out.
     pub(crate) counters: TimeoutCounters,
 }
@@ -177,7 +186,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WithHeaderTimeout<A> {
             inner: stream,
             clock,
             timeout: self.timeout,
-            deadline: Box::pin(tokio::time::sleep(self.timeout)),
+            deadline: self
+                .timeout
+                .map(|timeout| Box::pin(tokio::time::sleep(timeout))),
             peeked: Vec::new(),
             peeked_from: 0,
             timed_out: false,
@@ -197,9 +208,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WithHeaderTimeout<A> {
 pub(crate) struct TimedHeaders {
     inner: Stream,
     clock: Arc<HeaderClock>,
-    timeout: Duration,
+    timeout: Option<Duration>,
     /// When the current request's headers are due (meaningful while `Opened` or `Receiving`).
-    deadline: Pin<Box<Sleep>>,
+    deadline: Option<Pin<Box<Sleep>>>,
     /// What [`Peek::try_peek`] read, to be read again.
     peeked: Vec<u8>,
     peeked_from: usize,
@@ -213,23 +224,36 @@ impl TimedHeaders {
     fn time_out(&mut self, cx: &mut Context<'_>, phase: Phase) -> io::Error {
         self.timed_out = true;
         if phase == Phase::Receiving {
-            // Nothing was written on this connection since the request began, so its send
-            // buffer has room for these few bytes; if the client is not reading, they are lost
-            // with the connection, which closes either way.
-            let inner = Pin::new(&mut self.inner);
-            if let Poll::Ready(Ok(_)) = inner.poll_write(cx, REQUEST_TIMEOUT) {
+            // Pingora is reading the request's headers, so nothing of its own waits to be
+            // written. A client that does not read (an earlier answer still unread) may leave
+            // no room for the 408: it is then counted as a reset, and the connection closes
+            // either way.
+            let written = Pin::new(&mut self.inner).poll_write(cx, REQUEST_TIMEOUT);
+            let answered = matches!(written, Poll::Ready(Ok(n)) if n == REQUEST_TIMEOUT.len());
+            if answered {
                 let _ = Pin::new(&mut self.inner).poll_flush(cx);
             }
-            self.counters.count();
+            self.counters.count(answered);
             tracing::debug!(timeout = ?self.timeout, "request headers not received in time: 408");
         } else {
             tracing::debug!(timeout = ?self.timeout, "no request on a new connection: closed");
         }
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("request headers not received within {:?}", self.timeout),
-        )
+        timed_out()
     }
+
+    /// Whether the deadline has passed (registering the task's waker for it if not).
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "request headers not received in time",
+    )
 }
 
 impl AsyncRead for TimedHeaders {
@@ -240,10 +264,7 @@ impl AsyncRead for TimedHeaders {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.timed_out {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request headers not received in time",
-            )));
+            return Poll::Ready(Err(timed_out()));
         }
         if this.peeked_from < this.peeked.len() {
             let rest = &this.peeked[this.peeked_from..];
@@ -266,7 +287,11 @@ impl AsyncRead for TimedHeaders {
                         Phase::Opened => this.clock.set(Phase::Receiving),
                         Phase::Idle => {
                             this.clock.set(Phase::Receiving);
-                            this.deadline.as_mut().reset(Instant::now() + this.timeout);
+                            if let (Some(deadline), Some(timeout)) =
+                                (this.deadline.as_mut(), this.timeout)
+                            {
+                                deadline.as_mut().reset(Instant::now() + timeout);
+                            }
                         }
                         _ => {}
                     }
@@ -274,7 +299,7 @@ impl AsyncRead for TimedHeaders {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match phase {
-                Phase::Opened | Phase::Receiving if this.deadline.as_mut().poll(cx).is_ready() => {
+                Phase::Opened | Phase::Receiving if this.deadline_passed(cx) => {
                     Poll::Ready(Err(this.time_out(cx, phase)))
                 }
                 _ => Poll::Pending,
@@ -316,16 +341,32 @@ impl AsyncWrite for TimedHeaders {
 
 #[async_trait]
 impl Peek for TimedHeaders {
-    /// Reads `buf.len()` bytes under the deadline and keeps them to be read again. Pingora
-    /// peeks at a new connection's first 24 bytes to tell HTTP/2 from HTTP/1; an HTTP/2
-    /// connection is exempt from the deadline from then on.
+    /// Reads up to `buf.len()` bytes under the deadline and keeps them to be read again.
+    /// Pingora peeks at a new connection's first 24 bytes to tell HTTP/2's preface from
+    /// HTTP/1: the first byte that differs from the preface settles it, so the peek ends there
+    /// (or at the client's end of stream) with the rest of `buf` zeroed, where Pingora's own
+    /// stream waits for all 24. An HTTP/2 connection is exempt from the deadline from then on.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.read_exact(buf).await?;
-        if buf == HTTP2_PREFACE {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let count = self.read(&mut buf[filled..]).await?;
+            if count == 0 {
+                break;
+            }
+            filled += count;
+            if !HTTP2_PREFACE.starts_with(&buf[..filled]) {
+                break;
+            }
+        }
+        if buf[..filled] == *HTTP2_PREFACE {
             self.clock.set(Phase::Exempt);
         }
-        // What was kept from an earlier peek was read again above, so `buf` holds it too.
-        self.peeked = buf.to_vec();
+        buf[filled..].fill(0);
+        // What an earlier peek kept was read again above, up to `buf`'s length; what is left
+        // of it comes after.
+        let mut peeked = buf[..filled].to_vec();
+        peeked.extend_from_slice(&self.peeked[self.peeked_from..]);
+        self.peeked = peeked;
         self.peeked_from = 0;
         Ok(true)
     }

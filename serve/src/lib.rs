@@ -260,7 +260,7 @@ impl Proxy {
             let address = listener.address.to_string();
             match listener.front {
                 Front::Http(proxy) => {
-                    let header_timeout = proxy.limits.request_headers_timeout;
+                    let timeout = proxy.limits.request_headers_timeout;
                     let counters = header_timeout::TimeoutCounters {
                         metrics: Arc::clone(&proxy.metrics),
                         listener: listener.name.clone(),
@@ -268,21 +268,17 @@ impl Proxy {
                     let mut proxy = pingora::proxy::http_proxy(&server.configuration, proxy);
                     let mut options = HttpServerOptions::default();
                     options.h2c = true;
-                    // An HTTP/2 connection without streams is closed after as long as Pingora
-                    // keeps an idle HTTP/1.1 connection (its keep-alive timeout).
-                    options.h2_idle_timeout = Some(Duration::from_secs(60));
+                    // An HTTP/2 connection without streams is closed after Envoy's default
+                    // idle timeout (Pingora drops it without a GOAWAY, so not much sooner: a
+                    // client's stream sent just then would be lost).
+                    options.h2_idle_timeout = Some(Duration::from_secs(3600));
                     proxy.server_options = Some(options);
-                    match header_timeout {
-                        Some(timeout) => {
-                            let app = header_timeout::WithHeaderTimeout {
-                                app: Arc::new(proxy),
-                                timeout,
-                                counters,
-                            };
-                            listen(&mut server, listener.name, &address, app);
-                        }
-                        None => listen(&mut server, listener.name, &address, proxy),
-                    }
+                    let app = header_timeout::WithHeaderTimeout {
+                        app: Arc::new(proxy),
+                        timeout,
+                        counters,
+                    };
+                    listen(&mut server, listener.name, &address, app);
                 }
                 Front::Tcp(proxy) => listen(&mut server, listener.name, &address, proxy),
             }

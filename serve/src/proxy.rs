@@ -846,7 +846,13 @@ impl ProxyHttp for ListenerProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut StreamContext) {
-        if let Some(clock) = &ctx.headers_clock {
+        // A request that failed before `request_filter` has no clock yet: found here, or its
+        // connection, if reused, would keep the deadline of this request's first byte.
+        let clock = ctx.headers_clock.take().or_else(|| {
+            let socket = session.digest()?.socket_digest.as_ref()?;
+            connections::of(socket).headers
+        });
+        if let Some(clock) = clock {
             clock.request_ended();
         }
         let mut response = session.response_written().cloned();
