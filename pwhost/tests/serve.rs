@@ -2413,10 +2413,13 @@ enum FaultyRequest {
     TrapMidBody,
     /// Through that plugin without a body: 200, 503 while its VM copy is failed, or a reset.
     BesideTraps,
+    /// A client that sends half its headers and waits: 408 at the listener's
+    /// `request_headers_timeout`.
+    SlowHeaders,
 }
 
 impl FaultyRequest {
-    const ALL: [FaultyRequest; 10] = [
+    const ALL: [FaultyRequest; 11] = [
         FaultyRequest::Healthy,
         FaultyRequest::HealthyWithBody,
         FaultyRequest::Refused,
@@ -2427,6 +2430,7 @@ impl FaultyRequest {
         FaultyRequest::Callout,
         FaultyRequest::TrapMidBody,
         FaultyRequest::BesideTraps,
+        FaultyRequest::SlowHeaders,
     ];
 
     /// Which listener it goes to (an index into the test's three).
@@ -2478,6 +2482,19 @@ impl FaultyRequest {
                     .and_then(|response| response.whole_status())
             }
             FaultyRequest::BesideTraps => Ok(try_get(&url("/beside"), &[])?.status),
+            FaultyRequest::SlowHeaders => {
+                use std::io::Write;
+                let mut connection = TcpStream::connect(("127.0.0.1", ports[0]))
+                    .map_err(|error| error.to_string())?;
+                connection
+                    .write_all(b"GET /slow-headers HTTP/1.1\r\nHost: x\r\n")
+                    .map_err(|error| error.to_string())?;
+                let (received, _) = read_until_closed(&mut connection, Duration::from_secs(10));
+                let text = String::from_utf8_lossy(&received);
+                text.strip_prefix("HTTP/1.1 ")
+                    .and_then(|rest| rest.get(..3)?.parse().ok())
+                    .ok_or_else(|| format!("no status line: {text:?}"))
+            }
         }
     }
 
@@ -2499,13 +2516,14 @@ impl FaultyRequest {
                 | (FaultyRequest::Callout, Ok(200 | 503))
                 | (FaultyRequest::TrapMidBody, Ok(503) | Err(_))
                 | (FaultyRequest::BesideTraps, Ok(200 | 503) | Err(_))
+                | (FaultyRequest::SlowHeaders, Ok(408))
         )
     }
 }
 
 /// A bounded load of requests meeting every fault at once (upstreams refusing, resetting,
 /// stalling and cutting responses, callouts timing out, a plugin trapping mid-body, clients
-/// giving up), `PWHOST_FAULT_REQUESTS` of them (default 200): each ends as it may, the proxy's
+/// giving up, clients too slow with their headers), `PWHOST_FAULT_REQUESTS` of them (default 200): each ends as it may, the proxy's
 /// counters add up (requests in = whole responses out + resets), every plugin stream context
 /// ends, and the proxy serves on.
 #[test]
@@ -2524,7 +2542,8 @@ fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_co
         .join("../plugins/dist/wat/trap_in_request_body.wasm");
     let config = format!(
         "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  \
-         - name: edge\n    address: 127.0.0.1:{}\n    routes: [{{prefix: /refused, cluster: \
+         - name: edge\n    address: 127.0.0.1:{}\n    request_headers_timeout: 1s\n    \
+         routes: [{{prefix: /refused, cluster: \
          refused}}, {{prefix: /reset, cluster: resetting}}, {{prefix: /stall, cluster: \
          stalling}}, {{prefix: /cut, cluster: cutting}}, {{prefix: /, cluster: backend}}]\n    \
          http_filters:\n{}  \
@@ -2650,9 +2669,20 @@ fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_co
             + total("pwhost_resets_total", "trap"),
         "{metrics}"
     );
-    // Each edge stream's plugin saw its end (`proxy_on_log`), whatever ended it.
+    // Each edge stream's plugin saw its end (`proxy_on_log`), whatever ended it; a request
+    // whose headers never came whole reached no plugin, and was answered 408.
+    let timed_out = total("pwhost_request_header_timeouts_total", "edge");
+    let slow = outcomes
+        .iter()
+        .filter(|(kind, _)| *kind == FaultyRequest::SlowHeaders)
+        .count() as u64;
+    assert_eq!(timed_out, slow, "{metrics}");
     let logged = serve.log().matches("done: /").count() as u64;
-    assert_eq!(logged, total("pwhost_requests_total", "edge"), "{summary}");
+    assert_eq!(
+        logged,
+        total("pwhost_requests_total", "edge") - timed_out,
+        "{summary}"
+    );
     // And the proxy serves on: the edge at once, the trapping plugin's listener from a fresh
     // VM copy once its backoff (at most 0.2 s) has passed.
     assert_eq!(get(&serve.url("/healthy"), &[]).status, 200);
