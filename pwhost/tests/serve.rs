@@ -176,8 +176,11 @@ impl Origin {
     }
 }
 
+/// The size of the origin's answer to `/big`: more than loopback's socket buffers hold.
+const BIG_RESPONSE: usize = 64 << 20;
+
 /// The origin's answer: the request line, the headers (`name: value`), a blank line, the body
-/// and `hello from origin`.
+/// and `hello from origin`; to `/big...`, 64 MiB of `x`.
 async fn echo(
     request: http::Request<hyper::body::Incoming>,
     count: &AtomicUsize,
@@ -195,6 +198,10 @@ async fn echo(
     *body_seen.lock().unwrap() = request_body.clone();
     if parts.uri.path().starts_with("/slow") {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    if parts.uri.path().starts_with("/big") {
+        let big = bytes::Bytes::from(vec![b'x'; BIG_RESPONSE]);
+        return Ok(http::Response::new(http_body_util::Full::new(big)));
     }
     let mut text = format!("{} {}\n", parts.method, parts.uri);
     for (name, value) in &parts.headers {
@@ -3358,4 +3365,93 @@ fn h2_response_headers_come(connection: &mut TcpStream, stream: u32) -> bool {
         }
     }
     false
+}
+
+#[test]
+fn a_client_that_stops_reading_is_reset_after_the_stream_idle_timeout_and_leaves_nothing_behind() {
+    use std::io::{Read, Write};
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    stream_idle_timeout: 1s\n    \
+         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
+         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("headers", "http_headers", ""),
+        origin.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // 64 MiB asked for, a few KiB read, then nothing: the proxy's writes stop going anywhere.
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("the request");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let mut buffer = vec![0u8; 64 * 1024];
+    let first = client.read(&mut buffer).expect("the response begins");
+    assert!(String::from_utf8_lossy(&buffer[..first]).starts_with("HTTP/1.1 200"));
+    // The stream is reset a second after the writes stall: the proxy counts it and ends its
+    // plugin context, with the client still not reading.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+        let reset = sample(
+            &metrics,
+            "pwhost_resets_total{listener=\"main\",cause=\"client\"}",
+        );
+        if reset == Some(1.0) && sample(&metrics, "pwhost_in_flight") == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream is still in flight:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    serve.wait_for_no_live_contexts();
+    // What the client reads now ends short of the 64 MiB.
+    let mut received = first;
+    loop {
+        match client.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(count) => received += count,
+        }
+    }
+    assert!(received < BIG_RESPONSE, "{received} bytes");
+    // The plugin saw the stream's end.
+    serve.wait_for_log("done: /big");
+
+    // The same over HTTP/2, where the client stops reading by giving no flow-control window
+    // beyond the first 64 KiB: that stream is reset too.
+    let mut h2 = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    h2.write_all(H2_PREFACE).expect("the preface");
+    h2.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[]))
+        .expect("settings");
+    h2.write_all(&h2_frame(
+        H2_HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &h2_request_block("GET", "/big", &[]),
+    ))
+    .expect("a request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+        let reset = sample(
+            &metrics,
+            "pwhost_resets_total{listener=\"main\",cause=\"client\"}",
+        );
+        if reset == Some(2.0) && sample(&metrics, "pwhost_in_flight") == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled HTTP/2 stream is still in flight:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    serve.wait_for_no_live_contexts();
 }

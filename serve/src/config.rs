@@ -87,6 +87,11 @@ pub struct Limits {
     /// itself would hold a connection that never completes its headers for ever. Over 60 s,
     /// a client silent for 60 s in its headers is closed by Pingora without a 408.
     pub request_headers_timeout: Option<Duration>,
+    /// HTTP: how long a stream may go with its client neither reading what the proxy writes
+    /// nor sending what it reads (each write or read waiting longer fails the stream: a reset,
+    /// counted with cause `client`). Envoy's `stream_idle_timeout` (5 min; `None`, `0s` in the
+    /// file: no limit, as Pingora has by itself for a client that stops reading).
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// The most headers Pingora's HTTP/1 parser takes (more is its 400).
@@ -102,6 +107,7 @@ impl Default for Limits {
             max_request_headers_kb: 60,
             max_headers_count: 100,
             request_headers_timeout: Some(Duration::from_secs(60)),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -254,6 +260,8 @@ struct ListenerFile {
     idle_timeout: Option<String>,
     #[serde(default)]
     request_headers_timeout: Option<String>,
+    #[serde(default)]
+    stream_idle_timeout: Option<String>,
 }
 
 impl ListenerFile {
@@ -287,6 +295,7 @@ impl ListenerFile {
                     "request_headers_timeout",
                     self.request_headers_timeout.is_some(),
                 ),
+                ("stream_idle_timeout", self.stream_idle_timeout.is_some()),
             ] {
                 if set {
                     return Err(format!("{at}.{field}: only an HTTP listener has one"));
@@ -321,16 +330,24 @@ impl ListenerFile {
             limits.max_headers_count = count;
         }
         if let Some(text) = &self.request_headers_timeout {
-            let timeout = duration::parse(text).ok_or_else(|| {
-                format!(
-                    "{at}.request_headers_timeout: {text:?} is not a duration \
-                     (e.g. \"10s\", \"0.5s\", \"250ms\"; \"0s\": none)"
-                )
-            })?;
-            limits.request_headers_timeout = (!timeout.is_zero()).then_some(timeout);
+            limits.request_headers_timeout = timeout(text, at, "request_headers_timeout")?;
+        }
+        if let Some(text) = &self.stream_idle_timeout {
+            limits.stream_idle_timeout = timeout(text, at, "stream_idle_timeout")?;
         }
         Ok(limits)
     }
+}
+
+/// A listener's timeout `field`, written `text` (`0s`: none).
+fn timeout(text: &str, at: &str, field: &str) -> Result<Option<Duration>, String> {
+    let timeout = duration::parse(text).ok_or_else(|| {
+        format!(
+            "{at}.{field}: {text:?} is not a duration (e.g. \"10s\", \"0.5s\", \"250ms\"; \
+             \"0s\": none)"
+        )
+    })?;
+    Ok((!timeout.is_zero()).then_some(timeout))
 }
 
 impl ServeConfig {
@@ -545,6 +562,7 @@ clusters:
                 max_request_headers_kb: 60,
                 max_headers_count: 100,
                 request_headers_timeout: Some(Duration::from_secs(60)),
+                stream_idle_timeout: Some(Duration::from_secs(300)),
             }
         );
     }
@@ -554,7 +572,8 @@ clusters:
         let text = MINIMAL.replace(
             "    routes:",
             "    per_connection_buffer_limit_bytes: 4096\n    max_request_headers_kb: 8\n    \
-             max_headers_count: 20\n    request_headers_timeout: 2s\n    routes:",
+             max_headers_count: 20\n    request_headers_timeout: 2s\n    \
+             stream_idle_timeout: 30s\n    routes:",
         ) + "drain_timeout: 2.5s\n";
         let config = ServeConfig::parse(&text, Path::new("/")).unwrap();
         assert_eq!(
@@ -564,14 +583,16 @@ clusters:
                 max_request_headers_kb: 8,
                 max_headers_count: 20,
                 request_headers_timeout: Some(Duration::from_secs(2)),
+                stream_idle_timeout: Some(Duration::from_secs(30)),
             }
         );
         let without = MINIMAL.replace(
             "    routes:",
-            "    request_headers_timeout: 0s\n    routes:",
+            "    request_headers_timeout: 0s\n    stream_idle_timeout: 0s\n    routes:",
         );
         let none = ServeConfig::parse(&without, Path::new("/")).unwrap();
         assert_eq!(none.listeners[0].limits.request_headers_timeout, None);
+        assert_eq!(none.listeners[0].limits.stream_idle_timeout, None);
         assert_eq!(config.drain_timeout, Duration::from_millis(2500));
         let cases = [
             (
@@ -605,6 +626,13 @@ clusters:
                     "    cluster: backend\n    request_headers_timeout: 5s\n",
                 ),
                 "listeners[0].request_headers_timeout: only an HTTP listener",
+            ),
+            (
+                TCP.replace(
+                    "    cluster: backend\n",
+                    "    cluster: backend\n    stream_idle_timeout: 5s\n",
+                ),
+                "listeners[0].stream_idle_timeout: only an HTTP listener",
             ),
         ];
         for (text, expected) in cases {

@@ -557,6 +557,10 @@ impl ProxyHttp for ListenerProxy {
                 listener: self.name.clone(),
             })
             .inc();
+        // A client that stops reading (or sending its body) holds the stream no longer than
+        // this at a time.
+        session.set_write_timeout(self.limits.stream_idle_timeout);
+        session.set_read_timeout(self.limits.stream_idle_timeout);
         // Bad input never reaches a plugin.
         if let Some(problem) = too_large(session.req_header(), &self.limits) {
             tracing::debug!("request refused before the plugins: {problem}");
