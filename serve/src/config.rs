@@ -88,9 +88,10 @@ pub struct Limits {
     /// a client silent for 60 s in its headers is closed by Pingora without a 408.
     pub request_headers_timeout: Option<Duration>,
     /// HTTP: how long a stream may go with its client neither reading what the proxy writes
-    /// nor sending what it reads (each write or read waiting longer fails the stream: a reset,
-    /// counted with cause `client`). Envoy's `stream_idle_timeout` (5 min; `None`, `0s` in the
-    /// file: no limit, as Pingora has by itself for a client that stops reading).
+    /// nor (HTTP/1.1) sending more of its body (each write or read waiting longer fails the
+    /// stream: a reset, counted with cause `client`). Envoy's `stream_idle_timeout` (5 min;
+    /// `None`, `0s` in the file: no limit, as Pingora has by itself for a client that stops
+    /// reading). Pingora reads an HTTP/2 request body without a time limit.
     pub stream_idle_timeout: Option<Duration>,
 }
 
