@@ -42,8 +42,8 @@ use crate::admin::{HostMetrics, ListenerLabel, ResetLabels, ResponseLabels};
 /// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// What a client that began a request and did not finish its headers in time gets: Envoy's
-/// answer (408, its local reply's empty body), on a connection that then closes.
+/// What a client that began a request and did not finish its headers in time gets, as from
+/// Envoy: a 408, here without a body, on a connection that then closes.
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
