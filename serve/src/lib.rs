@@ -4,7 +4,7 @@
 //!
 //! - Each HTTP listener has its routes (path prefix, optional host → cluster) and its HTTP
 //!   filter chain (plugin blocks as Envoy and Traffic Server write them, through the lifecycle
-//!   layer); each TCP listener its cluster and its network filter chain (see [`tcp`]).
+//!   layer); each TCP listener its cluster and its network filter chain (see the `tcp` module).
 //! - Workers: Pingora runs one single-threaded runtime per worker thread (no work stealing), so
 //!   a stream stays on one thread from start to end, and each thread has its own VM copy of
 //!   every plugin, made on the thread's first stream. Shared data and queues are one store for
