@@ -334,6 +334,23 @@ impl Serve {
         }
     }
 
+    /// Waits (at most 20 s) until each metric sample of `expected` (name with labels, value)
+    /// is the admin listener's.
+    fn wait_for_samples(&self, expected: &[(&str, f64)]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = get(&self.admin_url("/stats/prometheus"), &[]).body;
+            if expected
+                .iter()
+                .all(|(name, value)| sample(&metrics, name) == Some(*value))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not {expected:?} in:\n{metrics}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits (at most 10 s) until the log contains `text`.
     fn wait_for_log(&self, text: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -3331,18 +3348,7 @@ fn a_client_too_slow_with_its_headers_gets_a_408_and_a_silent_connection_is_clos
         ),
         ("pwhost_requests_total{listener=\"main\"}", 7.0),
     ];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-        let counted = expected
-            .iter()
-            .all(|(name, value)| sample(&metrics, name) == Some(*value));
-        if counted {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not {expected:?} in:\n{metrics}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    serve.wait_for_samples(&expected);
     serve.wait_for_no_live_contexts();
 }
 
@@ -3395,22 +3401,8 @@ fn a_client_that_stops_reading_is_reset_after_the_stream_idle_timeout_and_leaves
     assert!(String::from_utf8_lossy(&buffer[..first]).starts_with("HTTP/1.1 200"));
     // The stream is reset a second after the writes stall: the proxy counts it and ends its
     // plugin context, with the client still not reading.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-        let reset = sample(
-            &metrics,
-            "pwhost_resets_total{listener=\"main\",cause=\"client\"}",
-        );
-        if reset == Some(1.0) && sample(&metrics, "pwhost_in_flight") == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stalled stream is still in flight:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let client_resets = "pwhost_resets_total{listener=\"main\",cause=\"client\"}";
+    serve.wait_for_samples(&[(client_resets, 1.0), ("pwhost_in_flight", 0.0)]);
     serve.wait_for_no_live_contexts();
     // What the client reads now ends short of the 64 MiB.
     let mut received = first;
@@ -3437,21 +3429,6 @@ fn a_client_that_stops_reading_is_reset_after_the_stream_idle_timeout_and_leaves
         &h2_request_block("GET", "/big", &[]),
     ))
     .expect("a request");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-        let reset = sample(
-            &metrics,
-            "pwhost_resets_total{listener=\"main\",cause=\"client\"}",
-        );
-        if reset == Some(2.0) && sample(&metrics, "pwhost_in_flight") == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stalled HTTP/2 stream is still in flight:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    serve.wait_for_samples(&[(client_resets, 2.0), ("pwhost_in_flight", 0.0)]);
     serve.wait_for_no_live_contexts();
 }
