@@ -257,11 +257,25 @@ impl Serve {
         filters: &[String],
         clusters: &[(&str, SocketAddr)],
     ) -> Serve {
+        Serve::start_configured(upstream, "", filters, clusters)
+    }
+
+    /// As [`Serve::start`], with more fields (YAML lines) for the listener.
+    fn start_with_fields(upstream: SocketAddr, fields: &str, filters: &[String]) -> Serve {
+        Serve::start_configured(upstream, fields, filters, &[])
+    }
+
+    fn start_configured(
+        upstream: SocketAddr,
+        fields: &str,
+        filters: &[String],
+        clusters: &[(&str, SocketAddr)],
+    ) -> Serve {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = free_port();
         let admin_port = free_port();
         let config = format!(
-            "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n    \
+            "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n{fields}    \
              routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
              clusters:\n  backend: {{endpoints: [\"{upstream}\"], connect_timeout: 1s, \
              request_timeout: 5s}}\n{}",
@@ -3219,17 +3233,12 @@ fn keep_alive_get(connection: &mut TcpStream, parts: &[&[u8]]) -> String {
 fn a_client_too_slow_with_its_headers_gets_a_408_and_a_silent_connection_is_closed() {
     use std::io::Write;
     let origin = Origin::start();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
-         address: 127.0.0.1:{port}\n    request_headers_timeout: 1s\n    \
-         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
-         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
-        envoy_filter("api_key", "local_response", "secret"),
-        origin.address
+    let serve = Serve::start_with_fields(
+        origin.address,
+        "    request_headers_timeout: 1s\n",
+        &[envoy_filter("api_key", "local_response", "secret")],
     );
-    let serve = Serve::launch(dir, port, admin_port, &config);
+    let port = serve.port;
     let connect = || TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
 
     // A connection that sends nothing is closed without an answer (before, Pingora waited for
@@ -3377,17 +3386,12 @@ fn h2_response_headers_come(connection: &mut TcpStream, stream: u32) -> bool {
 fn a_client_that_stops_reading_is_reset_after_the_stream_idle_timeout_and_leaves_nothing_behind() {
     use std::io::{Read, Write};
     let origin = Origin::start();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
-         address: 127.0.0.1:{port}\n    stream_idle_timeout: 1s\n    \
-         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
-         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
-        envoy_filter("headers", "http_headers", ""),
-        origin.address
+    let serve = Serve::start_with_fields(
+        origin.address,
+        "    stream_idle_timeout: 1s\n",
+        &[envoy_filter("headers", "http_headers", "")],
     );
-    let serve = Serve::launch(dir, port, admin_port, &config);
+    let port = serve.port;
     // 64 MiB asked for, a few KiB read, then nothing: the proxy's writes stop going anywhere.
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
     client
