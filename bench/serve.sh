@@ -5,7 +5,8 @@
 # header added, one log line) on wasmtime and the null runtime, and with body_rewrite on wasmtime; and through nginx as a reverse proxy to the same origin, with
 # the same number of workers. wrk on loopback against an nginx origin; every run bounded in
 # time; configurations alternated round by round so that a busy machine affects them alike.
-# Prints a Markdown table (medians over the rounds; ratios to `pwhost serve` without plugins).
+# Prints a Markdown table (medians over the rounds; ratios to `pwhost serve` without plugins;
+# the proxy process's CPU time per request, user and system, for the pwhost cases).
 #
 #   bash bench/serve.sh            # ROUNDS=3 DURATION=10s CONNECTIONS=32 WORKERS=1
 #   SYSTEM_ALLOCATOR=1 bash bench/serve.sh   # also a build on the system allocator (cases
@@ -119,6 +120,11 @@ start() { # case
   wait_for_proxy "$1"
 }
 
+# The proxy's CPU time so far in clock ticks (user + system), "-" for nginx.
+cpu_ticks() {
+  if [ -n "$proxy_pid" ]; then awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; else echo -; fi
+}
+
 stop() { # case
   if [ "$1" = nginx ]; then
     kill "$(cat "$work/nginx-proxy/nginx.pid")" 2>/dev/null || true
@@ -149,25 +155,32 @@ for round in $(seq "$ROUNDS"); do
     echo "bench: round $round/$ROUNDS, $WORKERS worker(s), $case" >&2
     start "$case"
     wrk -t1 -c "$CONNECTIONS" -d 2s "http://127.0.0.1:$proxy_port/" > /dev/null # warm-up
+    cpu_before=$(cpu_ticks)
     out=$(wrk -t1 -c "$CONNECTIONS" -d "$DURATION" --latency "http://127.0.0.1:$proxy_port/")
+    cpu_after=$(cpu_ticks)
     stop "$case"
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
     errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
     [ -n "$errors" ] && echo "bench: $case: $errors" >&2
-    echo "$case $rps $p50 $p99" >> "$results"
+    count=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$count" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN { if (a == "-" || n == 0) print "-"; else printf "%.1f", (b - a) / hz * 1e6 / n }')
+    echo "$case $rps $p50 $p99 $cpu" >> "$results"
   done
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 base=$(awk '$1 == "none" {print $2}' "$results" | median)
-echo "| case ($WORKERS worker(s)) | requests/s | vs pwhost serve alone | p50 ms | p99 ms |"
-echo "|---|---|---|---|---|"
+echo "| case ($WORKERS worker(s)) | requests/s | vs pwhost serve alone | p50 ms | p99 ms | proxy CPU µs/request |"
+echo "|---|---|---|---|---|---|"
 for case in "${cases[@]}"; do
   rps=$(awk -v c="$case" '$1 == c {print $2}' "$results" | median)
   p50=$(awk -v c="$case" '$1 == c {print $3}' "$results" | median)
   p99=$(awk -v c="$case" '$1 == c {print $4}' "$results" | median)
+  cpu=-
+  [ "$case" != nginx ] && cpu=$(awk -v c="$case" '$1 == c {print $5}' "$results" | median)
   ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN {printf "%.3f", a / b}')
-  echo "| $case | $rps | $ratio | $p50 | $p99 |"
+  echo "| $case | $rps | $ratio | $p50 | $p99 | $cpu |"
 done
