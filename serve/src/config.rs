@@ -91,7 +91,9 @@ pub struct Limits {
     /// nor (HTTP/1.1) sending more of its body (each write or read waiting longer fails the
     /// stream: a reset, counted with cause `client`). Envoy's `stream_idle_timeout` (5 min;
     /// `None`, `0s` in the file: no limit, as Pingora has by itself for a client that stops
-    /// reading). Pingora reads an HTTP/2 request body without a time limit.
+    /// reading). Pingora reads an HTTP/2 request body without a time limit: a stalled HTTP/2
+    /// upload ends at the cluster's `request_timeout` instead (504) while the upstream waits
+    /// for the body.
     pub stream_idle_timeout: Option<Duration>,
 }
 
