@@ -1524,6 +1524,11 @@ fn grpc_through_the_proxy_reaches_the_plugins_with_its_bodies_and_trailers() {
     serve.wait_for_log("resetting the stream at its trailers");
     let log = serve.log();
     assert!(!log.contains("ERROR"), "{log}");
+    // Counted as what it is: a reset, by a plugin.
+    serve.wait_for_samples(&[(
+        "pwhost_resets_total{listener=\"main\",cause=\"plugin\"}",
+        1.0,
+    )]);
     // A failed call's status comes back as the upstream's trailers said, through the plugins.
     upstream.deny.store(true, Ordering::Relaxed);
     let status = grpc_unary(&serve.url(""), "/pwhost.Auth/Check", "hi", &[])
@@ -3435,4 +3440,43 @@ fn a_client_that_stops_reading_is_reset_after_the_stream_idle_timeout_and_leaves
     .expect("a request");
     serve.wait_for_samples(&[(client_resets, 2.0), ("pwhost_in_flight", 0.0)]);
     serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn a_held_stream_gets_its_plugins_failure_policy_when_another_stream_fails_the_copy_or_a_408_past_the_idle_timeout(
+) {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    // One worker: every stream on the same VM copy of `panics`, which holds a stream with
+    // `x-hold` for ever and traps on `x-panic`.
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    stream_idle_timeout: 2s\n    \
+         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
+         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("panics", "panics", ""),
+        origin.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let url = serve.url("/held");
+
+    // Held and left alone: Envoy's answer to a stream idle that long.
+    let reply = get(&url, &[("x-hold", "1")]);
+    assert_eq!(reply.status, 408, "{reply:?}");
+    serve.wait_for_no_live_contexts();
+
+    // Held, then another stream's callback traps the copy holding it: the held stream gets the
+    // plugin's failure policy (fail closed: 503) at once, not the idle timeout's 408.
+    let held = {
+        let url = url.clone();
+        std::thread::spawn(move || try_get(&url, &[("x-hold", "1")]))
+    };
+    serve.wait_for_samples(&[("pwhost_live_stream_contexts", 1.0)]);
+    let trapped = get(&url, &[("x-panic", "now")]);
+    assert_eq!(trapped.status, 503, "{trapped:?}");
+    let reply = held.join().expect("the held client").expect("an answer");
+    assert_eq!(reply.status, 503, "{reply:?}");
+    serve.wait_for_no_live_contexts();
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }

@@ -206,8 +206,14 @@ mod duration {
             (text.strip_suffix('s')?, 1.0)
         };
         let value: f64 = number.trim().parse().ok()?;
-        Duration::try_from_secs_f64(value * scale).ok()
+        Duration::try_from_secs_f64(value * scale)
+            .ok()
+            .filter(|duration| duration.as_secs() <= MAX_SECONDS)
     }
+
+    /// The longest duration taken, `google.protobuf.Duration`'s (10,000 years) as Envoy
+    /// checks it: more would overflow the clock when a timer is set.
+    const MAX_SECONDS: u64 = 315_576_000_000;
 }
 
 /// The file's shape, before the plugin blocks go to the lifecycle layer.
@@ -622,6 +628,11 @@ clusters:
                     "    request_headers_timeout: soon\n    routes:",
                 ),
                 "listeners[0].request_headers_timeout: \"soon\" is not a duration",
+            ),
+            // A duration past 10,000 years would overflow the clock when a timer is set.
+            (
+                MINIMAL.replace("    routes:", "    stream_idle_timeout: 1e19s\n    routes:"),
+                "listeners[0].stream_idle_timeout: \"1e19s\" is not a duration",
             ),
             (
                 TCP.replace(

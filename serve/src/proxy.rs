@@ -117,6 +117,9 @@ pub(crate) struct StreamContext {
     passed: PassedBody,
     /// The stream was reset at its trailers.
     reset_at_trailers: bool,
+    /// A plugin's reply came after the response had begun (the upstream's header was out): the
+    /// stream was reset instead.
+    reply_too_late: bool,
     /// The response trailers as the plugins left them, for `proxy_on_log`.
     response_trailers: Option<http::HeaderMap>,
     /// The cluster the stream was routed to (a retry goes there too, whatever a reload did).
@@ -520,6 +523,7 @@ impl ProxyHttp for ListenerProxy {
                 Kind::Http,
                 Arc::clone(&self.listener),
                 self.limits.buffer_limit_bytes,
+                self.limits.stream_idle_timeout,
             ),
             upstream_framing: None,
             body_seen: false,
@@ -527,6 +531,7 @@ impl ProxyHttp for ListenerProxy {
             response_header: None,
             passed: PassedBody::default(),
             reset_at_trailers: false,
+            reply_too_late: false,
             response_trailers: None,
             cluster: None,
             route: None,
@@ -828,6 +833,19 @@ impl ProxyHttp for ListenerProxy {
         ctx: &mut StreamContext,
     ) -> FailToProxy {
         if let Some(reply) = ctx.pending_reply.take() {
+            if session.response_written().is_some() {
+                // The upstream's response has begun (Pingora reads a request body while the
+                // response goes out): a reply now would be written into its body.
+                tracing::debug!(
+                    status = reply.status,
+                    "a plugin's reply came after the response had begun: stream reset"
+                );
+                ctx.reply_too_late = true;
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
             let status = reply.status;
             if let Err(error) = send_reply(session, ctx, reply).await {
                 tracing::debug!("could not answer the client: {error}");
@@ -856,13 +874,26 @@ impl ProxyHttp for ListenerProxy {
             let socket = session.digest()?.socket_digest.as_ref()?;
             connections::of(socket).headers
         });
-        if let Some(clock) = clock {
-            clock.request_ended();
+        // A request answered before its body was all read keeps no connection (as Pingora does
+        // by default): what is left of the body must not start the next request's deadline.
+        if session.as_mut().is_body_done() {
+            if let Some(clock) = clock {
+                clock.request_ended();
+            }
+        } else {
+            session.set_keepalive(None);
         }
         let mut response = session.response_written().cloned();
         // A stream that failed after its response began (an upstream reset mid-body, a client
-        // gone, a plugin closing it) is a reset for its client, not a response.
-        let whole = e.is_none() || ctx.replied;
+        // gone, a plugin closing it) is a reset for its client, not a response; so is one a
+        // plugin reset at its trailers or answered too late.
+        let reset_by_plugin = ctx.reset_at_trailers || ctx.reply_too_late;
+        let whole = (e.is_none() || ctx.replied) && !reset_by_plugin;
+        let cause = if reset_by_plugin {
+            "plugin"
+        } else {
+            reset_cause(e)
+        };
         match &response {
             Some(response) if whole => self
                 .metrics
@@ -877,7 +908,7 @@ impl ProxyHttp for ListenerProxy {
                 .resets
                 .get_or_create(&ResetLabels {
                     listener: self.name.clone(),
-                    cause: reset_cause(e),
+                    cause,
                 })
                 .inc(),
         };
@@ -887,7 +918,7 @@ impl ProxyHttp for ListenerProxy {
         );
         let duration = ctx.started.map(|started| started.elapsed());
         // Why a stream without a whole response ended, as Envoy details it, where it does.
-        let reset = match reset_cause(e) {
+        let reset = match cause {
             _ if whole => None,
             "client" => Some("downstream_remote_disconnect"),
             "upstream" if ctx.response_done && !ctx.replied => {

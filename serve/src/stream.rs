@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use abi::{ContextId, DataAction, HeadersAction, LocalResponse, PeerType, Vm, VmError};
 use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
@@ -183,6 +184,10 @@ pub(crate) struct Stream {
     wake: Arc<Notify>,
     /// Bytes a plugin may buffer per direction before the stream fails (413 / 500).
     buffer_limit: usize,
+    /// How long a plugin may hold an HTTP stream without asking for anything (the listener's
+    /// `stream_idle_timeout`, Envoy's): past it, a 408. `None` for TCP connections, whose
+    /// idle timeout the connection keeps itself.
+    idle_timeout: Option<Duration>,
     /// A reply decided before any callback ran (a plugin that failed closed at admission).
     pub(crate) early_reply: Option<Reply>,
     /// TCP: who closed the downstream and the upstream side, for the close callbacks (the
@@ -194,7 +199,12 @@ pub(crate) struct Stream {
 
 impl Stream {
     /// A stream (or connection, by `kind`) of `listener`, not yet admitted to its plugins.
-    pub(crate) fn new(kind: Kind, listener: Arc<Listener>, buffer_limit: usize) -> Stream {
+    pub(crate) fn new(
+        kind: Kind,
+        listener: Arc<Listener>,
+        buffer_limit: usize,
+        idle_timeout: Option<Duration>,
+    ) -> Stream {
         Stream {
             kind,
             listener,
@@ -202,6 +212,7 @@ impl Stream {
             filters: Vec::new(),
             wake: Arc::new(Notify::new()),
             buffer_limit,
+            idle_timeout,
             early_reply: None,
             closed_by: [PeerType::Local; 2],
             transferred: [0; 2],
@@ -318,6 +329,16 @@ impl Stream {
 
     /// Applies the plugin's failure policy to a failed callback of filter `index`.
     fn failed(&mut self, index: usize, error: &VmError) -> Outcome {
+        // A failure of this stream's callback fails the VM copy for every stream it holds:
+        // wake them, so that each gets the plugin's failure policy instead of waiting for a
+        // continue that cannot come.
+        self.with_filter_lending(index, |vm, _| {
+            if vm.is_failed() {
+                if let Some(host) = vm.host_as::<ServeHost>() {
+                    host.wake_all();
+                }
+            }
+        });
         let Some(generation) = self.generation else {
             return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
         };
@@ -499,8 +520,10 @@ impl Stream {
     }
 
     /// Waits until filter `index` asks for something for its stream, or its VM fails (then
-    /// the plugin's failure policy decides). What the plugin asked is read without taking
-    /// back the header lent across the wait; a wake-up left from earlier only costs a look.
+    /// the plugin's failure policy decides), or the stream's idle timeout passes without
+    /// either (a 408, as Envoy's `stream_idle_timeout` answers a stream held that long). What
+    /// the plugin asked is read without taking back the header lent across the wait; a
+    /// wake-up left from earlier only costs a look.
     async fn wait(&mut self, index: usize) -> Outcome {
         loop {
             let looked = self.with_filter_lending(index, |vm, context| {
@@ -516,7 +539,20 @@ impl Stream {
                 let error = VmError::Failed("the VM failed while holding the stream".into());
                 return self.failed(index, &error);
             }
-            self.wake.notified().await;
+            let woken = self.wake.notified();
+            match self.idle_timeout {
+                Some(idle) => {
+                    if tokio::time::timeout(idle, woken).await.is_err() {
+                        tracing::debug!(
+                            plugin = %self.filters[index].name,
+                            timeout = ?idle,
+                            "a plugin held the stream past the stream idle timeout: 408"
+                        );
+                        return Outcome::Reply(Reply::status(408, "stream_idle_timeout"));
+                    }
+                }
+                None => woken.await,
+            }
         }
     }
 

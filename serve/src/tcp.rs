@@ -78,7 +78,13 @@ impl ServerApp for TcpProxy {
             return None;
         };
         let endpoint = cluster.next_endpoint();
-        let mut connection = Stream::new(Kind::Tcp, Arc::clone(&self.listener), self.buffer_limit);
+        // The connection bounds a plugin's hold itself (the idle timeout, below).
+        let mut connection = Stream::new(
+            Kind::Tcp,
+            Arc::clone(&self.listener),
+            self.buffer_limit,
+            None,
+        );
         let mut info = connection_info(&downstream);
         info.upstream_address = Some(endpoint);
         info.cluster_name = Some(cluster.name.clone());

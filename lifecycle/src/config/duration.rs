@@ -37,9 +37,16 @@ pub fn parse(text: &str) -> Option<Duration> {
         return None;
     }
     let seconds: u64 = whole.parse().ok()?;
+    if seconds > MAX_SECONDS {
+        return None;
+    }
     let nanos: u32 = format!("{fraction:0<9}").parse().ok()?;
     Some(Duration::new(seconds, nanos))
 }
+
+/// The longest `google.protobuf.Duration` (10,000 years): more would overflow the clock when a
+/// timer is set.
+const MAX_SECONDS: u64 = 315_576_000_000;
 
 #[cfg(test)]
 mod tests {
@@ -48,6 +55,10 @@ mod tests {
     #[test]
     fn seconds_with_a_fraction() {
         assert_eq!(parse("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse("315576000000s"),
+            Some(Duration::from_secs(315_576_000_000))
+        );
         assert_eq!(parse("0.5s"), Some(Duration::from_millis(500)));
         assert_eq!(parse("1.000000001s"), Some(Duration::new(1, 1)));
         for bad in [
@@ -59,6 +70,9 @@ mod tests {
             "1ms",
             " 1s",
             "1.s",
+            // Past google.protobuf.Duration's range (10,000 years), and far past it.
+            "315576000001s",
+            "18446744073709551615s",
         ] {
             assert_eq!(parse(bad), None, "{bad}");
         }

@@ -1,7 +1,8 @@
 //! `panics`: a Rust panic inside a callback.
 //!
 //! On request headers, panics when header `x-panic` is present (message
-//! `pwhost test panic: <value>`); otherwise adds `x-panics: no` and returns Continue.
+//! `pwhost test panic: <value>`); holds the stream (Pause, never continued) when header
+//! `x-hold` is present; otherwise adds `x-panics: no` and returns Continue.
 //! The SDK's panic hook first logs the panic message at critical level via `proxy_log`, then the
 //! panic aborts (panic = "abort"), which in wasm is an `unreachable` trap. A host test should
 //! see that critical log line, the trap contained (the request failed per the plugin's
@@ -23,6 +24,9 @@ impl HttpContext for Panics {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(value) = self.get_http_request_header("x-panic") {
             panic!("pwhost test panic: {}", value);
+        }
+        if self.get_http_request_header("x-hold").is_some() {
+            return Action::Pause;
         }
         self.add_http_request_header("x-panics", "no");
         Action::Continue
