@@ -154,8 +154,11 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                 timer.due = now + timer.period;
             }
             for (_, root) in roots {
-                // The plugin may have changed or stopped its period while ticking.
-                let period = vm.tick_period_of(*root).filter(|p| !p.is_zero());
+                // The plugin may have changed or stopped its period while ticking; a failed
+                // VM ticks no more (its timer, kept, would be due at once, for ever: a spin).
+                let period = vm
+                    .tick_period_of(*root)
+                    .filter(|p| !p.is_zero() && !vm.is_failed());
                 let key = (generation, copy, root.0);
                 match period {
                     Some(period) => {

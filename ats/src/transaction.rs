@@ -407,7 +407,11 @@ impl Reply {
 
     fn from_local(local: LocalResponse) -> Reply {
         Reply {
-            status: local.status,
+            // An informational or out-of-range status cannot end a transaction: 500, as Envoy
+            // answers it.
+            status: Some(local.status)
+                .filter(|status| (200..=599).contains(status))
+                .unwrap_or(500),
             headers: local
                 .headers
                 .iter()
@@ -1036,7 +1040,15 @@ impl Transaction {
                 self.send_reply_body();
                 Next::Reply
             }
-            (Pause::Request(index), None) if continued => self.request_headers(index + 1),
+            (Pause::Request(index), None) if continued => {
+                // A plugin after the one that held the transaction may answer it: its body and
+                // content type go to Traffic Server's error path, as at the first run.
+                let next = self.request_headers(index + 1);
+                if next == Next::Reply {
+                    self.send_reply_body();
+                }
+                next
+            }
             (Pause::Response(index), Some(reply)) => {
                 let from = self.response_from.unwrap_or(ResponseFrom::Client);
                 put_on_response(self.txn, from, reply.status, &reply.headers);
@@ -1067,11 +1079,22 @@ impl Transaction {
             return;
         };
         let body = std::mem::take(&mut reply.body);
+        // Traffic Server writes the content type into the response as it is: one with CR, LF
+        // or NUL in it would add header lines of the plugin's making.
         let content_type = reply
             .headers
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(b"content-type"))
             .map(|(_, value)| value.clone())
+            .filter(|value| {
+                let clean = !value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0));
+                if !clean {
+                    crate::diag::warning(
+                        "a plugin's reply content type has CR, LF or NUL in it: text/plain sent",
+                    );
+                }
+                clean
+            })
             .unwrap_or_else(|| b"text/plain".to_vec());
         // SAFETY: Traffic Server takes ownership of both buffers and frees them with TSfree,
         // so they are allocated with TSmalloc; each is written within its allocation.

@@ -1228,6 +1228,76 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
     }
 }
 
+/// A plugin answering a transaction that an earlier plugin held and then continued: its own
+/// status and body reach the client (not Traffic Server's error page).
+#[test]
+fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
+    let origin = Origin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let http_call = format!(
+        "{}upstreams:\n  auth_cluster: {}\n",
+        plugin_yaml("http_call", "wasmtime", "", ""),
+        auth.address
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "http_call",
+                yaml: http_call,
+            },
+            PluginFile {
+                name: "local_response",
+                yaml: plugin_yaml("local_response", "wasmtime", "secret", ""),
+            },
+        ],
+    );
+    // `http_call` holds the request for its callout and continues it; `local_response` then
+    // answers it, the key missing.
+    let reply = get(&server.url("/account"), &[]);
+    let context = format!(
+        "{} {:?}\n{}",
+        reply.status,
+        reply.body,
+        server.diagnostics()
+    );
+    assert_eq!(reply.status, 403, "{context}");
+    assert_eq!(reply.body, "access denied\n", "{context}");
+    assert_eq!(auth.requests(), 1, "{context}");
+    assert_eq!(origin.requests(), 0, "{context}");
+}
+
+/// A plugin's reply with a status out of range and a content type smuggling a header line in:
+/// the client gets a 500 (as from Envoy) and no header line of the plugin's making.
+#[test]
+fn a_reply_with_no_http_status_or_a_content_type_with_a_line_break_is_not_passed_on() {
+    let origin = Origin::start();
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "bad_reply",
+            yaml: plugin_yaml("../wat/bad_reply", "wasmtime", "", ""),
+        }],
+    );
+    let reply = get(&server.url("/"), &[]);
+    let context = format!(
+        "{} {:?} {:?}\n{}",
+        reply.status,
+        reply.headers,
+        reply.body,
+        server.diagnostics()
+    );
+    assert_eq!(reply.status, 500, "{context}");
+    assert_eq!(reply.body, "bad reply\n", "{context}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some("text/plain"),
+        "{context}"
+    );
+    assert_eq!(reply.header("set-cookie"), None, "{context}");
+    assert_eq!(origin.requests(), 0, "{context}");
+}
+
 #[test]
 fn request_and_response_bodies_pass_through_the_plugins_on_every_engine() {
     for runtime in engines() {

@@ -3480,3 +3480,49 @@ fn a_held_stream_gets_its_plugins_failure_policy_when_another_stream_fails_the_c
     serve.wait_for_no_live_contexts();
     assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn a_plugin_whose_tick_traps_fails_closed_and_leaves_its_worker_idle() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let plugin =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/trap_in_tick.wasm");
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n      - name: ticking\n        vm_config: {{runtime: wasmtime, code: \
+         {{local: {{filename: {}}}}}}}\n\
+         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
+        plugin.display(),
+        origin.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // The first stream makes the worker's copy, whose 10 ms tick traps: the copy fails (fail
+    // closed, Envoy's default), and the streams after it get 503.
+    get(&serve.url("/"), &[]);
+    serve.wait_for_log("proxy_on_tick failed");
+    assert_eq!(get(&serve.url("/"), &[]).status, 503);
+    // The failed copy's timer is gone: the worker waits, it does not spin on a tick that is
+    // always due (the process's CPU time over a second stays far below a second's).
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", serve.child.id()))
+            .expect("the proxy's /proc stat");
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        // utime and stime, fields 14 and 15 of stat (12 and 13 after the command's `)`).
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = cpu() - before;
+    assert!(
+        ticks < 30,
+        "{ticks} clock ticks of CPU in an idle second: a spin"
+    );
+    serve.wait_for_no_live_contexts();
+}

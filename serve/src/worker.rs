@@ -91,7 +91,11 @@ async fn tick_loop(listener: Arc<Listener>) {
                 worker.for_each_copy(|copy, vm, roots| {
                     for &(plugin, root) in roots {
                         let key = (generation, copy, root);
-                        let period = vm.tick_period_of(root).filter(|p| !p.is_zero());
+                        // A failed VM ticks no more: its entry, never due again, would make this
+                        // loop spin.
+                        let period = vm
+                            .tick_period_of(root)
+                            .filter(|p| !p.is_zero() && !vm.is_failed());
                         let Some(period) = period else {
                             due.remove(&key);
                             continue;
