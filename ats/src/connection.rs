@@ -563,7 +563,8 @@ fn begin(vc: sys::TSVConn, cont: sys::TSCont, index: usize) -> Option<Connection
                                 "[{name}] cannot create a connection context: {error}"
                             ));
                             worker.release(stream);
-                            if worker.failed(plugin, &error) == OnFailure::FailClosed {
+                            if crate::plugin_failed(worker, plugin, &error) == OnFailure::FailClosed
+                            {
                                 refused = true;
                                 break;
                             }
@@ -1134,7 +1135,7 @@ impl Connection {
         };
         diag::error(&format!("[{name}] {error}"));
         let policy = in_worker(self.thread, self.generation, "a TCP connection", |worker| {
-            worker.failed(plugin, error)
+            crate::plugin_failed(worker, plugin, error)
         });
         match policy {
             Some(OnFailure::FailOpen) => {
@@ -1435,7 +1436,7 @@ impl Connection {
                         .and_then(|()| vm.on_delete(context));
                     if let Err(error) = ended {
                         diag::error(&format!("[{}] {error}", filter.name));
-                        worker.failed(filter.plugin, &error);
+                        crate::plugin_failed(worker, filter.plugin, &error);
                     }
                 }
             }

@@ -163,6 +163,22 @@ pub(crate) fn note_new_worker(state: &mut ThreadState) {
 thread_local! {
     /// This Traffic Server thread's VM copies, made on its first transaction.
     static THREAD: RefCell<Option<ThreadState>> = const { RefCell::new(None) };
+    /// A plugin failed in a transaction's or connection's callback on this thread since the
+    /// last look (see [`plugin_failed`]).
+    static PLUGIN_FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Applies `plugin`'s failure policy to `error` in one of its callbacks for a transaction or
+/// connection. The VM copy may hold other transactions and connections, which wait for a
+/// continue that cannot come now: [`with_thread`] then has the ticker pick them up at once
+/// (it looks at every copy's held streams, a failed copy's getting their failure policy).
+pub(crate) fn plugin_failed(
+    worker: &mut Worker,
+    plugin: PluginId,
+    error: &abi::VmError,
+) -> lifecycle::OnFailure {
+    PLUGIN_FAILED.with(|failed| failed.set(true));
+    worker.failed(plugin, error)
 }
 
 /// Runs `work` with this thread's state (made on first use). `None` before the plugin is
@@ -179,7 +195,11 @@ pub(crate) fn with_thread<R>(work: impl FnOnce(&mut ThreadState) -> R) -> Option
             ticking: None,
         });
         note_new_worker(state);
-        Some(work(state))
+        let result = work(state);
+        if PLUGIN_FAILED.with(|failed| failed.replace(false)) {
+            state.ticker.sweep_soon();
+        }
+        Some(result)
     })
 }
 

@@ -305,7 +305,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                             config.display_name()
                         ));
                         worker.release(stream);
-                        if worker.failed(plugin, &error) == OnFailure::FailClosed {
+                        if crate::plugin_failed(worker, plugin, &error) == OnFailure::FailClosed {
                             transaction.reply = Some(Reply::fail_closed(config.display_name()));
                             break;
                         }
@@ -776,7 +776,7 @@ fn outcome(
         Ok(_) => Outcome::Hold,
         Err(error) => {
             diag::error(&format!("[{}] {error}", filter.name));
-            match worker.failed(filter.plugin, &error) {
+            match crate::plugin_failed(worker, filter.plugin, &error) {
                 OnFailure::FailClosed => Outcome::Reply(Reply::fail_closed(&filter.name)),
                 OnFailure::FailOpen => {
                     filter.bypassed = true;
@@ -974,7 +974,9 @@ impl Transaction {
                     Err(error) => {
                         diag::error(&format!("[{}] {error}", filter.name));
                         // The headers are gone: failing closed can only cut the body short.
-                        if worker.failed(filter.plugin, &error) == OnFailure::FailOpen {
+                        if crate::plugin_failed(worker, filter.plugin, &error)
+                            == OnFailure::FailOpen
+                        {
                             filter.bypassed = true;
                             data = buffer;
                         }
@@ -1012,7 +1014,7 @@ impl Transaction {
                     let failure = failed.then(|| {
                         let error =
                             VmError::Failed("the VM failed while it held the stream".into());
-                        worker.failed(filter.plugin, &error)
+                        crate::plugin_failed(worker, filter.plugin, &error)
                     });
                     Some((asked, failure))
                 })
@@ -1128,7 +1130,7 @@ impl Transaction {
                     if let Err(error) = ended {
                         if !filter.bypassed {
                             diag::error(&format!("[{}] {error}", filter.name));
-                            worker.failed(filter.plugin, &error);
+                            crate::plugin_failed(worker, filter.plugin, &error);
                         }
                     }
                 }

@@ -1267,6 +1267,60 @@ fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
     assert_eq!(origin.requests(), 0, "{context}");
 }
 
+/// A transaction a plugin holds, when another transaction's callback traps the same VM copy:
+/// the held one gets the plugin's failure policy (fail closed: 503) at once, instead of waiting
+/// for a continue that cannot come.
+#[test]
+fn a_held_transaction_fails_closed_when_another_transaction_fails_its_copy() {
+    let origin = Origin::start();
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "panics",
+            yaml: plugin_yaml("panics", "wasmtime", "", ""),
+        }],
+    );
+    // One net thread: both transactions on the same VM copy of `panics`, which holds a
+    // transaction with `x-hold` for ever and traps on `x-panic`.
+    let records = root.path().join("etc/records.config");
+    let text = std::fs::read_to_string(&records).expect("records.config");
+    std::fs::write(
+        &records,
+        text.replace(
+            "proxy.config.exec_thread.limit INT 2",
+            "proxy.config.exec_thread.limit INT 1",
+        ),
+    )
+    .expect("one net thread");
+    let server = TrafficServer::start_prepared(root, port);
+    let url = server.url("/held");
+    let held = {
+        let url = url.clone();
+        std::thread::spawn(move || try_get(&url, &[("x-hold", "1")]).map(|reply| reply.status))
+    };
+    // Time for the held transaction to reach the plugin.
+    std::thread::sleep(Duration::from_secs(1));
+    let trapped = get(&url, &[("x-panic", "now")]);
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    assert_eq!(
+        trapped.status,
+        503,
+        "{}",
+        context("the trapping transaction")
+    );
+    let status = held
+        .join()
+        .expect("the held client")
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert_eq!(status, 503, "{}", context("the held transaction"));
+    assert_eq!(
+        origin.requests(),
+        0,
+        "{}",
+        context("a request went upstream")
+    );
+}
+
 /// A plugin's reply with a status out of range and a content type smuggling a header line in:
 /// the client gets a 500 (as from Envoy) and no header line of the plugin's making.
 #[test]
