@@ -82,6 +82,18 @@ struct Global {
     engines: BuildEngines,
     /// The singleton services of the plugins in force, each on a thread of its own.
     services: Mutex<Vec<SingletonService>>,
+    /// Body bytes a plugin may keep buffered per transaction and direction.
+    buffer_limit_bytes: usize,
+}
+
+/// Envoy's `per_connection_buffer_limit_bytes` default: 1 MiB.
+const DEFAULT_BUFFER_LIMIT_BYTES: usize = 1 << 20;
+
+/// Body bytes a plugin may keep buffered per transaction and direction (`--buffer-limit-bytes`).
+pub(crate) fn buffer_limit_bytes() -> usize {
+    GLOBAL.get().map_or(DEFAULT_BUFFER_LIMIT_BYTES, |global| {
+        global.buffer_limit_bytes
+    })
 }
 
 /// Starts the singleton services of `plugins`, each in its own VM on its own thread, ticking on
@@ -231,12 +243,14 @@ pub(crate) fn in_worker<R>(
 struct Arguments {
     files: Vec<PathBuf>,
     runtime: RuntimeConfig,
+    buffer_limit_bytes: usize,
 }
 
 fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
     let mut files = Vec::new();
     let mut deadline_ms = DEFAULT_DEADLINE_MS;
     let mut runtime = RuntimeConfig::default();
+    let mut buffer_limit_bytes = DEFAULT_BUFFER_LIMIT_BYTES;
     for arg in args {
         let number = |value: &str| {
             value
@@ -250,16 +264,26 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
                 0 => None,
                 mib => Some(mib.saturating_mul(1 << 20)),
             };
+        } else if let Some(value) = arg.strip_prefix("--buffer-limit-bytes=") {
+            buffer_limit_bytes = match number(value)? {
+                0 => return Err(format!("{arg}: must be at least 1")),
+                bytes => usize::try_from(bytes).unwrap_or(usize::MAX),
+            };
         } else if arg.starts_with("--") {
             return Err(format!(
-                "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N)"
+                "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N, \
+                 --buffer-limit-bytes=N)"
             ));
         } else {
             files.push(config_path(arg));
         }
     }
     runtime.call_deadline = (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms));
-    Ok(Arguments { files, runtime })
+    Ok(Arguments {
+        files,
+        runtime,
+        buffer_limit_bytes,
+    })
 }
 
 /// A file named in `plugin.config`: relative names are in Traffic Server's configuration
@@ -358,6 +382,7 @@ fn init(args: &[String]) -> Result<(), String> {
         files: arguments.files,
         engines,
         services: Mutex::new(services),
+        buffer_limit_bytes: arguments.buffer_limit_bytes,
     };
     if GLOBAL.set(global).is_err() {
         return Err("initialised twice".into());

@@ -37,9 +37,21 @@ struct Filter {
     /// Body bytes the plugin keeps buffered (it returned `StopIterationAndBuffer`), by direction.
     request_body: Vec<u8>,
     response_body: Vec<u8>,
+    /// The plugin buffered more than the limit in a direction (request, response): the body
+    /// goes on past it, unchanged, from then on. The headers are gone, so Envoy's 413 or 500
+    /// cannot be sent; a body cut short would leave the origin waiting for the length it was
+    /// told, and aborting a transform from its own handler crashes Traffic Server 9.2.
+    over_limit: [bool; 2],
 }
 
 impl Filter {
+    fn over_limit(&mut self, direction: Direction) -> &mut bool {
+        match direction {
+            Direction::Request => &mut self.over_limit[0],
+            Direction::Response => &mut self.over_limit[1],
+        }
+    }
+
     fn buffered(&mut self, direction: Direction) -> &mut Vec<u8> {
         match direction {
             Direction::Request => &mut self.request_body,
@@ -297,6 +309,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                             bypassed: false,
                             request_body: Vec::new(),
                             response_body: Vec::new(),
+                            over_limit: [false; 2],
                         });
                     }
                     Err(error) => {
@@ -936,6 +949,7 @@ impl Transaction {
             Direction::Response => (0..filters.len()).rev().collect(),
         };
         let mut data = chunk;
+        let limit = crate::buffer_limit_bytes();
         let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
             for index in order {
                 let filter = &mut filters[index];
@@ -945,7 +959,26 @@ impl Transaction {
                 let Some(vm) = worker.vm(stream) else {
                     continue;
                 };
+                if *filter.over_limit(direction) {
+                    continue;
+                }
                 let mut buffer = std::mem::take(filter.buffered(direction));
+                if buffer.len().saturating_add(data.len()) > limit {
+                    diag::error(&format!(
+                        "[{}] the plugin kept more than {limit} bytes of the {} body buffered: \
+                         the body goes on past it unchanged",
+                        filter.name,
+                        match direction {
+                            Direction::Request => "request",
+                            Direction::Response => "response",
+                        }
+                    ));
+                    *filter.over_limit(direction) = true;
+                    // What it kept and this chunk go on to the plugins after it, in order.
+                    buffer.append(&mut data);
+                    data = buffer;
+                    continue;
+                }
                 buffer.append(&mut data);
                 let size = buffer.len();
                 lend_body(vm, filter.context, Some(buffer));

@@ -1392,6 +1392,56 @@ fn request_and_response_bodies_pass_through_the_plugins_on_every_engine() {
     }
 }
 
+/// A plugin buffering a body larger than `--buffer-limit-bytes`: past the limit the body goes on
+/// unchanged (its headers are gone, so no 413 can be sent, and a body cut short would leave the
+/// origin waiting), so the memory a client's upload takes stays bounded and nothing it sent is
+/// lost; the next transaction is buffered and rewritten whole again.
+#[test]
+fn a_body_a_plugin_buffers_past_the_buffer_limit_goes_on_unchanged() {
+    let origin = Origin::start();
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "body_rewrite",
+            yaml: plugin_yaml("body_rewrite", "wasmtime", "", ""),
+        }],
+    );
+    let plugins = root.path().join("etc/plugin.config");
+    let line = std::fs::read_to_string(&plugins).expect("plugin.config");
+    let library = plugin_library().display().to_string();
+    std::fs::write(
+        &plugins,
+        line.replacen(
+            &library,
+            &format!("{library} --buffer-limit-bytes=65536"),
+            1,
+        ),
+    )
+    .expect("a 64 KiB limit");
+    let server = TrafficServer::start_prepared(root, port);
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    // 240,000 bytes, which `body_rewrite` would buffer to its end to upper-case them.
+    let large = "hello ".repeat(40_000);
+    let reply = post(&server.url("/echo"), &large)
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert_eq!(reply.status, 200, "{}", context("the large body"));
+    assert!(
+        reply.body.contains(&large),
+        "{}",
+        context("the large body did not reach the origin whole and unchanged")
+    );
+    server.wait_for_log("kept more than 65536 bytes of the request body buffered");
+    // The next transaction's body is buffered and rewritten whole.
+    let reply = post(&server.url("/echo"), "hello world")
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert_eq!(reply.status, 200, "{}", context(&reply.body));
+    assert!(
+        reply.body.contains("\nHELLO WORLD\n"),
+        "{}",
+        context(&reply.body)
+    );
+}
+
 #[test]
 fn plugin_metrics_are_traffic_server_stats_and_attributes_come_from_the_transaction() {
     let runtime = engines()[0];
