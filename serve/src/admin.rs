@@ -1,7 +1,8 @@
 //! The admin listener: `/stats/prometheus` (every plugin metric with Envoy's names, and the
 //! proxy's own), `/ready`, `/config_dump`.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use lifecycle::LivePlugins;
@@ -131,6 +132,8 @@ struct FailureLabels {
 /// The plugins' metrics, read when scraped: they are defined by the plugins as they run.
 struct PluginMetrics {
     listeners: Vec<(String, Arc<LivePlugins>)>,
+    /// The plugin metrics left out for a name another one has, warned about once each.
+    warned: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for PluginMetrics {
@@ -160,63 +163,11 @@ impl Collector for PluginMetrics {
         };
         // One store for the process: every listener's plugins share it.
         let (_, plugins) = first.current();
-        for metric in plugins.shared_state().metrics_snapshot() {
-            let name = envoy_name(&metric.name);
-            match metric.metric_type {
-                abi::MetricType::Counter => {
-                    // The encoder adds `_total` to a counter's name.
-                    let name = name.strip_suffix("_total").unwrap_or(&name);
-                    let value = u64::try_from(metric.value).unwrap_or(0);
-                    let counter = ConstCounter::new(value);
-                    let descriptor = encoder.encode_descriptor(
-                        name,
-                        "plugin counter",
-                        None,
-                        counter.metric_type(),
-                    )?;
-                    counter.encode(descriptor)?;
-                }
-                abi::MetricType::Gauge => {
-                    let gauge = ConstGauge::new(metric.value);
-                    let descriptor = encoder.encode_descriptor(
-                        &name,
-                        "plugin gauge",
-                        None,
-                        gauge.metric_type(),
-                    )?;
-                    gauge.encode(descriptor)?;
-                }
-                abi::MetricType::Histogram => {
-                    let histogram = metric.histogram.unwrap_or_default();
-                    let mut cumulative = 0;
-                    let buckets: Vec<(f64, u64)> = abi::HISTOGRAM_BUCKETS
-                        .iter()
-                        .zip(histogram.buckets)
-                        .map(|(&bound, count)| {
-                            cumulative += count;
-                            let bound = if bound == u64::MAX {
-                                f64::INFINITY
-                            } else {
-                                bound as f64
-                            };
-                            (bound, cumulative)
-                        })
-                        .collect();
-                    let mut descriptor = encoder.encode_descriptor(
-                        &name,
-                        "plugin histogram",
-                        None,
-                        MetricType::Histogram,
-                    )?;
-                    descriptor.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                        histogram.sum as f64,
-                        histogram.count,
-                        &buckets,
-                        None,
-                    )?;
-                }
-            }
-        }
+        encode_plugin_metrics(
+            plugins.shared_state().metrics_snapshot(),
+            &mut encoder,
+            &self.warned,
+        )?;
         let mut failures = encoder.encode_descriptor(
             "pwhost_plugin_streams",
             "streams a plugin failed or let through by its failure policy, and VM failures by cause",
@@ -239,6 +190,101 @@ impl Collector for PluginMetrics {
         }
         Ok(())
     }
+}
+
+/// Encodes the plugins' metrics under Envoy's names. Two metrics whose names Prometheus would
+/// read as one (`a.b` and `a_b`, a counter `x` and a gauge `x_total`, a counter and a gauge of
+/// one name) would make every scraper refuse the whole page: the first keeps the name, the
+/// others are left out (with a warning, once per name).
+fn encode_plugin_metrics(
+    metrics: Vec<abi::Metric>,
+    encoder: &mut DescriptorEncoder,
+    warned: &Mutex<HashSet<String>>,
+) -> Result<(), std::fmt::Error> {
+    let mut taken: HashSet<String> = HashSet::new();
+    for metric in metrics {
+        let family = envoy_name(&metric.name);
+        let family = match metric.metric_type {
+            // The encoder adds `_total` to a counter's name.
+            abi::MetricType::Counter => {
+                family.strip_suffix("_total").unwrap_or(&family).to_string()
+            }
+            _ => family,
+        };
+        let samples: Vec<String> = match metric.metric_type {
+            abi::MetricType::Counter => vec![format!("{family}_total")],
+            abi::MetricType::Gauge => vec![family.clone()],
+            abi::MetricType::Histogram => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|suffix| format!("{family}{suffix}"))
+                .collect(),
+        };
+        let names: Vec<&String> = std::iter::once(&family).chain(&samples).collect();
+        if names.iter().any(|name| taken.contains(*name)) {
+            let mut warned = warned.lock().unwrap_or_else(PoisonError::into_inner);
+            if warned.insert(metric.name.clone()) {
+                tracing::warn!(
+                    metric = %metric.name,
+                    "a plugin metric's Prometheus name {family} is another metric's: left out"
+                );
+            }
+            continue;
+        }
+        taken.extend(names.into_iter().cloned());
+        match metric.metric_type {
+            abi::MetricType::Counter => {
+                let value = u64::try_from(metric.value).unwrap_or(0);
+                let counter = ConstCounter::new(value);
+                let descriptor = encoder.encode_descriptor(
+                    &family,
+                    "plugin counter",
+                    None,
+                    counter.metric_type(),
+                )?;
+                counter.encode(descriptor)?;
+            }
+            abi::MetricType::Gauge => {
+                let gauge = ConstGauge::new(metric.value);
+                let descriptor = encoder.encode_descriptor(
+                    &family,
+                    "plugin gauge",
+                    None,
+                    gauge.metric_type(),
+                )?;
+                gauge.encode(descriptor)?;
+            }
+            abi::MetricType::Histogram => {
+                let histogram = metric.histogram.unwrap_or_default();
+                let mut cumulative = 0;
+                let buckets: Vec<(f64, u64)> = abi::HISTOGRAM_BUCKETS
+                    .iter()
+                    .zip(histogram.buckets)
+                    .map(|(&bound, count)| {
+                        cumulative += count;
+                        let bound = if bound == u64::MAX {
+                            f64::INFINITY
+                        } else {
+                            bound as f64
+                        };
+                        (bound, cumulative)
+                    })
+                    .collect();
+                let mut descriptor = encoder.encode_descriptor(
+                    &family,
+                    "plugin histogram",
+                    None,
+                    MetricType::Histogram,
+                )?;
+                descriptor.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    histogram.sum as f64,
+                    histogram.count,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The admin listener's application.
@@ -309,7 +355,10 @@ impl Admin {
             "configuration reloads, by outcome (done, refused)",
             reloader.reloads.clone(),
         );
-        registry.register_collector(Box::new(PluginMetrics { listeners }));
+        registry.register_collector(Box::new(PluginMetrics {
+            listeners,
+            warned: Mutex::default(),
+        }));
         Admin { registry, reloader }
     }
 
@@ -354,5 +403,76 @@ impl ServeHttp for Admin {
             .header(http::header::CONTENT_LENGTH, body.len())
             .body(body)
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plugin metrics of a fixed list, as the admin listener encodes them.
+    #[derive(Debug)]
+    struct Fixed(Vec<abi::Metric>);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_plugin_metrics(self.0.clone(), &mut encoder, &Mutex::default())
+        }
+    }
+
+    fn metric(name: &str, metric_type: abi::MetricType, value: i64) -> abi::Metric {
+        abi::Metric {
+            name: name.to_string(),
+            metric_type,
+            value,
+            histogram: (metric_type == abi::MetricType::Histogram).then(Default::default),
+        }
+    }
+
+    #[test]
+    fn plugin_metrics_prometheus_would_read_as_one_are_sent_once_and_the_page_stays_valid() {
+        use abi::MetricType::{Counter, Gauge, Histogram};
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(vec![
+            metric("requests.seen", Counter, 3),
+            // The same Prometheus name as the first.
+            metric("requests_seen", Counter, 4),
+            // A gauge reading as the first counter's sample.
+            metric("requests_seen_total", Gauge, 5),
+            metric("latency", Histogram, 0),
+            // A counter reading as the histogram's count.
+            metric("latency_count", Counter, 6),
+            metric("in_flight", Gauge, 7),
+        ])));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        assert_eq!(
+            types,
+            [
+                "# TYPE envoy_wasmcustom_requests_seen counter",
+                "# TYPE envoy_wasmcustom_latency histogram",
+                "# TYPE envoy_wasmcustom_in_flight gauge",
+            ],
+            "{text}"
+        );
+        // Each sample name once: the first of the colliding metrics keeps it.
+        assert!(
+            text.contains("envoy_wasmcustom_requests_seen_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("envoy_wasmcustom_latency_count 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("envoy_wasmcustom_in_flight 7\n"), "{text}");
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split([' ', '{']).next())
+            .filter(|name| !name.ends_with("_bucket"))
+            .collect();
+        let unique: HashSet<&&str> = samples.iter().collect();
+        assert_eq!(unique.len(), samples.len(), "{text}");
     }
 }
