@@ -3526,3 +3526,74 @@ fn a_plugin_whose_tick_traps_fails_closed_and_leaves_its_worker_idle() {
     );
     serve.wait_for_no_live_contexts();
 }
+
+/// An upstream that answers as soon as it has a request's headers, before its body: a 200 whose
+/// chunked body begins (`early`) and does not end while the connection lasts (at most 10 s).
+fn answering_early() -> (SocketAddr, JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let address = listener.local_addr().expect("its address");
+    let server = std::thread::spawn(move || {
+        let Ok((mut connection, _)) = listener.accept() else {
+            return;
+        };
+        let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 16 * 1024];
+        while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+            match connection.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(count) => received.extend_from_slice(&buffer[..count]),
+            }
+        }
+        let _ = connection.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nearly\r\n",
+        );
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            match connection.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    (address, server)
+}
+
+#[test]
+fn a_plugins_reply_after_the_response_began_resets_the_stream_instead_of_joining_its_body() {
+    use std::io::Write;
+    let (upstream, _server) = answering_early();
+    // `body_rewrite` buffers the request body to its end: past the 64 KiB limit, the proxy
+    // asks for Envoy's 413, by then too late, the upstream's 200 being on its way.
+    let serve = Serve::start_with_fields(
+        upstream,
+        "    per_connection_buffer_limit_bytes: 65536\n",
+        &[envoy_filter("body_rewrite", "body_rewrite", "")],
+    );
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+        .expect("the request headers");
+    // The body in 16 KiB pieces, slowly enough for the upstream's answer to begin first.
+    let piece = vec![b'a'; 16 * 1024];
+    for _ in 0..64 {
+        if client.write_all(&piece).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (received, _) = read_until_closed(&mut client, Duration::from_secs(15));
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(
+        !text.contains("413"),
+        "the 413 joined the 200's body: {text:?}"
+    );
+    serve.wait_for_samples(&[(
+        "pwhost_resets_total{listener=\"main\",cause=\"plugin\"}",
+        1.0,
+    )]);
+    serve.wait_for_no_live_contexts();
+}
