@@ -286,6 +286,20 @@ impl TrafficServer {
         Self::start_prepared(root, port)
     }
 
+    /// As [`TrafficServer::start`], with `edit` applied to the run root's `etc/<file>` first.
+    fn start_edited(
+        origin: &Origin,
+        plugins: &[PluginFile],
+        file: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> TrafficServer {
+        let (root, port) = Self::prepare(origin, plugins);
+        let path = root.path().join("etc").join(file);
+        let text = std::fs::read_to_string(&path).expect("a configuration file of the run root");
+        std::fs::write(&path, edit(text)).expect("the edited configuration file");
+        Self::start_prepared(root, port)
+    }
+
     /// Starts the server of a run root made by [`TrafficServer::prepare`].
     fn start_prepared(root: tempfile::TempDir, port: u16) -> TrafficServer {
         // `timeout` bounds the server's life even if the test process dies before its drop: it
@@ -1273,26 +1287,22 @@ fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
 #[test]
 fn a_held_transaction_fails_closed_when_another_transaction_fails_its_copy() {
     let origin = Origin::start();
-    let (root, port) = TrafficServer::prepare(
+    // One net thread: both transactions on the same VM copy of `panics`, which holds a
+    // transaction with `x-hold` for ever and traps on `x-panic`.
+    let server = TrafficServer::start_edited(
         &origin,
         &[PluginFile {
             name: "panics",
             yaml: plugin_yaml("panics", "wasmtime", "", ""),
         }],
+        "records.config",
+        |text| {
+            text.replace(
+                "proxy.config.exec_thread.limit INT 2",
+                "proxy.config.exec_thread.limit INT 1",
+            )
+        },
     );
-    // One net thread: both transactions on the same VM copy of `panics`, which holds a
-    // transaction with `x-hold` for ever and traps on `x-panic`.
-    let records = root.path().join("etc/records.config");
-    let text = std::fs::read_to_string(&records).expect("records.config");
-    std::fs::write(
-        &records,
-        text.replace(
-            "proxy.config.exec_thread.limit INT 2",
-            "proxy.config.exec_thread.limit INT 1",
-        ),
-    )
-    .expect("one net thread");
-    let server = TrafficServer::start_prepared(root, port);
     let url = server.url("/held");
     let held = {
         let url = url.clone();
@@ -1399,26 +1409,22 @@ fn request_and_response_bodies_pass_through_the_plugins_on_every_engine() {
 #[test]
 fn a_body_a_plugin_buffers_past_the_buffer_limit_goes_on_unchanged() {
     let origin = Origin::start();
-    let (root, port) = TrafficServer::prepare(
+    let library = plugin_library().display().to_string();
+    let server = TrafficServer::start_edited(
         &origin,
         &[PluginFile {
             name: "body_rewrite",
             yaml: plugin_yaml("body_rewrite", "wasmtime", "", ""),
         }],
+        "plugin.config",
+        |line| {
+            line.replacen(
+                &library,
+                &format!("{library} --buffer-limit-bytes=65536"),
+                1,
+            )
+        },
     );
-    let plugins = root.path().join("etc/plugin.config");
-    let line = std::fs::read_to_string(&plugins).expect("plugin.config");
-    let library = plugin_library().display().to_string();
-    std::fs::write(
-        &plugins,
-        line.replacen(
-            &library,
-            &format!("{library} --buffer-limit-bytes=65536"),
-            1,
-        ),
-    )
-    .expect("a 64 KiB limit");
-    let server = TrafficServer::start_prepared(root, port);
     let context = |what: &str| format!("{what}\n{}", server.diagnostics());
     // 240,000 bytes, which `body_rewrite` would buffer to its end to upper-case them.
     let large = "hello ".repeat(40_000);
