@@ -270,12 +270,20 @@ struct MetricRegistry {
     metrics: Vec<Metric>,
     by_name: FxHashMap<(MetricType, String), usize>,
     by_id: FxHashMap<u32, usize>,
+    /// The last id given for each metric (by index), handed out again once `by_id` is full.
+    last_id: FxHashMap<usize, u32>,
     /// How many ids were given out per type.
     defined: [u32; 3],
 }
 
 /// The type bits of a metric id.
 const METRIC_TYPE_MASK: u32 = 3;
+
+/// How many metric ids the process gives out before a definition of a metric defined before
+/// gets that metric's last id again instead of a new one: a plugin defining metrics in a loop
+/// (each definition a new id, as in Envoy) would otherwise grow the host's memory without a
+/// limit, which no memory cap on the plugin sees.
+const MAX_METRIC_IDS: usize = 1 << 20;
 
 impl MetricRegistry {
     fn get_mut(&mut self, id: u32) -> Option<&mut Metric> {
@@ -490,11 +498,17 @@ impl SharedState {
                 index
             }
         };
+        if registry.by_id.len() >= MAX_METRIC_IDS {
+            if let Some(&id) = registry.last_id.get(&index) {
+                return id;
+            }
+        }
         let kind = metric_type as u32;
         let defined = &mut registry.defined[kind as usize];
         *defined = defined.wrapping_add(1);
         let id = (*defined << 2) | kind;
         registry.by_id.insert(id, index);
+        registry.last_id.insert(index, id);
         id
     }
 
@@ -754,6 +768,28 @@ mod tests {
             shared.foreign_function(b"uncompress").is_some(),
             "the other built-ins stay"
         );
+    }
+
+    #[test]
+    fn a_plugin_defining_a_metric_in_a_loop_gets_a_bounded_number_of_ids() {
+        let shared = SharedState::new();
+        let first = shared.define_metric(MetricType::Counter, "requests");
+        let mut last = first;
+        for _ in 1..MAX_METRIC_IDS {
+            last = shared.define_metric(MetricType::Counter, "requests");
+        }
+        assert_ne!(last, first, "a new id for every definition while there is room");
+        // The table is full: the metric's last id again, and the table stays as it is.
+        for _ in 0..5 {
+            assert_eq!(shared.define_metric(MetricType::Counter, "requests"), last);
+        }
+        assert_eq!(shared.metrics().by_id.len(), MAX_METRIC_IDS);
+        assert_eq!(shared.increment_metric(last, 2), Status::Ok);
+        assert_eq!(shared.metric_value(first), Ok(2), "every id is the one metric");
+        // A metric never defined before still gets an id of its own.
+        let other = shared.define_metric(MetricType::Gauge, "level");
+        assert_eq!(shared.record_metric(other, 9), Status::Ok);
+        assert_eq!(shared.metric_value(other), Ok(9));
     }
 
     #[test]
