@@ -778,14 +778,21 @@ mod tests {
         for _ in 1..MAX_METRIC_IDS {
             last = shared.define_metric(MetricType::Counter, "requests");
         }
-        assert_ne!(last, first, "a new id for every definition while there is room");
+        assert_ne!(
+            last, first,
+            "a new id for every definition while there is room"
+        );
         // The table is full: the metric's last id again, and the table stays as it is.
         for _ in 0..5 {
             assert_eq!(shared.define_metric(MetricType::Counter, "requests"), last);
         }
         assert_eq!(shared.metrics().by_id.len(), MAX_METRIC_IDS);
         assert_eq!(shared.increment_metric(last, 2), Status::Ok);
-        assert_eq!(shared.metric_value(first), Ok(2), "every id is the one metric");
+        assert_eq!(
+            shared.metric_value(first),
+            Ok(2),
+            "every id is the one metric"
+        );
         // A metric never defined before still gets an id of its own.
         let other = shared.define_metric(MetricType::Gauge, "level");
         assert_eq!(shared.record_metric(other, 9), Status::Ok);
