@@ -92,24 +92,18 @@ impl Ticker {
     /// Schedules the continuation to run at once (without ticking what is not due), to pick up
     /// the held transactions and connections of a copy that failed outside their hooks.
     pub(crate) fn sweep_soon(&mut self) {
-        let now = Instant::now();
-        if let Some((at, action)) = self.scheduled {
-            if at <= now {
-                return;
-            }
-            // SAFETY: as in `arm`: scheduled below, not run yet.
-            unsafe { sys::TSActionCancel(action) };
-        }
-        // SAFETY: the continuation and thread are this thread's, made in `for_this_thread`.
-        let action = unsafe { sys::TSContScheduleOnThread(self.cont, 0, self.thread) };
-        self.scheduled = Some((now, action));
+        self.schedule(Instant::now());
     }
 
     /// Schedules the continuation for the earliest tick due, unless it already runs by then.
     fn arm(&mut self) {
-        let Some(earliest) = self.timers.values().map(|t| t.due).min() else {
-            return;
-        };
+        if let Some(earliest) = self.timers.values().map(|t| t.due).min() {
+            self.schedule(earliest);
+        }
+    }
+
+    /// Schedules the continuation to run at `earliest`, unless it already runs by then.
+    fn schedule(&mut self, earliest: Instant) {
         if let Some((at, action)) = self.scheduled {
             if at <= earliest {
                 return;

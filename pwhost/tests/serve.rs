@@ -3527,16 +3527,27 @@ fn a_plugin_whose_tick_traps_fails_closed_and_leaves_its_worker_idle() {
     serve.wait_for_no_live_contexts();
 }
 
-/// An upstream that answers as soon as it has a request's headers, before its body: a 200 whose
-/// chunked body begins (`early`) and does not end while the connection lasts (at most 10 s).
+/// An upstream on 127.0.0.1 that answers its one connection as soon as it has the request's
+/// headers, before its body: a 200 whose chunked body begins (`early`) and does not end while
+/// the connection lasts (the whole at most 10 s).
 fn answering_early() -> (SocketAddr, JoinHandle<()>) {
     use std::io::{Read, Write};
     let listener = TcpListener::bind("127.0.0.1:0").expect("a listener");
     let address = listener.local_addr().expect("its address");
     let server = std::thread::spawn(move || {
-        let Ok((mut connection, _)) = listener.accept() else {
-            return;
+        // At most 10 s for the proxy to come, and for the connection to last.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let _ = listener.set_nonblocking(true);
+        let mut connection = loop {
+            match listener.accept() {
+                Ok((connection, _)) => break connection,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return,
+            }
         };
+        let _ = connection.set_nonblocking(false);
         let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
         let mut received = Vec::new();
         let mut buffer = [0u8; 16 * 1024];
@@ -3550,8 +3561,7 @@ fn answering_early() -> (SocketAddr, JoinHandle<()>) {
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
               5\r\nearly\r\n",
         );
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(10) {
+        while Instant::now() < deadline {
             match connection.read(&mut buffer) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}

@@ -193,7 +193,8 @@ mod duration {
         let text = String::deserialize(deserializer)?;
         parse(&text).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "{text:?} is not a duration (e.g. \"1s\", \"0.5s\", \"250ms\")"
+                "{text:?} is not a duration of at most 10,000 years (e.g. \"1s\", \"0.5s\", \
+                 \"250ms\")"
             ))
         })
     }
@@ -282,12 +283,7 @@ impl ListenerFile {
         if self.protocol != Protocol::Tcp {
             return Err(format!("{at}.idle_timeout: only a TCP listener has one"));
         }
-        let timeout = duration::parse(text).ok_or_else(|| {
-            format!(
-                "{at}.idle_timeout: {text:?} is not a duration (e.g. \"1s\", \"0.5s\", \"250ms\")"
-            )
-        })?;
-        Ok((!timeout.is_zero()).then_some(timeout))
+        timeout(text, at, "idle_timeout")
     }
 
     /// Its limits, checked (`at`: its path, for errors).
@@ -352,8 +348,8 @@ impl ListenerFile {
 fn timeout(text: &str, at: &str, field: &str) -> Result<Option<Duration>, String> {
     let timeout = duration::parse(text).ok_or_else(|| {
         format!(
-            "{at}.{field}: {text:?} is not a duration (e.g. \"10s\", \"0.5s\", \"250ms\"; \
-             \"0s\": none)"
+            "{at}.{field}: {text:?} is not a duration of at most 10,000 years (e.g. \"10s\", \
+             \"0.5s\", \"250ms\"; \"0s\": none)"
         )
     })?;
     Ok((!timeout.is_zero()).then_some(timeout))

@@ -15,7 +15,8 @@ impl<'de> Deserialize<'de> for ProtoDuration {
         let text = String::deserialize(deserializer)?;
         parse(&text).map(ProtoDuration).ok_or_else(|| {
             D::Error::custom(format!(
-                "{text:?} is not a duration (seconds with an s suffix, e.g. \"1s\" or \"0.5s\")"
+                "{text:?} is not a duration (seconds with an s suffix, e.g. \"1s\" or \"0.5s\"; \
+                 at most 10,000 years)"
             ))
         })
     }
