@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::rc::Rc;
 
+use crate::chunked::Dechunker;
 use crate::transaction::Transaction;
 use crate::{diag, sys};
 
@@ -30,6 +31,39 @@ struct BodyTransform {
     output: Option<Output>,
     written: i64,
     done: bool,
+    /// How a request body's length reaches the origin.
+    framing: Framing,
+    /// A chunked request body is decoded before the plugins see it (and goes to the origin
+    /// framed by its length).
+    dechunk: Option<Dechunker>,
+}
+
+/// How a transformed request body is framed to the origin. Traffic Server sends it with the
+/// length the transform's output write has when its first bytes come (it refuses a request
+/// transform without one), so whatever the plugins do, exactly that many bytes must follow:
+/// fewer would leave the origin waiting, more would be read as the start of the next request on
+/// the connection.
+enum Framing {
+    /// Not decided yet (before the first event), or a response body, which Traffic Server frames
+    /// itself (chunked, or with the length set at its end).
+    Open,
+    /// The plugins may change the length (one dropped `Content-Length`, or the client's body
+    /// has no length): what they let through is kept here, and the output starts once the body
+    /// ended (its length known) or this passes the buffer limit.
+    Withheld(Vec<u8>),
+    /// The output was opened with `length` (the client's, or the withheld body's once known),
+    /// which holds once its first bytes are written. Client bytes the plugins have not let
+    /// through yet are kept in `behind`: when what they let through is not as long as what it
+    /// stands for, the client's bytes go instead, and the rest of the body passes the plugins
+    /// by (`bypass`).
+    Committed {
+        length: i64,
+        behind: Vec<u8>,
+        bypass: bool,
+    },
+    /// Traffic Server was made to refuse the request before the origin saw any of it (see
+    /// [`refuse`]): nothing more is written.
+    Refused,
 }
 
 /// The output side: a buffer, its reader and the write to the next VConn.
@@ -50,6 +84,8 @@ pub(crate) unsafe fn add(txn: sys::TSHttpTxn, direction: Direction, transaction:
         output: None,
         written: 0,
         done: false,
+        framing: Framing::Open,
+        dechunk: None,
     });
     let hook = match direction {
         Direction::Request => sys::TS_HTTP_REQUEST_TRANSFORM_HOOK,
@@ -126,6 +162,66 @@ fn free(state: BodyTransform) {
     }
 }
 
+/// Starts the transform's output write, `length` bytes long (`i64::MAX`: until its end).
+///
+/// # Safety
+/// `connection` must be a live (not closed) transform.
+unsafe fn open_output(connection: sys::TSCont, length: i64) -> Output {
+    // SAFETY: the caller's promise: the transform and its output VConn live.
+    unsafe {
+        let buffer = sys::TSIOBufferCreate();
+        let reader = sys::TSIOBufferReaderAlloc(buffer);
+        let vio = sys::TSVConnWrite(
+            sys::TSTransformOutputVConnGet(connection),
+            connection,
+            reader,
+            length,
+        );
+        Output {
+            buffer,
+            reader,
+            vio,
+        }
+    }
+}
+
+/// Makes Traffic Server refuse the request before the origin sees any of it: a request
+/// transform whose output has no length when its first bytes come is an error to Traffic
+/// Server, which then answers the client with an error (or resets it while it still sends).
+/// Only for an output none of whose bytes were written yet.
+///
+/// # Safety
+/// `connection` must be a live (not closed) request transform whose state is `state`.
+unsafe fn refuse(connection: sys::TSCont, state: &mut BodyTransform) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let output = state
+            .output
+            .get_or_insert_with(|| open_output(connection, i64::MAX));
+        sys::TSVIONBytesSet(output.vio, i64::MAX);
+        // A byte for Traffic Server to find (it takes the length with the first bytes); it
+        // refuses the request then, so the byte goes nowhere.
+        write(output, &mut state.written, b"\0");
+        sys::TSVIOReenable(output.vio);
+    }
+    state.framing = Framing::Refused;
+    state.done = true;
+}
+
+/// Appends `bytes` to the output.
+///
+/// # Safety
+/// `output` must be the output of a live transform.
+unsafe fn write(output: &Output, written: &mut i64, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    let length = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+    // SAFETY: the caller's promise; Traffic Server copies the bytes.
+    unsafe { sys::TSIOBufferWrite(output.buffer, bytes.as_ptr().cast(), length) };
+    *written = written.saturating_add(length);
+}
+
 /// Moves what the input has through the plugins to the output.
 ///
 /// # Safety
@@ -137,34 +233,30 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
     // SAFETY: the caller's promise: the transform, its output VConn and its input VIO live.
     unsafe {
         let direction = state.direction;
-        let output = state.output.get_or_insert_with(|| {
-            let buffer = sys::TSIOBufferCreate();
-            let reader = sys::TSIOBufferReaderAlloc(buffer);
-            // A response's length is known only at its end (the plugins may change it): the
-            // write starts unbounded and gets its length at the end, and Traffic Server sends
-            // the response chunked unless that end came first (a body that arrived at once
-            // keeps a Content-Length). A request body goes to the origin framed by a length
-            // Traffic Server takes from this write, so it starts as the client's (and is set
-            // to what was written at the end).
-            let length = match direction {
-                Direction::Response => i64::MAX,
-                Direction::Request => sys::TSVIONBytesGet(sys::TSVConnWriteVIOGet(connection)),
-            };
-            let vio = sys::TSVConnWrite(
-                sys::TSTransformOutputVConnGet(connection),
-                connection,
-                reader,
-                length,
-            );
-            Output {
-                buffer,
-                reader,
-                vio,
-            }
-        });
-        let output_vio = output.vio;
-        let output_buffer = output.buffer;
         let input = sys::TSVConnWriteVIOGet(connection);
+        let link = state.transaction.get();
+        if matches!(state.framing, Framing::Open) && direction == Direction::Request {
+            // The transaction is open (its close clears the link) and runs on this thread.
+            let transaction = (!link.is_null()).then(|| &*link);
+            if transaction.is_some_and(Transaction::request_body_chunked) {
+                state.dechunk = Some(Dechunker::new());
+            }
+            // The client's length, when its body has one (a chunked body's is its encoding's).
+            let client_length = Some(sys::TSVIONBytesGet(input))
+                .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
+            let withheld = transaction.is_some_and(Transaction::request_body_withheld);
+            state.framing = match client_length {
+                Some(length) if !withheld => {
+                    state.output = Some(open_output(connection, length));
+                    Framing::Committed {
+                        length,
+                        behind: Vec::new(),
+                        bypass: false,
+                    }
+                }
+                _ => Framing::Withheld(Vec::new()),
+            };
+        }
         // No buffer: the writer is gone; what came is all there is.
         let input_open = !sys::TSVIOBufferGet(input).is_null();
         let mut chunk = Vec::new();
@@ -178,25 +270,175 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                 sys::TSVIONDoneSet(input, sys::TSVIONDoneGet(input) + available);
             }
         }
-        let end_of_stream = !input_open || sys::TSVIONTodoGet(input) <= 0;
+        let mut end_of_stream = !input_open || sys::TSVIONTodoGet(input) <= 0;
+        if let Some(decoder) = &mut state.dechunk {
+            let mut decoded = Vec::with_capacity(chunk.len());
+            if let Err(malformed) = decoder.feed(&chunk, &mut decoded) {
+                // Traffic Server checked the framing on its way in: not expected.
+                diag::error(&format!(
+                    "the chunked request body cannot be decoded ({}): it ends here",
+                    malformed.0
+                ));
+                end_of_stream = true;
+            }
+            if decoder.is_done() {
+                end_of_stream = true;
+                if std::mem::take(&mut decoder.had_trailers) {
+                    diag::warning(
+                        "the chunked request body's trailers are dropped: the body goes to the \
+                         origin framed by its length, which cannot carry them",
+                    );
+                }
+            }
+            chunk = decoded;
+        }
         if chunk.is_empty() && !end_of_stream {
             return;
         }
-        let forward = match state.transaction.get() {
-            link if link.is_null() => chunk,
-            // The transaction is open (its close clears the link) and runs on this thread.
-            link => (*link).body_chunk(state.direction, chunk, end_of_stream),
+        // The transaction is open (its close clears the link) and runs on this thread.
+        let transaction = (!link.is_null()).then(|| &mut *link);
+        // The client's length, when its body has one (a chunked body's is its encoding's).
+        let client_length = Some(sys::TSVIONBytesGet(input))
+            .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
+        let run = |chunk: Vec<u8>, transaction: Option<&mut Transaction>| match transaction {
+            Some(transaction) => transaction.body_chunk(direction, chunk, end_of_stream),
+            None => chunk,
         };
-        if !forward.is_empty() {
-            sys::TSIOBufferWrite(
-                output_buffer,
-                forward.as_ptr().cast(),
-                i64::try_from(forward.len()).unwrap_or(i64::MAX),
-            );
-            state.written += i64::try_from(forward.len()).unwrap_or(i64::MAX);
+        let written_before = state.written;
+        // Whether a plugin failing closed ended the body (the transaction is live, as above).
+        let cut = || !link.is_null() && (*link).body_cut(direction);
+        match &mut state.framing {
+            Framing::Open => {
+                // A response's length is known only at its end (the plugins may change it):
+                // the write starts unbounded and gets its length at the end, and Traffic
+                // Server sends the response chunked unless that end came first (a body that
+                // arrived at once keeps a Content-Length).
+                let output = state
+                    .output
+                    .get_or_insert_with(|| open_output(connection, i64::MAX));
+                write(output, &mut state.written, &run(chunk, transaction));
+            }
+            Framing::Withheld(kept) => {
+                kept.extend(run(chunk, transaction));
+                if cut() {
+                    // A plugin failed closed before the origin saw any of the request.
+                    refuse(connection, state);
+                    return;
+                }
+                let limit = i64::try_from(crate::buffer_limit_bytes()).unwrap_or(i64::MAX);
+                let kept_length = i64::try_from(kept.len()).unwrap_or(i64::MAX);
+                if end_of_stream || kept_length > limit {
+                    let mut body = std::mem::take(kept);
+                    let (length, bypass) = if end_of_stream {
+                        (kept_length, false)
+                    } else if let Some(client_length) = client_length {
+                        // Too much to keep: the plugins let go of what they buffer and see no
+                        // more of this body, whose rest goes on unchanged, so its length is
+                        // known now.
+                        if let Some(transaction) = (!link.is_null()).then(|| &mut *link) {
+                            body.append(&mut transaction.release_body(direction, true));
+                        }
+                        diag::error(&format!(
+                            "the request body passed the buffer limit ({limit} bytes) while \
+                             withheld until its length is known: the plugins see no more of \
+                             it, and the rest goes on unchanged"
+                        ));
+                        let rest = client_length - sys::TSVIONDoneGet(input);
+                        let body_length = i64::try_from(body.len()).unwrap_or(i64::MAX);
+                        (body_length.saturating_add(rest.max(0)), true)
+                    } else {
+                        // A body of unknown length (chunked) cannot be framed before its end,
+                        // and keeping all of it would let a client take any memory.
+                        diag::error(&format!(
+                            "a request body without a length passed the buffer limit \
+                             ({limit} bytes) before its end, so its length cannot be sent to \
+                             the origin: Traffic Server refuses the request"
+                        ));
+                        refuse(connection, state);
+                        return;
+                    };
+                    let output = state.output.insert(open_output(connection, length));
+                    write(output, &mut state.written, &body);
+                    state.framing = Framing::Committed {
+                        length,
+                        behind: Vec::new(),
+                        bypass,
+                    };
+                }
+            }
+            Framing::Refused => return,
+            Framing::Committed {
+                length,
+                behind,
+                bypass,
+            } => {
+                let Some(output) = &state.output else {
+                    return;
+                };
+                if *bypass {
+                    write(output, &mut state.written, &chunk);
+                } else if cut() {
+                    // A plugin failed closed after the request went on: its body ends here.
+                } else {
+                    behind.extend_from_slice(&chunk);
+                    let forward = run(chunk, transaction);
+                    if cut() {
+                        if state.written == 0 {
+                            // Before the origin saw any of the request.
+                            refuse(connection, state);
+                            return;
+                        }
+                    } else if end_of_stream && state.written == 0 {
+                        // Nothing went out yet, so Traffic Server has not taken the length
+                        // (it does with the first bytes): the body's own, whatever the plugins
+                        // did (a plugin buffering the body to its end may change it).
+                        *length = i64::try_from(forward.len()).unwrap_or(i64::MAX);
+                        sys::TSVIONBytesSet(output.vio, *length);
+                        write(output, &mut state.written, &forward);
+                    } else if forward.len() == behind.len() {
+                        write(output, &mut state.written, &forward);
+                        behind.clear();
+                    } else if !forward.is_empty() || end_of_stream {
+                        // The plugins changed the length of a body whose length the origin
+                        // already has: the client's bytes go instead, and the plugins see no
+                        // more of it.
+                        diag::error(
+                            "a plugin changed the length of a request body whose length was \
+                             already sent to the origin (a plugin that changes it must remove \
+                             Content-Length in its request headers): the body goes on \
+                             unchanged",
+                        );
+                        write(output, &mut state.written, behind);
+                        behind.clear();
+                        *bypass = true;
+                        if let Some(transaction) = (!link.is_null()).then(|| &mut *link) {
+                            transaction.release_body(direction, false);
+                        }
+                    }
+                }
+            }
         }
+        let Some(output) = &state.output else {
+            // Withheld: nothing goes out yet; the input may go on.
+            sys::TSContCall(
+                sys::TSVIOContGet(input),
+                sys::TS_EVENT_VCONN_WRITE_READY,
+                input.cast(),
+            );
+            return;
+        };
+        let output_vio = output.vio;
         if end_of_stream {
             state.done = true;
+            if let Framing::Committed { length, .. } = state.framing {
+                if length != state.written && length != i64::MAX {
+                    diag::error(&format!(
+                        "the request body sent to the origin has {} bytes where its length \
+                         says {length}",
+                        state.written
+                    ));
+                }
+            }
             sys::TSVIONBytesSet(output_vio, state.written);
             sys::TSVIOReenable(output_vio);
             if input_open {
@@ -207,7 +449,7 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                 );
             }
         } else {
-            if !forward.is_empty() {
+            if state.written != written_before {
                 sys::TSVIOReenable(output_vio);
             }
             sys::TSContCall(

@@ -444,9 +444,11 @@ struct Connection {
     dialling: Option<sys::TSAction>,
     /// The upstream must be dialled once the current handler lets go of the state.
     dial_wanted: bool,
-    /// A scheduled event that half-closes the sides whose end is due (see
-    /// [`Side::end_unsignalled`]).
+    /// A scheduled event (`wake`) that half-closes the sides whose end is due (see
+    /// [`Side::end_unsignalled`]) and resumes the connection if `resume_wanted`.
     half_close: Option<sys::TSAction>,
+    /// A plugin asked for something outside the connection's callbacks (see [`resume`]).
+    resume_wanted: bool,
     /// Who closed each side (`[downstream, upstream]`).
     closed_by: [PeerType; 2],
     /// Bytes received from the client and sent to it.
@@ -524,6 +526,7 @@ fn begin(vc: sys::TSVConn, cont: sys::TSCont, index: usize) -> Option<Connection
             dialling: None,
             dial_wanted: false,
             half_close: None,
+            resume_wanted: false,
             closed_by: [PeerType::Local, PeerType::Unknown],
             transferred: [0; 2],
             depth: 0,
@@ -626,8 +629,6 @@ fn open(
 enum Event {
     /// Accepted: the plugins' new-connection callbacks run.
     Start,
-    /// A plugin asked for something outside its callbacks (a callout's answer, a tick).
-    Resume,
     /// Traffic Server's event, with its data.
     Traffic(sys::TSEvent, *mut c_void),
 }
@@ -655,8 +656,12 @@ pub(crate) unsafe fn resume(cont: sys::TSCont) {
     // SAFETY: the caller's promise.
     let pointer = unsafe { sys::TSContDataGet(cont) }.cast::<Connection>();
     if !pointer.is_null() {
-        // SAFETY: the data is the live state (cleared when it is freed).
-        unsafe { handle(pointer, Event::Resume) };
+        // Not handled here: the connection's VConns may be used only under its continuation's
+        // mutex, which this caller (a tick, a callout's answer) does not hold, and which cannot
+        // be held across `finish` destroying it. A scheduled event runs under it.
+        // SAFETY: the data is the live state (cleared when it is freed); no handler of it runs
+        // now (the caller holds no thread state), so nothing else refers to it.
+        unsafe { (*pointer).wake(true) };
     }
 }
 
@@ -801,7 +806,6 @@ impl Connection {
         }
         match event {
             Event::Start => self.new_connection(0),
-            Event::Resume => self.resume(),
             Event::Traffic(event, data) => self.traffic(event, data),
         }
         if self.phase == Phase::Open {
@@ -894,6 +898,9 @@ impl Connection {
                     if side.end_unsignalled() {
                         side.shut_write();
                     }
+                }
+                if std::mem::take(&mut self.resume_wanted) {
+                    self.resume();
                 }
             }
             sys::TS_EVENT_VCONN_INACTIVITY_TIMEOUT | sys::TS_EVENT_VCONN_ACTIVE_TIMEOUT
@@ -1094,7 +1101,16 @@ impl Connection {
     fn schedule_half_close(&mut self) {
         let sides = [&self.downstream, &self.upstream];
         let unsignalled = sides.into_iter().flatten().any(Side::end_unsignalled);
-        if unsignalled && self.half_close.is_none() {
+        if unsignalled {
+            self.wake(false);
+        }
+    }
+
+    /// Schedules the connection's wake-up event, if none is pending: it half-closes the sides
+    /// whose end is due and, once `resume` was asked for, resumes the connection.
+    fn wake(&mut self, resume: bool) {
+        self.resume_wanted |= resume;
+        if self.phase != Phase::Closed && self.half_close.is_none() {
             // SAFETY: the connection's own continuation, on its own thread; the event is
             // cancelled if the connection closes first.
             let action = unsafe { sys::TSContScheduleOnThread(self.cont, 0, self.thread) };

@@ -40,6 +40,7 @@
 
 mod body;
 mod callout;
+mod chunked;
 mod config;
 mod connection;
 mod diag;

@@ -116,6 +116,14 @@ pub(crate) struct Transaction {
     wants_response_body: bool,
     /// Whether the response callbacks ran (or run), and on which header.
     response_from: Option<ResponseFrom>,
+    /// The header that framed the client's request body (`Content-Length` or
+    /// `Transfer-Encoding`) as the client sent it, restored after the plugins.
+    client_framing: Option<(Vec<u8>, Vec<u8>)>,
+    /// A plugin dropped the request's framing header (Envoy's sign that it changes the body's
+    /// length): the request transform withholds the body until its length is known.
+    request_framing_dropped: bool,
+    /// A plugin failing closed ended the body (request, response): nothing more of it goes on.
+    body_cut: [bool; 2],
 }
 
 /// Runs a hook handler's body, turning a panic into an error message and `on_panic`:
@@ -245,6 +253,7 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         && client_header(txn, HeaderKind::Request)
             .is_some_and(|headers| !ends_stream(&headers, HeaderKind::Request));
     let response_body = transaction.wants_response_body;
+    let dechunked = request_body && transaction.request_body_chunked();
     // The transaction now lives with its continuation, until it closes.
     // SAFETY: the continuation's data is the boxed transaction, freed at close; the link lets
     // the transforms reach it until then.
@@ -258,6 +267,9 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_TXN_CLOSE_HOOK, cont);
         if request_body {
             body::add(txn, Direction::Request, Rc::clone(&link));
+        }
+        if dechunked {
+            sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_REQUEST_HDR_HOOK, cont);
         }
         if response_body {
             body::add(txn, Direction::Response, link);
@@ -282,6 +294,10 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         wants_request_body: false,
         wants_response_body: false,
         response_from: None,
+        client_framing: client_header(txn, HeaderKind::Request)
+            .and_then(|headers| framing_of(&headers)),
+        request_framing_dropped: false,
+        body_cut: [false; 2],
     };
     let plugins = Arc::clone(worker.plugins());
     let info = stream_info(txn);
@@ -475,6 +491,20 @@ unsafe extern "C" fn on_transaction_event(
             // SAFETY: the borrow of the transaction ended with the closure.
             unsafe { reenable(txn, next) };
         }
+        sys::TS_EVENT_HTTP_SEND_REQUEST_HDR => {
+            // Only a transaction whose chunked request body the transform decodes has this
+            // hook. Traffic Server frames the transformed body by the length the transform gave
+            // (its Content-Length is set by now) but keeps the client's `Transfer-Encoding:
+            // chunked`, which the origin would read the body by.
+            guarded("the send request hook", Next::Continue, || {
+                if let Some(mut request) = server_request(txn) {
+                    abi::Headers::remove(&mut request, b"transfer-encoding");
+                }
+                Next::Continue
+            });
+            // SAFETY: the event's transaction.
+            unsafe { reenable(txn, Next::Continue) };
+        }
         sys::TS_EVENT_HTTP_TXN_CLOSE => {
             // SAFETY: the box is taken back exactly once, here; Traffic Server calls no more
             // hooks of this continuation after the close.
@@ -642,6 +672,18 @@ fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
     }
 }
 
+/// The request Traffic Server sends to the origin, once it has one.
+fn server_request(txn: sys::TSHttpTxn) -> Option<MimeHeaders> {
+    let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
+    let mut header: sys::TSMLoc = std::ptr::null_mut();
+    // SAFETY: as in `client_header`.
+    unsafe {
+        let found = sys::TSHttpTxnServerReqGet(txn, &mut buffer, &mut header);
+        (found == sys::TS_SUCCESS && !buffer.is_null() && !header.is_null())
+            .then(|| MimeHeaders::new(buffer, header, HeaderKind::Request))
+    }
+}
+
 /// Sets a reply's status and headers on the response the callbacks see.
 fn put_on_response(
     txn: sys::TSHttpTxn,
@@ -805,8 +847,6 @@ impl Transaction {
     /// replies or holds.
     fn request_headers(&mut self, from: usize) -> Next {
         let txn = self.txn;
-        let framing =
-            client_header(txn, HeaderKind::Request).and_then(|headers| framing_of(&headers));
         let filters = &mut self.filters;
         let mut reply = None;
         let mut paused = None;
@@ -847,14 +887,16 @@ impl Transaction {
             return Next::Hold;
         }
         self.unlend();
-        if let (Some((name, value)), Some(mut headers)) =
-            (framing, client_header(txn, HeaderKind::Request))
-        {
+        if let (Some((name, value)), Some(mut headers)) = (
+            &self.client_framing,
+            client_header(txn, HeaderKind::Request),
+        ) {
             // A plugin that drops Content-Length (because it will change the body) speaks for
             // the upstream request; Traffic Server still needs it to read the client's body,
-            // and frames the transformed body to the origin itself.
+            // and the request transform frames the changed body to the origin (`body`).
             if framing_of(&headers).is_none() {
-                abi::Headers::add(&mut headers, &name, &value);
+                self.request_framing_dropped = true;
+                abi::Headers::add(&mut headers, name, value);
             }
         }
         match reply {
@@ -948,6 +990,13 @@ impl Transaction {
             Direction::Request => (0..filters.len()).collect(),
             Direction::Response => (0..filters.len()).rev().collect(),
         };
+        let cut = match direction {
+            Direction::Request => &mut self.body_cut[0],
+            Direction::Response => &mut self.body_cut[1],
+        };
+        if *cut {
+            return Vec::new();
+        }
         let mut data = chunk;
         let limit = crate::buffer_limit_bytes();
         let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
@@ -1006,12 +1055,16 @@ impl Transaction {
                     }
                     Err(error) => {
                         diag::error(&format!("[{}] {error}", filter.name));
-                        // The headers are gone: failing closed can only cut the body short.
+                        // The headers are gone: failing closed can only end the body here
+                        // (the request transform refuses a request the origin has not seen).
                         if crate::plugin_failed(worker, filter.plugin, &error)
                             == OnFailure::FailOpen
                         {
                             filter.bypassed = true;
                             data = buffer;
+                        } else {
+                            *cut = true;
+                            return;
                         }
                     }
                 }
@@ -1020,6 +1073,59 @@ impl Transaction {
         if ran.is_none() {
             // The plugins cannot be reached: the body goes on as it came.
             return data;
+        }
+        if self.body_cut(direction) {
+            return Vec::new();
+        }
+        data
+    }
+
+    /// Whether a plugin failing closed ended `direction`'s body: nothing more of it goes on.
+    pub(crate) fn body_cut(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Request => self.body_cut[0],
+            Direction::Response => self.body_cut[1],
+        }
+    }
+
+    /// Whether the request body is withheld from the origin until its length is known: a
+    /// plugin dropped its framing header, so it may change the body's length, and Traffic
+    /// Server sends a transformed request body framed by the length the transform gives first.
+    pub(crate) fn request_body_withheld(&self) -> bool {
+        self.request_framing_dropped
+    }
+
+    /// Whether the client's request body is chunked: the request transform decodes it for the
+    /// plugins and sends it framed by its length, so the origin's request loses its
+    /// `Transfer-Encoding` (see [`on_transaction_event`]).
+    pub(crate) fn request_body_chunked(&self) -> bool {
+        self.client_framing.as_ref().is_some_and(|(name, value)| {
+            name.as_slice() == b"transfer-encoding"
+                && value
+                    .split(|&byte| byte == b',')
+                    .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        })
+    }
+
+    /// Ends the plugins' part in `direction`'s body: each lets go of what it keeps buffered
+    /// and sees no more of the body, which goes on unchanged from then on (as past the buffer
+    /// limit). Returns the released bytes, in order, when `keep` (else they are dropped: the
+    /// caller sends the client's own bytes in their place).
+    pub(crate) fn release_body(&mut self, direction: Direction, keep: bool) -> Vec<u8> {
+        let mut data = Vec::new();
+        let order: Vec<usize> = match direction {
+            Direction::Request => (0..self.filters.len()).collect(),
+            Direction::Response => (0..self.filters.len()).rev().collect(),
+        };
+        for index in order {
+            let filter = &mut self.filters[index];
+            *filter.over_limit(direction) = true;
+            let mut buffer = std::mem::take(filter.buffered(direction));
+            if keep {
+                // What a plugin kept came before what the plugins ahead of it let through.
+                buffer.append(&mut data);
+                data = buffer;
+            }
         }
         data
     }

@@ -444,6 +444,7 @@ impl Drop for TrafficServer {
 }
 
 /// A response as the tests look at it.
+#[derive(Debug)]
 struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
@@ -498,12 +499,31 @@ fn try_get(url: &str, headers: &[(&str, &str)]) -> Result<Reply, ureq::Error> {
 
 /// Sends `POST url` with `body` on a new connection.
 fn post(url: &str, body: &str) -> Result<Reply, ureq::Error> {
+    post_with(url, &[], body.as_bytes(), false)
+}
+
+/// A POST with `headers`, its body sent with a length, or `chunked`.
+fn post_with(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    chunked: bool,
+) -> Result<Reply, ureq::Error> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(20)))
         .build()
         .into();
-    let mut response = agent.post(url).send(body)?;
+    let mut request = agent.post(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = if chunked {
+        let mut reader = body;
+        request.send(ureq::SendBody::from_reader(&mut reader))?
+    } else {
+        request.send(body)?
+    };
     let mut text = String::new();
     response.body_mut().as_reader().read_to_string(&mut text)?;
     Ok(Reply {
@@ -1402,10 +1422,172 @@ fn request_and_response_bodies_pass_through_the_plugins_on_every_engine() {
     }
 }
 
+/// A plugin that changes the length of a request body: Traffic Server sends a transformed
+/// request body framed by the length the transform has when its first bytes come, so the body
+/// is withheld until its length is known (the plugin dropped `Content-Length`, Envoy's sign of
+/// a body that changes; or the client's body is chunked, decoded for the plugin) and the origin
+/// gets the new body with its new length. A plugin that changes the length of a body already
+/// on its way without having dropped it cannot be followed: the client's body goes on
+/// unchanged, rather than a body the origin would wait on or read past, and the next request
+/// on the pooled origin connection is answered.
+#[test]
+fn a_request_body_a_plugin_changes_in_length_reaches_the_origin_framed_by_its_new_length() {
+    let origin = Origin::start();
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "body_rewrite",
+            yaml: plugin_yaml("body_rewrite", "wasmtime", "", ""),
+        }],
+    );
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    // `body_rewrite` upper-cases the body: "ﬀ" (3 bytes) becomes "FF" (2), "ŉ" (2 bytes)
+    // becomes "ʼN" (3).
+    let shorter = ("hello ﬀ ﬀ".to_string(), "HELLO FF FF".to_string());
+    let longer = ("hello ŉ ŉ".to_string(), "HELLO ʼN ʼN".to_string());
+    // Sent chunked, in many chunks.
+    let large = ("hello ŉ ".repeat(20_000), "HELLO ʼN ".repeat(20_000));
+    for (sent, expected) in [shorter.clone(), longer, large] {
+        for chunked in [false, true] {
+            let what = format!("{} bytes, chunked: {chunked}", sent.len());
+            let reply = post_with(&server.url("/echo"), &[], sent.as_bytes(), chunked)
+                .unwrap_or_else(|e| panic!("{}", context(&format!("{what}: {e}"))));
+            assert_eq!(
+                reply.status,
+                200,
+                "{}",
+                context(&format!("{what}: {reply:?}"))
+            );
+            assert!(
+                reply
+                    .body
+                    .contains(&format!("content-length: {}\n", expected.len())),
+                "{}",
+                context(&format!(
+                    "{what}: the origin did not get the new length: {reply:?}"
+                ))
+            );
+            assert!(
+                reply
+                    .body
+                    .contains(&format!("\n{expected}\nhowdy from origin")),
+                "{}",
+                context(&format!("{what}: {reply:?}"))
+            );
+        }
+    }
+    // Changed without dropping Content-Length, but buffered to its end: nothing went to the
+    // origin before the new length was known.
+    let (sent, expected) = &shorter;
+    let reply = post_with(
+        &server.url("/echo"),
+        &[("x-keep-content-length", "1")],
+        sent.as_bytes(),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert!(
+        reply
+            .body
+            .contains(&format!("content-length: {}\n", expected.len()))
+            && reply
+                .body
+                .contains(&format!("\n{expected}\nhowdy from origin")),
+        "{}",
+        context(&format!("{reply:?}"))
+    );
+    drop(server);
+
+    // `envoy_rules`' `set-buffer` probe edits every chunk as it streams, each one byte longer,
+    // without dropping Content-Length: once the first chunk went out with the client's length,
+    // the client's bytes go on instead of the plugin's.
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "envoy_rules",
+            yaml: plugin_yaml("envoy_rules", "wasmtime", "", ""),
+        }],
+    );
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    let probe = [("x-probe", "set-buffer")];
+    // One chunk: the plugin's edits, with their length ("abcdefgh" -> "[bcdefgh>": the edit in
+    // the middle is refused, as Envoy refuses it).
+    let reply = post_with(&server.url("/echo"), &probe, b"abcdefgh", false)
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert!(
+        reply.body.contains("content-length: 9\n")
+            && reply.body.contains("\n[bcdefgh>\nhello from origin"),
+        "{}",
+        context(&format!("{reply:?}"))
+    );
+    // Many chunks: the client's body, whole and unchanged, with its length.
+    let sent = "0123456789".repeat(30_000);
+    let reply = post_with(&server.url("/echo"), &probe, sent.as_bytes(), false)
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert_eq!(reply.status, 200, "{}", context("the streamed body"));
+    assert!(
+        reply
+            .body
+            .contains(&format!("content-length: {}\n", sent.len()))
+            && reply.body.contains(&format!("\n{sent}\nhello from origin")),
+        "{}",
+        context("the client's body did not reach the origin whole and unchanged")
+    );
+    server.wait_for_log("a plugin changed the length of a request body whose length was");
+    // The pooled origin connection read exactly that body: the next request is answered.
+    let reply = post_with(&server.url("/echo"), &[], b"next", false)
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert!(
+        reply.body.contains("\nnext\nhello from origin"),
+        "{}",
+        context(&format!("{reply:?}"))
+    );
+}
+
+/// A plugin failing closed in its request body callback: its request body is withheld from the
+/// origin (the plugin may change it) and never goes on, so Traffic Server refuses the request
+/// before the origin sees any of it, instead of sending it headers and a body cut short.
+#[test]
+fn a_plugin_failing_closed_in_a_request_body_keeps_the_request_from_the_origin() {
+    let origin = Origin::start();
+    let trap = workspace().join("plugins/dist/wat/trap_in_request_body.wasm");
+    let yaml = plugin_yaml("http_headers", "wasmtime", "", "failurePolicy: FAIL_CLOSED")
+        .replace("name: http_headers", "name: trap")
+        .replace("vmId: http_headers", "vmId: trap")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &trap.display().to_string(),
+        );
+    let server = TrafficServer::start(&origin, &[PluginFile { name: "trap", yaml }]);
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    for chunked in [false, true] {
+        let before = origin.requests();
+        match post_with(
+            &server.url("/echo"),
+            &[],
+            b"a body the plugin traps on",
+            chunked,
+        ) {
+            Ok(reply) => assert!(reply.status >= 500, "{}", context(&format!("{reply:?}"))),
+            Err(error) => eprintln!("the refused request: {error}"),
+        }
+        assert_eq!(
+            origin.requests(),
+            before,
+            "{}",
+            context(&format!("chunked: {chunked}: the origin saw the request"))
+        );
+    }
+    // The failed VM fails closed for the next request too, and Traffic Server serves it.
+    let reply = get(&server.url("/after"), &[]);
+    assert_eq!(reply.status, 503, "{}", context(&format!("{reply:?}")));
+}
+
 /// A plugin buffering a body larger than `--buffer-limit-bytes`: past the limit the body goes on
 /// unchanged (its headers are gone, so no 413 can be sent, and a body cut short would leave the
 /// origin waiting), so the memory a client's upload takes stays bounded and nothing it sent is
-/// lost; the next transaction is buffered and rewritten whole again.
+/// lost; a chunked upload that long, whose length the origin would need before its end, is
+/// refused; the next transaction is buffered and rewritten whole again.
 #[test]
 fn a_body_a_plugin_buffers_past_the_buffer_limit_goes_on_unchanged() {
     let origin = Origin::start();
@@ -1437,6 +1619,21 @@ fn a_body_a_plugin_buffers_past_the_buffer_limit_goes_on_unchanged() {
         context("the large body did not reach the origin whole and unchanged")
     );
     server.wait_for_log("kept more than 65536 bytes of the request body buffered");
+    // Chunked, the body has no length to send the origin until its end, which is too far:
+    // Traffic Server refuses the request (an error, or a reset while the client still sends),
+    // the origin sees nothing of it, and Traffic Server goes on serving.
+    let before = origin.requests();
+    match post_with(&server.url("/echo"), &[], large.as_bytes(), true) {
+        Ok(reply) => assert!(reply.status >= 400, "{}", context(&format!("{reply:?}"))),
+        Err(error) => eprintln!("the refused upload: {error}"),
+    }
+    server.wait_for_log("a request body without a length passed the buffer limit");
+    assert_eq!(
+        origin.requests(),
+        before,
+        "{}",
+        context("the refused upload")
+    );
     // The next transaction's body is buffered and rewritten whole.
     let reply = post(&server.url("/echo"), "hello world")
         .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));

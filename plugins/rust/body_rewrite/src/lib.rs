@@ -1,6 +1,8 @@
 //! `body_rewrite`: buffered request/response body rewriting.
 //!
-//! - Request headers: removes `content-length` (the body may change size), returns Continue.
+//! - Request headers: removes `content-length` (the body may change size), returns Continue;
+//!   a request with `x-keep-content-length` keeps it, to test how a host frames a body whose
+//!   length a plugin changes without saying so.
 //! - Request body: returns Pause (StopIterationAndBuffer) until `end_of_stream`, then reads the
 //!   whole buffered body and replaces it with the same text upper-cased (Unicode upper-casing when
 //!   the body is UTF-8, ASCII-only otherwise). Upstream should receive e.g. `HELLO WORLD`.
@@ -29,7 +31,12 @@ impl Context for BodyRewrite {}
 
 impl HttpContext for BodyRewrite {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.remove_http_request_header("content-length");
+        if self
+            .get_http_request_header("x-keep-content-length")
+            .is_none()
+        {
+            self.remove_http_request_header("content-length");
+        }
         Action::Continue
     }
 
