@@ -1386,6 +1386,34 @@ fn a_grpc_stream_delivers_metadata_messages_and_its_close_to_the_plugin() {
     serve.wait_for_log("trailing metadata count");
 }
 
+/// A plugin sending on a gRPC stream faster than the upstream takes its messages: past 16 MiB
+/// unsent the stream is reset and the plugin gets its close with RESOURCE_EXHAUSTED (8), so a
+/// plugin cannot grow the proxy's memory without end; the sends after it are dropped without
+/// an error the SDKs would panic on.
+#[test]
+fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
+    let origin = Origin::start();
+    let upstream = GrpcUpstream::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("stream", "grpc_stream", "")],
+        &[("grpc_cluster", upstream.address)],
+    );
+    // 24 messages of 1 MiB in one callback: the upstream takes none of them meanwhile.
+    let reply = get(&serve.url("/flood"), &[("x-flood", "24")]);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
+    assert!(
+        reply.body.contains("x-stream-status: 8"),
+        "{}\n{}",
+        reply.body,
+        serve.log()
+    );
+    serve.wait_for_log("bytes the upstream has not taken: the stream is reset");
+    // A stream within the bound goes on as before.
+    let reply = get(&serve.url("/streamed"), &[("x-flood", "2")]);
+    assert!(reply.body.contains("x-stream-status: 0"), "{}", reply.body);
+}
+
 /// Sends a gRPC-shaped request (HTTP/2 without TLS, `content-type: application/grpc`) with
 /// `headers`; returns the response's status line and headers as curl prints them.
 fn grpc_request(url: &str, headers: &[&str]) -> String {

@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use http::uri::PathAndQuery;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt as _;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{
     AsciiMetadataKey, AsciiMetadataValue, BinaryMetadataKey, BinaryMetadataValue, MetadataMap,
@@ -33,6 +35,61 @@ use crate::proxy::ClusterState;
 
 /// gRPC's DEADLINE_EXCEEDED, for a call past its timeout.
 const DEADLINE_EXCEEDED: tonic::Code = tonic::Code::DeadlineExceeded;
+
+/// The most a gRPC stream holds of messages its plugin sent that the upstream has not taken
+/// yet (HTTP/2 flow control stops taking them while the upstream does not read). Past it the
+/// stream is reset and the plugin told, RESOURCE_EXHAUSTED: a plugin sending without end must
+/// not grow the host's memory without end.
+pub(crate) const MAX_UNSENT_BYTES: usize = 16 << 20;
+
+/// Where a plugin's messages for its stream go; dropping it half-closes the stream.
+pub(crate) struct StreamSender {
+    messages: mpsc::UnboundedSender<Bytes>,
+    unsent: Arc<Unsent>,
+}
+
+/// What a stream's plugin sent that the upstream has not taken yet.
+struct Unsent {
+    bytes: AtomicUsize,
+    /// Wakes the stream's task to reset it, once `bytes` would pass [`MAX_UNSENT_BYTES`].
+    over_limit: tokio::sync::Notify,
+    /// The limit was passed: the stream is being reset and takes no more messages.
+    resetting: AtomicBool,
+}
+
+/// What became of a message given to [`StreamSender::send`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// On its way.
+    Queued,
+    /// The stream ended meanwhile.
+    Ended,
+    /// It would pass [`MAX_UNSENT_BYTES`], or an earlier one did: not sent, and the stream is
+    /// being reset (its close reaches the plugin with RESOURCE_EXHAUSTED).
+    OverLimit,
+}
+
+impl StreamSender {
+    /// Sends `message` on the stream, unless the stream already holds too much unsent.
+    pub(crate) fn send(&self, message: &[u8]) -> Sent {
+        if self.unsent.resetting.load(Ordering::Relaxed) {
+            return Sent::OverLimit;
+        }
+        let unsent = self.unsent.bytes.load(Ordering::Relaxed);
+        if unsent.saturating_add(message.len()) > MAX_UNSENT_BYTES {
+            self.unsent.resetting.store(true, Ordering::Relaxed);
+            self.unsent.over_limit.notify_one();
+            return Sent::OverLimit;
+        }
+        self.unsent
+            .bytes
+            .fetch_add(message.len(), Ordering::Relaxed);
+        match self.messages.send(Bytes::copy_from_slice(message)) {
+            Ok(()) => Sent::Queued,
+            Err(_) => Sent::Ended,
+        }
+    }
+}
 
 /// Messages as the plugin gives and takes them, framed by tonic: the codec leaves the bytes
 /// as they are (the plugin encodes and decodes its protobufs itself).
@@ -180,19 +237,34 @@ pub(crate) fn call(
 }
 
 /// Opens stream `request` to `cluster`; returns its token, its task and where the plugin's
-/// messages go (dropping it half-closes the stream).
+/// messages go.
 pub(crate) fn open(
     caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: GrpcRequest,
-) -> Result<(u32, AbortHandle, mpsc::UnboundedSender<Bytes>), Status> {
+) -> Result<(u32, AbortHandle, StreamSender), Status> {
     let prepared = prepare(caller, cluster, &request)?;
     let token = prepared.token;
     let caller = caller.clone();
     let (sender, messages) = mpsc::unbounded_channel::<Bytes>();
-    let task = prepared.runtime.spawn(async move {
+    let unsent = Arc::new(Unsent {
+        bytes: AtomicUsize::new(0),
+        over_limit: tokio::sync::Notify::new(),
+        resetting: AtomicBool::new(false),
+    });
+    let sender = StreamSender {
+        messages: sender,
+        unsent: Arc::clone(&unsent),
+    };
+    let taken = Arc::clone(&unsent);
+    let messages = UnboundedReceiverStream::new(messages).map(move |message: Bytes| {
+        taken.bytes.fetch_sub(message.len(), Ordering::Relaxed);
+        message
+    });
+    let reset_caller = caller.clone();
+    let stream = async move {
         let mut client = tonic::client::Grpc::new(prepared.channel);
-        let mut outgoing = tonic::Request::new(UnboundedReceiverStream::new(messages));
+        let mut outgoing = tonic::Request::new(messages);
         *outgoing.metadata_mut() = prepared.metadata;
         let opened = async {
             client.ready().await.map_err(unavailable)?;
@@ -238,6 +310,23 @@ pub(crate) fn open(
             vm.on_grpc_close(token, 0, Vec::new())
         })
         .await;
+    };
+    let task = prepared.runtime.spawn(async move {
+        tokio::select! {
+            () = stream => {}
+            () = unsent.over_limit.notified() => {
+                // Dropping the call resets the stream.
+                tracing::warn!(
+                    token,
+                    "a gRPC stream's plugin sent more than {MAX_UNSENT_BYTES} bytes the \
+                     upstream has not taken: the stream is reset"
+                );
+                let status = tonic::Status::resource_exhausted(format!(
+                    "the plugin sent more than {MAX_UNSENT_BYTES} bytes the upstream has not taken"
+                ));
+                close(&reset_caller, token, &status).await;
+            }
+        }
     });
     Ok((token, task.abort_handle(), sender))
 }

@@ -13,10 +13,9 @@ use abi::{
     BufferType, ContextId, GrpcRequest, Headers, Host, HttpCallRequest, LocalResponse, LogLevel,
     MapType, Status, StreamInfo, StreamType,
 };
-use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use crate::admin::{HostMetrics, VmOwnerLabel};
@@ -78,7 +77,7 @@ pub(crate) struct ServeHost {
     grpc_tasks: FxHashMap<u32, AbortHandle>,
     /// Its open gRPC streams, by token, with where their messages go until they are
     /// half-closed (`None` after).
-    grpc_senders: FxHashMap<u32, Option<mpsc::UnboundedSender<Bytes>>>,
+    grpc_senders: FxHashMap<u32, Option<grpc::StreamSender>>,
     /// The streams running through this copy, by the plugin's stream context.
     pub(crate) streams: FxHashMap<u32, StreamSlot>,
     /// Plugin names by root context, for logs of root contexts.
@@ -292,9 +291,12 @@ impl Host for ServeHost {
             // Half-closed already: nothing more may be sent.
             return Status::BadArgument;
         };
-        if sender.send(Bytes::copy_from_slice(message)).is_err() {
-            // The stream ended meanwhile.
-            return Status::NotFound;
+        match sender.send(message) {
+            grpc::Sent::Queued => {}
+            grpc::Sent::Ended => return Status::NotFound,
+            // Being reset: the message is dropped and the close (RESOURCE_EXHAUSTED) reaches
+            // the plugin, as Envoy answers a send on a stream whose reset is not delivered yet.
+            grpc::Sent::OverLimit => {}
         }
         if end_of_stream {
             // No more messages: the request side half-closes.

@@ -14,6 +14,9 @@
 //! - trailing metadata: `trailing metadata count <n>` (the element count the host passed);
 //! - close(token, status): adds request header `x-stream-status: <status>` (decimal gRPC status)
 //!   and resumes the request — the forwarded request carries the header.
+//!
+//! A request with `x-flood: <n>` also sends `n` messages of 1 MiB right after `hello`, to test
+//! how a host bounds what a plugin sends faster than the upstream takes it.
 
 use log::info;
 use proxy_wasm::traits::*;
@@ -32,6 +35,14 @@ impl HttpContext for GrpcStream {
             Ok(token) => {
                 info!("opened grpc stream: token {}", token);
                 self.send_grpc_stream_message(token, Some(b"hello"), false);
+                let flood = self
+                    .get_http_request_header("x-flood")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or(0);
+                let megabyte = vec![b'x'; 1 << 20];
+                for _ in 0..flood {
+                    self.send_grpc_stream_message(token, Some(&megabyte), false);
+                }
             }
             Err(status) => {
                 let body = format!("grpc stream failed: {:?}", status);
