@@ -3262,6 +3262,63 @@ fn keep_alive_get(connection: &mut TcpStream, parts: &[&[u8]]) -> String {
     }
 }
 
+/// The admin listener has the same headers deadline as an HTTP listener (its own
+/// `request_headers_timeout`, 60 s unless set): a client that connects and sends nothing, or
+/// too little, no longer holds a connection for ever; a keep-alive client between requests is
+/// not cut.
+#[test]
+fn the_admin_listener_times_out_clients_too_slow_with_their_headers() {
+    use std::io::{Read, Write};
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "admin: {{address: 127.0.0.1:{admin_port}, request_headers_timeout: 1s}}\n\
+         listeners:\n  - name: main\n    address: 127.0.0.1:{port}\n    \
+         routes: [{{prefix: /, cluster: backend}}]\n\
+         clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
+        origin.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let connect = || TcpStream::connect(("127.0.0.1", admin_port)).expect("the admin accepts");
+
+    let mut silent = connect();
+    let (received, closed) = read_until_closed(&mut silent, Duration::from_secs(10));
+    assert!(
+        closed && received.is_empty(),
+        "{received:?}, closed: {closed}\n{}",
+        serve.log()
+    );
+
+    let mut cut_short = connect();
+    cut_short
+        .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n")
+        .expect("a request line");
+    let (received, closed) = read_until_closed(&mut cut_short, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&received);
+    assert!(closed && text.starts_with("HTTP/1.1 408 "), "{text:?}");
+
+    // Two requests on one connection, idle longer than the deadline between them.
+    let mut keep_alive = connect();
+    for _ in 0..2 {
+        keep_alive
+            .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("a request");
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 1024];
+        keep_alive
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a read timeout");
+        while !answer.ends_with(b"LIVE\n") {
+            let read = keep_alive.read(&mut buffer).expect("the answer");
+            assert!(read > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buffer[..read]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+}
+
 #[test]
 fn a_client_too_slow_with_its_headers_gets_a_408_and_a_silent_connection_is_closed() {
     use std::io::Write;

@@ -378,6 +378,17 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        // The request's headers are in: their deadline stops, and the next request's starts
+        // with its first byte (an admin request's body, if any, is not read).
+        if let Some(socket) = session
+            .digest()
+            .and_then(|digest| digest.socket_digest.as_ref())
+        {
+            if let Some(clock) = crate::connections::of(socket).headers {
+                clock.headers_received();
+                clock.request_ended();
+            }
+        }
         let path = session.req_header().uri.path().to_string();
         let post = session.req_header().method == http::Method::POST;
         let (status, content_type, body) = match (post, path.as_str()) {

@@ -21,6 +21,16 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The admin listener (`/stats/prometheus`, `/ready`, `/config_dump`, `POST /reload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListener {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// How long a client has for a request's headers, as on an HTTP listener (60 s unless
+    /// set; `None`: for ever).
+    pub request_headers_timeout: Option<Duration>,
+}
+
 /// The whole configuration.
 #[derive(Debug)]
 pub struct ServeConfig {
@@ -32,8 +42,8 @@ pub struct ServeConfig {
     pub clusters: BTreeMap<String, Cluster>,
     /// Plugins that run beside the traffic (Envoy's `WasmService`).
     pub services: Deployment,
-    /// Where the admin listener listens, if anywhere.
-    pub admin: Option<SocketAddr>,
+    /// The admin listener, if any.
+    pub admin: Option<AdminListener>,
     /// How long streams and connections in flight may take to finish once the proxy is told
     /// to stop (SIGTERM, SIGINT).
     pub drain_timeout: Duration,
@@ -242,6 +252,22 @@ fn drain_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 struct AdminFile {
     address: SocketAddr,
+    #[serde(default)]
+    request_headers_timeout: Option<String>,
+}
+
+impl AdminFile {
+    /// The admin listener, checked.
+    fn admin(&self) -> Result<AdminListener, String> {
+        let request_headers_timeout = match &self.request_headers_timeout {
+            Some(text) => timeout(text, "admin", "request_headers_timeout")?,
+            None => Limits::default().request_headers_timeout,
+        };
+        Ok(AdminListener {
+            address: self.address,
+            request_headers_timeout,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -420,12 +446,13 @@ impl ServeConfig {
             Some(workers) => workers,
             None => std::thread::available_parallelism().map_or(1, usize::from),
         };
+        let admin = file.admin.as_ref().map(AdminFile::admin).transpose()?;
         Ok(ServeConfig {
             workers,
             listeners,
             clusters: file.clusters,
             services,
-            admin: file.admin.map(|admin| admin.address),
+            admin,
             drain_timeout: file.drain_timeout,
             text: text.to_string(),
             path: None,
@@ -569,6 +596,31 @@ clusters:
                 request_headers_timeout: Some(Duration::from_secs(60)),
                 stream_idle_timeout: Some(Duration::from_secs(300)),
             }
+        );
+    }
+
+    #[test]
+    fn the_admin_listener_has_a_headers_deadline_of_its_own() {
+        let parse = |admin: &str| ServeConfig::parse(&format!("{admin}{MINIMAL}"), Path::new("/"));
+        let admin = |config: ServeConfig| config.admin.expect("an admin listener");
+        let default = admin(parse("admin: {address: 127.0.0.1:9901}\n").unwrap());
+        assert_eq!(default.address, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(
+            default.request_headers_timeout,
+            Some(Duration::from_secs(60))
+        );
+        let set = "admin: {address: 127.0.0.1:9901, request_headers_timeout: 2s}\n";
+        assert_eq!(
+            admin(parse(set).unwrap()).request_headers_timeout,
+            Some(Duration::from_secs(2))
+        );
+        let none = "admin: {address: 127.0.0.1:9901, request_headers_timeout: 0s}\n";
+        assert_eq!(admin(parse(none).unwrap()).request_headers_timeout, None);
+        let bad = "admin: {address: 127.0.0.1:9901, request_headers_timeout: soon}\n";
+        let error = parse(bad).unwrap_err();
+        assert!(
+            error.starts_with("admin.request_headers_timeout: \"soon\" is not a duration"),
+            "{error}"
         );
     }
 

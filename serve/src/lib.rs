@@ -219,7 +219,7 @@ impl Proxy {
         server.bootstrap();
         let workers = self.config.workers;
         let listener_count = self.config.listeners.len();
-        let admin_address = self.config.admin;
+        let admin_listener = self.config.admin;
         let path = self.config.path.clone();
         let reloader = Arc::new(reload::Reloader {
             path: path.clone().unwrap_or_default(),
@@ -246,15 +246,25 @@ impl Proxy {
                 reload::OnHangup(Arc::clone(&reloader)),
             ));
         }
-        if let Some(address) = admin_address {
+        if let Some(admin_listener) = admin_listener {
             let plugins = self
                 .listeners
                 .iter()
                 .map(|listener| (listener.name.clone(), Arc::clone(&listener.shared.live)))
                 .collect();
             let admin = admin::Admin::new(plugins, &self.metrics, Arc::clone(&reloader));
-            let app = pingora::apps::http_app::HttpServer::new_app(admin);
-            listen(&mut server, "admin".to_string(), &address.to_string(), app);
+            // The same headers deadline as an HTTP listener's: a client holding a connection
+            // without sending a request would otherwise hold it for ever.
+            let app = header_timeout::WithHeaderTimeout {
+                app: Arc::new(pingora::apps::http_app::HttpServer::new_app(admin)),
+                timeout: admin_listener.request_headers_timeout,
+                counters: header_timeout::TimeoutCounters {
+                    metrics: Arc::clone(&self.metrics),
+                    listener: "admin".to_string(),
+                },
+            };
+            let address = admin_listener.address.to_string();
+            listen(&mut server, "admin".to_string(), &address, app);
         }
         for listener in self.listeners {
             let address = listener.address.to_string();
