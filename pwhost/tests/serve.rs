@@ -3262,6 +3262,65 @@ fn keep_alive_get(connection: &mut TcpStream, parts: &[&[u8]]) -> String {
     }
 }
 
+/// `request_headers_timeout: 0s` turns the deadline off: a client may take its time with its
+/// headers (Pingora's own 60 s per read still holds).
+#[test]
+fn a_request_headers_timeout_of_0s_lets_a_slow_client_finish_its_headers() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let serve = Serve::start_with_fields(
+        origin.address,
+        "    request_headers_timeout: 0s\n",
+        &[envoy_filter("api_key", "local_response", "secret")],
+    );
+    let mut slow = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .expect("half a request");
+    // Past the default test deadline (1 s elsewhere) and then some: nothing came back.
+    slow.set_read_timeout(Some(Duration::from_millis(2500)))
+        .expect("a read timeout");
+    match slow.peek(&mut [0u8; 1]) {
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the slow client was answered or cut: {other:?}"),
+    }
+    let status = keep_alive_get(&mut slow, &[b"x-api-key: secret\r\n\r\n"]);
+    assert!(
+        status.starts_with("HTTP/1.1 200"),
+        "{status:?}\n{}",
+        serve.log()
+    );
+}
+
+/// A request answered before its body was all read (here a plugin's 403 to an upload without
+/// its key) ends its connection: the rest of the body is not read as the next request, and the
+/// client is not kept waiting to send it.
+#[test]
+fn a_request_answered_before_its_body_was_read_ends_its_connection() {
+    let origin = Origin::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("api_key", "local_response", "secret")],
+        &[],
+    );
+    let mut upload = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    let status = keep_alive_get(
+        &mut upload,
+        &[b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nGET / HTTP"],
+    );
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
+    let (received, closed) = read_until_closed(&mut upload, Duration::from_secs(10));
+    assert!(
+        closed && received.is_empty(),
+        "{:?}, closed: {closed}",
+        String::from_utf8_lossy(&received)
+    );
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
 /// The admin listener has the same headers deadline as an HTTP listener (its own
 /// `request_headers_timeout`, 60 s unless set): a client that connects and sends nothing, or
 /// too little, no longer holds a connection for ever; a keep-alive client between requests is
