@@ -1583,6 +1583,137 @@ fn a_plugin_failing_closed_in_a_request_body_keeps_the_request_from_the_origin()
     assert_eq!(reply.status, 503, "{}", context(&format!("{reply:?}")));
 }
 
+/// An origin that answers every request with `size` bytes, counting what it managed to write
+/// (a client of the proxy that does not read holds the writes up only if the proxy does not
+/// read ahead for it without end).
+struct LargeOrigin {
+    origin: Origin,
+    written: Arc<AtomicUsize>,
+}
+
+impl LargeOrigin {
+    fn start(size: usize) -> LargeOrigin {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("the origin binds");
+        listener.set_nonblocking(true).expect("nonblocking accept");
+        let address = listener.local_addr().expect("an address");
+        let written = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (Arc::clone(&written), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stopped.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                let Ok((mut connection, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = connection.set_nonblocking(false);
+                let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = connection.set_write_timeout(Some(Duration::from_secs(20)));
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match connection.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+                if connection.write_all(head.as_bytes()).is_err() {
+                    continue;
+                }
+                let block = vec![b'x'; 64 * 1024];
+                let mut left = size;
+                while left > 0 && !stopped.load(Ordering::Relaxed) {
+                    let n = left.min(block.len());
+                    if connection.write_all(&block[..n]).is_err() {
+                        break;
+                    }
+                    count.fetch_add(n, Ordering::Relaxed);
+                    left -= n;
+                }
+            }
+        });
+        LargeOrigin {
+            origin: Origin {
+                address,
+                requests: Arc::new(AtomicUsize::new(0)),
+                stop,
+                thread: Some(thread),
+            },
+            written,
+        }
+    }
+}
+
+/// A client that stops reading a large response that passes a plugin's response body callback:
+/// with Traffic Server's flow control on, the response transform leaves it in force, so the
+/// origin is held up after a few MiB (measured: 9.7 MiB through the transform, 8.9 MiB with no
+/// transform), instead of the whole response being kept in memory for the client; once the
+/// client reads again, all of it arrives. (With flow control off, Traffic Server's default,
+/// Traffic Server itself reads the whole response ahead, with or without a plugin.)
+#[test]
+fn a_client_that_stops_reading_holds_the_origin_up_through_a_body_plugin() {
+    use std::io::{Read, Write};
+    const SIZE: usize = 64 << 20;
+    let large = LargeOrigin::start(SIZE);
+    let server = TrafficServer::start_edited(
+        &large.origin,
+        &[PluginFile {
+            name: "envoy_rules",
+            yaml: plugin_yaml("envoy_rules", "wasmtime", "", ""),
+        }],
+        "records.config",
+        |text| {
+            format!(
+                "{text}\nCONFIG proxy.config.http.flow_control.enabled INT 1\n\
+                 CONFIG proxy.config.http.flow_control.high_water INT 1048576\n\
+                 CONFIG proxy.config.http.flow_control.low_water INT 524288\n"
+            )
+        },
+    );
+    let mut client =
+        TcpStream::connect(("127.0.0.1", server.port)).expect("Traffic Server accepts");
+    client
+        .write_all(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("the request");
+    std::thread::sleep(Duration::from_secs(3));
+    let written = large.written.load(Ordering::Relaxed);
+    eprintln!("the origin wrote {written} bytes while the client read nothing");
+    assert!(
+        written < SIZE / 2,
+        "the origin wrote {written} of {SIZE} bytes while the client read nothing\n{}",
+        server.diagnostics()
+    );
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("a read timeout");
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut head = Vec::new();
+    loop {
+        match client.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if head.len() < 4096 {
+                    head.extend_from_slice(&buffer[..n.min(4096)]);
+                }
+                received += n;
+            }
+        }
+        if received > SIZE {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(received >= SIZE, "{received} bytes of {SIZE}");
+}
+
 /// A plugin buffering a body larger than `--buffer-limit-bytes`: past the limit the body goes on
 /// unchanged (its headers are gone, so no 413 can be sent, and a body cut short would leave the
 /// origin waiting), so the memory a client's upload takes stays bounded and nothing it sent is
