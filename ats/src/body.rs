@@ -39,8 +39,9 @@ struct BodyTransform {
 }
 
 /// How a transformed request body is framed to the origin. Traffic Server sends it with the
-/// length the transform's output write has when its first bytes come (it refuses a request
-/// transform without one), so whatever the plugins do, exactly that many bytes must follow:
+/// length the transform's output write has when the write starts (its terminus reports the
+/// length as soon as the write is opened, and a request transform without one is refused), so
+/// the output is opened only once its length is settled, and exactly that many bytes follow:
 /// fewer would leave the origin waiting, more would be read as the start of the next request on
 /// the connection.
 enum Framing {
@@ -48,14 +49,15 @@ enum Framing {
     /// itself (chunked, or with the length set at its end).
     Open,
     /// The plugins may change the length (one dropped `Content-Length`, or the client's body
-    /// has no length): what they let through is kept here, and the output starts once the body
+    /// is chunked): what they let through is kept here, and the output opens once the body
     /// ended (its length known) or this passes the buffer limit.
     Withheld(Vec<u8>),
-    /// The output was opened with `length` (the client's, or the withheld body's once known),
-    /// which holds once its first bytes are written. Client bytes the plugins have not let
-    /// through yet are kept in `behind`: when what they let through is not as long as what it
-    /// stands for, the client's bytes go instead, and the rest of the body passes the plugins
-    /// by (`bypass`).
+    /// The body's length is `length` (the client's, or the withheld body's once known); the
+    /// output opens with it when the first bytes go (or at the body's end, with the length of
+    /// what the plugins let through, if nothing went before). Client bytes the plugins have not
+    /// let through yet are kept in `behind`: once the output is open, what they let through
+    /// must be as long as what it stands for, else the client's bytes go instead and the rest
+    /// of the body passes the plugins by (`bypass`).
     Committed {
         length: i64,
         behind: Vec<u8>,
@@ -186,23 +188,16 @@ unsafe fn open_output(connection: sys::TSCont, length: i64) -> Output {
 }
 
 /// Makes Traffic Server refuse the request before the origin sees any of it: a request
-/// transform whose output has no length when its first bytes come is an error to Traffic
-/// Server, which then answers the client with an error (or resets it while it still sends).
-/// Only for an output none of whose bytes were written yet.
+/// transform whose output write has no length is an error to Traffic Server, which then answers
+/// the client with an error (or resets it while it still sends). Only while the output is not
+/// open.
 ///
 /// # Safety
 /// `connection` must be a live (not closed) request transform whose state is `state`.
 unsafe fn refuse(connection: sys::TSCont, state: &mut BodyTransform) {
-    // SAFETY: the caller's promise.
-    unsafe {
-        let output = state
-            .output
-            .get_or_insert_with(|| open_output(connection, i64::MAX));
-        sys::TSVIONBytesSet(output.vio, i64::MAX);
-        // A byte for Traffic Server to find (it takes the length with the first bytes); it
-        // refuses the request then, so the byte goes nowhere.
-        write(output, &mut state.written, b"\0");
-        sys::TSVIOReenable(output.vio);
+    if state.output.is_none() {
+        // SAFETY: the caller's promise.
+        state.output = Some(unsafe { open_output(connection, i64::MAX) });
     }
     state.framing = Framing::Refused;
     state.done = true;
@@ -230,30 +225,29 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
     if state.done {
         return;
     }
-    // SAFETY: the caller's promise: the transform, its output VConn and its input VIO live.
+    // SAFETY: the caller's promise: the transform, its output VConn and its input VIO live. The
+    // transaction behind `link` is open (its close clears the link) and runs on this thread; a
+    // reference to it is made for one call at a time (`run`, `cut`, `release`), never kept.
     unsafe {
         let direction = state.direction;
         let input = sys::TSVConnWriteVIOGet(connection);
         let link = state.transaction.get();
         if matches!(state.framing, Framing::Open) && direction == Direction::Request {
-            // The transaction is open (its close clears the link) and runs on this thread.
             let transaction = (!link.is_null()).then(|| &*link);
             if transaction.is_some_and(Transaction::request_body_chunked) {
                 state.dechunk = Some(Dechunker::new());
             }
+            let withheld = state.dechunk.is_some()
+                || transaction.is_some_and(Transaction::request_body_withheld);
             // The client's length, when its body has one (a chunked body's is its encoding's).
-            let client_length = Some(sys::TSVIONBytesGet(input))
-                .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
-            let withheld = transaction.is_some_and(Transaction::request_body_withheld);
+            let client_length =
+                Some(sys::TSVIONBytesGet(input)).filter(|n| (0..i64::MAX).contains(n));
             state.framing = match client_length {
-                Some(length) if !withheld => {
-                    state.output = Some(open_output(connection, length));
-                    Framing::Committed {
-                        length,
-                        behind: Vec::new(),
-                        bypass: false,
-                    }
-                }
+                Some(length) if !withheld => Framing::Committed {
+                    length,
+                    behind: Vec::new(),
+                    bypass: false,
+                },
                 _ => Framing::Withheld(Vec::new()),
             };
         }
@@ -270,16 +264,24 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                 sys::TSVIONDoneSet(input, sys::TSVIONDoneGet(input) + available);
             }
         }
-        let mut end_of_stream = !input_open || sys::TSVIONTodoGet(input) <= 0;
+        let all_came = input_open && sys::TSVIONTodoGet(input) <= 0;
+        let mut end_of_stream = !input_open || all_came;
+        // Whether the body came whole (not cut short by its client, or malformed).
+        let mut whole = all_came;
         if let Some(decoder) = &mut state.dechunk {
             let mut decoded = Vec::with_capacity(chunk.len());
-            if let Err(malformed) = decoder.feed(&chunk, &mut decoded) {
-                // Traffic Server checked the framing on its way in: not expected.
-                diag::error(&format!(
-                    "the chunked request body cannot be decoded ({}): it ends here",
-                    malformed.0
-                ));
-                end_of_stream = true;
+            match decoder.feed(&chunk, &mut decoded) {
+                Ok(()) => whole = decoder.is_done(),
+                Err(malformed) => {
+                    // Traffic Server checked the framing on its way in: not expected.
+                    diag::error(&format!(
+                        "the chunked request body cannot be decoded ({}): the request is \
+                         refused",
+                        malformed.0
+                    ));
+                    whole = false;
+                    end_of_stream = true;
+                }
             }
             if decoder.is_done() {
                 end_of_stream = true;
@@ -295,64 +297,71 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
         if chunk.is_empty() && !end_of_stream {
             return;
         }
-        // The transaction is open (its close clears the link) and runs on this thread.
-        let transaction = (!link.is_null()).then(|| &mut *link);
-        // The client's length, when its body has one (a chunked body's is its encoding's).
-        let client_length = Some(sys::TSVIONBytesGet(input))
-            .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
-        let run = |chunk: Vec<u8>, transaction: Option<&mut Transaction>| match transaction {
-            Some(transaction) => transaction.body_chunk(direction, chunk, end_of_stream),
-            None => chunk,
+        let run = |chunk: Vec<u8>| match link.is_null() {
+            true => chunk,
+            false => (*link).body_chunk(direction, chunk, end_of_stream),
         };
-        let written_before = state.written;
-        // Whether a plugin failing closed ended the body (the transaction is live, as above).
+        // Whether a plugin failing closed ended the body.
         let cut = || !link.is_null() && (*link).body_cut(direction);
+        let release = |keep: bool| match link.is_null() {
+            true => Vec::new(),
+            false => (*link).release_body(direction, keep),
+        };
+        let limit = crate::buffer_limit_bytes();
+        let written_before = state.written;
         match &mut state.framing {
             Framing::Open => {
                 // A response's length is known only at its end (the plugins may change it):
                 // the write starts unbounded and gets its length at the end, and Traffic
                 // Server sends the response chunked unless that end came first (a body that
                 // arrived at once keeps a Content-Length).
+                let forward = run(chunk);
                 let output = state
                     .output
                     .get_or_insert_with(|| open_output(connection, i64::MAX));
-                write(output, &mut state.written, &run(chunk, transaction));
+                write(output, &mut state.written, &forward);
             }
+            Framing::Refused => return,
             Framing::Withheld(kept) => {
-                kept.extend(run(chunk, transaction));
-                if cut() {
-                    // A plugin failed closed before the origin saw any of the request.
+                kept.extend(run(chunk));
+                if cut() || (end_of_stream && !whole) {
+                    // A plugin failed closed, or the body did not come whole: the origin has
+                    // seen none of the request, and is not sent a body cut short as if whole.
+                    if !cut() {
+                        diag::error(
+                            "the request body ended before its end (the client went away): \
+                             the request is refused",
+                        );
+                    }
                     refuse(connection, state);
                     return;
                 }
-                let limit = i64::try_from(crate::buffer_limit_bytes()).unwrap_or(i64::MAX);
-                let kept_length = i64::try_from(kept.len()).unwrap_or(i64::MAX);
-                if end_of_stream || kept_length > limit {
+                if end_of_stream || kept.len() > limit {
                     let mut body = std::mem::take(kept);
+                    let client_length = Some(sys::TSVIONBytesGet(input))
+                        .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
                     let (length, bypass) = if end_of_stream {
-                        (kept_length, false)
+                        (i64::try_from(body.len()).unwrap_or(i64::MAX), false)
                     } else if let Some(client_length) = client_length {
                         // Too much to keep: the plugins let go of what they buffer and see no
                         // more of this body, whose rest goes on unchanged, so its length is
                         // known now.
-                        if let Some(transaction) = (!link.is_null()).then(|| &mut *link) {
-                            body.append(&mut transaction.release_body(direction, true));
-                        }
+                        body.append(&mut release(true));
                         diag::error(&format!(
                             "the request body passed the buffer limit ({limit} bytes) while \
                              withheld until its length is known: the plugins see no more of \
                              it, and the rest goes on unchanged"
                         ));
-                        let rest = client_length - sys::TSVIONDoneGet(input);
+                        let rest = (client_length - sys::TSVIONDoneGet(input)).max(0);
                         let body_length = i64::try_from(body.len()).unwrap_or(i64::MAX);
-                        (body_length.saturating_add(rest.max(0)), true)
+                        (body_length.saturating_add(rest), true)
                     } else {
-                        // A body of unknown length (chunked) cannot be framed before its end,
-                        // and keeping all of it would let a client take any memory.
+                        // A chunked body cannot be framed before its end, and keeping all of
+                        // it would let a client take any memory.
                         diag::error(&format!(
-                            "a request body without a length passed the buffer limit \
-                             ({limit} bytes) before its end, so its length cannot be sent to \
-                             the origin: Traffic Server refuses the request"
+                            "a chunked request body passed the buffer limit ({limit} bytes) \
+                             before its end, so its length cannot be sent to the origin: the \
+                             request is refused"
                         ));
                         refuse(connection, state);
                         return;
@@ -366,60 +375,74 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                     };
                 }
             }
-            Framing::Refused => return,
             Framing::Committed {
                 length,
                 behind,
                 bypass,
             } => {
-                let Some(output) = &state.output else {
-                    return;
-                };
+                let length = *length;
                 if *bypass {
+                    let output = state
+                        .output
+                        .get_or_insert_with(|| open_output(connection, length));
                     write(output, &mut state.written, &chunk);
                 } else if cut() {
                     // A plugin failed closed after the request went on: its body ends here.
                 } else {
                     behind.extend_from_slice(&chunk);
-                    let forward = run(chunk, transaction);
+                    let forward = run(chunk);
+                    let too_far_behind = behind.len() > limit;
                     if cut() {
-                        if state.written == 0 {
+                        if state.output.is_none() {
                             // Before the origin saw any of the request.
                             refuse(connection, state);
                             return;
                         }
-                    } else if end_of_stream && state.written == 0 {
-                        // Nothing went out yet, so Traffic Server has not taken the length
-                        // (it does with the first bytes): the body's own, whatever the plugins
-                        // did (a plugin buffering the body to its end may change it).
-                        *length = i64::try_from(forward.len()).unwrap_or(i64::MAX);
-                        sys::TSVIONBytesSet(output.vio, *length);
+                    } else if end_of_stream && state.output.is_none() {
+                        if !whole {
+                            diag::error(
+                                "the request body ended before its end (the client went \
+                                 away): the request is refused",
+                            );
+                            refuse(connection, state);
+                            return;
+                        }
+                        // Nothing went out yet: the length is the body's own, whatever the
+                        // plugins did (a plugin buffering the body to its end may change it).
+                        let length = i64::try_from(forward.len()).unwrap_or(i64::MAX);
+                        let output = state.output.insert(open_output(connection, length));
                         write(output, &mut state.written, &forward);
-                    } else if forward.len() == behind.len() {
-                        write(output, &mut state.written, &forward);
+                    } else if forward.len() == behind.len() && !too_far_behind {
+                        if !forward.is_empty() {
+                            let output = state
+                                .output
+                                .get_or_insert_with(|| open_output(connection, length));
+                            write(output, &mut state.written, &forward);
+                        }
                         behind.clear();
-                    } else if !forward.is_empty() || end_of_stream {
-                        // The plugins changed the length of a body whose length the origin
-                        // already has: the client's bytes go instead, and the plugins see no
-                        // more of it.
+                    } else if !forward.is_empty() || end_of_stream || too_far_behind {
+                        // The plugins changed the length of a body whose length the origin is
+                        // given (or hold more of it than the buffer limit): the client's bytes
+                        // go instead, and the plugins see no more of it.
                         diag::error(
                             "a plugin changed the length of a request body whose length was \
                              already sent to the origin (a plugin that changes it must remove \
-                             Content-Length in its request headers): the body goes on \
-                             unchanged",
+                             Content-Length in its request headers), or held more of it than \
+                             the buffer limit: the body goes on unchanged",
                         );
+                        let output = state
+                            .output
+                            .get_or_insert_with(|| open_output(connection, length));
                         write(output, &mut state.written, behind);
                         behind.clear();
                         *bypass = true;
-                        if let Some(transaction) = (!link.is_null()).then(|| &mut *link) {
-                            transaction.release_body(direction, false);
-                        }
+                        release(false);
                     }
                 }
             }
         }
         let Some(output) = &state.output else {
-            // Withheld: nothing goes out yet; the input may go on.
+            // Withheld (or nothing let through yet): nothing goes out yet; the input may go on.
             sys::TSContCall(
                 sys::TSVIOContGet(input),
                 sys::TS_EVENT_VCONN_WRITE_READY,
@@ -431,7 +454,7 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
         if end_of_stream {
             state.done = true;
             if let Framing::Committed { length, .. } = state.framing {
-                if length != state.written && length != i64::MAX {
+                if length != state.written && whole {
                     diag::error(&format!(
                         "the request body sent to the origin has {} bytes where its length \
                          says {length}",

@@ -77,6 +77,11 @@ impl Dechunker {
                     };
                     self.state = match self.state {
                         State::Size => {
+                            // httparse reads a line without digits as size 0 (the last chunk),
+                            // which would end the body early.
+                            if !line.first().is_some_and(u8::is_ascii_hexdigit) {
+                                return Err(Malformed("a chunk size line has no size"));
+                            }
                             let mut size_line = line;
                             size_line.extend_from_slice(b"\r\n");
                             match httparse::parse_chunk_size(&size_line) {

@@ -498,7 +498,7 @@ unsafe extern "C" fn on_transaction_event(
             // chunked`, which the origin would read the body by.
             guarded("the send request hook", Next::Continue, || {
                 if let Some(mut request) = server_request(txn) {
-                    abi::Headers::remove(&mut request, b"transfer-encoding");
+                    without_chunked(&mut request);
                 }
                 Next::Continue
             });
@@ -672,6 +672,25 @@ fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
     }
 }
 
+/// Takes `chunked` out of a request's `Transfer-Encoding`, keeping its other codings (e.g.
+/// `gzip` of `gzip, chunked`); the header goes when nothing is left.
+fn without_chunked(request: &mut MimeHeaders) {
+    use abi::Headers as _;
+    let Some(value) = request.get(b"transfer-encoding").map(<[u8]>::to_vec) else {
+        return;
+    };
+    let kept: Vec<&[u8]> = value
+        .split(|&byte| byte == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
+        .collect();
+    if kept.is_empty() {
+        request.remove(b"transfer-encoding");
+    } else {
+        request.replace(b"transfer-encoding", &kept.join(&b", "[..]));
+    }
+}
+
 /// The request Traffic Server sends to the origin, once it has one.
 fn server_request(txn: sys::TSHttpTxn) -> Option<MimeHeaders> {
     let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
@@ -733,7 +752,8 @@ fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
 /// The header that frames a request's body (`Content-Length` or `Transfer-Encoding`) and its
 /// value, if there is one.
 fn framing_of(headers: &MimeHeaders) -> Option<(Vec<u8>, Vec<u8>)> {
-    [&b"content-length"[..], b"transfer-encoding"]
+    // Transfer-Encoding first: it frames the body when both came (RFC 9112, 6.3).
+    [&b"transfer-encoding"[..], b"content-length"]
         .into_iter()
         .find_map(|name| {
             abi::Headers::get(headers, name).map(|value| (name.to_vec(), value.to_vec()))

@@ -1477,24 +1477,48 @@ fn a_request_body_a_plugin_changes_in_length_reaches_the_origin_framed_by_its_ne
         }
     }
     // Changed without dropping Content-Length, but buffered to its end: nothing went to the
-    // origin before the new length was known.
-    let (sent, expected) = &shorter;
-    let reply = post_with(
-        &server.url("/echo"),
-        &[("x-keep-content-length", "1")],
-        sent.as_bytes(),
-        false,
-    )
-    .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
-    assert!(
-        reply
-            .body
-            .contains(&format!("content-length: {}\n", expected.len()))
-            && reply
+    // origin before the new length was known, in one read or many.
+    let many = ("hello ﬀ ".repeat(20_000), "HELLO FF ".repeat(20_000));
+    for (sent, expected) in [shorter, many] {
+        let reply = post_with(
+            &server.url("/echo"),
+            &[("x-keep-content-length", "1")],
+            sent.as_bytes(),
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+        assert!(
+            reply
                 .body
-                .contains(&format!("\n{expected}\nhowdy from origin")),
+                .contains(&format!("content-length: {}\n", expected.len()))
+                && reply
+                    .body
+                    .contains(&format!("\n{expected}\nhowdy from origin")),
+            "{}",
+            context(&format!(
+                "{} bytes kept their length: {reply:?}",
+                sent.len()
+            ))
+        );
+    }
+
+    // A chunked body its client leaves unfinished is not sent to the origin as if whole.
+    let before = origin.requests();
+    let mut unfinished =
+        TcpStream::connect(("127.0.0.1", server.port)).expect("Traffic Server accepts");
+    std::io::Write::write_all(
+        &mut unfinished,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .expect("part of a request");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(unfinished);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        origin.requests(),
+        before,
         "{}",
-        context(&format!("{reply:?}"))
+        context("the unfinished chunked body reached the origin")
     );
     drop(server);
 
@@ -1758,7 +1782,7 @@ fn a_body_a_plugin_buffers_past_the_buffer_limit_goes_on_unchanged() {
         Ok(reply) => assert!(reply.status >= 400, "{}", context(&format!("{reply:?}"))),
         Err(error) => eprintln!("the refused upload: {error}"),
     }
-    server.wait_for_log("a request body without a length passed the buffer limit");
+    server.wait_for_log("a chunked request body passed the buffer limit");
     assert_eq!(
         origin.requests(),
         before,
