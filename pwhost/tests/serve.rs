@@ -1184,11 +1184,15 @@ fn sigint_drains_as_sigterm_does() {
 /// A gRPC server (tonic) for the plugins' calls, on a thread of its own until dropped:
 /// `pwhost.Auth/Check` answers `checked <message> (x-meta <value>)`, or PERMISSION_DENIED
 /// (7, `not you`) while `deny` is set; `pwhost.Echo/Stream` answers with initial metadata
-/// `x-init: ready`, then `echo: <first message>`, then ends with status OK.
+/// `x-init: ready`, then `echo: <first message>`, then ends with status OK;
+/// `pwhost.Echo/Hold` answers with the same initial metadata and nothing more, reads the
+/// client's messages one every 50 ms and notes in `held` how many came before their stream
+/// ended.
 struct GrpcUpstream {
     address: SocketAddr,
     deny: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
+    held: Arc<std::sync::Mutex<Option<String>>>,
     _server: Background,
 }
 
@@ -1207,6 +1211,7 @@ mod grpc_upstream {
     pub struct Upstream {
         pub deny: Arc<AtomicBool>,
         pub calls: Arc<AtomicUsize>,
+        pub held: Arc<std::sync::Mutex<Option<String>>>,
     }
 
     impl Service<http::Request<tonic::body::Body>> for Upstream {
@@ -1226,6 +1231,7 @@ mod grpc_upstream {
                 Ok(match request.uri().path() {
                     "/pwhost.Auth/Check" => grpc.unary(Check(upstream.deny), request).await,
                     "/pwhost.Echo/Stream" => grpc.streaming(Echo, request).await,
+                    "/pwhost.Echo/Hold" => grpc.streaming(Hold(upstream.held), request).await,
                     _ => Status::unimplemented("no such method").into_http(),
                 })
             })
@@ -1282,15 +1288,53 @@ mod grpc_upstream {
             })
         }
     }
+    /// Answers with initial metadata and no message, never ends, and reads slowly.
+    struct Hold(Arc<std::sync::Mutex<Option<String>>>);
+
+    impl tonic::server::StreamingService<Bytes> for Hold {
+        type Response = Bytes;
+        type ResponseStream = Replies;
+        type Future = BoxFuture<Response<Replies>, Status>;
+
+        fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+            let held = Arc::clone(&self.0);
+            Box::pin(async move {
+                let mut incoming = request.into_inner();
+                tokio::spawn(async move {
+                    let mut messages = 0;
+                    // (A reset shows as an end here too: hyper ends a request body reset with
+                    // CANCEL as if it ended cleanly.)
+                    let outcome = loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        match incoming.message().await {
+                            Ok(Some(_)) => messages += 1,
+                            Ok(None) => break format!("ended after {messages} messages"),
+                            Err(status) => break format!("failed after {messages}: {status}"),
+                        }
+                    };
+                    *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                });
+                let replies: Replies = Box::pin(tokio_stream::pending());
+                let mut response = Response::new(replies);
+                response.metadata_mut().insert(
+                    "x-init",
+                    tonic::metadata::MetadataValue::from_static("ready"),
+                );
+                Ok(response)
+            })
+        }
+    }
 }
 
 impl GrpcUpstream {
     fn start() -> GrpcUpstream {
         let deny = Arc::new(AtomicBool::new(false));
         let calls = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(std::sync::Mutex::new(None));
         let upstream = grpc_upstream::Upstream {
             deny: Arc::clone(&deny),
             calls: Arc::clone(&calls),
+            held: Arc::clone(&held),
         };
         let server = Background::start(move |listener, stopped| async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -1304,6 +1348,7 @@ impl GrpcUpstream {
             address: server.address,
             deny,
             calls,
+            held,
             _server: server,
         }
     }
@@ -1386,10 +1431,11 @@ fn a_grpc_stream_delivers_metadata_messages_and_its_close_to_the_plugin() {
     serve.wait_for_log("trailing metadata count");
 }
 
-/// A plugin sending on a gRPC stream faster than the upstream takes its messages: past 16 MiB
-/// unsent the stream is reset and the plugin gets its close with RESOURCE_EXHAUSTED (8), so a
-/// plugin cannot grow the proxy's memory without end; the sends after it are dropped without
-/// an error the SDKs would panic on.
+/// A plugin sending on a gRPC stream faster than the upstream takes its messages, once the
+/// upstream answered: past 16 MiB unsent the stream is reset and the plugin gets its close with
+/// RESOURCE_EXHAUSTED (8), so a plugin cannot grow the proxy's memory without end; the sends
+/// after it are dropped without an error the SDKs would panic on, and what was queued is
+/// dropped with the stream instead of still going to the upstream.
 #[test]
 fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
     let origin = Origin::start();
@@ -1399,7 +1445,7 @@ fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
         &[envoy_filter("stream", "grpc_stream", "")],
         &[("grpc_cluster", upstream.address)],
     );
-    // 24 messages of 1 MiB in one callback: the upstream takes none of them meanwhile.
+    // 24 messages of 1 MiB in one callback, to an upstream taking one every 50 ms.
     let reply = get(&serve.url("/flood"), &[("x-flood", "24")]);
     assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
     assert!(
@@ -1409,8 +1455,33 @@ fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
         serve.log()
     );
     serve.wait_for_log("bytes the upstream has not taken: the stream is reset");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        if let Some(outcome) = upstream
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            break outcome;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream's stream never ended\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // `hello` and the first 16 MiB were queued before the limit; of them, only what was on
+    // its way when the stream was reset reaches the upstream.
+    let messages: usize = held
+        .split_whitespace()
+        .nth(2)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("{held}"));
+    assert!(messages <= 8, "{held}: the queued messages still went out");
     // A stream within the bound goes on as before.
-    let reply = get(&serve.url("/streamed"), &[("x-flood", "2")]);
+    let reply = get(&serve.url("/streamed"), &[]);
     assert!(reply.body.contains("x-stream-status: 0"), "{}", reply.body);
 }
 

@@ -378,15 +378,19 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        // The request's headers are in: their deadline stops, and the next request's starts
-        // with its first byte (an admin request's body, if any, is not read).
-        if let Some(socket) = session
+        // The request's headers are in: their deadline stops. The next request's starts with
+        // its first byte; a request whose body is not all read (the admin reads none) keeps no
+        // connection, since the rest of the body would start that deadline (as in the proxy).
+        let clock = session
             .digest()
             .and_then(|digest| digest.socket_digest.as_ref())
-        {
-            if let Some(clock) = crate::connections::of(socket).headers {
-                clock.headers_received();
+            .and_then(|socket| crate::connections::of(socket).headers);
+        if let Some(clock) = clock {
+            clock.headers_received();
+            if session.is_body_done() {
                 clock.request_ended();
+            } else {
+                session.set_keepalive(None);
             }
         }
         let path = session.req_header().uri.path().to_string();

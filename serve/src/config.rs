@@ -425,6 +425,21 @@ impl ServeConfig {
         if listeners.is_empty() {
             return Err("listeners: at least one listener is needed".into());
         }
+        // Names label each listener's metrics (and the admin listener's are `admin`).
+        let mut names = std::collections::HashSet::new();
+        for (index, listener) in listeners.iter().enumerate() {
+            if listener.name == "admin" {
+                return Err(format!(
+                    "listeners[{index}].name: \"admin\" names the admin listener's metrics"
+                ));
+            }
+            if !names.insert(listener.name.as_str()) {
+                return Err(format!(
+                    "listeners[{index}].name: {:?} is an earlier listener's name",
+                    listener.name
+                ));
+            }
+        }
         for (name, cluster) in &file.clusters {
             if cluster.endpoints.is_empty() {
                 return Err(format!("clusters.{name}.endpoints: at least one is needed"));
@@ -804,6 +819,18 @@ clusters:
             (
                 MINIMAL.replace("[127.0.0.1:9000]", "[]"),
                 "clusters.backend.endpoints",
+            ),
+            (
+                MINIMAL.replace("  - address:", "  - name: admin\n    address:"),
+                "listeners[0].name: \"admin\" names the admin listener's metrics",
+            ),
+            (
+                MINIMAL.replace(
+                    "clusters:",
+                    "  - name: listener_0\n    address: 127.0.0.1:8081\n    \
+                     routes: [{cluster: backend}]\nclusters:",
+                ),
+                "listeners[1].name: \"listener_0\" is an earlier listener's name",
             ),
         ];
         for (text, expected) in cases {

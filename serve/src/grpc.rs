@@ -21,8 +21,6 @@ use bytes::{Buf, BufMut, Bytes};
 use http::uri::PathAndQuery;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt as _;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{
     AsciiMetadataKey, AsciiMetadataValue, BinaryMetadataKey, BinaryMetadataValue, MetadataMap,
@@ -46,6 +44,8 @@ pub(crate) const MAX_UNSENT_BYTES: usize = 16 << 20;
 pub(crate) struct StreamSender {
     messages: mpsc::UnboundedSender<Bytes>,
     unsent: Arc<Unsent>,
+    /// Resets the stream (RST_STREAM) unless it closed gracefully.
+    cancel: tonic::CancellationHandle,
 }
 
 /// What a stream's plugin sent that the upstream has not taken yet.
@@ -78,6 +78,9 @@ impl StreamSender {
         let unsent = self.unsent.bytes.load(Ordering::Relaxed);
         if unsent.saturating_add(message.len()) > MAX_UNSENT_BYTES {
             self.unsent.resetting.store(true, Ordering::Relaxed);
+            // No more of the stream goes out, and it never ends cleanly: the upstream must not
+            // take what it got for a whole stream.
+            self.cancel.clone().cancel();
             self.unsent.over_limit.notify_one();
             return Sent::OverLimit;
         }
@@ -86,8 +89,66 @@ impl StreamSender {
             .fetch_add(message.len(), Ordering::Relaxed);
         match self.messages.send(Bytes::copy_from_slice(message)) {
             Ok(()) => Sent::Queued,
-            Err(_) => Sent::Ended,
+            Err(_) => {
+                self.unsent
+                    .bytes
+                    .fetch_sub(message.len(), Ordering::Relaxed);
+                Sent::Ended
+            }
         }
+    }
+}
+
+/// The plugin's messages as tonic takes them. They end (a clean END_STREAM) only when the
+/// plugin half-closes; once the stream is being reset none come and they never end (the
+/// cancellation resets the stream), and the reset drops what was queued.
+struct Outgoing {
+    messages: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Bytes>>>>,
+    unsent: Arc<Unsent>,
+}
+
+impl tokio_stream::Stream for Outgoing {
+    type Item = Bytes;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        if self.unsent.resetting.load(Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        let mut messages = self
+            .messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(receiver) = messages.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let next = receiver.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(message)) = &next {
+            self.unsent
+                .bytes
+                .fetch_sub(message.len(), Ordering::Relaxed);
+        }
+        next
+    }
+}
+
+/// Resets a stream that is still open when its task ends (done, or aborted by the plugin's
+/// cancel or its VM copy's end): dropping the call alone sends no RST_STREAM once the
+/// upstream's headers came, and the plugin's queued messages would still go out.
+struct ResetOnDrop {
+    cancel: tonic::CancellationHandle,
+    messages: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Bytes>>>>,
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        self.cancel.clone().cancel();
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -252,19 +313,24 @@ pub(crate) fn open(
         over_limit: tokio::sync::Notify::new(),
         resetting: AtomicBool::new(false),
     });
+    let queue = Arc::new(std::sync::Mutex::new(Some(messages)));
+    let mut outgoing = tonic::Request::new(Outgoing {
+        messages: Arc::clone(&queue),
+        unsent: Arc::clone(&unsent),
+    });
+    let cancel = outgoing.cancellation_handle();
     let sender = StreamSender {
         messages: sender,
         unsent: Arc::clone(&unsent),
+        cancel: cancel.clone(),
     };
-    let taken = Arc::clone(&unsent);
-    let messages = UnboundedReceiverStream::new(messages).map(move |message: Bytes| {
-        taken.bytes.fetch_sub(message.len(), Ordering::Relaxed);
-        message
-    });
+    let reset = ResetOnDrop {
+        cancel,
+        messages: queue,
+    };
     let reset_caller = caller.clone();
     let stream = async move {
         let mut client = tonic::client::Grpc::new(prepared.channel);
-        let mut outgoing = tonic::Request::new(messages);
         *outgoing.metadata_mut() = prepared.metadata;
         let opened = async {
             client.ready().await.map_err(unavailable)?;
@@ -312,10 +378,12 @@ pub(crate) fn open(
         .await;
     };
     let task = prepared.runtime.spawn(async move {
+        let _reset = reset;
         tokio::select! {
             () = stream => {}
             () = unsent.over_limit.notified() => {
-                // Dropping the call resets the stream.
+                // The send that passed the limit cancelled the request (RST_STREAM); the
+                // queued messages go with `_reset` at the task's end.
                 tracing::warn!(
                     token,
                     "a gRPC stream's plugin sent more than {MAX_UNSENT_BYTES} bytes the \

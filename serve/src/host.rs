@@ -291,13 +291,10 @@ impl Host for ServeHost {
             // Half-closed already: nothing more may be sent.
             return Status::BadArgument;
         };
-        match sender.send(message) {
-            grpc::Sent::Queued => {}
-            grpc::Sent::Ended => return Status::NotFound,
-            // Being reset: the message is dropped and the close (RESOURCE_EXHAUSTED) reaches
-            // the plugin, as Envoy answers a send on a stream whose reset is not delivered yet.
-            grpc::Sent::OverLimit => {}
-        }
+        // A stream that ended, or is being reset, takes no more: the message is dropped and
+        // the close reaches the plugin (RESOURCE_EXHAUSTED for a reset), as Envoy answers OK to
+        // a send on a stream whose close it has not delivered yet (the SDKs panic on an error).
+        let _sent = sender.send(message);
         if end_of_stream {
             // No more messages: the request side half-closes.
             *open = None;

@@ -15,8 +15,9 @@
 //! - close(token, status): adds request header `x-stream-status: <status>` (decimal gRPC status)
 //!   and resumes the request — the forwarded request carries the header.
 //!
-//! A request with `x-flood: <n>` also sends `n` messages of 1 MiB right after `hello`, to test
-//! how a host bounds what a plugin sends faster than the upstream takes it.
+//! A request with `x-flood: <n>` opens `pwhost.Echo/Hold` instead and sends `n` messages of
+//! 1 MiB once the stream's initial metadata came (the upstream answered), to test how a host
+//! bounds what a plugin sends faster than the upstream takes it.
 
 use log::info;
 use proxy_wasm::traits::*;
@@ -24,25 +25,27 @@ use proxy_wasm::types::*;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> { Box::new(GrpcStream) });
+    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
+        Box::new(GrpcStream { flood: 0 })
+    });
 }}
 
-struct GrpcStream;
+struct GrpcStream {
+    /// MiB to send once the upstream answered (`x-flood`).
+    flood: usize,
+}
 
 impl HttpContext for GrpcStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.open_grpc_stream("grpc_cluster", "pwhost.Echo", "Stream", vec![]) {
+        self.flood = self
+            .get_http_request_header("x-flood")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        let method = if self.flood > 0 { "Hold" } else { "Stream" };
+        match self.open_grpc_stream("grpc_cluster", "pwhost.Echo", method, vec![]) {
             Ok(token) => {
                 info!("opened grpc stream: token {}", token);
                 self.send_grpc_stream_message(token, Some(b"hello"), false);
-                let flood = self
-                    .get_http_request_header("x-flood")
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .unwrap_or(0);
-                let megabyte = vec![b'x'; 1 << 20];
-                for _ in 0..flood {
-                    self.send_grpc_stream_message(token, Some(&megabyte), false);
-                }
             }
             Err(status) => {
                 let body = format!("grpc stream failed: {:?}", status);
@@ -54,12 +57,16 @@ impl HttpContext for GrpcStream {
 }
 
 impl Context for GrpcStream {
-    fn on_grpc_stream_initial_metadata(&mut self, _token_id: u32, _num_elements: u32) {
+    fn on_grpc_stream_initial_metadata(&mut self, token_id: u32, _num_elements: u32) {
         let value = match self.get_grpc_stream_initial_metadata_value("x-init") {
             Some(value) => String::from_utf8_lossy(&value).into_owned(),
             None => "<missing>".to_string(),
         };
         info!("initial metadata x-init: {}", value);
+        let megabyte = vec![b'x'; 1 << 20];
+        for _ in 0..self.flood {
+            self.send_grpc_stream_message(token_id, Some(&megabyte), false);
+        }
     }
 
     fn on_grpc_stream_message(&mut self, _token_id: u32, message_size: usize) {
