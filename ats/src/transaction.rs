@@ -656,20 +656,34 @@ fn note_response(
     }
 }
 
-/// A transaction's client request or response header, if Traffic Server has it now.
-fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
+/// Traffic Server's getters of a transaction's headers (`TSHttpTxnClientReqGet`, ...).
+type HeaderGetter = unsafe extern "C" fn(
+    sys::TSHttpTxn,
+    *mut sys::TSMBuffer,
+    *mut sys::TSMLoc,
+) -> sys::TSReturnCode;
+
+/// The header of `txn` that `get` reaches, if Traffic Server has it now.
+fn txn_header(txn: sys::TSHttpTxn, get: HeaderGetter, kind: HeaderKind) -> Option<MimeHeaders> {
     let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
     let mut header: sys::TSMLoc = std::ptr::null_mut();
-    // SAFETY: `txn` is a transaction held by this plugin; the handles returned belong to it
-    // and stay valid while it is held.
+    // SAFETY: `txn` is a transaction held by this plugin and `get` one of Traffic Server's
+    // header getters; the handles returned belong to the transaction and stay valid while it
+    // is held.
     unsafe {
-        let found = match kind {
-            HeaderKind::Request => sys::TSHttpTxnClientReqGet(txn, &mut buffer, &mut header),
-            HeaderKind::Response => sys::TSHttpTxnClientRespGet(txn, &mut buffer, &mut header),
-        };
+        let found = get(txn, &mut buffer, &mut header);
         (found == sys::TS_SUCCESS && !buffer.is_null() && !header.is_null())
             .then(|| MimeHeaders::new(buffer, header, kind))
     }
+}
+
+/// A transaction's client request or response header, if Traffic Server has it now.
+fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
+    let get: HeaderGetter = match kind {
+        HeaderKind::Request => sys::TSHttpTxnClientReqGet,
+        HeaderKind::Response => sys::TSHttpTxnClientRespGet,
+    };
+    txn_header(txn, get, kind)
 }
 
 /// Takes `chunked` out of a request's `Transfer-Encoding`, keeping its other codings (e.g.
@@ -693,14 +707,7 @@ fn without_chunked(request: &mut MimeHeaders) {
 
 /// The request Traffic Server sends to the origin, once it has one.
 fn server_request(txn: sys::TSHttpTxn) -> Option<MimeHeaders> {
-    let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
-    let mut header: sys::TSMLoc = std::ptr::null_mut();
-    // SAFETY: as in `client_header`.
-    unsafe {
-        let found = sys::TSHttpTxnServerReqGet(txn, &mut buffer, &mut header);
-        (found == sys::TS_SUCCESS && !buffer.is_null() && !header.is_null())
-            .then(|| MimeHeaders::new(buffer, header, HeaderKind::Request))
-    }
+    txn_header(txn, sys::TSHttpTxnServerReqGet, HeaderKind::Request)
 }
 
 /// Sets a reply's status and headers on the response the callbacks see.
@@ -722,16 +729,9 @@ fn put_on_response(
 
 /// The response header the response callbacks see (see [`ResponseFrom`]).
 fn response_header(txn: sys::TSHttpTxn, from: ResponseFrom) -> Option<MimeHeaders> {
-    if from == ResponseFrom::Client {
-        return client_header(txn, HeaderKind::Response);
-    }
-    let mut buffer: sys::TSMBuffer = std::ptr::null_mut();
-    let mut header: sys::TSMLoc = std::ptr::null_mut();
-    // SAFETY: as in `client_header`.
-    unsafe {
-        let found = sys::TSHttpTxnServerRespGet(txn, &mut buffer, &mut header);
-        (found == sys::TS_SUCCESS && !buffer.is_null() && !header.is_null())
-            .then(|| MimeHeaders::new(buffer, header, HeaderKind::Response))
+    match from {
+        ResponseFrom::Client => client_header(txn, HeaderKind::Response),
+        ResponseFrom::Origin => txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response),
     }
 }
 

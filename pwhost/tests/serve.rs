@@ -3398,7 +3398,7 @@ fn a_request_answered_before_its_body_was_read_ends_its_connection() {
 /// not cut.
 #[test]
 fn the_admin_listener_times_out_clients_too_slow_with_their_headers() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let origin = Origin::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (port, admin_port) = (free_port(), free_port());
@@ -3431,20 +3431,11 @@ fn the_admin_listener_times_out_clients_too_slow_with_their_headers() {
     // Two requests on one connection, idle longer than the deadline between them.
     let mut keep_alive = connect();
     for _ in 0..2 {
-        keep_alive
-            .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
-            .expect("a request");
-        let mut answer = Vec::new();
-        let mut buffer = [0u8; 1024];
-        keep_alive
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("a read timeout");
-        while !answer.ends_with(b"LIVE\n") {
-            let read = keep_alive.read(&mut buffer).expect("the answer");
-            assert!(read > 0, "closed: {:?}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buffer[..read]);
-        }
-        assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+        let status = keep_alive_get(
+            &mut keep_alive,
+            &[b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"],
+        );
+        assert!(status.starts_with("HTTP/1.1 200 "), "{status:?}");
         std::thread::sleep(Duration::from_millis(1500));
     }
 }
