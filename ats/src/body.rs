@@ -254,11 +254,13 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
         // No buffer: the writer is gone; what came is all there is.
         let input_open = !sys::TSVIOBufferGet(input).is_null();
         let mut chunk = Vec::new();
+        let mut consumed = false;
         if input_open {
             let todo = sys::TSVIONTodoGet(input);
             let reader = sys::TSVIOReaderGet(input);
             let available = sys::TSIOBufferReaderAvail(reader).min(todo);
             if available > 0 {
+                consumed = true;
                 read_into(reader, available, &mut chunk);
                 sys::TSIOBufferReaderConsume(reader, available);
                 sys::TSVIONDoneSet(input, sys::TSVIONDoneGet(input) + available);
@@ -295,6 +297,14 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
             chunk = decoded;
         }
         if chunk.is_empty() && !end_of_stream {
+            if consumed {
+                // Only chunk framing came: the writer may go on.
+                sys::TSContCall(
+                    sys::TSVIOContGet(input),
+                    sys::TS_EVENT_VCONN_WRITE_READY,
+                    input.cast(),
+                );
+            }
             return;
         }
         let run = |chunk: Vec<u8>| match link.is_null() {
