@@ -686,6 +686,14 @@ fn client_header(txn: sys::TSHttpTxn, kind: HeaderKind) -> Option<MimeHeaders> {
     txn_header(txn, get, kind)
 }
 
+/// The codings a `Transfer-Encoding` value lists, trimmed, empty ones left out.
+fn codings(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&byte| byte == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty())
+}
+
 /// Takes `chunked` out of a request's `Transfer-Encoding`, keeping its other codings (e.g.
 /// `gzip` of `gzip, chunked`); the header goes when nothing is left.
 fn without_chunked(request: &mut MimeHeaders) {
@@ -693,10 +701,8 @@ fn without_chunked(request: &mut MimeHeaders) {
     let Some(value) = request.get(b"transfer-encoding").map(<[u8]>::to_vec) else {
         return;
     };
-    let kept: Vec<&[u8]> = value
-        .split(|&byte| byte == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
+    let kept: Vec<&[u8]> = codings(&value)
+        .filter(|coding| !coding.eq_ignore_ascii_case(b"chunked"))
         .collect();
     if kept.is_empty() {
         request.remove(b"transfer-encoding");
@@ -1005,11 +1011,8 @@ impl Transaction {
         chunk: Vec<u8>,
         end_of_stream: bool,
     ) -> Vec<u8> {
+        let order = self.body_order(direction);
         let filters = &mut self.filters;
-        let order: Vec<usize> = match direction {
-            Direction::Request => (0..filters.len()).collect(),
-            Direction::Response => (0..filters.len()).rev().collect(),
-        };
         let cut = match direction {
             Direction::Request => &mut self.body_cut[0],
             Direction::Response => &mut self.body_cut[1],
@@ -1094,10 +1097,17 @@ impl Transaction {
             // The plugins cannot be reached: the body goes on as it came.
             return data;
         }
-        if self.body_cut(direction) {
-            return Vec::new();
-        }
+        // A plugin failing closed took `data` with it: nothing goes on.
         data
+    }
+
+    /// The order `direction`'s body goes through the filters: the request's in order, the
+    /// response's in reverse.
+    fn body_order(&self, direction: Direction) -> Vec<usize> {
+        match direction {
+            Direction::Request => (0..self.filters.len()).collect(),
+            Direction::Response => (0..self.filters.len()).rev().collect(),
+        }
     }
 
     /// Whether a plugin failing closed ended `direction`'s body: nothing more of it goes on.
@@ -1121,9 +1131,7 @@ impl Transaction {
     pub(crate) fn request_body_chunked(&self) -> bool {
         self.client_framing.as_ref().is_some_and(|(name, value)| {
             name.as_slice() == b"transfer-encoding"
-                && value
-                    .split(|&byte| byte == b',')
-                    .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+                && codings(value).any(|coding| coding.eq_ignore_ascii_case(b"chunked"))
         })
     }
 
@@ -1133,11 +1141,7 @@ impl Transaction {
     /// caller sends the client's own bytes in their place).
     pub(crate) fn release_body(&mut self, direction: Direction, keep: bool) -> Vec<u8> {
         let mut data = Vec::new();
-        let order: Vec<usize> = match direction {
-            Direction::Request => (0..self.filters.len()).collect(),
-            Direction::Response => (0..self.filters.len()).rev().collect(),
-        };
-        for index in order {
+        for index in self.body_order(direction) {
             let filter = &mut self.filters[index];
             *filter.over_limit(direction) = true;
             let mut buffer = std::mem::take(filter.buffered(direction));
