@@ -78,10 +78,13 @@ impl StreamSender {
         let unsent = self.unsent.bytes.load(Ordering::Relaxed);
         if unsent.saturating_add(message.len()) > MAX_UNSENT_BYTES {
             self.unsent.resetting.store(true, Ordering::Relaxed);
+            // The task learns of the limit before the cancellation fails the call, so the
+            // plugin's close says RESOURCE_EXHAUSTED rather than the CANCELLED the reset
+            // makes (the task's `select!` looks at the limit first).
+            self.unsent.over_limit.notify_one();
             // No more of the stream goes out, and it never ends cleanly: the upstream must not
             // take what it got for a whole stream.
             self.cancel.clone().cancel();
-            self.unsent.over_limit.notify_one();
             return Sent::OverLimit;
         }
         self.unsent
@@ -380,7 +383,9 @@ pub(crate) fn open(
     let task = prepared.runtime.spawn(async move {
         let _reset = reset;
         tokio::select! {
-            () = stream => {}
+            // The limit first: once passed, the cancellation that follows it also fails the
+            // call, and that CANCELLED must not be the close the plugin hears.
+            biased;
             () = unsent.over_limit.notified() => {
                 // The send that passed the limit cancelled the request (RST_STREAM); the
                 // queued messages go with `_reset` at the task's end.
@@ -394,6 +399,7 @@ pub(crate) fn open(
                 ));
                 close(&reset_caller, token, &status).await;
             }
+            () = stream => {}
         }
     });
     Ok((token, task.abort_handle(), sender))
