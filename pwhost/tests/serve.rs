@@ -291,6 +291,18 @@ impl Serve {
     /// Starts the proxy with the configuration `config`, whose first listener is on `port`
     /// and admin listener on `admin_port`.
     fn launch(dir: tempfile::TempDir, port: u16, admin_port: u16, config: &str) -> Serve {
+        Serve::launch_listening(dir, &[port], admin_port, config)
+    }
+
+    /// Starts `pwhost serve` with `config` and waits until each of `ports` (the first being
+    /// [`Serve::url`]'s) and the admin listen.
+    fn launch_listening(
+        dir: tempfile::TempDir,
+        ports: &[u16],
+        admin_port: u16,
+        config: &str,
+    ) -> Serve {
+        let port = ports[0];
         let config_path = dir.path().join("serve.yaml");
         std::fs::write(&config_path, config).expect("the configuration");
         let log = dir.path().join("serve.log");
@@ -310,14 +322,18 @@ impl Serve {
             child,
             log,
         };
+        // Pingora starts its listeners one after another, so the test waits for each (every
+        // configuration here has an admin).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pwhost serve did not listen within 30 s:\n{}",
-                serve.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        for &listening in ports.iter().chain([&admin_port]) {
+            while TcpStream::connect(("127.0.0.1", listening)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "pwhost serve did not listen on {listening} within 30 s:\n{}",
+                    serve.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         serve
     }
@@ -2005,7 +2021,7 @@ fn each_failure_policy_holds_under_live_traffic() {
         "clusters:\n  backend: {{endpoints: [\"{}\"]}}\n",
         origin.address
     ));
-    let serve = Serve::launch(dir, ports[0], admin_port, &config);
+    let serve = Serve::launch_listening(dir, &ports, admin_port, &config);
     let url = |index: usize| format!("http://127.0.0.1:{}/", ports[index]);
     // Two clients per listener send requests all along, each on a connection of its own.
     let stop = Arc::new(AtomicBool::new(false));
@@ -2712,7 +2728,7 @@ fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_co
         cutting.address,
         checker.address,
     );
-    let serve = Serve::launch(dir, ports[0], admin_port, &config);
+    let serve = Serve::launch_listening(dir, &ports, admin_port, &config);
     // Eight clients, each sending every eighth request of the load, one connection each.
     let clients = 8;
     let started = Instant::now();
