@@ -69,7 +69,7 @@ fn plugin_library() -> PathBuf {
 
 #[path = "../../pwhost/tests/common/free_port.rs"]
 mod ports;
-use ports::free_port;
+use ports::{free_port, wait_for_listener};
 
 // Shared with the serve suite, which uses all of it (this suite reads a status only).
 #[allow(dead_code)]
@@ -837,14 +837,7 @@ fn tcp_stream_both_ways(port: u16, data: &[u8]) -> Vec<u8> {
 /// Waits (at most 20 s) until Traffic Server accepts connections on `port`.
 fn wait_for_port(server: &TrafficServer, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on port {port}:\n{}",
-            server.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_listener(port, deadline, || server.diagnostics());
 }
 
 #[test]

@@ -29,7 +29,7 @@ fn corpus_plugin(name: &str) -> PathBuf {
 
 #[path = "common/free_port.rs"]
 mod ports;
-use ports::free_port;
+use ports::{free_port, wait_for_listener};
 
 #[path = "common/faulty_peers.rs"]
 mod faulty_peers;
@@ -326,14 +326,7 @@ impl Serve {
         // configuration here has an admin).
         let deadline = Instant::now() + Duration::from_secs(30);
         for &listening in ports.iter().chain([&admin_port]) {
-            while TcpStream::connect(("127.0.0.1", listening)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "pwhost serve did not listen on {listening} within 30 s:\n{}",
-                    serve.log()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            wait_for_listener(listening, deadline, || serve.log());
         }
         serve
     }
