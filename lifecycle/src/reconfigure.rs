@@ -202,6 +202,12 @@ impl ThreadWorkers {
     pub fn draining(&self) -> usize {
         self.draining.len()
     }
+
+    /// How many streams are in flight on the thread's workers, old and current: from
+    /// [`ThreadWorkers::for_new_stream`] to [`ThreadWorkers::stream_ended`].
+    pub fn in_flight(&self) -> usize {
+        self.current.streams + self.draining.iter().map(|t| t.streams).sum::<usize>()
+    }
 }
 
 #[cfg(test)]
@@ -278,6 +284,7 @@ mod tests {
         assert!(name.contains("two"));
         assert_ne!(new, old);
         assert_eq!(threads.draining(), 1, "the old worker waits for its stream");
+        assert_eq!(threads.in_flight(), 2, "one stream on each worker");
         assert_eq!(retired.load(Ordering::Relaxed), 0);
         // The stream in flight still has its VM.
         assert!(threads.worker(old).unwrap().vm(&in_flight).is_some());
@@ -290,6 +297,7 @@ mod tests {
             "the old copy went with its stream"
         );
         end(&mut threads, new, fresh);
+        assert_eq!(threads.in_flight(), 0);
         assert_eq!(retired.load(Ordering::Relaxed), 1, "the current copy stays");
         drop(threads);
         assert_eq!(retired.load(Ordering::Relaxed), 2);

@@ -123,7 +123,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<std::convert::Infallible> {
     let config = serve::ServeConfig::read(&args.config)?;
     let engines = pwhost::configured::BuildEngines::new(args.limits.runtime_config());
     let proxy = serve::Proxy::load(config, std::sync::Arc::new(engines))?;
-    proxy.run()
+    Ok(proxy.run()?)
 }
 
 #[derive(Parser)]

@@ -2194,6 +2194,198 @@ fn a_reload_puts_new_routes_and_clusters_in_force_and_refuses_what_needs_a_resta
     assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{reply:?}");
 }
 
+/// An HTTP listener `name` on `port` routing everything to `backend`, with `filters`.
+fn http_listener(name: &str, port: u16, filters: &[String]) -> String {
+    let filters = match filters {
+        [] => " []\n".to_string(),
+        filters => format!("\n{}", filters.concat()),
+    };
+    format!(
+        "  - name: {name}\n    address: 127.0.0.1:{port}\n    \
+         routes: [{{prefix: /, cluster: backend}}]\n    http_filters:{filters}"
+    )
+}
+
+/// Whether nothing accepts connections on `port` any more (within 5 s).
+fn refuses_connections(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[test]
+fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is_cut() {
+    let origin = Origin::start();
+    let [main, extra, moved, added, admin] = std::array::from_fn(|_| free_port());
+    let config = |listeners: String| {
+        format!(
+            "workers: 2\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{listeners}\
+             clusters:\n  backend: {{endpoints: [\"{}\"], connect_timeout: 1s, \
+             request_timeout: 5s}}\n",
+            origin.address
+        )
+    };
+    let headers = envoy_filter("headers", "http_headers", "");
+    let api_key = envoy_filter("api_key", "local_response", "secret");
+    let first = config(
+        http_listener("main", main, std::slice::from_ref(&headers))
+            + &http_listener("extra", extra, std::slice::from_ref(&headers)),
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let serve = Serve::launch_listening(dir, &[main, extra], admin, &first);
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let reload = || send("POST", &serve.admin_url("/reload"), &[], Some(""));
+
+    // A request on "extra" is at the origin (which takes 1.5 s) when "extra" goes away.
+    let slow = url(extra, "/slow");
+    let in_flight = std::thread::spawn(move || get(&slow, &[]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.requests.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the origin"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // "main" moves, "extra" goes, "added" comes with a chain of its own.
+    let second = config(
+        http_listener("main", moved, std::slice::from_ref(&headers))
+            + &http_listener("added", added, std::slice::from_ref(&api_key)),
+    );
+    std::fs::write(&serve.config, &second).expect("the second configuration");
+    let reloaded = reload();
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let reply = get(&url(moved, "/"), &[]);
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"), "{reply:?}");
+    assert_eq!(get(&url(added, "/"), &[]).status, 403);
+    let reply = get(&url(added, "/"), &[("x-api-key", "secret")]);
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(
+        reply.header("x-powered-by"),
+        None,
+        "not the headers plugin's"
+    );
+    assert!(refuses_connections(main), "{}", serve.log());
+    assert!(refuses_connections(extra), "{}", serve.log());
+    let reply = in_flight.join().expect("the client");
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert!(reply.body.contains("hello from origin"), "{}", reply.body);
+    // The retired listener's VM copies go once its streams ended; the moved one has its own.
+    serve.wait_for_samples(&[("pwhost_vm_copies{owner=\"listener/extra\"}", 0.0)]);
+
+    // A listener whose address another process has: the whole reload is refused, and what is
+    // in force stays.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let taken_port = taken.local_addr().expect("its address").port();
+    let third = config(
+        http_listener("main", moved, std::slice::from_ref(&headers))
+            + &http_listener("added", added, &[])
+            + &http_listener("blocked", taken_port, &[]),
+    );
+    std::fs::write(&serve.config, &third).expect("the third configuration");
+    let refused = reload();
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.contains(&format!(
+            "listeners[2] (blocked): cannot listen on 127.0.0.1:{taken_port}"
+        )),
+        "{}",
+        refused.body
+    );
+    assert_eq!(
+        get(&url(added, "/"), &[]).status,
+        403,
+        "the old chain stays"
+    );
+    drop(taken);
+
+    // A listener renamed on the same address starts anew on the same socket: clients
+    // connecting all along are never refused, and the new chain serves from the reload on.
+    let fourth = config(
+        http_listener("main", moved, std::slice::from_ref(&headers))
+            + &http_listener("renamed", added, &[]),
+    );
+    std::fs::write(&serve.config, &fourth).expect("the fourth configuration");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut refused = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if TcpStream::connect(("127.0.0.1", added)).is_err() {
+                    refused += 1;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            refused
+        })
+    };
+    let reloaded = reload();
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let reply = get(&url(added, "/"), &[]);
+    assert_eq!(reply.status, 200, "no api key needed now: {}", serve.log());
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(prober.join().expect("the prober"), 0, "connections refused");
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert!(
+        metrics.contains("pwhost_requests_total{listener=\"renamed\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_listener_address_another_process_has_stops_the_proxy_at_start_naming_the_listener() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let port = taken.local_addr().expect("its address").port();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = dir.path().join("serve.yaml");
+    let text = format!(
+        "workers: 1\nlisteners:\n{}clusters:\n  backend: {{endpoints: [\"127.0.0.1:1\"]}}\n",
+        http_listener("web", port, &[])
+    );
+    std::fs::write(&config, text).expect("the configuration");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pwhost starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("the process") {
+            break exit;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running with its address taken");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .expect("its standard error")
+        .read_to_string(&mut stderr)
+        .expect("readable");
+    assert!(!exit.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "listeners[0] (web): cannot listen on 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
 /// `GET path` on `connection`, which stays open for the next request: the status and body
 /// (the proxy's responses have a `content-length`).
 fn get_kept_alive(connection: &mut TcpStream, path: &str) -> (u16, String) {

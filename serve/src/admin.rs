@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use lifecycle::LivePlugins;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus_client::collector::Collector;
@@ -131,7 +130,8 @@ struct FailureLabels {
 
 /// The plugins' metrics, read when scraped: they are defined by the plugins as they run.
 struct PluginMetrics {
-    listeners: Vec<(String, Arc<LivePlugins>)>,
+    /// Where the listeners in force are.
+    reloader: Arc<Reloader>,
     /// The plugin metrics left out for a name another one has, warned about once each.
     warned: Mutex<HashSet<String>>,
 }
@@ -158,13 +158,9 @@ fn envoy_name(name: &str) -> String {
 
 impl Collector for PluginMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some((_, first)) = self.listeners.first() else {
-            return Ok(());
-        };
         // One store for the process: every listener's plugins share it.
-        let (_, plugins) = first.current();
         encode_plugin_metrics(
-            plugins.shared_state().metrics_snapshot(),
+            self.reloader.shared.metrics_snapshot(),
             &mut encoder,
             &self.warned,
         )?;
@@ -174,7 +170,7 @@ impl Collector for PluginMetrics {
             None,
             MetricType::Counter,
         )?;
-        for (listener, live) in &self.listeners {
+        for (listener, live) in self.reloader.plugins_in_force() {
             let (_, plugins) = live.current();
             for plugin in plugins.http_filters().chain(plugins.network_filters()) {
                 let name = plugins.config(plugin).display_name().to_string();
@@ -294,11 +290,7 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    pub(crate) fn new(
-        listeners: Vec<(String, Arc<LivePlugins>)>,
-        host: &HostMetrics,
-        reloader: Arc<Reloader>,
-    ) -> Admin {
+    pub(crate) fn new(host: &HostMetrics, reloader: Arc<Reloader>) -> Admin {
         let mut registry = Registry::default();
         registry.register(
             "pwhost_requests",
@@ -356,7 +348,7 @@ impl Admin {
             reloader.reloads.clone(),
         );
         registry.register_collector(Box::new(PluginMetrics {
-            listeners,
+            reloader: Arc::clone(&reloader),
             warned: Mutex::default(),
         }));
         Admin { registry, reloader }

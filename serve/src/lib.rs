@@ -5,10 +5,11 @@
 //! - Each HTTP listener has its routes (path prefix, optional host → cluster) and its HTTP
 //!   filter chain (plugin blocks as Envoy and Traffic Server write them, through the lifecycle
 //!   layer); each TCP listener its cluster and its network filter chain (see the `tcp` module).
-//! - Workers: Pingora runs one single-threaded runtime per worker thread (no work stealing), so
-//!   a stream stays on one thread from start to end, and each thread has its own VM copy of
-//!   every plugin, made on the thread's first stream. Shared data and queues are one store for
-//!   the process.
+//! - Workers: `workers` threads serve every listener (see the `listening` module, which also
+//!   lets a reload start, stop and replace listeners). Pingora runs one single-threaded runtime
+//!   per worker thread (no work stealing), so a stream stays on one thread from start to end,
+//!   and each thread has its own VM copy of every plugin, made on the thread's first stream.
+//!   Shared data and queues are one store for the process.
 //! - Pingora's phases map onto the callbacks: `request_filter` → `proxy_on_request_headers`
 //!   (a paused stream waits there, asynchronously, for the plugin to continue it),
 //!   `request_body_filter` → `proxy_on_request_body`, `response_filter` →
@@ -20,9 +21,9 @@
 //! tonic's (messages as the plugins' own bytes, see [`RawCodec`]). Singleton services run each
 //! on a thread of their own (lifecycle's `SingletonService`); their calls run on a runtime of
 //! their own and the answers are posted to the service's thread. A service without `singleton`
-//! (Envoy's default) has a VM copy per worker, as in Envoy: Pingora's worker threads belong to
-//! each listener, so these copies run on `workers` threads of their own, each an event loop like
-//! a listener's worker thread (ticks, queue notifications, calls answered on the thread).
+//! (Envoy's default) has a VM copy per worker, as in Envoy, on `workers` threads of their own,
+//! each an event loop like a listener's worker thread (ticks, queue notifications, calls
+//! answered on the thread).
 
 mod admin;
 mod callout;
@@ -33,6 +34,7 @@ mod grpc;
 mod header_timeout;
 mod headers;
 mod host;
+mod listening;
 mod proxy;
 mod reload;
 mod routing;
@@ -52,6 +54,8 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
+use crate::listening::{Listening, Workers};
+
 pub use config::{ConfigError, Limits, ServeConfig};
 pub use grpc::RawCodec;
 
@@ -64,6 +68,9 @@ pub enum ServeError {
     /// A plugin did not load or start.
     #[error("{0}")]
     Plugins(String),
+    /// A listener's address could not be listened on (e.g. another process has it).
+    #[error("{0}")]
+    Listen(String),
 }
 
 /// Where a deployment's code comes from: files (relative paths were made absolute from the
@@ -77,7 +84,7 @@ pub(crate) fn load_options() -> LoadOptions {
 }
 
 /// A listener ready to serve: its plugins and the Pingora application that runs them.
-struct ListenerService {
+pub(crate) struct ListenerService {
     name: String,
     address: std::net::SocketAddr,
     shared: Arc<worker::Listener>,
@@ -90,10 +97,83 @@ enum Front {
     Tcp(tcp::TcpProxy),
 }
 
+impl ListenerService {
+    /// Listener `listener` of the configuration, in slot `slot`, running `plugins`.
+    pub(crate) fn new(
+        slot: usize,
+        listener: &config::Listener,
+        plugins: Plugins,
+        routing: &routing::SharedRouting,
+        metrics: &Arc<admin::HostMetrics>,
+    ) -> ListenerService {
+        for warning in plugins.warnings() {
+            tracing::warn!(listener = %listener.name, "{warning}");
+        }
+        let shared = Arc::new(worker::Listener::new(
+            slot,
+            format!("listener/{}", listener.name),
+            Arc::new(LivePlugins::new(plugins)),
+            Arc::clone(routing),
+            Arc::clone(metrics),
+        ));
+        let front = match &listener.cluster {
+            Some(_) => Front::Tcp(tcp::TcpProxy {
+                listener: Arc::clone(&shared),
+                name: listener.name.clone(),
+                buffer_limit: listener.limits.buffer_limit_bytes,
+                idle_timeout: listener.idle_timeout,
+                metrics: Arc::clone(metrics),
+            }),
+            None => Front::Http(proxy::ListenerProxy {
+                listener: Arc::clone(&shared),
+                name: listener.name.clone(),
+                limits: listener.limits,
+                metrics: Arc::clone(metrics),
+            }),
+        };
+        ListenerService {
+            name: listener.name.clone(),
+            address: listener.address,
+            shared,
+            front,
+        }
+    }
+
+    /// The application serving the listener's connections, for a server of configuration
+    /// `server`.
+    pub(crate) fn app(self, server: &Arc<ServerConf>) -> listening::App {
+        match self.front {
+            Front::Http(proxy) => {
+                let timeout = proxy.limits.request_headers_timeout;
+                let counters = header_timeout::TimeoutCounters {
+                    metrics: Arc::clone(&proxy.metrics),
+                    listener: self.name,
+                };
+                let mut proxy = pingora::proxy::http_proxy(server, proxy);
+                let mut options = HttpServerOptions::default();
+                options.h2c = true;
+                // An HTTP/2 connection without streams is closed after Envoy's default idle
+                // timeout (Pingora drops it without a GOAWAY, so not much sooner: a client's
+                // stream sent just then would be lost).
+                options.h2_idle_timeout = Some(Duration::from_secs(3600));
+                proxy.server_options = Some(options);
+                listening::App::Http(header_timeout::WithHeaderTimeout {
+                    app: Arc::new(proxy),
+                    timeout,
+                    counters,
+                })
+            }
+            Front::Tcp(proxy) => listening::App::Tcp(proxy),
+        }
+    }
+}
+
 /// The proxy, loaded and ready to run.
 pub struct Proxy {
     config: ServeConfig,
     engines: Arc<dyn Engines>,
+    /// The store of shared data, queues and metrics of every plugin.
+    shared: abi::SharedState,
     metrics: Arc<admin::HostMetrics>,
     listeners: Vec<ListenerService>,
     services: Vec<SingletonService>,
@@ -109,64 +189,41 @@ impl Proxy {
     pub fn load(config: ServeConfig, engines: Arc<dyn Engines>) -> Result<Proxy, ServeError> {
         let options = load_options();
         let shared = abi::SharedState::default();
+        // Listener `i` has slot `i`; the services' view the next one, and listeners a reload
+        // starts the ones after (see `reload`).
+        let slots: Vec<usize> = (0..config.listeners.len()).collect();
         let routing: routing::SharedRouting = Arc::new(arc_swap::ArcSwap::from_pointee(
-            routing::Routing::of(&config, None),
+            routing::Routing::of(&config, &slots, None),
         ));
         let metrics = Arc::new(admin::HostMetrics::default());
         let mut listeners = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
-            let field = listener.filters_field();
             let plugins = Plugins::load(&listener.plugins, &*engines, &options, shared.clone())
-                .map_err(|e| ServeError::Plugins(format!("listeners[{index}].{field}: {e}")))?;
-            for warning in plugins.warnings() {
-                tracing::warn!(listener = %listener.name, "{warning}");
-            }
-            let shared = Arc::new(worker::Listener {
-                index,
-                owner: format!("listener/{}", listener.name),
-                live: Arc::new(LivePlugins::new(plugins)),
-                routing: Arc::clone(&routing),
-                metrics: Arc::clone(&metrics),
-            });
-            let front = match &listener.cluster {
-                Some(_) => Front::Tcp(tcp::TcpProxy {
-                    listener: Arc::clone(&shared),
-                    name: listener.name.clone(),
-                    buffer_limit: listener.limits.buffer_limit_bytes,
-                    idle_timeout: listener.idle_timeout,
-                    metrics: Arc::clone(&metrics),
-                }),
-                None => Front::Http(proxy::ListenerProxy {
-                    listener: Arc::clone(&shared),
-                    name: listener.name.clone(),
-                    limits: listener.limits,
-                    metrics: Arc::clone(&metrics),
-                }),
-            };
-            listeners.push(ListenerService {
-                name: listener.name.clone(),
-                address: listener.address,
-                shared,
-                front,
-            });
+                .map_err(|e| {
+                    let field = listener.filters_field();
+                    ServeError::Plugins(format!("listeners[{index}].{field}: {e}"))
+                })?;
+            listeners.push(ListenerService::new(
+                index, listener, plugins, &routing, &metrics,
+            ));
         }
         let mut services = Vec::new();
         let mut worker_services = None;
         if !config.services.services.is_empty() {
             let plugins = Arc::new(
-                Plugins::load(&config.services, &*engines, &options, shared)
+                Plugins::load(&config.services, &*engines, &options, shared.clone())
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
             let on_workers: Vec<PluginId> = plugins.worker_services().collect();
             if !on_workers.is_empty() {
-                let view = Arc::new(worker::Listener {
+                let view = Arc::new(worker::Listener::new(
                     // A slot of its own in each thread's workers, after the listeners'.
-                    index: listeners.len(),
-                    owner: "services".to_string(),
-                    live: Arc::new(LivePlugins::new_shared(Arc::clone(&plugins))),
-                    routing: Arc::clone(&routing),
-                    metrics: Arc::clone(&metrics),
-                });
+                    listeners.len(),
+                    "services".to_string(),
+                    Arc::new(LivePlugins::new_shared(Arc::clone(&plugins))),
+                    Arc::clone(&routing),
+                    Arc::clone(&metrics),
+                ));
                 worker_services = Some((view, on_workers));
             }
             for plugin in plugins.singleton_services() {
@@ -194,6 +251,7 @@ impl Proxy {
         Ok(Proxy {
             config,
             engines,
+            shared,
             metrics,
             listeners,
             services,
@@ -204,8 +262,20 @@ impl Proxy {
 
     /// Listens and serves until the process is told to stop (SIGTERM or SIGINT: stop
     /// accepting, let streams and connections in flight finish within the drain timeout,
-    /// exit 0). SIGHUP reloads the configuration file's plugin chains.
-    pub fn run(self) -> ! {
+    /// exit 0). SIGHUP reloads the configuration file. Returns only if a listener's address
+    /// cannot be listened on, before anything is served.
+    pub fn run(self) -> Result<std::convert::Infallible, ServeError> {
+        // Every socket first: a taken address stops the proxy here, with the listener's name.
+        let mut sockets = Vec::new();
+        for (index, listener) in self.listeners.iter().enumerate() {
+            let socket = listening::bind(listener.address).map_err(|error| {
+                ServeError::Listen(format!(
+                    "listeners[{index}] ({}): cannot listen on {}: {error}",
+                    listener.name, listener.address
+                ))
+            })?;
+            sockets.push(socket);
+        }
         let drain_timeout = self.config.drain_timeout;
         let conf = ServerConf {
             threads: self.config.workers,
@@ -221,16 +291,24 @@ impl Proxy {
         let listener_count = self.config.listeners.len();
         let admin_listener = self.config.admin;
         let path = self.config.path.clone();
+        let listening = Arc::new(Listening::default());
+        let in_force = self
+            .listeners
+            .iter()
+            .map(|listener| (listener.name.clone(), Arc::clone(&listener.shared)))
+            .collect();
         let reloader = Arc::new(reload::Reloader {
             path: path.clone().unwrap_or_default(),
             engines: Arc::clone(&self.engines),
-            listeners: self
-                .listeners
-                .iter()
-                .map(|listener| Arc::clone(&listener.shared))
-                .collect(),
+            shared: self.shared.clone(),
+            server: Arc::clone(&server.configuration),
+            listening: Arc::clone(&listening),
+            listeners: arc_swap::ArcSwap::from_pointee(in_force),
+            // After the listeners' slots and the services' one.
+            next_slot: std::sync::atomic::AtomicUsize::new(listener_count + 1),
             config: std::sync::Mutex::new(self.config),
             routing: Arc::clone(&self.routing),
+            metrics: Arc::clone(&self.metrics),
             reloads: Default::default(),
         });
         server.add_service(pingora::services::background::background_service(
@@ -247,12 +325,7 @@ impl Proxy {
             ));
         }
         if let Some(admin_listener) = admin_listener {
-            let plugins = self
-                .listeners
-                .iter()
-                .map(|listener| (listener.name.clone(), Arc::clone(&listener.shared.live)))
-                .collect();
-            let admin = admin::Admin::new(plugins, &self.metrics, Arc::clone(&reloader));
+            let admin = admin::Admin::new(&self.metrics, Arc::clone(&reloader));
             // The same headers deadline as an HTTP listener's: a client holding a connection
             // without sending a request would otherwise hold it for ever.
             let app = header_timeout::WithHeaderTimeout {
@@ -266,33 +339,15 @@ impl Proxy {
             let address = admin_listener.address.to_string();
             listen(&mut server, "admin".to_string(), &address, app);
         }
-        for listener in self.listeners {
-            let address = listener.address.to_string();
-            match listener.front {
-                Front::Http(proxy) => {
-                    let timeout = proxy.limits.request_headers_timeout;
-                    let counters = header_timeout::TimeoutCounters {
-                        metrics: Arc::clone(&proxy.metrics),
-                        listener: listener.name.clone(),
-                    };
-                    let mut proxy = pingora::proxy::http_proxy(&server.configuration, proxy);
-                    let mut options = HttpServerOptions::default();
-                    options.h2c = true;
-                    // An HTTP/2 connection without streams is closed after Envoy's default
-                    // idle timeout (Pingora drops it without a GOAWAY, so not much sooner: a
-                    // client's stream sent just then would be lost).
-                    options.h2_idle_timeout = Some(Duration::from_secs(3600));
-                    proxy.server_options = Some(options);
-                    let app = header_timeout::WithHeaderTimeout {
-                        app: Arc::new(proxy),
-                        timeout,
-                        counters,
-                    };
-                    listen(&mut server, listener.name, &address, app);
-                }
-                Front::Tcp(proxy) => listen(&mut server, listener.name, &address, proxy),
-            }
+        for (listener, socket) in self.listeners.into_iter().zip(sockets) {
+            let (name, address) = (listener.name.clone(), listener.address);
+            let app = listener.app(&server.configuration);
+            listening.serve(&name, address, socket, app);
         }
+        server.add_service(Workers {
+            listening,
+            threads: workers,
+        });
         if let Some((view, on_workers)) = self.worker_services {
             worker::start_service_workers(workers, &view, &on_workers);
         }

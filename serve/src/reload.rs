@@ -1,43 +1,82 @@
 //! Configuration updates while serving: on SIGHUP (or `POST /reload` on the admin listener) the
-//! file is read again, and every listener's plugin chain, the routes, the TCP listeners'
-//! clusters and the clusters replaced. Streams that start afterwards run the new chains and
-//! are routed by the new routes; streams in flight finish on the old ones. A configuration that
-//! cannot be used, or that changes what needs a restart, is refused with the reason, logged and
-//! counted, and the old one keeps serving.
+//! file is read again and put in force: every listener's plugin chain, the routes, the TCP
+//! listeners' clusters, the clusters, and the listeners themselves (Envoy's listener updates).
+//! Streams that start afterwards run the new chains and are routed by the new routes; streams
+//! in flight finish on the old ones.
+//!
+//! A listener is known by its name. One whose address, protocol, limits and idle timeout are
+//! unchanged keeps its socket, its connections and its VM copies, and gets the new chain. One
+//! that is new, or changed in those, starts anew: on a socket bound for it, or, if another
+//! listener of the old configuration had its address, on that listener's socket, which then
+//! serves the new listener from its next connection on (none waiting is refused). A listener no
+//! longer in the file stops accepting and its socket closes. A listener that stops or starts
+//! anew is retired: its connections close after the request each has in flight, and its VM
+//! copies go once its streams ended.
+//!
+//! A configuration that cannot be used (a plugin that does not load, an address that cannot
+//! be listened on), or that changes what needs a restart, is refused with the reason, logged
+//! and counted, and the old one keeps serving, unchanged.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use lifecycle::{Engines, Plugins};
+use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::admin::OutcomeLabel;
-use crate::config::ServeConfig;
+use crate::admin::{HostMetrics, OutcomeLabel};
+use crate::config::{self, ServeConfig};
+use crate::listening::{self, Listening};
 use crate::routing::{Routing, SharedRouting};
 use crate::worker::Listener;
+use crate::ListenerService;
 
-/// Reloads the configuration file into the running listeners.
+/// Reloads the configuration file into the running proxy.
 pub(crate) struct Reloader {
     /// The configuration file.
     pub(crate) path: PathBuf,
     pub(crate) engines: Arc<dyn Engines>,
-    pub(crate) listeners: Vec<Arc<Listener>>,
+    /// The plugins' store of shared data, queues and metrics, which new listeners' plugins
+    /// join.
+    pub(crate) shared: abi::SharedState,
+    /// The Pingora server's configuration, for new HTTP listeners.
+    pub(crate) server: Arc<ServerConf>,
+    /// The sockets and what serves them.
+    pub(crate) listening: Arc<Listening>,
+    /// The listeners in force, by name, in the configuration's order.
+    pub(crate) listeners: ArcSwap<Vec<(String, Arc<Listener>)>>,
+    /// The slot the next new listener gets (slots are never used twice).
+    pub(crate) next_slot: AtomicUsize,
     /// The configuration in force.
     pub(crate) config: Mutex<ServeConfig>,
     /// The routing in force.
     pub(crate) routing: SharedRouting,
+    /// The proxy's own metrics.
+    pub(crate) metrics: Arc<HostMetrics>,
     /// Reloads by outcome (`done`, `refused`).
     pub(crate) reloads: Family<OutcomeLabel, Counter>,
 }
 
+/// What a reload does with one listener of the new file.
+enum Plan {
+    /// The listener in force at this position of the old configuration keeps serving, with
+    /// these plugins.
+    Keep(usize, Plugins),
+    /// A listener that starts anew, on this socket (`None`: on the socket already listening on
+    /// its address).
+    Start(ListenerService, Option<std::net::TcpListener>),
+}
+
 impl Reloader {
-    /// Reads the file again and puts its plugin chains, routes and clusters in force; a change
-    /// to what listens (listeners, their names, addresses, protocols, limits), the workers,
-    /// the services, the admin listener or the drain timeout needs a restart and is refused.
+    /// Reads the file again and puts it in force; a change to the workers, the services, the
+    /// admin listener or the drain timeout needs a restart and is refused.
     pub(crate) fn reload(&self) -> Result<(), String> {
         let outcome = self.try_reload();
         let label = OutcomeLabel {
@@ -54,28 +93,149 @@ impl Reloader {
         outcome
     }
 
+    /// Every listener in force: its name and its plugins.
+    pub(crate) fn plugins_in_force(&self) -> Vec<(String, Arc<lifecycle::LivePlugins>)> {
+        self.listeners
+            .load()
+            .iter()
+            .map(|(name, listener)| (name.clone(), Arc::clone(&listener.live)))
+            .collect()
+    }
+
     fn try_reload(&self) -> Result<(), String> {
         let config = ServeConfig::read(&self.path).map_err(|e| e.to_string())?;
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
         check_reloadable(&config, &current)?;
-        // Every chain loads before any is put in force: all or nothing.
+        let in_force = self.listeners.load_full();
+        // Every chain loads and every new socket is bound before anything is put in force:
+        // all or nothing (sockets and plugins of a refused reload go with it).
         let options = crate::load_options();
-        let mut loaded = Vec::new();
-        for (index, (listener, new)) in self.listeners.iter().zip(&config.listeners).enumerate() {
-            let (_, previous) = listener.live.current();
-            let plugins =
-                Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
-                    .map_err(|e| format!("listeners[{index}].{}: {e}", new.filters_field()))?;
-            loaded.push(plugins);
+        let mut plans = Vec::new();
+        for (index, new) in config.listeners.iter().enumerate() {
+            let field = new.filters_field();
+            let kept = current
+                .listeners
+                .iter()
+                .position(|old| old.name == new.name && listens_alike(old, new));
+            let plan = match kept {
+                Some(position) => {
+                    let (_, previous) = in_force[position].1.live.current();
+                    let plugins =
+                        Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
+                            .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
+                    Plan::Keep(position, plugins)
+                }
+                None => {
+                    // A listener changed under its name compiles again only what changed.
+                    let same_name = current
+                        .listeners
+                        .iter()
+                        .position(|old| old.name == new.name);
+                    let plugins = match same_name {
+                        Some(position) => {
+                            let (_, previous) = in_force[position].1.live.current();
+                            Plugins::load_replacing(
+                                &previous,
+                                &new.plugins,
+                                &*self.engines,
+                                &options,
+                            )
+                        }
+                        None => Plugins::load(
+                            &new.plugins,
+                            &*self.engines,
+                            &options,
+                            self.shared.clone(),
+                        ),
+                    }
+                    .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
+                    let socket = if self.listening.listens_on(new.address) {
+                        None
+                    } else {
+                        Some(listening::bind(new.address).map_err(|error| {
+                            format!(
+                                "listeners[{index}] ({}): cannot listen on {}: {error}",
+                                new.name, new.address
+                            )
+                        })?)
+                    };
+                    // A slot of its own, also if the reload is refused later (slots are many).
+                    let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+                    let service =
+                        ListenerService::new(slot, new, plugins, &self.routing, &self.metrics);
+                    Plan::Start(service, socket)
+                }
+            };
+            plans.push(plan);
         }
-        let routing = Routing::of(&config, Some(&self.routing.load()));
+        // In force from here on: routes first, so that a new listener's first stream has them.
+        let slots: Vec<usize> = plans
+            .iter()
+            .map(|plan| match plan {
+                Plan::Keep(position, _) => in_force[*position].1.index,
+                Plan::Start(service, _) => service.shared.index,
+            })
+            .collect();
+        let routing = Routing::of(&config, &slots, Some(&self.routing.load()));
         self.routing.store(Arc::new(routing));
-        for (listener, plugins) in self.listeners.iter().zip(loaded) {
-            listener.live.replace(plugins);
+        let kept: HashSet<usize> = plans
+            .iter()
+            .filter_map(|plan| match plan {
+                Plan::Keep(position, _) => Some(*position),
+                Plan::Start(..) => None,
+            })
+            .collect();
+        let addresses: HashSet<_> = config.listeners.iter().map(|l| l.address).collect();
+        for (position, (name, listener)) in in_force.iter().enumerate() {
+            if kept.contains(&position) {
+                continue;
+            }
+            listener.retire();
+            let address = current.listeners[position].address;
+            if !addresses.contains(&address) {
+                self.listening.close(address);
+            }
+            tracing::info!(listener = %name, %address, "listener retired");
         }
+        let mut listeners = Vec::new();
+        for plan in plans {
+            match plan {
+                Plan::Keep(position, plugins) => {
+                    let (name, listener) = &in_force[position];
+                    listener.live.replace(plugins);
+                    listeners.push((name.clone(), Arc::clone(listener)));
+                }
+                Plan::Start(service, socket) => {
+                    let (name, address) = (service.name.clone(), service.address);
+                    listeners.push((name.clone(), Arc::clone(&service.shared)));
+                    let app = service.app(&self.server);
+                    match socket {
+                        Some(socket) => self.listening.serve(&name, address, socket, app),
+                        None => {
+                            if self.listening.replace(&name, address, app).is_err() {
+                                // The socket was there above, under the configuration's lock:
+                                // only the shutdown closes it meanwhile.
+                                tracing::warn!(listener = %name, %address, "not started: shutting down");
+                            }
+                        }
+                    }
+                    tracing::info!(listener = %name, %address, "listener started");
+                }
+            }
+        }
+        self.listeners.store(Arc::new(listeners));
         *current = config;
         Ok(())
     }
+}
+
+/// Whether listener `new` listens as `old` does: same address, protocol, limits and idle
+/// timeout (its chain and routes may differ). Otherwise it starts anew.
+fn listens_alike(old: &config::Listener, new: &config::Listener) -> bool {
+    old.address == new.address
+        && old.protocol == new.protocol
+        && old.limits == new.limits
+        && old.idle_timeout == new.idle_timeout
 }
 
 /// Waits for SIGHUP and reloads, until the server shuts down.
@@ -103,27 +263,10 @@ impl BackgroundService for OnHangup {
     }
 }
 
-/// Whether `new` differs from `old` only in what a reload can put in force (plugin chains,
-/// routes, clusters, a TCP listener's cluster); otherwise the first field that needs a
-/// restart: what listens (listeners, their names, addresses, protocols, limits, idle
-/// timeouts), the workers, the services, the admin listener or the drain timeout.
+/// Whether `new` differs from `old` only in what a reload can put in force (listeners, plugin
+/// chains, routes, clusters); otherwise the first field that needs a restart: the workers, the
+/// services, the admin listener or the drain timeout.
 fn check_reloadable(new: &ServeConfig, old: &ServeConfig) -> Result<(), String> {
-    if new.listeners.len() != old.listeners.len() {
-        return Err("listeners were added or removed: restart to apply".into());
-    }
-    for (index, (new, old)) in new.listeners.iter().zip(&old.listeners).enumerate() {
-        if new.address != old.address
-            || new.name != old.name
-            || new.protocol != old.protocol
-            || new.limits != old.limits
-            || new.idle_timeout != old.idle_timeout
-        {
-            return Err(format!(
-                "listeners[{index}]: its name, address, protocol, limits or idle timeout \
-                 changed: restart to apply"
-            ));
-        }
-    }
     for (field, changed) in [
         ("workers", new.workers != old.workers),
         ("services", new.services != old.services),
@@ -171,7 +314,7 @@ clusters:
     }
 
     #[test]
-    fn chains_routes_and_clusters_change_without_a_restart() {
+    fn listeners_chains_routes_and_clusters_change_without_a_restart() {
         assert_eq!(check(|text| text.to_string()), Ok(()));
         let chain = |text: &str| text.replace("name: headers", "name: headers_v2");
         assert_eq!(check(chain), Ok(()));
@@ -184,10 +327,39 @@ clusters:
         assert_eq!(check(routes), Ok(()));
         let endpoints = |text: &str| text.replace("127.0.0.1:9000", "127.0.0.1:9002");
         assert_eq!(check(endpoints), Ok(()));
+        // Listeners moved, renamed, limited otherwise, added: the reload starts them anew.
+        assert_eq!(check(|text| text.replace("8080", "8081")), Ok(()));
+        assert_eq!(check(|text| text.replace("name: web", "name: api")), Ok(()));
+        let limited =
+            |text: &str| text.replace("    routes:", "    max_headers_count: 50\n    routes:");
+        assert_eq!(check(limited), Ok(()));
+        let added = |text: &str| {
+            text.replace(
+                "services:",
+                "  - address: 127.0.0.1:8081\n    routes: [{cluster: backend}]\nservices:",
+            )
+        };
+        assert_eq!(check(added), Ok(()));
     }
 
     #[test]
-    fn what_listens_the_workers_services_admin_and_drain_timeout_need_a_restart() {
+    fn a_listener_keeps_serving_as_it_is_only_if_what_listens_is_unchanged() {
+        let parse = |text: &str| ServeConfig::parse(text, Path::new("/")).expect("a valid file");
+        let old = parse(IN_FORCE);
+        let alike = |text: &str| listens_alike(&old.listeners[0], &parse(text).listeners[0]);
+        assert!(alike(IN_FORCE));
+        assert!(alike(
+            &IN_FORCE.replace("name: headers", "name: headers_v2")
+        ));
+        assert!(!alike(&IN_FORCE.replace("8080", "8081")));
+        assert!(!alike(&IN_FORCE.replace(
+            "    routes:",
+            "    max_headers_count: 50\n    routes:"
+        )));
+    }
+
+    #[test]
+    fn the_workers_services_admin_and_drain_timeout_need_a_restart() {
         let refused = |change: &dyn Fn(&str) -> String, field: &str| {
             let error = check(change).expect_err(field);
             assert!(error.contains(field), "{field}: {error}");
@@ -202,24 +374,6 @@ clusters:
         refused(
             &|text| format!("{text}drain_timeout: 3s\n"),
             "drain_timeout",
-        );
-        refused(&|text| text.replace("8080", "8081"), "listeners[0]");
-        refused(
-            &|text| text.replace("name: web", "name: api"),
-            "listeners[0]",
-        );
-        refused(
-            &|text| text.replace("    routes:", "    max_headers_count: 50\n    routes:"),
-            "listeners[0]",
-        );
-        refused(
-            &|text| {
-                text.replace(
-                    "services:",
-                    "  - address: 127.0.0.1:8081\n    routes: [{cluster: backend}]\nservices:",
-                )
-            },
-            "listeners were added",
         );
     }
 }

@@ -1,9 +1,15 @@
 //! Where requests and connections go: the clusters, and each listener's routes (an HTTP
 //! listener) or cluster (a TCP listener). A reload replaces them as one; a stream keeps the
 //! routing it was routed with, and calls already made keep their cluster.
+//!
+//! Listeners are known by their slot (see `worker::Listener`), which a listener keeps for its
+//! life: a reload that removes a listener or starts it anew keeps the old slot's routes, for
+//! the requests its open connections still send before they close.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 
 use arc_swap::ArcSwap;
 
@@ -20,8 +26,8 @@ pub(crate) type SharedRouting = Arc<ArcSwap<Routing>>;
 pub(crate) struct Routing {
     /// Every cluster, by name (where plugins' calls may go).
     pub(crate) clusters: ClusterMap,
-    /// Per listener, by index.
-    listeners: Vec<Destination>,
+    /// Per listener, by slot.
+    listeners: FxHashMap<usize, Arc<Destination>>,
 }
 
 /// One route of an HTTP listener, with its cluster.
@@ -43,9 +49,10 @@ enum Destination {
 
 impl Routing {
     /// The routing of `config`, whose routes and listeners name only clusters it has (as
-    /// [`ServeConfig::read`] checks). A cluster configured as in `previous` keeps its state
-    /// (where its round robin stands).
-    pub(crate) fn of(config: &ServeConfig, previous: Option<&Routing>) -> Routing {
+    /// [`ServeConfig::read`] checks), its listeners in the slots `slots` (one per listener, in
+    /// order). A cluster configured as in `previous` keeps its state (where its round robin
+    /// stands), and a slot of `previous` that `slots` does not have keeps its routes.
+    pub(crate) fn of(config: &ServeConfig, slots: &[usize], previous: Option<&Routing>) -> Routing {
         let clusters: ClusterMap = config
             .clusters
             .iter()
@@ -60,10 +67,11 @@ impl Routing {
                 (name.clone(), state)
             })
             .collect();
-        let listeners = config
-            .listeners
-            .iter()
-            .map(|listener| match &listener.cluster {
+        let mut listeners: FxHashMap<usize, Arc<Destination>> = previous
+            .map(|previous| previous.listeners.clone())
+            .unwrap_or_default();
+        let destinations = config.listeners.iter().map(|listener| {
+            let destination = match &listener.cluster {
                 Some(name) => match clusters.get(name) {
                     Some(cluster) => Destination::Cluster(Arc::clone(cluster)),
                     None => Destination::Routes(Vec::new()),
@@ -82,8 +90,10 @@ impl Routing {
                         })
                         .collect(),
                 ),
-            })
-            .collect();
+            };
+            Arc::new(destination)
+        });
+        listeners.extend(slots.iter().copied().zip(destinations));
         Routing {
             clusters,
             listeners,
@@ -98,7 +108,7 @@ impl Routing {
         path: &[u8],
         host: Option<&str>,
     ) -> Option<&RouteEntry> {
-        let Some(Destination::Routes(routes)) = self.listeners.get(listener) else {
+        let Some(Destination::Routes(routes)) = self.listeners.get(&listener).map(|d| &**d) else {
             return None;
         };
         routes.iter().find(|entry| {
@@ -113,7 +123,7 @@ impl Routing {
 
     /// TCP listener `listener`'s cluster.
     pub(crate) fn tcp_cluster(&self, listener: usize) -> Option<&Arc<ClusterState>> {
-        match self.listeners.get(listener) {
+        match self.listeners.get(&listener).map(|d| &**d) {
             Some(Destination::Cluster(cluster)) => Some(cluster),
             _ => None,
         }
@@ -136,7 +146,7 @@ mod tests {
 
     #[test]
     fn requests_take_the_first_matching_route_and_tcp_listeners_their_cluster() {
-        let routing = Routing::of(&config(FIRST), None);
+        let routing = Routing::of(&config(FIRST), &[0, 1], None);
         let name = |cluster: Option<&Arc<ClusterState>>| cluster.map(|c| c.name.clone());
         let route = |path: &[u8]| {
             routing
@@ -153,9 +163,10 @@ mod tests {
 
     #[test]
     fn a_cluster_unchanged_by_a_reload_keeps_its_state_and_a_changed_one_starts_anew() {
-        let first = Routing::of(&config(FIRST), None);
+        let first = Routing::of(&config(FIRST), &[0, 1], None);
         let second = Routing::of(
             &config(&FIRST.replace("127.0.0.1:10", "127.0.0.1:11")),
+            &[0, 1],
             Some(&first),
         );
         assert!(Arc::ptr_eq(&first.clusters["web"], &second.clusters["web"]));
@@ -167,5 +178,25 @@ mod tests {
             second.clusters["api"].cluster.endpoints,
             ["127.0.0.1:11".parse::<std::net::SocketAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn a_listener_in_a_new_slot_has_its_routes_there_and_the_old_slot_keeps_its_own() {
+        let first = Routing::of(&config(FIRST), &[0, 1], None);
+        // The HTTP listener started anew (slot 2) with one route; the TCP one kept its slot.
+        let changed = FIRST.replace(
+            "[{prefix: /api, cluster: api, name: api_route}, {prefix: /, cluster: web}]",
+            "[{prefix: /, cluster: api}]",
+        );
+        let second = Routing::of(&config(&changed), &[2, 1], Some(&first));
+        let cluster = |routing: &Routing, slot: usize| {
+            routing
+                .route(slot, b"/other", None)
+                .map(|entry| entry.cluster.name.clone())
+        };
+        assert_eq!(cluster(&second, 2).as_deref(), Some("api"));
+        assert_eq!(cluster(&second, 0).as_deref(), Some("web"));
+        assert!(second.tcp_cluster(1).is_some());
+        assert!(cluster(&second, 3).is_none());
     }
 }

@@ -4,10 +4,13 @@
 //! thread-local: each listener's [`ThreadWorkers`] (its plugins' VM copies on this thread, made
 //! on the thread's first stream for the listener), a tick task per listener that delivers
 //! `proxy_on_tick` to those copies, and a queue task that delivers `proxy_on_queue_ready` to
-//! them when an item is enqueued (from any thread) into a queue one of them registered.
+//! them when an item is enqueued (from any thread) into a queue one of them registered. A
+//! listener a reload removed or started anew is retired: each thread lets go of its copies, and
+//! its two tasks end, once the thread's last stream of it ended.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +24,8 @@ use crate::routing::SharedRouting;
 
 /// What every thread's copies of a listener's plugins share.
 pub(crate) struct Listener {
-    /// Its index: its workers' slot on each thread.
+    /// Its slot: its workers' place on each thread, and its routes' in the routing. A listener
+    /// keeps its slot for its life; no other listener ever has it.
     pub(crate) index: usize,
     /// Whose copies these are, for metrics: `listener/NAME`, or `services` for the copies of
     /// the services without `singleton`.
@@ -32,11 +36,44 @@ pub(crate) struct Listener {
     pub(crate) routing: SharedRouting,
     /// The proxy's own metrics.
     pub(crate) metrics: Arc<HostMetrics>,
+    /// A reload removed the listener or replaced it by a new one: no new connection comes.
+    pub(crate) retired: AtomicBool,
+}
+
+impl Listener {
+    /// A listener in slot `index`, its copies counted under `owner`.
+    pub(crate) fn new(
+        index: usize,
+        owner: String,
+        live: Arc<LivePlugins>,
+        routing: SharedRouting,
+        metrics: Arc<HostMetrics>,
+    ) -> Listener {
+        Listener {
+            index,
+            owner,
+            live,
+            routing,
+            metrics,
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// Retires the listener: see [`Listener::retired`].
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A thread's workers of one listener, and how to wake their queue task.
+struct ThreadEntry {
+    workers: ThreadWorkers,
+    queue_ready: Arc<Notify>,
 }
 
 thread_local! {
-    /// This worker thread's VM copies, per listener.
-    static WORKERS: RefCell<Vec<Option<ThreadWorkers>>> = const { RefCell::new(Vec::new()) };
+    /// This worker thread's VM copies, per listener slot.
+    static WORKERS: RefCell<Vec<Option<ThreadEntry>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How often a tick task looks for newly set tick periods when none is due sooner.
@@ -53,15 +90,16 @@ pub(crate) fn with_workers<R>(
         if all.len() <= listener.index {
             all.resize_with(listener.index + 1, || None);
         }
-        let workers = all[listener.index].get_or_insert_with(|| {
+        let entry = all[listener.index].get_or_insert_with(|| {
             let queue_ready = Arc::new(Notify::new());
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(tick_loop(Arc::clone(listener)));
                 runtime.spawn(queue_loop(Arc::clone(listener), Arc::clone(&queue_ready)));
             }
-            let wake: QueueWake = Arc::new(move || queue_ready.notify_one());
+            let wake = Arc::clone(&queue_ready);
+            let wake: QueueWake = Arc::new(move || wake.notify_one());
             let shared = Arc::clone(listener);
-            ThreadWorkers::new(
+            let workers = ThreadWorkers::new(
                 Arc::clone(&listener.live),
                 Box::new(move |plugins| {
                     let shared = Arc::clone(&shared);
@@ -70,10 +108,53 @@ pub(crate) fn with_workers<R>(
                     })
                     .on_queue_ready(Arc::clone(&wake))
                 }),
-            )
+            );
+            ThreadEntry {
+                workers,
+                queue_ready,
+            }
         });
-        Some(work(workers))
+        Some(work(&mut entry.workers))
     })
+}
+
+/// As [`with_workers`], with this thread's workers of `listener` only if it has them (`None`
+/// if not, or if called re-entrantly).
+pub(crate) fn with_existing_workers<R>(
+    listener: &Listener,
+    work: impl FnOnce(&mut ThreadWorkers) -> R,
+) -> Option<R> {
+    WORKERS.with(|cell| {
+        let mut all = cell.try_borrow_mut().ok()?;
+        let entry = all.get_mut(listener.index)?.as_mut()?;
+        Some(work(&mut entry.workers))
+    })
+}
+
+/// Lets go of this thread's workers of a retired listener once none of its streams is in
+/// flight here. Returns whether the thread has none left (the listener's tasks end then).
+fn let_go_if_retired(listener: &Listener) -> bool {
+    if !listener.retired.load(Ordering::Relaxed) {
+        return false;
+    }
+    let taken = WORKERS.with(|cell| {
+        let mut all = cell.try_borrow_mut().ok()?;
+        let slot = all.get_mut(listener.index)?;
+        if slot.as_ref()?.workers.in_flight() > 0 {
+            return Some(None);
+        }
+        Some(slot.take())
+    });
+    match taken {
+        // Dropped outside the borrow: a copy's drop may reach this thread's workers.
+        Some(Some(entry)) => {
+            entry.queue_ready.notify_one();
+            drop(entry);
+            true
+        }
+        Some(None) => false,
+        None => true,
+    }
 }
 
 /// Delivers `proxy_on_tick` to this thread's copies of `listener`'s plugins, each root
@@ -81,9 +162,12 @@ pub(crate) fn with_workers<R>(
 async fn tick_loop(listener: Arc<Listener>) {
     let mut due: HashMap<(Generation, CopyId, ContextId), (Instant, Duration)> = HashMap::new();
     loop {
+        if let_go_if_retired(&listener) {
+            return;
+        }
         let now = Instant::now();
         let mut seen = Vec::new();
-        with_workers(&listener, |workers| {
+        let ticked = with_existing_workers(&listener, |workers| {
             // A thread without traffic lets go of replaced plugins here.
             workers.refresh();
             workers.for_each_worker(|generation, worker| {
@@ -123,6 +207,10 @@ async fn tick_loop(listener: Arc<Listener>) {
                 }
             });
         });
+        if ticked.is_none() {
+            // The thread let go of the listener's copies.
+            return;
+        }
         // Copies that went away (replaced or failed) tick no more.
         due.retain(|key, _| seen.contains(key));
         let next = due
@@ -141,7 +229,18 @@ async fn tick_loop(listener: Arc<Listener>) {
 async fn queue_loop(listener: Arc<Listener>, queue_ready: Arc<Notify>) {
     loop {
         queue_ready.notified().await;
-        with_workers(&listener, |workers| {
+        let ours = WORKERS.with(|cell| {
+            cell.try_borrow().is_ok_and(|all| {
+                all.get(listener.index)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|entry| Arc::ptr_eq(&entry.queue_ready, &queue_ready))
+            })
+        });
+        if !ours {
+            // The thread let go of the copies this task served.
+            return;
+        }
+        with_existing_workers(&listener, |workers| {
             workers.for_each_worker(|_, worker| {
                 let failures = worker.dispatch_queue_ready();
                 for (plugin, error) in &failures {
