@@ -17,7 +17,7 @@ use pingora::http::RequestHeader;
 use crate::admin::HostMetrics;
 use crate::host::ServeHost;
 use crate::proxy::ClusterState;
-use crate::worker::{with_workers, Listener};
+use crate::worker::{with_existing_workers, Listener};
 
 thread_local! {
     /// The last token given out on this thread: tokens are unique among a thread's copies, so
@@ -248,7 +248,8 @@ fn deliver_here(
     callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
 ) {
     let mut callback = Some(callback);
-    let delivered = with_workers(listener, |workers| {
+    // A thread that let go of the listener's copies has none waiting.
+    let delivered = with_existing_workers(listener, |workers| {
         let mut found = false;
         workers.for_each_worker(|_, worker| {
             worker.for_each_copy(|_, vm, _| {

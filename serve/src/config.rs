@@ -440,6 +440,17 @@ impl ServeConfig {
                 ));
             }
         }
+        // One socket per address: a second listener there could never be bound (nor, by a
+        // reload, take the first one's socket).
+        let mut addresses = std::collections::HashSet::new();
+        for (index, listener) in listeners.iter().enumerate() {
+            if !addresses.insert(listener.address) {
+                return Err(format!(
+                    "listeners[{index}].address: {} is an earlier listener's address",
+                    listener.address
+                ));
+            }
+        }
         for (name, cluster) in &file.clusters {
             if cluster.endpoints.is_empty() {
                 return Err(format!("clusters.{name}.endpoints: at least one is needed"));
@@ -462,6 +473,14 @@ impl ServeConfig {
             None => std::thread::available_parallelism().map_or(1, usize::from),
         };
         let admin = file.admin.as_ref().map(AdminFile::admin).transpose()?;
+        if let Some(admin) = &admin {
+            if addresses.contains(&admin.address) {
+                return Err(format!(
+                    "admin.address: {} is a listener's address",
+                    admin.address
+                ));
+            }
+        }
         Ok(ServeConfig {
             workers,
             listeners,
@@ -831,6 +850,17 @@ clusters:
                      routes: [{cluster: backend}]\nclusters:",
                 ),
                 "listeners[1].name: \"listener_0\" is an earlier listener's name",
+            ),
+            (
+                MINIMAL.replace(
+                    "clusters:",
+                    "  - address: 127.0.0.1:8080\n    routes: [{cluster: backend}]\nclusters:",
+                ),
+                "listeners[1].address: 127.0.0.1:8080 is an earlier listener's address",
+            ),
+            (
+                format!("admin: {{address: 127.0.0.1:8080}}\n{MINIMAL}"),
+                "admin.address: 127.0.0.1:8080 is a listener's address",
             ),
         ];
         for (text, expected) in cases {

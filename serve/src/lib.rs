@@ -193,7 +193,7 @@ impl Proxy {
         // starts the ones after (see `reload`).
         let slots: Vec<usize> = (0..config.listeners.len()).collect();
         let routing: routing::SharedRouting = Arc::new(arc_swap::ArcSwap::from_pointee(
-            routing::Routing::of(&config, &slots, None),
+            routing::Routing::of(&config, &slots, &[], None),
         ));
         let metrics = Arc::new(admin::HostMetrics::default());
         let mut listeners = Vec::new();
@@ -268,12 +268,14 @@ impl Proxy {
         // Every socket first: a taken address stops the proxy here, with the listener's name.
         let mut sockets = Vec::new();
         for (index, listener) in self.listeners.iter().enumerate() {
-            let socket = listening::bind(listener.address).map_err(|error| {
-                ServeError::Listen(format!(
-                    "listeners[{index}] ({}): cannot listen on {}: {error}",
-                    listener.name, listener.address
-                ))
-            })?;
+            let socket = listening::bind(listener.address)
+                .and_then(|socket| Ok((listening::hand_over(&socket)?, socket)))
+                .map_err(|error| {
+                    ServeError::Listen(format!(
+                        "listeners[{index}] ({}): cannot listen on {}: {error}",
+                        listener.name, listener.address
+                    ))
+                })?;
             sockets.push(socket);
         }
         let drain_timeout = self.config.drain_timeout;
@@ -306,6 +308,7 @@ impl Proxy {
             listeners: arc_swap::ArcSwap::from_pointee(in_force),
             // After the listeners' slots and the services' one.
             next_slot: std::sync::atomic::AtomicUsize::new(listener_count + 1),
+            retired: Default::default(),
             config: std::sync::Mutex::new(self.config),
             routing: Arc::clone(&self.routing),
             metrics: Arc::clone(&self.metrics),
@@ -339,10 +342,10 @@ impl Proxy {
             let address = admin_listener.address.to_string();
             listen(&mut server, "admin".to_string(), &address, app);
         }
-        for (listener, socket) in self.listeners.into_iter().zip(sockets) {
+        for (listener, (handed, socket)) in self.listeners.into_iter().zip(sockets) {
             let (name, address) = (listener.name.clone(), listener.address);
             let app = listener.app(&server.configuration);
-            listening.serve(&name, address, socket, app);
+            listening.serve(&name, address, socket, handed, app);
         }
         server.add_service(Workers {
             listening,

@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::IntoRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -53,6 +54,17 @@ pub(crate) fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// A copy of `socket`'s descriptor for Pingora's listening service, which takes it for its own
+/// and closes it when it stops (made before anything is put in force, so that nothing can fail
+/// then).
+pub(crate) fn hand_over(socket: &TcpListener) -> std::io::Result<TcpListener> {
+    socket.try_clone()
+}
+
+/// How long stopping a listener waits for its accept loop to end (it ends at once unless its
+/// thread is busy).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// The listeners being served, by address.
 #[derive(Default)]
 pub(crate) struct Listening {
@@ -71,75 +83,106 @@ struct Inner {
 /// One listening socket and what serves it.
 struct Socket {
     name: String,
-    /// The socket. The running service has a copy of its descriptor; both must close for the
-    /// socket to close.
+    /// pwhost's copy of the socket, kept to hand it over again. The service has a copy of its
+    /// own; both must close for the socket to close.
     listener: TcpListener,
     state: Serving,
 }
 
 enum Serving {
-    /// Waiting for the workers to run.
-    Waiting(App),
-    /// Started: stopped by sending `true`, which also tells its open connections to close once
-    /// their current request ends.
-    Started(watch::Sender<bool>),
-    /// Not served (the service could not be started; logged).
-    Failed,
+    /// Waiting for the workers to run, with the copy of the socket to hand over.
+    Waiting(App, TcpListener),
+    /// Started.
+    Started(Started),
+    /// Stopped.
+    Stopped,
+}
+
+/// A running listening service.
+struct Started {
+    /// Stops it by turning `true`, which also tells its open connections to close once their
+    /// current request ends.
+    stop: watch::Sender<bool>,
+    /// Disconnected once its accept loop ended (it then accepts no more).
+    ended: mpsc::Receiver<()>,
 }
 
 impl Listening {
-    /// Serves `listener` (bound to `address`) with `app` from now on (or once the workers run).
-    /// Once the server shuts down, the socket closes instead.
-    pub(crate) fn serve(&self, name: &str, address: SocketAddr, listener: TcpListener, app: App) {
+    /// Serves `listener` (bound to `address`; `handed` is the copy for the service, see
+    /// [`hand_over`]) with `app` from now on, or once the workers run. Once the server shuts
+    /// down, the socket closes instead.
+    pub(crate) fn serve(
+        &self,
+        name: &str,
+        address: SocketAddr,
+        listener: TcpListener,
+        handed: TcpListener,
+        app: App,
+    ) {
         let mut inner = self.lock();
         if inner.shut_down {
             return;
         }
         let state = match &inner.runtime {
-            Some(runtime) => start(runtime, name, address, &listener, app),
-            None => Serving::Waiting(app),
+            Some(runtime) => Serving::Started(start(runtime, name, address, handed, app)),
+            None => Serving::Waiting(app, handed),
         };
         let socket = Socket {
             name: name.to_string(),
             listener,
             state,
         };
-        if let Some(previous) = inner.listeners.insert(address, socket) {
-            stop(previous.state);
+        let previous = inner.listeners.insert(address, socket);
+        drop(inner);
+        if let Some(previous) = previous {
+            wait(stop(previous.state));
         }
     }
 
-    /// Whether a socket listens on `address`.
-    pub(crate) fn listens_on(&self, address: SocketAddr) -> bool {
-        self.lock().listeners.contains_key(&address)
+    /// A copy of the socket listening on `address` to hand over (see [`hand_over`]), if one
+    /// listens there.
+    pub(crate) fn hand_over(&self, address: SocketAddr) -> Option<std::io::Result<TcpListener>> {
+        self.lock()
+            .listeners
+            .get(&address)
+            .map(|socket| hand_over(&socket.listener))
     }
 
     /// Serves the socket on `address` with `app` (a new application for the same socket, e.g.
-    /// another listener's): the previous one stops accepting, and new connections, including
-    /// those queued meanwhile, go to `app`. Returns `app` back if nothing listens there.
-    pub(crate) fn replace(&self, name: &str, address: SocketAddr, app: App) -> Result<(), App> {
+    /// another listener's), `handed` being a copy of it (see [`Listening::hand_over`]): the
+    /// previous service stops accepting (this returns once it did), and new connections,
+    /// including those queued meanwhile, go to `app`. Returns `false` if nothing listens
+    /// there (the server shut down).
+    pub(crate) fn replace(
+        &self,
+        name: &str,
+        address: SocketAddr,
+        handed: TcpListener,
+        app: App,
+    ) -> bool {
         let mut inner = self.lock();
         let runtime = inner.runtime.clone();
         let Some(socket) = inner.listeners.get_mut(&address) else {
-            // None, or the server shut down (which closed every socket).
-            return Err(app);
+            return false;
         };
         let state = match &runtime {
-            Some(runtime) => start(runtime, name, address, &socket.listener, app),
-            None => Serving::Waiting(app),
+            Some(runtime) => Serving::Started(start(runtime, name, address, handed, app)),
+            None => Serving::Waiting(app, handed),
         };
         socket.name = name.to_string();
-        stop(std::mem::replace(&mut socket.state, state));
-        Ok(())
+        let previous = std::mem::replace(&mut socket.state, state);
+        drop(inner);
+        wait(stop(previous));
+        true
     }
 
-    /// Stops the listener on `address` and closes its socket; its open connections close once
-    /// their current request ends.
+    /// Stops the listener on `address` and closes its socket (this returns once its accept
+    /// loop ended); its open connections close once their current request ends.
     pub(crate) fn close(&self, address: SocketAddr) {
         let removed = self.lock().listeners.remove(&address);
         if let Some(socket) = removed {
             tracing::info!(listener = %socket.name, %address, "listener closed");
-            stop(socket.state);
+            wait(stop(socket.state));
         }
     }
 
@@ -150,19 +193,19 @@ impl Listening {
             return;
         }
         for (address, socket) in &mut inner.listeners {
-            if let Serving::Waiting(_) = socket.state {
-                let Serving::Waiting(app) = std::mem::replace(&mut socket.state, Serving::Failed)
-                else {
-                    continue;
-                };
-                socket.state = start(&runtime, &socket.name, *address, &socket.listener, app);
+            if let Serving::Waiting(app, handed) =
+                std::mem::replace(&mut socket.state, Serving::Stopped)
+            {
+                let started = start(&runtime, &socket.name, *address, handed, app);
+                socket.state = Serving::Started(started);
             }
         }
         inner.runtime = Some(runtime);
     }
 
     /// The server shuts down: every listener stops accepting and its socket closes, so that
-    /// new clients are refused at once while streams in flight finish.
+    /// new clients are refused at once while streams in flight finish. (This runs on a worker
+    /// thread, where the accept loops run too: it does not wait for them.)
     fn shut_down(&self) {
         let mut inner = self.lock();
         inner.shut_down = true;
@@ -176,44 +219,41 @@ impl Listening {
     }
 }
 
-/// Starts Pingora's listening service for `app` on a copy of `listener`'s descriptor.
+/// Starts Pingora's listening service for `app` on `handed`, a copy of the listener's socket.
 fn start(
     runtime: &Handle,
     name: &str,
     address: SocketAddr,
-    listener: &TcpListener,
+    handed: TcpListener,
     app: App,
-) -> Serving {
-    // Pingora takes the descriptor it is handed for its own (and closes it when it stops).
-    let descriptor = match listener.try_clone() {
-        Ok(copy) => copy.into_raw_fd(),
-        Err(error) => {
-            tracing::error!(listener = name, %address, "cannot serve the listener: {error}");
-            return Serving::Failed;
-        }
-    };
+) -> Started {
+    // Pingora takes the descriptor for its own, and closes it when the service stops.
     let bind = address.to_string();
     let mut fds = Fds::new();
-    fds.add(bind.clone(), descriptor);
+    fds.add(bind.clone(), handed.into_raw_fd());
     let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
     let (stop, stopped) = watch::channel(false);
+    let (ended_tx, ended) = mpsc::channel();
+    let name = name.to_string();
     match app {
         App::Http(app) => spawn(
             runtime,
-            Service::new(name.to_string(), app),
+            Service::new(name, app),
             bind,
             fds,
             stopped,
+            ended_tx,
         ),
         App::Tcp(app) => spawn(
             runtime,
-            Service::new(name.to_string(), app),
+            Service::new(name, app),
             bind,
             fds,
             stopped,
+            ended_tx,
         ),
     }
-    Serving::Started(stop)
+    Started { stop, ended }
 }
 
 fn spawn<A: ServerApp + Send + Sync + 'static>(
@@ -222,18 +262,35 @@ fn spawn<A: ServerApp + Send + Sync + 'static>(
     bind: String,
     fds: ListenFds,
     stopped: ShutdownWatch,
+    ended: mpsc::Sender<()>,
 ) {
     service.add_tcp(&bind);
     // The service's accept loop and its connections run on the workers' threads (Pingora
     // spreads them over the runtime it finds itself on).
     runtime.spawn(async move {
         service.start_service(Some(fds), stopped, 1).await;
+        drop(ended);
     });
 }
 
-fn stop(state: Serving) {
-    if let Serving::Started(stop) = state {
-        stop.send_replace(true);
+/// Stops a service; what to wait on for its accept loop to end.
+fn stop(state: Serving) -> Option<mpsc::Receiver<()>> {
+    match state {
+        Serving::Started(started) => {
+            started.stop.send_replace(true);
+            Some(started.ended)
+        }
+        Serving::Waiting(..) | Serving::Stopped => None,
+    }
+}
+
+/// Waits (at most [`STOP_WAIT`]) for a stopped service's accept loop to end. Never called on
+/// a worker thread, where the loop may run.
+fn wait(ended: Option<mpsc::Receiver<()>>) {
+    if let Some(ended) = ended {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(STOP_WAIT) {
+            tracing::warn!("a stopped listener still accepts after {STOP_WAIT:?}");
+        }
     }
 }
 

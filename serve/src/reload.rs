@@ -10,8 +10,9 @@
 //! listener of the old configuration had its address, on that listener's socket, which then
 //! serves the new listener from its next connection on (none waiting is refused). A listener no
 //! longer in the file stops accepting and its socket closes. A listener that stops or starts
-//! anew is retired: its connections close after the request each has in flight, and its VM
-//! copies go once its streams ended.
+//! anew is retired: its HTTP connections close after the request each has in flight (idle ones
+//! at once), its TCP connections go on until they end, and its VM copies go once its streams
+//! ended.
 //!
 //! A configuration that cannot be used (a plugin that does not load, an address that cannot
 //! be listened on), or that changes what needs a restart, is refused with the reason, logged
@@ -20,7 +21,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -54,6 +55,8 @@ pub(crate) struct Reloader {
     pub(crate) listeners: ArcSwap<Vec<(String, Arc<Listener>)>>,
     /// The slot the next new listener gets (slots are never used twice).
     pub(crate) next_slot: AtomicUsize,
+    /// The listeners reloads retired, while something still uses them.
+    pub(crate) retired: Mutex<Vec<Weak<Listener>>>,
     /// The configuration in force.
     pub(crate) config: Mutex<ServeConfig>,
     /// The routing in force.
@@ -69,9 +72,16 @@ enum Plan {
     /// The listener in force at this position of the old configuration keeps serving, with
     /// these plugins.
     Keep(usize, Plugins),
-    /// A listener that starts anew, on this socket (`None`: on the socket already listening on
-    /// its address).
-    Start(ListenerService, Option<std::net::TcpListener>),
+    /// A listener that starts anew.
+    Start(ListenerService, Sockets),
+}
+
+/// The socket a new listener starts on.
+struct Sockets {
+    /// A socket bound for it (`None`: the one already listening on its address).
+    bound: Option<std::net::TcpListener>,
+    /// The copy to hand over to its service.
+    handed: std::net::TcpListener,
 }
 
 impl Reloader {
@@ -149,35 +159,33 @@ impl Reloader {
                         ),
                     }
                     .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
-                    let socket = if self.listening.listens_on(new.address) {
-                        None
-                    } else {
-                        Some(listening::bind(new.address).map_err(|error| {
-                            format!(
-                                "listeners[{index}] ({}): cannot listen on {}: {error}",
-                                new.name, new.address
-                            )
-                        })?)
-                    };
+                    let sockets = match self.listening.hand_over(new.address) {
+                        Some(handed) => handed.map(|handed| Sockets {
+                            bound: None,
+                            handed,
+                        }),
+                        None => listening::bind(new.address).and_then(|bound| {
+                            Ok(Sockets {
+                                handed: listening::hand_over(&bound)?,
+                                bound: Some(bound),
+                            })
+                        }),
+                    }
+                    .map_err(|error| {
+                        format!(
+                            "listeners[{index}] ({}): cannot listen on {}: {error}",
+                            new.name, new.address
+                        )
+                    })?;
                     // A slot of its own, also if the reload is refused later (slots are many).
                     let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
                     let service =
                         ListenerService::new(slot, new, plugins, &self.routing, &self.metrics);
-                    Plan::Start(service, socket)
+                    Plan::Start(service, sockets)
                 }
             };
             plans.push(plan);
         }
-        // In force from here on: routes first, so that a new listener's first stream has them.
-        let slots: Vec<usize> = plans
-            .iter()
-            .map(|plan| match plan {
-                Plan::Keep(position, _) => in_force[*position].1.index,
-                Plan::Start(service, _) => service.shared.index,
-            })
-            .collect();
-        let routing = Routing::of(&config, &slots, Some(&self.routing.load()));
-        self.routing.store(Arc::new(routing));
         let kept: HashSet<usize> = plans
             .iter()
             .filter_map(|plan| match plan {
@@ -185,17 +193,39 @@ impl Reloader {
                 Plan::Start(..) => None,
             })
             .collect();
+        // In force from here on: routes first, so that a new listener's first stream has them.
+        // Retired listeners keep theirs, for the requests their connections still carry, until
+        // the last thing using such a listener (a connection, a VM copy) is gone.
+        let slots: Vec<usize> = plans
+            .iter()
+            .map(|plan| match plan {
+                Plan::Keep(position, _) => in_force[*position].1.index,
+                Plan::Start(service, _) => service.shared.index,
+            })
+            .collect();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|listener| listener.strong_count() > 0);
+        retired.extend(
+            in_force
+                .iter()
+                .enumerate()
+                .filter(|(position, _)| !kept.contains(position))
+                .map(|(_, (_, listener))| Arc::downgrade(listener)),
+        );
+        let still_used: Vec<usize> = retired
+            .iter()
+            .filter_map(|listener| Some(listener.upgrade()?.index))
+            .collect();
+        drop(retired);
+        let routing = Routing::of(&config, &slots, &still_used, Some(&self.routing.load()));
+        self.routing.store(Arc::new(routing));
         let addresses: HashSet<_> = config.listeners.iter().map(|l| l.address).collect();
-        for (position, (name, listener)) in in_force.iter().enumerate() {
-            if kept.contains(&position) {
-                continue;
+        // Sockets no listener of the file has close; the others serve their new listener from
+        // the next connection on.
+        for (position, old) in current.listeners.iter().enumerate() {
+            if !kept.contains(&position) && !addresses.contains(&old.address) {
+                self.listening.close(old.address);
             }
-            listener.retire();
-            let address = current.listeners[position].address;
-            if !addresses.contains(&address) {
-                self.listening.close(address);
-            }
-            tracing::info!(listener = %name, %address, "listener retired");
         }
         let mut listeners = Vec::new();
         for plan in plans {
@@ -205,14 +235,17 @@ impl Reloader {
                     listener.live.replace(plugins);
                     listeners.push((name.clone(), Arc::clone(listener)));
                 }
-                Plan::Start(service, socket) => {
+                Plan::Start(service, sockets) => {
                     let (name, address) = (service.name.clone(), service.address);
                     listeners.push((name.clone(), Arc::clone(&service.shared)));
                     let app = service.app(&self.server);
-                    match socket {
-                        Some(socket) => self.listening.serve(&name, address, socket, app),
+                    match sockets.bound {
+                        Some(bound) => {
+                            self.listening
+                                .serve(&name, address, bound, sockets.handed, app)
+                        }
                         None => {
-                            if self.listening.replace(&name, address, app).is_err() {
+                            if !self.listening.replace(&name, address, sockets.handed, app) {
                                 // The socket was there above, under the configuration's lock:
                                 // only the shutdown closes it meanwhile.
                                 tracing::warn!(listener = %name, %address, "not started: shutting down");
@@ -221,6 +254,14 @@ impl Reloader {
                     }
                     tracing::info!(listener = %name, %address, "listener started");
                 }
+            }
+        }
+        // Once no new connection reaches them: their VM copies go as their streams end.
+        for (position, (name, listener)) in in_force.iter().enumerate() {
+            if !kept.contains(&position) {
+                listener.retire();
+                let address = current.listeners[position].address;
+                tracing::info!(listener = %name, %address, "listener retired");
             }
         }
         self.listeners.store(Arc::new(listeners));

@@ -3,8 +3,8 @@
 //! routing it was routed with, and calls already made keep their cluster.
 //!
 //! Listeners are known by their slot (see `worker::Listener`), which a listener keeps for its
-//! life: a reload that removes a listener or starts it anew keeps the old slot's routes, for
-//! the requests its open connections still send before they close.
+//! life: a reload that removes a listener or starts it anew keeps the old slot's routes while
+//! the old listener is still used, for the requests its open connections still carry.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,8 +51,13 @@ impl Routing {
     /// The routing of `config`, whose routes and listeners name only clusters it has (as
     /// [`ServeConfig::read`] checks), its listeners in the slots `slots` (one per listener, in
     /// order). A cluster configured as in `previous` keeps its state (where its round robin
-    /// stands), and a slot of `previous` that `slots` does not have keeps its routes.
-    pub(crate) fn of(config: &ServeConfig, slots: &[usize], previous: Option<&Routing>) -> Routing {
+    /// stands), and the slots `retired` of `previous` keep their routes.
+    pub(crate) fn of(
+        config: &ServeConfig,
+        slots: &[usize],
+        retired: &[usize],
+        previous: Option<&Routing>,
+    ) -> Routing {
         let clusters: ClusterMap = config
             .clusters
             .iter()
@@ -68,7 +73,12 @@ impl Routing {
             })
             .collect();
         let mut listeners: FxHashMap<usize, Arc<Destination>> = previous
-            .map(|previous| previous.listeners.clone())
+            .map(|previous| {
+                retired
+                    .iter()
+                    .filter_map(|slot| Some((*slot, Arc::clone(previous.listeners.get(slot)?))))
+                    .collect()
+            })
             .unwrap_or_default();
         let destinations = config.listeners.iter().map(|listener| {
             let destination = match &listener.cluster {
@@ -146,7 +156,7 @@ mod tests {
 
     #[test]
     fn requests_take_the_first_matching_route_and_tcp_listeners_their_cluster() {
-        let routing = Routing::of(&config(FIRST), &[0, 1], None);
+        let routing = Routing::of(&config(FIRST), &[0, 1], &[], None);
         let name = |cluster: Option<&Arc<ClusterState>>| cluster.map(|c| c.name.clone());
         let route = |path: &[u8]| {
             routing
@@ -163,10 +173,11 @@ mod tests {
 
     #[test]
     fn a_cluster_unchanged_by_a_reload_keeps_its_state_and_a_changed_one_starts_anew() {
-        let first = Routing::of(&config(FIRST), &[0, 1], None);
+        let first = Routing::of(&config(FIRST), &[0, 1], &[], None);
         let second = Routing::of(
             &config(&FIRST.replace("127.0.0.1:10", "127.0.0.1:11")),
             &[0, 1],
+            &[],
             Some(&first),
         );
         assert!(Arc::ptr_eq(&first.clusters["web"], &second.clusters["web"]));
@@ -181,14 +192,14 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_in_a_new_slot_has_its_routes_there_and_the_old_slot_keeps_its_own() {
-        let first = Routing::of(&config(FIRST), &[0, 1], None);
+    fn a_listener_in_a_new_slot_has_its_routes_there_and_a_retired_slot_keeps_its_own_while_used() {
+        let first = Routing::of(&config(FIRST), &[0, 1], &[], None);
         // The HTTP listener started anew (slot 2) with one route; the TCP one kept its slot.
         let changed = FIRST.replace(
             "[{prefix: /api, cluster: api, name: api_route}, {prefix: /, cluster: web}]",
             "[{prefix: /, cluster: api}]",
         );
-        let second = Routing::of(&config(&changed), &[2, 1], Some(&first));
+        let second = Routing::of(&config(&changed), &[2, 1], &[0], Some(&first));
         let cluster = |routing: &Routing, slot: usize| {
             routing
                 .route(slot, b"/other", None)
@@ -198,5 +209,9 @@ mod tests {
         assert_eq!(cluster(&second, 0).as_deref(), Some("web"));
         assert!(second.tcp_cluster(1).is_some());
         assert!(cluster(&second, 3).is_none());
+        // Once the old listener is no longer used, its routes go.
+        let third = Routing::of(&config(&changed), &[2, 1], &[], Some(&second));
+        assert!(cluster(&third, 0).is_none());
+        assert_eq!(cluster(&third, 2).as_deref(), Some("api"));
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use abi::{ContextId, QueueWake};
 use lifecycle::{CopyId, Generation, LivePlugins, PluginId, ThreadWorkers, Worker};
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::admin::HostMetrics;
@@ -72,8 +73,8 @@ struct ThreadEntry {
 }
 
 thread_local! {
-    /// This worker thread's VM copies, per listener slot.
-    static WORKERS: RefCell<Vec<Option<ThreadEntry>>> = const { RefCell::new(Vec::new()) };
+    /// This worker thread's VM copies, by listener slot.
+    static WORKERS: RefCell<FxHashMap<usize, ThreadEntry>> = RefCell::default();
 }
 
 /// How often a tick task looks for newly set tick periods when none is due sooner.
@@ -87,10 +88,7 @@ pub(crate) fn with_workers<R>(
 ) -> Option<R> {
     WORKERS.with(|cell| {
         let mut all = cell.try_borrow_mut().ok()?;
-        if all.len() <= listener.index {
-            all.resize_with(listener.index + 1, || None);
-        }
-        let entry = all[listener.index].get_or_insert_with(|| {
+        let entry = all.entry(listener.index).or_insert_with(|| {
             let queue_ready = Arc::new(Notify::new());
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(tick_loop(Arc::clone(listener)));
@@ -126,7 +124,7 @@ pub(crate) fn with_existing_workers<R>(
 ) -> Option<R> {
     WORKERS.with(|cell| {
         let mut all = cell.try_borrow_mut().ok()?;
-        let entry = all.get_mut(listener.index)?.as_mut()?;
+        let entry = all.get_mut(&listener.index)?;
         Some(work(&mut entry.workers))
     })
 }
@@ -139,11 +137,10 @@ fn let_go_if_retired(listener: &Listener) -> bool {
     }
     let taken = WORKERS.with(|cell| {
         let mut all = cell.try_borrow_mut().ok()?;
-        let slot = all.get_mut(listener.index)?;
-        if slot.as_ref()?.workers.in_flight() > 0 {
+        if all.get(&listener.index)?.workers.in_flight() > 0 {
             return Some(None);
         }
-        Some(slot.take())
+        Some(all.remove(&listener.index))
     });
     match taken {
         // Dropped outside the borrow: a copy's drop may reach this thread's workers.
@@ -158,7 +155,7 @@ fn let_go_if_retired(listener: &Listener) -> bool {
 }
 
 /// Delivers `proxy_on_tick` to this thread's copies of `listener`'s plugins, each root
-/// context at the period it set, for as long as the process runs.
+/// context at the period it set, until the thread lets go of them (the listener retired).
 async fn tick_loop(listener: Arc<Listener>) {
     let mut due: HashMap<(Generation, CopyId, ContextId), (Instant, Duration)> = HashMap::new();
     loop {
@@ -231,8 +228,7 @@ async fn queue_loop(listener: Arc<Listener>, queue_ready: Arc<Notify>) {
         queue_ready.notified().await;
         let ours = WORKERS.with(|cell| {
             cell.try_borrow().is_ok_and(|all| {
-                all.get(listener.index)
-                    .and_then(Option::as_ref)
+                all.get(&listener.index)
                     .is_some_and(|entry| Arc::ptr_eq(&entry.queue_ready, &queue_ready))
             })
         });
