@@ -2221,7 +2221,7 @@ fn refuses_connections(port: u16) -> bool {
 #[test]
 fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is_cut() {
     let origin = Origin::start();
-    let [main, extra, moved, added, admin] = std::array::from_fn(|_| free_port());
+    let [main, extra, moved, added, raw, admin] = std::array::from_fn(|_| free_port());
     let config = |listeners: String| {
         format!(
             "workers: 2\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n{listeners}\
@@ -2252,10 +2252,16 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    // "main" moves, "extra" goes, "added" comes with a chain of its own.
+    // "main" moves, "extra" goes, "added" comes with a chain of its own, and "raw", a TCP
+    // listener, passes bytes to the origin as they are.
+    let tcp_listener = format!(
+        "  - name: raw\n    address: 127.0.0.1:{raw}\n    protocol: tcp\n    cluster: backend\n    \
+         network_filters: []\n"
+    );
     let second = config(
         http_listener("main", moved, std::slice::from_ref(&headers))
-            + &http_listener("added", added, std::slice::from_ref(&api_key)),
+            + &http_listener("added", added, std::slice::from_ref(&api_key))
+            + &tcp_listener,
     );
     std::fs::write(&serve.config, &second).expect("the second configuration");
     let reloaded = reload();
@@ -2271,6 +2277,9 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
         None,
         "not the headers plugin's"
     );
+    let reply = get(&url(raw, "/"), &[]);
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert!(reply.body.contains("hello from origin"), "{}", reply.body);
     assert!(refuses_connections(main), "{}", serve.log());
     assert!(refuses_connections(extra), "{}", serve.log());
     let reply = in_flight.join().expect("the client");
@@ -2332,6 +2341,10 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
     assert_eq!(reply.status, 200, "no api key needed now: {}", serve.log());
     stop.store(true, Ordering::Relaxed);
     assert_eq!(prober.join().expect("the prober"), 0, "connections refused");
+    assert!(
+        refuses_connections(raw),
+        "the TCP listener went with the fourth file"
+    );
     let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
     assert!(
         metrics.contains("pwhost_requests_total{listener=\"renamed\"}"),
