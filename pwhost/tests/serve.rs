@@ -125,6 +125,18 @@ impl Origin {
         Origin::answering_with(&[])
     }
 
+    /// Waits (at most 10 s) until a request has reached the origin.
+    fn wait_for_a_request(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.requests.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the request never reached the origin"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// An origin (hyper's HTTP/1.1 server) answering every request with its request line,
     /// headers and body, adding `headers`; `/slow...` answers after 1.5 s.
     fn answering_with(headers: &[(&str, &str)]) -> Origin {
@@ -1138,14 +1150,7 @@ fn drains_on(signal: &str) {
     let url = serve.url("/slow");
     let in_flight = std::thread::spawn(move || get(&url, &[("x-api-key", "secret")]));
     // The request is at the origin (which takes 1.5 s) when the proxy is told to stop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while origin.requests.load(Ordering::Relaxed) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the request never reached the origin"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    origin.wait_for_a_request();
     let status = Command::new("kill")
         .args([signal, &serve.child.id().to_string()])
         .status()
@@ -2244,14 +2249,7 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
     // A request on "extra" is at the origin (which takes 1.5 s) when "extra" goes away.
     let slow = url(extra, "/slow");
     let in_flight = std::thread::spawn(move || get(&slow, &[]));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while origin.requests.load(Ordering::Relaxed) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the request never reached the origin"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    origin.wait_for_a_request();
     // "main" moves, "extra" goes, "added" comes with a chain of its own, and "raw", a TCP
     // listener, passes bytes to the origin as they are.
     let tcp_listener = format!(

@@ -231,46 +231,48 @@ fn start(
     let bind = address.to_string();
     let mut fds = Fds::new();
     fds.add(bind.clone(), handed.into_raw_fd());
-    let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
     let (stop, stopped) = watch::channel(false);
     let (ended_tx, ended) = mpsc::channel();
+    let launch = Launch {
+        bind,
+        fds: Arc::new(parking_lot::Mutex::new(fds)),
+        stopped,
+        ended: ended_tx,
+    };
     let name = name.to_string();
     match app {
-        App::Http(app) => spawn(
-            runtime,
-            Service::new(name, app),
-            bind,
-            fds,
-            stopped,
-            ended_tx,
-        ),
-        App::Tcp(app) => spawn(
-            runtime,
-            Service::new(name, app),
-            bind,
-            fds,
-            stopped,
-            ended_tx,
-        ),
+        App::Http(app) => launch.spawn(runtime, Service::new(name, app)),
+        App::Tcp(app) => launch.spawn(runtime, Service::new(name, app)),
     }
     Started { stop, ended }
 }
 
-fn spawn<A: ServerApp + Send + Sync + 'static>(
-    runtime: &Handle,
-    mut service: Service<A>,
+/// What a listening service starts with.
+struct Launch {
+    /// Its address, as Pingora writes it.
     bind: String,
+    /// The socket's descriptor under that address.
     fds: ListenFds,
+    /// Turns `true` to stop it.
     stopped: ShutdownWatch,
+    /// Dropped once its accept loop ended.
     ended: mpsc::Sender<()>,
-) {
-    service.add_tcp(&bind);
-    // The service's accept loop and its connections run on the workers' threads (Pingora
-    // spreads them over the runtime it finds itself on).
-    runtime.spawn(async move {
-        service.start_service(Some(fds), stopped, 1).await;
-        drop(ended);
-    });
+}
+
+impl Launch {
+    fn spawn<A: ServerApp + Send + Sync + 'static>(
+        self,
+        runtime: &Handle,
+        mut service: Service<A>,
+    ) {
+        service.add_tcp(&self.bind);
+        // The service's accept loop and its connections run on the workers' threads (Pingora
+        // spreads them over the runtime it finds itself on).
+        runtime.spawn(async move {
+            service.start_service(Some(self.fds), self.stopped, 1).await;
+            drop(self.ended);
+        });
+    }
 }
 
 /// Stops a service; what to wait on for its accept loop to end.
