@@ -11,6 +11,10 @@
 #   bash bench/serve.sh            # ROUNDS=3 DURATION=10s CONNECTIONS=32 WORKERS=1
 #   SYSTEM_ALLOCATOR=1 bash bench/serve.sh   # also a build on the system allocator (cases
 #                                            # none-sysalloc, bench-wasmtime-sysalloc)
+#   CASES="none headers-wasmtime" PWHOST=new/pwhost BEFORE=old/pwhost bash bench/serve.sh
+#       # only these cases, with a pwhost binary built elsewhere (no build here; it must have
+#       # the cases' runtimes), each also as CASE-before with the binary BEFORE: two builds
+#       # compared in one run
 #
 # Needs wrk and nginx (apt-get install wrk nginx) and the plugin corpus (scripts/setup.sh).
 set -euo pipefail
@@ -26,8 +30,13 @@ for tool in wrk nginx; do
 done
 dist=$PWD/plugins/dist/rust
 [ -f "$dist/http_headers.wasm" ] || { echo "bench: $dist/http_headers.wasm is missing: run scripts/setup.sh" >&2; exit 1; }
-cargo build --release -q -p pwhost --features "wasmtime wamr v8 null serve"
-pwhost=$PWD/target/release/pwhost
+if [ -n "${PWHOST:-}" ]; then
+  pwhost=$PWHOST
+else
+  cargo build --release -q -p pwhost --features "wasmtime wamr v8 null serve"
+  pwhost=$PWD/target/release/pwhost
+fi
+BEFORE=${BEFORE:-}
 SYSTEM_ALLOCATOR=${SYSTEM_ALLOCATOR:-0}
 if [ "$SYSTEM_ALLOCATOR" = 1 ]; then
   # The same proxy without mimalloc (pwhost's default allocator), in a target dir of its own.
@@ -112,6 +121,10 @@ start() { # case
       RUST_LOG=warn "$pwhost_system" serve --config "$work/${1%-sysalloc}.yaml" --deadline-ms 1000 > "$work/$1.log" 2>&1 &
       proxy_pid=$!
       ;;
+    *-before)
+      RUST_LOG=warn "$BEFORE" serve --config "$work/${1%-before}.yaml" --deadline-ms 1000 > "$work/$1.log" 2>&1 &
+      proxy_pid=$!
+      ;;
     *)
       RUST_LOG=warn "$pwhost" serve --config "$work/$1.yaml" --deadline-ms 1000 > "$work/$1.log" 2>&1 &
       proxy_pid=$!
@@ -138,8 +151,13 @@ stop() { # case
   while curl -s -o /dev/null "http://127.0.0.1:$proxy_port/"; do sleep 0.1; done
 }
 
-cases=(none headers-wasmtime headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime nginx)
+read -r -a cases <<<"${CASES:-none headers-wasmtime headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime nginx}"
 [ "$SYSTEM_ALLOCATOR" = 1 ] && cases+=(none-sysalloc bench-wasmtime-sysalloc)
+if [ -n "$BEFORE" ]; then
+  for case in "${cases[@]}"; do
+    if [ "$case" != nginx ]; then cases+=("$case-before"); fi
+  done
+fi
 serve_config none none none
 serve_config headers-wasmtime http_headers wasmtime
 serve_config headers-wamr http_headers wamr
@@ -181,6 +199,6 @@ for case in "${cases[@]}"; do
   p99=$(awk -v c="$case" '$1 == c {print $4}' "$results" | median)
   cpu=-
   [ "$case" != nginx ] && cpu=$(awk -v c="$case" '$1 == c {print $5}' "$results" | median)
-  ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN {printf "%.3f", a / b}')
+  ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN {if (b == "" || b == 0) print "-"; else printf "%.3f", a / b}')
   echo "| $case | $rps | $ratio | $p50 | $p99 | $cpu |"
 done
