@@ -2351,6 +2351,63 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
 }
 
 #[test]
+fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes() {
+    use std::io::{Read, Write};
+    let echo = Echo::start();
+    let [port, moved, admin] = std::array::from_fn(|_| free_port());
+    let config = |port: u16| {
+        format!(
+            "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
+             - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
+             network_filters:\n      - name: upper\n        vm_config:\n          \
+             runtime: envoy.wasm.runtime.wasmtime\n          \
+             code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{}\"], \
+             connect_timeout: 1s}}\n",
+            corpus_plugin("tcp_filter").display(),
+            echo.address
+        )
+    };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let mut exchange = |sent: &str, expected: &str| {
+        connection.write_all(sent.as_bytes()).expect("sent");
+        let mut received = vec![0; expected.len()];
+        connection.read_exact(&mut received).expect("echoed");
+        assert_eq!(String::from_utf8_lossy(&received), expected);
+    };
+    exchange("ping", "[up] PING");
+    // The listener moves: its connection goes on for the drain timeout, then closes.
+    std::fs::write(&serve.config, config(moved)).expect("the moved listener");
+    let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let retired = Instant::now();
+    exchange("pong", "PONG");
+    let mut rest = [0u8; 16];
+    // Closed: the end of the stream, or a reset.
+    let end = connection.read(&mut rest);
+    let closed = match &end {
+        Ok(read) => *read == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "{end:?}");
+    let after = retired.elapsed();
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(8)).contains(&after),
+        "closed after {after:?}"
+    );
+    // The plugin heard that the proxy closed both sides.
+    serve.wait_for_log("downstream closed by Local");
+    serve.wait_for_log("upstream closed by Local");
+    serve.wait_for_no_live_contexts();
+    assert!(refuses_connections(port), "{}", serve.log());
+    assert_eq!(tcp_exchange(moved, &["again"]), "[up] AGAIN");
+}
+
+#[test]
 fn a_listener_address_another_process_has_stops_the_proxy_at_start_naming_the_listener() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("a listener");
     let port = taken.local_addr().expect("its address").port();

@@ -98,10 +98,12 @@ enum Front {
 }
 
 impl ListenerService {
-    /// Listener `listener` of the configuration, in slot `slot`, running `plugins`.
+    /// Listener `listener` of the configuration, in slot `slot`, running `plugins`; its TCP
+    /// connections close `drain_timeout` after it stopped.
     pub(crate) fn new(
         slot: usize,
         listener: &config::Listener,
+        drain_timeout: Duration,
         plugins: Plugins,
         routing: &routing::SharedRouting,
         metrics: &Arc<admin::HostMetrics>,
@@ -122,6 +124,7 @@ impl ListenerService {
                 name: listener.name.clone(),
                 buffer_limit: listener.limits.buffer_limit_bytes,
                 idle_timeout: listener.idle_timeout,
+                drain_timeout,
                 metrics: Arc::clone(metrics),
             }),
             None => Front::Http(proxy::ListenerProxy {
@@ -204,7 +207,12 @@ impl Proxy {
                     ServeError::Plugins(format!("listeners[{index}].{field}: {e}"))
                 })?;
             listeners.push(ListenerService::new(
-                index, listener, plugins, &routing, &metrics,
+                index,
+                listener,
+                config.drain_timeout,
+                plugins,
+                &routing,
+                &metrics,
             ));
         }
         let mut services = Vec::new();

@@ -11,8 +11,8 @@
 //! serves the new listener from its next connection on (none waiting is refused). A listener no
 //! longer in the file stops accepting and its socket closes. A listener that stops or starts
 //! anew is retired: its HTTP connections close after the request each has in flight (idle ones
-//! at once), its TCP connections go on until they end, and its VM copies go once its streams
-//! ended.
+//! at once), its TCP connections have the drain timeout to end before they are closed, and its
+//! VM copies go once its streams and connections ended.
 //!
 //! A configuration that cannot be used (a plugin that does not load, an address that cannot
 //! be listened on), or that changes what needs a restart, is refused with the reason, logged
@@ -179,8 +179,14 @@ impl Reloader {
                     })?;
                     // A slot of its own, also if the reload is refused later (slots are many).
                     let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
-                    let service =
-                        ListenerService::new(slot, new, plugins, &self.routing, &self.metrics);
+                    let service = ListenerService::new(
+                        slot,
+                        new,
+                        config.drain_timeout,
+                        plugins,
+                        &self.routing,
+                        &self.metrics,
+                    );
                     Plan::Start(service, sockets)
                 }
             };

@@ -49,6 +49,9 @@ pub(crate) struct TcpProxy {
     pub(crate) buffer_limit: usize,
     /// How long a connection may stay without traffic (`None`: for ever).
     pub(crate) idle_timeout: Option<Duration>,
+    /// How long a connection goes on once the listener stopped (a reload retired it, or the
+    /// proxy drains): the configuration's `drain_timeout`.
+    pub(crate) drain_timeout: Duration,
     pub(crate) metrics: Arc<HostMetrics>,
 }
 
@@ -57,7 +60,7 @@ impl ServerApp for TcpProxy {
     async fn process_new(
         self: &Arc<Self>,
         downstream: Downstream,
-        _shutdown: &ShutdownWatch,
+        shutdown: &ShutdownWatch,
     ) -> Option<Downstream> {
         self.metrics
             .connections
@@ -122,17 +125,38 @@ impl ServerApp for TcpProxy {
             }
         };
         connection.closed_by[1] = PeerType::Local;
-        relay(
+        let relayed = relay(
             &mut connection,
             downstream,
             upstream,
             self.buffer_limit,
             self.idle_timeout,
-        )
-        .await;
+        );
+        tokio::select! {
+            () = relayed => {}
+            () = drained(shutdown.clone(), self.drain_timeout) => {
+                tracing::debug!(listener = %self.name, "the listener stopped: connection closed after the drain timeout");
+                connection.closed_by = [PeerType::Local, PeerType::Local];
+            }
+        }
         // Dropping the connection ends its plugin contexts (see `Stream`'s `Drop`).
         None
     }
+}
+
+/// Resolves `timeout` after `stopped` turns true (the listener stopped accepting), as Envoy
+/// drains a listener's connections before it closes them.
+async fn drained(mut stopped: ShutdownWatch, timeout: Duration) {
+    while !*stopped.borrow_and_update() {
+        if stopped.changed().await.is_err() {
+            // Its sender went without a stop: nothing will stop the listener.
+            if !*stopped.borrow() {
+                return std::future::pending().await;
+            }
+            break;
+        }
+    }
+    tokio::time::sleep(timeout).await;
 }
 
 /// Envoy's attributes of a downstream connection.
