@@ -100,8 +100,8 @@ enum Serving {
 
 /// A running listening service.
 struct Started {
-    /// Stops it by turning `true`, which also tells its open connections to close once their
-    /// current request ends.
+    /// Stops it by turning `true`, which also tells its open connections to end: an HTTP one
+    /// after its current request, a TCP one within the drain timeout.
     stop: watch::Sender<bool>,
     /// Disconnected once its accept loop ended (it then accepts no more).
     ended: mpsc::Receiver<()>,
@@ -177,7 +177,7 @@ impl Listening {
     }
 
     /// Stops the listener on `address` and closes its socket (this returns once its accept
-    /// loop ended); its open connections close once their current request ends.
+    /// loop ended); its open connections end as [`Started::stop`] says.
     pub(crate) fn close(&self, address: SocketAddr) {
         let removed = self.lock().listeners.remove(&address);
         if let Some(socket) = removed {
