@@ -1583,7 +1583,18 @@ fn a_plugin_failing_closed_in_a_request_body_keeps_the_request_from_the_origin()
             &corpus_plugin("http_headers").display().to_string(),
             &trap.display().to_string(),
         );
-    let server = TrafficServer::start(&origin, &[PluginFile { name: "trap", yaml }]);
+    // One net thread: every transaction meets the one VM copy, which the first body fails.
+    let server = TrafficServer::start_edited(
+        &origin,
+        &[PluginFile { name: "trap", yaml }],
+        "records.config",
+        |text| {
+            text.replace(
+                "proxy.config.exec_thread.limit INT 2",
+                "proxy.config.exec_thread.limit INT 1",
+            )
+        },
+    );
     let context = |what: &str| format!("{what}\n{}", server.diagnostics());
     for chunked in [false, true] {
         let before = origin.requests();
