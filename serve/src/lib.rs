@@ -275,15 +275,10 @@ impl Proxy {
     pub fn run(self) -> Result<std::convert::Infallible, ServeError> {
         // Every socket first: a taken address stops the proxy here, with the listener's name.
         let mut sockets = Vec::new();
-        for (index, listener) in self.listeners.iter().enumerate() {
-            let socket = listening::bind(listener.address)
-                .and_then(|socket| Ok((listening::hand_over(&socket)?, socket)))
-                .map_err(|error| {
-                    ServeError::Listen(format!(
-                        "listeners[{index}] ({}): cannot listen on {}: {error}",
-                        listener.name, listener.address
-                    ))
-                })?;
+        for (index, listener) in self.config.listeners.iter().enumerate() {
+            let socket = listening::bind(listener.address).map_err(|error| {
+                ServeError::Listen(listening::cannot_listen(index, listener, &error))
+            })?;
             sockets.push(socket);
         }
         let drain_timeout = self.config.drain_timeout;
@@ -350,7 +345,7 @@ impl Proxy {
             let address = admin_listener.address.to_string();
             listen(&mut server, "admin".to_string(), &address, app);
         }
-        for (listener, (handed, socket)) in self.listeners.into_iter().zip(sockets) {
+        for (listener, (socket, handed)) in self.listeners.into_iter().zip(sockets) {
             let (name, address) = (listener.name.clone(), listener.address);
             let app = listener.app(&server.configuration);
             listening.serve(&name, address, socket, handed, app);

@@ -42,8 +42,10 @@ pub(crate) enum App {
 }
 
 /// Binds a listening socket on `address` (address reuse on, as Pingora's own, so that a
-/// restarted proxy can listen again at once).
-pub(crate) fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+/// restarted proxy can listen again at once). Returns the socket and a copy of it to hand over
+/// to its listening service, which takes the copy for its own and closes it when it stops
+/// (both made before anything is put in force, so that nothing can fail then).
+pub(crate) fn bind(address: SocketAddr) -> std::io::Result<(TcpListener, TcpListener)> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -51,14 +53,21 @@ pub(crate) fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)?;
     // Pingora's accept loop is asynchronous.
     socket.set_nonblocking(true)?;
-    Ok(socket.into())
+    let socket = TcpListener::from(socket);
+    let handed = socket.try_clone()?;
+    Ok((socket, handed))
 }
 
-/// A copy of `socket`'s descriptor for Pingora's listening service, which takes it for its own
-/// and closes it when it stops (made before anything is put in force, so that nothing can fail
-/// then).
-pub(crate) fn hand_over(socket: &TcpListener) -> std::io::Result<TcpListener> {
-    socket.try_clone()
+/// Why listener `index` (`listener`) of the configuration cannot listen.
+pub(crate) fn cannot_listen(
+    index: usize,
+    listener: &crate::config::Listener,
+    error: &std::io::Error,
+) -> String {
+    format!(
+        "listeners[{index}] ({}): cannot listen on {}: {error}",
+        listener.name, listener.address
+    )
 }
 
 /// How long stopping a listener waits for its accept loop to end (it ends at once unless its
@@ -109,7 +118,7 @@ struct Started {
 
 impl Listening {
     /// Serves `listener` (bound to `address`; `handed` is the copy for the service, see
-    /// [`hand_over`]) with `app` from now on, or once the workers run. Once the server shuts
+    /// [`bind`]) with `app` from now on, or once the workers run. Once the server shuts
     /// down, the socket closes instead.
     pub(crate) fn serve(
         &self,
@@ -135,17 +144,17 @@ impl Listening {
         let previous = inner.listeners.insert(address, socket);
         drop(inner);
         if let Some(previous) = previous {
-            wait(stop(previous.state));
+            wait(address, stop(previous.state));
         }
     }
 
-    /// A copy of the socket listening on `address` to hand over (see [`hand_over`]), if one
+    /// A copy of the socket listening on `address` to hand over (see [`bind`]), if one
     /// listens there.
     pub(crate) fn hand_over(&self, address: SocketAddr) -> Option<std::io::Result<TcpListener>> {
         self.lock()
             .listeners
             .get(&address)
-            .map(|socket| hand_over(&socket.listener))
+            .map(|socket| socket.listener.try_clone())
     }
 
     /// Serves the socket on `address` with `app` (a new application for the same socket, e.g.
@@ -172,7 +181,7 @@ impl Listening {
         socket.name = name.to_string();
         let previous = std::mem::replace(&mut socket.state, state);
         drop(inner);
-        wait(stop(previous));
+        wait(address, stop(previous));
         true
     }
 
@@ -182,7 +191,7 @@ impl Listening {
         let removed = self.lock().listeners.remove(&address);
         if let Some(socket) = removed {
             tracing::info!(listener = %socket.name, %address, "listener closed");
-            wait(stop(socket.state));
+            wait(address, stop(socket.state));
         }
     }
 
@@ -288,10 +297,10 @@ fn stop(state: Serving) -> Option<mpsc::Receiver<()>> {
 
 /// Waits (at most [`STOP_WAIT`]) for a stopped service's accept loop to end. Never called on
 /// a worker thread, where the loop may run.
-fn wait(ended: Option<mpsc::Receiver<()>>) {
+fn wait(address: SocketAddr, ended: Option<mpsc::Receiver<()>>) {
     if let Some(ended) = ended {
         if let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(STOP_WAIT) {
-            tracing::warn!("a stopped listener still accepts after {STOP_WAIT:?}");
+            tracing::warn!(%address, "a stopped listener still accepts after {STOP_WAIT:?}");
         }
     }
 }

@@ -123,60 +123,36 @@ impl Reloader {
         let mut plans = Vec::new();
         for (index, new) in config.listeners.iter().enumerate() {
             let field = new.filters_field();
-            let kept = current
+            // A listener of the same name lends its compiled modules: only what changed is
+            // compiled again.
+            let same_name = current
                 .listeners
                 .iter()
-                .position(|old| old.name == new.name && listens_alike(old, new));
-            let plan = match kept {
+                .position(|old| old.name == new.name);
+            let plugins = match same_name {
                 Some(position) => {
                     let (_, previous) = in_force[position].1.live.current();
-                    let plugins =
-                        Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
-                            .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
-                    Plan::Keep(position, plugins)
+                    Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
                 }
+                None => Plugins::load(&new.plugins, &*self.engines, &options, self.shared.clone()),
+            }
+            .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
+            let kept =
+                same_name.filter(|&position| listens_alike(&current.listeners[position], new));
+            let plan = match kept {
+                Some(position) => Plan::Keep(position, plugins),
                 None => {
-                    // A listener changed under its name compiles again only what changed.
-                    let same_name = current
-                        .listeners
-                        .iter()
-                        .position(|old| old.name == new.name);
-                    let plugins = match same_name {
-                        Some(position) => {
-                            let (_, previous) = in_force[position].1.live.current();
-                            Plugins::load_replacing(
-                                &previous,
-                                &new.plugins,
-                                &*self.engines,
-                                &options,
-                            )
-                        }
-                        None => Plugins::load(
-                            &new.plugins,
-                            &*self.engines,
-                            &options,
-                            self.shared.clone(),
-                        ),
-                    }
-                    .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
                     let sockets = match self.listening.hand_over(new.address) {
                         Some(handed) => handed.map(|handed| Sockets {
                             bound: None,
                             handed,
                         }),
-                        None => listening::bind(new.address).and_then(|bound| {
-                            Ok(Sockets {
-                                handed: listening::hand_over(&bound)?,
-                                bound: Some(bound),
-                            })
+                        None => listening::bind(new.address).map(|(bound, handed)| Sockets {
+                            bound: Some(bound),
+                            handed,
                         }),
                     }
-                    .map_err(|error| {
-                        format!(
-                            "listeners[{index}] ({}): cannot listen on {}: {error}",
-                            new.name, new.address
-                        )
-                    })?;
+                    .map_err(|error| listening::cannot_listen(index, new, &error))?;
                     // A slot of its own, also if the reload is refused later (slots are many).
                     let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
                     let service = ListenerService::new(
