@@ -1157,15 +1157,11 @@ fn drains_on(signal: &str) {
         .expect("kill runs");
     assert!(status.success());
     // It stops accepting at once, while the request is still in flight.
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while TcpStream::connect(("127.0.0.1", serve.port)).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "still accepting:\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        refuses_connections(serve.port, Duration::from_secs(1)),
+        "still accepting:\n{}",
+        serve.log()
+    );
     assert!(
         !in_flight.is_finished(),
         "the request ended before the listener closed"
@@ -2211,9 +2207,9 @@ fn http_listener(name: &str, port: u16, filters: &[String]) -> String {
     )
 }
 
-/// Whether nothing accepts connections on `port` any more (within 5 s).
-fn refuses_connections(port: u16) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
+/// Whether nothing accepts connections on `port` any more, at the latest after `within`.
+fn refuses_connections(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_ok() {
         if Instant::now() > deadline {
             return false;
@@ -2278,8 +2274,16 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
     let reply = get(&url(raw, "/"), &[]);
     assert_eq!(reply.status, 200, "{}", serve.log());
     assert!(reply.body.contains("hello from origin"), "{}", reply.body);
-    assert!(refuses_connections(main), "{}", serve.log());
-    assert!(refuses_connections(extra), "{}", serve.log());
+    assert!(
+        refuses_connections(main, Duration::from_secs(5)),
+        "{}",
+        serve.log()
+    );
+    assert!(
+        refuses_connections(extra, Duration::from_secs(5)),
+        "{}",
+        serve.log()
+    );
     let reply = in_flight.join().expect("the client");
     assert_eq!(reply.status, 200, "{}", serve.log());
     assert!(reply.body.contains("hello from origin"), "{}", reply.body);
@@ -2340,7 +2344,7 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
     stop.store(true, Ordering::Relaxed);
     assert_eq!(prober.join().expect("the prober"), 0, "connections refused");
     assert!(
-        refuses_connections(raw),
+        refuses_connections(raw, Duration::from_secs(5)),
         "the TCP listener went with the fourth file"
     );
     let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
@@ -2403,7 +2407,11 @@ fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes(
     serve.wait_for_log("downstream closed by Local");
     serve.wait_for_log("upstream closed by Local");
     serve.wait_for_no_live_contexts();
-    assert!(refuses_connections(port), "{}", serve.log());
+    assert!(
+        refuses_connections(port, Duration::from_secs(5)),
+        "{}",
+        serve.log()
+    );
     assert_eq!(tcp_exchange(moved, &["again"]), "[up] AGAIN");
 }
 
@@ -2432,6 +2440,7 @@ fn a_listener_address_another_process_has_stops_the_proxy_at_start_naming_the_li
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("still running with its address taken");
         }
         std::thread::sleep(Duration::from_millis(20));
