@@ -245,10 +245,20 @@ struct Serve {
 
 /// A plugin block in Envoy's filter format.
 fn envoy_filter(name: &str, plugin: &str, configuration: &str) -> String {
+    envoy_filter_with(name, plugin, configuration, "")
+}
+
+/// As [`envoy_filter`], with more fields of the plugin's `config` (YAML, one line).
+fn envoy_filter_with(name: &str, plugin: &str, configuration: &str, fields: &str) -> String {
+    let fields = if fields.is_empty() {
+        String::new()
+    } else {
+        format!("            {fields}\n")
+    };
     format!(
         "      - name: envoy.filters.http.wasm\n        typed_config:\n          \
          \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n          \
-         config:\n            name: {name}\n            configuration:\n              \
+         config:\n            name: {name}\n{fields}            configuration:\n              \
          \"@type\": type.googleapis.com/google.protobuf.StringValue\n              \
          value: \"{configuration}\"\n            vm_config:\n              \
          runtime: envoy.wasm.runtime.wasmtime\n              \
@@ -868,6 +878,141 @@ fn a_plugin_holding_the_last_request_body_chunk_checks_the_whole_body_before_it_
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(origin.requests.load(Ordering::Relaxed), before);
     assert_eq!(*origin.last_body.lock().unwrap(), "the whole body");
+}
+
+/// Sends `body` with curl (`args` choose the protocol, framing and `Expect`) and returns what
+/// came back.
+fn curl_upload(args: &[&str], url: &str, body: &[u8]) -> String {
+    use std::io::Write;
+    let mut curl = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs (apt-get install curl)");
+    curl.stdin
+        .take()
+        .expect("curl's input")
+        .write_all(body)
+        .expect("the body reaches curl");
+    let output = curl.wait_with_output().expect("curl ends");
+    assert!(output.status.success(), "curl failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A body whose every line says where it is, so that a lost, doubled or misplaced part shows.
+fn numbered_body(bytes: usize) -> String {
+    (0..)
+        .map(|line| format!("{line:015}\n"))
+        .take(bytes / 16)
+        .collect()
+}
+
+#[test]
+fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
+    let origin = Origin::start();
+    let checker = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let allowed = "allow_on_headers_stop_iteration: true";
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter_with("body_check", "http_call", "", allowed)],
+        &[("auth_cluster", checker.address)],
+    );
+
+    // The plugin holds the headers, checks the whole body with a callout, adds a header from
+    // the answer and lets the request go on: headers and body reach the upstream together.
+    let reply = send(
+        "POST",
+        &serve.url("/upload"),
+        &[("x-check-body", "before-headers")],
+        Some("the whole body"),
+    );
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(*checker.last_body.lock().unwrap(), "the whole body");
+    assert!(
+        reply.body.contains("x-body-checked: alice"),
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("\nthe whole body\n"), "{}", reply.body);
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 1);
+
+    // The same over HTTP/2, a body without a length in three frames.
+    let text = curl_upload(
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            "x-check-body: before-headers",
+            "-T",
+            "-",
+        ],
+        &serve.url("/h2-upload"),
+        numbered_body(40 * 1024).as_bytes(),
+    );
+    assert!(text.contains("x-body-checked: alice"), "{text}");
+    assert_eq!(*checker.last_body.lock().unwrap(), numbered_body(40 * 1024));
+    assert_eq!(*origin.last_body.lock().unwrap(), numbered_body(40 * 1024));
+
+    // A chunk the plugin lets through (`Continue` from its body callback, having edited the
+    // held headers there) lets the headers go first. A body longer than what is read ahead
+    // arrives whole and in order, read ahead in part and the rest after. A client waiting
+    // for `100 Continue` gets it from the proxy (curl would wait 30 s), and the upstream no
+    // `Expect`.
+    for (framing, size) in [("content-length", 300 * 1024), ("chunked", 200 * 1024)] {
+        let body = numbered_body(size);
+        let mut args = vec!["-H", "x-check-body: first-chunk", "--data-binary", "@-"];
+        if framing == "chunked" {
+            args.extend(["-H", "transfer-encoding: chunked", "-H", "expect:"]);
+        } else {
+            args.extend(["-H", "expect: 100-continue", "--expect100-timeout", "30"]);
+        }
+        let text = curl_upload(&args, &serve.url("/first-chunk"), body.as_bytes());
+        let headers = &text[..text.find("\n\n").unwrap_or(text.len())];
+        assert!(headers.contains("x-first-chunk: "), "{framing}: {headers}");
+        assert!(!headers.contains("expect:"), "{framing}: {headers}");
+        let upstream = origin.last_body.lock().unwrap().clone();
+        assert_eq!(upstream.len(), body.len(), "{framing}");
+        assert!(
+            upstream == body,
+            "{framing}: the body reached the upstream changed"
+        );
+    }
+    serve.wait_for_log("first chunk: ");
+
+    // A client that goes away while its body is read ahead leaves no plugin context behind.
+    use std::io::Write;
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
+    client
+        .write_all(
+            b"POST /gone HTTP/1.1\r\nhost: a\r\nx-check-body: before-headers\r\n\
+              content-length: 1000\r\n\r\n0123456789",
+        )
+        .expect("the request goes out");
+    serve.wait_for_samples(&[("pwhost_live_stream_contexts", 1.0)]);
+    drop(client);
+    serve.wait_for_no_live_contexts();
+
+    // Until the body passed, the upstream heard nothing: a check that fails answers the
+    // client and no request reaches the upstream at all.
+    let unreachable = free_port();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter_with("body_check", "http_call", "", allowed)],
+        &[("auth_cluster", ([127, 0, 0, 1], unreachable).into())],
+    );
+    let before = origin.requests.load(Ordering::Relaxed);
+    let reply = send(
+        "POST",
+        &serve.url("/upload"),
+        &[("x-check-body", "before-headers")],
+        Some("unchecked"),
+    );
+    assert_eq!(reply.status, 503, "{}", serve.log());
+    assert_eq!(reply.body, "auth callout failed\n");
+    serve.wait_for_no_live_contexts();
+    assert_eq!(origin.requests.load(Ordering::Relaxed), before);
 }
 
 #[test]

@@ -36,6 +36,7 @@ mod headers;
 mod host;
 mod listening;
 mod proxy;
+mod read_ahead;
 mod reload;
 mod routing;
 mod stream;

@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -16,6 +16,7 @@ use crate::config::{Cluster, Limits};
 use crate::connections;
 use crate::drain::InFlightGuard;
 use crate::header_timeout::HeaderClock;
+use crate::read_ahead::{EarlyBody, ReadAhead};
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
 
@@ -106,6 +107,9 @@ pub(crate) struct StreamContext {
     replied: bool,
     /// Request body went through the plugins.
     body_seen: bool,
+    /// What of the request body was read while a plugin held the headers, for the body
+    /// filter's first call (see [`crate::read_ahead`]).
+    early_body: Option<EarlyBody>,
     /// The request's, and the response's, headers ended their direction (no body follows):
     /// the body filter Pingora still calls with nothing is not a body, and no plugin sees it
     /// (as in Envoy, which calls no body callback for a header-only request or response).
@@ -527,6 +531,7 @@ impl ProxyHttp for ListenerProxy {
             ),
             upstream_framing: None,
             body_seen: false,
+            early_body: None,
             ended_at_headers: [false; 2],
             response_header: None,
             passed: PassedBody::default(),
@@ -585,15 +590,37 @@ impl ProxyHttp for ListenerProxy {
         let end_of_stream = request_ends_with_headers(session);
         ctx.ended_at_headers[0] = end_of_stream;
         let client_framing = Framing::of(session.req_header());
-        let outcome = ctx
-            .stream
-            .headers(
-                Direction::Request,
-                session.req_header_mut(),
-                end_of_stream,
-                lend_request,
-            )
-            .await;
+        let outcome = if !end_of_stream && ctx.stream.reads_ahead() {
+            // The body is read while a plugin may hold the headers: the header leaves the
+            // session meanwhile (Pingora set up the body's reading from it already).
+            let placeholder = RequestHeader::build("GET", b"/", None)?;
+            let mut header = std::mem::replace(session.req_header_mut(), placeholder);
+            let mut reader = ReadAhead::new(session, &header);
+            let outcome = ctx
+                .stream
+                .request_headers_reading_ahead(&mut header, &mut reader)
+                .await;
+            let (early, error) = reader.finish();
+            if early.sent_continue {
+                header.remove_header(&http::header::EXPECT);
+            }
+            *session.req_header_mut() = header;
+            if let Some(error) = error {
+                return Err(error);
+            }
+            ctx.body_seen |= early.replayed.is_some() || early.pending.is_some();
+            ctx.early_body = Some(early);
+            outcome
+        } else {
+            ctx.stream
+                .headers(
+                    Direction::Request,
+                    session.req_header_mut(),
+                    end_of_stream,
+                    lend_request,
+                )
+                .await
+        };
         let plugins_framing = Framing::of(session.req_header());
         if plugins_framing != client_framing {
             client_framing.put_on(session.req_header_mut())?;
@@ -617,9 +644,50 @@ impl ProxyHttp for ListenerProxy {
             return Ok(());
         }
         ctx.body_seen = true;
-        let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
+        let mut chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
+        let mut early_data = Vec::new();
+        if let Some(early) = ctx.early_body.take() {
+            if let Some(read) = early.replayed {
+                // Pingora's replay of what was read ahead: the plugins saw it already.
+                if chunk.len() != read {
+                    tracing::error!(
+                        read,
+                        replayed = chunk.len(),
+                        "the body read ahead came back changed: stream reset"
+                    );
+                    return Err(closed());
+                }
+                chunk.clear();
+            }
+            if let Some(pending) = early.pending {
+                match ctx
+                    .stream
+                    .request_body_from(pending.start, pending.data, pending.end)
+                    .await
+                {
+                    Ok(data) => early_data = data,
+                    Err(Outcome::Reply(reply)) => return Err(answer_with(ctx, reply)),
+                    Err(_) => return Err(closed()),
+                }
+                if pending.end {
+                    // The body ended while it was read ahead: nothing more comes.
+                    *body = (!early_data.is_empty()).then(|| Bytes::from(early_data));
+                    return Ok(());
+                }
+            }
+            if chunk.is_empty() && !end_of_stream {
+                *body = Some(Bytes::from(early_data));
+                return Ok(());
+            }
+        }
         match ctx.stream.request_body(chunk, end_of_stream).await {
             Ok(data) => {
+                let data = if early_data.is_empty() {
+                    data
+                } else {
+                    early_data.extend(data);
+                    early_data
+                };
                 // Pingora reads `None` as the end of the body: while a plugin buffers, nothing
                 // goes on, but the body has not ended.
                 *body = (!data.is_empty() || !end_of_stream).then(|| Bytes::from(data));

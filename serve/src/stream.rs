@@ -18,7 +18,12 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::headers::Lent;
 use crate::host::{Asked, ServeHost, StreamSlot};
+use crate::read_ahead::{Pending, ReadAhead, ReadFailure};
 use crate::worker::{with_workers, Listener};
+
+/// Lends the held request header to a plugin's context for one callback (see
+/// [`Stream::request_headers_reading_ahead`]).
+type LendHeader<'a> = dyn FnMut(&mut Vm, ContextId) + Send + 'a;
 
 /// A reply sent instead of the upstream's response.
 #[derive(Debug, Clone)]
@@ -136,8 +141,10 @@ pub(crate) enum Outcome {
 
 /// Where a body chunk got to in the chain.
 enum BodyStep {
-    /// Through every plugin: what goes on (empty while a plugin buffers).
+    /// Through every plugin: what goes on.
     Pass(Vec<u8>),
+    /// A plugin buffers it (with what it buffered before) until a later chunk.
+    Buffered,
     /// Held by the plugin at `position` in the chain's order (filter `index`).
     Held { position: usize, index: usize },
 }
@@ -195,6 +202,10 @@ pub(crate) struct Stream {
     pub(crate) closed_by: [PeerType; 2],
     /// TCP: bytes received from downstream and sent to it, for `on_log`'s attributes.
     pub(crate) transferred: [u64; 2],
+    /// A plugin of the chain may pause on its request headers and still get the body
+    /// (`allow_on_headers_stop_iteration`): the request body may be read ahead (see
+    /// [`crate::read_ahead`]).
+    reads_ahead: bool,
 }
 
 impl Stream {
@@ -216,7 +227,13 @@ impl Stream {
             early_reply: None,
             closed_by: [PeerType::Local; 2],
             transferred: [0; 2],
+            reads_ahead: false,
         }
+    }
+
+    /// Whether a plugin of the chain may pause on the request headers and still get the body.
+    pub(crate) fn reads_ahead(&self) -> bool {
+        self.reads_ahead
     }
 
     /// What wakes the stream when a plugin asks for something outside its callbacks.
@@ -233,12 +250,15 @@ impl Stream {
             let plugins = Arc::clone(worker.plugins());
             let mut filters = Vec::new();
             let mut reply = None;
+            let mut reads_ahead = false;
             let chain: Vec<PluginId> = match kind {
                 Kind::Http => plugins.http_filters().collect(),
                 Kind::Tcp => plugins.network_filters().collect(),
             };
             for plugin in chain {
-                let name: Arc<str> = plugins.config(plugin).display_name().into();
+                let config = plugins.config(plugin);
+                let name: Arc<str> = config.display_name().into();
+                reads_ahead |= config.allow_on_headers_stop_iteration;
                 match worker.admit(plugin) {
                     Admission::Run(stream) => match open(worker, &stream, &name, &wake, info, kind)
                     {
@@ -270,10 +290,11 @@ impl Stream {
                     Admission::FailOpen => {}
                 }
             }
-            (generation, filters, reply)
+            (generation, filters, reply, reads_ahead)
         });
         match begun {
-            Some((generation, filters, reply)) => {
+            Some((generation, filters, reply, reads_ahead)) => {
+                self.reads_ahead = reads_ahead && kind == Kind::Http;
                 self.generation = Some(generation);
                 self.listener
                     .metrics
@@ -372,16 +393,39 @@ impl Stream {
     /// Runs the request (or response) header callbacks over `header`, lent to each plugin in
     /// turn, waiting while a plugin holds the stream. `lend` puts the header in a slot (see
     /// [`lend_request`], [`lend_response`]).
-    pub(crate) async fn headers<H>(
+    pub(crate) async fn headers<H: Send>(
         &mut self,
         direction: Direction,
         header: &mut H,
         end_of_stream: bool,
         lend: fn(&mut StreamSlot, &mut H),
     ) -> Outcome {
-        self.header_phase(Phase::Headers, direction, header, end_of_stream, lend)
+        self.header_phase(Phase::Headers, direction, header, end_of_stream, lend, None)
             .await
             .0
+    }
+
+    /// The request header callbacks, as [`Stream::headers`], for a request with a body that
+    /// `reader` reads ahead while a plugin that may (`allow_on_headers_stop_iteration`)
+    /// holds the headers: each chunk goes through the plugins up to the one holding them, and
+    /// a chunk that one lets through lets the headers go on too (Envoy's `Continue` from a
+    /// body callback sends the held headers on first). What went through only some of the
+    /// plugins is left in the reader for the body filter (see [`crate::read_ahead`]).
+    pub(crate) async fn request_headers_reading_ahead(
+        &mut self,
+        header: &mut RequestHeader,
+        reader: &mut ReadAhead<'_>,
+    ) -> Outcome {
+        self.header_phase(
+            Phase::Headers,
+            Direction::Request,
+            header,
+            false,
+            lend_request,
+            Some(reader),
+        )
+        .await
+        .0
     }
 
     /// Runs the response trailers callbacks over `trailers`, as [`Stream::headers`], in
@@ -400,19 +444,21 @@ impl Stream {
             trailers,
             true,
             lend_trailers,
+            None,
         )
         .await
     }
 
     /// The header (or trailers) callbacks of one phase; with the body the plugins let go in a
     /// trailers phase.
-    async fn header_phase<H>(
+    async fn header_phase<H: Send>(
         &mut self,
         phase: Phase,
         direction: Direction,
         header: &mut H,
         end_of_stream: bool,
         lend: fn(&mut StreamSlot, &mut H),
+        mut read_ahead: Option<&mut ReadAhead<'_>>,
     ) -> (Outcome, Vec<u8>) {
         let order: Vec<usize> = match direction {
             Direction::Request => (0..self.filters.len()).collect(),
@@ -488,7 +534,16 @@ impl Stream {
                                 set_body(vm, context, Some(std::mem::take(&mut held)));
                             }
                         });
-                        let outcome = self.wait(index).await;
+                        let outcome = match read_ahead.as_deref_mut() {
+                            Some(reader) if action == HeadersAction::Pause => {
+                                let mut lend_header = |vm: &mut Vm, context: ContextId| {
+                                    lend_to(vm, context, header, lend);
+                                };
+                                self.wait_reading(index, position, reader, &mut lend_header)
+                                    .await
+                            }
+                            _ => self.wait(index).await,
+                        };
                         drop(guard);
                         if trailers {
                             held = self
@@ -508,6 +563,7 @@ impl Stream {
                 // The body this plugin let go: one more chunk for the plugins after it.
                 match self.body_from(direction, position + 1, held, false) {
                     Ok(BodyStep::Pass(data)) => flushed.extend(data),
+                    Ok(BodyStep::Buffered) => {}
                     // Only a last chunk is held, and this one is not the last.
                     Ok(BodyStep::Held { .. }) => {
                         return (Outcome::Reply(Reply::fail_closed(None)), flushed);
@@ -556,6 +612,185 @@ impl Stream {
         }
     }
 
+    /// As [`Stream::wait`], for filter `index` (at `position` in chain order) holding the
+    /// request headers with `StopIteration` while `reader` reads the body ahead: each chunk
+    /// goes through the plugins up to this one, each lent the header by `lend_header` for its
+    /// callback. The wait ends when the plugin continues the stream or lets a chunk through,
+    /// answers or closes it, or fails; what it keeps of the body then goes on from the next
+    /// plugin (`reader.pending`).
+    async fn wait_reading(
+        &mut self,
+        index: usize,
+        position: usize,
+        reader: &mut ReadAhead<'_>,
+        lend_header: &mut LendHeader<'_>,
+    ) -> Outcome {
+        // What an earlier plugin let through when it let the headers go comes to this one first.
+        if let Some(pending) = reader.pending.take() {
+            if let Some(outcome) = self
+                .read_ahead_step(position, reader, pending, lend_header)
+                .await
+            {
+                return self.let_go_after_pause(index, position, reader, outcome);
+            }
+        }
+        let wake = Arc::clone(&self.wake);
+        loop {
+            // The body callbacks took the header back from this plugin: lend it again.
+            let looked = self.with_filter_lending(index, |vm, context| {
+                lend_header(vm, context);
+                (take_asked(vm, context), vm.is_failed())
+            });
+            let Some((asked, failed)) = looked else {
+                return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
+            };
+            if let Some(outcome) = acted(asked) {
+                return self.let_go_after_pause(index, position, reader, outcome);
+            }
+            if failed {
+                let error = VmError::Failed("the VM failed while holding the stream".into());
+                let outcome = self.failed(index, &error);
+                return self.let_go_after_pause(index, position, reader, outcome);
+            }
+            enum Event {
+                Woken,
+                Read(Result<(Vec<u8>, bool), ReadFailure>),
+                Idle,
+            }
+            let idle = self.idle_timeout;
+            let readable = reader.may_read();
+            let event = tokio::select! {
+                biased;
+                () = wake.notified() => Event::Woken,
+                read = reader.read(), if readable => Event::Read(read),
+                () = async {
+                    match idle {
+                        Some(idle) => tokio::time::sleep(idle).await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::Idle,
+            };
+            match event {
+                Event::Woken => {}
+                Event::Read(Err(ReadFailure::TimedOut)) => {
+                    return Outcome::Reply(Reply::status(408, "stream_idle_timeout"));
+                }
+                // The stream ends with the reader's error.
+                Event::Read(Err(ReadFailure::Failed)) => return Outcome::Close,
+                Event::Read(Ok((data, end))) => {
+                    let chunk = Pending {
+                        start: 0,
+                        data,
+                        end,
+                    };
+                    if let Some(outcome) = self
+                        .read_ahead_step(position, reader, chunk, lend_header)
+                        .await
+                    {
+                        return self.let_go_after_pause(index, position, reader, outcome);
+                    }
+                }
+                Event::Idle => {
+                    tracing::debug!(
+                        plugin = %self.filters[index].name,
+                        timeout = ?idle,
+                        "a plugin held the stream past the stream idle timeout: 408"
+                    );
+                    return Outcome::Reply(Reply::status(408, "stream_idle_timeout"));
+                }
+            }
+        }
+    }
+
+    /// Runs a chunk read ahead (or left by an earlier pause) through the plugins up to the
+    /// one at `position`, which holds the headers. `None` while that one still holds the
+    /// stream: the chunk is buffered (by it or before it), or it holds the body's end.
+    /// `Continue` once it let the chunk through (what passed is left in `reader.pending`).
+    async fn read_ahead_step(
+        &mut self,
+        position: usize,
+        reader: &mut ReadAhead<'_>,
+        chunk: Pending,
+        lend_header: &mut LendHeader<'_>,
+    ) -> Option<Outcome> {
+        let Pending {
+            mut start,
+            mut data,
+            end,
+        } = chunk;
+        loop {
+            let step = self.body_through(
+                Direction::Request,
+                start,
+                position + 1,
+                data,
+                end,
+                Some(&mut *lend_header),
+            );
+            match step {
+                Err(outcome) => return Some(outcome),
+                Ok(BodyStep::Buffered) => return None,
+                Ok(BodyStep::Pass(data)) => {
+                    reader.pending = Some(Pending {
+                        start: position + 1,
+                        data,
+                        end,
+                    });
+                    return Some(Outcome::Continue);
+                }
+                // The plugin holding the headers holds the whole body too: its continue lets
+                // both go.
+                Ok(BodyStep::Held { position: at, .. }) if at == position => return None,
+                // An earlier plugin holds the body's end: on to this one once it continues.
+                Ok(BodyStep::Held {
+                    position: at,
+                    index,
+                }) => {
+                    match self.wait(index).await {
+                        Outcome::Continue => {}
+                        other => return Some(other),
+                    }
+                    data = self
+                        .with_filter_lending(index, |vm, context| set_body(vm, context, None))
+                        .flatten()
+                        .unwrap_or_default();
+                    start = at + 1;
+                }
+            }
+        }
+    }
+
+    /// Once filter `index` (at `position`) lets the request headers go after holding them
+    /// while the body was read ahead, what it kept of the body goes on from the next plugin
+    /// (as Envoy continues with the data a filter buffered): the whole body if it held the
+    /// body's end, else what it buffered. Returns `outcome`.
+    fn let_go_after_pause(
+        &mut self,
+        index: usize,
+        position: usize,
+        reader: &mut ReadAhead<'_>,
+        outcome: Outcome,
+    ) -> Outcome {
+        if !matches!(outcome, Outcome::Continue) || reader.pending.is_some() {
+            return outcome;
+        }
+        let held_end = self
+            .with_filter_lending(index, |vm, context| set_body(vm, context, None))
+            .flatten();
+        let (data, end) = match held_end {
+            Some(body) => (body, true),
+            None => (std::mem::take(&mut self.filters[index].request_body), false),
+        };
+        if end || !data.is_empty() {
+            reader.pending = Some(Pending {
+                start: position + 1,
+                data,
+                end,
+            });
+        }
+        outcome
+    }
+
     /// Runs the response body callbacks over one chunk: each plugin sees the chunk (after what
     /// it buffered) and may change it, buffer it or let it through. Returns what goes on
     /// (nothing while a plugin buffers) or how the stream ends.
@@ -566,6 +801,7 @@ impl Stream {
     ) -> Result<Vec<u8>, Outcome> {
         match self.body_from(Direction::Response, 0, chunk, end_of_stream)? {
             BodyStep::Pass(data) => Ok(data),
+            BodyStep::Buffered => Ok(Vec::new()),
             // Only a request is held on its last chunk (a response cannot wait: Pingora's
             // response body filter is synchronous, so `body_from` lets its last chunk go on).
             BodyStep::Held { .. } => Err(Outcome::Reply(Reply::fail_closed(None))),
@@ -580,11 +816,23 @@ impl Stream {
         chunk: Vec<u8>,
         end_of_stream: bool,
     ) -> Result<Vec<u8>, Outcome> {
-        let mut start = 0;
+        self.request_body_from(0, chunk, end_of_stream).await
+    }
+
+    /// [`Stream::request_body`] for a chunk that went through the plugins before the `start`th
+    /// (in chain order) already: a body read ahead while a plugin held the headers.
+    pub(crate) async fn request_body_from(
+        &mut self,
+        start: usize,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<Vec<u8>, Outcome> {
+        let mut start = start;
         let mut data = chunk;
         loop {
             match self.body_from(Direction::Request, start, data, end_of_stream)? {
                 BodyStep::Pass(data) => return Ok(data),
+                BodyStep::Buffered => return Ok(Vec::new()),
                 BodyStep::Held { position, index } => {
                     match self.wait(index).await {
                         Outcome::Continue => {}
@@ -609,19 +857,40 @@ impl Stream {
         chunk: Vec<u8>,
         end_of_stream: bool,
     ) -> Result<BodyStep, Outcome> {
+        let limit = self.filters.len();
+        self.body_through(direction, start, limit, chunk, end_of_stream, None)
+    }
+
+    /// Runs the body callbacks of the plugins from the `start`th to before the `limit`th of the
+    /// chain in `direction`; `Pass` is what went through them. `lend_header`, if given, lends
+    /// each plugin the request header for its callback (the headers are still held, so a body
+    /// callback may edit them, as in Envoy).
+    fn body_through(
+        &mut self,
+        direction: Direction,
+        start: usize,
+        limit: usize,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+        mut lend_header: Option<&mut LendHeader<'_>>,
+    ) -> Result<BodyStep, Outcome> {
         let order: Vec<usize> = match direction {
             Direction::Request => (0..self.filters.len()).collect(),
             Direction::Response => (0..self.filters.len()).rev().collect(),
         };
         let mut data = chunk;
-        for (position, index) in order.into_iter().enumerate().skip(start) {
+        for (position, index) in order.into_iter().enumerate().take(limit).skip(start) {
             if self.filters[index].skipped() {
                 continue;
             }
             let mut body = std::mem::take(self.filters[index].buffered(direction));
             body.extend_from_slice(&data);
             let kind = self.kind;
+            let lend = lend_header.as_deref_mut();
             let result = self.with_filter(index, |vm, context| {
+                if let Some(lend) = lend {
+                    lend(vm, context);
+                }
                 let len = body.len();
                 set_body(vm, context, Some(body));
                 let result = match (kind, direction) {
@@ -720,7 +989,7 @@ impl Stream {
                             return Err(Outcome::Reply(reply));
                         }
                         *self.filters[index].buffered(direction) = body;
-                        return Ok(BodyStep::Pass(Vec::new()));
+                        return Ok(BodyStep::Buffered);
                     }
                 }
             }
@@ -771,7 +1040,7 @@ impl Stream {
     ) -> Result<Vec<Forward>, Outcome> {
         let mut out = match self.body_from(direction, 0, chunk, end) {
             Ok(BodyStep::Pass(data)) => forward(direction, data, end),
-            Ok(BodyStep::Held { .. }) => Vec::new(),
+            Ok(BodyStep::Buffered | BodyStep::Held { .. }) => Vec::new(),
             Err(_) => return Err(Outcome::Close),
         };
         out.extend(self.release()?);
@@ -853,7 +1122,7 @@ impl Stream {
             };
             match self.body_from(direction, position + 1, data, end) {
                 Ok(BodyStep::Pass(data)) => out.extend(forward(direction, data, end)),
-                Ok(BodyStep::Held { .. }) => {}
+                Ok(BodyStep::Buffered | BodyStep::Held { .. }) => {}
                 Err(_) => return Err(Outcome::Close),
             }
         }

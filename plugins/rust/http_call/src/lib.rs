@@ -18,6 +18,17 @@
 //! `POST /check` to `auth_cluster` while the plugin holds the request (Pause on the last
 //! chunk). A 200 answer continues the request with its body unchanged; any other answers
 //! 401 with the callout's body, and a failed call 503 as above.
+//!
+//! With `x-check-body: before-headers` the plugin checks the body the same way before the
+//! headers go on: it holds the headers (Pause, which the host turns into StopIteration only
+//! with `allow_on_headers_stop_iteration`; otherwise no body callback comes until they go
+//! on), buffers the body to its end and sends it to `/check`. A 200 answer adds request
+//! header `x-body-checked: <the answer's x-auth-user>` and continues; other answers as above.
+//! So the upstream hears of a request only once its body passed.
+//!
+//! With `x-check-body: first-chunk` the plugin holds the headers until the first body chunk,
+//! adds request header `x-first-chunk: <its size>` from the body callback and lets the chunk
+//! (and so the headers) go on with Continue; later chunks pass untouched.
 
 use log::{info, warn};
 use proxy_wasm::traits::*;
@@ -27,18 +38,40 @@ use std::time::Duration;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
-        Box::new(HttpCall { check_body: false })
+        Box::new(HttpCall {
+            mode: Mode::Headers,
+        })
     });
 }}
 
+/// What the plugin gates, from header `x-check-body`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The headers, with a `GET /auth` (no `x-check-body`).
+    Headers,
+    /// The whole body, after the headers went on (`x-check-body` with any other value).
+    Body,
+    /// The whole body, while the headers wait (`before-headers`).
+    BodyBeforeHeaders,
+    /// The first body chunk's size, while the headers wait (`first-chunk`).
+    FirstChunk,
+    /// Nothing more (the first chunk went on).
+    Passed,
+}
+
 struct HttpCall {
-    /// Whether the call checks the request body (header `x-check-body`).
-    check_body: bool,
+    mode: Mode,
 }
 
 impl HttpContext for HttpCall {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if !self.check_body {
+        if self.mode == Mode::FirstChunk {
+            self.mode = Mode::Passed;
+            self.add_http_request_header("x-first-chunk", &body_size.to_string());
+            info!("first chunk: {} bytes, end {}", body_size, end_of_stream);
+            return Action::Continue;
+        }
+        if !matches!(self.mode, Mode::Body | Mode::BodyBeforeHeaders) {
             return Action::Continue;
         }
         if !end_of_stream {
@@ -73,9 +106,20 @@ impl HttpContext for HttpCall {
     }
 
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.get_http_request_header("x-check-body").is_some() {
-            self.check_body = true;
-            return Action::Continue;
+        match self.get_http_request_header("x-check-body").as_deref() {
+            Some("before-headers") => {
+                self.mode = Mode::BodyBeforeHeaders;
+                return Action::Pause;
+            }
+            Some("first-chunk") => {
+                self.mode = Mode::FirstChunk;
+                return Action::Pause;
+            }
+            Some(_) => {
+                self.mode = Mode::Body;
+                return Action::Continue;
+            }
+            None => {}
         }
         match self.dispatch_http_call(
             "auth_cluster",
@@ -124,8 +168,14 @@ impl Context for HttpCall {
             body.len()
         );
         if self.get_http_call_response_header(":status").as_deref() == Some("200") {
-            if !self.check_body {
-                self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
+            match self.mode {
+                Mode::Headers => {
+                    self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""))
+                }
+                Mode::BodyBeforeHeaders => {
+                    self.add_http_request_header("x-body-checked", user.as_deref().unwrap_or(""))
+                }
+                Mode::Body | Mode::FirstChunk | Mode::Passed => {}
             }
             self.resume_http_request();
         } else {
