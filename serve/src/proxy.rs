@@ -16,7 +16,7 @@ use crate::config::{Cluster, Limits};
 use crate::connections;
 use crate::drain::InFlightGuard;
 use crate::header_timeout::HeaderClock;
-use crate::read_ahead::{EarlyBody, ReadAhead};
+use crate::read_ahead::ReadAhead;
 use crate::stream::{lend_request, lend_response, Direction, Kind, Outcome, Reply, Stream};
 use crate::worker::Listener;
 
@@ -91,6 +91,18 @@ impl ClusterState {
         }
         peer
     }
+}
+
+/// The request body read ahead while a plugin held the headers (see [`crate::read_ahead`]),
+/// for the body filter's first call.
+struct EarlyBody {
+    /// The bytes read ahead, if Pingora replays them to the body filter first (they went
+    /// through the plugins already).
+    replayed: Option<usize>,
+    /// What went through every plugin: the body's first bytes for the upstream.
+    ready: Vec<u8>,
+    /// The body ended.
+    end: bool,
 }
 
 /// A stream's state across the phases.
@@ -590,6 +602,7 @@ impl ProxyHttp for ListenerProxy {
         let end_of_stream = request_ends_with_headers(session);
         ctx.ended_at_headers[0] = end_of_stream;
         let client_framing = Framing::of(session.req_header());
+        let mut read_ahead = None;
         let outcome = if !end_of_stream && ctx.stream.reads_ahead() {
             // The body is read while a plugin may hold the headers: the header leaves the
             // session meanwhile (Pingora set up the body's reading from it already).
@@ -600,16 +613,15 @@ impl ProxyHttp for ListenerProxy {
                 .stream
                 .request_headers_reading_ahead(&mut header, &mut reader)
                 .await;
-            let (early, error) = reader.finish();
-            if early.sent_continue {
+            let end = reader.finish();
+            if end.sent_continue {
                 header.remove_header(&http::header::EXPECT);
             }
             *session.req_header_mut() = header;
-            if let Some(error) = error {
+            if let Some(error) = end.error {
                 return Err(error);
             }
-            ctx.body_seen |= early.replayed.is_some() || early.pending.is_some();
-            ctx.early_body = Some(early);
+            read_ahead = Some((end.pending, end.replayed));
             outcome
         } else {
             ctx.stream
@@ -627,10 +639,42 @@ impl ProxyHttp for ListenerProxy {
             ctx.upstream_framing = Some(plugins_framing);
         }
         match outcome {
-            Outcome::Continue => Ok(false),
-            Outcome::Reply(reply) => send_reply(session, ctx, reply).await,
-            Outcome::Close => Err(closed()),
+            Outcome::Continue => {}
+            Outcome::Reply(reply) => return send_reply(session, ctx, reply).await,
+            Outcome::Close => return Err(closed()),
         }
+        if let Some((pending, replayed)) = read_ahead {
+            // What went through only some of the plugins goes through the rest now, as Envoy
+            // passes on the data a filter kept right after the headers it held.
+            let (ready, end) = match pending {
+                Some(pending) => match ctx
+                    .stream
+                    .request_body_from(pending.start, pending.data, pending.end)
+                    .await
+                {
+                    Ok(ready) => (ready, pending.end),
+                    Err(Outcome::Reply(reply)) => return send_reply(session, ctx, reply).await,
+                    Err(_) => return Err(closed()),
+                },
+                None => (Vec::new(), false),
+            };
+            if end && replayed.is_none() && !ready.is_empty() {
+                // The client's body ended empty: Pingora sends the upstream request without
+                // one, and the plugins' body could not follow it.
+                tracing::error!(
+                    bytes = ready.len(),
+                    "a plugin gave a body to a request whose own ended empty while its headers \
+                     were held: it cannot be sent (500)"
+                );
+                return send_reply(session, ctx, Reply::status(500, "proxy_error")).await;
+            }
+            ctx.early_body = Some(EarlyBody {
+                replayed,
+                ready,
+                end,
+            });
+        }
+        Ok(false)
     }
 
     async fn request_body_filter(
@@ -659,21 +703,11 @@ impl ProxyHttp for ListenerProxy {
                 }
                 chunk.clear();
             }
-            if let Some(pending) = early.pending {
-                match ctx
-                    .stream
-                    .request_body_from(pending.start, pending.data, pending.end)
-                    .await
-                {
-                    Ok(data) => early_data = data,
-                    Err(Outcome::Reply(reply)) => return Err(answer_with(ctx, reply)),
-                    Err(_) => return Err(closed()),
-                }
-                if pending.end {
-                    // The body ended while it was read ahead: nothing more comes.
-                    *body = (!early_data.is_empty()).then(|| Bytes::from(early_data));
-                    return Ok(());
-                }
+            early_data = early.ready;
+            if early.end {
+                // The body ended while it was read ahead: nothing more comes.
+                *body = (!early_data.is_empty()).then(|| Bytes::from(early_data));
+                return Ok(());
             }
             if chunk.is_empty() && !end_of_stream {
                 *body = Some(Bytes::from(early_data));

@@ -625,10 +625,13 @@ impl Stream {
         reader: &mut ReadAhead<'_>,
         lend_header: &mut LendHeader<'_>,
     ) -> Outcome {
+        if reader.send_continue().await.is_err() {
+            return Outcome::Close;
+        }
         // What an earlier plugin let through when it let the headers go comes to this one first.
         if let Some(pending) = reader.pending.take() {
             if let Some(outcome) = self
-                .read_ahead_step(position, reader, pending, lend_header)
+                .read_ahead_step(index, position, reader, pending, lend_header)
                 .await
             {
                 return self.let_go_after_pause(index, position, reader, outcome);
@@ -636,7 +639,8 @@ impl Stream {
         }
         let wake = Arc::clone(&self.wake);
         loop {
-            // The body callbacks took the header back from this plugin: lend it again.
+            // Lent again before every wait: a body callback took the header back from this
+            // plugin, and lending it to another made this loan stale.
             let looked = self.with_filter_lending(index, |vm, context| {
                 lend_header(vm, context);
                 (take_asked(vm, context), vm.is_failed())
@@ -654,7 +658,7 @@ impl Stream {
             }
             enum Event {
                 Woken,
-                Read(Result<(Vec<u8>, bool), ReadFailure>),
+                Read(Result<Option<(Vec<u8>, bool)>, ReadFailure>),
                 Idle,
             }
             let idle = self.idle_timeout;
@@ -677,14 +681,16 @@ impl Stream {
                 }
                 // The stream ends with the reader's error.
                 Event::Read(Err(ReadFailure::Failed)) => return Outcome::Close,
-                Event::Read(Ok((data, end))) => {
+                // Nothing more is read ahead (trailers follow).
+                Event::Read(Ok(None)) => {}
+                Event::Read(Ok(Some((data, end)))) => {
                     let chunk = Pending {
                         start: 0,
                         data,
                         end,
                     };
                     if let Some(outcome) = self
-                        .read_ahead_step(position, reader, chunk, lend_header)
+                        .read_ahead_step(index, position, reader, chunk, lend_header)
                         .await
                     {
                         return self.let_go_after_pause(index, position, reader, outcome);
@@ -702,12 +708,13 @@ impl Stream {
         }
     }
 
-    /// Runs a chunk read ahead (or left by an earlier pause) through the plugins up to the
-    /// one at `position`, which holds the headers. `None` while that one still holds the
+    /// Runs a chunk read ahead (or left by an earlier pause) through the plugins up to filter
+    /// `holder` at `position`, which holds the headers. `None` while that one still holds the
     /// stream: the chunk is buffered (by it or before it), or it holds the body's end.
     /// `Continue` once it let the chunk through (what passed is left in `reader.pending`).
     async fn read_ahead_step(
         &mut self,
+        holder: usize,
         position: usize,
         reader: &mut ReadAhead<'_>,
         chunk: Pending,
@@ -746,6 +753,10 @@ impl Stream {
                     position: at,
                     index,
                 }) => {
+                    // The holder's loan is made fresh for the wait (lending the header to the
+                    // plugins before it made the last one stale), as its callout's answer may
+                    // edit the headers meanwhile.
+                    self.with_filter_lending(holder, |vm, context| lend_header(vm, context));
                     match self.wait(index).await {
                         Outcome::Continue => {}
                         other => return Some(other),
@@ -931,6 +942,19 @@ impl Stream {
                     }
                     if let Some(reply) = asked.local_reply.filter(|_| self.kind == Kind::Http) {
                         return Err(Outcome::Reply(Reply::from_local(reply)));
+                    }
+                    if self.kind == Kind::Http
+                        && direction == Direction::Request
+                        && asked.continued
+                        && action != DataAction::Continue
+                    {
+                        // It continued the stream from inside the callback that stops it: the
+                        // wait for its continue that follows finds it.
+                        self.with_filter_lending(index, |vm, context| {
+                            if let Some(slot) = slot(vm, context) {
+                                slot.asked.continued = true;
+                            }
+                        });
                     }
                     let continued = self.kind == Kind::Tcp
                         && asked.continued
