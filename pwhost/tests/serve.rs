@@ -1027,6 +1027,44 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     drop(client);
     serve.wait_for_no_live_contexts();
 
+    // In a chain: a plugin before the holder rewrites the body it buffered to its end before
+    // the holder checks it; one after it gets the body the holder let go.
+    for (chain, checked) in [
+        (["rewrite", "body_check"], "THE WHOLE BODY"),
+        (["body_check", "rewrite"], "the whole body"),
+    ] {
+        let filters: Vec<String> = chain
+            .iter()
+            .map(|name| match *name {
+                "rewrite" => envoy_filter("rewrite", "body_rewrite", ""),
+                _ => envoy_filter_with("body_check", "http_call", "", allowed),
+            })
+            .collect();
+        let serve = Serve::start_with(
+            origin.address,
+            &filters,
+            &[("auth_cluster", checker.address)],
+        );
+        let reply = send(
+            "POST",
+            &serve.url("/chain"),
+            &[("x-check-body", "before-headers")],
+            Some("the whole body"),
+        );
+        assert_eq!(reply.status, 200, "{chain:?}: {}", serve.log());
+        assert_eq!(*checker.last_body.lock().unwrap(), checked, "{chain:?}");
+        assert_eq!(
+            *origin.last_body.lock().unwrap(),
+            "THE WHOLE BODY",
+            "{chain:?}"
+        );
+        assert!(
+            reply.body.contains("x-body-checked: alice"),
+            "{}",
+            reply.body
+        );
+    }
+
     // Until the body passed, the upstream heard nothing: a check that fails answers the
     // client and no request reaches the upstream at all.
     let unreachable = free_port();
