@@ -1782,6 +1782,43 @@ fn grpc_unary(
 }
 
 #[test]
+fn a_body_read_ahead_while_the_headers_were_held_reaches_an_http2_upstream_whole() {
+    let upstream = GrpcUpstream::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: grpc}}]\n    \
+         http_filters:\n{}clusters:\n  grpc: {{endpoints: [\"{}\"], http2: true}}\n",
+        envoy_filter_with(
+            "first_chunk",
+            "http_call",
+            "",
+            "allow_on_headers_stop_iteration: true"
+        ),
+        upstream.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // The plugin holds the headers until the first chunk (one frame: the message is read
+    // ahead whole), then past what is read ahead (the rest comes after the replay).
+    for size in [10, 200 * 1024] {
+        let message = numbered_body(size.max(16));
+        let (reply, _) = grpc_unary(
+            &serve.url(""),
+            "/pwhost.Auth/Check",
+            &message,
+            &[("x-check-body", "first-chunk"), ("x-meta", "1")],
+        )
+        .unwrap_or_else(|status| panic!("the call failed: {status:?}\n{}", serve.log()));
+        assert!(
+            reply[..] == *format!("checked {message} (x-meta 1)").as_bytes(),
+            "{size} bytes: the message changed on its way"
+        );
+    }
+    serve.wait_for_log("first chunk: ");
+}
+
+#[test]
 fn grpc_through_the_proxy_reaches_the_plugins_with_its_bodies_and_trailers() {
     let upstream = GrpcUpstream::start();
     let dir = tempfile::tempdir().expect("a temporary directory");

@@ -757,14 +757,10 @@ impl Stream {
                     // plugins before it made the last one stale), as its callout's answer may
                     // edit the headers meanwhile.
                     self.with_filter_lending(holder, |vm, context| lend_header(vm, context));
-                    match self.wait(index).await {
-                        Outcome::Continue => {}
-                        other => return Some(other),
-                    }
-                    data = self
-                        .with_filter_lending(index, |vm, context| set_body(vm, context, None))
-                        .flatten()
-                        .unwrap_or_default();
+                    data = match self.released_body(index).await {
+                        Ok(data) => data,
+                        Err(outcome) => return Some(outcome),
+                    };
                     start = at + 1;
                 }
             }
@@ -845,19 +841,24 @@ impl Stream {
                 BodyStep::Pass(data) => return Ok(data),
                 BodyStep::Buffered => return Ok(Vec::new()),
                 BodyStep::Held { position, index } => {
-                    match self.wait(index).await {
-                        Outcome::Continue => {}
-                        other => return Err(other),
-                    }
-                    // The body as the plugin left it, on to the next plugin.
-                    data = self
-                        .with_filter_lending(index, |vm, context| set_body(vm, context, None))
-                        .flatten()
-                        .unwrap_or_default();
+                    data = self.released_body(index).await?;
                     start = position + 1;
                 }
             }
         }
+    }
+
+    /// Waits until filter `index`, holding the request body's end, continues the stream;
+    /// returns the body as the plugin left it, for the plugins after it.
+    async fn released_body(&mut self, index: usize) -> Result<Vec<u8>, Outcome> {
+        match self.wait(index).await {
+            Outcome::Continue => {}
+            other => return Err(other),
+        }
+        Ok(self
+            .with_filter_lending(index, |vm, context| set_body(vm, context, None))
+            .flatten()
+            .unwrap_or_default())
     }
 
     /// Runs the body callbacks from the `start`th plugin of the chain in `direction`.
