@@ -178,28 +178,40 @@ impl<'s> ReadAhead<'s> {
     /// Reads the next chunk: its bytes and whether it ends the body; `None` when no more is to
     /// be read ahead though the body has not ended (HTTP/2 trailers follow: Pingora reads on).
     pub(crate) async fn read(&mut self) -> Result<Option<(Vec<u8>, bool)>, ReadFailure> {
-        match self.session.read_request_body().await {
-            Ok(chunk) => {
-                self.reads += 1;
-                // As Pingora's own body loop says it.
-                let end = self.session.is_body_done();
-                let Some(chunk) = chunk else {
-                    self.done = true;
-                    return Ok(end.then(|| (Vec::new(), true)));
-                };
-                self.read += chunk.len();
-                self.done = end;
-                Ok(Some((chunk.to_vec(), end)))
+        loop {
+            let chunk = match self.session.read_request_body().await {
+                Ok(chunk) => chunk,
+                Err(error) => return Err(self.failed(error)),
+            };
+            self.reads += 1;
+            // As Pingora's own body loop says it.
+            let end = self.session.is_body_done();
+            let Some(chunk) = chunk else {
+                self.done = true;
+                return Ok(end.then(|| (Vec::new(), true)));
+            };
+            if chunk.is_empty() && !end {
+                // Pingora's chunked reader between a chunk's parts: no data for the plugins
+                // (Envoy calls no filter with empty data that does not end the body).
+                continue;
             }
+            self.read += chunk.len();
+            self.done = end;
+            return Ok(Some((chunk.to_vec(), end)));
+        }
+    }
+
+    fn failed(&mut self, error: Box<pingora::Error>) -> ReadFailure {
+        match error.etype() {
             // The client sent nothing for the stream's idle timeout (the session's read
             // timeout): the stream's own timeout, a 408.
-            Err(error) if *error.etype() == pingora::ErrorType::ReadTimedout => {
+            pingora::ErrorType::ReadTimedout => {
                 self.done = true;
-                Err(ReadFailure::TimedOut)
+                ReadFailure::TimedOut
             }
-            Err(error) => {
+            _ => {
                 self.error = Some(error.into_down());
-                Err(ReadFailure::Failed)
+                ReadFailure::Failed
             }
         }
     }

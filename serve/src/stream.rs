@@ -732,7 +732,7 @@ impl Stream {
                 position + 1,
                 data,
                 end,
-                Some(&mut *lend_header),
+                Some((holder, &mut *lend_header)),
             );
             match step {
                 Err(outcome) => return Some(outcome),
@@ -874,9 +874,10 @@ impl Stream {
     }
 
     /// Runs the body callbacks of the plugins from the `start`th to before the `limit`th of the
-    /// chain in `direction`; `Pass` is what went through them. `lend_header`, if given, lends
-    /// each plugin the request header for its callback (the headers are still held, so a body
-    /// callback may edit them, as in Envoy).
+    /// chain in `direction`; `Pass` is what went through them. `held_headers`, while a
+    /// plugin holds the request headers (its filter index, and how to lend them), lends each
+    /// plugin the request header for its callback (a body callback may still edit them, as
+    /// in Envoy).
     fn body_through(
         &mut self,
         direction: Direction,
@@ -884,7 +885,7 @@ impl Stream {
         limit: usize,
         chunk: Vec<u8>,
         end_of_stream: bool,
-        mut lend_header: Option<&mut LendHeader<'_>>,
+        mut held_headers: Option<(usize, &mut LendHeader<'_>)>,
     ) -> Result<BodyStep, Outcome> {
         let order: Vec<usize> = match direction {
             Direction::Request => (0..self.filters.len()).collect(),
@@ -898,7 +899,7 @@ impl Stream {
             let mut body = std::mem::take(self.filters[index].buffered(direction));
             body.extend_from_slice(&data);
             let kind = self.kind;
-            let lend = lend_header.as_deref_mut();
+            let lend = held_headers.as_mut().map(|(_, lend)| &mut **lend);
             let result = self.with_filter(index, |vm, context| {
                 if let Some(lend) = lend {
                     lend(vm, context);
@@ -944,13 +945,20 @@ impl Stream {
                     if let Some(reply) = asked.local_reply.filter(|_| self.kind == Kind::Http) {
                         return Err(Outcome::Reply(Reply::from_local(reply)));
                     }
+                    let waited_for = end_of_stream
+                        || held_headers
+                            .as_ref()
+                            .is_some_and(|(holder, _)| *holder == index);
                     if self.kind == Kind::Http
                         && direction == Direction::Request
                         && asked.continued
                         && action != DataAction::Continue
+                        && waited_for
                     {
                         // It continued the stream from inside the callback that stops it: the
-                        // wait for its continue that follows finds it.
+                        // wait for its continue that follows (it holds the body's end, or the
+                        // headers) finds it. Kept for no other wait: a later one would take it
+                        // for a continue of its own.
                         self.with_filter_lending(index, |vm, context| {
                             if let Some(slot) = slot(vm, context) {
                                 slot.asked.continued = true;
