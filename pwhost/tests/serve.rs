@@ -1014,6 +1014,17 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     }
     serve.wait_for_log("first chunk: ");
 
+    // The same when it lets them go with `proxy_continue_stream` from inside that callback,
+    // which returns a stop: here on the body's only chunk (sent with the headers), so that
+    // nothing but that continue can let the request go.
+    let status = raw_status_line(
+        serve.port,
+        b"POST /resume HTTP/1.1\r\nhost: a\r\nx-check-body: first-chunk-resume\r\n\
+          content-length: 5\r\nconnection: close\r\n\r\nhello",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK", "{}", serve.log());
+    assert_eq!(*origin.last_body.lock().unwrap(), "hello");
+
     // A client that goes away while its body is read ahead leaves no plugin context behind.
     use std::io::Write;
     let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");

@@ -28,7 +28,9 @@
 //!
 //! With `x-check-body: first-chunk` the plugin holds the headers until the first body chunk,
 //! adds request header `x-first-chunk: <its size>` from the body callback and lets the chunk
-//! (and so the headers) go on with Continue; later chunks pass untouched.
+//! (and so the headers) go on with Continue; later chunks pass untouched. With
+//! `first-chunk-resume` it does the same but lets them go by calling `proxy_continue_stream`
+//! from inside that body callback, which returns Pause (StopIterationAndBuffer).
 
 use log::{info, warn};
 use proxy_wasm::traits::*;
@@ -55,6 +57,8 @@ enum Mode {
     BodyBeforeHeaders,
     /// The first body chunk's size, while the headers wait (`first-chunk`).
     FirstChunk,
+    /// The same, let go with `proxy_continue_stream` (`first-chunk-resume`).
+    FirstChunkResume,
     /// Nothing more (the first chunk went on).
     Passed,
 }
@@ -65,10 +69,15 @@ struct HttpCall {
 
 impl HttpContext for HttpCall {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.mode == Mode::FirstChunk {
+        if matches!(self.mode, Mode::FirstChunk | Mode::FirstChunkResume) {
+            let resume = self.mode == Mode::FirstChunkResume;
             self.mode = Mode::Passed;
             self.add_http_request_header("x-first-chunk", &body_size.to_string());
             info!("first chunk: {} bytes, end {}", body_size, end_of_stream);
+            if resume {
+                self.resume_http_request();
+                return Action::Pause;
+            }
             return Action::Continue;
         }
         if !matches!(self.mode, Mode::Body | Mode::BodyBeforeHeaders) {
@@ -113,6 +122,10 @@ impl HttpContext for HttpCall {
             }
             Some("first-chunk") => {
                 self.mode = Mode::FirstChunk;
+                return Action::Pause;
+            }
+            Some("first-chunk-resume") => {
+                self.mode = Mode::FirstChunkResume;
                 return Action::Pause;
             }
             Some(_) => {
@@ -175,7 +188,7 @@ impl Context for HttpCall {
                 Mode::BodyBeforeHeaders => {
                     self.add_http_request_header("x-body-checked", user.as_deref().unwrap_or(""))
                 }
-                Mode::Body | Mode::FirstChunk | Mode::Passed => {}
+                Mode::Body | Mode::FirstChunk | Mode::FirstChunkResume | Mode::Passed => {}
             }
             self.resume_http_request();
         } else {
