@@ -410,7 +410,7 @@ impl Stream {
     /// holds the headers: each chunk goes through the plugins up to the one holding them, and
     /// a chunk that one lets through lets the headers go on too (Envoy's `Continue` from a
     /// body callback sends the held headers on first). What went through only some of the
-    /// plugins is left in the reader for the body filter (see [`crate::read_ahead`]).
+    /// plugins is left in the reader (`pending`, see [`crate::read_ahead`]).
     pub(crate) async fn request_headers_reading_ahead(
         &mut self,
         header: &mut RequestHeader,
