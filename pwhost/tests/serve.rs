@@ -1793,6 +1793,53 @@ fn grpc_unary(
 }
 
 #[test]
+fn a_held_request_whose_body_does_not_come_ends_at_the_stream_idle_timeout_with_nothing_sent_up() {
+    let origin = Origin::start();
+    let checker = Origin::start();
+    let serve = Serve::start_configured(
+        origin.address,
+        "    stream_idle_timeout: 1s\n    max_request_headers_kb: 200\n",
+        &[envoy_filter_with(
+            "body_check",
+            "http_call",
+            "",
+            "allow_on_headers_stop_iteration: true",
+        )],
+        &[("auth_cluster", checker.address)],
+    );
+    // A client that stops half-way through its body while the plugin waits for its end.
+    let stalled = raw_status_line(
+        serve.port,
+        b"POST /stalled HTTP/1.1\r\nhost: a\r\nx-check-body: before-headers\r\n\
+          content-length: 100\r\n\r\nhalf",
+    );
+    assert!(
+        stalled.starts_with("HTTP/1.1 408"),
+        "{stalled}\n{}",
+        serve.log()
+    );
+    // Headers so large that the body bytes which came with them could overflow what Pingora
+    // replays: that body is not read ahead (it could be lost), so a plugin waiting for its end
+    // waits for the timeout too, and nothing goes upstream.
+    let mut request = format!(
+        "POST /large HTTP/1.1\r\nhost: a\r\nx-check-body: before-headers\r\n\
+         x-filler: {}\r\ncontent-length: 100000\r\n\r\n",
+        "x".repeat(150 * 1024)
+    )
+    .into_bytes();
+    request.extend_from_slice(numbered_body(100_000).as_bytes());
+    let large = raw_status_line(serve.port, &request);
+    assert!(
+        large.starts_with("HTTP/1.1 408"),
+        "{large}\n{}",
+        serve.log()
+    );
+    serve.wait_for_no_live_contexts();
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+    assert_eq!(checker.requests.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn a_body_read_ahead_while_the_headers_were_held_reaches_an_http2_upstream_whole() {
     let upstream = GrpcUpstream::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
