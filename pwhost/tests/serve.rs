@@ -115,7 +115,10 @@ async fn next_connection(
 
 struct Origin {
     address: SocketAddr,
+    /// Whole requests answered.
     requests: Arc<AtomicUsize>,
+    /// Connections accepted (a request abandoned before its body ended counts here only).
+    connections: Arc<AtomicUsize>,
     last_body: Arc<Mutex<String>>,
     _server: Background,
 }
@@ -152,13 +155,16 @@ impl Origin {
                 .collect(),
         );
         let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let last_body = Arc::new(Mutex::new(String::new()));
         let (count, body_seen) = (Arc::clone(&requests), Arc::clone(&last_body));
+        let accepted = Arc::clone(&connections);
         let server = Background::start(move |listener, mut stopped| async move {
             loop {
                 let Some(stream) = next_connection(&listener, &mut stopped).await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let (count, body_seen, extra) = (
                     Arc::clone(&count),
                     Arc::clone(&body_seen),
@@ -182,6 +188,7 @@ impl Origin {
         Origin {
             address: server.address,
             requests,
+            connections,
             last_body,
             _server: server,
         }
@@ -306,6 +313,21 @@ impl Serve {
                 .iter()
                 .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
                 .collect::<String>()
+        );
+        Serve::launch(dir, port, admin_port, &config)
+    }
+
+    /// Starts the proxy with `filters` in front of the gRPC server `upstream` (an HTTP/2
+    /// cluster).
+    fn in_front_of_grpc(upstream: &GrpcUpstream, filters: &[String]) -> Serve {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (port, admin_port) = (free_port(), free_port());
+        let config = format!(
+            "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+             address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: grpc}}]\n    \
+             http_filters:\n{}clusters:\n  grpc: {{endpoints: [\"{}\"], http2: true}}\n",
+            filters.concat(),
+            upstream.address
         );
         Serve::launch(dir, port, admin_port, &config)
     }
@@ -843,40 +865,15 @@ fn a_plugin_that_closes_the_stream_resets_it_and_the_upstream_never_sees_it() {
 fn a_plugin_holding_the_last_request_body_chunk_checks_the_whole_body_before_it_goes_up() {
     let origin = Origin::start();
     let auth = Origin::start();
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("body_check", "http_call", "")],
-        &[("auth_cluster", auth.address)],
-    );
-    let reply = send(
-        "POST",
-        &serve.url("/upload"),
-        &[("x-check-body", "1")],
-        Some("the whole body"),
-    );
-    assert_eq!(reply.status, 200, "{}", serve.log());
-    assert_eq!(*auth.last_body.lock().unwrap(), "the whole body");
+    let filter = envoy_filter("body_check", "http_call", "");
+    let (_serve, _) = a_body_check_passing(&origin, &auth, filter, "1");
     assert_eq!(*origin.last_body.lock().unwrap(), "the whole body");
 
     // With the checker unreachable, the plugin answers itself: the body never reached the
     // upstream (whose request, opened with the headers, is abandoned, as Envoy resets it).
-    let closed = free_port();
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("body_check", "http_call", "")],
-        &[("auth_cluster", ([127, 0, 0, 1], closed).into())],
-    );
-    let before = origin.requests.load(Ordering::Relaxed);
-    let reply = send(
-        "POST",
-        &serve.url("/upload"),
-        &[("x-check-body", "1")],
-        Some("unchecked"),
-    );
-    assert_eq!(reply.status, 503, "{}", serve.log());
-    assert_eq!(reply.body, "auth callout failed\n");
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(origin.requests.load(Ordering::Relaxed), before);
+    let connections = origin.connections.load(Ordering::Relaxed);
+    let _serve = a_body_check_failing(&origin, envoy_filter("body_check", "http_call", ""), "1");
+    assert!(origin.connections.load(Ordering::Relaxed) > connections);
     assert_eq!(*origin.last_body.lock().unwrap(), "the whole body");
 }
 
@@ -915,22 +912,11 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     let origin = Origin::start();
     let checker = Origin::answering_with(&[("x-auth-user", "alice")]);
     let allowed = "allow_on_headers_stop_iteration: true";
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter_with("body_check", "http_call", "", allowed)],
-        &[("auth_cluster", checker.address)],
-    );
 
     // The plugin holds the headers, checks the whole body with a callout, adds a header from
     // the answer and lets the request go on: headers and body reach the upstream together.
-    let reply = send(
-        "POST",
-        &serve.url("/upload"),
-        &[("x-check-body", "before-headers")],
-        Some("the whole body"),
-    );
-    assert_eq!(reply.status, 200, "{}", serve.log());
-    assert_eq!(*checker.last_body.lock().unwrap(), "the whole body");
+    let filter = envoy_filter_with("body_check", "http_call", "", allowed);
+    let (serve, reply) = a_body_check_passing(&origin, &checker, filter, "before-headers");
     assert!(
         reply.body.contains("x-body-checked: alice"),
         "{}",
@@ -1077,24 +1063,61 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     }
 
     // Until the body passed, the upstream heard nothing: a check that fails answers the
-    // client and no request reaches the upstream at all.
+    // client and the upstream is not even connected to.
+    let connections = origin.connections.load(Ordering::Relaxed);
+    let filter = envoy_filter_with("body_check", "http_call", "", allowed);
+    let _serve = a_body_check_failing(&origin, filter, "before-headers");
+    assert_eq!(origin.connections.load(Ordering::Relaxed), connections);
+}
+
+/// `pwhost serve` in front of `origin` with `filter` (`http_call`) checking bodies with
+/// `checker`, after a request whose body it checks (`x-check-body: mode`), and its reply: a
+/// 200, the checker having seen the whole body.
+fn a_body_check_passing(
+    origin: &Origin,
+    checker: &Origin,
+    filter: String,
+    mode: &str,
+) -> (Serve, Reply) {
+    let serve = Serve::start_with(
+        origin.address,
+        &[filter],
+        &[("auth_cluster", checker.address)],
+    );
+    let reply = send(
+        "POST",
+        &serve.url("/upload"),
+        &[("x-check-body", mode)],
+        Some("the whole body"),
+    );
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(*checker.last_body.lock().unwrap(), "the whole body");
+    (serve, reply)
+}
+
+/// `pwhost serve` in front of `origin` with `filter` (`http_call`), whose checker cannot be
+/// reached, after a request whose body it checks (`x-check-body: mode`): the plugin answered
+/// 503 itself, the stream ended, and no whole request reached `origin`.
+fn a_body_check_failing(origin: &Origin, filter: String, mode: &str) -> Serve {
     let unreachable = free_port();
     let serve = Serve::start_with(
         origin.address,
-        &[envoy_filter_with("body_check", "http_call", "", allowed)],
+        &[filter],
         &[("auth_cluster", ([127, 0, 0, 1], unreachable).into())],
     );
     let before = origin.requests.load(Ordering::Relaxed);
     let reply = send(
         "POST",
         &serve.url("/upload"),
-        &[("x-check-body", "before-headers")],
+        &[("x-check-body", mode)],
         Some("unchecked"),
     );
     assert_eq!(reply.status, 503, "{}", serve.log());
     assert_eq!(reply.body, "auth callout failed\n");
     serve.wait_for_no_live_contexts();
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(origin.requests.load(Ordering::Relaxed), before);
+    serve
 }
 
 #[test]
@@ -1842,21 +1865,15 @@ fn a_held_request_whose_body_does_not_come_ends_at_the_stream_idle_timeout_with_
 #[test]
 fn a_body_read_ahead_while_the_headers_were_held_reaches_an_http2_upstream_whole() {
     let upstream = GrpcUpstream::start();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
-         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: grpc}}]\n    \
-         http_filters:\n{}clusters:\n  grpc: {{endpoints: [\"{}\"], http2: true}}\n",
-        envoy_filter_with(
+    let serve = Serve::in_front_of_grpc(
+        &upstream,
+        &[envoy_filter_with(
             "first_chunk",
             "http_call",
             "",
-            "allow_on_headers_stop_iteration: true"
-        ),
-        upstream.address
+            "allow_on_headers_stop_iteration: true",
+        )],
     );
-    let serve = Serve::launch(dir, port, admin_port, &config);
     // The plugin holds the headers until the first chunk (one frame: the message is read
     // ahead whole), then past what is read ahead (the rest comes after the replay).
     for size in [10, 200 * 1024] {
@@ -1879,17 +1896,13 @@ fn a_body_read_ahead_while_the_headers_were_held_reaches_an_http2_upstream_whole
 #[test]
 fn grpc_through_the_proxy_reaches_the_plugins_with_its_bodies_and_trailers() {
     let upstream = GrpcUpstream::start();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
-         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: grpc}}]\n    \
-         http_filters:\n{}{}clusters:\n  grpc: {{endpoints: [\"{}\"], http2: true}}\n",
-        envoy_filter("headers", "http_headers", ""),
-        envoy_filter("rewrite", "body_rewrite", ""),
-        upstream.address
+    let serve = Serve::in_front_of_grpc(
+        &upstream,
+        &[
+            envoy_filter("headers", "http_headers", ""),
+            envoy_filter("rewrite", "body_rewrite", ""),
+        ],
     );
-    let serve = Serve::launch(dir, port, admin_port, &config);
     let (message, metadata) = grpc_unary(
         &serve.url(""),
         "/pwhost.Auth/Check",
