@@ -5,8 +5,9 @@
 #     library sources, for -Zbuild-std), lld-19 (wasm-ld), wasi-libc, wabt (wat2wasm), clang-19
 #     (the C plugin for ABI 0.1.0); the AssemblyScript plugin uses the machine's node and npm
 #   - Traffic Server 9.2 and its headers for the Traffic Server plugin (ats/) and its end-to-end
-#     tests (trafficserver trafficserver-dev); wrk for its benchmark; curl for `pwhost serve`'s
-#     HTTP/2 test; dpkg-dev (dpkg-shlibdeps) for the Debian package's test
+#     tests (trafficserver trafficserver-dev); wrk and h2load (nghttp2-client) for the load
+#     benchmarks; curl for `pwhost serve`'s HTTP/2 test; dpkg-dev (dpkg-shlibdeps) for the
+#     Debian package's test
 #   - engines: LLVM 22 for wasmer's LLVM compiler (llvm-22-dev libpolly-22-dev libzstd-dev), cmake
 #     and libclang-dev for WAMR, libuv1 and libc-ares2 for libnode (V8), whose own files
 #     scripts/fetch-libnode.sh unpacks into .deps/libnode
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19
   llvm-22-dev libpolly-22-dev libzstd-dev cmake libclang-dev libuv1 libc-ares2
-  trafficserver trafficserver-dev wrk curl dpkg-dev)
+  trafficserver trafficserver-dev wrk nghttp2-client curl dpkg-dev)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
