@@ -36,6 +36,9 @@ struct BodyTransform {
     /// A chunked request body is decoded before the plugins see it (and goes to the origin
     /// framed by its length).
     dechunk: Option<Dechunker>,
+    /// The input's end went through the plugins; the transform waits for a plugin holding the
+    /// request headers (woken by the transaction) and runs no plugin again.
+    input_ended: bool,
 }
 
 /// How a transformed request body is framed to the origin. Traffic Server sends it with the
@@ -75,11 +78,16 @@ struct Output {
     vio: sys::TSVIO,
 }
 
-/// Adds a transform of `direction`'s body to `txn`, for `transaction`'s plugins.
+/// Adds a transform of `direction`'s body to `txn`, for `transaction`'s plugins, and returns
+/// it (the transaction wakes a request transform up when a hold on the headers ends).
 ///
 /// # Safety
 /// `txn` must be a transaction held by this plugin in one of its hooks.
-pub(crate) unsafe fn add(txn: sys::TSHttpTxn, direction: Direction, transaction: TransactionLink) {
+pub(crate) unsafe fn add(
+    txn: sys::TSHttpTxn,
+    direction: Direction,
+    transaction: TransactionLink,
+) -> sys::TSCont {
     let state = Box::new(BodyTransform {
         direction,
         transaction,
@@ -88,6 +96,7 @@ pub(crate) unsafe fn add(txn: sys::TSHttpTxn, direction: Direction, transaction:
         done: false,
         framing: Framing::Open,
         dechunk: None,
+        input_ended: false,
     });
     let hook = match direction {
         Direction::Request => sys::TS_HTTP_REQUEST_TRANSFORM_HOOK,
@@ -99,6 +108,7 @@ pub(crate) unsafe fn add(txn: sys::TSHttpTxn, direction: Direction, transaction:
         let connection = sys::TSTransformCreate(Some(on_event), txn);
         sys::TSContDataSet(connection, Box::into_raw(state).cast());
         sys::TSHttpTxnHookAdd(txn, hook, connection);
+        connection
     }
 }
 
@@ -113,6 +123,17 @@ unsafe extern "C" fn on_event(
     // SAFETY: `connection` is the transform Traffic Server calls.
     if unsafe { sys::TSVConnClosedGet(connection) } != 0 {
         if !state.is_null() {
+            // SAFETY: the state lives until freed just below; the transaction behind its link
+            // is open (its close clears the link) and runs on this thread.
+            unsafe {
+                let link = (*state).transaction.get();
+                if (*state).direction == Direction::Request && !link.is_null() {
+                    if event == sys::TS_EVENT_TIMEOUT {
+                        (*link).request_transform_woken();
+                    }
+                    (*link).request_transform_closed();
+                }
+            }
             // SAFETY: closed: no more events with this state; it is freed exactly once.
             unsafe {
                 sys::TSContDataSet(connection, std::ptr::null_mut());
@@ -143,6 +164,14 @@ unsafe extern "C" fn on_event(
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: events of the transform are serialized; this is the only reference.
                 let state = unsafe { &mut *state };
+                let link = state.transaction.get();
+                if event == sys::TS_EVENT_TIMEOUT && !link.is_null() {
+                    // The wake-up the transaction scheduled (Traffic Server signals a
+                    // transform's input with immediate events only).
+                    // SAFETY: the transaction is open (its close clears the link) and runs on
+                    // this thread; no other reference to it is live.
+                    unsafe { (*link).request_transform_woken() };
+                }
                 // SAFETY: a live transform (not closed, checked above).
                 unsafe { transfer(connection, state) };
             }));
@@ -333,7 +362,14 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
             }
             Framing::Refused => return,
             Framing::Withheld(kept) => {
-                kept.extend(run(chunk));
+                if !link.is_null() {
+                    // What a hold on the request headers let go of since.
+                    kept.extend((*link).take_released_request_body());
+                }
+                if !state.input_ended {
+                    kept.extend(run(chunk));
+                    state.input_ended = end_of_stream;
+                }
                 if cut() || (end_of_stream && !whole) {
                     // A plugin failed closed, or the body did not come whole: the origin has
                     // seen none of the request, and is not sent a body cut short as if whole.
@@ -344,6 +380,12 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                         );
                     }
                     refuse(connection, state);
+                    return;
+                }
+                if end_of_stream && !link.is_null() && (*link).request_headers_held() {
+                    // The whole body is in; a plugin holding the request headers decides
+                    // (the transaction wakes the transform up then). The input's writer is
+                    // not told it is done until the body goes on.
                     return;
                 }
                 if end_of_stream || kept.len() > limit {

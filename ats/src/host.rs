@@ -42,6 +42,11 @@ pub(crate) struct StreamSlot {
     pub(crate) held: bool,
     /// The client request header, while a hook lends it.
     pub(crate) request: Option<MimeHeaders>,
+    /// While the plugin holds the request headers past the read-request-header hook: the
+    /// transaction, whose request header as it stands (the origin's, once Traffic Server built
+    /// it from the client's) each access finds afresh, so that what the plugin changes from a
+    /// callout's answer reaches the origin whenever the answer comes.
+    pub(crate) follow_request: Option<sys::TSHttpTxn>,
     /// The client response header, while a hook lends it.
     pub(crate) response: Option<MimeHeaders>,
     /// The body (chunk and what the plugin buffered) while its callback runs; a connection's
@@ -66,6 +71,7 @@ impl StreamSlot {
             holder,
             held: matches!(holder, Holder::Connection(_)),
             request: None,
+            follow_request: None,
             response: None,
             body: None,
             info: StreamInfo::default(),
@@ -213,7 +219,12 @@ impl Host for AtsHost {
     fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers> {
         let slot = self.streams.get_mut(&context.0)?;
         let headers = match map {
-            MapType::HttpRequestHeaders => slot.request.as_mut()?,
+            MapType::HttpRequestHeaders => {
+                if let Some(txn) = slot.follow_request {
+                    slot.request = crate::transaction::current_request(txn);
+                }
+                slot.request.as_mut()?
+            }
             MapType::HttpResponseHeaders => slot.response.as_mut()?,
             _ => return None,
         };

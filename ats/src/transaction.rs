@@ -32,6 +32,8 @@ struct Filter {
     /// The hold on the VM copy the plugin runs in, until the transaction closes.
     stream: Option<StreamVm>,
     context: abi::ContextId,
+    /// Whether the plugin's module has a request body callback.
+    request_body_callback: bool,
     /// The plugin failed open during this transaction: it is not called again for it.
     bypassed: bool,
     /// Body bytes the plugin keeps buffered (it returned `StopIterationAndBuffer`), by direction.
@@ -90,6 +92,37 @@ enum ResponseFrom {
     Client,
 }
 
+/// A plugin holding the request headers while the transaction goes on and its body flows
+/// (see [`Transaction::headers_held`]).
+#[derive(Clone, Copy, Debug)]
+struct HeaderHold {
+    /// The filter holding them.
+    filter: usize,
+    /// Whether the body goes to its body callbacks meanwhile: it paused with
+    /// `allow_on_headers_stop_iteration` (Envoy's `StopIteration`). Otherwise what reaches it
+    /// waits in its buffer until it continues, as for Envoy's stop of everything.
+    body_to_holder: bool,
+}
+
+/// Where `request_headers` runs: in the read-request-header hook, where a plugin that stops
+/// everything holds the transaction there; or once the transaction went on with a plugin
+/// holding the headers only, where every pause holds the headers, and the body, in the request
+/// transform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Hook,
+    Body,
+}
+
+/// How far a body chunk got through the plugins.
+enum BodyStep {
+    /// Through them all: what goes on (empty when a plugin keeps or drops it).
+    Through(Vec<u8>),
+    /// To the plugin holding the request headers, which let them go with this chunk: the
+    /// plugins after it get the headers first, then `data`.
+    HeadersLetGo { holder: usize, data: Vec<u8> },
+}
+
 /// Where a held transaction waits.
 #[derive(Clone, Copy, Debug)]
 enum Pause {
@@ -124,6 +157,23 @@ pub(crate) struct Transaction {
     request_framing_dropped: bool,
     /// A plugin failing closed ended the body (request, response): nothing more of it goes on.
     body_cut: [bool; 2],
+    /// A plugin holds the request headers while Traffic Server goes on with the transaction.
+    /// Traffic Server reads a request body only past the read-request-header hook, so a plugin
+    /// pausing there with `allow_on_headers_stop_iteration` (a host turning that into a stop of
+    /// everything never calls its body callbacks: proxy-wasm-cpp-host#143) lets the transaction
+    /// go, and the request transform withholds the body, and with it the whole request, from
+    /// the origin: Traffic Server sends the origin's request header only with the transform's
+    /// first bytes, whose length it needs. The plugins after the holder get the headers (the
+    /// origin's request header, built by then) once it lets them go.
+    headers_held: Option<HeaderHold>,
+    /// The request body came to its end (it may wait in a holder's buffer).
+    request_body_ended: bool,
+    /// What the plugins let through when a hold on the request headers ended outside the request
+    /// transform (in a callout's answer): the transform takes it when woken.
+    released_request_body: Vec<u8>,
+    /// The request transform, while it lives, and the wake-up scheduled on it.
+    request_transform: Option<sys::TSCont>,
+    wake: Option<sys::TSAction>,
 }
 
 /// Runs a hook handler's body, turning a panic into an error message and `on_panic`:
@@ -243,7 +293,7 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
     let next = if transaction.reply.is_some() {
         Next::Reply
     } else {
-        transaction.request_headers(0)
+        transaction.request_headers(0, Stage::Hook)
     };
     if next == Next::Reply {
         transaction.send_reply_body();
@@ -266,7 +316,8 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_RESPONSE_HDR_HOOK, cont);
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_TXN_CLOSE_HOOK, cont);
         if request_body {
-            body::add(txn, Direction::Request, Rc::clone(&link));
+            let transform = body::add(txn, Direction::Request, Rc::clone(&link));
+            (*transaction).request_transform = Some(transform);
         }
         if dechunked {
             sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_REQUEST_HDR_HOOK, cont);
@@ -298,6 +349,11 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
             .and_then(|headers| framing_of(&headers)),
         request_framing_dropped: false,
         body_cut: [false; 2],
+        headers_held: None,
+        request_body_ended: false,
+        released_request_body: Vec::new(),
+        request_transform: None,
+        wake: None,
     };
     let plugins = Arc::clone(worker.plugins());
     let info = stream_info(txn);
@@ -322,6 +378,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
                             name: opened.name,
                             stream: Some(stream),
                             context: opened.context,
+                            request_body_callback: opened.request_body,
                             bypassed: false,
                             request_body: Vec::new(),
                             response_body: Vec::new(),
@@ -434,6 +491,17 @@ impl Reply {
         }
     }
 
+    /// Envoy's answer for a request whose body passed the buffer limit before its headers went
+    /// on.
+    fn too_large() -> Reply {
+        Reply {
+            status: 413,
+            headers: Vec::new(),
+            body: b"Payload Too Large".to_vec(),
+            details: Some("request_payload_too_large".into()),
+        }
+    }
+
     fn from_local(local: LocalResponse) -> Reply {
         Reply {
             // An informational or out-of-range status cannot end a transaction: 500, as Envoy
@@ -508,9 +576,10 @@ unsafe extern "C" fn on_transaction_event(
         sys::TS_EVENT_HTTP_TXN_CLOSE => {
             // SAFETY: the box is taken back exactly once, here; Traffic Server calls no more
             // hooks of this continuation after the close.
-            let transaction = unsafe { Box::from_raw(transaction) };
-            // Transforms still open stop reaching the transaction.
+            let mut transaction = unsafe { Box::from_raw(transaction) };
+            // Transforms still open stop reaching the transaction, and are woken no more.
             transaction.link.set(std::ptr::null_mut());
+            transaction.request_transform_closed();
             // SAFETY: the continuation is not used again.
             unsafe {
                 sys::TSContDataSet(cont, std::ptr::null_mut());
@@ -716,6 +785,22 @@ fn server_request(txn: sys::TSHttpTxn) -> Option<MimeHeaders> {
     txn_header(txn, sys::TSHttpTxnServerReqGet, HeaderKind::Request)
 }
 
+/// The request header of a transaction that went on, as it stands (see
+/// [`StreamSlot::follow_request`]).
+pub(crate) fn current_request(txn: sys::TSHttpTxn) -> Option<MimeHeaders> {
+    request_header(txn, Stage::Body)
+}
+
+/// The request header the request callbacks see at `stage`: the client's in the hook; once the
+/// transaction went on, the origin's (built from the client's by then; what a plugin changes
+/// there reaches the origin), or the client's while Traffic Server has none.
+fn request_header(txn: sys::TSHttpTxn, stage: Stage) -> Option<MimeHeaders> {
+    match stage {
+        Stage::Hook => client_header(txn, HeaderKind::Request),
+        Stage::Body => server_request(txn).or_else(|| client_header(txn, HeaderKind::Request)),
+    }
+}
+
 /// Sets a reply's status and headers on the response the callbacks see.
 fn put_on_response(
     txn: sys::TSHttpTxn,
@@ -817,6 +902,14 @@ fn hold(vm: &mut Vm, context: abi::ContextId) {
     }
 }
 
+/// Has the plugin's slot follow the transaction's request header while the plugin holds it
+/// past the hook (`None` ends that).
+fn follow_request(vm: &mut Vm, context: abi::ContextId, txn: Option<sys::TSHttpTxn>) {
+    if let Some(slot) = slot_of(vm, context) {
+        slot.follow_request = txn;
+    }
+}
+
 /// Lends the headers to the plugin's slot in the copy's host (`None` takes them back).
 fn lend(
     vm: &mut Vm,
@@ -828,6 +921,32 @@ fn lend(
         slot.request = request;
         slot.response = response;
     }
+}
+
+/// The reply a plugin holding the request headers asked for in its body callback (or closing
+/// the stream), or its failure policy's: fail closed answers, fail open bypasses it (its
+/// headers then go on).
+fn held_answer(
+    worker: &mut Worker,
+    (plugin, name): (PluginId, &str),
+    bypassed: &mut bool,
+    result: &Result<abi::DataAction, VmError>,
+    asked: &mut Requests,
+) -> Option<Reply> {
+    if let Some(local) = asked.local_reply.take() {
+        return Some(Reply::from_local(local));
+    }
+    if asked.closed {
+        return Some(Reply::closed());
+    }
+    if let Err(error) = result {
+        diag::error(&format!("[{name}] {error}"));
+        match crate::plugin_failed(worker, plugin, error) {
+            OnFailure::FailClosed => return Some(Reply::fail_closed(name)),
+            OnFailure::FailOpen => *bypassed = true,
+        }
+    }
+    None
 }
 
 /// What one header callback came to.
@@ -870,12 +989,21 @@ fn outcome(
 
 impl Transaction {
     /// `proxy_on_request_headers` of the plugins from filter `from` on, in order, until one
-    /// replies or holds.
-    fn request_headers(&mut self, from: usize) -> Next {
+    /// replies or holds. In the hook (`Stage::Hook`) a plugin that stops everything holds the
+    /// transaction there (`Next::Hold`), and one that holds the headers only, with a body
+    /// coming, lets it go on with its headers held ([`Transaction::headers_held`]); once the
+    /// transaction went on (`Stage::Body`) every pause is such a hold, and the plugins see the
+    /// origin's request header, which Traffic Server has built by then.
+    fn request_headers(&mut self, from: usize, stage: Stage) -> Next {
         let txn = self.txn;
+        let body_comes = stage == Stage::Body
+            || (self.wants_request_body
+                && client_header(txn, HeaderKind::Request)
+                    .is_some_and(|headers| !ends_stream(&headers, HeaderKind::Request)));
         let filters = &mut self.filters;
         let mut reply = None;
         let mut paused = None;
+        let mut held = None;
         in_worker(self.thread, self.generation, "a transaction", |worker| {
             for (index, filter) in filters.iter_mut().enumerate().skip(from) {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
@@ -884,21 +1012,31 @@ impl Transaction {
                 let Some(vm) = worker.vm(stream) else {
                     continue;
                 };
-                let Some(headers) = client_header(txn, HeaderKind::Request) else {
+                let Some(headers) = request_header(txn, stage) else {
                     return;
                 };
                 let count = abi::Headers::len(&headers);
-                let end_of_stream = ends_stream(&headers, HeaderKind::Request);
+                let end_of_stream =
+                    stage == Stage::Hook && ends_stream(&headers, HeaderKind::Request);
                 lend(vm, filter.context, Some(headers), None);
                 let result = vm.on_request_headers(filter.context, count, end_of_stream);
                 let asked = take_requests(vm, filter.context);
+                let headers_only =
+                    matches!(result, Ok(HeadersAction::Pause)) && filter.request_body_callback;
                 match outcome(worker, filter, result, asked) {
                     Outcome::Continue => {}
                     Outcome::Hold => {
                         if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
                             hold(vm, filter.context);
                         }
-                        paused = Some(Pause::Request(index));
+                        if stage == Stage::Hook && !(headers_only && body_comes) {
+                            paused = Some(Pause::Request(index));
+                        } else {
+                            held = Some(HeaderHold {
+                                filter: index,
+                                body_to_holder: headers_only,
+                            });
+                        }
                         return;
                     }
                     Outcome::Reply(answer) => {
@@ -912,17 +1050,21 @@ impl Transaction {
             self.paused = Some(pause);
             return Next::Hold;
         }
+        self.headers_held = held;
         self.unlend();
-        if let (Some((name, value)), Some(mut headers)) = (
-            &self.client_framing,
-            client_header(txn, HeaderKind::Request),
-        ) {
-            // A plugin that drops Content-Length (because it will change the body) speaks for
-            // the upstream request; Traffic Server still needs it to read the client's body,
-            // and the request transform frames the changed body to the origin (`body`).
-            if framing_of(&headers).is_none() {
-                self.request_framing_dropped = true;
-                abi::Headers::add(&mut headers, name, value);
+        if stage == Stage::Hook {
+            if let (Some((name, value)), Some(mut headers)) = (
+                &self.client_framing,
+                client_header(txn, HeaderKind::Request),
+            ) {
+                // A plugin that drops Content-Length (because it will change the body) speaks
+                // for the upstream request; Traffic Server still needs it to read the client's
+                // body, and the request transform frames the changed body to the origin
+                // (`body`).
+                if framing_of(&headers).is_none() {
+                    self.request_framing_dropped = true;
+                    abi::Headers::add(&mut headers, name, value);
+                }
             }
         }
         match reply {
@@ -1004,26 +1146,77 @@ impl Transaction {
     /// reverse) and returns what goes on. A plugin that buffers (`StopIterationAndBuffer`)
     /// keeps the bytes and the plugins after it see nothing until it lets them through; at the
     /// end of the stream whatever is buffered goes on (Traffic Server cannot hold a body once
-    /// its end came).
+    /// its end came), except at a plugin holding the request headers, which keeps it until it
+    /// lets them go (the request transform waits for it).
     pub(crate) fn body_chunk(
         &mut self,
         direction: Direction,
         chunk: Vec<u8>,
         end_of_stream: bool,
     ) -> Vec<u8> {
+        if direction == Direction::Request && end_of_stream {
+            self.request_body_ended = true;
+        }
+        self.body_from(direction, 0, chunk, end_of_stream)
+    }
+
+    /// Runs `data` through the plugins from position `start` of the body's order on; a holder
+    /// of the request headers letting them go on the way has the plugins after it get them
+    /// first.
+    fn body_from(
+        &mut self,
+        direction: Direction,
+        mut start: usize,
+        mut data: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Vec<u8> {
+        loop {
+            if data.is_empty() && !end_of_stream {
+                return data;
+            }
+            match self.body_through(direction, start, data, end_of_stream) {
+                BodyStep::Through(data) => return data,
+                BodyStep::HeadersLetGo { holder, data: rest } => {
+                    self.headers_held = None;
+                    if self.request_headers(holder + 1, Stage::Body) == Next::Reply {
+                        self.answer_during_body();
+                        return Vec::new();
+                    }
+                    start = holder + 1;
+                    data = rest;
+                }
+            }
+        }
+    }
+
+    /// [`Transaction::body_from`] up to a holder of the request headers letting them go.
+    fn body_through(
+        &mut self,
+        direction: Direction,
+        start: usize,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+    ) -> BodyStep {
         let order = self.body_order(direction);
+        let txn = self.txn;
+        let hold = match direction {
+            Direction::Request => self.headers_held,
+            Direction::Response => None,
+        };
         let filters = &mut self.filters;
         let cut = match direction {
             Direction::Request => &mut self.body_cut[0],
             Direction::Response => &mut self.body_cut[1],
         };
         if *cut {
-            return Vec::new();
+            return BodyStep::Through(Vec::new());
         }
         let mut data = chunk;
+        let mut let_go = None;
+        let mut reply = None;
         let limit = crate::buffer_limit_bytes();
         let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
-            for index in order {
+            for index in order.into_iter().skip(start) {
                 let filter = &mut filters[index];
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
                     continue;
@@ -1031,11 +1224,24 @@ impl Transaction {
                 let Some(vm) = worker.vm(stream) else {
                     continue;
                 };
+                let holding = hold.filter(|hold| hold.filter == index);
                 if *filter.over_limit(direction) {
                     continue;
                 }
                 let mut buffer = std::mem::take(filter.buffered(direction));
                 if buffer.len().saturating_add(data.len()) > limit {
+                    if holding.is_some() {
+                        // The headers have not gone on: Envoy's answer to a request body
+                        // past the buffer limit before that.
+                        diag::error(&format!(
+                            "[{}] the plugin holds the request headers with more than {limit} \
+                             bytes of the body: the request is answered 413",
+                            filter.name
+                        ));
+                        reply = Some(Reply::too_large());
+                        *cut = true;
+                        return;
+                    }
                     diag::error(&format!(
                         "[{}] the plugin kept more than {limit} bytes of the {} body buffered: \
                          the body goes on past it unchanged",
@@ -1052,14 +1258,61 @@ impl Transaction {
                     continue;
                 }
                 buffer.append(&mut data);
+                if holding.is_some_and(|hold| !hold.body_to_holder) {
+                    // Stopped on its headers without `allow_on_headers_stop_iteration`: no body
+                    // callback until it continues.
+                    *filter.buffered(direction) = buffer;
+                    return;
+                }
                 let size = buffer.len();
                 lend_body(vm, filter.context, Some(buffer));
+                if holding.is_some() {
+                    // It holds the headers: it may read and change them meanwhile.
+                    lend(vm, filter.context, request_header(txn, Stage::Body), None);
+                }
                 let result = match direction {
                     Direction::Request => vm.on_request_body(filter.context, size, end_of_stream),
                     Direction::Response => vm.on_response_body(filter.context, size, end_of_stream),
                 };
+                if holding.is_some() {
+                    lend(vm, filter.context, None, None);
+                }
                 let buffer = lend_body(vm, filter.context, None).unwrap_or_default();
-                let asked = take_body_requests(vm, filter.context);
+                let mut asked = take_body_requests(vm, filter.context);
+                if holding.is_some() {
+                    if asked.continued || matches!(result, Ok(abi::DataAction::Continue)) {
+                        // Its headers go on (unless it answers below): no callout's answer
+                        // is waited for any more.
+                        if let Some(slot) = slot_of(vm, filter.context) {
+                            slot.held = false;
+                        }
+                    }
+                    let answer = held_answer(
+                        worker,
+                        (filter.plugin, &filter.name),
+                        &mut filter.bypassed,
+                        &result,
+                        &mut asked,
+                    );
+                    if let Some(answer) = answer {
+                        reply = Some(answer);
+                        *cut = true;
+                        return;
+                    }
+                    let lets_go =
+                        matches!(result, Ok(abi::DataAction::Continue) | Err(_)) || asked.continued;
+                    if lets_go {
+                        // Its headers go on, and the plugins after it get them before this
+                        // chunk (with what it kept before).
+                        let_go = Some((index, buffer));
+                        return;
+                    }
+                    if !matches!(result, Ok(abi::DataAction::StopNoBuffer)) {
+                        // Kept, even at the body's end: the request waits for it.
+                        *filter.buffered(direction) = buffer;
+                    }
+                    return;
+                }
                 if asked.local_reply.is_some() || asked.closed {
                     diag::warning(&format!(
                         "[{}] a local reply or close during a body is not supported by Traffic \
@@ -1093,12 +1346,20 @@ impl Transaction {
                 }
             }
         });
+        if let Some(reply) = reply {
+            self.reply = Some(reply);
+            self.answer_during_body();
+            return BodyStep::Through(Vec::new());
+        }
+        if let Some((holder, data)) = let_go {
+            return BodyStep::HeadersLetGo { holder, data };
+        }
         if ran.is_none() {
             // The plugins cannot be reached: the body goes on as it came.
-            return data;
+            return BodyStep::Through(data);
         }
-        // A plugin failing closed took `data` with it: nothing goes on.
-        data
+        // A plugin that kept or dropped it, or failing closed, took `data` with it.
+        BodyStep::Through(data)
     }
 
     /// The order `direction`'s body goes through the filters: the request's in order, the
@@ -1122,7 +1383,153 @@ impl Transaction {
     /// plugin dropped its framing header, so it may change the body's length, and Traffic
     /// Server sends a transformed request body framed by the length the transform gives first.
     pub(crate) fn request_body_withheld(&self) -> bool {
-        self.request_framing_dropped
+        self.request_framing_dropped || self.headers_held.is_some()
+    }
+
+    /// Whether a plugin holds the request headers: the request transform sends nothing yet,
+    /// not even at the body's end.
+    pub(crate) fn request_headers_held(&self) -> bool {
+        self.headers_held.is_some()
+    }
+
+    /// What the plugins let through since a hold on the request headers ended outside the
+    /// request transform, for the transform to send.
+    pub(crate) fn take_released_request_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.released_request_body)
+    }
+
+    /// The wake-up scheduled on the request transform came (Traffic Server frees its action).
+    pub(crate) fn request_transform_woken(&mut self) {
+        self.wake = None;
+    }
+
+    /// The request transform closed: a wake-up still scheduled on it is cancelled (its event
+    /// would reach a continuation that is gone).
+    pub(crate) fn request_transform_closed(&mut self) {
+        self.request_transform = None;
+        self.cancel_wake();
+    }
+
+    fn cancel_wake(&mut self) {
+        if let Some(action) = self.wake.take() {
+            // SAFETY: the action is the pending wake-up scheduled below; it has neither come
+            // (`request_transform_woken` clears it) nor been cancelled.
+            unsafe { sys::TSActionCancel(action) };
+        }
+    }
+
+    /// Has the request transform run again soon, on the transaction's thread, to send what a
+    /// hold's end released or to refuse the request.
+    fn wake_request_transform(&mut self) {
+        if let (Some(transform), None) = (self.request_transform, self.wake) {
+            // SAFETY: the transform lives (its close clears `request_transform`), and the
+            // action is kept until it comes or is cancelled.
+            // A timeout, not an immediate event: Traffic Server signals a transform's input with
+            // immediate events too, and the wake-up must be told apart (`body`).
+            self.wake = Some(unsafe { sys::TSContScheduleOnThread(transform, 1, self.thread) });
+        }
+    }
+
+    /// The plugins answered the request once the transaction went on (from a hold on its
+    /// headers): the request transform refuses the request, which the origin has not seen,
+    /// and Traffic Server's answer goes out with the reply's status, headers and body.
+    fn answer_during_body(&mut self) {
+        if let Some(reply) = &self.reply {
+            let plugin = self
+                .headers_held
+                .and_then(|held| self.filters.get(held.filter))
+                .map_or("a plugin", |filter| &filter.name);
+            diag::error(&format!(
+                "[{plugin}] answered the request while it held only its headers ({}): Traffic \
+                 Server ends a transaction whose request body cannot go on without an answer, \
+                 so the client's connection closes; the origin has not seen the request",
+                reply.status
+            ));
+        }
+        self.headers_held = None;
+        self.unlend();
+        self.send_reply_body();
+        self.body_cut[0] = true;
+    }
+
+    /// A hold on the request headers after the plugin asked for something outside the
+    /// transform (in a callout's answer, a tick): an answer, or its headers going on with what
+    /// it kept of the body, for the transform to send once woken.
+    fn resume_header_hold(&mut self, held: HeaderHold) {
+        let thread = self.thread;
+        let generation = self.generation;
+        let (asked, failure) = self
+            .filters
+            .get_mut(held.filter)
+            .and_then(|filter| {
+                let stream = filter.stream.as_ref()?;
+                let context = filter.context;
+                in_worker(thread, generation, "a transaction", |worker| {
+                    let vm = worker.vm(stream)?;
+                    let failed = vm.is_failed();
+                    let asked = take_requests(vm, context);
+                    let failure = failed.then(|| {
+                        let error =
+                            VmError::Failed("the VM failed while it held the stream".into());
+                        crate::plugin_failed(worker, filter.plugin, &error)
+                    });
+                    Some((asked, failure))
+                })
+                .flatten()
+            })
+            .unwrap_or_default();
+        let name = self.filters[held.filter].name.clone();
+        let reply = match (asked.local_reply, asked.closed, failure) {
+            (_, _, Some(OnFailure::FailClosed)) => Some(Reply::fail_closed(&name)),
+            (Some(local), _, _) => Some(Reply::from_local(local)),
+            (None, true, _) => Some(Reply::closed()),
+            (None, false, _) => None,
+        };
+        if let Some(reply) = reply {
+            self.reply = Some(reply);
+            self.answer_during_body();
+            self.wake_request_transform();
+            return;
+        }
+        let failed_open = failure == Some(OnFailure::FailOpen);
+        if !(asked.continued || failed_open) {
+            // Nothing the transaction can act on yet: the hold stays.
+            let filter = &self.filters[held.filter];
+            if let Some(stream) = filter.stream.as_ref() {
+                let context = filter.context;
+                in_worker(thread, generation, "a transaction", |worker| {
+                    if let Some(vm) = worker.vm(stream) {
+                        hold(vm, context);
+                    }
+                });
+            }
+            return;
+        }
+        let filter = &mut self.filters[held.filter];
+        filter.bypassed |= failed_open;
+        let kept = std::mem::take(&mut filter.request_body);
+        self.headers_held = None;
+        let end = self.request_body_ended;
+        let released = if held.body_to_holder || failed_open {
+            // It saw what it kept: its headers, then that, go to the plugins after it.
+            if self.request_headers(held.filter + 1, Stage::Body) == Next::Reply {
+                self.answer_during_body();
+                self.wake_request_transform();
+                return;
+            }
+            self.body_from(Direction::Request, held.filter + 1, kept, end)
+        } else {
+            // It stopped everything: its headers go on, then the body reaches its own body
+            // callback first, as Envoy resumes a filter that stopped all iteration.
+            if self.request_headers(held.filter + 1, Stage::Body) == Next::Reply {
+                self.answer_during_body();
+                self.wake_request_transform();
+                return;
+            }
+            self.body_from(Direction::Request, held.filter, kept, end)
+        };
+        self.released_request_body.extend(released);
+        self.wake_request_transform();
     }
 
     /// Whether the client's request body is chunked: the request transform decodes it for the
@@ -1157,6 +1564,11 @@ impl Transaction {
     /// Goes on with a held transaction whose plugin continued, answered or closed it.
     fn resume(&mut self) -> Next {
         let Some(pause) = self.paused.take() else {
+            // Not held in a hook: a hold on the request headers ends, if the plugin asked, in
+            // the request transform.
+            if let Some(held) = self.headers_held {
+                self.resume_header_hold(held);
+            }
             return Next::Hold;
         };
         let index = match pause {
@@ -1208,7 +1620,7 @@ impl Transaction {
             (Pause::Request(index), None) if continued => {
                 // A plugin after the one that held the transaction may answer it: its body and
                 // content type go to Traffic Server's error path, as at the first run.
-                let next = self.request_headers(index + 1);
+                let next = self.request_headers(index + 1, Stage::Hook);
                 if next == Next::Reply {
                     self.send_reply_body();
                 }
@@ -1308,13 +1720,17 @@ impl Transaction {
         }
     }
 
-    /// Takes the lent headers back from every plugin's slot (before Traffic Server goes on).
+    /// Takes the lent headers back from every plugin's slot (before Traffic Server goes on),
+    /// and lends the request header, as it stands, to a plugin holding it past the hook.
     fn unlend(&mut self) {
         let filters = &self.filters;
+        let txn = self.txn;
+        let holder = self.headers_held.map(|held| held.filter);
         in_worker(self.thread, self.generation, "a transaction", |worker| {
-            for filter in filters {
+            for (index, filter) in filters.iter().enumerate() {
                 if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
                     lend(vm, filter.context, None, None);
+                    follow_request(vm, filter.context, (holder == Some(index)).then_some(txn));
                 }
             }
         });

@@ -1302,6 +1302,137 @@ fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
     assert_eq!(origin.requests(), 0, "{context}");
 }
 
+/// `lines` numbered lines, each ending in a newline: a body whose every byte is checkable.
+fn numbered_body(lines: usize) -> String {
+    (0..lines).map(|line| format!("line {line:06}\n")).collect()
+}
+
+/// A plugin with `allow_on_headers_stop_iteration` that holds the request headers gets the
+/// body's callbacks meanwhile (a host turning that stop into a stop of everything never calls
+/// them: proxy-wasm-cpp-host#143), and the origin hears of the request only once the plugin
+/// lets the headers go: a whole body checked with a callout, with a header added from the
+/// callout's answer; headers let go from the first chunk's callback, by returning `Continue`
+/// or by `proxy_continue_stream`; a failed check answered by the plugin, the origin never
+/// reached.
+#[test]
+fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
+    let origin = Origin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let http_call = |auth: SocketAddr| {
+        format!(
+            "{}upstreams:\n  auth_cluster: {auth}\n",
+            plugin_yaml(
+                "http_call",
+                "wasmtime",
+                "",
+                "allowOnHeadersStopIteration: true"
+            )
+        )
+    };
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "http_call",
+            yaml: http_call(auth.address),
+        }],
+    );
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    let upload = |mode: &str, body: &str, chunked: bool| {
+        post_with(
+            &server.url("/upload"),
+            &[("x-check-body", mode)],
+            body.as_bytes(),
+            chunked,
+        )
+        .unwrap_or_else(|e| panic!("{}", context(&format!("{mode}, chunked {chunked}: {e}"))))
+    };
+
+    // The whole body checked before the headers go on: with a length and chunked, short and
+    // longer than one read (300 KB, under the 1 MiB buffer limit).
+    for chunked in [false, true] {
+        for lines in [2, 25_000] {
+            let body = numbered_body(lines);
+            let checks = auth.requests();
+            let reply = upload("before-headers", &body, chunked);
+            let what = format!("before-headers, {lines} lines, chunked {chunked}");
+            assert_eq!(reply.status, 200, "{}", context(&what));
+            assert!(
+                reply.body.contains("x-body-checked: alice\n"),
+                "{}",
+                context(&format!(
+                    "{what}: the header from the check's answer is missing"
+                ))
+            );
+            assert!(
+                reply
+                    .body
+                    .contains(&format!("\n\n{body}\nhello from origin")),
+                "{}",
+                context(&format!("{what}: the origin did not get the body whole"))
+            );
+            assert_eq!(auth.requests(), checks + 1, "{}", context(&what));
+        }
+    }
+
+    // The headers let go from the first chunk's callback, which adds a header to them.
+    let body = numbered_body(25_000);
+    for mode in ["first-chunk", "first-chunk-resume"] {
+        for chunked in [false, true] {
+            let reply = upload(mode, &body, chunked);
+            let what = format!("{mode}, chunked {chunked}");
+            assert_eq!(reply.status, 200, "{}", context(&what));
+            assert!(
+                reply.body.contains("x-first-chunk: "),
+                "{}",
+                context(&format!(
+                    "{what}: the header from the body callback is missing"
+                ))
+            );
+            assert!(
+                reply
+                    .body
+                    .contains(&format!("\n\n{body}\nhello from origin")),
+                "{}",
+                context(&format!("{what}: the origin did not get the body whole"))
+            );
+        }
+    }
+
+    // The check fails (its upstream is unreachable, so Traffic Server's client answers 502):
+    // the plugin answers 401. Traffic Server ends a transaction whose request transform fails
+    // without an answer, so the client's connection closes; the origin never hears of the
+    // request.
+    let unreachable: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("an address");
+    std::fs::write(server.etc().join("http_call.yaml"), http_call(unreachable)).expect("YAML");
+    server.ctl(&["config", "reload"]);
+    server.wait_for_log("reloaded the configuration");
+    let requests = origin.requests();
+    for chunked in [false, true] {
+        let answer = post_with(
+            &server.url("/upload"),
+            &[("x-check-body", "before-headers")],
+            b"a body that does not pass\n",
+            chunked,
+        );
+        if let Ok(reply) = &answer {
+            assert!(
+                reply.status >= 400 && !reply.body.contains("hello from origin"),
+                "{}",
+                context(&format!("a failed check, chunked {chunked}: {reply:?}"))
+            );
+        }
+    }
+    server.wait_for_log("answered the request while it held only its headers (401)");
+    assert_eq!(
+        origin.requests(),
+        requests,
+        "{}",
+        context("a request whose check failed reached the origin")
+    );
+}
+
 /// A transaction a plugin holds, when another transaction's callback traps the same VM copy:
 /// the held one gets the plugin's failure policy (fail closed: 503) at once, instead of waiting
 /// for a continue that cannot come.
