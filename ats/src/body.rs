@@ -21,6 +21,12 @@ pub(crate) enum Direction {
     Response,
 }
 
+/// The event a transaction wakes its request transform up with (see
+/// `Transaction::wake_request_transform`): one Traffic Server never sends a transform, and not
+/// an immediate or interval event, which Traffic Server counts against those it scheduled on
+/// the continuation (it frees a closed one when that count is back to zero).
+pub(crate) const WAKE: sys::TSEvent = sys::TS_EVENT_CONTINUE;
+
 /// The transaction a transform works for; null once the transaction closed.
 pub(crate) type TransactionLink = Rc<Cell<*mut Transaction>>;
 
@@ -39,6 +45,9 @@ struct BodyTransform {
     /// The input's end went through the plugins; the transform waits for a plugin holding the
     /// request headers (woken by the transaction) and runs no plugin again.
     input_ended: bool,
+    /// Traffic Server started the transform (its first event came): before that a wake-up
+    /// has nothing to do (there is no input yet, and what a hold released waits for it).
+    started: bool,
 }
 
 /// How a transformed request body is framed to the origin. Traffic Server sends it with the
@@ -97,6 +106,7 @@ pub(crate) unsafe fn add(
         framing: Framing::Open,
         dechunk: None,
         input_ended: false,
+        started: false,
     });
     let hook = match direction {
         Direction::Request => sys::TS_HTTP_REQUEST_TRANSFORM_HOOK,
@@ -128,9 +138,6 @@ unsafe extern "C" fn on_event(
             unsafe {
                 let link = (*state).transaction.get();
                 if (*state).direction == Direction::Request && !link.is_null() {
-                    if event == sys::TS_EVENT_TIMEOUT {
-                        (*link).request_transform_woken();
-                    }
                     (*link).request_transform_closed();
                 }
             }
@@ -164,14 +171,10 @@ unsafe extern "C" fn on_event(
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: events of the transform are serialized; this is the only reference.
                 let state = unsafe { &mut *state };
-                let link = state.transaction.get();
-                if event == sys::TS_EVENT_TIMEOUT && !link.is_null() {
-                    // The wake-up the transaction scheduled (Traffic Server signals a
-                    // transform's input with immediate events only).
-                    // SAFETY: the transaction is open (its close clears the link) and runs on
-                    // this thread; no other reference to it is live.
-                    unsafe { (*link).request_transform_woken() };
+                if event == WAKE && !state.started {
+                    return;
                 }
+                state.started = true;
                 // SAFETY: a live transform (not closed, checked above).
                 unsafe { transfer(connection, state) };
             }));
@@ -388,7 +391,31 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                     // not told it is done until the body goes on.
                     return;
                 }
-                if end_of_stream || kept.len() > limit {
+                let client_length = Some(sys::TSVIONBytesGet(input))
+                    .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
+                // Withheld only while a plugin held the request headers, which it let go, and no
+                // plugin keeps any of the body: it goes on from here as any body with a length,
+                // what the plugins let through so far first (the plugins keep the rest of its
+                // length, or it goes on unchanged: see `Committed`).
+                let may_commit = !link.is_null()
+                    && !(*link).request_body_withheld()
+                    && !(*link).request_body_kept();
+                if let (false, true, Some(client_length)) =
+                    (end_of_stream, may_commit, client_length)
+                {
+                    let body = std::mem::take(kept);
+                    let rest = (client_length - sys::TSVIONDoneGet(input)).max(0);
+                    let length = i64::try_from(body.len())
+                        .unwrap_or(i64::MAX)
+                        .saturating_add(rest);
+                    let output = state.output.insert(open_output(connection, length));
+                    write(output, &mut state.written, &body);
+                    state.framing = Framing::Committed {
+                        length,
+                        behind: Vec::new(),
+                        bypass: false,
+                    };
+                } else if end_of_stream || kept.len() > limit {
                     let mut body = std::mem::take(kept);
                     let client_length = Some(sys::TSVIONBytesGet(input))
                         .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
@@ -439,6 +466,12 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                         .get_or_insert_with(|| open_output(connection, length));
                     write(output, &mut state.written, &chunk);
                 } else if cut() {
+                    if state.output.is_none() {
+                        // Before the origin saw any of the request (e.g. a reply decided from
+                        // a hold on the headers before the body came).
+                        refuse(connection, state);
+                        return;
+                    }
                     // A plugin failed closed after the request went on: its body ends here.
                 } else {
                     behind.extend_from_slice(&chunk);

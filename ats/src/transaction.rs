@@ -171,9 +171,9 @@ pub(crate) struct Transaction {
     /// What the plugins let through when a hold on the request headers ended outside the request
     /// transform (in a callout's answer): the transform takes it when woken.
     released_request_body: Vec<u8>,
-    /// The request transform, while it lives, and the wake-up scheduled on it.
+    /// The request transform, while it lives, and whether a wake-up for it is on its way.
     request_transform: Option<sys::TSCont>,
-    wake: Option<sys::TSAction>,
+    wake_scheduled: bool,
 }
 
 /// Runs a hook handler's body, turning a panic into an error message and `on_panic`:
@@ -353,7 +353,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         request_body_ended: false,
         released_request_body: Vec::new(),
         request_transform: None,
-        wake: None,
+        wake_scheduled: false,
     };
     let plugins = Arc::clone(worker.plugins());
     let info = stream_info(txn);
@@ -576,10 +576,9 @@ unsafe extern "C" fn on_transaction_event(
         sys::TS_EVENT_HTTP_TXN_CLOSE => {
             // SAFETY: the box is taken back exactly once, here; Traffic Server calls no more
             // hooks of this continuation after the close.
-            let mut transaction = unsafe { Box::from_raw(transaction) };
+            let transaction = unsafe { Box::from_raw(transaction) };
             // Transforms still open stop reaching the transaction, and are woken no more.
             transaction.link.set(std::ptr::null_mut());
-            transaction.request_transform_closed();
             // SAFETY: the continuation is not used again.
             unsafe {
                 sys::TSContDataSet(cont, std::ptr::null_mut());
@@ -596,6 +595,35 @@ unsafe extern "C" fn on_transaction_event(
             // SAFETY: the event's transaction.
             unsafe { reenable(txn, Next::Continue) };
         }
+    }
+    0
+}
+
+/// A wake-up of a request transform (see [`Transaction::wake_request_transform`]): runs the
+/// transform, if it and its transaction are still there, and goes.
+///
+/// # Safety
+/// Called by Traffic Server for a continuation made there, whose data is a boxed link.
+unsafe extern "C" fn on_wake(wake: sys::TSCont, _event: sys::TSEvent, _data: *mut c_void) -> c_int {
+    // SAFETY: the data is the link boxed when the wake-up was scheduled; it runs once.
+    let link = unsafe { Box::from_raw(sys::TSContDataGet(wake).cast::<TransactionLink>()) };
+    // SAFETY: a one-shot continuation: nothing refers to it any more.
+    unsafe { sys::TSContDestroy(wake) };
+    let transaction = link.get();
+    if transaction.is_null() {
+        return 0;
+    }
+    // SAFETY: the transaction is open (its close clears the link) and runs on this thread; the
+    // reference ends before the transform runs and reaches it again.
+    let transform = unsafe {
+        let transaction = &mut *transaction;
+        transaction.wake_scheduled = false;
+        transaction.request_transform
+    };
+    if let Some(transform) = transform {
+        // SAFETY: the transform lives (its close clears `request_transform`), and this runs
+        // under its mutex, as its own events do.
+        unsafe { sys::TSContCall(transform, body::WAKE, std::ptr::null_mut()) };
     }
     0
 }
@@ -1052,6 +1080,13 @@ impl Transaction {
         }
         self.headers_held = held;
         self.unlend();
+        if stage == Stage::Body
+            && request_header(txn, stage).is_some_and(|headers| framing_of(&headers).is_none())
+        {
+            // As in the hook: a plugin that drops the framing header will change the body's
+            // length, which then goes to the origin once known.
+            self.request_framing_dropped = true;
+        }
         if stage == Stage::Hook {
             if let (Some((name, value)), Some(mut headers)) = (
                 &self.client_framing,
@@ -1386,6 +1421,13 @@ impl Transaction {
         self.request_framing_dropped || self.headers_held.is_some()
     }
 
+    /// Whether some plugin keeps request body bytes buffered.
+    pub(crate) fn request_body_kept(&self) -> bool {
+        self.filters
+            .iter()
+            .any(|filter| !filter.request_body.is_empty())
+    }
+
     /// Whether a plugin holds the request headers: the request transform sends nothing yet,
     /// not even at the body's end.
     pub(crate) fn request_headers_held(&self) -> bool {
@@ -1398,51 +1440,55 @@ impl Transaction {
         std::mem::take(&mut self.released_request_body)
     }
 
-    /// The wake-up scheduled on the request transform came (Traffic Server frees its action).
-    pub(crate) fn request_transform_woken(&mut self) {
-        self.wake = None;
-    }
-
-    /// The request transform closed: a wake-up still scheduled on it is cancelled (its event
-    /// would reach a continuation that is gone).
+    /// The request transform closed: it is woken up no more.
     pub(crate) fn request_transform_closed(&mut self) {
         self.request_transform = None;
-        self.cancel_wake();
-    }
-
-    fn cancel_wake(&mut self) {
-        if let Some(action) = self.wake.take() {
-            // SAFETY: the action is the pending wake-up scheduled below; it has neither come
-            // (`request_transform_woken` clears it) nor been cancelled.
-            unsafe { sys::TSActionCancel(action) };
-        }
     }
 
     /// Has the request transform run again soon, on the transaction's thread, to send what a
-    /// hold's end released or to refuse the request.
+    /// hold's end released or to refuse the request. A one-shot continuation of its own does
+    /// it (see [`on_wake`]): one that finds the transaction or its transform gone does
+    /// nothing, so nothing scheduled ever needs cancelling.
     fn wake_request_transform(&mut self) {
-        if let (Some(transform), None) = (self.request_transform, self.wake) {
-            // SAFETY: the transform lives (its close clears `request_transform`), and the
-            // action is kept until it comes or is cancelled.
-            // A timeout, not an immediate event: Traffic Server signals a transform's input with
-            // immediate events too, and the wake-up must be told apart (`body`).
-            self.wake = Some(unsafe { sys::TSContScheduleOnThread(transform, 1, self.thread) });
+        let Some(transform) = self.request_transform else {
+            return;
+        };
+        if self.wake_scheduled {
+            return;
+        }
+        self.wake_scheduled = true;
+        // SAFETY: the continuation shares the transform's mutex (so Traffic Server holds it
+        // when the wake-up runs, as for the transform's own events); its data is a boxed link,
+        // taken back exactly once when it runs.
+        unsafe {
+            let wake = sys::TSContCreate(Some(on_wake), sys::TSContMutexGet(transform));
+            let link: Box<TransactionLink> = Box::new(Rc::clone(&self.link));
+            sys::TSContDataSet(wake, Box::into_raw(link).cast());
+            sys::TSContScheduleOnThread(wake, 0, self.thread);
         }
     }
 
     /// The plugins answered the request once the transaction went on (from a hold on its
-    /// headers): the request transform refuses the request, which the origin has not seen,
-    /// and Traffic Server's answer goes out with the reply's status, headers and body.
+    /// headers): the request transform refuses the request, which the origin has not seen.
+    /// Traffic Server 9.2 then ends the transaction without an answer (a failed request
+    /// transform terminates it), so the client's connection closes; logged with the reply's
+    /// status.
     fn answer_during_body(&mut self) {
         if let Some(reply) = &self.reply {
-            let plugin = self
+            let holder = self
                 .headers_held
-                .and_then(|held| self.filters.get(held.filter))
-                .map_or("a plugin", |filter| &filter.name);
+                .and_then(|held| self.filters.get(held.filter));
+            let who = match holder {
+                Some(filter) => format!(
+                    "[{}] answered the request while it held only its headers",
+                    filter.name
+                ),
+                None => "a plugin answered the request after its body began to go on".into(),
+            };
             diag::error(&format!(
-                "[{plugin}] answered the request while it held only its headers ({}): Traffic \
-                 Server ends a transaction whose request body cannot go on without an answer, \
-                 so the client's connection closes; the origin has not seen the request",
+                "{who} ({}): Traffic Server ends a transaction whose request body cannot go on \
+                 without an answer, so the client's connection closes; the origin has not seen \
+                 the request",
                 reply.status
             ));
         }

@@ -1312,8 +1312,8 @@ fn numbered_body(lines: usize) -> String {
 /// them: proxy-wasm-cpp-host#143), and the origin hears of the request only once the plugin
 /// lets the headers go: a whole body checked with a callout, with a header added from the
 /// callout's answer; headers let go from the first chunk's callback, by returning `Continue`
-/// or by `proxy_continue_stream`; a failed check answered by the plugin, the origin never
-/// reached.
+/// or by `proxy_continue_stream`, the rest of a body past the buffer limit streaming on; a
+/// failed check answered by the plugin, the origin never reached.
 #[test]
 fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     let origin = Origin::start();
@@ -1371,21 +1371,44 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
                 context(&format!("{what}: the origin did not get the body whole"))
             );
             assert_eq!(auth.requests(), checks + 1, "{}", context(&what));
+            // The check got the whole body.
+            assert!(
+                server
+                    .diagnostics()
+                    .lines()
+                    .any(|line| line.contains("dispatched body check")
+                        && line.ends_with(&format!(" {} bytes", body.len()))),
+                "{}",
+                context(&format!("{what}: no check of {} bytes", body.len()))
+            );
         }
     }
 
-    // The headers let go from the first chunk's callback, which adds a header to them.
-    let body = numbered_body(25_000);
+    // The headers let go from the first chunk's callback, which adds a header to them (with
+    // the chunk's size). A body with a length of 2 MB goes on past the 1 MiB buffer limit once
+    // they are let go; a chunked one (its length known only at its end: see the README) stays
+    // under it.
     for mode in ["first-chunk", "first-chunk-resume"] {
-        for chunked in [false, true] {
+        for (chunked, lines) in [(false, 175_000), (true, 25_000)] {
+            let body = numbered_body(lines);
             let reply = upload(mode, &body, chunked);
-            let what = format!("{mode}, chunked {chunked}");
+            let what = format!("{mode}, chunked {chunked}, {lines} lines");
             assert_eq!(reply.status, 200, "{}", context(&what));
             assert!(
-                reply.body.contains("x-first-chunk: "),
+                !server.diagnostics().contains("buffer limit"),
+                "{}",
+                context(&format!("{what}: the body was kept to the buffer limit"))
+            );
+            let first_chunk = reply
+                .body
+                .lines()
+                .find_map(|line| line.strip_prefix("x-first-chunk: "))
+                .and_then(|size| size.parse::<usize>().ok());
+            assert!(
+                first_chunk.is_some_and(|size| size > 0 && size <= body.len()),
                 "{}",
                 context(&format!(
-                    "{what}: the header from the body callback is missing"
+                    "{what}: the header from the body callback: {first_chunk:?}"
                 ))
             );
             assert!(
@@ -1409,6 +1432,7 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     server.ctl(&["config", "reload"]);
     server.wait_for_log("reloaded the configuration");
     let requests = origin.requests();
+    let started = Instant::now();
     for chunked in [false, true] {
         let answer = post_with(
             &server.url("/upload"),
@@ -1424,7 +1448,22 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
             );
         }
     }
+    // Answered at once, not at a timeout; each one logged.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{}",
+        context(&format!("the failed checks took {:?}", started.elapsed()))
+    );
     server.wait_for_log("answered the request while it held only its headers (401)");
+    assert_eq!(
+        server
+            .diagnostics()
+            .matches("answered the request while it held only its headers (401)")
+            .count(),
+        2,
+        "{}",
+        context("one line per failed check")
+    );
     assert_eq!(
         origin.requests(),
         requests,
