@@ -81,6 +81,9 @@ error_log $work/nginx-proxy/error.log;
 events { worker_connections 1024; }
 http {
   access_log off;
+  # nginx closes a client connection after 1000 requests by default (an HTTP/2 one with
+  # GOAWAY, which h2load does not reconnect after); pwhost serve sets no such cap.
+  keepalive_requests 1000000;
   upstream origin { server 127.0.0.1:$origin_port; keepalive 64; }
   server {
     listen 127.0.0.1:$proxy_port$listen_http2;

@@ -1312,8 +1312,9 @@ fn numbered_body(lines: usize) -> String {
 /// them: proxy-wasm-cpp-host#143), and the origin hears of the request only once the plugin
 /// lets the headers go: a whole body checked with a callout, with a header added from the
 /// callout's answer; headers let go from the first chunk's callback, by returning `Continue`
-/// or by `proxy_continue_stream`, the rest of a body past the buffer limit streaming on; a
-/// failed check answered by the plugin, the origin never reached.
+/// or by `proxy_continue_stream`, the rest of a body past the buffer limit streaming on;
+/// headers let go by a callout's answer while the body comes; a failed check answered by the
+/// plugin, the origin never reached.
 #[test]
 fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     let origin = Origin::start();
@@ -1380,6 +1381,31 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
                         && line.ends_with(&format!(" {} bytes", body.len()))),
                 "{}",
                 context(&format!("{what}: no check of {} bytes", body.len()))
+            );
+        }
+    }
+
+    // The headers held for a callout made on them, the body buffered meanwhile: the answer
+    // lets them go, before, during or after the body (a short body and a longer one).
+    for chunked in [false, true] {
+        for lines in [2, 25_000] {
+            let body = numbered_body(lines);
+            let reply = upload("headers-held", &body, chunked);
+            let what = format!("headers-held, {lines} lines, chunked {chunked}");
+            assert_eq!(reply.status, 200, "{}", context(&what));
+            assert!(
+                reply.body.contains("x-auth-user: alice\n"),
+                "{}",
+                context(&format!(
+                    "{what}: the header from the call's answer is missing"
+                ))
+            );
+            assert!(
+                reply
+                    .body
+                    .contains(&format!("\n\n{body}\nhello from origin")),
+                "{}",
+                context(&format!("{what}: the origin did not get the body whole"))
             );
         }
     }

@@ -31,6 +31,11 @@
 //! (and so the headers) go on with Continue; later chunks pass untouched. With
 //! `first-chunk-resume` it does the same but lets them go by calling `proxy_continue_stream`
 //! from inside that body callback, which returns Pause (StopIterationAndBuffer).
+//!
+//! With `x-check-body: headers-held` the plugin makes the `GET /auth` call of the headers mode
+//! and holds the headers while the body comes (Pause from every body callback, so the body is
+//! buffered), until the answer adds `x-auth-user` and continues: the answer may come before,
+//! during or after the body.
 
 use log::{info, warn};
 use proxy_wasm::traits::*;
@@ -59,7 +64,9 @@ enum Mode {
     FirstChunk,
     /// The same, let go with `proxy_continue_stream` (`first-chunk-resume`).
     FirstChunkResume,
-    /// Nothing more (the first chunk went on).
+    /// The headers, with a `GET /auth`, the body held meanwhile (`headers-held`).
+    HeadersHeld,
+    /// Nothing more (the first chunk went on, or the call's answer continued).
     Passed,
 }
 
@@ -79,6 +86,10 @@ impl HttpContext for HttpCall {
                 return Action::Pause;
             }
             return Action::Continue;
+        }
+        if self.mode == Mode::HeadersHeld {
+            info!("body held: {} bytes, end {}", body_size, end_of_stream);
+            return Action::Pause;
         }
         if !matches!(self.mode, Mode::Body | Mode::BodyBeforeHeaders) {
             return Action::Continue;
@@ -128,6 +139,7 @@ impl HttpContext for HttpCall {
                 self.mode = Mode::FirstChunkResume;
                 return Action::Pause;
             }
+            Some("headers-held") => self.mode = Mode::HeadersHeld,
             Some(_) => {
                 self.mode = Mode::Body;
                 return Action::Continue;
@@ -182,8 +194,11 @@ impl Context for HttpCall {
         );
         if self.get_http_call_response_header(":status").as_deref() == Some("200") {
             match self.mode {
-                Mode::Headers => {
-                    self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""))
+                Mode::Headers | Mode::HeadersHeld => {
+                    self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
+                    if self.mode == Mode::HeadersHeld {
+                        self.mode = Mode::Passed;
+                    }
                 }
                 Mode::BodyBeforeHeaders => {
                     self.add_http_request_header("x-body-checked", user.as_deref().unwrap_or(""))
