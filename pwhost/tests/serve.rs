@@ -1000,6 +1000,21 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     }
     serve.wait_for_log("first chunk: ");
 
+    // Held for a call made on the headers alone, the body buffered meanwhile (a stop from
+    // every body callback): the call's answer lets the headers go with a header from it,
+    // while or after the body comes, and the body follows whole.
+    for size in [40 * 1024, 300 * 1024] {
+        let body = numbered_body(size);
+        let args = ["-H", "x-check-body: headers-held", "--data-binary", "@-"];
+        let text = curl_upload(&args, &serve.url("/held"), body.as_bytes());
+        let headers = &text[..text.find("\n\n").unwrap_or(text.len())];
+        assert!(headers.contains("x-auth-user: alice"), "{size}: {headers}");
+        assert!(
+            *origin.last_body.lock().unwrap() == body,
+            "{size}: the body reached the upstream changed"
+        );
+    }
+
     // The same when it lets them go with `proxy_continue_stream` from inside that callback,
     // which returns a stop: here on the body's only chunk (sent with the headers), so that
     // nothing but that continue can let the request go.
