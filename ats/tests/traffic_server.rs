@@ -1330,12 +1330,20 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
             )
         )
     };
+    // `http_headers` after it logs the request headers it gets: only once the holder let them
+    // go.
     let server = TrafficServer::start(
         &origin,
-        &[PluginFile {
-            name: "http_call",
-            yaml: http_call(auth.address),
-        }],
+        &[
+            PluginFile {
+                name: "http_call",
+                yaml: http_call(auth.address),
+            },
+            PluginFile {
+                name: "http_headers",
+                yaml: plugin_yaml("http_headers", "wasmtime", "", ""),
+            },
+        ],
     );
     let context = |what: &str| format!("{what}\n{}", server.diagnostics());
     let upload = |mode: &str, body: &str, chunked: bool| {
@@ -1372,6 +1380,16 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
                 context(&format!("{what}: the origin did not get the body whole"))
             );
             assert_eq!(auth.requests(), checks + 1, "{}", context(&what));
+            // The plugin after it got the headers after the check, with its header.
+            assert!(
+                server
+                    .diagnostics()
+                    .contains("[http_headers] request header: x-body-checked: alice"),
+                "{}",
+                context(&format!(
+                    "{what}: the plugin after the holder got no headers"
+                ))
+            );
             // The check got the whole body.
             assert!(
                 server
@@ -1446,6 +1464,33 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
             );
         }
     }
+
+    // A client going away while the plugin holds the headers for the rest of the body: the
+    // transaction ends, and its plugin contexts with it.
+    let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: a\r\nx-check-body: before-headers\r\n\
+              content-length: 100000\r\n\r\nthe first bytes of a body that never ends",
+        )
+        .expect("a request begun");
+    server.wait_for_metric(
+        "plugin.pwhost_ats.live_stream_contexts",
+        Instant::now() + Duration::from_secs(20),
+        |line| !line.ends_with(" 0"),
+    );
+    drop(client);
+    server.wait_for_metric(
+        "plugin.pwhost_ats.live_stream_contexts",
+        Instant::now() + Duration::from_secs(20),
+        |line| line.ends_with(" 0"),
+    );
+    assert_eq!(
+        upload("before-headers", "after the client that left\n", false).status,
+        200,
+        "{}",
+        context("the next request")
+    );
 
     // The check fails (its upstream is unreachable, so Traffic Server's client answers 502):
     // the plugin answers 401. Traffic Server ends a transaction whose request transform fails
