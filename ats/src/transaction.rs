@@ -977,6 +977,22 @@ fn held_answer(
     None
 }
 
+/// The reply for a transaction its plugin `name` held: the one it asked for, Envoy's for a
+/// closed stream, or its failure policy's (fail closed) when its VM failed meanwhile.
+fn held_reply(
+    name: &str,
+    local_reply: Option<LocalResponse>,
+    closed: bool,
+    failure: Option<OnFailure>,
+) -> Option<Reply> {
+    match (local_reply, closed, failure) {
+        (_, _, Some(OnFailure::FailClosed)) => Some(Reply::fail_closed(name)),
+        (Some(local), _, _) => Some(Reply::from_local(local)),
+        (None, true, _) => Some(Reply::closed()),
+        (None, false, _) => None,
+    }
+}
+
 /// What one header callback came to.
 enum Outcome {
     Continue,
@@ -1498,15 +1514,13 @@ impl Transaction {
         self.body_cut[0] = true;
     }
 
-    /// A hold on the request headers after the plugin asked for something outside the
-    /// transform (in a callout's answer, a tick): an answer, or its headers going on with what
-    /// it kept of the body, for the transform to send once woken.
-    fn resume_header_hold(&mut self, held: HeaderHold) {
+    /// What the plugin of filter `index`, holding the transaction, asked for since (which ends
+    /// its hold), and its failure policy if its VM failed meanwhile.
+    fn take_held_requests(&mut self, index: usize) -> (Requests, Option<OnFailure>) {
         let thread = self.thread;
         let generation = self.generation;
-        let (asked, failure) = self
-            .filters
-            .get_mut(held.filter)
+        self.filters
+            .get_mut(index)
             .and_then(|filter| {
                 let stream = filter.stream.as_ref()?;
                 let context = filter.context;
@@ -1523,14 +1537,22 @@ impl Transaction {
                 })
                 .flatten()
             })
-            .unwrap_or_default();
-        let name = self.filters[held.filter].name.clone();
-        let reply = match (asked.local_reply, asked.closed, failure) {
-            (_, _, Some(OnFailure::FailClosed)) => Some(Reply::fail_closed(&name)),
-            (Some(local), _, _) => Some(Reply::from_local(local)),
-            (None, true, _) => Some(Reply::closed()),
-            (None, false, _) => None,
-        };
+            .unwrap_or_default()
+    }
+
+    /// A hold on the request headers after the plugin asked for something outside the
+    /// transform (in a callout's answer, a tick): an answer, or its headers going on with what
+    /// it kept of the body, for the transform to send once woken.
+    fn resume_header_hold(&mut self, held: HeaderHold) {
+        let thread = self.thread;
+        let generation = self.generation;
+        let (asked, failure) = self.take_held_requests(held.filter);
+        let reply = held_reply(
+            &self.filters[held.filter].name,
+            asked.local_reply,
+            asked.closed,
+            failure,
+        );
         if let Some(reply) = reply {
             self.reply = Some(reply);
             self.answer_during_body();
@@ -1622,34 +1644,13 @@ impl Transaction {
         };
         let thread = self.thread;
         let generation = self.generation;
-        let (asked, failure) = self
-            .filters
-            .get_mut(index)
-            .and_then(|filter| {
-                let stream = filter.stream.as_ref()?;
-                let context = filter.context;
-                in_worker(thread, generation, "a transaction", |worker| {
-                    let vm = worker.vm(stream)?;
-                    let failed = vm.is_failed();
-                    let asked = take_requests(vm, context);
-                    let failure = failed.then(|| {
-                        let error =
-                            VmError::Failed("the VM failed while it held the stream".into());
-                        crate::plugin_failed(worker, filter.plugin, &error)
-                    });
-                    Some((asked, failure))
-                })
-                .flatten()
-            })
-            .unwrap_or_default();
-        let reply = match (asked.local_reply, asked.closed, failure) {
-            (_, _, Some(OnFailure::FailClosed)) => {
-                Some(Reply::fail_closed(&self.filters[index].name))
-            }
-            (Some(local), _, _) => Some(Reply::from_local(local)),
-            (None, true, _) => Some(Reply::closed()),
-            (None, false, _) => None,
-        };
+        let (asked, failure) = self.take_held_requests(index);
+        let reply = held_reply(
+            &self.filters[index].name,
+            asked.local_reply,
+            asked.closed,
+            failure,
+        );
         let continued = asked.continued || failure == Some(OnFailure::FailOpen);
         if failure == Some(OnFailure::FailOpen) {
             if let Some(filter) = self.filters.get_mut(index) {

@@ -1355,50 +1355,48 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
         )
         .unwrap_or_else(|e| panic!("{}", context(&format!("{mode}, chunked {chunked}: {e}"))))
     };
+    // An upload in `mode` that reaches the origin whole, with the request header line
+    // `header` (or one beginning so) added by the plugin: the origin's echo.
+    let passes = |mode: &str, body: &str, chunked: bool, header: &str| {
+        let reply = upload(mode, body, chunked);
+        let what = format!("{mode}, {} bytes, chunked {chunked}", body.len());
+        assert_eq!(reply.status, 200, "{}", context(&what));
+        assert!(
+            reply.body.contains(&format!("\n{header}")),
+            "{}",
+            context(&format!("{what}: no {header:?} from the plugin"))
+        );
+        assert!(
+            reply
+                .body
+                .contains(&format!("\n\n{body}\nhello from origin")),
+            "{}",
+            context(&format!("{what}: the origin did not get the body whole"))
+        );
+        reply
+    };
 
     // The whole body checked before the headers go on: with a length and chunked, short and
-    // longer than one read (300 KB, under the 1 MiB buffer limit).
+    // longer than one read (300 KB, under the 1 MiB buffer limit). The plugin after the holder
+    // gets the headers only after the check (with its header), and the check the whole body.
     for chunked in [false, true] {
         for lines in [2, 25_000] {
             let body = numbered_body(lines);
             let checks = auth.requests();
-            let reply = upload("before-headers", &body, chunked);
-            let what = format!("before-headers, {lines} lines, chunked {chunked}");
-            assert_eq!(reply.status, 200, "{}", context(&what));
+            passes("before-headers", &body, chunked, "x-body-checked: alice\n");
+            assert_eq!(auth.requests(), checks + 1, "{}", context("one check"));
+            let log = server.diagnostics();
             assert!(
-                reply.body.contains("x-body-checked: alice\n"),
+                log.contains("[http_headers] request header: x-body-checked: alice"),
                 "{}",
-                context(&format!(
-                    "{what}: the header from the check's answer is missing"
-                ))
+                context("the plugin after the holder got no headers")
             );
             assert!(
-                reply
-                    .body
-                    .contains(&format!("\n\n{body}\nhello from origin")),
-                "{}",
-                context(&format!("{what}: the origin did not get the body whole"))
-            );
-            assert_eq!(auth.requests(), checks + 1, "{}", context(&what));
-            // The plugin after it got the headers after the check, with its header.
-            assert!(
-                server
-                    .diagnostics()
-                    .contains("[http_headers] request header: x-body-checked: alice"),
-                "{}",
-                context(&format!(
-                    "{what}: the plugin after the holder got no headers"
-                ))
-            );
-            // The check got the whole body.
-            assert!(
-                server
-                    .diagnostics()
-                    .lines()
+                log.lines()
                     .any(|line| line.contains("dispatched body check")
                         && line.ends_with(&format!(" {} bytes", body.len()))),
                 "{}",
-                context(&format!("{what}: no check of {} bytes", body.len()))
+                context(&format!("no check of {} bytes", body.len()))
             );
         }
     }
@@ -1408,23 +1406,7 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     for chunked in [false, true] {
         for lines in [2, 25_000] {
             let body = numbered_body(lines);
-            let reply = upload("headers-held", &body, chunked);
-            let what = format!("headers-held, {lines} lines, chunked {chunked}");
-            assert_eq!(reply.status, 200, "{}", context(&what));
-            assert!(
-                reply.body.contains("x-auth-user: alice\n"),
-                "{}",
-                context(&format!(
-                    "{what}: the header from the call's answer is missing"
-                ))
-            );
-            assert!(
-                reply
-                    .body
-                    .contains(&format!("\n\n{body}\nhello from origin")),
-                "{}",
-                context(&format!("{what}: the origin did not get the body whole"))
-            );
+            passes("headers-held", &body, chunked, "x-auth-user: alice\n");
         }
     }
 
@@ -1435,13 +1417,11 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     for mode in ["first-chunk", "first-chunk-resume"] {
         for (chunked, lines) in [(false, 175_000), (true, 25_000)] {
             let body = numbered_body(lines);
-            let reply = upload(mode, &body, chunked);
-            let what = format!("{mode}, chunked {chunked}, {lines} lines");
-            assert_eq!(reply.status, 200, "{}", context(&what));
+            let reply = passes(mode, &body, chunked, "x-first-chunk: ");
             assert!(
                 !server.diagnostics().contains("buffer limit"),
                 "{}",
-                context(&format!("{what}: the body was kept to the buffer limit"))
+                context(&format!("{mode}: the body was kept to the buffer limit"))
             );
             let first_chunk = reply
                 .body
@@ -1451,16 +1431,7 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
             assert!(
                 first_chunk.is_some_and(|size| size > 0 && size <= body.len()),
                 "{}",
-                context(&format!(
-                    "{what}: the header from the body callback: {first_chunk:?}"
-                ))
-            );
-            assert!(
-                reply
-                    .body
-                    .contains(&format!("\n\n{body}\nhello from origin")),
-                "{}",
-                context(&format!("{what}: the origin did not get the body whole"))
+                context(&format!("{mode}: the first chunk's size: {first_chunk:?}"))
             );
         }
     }
