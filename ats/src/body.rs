@@ -351,6 +351,10 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
         };
         let limit = crate::buffer_limit_bytes();
         let written_before = state.written;
+        if !link.is_null() && direction == Direction::Request {
+            // A plugin may hold the request at the body's end only while none of it went out.
+            (*link).set_request_output_open(state.output.is_some());
+        }
         match &mut state.framing {
             Framing::Open => {
                 // A response's length is known only at its end (the plugins may change it):
@@ -385,10 +389,10 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                     refuse(connection, state);
                     return;
                 }
-                if end_of_stream && !link.is_null() && (*link).request_headers_held() {
-                    // The whole body is in; a plugin holding the request headers decides
-                    // (the transaction wakes the transform up then). The input's writer is
-                    // not told it is done until the body goes on.
+                if end_of_stream && !link.is_null() && (*link).request_held() {
+                    // The whole body is in; a plugin holding the request (its headers, or its
+                    // body at its end) decides (the transaction wakes the transform up then).
+                    // The input's writer is not told it is done until the body goes on.
                     return;
                 }
                 let client_length = Some(sys::TSVIONBytesGet(input))
@@ -455,12 +459,29 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                 }
             }
             Framing::Committed {
-                length,
+                length: committed,
                 behind,
                 bypass,
             } => {
-                let length = *length;
-                if *bypass {
+                let length = *committed;
+                if state.input_ended {
+                    // Woken after a plugin held the body at its end, before any of the
+                    // request went out: what the plugins let go of now is the whole body.
+                    if cut() {
+                        refuse(connection, state);
+                        return;
+                    }
+                    if link.is_null() || (*link).request_held() {
+                        return;
+                    }
+                    let released = (*link).take_released_request_body();
+                    let released_length = i64::try_from(released.len()).unwrap_or(i64::MAX);
+                    *committed = released_length;
+                    let output = state
+                        .output
+                        .insert(open_output(connection, released_length));
+                    write(output, &mut state.written, &released);
+                } else if *bypass {
                     let output = state
                         .output
                         .get_or_insert_with(|| open_output(connection, length));
@@ -490,6 +511,16 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                                  away): the request is refused",
                             );
                             refuse(connection, state);
+                            return;
+                        }
+                        if !link.is_null() && (*link).request_held() {
+                            // A plugin holds the body at its end (e.g. while a callout checks
+                            // it) and none of the request went out: the transform waits for
+                            // it (the transaction wakes it up), the input's writer not told
+                            // it is done meanwhile. What it holds went through no plugin
+                            // after it, so nothing else came through.
+                            debug_assert!(forward.is_empty());
+                            state.input_ended = true;
                             return;
                         }
                         // Nothing went out yet: the length is the body's own, whatever the

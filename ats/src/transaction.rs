@@ -174,6 +174,13 @@ pub(crate) struct Transaction {
     /// The request transform, while it lives, and whether a wake-up for it is on its way.
     request_transform: Option<sys::TSCont>,
     wake_scheduled: bool,
+    /// A plugin stopped at the request body's end (e.g. while a callout checks the whole body)
+    /// before any of the request went out: the filter, which keeps the body until it continues
+    /// (the request transform waits for it, and with it the request: see `headers_held`).
+    body_held: Option<usize>,
+    /// Whether the request transform began sending the request (then a stop at the body's end
+    /// cannot hold it: the body goes on, as Traffic Server's transform cannot take it back).
+    request_output_open: bool,
 }
 
 /// Runs a hook handler's body, turning a panic into an error message and `on_panic`:
@@ -354,6 +361,8 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         released_request_body: Vec::new(),
         request_transform: None,
         wake_scheduled: false,
+        body_held: None,
+        request_output_open: false,
     };
     let plugins = Arc::clone(worker.plugins());
     let info = stream_info(txn);
@@ -1265,6 +1274,8 @@ impl Transaction {
         let mut data = chunk;
         let mut let_go = None;
         let mut reply = None;
+        let mut held_body = None;
+        let may_hold_body = direction == Direction::Request && !self.request_output_open;
         let limit = crate::buffer_limit_bytes();
         let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
             for index in order.into_iter().skip(start) {
@@ -1373,6 +1384,18 @@ impl Transaction {
                 }
                 match result {
                     Ok(abi::DataAction::Continue) => data = buffer,
+                    Ok(stop) if end_of_stream && may_hold_body && !asked.continued => {
+                        // Stopped at the body's end before the request went out: held there
+                        // until it continues (what it kept stays with it).
+                        if stop != abi::DataAction::StopNoBuffer {
+                            *filter.buffered(direction) = buffer;
+                        }
+                        if let Some(slot) = slot_of(vm, filter.context) {
+                            slot.held = true;
+                        }
+                        held_body = Some(index);
+                        return;
+                    }
                     Ok(_) if end_of_stream => data = buffer,
                     // Stopped without buffering: the bytes are not kept for the plugin.
                     Ok(abi::DataAction::StopNoBuffer) => return,
@@ -1401,6 +1424,9 @@ impl Transaction {
             self.reply = Some(reply);
             self.answer_during_body();
             return BodyStep::Through(Vec::new());
+        }
+        if held_body.is_some() {
+            self.body_held = held_body;
         }
         if let Some((holder, data)) = let_go {
             return BodyStep::HeadersLetGo { holder, data };
@@ -1444,10 +1470,15 @@ impl Transaction {
             .any(|filter| !filter.request_body.is_empty())
     }
 
-    /// Whether a plugin holds the request headers: the request transform sends nothing yet,
-    /// not even at the body's end.
-    pub(crate) fn request_headers_held(&self) -> bool {
-        self.headers_held.is_some()
+    /// Whether a plugin holds the request (its headers, or its body at its end): the request
+    /// transform sends nothing yet, not even at the body's end.
+    pub(crate) fn request_held(&self) -> bool {
+        self.headers_held.is_some() || self.body_held.is_some()
+    }
+
+    /// The request transform tells whether it began sending the request.
+    pub(crate) fn set_request_output_open(&mut self, open: bool) {
+        self.request_output_open = open;
     }
 
     /// What the plugins let through since a hold on the request headers ended outside the
@@ -1491,15 +1522,24 @@ impl Transaction {
     /// status.
     fn answer_during_body(&mut self) {
         if let Some(reply) = &self.reply {
-            let holder = self
+            let header_holder = self
                 .headers_held
                 .and_then(|held| self.filters.get(held.filter));
-            let who = match holder {
-                Some(filter) => format!(
+            let body_holder = self.body_held.and_then(|index| self.filters.get(index));
+            let who = match (header_holder, body_holder) {
+                (Some(filter), _) => format!(
                     "[{}] answered the request while it held only its headers",
                     filter.name
                 ),
-                None => "a plugin answered the request after its body began to go on".into(),
+                (None, Some(filter)) => {
+                    format!(
+                        "[{}] answered the request while it held its body",
+                        filter.name
+                    )
+                }
+                (None, None) => {
+                    "a plugin answered the request after its body began to go on".into()
+                }
             };
             diag::error(&format!(
                 "{who} ({}): Traffic Server ends a transaction whose request body cannot go on \
@@ -1509,6 +1549,7 @@ impl Transaction {
             ));
         }
         self.headers_held = None;
+        self.body_held = None;
         self.unlend();
         self.send_reply_body();
         self.body_cut[0] = true;
@@ -1540,12 +1581,54 @@ impl Transaction {
             .unwrap_or_default()
     }
 
+    /// Nothing the transaction can act on yet: the hold of filter `index` stays.
+    fn hold_again(&mut self, index: usize) {
+        let filter = &self.filters[index];
+        if let Some(stream) = filter.stream.as_ref() {
+            let context = filter.context;
+            in_worker(self.thread, self.generation, "a transaction", |worker| {
+                if let Some(vm) = worker.vm(stream) {
+                    hold(vm, context);
+                }
+            });
+        }
+    }
+
+    /// A hold on the request body at its end after the plugin asked for something outside the
+    /// transform: an answer, or the body going on, from what the plugin kept, to the plugins
+    /// after it (for the transform to send once woken).
+    fn resume_body_hold(&mut self, index: usize) {
+        let (asked, failure) = self.take_held_requests(index);
+        let reply = held_reply(
+            &self.filters[index].name,
+            asked.local_reply,
+            asked.closed,
+            failure,
+        );
+        if let Some(reply) = reply {
+            self.reply = Some(reply);
+            self.answer_during_body();
+            self.wake_request_transform();
+            return;
+        }
+        let failed_open = failure == Some(OnFailure::FailOpen);
+        if !(asked.continued || failed_open) {
+            self.hold_again(index);
+            return;
+        }
+        let filter = &mut self.filters[index];
+        filter.bypassed |= failed_open;
+        let kept = std::mem::take(&mut filter.request_body);
+        self.body_held = None;
+        let released = self.body_from(Direction::Request, index + 1, kept, true);
+        self.released_request_body.extend(released);
+        self.wake_request_transform();
+    }
+
     /// A hold on the request headers after the plugin asked for something outside the
     /// transform (in a callout's answer, a tick): an answer, or its headers going on with what
     /// it kept of the body, for the transform to send once woken.
     fn resume_header_hold(&mut self, held: HeaderHold) {
-        let thread = self.thread;
-        let generation = self.generation;
         let (asked, failure) = self.take_held_requests(held.filter);
         let reply = held_reply(
             &self.filters[held.filter].name,
@@ -1561,16 +1644,7 @@ impl Transaction {
         }
         let failed_open = failure == Some(OnFailure::FailOpen);
         if !(asked.continued || failed_open) {
-            // Nothing the transaction can act on yet: the hold stays.
-            let filter = &self.filters[held.filter];
-            if let Some(stream) = filter.stream.as_ref() {
-                let context = filter.context;
-                in_worker(thread, generation, "a transaction", |worker| {
-                    if let Some(vm) = worker.vm(stream) {
-                        hold(vm, context);
-                    }
-                });
-            }
+            self.hold_again(held.filter);
             return;
         }
         let filter = &mut self.filters[held.filter];
@@ -1636,6 +1710,8 @@ impl Transaction {
             // the request transform.
             if let Some(held) = self.headers_held {
                 self.resume_header_hold(held);
+            } else if let Some(index) = self.body_held {
+                self.resume_body_hold(index);
             }
             return Next::Hold;
         };

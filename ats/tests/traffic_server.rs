@@ -1401,6 +1401,26 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
         }
     }
 
+    // The headers go on, the body is checked at its end (the plugin stops there until the
+    // check's answer): the request reaches the origin only after the check.
+    for chunked in [false, true] {
+        for lines in [2, 25_000] {
+            let body = numbered_body(lines);
+            let checks = auth.requests();
+            let reply = upload("after-headers", &body, chunked);
+            let what = format!("after-headers, {lines} lines, chunked {chunked}");
+            assert_eq!(reply.status, 200, "{}", context(&what));
+            assert!(
+                reply
+                    .body
+                    .contains(&format!("\n\n{body}\nhello from origin")),
+                "{}",
+                context(&format!("{what}: the origin did not get the body whole"))
+            );
+            assert_eq!(auth.requests(), checks + 1, "{}", context(&what));
+        }
+    }
+
     // The headers held for a callout made on them, the body buffered meanwhile: the answer
     // lets them go, before, during or after the body (a short body and a longer one).
     for chunked in [false, true] {
@@ -1475,19 +1495,23 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     server.wait_for_log("reloaded the configuration");
     let requests = origin.requests();
     let started = Instant::now();
-    for chunked in [false, true] {
-        let answer = post_with(
-            &server.url("/upload"),
-            &[("x-check-body", "before-headers")],
-            b"a body that does not pass\n",
-            chunked,
-        );
-        if let Ok(reply) = &answer {
-            assert!(
-                reply.status >= 400 && !reply.body.contains("hello from origin"),
-                "{}",
-                context(&format!("a failed check, chunked {chunked}: {reply:?}"))
+    for mode in ["before-headers", "after-headers"] {
+        for chunked in [false, true] {
+            let answer = post_with(
+                &server.url("/upload"),
+                &[("x-check-body", mode)],
+                b"a body that does not pass\n",
+                chunked,
             );
+            if let Ok(reply) = &answer {
+                assert!(
+                    reply.status >= 400 && !reply.body.contains("hello from origin"),
+                    "{}",
+                    context(&format!(
+                        "a failed {mode} check, chunked {chunked}: {reply:?}"
+                    ))
+                );
+            }
         }
     }
     // Answered at once, not at a timeout; each one logged.
@@ -1496,16 +1520,16 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
         "{}",
         context(&format!("the failed checks took {:?}", started.elapsed()))
     );
-    server.wait_for_log("answered the request while it held only its headers (401)");
-    assert_eq!(
-        server
-            .diagnostics()
-            .matches("answered the request while it held only its headers (401)")
-            .count(),
-        2,
-        "{}",
-        context("one line per failed check")
-    );
+    for held in ["only its headers", "its body"] {
+        let line = format!("answered the request while it held {held} (401)");
+        server.wait_for_log(&line);
+        assert_eq!(
+            server.diagnostics().matches(&line).count(),
+            2,
+            "{}",
+            context(&format!("one line per failed check: {line}"))
+        );
+    }
     assert_eq!(
         origin.requests(),
         requests,
