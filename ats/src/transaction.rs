@@ -1376,9 +1376,17 @@ impl Transaction {
                     return;
                 }
                 if asked.local_reply.is_some() || asked.closed {
+                    if may_hold_body {
+                        // None of the request went out: it ends here, unseen by the origin
+                        // (see `answer_during_body`).
+                        reply =
+                            held_reply(&filter.name, asked.local_reply.take(), asked.closed, None);
+                        *cut = true;
+                        return;
+                    }
                     diag::warning(&format!(
-                        "[{}] a local reply or close during a body is not supported by Traffic \
-                         Server's transforms; the body goes on",
+                        "[{}] a local reply or close once a body began to go out is not \
+                         supported by Traffic Server's transforms; the body goes on",
                         filter.name
                     ));
                 }
@@ -1537,9 +1545,7 @@ impl Transaction {
                         filter.name
                     )
                 }
-                (None, None) => {
-                    "a plugin answered the request after its body began to go on".into()
-                }
+                (None, None) => "a plugin answered the request during its body".into(),
             };
             diag::error(&format!(
                 "{who} ({}): Traffic Server ends a transaction whose request body cannot go on \

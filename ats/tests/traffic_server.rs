@@ -1536,6 +1536,36 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
         "{}",
         context("a request whose check failed reached the origin")
     );
+
+    // A reply from the body callback itself (no upstream to check with: the call cannot be
+    // made, the plugin answers 503 there), none of the request gone out: it ends there too.
+    std::fs::write(
+        server.etc().join("http_call.yaml"),
+        plugin_yaml(
+            "http_call",
+            "wasmtime",
+            "",
+            "allowOnHeadersStopIteration: true",
+        ),
+    )
+    .expect("YAML");
+    server.ctl(&["config", "reload"]);
+    server.wait_for_log("reloaded the configuration (deployment 2)");
+    if let Ok(reply) = post_with(
+        &server.url("/upload"),
+        &[("x-check-body", "after-headers")],
+        b"a body that cannot be checked\n",
+        false,
+    ) {
+        assert!(reply.status >= 400, "{}", context(&format!("{reply:?}")));
+    }
+    server.wait_for_log("a plugin answered the request during its body (503)");
+    assert_eq!(
+        origin.requests(),
+        requests,
+        "{}",
+        context("a request answered from its body callback reached the origin")
+    );
 }
 
 /// A transaction a plugin holds, when another transaction's callback traps the same VM copy:
