@@ -370,7 +370,7 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
             Framing::Refused => return,
             Framing::Withheld(kept) => {
                 if !link.is_null() {
-                    // What a hold on the request headers let go of since.
+                    // What a hold on the request (headers or body) let go of since.
                     kept.extend((*link).take_released_request_body());
                 }
                 if !state.input_ended {
@@ -517,9 +517,9 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                             // A plugin holds the body at its end (e.g. while a callout checks
                             // it) and none of the request went out: the transform waits for
                             // it (the transaction wakes it up), the input's writer not told
-                            // it is done meanwhile. What it holds went through no plugin
-                            // after it, so nothing else came through.
-                            debug_assert!(forward.is_empty());
+                            // it is done meanwhile. (What came through the plugins before it
+                            // goes first then; none can, as the holder keeps what reaches it.)
+                            (*link).put_released_request_body_first(forward);
                             state.input_ended = true;
                             return;
                         }

@@ -1489,10 +1489,16 @@ impl Transaction {
         self.request_output_open = open;
     }
 
-    /// What the plugins let through since a hold on the request headers ended outside the
-    /// request transform, for the transform to send.
+    /// What the plugins let through since a hold on the request ended outside the request
+    /// transform, for the transform to send.
     pub(crate) fn take_released_request_body(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.released_request_body)
+    }
+
+    /// Puts bytes the plugins let through before a hold began ahead of what it will release.
+    pub(crate) fn put_released_request_body_first(&mut self, mut earlier: Vec<u8>) {
+        earlier.append(&mut self.released_request_body);
+        self.released_request_body = earlier;
     }
 
     /// The request transform closed: it is woken up no more.
