@@ -1568,6 +1568,20 @@ impl Transaction {
     }
 
     /// What the plugin of filter `index`, holding the transaction, asked for since (which ends
+    /// its hold): the reply to send, if any; whether it continued; and its failure policy if its
+    /// VM failed meanwhile.
+    fn held_outcome(&mut self, index: usize) -> (Option<Reply>, bool, Option<OnFailure>) {
+        let (asked, failure) = self.take_held_requests(index);
+        let reply = held_reply(
+            &self.filters[index].name,
+            asked.local_reply,
+            asked.closed,
+            failure,
+        );
+        (reply, asked.continued, failure)
+    }
+
+    /// What the plugin of filter `index`, holding the transaction, asked for since (which ends
     /// its hold), and its failure policy if its VM failed meanwhile.
     fn take_held_requests(&mut self, index: usize) -> (Requests, Option<OnFailure>) {
         let thread = self.thread;
@@ -1606,82 +1620,64 @@ impl Transaction {
         }
     }
 
-    /// A hold on the request body at its end after the plugin asked for something outside the
-    /// transform: an answer, or the body going on, from what the plugin kept, to the plugins
-    /// after it (for the transform to send once woken).
-    fn resume_body_hold(&mut self, index: usize) {
-        let (asked, failure) = self.take_held_requests(index);
-        let reply = held_reply(
-            &self.filters[index].name,
-            asked.local_reply,
-            asked.closed,
-            failure,
-        );
+    /// The end of filter `index`'s hold on the request after its plugin asked for something
+    /// outside the transform (in a callout's answer, a tick): `None` while it holds on, or once
+    /// answered (the transform woken to refuse the request); else what it kept of the body, and
+    /// whether it goes on because it failed open.
+    fn end_of_hold(&mut self, index: usize) -> Option<(Vec<u8>, bool)> {
+        let (reply, continued, failure) = self.held_outcome(index);
         if let Some(reply) = reply {
             self.reply = Some(reply);
             self.answer_during_body();
             self.wake_request_transform();
-            return;
+            return None;
         }
         let failed_open = failure == Some(OnFailure::FailOpen);
-        if !(asked.continued || failed_open) {
+        if !(continued || failed_open) {
             self.hold_again(index);
-            return;
+            return None;
         }
         let filter = &mut self.filters[index];
         filter.bypassed |= failed_open;
-        let kept = std::mem::take(&mut filter.request_body);
+        Some((std::mem::take(&mut filter.request_body), failed_open))
+    }
+
+    /// A hold on the request body at its end that ends outside the transform: the body goes
+    /// on from what the plugin kept to the plugins after it, for the transform to send once
+    /// woken.
+    fn resume_body_hold(&mut self, index: usize) {
+        let Some((kept, _)) = self.end_of_hold(index) else {
+            return;
+        };
         self.body_held = None;
         let released = self.body_from(Direction::Request, index + 1, kept, true);
         self.released_request_body.extend(released);
         self.wake_request_transform();
     }
 
-    /// A hold on the request headers after the plugin asked for something outside the
-    /// transform (in a callout's answer, a tick): an answer, or its headers going on with what
-    /// it kept of the body, for the transform to send once woken.
+    /// A hold on the request headers that ends outside the transform: its headers go on with
+    /// what it kept of the body, for the transform to send once woken.
     fn resume_header_hold(&mut self, held: HeaderHold) {
-        let (asked, failure) = self.take_held_requests(held.filter);
-        let reply = held_reply(
-            &self.filters[held.filter].name,
-            asked.local_reply,
-            asked.closed,
-            failure,
-        );
-        if let Some(reply) = reply {
-            self.reply = Some(reply);
+        let Some((kept, failed_open)) = self.end_of_hold(held.filter) else {
+            return;
+        };
+        self.headers_held = None;
+        let end = self.request_body_ended;
+        // Its headers go to the plugins after it first.
+        if self.request_headers(held.filter + 1, Stage::Body) == Next::Reply {
             self.answer_during_body();
             self.wake_request_transform();
             return;
         }
-        let failed_open = failure == Some(OnFailure::FailOpen);
-        if !(asked.continued || failed_open) {
-            self.hold_again(held.filter);
-            return;
-        }
-        let filter = &mut self.filters[held.filter];
-        filter.bypassed |= failed_open;
-        let kept = std::mem::take(&mut filter.request_body);
-        self.headers_held = None;
-        let end = self.request_body_ended;
-        let released = if held.body_to_holder || failed_open {
-            // It saw what it kept: its headers, then that, go to the plugins after it.
-            if self.request_headers(held.filter + 1, Stage::Body) == Next::Reply {
-                self.answer_during_body();
-                self.wake_request_transform();
-                return;
-            }
-            self.body_from(Direction::Request, held.filter + 1, kept, end)
+        // What it kept goes on from the plugin after it if it saw it; if it stopped everything,
+        // the body reaches its own body callback first, as Envoy resumes a filter that stopped
+        // all iteration.
+        let from = if held.body_to_holder || failed_open {
+            held.filter + 1
         } else {
-            // It stopped everything: its headers go on, then the body reaches its own body
-            // callback first, as Envoy resumes a filter that stopped all iteration.
-            if self.request_headers(held.filter + 1, Stage::Body) == Next::Reply {
-                self.answer_during_body();
-                self.wake_request_transform();
-                return;
-            }
-            self.body_from(Direction::Request, held.filter, kept, end)
+            held.filter
         };
+        let released = self.body_from(Direction::Request, from, kept, end);
         self.released_request_body.extend(released);
         self.wake_request_transform();
     }
@@ -1732,14 +1728,8 @@ impl Transaction {
         };
         let thread = self.thread;
         let generation = self.generation;
-        let (asked, failure) = self.take_held_requests(index);
-        let reply = held_reply(
-            &self.filters[index].name,
-            asked.local_reply,
-            asked.closed,
-            failure,
-        );
-        let continued = asked.continued || failure == Some(OnFailure::FailOpen);
+        let (reply, continued, failure) = self.held_outcome(index);
+        let continued = continued || failure == Some(OnFailure::FailOpen);
         if failure == Some(OnFailure::FailOpen) {
             if let Some(filter) = self.filters.get_mut(index) {
                 filter.bypassed = true;
