@@ -1206,8 +1206,9 @@ impl Transaction {
     /// reverse) and returns what goes on. A plugin that buffers (`StopIterationAndBuffer`)
     /// keeps the bytes and the plugins after it see nothing until it lets them through; at the
     /// end of the stream whatever is buffered goes on (Traffic Server cannot hold a body once
-    /// its end came), except at a plugin holding the request headers, which keeps it until it
-    /// lets them go (the request transform waits for it).
+    /// its end came), except for a request none of which went out yet: a plugin holding its
+    /// headers, or stopping at its body's end, keeps it until it continues (the request
+    /// transform waits for it).
     pub(crate) fn body_chunk(
         &mut self,
         direction: Direction,
@@ -1529,8 +1530,9 @@ impl Transaction {
         }
     }
 
-    /// The plugins answered the request once the transaction went on (from a hold on its
-    /// headers): the request transform refuses the request, which the origin has not seen.
+    /// The plugins answered the request once the transaction went on (from a hold on it, or a
+    /// body callback before any of it went out): the request transform refuses the request,
+    /// which the origin has not seen.
     /// Traffic Server 9.2 then ends the transaction without an answer (a failed request
     /// transform terminates it), so the client's connection closes; logged with the reply's
     /// status.
