@@ -1276,7 +1276,11 @@ impl Transaction {
         let mut let_go = None;
         let mut reply = None;
         let mut held_body = None;
-        let may_hold_body = direction == Direction::Request && !self.request_output_open;
+        // One hold at a time: with the headers held by a plugin after it, a plugin's stop at the
+        // body's end lets the body go on to the holder, as before.
+        let may_hold_body = direction == Direction::Request
+            && !self.request_output_open
+            && self.headers_held.is_none();
         let limit = crate::buffer_limit_bytes();
         let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
             for index in order.into_iter().skip(start) {
@@ -1328,6 +1332,13 @@ impl Transaction {
                     return;
                 }
                 let size = buffer.len();
+                if holding.is_none() {
+                    // Only a continue asked in this callback counts for it (an older one, from
+                    // a callout's answer while nothing was held, is spent).
+                    if let Some(slot) = slot_of(vm, filter.context) {
+                        slot.continued = false;
+                    }
+                }
                 lend_body(vm, filter.context, Some(buffer));
                 if holding.is_some() {
                     // It holds the headers: it may read and change them meanwhile.
