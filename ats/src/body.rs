@@ -421,8 +421,6 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                     };
                 } else if end_of_stream || kept.len() > limit {
                     let mut body = std::mem::take(kept);
-                    let client_length = Some(sys::TSVIONBytesGet(input))
-                        .filter(|n| (0..i64::MAX).contains(n) && state.dechunk.is_none());
                     let (length, bypass) = if end_of_stream {
                         (i64::try_from(body.len()).unwrap_or(i64::MAX), false)
                     } else if let Some(client_length) = client_length {

@@ -1622,7 +1622,9 @@ impl Transaction {
 
     /// Nothing the transaction can act on yet: the hold of filter `index` stays.
     fn hold_again(&mut self, index: usize) {
-        let filter = &self.filters[index];
+        let Some(filter) = self.filters.get(index) else {
+            return;
+        };
         if let Some(stream) = filter.stream.as_ref() {
             let context = filter.context;
             in_worker(self.thread, self.generation, "a transaction", |worker| {
@@ -1739,8 +1741,6 @@ impl Transaction {
         let index = match pause {
             Pause::Request(index) | Pause::Response(index) => index,
         };
-        let thread = self.thread;
-        let generation = self.generation;
         let (reply, continued, failure) = self.held_outcome(index);
         let continued = continued || failure == Some(OnFailure::FailOpen);
         if failure == Some(OnFailure::FailOpen) {
@@ -1773,16 +1773,7 @@ impl Transaction {
             (_, None) => {
                 // Nothing the transaction can act on yet: it stays held.
                 self.paused = Some(pause);
-                if let Some(filter) = self.filters.get(index) {
-                    let context = filter.context;
-                    if let Some(stream) = filter.stream.as_ref() {
-                        in_worker(thread, generation, "a transaction", |worker| {
-                            if let Some(vm) = worker.vm(stream) {
-                                hold(vm, context);
-                            }
-                        });
-                    }
-                }
+                self.hold_again(index);
                 Next::Hold
             }
         }
