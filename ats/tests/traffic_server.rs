@@ -1456,6 +1456,26 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
         }
     }
 
+    // A body past the 1 MiB buffer limit while its headers are held: Envoy's 413, which
+    // Traffic Server cannot send from there either (the connection closes); the origin never
+    // sees the request.
+    let requests = origin.requests();
+    if let Ok(reply) = post_with(
+        &server.url("/upload"),
+        &[("x-check-body", "before-headers")],
+        numbered_body(175_000).as_bytes(),
+        false,
+    ) {
+        assert!(reply.status >= 400, "{}", context(&format!("{reply:?}")));
+    }
+    server.wait_for_log("[http_call] answered the request while it held only its headers (413)");
+    assert_eq!(
+        origin.requests(),
+        requests,
+        "{}",
+        context("a request over the buffer limit while held reached the origin")
+    );
+
     // A client going away while the plugin holds the headers for the rest of the body: the
     // transaction ends, and its plugin contexts with it.
     let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
