@@ -8,31 +8,57 @@
 use abi::Headers;
 use pingora::http::{RequestHeader, ResponseHeader};
 
-/// A header lent for the length of a callback.
-pub(crate) struct Lent<T>(*mut T);
+/// A header lent for the length of a callback: writable, or only readable (`proxy_on_log`,
+/// where the ABI refuses every edit, so the proxy lends what it has without a copy).
+pub(crate) struct Lent<T> {
+    header: *mut T,
+    writable: bool,
+}
 
 // SAFETY: a `Lent` only exists while the proxy lends the header, on the thread running the
 // callback (the host holding it stays on that thread: one VM copy per worker thread).
 unsafe impl<T> Send for Lent<T> {}
 
 impl<T> Lent<T> {
-    /// Lends `header`.
+    /// Lends `header`, writable.
     ///
     /// # Safety
     /// The `Lent` must be dropped before `header`'s borrow ends and must not be used by
     /// anyone but the callback the header is lent to.
     pub(crate) unsafe fn new(header: &mut T) -> Lent<T> {
-        Lent(header)
+        Lent {
+            header,
+            writable: true,
+        }
+    }
+
+    /// Lends `header` to be read only: every edit is refused.
+    ///
+    /// # Safety
+    /// As [`Lent::new`], with `header`'s shared borrow.
+    pub(crate) unsafe fn read_only(header: &T) -> Lent<T> {
+        Lent {
+            // Never written through: `get_mut` refuses a read-only loan.
+            header: std::ptr::from_ref(header).cast_mut(),
+            writable: false,
+        }
     }
 
     fn get(&self) -> &T {
-        // SAFETY: `new`'s promise: the header outlives the loan, which is exclusive.
-        unsafe { &*self.0 }
+        // SAFETY: `new`'s (or `read_only`'s) promise: the header outlives the loan, and no one
+        // writes it meanwhile.
+        unsafe { &*self.header }
     }
 
-    fn get_mut(&mut self) -> &mut T {
-        // SAFETY: as in `get`.
-        unsafe { &mut *self.0 }
+    /// The header to edit, unless it is lent read-only (the ABI refuses a plugin's edits
+    /// before they come here, so a refusal is only logged).
+    fn get_mut(&mut self) -> Option<&mut T> {
+        if !self.writable {
+            tracing::debug!("a header lent read-only was not edited");
+            return None;
+        }
+        // SAFETY: `new`'s promise: the loan is exclusive and the header outlives it.
+        Some(unsafe { &mut *self.header })
     }
 }
 
@@ -231,14 +257,18 @@ impl Headers for Lent<RequestHeader> {
         if name.starts_with(b":") || name.eq_ignore_ascii_case(b"host") {
             return self.replace(name, value);
         }
-        add_regular(self.get_mut(), name, value);
+        if let Some(header) = self.get_mut() {
+            add_regular(header, name, value);
+        }
     }
 
     fn replace(&mut self, name: &[u8], value: &[u8]) {
         if !is_clean(value) {
             return refuse(name);
         }
-        let header = self.get_mut();
+        let Some(header) = self.get_mut() else {
+            return;
+        };
         let done = match name {
             b":method" => http::Method::from_bytes(value)
                 .map(|method| header.set_method(method))
@@ -255,11 +285,15 @@ impl Headers for Lent<RequestHeader> {
     }
 
     fn remove(&mut self, name: &[u8]) {
-        remove_regular(self.get_mut(), name);
+        if let Some(header) = self.get_mut() {
+            remove_regular(header, name);
+        }
     }
 
     fn clear(&mut self) {
-        clear_regular(self.get_mut());
+        if let Some(header) = self.get_mut() {
+            clear_regular(header);
+        }
     }
 }
 
@@ -288,14 +322,18 @@ impl Headers for Lent<ResponseHeader> {
         if name == b":status" {
             return self.replace(name, value);
         }
-        add_regular(self.get_mut(), name, value);
+        if let Some(header) = self.get_mut() {
+            add_regular(header, name, value);
+        }
     }
 
     fn replace(&mut self, name: &[u8], value: &[u8]) {
         if !is_clean(value) {
             return refuse(name);
         }
-        let header = self.get_mut();
+        let Some(header) = self.get_mut() else {
+            return;
+        };
         let done = match name {
             b":status" => std::str::from_utf8(value)
                 .ok()
@@ -310,11 +348,15 @@ impl Headers for Lent<ResponseHeader> {
     }
 
     fn remove(&mut self, name: &[u8]) {
-        remove_regular(self.get_mut(), name);
+        if let Some(header) = self.get_mut() {
+            remove_regular(header, name);
+        }
     }
 
     fn clear(&mut self) {
-        clear_regular(self.get_mut());
+        if let Some(header) = self.get_mut() {
+            clear_regular(header);
+        }
     }
 }
 
@@ -338,24 +380,32 @@ impl Headers for Lent<http::HeaderMap> {
         if name.starts_with(b":") {
             return refuse(name);
         }
-        add_regular(self.get_mut(), name, value);
+        if let Some(header) = self.get_mut() {
+            add_regular(header, name, value);
+        }
     }
 
     fn replace(&mut self, name: &[u8], value: &[u8]) {
-        if name.starts_with(b":")
-            || !is_clean(value)
-            || !RegularHeaders::insert(self.get_mut(), name, value)
-        {
-            refuse(name);
+        if name.starts_with(b":") || !is_clean(value) {
+            return refuse(name);
+        }
+        if let Some(header) = self.get_mut() {
+            if !RegularHeaders::insert(header, name, value) {
+                refuse(name);
+            }
         }
     }
 
     fn remove(&mut self, name: &[u8]) {
-        remove_regular(self.get_mut(), name);
+        if let Some(header) = self.get_mut() {
+            remove_regular(header, name);
+        }
     }
 
     fn clear(&mut self) {
-        self.get_mut().clear();
+        if let Some(header) = self.get_mut() {
+            header.clear();
+        }
     }
 }
 
@@ -458,6 +508,32 @@ mod tests {
         assert_eq!(header.status.as_u16(), 418);
         assert!(header.headers.get("server").is_none());
         assert_eq!(header.headers["x-powered-by"], "pwhost");
+    }
+
+    #[test]
+    fn a_header_lent_read_only_is_read_but_never_edited() {
+        let header = request();
+        let mut response = ResponseHeader::build(200, None).unwrap();
+        response.insert_header("server", "origin").unwrap();
+        {
+            // SAFETY: as above.
+            let mut lent = unsafe { Lent::read_only(&header) };
+            assert_eq!(Headers::get(&lent, b":path"), Some(&b"/search?q=1"[..]));
+            assert_eq!(Headers::get(&lent, b"user-agent"), Some(&b"curl"[..]));
+            lent.add(b"x-added", b"1");
+            lent.replace(b":path", b"/rewritten");
+            lent.remove(b"user-agent");
+            lent.clear();
+            // SAFETY: as above.
+            let mut lent = unsafe { Lent::read_only(&response) };
+            lent.replace(b":status", b"500");
+            lent.remove(b"server");
+        }
+        assert_eq!(header.raw_path(), b"/search?q=1");
+        assert_eq!(header.headers.len(), 2);
+        assert!(header.headers.get("x-added").is_none());
+        assert_eq!(response.status.as_u16(), 200);
+        assert_eq!(response.headers["server"], "origin");
     }
 
     #[test]

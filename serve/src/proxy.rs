@@ -985,7 +985,7 @@ impl ProxyHttp for ListenerProxy {
         } else {
             session.set_keepalive(None);
         }
-        let mut response = session.response_written().cloned();
+        let response = session.response_written();
         // A stream that failed after its response began (an upstream reset mid-body, a client
         // gone, a plugin closing it) is a reset for its client, not a response; so is one a
         // plugin reset at its trailers or answered too late.
@@ -1029,9 +1029,9 @@ impl ProxyHttp for ListenerProxy {
             _ => None,
         };
         ctx.stream.end(
-            Some(session.req_header_mut()),
-            response.as_mut(),
-            ctx.response_trailers.as_mut(),
+            Some(session.req_header()),
+            response,
+            ctx.response_trailers.as_ref(),
             &|info| {
                 info.bytes_received = Some(received);
                 info.bytes_sent = Some(sent);

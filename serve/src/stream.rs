@@ -1187,12 +1187,13 @@ impl Stream {
     /// The stream is over: `proxy_on_log` (with the request and response headers and the
     /// response trailers readable, when given, and what `last` adds to what the plugins know of
     /// the stream), `proxy_on_done` and `proxy_on_delete` for every plugin, then the contexts
-    /// and VM holds go.
+    /// and VM holds go. The headers are lent read-only, as the proxy has them (no copy): the
+    /// ABI refuses edits in `proxy_on_log`, as Envoy's access-log phase does.
     pub(crate) fn end(
         &mut self,
-        mut request: Option<&mut RequestHeader>,
-        mut response: Option<&mut ResponseHeader>,
-        mut trailers: Option<&mut http::HeaderMap>,
+        request: Option<&RequestHeader>,
+        response: Option<&ResponseHeader>,
+        trailers: Option<&http::HeaderMap>,
         last: &dyn Fn(&mut abi::StreamInfo),
     ) {
         let Some(generation) = self.generation else {
@@ -1213,15 +1214,19 @@ impl Stream {
                     slot.response = None;
                     slot.trailers = None;
                     slot.body = None;
-                    if let Some(header) = request.as_deref_mut() {
-                        lend_request(slot, header);
-                    }
-                    if let Some(header) = response.as_deref_mut() {
-                        lend_response(slot, header);
-                    }
-                    if let Some(map) = trailers.as_deref_mut() {
-                        lend_trailers(slot, map);
-                    }
+                    slot.request = request.map(|header| {
+                        // SAFETY: `with_filter` takes the loan back before it returns (or
+                        // unwinds), within the borrow of `request`.
+                        unsafe { Lent::read_only(header) }
+                    });
+                    slot.response = response.map(|header| {
+                        // SAFETY: as for `request`.
+                        unsafe { Lent::read_only(header) }
+                    });
+                    slot.trailers = trailers.map(|map| {
+                        // SAFETY: as for `request`.
+                        unsafe { Lent::read_only(map) }
+                    });
                     if kind == Kind::Tcp {
                         slot.info.bytes_received = Some(transferred[0]);
                         slot.info.bytes_sent = Some(transferred[1]);
