@@ -43,7 +43,8 @@ struct BodyTransform {
     /// framed by its length).
     dechunk: Option<Dechunker>,
     /// The input's end went through the plugins; the transform waits for a plugin holding the
-    /// request headers (woken by the transaction) and runs no plugin again.
+    /// request (its headers, or its body at its end; woken by the transaction) and runs no
+    /// plugin again.
     input_ended: bool,
     /// Traffic Server started the transform (its first event came): before that a wake-up
     /// has nothing to do (there is no input yet, and what a hold released waits for it).
@@ -61,8 +62,10 @@ enum Framing {
     /// itself (chunked, or with the length set at its end).
     Open,
     /// The plugins may change the length (one dropped `Content-Length`, or the client's body
-    /// is chunked): what they let through is kept here, and the output opens once the body
-    /// ended (its length known) or this passes the buffer limit.
+    /// is chunked), or a plugin holds the request headers: what they let through is kept here,
+    /// and the output opens once the body ended (its length known), once this passes the buffer
+    /// limit, or, for a body with a length that no plugin changes or keeps, as soon as a hold
+    /// on the headers ended (it goes on as it comes from then on).
     Withheld(Vec<u8>),
     /// The body's length is `length` (the client's, or the withheld body's once known); the
     /// output opens with it when the first bytes go (or at the body's end, with the length of

@@ -183,6 +183,9 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
             }
             crate::transaction::pending_in(vm, &mut pending);
         });
+        // A copy replaced after it failed (a new transaction may come before this sweep)
+        // still holds the transactions it held when it failed: they get its failure policy.
+        worker.for_each_replaced_copy(|_, vm| crate::transaction::pending_in(vm, &mut pending));
         for (plugin, error) in failed {
             worker.root_failed(plugin, &error);
         }

@@ -168,8 +168,9 @@ pub(crate) struct Transaction {
     headers_held: Option<HeaderHold>,
     /// The request body came to its end (it may wait in a holder's buffer).
     request_body_ended: bool,
-    /// What the plugins let through when a hold on the request headers ended outside the request
-    /// transform (in a callout's answer): the transform takes it when woken.
+    /// What the plugins let through when a hold on the request (its headers, or its body at its
+    /// end) ended outside the request transform (in a callout's answer), or what came through
+    /// the plugins before a body holder at the body's end: the transform takes it when woken.
     released_request_body: Vec<u8>,
     /// The request transform, while it lives, and whether a wake-up for it is on its way.
     request_transform: Option<sys::TSCont>,
@@ -588,15 +589,27 @@ unsafe extern "C" fn on_transaction_event(
             let transaction = unsafe { Box::from_raw(transaction) };
             // Transforms still open stop reaching the transaction, and are woken no more.
             transaction.link.set(std::ptr::null_mut());
-            // SAFETY: the continuation is not used again.
-            unsafe {
-                sys::TSContDataSet(cont, std::ptr::null_mut());
-                sys::TSContDestroy(cont);
+            // SAFETY: the event's continuation; a plugin's slot still naming it finds no
+            // transaction from now on (`act_on`).
+            unsafe { sys::TSContDataSet(cont, std::ptr::null_mut()) };
+            let slots_gone =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| transaction.close()))
+                    .unwrap_or_else(|_| {
+                        diag::error("the close hook panicked");
+                        false
+                    });
+            if slots_gone {
+                // SAFETY: no plugin's slot names the continuation any more, and Traffic Server
+                // calls no more hooks of it after the close.
+                unsafe { sys::TSContDestroy(cont) };
+            } else {
+                // A slot may still name it (and be acted on later): kept, without data, rather
+                // than freed under it.
+                diag::error(
+                    "a transaction's plugin contexts could not all be ended: its continuation is \
+                     kept",
+                );
             }
-            guarded("the close hook", Next::Continue, || {
-                transaction.close();
-                Next::Continue
-            });
             // SAFETY: the event's transaction.
             unsafe { reenable(txn, Next::Continue) };
         }
@@ -671,8 +684,8 @@ pub(crate) fn act_on(pending: Vec<Holder>) {
                 continue;
             }
         };
-        // SAFETY: a held transaction's continuation lives, with its transaction as data, until
-        // the transaction closes, which Traffic Server does not do while it is held.
+        // SAFETY: a transaction's continuation lives while a plugin's slot names it: the close
+        // hook clears its data, then frees it only once every slot is gone.
         let transaction = unsafe { sys::TSContDataGet(cont) }.cast::<Transaction>();
         if transaction.is_null() {
             continue;
@@ -680,9 +693,21 @@ pub(crate) fn act_on(pending: Vec<Holder>) {
         let (txn, next) = {
             // SAFETY: as above; no hook of the transaction runs while it is held.
             let transaction = unsafe { &mut *transaction };
-            let next = guarded("resuming a transaction", Next::Continue, || {
+            // Held in a hook, Traffic Server waits for a reenable: after a panic, down the error
+            // path (never on past its plugins). Held past its hooks (in the request transform),
+            // it must get none: after a panic the transform refuses the request.
+            let in_hook = transaction.paused.is_some();
+            let next = guarded("resuming a transaction", Next::Reply, || {
                 transaction.resume()
             });
+            let next = match (in_hook, next) {
+                (true, next) => next,
+                (false, Next::Hold) => Next::Hold,
+                (false, _) => {
+                    transaction.refuse_request();
+                    Next::Hold
+                }
+            };
             (transaction.txn, next)
         };
         // SAFETY: the transaction was held by this plugin until now; the borrow has ended.
@@ -1207,8 +1232,9 @@ impl Transaction {
     /// keeps the bytes and the plugins after it see nothing until it lets them through; at the
     /// end of the stream whatever is buffered goes on (Traffic Server cannot hold a body once
     /// its end came), except for a request none of which went out yet: a plugin holding its
-    /// headers, or stopping at its body's end, keeps it until it continues (the request
-    /// transform waits for it).
+    /// headers, or stopping at its body's end while no plugin holds the headers (one hold at a
+    /// time), keeps it until it continues (the request transform waits for it). A reply from a
+    /// body callback before any of the request went out refuses the request.
     pub(crate) fn body_chunk(
         &mut self,
         direction: Direction,
@@ -1240,7 +1266,7 @@ impl Transaction {
                 BodyStep::HeadersLetGo { holder, data: rest } => {
                     self.headers_held = None;
                     if self.request_headers(holder + 1, Stage::Body) == Next::Reply {
-                        self.answer_during_body();
+                        self.answer_during_body(None);
                         return Vec::new();
                     }
                     start = holder + 1;
@@ -1275,12 +1301,14 @@ impl Transaction {
         let mut data = chunk;
         let mut let_go = None;
         let mut reply = None;
+        let mut answered_by = None;
         let mut held_body = None;
+        // None of the request went out: a plugin's reply still refuses it, unseen by the
+        // origin, whoever holds it meanwhile.
+        let may_answer = direction == Direction::Request && !self.request_output_open;
         // One hold at a time: with the headers held by a plugin after it, a plugin's stop at the
         // body's end lets the body go on to the holder, as before.
-        let may_hold_body = direction == Direction::Request
-            && !self.request_output_open
-            && self.headers_held.is_none();
+        let may_hold_body = may_answer && self.headers_held.is_none();
         let limit = crate::buffer_limit_bytes();
         let ran = in_worker(self.thread, self.generation, "a transaction", |worker| {
             for index in order.into_iter().skip(start) {
@@ -1388,11 +1416,12 @@ impl Transaction {
                     return;
                 }
                 if asked.local_reply.is_some() || asked.closed {
-                    if may_hold_body {
+                    if may_answer {
                         // None of the request went out: it ends here, unseen by the origin
                         // (see `answer_during_body`).
                         reply =
                             held_reply(&filter.name, asked.local_reply.take(), asked.closed, None);
+                        answered_by = Some(index);
                         *cut = true;
                         return;
                     }
@@ -1442,7 +1471,7 @@ impl Transaction {
         });
         if let Some(reply) = reply {
             self.reply = Some(reply);
-            self.answer_during_body();
+            self.answer_during_body(answered_by);
             return BodyStep::Through(Vec::new());
         }
         if held_body.is_some() {
@@ -1541,30 +1570,43 @@ impl Transaction {
         }
     }
 
+    /// Has the request transform refuse the request (none of which went out), whatever state
+    /// the plugins' holds are in.
+    fn refuse_request(&mut self) {
+        self.body_cut[0] = true;
+        self.wake_request_transform();
+    }
+
     /// The plugins answered the request once the transaction went on (from a hold on it, or a
-    /// body callback before any of it went out): the request transform refuses the request,
-    /// which the origin has not seen.
+    /// body callback before any of it went out; `by`, when a body callback's plugin that held
+    /// nothing answered): the request transform refuses the request, which the origin has not
+    /// seen.
     /// Traffic Server 9.2 then ends the transaction without an answer (a failed request
     /// transform terminates it), so the client's connection closes; logged with the reply's
     /// status.
-    fn answer_during_body(&mut self) {
+    fn answer_during_body(&mut self, by: Option<usize>) {
         if let Some(reply) = &self.reply {
             let header_holder = self
                 .headers_held
+                .filter(|held| by.is_none_or(|by| by == held.filter))
                 .and_then(|held| self.filters.get(held.filter));
             let body_holder = self.body_held.and_then(|index| self.filters.get(index));
-            let who = match (header_holder, body_holder) {
-                (Some(filter), _) => format!(
+            let answerer = by.and_then(|index| self.filters.get(index));
+            let who = match (header_holder, body_holder, answerer) {
+                (Some(filter), _, _) => format!(
                     "[{}] answered the request while it held only its headers",
                     filter.name
                 ),
-                (None, Some(filter)) => {
+                (None, Some(filter), _) => {
                     format!(
                         "[{}] answered the request while it held its body",
                         filter.name
                     )
                 }
-                (None, None) => "a plugin answered the request during its body".into(),
+                (None, None, Some(filter)) => {
+                    format!("[{}] answered the request during its body", filter.name)
+                }
+                (None, None, None) => "a plugin answered the request during its body".into(),
             };
             diag::error(&format!(
                 "{who} ({}): Traffic Server ends a transaction whose request body cannot go on \
@@ -1643,7 +1685,7 @@ impl Transaction {
         let (reply, continued, failure) = self.held_outcome(index);
         if let Some(reply) = reply {
             self.reply = Some(reply);
-            self.answer_during_body();
+            self.answer_during_body(None);
             self.wake_request_transform();
             return None;
         }
@@ -1680,7 +1722,7 @@ impl Transaction {
         let end = self.request_body_ended;
         // Its headers go to the plugins after it first.
         if self.request_headers(held.filter + 1, Stage::Body) == Next::Reply {
-            self.answer_during_body();
+            self.answer_during_body(None);
             self.wake_request_transform();
             return;
         }
@@ -1814,7 +1856,8 @@ impl Transaction {
 
     /// The close hook: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete` of every plugin, with
     /// the request and response headers readable; then every hold on a VM copy is released.
-    fn close(mut self) {
+    /// Returns whether every plugin's slot for the transaction went (its continuation may go).
+    fn close(mut self) -> bool {
         let txn = self.txn;
         let generation = self.generation;
         let filters = std::mem::take(&mut self.filters);
@@ -1847,6 +1890,7 @@ impl Transaction {
         if done.is_some() {
             with_workers(|workers| workers.stream_ended(generation));
         }
+        done.is_some()
     }
 
     /// Takes the lent headers back from every plugin's slot (before Traffic Server goes on),

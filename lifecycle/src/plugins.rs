@@ -949,6 +949,18 @@ impl Worker {
         }
     }
 
+    /// Calls `visit` with every VM copy on this worker that is no longer current but still
+    /// serves streams (one replaced after it failed): a host that acts on what a copy's
+    /// streams wait for (e.g. the failure policy for the streams it held when it failed) must
+    /// visit these as well as the current ones.
+    pub fn for_each_replaced_copy(&mut self, mut visit: impl FnMut(CopyId, &mut Vm)) {
+        for live in self.copies.iter_mut().flatten() {
+            if !live.current {
+                visit(live.generation, &mut live.copy.vm);
+            }
+        }
+    }
+
     /// The current VM copy `plugin` runs in on this worker and the plugin's root context in it,
     /// if one was made (started or not, failed or not).
     pub fn copy_of(&mut self, plugin: PluginId) -> Option<(CopyId, &mut Vm, ContextId)> {

@@ -393,11 +393,21 @@ fn a_replaced_copy_stays_with_its_streams_and_goes_away_with_the_last() {
         panic!("a fresh copy after the backoff");
     };
     assert!(!worker.vm(&fresh).unwrap().is_failed());
-    // The stream that started on the old copy still finds it (failed), not the fresh one.
+    // The stream that started on the old copy still finds it (failed), not the fresh one;
+    // only the fresh one is current, and the old one is visited as replaced.
     assert!(worker.vm(&in_flight).unwrap().is_failed());
+    let mut current = Vec::new();
+    worker.for_each_copy(|_, vm, _| current.push(vm.is_failed()));
+    assert_eq!(current, [false]);
+    let mut replaced = Vec::new();
+    worker.for_each_replaced_copy(|_, vm| replaced.push(vm.is_failed()));
+    assert_eq!(replaced, [true]);
     assert_eq!(*retired.lock().unwrap(), 0, "the old copy is still held");
     worker.release(in_flight);
     assert_eq!(*retired.lock().unwrap(), 1, "gone with its last stream");
+    let mut replaced = 0;
+    worker.for_each_replaced_copy(|_, _| replaced += 1);
+    assert_eq!(replaced, 0);
     worker.release(fresh);
     assert_eq!(*retired.lock().unwrap(), 1, "the current copy stays");
     drop(worker);

@@ -36,6 +36,18 @@
 //! and holds the headers while the body comes (Pause from every body callback, so the body is
 //! buffered), until the answer adds `x-auth-user` and continues: the answer may come before,
 //! during or after the body.
+//!
+//! With `x-check-body: notify-then-body` the plugin makes the `GET /auth` call of the headers
+//! mode but lets the headers go on at once (Continue); the call's answer calls
+//! `proxy_continue_stream` with nothing held (a continue the host must not keep for later).
+//! The body is then checked at its end as with any other `x-check-body` value.
+//!
+//! With `x-check-body: refuse-body` the headers go on, the body is buffered to its end, and
+//! the body callback of its end answers 403 `refused by its body` itself (no callout).
+//!
+//! A request header `x-check-body-<plugin name>` (the plugin's `name` in its configuration)
+//! comes before `x-check-body`, so two copies of this plugin in one chain can gate a request
+//! in two ways.
 
 use log::{info, warn};
 use proxy_wasm::traits::*;
@@ -66,6 +78,10 @@ enum Mode {
     FirstChunkResume,
     /// The headers, with a `GET /auth`, the body held meanwhile (`headers-held`).
     HeadersHeld,
+    /// A `GET /auth` the headers do not wait for, then the whole body (`notify-then-body`).
+    NotifyThenBody,
+    /// The whole body, answered 403 from its last callback (`refuse-body`).
+    RefuseBody,
     /// Nothing more (the first chunk went on, or the call's answer continued).
     Passed,
 }
@@ -87,11 +103,21 @@ impl HttpContext for HttpCall {
             }
             return Action::Continue;
         }
+        if self.mode == Mode::RefuseBody {
+            if end_of_stream {
+                info!("refusing a body of {} bytes", body_size);
+                self.send_http_response(403, vec![], Some(b"refused by its body\n"));
+            }
+            return Action::Pause;
+        }
         if self.mode == Mode::HeadersHeld {
             info!("body held: {} bytes, end {}", body_size, end_of_stream);
             return Action::Pause;
         }
-        if !matches!(self.mode, Mode::Body | Mode::BodyBeforeHeaders) {
+        if !matches!(
+            self.mode,
+            Mode::Body | Mode::BodyBeforeHeaders | Mode::NotifyThenBody
+        ) {
             return Action::Continue;
         }
         if !end_of_stream {
@@ -126,7 +152,12 @@ impl HttpContext for HttpCall {
     }
 
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.get_http_request_header("x-check-body").as_deref() {
+        let own = self
+            .get_property(vec!["plugin_name"])
+            .map(|name| format!("x-check-body-{}", String::from_utf8_lossy(&name)))
+            .and_then(|header| self.get_http_request_header(&header));
+        let mode = own.or_else(|| self.get_http_request_header("x-check-body"));
+        match mode.as_deref() {
             Some("before-headers") => {
                 self.mode = Mode::BodyBeforeHeaders;
                 return Action::Pause;
@@ -140,6 +171,11 @@ impl HttpContext for HttpCall {
                 return Action::Pause;
             }
             Some("headers-held") => self.mode = Mode::HeadersHeld,
+            Some("notify-then-body") => self.mode = Mode::NotifyThenBody,
+            Some("refuse-body") => {
+                self.mode = Mode::RefuseBody;
+                return Action::Continue;
+            }
             Some(_) => {
                 self.mode = Mode::Body;
                 return Action::Continue;
@@ -159,6 +195,9 @@ impl HttpContext for HttpCall {
         ) {
             Ok(token) => {
                 info!("dispatched http call: token {}", token);
+                if self.mode == Mode::NotifyThenBody {
+                    return Action::Continue;
+                }
                 Action::Pause
             }
             Err(status) => {
@@ -203,7 +242,12 @@ impl Context for HttpCall {
                 Mode::BodyBeforeHeaders => {
                     self.add_http_request_header("x-body-checked", user.as_deref().unwrap_or(""))
                 }
-                Mode::Body | Mode::FirstChunk | Mode::FirstChunkResume | Mode::Passed => {}
+                Mode::Body
+                | Mode::NotifyThenBody
+                | Mode::RefuseBody
+                | Mode::FirstChunk
+                | Mode::FirstChunkResume
+                | Mode::Passed => {}
             }
             self.resume_http_request();
         } else {
