@@ -143,6 +143,12 @@ impl Origin {
     /// An origin (hyper's HTTP/1.1 server) answering every request with its request line,
     /// headers and body, adding `headers`; `/slow...` answers after 1.5 s.
     fn answering_with(headers: &[(&str, &str)]) -> Origin {
+        Origin::serving(headers, None)
+    }
+
+    /// An origin adding `headers` to every answer and refusing (403, with its usual body)
+    /// every request whose path is `refused`.
+    fn serving(headers: &[(&str, &str)], refused: Option<&'static str>) -> Origin {
         let extra: Arc<Vec<(http::HeaderName, http::HeaderValue)>> = Arc::new(
             headers
                 .iter()
@@ -176,7 +182,7 @@ impl Origin {
                         Arc::clone(&body_seen),
                         Arc::clone(&extra),
                     );
-                    async move { echo(request, &count, &body_seen, &extra).await }
+                    async move { echo(request, &count, &body_seen, &extra, refused).await }
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -199,12 +205,14 @@ impl Origin {
 const BIG_RESPONSE: usize = 64 << 20;
 
 /// The origin's answer: the request line, the headers (`name: value`), a blank line, the body
-/// and `hello from origin`; to `/big...`, 64 MiB of `x`.
+/// and `hello from origin`; to `/big...`, 64 MiB of `x`; to the path `refused`, the same with
+/// status 403.
 async fn echo(
     request: http::Request<hyper::body::Incoming>,
     count: &AtomicUsize,
     body_seen: &Mutex<String>,
     extra: &[(http::HeaderName, http::HeaderValue)],
+    refused: Option<&str>,
 ) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
     use http_body_util::BodyExt;
     let (parts, body) = request.into_parts();
@@ -232,6 +240,9 @@ async fn echo(
     }
     text.push_str(&format!("\n{request_body}\nhello from origin\n"));
     let mut response = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+    if refused == Some(parts.uri.path()) {
+        *response.status_mut() = http::StatusCode::FORBIDDEN;
+    }
     let headers = response.headers_mut();
     headers.insert("server", http::HeaderValue::from_static("origin"));
     for (name, value) in extra {
@@ -875,6 +886,57 @@ fn a_plugin_holding_the_last_request_body_chunk_checks_the_whole_body_before_it_
     let _serve = a_body_check_failing(&origin, envoy_filter("body_check", "http_call", ""), "1");
     assert!(origin.connections.load(Ordering::Relaxed) > connections);
     assert_eq!(*origin.last_body.lock().unwrap(), "the whole body");
+}
+
+/// A continue a plugin asks for while it holds nothing (from its callout's answer, the headers
+/// having gone on without waiting for it) is spent: it does not let the body's end, where the
+/// plugin stops for a check, past that check.
+#[test]
+fn a_continue_asked_while_nothing_is_held_does_not_let_a_later_check_pass() {
+    use std::io::{Read as _, Write as _};
+    let origin = Origin::start();
+    let checker = Origin::serving(&[("x-auth-user", "alice")], Some("/check"));
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("gate", "http_call", "")],
+        &[("auth_cluster", checker.address)],
+    );
+    // The headers and the body's beginning; its end once the plugin's `GET /auth` (which
+    // continues the stream) was answered.
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("a read timeout");
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\
+              x-check-body: notify-then-body\r\ncontent-length: 26\r\n\r\na body that ",
+        )
+        .expect("a request begun");
+    serve.wait_for_log("http call response: token 1");
+    client
+        .write_all(b"does not pass\n")
+        .expect("the body's end");
+    let mut answer = String::new();
+    let _ = client.read_to_string(&mut answer);
+    // The check refused the body (403), so the plugin answered 401: the upstream's request,
+    // opened with the headers, was abandoned without its body.
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "{answer}\n{}",
+        serve.log()
+    );
+    assert_eq!(
+        *checker.last_body.lock().unwrap(),
+        "a body that does not pass\n"
+    );
+    assert_eq!(checker.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        origin.requests.load(Ordering::Relaxed),
+        0,
+        "{}",
+        serve.log()
+    );
 }
 
 /// Sends `body` with curl (`args` choose the protocol and framing; no `Expect` unless they
@@ -2291,6 +2353,10 @@ fn shared_data_is_one_store_for_every_worker() {
         origin.address,
         &[plugin_block("count", "shared_data", "", &[])],
     );
+    // A first stream makes the counter: the plugin's first write, to a key not there yet, is
+    // unconditional (CAS 0), so two first streams at once could both write 1.
+    let first = get(&serve.url("/"), &[]);
+    assert_eq!(echoed(&first.body, "x-counter"), Some("1"), "{first:?}");
     // 40 streams on connections of their own, 8 at a time: the workers' copies count in one
     // store, with compare-and-swap, so every stream gets a number of its own.
     let clients: Vec<_> = (0..8)
@@ -2316,7 +2382,7 @@ fn shared_data_is_one_store_for_every_worker() {
         })
         .collect();
     counts.sort_unstable();
-    assert_eq!(counts, (1..=40).collect::<Vec<_>>());
+    assert_eq!(counts, (2..=41).collect::<Vec<_>>());
     // The streams ran on both workers (connections go to the workers at random).
     let log = serve.log();
     let workers: std::collections::BTreeSet<&str> = log

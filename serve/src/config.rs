@@ -79,8 +79,9 @@ pub struct Listener {
 /// have them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Bytes a plugin may buffer per body (HTTP: over it, 413 for a request and 500 for a
-    /// response) or per direction (TCP: over it, the connection closes). Envoy's listener
+    /// Bytes a plugin may buffer per body (HTTP: over it, 413 for a request; a response's
+    /// stream is reset, its headers having gone out, as Envoy resets it then) or per direction
+    /// (TCP: over it, the connection closes). Envoy's listener
     /// `per_connection_buffer_limit_bytes` (1 MiB).
     pub buffer_limit_bytes: usize,
     /// HTTP: request headers larger than this many KiB (names and values) are answered 431

@@ -477,6 +477,7 @@ impl Stream {
                 Vec::new()
             };
             let result = self.with_filter(index, |vm, context| {
+                forget_stale_continue(vm, context);
                 let count = lend_to(vm, context, header, lend);
                 if trailers {
                     set_body(vm, context, Some(std::mem::take(&mut held)));
@@ -625,6 +626,9 @@ impl Stream {
         reader: &mut ReadAhead<'_>,
         lend_header: &mut LendHeader<'_>,
     ) -> Outcome {
+        // Lent again through `lend_header`, which holds the header's borrow now, before
+        // anything awaits: the caller's loan came from a borrow that this one ended.
+        self.with_filter_lending(index, |vm, context| lend_header(vm, context));
         if reader.send_continue().await.is_err() {
             return Outcome::Close;
         }
@@ -899,8 +903,15 @@ impl Stream {
             let mut body = std::mem::take(self.filters[index].buffered(direction));
             body.extend_from_slice(&data);
             let kind = self.kind;
+            // A continue the holder of the headers asks for meanwhile is for its hold.
+            let holds_headers = held_headers
+                .as_ref()
+                .is_some_and(|(holder, _)| *holder == index);
             let lend = held_headers.as_mut().map(|(_, lend)| &mut **lend);
             let result = self.with_filter(index, |vm, context| {
+                if kind == Kind::Http && !holds_headers {
+                    forget_stale_continue(vm, context);
+                }
                 if let Some(lend) = lend {
                     lend(vm, context);
                 }
@@ -955,10 +966,11 @@ impl Stream {
                         && action != DataAction::Continue
                         && waited_for
                     {
-                        // It continued the stream from inside the callback that stops it: the
-                        // wait for its continue that follows (it holds the body's end, or the
-                        // headers) finds it. Kept for no other wait: a later one would take it
-                        // for a continue of its own.
+                        // It continued the stream from inside the callback that stops it (or,
+                        // holding the headers, while it held them; an older continue was
+                        // forgotten before the callback): the wait for its continue that
+                        // follows (it holds the body's end, or the headers) finds it. Kept for
+                        // no other wait: a later one would take it for a continue of its own.
                         self.with_filter_lending(index, |vm, context| {
                             if let Some(slot) = slot(vm, context) {
                                 slot.asked.continued = true;
@@ -1397,6 +1409,17 @@ fn lend_to<H>(
 fn set_body(vm: &mut Vm, context: ContextId, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
     let slot = slot(vm, context)?;
     std::mem::replace(&mut slot.body, body)
+}
+
+/// Forgets a continue the plugin of `context` asked for while it held nothing (e.g. from a
+/// callout's answer once its stream went on): only one asked for in its next callback, or
+/// while it holds the stream, lets the stream go on. Its replies and closes stay: they end the
+/// stream whenever asked for.
+fn forget_stale_continue(vm: &mut Vm, context: ContextId) {
+    if let Some(slot) = slot(vm, context) {
+        slot.asked.continued = false;
+        slot.asked.continued_sides = [false; 2];
+    }
 }
 
 fn take_asked(vm: &mut Vm, context: ContextId) -> Asked {
