@@ -939,6 +939,51 @@ fn a_continue_asked_while_nothing_is_held_does_not_let_a_later_check_pass() {
     );
 }
 
+/// A plugin that answers from outside its callbacks (its callout's answer) while another
+/// plugin holds the stream is answered at once, as in Envoy, not once the holder lets go.
+#[test]
+fn a_reply_from_a_plugin_that_holds_nothing_ends_a_stream_another_plugin_holds() {
+    use std::io::{Read as _, Write as _};
+    let origin = Origin::start();
+    let checker = Origin::serving(&[], Some("/auth"));
+    let serve = Serve::start_with(
+        origin.address,
+        &[
+            envoy_filter("gate", "http_call", ""),
+            envoy_filter_with(
+                "holder",
+                "http_call",
+                "",
+                "allow_on_headers_stop_iteration: true",
+            ),
+        ],
+        &[("auth_cluster", checker.address)],
+    );
+    // `gate` lets the headers go on and asks `GET /auth`, which is refused: it answers 401.
+    // `holder` holds the headers until the body's end, which never comes.
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: a\r\nx-check-body-gate: notify-then-body\r\n\
+              x-check-body-holder: before-headers\r\ncontent-length: 100\r\n\r\nthe first part",
+        )
+        .expect("a request begun");
+    let mut answer = [0; 12];
+    let read = client.read_exact(&mut answer);
+    assert!(
+        read.is_ok() && answer.starts_with(b"HTTP/1.1 401"),
+        "{read:?} {:?}\n{}",
+        String::from_utf8_lossy(&answer),
+        serve.log()
+    );
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+    drop(client);
+    serve.wait_for_no_live_contexts();
+}
+
 /// Sends `body` with curl (`args` choose the protocol and framing; no `Expect` unless they
 /// ask for it) and returns what came back.
 fn curl_upload(args: &[&str], url: &str, body: &[u8]) -> String {

@@ -596,6 +596,9 @@ impl Stream {
                 let error = VmError::Failed("the VM failed while holding the stream".into());
                 return self.failed(index, &error);
             }
+            if let Some(outcome) = self.others_decided(index) {
+                return outcome;
+            }
             let woken = self.wake.notified();
             match self.idle_timeout {
                 Some(idle) => {
@@ -611,6 +614,49 @@ impl Stream {
                 None => woken.await,
             }
         }
+    }
+
+    /// What the chain's plugins other than filter `index`, which holds the stream, decided
+    /// meanwhile from outside their callbacks (e.g. in a callout's answer): a reply or a close,
+    /// which Envoy acts on at once whoever holds the stream, or their VM's failure (their
+    /// failure policy: one failing open is bypassed from now on). `None`: the wait goes on.
+    fn others_decided(&mut self, index: usize) -> Option<Outcome> {
+        if self.kind != Kind::Http {
+            return None;
+        }
+        for other in 0..self.filters.len() {
+            if other == index || self.filters[other].skipped() {
+                continue;
+            }
+            let looked = self.with_filter_lending(other, |vm, context| {
+                let ends = slot(vm, context)
+                    .is_some_and(|slot| slot.asked.closed || slot.asked.local_reply.is_some());
+                let asked = if ends {
+                    take_asked(vm, context)
+                } else {
+                    Asked::default()
+                };
+                (asked, vm.is_failed())
+            });
+            let Some((asked, failed)) = looked else {
+                continue;
+            };
+            if let Some(outcome) = acted(Asked {
+                continued: false,
+                ..asked
+            }) {
+                return Some(outcome);
+            }
+            if failed {
+                let error =
+                    VmError::Failed("the VM failed while another plugin held the stream".into());
+                match self.failed(other, &error) {
+                    Outcome::Continue => {}
+                    outcome => return Some(outcome),
+                }
+            }
+        }
+        None
     }
 
     /// As [`Stream::wait`], for filter `index` (at `position` in chain order) holding the
@@ -659,6 +705,9 @@ impl Stream {
                 let error = VmError::Failed("the VM failed while holding the stream".into());
                 let outcome = self.failed(index, &error);
                 return self.let_go_after_pause(index, position, reader, outcome);
+            }
+            if let Some(outcome) = self.others_decided(index) {
+                return outcome;
             }
             enum Event {
                 Woken,
