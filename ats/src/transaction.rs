@@ -660,7 +660,10 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
         return;
     };
     for slot in host.stream_slots() {
-        if slot.held && (failed || slot.continued || slot.closed || slot.local_reply.is_some()) {
+        // A reply or close asked for by a plugin holding nothing counts too: another plugin
+        // may hold the transaction (see `Transaction::other_answer`).
+        let answered = slot.closed || slot.local_reply.is_some();
+        if answered || (slot.held && (failed || slot.continued)) {
             out.push(slot.holder);
         }
     }
@@ -1570,6 +1573,35 @@ impl Transaction {
         }
     }
 
+    /// A reply or close a plugin other than filter `holder` asked for from outside its
+    /// callbacks (e.g. in its callout's answer) while `holder` holds the request: the plugin's
+    /// index and the reply.
+    fn other_answer(&mut self, holder: usize) -> Option<(usize, Reply)> {
+        let filters = &mut self.filters;
+        in_worker(self.thread, self.generation, "a transaction", |worker| {
+            for (index, filter) in filters.iter_mut().enumerate() {
+                if index == holder || filter.bypassed {
+                    continue;
+                }
+                let Some(vm) = filter.stream.as_ref().and_then(|stream| worker.vm(stream)) else {
+                    continue;
+                };
+                let answered = slot_of(vm, filter.context)
+                    .is_some_and(|slot| slot.closed || slot.local_reply.is_some());
+                if !answered {
+                    continue;
+                }
+                let asked = take_body_requests(vm, filter.context);
+                if let Some(reply) = held_reply(&filter.name, asked.local_reply, asked.closed, None)
+                {
+                    return Some((index, reply));
+                }
+            }
+            None
+        })
+        .flatten()
+    }
+
     /// Has the request transform refuse the request (none of which went out), whatever state
     /// the plugins' holds are in.
     fn refuse_request(&mut self) {
@@ -1586,11 +1618,15 @@ impl Transaction {
     /// status.
     fn answer_during_body(&mut self, by: Option<usize>) {
         if let Some(reply) = &self.reply {
+            let holds = |index: usize| by.is_none_or(|by| by == index);
             let header_holder = self
                 .headers_held
-                .filter(|held| by.is_none_or(|by| by == held.filter))
+                .filter(|held| holds(held.filter))
                 .and_then(|held| self.filters.get(held.filter));
-            let body_holder = self.body_held.and_then(|index| self.filters.get(index));
+            let body_holder = self
+                .body_held
+                .filter(|&index| holds(index))
+                .and_then(|index| self.filters.get(index));
             let answerer = by.and_then(|index| self.filters.get(index));
             let who = match (header_holder, body_holder, answerer) {
                 (Some(filter), _, _) => format!(
@@ -1770,6 +1806,25 @@ impl Transaction {
 
     /// Goes on with a held transaction whose plugin continued, answered or closed it.
     fn resume(&mut self) -> Next {
+        // A plugin other than the holder answered the request meanwhile: Envoy acts on it at
+        // once, whoever holds the stream. (A response held in a hook waits for its holder.)
+        let holder = match (self.paused, self.headers_held, self.body_held) {
+            (Some(Pause::Request(index)), _, _) => Some(index),
+            (None, Some(held), _) => Some(held.filter),
+            (None, None, Some(index)) => Some(index),
+            _ => None,
+        };
+        if let Some((by, reply)) = holder.and_then(|holder| self.other_answer(holder)) {
+            self.reply = Some(reply);
+            if self.paused.take().is_some() {
+                self.unlend();
+                self.send_reply_body();
+                return Next::Reply;
+            }
+            self.answer_during_body(Some(by));
+            self.wake_request_transform();
+            return Next::Hold;
+        }
         let Some(pause) = self.paused.take() else {
             // Not held in a hook: a hold on the request headers ends, if the plugin asked, in
             // the request transform.

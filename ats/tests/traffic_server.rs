@@ -1741,6 +1741,62 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
     );
     drop(server);
 
+    // The first plugin answers from its callout's answer (its `GET /auth` is refused: 401)
+    // while the second holds the headers until the body's end, which never comes: the answer
+    // refuses the request at once, as Envoy would answer it, not once the holder lets go.
+    let refusing = Origin::serving(&[], Some("/auth"));
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "gate",
+                yaml: copy("gate", "", refusing.address),
+            },
+            PluginFile {
+                name: "holder",
+                yaml: copy(
+                    "holder",
+                    "allowOnHeadersStopIteration: true",
+                    refusing.address,
+                ),
+            },
+        ],
+    );
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    let requests = origin.requests();
+    let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: a\r\nx-check-body-gate: notify-then-body\r\n\
+              x-check-body-holder: before-headers\r\ncontent-length: 100\r\n\r\nthe first part",
+        )
+        .expect("a request begun");
+    server.wait_for_log("[gate] answered the request during its body (401)");
+    assert_eq!(
+        origin.requests(),
+        requests,
+        "{}",
+        context("a request a plugin answered reached the origin")
+    );
+    drop(client);
+    // The same for a request without a body, which the second plugin holds in its hook: there
+    // the answer goes out.
+    let reply = get(
+        &server.url("/no-body"),
+        &[
+            ("x-check-body-gate", "notify-then-body"),
+            ("x-check-body-holder", "before-headers"),
+        ],
+    );
+    assert_eq!(reply.status, 401, "{}", context(&format!("{reply:?}")));
+    assert_eq!(
+        origin.requests(),
+        requests,
+        "{}",
+        context("a request a plugin answered reached the origin")
+    );
+    drop(server);
+
     // A callout the headers do not wait for, whose answer continues the stream while nothing
     // is held; then a check of the whole body that fails: the request never reaches the
     // origin. The body's end is sent only after that answer came.
