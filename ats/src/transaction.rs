@@ -660,10 +660,12 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
         return;
     };
     for slot in host.stream_slots() {
-        // A reply or close asked for by a plugin holding nothing counts too: another plugin
-        // may hold the transaction (see `Transaction::other_answer`).
         let answered = slot.closed || slot.local_reply.is_some();
-        if answered || (slot.held && (failed || slot.continued)) {
+        // A transaction's plugin holding nothing that answers counts too: another plugin may
+        // hold the transaction (see `Transaction::other_answer`). A connection acts on it at
+        // its next event.
+        let for_another_holder = answered && matches!(slot.holder, Holder::Transaction(_));
+        if for_another_holder || (slot.held && (failed || slot.continued || answered)) {
             out.push(slot.holder);
         }
     }

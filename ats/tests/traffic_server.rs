@@ -1601,6 +1601,17 @@ fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     );
 }
 
+/// Asserts that `origin` had no request since it had `before` (`context` says why it matters,
+/// with the server's log).
+fn assert_no_request_since(origin: &Origin, before: usize, context: impl Fn(&str) -> String) {
+    assert_eq!(
+        origin.requests(),
+        before,
+        "{}",
+        context("a request a plugin refused reached the origin")
+    );
+}
+
 /// Waits up to 10 s for `origin` to have had `count` requests.
 fn wait_for_requests(origin: &Origin, count: usize, context: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1733,12 +1744,7 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
         );
     }
     server.wait_for_log("[body_check] answered the request during its body (403)");
-    assert_eq!(
-        origin.requests(),
-        requests,
-        "{}",
-        context("a request a plugin answered reached the origin")
-    );
+    assert_no_request_since(&origin, requests, context);
     drop(server);
 
     // The first plugin answers from its callout's answer (its `GET /auth` is refused: 401)
@@ -1772,12 +1778,7 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
         )
         .expect("a request begun");
     server.wait_for_log("[gate] answered the request during its body (401)");
-    assert_eq!(
-        origin.requests(),
-        requests,
-        "{}",
-        context("a request a plugin answered reached the origin")
-    );
+    assert_no_request_since(&origin, requests, context);
     drop(client);
     // The same for a request without a body, which the second plugin holds in its hook: there
     // the answer goes out.
@@ -1789,12 +1790,7 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
         ],
     );
     assert_eq!(reply.status, 401, "{}", context(&format!("{reply:?}")));
-    assert_eq!(
-        origin.requests(),
-        requests,
-        "{}",
-        context("a request a plugin answered reached the origin")
-    );
+    assert_no_request_since(&origin, requests, context);
     drop(server);
 
     // A callout the headers do not wait for, whose answer continues the stream while nothing
@@ -1837,12 +1833,7 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
     );
     server.wait_for_log("[http_call] answered the request while it held its body (401)");
     wait_for_requests(&strict, 2, || context("no body check"));
-    assert_eq!(
-        origin.requests(),
-        requests,
-        "{}",
-        context("a request whose body check failed reached the origin")
-    );
+    assert_no_request_since(&origin, requests, context);
 }
 
 /// A plugin after one holding the request headers gets them when the holder lets them go;
