@@ -3048,7 +3048,8 @@ fn under_a_load_of_faults_every_transaction_ends_and_no_plugin_context_is_left_l
         outcomes
             .iter()
             .any(|(kind, outcome)| *kind == FaultyRequest::Healthy && *outcome == Ok(200)),
-        "{summary}"
+        "{summary}{}",
+        server.diagnostics()
     );
 
     // Every transaction closed and took its plugin contexts along, and the trapping plugin
