@@ -81,6 +81,11 @@ impl StreamSlot {
             closed: false,
         }
     }
+
+    /// Whether the plugin asked to end its stream: a local reply or a close.
+    pub(crate) fn asked_to_end(&self) -> bool {
+        self.closed || self.local_reply.is_some()
+    }
 }
 
 /// The host of one VM copy.

@@ -660,7 +660,7 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
         return;
     };
     for slot in host.stream_slots() {
-        let answered = slot.closed || slot.local_reply.is_some();
+        let answered = slot.asked_to_end();
         // A transaction's plugin holding nothing that answers counts too: another plugin may
         // hold the transaction (see `Transaction::other_answer`). A connection acts on it at
         // its next event.
@@ -1588,9 +1588,7 @@ impl Transaction {
                 let Some(vm) = filter.stream.as_ref().and_then(|stream| worker.vm(stream)) else {
                     continue;
                 };
-                let answered = slot_of(vm, filter.context)
-                    .is_some_and(|slot| slot.closed || slot.local_reply.is_some());
-                if !answered {
+                if !slot_of(vm, filter.context).is_some_and(|slot| slot.asked_to_end()) {
                     continue;
                 }
                 let asked = take_body_requests(vm, filter.context);

@@ -1005,10 +1005,7 @@ impl Stream {
                     if let Some(reply) = asked.local_reply.filter(|_| self.kind == Kind::Http) {
                         return Err(Outcome::Reply(Reply::from_local(reply)));
                     }
-                    let waited_for = end_of_stream
-                        || held_headers
-                            .as_ref()
-                            .is_some_and(|(holder, _)| *holder == index);
+                    let waited_for = end_of_stream || holds_headers;
                     if self.kind == Kind::Http
                         && direction == Direction::Request
                         && asked.continued
@@ -1271,9 +1268,6 @@ impl Stream {
             let outcome = self.with_filter(index, |vm, context| {
                 if let Some(slot) = slot(vm, context) {
                     // Only what is lent now: nothing from an abandoned wait.
-                    slot.request = None;
-                    slot.response = None;
-                    slot.trailers = None;
                     slot.body = None;
                     slot.request = request.map(|header| {
                         // SAFETY: `with_filter` takes the loan back before it returns (or
