@@ -21,6 +21,16 @@ pub(crate) enum Direction {
     Response,
 }
 
+impl Direction {
+    /// The body's name in messages: "request" or "response".
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+}
+
 /// The event a transaction wakes its request transform up with (see
 /// `Transaction::wake_request_transform`): one Traffic Server never sends a transform, and not
 /// an immediate or interval event, which Traffic Server counts against those it scheduled on
@@ -33,6 +43,9 @@ pub(crate) type TransactionLink = Rc<Cell<*mut Transaction>>;
 /// A transform's state, owned by its continuation.
 struct BodyTransform {
     direction: Direction,
+    /// The transaction whose body this is (its client's connection is closed when a plugin
+    /// ends a request some of which went out: see [`fail`]).
+    txn: sys::TSHttpTxn,
     transaction: TransactionLink,
     output: Option<Output>,
     written: i64,
@@ -78,8 +91,9 @@ enum Framing {
         behind: Vec<u8>,
         bypass: bool,
     },
-    /// Traffic Server was made to refuse the request before the origin saw any of it (see
-    /// [`refuse`]): nothing more is written.
+    /// The transaction ends: Traffic Server was made to refuse the request before the origin
+    /// saw any of it (see [`refuse`]), or a plugin ended the body once it began to go on (see
+    /// [`fail`]). Nothing more is written.
     Refused,
 }
 
@@ -102,6 +116,7 @@ pub(crate) unsafe fn add(
 ) -> sys::TSCont {
     let state = Box::new(BodyTransform {
         direction,
+        txn,
         transaction,
         output: None,
         written: 0,
@@ -238,6 +253,50 @@ unsafe fn refuse(connection: sys::TSCont, state: &mut BodyTransform) {
     state.done = true;
 }
 
+/// Ends the transaction when a plugin ended a body (it failed closed, answered or closed the
+/// stream) once some of the request went to the origin, or at any point of a response: the
+/// transform reports an error to the body's writer, and Traffic Server aborts the whole chain
+/// it feeds, closing the origin connection and, for a response, the client's, so neither side
+/// ever takes what was cut short for a whole message (nor waits for the rest of the length it
+/// was given). A response none of which went out gets Traffic Server's error path, where the
+/// transaction puts its reply on (`Transaction::body_through`).
+///
+/// Traffic Server then waits on a request's client without end (it reads no origin response
+/// for the transaction and is not told the client's request failed), so an HTTP/1 client's
+/// connection, which carries only this transaction, is given an active timeout that has
+/// already passed: Traffic Server closes it at its next timeout check (within a second). An
+/// HTTP/2 connection carries other streams and is left alone: the stream ends at its own
+/// timeouts. Nothing more is written.
+///
+/// # Safety
+/// `connection` must be a live transform whose state is `state`, of an open transaction.
+unsafe fn fail(connection: sys::TSCont, state: &mut BodyTransform) {
+    if state.direction == Direction::Request {
+        // SAFETY: the caller's promise: the transaction is open, so its session and client
+        // connection are live (until the error below, which may close them); the tag is
+        // NUL-terminated.
+        unsafe {
+            let http1 =
+                !sys::TSHttpTxnClientProtocolStackContains(state.txn, c"http/1".as_ptr()).is_null();
+            let client = sys::TSHttpSsnClientVConnGet(sys::TSHttpTxnSsnGet(state.txn));
+            if http1 && !client.is_null() {
+                sys::TSVConnActiveTimeoutSet(client, 1);
+            }
+        }
+    }
+    // SAFETY: the caller's promise: the input VIO of a live transform; its continuation is told,
+    // as for the transform's own errors (`on_event`). Traffic Server closes the transform with
+    // an event of its own, after this handler, so `state` outlives the call; the transaction's
+    // client side may be gone after it (a response's is closed at once), so nothing of the
+    // transaction is used after it.
+    unsafe {
+        let input = sys::TSVConnWriteVIOGet(connection);
+        sys::TSContCall(sys::TSVIOContGet(input), sys::TS_EVENT_ERROR, input.cast());
+    }
+    state.framing = Framing::Refused;
+    state.done = true;
+}
+
 /// Appends `bytes` to the output.
 ///
 /// # Safety
@@ -365,6 +424,10 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                 // Server sends the response chunked unless that end came first (a body that
                 // arrived at once keeps a Content-Length).
                 let forward = run(chunk);
+                if cut() {
+                    fail(connection, state);
+                    return;
+                }
                 let output = state
                     .output
                     .get_or_insert_with(|| open_output(connection, i64::MAX));
@@ -492,9 +555,10 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                         // Before the origin saw any of the request (e.g. a reply decided from
                         // a hold on the headers before the body came).
                         refuse(connection, state);
-                        return;
+                    } else {
+                        fail(connection, state);
                     }
-                    // A plugin failed closed after the request went on: its body ends here.
+                    return;
                 } else {
                     behind.extend_from_slice(&chunk);
                     let forward = run(chunk);
@@ -503,8 +567,10 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                         if state.output.is_none() {
                             // Before the origin saw any of the request.
                             refuse(connection, state);
-                            return;
+                        } else {
+                            fail(connection, state);
                         }
+                        return;
                     } else if end_of_stream && state.output.is_none() {
                         if !whole {
                             diag::error(

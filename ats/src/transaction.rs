@@ -555,6 +555,13 @@ unsafe extern "C" fn on_transaction_event(
                 // SAFETY: see above; nothing else holds the transaction while its hook runs.
                 let transaction = unsafe { &mut *transaction };
                 if transaction.response_from.is_some() {
+                    if let (sys::TS_EVENT_HTTP_SEND_RESPONSE_HDR, Some(reply)) =
+                        (event, &transaction.reply)
+                    {
+                        // A plugin ended the response in its body before any of it went out:
+                        // Traffic Server's error path answers, with the plugin's reply.
+                        put_on_response(txn, ResponseFrom::Client, reply.status, &reply.headers);
+                    }
                     return Next::Continue;
                 }
                 transaction.response_from =
@@ -1307,6 +1314,9 @@ impl Transaction {
         let mut let_go = None;
         let mut reply = None;
         let mut answered_by = None;
+        // A reply for a response whose body a plugin ended (it goes out if the response did
+        // not begin: Traffic Server sends its error path's response then).
+        let mut late_reply = None;
         let mut held_body = None;
         // None of the request went out: a plugin's reply still refuses it, unseen by the
         // origin, whoever holds it meanwhile.
@@ -1346,10 +1356,7 @@ impl Transaction {
                         "[{}] the plugin kept more than {limit} bytes of the {} body buffered: \
                          the body goes on past it unchanged",
                         filter.name,
-                        match direction {
-                            Direction::Request => "request",
-                            Direction::Response => "response",
-                        }
+                        direction.name()
                     ));
                     *filter.over_limit(direction) = true;
                     // What it kept and this chunk go on to the plugins after it, in order.
@@ -1421,20 +1428,27 @@ impl Transaction {
                     return;
                 }
                 if asked.local_reply.is_some() || asked.closed {
+                    let answer =
+                        held_reply(&filter.name, asked.local_reply.take(), asked.closed, None);
                     if may_answer {
                         // None of the request went out: it ends here, unseen by the origin
                         // (see `answer_during_body`).
-                        reply =
-                            held_reply(&filter.name, asked.local_reply.take(), asked.closed, None);
+                        reply = answer;
                         answered_by = Some(index);
-                        *cut = true;
-                        return;
+                    } else {
+                        // Some of the request went out, or this is the response: the body
+                        // stops here and the transform ends the transaction (`body::fail`);
+                        // a response not begun yet is answered with the reply.
+                        diag::error(&format!(
+                            "[{}] the plugin answered or closed the stream during its {} body, \
+                             once some of it went on: the transaction is ended",
+                            filter.name,
+                            direction.name()
+                        ));
+                        late_reply = answer.filter(|_| direction == Direction::Response);
                     }
-                    diag::warning(&format!(
-                        "[{}] a local reply or close once a body began to go out is not \
-                         supported by Traffic Server's transforms; the body goes on",
-                        filter.name
-                    ));
+                    *cut = true;
+                    return;
                 }
                 match result {
                     Ok(abi::DataAction::Continue) => data = buffer,
@@ -1467,6 +1481,10 @@ impl Transaction {
                             filter.bypassed = true;
                             data = buffer;
                         } else {
+                            // A response not begun yet gets the plugin's 503 instead.
+                            if direction == Direction::Response {
+                                late_reply = Some(Reply::fail_closed(&filter.name));
+                            }
                             *cut = true;
                             return;
                         }
@@ -1477,6 +1495,11 @@ impl Transaction {
         if let Some(reply) = reply {
             self.reply = Some(reply);
             self.answer_during_body(answered_by);
+            return BodyStep::Through(Vec::new());
+        }
+        if let Some(reply) = late_reply {
+            self.reply = Some(reply);
+            self.send_reply_body();
             return BodyStep::Through(Vec::new());
         }
         if held_body.is_some() {
@@ -1576,7 +1599,7 @@ impl Transaction {
     }
 
     /// A reply or close a plugin other than filter `holder` asked for from outside its
-    /// callbacks (e.g. in its callout's answer) while `holder` holds the request: the plugin's
+    /// callbacks (e.g. in its callout's answer) while `holder` holds the stream: the plugin's
     /// index and the reply.
     fn other_answer(&mut self, holder: usize) -> Option<(usize, Reply)> {
         let filters = &mut self.filters;
@@ -1806,24 +1829,37 @@ impl Transaction {
 
     /// Goes on with a held transaction whose plugin continued, answered or closed it.
     fn resume(&mut self) -> Next {
-        // A plugin other than the holder answered the request meanwhile: Envoy acts on it at
-        // once, whoever holds the stream. (A response held in a hook waits for its holder.)
+        // A plugin other than the holder answered the stream meanwhile: Envoy acts on it at
+        // once, whoever holds the stream.
         let holder = match (self.paused, self.headers_held, self.body_held) {
-            (Some(Pause::Request(index)), _, _) => Some(index),
+            (Some(Pause::Request(index) | Pause::Response(index)), _, _) => Some(index),
             (None, Some(held), _) => Some(held.filter),
             (None, None, Some(index)) => Some(index),
             _ => None,
         };
         if let Some((by, reply)) = holder.and_then(|holder| self.other_answer(holder)) {
-            self.reply = Some(reply);
-            if self.paused.take().is_some() {
-                self.unlend();
-                self.send_reply_body();
-                return Next::Reply;
+            match self.paused.take() {
+                Some(Pause::Request(_)) => {
+                    self.reply = Some(reply);
+                    self.unlend();
+                    self.send_reply_body();
+                    return Next::Reply;
+                }
+                Some(Pause::Response(index)) => {
+                    // As a reply from a response headers callback: it replaces the response's
+                    // status and headers, and the plugins not called yet see it.
+                    self.unlend();
+                    let from = self.response_from.unwrap_or(ResponseFrom::Client);
+                    put_on_response(self.txn, from, reply.status, &reply.headers);
+                    return self.response_headers(index);
+                }
+                None => {
+                    self.reply = Some(reply);
+                    self.answer_during_body(Some(by));
+                    self.wake_request_transform();
+                    return Next::Hold;
+                }
             }
-            self.answer_during_body(Some(by));
-            self.wake_request_transform();
-            return Next::Hold;
         }
         let Some(pause) = self.paused.take() else {
             // Not held in a hook: a hold on the request headers ends, if the plugin asked, in

@@ -363,8 +363,21 @@ impl TrafficServer {
     /// Traffic Server's diagnostics so far (`diags.log` and `traffic.out`).
     fn diagnostics(&self) -> String {
         let log = self.root.path().join("log");
+        // With the crash logs Traffic Server writes (`crash-*.log`: the signal and a backtrace).
+        let mut crashes: Vec<String> = std::fs::read_dir(&log)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with("crash-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        crashes.sort();
         ["diags.log", "traffic.out", "manager.log"]
             .iter()
+            .map(|name| name.to_string())
+            .chain(crashes)
             .map(|name| std::fs::read_to_string(log.join(name)).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n")
@@ -3071,4 +3084,406 @@ fn under_a_load_of_faults_every_transaction_ends_and_no_plugin_context_is_left_l
         "after the load: {after:?}\n{}",
         server.diagnostics()
     );
+}
+
+/// How an origin received one request's body, whose length the request gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyArrival {
+    /// All of it came (answered 200).
+    Whole(usize),
+    /// The proxy closed or reset the connection after this many bytes of it.
+    Cut(usize),
+    /// Nothing more came for 10 s after this many bytes of it.
+    Stalled(usize),
+}
+
+/// An origin that reads each request's head and as much of its `Content-Length` body as comes,
+/// recording how the body of each path arrived, and answers 200 to a whole request only, with
+/// a body of `x` as long as the path's `?size=N` says (5 bytes without), `Content-Length`
+/// framed. A connection per request, one at a time.
+struct BodyOrigin {
+    origin: Origin,
+    arrivals: Arc<std::sync::Mutex<Vec<(String, BodyArrival)>>>,
+}
+
+impl BodyOrigin {
+    fn start() -> BodyOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the origin binds");
+        listener.set_nonblocking(true).expect("nonblocking accept");
+        let address = listener.local_addr().expect("an address");
+        let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, count, stopped) = (
+            Arc::clone(&arrivals),
+            Arc::clone(&requests),
+            Arc::clone(&stop),
+        );
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stopped.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let Ok((connection, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                if let Some((path, arrival)) = BodyOrigin::serve(connection) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    seen.lock().expect("the arrivals").push((path, arrival));
+                }
+            }
+        });
+        BodyOrigin {
+            origin: Origin {
+                address,
+                requests,
+                stop,
+                thread: Some(thread),
+            },
+            arrivals,
+        }
+    }
+
+    /// Reads one request from `connection` and answers it if it came whole: its path and how
+    /// its body arrived (nothing without a whole head).
+    fn serve(mut connection: TcpStream) -> Option<(String, BodyArrival)> {
+        let _ = connection.set_nonblocking(false);
+        let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = connection.set_write_timeout(Some(Duration::from_secs(20)));
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 16 * 1024];
+        let head_end = loop {
+            if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            match connection.read(&mut buffer) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = received.len() - head_end;
+        let arrival = loop {
+            if body >= length {
+                break BodyArrival::Whole(body);
+            }
+            match connection.read(&mut buffer) {
+                Ok(0) => break BodyArrival::Cut(body),
+                Ok(n) => body += n,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break BodyArrival::Stalled(body)
+                }
+                Err(_) => break BodyArrival::Cut(body),
+            }
+        };
+        if let BodyArrival::Whole(_) = arrival {
+            let size: usize = path
+                .split_once("?size=")
+                .and_then(|(_, size)| size.parse().ok())
+                .unwrap_or(5);
+            let head =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");
+            if connection.write_all(head.as_bytes()).is_ok() {
+                let block = vec![b'x'; 64 * 1024];
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(block.len());
+                    if connection.write_all(&block[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+            }
+        }
+        Some((path, arrival))
+    }
+
+    /// How the body of each request for `path` arrived, in order.
+    fn arrivals_at(&self, path: &str) -> Vec<BodyArrival> {
+        self.arrivals
+            .lock()
+            .expect("the arrivals")
+            .iter()
+            .filter(|(at, _)| at == path)
+            .map(|(_, arrival)| *arrival)
+            .collect()
+    }
+}
+
+/// What a client got from a raw HTTP/1.1 exchange: every byte until the proxy closed, or why
+/// the reading stopped before that.
+struct RawExchange {
+    received: Vec<u8>,
+    /// `None` when the proxy closed the connection (or reset it); a timeout's error otherwise.
+    timed_out: Option<std::io::Error>,
+}
+
+impl RawExchange {
+    /// Sends `request` on a connection of its own to the proxy at `port` (the rest of it,
+    /// `later`, 300 ms after, so the proxy may pass the first part on before the rest comes),
+    /// and reads until the proxy closes, at most 20 s.
+    fn run(port: u16, request: &str, later: &str) -> RawExchange {
+        let mut connection =
+            TcpStream::connect(("127.0.0.1", port)).expect("connects to the proxy");
+        connection
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
+        // A write failing once the proxy ended the exchange is fine: the reading says what came.
+        let _ = connection.write_all(request.as_bytes());
+        if !later.is_empty() {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = connection.write_all(later.as_bytes());
+        }
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 64 * 1024];
+        let timed_out = loop {
+            match connection.read(&mut buffer) {
+                Ok(0) => break None,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break Some(error)
+                }
+                Err(_) => break None,
+            }
+        };
+        RawExchange {
+            received,
+            timed_out,
+        }
+    }
+
+    /// A POST to `path` with `headers` (`name: value\r\n` lines) whose body, `first` then
+    /// `rest`, comes in two parts.
+    fn post_in_two_parts(
+        port: u16,
+        path: &str,
+        headers: &str,
+        first: &str,
+        rest: &str,
+    ) -> RawExchange {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\n{headers}content-length: {}\r\n\
+             connection: close\r\n\r\n",
+            first.len() + rest.len()
+        );
+        RawExchange::run(port, &format!("{head}{first}"), rest)
+    }
+
+    fn get(port: u16, path: &str) -> RawExchange {
+        RawExchange::run(
+            port,
+            &format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"),
+            "",
+        )
+    }
+
+    /// The status line's code, if a response head came.
+    fn status(&self) -> Option<u16> {
+        let text = String::from_utf8_lossy(&self.received);
+        text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    /// Whether a whole chunked message came (its last chunk and the empty line after it).
+    fn ends_chunked(&self) -> bool {
+        self.received.ends_with(b"\r\n0\r\n\r\n")
+    }
+
+    fn describe(&self) -> String {
+        let text = String::from_utf8_lossy(&self.received);
+        let head = text.split("\r\n\r\n").next().unwrap_or_default();
+        format!(
+            "{} bytes, head {head:?}, ending {:?}, timed out: {:?}",
+            self.received.len(),
+            String::from_utf8_lossy(&self.received[self.received.len().saturating_sub(10)..]),
+            self.timed_out
+        )
+    }
+}
+
+/// Once some of a body went on, a plugin can no longer answer in its place, so a plugin that
+/// fails closed, answers or closes the stream in a body callback then ends the transaction
+/// (Envoy resets the stream then): the origin's request is cut short, never left waiting for
+/// the rest of the length it was given, nor completed; the client's connection closes without
+/// a success, at once; a response body cut short never reaches the client as if whole. A
+/// response none of which went out is answered with the plugin's reply (503 for a failure).
+#[test]
+fn a_plugin_ending_a_stream_in_a_body_that_began_to_go_on_cuts_both_sides_short() {
+    let origin = BodyOrigin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let gate = format!(
+        "{}upstreams:\n  auth_cluster: {}\n",
+        plugin_yaml("http_call", "wasmtime", "", ""),
+        auth.address
+    )
+    .replace("name: http_call", "name: gate");
+    let trap = plugin_yaml(
+        "http_headers",
+        "wasmtime",
+        "",
+        "failurePolicy: FAIL_RELOAD\nreloadConfig: {backoff: {baseInterval: 0.05s, maxInterval: 0.2s}}",
+    )
+    .replace("name: http_headers", "name: trap")
+    .replace("vmId: http_headers", "vmId: trap")
+    .replace(
+        &corpus_plugin("http_headers").display().to_string(),
+        &workspace()
+            .join("plugins/dist/wat/trap_at_body_end.wasm")
+            .display()
+            .to_string(),
+    );
+    let server = TrafficServer::start(
+        &origin.origin,
+        &[
+            PluginFile {
+                name: "gate",
+                yaml: gate,
+            },
+            PluginFile {
+                name: "trap",
+                yaml: trap,
+            },
+        ],
+    );
+    let context = |what: String| format!("{what}\n{}", server.diagnostics());
+    let (first, rest) = ("the first part;", " the rest of the body");
+
+    // `gate` lets each chunk go on and answers 403 at the body's end; `trap`, after it in the
+    // chain, traps at the ends of bodies (FAIL_RELOAD: a fresh copy for the next transaction).
+    let refused = RawExchange::post_in_two_parts(
+        server.port,
+        "/refused",
+        "x-check-body: refuse-at-end\r\n",
+        first,
+        rest,
+    );
+    let failed = RawExchange::post_in_two_parts(server.port, "/failed", "", first, rest);
+    for (exchange, path) in [(&refused, "/refused"), (&failed, "/failed")] {
+        assert!(
+            exchange.timed_out.is_none() && exchange.status().is_none_or(|status| status >= 500),
+            "{}",
+            context(format!(
+                "{path}: the client is not left waiting, nor told of a success: {}",
+                exchange.describe()
+            ))
+        );
+        assert_eq!(
+            origin.arrivals_at(path),
+            [BodyArrival::Cut(first.len())],
+            "{}",
+            context(format!("{path}: the origin's request is cut short at once"))
+        );
+    }
+    server.wait_for_log("[gate] the plugin answered or closed the stream during its request body");
+
+    // Responses: one whose body went on before its end traps, one that comes whole at once.
+    std::thread::sleep(Duration::from_millis(500));
+    let size = 4 << 20;
+    let large = RawExchange::get(server.port, &format!("/large?size={size}"));
+    assert!(
+        large.status() == Some(200)
+            && large.timed_out.is_none()
+            && !large.ends_chunked()
+            && large.received.len() < size,
+        "{}",
+        context(format!(
+            "a response cut short does not reach the client whole: {}",
+            large.describe()
+        ))
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let small = RawExchange::get(server.port, "/small?size=1000");
+    assert_eq!(
+        small.status(),
+        Some(503),
+        "{}",
+        context(format!(
+            "a response none of which went on is answered: {}",
+            small.describe()
+        ))
+    );
+}
+
+/// A callout target answering every call 403 (`denied`), each only after `delay`.
+fn slow_refuser(delay: Duration) -> Origin {
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("the refuser binds");
+    let address = server.server_addr().to_ip().expect("an IP address");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (count, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
+    let thread = std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = request
+                    .respond(tiny_http::Response::from_string("denied").with_status_code(403));
+            });
+        }
+    });
+    Origin {
+        address,
+        requests,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// While one plugin holds a response in its headers callback, another plugin's reply (here
+/// from its callout's answer) is acted on at once, as Envoy does, instead of waiting for a
+/// holder that may never let go: the reply's status goes out.
+#[test]
+fn a_reply_from_another_plugin_ends_a_response_a_plugin_holds() {
+    let origin = Origin::start();
+    // The callout's answer comes after the origin's response, which `panics` holds for good.
+    let auth = slow_refuser(Duration::from_secs(1));
+    let http_call = format!(
+        "{}upstreams:\n  auth_cluster: {}\n",
+        plugin_yaml("http_call", "wasmtime", "", ""),
+        auth.address
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[
+            PluginFile {
+                name: "panics",
+                yaml: plugin_yaml("panics", "wasmtime", "", ""),
+            },
+            PluginFile {
+                name: "http_call",
+                yaml: http_call,
+            },
+        ],
+    );
+    let context = |what: String| format!("{what}\n{}", server.diagnostics());
+    // `http_call` lets the headers go on while its call is out (`notify-then-body`), and
+    // answers 401 with the callout's body when it is refused.
+    let reply = try_get(
+        &server.url("/held"),
+        &[
+            ("x-hold-response", "1"),
+            ("x-check-body", "notify-then-body"),
+        ],
+    )
+    .unwrap_or_else(|error| panic!("{}", context(error.to_string())));
+    assert_eq!(reply.status, 401, "{}", context(format!("{reply:?}")));
+    assert_eq!(origin.requests(), 1, "the origin answered before the reply");
+    assert_eq!(auth.requests(), 1);
 }

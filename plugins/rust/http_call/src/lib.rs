@@ -43,7 +43,10 @@
 //! The body is then checked at its end as with any other `x-check-body` value.
 //!
 //! With `x-check-body: refuse-body` the headers go on, the body is buffered to its end, and
-//! the body callback of its end answers 403 `refused by its body` itself (no callout).
+//! the body callback of its end answers 403 `refused by its body` itself (no callout). With
+//! `x-check-body: refuse-at-end` it does the same without buffering: every chunk before the
+//! end goes on at once (Continue), as a plugin scanning a stream would let it, so the upstream
+//! may have part of the body when the refusal comes.
 //!
 //! A request header `x-check-body-<plugin name>` (the plugin's `name` in its configuration)
 //! comes before `x-check-body`, so two copies of this plugin in one chain can gate a request
@@ -82,6 +85,8 @@ enum Mode {
     NotifyThenBody,
     /// The whole body, answered 403 from its last callback (`refuse-body`).
     RefuseBody,
+    /// The body streamed on, answered 403 from its last callback (`refuse-at-end`).
+    RefuseAtEnd,
     /// Nothing more (the first chunk went on, or the call's answer continued).
     Passed,
 }
@@ -103,12 +108,16 @@ impl HttpContext for HttpCall {
             }
             return Action::Continue;
         }
-        if self.mode == Mode::RefuseBody {
+        if matches!(self.mode, Mode::RefuseBody | Mode::RefuseAtEnd) {
             if end_of_stream {
                 info!("refusing a body of {} bytes", body_size);
                 self.send_http_response(403, vec![], Some(b"refused by its body\n"));
+                return Action::Pause;
             }
-            return Action::Pause;
+            return match self.mode {
+                Mode::RefuseAtEnd => Action::Continue,
+                _ => Action::Pause,
+            };
         }
         if self.mode == Mode::HeadersHeld {
             info!("body held: {} bytes, end {}", body_size, end_of_stream);
@@ -174,6 +183,10 @@ impl HttpContext for HttpCall {
             Some("notify-then-body") => self.mode = Mode::NotifyThenBody,
             Some("refuse-body") => {
                 self.mode = Mode::RefuseBody;
+                return Action::Continue;
+            }
+            Some("refuse-at-end") => {
+                self.mode = Mode::RefuseAtEnd;
                 return Action::Continue;
             }
             Some(_) => {
@@ -245,6 +258,7 @@ impl Context for HttpCall {
                 Mode::Body
                 | Mode::NotifyThenBody
                 | Mode::RefuseBody
+                | Mode::RefuseAtEnd
                 | Mode::FirstChunk
                 | Mode::FirstChunkResume
                 | Mode::Passed => {}
