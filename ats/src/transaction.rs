@@ -330,6 +330,10 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         if dechunked {
             sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_REQUEST_HDR_HOOK, cont);
         }
+        if (*transaction).headers_held.is_some() {
+            // The cache is looked up before the body is read: see `on_transaction_event`.
+            sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_CACHE_LOOKUP_COMPLETE_HOOK, cont);
+        }
         if response_body {
             body::add(txn, Direction::Response, link);
         }
@@ -584,6 +588,42 @@ unsafe extern "C" fn on_transaction_event(
             guarded("the send request hook", Next::Continue, || {
                 if let Some(mut request) = server_request(txn) {
                     without_chunked(&mut request);
+                }
+                Next::Continue
+            });
+            // SAFETY: the event's transaction.
+            unsafe { reenable(txn, Next::Continue) };
+        }
+        sys::TS_EVENT_HTTP_CACHE_LOOKUP_COMPLETE => {
+            guarded("the cache lookup hook", Next::Continue, || {
+                // SAFETY: see above; nothing else holds the transaction while its hook runs.
+                let transaction = unsafe { &*transaction };
+                // A plugin holding the request headers decides after the body, which Traffic
+                // Server reads only on its way to the origin (the request transform gates it),
+                // so a response from the cache would go out unseen by the plugin: the
+                // transaction is sent on as a miss while the hold lasts.
+                if transaction.headers_held.is_some() {
+                    let mut status = 0;
+                    // SAFETY: the event's transaction, in its cache lookup hook.
+                    let looked_up = unsafe { sys::TSHttpTxnCacheLookupStatusGet(txn, &mut status) };
+                    let hit = [
+                        sys::TS_CACHE_LOOKUP_HIT_FRESH,
+                        sys::TS_CACHE_LOOKUP_HIT_STALE,
+                    ]
+                    .map(|hit| hit as c_int)
+                    .contains(&status);
+                    if looked_up == sys::TS_SUCCESS && hit {
+                        diag::debug(
+                            "a plugin holds the request headers: the cache hit goes as a miss",
+                        );
+                        // SAFETY: as above; a hit may be turned into a miss here.
+                        unsafe {
+                            sys::TSHttpTxnCacheLookupStatusSet(
+                                txn,
+                                sys::TS_CACHE_LOOKUP_MISS as c_int,
+                            )
+                        };
+                    }
                 }
                 Next::Continue
             });
