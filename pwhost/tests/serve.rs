@@ -4541,3 +4541,88 @@ fn a_plugins_reply_after_the_response_began_resets_the_stream_instead_of_joining
     )]);
     serve.wait_for_no_live_contexts();
 }
+
+/// A plugin failing closed in a request body ends the stream on an HTTP/2 upstream too, which
+/// has the request's headers by then (they go first): the upstream's stream is reset at once,
+/// not left waiting for the rest of the body until the cluster's request timeout (60 s here),
+/// and the client is not left waiting either. (Pingora goes on with an HTTP/2 upstream's
+/// response after a body filter's error unless it is marked as the client's.)
+#[test]
+fn a_plugin_failing_in_a_request_body_resets_an_http2_upstreams_stream_at_once() {
+    let upstream = GrpcUpstream::start();
+    let trap =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/trap_at_body_end.wasm");
+    let filter = envoy_filter("trap", "http_headers", "").replace(
+        &corpus_plugin("http_headers").display().to_string(),
+        &trap.display().to_string(),
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: grpc}}]\n    \
+         http_filters:\n{filter}clusters:\n  grpc: {{endpoints: [\"{}\"], http2: true, \
+         request_timeout: 60s}}\n",
+        upstream.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // `Hold` answers its headers at once and reads the request's messages until it ends.
+    let started = Instant::now();
+    let client = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "20",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            "@-",
+        ])
+        .arg(serve.url("/pwhost.Echo/Hold"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl runs (apt-get install curl)");
+    let mut client = client;
+    if let Some(mut stdin) = client.stdin.take() {
+        // One empty gRPC message: the body's end, where the plugin traps.
+        std::io::Write::write_all(&mut stdin, &[0, 0, 0, 0, 0]).expect("the message");
+    }
+    let output = client.wait_with_output().expect("curl ends");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        if let Some(outcome) = upstream
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            break outcome;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream's stream was not ended: it waits for the rest of the body\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        ended, "ended after 0 messages",
+        "the message reached the upstream"
+    );
+    // curl's exit 28 is its own timeout: the client left waiting.
+    assert_ne!(
+        output.status.code(),
+        Some(28),
+        "the client was left waiting ({:?} after the start)\n{}",
+        started.elapsed(),
+        serve.log()
+    );
+    serve.wait_for_log("proxy_on_request_body trapped");
+}

@@ -699,7 +699,7 @@ impl ProxyHttp for ListenerProxy {
                         replayed = chunk.len(),
                         "the body read ahead came back changed: stream reset"
                     );
-                    return Err(closed());
+                    return Err(closed().into_down());
                 }
                 chunk.clear();
             }
@@ -727,8 +727,13 @@ impl ProxyHttp for ListenerProxy {
                 *body = (!data.is_empty() || !end_of_stream).then(|| Bytes::from(data));
                 Ok(())
             }
-            Err(Outcome::Reply(reply)) => Err(answer_with(ctx, reply)),
-            Err(_) => Err(closed()),
+            // The body ends here, so the upstream's request must too. Marked as the client's
+            // side: on an HTTP/2 upstream Pingora passes a request body filter's error on (and
+            // resets the upstream's stream) only then; any other it logs and goes on with the
+            // upstream's response, leaving the upstream waiting for the rest of the body and
+            // the plugin's decision unsent.
+            Err(Outcome::Reply(reply)) => Err(answer_with(ctx, reply).into_down()),
+            Err(_) => Err(closed().into_down()),
         }
     }
 
