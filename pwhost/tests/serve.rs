@@ -4626,3 +4626,43 @@ fn a_plugin_failing_in_a_request_body_resets_an_http2_upstreams_stream_at_once()
     );
     serve.wait_for_log("proxy_on_request_body trapped");
 }
+
+/// A plugin that changes a body's length but leaves its `Content-Length` (Envoy's plugins must
+/// remove it) cannot have the body cut to the old length, or padded out, and passed on as
+/// whole: the stream is reset once the bytes no longer match, with an error that says why, so
+/// neither the upstream nor the client takes a different body for the one it was told of.
+#[test]
+fn a_body_whose_length_a_plugin_changes_under_its_content_length_is_reset_not_cut() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[envoy_filter("bodies", "body_rewrite", "")],
+    );
+    // 10 bytes, 15 once upper-cased; the plugin keeps the request's length of 10.
+    let request = try_send(
+        &serve.url("/upload"),
+        &[("x-keep-content-length", "1")],
+        Some("ŉŉŉŉŉ"),
+    );
+    assert!(
+        request.as_ref().is_err() || request.as_ref().is_ok_and(|reply| reply.status >= 500),
+        "{request:?}\n{}",
+        serve.log()
+    );
+    assert_eq!(
+        origin.requests.load(Ordering::Relaxed),
+        0,
+        "the upstream took a body cut to its old length for a whole one: {:?}\n{}",
+        origin.last_body.lock().unwrap(),
+        serve.log()
+    );
+    serve.wait_for_log("a plugin changed the length of a request body");
+    // The origin's answer grows by 6 bytes under its own length.
+    let response = try_send(&serve.url("/grow"), &[("x-grow-response", "1")], None);
+    assert!(
+        response.is_err(),
+        "the client took a response cut to its old length for a whole one: {response:?}\n{}",
+        serve.log()
+    );
+    serve.wait_for_log("a plugin changed the length of a response body");
+}

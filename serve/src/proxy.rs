@@ -131,6 +131,10 @@ pub(crate) struct StreamContext {
     response_header: Option<ResponseHeader>,
     /// Meanwhile, the body that went on and Pingora may not have written yet.
     passed: PassedBody,
+    /// The request's, and the response's, body as told to the other side: the
+    /// `Content-Length` the upstream (the client) was given, and how much of the body went on
+    /// so far (see [`BodyLength`]).
+    body_length: [BodyLength; 2],
     /// The stream was reset at its trailers.
     reset_at_trailers: bool,
     /// A plugin's reply came after the response had begun (the upstream's header was out): the
@@ -496,6 +500,51 @@ impl Framing {
     }
 }
 
+/// A body's length as told to the side it goes to, against what the plugins let through.
+/// Pingora writes a body with a `Content-Length` up to that length and drops the rest (with
+/// only a warning), and a shorter one leaves the other side waiting: a plugin that changes a
+/// body's length must remove the header (Envoy's rule), and one that does not has its stream
+/// reset, rather than a body cut or padded out passed on as whole.
+#[derive(Debug, Default)]
+struct BodyLength {
+    /// The `Content-Length` the other side was given, if any.
+    told: Option<u64>,
+    /// What went on so far.
+    passed: u64,
+}
+
+impl BodyLength {
+    /// The length `headers` tell, as they go to the other side.
+    fn told(headers: &http::HeaderMap) -> BodyLength {
+        let told = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse().ok());
+        BodyLength { told, passed: 0 }
+    }
+
+    /// Counts `bytes` more going on (the last of the body if `end_of_stream`): the error that
+    /// resets the stream if they no longer fit the length told.
+    fn passes(&mut self, bytes: usize, end_of_stream: bool, body: &str) -> Result<()> {
+        let Some(told) = self.told else {
+            return Ok(());
+        };
+        self.passed = self.passed.saturating_add(bytes as u64);
+        if self.passed > told || (end_of_stream && self.passed < told) {
+            tracing::error!(
+                content_length = told,
+                passed = self.passed,
+                "a plugin changed the length of a {body} body whose Content-Length went on \
+                 (a plugin that changes it must remove the header): stream reset"
+            );
+            // Counted once: the stream ends here.
+            self.told = None;
+            return Err(closed());
+        }
+        Ok(())
+    }
+}
+
 /// Why a request's headers are over the listener's limits (Envoy's: the bytes of every name
 /// and value, pseudo-headers included, and the number of headers), if they are.
 fn too_large(header: &pingora::http::RequestHeader, limits: &Limits) -> Option<String> {
@@ -547,6 +596,7 @@ impl ProxyHttp for ListenerProxy {
             ended_at_headers: [false; 2],
             response_header: None,
             passed: PassedBody::default(),
+            body_length: Default::default(),
             reset_at_trailers: false,
             reply_too_late: false,
             response_trailers: None,
@@ -706,10 +756,16 @@ impl ProxyHttp for ListenerProxy {
             early_data = early.ready;
             if early.end {
                 // The body ended while it was read ahead: nothing more comes.
+                ctx.body_length[0]
+                    .passes(early_data.len(), true, "request")
+                    .map_err(Error::into_down)?;
                 *body = (!early_data.is_empty()).then(|| Bytes::from(early_data));
                 return Ok(());
             }
             if chunk.is_empty() && !end_of_stream {
+                ctx.body_length[0]
+                    .passes(early_data.len(), false, "request")
+                    .map_err(Error::into_down)?;
                 *body = Some(Bytes::from(early_data));
                 return Ok(());
             }
@@ -722,6 +778,9 @@ impl ProxyHttp for ListenerProxy {
                     early_data.extend(data);
                     early_data
                 };
+                ctx.body_length[0]
+                    .passes(data.len(), end_of_stream, "request")
+                    .map_err(Error::into_down)?;
                 // Pingora reads `None` as the end of the body: while a plugin buffers, nothing
                 // goes on, but the body has not ended.
                 *body = (!data.is_empty() || !end_of_stream).then(|| Bytes::from(data));
@@ -746,6 +805,9 @@ impl ProxyHttp for ListenerProxy {
         // Without framing headers, Pingora frames a body it forwards itself (chunked).
         if let Some(framing) = &ctx.upstream_framing {
             framing.put_on(upstream_request)?;
+        }
+        if !ctx.ended_at_headers[0] {
+            ctx.body_length[0] = BodyLength::told(&upstream_request.headers);
         }
         Ok(())
     }
@@ -827,6 +889,9 @@ impl ProxyHttp for ListenerProxy {
             .await
         {
             Outcome::Continue => {
+                if !end_of_stream {
+                    ctx.body_length[1] = BodyLength::told(&upstream_response.headers);
+                }
                 // Only an HTTP/2 upstream's response has trailers.
                 let upstream_h2 = ctx.cluster.as_ref().is_some_and(|c| c.cluster.http2);
                 if upstream_h2 && !end_of_stream && session.as_ref().is_http2() {
@@ -854,6 +919,7 @@ impl ProxyHttp for ListenerProxy {
         let chunk = body.take().map(|b| b.to_vec()).unwrap_or_default();
         match ctx.stream.response_body(chunk, end_of_stream) {
             Ok(data) => {
+                ctx.body_length[1].passes(data.len(), end_of_stream, "response")?;
                 let data = (!data.is_empty()).then(|| Bytes::from(data));
                 if ctx.response_header.is_some() {
                     // Trailers may come: what goes on is kept until Pingora has written it

@@ -7,7 +7,10 @@
 //!   whole buffered body and replaces it with the same text upper-cased (Unicode upper-casing when
 //!   the body is UTF-8, ASCII-only otherwise). Upstream should receive e.g. `HELLO WORLD`.
 //! - Response body: likewise buffers until `end_of_stream`, then replaces every `hello` with
-//!   `howdy`. The client should receive e.g. `howdy world`.
+//!   `howdy`. The client should receive e.g. `howdy world`. For a request with
+//!   `x-grow-response`, `hello` becomes `hello there` instead, and the response's
+//!   `Content-Length` is left as it was, to test how a host treats a response body whose length
+//!   a plugin changes without saying so.
 //! - Response trailers: the body ended without an `end_of_stream` chunk (as a gRPC response
 //!   does), so the buffered body is rewritten here the same way, and a trailer
 //!   `x-body-rewritten: {n}` tells how many bytes were buffered.
@@ -22,10 +25,17 @@ use proxy_wasm::types::*;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> { Box::new(BodyRewrite) });
+    proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
+        Box::new(BodyRewrite {
+            grow_response: false,
+        })
+    });
 }}
 
-struct BodyRewrite;
+struct BodyRewrite {
+    /// The request asked for a longer response body (`x-grow-response`).
+    grow_response: bool,
+}
 
 impl Context for BodyRewrite {}
 
@@ -37,6 +47,7 @@ impl HttpContext for BodyRewrite {
         {
             self.remove_http_request_header("content-length");
         }
+        self.grow_response = self.get_http_request_header("x-grow-response").is_some();
         Action::Continue
     }
 
@@ -60,7 +71,10 @@ impl HttpContext for BodyRewrite {
             return Action::Pause;
         }
         if let Some(body) = self.get_http_response_body(0, body_size) {
-            let rewritten = replace_all(&body, b"hello", b"howdy");
+            let rewritten = match self.grow_response {
+                true => replace_all(&body, b"hello", b"hello there"),
+                false => replace_all(&body, b"hello", b"howdy"),
+            };
             info!("response body: {} bytes rewritten", body_size);
             self.set_http_response_body(0, body_size, &rewritten);
         }
