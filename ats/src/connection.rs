@@ -854,7 +854,11 @@ impl Connection {
                     }
                 }
             }
-            sys::TS_EVENT_VCONN_WRITE_READY => {}
+            sys::TS_EVENT_VCONN_WRITE_READY => {
+                // Bytes went to this side: the other side, which may have sent them long
+                // before, is not idle either (Traffic Server times each side on its own).
+                self.refresh_idle();
+            }
             sys::TS_EVENT_VCONN_WRITE_COMPLETE => {
                 // Everything up to the end is written: half-closed (safe here: Traffic
                 // Server is done with the write once it signals its completion).

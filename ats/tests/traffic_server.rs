@@ -80,9 +80,14 @@ use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
 #[path = "../../pwhost/tests/common/tcp_peers.rs"]
 mod tcp_peers;
 use tcp_peers::{
+    a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, Echo, Sink, Unanswering,
+    tcp_exchange, Echo, Flood, Sink, Unanswering,
 };
+
+/// How much a flooding TCP upstream sends at once: more than loopback's socket buffers take
+/// (about 4 MiB here), so that a slow client leaves the rest in the proxy.
+const FLOOD: usize = 16 << 20;
 
 /// An origin server answering every request with 200, `server: origin`, and a body listing the
 /// request line and headers it received (`name: value` lines), an empty line, the request body
@@ -940,8 +945,9 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     let (gated, dead, idle, denied) = (free_port(), free_port(), free_port(), free_port());
     let (trap_closed, trap_open, chain, held) =
         (free_port(), free_port(), free_port(), free_port());
-    let (unanswered, one_way) = (free_port(), free_port());
+    let (unanswered, one_way, slow_reader) = (free_port(), free_port(), free_port());
     let (unanswering, sink) = (Unanswering::start(), Sink::start());
+    let flood = Flood::start(FLOOD);
     // Two network filters on one listener, as a `filters:` list: the second a plugin of its
     // own (its own VM).
     let second = network_filter_yaml("tcp_filter", engine, "")
@@ -1047,6 +1053,13 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             &network_filter_yaml("tcp_filter", engine, ""),
             "  idle_timeout: 1s\n",
         ),
+        tcp_listener_file(
+            "slow_reader",
+            slow_reader,
+            &flood.address.to_string(),
+            &network_filter_yaml("tcp_filter", engine, ""),
+            "  idle_timeout: 1s\n  buffer_limit_bytes: 33554432\n",
+        ),
     ];
     let server = TrafficServer::start(&origin, &files);
     for port in [
@@ -1060,6 +1073,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         held,
         unanswered,
         one_way,
+        slow_reader,
     ] {
         wait_for_port(&server, port);
     }
@@ -1115,6 +1129,13 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     // idle timeout; once it stops, the connection is closed after the timeout. (Here each side
     // sees traffic of its own: the client's is read, the upstream's written.)
     assert_one_way_traffic_outlives_a_1s_idle_timeout(one_way);
+    // Nor is a connection idle while the proxy writes to a slow client what a quiet upstream
+    // sent it long before.
+    if let Err(error) =
+        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(slow_reader, FLOOD, "[up] ")
+    {
+        panic!("{error}\n{}", server.diagnostics());
+    }
     // An upstream that never answers the connect: the client's connection is closed after the
     // listener's connect timeout (1 s here; 5 s unless set).
     assert_closed_after_a_1s_connect_timeout(unanswered);

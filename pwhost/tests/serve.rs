@@ -38,8 +38,9 @@ use faulty_peers::{chunked_post, Misbehaving, Misbehaviour};
 #[path = "common/tcp_peers.rs"]
 mod tcp_peers;
 use tcp_peers::{
+    a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, Echo, Sink, Unanswering,
+    tcp_exchange, Echo, Flood, Sink, Unanswering,
 };
 
 /// An origin that answers every request with what it received: request line, headers (lower
@@ -2215,6 +2216,27 @@ fn traffic_one_way_keeps_a_tcp_connection_open_past_the_idle_timeout() {
     // way. Once the traffic stops, the connection is closed after the timeout.
     assert_one_way_traffic_outlives_a_1s_idle_timeout(serve.port);
     serve.wait_for_log("downstream closed by Local");
+    serve.wait_for_no_live_contexts();
+}
+
+#[test]
+fn a_slow_client_keeps_a_tcp_connection_open_past_the_idle_timeout_while_it_reads() {
+    const FLOOD: usize = 16 << 20;
+    let flood = Flood::start(FLOOD);
+    let serve = serve_tcp_with(
+        flood.address,
+        "tcp_filter",
+        "",
+        &[],
+        "    idle_timeout: 1s\n    per_connection_buffer_limit_bytes: 33554432\n",
+    );
+    // The upstream sends everything at once and falls quiet; the proxy writes it to the client
+    // as fast as the client reads, which takes several timeouts.
+    if let Err(error) =
+        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(serve.port, FLOOD, "[up] ")
+    {
+        panic!("{error}\n{}", serve.log());
+    }
     serve.wait_for_no_live_contexts();
 }
 

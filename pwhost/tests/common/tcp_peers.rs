@@ -1,6 +1,6 @@
-//! TCP upstreams (one that echoes, one that only reads, one that never answers a connect) and a
-//! TCP client for the proxies' TCP listeners; shared by the `pwhost serve` tests and the Traffic
-//! Server tests (`#[path]` module).
+//! TCP upstreams (one that echoes, one that only reads, one that floods, one that never answers a
+//! connect) and a TCP client for the proxies' TCP listeners; shared by the `pwhost serve` tests
+//! and the Traffic Server tests (`#[path]` module).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -103,6 +103,71 @@ impl Sink {
             address: acceptor.address,
             _acceptor: acceptor,
         }
+    }
+}
+
+/// A TCP server that sends `size` bytes (`x`) to each connection as soon as it is accepted,
+/// then sends nothing more and holds the connection open until its peer closes it (or 20 s
+/// pass); it serves until dropped.
+pub struct Flood {
+    pub address: SocketAddr,
+    _acceptor: Acceptor,
+}
+
+impl Flood {
+    pub fn start(size: usize) -> Flood {
+        let acceptor = Acceptor::start(move |mut connection| {
+            let _ = connection.set_read_timeout(Some(Duration::from_secs(20)));
+            if connection.write_all(&vec![b'x'; size]).is_err() {
+                return;
+            }
+            let mut buffer = [0u8; 4096];
+            while matches!(connection.read(&mut buffer), Ok(count) if count > 0) {}
+        });
+        Flood {
+            address: acceptor.address,
+            _acceptor: acceptor,
+        }
+    }
+}
+
+/// Reads from `port`, a listener with a 1 s idle timeout in front of a [`Flood`] of `size`
+/// bytes, slowly (at most 256 KiB every 50 ms, so that the proxy holds part of the flood for
+/// well over the timeout, yet writes to the client often within it), and checks that all of
+/// it came before the connection was closed
+/// (`prefix` first, what the listener's filter puts before the upstream's first bytes): a side
+/// waiting while the other is written to is not idle. Why not, if it did not.
+pub fn a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(
+    port: u16,
+    size: usize,
+    prefix: &str,
+) -> Result<(), String> {
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("a read timeout");
+    // Traffic Server accepts a connection only once the client sends (`defer_accept`).
+    let _ = connection.write_all(b"go");
+    let started = Instant::now();
+    let mut received = 0;
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        match connection.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(count) => received += count,
+        }
+        if received >= prefix.len() + size {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match received == prefix.len() + size {
+        true => Ok(()),
+        false => Err(format!(
+            "the connection was closed after {:?} with {received} of {} bytes sent",
+            started.elapsed(),
+            prefix.len() + size
+        )),
     }
 }
 
