@@ -149,6 +149,9 @@ pub(crate) struct Transaction {
     wants_response_body: bool,
     /// Whether the response callbacks ran (or run), and on which header.
     response_from: Option<ResponseFrom>,
+    /// The response's headers ended it (`end_of_stream` in its headers callbacks): no body
+    /// callback follows.
+    response_ended_at_headers: bool,
     /// The header that framed the client's request body (`Content-Length` or
     /// `Transfer-Encoding`) as the client sent it, restored after the plugins.
     client_framing: Option<(Vec<u8>, Vec<u8>)>,
@@ -310,7 +313,9 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         && next != Next::Reply
         && client_header(txn, HeaderKind::Request)
             .is_some_and(|headers| !ends_stream(&headers, HeaderKind::Request));
-    let response_body = transaction.wants_response_body;
+    // A response to HEAD has no body: no transform (Traffic Server would set the length of
+    // what it passes, nothing, as the response's `Content-Length`).
+    let response_body = transaction.wants_response_body && !is_head(txn);
     let dechunked = request_body && transaction.request_body_chunked();
     // The transaction now lives with its continuation, until it closes.
     // SAFETY: the continuation's data is the boxed transaction, freed at close; the link lets
@@ -357,6 +362,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         wants_request_body: false,
         wants_response_body: false,
         response_from: None,
+        response_ended_at_headers: false,
         client_framing: client_header(txn, HeaderKind::Request)
             .and_then(|headers| framing_of(&headers)),
         request_framing_dropped: false,
@@ -558,6 +564,10 @@ unsafe extern "C" fn on_transaction_event(
             let next = guarded("the response hook", Next::Continue, || {
                 // SAFETY: see above; nothing else holds the transaction while its hook runs.
                 let transaction = unsafe { &mut *transaction };
+                if event == sys::TS_EVENT_HTTP_READ_RESPONSE_HDR && interim_response(txn) {
+                    // A 100 or 103 before the response: the plugins see the response itself.
+                    return Next::Continue;
+                }
                 if transaction.response_from.is_some() {
                     if let (sys::TS_EVENT_HTTP_SEND_RESPONSE_HDR, Some(reply)) =
                         (event, &transaction.reply)
@@ -951,7 +961,27 @@ fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
         .get(b"content-length")
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    headers.get(b"transfer-encoding").is_none() && length.unwrap_or(0) == 0
+    match (kind, length) {
+        (_, Some(length)) => length == 0 && headers.get(b"transfer-encoding").is_none(),
+        // A request without either has no body; a response's runs until the connection
+        // closes (RFC 9112, 6.3).
+        (HeaderKind::Request, None) => headers.get(b"transfer-encoding").is_none(),
+        (HeaderKind::Response, None) => false,
+    }
+}
+
+/// Whether the origin's response being read is an interim one (1xx other than 101, which
+/// switches protocols and is the response).
+fn interim_response(txn: sys::TSHttpTxn) -> bool {
+    txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response)
+        .is_some_and(|response| matches!(response.status(), 100 | 102..=199))
+}
+
+/// Whether the client's request is a `HEAD`, whose response has no body whatever its headers
+/// say.
+fn is_head(txn: sys::TSHttpTxn) -> bool {
+    client_header(txn, HeaderKind::Request)
+        .is_some_and(|request| abi::Headers::get(&request, b":method") == Some(&b"HEAD"[..]))
 }
 
 /// The header that frames a request's body (`Content-Length` or `Transfer-Encoding`) and its
@@ -1230,8 +1260,11 @@ impl Transaction {
             (None, ResponseFrom::Origin) => Some("via_upstream"),
             (None, ResponseFrom::Client) => None,
         };
+        let head = is_head(txn);
         let filters = &mut self.filters;
         let mut paused = None;
+        let mut replied = None;
+        let mut ended_at_headers = false;
         in_worker(self.thread, self.generation, "a transaction", |worker| {
             for (index, filter) in filters.iter_mut().enumerate().take(until).rev() {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
@@ -1244,7 +1277,13 @@ impl Transaction {
                     return;
                 };
                 let count = abi::Headers::len(&headers);
-                let end_of_stream = ends_stream(&headers, HeaderKind::Response);
+                let end_of_stream = head || ends_stream(&headers, HeaderKind::Response);
+                ended_at_headers = end_of_stream;
+                // Only a continue asked in this callback counts for it (one asked earlier,
+                // with nothing held, is spent).
+                if let Some(slot) = slot_of(vm, filter.context) {
+                    slot.continued = false;
+                }
                 note_response(vm, filter.context, txn, headers.status(), details);
                 let request = client_header(txn, HeaderKind::Request);
                 lend(vm, filter.context, request, Some(headers));
@@ -1260,23 +1299,45 @@ impl Transaction {
                         return;
                     }
                     Outcome::Reply(answer) => {
-                        // A reply asked for once the response is on its way replaces its
-                        // status and headers (its body would need the response transform)
-                        // before the plugins after it see the response.
+                        // The reply's status and headers replace the response's before the
+                        // plugins after it see the response; its body goes out once they did
+                        // (see `answer_response`).
                         if let Some(vm) = filter.stream.as_ref().and_then(|s| worker.vm(s)) {
                             lend(vm, filter.context, None, None);
                         }
                         put_on_response(txn, from, answer.status, &answer.headers);
+                        replied = Some(answer);
                     }
                 }
             }
         });
+        self.response_ended_at_headers = ended_at_headers;
         if let Some(pause) = paused {
             self.paused = Some(pause);
             return Next::Hold;
         }
         self.unlend();
-        Next::Continue
+        match replied {
+            Some(reply) => self.answer_response(reply),
+            None => Next::Continue,
+        }
+    }
+
+    /// A plugin answered (or failed closed) in its response headers callback, the plugins
+    /// after it ran: the origin's response, whose status and headers the reply replaced, goes
+    /// down Traffic Server's error path instead, so its body never reaches the client (a
+    /// failing plugin guarding it must not leak it) and the reply's body goes out; the status
+    /// and headers are put on again as the error response's header goes out. Traffic Server's
+    /// own responses and replies (no origin's) keep their bodies.
+    fn answer_response(&mut self, reply: Reply) -> Next {
+        if self.response_from != Some(ResponseFrom::Origin) {
+            return Next::Continue;
+        }
+        self.reply = Some(reply);
+        self.send_reply_body();
+        // The error response's body is the reply's, which the plugins do not see again.
+        self.response_ended_at_headers = true;
+        Next::Reply
     }
 
     /// Runs a body chunk through the plugins (the request body in order, the response body in
@@ -1295,6 +1356,12 @@ impl Transaction {
     ) -> Vec<u8> {
         if direction == Direction::Request && end_of_stream {
             self.request_body_ended = true;
+        }
+        if direction == Direction::Response && self.response_ended_at_headers {
+            // No body follows such headers (a 204, a 304, an answer to HEAD, a declared empty
+            // one): what Traffic Server still passes through the transform is no body, and no
+            // plugin sees it (Envoy calls no body callback then).
+            return chunk;
         }
         self.body_from(direction, 0, chunk, end_of_stream)
     }
@@ -1886,12 +1953,15 @@ impl Transaction {
                     return Next::Reply;
                 }
                 Some(Pause::Response(index)) => {
-                    // As a reply from a response headers callback: it replaces the response's
-                    // status and headers, and the plugins not called yet see it.
+                    // As a reply from a response headers callback: it replaces the response,
+                    // and the plugins not called yet see it.
                     self.unlend();
                     let from = self.response_from.unwrap_or(ResponseFrom::Client);
                     put_on_response(self.txn, from, reply.status, &reply.headers);
-                    return self.response_headers(index);
+                    return match self.response_headers(index) {
+                        Next::Continue => self.answer_response(reply),
+                        next => next,
+                    };
                 }
                 None => {
                     self.reply = Some(reply);
@@ -1940,7 +2010,10 @@ impl Transaction {
             (Pause::Response(index), Some(reply)) => {
                 let from = self.response_from.unwrap_or(ResponseFrom::Client);
                 put_on_response(self.txn, from, reply.status, &reply.headers);
-                self.response_headers(index)
+                match self.response_headers(index) {
+                    Next::Continue => self.answer_response(reply),
+                    next => next,
+                }
             }
             (Pause::Response(index), None) if continued => self.response_headers(index),
             (_, None) => {

@@ -3121,7 +3121,8 @@ enum BodyArrival {
 /// An origin that reads each request's head and as much of its `Content-Length` body as comes,
 /// recording how the body of each path arrived, and answers 200 to a whole request only, with
 /// a body of `x` as long as the path's `?size=N` says (5 bytes without), `Content-Length`
-/// framed. A connection per request, one at a time.
+/// framed (the header alone for `HEAD`), after a `103 Early Hints` for a path with
+/// `early-hints` in it. A connection per request, one at a time.
 struct BodyOrigin {
     origin: Origin,
     arrivals: Arc<std::sync::Mutex<Vec<(String, BodyArrival)>>>,
@@ -3183,6 +3184,7 @@ impl BodyOrigin {
         };
         let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
         let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+        let method_head = head.starts_with("head ");
         let length: usize = head
             .lines()
             .find_map(|line| line.strip_prefix("content-length:"))
@@ -3212,11 +3214,16 @@ impl BodyOrigin {
                 .split_once("?size=")
                 .and_then(|(_, size)| size.parse().ok())
                 .unwrap_or(5);
-            let head =
-                format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");
+            let early = match path.contains("early-hints") {
+                true => "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+                false => "",
+            };
+            let head = format!(
+                "{early}HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+            );
             if connection.write_all(head.as_bytes()).is_ok() {
                 let block = vec![b'x'; 64 * 1024];
-                let mut left = size;
+                let mut left = if method_head { 0 } else { size };
                 while left > 0 {
                     let n = left.min(block.len());
                     if connection.write_all(&block[..n]).is_err() {
@@ -3317,6 +3324,17 @@ impl RawExchange {
     fn status(&self) -> Option<u16> {
         let text = String::from_utf8_lossy(&self.received);
         text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    }
+
+    /// The last response head that came (past any interim ones), lower-cased, from its status
+    /// code on.
+    fn last_head(&self) -> String {
+        let text = String::from_utf8_lossy(&self.received);
+        let last = text.rsplit("HTTP/1.1 ").next().unwrap_or_default();
+        last.split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
     }
 
     /// Whether a whole chunked message came (its last chunk and the empty line after it).
@@ -3638,5 +3656,92 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
         2,
         "{}",
         context("the refused body was checked")
+    );
+}
+
+/// The origin's response is what the plugins see and change, whatever comes before or without
+/// it: an interim `103` before it is not taken for it; a response without a body (to `HEAD`)
+/// gets `end_of_stream` in its headers callback, no body callback, and keeps its
+/// `Content-Length`; and a plugin failing closed in its response headers callback has a 503
+/// sent instead of the response, none of whose body reaches the client.
+#[test]
+fn the_plugins_see_the_response_itself_and_a_failure_there_keeps_its_body_from_the_client() {
+    let origin = BodyOrigin::start();
+    let server = TrafficServer::start(
+        &origin.origin,
+        &[
+            PluginFile {
+                name: "http_headers",
+                yaml: plugin_yaml("http_headers", "wasmtime", "", ""),
+            },
+            PluginFile {
+                name: "body_rewrite",
+                yaml: plugin_yaml("body_rewrite", "wasmtime", "", ""),
+            },
+        ],
+    );
+    let context = |what: String| format!("{what}\n{}", server.diagnostics());
+    let head = RawExchange::run(
+        server.port,
+        "HEAD /head?size=5 HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+        "",
+    );
+    assert_eq!(head.status(), Some(200), "{}", context(head.describe()));
+    assert!(
+        head.last_head().contains("content-length: 5"),
+        "{}",
+        context(format!(
+            "the HEAD response lost its length: {}",
+            head.describe()
+        ))
+    );
+    let log = server.diagnostics();
+    assert!(
+        !log.contains("response body:"),
+        "{}",
+        context("a body callback came for a response without a body".into())
+    );
+
+    let hinted = RawExchange::get(server.port, "/early-hints?size=5");
+    let last = hinted.last_head();
+    assert!(
+        last.starts_with("200") && last.contains("x-powered-by: pwhost"),
+        "{}",
+        context(format!(
+            "the plugins did not see the final response: {}",
+            hinted.describe()
+        ))
+    );
+
+    drop(server);
+
+    // A plugin trapping in every response headers callback (and with no body callback).
+    let trap = plugin_yaml("http_headers", "wasmtime", "", "failurePolicy: FAIL_CLOSED")
+        .replace("name: http_headers", "name: trap")
+        .replace("vmId: http_headers", "vmId: trap")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &workspace()
+                .join("plugins/dist/wat/trap_in_response_headers.wasm")
+                .display()
+                .to_string(),
+        );
+    let server = TrafficServer::start(
+        &origin.origin,
+        &[PluginFile {
+            name: "trap",
+            yaml: trap,
+        }],
+    );
+    let context = |what: String| format!("{what}\n{}", server.diagnostics());
+    let failed = RawExchange::get(server.port, "/guarded?size=5");
+    assert_eq!(failed.status(), Some(503), "{}", context(failed.describe()));
+    assert!(
+        !String::from_utf8_lossy(&failed.received).contains("xxxxx"),
+        "{}",
+        context(format!(
+            "the failed plugin's response leaked: {}",
+            failed.describe()
+        ))
     );
 }
