@@ -401,6 +401,28 @@ impl Side {
         }
     }
 
+    /// Starts closing the side: its write ends with what waits to be written to it, then it
+    /// is half-closed (see [`Connection::flushing`]; when everything is written already, by
+    /// the connection's scheduled wake-up); meanwhile what it sends is read and dropped, so
+    /// that its close does not reset what it has not read yet.
+    fn flush(&mut self) {
+        self.write_end = true;
+        self.arm_end();
+    }
+
+    /// Drops what the side sent (it is closing: nothing more goes through).
+    fn discard_read(&mut self) {
+        // SAFETY: the side's reader and VIO live until it is closed.
+        unsafe {
+            let available = sys::TSIOBufferReaderAvail(self.read.reader);
+            if available > 0 {
+                sys::TSIOBufferReaderConsume(self.read.reader, available);
+                sys::TSVIONDoneSet(self.read.vio, sys::TSVIONDoneGet(self.read.vio) + available);
+            }
+            sys::TSVIOReenable(self.read.vio);
+        }
+    }
+
     /// Closes the connection and frees the buffers (no event comes for them after the close).
     fn close(self) {
         // SAFETY: the connection is open; after the close Traffic Server no longer uses the
@@ -424,9 +446,16 @@ enum Phase {
     Dialling,
     /// Both sides open.
     Open,
+    /// Over for the plugins (told, their contexts gone), a side still open: what was let
+    /// through to it is written before it closes (see [`Connection::close_flushing`]).
+    Flushing,
     /// Over: closed, the plugins told.
     Closed,
 }
+
+/// How long a closing side may take to take what was let through to it, and to close its own
+/// end, with nothing moving: Envoy's `delayed_close_timeout` (1 s).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A TCP connection and its plugins, owned by its continuation.
 struct Connection {
@@ -796,11 +825,15 @@ impl Connection {
 
     /// Handles one event (with the state borrowed: nothing here calls back into it).
     fn on(&mut self, event: Event) {
-        if self.phase == Phase::Closed {
+        if matches!(self.phase, Phase::Closed | Phase::Flushing) {
             if let Event::Traffic(sys::TS_EVENT_NET_CONNECT, vc) = event {
                 // Reported after the connection closed: not kept.
                 // SAFETY: the new connection Traffic Server hands to this continuation.
                 unsafe { sys::TSVConnClose(vc.cast()) };
+            } else if let Event::Traffic(event, data) = event {
+                if self.phase == Phase::Flushing {
+                    self.flushing(event, data);
+                }
             }
             return;
         }
@@ -869,11 +902,14 @@ impl Connection {
             sys::TS_EVENT_VCONN_EOS | sys::TS_EVENT_VCONN_READ_COMPLETE
                 if side.is_some_and(|s| self.is_write_of(s, data)) =>
             {
-                // A write found the peer gone: nothing more can be sent to it.
+                // A write found the peer gone: nothing more can be sent to it. The other side
+                // still gets what was let through to it.
                 if let Some(index) = side {
                     self.closed_by[index] = PeerType::Remote;
+                    self.close_flushing([index != 0, index != 1]);
+                } else {
+                    self.close();
                 }
-                self.close();
             }
             sys::TS_EVENT_VCONN_EOS | sys::TS_EVENT_VCONN_READ_COMPLETE
                 if side == Some(1) && !self.upstream_reached() =>
@@ -921,12 +957,18 @@ impl Connection {
             sys::TS_EVENT_ERROR => {
                 match side {
                     Some(1) if !self.upstream_reached() => self.upstream_unreachable(),
-                    // Reset or broken: the proxy closes the other side (who closed it first,
-                    // if anyone, stays as it was).
-                    Some(index) => self.closed_by[index] = PeerType::Remote,
-                    None => self.closed_by = [PeerType::Local; 2],
+                    // Reset or broken: the proxy closes the other side once it took what was
+                    // let through to it, as Envoy's `tcp_proxy` does (who closed it first, if
+                    // anyone, stays as it was).
+                    Some(index) => {
+                        self.closed_by[index] = PeerType::Remote;
+                        self.close_flushing([index != 0, index != 1]);
+                    }
+                    None => {
+                        self.closed_by = [PeerType::Local; 2];
+                        self.close();
+                    }
                 }
-                self.close();
             }
             _ => {}
         }
@@ -1074,10 +1116,12 @@ impl Connection {
         }
     }
 
-    /// Closes both sides as the proxy's own decision (a plugin, its failure policy).
+    /// Closes both sides as the proxy's own decision (a plugin, its failure policy): each
+    /// gets what was let through to it first, as Envoy's `proxy_close_stream` closes a
+    /// connection (`FlushWrite`).
     fn close_locally(&mut self) {
         self.closed_by = [PeerType::Local; 2];
-        self.close();
+        self.close_flushing([true, true]);
     }
 
     /// Writes what the chain let through to the side it goes to.
@@ -1394,7 +1438,15 @@ impl Connection {
     /// Closes both sides and ends the plugins' contexts; the state is freed once its
     /// handlers have returned.
     fn close(&mut self) {
-        if self.phase == Phase::Closed {
+        self.close_flushing([false, false]);
+    }
+
+    /// As [`Connection::close`], but the sides `flush` names (a reached side, still writable)
+    /// first get what waits to be written to them, and close their own end, within
+    /// [`FLUSH_TIMEOUT`] of nothing moving: the connection is [`Phase::Flushing`] until then.
+    /// The plugins hear of the close at once.
+    fn close_flushing(&mut self, flush: [bool; 2]) {
+        if matches!(self.phase, Phase::Closed | Phase::Flushing) {
             return;
         }
         if matches!(self.phase, Phase::Held(_) | Phase::Dialling) {
@@ -1416,18 +1468,104 @@ impl Connection {
             let written = unsafe { sys::TSVIONDoneGet(downstream.write.vio) };
             self.transferred[1] = u64::try_from(written).unwrap_or(0);
         }
-        for side in [self.downstream.take(), self.upstream.take()]
+        let mut kept = [None, None];
+        for (index, side) in [self.downstream.take(), self.upstream.take()]
             .into_iter()
-            .flatten()
+            .enumerate()
         {
-            side.close();
+            let Some(mut side) = side else {
+                continue;
+            };
+            if flush[index] && side.reached && !side.write_shut {
+                side.flush();
+            }
+            if flush[index] && side.reached {
+                set_inactivity_timeout(side.vc, Some(FLUSH_TIMEOUT));
+            }
+            if side.write_shut && side.read_ended || !flush[index] || !side.reached {
+                // Nothing more to write, nor to wait for.
+                side.close();
+            } else {
+                kept[index] = Some(side);
+            }
         }
+        let [downstream, upstream] = kept;
+        if downstream.is_some() || upstream.is_some() {
+            self.phase = Phase::Flushing;
+        }
+        self.downstream = downstream;
+        self.upstream = upstream;
+        // A side with everything written gets its end from the wake-up (not here: this may
+        // run inside Traffic Server's write to it).
+        self.schedule_half_close();
         let finished = in_worker(self.thread, self.generation, "a TCP connection", |worker| {
             self.end_plugins(worker);
         });
         if finished.is_some() {
             self.slots_removed = true;
             with_workers(|workers| workers.stream_ended(self.generation));
+        }
+    }
+
+    /// An event of a side being flushed (see [`Connection::close_flushing`]): its write
+    /// completed (it is half-closed), it sent more (dropped), or it ended, failed or stayed
+    /// idle past [`FLUSH_TIMEOUT`] (closed). Once no side is left the connection is closed.
+    fn flushing(&mut self, event: sys::TSEvent, data: *mut c_void) {
+        if matches!(event, sys::TS_EVENT_IMMEDIATE | sys::TS_EVENT_TIMEOUT) {
+            self.half_close = None;
+            for slot in [&mut self.downstream, &mut self.upstream] {
+                let Some(side) = slot.as_mut() else {
+                    continue;
+                };
+                if side.end_unsignalled() {
+                    side.shut_write();
+                }
+                if side.write_shut && side.read_ended {
+                    if let Some(side) = slot.take() {
+                        side.close();
+                    }
+                }
+            }
+            if self.downstream.is_none() && self.upstream.is_none() {
+                self.phase = Phase::Closed;
+            }
+            return;
+        }
+        let index = if self.downstream.as_ref().is_some_and(|s| s.owns(data)) {
+            0
+        } else if self.upstream.as_ref().is_some_and(|s| s.owns(data)) {
+            1
+        } else {
+            return;
+        };
+        let slot = match index {
+            0 => &mut self.downstream,
+            _ => &mut self.upstream,
+        };
+        let Some(side) = slot.as_mut() else {
+            return;
+        };
+        match event {
+            sys::TS_EVENT_VCONN_WRITE_COMPLETE if !side.read_ended => side.shut_write(),
+            sys::TS_EVENT_VCONN_READ_READY => side.discard_read(),
+            sys::TS_EVENT_VCONN_WRITE_READY => {}
+            _ if event == sys::TS_EVENT_VCONN_EOS
+                && !side.write_shut
+                && data == side.read.vio.cast() =>
+            {
+                // Its peer ended its data, not its reading: the rest still goes to it.
+                side.read_ended = true;
+                side.discard_read();
+            }
+            _ => {
+                // Ended, failed or idle: closed.
+                if let Some(side) = slot.take() {
+                    side.close();
+                }
+            }
+        }
+        if self.downstream.is_none() && self.upstream.is_none() {
+            self.phase = Phase::Closed;
         }
     }
 

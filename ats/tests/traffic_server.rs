@@ -945,9 +945,10 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     let (gated, dead, idle, denied) = (free_port(), free_port(), free_port(), free_port());
     let (trap_closed, trap_open, chain, held) =
         (free_port(), free_port(), free_port(), free_port());
-    let (unanswered, one_way, slow_reader) = (free_port(), free_port(), free_port());
+    let (unanswered, one_way, slow_reader, reset_after) =
+        (free_port(), free_port(), free_port(), free_port());
     let (unanswering, sink) = (Unanswering::start(), Sink::start());
-    let flood = Flood::start(FLOOD);
+    let (flood, resetting_flood) = (Flood::start(FLOOD), Flood::then_reset(FLOOD));
     // Two network filters on one listener, as a `filters:` list: the second a plugin of its
     // own (its own VM).
     let second = network_filter_yaml("tcp_filter", engine, "")
@@ -1060,6 +1061,13 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             &network_filter_yaml("tcp_filter", engine, ""),
             "  idle_timeout: 1s\n  buffer_limit_bytes: 33554432\n",
         ),
+        tcp_listener_file(
+            "reset_after",
+            reset_after,
+            &resetting_flood.address.to_string(),
+            &network_filter_yaml("tcp_filter", engine, ""),
+            "  idle_timeout: 1s\n  buffer_limit_bytes: 33554432\n",
+        ),
     ];
     let server = TrafficServer::start(&origin, &files);
     for port in [
@@ -1074,6 +1082,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         unanswered,
         one_way,
         slow_reader,
+        reset_after,
     ] {
         wait_for_port(&server, port);
     }
@@ -1132,7 +1141,15 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     // Nor is a connection idle while the proxy writes to a slow client what a quiet upstream
     // sent it long before.
     if let Err(error) =
-        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(slow_reader, FLOOD, "[up] ")
+        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(slow_reader, FLOOD, "[up] ", false)
+    {
+        panic!("{error}\n{}", server.diagnostics());
+    }
+    // An upstream that resets its connection after sending, found when the client's next
+    // bytes cannot be passed on: the client still gets all it sent (what the proxy read of it
+    // before the reset), then the close, as Envoy's `tcp_proxy` flushes the other side.
+    if let Err(error) =
+        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(reset_after, FLOOD, "[up] ", true)
     {
         panic!("{error}\n{}", server.diagnostics());
     }

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream as Downstream;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::admin::{HostMetrics, ListenerLabel};
@@ -38,6 +38,10 @@ use crate::worker::Listener;
 
 /// Bytes read from either side at a time.
 const CHUNK: usize = 16 * 1024;
+
+/// How long a closing side may take to take what was let through to it, and to end its own
+/// sending, with nothing moving: Envoy's `delayed_close_timeout` (1 s).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One TCP listener's proxy.
 pub(crate) struct TcpProxy {
@@ -233,6 +237,42 @@ async fn drive<W: AsyncWrite + Unpin>(
     Ok(Progress::Ended)
 }
 
+/// Closes a side as Envoy's `FlushWrite` does: what was let through to it is written and its
+/// end sent, then what it still sends is read and dropped until it ends too (closing a socket
+/// with unread data would reset it, and with it what it has not taken yet), each step within
+/// [`FLUSH_TIMEOUT`] of nothing moving, the draining within two.
+async fn flush_and_close<W, R>(writer: &mut W, reader: &mut R, outbox: &Outbox)
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    use tokio::time::timeout;
+    if !outbox.ended {
+        let mut rest = &outbox.pending[..];
+        while !rest.is_empty() {
+            match timeout(FLUSH_TIMEOUT, writer.write(rest)).await {
+                Ok(Ok(count)) if count > 0 => rest = &rest[count..],
+                _ => return,
+            }
+        }
+        if !matches!(timeout(FLUSH_TIMEOUT, writer.flush()).await, Ok(Ok(()))) {
+            return;
+        }
+        if !matches!(timeout(FLUSH_TIMEOUT, writer.shutdown()).await, Ok(Ok(()))) {
+            return;
+        }
+    }
+    let drained_by = Instant::now() + 2 * FLUSH_TIMEOUT;
+    let mut dropped = [0u8; 4096];
+    while let Ok(Ok(count)) =
+        tokio::time::timeout_at(drained_by.into(), reader.read(&mut dropped)).await
+    {
+        if count == 0 {
+            return;
+        }
+    }
+}
+
 /// Carries data both ways through the chain until both sides have ended, the connection is
 /// closed or it stays idle past `idle_timeout`, recording who closed what. Reading and
 /// writing both sides go on at once (a side that does not read cannot stall the other way);
@@ -303,9 +343,24 @@ async fn relay(
                 connection.tcp_data(direction, buffer[..count].to_vec(), end)
             }
             Event::Read(direction, Err(error)) => {
-                // Reset or broken: the other side is closed by the proxy.
+                // Reset or broken: the other side is closed by the proxy, once it took what was
+                // let through to it (as Envoy's `tcp_proxy` does).
                 tracing::debug!(?direction, "connection read failed: {error}");
                 connection.closed_by[direction.index()] = PeerType::Remote;
+                match direction {
+                    Direction::Request => {
+                        flush_and_close(&mut upstream_writer, &mut upstream_reader, &outboxes[0])
+                            .await
+                    }
+                    Direction::Response => {
+                        flush_and_close(
+                            &mut downstream_writer,
+                            &mut downstream_reader,
+                            &outboxes[1],
+                        )
+                        .await
+                    }
+                }
                 return;
             }
             Event::Wrote(direction, Ok(progress)) => {
@@ -325,9 +380,24 @@ async fn relay(
                 continue;
             }
             Event::Wrote(direction, Err(error)) => {
-                // The receiving side went away: it closed, the proxy closes the other.
+                // The receiving side went away: it closed, the proxy closes the other once it
+                // took what was let through to it.
                 tracing::debug!(?direction, "connection write failed: {error}");
                 connection.closed_by[1 - direction.index()] = PeerType::Remote;
+                match direction {
+                    Direction::Request => {
+                        flush_and_close(
+                            &mut downstream_writer,
+                            &mut downstream_reader,
+                            &outboxes[1],
+                        )
+                        .await
+                    }
+                    Direction::Response => {
+                        flush_and_close(&mut upstream_writer, &mut upstream_reader, &outboxes[0])
+                            .await
+                    }
+                }
                 return;
             }
             Event::Woken => connection.resume(),
@@ -350,9 +420,14 @@ async fn relay(
                     outbox.end |= end;
                 }
             }
-            // Closed by a plugin or its failure policy: both sides go.
+            // Closed by a plugin or its failure policy: both sides go, once they took what was
+            // let through to them (Envoy's `proxy_close_stream` closes with `FlushWrite`).
             Err(_) => {
                 connection.closed_by = [PeerType::Local; 2];
+                tokio::join!(
+                    flush_and_close(&mut upstream_writer, &mut upstream_reader, &outboxes[0]),
+                    flush_and_close(&mut downstream_writer, &mut downstream_reader, &outboxes[1]),
+                );
                 return;
             }
         }

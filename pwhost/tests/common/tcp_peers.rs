@@ -108,7 +108,7 @@ impl Sink {
 
 /// A TCP server that sends `size` bytes (`x`) to each connection as soon as it is accepted,
 /// then sends nothing more and holds the connection open until its peer closes it (or 20 s
-/// pass); it serves until dropped.
+/// pass), or resets it; it serves until dropped.
 pub struct Flood {
     pub address: SocketAddr,
     _acceptor: Acceptor,
@@ -116,9 +116,37 @@ pub struct Flood {
 
 impl Flood {
     pub fn start(size: usize) -> Flood {
+        Flood::then(size, false)
+    }
+
+    /// A flood that resets each connection (RST) 300 ms after sending, instead of holding it.
+    pub fn then_reset(size: usize) -> Flood {
+        Flood::then(size, true)
+    }
+
+    fn then(size: usize, reset: bool) -> Flood {
         let acceptor = Acceptor::start(move |mut connection| {
             let _ = connection.set_read_timeout(Some(Duration::from_secs(20)));
             if connection.write_all(&vec![b'x'; size]).is_err() {
+                return;
+            }
+            if reset {
+                std::thread::sleep(Duration::from_millis(300));
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: `setsockopt` on a socket this closure owns, with a value of the size
+                // it is told; a zero linger makes the close below a reset.
+                unsafe {
+                    libc::setsockopt(
+                        connection.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
                 return;
             }
             let mut buffer = [0u8; 4096];
@@ -136,11 +164,13 @@ impl Flood {
 /// well over the timeout, yet writes to the client often within it), and checks that all of
 /// it came before the connection was closed
 /// (`prefix` first, what the listener's filter puts before the upstream's first bytes): a side
-/// waiting while the other is written to is not idle. Why not, if it did not.
+/// waiting while the other is written to is not idle. With `chatty`, the client also sends a
+/// few bytes after each read (which the proxy may fail to pass on). Why not, if it did not.
 pub fn a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(
     port: u16,
     size: usize,
     prefix: &str,
+    chatty: bool,
 ) -> Result<(), String> {
     let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
     connection
@@ -158,6 +188,10 @@ pub fn a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(
         }
         if received >= prefix.len() + size {
             break;
+        }
+        if chatty {
+            // A write failing once the proxy closed its end is fine: the reading tells.
+            let _ = connection.write_all(b"more");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
