@@ -328,6 +328,12 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_READ_RESPONSE_HDR_HOOK, cont);
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_RESPONSE_HDR_HOOK, cont);
         sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_TXN_CLOSE_HOOK, cont);
+        // Traffic Server following an origin's redirect itself would send the client a
+        // response the plugins never saw (their response callbacks ran on the redirect), and a
+        // response transform, done with the redirect's body, would pass nothing of the one
+        // followed: the client gets the redirect, as the plugins saw it (Envoy follows one only
+        // where a route asks).
+        sys::TSHttpTxnConfigIntSet(txn, sys::TS_CONFIG_HTTP_NUMBER_OF_REDIRECTIONS, 0);
         if request_body {
             let transform = body::add(txn, Direction::Request, Rc::clone(&link));
             (*transaction).request_transform = Some(transform);

@@ -3139,7 +3139,8 @@ enum BodyArrival {
 /// recording how the body of each path arrived, and answers 200 to a whole request only, with
 /// a body of `x` as long as the path's `?size=N` says (5 bytes without), `Content-Length`
 /// framed (the header alone for `HEAD`), after a `103 Early Hints` for a path with
-/// `early-hints` in it. A connection per request, one at a time.
+/// `early-hints` in it; a path with `redirect` in it is answered 302 to `/target`. A connection
+/// per request, one at a time.
 struct BodyOrigin {
     origin: Origin,
     arrivals: Arc<std::sync::Mutex<Vec<(String, BodyArrival)>>>,
@@ -3231,6 +3232,13 @@ impl BodyOrigin {
                 .split_once("?size=")
                 .and_then(|(_, size)| size.parse().ok())
                 .unwrap_or(5);
+            if path.contains("redirect") {
+                let _ = connection.write_all(
+                    b"HTTP/1.1 302 Found\r\nlocation: /target\r\ncontent-length: 3\r\n\
+                      connection: close\r\n\r\nfar",
+                );
+                return Some((path, arrival));
+            }
             let early = match path.contains("early-hints") {
                 true => "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
                 false => "",
@@ -3679,12 +3687,14 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
 /// The origin's response is what the plugins see and change, whatever comes before or without
 /// it: an interim `103` before it is not taken for it; a response without a body (to `HEAD`)
 /// gets `end_of_stream` in its headers callback, no body callback, and keeps its
-/// `Content-Length`; and a plugin failing closed in its response headers callback has a 503
-/// sent instead of the response, none of whose body reaches the client.
+/// `Content-Length`; a redirect goes to the client as the plugins saw it (Traffic Server does
+/// not follow it, even when told to: the client would get a response the plugins never saw);
+/// and a plugin failing closed in its response headers callback has a 503 sent instead of the
+/// response, none of whose body reaches the client.
 #[test]
 fn the_plugins_see_the_response_itself_and_a_failure_there_keeps_its_body_from_the_client() {
     let origin = BodyOrigin::start();
-    let server = TrafficServer::start(
+    let server = TrafficServer::start_edited(
         &origin.origin,
         &[
             PluginFile {
@@ -3696,6 +3706,13 @@ fn the_plugins_see_the_response_itself_and_a_failure_there_keeps_its_body_from_t
                 yaml: plugin_yaml("body_rewrite", "wasmtime", "", ""),
             },
         ],
+        "records.config",
+        |records| {
+            records
+                + "CONFIG proxy.config.http.number_of_redirections INT 1\n\
+                   CONFIG proxy.config.http.redirect.actions STRING \
+                   self:follow,loopback:follow,private:follow,routable:follow\n"
+        },
     );
     let context = |what: String| format!("{what}\n{}", server.diagnostics());
     let head = RawExchange::run(
@@ -3730,6 +3747,18 @@ fn the_plugins_see_the_response_itself_and_a_failure_there_keeps_its_body_from_t
         ))
     );
 
+    let redirected = RawExchange::get(server.port, "/redirect");
+    let last = redirected.last_head();
+    assert!(
+        redirected.timed_out.is_none()
+            && last.starts_with("302")
+            && last.contains("x-powered-by: pwhost"),
+        "{}",
+        context(format!(
+            "the redirect did not reach the client: {}",
+            redirected.describe()
+        ))
+    );
     drop(server);
 
     // A plugin trapping in every response headers callback (and with no body callback).
