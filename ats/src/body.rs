@@ -278,7 +278,11 @@ unsafe fn fail(connection: sys::TSCont, state: &mut BodyTransform) {
         unsafe {
             let http1 =
                 !sys::TSHttpTxnClientProtocolStackContains(state.txn, c"http/1".as_ptr()).is_null();
-            let client = sys::TSHttpSsnClientVConnGet(sys::TSHttpTxnSsnGet(state.txn));
+            let session = sys::TSHttpTxnSsnGet(state.txn);
+            let client = match session.is_null() {
+                true => std::ptr::null_mut(),
+                false => sys::TSHttpSsnClientVConnGet(session),
+            };
             if http1 && !client.is_null() {
                 sys::TSVConnActiveTimeoutSet(client, 1);
             }

@@ -457,6 +457,9 @@ enum Phase {
 /// end, with nothing moving: Envoy's `delayed_close_timeout` (1 s).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The longest a connection's sides are flushed, moving or not.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
 /// A TCP connection and its plugins, owned by its continuation.
 struct Connection {
     cont: sys::TSCont,
@@ -476,6 +479,9 @@ struct Connection {
     /// A scheduled event (`wake`) that half-closes the sides whose end is due (see
     /// [`Side::end_unsignalled`]) and resumes the connection if `resume_wanted`.
     half_close: Option<sys::TSAction>,
+    /// While flushing: the scheduled end of it, [`FLUSH_DEADLINE`] after it began, whatever
+    /// still moves (a peer that keeps sending, or never ends, holds no connection longer).
+    flush_deadline: Option<sys::TSAction>,
     /// A plugin asked for something outside the connection's callbacks (see [`resume`]).
     resume_wanted: bool,
     /// Who closed each side (`[downstream, upstream]`).
@@ -555,6 +561,7 @@ fn begin(vc: sys::TSVConn, cont: sys::TSCont, index: usize) -> Option<Connection
             dialling: None,
             dial_wanted: false,
             half_close: None,
+            flush_deadline: None,
             resume_wanted: false,
             closed_by: [PeerType::Local, PeerType::Unknown],
             transferred: [0; 2],
@@ -1486,12 +1493,21 @@ impl Connection {
                 // Nothing more to write, nor to wait for.
                 side.close();
             } else {
+                // Its reading may have stopped (the other side was full): what it sends now is
+                // drained, or its close would reset it.
+                side.discard_read();
                 kept[index] = Some(side);
             }
         }
         let [downstream, upstream] = kept;
         if downstream.is_some() || upstream.is_some() {
             self.phase = Phase::Flushing;
+            let milliseconds = FLUSH_DEADLINE.as_millis() as sys::TSHRTime;
+            // SAFETY: the connection's own continuation, on its own thread; the event is
+            // cancelled when the flush ends first.
+            let action =
+                unsafe { sys::TSContScheduleOnThread(self.cont, milliseconds, self.thread) };
+            self.flush_deadline = Some(action);
         }
         self.downstream = downstream;
         self.upstream = upstream;
@@ -1512,7 +1528,12 @@ impl Connection {
     /// idle past [`FLUSH_TIMEOUT`] (closed). Once no side is left the connection is closed.
     fn flushing(&mut self, event: sys::TSEvent, data: *mut c_void) {
         if matches!(event, sys::TS_EVENT_IMMEDIATE | sys::TS_EVENT_TIMEOUT) {
-            self.half_close = None;
+            // The wake-up (scheduled at once) or the flush's deadline (later).
+            let deadline = event == sys::TS_EVENT_TIMEOUT;
+            match deadline {
+                true => self.flush_deadline = None,
+                false => self.half_close = None,
+            }
             for slot in [&mut self.downstream, &mut self.upstream] {
                 let Some(side) = slot.as_mut() else {
                     continue;
@@ -1520,15 +1541,13 @@ impl Connection {
                 if side.end_unsignalled() {
                     side.shut_write();
                 }
-                if side.write_shut && side.read_ended {
+                if deadline || side.write_shut && side.read_ended {
                     if let Some(side) = slot.take() {
                         side.close();
                     }
                 }
             }
-            if self.downstream.is_none() && self.upstream.is_none() {
-                self.phase = Phase::Closed;
-            }
+            self.end_flush_if_done();
             return;
         }
         let index = if self.downstream.as_ref().is_some_and(|s| s.owns(data)) {
@@ -1564,8 +1583,22 @@ impl Connection {
                 }
             }
         }
-        if self.downstream.is_none() && self.upstream.is_none() {
-            self.phase = Phase::Closed;
+        self.end_flush_if_done();
+    }
+
+    /// Once no side is left to flush: the connection is closed, its scheduled events
+    /// cancelled (it is freed once its handlers return).
+    fn end_flush_if_done(&mut self) {
+        if self.downstream.is_some() || self.upstream.is_some() {
+            return;
+        }
+        self.phase = Phase::Closed;
+        for action in [self.half_close.take(), self.flush_deadline.take()]
+            .into_iter()
+            .flatten()
+        {
+            // SAFETY: the event has not run (running clears its field).
+            unsafe { sys::TSActionCancel(action) };
         }
     }
 

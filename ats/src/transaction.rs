@@ -41,8 +41,8 @@ struct Filter {
     response_body: Vec<u8>,
     /// The plugin buffered more than the limit in a direction (request, response): the body
     /// goes on past it, unchanged, from then on. The headers are gone, so Envoy's 413 or 500
-    /// cannot be sent; a body cut short would leave the origin waiting for the length it was
-    /// told, and aborting a transform from its own handler crashes Traffic Server 9.2.
+    /// cannot be sent, and ending the transaction (`body::fail`) for a plugin that only
+    /// buffered too much would lose what the client sent.
     over_limit: [bool; 2],
 }
 
@@ -152,13 +152,18 @@ pub(crate) struct Transaction {
     /// The response's headers ended it (`end_of_stream` in its headers callbacks): no body
     /// callback follows.
     response_ended_at_headers: bool,
+    /// A reply a plugin asked for in the response headers callbacks (or while holding the
+    /// response), sent once they all ran (see `answer_response`).
+    response_reply: Option<Reply>,
     /// The header that framed the client's request body (`Content-Length` or
     /// `Transfer-Encoding`) as the client sent it, restored after the plugins.
     client_framing: Option<(Vec<u8>, Vec<u8>)>,
     /// A plugin dropped the request's framing header (Envoy's sign that it changes the body's
     /// length): the request transform withholds the body until its length is known.
     request_framing_dropped: bool,
-    /// A plugin failing closed ended the body (request, response): nothing more of it goes on.
+    /// A plugin ended the body (request, response) by failing closed, answering or closing the
+    /// stream: nothing more of it goes on (the transform refuses the request, or ends the
+    /// transaction: see `body::fail`).
     body_cut: [bool; 2],
     /// A plugin holds the request headers while Traffic Server goes on with the transaction.
     /// Traffic Server reads a request body only past the read-request-header hook, so a plugin
@@ -341,8 +346,10 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         if dechunked {
             sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_SEND_REQUEST_HDR_HOOK, cont);
         }
-        if (*transaction).headers_held.is_some() {
-            // The cache is looked up before the body is read: see `on_transaction_event`.
+        if request_body {
+            // The cache is looked up before the body is read, while a plugin may hold the
+            // headers (from here, or once a plugin holding the transaction lets it go): see
+            // `on_transaction_event`.
             sys::TSHttpTxnHookAdd(txn, sys::TS_HTTP_CACHE_LOOKUP_COMPLETE_HOOK, cont);
         }
         if response_body {
@@ -369,6 +376,7 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         wants_response_body: false,
         response_from: None,
         response_ended_at_headers: false,
+        response_reply: None,
         client_framing: client_header(txn, HeaderKind::Request)
             .and_then(|headers| framing_of(&headers)),
         request_framing_dropped: false,
@@ -1270,7 +1278,7 @@ impl Transaction {
         let filters = &mut self.filters;
         let mut paused = None;
         let mut replied = None;
-        let mut ended_at_headers = false;
+        let mut ended_at_headers = None;
         in_worker(self.thread, self.generation, "a transaction", |worker| {
             for (index, filter) in filters.iter_mut().enumerate().take(until).rev() {
                 let Some(stream) = filter.stream.as_ref().filter(|_| !filter.bypassed) else {
@@ -1284,7 +1292,7 @@ impl Transaction {
                 };
                 let count = abi::Headers::len(&headers);
                 let end_of_stream = head || ends_stream(&headers, HeaderKind::Response);
-                ended_at_headers = end_of_stream;
+                ended_at_headers = Some(end_of_stream);
                 // Only a continue asked in this callback counts for it (one asked earlier,
                 // with nothing held, is spent).
                 if let Some(slot) = slot_of(vm, filter.context) {
@@ -1317,13 +1325,18 @@ impl Transaction {
                 }
             }
         });
-        self.response_ended_at_headers = ended_at_headers;
+        if let Some(ended) = ended_at_headers {
+            self.response_ended_at_headers = ended;
+        }
+        if replied.is_some() {
+            self.response_reply = replied;
+        }
         if let Some(pause) = paused {
             self.paused = Some(pause);
             return Next::Hold;
         }
         self.unlend();
-        match replied {
+        match self.response_reply.take() {
             Some(reply) => self.answer_response(reply),
             None => Next::Continue,
         }
@@ -1586,8 +1599,9 @@ impl Transaction {
                     }
                     Err(error) => {
                         diag::error(&format!("[{}] {error}", filter.name));
-                        // The headers are gone: failing closed can only end the body here
-                        // (the request transform refuses a request the origin has not seen).
+                        // The headers are gone: failing closed ends the body here (the request
+                        // transform refuses a request the origin has not seen, or ends the
+                        // transaction: `body::fail`).
                         if crate::plugin_failed(worker, filter.plugin, &error)
                             == OnFailure::FailOpen
                         {
@@ -1964,10 +1978,8 @@ impl Transaction {
                     self.unlend();
                     let from = self.response_from.unwrap_or(ResponseFrom::Client);
                     put_on_response(self.txn, from, reply.status, &reply.headers);
-                    return match self.response_headers(index) {
-                        Next::Continue => self.answer_response(reply),
-                        next => next,
-                    };
+                    self.response_reply = Some(reply);
+                    return self.response_headers(index);
                 }
                 None => {
                     self.reply = Some(reply);
@@ -2016,10 +2028,8 @@ impl Transaction {
             (Pause::Response(index), Some(reply)) => {
                 let from = self.response_from.unwrap_or(ResponseFrom::Client);
                 put_on_response(self.txn, from, reply.status, &reply.headers);
-                match self.response_headers(index) {
-                    Next::Continue => self.answer_response(reply),
-                    next => next,
-                }
+                self.response_reply = Some(reply);
+                self.response_headers(index)
             }
             (Pause::Response(index), None) if continued => self.response_headers(index),
             (_, None) => {
