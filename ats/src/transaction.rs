@@ -578,7 +578,7 @@ unsafe extern "C" fn on_transaction_event(
             let next = guarded("the response hook", Next::Continue, || {
                 // SAFETY: see above; nothing else holds the transaction while its hook runs.
                 let transaction = unsafe { &mut *transaction };
-                if event == sys::TS_EVENT_HTTP_READ_RESPONSE_HDR && interim_response(txn) {
+                if interim_response(txn, event) {
                     // A 100 or 103 before the response: the plugins see the response itself.
                     return Next::Continue;
                 }
@@ -984,11 +984,17 @@ fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
     }
 }
 
-/// Whether the origin's response being read is an interim one (1xx other than 101, which
-/// switches protocols and is the response).
-fn interim_response(txn: sys::TSHttpTxn) -> bool {
-    txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response)
-        .is_some_and(|response| matches!(response.status(), 100 | 102..=199))
+/// Whether the response of the response hook `event` (the origin's being read, or the one
+/// going to the client) is an interim one (1xx other than 101, which switches protocols and is
+/// the response).
+fn interim_response(txn: sys::TSHttpTxn, event: sys::TSEvent) -> bool {
+    let response = match event {
+        sys::TS_EVENT_HTTP_READ_RESPONSE_HDR => {
+            txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response)
+        }
+        _ => client_header(txn, HeaderKind::Response),
+    };
+    response.is_some_and(|response| matches!(response.status(), 100 | 102..=199))
 }
 
 /// Whether the client's request is a `HEAD`, whose response has no body whatever its headers

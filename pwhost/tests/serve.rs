@@ -2222,39 +2222,28 @@ fn traffic_one_way_keeps_a_tcp_connection_open_past_the_idle_timeout() {
 #[test]
 fn a_slow_client_keeps_a_tcp_connection_open_past_the_idle_timeout_while_it_reads() {
     const FLOOD: usize = 16 << 20;
-    let flood = Flood::start(FLOOD);
-    let serve = serve_tcp_with(
-        flood.address,
-        "tcp_filter",
-        "",
-        &[],
-        "    idle_timeout: 1s\n    per_connection_buffer_limit_bytes: 33554432\n",
-    );
-    // The upstream sends everything at once and falls quiet; the proxy writes it to the client
-    // as fast as the client reads, which takes several timeouts.
-    if let Err(error) =
-        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(serve.port, FLOOD, "[up] ", false)
-    {
-        panic!("{error}\n{}", serve.log());
+    // An upstream that sends everything at once and falls quiet: the proxy writes it to the
+    // client as fast as the client reads, which takes several timeouts. Then one that resets
+    // its connection after sending, found when the client's next bytes cannot be passed on:
+    // the client still gets all it sent, then the close.
+    for (upstream, chatty) in [
+        (Flood::start(FLOOD), false),
+        (Flood::then_reset(FLOOD), true),
+    ] {
+        let serve = serve_tcp_with(
+            upstream.address,
+            "tcp_filter",
+            "",
+            &[],
+            "    idle_timeout: 1s\n    per_connection_buffer_limit_bytes: 33554432\n",
+        );
+        if let Err(error) = a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(
+            serve.port, FLOOD, "[up] ", chatty,
+        ) {
+            panic!("{error}\n{}", serve.log());
+        }
+        serve.wait_for_no_live_contexts();
     }
-    serve.wait_for_no_live_contexts();
-    drop(serve);
-    // An upstream that resets its connection after sending, found when the client's next
-    // bytes cannot be passed on: the client still gets all it sent, then the close.
-    let resetting = Flood::then_reset(FLOOD);
-    let serve = serve_tcp_with(
-        resetting.address,
-        "tcp_filter",
-        "",
-        &[],
-        "    idle_timeout: 1s\n    per_connection_buffer_limit_bytes: 33554432\n",
-    );
-    if let Err(error) =
-        a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout(serve.port, FLOOD, "[up] ", true)
-    {
-        panic!("{error}\n{}", serve.log());
-    }
-    serve.wait_for_no_live_contexts();
 }
 
 /// A singleton service block (Envoy's `envoy.bootstrap.wasm`) running `plugin` in VM `vm_id`
