@@ -1710,6 +1710,19 @@ mod grpc_upstream {
 }
 
 impl GrpcUpstream {
+    /// How the request stream of a `/pwhost.Echo/Hold` call ended, once it did (waiting at most
+    /// `within`).
+    fn held_outcome(&self, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let outcome = self.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if outcome.is_some() || Instant::now() >= deadline {
+                return outcome;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn start() -> GrpcUpstream {
         let deny = Arc::new(AtomicBool::new(false));
         let calls = Arc::new(AtomicUsize::new(0));
@@ -1838,23 +1851,9 @@ fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
         serve.log()
     );
     serve.wait_for_log("bytes the upstream has not taken: the stream is reset");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let held = loop {
-        if let Some(outcome) = upstream
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            break outcome;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the upstream's stream never ended\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let held = upstream
+        .held_outcome(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the upstream's stream never ended\n{}", serve.log()));
     // `hello` and the first 16 MiB were queued before the limit; of them, only what was on
     // its way when the stream was reset reaches the upstream.
     let messages: usize = held
@@ -4623,23 +4622,14 @@ fn a_plugin_failing_in_a_request_body_resets_an_http2_upstreams_stream_at_once()
         std::io::Write::write_all(&mut stdin, &[0, 0, 0, 0, 0]).expect("the message");
     }
     let output = client.wait_with_output().expect("curl ends");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ended = loop {
-        if let Some(outcome) = upstream
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            break outcome;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the upstream's stream was not ended: it waits for the rest of the body\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let ended = upstream
+        .held_outcome(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "the upstream's stream was not ended: it waits for the rest of the body\n{}",
+                serve.log()
+            )
+        });
     assert_eq!(
         ended, "ended after 0 messages",
         "the message reached the upstream"
