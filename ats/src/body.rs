@@ -253,6 +253,21 @@ unsafe fn refuse(connection: sys::TSCont, state: &mut BodyTransform) {
     state.done = true;
 }
 
+/// Ends a request whose body a plugin cut: refused if none of it went out (the origin never
+/// sees it, see [`refuse`]), else the transaction is ended (see [`fail`]).
+///
+/// # Safety
+/// As [`fail`]'s, for a request transform.
+unsafe fn end_cut_request(connection: sys::TSCont, state: &mut BodyTransform) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        match state.output {
+            None => refuse(connection, state),
+            Some(_) => fail(connection, state),
+        }
+    }
+}
+
 /// Ends the transaction when a plugin ended a body (it failed closed, answered or closed the
 /// stream) once some of the request went to the origin, or at any point of a response: the
 /// transform reports an error to the body's writer, and Traffic Server aborts the whole chain
@@ -555,25 +570,15 @@ unsafe fn transfer(connection: sys::TSCont, state: &mut BodyTransform) {
                         .get_or_insert_with(|| open_output(connection, length));
                     write(output, &mut state.written, &chunk);
                 } else if cut() {
-                    if state.output.is_none() {
-                        // Before the origin saw any of the request (e.g. a reply decided from
-                        // a hold on the headers before the body came).
-                        refuse(connection, state);
-                    } else {
-                        fail(connection, state);
-                    }
+                    // E.g. a reply decided from a hold on the headers before the body came.
+                    end_cut_request(connection, state);
                     return;
                 } else {
                     behind.extend_from_slice(&chunk);
                     let forward = run(chunk);
                     let too_far_behind = behind.len() > limit;
                     if cut() {
-                        if state.output.is_none() {
-                            // Before the origin saw any of the request.
-                            refuse(connection, state);
-                        } else {
-                            fail(connection, state);
-                        }
+                        end_cut_request(connection, state);
                         return;
                     } else if end_of_stream && state.output.is_none() {
                         if !whole {

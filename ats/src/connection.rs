@@ -938,14 +938,7 @@ impl Connection {
             }
             sys::TS_EVENT_IMMEDIATE | sys::TS_EVENT_TIMEOUT => {
                 self.half_close = None;
-                for side in [&mut self.downstream, &mut self.upstream]
-                    .into_iter()
-                    .flatten()
-                {
-                    if side.end_unsignalled() {
-                        side.shut_write();
-                    }
-                }
+                self.shut_due_ends();
                 if std::mem::take(&mut self.resume_wanted) {
                     self.resume();
                 }
@@ -1148,6 +1141,19 @@ impl Connection {
             }
         }
         self.schedule_half_close();
+    }
+
+    /// Half-closes the sides whose end is due with nothing left to write (see
+    /// [`Side::end_unsignalled`]): from the scheduled wake-up only.
+    fn shut_due_ends(&mut self) {
+        for side in [&mut self.downstream, &mut self.upstream]
+            .into_iter()
+            .flatten()
+        {
+            if side.end_unsignalled() {
+                side.shut_write();
+            }
+        }
     }
 
     /// Schedules the half-close of the sides whose end is due with nothing left to write (see
@@ -1483,21 +1489,19 @@ impl Connection {
             let Some(mut side) = side else {
                 continue;
             };
-            if flush[index] && side.reached && !side.write_shut {
+            if !flush[index] || !side.reached || side.write_shut && side.read_ended {
+                // Not to be flushed, or nothing more to write nor to wait for.
+                side.close();
+                continue;
+            }
+            if !side.write_shut {
                 side.flush();
             }
-            if flush[index] && side.reached {
-                set_inactivity_timeout(side.vc, Some(FLUSH_TIMEOUT));
-            }
-            if side.write_shut && side.read_ended || !flush[index] || !side.reached {
-                // Nothing more to write, nor to wait for.
-                side.close();
-            } else {
-                // Its reading may have stopped (the other side was full): what it sends now is
-                // drained, or its close would reset it.
-                side.discard_read();
-                kept[index] = Some(side);
-            }
+            set_inactivity_timeout(side.vc, Some(FLUSH_TIMEOUT));
+            // Its reading may have stopped (the other side was full): what it sends now is
+            // drained, or its close would reset it.
+            side.discard_read();
+            kept[index] = Some(side);
         }
         let [downstream, upstream] = kept;
         if downstream.is_some() || upstream.is_some() {
@@ -1534,14 +1538,12 @@ impl Connection {
                 true => self.flush_deadline = None,
                 false => self.half_close = None,
             }
+            self.shut_due_ends();
             for slot in [&mut self.downstream, &mut self.upstream] {
-                let Some(side) = slot.as_mut() else {
-                    continue;
-                };
-                if side.end_unsignalled() {
-                    side.shut_write();
-                }
-                if deadline || side.write_shut && side.read_ended {
+                if slot
+                    .as_ref()
+                    .is_some_and(|side| deadline || side.write_shut && side.read_ended)
+                {
                     if let Some(side) = slot.take() {
                         side.close();
                     }
@@ -1568,10 +1570,7 @@ impl Connection {
             sys::TS_EVENT_VCONN_WRITE_COMPLETE if !side.read_ended => side.shut_write(),
             sys::TS_EVENT_VCONN_READ_READY => side.discard_read(),
             sys::TS_EVENT_VCONN_WRITE_READY => {}
-            _ if event == sys::TS_EVENT_VCONN_EOS
-                && !side.write_shut
-                && data == side.read.vio.cast() =>
-            {
+            sys::TS_EVENT_VCONN_EOS if !side.write_shut && data == side.read.vio.cast() => {
                 // Its peer ended its data, not its reading: the rest still goes to it.
                 side.read_ended = true;
                 side.discard_read();

@@ -630,12 +630,8 @@ unsafe extern "C" fn on_transaction_event(
                     let mut status = 0;
                     // SAFETY: the event's transaction, in its cache lookup hook.
                     let looked_up = unsafe { sys::TSHttpTxnCacheLookupStatusGet(txn, &mut status) };
-                    let hit = [
-                        sys::TS_CACHE_LOOKUP_HIT_FRESH,
-                        sys::TS_CACHE_LOOKUP_HIT_STALE,
-                    ]
-                    .map(|hit| hit as c_int)
-                    .contains(&status);
+                    let hit = status == sys::TS_CACHE_LOOKUP_HIT_FRESH as c_int
+                        || status == sys::TS_CACHE_LOOKUP_HIT_STALE as c_int;
                     if looked_up == sys::TS_SUCCESS && hit {
                         diag::debug(
                             "a plugin holds the request headers: the cache hit goes as a miss",
@@ -1972,21 +1968,8 @@ impl Transaction {
         };
         if let Some((by, reply)) = holder.and_then(|holder| self.other_answer(holder)) {
             match self.paused.take() {
-                Some(Pause::Request(_)) => {
-                    self.reply = Some(reply);
-                    self.unlend();
-                    self.send_reply_body();
-                    return Next::Reply;
-                }
-                Some(Pause::Response(index)) => {
-                    // As a reply from a response headers callback: it replaces the response,
-                    // and the plugins not called yet see it.
-                    self.unlend();
-                    let from = self.response_from.unwrap_or(ResponseFrom::Client);
-                    put_on_response(self.txn, from, reply.status, &reply.headers);
-                    self.response_reply = Some(reply);
-                    return self.response_headers(index);
-                }
+                Some(Pause::Request(_)) => return self.answer_held_request(reply),
+                Some(Pause::Response(index)) => return self.answer_held_response(index, reply),
                 None => {
                     self.reply = Some(reply);
                     self.answer_during_body(Some(by));
@@ -2016,12 +1999,7 @@ impl Transaction {
             }
         }
         match (pause, reply) {
-            (Pause::Request(_), Some(reply)) => {
-                self.unlend();
-                self.reply = Some(reply);
-                self.send_reply_body();
-                Next::Reply
-            }
+            (Pause::Request(_), Some(reply)) => self.answer_held_request(reply),
             (Pause::Request(index), None) if continued => {
                 // A plugin after the one that held the transaction may answer it: its body and
                 // content type go to Traffic Server's error path, as at the first run.
@@ -2031,12 +2009,7 @@ impl Transaction {
                 }
                 next
             }
-            (Pause::Response(index), Some(reply)) => {
-                let from = self.response_from.unwrap_or(ResponseFrom::Client);
-                put_on_response(self.txn, from, reply.status, &reply.headers);
-                self.response_reply = Some(reply);
-                self.response_headers(index)
-            }
+            (Pause::Response(index), Some(reply)) => self.answer_held_response(index, reply),
             (Pause::Response(index), None) if continued => self.response_headers(index),
             (_, None) => {
                 // Nothing the transaction can act on yet: it stays held.
@@ -2045,6 +2018,25 @@ impl Transaction {
                 Next::Hold
             }
         }
+    }
+
+    /// Answers a request held in its header hook with `reply`, down Traffic Server's error path.
+    fn answer_held_request(&mut self, reply: Reply) -> Next {
+        self.unlend();
+        self.reply = Some(reply);
+        self.send_reply_body();
+        Next::Reply
+    }
+
+    /// Answers a response held in its header hook by filter `index` with `reply`, as a reply
+    /// from a response headers callback: it replaces the response, the plugins not called yet
+    /// see it, then it goes out (see `answer_response`).
+    fn answer_held_response(&mut self, index: usize, reply: Reply) -> Next {
+        self.unlend();
+        let from = self.response_from.unwrap_or(ResponseFrom::Client);
+        put_on_response(self.txn, from, reply.status, &reply.headers);
+        self.response_reply = Some(reply);
+        self.response_headers(index)
     }
 
     /// Sets the reply's status, body and content type for Traffic Server's error path.

@@ -114,7 +114,7 @@ impl Drop for Misbehaving {
 }
 
 /// Closes `stream` with a reset (RST) rather than an orderly close.
-fn reset(stream: TcpStream) {
+pub fn reset(stream: TcpStream) {
     use std::os::fd::AsRawFd;
     let linger = libc::linger {
         l_onoff: 1,

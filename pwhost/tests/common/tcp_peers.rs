@@ -132,21 +132,7 @@ impl Flood {
             }
             if reset {
                 std::thread::sleep(Duration::from_millis(300));
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: `setsockopt` on a socket this closure owns, with a value of the size
-                // it is told; a zero linger makes the close below a reset.
-                unsafe {
-                    libc::setsockopt(
-                        connection.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
+                super::faulty_peers::reset(connection);
                 return;
             }
             let mut buffer = [0u8; 4096];
