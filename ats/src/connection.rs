@@ -232,6 +232,17 @@ struct Filter {
     release: [bool; 2],
 }
 
+impl Filter {
+    /// Marks for release what the plugin holds of each direction it continued. A continue of a
+    /// direction it holds nothing of is spent: it does not let a later pause pass.
+    fn mark_release(&mut self, continued_sides: [bool; 2]) {
+        for (side, continued) in continued_sides.into_iter().enumerate() {
+            let holds = !self.held[side].is_empty() || self.held_end[side];
+            self.release[side] |= continued && holds;
+        }
+    }
+}
+
 /// Which way data goes: from the client (`Downstream`, to the upstream) or from the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Direction {
@@ -1313,9 +1324,7 @@ impl Connection {
                 return;
             }
             let filter = &mut self.filters[index];
-            for (release, continued) in filter.release.iter_mut().zip(asked.continued_sides) {
-                *release |= continued;
-            }
+            filter.mark_release(asked.continued_sides);
             let holds =
                 filter.held.iter().any(|held| !held.is_empty()) || filter.held_end.contains(&true);
             if failed && holds {
@@ -1372,6 +1381,7 @@ impl Connection {
             let mut buffer = std::mem::take(&mut self.filters[index].held[side]);
             buffer.extend_from_slice(&data);
             let ran = self.with_filter(index, |vm, context| {
+                forget_stale_continue(vm, context);
                 let size = buffer.len();
                 lend(vm, context, Some(buffer));
                 let result = match direction {
@@ -1398,9 +1408,7 @@ impl Connection {
             let continued = asked.continued && asked.continued_sides[side];
             let filter = &mut self.filters[index];
             // A continue of the other direction is for what it holds there.
-            for (release, continued) in filter.release.iter_mut().zip(asked.continued_sides) {
-                *release |= continued;
-            }
+            filter.mark_release(asked.continued_sides);
             if action == DataAction::Continue || continued {
                 data = buffer;
                 continue;
@@ -1681,6 +1689,18 @@ struct Asked {
 /// The plugin's slot for its connection context `context`.
 fn slot_of(vm: &mut Vm, context: ContextId) -> Option<&mut StreamSlot> {
     vm.host_as::<AtsHost>()?.stream_mut(context)
+}
+
+/// Forgets a continue the plugin of `context` asked for while it held nothing of its
+/// connection (e.g. from a callout's answer while another filter held the new connection): only
+/// one asked for in the callback that gets data, or while it holds some, lets data go on. (A
+/// continue asked outside the connection's events is acted on right after the plugin code that
+/// asked ran, before any data event: see [`crate::transaction::act_on`].)
+fn forget_stale_continue(vm: &mut Vm, context: ContextId) {
+    if let Some(slot) = slot_of(vm, context) {
+        slot.continued = false;
+        slot.continued_sides = [false; 2];
+    }
 }
 
 /// Takes what the plugin asked for its connection `context`.

@@ -10,6 +10,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use abi::{
     BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
@@ -40,6 +41,11 @@ pub(crate) struct StreamSlot {
     /// Whether the transaction waits in a hook for this plugin to continue it (a connection's
     /// slot is always: anything its plugin asks outside a callback wakes it).
     pub(crate) held: bool,
+    /// When the transaction's current hold by this plugin began, or last saw the client's
+    /// data (a body chunk while the plugin holds the headers): past the stream idle timeout
+    /// it is answered 408 ([`crate::transaction::pending_in`]). `None` for connections, which
+    /// have idle timeouts of their own.
+    pub(crate) held_since: Option<Instant>,
     /// The client request header, while a hook lends it.
     pub(crate) request: Option<MimeHeaders>,
     /// While the plugin holds the request headers past the read-request-header hook: the
@@ -70,6 +76,7 @@ impl StreamSlot {
             plugin,
             holder,
             held: matches!(holder, Holder::Connection(_)),
+            held_since: None,
             request: None,
             follow_request: None,
             response: None,
@@ -80,6 +87,24 @@ impl StreamSlot {
             continued_sides: [false; 2],
             closed: false,
         }
+    }
+
+    /// Marks the transaction as held by the plugin (waiting for it), from now on unless it
+    /// already was, and has this thread's ticker look at it when the stream idle timeout
+    /// would pass.
+    pub(crate) fn hold(&mut self) {
+        self.held = true;
+        if self.held_since.is_none() {
+            let now = Instant::now();
+            self.held_since = Some(now);
+            crate::hold_began(now);
+        }
+    }
+
+    /// Ends the plugin's hold on the transaction.
+    pub(crate) fn release(&mut self) {
+        self.held = false;
+        self.held_since = None;
     }
 
     /// Whether the plugin asked to end its stream: a local reply or a close.
@@ -163,6 +188,11 @@ impl AtsHost {
     /// The slots of every transaction running through this copy.
     pub(crate) fn stream_slots(&self) -> impl Iterator<Item = &StreamSlot> {
         self.streams.values()
+    }
+
+    /// Every stream slot of the copy, to change.
+    pub(crate) fn stream_slots_mut(&mut self) -> impl Iterator<Item = &mut StreamSlot> {
+        self.streams.values_mut()
     }
 }
 

@@ -4,7 +4,8 @@
 //! plugin is, with the same YAML files:
 //!
 //! ```text
-//! pwhost_ats.so [--deadline-ms=N] [--max-memory-mib=N] a.yaml [b.yaml ...]
+//! pwhost_ats.so [--deadline-ms=N] [--max-memory-mib=N] [--buffer-limit-bytes=N]
+//!     [--stream-idle-timeout-ms=N] a.yaml [b.yaml ...]
 //! ```
 //!
 //! Each file configures plugins as the `lifecycle` layer reads them (Traffic Server's
@@ -57,7 +58,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use engines::BuildEngines;
 use lifecycle::{
@@ -85,6 +86,8 @@ struct Global {
     services: Mutex<Vec<SingletonService>>,
     /// Body bytes a plugin may keep buffered per transaction and direction.
     buffer_limit_bytes: usize,
+    /// How long a plugin may hold a transaction without continuing, answering or closing it.
+    stream_idle_timeout: Option<Duration>,
 }
 
 /// Envoy's `per_connection_buffer_limit_bytes` default: 1 MiB.
@@ -95,6 +98,32 @@ pub(crate) fn buffer_limit_bytes() -> usize {
     GLOBAL.get().map_or(DEFAULT_BUFFER_LIMIT_BYTES, |global| {
         global.buffer_limit_bytes
     })
+}
+
+/// Envoy's `stream_idle_timeout` default: 5 min.
+const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a plugin may hold a transaction without continuing, answering or closing it before
+/// it is answered 408 (`--stream-idle-timeout-ms`; `None`: for ever).
+pub(crate) fn stream_idle_timeout() -> Option<Duration> {
+    GLOBAL
+        .get()
+        .map_or(Some(DEFAULT_STREAM_IDLE_TIMEOUT), |global| {
+            global.stream_idle_timeout
+        })
+}
+
+/// Notes that a plugin began to hold a transaction at `since`: [`with_thread`] then has the
+/// ticker look at it when the stream idle timeout would pass.
+pub(crate) fn hold_began(since: Instant) {
+    if let Some(timeout) = stream_idle_timeout() {
+        let due = since + timeout;
+        HOLD_DUE.with(|earliest| {
+            earliest.set(Some(
+                earliest.get().map_or(due, |earliest| earliest.min(due)),
+            ));
+        });
+    }
 }
 
 /// Starts the singleton services of `plugins`, each in its own VM on its own thread, ticking on
@@ -179,6 +208,9 @@ thread_local! {
     /// A plugin failed in a transaction's or connection's callback on this thread since the
     /// last look (see [`plugin_failed`]).
     static PLUGIN_FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The earliest a hold that began on this thread since the last look would time out (see
+    /// [`hold_began`]).
+    static HOLD_DUE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
 /// Applies `plugin`'s failure policy to `error` in one of its callbacks for a transaction or
@@ -211,6 +243,9 @@ pub(crate) fn with_thread<R>(work: impl FnOnce(&mut ThreadState) -> R) -> Option
         let result = work(state);
         if PLUGIN_FAILED.with(|failed| failed.replace(false)) {
             state.ticker.sweep_soon();
+        }
+        if let Some(due) = HOLD_DUE.with(|due| due.take()) {
+            state.ticker.look_at_holds_by(due);
         }
         Some(result)
     })
@@ -245,6 +280,7 @@ struct Arguments {
     files: Vec<PathBuf>,
     runtime: RuntimeConfig,
     buffer_limit_bytes: usize,
+    stream_idle_timeout: Option<Duration>,
 }
 
 fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
@@ -252,6 +288,7 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
     let mut deadline_ms = DEFAULT_DEADLINE_MS;
     let mut runtime = RuntimeConfig::default();
     let mut buffer_limit_bytes = DEFAULT_BUFFER_LIMIT_BYTES;
+    let mut stream_idle_timeout = Some(DEFAULT_STREAM_IDLE_TIMEOUT);
     for arg in args {
         let number = |value: &str| {
             value
@@ -270,10 +307,15 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
                 0 => return Err(format!("{arg}: must be at least 1")),
                 bytes => usize::try_from(bytes).unwrap_or(usize::MAX),
             };
+        } else if let Some(value) = arg.strip_prefix("--stream-idle-timeout-ms=") {
+            stream_idle_timeout = match number(value)? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            };
         } else if arg.starts_with("--") {
             return Err(format!(
                 "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N, \
-                 --buffer-limit-bytes=N)"
+                 --buffer-limit-bytes=N, --stream-idle-timeout-ms=N)"
             ));
         } else {
             files.push(config_path(arg));
@@ -284,6 +326,7 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
         files,
         runtime,
         buffer_limit_bytes,
+        stream_idle_timeout,
     })
 }
 
@@ -384,6 +427,7 @@ fn init(args: &[String]) -> Result<(), String> {
         engines,
         services: Mutex::new(services),
         buffer_limit_bytes: arguments.buffer_limit_bytes,
+        stream_idle_timeout: arguments.stream_idle_timeout,
     };
     if GLOBAL.set(global).is_err() {
         return Err("initialised twice".into());

@@ -1,7 +1,8 @@
 //! Timer ticks (`proxy_set_tick_period_milliseconds` → `proxy_on_tick`) for the VM copies of one
 //! Traffic Server thread, delivered on that thread: one continuation per thread, scheduled
 //! (`TSContScheduleOnThread`) for the earliest tick due among its copies' root contexts, and
-//! nothing scheduled while no root context asked for ticks.
+//! nothing scheduled while no root context asked for ticks. The same continuation answers the
+//! transactions a plugin held past the stream idle timeout, scheduled for the earliest.
 
 use std::ffi::{c_int, c_void};
 use std::time::{Duration, Instant};
@@ -27,6 +28,8 @@ pub(crate) struct Ticker {
     scheduled: Option<(Instant, sys::TSAction)>,
     /// By deployment, copy and root context (copy ids restart with each deployment's worker).
     timers: FxHashMap<(Generation, CopyId, u32), Timer>,
+    /// When the earliest hold of a transaction by a plugin would pass the stream idle timeout.
+    hold_due: Option<Instant>,
 }
 
 impl Ticker {
@@ -41,6 +44,7 @@ impl Ticker {
             thread: unsafe { sys::TSEventThreadSelf() },
             scheduled: None,
             timers: FxHashMap::default(),
+            hold_due: None,
         }
     }
 
@@ -95,9 +99,18 @@ impl Ticker {
         self.schedule(Instant::now());
     }
 
-    /// Schedules the continuation for the earliest tick due, unless it already runs by then.
+    /// Has the continuation look at the held transactions by `due`, when a hold that began
+    /// would pass the stream idle timeout.
+    pub(crate) fn look_at_holds_by(&mut self, due: Instant) {
+        self.hold_due = Some(self.hold_due.map_or(due, |earliest| earliest.min(due)));
+        self.schedule(due);
+    }
+
+    /// Schedules the continuation for the earliest tick or hold timeout due, unless it already
+    /// runs by then.
     fn arm(&mut self) {
-        if let Some(earliest) = self.timers.values().map(|t| t.due).min() {
+        let ticks = self.timers.values().map(|t| t.due);
+        if let Some(earliest) = ticks.chain(self.hold_due).min() {
             self.schedule(earliest);
         }
     }
@@ -120,8 +133,9 @@ impl Ticker {
     }
 }
 
-/// The tick continuation: ticks every root context that is due, then acts on what the plugins
-/// asked for their held transactions.
+/// The tick continuation: ticks every root context that is due, answers the transactions held
+/// past the stream idle timeout, then acts on what the plugins asked for their held
+/// transactions.
 unsafe extern "C" fn on_tick(
     _cont: sys::TSCont,
     _event: sys::TSEvent,
@@ -143,6 +157,17 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     let ticker = &mut state.ticker;
     ticker.scheduled = None;
     let now = Instant::now();
+    // Each look finds the holds left and when the next of them would time out.
+    ticker.hold_due = None;
+    let hold_timeout = crate::stream_idle_timeout();
+    let time_out_holds = |vm: &mut abi::Vm, hold_due: &mut Option<Instant>| {
+        let Some(timeout) = hold_timeout else {
+            return;
+        };
+        if let Some(due) = crate::transaction::time_out_holds(vm, now, timeout) {
+            *hold_due = Some(hold_due.map_or(due, |earliest| earliest.min(due)));
+        }
+    };
     let mut pending = Vec::new();
     let mut seen = Vec::new();
     state.workers.for_each_worker(|generation, worker| {
@@ -181,11 +206,15 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                     }
                 }
             }
+            time_out_holds(vm, &mut ticker.hold_due);
             crate::transaction::pending_in(vm, &mut pending);
         });
         // A copy replaced after it failed (a new transaction may come before this sweep)
         // still holds the transactions it held when it failed: they get its failure policy.
-        worker.for_each_replaced_copy(|_, vm| crate::transaction::pending_in(vm, &mut pending));
+        worker.for_each_replaced_copy(|_, vm| {
+            time_out_holds(vm, &mut ticker.hold_due);
+            crate::transaction::pending_in(vm, &mut pending);
+        });
         for (plugin, error) in failed {
             worker.root_failed(plugin, &error);
         }

@@ -16,6 +16,7 @@ use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use abi::{HeadersAction, LocalResponse, Vm, VmError};
 use lifecycle::{Admission, Generation, OnFailure, PluginId, StreamVm, Worker};
@@ -738,6 +739,44 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
     }
 }
 
+/// Answers 408 for every transaction of `vm` that its plugin has held for `timeout` without
+/// continuing, answering or closing it, as Envoy's `stream_idle_timeout` does (Traffic Server
+/// does not tell a held hook that its client left: without this, a plugin that never
+/// continues would keep the transaction and its contexts for good). The answer is the
+/// plugin's, as if it had asked for it, so [`pending_in`] then picks the transaction up.
+/// Returns when the next of the remaining holds would time out.
+pub(crate) fn time_out_holds(vm: &mut Vm, now: Instant, timeout: Duration) -> Option<Instant> {
+    let host = vm.host_as::<AtsHost>()?;
+    let mut next = None::<Instant>;
+    for slot in host.stream_slots_mut() {
+        let Some(since) = slot
+            .held_since
+            .filter(|_| slot.held && !slot.asked_to_end())
+        else {
+            continue;
+        };
+        let due = since + timeout;
+        if due > now {
+            next = Some(next.map_or(due, |next| next.min(due)));
+            continue;
+        }
+        diag::error(&format!(
+            "[{}] the plugin held the transaction for {} ms without continuing, answering or \
+             closing it (the stream idle timeout): 408",
+            slot.plugin,
+            timeout.as_millis()
+        ));
+        slot.local_reply = Some(LocalResponse {
+            status: 408,
+            details: b"stream_idle_timeout".to_vec(),
+            body: Vec::new(),
+            headers: abi::HeaderMap::default(),
+            grpc_status: None,
+        });
+    }
+    next
+}
+
 /// Picks up held transactions and connections after plugin code ran outside their hooks (see
 /// [`pending_in`]). Called with no thread state borrowed: it reenables Traffic Server.
 pub(crate) fn act_on(pending: Vec<Holder>) {
@@ -1028,7 +1067,7 @@ fn slot_of(vm: &mut Vm, context: abi::ContextId) -> Option<&mut StreamSlot> {
 fn take_requests(vm: &mut Vm, context: abi::ContextId) -> Requests {
     match slot_of(vm, context) {
         Some(slot) => {
-            slot.held = false;
+            slot.release();
             take_asked(slot)
         }
         None => Requests::default(),
@@ -1058,7 +1097,7 @@ fn lend_body(vm: &mut Vm, context: abi::ContextId, body: Option<Vec<u8>>) -> Opt
 /// Marks the plugin's stream as held (waiting for the plugin).
 fn hold(vm: &mut Vm, context: abi::ContextId) {
     if let Some(slot) = slot_of(vm, context) {
-        slot.held = true;
+        slot.hold();
     }
 }
 
@@ -1509,8 +1548,12 @@ impl Transaction {
                 }
                 lend_body(vm, filter.context, Some(buffer));
                 if holding.is_some() {
-                    // It holds the headers: it may read and change them meanwhile.
+                    // It holds the headers: it may read and change them meanwhile. The
+                    // client's chunk is activity: the stream idle timeout starts again.
                     lend(vm, filter.context, request_header(txn, Stage::Body), None);
+                    if let Some(slot) = slot_of(vm, filter.context) {
+                        slot.held_since = slot.held_since.map(|_| Instant::now());
+                    }
                 }
                 let result = match direction {
                     Direction::Request => vm.on_request_body(filter.context, size, end_of_stream),
@@ -1526,7 +1569,7 @@ impl Transaction {
                         // Its headers go on (unless it answers below): no callout's answer
                         // is waited for any more.
                         if let Some(slot) = slot_of(vm, filter.context) {
-                            slot.held = false;
+                            slot.release();
                         }
                     }
                     let answer = held_answer(
@@ -1587,7 +1630,7 @@ impl Transaction {
                             *filter.buffered(direction) = buffer;
                         }
                         if let Some(slot) = slot_of(vm, filter.context) {
-                            slot.held = true;
+                            slot.hold();
                         }
                         held_body = Some(index);
                         return;

@@ -947,6 +947,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         (free_port(), free_port(), free_port(), free_port());
     let (unanswered, one_way, slow_reader, reset_after) =
         (free_port(), free_port(), free_port(), free_port());
+    let stale = free_port();
     let (unanswering, sink) = (Unanswering::start(), Sink::start());
     let (flood, resetting_flood) = (Flood::start(FLOOD), Flood::then_reset(FLOOD));
     // Two network filters on one listener, as a `filters:` list: the second a plugin of its
@@ -975,6 +976,30 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             trapping.display()
         )
     };
+    // A filter continuing its connection from a tick while it holds nothing of it, as the
+    // filter after it holds the new connection for 100–200 ms, then pausing all data.
+    let stale_chain: String = [
+        network_filter_yaml_at(
+            "tcp_stale_continue",
+            &workspace().join("plugins/dist/wat/tcp_stale_continue.wasm"),
+            engine,
+            "",
+        ),
+        network_filter_yaml_at(
+            "tcp_hold",
+            &workspace().join("plugins/dist/wat/tcp_hold.wasm"),
+            engine,
+            "",
+        ),
+    ]
+    .iter()
+    .map(|block| {
+        let mut lines = block.lines();
+        let first = lines.next().unwrap_or_default();
+        let rest: String = lines.map(|line| format!("    {line}\n")).collect();
+        format!("  - {first}\n{rest}")
+    })
+    .collect();
     let files = [
         tcp_listener_file(
             "gated",
@@ -1041,6 +1066,13 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             "",
         ),
         tcp_listener_file(
+            "stale",
+            stale,
+            &echo.address.to_string(),
+            &format!("filters:\n{stale_chain}"),
+            "  idle_timeout: 1s\n",
+        ),
+        tcp_listener_file(
             "unanswered",
             unanswered,
             &unanswering.address.to_string(),
@@ -1079,6 +1111,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         trap_open,
         chain,
         held,
+        stale,
         unanswered,
         one_way,
         slow_reader,
@@ -1104,6 +1137,10 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     assert_eq!(tcp_exchange(held, &["wait ", "for ", "me"]), "wait for me");
     server.wait_for_log("tcp_hold: held");
     server.wait_for_log("tcp_hold: released");
+    // A continue asked while the plugin held nothing of its connection is spent: the data
+    // it pauses later stays held (the upstream gets none of it) until the idle timeout.
+    assert_eq!(tcp_exchange(stale, &["held ", "for good"]), "");
+    server.wait_for_log("tcp_stale_continue: continued while holding nothing");
     // A chain: the client's data through both in order, the upstream's in reverse order,
     // each filter putting its prefix before the first bytes coming back.
     assert_eq!(tcp_exchange(chain, &["chain"]), "[up] [up] CHAIN");
@@ -3286,16 +3323,28 @@ impl RawExchange {
     /// `later`, 300 ms after, so the proxy may pass the first part on before the rest comes),
     /// and reads until the proxy closes, at most 20 s.
     fn run(port: u16, request: &str, later: &str) -> RawExchange {
+        RawExchange::run_paced(port, &[request, later], Duration::from_millis(300))
+    }
+
+    /// Sends the `parts` of a request on a connection of its own to the proxy at `port`, each
+    /// `pause` after the one before, and reads until the proxy closes, at most 20 s.
+    fn run_paced(port: u16, parts: &[&str], pause: Duration) -> RawExchange {
         let mut connection =
             TcpStream::connect(("127.0.0.1", port)).expect("connects to the proxy");
         connection
             .set_read_timeout(Some(Duration::from_secs(20)))
             .expect("a read timeout");
-        // A write failing once the proxy ended the exchange is fine: the reading says what came.
-        let _ = connection.write_all(request.as_bytes());
-        if !later.is_empty() {
-            std::thread::sleep(Duration::from_millis(300));
-            let _ = connection.write_all(later.as_bytes());
+        for (index, part) in parts
+            .iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+        {
+            if index > 0 {
+                std::thread::sleep(pause);
+            }
+            // A write failing once the proxy ended the exchange is fine: the reading says
+            // what came.
+            let _ = connection.write_all(part.as_bytes());
         }
         let mut received = Vec::new();
         let mut buffer = [0u8; 64 * 1024];
@@ -3643,6 +3692,12 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
         .unwrap_or_else(|error| panic!("{}", context(&error.to_string())));
     assert_eq!(first.status, 200, "{}", context(&format!("{first:?}")));
     assert_eq!(origin.requests(), 1);
+    // Traffic Server writes the cache after the response went out: wait for that.
+    server.wait_for_metric(
+        "proxy.process.cache.write.success",
+        Instant::now() + Duration::from_secs(10),
+        |line| !line.ends_with(" 0"),
+    );
     // A request whose headers the plugin lets go (to check the body on its way): the cache
     // answers, as a cache filter after the plugin would in Envoy; the body is never checked.
     let from_cache = upload(Some("on-its-way"), "any body")
@@ -3790,4 +3845,137 @@ fn the_plugins_see_the_response_itself_and_a_failure_there_keeps_its_body_from_t
             failed.describe()
         ))
     );
+}
+
+/// A plugin may hold a transaction for at most the stream idle timeout
+/// (`--stream-idle-timeout-ms`, Envoy's `stream_idle_timeout`) without continuing, answering or
+/// closing it: past it the client gets a 408, held in the request hook or the response's, and
+/// the transaction ends with its plugin contexts, also when its client left meanwhile (Traffic
+/// Server tells no held hook of that). A plugin holding the request headers while the body
+/// comes sees the stream busy with each chunk, however long the whole body takes.
+#[test]
+fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
+    let origin = Origin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    // `panics` holds for good a request with `x-hold` and the response of one with
+    // `x-hold-response`; `http_call` checks a body before its headers go on with
+    // `x-check-body: before-headers`.
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[
+            PluginFile {
+                name: "panics",
+                yaml: plugin_yaml("panics", "wasmtime", "", ""),
+            },
+            PluginFile {
+                name: "http_call",
+                yaml: format!(
+                    "{}upstreams:\n  auth_cluster: {}\n",
+                    plugin_yaml(
+                        "http_call",
+                        "wasmtime",
+                        "",
+                        "allowOnHeadersStopIteration: true"
+                    ),
+                    auth.address
+                ),
+            },
+        ],
+    );
+    let timeout = Duration::from_millis(1500);
+    let plugin_config = root.path().join("etc/plugin.config");
+    let line = std::fs::read_to_string(&plugin_config).expect("plugin.config");
+    let line = line.replacen(
+        ".so ",
+        &format!(".so --stream-idle-timeout-ms={} ", timeout.as_millis()),
+        1,
+    );
+    std::fs::write(&plugin_config, line).expect("plugin.config");
+    let server = TrafficServer::start_prepared(root, port);
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    let contexts = "plugin.pwhost_ats.live_stream_contexts";
+
+    // Held in the request hook: a 408 once the timeout passed, and the origin never asked.
+    let started = Instant::now();
+    let held = try_get(&server.url("/held"), &[("x-hold", "1")])
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    let took = started.elapsed();
+    assert_eq!(held.status, 408, "{}", context("the held request"));
+    assert!(
+        took >= timeout,
+        "answered after {took:?}, before the timeout"
+    );
+    assert_eq!(
+        origin.requests(),
+        0,
+        "{}",
+        context("the held request went on")
+    );
+    assert!(
+        server
+            .diagnostics()
+            .contains("[panics] the plugin held the transaction for 1500 ms"),
+        "{}",
+        context("no log line says why")
+    );
+
+    // Held in the response hook: the 408 replaces the origin's response.
+    let held = try_get(&server.url("/held-response"), &[("x-hold-response", "1")])
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert_eq!(held.status, 408, "{}", context("the held response"));
+    assert!(
+        !held.body.contains("hello from origin"),
+        "{}",
+        context("the origin's body passed the held response")
+    );
+    assert_eq!(
+        origin.requests(),
+        1,
+        "{}",
+        context("the held response's request")
+    );
+
+    // A client leaving a held transaction: its contexts go at the timeout.
+    let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    client
+        .write_all(b"GET /left HTTP/1.1\r\nhost: a\r\nx-hold: 1\r\n\r\n")
+        .expect("a request sent");
+    server.wait_for_metric(contexts, Instant::now() + Duration::from_secs(10), |line| {
+        !line.ends_with(" 0")
+    });
+    drop(client);
+    server.wait_for_metric(
+        contexts,
+        Instant::now() + timeout + Duration::from_secs(10),
+        |line| line.ends_with(" 0"),
+    );
+
+    // The headers held while a body comes in parts 600 ms apart, over twice the timeout in
+    // all: each part is activity, so the check passes and the origin gets the whole body.
+    let parts = [
+        "part one\n",
+        "part two\n",
+        "part three\n",
+        "part four\n",
+        "part five\n",
+    ];
+    let body: String = parts.concat();
+    let head = format!(
+        "POST /slow-upload HTTP/1.1\r\nhost: localhost\r\nx-check-body: before-headers\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut request = vec![head.as_str()];
+    request.extend(parts);
+    let slow = RawExchange::run_paced(server.port, &request, Duration::from_millis(600));
+    let text = String::from_utf8_lossy(&slow.received);
+    assert_eq!(slow.status(), Some(200), "{}", context(&slow.describe()));
+    assert!(
+        text.contains("x-body-checked: alice") && text.contains(&body),
+        "{}",
+        context(&format!("the slow upload did not pass whole: {text}"))
+    );
+    server.wait_for_metric(contexts, Instant::now() + Duration::from_secs(10), |line| {
+        line.ends_with(" 0")
+    });
 }

@@ -2,12 +2,13 @@
 ;; (Proxy-Wasm ABI 0.2.1).
 ;;
 ;; proxy_on_configure asks for a tick every 100 ms. proxy_on_new_connection logs `tcp_hold: held`
-;; at info and returns 1 (Pause): a correct host does not dial the upstream yet. The next
-;; proxy_on_tick makes each held connection the effective context (proxy_set_effective_context),
-;; continues it (proxy_continue_stream with Downstream) and logs `tcp_hold: released`; the host
-;; then dials the upstream and the client's bytes (which waited) go on. Data passes unchanged both
-;; ways. Up to 64 connections are held at once (their context ids in a table at 0x2000); one more
-;; is let through at once.
+;; at info and returns 1 (Pause): a correct host does not dial the upstream yet. The second
+;; proxy_on_tick after that (so the hold lasts 100–200 ms) makes the connection the effective
+;; context (proxy_set_effective_context), continues it (proxy_continue_stream with Downstream) and
+;; logs `tcp_hold: released`; the host then dials the upstream and the client's bytes (which
+;; waited) go on. Data passes unchanged both ways. Up to 64 connections are held at once (their
+;; context ids in a table at 0x2000, the tick count when each was held at 0x3000); one more is
+;; let through at once.
 (module
   (import "env" "proxy_log"
     (func $proxy_log (param $level i32) (param $ptr i32) (param $len i32) (result i32)))
@@ -25,6 +26,8 @@
 
   ;; How many context ids the table at 0x2000 holds (4 bytes each, at most 64).
   (global $held (mut i32) (i32.const 0))
+  ;; Ticks so far.
+  (global $ticks (mut i32) (i32.const 0))
 
   ;; Bump allocator: 8-byte aligned blocks from 0x4000 upwards, growing memory as needed.
   (global $heap_top (mut i32) (i32.const 0x4000))
@@ -65,22 +68,38 @@
       (then (return (i32.const 0))))
     (i32.store (i32.add (i32.const 0x2000) (i32.shl (global.get $held) (i32.const 2)))
                (local.get $context_id))
+    (i32.store (i32.add (i32.const 0x3000) (i32.shl (global.get $held) (i32.const 2)))
+               (global.get $ticks))
     (global.set $held (i32.add (global.get $held) (i32.const 1)))
     (drop (call $proxy_log (i32.const 2) (i32.const 0x0100) (i32.const 14)))
     (i32.const 1))
 
+  ;; Releases the connections held for two ticks or more; the others stay, moved down the
+  ;; tables ($kept of them).
   (func (export "proxy_on_tick") (param $root_id i32)
-    (local $i i32)
+    (local $i i32) (local $kept i32) (local $context i32) (local $since i32)
+    (global.set $ticks (i32.add (global.get $ticks) (i32.const 1)))
     (block $done
       (loop $next
         (br_if $done (i32.ge_u (local.get $i) (global.get $held)))
-        (drop (call $proxy_set_effective_context
-          (i32.load (i32.add (i32.const 0x2000) (i32.shl (local.get $i) (i32.const 2))))))
-        (drop (call $proxy_continue_stream (i32.const 2)))
-        (drop (call $proxy_log (i32.const 2) (i32.const 0x0140) (i32.const 18)))
+        (local.set $context
+          (i32.load (i32.add (i32.const 0x2000) (i32.shl (local.get $i) (i32.const 2)))))
+        (local.set $since
+          (i32.load (i32.add (i32.const 0x3000) (i32.shl (local.get $i) (i32.const 2)))))
+        (if (i32.ge_u (i32.sub (global.get $ticks) (local.get $since)) (i32.const 2))
+          (then
+            (drop (call $proxy_set_effective_context (local.get $context)))
+            (drop (call $proxy_continue_stream (i32.const 2)))
+            (drop (call $proxy_log (i32.const 2) (i32.const 0x0140) (i32.const 18))))
+          (else
+            (i32.store (i32.add (i32.const 0x2000) (i32.shl (local.get $kept) (i32.const 2)))
+                       (local.get $context))
+            (i32.store (i32.add (i32.const 0x3000) (i32.shl (local.get $kept) (i32.const 2)))
+                       (local.get $since))
+            (local.set $kept (i32.add (local.get $kept) (i32.const 1)))))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $next)))
-    (global.set $held (i32.const 0)))
+    (global.set $held (local.get $kept)))
 
   (func (export "proxy_on_downstream_data")
     (param $context_id i32) (param $size i32) (param $end_of_stream i32) (result i32)

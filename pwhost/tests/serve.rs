@@ -1307,18 +1307,42 @@ fn serve_tcp_with(
     clusters: &[(&str, SocketAddr)],
     listener: &str,
 ) -> Serve {
+    serve_tcp_chain(upstream, &[(plugin, configuration)], clusters, listener)
+}
+
+/// As [`serve_tcp_with`], with a chain of network filters: corpus plugins with their
+/// configurations, in order (the first named `upper`, the others after their plugin).
+fn serve_tcp_chain(
+    upstream: SocketAddr,
+    filters: &[(&str, &str)],
+    clusters: &[(&str, SocketAddr)],
+    listener: &str,
+) -> Serve {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (port, admin_port) = (free_port(), free_port());
+    let filters: String = filters
+        .iter()
+        .enumerate()
+        .map(|(index, (plugin, configuration))| {
+            let name = match index {
+                0 => "upper",
+                _ => plugin.rsplit('/').next().unwrap_or(plugin),
+            };
+            format!(
+                "      - name: envoy.filters.network.wasm\n        typed_config:\n          \
+                 \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n          \
+                 config:\n            name: {name}\n            configuration: \"{configuration}\"\n            \
+                 vm_config:\n              runtime: envoy.wasm.runtime.wasmtime\n              \
+                 code: {{local: {{filename: {}}}}}\n",
+                corpus_plugin(plugin).display()
+            )
+        })
+        .collect();
     let config = format!(
         "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: tcp\n    \
-         address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n{listener}    network_filters:\n      \
-         - name: envoy.filters.network.wasm\n        typed_config:\n          \
-         \"@type\": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm\n          \
-         config:\n            name: upper\n            configuration: \"{configuration}\"\n            \
-         vm_config:\n              runtime: envoy.wasm.runtime.wasmtime\n              \
-         code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{upstream}\"], \
+         address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n{listener}    \
+         network_filters:\n{filters}clusters:\n  echo: {{endpoints: [\"{upstream}\"], \
          connect_timeout: 1s}}\n{}",
-        corpus_plugin(plugin).display(),
         clusters
             .iter()
             .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
@@ -1378,6 +1402,25 @@ fn a_network_filter_that_pauses_a_new_connection_holds_the_dial_until_a_tick_con
         "wait for me"
     );
     serve.wait_for_log("tcp_hold: held");
+    serve.wait_for_log("tcp_hold: released");
+    serve.wait_for_no_live_contexts();
+}
+
+/// A continue a network filter asks for while it holds nothing of its connection (here from a
+/// tick, while the filter after it holds the new connection) is spent, as Envoy's
+/// `continueReading` on a connection not stopped: the data it pauses later stays held, and the
+/// upstream gets none of it before the idle timeout closes the connection.
+#[test]
+fn a_continue_asked_while_a_network_filter_held_nothing_does_not_pass_its_later_pause() {
+    let echo = Echo::start();
+    let serve = serve_tcp_chain(
+        echo.address,
+        &[("wat/tcp_stale_continue", ""), ("wat/tcp_hold", "")],
+        &[],
+        "    idle_timeout: 1s\n",
+    );
+    assert_eq!(tcp_exchange(serve.port, &["held ", "for good"]), "");
+    serve.wait_for_log("tcp_stale_continue: continued while holding nothing");
     serve.wait_for_log("tcp_hold: released");
     serve.wait_for_no_live_contexts();
 }

@@ -958,7 +958,11 @@ impl Stream {
                 .is_some_and(|(holder, _)| *holder == index);
             let lend = held_headers.as_mut().map(|(_, lend)| &mut **lend);
             let result = self.with_filter(index, |vm, context| {
-                if kind == Kind::Http && !holds_headers {
+                // A TCP connection's continues asked outside its callbacks were taken when
+                // they woke it (`resume`), before any data could come: one left now was asked
+                // while the plugin held nothing (e.g. while a filter after it held the new
+                // connection).
+                if !holds_headers {
                     forget_stale_continue(vm, context);
                 }
                 if let Some(lend) = lend {
