@@ -153,9 +153,6 @@ pub(crate) struct Transaction {
     /// The response's headers ended it (`end_of_stream` in its headers callbacks): no body
     /// callback follows.
     response_ended_at_headers: bool,
-    /// A reply a plugin asked for in the response headers callbacks (or while holding the
-    /// response), sent once they all ran (see `answer_response`).
-    response_reply: Option<Reply>,
     /// The header that framed the client's request body (`Content-Length` or
     /// `Transfer-Encoding`) as the client sent it, restored after the plugins.
     client_framing: Option<(Vec<u8>, Vec<u8>)>,
@@ -377,7 +374,6 @@ fn begin(state: &mut ThreadState, txn: sys::TSHttpTxn, cont: sys::TSCont) -> Opt
         wants_response_body: false,
         response_from: None,
         response_ended_at_headers: false,
-        response_reply: None,
         client_framing: client_header(txn, HeaderKind::Request)
             .and_then(|headers| framing_of(&headers)),
         request_framing_dropped: false,
@@ -985,8 +981,15 @@ fn put_on_response(
         // Traffic Server 9.2 turns a reply sent down the error path into a 500 unless the
         // status is set again as the response header goes out.
         response.set_status(status);
-        for (name, value) in headers {
-            abi::Headers::replace(&mut response, name, value);
+        // Each name's first value replaces the response's, the others are added to it.
+        for (index, (name, value)) in headers.iter().enumerate() {
+            let first = !headers[..index]
+                .iter()
+                .any(|(earlier, _)| earlier.eq_ignore_ascii_case(name));
+            match first {
+                true => abi::Headers::replace(&mut response, name, value),
+                false => abi::Headers::add(&mut response, name, value),
+            }
         }
     }
 }
@@ -1362,6 +1365,9 @@ impl Transaction {
                         }
                         put_on_response(txn, from, answer.status, &answer.headers);
                         replied = Some(answer);
+                        // As Envoy sends a reply made while the response goes through the
+                        // plugins straight to the client: the plugins after it do not see it.
+                        return;
                     }
                 }
             }
@@ -1369,26 +1375,25 @@ impl Transaction {
         if let Some(ended) = ended_at_headers {
             self.response_ended_at_headers = ended;
         }
-        if replied.is_some() {
-            self.response_reply = replied;
-        }
         if let Some(pause) = paused {
             self.paused = Some(pause);
             return Next::Hold;
         }
         self.unlend();
-        match self.response_reply.take() {
+        match replied {
             Some(reply) => self.answer_response(reply),
             None => Next::Continue,
         }
     }
 
-    /// A plugin answered (or failed closed) in its response headers callback, the plugins
-    /// after it ran: the origin's response, whose status and headers the reply replaced, goes
-    /// down Traffic Server's error path instead, so its body never reaches the client (a
-    /// failing plugin guarding it must not leak it) and the reply's body goes out; the status
-    /// and headers are put on again as the error response's header goes out. Traffic Server's
-    /// own responses and replies (no origin's) keep their bodies.
+    /// A plugin answered (or failed closed) in its response headers callback, or while it or
+    /// another held the response there: the origin's response goes down Traffic Server's error
+    /// path instead, so its body never reaches the client (a failing plugin guarding it must
+    /// not leak it) and the reply's body goes out; the reply's status and headers are put on
+    /// the error response's header as it goes out. As in Envoy, which sends such a reply
+    /// straight to the client, the plugins that had not seen the response yet do not see it.
+    /// Traffic Server's own responses and replies (no origin's) keep their bodies, with the
+    /// reply's status and headers.
     fn answer_response(&mut self, reply: Reply) -> Next {
         if self.response_from != Some(ResponseFrom::Origin) {
             return Next::Continue;
@@ -2012,7 +2017,7 @@ impl Transaction {
         if let Some((by, reply)) = holder.and_then(|holder| self.other_answer(holder)) {
             match self.paused.take() {
                 Some(Pause::Request(_)) => return self.answer_held_request(reply),
-                Some(Pause::Response(index)) => return self.answer_held_response(index, reply),
+                Some(Pause::Response(_)) => return self.answer_held_response(reply),
                 None => {
                     self.reply = Some(reply);
                     self.answer_during_body(Some(by));
@@ -2052,7 +2057,7 @@ impl Transaction {
                 }
                 next
             }
-            (Pause::Response(index), Some(reply)) => self.answer_held_response(index, reply),
+            (Pause::Response(_), Some(reply)) => self.answer_held_response(reply),
             (Pause::Response(index), None) if continued => self.response_headers(index),
             (_, None) => {
                 // Nothing the transaction can act on yet: it stays held.
@@ -2071,15 +2076,13 @@ impl Transaction {
         Next::Reply
     }
 
-    /// Answers a response held in its header hook by filter `index` with `reply`, as a reply
-    /// from a response headers callback: it replaces the response, the plugins not called yet
-    /// see it, then it goes out (see `answer_response`).
-    fn answer_held_response(&mut self, index: usize, reply: Reply) -> Next {
+    /// Answers a response held in its header hook with `reply`, as a reply from a response
+    /// headers callback (see `answer_response`).
+    fn answer_held_response(&mut self, reply: Reply) -> Next {
         self.unlend();
         let from = self.response_from.unwrap_or(ResponseFrom::Client);
         put_on_response(self.txn, from, reply.status, &reply.headers);
-        self.response_reply = Some(reply);
-        self.response_headers(index)
+        self.answer_response(reply)
     }
 
     /// Sets the reply's status, body and content type for Traffic Server's error path.

@@ -3979,3 +3979,129 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
         line.ends_with(" 0")
     });
 }
+
+/// A plugin may hold a response in its headers callback, e.g. to check it with a callout, and
+/// let it go from the callout's answer: the client gets the origin's response with what the
+/// plugin changed meanwhile, body and all (a HEAD response keeps its length and gets no body).
+/// A reply made in the response headers callbacks goes to the client as it is, as Envoy sends
+/// it straight to the client: the plugins that had not seen the response see none (none holds
+/// it), and none of the origin's header fields or body go out with it.
+#[test]
+fn a_plugin_holding_the_response_for_a_callout_lets_it_go_with_its_changes() {
+    let origin = BodyOrigin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let http_call = format!(
+        "{}upstreams:\n  auth_cluster: {}\n",
+        plugin_yaml("http_call", "wasmtime", "", ""),
+        auth.address
+    );
+    let checked = |method: &str, path: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nx-check-response: 1\r\n\
+             connection: close\r\n\r\n"
+        )
+    };
+    let server = TrafficServer::start(
+        &origin.origin,
+        &[PluginFile {
+            name: "http_call",
+            yaml: http_call.clone(),
+        }],
+    );
+    let context = |what: String| format!("{what}\n{}", server.diagnostics());
+    for size in [5, 300_000] {
+        let got = RawExchange::run(
+            server.port,
+            &checked("GET", &format!("/checked?size={size}")),
+            "",
+        );
+        let head = got.last_head();
+        assert!(
+            got.status() == Some(200) && head.contains("x-response-checked: alice"),
+            "{}",
+            context(format!("the checked response: {}", got.describe()))
+        );
+        // The body's bytes, whether framed by the length or chunked (chunk sizes have no
+        // `x`).
+        let head_end = got
+            .received
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(0);
+        let body = got.received[head_end..]
+            .iter()
+            .filter(|b| **b == b'x')
+            .count();
+        assert!(
+            body == size
+                && (head.contains(&format!("content-length: {size}")) || got.ends_chunked()),
+            "{}",
+            context(format!("the body did not come whole: {}", got.describe()))
+        );
+    }
+    let headed = RawExchange::run(server.port, &checked("HEAD", "/checked?size=5"), "");
+    assert!(
+        headed.timed_out.is_none()
+            && headed.status() == Some(200)
+            && headed.last_head().contains("content-length: 5")
+            && headed.last_head().contains("x-response-checked: alice")
+            && headed.received.ends_with(b"\r\n\r\n"),
+        "{}",
+        context(format!("the checked HEAD response: {}", headed.describe()))
+    );
+    assert_eq!(
+        auth.requests(),
+        3,
+        "{}",
+        context("one check per response".into())
+    );
+    drop(server);
+
+    // The plugin after it in the chain (before it in the response's order) fails closed in
+    // its response headers callback: the 503 goes out, and the checking plugin never sees the
+    // response, so it makes no call and holds nothing.
+    let trap = plugin_yaml("http_headers", "wasmtime", "", "failurePolicy: FAIL_CLOSED")
+        .replace("name: http_headers", "name: trap")
+        .replace("vmId: http_headers", "vmId: trap")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &workspace()
+                .join("plugins/dist/wat/trap_in_response_headers.wasm")
+                .display()
+                .to_string(),
+        );
+    let guarded = Origin::answering_with(&[("x-origin-secret", "s3cret")]);
+    let server = TrafficServer::start(
+        &guarded,
+        &[
+            PluginFile {
+                name: "http_call",
+                yaml: http_call,
+            },
+            PluginFile {
+                name: "trap",
+                yaml: trap,
+            },
+        ],
+    );
+    let context = |what: String| format!("{what}\n{}", server.diagnostics());
+    let failed = RawExchange::run(server.port, &checked("GET", "/guarded"), "");
+    let text = String::from_utf8_lossy(&failed.received);
+    assert!(
+        failed.status() == Some(503)
+            && !failed.last_head().contains("x-response-checked")
+            && !text.contains("x-origin-secret")
+            && !text.contains("hello from origin"),
+        "{}",
+        context(format!(
+            "the failed plugin's response: {}",
+            failed.describe()
+        ))
+    );
+    assert_eq!(
+        auth.requests(),
+        3,
+        "{}",
+        context("a check after the reply".into())
+    );
+}

@@ -4727,3 +4727,52 @@ fn a_body_whose_length_a_plugin_changes_under_its_content_length_is_reset_not_cu
     );
     serve.wait_for_log("a plugin changed the length of a response body");
 }
+
+/// A plugin may hold a response in its headers callback, e.g. to check it with a callout, and
+/// let it go from the callout's answer with what it changed meanwhile, body and all. A reply
+/// made in the response headers callbacks (here a failure answered 503) goes to the client as
+/// it is, as in Envoy: the plugins that had not seen the response see none, and none of the
+/// origin's header fields or body go out with it.
+#[test]
+fn a_plugin_holding_the_response_for_a_callout_lets_it_go_with_its_changes() {
+    let origin = Origin::answering_with(&[("x-origin-secret", "s3cret")]);
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("check", "http_call", "")],
+        &[("auth_cluster", auth.address)],
+    );
+    let checked = get(&serve.url("/checked"), &[("x-check-response", "1")]);
+    assert_eq!(checked.status, 200, "{}", serve.log());
+    assert_eq!(checked.header("x-response-checked"), Some("alice"));
+    assert!(
+        checked.body.contains("hello from origin"),
+        "{}",
+        checked.body
+    );
+    assert_eq!(auth.requests.load(Ordering::Relaxed), 1);
+    drop(serve);
+
+    let serve = Serve::start_with(
+        origin.address,
+        &[
+            envoy_filter("check", "http_call", ""),
+            envoy_filter("trap", "wat/trap_in_response_headers", ""),
+        ],
+        &[("auth_cluster", auth.address)],
+    );
+    let failed = get(&serve.url("/guarded"), &[("x-check-response", "1")]);
+    assert_eq!(failed.status, 503, "{}", serve.log());
+    assert_eq!(failed.header("x-response-checked"), None);
+    assert_eq!(failed.header("x-origin-secret"), None);
+    assert!(
+        !failed.body.contains("hello from origin"),
+        "{}",
+        failed.body
+    );
+    assert_eq!(
+        auth.requests.load(Ordering::Relaxed),
+        1,
+        "a check after the reply"
+    );
+}

@@ -48,6 +48,13 @@
 //! end goes on at once (Continue), as a plugin scanning a stream would let it, so the upstream
 //! may have part of the body when the refusal comes.
 //!
+//! With request header `x-check-response` the request goes on unchecked (Continue) and the
+//! response is checked instead: on response headers the plugin sends the `GET /auth` call and
+//! holds the response (Pause); a 200 answer adds response header `x-response-checked: <the
+//! answer's x-auth-user>` and resumes the response (`proxy_continue_stream`), other answers
+//! 401 with the callout's body, and a failed call 503, as above (a reply in place of the
+//! response the plugin holds).
+//!
 //! A request header `x-check-body-<plugin name>` (the plugin's `name` in its configuration)
 //! comes before `x-check-body`, so two copies of this plugin in one chain can gate a request
 //! in two ways.
@@ -87,6 +94,8 @@ enum Mode {
     RefuseBody,
     /// The body streamed on, answered 403 from its last callback (`refuse-at-end`).
     RefuseAtEnd,
+    /// The response headers, with a `GET /auth` (`x-check-response`).
+    Response,
     /// Nothing more (the first chunk went on, or the call's answer continued).
     Passed,
 }
@@ -165,6 +174,10 @@ impl HttpContext for HttpCall {
             .get_property(vec!["plugin_name"])
             .map(|name| format!("x-check-body-{}", String::from_utf8_lossy(&name)))
             .and_then(|header| self.get_http_request_header(&header));
+        if self.get_http_request_header("x-check-response").is_some() {
+            self.mode = Mode::Response;
+            return Action::Continue;
+        }
         let mode = own.or_else(|| self.get_http_request_header("x-check-body"));
         match mode.as_deref() {
             Some("before-headers") => {
@@ -195,6 +208,25 @@ impl HttpContext for HttpCall {
             }
             None => {}
         }
+        match self.dispatch_auth() {
+            Some(_) if self.mode == Mode::NotifyThenBody => Action::Continue,
+            _ => Action::Pause,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.mode != Mode::Response {
+            return Action::Continue;
+        }
+        self.dispatch_auth();
+        Action::Pause
+    }
+}
+
+impl HttpCall {
+    /// Sends `GET /auth` to `auth_cluster`; if it cannot be sent, answers 503 instead
+    /// (`None`).
+    fn dispatch_auth(&mut self) -> Option<u32> {
         match self.dispatch_http_call(
             "auth_cluster",
             vec![
@@ -208,15 +240,12 @@ impl HttpContext for HttpCall {
         ) {
             Ok(token) => {
                 info!("dispatched http call: token {}", token);
-                if self.mode == Mode::NotifyThenBody {
-                    return Action::Continue;
-                }
-                Action::Pause
+                Some(token)
             }
             Err(status) => {
                 warn!("dispatch_http_call failed: {:?}", status);
                 self.send_http_response(503, vec![], Some(b"auth callout failed\n"));
-                Action::Pause
+                None
             }
         }
     }
@@ -245,6 +274,12 @@ impl Context for HttpCall {
             body.len()
         );
         if self.get_http_call_response_header(":status").as_deref() == Some("200") {
+            if self.mode == Mode::Response {
+                self.mode = Mode::Passed;
+                self.add_http_response_header("x-response-checked", user.as_deref().unwrap_or(""));
+                self.resume_http_response();
+                return;
+            }
             match self.mode {
                 Mode::Headers | Mode::HeadersHeld => {
                     self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
@@ -261,6 +296,7 @@ impl Context for HttpCall {
                 | Mode::RefuseAtEnd
                 | Mode::FirstChunk
                 | Mode::FirstChunkResume
+                | Mode::Response
                 | Mode::Passed => {}
             }
             self.resume_http_request();
