@@ -3652,12 +3652,26 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
         ),
         checker.address
     );
+    // `envoy_rules` before it holds a transaction with `x-probe: hold` in its hook until a
+    // call to `cluster` answers.
+    let hold_answerer = Origin::start();
+    let envoy_rules = format!(
+        "{}upstreams:\n  cluster: {}\n",
+        plugin_yaml("envoy_rules", "wasmtime", "", ""),
+        hold_answerer.address
+    );
     let (root, port) = TrafficServer::prepare(
         &origin,
-        &[PluginFile {
-            name: "http_call",
-            yaml: http_call,
-        }],
+        &[
+            PluginFile {
+                name: "envoy_rules",
+                yaml: envoy_rules,
+            },
+            PluginFile {
+                name: "http_call",
+                yaml: http_call,
+            },
+        ],
     );
     let etc = root.path().join("etc");
     let records = std::fs::read_to_string(etc.join("records.config")).expect("records.config");
@@ -3679,13 +3693,15 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
     .expect("storage.config");
     let server = TrafficServer::start_prepared(root, port);
     let context = |what: &str| format!("{what}\n{}", server.diagnostics());
-    let upload = |mode: Option<&str>, body: &str| {
-        let headers: Vec<(&str, &str)> = mode
+    let upload_with = |extra: &[(&'static str, &'static str)], mode: Option<&str>, body: &str| {
+        let mut headers: Vec<(&str, &str)> = mode
             .map(|mode| ("x-check-body", mode))
             .into_iter()
             .collect();
+        headers.extend_from_slice(extra);
         post_with(&server.url("/cached"), &headers, body.as_bytes(), false)
     };
+    let upload = |mode: Option<&str>, body: &str| upload_with(&[], mode, body);
 
     // Checked and passed: the origin's answer is cached.
     let first = upload(Some("before-headers"), "a fine body")
@@ -3736,6 +3752,32 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
         2,
         "{}",
         context("the refused body was checked")
+    );
+    // The same when the headers hold begins only once another plugin, holding the whole
+    // transaction in its hook for a call, let it go.
+    let refused = upload_with(
+        &[("x-probe", "hold")],
+        Some("before-headers"),
+        "please refuse this body too",
+    );
+    assert!(
+        refused.as_ref().is_err() || refused.as_ref().is_ok_and(|reply| reply.status != 200),
+        "{}",
+        context(&format!(
+            "a refused body after a hold got the cached answer: {refused:?}"
+        ))
+    );
+    assert_eq!(
+        hold_answerer.requests(),
+        1,
+        "{}",
+        context("the hook's hold")
+    );
+    assert_eq!(
+        (origin.requests(), checker.requests()),
+        (1, 3),
+        "{}",
+        context("the body refused after a hold reached the origin, or was not checked")
     );
 }
 
