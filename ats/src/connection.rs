@@ -843,6 +843,13 @@ impl Connection {
 
     /// Handles one event (with the state borrowed: nothing here calls back into it).
     fn on(&mut self, event: Event) {
+        // A continue asked outside the connection's events (a callout's answer, a tick) is
+        // acted on before what came meanwhile: data read now would otherwise reach the plugin
+        // first, which forgets a continue it did not ask in that callback.
+        if self.resume_wanted && !matches!(self.phase, Phase::Closed | Phase::Flushing) {
+            self.resume_wanted = false;
+            self.resume();
+        }
         if matches!(self.phase, Phase::Closed | Phase::Flushing) {
             if let Event::Traffic(sys::TS_EVENT_NET_CONNECT, vc) = event {
                 // Reported after the connection closed: not kept.
@@ -1694,8 +1701,8 @@ fn slot_of(vm: &mut Vm, context: ContextId) -> Option<&mut StreamSlot> {
 /// Forgets a continue the plugin of `context` asked for while it held nothing of its
 /// connection (e.g. from a callout's answer while another filter held the new connection): only
 /// one asked for in the callback that gets data, or while it holds some, lets data go on. (A
-/// continue asked outside the connection's events is acted on right after the plugin code that
-/// asked ran, before any data event: see [`crate::transaction::act_on`].)
+/// continue asked outside the connection's events is acted on before the next event's data
+/// reaches the plugins: see [`Connection::on`].)
 fn forget_stale_continue(vm: &mut Vm, context: ContextId) {
     if let Some(slot) = slot_of(vm, context) {
         slot.continued = false;

@@ -103,8 +103,10 @@ pub(crate) fn buffer_limit_bytes() -> usize {
 /// Envoy's `stream_idle_timeout` default: 5 min.
 const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How long a plugin may hold a transaction without continuing, answering or closing it before
-/// it is answered 408 (`--stream-idle-timeout-ms`; `None`: for ever).
+/// How long a plugin may hold a transaction without continuing, answering or closing it, or
+/// the client sending more of a body whose headers it holds, before the transaction is
+/// answered 408 (held past the hooks, its connection closes instead) (`--stream-idle-timeout-ms`;
+/// `None`: for ever).
 pub(crate) fn stream_idle_timeout() -> Option<Duration> {
     GLOBAL
         .get()

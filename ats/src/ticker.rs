@@ -126,7 +126,9 @@ impl Ticker {
             unsafe { sys::TSActionCancel(action) };
         }
         let delay = earliest.saturating_duration_since(Instant::now());
-        let delay_ms = sys::TSHRTime::try_from(delay.as_millis()).unwrap_or(sys::TSHRTime::MAX);
+        // Rounded up: a wake-up just before what is due would find nothing due, and go again.
+        let delay_ms =
+            sys::TSHRTime::try_from(delay.as_micros().div_ceil(1000)).unwrap_or(sys::TSHRTime::MAX);
         // SAFETY: the continuation and thread are this thread's, made in `for_this_thread`.
         let action = unsafe { sys::TSContScheduleOnThread(self.cont, delay_ms, self.thread) };
         self.scheduled = Some((earliest, action));

@@ -150,8 +150,8 @@ pub(crate) struct Transaction {
     wants_response_body: bool,
     /// Whether the response callbacks ran (or run), and on which header.
     response_from: Option<ResponseFrom>,
-    /// The response's headers ended it (`end_of_stream` in its headers callbacks): no body
-    /// callback follows.
+    /// No response body callback follows: the response's headers ended it (`end_of_stream`
+    /// in its headers callbacks), or a reply went out in its place (see `answer_response`).
     response_ended_at_headers: bool,
     /// The header that framed the client's request body (`Content-Length` or
     /// `Transfer-Encoding`) as the client sent it, restored after the plugins.
@@ -1395,13 +1395,15 @@ impl Transaction {
     /// Traffic Server's own responses and replies (no origin's) keep their bodies, with the
     /// reply's status and headers.
     fn answer_response(&mut self, reply: Reply) -> Next {
+        // No plugin sees the body that goes out (the error response's is the reply's; Traffic
+        // Server's own goes with the reply's status), as none sees what Envoy sends straight
+        // to the client.
+        self.response_ended_at_headers = true;
         if self.response_from != Some(ResponseFrom::Origin) {
             return Next::Continue;
         }
         self.reply = Some(reply);
         self.send_reply_body();
-        // The error response's body is the reply's, which the plugins do not see again.
-        self.response_ended_at_headers = true;
         Next::Reply
     }
 
@@ -1421,6 +1423,13 @@ impl Transaction {
     ) -> Vec<u8> {
         if direction == Direction::Request && end_of_stream {
             self.request_body_ended = true;
+        }
+        if let (Direction::Request, Some(hold)) = (direction, self.headers_held) {
+            // The client's data is activity, whichever plugin it reaches: the hold's stream
+            // idle timeout starts again (as Envoy's does with every chunk).
+            self.with_slot(hold.filter, |slot| {
+                slot.held_since = slot.held_since.map(|_| Instant::now());
+            });
         }
         if direction == Direction::Response && self.response_ended_at_headers {
             // No body follows such headers (a 204, a 304, an answer to HEAD, a declared empty
@@ -1553,12 +1562,8 @@ impl Transaction {
                 }
                 lend_body(vm, filter.context, Some(buffer));
                 if holding.is_some() {
-                    // It holds the headers: it may read and change them meanwhile. The
-                    // client's chunk is activity: the stream idle timeout starts again.
+                    // It holds the headers: it may read and change them meanwhile.
                     lend(vm, filter.context, request_header(txn, Stage::Body), None);
-                    if let Some(slot) = slot_of(vm, filter.context) {
-                        slot.held_since = slot.held_since.map(|_| Instant::now());
-                    }
                 }
                 let result = match direction {
                     Direction::Request => vm.on_request_body(filter.context, size, end_of_stream),
@@ -1570,13 +1575,6 @@ impl Transaction {
                 let buffer = lend_body(vm, filter.context, None).unwrap_or_default();
                 let mut asked = take_body_requests(vm, filter.context);
                 if holding.is_some() {
-                    if asked.continued || matches!(result, Ok(abi::DataAction::Continue)) {
-                        // Its headers go on (unless it answers below): no callout's answer
-                        // is waited for any more.
-                        if let Some(slot) = slot_of(vm, filter.context) {
-                            slot.release();
-                        }
-                    }
                     let answer = held_answer(
                         worker,
                         (filter.plugin, &filter.name),
@@ -1584,13 +1582,22 @@ impl Transaction {
                         &result,
                         &mut asked,
                     );
+                    let lets_go =
+                        matches!(result, Ok(abi::DataAction::Continue) | Err(_)) || asked.continued;
+                    if answer.is_some() || lets_go {
+                        // Its hold ends: no callout's answer is waited for any more.
+                        let slot = (filter.stream.as_ref())
+                            .and_then(|stream| worker.vm(stream))
+                            .and_then(|vm| slot_of(vm, filter.context));
+                        if let Some(slot) = slot {
+                            slot.release();
+                        }
+                    }
                     if let Some(answer) = answer {
                         reply = Some(answer);
                         *cut = true;
                         return;
                     }
-                    let lets_go =
-                        matches!(result, Ok(abi::DataAction::Continue) | Err(_)) || asked.continued;
                     if lets_go {
                         // Its headers go on, and the plugins after it get them before this
                         // chunk (with what it kept before).
@@ -1869,11 +1876,14 @@ impl Transaction {
             asked.closed,
             failure,
         );
+        if reply.is_some() || asked.continued || failure.is_some() {
+            self.release_hold(index);
+        }
         (reply, asked.continued, failure)
     }
 
-    /// What the plugin of filter `index`, holding the transaction, asked for since (which ends
-    /// its hold), and its failure policy if its VM failed meanwhile.
+    /// What the plugin of filter `index`, holding the transaction, asked for since, and its
+    /// failure policy if its VM failed meanwhile.
     fn take_held_requests(&mut self, index: usize) -> (Requests, Option<OnFailure>) {
         let thread = self.thread;
         let generation = self.generation;
@@ -1885,7 +1895,8 @@ impl Transaction {
                 in_worker(thread, generation, "a transaction", |worker| {
                     let vm = worker.vm(stream)?;
                     let failed = vm.is_failed();
-                    let asked = take_requests(vm, context);
+                    // A look: the hold ends only with what the transaction acts on.
+                    let asked = take_body_requests(vm, context);
                     let failure = failed.then(|| {
                         let error =
                             VmError::Failed("the VM failed while it held the stream".into());
@@ -1898,19 +1909,24 @@ impl Transaction {
             .unwrap_or_default()
     }
 
-    /// Nothing the transaction can act on yet: the hold of filter `index` stays.
-    fn hold_again(&mut self, index: usize) {
+    /// Runs `work` on the stream slot of filter `index`'s plugin.
+    fn with_slot(&mut self, index: usize, work: impl FnOnce(&mut StreamSlot)) {
         let Some(filter) = self.filters.get(index) else {
             return;
         };
         if let Some(stream) = filter.stream.as_ref() {
             let context = filter.context;
             in_worker(self.thread, self.generation, "a transaction", |worker| {
-                if let Some(vm) = worker.vm(stream) {
-                    hold(vm, context);
+                if let Some(slot) = worker.vm(stream).and_then(|vm| slot_of(vm, context)) {
+                    work(slot);
                 }
             });
         }
+    }
+
+    /// Ends filter `index`'s hold on the transaction (it is answered, or goes on).
+    fn release_hold(&mut self, index: usize) {
+        self.with_slot(index, StreamSlot::release);
     }
 
     /// The end of filter `index`'s hold on the request after its plugin asked for something
@@ -1927,7 +1943,7 @@ impl Transaction {
         }
         let failed_open = failure == Some(OnFailure::FailOpen);
         if !(continued || failed_open) {
-            self.hold_again(index);
+            // Nothing the transaction can act on yet: the hold stays.
             return None;
         }
         let filter = &mut self.filters[index];
@@ -2015,6 +2031,9 @@ impl Transaction {
             _ => None,
         };
         if let Some((by, reply)) = holder.and_then(|holder| self.other_answer(holder)) {
+            if let Some(holder) = holder {
+                self.release_hold(holder);
+            }
             match self.paused.take() {
                 Some(Pause::Request(_)) => return self.answer_held_request(reply),
                 Some(Pause::Response(_)) => return self.answer_held_response(reply),
@@ -2062,7 +2081,6 @@ impl Transaction {
             (_, None) => {
                 // Nothing the transaction can act on yet: it stays held.
                 self.paused = Some(pause);
-                self.hold_again(index);
                 Next::Hold
             }
         }
@@ -2109,12 +2127,26 @@ impl Transaction {
             })
             .unwrap_or_else(|| b"text/plain".to_vec());
         // SAFETY: Traffic Server takes ownership of both buffers and frees them with TSfree,
-        // so they are allocated with TSmalloc; each is written within its allocation.
+        // so they are allocated with TSmalloc; each is written within its allocation. An empty
+        // body is no buffer at all: Traffic Server 9.2 files a zero-length one under its
+        // smallest pooled buffer size when it sends it (`append_xmalloced`), then reuses that
+        // allocation as a 128-byte buffer, corrupting the heap. Without a buffer it sends
+        // `Content-Length: 0`, with no content type (as Envoy's empty reply has none).
         unsafe {
             sys::TSHttpTxnStatusSet(self.txn, reply.status as sys::TSHttpStatus);
-            let buffer = ts_copy(&body, false);
-            let mime = ts_copy(&content_type, true);
-            sys::TSHttpTxnErrorBodySet(self.txn, buffer, body.len(), mime);
+            match body.is_empty() {
+                true => sys::TSHttpTxnErrorBodySet(
+                    self.txn,
+                    std::ptr::null_mut(),
+                    0,
+                    std::ptr::null_mut(),
+                ),
+                false => {
+                    let buffer = ts_copy(&body, false);
+                    let mime = ts_copy(&content_type, true);
+                    sys::TSHttpTxnErrorBodySet(self.txn, buffer, body.len(), mime);
+                }
+            }
         }
     }
 

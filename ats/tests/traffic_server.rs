@@ -463,17 +463,17 @@ impl Drop for TrafficServer {
                         .any(|entry| entry.file_name().to_string_lossy().starts_with("crash-"))
                 })
                 .unwrap_or(false);
-        if crashed && !std::thread::panicking() {
-            let diagnostics = self.diagnostics();
-            // SAFETY: as below.
-            unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
-            let _ = self.manager.wait();
-            panic!("traffic_server crashed during the test:\n{diagnostics}");
-        }
+        let diagnostics = crashed.then(|| self.diagnostics());
         if std::env::var_os("PWHOST_KEEP_RUNROOT").is_some() {
             eprintln!("run root kept: {}", self.root.path().display());
             let root = std::mem::replace(&mut self.root, tempfile::tempdir().expect("tempdir"));
             let _ = root.keep();
+        }
+        if let Some(diagnostics) = diagnostics.filter(|_| !std::thread::panicking()) {
+            // SAFETY: as below.
+            unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
+            let _ = self.manager.wait();
+            panic!("traffic_server crashed during the test:\n{diagnostics}");
         }
         // SAFETY: `kill` with a negative pid signals the process group the manager leads
         // (made with `process_group(0)`), which holds traffic_server and its helpers.
@@ -4020,6 +4020,13 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
     server.wait_for_metric(contexts, Instant::now() + Duration::from_secs(10), |line| {
         line.ends_with(" 0")
     });
+    // The 408s have no body: Traffic Server stays whole through the traffic after them (an
+    // empty error body handed to it as a buffer once corrupted its heap).
+    for round in 0..40 {
+        let reply = try_get(&server.url(&format!("/after-{round}")), &[])
+            .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+        assert_eq!(reply.status, 200, "{}", context("traffic after the 408s"));
+    }
 }
 
 /// A plugin may hold a response in its headers callback, e.g. to check it with a callout, and

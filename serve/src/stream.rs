@@ -958,10 +958,10 @@ impl Stream {
                 .is_some_and(|(holder, _)| *holder == index);
             let lend = held_headers.as_mut().map(|(_, lend)| &mut **lend);
             let result = self.with_filter(index, |vm, context| {
-                // A TCP connection's continues asked outside its callbacks were taken when
-                // they woke it (`resume`), before any data could come: one left now was asked
-                // while the plugin held nothing (e.g. while a filter after it held the new
-                // connection).
+                // A TCP connection's continues asked outside its callbacks are taken before
+                // the data it reads goes through the plugins (`resume`, see `tcp.rs`): one
+                // left now was asked while the plugin held nothing (e.g. while a filter after
+                // it held the new connection).
                 if !holds_headers {
                     forget_stale_continue(vm, context);
                 }

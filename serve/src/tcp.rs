@@ -340,7 +340,14 @@ async fn relay(
                     Direction::Request => &from_downstream,
                     Direction::Response => &from_upstream,
                 };
-                connection.tcp_data(direction, buffer[..count].to_vec(), end)
+                // A continue asked outside the connection's callbacks (a callout's answer, a
+                // tick) whose wake-up has not been taken yet is acted on first: the plugin
+                // forgets, at its next data callback, a continue it did not ask there.
+                connection.resume().and_then(|mut forwards| {
+                    let more = connection.tcp_data(direction, buffer[..count].to_vec(), end)?;
+                    forwards.extend(more);
+                    Ok(forwards)
+                })
             }
             Event::Read(direction, Err(error)) => {
                 // Reset or broken: the other side is closed by the proxy, once it took what was
