@@ -824,6 +824,19 @@ fn network_filter_yaml_at(name: &str, code: &Path, runtime: &str, configuration:
     )
 }
 
+/// Network filter blocks as the items of a listener's `filters:` list, in order.
+fn filter_list(blocks: &[String]) -> String {
+    blocks
+        .iter()
+        .map(|block| {
+            let mut lines = block.lines();
+            let first = lines.next().unwrap_or_default();
+            let rest: String = lines.map(|line| format!("    {line}\n")).collect();
+            format!("  - {first}\n{rest}")
+        })
+        .collect()
+}
+
 /// A plugin file with a TCP listener on `port` in front of `upstream` (a name in `upstreams`
 /// or an address), running `filter` (a network filter block), with more top-level `extra`.
 fn tcp_listener_file(
@@ -955,15 +968,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     let second = network_filter_yaml("tcp_filter", engine, "")
         .replace("name: tcp_filter\n", "name: second\n")
         .replace("vm_id: tcp_filter\n", "vm_id: second\n");
-    let chained: String = [network_filter_yaml("tcp_filter", engine, ""), second]
-        .iter()
-        .map(|block| {
-            let mut lines = block.lines();
-            let first = lines.next().unwrap_or_default();
-            let rest: String = lines.map(|line| format!("    {line}\n")).collect();
-            format!("  - {first}\n{rest}")
-        })
-        .collect();
+    let chained = filter_list(&[network_filter_yaml("tcp_filter", engine, ""), second]);
     // A plugin that traps when a connection's context is made, failing closed (Envoy's
     // default) and open.
     let trapping = workspace().join("plugins/dist/wat/trap_in_context_create.wasm");
@@ -978,7 +983,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     };
     // A filter continuing its connection from a tick while it holds nothing of it, as the
     // filter after it holds the new connection for 100–200 ms, then pausing all data.
-    let stale_chain: String = [
+    let stale_chain = filter_list(&[
         network_filter_yaml_at(
             "tcp_stale_continue",
             &workspace().join("plugins/dist/wat/tcp_stale_continue.wasm"),
@@ -991,15 +996,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             engine,
             "",
         ),
-    ]
-    .iter()
-    .map(|block| {
-        let mut lines = block.lines();
-        let first = lines.next().unwrap_or_default();
-        let rest: String = lines.map(|line| format!("    {line}\n")).collect();
-        format!("  - {first}\n{rest}")
-    })
-    .collect();
+    ]);
     let files = [
         tcp_listener_file(
             "gated",
@@ -3733,14 +3730,17 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
     assert_eq!(checker.requests(), 1, "{}", context("one check so far"));
     // A body the check refuses, while the headers are held: not the cached 200 (the plugin's
     // refusal closes the connection; see the hold tests above).
-    let refused = upload(Some("before-headers"), "please refuse this body");
-    assert!(
-        refused.as_ref().is_err() || refused.as_ref().is_ok_and(|reply| reply.status != 200),
-        "{}",
-        context(&format!(
-            "a refused body got the cached answer: {refused:?}"
-        ))
-    );
+    let refused_not_cached = |extra: &[(&'static str, &'static str)], body: &str| {
+        let refused = upload_with(extra, Some("before-headers"), body);
+        assert!(
+            refused.as_ref().is_err() || refused.as_ref().is_ok_and(|reply| reply.status != 200),
+            "{}",
+            context(&format!(
+                "a refused body ({extra:?}) got the cached answer: {refused:?}"
+            ))
+        );
+    };
+    refused_not_cached(&[], "please refuse this body");
     assert_eq!(
         origin.requests(),
         1,
@@ -3755,18 +3755,7 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
     );
     // The same when the headers hold begins only once another plugin, holding the whole
     // transaction in its hook for a call, let it go.
-    let refused = upload_with(
-        &[("x-probe", "hold")],
-        Some("before-headers"),
-        "please refuse this body too",
-    );
-    assert!(
-        refused.as_ref().is_err() || refused.as_ref().is_ok_and(|reply| reply.status != 200),
-        "{}",
-        context(&format!(
-            "a refused body after a hold got the cached answer: {refused:?}"
-        ))
-    );
+    refused_not_cached(&[("x-probe", "hold")], "please refuse this body too");
     assert_eq!(
         hold_answerer.requests(),
         1,
@@ -3779,6 +3768,21 @@ fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
         "{}",
         context("the body refused after a hold reached the origin, or was not checked")
     );
+}
+
+/// A plugin named `trap` that traps in every response headers callback (and has no body
+/// callback), failing closed.
+fn response_trap_yaml() -> String {
+    plugin_yaml("http_headers", "wasmtime", "", "failurePolicy: FAIL_CLOSED")
+        .replace("name: http_headers", "name: trap")
+        .replace("vmId: http_headers", "vmId: trap")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &workspace()
+                .join("plugins/dist/wat/trap_in_response_headers.wasm")
+                .display()
+                .to_string(),
+        )
 }
 
 /// The origin's response is what the plugins see and change, whatever comes before or without
@@ -3859,16 +3863,7 @@ fn the_plugins_see_the_response_itself_and_a_failure_there_keeps_its_body_from_t
     drop(server);
 
     // A plugin trapping in every response headers callback (and with no body callback).
-    let trap = plugin_yaml("http_headers", "wasmtime", "", "failurePolicy: FAIL_CLOSED")
-        .replace("name: http_headers", "name: trap")
-        .replace("vmId: http_headers", "vmId: trap")
-        .replace(
-            &corpus_plugin("http_headers").display().to_string(),
-            &workspace()
-                .join("plugins/dist/wat/trap_in_response_headers.wasm")
-                .display()
-                .to_string(),
-        );
+    let trap = response_trap_yaml();
     let server = TrafficServer::start(
         &origin.origin,
         &[PluginFile {
@@ -4109,16 +4104,7 @@ fn a_plugin_holding_the_response_for_a_callout_lets_it_go_with_its_changes() {
     // The plugin after it in the chain (before it in the response's order) fails closed in
     // its response headers callback: the 503 goes out, and the checking plugin never sees the
     // response, so it makes no call and holds nothing.
-    let trap = plugin_yaml("http_headers", "wasmtime", "", "failurePolicy: FAIL_CLOSED")
-        .replace("name: http_headers", "name: trap")
-        .replace("vmId: http_headers", "vmId: trap")
-        .replace(
-            &corpus_plugin("http_headers").display().to_string(),
-            &workspace()
-                .join("plugins/dist/wat/trap_in_response_headers.wasm")
-                .display()
-                .to_string(),
-        );
+    let trap = response_trap_yaml();
     let guarded = Origin::answering_with(&[("x-origin-secret", "s3cret")]);
     let server = TrafficServer::start(
         &guarded,
