@@ -13,6 +13,11 @@ use rustc_hash::FxHashMap;
 
 use crate::{diag, sys, with_thread, ThreadState};
 
+/// How early Traffic Server may run a scheduled event: one due within its nearest timer
+/// bucket (5 ms) runs at once. A wake-up that early counts what is due by then as due, rather
+/// than finding nothing due and going again.
+const DUE_EARLY: Duration = Duration::from_millis(5);
+
 /// One root context's timer.
 struct Timer {
     period: Duration,
@@ -126,7 +131,7 @@ impl Ticker {
             unsafe { sys::TSActionCancel(action) };
         }
         let delay = earliest.saturating_duration_since(Instant::now());
-        // Rounded up: a wake-up just before what is due would find nothing due, and go again.
+        // Rounded up, as a wake-up before what is due finds nothing due (see `DUE_EARLY`).
         let delay_ms =
             sys::TSHRTime::try_from(delay.as_micros().div_ceil(1000)).unwrap_or(sys::TSHRTime::MAX);
         // SAFETY: the continuation and thread are this thread's, made in `for_this_thread`.
@@ -159,6 +164,8 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     let ticker = &mut state.ticker;
     ticker.scheduled = None;
     let now = Instant::now();
+    // What is due this soon counts as due now (see `DUE_EARLY`).
+    let due_by = now + DUE_EARLY;
     // Each look finds the holds left and when the next of them would time out.
     ticker.hold_due = None;
     let hold_timeout = crate::stream_idle_timeout();
@@ -166,7 +173,7 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
         let Some(timeout) = hold_timeout else {
             return;
         };
-        if let Some(due) = crate::transaction::time_out_holds(vm, now, timeout) {
+        if let Some(due) = crate::transaction::time_out_holds(vm, due_by, timeout) {
             *hold_due = Some(hold_due.map_or(due, |earliest| earliest.min(due)));
         }
     };
@@ -181,7 +188,7 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                 let Some(timer) = ticker.timers.get_mut(&key) else {
                     continue;
                 };
-                if timer.due > now || vm.is_failed() {
+                if timer.due > due_by || vm.is_failed() {
                     continue;
                 }
                 if let Err(error) = vm.tick_root(*root) {

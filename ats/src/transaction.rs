@@ -1433,9 +1433,13 @@ impl Transaction {
         }
         if direction == Direction::Response && self.response_ended_at_headers {
             // No body follows such headers (a 204, a 304, an answer to HEAD, a declared empty
-            // one): what Traffic Server still passes through the transform is no body, and no
-            // plugin sees it (Envoy calls no body callback then).
-            return chunk;
+            // one), or a reply replaced the response: what Traffic Server still passes through
+            // the transform goes on, and no plugin sees it (Envoy calls no body callback then).
+            // What plugins kept of a body they saw before (a cached body passes the transform
+            // before the send-response-header hook) goes first.
+            let mut kept = self.release_body(Direction::Response, true);
+            kept.extend_from_slice(&chunk);
+            return kept;
         }
         self.body_from(direction, 0, chunk, end_of_stream)
     }
@@ -1858,6 +1862,11 @@ impl Transaction {
                 reply.status
             ));
         }
+        // The holds end with the request.
+        let holders = [self.headers_held.map(|held| held.filter), self.body_held];
+        for holder in holders.into_iter().flatten() {
+            self.release_hold(holder);
+        }
         self.headers_held = None;
         self.body_held = None;
         self.unlend();
@@ -2131,7 +2140,7 @@ impl Transaction {
         // body is no buffer at all: Traffic Server 9.2 files a zero-length one under its
         // smallest pooled buffer size when it sends it (`append_xmalloced`), then reuses that
         // allocation as a 128-byte buffer, corrupting the heap. Without a buffer it sends
-        // `Content-Length: 0`, with no content type (as Envoy's empty reply has none).
+        // `Content-Length: 0`, with no content type but the reply's own (as Envoy's).
         unsafe {
             sys::TSHttpTxnStatusSet(self.txn, reply.status as sys::TSHttpStatus);
             match body.is_empty() {

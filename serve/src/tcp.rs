@@ -342,11 +342,11 @@ async fn relay(
                 };
                 // A continue asked outside the connection's callbacks (a callout's answer, a
                 // tick) whose wake-up has not been taken yet is acted on first: the plugin
-                // forgets, at its next data callback, a continue it did not ask there.
-                connection.resume().and_then(|mut forwards| {
-                    let more = connection.tcp_data(direction, buffer[..count].to_vec(), end)?;
-                    forwards.extend(more);
-                    Ok(forwards)
+                // forgets, at its next data callback, a continue it did not ask there. What it
+                // lets go is queued before the new data runs, which may close the connection.
+                connection.resume().and_then(|released| {
+                    queue(&mut outboxes, released);
+                    connection.tcp_data(direction, buffer[..count].to_vec(), end)
                 })
             }
             Event::Read(direction, Err(error)) => {
@@ -415,18 +415,7 @@ async fn relay(
             }
         };
         match forwarded {
-            Ok(forwards) => {
-                for Forward {
-                    direction,
-                    data,
-                    end,
-                } in forwards
-                {
-                    let outbox = &mut outboxes[direction.index()];
-                    outbox.pending.extend_from_slice(&data);
-                    outbox.end |= end;
-                }
-            }
+            Ok(forwards) => queue(&mut outboxes, forwards),
             // Closed by a plugin or its failure policy: both sides go, once they took what was
             // let through to them (Envoy's `proxy_close_stream` closes with `FlushWrite`).
             Err(_) => {
@@ -438,6 +427,20 @@ async fn relay(
                 return;
             }
         }
+    }
+}
+
+/// Queues what the plugins let through for the sides it goes to (`[upstream, downstream]`).
+fn queue(outboxes: &mut [Outbox; 2], forwards: Vec<Forward>) {
+    for Forward {
+        direction,
+        data,
+        end,
+    } in forwards
+    {
+        let outbox = &mut outboxes[direction.index()];
+        outbox.pending.extend_from_slice(&data);
+        outbox.end |= end;
     }
 }
 
