@@ -118,8 +118,8 @@ pub(crate) fn stream_idle_timeout() -> Option<Duration> {
 /// Notes that a plugin began to hold a transaction at `since`: [`with_thread`] then has the
 /// ticker look at it when the stream idle timeout would pass.
 pub(crate) fn hold_began(since: Instant) {
-    if let Some(timeout) = stream_idle_timeout() {
-        let due = since + timeout;
+    // A timeout too long to add to the clock is none.
+    if let Some(due) = stream_idle_timeout().and_then(|timeout| since.checked_add(timeout)) {
         HOLD_DUE.with(|earliest| {
             earliest.set(Some(
                 earliest.get().map_or(due, |earliest| earliest.min(due)),

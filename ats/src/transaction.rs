@@ -751,7 +751,10 @@ pub(crate) fn time_out_holds(vm: &mut Vm, now: Instant, timeout: Duration) -> Op
         else {
             continue;
         };
-        let due = since + timeout;
+        // A timeout too long to add to the clock never passes.
+        let Some(due) = since.checked_add(timeout) else {
+            continue;
+        };
         if due > now {
             next = Some(next.map_or(due, |next| next.min(due)));
             continue;
