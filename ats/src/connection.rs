@@ -233,12 +233,16 @@ struct Filter {
 }
 
 impl Filter {
+    /// Whether the plugin holds data of side `side` (`0`: downstream's), or its end.
+    fn holds(&self, side: usize) -> bool {
+        !self.held[side].is_empty() || self.held_end[side]
+    }
+
     /// Marks for release what the plugin holds of each direction it continued. A continue of a
     /// direction it holds nothing of is spent: it does not let a later pause pass.
     fn mark_release(&mut self, continued_sides: [bool; 2]) {
         for (side, continued) in continued_sides.into_iter().enumerate() {
-            let holds = !self.held[side].is_empty() || self.held_end[side];
-            self.release[side] |= continued && holds;
+            self.release[side] |= continued && self.holds(side);
         }
     }
 }
@@ -1332,9 +1336,7 @@ impl Connection {
             }
             let filter = &mut self.filters[index];
             filter.mark_release(asked.continued_sides);
-            let holds =
-                filter.held.iter().any(|held| !held.is_empty()) || filter.held_end.contains(&true);
-            if failed && holds {
+            if failed && (filter.holds(0) || filter.holds(1)) {
                 let error = VmError::Failed("the VM failed while holding the connection".into());
                 if self.failed(index, &error).is_err() {
                     self.close_locally();

@@ -120,11 +120,7 @@ pub(crate) fn stream_idle_timeout() -> Option<Duration> {
 pub(crate) fn hold_began(since: Instant) {
     // A timeout too long to add to the clock is none.
     if let Some(due) = stream_idle_timeout().and_then(|timeout| since.checked_add(timeout)) {
-        HOLD_DUE.with(|earliest| {
-            earliest.set(Some(
-                earliest.get().map_or(due, |earliest| earliest.min(due)),
-            ));
-        });
+        HOLD_DUE.with(|earlier| earlier.set(Some(ticker::earliest(earlier.get(), due))));
     }
 }
 

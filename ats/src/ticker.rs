@@ -18,6 +18,11 @@ use crate::{diag, sys, with_thread, ThreadState};
 /// than finding nothing due and going again.
 const DUE_EARLY: Duration = Duration::from_millis(5);
 
+/// The earlier of `current` (if any) and `due`.
+pub(crate) fn earliest(current: Option<Instant>, due: Instant) -> Instant {
+    current.map_or(due, |current| current.min(due))
+}
+
 /// One root context's timer.
 struct Timer {
     period: Duration,
@@ -107,7 +112,7 @@ impl Ticker {
     /// Has the continuation look at the held transactions by `due`, when a hold that began
     /// would pass the stream idle timeout.
     pub(crate) fn look_at_holds_by(&mut self, due: Instant) {
-        self.hold_due = Some(self.hold_due.map_or(due, |earliest| earliest.min(due)));
+        self.hold_due = Some(earliest(self.hold_due, due));
         self.schedule(due);
     }
 
@@ -174,7 +179,7 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
             return;
         };
         if let Some(due) = crate::transaction::time_out_holds(vm, due_by, timeout) {
-            *hold_due = Some(hold_due.map_or(due, |earliest| earliest.min(due)));
+            *hold_due = Some(earliest(*hold_due, due));
         }
     };
     let mut pending = Vec::new();

@@ -756,7 +756,7 @@ pub(crate) fn time_out_holds(vm: &mut Vm, now: Instant, timeout: Duration) -> Op
             continue;
         };
         if due > now {
-            next = Some(next.map_or(due, |next| next.min(due)));
+            next = Some(crate::ticker::earliest(next, due));
             continue;
         }
         diag::error(&format!(

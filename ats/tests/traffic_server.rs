@@ -209,6 +209,15 @@ fn plugin_yaml(plugin: &str, runtime: &str, configuration: &str, extra: &str) ->
     )
 }
 
+/// The corpus's `http_call` on `runtime`, with more `config` lines, calling its `auth_cluster`
+/// at `auth`.
+fn http_call_yaml(runtime: &str, config: &str, auth: SocketAddr) -> String {
+    format!(
+        "{}upstreams:\n  auth_cluster: {auth}\n",
+        plugin_yaml("http_call", runtime, "", config)
+    )
+}
+
 /// The longest a Traffic Server of a test lives, even if the test dies without stopping it.
 const SERVER_LIFETIME_SECONDS: &str = "600";
 
@@ -1296,11 +1305,7 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
     for runtime in engines() {
         let origin = Origin::start();
         let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
-        let http_call = format!(
-            "{}upstreams:\n  auth_cluster: {}\n",
-            plugin_yaml("http_call", runtime, "", ""),
-            auth.address
-        );
+        let http_call = http_call_yaml(runtime, "", auth.address);
         let server = TrafficServer::start(
             &origin,
             &[
@@ -1331,11 +1336,7 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
         // An upstream that never answers: the call times out after the plugin's 5 s, the
         // plugin gets the failure and answers 503 itself. The new upstream comes with a reload.
         let silent = TcpListener::bind("127.0.0.1:0").expect("a listener that never answers");
-        let http_call = format!(
-            "{}upstreams:\n  auth_cluster: {}\n",
-            plugin_yaml("http_call", runtime, "", ""),
-            silent.local_addr().expect("its address")
-        );
+        let http_call = http_call_yaml(runtime, "", silent.local_addr().expect("its address"));
         std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
         server.ctl(&["config", "reload"]);
         server.wait_for_log("reloaded the configuration");
@@ -1382,11 +1383,7 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
 fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
     let origin = Origin::start();
     let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
-    let http_call = format!(
-        "{}upstreams:\n  auth_cluster: {}\n",
-        plugin_yaml("http_call", "wasmtime", "", ""),
-        auth.address
-    );
+    let http_call = http_call_yaml("wasmtime", "", auth.address);
     let server = TrafficServer::start(
         &origin,
         &[
@@ -1432,17 +1429,8 @@ fn numbered_body(lines: usize) -> String {
 fn a_plugin_allowed_to_hold_the_request_headers_gets_the_body_meanwhile() {
     let origin = Origin::start();
     let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
-    let http_call = |auth: SocketAddr| {
-        format!(
-            "{}upstreams:\n  auth_cluster: {auth}\n",
-            plugin_yaml(
-                "http_call",
-                "wasmtime",
-                "",
-                "allowOnHeadersStopIteration: true"
-            )
-        )
-    };
+    let http_call =
+        |auth: SocketAddr| http_call_yaml("wasmtime", "allowOnHeadersStopIteration: true", auth);
     // `http_headers` after it logs the request headers it gets: only once the holder let them
     // go.
     let server = TrafficServer::start(
@@ -1737,12 +1725,9 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
     let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
     // Two copies of `http_call`, each told its mode by its own request header.
     let copy = |name: &str, extra: &str, auth: SocketAddr| {
-        format!(
-            "{}upstreams:\n  auth_cluster: {auth}\n",
-            plugin_yaml("http_call", "wasmtime", "", extra)
-                .replacen("name: http_call", &format!("name: {name}"), 1)
-                .replacen("vmId: http_call", &format!("vmId: {name}"), 1)
-        )
+        http_call_yaml("wasmtime", extra, auth)
+            .replacen("name: http_call", &format!("name: {name}"), 1)
+            .replacen("vmId: http_call", &format!("vmId: {name}"), 1)
     };
     let server = TrafficServer::start(
         &origin,
@@ -3058,11 +3043,7 @@ fn under_a_load_of_faults_every_transaction_ends_and_no_plugin_context_is_left_l
             },
             PluginFile {
                 name: "http_call",
-                yaml: format!(
-                    "{}upstreams:\n  auth_cluster: {}\n",
-                    plugin_yaml("http_call", runtime, "", ""),
-                    checker.address
-                ),
+                yaml: http_call_yaml(runtime, "", checker.address),
             },
             PluginFile {
                 name: "trap",
@@ -3450,12 +3431,8 @@ impl RawExchange {
 fn a_plugin_ending_a_stream_in_a_body_that_began_to_go_on_cuts_both_sides_short() {
     let origin = BodyOrigin::start();
     let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
-    let gate = format!(
-        "{}upstreams:\n  auth_cluster: {}\n",
-        plugin_yaml("http_call", "wasmtime", "", ""),
-        auth.address
-    )
-    .replace("name: http_call", "name: gate");
+    let gate =
+        http_call_yaml("wasmtime", "", auth.address).replace("name: http_call", "name: gate");
     let trap = plugin_yaml(
         "http_headers",
         "wasmtime",
@@ -3579,11 +3556,7 @@ fn a_reply_from_another_plugin_ends_a_response_a_plugin_holds() {
     let origin = Origin::start();
     // The callout's answer comes after the origin's response, which `panics` holds for good.
     let auth = slow_refuser(Duration::from_secs(1));
-    let http_call = format!(
-        "{}upstreams:\n  auth_cluster: {}\n",
-        plugin_yaml("http_call", "wasmtime", "", ""),
-        auth.address
-    );
+    let http_call = http_call_yaml("wasmtime", "", auth.address);
     let server = TrafficServer::start(
         &origin,
         &[
@@ -3654,15 +3627,10 @@ fn body_checker() -> Origin {
 fn a_cached_response_does_not_pass_a_plugin_holding_the_request_headers() {
     let origin = Origin::answering_with(&[("cache-control", "max-age=300")]);
     let checker = body_checker();
-    let http_call = format!(
-        "{}upstreams:\n  auth_cluster: {}\n",
-        plugin_yaml(
-            "http_call",
-            "wasmtime",
-            "",
-            "allowOnHeadersStopIteration: true"
-        ),
-        checker.address
+    let http_call = http_call_yaml(
+        "wasmtime",
+        "allowOnHeadersStopIteration: true",
+        checker.address,
     );
     // `envoy_rules` before it holds a transaction with `x-probe: hold` in its hook until a
     // call to `cluster` answers.
@@ -3938,15 +3906,10 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
             },
             PluginFile {
                 name: "http_call",
-                yaml: format!(
-                    "{}upstreams:\n  auth_cluster: {}\n",
-                    plugin_yaml(
-                        "http_call",
-                        "wasmtime",
-                        "",
-                        "allowOnHeadersStopIteration: true"
-                    ),
-                    auth.address
+                yaml: http_call_yaml(
+                    "wasmtime",
+                    "allowOnHeadersStopIteration: true",
+                    auth.address,
                 ),
             },
         ],
@@ -4067,11 +4030,7 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
 fn a_plugin_holding_the_response_for_a_callout_lets_it_go_with_its_changes() {
     let origin = BodyOrigin::start();
     let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
-    let http_call = format!(
-        "{}upstreams:\n  auth_cluster: {}\n",
-        plugin_yaml("http_call", "wasmtime", "", ""),
-        auth.address
-    );
+    let http_call = http_call_yaml("wasmtime", "", auth.address);
     let checked = |method: &str, path: &str| {
         format!(
             "{method} {path} HTTP/1.1\r\nhost: localhost\r\nx-check-response: 1\r\n\
