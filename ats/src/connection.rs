@@ -461,8 +461,9 @@ enum Phase {
     Dialling,
     /// Both sides open.
     Open,
-    /// Over for the plugins (told, their contexts gone), a side still open: what was let
-    /// through to it is written before it closes (see [`Connection::close_flushing`]).
+    /// Over for the plugins' data, a side still open: what was let through to it is written
+    /// before it closes (see [`Connection::close_flushing`]); the plugins are told of the
+    /// close when this ends.
     Flushing,
     /// Over: closed, the plugins told.
     Closed,
@@ -634,7 +635,7 @@ fn begin(vc: sys::TSVConn, cont: sys::TSCont, index: usize) -> Option<Connection
         }
         if refused {
             // The contexts made so far end as a connection closed by the proxy does.
-            connection.end_plugins(worker);
+            connection.end_contexts(worker);
             state.workers.stream_ended(generation);
             return None;
         }
@@ -1474,7 +1475,9 @@ impl Connection {
     /// As [`Connection::close`], but the sides `flush` names (a reached side, still writable)
     /// first get what waits to be written to them, and close their own end, within
     /// [`FLUSH_TIMEOUT`] of nothing moving: the connection is [`Phase::Flushing`] until then.
-    /// The plugins hear of the close at once.
+    /// The plugins hear of the close once the flush ended, as Envoy raises a connection's close
+    /// only once its write buffer drained: what they read of the bytes sent then counts what
+    /// the flush wrote.
     fn close_flushing(&mut self, flush: [bool; 2]) {
         if matches!(self.phase, Phase::Closed | Phase::Flushing) {
             return;
@@ -1492,12 +1495,7 @@ impl Connection {
             // SAFETY: the event has not run (running clears `half_close`).
             unsafe { sys::TSActionCancel(action) };
         }
-        if let Some(downstream) = &self.downstream {
-            // What reached the client: written, not only queued.
-            // SAFETY: the side's VIO lives until it is closed, below.
-            let written = unsafe { sys::TSVIONDoneGet(downstream.write.vio) };
-            self.transferred[1] = u64::try_from(written).unwrap_or(0);
-        }
+        self.count_sent();
         let mut kept = [None, None];
         for (index, side) in [self.downstream.take(), self.upstream.take()]
             .into_iter()
@@ -1535,12 +1533,17 @@ impl Connection {
         // A side with everything written gets its end from the wake-up (not here: this may
         // run inside Traffic Server's write to it).
         self.schedule_half_close();
-        let finished = in_worker(self.thread, self.generation, "a TCP connection", |worker| {
-            self.end_plugins(worker);
-        });
-        if finished.is_some() {
-            self.slots_removed = true;
-            with_workers(|workers| workers.stream_ended(self.generation));
+        if self.phase == Phase::Closed {
+            self.end_plugins();
+        }
+    }
+
+    /// Notes what reached the client so far: written, not only queued.
+    fn count_sent(&mut self) {
+        if let Some(downstream) = &self.downstream {
+            // SAFETY: the side's VIO lives until it is closed, which takes it out of `self`.
+            let written = unsafe { sys::TSVIONDoneGet(downstream.write.vio) };
+            self.transferred[1] = u64::try_from(written).unwrap_or(0);
         }
     }
 
@@ -1548,6 +1551,8 @@ impl Connection {
     /// completed (it is half-closed), it sent more (dropped), or it ended, failed or stayed
     /// idle past [`FLUSH_TIMEOUT`] (closed). Once no side is left the connection is closed.
     fn flushing(&mut self, event: sys::TSEvent, data: *mut c_void) {
+        // Counted before this event may close the client's side.
+        self.count_sent();
         if matches!(event, sys::TS_EVENT_IMMEDIATE | sys::TS_EVENT_TIMEOUT) {
             // The wake-up (scheduled at once) or the flush's deadline (later).
             let deadline = event == sys::TS_EVENT_TIMEOUT;
@@ -1603,7 +1608,7 @@ impl Connection {
     }
 
     /// Once no side is left to flush: the connection is closed, its scheduled events
-    /// cancelled (it is freed once its handlers return).
+    /// cancelled and its plugins told (it is freed once its handlers return).
     fn end_flush_if_done(&mut self) {
         if self.downstream.is_some() || self.upstream.is_some() {
             return;
@@ -1616,12 +1621,25 @@ impl Connection {
             // SAFETY: the event has not run (running clears its field).
             unsafe { sys::TSActionCancel(action) };
         }
+        self.end_plugins();
+    }
+
+    /// Ends the plugins' contexts on the connection's VM copies (see
+    /// [`Connection::end_contexts`]) and counts the connection out of its generation.
+    fn end_plugins(&mut self) {
+        let finished = in_worker(self.thread, self.generation, "a TCP connection", |worker| {
+            self.end_contexts(worker);
+        });
+        if finished.is_some() {
+            self.slots_removed = true;
+            with_workers(|workers| workers.stream_ended(self.generation));
+        }
     }
 
     /// The plugins' end of the connection: both connection-close callbacks, `proxy_on_done`,
     /// `proxy_on_log`, `proxy_on_delete` (Envoy's order for a connection), then the contexts
     /// and VM holds go.
-    fn end_plugins(&mut self, worker: &mut Worker) {
+    fn end_contexts(&mut self, worker: &mut Worker) {
         let (closed_by, transferred) = (self.closed_by, self.transferred);
         for filter in std::mem::take(&mut self.filters) {
             let Some(stream) = filter.stream else {

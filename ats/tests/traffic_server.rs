@@ -962,6 +962,9 @@ fn tcp_listeners_run_network_filters_both_ways_on_every_engine() {
     server.wait_for_log("new connection");
     server.wait_for_log("downstream closed by Remote");
     server.wait_for_log("upstream closed by Remote");
+    // And read, at each connection's end, what it received and sent: `hello` in, `[up] HELLO`
+    // out.
+    server.wait_for_log("connection ended: 5 bytes from the client, 10 to it");
     assert!(echo.connections.load(Ordering::Relaxed) >= 10 * listeners.len());
     // Every connection's contexts went with it.
     server.wait_for_metric(
@@ -1118,7 +1121,9 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             "reset_after",
             reset_after,
             &resetting_flood.address.to_string(),
-            &network_filter_yaml("tcp_filter", engine, ""),
+            // Named for its log lines.
+            &network_filter_yaml("tcp_filter", engine, "")
+                .replace("name: tcp_filter\n", "name: reset_after\n"),
             "  idle_timeout: 1s\n  buffer_limit_bytes: 33554432\n",
         ),
     ];
@@ -1211,6 +1216,25 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     {
         panic!("{error}\n{}", server.diagnostics());
     }
+    // Its plugin hears of the close once that flush ended: the bytes it is told were sent
+    // are all the client got, not what was written when the upstream's reset was found.
+    // (Not the connection `wait_for_port` made, which sent nothing.)
+    let ended = |line: &&str| {
+        line.contains("[reset_after] connection ended:") && !line.contains("ended: 0 bytes")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let log = server.diagnostics();
+        if let Some(line) = log.lines().find(ended) {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the plugin never logged its end:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(line.ends_with(&format!(", {} to it", FLOOD + 5)), "{line}");
     // An upstream that never answers the connect: the client's connection is closed after the
     // listener's connect timeout (1 s here; 5 s unless set).
     assert_closed_after_a_1s_connect_timeout(unanswered);

@@ -2285,6 +2285,15 @@ fn a_slow_client_keeps_a_tcp_connection_open_past_the_idle_timeout_while_it_read
             panic!("{error}\n{}", serve.log());
         }
         serve.wait_for_no_live_contexts();
+        // The plugin is told of the close once what the proxy flushed after the reset is
+        // written: the bytes it reads as sent are all the client got.
+        let log = serve.log();
+        let line = log
+            .lines()
+            // Not the connection that found the port open, which sent nothing.
+            .find(|line| line.contains("connection ended:") && !line.contains("ended: 0 bytes"))
+            .unwrap_or_default();
+        assert!(line.contains(&format!(", {} to it", FLOOD + 5)), "{line}");
     }
 }
 

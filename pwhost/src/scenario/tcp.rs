@@ -162,6 +162,23 @@ impl Connection<'_, '_> {
         Ok(out)
     }
 
+    /// Counts `bytes` read from the client (`Side::Downstream`) or written to it
+    /// (`Side::Upstream`) in what every plugin knows of the connection (`request.size`,
+    /// `response.size`), as a proxy counts them when they pass.
+    fn count(&mut self, side: Side, bytes: usize) {
+        for stage in self.stages.iter().filter(|stage| !stage.inactive) {
+            let Some(vm) = stage.held_vm.as_ref().and_then(|h| self.worker.vm(h)) else {
+                continue;
+            };
+            let info = &mut in_memory_host(vm).stream(stage.context).info;
+            let counter = match side {
+                Side::Downstream => &mut info.bytes_received,
+                Side::Upstream => &mut info.bytes_sent,
+            };
+            *counter = Some(counter.unwrap_or(0).saturating_add(bytes as u64));
+        }
+    }
+
     fn deliver(
         &mut self,
         side: Side,
@@ -171,6 +188,9 @@ impl Connection<'_, '_> {
         end: bool,
     ) -> Result<(), Stop> {
         let Some(&k) = order.get(position) else {
+            if side == Side::Upstream {
+                self.count(side, chunk.len());
+            }
             let received = match side {
                 Side::Downstream => &mut self.report.upstream_received,
                 Side::Upstream => &mut self.report.downstream_received,
@@ -210,6 +230,9 @@ impl Connection<'_, '_> {
         };
         for (i, chunk) in chunks.iter().enumerate() {
             let end = i + 1 == chunks.len();
+            if side == Side::Downstream {
+                self.count(side, chunk.len());
+            }
             self.deliver(side, &order, 0, chunk.clone().into_bytes(), end)?;
         }
         Ok(())

@@ -12,6 +12,9 @@
 //!   receives `[up] <upstream bytes...>`, and later chunks unchanged.
 //! - `on_downstream_close(peer)` / `on_upstream_close(peer)`: log `downstream closed by <peer>` /
 //!   `upstream closed by <peer>` with the PeerType as Debug (`Unknown`, `Local` or `Remote`).
+//! - `on_log`: logs `connection ended: <received> bytes from the client, <sent> to it`, the
+//!   connection's `request.size` and `response.size` (Envoy's bytes received from and sent to
+//!   the downstream; `unknown` where the host has none).
 //!
 //! Configured `gate CLUSTER`, the filter also holds each connection's data from downstream
 //! (upper-cased as above, and pausing) until an HTTP call answers whether it may go on: on the
@@ -167,5 +170,20 @@ impl StreamContext for TcpFilter {
 
     fn on_upstream_close(&mut self, peer_type: PeerType) {
         info!("upstream closed by {:?}", peer_type);
+    }
+
+    fn on_log(&mut self) {
+        // An int property is 8 bytes, little-endian.
+        let size = |path: Vec<&str>| {
+            self.get_property(path)
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map_or_else(
+                    || "unknown".to_string(),
+                    |bytes| i64::from_le_bytes(bytes).to_string(),
+                )
+        };
+        let received = size(vec!["request", "size"]);
+        let sent = size(vec!["response", "size"]);
+        info!("connection ended: {received} bytes from the client, {sent} to it");
     }
 }
