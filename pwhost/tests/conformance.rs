@@ -463,7 +463,15 @@ fn check_outcome(
     check(expected, &actual, "report").map_err(|diff| format!("{context}:\n  {diff}"))
 }
 
-fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<(), String> {
+/// Runs `case` on `runtime_name` with plugin `build`; a WebAssembly build's code is compiled
+/// through `cache` (see [`load_plugin`]).
+fn run_case(
+    name: &str,
+    case: &Case,
+    runtime_name: &str,
+    build: &str,
+    cache: &lifecycle::CompilationCache,
+) -> Result<(), String> {
     let config = case.runtime_config();
     let runtime = runtimes::create(runtime_name, config).map_err(|e| e.to_string())?;
     let plugin_config = abi::PluginConfig {
@@ -489,10 +497,10 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<
         allow_on_headers_stop_iteration: case.allow_on_headers_stop_iteration,
         ..abi::PluginConfig::default()
     };
-    let loaded = pwhost::plugins::load(&*runtime, build, plugin_config, abi::SharedState::new());
+    let loaded = load_plugin(&*runtime, build, plugin_config, cache);
     let context = format!("{name} on {runtime_name} with {build}");
     match loaded {
-        Err(error) => expect_load_error(case, &context, format!("{error:#}")),
+        Err(error) => expect_load_error(case, &context, error),
         Ok(_) if case.expect_load_error.is_some() => Err(format!(
             "{context}: loaded, but the case expects a load error"
         )),
@@ -501,6 +509,42 @@ fn run_case(name: &str, case: &Case, runtime_name: &str, build: &str) -> Result<
             check_outcome(name, case, &context, outcome)
         }
     }
+}
+
+/// Loads plugin `build` on `runtime`. A WebAssembly module goes through the compilation cache
+/// an embedder would use (`lifecycle::compiled::compile`), so each module is compiled once per
+/// engine and code-changing configuration and its artifact loaded for the other cases (the
+/// LLVM engine alone took over three quarters of the suite's time compiling the same modules
+/// again); native plugins load as `pwhost run` loads them.
+fn load_plugin(
+    runtime: &dyn runtime_api::WasmRuntime<abi::VmState>,
+    build: &str,
+    config: abi::PluginConfig,
+    cache: &lifecycle::CompilationCache,
+) -> Result<abi::Plugin, String> {
+    let shared = abi::SharedState::new();
+    if runtime.name() == "null" || pwhost::plugins::is_native(build) {
+        return pwhost::plugins::load(runtime, build, config, shared)
+            .map_err(|error| format!("{error:#}"));
+    }
+    // The error with its causes, as `pwhost run` shows it.
+    fn shown(error: impl std::error::Error + Send + Sync + 'static) -> String {
+        format!("{:#}", anyhow::Error::new(error))
+    }
+    let wasm = std::fs::read(build).map_err(|error| format!("cannot read {build}: {error}"))?;
+    let compiled = lifecycle::compiled::compile(runtime, &wasm, false, Some(cache))
+        .map_err(|error| shown(abi::LoadError::from(error)))?;
+    abi::Plugin::from_module(runtime, compiled.module, config, shared).map_err(shown)
+}
+
+/// One run of a case, as the thread that ran it reports it.
+struct Ran {
+    /// Its place among the planned runs (the cases' order).
+    index: usize,
+    engine: &'static str,
+    took: Duration,
+    /// `None`: the engine cannot run this configuration case, which is then no run.
+    outcome: Option<Result<(), String>>,
 }
 
 #[test]
@@ -518,8 +562,7 @@ fn every_case_passes_on_every_engine_and_build() {
         paths.len()
     );
     let mut failures = Vec::new();
-    let mut runs = 0;
-    let mut runs_per_engine = std::collections::BTreeMap::<&str, usize>::new();
+    let mut cases = Vec::new();
     for path in &paths {
         let name = path
             .file_stem()
@@ -542,28 +585,78 @@ fn every_case_passes_on_every_engine_and_build() {
             case.plugin.is_empty() != case.config.is_none(),
             "{name}: a case names a plugin or gives a config"
         );
-        for runtime_name in runtimes::available() {
+        cases.push((name, case));
+    }
+    // Every case on every engine, with each build of its plugin (a configuration case loads
+    // what its configuration names: no build).
+    let mut planned: Vec<(&str, &Case, &'static str, Option<String>)> = Vec::new();
+    for (name, case) in &cases {
+        for &runtime_name in runtimes::available() {
             if case.config.is_some() {
-                if let Some(outcome) = run_config_case(&name, &case, runtime_name) {
-                    runs += 1;
-                    *runs_per_engine.entry(runtime_name).or_default() += 1;
-                    if let Err(failure) = outcome {
-                        failures.push(failure);
-                    }
-                }
+                planned.push((name, case, runtime_name, None));
                 continue;
             }
-            for build in plugin_builds(&case, runtime_name) {
-                runs += 1;
-                *runs_per_engine.entry(runtime_name).or_default() += 1;
-                if let Err(failure) = run_case(&name, &case, runtime_name, &build) {
-                    failures.push(failure);
-                }
+            for build in plugin_builds(case, runtime_name) {
+                planned.push((name, case, runtime_name, Some(build)));
             }
         }
     }
+    // The runs are independent (each makes its own runtime, VMs and shared state, on the
+    // thread that runs it), so they are spread over the machine's cores: run one after
+    // another, they were the longest part of the test suite.
+    let cache_dir = tempfile::tempdir().expect("a directory for the compilation cache");
+    let cache = lifecycle::CompilationCache::new(cache_dir.path().join("compiled"));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let mut outcomes: Vec<Ran> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((name, case, runtime_name, build)) = planned.get(index) else {
+                            return done;
+                        };
+                        let started = std::time::Instant::now();
+                        let outcome = match build {
+                            None => run_config_case(name, case, runtime_name),
+                            Some(build) => Some(run_case(name, case, runtime_name, build, &cache)),
+                        };
+                        done.push(Ran {
+                            index,
+                            engine: runtime_name,
+                            took: started.elapsed(),
+                            outcome,
+                        });
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().expect("a conformance run panicked"))
+            .collect()
+    });
+    // Reported in the cases' order, whichever thread ran them.
+    outcomes.sort_by_key(|ran| ran.index);
+    let mut runs = 0;
+    let mut runs_per_engine = std::collections::BTreeMap::<&str, (usize, Duration)>::new();
+    for ran in outcomes {
+        // A configuration case an engine cannot run (e.g. no precompiled code) is not a run.
+        let Some(outcome) = ran.outcome else {
+            continue;
+        };
+        runs += 1;
+        let engine = runs_per_engine.entry(ran.engine).or_default();
+        engine.0 += 1;
+        engine.1 += ran.took;
+        if let Err(failure) = outcome {
+            failures.push(failure);
+        }
+    }
     println!(
-        "{} passed, {} failed; runs per engine: {runs_per_engine:?}",
+        "{} passed, {} failed; runs and time per engine: {runs_per_engine:?}",
         runs - failures.len(),
         failures.len()
     );
