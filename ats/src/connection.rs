@@ -848,6 +848,11 @@ impl Connection {
 
     /// Handles one event (with the state borrowed: nothing here calls back into it).
     fn on(&mut self, event: Event) {
+        if let Event::Traffic(sys::TS_EVENT_IMMEDIATE, _) = event {
+            // The wake-up (`wake`) runs now: it is no longer pending, so nothing cancels it,
+            // and one scheduled from here on (say by a close in `resume` below) is kept.
+            self.half_close = None;
+        }
         // A continue asked outside the connection's events (a callout's answer, a tick) is
         // acted on before what came meanwhile: data read now would otherwise reach the plugin
         // first, which forgets a continue it did not ask in that callback.
@@ -960,7 +965,6 @@ impl Connection {
                 }
             }
             sys::TS_EVENT_IMMEDIATE | sys::TS_EVENT_TIMEOUT => {
-                self.half_close = None;
                 self.shut_due_ends();
                 if std::mem::take(&mut self.resume_wanted) {
                     self.resume();
@@ -1556,9 +1560,8 @@ impl Connection {
         if matches!(event, sys::TS_EVENT_IMMEDIATE | sys::TS_EVENT_TIMEOUT) {
             // The wake-up (scheduled at once) or the flush's deadline (later).
             let deadline = event == sys::TS_EVENT_TIMEOUT;
-            match deadline {
-                true => self.flush_deadline = None,
-                false => self.half_close = None,
+            if deadline {
+                self.flush_deadline = None;
             }
             self.shut_due_ends();
             for slot in [&mut self.downstream, &mut self.upstream] {
