@@ -22,6 +22,7 @@
 //! `precompiled_artifact_of: FILE2` too, the section carries FILE2's code instead, so that
 //! what runs shows whether the section or the bytecode was loaded.
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -619,10 +620,14 @@ fn every_case_passes_on_every_engine_and_build() {
                             return done;
                         };
                         let started = std::time::Instant::now();
-                        let outcome = match build {
+                        // A panic fails its run, named, and the others go on.
+                        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match build {
                             None => run_config_case(name, case, runtime_name),
                             Some(build) => Some(run_case(name, case, runtime_name, build, &cache)),
-                        };
+                        }))
+                        .unwrap_or_else(|_| {
+                            Some(Err(format!("{name} on {runtime_name}: panicked")))
+                        });
                         done.push(Ran {
                             index,
                             engine: runtime_name,
@@ -635,7 +640,7 @@ fn every_case_passes_on_every_engine_and_build() {
             .collect();
         workers
             .into_iter()
-            .flat_map(|worker| worker.join().expect("a conformance run panicked"))
+            .flat_map(|worker| worker.join().expect("runs catch their panics"))
             .collect()
     });
     // Reported in the cases' order, whichever thread ran them.
