@@ -240,31 +240,31 @@ async fn drive<W: AsyncWrite + Unpin>(
 /// Closes a side as Envoy's `FlushWrite` does: what was let through to it is written and its
 /// end sent, then what it still sends is read and dropped until it ends too (closing a socket
 /// with unread data would reset it, and with it what it has not taken yet), each step within
-/// [`FLUSH_TIMEOUT`] of nothing moving, the draining within two. Returns how many bytes it
-/// wrote, for the bytes the plugins are told were sent.
-async fn flush_and_close<W, R>(writer: &mut W, reader: &mut R, outbox: &Outbox) -> u64
+/// [`FLUSH_TIMEOUT`] of nothing moving, the draining within two. Adds what it writes to
+/// `written` as it goes: for the client's side, the bytes the plugins are told were sent,
+/// also when a drain's timeout cuts the flush short.
+async fn flush_and_close<W, R>(writer: &mut W, reader: &mut R, outbox: &Outbox, written: &mut u64)
 where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
     use tokio::time::timeout;
-    let mut written = 0;
     if !outbox.ended {
         let mut rest = &outbox.pending[..];
         while !rest.is_empty() {
             match timeout(FLUSH_TIMEOUT, writer.write(rest)).await {
                 Ok(Ok(count)) if count > 0 => {
                     rest = &rest[count..];
-                    written += count as u64;
+                    *written += count as u64;
                 }
-                _ => return written,
+                _ => return,
             }
         }
         if !matches!(timeout(FLUSH_TIMEOUT, writer.flush()).await, Ok(Ok(()))) {
-            return written;
+            return;
         }
         if !matches!(timeout(FLUSH_TIMEOUT, writer.shutdown()).await, Ok(Ok(()))) {
-            return written;
+            return;
         }
     }
     let drained_by = Instant::now() + 2 * FLUSH_TIMEOUT;
@@ -273,10 +273,9 @@ where
         tokio::time::timeout_at(drained_by.into(), reader.read(&mut dropped)).await
     {
         if count == 0 {
-            break;
+            return;
         }
     }
-    written
 }
 
 /// Carries data both ways through the chain until both sides have ended, the connection is
@@ -362,14 +361,21 @@ async fn relay(
                 connection.closed_by[direction.index()] = PeerType::Remote;
                 match direction {
                     Direction::Request => {
-                        flush_and_close(&mut upstream_writer, &mut upstream_reader, &outboxes[0])
-                            .await;
+                        let mut uncounted = 0;
+                        flush_and_close(
+                            &mut upstream_writer,
+                            &mut upstream_reader,
+                            &outboxes[0],
+                            &mut uncounted,
+                        )
+                        .await;
                     }
                     Direction::Response => {
-                        connection.transferred[1] += flush_and_close(
+                        flush_and_close(
                             &mut downstream_writer,
                             &mut downstream_reader,
                             &outboxes[1],
+                            &mut connection.transferred[1],
                         )
                         .await;
                     }
@@ -399,16 +405,23 @@ async fn relay(
                 connection.closed_by[1 - direction.index()] = PeerType::Remote;
                 match direction {
                     Direction::Request => {
-                        connection.transferred[1] += flush_and_close(
+                        flush_and_close(
                             &mut downstream_writer,
                             &mut downstream_reader,
                             &outboxes[1],
+                            &mut connection.transferred[1],
                         )
                         .await;
                     }
                     Direction::Response => {
-                        flush_and_close(&mut upstream_writer, &mut upstream_reader, &outboxes[0])
-                            .await;
+                        let mut uncounted = 0;
+                        flush_and_close(
+                            &mut upstream_writer,
+                            &mut upstream_reader,
+                            &outboxes[0],
+                            &mut uncounted,
+                        )
+                        .await;
                     }
                 }
                 return;
@@ -426,11 +439,21 @@ async fn relay(
             // let through to them (Envoy's `proxy_close_stream` closes with `FlushWrite`).
             Err(_) => {
                 connection.closed_by = [PeerType::Local; 2];
-                let (_, sent) = tokio::join!(
-                    flush_and_close(&mut upstream_writer, &mut upstream_reader, &outboxes[0]),
-                    flush_and_close(&mut downstream_writer, &mut downstream_reader, &outboxes[1]),
+                let mut uncounted = 0;
+                tokio::join!(
+                    flush_and_close(
+                        &mut upstream_writer,
+                        &mut upstream_reader,
+                        &outboxes[0],
+                        &mut uncounted
+                    ),
+                    flush_and_close(
+                        &mut downstream_writer,
+                        &mut downstream_reader,
+                        &outboxes[1],
+                        &mut connection.transferred[1]
+                    ),
                 );
-                connection.transferred[1] += sent;
                 return;
             }
         }
