@@ -2285,8 +2285,8 @@ fn a_slow_client_keeps_a_tcp_connection_open_past_the_idle_timeout_while_it_read
             panic!("{error}\n{}", serve.log());
         }
         serve.wait_for_no_live_contexts();
-        // The plugin is told of the close once what the proxy flushed after the reset is
-        // written: the bytes it reads as sent are all the client got.
+        // The bytes the plugin reads as sent at the end are all the client got, what the
+        // proxy flushed after the upstream's reset included.
         let log = serve.log();
         let line = log
             .lines()

@@ -299,7 +299,8 @@ async fn relay(
     let mut outboxes = [Outbox::default(), Outbox::default()];
     let mut reading = [true, true];
     let mut active = Instant::now();
-    loop {
+    // Ends with the direction whose data still goes out after one side failed.
+    let flushed = loop {
         if outboxes[0].ended && outboxes[1].ended {
             return;
         }
@@ -359,28 +360,7 @@ async fn relay(
                 // let through to it (as Envoy's `tcp_proxy` does).
                 tracing::debug!(?direction, "connection read failed: {error}");
                 connection.closed_by[direction.index()] = PeerType::Remote;
-                match direction {
-                    Direction::Request => {
-                        let mut uncounted = 0;
-                        flush_and_close(
-                            &mut upstream_writer,
-                            &mut upstream_reader,
-                            &outboxes[0],
-                            &mut uncounted,
-                        )
-                        .await;
-                    }
-                    Direction::Response => {
-                        flush_and_close(
-                            &mut downstream_writer,
-                            &mut downstream_reader,
-                            &outboxes[1],
-                            &mut connection.transferred[1],
-                        )
-                        .await;
-                    }
-                }
-                return;
+                break direction;
             }
             Event::Wrote(direction, Ok(progress)) => {
                 active = Instant::now();
@@ -403,28 +383,10 @@ async fn relay(
                 // took what was let through to it.
                 tracing::debug!(?direction, "connection write failed: {error}");
                 connection.closed_by[1 - direction.index()] = PeerType::Remote;
-                match direction {
-                    Direction::Request => {
-                        flush_and_close(
-                            &mut downstream_writer,
-                            &mut downstream_reader,
-                            &outboxes[1],
-                            &mut connection.transferred[1],
-                        )
-                        .await;
-                    }
-                    Direction::Response => {
-                        let mut uncounted = 0;
-                        flush_and_close(
-                            &mut upstream_writer,
-                            &mut upstream_reader,
-                            &outboxes[0],
-                            &mut uncounted,
-                        )
-                        .await;
-                    }
-                }
-                return;
+                break match direction {
+                    Direction::Request => Direction::Response,
+                    Direction::Response => Direction::Request,
+                };
             }
             Event::Woken => connection.resume(),
             Event::Idle => {
@@ -456,6 +418,27 @@ async fn relay(
                 );
                 return;
             }
+        }
+    };
+    match flushed {
+        Direction::Request => {
+            let mut uncounted = 0;
+            flush_and_close(
+                &mut upstream_writer,
+                &mut upstream_reader,
+                &outboxes[0],
+                &mut uncounted,
+            )
+            .await;
+        }
+        Direction::Response => {
+            flush_and_close(
+                &mut downstream_writer,
+                &mut downstream_reader,
+                &outboxes[1],
+                &mut connection.transferred[1],
+            )
+            .await;
         }
     }
 }
