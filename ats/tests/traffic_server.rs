@@ -399,55 +399,69 @@ impl TrafficServer {
 
     /// Waits (at most 20 s) until the diagnostics contain `text`.
     fn wait_for_log(&self, text: &str) {
+        self.wait_for_log_line(&format!("{text:?}"), |line| line.contains(text));
+    }
+
+    /// Waits (at most 20 s) for a line of the diagnostics that `matches` accepts (`wanted` says
+    /// which, when none comes), and returns it.
+    fn wait_for_log_line(&self, wanted: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.diagnostics().contains(text) {
+        loop {
+            let log = self.diagnostics();
+            if let Some(line) = log.lines().find(|line| matches(line)) {
+                return line.to_string();
+            }
             assert!(
                 Instant::now() < deadline,
-                "no {text:?} in the log within 20 s:\n{}",
-                self.diagnostics()
+                "no {wanted} in the log within 20 s:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    /// Waits (until `deadline`) for stat `name` to have a value `wanted` accepts, and returns its
-    /// `name value` line. The plugin publishes its stats once a second: until the first time,
-    /// Traffic Server does not know the stat.
-    /// Whether stat `name` comes to be as `wanted` within `limit`.
-    fn metric_within(&self, name: &str, limit: Duration, wanted: impl Fn(&str) -> bool) -> bool {
-        let deadline = Instant::now() + limit;
+    /// Stat `name`'s `name value` line once it has a value `wanted` accepts, asked for until
+    /// `deadline`; else what `traffic_ctl` showed last. The plugin publishes its stats once a
+    /// second: until the first time, Traffic Server does not know the stat.
+    fn metric_by(
+        &self,
+        name: &str,
+        deadline: Instant,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<String, Result<String, String>> {
         loop {
             let shown = self.try_ctl(&["metric", "get", name]);
-            if shown.as_deref().is_ok_and(|line| wanted(line.trim())) {
-                return true;
+            if let Ok(line) = shown.as_deref().map(str::trim) {
+                if wanted(line) {
+                    return Ok(line.to_string());
+                }
             }
             if Instant::now() >= deadline {
-                return false;
+                return Err(shown);
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
+    /// Whether stat `name` comes to be as `wanted` within `limit`.
+    fn metric_within(&self, name: &str, limit: Duration, wanted: impl Fn(&str) -> bool) -> bool {
+        self.metric_by(name, Instant::now() + limit, wanted).is_ok()
+    }
+
+    /// Waits (until `deadline`) for stat `name` to have a value `wanted` accepts, and returns its
+    /// `name value` line (see [`TrafficServer::metric_by`]).
     fn wait_for_metric(
         &self,
         name: &str,
         deadline: Instant,
         wanted: impl Fn(&str) -> bool,
     ) -> String {
-        loop {
-            let shown = self.try_ctl(&["metric", "get", name]);
-            if let Ok(line) = shown.as_deref().map(str::trim) {
-                if wanted(line) {
-                    return line.to_string();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stat {name} never as wanted: {shown:?}\n{}",
-                self.diagnostics()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.metric_by(name, deadline, wanted)
+            .unwrap_or_else(|shown| {
+                panic!(
+                    "stat {name} never as wanted: {shown:?}\n{}",
+                    self.diagnostics()
+                )
+            })
     }
 
     fn etc(&self) -> PathBuf {
@@ -1219,21 +1233,9 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     // Its plugin hears of the close once that flush ended: the bytes it is told were sent
     // are all the client got, not what was written when the upstream's reset was found.
     // (Not the connection `wait_for_port` made, which sent nothing.)
-    let ended = |line: &&str| {
+    let line = server.wait_for_log_line("end of the slow reader's connection", |line| {
         line.contains("[reset_after] connection ended:") && !line.contains("ended: 0 bytes")
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let line = loop {
-        let log = server.diagnostics();
-        if let Some(line) = log.lines().find(ended) {
-            break line.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the plugin never logged its end:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert!(line.ends_with(&format!(", {} to it", FLOOD + 5)), "{line}");
     // An upstream that never answers the connect: the client's connection is closed after the
     // listener's connect timeout (1 s here; 5 s unless set).
