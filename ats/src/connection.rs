@@ -1649,7 +1649,10 @@ impl Connection {
                 continue;
             };
             if !filter.bypassed {
-                if let Some(vm) = worker.vm(&stream).filter(|vm| !vm.is_failed()) {
+                crate::last_callbacks(&filter.name, || {
+                    let Some(vm) = worker.vm(&stream).filter(|vm| !vm.is_failed()) else {
+                        return;
+                    };
                     if let Some(slot) = slot_of(vm, filter.context) {
                         slot.body = None;
                         slot.info.bytes_received = Some(transferred[0]);
@@ -1666,7 +1669,7 @@ impl Connection {
                         diag::error(&format!("[{}] {error}", filter.name));
                         crate::plugin_failed(worker, filter.plugin, &error);
                     }
-                }
+                });
             }
             if let Some(host) = worker.vm(&stream).and_then(|vm| vm.host_as::<AtsHost>()) {
                 host.close_stream(filter.context);

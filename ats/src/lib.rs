@@ -224,6 +224,19 @@ pub(crate) fn plugin_failed(
     worker.failed(plugin, error)
 }
 
+/// Runs one plugin's last callbacks for a transaction or connection that is over, keeping a
+/// panic there (a host bug: a plugin's own failures are errors, not panics) to that plugin.
+/// The caller then still gives back the context's slot and its hold on the VM copy, and counts
+/// the stream out of its deployment; a panic out of its loop would skip those for the
+/// remaining plugins and keep a replaced deployment's VM copies alive for ever.
+pub(crate) fn last_callbacks(plugin: &str, callbacks: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(callbacks)).is_err() {
+        diag::error(&format!(
+            "[{plugin}] the host panicked in the plugin's last callbacks; its context is ended"
+        ));
+    }
+}
+
 /// Runs `work` with this thread's state (made on first use). `None` before the plugin is
 /// initialised, or if called re-entrantly (which the plugin never does: it reenables Traffic
 /// Server only after its work here is done).

@@ -2174,7 +2174,10 @@ impl Transaction {
                 let Some(stream) = filter.stream.take() else {
                     continue;
                 };
-                if let Some(vm) = worker.vm(&stream).filter(|vm| !vm.is_failed()) {
+                crate::last_callbacks(&filter.name, || {
+                    let Some(vm) = worker.vm(&stream).filter(|vm| !vm.is_failed()) else {
+                        return;
+                    };
                     let request = client_header(txn, HeaderKind::Request);
                     let response = client_header(txn, HeaderKind::Response);
                     lend(vm, filter.context, request, response);
@@ -2188,7 +2191,7 @@ impl Transaction {
                             crate::plugin_failed(worker, filter.plugin, &error);
                         }
                     }
-                }
+                });
                 if let Some(host) = worker.vm(&stream).and_then(|vm| vm.host_as::<AtsHost>()) {
                     host.close_stream(filter.context);
                 }
