@@ -118,7 +118,8 @@ impl SingletonService {
         let (started, start) = mpsc::sync_channel(1);
         let thread_commands = Arc::clone(&commands);
         let thread = std::thread::Builder::new()
-            .name(format!("wasm-service-{name}"))
+            // A thread name cannot hold a NUL (the spawn would panic), a plugin name can.
+            .name(format!("wasm-service-{}", name.replace('\0', "\\0")))
             .spawn(move || {
                 let module = plugins.module_of(plugin);
                 let VmCopy { mut vm, roots } = match VmCopy::start(&plugins, module, host, None) {
@@ -305,8 +306,9 @@ impl ServiceLoop {
             }
             let timeout = next_tick.map(|at| at.saturating_duration_since(Instant::now()));
             if self.failed {
-                // Nothing more to deliver: only commands wake the thread.
-                let _ = vm.wait_for_queue_ready(timeout);
+                // Nothing more to deliver and no tick to run (a tick that was due would be due
+                // for ever, a spin): only commands wake the thread.
+                let _ = vm.wait_for_queue_ready(None);
                 continue;
             }
             let outcome = vm.wait_for_queue_ready(timeout);

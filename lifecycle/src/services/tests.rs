@@ -259,3 +259,88 @@ fn a_refused_configuration_update_leaves_the_running_service_its_queue() {
         "the running service is still told of what the filter enqueues"
     );
 }
+
+/// The CPU time (user and system, in clock ticks) the thread at `task` (`/proc/<pid>/task/<tid>`)
+/// has used.
+#[cfg(target_os = "linux")]
+fn cpu_ticks(task: &std::path::Path) -> u64 {
+    let stat = std::fs::read_to_string(task.join("stat")).expect("the thread's stat");
+    // After the command name (in parentheses), fields 3 on: utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("a command name") + 2..]
+        .split(' ')
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_service_that_failed_with_its_clock_ticking_waits_without_spinning() {
+    // Ticks every 5 ms by the clock; the second tick traps, failing the VM while a tick is due.
+    let yaml = singleton_service(
+        "svc",
+        r#"'{"name": "svc", "tick_ms": 5, "panic_at_tick": 2}'"#,
+        "rust/chain_probe.wasm",
+    );
+    let plugins = Arc::new(load(&yaml).expect("loads"));
+    let (thread, service_thread) = mpsc::channel();
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Clock,
+        // Runs on the service's thread after each callback that did not fail.
+        Box::new(move |_| {
+            let _ = thread.send(std::fs::read_link("/proc/thread-self"));
+        }),
+    )
+    .expect("starts");
+    let task = service_thread
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a first tick")
+        .expect("/proc/thread-self");
+    let task = std::path::Path::new("/proc").join(task);
+    // Well past the failing tick, the thread should be asleep.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(&task);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(&task) - before;
+    let end = service.stop(0).expect("the thread ends cleanly");
+    assert!(!end.done, "a failed service does not finish");
+    assert!(
+        end.errors.iter().any(|e| e.contains("on_tick")),
+        "{:?}",
+        end.errors
+    );
+    // A spinning thread takes every tick of a core it gets (50 in 500 ms at 100 Hz).
+    assert!(
+        used <= 5,
+        "the failed service's thread used {used} clock ticks of CPU in 500 ms"
+    );
+}
+
+#[test]
+fn a_service_named_with_a_nul_byte_starts() {
+    let yaml = singleton_service(
+        r#""svc\0x""#,
+        r#"'{"name": "svc", "tick_ms": 60000}'"#,
+        "rust/chain_probe.wasm",
+    );
+    let plugins = Arc::new(load(&yaml).expect("loads"));
+    let (thread, service_thread) = mpsc::channel();
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        Box::new(move |_| {
+            let _ = thread.send(std::thread::current().name().map(str::to_string));
+        }),
+    )
+    .expect("starts");
+    service.tick();
+    let name = service_thread
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(name.as_deref(), Some(r"wasm-service-svc\0x"));
+    assert!(service.stop(0).expect("the thread ends cleanly").done);
+}

@@ -1,13 +1,15 @@
 //! `chain_probe`: shows where a plugin runs in a filter chain, which VM it shares, and which root
 //! context serves it. Configured by JSON (every field optional):
 //! `{"name": N, "reject": bool, "deny_on": HEADER, "panic_on": HEADER,
-//!   "enqueue": {"vm_id": V, "queue": Q}, "register_queue": Q, "tick_ms": MS}`.
+//!   "enqueue": {"vm_id": V, "queue": Q}, "register_queue": Q, "tick_ms": MS,
+//!   "panic_at_tick": N}`.
 //!
 //! - `on_vm_start` logs `vm start <root_id>`; `on_configure` logs `configure <name> (root id
 //!   <root_id>)` and returns false when `reject` is true. `name` defaults to the root id.
 //! - With `register_queue`, the root registers that queue at configure; `on_queue_ready`
 //!   dequeues every item and logs `<name> dequeued <item>`. With `tick_ms`, it sets that tick
-//!   period and logs `<name> tick <n>` on each tick.
+//!   period and logs `<name> tick <n>` on each tick; with `panic_at_tick` too, tick N panics
+//!   (a trap) instead.
 //! - Request headers: appends its name to request header `x-chain` (`a,b` after plugins `a`
 //!   and `b`); adds `x-<name>-root: <root id>`; reads shared data key `seen` of its VM id into
 //!   `x-<name>-saw` (`none` when missing) and appends its name to `seen`. With `enqueue`, it
@@ -55,6 +57,8 @@ struct Config {
     register_queue: Option<String>,
     #[serde(default)]
     tick_ms: Option<u64>,
+    #[serde(default)]
+    panic_at_tick: Option<u32>,
     #[serde(skip)]
     root_id: String,
 }
@@ -114,6 +118,12 @@ impl RootContext for ProbeRoot {
 
     fn on_tick(&mut self) {
         self.ticks += 1;
+        if self.config.panic_at_tick == Some(self.ticks) {
+            panic!(
+                "{} was asked to panic at tick {}",
+                self.config.name, self.ticks
+            );
+        }
         info!("{} tick {}", self.config.name, self.ticks);
     }
 
