@@ -114,6 +114,9 @@ const MAX_HEADERS_COUNT: u32 = 256;
 /// The most KiB of headers Pingora's HTTP/1 parser takes (more is its 400).
 const MAX_HEADERS_KB: u32 = 1023;
 
+/// The most worker threads `workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
@@ -456,6 +459,16 @@ impl ServeConfig {
             if cluster.endpoints.is_empty() {
                 return Err(format!("clusters.{name}.endpoints: at least one is needed"));
             }
+            // Zero would time out every connection or answer at once (Envoy, too, requires a
+            // connect timeout above zero).
+            for (field, timeout) in [
+                ("connect_timeout", cluster.connect_timeout),
+                ("request_timeout", cluster.request_timeout),
+            ] {
+                if timeout.is_zero() {
+                    return Err(format!("clusters.{name}.{field}: must be more than 0s"));
+                }
+            }
         }
         let mut services = match &file.services {
             Some(value) => plugin_blocks(value, "services")?,
@@ -470,6 +483,10 @@ impl ServeConfig {
         services.resolve_files(base);
         let workers = match file.workers {
             Some(0) => return Err("workers: must be at least 1".into()),
+            // Each worker is a thread in each of Pingora's services, made at start.
+            Some(workers) if workers > MAX_WORKERS => {
+                return Err(format!("workers: at most {MAX_WORKERS}, not {workers}"))
+            }
             Some(workers) => workers,
             None => std::thread::available_parallelism().map_or(1, usize::from),
         };
@@ -862,6 +879,18 @@ clusters:
             (
                 format!("admin: {{address: 127.0.0.1:8080}}\n{MINIMAL}"),
                 "admin.address: 127.0.0.1:8080 is a listener's address",
+            ),
+            (
+                MINIMAL.replace("0.5s", "0s"),
+                "clusters.backend.connect_timeout: must be more than 0s",
+            ),
+            (
+                MINIMAL.replace("0.5s", "0.5s, request_timeout: 0ms"),
+                "clusters.backend.request_timeout: must be more than 0s",
+            ),
+            (
+                format!("workers: 18446744073709551615\n{MINIMAL}"),
+                "workers: at most 1024, not 18446744073709551615",
             ),
         ];
         for (text, expected) in cases {
