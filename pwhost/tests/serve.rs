@@ -252,6 +252,72 @@ async fn echo(
     Ok(response)
 }
 
+/// A server of a plugin's code for `vm_config.code.remote`, answering every request with it
+/// after `delay`.
+struct CodeServer {
+    url: String,
+    sha256: String,
+    /// Requests received (counted before the delay).
+    requests: Arc<AtomicUsize>,
+    _server: Background,
+}
+
+impl CodeServer {
+    fn start(plugin: &str, delay: Duration) -> CodeServer {
+        let code = bytes::Bytes::from(std::fs::read(corpus_plugin(plugin)).expect("the plugin"));
+        let sha256 = lifecycle::remote::sha256_hex(&code);
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&requests);
+        let server = Background::start(move |listener, mut stopped| async move {
+            loop {
+                let Some(stream) = next_connection(&listener, &mut stopped).await else {
+                    return;
+                };
+                let (code, count) = (code.clone(), Arc::clone(&count));
+                let service = hyper::service::service_fn(move |_request| {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let code = code.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(code),
+                        ))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        CodeServer {
+            url: format!("http://{}/plugin.wasm", server.address),
+            sha256,
+            requests,
+            _server: server,
+        }
+    }
+
+    /// A `vm_config.code` block (YAML, one line) fetching the code from this server.
+    fn code_block(&self) -> String {
+        format!(
+            "{{remote: {{http_uri: {{uri: \"{}\", timeout: 20s}}, sha256: {}, \
+             retry_policy: {{num_retries: 0}}}}}}",
+            self.url, self.sha256
+        )
+    }
+
+    /// Waits (at most 10 s) until a request for the code has come.
+    fn wait_for_a_request(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.requests.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the code was never asked for");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// A `pwhost serve` process, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Serve {
     _dir: tempfile::TempDir,
@@ -358,6 +424,18 @@ impl Serve {
         admin_port: u16,
         config: &str,
     ) -> Serve {
+        Serve::launch_then(dir, ports, admin_port, config, |_| {})
+    }
+
+    /// As [`Serve::launch_listening`], running `while_loading` once the process runs, before
+    /// its listeners are waited for.
+    fn launch_then(
+        dir: tempfile::TempDir,
+        ports: &[u16],
+        admin_port: u16,
+        config: &str,
+        while_loading: impl FnOnce(&Serve),
+    ) -> Serve {
         let port = ports[0];
         let config_path = dir.path().join("serve.yaml");
         std::fs::write(&config_path, config).expect("the configuration");
@@ -378,6 +456,7 @@ impl Serve {
             child,
             log,
         };
+        while_loading(&serve);
         // Pingora starts its listeners one after another, so the test waits for each (every
         // configuration here has an admin).
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -851,6 +930,114 @@ fn sighup_puts_new_chains_in_force_and_a_bad_configuration_is_refused() {
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
     assert!(serve.log().contains("reload refused"), "{}", serve.log());
+}
+
+/// A configuration of one worker (so the admin listener has one thread) whose listener runs
+/// `local_response` with API key `key`, its code from `code` (a `vm_config.code` block).
+fn one_worker_api_key(
+    port: u16,
+    admin_port: u16,
+    upstream: SocketAddr,
+    key: &str,
+    code: &str,
+) -> String {
+    format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n      - name: api_key\n        configuration: \"{key}\"\n        \
+         vm_config: {{runtime: wasmtime, code: {code}}}\nclusters:\n  \
+         backend: {{endpoints: [\"{upstream}\"]}}\n"
+    )
+}
+
+#[test]
+fn a_sighup_while_the_plugins_load_reloads_once_serving_instead_of_stopping_the_proxy() {
+    let origin = Origin::start();
+    // The plugin's code takes 2 s to come: the proxy is loading meanwhile.
+    let code = CodeServer::start("local_response", Duration::from_secs(2));
+    let (port, admin_port) = (free_port(), free_port());
+    let config = one_worker_api_key(
+        port,
+        admin_port,
+        origin.address,
+        "first",
+        &code.code_block(),
+    );
+    let serve = Serve::launch_then(
+        tempfile::tempdir().expect("a temporary directory"),
+        &[port],
+        admin_port,
+        &config,
+        |serve| {
+            code.wait_for_a_request();
+            std::fs::write(&serve.config, config.replace("\"first\"", "\"second\""))
+                .expect("the changed configuration");
+            let hangup = Command::new("kill")
+                .args(["-HUP", &serve.child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(hangup.success());
+        },
+    );
+    serve.wait_for_log("SIGHUP came while loading: reloading");
+    serve.wait_for_samples(&[("pwhost_reloads_total{outcome=\"done\"}", 1.0)]);
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "second")]).status, 200);
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "first")]).status, 403);
+    // Fetched once: the reload found the code in the process's cache.
+    assert_eq!(code.requests.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_long_reload_leaves_the_admin_listener_answering_and_the_old_configuration_in_force() {
+    let origin = Origin::start();
+    let (port, admin_port) = (free_port(), free_port());
+    let local = format!(
+        "{{local: {{filename: {}}}}}",
+        corpus_plugin("local_response").display()
+    );
+    let serve = Serve::launch(
+        tempfile::tempdir().expect("a temporary directory"),
+        port,
+        admin_port,
+        &one_worker_api_key(port, admin_port, origin.address, "first", &local),
+    );
+    // The new configuration's code takes 3 s to come, all of it inside the reload.
+    let code = CodeServer::start("local_response", Duration::from_secs(3));
+    std::fs::write(
+        &serve.config,
+        one_worker_api_key(
+            port,
+            admin_port,
+            origin.address,
+            "second",
+            &code.code_block(),
+        ),
+    )
+    .expect("the changed configuration");
+    let reload_url = serve.admin_url("/reload");
+    let reload = std::thread::spawn(move || try_send(&reload_url, &[], Some("")));
+    code.wait_for_a_request();
+    let ready = get(&serve.admin_url("/ready"), &[]);
+    let dump = get(&serve.admin_url("/config_dump"), &[]);
+    assert!(
+        !reload.is_finished(),
+        "the admin listener answered only once the reload was over"
+    );
+    assert_eq!((ready.status, ready.body.as_str()), (200, "LIVE\n"));
+    assert!(dump.body.contains("\"first\""), "{}", dump.body);
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "first")]).status, 200);
+    let reloaded = reload
+        .join()
+        .expect("the client thread")
+        .expect("an answer");
+    assert_eq!(
+        (reloaded.status, reloaded.body.as_str()),
+        (200, "reloaded\n")
+    );
+    assert_eq!(get(&serve.url("/"), &[("x-api-key", "second")]).status, 200);
+    assert!(get(&serve.admin_url("/config_dump"), &[])
+        .body
+        .contains("\"second\""));
 }
 
 #[test]

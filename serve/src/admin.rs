@@ -287,6 +287,8 @@ fn encode_plugin_metrics(
 pub(crate) struct Admin {
     registry: Registry,
     reloader: Arc<Reloader>,
+    /// Held by the `POST /reload` being handled.
+    reload_turn: tokio::sync::Mutex<()>,
 }
 
 impl Admin {
@@ -351,7 +353,11 @@ impl Admin {
             reloader: Arc::clone(&reloader),
             warned: Mutex::default(),
         }));
-        Admin { registry, reloader }
+        Admin {
+            registry,
+            reloader,
+            reload_turn: tokio::sync::Mutex::default(),
+        }
     }
 
     fn prometheus(&self) -> (u16, &'static str, Vec<u8>) {
@@ -390,18 +396,27 @@ impl ServeHttp for Admin {
         let (status, content_type, body) = match (post, path.as_str()) {
             (false, "/stats/prometheus") => self.prometheus(),
             (false, "/ready") => (200, "text/plain", b"LIVE\n".to_vec()),
-            (false, "/config_dump") => {
-                let config = self
-                    .reloader
-                    .config
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                (200, "application/yaml", config.text.clone().into_bytes())
+            (false, "/config_dump") => (
+                200,
+                "application/yaml",
+                self.reloader.text.load().as_bytes().to_vec(),
+            ),
+            (true, "/reload") => {
+                // A reload compiles plugins (and may fetch their code): off this thread, whose
+                // other requests (readiness, metrics) go on meanwhile. Reloads asked here wait
+                // their turn without a thread each.
+                let _turn = self.reload_turn.lock().await;
+                let reloader = Arc::clone(&self.reloader);
+                match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    Ok(Ok(())) => (200, "text/plain", b"reloaded\n".to_vec()),
+                    Ok(Err(error)) => (400, "text/plain", format!("{error}\n").into_bytes()),
+                    Err(_) => (
+                        500,
+                        "text/plain",
+                        b"the reload failed unexpectedly\n".to_vec(),
+                    ),
+                }
             }
-            (true, "/reload") => match self.reloader.reload() {
-                Ok(()) => (200, "text/plain", b"reloaded\n".to_vec()),
-                Err(error) => (400, "text/plain", format!("{error}\n").into_bytes()),
-            },
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         http::Response::builder()

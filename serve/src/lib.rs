@@ -189,8 +189,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// Loads every plugin of `config` (compiled once, checked by starting them) and starts its
-    /// singleton services; nothing listens yet.
+    /// singleton services; nothing listens yet. For a configuration read from a file, a SIGHUP
+    /// from here on no longer terminates the process: one that comes while loading reloads
+    /// the file once [`Proxy::run`] serves.
     pub fn load(config: ServeConfig, engines: Arc<dyn Engines>) -> Result<Proxy, ServeError> {
+        if config.path.is_some() {
+            reload::hold_early_hangups();
+        }
         let options = load_options();
         let shared = abi::SharedState::default();
         // Listener `i` has slot `i`; the services' view the next one, and listeners a reload
@@ -313,6 +318,7 @@ impl Proxy {
             // After the listeners' slots and the services' one.
             next_slot: std::sync::atomic::AtomicUsize::new(listener_count + 1),
             retired: Default::default(),
+            text: arc_swap::ArcSwap::from_pointee(self.config.text.clone()),
             config: std::sync::Mutex::new(self.config),
             routing: Arc::clone(&self.routing),
             metrics: Arc::clone(&self.metrics),

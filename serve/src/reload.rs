@@ -57,8 +57,10 @@ pub(crate) struct Reloader {
     pub(crate) next_slot: AtomicUsize,
     /// The listeners reloads retired, while something still uses them.
     pub(crate) retired: Mutex<Vec<Weak<Listener>>>,
-    /// The configuration in force.
+    /// The configuration in force (locked for a whole reload).
     pub(crate) config: Mutex<ServeConfig>,
+    /// The text of the configuration in force, readable while a reload runs.
+    pub(crate) text: ArcSwap<String>,
     /// The routing in force.
     pub(crate) routing: SharedRouting,
     /// The proxy's own metrics.
@@ -113,8 +115,11 @@ impl Reloader {
     }
 
     fn try_reload(&self) -> Result<(), String> {
-        let config = ServeConfig::read(&self.path).map_err(|e| e.to_string())?;
+        // The file is read once this reload's turn came: of reloads asked at once (a signal
+        // and `POST /reload`), the last one puts the file in force as it was last written,
+        // never an older reading of it.
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let config = ServeConfig::read(&self.path).map_err(|e| e.to_string())?;
         check_reloadable(&config, &current)?;
         let in_force = self.listeners.load_full();
         // Every chain loads and every new socket is bound before anything is put in force:
@@ -247,6 +252,7 @@ impl Reloader {
             }
         }
         self.listeners.store(Arc::new(listeners));
+        self.text.store(Arc::new(config.text.clone()));
         *current = config;
         Ok(())
     }
@@ -259,6 +265,21 @@ fn listens_alike(old: &config::Listener, new: &config::Listener) -> bool {
         && old.protocol == new.protocol
         && old.limits == new.limits
         && old.idle_timeout == new.idle_timeout
+}
+
+/// Set by a SIGHUP from [`hold_early_hangups`] on: one that comes before [`OnHangup`] watches
+/// is a reload once it does.
+static EARLY_HANGUP: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+/// From now on a SIGHUP no longer terminates the process (its default action), even while the
+/// proxy is still loading its plugins, before [`OnHangup`] watches for it: it is kept, and
+/// asks for a reload once the proxy serves.
+pub(crate) fn hold_early_hangups() {
+    let flag = EARLY_HANGUP.get_or_init(Arc::default);
+    if let Err(error) = signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(flag)) {
+        tracing::warn!("cannot hold SIGHUP while loading (one would stop the proxy): {error}");
+    }
 }
 
 /// Waits for SIGHUP and reloads, until the server shuts down.
@@ -275,6 +296,14 @@ impl BackgroundService for OnHangup {
                 return;
             }
         };
+        // Watched from here: one that came while loading is acted on now.
+        let early = EARLY_HANGUP
+            .get()
+            .is_some_and(|flag| flag.swap(false, std::sync::atomic::Ordering::Relaxed));
+        if early {
+            tracing::info!("SIGHUP came while loading: reloading");
+            let _ = self.0.reload();
+        }
         loop {
             tokio::select! {
                 _ = hangups.recv() => {
