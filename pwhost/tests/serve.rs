@@ -3135,47 +3135,58 @@ fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes(
 fn a_listener_address_another_process_has_stops_the_proxy_at_start_naming_the_listener() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("a listener");
     let port = taken.local_addr().expect("its address").port();
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let config = dir.path().join("serve.yaml");
-    let text = format!(
-        "workers: 1\nlisteners:\n{}clusters:\n  backend: {{endpoints: [\"127.0.0.1:1\"]}}\n",
-        http_listener("web", port, &[])
-    );
-    std::fs::write(&config, text).expect("the configuration");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pwhost starts");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().expect("the process") {
-            break exit;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running with its address taken");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .expect("its standard error")
-        .read_to_string(&mut stderr)
-        .expect("readable");
-    assert!(!exit.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "listeners[0] (web): cannot listen on 127.0.0.1:{port}"
-        )),
-        "{stderr}"
-    );
+    let free = free_port();
+    // A listener's address taken, then the admin listener's.
+    let cases = [
+        (
+            format!("listeners:\n{}", http_listener("web", port, &[])),
+            format!("listeners[0] (web): cannot listen on 127.0.0.1:{port}"),
+        ),
+        (
+            format!(
+                "admin: {{address: 127.0.0.1:{port}}}\nlisteners:\n{}",
+                http_listener("web", free, &[])
+            ),
+            format!("admin: cannot listen on 127.0.0.1:{port}"),
+        ),
+    ];
+    for (listeners, expected) in cases {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = dir.path().join("serve.yaml");
+        let text = format!(
+            "workers: 1\n{listeners}clusters:\n  backend: {{endpoints: [\"127.0.0.1:1\"]}}\n"
+        );
+        std::fs::write(&config, text).expect("the configuration");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pwhost starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exit = loop {
+            if let Some(exit) = child.try_wait().expect("the process") {
+                break exit;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("still running with the address of {expected:?} taken");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .expect("its standard error")
+            .read_to_string(&mut stderr)
+            .expect("readable");
+        assert!(!exit.success(), "{stderr}");
+        assert!(stderr.contains(&expected), "{expected:?} in: {stderr}");
+    }
     drop(taken);
 }
 

@@ -50,10 +50,9 @@ use std::time::Duration;
 use lifecycle::{
     CodeCache, Engines, LivePlugins, LoadOptions, PluginId, Plugins, SingletonService, Ticking,
 };
-use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
-use pingora::services::listening::Service;
 
 use crate::listening::{Listening, Workers};
 
@@ -277,7 +276,7 @@ impl Proxy {
     /// Listens and serves until the process is told to stop (SIGTERM or SIGINT: stop
     /// accepting, let streams and connections in flight finish within the drain timeout,
     /// exit 0). SIGHUP reloads the configuration file. Returns only if a listener's address
-    /// cannot be listened on, before anything is served.
+    /// (or the admin listener's) cannot be listened on, before anything is served.
     pub fn run(self) -> Result<std::convert::Infallible, ServeError> {
         // Every socket first: a taken address stops the proxy here, with the listener's name.
         let mut sockets = Vec::new();
@@ -287,6 +286,15 @@ impl Proxy {
             })?;
             sockets.push(socket);
         }
+        let admin_socket = match &self.config.admin {
+            Some(admin) => Some(listening::bind(admin.address).map_err(|error| {
+                ServeError::Listen(format!(
+                    "admin: cannot listen on {}: {error}",
+                    admin.address
+                ))
+            })?),
+            None => None,
+        };
         let drain_timeout = self.config.drain_timeout;
         let conf = ServerConf {
             threads: self.config.workers,
@@ -337,7 +345,7 @@ impl Proxy {
                 reload::OnHangup(Arc::clone(&reloader)),
             ));
         }
-        if let Some(admin_listener) = admin_listener {
+        if let (Some(admin_listener), Some((socket, _))) = (admin_listener, admin_socket) {
             let admin = admin::Admin::new(&self.metrics, Arc::clone(&reloader));
             // The same headers deadline as an HTTP listener's: a client holding a connection
             // without sending a request would otherwise hold it for ever.
@@ -349,8 +357,12 @@ impl Proxy {
                     listener: "admin".to_string(),
                 },
             };
-            let address = admin_listener.address.to_string();
-            listen(&mut server, "admin".to_string(), &address, app);
+            server.add_service(listening::BoundService::new(
+                "admin",
+                admin_listener.address,
+                socket,
+                app,
+            ));
         }
         for (listener, (socket, handed)) in self.listeners.into_iter().zip(sockets) {
             let (name, address) = (listener.name.clone(), listener.address);
@@ -372,16 +384,4 @@ impl Proxy {
         });
         std::process::exit(0)
     }
-}
-
-/// Adds a service running `app` for the connections accepted on `address`.
-fn listen<A: ServerApp + Send + Sync + 'static>(
-    server: &mut Server,
-    name: String,
-    address: &str,
-    app: A,
-) {
-    let mut service = Service::new(name, app);
-    service.add_tcp(address);
-    server.add_service(service);
 }

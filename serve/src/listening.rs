@@ -284,6 +284,54 @@ impl Launch {
     }
 }
 
+/// One of Pingora's listening services on threads of its own, serving a socket bound beforehand
+/// (see [`bind`]): the admin listener, so that an address it cannot have stops the proxy at
+/// start, as a listener's does (bound by Pingora, it panicked in the service's task a while
+/// after the start, and the proxy went on without it).
+pub(crate) struct BoundService<A> {
+    service: Service<A>,
+    fds: ListenFds,
+}
+
+impl<A: ServerApp + Send + Sync + 'static> BoundService<A> {
+    /// Serves `socket`, bound to `address`, with `app`.
+    pub(crate) fn new(name: &str, address: SocketAddr, socket: TcpListener, app: A) -> Self {
+        let bind = address.to_string();
+        let mut service = Service::new(name.to_string(), app);
+        service.add_tcp(&bind);
+        let mut fds = Fds::new();
+        // Pingora takes the descriptor for its own, and closes it when the service stops.
+        fds.add(bind, socket.into_raw_fd());
+        BoundService {
+            service,
+            fds: Arc::new(parking_lot::Mutex::new(fds)),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> PingoraService for BoundService<A> {
+    async fn start_service(
+        &mut self,
+        _fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let fds = Some(Arc::clone(&self.fds));
+        self.service
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await;
+    }
+
+    fn name(&self) -> &str {
+        self.service.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.service.threads()
+    }
+}
+
 /// Stops a service; what to wait on for its accept loop to end.
 fn stop(state: Serving) -> Option<mpsc::Receiver<()>> {
     match state {
