@@ -100,14 +100,7 @@ impl CompilationCache {
     /// Makes the directory if missing (readable and writable by this user only), and checks
     /// that no one else can write there, so that what is read from it is this host's own.
     fn open(&self) -> Result<(), String> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(&self.directory)
-            .map_err(|e| format!("cannot make it: {e}"))?;
-        private(&self.directory)
+        private_directory(&self.directory)
     }
 
     /// Removes temporary files a crash left behind (an hour old or more).
@@ -130,8 +123,7 @@ impl CompilationCache {
 
     /// The artifact in `path`, if the file is there whole and undamaged, and this user's own.
     fn read(path: &Path) -> Option<Vec<u8>> {
-        private(path).ok()?;
-        let file = std::fs::read(path).ok()?;
+        let file = read_private(path, u64::MAX)?;
         let rest = file.strip_prefix(CACHE_MAGIC)?;
         let (checksum, artifact) = rest.split_at_checked(32)?;
         (Sha256::digest(artifact).as_slice() == checksum).then(|| artifact.to_vec())
@@ -162,12 +154,56 @@ pub struct Compiled<S> {
     pub warnings: Vec<String>,
 }
 
+/// Makes `directory` if missing (readable and writable by this user only), and checks that no
+/// one else can write there, so that what is read from it is this host's own.
+pub(crate) fn private_directory(directory: &Path) -> Result<(), String> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(directory)
+        .map_err(|e| format!("cannot make it: {e}"))?;
+    private(directory)
+}
+
+/// The bytes of `path` if it is a regular file of this user's that no one else may write, of
+/// at most `limit` bytes; `None` otherwise. Opened without following a symbolic link and
+/// without waiting (a FIFO in its place would block the read for ever), then checked on the
+/// open file, so that nothing can be swapped in between.
+pub(crate) fn read_private(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    );
+    let file = options.open(path).ok()?;
+    let metadata = file.metadata().ok()?;
+    if !metadata.is_file() || metadata.len() > limit {
+        return None;
+    }
+    owned_privately(&metadata, path).ok()?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= limit).then_some(bytes)
+}
+
 /// Whether `path` is this user's and writable by no one else (on Unix; elsewhere not checked).
 fn private(path: &Path) -> Result<(), String> {
+    let metadata = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    owned_privately(&metadata, path)
+}
+
+/// Whether `metadata` (of `path`) is this user's and writable by no one else.
+fn owned_privately(metadata: &std::fs::Metadata, path: &Path) -> Result<(), String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let metadata = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
         // SAFETY: `geteuid` has no preconditions and cannot fail.
         let user = unsafe { libc::geteuid() };
         if metadata.uid() != user {
@@ -185,7 +221,7 @@ fn private(path: &Path) -> Result<(), String> {
             ));
         }
     }
-    let _ = path;
+    let _ = (metadata, path);
     Ok(())
 }
 

@@ -137,11 +137,13 @@ pub struct LoadOptions {
     pub compilation_cache: Option<CompilationCache>,
 }
 
-/// A plugin's code for `engine`, local or remote.
+/// A plugin's code for `engine`, local or remote (what went wrong with the remote code's disk
+/// cache added to `warnings`).
 fn read_code(
     config: &PluginConfig,
     engine: &str,
     options: &LoadOptions,
+    warnings: &mut Vec<String>,
 ) -> Result<Code, LoadError> {
     let CodeSource::Remote(source) = &config.vm.code else {
         return code::read_local(&config.vm.code, engine, &options.base_dir).map_err(|error| {
@@ -161,13 +163,14 @@ fn read_code(
                 .into(),
         ));
     }
-    let code = remote::load(
+    let fetched = remote::load(
         source,
         &options.code_cache,
         config.vm.nack_on_code_cache_miss,
     )
     .map_err(|error| fail(error.to_string()))?;
-    Ok(Code::Wasm(code.to_vec()))
+    warnings.extend(fetched.warnings);
+    Ok(Code::Wasm(fetched.code.to_vec()))
 }
 
 /// Compiles (or loads) `code` on `engine` as `config`'s plugin; with the compilation's
@@ -307,7 +310,13 @@ impl Plugins {
                         message,
                     }
                 })?;
-            let code = read_code(config, engine, options)?;
+            let mut code_warnings = Vec::new();
+            let code = read_code(config, engine, options, &mut code_warnings)?;
+            warnings.extend(
+                code_warnings
+                    .into_iter()
+                    .map(|w| format!("plugin {:?}: {w}", config.name)),
+            );
             let key = VmKey::new(config, engine, &code);
             let shared_module = modules
                 .iter()

@@ -6,13 +6,22 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::config::RemoteCode;
 
 /// The largest module fetched (a bigger body is refused rather than read into memory).
 pub const MAX_REMOTE_CODE_BYTES: u64 = 128 << 20;
+
+/// How long a failed background fetch (`nack_on_code_cache_miss`) is remembered: loads within
+/// it are refused without fetching again (Envoy's negative caching), so a configuration
+/// pushed again and again does not start a fetch each time.
+pub const NEGATIVE_CACHING: Duration = Duration::from_secs(10);
+
+/// Code that no load asked for this long leaves this process's memory (Envoy's time to live
+/// for its remote code cache); a disk cache keeps it.
+pub const UNUSED_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why remote code could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -39,16 +48,38 @@ pub enum FetchError {
         /// The digest of what came.
         actual: String,
     },
-    /// `nack_on_code_cache_miss`: the code is not cached, and is being fetched in the background
-    /// for a later attempt, as Envoy does.
-    #[error("{uri} is not in the code cache (nack_on_code_cache_miss): refused for now while it is fetched in the background")]
+    /// `nack_on_code_cache_miss`: the code is not cached. It is being fetched in the background
+    /// for a later attempt, as Envoy does, unless its last fetch failed within
+    /// [`NEGATIVE_CACHING`].
+    #[error("{}", cache_miss(uri, *fetching, last_failure.as_deref()))]
     CacheMiss {
         /// The URL.
         uri: String,
+        /// A fetch is under way (started now or by an earlier load).
+        fetching: bool,
+        /// Why the last fetch failed, if it did.
+        last_failure: Option<String>,
     },
     /// This build cannot fetch.
     #[error("this build cannot fetch remote code (the lifecycle crate's `remote` feature is off)")]
     Unsupported,
+}
+
+fn cache_miss(uri: &str, fetching: bool, last_failure: Option<&str>) -> String {
+    let miss = format!("{uri} is not in the code cache (nack_on_code_cache_miss): refused");
+    match (fetching, last_failure) {
+        (true, None) => format!("{miss} for now while it is fetched in the background"),
+        (true, Some(reason)) => format!(
+            "{miss} for now while it is fetched in the background again (the last fetch \
+             failed: {reason})"
+        ),
+        (false, reason) => format!(
+            "{miss}: its last fetch failed under {} s ago ({}); a load after that fetches it \
+             again",
+            NEGATIVE_CACHING.as_secs(),
+            reason.unwrap_or("no reason given")
+        ),
+    }
 }
 
 pub use crate::code::sha256_hex;
@@ -59,46 +90,108 @@ pub struct CodeCache {
     directory: Option<PathBuf>,
 }
 
+/// Remote code as [`load`] has it.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The code, checked against its sha256.
+    pub code: Arc<Vec<u8>>,
+    /// What went wrong with the disk cache (not used, or not written), for the embedder's log.
+    pub warnings: Vec<String>,
+}
+
+/// One sha256 in this process's memory (Envoy's code cache entry).
+#[derive(Debug)]
+struct Entry {
+    /// The code, once fetched or read from disk.
+    code: Option<Arc<Vec<u8>>>,
+    /// A background fetch is under way.
+    fetching: bool,
+    /// Why the last background fetch failed, and when.
+    failed: Option<(String, Instant)>,
+    /// When a load last asked for it.
+    used: Instant,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Entry {
+        Entry {
+            code: None,
+            fetching: false,
+            failed: None,
+            used: now,
+        }
+    }
+}
+
 /// The code fetched by this process, by sha256 (Envoy's in-memory remote code cache).
-fn memory() -> &'static Mutex<HashMap<String, Arc<Vec<u8>>>> {
-    static MEMORY: OnceLock<Mutex<HashMap<String, Arc<Vec<u8>>>>> = OnceLock::new();
-    MEMORY.get_or_init(Mutex::default)
+fn memory() -> MutexGuard<'static, HashMap<String, Entry>> {
+    static MEMORY: OnceLock<Mutex<HashMap<String, Entry>>> = OnceLock::new();
+    MEMORY
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Drops the entries no load asked for in [`UNUSED_TTL`] but `keep`'s and those being
+/// fetched, as Envoy does on each load: code replaced by new versions does not stay for ever.
+fn evict_unused(entries: &mut HashMap<String, Entry>, now: Instant, keep: &str) {
+    entries.retain(|sha256, entry| {
+        sha256 == keep || entry.fetching || now.saturating_duration_since(entry.used) < UNUSED_TTL
+    });
 }
 
 impl CodeCache {
-    /// A cache in this process's memory and, with `directory`, on disk there (made if missing).
+    /// A cache in this process's memory and, with `directory`, on disk there (made if
+    /// missing, readable and writable by this user only).
     pub fn new(directory: Option<PathBuf>) -> CodeCache {
         CodeCache { directory }
     }
 
-    fn file(&self, sha256: &str) -> Option<PathBuf> {
+    /// The file of `sha256` in the directory, once the directory is made and checked to be
+    /// this user's alone (as the compilation cache's); `Ok(None)` without a directory.
+    fn file(&self, sha256: &str) -> Result<Option<PathBuf>, String> {
+        let Some(directory) = &self.directory else {
+            return Ok(None);
+        };
         // The digest was checked to be 64 hex digits when the configuration was parsed; be
         // sure anyway before it names a file.
-        let hex = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
-        hex.then(|| {
-            self.directory
-                .as_ref()
-                .map(|d| d.join(format!("{sha256}.wasm")))
-        })
-        .flatten()
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        crate::compiled::private_directory(directory)
+            .map_err(|e| format!("the code cache {} is not used: {e}", directory.display()))?;
+        Ok(Some(directory.join(format!("{sha256}.wasm"))))
     }
 
     /// The code with `sha256`, if cached (a cached file that does not hash to its name is
     /// ignored and removed).
     pub fn get(&self, sha256: &str) -> Option<Arc<Vec<u8>>> {
-        if let Some(code) = memory().lock().ok()?.get(sha256) {
-            return Some(Arc::clone(code));
+        self.lookup(sha256, &mut Vec::new())
+    }
+
+    /// As [`CodeCache::get`], noting in `warnings` a disk cache that cannot be used.
+    fn lookup(&self, sha256: &str, warnings: &mut Vec<String>) -> Option<Arc<Vec<u8>>> {
+        let now = Instant::now();
+        if let Some(entry) = memory().get_mut(sha256) {
+            entry.used = now;
+            if let Some(code) = &entry.code {
+                return Some(Arc::clone(code));
+            }
         }
-        let file = self.file(sha256)?;
-        let bytes = std::fs::read(&file).ok()?;
+        let file = match self.file(sha256) {
+            Ok(file) => file?,
+            Err(warning) => {
+                warnings.push(warning);
+                return None;
+            }
+        };
+        let bytes = crate::compiled::read_private(&file, MAX_REMOTE_CODE_BYTES)?;
         if sha256_hex(&bytes) != sha256 {
             let _ = std::fs::remove_file(&file);
             return None;
         }
         let code = Arc::new(bytes);
-        if let Ok(mut memory) = memory().lock() {
-            memory.insert(sha256.to_string(), Arc::clone(&code));
-        }
+        keep_in_memory(sha256, &code);
         Some(code)
     }
 
@@ -106,15 +199,27 @@ impl CodeCache {
     /// temporary file renamed into place), so concurrent writers and crashes leave no torn
     /// file; a cache that cannot be written is only a cache, and the error is returned for the
     /// caller to report.
-    pub fn put(&self, sha256: &str, code: Arc<Vec<u8>>) -> std::io::Result<()> {
-        if let Ok(mut memory) = memory().lock() {
-            memory.insert(sha256.to_string(), Arc::clone(&code));
-        }
-        let Some(file) = self.file(sha256) else {
+    pub fn put(&self, sha256: &str, code: Arc<Vec<u8>>) -> Result<(), String> {
+        keep_in_memory(sha256, &code);
+        let Some(file) = self.file(sha256)? else {
             return Ok(());
         };
         write_atomically(&file, &code)
+            .map_err(|e| format!("the code could not be kept in {}: {e}", file.display()))
     }
+}
+
+/// Puts `code` in memory as `sha256`'s, ending a background fetch of it.
+fn keep_in_memory(sha256: &str, code: &Arc<Vec<u8>>) {
+    let now = Instant::now();
+    let mut memory = memory();
+    let entry = memory
+        .entry(sha256.to_string())
+        .or_insert_with(|| Entry::new(now));
+    entry.code = Some(Arc::clone(code));
+    entry.fetching = false;
+    entry.failed = None;
+    entry.used = now;
 }
 
 /// Writes `bytes` to `file` through a temporary file in the same directory renamed into place.
@@ -129,32 +234,93 @@ pub(crate) fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()>
 }
 
 /// The code `remote` names: from the cache, else fetched (and cached). With `nack_on_miss`
-/// (Envoy's `nack_on_code_cache_miss`), a miss is refused and fetched in the background.
+/// (Envoy's `nack_on_code_cache_miss`), a miss is refused and fetched in the background: one
+/// fetch at a time per sha256, none within [`NEGATIVE_CACHING`] of a failed one.
 pub fn load(
     remote: &RemoteCode,
     cache: &CodeCache,
     nack_on_miss: bool,
-) -> Result<Arc<Vec<u8>>, FetchError> {
-    if let Some(code) = cache.get(&remote.sha256) {
-        return Ok(code);
+) -> Result<Fetched, FetchError> {
+    evict_unused(&mut memory(), Instant::now(), &remote.sha256);
+    let mut warnings = Vec::new();
+    if let Some(code) = cache.lookup(&remote.sha256, &mut warnings) {
+        return Ok(Fetched { code, warnings });
     }
     if nack_on_miss {
-        let (remote, cache) = (remote.clone(), cache.clone());
-        let uri = remote.uri.clone();
-        // Detached: bounded by the fetch's own timeout and retries.
-        let _ = std::thread::Builder::new()
-            .name("wasm-code-fetch".into())
-            .spawn(move || {
-                if let Ok(code) = fetch(&remote) {
-                    let _ = cache.put(&remote.sha256, code);
-                }
-            });
-        return Err(FetchError::CacheMiss { uri });
+        return Err(fetch_in_background(remote, cache));
     }
     let code = fetch(remote)?;
     // A cache that cannot be written costs a fetch next time, nothing more.
-    let _ = cache.put(&remote.sha256, Arc::clone(&code));
-    Ok(code)
+    if let Err(warning) = cache.put(&remote.sha256, Arc::clone(&code)) {
+        warnings.push(warning);
+    }
+    Ok(Fetched { code, warnings })
+}
+
+/// Starts fetching `remote` on a thread of its own unless a fetch is under way or the last one
+/// failed within [`NEGATIVE_CACHING`]; the miss to report.
+fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
+    let now = Instant::now();
+    let uri = remote.uri.clone();
+    let mut memory = memory();
+    let entry = memory
+        .entry(remote.sha256.clone())
+        .or_insert_with(|| Entry::new(now));
+    entry.used = now;
+    let last_failure = entry.failed.as_ref().map(|(reason, _)| reason.clone());
+    if entry.fetching {
+        return FetchError::CacheMiss {
+            uri,
+            fetching: true,
+            last_failure: None,
+        };
+    }
+    if let Some((_, at)) = &entry.failed {
+        if now.saturating_duration_since(*at) < NEGATIVE_CACHING {
+            return FetchError::CacheMiss {
+                uri,
+                fetching: false,
+                last_failure,
+            };
+        }
+    }
+    entry.fetching = true;
+    drop(memory);
+    let (source, cache) = (remote.clone(), cache.clone());
+    // Detached: bounded by the fetch's own timeout and retries.
+    let spawned = std::thread::Builder::new()
+        .name("wasm-code-fetch".into())
+        .spawn(move || {
+            let fetched = std::panic::catch_unwind(|| fetch(&source));
+            match fetched {
+                // A disk cache that cannot be written costs a fetch after a restart.
+                Ok(Ok(code)) => drop(cache.put(&source.sha256, code)),
+                Ok(Err(error)) => fetch_failed(&source.sha256, error.to_string()),
+                Err(_) => fetch_failed(&source.sha256, "the fetch panicked".into()),
+            }
+        });
+    if let Err(error) = &spawned {
+        fetch_failed(
+            &remote.sha256,
+            format!("no thread could be started to fetch it: {error}"),
+        );
+    }
+    FetchError::CacheMiss {
+        uri,
+        fetching: spawned.is_ok(),
+        last_failure,
+    }
+}
+
+/// Notes that the background fetch of `sha256` ended without its code, and why.
+fn fetch_failed(sha256: &str, reason: String) {
+    let now = Instant::now();
+    let mut memory = memory();
+    let entry = memory
+        .entry(sha256.to_string())
+        .or_insert_with(|| Entry::new(now));
+    entry.fetching = false;
+    entry.failed = Some((reason, now));
 }
 
 #[cfg_attr(not(feature = "remote"), allow(dead_code))]

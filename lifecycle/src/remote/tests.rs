@@ -90,7 +90,7 @@ fn remote(url: &str, code: &[u8]) -> RemoteCode {
 }
 
 fn forget_in_memory(sha256: &str) {
-    memory().lock().unwrap().remove(sha256);
+    memory().remove(sha256);
 }
 
 #[test]
@@ -100,14 +100,14 @@ fn fetched_code_is_checked_and_kept_on_disk_for_a_start_without_network() {
     let cache = CodeCache::new(Some(directory.path().to_path_buf()));
     let server = TestServer::start(vec![ok(&code)]);
     let source = remote(&server.url, &code);
-    assert_eq!(*load(&source, &cache, false).unwrap(), code);
+    assert_eq!(*load(&source, &cache, false).unwrap().code, code);
     assert_eq!(server.requests(), 1);
     let file = directory.path().join(format!("{}.wasm", source.sha256));
     assert_eq!(std::fs::read(&file).unwrap(), code);
     // A restart: nothing in memory, and no server.
     drop(server);
     forget_in_memory(&source.sha256);
-    assert_eq!(*load(&source, &cache, false).unwrap(), code);
+    assert_eq!(*load(&source, &cache, false).unwrap().code, code);
 }
 
 #[test]
@@ -151,7 +151,10 @@ fn a_timeout_or_a_5xx_is_retried_as_the_retry_policy_says() {
     let server = TestServer::start(vec![slow, ok(&code)]);
     let mut source = remote(&server.url, &code);
     source.timeout = Duration::from_millis(300);
-    assert_eq!(*load(&source, &CodeCache::default(), false).unwrap(), code);
+    assert_eq!(
+        *load(&source, &CodeCache::default(), false).unwrap().code,
+        code
+    );
     assert_eq!(server.requests(), 2, "the first attempt timed out");
 
     let code = self::code("5xx");
@@ -169,7 +172,10 @@ fn a_timeout_or_a_5xx_is_retried_as_the_retry_policy_says() {
         "{error}"
     );
     source.retries = 2;
-    assert_eq!(*load(&source, &CodeCache::default(), false).unwrap(), code);
+    assert_eq!(
+        *load(&source, &CodeCache::default(), false).unwrap().code,
+        code
+    );
 }
 
 #[test]
@@ -202,8 +208,134 @@ fn nack_on_code_cache_miss_refuses_now_and_fills_the_cache_for_later() {
     while cache.get(&source.sha256).is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(*load(&source, &cache, true).unwrap(), code);
+    assert_eq!(*load(&source, &cache, true).unwrap().code, code);
     assert_eq!(server.requests(), 1);
+}
+
+/// `load` with `nack_on_code_cache_miss` until its miss says no fetch is under way (at most
+/// 10 s); that miss.
+fn miss_once_fetched(source: &RemoteCode, cache: &CodeCache) -> FetchError {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let error = load(source, cache, true).unwrap_err();
+        if !matches!(error, FetchError::CacheMiss { fetching: true, .. }) {
+            return error;
+        }
+        assert!(Instant::now() < deadline, "still fetching: {error}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn nack_on_code_cache_miss_fetches_once_at_a_time_and_says_why_a_fetch_failed() {
+    let code = code("nack-failing");
+    // Code that is not the configured code, after 300 ms.
+    let server = TestServer::start(vec![Answer {
+        delay: Duration::from_millis(300),
+        ..ok(b"something else")
+    }]);
+    let source = remote(&server.url, &code);
+    let cache = CodeCache::default();
+    for _ in 0..3 {
+        let error = load(&source, &cache, true).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{} is not in the code cache (nack_on_code_cache_miss): refused for now while \
+                 it is fetched in the background",
+                server.url
+            )
+        );
+    }
+    // Refused again within 10 s of the failure, with its reason, without fetching again.
+    let error = miss_once_fetched(&source, &cache);
+    let message = error.to_string();
+    assert!(
+        message.contains("its last fetch failed under 10 s ago (the code fetched from")
+            && message.contains("but the configuration says"),
+        "{message}"
+    );
+    assert_eq!(server.requests(), 1, "one fetch for the four loads");
+    // Past the 10 s, a load fetches again, and says why the last fetch failed.
+    if let Some((_, at)) = memory()
+        .get_mut(&source.sha256)
+        .and_then(|entry| entry.failed.as_mut())
+    {
+        *at = Instant::now().checked_sub(NEGATIVE_CACHING).unwrap_or(*at);
+    }
+    let error = load(&source, &cache, true).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("fetched in the background again (the last fetch failed: the code fetched"),
+        "{error}"
+    );
+    let _ = miss_once_fetched(&source, &cache);
+    assert_eq!(server.requests(), 2);
+}
+
+#[test]
+fn code_no_load_asked_for_in_a_day_leaves_memory_unless_it_is_wanted_or_coming() {
+    let now = Instant::now();
+    let entry = |used: Instant, fetching: bool| Entry {
+        code: Some(Arc::new(Vec::new())),
+        fetching,
+        failed: None,
+        used,
+    };
+    let mut entries: HashMap<String, Entry> = [
+        ("old".to_string(), entry(now, false)),
+        ("wanted".to_string(), entry(now, false)),
+        ("coming".to_string(), entry(now, true)),
+        ("recent".to_string(), entry(now + UNUSED_TTL, false)),
+    ]
+    .into_iter()
+    .collect();
+    evict_unused(
+        &mut entries,
+        now + UNUSED_TTL + Duration::from_secs(1),
+        "wanted",
+    );
+    let mut left: Vec<&str> = entries.keys().map(String::as_str).collect();
+    left.sort_unstable();
+    assert_eq!(left, ["coming", "recent", "wanted"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_cache_file_that_is_a_fifo_or_a_link_is_not_read_and_a_shared_directory_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let code = code("hostile-disk");
+    let sha256 = sha256_hex(&code);
+    let directory = tempfile::tempdir().unwrap();
+    let cache = CodeCache::new(Some(directory.path().to_path_buf()));
+    let file = directory.path().join(format!("{sha256}.wasm"));
+    // A FIFO would block a plain read for ever.
+    let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    assert!(cache.get(&sha256).is_none());
+    // A link to a file with the right code is not followed.
+    std::fs::remove_file(&file).unwrap();
+    let elsewhere = directory.path().join("elsewhere");
+    std::fs::write(&elsewhere, &code).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+    assert!(cache.get(&sha256).is_none());
+    // A directory others may write to is not used, and the load says so.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::set_permissions(directory.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let server = TestServer::start(vec![ok(&code)]);
+    let fetched = load(&remote(&server.url, &code), &cache, false).unwrap();
+    assert_eq!(*fetched.code, code);
+    assert!(
+        fetched
+            .warnings
+            .iter()
+            .any(|w| w.contains("is not used") && w.contains("is writable by other users")),
+        "{:?}",
+        fetched.warnings
+    );
+    assert!(!file.exists());
 }
 
 #[test]
