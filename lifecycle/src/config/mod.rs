@@ -300,6 +300,25 @@ fn add_entry(deployment: &mut Deployment, entry: &Value, path: &str) -> Result<(
     Ok(())
 }
 
+/// The field of `map` written `snake` or, as protobuf's JSON mapping allows, `camel`, with the
+/// spelling found (`snake` if neither); both at once is an error, as serde's aliases make it for
+/// the other fields, rather than one of them silently dropped.
+fn one_spelling<'m>(
+    map: &'m Mapping,
+    snake: &'static str,
+    camel: &'static str,
+    path: &str,
+) -> Result<(&'static str, Option<&'m Value>), ConfigError> {
+    match (map.get(snake), map.get(camel)) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            join(path, camel),
+            format!("duplicate field (also written {snake})"),
+        )),
+        (None, Some(value)) => Ok((camel, Some(value))),
+        (value, None) => Ok((snake, value)),
+    }
+}
+
 /// An Envoy extension entry: `name` and `typed_config`.
 fn add_extension(
     deployment: &mut Deployment,
@@ -327,13 +346,8 @@ fn add_extension(
             ),
         )
     })?;
-    let (field, typed) = match map.get("typed_config") {
-        Some(typed) => ("typed_config", typed),
-        None => (
-            "typedConfig",
-            map.get("typedConfig").unwrap_or(&Value::Null),
-        ),
-    };
+    let (field, typed) = one_spelling(map, "typed_config", "typedConfig", path)?;
+    let typed = typed.unwrap_or(&Value::Null);
     let path = join(path, field);
     let Value::Mapping(typed) = typed else {
         return Err(ConfigError::new(path, "expected an object with \"@type\""));
@@ -364,9 +378,8 @@ fn add_extension(
                 return Err(ConfigError::new(join(&path, key), "unknown field"));
             }
         }
-        let inner_url = typed
-            .get("type_url")
-            .or_else(|| typed.get("typeUrl"))
+        let inner_url = one_spelling(typed, "type_url", "typeUrl", &path)?
+            .1
             .and_then(Value::as_str)
             .ok_or_else(|| ConfigError::new(join(&path, "type_url"), "required"))?;
         expect(

@@ -392,6 +392,14 @@ fn every_error_names_the_field_path_and_the_problem() {
             "[1].vm_config.vmid: unknown field",
         ),
         ("", "the configuration is empty"),
+        (
+            "{name: envoy.filters.http.wasm, typed_config: {\"@type\": x}, typedConfig: {\"@type\": x}}",
+            "typedConfig: duplicate field (also written typed_config)",
+        ),
+        (
+            "{name: envoy.filters.http.wasm, typed_config: {\"@type\": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: a, typeUrl: b}}",
+            "typed_config.typeUrl: duplicate field (also written type_url)",
+        ),
     ];
     for (yaml, expected) in cases {
         let message = error(yaml);
