@@ -35,10 +35,13 @@ pub type AfterCallback = Box<dyn FnMut(&mut Vm) + Send>;
 pub type VmWork = Box<dyn FnOnce(&mut Vm) -> Result<(), VmError> + Send>;
 
 enum Command {
-    Tick,
+    /// A timer tick; the flag turns `true` if one was delivered.
+    Tick(Arc<std::sync::atomic::AtomicBool>),
     Sync,
     Run(VmWork),
-    Stop { shutdown_ticks: u32 },
+    Stop {
+        shutdown_ticks: u32,
+    },
 }
 
 type Commands = Arc<Mutex<VecDeque<(Command, mpsc::Sender<()>)>>>;
@@ -181,9 +184,12 @@ impl SingletonService {
     }
 
     /// Delivers one timer tick now if the plugin has a tick period (with [`Ticking::Manual`];
-    /// with the clock, an extra one), and returns once it was delivered.
-    pub fn tick(&self) {
-        self.command(Command::Tick);
+    /// with the clock, an extra one), and returns once it was delivered: `false` if none was
+    /// (no tick period, or the VM failed).
+    pub fn tick(&self) -> bool {
+        let ticked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.command(Command::Tick(Arc::clone(&ticked)));
+        ticked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A handle for other threads to hand work to the service's VM, e.g. answers to the calls
@@ -251,12 +257,14 @@ impl ServiceLoop {
         }
     }
 
-    /// A timer tick, if the plugin has a tick period.
-    fn tick(&mut self, vm: &mut Vm) {
-        if !self.failed && vm.tick_period_of(self.root).is_some() {
-            let outcome = vm.tick_root(self.root);
-            self.after(vm, outcome);
+    /// A timer tick, if the plugin has a tick period; whether one was delivered.
+    fn tick(&mut self, vm: &mut Vm) -> bool {
+        if self.failed || vm.tick_period_of(self.root).is_none() {
+            return false;
         }
+        let outcome = vm.tick_root(self.root);
+        self.after(vm, outcome);
+        true
     }
 
     /// Serves commands, queue notifications and (with the clock) ticks until told to stop;
@@ -275,7 +283,11 @@ impl ServiceLoop {
             };
             for (command, done) in pending {
                 match command {
-                    Command::Tick => self.tick(vm),
+                    Command::Tick(ticked) => {
+                        if self.tick(vm) {
+                            ticked.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
                     Command::Sync => {
                         if !self.failed {
                             let outcome = vm.dispatch_queue_ready();

@@ -148,6 +148,10 @@ struct BenchArgs {
     /// Also draw the figures as an SVG picture into this file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// The same limits as `pwhost run`'s: a plugin stuck in a loop fails instead of hanging
+    /// the benchmark.
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -321,6 +325,10 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
             runtime_config,
             cache_dir.as_deref(),
         )?;
+        for plugin in plugins.http_filters().chain(plugins.network_filters()) {
+            let module = plugins.module(plugin);
+            warn_of_unenforced_limits(&args.limits, module.runtime_name(), module.capabilities());
+        }
         return Ok(scenario::run_plugins(
             &std::sync::Arc::new(plugins),
             &scenario,
@@ -331,17 +339,64 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
         None => args.plugin.default_runtime()?,
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
-    // Limits the engine cannot enforce (native code on the null runtime) are said, not silently
-    // dropped, when the user asked for them.
-    let capabilities = runtime.capabilities();
-    if args.limits.deadline_ms.is_some_and(|ms| ms > 0) && !capabilities.call_deadline {
-        eprintln!("warning: the {runtime_name} runtime cannot enforce --deadline-ms");
-    }
-    if args.limits.max_memory_mib.is_some_and(|mib| mib > 0) && !capabilities.memory_limit {
-        eprintln!("warning: the {runtime_name} runtime cannot enforce --max-memory-mib");
-    }
+    warn_of_unenforced_limits(&args.limits, &runtime_name, runtime.capabilities());
     let plugin = args.plugin.load(&*runtime)?;
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
+}
+
+/// Limits the user asked for that `runtime` cannot enforce (native code on the null runtime)
+/// are said, not silently dropped.
+fn warn_of_unenforced_limits(
+    limits: &LimitArgs,
+    runtime: &str,
+    capabilities: runtime_api::Capabilities,
+) {
+    if limits.deadline_ms.is_some_and(|ms| ms > 0) && !capabilities.call_deadline {
+        eprintln!("warning: the {runtime} runtime cannot enforce --deadline-ms");
+    }
+    if limits.max_memory_mib.is_some_and(|mib| mib > 0) && !capabilities.memory_limit {
+        eprintln!("warning: the {runtime} runtime cannot enforce --max-memory-mib");
+    }
+}
+
+/// What of `scenario` `pwhost bench` does not use: it times the first exchange's request and
+/// response headers only.
+fn unused_by_bench(scenario: &Scenario) -> Vec<&'static str> {
+    let exchange = scenario.http.first().cloned().unwrap_or_default();
+    [
+        ("more than one HTTP exchange", scenario.http.len() > 1),
+        ("tcp", !scenario.tcp.is_empty()),
+        ("vms", scenario.vms > 1),
+        ("properties", !scenario.properties.is_empty()),
+        ("node", scenario.node.is_some()),
+        ("ticks", scenario.ticks > 0),
+        ("shutdown_ticks", scenario.shutdown_ticks > 0),
+        (
+            "foreign_function_calls",
+            !scenario.foreign_function_calls.is_empty(),
+        ),
+        ("reproducible", scenario.reproducible.is_some()),
+        ("vm", exchange.vm > 0),
+        ("request_body", !exchange.request_body.is_empty()),
+        ("request_trailers", !exchange.request_trailers.is_empty()),
+        ("response_body", !exchange.response_body.is_empty()),
+        ("response_trailers", !exchange.response_trailers.is_empty()),
+        (
+            "http_call_responses",
+            !exchange.http_call_responses.is_empty(),
+        ),
+        (
+            "grpc_call_responses",
+            !exchange.grpc_call_responses.is_empty(),
+        ),
+        ("ticks_after", exchange.ticks_after > 0),
+        ("delay_ms", exchange.delay_ms > 0),
+        ("route_name", exchange.route_name.is_some()),
+        ("cluster_name", exchange.cluster_name.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, present)| present.then_some(field))
+    .collect()
 }
 
 /// Adds a precompiled section per engine named; returns what it did, a line per section.
@@ -370,6 +425,14 @@ fn precompile(args: &PrecompileArgs) -> anyhow::Result<String> {
 
 fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> {
     let scenario = load_scenario(args.scenario.as_deref())?;
+    let unused = unused_by_bench(&scenario);
+    if !unused.is_empty() {
+        eprintln!(
+            "warning: pwhost bench times the first HTTP exchange's request and response \
+             headers only; not used: {}",
+            unused.join(", ")
+        );
+    }
     let exchange = scenario.http.first().cloned().unwrap_or_default();
     let names: Vec<String> = if args.runtimes.is_empty() {
         // Every engine that can run this kind of plugin: native code or WebAssembly.
@@ -385,7 +448,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     // Every engine named is made first, so that a wrong name fails at once, before any work.
     let engines = names
         .into_iter()
-        .map(|name| Ok((runtimes::create(&name, RuntimeConfig::default())?, name)))
+        .map(|name| Ok((runtimes::create(&name, args.limits.runtime_config())?, name)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut figures = Vec::new();
     let count = engines.len();
@@ -408,6 +471,58 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
         eprintln!("pwhost bench: drew {}", path.display());
     }
     Ok(figures)
+}
+
+/// With a chain of plugins, what each did (an exchange's own lines then show only the chain's
+/// result).
+fn render_filters(out: &mut String, filters: &[scenario::FilterReport]) {
+    for filter in filters {
+        writeln!(out, "  plugin {}", filter.plugin).ok();
+        let actions: Vec<String> = filter
+            .actions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        writeln!(out, "    actions: {}", actions.join(" ")).ok();
+        for call in &filter.http_calls {
+            writeln!(
+                out,
+                "    http call to {} ({} ms)",
+                call.upstream, call.timeout_ms
+            )
+            .ok();
+        }
+        for call in &filter.grpc_calls {
+            writeln!(
+                out,
+                "    grpc call to {} {}/{}",
+                call.upstream, call.service, call.method
+            )
+            .ok();
+        }
+        for (key, object) in &filter.filter_state {
+            writeln!(
+                out,
+                "    filter state {key} = {:?} ({})",
+                object.value, object.span
+            )
+            .ok();
+        }
+        if filter.route_cache_clears > 0 {
+            writeln!(
+                out,
+                "    route cache cleared {}×",
+                filter.route_cache_clears
+            )
+            .ok();
+        }
+        if filter.bypassed {
+            writeln!(out, "    BYPASSED: it had failed (fail open)").ok();
+        }
+        if let Some(error) = &filter.error {
+            writeln!(out, "    error: {error}").ok();
+        }
+    }
 }
 
 fn render_filter_state(
@@ -520,10 +635,16 @@ fn render_text(report: &Report) -> String {
             &http.response_trailers,
         );
         if let Some(local) = &http.local_response {
-            writeln!(out, "  local response {} {:?}", local.status, local.body).ok();
+            write!(out, "  local response {} {:?}", local.status, local.body).ok();
+            match &local.plugin {
+                Some(plugin) => writeln!(out, " from {plugin}"),
+                None => writeln!(out),
+            }
+            .ok();
         }
         render_calls(out, &http.http_calls, &http.grpc_calls);
         render_filter_state(out, &http.filter_state);
+        render_filters(out, &http.filters);
         if http.route_cache_clears > 0 {
             writeln!(out, "  route cache cleared {}×", http.route_cache_clears).ok();
         }
@@ -553,6 +674,14 @@ fn render_text(report: &Report) -> String {
         .ok();
         render_calls(out, &tcp.http_calls, &tcp.grpc_calls);
         render_filter_state(out, &tcp.filter_state);
+        render_filters(out, &tcp.filters);
+        if tcp.closed {
+            writeln!(
+                out,
+                "  CLOSED: the proxy closed the connection (a plugin failed)"
+            )
+            .ok();
+        }
         if tcp.stalled {
             writeln!(
                 out,
@@ -563,6 +692,13 @@ fn render_text(report: &Report) -> String {
         if let Some(error) = &tcp.error {
             writeln!(out, "  error: {error}").ok();
         }
+    }
+    if !report.done {
+        writeln!(
+            out,
+            "\nnot done: a root context did not finish at shutdown (no proxy_done)"
+        )
+        .ok();
     }
     if !report.logs.is_empty() {
         writeln!(out, "\nlogs").ok();

@@ -169,6 +169,34 @@ fn bad_inputs_fail_with_one_line_errors() {
         ]),
         "invalid scenario",
     );
+    // Counts past their limits are refused, not run for hours.
+    for (text, needle) in [
+        (
+            "vms: 100000000\n",
+            "vms must be from 1 to 256, not 100000000",
+        ),
+        ("vms: 0\n", "vms must be from 1 to 256, not 0"),
+        (
+            "ticks: 4294967295\n",
+            "a tick count must be from 0 to 100000",
+        ),
+        (
+            "http: [{delay_ms: 60000}]\n",
+            "delay_ms must be from 0 to 10000",
+        ),
+    ] {
+        std::fs::write(&bad_scenario, text).unwrap();
+        assert_one_line_error(
+            &pwhost(&[
+                "run",
+                "--plugin",
+                good,
+                "--scenario",
+                bad_scenario.to_str().unwrap(),
+            ]),
+            needle,
+        );
+    }
     std::fs::remove_file(&bad_scenario).ok();
 }
 
@@ -281,6 +309,55 @@ fn bench_times_every_engine_compiled_in() {
             "nonesuch",
         ]),
         "nonesuch",
+    );
+}
+
+#[test]
+fn bench_stops_a_plugin_stuck_in_a_loop_and_says_what_of_a_scenario_it_does_not_time() {
+    let looping = plugin("wat/infinite_loop.wasm");
+    let output = pwhost(&[
+        "bench",
+        "--plugin",
+        looping.to_str().unwrap(),
+        "--runtime",
+        default_engine(),
+        "--deadline-ms",
+        "200",
+        "--requests",
+        "1",
+        "--starts",
+        "1",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("error: the plugin failed on"), "{stderr}");
+
+    let directory = scratch("bench-scenario");
+    let scenario = directory.join("scenario.yaml");
+    std::fs::write(
+        &scenario,
+        "properties: [{path: [a], value: 1}]\nhttp: [{request_body: [\"x\"]}]\n",
+    )
+    .unwrap();
+    let headers = plugin("rust/http_headers.wasm");
+    let output = pwhost(&[
+        "bench",
+        "--plugin",
+        headers.to_str().unwrap(),
+        "--runtime",
+        default_engine(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+        "--requests",
+        "10",
+        "--starts",
+        "1",
+    ]);
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not used: properties, request_body"),
+        "{stderr}"
     );
 }
 
@@ -464,6 +541,78 @@ fn a_filter_chain_runs_each_request_through_every_plugin_in_order() {
     assert_eq!(exchange["filters"][0]["plugin"], "a");
     assert_eq!(exchange["filters"][1]["plugin"], "b");
     assert_eq!(report["plugins"].as_array().unwrap().len(), 2);
+    // The text form shows what each plugin did.
+    let output = pwhost(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--format",
+        "text",
+    ]);
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("  plugin a\n    actions: ") && text.contains("  plugin b\n    actions: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn logs_are_credited_to_their_plugin_on_every_vm_copy() {
+    let directory = scratch("owners");
+    std::fs::copy(
+        plugin("rust/envoy_attributes.wasm"),
+        directory.join("attributes.wasm"),
+    )
+    .unwrap();
+    // An HTTP filter and a network filter sharing one VM; the scenario runs the first on VM
+    // copy 0 and the second on copy 1, where their streams get the same context ids.
+    let filter = |kind: &str, name: &str, probe: &str| {
+        format!(
+            "- name: envoy.filters.{kind}.wasm\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm\n    config:\n      name: {name}\n      configuration: \"{probe}\"\n      vm_config: {{vm_id: shared, code: {{local: {{filename: attributes.wasm}}}}}}\n"
+        )
+    };
+    let config = directory.join("shared.yaml");
+    std::fs::write(
+        &config,
+        [
+            filter("http", "x", "request answer uint"),
+            filter("network", "z", "connection answer uint"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let scenario = directory.join("scenario.yaml");
+    std::fs::write(
+        &scenario,
+        "vms: 2\nproperties: [{path: [answer], value: 18446744073709551615}]\n\
+         http: [{vm: 0}]\ntcp: [{vm: 1, downstream: [\"x\"]}]\n",
+    )
+    .unwrap();
+    let report = json(&pwhost(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]));
+    let logs = report["logs"].as_array().unwrap();
+    let line = |message: &str| {
+        logs.iter()
+            .find(|log| log["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in {logs:?}"))
+    };
+    // An integer above i64's range is an unsigned integer, not a double.
+    let request = line("request answer: 18446744073709551615");
+    assert_eq!(
+        (&request["plugin"], &request["vm"]),
+        (&"x".into(), &0.into())
+    );
+    let connection = line("connection answer: 18446744073709551615");
+    assert_eq!(
+        (&connection["plugin"], &connection["vm"]),
+        (&"z".into(), &1.into())
+    );
 }
 
 #[test]

@@ -178,8 +178,8 @@ fn a_singleton_service_is_never_copied_onto_workers() {
 fn manual_ticks_arrive_when_asked_and_clock_ticks_by_the_period() {
     let plugins = filter_and_service(60_000);
     let service = spawn_manual(&plugins).unwrap();
-    service.tick();
-    service.tick();
+    assert!(service.tick(), "delivered");
+    assert!(service.tick(), "delivered");
     let mut end = service.stop(0).unwrap();
     let ticks: Vec<String> = messages(&mut end.vm)
         .into_iter()
@@ -343,4 +343,14 @@ fn a_service_named_with_a_nul_byte_starts() {
         .unwrap();
     assert_eq!(name.as_deref(), Some(r"wasm-service-svc\0x"));
     assert!(service.stop(0).expect("the thread ends cleanly").done);
+}
+
+#[test]
+fn a_tick_asked_of_a_service_without_a_tick_period_is_not_delivered() {
+    let yaml = singleton_service("svc", r#"'{"name": "svc"}'"#, "rust/chain_probe.wasm");
+    let plugins = Arc::new(load(&yaml).expect("loads"));
+    let service = spawn_manual(&plugins).expect("starts");
+    assert!(!service.tick());
+    let mut end = service.stop(0).expect("the thread ends cleanly");
+    assert!(!messages(&mut end.vm).iter().any(|m| m.contains("tick")));
 }

@@ -58,8 +58,9 @@ pub type Headers = Vec<(String, String)>;
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
-    /// How many VM copies of the plugin to run (default 1); they share shared data and queues.
-    #[serde(default = "one")]
+    /// How many VM copies of the plugin to run (default 1, at most [`MAX_VMS`]); they share
+    /// shared data and queues.
+    #[serde(default = "one", deserialize_with = "vm_count")]
     pub vms: usize,
     /// HTTP exchanges, run one after the other.
     #[serde(default)]
@@ -74,12 +75,12 @@ pub struct Scenario {
     #[serde(default)]
     pub node: Option<NodeConfig>,
     /// How many timer ticks to deliver after configuration (only while the plugin has a tick
-    /// period set).
-    #[serde(default)]
+    /// period set); at most [`MAX_TICKS`].
+    #[serde(default, deserialize_with = "tick_count")]
     pub ticks: u32,
     /// How many timer ticks to deliver at shutdown while a root context whose `proxy_on_done`
-    /// returned false still owes `proxy_done`.
-    #[serde(default)]
+    /// returned false still owes `proxy_done`; at most [`MAX_TICKS`].
+    #[serde(default, deserialize_with = "tick_count")]
     pub shutdown_ticks: u32,
     /// Calls of the plugin's `proxy_on_foreign_function`, made after configuration.
     #[serde(default)]
@@ -155,12 +156,12 @@ pub struct HttpExchange {
     #[serde(default)]
     pub grpc_call_responses: Vec<GrpcResponse>,
     /// Timer ticks delivered to the exchange's VM after it ends, while its root context has a
-    /// tick period (one the plugin may have set during the exchange).
-    #[serde(default)]
+    /// tick period (one the plugin may have set during the exchange); at most [`MAX_TICKS`].
+    #[serde(default, deserialize_with = "tick_count")]
     pub ticks_after: u32,
     /// Wall-clock milliseconds to wait before the exchange (e.g. for a `FAIL_RELOAD` backoff to
     /// pass); at most [`MAX_DELAY_MS`].
-    #[serde(default)]
+    #[serde(default, deserialize_with = "delay")]
     pub delay_ms: u64,
     /// The name of the route the request took (`xds.route_name`); none: not routed, as a
     /// stream no route matched in Envoy (`NOT_FOUND`).
@@ -173,6 +174,39 @@ pub struct HttpExchange {
 
 /// The longest wait a scenario may ask for before an exchange, so a run stays short.
 pub const MAX_DELAY_MS: u64 = 10_000;
+
+/// The most timer ticks a scenario may ask for in one place, so a run stays short.
+pub const MAX_TICKS: u32 = 100_000;
+
+/// The most VM copies a scenario may ask for (each holds a copy of every plugin).
+pub const MAX_VMS: usize = 256;
+
+/// A number read from a scenario, refused (with the limit) past `max` or below `min`.
+fn bounded<'de, D, T>(deserializer: D, min: T, max: T, what: &str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + PartialOrd + std::fmt::Display,
+{
+    let value = T::deserialize(deserializer)?;
+    if value < min || value > max {
+        return Err(serde::de::Error::custom(format!(
+            "{what} must be from {min} to {max}, not {value}"
+        )));
+    }
+    Ok(value)
+}
+
+fn vm_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    bounded(deserializer, 1, MAX_VMS, "vms")
+}
+
+fn tick_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    bounded(deserializer, 0, MAX_TICKS, "a tick count")
+}
+
+fn delay<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    bounded(deserializer, 0, MAX_DELAY_MS, "delay_ms")
+}
 
 /// One TCP connection.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -252,8 +286,9 @@ pub struct PropertyValue {
     pub value: Data,
 }
 
-/// A typed value in a scenario: a string, integer (8 little-endian bytes), double, boolean (one
-/// byte), list or map (header pairs), as the plugin receives such values from Envoy.
+/// A typed value in a scenario: a string, integer (8 little-endian bytes; unsigned above
+/// `i64`'s range), double, boolean (one byte), list or map (header pairs), as the plugin
+/// receives such values from Envoy.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Data {
@@ -261,6 +296,8 @@ pub enum Data {
     Bool(bool),
     /// An integer.
     Int(i64),
+    /// An integer above `i64`'s range (8 little-endian bytes, unsigned), rather than a double.
+    Uint(u64),
     /// A double.
     Double(f64),
     /// A string.
@@ -277,6 +314,7 @@ impl Data {
         match self {
             Data::Bool(b) => abi::Value::Bool(*b),
             Data::Int(i) => abi::Value::Int(*i),
+            Data::Uint(u) => abi::Value::Uint(*u),
             Data::Double(d) => abi::Value::Double(*d),
             Data::String(s) => abi::Value::string(s.clone()),
             Data::List(items) => abi::Value::List(items.iter().map(Data::to_value).collect()),
@@ -577,7 +615,8 @@ fn answer_service_calls() -> lifecycle::AfterCallback {
     })
 }
 
-/// Which plugin wrote what, per VM copy: its root contexts and the streams it was given.
+/// Which plugin wrote what on one worker, per VM copy: its root contexts and the streams it
+/// was given (copies and contexts are numbered per worker).
 type Owners = HashMap<(CopyId, ContextId), PluginId>;
 
 /// The log lines of VM copies gone away, with the copy and its roots' plugins.
@@ -652,9 +691,17 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         .chain(plugins.worker_services())
         .collect();
     let mut workers = Vec::new();
-    let mut owners = Owners::new();
+    let mut owners: Vec<Owners> = Vec::new();
+    // What the copies' hosts are made from (not the traffic, which may be large), shared by
+    // the workers.
+    let host_scenario = Arc::new(Scenario {
+        properties: scenario.properties.clone(),
+        node: scenario.node.clone(),
+        reproducible: scenario.reproducible.clone(),
+        ..Scenario::default()
+    });
     for index in 0..scenario.vms.max(1) {
-        let host_scenario = scenario.clone();
+        let host_scenario = Arc::clone(&host_scenario);
         let retired = Arc::clone(&retired);
         let mut worker = Worker::new(Arc::clone(plugins), move || {
             Box::new(scenario_host(&host_scenario))
@@ -672,11 +719,13 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
                 record_start_failure(&mut report, failure)?;
             }
         }
+        let mut owned = Owners::new();
         worker.for_each_copy(|copy, _, roots| {
             for (plugin, root) in roots {
-                owners.insert((copy, *root), *plugin);
+                owned.insert((copy, *root), *plugin);
             }
         });
+        owners.push(owned);
         workers.push(worker);
     }
     // Singleton services: one VM each, on a thread of its own, ticked only when the scenario
@@ -713,8 +762,11 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             tick(worker, scenario.ticks, &mut report.errors);
         }
         for (_, service) in &singletons {
+            // As on the workers: only while the service has a tick period.
             for _ in 0..scenario.ticks {
-                service.tick();
+                if !service.tick() {
+                    break;
+                }
             }
         }
         dispatch_queues(&mut workers, &mut report.errors);
@@ -731,8 +783,8 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         }
         let http = match workers.get_mut(exchange.vm) {
             Some(worker) => {
-                let http =
-                    http::run_exchange(worker, &http_chain, exchange, connection_id, &mut owners);
+                let owners = &mut owners[exchange.vm];
+                let http = http::run_exchange(worker, &http_chain, exchange, connection_id, owners);
                 tick(worker, exchange.ticks_after, &mut report.errors);
                 http
             }
@@ -753,7 +805,7 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
                     &network_chain,
                     connection,
                     connection_id,
-                    &mut owners,
+                    &mut owners[connection.vm],
                 );
                 tick(worker, connection.ticks_after, &mut report.errors);
                 tcp
@@ -813,7 +865,7 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
                 .iter()
                 .find(|(_, root)| *root == context)
                 .map(|(plugin, _)| *plugin)
-                .or_else(|| owners.get(&(copy, context)).copied())
+                .or_else(|| owners[worker].get(&(copy, context)).copied())
                 // The VM's own lines (its start function) are its first plugin's.
                 .or_else(|| roots.first().map(|(plugin, _)| *plugin))
         };
