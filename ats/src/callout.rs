@@ -24,20 +24,27 @@ use lifecycle::ServiceInbox;
 
 use crate::{diag, sys, with_thread};
 
+/// A singleton service's inbox, set once the service has started (`None`: it did not start,
+/// and an answer for it has nowhere to go). A call made while it starts may be answered before.
+pub(crate) type ServiceSlot = Arc<OnceLock<Option<ServiceInbox>>>;
+
 /// Where a call's answer goes.
 #[derive(Clone)]
 pub(crate) enum AnswerTo {
     /// The VM copy that made the call, on the Traffic Server thread it was made on.
     ThisThread,
-    /// A singleton service, through its inbox (set once the service has started: a call made
-    /// while it starts may be answered before).
-    Service(Arc<OnceLock<ServiceInbox>>),
+    /// A singleton service, through its inbox.
+    Service(ServiceSlot),
 }
 
 /// The header marking a callout's internal transaction, so the request hook skips remapping
 /// and the plugins for it; its value is [`marker_value`], a secret of this process, so that a
 /// request someone else sends with the header is not mistaken for one.
 pub(crate) const MARKER: &str = "x-pwhost-ats-callout";
+
+/// The header telling the request hook how long the plugin waits for the call (milliseconds),
+/// so that Traffic Server stops the transfer then (see [`crate::transaction`]'s `start`).
+pub(crate) const TIMEOUT_HEADER: &str = "x-pwhost-ats-callout-timeout-ms";
 
 /// This process's value of [`MARKER`]: random, made once.
 pub(crate) fn marker_value() -> &'static str {
@@ -133,7 +140,7 @@ pub(crate) fn dispatch_from_service(
     token: u32,
     address: SocketAddr,
     request: &HttpCallRequest,
-    inbox: Arc<OnceLock<ServiceInbox>>,
+    inbox: ServiceSlot,
 ) -> Status {
     let Some(bytes) = encode(address, request) else {
         return Status::BadArgument;
@@ -324,11 +331,15 @@ fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(&authority);
     out.extend_from_slice(format!("\r\n{MARKER}: {}\r\n", marker_value()).as_bytes());
+    out.extend_from_slice(
+        format!("{TIMEOUT_HEADER}: {}\r\n", request.timeout.as_millis()).as_bytes(),
+    );
     for (name, value) in headers.iter() {
         if name.starts_with(b":")
             || name.eq_ignore_ascii_case(b"host")
             || name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(MARKER.as_bytes())
+            || name.eq_ignore_ascii_case(TIMEOUT_HEADER.as_bytes())
         {
             continue;
         }
@@ -498,10 +509,13 @@ fn deliver(cont: sys::TSCont, callout: &mut Callout) {
     let token = callout.token;
     if let AnswerTo::Service(inbox) = &callout.answer_to {
         match inbox.get() {
-            Some(inbox) => inbox.post(Box::new(move |vm| match answer {
+            Some(Some(inbox)) => inbox.post(Box::new(move |vm| match answer {
                 Some(response) => vm.on_http_call_response(token, response),
                 None => vm.on_http_call_failure(token),
             })),
+            // The service failed to start (its configuration refused, say): the answer is
+            // dropped, and the call freed.
+            Some(None) => {}
             None => {
                 // The service is still starting: try again shortly.
                 callout.progress = Progress::Arrived(answer);

@@ -347,17 +347,30 @@ impl MimeHeaders {
     }
 }
 
+/// The longest name a Traffic Server MIME field holds (a 16-bit length).
+const MAX_NAME_BYTES: usize = u16::MAX as usize;
+
+/// The longest value a Traffic Server MIME field holds (a 24-bit length).
+const MAX_VALUE_BYTES: usize = (1 << 24) - 1;
+
 /// Whether a plugin's header may go into Traffic Server's headers: no CR, LF or NUL, which
-/// would let it split the message Traffic Server writes, and a non-empty name. Anything else
-/// is left out, with a warning.
+/// would let it split the message Traffic Server writes, a non-empty name, and a name and
+/// value that fit a MIME field (Traffic Server would cut a longer one short without a word, so
+/// that, say, a long name beginning `Content-Length` went out under that name but unseen by
+/// Traffic Server's own framing). Anything else is left out, with a warning.
 fn writable(name: &[u8], value: &[u8]) -> bool {
     let clean = |bytes: &[u8]| !bytes.iter().any(|b| matches!(b, b'\r' | b'\n' | 0));
-    let ok = !name.is_empty() && clean(name) && clean(value) && !name[1..].contains(&b':');
+    let fits = name.len() <= MAX_NAME_BYTES && value.len() <= MAX_VALUE_BYTES;
+    let ok = !name.is_empty() && fits && clean(name) && clean(value) && !name[1..].contains(&b':');
     if !ok {
+        let shown = &name[..name.len().min(64)];
         crate::diag::warning(&format!(
-            "a plugin's header {:?} was left out: CR, LF or NUL in its name or value, or an \
-             empty or invalid name",
-            String::from_utf8_lossy(name)
+            "a plugin's header {:?} ({} bytes, value {} bytes) was left out: CR, LF or NUL in \
+             its name or value, an empty or invalid name, or a name over {MAX_NAME_BYTES} or a \
+             value over {MAX_VALUE_BYTES} bytes",
+            String::from_utf8_lossy(shown),
+            name.len(),
+            value.len()
         ));
     }
     ok

@@ -9,14 +9,13 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use abi::{
     BufferType, ContextId, Headers, Host, HttpCallRequest, LocalResponse, LogLevel, MapType,
     Status, StreamInfo, StreamType,
 };
-use lifecycle::ServiceInbox;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::headers::MimeHeaders;
@@ -126,7 +125,7 @@ pub(crate) struct AtsHost {
     pub(crate) callouts: FxHashSet<u32>,
     /// For a singleton service (whose thread is not one of Traffic Server's), where the
     /// answers to its calls go.
-    service: Option<Arc<OnceLock<ServiceInbox>>>,
+    service: Option<crate::callout::ServiceSlot>,
     /// The name for logs of contexts not in `streams` or `roots` (a service's one plugin).
     fallback_name: Option<Arc<str>>,
     /// Whether the copy's module has request and response body callbacks, once looked up.
@@ -158,7 +157,7 @@ impl AtsHost {
     pub(crate) fn for_service(
         name: &str,
         upstreams: Arc<Upstreams>,
-        inbox: Arc<OnceLock<ServiceInbox>>,
+        inbox: crate::callout::ServiceSlot,
     ) -> AtsHost {
         let mut host = AtsHost::new(upstreams);
         host.service = Some(inbox);

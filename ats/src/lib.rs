@@ -145,9 +145,16 @@ fn start_services(
             )),
             Ticking::Clock,
             Box::new(|_| {}),
-        )
-        .map_err(|e| e.to_string())?;
-        let _ = inbox.set(service.inbox());
+        );
+        let service = match service {
+            Ok(service) => service,
+            Err(error) => {
+                // Answers to calls its start made go nowhere, rather than wait for it.
+                let _ = inbox.set(None);
+                return Err(error.to_string());
+            }
+        };
+        let _ = inbox.set(Some(service.inbox()));
         services.push(service);
     }
     Ok(services)
@@ -497,6 +504,9 @@ unsafe extern "C" fn on_reload(
         let (_, previous) = global.live.current();
         match config::load(&global.files, &global.engines, Some(&previous)) {
             Ok(loaded) => {
+                for warning in loaded.plugins.warnings() {
+                    diag::warning(warning);
+                }
                 if let Err(message) = connection::check_reload(&loaded.listeners) {
                     diag::error(&format!(
                         "reload failed, the previous configuration stays in force: {message}"

@@ -1,12 +1,13 @@
 //! Plugin metrics as Traffic Server stats: once a second, on a task thread, every counter and
-//! gauge the plugins defined (`proxy_define_metric`) and every plugin's failure counters are
+//! gauge the plugins defined (`proxy_define_metric`) and every plugin's failure counters (HTTP
+//! filters, network filters and services) are
 //! copied into Traffic Server's stats, where `traffic_ctl metric get` and the stats plugins see
 //! them: `plugin.pwhost_ats.<metric name>` and `plugin.pwhost_ats.<plugin>.<counter>`, and
 //! the plugin's own `plugin.pwhost_ats.live_stream_contexts` (the plugins' stream contexts of
 //! transactions and TCP connections in flight).
 //! A histogram's stat is its last recorded value.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_int, c_void, CString};
 use std::sync::Mutex;
 
@@ -45,26 +46,42 @@ fn publish() {
         return;
     };
     let (_, plugins) = global.live.current();
-    let mut values: Vec<(String, i64)> = plugins
-        .shared_state()
-        .metrics_snapshot()
-        .into_iter()
-        .map(|metric| (format!("plugin.pwhost_ats.{}", metric.name), metric.value))
-        .collect();
-    values.push((
+    // pwhost's own stats first: a plugin metric of the same name does not replace them.
+    let mut values: Vec<(String, i64)> = vec![(
         "plugin.pwhost_ats.live_stream_contexts".to_string(),
         crate::host::LIVE_STREAMS.load(std::sync::atomic::Ordering::Relaxed),
-    ));
-    for plugin in plugins.http_filters() {
+    )];
+    let every_plugin = plugins
+        .http_filters()
+        .chain(plugins.network_filters())
+        .chain(plugins.services());
+    for plugin in every_plugin {
         let name = plugins.config(plugin).display_name();
         for (counter, value) in plugins.counters(plugin).snapshot() {
             let value = i64::try_from(value).unwrap_or(i64::MAX);
             values.push((format!("plugin.pwhost_ats.{name}.{counter}"), value));
         }
     }
+    values.extend(
+        plugins
+            .shared_state()
+            .metrics_snapshot()
+            .into_iter()
+            .map(|metric| (format!("plugin.pwhost_ats.{}", metric.name), metric.value)),
+    );
     let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
     let stats = stats.get_or_insert_with(HashMap::new);
+    let mut published = HashSet::new();
     for (name, value) in values {
+        if !published.insert(name.clone()) {
+            // Two metrics under one stat name (a counter and a gauge of one name, or a plugin
+            // metric named as one of pwhost's): the first keeps it, rather than each overwriting
+            // the other every second.
+            warn_once(&format!(
+                "two metrics are named {name}: only the first is published"
+            ));
+            continue;
+        }
         let id = match stats.get(&name) {
             Some(id) => *id,
             None => {
@@ -82,9 +99,26 @@ fn publish() {
     }
 }
 
+/// Logs `warning` as a Traffic Server warning, the first time only.
+fn warn_once(warning: &str) {
+    static WARNED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned
+        .get_or_insert_with(HashSet::new)
+        .insert(warning.to_string())
+    {
+        diag::warning(warning);
+    }
+}
+
 /// Finds or creates the integer stat `name`.
 fn create(name: &str) -> Option<c_int> {
-    let c_name = CString::new(name).ok()?;
+    let Ok(c_name) = CString::new(name) else {
+        diag::warning(&format!(
+            "cannot create stat {name:?}: a NUL byte in its name"
+        ));
+        return None;
+    };
     let mut id: c_int = -1;
     // SAFETY: `c_name` is a NUL-terminated string that lives through the calls.
     unsafe {

@@ -13,6 +13,11 @@ use rustc_hash::FxHashMap;
 
 use crate::{diag, sys, with_thread, ThreadState};
 
+/// The longest the ticker sleeps at once; what is due later (a stream idle timeout of years) is
+/// looked at again then. Traffic Server adds the delay, in nanoseconds, to its clock: a huge one
+/// overflows into the past, and the ticker would wake at once, again and again.
+const LONGEST_SLEEP: Duration = Duration::from_secs(3600);
+
 /// How early Traffic Server may run a scheduled event: one due within its nearest timer
 /// bucket (5 ms) runs at once. A wake-up that early counts what is due by then as due, rather
 /// than finding nothing due and going again.
@@ -135,13 +140,14 @@ impl Ticker {
             // clears `scheduled` when it does).
             unsafe { sys::TSActionCancel(action) };
         }
-        let delay = earliest.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let delay = earliest.saturating_duration_since(now).min(LONGEST_SLEEP);
         // Rounded up, as a wake-up before what is due finds nothing due (see `DUE_EARLY`).
         let delay_ms =
             sys::TSHRTime::try_from(delay.as_micros().div_ceil(1000)).unwrap_or(sys::TSHRTime::MAX);
         // SAFETY: the continuation and thread are this thread's, made in `for_this_thread`.
         let action = unsafe { sys::TSContScheduleOnThread(self.cont, delay_ms, self.thread) };
-        self.scheduled = Some((earliest, action));
+        self.scheduled = Some((now + delay, action));
     }
 }
 

@@ -281,6 +281,33 @@ unsafe fn is_callout(txn: sys::TSHttpTxn) -> bool {
 unsafe fn start(txn: sys::TSHttpTxn) -> Next {
     // SAFETY: `txn` is this hook's transaction.
     if unsafe { is_callout(txn) } {
+        // The marker is this process's secret: it goes no further than this hook, never to
+        // the upstream; nor does the call's timeout.
+        if let Some(mut headers) = client_header(txn, HeaderKind::Request) {
+            let timeout_ms = abi::Headers::get(&headers, callout::TIMEOUT_HEADER.as_bytes())
+                .and_then(|value| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                .filter(|ms| *ms > 0);
+            abi::Headers::remove(&mut headers, callout::MARKER.as_bytes());
+            abi::Headers::remove(&mut headers, callout::TIMEOUT_HEADER.as_bytes());
+            if let Some(ms) = timeout_ms {
+                // Traffic Server's client reads a whole answer into memory: once the plugin
+                // has stopped waiting, an upstream still sending (an endless body) is cut off a
+                // second after the plugin's timeout, rather than read for as long as it sends.
+                // The limit is set on the call's side of its internal transaction, Traffic
+                // Server's own client (9.2 does not apply one set for the upstream's side
+                // here), in nanoseconds, as Traffic Server's clock counts.
+                let ms = ms.min(u64::from(u32::MAX)) + 1000;
+                let limit = sys::TSHRTime::try_from(ms * 1_000_000).unwrap_or(i64::MAX);
+                // SAFETY: `txn` is this hook's transaction; its session and client connection
+                // are live during the hook.
+                unsafe {
+                    let client = sys::TSHttpSsnClientVConnGet(sys::TSHttpTxnSsnGet(txn));
+                    if !client.is_null() {
+                        sys::TSVConnActiveTimeoutSet(client, limit);
+                    }
+                }
+            }
+        }
         // The plugin's own call goes straight to the upstream its URL names: no remap rule
         // needed, and no plugin runs on it.
         // SAFETY: as above.

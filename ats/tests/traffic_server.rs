@@ -986,6 +986,12 @@ fn tcp_listeners_run_network_filters_both_ways_on_every_engine() {
         Instant::now() + Duration::from_secs(20),
         |line| line.ends_with(" 0"),
     );
+    // A network filter's failure counters are stats, as an HTTP filter's are.
+    server.wait_for_metric(
+        "plugin.pwhost_ats.tcp_filter.failed_by_trap",
+        Instant::now() + Duration::from_secs(10),
+        |line| line == "plugin.pwhost_ats.tcp_filter.failed_by_trap 0",
+    );
     // HTTP traffic goes on beside.
     assert_eq!(get(&server.url("/"), &[]).status, 200);
 }
@@ -1386,6 +1392,38 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
             before,
             "{runtime}: a denied request went upstream"
         );
+        if runtime == engines()[0] {
+            // An upstream that answers with a body that never ends: the plugin gives up at
+            // its 5 s, and Traffic Server stops reading a second later (its client would read
+            // the body into memory for as long as it came: here 25 s, until the test's
+            // records' 30 s active timeout).
+            let endless = Misbehaving::start(Misbehaviour::Endless);
+            let http_call = http_call_yaml(runtime, "", endless.address);
+            std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
+            server.ctl(&["config", "reload"]);
+            // The second reload of this server.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while server
+                .diagnostics()
+                .matches("reloaded the configuration")
+                .count()
+                < 2
+            {
+                assert!(Instant::now() < deadline, "{}", context("not reloaded"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let reply = get(&server.url("/account"), &[]);
+            assert_eq!(reply.status, 503, "{}", context(&reply.body));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while endless.ended() == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}",
+                    context("the endless answer was still being read 5 s after the timeout")
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
 
         // Ticks: every 100 ms, stopped by the plugin after the third.
         std::thread::sleep(Duration::from_millis(800));
@@ -1901,6 +1939,13 @@ fn a_request_is_held_by_one_plugin_at_a_time_and_only_a_fresh_continue_lets_it_g
         ],
     );
     assert_eq!(reply.status, 401, "{}", context(&format!("{reply:?}")));
+    // The 401's body is the callout's answer: the auth server's echo of what it got, without
+    // the marker that tells the plugin's own calls apart (a secret of the process).
+    assert!(
+        reply.body.contains("GET /auth") && !reply.body.contains("x-pwhost-ats-callout"),
+        "{}",
+        context(&reply.body)
+    );
     assert_no_request_since(&origin, requests, context);
     drop(server);
 

@@ -793,6 +793,32 @@ fn a_call_to_an_unreachable_cluster_fails_and_the_plugin_answers_itself() {
 }
 
 #[test]
+fn a_call_whose_answer_never_ends_fails_at_the_timeout_and_is_cut_off() {
+    let origin = Origin::start();
+    let endless = Misbehaving::start(Misbehaviour::Endless);
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("auth", "http_call", "")],
+        &[("auth_cluster", endless.address)],
+    );
+    // The plugin waits 5 s for the answer, then answers itself.
+    let reply = get(&serve.url("/account"), &[]);
+    assert_eq!(reply.status, 503, "{}", serve.log());
+    assert_eq!(reply.body, "auth callout failed\n");
+    // And the upstream's connection is not read any further.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while endless.ended() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the endless answer was still being read 5 s after the timeout\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn http2_clients_without_tls_are_served_through_the_same_chain() {
     let origin = Origin::start();
     let serve = Serve::start(

@@ -1,10 +1,10 @@
 //! Peers that misbehave on purpose, for the fault-injection tests of the `pwhost serve` suite
-//! and the Traffic Server suite (a `#[path]` module of both): upstreams that reset, stall or cut
-//! a response short, and a client sending a chunked body in parts.
+//! and the Traffic Server suite (a `#[path]` module of both): upstreams that reset, stall, cut
+//! a response short or never end it, and a client sending a chunked body in parts.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,12 +18,17 @@ pub enum Misbehaviour {
     Stall,
     /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
     CutMidBody,
+    /// Sends a 200 without a length, then 16 KiB of body every 10 ms for as long as the peer
+    /// keeps the connection (or the upstream stops).
+    Endless,
 }
 
 /// An upstream on 127.0.0.1 treating every connection as its misbehaviour says, until dropped.
 pub struct Misbehaving {
     /// Where it listens.
     pub address: SocketAddr,
+    /// Connections it is done with (the peer went, or the misbehaviour ended).
+    ended: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -38,6 +43,8 @@ impl Misbehaving {
         let address = listener.local_addr().expect("its address");
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
+        let ended = Arc::new(AtomicUsize::new(0));
+        let ending = Arc::clone(&ended);
         let thread = std::thread::spawn(move || {
             let mut connections = Vec::new();
             while !stopped.load(Ordering::Relaxed) {
@@ -47,9 +54,10 @@ impl Misbehaving {
                 };
                 // A thread per connection, so a slow one holds up no other; each ends soon
                 // after the upstream stops, and is joined then.
-                let stopped = Arc::clone(&stopped);
+                let (stopped, ending) = (Arc::clone(&stopped), Arc::clone(&ending));
                 connections.push(std::thread::spawn(move || {
-                    misbehave(stream, misbehaviour, &stopped)
+                    misbehave(stream, misbehaviour, &stopped);
+                    ending.fetch_add(1, Ordering::Relaxed);
                 }));
             }
             for connection in connections {
@@ -58,9 +66,15 @@ impl Misbehaving {
         });
         Misbehaving {
             address,
+            ended,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// How many connections it is done with.
+    pub fn ended(&self) -> usize {
+        self.ended.load(Ordering::Relaxed)
     }
 }
 
@@ -100,6 +114,22 @@ fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour, stopped: &Atomic
             // Long enough for the proxy to have sent the response on its way.
             std::thread::sleep(Duration::from_millis(200));
             reset(stream);
+        }
+        Misbehaviour::Endless => {
+            if stream
+                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
+                .is_err()
+            {
+                return;
+            }
+            let chunk = [b'x'; 16 * 1024];
+            while !stopped.load(Ordering::Relaxed) {
+                if stream.write_all(&chunk).is_err() {
+                    // The peer is gone.
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
