@@ -55,13 +55,21 @@ fn publish() {
         .http_filters()
         .chain(plugins.network_filters())
         .chain(plugins.services());
+    // Plugins of one name (a filter and its companion service, or two unnamed ones) count in
+    // one stat: theirs added up.
+    let mut counters: Vec<(String, i64)> = Vec::new();
     for plugin in every_plugin {
         let name = plugins.config(plugin).display_name();
         for (counter, value) in plugins.counters(plugin).snapshot() {
             let value = i64::try_from(value).unwrap_or(i64::MAX);
-            values.push((format!("plugin.pwhost_ats.{name}.{counter}"), value));
+            let stat = format!("plugin.pwhost_ats.{name}.{counter}");
+            match counters.iter_mut().find(|(known, _)| *known == stat) {
+                Some((_, total)) => *total = total.saturating_add(value),
+                None => counters.push((stat, value)),
+            }
         }
     }
+    values.extend(counters);
     values.extend(
         plugins
             .shared_state()

@@ -185,7 +185,16 @@ impl CodeCache {
                 return None;
             }
         };
-        let bytes = crate::compiled::read_private(&file, MAX_REMOTE_CODE_BYTES)?;
+        let Some(bytes) = crate::compiled::read_private(&file, MAX_REMOTE_CODE_BYTES) else {
+            if std::fs::symlink_metadata(&file).is_ok() {
+                warnings.push(format!(
+                    "the cached code {} is not used: not a regular file of this user's that \
+                     others cannot write, or over {MAX_REMOTE_CODE_BYTES} bytes",
+                    file.display()
+                ));
+            }
+            return None;
+        };
         if sha256_hex(&bytes) != sha256 {
             let _ = std::fs::remove_file(&file);
             return None;
@@ -272,7 +281,7 @@ fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
         return FetchError::CacheMiss {
             uri,
             fetching: true,
-            last_failure: None,
+            last_failure,
         };
     }
     if let Some((_, at)) = &entry.failed {
@@ -299,16 +308,21 @@ fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
                 Err(_) => fetch_failed(&source.sha256, "the fetch panicked".into()),
             }
         });
-    if let Err(error) = &spawned {
-        fetch_failed(
-            &remote.sha256,
-            format!("no thread could be started to fetch it: {error}"),
-        );
-    }
-    FetchError::CacheMiss {
-        uri,
-        fetching: spawned.is_ok(),
-        last_failure,
+    match spawned {
+        Ok(_) => FetchError::CacheMiss {
+            uri,
+            fetching: true,
+            last_failure,
+        },
+        Err(error) => {
+            let reason = format!("no thread could be started to fetch it: {error}");
+            fetch_failed(&remote.sha256, reason.clone());
+            FetchError::CacheMiss {
+                uri,
+                fetching: false,
+                last_failure: Some(reason),
+            }
+        }
     }
 }
 

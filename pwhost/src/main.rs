@@ -325,7 +325,11 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
             runtime_config,
             cache_dir.as_deref(),
         )?;
-        for plugin in plugins.http_filters().chain(plugins.network_filters()) {
+        for plugin in plugins
+            .http_filters()
+            .chain(plugins.network_filters())
+            .chain(plugins.services())
+        {
             let module = plugins.module(plugin);
             warn_of_unenforced_limits(&args.limits, module.runtime_name(), module.capabilities());
         }
@@ -455,6 +459,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     for (index, (runtime, name)) in engines.into_iter().enumerate() {
         // A whole matrix takes minutes (wasmer's LLVM compiler alone takes seconds per module).
         eprintln!("pwhost bench: [{}/{count}] {name}", index + 1);
+        warn_of_unenforced_limits(&args.limits, &name, runtime.capabilities());
         let plugin = args.plugin.load(&*runtime)?;
         pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
         let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
@@ -474,65 +479,40 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
 }
 
 /// With a chain of plugins, what each did (an exchange's own lines then show only the chain's
-/// result).
+/// result), a level deeper.
 fn render_filters(out: &mut String, filters: &[scenario::FilterReport]) {
+    const INDENT: &str = "    ";
     for filter in filters {
         writeln!(out, "  plugin {}", filter.plugin).ok();
-        let actions: Vec<String> = filter
-            .actions
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        writeln!(out, "    actions: {}", actions.join(" ")).ok();
-        for call in &filter.http_calls {
-            writeln!(
-                out,
-                "    http call to {} ({} ms)",
-                call.upstream, call.timeout_ms
-            )
-            .ok();
-        }
-        for call in &filter.grpc_calls {
-            writeln!(
-                out,
-                "    grpc call to {} {}/{}",
-                call.upstream, call.service, call.method
-            )
-            .ok();
-        }
-        for (key, object) in &filter.filter_state {
-            writeln!(
-                out,
-                "    filter state {key} = {:?} ({})",
-                object.value, object.span
-            )
-            .ok();
-        }
+        render_actions(out, INDENT, &filter.actions);
+        render_calls(out, INDENT, &filter.http_calls, &filter.grpc_calls);
+        render_filter_state(out, INDENT, &filter.filter_state);
         if filter.route_cache_clears > 0 {
             writeln!(
                 out,
-                "    route cache cleared {}×",
+                "{INDENT}route cache cleared {}×",
                 filter.route_cache_clears
             )
             .ok();
         }
         if filter.bypassed {
-            writeln!(out, "    BYPASSED: it had failed (fail open)").ok();
+            writeln!(out, "{INDENT}BYPASSED: it had failed (fail open)").ok();
         }
         if let Some(error) = &filter.error {
-            writeln!(out, "    error: {error}").ok();
+            writeln!(out, "{INDENT}error: {error}").ok();
         }
     }
 }
 
 fn render_filter_state(
     out: &mut String,
+    indent: &str,
     filter_state: &std::collections::BTreeMap<String, scenario::FilterStateReport>,
 ) {
     for (key, object) in filter_state {
         writeln!(
             out,
-            "  filter state {key} = {:?} ({})",
+            "{indent}filter state {key} = {:?} ({})",
             object.value, object.span
         )
         .ok();
@@ -541,10 +521,11 @@ fn render_filter_state(
 
 fn render_actions(
     out: &mut String,
+    indent: &str,
     actions: &std::collections::BTreeMap<&'static str, &'static str>,
 ) {
     let actions: Vec<String> = actions.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    writeln!(out, "  actions: {}", actions.join(" ")).ok();
+    writeln!(out, "{indent}actions: {}", actions.join(" ")).ok();
 }
 
 /// One direction of an exchange: headers, body and trailers, each line marked `>` or `<`.
@@ -567,11 +548,11 @@ fn render_message(
 }
 
 /// The HTTP and gRPC calls an exchange or connection made.
-fn render_calls(out: &mut String, http: &[HttpCallReport], grpc: &[GrpcCallReport]) {
+fn render_calls(out: &mut String, indent: &str, http: &[HttpCallReport], grpc: &[GrpcCallReport]) {
     for call in http {
         writeln!(
             out,
-            "  http call to {} ({} ms)",
+            "{indent}http call to {} ({} ms)",
             call.upstream, call.timeout_ms
         )
         .ok();
@@ -579,7 +560,7 @@ fn render_calls(out: &mut String, http: &[HttpCallReport], grpc: &[GrpcCallRepor
     for call in grpc {
         writeln!(
             out,
-            "  grpc call to {} {}/{}",
+            "{indent}grpc call to {} {}/{}",
             call.upstream, call.service, call.method
         )
         .ok();
@@ -619,7 +600,7 @@ fn render_text(report: &Report) -> String {
     }
     for (i, http) in report.http.iter().enumerate() {
         writeln!(out, "\nHTTP exchange {}", i + 1).ok();
-        render_actions(out, &http.actions);
+        render_actions(out, "  ", &http.actions);
         render_message(
             out,
             ">",
@@ -642,8 +623,8 @@ fn render_text(report: &Report) -> String {
             }
             .ok();
         }
-        render_calls(out, &http.http_calls, &http.grpc_calls);
-        render_filter_state(out, &http.filter_state);
+        render_calls(out, "  ", &http.http_calls, &http.grpc_calls);
+        render_filter_state(out, "  ", &http.filter_state);
         render_filters(out, &http.filters);
         if http.route_cache_clears > 0 {
             writeln!(out, "  route cache cleared {}×", http.route_cache_clears).ok();
@@ -664,7 +645,7 @@ fn render_text(report: &Report) -> String {
     }
     for (i, tcp) in report.tcp.iter().enumerate() {
         writeln!(out, "\nTCP connection {}", i + 1).ok();
-        render_actions(out, &tcp.actions);
+        render_actions(out, "  ", &tcp.actions);
         writeln!(out, "  > upstream received: {:?}", tcp.upstream_received).ok();
         writeln!(
             out,
@@ -672,8 +653,8 @@ fn render_text(report: &Report) -> String {
             tcp.downstream_received
         )
         .ok();
-        render_calls(out, &tcp.http_calls, &tcp.grpc_calls);
-        render_filter_state(out, &tcp.filter_state);
+        render_calls(out, "  ", &tcp.http_calls, &tcp.grpc_calls);
+        render_filter_state(out, "  ", &tcp.filter_state);
         render_filters(out, &tcp.filters);
         if tcp.closed {
             writeln!(

@@ -184,6 +184,10 @@ fn bad_inputs_fail_with_one_line_errors() {
             "http: [{delay_ms: 60000}]\n",
             "delay_ms must be from 0 to 10000",
         ),
+        (
+            "tcp: [{ticks_after: 4294967295}]\n",
+            "a tick count must be from 0 to 100000",
+        ),
     ] {
         std::fs::write(&bad_scenario, text).unwrap();
         assert_one_line_error(

@@ -219,6 +219,9 @@ impl Reloader {
             match plan {
                 Plan::Keep(position, plugins) => {
                     let (name, listener) = &in_force[position];
+                    for warning in plugins.warnings() {
+                        tracing::warn!(listener = %name, "{warning}");
+                    }
                     listener.live.replace(plugins);
                     listeners.push((name.clone(), Arc::clone(listener)));
                 }

@@ -229,9 +229,9 @@ fn miss_once_fetched(source: &RemoteCode, cache: &CodeCache) -> FetchError {
 #[test]
 fn nack_on_code_cache_miss_fetches_once_at_a_time_and_says_why_a_fetch_failed() {
     let code = code("nack-failing");
-    // Code that is not the configured code, after 300 ms.
+    // Code that is not the configured code, after 1 s (the three loads below come before).
     let server = TestServer::start(vec![Answer {
-        delay: Duration::from_millis(300),
+        delay: Duration::from_secs(1),
         ..ok(b"something else")
     }]);
     let source = remote(&server.url, &code);
@@ -314,7 +314,12 @@ fn a_cache_file_that_is_a_fifo_or_a_link_is_not_read_and_a_shared_directory_is_n
     let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    assert!(cache.get(&sha256).is_none());
+    let mut warnings = Vec::new();
+    assert!(cache.lookup(&sha256, &mut warnings).is_none());
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("is not used: not a regular file"),
+        "{warnings:?}"
+    );
     // A link to a file with the right code is not followed.
     std::fs::remove_file(&file).unwrap();
     let elsewhere = directory.path().join("elsewhere");

@@ -260,6 +260,28 @@ fn a_refused_configuration_update_leaves_the_running_service_its_queue() {
     );
 }
 
+/// The one service of `yaml`, started with `ticking`; what `look` finds on the service's
+/// thread after each callback that did not fail comes through the receiver.
+fn spawn_watched<T: Send + 'static>(
+    yaml: &str,
+    ticking: Ticking,
+    look: impl Fn() -> T + Send + 'static,
+) -> (SingletonService, mpsc::Receiver<T>) {
+    let plugins = Arc::new(load(yaml).expect("loads"));
+    let (seen, watched) = mpsc::channel();
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        ticking,
+        Box::new(move |_| {
+            let _ = seen.send(look());
+        }),
+    )
+    .expect("starts");
+    (service, watched)
+}
+
 /// The CPU time (user and system, in clock ticks) the thread at `task` (`/proc/<pid>/task/<tid>`)
 /// has used.
 #[cfg(target_os = "linux")]
@@ -281,19 +303,9 @@ fn a_service_that_failed_with_its_clock_ticking_waits_without_spinning() {
         r#"'{"name": "svc", "tick_ms": 5, "panic_at_tick": 2}'"#,
         "rust/chain_probe.wasm",
     );
-    let plugins = Arc::new(load(&yaml).expect("loads"));
-    let (thread, service_thread) = mpsc::channel();
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
-        Box::new(InMemoryHost::new()),
-        Ticking::Clock,
-        // Runs on the service's thread after each callback that did not fail.
-        Box::new(move |_| {
-            let _ = thread.send(std::fs::read_link("/proc/thread-self"));
-        }),
-    )
-    .expect("starts");
+    let (service, service_thread) = spawn_watched(&yaml, Ticking::Clock, || {
+        std::fs::read_link("/proc/thread-self")
+    });
     let task = service_thread
         .recv_timeout(Duration::from_secs(10))
         .expect("a first tick")
@@ -325,18 +337,9 @@ fn a_service_named_with_a_nul_byte_starts() {
         r#"'{"name": "svc", "tick_ms": 60000}'"#,
         "rust/chain_probe.wasm",
     );
-    let plugins = Arc::new(load(&yaml).expect("loads"));
-    let (thread, service_thread) = mpsc::channel();
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
-        Box::new(InMemoryHost::new()),
-        Ticking::Manual,
-        Box::new(move |_| {
-            let _ = thread.send(std::thread::current().name().map(str::to_string));
-        }),
-    )
-    .expect("starts");
+    let (service, service_thread) = spawn_watched(&yaml, Ticking::Manual, || {
+        std::thread::current().name().map(str::to_string)
+    });
     service.tick();
     let name = service_thread
         .recv_timeout(Duration::from_secs(10))

@@ -228,8 +228,8 @@ pub struct TcpConnection {
     #[serde(default)]
     pub grpc_call_responses: Vec<GrpcResponse>,
     /// Timer ticks delivered to the connection's VM after it ends, while its root context has a
-    /// tick period.
-    #[serde(default)]
+    /// tick period; at most [`MAX_TICKS`].
+    #[serde(default, deserialize_with = "tick_count")]
     pub ticks_after: u32,
     /// The upstream cluster the connection goes to (`xds.cluster_name`, as Envoy's TCP proxy
     /// reports it); none: `NOT_FOUND`.
