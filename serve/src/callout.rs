@@ -169,7 +169,18 @@ async fn send(
         session.write_request_body(body, true).await.ok()?;
     }
     session.finish_request_body().await.ok()?;
-    session.read_response_header().await.ok()?;
+    // Interim answers (100 Continue, 103 Early Hints) come before the answer: skipped, as a
+    // proxy does (reading a body after one would panic in Pingora, whose body reader starts
+    // only with the final answer). A 101 (a switch of protocols nobody asked for) fails the
+    // call.
+    loop {
+        session.read_response_header().await.ok()?;
+        match session.response_header()?.status.as_u16() {
+            101 => return None,
+            100..=199 => continue,
+            _ => break,
+        }
+    }
     let mut headers = HeaderMap::new();
     let response = session.response_header()?;
     headers.add(b":status", response.status.as_str().as_bytes());
