@@ -532,7 +532,8 @@ fn deliver(cont: sys::TSCont, callout: &mut Callout) {
             if found {
                 return;
             }
-            worker.for_each_copy(|_, vm, _| {
+            let mut failed = None;
+            worker.for_each_copy(|_, vm, roots| {
                 if found {
                     return;
                 }
@@ -549,9 +550,14 @@ fn deliver(cont: sys::TSCont, callout: &mut Callout) {
                 };
                 if let Err(error) = result {
                     diag::error(&format!("proxy_on_http_call_response: {error}"));
+                    failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                 }
                 crate::transaction::pending_in(vm, &mut pending);
             });
+            // Counted by its cause, and its policy's clock started, as a tick's failure is.
+            if let Some((plugin, error)) = failed {
+                worker.root_failed(plugin, &error);
+            }
         });
         pending
     });

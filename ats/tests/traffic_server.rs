@@ -1423,6 +1423,30 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
+
+            // A trap in the plugin's answer callback fails the request closed and is counted
+            // by its cause.
+            let panicking = Origin::answering_with(&[("x-panic", "1")]);
+            let http_call = http_call_yaml(runtime, "", panicking.address);
+            std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
+            server.ctl(&["config", "reload"]);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while server
+                .diagnostics()
+                .matches("reloaded the configuration")
+                .count()
+                < 3
+            {
+                assert!(Instant::now() < deadline, "{}", context("not reloaded"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let reply = get(&server.url("/account"), &[]);
+            assert_eq!(reply.status, 503, "{}", context(&reply.body));
+            server.wait_for_metric(
+                "plugin.pwhost_ats.http_call.failed_by_trap",
+                Instant::now() + Duration::from_secs(10),
+                |line| line == "plugin.pwhost_ats.http_call.failed_by_trap 1",
+            );
         }
 
         // Ticks: every 100 ms, stopped by the plugin after the third.

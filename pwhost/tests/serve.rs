@@ -793,6 +793,29 @@ fn a_call_to_an_unreachable_cluster_fails_and_the_plugin_answers_itself() {
 }
 
 #[test]
+fn a_trap_in_a_calls_answer_fails_the_stream_and_is_counted_by_its_cause() {
+    let origin = Origin::start();
+    let auth = Origin::answering_with(&[("x-panic", "1")]);
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("auth", "http_call", "")],
+        &[("auth_cluster", auth.address)],
+    );
+    // FAIL_CLOSED: the held request gets a 503.
+    assert_eq!(
+        get(&serve.url("/account"), &[]).status,
+        503,
+        "{}",
+        serve.log()
+    );
+    serve.wait_for_samples(&[(
+        "pwhost_plugin_streams_total{listener=\"main\",plugin=\"auth\",outcome=\"failed_by_trap\"}",
+        1.0,
+    )]);
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn a_call_answered_after_an_interim_answer_gets_the_final_one() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin = Origin::start();

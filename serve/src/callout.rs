@@ -263,7 +263,8 @@ fn deliver_here(
     let delivered = with_existing_workers(listener, |workers| {
         let mut found = false;
         workers.for_each_worker(|_, worker| {
-            worker.for_each_copy(|_, vm, _| {
+            let mut failed = None;
+            worker.for_each_copy(|_, vm, roots| {
                 if found {
                     return;
                 }
@@ -285,8 +286,13 @@ fn deliver_here(
                     if let Some(host) = vm.host_as::<ServeHost>() {
                         host.wake_all();
                     }
+                    failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                 }
             });
+            // Counted by its cause, and its policy's clock started, as a tick's failure is.
+            if let Some((plugin, error)) = failed {
+                worker.root_failed(plugin, &error);
+            }
         });
         found
     });

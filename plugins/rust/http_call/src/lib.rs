@@ -11,7 +11,8 @@
 //!   answers 503 `auth callout failed` without reading them.
 //!
 //! Logs `dispatched http call: token {token}` and `http call response: token {token}, body
-//! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally.
+//! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally. An
+//! answer carrying header `x-panic` makes the plugin panic (a trap in its answer callback).
 //!
 //! With request header `x-check-body` the call checks the request body instead: the headers
 //! go on, the body is buffered (StopIterationAndBuffer) until `end_of_stream`, then sent as
@@ -263,6 +264,9 @@ impl Context for HttpCall {
             info!("http call failed: token {}", token_id);
             self.send_http_response(503, vec![], Some(b"auth callout failed\n"));
             return;
+        }
+        if let Some(value) = self.get_http_call_response_header("x-panic") {
+            panic!("the call's answer asked for a panic: {}", value);
         }
         let user = self.get_http_call_response_header("x-auth-user");
         let body = self
