@@ -31,10 +31,16 @@ const MAX_SOURCE_BYTES: usize = 1024;
 const MAX_NESTING: usize = 32;
 /// ... and the compiled expression is at most this deep (the evaluator's recursion).
 const MAX_DEPTH: usize = 64;
-/// Comprehensions (`all`, `exists`, `map`, `filter`) nest at most this deep: each multiplies
-/// the work of the ones inside it, and an evaluation runs in a host function, out of reach of
-/// the engine's deadline. Two levels over lists of a 1 KiB source stay within milliseconds.
-const MAX_COMPREHENSION_NESTING: usize = 2;
+/// Comprehensions (`all`, `exists`, `map`, `filter`) are refused, as Envoy's own CEL filters
+/// refuse them: an evaluation runs in a host function, out of reach of the engine's deadline,
+/// and a comprehension multiplies the work (and, with `map`, the memory) of what it runs for
+/// every element. Even one level over a list of a 1 KiB source, running a chain of `+` over a
+/// large value, built gigabytes.
+const MAX_COMPREHENSION_NESTING: usize = 0;
+/// A string or bytes value an expression reads (an attribute, or a property the plugin set) is
+/// at most this long: `+` copies its operands, so a chain of them over a value the plugin made
+/// as large as it liked would take the proxy's memory (63 copies of a 256 MiB property).
+const MAX_VALUE_BYTES: usize = 64 << 10;
 
 /// The expressions a VM's root context compiled, by token.
 #[derive(Default)]
@@ -171,6 +177,9 @@ fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> 
     let mut context = cel::Context::default();
     for name in program.references().variables() {
         if let Some(value) = variable(call, name) {
+            if too_large(&value) {
+                return Err(Status::InternalFailure);
+            }
             context.add_variable_from_value(name, to_cel(value));
         }
     }
@@ -178,6 +187,20 @@ fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> 
         .execute(&context)
         .map_err(|_| Status::InternalFailure)?;
     from_cel(&result)?.encode()
+}
+
+/// Whether `value` holds a string or bytes longer than [`MAX_VALUE_BYTES`].
+fn too_large(value: &Value<'_>) -> bool {
+    match value {
+        Value::String(bytes) | Value::Bytes(bytes) | Value::Message(bytes) => {
+            bytes.len() > MAX_VALUE_BYTES
+        }
+        Value::Map(entries) => entries
+            .iter()
+            .any(|(key, value)| key.len() > MAX_VALUE_BYTES || too_large(value)),
+        Value::List(items) => items.iter().any(too_large),
+        _ => false,
+    }
 }
 
 /// `expr_delete(token)`: always `OK` for a well-formed token, known or not.
@@ -335,10 +358,10 @@ mod tests {
         assert!(!too_deep(r"'it\'s (((' + 'x'"));
     }
 
-    /// Comprehensions nested deeper than two would multiply the work past any deadline
-    /// (ten elements nested seven deep took seconds), so they are refused.
+    /// A comprehension multiplies the work (and memory) of what it runs per element past any
+    /// deadline, so none is accepted; the rest of the language is.
     #[test]
-    fn comprehensions_nest_at_most_twice() {
+    fn comprehensions_are_refused() {
         let nested = |levels: usize| {
             let mut source = "true".to_string();
             for level in 0..levels {
@@ -346,9 +369,41 @@ mod tests {
             }
             cel::Program::compile(&source).unwrap()
         };
+        assert_eq!(shape(nested(1).expression()).1, 1);
         assert_eq!(shape(nested(2).expression()).1, 2);
-        assert_eq!(shape(nested(3).expression()).1, 3);
-        assert!(!too_complex(nested(2).expression()));
-        assert!(too_complex(nested(3).expression()));
+        assert!(!too_complex(nested(0).expression()));
+        assert!(too_complex(nested(1).expression()));
+        for source in [
+            "[1].exists(x, x > 0)",
+            "[1].map(x, x + 1)",
+            "[1].filter(x, x > 0)",
+        ] {
+            let program = cel::Program::compile(source).unwrap();
+            assert!(too_complex(program.expression()), "{source}");
+        }
+        let plain = cel::Program::compile("size('abc') + 1 == 4 && 'a' in {'a': 1}").unwrap();
+        assert!(!too_complex(plain.expression()));
+    }
+
+    #[test]
+    fn values_over_64_kib_are_too_large_for_an_expression_wherever_they_are() {
+        let big = || Cow::Owned(vec![b'x'; MAX_VALUE_BYTES + 1]);
+        let fits = || Cow::Owned(vec![b'x'; MAX_VALUE_BYTES]);
+        assert!(!too_large(&Value::Bytes(fits())));
+        assert!(too_large(&Value::Bytes(big())));
+        assert!(too_large(&Value::String(big())));
+        assert!(too_large(&Value::List(vec![
+            Value::Int(1),
+            Value::Bytes(big())
+        ])));
+        assert!(too_large(&Value::Map(vec![(
+            Cow::Borrowed(&b"k"[..]),
+            Value::String(big())
+        )])));
+        assert!(too_large(&Value::Map(vec![(big(), Value::Int(1))])));
+        assert!(!too_large(&Value::Map(vec![(
+            fits(),
+            Value::String(fits())
+        )])));
     }
 }
