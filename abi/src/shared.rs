@@ -285,6 +285,13 @@ const METRIC_TYPE_MASK: u32 = 3;
 /// limit, which no memory cap on the plugin sees.
 const MAX_METRIC_IDS: usize = 1 << 20;
 
+/// How many metrics (distinct names) the process keeps: a plugin defining new names in a loop
+/// gets `INTERNAL_FAILURE` past it rather than growing the host's memory, and every scrape.
+pub const MAX_METRICS: usize = 1 << 16;
+
+/// The longest metric name (Envoy's stat names with their tags stay far below it).
+pub const MAX_METRIC_NAME_BYTES: usize = 4096;
+
 impl MetricRegistry {
     fn get_mut(&mut self, id: u32) -> Option<&mut Metric> {
         let index = *self.by_id.get(&id)?;
@@ -480,12 +487,17 @@ impl SharedState {
     }
 
     /// Defines a metric and returns a new id for it; a name defined before with the same type
-    /// is the same metric.
-    pub fn define_metric(&self, metric_type: MetricType, name: &str) -> u32 {
+    /// is the same metric. A name over [`MAX_METRIC_NAME_BYTES`] is `BAD_ARGUMENT`, a new one
+    /// past [`MAX_METRICS`] `INTERNAL_FAILURE`.
+    pub fn define_metric(&self, metric_type: MetricType, name: &str) -> Result<u32, Status> {
+        if name.len() > MAX_METRIC_NAME_BYTES {
+            return Err(Status::BadArgument);
+        }
         let mut registry = self.metrics();
         let key = (metric_type, name.to_string());
         let index = match registry.by_name.get(&key) {
             Some(index) => *index,
+            None if registry.metrics.len() >= MAX_METRICS => return Err(Status::InternalFailure),
             None => {
                 registry.metrics.push(Metric {
                     name: name.to_string(),
@@ -500,7 +512,7 @@ impl SharedState {
         };
         if registry.by_id.len() >= MAX_METRIC_IDS {
             if let Some(&id) = registry.last_id.get(&index) {
-                return id;
+                return Ok(id);
             }
         }
         let kind = metric_type as u32;
@@ -509,7 +521,7 @@ impl SharedState {
         let id = (*defined << 2) | kind;
         registry.by_id.insert(id, index);
         registry.last_id.insert(index, id);
-        id
+        Ok(id)
     }
 
     /// Adds `offset` to a counter or gauge, as Envoy: a counter only goes up (an offset of 0 or
@@ -579,7 +591,9 @@ mod tests {
     #[test]
     fn a_histogram_keeps_its_distribution_in_constant_space() {
         let shared = SharedState::new();
-        let id = shared.define_metric(MetricType::Histogram, "latency_ms");
+        let id = shared
+            .define_metric(MetricType::Histogram, "latency_ms")
+            .unwrap();
         for value in 0..100_000u64 {
             assert_eq!(shared.record_metric(id, value % 100), Status::Ok);
         }
@@ -773,10 +787,14 @@ mod tests {
     #[test]
     fn a_plugin_defining_a_metric_in_a_loop_gets_a_bounded_number_of_ids() {
         let shared = SharedState::new();
-        let first = shared.define_metric(MetricType::Counter, "requests");
+        let first = shared
+            .define_metric(MetricType::Counter, "requests")
+            .unwrap();
         let mut last = first;
         for _ in 1..MAX_METRIC_IDS {
-            last = shared.define_metric(MetricType::Counter, "requests");
+            last = shared
+                .define_metric(MetricType::Counter, "requests")
+                .unwrap();
         }
         assert_ne!(
             last, first,
@@ -784,7 +802,12 @@ mod tests {
         );
         // The table is full: the metric's last id again, and the table stays as it is.
         for _ in 0..5 {
-            assert_eq!(shared.define_metric(MetricType::Counter, "requests"), last);
+            assert_eq!(
+                shared
+                    .define_metric(MetricType::Counter, "requests")
+                    .unwrap(),
+                last
+            );
         }
         assert_eq!(shared.metrics().by_id.len(), MAX_METRIC_IDS);
         assert_eq!(shared.increment_metric(last, 2), Status::Ok);
@@ -794,17 +817,43 @@ mod tests {
             "every id is the one metric"
         );
         // A metric never defined before still gets an id of its own.
-        let other = shared.define_metric(MetricType::Gauge, "level");
+        let other = shared.define_metric(MetricType::Gauge, "level").unwrap();
         assert_eq!(shared.record_metric(other, 9), Status::Ok);
         assert_eq!(shared.metric_value(other), Ok(9));
     }
 
     #[test]
+    fn a_plugin_defining_new_metric_names_in_a_loop_is_refused_past_the_limit() {
+        let shared = SharedState::new();
+        for index in 0..MAX_METRICS {
+            shared
+                .define_metric(MetricType::Counter, &format!("m{index}"))
+                .unwrap();
+        }
+        assert_eq!(
+            shared.define_metric(MetricType::Counter, "one more"),
+            Err(Status::InternalFailure)
+        );
+        // A metric defined before is still defined again.
+        assert!(shared.define_metric(MetricType::Counter, "m7").is_ok());
+        assert_eq!(shared.metrics().metrics.len(), MAX_METRICS);
+        let long = "x".repeat(MAX_METRIC_NAME_BYTES + 1);
+        assert_eq!(
+            SharedState::new().define_metric(MetricType::Gauge, &long),
+            Err(Status::BadArgument)
+        );
+    }
+
+    #[test]
     fn metrics_follow_envoys_ids_and_rules() {
         let shared = SharedState::new();
-        let counter = shared.define_metric(MetricType::Counter, "requests");
+        let counter = shared
+            .define_metric(MetricType::Counter, "requests")
+            .unwrap();
         assert_eq!(counter, 4, "Envoy's first counter id");
-        let again = shared.define_metric(MetricType::Counter, "requests");
+        let again = shared
+            .define_metric(MetricType::Counter, "requests")
+            .unwrap();
         assert_ne!(again, counter, "a new id for every definition, as in Envoy");
         assert_eq!(shared.increment_metric(again, 1), Status::Ok);
         assert_eq!(shared.metric_value(counter), Ok(1), "the same metric");
@@ -814,12 +863,14 @@ mod tests {
         assert_eq!(shared.increment_metric(counter, 0), Status::BadArgument);
         assert_eq!(shared.record_metric(counter, 3), Status::Ok, "adds");
         assert_eq!(shared.metric_value(counter), Ok(7));
-        let gauge = shared.define_metric(MetricType::Gauge, "level");
+        let gauge = shared.define_metric(MetricType::Gauge, "level").unwrap();
         assert_eq!(shared.record_metric(gauge, 10), Status::Ok);
         assert_eq!(shared.increment_metric(gauge, -3), Status::Ok);
         assert_eq!(shared.increment_metric(gauge, 0), Status::Ok);
         assert_eq!(shared.metric_value(gauge), Ok(7));
-        let histogram = shared.define_metric(MetricType::Histogram, "latency");
+        let histogram = shared
+            .define_metric(MetricType::Histogram, "latency")
+            .unwrap();
         assert_eq!(shared.record_metric(histogram, 12), Status::Ok);
         assert_eq!(shared.increment_metric(histogram, 1), Status::BadArgument);
         assert_eq!(shared.metric_value(histogram), Err(Status::BadArgument));

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runtime_api::GuestFunction;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::callbacks::Callback;
 use crate::filter_state::PropertyDeclaration;
@@ -128,6 +128,9 @@ pub struct VmState {
     pub(crate) queue_owner: QueueOwner,
     /// Which root context made each pending HTTP or gRPC call, by token: answers go there.
     pub(crate) callout_roots: FxHashMap<u32, ContextId>,
+    /// The pending calls of `callout_roots` that are unary gRPC calls: closing one cancels it,
+    /// and no callback comes.
+    pub(crate) unary_grpc_calls: FxHashSet<u32>,
     /// Arguments of the foreign function call being delivered (`CallData` buffer).
     pub(crate) call_data: Option<Vec<u8>>,
     /// gRPC initial metadata being delivered (map type 4).
@@ -173,6 +176,7 @@ impl VmState {
             pending_done: Vec::new(),
             queue_owner,
             callout_roots: FxHashMap::default(),
+            unary_grpc_calls: FxHashSet::default(),
             call_data: None,
             grpc_initial_metadata: None,
             grpc_trailing_metadata: None,

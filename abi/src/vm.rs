@@ -935,7 +935,9 @@ impl Vm {
     /// [`Vm::on_grpc_receive`]) and forgets the call: a unary call ends with its reply.
     pub fn on_grpc_call_reply(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
         let result = self.on_grpc_receive(token, message);
-        self.instance.state().callout_roots.remove(&token);
+        let state = self.instance.state();
+        state.callout_roots.remove(&token);
+        state.unary_grpc_calls.remove(&token);
         result
     }
 
@@ -965,7 +967,9 @@ impl Vm {
         self.set_status(root, (status_code, message));
         let result = self.grpc_callback(Callback::GrpcClose, token, u64::from(status_code));
         self.clear_status_message(root);
-        self.instance.state().callout_roots.remove(&token);
+        let state = self.instance.state();
+        state.callout_roots.remove(&token);
+        state.unary_grpc_calls.remove(&token);
         result
     }
 

@@ -82,6 +82,7 @@ pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     let root = state.effective_root();
     let token = state.host.grpc_call(root, request)?;
     state.callout_roots.insert(token, root);
+    state.unary_grpc_calls.insert(token);
     write_u32(caller, args[11], token)
 }
 
@@ -117,15 +118,22 @@ pub(super) fn grpc_cancel(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Hos
     let status = state.host.grpc_cancel(root, token);
     if status == Status::Ok {
         state.callout_roots.remove(&token);
+        state.unary_grpc_calls.remove(&token);
     }
     check(status)
 }
 
-/// `proxy_grpc_close(token)`.
+/// `proxy_grpc_close(token)`: a stream is half-closed (its close callback comes later); a unary
+/// call is cancelled, no callback comes, and it is forgotten.
 pub(super) fn grpc_close(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    check(state.host.grpc_close(root, args[0] as u32))
+    let token = args[0] as u32;
+    let status = state.host.grpc_close(root, token);
+    if status == Status::Ok && state.unary_grpc_calls.remove(&token) {
+        state.callout_roots.remove(&token);
+    }
+    check(status)
 }
 
 /// `proxy_get_status(return_code, return_message_data, return_message_size)`: always `OK`, with

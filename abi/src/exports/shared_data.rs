@@ -95,10 +95,14 @@ pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
 /// `proxy_define_metric(metric_type, name_data, name_size, return_metric_id)`.
 pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let metric_type = MetricType::from_raw(args[0]).ok_or(Status::BadArgument)?;
+    // Refused before the name is copied out of the guest.
+    if args[2] > crate::shared::MAX_METRIC_NAME_BYTES as u64 {
+        return Err(Status::BadArgument.into());
+    }
     let (state, mut memory) = caller.state_and_memory();
     let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
     memory.slice_mut(args[3], 4)?;
-    let id = state.shared.define_metric(metric_type, &name);
+    let id = state.shared.define_metric(metric_type, &name)?;
     memory.write_u32(args[3], id)?;
     Ok(())
 }
