@@ -53,13 +53,14 @@ pub enum PropertyType {
     String,
     /// A FlatBuffers table; the schema is its binary reflection schema.
     FlatBuffers {
-        /// The `.bfbs` schema.
-        schema: Vec<u8>,
+        /// The `.bfbs` schema (shared, not copied, by every stream's object of the property: a
+        /// schema may be large).
+        schema: std::sync::Arc<[u8]>,
     },
     /// A protobuf message; the schema is its type URL.
     Protobuf {
         /// e.g. `type.googleapis.com/my.Message`.
-        type_url: Vec<u8>,
+        type_url: std::sync::Arc<[u8]>,
     },
 }
 
@@ -69,8 +70,12 @@ impl PropertyType {
     pub fn from_proto(value: i32, schema: Vec<u8>) -> Self {
         match value {
             1 => PropertyType::String,
-            2 => PropertyType::FlatBuffers { schema },
-            3 => PropertyType::Protobuf { type_url: schema },
+            2 => PropertyType::FlatBuffers {
+                schema: schema.into(),
+            },
+            3 => PropertyType::Protobuf {
+                type_url: schema.into(),
+            },
             _ => PropertyType::Bytes,
         }
     }
