@@ -26,6 +26,12 @@ use crate::proxy::ClusterState;
 use crate::routing::SharedRouting;
 use crate::worker::Listener;
 
+/// The most HTTP and gRPC calls and streams one VM copy may have open at once (Envoy's default
+/// circuit breaker for a cluster's requests): past it a call fails at once with
+/// `INTERNAL_FAILURE`, as Envoy fails one its circuit breaker refuses, rather than open
+/// connections and buffer answers without end.
+const MAX_OPEN_CALLS: usize = 1024;
+
 /// A stream's place in a VM copy's host, for one plugin.
 pub(crate) struct StreamSlot {
     /// The plugin's name, for its logs.
@@ -87,6 +93,22 @@ pub(crate) struct ServeHost {
 }
 
 impl ServeHost {
+    /// `Ok` while the copy has fewer than [`MAX_OPEN_CALLS`] calls open.
+    fn room_for_a_call(&self) -> Result<(), Status> {
+        if self.callouts.len() < MAX_OPEN_CALLS {
+            return Ok(());
+        }
+        // Once per process: a plugin calling in a loop would flood the log.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "a plugin has {MAX_OPEN_CALLS} HTTP or gRPC calls open: more are refused \
+                 (INTERNAL_FAILURE)"
+            )
+        });
+        Err(Status::InternalFailure)
+    }
+
     /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
         let routing = Arc::clone(&listener.routing);
@@ -254,6 +276,7 @@ impl Host for ServeHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
+        self.room_for_a_call()?;
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let token = callout::dispatch(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
@@ -261,6 +284,7 @@ impl Host for ServeHost {
     }
 
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        self.room_for_a_call()?;
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task) = grpc::call(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
@@ -269,6 +293,7 @@ impl Host for ServeHost {
     }
 
     fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
+        self.room_for_a_call()?;
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task, sender) = grpc::open(caller, &cluster, request)?;
         self.callouts.insert(token);
