@@ -85,15 +85,15 @@ fn service_runtime() -> Result<tokio::runtime::Handle, Status> {
         .ok_or(Status::InternalFailure)
 }
 
-/// Starts `request` to `cluster` for `caller`; returns its token. The request is checked
-/// here: a method, path or header that is not valid HTTP (CR, LF, NUL included) is refused
-/// with `BAD_ARGUMENT`.
+/// Starts `request` to `cluster` for `caller`; returns its token and its task (ended with the
+/// copy that made the call). The request is checked here: a method, path or header that is
+/// not valid HTTP (CR, LF, NUL included) is refused with `BAD_ARGUMENT`.
 pub(crate) fn dispatch(
     caller: &Caller,
     cluster: &Arc<ClusterState>,
     request: HttpCallRequest,
     metrics: &Arc<HostMetrics>,
-) -> Result<u32, Status> {
+) -> Result<(u32, tokio::task::AbortHandle), Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
     let runtime = caller.runtime()?;
     let token = next_token();
@@ -101,7 +101,7 @@ pub(crate) fn dispatch(
     let started = Instant::now();
     let body = Bytes::from(request.body);
     let timeout = request.timeout;
-    runtime.spawn(async move {
+    let task = runtime.spawn(async move {
         let call = send(&cluster, header, body);
         let answer = if timeout.is_zero() {
             call.await
@@ -115,7 +115,7 @@ pub(crate) fn dispatch(
         })
         .await;
     });
-    Ok(token)
+    Ok((token, task.abort_handle()))
 }
 
 /// A new token for a call from this thread.
@@ -285,6 +285,11 @@ fn deliver_here(
                     tracing::error!("a call's answer failed in the plugin: {error}");
                     if let Some(host) = vm.host_as::<ServeHost>() {
                         host.wake_all();
+                    }
+                    if vm.is_failed() {
+                        if let Some(host) = vm.host_as::<ServeHost>() {
+                            host.abandon_calls();
+                        }
                     }
                     failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                 }

@@ -81,6 +81,8 @@ pub(crate) struct ServeHost {
     pub(crate) callouts: FxHashSet<u32>,
     /// The tasks of its gRPC calls and streams, by token (cancelled with them).
     grpc_tasks: FxHashMap<u32, AbortHandle>,
+    /// The tasks of its HTTP calls, by token (ended with the copy).
+    http_tasks: FxHashMap<u32, AbortHandle>,
     /// Its open gRPC streams, by token, with where their messages go until they are
     /// half-closed (`None` after).
     grpc_senders: FxHashMap<u32, Option<grpc::StreamSender>>,
@@ -144,6 +146,7 @@ impl ServeHost {
             owner,
             callouts: FxHashSet::default(),
             grpc_tasks: FxHashMap::default(),
+            http_tasks: FxHashMap::default(),
             grpc_senders: FxHashMap::default(),
             streams: FxHashMap::default(),
             roots: FxHashMap::default(),
@@ -165,9 +168,22 @@ impl ServeHost {
     pub(crate) fn forget_call(&mut self, token: u32) {
         self.callouts.remove(&token);
         self.grpc_senders.remove(&token);
+        self.http_tasks.remove(&token);
         if let Some(task) = self.grpc_tasks.remove(&token) {
             task.abort();
         }
+    }
+
+    /// Ends every call of a copy whose VM failed: their answers could only fail again (and a
+    /// gRPC stream would keep its upstream, and log, for as long as the upstream sends).
+    pub(crate) fn abandon_calls(&mut self) {
+        for task in self.grpc_tasks.values().chain(self.http_tasks.values()) {
+            task.abort();
+        }
+        self.grpc_tasks.clear();
+        self.http_tasks.clear();
+        self.grpc_senders.clear();
+        self.callouts.clear();
     }
 
     /// The cluster a call from this copy names, checked.
@@ -278,8 +294,9 @@ impl Host for ServeHost {
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
         self.room_for_a_call()?;
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let token = callout::dispatch(caller, &cluster, request, &self.metrics)?;
+        let (token, task) = callout::dispatch(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
+        self.http_tasks.insert(token, task);
         Ok(token)
     }
 
@@ -353,7 +370,7 @@ impl Host for ServeHost {
 impl Drop for ServeHost {
     fn drop(&mut self) {
         // A copy that goes (replaced, failed) takes its calls with it.
-        for task in self.grpc_tasks.values() {
+        for task in self.grpc_tasks.values().chain(self.http_tasks.values()) {
             task.abort();
         }
         self.metrics.vm_copies.get_or_create(&self.owner).dec();
