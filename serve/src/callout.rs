@@ -235,7 +235,13 @@ pub(crate) async fn deliver(
                 tracing::warn!(token, "a call's answer found its service never started");
                 return;
             };
+            // Signalled once the service ran the delivery (or dropped it, stopped): a stream's
+            // task reads its next message only then, so an upstream sending faster than the
+            // service takes its messages is held back by HTTP/2's flow control rather than
+            // queued in the service's inbox without end.
+            let (processed, waited) = tokio::sync::oneshot::channel::<()>();
             inbox.post(Box::new(move |vm| {
+                let _processed = processed;
                 let Some(host) = vm.host_as::<ServeHost>() else {
                     return Ok(());
                 };
@@ -247,6 +253,7 @@ pub(crate) async fn deliver(
                 }
                 callback(vm)
             }));
+            let _ = waited.await;
         }
     }
 }
