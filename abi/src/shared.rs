@@ -270,6 +270,9 @@ struct MetricRegistry {
     metrics: Vec<Metric>,
     by_name: FxHashMap<(MetricType, String), usize>,
     by_id: FxHashMap<u32, usize>,
+    /// The VM id that defined each id through the ABI (see [`SharedState::define_metric_for`]):
+    /// only its plugins reach the metric by that id, as Envoy's ids belong to a VM.
+    owners: FxHashMap<u32, Arc<str>>,
     /// The last id given for each metric (by index), handed out again once `by_id` is full.
     last_id: FxHashMap<usize, u32>,
     /// How many ids were given out per type.
@@ -522,6 +525,67 @@ impl SharedState {
         registry.by_id.insert(id, index);
         registry.last_id.insert(index, id);
         Ok(id)
+    }
+
+    /// As [`SharedState::define_metric`], for the plugins of VM id `owner`: the id reaches the
+    /// metric only for them (the `*_for` calls), as Envoy's metric ids belong to a VM, so one
+    /// plugin cannot change another's metrics by guessing their ids. (The same name is the same
+    /// metric for every VM, as in Envoy's stats.)
+    pub fn define_metric_for(
+        &self,
+        owner: &str,
+        metric_type: MetricType,
+        name: &str,
+    ) -> Result<u32, Status> {
+        let id = self.define_metric(metric_type, name)?;
+        let mut registry = self.metrics();
+        let mine = registry
+            .owners
+            .get(&id)
+            .is_none_or(|known| &**known == owner);
+        if mine {
+            registry.owners.insert(id, owner.into());
+        }
+        Ok(id)
+    }
+
+    /// Whether id `id` was defined by the plugins of VM id `owner`.
+    fn owned_by(&self, id: u32, owner: &str) -> bool {
+        self.metrics()
+            .owners
+            .get(&id)
+            .is_some_and(|known| &**known == owner)
+    }
+
+    /// [`SharedState::increment_metric`] of `owner`'s id (`NOT_FOUND` for another VM's).
+    pub fn increment_metric_for(&self, owner: &str, id: u32, offset: i64) -> Status {
+        // A histogram's id is refused before any lookup, as Envoy refuses it.
+        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
+            return Status::BadArgument;
+        }
+        if !self.owned_by(id, owner) {
+            return Status::NotFound;
+        }
+        self.increment_metric(id, offset)
+    }
+
+    /// [`SharedState::record_metric`] of `owner`'s id (`NOT_FOUND` for another VM's).
+    pub fn record_metric_for(&self, owner: &str, id: u32, value: u64) -> Status {
+        if !self.owned_by(id, owner) {
+            return Status::NotFound;
+        }
+        self.record_metric(id, value)
+    }
+
+    /// [`SharedState::metric_value`] of `owner`'s id (`NOT_FOUND` for another VM's).
+    pub fn metric_value_for(&self, owner: &str, id: u32) -> Result<i64, Status> {
+        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
+            return Err(Status::BadArgument);
+        }
+        if !self.owned_by(id, owner) {
+            return Err(Status::NotFound);
+        }
+        self.metric_value(id)
     }
 
     /// Adds `offset` to a counter or gauge, as Envoy: a counter only goes up (an offset of 0 or
@@ -842,6 +906,31 @@ mod tests {
             SharedState::new().define_metric(MetricType::Gauge, &long),
             Err(Status::BadArgument)
         );
+    }
+
+    #[test]
+    fn a_metric_id_reaches_its_metric_only_for_the_vm_that_defined_it() {
+        let shared = SharedState::new();
+        let mine = shared
+            .define_metric_for("a", MetricType::Counter, "requests")
+            .unwrap();
+        let gauge = shared
+            .define_metric_for("a", MetricType::Gauge, "level")
+            .unwrap();
+        assert_eq!(shared.increment_metric_for("a", mine, 2), Status::Ok);
+        // Another VM guessing the ids.
+        assert_eq!(shared.increment_metric_for("b", mine, 1), Status::NotFound);
+        assert_eq!(shared.record_metric_for("b", gauge, 0), Status::NotFound);
+        assert_eq!(shared.metric_value_for("b", mine), Err(Status::NotFound));
+        assert_eq!(shared.metric_value_for("a", mine), Ok(2));
+        // Defining the same name is the same metric, by an id of its own.
+        let theirs = shared
+            .define_metric_for("b", MetricType::Counter, "requests")
+            .unwrap();
+        assert_eq!(shared.increment_metric_for("b", theirs, 1), Status::Ok);
+        assert_eq!(shared.metric_value_for("a", mine), Ok(3));
+        // Envoy's order of answers stays: a histogram's id is refused before any lookup.
+        assert_eq!(shared.increment_metric_for("b", 6, 1), Status::BadArgument);
     }
 
     #[test]

@@ -102,29 +102,38 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
     let (state, mut memory) = caller.state_and_memory();
     let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
     memory.slice_mut(args[3], 4)?;
-    let id = state.shared.define_metric(metric_type, &name)?;
+    let owner = &state.config.vm_id;
+    let id = state.shared.define_metric_for(owner, metric_type, &name)?;
     memory.write_u32(args[3], id)?;
     Ok(())
 }
 
 /// `proxy_increment_metric(metric_id, offset)`.
 pub(super) fn increment_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    let state = caller.state();
     check(
-        caller
-            .state()
+        state
             .shared
-            .increment_metric(args[0] as u32, args[1] as i64),
+            .increment_metric_for(&state.config.vm_id, args[0] as u32, args[1] as i64),
     )
 }
 
 /// `proxy_record_metric(metric_id, value)`.
 pub(super) fn record_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    check(caller.state().shared.record_metric(args[0] as u32, args[1]))
+    let state = caller.state();
+    check(
+        state
+            .shared
+            .record_metric_for(&state.config.vm_id, args[0] as u32, args[1]),
+    )
 }
 
 /// `proxy_get_metric(metric_id, return_value)`.
 pub(super) fn get_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
-    let value = caller.state().shared.metric_value(args[0] as u32)?;
+    let state = caller.state();
+    let value = state
+        .shared
+        .metric_value_for(&state.config.vm_id, args[0] as u32)?;
     caller.memory().write_u64(args[1], value as u64)?;
     Ok(())
 }
