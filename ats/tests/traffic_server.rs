@@ -404,6 +404,27 @@ impl TrafficServer {
 
     /// Waits (at most 20 s) for a line of the diagnostics that `matches` accepts (`wanted` says
     /// which, when none comes), and returns it.
+    /// Writes `yaml` as the plugin file `name`, reloads, and waits (at most 20 s) until this
+    /// server has reloaded `reloads` times.
+    fn reload_plugin_file(&self, name: &str, yaml: &str, reloads: usize) {
+        std::fs::write(self.etc().join(format!("{name}.yaml")), yaml).expect("new YAML");
+        self.ctl(&["config", "reload"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self
+            .diagnostics()
+            .matches("reloaded the configuration")
+            .count()
+            < reloads
+        {
+            assert!(
+                Instant::now() < deadline,
+                "reload {reloads} not done:\n{}",
+                self.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn wait_for_log_line(&self, wanted: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -1369,9 +1390,7 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
         // plugin gets the failure and answers 503 itself. The new upstream comes with a reload.
         let silent = TcpListener::bind("127.0.0.1:0").expect("a listener that never answers");
         let http_call = http_call_yaml(runtime, "", silent.local_addr().expect("its address"));
-        std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
-        server.ctl(&["config", "reload"]);
-        server.wait_for_log("reloaded the configuration");
+        server.reload_plugin_file("http_call", &http_call, 1);
         let before = origin.requests();
         let started = Instant::now();
         let reply = get(&server.url("/account"), &[]);
@@ -1398,20 +1417,11 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
             // the body into memory for as long as it came: here 25 s, until the test's
             // records' 30 s active timeout).
             let endless = Misbehaving::start(Misbehaviour::Endless);
-            let http_call = http_call_yaml(runtime, "", endless.address);
-            std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
-            server.ctl(&["config", "reload"]);
-            // The second reload of this server.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while server
-                .diagnostics()
-                .matches("reloaded the configuration")
-                .count()
-                < 2
-            {
-                assert!(Instant::now() < deadline, "{}", context("not reloaded"));
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            server.reload_plugin_file(
+                "http_call",
+                &http_call_yaml(runtime, "", endless.address),
+                2,
+            );
             let reply = get(&server.url("/account"), &[]);
             assert_eq!(reply.status, 503, "{}", context(&reply.body));
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -1427,19 +1437,11 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
             // A trap in the plugin's answer callback fails the request closed and is counted
             // by its cause.
             let panicking = Origin::answering_with(&[("x-panic", "1")]);
-            let http_call = http_call_yaml(runtime, "", panicking.address);
-            std::fs::write(server.etc().join("http_call.yaml"), http_call).expect("new YAML");
-            server.ctl(&["config", "reload"]);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while server
-                .diagnostics()
-                .matches("reloaded the configuration")
-                .count()
-                < 3
-            {
-                assert!(Instant::now() < deadline, "{}", context("not reloaded"));
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            server.reload_plugin_file(
+                "http_call",
+                &http_call_yaml(runtime, "", panicking.address),
+                3,
+            );
             let reply = get(&server.url("/account"), &[]);
             assert_eq!(reply.status, 503, "{}", context(&reply.body));
             server.wait_for_metric(
