@@ -118,7 +118,13 @@ pub struct Plugin {
     pub(crate) shared: SharedState,
     pub(crate) runtime: &'static str,
     pub(crate) capabilities: Capabilities,
+    /// This process's number for the linked module (shared by clones and
+    /// [`Plugin::with_config`]): with the VM id, what owns the VM's metric ids.
+    pub(crate) module_serial: u64,
 }
+
+/// The number the next linked module gets (see [`Plugin::module_serial`]).
+static NEXT_MODULE_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Plugin {
     /// Compiles `wasm` with `runtime`, checks it is a Proxy-Wasm module this host can run, and
@@ -151,6 +157,7 @@ impl Plugin {
             shared,
             runtime: runtime.name(),
             capabilities: runtime.capabilities(),
+            module_serial: NEXT_MODULE_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 

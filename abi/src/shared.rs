@@ -273,8 +273,9 @@ struct MetricRegistry {
     /// The VM id that defined each id through the ABI (see [`SharedState::define_metric_for`]):
     /// only its plugins reach the metric by that id, as Envoy's ids belong to a VM.
     owners: FxHashMap<u32, Arc<str>>,
-    /// The last id given for each metric (by index), handed out again once `by_id` is full.
-    last_id: FxHashMap<usize, u32>,
+    /// The last id given for each metric (by index) to each owner, handed out again to that
+    /// owner once `by_id` is full.
+    last_id: FxHashMap<(usize, Option<Arc<str>>), u32>,
     /// How many ids were given out per type.
     defined: [u32; 3],
 }
@@ -493,6 +494,16 @@ impl SharedState {
     /// is the same metric. A name over [`MAX_METRIC_NAME_BYTES`] is `BAD_ARGUMENT`, a new one
     /// past [`MAX_METRICS`] `INTERNAL_FAILURE`.
     pub fn define_metric(&self, metric_type: MetricType, name: &str) -> Result<u32, Status> {
+        self.define(None, metric_type, name)
+    }
+
+    /// [`SharedState::define_metric`], the id owned by `owner` if given.
+    fn define(
+        &self,
+        owner: Option<&str>,
+        metric_type: MetricType,
+        name: &str,
+    ) -> Result<u32, Status> {
         if name.len() > MAX_METRIC_NAME_BYTES {
             return Err(Status::BadArgument);
         }
@@ -513,8 +524,10 @@ impl SharedState {
                 index
             }
         };
+        let owner: Option<Arc<str>> = owner.map(Into::into);
+        let last = (index, owner.clone());
         if registry.by_id.len() >= MAX_METRIC_IDS {
-            if let Some(&id) = registry.last_id.get(&index) {
+            if let Some(&id) = registry.last_id.get(&last) {
                 return Ok(id);
             }
         }
@@ -523,33 +536,28 @@ impl SharedState {
         *defined = defined.wrapping_add(1);
         let id = (*defined << 2) | kind;
         registry.by_id.insert(id, index);
-        registry.last_id.insert(index, id);
+        registry.last_id.insert(last, id);
+        if let Some(owner) = owner {
+            registry.owners.insert(id, owner);
+        }
         Ok(id)
     }
 
-    /// As [`SharedState::define_metric`], for the plugins of VM id `owner`: the id reaches the
-    /// metric only for them (the `*_for` calls), as Envoy's metric ids belong to a VM, so one
-    /// plugin cannot change another's metrics by guessing their ids. (The same name is the same
-    /// metric for every VM, as in Envoy's stats.)
+    /// As [`SharedState::define_metric`], for the plugins of the VM `owner` names (its module
+    /// and VM id: see [`crate::Vm::new`]): the id reaches the metric only for them (the `*_for`
+    /// calls), as Envoy's metric ids belong to a VM, so one plugin cannot change another's
+    /// metrics by guessing their ids. (The same name is the same metric for every VM, as in
+    /// Envoy's stats.)
     pub fn define_metric_for(
         &self,
         owner: &str,
         metric_type: MetricType,
         name: &str,
     ) -> Result<u32, Status> {
-        let id = self.define_metric(metric_type, name)?;
-        let mut registry = self.metrics();
-        let mine = registry
-            .owners
-            .get(&id)
-            .is_none_or(|known| &**known == owner);
-        if mine {
-            registry.owners.insert(id, owner.into());
-        }
-        Ok(id)
+        self.define(Some(owner), metric_type, name)
     }
 
-    /// Whether id `id` was defined by the plugins of VM id `owner`.
+    /// Whether id `id` was defined for `owner`.
     fn owned_by(&self, id: u32, owner: &str) -> bool {
         self.metrics()
             .owners
@@ -880,6 +888,11 @@ mod tests {
             Ok(2),
             "every id is the one metric"
         );
+        // Another VM defining the name gets an id it can use, not the full table's last one.
+        let theirs = shared
+            .define_metric_for("b", MetricType::Counter, "requests")
+            .unwrap();
+        assert_eq!(shared.increment_metric_for("b", theirs, 1), Status::Ok);
         // A metric never defined before still gets an id of its own.
         let other = shared.define_metric(MetricType::Gauge, "level").unwrap();
         assert_eq!(shared.record_metric(other, 9), Status::Ok);

@@ -128,6 +128,8 @@ pub struct VmState {
     pub(crate) queue_owner: QueueOwner,
     /// Which root context made each pending HTTP or gRPC call, by token: answers go there.
     pub(crate) callout_roots: FxHashMap<u32, ContextId>,
+    /// What owns the metric ids this VM defines (see [`SharedState::define_metric_for`]).
+    pub(crate) metric_owner: Arc<str>,
     /// The pending calls of `callout_roots` that are unary gRPC calls: closing one cancels it,
     /// and no callback comes.
     pub(crate) unary_grpc_calls: FxHashSet<u32>,
@@ -153,8 +155,10 @@ impl VmState {
         config: Arc<PluginConfig>,
         shared: SharedState,
         queue_owner: QueueOwner,
+        metric_owner: Arc<str>,
     ) -> Self {
         VmState {
+            metric_owner,
             host,
             abi,
             shared,

@@ -122,6 +122,9 @@ impl Vm {
             plugin.config.clone(),
             plugin.shared.clone(),
             QueueOwner::new(notify),
+            // The VM's metric ids are its module's and VM id's, as Envoy's belong to a VM
+            // (copies of one VM on other threads define theirs again).
+            format!("{}/{}", plugin.module_serial, plugin.config.vm_id).into(),
         );
         let mut instance = plugin.linked.instantiate(state)?;
         let root = ContextId(1);

@@ -361,11 +361,20 @@ fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
 
 /// The answer Traffic Server's client read: status line and headers parsed with `httparse`,
 /// the rest is the body.
-fn decode(bytes: &[u8]) -> Option<HttpCallResponse> {
+fn decode(mut bytes: &[u8]) -> Option<HttpCallResponse> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut response = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(length) = response.parse(bytes).ok()? else {
-        return None;
+    let (response, length) = loop {
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(length) = response.parse(bytes).ok()? else {
+            return None;
+        };
+        match response.code? {
+            // A switch of protocols nobody asked for fails the call.
+            101 => return None,
+            // An interim answer (100 Continue, 103 Early Hints) comes before the answer.
+            100..=199 => bytes = &bytes[length..],
+            _ => break (response, length),
+        }
     };
     let mut map = HeaderMap::new();
     map.add(b":status", response.code?.to_string().as_bytes());

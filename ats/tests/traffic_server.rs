@@ -402,8 +402,6 @@ impl TrafficServer {
         self.wait_for_log_line(&format!("{text:?}"), |line| line.contains(text));
     }
 
-    /// Waits (at most 20 s) for a line of the diagnostics that `matches` accepts (`wanted` says
-    /// which, when none comes), and returns it.
     /// Writes `yaml` as the plugin file `name`, reloads, and waits (at most 20 s) until this
     /// server has reloaded `reloads` times.
     fn reload_plugin_file(&self, name: &str, yaml: &str, reloads: usize) {
@@ -425,6 +423,8 @@ impl TrafficServer {
         }
     }
 
+    /// Waits (at most 20 s) for a line of the diagnostics that `matches` accepts (`wanted` says
+    /// which, when none comes), and returns it.
     fn wait_for_log_line(&self, wanted: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -1434,13 +1434,28 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
                 std::thread::sleep(Duration::from_millis(50));
             }
 
+            // An answer after an interim 103 is the answer the plugin gets.
+            let interim = Misbehaving::start(Misbehaviour::Interim);
+            server.reload_plugin_file(
+                "http_call",
+                &http_call_yaml(runtime, "", interim.address),
+                3,
+            );
+            let reply = get(&server.url("/account"), &[]);
+            assert_eq!(reply.status, 200, "{}", context(&reply.body));
+            assert!(
+                reply.body.contains("x-auth-user: alice"),
+                "{}",
+                context(&reply.body)
+            );
+
             // A trap in the plugin's answer callback fails the request closed and is counted
             // by its cause.
             let panicking = Origin::answering_with(&[("x-panic", "1")]);
             server.reload_plugin_file(
                 "http_call",
                 &http_call_yaml(runtime, "", panicking.address),
-                3,
+                4,
             );
             let reply = get(&server.url("/account"), &[]);
             assert_eq!(reply.status, 503, "{}", context(&reply.body));

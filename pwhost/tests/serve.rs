@@ -817,28 +817,8 @@ fn a_trap_in_a_calls_answer_fails_the_stream_and_is_counted_by_its_cause() {
 
 #[test]
 fn a_call_answered_after_an_interim_answer_gets_the_final_one() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin = Origin::start();
-    // An auth server sending 103 Early Hints before its answer.
-    let auth = Background::start(|listener, mut stopped| async move {
-        while let Some(mut stream) = next_connection(&listener, &mut stopped).await {
-            let mut head = Vec::new();
-            let mut buffer = [0u8; 1024];
-            while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(count) => head.extend_from_slice(&buffer[..count]),
-                }
-            }
-            let _ = stream
-                .write_all(
-                    b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n\
-                      HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 2\r\n\r\nok",
-                )
-                .await;
-            let _ = stream.shutdown().await;
-        }
-    });
+    let auth = Misbehaving::start(Misbehaviour::Interim);
     let serve = Serve::start_with(
         origin.address,
         &[envoy_filter("auth", "http_call", "")],

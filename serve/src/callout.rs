@@ -214,15 +214,19 @@ pub(crate) enum Last {
 
 /// Runs `callback` (an answer's callback) in the VM that made call `token`: for a worker's
 /// plugin, in its copy on this thread; for a singleton service, on the service's thread.
-/// Nothing runs if the copy is gone or forgot the call (the plugin cancelled it).
+/// Nothing runs if the copy is gone or forgot the call (the plugin cancelled it). `false` if
+/// a service dropped the delivery unrun (it failed or stopped): a stream then ends.
 pub(crate) async fn deliver(
     caller: &Caller,
     token: u32,
     last: Last,
     callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError> + Send + 'static,
-) {
+) -> bool {
     match caller {
-        Caller::Worker(listener) => deliver_here(listener, token, last, callback),
+        Caller::Worker(listener) => {
+            deliver_here(listener, token, last, callback);
+            true
+        }
         Caller::Service(address) => {
             let mut address = address.clone();
             let started =
@@ -233,29 +237,47 @@ pub(crate) async fn deliver(
                 .and_then(|inbox| inbox.clone())
             else {
                 tracing::warn!(token, "a call's answer found its service never started");
-                return;
+                return false;
             };
-            // Signalled once the service ran the delivery (or dropped it, stopped): a stream's
-            // task reads its next message only then, so an upstream sending faster than the
-            // service takes its messages is held back by HTTP/2's flow control rather than
-            // queued in the service's inbox without end.
+            // Answered once the service ran the delivery, dropped unanswered if it did not (it
+            // failed, or stopped): a stream's task reads its next message only then, so an
+            // upstream sending faster than the service takes its messages is held back by
+            // HTTP/2's flow control rather than queued in the service's inbox without end.
             let (processed, waited) = tokio::sync::oneshot::channel::<()>();
             inbox.post(Box::new(move |vm| {
-                let _processed = processed;
-                let Some(host) = vm.host_as::<ServeHost>() else {
-                    return Ok(());
-                };
-                if !host.callouts.contains(&token) {
-                    return Ok(());
-                }
-                if last == Last::Yes {
-                    host.forget_call(token);
-                }
-                callback(vm)
+                let ran = deliver_to_service(vm, token, last, callback);
+                let _ = processed.send(());
+                ran
             }));
-            let _ = waited.await;
+            waited.await.is_ok()
         }
     }
+}
+
+/// [`deliver`] on a singleton service's thread: to its VM, if the call is still its; a VM
+/// that failed ends its other calls and streams.
+fn deliver_to_service(
+    vm: &mut abi::Vm,
+    token: u32,
+    last: Last,
+    callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
+) -> Result<(), abi::VmError> {
+    let Some(host) = vm.host_as::<ServeHost>() else {
+        return Ok(());
+    };
+    if !host.callouts.contains(&token) {
+        return Ok(());
+    }
+    if last == Last::Yes {
+        host.forget_call(token);
+    }
+    let outcome = callback(vm);
+    if vm.is_failed() {
+        if let Some(host) = vm.host_as::<ServeHost>() {
+            host.abandon_calls();
+        }
+    }
+    outcome
 }
 
 /// [`deliver`] to the copy of a plugin of `listener` on this worker thread.

@@ -356,10 +356,14 @@ pub(crate) fn open(
         loop {
             match incoming.message().await {
                 Ok(Some(message)) => {
-                    deliver(&caller, token, Last::No, move |vm| {
+                    let delivered = deliver(&caller, token, Last::No, move |vm| {
                         vm.on_grpc_receive(token, message.to_vec())
                     })
-                    .await
+                    .await;
+                    if !delivered {
+                        // Its service can take no more: the stream ends (and is reset).
+                        return;
+                    }
                 }
                 Ok(None) => break,
                 Err(status) => {

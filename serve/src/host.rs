@@ -292,8 +292,9 @@ impl Host for ServeHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
-        self.room_for_a_call()?;
+        // An unknown cluster is BAD_ARGUMENT first, as in Envoy.
         let (caller, cluster) = self.cluster(&request.upstream)?;
+        self.room_for_a_call()?;
         let (token, task) = callout::dispatch(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         self.http_tasks.insert(token, task);
@@ -301,8 +302,9 @@ impl Host for ServeHost {
     }
 
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
-        self.room_for_a_call()?;
+        // An unknown cluster is BAD_ARGUMENT first, as in Envoy.
         let (caller, cluster) = self.cluster(&request.upstream)?;
+        self.room_for_a_call()?;
         let (token, task) = grpc::call(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
@@ -310,8 +312,9 @@ impl Host for ServeHost {
     }
 
     fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
-        self.room_for_a_call()?;
+        // An unknown cluster is BAD_ARGUMENT first, as in Envoy.
         let (caller, cluster) = self.cluster(&request.upstream)?;
+        self.room_for_a_call()?;
         let (token, task, sender) = grpc::open(caller, &cluster, request)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);

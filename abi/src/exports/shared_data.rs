@@ -102,8 +102,9 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
     let (state, mut memory) = caller.state_and_memory();
     let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
     memory.slice_mut(args[3], 4)?;
-    let owner = &state.config.vm_id;
-    let id = state.shared.define_metric_for(owner, metric_type, &name)?;
+    let id = state
+        .shared
+        .define_metric_for(&state.metric_owner, metric_type, &name)?;
     memory.write_u32(args[3], id)?;
     Ok(())
 }
@@ -114,7 +115,7 @@ pub(super) fn increment_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -
     check(
         state
             .shared
-            .increment_metric_for(&state.config.vm_id, args[0] as u32, args[1] as i64),
+            .increment_metric_for(&state.metric_owner, args[0] as u32, args[1] as i64),
     )
 }
 
@@ -124,7 +125,7 @@ pub(super) fn record_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
     check(
         state
             .shared
-            .record_metric_for(&state.config.vm_id, args[0] as u32, args[1]),
+            .record_metric_for(&state.metric_owner, args[0] as u32, args[1]),
     )
 }
 
@@ -133,7 +134,7 @@ pub(super) fn get_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Host
     let state = caller.state();
     let value = state
         .shared
-        .metric_value_for(&state.config.vm_id, args[0] as u32)?;
+        .metric_value_for(&state.metric_owner, args[0] as u32)?;
     caller.memory().write_u64(args[1], value as u64)?;
     Ok(())
 }

@@ -177,9 +177,7 @@ fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> 
     let mut context = cel::Context::default();
     for name in program.references().variables() {
         if let Some(value) = variable(call, name) {
-            if too_large(&value) {
-                return Err(Status::InternalFailure);
-            }
+            let value = without_large_values(value).ok_or(Status::InternalFailure)?;
             context.add_variable_from_value(name, to_cel(value));
         }
     }
@@ -189,17 +187,30 @@ fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> 
     from_cel(&result)?.encode()
 }
 
-/// Whether `value` holds a string or bytes longer than [`MAX_VALUE_BYTES`].
-fn too_large(value: &Value<'_>) -> bool {
+/// `value` with every map entry holding a string or bytes longer than [`MAX_VALUE_BYTES`]
+/// left out (an expression reading one finds no such key, and its evaluation fails; one reading
+/// the rest of the map is not refused for a large cookie elsewhere in it); `None` if `value`
+/// itself is such a string or bytes, or a list holding one.
+fn without_large_values(value: Value<'static>) -> Option<Value<'static>> {
     match value {
-        Value::String(bytes) | Value::Bytes(bytes) | Value::Message(bytes) => {
-            bytes.len() > MAX_VALUE_BYTES
+        Value::String(ref bytes) | Value::Bytes(ref bytes) | Value::Message(ref bytes)
+            if bytes.len() > MAX_VALUE_BYTES =>
+        {
+            None
         }
-        Value::Map(entries) => entries
-            .iter()
-            .any(|(key, value)| key.len() > MAX_VALUE_BYTES || too_large(value)),
-        Value::List(items) => items.iter().any(too_large),
-        _ => false,
+        Value::Map(entries) => Some(Value::Map(
+            entries
+                .into_iter()
+                .filter(|(key, _)| key.len() <= MAX_VALUE_BYTES)
+                .filter_map(|(key, value)| Some((key, without_large_values(value)?)))
+                .collect(),
+        )),
+        Value::List(items) => items
+            .into_iter()
+            .map(without_large_values)
+            .collect::<Option<Vec<_>>>()
+            .map(Value::List),
+        other => Some(other),
     }
 }
 
@@ -386,24 +397,26 @@ mod tests {
     }
 
     #[test]
-    fn values_over_64_kib_are_too_large_for_an_expression_wherever_they_are() {
+    fn values_over_64_kib_are_left_out_of_what_an_expression_reads() {
         let big = || Cow::Owned(vec![b'x'; MAX_VALUE_BYTES + 1]);
         let fits = || Cow::Owned(vec![b'x'; MAX_VALUE_BYTES]);
-        assert!(!too_large(&Value::Bytes(fits())));
-        assert!(too_large(&Value::Bytes(big())));
-        assert!(too_large(&Value::String(big())));
-        assert!(too_large(&Value::List(vec![
-            Value::Int(1),
-            Value::Bytes(big())
-        ])));
-        assert!(too_large(&Value::Map(vec![(
-            Cow::Borrowed(&b"k"[..]),
-            Value::String(big())
-        )])));
-        assert!(too_large(&Value::Map(vec![(big(), Value::Int(1))])));
-        assert!(!too_large(&Value::Map(vec![(
-            fits(),
-            Value::String(fits())
-        )])));
+        assert!(without_large_values(Value::Bytes(fits())).is_some());
+        assert!(without_large_values(Value::Bytes(big())).is_none());
+        assert!(without_large_values(Value::String(big())).is_none());
+        let list = Value::List(vec![Value::Int(1), Value::Bytes(big())]);
+        assert!(without_large_values(list).is_none());
+        // A map keeps its other entries: `path` stays readable beside a huge cookie.
+        let headers = Value::Map(vec![
+            (Cow::Borrowed(&b"cookie"[..]), Value::String(big())),
+            (Cow::Borrowed(&b"path"[..]), Value::str("/")),
+            (big(), Value::Int(1)),
+        ]);
+        assert_eq!(
+            without_large_values(headers),
+            Some(Value::Map(vec![(
+                Cow::Borrowed(&b"path"[..]),
+                Value::str("/")
+            )]))
+        );
     }
 }

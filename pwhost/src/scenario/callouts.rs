@@ -265,8 +265,9 @@ fn answer_grpc(
         return Ok(());
     };
     let (token, cancelled, unary) = (call.token, call.cancelled, call.request.message.is_some());
-    // A call the plugin cancelled takes no answer.
-    if cancelled {
+    // A call the plugin cancelled takes no answer, nor does a unary one it closed (closing a
+    // unary call cancels it, as in Envoy).
+    if cancelled || unary && call.closed {
         return Ok(());
     }
     let Some(answer) = answers.next() else {

@@ -21,6 +21,8 @@ pub enum Misbehaviour {
     /// Sends a 200 without a length, then 16 KiB of body every 10 ms for as long as the peer
     /// keeps the connection (or the upstream stops).
     Endless,
+    /// Sends an interim 103 Early Hints, then a 200 with `x-auth-user: alice` and body `ok`.
+    Interim,
 }
 
 /// An upstream on 127.0.0.1 treating every connection as its misbehaviour says, until dropped.
@@ -114,6 +116,13 @@ fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour, stopped: &Atomic
             // Long enough for the proxy to have sent the response on its way.
             std::thread::sleep(Duration::from_millis(200));
             reset(stream);
+        }
+        Misbehaviour::Interim => {
+            let _ = stream.write_all(
+                b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 2\r\n\
+                  connection: close\r\n\r\nok",
+            );
         }
         Misbehaviour::Endless => {
             if stream
