@@ -269,10 +269,10 @@ impl Histogram {
 struct MetricRegistry {
     metrics: Vec<Metric>,
     by_name: FxHashMap<(MetricType, String), usize>,
-    by_id: FxHashMap<u32, usize>,
-    /// The VM id that defined each id through the ABI (see [`SharedState::define_metric_for`]):
-    /// only its plugins reach the metric by that id, as Envoy's ids belong to a VM.
-    owners: FxHashMap<u32, Arc<str>>,
+    /// Each id's metric (by index) and, for an id defined through the ABI, the VM that owns it
+    /// (see [`SharedState::define_metric_for`]): only that VM reaches the metric by the id, as
+    /// Envoy's ids belong to a VM.
+    by_id: FxHashMap<u32, (usize, Option<Arc<str>>)>,
     /// The last id given for each metric (by index) to each owner, handed out again to that
     /// owner once `by_id` is full.
     last_id: FxHashMap<(usize, Option<Arc<str>>), u32>,
@@ -297,9 +297,61 @@ pub const MAX_METRICS: usize = 1 << 16;
 pub const MAX_METRIC_NAME_BYTES: usize = 4096;
 
 impl MetricRegistry {
-    fn get_mut(&mut self, id: u32) -> Option<&mut Metric> {
-        let index = *self.by_id.get(&id)?;
-        self.metrics.get_mut(index)
+    /// The metric of `id`, for `owner` (`None`: the embedder, which reaches every id).
+    fn get_mut(&mut self, id: u32, owner: Option<&str>) -> Option<&mut Metric> {
+        let (index, owned_by) = self.by_id.get(&id)?;
+        if owner.is_some() && owned_by.as_deref() != owner {
+            return None;
+        }
+        self.metrics.get_mut(*index)
+    }
+
+    /// Adds `offset` to a counter or gauge (see [`SharedState::increment_metric`]).
+    fn increment(&mut self, owner: Option<&str>, id: u32, offset: i64) -> Status {
+        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
+            return Status::BadArgument;
+        }
+        let Some(metric) = self.get_mut(id, owner) else {
+            return Status::NotFound;
+        };
+        match metric.metric_type {
+            MetricType::Counter if offset <= 0 => Status::BadArgument,
+            MetricType::Counter | MetricType::Gauge => {
+                metric.value = metric.value.saturating_add(offset);
+                Status::Ok
+            }
+            MetricType::Histogram => Status::BadArgument,
+        }
+    }
+
+    /// Records `value` (see [`SharedState::record_metric`]).
+    fn record(&mut self, owner: Option<&str>, id: u32, value: u64) -> Status {
+        let Some(metric) = self.get_mut(id, owner) else {
+            return Status::NotFound;
+        };
+        let value_i64 = i64::try_from(value).unwrap_or(i64::MAX);
+        match metric.metric_type {
+            MetricType::Counter => metric.value = metric.value.saturating_add(value_i64),
+            MetricType::Gauge => metric.value = value_i64,
+            MetricType::Histogram => {
+                metric.value = value_i64;
+                metric
+                    .histogram
+                    .get_or_insert_with(Histogram::default)
+                    .record(value);
+            }
+        }
+        Status::Ok
+    }
+
+    /// A counter's or gauge's value (see [`SharedState::metric_value`]).
+    fn value(&mut self, owner: Option<&str>, id: u32) -> Result<i64, Status> {
+        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
+            return Err(Status::BadArgument);
+        }
+        self.get_mut(id, owner)
+            .map(|m| m.value)
+            .ok_or(Status::NotFound)
     }
 }
 
@@ -535,11 +587,8 @@ impl SharedState {
         let defined = &mut registry.defined[kind as usize];
         *defined = defined.wrapping_add(1);
         let id = (*defined << 2) | kind;
-        registry.by_id.insert(id, index);
+        registry.by_id.insert(id, (index, owner));
         registry.last_id.insert(last, id);
-        if let Some(owner) = owner {
-            registry.owners.insert(id, owner);
-        }
         Ok(id)
     }
 
@@ -557,97 +606,37 @@ impl SharedState {
         self.define(Some(owner), metric_type, name)
     }
 
-    /// Whether id `id` was defined for `owner`.
-    fn owned_by(&self, id: u32, owner: &str) -> bool {
-        self.metrics()
-            .owners
-            .get(&id)
-            .is_some_and(|known| &**known == owner)
-    }
-
     /// [`SharedState::increment_metric`] of `owner`'s id (`NOT_FOUND` for another VM's).
     pub fn increment_metric_for(&self, owner: &str, id: u32, offset: i64) -> Status {
-        // A histogram's id is refused before any lookup, as Envoy refuses it.
-        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
-            return Status::BadArgument;
-        }
-        if !self.owned_by(id, owner) {
-            return Status::NotFound;
-        }
-        self.increment_metric(id, offset)
+        self.metrics().increment(Some(owner), id, offset)
     }
 
     /// [`SharedState::record_metric`] of `owner`'s id (`NOT_FOUND` for another VM's).
     pub fn record_metric_for(&self, owner: &str, id: u32, value: u64) -> Status {
-        if !self.owned_by(id, owner) {
-            return Status::NotFound;
-        }
-        self.record_metric(id, value)
+        self.metrics().record(Some(owner), id, value)
     }
 
     /// [`SharedState::metric_value`] of `owner`'s id (`NOT_FOUND` for another VM's).
     pub fn metric_value_for(&self, owner: &str, id: u32) -> Result<i64, Status> {
-        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
-            return Err(Status::BadArgument);
-        }
-        if !self.owned_by(id, owner) {
-            return Err(Status::NotFound);
-        }
-        self.metric_value(id)
+        self.metrics().value(Some(owner), id)
     }
 
     /// Adds `offset` to a counter or gauge, as Envoy: a counter only goes up (an offset of 0 or
-    /// less is [`Status::BadArgument`]); a histogram cannot be incremented.
+    /// less is [`Status::BadArgument`]); a histogram cannot be incremented (its id is refused
+    /// before any lookup).
     pub fn increment_metric(&self, id: u32, offset: i64) -> Status {
-        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
-            return Status::BadArgument;
-        }
-        let mut registry = self.metrics();
-        let Some(metric) = registry.get_mut(id) else {
-            return Status::NotFound;
-        };
-        match metric.metric_type {
-            MetricType::Counter if offset <= 0 => Status::BadArgument,
-            MetricType::Counter | MetricType::Gauge => {
-                metric.value = metric.value.saturating_add(offset);
-                Status::Ok
-            }
-            MetricType::Histogram => Status::BadArgument,
-        }
+        self.metrics().increment(None, id, offset)
     }
 
     /// Records `value`, as Envoy: adds it to a counter, sets a gauge, records it into a histogram.
     pub fn record_metric(&self, id: u32, value: u64) -> Status {
-        let mut registry = self.metrics();
-        let Some(metric) = registry.get_mut(id) else {
-            return Status::NotFound;
-        };
-        let value_i64 = i64::try_from(value).unwrap_or(i64::MAX);
-        match metric.metric_type {
-            MetricType::Counter => metric.value = metric.value.saturating_add(value_i64),
-            MetricType::Gauge => metric.value = value_i64,
-            MetricType::Histogram => {
-                metric.value = value_i64;
-                metric
-                    .histogram
-                    .get_or_insert_with(Histogram::default)
-                    .record(value);
-            }
-        }
-        Status::Ok
+        self.metrics().record(None, id, value)
     }
 
     /// A counter's or gauge's current value: `Err(BadArgument)` for a histogram's id (which has
     /// no single value), `Err(NotFound)` for no such metric, as Envoy answers.
     pub fn metric_value(&self, id: u32) -> Result<i64, Status> {
-        if id & METRIC_TYPE_MASK >= MetricType::Histogram as u32 {
-            return Err(Status::BadArgument);
-        }
-        let mut registry = self.metrics();
-        registry
-            .get_mut(id)
-            .map(|m| m.value)
-            .ok_or(Status::NotFound)
+        self.metrics().value(None, id)
     }
 
     /// Every metric, in definition order.

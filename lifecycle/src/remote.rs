@@ -132,6 +132,17 @@ fn memory() -> MutexGuard<'static, HashMap<String, Entry>> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The entry of `sha256` in `memory`, made if missing.
+fn entry_of<'m>(
+    memory: &'m mut HashMap<String, Entry>,
+    sha256: &str,
+    now: Instant,
+) -> &'m mut Entry {
+    memory
+        .entry(sha256.to_string())
+        .or_insert_with(|| Entry::new(now))
+}
+
 /// Drops the entries no load asked for in [`UNUSED_TTL`] but `keep`'s and those being
 /// fetched, as Envoy does on each load: code replaced by new versions does not stay for ever.
 fn evict_unused(entries: &mut HashMap<String, Entry>, now: Instant, keep: &str) {
@@ -222,9 +233,7 @@ impl CodeCache {
 fn keep_in_memory(sha256: &str, code: &Arc<Vec<u8>>) {
     let now = Instant::now();
     let mut memory = memory();
-    let entry = memory
-        .entry(sha256.to_string())
-        .or_insert_with(|| Entry::new(now));
+    let entry = entry_of(&mut memory, sha256, now);
     entry.code = Some(Arc::clone(code));
     entry.fetching = false;
     entry.failed = None;
@@ -272,9 +281,7 @@ fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
     let now = Instant::now();
     let uri = remote.uri.clone();
     let mut memory = memory();
-    let entry = memory
-        .entry(remote.sha256.clone())
-        .or_insert_with(|| Entry::new(now));
+    let entry = entry_of(&mut memory, &remote.sha256, now);
     entry.used = now;
     let last_failure = entry.failed.as_ref().map(|(reason, _)| reason.clone());
     if entry.fetching {
@@ -330,9 +337,7 @@ fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
 fn fetch_failed(sha256: &str, reason: String) {
     let now = Instant::now();
     let mut memory = memory();
-    let entry = memory
-        .entry(sha256.to_string())
-        .or_insert_with(|| Entry::new(now));
+    let entry = entry_of(&mut memory, sha256, now);
     entry.fetching = false;
     entry.failed = Some((reason, now));
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pwhost::runtimes;
-use pwhost::scenario::{self, FailurePolicy, GrpcCallReport, HttpCallReport, Report, Scenario};
+use pwhost::scenario::{
+    self, FailurePolicy, GrpcCallReport, HttpCallReport, HttpExchange, Report, Scenario,
+};
 use runtime_api::RuntimeConfig;
 
 // The engines' own C and C++ code (WAMR, V8) keeps its own allocator; this is Rust's.
@@ -363,10 +365,9 @@ fn warn_of_unenforced_limits(
     }
 }
 
-/// What of `scenario` `pwhost bench` does not use: it times the first exchange's request and
-/// response headers only.
-fn unused_by_bench(scenario: &Scenario) -> Vec<&'static str> {
-    let exchange = scenario.http.first().cloned().unwrap_or_default();
+/// What of `scenario` `pwhost bench` does not use: it times the request and response headers
+/// of `exchange`, its first, only.
+fn unused_by_bench(scenario: &Scenario, exchange: &HttpExchange) -> Vec<&'static str> {
     [
         ("more than one HTTP exchange", scenario.http.len() > 1),
         ("tcp", !scenario.tcp.is_empty()),
@@ -429,7 +430,8 @@ fn precompile(args: &PrecompileArgs) -> anyhow::Result<String> {
 
 fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> {
     let scenario = load_scenario(args.scenario.as_deref())?;
-    let unused = unused_by_bench(&scenario);
+    let exchange = scenario.http.first().cloned().unwrap_or_default();
+    let unused = unused_by_bench(&scenario, &exchange);
     if !unused.is_empty() {
         eprintln!(
             "warning: pwhost bench times the first HTTP exchange's request and response \
@@ -437,7 +439,6 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
             unused.join(", ")
         );
     }
-    let exchange = scenario.http.first().cloned().unwrap_or_default();
     let names: Vec<String> = if args.runtimes.is_empty() {
         // Every engine that can run this kind of plugin: native code or WebAssembly.
         let native = pwhost::plugins::is_native(args.plugin.plugin()?);

@@ -367,6 +367,16 @@ impl Serve {
         Serve::start_configured(upstream, "", filters, clusters)
     }
 
+    /// As [`Serve::start`], with `http_call` asking cluster `auth_cluster` (at `auth`) about
+    /// every request.
+    fn gated_by_http_call(upstream: SocketAddr, auth: SocketAddr) -> Serve {
+        Serve::start_with(
+            upstream,
+            &[envoy_filter("auth", "http_call", "")],
+            &[("auth_cluster", auth)],
+        )
+    }
+
     /// As [`Serve::start`], with more fields (YAML lines) for the listener.
     fn start_with_fields(upstream: SocketAddr, fields: &str, filters: &[String]) -> Serve {
         Serve::start_configured(upstream, fields, filters, &[])
@@ -781,11 +791,7 @@ fn a_plugin_that_refills_its_own_queue_does_not_freeze_its_worker() {
 fn a_call_to_an_unreachable_cluster_fails_and_the_plugin_answers_itself() {
     let origin = Origin::start();
     let closed = free_port();
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("auth", "http_call", "")],
-        &[("auth_cluster", ([127, 0, 0, 1], closed).into())],
-    );
+    let serve = Serve::gated_by_http_call(origin.address, ([127, 0, 0, 1], closed).into());
     let reply = get(&serve.url("/account"), &[]);
     assert_eq!(reply.status, 503, "{}", serve.log());
     assert_eq!(reply.body, "auth callout failed\n");
@@ -796,11 +802,7 @@ fn a_call_to_an_unreachable_cluster_fails_and_the_plugin_answers_itself() {
 fn a_trap_in_a_calls_answer_fails_the_stream_and_is_counted_by_its_cause() {
     let origin = Origin::start();
     let auth = Origin::answering_with(&[("x-panic", "1")]);
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("auth", "http_call", "")],
-        &[("auth_cluster", auth.address)],
-    );
+    let serve = Serve::gated_by_http_call(origin.address, auth.address);
     // FAIL_CLOSED: the held request gets a 503.
     assert_eq!(
         get(&serve.url("/account"), &[]).status,
@@ -819,11 +821,7 @@ fn a_trap_in_a_calls_answer_fails_the_stream_and_is_counted_by_its_cause() {
 fn a_call_answered_after_an_interim_answer_gets_the_final_one() {
     let origin = Origin::start();
     let auth = Misbehaving::start(Misbehaviour::Interim);
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("auth", "http_call", "")],
-        &[("auth_cluster", auth.address)],
-    );
+    let serve = Serve::gated_by_http_call(origin.address, auth.address);
     let reply = get(&serve.url("/account"), &[]);
     assert_eq!(reply.status, 200, "{}", serve.log());
     assert!(reply.body.contains("x-auth-user: alice"), "{}", reply.body);
@@ -833,25 +831,17 @@ fn a_call_answered_after_an_interim_answer_gets_the_final_one() {
 fn a_call_whose_answer_never_ends_fails_at_the_timeout_and_is_cut_off() {
     let origin = Origin::start();
     let endless = Misbehaving::start(Misbehaviour::Endless);
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("auth", "http_call", "")],
-        &[("auth_cluster", endless.address)],
-    );
+    let serve = Serve::gated_by_http_call(origin.address, endless.address);
     // The plugin waits 5 s for the answer, then answers itself.
     let reply = get(&serve.url("/account"), &[]);
     assert_eq!(reply.status, 503, "{}", serve.log());
     assert_eq!(reply.body, "auth callout failed\n");
     // And the upstream's connection is not read any further.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while endless.ended() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the endless answer was still being read 5 s after the timeout\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        endless.ended_within(Duration::from_secs(5)),
+        "the endless answer was still being read 5 s after the timeout\n{}",
+        serve.log()
+    );
     assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
 

@@ -186,16 +186,16 @@ impl ServeHost {
         self.callouts.clear();
     }
 
-    /// The cluster a call from this copy names, checked.
+    /// The cluster a new call from this copy names, checked (`BAD_ARGUMENT` if unknown), and
+    /// then that the copy has room for another call.
     fn cluster(&self, upstream: &[u8]) -> Result<(&Caller, Arc<ClusterState>), Status> {
         let name = String::from_utf8_lossy(upstream);
-        match self.routing.load().clusters.get(name.as_ref()) {
-            Some(cluster) => Ok((&self.caller, Arc::clone(cluster))),
-            None => {
-                tracing::debug!(cluster = %name, "a call to an unknown cluster");
-                Err(Status::BadArgument)
-            }
-        }
+        let Some(cluster) = self.routing.load().clusters.get(name.as_ref()).cloned() else {
+            tracing::debug!(cluster = %name, "a call to an unknown cluster");
+            return Err(Status::BadArgument);
+        };
+        self.room_for_a_call()?;
+        Ok((&self.caller, cluster))
     }
 
     fn name_of(&self, context: ContextId) -> Option<&str> {
@@ -292,9 +292,7 @@ impl Host for ServeHost {
     }
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
-        // An unknown cluster is BAD_ARGUMENT first, as in Envoy.
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        self.room_for_a_call()?;
         let (token, task) = callout::dispatch(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         self.http_tasks.insert(token, task);
@@ -302,9 +300,7 @@ impl Host for ServeHost {
     }
 
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
-        // An unknown cluster is BAD_ARGUMENT first, as in Envoy.
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        self.room_for_a_call()?;
         let (token, task) = grpc::call(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);
@@ -312,9 +308,7 @@ impl Host for ServeHost {
     }
 
     fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
-        // An unknown cluster is BAD_ARGUMENT first, as in Envoy.
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        self.room_for_a_call()?;
         let (token, task, sender) = grpc::open(caller, &cluster, request)?;
         self.callouts.insert(token);
         self.grpc_tasks.insert(token, task);

@@ -74,9 +74,16 @@ impl Misbehaving {
         }
     }
 
-    /// How many connections it is done with.
-    pub fn ended(&self) -> usize {
-        self.ended.load(Ordering::Relaxed)
+    /// Whether it is done with a connection within `limit` (polled every 50 ms).
+    pub fn ended_within(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.ended.load(Ordering::Relaxed) == 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 }
 
