@@ -3,8 +3,9 @@
 # plugin (Rust SDK) on every engine (wasmtime, the three wasmer compilers, wasmi, WAMR, V8, and
 # the null runtime with the same plugin compiled in), with lifecycle_bench (the benchmark plugin
 # of `pwhost bench` and criterion: ten header reads, one header added, one log line) on wasmtime
-# and the null runtime, and with body_rewrite on wasmtime; and through nginx as a reverse proxy to
-# the same origin, with the same number of workers. Clients speak HTTP/1.1 (wrk) or, with
+# and the null runtime, and with body_rewrite on wasmtime; through Pingora alone (the framework
+# `pwhost serve` is built on, set up the same way: serve/examples/pingora_floor.rs); and through
+# nginx as a reverse proxy to the same origin, with the same number of workers. Clients speak HTTP/1.1 (wrk) or, with
 # PROTOCOL=h2c, HTTP/2 without TLS (h2load, prior knowledge; nginx then listens with `http2`).
 # On loopback against an nginx origin; every run bounded in time; configurations alternated
 # round by round so that a busy machine affects them alike. Prints a Markdown table (medians
@@ -20,6 +21,8 @@
 #       # only these cases, with a pwhost binary built elsewhere (no build here; it must have
 #       # the cases' runtimes), each also as CASE-before with the binary BEFORE: two builds
 #       # compared in one run
+#   PINGORA_FLOOR=path/pingora_floor bash bench/serve.sh   # the Pingora-alone case's binary,
+#       # built elsewhere (default: built here, `--example pingora_floor` of pwhost-serve)
 #
 # Needs wrk, h2load and nginx (apt-get install wrk nghttp2-client nginx) and the plugin corpus
 # (scripts/setup.sh).
@@ -48,6 +51,12 @@ if [ -n "${PWHOST:-}" ]; then
 else
   cargo build --release -q -p pwhost --features "all-engines serve"
   pwhost=$PWD/target/release/pwhost
+fi
+if [ -n "${PINGORA_FLOOR:-}" ]; then
+  pingora_floor=$PINGORA_FLOOR
+else
+  cargo build --release -q -p pwhost-serve --example pingora_floor
+  pingora_floor=$PWD/target/release/examples/pingora_floor
 fi
 BEFORE=${BEFORE:-}
 SYSTEM_ALLOCATOR=${SYSTEM_ALLOCATOR:-0}
@@ -133,6 +142,11 @@ start() { # case
       nginx -c "$work/nginx-proxy/nginx.conf" -p "$work/nginx-proxy"
       proxy_pid=
       ;;
+    pingora)
+      "$pingora_floor" --listen "127.0.0.1:$proxy_port" --upstream "127.0.0.1:$origin_port" \
+        --workers "$WORKERS" > "$work/$1.log" 2>&1 &
+      proxy_pid=$!
+      ;;
     *-sysalloc)
       RUST_LOG=warn "$pwhost_system" serve --config "$work/${1%-sysalloc}.yaml" --deadline-ms 1000 > "$work/$1.log" 2>&1 &
       proxy_pid=$!
@@ -167,11 +181,11 @@ stop() { # case
   while curl -s "$curl_protocol" -o /dev/null "http://127.0.0.1:$proxy_port/"; do sleep 0.1; done
 }
 
-read -r -a cases <<<"${CASES:-none headers-wasmtime headers-wasmer-cranelift headers-wasmer-singlepass headers-wasmer-llvm headers-wasmi headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime nginx}"
+read -r -a cases <<<"${CASES:-none headers-wasmtime headers-wasmer-cranelift headers-wasmer-singlepass headers-wasmer-llvm headers-wasmi headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime pingora nginx}"
 [ "$SYSTEM_ALLOCATOR" = 1 ] && cases+=(none-sysalloc bench-wasmtime-sysalloc)
 if [ -n "$BEFORE" ]; then
   for case in "${cases[@]}"; do
-    if [ "$case" != nginx ]; then cases+=("$case-before"); fi
+    case $case in nginx | pingora) ;; *) cases+=("$case-before") ;; esac
   done
 fi
 serve_config none none none

@@ -181,7 +181,10 @@ pub use in_memory::{
     DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, Reproducible, StreamRecord,
 };
 pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
-pub use shared::{Histogram, Metric, MetricType, QueueWake, SharedState, HISTOGRAM_BUCKETS};
+pub use shared::{
+    Histogram, Metric, MetricType, QueueWake, SharedState, HISTOGRAM_BUCKETS, MAX_METRICS,
+    MAX_METRIC_NAME_BYTES,
+};
 pub use state::VmState;
 pub use types::{
     BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, PeerType, Status,

@@ -146,6 +146,26 @@ pub struct VmState {
     pub(crate) plugin_configuration_readable: bool,
     /// Data of foreign functions kept per VM (e.g. compiled CEL expressions), by type.
     pub(crate) foreign_data: FxHashMap<std::any::TypeId, Box<dyn std::any::Any + Send>>,
+    /// The host's limits the plugin has been told it met (see [`VmState::tell_limit`]), one
+    /// bit per [`Limit`].
+    limits_told: u8,
+}
+
+/// A limit of the host that Envoy does not have, met by a plugin: its call fails with a status
+/// that alone would not say why (see the README's list of limits), so the plugin's log says it
+/// once (see [`VmState::tell_limit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// A metric name over [`crate::shared::MAX_METRIC_NAME_BYTES`].
+    MetricName,
+    /// A new metric past [`crate::shared::MAX_METRICS`] names.
+    MetricCount,
+    /// A CEL expression too long, or nested too deep.
+    ExpressionSize,
+    /// A CEL expression with a comprehension (`all`, `exists`, `map`, `filter`).
+    ExpressionComprehension,
+    /// A string or bytes value too long for a CEL expression to read.
+    ExpressionValue,
 }
 
 impl VmState {
@@ -187,7 +207,26 @@ impl VmState {
             grpc_message: None,
             plugin_configuration_readable: false,
             foreign_data: FxHashMap::default(),
+            limits_told: 0,
         }
+    }
+
+    /// Tells the plugin, through its log, that it met `limit` (`why`: the limit and the
+    /// status it got): once per VM and limit, so that a plugin calling in a loop does not flood
+    /// the proxy's log.
+    #[cold]
+    pub(crate) fn tell_limit(&mut self, limit: Limit, why: impl FnOnce() -> String) {
+        let bit = 1u8 << (limit as u8);
+        if self.limits_told & bit != 0 {
+            return;
+        }
+        self.limits_told |= bit;
+        let context = self.effective_context;
+        self.host.log(
+            context,
+            crate::LogLevel::Warn,
+            &format!("pwhost limit: {}", why()),
+        );
     }
 
     /// The root context of the effective context (itself if it is a root).

@@ -378,3 +378,98 @@ fn an_embedder_can_ask_which_callbacks_a_plugin_exports() {
     assert!(!vm.exports_callback("proxy_on_response_body"));
     assert!(!vm.exports_callback("not_a_callback"));
 }
+
+/// A plugin that, on request headers, defines a metric with a name longer than the host keeps
+/// (twice) and one with a new name, and reports each status as a request header, one byte each
+/// (the status plus 48: `0` for OK).
+const METRIC_LIMITS_PROBE: &str = r#"
+(module
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 6000) "x-long")
+  (data (i32.const 6016) "x-again")
+  (data (i32.const 6032) "x-new")
+  (data (i32.const 6048) "fresh")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $status (param $at i32) (param $status i32)
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $status))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    ;; A name of 5000 bytes (the first 5000 of memory), over MAX_METRIC_NAME_BYTES.
+    (call $status (i32.const 6100) (call $define (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 6200)))
+    (call $status (i32.const 6101) (call $define (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 6200)))
+    (call $status (i32.const 6102) (call $define (i32.const 0) (i32.const 6048) (i32.const 5) (i32.const 6200)))
+    (drop (call $add (i32.const 0) (i32.const 6000) (i32.const 6) (i32.const 6100) (i32.const 1)))
+    (drop (call $add (i32.const 0) (i32.const 6016) (i32.const 7) (i32.const 6101) (i32.const 1)))
+    (drop (call $add (i32.const 0) (i32.const 6032) (i32.const 5) (i32.const 6102) (i32.const 1)))
+    i32.const 0))
+"#;
+
+/// Runs the metric limits probe over `shared` for two requests of one VM; returns each
+/// request's statuses (`x-long`, `x-again`, `x-new`) and the host's log.
+fn probe_metric_limits(shared: SharedState) -> (Vec<[String; 3]>, Vec<(abi::LogLevel, String)>) {
+    let wasm = wat::parse_str(METRIC_LIMITS_PROBE).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin = Plugin::load(&runtime, &wasm, PluginConfig::default(), shared).unwrap();
+    let mut vm = started(&plugin);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let stream = vm.create_http_context().unwrap();
+        vm.host_as::<InMemoryHost>()
+            .unwrap()
+            .stream(stream)
+            .request_headers
+            .add(b":path", b"/");
+        vm.on_request_headers(stream, 1, true).unwrap();
+        let headers = &vm
+            .host_as::<InMemoryHost>()
+            .unwrap()
+            .stream(stream)
+            .request_headers;
+        let value = |name: &str| {
+            let value = headers.get(name.as_bytes()).unwrap_or_default();
+            String::from_utf8_lossy(value).into_owned()
+        };
+        statuses.push([value("x-long"), value("x-again"), value("x-new")]);
+    }
+    let logs = vm
+        .host_as::<InMemoryHost>()
+        .unwrap()
+        .logs
+        .iter()
+        .map(|log| (log.level, log.message.clone()))
+        .collect();
+    (statuses, logs)
+}
+
+/// The host's own limits (which Envoy does not have) answer with the ABI's statuses, and the
+/// plugin's log says why, once per VM and limit, however often the plugin meets them.
+#[test]
+fn a_plugin_meeting_a_metric_limit_is_told_why_once() {
+    let (statuses, logs) = probe_metric_limits(SharedState::new());
+    // BAD_ARGUMENT (2) for the long name, OK for a new one while names are left.
+    assert_eq!(statuses, [["2", "2", "0"], ["2", "2", "0"]]);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0].0, abi::LogLevel::Warn);
+    assert!(
+        logs[0].1.contains("at most 4096 bytes") && logs[0].1.contains("this one 5000"),
+        "{logs:?}"
+    );
+
+    // Every name the process keeps is taken: a new one is INTERNAL_FAILURE (10), said once.
+    let shared = SharedState::new();
+    for i in 0..abi::MAX_METRICS {
+        shared
+            .define_metric(abi::MetricType::Counter, &format!("metric_{i}"))
+            .unwrap();
+    }
+    let (statuses, logs) = probe_metric_limits(shared);
+    assert_eq!(statuses, [["2", "2", ":"], ["2", "2", ":"]]);
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert!(
+        logs[1].1.contains("at most 65536 metric names") && logs[1].1.contains("(fresh)"),
+        "{logs:?}"
+    );
+}

@@ -4076,7 +4076,11 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
         context("the held response's request")
     );
 
-    // A client leaving a held transaction: its contexts go at the timeout.
+    // A client leaving a held transaction: its contexts go at the timeout. (The held
+    // response's contexts are gone first, so that the count seen rising is this request's.)
+    server.wait_for_metric(contexts, Instant::now() + Duration::from_secs(10), |line| {
+        line.ends_with(" 0")
+    });
     let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
     client
         .write_all(b"GET /left HTTP/1.1\r\nhost: a\r\nx-hold: 1\r\n\r\n")

@@ -3,7 +3,8 @@
 use runtime_api::Caller;
 
 use super::{check, fill_exact, read_bytes, return_data, HostResult};
-use crate::shared::QueueOwner;
+use crate::shared::{QueueOwner, MAX_METRICS, MAX_METRIC_NAME_BYTES};
+use crate::state::Limit;
 use crate::{MetricType, Status, VmState};
 
 /// `proxy_get_shared_data(key_data, key_size, return_value_data, return_value_size,
@@ -96,15 +97,36 @@ pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
 pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let metric_type = MetricType::from_raw(args[0]).ok_or(Status::BadArgument)?;
     // Refused before the name is copied out of the guest.
-    if args[2] > crate::shared::MAX_METRIC_NAME_BYTES as u64 {
+    if args[2] > MAX_METRIC_NAME_BYTES as u64 {
+        caller.state().tell_limit(Limit::MetricName, || {
+            format!(
+                "proxy_define_metric: a metric name has at most {MAX_METRIC_NAME_BYTES} bytes \
+                 (this one {}): BAD_ARGUMENT",
+                args[2]
+            )
+        });
         return Err(Status::BadArgument.into());
     }
     let (state, mut memory) = caller.state_and_memory();
     let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
     memory.slice_mut(args[3], 4)?;
-    let id = state
+    let id = match state
         .shared
-        .define_metric_for(&state.metric_owner, metric_type, &name)?;
+        .define_metric_for(&state.metric_owner, metric_type, &name)
+    {
+        Ok(id) => id,
+        Err(status) => {
+            if status == Status::InternalFailure {
+                state.tell_limit(Limit::MetricCount, || {
+                    format!(
+                        "proxy_define_metric: the proxy keeps at most {MAX_METRICS} metric \
+                         names, all taken: a new one ({name}) is INTERNAL_FAILURE"
+                    )
+                });
+            }
+            return Err(status.into());
+        }
+    };
     memory.write_u32(args[3], id)?;
     Ok(())
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rustc_hash::FxHashMap;
 
 use super::ForeignCall;
+use crate::state::Limit;
 use crate::value::{timestamp_nanos, Value};
 use crate::{attributes, SharedState, Status};
 
@@ -90,11 +91,28 @@ fn too_deep(source: &str) -> bool {
 /// does not compile.
 fn create(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
     let source = std::str::from_utf8(args).map_err(|_| Status::BadArgument)?;
+    let too_large = || {
+        format!(
+            "expr_create: a CEL expression has at most {MAX_SOURCE_BYTES} bytes, brackets \
+             nested at most {MAX_NESTING} deep and at most {MAX_DEPTH} levels: BAD_ARGUMENT"
+        )
+    };
     if source.len() > MAX_SOURCE_BYTES || too_deep(source) {
+        call.state.tell_limit(Limit::ExpressionSize, too_large);
         return Err(Status::BadArgument);
     }
     let program = cel::Program::compile(source).map_err(|_| Status::BadArgument)?;
-    if too_complex(program.expression()) {
+    let (depth, comprehensions) = shape(program.expression());
+    if depth > MAX_DEPTH {
+        call.state.tell_limit(Limit::ExpressionSize, too_large);
+        return Err(Status::BadArgument);
+    }
+    if comprehensions > MAX_COMPREHENSION_NESTING {
+        call.state.tell_limit(Limit::ExpressionComprehension, || {
+            "expr_create: CEL comprehensions (all, exists, exists_one, map, filter) are \
+             refused, as in Envoy's CEL filters: BAD_ARGUMENT"
+                .to_string()
+        });
         return Err(Status::BadArgument);
     }
     let expressions = call.vm_data::<Expressions>();
@@ -105,13 +123,6 @@ fn create(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
     expressions.next_token = token.wrapping_add(1);
     expressions.programs.insert(token, Arc::new(program));
     Ok(token.to_le_bytes().to_vec())
-}
-
-/// Whether a compiled expression is deeper than [`MAX_DEPTH`] or nests comprehensions deeper
-/// than [`MAX_COMPREHENSION_NESTING`].
-fn too_complex(expression: &cel::IdedExpr) -> bool {
-    let (depth, comprehensions) = shape(expression);
-    depth > MAX_DEPTH || comprehensions > MAX_COMPREHENSION_NESTING
 }
 
 /// How deep an expression's tree is, and how deep comprehensions nest in it, measured without
@@ -175,39 +186,61 @@ fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> 
         .cloned()
         .ok_or(Status::NotFound)?;
     let mut context = cel::Context::default();
+    let mut left_out = false;
     for name in program.references().variables() {
         if let Some(value) = variable(call, name) {
-            let value = without_large_values(value).ok_or(Status::InternalFailure)?;
+            let Some(value) = without_large_values(value, &mut left_out) else {
+                tell_value_left_out(call);
+                return Err(Status::InternalFailure);
+            };
             context.add_variable_from_value(name, to_cel(value));
         }
     }
-    let result = program
-        .execute(&context)
-        .map_err(|_| Status::InternalFailure)?;
+    let result = program.execute(&context).map_err(|_| {
+        if left_out {
+            tell_value_left_out(call);
+        }
+        Status::InternalFailure
+    })?;
     from_cel(&result)?.encode()
+}
+
+/// Tells the plugin that its evaluation failed where it read a value too large to read.
+fn tell_value_left_out(call: &mut ForeignCall<'_>) {
+    call.state.tell_limit(Limit::ExpressionValue, || {
+        format!(
+            "expr_evaluate: a string or bytes value over {} KiB is left out of what a CEL \
+             expression reads: an expression reading one fails (INTERNAL_FAILURE)",
+            MAX_VALUE_BYTES >> 10
+        )
+    });
 }
 
 /// `value` with every map entry holding a string or bytes longer than [`MAX_VALUE_BYTES`]
 /// left out (an expression reading one finds no such key, and its evaluation fails; one reading
 /// the rest of the map is not refused for a large cookie elsewhere in it); `None` if `value`
-/// itself is such a string or bytes, or a list holding one.
-fn without_large_values(value: Value<'static>) -> Option<Value<'static>> {
+/// itself is such a string or bytes, or a list holding one. Sets `left_out` if an entry was
+/// left out.
+fn without_large_values(value: Value<'static>, left_out: &mut bool) -> Option<Value<'static>> {
     match value {
         Value::String(ref bytes) | Value::Bytes(ref bytes) | Value::Message(ref bytes)
             if bytes.len() > MAX_VALUE_BYTES =>
         {
             None
         }
-        Value::Map(entries) => Some(Value::Map(
-            entries
+        Value::Map(entries) => {
+            let count = entries.len();
+            let kept: Vec<_> = entries
                 .into_iter()
                 .filter(|(key, _)| key.len() <= MAX_VALUE_BYTES)
-                .filter_map(|(key, value)| Some((key, without_large_values(value)?)))
-                .collect(),
-        )),
+                .filter_map(|(key, value)| Some((key, without_large_values(value, left_out)?)))
+                .collect();
+            *left_out |= kept.len() < count;
+            Some(Value::Map(kept))
+        }
         Value::List(items) => items
             .into_iter()
-            .map(without_large_values)
+            .map(|item| without_large_values(item, left_out))
             .collect::<Option<Vec<_>>>()
             .map(Value::List),
         other => Some(other),
@@ -380,31 +413,35 @@ mod tests {
             }
             cel::Program::compile(&source).unwrap()
         };
-        assert_eq!(shape(nested(1).expression()).1, 1);
-        assert_eq!(shape(nested(2).expression()).1, 2);
-        assert!(!too_complex(nested(0).expression()));
-        assert!(too_complex(nested(1).expression()));
+        let comprehensions = |program: cel::Program| shape(program.expression()).1;
+        assert_eq!(comprehensions(nested(0)), 0);
+        assert_eq!(comprehensions(nested(1)), 1);
+        assert_eq!(comprehensions(nested(2)), 2);
         for source in [
             "[1].exists(x, x > 0)",
             "[1].map(x, x + 1)",
             "[1].filter(x, x > 0)",
         ] {
             let program = cel::Program::compile(source).unwrap();
-            assert!(too_complex(program.expression()), "{source}");
+            assert_eq!(comprehensions(program), 1, "{source}");
         }
         let plain = cel::Program::compile("size('abc') + 1 == 4 && 'a' in {'a': 1}").unwrap();
-        assert!(!too_complex(plain.expression()));
+        assert_eq!(comprehensions(plain), 0);
     }
 
     #[test]
     fn values_over_64_kib_are_left_out_of_what_an_expression_reads() {
         let big = || Cow::Owned(vec![b'x'; MAX_VALUE_BYTES + 1]);
         let fits = || Cow::Owned(vec![b'x'; MAX_VALUE_BYTES]);
-        assert!(without_large_values(Value::Bytes(fits())).is_some());
-        assert!(without_large_values(Value::Bytes(big())).is_none());
-        assert!(without_large_values(Value::String(big())).is_none());
+        let mut left_out = false;
+        assert!(without_large_values(Value::Bytes(fits()), &mut left_out).is_some());
+        assert!(without_large_values(Value::Bytes(big()), &mut left_out).is_none());
+        assert!(without_large_values(Value::String(big()), &mut left_out).is_none());
         let list = Value::List(vec![Value::Int(1), Value::Bytes(big())]);
-        assert!(without_large_values(list).is_none());
+        assert!(without_large_values(list, &mut left_out).is_none());
+        let small = Value::Map(vec![(Cow::Borrowed(&b"path"[..]), Value::str("/"))]);
+        assert!(without_large_values(small, &mut left_out).is_some());
+        assert!(!left_out, "nothing was left out of a map yet");
         // A map keeps its other entries: `path` stays readable beside a huge cookie.
         let headers = Value::Map(vec![
             (Cow::Borrowed(&b"cookie"[..]), Value::String(big())),
@@ -412,11 +449,12 @@ mod tests {
             (big(), Value::Int(1)),
         ]);
         assert_eq!(
-            without_large_values(headers),
+            without_large_values(headers, &mut left_out),
             Some(Value::Map(vec![(
                 Cow::Borrowed(&b"path"[..]),
                 Value::str("/")
             )]))
         );
+        assert!(left_out);
     }
 }
