@@ -182,8 +182,8 @@ pub use in_memory::{
 };
 pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
 pub use shared::{
-    Histogram, Metric, MetricType, QueueWake, SharedState, HISTOGRAM_BUCKETS, MAX_METRICS,
-    MAX_METRIC_NAME_BYTES,
+    Histogram, Metric, MetricType, QueueWake, SharedLimits, SharedState, HISTOGRAM_BUCKETS,
+    MAX_METRICS, MAX_METRIC_NAME_BYTES,
 };
 pub use state::VmState;
 pub use types::{

@@ -19,13 +19,10 @@ pub struct SharedState {
 }
 
 impl Default for SharedState {
-    /// A new shared state offering Envoy's foreign functions.
+    /// A new shared state offering Envoy's foreign functions, with the default
+    /// [`SharedLimits`].
     fn default() -> Self {
-        let shared = SharedState {
-            inner: Arc::default(),
-        };
-        crate::foreign::register(&shared);
-        shared
+        SharedState::with_limits(SharedLimits::default())
     }
 }
 
@@ -35,6 +32,42 @@ struct Inner {
     queues: Mutex<QueueRegistry>,
     metrics: Mutex<MetricRegistry>,
     foreign_functions: RwLock<FxHashMap<String, ForeignFunction>>,
+    limits: SharedLimits,
+}
+
+/// How much of the host's memory plugins may fill through shared data and shared queues.
+///
+/// What a plugin keeps there lives outside its VM, so no memory cap on the plugin sees it, and
+/// it outlives the plugin: without a bound, a plugin setting new keys or enqueueing for a
+/// consumer that never dequeues grows the proxy until the system stops it. Envoy has no such
+/// bound. Past one, the call is `INTERNAL_FAILURE` (the plugin's log says why, once) and what is
+/// stored stays as it was. Each entry and item counts [`SharedLimits::OVERHEAD_BYTES`] beside
+/// its bytes, so that empty ones are not free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedLimits {
+    /// Bytes of shared data (keys and values) in one VM id's namespace.
+    pub data_bytes_per_vm_id: usize,
+    /// Bytes of items waiting in one queue.
+    pub queue_bytes: usize,
+    /// Queues (distinct VM id and name pairs) in the process; a queue is never removed.
+    pub queues: usize,
+}
+
+impl SharedLimits {
+    /// What each shared data entry or queue item counts beside its own bytes: about what the
+    /// host keeps for it (allocations, the map's slot).
+    pub const OVERHEAD_BYTES: usize = 64;
+}
+
+impl Default for SharedLimits {
+    /// 256 MiB of shared data per VM id, 64 MiB waiting in a queue, 65,536 queues.
+    fn default() -> Self {
+        SharedLimits {
+            data_bytes_per_vm_id: 256 << 20,
+            queue_bytes: 64 << 20,
+            queues: 1 << 16,
+        }
+    }
 }
 
 /// Tells an embedder, on the enqueuing thread, that a VM has queue notifications waiting, so
@@ -108,6 +141,8 @@ impl Registration {
 
 struct Queue {
     items: VecDeque<Vec<u8>>,
+    /// What the items count against [`SharedLimits::queue_bytes`].
+    bytes: usize,
     /// Who registered the queue, the newest last: the newest VM still alive is told. Earlier
     /// ones stay so that the queue falls back to them when a newer one goes away (e.g. the VM a
     /// configuration update started only to check it, then dropped when the update was refused).
@@ -161,6 +196,13 @@ struct SharedValue {
 struct SharedData {
     entries: FxHashMap<(String, Vec<u8>), SharedValue>,
     last_cas: u32,
+    /// What each VM id's entries count against [`SharedLimits::data_bytes_per_vm_id`].
+    bytes_by_vm_id: FxHashMap<String, usize>,
+}
+
+/// What an entry or item of `bytes` counts against its limit.
+fn counted(bytes: usize) -> usize {
+    bytes.saturating_add(SharedLimits::OVERHEAD_BYTES)
 }
 
 impl SharedData {
@@ -364,6 +406,23 @@ impl SharedState {
         SharedState::default()
     }
 
+    /// [`SharedState::new`] with other limits on shared data and queues.
+    pub fn with_limits(limits: SharedLimits) -> Self {
+        let shared = SharedState {
+            inner: Arc::new(Inner {
+                limits,
+                ..Inner::default()
+            }),
+        };
+        crate::foreign::register(&shared);
+        shared
+    }
+
+    /// The limits on shared data and queues.
+    pub fn limits(&self) -> SharedLimits {
+        self.inner.limits
+    }
+
     /// The value and CAS token of a shared data key in `vm_id`'s namespace.
     pub fn get(&self, vm_id: &str, key: &[u8]) -> Option<(Vec<u8>, u32)> {
         let data = self
@@ -378,7 +437,8 @@ impl SharedState {
 
     /// Sets a shared data key. `cas` 0 sets unconditionally; otherwise it must equal the key's
     /// current CAS token, or the call fails with [`Status::CasMismatch`]. A missing key is set
-    /// whatever `cas` says, as in proxy-wasm-cpp-host.
+    /// whatever `cas` says, as in proxy-wasm-cpp-host. [`Status::InternalFailure`] if the VM
+    /// id's data would grow past [`SharedLimits::data_bytes_per_vm_id`].
     pub fn set(&self, vm_id: &str, key: &[u8], value: &[u8], cas: u32) -> Status {
         let mut data = self
             .inner
@@ -386,9 +446,24 @@ impl SharedState {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let key = (vm_id.to_string(), key.to_vec());
+        let mut replaced = 0;
         if let Some(current) = data.entries.get(&key) {
             if cas != 0 && cas != current.cas {
                 return Status::CasMismatch;
+            }
+            replaced = counted(key.1.len() + current.value.len());
+        }
+        let used = data.bytes_by_vm_id.get(vm_id).copied().unwrap_or(0);
+        let after = used
+            .saturating_sub(replaced)
+            .saturating_add(counted(key.1.len() + value.len()));
+        if after > self.inner.limits.data_bytes_per_vm_id && after > used {
+            return Status::InternalFailure;
+        }
+        match data.bytes_by_vm_id.get_mut(vm_id) {
+            Some(bytes) => *bytes = after,
+            None => {
+                data.bytes_by_vm_id.insert(vm_id.to_string(), after);
             }
         }
         let cas = data.next_cas();
@@ -432,7 +507,13 @@ impl SharedState {
     /// once of items already waiting: items left for an earlier owner (a VM copy that failed or
     /// was replaced before it dequeued them) would otherwise wait for the next enqueue. When the
     /// new owner's VM goes away, the notifications go back to the newest earlier owner alive.
-    pub(crate) fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> u32 {
+    /// A new name past [`SharedLimits::queues`] is [`Status::InternalFailure`].
+    pub(crate) fn register_queue(
+        &self,
+        vm_id: &str,
+        name: &str,
+        owner: QueueOwner,
+    ) -> Result<u32, Status> {
         let mut registry = self.queues();
         let key = (vm_id.to_string(), name.to_string());
         let owner = Registration::of(owner);
@@ -446,15 +527,19 @@ impl SharedState {
             if !queue.items.is_empty() {
                 announce(registry, token);
             }
-            return token;
+            return Ok(token);
+        }
+        if registry.queues.len() >= self.inner.limits.queues {
+            return Err(Status::InternalFailure);
         }
         registry.queues.push(Queue {
             items: VecDeque::new(),
+            bytes: 0,
             owners: vec![owner],
         });
         let token = registry.queues.len() as u32;
         registry.by_name.insert(key, token);
-        token
+        Ok(token)
     }
 
     /// Takes `owner`'s VM off every queue it registered (it failed, or is going away) and tells
@@ -490,8 +575,10 @@ impl SharedState {
             .copied()
     }
 
-    /// Appends an item to a queue and tells its owner.
+    /// Appends an item to a queue and tells its owner. [`Status::InternalFailure`] if the
+    /// queue's waiting items would grow past [`SharedLimits::queue_bytes`].
     pub fn enqueue(&self, token: u32, item: &[u8]) -> Status {
+        let limit = self.inner.limits.queue_bytes;
         let mut registry = self.queues();
         let Some(queue) = token
             .checked_sub(1)
@@ -499,6 +586,11 @@ impl SharedState {
         else {
             return Status::NotFound;
         };
+        let bytes = queue.bytes.saturating_add(counted(item.len()));
+        if bytes > limit {
+            return Status::InternalFailure;
+        }
+        queue.bytes = bytes;
         queue.items.push_back(item.to_vec());
         announce(registry, token);
         Status::Ok
@@ -512,7 +604,9 @@ impl SharedState {
             .checked_sub(1)
             .and_then(|i| registry.queues.get_mut(i as usize))
             .ok_or(Status::NotFound)?;
-        queue.items.pop_front().ok_or(Status::Empty)
+        let item = queue.items.pop_front().ok_or(Status::Empty)?;
+        queue.bytes = queue.bytes.saturating_sub(counted(item.len()));
+        Ok(item)
     }
 
     /// Offers `function` to plugins under `name` (replacing any function of that name).
@@ -708,13 +802,72 @@ mod tests {
         assert_eq!(shared.set("vm", b"b", b"2", a), Status::CasMismatch);
     }
 
+    /// Limits of one entry or item of `bytes` each.
+    fn room_for(entries: usize, bytes: usize) -> usize {
+        entries * (bytes + SharedLimits::OVERHEAD_BYTES)
+    }
+
+    #[test]
+    fn shared_data_past_its_vm_ids_limit_is_refused_and_left_as_it_was() {
+        let shared = SharedState::with_limits(SharedLimits {
+            // Two entries of a 1-byte key and a 99-byte value.
+            data_bytes_per_vm_id: room_for(2, 100),
+            ..SharedLimits::default()
+        });
+        let value = [7u8; 99];
+        assert_eq!(shared.set("vm", b"a", &value, 0), Status::Ok);
+        assert_eq!(shared.set("vm", b"b", &value, 0), Status::Ok);
+        assert_eq!(shared.set("vm", b"c", b"", 0), Status::InternalFailure);
+        assert_eq!(shared.get("vm", b"c"), None);
+        // A larger value for a key is refused, and the old one stays; an equal one is not.
+        let (_, cas) = shared.get("vm", b"a").unwrap();
+        assert_eq!(
+            shared.set("vm", b"a", &[1; 100], 0),
+            Status::InternalFailure
+        );
+        assert_eq!(shared.get("vm", b"a"), Some((value.to_vec(), cas)));
+        assert_eq!(shared.set("vm", b"a", &[1; 99], 0), Status::Ok);
+        // A smaller value makes room; another VM id has room of its own.
+        assert_eq!(shared.set("vm", b"b", b"", 0), Status::Ok);
+        assert_eq!(shared.set("vm", b"c", &[1; 30], 0), Status::Ok);
+        assert_eq!(shared.set("other", b"a", &value, 0), Status::Ok);
+        assert_eq!(shared.set("other", b"b", &value, 0), Status::Ok);
+    }
+
+    #[test]
+    fn a_queue_past_its_limit_refuses_items_until_some_are_dequeued() {
+        let shared = SharedState::with_limits(SharedLimits {
+            queue_bytes: room_for(3, 10),
+            queues: 2,
+            ..SharedLimits::default()
+        });
+        let (notify, _notifications) = std::sync::mpsc::channel();
+        let owner = QueueOwner::new(notify);
+        let token = shared.register_queue("vm", "q", owner.clone()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(shared.enqueue(token, &[1; 10]), Status::Ok);
+        }
+        assert_eq!(shared.enqueue(token, b""), Status::InternalFailure);
+        assert_eq!(shared.dequeue(token), Ok(vec![1; 10]));
+        assert_eq!(shared.enqueue(token, b"later"), Status::Ok);
+        // Queues past the process's limit: a new name is refused, a known one is not.
+        assert!(shared.register_queue("vm", "second", owner.clone()).is_ok());
+        assert_eq!(
+            shared.register_queue("vm", "third", owner.clone()),
+            Err(Status::InternalFailure)
+        );
+        assert_eq!(shared.register_queue("vm", "q", owner), Ok(token));
+    }
+
     #[test]
     fn queues_are_scoped_by_vm_id_and_notify_their_owner() {
         let shared = SharedState::new();
         let (notify, notifications) = std::sync::mpsc::channel();
         // The owner's VM state, alive for the test.
         let owner = QueueOwner::new(notify);
-        let token = shared.register_queue("vm", "events", owner.clone());
+        let token = shared
+            .register_queue("vm", "events", owner.clone())
+            .unwrap();
         assert_eq!(shared.resolve_queue("vm", "events"), Some(token));
         assert_eq!(shared.resolve_queue("other-vm", "events"), None);
         assert_eq!(shared.dequeue(token), Err(Status::Empty));
@@ -736,10 +889,14 @@ mod tests {
         let shared = SharedState::new();
         let (running_notify, running) = std::sync::mpsc::channel();
         let running_vm = QueueOwner::new(running_notify);
-        let token = shared.register_queue("vm", "events", running_vm.clone());
+        let token = shared
+            .register_queue("vm", "events", running_vm.clone())
+            .unwrap();
         let (newest_notify, newest) = std::sync::mpsc::channel();
         let newest_vm = QueueOwner::new(newest_notify);
-        shared.register_queue("vm", "events", newest_vm.clone());
+        shared
+            .register_queue("vm", "events", newest_vm.clone())
+            .unwrap();
         assert_eq!(shared.enqueue(token, b"one"), Status::Ok);
         assert_eq!(newest.try_iter().count(), 1, "told the newest VM only");
         assert_eq!(running.try_iter().count(), 0);
@@ -765,14 +922,16 @@ mod tests {
         let shared = SharedState::new();
         let (running_notify, running) = std::sync::mpsc::channel();
         let running_vm = QueueOwner::new(running_notify);
-        let token = shared.register_queue("vm", "events", running_vm.clone());
+        let token = shared
+            .register_queue("vm", "events", running_vm.clone())
+            .unwrap();
         // A VM started only to check a configuration update registers the same queue, and is
         // dropped when the update is refused.
         let (checked_notify, checked) = std::sync::mpsc::channel();
         let checked_vm = QueueOwner::new(checked_notify);
         assert_eq!(
             shared.register_queue("vm", "events", checked_vm.clone()),
-            token
+            Ok(token)
         );
         assert_eq!(shared.enqueue(token, b"one"), Status::Ok);
         assert_eq!(
@@ -794,7 +953,7 @@ mod tests {
             root: 2,
             ..running_vm.clone()
         };
-        shared.register_queue("vm", "events", again);
+        shared.register_queue("vm", "events", again).unwrap();
         assert_eq!(shared.queues().queues[token as usize - 1].owners.len(), 1);
         assert_eq!(shared.enqueue(token, b"three"), Status::Ok);
         assert_eq!(

@@ -148,7 +148,7 @@ pub struct VmState {
     pub(crate) foreign_data: FxHashMap<std::any::TypeId, Box<dyn std::any::Any + Send>>,
     /// The host's limits the plugin has been told it met (see [`VmState::tell_limit`]), one
     /// bit per [`Limit`].
-    limits_told: u8,
+    limits_told: u16,
 }
 
 /// A limit of the host that Envoy does not have, met by a plugin: its call fails with a status
@@ -166,6 +166,12 @@ pub(crate) enum Limit {
     ExpressionComprehension,
     /// A string or bytes value too long for a CEL expression to read.
     ExpressionValue,
+    /// A VM id's shared data at [`crate::SharedLimits::data_bytes_per_vm_id`].
+    SharedData,
+    /// A queue's waiting items at [`crate::SharedLimits::queue_bytes`].
+    QueueBytes,
+    /// The process's queues at [`crate::SharedLimits::queues`].
+    Queues,
 }
 
 impl VmState {
@@ -216,7 +222,7 @@ impl VmState {
     /// the proxy's log.
     #[cold]
     pub(crate) fn tell_limit(&mut self, limit: Limit, why: impl FnOnce() -> String) {
-        let bit = 1u8 << (limit as u8);
+        let bit = 1u16 << (limit as u16);
         if self.limits_told & bit != 0 {
             return;
         }

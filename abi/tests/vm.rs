@@ -473,3 +473,73 @@ fn a_plugin_meeting_a_metric_limit_is_told_why_once() {
         "{logs:?}"
     );
 }
+
+/// A plugin that, on request headers, sets a 200-byte shared data value and enqueues a
+/// 200-byte item, and reports each status as a request header (the status plus 48).
+const SHARED_LIMITS_PROBE: &str = r#"
+(module
+  (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 6000) "x-set")
+  (data (i32.const 6016) "x-enqueue")
+  (data (i32.const 6032) "q")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $status (param $at i32) (param $status i32)
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $status))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $status (i32.const 6100)
+      (call $set (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 200) (i32.const 0)))
+    (drop (call $register (i32.const 6032) (i32.const 1) (i32.const 6200)))
+    (call $status (i32.const 6101)
+      (call $enqueue (i32.load (i32.const 6200)) (i32.const 0) (i32.const 200)))
+    (drop (call $add (i32.const 0) (i32.const 6000) (i32.const 5) (i32.const 6100) (i32.const 1)))
+    (drop (call $add (i32.const 0) (i32.const 6016) (i32.const 9) (i32.const 6101) (i32.const 1)))
+    i32.const 0))
+"#;
+
+/// Shared data and queues live outside the plugin's VM, out of its memory cap's sight: past
+/// their limits a plugin gets INTERNAL_FAILURE, and its log says why, once per limit.
+#[test]
+fn a_plugin_filling_shared_data_or_a_queue_past_the_limits_is_refused_and_told_why_once() {
+    let shared = SharedState::with_limits(abi::SharedLimits {
+        data_bytes_per_vm_id: 100,
+        queue_bytes: 100,
+        ..abi::SharedLimits::default()
+    });
+    let wasm = wat::parse_str(SHARED_LIMITS_PROBE).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin = Plugin::load(&runtime, &wasm, PluginConfig::default(), shared.clone()).unwrap();
+    let mut vm = started(&plugin);
+    for _ in 0..2 {
+        let stream = vm.create_http_context().unwrap();
+        let host = vm.host_as::<InMemoryHost>().unwrap();
+        host.stream(stream).request_headers.add(b":path", b"/");
+        vm.on_request_headers(stream, 1, true).unwrap();
+        let headers = &vm
+            .host_as::<InMemoryHost>()
+            .unwrap()
+            .stream(stream)
+            .request_headers;
+        // INTERNAL_FAILURE (10) both.
+        assert_eq!(headers.get(b"x-set"), Some(&b":"[..]));
+        assert_eq!(headers.get(b"x-enqueue"), Some(&b":"[..]));
+    }
+    assert_eq!(shared.get("", &[0]), None, "nothing was stored");
+    let logs: Vec<_> = vm
+        .host_as::<InMemoryHost>()
+        .unwrap()
+        .logs
+        .iter()
+        .map(|log| log.message.clone())
+        .collect();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert!(
+        logs[0].contains("proxy_set_shared_data: the shared data of a VM id is at most 100 bytes")
+    );
+    assert!(logs[1].contains("proxy_enqueue_shared_queue: a queue holds at most 100 bytes"));
+}

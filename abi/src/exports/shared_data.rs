@@ -3,7 +3,7 @@
 use runtime_api::Caller;
 
 use super::{check, fill_exact, read_bytes, return_data, HostResult};
-use crate::shared::{QueueOwner, MAX_METRICS, MAX_METRIC_NAME_BYTES};
+use crate::shared::{QueueOwner, SharedLimits, MAX_METRICS, MAX_METRIC_NAME_BYTES};
 use crate::state::Limit;
 use crate::{MetricType, Status, VmState};
 
@@ -31,11 +31,21 @@ pub(super) fn set_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) ->
     let (state, memory) = caller.state_and_memory();
     let key = memory.slice(args[0], args[1])?;
     let value = memory.slice(args[2], args[3])?;
-    check(
-        state
-            .shared
-            .set(&state.config.vm_id, key, value, args[4] as u32),
-    )
+    let status = state
+        .shared
+        .set(&state.config.vm_id, key, value, args[4] as u32);
+    if status == Status::InternalFailure {
+        let limit = state.shared.limits().data_bytes_per_vm_id;
+        state.tell_limit(Limit::SharedData, || {
+            format!(
+                "proxy_set_shared_data: the shared data of a VM id is at most {} (keys, values \
+                 and {} bytes per entry), all taken: INTERNAL_FAILURE",
+                in_units(limit),
+                SharedLimits::OVERHEAD_BYTES
+            )
+        });
+    }
+    check(status)
 }
 
 /// `proxy_register_shared_queue(name_data, name_size, return_id)`: the queue's "ready"
@@ -49,9 +59,22 @@ pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u6
         root: state.effective_root().0,
         ..state.queue_owner.clone()
     };
-    let token = state
+    let token = match state
         .shared
-        .register_queue(&state.config.vm_id, name, owner);
+        .register_queue(&state.config.vm_id, name, owner)
+    {
+        Ok(token) => token,
+        Err(status) => {
+            let limit = state.shared.limits().queues;
+            state.tell_limit(Limit::Queues, || {
+                format!(
+                    "proxy_register_shared_queue: the proxy keeps at most {limit} queues, all \
+                     taken: a new one is INTERNAL_FAILURE"
+                )
+            });
+            return Err(status.into());
+        }
+    };
     memory.write_u32(args[2], token)?;
     Ok(())
 }
@@ -90,7 +113,19 @@ pub(super) fn dequeue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
 pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
     let item = memory.slice(args[1], args[2])?;
-    check(state.shared.enqueue(args[0] as u32, item))
+    let status = state.shared.enqueue(args[0] as u32, item);
+    if status == Status::InternalFailure {
+        let limit = state.shared.limits().queue_bytes;
+        state.tell_limit(Limit::QueueBytes, || {
+            format!(
+                "proxy_enqueue_shared_queue: a queue holds at most {} waiting (items and {} \
+                 bytes per item), all taken: INTERNAL_FAILURE until items are dequeued",
+                in_units(limit),
+                SharedLimits::OVERHEAD_BYTES
+            )
+        });
+    }
+    check(status)
 }
 
 /// `proxy_define_metric(metric_type, name_data, name_size, return_metric_id)`.
@@ -159,4 +194,13 @@ pub(super) fn get_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Host
         .metric_value_for(&state.metric_owner, args[0] as u32)?;
     caller.memory().write_u64(args[1], value as u64)?;
     Ok(())
+}
+
+/// `bytes` as a person reads it in a limit: MiB where whole, bytes otherwise.
+fn in_units(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
