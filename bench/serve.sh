@@ -18,11 +18,12 @@
 #   SYSTEM_ALLOCATOR=1 bash bench/serve.sh   # also a build on the system allocator (cases
 #                                            # none-sysalloc, bench-wasmtime-sysalloc)
 #   CASES="none headers-wasmtime" PWHOST=new/pwhost BEFORE=old/pwhost bash bench/serve.sh
-#       # only these cases, with a pwhost binary built elsewhere (no build here; it must have
-#       # the cases' runtimes), each also as CASE-before with the binary BEFORE: two builds
-#       # compared in one run
-#   PINGORA_FLOOR=path/pingora_floor bash bench/serve.sh   # the Pingora-alone case's binary,
-#       # built elsewhere (default: built here, `--example pingora_floor` of pwhost-serve)
+#       # only these cases, with a pwhost binary built elsewhere (no build of it here; it must
+#       # have the cases' runtimes), each also as CASE-before with the binary BEFORE: two
+#       # builds compared in one run
+#   PINGORA_FLOOR=path/pingora_floor bash bench/serve.sh   # the `pingora` case's binary, built
+#       # elsewhere (default: `--example pingora_floor` of pwhost-serve, built here when the
+#       # cases include `pingora`)
 #
 # Needs wrk, h2load and nginx (apt-get install wrk nghttp2-client nginx) and the plugin corpus
 # (scripts/setup.sh).
@@ -52,11 +53,16 @@ else
   cargo build --release -q -p pwhost --features "all-engines serve"
   pwhost=$PWD/target/release/pwhost
 fi
-if [ -n "${PINGORA_FLOOR:-}" ]; then
-  pingora_floor=$PINGORA_FLOOR
-else
-  cargo build --release -q -p pwhost-serve --example pingora_floor
-  pingora_floor=$PWD/target/release/examples/pingora_floor
+DEFAULT_CASES="none headers-wasmtime headers-wasmer-cranelift headers-wasmer-singlepass headers-wasmer-llvm headers-wasmi headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime pingora nginx"
+read -r -a cases <<<"${CASES:-$DEFAULT_CASES}"
+pingora_floor=
+if [[ " ${cases[*]} " == *" pingora "* ]]; then
+  if [ -n "${PINGORA_FLOOR:-}" ]; then
+    pingora_floor=$PINGORA_FLOOR
+  else
+    cargo build --release -q -p pwhost-serve --example pingora_floor
+    pingora_floor=$PWD/target/release/examples/pingora_floor
+  fi
 fi
 BEFORE=${BEFORE:-}
 SYSTEM_ALLOCATOR=${SYSTEM_ALLOCATOR:-0}
@@ -181,7 +187,6 @@ stop() { # case
   while curl -s "$curl_protocol" -o /dev/null "http://127.0.0.1:$proxy_port/"; do sleep 0.1; done
 }
 
-read -r -a cases <<<"${CASES:-none headers-wasmtime headers-wasmer-cranelift headers-wasmer-singlepass headers-wasmer-llvm headers-wasmi headers-wamr headers-v8 headers-null bench-wasmtime bench-null body-wasmtime pingora nginx}"
 [ "$SYSTEM_ALLOCATOR" = 1 ] && cases+=(none-sysalloc bench-wasmtime-sysalloc)
 if [ -n "$BEFORE" ]; then
   for case in "${cases[@]}"; do

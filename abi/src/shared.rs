@@ -38,34 +38,42 @@ struct Inner {
 /// How much of the host's memory plugins may fill through shared data and shared queues.
 ///
 /// What a plugin keeps there lives outside its VM, so no memory cap on the plugin sees it, and
-/// it outlives the plugin: without a bound, a plugin setting new keys or enqueueing for a
-/// consumer that never dequeues grows the proxy until the system stops it. Envoy has no such
-/// bound. Past one, the call is `INTERNAL_FAILURE` (the plugin's log says why, once) and what is
-/// stored stays as it was. Each entry and item counts [`SharedLimits::OVERHEAD_BYTES`] beside
-/// its bytes, so that empty ones are not free.
+/// it outlives the plugin: without a bound, a plugin setting new keys, enqueueing for a
+/// consumer that never dequeues or registering new queues grows the proxy until the system
+/// stops it. Envoy has no such bound. Each limit is per VM id (the namespace shared data and
+/// queues live in, named by the configuration, not by plugins), so one plugin reaching one
+/// leaves others their room. Past one, the call is `INTERNAL_FAILURE` (the plugin's log says
+/// why, once) and what is stored stays as it was. Each entry and item counts
+/// [`SharedLimits::OVERHEAD_BYTES`] beside its bytes, so that empty ones are not free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedLimits {
     /// Bytes of shared data (keys and values) in one VM id's namespace.
     pub data_bytes_per_vm_id: usize,
-    /// Bytes of items waiting in one queue.
-    pub queue_bytes: usize,
-    /// Queues (distinct VM id and name pairs) in the process; a queue is never removed.
-    pub queues: usize,
+    /// Bytes of items waiting in one VM id's queues, all together.
+    pub queue_bytes_per_vm_id: usize,
+    /// Queues in one VM id's namespace (a queue, once registered, stays until the process
+    /// ends, across configuration reloads).
+    pub queues_per_vm_id: usize,
 }
 
 impl SharedLimits {
     /// What each shared data entry or queue item counts beside its own bytes: about what the
     /// host keeps for it (allocations, the map's slot).
     pub const OVERHEAD_BYTES: usize = 64;
+
+    /// The longest queue name (`BAD_ARGUMENT` past it), so that the names a VM id's queues
+    /// keep are bounded too.
+    pub const QUEUE_NAME_BYTES: usize = 4096;
 }
 
 impl Default for SharedLimits {
-    /// 256 MiB of shared data per VM id, 64 MiB waiting in a queue, 65,536 queues.
+    /// 256 MiB of shared data and 64 MiB of waiting queue items per VM id, and 4,096 queues
+    /// per VM id.
     fn default() -> Self {
         SharedLimits {
             data_bytes_per_vm_id: 256 << 20,
-            queue_bytes: 64 << 20,
-            queues: 1 << 16,
+            queue_bytes_per_vm_id: 64 << 20,
+            queues_per_vm_id: 4096,
         }
     }
 }
@@ -141,8 +149,8 @@ impl Registration {
 
 struct Queue {
     items: VecDeque<Vec<u8>>,
-    /// What the items count against [`SharedLimits::queue_bytes`].
-    bytes: usize,
+    /// Its VM id's namespace (`QueueRegistry::namespaces`).
+    namespace: usize,
     /// Who registered the queue, the newest last: the newest VM still alive is told. Earlier
     /// ones stay so that the queue falls back to them when a newer one goes away (e.g. the VM a
     /// configuration update started only to check it, then dropped when the update was refused).
@@ -182,6 +190,18 @@ struct QueueRegistry {
     /// Queue `token` is `queues[token - 1]`; tokens are never reused.
     queues: Vec<Queue>,
     by_name: FxHashMap<(String, String), u32>,
+    /// Each VM id's queues, counted against [`SharedLimits`].
+    namespaces: Vec<QueueNamespace>,
+    namespace_of: FxHashMap<String, usize>,
+}
+
+/// What one VM id's queues hold, against [`SharedLimits`].
+#[derive(Default)]
+struct QueueNamespace {
+    /// Its queues.
+    queues: usize,
+    /// What their waiting items count against [`SharedLimits::queue_bytes_per_vm_id`].
+    waiting_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -507,7 +527,8 @@ impl SharedState {
     /// once of items already waiting: items left for an earlier owner (a VM copy that failed or
     /// was replaced before it dequeued them) would otherwise wait for the next enqueue. When the
     /// new owner's VM goes away, the notifications go back to the newest earlier owner alive.
-    /// A new name past [`SharedLimits::queues`] is [`Status::InternalFailure`].
+    /// A new name past [`SharedLimits::queues_per_vm_id`] is [`Status::InternalFailure`], a
+    /// name longer than [`SharedLimits::QUEUE_NAME_BYTES`] [`Status::BadArgument`].
     pub(crate) fn register_queue(
         &self,
         vm_id: &str,
@@ -529,12 +550,26 @@ impl SharedState {
             }
             return Ok(token);
         }
-        if registry.queues.len() >= self.inner.limits.queues {
+        if name.len() > SharedLimits::QUEUE_NAME_BYTES {
+            return Err(Status::BadArgument);
+        }
+        let namespace = match registry.namespace_of.get(vm_id) {
+            Some(&namespace) => namespace,
+            None => {
+                registry.namespaces.push(QueueNamespace::default());
+                let namespace = registry.namespaces.len() - 1;
+                registry.namespace_of.insert(vm_id.to_string(), namespace);
+                namespace
+            }
+        };
+        let queues = &mut registry.namespaces[namespace].queues;
+        if *queues >= self.inner.limits.queues_per_vm_id {
             return Err(Status::InternalFailure);
         }
+        *queues += 1;
         registry.queues.push(Queue {
             items: VecDeque::new(),
-            bytes: 0,
+            namespace,
             owners: vec![owner],
         });
         let token = registry.queues.len() as u32;
@@ -576,21 +611,26 @@ impl SharedState {
     }
 
     /// Appends an item to a queue and tells its owner. [`Status::InternalFailure`] if the
-    /// queue's waiting items would grow past [`SharedLimits::queue_bytes`].
+    /// waiting items of the queue's VM id would grow past
+    /// [`SharedLimits::queue_bytes_per_vm_id`].
     pub fn enqueue(&self, token: u32, item: &[u8]) -> Status {
-        let limit = self.inner.limits.queue_bytes;
+        let limit = self.inner.limits.queue_bytes_per_vm_id;
         let mut registry = self.queues();
+        let QueueRegistry {
+            queues, namespaces, ..
+        } = &mut *registry;
         let Some(queue) = token
             .checked_sub(1)
-            .and_then(|i| registry.queues.get_mut(i as usize))
+            .and_then(|i| queues.get_mut(i as usize))
         else {
             return Status::NotFound;
         };
-        let bytes = queue.bytes.saturating_add(counted(item.len()));
-        if bytes > limit {
+        let waiting = &mut namespaces[queue.namespace].waiting_bytes;
+        let after = waiting.saturating_add(counted(item.len()));
+        if after > limit {
             return Status::InternalFailure;
         }
-        queue.bytes = bytes;
+        *waiting = after;
         queue.items.push_back(item.to_vec());
         announce(registry, token);
         Status::Ok
@@ -600,12 +640,16 @@ impl SharedState {
     /// if there is no such queue.
     pub fn dequeue(&self, token: u32) -> Result<Vec<u8>, Status> {
         let mut registry = self.queues();
+        let QueueRegistry {
+            queues, namespaces, ..
+        } = &mut *registry;
         let queue = token
             .checked_sub(1)
-            .and_then(|i| registry.queues.get_mut(i as usize))
+            .and_then(|i| queues.get_mut(i as usize))
             .ok_or(Status::NotFound)?;
         let item = queue.items.pop_front().ok_or(Status::Empty)?;
-        queue.bytes = queue.bytes.saturating_sub(counted(item.len()));
+        let waiting = &mut namespaces[queue.namespace].waiting_bytes;
+        *waiting = waiting.saturating_sub(counted(item.len()));
         Ok(item)
     }
 
@@ -832,31 +876,46 @@ mod tests {
         assert_eq!(shared.set("vm", b"c", &[1; 30], 0), Status::Ok);
         assert_eq!(shared.set("other", b"a", &value, 0), Status::Ok);
         assert_eq!(shared.set("other", b"b", &value, 0), Status::Ok);
+        // A full VM id still answers a stale CAS as a mismatch.
+        assert_eq!(shared.set("other", b"b", b"", 1), Status::CasMismatch);
     }
 
     #[test]
-    fn a_queue_past_its_limit_refuses_items_until_some_are_dequeued() {
+    fn a_vm_ids_queues_past_their_limit_refuse_items_until_some_are_dequeued() {
         let shared = SharedState::with_limits(SharedLimits {
-            queue_bytes: room_for(3, 10),
-            queues: 2,
+            queue_bytes_per_vm_id: room_for(3, 10),
+            queues_per_vm_id: 2,
             ..SharedLimits::default()
         });
         let (notify, _notifications) = std::sync::mpsc::channel();
         let owner = QueueOwner::new(notify);
-        let token = shared.register_queue("vm", "q", owner.clone()).unwrap();
-        for _ in 0..3 {
-            assert_eq!(shared.enqueue(token, &[1; 10]), Status::Ok);
-        }
-        assert_eq!(shared.enqueue(token, b""), Status::InternalFailure);
-        assert_eq!(shared.dequeue(token), Ok(vec![1; 10]));
-        assert_eq!(shared.enqueue(token, b"later"), Status::Ok);
-        // Queues past the process's limit: a new name is refused, a known one is not.
-        assert!(shared.register_queue("vm", "second", owner.clone()).is_ok());
+        let first = shared.register_queue("vm", "q", owner.clone()).unwrap();
+        let second = shared.register_queue("vm", "r", owner.clone()).unwrap();
+        // The VM id's two queues share its room.
+        assert_eq!(shared.enqueue(first, &[1; 10]), Status::Ok);
+        assert_eq!(shared.enqueue(second, &[2; 10]), Status::Ok);
+        assert_eq!(shared.enqueue(first, &[3; 10]), Status::Ok);
+        assert_eq!(shared.enqueue(second, b""), Status::InternalFailure);
+        assert_eq!(shared.dequeue(second), Ok(vec![2; 10]));
+        assert_eq!(shared.dequeue(second), Err(Status::Empty));
+        assert_eq!(shared.enqueue(second, b"later"), Status::Ok);
+        // Queues past the VM id's limit: a new name is refused, a known one is not, and
+        // another VM id has room of its own.
         assert_eq!(
             shared.register_queue("vm", "third", owner.clone()),
             Err(Status::InternalFailure)
         );
-        assert_eq!(shared.register_queue("vm", "q", owner), Ok(token));
+        assert_eq!(shared.register_queue("vm", "q", owner.clone()), Ok(first));
+        let other = shared.register_queue("other", "q", owner.clone()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(shared.enqueue(other, &[1; 10]), Status::Ok);
+        }
+        // A name past the longest is refused outright.
+        let long = "q".repeat(SharedLimits::QUEUE_NAME_BYTES + 1);
+        assert_eq!(
+            shared.register_queue("other", &long, owner),
+            Err(Status::BadArgument)
+        );
     }
 
     #[test]

@@ -148,12 +148,12 @@ pub struct VmState {
     pub(crate) foreign_data: FxHashMap<std::any::TypeId, Box<dyn std::any::Any + Send>>,
     /// The host's limits the plugin has been told it met (see [`VmState::tell_limit`]), one
     /// bit per [`Limit`].
-    limits_told: u16,
+    limits_told: u32,
 }
 
 /// A limit of the host that Envoy does not have, met by a plugin: its call fails with a status
-/// that alone would not say why (see the README's list of limits), so the plugin's log says it
-/// once (see [`VmState::tell_limit`]).
+/// that alone would not say why (the README's host function and foreign function tables give
+/// each), so the plugin's log says it once (see [`VmState::tell_limit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Limit {
     /// A metric name over [`crate::shared::MAX_METRIC_NAME_BYTES`].
@@ -162,17 +162,22 @@ pub(crate) enum Limit {
     MetricCount,
     /// A CEL expression too long, or nested too deep.
     ExpressionSize,
-    /// A CEL expression with a comprehension (`all`, `exists`, `map`, `filter`).
+    /// A CEL expression with a comprehension (`all`, `exists`, `exists_one`, `map`, `filter`).
     ExpressionComprehension,
     /// A string or bytes value too long for a CEL expression to read.
     ExpressionValue,
     /// A VM id's shared data at [`crate::SharedLimits::data_bytes_per_vm_id`].
     SharedData,
-    /// A queue's waiting items at [`crate::SharedLimits::queue_bytes`].
+    /// A VM id's waiting queue items at [`crate::SharedLimits::queue_bytes_per_vm_id`].
     QueueBytes,
-    /// The process's queues at [`crate::SharedLimits::queues`].
+    /// A VM id's queues at [`crate::SharedLimits::queues_per_vm_id`].
     Queues,
+    /// A queue name over [`crate::SharedLimits::QUEUE_NAME_BYTES`].
+    QueueName,
 }
+
+// Each limit has a bit of `VmState::limits_told`.
+const _: () = assert!((Limit::QueueName as u32) < u32::BITS);
 
 impl VmState {
     pub(crate) fn new(
@@ -222,7 +227,7 @@ impl VmState {
     /// the proxy's log.
     #[cold]
     pub(crate) fn tell_limit(&mut self, limit: Limit, why: impl FnOnce() -> String) {
-        let bit = 1u16 << (limit as u16);
+        let bit = 1u32 << (limit as u32);
         if self.limits_told & bit != 0 {
             return;
         }

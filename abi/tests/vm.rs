@@ -474,8 +474,10 @@ fn a_plugin_meeting_a_metric_limit_is_told_why_once() {
     );
 }
 
-/// A plugin that, on request headers, sets a 200-byte shared data value and enqueues a
-/// 200-byte item, and reports each status as a request header (the status plus 48).
+/// A plugin that, on request headers, sets shared data of 100 bytes under key `q` and of 200
+/// under `r`, registers queue
+/// `q` and enqueues 100 and 200 bytes there, registers queue `r`, and reports each status as a
+/// request header (the status plus 48: `0` for OK).
 const SHARED_LIMITS_PROBE: &str = r#"
 (module
   (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
@@ -483,33 +485,49 @@ const SHARED_LIMITS_PROBE: &str = r#"
   (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
-  (data (i32.const 6000) "x-set")
-  (data (i32.const 6016) "x-enqueue")
-  (data (i32.const 6032) "q")
+  (data (i32.const 6000) "x-set-small")
+  (data (i32.const 6016) "x-set-large")
+  (data (i32.const 6032) "x-enqueue-small")
+  (data (i32.const 6048) "x-enqueue-large")
+  (data (i32.const 6064) "x-register-r")
+  (data (i32.const 6080) "qr")
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
   (func (export "proxy_on_context_create") (param i32 i32))
   (func $status (param $at i32) (param $status i32)
     (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $status))))
+  (func $report (param $name i32) (param $size i32) (param $at i32)
+    (drop (call $add (i32.const 0) (local.get $name) (local.get $size) (local.get $at) (i32.const 1))))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (call $status (i32.const 6100)
-      (call $set (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 200) (i32.const 0)))
-    (drop (call $register (i32.const 6032) (i32.const 1) (i32.const 6200)))
+      (call $set (i32.const 6080) (i32.const 1) (i32.const 0) (i32.const 100) (i32.const 0)))
     (call $status (i32.const 6101)
+      (call $set (i32.const 6081) (i32.const 1) (i32.const 0) (i32.const 200) (i32.const 0)))
+    (drop (call $register (i32.const 6080) (i32.const 1) (i32.const 6200)))
+    (call $status (i32.const 6102)
+      (call $enqueue (i32.load (i32.const 6200)) (i32.const 0) (i32.const 100)))
+    (call $status (i32.const 6103)
       (call $enqueue (i32.load (i32.const 6200)) (i32.const 0) (i32.const 200)))
-    (drop (call $add (i32.const 0) (i32.const 6000) (i32.const 5) (i32.const 6100) (i32.const 1)))
-    (drop (call $add (i32.const 0) (i32.const 6016) (i32.const 9) (i32.const 6101) (i32.const 1)))
+    (call $status (i32.const 6104) (call $register (i32.const 6081) (i32.const 1) (i32.const 6204)))
+    (call $report (i32.const 6000) (i32.const 11) (i32.const 6100))
+    (call $report (i32.const 6016) (i32.const 11) (i32.const 6101))
+    (call $report (i32.const 6032) (i32.const 15) (i32.const 6102))
+    (call $report (i32.const 6048) (i32.const 15) (i32.const 6103))
+    (call $report (i32.const 6064) (i32.const 12) (i32.const 6104))
     i32.const 0))
 "#;
 
-/// Shared data and queues live outside the plugin's VM, out of its memory cap's sight: past
-/// their limits a plugin gets INTERNAL_FAILURE, and its log says why, once per limit.
+/// Shared data and queues live outside the plugin's VM, out of its memory cap's sight: what
+/// fits is stored; past the limits a plugin gets INTERNAL_FAILURE, and its log says why, once
+/// per limit.
 #[test]
-fn a_plugin_filling_shared_data_or_a_queue_past_the_limits_is_refused_and_told_why_once() {
+fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_why_once() {
     let shared = SharedState::with_limits(abi::SharedLimits {
-        data_bytes_per_vm_id: 100,
-        queue_bytes: 100,
-        ..abi::SharedLimits::default()
+        // The 100-byte value (and its 1-byte key) fits, the 200-byte one does not beside it.
+        data_bytes_per_vm_id: 300,
+        // Twice the 100-byte item fits, the 200-byte one never beside them.
+        queue_bytes_per_vm_id: 400,
+        queues_per_vm_id: 1,
     });
     let wasm = wat::parse_str(SHARED_LIMITS_PROBE).unwrap();
     let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
@@ -525,11 +543,16 @@ fn a_plugin_filling_shared_data_or_a_queue_past_the_limits_is_refused_and_told_w
             .unwrap()
             .stream(stream)
             .request_headers;
-        // INTERNAL_FAILURE (10) both.
-        assert_eq!(headers.get(b"x-set"), Some(&b":"[..]));
-        assert_eq!(headers.get(b"x-enqueue"), Some(&b":"[..]));
+        let status = |name: &str| headers.get(name.as_bytes()).map(<[u8]>::to_vec);
+        // OK (0) for what fits, INTERNAL_FAILURE (10) for the rest.
+        assert_eq!(status("x-set-small"), Some(b"0".to_vec()));
+        assert_eq!(status("x-set-large"), Some(b":".to_vec()));
+        assert_eq!(status("x-enqueue-small"), Some(b"0".to_vec()));
+        assert_eq!(status("x-enqueue-large"), Some(b":".to_vec()));
+        assert_eq!(status("x-register-r"), Some(b":".to_vec()));
     }
-    assert_eq!(shared.get("", &[0]), None, "nothing was stored");
+    assert!(shared.get("", b"q").is_some(), "what fits is stored");
+    assert_eq!(shared.get("", b"r"), None, "what does not is not");
     let logs: Vec<_> = vm
         .host_as::<InMemoryHost>()
         .unwrap()
@@ -537,9 +560,18 @@ fn a_plugin_filling_shared_data_or_a_queue_past_the_limits_is_refused_and_told_w
         .iter()
         .map(|log| log.message.clone())
         .collect();
-    assert_eq!(logs.len(), 2, "{logs:?}");
+    assert_eq!(logs.len(), 3, "{logs:?}");
     assert!(
-        logs[0].contains("proxy_set_shared_data: the shared data of a VM id is at most 100 bytes")
+        logs[0].contains("proxy_set_shared_data: the shared data of a VM id is at most 300 bytes"),
+        "{logs:?}"
     );
-    assert!(logs[1].contains("proxy_enqueue_shared_queue: a queue holds at most 100 bytes"));
+    assert!(
+        logs[1]
+            .contains("proxy_enqueue_shared_queue: the queues of a VM id hold at most 400 bytes"),
+        "{logs:?}"
+    );
+    assert!(
+        logs[2].contains("proxy_register_shared_queue: a VM id has at most 1 queues"),
+        "{logs:?}"
+    );
 }

@@ -1,6 +1,7 @@
 //! The framework's floor for `bench/serve.sh`: a reverse proxy on Pingora alone, with nothing
 //! of pwhost's, set up as `pwhost serve` sets up Pingora (worker threads without work
-//! stealing, HTTP/1.1 and h2c downstream, the same upstream peer options, mimalloc).
+//! stealing, HTTP/1.1 and h2c downstream with the same HTTP/2 idle timeout, the same upstream
+//! peer options, mimalloc).
 //!
 //! What `pwhost serve` costs beyond it is pwhost's own (listeners, routing, admission, metrics,
 //! the plugin chain's plumbing); what it costs beyond nginx is Pingora's.
@@ -79,6 +80,7 @@ fn main() {
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, floor);
     let mut options = HttpServerOptions::default();
     options.h2c = true;
+    options.h2_idle_timeout = Some(Duration::from_secs(3600));
     if let Some(proxy) = service.app_logic_mut() {
         proxy.server_options = Some(options);
     }

@@ -51,6 +51,18 @@ pub(super) fn set_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) ->
 /// `proxy_register_shared_queue(name_data, name_size, return_id)`: the queue's "ready"
 /// notifications go to this VM's root context.
 pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
+    // Refused before the name is copied out of the guest.
+    if args[1] > SharedLimits::QUEUE_NAME_BYTES as u64 {
+        caller.state().tell_limit(Limit::QueueName, || {
+            format!(
+                "proxy_register_shared_queue: a queue name has at most {} bytes (this one {}): \
+                 BAD_ARGUMENT",
+                SharedLimits::QUEUE_NAME_BYTES,
+                args[1]
+            )
+        });
+        return Err(Status::BadArgument.into());
+    }
     let (state, mut memory) = caller.state_and_memory();
     memory.slice_mut(args[2], 4)?;
     let name =
@@ -65,13 +77,16 @@ pub(super) fn register_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u6
     {
         Ok(token) => token,
         Err(status) => {
-            let limit = state.shared.limits().queues;
-            state.tell_limit(Limit::Queues, || {
-                format!(
-                    "proxy_register_shared_queue: the proxy keeps at most {limit} queues, all \
-                     taken: a new one is INTERNAL_FAILURE"
-                )
-            });
+            if status == Status::InternalFailure {
+                let limit = state.shared.limits().queues_per_vm_id;
+                state.tell_limit(Limit::Queues, || {
+                    format!(
+                        "proxy_register_shared_queue: a VM id has at most {limit} queues, all \
+                         taken (queues stay until the proxy restarts): a new one is \
+                         INTERNAL_FAILURE"
+                    )
+                });
+            }
             return Err(status.into());
         }
     };
@@ -115,11 +130,12 @@ pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
     let item = memory.slice(args[1], args[2])?;
     let status = state.shared.enqueue(args[0] as u32, item);
     if status == Status::InternalFailure {
-        let limit = state.shared.limits().queue_bytes;
+        let limit = state.shared.limits().queue_bytes_per_vm_id;
         state.tell_limit(Limit::QueueBytes, || {
             format!(
-                "proxy_enqueue_shared_queue: a queue holds at most {} waiting (items and {} \
-                 bytes per item), all taken: INTERNAL_FAILURE until items are dequeued",
+                "proxy_enqueue_shared_queue: the queues of a VM id hold at most {} waiting \
+                 (items and {} bytes per item), all taken: INTERNAL_FAILURE until items are \
+                 dequeued",
                 in_units(limit),
                 SharedLimits::OVERHEAD_BYTES
             )
@@ -144,6 +160,17 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
     }
     let (state, mut memory) = caller.state_and_memory();
     let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
+    if name.len() > MAX_METRIC_NAME_BYTES {
+        // Invalid UTF-8 grows as it is replaced.
+        state.tell_limit(Limit::MetricName, || {
+            format!(
+                "proxy_define_metric: a metric name has at most {MAX_METRIC_NAME_BYTES} bytes \
+                 (this one {}, its invalid UTF-8 replaced): BAD_ARGUMENT",
+                name.len()
+            )
+        });
+        return Err(Status::BadArgument.into());
+    }
     memory.slice_mut(args[3], 4)?;
     let id = match state
         .shared

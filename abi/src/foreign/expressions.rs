@@ -205,12 +205,14 @@ fn evaluate(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> 
     from_cel(&result)?.encode()
 }
 
-/// Tells the plugin that its evaluation failed where it read a value too large to read.
+/// Tells the plugin that its evaluation failed, reading a value too large to read or a map
+/// one was left out of (which may be why).
 fn tell_value_left_out(call: &mut ForeignCall<'_>) {
     call.state.tell_limit(Limit::ExpressionValue, || {
         format!(
-            "expr_evaluate: a string or bytes value over {} KiB is left out of what a CEL \
-             expression reads: an expression reading one fails (INTERNAL_FAILURE)",
+            "expr_evaluate: a CEL expression failed (INTERNAL_FAILURE) reading a value, or a \
+             map, that had a string or bytes value over {} KiB: such values are left out of \
+             what expressions read, and reading one fails",
             MAX_VALUE_BYTES >> 10
         )
     });
