@@ -42,9 +42,13 @@ struct Inner {
 /// consumer that never dequeues or registering new queues grows the proxy until the system
 /// stops it. Envoy has no such bound. Each limit is per VM id (the namespace shared data and
 /// queues live in, named by the configuration, not by plugins), so one plugin reaching one
-/// leaves others their room. Past one, the call is `INTERNAL_FAILURE` (the plugin's log says
-/// why, once) and what is stored stays as it was. Each entry and item counts
-/// [`SharedLimits::OVERHEAD_BYTES`] beside its bytes, so that empty ones are not free.
+/// leaves others their room. A queue's items count against the queue's VM id, whoever
+/// enqueued them, until they are dequeued (or the process ends): a queue no VM reads any more
+/// keeps its VM id's room. Past a limit, the call is `INTERNAL_FAILURE` (a name too long,
+/// `BAD_ARGUMENT`; the plugin's log says why, once) and what is stored stays as it was. Each
+/// entry and item counts [`SharedLimits::OVERHEAD_BYTES`] beside its bytes (a shared data
+/// entry its VM id's too), so that empty ones are not free; the host's own bookkeeping of
+/// small entries may still take more than that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedLimits {
     /// Bytes of shared data (keys and values) in one VM id's namespace.
@@ -59,7 +63,7 @@ pub struct SharedLimits {
 impl SharedLimits {
     /// What each shared data entry or queue item counts beside its own bytes: about what the
     /// host keeps for it (allocations, the map's slot).
-    pub const OVERHEAD_BYTES: usize = 64;
+    pub const OVERHEAD_BYTES: usize = 128;
 
     /// The longest queue name (`BAD_ARGUMENT` past it), so that the names a VM id's queues
     /// keep are bounded too.
@@ -466,17 +470,19 @@ impl SharedState {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let key = (vm_id.to_string(), key.to_vec());
+        // Each entry keeps its own copy of the VM id.
+        let entry_bytes = |value: usize| counted(vm_id.len() + key.1.len() + value);
         let mut replaced = 0;
         if let Some(current) = data.entries.get(&key) {
             if cas != 0 && cas != current.cas {
                 return Status::CasMismatch;
             }
-            replaced = counted(key.1.len() + current.value.len());
+            replaced = entry_bytes(current.value.len());
         }
         let used = data.bytes_by_vm_id.get(vm_id).copied().unwrap_or(0);
         let after = used
             .saturating_sub(replaced)
-            .saturating_add(counted(key.1.len() + value.len()));
+            .saturating_add(entry_bytes(value.len()));
         if after > self.inner.limits.data_bytes_per_vm_id && after > used {
             return Status::InternalFailure;
         }
@@ -650,6 +656,12 @@ impl SharedState {
         let item = queue.items.pop_front().ok_or(Status::Empty)?;
         let waiting = &mut namespaces[queue.namespace].waiting_bytes;
         *waiting = waiting.saturating_sub(counted(item.len()));
+        // A drained queue gives back the slots a burst grew it to (a deque keeps them), or the
+        // limit on waiting items would not bound what queues hold.
+        let capacity = queue.items.capacity();
+        if capacity > 64 && queue.items.len() <= capacity / 4 {
+            queue.items.shrink_to(capacity / 2);
+        }
         Ok(item)
     }
 
@@ -854,8 +866,8 @@ mod tests {
     #[test]
     fn shared_data_past_its_vm_ids_limit_is_refused_and_left_as_it_was() {
         let shared = SharedState::with_limits(SharedLimits {
-            // Two entries of a 1-byte key and a 99-byte value.
-            data_bytes_per_vm_id: room_for(2, 100),
+            // Two entries of a 1-byte key and a 99-byte value (and the 2-byte VM id).
+            data_bytes_per_vm_id: room_for(2, 102),
             ..SharedLimits::default()
         });
         let value = [7u8; 99];
@@ -873,11 +885,11 @@ mod tests {
         assert_eq!(shared.set("vm", b"a", &[1; 99], 0), Status::Ok);
         // A smaller value makes room; another VM id has room of its own.
         assert_eq!(shared.set("vm", b"b", b"", 0), Status::Ok);
-        assert_eq!(shared.set("vm", b"c", &[1; 30], 0), Status::Ok);
-        assert_eq!(shared.set("other", b"a", &value, 0), Status::Ok);
-        assert_eq!(shared.set("other", b"b", &value, 0), Status::Ok);
+        assert_eq!(shared.set("vm", b"a", &[1; 99 + 99], 0), Status::Ok);
+        assert_eq!(shared.set("vx", b"a", &value, 0), Status::Ok);
+        assert_eq!(shared.set("vx", b"b", &value, 0), Status::Ok);
         // A full VM id still answers a stale CAS as a mismatch.
-        assert_eq!(shared.set("other", b"b", b"", 1), Status::CasMismatch);
+        assert_eq!(shared.set("vx", b"b", b"", 1), Status::CasMismatch);
     }
 
     #[test]
@@ -916,6 +928,22 @@ mod tests {
             shared.register_queue("other", &long, owner),
             Err(Status::BadArgument)
         );
+    }
+
+    #[test]
+    fn a_drained_queue_gives_back_what_a_burst_grew_it_to() {
+        let shared = SharedState::new();
+        let (notify, _notifications) = std::sync::mpsc::channel();
+        let token = shared
+            .register_queue("vm", "q", QueueOwner::new(notify))
+            .unwrap();
+        for _ in 0..100_000 {
+            assert_eq!(shared.enqueue(token, b""), Status::Ok);
+        }
+        while shared.dequeue(token).is_ok() {}
+        let capacity = shared.queues().queues[token as usize - 1].items.capacity();
+        assert!(capacity <= 128, "{capacity} slots kept");
+        assert_eq!(shared.queues().namespaces[0].waiting_bytes, 0);
     }
 
     #[test]

@@ -146,9 +146,8 @@ pub struct VmState {
     pub(crate) plugin_configuration_readable: bool,
     /// Data of foreign functions kept per VM (e.g. compiled CEL expressions), by type.
     pub(crate) foreign_data: FxHashMap<std::any::TypeId, Box<dyn std::any::Any + Send>>,
-    /// The host's limits the plugin has been told it met (see [`VmState::tell_limit`]), one
-    /// bit per [`Limit`].
-    limits_told: u32,
+    /// The host's limits the plugin has been told it met (see [`VmState::tell_limit`]).
+    limits_told: Vec<Limit>,
 }
 
 /// A limit of the host that Envoy does not have, met by a plugin: its call fails with a status
@@ -175,9 +174,6 @@ pub(crate) enum Limit {
     /// A queue name over [`crate::SharedLimits::QUEUE_NAME_BYTES`].
     QueueName,
 }
-
-// Each limit has a bit of `VmState::limits_told`.
-const _: () = assert!((Limit::QueueName as u32) < u32::BITS);
 
 impl VmState {
     pub(crate) fn new(
@@ -218,7 +214,7 @@ impl VmState {
             grpc_message: None,
             plugin_configuration_readable: false,
             foreign_data: FxHashMap::default(),
-            limits_told: 0,
+            limits_told: Vec::new(),
         }
     }
 
@@ -227,11 +223,10 @@ impl VmState {
     /// the proxy's log.
     #[cold]
     pub(crate) fn tell_limit(&mut self, limit: Limit, why: impl FnOnce() -> String) {
-        let bit = 1u32 << (limit as u32);
-        if self.limits_told & bit != 0 {
+        if self.limits_told.contains(&limit) {
             return;
         }
-        self.limits_told |= bit;
+        self.limits_told.push(limit);
         let context = self.effective_context;
         self.host.log(
             context,

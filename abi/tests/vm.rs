@@ -475,9 +475,9 @@ fn a_plugin_meeting_a_metric_limit_is_told_why_once() {
 }
 
 /// A plugin that, on request headers, sets shared data of 100 bytes under key `q` and of 200
-/// under `r`, registers queue
-/// `q` and enqueues 100 and 200 bytes there, registers queue `r`, and reports each status as a
-/// request header (the status plus 48: `0` for OK).
+/// under `r`, registers queue `q` and enqueues 100 and 200 bytes there, registers queue `r` and
+/// one with a 4097-byte name, and reports each status as a request header (the status plus 48:
+/// `0` for OK).
 const SHARED_LIMITS_PROBE: &str = r#"
 (module
   (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
@@ -490,6 +490,7 @@ const SHARED_LIMITS_PROBE: &str = r#"
   (data (i32.const 6032) "x-enqueue-small")
   (data (i32.const 6048) "x-enqueue-large")
   (data (i32.const 6064) "x-register-r")
+  (data (i32.const 6112) "x-register-long")
   (data (i32.const 6080) "qr")
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
@@ -509,11 +510,13 @@ const SHARED_LIMITS_PROBE: &str = r#"
     (call $status (i32.const 6103)
       (call $enqueue (i32.load (i32.const 6200)) (i32.const 0) (i32.const 200)))
     (call $status (i32.const 6104) (call $register (i32.const 6081) (i32.const 1) (i32.const 6204)))
+    (call $status (i32.const 6105) (call $register (i32.const 0) (i32.const 4097) (i32.const 6204)))
     (call $report (i32.const 6000) (i32.const 11) (i32.const 6100))
     (call $report (i32.const 6016) (i32.const 11) (i32.const 6101))
     (call $report (i32.const 6032) (i32.const 15) (i32.const 6102))
     (call $report (i32.const 6048) (i32.const 15) (i32.const 6103))
     (call $report (i32.const 6064) (i32.const 12) (i32.const 6104))
+    (call $report (i32.const 6112) (i32.const 15) (i32.const 6105))
     i32.const 0))
 "#;
 
@@ -523,10 +526,11 @@ const SHARED_LIMITS_PROBE: &str = r#"
 #[test]
 fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_why_once() {
     let shared = SharedState::with_limits(abi::SharedLimits {
-        // The 100-byte value (and its 1-byte key) fits, the 200-byte one does not beside it.
+        // The 100-byte value (its 1-byte key and 128 bytes: 229) fits, the 200-byte one
+        // (329) does not beside it.
         data_bytes_per_vm_id: 300,
-        // Twice the 100-byte item fits, the 200-byte one never beside them.
-        queue_bytes_per_vm_id: 400,
+        // Twice the 100-byte item (228 each) fits, the 200-byte one (328) never beside them.
+        queue_bytes_per_vm_id: 500,
         queues_per_vm_id: 1,
     });
     let wasm = wat::parse_str(SHARED_LIMITS_PROBE).unwrap();
@@ -550,6 +554,8 @@ fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_wh
         assert_eq!(status("x-enqueue-small"), Some(b"0".to_vec()));
         assert_eq!(status("x-enqueue-large"), Some(b":".to_vec()));
         assert_eq!(status("x-register-r"), Some(b":".to_vec()));
+        // BAD_ARGUMENT (2) for a name over 4 KiB.
+        assert_eq!(status("x-register-long"), Some(b"2".to_vec()));
     }
     assert!(shared.get("", b"q").is_some(), "what fits is stored");
     assert_eq!(shared.get("", b"r"), None, "what does not is not");
@@ -560,18 +566,68 @@ fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_wh
         .iter()
         .map(|log| log.message.clone())
         .collect();
-    assert_eq!(logs.len(), 3, "{logs:?}");
+    assert_eq!(logs.len(), 4, "{logs:?}");
     assert!(
         logs[0].contains("proxy_set_shared_data: the shared data of a VM id is at most 300 bytes"),
         "{logs:?}"
     );
     assert!(
-        logs[1]
-            .contains("proxy_enqueue_shared_queue: the queues of a VM id hold at most 400 bytes"),
+        logs[1].contains(
+            "proxy_enqueue_shared_queue: the queues of the queue's VM id hold at most 500 bytes"
+        ),
         "{logs:?}"
     );
     assert!(
         logs[2].contains("proxy_register_shared_queue: a VM id has at most 1 queues"),
+        "{logs:?}"
+    );
+    assert!(
+        logs[3].contains("a queue name has at most 4096 bytes (this one 4097)"),
+        "{logs:?}"
+    );
+}
+
+/// A metric name within 4 KiB as sent, but past it once its invalid UTF-8 is replaced (each
+/// byte by U+FFFD, three bytes), is refused as too long, and the plugin is told so.
+#[test]
+fn a_metric_name_past_the_limit_once_its_invalid_utf8_is_replaced_is_told_too() {
+    let name = "\\ff".repeat(1400);
+    let module = format!(
+        r#"(module
+          (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+          (import "env" "proxy_add_header_map_value"
+            (func $add (param i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "x-status")
+          (data (i32.const 1024) "{name}")
+          (func (export "proxy_abi_version_0_2_1"))
+          (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 8192)
+          (func (export "proxy_on_context_create") (param i32 i32))
+          (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (i32.store8 (i32.const 16) (i32.add (i32.const 48)
+              (call $define (i32.const 0) (i32.const 1024) (i32.const 1400) (i32.const 32))))
+            (drop (call $add (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 16) (i32.const 1)))
+            i32.const 0))"#
+    );
+    let wasm = wat::parse_str(module).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin =
+        Plugin::load(&runtime, &wasm, PluginConfig::default(), SharedState::new()).unwrap();
+    let mut vm = started(&plugin);
+    let stream = vm.create_http_context().unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    host.stream(stream).request_headers.add(b":path", b"/");
+    vm.on_request_headers(stream, 1, true).unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    assert_eq!(
+        host.stream(stream).request_headers.get(b"x-status"),
+        Some(&b"2"[..]),
+        "BAD_ARGUMENT"
+    );
+    let logs: Vec<_> = host.logs.iter().map(|log| log.message.as_str()).collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains("at most 4096 bytes (this one 4200, its invalid UTF-8 replaced)"),
         "{logs:?}"
     );
 }

@@ -4077,8 +4077,11 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
     );
 
     // A client leaving a held transaction: its contexts go at the timeout. The hold is seen
-    // by its 408's log line, the third (the stat can miss a hold of 1.5 s: Traffic Server
-    // publishes stats with a lag, longer under load).
+    // by its 408's log line (the stat can miss a hold of 1.5 s: Traffic Server publishes stats
+    // with a lag, longer under load), and contexts left behind by the count that ends this
+    // test, once the stats have caught up.
+    let held = "[panics] the plugin held the transaction for 1500 ms";
+    let held_before = server.diagnostics().matches(held).count();
     let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
     client
         .write_all(b"GET /left HTTP/1.1\r\nhost: a\r\nx-hold: 1\r\n\r\n")
@@ -4087,10 +4090,7 @@ fn a_transaction_held_past_the_stream_idle_timeout_is_answered_408_and_ends() {
     // reads it with the end of the connection, and holds a transaction whose client is gone).
     std::thread::sleep(timeout / 5);
     drop(client);
-    server.wait_for_log_count("[panics] the plugin held the transaction for 1500 ms", 3);
-    server.wait_for_metric(contexts, Instant::now() + Duration::from_secs(10), |line| {
-        line.ends_with(" 0")
-    });
+    server.wait_for_log_count(held, held_before + 1);
 
     // The headers held while a body comes in parts 600 ms apart, over twice the timeout in
     // all: each part is activity, so the check passes and the origin gets the whole body.

@@ -105,6 +105,10 @@ pub(super) fn resolve_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
     } else {
         vm_id
     };
+    // No queue has a longer name: nothing to copy.
+    if args[3] > SharedLimits::QUEUE_NAME_BYTES as u64 {
+        return Err(Status::NotFound.into());
+    }
     let name =
         std::str::from_utf8(memory.slice(args[2], args[3])?).map_err(|_| Status::BadArgument)?;
     let token = state
@@ -133,9 +137,9 @@ pub(super) fn enqueue_shared_queue(caller: &mut dyn Caller<VmState>, args: &[u64
         let limit = state.shared.limits().queue_bytes_per_vm_id;
         state.tell_limit(Limit::QueueBytes, || {
             format!(
-                "proxy_enqueue_shared_queue: the queues of a VM id hold at most {} waiting \
-                 (items and {} bytes per item), all taken: INTERNAL_FAILURE until items are \
-                 dequeued",
+                "proxy_enqueue_shared_queue: the queues of the queue's VM id hold at most {} \
+                 waiting (items and {} bytes per item, whoever enqueued them), all taken: \
+                 INTERNAL_FAILURE until items are dequeued",
                 in_units(limit),
                 SharedLimits::OVERHEAD_BYTES
             )
