@@ -51,7 +51,8 @@ struct Inner {
 /// small entries may still take more than that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedLimits {
-    /// Bytes of shared data (keys and values) in one VM id's namespace.
+    /// Bytes of shared data (keys, values and the VM id of each entry) in one VM id's
+    /// namespace.
     pub data_bytes_per_vm_id: usize,
     /// Bytes of items waiting in one VM id's queues, all together.
     pub queue_bytes_per_vm_id: usize,

@@ -38,8 +38,8 @@ pub(super) fn set_shared_data(caller: &mut dyn Caller<VmState>, args: &[u64]) ->
         let limit = state.shared.limits().data_bytes_per_vm_id;
         state.tell_limit(Limit::SharedData, || {
             format!(
-                "proxy_set_shared_data: the shared data of a VM id is at most {} (keys, values \
-                 and {} bytes per entry), all taken: INTERNAL_FAILURE",
+                "proxy_set_shared_data: the shared data of a VM id is at most {} (keys, values, \
+                 the VM id and {} bytes per entry), all taken: INTERNAL_FAILURE",
                 in_units(limit),
                 SharedLimits::OVERHEAD_BYTES
             )

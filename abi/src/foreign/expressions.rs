@@ -32,11 +32,11 @@ const MAX_SOURCE_BYTES: usize = 1024;
 const MAX_NESTING: usize = 32;
 /// ... and the compiled expression is at most this deep (the evaluator's recursion).
 const MAX_DEPTH: usize = 64;
-/// Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) are refused, as Envoy's own CEL filters
-/// refuse them: an evaluation runs in a host function, out of reach of the engine's deadline,
-/// and a comprehension multiplies the work (and, with `map`, the memory) of what it runs for
-/// every element. Even one level over a list of a 1 KiB source, running a chain of `+` over a
-/// large value, built gigabytes.
+/// Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) are refused, as Envoy's own
+/// CEL filters refuse them: an evaluation runs in a host function, out of reach of the engine's
+/// deadline, and a comprehension multiplies the work (and, with `map`, the memory) of what it
+/// runs for every element. Even one level over a list of a 1 KiB source, running a chain of
+/// `+` over a large value, built gigabytes.
 const MAX_COMPREHENSION_NESTING: usize = 0;
 /// A string or bytes value an expression reads (an attribute, or a property the plugin set) is
 /// at most this long: `+` copies its operands, so a chain of them over a value the plugin made
