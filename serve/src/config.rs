@@ -47,6 +47,8 @@ pub struct ServeConfig {
     /// How long streams and connections in flight may take to finish once the proxy is told
     /// to stop (SIGTERM, SIGINT).
     pub drain_timeout: Duration,
+    /// How much plugins may keep in shared data and queues, per VM id (`shared_limits`).
+    pub shared_limits: abi::SharedLimits,
     /// The configuration as written (for `/config_dump`).
     pub text: String,
     /// The file it was read from (what a reload reads again).
@@ -246,6 +248,32 @@ struct File {
     admin: Option<AdminFile>,
     #[serde(default = "drain_timeout", with = "duration")]
     drain_timeout: Duration,
+    #[serde(default)]
+    shared_limits: SharedLimitsFile,
+}
+
+/// `shared_limits`: each field left out keeps [`abi::SharedLimits`]'s default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SharedLimitsFile {
+    data_bytes_per_vm_id: Option<usize>,
+    queue_bytes_per_vm_id: Option<usize>,
+    queues_per_vm_id: Option<usize>,
+}
+
+impl SharedLimitsFile {
+    fn limits(&self) -> abi::SharedLimits {
+        let default = abi::SharedLimits::default();
+        abi::SharedLimits {
+            data_bytes_per_vm_id: self
+                .data_bytes_per_vm_id
+                .unwrap_or(default.data_bytes_per_vm_id),
+            queue_bytes_per_vm_id: self
+                .queue_bytes_per_vm_id
+                .unwrap_or(default.queue_bytes_per_vm_id),
+            queues_per_vm_id: self.queues_per_vm_id.unwrap_or(default.queues_per_vm_id),
+        }
+    }
 }
 
 fn drain_timeout() -> Duration {
@@ -506,6 +534,7 @@ impl ServeConfig {
             services,
             admin,
             drain_timeout: file.drain_timeout,
+            shared_limits: file.shared_limits.limits(),
             text: text.to_string(),
             path: None,
         })
@@ -674,6 +703,24 @@ clusters:
             error.starts_with("admin.request_headers_timeout: \"soon\" is not a duration"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn shared_limits_default_to_the_abis_and_are_set_field_by_field() {
+        let config = ServeConfig::parse(MINIMAL, Path::new("/")).unwrap();
+        assert_eq!(config.shared_limits, abi::SharedLimits::default());
+        let text = format!("{MINIMAL}shared_limits: {{data_bytes_per_vm_id: 1073741824}}\n");
+        let config = ServeConfig::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(
+            config.shared_limits,
+            abi::SharedLimits {
+                data_bytes_per_vm_id: 1 << 30,
+                ..abi::SharedLimits::default()
+            }
+        );
+        let typo = format!("{MINIMAL}shared_limits: {{queue_bytes: 1}}\n");
+        let error = ServeConfig::parse(&typo, Path::new("/")).unwrap_err();
+        assert!(error.contains("queue_bytes"), "{error}");
     }
 
     #[test]

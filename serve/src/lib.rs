@@ -196,7 +196,7 @@ impl Proxy {
             reload::hold_early_hangups();
         }
         let options = load_options();
-        let shared = abi::SharedState::default();
+        let shared = abi::SharedState::with_limits(config.shared_limits);
         // Listener `i` has slot `i`; the services' view the next one, and listeners a reload
         // starts the ones after (see `reload`).
         let slots: Vec<usize> = (0..config.listeners.len()).collect();

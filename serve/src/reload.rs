@@ -320,13 +320,15 @@ impl BackgroundService for OnHangup {
 
 /// Whether `new` differs from `old` only in what a reload can put in force (listeners, plugin
 /// chains, routes, clusters); otherwise the first field that needs a restart: the workers, the
-/// services, the admin listener or the drain timeout.
+/// services, the admin listener, the drain timeout or the shared limits.
 fn check_reloadable(new: &ServeConfig, old: &ServeConfig) -> Result<(), String> {
     for (field, changed) in [
         ("workers", new.workers != old.workers),
         ("services", new.services != old.services),
         ("admin", new.admin != old.admin),
         ("drain_timeout", new.drain_timeout != old.drain_timeout),
+        // The shared data and queues outlive reloads, under the limits they began with.
+        ("shared_limits", new.shared_limits != old.shared_limits),
     ] {
         if changed {
             return Err(format!("{field} changed: restart to apply"));
@@ -414,7 +416,7 @@ clusters:
     }
 
     #[test]
-    fn the_workers_services_admin_and_drain_timeout_need_a_restart() {
+    fn the_workers_services_admin_drain_timeout_and_shared_limits_need_a_restart() {
         let refused = |change: &dyn Fn(&str) -> String, field: &str| {
             let error = check(change).expect_err(field);
             assert!(error.contains(field), "{field}: {error}");
@@ -429,6 +431,10 @@ clusters:
         refused(
             &|text| format!("{text}drain_timeout: 3s\n"),
             "drain_timeout",
+        );
+        refused(
+            &|text| format!("{text}shared_limits: {{queues_per_vm_id: 1}}\n"),
+            "shared_limits",
         );
     }
 }
