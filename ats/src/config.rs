@@ -207,14 +207,21 @@ fn upstreams(value: &Value) -> Result<Upstreams, String> {
     Ok(upstreams)
 }
 
+/// What a load starts from.
+pub enum Start<'a> {
+    /// Nothing: the plugins get a new store of shared data and queues, with these limits.
+    Fresh(abi::SharedLimits),
+    /// The plugins in force (a reload): the new ones keep their shared data and queues, and
+    /// modules whose VM key did not change are not compiled again.
+    Replacing(&'a Plugins),
+}
+
 /// Reads every file and loads their plugins on `engines`: one deployment, the files' HTTP
-/// filters in order. Nothing is loaded if any file is wrong. With `previous` (a reload), the
-/// plugins keep its shared data and queues, and modules whose VM key did not change are not
-/// compiled again.
+/// filters in order. Nothing is loaded if any file is wrong.
 pub fn load(
     files: &[PathBuf],
     engines: &dyn lifecycle::Engines,
-    previous: Option<&Plugins>,
+    start: Start<'_>,
 ) -> Result<Loaded, String> {
     if files.is_empty() {
         return Err(
@@ -282,9 +289,16 @@ pub fn load(
         code_cache: CodeCache::new(None),
         compilation_cache: None,
     };
-    let plugins = match previous {
-        Some(previous) => Plugins::load_replacing(previous, &deployment, engines, &options),
-        None => Plugins::load(&deployment, engines, &options, abi::SharedState::new()),
+    let plugins = match start {
+        Start::Replacing(previous) => {
+            Plugins::load_replacing(previous, &deployment, engines, &options)
+        }
+        Start::Fresh(limits) => Plugins::load(
+            &deployment,
+            engines,
+            &options,
+            abi::SharedState::with_limits(limits),
+        ),
     }
     .map_err(|e| e.to_string())?;
     Ok(Loaded {

@@ -299,6 +299,7 @@ struct Arguments {
     runtime: RuntimeConfig,
     buffer_limit_bytes: usize,
     stream_idle_timeout: Option<Duration>,
+    shared_limits: abi::SharedLimits,
 }
 
 fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
@@ -307,12 +308,14 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
     let mut runtime = RuntimeConfig::default();
     let mut buffer_limit_bytes = DEFAULT_BUFFER_LIMIT_BYTES;
     let mut stream_idle_timeout = Some(DEFAULT_STREAM_IDLE_TIMEOUT);
+    let mut shared_limits = abi::SharedLimits::default();
     for arg in args {
         let number = |value: &str| {
             value
                 .parse::<u64>()
                 .map_err(|_| format!("{arg}: expected a number"))
         };
+        let as_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         if let Some(value) = arg.strip_prefix("--deadline-ms=") {
             deadline_ms = number(value)?;
         } else if let Some(value) = arg.strip_prefix("--max-memory-mib=") {
@@ -330,10 +333,18 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             };
+        } else if let Some(value) = arg.strip_prefix("--shared-data-bytes-per-vm-id=") {
+            shared_limits.data_bytes_per_vm_id = as_usize(number(value)?);
+        } else if let Some(value) = arg.strip_prefix("--shared-queue-bytes-per-vm-id=") {
+            shared_limits.queue_bytes_per_vm_id = as_usize(number(value)?);
+        } else if let Some(value) = arg.strip_prefix("--shared-queues-per-vm-id=") {
+            shared_limits.queues_per_vm_id = as_usize(number(value)?);
         } else if arg.starts_with("--") {
             return Err(format!(
                 "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N, \
-                 --buffer-limit-bytes=N, --stream-idle-timeout-ms=N)"
+                 --buffer-limit-bytes=N, --stream-idle-timeout-ms=N, \
+                 --shared-data-bytes-per-vm-id=N, --shared-queue-bytes-per-vm-id=N, \
+                 --shared-queues-per-vm-id=N)"
             ));
         } else {
             files.push(config_path(arg));
@@ -345,6 +356,7 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
         runtime,
         buffer_limit_bytes,
         stream_idle_timeout,
+        shared_limits,
     })
 }
 
@@ -424,7 +436,11 @@ fn init(args: &[String]) -> Result<(), String> {
     // Before the services start: their calls wait for it.
     callout::watch_for_readiness();
     let engines = BuildEngines::new(arguments.runtime);
-    let loaded = config::load(&arguments.files, &engines, None)?;
+    let loaded = config::load(
+        &arguments.files,
+        &engines,
+        config::Start::Fresh(arguments.shared_limits),
+    )?;
     for warning in loaded.plugins.warnings() {
         diag::warning(warning);
     }
@@ -502,7 +518,11 @@ unsafe extern "C" fn on_reload(
             return;
         };
         let (_, previous) = global.live.current();
-        match config::load(&global.files, &global.engines, Some(&previous)) {
+        match config::load(
+            &global.files,
+            &global.engines,
+            config::Start::Replacing(&previous),
+        ) {
             Ok(loaded) => {
                 for warning in loaded.plugins.warnings() {
                     diag::warning(warning);

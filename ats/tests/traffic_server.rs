@@ -4241,3 +4241,36 @@ fn a_plugin_holding_the_response_for_a_callout_lets_it_go_with_its_changes() {
         context("a check after the reply".into())
     );
 }
+
+/// What plugins keep in shared data is bounded per VM id (`--shared-data-bytes-per-vm-id`,
+/// 256 MiB unless set): a set past the bound is refused with INTERNAL_FAILURE, and the plugin's
+/// log, in Traffic Server's, says why. The Rust SDK panics on that status (it expects only OK
+/// or CAS_MISMATCH), so its plugin traps and fails closed, as at its memory cap.
+#[test]
+fn shared_data_past_its_limit_is_refused_and_the_plugin_told_why() {
+    let origin = Origin::start();
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "shared_data",
+            yaml: plugin_yaml("shared_data", "wasmtime", "", ""),
+        }],
+    );
+    // `shared_data` keeps `vm_started` from its start (its VM id, key and value, and 128
+    // bytes: 152); 200 bytes leave no room for `counter` (147) beside it.
+    let plugin_config = root.path().join("etc/plugin.config");
+    let line = std::fs::read_to_string(&plugin_config).expect("plugin.config");
+    let line = line.replacen(".so ", ".so --shared-data-bytes-per-vm-id=200 ", 1);
+    std::fs::write(&plugin_config, line).expect("plugin.config");
+    let server = TrafficServer::start_prepared(root, port);
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+
+    let reply = try_get(&server.url("/count"), &[])
+        .unwrap_or_else(|e| panic!("{}", context(&e.to_string())));
+    assert_eq!(reply.status, 503, "{}", context(&reply.body));
+    assert_eq!(origin.requests(), 0, "{}", context("the request went on"));
+    server.wait_for_log(
+        "[shared_data] pwhost limit: proxy_set_shared_data: the shared data of a VM id is at \
+         most 200 bytes",
+    );
+}
