@@ -254,19 +254,22 @@ pub(crate) async fn deliver(
     }
 }
 
-/// [`deliver`] on a singleton service's thread: to its VM, if the call is still its; a VM
-/// that failed ends its other calls and streams.
-fn deliver_to_service(
+/// Runs `callback`, an answer to call `token`, in `vm` if the call is still its; otherwise
+/// hands `callback` back. A VM that failed in it ends its other calls and streams.
+fn answer_in<F>(
     vm: &mut abi::Vm,
     token: u32,
     last: Last,
-    callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
-) -> Result<(), abi::VmError> {
+    callback: F,
+) -> Result<Result<(), abi::VmError>, F>
+where
+    F: FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
+{
     let Some(host) = vm.host_as::<ServeHost>() else {
-        return Ok(());
+        return Err(callback);
     };
     if !host.callouts.contains(&token) {
-        return Ok(());
+        return Err(callback);
     }
     if last == Last::Yes {
         host.forget_call(token);
@@ -277,7 +280,17 @@ fn deliver_to_service(
             host.abandon_calls();
         }
     }
-    outcome
+    Ok(outcome)
+}
+
+/// [`deliver`] on a singleton service's thread: to its VM, if the call is still its.
+fn deliver_to_service(
+    vm: &mut abi::Vm,
+    token: u32,
+    last: Last,
+    callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
+) -> Result<(), abi::VmError> {
+    answer_in(vm, token, last, callback).unwrap_or(Ok(()))
 }
 
 /// [`deliver`] to the copy of a plugin of `listener` on this worker thread.
@@ -287,40 +300,26 @@ fn deliver_here(
     last: Last,
     callback: impl FnOnce(&mut abi::Vm) -> Result<(), abi::VmError>,
 ) {
+    // Taken by the copy whose call it answers.
     let mut callback = Some(callback);
     // A thread that let go of the listener's copies has none waiting.
     let delivered = with_existing_workers(listener, |workers| {
-        let mut found = false;
         workers.for_each_worker(|_, worker| {
             let mut failed = None;
             worker.for_each_copy(|_, vm, roots| {
-                if found {
-                    return;
-                }
-                let Some(host) = vm.host_as::<ServeHost>() else {
+                let Some(pending) = callback.take() else {
                     return;
                 };
-                if !host.callouts.contains(&token) {
-                    return;
-                }
-                found = true;
-                if last == Last::Yes {
-                    host.forget_call(token);
-                }
-                let Some(callback) = callback.take() else {
-                    return;
-                };
-                if let Err(error) = callback(vm) {
-                    tracing::error!("a call's answer failed in the plugin: {error}");
-                    if let Some(host) = vm.host_as::<ServeHost>() {
-                        host.wake_all();
-                    }
-                    if vm.is_failed() {
+                match answer_in(vm, token, last, pending) {
+                    Err(not_this_copys) => callback = Some(not_this_copys),
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::error!("a call's answer failed in the plugin: {error}");
                         if let Some(host) = vm.host_as::<ServeHost>() {
-                            host.abandon_calls();
+                            host.wake_all();
                         }
+                        failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                     }
-                    failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                 }
             });
             // Counted by its cause, and its policy's clock started, as a tick's failure is.
@@ -328,7 +327,7 @@ fn deliver_here(
                 worker.root_failed(plugin, &error);
             }
         });
-        found
+        callback.is_none()
     });
     if delivered != Some(true) {
         tracing::debug!(token, "a call's answer found no VM copy waiting for it");
