@@ -164,34 +164,33 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
     }
     let (state, mut memory) = caller.state_and_memory();
     let name = String::from_utf8_lossy(memory.slice(args[1], args[2])?).into_owned();
-    if name.len() > MAX_METRIC_NAME_BYTES {
-        // Invalid UTF-8 grows as it is replaced.
-        state.tell_limit(Limit::MetricName, || {
-            format!(
-                "proxy_define_metric: a metric name has at most {MAX_METRIC_NAME_BYTES} bytes \
-                 (this one {}, its invalid UTF-8 replaced): BAD_ARGUMENT",
-                name.len()
-            )
-        });
-        return Err(Status::BadArgument.into());
-    }
     memory.slice_mut(args[3], 4)?;
     let id = match state
         .shared
         .define_metric_for(&state.metric_owner, metric_type, &name)
     {
         Ok(id) => id,
-        Err(status) => {
-            if status == Status::InternalFailure {
-                state.tell_limit(Limit::MetricCount, || {
-                    format!(
-                        "proxy_define_metric: the proxy keeps at most {MAX_METRICS} metric \
-                         names, all taken: a new one ({name}) is INTERNAL_FAILURE"
-                    )
-                });
-            }
-            return Err(status.into());
+        Err(Status::BadArgument) => {
+            // Within the limit as sent, the name outgrew it as its invalid UTF-8 was replaced.
+            state.tell_limit(Limit::MetricName, || {
+                format!(
+                    "proxy_define_metric: a metric name has at most {MAX_METRIC_NAME_BYTES} \
+                     bytes (this one {}, its invalid UTF-8 replaced): BAD_ARGUMENT",
+                    name.len()
+                )
+            });
+            return Err(Status::BadArgument.into());
         }
+        Err(Status::InternalFailure) => {
+            state.tell_limit(Limit::MetricCount, || {
+                format!(
+                    "proxy_define_metric: the proxy keeps at most {MAX_METRICS} metric names, \
+                     all taken: a new one ({name}) is INTERNAL_FAILURE"
+                )
+            });
+            return Err(Status::InternalFailure.into());
+        }
+        Err(other) => return Err(other.into()),
     };
     memory.write_u32(args[3], id)?;
     Ok(())
