@@ -15,7 +15,7 @@
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -46,6 +46,16 @@ pub(crate) const MARKER: &str = "x-pwhost-ats-callout";
 /// so that Traffic Server stops the transfer then (see [`crate::transaction`]'s `start`).
 pub(crate) const TIMEOUT_HEADER: &str = "x-pwhost-ats-callout-timeout-ms";
 
+/// The header carrying the call's number (see [`next_call`]), so that its internal
+/// transaction can record a refused answer against it (`crate::answer`).
+pub(crate) const CALL_HEADER: &str = "x-pwhost-ats-callout-call";
+
+/// A number for a new call, unique in the process (never 0).
+fn next_call() -> usize {
+    static LAST: AtomicUsize = AtomicUsize::new(0);
+    LAST.fetch_add(1, Ordering::Relaxed).wrapping_add(1).max(1)
+}
+
 /// This process's value of [`MARKER`]: random, made once.
 pub(crate) fn marker_value() -> &'static str {
     static VALUE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -61,6 +71,12 @@ pub(crate) fn marker_value() -> &'static str {
     })
 }
 
+/// How often a verdict still pending is asked for (milliseconds), and how many times before
+/// the answer is given up: its internal transaction closes as its client finishes reading, so
+/// a verdict pending for 2 s means the transaction is stuck, and its answer not to be trusted.
+const JUDGING_STEP: sys::TSHRTime = 10;
+const JUDGING_TRIES: u32 = 200;
+
 /// Fetch event numbers (Traffic Server leaves them to the plugin).
 const FETCH_SUCCESS: c_int = 61_001;
 const FETCH_FAILURE: c_int = 61_002;
@@ -72,6 +88,12 @@ enum Progress {
     Waiting,
     /// Answered (or failed, `None`) on another thread; to be delivered on the VM's.
     Arrived(Option<HttpCallResponse>),
+    /// Answered, but the call's internal transaction has not given its verdict on the answer
+    /// yet (`crate::answer`): asked again every [`JUDGING_STEP`], `asked` times so far.
+    Judging {
+        answer: Option<HttpCallResponse>,
+        asked: u32,
+    },
     /// Delivered (the answer or the timeout); later events are dropped.
     Delivered,
 }
@@ -79,6 +101,10 @@ enum Progress {
 /// One HTTP call, owned by its continuation.
 struct Callout {
     token: u32,
+    /// The call's number in the process (its internal transaction's [`CALL_HEADER`]).
+    call: usize,
+    /// The call is a `HEAD`, whose answer has no body whatever its `Content-Length` says.
+    head: bool,
     answer_to: AnswerTo,
     /// The thread of the VM copy that made the call.
     thread: sys::TSEventThread,
@@ -96,14 +122,22 @@ struct Callout {
 /// names and values with CR, LF or NUL would let a plugin smuggle requests, and are refused
 /// with `BAD_ARGUMENT`.
 pub(crate) fn dispatch(token: u32, address: SocketAddr, request: &HttpCallRequest) -> Status {
-    let Some(bytes) = encode(address, request) else {
+    let call = next_call();
+    let Some(bytes) = encode(address, request, call) else {
         return Status::BadArgument;
     };
     if c_int::try_from(bytes.len()).is_err() {
         return Status::BadArgument;
     }
+    let sent = Sent {
+        token,
+        call,
+        head: is_head(request),
+        timeout: request.timeout,
+        answer_to: AnswerTo::ThisThread,
+    };
     // SAFETY: called on a Traffic Server event thread (from a plugin callback).
-    unsafe { launch(token, &bytes, request.timeout, AnswerTo::ThisThread) };
+    unsafe { launch(sent, &bytes) };
     Status::Ok
 }
 
@@ -125,12 +159,27 @@ pub(crate) fn watch_for_readiness() {
     }
 }
 
-/// A singleton service's call, on its way to a net thread.
-struct Launch {
+/// What a call keeps of its request once sent.
+struct Sent {
     token: u32,
-    bytes: Vec<u8>,
+    call: usize,
+    head: bool,
     timeout: Duration,
     answer_to: AnswerTo,
+}
+
+/// Whether `request` is a `HEAD`.
+fn is_head(request: &HttpCallRequest) -> bool {
+    request
+        .headers
+        .get(b":method")
+        .is_some_and(|method| method.eq_ignore_ascii_case(b"HEAD"))
+}
+
+/// A singleton service's call, on its way to a net thread.
+struct Launch {
+    sent: Sent,
+    bytes: Vec<u8>,
 }
 
 /// Sends `request` to `address` for a singleton service, from the service's own thread: the
@@ -142,7 +191,8 @@ pub(crate) fn dispatch_from_service(
     request: &HttpCallRequest,
     inbox: ServiceSlot,
 ) -> Status {
-    let Some(bytes) = encode(address, request) else {
+    let call = next_call();
+    let Some(bytes) = encode(address, request, call) else {
         return Status::BadArgument;
     };
     if c_int::try_from(bytes.len()).is_err() {
@@ -151,12 +201,14 @@ pub(crate) fn dispatch_from_service(
     if !ensure_traffic_server_thread() {
         return Status::InternalFailure;
     }
-    let launch = Box::into_raw(Box::new(Launch {
+    let sent = Sent {
         token,
-        bytes,
+        call,
+        head: is_head(request),
         timeout: request.timeout,
         answer_to: AnswerTo::Service(inbox),
-    }));
+    };
+    let launch = Box::into_raw(Box::new(Launch { sent, bytes }));
     // SAFETY: this thread is known to Traffic Server (`TSThreadInit`), which its continuation
     // and scheduling calls need; the continuation's data is the boxed launch, taken back (and
     // the continuation destroyed) by its one event.
@@ -226,14 +278,9 @@ unsafe extern "C" fn on_launch(
     // SAFETY: as above, ours alone now.
     let call = unsafe { Box::from_raw(raw) };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let Launch {
-            token,
-            bytes,
-            timeout,
-            answer_to,
-        } = *call;
+        let Launch { sent, bytes } = *call;
         // SAFETY: on a Traffic Server net thread; `bytes` was checked to fit.
-        unsafe { launch(token, &bytes, timeout, answer_to) }
+        unsafe { launch(sent, &bytes) }
     }));
     if outcome.is_err() {
         diag::error("launching a service's HTTP call panicked");
@@ -245,12 +292,21 @@ unsafe extern "C" fn on_launch(
 ///
 /// # Safety
 /// Must run on a Traffic Server event thread; `bytes` fits a `c_int`.
-unsafe fn launch(token: u32, bytes: &[u8], timeout: Duration, answer_to: AnswerTo) {
+unsafe fn launch(sent: Sent, bytes: &[u8]) {
     let len = c_int::try_from(bytes.len()).unwrap_or(c_int::MAX);
     // SAFETY: the caller's promise.
     let thread = unsafe { sys::TSEventThreadSelf() };
+    let Sent {
+        token,
+        call,
+        head,
+        timeout,
+        answer_to,
+    } = sent;
     let callout = Box::new(Callout {
         token,
+        call,
+        head,
         answer_to,
         thread,
         progress: Progress::Waiting,
@@ -310,7 +366,7 @@ fn is_clean(bytes: &[u8]) -> bool {
 
 /// The request as Traffic Server's client takes it: HTTP/1.0 (so the answer is never chunked),
 /// an absolute URL naming the upstream's address, the plugin's `:authority` as `Host`.
-fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
+fn encode(address: SocketAddr, request: &HttpCallRequest, call: usize) -> Option<Vec<u8>> {
     let headers = &request.headers;
     let method = headers.get(b":method").unwrap_or(b"GET");
     let path = headers.get(b":path").unwrap_or(b"/");
@@ -332,7 +388,11 @@ fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
     out.extend_from_slice(&authority);
     out.extend_from_slice(format!("\r\n{MARKER}: {}\r\n", marker_value()).as_bytes());
     out.extend_from_slice(
-        format!("{TIMEOUT_HEADER}: {}\r\n", request.timeout.as_millis()).as_bytes(),
+        format!(
+            "{TIMEOUT_HEADER}: {}\r\n{CALL_HEADER}: {call}\r\n",
+            request.timeout.as_millis()
+        )
+        .as_bytes(),
     );
     for (name, value) in headers.iter() {
         if name.starts_with(b":")
@@ -340,6 +400,7 @@ fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
             || name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(MARKER.as_bytes())
             || name.eq_ignore_ascii_case(TIMEOUT_HEADER.as_bytes())
+            || name.eq_ignore_ascii_case(CALL_HEADER.as_bytes())
         {
             continue;
         }
@@ -360,8 +421,11 @@ fn encode(address: SocketAddr, request: &HttpCallRequest) -> Option<Vec<u8>> {
 }
 
 /// The answer Traffic Server's client read: status line and headers parsed with `httparse`,
-/// the rest is the body.
-fn decode(mut bytes: &[u8]) -> Option<HttpCallResponse> {
+/// the rest is the body. `None` for an answer that is not one, or not whole: Traffic Server's
+/// client reports what came when its upstream stopped early, so a body shorter (or longer) than
+/// its `Content-Length` fails the call rather than pass for the answer (`head`: the call was a
+/// `HEAD`, whose answer has none).
+fn decode(mut bytes: &[u8], head: bool) -> Option<HttpCallResponse> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let (response, length) = loop {
         let mut response = httparse::Response::new(&mut headers);
@@ -376,14 +440,30 @@ fn decode(mut bytes: &[u8]) -> Option<HttpCallResponse> {
             _ => break (response, length),
         }
     };
+    let code = response.code?;
+    let body = &bytes[length..];
+    let bodiless = head || matches!(code, 204 | 304);
     let mut map = HeaderMap::new();
-    map.add(b":status", response.code?.to_string().as_bytes());
+    map.add(b":status", code.to_string().as_bytes());
     for header in response.headers.iter() {
+        if !bodiless && header.name.eq_ignore_ascii_case("content-length") {
+            let announced = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|value| value.trim().parse::<usize>().ok());
+            if announced != Some(body.len()) {
+                diag::warning(&format!(
+                    "an HTTP call's answer announced {} bytes of body and {} came: the call fails",
+                    String::from_utf8_lossy(header.value),
+                    body.len()
+                ));
+                return None;
+            }
+        }
         map.add(header.name.to_ascii_lowercase().as_bytes(), header.value);
     }
     Some(HttpCallResponse {
         headers: map,
-        body: bytes[length..].to_vec(),
+        body: body.to_vec(),
         trailers: HeaderMap::new(),
     })
 }
@@ -422,7 +502,7 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
                         // SAFETY: as above, `len` bytes at `raw`.
                         unsafe { std::slice::from_raw_parts(raw.cast::<u8>(), len as usize) }
                     };
-                    decode(bytes)
+                    decode(bytes, callout.head)
                 } else {
                     None
                 };
@@ -432,7 +512,12 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
                         // `timeout` when it does).
                         unsafe { sys::TSActionCancel(timeout) };
                     }
-                    callout.progress = Progress::Arrived(answer);
+                    callout.progress = judged(callout, answer, 0);
+                    if let Progress::Judging { .. } = callout.progress {
+                        // SAFETY: the continuation lives until delivered.
+                        unsafe { sys::TSContScheduleOnThread(cont, JUDGING_STEP, callout.thread) };
+                        return;
+                    }
                     // SAFETY: called on an event thread.
                     if unsafe { sys::TSEventThreadSelf() } != callout.thread {
                         // SAFETY: the continuation lives until delivered (not finished
@@ -455,6 +540,17 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
                         callout.progress = Progress::Arrived(answer);
                         deliver(cont, callout);
                     }
+                    Progress::Judging { answer, asked } => {
+                        callout.progress = judged(callout, answer, asked + 1);
+                        if let Progress::Judging { .. } = callout.progress {
+                            // SAFETY: the continuation lives until delivered.
+                            unsafe {
+                                sys::TSContScheduleOnThread(cont, JUDGING_STEP, callout.thread)
+                            };
+                        } else {
+                            deliver(cont, callout);
+                        }
+                    }
                     Progress::Delivered => {}
                 }
             }
@@ -466,6 +562,33 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
     // SAFETY: as above.
     unsafe { finish(cont, callout, from_fetch) };
     0
+}
+
+/// Where a call stands once Traffic Server's client reported `answer` (`None`: it failed),
+/// by its internal transaction's verdict, asked for the `asked`th time after the first.
+fn judged(callout: &Callout, answer: Option<HttpCallResponse>, asked: u32) -> Progress {
+    if answer.is_none() {
+        crate::answer::forget(callout.call);
+        return Progress::Arrived(None);
+    }
+    match crate::answer::verdict(callout.call) {
+        crate::answer::Verdict::Whole => Progress::Arrived(answer),
+        crate::answer::Verdict::Refused(why) => {
+            crate::answer::log_refusal(callout.token, why);
+            Progress::Arrived(None)
+        }
+        crate::answer::Verdict::Pending if asked < JUDGING_TRIES => {
+            Progress::Judging { answer, asked }
+        }
+        crate::answer::Verdict::Pending => {
+            crate::answer::forget(callout.call);
+            crate::answer::log_refusal(
+                callout.token,
+                "its internal transaction did not close within 2 s of it",
+            );
+            Progress::Arrived(None)
+        }
+    }
 }
 
 /// Ends the call once its fetch and timeout are both over and its answer delivered. Traffic
@@ -500,11 +623,13 @@ unsafe fn finish(cont: sys::TSCont, callout: *mut Callout, from_fetch: bool) {
 /// the continuation is scheduled.
 unsafe fn free(cont: sys::TSCont, callout: *mut Callout) {
     // SAFETY: the caller's promise.
-    unsafe {
+    let callout = unsafe {
         sys::TSContDataSet(cont, std::ptr::null_mut());
-        drop(Box::from_raw(callout));
         sys::TSContDestroy(cont);
-    }
+        Box::from_raw(callout)
+    };
+    // A watch still there (the call's fetch failed, or it timed out first) goes with the call.
+    crate::answer::forget(callout.call);
 }
 
 /// Delivers the call's answer (or failure) to the VM copy that made it, on this thread, then

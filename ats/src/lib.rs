@@ -39,6 +39,7 @@
 //!   Server accepts there, proxied to the listener's upstream with Traffic Server's VIOs on the
 //!   accepting net thread, as Envoy's network filters in front of `tcp_proxy` ([`connection`]).
 
+mod answer;
 mod body;
 mod callout;
 mod chunked;

@@ -284,11 +284,19 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
         // The marker is this process's secret: it goes no further than this hook, never to
         // the upstream; nor does the call's timeout.
         if let Some(mut headers) = client_header(txn, HeaderKind::Request) {
-            let timeout_ms = abi::Headers::get(&headers, callout::TIMEOUT_HEADER.as_bytes())
-                .and_then(|value| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
-                .filter(|ms| *ms > 0);
+            let number = |name: &str| {
+                abi::Headers::get(&headers, name.as_bytes())
+                    .and_then(|value| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+            };
+            let timeout_ms = number(callout::TIMEOUT_HEADER).filter(|ms| *ms > 0);
+            let call = number(callout::CALL_HEADER).and_then(|call| usize::try_from(call).ok());
             abi::Headers::remove(&mut headers, callout::MARKER.as_bytes());
             abi::Headers::remove(&mut headers, callout::TIMEOUT_HEADER.as_bytes());
+            abi::Headers::remove(&mut headers, callout::CALL_HEADER.as_bytes());
+            if let Some(call) = call.filter(|call| *call != 0) {
+                // SAFETY: `txn` is this hook's transaction.
+                unsafe { crate::answer::watch(txn, call) };
+            }
             if let Some(ms) = timeout_ms {
                 // Traffic Server's client reads a whole answer into memory: once the plugin
                 // has stopped waiting, an upstream still sending (an endless body) is cut off a
@@ -1030,6 +1038,18 @@ fn response_header(txn: sys::TSHttpTxn, from: ResponseFrom) -> Option<MimeHeader
         ResponseFrom::Client => client_header(txn, HeaderKind::Response),
         ResponseFrom::Origin => txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response),
     }
+}
+
+/// The body length the origin's response announces: its `Content-Length`, unless a
+/// `Transfer-Encoding` frames it instead (`None` also before the response came).
+pub(crate) fn origin_response_length(txn: sys::TSHttpTxn) -> Option<i64> {
+    use abi::Headers as _;
+    let response = txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response)?;
+    if response.get(b"transfer-encoding").is_some() {
+        return None;
+    }
+    let length = response.get(b"content-length")?;
+    std::str::from_utf8(length).ok()?.trim().parse::<i64>().ok()
 }
 
 /// Whether a header announces no body: no `Content-Length` above 0 and no `Transfer-Encoding`

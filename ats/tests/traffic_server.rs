@@ -1480,6 +1480,95 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
 
 /// A plugin answering a transaction that an earlier plugin held and then continued: its own
 /// status and body reach the client (not Traffic Server's error page).
+/// Traffic Server's client reads a call's whole answer into memory and reports what came even
+/// when its upstream stopped early: an answer over 16 MiB (announced by its length or not) and
+/// one cut short of its length fail the call, with a warning saying why, and the upstream is
+/// not read to the end; an answer without a length under the limit still arrives whole.
+#[test]
+fn a_calls_answer_over_16_mib_or_cut_short_fails_the_call() {
+    let origin = Origin::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "http_call",
+            yaml: http_call_yaml("wasmtime", "", auth.address),
+        }],
+    );
+    let context = |what: &str| format!("{what}\n{}", server.diagnostics());
+    let cases = [
+        (
+            Misbehaviour::Large {
+                bytes: 32 << 20,
+                announced: true,
+            },
+            "was refused (its body is over 16 MiB): the call fails",
+        ),
+        (
+            Misbehaviour::Large {
+                bytes: 32 << 20,
+                announced: false,
+            },
+            "was refused (its body is over 16 MiB): the call fails",
+        ),
+        (
+            Misbehaviour::CutMidBody,
+            "announced 100000 bytes of body and 1000 came: the call fails",
+        ),
+        (
+            Misbehaviour::CutMidChunks,
+            "was refused (its upstream ended it before its end): the call fails",
+        ),
+    ];
+    let mut reloads = 0;
+    for (misbehaviour, warning) in cases {
+        let upstream = Misbehaving::start(misbehaviour);
+        reloads += 1;
+        server.reload_plugin_file(
+            "http_call",
+            &http_call_yaml("wasmtime", "", upstream.address),
+            reloads,
+        );
+        let warnings = server.diagnostics().matches(warning).count();
+        let before = origin.requests();
+        let reply = get(&server.url("/account"), &[]);
+        assert_eq!(
+            reply.status,
+            503,
+            "{misbehaviour:?}: {}",
+            context(&reply.body)
+        );
+        assert_eq!(reply.body, "auth callout failed\n", "{misbehaviour:?}");
+        server.wait_for_log_count(warning, warnings + 1);
+        assert!(
+            upstream.ended_within(Duration::from_secs(5)),
+            "{}",
+            context(&format!(
+                "{misbehaviour:?}: the answer was still being read"
+            ))
+        );
+        assert_eq!(
+            origin.requests(),
+            before,
+            "{misbehaviour:?}: a denied request went on"
+        );
+    }
+
+    // Under the limit, an answer without a length passes the count whole.
+    let upstream = Misbehaving::start(Misbehaviour::Large {
+        bytes: 4 << 20,
+        announced: false,
+    });
+    server.reload_plugin_file(
+        "http_call",
+        &http_call_yaml("wasmtime", "", upstream.address),
+        reloads + 1,
+    );
+    let reply = get(&server.url("/account"), &[]);
+    assert_eq!(reply.status, 200, "{}", context(&reply.body));
+    server.wait_for_log(&format!("body {} bytes", 4 << 20));
+}
+
 #[test]
 fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
     let origin = Origin::start();

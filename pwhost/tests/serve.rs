@@ -845,6 +845,51 @@ fn a_call_whose_answer_never_ends_fails_at_the_timeout_and_is_cut_off() {
     assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
 
+/// A call's answer over 16 MiB (announced by its length or not) or cut short of its length
+/// fails the call, with a warning saying why, and the upstream is not read to the end.
+#[test]
+fn a_calls_answer_over_16_mib_or_cut_short_fails_the_call() {
+    let origin = Origin::start();
+    let cases = [
+        (
+            Misbehaviour::Large {
+                bytes: 32 << 20,
+                announced: true,
+            },
+            "an HTTP call's answer is over 16 MiB: failed",
+        ),
+        (
+            Misbehaviour::Large {
+                bytes: 32 << 20,
+                announced: false,
+            },
+            "an HTTP call's answer is over 16 MiB: failed",
+        ),
+        (
+            Misbehaviour::CutMidBody,
+            "an HTTP call's answer was cut short: failed",
+        ),
+        (
+            Misbehaviour::CutMidChunks,
+            "an HTTP call's answer was cut short: failed",
+        ),
+    ];
+    for (misbehaviour, warning) in cases {
+        let upstream = Misbehaving::start(misbehaviour);
+        let serve = Serve::gated_by_http_call(origin.address, upstream.address);
+        let reply = get(&serve.url("/account"), &[]);
+        assert_eq!(reply.status, 503, "{misbehaviour:?}: {}", serve.log());
+        assert_eq!(reply.body, "auth callout failed\n", "{misbehaviour:?}");
+        serve.wait_for_log(warning);
+        assert!(
+            upstream.ended_within(Duration::from_secs(5)),
+            "{misbehaviour:?}: the answer was still being read\n{}",
+            serve.log()
+        );
+    }
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
 #[test]
 fn http2_clients_without_tls_are_served_through_the_same_chain() {
     let origin = Origin::start();

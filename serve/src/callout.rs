@@ -187,13 +187,38 @@ async fn send(
     for (name, value) in response.headers.iter() {
         headers.add(name.as_str().as_bytes(), value.as_bytes());
     }
+    let over_the_limit = || {
+        tracing::warn!(cluster = %cluster.name, "an HTTP call's answer is over 16 MiB: failed");
+    };
+    // An answer announcing more than the limit is refused before any of its body is read.
+    let announced = response
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_ANSWER_BODY as u64) {
+        over_the_limit();
+        return None;
+    }
     let mut body = Vec::new();
-    while let Some(chunk) = session.read_response_body().await.ok()? {
-        if body.len() + chunk.len() > MAX_ANSWER_BODY {
-            tracing::warn!(cluster = %cluster.name, "an HTTP call's answer is over 16 MiB: failed");
-            return None;
+    loop {
+        match session.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ANSWER_BODY {
+                    over_the_limit();
+                    return None;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(error) => {
+                tracing::warn!(
+                    cluster = %cluster.name,
+                    %error,
+                    "an HTTP call's answer was cut short: failed"
+                );
+                return None;
+            }
         }
-        body.extend_from_slice(&chunk);
     }
     connector().release_http_session(session, &peer, None).await;
     Some(HttpCallResponse {

@@ -18,11 +18,16 @@ pub enum Misbehaviour {
     Stall,
     /// Sends a 200 announcing 100,000 bytes of body, 1,000 of them, then resets.
     CutMidBody,
+    /// Sends a chunked 200, one chunk of 1,000 bytes, then resets.
+    CutMidChunks,
     /// Sends a 200 without a length, then 16 KiB of body every 10 ms for as long as the peer
     /// keeps the connection (or the upstream stops).
     Endless,
     /// Sends an interim 103 Early Hints, then a 200 with `x-auth-user: alice` and body `ok`.
     Interim,
+    /// Sends a 200 with `bytes` of body as fast as the peer takes them, announced by its
+    /// `content-length` or (`announced: false`) not, then ending with the connection.
+    Large { bytes: usize, announced: bool },
 }
 
 /// An upstream on 127.0.0.1 treating every connection as its misbehaviour says, until dropped.
@@ -124,12 +129,40 @@ fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour, stopped: &Atomic
             std::thread::sleep(Duration::from_millis(200));
             reset(stream);
         }
+        Misbehaviour::CutMidChunks => {
+            let mut response =
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3e8\r\n".to_vec();
+            response.resize(response.len() + 1000, b'x');
+            response.extend_from_slice(b"\r\n");
+            let _ = stream.write_all(&response);
+            std::thread::sleep(Duration::from_millis(200));
+            reset(stream);
+        }
         Misbehaviour::Interim => {
             let _ = stream.write_all(
                 b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n\
                   HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 2\r\n\
                   connection: close\r\n\r\nok",
             );
+        }
+        Misbehaviour::Large { bytes, announced } => {
+            let head = match announced {
+                true => format!("HTTP/1.1 200 OK\r\ncontent-length: {bytes}\r\n\r\n"),
+                false => "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_string(),
+            };
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+            if !write_until_stopped(&mut stream, head.as_bytes(), stopped) {
+                return;
+            }
+            let chunk = [b'x'; 64 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let part = left.min(chunk.len());
+                if !write_until_stopped(&mut stream, &chunk[..part], stopped) {
+                    return;
+                }
+                left -= part;
+            }
         }
         Misbehaviour::Endless => {
             if stream
@@ -148,6 +181,27 @@ fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour, stopped: &Atomic
             }
         }
     }
+}
+
+/// Writes all of `bytes` to `stream` (whose writes time out), waiting on a peer that does not
+/// read for as long as the upstream runs; `false` if the peer went or the upstream stopped.
+fn write_until_stopped(stream: &mut TcpStream, mut bytes: &[u8], stopped: &AtomicBool) -> bool {
+    while !bytes.is_empty() {
+        if stopped.load(Ordering::Relaxed) {
+            return false;
+        }
+        match stream.write(bytes) {
+            Ok(0) => return false,
+            Ok(count) => bytes = &bytes[count..],
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 impl Drop for Misbehaving {
