@@ -367,6 +367,14 @@ fn is_clean(bytes: &[u8]) -> bool {
 /// The request as Traffic Server's client takes it: HTTP/1.0 (so the answer is never chunked),
 /// an absolute URL naming the upstream's address, the plugin's `:authority` as `Host`.
 fn encode(address: SocketAddr, request: &HttpCallRequest, call: usize) -> Option<Vec<u8>> {
+    if !request.trailers.is_empty() {
+        // An HTTP/1.0 request carries none: refused, rather than sent without them.
+        diag::warning(
+            "an HTTP call with request trailers is refused (BAD_ARGUMENT): Traffic Server's \
+             client cannot send them",
+        );
+        return None;
+    }
     let headers = &request.headers;
     let method = headers.get(b":method").unwrap_or(b"GET");
     let path = headers.get(b":path").unwrap_or(b"/");
@@ -429,12 +437,27 @@ fn decode(mut bytes: &[u8], head: bool) -> Option<HttpCallResponse> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let (response, length) = loop {
         let mut response = httparse::Response::new(&mut headers);
-        let httparse::Status::Complete(length) = response.parse(bytes).ok()? else {
-            return None;
+        let length = match response.parse(bytes) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) => {
+                diag::warning("an HTTP call's answer ended before its header did: the call fails");
+                return None;
+            }
+            Err(error) => {
+                // Traffic Server checked the upstream's header; what is left is, e.g., more
+                // than 128 fields.
+                diag::warning(&format!(
+                    "an HTTP call's answer header cannot be read ({error}): the call fails"
+                ));
+                return None;
+            }
         };
         match response.code? {
             // A switch of protocols nobody asked for fails the call.
-            101 => return None,
+            101 => {
+                diag::warning("an HTTP call was answered 101 (a switch of protocols): it fails");
+                return None;
+            }
             // An interim answer (100 Continue, 103 Early Hints) comes before the answer.
             100..=199 => bytes = &bytes[length..],
             _ => break (response, length),
@@ -643,9 +666,15 @@ fn deliver(cont: sys::TSCont, callout: &mut Callout) {
     let token = callout.token;
     if let AnswerTo::Service(inbox) = &callout.answer_to {
         match inbox.get() {
-            Some(Some(inbox)) => inbox.post(Box::new(move |vm| match answer {
-                Some(response) => vm.on_http_call_response(token, response),
-                None => vm.on_http_call_failure(token),
+            Some(Some(inbox)) => inbox.post(Box::new(move |vm| {
+                // The call is over: it no longer counts against the service's open calls.
+                if let Some(host) = vm.host_as::<crate::host::AtsHost>() {
+                    host.callouts.remove(&token);
+                }
+                match answer {
+                    Some(response) => vm.on_http_call_response(token, response),
+                    None => vm.on_http_call_failure(token),
+                }
             })),
             // The service failed to start (its configuration refused, say): the answer is
             // dropped, and the call freed.

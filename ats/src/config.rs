@@ -89,7 +89,8 @@ pub struct File {
 /// file's directory, as Traffic Server's plugin does), its upstreams and its TCP listener.
 pub fn read(file: &Path) -> Result<File, String> {
     let shown = file.display();
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let text = lifecycle::files::read_regular_text_file(file)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
     let mut document: Value = serde_yaml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
     let (upstreams, tcp) = match &mut document {
         Value::Mapping(map) => {

@@ -802,14 +802,20 @@ fn socket_address(address: SocketAddr) -> libc::sockaddr_storage {
     storage
 }
 
+/// The longest inactivity timeout given to Traffic Server: it adds a timeout to its clock's
+/// nanoseconds since 1970, and a sum past `i64::MAX` wraps into the past, where every check
+/// finds it expired (a configured `idle_timeout` of centuries would close every connection
+/// within a second). Ten years is as good as none.
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Sets (or, with `None`, cancels) `vc`'s inactivity timeout; setting it again restarts it.
 fn set_inactivity_timeout(vc: sys::TSVConn, timeout: Option<Duration>) {
     // SAFETY: `vc` is an open connection of this plugin's (every caller holds one).
     unsafe {
         match timeout {
             Some(timeout) => {
-                let nanos =
-                    sys::TSHRTime::try_from(timeout.as_nanos()).unwrap_or(sys::TSHRTime::MAX);
+                let nanos = sys::TSHRTime::try_from(timeout.min(LONGEST_TIMEOUT).as_nanos())
+                    .unwrap_or(sys::TSHRTime::MAX);
                 sys::TSVConnInactivityTimeoutSet(vc, nanos);
             }
             None => sys::TSVConnInactivityTimeoutCancel(vc),

@@ -818,6 +818,25 @@ fn a_configuration_error_stops_traffic_server_with_the_field_and_the_problem() {
         output.contains("bad.yaml") && output.contains("vmIdd"),
         "the error does not name the file and the field:\n{output}"
     );
+    // Code named by a FIFO (or a device) is refused, not waited on: Traffic Server would never
+    // start.
+    let fifos = tempfile::tempdir().expect("a directory");
+    let fifo = fifos.path().join("plugin.wasm");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: `name` is a NUL-terminated path that lives through the call.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+    let from_fifo = plugin_yaml("http_headers", engines()[0], "", "").replace(
+        &corpus_plugin("http_headers").display().to_string(),
+        &fifo.display().to_string(),
+    );
+    let output = refused_start(&origin, from_fifo);
+    assert!(
+        output.contains(&format!(
+            "config.vm_config.code: cannot read {}: not a regular file (a FIFO)",
+            fifo.display()
+        )),
+        "the error does not name the field, the file and the problem:\n{output}"
+    );
     // A network filter without a TCP listener would never run: refused, not left idle.
     let network = network_filter_yaml("tcp_filter", engines()[0], "");
     let output = refused_start(&origin, network);
@@ -954,7 +973,10 @@ fn tcp_listeners_run_network_filters_both_ways_on_every_engine() {
         .zip(names)
         .map(|((engine, port), name)| {
             let filter = network_filter_yaml("tcp_filter", engine, "");
-            let limit = "  buffer_limit_bytes: 65536\n";
+            // Timeouts of centuries are as good as none (Traffic Server's clock would wrap
+            // past them into the past, where every check finds them expired).
+            let limit = "  buffer_limit_bytes: 65536\n  idle_timeout: 10000000000s\n  \
+                         connect_timeout: 10000000000s\n";
             tcp_listener_file(name, *port, &echo.address.to_string(), &filter, limit)
         })
         .collect();
@@ -964,6 +986,23 @@ fn tcp_listeners_run_network_filters_both_ways_on_every_engine() {
         // The plugin upper-cases what the client sends and puts `[up] ` before the first
         // bytes coming back: the echo server sends back the upper-cased bytes.
         assert_eq!(tcp_exchange(*port, &["hello"]), "[up] HELLO", "on {engine}");
+        // A connection quiet for a while is not closed (its idle timeout is centuries).
+        let mut quiet = std::net::TcpStream::connect(("127.0.0.1", *port)).expect("connects");
+        quiet.write_all(b"hel").expect("writes");
+        std::thread::sleep(Duration::from_millis(2500));
+        quiet.write_all(b"lo").expect("writes after a pause");
+        quiet
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-closes");
+        quiet
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a read timeout");
+        let mut received = String::new();
+        let _ = quiet.read_to_string(&mut received);
+        assert_eq!(
+            received, "[up] HELLO",
+            "on {engine}: a quiet connection was closed"
+        );
         // Several chunks on one connection, half-closed by the client: nothing is lost, the
         // prefix comes once.
         assert_eq!(
@@ -1480,12 +1519,45 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
 
 /// A plugin answering a transaction that an earlier plugin held and then continued: its own
 /// status and body reach the client (not Traffic Server's error page).
+/// A plugin opening calls without end (none answered: its upstream never accepts them) is
+/// refused once its VM copy has 1024 open, as Envoy's circuit breaker refuses one, with a
+/// warning; Traffic Server goes on answering.
+#[test]
+fn a_plugin_opening_calls_without_end_is_refused_past_1024_open() {
+    let origin = Origin::start();
+    // Never accepts: the calls stay open (they have no timeout).
+    let silent = TcpListener::bind("127.0.0.1:0").expect("a listener that never accepts");
+    let yaml = format!(
+        "{}upstreams:\n  cluster: {}\n",
+        plugin_yaml("../wat/call_flood", "wasmtime", "", ""),
+        silent.local_addr().expect("its address")
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "call_flood",
+            yaml,
+        }],
+    );
+    let reply = get(&server.url("/flood"), &[]);
+    assert_eq!(reply.status, 200, "{}", server.diagnostics());
+    assert_eq!(
+        reply.body,
+        "opened 1024, then status 10",
+        "{}",
+        server.diagnostics()
+    );
+    server.wait_for_log("a plugin has 1024 HTTP calls open: more are refused (INTERNAL_FAILURE)");
+    assert_eq!(origin.requests(), 0);
+}
+
 /// Traffic Server's client reads a call's whole answer into memory and reports what came even
 /// when its upstream stopped early: an answer over 16 MiB (announced by its length or not) and
-/// one cut short of its length fail the call, with a warning saying why, and the upstream is
-/// not read to the end; an answer without a length under the limit still arrives whole.
+/// one cut short fail the call, with a warning saying why, and the upstream is not read to the
+/// end; an answer without a length under the limit still arrives whole. A call with request
+/// trailers, which its HTTP/1.0 request cannot carry, is refused rather than sent without them.
 #[test]
-fn a_calls_answer_over_16_mib_or_cut_short_fails_the_call() {
+fn a_call_that_cannot_be_carried_whole_fails_with_a_warning() {
     let origin = Origin::start();
     let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
     let server = TrafficServer::start(
@@ -1567,6 +1639,11 @@ fn a_calls_answer_over_16_mib_or_cut_short_fails_the_call() {
     let reply = get(&server.url("/account"), &[]);
     assert_eq!(reply.status, 200, "{}", context(&reply.body));
     server.wait_for_log(&format!("body {} bytes", 4 << 20));
+
+    let reply = get(&server.url("/account"), &[("x-call-trailer", "t")]);
+    assert_eq!(reply.status, 503, "{}", context(&reply.body));
+    assert_eq!(reply.body, "auth callout failed\n");
+    server.wait_for_log("an HTTP call with request trailers is refused (BAD_ARGUMENT)");
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<
             if native {
                 return Ok(Code::NativeLibrary(path));
             }
-            std::fs::read(&path)
+            crate::files::read_regular_file(&path)
                 .map(Code::Wasm)
                 .map_err(|source| CodeError::File { path, source })
         }

@@ -16,6 +16,7 @@
 pub mod code;
 pub mod compiled;
 pub mod config;
+pub mod files;
 pub mod plugins;
 pub mod reconfigure;
 pub mod remote;

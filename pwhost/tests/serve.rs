@@ -388,6 +388,20 @@ impl Serve {
         filters: &[String],
         clusters: &[(&str, SocketAddr)],
     ) -> Serve {
+        let clusters: String = clusters
+            .iter()
+            .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
+            .collect();
+        Serve::start_configured_raw(upstream, fields, filters, &clusters)
+    }
+
+    /// As [`Serve::start_configured`], with the clusters beside `backend` as YAML lines.
+    fn start_configured_raw(
+        upstream: SocketAddr,
+        fields: &str,
+        filters: &[String],
+        clusters: &str,
+    ) -> Serve {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = free_port();
         let admin_port = free_port();
@@ -398,9 +412,6 @@ impl Serve {
              request_timeout: 5s}}\n{}",
             filters.concat(),
             clusters
-                .iter()
-                .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
-                .collect::<String>()
         );
         Serve::launch(dir, port, admin_port, &config)
     }
@@ -842,6 +853,91 @@ fn a_call_whose_answer_never_ends_fails_at_the_timeout_and_is_cut_off() {
         "the endless answer was still being read 5 s after the timeout\n{}",
         serve.log()
     );
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
+/// An HTTP/2 upstream without TLS (hyper's server) answering every request 200 with
+/// `x-auth-user: alice`, body `ok` and trailer `x-check: passed`.
+fn trailing_upstream() -> Background {
+    Background::start(move |listener, mut stopped| async move {
+        loop {
+            let Some(stream) = next_connection(&listener, &mut stopped).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(|_request| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-check", http::HeaderValue::from_static("passed"));
+                let frames: Vec<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                > = vec![
+                    Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"ok"))),
+                    Ok(hyper::body::Frame::trailers(trailers)),
+                ];
+                let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                let mut response = http::Response::new(body);
+                response
+                    .headers_mut()
+                    .insert("x-auth-user", http::HeaderValue::from_static("alice"));
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(async move {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    })
+}
+
+/// A call's answer over HTTP/2 brings its trailers to the plugin; a call with request trailers,
+/// which Pingora's client cannot send, is refused (`BAD_ARGUMENT`) rather than sent without them.
+#[test]
+fn an_http_calls_answer_trailers_reach_the_plugin_and_request_trailers_are_refused() {
+    let origin = Origin::start();
+    let upstream = trailing_upstream();
+    let serve = Serve::start_configured_raw(
+        origin.address,
+        "",
+        &[envoy_filter("auth", "http_call", "")],
+        &format!(
+            "  auth_cluster: {{endpoints: [\"{}\"], http2: true}}\n",
+            upstream.address
+        ),
+    );
+    let reply = get(&serve.url("/account"), &[]);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
+    assert!(reply.body.contains("x-auth-user: alice"), "{}", reply.body);
+    assert!(
+        reply.body.contains("x-auth-trailer-x-check: passed"),
+        "{}\n{}",
+        reply.body,
+        serve.log()
+    );
+    let reply = get(&serve.url("/account"), &[("x-call-trailer", "t")]);
+    assert_eq!(reply.status, 503, "{}\n{}", reply.body, serve.log());
+    assert_eq!(reply.body, "auth callout failed\n");
+    serve.wait_for_log("an HTTP call with request trailers is refused (BAD_ARGUMENT)");
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 1);
+}
+
+/// A plugin opening calls without end (none answered: the cluster never accepts them) is
+/// refused once its VM copy has 1024 open, as Envoy's circuit breaker refuses one, with a
+/// warning; the proxy goes on answering.
+#[test]
+fn a_plugin_opening_calls_without_end_is_refused_past_1024_open() {
+    let origin = Origin::start();
+    // Never accepts: the calls stay open (they have no timeout).
+    let silent = TcpListener::bind("127.0.0.1:0").expect("a listener that never accepts");
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("flood", "wat/call_flood", "")],
+        &[("cluster", silent.local_addr().expect("its address"))],
+    );
+    let reply = get(&serve.url("/flood"), &[]);
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert_eq!(reply.body, "opened 1024, then status 10", "{}", serve.log());
+    serve.wait_for_log("a plugin has 1024 HTTP or gRPC calls open: more are refused");
     assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
 
@@ -2195,6 +2291,32 @@ fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
     assert!(reply.body.contains("x-stream-status: 0"), "{}", reply.body);
 }
 
+/// A plugin cancelling its stream resets it: the messages it queued in the same callback do
+/// not go out, nor does a clean end the upstream could take for a whole request stream.
+#[test]
+fn a_grpc_stream_its_plugin_cancels_is_reset_with_nothing_more_sent() {
+    let origin = Origin::start();
+    let upstream = GrpcUpstream::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("stream", "grpc_stream", "")],
+        &[("grpc_cluster", upstream.address)],
+    );
+    let reply = get(&serve.url("/cancel"), &[("x-cancel", "5")]);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
+    assert!(reply.body.contains("x-cancelled: 5"), "{}", reply.body);
+    let held = upstream
+        .held_outcome(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the upstream's stream never ended\n{}", serve.log()));
+    // `hello` may have gone out before the cancel; none of the five queued with it.
+    let messages: usize = held
+        .split_whitespace()
+        .nth(2)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("{held}"));
+    assert!(messages <= 1, "{held}: the queued messages still went out");
+}
+
 /// Sends a gRPC-shaped request (HTTP/2 without TLS, `content-type: application/grpc`) with
 /// `headers`; returns the response's status line and headers as curl prints them.
 fn grpc_request(url: &str, headers: &[&str]) -> String {
@@ -2263,6 +2385,29 @@ fn grpc_unary(
                 (message, metadata)
             })
     })
+}
+
+/// A stream held by one plugin times out at the stream idle timeout from the start of the hold,
+/// even while another plugin of the chain keeps continuing its own part of the stream from a
+/// timer: a wake-up that decides nothing is no activity on the stream.
+#[test]
+fn a_held_stream_times_out_whatever_another_plugin_continues_meanwhile() {
+    let origin = Origin::start();
+    // Never answers: the call would fail only at the plugin's 5 s.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("a listener that never answers");
+    let serve = Serve::start_configured(
+        origin.address,
+        "    stream_idle_timeout: 1s\n",
+        &[
+            envoy_filter("auth", "http_call", ""),
+            envoy_filter("ticker", "wat/continue_ticker", ""),
+        ],
+        &[("auth_cluster", silent.local_addr().expect("its address"))],
+    );
+    let reply = get(&serve.url("/held"), &[]);
+    assert_eq!(reply.status, 408, "{}\n{}", reply.body, serve.log());
+    serve.wait_for_log("continue_ticker: continued");
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
 
 #[test]

@@ -95,6 +95,15 @@ pub(crate) fn dispatch(
     metrics: &Arc<HostMetrics>,
 ) -> Result<(u32, tokio::task::AbortHandle), Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
+    if !request.trailers.is_empty() {
+        // Pingora's client sends none: refused, rather than sent without them.
+        tracing::warn!(
+            cluster = %cluster.name,
+            "an HTTP call with request trailers is refused (BAD_ARGUMENT): the proxy's client \
+             cannot send them"
+        );
+        return Err(Status::BadArgument);
+    }
     let runtime = caller.runtime()?;
     let token = next_token();
     let (caller, cluster, metrics) = (caller.clone(), Arc::clone(cluster), Arc::clone(metrics));
@@ -220,11 +229,32 @@ async fn send(
             }
         }
     }
+    // An HTTP/2 answer's trailers (e.g. a gRPC service's `grpc-status`); an HTTP/1.1 answer's
+    // chunked trailers are not kept by Pingora's client.
+    let mut trailers = HeaderMap::new();
+    if let pingora::protocols::http::client::HttpSession::H2(h2) = &mut session {
+        match h2.read_trailers().await {
+            Ok(Some(received)) => {
+                for (name, value) in received.iter() {
+                    trailers.add(name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(
+                    cluster = %cluster.name,
+                    %error,
+                    "an HTTP call's answer was cut short: failed"
+                );
+                return None;
+            }
+        }
+    }
     connector().release_http_session(session, &peer, None).await;
     Some(HttpCallResponse {
         headers,
         body,
-        trailers: HeaderMap::new(),
+        trailers,
     })
 }
 
@@ -250,6 +280,11 @@ pub(crate) async fn deliver(
     match caller {
         Caller::Worker(listener) => {
             deliver_here(listener, token, last, callback);
+            // The plugin ran on this worker's thread without the task yielding: an upstream
+            // sending message after message (each already read) would hold the worker's other
+            // streams up for as long as it sends. Yielding once the task's budget is spent
+            // lets them run between deliveries.
+            tokio::task::coop::consume_budget().await;
             true
         }
         Caller::Service(address) => {

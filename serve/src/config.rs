@@ -420,7 +420,8 @@ impl ServeConfig {
             file: file.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(file).map_err(|e| error(format!("cannot read: {e}")))?;
+        let text = lifecycle::files::read_regular_text_file(file)
+            .map_err(|e| error(format!("cannot read: {e}")))?;
         // Code paths are relative to the file's directory, wherever the proxy runs from.
         let absolute = std::path::absolute(file).map_err(|e| error(format!("{e}")))?;
         let base = absolute.parent().unwrap_or(Path::new("/"));

@@ -40,12 +40,16 @@ const DEADLINE_EXCEEDED: tonic::Code = tonic::Code::DeadlineExceeded;
 /// not grow the host's memory without end.
 pub(crate) const MAX_UNSENT_BYTES: usize = 16 << 20;
 
-/// Where a plugin's messages for its stream go; dropping it half-closes the stream.
+/// Where a plugin's messages for its stream go. [`StreamSender::half_close`] ends the request
+/// side cleanly; dropping it otherwise (the plugin cancelled the stream, or its VM copy went)
+/// resets the stream.
 pub(crate) struct StreamSender {
     messages: mpsc::UnboundedSender<Bytes>,
     unsent: Arc<Unsent>,
     /// Resets the stream (RST_STREAM) unless it closed gracefully.
     cancel: tonic::CancellationHandle,
+    /// The plugin half-closed the stream: dropped, the sender ends the request side cleanly.
+    half_closed: bool,
 }
 
 /// What a stream's plugin sent that the upstream has not taken yet.
@@ -69,7 +73,27 @@ pub(crate) enum Sent {
     OverLimit,
 }
 
+impl Drop for StreamSender {
+    fn drop(&mut self) {
+        if self.half_closed {
+            return;
+        }
+        // Cancelled: neither what is queued nor a clean END_STREAM may go out (closing the
+        // channel alone would let the request body's own task send both before the stream's
+        // task is stopped, and the reset after a clean end does nothing), so the outgoing
+        // messages stop here and the stream is reset.
+        self.unsent.resetting.store(true, Ordering::Relaxed);
+        self.cancel.clone().cancel();
+    }
+}
+
 impl StreamSender {
+    /// Ends the request side cleanly (END_STREAM once what was queued went out); the answer
+    /// still comes.
+    pub(crate) fn half_close(mut self) {
+        self.half_closed = true;
+    }
+
     /// Sends `message` on the stream, unless the stream already holds too much unsent.
     pub(crate) fn send(&self, message: &[u8]) -> Sent {
         if self.unsent.resetting.load(Ordering::Relaxed) {
@@ -326,6 +350,7 @@ pub(crate) fn open(
         messages: sender,
         unsent: Arc::clone(&unsent),
         cancel: cancel.clone(),
+        half_closed: false,
     };
     let reset = ResetOnDrop {
         cancel,

@@ -356,7 +356,11 @@ impl Host for ServeHost {
         }
         match self.grpc_senders.get_mut(&token) {
             // A stream: its request side half-closes; the answer still comes.
-            Some(open) => *open = None,
+            Some(open) => {
+                if let Some(sender) = open.take() {
+                    sender.half_close();
+                }
+            }
             // A unary call: closing it cancels it, as in Envoy.
             None => self.forget_call(token),
         }

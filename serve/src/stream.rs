@@ -582,6 +582,9 @@ impl Stream {
     /// the plugin asked is read without taking back the header lent across the wait; a
     /// wake-up left from earlier only costs a look.
     async fn wait(&mut self, index: usize) -> Outcome {
+        // Counted from the start of the hold: a wake-up that decides nothing (another plugin's
+        // continue, a call's answer that leaves the stream held) is no activity on the stream.
+        let idle_at = idle_deadline(self.idle_timeout);
         loop {
             let looked = self.with_filter_lending(index, |vm, context| {
                 (take_asked(vm, context), vm.is_failed())
@@ -600,9 +603,9 @@ impl Stream {
                 return outcome;
             }
             let woken = self.wake.notified();
-            match self.idle_timeout {
-                Some(idle) => {
-                    if tokio::time::timeout(idle, woken).await.is_err() {
+            match (self.idle_timeout, idle_at) {
+                (Some(idle), Some(at)) => {
+                    if tokio::time::timeout_at(at, woken).await.is_err() {
                         tracing::debug!(
                             plugin = %self.filters[index].name,
                             timeout = ?idle,
@@ -611,7 +614,7 @@ impl Stream {
                         return Outcome::Reply(Reply::status(408, "stream_idle_timeout"));
                     }
                 }
-                None => woken.await,
+                _ => woken.await,
             }
         }
     }
@@ -688,6 +691,8 @@ impl Stream {
             }
         }
         let wake = Arc::clone(&self.wake);
+        // Counted from the last chunk read: only data is activity on the stream (see `wait`).
+        let mut idle_at = idle_deadline(self.idle_timeout);
         loop {
             // Lent again before every wait: a body callback took the header back from this
             // plugin, and lending it to another made this loan stale.
@@ -721,12 +726,15 @@ impl Stream {
                 () = wake.notified() => Event::Woken,
                 read = reader.read(), if readable => Event::Read(read),
                 () = async {
-                    match idle {
-                        Some(idle) => tokio::time::sleep(idle).await,
+                    match idle_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 } => Event::Idle,
             };
+            if matches!(event, Event::Read(Ok(_))) {
+                idle_at = idle_deadline(idle);
+            }
             match event {
                 Event::Woken => {}
                 Event::Read(Err(ReadFailure::TimedOut)) => {
@@ -1503,4 +1511,10 @@ fn lend_trailers(slot: &mut StreamSlot, trailers: &mut http::HeaderMap) {
 pub(crate) fn lend_response(slot: &mut StreamSlot, header: &mut ResponseHeader) {
     // SAFETY: as in `lend_request`.
     slot.response = Some(unsafe { Lent::new(header) });
+}
+
+/// When a stream held from now times out after `idle` (`None`: never, also for a timeout too
+/// far off to count).
+fn idle_deadline(idle: Option<std::time::Duration>) -> Option<tokio::time::Instant> {
+    idle.and_then(|idle| tokio::time::Instant::now().checked_add(idle))
 }

@@ -306,9 +306,13 @@ async fn relay(
         }
         let may_read = |direction: Direction| {
             let side = direction.index();
+            // What waits in all, held by plugins or not yet written, as the README says.
             reading[side]
-                && outboxes[side].pending.len() < limit
-                && connection.held(direction) < limit
+                && outboxes[side]
+                    .pending
+                    .len()
+                    .saturating_add(connection.held(direction))
+                    < limit
         };
         let (read_downstream, read_upstream) =
             (may_read(Direction::Request), may_read(Direction::Response));

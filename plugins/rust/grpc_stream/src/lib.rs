@@ -18,6 +18,11 @@
 //! A request with `x-flood: <n>` opens `pwhost.Echo/Hold` instead and sends `n` messages of
 //! 1 MiB once the stream's initial metadata came (the upstream answered), to test how a host
 //! bounds what a plugin sends faster than the upstream takes it.
+//!
+//! A request with `x-cancel: <n>` opens `pwhost.Echo/Hold` too and, once the initial metadata
+//! came, sends `n` messages `queued` and cancels the stream (`proxy_grpc_cancel`) in the same
+//! callback, then adds request header `x-cancelled: <n>` and resumes the request: a host must
+//! reset such a stream, with none of the queued messages or a clean end reaching the upstream.
 
 use log::info;
 use proxy_wasm::traits::*;
@@ -26,13 +31,16 @@ use proxy_wasm::types::*;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
-        Box::new(GrpcStream { flood: 0 })
+        Box::new(GrpcStream { flood: 0, cancel: None })
     });
 }}
 
 struct GrpcStream {
     /// MiB to send once the upstream answered (`x-flood`).
     flood: usize,
+    /// Messages to queue before cancelling the stream, once the upstream answered
+    /// (`x-cancel`).
+    cancel: Option<usize>,
 }
 
 impl HttpContext for GrpcStream {
@@ -41,7 +49,14 @@ impl HttpContext for GrpcStream {
             .get_http_request_header("x-flood")
             .and_then(|n| n.parse::<usize>().ok())
             .unwrap_or(0);
-        let method = if self.flood > 0 { "Hold" } else { "Stream" };
+        self.cancel = self
+            .get_http_request_header("x-cancel")
+            .and_then(|n| n.parse::<usize>().ok());
+        let method = if self.flood > 0 || self.cancel.is_some() {
+            "Hold"
+        } else {
+            "Stream"
+        };
         match self.open_grpc_stream("grpc_cluster", "pwhost.Echo", method, vec![]) {
             Ok(token) => {
                 info!("opened grpc stream: token {}", token);
@@ -66,6 +81,14 @@ impl Context for GrpcStream {
         let megabyte = vec![b'x'; 1 << 20];
         for _ in 0..self.flood {
             self.send_grpc_stream_message(token_id, Some(&megabyte), false);
+        }
+        if let Some(count) = self.cancel {
+            for _ in 0..count {
+                self.send_grpc_stream_message(token_id, Some(b"queued"), false);
+            }
+            self.cancel_grpc_stream(token_id);
+            self.add_http_request_header("x-cancelled", &count.to_string());
+            self.resume_http_request();
         }
     }
 

@@ -10,6 +10,10 @@
 //!   exist then (Envoy answers BAD_ARGUMENT, on which the SDK's getters panic), so the plugin
 //!   answers 503 `auth callout failed` without reading them.
 //!
+//! Each trailer of a 200 answer is added to the request as `x-auth-trailer-<name>: <value>`
+//! (headers mode). With request header `x-call-trailer: <value>` the call is sent with request
+//! trailer `x-call-trailer: <value>`.
+//!
 //! Logs `dispatched http call: token {token}` and `http call response: token {token}, body
 //! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally. An
 //! answer carrying header `x-panic` makes the plugin panic (a trap in its answer callback).
@@ -70,6 +74,7 @@ proxy_wasm::main! {{
     proxy_wasm::set_http_context(|_, _| -> Box<dyn HttpContext> {
         Box::new(HttpCall {
             mode: Mode::Headers,
+            call_trailer: None,
         })
     });
 }}
@@ -103,6 +108,8 @@ enum Mode {
 
 struct HttpCall {
     mode: Mode,
+    /// A trailer to send with the call (`x-call-trailer`).
+    call_trailer: Option<String>,
 }
 
 impl HttpContext for HttpCall {
@@ -175,6 +182,7 @@ impl HttpContext for HttpCall {
             .get_property(vec!["plugin_name"])
             .map(|name| format!("x-check-body-{}", String::from_utf8_lossy(&name)))
             .and_then(|header| self.get_http_request_header(&header));
+        self.call_trailer = self.get_http_request_header("x-call-trailer");
         if self.get_http_request_header("x-check-response").is_some() {
             self.mode = Mode::Response;
             return Action::Continue;
@@ -228,6 +236,11 @@ impl HttpCall {
     /// Sends `GET /auth` to `auth_cluster`; if it cannot be sent, answers 503 instead
     /// (`None`).
     fn dispatch_auth(&mut self) -> Option<u32> {
+        let trailer = self.call_trailer.clone();
+        let trailers = match &trailer {
+            Some(value) => vec![("x-call-trailer", value.as_str())],
+            None => vec![],
+        };
         match self.dispatch_http_call(
             "auth_cluster",
             vec![
@@ -236,7 +249,7 @@ impl HttpCall {
                 (":authority", "auth.local"),
             ],
             None,
-            vec![],
+            trailers,
             Duration::from_secs(5),
         ) {
             Ok(token) => {
@@ -287,6 +300,9 @@ impl Context for HttpCall {
             match self.mode {
                 Mode::Headers | Mode::HeadersHeld => {
                     self.add_http_request_header("x-auth-user", user.as_deref().unwrap_or(""));
+                    for (name, value) in self.get_http_call_response_trailers() {
+                        self.add_http_request_header(&format!("x-auth-trailer-{name}"), &value);
+                    }
                     if self.mode == Mode::HeadersHeld {
                         self.mode = Mode::Passed;
                     }
