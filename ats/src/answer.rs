@@ -106,25 +106,31 @@ pub(crate) fn forget(call: usize) {
     watches.remove(&call);
 }
 
-/// Why an answer is refused.
+/// Why an answer is refused: over [`MAX_ANSWER_BODY`].
 const OVER_THE_LIMIT: &str = "its body is over 16 MiB";
+
+/// Why an answer is refused: its body did not end (its upstream, or Traffic Server, cut it).
 const CUT_SHORT: &str = "its upstream ended it before its end";
 
-/// Watches the answer of call `call`, whose internal transaction this is.
+/// Watches the answer of call `call` from now (before its request is sent): the watch is made
+/// here, so that one is never left behind by a call that ends before its transaction starts
+/// (the call forgets it, [`forget`]), and its transaction only updates it.
+pub(crate) fn expect(call: usize) {
+    let mut watches = watches().lock().unwrap_or_else(|e| e.into_inner());
+    watches.insert(
+        call,
+        Watch::Open {
+            counting: false,
+            ended: false,
+        },
+    );
+}
+
+/// Watches the answer of call `call` (see [`expect`]) on its internal transaction `txn`.
 ///
 /// # Safety
 /// `txn` must be the transaction of the read-request-header hook being handled.
 pub(crate) unsafe fn watch(txn: sys::TSHttpTxn, call: usize) {
-    {
-        let mut watches = watches().lock().unwrap_or_else(|e| e.into_inner());
-        watches.insert(
-            call,
-            Watch::Open {
-                counting: false,
-                ended: false,
-            },
-        );
-    }
     // SAFETY: a continuation without a mutex is called under the transaction's own lock; its
     // data is the call's number (not a pointer), and it goes at the transaction's close.
     unsafe {
@@ -156,17 +162,18 @@ unsafe extern "C" fn on_transaction_event(
     }
     let mut next = sys::TS_EVENT_HTTP_CONTINUE;
     if event == sys::TS_EVENT_HTTP_READ_RESPONSE_HDR {
-        let announced = crate::transaction::origin_response_length(txn);
-        match announced {
-            Some(length) if length > MAX_ANSWER_BODY => {
+        use crate::transaction::OriginBody;
+        match crate::transaction::origin_response_body(txn) {
+            OriginBody::Length(length) if length > MAX_ANSWER_BODY => {
                 refuse(call, OVER_THE_LIMIT);
                 // Traffic Server's error path: none of the body is read, the upstream's
                 // connection is closed, and its client gets an error of Traffic Server's own.
                 next = sys::TS_EVENT_HTTP_ERROR;
             }
-            Some(_) => {}
+            // Checked against its length where it is read.
+            OriginBody::Length(_) | OriginBody::None => {}
             // SAFETY: `txn` is held by this hook, where a response transform may be added.
-            None => unsafe { add_counter(txn, call) },
+            OriginBody::UntilItsEnd => unsafe { add_counter(txn, call) },
         }
     }
     // SAFETY: every event of an HTTP hook carries its transaction, held until reenabled.
@@ -189,9 +196,11 @@ fn closed(watch: Watch) -> Watch {
 
 /// A counting transform's state, owned by its continuation.
 struct Counter {
+    /// The call whose answer this is.
     call: usize,
     /// What went on so far.
     passed: i64,
+    /// The output's buffer, its reader and the write to the next VConn, once started.
     output: Option<(sys::TSIOBuffer, sys::TSIOBufferReader, sys::TSVIO)>,
     /// Refused: nothing more passes.
     done: bool,
@@ -266,7 +275,11 @@ unsafe extern "C" fn on_counter_event(
     let state = unsafe { &mut *state };
     match event {
         sys::TS_EVENT_ERROR => {
-            // The upstream's side failed: what came is not the whole answer.
+            if state.done {
+                // The transform refused the answer itself and told its writer already.
+                return 0;
+            }
+            // A side of the transform failed: what reaches the call is not the whole answer.
             refuse(state.call, CUT_SHORT);
             // SAFETY: the input VIO of a live transform; its continuation is told.
             unsafe {

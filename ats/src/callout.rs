@@ -71,10 +71,12 @@ pub(crate) fn marker_value() -> &'static str {
     })
 }
 
-/// How often a verdict still pending is asked for (milliseconds), and how many times before
-/// the answer is given up: its internal transaction closes as its client finishes reading, so
-/// a verdict pending for 2 s means the transaction is stuck, and its answer not to be trusted.
+/// How often a verdict still pending is asked for (milliseconds).
 const JUDGING_STEP: sys::TSHRTime = 10;
+
+/// How many times a pending verdict is asked for before the answer is given up: its internal
+/// transaction closes as its client finishes reading, so a verdict pending for 2 s means the
+/// transaction is stuck, and its answer not to be trusted.
 const JUDGING_TRIES: u32 = 200;
 
 /// Fetch event numbers (Traffic Server leaves them to the plugin).
@@ -105,6 +107,9 @@ struct Callout {
     call: usize,
     /// The call is a `HEAD`, whose answer has no body whatever its `Content-Length` says.
     head: bool,
+    /// When the plugin stops waiting (its timeout; `None`: never): an answer still being
+    /// judged then fails as the timeout would have failed it.
+    expires: Option<std::time::Instant>,
     answer_to: AnswerTo,
     /// The thread of the VM copy that made the call.
     thread: sys::TSEventThread,
@@ -161,10 +166,15 @@ pub(crate) fn watch_for_readiness() {
 
 /// What a call keeps of its request once sent.
 struct Sent {
+    /// The plugin's token for the call.
     token: u32,
+    /// The call's number in the process.
     call: usize,
+    /// The call is a `HEAD`.
     head: bool,
+    /// The plugin's timeout (zero: none).
     timeout: Duration,
+    /// Where the answer goes.
     answer_to: AnswerTo,
 }
 
@@ -178,7 +188,9 @@ fn is_head(request: &HttpCallRequest) -> bool {
 
 /// A singleton service's call, on its way to a net thread.
 struct Launch {
+    /// The call.
     sent: Sent,
+    /// Its request, encoded.
     bytes: Vec<u8>,
 }
 
@@ -303,10 +315,16 @@ unsafe fn launch(sent: Sent, bytes: &[u8]) {
         timeout,
         answer_to,
     } = sent;
+    let expires = (!timeout.is_zero())
+        .then(|| std::time::Instant::now().checked_add(timeout))
+        .flatten();
+    // Watched from before the request goes (see `crate::answer::expect`).
+    crate::answer::expect(call);
     let callout = Box::new(Callout {
         token,
         call,
         head,
+        expires,
         answer_to,
         thread,
         progress: Progress::Waiting,
@@ -598,6 +616,15 @@ fn judged(callout: &Callout, answer: Option<HttpCallResponse>, asked: u32) -> Pr
         crate::answer::Verdict::Whole => Progress::Arrived(answer),
         crate::answer::Verdict::Refused(why) => {
             crate::answer::log_refusal(callout.token, why);
+            Progress::Arrived(None)
+        }
+        crate::answer::Verdict::Pending
+            if callout
+                .expires
+                .is_some_and(|at| std::time::Instant::now() >= at) =>
+        {
+            // The plugin's timeout passed meanwhile: the call fails as it would have then.
+            crate::answer::forget(callout.call);
             Progress::Arrived(None)
         }
         crate::answer::Verdict::Pending if asked < JUDGING_TRIES => {

@@ -1040,16 +1040,35 @@ fn response_header(txn: sys::TSHttpTxn, from: ResponseFrom) -> Option<MimeHeader
     }
 }
 
-/// The body length the origin's response announces: its `Content-Length`, unless a
-/// `Transfer-Encoding` frames it instead (`None` also before the response came).
-pub(crate) fn origin_response_length(txn: sys::TSHttpTxn) -> Option<i64> {
+/// What the origin's response says of its body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OriginBody {
+    /// None comes, whatever `Content-Length` says (the request was a `HEAD`, or the status
+    /// is 1xx, 204 or 304).
+    None,
+    /// Its `Content-Length`.
+    Length(i64),
+    /// It runs until its framing or its connection ends (chunked, or no length).
+    UntilItsEnd,
+}
+
+/// What the origin's response to `txn` says of its body (held in its read-response-header
+/// hook).
+pub(crate) fn origin_response_body(txn: sys::TSHttpTxn) -> OriginBody {
     use abi::Headers as _;
-    let response = txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response)?;
-    if response.get(b"transfer-encoding").is_some() {
-        return None;
+    let Some(response) = txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response) else {
+        return OriginBody::UntilItsEnd;
+    };
+    if is_head(txn) || matches!(response.status(), 100..=199 | 204 | 304) {
+        return OriginBody::None;
     }
-    let length = response.get(b"content-length")?;
-    std::str::from_utf8(length).ok()?.trim().parse::<i64>().ok()
+    if response.get(b"transfer-encoding").is_some() {
+        return OriginBody::UntilItsEnd;
+    }
+    response
+        .get(b"content-length")
+        .and_then(|length| std::str::from_utf8(length).ok()?.trim().parse::<i64>().ok())
+        .map_or(OriginBody::UntilItsEnd, OriginBody::Length)
 }
 
 /// Whether a header announces no body: no `Content-Length` above 0 and no `Transfer-Encoding`

@@ -1517,8 +1517,6 @@ fn a_held_transaction_waits_for_an_http_call_and_timers_tick_on_every_engine() {
     }
 }
 
-/// A plugin answering a transaction that an earlier plugin held and then continued: its own
-/// status and body reach the client (not Traffic Server's error page).
 /// A plugin opening calls without end (none answered: its upstream never accepts them) is
 /// refused once its VM copy has 1024 open, as Envoy's circuit breaker refuses one, with a
 /// warning; Traffic Server goes on answering.
@@ -1548,6 +1546,10 @@ fn a_plugin_opening_calls_without_end_is_refused_past_1024_open() {
         server.diagnostics()
     );
     server.wait_for_log("a plugin has 1024 HTTP calls open: more are refused (INTERNAL_FAILURE)");
+    // Another request is answered as well (by this copy, refused at once, or another's).
+    let again = get(&server.url("/flood"), &[]);
+    assert_eq!(again.status, 200, "{}", server.diagnostics());
+    assert!(again.body.ends_with("then status 10"), "{}", again.body);
     assert_eq!(origin.requests(), 0);
 }
 
@@ -1592,7 +1594,20 @@ fn a_call_that_cannot_be_carried_whole_fails_with_a_warning() {
             "was refused (its upstream ended it before its end): the call fails",
         ),
     ];
-    let mut reloads = 0;
+    // A `HEAD` to the same large resource is answered: its length announces a body that
+    // never comes.
+    let large = Misbehaving::start(Misbehaviour::Large {
+        bytes: 32 << 20,
+        announced: true,
+    });
+    server.reload_plugin_file(
+        "http_call",
+        &http_call_yaml("wasmtime", "", large.address),
+        1,
+    );
+    let reply = get(&server.url("/account"), &[("x-call-head", "1")]);
+    assert_eq!(reply.status, 200, "{}", context(&reply.body));
+    let mut reloads = 1;
     for (misbehaviour, warning) in cases {
         let upstream = Misbehaving::start(misbehaviour);
         reloads += 1;
@@ -1646,6 +1661,8 @@ fn a_call_that_cannot_be_carried_whole_fails_with_a_warning() {
     server.wait_for_log("an HTTP call with request trailers is refused (BAD_ARGUMENT)");
 }
 
+/// A plugin answering a transaction that an earlier plugin held and then continued: its own
+/// status and body reach the client (not Traffic Server's error page).
 #[test]
 fn a_reply_after_a_resumed_hold_goes_out_with_its_own_status_and_body() {
     let origin = Origin::start();

@@ -67,11 +67,9 @@ fn kind_of(metadata: &std::fs::Metadata) -> &'static str {
         if kind.is_fifo() {
             return "a FIFO";
         }
+        // (A socket cannot be opened at all: its open fails first.)
         if kind.is_char_device() || kind.is_block_device() {
             return "a device";
-        }
-        if kind.is_socket() {
-            return "a socket";
         }
     }
     if kind.is_dir() {

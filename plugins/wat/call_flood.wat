@@ -59,7 +59,7 @@
         (br_if $refused (i32.ge_u (local.get $opened) (i32.const 5000)))
         ;; timeout 0: no timeout; the token goes to 4096
         (local.set $status
-          (call $http_call (i32.const 16) (i32.const 7) (i32.const 64) (i32.const 66)
+          (call $http_call (i32.const 16) (i32.const 7) (i32.const 64) (i32.const 61)
             (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
             (i32.const 4096)))
         (br_if $refused (local.get $status))

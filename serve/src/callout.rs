@@ -172,6 +172,7 @@ async fn send(
     body: Bytes,
 ) -> Option<HttpCallResponse> {
     let peer = cluster.peer();
+    let head = header.method == http::Method::HEAD;
     let (mut session, _reused) = connector().get_http_session(&peer).await.ok()?;
     session.write_request_header(header).await.ok()?;
     if !body.is_empty() {
@@ -199,12 +200,14 @@ async fn send(
     let over_the_limit = || {
         tracing::warn!(cluster = %cluster.name, "an HTTP call's answer is over 16 MiB: failed");
     };
-    // An answer announcing more than the limit is refused before any of its body is read.
+    // An answer announcing more than the limit is refused before any of its body is read
+    // (unless it has none whatever its length says: to a `HEAD`, a 204 or a 304).
+    let bodiless = head || matches!(response.status.as_u16(), 204 | 304);
     let announced = response
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
-    if announced.is_some_and(|length| length > MAX_ANSWER_BODY as u64) {
+    if !bodiless && announced.is_some_and(|length| length > MAX_ANSWER_BODY as u64) {
         over_the_limit();
         return None;
     }

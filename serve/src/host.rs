@@ -335,8 +335,10 @@ impl Host for ServeHost {
         // a send on a stream whose close it has not delivered yet (the SDKs panic on an error).
         let _sent = sender.send(message);
         if end_of_stream {
-            // No more messages: the request side half-closes.
-            *open = None;
+            // No more messages: the request side half-closes (once this one went out).
+            if let Some(sender) = open.take() {
+                sender.half_close();
+            }
         }
         Status::Ok
     }

@@ -26,7 +26,8 @@ pub enum Misbehaviour {
     /// Sends an interim 103 Early Hints, then a 200 with `x-auth-user: alice` and body `ok`.
     Interim,
     /// Sends a 200 with `bytes` of body as fast as the peer takes them, announced by its
-    /// `content-length` or (`announced: false`) not, then ending with the connection.
+    /// `content-length` or (`announced: false`) not, then ending with the connection; to a
+    /// `HEAD`, the head alone (with the same length).
     Large { bytes: usize, announced: bool },
 }
 
@@ -146,12 +147,16 @@ fn misbehave(mut stream: TcpStream, misbehaviour: Misbehaviour, stopped: &Atomic
             );
         }
         Misbehaviour::Large { bytes, announced } => {
+            let asked_head = head.starts_with(b"HEAD ");
             let head = match announced {
                 true => format!("HTTP/1.1 200 OK\r\ncontent-length: {bytes}\r\n\r\n"),
                 false => "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_string(),
             };
             let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
             if !write_until_stopped(&mut stream, head.as_bytes(), stopped) {
+                return;
+            }
+            if asked_head {
                 return;
             }
             let chunk = [b'x'; 64 * 1024];

@@ -4,7 +4,8 @@
 //!
 //! On request headers, opens a stream to `pwhost.Echo/Stream` on upstream `grpc_cluster` (no
 //! initial metadata), logs `opened grpc stream: token <token>`, sends one message `hello`
-//! (end_stream = false) and returns Pause. If opening fails it sends a local 503 with body
+//! (end_stream = false; true with request header `x-last`, which ends the plugin's side of the
+//! stream with it) and returns Pause. If opening fails it sends a local 503 with body
 //! `grpc stream failed: <Status as Debug>`.
 //!
 //! Callbacks (info logs, exact text):
@@ -60,7 +61,8 @@ impl HttpContext for GrpcStream {
         match self.open_grpc_stream("grpc_cluster", "pwhost.Echo", method, vec![]) {
             Ok(token) => {
                 info!("opened grpc stream: token {}", token);
-                self.send_grpc_stream_message(token, Some(b"hello"), false);
+                let last = self.get_http_request_header("x-last").is_some();
+                self.send_grpc_stream_message(token, Some(b"hello"), last);
             }
             Err(status) => {
                 let body = format!("grpc stream failed: {:?}", status);

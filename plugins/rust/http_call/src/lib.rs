@@ -12,7 +12,8 @@
 //!
 //! Each trailer of a 200 answer is added to the request as `x-auth-trailer-<name>: <value>`
 //! (headers mode). With request header `x-call-trailer: <value>` the call is sent with request
-//! trailer `x-call-trailer: <value>`.
+//! trailer `x-call-trailer: <value>`; with `x-call-head` it is a `HEAD /auth` instead of a
+//! `GET`.
 //!
 //! Logs `dispatched http call: token {token}` and `http call response: token {token}, body
 //! {n} bytes`. If dispatch fails (e.g. unknown upstream) the plugin answers 503 locally. An
@@ -75,6 +76,7 @@ proxy_wasm::main! {{
         Box::new(HttpCall {
             mode: Mode::Headers,
             call_trailer: None,
+            call_head: false,
         })
     });
 }}
@@ -110,6 +112,8 @@ struct HttpCall {
     mode: Mode,
     /// A trailer to send with the call (`x-call-trailer`).
     call_trailer: Option<String>,
+    /// The call is a `HEAD` (`x-call-head`).
+    call_head: bool,
 }
 
 impl HttpContext for HttpCall {
@@ -183,6 +187,7 @@ impl HttpContext for HttpCall {
             .map(|name| format!("x-check-body-{}", String::from_utf8_lossy(&name)))
             .and_then(|header| self.get_http_request_header(&header));
         self.call_trailer = self.get_http_request_header("x-call-trailer");
+        self.call_head = self.get_http_request_header("x-call-head").is_some();
         if self.get_http_request_header("x-check-response").is_some() {
             self.mode = Mode::Response;
             return Action::Continue;
@@ -241,10 +246,11 @@ impl HttpCall {
             Some(value) => vec![("x-call-trailer", value.as_str())],
             None => vec![],
         };
+        let method = if self.call_head { "HEAD" } else { "GET" };
         match self.dispatch_http_call(
             "auth_cluster",
             vec![
-                (":method", "GET"),
+                (":method", method),
                 (":path", "/auth"),
                 (":authority", "auth.local"),
             ],
