@@ -255,16 +255,21 @@ fn header(map: Option<&dyn Headers>, name: &[u8]) -> Option<Value<'static>> {
 /// One entry per name, repeated values joined with commas, as Envoy's header attributes.
 fn header_attribute_map(map: Option<&dyn Headers>) -> Value<'static> {
     let mut entries: Vec<(Cow<'static, [u8]>, Vec<u8>)> = Vec::new();
+    // Each name's entry found by hashing, not by a scan of the entries: a plugin may add many
+    // names, and a scan per field would make this quadratic in them.
+    let mut index: rustc_hash::FxHashMap<Vec<u8>, usize> = rustc_hash::FxHashMap::default();
     if let Some(map) = map {
-        map.for_each(
-            &mut |name, value| match entries.iter_mut().find(|(k, _)| k.as_ref() == name) {
-                Some((_, joined)) => {
-                    joined.push(b',');
-                    joined.extend_from_slice(value);
-                }
-                None => entries.push((Cow::Owned(name.to_vec()), value.to_vec())),
-            },
-        );
+        map.for_each(&mut |name, value| match index.get(name) {
+            Some(&at) => {
+                let joined = &mut entries[at].1;
+                joined.push(b',');
+                joined.extend_from_slice(value);
+            }
+            None => {
+                index.insert(name.to_vec(), entries.len());
+                entries.push((Cow::Owned(name.to_vec()), value.to_vec()));
+            }
+        });
     }
     Value::Map(
         entries

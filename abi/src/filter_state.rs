@@ -131,6 +131,19 @@ pub(crate) struct FilterState {
     objects: Vec<FilterStateObject>,
 }
 
+/// The most properties a stream keeps (`proxy_set_property`; Envoy has no limit): a plugin
+/// setting new ones without end would grow the host, outside its VM's memory cap.
+pub(crate) const MAX_FILTER_STATE_OBJECTS: usize = 4096;
+
+/// The most bytes of keys and values a stream's properties keep in all.
+pub(crate) const MAX_FILTER_STATE_BYTES: usize = 16 << 20;
+
+/// The most properties a root context declares (`declare_property`).
+pub(crate) const MAX_DECLARATIONS: usize = 4096;
+
+/// The most bytes of names and schemas a root context's declarations keep in all.
+pub(crate) const MAX_DECLARATION_BYTES: usize = 16 << 20;
+
 /// The filter state key of property `path`: Envoy prefixes the whole raw path, NUL separators
 /// included, so a property set at a path of several segments is not found by a read of those
 /// segments (only a one-segment name round-trips).
@@ -165,14 +178,30 @@ impl FilterState {
         declaration: Option<&PropertyDeclaration>,
     ) -> Status {
         let key = property_key(path);
+        let kept: usize = self
+            .objects
+            .iter()
+            .map(|o| o.key.len() + o.value.len())
+            .sum();
         if let Some(object) = self.objects.iter_mut().find(|o| o.key == key) {
             if let FilterStateSource::Property(PropertyDeclaration { readonly: true, .. }) =
                 object.source
             {
                 return Status::BadArgument;
             }
+            // A value that does not grow always fits.
+            if value.len() > object.value.len()
+                && kept - object.value.len() + value.len() > MAX_FILTER_STATE_BYTES
+            {
+                return Status::InternalFailure;
+            }
             object.value = value.to_vec();
             return Status::Ok;
+        }
+        if self.objects.len() >= MAX_FILTER_STATE_OBJECTS
+            || kept + key.len() + value.len() > MAX_FILTER_STATE_BYTES
+        {
+            return Status::InternalFailure;
         }
         let declaration = declaration.cloned().unwrap_or_default();
         self.objects.push(FilterStateObject {

@@ -128,6 +128,11 @@ struct Registration {
     /// The VM's wake-up cell, which only the VM's own state holds strongly.
     wake: Weak<RwLock<Option<QueueWake>>>,
     root: u32,
+    /// Notifications sent that the VM has not taken from its channel yet
+    /// ([`SharedState::queue_notices_taken`]). No more are sent while they cover every item
+    /// waiting: a plugin enqueueing and dequeueing in a loop would otherwise fill the VM's
+    /// channel without bound (and have one callback delivered per turn of its loop).
+    outstanding: usize,
 }
 
 impl Registration {
@@ -136,6 +141,7 @@ impl Registration {
             wake: Arc::downgrade(&owner.wake),
             notify: owner.notify,
             root: owner.root,
+            outstanding: 0,
         }
     }
 
@@ -143,10 +149,16 @@ impl Registration {
         self.wake.strong_count() > 0
     }
 
-    /// Tells the VM; its wake-up (if the embedder set one) if it could, `Err` if the VM is gone.
-    fn notify(&self, token: u32) -> Result<Option<QueueWake>, ()> {
+    /// Tells the VM of one more of the queue's `waiting` items; its wake-up (if the embedder set
+    /// one) if it did, `None` if the notifications it has not taken yet already cover them,
+    /// `Err` if the VM is gone.
+    fn notify(&mut self, token: u32, waiting: usize) -> Result<Option<QueueWake>, ()> {
         let wake = self.wake.upgrade().ok_or(())?;
+        if self.outstanding >= waiting {
+            return Ok(None);
+        }
         self.notify.send((self.root, token)).map_err(|_| ())?;
+        self.outstanding += 1;
         let wake = wake.read().unwrap_or_else(PoisonError::into_inner).clone();
         Ok(wake)
     }
@@ -173,8 +185,9 @@ fn announce(mut registry: MutexGuard<'_, QueueRegistry>, token: u32) {
         return;
     };
     let mut wake = None;
-    while let Some(owner) = queue.owners.last() {
-        match owner.notify(token) {
+    let waiting = queue.items.len();
+    while let Some(owner) = queue.owners.last_mut() {
+        match owner.notify(token, waiting) {
             Ok(owner_wake) => {
                 wake = owner_wake;
                 break;
@@ -609,6 +622,25 @@ impl SharedState {
         }
     }
 
+    /// Notes that the VM of `owner` took notifications `taken` (root context, queue token) from
+    /// its channel, to deliver them: they no longer count as outstanding (see
+    /// `Registration::outstanding`).
+    pub(crate) fn queue_notices_taken(&self, owner: &QueueOwner, taken: &[(u32, u32)]) {
+        let vm = Arc::downgrade(&owner.wake);
+        let mut registry = self.queues();
+        for (_, token) in taken.iter().filter(|(root, _)| *root != 0) {
+            let Some(queue) = token
+                .checked_sub(1)
+                .and_then(|index| registry.queues.get_mut(index as usize))
+            else {
+                continue;
+            };
+            if let Some(registration) = queue.owners.iter_mut().find(|r| r.wake.ptr_eq(&vm)) {
+                registration.outstanding = registration.outstanding.saturating_sub(1);
+            }
+        }
+    }
+
     /// The token of queue `name` in `vm_id`'s namespace.
     pub fn resolve_queue(&self, vm_id: &str, name: &str) -> Option<u32> {
         self.queues()
@@ -969,6 +1001,32 @@ mod tests {
         assert_eq!(shared.dequeue(token).unwrap(), b"two");
         assert_eq!(shared.enqueue(token + 1, b"x"), Status::NotFound);
         assert_eq!(shared.dequeue(0), Err(Status::NotFound));
+        drop(owner);
+    }
+
+    #[test]
+    fn notifications_not_yet_taken_cover_the_waiting_items_and_no_more() {
+        let shared = SharedState::new();
+        let (notify, notifications) = std::sync::mpsc::channel();
+        let owner = QueueOwner::new(notify);
+        let token = shared.register_queue("vm", "q", owner.clone()).unwrap();
+        // A plugin enqueueing and dequeueing in a loop: one notification covers its one item.
+        for _ in 0..100_000 {
+            assert_eq!(shared.enqueue(token, b"x"), Status::Ok);
+            assert_eq!(shared.dequeue(token).unwrap(), b"x");
+        }
+        let taken: Vec<_> = notifications.try_iter().collect();
+        assert_eq!(taken, vec![(1, token)]);
+        // Taken by the VM, it no longer covers anything: each item enqueued is told.
+        shared.queue_notices_taken(&owner, &taken);
+        for item in [b"a", b"b", b"c"] {
+            assert_eq!(shared.enqueue(token, item), Status::Ok);
+        }
+        assert_eq!(notifications.try_iter().count(), 3);
+        // Two taken while three wait: the next item is told again.
+        shared.queue_notices_taken(&owner, &[(1, token), (1, token)]);
+        assert_eq!(shared.enqueue(token, b"d"), Status::Ok);
+        assert_eq!(notifications.try_iter().count(), 1);
         drop(owner);
     }
 

@@ -173,6 +173,16 @@ pub(crate) enum Limit {
     Queues,
     /// A queue name over [`crate::SharedLimits::QUEUE_NAME_BYTES`].
     QueueName,
+    /// A property path over [`crate::exports::MAX_PROPERTY_PATH_BYTES`].
+    PropertyPath,
+    /// A stream's properties past [`crate::filter_state::MAX_FILTER_STATE_OBJECTS`] or
+    /// [`crate::filter_state::MAX_FILTER_STATE_BYTES`].
+    FilterState,
+    /// A root context's property declarations past
+    /// [`crate::filter_state::MAX_DECLARATIONS`] or [`crate::filter_state::MAX_DECLARATION_BYTES`].
+    PropertyDeclarations,
+    /// A VM's compiled CEL expressions past `MAX_PROGRAMS` (`crate::foreign::expressions`).
+    ExpressionCount,
 }
 
 impl VmState {

@@ -820,6 +820,14 @@ impl Vm {
     }
 
     fn deliver_queue_ready(&mut self, pending: &[(u32, u32)]) -> Result<usize, VmError> {
+        // Taken from the channel: an item enqueued from now on is told again, even if one of
+        // these callbacks fails before its turn.
+        if !pending.is_empty() {
+            let state = self.instance.state();
+            state
+                .shared
+                .queue_notices_taken(&state.queue_owner, pending);
+        }
         let mut delivered = 0;
         // Root 0 is no context: it is a wake-up (see `VmWaker`).
         for (root, token) in pending.iter().filter(|(root, _)| *root != 0) {

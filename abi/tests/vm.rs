@@ -577,3 +577,113 @@ fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_wh
         "{logs:?}"
     );
 }
+
+/// `fd_write` takes at most 64 KiB from at most 1024 buffers per call and says so in its count
+/// (a partial write, which the plugin's libc completes with the next call): buffers naming the
+/// same memory over and over no longer make the host copy gigabytes inside one call.
+#[test]
+fn fd_write_takes_at_most_64_kib_per_call() {
+    let module = probe_module(
+        r#"(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 0) "x-status")"#,
+        "(drop (memory.grow (i32.const 2)))
+    ;; 2000 buffers at 65536, each the whole first page
+    (local.set 0 (i32.const 0))
+    (block (loop
+      (i32.store (i32.add (i32.const 65536) (i32.mul (local.get 0) (i32.const 8))) (i32.const 0))
+      (i32.store (i32.add (i32.const 65540) (i32.mul (local.get 0) (i32.const 8))) (i32.const 65536))
+      (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get 0) (i32.const 2000)))
+      (br 0)))
+    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2000) (i32.const 32)))
+    (call $status (i32.const 16) (i32.ne (i32.load (i32.const 32)) (i32.const 65536)))
+    (call $report (i32.const 0) (i32.const 8) (i32.const 16))",
+    );
+    let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
+    assert_eq!(probe.value("x-status"), Some("0"), "nwritten is 65536");
+}
+
+/// A property path over 64 KiB names nothing: `NOT_FOUND` to read, `BAD_ARGUMENT` to set, and
+/// the plugin is told why once (its segments are not collected first).
+#[test]
+fn a_property_path_over_64_kib_is_refused_and_the_plugin_told_why_once() {
+    let module = probe_module(
+        r#"(import "env" "proxy_get_property" (func $get (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_property" (func $set (param i32 i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 0) "x-get")
+  (data (i32.const 8) "x-set")"#,
+        "(drop (memory.grow (i32.const 2)))
+    (call $status (i32.const 16)
+      (call $get (i32.const 1024) (i32.const 100000) (i32.const 32) (i32.const 36)))
+    (call $status (i32.const 17)
+      (call $set (i32.const 1024) (i32.const 100000) (i32.const 0) (i32.const 1)))
+    (call $report (i32.const 0) (i32.const 5) (i32.const 16))
+    (call $report (i32.const 8) (i32.const 5) (i32.const 17))",
+    );
+    let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
+    assert_eq!(probe.value("x-get"), Some("1"), "NOT_FOUND");
+    assert_eq!(probe.value("x-set"), Some("2"), "BAD_ARGUMENT");
+    let logs = probe.messages();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains("a property path has at most 65536 bytes (this one has 100000)"),
+        "{logs:?}"
+    );
+}
+
+/// A log message over 1 MiB is cut there, saying how much was left out.
+#[test]
+fn a_log_message_over_1_mib_is_cut_saying_how_much_was_left_out() {
+    let module = probe_module(
+        r#"(import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))"#,
+        "",
+        "(drop (memory.grow (i32.const 31)))
+    (drop (call $log (i32.const 2) (i32.const 0) (i32.const 2000000)))",
+    );
+    let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
+    let logs = probe.messages();
+    assert_eq!(logs.len(), 1);
+    assert!(
+        logs[0].ends_with(" [pwhost: 951424 more bytes of this message not logged]"),
+        "{}",
+        &logs[0][logs[0].len().saturating_sub(80)..]
+    );
+    assert_eq!(
+        logs[0].len(),
+        (1 << 20) + " [pwhost: 951424 more bytes of this message not logged]".len()
+    );
+}
+
+/// A stream keeps at most 4096 properties (`proxy_set_property`): past it a new one is
+/// `INTERNAL_FAILURE` and the plugin is told why once; setting one it has still works.
+#[test]
+fn a_stream_keeps_at_most_4096_properties() {
+    let module = probe_module(
+        r#"(import "env" "proxy_set_property" (func $set (param i32 i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 0) "x-last")
+  (data (i32.const 8) "x-again")"#,
+        ";; 5000 properties named by a 4-byte counter at 100
+    (local.set 0 (i32.const 0))
+    (block (loop
+      (i32.store (i32.const 100) (local.get 0))
+      (local.set 1 (call $set (i32.const 100) (i32.const 4) (i32.const 0) (i32.const 0)))
+      (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get 0) (i32.const 5000)))
+      (br 0)))
+    (call $status (i32.const 16) (local.get 1))
+    ;; the first one again
+    (i32.store (i32.const 100) (i32.const 0))
+    (call $status (i32.const 17) (call $set (i32.const 100) (i32.const 4) (i32.const 0) (i32.const 3)))
+    (call $report (i32.const 0) (i32.const 6) (i32.const 16))
+    (call $report (i32.const 8) (i32.const 7) (i32.const 17))",
+    );
+    let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
+    assert_eq!(probe.value("x-last"), Some(":"), "INTERNAL_FAILURE (10)");
+    assert_eq!(probe.value("x-again"), Some("0"), "OK");
+    let logs = probe.messages();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains("a stream keeps at most 4096 properties"),
+        "{logs:?}"
+    );
+}

@@ -91,6 +91,7 @@ pub fn read(file: &Path) -> Result<File, String> {
     let shown = file.display();
     let text = lifecycle::files::read_regular_text_file(file)
         .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    lifecycle::config::check_yaml_expansion(&text).map_err(|e| format!("{shown}: {e}"))?;
     let mut document: Value = serde_yaml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
     let (upstreams, tcp) = match &mut document {
         Value::Mapping(map) => {

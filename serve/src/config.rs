@@ -433,6 +433,7 @@ impl ServeConfig {
     /// Parses a configuration; relative code paths are made relative to `base`.
     pub fn parse(text: &str, base: &Path) -> Result<ServeConfig, String> {
         // serde_yaml's errors start with the field's path and end with the line.
+        lifecycle::config::check_yaml_expansion(text)?;
         let file: File = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
         let mut listeners = Vec::new();
         for (index, listener) in file.listeners.into_iter().enumerate() {

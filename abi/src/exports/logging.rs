@@ -18,13 +18,27 @@ pub(super) fn log(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult 
     Ok(())
 }
 
+/// The longest log message passed on whole; a longer one is cut there, saying how much was
+/// left out (a plugin's message of a gigabyte would otherwise be copied, and grown up to three
+/// times by replacing invalid UTF-8, into the proxy's log).
+pub(crate) const MAX_LOG_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Hands `message` to the host's log, unless the host records nothing at `level`.
 pub(crate) fn write_log(state: &mut VmState, level: LogLevel, message: &[u8]) {
     if level < state.host.log_level() {
         return;
     }
-    let message = String::from_utf8_lossy(message);
     let context = state.effective_context;
+    if message.len() > MAX_LOG_MESSAGE_BYTES {
+        let mut cut = String::from_utf8_lossy(&message[..MAX_LOG_MESSAGE_BYTES]).into_owned();
+        cut.push_str(&format!(
+            " [pwhost: {} more bytes of this message not logged]",
+            message.len() - MAX_LOG_MESSAGE_BYTES
+        ));
+        state.host.log(context, level, &cut);
+        return;
+    }
+    let message = String::from_utf8_lossy(message);
     state.host.log(context, level, &message);
 }
 

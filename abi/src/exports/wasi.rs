@@ -180,8 +180,16 @@ pub(super) fn unstable() -> impl Iterator<Item = HostFunction<VmState>> {
     UNSTABLE.iter().copied()
 }
 
+/// The most one `fd_write` takes, in bytes and in buffers (WASI's `IOV_MAX`). A write may be
+/// partial: it reports what it took, and the plugin's libc writes the rest with the next call.
+/// So iovecs naming the same memory over and over cannot make the host copy (and log) without
+/// bound inside one call, which the plugin's deadline does not stop.
+const MAX_WRITE_BYTES: usize = 64 << 10;
+const MAX_WRITE_BUFFERS: u64 = 1024;
+
 /// `fd_write(fd, iovs, iovs_len, nwritten)`: stdout goes to the info log, stderr to the error
-/// log, one log line per line of text.
+/// log, one log line per line of text; at most [`MAX_WRITE_BYTES`] from at most
+/// [`MAX_WRITE_BUFFERS`] buffers per call.
 fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     let level = match args[0] {
         1 => LogLevel::Info,
@@ -190,15 +198,18 @@ fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     };
     let (state, mut memory) = caller.state_and_memory();
     let mut text = Vec::new();
-    for i in 0..args[2] {
+    for i in 0..args[2].min(MAX_WRITE_BUFFERS) {
         let iovec = args[1].checked_add(i * 8).ok_or(Ok(FAULT))?;
         let ptr = memory.read_u32(iovec).map_err(fault)?;
         let len = memory.read_u32(iovec + 4).map_err(fault)?;
-        text.extend_from_slice(
-            memory
-                .slice(u64::from(ptr), u64::from(len))
-                .map_err(fault)?,
-        );
+        let buffer = memory
+            .slice(u64::from(ptr), u64::from(len))
+            .map_err(fault)?;
+        let room = MAX_WRITE_BYTES - text.len();
+        text.extend_from_slice(&buffer[..buffer.len().min(room)]);
+        if text.len() == MAX_WRITE_BYTES {
+            break;
+        }
     }
     memory
         .write_u32(args[3], text.len() as u32)

@@ -43,6 +43,10 @@ const MAX_COMPREHENSION_NESTING: usize = 0;
 /// as large as it liked would take the proxy's memory (63 copies of a 256 MiB property).
 const MAX_VALUE_BYTES: usize = 64 << 10;
 
+/// The most compiled expressions a VM keeps (`expr_create` without `expr_delete` would keep
+/// adding to the host's memory, outside the VM's cap).
+const MAX_PROGRAMS: usize = 4096;
+
 /// The expressions a VM's root context compiled, by token.
 #[derive(Default)]
 struct Expressions {
@@ -114,6 +118,15 @@ fn create(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec<u8>, Status> {
                 .to_string()
         });
         return Err(Status::BadArgument);
+    }
+    if call.vm_data::<Expressions>().programs.len() >= MAX_PROGRAMS {
+        call.state.tell_limit(Limit::ExpressionCount, || {
+            format!(
+                "expr_create: a VM keeps at most {MAX_PROGRAMS} CEL expressions (expr_delete \
+                 frees one): INTERNAL_FAILURE"
+            )
+        });
+        return Err(Status::InternalFailure);
     }
     let expressions = call.vm_data::<Expressions>();
     let mut token = expressions.next_token;

@@ -87,13 +87,33 @@ impl ForeignCall<'_> {
         else {
             return Status::Ok;
         };
-        match root.declarations.entry(name.to_vec()) {
-            std::collections::hash_map::Entry::Occupied(_) => Status::BadArgument,
-            std::collections::hash_map::Entry::Vacant(vacant) => {
-                vacant.insert(declaration);
-                Status::Ok
-            }
+        use crate::filter_state::{MAX_DECLARATIONS, MAX_DECLARATION_BYTES};
+        let size = |name: &[u8], declaration: &PropertyDeclaration| {
+            name.len()
+                + match &declaration.property_type {
+                    crate::PropertyType::FlatBuffers { schema } => schema.len(),
+                    crate::PropertyType::Protobuf { type_url } => type_url.len(),
+                    _ => 0,
+                }
+        };
+        if root.declarations.contains_key(name) {
+            return Status::BadArgument;
         }
+        let kept: usize = root.declarations.iter().map(|(n, d)| size(n, d)).sum();
+        if root.declarations.len() >= MAX_DECLARATIONS
+            || kept + size(name, &declaration) > MAX_DECLARATION_BYTES
+        {
+            state.tell_limit(crate::state::Limit::PropertyDeclarations, || {
+                format!(
+                    "declare_property: a root context declares at most {MAX_DECLARATIONS} \
+                     properties of at most {MAX_DECLARATION_BYTES} bytes of names and schemas \
+                     in all: INTERNAL_FAILURE"
+                )
+            });
+            return Status::InternalFailure;
+        }
+        root.declarations.insert(name.to_vec(), declaration);
+        Status::Ok
     }
 
     /// Data a foreign function keeps for this VM, by type (created on first use); e.g. the CEL

@@ -11,8 +11,10 @@
 mod any;
 mod document;
 mod duration;
+mod expansion;
 
 pub use duration::parse as parse_duration;
+pub use expansion::{check_yaml_expansion, MAX_YAML_NODES};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -249,6 +251,7 @@ impl Kind {
 
 /// Parses a configuration (YAML or JSON): one entry or a list (see the module's documentation).
 pub fn parse(text: &str) -> Result<Deployment, ConfigError> {
+    check_yaml_expansion(text).map_err(|e| ConfigError::new("", e))?;
     let document: Value =
         serde_yaml::from_str(text).map_err(|e| ConfigError::new("", e.to_string()))?;
     let mut deployment = Deployment::default();
