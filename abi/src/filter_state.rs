@@ -224,6 +224,23 @@ impl FilterState {
         if !check(value) {
             return Status::BadArgument;
         }
+        // Counted with the stream's properties (`set_property`): a value that does not grow
+        // always fits.
+        let kept: usize = self
+            .objects
+            .iter()
+            .map(|o| o.key.len() + o.value.len())
+            .sum();
+        let replaced = self
+            .objects
+            .iter()
+            .find(|o| o.key == key.as_bytes())
+            .map_or(0, |o| o.key.len() + o.value.len());
+        if key.len() + value.len() > replaced
+            && kept - replaced + key.len() + value.len() > MAX_FILTER_STATE_BYTES
+        {
+            return Status::InternalFailure;
+        }
         let object = FilterStateObject {
             key: key.as_bytes().to_vec(),
             value: value.to_vec(),

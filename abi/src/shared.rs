@@ -557,9 +557,18 @@ impl SharedState {
     ) -> Result<u32, Status> {
         let mut registry = self.queues();
         let key = (vm_id.to_string(), name.to_string());
-        let owner = Registration::of(owner);
+        let mut owner = Registration::of(owner);
         if let Some(token) = registry.by_name.get(&key).copied() {
             let queue = &mut registry.queues[token as usize - 1];
+            // This VM's notifications not taken yet still count: registering again (in a loop)
+            // must not send more than its waiting items need.
+            owner.outstanding = queue
+                .owners
+                .iter()
+                .filter(|earlier| earlier.wake.ptr_eq(&owner.wake))
+                .map(|earlier| earlier.outstanding)
+                .max()
+                .unwrap_or(0);
             // Gone VMs, and this VM's earlier registration (another root context's), go.
             queue
                 .owners
@@ -649,7 +658,8 @@ impl SharedState {
             .copied()
     }
 
-    /// Appends an item to a queue and tells its owner. [`Status::InternalFailure`] if the
+    /// Appends an item to a queue and tells its owner, unless the notifications its owner has
+    /// not taken yet cover every item waiting. [`Status::InternalFailure`] if the
     /// waiting items of the queue's VM id would grow past
     /// [`SharedLimits::queue_bytes_per_vm_id`].
     pub fn enqueue(&self, token: u32, item: &[u8]) -> Status {
@@ -1015,6 +1025,15 @@ mod tests {
             assert_eq!(shared.enqueue(token, b"x"), Status::Ok);
             assert_eq!(shared.dequeue(token).unwrap(), b"x");
         }
+        // Registering again in a loop sends no more either.
+        for _ in 0..1000 {
+            shared.register_queue("vm", "q", owner.clone()).unwrap();
+        }
+        assert_eq!(shared.enqueue(token, b"waiting"), Status::Ok);
+        for _ in 0..1000 {
+            shared.register_queue("vm", "q", owner.clone()).unwrap();
+        }
+        assert_eq!(shared.dequeue(token).unwrap(), b"waiting");
         let taken: Vec<_> = notifications.try_iter().collect();
         assert_eq!(taken, vec![(1, token)]);
         // Taken by the VM, it no longer covers anything: each item enqueued is told.

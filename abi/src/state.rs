@@ -173,7 +173,7 @@ pub(crate) enum Limit {
     Queues,
     /// A queue name over [`crate::SharedLimits::QUEUE_NAME_BYTES`].
     QueueName,
-    /// A property path over [`crate::exports::MAX_PROPERTY_PATH_BYTES`].
+    /// A property path over `MAX_PROPERTY_PATH_BYTES` (`crate::exports::properties`).
     PropertyPath,
     /// A stream's properties past [`crate::filter_state::MAX_FILTER_STATE_OBJECTS`] or
     /// [`crate::filter_state::MAX_FILTER_STATE_BYTES`].

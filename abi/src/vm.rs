@@ -809,8 +809,9 @@ impl Vm {
         result.map(|_| ())
     }
 
-    /// Delivers `proxy_on_queue_ready` for every item enqueued (from any thread) into a queue
-    /// this VM's root context registered, up to now: items the plugin enqueues meanwhile (e.g. into
+    /// Delivers `proxy_on_queue_ready` for every notification of an item enqueued (from any
+    /// thread) into a queue this VM's root context registered, up to now (one per item, except
+    /// that none is sent while those not delivered yet cover every item waiting): items the plugin enqueues meanwhile (e.g. into
     /// its own queue) wait for the next call, so a plugin cannot keep this going forever. Call it
     /// from the VM's own thread, e.g. once per turn of the event loop. Returns how many
     /// notifications were delivered.
@@ -857,8 +858,8 @@ impl Vm {
         self.deliver_queue_ready(&pending)
     }
 
-    /// Has `wake` run, on the enqueuing thread, every time an item is enqueued into a queue this
-    /// VM's root contexts registered (whenever they registered it), replacing any earlier
+    /// Has `wake` run, on the enqueuing thread, every time a notification is sent for an item
+    /// enqueued into a queue this VM's root contexts registered (whenever they registered it), replacing any earlier
     /// wake-up. For a VM on a thread that does not sleep in [`Vm::wait_for_queue_ready`] (a
     /// proxy's worker with its own event loop): `wake` schedules [`Vm::dispatch_queue_ready`] on
     /// that thread, as Envoy posts `onQueueReady` to the registering worker's dispatcher. A

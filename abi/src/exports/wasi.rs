@@ -180,11 +180,13 @@ pub(super) fn unstable() -> impl Iterator<Item = HostFunction<VmState>> {
     UNSTABLE.iter().copied()
 }
 
-/// The most one `fd_write` takes, in bytes and in buffers (WASI's `IOV_MAX`). A write may be
-/// partial: it reports what it took, and the plugin's libc writes the rest with the next call.
-/// So iovecs naming the same memory over and over cannot make the host copy (and log) without
-/// bound inside one call, which the plugin's deadline does not stop.
+/// The most bytes one `fd_write` takes. A write may be partial: it reports what it took, and the
+/// plugin's libc writes the rest with the next call. So iovecs naming the same memory over and
+/// over cannot make the host copy (and log) without bound inside one call, which the plugin's
+/// deadline does not stop.
 const MAX_WRITE_BYTES: usize = 64 << 10;
+
+/// The most buffers one `fd_write` reads (WASI's `IOV_MAX`), for the same reason.
 const MAX_WRITE_BUFFERS: u64 = 1024;
 
 /// `fd_write(fd, iovs, iovs_len, nwritten)`: stdout goes to the info log, stderr to the error
@@ -208,6 +210,11 @@ fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
         let room = MAX_WRITE_BYTES - text.len();
         text.extend_from_slice(&buffer[..buffer.len().min(room)]);
         if text.len() == MAX_WRITE_BYTES {
+            // Cut at the last line's end, so that a line is not logged in two parts (the rest
+            // comes with the next call), unless there is none.
+            if let Some(end) = text.iter().rposition(|&b| b == b'\n') {
+                text.truncate(end + 1);
+            }
             break;
         }
     }
