@@ -139,9 +139,17 @@ pub struct InMemoryHost {
     /// `None` uses the system's.
     pub reproducible: Option<Reproducible>,
     next_token: u32,
+    /// Bytes of the messages in `logs`, and lines not kept past [`InMemoryHost::MAX_LOG_BYTES`]
+    /// (both start again once `logs` is emptied, e.g. taken by its reader).
+    log_bytes: usize,
+    lines_not_kept: u64,
 }
 
 impl InMemoryHost {
+    /// The most bytes of log messages kept: past them a plugin logging in a loop would grow the
+    /// host without bound, so later lines are counted in a last line saying so, not kept.
+    pub const MAX_LOG_BYTES: usize = 64 << 20;
+
     /// Records a gRPC call or stream and returns its token (tokens are shared with HTTP calls,
     /// so each is unique).
     fn open_grpc(&mut self, context: ContextId, request: GrpcRequest) -> u32 {
@@ -171,12 +179,35 @@ impl InMemoryHost {
 
 impl Host for InMemoryHost {
     fn log(&mut self, context: ContextId, level: LogLevel, message: &str) {
-        if level >= self.log_level {
+        if level < self.log_level {
+            return;
+        }
+        if self.logs.is_empty() {
+            (self.log_bytes, self.lines_not_kept) = (0, 0);
+        }
+        if self.lines_not_kept == 0 && self.log_bytes + message.len() <= Self::MAX_LOG_BYTES {
+            self.log_bytes += message.len();
             self.logs.push(LogRecord {
                 level,
                 message: message.to_string(),
                 context,
             });
+            return;
+        }
+        if self.lines_not_kept == 0 {
+            self.logs.push(LogRecord {
+                level: LogLevel::Warn,
+                message: String::new(),
+                context,
+            });
+        }
+        self.lines_not_kept += 1;
+        if let Some(last) = self.logs.last_mut() {
+            last.message = format!(
+                "pwhost: {} more log lines not kept (the log keeps at most {} MiB)",
+                self.lines_not_kept,
+                Self::MAX_LOG_BYTES >> 20
+            );
         }
     }
 

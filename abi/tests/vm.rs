@@ -687,3 +687,26 @@ fn a_stream_keeps_at_most_4096_properties() {
         "{logs:?}"
     );
 }
+
+/// `InMemoryHost` keeps at most 64 MiB of log messages; later lines are counted in a last line
+/// saying so, and once its reader takes the log it keeps lines again.
+#[test]
+fn the_in_memory_host_keeps_64_mib_of_log_and_counts_the_rest() {
+    use abi::Host as _;
+    let mut host = InMemoryHost::default();
+    host.log_level = abi::LogLevel::Trace;
+    let megabyte = "x".repeat(1 << 20);
+    for _ in 0..70 {
+        host.log(ContextId(1), abi::LogLevel::Info, &megabyte);
+    }
+    assert_eq!(host.logs.len(), 65);
+    let last = host.logs.last().map(|log| log.message.as_str());
+    assert_eq!(
+        last,
+        Some("pwhost: 6 more log lines not kept (the log keeps at most 64 MiB)")
+    );
+    let _taken = std::mem::take(&mut host.logs);
+    host.log(ContextId(1), abi::LogLevel::Info, "again");
+    assert_eq!(host.logs.len(), 1);
+    assert_eq!(host.logs[0].message, "again");
+}
