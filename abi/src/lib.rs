@@ -183,7 +183,7 @@ pub use in_memory::{
 pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
 pub use shared::{
     Histogram, Metric, MetricType, QueueWake, SharedLimits, SharedState, HISTOGRAM_BUCKETS,
-    MAX_METRICS, MAX_METRIC_NAME_BYTES,
+    MAX_METRICS, MAX_METRICS_PER_VM_ID, MAX_METRIC_NAME_BYTES,
 };
 pub use state::VmState;
 pub use types::{

@@ -358,6 +358,9 @@ struct MetricRegistry {
     last_id: FxHashMap<(usize, Option<Arc<str>>), u32>,
     /// How many ids were given out per type.
     defined: [u32; 3],
+    /// How many names each owner (a module in a VM id) added, against
+    /// [`MAX_METRICS_PER_VM_ID`].
+    added_by: FxHashMap<Arc<str>, usize>,
 }
 
 /// The type bits of a metric id.
@@ -372,6 +375,12 @@ const MAX_METRIC_IDS: usize = 1 << 20;
 /// How many metrics (distinct names) the process keeps: a plugin defining new names in a loop
 /// gets `INTERNAL_FAILURE` past it rather than growing the host's memory, and every scrape.
 pub const MAX_METRICS: usize = 1 << 16;
+
+/// How many of the process's metric names one VM id may add, for each module loaded in it (the
+/// owner of the metric ids, [`SharedState::define_metric_for`]); defining a name another added
+/// does not count. One plugin defining new names in a loop takes its own share, not every
+/// other plugin's room under [`MAX_METRICS`].
+pub const MAX_METRICS_PER_VM_ID: usize = 1 << 13;
 
 /// The longest metric name (Envoy's stat names with their tags stay far below it).
 pub const MAX_METRIC_NAME_BYTES: usize = 4096;
@@ -757,7 +766,16 @@ impl SharedState {
         let index = match registry.by_name.get(&key) {
             Some(index) => *index,
             None if registry.metrics.len() >= MAX_METRICS => return Err(Status::InternalFailure),
+            None if owner.is_some_and(|owner| {
+                registry.added_by.get(owner).copied().unwrap_or(0) >= MAX_METRICS_PER_VM_ID
+            }) =>
+            {
+                return Err(Status::InternalFailure)
+            }
             None => {
+                if let Some(owner) = owner {
+                    *registry.added_by.entry(owner.into()).or_default() += 1;
+                }
                 registry.metrics.push(Metric {
                     name: name.to_string(),
                     metric_type,
@@ -797,6 +815,11 @@ impl SharedState {
         name: &str,
     ) -> Result<u32, Status> {
         self.define(Some(owner), metric_type, name)
+    }
+
+    /// How many metric names `owner` added (see [`MAX_METRICS_PER_VM_ID`]).
+    pub fn metric_names_added_by(&self, owner: &str) -> usize {
+        self.metrics().added_by.get(owner).copied().unwrap_or(0)
     }
 
     /// [`SharedState::increment_metric`] of `owner`'s id (`NOT_FOUND` for another VM's).

@@ -710,3 +710,53 @@ fn the_in_memory_host_keeps_64_mib_of_log_and_counts_the_rest() {
     assert_eq!(host.logs.len(), 1);
     assert_eq!(host.logs[0].message, "again");
 }
+
+/// A probe defining 9,000 counters named `aaaaaaaa`, `baaaaaaa`, ... (a counter's nibbles as
+/// letters), reporting the last status in `x-last`.
+fn probe_metric_names() -> String {
+    probe_module(
+        r#"(import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 0) "x-last")"#,
+        "(local.set 0 (i32.const 0))
+    (block (loop
+      ;; the name at 100: eight letters, one per nibble of the counter
+      (local.set 2 (i32.const 0))
+      (block (loop
+        (i32.store8 (i32.add (i32.const 100) (local.get 2))
+          (i32.add (i32.const 97)
+            (i32.and (i32.shr_u (local.get 0) (i32.mul (local.get 2) (i32.const 4))) (i32.const 15))))
+        (local.set 2 (i32.add (local.get 2) (i32.const 1)))
+        (br_if 1 (i32.ge_u (local.get 2) (i32.const 8)))
+        (br 0)))
+      (local.set 1 (call $define (i32.const 0) (i32.const 100) (i32.const 8) (i32.const 200)))
+      (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get 0) (i32.const 9000)))
+      (br 0)))
+    (call $status (i32.const 16) (local.get 1))
+    (call $report (i32.const 0) (i32.const 6) (i32.const 16))",
+    )
+}
+
+/// One VM id adds at most 8192 metric names: past them a new name is `INTERNAL_FAILURE` and the
+/// plugin is told why, while another VM id still has room, and defining names others added
+/// costs it nothing.
+#[test]
+fn a_vm_id_adds_at_most_8192_metric_names_and_leaves_room_for_others() {
+    let shared = SharedState::new();
+    let config = |vm_id: &str| PluginConfig {
+        vm_id: vm_id.to_string(),
+        ..PluginConfig::default()
+    };
+    let probe = run_probe(&probe_metric_names(), config("greedy"), shared.clone(), 1);
+    assert_eq!(probe.value("x-last"), Some(":"), "INTERNAL_FAILURE (10)");
+    let logs = probe.messages();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains("a VM id adds at most 8192 metric names"),
+        "{logs:?}"
+    );
+    // The same 9,000 names from another VM id: 8,192 exist already, 808 are its own.
+    let probe = run_probe(&probe_metric_names(), config("other"), shared, 1);
+    assert_eq!(probe.value("x-last"), Some("0"), "OK");
+    assert!(probe.messages().is_empty(), "{:?}", probe.messages());
+}

@@ -182,11 +182,18 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
             return Err(Status::BadArgument.into());
         }
         Err(Status::InternalFailure) => {
-            state.tell_limit(Limit::MetricCount, || {
-                format!(
+            let own_share = state.shared.metric_names_added_by(&state.metric_owner)
+                >= crate::shared::MAX_METRICS_PER_VM_ID;
+            state.tell_limit(Limit::MetricCount, || match own_share {
+                true => format!(
+                    "proxy_define_metric: a VM id adds at most {} metric names, all added: a \
+                     new one ({name}) is INTERNAL_FAILURE",
+                    crate::shared::MAX_METRICS_PER_VM_ID
+                ),
+                false => format!(
                     "proxy_define_metric: the proxy keeps at most {MAX_METRICS} metric names, \
                      all taken: a new one ({name}) is INTERNAL_FAILURE"
-                )
+                ),
             });
             return Err(Status::InternalFailure.into());
         }
