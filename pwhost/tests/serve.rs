@@ -2299,16 +2299,9 @@ fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
         serve.log()
     );
     serve.wait_for_log("bytes the upstream has not taken: the stream is reset");
-    let held = upstream
-        .held_outcome(Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("the upstream's stream never ended\n{}", serve.log()));
     // `hello` and the first 16 MiB were queued before the limit; of them, only what was on
     // its way when the stream was reset reaches the upstream.
-    let messages: usize = held
-        .split_whitespace()
-        .nth(2)
-        .and_then(|count| count.parse().ok())
-        .unwrap_or_else(|| panic!("{held}"));
+    let (messages, held) = held_messages(&upstream, &serve);
     assert!(messages <= 8, "{held}: the queued messages still went out");
     // A stream within the bound goes on as before.
     let reply = get(&serve.url("/streamed"), &[]);
@@ -2330,16 +2323,24 @@ fn a_grpc_stream_its_plugin_cancels_sends_nothing_more() {
     let reply = get(&serve.url("/cancel"), &[("x-cancel", "5")]);
     assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
     assert!(reply.body.contains("x-cancelled: 5"), "{}", reply.body);
+    // `hello` may have gone out before the cancel; none of the five queued with it.
+    let (messages, held) = held_messages(&upstream, &serve);
+    assert!(messages <= 1, "{held}: the queued messages still went out");
+}
+
+/// How many messages a `/pwhost.Echo/Hold` call of `upstream` took before its stream ended
+/// (waiting at most 20 s), with how it ended.
+fn held_messages(upstream: &GrpcUpstream, serve: &Serve) -> (usize, String) {
     let held = upstream
         .held_outcome(Duration::from_secs(20))
         .unwrap_or_else(|| panic!("the upstream's stream never ended\n{}", serve.log()));
-    // `hello` may have gone out before the cancel; none of the five queued with it.
-    let messages: usize = held
+    // "ended after N messages" or "failed after N: <status>"
+    let messages = held
         .split_whitespace()
         .nth(2)
         .and_then(|count| count.trim_end_matches(':').parse().ok())
         .unwrap_or_else(|| panic!("{held}"));
-    assert!(messages <= 1, "{held}: the queued messages still went out");
+    (messages, held)
 }
 
 /// Sends a gRPC-shaped request (HTTP/2 without TLS, `content-type: application/grpc`) with

@@ -211,6 +211,13 @@ async fn send(
         over_the_limit();
         return None;
     }
+    let cut_short = |error: &dyn std::fmt::Display| {
+        tracing::warn!(
+            cluster = %cluster.name,
+            %error,
+            "an HTTP call's answer was cut short: failed"
+        );
+    };
     let mut body = Vec::new();
     loop {
         match session.read_response_body().await {
@@ -223,11 +230,7 @@ async fn send(
             }
             Ok(None) => break,
             Err(error) => {
-                tracing::warn!(
-                    cluster = %cluster.name,
-                    %error,
-                    "an HTTP call's answer was cut short: failed"
-                );
+                cut_short(&error);
                 return None;
             }
         }
@@ -244,11 +247,7 @@ async fn send(
             }
             Ok(None) => {}
             Err(error) => {
-                tracing::warn!(
-                    cluster = %cluster.name,
-                    %error,
-                    "an HTTP call's answer was cut short: failed"
-                );
+                cut_short(&error);
                 return None;
             }
         }
