@@ -377,6 +377,16 @@ impl Serve {
         )
     }
 
+    /// As [`Serve::start`], with the corpus's `grpc_stream` streaming to `grpc` (its
+    /// `grpc_cluster`).
+    fn streaming_grpc(upstream: SocketAddr, grpc: &GrpcUpstream) -> Serve {
+        Serve::start_with(
+            upstream,
+            &[envoy_filter("stream", "grpc_stream", "")],
+            &[("grpc_cluster", grpc.address)],
+        )
+    }
+
     /// As [`Serve::start`], with more fields (YAML lines) for the listener.
     fn start_with_fields(upstream: SocketAddr, fields: &str, filters: &[String]) -> Serve {
         Serve::start_configured(upstream, fields, filters, &[])
@@ -2251,11 +2261,7 @@ fn a_grpc_call_to_an_unreachable_cluster_closes_with_unavailable() {
 fn a_grpc_stream_delivers_metadata_messages_and_its_close_to_the_plugin() {
     let origin = Origin::start();
     let upstream = GrpcUpstream::start();
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("stream", "grpc_stream", "")],
-        &[("grpc_cluster", upstream.address)],
-    );
+    let serve = Serve::streaming_grpc(origin.address, &upstream);
     let reply = get(&serve.url("/streamed"), &[]);
     assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
     // The plugin resumed the request from the stream's close, with its status.
@@ -2284,11 +2290,7 @@ fn a_grpc_stream_delivers_metadata_messages_and_its_close_to_the_plugin() {
 fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
     let origin = Origin::start();
     let upstream = GrpcUpstream::start();
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("stream", "grpc_stream", "")],
-        &[("grpc_cluster", upstream.address)],
-    );
+    let serve = Serve::streaming_grpc(origin.address, &upstream);
     // 24 messages of 1 MiB in one callback, to an upstream taking one every 50 ms.
     let reply = get(&serve.url("/flood"), &[("x-flood", "24")]);
     assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
@@ -2315,11 +2317,7 @@ fn a_grpc_stream_whose_plugin_sends_faster_than_the_upstream_takes_is_reset() {
 fn a_grpc_stream_its_plugin_cancels_sends_nothing_more() {
     let origin = Origin::start();
     let upstream = GrpcUpstream::start();
-    let serve = Serve::start_with(
-        origin.address,
-        &[envoy_filter("stream", "grpc_stream", "")],
-        &[("grpc_cluster", upstream.address)],
-    );
+    let serve = Serve::streaming_grpc(origin.address, &upstream);
     let reply = get(&serve.url("/cancel"), &[("x-cancel", "5")]);
     assert_eq!(reply.status, 200, "{}\n{}", reply.body, serve.log());
     assert!(reply.body.contains("x-cancelled: 5"), "{}", reply.body);
