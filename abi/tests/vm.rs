@@ -760,3 +760,80 @@ fn a_vm_id_adds_at_most_8192_metric_names_and_leaves_room_for_others() {
     assert_eq!(probe.value("x-last"), Some("0"), "OK");
     assert!(probe.messages().is_empty(), "{:?}", probe.messages());
 }
+
+/// A VM keeps at most 4096 compiled CEL expressions (`expr_create` without `expr_delete`):
+/// past them a new one is `INTERNAL_FAILURE`, and the plugin is told why once.
+#[test]
+fn a_vm_keeps_at_most_4096_cel_expressions() {
+    let module = probe_module(
+        r#"(import "env" "proxy_call_foreign_function" (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))"#,
+        r#"(data (i32.const 0) "x-last")
+  (data (i32.const 100) "expr_create")
+  (data (i32.const 120) "1 + 1")"#,
+        "(local.set 0 (i32.const 0))
+    (block (loop
+      (local.set 1 (call $foreign (i32.const 100) (i32.const 11) (i32.const 120) (i32.const 5)
+        (i32.const 0) (i32.const 0)))
+      (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get 0) (i32.const 4100)))
+      (br 0)))
+    (call $status (i32.const 16) (local.get 1))
+    (call $report (i32.const 0) (i32.const 6) (i32.const 16))",
+    );
+    let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
+    assert_eq!(probe.value("x-last"), Some(":"), "INTERNAL_FAILURE (10)");
+    let logs = probe.messages();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains("a VM keeps at most 4096 CEL expressions"),
+        "{logs:?}"
+    );
+}
+
+/// A root context declares at most 4096 properties (`declare_property`, from
+/// `proxy_on_vm_start`): past them a new declaration is `INTERNAL_FAILURE`, and the plugin is
+/// told why once.
+#[test]
+fn a_root_context_declares_at_most_4096_properties() {
+    let module = r#"(module
+  (import "env" "proxy_call_foreign_function" (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x-last")
+  (data (i32.const 100) "declare_property")
+  ;; DeclarePropertyArguments { name: four letters } = 0x0a 0x04 + the name
+  (data (i32.const 200) "\0a\04")
+  (global $last (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 16384)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (local $i i32) (local $k i32)
+    (block (loop
+      (local.set $k (i32.const 0))
+      (block (loop
+        (i32.store8 (i32.add (i32.const 202) (local.get $k))
+          (i32.add (i32.const 97)
+            (i32.and (i32.shr_u (local.get $i) (i32.mul (local.get $k) (i32.const 4))) (i32.const 15))))
+        (local.set $k (i32.add (local.get $k) (i32.const 1)))
+        (br_if 1 (i32.ge_u (local.get $k) (i32.const 4)))
+        (br 0)))
+      (global.set $last (call $foreign (i32.const 100) (i32.const 16) (i32.const 200) (i32.const 6)
+        (i32.const 0) (i32.const 0)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get $i) (i32.const 4100)))
+      (br 0)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 16) (i32.add (i32.const 48) (global.get $last)))
+    (drop (call $add (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 16) (i32.const 1)))
+    i32.const 0))"#;
+    let probe = run_probe(module, PluginConfig::default(), SharedState::new(), 1);
+    assert_eq!(probe.value("x-last"), Some(":"), "INTERNAL_FAILURE (10)");
+    let logs = probe.messages();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains("a root context declares at most 4096 properties"),
+        "{logs:?}"
+    );
+}
