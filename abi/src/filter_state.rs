@@ -225,17 +225,18 @@ impl FilterState {
             return Status::BadArgument;
         }
         // Counted with the stream's properties (`set_property`): a value that does not grow
-        // always fits.
+        // always fits; one of another life span is kept and this one dropped (as below), so it
+        // is never refused.
         let kept: usize = self
             .objects
             .iter()
             .map(|o| o.key.len() + o.value.len())
             .sum();
-        let replaced = self
-            .objects
-            .iter()
-            .find(|o| o.key == key.as_bytes())
-            .map_or(0, |o| o.key.len() + o.value.len());
+        let replaced = match self.objects.iter().find(|o| o.key == key.as_bytes()) {
+            Some(existing) if existing.span != span => return Status::Ok,
+            Some(existing) => existing.key.len() + existing.value.len(),
+            None => 0,
+        };
         if key.len() + value.len() > replaced
             && kept - replaced + key.len() + value.len() > MAX_FILTER_STATE_BYTES
         {

@@ -139,9 +139,11 @@ pub struct InMemoryHost {
     /// `None` uses the system's.
     pub reproducible: Option<Reproducible>,
     next_token: u32,
-    /// Bytes of the messages in `logs`, and lines not kept past [`InMemoryHost::MAX_LOG_BYTES`]
-    /// (both start again once `logs` is emptied, e.g. taken by its reader).
+    /// Bytes of the messages in `logs` (counted again from 0 once `logs` is emptied, e.g. taken
+    /// by its reader).
     log_bytes: usize,
+    /// Lines not kept past [`InMemoryHost::MAX_LOG_BYTES`], counted in `logs`' last line (also
+    /// from 0 once `logs` is emptied).
     lines_not_kept: u64,
 }
 

@@ -59,6 +59,10 @@ pub struct SharedLimits {
     /// Queues in one VM id's namespace (a queue, once registered, stays until the process
     /// ends, across configuration reloads).
     pub queues_per_vm_id: usize,
+    /// Metric names one VM id may add to the process's [`MAX_METRICS`], for each module loaded
+    /// in it ([`MAX_METRICS_PER_VM_ID`] by default): a plugin putting tag values in its names
+    /// may need more.
+    pub metric_names_per_vm_id: usize,
 }
 
 impl SharedLimits {
@@ -72,13 +76,14 @@ impl SharedLimits {
 }
 
 impl Default for SharedLimits {
-    /// 256 MiB of shared data and 64 MiB of waiting queue items per VM id, and 4,096 queues
-    /// per VM id.
+    /// 256 MiB of shared data and 64 MiB of waiting queue items per VM id, 4,096 queues and
+    /// 8,192 new metric names per VM id.
     fn default() -> Self {
         SharedLimits {
             data_bytes_per_vm_id: 256 << 20,
             queue_bytes_per_vm_id: 64 << 20,
             queues_per_vm_id: 4096,
+            metric_names_per_vm_id: MAX_METRICS_PER_VM_ID,
         }
     }
 }
@@ -376,10 +381,11 @@ const MAX_METRIC_IDS: usize = 1 << 20;
 /// gets `INTERNAL_FAILURE` past it rather than growing the host's memory, and every scrape.
 pub const MAX_METRICS: usize = 1 << 16;
 
-/// How many of the process's metric names one VM id may add, for each module loaded in it (the
-/// owner of the metric ids, [`SharedState::define_metric_for`]); defining a name another added
-/// does not count. One plugin defining new names in a loop takes its own share, not every
-/// other plugin's room under [`MAX_METRICS`].
+/// How many of the process's metric names one VM id may add by default
+/// ([`SharedLimits::metric_names_per_vm_id`]), for each module loaded in it (the owner of the
+/// metric ids, [`SharedState::define_metric_for`]); defining a name another added does not
+/// count. One plugin defining new names in a loop takes its own share, not every other
+/// plugin's room under [`MAX_METRICS`].
 pub const MAX_METRICS_PER_VM_ID: usize = 1 << 13;
 
 /// The longest metric name (Envoy's stat names with their tags stay far below it).
@@ -761,13 +767,14 @@ impl SharedState {
         if name.len() > MAX_METRIC_NAME_BYTES {
             return Err(Status::BadArgument);
         }
+        let share = self.inner.limits.metric_names_per_vm_id;
         let mut registry = self.metrics();
         let key = (metric_type, name.to_string());
         let index = match registry.by_name.get(&key) {
             Some(index) => *index,
             None if registry.metrics.len() >= MAX_METRICS => return Err(Status::InternalFailure),
             None if owner.is_some_and(|owner| {
-                registry.added_by.get(owner).copied().unwrap_or(0) >= MAX_METRICS_PER_VM_ID
+                registry.added_by.get(owner).copied().unwrap_or(0) >= share
             }) =>
             {
                 return Err(Status::InternalFailure)

@@ -513,6 +513,7 @@ fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_wh
         // Twice the 100-byte item (228 each) fits, the 200-byte one (328) never beside them.
         queue_bytes_per_vm_id: 500,
         queues_per_vm_id: 1,
+        ..abi::SharedLimits::default()
     });
     // Shared data of 100 bytes under key `q` and of 200 under `r`; queue `q` registered and 100
     // and 200 bytes enqueued there; queue `r` registered, and one with a 4097-byte name.
@@ -579,15 +580,18 @@ fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_wh
 }
 
 /// `fd_write` takes at most 64 KiB from at most 1024 buffers per call and says so in its count
-/// (a partial write, which the plugin's libc completes with the next call): buffers naming the
-/// same memory over and over no longer make the host copy gigabytes inside one call.
+/// (a partial write, which the plugin's libc completes with the next call), cut at the last
+/// line's end within them: buffers naming the same memory over and over no longer make the
+/// host copy gigabytes inside one call.
 #[test]
-fn fd_write_takes_at_most_64_kib_per_call() {
+fn fd_write_takes_at_most_64_kib_from_1024_buffers_per_call() {
     let module = probe_module(
         r#"(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))"#,
-        r#"(data (i32.const 0) "x-status")"#,
+        r#"(data (i32.const 0) "x-bytes")
+  (data (i32.const 8) "x-count")
+  (data (i32.const 24) "x-lines")"#,
         "(drop (memory.grow (i32.const 2)))
-    ;; 2000 buffers at 65536, each the whole first page
+    ;; 2000 buffers at 65536, each the whole first page (no line end in it)
     (local.set 0 (i32.const 0))
     (block (loop
       (i32.store (i32.add (i32.const 65536) (i32.mul (local.get 0) (i32.const 8))) (i32.const 0))
@@ -595,12 +599,41 @@ fn fd_write_takes_at_most_64_kib_per_call() {
       (local.set 0 (i32.add (local.get 0) (i32.const 1)))
       (br_if 1 (i32.ge_u (local.get 0) (i32.const 2000)))
       (br 0)))
-    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2000) (i32.const 32)))
-    (call $status (i32.const 16) (i32.ne (i32.load (i32.const 32)) (i32.const 65536)))
-    (call $report (i32.const 0) (i32.const 8) (i32.const 16))",
+    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2000) (i32.const 40)))
+    (call $status (i32.const 16) (i32.ne (i32.load (i32.const 40)) (i32.const 65536)))
+    ;; 2000 buffers of one byte each: 1024 are taken
+    (local.set 0 (i32.const 0))
+    (block (loop
+      (i32.store (i32.add (i32.const 65540) (i32.mul (local.get 0) (i32.const 8))) (i32.const 1))
+      (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get 0) (i32.const 2000)))
+      (br 0)))
+    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2000) (i32.const 40)))
+    (call $status (i32.const 17) (i32.ne (i32.load (i32.const 40)) (i32.const 1024)))
+    ;; two whole pages with a line end at byte 100 of the first: cut after it
+    (i32.store8 (i32.const 100) (i32.const 10))
+    (i32.store (i32.const 65536) (i32.const 0))
+    (i32.store (i32.const 65540) (i32.const 65536))
+    (i32.store (i32.const 65544) (i32.const 0))
+    (i32.store (i32.const 65548) (i32.const 65536))
+    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2) (i32.const 40)))
+    (call $status (i32.const 18) (i32.ne (i32.load (i32.const 40)) (i32.const 101)))
+    (call $report (i32.const 0) (i32.const 7) (i32.const 16))
+    (call $report (i32.const 8) (i32.const 7) (i32.const 17))
+    (call $report (i32.const 24) (i32.const 7) (i32.const 18))",
     );
     let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
-    assert_eq!(probe.value("x-status"), Some("0"), "nwritten is 65536");
+    assert_eq!(
+        probe.value("x-bytes"),
+        Some("0"),
+        "64 KiB of one line taken"
+    );
+    assert_eq!(probe.value("x-count"), Some("0"), "1024 buffers taken");
+    assert_eq!(
+        probe.value("x-lines"),
+        Some("0"),
+        "cut after the line's end"
+    );
 }
 
 /// A property path over 64 KiB names nothing: `NOT_FOUND` to read, `BAD_ARGUMENT` to set, and
@@ -759,6 +792,13 @@ fn a_vm_id_adds_at_most_8192_metric_names_and_leaves_room_for_others() {
     let probe = run_probe(&probe_metric_names(), config("other"), shared, 1);
     assert_eq!(probe.value("x-last"), Some("0"), "OK");
     assert!(probe.messages().is_empty(), "{:?}", probe.messages());
+    // A proxy whose plugins need more says so (`metric_names_per_vm_id`).
+    let roomy = SharedState::with_limits(abi::SharedLimits {
+        metric_names_per_vm_id: 10_000,
+        ..abi::SharedLimits::default()
+    });
+    let probe = run_probe(&probe_metric_names(), config("greedy"), roomy, 1);
+    assert_eq!(probe.value("x-last"), Some("0"), "OK");
 }
 
 /// A VM keeps at most 4096 compiled CEL expressions (`expr_create` without `expr_delete`):

@@ -386,11 +386,15 @@ fn is_clean(bytes: &[u8]) -> bool {
 /// an absolute URL naming the upstream's address, the plugin's `:authority` as `Host`.
 fn encode(address: SocketAddr, request: &HttpCallRequest, call: usize) -> Option<Vec<u8>> {
     if !request.trailers.is_empty() {
-        // An HTTP/1.0 request carries none: refused, rather than sent without them.
-        diag::warning(
-            "an HTTP call with request trailers is refused (BAD_ARGUMENT): Traffic Server's \
-             client cannot send them",
-        );
+        // An HTTP/1.0 request carries none: refused, rather than sent without them. Said once
+        // per process: a plugin retrying in a loop would flood the log.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            diag::warning(
+                "an HTTP call with request trailers is refused (BAD_ARGUMENT): Traffic Server's \
+                 client cannot send them",
+            )
+        });
         return None;
     }
     let headers = &request.headers;

@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! pwhost_ats.so [--deadline-ms=N] [--max-memory-mib=N] [--buffer-limit-bytes=N]
-//!     [--stream-idle-timeout-ms=N] a.yaml [b.yaml ...]
+//!     [--stream-idle-timeout-ms=N] [--shared-data-bytes-per-vm-id=N]
+//!     [--shared-queue-bytes-per-vm-id=N] [--shared-queues-per-vm-id=N]
+//!     [--metric-names-per-vm-id=N] a.yaml [b.yaml ...]
 //! ```
 //!
 //! Each file configures plugins as the `lifecycle` layer reads them (Traffic Server's
@@ -340,12 +342,14 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
             shared_limits.queue_bytes_per_vm_id = as_usize(number(value)?);
         } else if let Some(value) = arg.strip_prefix("--shared-queues-per-vm-id=") {
             shared_limits.queues_per_vm_id = as_usize(number(value)?);
+        } else if let Some(value) = arg.strip_prefix("--metric-names-per-vm-id=") {
+            shared_limits.metric_names_per_vm_id = as_usize(number(value)?);
         } else if arg.starts_with("--") {
             return Err(format!(
                 "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N, \
                  --buffer-limit-bytes=N, --stream-idle-timeout-ms=N, \
                  --shared-data-bytes-per-vm-id=N, --shared-queue-bytes-per-vm-id=N, \
-                 --shared-queues-per-vm-id=N)"
+                 --shared-queues-per-vm-id=N, --metric-names-per-vm-id=N)"
             ));
         } else {
             files.push(config_path(arg));

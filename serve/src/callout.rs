@@ -96,12 +96,16 @@ pub(crate) fn dispatch(
 ) -> Result<(u32, tokio::task::AbortHandle), Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
     if !request.trailers.is_empty() {
-        // Pingora's client sends none: refused, rather than sent without them.
-        tracing::warn!(
-            cluster = %cluster.name,
-            "an HTTP call with request trailers is refused (BAD_ARGUMENT): the proxy's client \
-             cannot send them"
-        );
+        // Pingora's client sends none: refused, rather than sent without them. Said once per
+        // process: a plugin retrying in a loop would flood the log.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                cluster = %cluster.name,
+                "an HTTP call with request trailers is refused (BAD_ARGUMENT): the proxy's \
+                 client cannot send them"
+            )
+        });
         return Err(Status::BadArgument);
     }
     let runtime = caller.runtime()?;
@@ -203,9 +207,15 @@ async fn send(
     // An answer announcing more than the limit is refused before any of its body is read
     // (unless it has none whatever its length says: to a `HEAD`, a 204 or a 304).
     let bodiless = head || matches!(response.status.as_u16(), 204 | 304);
+    // A `Transfer-Encoding` frames the body instead of a `Content-Length` beside it.
     let announced = response
         .headers
         .get(http::header::CONTENT_LENGTH)
+        .filter(|_| {
+            !response
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING)
+        })
         .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
     if !bodiless && announced.is_some_and(|length| length > MAX_ANSWER_BODY as u64) {
         over_the_limit();

@@ -259,6 +259,7 @@ struct SharedLimitsFile {
     data_bytes_per_vm_id: Option<usize>,
     queue_bytes_per_vm_id: Option<usize>,
     queues_per_vm_id: Option<usize>,
+    metric_names_per_vm_id: Option<usize>,
 }
 
 impl SharedLimitsFile {
@@ -272,6 +273,9 @@ impl SharedLimitsFile {
                 .queue_bytes_per_vm_id
                 .unwrap_or(default.queue_bytes_per_vm_id),
             queues_per_vm_id: self.queues_per_vm_id.unwrap_or(default.queues_per_vm_id),
+            metric_names_per_vm_id: self
+                .metric_names_per_vm_id
+                .unwrap_or(default.metric_names_per_vm_id),
         }
     }
 }
@@ -711,12 +715,16 @@ clusters:
     fn shared_limits_default_to_the_abis_and_are_set_field_by_field() {
         let config = ServeConfig::parse(MINIMAL, Path::new("/")).unwrap();
         assert_eq!(config.shared_limits, abi::SharedLimits::default());
-        let text = format!("{MINIMAL}shared_limits: {{data_bytes_per_vm_id: 1073741824}}\n");
+        let text = format!(
+            "{MINIMAL}shared_limits: {{data_bytes_per_vm_id: 1073741824, \
+             metric_names_per_vm_id: 100000}}\n"
+        );
         let config = ServeConfig::parse(&text, Path::new("/")).unwrap();
         assert_eq!(
             config.shared_limits,
             abi::SharedLimits {
                 data_bytes_per_vm_id: 1 << 30,
+                metric_names_per_vm_id: 100_000,
                 ..abi::SharedLimits::default()
             }
         );

@@ -30,10 +30,16 @@ pub(crate) fn write_log(state: &mut VmState, level: LogLevel, message: &[u8]) {
     }
     let context = state.effective_context;
     if message.len() > MAX_LOG_MESSAGE_BYTES {
-        let mut cut = String::from_utf8_lossy(&message[..MAX_LOG_MESSAGE_BYTES]).into_owned();
+        // Cut before a character the limit would split (a UTF-8 character is at most 4 bytes,
+        // its continuation bytes 0b10xxxxxx).
+        let mut end = MAX_LOG_MESSAGE_BYTES;
+        while end > MAX_LOG_MESSAGE_BYTES - 3 && message[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
+        let mut cut = String::from_utf8_lossy(&message[..end]).into_owned();
         cut.push_str(&format!(
             " [pwhost: {} more bytes of this message not logged]",
-            message.len() - MAX_LOG_MESSAGE_BYTES
+            message.len() - end
         ));
         state.host.log(context, level, &cut);
         return;

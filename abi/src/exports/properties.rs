@@ -16,9 +16,13 @@ fn check_path(state: &mut VmState, path: &[u8], status: Status) -> Result<(), St
         return Ok(());
     }
     state.tell_limit(Limit::PropertyPath, || {
+        let status = match status {
+            Status::NotFound => "NOT_FOUND",
+            _ => "BAD_ARGUMENT",
+        };
         format!(
             "a property path has at most {MAX_PROPERTY_PATH_BYTES} bytes (this one has {}): \
-             {status:?}",
+             {status}",
             path.len()
         )
     });

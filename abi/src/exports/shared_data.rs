@@ -182,13 +182,12 @@ pub(super) fn define_metric(caller: &mut dyn Caller<VmState>, args: &[u64]) -> H
             return Err(Status::BadArgument.into());
         }
         Err(Status::InternalFailure) => {
-            let own_share = state.shared.metric_names_added_by(&state.metric_owner)
-                >= crate::shared::MAX_METRICS_PER_VM_ID;
+            let share = state.shared.limits().metric_names_per_vm_id;
+            let own_share = state.shared.metric_names_added_by(&state.metric_owner) >= share;
             state.tell_limit(Limit::MetricCount, || match own_share {
                 true => format!(
-                    "proxy_define_metric: a VM id adds at most {} metric names, all added: a \
-                     new one ({name}) is INTERNAL_FAILURE",
-                    crate::shared::MAX_METRICS_PER_VM_ID
+                    "proxy_define_metric: a VM id adds at most {share} metric names, all added: \
+                     a new one ({name}) is INTERNAL_FAILURE"
                 ),
                 false => format!(
                     "proxy_define_metric: the proxy keeps at most {MAX_METRICS} metric names, \

@@ -95,6 +95,16 @@ fn set_envoy_filter_state(call: &mut ForeignCall<'_>, args: &[u8]) -> Result<Vec
         LifeSpan::from_proto(args.span),
     ) {
         Status::Ok => Ok(Vec::new()),
+        Status::InternalFailure => {
+            use crate::filter_state::MAX_FILTER_STATE_BYTES;
+            call.state.tell_limit(crate::state::Limit::FilterState, || {
+                format!(
+                    "set_envoy_filter_state: a stream keeps at most {MAX_FILTER_STATE_BYTES} \
+                         bytes of properties and filter state objects in all: INTERNAL_FAILURE"
+                )
+            });
+            Err(Status::InternalFailure)
+        }
         status => Err(status),
     }
 }

@@ -44,8 +44,11 @@ pub fn check_yaml_expansion(text: &str) -> Result<(), String> {
 
 /// What a document may still expand to, and whether it went past it.
 struct Budget {
+    /// Nodes left.
     nodes: Cell<usize>,
+    /// Scalar bytes left.
     bytes: Cell<usize>,
+    /// The document went past one of them.
     spent: Cell<bool>,
 }
 
