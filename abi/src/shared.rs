@@ -364,7 +364,7 @@ struct MetricRegistry {
     /// How many ids were given out per type.
     defined: [u32; 3],
     /// How many names each owner (a module in a VM id) added, against
-    /// [`MAX_METRICS_PER_VM_ID`].
+    /// [`SharedLimits::metric_names_per_vm_id`].
     added_by: FxHashMap<Arc<str>, usize>,
 }
 
@@ -824,7 +824,7 @@ impl SharedState {
         self.define(Some(owner), metric_type, name)
     }
 
-    /// How many metric names `owner` added (see [`MAX_METRICS_PER_VM_ID`]).
+    /// How many metric names `owner` added (see [`SharedLimits::metric_names_per_vm_id`]).
     pub fn metric_names_added_by(&self, owner: &str) -> usize {
         self.metrics().added_by.get(owner).copied().unwrap_or(0)
     }
