@@ -178,28 +178,24 @@ impl FilterState {
         declaration: Option<&PropertyDeclaration>,
     ) -> Status {
         let key = property_key(path);
-        let kept: usize = self
-            .objects
-            .iter()
-            .map(|o| o.key.len() + o.value.len())
-            .sum();
-        if let Some(object) = self.objects.iter_mut().find(|o| o.key == key) {
+        if let Some(at) = self.objects.iter().position(|o| o.key == key) {
+            let object = &self.objects[at];
             if let FilterStateSource::Property(PropertyDeclaration { readonly: true, .. }) =
                 object.source
             {
                 return Status::BadArgument;
             }
-            // A value that does not grow always fits.
-            if value.len() > object.value.len()
-                && kept - object.value.len() + value.len() > MAX_FILTER_STATE_BYTES
-            {
+            if !self.has_room(
+                object.key.len() + object.value.len(),
+                key.len() + value.len(),
+            ) {
                 return Status::InternalFailure;
             }
-            object.value = value.to_vec();
+            self.objects[at].value = value.to_vec();
             return Status::Ok;
         }
         if self.objects.len() >= MAX_FILTER_STATE_OBJECTS
-            || kept + key.len() + value.len() > MAX_FILTER_STATE_BYTES
+            || !self.has_room(0, key.len() + value.len())
         {
             return Status::InternalFailure;
         }
@@ -213,6 +209,21 @@ impl FilterState {
         Status::Ok
     }
 
+    /// Whether an object of `size` bytes (key and value) may take the place of one of
+    /// `replaced` bytes (0: none) within [`MAX_FILTER_STATE_BYTES`]: one that does not grow
+    /// always may.
+    fn has_room(&self, replaced: usize, size: usize) -> bool {
+        if size <= replaced {
+            return true;
+        }
+        let kept: usize = self
+            .objects
+            .iter()
+            .map(|o| o.key.len() + o.value.len())
+            .sum();
+        kept - replaced + size <= MAX_FILTER_STATE_BYTES
+    }
+
     /// `set_envoy_filter_state`: the object of a well-known Envoy key, replacing an earlier value
     /// of the same life span (Envoy keeps an object set with another life span, and still answers
     /// `OK`). An unknown key is `NOT_FOUND` and a value the key's object cannot be made from is
@@ -224,22 +235,14 @@ impl FilterState {
         if !check(value) {
             return Status::BadArgument;
         }
-        // Counted with the stream's properties (`set_property`): a value that does not grow
-        // always fits; one of another life span is kept and this one dropped (as below), so it
-        // is never refused.
-        let kept: usize = self
-            .objects
-            .iter()
-            .map(|o| o.key.len() + o.value.len())
-            .sum();
+        // Counted with the stream's properties (`set_property`); one of another life span is
+        // kept and this one dropped (as below), so it is never refused.
         let replaced = match self.objects.iter().find(|o| o.key == key.as_bytes()) {
             Some(existing) if existing.span != span => return Status::Ok,
             Some(existing) => existing.key.len() + existing.value.len(),
             None => 0,
         };
-        if key.len() + value.len() > replaced
-            && kept - replaced + key.len() + value.len() > MAX_FILTER_STATE_BYTES
-        {
+        if !self.has_room(replaced, key.len() + value.len()) {
             return Status::InternalFailure;
         }
         let object = FilterStateObject {

@@ -811,10 +811,10 @@ impl Vm {
 
     /// Delivers `proxy_on_queue_ready` for every notification of an item enqueued (from any
     /// thread) into a queue this VM's root context registered, up to now (one per item, except
-    /// that none is sent while those not delivered yet cover every item waiting): items the plugin enqueues meanwhile (e.g. into
-    /// its own queue) wait for the next call, so a plugin cannot keep this going forever. Call it
-    /// from the VM's own thread, e.g. once per turn of the event loop. Returns how many
-    /// notifications were delivered.
+    /// that none is sent while those not delivered yet cover every item waiting): items the
+    /// plugin enqueues meanwhile (e.g. into its own queue) wait for the next call, so a plugin
+    /// cannot keep this going forever. Call it from the VM's own thread, e.g. once per turn of
+    /// the event loop. Returns how many notifications were delivered.
     pub fn dispatch_queue_ready(&mut self) -> Result<usize, VmError> {
         let pending: Vec<(u32, u32)> = self.queue_ready.try_iter().collect();
         self.deliver_queue_ready(&pending)
@@ -859,8 +859,8 @@ impl Vm {
     }
 
     /// Has `wake` run, on the enqueuing thread, every time a notification is sent for an item
-    /// enqueued into a queue this VM's root contexts registered (whenever they registered it), replacing any earlier
-    /// wake-up. For a VM on a thread that does not sleep in [`Vm::wait_for_queue_ready`] (a
+    /// enqueued into a queue this VM's root contexts registered (whenever they registered it),
+    /// replacing any earlier wake-up. For a VM on a thread that does not sleep in [`Vm::wait_for_queue_ready`] (a
     /// proxy's worker with its own event loop): `wake` schedules [`Vm::dispatch_queue_ready`] on
     /// that thread, as Envoy posts `onQueueReady` to the registering worker's dispatcher. A
     /// plugin that enqueues into its own queue from `proxy_on_queue_ready` wakes its VM again

@@ -112,6 +112,23 @@ const OVER_THE_LIMIT: &str = "its body is over 16 MiB";
 /// Why an answer is refused: its body did not end (its upstream, or Traffic Server, cut it).
 const CUT_SHORT: &str = "its upstream ended it before its end";
 
+/// Why an answer is refused: watching it panicked (a bug of this plugin), so it is not known
+/// whole.
+const NOT_WATCHED: &str = "watching it failed";
+
+/// Runs a handler's `body`; a panic (unwinding into Traffic Server would abort it) is logged
+/// and refuses call `call`'s answer.
+fn guarded<T>(call: usize, on_panic: T, body: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(_) => {
+            diag::error("watching an HTTP call's answer panicked");
+            refuse(call, NOT_WATCHED);
+            on_panic
+        }
+    }
+}
+
 /// Watches the answer of call `call` from now (before its request is sent): the watch is made
 /// here, so that one is never left behind by a call that ends before its transaction starts
 /// (the call forgets it, [`forget`]), and its transaction only updates it.
@@ -163,18 +180,21 @@ unsafe extern "C" fn on_transaction_event(
     let mut next = sys::TS_EVENT_HTTP_CONTINUE;
     if event == sys::TS_EVENT_HTTP_READ_RESPONSE_HDR {
         use crate::transaction::OriginBody;
-        match crate::transaction::origin_response_body(txn) {
-            OriginBody::Length(length) if length > MAX_ANSWER_BODY => {
-                refuse(call, OVER_THE_LIMIT);
-                // Traffic Server's error path: none of the body is read, the upstream's
-                // connection is closed, and its client gets an error of Traffic Server's own.
-                next = sys::TS_EVENT_HTTP_ERROR;
+        // Traffic Server's error path (on a refusal, or a panic): none of the body is read, the
+        // upstream's connection is closed, and its client gets an error of Traffic Server's own.
+        next = guarded(call, sys::TS_EVENT_HTTP_ERROR, || {
+            match crate::transaction::origin_response_body(txn) {
+                OriginBody::Length(length) if length > MAX_ANSWER_BODY as u64 => {
+                    refuse(call, OVER_THE_LIMIT);
+                    return sys::TS_EVENT_HTTP_ERROR;
+                }
+                // Checked against its length where it is read.
+                OriginBody::Length(_) | OriginBody::None => {}
+                // SAFETY: `txn` is held by this hook, where a response transform may be added.
+                OriginBody::UntilItsEnd => unsafe { add_counter(txn, call) },
             }
-            // Checked against its length where it is read.
-            OriginBody::Length(_) | OriginBody::None => {}
-            // SAFETY: `txn` is held by this hook, where a response transform may be added.
-            OriginBody::UntilItsEnd => unsafe { add_counter(txn, call) },
-        }
+            sys::TS_EVENT_HTTP_CONTINUE
+        });
     }
     // SAFETY: every event of an HTTP hook carries its transaction, held until reenabled.
     unsafe { sys::TSHttpTxnReenable(txn, next) };
@@ -293,7 +313,7 @@ unsafe extern "C" fn on_counter_event(
             unsafe { sys::TSVConnShutdown(sys::TSTransformOutputVConnGet(connection), 0, 1) };
         }
         // SAFETY: a live transform (not closed, checked above).
-        _ => unsafe { pass(connection, state) },
+        _ => guarded(state.call, (), || unsafe { pass(connection, state) }),
     }
     0
 }
@@ -378,8 +398,8 @@ fn ended(call: usize) {
 }
 
 /// Logs why call `token`'s answer was refused, for its plugin's operator.
-pub(crate) fn log_refusal(token: u32, why: &str) {
+pub(crate) fn log_refusal(token: u32, upstream: std::net::SocketAddr, why: &str) {
     diag::warning(&format!(
-        "the answer to HTTP call {token} was refused ({why}): the call fails"
+        "the answer to HTTP call {token} from {upstream} was refused ({why}): the call fails"
     ));
 }

@@ -107,6 +107,8 @@ struct Callout {
     call: usize,
     /// The call is a `HEAD`, whose answer has no body whatever its `Content-Length` says.
     head: bool,
+    /// Where the call went, for messages about its answer.
+    upstream: SocketAddr,
     /// When the plugin stops waiting (its timeout; `None`: never): an answer still being
     /// judged then fails as the timeout would have failed it.
     expires: Option<std::time::Instant>,
@@ -138,6 +140,7 @@ pub(crate) fn dispatch(token: u32, address: SocketAddr, request: &HttpCallReques
         token,
         call,
         head: is_head(request),
+        upstream: address,
         timeout: request.timeout,
         answer_to: AnswerTo::ThisThread,
     };
@@ -172,6 +175,8 @@ struct Sent {
     call: usize,
     /// The call is a `HEAD`.
     head: bool,
+    /// Where it goes.
+    upstream: SocketAddr,
     /// The plugin's timeout (zero: none).
     timeout: Duration,
     /// Where the answer goes.
@@ -217,6 +222,7 @@ pub(crate) fn dispatch_from_service(
         token,
         call,
         head: is_head(request),
+        upstream: address,
         timeout: request.timeout,
         answer_to: AnswerTo::Service(inbox),
     };
@@ -312,6 +318,7 @@ unsafe fn launch(sent: Sent, bytes: &[u8]) {
         token,
         call,
         head,
+        upstream,
         timeout,
         answer_to,
     } = sent;
@@ -324,6 +331,7 @@ unsafe fn launch(sent: Sent, bytes: &[u8]) {
         token,
         call,
         head,
+        upstream,
         expires,
         answer_to,
         thread,
@@ -454,22 +462,26 @@ fn encode(address: SocketAddr, request: &HttpCallRequest, call: usize) -> Option
 /// the rest is the body. `None` for an answer that is not one, or not whole: Traffic Server's
 /// client reports what came when its upstream stopped early, so a body shorter (or longer) than
 /// its `Content-Length` fails the call rather than pass for the answer (`head`: the call was a
-/// `HEAD`, whose answer has none).
-fn decode(mut bytes: &[u8], head: bool) -> Option<HttpCallResponse> {
+/// `HEAD`, whose answer has none). Messages name the answer's `upstream`.
+fn decode(mut bytes: &[u8], head: bool, upstream: SocketAddr) -> Option<HttpCallResponse> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let (response, length) = loop {
         let mut response = httparse::Response::new(&mut headers);
         let length = match response.parse(bytes) {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) => {
-                diag::warning("an HTTP call's answer ended before its header did: the call fails");
+                diag::warning(&format!(
+                    "an HTTP call's answer from {upstream} ended before its header did: the call \
+                     fails"
+                ));
                 return None;
             }
             Err(error) => {
                 // Traffic Server checked the upstream's header; what is left is, e.g., more
                 // than 128 fields.
                 diag::warning(&format!(
-                    "an HTTP call's answer header cannot be read ({error}): the call fails"
+                    "an HTTP call's answer header from {upstream} cannot be read ({error}): the \
+                     call fails"
                 ));
                 return None;
             }
@@ -477,7 +489,9 @@ fn decode(mut bytes: &[u8], head: bool) -> Option<HttpCallResponse> {
         match response.code? {
             // A switch of protocols nobody asked for fails the call.
             101 => {
-                diag::warning("an HTTP call was answered 101 (a switch of protocols): it fails");
+                diag::warning(&format!(
+                    "an HTTP call to {upstream} was answered 101 (a switch of protocols): it fails"
+                ));
                 return None;
             }
             // An interim answer (100 Continue, 103 Early Hints) comes before the answer.
@@ -487,7 +501,7 @@ fn decode(mut bytes: &[u8], head: bool) -> Option<HttpCallResponse> {
     };
     let code = response.code?;
     let body = &bytes[length..];
-    let bodiless = head || matches!(code, 204 | 304);
+    let bodiless = head || crate::transaction::bodiless_status(u32::from(code));
     let mut map = HeaderMap::new();
     map.add(b":status", code.to_string().as_bytes());
     for header in response.headers.iter() {
@@ -497,7 +511,8 @@ fn decode(mut bytes: &[u8], head: bool) -> Option<HttpCallResponse> {
                 .and_then(|value| value.trim().parse::<usize>().ok());
             if announced != Some(body.len()) {
                 diag::warning(&format!(
-                    "an HTTP call's answer announced {} bytes of body and {} came: the call fails",
+                    "an HTTP call's answer from {upstream} announced {} bytes of body and {} \
+                     came: the call fails",
                     String::from_utf8_lossy(header.value),
                     body.len()
                 ));
@@ -547,7 +562,7 @@ unsafe extern "C" fn on_event(cont: sys::TSCont, event: sys::TSEvent, data: *mut
                         // SAFETY: as above, `len` bytes at `raw`.
                         unsafe { std::slice::from_raw_parts(raw.cast::<u8>(), len as usize) }
                     };
-                    decode(bytes, callout.head)
+                    decode(bytes, callout.head, callout.upstream)
                 } else {
                     None
                 };
@@ -619,7 +634,7 @@ fn judged(callout: &Callout, answer: Option<HttpCallResponse>, asked: u32) -> Pr
     match crate::answer::verdict(callout.call) {
         crate::answer::Verdict::Whole => Progress::Arrived(answer),
         crate::answer::Verdict::Refused(why) => {
-            crate::answer::log_refusal(callout.token, why);
+            crate::answer::log_refusal(callout.token, callout.upstream, why);
             Progress::Arrived(None)
         }
         crate::answer::Verdict::Pending
@@ -638,6 +653,7 @@ fn judged(callout: &Callout, answer: Option<HttpCallResponse>, asked: u32) -> Pr
             crate::answer::forget(callout.call);
             crate::answer::log_refusal(
                 callout.token,
+                callout.upstream,
                 "its internal transaction did not close within 2 s of it",
             );
             Progress::Arrived(None)

@@ -1047,7 +1047,7 @@ pub(crate) enum OriginBody {
     /// is 1xx, 204 or 304).
     None,
     /// Its `Content-Length`.
-    Length(i64),
+    Length(u64),
     /// It runs until its framing or its connection ends (chunked, or no length).
     UntilItsEnd,
 }
@@ -1059,30 +1059,34 @@ pub(crate) fn origin_response_body(txn: sys::TSHttpTxn) -> OriginBody {
     let Some(response) = txn_header(txn, sys::TSHttpTxnServerRespGet, HeaderKind::Response) else {
         return OriginBody::UntilItsEnd;
     };
-    if is_head(txn) || matches!(response.status(), 100..=199 | 204 | 304) {
+    if is_head(txn) || bodiless_status(response.status()) {
         return OriginBody::None;
     }
     if response.get(b"transfer-encoding").is_some() {
         return OriginBody::UntilItsEnd;
     }
-    response
-        .get(b"content-length")
-        .and_then(|length| std::str::from_utf8(length).ok()?.trim().parse::<i64>().ok())
-        .map_or(OriginBody::UntilItsEnd, OriginBody::Length)
+    content_length(&response).map_or(OriginBody::UntilItsEnd, OriginBody::Length)
+}
+
+/// Whether a response of `status` never has a body.
+pub(crate) fn bodiless_status(status: u32) -> bool {
+    matches!(status, 100..=199 | 204 | 304)
+}
+
+/// The length a header's `Content-Length` gives, if it has one that reads as a length.
+fn content_length(headers: &MimeHeaders) -> Option<u64> {
+    abi::Headers::get(headers, b"content-length")
+        .and_then(|value| std::str::from_utf8(value).ok()?.trim().parse::<u64>().ok())
 }
 
 /// Whether a header announces no body: no `Content-Length` above 0 and no `Transfer-Encoding`
 /// (for a response also: a status that never has one).
 fn ends_stream(headers: &MimeHeaders, kind: HeaderKind) -> bool {
     use abi::Headers as _;
-    if kind == HeaderKind::Response && matches!(headers.status(), 100..=199 | 204 | 304) {
+    if kind == HeaderKind::Response && bodiless_status(headers.status()) {
         return true;
     }
-    let length = headers
-        .get(b"content-length")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match (kind, length) {
+    match (kind, content_length(headers)) {
         (_, Some(length)) => length == 0 && headers.get(b"transfer-encoding").is_none(),
         // A request without either has no body; a response's runs until the connection
         // closes (RFC 9112, 6.3).

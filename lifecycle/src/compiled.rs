@@ -172,25 +172,10 @@ pub(crate) fn private_directory(directory: &Path) -> Result<(), String> {
 /// without waiting (a FIFO in its place would block the read for ever), then checked on the
 /// open file, so that nothing can be swapped in between.
 pub(crate) fn read_private(path: &Path, limit: u64) -> Option<Vec<u8>> {
-    use std::io::Read as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(
-        &mut options,
-        libc::O_NOFOLLOW | libc::O_NONBLOCK,
-    );
-    let file = options.open(path).ok()?;
-    let metadata = file.metadata().ok()?;
-    if !metadata.is_file() || metadata.len() > limit {
-        return None;
-    }
-    owned_privately(&metadata, path).ok()?;
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .ok()?;
-    (bytes.len() as u64 <= limit).then_some(bytes)
+    crate::files::read_checked(path, limit, crate::files::Links::Refuse, |metadata| {
+        owned_privately(metadata, path).map_err(std::io::Error::other)
+    })
+    .ok()
 }
 
 /// Whether `path` is this user's and writable by no one else (on Unix; elsewhere not checked).

@@ -21,11 +21,38 @@ pub fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// [`read_regular_file`] with a limit of `limit` bytes.
 pub fn read_regular_file_up_to(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    read_checked(path, limit, Links::Follow, |_| Ok(()))
+}
+
+/// Whether the last component of a path may be a symbolic link.
+pub(crate) enum Links {
+    /// Followed to the file it names.
+    Follow,
+    /// Refused (the open fails).
+    Refuse,
+}
+
+/// [`read_regular_file_up_to`], following a final symbolic link or not, and with `check` of
+/// the open file's metadata before anything is read.
+pub(crate) fn read_checked(
+    path: &Path,
+    limit: u64,
+    links: Links,
+    check: impl FnOnce(&std::fs::Metadata) -> std::io::Result<()>,
+) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind};
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        match links {
+            Links::Follow => libc::O_NONBLOCK,
+            Links::Refuse => libc::O_NONBLOCK | libc::O_NOFOLLOW,
+        },
+    );
+    #[cfg(not(unix))]
+    let _ = links;
     let file = options.open(path)?;
     let metadata = file.metadata()?;
     if !metadata.is_file() {
@@ -43,6 +70,7 @@ pub fn read_regular_file_up_to(path: &Path, limit: u64) -> std::io::Result<Vec<u
     if metadata.len() > limit {
         return Err(too_large());
     }
+    check(&metadata)?;
     let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
     // The file may grow while it is read: at most one byte past the limit is taken.
     file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;

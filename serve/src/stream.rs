@@ -603,18 +603,18 @@ impl Stream {
                 return outcome;
             }
             let woken = self.wake.notified();
-            match (self.idle_timeout, idle_at) {
-                (Some(idle), Some(at)) => {
+            match idle_at {
+                Some(at) => {
                     if tokio::time::timeout_at(at, woken).await.is_err() {
                         tracing::debug!(
                             plugin = %self.filters[index].name,
-                            timeout = ?idle,
+                            timeout = ?self.idle_timeout,
                             "a plugin held the stream past the stream idle timeout: 408"
                         );
                         return Outcome::Reply(Reply::status(408, "stream_idle_timeout"));
                     }
                 }
-                _ => woken.await,
+                None => woken.await,
             }
         }
     }
