@@ -169,6 +169,7 @@ mod vm;
 
 pub use attributes::{Node, StreamInfo};
 pub use callbacks::callback_exports;
+pub use exports::calls::MAX_OPEN_CALLS;
 pub use exports::host_functions;
 pub use filter_state::{
     is_envoy_object, FilterStateObject, FilterStateSource, LifeSpan, PropertyDeclaration,

@@ -183,6 +183,8 @@ pub(crate) enum Limit {
     PropertyDeclarations,
     /// A VM's compiled CEL expressions past `MAX_PROGRAMS` (`crate::foreign::expressions`).
     ExpressionCount,
+    /// A VM's open calls at [`crate::MAX_OPEN_CALLS`].
+    OpenCalls,
 }
 
 impl VmState {

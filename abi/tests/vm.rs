@@ -579,19 +579,19 @@ fn a_plugin_filling_shared_data_or_queues_past_the_limits_is_refused_and_told_wh
     );
 }
 
-/// `fd_write` takes at most 64 KiB from at most 1024 buffers per call and says so in its count
-/// (a partial write, which the plugin's libc completes with the next call), cut at the last
-/// line's end within them: buffers naming the same memory over and over no longer make the
+/// `fd_write` takes every byte of at most 1024 buffers per call (libc's limit), so a program
+/// that does not look at the count loses nothing unsaid, and logs at most 1 MiB of them, then
+/// how many bytes it did not log: buffers naming the same memory over and over do not make the
 /// host copy gigabytes inside one call.
 #[test]
-fn fd_write_takes_at_most_64_kib_from_1024_buffers_per_call() {
+fn fd_write_takes_every_byte_of_1024_buffers_and_logs_at_most_1_mib() {
     let module = probe_module(
         r#"(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))"#,
         r#"(data (i32.const 0) "x-bytes")
   (data (i32.const 8) "x-count")
-  (data (i32.const 24) "x-lines")"#,
+  (data (i32.const 24) "x-total")"#,
         "(drop (memory.grow (i32.const 2)))
-    ;; 2000 buffers at 65536, each the whole first page (no line end in it)
+    ;; 2000 buffers at 65536, each the whole first page (no line end in it): 1024 taken whole
     (local.set 0 (i32.const 0))
     (block (loop
       (i32.store (i32.add (i32.const 65536) (i32.mul (local.get 0) (i32.const 8))) (i32.const 0))
@@ -600,8 +600,8 @@ fn fd_write_takes_at_most_64_kib_from_1024_buffers_per_call() {
       (br_if 1 (i32.ge_u (local.get 0) (i32.const 2000)))
       (br 0)))
     (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2000) (i32.const 40)))
-    (call $status (i32.const 16) (i32.ne (i32.load (i32.const 40)) (i32.const 65536)))
-    ;; 2000 buffers of one byte each: 1024 are taken
+    (call $status (i32.const 16) (i32.ne (i32.load (i32.const 40)) (i32.const 67108864)))
+    ;; 2000 buffers of one byte (the \"x\" at 0) each: 1024 are taken
     (local.set 0 (i32.const 0))
     (block (loop
       (i32.store (i32.add (i32.const 65540) (i32.mul (local.get 0) (i32.const 8))) (i32.const 1))
@@ -610,30 +610,50 @@ fn fd_write_takes_at_most_64_kib_from_1024_buffers_per_call() {
       (br 0)))
     (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2000) (i32.const 40)))
     (call $status (i32.const 17) (i32.ne (i32.load (i32.const 40)) (i32.const 1024)))
-    ;; two whole pages with a line end at byte 100 of the first: cut after it
-    (i32.store8 (i32.const 100) (i32.const 10))
-    (i32.store (i32.const 65536) (i32.const 0))
-    (i32.store (i32.const 65540) (i32.const 65536))
-    (i32.store (i32.const 65544) (i32.const 0))
-    (i32.store (i32.const 65548) (i32.const 65536))
-    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 2) (i32.const 40)))
-    (call $status (i32.const 18) (i32.ne (i32.load (i32.const 40)) (i32.const 101)))
+    ;; 1024 buffers of 4 MiB each: the count cannot say 4 GiB, so the last is not taken
+    (drop (memory.grow (i32.const 63)))
+    (local.set 0 (i32.const 0))
+    (block (loop
+      (i32.store (i32.add (i32.const 65540) (i32.mul (local.get 0) (i32.const 8))) (i32.const 4194304))
+      (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+      (br_if 1 (i32.ge_u (local.get 0) (i32.const 1024)))
+      (br 0)))
+    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 1024) (i32.const 40)))
+    (call $status (i32.const 18) (i32.ne (i32.load (i32.const 40)) (i32.const -4194304)))
     (call $report (i32.const 0) (i32.const 7) (i32.const 16))
     (call $report (i32.const 8) (i32.const 7) (i32.const 17))
     (call $report (i32.const 24) (i32.const 7) (i32.const 18))",
     );
     let probe = run_probe(&module, PluginConfig::default(), SharedState::new(), 1);
-    assert_eq!(
-        probe.value("x-bytes"),
-        Some("0"),
-        "64 KiB of one line taken"
-    );
+    assert_eq!(probe.value("x-bytes"), Some("0"), "64 MiB taken");
     assert_eq!(probe.value("x-count"), Some("0"), "1024 buffers taken");
     assert_eq!(
-        probe.value("x-lines"),
+        probe.value("x-total"),
         Some("0"),
-        "cut after the line's end"
+        "1023 buffers of 4 MiB taken (4,290,772,992 bytes)"
     );
+    let logs = probe.messages();
+    let lengths: Vec<usize> = logs.iter().map(|line| line.len()).collect();
+    assert_eq!(
+        lengths[0],
+        1 << 20,
+        "1 MiB of the first write logged: {lengths:?}"
+    );
+    assert_eq!(
+        logs[1],
+        "[pwhost: 66060288 more bytes of this write not logged]"
+    );
+    assert_eq!(
+        logs[2],
+        "x".repeat(1024),
+        "a write under 1 MiB is logged whole"
+    );
+    assert_eq!(lengths[3], 1 << 20, "{lengths:?}");
+    assert_eq!(
+        logs[4],
+        "[pwhost: 4289724416 more bytes of this write not logged]"
+    );
+    assert_eq!(logs.len(), 5, "{lengths:?}");
 }
 
 /// A property path over 64 KiB names nothing: `NOT_FOUND` to read, `BAD_ARGUMENT` to set, and
@@ -876,4 +896,53 @@ fn a_root_context_declares_at_most_4096_properties() {
         logs[0].contains("a root context declares at most 4096 properties"),
         "{logs:?}"
     );
+}
+
+/// A VM has at most `abi::MAX_OPEN_CALLS` (1024, Envoy's default circuit breaker) calls open in
+/// any host: past it a call is `INTERNAL_FAILURE` without reaching the host, and the plugin is
+/// told once; an answer frees its call's place.
+#[test]
+fn a_vm_has_at_most_1024_calls_open() {
+    let plugin = load("call_flood.wat", SharedState::new());
+    let mut vm = started(&plugin);
+    let local_reply = |vm: &mut Vm| {
+        let stream = vm.create_http_context().unwrap();
+        vm.host_as::<InMemoryHost>().unwrap().stream(stream);
+        vm.on_request_headers(stream, 0, true).unwrap();
+        let host = vm.host_as::<InMemoryHost>().unwrap();
+        let reply = host.stream(stream).local_response.clone().expect("a reply");
+        String::from_utf8(reply.body).unwrap()
+    };
+    assert_eq!(local_reply(&mut vm), "opened 1024, then status 10");
+    assert_eq!(abi::MAX_OPEN_CALLS, 1024);
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    assert_eq!(
+        host.http_calls.len(),
+        1024,
+        "the refused call reached no host"
+    );
+    let first = host.http_calls[0].token;
+    let warnings: Vec<&str> = host
+        .logs
+        .iter()
+        .filter(|log| log.message.starts_with("pwhost limit"))
+        .map(|log| log.message.as_str())
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "pwhost limit: this VM has 1024 HTTP or gRPC calls open: more are refused \
+          (INTERNAL_FAILURE) until answers come"
+        ]
+    );
+    vm.on_http_call_response(first, abi::HttpCallResponse::default())
+        .unwrap();
+    assert_eq!(local_reply(&mut vm), "opened 1, then status 10");
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    let told = host
+        .logs
+        .iter()
+        .filter(|log| log.message.starts_with("pwhost limit"))
+        .count();
+    assert_eq!(told, 1, "told once");
 }

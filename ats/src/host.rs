@@ -132,11 +132,6 @@ pub(crate) struct AtsHost {
     pub(crate) body_callbacks: Option<(bool, bool)>,
 }
 
-/// The most HTTP calls a VM copy may have waiting for an answer at once (Envoy's default
-/// circuit breaker for a cluster's requests, as in `pwhost serve`): past it a call fails at
-/// once with `INTERNAL_FAILURE`, rather than open transactions and buffer answers without end.
-const MAX_OPEN_CALLS: usize = 1024;
-
 thread_local! {
     /// The last HTTP call token given out on this thread: tokens are unique among the copies of
     /// a thread, so an answer finds its copy by token.
@@ -320,17 +315,6 @@ impl Host for AtsHost {
             ));
             return Err(Status::BadArgument);
         };
-        if self.callouts.len() >= MAX_OPEN_CALLS {
-            // Once per process: a plugin calling in a loop would flood the log.
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                diag::warning(&format!(
-                    "a plugin has {MAX_OPEN_CALLS} HTTP calls open: more are refused \
-                     (INTERNAL_FAILURE)"
-                ))
-            });
-            return Err(Status::InternalFailure);
-        }
         let token = LAST_TOKEN.with(|last| {
             let token = last.get().wrapping_add(1).max(1);
             last.set(token);

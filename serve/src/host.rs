@@ -26,12 +26,6 @@ use crate::proxy::ClusterState;
 use crate::routing::SharedRouting;
 use crate::worker::Listener;
 
-/// The most HTTP and gRPC calls and streams one VM copy may have open at once (Envoy's default
-/// circuit breaker for a cluster's requests): past it a call fails at once with
-/// `INTERNAL_FAILURE`, as Envoy fails one its circuit breaker refuses, rather than open
-/// connections and buffer answers without end.
-const MAX_OPEN_CALLS: usize = 1024;
-
 /// A stream's place in a VM copy's host, for one plugin.
 pub(crate) struct StreamSlot {
     /// The plugin's name, for its logs.
@@ -95,22 +89,6 @@ pub(crate) struct ServeHost {
 }
 
 impl ServeHost {
-    /// `Ok` while the copy has fewer than [`MAX_OPEN_CALLS`] calls open.
-    fn room_for_a_call(&self) -> Result<(), Status> {
-        if self.callouts.len() < MAX_OPEN_CALLS {
-            return Ok(());
-        }
-        // Once per process: a plugin calling in a loop would flood the log.
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            tracing::warn!(
-                "a plugin has {MAX_OPEN_CALLS} HTTP or gRPC calls open: more are refused \
-                 (INTERNAL_FAILURE)"
-            )
-        });
-        Err(Status::InternalFailure)
-    }
-
     /// The host of a new VM copy of `listener`'s plugins on the calling worker thread.
     pub(crate) fn new(listener: Arc<Listener>) -> ServeHost {
         let routing = Arc::clone(&listener.routing);
@@ -186,15 +164,14 @@ impl ServeHost {
         self.callouts.clear();
     }
 
-    /// The cluster a new call from this copy names, checked (`BAD_ARGUMENT` if unknown), and
-    /// then that the copy has room for another call.
+    /// The cluster a new call from this copy names, checked (`BAD_ARGUMENT` if unknown; `abi`
+    /// has already checked that the copy has room for another call, `abi::MAX_OPEN_CALLS`).
     fn cluster(&self, upstream: &[u8]) -> Result<(&Caller, Arc<ClusterState>), Status> {
         let name = String::from_utf8_lossy(upstream);
         let Some(cluster) = self.routing.load().clusters.get(name.as_ref()).cloned() else {
             tracing::debug!(cluster = %name, "a call to an unknown cluster");
             return Err(Status::BadArgument);
         };
-        self.room_for_a_call()?;
         Ok((&self.caller, cluster))
     }
 

@@ -6,10 +6,31 @@ use runtime_api::{Caller, GuestMemory};
 
 use super::{check, return_data, write_u32, Failure, HostResult};
 use crate::header_map::wire;
+use crate::state::Limit;
 use crate::{GrpcRequest, HttpCallRequest, Status, VmState};
 
 /// The pseudo-headers Envoy requires of an HTTP call.
 const REQUIRED_CALL_HEADERS: [&[u8]; 3] = [b":method", b":path", b":authority"];
+
+/// The most HTTP and gRPC calls and streams a VM has open at once (Envoy's default circuit
+/// breaker, 1024 pending requests): past it a new call is `INTERNAL_FAILURE` without reaching
+/// the host, so a plugin dispatching calls in a loop cannot open connections (and keep their
+/// answers) without end in any proxy.
+pub const MAX_OPEN_CALLS: usize = 1024;
+
+/// `Ok` while the VM has fewer than [`MAX_OPEN_CALLS`] calls open; the plugin is told once.
+fn room_for_a_call(state: &mut VmState) -> Result<(), Failure> {
+    if state.callout_roots.len() < MAX_OPEN_CALLS {
+        return Ok(());
+    }
+    state.tell_limit(Limit::OpenCalls, || {
+        format!(
+            "this VM has {MAX_OPEN_CALLS} HTTP or gRPC calls open: more are refused \
+             (INTERNAL_FAILURE) until answers come"
+        )
+    });
+    Err(Status::InternalFailure.into())
+}
 
 /// `proxy_http_call(upstream_data, upstream_size, headers_data, headers_size, body_data,
 /// body_size, trailers_data, trailers_size, timeout_ms, return_token)`. The call is dispatched
@@ -40,6 +61,7 @@ pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
     if request.upstream.is_empty() || !complete {
         return Err(Status::BadArgument.into());
     }
+    room_for_a_call(state)?;
     let root = state.effective_root();
     let token = state
         .host
@@ -79,6 +101,7 @@ pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
         timeout: Some(Duration::from_millis(args[10])),
         ..grpc_request(&memory, args)?
     };
+    room_for_a_call(state)?;
     let root = state.effective_root();
     let token = state.host.grpc_call(root, request)?;
     state.callout_roots.insert(token, root);
@@ -92,6 +115,7 @@ pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Hos
     let (state, mut memory) = caller.state_and_memory();
     memory.slice_mut(args[8], 4)?;
     let request = grpc_request(&memory, args)?;
+    room_for_a_call(state)?;
     let root = state.effective_root();
     let token = state.host.grpc_stream(root, request)?;
     state.callout_roots.insert(token, root);

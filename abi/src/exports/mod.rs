@@ -6,7 +6,7 @@
 //! `proc_exit`) stop it.
 
 mod buffers;
-mod calls;
+pub(crate) mod calls;
 pub(crate) mod headers;
 pub(crate) mod logging;
 mod properties;

@@ -180,18 +180,21 @@ pub(super) fn unstable() -> impl Iterator<Item = HostFunction<VmState>> {
     UNSTABLE.iter().copied()
 }
 
-/// The most bytes one `fd_write` takes. A write may be partial: it reports what it took, and the
-/// plugin's libc writes the rest with the next call. So iovecs naming the same memory over and
-/// over cannot make the host copy (and log) without bound inside one call, which the plugin's
+/// The most bytes of one `fd_write` that reach the log, as for one `proxy_log` message. The
+/// write takes every byte it is given (a program that does not look at the count, e.g. TinyGo's
+/// `fmt.Println`, would otherwise lose the rest without a word); what is over this limit is
+/// counted in a last line instead of copied, so buffers naming the same memory over and over
+/// cannot make the host copy (and log) without bound inside one call, which the plugin's
 /// deadline does not stop.
-const MAX_WRITE_BYTES: usize = 64 << 10;
+const MAX_WRITE_LOGGED: usize = super::logging::MAX_LOG_MESSAGE_BYTES;
 
-/// The most buffers one `fd_write` reads (WASI's `IOV_MAX`), for the same reason.
+/// The most buffers one `fd_write` reads (WASI's `IOV_MAX`, which libc never exceeds); a call
+/// with more is a partial write of the first ones.
 const MAX_WRITE_BUFFERS: u64 = 1024;
 
 /// `fd_write(fd, iovs, iovs_len, nwritten)`: stdout goes to the info log, stderr to the error
-/// log, one log line per line of text; at most [`MAX_WRITE_BYTES`] from at most
-/// [`MAX_WRITE_BUFFERS`] buffers per call.
+/// log, one log line per line of text; every byte of at most [`MAX_WRITE_BUFFERS`] buffers is
+/// taken, at most [`MAX_WRITE_LOGGED`] of them logged.
 fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     let level = match args[0] {
         1 => LogLevel::Info,
@@ -199,7 +202,9 @@ fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
         _ => return errno(BADF),
     };
     let (state, mut memory) = caller.state_and_memory();
+    let logged = level >= state.host.log_level();
     let mut text = Vec::new();
+    let mut written: u32 = 0;
     for i in 0..args[2].min(MAX_WRITE_BUFFERS) {
         let iovec = args[1].checked_add(i * 8).ok_or(Ok(FAULT))?;
         let ptr = memory.read_u32(iovec).map_err(fault)?;
@@ -207,26 +212,31 @@ fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
         let buffer = memory
             .slice(u64::from(ptr), u64::from(len))
             .map_err(fault)?;
-        let room = MAX_WRITE_BYTES - text.len();
-        text.extend_from_slice(&buffer[..buffer.len().min(room)]);
-        if text.len() == MAX_WRITE_BYTES {
-            // Cut at the last line's end, so that a line is not logged in two parts (the rest
-            // comes with the next call), unless there is none.
-            if let Some(end) = text.iter().rposition(|&b| b == b'\n') {
-                text.truncate(end + 1);
-            }
+        // The count is a u32: a write naming more than 4 GiB in all is partial.
+        let Some(sum) = written.checked_add(len) else {
             break;
+        };
+        written = sum;
+        if logged {
+            let room = MAX_WRITE_LOGGED - text.len();
+            text.extend_from_slice(&buffer[..buffer.len().min(room)]);
         }
     }
-    memory
-        .write_u32(args[3], text.len() as u32)
-        .map_err(fault)?;
+    memory.write_u32(args[3], written).map_err(fault)?;
+    if !logged {
+        return Ok(());
+    }
+    let left_out = written as usize - text.len();
     let context = state.effective_context;
     for line in String::from_utf8_lossy(&text)
         .lines()
         .filter(|l| !l.is_empty())
     {
         state.host.log(context, level, line);
+    }
+    if left_out > 0 {
+        let note = format!("[pwhost: {left_out} more bytes of this write not logged]");
+        state.host.log(context, level, &note);
     }
     Ok(())
 }
