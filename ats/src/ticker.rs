@@ -218,7 +218,13 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                 match period {
                     Some(period) => {
                         if let Some(timer) = ticker.timers.get_mut(&key) {
-                            timer.period = period;
+                            if timer.period != period {
+                                // A new period starts counting now, as `note` starts it.
+                                *timer = Timer {
+                                    period,
+                                    due: now + period,
+                                };
+                            }
                         }
                     }
                     None => {

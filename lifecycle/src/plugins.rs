@@ -740,6 +740,10 @@ struct ReloadState {
     /// When this worker first saw the current copy failed (`None` while it has not): how long
     /// the copy ran is up to its failure, not up to its reload.
     failed_at: Option<Instant>,
+    /// The wait before the next reload, jitter included, drawn once per failure: drawn anew
+    /// at each admission, the earliest of many draws would come, and jitter would spread
+    /// nothing under traffic.
+    wait: Option<Duration>,
 }
 
 impl Worker {
@@ -758,6 +762,7 @@ impl Worker {
                     attempts: 0,
                     last_load: now,
                     failed_at: None,
+                    wait: None,
                 };
                 modules
             ],
@@ -1008,10 +1013,15 @@ impl Worker {
             state.attempts = 0;
         }
         let lasted = now.saturating_duration_since(state.last_load);
-        if lasted < backoff(base_interval, max_interval, state.attempts) {
+        let attempts = state.attempts;
+        let wait = *state
+            .wait
+            .get_or_insert_with(|| backoff(base_interval, max_interval, attempts));
+        if lasted < wait {
             return false;
         }
         state.attempts = state.attempts.saturating_add(1);
+        state.wait = None;
         true
     }
 
@@ -1037,6 +1047,7 @@ impl Worker {
         let now = (self.clock)();
         self.reload[module].last_load = now;
         self.reload[module].failed_at = None;
+        self.reload[module].wait = None;
         if let Some(old) = self.current[module].take() {
             match self.copies[old].as_mut() {
                 Some(live) if live.streams > 0 => live.current = false,

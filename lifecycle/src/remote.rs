@@ -23,6 +23,12 @@ pub const NEGATIVE_CACHING: Duration = Duration::from_secs(10);
 /// for its remote code cache); a disk cache keeps it.
 pub const UNUSED_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// The most bytes of code this process keeps in memory; past it, the code no load asked for
+/// longest is dropped (read again from the disk cache, or fetched, if wanted again). Envoy
+/// bounds its cache by time only, so a control plane pushing a new module every few minutes
+/// would pile gigabytes up within the day.
+pub const MAX_CODE_IN_MEMORY_BYTES: usize = 512 << 20;
+
 /// Why remote code could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -151,6 +157,37 @@ fn evict_unused(entries: &mut HashMap<String, Entry>, now: Instant, keep: &str) 
     });
 }
 
+/// Drops the code of the entries no load asked for longest, but `keep`'s, until the code kept
+/// is at most `max_bytes` (an entry stays, without its code, for what it says of fetches).
+fn evict_over(entries: &mut HashMap<String, Entry>, max_bytes: usize, keep: &str) {
+    let mut kept: usize = entries
+        .values()
+        .filter_map(|entry| entry.code.as_ref())
+        .map(|code| code.len())
+        .sum();
+    if kept <= max_bytes {
+        return;
+    }
+    let mut by_use: Vec<(Instant, &String)> = entries
+        .iter()
+        .filter(|(sha256, entry)| entry.code.is_some() && *sha256 != keep)
+        .map(|(sha256, entry)| (entry.used, sha256))
+        .collect();
+    by_use.sort_unstable();
+    let oldest: Vec<String> = by_use
+        .into_iter()
+        .map(|(_, sha256)| sha256.clone())
+        .collect();
+    for sha256 in oldest {
+        if kept <= max_bytes {
+            break;
+        }
+        if let Some(code) = entries.get_mut(&sha256).and_then(|entry| entry.code.take()) {
+            kept -= code.len();
+        }
+    }
+}
+
 impl CodeCache {
     /// A cache in this process's memory and, with `directory`, on disk there (made if
     /// missing, readable and writable by this user only).
@@ -238,6 +275,7 @@ fn keep_in_memory(sha256: &str, code: &Arc<Vec<u8>>) {
     entry.fetching = false;
     entry.failed = None;
     entry.used = now;
+    evict_over(&mut memory, MAX_CODE_IN_MEMORY_BYTES, sha256);
 }
 
 /// Writes `bytes` to `file` through a temporary file in the same directory renamed into place.
@@ -265,7 +303,7 @@ pub fn load(
         return Ok(Fetched { code, warnings });
     }
     if nack_on_miss {
-        return Err(fetch_in_background(remote, cache));
+        return fetch_in_background(remote, cache).map(|code| Fetched { code, warnings });
     }
     let code = fetch(remote)?;
     // A cache that cannot be written costs a fetch next time, nothing more.
@@ -276,28 +314,32 @@ pub fn load(
 }
 
 /// Starts fetching `remote` on a thread of its own unless a fetch is under way or the last one
-/// failed within [`NEGATIVE_CACHING`]; the miss to report.
-fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
+/// failed within [`NEGATIVE_CACHING`]; the miss to report. The code, if a fetch brought it
+/// since the caller looked.
+fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> Result<Arc<Vec<u8>>, FetchError> {
     let now = Instant::now();
     let uri = remote.uri.clone();
     let mut memory = memory();
     let entry = entry_of(&mut memory, &remote.sha256, now);
     entry.used = now;
+    if let Some(code) = &entry.code {
+        return Ok(Arc::clone(code));
+    }
     let last_failure = entry.failed.as_ref().map(|(reason, _)| reason.clone());
     if entry.fetching {
-        return FetchError::CacheMiss {
+        return Err(FetchError::CacheMiss {
             uri,
             fetching: true,
             last_failure,
-        };
+        });
     }
     if let Some((_, at)) = &entry.failed {
         if now.saturating_duration_since(*at) < NEGATIVE_CACHING {
-            return FetchError::CacheMiss {
+            return Err(FetchError::CacheMiss {
                 uri,
                 fetching: false,
                 last_failure,
-            };
+            });
         }
     }
     entry.fetching = true;
@@ -315,7 +357,7 @@ fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
                 Err(_) => fetch_failed(&source.sha256, "the fetch panicked".into()),
             }
         });
-    match spawned {
+    Err(match spawned {
         Ok(_) => FetchError::CacheMiss {
             uri,
             fetching: true,
@@ -330,7 +372,7 @@ fn fetch_in_background(remote: &RemoteCode, cache: &CodeCache) -> FetchError {
                 last_failure: Some(reason),
             }
         }
-    }
+    })
 }
 
 /// Notes that the background fetch of `sha256` ended without its code, and why.

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use abi::{ContextId, Host, Vm, VmError, VmWaker};
 
@@ -44,7 +44,44 @@ enum Command {
     },
 }
 
-type Commands = Arc<Mutex<VecDeque<(Command, mpsc::Sender<()>)>>>;
+/// The commands waiting for a service's thread, each with a sender its caller may wait on.
+#[derive(Default)]
+struct CommandQueue {
+    waiting: VecDeque<(Command, mpsc::Sender<()>)>,
+    /// The thread has ended (stopped, failed to start, or panicked): commands are dropped at
+    /// once, so that no caller waits for a thread that is gone.
+    closed: bool,
+}
+
+impl CommandQueue {
+    /// Queues `command`, unless the thread has ended: then `done` is dropped, which is the
+    /// caller's answer.
+    fn push(commands: &Mutex<CommandQueue>, command: Command, done: mpsc::Sender<()>) {
+        let mut queue = commands
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !queue.closed {
+            queue.waiting.push_back((command, done));
+        }
+    }
+}
+
+type Commands = Arc<Mutex<CommandQueue>>;
+
+/// Closes a service's command queue when its thread ends, however it ends (a panic in the
+/// embedder's hook or in posted work included), dropping what waits in it.
+struct CloseOnExit(Commands);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        let mut queue = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        queue.closed = true;
+        queue.waiting.clear();
+    }
+}
 
 /// A singleton service running on its own thread. Stopping it (or dropping it) ends the VM as a
 /// proxy does at shutdown.
@@ -68,10 +105,8 @@ impl ServiceInbox {
     /// service's errors and failure counters). Dropped without running if the service has
     /// stopped or its VM failed.
     pub fn post(&self, work: VmWork) {
-        if let Ok(mut commands) = self.commands.lock() {
-            let (done, _) = mpsc::channel();
-            commands.push_back((Command::Run(work), done));
-        }
+        let (done, _) = mpsc::channel();
+        CommandQueue::push(&self.commands, Command::Run(work), done);
         self.waker.wake();
     }
 }
@@ -124,6 +159,7 @@ impl SingletonService {
             // A thread name cannot hold a NUL (the spawn would panic), a plugin name can.
             .name(format!("wasm-service-{}", name.replace('\0', "\\0")))
             .spawn(move || {
+                let _close = CloseOnExit(Arc::clone(&thread_commands));
                 let module = plugins.module_of(plugin);
                 let VmCopy { mut vm, roots } = match VmCopy::start(&plugins, module, host, None) {
                     Ok((copy, None)) => copy,
@@ -175,11 +211,10 @@ impl SingletonService {
     /// Sends a command and waits until the service thread carried it out.
     fn command(&self, command: Command) {
         let (done, wait) = mpsc::channel();
-        if let Ok(mut commands) = self.commands.lock() {
-            commands.push_back((command, done));
-        }
+        CommandQueue::push(&self.commands, command, done);
         self.waker.wake();
-        // An error means the thread is gone: nothing to wait for.
+        // An error means the thread is gone (or went while the command waited): nothing to
+        // wait for.
         let _ = wait.recv();
     }
 
@@ -216,10 +251,8 @@ impl SingletonService {
 
     fn finish(&mut self, shutdown_ticks: u32) -> Option<ServiceEnd> {
         let thread = self.thread.take()?;
-        if let Ok(mut commands) = self.commands.lock() {
-            let (done, _) = mpsc::channel();
-            commands.push_back((Command::Stop { shutdown_ticks }, done));
-        }
+        let (done, _) = mpsc::channel();
+        CommandQueue::push(&self.commands, Command::Stop { shutdown_ticks }, done);
         self.waker.wake();
         thread.join().ok().flatten()
     }
@@ -269,18 +302,16 @@ impl ServiceLoop {
 
     /// Serves commands, queue notifications and (with the clock) ticks until told to stop;
     /// then shuts down. Returns whether the root context finished.
-    fn run(
-        &mut self,
-        vm: &mut Vm,
-        commands: &Mutex<VecDeque<(Command, mpsc::Sender<()>)>>,
-        ticking: Ticking,
-    ) -> bool {
-        let mut next_tick: Option<Instant> = None;
+    fn run(&mut self, vm: &mut Vm, commands: &Mutex<CommandQueue>, ticking: Ticking) -> bool {
+        // When the next tick is due, and the period that was counted from.
+        let mut next_tick: Option<(Instant, Duration)> = None;
         loop {
-            let pending: Vec<_> = match commands.lock() {
-                Ok(mut commands) => commands.drain(..).collect(),
-                Err(_) => Vec::new(),
-            };
+            let pending: Vec<_> = commands
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .waiting
+                .drain(..)
+                .collect();
             for (command, done) in pending {
                 match command {
                     Command::Tick(ticked) => {
@@ -308,15 +339,20 @@ impl ServiceLoop {
             if ticking == Ticking::Clock && !self.failed {
                 match (vm.tick_period_of(self.root), next_tick) {
                     (None, _) => next_tick = None,
-                    (Some(period), None) => next_tick = Some(now + period),
-                    (Some(period), Some(at)) if now >= at => {
+                    // A new period (set by any callback) starts counting now, as in Envoy: a
+                    // shorter one does not wait for the longer one to run out.
+                    (Some(period), None) => next_tick = Some((now + period, period)),
+                    (Some(period), Some((_, counted))) if period != counted => {
+                        next_tick = Some((now + period, period))
+                    }
+                    (Some(period), Some((at, _))) if now >= at => {
                         self.tick(vm);
-                        next_tick = Some(now + period);
+                        next_tick = Some((now + period, period));
                     }
                     (Some(_), Some(_)) => {}
                 }
             }
-            let timeout = next_tick.map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = next_tick.map(|(at, _)| at.saturating_duration_since(Instant::now()));
             if self.failed {
                 // Nothing more to deliver and no tick to run (a tick that was due would be due
                 // for ever, a spin): only commands wake the thread.

@@ -22,6 +22,8 @@
 //! all `S`, and the ABI picks its own state type. Host functions therefore get `&mut S` directly,
 //! with no downcast.
 
+#[cfg(feature = "binary")]
+pub mod binary;
 mod caller;
 mod capabilities;
 mod error;
@@ -42,6 +44,14 @@ pub use module::{
     InterruptHandle, LinkedModule, WasmRuntime,
 };
 pub use value::{i64_mask, FunctionType, Signature, ValType};
+
+/// The most entries an instance's tables have, all of them together, declared or grown: a
+/// module declaring more is refused, and `table.grow` past it fails (returns -1) on every
+/// engine. A table entry is host memory outside the guest's memory cap (8 to 16 bytes each, and
+/// some engines fill a table when they make or grow it, in one step no deadline interrupts), so
+/// a few bytes of module could otherwise take gigabytes. The Proxy-Wasm SDKs' modules have one
+/// table of a few hundred functions.
+pub const MAX_TABLE_ENTRIES: u64 = 1 << 20;
 
 /// The largest number of arguments a guest function called through [`Instance::call`] or a host
 /// function may take. Proxy-Wasm needs at most 8 (`proxy_http_call` has 10 host arguments, which is

@@ -68,6 +68,63 @@ pub fn tables_cannot_grow_without_bound(runtime: &dyn WasmRuntime<FixtureState>)
     assert_eq!(result[0], 1, "{name}: modest growth works");
 }
 
+/// An instance's tables hold at most [`runtime_api::MAX_TABLE_ENTRIES`] entries in all: a module
+/// declaring more is refused with an error (at compile, link or instantiation) instead of taking
+/// gigabytes of host memory, and growth past it fails (-1) whichever table grows.
+pub fn tables_hold_at_most_the_table_entry_limit_in_all(runtime: &dyn WasmRuntime<FixtureState>) {
+    let name = runtime.name();
+    let limit = runtime_api::MAX_TABLE_ENTRIES;
+    let declared_past = [
+        // One table of 520,093,696 entries (about 4 GiB at 8 bytes each).
+        "(module (table 0x1F000000 funcref))".to_string(),
+        format!(
+            "(module (table {} funcref) (table {} funcref))",
+            limit / 2 + 1,
+            limit / 2
+        ),
+    ];
+    for wat in &declared_past {
+        let wasm = wat::parse_str(wat).expect("the module is valid text");
+        let instance = runtime
+            .compile(&wasm)
+            .and_then(|module| module.link(&[]))
+            .and_then(|linked| linked.instantiate(FixtureState::default()));
+        assert!(instance.is_err(), "{name}: {wat} is refused");
+    }
+    let mut instance = instantiate(
+        runtime,
+        r#"(module
+             (table $a 1 funcref)
+             (table $b 1 funcref)
+             (func (export "grow_a") (param i32) (result i32)
+               (table.grow $a (ref.null func) (local.get 0)))
+             (func (export "grow_b") (param i32) (result i32)
+               (table.grow $b (ref.null func) (local.get 0))))"#,
+        &[],
+    );
+    let grow_a = instance.function("grow_a").expect("export grow_a");
+    let grow_b = instance.function("grow_b").expect("export grow_b");
+    let mut grow = |function, by: u64| {
+        let mut result = [0];
+        instance
+            .call(function, &[by], &mut result)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        result[0] as u32 as i32
+    };
+    assert_eq!(grow(grow_a, limit), -1, "{name}: one table past the limit");
+    // Each table grown in steps (an engine metering fuel may refuse one large step) until it
+    // can grow no more: together they stay within the limit. (An engine may stop a table
+    // sooner, by its own rules.)
+    for function in [grow_a, grow_b] {
+        while grow(function, 10_000) != -1 {}
+    }
+    let total = grow(grow_a, 0) as u64 + grow(grow_b, 0) as u64;
+    assert!(
+        total <= limit,
+        "{name}: the tables hold {total} entries, more than {limit}"
+    );
+}
+
 /// A guest recursing through a host function (the allocator calling a host function that calls
 /// the allocator …) is stopped with a stack-overflow trap after eight nested levels, before the
 /// native stack runs out; the count is of levels in progress, so the next call nests as deep.

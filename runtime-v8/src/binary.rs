@@ -10,26 +10,19 @@
 //! stays byte-identical.
 
 use std::borrow::Cow;
-use std::ops::Range;
 
+use runtime_api::binary::{
+    bound_tables, collect_section, malformed, only_section, reencoding, sections, splice,
+};
 use runtime_api::{Export, ExternKind, FunctionType, Import, ValType};
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
-use wasmparser::{
-    Chunk, CompositeInnerType, Encoding, ExternalKind, Parser, Payload, SubType, TypeRef,
-    WasmFeatures,
-};
+use wasmparser::{CompositeInnerType, ExternalKind, Payload, SubType, TypeRef};
 
 /// The most pages a 32-bit memory can have in V8 10.2 (4 GiB); a larger maximum is invalid.
 const V8_MAX_MEMORY_PAGES: u64 = 65536;
 
 /// The size of a WebAssembly page.
 pub(crate) const PAGE_SIZE: u64 = 65536;
-
-/// The most table entries one instance may ever have, all tables together: V8's own limit for
-/// one table (80 MB of JS heap). Tables live on the isolate's JS heap, and growing one is a single
-/// runtime call that no termination interrupts, so a module with many tables could otherwise
-/// exhaust the process's memory before its deadline or the heap limit could stop it.
-const TABLE_ENTRY_BUDGET: u64 = 10_000_000;
 
 /// A module ready for V8, with the limits it needs written in.
 pub(crate) struct Prepared<'a> {
@@ -246,154 +239,6 @@ pub(crate) fn cap_memories(wasm: &[u8], max_bytes: u64) -> Result<Capped, String
     splice(wasm, range, &section).map(Capped::Rewritten)
 }
 
-/// Keeps the tables of one instance within [`TABLE_ENTRY_BUDGET`] entries: refuses a module whose
-/// tables start larger, and when it has several tables, lowers each one's maximum to its initial
-/// size plus an equal share of the rest of the budget. One table needs nothing: V8's own limit
-/// for a table is the budget. Returns the rewritten module, or `None` if nothing changed.
-fn bound_tables(wasm: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let Some((range, reader)) = only_section(wasm, "table", |payload| match payload {
-        Payload::TableSection(reader) => Some(reader),
-        _ => None,
-    })?
-    else {
-        return Ok(None);
-    };
-    let tables = collect_section(reader)?;
-    let initial = tables
-        .iter()
-        .fold(0u64, |sum, table| sum.saturating_add(table.ty.initial));
-    if initial > TABLE_ENTRY_BUDGET {
-        return Err(format!(
-            "the module's tables start with {initial} entries, more than the {TABLE_ENTRY_BUDGET} \
-             an instance may have"
-        ));
-    }
-    if tables.len() < 2 {
-        return Ok(None);
-    }
-    let share = (TABLE_ENTRY_BUDGET - initial) / tables.len() as u64;
-    let bounded = |ty: &wasmparser::TableType| {
-        let most = ty.initial + share;
-        ty.maximum.map_or(most, |max| max.min(most))
-    };
-    if tables
-        .iter()
-        .all(|table| table.ty.maximum == Some(bounded(&table.ty)))
-    {
-        return Ok(None);
-    }
-    let mut section = wasm_encoder::TableSection::new();
-    for mut table in tables {
-        table.ty.maximum = Some(bounded(&table.ty));
-        // Element type, flags and any initializer are kept as they were.
-        RoundtripReencoder
-            .parse_table(&mut section, table)
-            .map_err(reencoding)?;
-    }
-    splice(wasm, range, &section).map(Some)
-}
-
-/// The one section `pick` selects (a memory or table section), with the bytes it spans; `None`
-/// if the module has none. The rewrites replace a single section, so a second one is an error
-/// (`wasmparser` reports it as out of order before this could see it, but the rewrite must not
-/// depend on that).
-fn only_section<'a, T>(
-    wasm: &'a [u8],
-    what: &str,
-    pick: impl Fn(Payload<'a>) -> Option<T>,
-) -> Result<Option<(Range<usize>, T)>, String> {
-    let mut found = None;
-    for section in sections(wasm)? {
-        if let Some(reader) = pick(section.payload) {
-            if found.is_some() {
-                return Err(format!("more than one {what} section"));
-            }
-            found = Some((section.range, reader));
-        }
-    }
-    Ok(found)
-}
-
-/// Every entry of a memory or table section; an error if one is malformed or if bytes follow
-/// the last.
-fn collect_section<'a, T: wasmparser::FromReader<'a>>(
-    reader: wasmparser::SectionLimited<'a, T>,
-) -> Result<Vec<T>, String> {
-    reader
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .map_err(malformed)
-}
-
-/// `wasm` with the bytes of one section (`range`, its id and size included) replaced by
-/// `section`.
-fn splice(
-    wasm: &[u8],
-    range: Range<usize>,
-    section: &impl wasm_encoder::Section,
-) -> Result<Vec<u8>, String> {
-    let (Some(before), Some(after)) = (wasm.get(..range.start), wasm.get(range.end..)) else {
-        return Err("section outside the module".into());
-    };
-    let mut rewritten = Vec::with_capacity(wasm.len() + 16);
-    rewritten.extend_from_slice(before);
-    section.append_to(&mut rewritten);
-    rewritten.extend_from_slice(after);
-    Ok(rewritten)
-}
-
-/// One section of a module, as `wasmparser` found it.
-struct Section<'a> {
-    /// The section, its entries not yet decoded.
-    payload: Payload<'a>,
-    /// Where the whole section (id and size included) lies in the module.
-    range: Range<usize>,
-}
-
-/// Splits a WebAssembly 1.0 module into its sections, in order, except the code section, which is
-/// skipped by its size: nothing here reads function bodies.
-fn sections(wasm: &[u8]) -> Result<Vec<Section<'_>>, String> {
-    const TRUNCATED: &str = "unexpected end of module";
-    let mut parser = Parser::new(0);
-    // V8 10.2 runs no 64-bit memories (memory64 is an experimental flag, off), and without the
-    // feature wasmparser reads every memory or table limit as a 32-bit number, as V8 reads a
-    // 32-bit memory's. A limit that does not fit in 32 bits is then malformed; read as 64 bits,
-    // it would be capped into a module V8 accepts. (V8 refuses a memory flagged 64-bit anyway.)
-    parser.set_features(WasmFeatures::all().difference(WasmFeatures::MEMORY64));
-    let mut sections = Vec::new();
-    let mut offset = 0usize;
-    loop {
-        let rest = wasm.get(offset..).ok_or(TRUNCATED)?;
-        // `eof` is true: the whole module is here, so a section cut short is an error, never a
-        // request for more data.
-        let Chunk::Parsed { consumed, payload } = parser.parse(rest, true).map_err(malformed)?
-        else {
-            return Err(TRUNCATED.into());
-        };
-        let start = offset;
-        offset += consumed;
-        match payload {
-            Payload::Version { encoding, .. } => {
-                if encoding != Encoding::Module {
-                    return Err("not a WebAssembly 1.0 module".into());
-                }
-            }
-            Payload::CodeSectionStart { size, .. } => {
-                parser.skip_section();
-                offset = offset
-                    .checked_add(size as usize)
-                    .filter(|end| *end <= wasm.len())
-                    .ok_or(TRUNCATED)?;
-            }
-            Payload::End(_) => return Ok(sections),
-            payload => sections.push(Section {
-                payload,
-                range: start..offset,
-            }),
-        }
-    }
-}
-
 /// The function type at `index` of the type section.
 fn type_at(types: &[FunctionType], index: u32) -> Result<FunctionType, String> {
     types
@@ -426,22 +271,10 @@ fn val_type(ty: &wasmparser::ValType) -> ValType {
     }
 }
 
-/// A `wasmparser` error in words (with the offset it happened at).
-fn malformed(error: wasmparser::BinaryReaderError) -> String {
-    error.to_string()
-}
-
-/// A `wasm-encoder` error in words: a malformed table initializer, in practice, since the
-/// reencoder reads those.
-fn reencoding(error: wasm_encoder::reencode::Error) -> String {
-    match error {
-        wasm_encoder::reencode::Error::ParseError(error) => malformed(error),
-        other => other.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
     use super::*;
 
     fn wasm(text: &str) -> Vec<u8> {
@@ -469,21 +302,6 @@ mod tests {
             })
             .unwrap();
         &wasm[range.start as usize..range.end as usize]
-    }
-
-    /// The types of the module's defined tables.
-    fn table_section(wasm: &[u8]) -> Vec<wasmparser::TableType> {
-        sections(wasm)
-            .unwrap()
-            .into_iter()
-            .find_map(|section| match section.payload {
-                Payload::TableSection(reader) => Some(reader),
-                _ => None,
-            })
-            .unwrap()
-            .into_iter()
-            .map(|table| table.unwrap().ty)
-            .collect()
     }
 
     #[test]
@@ -590,35 +408,6 @@ mod tests {
     }
 
     #[test]
-    fn several_tables_share_the_entry_budget() {
-        let module = wasm(
-            r#"(module (table 10 funcref) (table 0 20 funcref) (table 5 externref)
-                 (func (export "f")))"#,
-        );
-        let prepared = prepare(&module, None).unwrap();
-        let tables = table_section(&prepared.bytes);
-        assert_eq!(tables.len(), 3);
-        let share = (TABLE_ENTRY_BUDGET - 15) / 3;
-        let maxima: Vec<_> = tables.iter().map(|table| table.maximum).collect();
-        assert_eq!(maxima, vec![Some(10 + share), Some(20), Some(5 + share)]);
-        assert_eq!(
-            interface(&prepared.bytes).unwrap(),
-            interface(&module).unwrap()
-        );
-    }
-
-    #[test]
-    fn one_table_is_left_to_v8s_own_limit() {
-        let module = wasm(r#"(module (table 10 funcref))"#);
-        assert!(matches!(
-            prepare(&module, None).unwrap().bytes,
-            Cow::Borrowed(_)
-        ));
-        let huge = wasm(r#"(module (table 6000000 funcref) (table 6000000 funcref))"#);
-        assert!(prepare(&huge, None).is_err());
-    }
-
-    #[test]
     fn shared_memories_are_refused_as_unsupported() {
         for (text, index) in [
             (r#"(module (memory 1 1 shared))"#, 0),
@@ -678,20 +467,6 @@ mod tests {
         assert_eq!(capped[new.end..], module[old.end..]);
         // One memory, flags 1, minimum 2, maximum 5.
         assert_eq!(memory_section_content(&capped), &[1, 1, 2, 5]);
-    }
-
-    #[test]
-    fn bounded_tables_keep_their_element_types() {
-        let module = wasm(r#"(module (table 1 funcref) (table 2 3 externref))"#);
-        let prepared = prepare(&module, None).unwrap();
-        let before = table_section(&module);
-        let after = table_section(&prepared.bytes);
-        assert_eq!(before.len(), after.len());
-        for (before, after) in before.iter().zip(&after) {
-            assert_eq!(before.element_type, after.element_type);
-            assert_eq!(before.initial, after.initial);
-        }
-        assert_eq!(after[1].maximum, Some(3));
     }
 
     #[test]

@@ -529,4 +529,6 @@ fn capabilities_follow_the_configuration() {
 fn the_contract_against_hostile_guests_holds() {
     let runtime = V8Runtime::new(RuntimeConfig::default()).unwrap();
     runtime_contract::handles_of_another_instance_are_refused(&runtime);
+    runtime_contract::tables_cannot_grow_without_bound(&runtime);
+    runtime_contract::tables_hold_at_most_the_table_entry_limit_in_all(&runtime);
 }

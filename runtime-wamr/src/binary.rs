@@ -14,7 +14,9 @@
 //! `wasmparser` reads the module and `wasm-encoder` writes the new export section, which is
 //! spliced in by the section ranges wasmparser reports: every other section is copied byte for
 //! byte and function indices do not change, so the code, names and tables are untouched. A module
-//! wasmparser cannot read is loaded unchanged, for WAMR to reject (or run as it would anyway).
+//! wasmparser cannot read is refused, not loaded unchanged: WAMR reads some that wasmparser
+//! does not (a name over 100,000 bytes, a second start section), and would run their start
+//! function out of every deadline's reach.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -43,8 +45,8 @@ pub(crate) struct Rewritten {
 }
 
 /// Rewrites `wasm` if WAMR would run any of its code during instantiation; `None` if it would
-/// not (or the module cannot be parsed), in which case `wasm` is loaded as it is.
-pub(crate) fn rewrite(wasm: &[u8]) -> Option<Rewritten> {
+/// not, in which case `wasm` is loaded as it is; an error (why) if wasmparser cannot read it.
+pub(crate) fn rewrite(wasm: &[u8]) -> Result<Option<Rewritten>, String> {
     let module = read(wasm)?;
     let had_export_section = module.exports.is_some();
     let mut entries = module.exports.unwrap_or_default();
@@ -76,11 +78,12 @@ pub(crate) fn rewrite(wasm: &[u8]) -> Option<Rewritten> {
         start_export = Some(name);
     }
     if start_export.is_none() && renamed.is_empty() {
-        return None;
+        return Ok(None);
     }
-    let new_exports = export_section(&entries)?;
+    let new_exports = export_section(&entries)
+        .ok_or("its export section would outgrow the binary format's sizes")?;
     let mut bytes = Vec::with_capacity(wasm.len().saturating_add(new_exports.len()));
-    bytes.extend_from_slice(wasm.get(..module.header_end)?);
+    bytes.extend_from_slice(wasm.get(..module.header_end).ok_or("no header")?);
     for section in &module.sections {
         match section.id {
             EXPORT_SECTION => bytes.extend_from_slice(&new_exports),
@@ -88,14 +91,17 @@ pub(crate) fn rewrite(wasm: &[u8]) -> Option<Rewritten> {
             // gets it where its start section was.
             START_SECTION if !had_export_section => bytes.extend_from_slice(&new_exports),
             START_SECTION => {}
-            _ => bytes.extend_from_slice(wasm.get(section.range.clone())?),
+            _ => bytes.extend_from_slice(
+                wasm.get(section.range.clone())
+                    .ok_or("a section past the module's end")?,
+            ),
         }
     }
-    Some(Rewritten {
+    Ok(Some(Rewritten {
         bytes,
         start_export,
         renamed,
-    })
+    }))
 }
 
 /// `base`, with apostrophes appended until no export has that name.
@@ -133,9 +139,9 @@ struct Export<'a> {
     index: u32,
 }
 
-/// Reads `wasm` with wasmparser; `None` if it is no core module wasmparser can read. wasmparser
-/// refuses sections out of order, and with them a second export or start section.
-fn read(wasm: &[u8]) -> Option<Module<'_>> {
+/// Reads `wasm` with wasmparser; an error (why) if it is no core module wasmparser can read.
+/// wasmparser refuses sections out of order, and with them a second export or start section.
+fn read(wasm: &[u8]) -> Result<Module<'_>, String> {
     let mut module = Module {
         header_end: 0,
         sections: Vec::new(),
@@ -143,7 +149,7 @@ fn read(wasm: &[u8]) -> Option<Module<'_>> {
         start: None,
     };
     for payload in Parser::new(0).parse_all(wasm) {
-        let payload = payload.ok()?;
+        let payload = payload.map_err(|error| error.to_string())?;
         // wasmparser reports a section's payload; sections are contiguous, so each one's id byte
         // and size start where the previous one (or the header) ends.
         if let Some((id, payload_range)) = payload.as_section() {
@@ -151,7 +157,7 @@ fn read(wasm: &[u8]) -> Option<Module<'_>> {
                 .sections
                 .last()
                 .map_or(module.header_end, |s| s.range.end);
-            let end = usize::try_from(payload_range.end).ok()?;
+            let end = usize::try_from(payload_range.end).map_err(|e| e.to_string())?;
             module.sections.push(Section {
                 id,
                 range: start..end,
@@ -163,12 +169,12 @@ fn read(wasm: &[u8]) -> Option<Module<'_>> {
                 encoding: Encoding::Module,
                 range,
                 ..
-            } => module.header_end = usize::try_from(range.end).ok()?,
-            Payload::Version { .. } => return None,
+            } => module.header_end = usize::try_from(range.end).map_err(|e| e.to_string())?,
+            Payload::Version { .. } => return Err("a component, not a core module".into()),
             Payload::ExportSection(reader) => {
                 let mut entries = Vec::new();
                 for export in reader {
-                    let export = export.ok()?;
+                    let export = export.map_err(|error| error.to_string())?;
                     entries.push(Export {
                         name: Cow::Borrowed(export.name),
                         kind: export.kind,
@@ -181,7 +187,7 @@ fn read(wasm: &[u8]) -> Option<Module<'_>> {
             _ => {}
         }
     }
-    Some(module)
+    Ok(module)
 }
 
 /// `entries` encoded as an export section, id byte and size included; `None` if the section
@@ -208,7 +214,7 @@ mod tests {
 
     /// Every top-level section of `wasm`.
     fn sections(wasm: &[u8]) -> Option<Vec<Section>> {
-        read(wasm).map(|module| module.sections)
+        read(wasm).ok().map(|module| module.sections)
     }
 
     /// The export names of `wasm`, in order.
@@ -225,13 +231,13 @@ mod tests {
     #[test]
     fn modules_without_start_or_auto_run_exports_are_unchanged() {
         let wasm = wat::parse_str(r#"(module (func (export "f")))"#).unwrap();
-        assert_eq!(rewrite(&wasm), None);
+        assert_eq!(rewrite(&wasm), Ok(None));
     }
 
     #[test]
     fn the_start_function_becomes_an_export() {
         let wasm = wat::parse_str(r#"(module (func $s) (start $s))"#).unwrap();
-        let rewritten = rewrite(&wasm).unwrap();
+        let rewritten = rewrite(&wasm).unwrap().unwrap();
         assert_eq!(rewritten.start_export.as_deref(), Some("pwhost:start"));
         assert_eq!(export_names(&rewritten.bytes), ["pwhost:start"]);
         assert!(sections(&rewritten.bytes)
@@ -250,7 +256,7 @@ mod tests {
                  (start $s))"#,
         )
         .unwrap();
-        let rewritten = rewrite(&wasm).unwrap();
+        let rewritten = rewrite(&wasm).unwrap().unwrap();
         assert_eq!(
             rewritten.renamed,
             [(
@@ -271,16 +277,43 @@ mod tests {
     }
 
     #[test]
-    fn truncated_or_invalid_modules_are_left_alone() {
+    fn truncated_or_invalid_modules_are_refused() {
         let wasm = wat::parse_str(r#"(module (func $s) (start $s))"#).unwrap();
         for len in 0..wasm.len() {
             // Must not panic; a prefix is either unparseable or has no start section yet.
             let _ = rewrite(&wasm[..len]);
         }
-        assert_eq!(
-            rewrite(b"\0asm\x01\0\0\0\x08\x05\xff\xff\xff\xff\xff"),
-            None
-        );
+        assert!(rewrite(b"\0asm\x01\0\0\0\x08\x05\xff\xff\xff\xff\xff").is_err());
+    }
+
+    /// A module WAMR would read but wasmparser does not (here a custom section's name over
+    /// wasmparser's 100,000 bytes) is refused: loaded unchanged, its start function would run
+    /// inside WAMR's instantiation, where no deadline reaches.
+    #[test]
+    fn a_module_wasmparser_cannot_read_is_refused_with_why() {
+        let mut wasm = wat::parse_str(r#"(module (func $s (loop (br 0))) (start $s))"#).unwrap();
+        let name = vec![b'a'; 100_001];
+        let mut payload = Vec::new();
+        leb128(&mut payload, name.len() as u64);
+        payload.extend_from_slice(&name);
+        wasm.push(0);
+        leb128(&mut wasm, payload.len() as u64);
+        wasm.extend_from_slice(&payload);
+        let error = rewrite(&wasm).unwrap_err();
+        assert!(error.contains("string size out of bounds"), "{error}");
+    }
+
+    /// Appends `value` in unsigned LEB128.
+    fn leb128(out: &mut Vec<u8>, mut value: u64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
     }
 
     #[test]
@@ -297,7 +330,7 @@ mod tests {
                  (@custom "c" (after code) "custom"))"#,
         )
         .unwrap();
-        let rewritten = rewrite(&wasm).unwrap();
+        let rewritten = rewrite(&wasm).unwrap().unwrap();
         let kept = |wasm: &[u8]| -> Vec<(u8, Vec<u8>)> {
             sections(wasm)
                 .unwrap()
@@ -329,18 +362,18 @@ mod tests {
         let wasm =
             wat::parse_str(r#"(module (global (export "__wasm_call_ctors") i32 (i32.const 0)))"#)
                 .unwrap();
-        assert_eq!(rewrite(&wasm), None);
+        assert_eq!(rewrite(&wasm), Ok(None));
     }
 
     #[test]
-    fn a_second_start_section_or_a_component_is_left_alone() {
+    fn a_second_start_section_or_a_component_is_refused() {
         let two_starts = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0\x08\x01\0\x08\x01\0\x0a\x04\x01\x02\0\x0b";
-        assert_eq!(rewrite(two_starts), None);
+        assert!(rewrite(two_starts).is_err());
         let mut one_start = two_starts.to_vec();
         // Without the second start section (bytes 21..24) the module is rewritten.
         one_start.drain(21..24);
-        assert!(rewrite(&one_start).is_some());
-        assert_eq!(rewrite(b"\0asm\x0d\0\x01\0"), None);
+        assert!(rewrite(&one_start).unwrap().is_some());
+        assert!(rewrite(b"\0asm\x0d\0\x01\0").is_err());
     }
 
     /// Checks that the rewritten module still parses section by section and validates (WAMR

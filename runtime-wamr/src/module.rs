@@ -130,9 +130,14 @@ impl WamrModule {
         if !ensure_thread_env() {
             return Err(Error::Config(thread_env_error()));
         }
+        // WAMR allocates and fills a module's tables when it instantiates it, outside the
+        // memory cap, and lets them grow to twice their size: the tables are bounded first.
+        let bounded = runtime_api::binary::bound_tables(wasm).map_err(Error::InvalidModule)?;
+        let wasm = bounded.as_deref().unwrap_or(wasm);
         let (bytes, start_export, renamed) = match binary::rewrite(wasm) {
-            Some(rewritten) => (rewritten.bytes, rewritten.start_export, rewritten.renamed),
-            None => (wasm.to_vec(), None, Vec::new()),
+            Ok(Some(rewritten)) => (rewritten.bytes, rewritten.start_export, rewritten.renamed),
+            Ok(None) => (wasm.to_vec(), None, Vec::new()),
+            Err(why) => return Err(Error::InvalidModule(why)),
         };
         let loaded = Arc::new(LoadedModule::load(bytes)?);
         // SAFETY: `loaded.module` is a loaded module, alive while `loaded` is.

@@ -201,6 +201,32 @@ fn a_call_deadline_stops_a_spinning_guest() {
     );
 }
 
+/// A module WAMR would read but wasmparser (which pwhost reads it with first) would not, here a
+/// custom section named with 100,001 bytes, is refused: loaded as it is, its spinning start
+/// function would run inside WAMR's instantiation, out of every deadline's reach.
+#[test]
+fn a_module_pwhost_cannot_read_is_refused_not_run_unwatched() {
+    let mut wasm = wat::parse_str(r#"(module (func $s (loop (br 0))) (start $s))"#).unwrap();
+    let name = vec![b'a'; 100_001];
+    // Custom section 0: the name's length (LEB128), the name.
+    let mut payload = vec![0xa1, 0x8d, 0x06];
+    payload.extend_from_slice(&name);
+    wasm.push(0);
+    wasm.extend_from_slice(&[0xa4, 0x8d, 0x06]);
+    wasm.extend_from_slice(&payload);
+    assert_eq!(payload.len(), 100_004);
+    let runtime = WamrRuntime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let compiled: Result<Arc<dyn CompiledModule<FixtureState>>, _> = runtime.compile(&wasm);
+    let Err(runtime_api::Error::InvalidModule(why)) = compiled else {
+        panic!("refused");
+    };
+    assert!(why.contains("string size out of bounds"), "{why}");
+}
+
 #[test]
 fn a_deadline_reaches_a_guest_spinning_inside_a_nested_call() {
     fn call_spin(caller: &mut dyn Caller<FixtureState>, _args: &mut [u64]) -> Result<(), Trap> {
@@ -531,5 +557,7 @@ fn an_instance_moves_between_threads() {
 fn the_contract_against_hostile_guests_holds() {
     let runtime = WamrRuntime::new(RuntimeConfig::default()).unwrap();
     runtime_contract::handles_of_another_instance_are_refused(&runtime);
+    runtime_contract::tables_cannot_grow_without_bound(&runtime);
+    runtime_contract::tables_hold_at_most_the_table_entry_limit_in_all(&runtime);
     runtime_contract::guest_calls_from_host_functions_nest_at_most_eight_levels(&runtime);
 }

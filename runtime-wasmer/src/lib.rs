@@ -199,6 +199,19 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmerRuntime {
 
     fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule<S>>, Error> {
         let engine = self.engine(true);
+        // wasmer makes and grows a table with an infallible `Vec` resize that fills it: the
+        // module's tables get bounded maxima before it is compiled.
+        let bounded = runtime_api::binary::bound_tables(wasm);
+        let wasm = match &bounded {
+            Ok(Some(rewritten)) => rewritten.as_slice(),
+            Ok(None) => wasm,
+            // Malformed, or over the budget: wasmer says better what is malformed.
+            Err(why) => {
+                wasmer::Module::validate(&engine, wasm)
+                    .map_err(|e| Error::InvalidModule(e.to_string()))?;
+                return Err(Error::InvalidModule(why.clone()));
+            }
+        };
         let module = wasmer::Module::from_binary(&engine, wasm).map_err(|e| match e {
             // The module is valid, but the stop checks cannot be added to it.
             wasmer::CompileError::Wasm(wasmer::WasmError::Middleware(e)) => {

@@ -12,9 +12,10 @@ use wasmer::{MemoryError, MemoryType, Pages, TableType, WASM_PAGE_SIZE};
 const MAX_PAGES: u64 = 65536;
 
 /// The most elements one table may grow to. wasmer grows tables with an infallible `Vec`
-/// resize, so a guest's `table.grow` by billions of elements would abort the process; the
-/// Proxy-Wasm SDKs' tables hold a few hundred functions.
-pub(crate) const MAX_TABLE_ELEMENTS: u32 = 1 << 20;
+/// resize, so a guest's `table.grow` by billions of elements would abort the process. (A
+/// module compiled here has its tables bounded in all before, `runtime_api::binary::bound_tables`;
+/// this bounds each table of a precompiled one too.)
+pub(crate) const MAX_TABLE_ELEMENTS: u32 = runtime_api::MAX_TABLE_ENTRIES as u32;
 
 /// `ty` with its maximum lowered to [`MAX_TABLE_ELEMENTS`] (or to its minimum, if larger: a
 /// module may declare a large table, it may not grow it without bound).

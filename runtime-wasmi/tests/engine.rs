@@ -503,6 +503,7 @@ fn one_linked_module_instantiates_on_many_threads() {
 fn the_contract_against_hostile_guests_holds() {
     let runtime = WasmiRuntime::new(RuntimeConfig::default()).unwrap();
     runtime_contract::handles_of_another_instance_are_refused(&runtime);
+    runtime_contract::tables_hold_at_most_the_table_entry_limit_in_all(&runtime);
     runtime_contract::tables_cannot_grow_without_bound(&runtime);
     runtime_contract::guest_calls_from_host_functions_nest_at_most_eight_levels(&runtime);
 }

@@ -14,10 +14,8 @@ use wasmtime::{
 use crate::epoch::{EpochState, EpochTicker, WasmtimeInterruptHandle};
 use crate::module::{convert_error, ExportedFunction};
 
-/// The most elements one table may grow to: a guest's `table.grow` by billions of elements
-/// would otherwise take that much host memory. The Proxy-Wasm SDKs' tables hold a few hundred
-/// functions.
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// [`runtime_api::MAX_TABLE_ENTRIES`] as a size.
+const MAX_TABLE_ENTRIES: usize = runtime_api::MAX_TABLE_ENTRIES as usize;
 /// A guest function resolved once: the wasmtime handle and how to pass its values.
 #[derive(Clone, Copy)]
 pub(crate) struct ResolvedFunction {
@@ -44,6 +42,10 @@ struct CapWatch {
     limits: StoreLimits,
     cap: Option<usize>,
     refused: bool,
+    /// The entries of the instance's tables, all together (at most [`MAX_TABLE_ENTRIES`]).
+    table_entries: usize,
+    /// `table_entries` before the last growth allowed, for a growth that then fails.
+    entries_before_growth: usize,
 }
 
 impl wasmtime::ResourceLimiter for CapWatch {
@@ -71,10 +73,20 @@ impl wasmtime::ResourceLimiter for CapWatch {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.limits.table_growing(current, desired, maximum)
+        // The tables' entries are counted together: each table alone within the limit, a
+        // module's many tables could still hold the limit many times over.
+        let total = (self.table_entries - current.min(self.table_entries)).saturating_add(desired);
+        if total > MAX_TABLE_ENTRIES || !self.limits.table_growing(current, desired, maximum)? {
+            return Ok(false);
+        }
+        self.entries_before_growth = self.table_entries;
+        self.table_entries = total;
+        Ok(true)
     }
 
     fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The growth counted did not happen.
+        self.table_entries = self.entries_before_growth;
         self.limits.table_grow_failed(error)
     }
 
@@ -108,7 +120,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
         epoch: Option<&EpochTicker>,
         state: S,
     ) -> Result<Self, Error> {
-        let mut limits = StoreLimitsBuilder::new().table_elements(MAX_TABLE_ELEMENTS);
+        let mut limits = StoreLimitsBuilder::new().table_elements(MAX_TABLE_ENTRIES);
         let memory_limit = config
             .max_memory_bytes
             .map(|max| usize::try_from(max).unwrap_or(usize::MAX));
@@ -123,6 +135,8 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
                 limits: limits.build(),
                 cap: memory_limit,
                 refused: false,
+                table_entries: 0,
+                entries_before_growth: 0,
             },
             epoch: epoch.map(|ticker| EpochState::new(ticker.deadline)),
         };

@@ -111,6 +111,7 @@ fn one_linked_module_instantiates_on_many_threads() {
 fn the_contract_against_hostile_guests_holds() {
     let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
     runtime_contract::handles_of_another_instance_are_refused(&runtime);
+    runtime_contract::tables_hold_at_most_the_table_entry_limit_in_all(&runtime);
     runtime_contract::tables_cannot_grow_without_bound(&runtime);
 }
 

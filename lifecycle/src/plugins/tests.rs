@@ -290,6 +290,43 @@ fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles_up_to_the_max_inte
     assert_eq!(reloads(&worker), waits.len() as u64 + 3);
 }
 
+/// The jitter of a reload's wait is drawn once per failure: under traffic, each stream's
+/// admission asking again would otherwise reload at the shortest of many draws, about the
+/// base interval every time, and the jitter would spread no reloads.
+#[test]
+fn a_reload_wait_is_drawn_once_per_failure_and_holds_under_traffic() {
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock: Clock = {
+        let now = Arc::clone(&now);
+        Arc::new(move || *now.lock().unwrap())
+    };
+    let advance = |by: Duration| *now.lock().unwrap() += by;
+    let plugins = trapping(
+        "failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 1s, max_interval: 60s}},",
+    );
+    let mut worker = worker(plugins).with_clock(clock);
+    let plugin = PluginId(0);
+    assert!(request(&mut worker, plugin).is_err());
+    assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    let wait = worker.reload[0]
+        .wait
+        .expect("drawn at the first admission after the failure");
+    assert!(
+        Duration::from_secs(1) <= wait && wait < Duration::from_millis(1500),
+        "{wait:?}"
+    );
+    advance(wait - Duration::from_millis(1));
+    for _ in 0..1000 {
+        assert!(matches!(worker.admit(plugin), Admission::FailClosed));
+    }
+    advance(Duration::from_millis(1));
+    assert!(
+        request(&mut worker, plugin).is_err(),
+        "reloaded once the drawn wait passed (the fresh copy traps again)"
+    );
+    assert_eq!(worker.plugins().counters(plugin).snapshot()[4].1, 1);
+}
+
 #[test]
 fn a_reload_wait_is_never_below_the_doubled_base_nor_above_the_max_interval() {
     let (base, max) = (Duration::from_millis(300), Duration::from_secs(5));

@@ -301,6 +301,58 @@ fn code_no_load_asked_for_in_a_day_leaves_memory_unless_it_is_wanted_or_coming()
     assert_eq!(left, ["coming", "recent", "wanted"]);
 }
 
+/// A load that missed and then finds the code a background fetch brought meanwhile (the
+/// fetch ended between its look and its request for a fetch) gets the code, and no second
+/// fetch starts.
+#[test]
+fn a_miss_overtaken_by_its_fetch_gets_the_code_and_fetches_nothing() {
+    let code = code("overtaken");
+    let server = TestServer::start(vec![ok(&code)]);
+    let source = remote(&server.url, &code);
+    keep_in_memory(&source.sha256, &Arc::new(code.clone()));
+    let fetched = fetch_in_background(&source, &CodeCache::default()).expect("the code");
+    assert_eq!(*fetched, code);
+    assert_eq!(server.requests(), 0);
+    forget_in_memory(&source.sha256);
+}
+
+/// Code kept in memory is bounded in bytes: past the limit, the code no load asked for
+/// longest goes first, never the code being kept now, and its entry stays (what it says of
+/// fetches is kept).
+#[test]
+fn code_in_memory_past_its_byte_limit_leaves_the_least_recently_used_first() {
+    let now = Instant::now();
+    let entry = |bytes: usize, used: Instant| Entry {
+        code: Some(Arc::new(vec![0; bytes])),
+        fetching: false,
+        failed: None,
+        used,
+    };
+    let mut entries: HashMap<String, Entry> = [
+        ("oldest".to_string(), entry(40, now)),
+        ("older".to_string(), entry(40, now + Duration::from_secs(1))),
+        (
+            "recent".to_string(),
+            entry(40, now + Duration::from_secs(2)),
+        ),
+        ("new".to_string(), entry(40, now)),
+    ]
+    .into_iter()
+    .collect();
+    evict_over(&mut entries, 100, "new");
+    let mut with_code: Vec<&str> = entries
+        .iter()
+        .filter(|(_, entry)| entry.code.is_some())
+        .map(|(sha256, _)| sha256.as_str())
+        .collect();
+    with_code.sort_unstable();
+    assert_eq!(with_code, ["new", "recent"]);
+    assert_eq!(entries.len(), 4, "entries stay without their code");
+    // Under the limit nothing goes.
+    evict_over(&mut entries, 100, "new");
+    assert_eq!(entries.values().filter(|e| e.code.is_some()).count(), 2);
+}
+
 #[cfg(unix)]
 #[test]
 fn a_cache_file_that_is_a_fifo_or_a_link_is_not_read_and_a_shared_directory_is_not_used() {

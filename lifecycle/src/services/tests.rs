@@ -210,6 +210,68 @@ fn manual_ticks_arrive_when_asked_and_clock_ticks_by_the_period() {
     drop(service);
 }
 
+/// A tick period the plugin sets anew (here from a queue notification) counts from then, as
+/// in Envoy: a service ticking every minute that asks for every 5 ms ticks within moments, not
+/// once the minute has run out.
+#[test]
+fn a_new_tick_period_starts_counting_when_it_is_set() {
+    let plugins = filter_and_service(60_000);
+    let ticks_seen = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&ticks_seen);
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Clock,
+        Box::new(move |vm| {
+            let ticks = messages(vm).iter().filter(|m| m.contains("tick")).count();
+            counter.store(ticks, Ordering::Relaxed);
+        }),
+    )
+    .unwrap();
+    let mut worker = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    request(&mut worker, "/tick_ms=5");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks_seen.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        ticks_seen.load(Ordering::Relaxed) >= 3,
+        "ticks at the new period"
+    );
+    drop(service);
+}
+
+/// A service thread that panicked (in the embedder's hook after a callback) leaves no caller
+/// waiting for it: ticks and syncs asked later return at once, and stopping it reports the
+/// panic.
+#[test]
+fn a_service_whose_thread_panicked_answers_every_later_command_at_once() {
+    let plugins = filter_and_service(60_000);
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        Box::new(|_| panic!("the embedder's hook panics")),
+    )
+    .unwrap();
+    // This tick runs, and the hook after it takes the thread down.
+    service.tick();
+    let (answered, answer) = mpsc::channel();
+    let asking = std::thread::spawn(move || {
+        let ticked = service.tick();
+        service.sync();
+        let _ = answered.send((ticked, service.stop(0).is_none()));
+    });
+    let (ticked, stopped_by_panic) = answer
+        .recv_timeout(Duration::from_secs(10))
+        .expect("later commands return, not wait for a thread that is gone");
+    assert!(!ticked, "no tick delivered");
+    assert!(stopped_by_panic, "the end reports the panic");
+    asking.join().unwrap();
+}
+
 #[test]
 fn only_a_singleton_service_gets_a_thread() {
     let plugins = filter_and_service(60_000);

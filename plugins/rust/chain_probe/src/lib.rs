@@ -7,7 +7,8 @@
 //! - `on_vm_start` logs `vm start <root_id>`; `on_configure` logs `configure <name> (root id
 //!   <root_id>)` and returns false when `reject` is true. `name` defaults to the root id.
 //! - With `register_queue`, the root registers that queue at configure; `on_queue_ready`
-//!   dequeues every item and logs `<name> dequeued <item>`. With `tick_ms`, it sets that tick
+//!   dequeues every item and logs `<name> dequeued <item>`; an item `tick_ms=MS` (or
+//!   `/tick_ms=MS`, a path) sets the tick period to MS. With `tick_ms`, it sets that tick
 //!   period and logs `<name> tick <n>` on each tick; with `panic_at_tick` too, tick N panics
 //!   (a trap) instead.
 //! - Request headers: appends its name to request header `x-chain` (`a,b` after plugins `a`
@@ -129,11 +130,12 @@ impl RootContext for ProbeRoot {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         while let Ok(Some(item)) = self.dequeue_shared_queue(queue_id) {
-            info!(
-                "{} dequeued {}",
-                self.config.name,
-                String::from_utf8_lossy(&item)
-            );
+            let item = String::from_utf8_lossy(&item);
+            info!("{} dequeued {}", self.config.name, item);
+            let period = item.trim_start_matches('/').strip_prefix("tick_ms=");
+            if let Some(ms) = period.and_then(|ms| ms.parse().ok()) {
+                self.set_tick_period(Duration::from_millis(ms));
+            }
         }
     }
 
