@@ -668,7 +668,8 @@ pub struct StreamVm {
     root: ContextId,
 }
 
-/// Which VM copy of a worker: unique among the copies a worker ever made.
+/// Which VM copy: unique among the copies every worker of the process ever made, so that a
+/// stream's handle used on another worker by mistake finds no copy there (see [`Worker::vm`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CopyId(pub u64);
 
@@ -725,7 +726,6 @@ pub struct Worker {
     tried: Vec<bool>,
     /// Per module: the reload backoff's state.
     reload: Vec<ReloadState>,
-    next_generation: u64,
     clock: Clock,
     on_retire: Option<RetireHook>,
     queue_wake: Option<QueueWake>,
@@ -766,7 +766,6 @@ impl Worker {
                 };
                 modules
             ],
-            next_generation: 0,
             clock: Arc::new(Instant::now),
             on_retire: None,
             queue_wake: None,
@@ -1071,11 +1070,13 @@ impl Worker {
             Counters::add(&counters.failed_to_start);
             self.reload[module].failed_at = Some(now);
         }
-        self.next_generation += 1;
+        // Process-wide, not per worker: see `CopyId`.
+        static NEXT_COPY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = NEXT_COPY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let live = LiveCopy {
             copy,
             module,
-            generation: CopyId(self.next_generation),
+            generation: CopyId(generation),
             streams: 0,
             started: failure.is_none(),
             current: true,

@@ -14,7 +14,7 @@ use runtime_api::{
     CompiledModule, Instance, RuntimeConfig, Trap, TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
 
-use fixture::{compile, instantiate, FixtureState, HOST, REENTER, SHARED};
+use fixture::{compile, instantiate, FixtureState, CALL_SPIN, HOST, PANICS, REENTER, SHARED};
 
 /// A handle is only good on the instance that gave it out: one of another instance, at an index
 /// this instance uses for a function of another type, is refused as a bad call (engines that
@@ -155,6 +155,48 @@ pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(
             "{name}, {round} call: the top-level call and eight nested ones reached the host"
         );
     }
+}
+
+/// A host function panicking inside a nested call (the top-level call fails, or the panic
+/// reaches the embedder, which catches it; the process goes on) leaves the nesting count as it
+/// was: after more such panics than the nesting limit, a guest still recurses through the host
+/// eight levels deep.
+pub fn a_panic_in_a_nested_call_leaves_the_nesting_count_as_it_was(
+    runtime: &dyn WasmRuntime<FixtureState>,
+) {
+    let name = runtime.name();
+    let mut instance = instantiate(
+        runtime,
+        r#"(module
+             (import "env" "reenter" (func $reenter (result i32)))
+             (import "env" "call_spin" (func $call_callee))
+             (import "env" "panics" (func $panics))
+             (func (export "enter") (result i32) (call $reenter))
+             (func (export "panic_nested") (call $call_callee))
+             (func (export "panic") (call $panics)))"#,
+        &[REENTER, CALL_SPIN, PANICS],
+    );
+    let panic_nested = instance.function("panic_nested").expect("export");
+    instance.state().callee = instance.function("panic");
+    for _ in 0..10 {
+        let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            instance.call(panic_nested, &[], &mut [])
+        }));
+        assert!(
+            !matches!(call, Ok(Ok(()))),
+            "{name}: the call with the panic fails"
+        );
+    }
+    let enter = instance.function("enter").expect("export enter");
+    instance.state().callee = Some(enter);
+    instance.state().entries = 0;
+    let error = instance.call(enter, &[], &mut [0]).unwrap_err();
+    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow), "{name}");
+    assert_eq!(
+        instance.state().entries,
+        9,
+        "{name}: eight levels still nest after the panics"
+    );
 }
 
 /// With [`RuntimeConfig::max_memory_bytes`] set, `memory.grow` fails (returns -1) past the cap,

@@ -321,7 +321,11 @@ impl<S: Send + 'static> Instance<S> for WasmerInstance<S> {
         results: &mut [u64],
     ) -> Result<(), Trap> {
         function.check_arity(args.len(), results.len())?;
-        let call = *self.env().function(function)?;
+        let env = self.env();
+        // No guest call is in progress below a top-level one: a count a host function's panic
+        // left raised (it unwinds past the nested call's decrement) starts again from zero.
+        env.nested_calls = 0;
+        let call = *env.function(function)?;
         // SAFETY: `call` was resolved in this instance's store (its `Env` holds only those), which
         // `guarded` lends to the call alone.
         self.guarded(|store| unsafe { call.call(store, args, results) })

@@ -30,6 +30,24 @@ pub(crate) fn host_error(trap: Trap) -> wasmi::Error {
     wasmi::Error::host(HostTrap(trap))
 }
 
+/// Runs a host function. A panic in it is its trap: wasmi's executor cannot unwind (the panic
+/// would abort the process, "panic in a function that cannot unwind"), where every other engine
+/// carries it, or its trap, to the call that started the guest.
+#[inline]
+fn run<S>(
+    callback: HostCallback<S>,
+    caller: &mut WasmiCaller<'_, S>,
+    slots: &mut [u64],
+) -> Result<(), wasmi::Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(caller, slots))) {
+        Ok(result) => result.map_err(host_error),
+        Err(panic) => Err(host_error(Trap::host(format!(
+            "a host function panicked: {}",
+            runtime_api::panic_message(&*panic)
+        )))),
+    }
+}
+
 /// An integer parameter type of a typed host closure, and how it maps to a 64-bit slot.
 trait Slot: WasmTy {
     const TYPE: ValType;
@@ -118,7 +136,7 @@ pub(crate) fn define_host_function<S: Send + 'static>(
                                 let mut slots = [$(Slot::into_slot($arg),)* 0u64];
                                 let used = PARAMS.len().max(1);
                                 let mut caller = WasmiCaller { caller };
-                                callback(&mut caller, &mut slots[..used]).map_err(host_error)?;
+                                run(callback, &mut caller, &mut slots[..used])?;
                                 Ok(<$ret as ResultSlot>::from_slot(slots[0]))
                             },
                         )
@@ -187,7 +205,7 @@ fn define_untyped<S: Send + 'static>(
             return Err(host_error(Trap::host("too many host function arguments")));
         };
         let mut caller = WasmiCaller { caller };
-        callback(&mut caller, args).map_err(host_error)?;
+        run(callback, &mut caller, args)?;
         if let (Some(result), Some(ty)) = (results.first_mut(), result_type) {
             *result = slot_to_val(ty, args[0]);
         }

@@ -506,4 +506,5 @@ fn the_contract_against_hostile_guests_holds() {
     runtime_contract::tables_hold_at_most_the_table_entry_limit_in_all(&runtime);
     runtime_contract::tables_cannot_grow_without_bound(&runtime);
     runtime_contract::guest_calls_from_host_functions_nest_at_most_eight_levels(&runtime);
+    runtime_contract::a_panic_in_a_nested_call_leaves_the_nesting_count_as_it_was(&runtime);
 }

@@ -53,6 +53,30 @@ fn run_request(worker: &mut Worker, held: &StreamVm) -> Result<Vec<(String, Stri
     }
 }
 
+/// A stream's handle names its VM copy in the whole process: used by mistake on another
+/// worker, whose first copy sits in the same slot, it finds no VM there, and releasing it
+/// there leaves that worker's copy as it was.
+#[test]
+fn a_streams_handle_finds_no_vm_on_another_worker() {
+    let plugins = Arc::new(load(&config_plugin("a", "shared", "x-a")).unwrap());
+    let mut one = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    let mut other = Worker::new(plugins, || Box::new(InMemoryHost::new()));
+    let plugin = PluginId(0);
+    let Admission::Run(theirs) = other.admit(plugin) else {
+        panic!("admitted");
+    };
+    let Admission::Run(held) = one.admit(plugin) else {
+        panic!("admitted");
+    };
+    assert!(other.vm(&held).is_none(), "no VM of the other worker");
+    other.release(held);
+    assert!(
+        other.vm(&theirs).is_some(),
+        "its own stream still has its VM"
+    );
+    other.release(theirs);
+}
+
 #[test]
 fn plugins_with_one_vm_key_share_a_module_and_each_keeps_its_configuration() {
     let yaml = [
