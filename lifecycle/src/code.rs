@@ -16,16 +16,23 @@ pub enum Code {
     /// names its null-VM plugins).
     NativeName(String),
     /// For the null runtime: a native plugin library (`filename`).
-    NativeLibrary(PathBuf),
+    NativeLibrary {
+        /// The library's file.
+        path: PathBuf,
+        /// The path and the SHA-256 of the file's bytes when the configuration was read: a
+        /// configuration update after a new build replaced the file loads the new build.
+        identity: Vec<u8>,
+    },
 }
 
 impl Code {
-    /// The bytes that identify the code: the module, the plugin's name, or the library's path.
+    /// The bytes that identify the code: the module, the plugin's name, or the library's path
+    /// and digest.
     pub fn identity(&self) -> &[u8] {
         match self {
             Code::Wasm(bytes) => bytes,
             Code::NativeName(name) => name.as_bytes(),
-            Code::NativeLibrary(path) => path.as_os_str().as_encoded_bytes(),
+            Code::NativeLibrary { identity, .. } => identity,
         }
     }
 }
@@ -57,7 +64,15 @@ pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<
         CodeSource::File(path) => {
             let path = base_dir.join(path);
             if native {
-                return Ok(Code::NativeLibrary(path));
+                let bytes =
+                    crate::files::read_regular_file(&path).map_err(|source| CodeError::File {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let mut identity = path.as_os_str().as_encoded_bytes().to_vec();
+                identity.push(0);
+                identity.extend_from_slice(sha256_hex(&bytes).as_bytes());
+                return Ok(Code::NativeLibrary { path, identity });
             }
             crate::files::read_regular_file(&path)
                 .map(Code::Wasm)
@@ -255,6 +270,25 @@ mod tests {
             ),
             Err(CodeError::MissingVariable(_))
         ));
+    }
+
+    /// A native library is the same code while its bytes are: a configuration update after a
+    /// new build replaced the file gets a new VM key, and so loads the new build.
+    #[test]
+    fn a_native_librarys_identity_follows_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("libplugin.so");
+        let source = CodeSource::File("libplugin.so".into());
+        let identity = |bytes: &[u8]| {
+            std::fs::write(&file, bytes).unwrap();
+            read_local(&source, "null", dir.path()).unwrap()
+        };
+        let first = identity(b"first build");
+        assert!(matches!(&first, Code::NativeLibrary { path, .. } if *path == file));
+        assert_eq!(identity(b"first build"), first);
+        assert_ne!(identity(b"second build"), first);
+        let missing = CodeSource::File("no/such/libplugin.so".into());
+        assert!(read_local(&missing, "null", dir.path()).is_err());
     }
 
     #[test]

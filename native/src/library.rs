@@ -3,16 +3,17 @@
 //! The plugin is the unmodified source a Wasm build uses, built for the host target. Its
 //! `proxy_*` imports bind to the executable's symbols ([`crate::symbols`]). The SDK keeps each
 //! plugin's state in the library's own statics and thread-locals, so two VMs must not share a
-//! loaded library: every instance loads a private copy of the file (the dynamic loader returns
-//! the same library for the same path), and stays on the thread that created it.
+//! loaded library: every instance loads a private copy (the dynamic loader returns the same
+//! library for the same path) of the bytes read when the library was opened, and stays on the
+//! thread that created it.
 //!
 //! Dropping an instance closes its copy, but the copy stays mapped (measured: about 200 KiB per
 //! instance started and dropped on one thread), as glibc does not unload a library whose
 //! thread-locals registered destructors (the SDK's do) on a thread that still runs: instances
 //! are meant to be created once per worker thread, not per request.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
@@ -24,6 +25,10 @@ use crate::callbacks::{function_export, memory_export, Shape, ABI_MARKERS, CALLB
 /// A native proxy-wasm SDK plugin library, as a module for the null runtime.
 pub struct SdkLibrary {
     path: PathBuf,
+    /// The library as it was when opened: every instance loads a copy of these bytes, not of
+    /// the file, so that one replaced on disk meanwhile (a new build being deployed, a file
+    /// caught half-written) never runs unchecked, nor two builds side by side.
+    bytes: Arc<Vec<u8>>,
     exports: Vec<Export>,
     /// The C type of each function export, in export order (`None` for the memory).
     shapes: Vec<Option<Shape>>,
@@ -41,8 +46,12 @@ impl SdkLibrary {
     /// process with no sandbox: the library must be a trusted Proxy-Wasm plugin.
     pub unsafe fn open(path: &Path) -> Result<Self, Error> {
         crate::symbols::keep_symbols();
-        // SAFETY: the caller vouches that the library is trusted.
-        let library = unsafe { load(path) }?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::InvalidModule(format!("cannot read {}: {e}", path.display())))?;
+        let copy = PrivateCopy::new(path, &bytes)?;
+        // SAFETY: the caller vouches that the library is trusted; these are its bytes.
+        let library = unsafe { load(copy.path()) }?;
+        drop(copy); // The mapping stays; the file is no longer needed.
         let mut exports = vec![memory_export()];
         let mut shapes = vec![None];
         let mut has_marker = false;
@@ -67,6 +76,7 @@ impl SdkLibrary {
         }
         Ok(SdkLibrary {
             path: path.to_path_buf(),
+            bytes: Arc::new(bytes),
             exports,
             shapes,
         })
@@ -106,8 +116,9 @@ impl NativeModule for SdkLibrary {
     }
 
     fn instantiate(&self) -> Result<Box<dyn NativeInstance>, Error> {
-        let copy = PrivateCopy::new(&self.path)?;
-        // SAFETY: `open` loaded this same file under the caller's promise that it is trusted.
+        let copy = PrivateCopy::new(&self.path, &self.bytes)?;
+        // SAFETY: `open` loaded these same bytes under the caller's promise that they are
+        // trusted.
         let library = unsafe { load(copy.path()) }?;
         drop(copy); // The mapping stays; the file is no longer needed.
         let functions = self
@@ -131,39 +142,31 @@ impl NativeModule for SdkLibrary {
     }
 }
 
-/// A copy of a library file under a unique name, removed on drop.
-struct PrivateCopy(PathBuf);
+/// A library's bytes in a file of their own, made anew (never an existing file: another user
+/// of the temporary directory cannot put one in its place) and removed on drop.
+struct PrivateCopy(tempfile::TempPath);
 
 impl PrivateCopy {
-    fn new(original: &Path) -> Result<Self, Error> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
+    /// Writes `bytes`, the library read from `original`, to a new file.
+    fn new(original: &Path, bytes: &[u8]) -> Result<Self, Error> {
         let name = original
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin.so".into());
-        let path = std::env::temp_dir().join(format!(
-            "pwhost-{}-{}-{name}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::copy(original, &path).map_err(|e| {
-            Error::Instantiation(format!(
-                "cannot copy {} to {}: {e}",
-                original.display(),
-                path.display()
-            ))
-        })?;
-        Ok(PrivateCopy(path))
+        let failed = |e: std::io::Error| {
+            Error::Instantiation(format!("cannot copy {}: {e}", original.display()))
+        };
+        let mut file = tempfile::Builder::new()
+            .prefix(&format!("pwhost-{}-", std::process::id()))
+            .suffix(&format!("-{name}"))
+            .tempfile()
+            .map_err(failed)?;
+        file.write_all(bytes).map_err(failed)?;
+        Ok(PrivateCopy(file.into_temp_path()))
     }
 
     fn path(&self) -> &Path {
         &self.0
-    }
-}
-
-impl Drop for PrivateCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -89,6 +89,32 @@ fn two_vms_of_one_sdk_library_on_one_thread_keep_their_own_contexts() {
     );
 }
 
+/// Every VM of a plugin runs the library as it was loaded: one replaced on disk meanwhile (a new
+/// build deployed) is not what VMs made later run, so no thread runs another build than the
+/// checked one. (A configuration update picks the new build up: its identity includes the
+/// file's digest.)
+#[test]
+fn vms_made_after_the_library_file_was_replaced_run_the_library_as_loaded() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("libplugin.so");
+    std::fs::copy(library("http_headers"), &file).unwrap();
+    let plugin = load(&file.to_string_lossy());
+    let mut before = started(&plugin);
+    // Replaced as a deployment would (a new file renamed over the old one).
+    let replacement = directory.path().join("libplugin.so.new");
+    std::fs::copy(library("lifecycle_bench"), &replacement).unwrap();
+    std::fs::rename(&replacement, &file).unwrap();
+    let mut after = started(&plugin);
+    for vm in [&mut before, &mut after] {
+        let headers = request(vm, "/a");
+        assert!(
+            headers.contains(&("x-pwhost-plugin".into(), "http_headers".into())),
+            "{headers:?}"
+        );
+        assert!(!headers.iter().any(|(name, _)| name == "x-bench"));
+    }
+}
+
 #[test]
 fn two_different_sdk_libraries_run_side_by_side() {
     let headers_plugin = load(&library("http_headers"));
@@ -201,5 +227,5 @@ fn a_library_that_is_not_a_proxy_wasm_plugin_is_refused() {
     )
     .err()
     .expect("no such file");
-    assert!(format!("{error:#}").contains("cannot load"), "{error:#}");
+    assert!(format!("{error:#}").contains("cannot read"), "{error:#}");
 }
