@@ -911,6 +911,17 @@ impl Vm {
     /// token.
     fn grpc_callback(&mut self, callback: Callback, token: u32, value: u64) -> Result<(), VmError> {
         let root = self.callout_root(token, false);
+        self.grpc_callback_for(callback, root, token, value)
+    }
+
+    /// [`Vm::grpc_callback`] for root context `root`, found already.
+    fn grpc_callback_for(
+        &mut self,
+        callback: Callback,
+        root: ContextId,
+        token: u32,
+        value: u64,
+    ) -> Result<(), VmError> {
         self.call(
             callback,
             root,
@@ -936,21 +947,31 @@ impl Vm {
 
     /// Delivers a message of gRPC call or stream `token`, readable as the `GrpcReceiveBuffer`.
     pub fn on_grpc_receive(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
+        let root = self.callout_root(token, false);
+        self.grpc_message(root, token, message)
+    }
+
+    /// Delivers `message` of gRPC call or stream `token` to root context `root`.
+    fn grpc_message(
+        &mut self,
+        root: ContextId,
+        token: u32,
+        message: Vec<u8>,
+    ) -> Result<(), VmError> {
         let size = message.len() as u64;
         self.instance.state().grpc_message = Some(message);
-        let result = self.grpc_callback(Callback::GrpcReceive, token, size);
+        let result = self.grpc_callback_for(Callback::GrpcReceive, root, token, size);
         self.instance.state().grpc_message = None;
         result
     }
 
     /// Delivers the reply of unary gRPC call `token` (its one message, as
-    /// [`Vm::on_grpc_receive`]) and forgets the call: a unary call ends with its reply.
+    /// [`Vm::on_grpc_receive`]) and forgets the call: a unary call ends with its reply. It is
+    /// forgotten first, so that the callback may open another call in its place.
     pub fn on_grpc_call_reply(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
-        let result = self.on_grpc_receive(token, message);
-        let state = self.instance.state();
-        state.callout_roots.remove(&token);
-        state.unary_grpc_calls.remove(&token);
-        result
+        let root = self.callout_root(token, true);
+        self.instance.state().unary_grpc_calls.remove(&token);
+        self.grpc_message(root, token, message)
     }
 
     /// Delivers the trailing metadata of gRPC call or stream `token`.
@@ -975,13 +996,13 @@ impl Vm {
         status_code: u32,
         message: Vec<u8>,
     ) -> Result<(), VmError> {
-        let root = self.callout_root(token, false);
+        // Forgotten first, so that the callback may open another call in its place.
+        let root = self.callout_root(token, true);
+        self.instance.state().unary_grpc_calls.remove(&token);
         self.set_status(root, (status_code, message));
-        let result = self.grpc_callback(Callback::GrpcClose, token, u64::from(status_code));
+        let result =
+            self.grpc_callback_for(Callback::GrpcClose, root, token, u64::from(status_code));
         self.clear_status_message(root);
-        let state = self.instance.state();
-        state.callout_roots.remove(&token);
-        state.unary_grpc_calls.remove(&token);
         result
     }
 

@@ -946,3 +946,65 @@ fn a_vm_has_at_most_1024_calls_open() {
         .count();
     assert_eq!(told, 1, "told once");
 }
+
+/// A gRPC stream that closes leaves the open-calls count before its close callback runs, so a
+/// plugin at the limit may open another stream in its place from the callback (as an HTTP
+/// call's answer does).
+#[test]
+fn a_closing_grpc_stream_frees_its_place_before_its_callback() {
+    let module = r#"(module
+  (import "env" "proxy_grpc_stream"
+    (func $stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "cluster")
+  (data (i32.const 32) "svc")
+  (data (i32.const 48) "m")
+  (data (i32.const 64) "reopened")
+  (data (i32.const 80) "refused")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 8192)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $open (result i32)
+    (call $stream (i32.const 16) (i32.const 7) (i32.const 32) (i32.const 3) (i32.const 48)
+      (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 4096)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $i i32)
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (i32.const 1024)))
+      (drop (call $open))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (if (i32.eqz (call $open))
+      (then (drop (call $log (i32.const 2) (i32.const 64) (i32.const 8))))
+      (else (drop (call $log (i32.const 2) (i32.const 80) (i32.const 7)))))
+    i32.const 0)
+  (func (export "proxy_on_grpc_close") (param i32 i32 i32)
+    (if (i32.eqz (call $open))
+      (then (drop (call $log (i32.const 2) (i32.const 64) (i32.const 8))))
+      (else (drop (call $log (i32.const 2) (i32.const 80) (i32.const 7)))))))"#;
+    let wasm = wat::parse_str(module).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin =
+        Plugin::load(&runtime, &wasm, PluginConfig::default(), SharedState::new()).unwrap();
+    let mut vm = started(&plugin);
+    let stream = vm.create_http_context().unwrap();
+    vm.on_request_headers(stream, 0, true).unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    assert_eq!(host.grpc_calls.len(), 1024);
+    let first = host.grpc_calls[0].token;
+    vm.on_grpc_close(first, 0, Vec::new()).unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    let said: Vec<&str> = host
+        .logs
+        .iter()
+        .map(|log| log.message.as_str())
+        .filter(|m| !m.starts_with("pwhost limit"))
+        .collect();
+    assert_eq!(
+        said,
+        ["refused", "reopened"],
+        "the 1025th refused, then one in the closed one's place"
+    );
+    assert_eq!(host.grpc_calls.len(), 1025);
+}

@@ -65,8 +65,8 @@ impl lifecycle::Engines for BuildEngines {
                 config,
                 shared,
             ),
-            Code::NativeLibrary { path, .. } => {
-                plugins::load(runtime, &path.to_string_lossy(), config, shared)
+            Code::NativeLibrary { path, bytes, .. } => {
+                plugins::load_library(runtime, path, Arc::clone(bytes), config, shared)
             }
             Code::Wasm(wasm) => {
                 abi::Plugin::load(runtime, wasm, config, shared).map_err(anyhow::Error::from)

@@ -79,6 +79,42 @@ fn load_native(
     Ok(Plugin::from_module(runtime, module, config, shared)?)
 }
 
+/// Loads the native plugin library read from `path` (its `bytes`) on `runtime`, the null
+/// runtime.
+#[cfg(feature = "null")]
+pub fn load_library(
+    runtime: &dyn WasmRuntime<VmState>,
+    path: &Path,
+    bytes: std::sync::Arc<Vec<u8>>,
+    config: PluginConfig,
+    shared: SharedState,
+) -> anyhow::Result<Plugin> {
+    anyhow::ensure!(
+        runtime.name() == "null",
+        "{} is native code, which only the null runtime runs",
+        path.display()
+    );
+    // SAFETY: as in `load_native`: native plugins are trusted code.
+    let library = unsafe { native::SdkLibrary::from_bytes(path, bytes) }?;
+    let module = std::sync::Arc::new(runtime_null::NullModule::new(std::sync::Arc::new(library)));
+    Ok(Plugin::from_module(runtime, module, config, shared)?)
+}
+
+/// Without the null runtime, no native library loads.
+#[cfg(not(feature = "null"))]
+pub fn load_library(
+    _runtime: &dyn WasmRuntime<VmState>,
+    path: &Path,
+    _bytes: std::sync::Arc<Vec<u8>>,
+    _config: PluginConfig,
+    _shared: SharedState,
+) -> anyhow::Result<Plugin> {
+    anyhow::bail!(
+        "cannot load {}: this build has no null runtime",
+        path.display()
+    )
+}
+
 #[cfg(not(feature = "null"))]
 fn load_native(
     _runtime: &dyn WasmRuntime<VmState>,

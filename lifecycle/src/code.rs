@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -19,8 +20,10 @@ pub enum Code {
     NativeLibrary {
         /// The library's file.
         path: PathBuf,
-        /// The path and the SHA-256 of the file's bytes when the configuration was read: a
-        /// configuration update after a new build replaced the file loads the new build.
+        /// The file's bytes when the configuration was read: what every VM of the plugin runs.
+        bytes: Arc<Vec<u8>>,
+        /// The path and the SHA-256 of `bytes`: a configuration update after a new build
+        /// replaced the file loads the new build.
         identity: Vec<u8>,
     },
 }
@@ -56,6 +59,10 @@ pub enum CodeError {
     Remote(String),
 }
 
+/// The largest native plugin library read (an unstripped build with debug information can be
+/// far larger than a WebAssembly module).
+pub const MAX_NATIVE_LIBRARY_BYTES: u64 = 1 << 30;
+
 /// Reads a plugin's local code for `engine` (pwhost's engine name). Relative file names are
 /// taken from `base_dir` (the configuration's directory, as Traffic Server does).
 pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<Code, CodeError> {
@@ -64,15 +71,19 @@ pub fn read_local(source: &CodeSource, engine: &str, base_dir: &Path) -> Result<
         CodeSource::File(path) => {
             let path = base_dir.join(path);
             if native {
-                let bytes =
-                    crate::files::read_regular_file(&path).map_err(|source| CodeError::File {
+                let bytes = crate::files::read_regular_file_up_to(&path, MAX_NATIVE_LIBRARY_BYTES)
+                    .map_err(|source| CodeError::File {
                         path: path.clone(),
                         source,
                     })?;
                 let mut identity = path.as_os_str().as_encoded_bytes().to_vec();
                 identity.push(0);
                 identity.extend_from_slice(sha256_hex(&bytes).as_bytes());
-                return Ok(Code::NativeLibrary { path, identity });
+                return Ok(Code::NativeLibrary {
+                    path,
+                    bytes: Arc::new(bytes),
+                    identity,
+                });
             }
             crate::files::read_regular_file(&path)
                 .map(Code::Wasm)
@@ -284,7 +295,8 @@ mod tests {
             read_local(&source, "null", dir.path()).unwrap()
         };
         let first = identity(b"first build");
-        assert!(matches!(&first, Code::NativeLibrary { path, .. } if *path == file));
+        assert!(matches!(&first, Code::NativeLibrary { path, bytes, .. }
+            if *path == file && bytes.as_slice() == b"first build"));
         assert_eq!(identity(b"first build"), first);
         assert_ne!(identity(b"second build"), first);
         let missing = CodeSource::File("no/such/libplugin.so".into());

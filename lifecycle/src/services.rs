@@ -74,12 +74,16 @@ struct CloseOnExit(Commands);
 
 impl Drop for CloseOnExit {
     fn drop(&mut self) {
-        let mut queue = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        queue.closed = true;
-        queue.waiting.clear();
+        let waiting = {
+            let mut queue = self
+                .0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            queue.closed = true;
+            std::mem::take(&mut queue.waiting)
+        };
+        // Dropped outside the lock: the work's own drop may run anything.
+        drop(waiting);
     }
 }
 

@@ -45,9 +45,19 @@ impl SdkLibrary {
     /// Loading a library runs its initialisers, and calling it later runs its code in this
     /// process with no sandbox: the library must be a trusted Proxy-Wasm plugin.
     pub unsafe fn open(path: &Path) -> Result<Self, Error> {
-        crate::symbols::keep_symbols();
         let bytes = std::fs::read(path)
             .map_err(|e| Error::InvalidModule(format!("cannot read {}: {e}", path.display())))?;
+        // SAFETY: the caller's promise.
+        unsafe { SdkLibrary::from_bytes(path, Arc::new(bytes)) }
+    }
+
+    /// As [`SdkLibrary::open`], with the library's bytes read already from `path` (which names
+    /// it in messages and in the private copies' names).
+    ///
+    /// # Safety
+    /// As [`SdkLibrary::open`].
+    pub unsafe fn from_bytes(path: &Path, bytes: Arc<Vec<u8>>) -> Result<Self, Error> {
+        crate::symbols::keep_symbols();
         let copy = PrivateCopy::new(path, &bytes)?;
         // SAFETY: the caller vouches that the library is trusted; these are its bytes.
         let library = unsafe { load(copy.path()) }?;
@@ -76,7 +86,7 @@ impl SdkLibrary {
         }
         Ok(SdkLibrary {
             path: path.to_path_buf(),
-            bytes: Arc::new(bytes),
+            bytes,
             exports,
             shapes,
         })

@@ -105,7 +105,25 @@ fn vms_made_after_the_library_file_was_replaced_run_the_library_as_loaded() {
     std::fs::copy(library("lifecycle_bench"), &replacement).unwrap();
     std::fs::rename(&replacement, &file).unwrap();
     let mut after = started(&plugin);
-    for vm in [&mut before, &mut after] {
+    // Through the plugin layer, the library is read once, with the configuration: what was
+    // read is what runs, and what names the VM.
+    std::fs::copy(library("http_headers"), &file).unwrap();
+    let source = lifecycle::config::CodeSource::File("libplugin.so".into());
+    let code = lifecycle::code::read_local(&source, "null", directory.path()).unwrap();
+    std::fs::copy(library("lifecycle_bench"), &replacement).unwrap();
+    std::fs::rename(&replacement, &file).unwrap();
+    let engines = engines::BuildEngines::new(RuntimeConfig::default());
+    let runtime = lifecycle::Engines::runtime(&engines, "null").unwrap();
+    let read_once = lifecycle::Engines::load_native(
+        &engines,
+        &*runtime,
+        &code,
+        PluginConfig::default(),
+        SharedState::new(),
+    )
+    .unwrap();
+    let mut through_the_plugin_layer = started(&read_once);
+    for vm in [&mut before, &mut after, &mut through_the_plugin_layer] {
         let headers = request(vm, "/a");
         assert!(
             headers.contains(&("x-pwhost-plugin".into(), "http_headers".into())),

@@ -268,9 +268,11 @@ impl<S: Send + 'static> WasmRuntime<S> for WasmerRuntime {
         Some(ArtifactIdentity {
             engine: self.compiler.runtime_name(),
             version: WASMER_VERSION,
+            // `bounded-tables`: code compiled since the table maxima are written into the
+            // module (`runtime_api::binary::bound_tables`); a cache entry from before misses.
             configuration: match header.checks {
-                Some(tag) => format!("stop-checks-{}", tag as char),
-                None => "no-stop-checks".to_string(),
+                Some(tag) => format!("stop-checks-{},bounded-tables", tag as char),
+                None => "no-stop-checks,bounded-tables".to_string(),
             },
         })
     }

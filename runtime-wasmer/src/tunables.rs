@@ -17,14 +17,22 @@ const MAX_PAGES: u64 = 65536;
 /// this bounds each table of a precompiled one too.)
 pub(crate) const MAX_TABLE_ELEMENTS: u32 = runtime_api::MAX_TABLE_ENTRIES as u32;
 
-/// `ty` with its maximum lowered to [`MAX_TABLE_ELEMENTS`] (or to its minimum, if larger: a
-/// module may declare a large table, it may not grow it without bound).
-fn capped_table(ty: &TableType) -> TableType {
-    let cap = MAX_TABLE_ELEMENTS.max(ty.minimum);
-    TableType {
-        maximum: Some(ty.maximum.map_or(cap, |max| max.min(cap))),
-        ..*ty
+/// `ty` with its maximum lowered to [`MAX_TABLE_ELEMENTS`]; an error if even its minimum is
+/// larger (wasmer would fill that many elements at once).
+fn capped_table(ty: &TableType) -> Result<TableType, String> {
+    if ty.minimum > MAX_TABLE_ELEMENTS {
+        return Err(format!(
+            "table minimum size of {} elements exceeds the limit of {MAX_TABLE_ELEMENTS}",
+            ty.minimum
+        ));
     }
+    Ok(TableType {
+        maximum: Some(
+            ty.maximum
+                .map_or(MAX_TABLE_ELEMENTS, |max| max.min(MAX_TABLE_ELEMENTS)),
+        ),
+        ..*ty
+    })
 }
 
 /// [`BaseTunables`] with an optional cap on the size of each linear memory.
@@ -104,7 +112,7 @@ impl Tunables for CappedTunables {
     }
 
     fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
-        self.base.create_host_table(&capped_table(ty), style)
+        self.base.create_host_table(&capped_table(ty)?, style)
     }
 
     unsafe fn create_vm_table(
@@ -113,10 +121,11 @@ impl Tunables for CappedTunables {
         style: &TableStyle,
         vm_definition_location: NonNull<VMTableDefinition>,
     ) -> Result<VMTable, String> {
+        let ty = capped_table(ty)?;
         // SAFETY: forwarded unchanged from wasmer, which upholds `create_vm_table`'s contract.
         unsafe {
             self.base
-                .create_vm_table(&capped_table(ty), style, vm_definition_location)
+                .create_vm_table(&ty, style, vm_definition_location)
         }
     }
 }
