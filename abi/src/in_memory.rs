@@ -149,8 +149,14 @@ pub struct InMemoryHost {
 
 impl InMemoryHost {
     /// The most bytes of log messages kept: past them a plugin logging in a loop would grow the
-    /// host without bound, so later lines are counted in a last line saying so, not kept.
+    /// host without bound, so later lines are counted in a last line saying so, not kept. Each
+    /// line counts [`InMemoryHost::LOG_LINE_COST`] bytes beside its message, so that empty
+    /// lines are bounded too.
     pub const MAX_LOG_BYTES: usize = 64 << 20;
+
+    /// What a kept log line costs beside its message's bytes (its record, and its place in a
+    /// report): at most a million lines are kept, however short.
+    pub const LOG_LINE_COST: usize = 64;
 
     /// Records a gRPC call or stream and returns its token (tokens are shared with HTTP calls,
     /// so each is unique).
@@ -187,8 +193,9 @@ impl Host for InMemoryHost {
         if self.logs.is_empty() {
             (self.log_bytes, self.lines_not_kept) = (0, 0);
         }
-        if self.lines_not_kept == 0 && self.log_bytes + message.len() <= Self::MAX_LOG_BYTES {
-            self.log_bytes += message.len();
+        let cost = message.len() + Self::LOG_LINE_COST;
+        if self.lines_not_kept == 0 && self.log_bytes + cost <= Self::MAX_LOG_BYTES {
+            self.log_bytes += cost;
             self.logs.push(LogRecord {
                 level,
                 message: message.to_string(),

@@ -741,8 +741,9 @@ fn a_stream_keeps_at_most_4096_properties() {
     );
 }
 
-/// `InMemoryHost` keeps at most 64 MiB of log messages; later lines are counted in a last line
-/// saying so, and once its reader takes the log it keeps lines again.
+/// `InMemoryHost` keeps at most 64 MiB of log, each line counting 64 bytes beside its message
+/// (so empty lines are bounded too); later lines are counted in a last line saying so, and once
+/// its reader takes the log it keeps lines again.
 #[test]
 fn the_in_memory_host_keeps_64_mib_of_log_and_counts_the_rest() {
     use abi::Host as _;
@@ -752,16 +753,34 @@ fn the_in_memory_host_keeps_64_mib_of_log_and_counts_the_rest() {
     for _ in 0..70 {
         host.log(ContextId(1), abi::LogLevel::Info, &megabyte);
     }
-    assert_eq!(host.logs.len(), 65);
+    assert_eq!(
+        host.logs.len(),
+        64,
+        "63 lines of 1 MiB and 64 bytes, and the count"
+    );
     let last = host.logs.last().map(|log| log.message.as_str());
     assert_eq!(
         last,
-        Some("pwhost: 6 more log lines not kept (the log keeps at most 64 MiB)")
+        Some("pwhost: 7 more log lines not kept (the log keeps at most 64 MiB)")
     );
     let _taken = std::mem::take(&mut host.logs);
     host.log(ContextId(1), abi::LogLevel::Info, "again");
     assert_eq!(host.logs.len(), 1);
     assert_eq!(host.logs[0].message, "again");
+    let _taken = std::mem::take(&mut host.logs);
+    for _ in 0..1_100_000 {
+        host.log(ContextId(1), abi::LogLevel::Info, "");
+    }
+    assert_eq!(
+        host.logs.len(),
+        (64 << 20) / 64 + 1,
+        "a million empty lines, and the count"
+    );
+    let last = host.logs.last().map(|log| log.message.as_str());
+    assert_eq!(
+        last,
+        Some("pwhost: 51424 more log lines not kept (the log keeps at most 64 MiB)")
+    );
 }
 
 /// A probe defining 9,000 counters named `aaaaaaaa`, `baaaaaaa`, ... (a counter's nibbles as

@@ -44,7 +44,8 @@ pub fn load(
     if is_native(plugin) {
         anyhow::bail!("{plugin} is native code, which only the null runtime runs (--runtime null)");
     }
-    let wasm = std::fs::read(plugin).with_context(|| format!("cannot read plugin {plugin}"))?;
+    let wasm = lifecycle::files::read_regular_file(Path::new(plugin))
+        .with_context(|| format!("cannot read plugin {plugin}"))?;
     Ok(Plugin::load(runtime, &wasm, config, shared)?)
 }
 

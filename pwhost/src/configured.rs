@@ -20,7 +20,9 @@ pub fn load(
     runtime_config: RuntimeConfig,
     cache_dir: Option<&Path>,
 ) -> anyhow::Result<Plugins> {
-    let text = std::fs::read_to_string(path)
+    let bytes = lifecycle::files::read_regular_file(path)
+        .with_context(|| format!("cannot read configuration {}", path.display()))?;
+    let text = String::from_utf8(bytes)
         .with_context(|| format!("cannot read configuration {}", path.display()))?;
     let mut deployment = lifecycle::parse(&text)
         .with_context(|| format!("invalid configuration {}", path.display()))?;

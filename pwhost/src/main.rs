@@ -138,11 +138,11 @@ struct BenchArgs {
     /// Scenario whose first HTTP exchange is the request measured; default `GET /`.
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// Requests to time per engine.
-    #[arg(long, default_value_t = 100_000)]
+    /// Requests to time per engine (at least 1).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     requests: u32,
-    /// VM starts to time per engine.
-    #[arg(long, default_value_t = 1_000)]
+    /// VM starts to time per engine (at least 1).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
     starts: u32,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
@@ -293,9 +293,8 @@ struct RunArgs {
 
 fn text_or_file(value: &str, what: &str) -> anyhow::Result<Vec<u8>> {
     match value.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("cannot read {what} file {path}"))
-        }
+        Some(path) => lifecycle::files::read_regular_file(Path::new(path))
+            .with_context(|| format!("cannot read {what} file {path}")),
         None => Ok(value.as_bytes().to_vec()),
     }
 }
@@ -304,7 +303,9 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
     let Some(path) = path else {
         return Ok(Scenario::single_get());
     };
-    let text = std::fs::read_to_string(path)
+    let bytes = lifecycle::files::read_regular_file(path)
+        .with_context(|| format!("cannot read scenario {}", path.display()))?;
+    let text = String::from_utf8(bytes)
         .with_context(|| format!("cannot read scenario {}", path.display()))?;
     Scenario::parse(&text).with_context(|| format!("invalid scenario {}", path.display()))
 }
@@ -340,8 +341,11 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
             &scenario,
         )?);
     }
+    // Envoy's and Traffic Server's names too, as in a `--config` file.
     let runtime_name = match &args.runtime {
-        Some(name) => name.clone(),
+        Some(name) => lifecycle::runtime_name::resolve(name, runtimes::available())
+            .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?
+            .to_string(),
         None => args.plugin.default_runtime()?,
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
@@ -406,7 +410,7 @@ fn unused_by_bench(scenario: &Scenario, exchange: &HttpExchange) -> Vec<&'static
 
 /// Adds a precompiled section per engine named; returns what it did, a line per section.
 fn precompile(args: &PrecompileArgs) -> anyhow::Result<String> {
-    let mut wasm = std::fs::read(&args.input)
+    let mut wasm = lifecycle::files::read_regular_file(&args.input)
         .with_context(|| format!("cannot read {}", args.input.display()))?;
     let mut done = String::new();
     for name in &args.runtimes {
@@ -453,7 +457,12 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     // Every engine named is made first, so that a wrong name fails at once, before any work.
     let engines = names
         .into_iter()
-        .map(|name| Ok((runtimes::create(&name, args.limits.runtime_config())?, name)))
+        .map(|name| {
+            let name = lifecycle::runtime_name::resolve(&name, runtimes::available())
+                .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?
+                .to_string();
+            Ok((runtimes::create(&name, args.limits.runtime_config())?, name))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut figures = Vec::new();
     let count = engines.len();
@@ -747,10 +756,18 @@ fn emit(text: &str) -> ExitCode {
     }
 }
 
+/// Writes `value` as JSON to stdout as it is encoded, not built whole in memory first (a
+/// report can be large).
 fn json(value: &impl serde::Serialize) -> ExitCode {
-    match serde_json::to_string_pretty(value) {
-        Ok(json) => emit(&(json + "\n")),
-        Err(error) => fail(&anyhow::anyhow!("cannot encode the report: {error}")),
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = serde_json::to_writer_pretty(&mut stdout, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => fail(&anyhow::anyhow!("cannot write the report: {error}")),
     }
 }
 

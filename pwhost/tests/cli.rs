@@ -195,6 +195,32 @@ fn bad_inputs_fail_with_one_line_errors() {
         );
     }
     std::fs::remove_file(&bad_scenario).ok();
+    // What is not a regular file is refused at once, not read until memory runs out (or, for a
+    // FIFO, waited on for ever).
+    let fifo = std::env::temp_dir().join(format!("pwhost-fifo-{}", std::process::id()));
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let fifo = fifo.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--scenario", "/dev/zero"], "cannot read scenario"),
+        (vec!["--scenario", fifo], "cannot read scenario"),
+        (
+            vec!["--plugin-config", "@/dev/zero"],
+            "plugin configuration",
+        ),
+    ] {
+        let mut all = vec!["run", "--plugin", good];
+        all.extend(args);
+        assert_one_line_error(&pwhost(&all), needle);
+    }
+    assert_one_line_error(
+        &pwhost(&["run", "--plugin", "/dev/zero"]),
+        "cannot read plugin",
+    );
+    std::fs::remove_file(fifo).ok();
 }
 
 #[test]
@@ -795,4 +821,61 @@ fn a_second_run_takes_compiled_code_from_the_cache() {
     assert_eq!(first["http"], second["http"]);
     let entries = std::fs::read_dir(cache.join("compiled")).unwrap().count();
     assert_eq!(entries, 1);
+}
+
+/// `--runtime` takes Envoy's and Traffic Server's engine names with `--plugin` too, as in a
+/// configuration file; `bench` refuses to time no requests or no VM starts.
+#[test]
+fn runtime_names_are_envoys_too_and_bench_times_at_least_one_of_each() {
+    let good = plugin("wat/minimal.wasm");
+    let good = good.to_str().unwrap();
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        good,
+        "--runtime",
+        "envoy.wasm.runtime.wasmtime",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(json(&output)["runtime"], "wasmtime");
+    for flag in ["--requests", "--starts"] {
+        let output = pwhost(&["bench", "--plugin", good, flag, "0"]);
+        assert!(!output.status.success(), "{flag} 0 is refused");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("0 is not in 1.."), "{stderr}");
+    }
+}
+
+/// A plugin whose root context makes a call from every tick and from every answer is answered
+/// 1000 calls per tick, and at most about 100,000 in the whole run: then its root calls are
+/// answered no more, and the report says so (memory stays bounded however many ticks).
+#[test]
+fn root_calls_are_answered_within_a_budget_for_the_whole_run() {
+    let storm = plugin("wat/tick_call_storm.wasm");
+    let scenario =
+        std::env::temp_dir().join(format!("pwhost-tick-storm-{}.yaml", std::process::id()));
+    std::fs::write(&scenario, "ticks: 300\n").unwrap();
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        storm.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&scenario).ok();
+    let report = json(&output);
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e.as_str())
+        .collect();
+    let per_tick = "the plugin kept making calls: 1000 were answered, the rest were not";
+    let budget = "the plugin made over 100000 calls in this run: those of its root contexts \
+                  are answered no more";
+    assert_eq!(errors.iter().filter(|e| **e == per_tick).count(), 100);
+    assert!(
+        errors.iter().filter(|e| **e == budget).count() >= 200,
+        "every later tick says so"
+    );
 }

@@ -21,6 +21,10 @@ const DEADLINE_EXCEEDED: u32 = 4;
 /// new call from every answer (e.g. retrying a failure forever) must not keep a run going.
 pub(super) const MAX_ANSWERS: usize = 1000;
 
+/// The most calls one VM copy's host records in a run before its root contexts' calls are
+/// answered no more (an exchange's are, by its own [`MAX_ANSWERS`]).
+pub(super) const MAX_CALL_RECORDS: usize = 100_000;
+
 pub(super) fn to_map(headers: &Headers) -> HeaderMap {
     headers
         .iter()
@@ -308,6 +312,15 @@ fn answer_grpc(
 /// (the host's HTTP and gRPC record lengths then); the error if it kept making them.
 pub(super) fn answer_root_calls(vm: &mut Vm, since: (usize, usize)) -> Result<(), String> {
     let (mut next_http, mut next_grpc) = since;
+    let host = in_memory_host(vm);
+    if host.http_calls.len() + host.grpc_calls.len() > MAX_CALL_RECORDS {
+        // Each answer may make another call, and each tick up to MAX_ANSWERS: a plugin doing
+        // so on every tick would fill memory with records no report shows.
+        return Err(format!(
+            "the plugin made over {MAX_CALL_RECORDS} calls in this run: those of its root \
+             contexts are answered no more"
+        ));
+    }
     for _ in 0..MAX_ANSWERS {
         if vm.is_failed() {
             return Ok(());

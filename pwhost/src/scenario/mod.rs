@@ -3,7 +3,7 @@
 //! A scenario is JSON or YAML:
 //!
 //! ```yaml
-//! vms: 1                  # worker threads, each with its own VM copy of every plugin's VM
+//! vms: 1                  # workers (run in turn on one thread), each with its own VM copy of every plugin's VM
 //! properties: [{path: [source, address], value: "10.0.0.1:1234"}]
 //! ticks: 0                # timer ticks after configuration (if the plugin set a period)
 //! http:
@@ -653,8 +653,8 @@ pub fn run(plugin: &Plugin, scenario: &Scenario, policy: FailurePolicy) -> Resul
     run_plugins(&plugins, scenario)
 }
 
-/// Runs `scenario` through `plugins` as a proxy runs them: `vms` worker threads, each with its
-/// own VM copy of every plugin's VM, made and started before traffic; each HTTP exchange
+/// Runs `scenario` through `plugins` as a proxy runs them: `vms` workers (run in turn on this
+/// thread), each with its own VM copy of every plugin's VM, made and started before traffic; each HTTP exchange
 /// through the HTTP filter chain, each TCP connection through the network filter chain, on
 /// the worker the exchange names. Returns an error only if a VM copy cannot be made at all.
 pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report, VmError> {
