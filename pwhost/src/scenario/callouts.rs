@@ -12,7 +12,7 @@ use abi::{ContextId, HeaderMap, HttpCallResponse, Vm, VmError};
 use lifecycle::{CopyId, StreamVm, Worker};
 
 use super::report::{GrpcCallReport, HttpCallReport};
-use super::{in_memory_host, lossy, CallResponse, GrpcResponse, Headers};
+use super::{in_memory_host, pairs, report_text, CallResponse, GrpcResponse, Headers};
 
 /// The gRPC status a call gets when nothing answers it (the host's timeout).
 const DEADLINE_EXCEEDED: u32 = 4;
@@ -354,26 +354,26 @@ pub(super) fn calls_mark(vm: &mut Vm) -> (usize, usize) {
 
 fn http_report(call: &abi::DispatchedCall) -> HttpCallReport {
     HttpCallReport {
-        upstream: lossy(&call.request.upstream),
-        headers: call.request.headers.to_string_pairs(),
-        body: lossy(&call.request.body),
-        trailers: call.request.trailers.to_string_pairs(),
+        upstream: report_text(&call.request.upstream),
+        headers: pairs(&call.request.headers),
+        body: report_text(&call.request.body),
+        trailers: pairs(&call.request.trailers),
         timeout_ms: call.request.timeout.as_millis() as u64,
     }
 }
 
 fn grpc_report(call: &abi::GrpcRecord) -> GrpcCallReport {
     GrpcCallReport {
-        upstream: lossy(&call.request.upstream),
-        service: lossy(&call.request.service),
-        method: lossy(&call.request.method),
-        initial_metadata: call.request.initial_metadata.to_string_pairs(),
-        message: call.request.message.as_deref().map(lossy),
+        upstream: report_text(&call.request.upstream),
+        service: report_text(&call.request.service),
+        method: report_text(&call.request.method),
+        initial_metadata: pairs(&call.request.initial_metadata),
+        message: call.request.message.as_deref().map(report_text),
         timeout_ms: call.request.timeout.map(|t| t.as_millis() as u64),
         sent: call
             .sent
             .iter()
-            .map(|(message, _)| lossy(message))
+            .map(|(message, _)| report_text(message))
             .collect(),
         cancelled: call.cancelled,
         closed: call.closed,

@@ -30,7 +30,7 @@ use lifecycle::{Admission, OnFailure, PluginId, StreamVm, Worker};
 
 use super::callouts::{to_map, Callouts};
 use super::report::{FilterReport, FilterStateReport, HttpReport, LocalResponseReport};
-use super::{in_memory_host, lossy, Headers, HttpExchange, UPSTREAM_ADDRESS};
+use super::{in_memory_host, pairs, report_text, Headers, HttpExchange, UPSTREAM_ADDRESS};
 
 fn default_request_headers() -> Headers {
     [
@@ -645,7 +645,7 @@ impl Exchange<'_, '_> {
     fn leave(&mut self, direction: Direction, event: Event) {
         match (direction, event) {
             (Direction::Request, Event::Headers(headers, _)) => {
-                self.report.request_headers = headers.to_string_pairs();
+                self.report.request_headers = pairs(&headers);
                 // The request goes to an upstream host now.
                 for k in 0..self.stages.len() {
                     if let Ok(stream) = record(self.worker, &self.stages[k]) {
@@ -654,14 +654,14 @@ impl Exchange<'_, '_> {
                 }
             }
             (Direction::Request, Event::Data(chunk, _)) => {
-                self.report.request_body.push_str(&lossy(&chunk))
+                self.report.request_body.push_str(&report_text(&chunk))
             }
             (Direction::Request, Event::Trailers(trailers)) => {
-                self.report.request_trailers = trailers.to_string_pairs()
+                self.report.request_trailers = pairs(&trailers)
             }
             (Direction::Response, Event::Headers(headers, _)) => {
                 self.response_started = true;
-                self.report.response_headers = headers.to_string_pairs();
+                self.report.response_headers = pairs(&headers);
             }
             (Direction::Response, Event::Data(chunk, _)) => {
                 for k in 0..self.stages.len() {
@@ -670,10 +670,10 @@ impl Exchange<'_, '_> {
                         *sent = Some(sent.unwrap_or(0) + chunk.len() as u64);
                     }
                 }
-                self.report.response_body.push_str(&lossy(&chunk));
+                self.report.response_body.push_str(&report_text(&chunk));
             }
             (Direction::Response, Event::Trailers(trailers)) => {
-                self.report.response_trailers = trailers.to_string_pairs()
+                self.report.response_trailers = pairs(&trailers)
             }
         }
     }
@@ -709,7 +709,7 @@ impl Exchange<'_, '_> {
         grpc_request: bool,
         from_request: bool,
     ) -> Result<(), Stop> {
-        self.set_response_code(Some(reply.status), &lossy(&reply.details));
+        self.set_response_code(Some(reply.status), &report_text(&reply.details));
         let response = Message::local_reply(&reply, grpc_request);
         self.local_reply = Some((k, reply));
         if from_request {
@@ -738,8 +738,8 @@ impl Exchange<'_, '_> {
         }
         // From the response path, before anything went downstream, the reply replaces the
         // response as it is (what on_log reads too).
-        self.report.response_headers = response.headers.to_string_pairs();
-        self.report.response_body = lossy(&response.body.concat());
+        self.report.response_headers = pairs(&response.headers);
+        self.report.response_body = report_text(&response.body.concat());
         self.report.response_trailers.clear();
         for stage in 0..self.stages.len() {
             if let Ok(stream) = record(self.worker, &self.stages[stage]) {
@@ -943,9 +943,9 @@ fn finish(mut run: Exchange<'_, '_>, chain_length: usize) -> HttpReport {
     if let Some((k, reply)) = &run.local_reply {
         run.report.local_response = Some(LocalResponseReport {
             status: reply.status,
-            headers: reply.headers.to_string_pairs(),
-            body: lossy(&reply.body),
-            details: lossy(&reply.details),
+            headers: pairs(&reply.headers),
+            body: report_text(&reply.body),
+            details: report_text(&reply.details),
             grpc_status: reply.grpc_status,
             plugin: (chain_length > 1).then(|| run.stages[*k].report.plugin.clone()),
         });

@@ -422,8 +422,32 @@ fn connection_info(connection_id: u64, start_time: std::time::SystemTime) -> abi
     }
 }
 
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// `bytes` as report text, nothing lost: as they are if they are UTF-8; otherwise with every
+/// byte that is no part of a UTF-8 character written `\xNN`, and every backslash `\\`.
+fn report_text(bytes: &[u8]) -> String {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return text.to_string();
+    }
+    let mut text = String::with_capacity(bytes.len() + 16);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => text.push_str("\\\\"),
+                c => text.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            text.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    text
+}
+
+/// `map`'s fields as report text, by [`report_text`].
+fn pairs(map: &abi::HeaderMap) -> Vec<(String, String)> {
+    map.iter()
+        .map(|(name, value)| (report_text(name), report_text(value)))
+        .collect()
 }
 
 pub(crate) fn in_memory_host(vm: &mut Vm) -> &mut InMemoryHost {
@@ -904,7 +928,7 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         shared
             .data_snapshot(vm_id)
             .into_iter()
-            .map(|(k, v)| (lossy(&k), lossy(&v)))
+            .map(|(k, v)| (report_text(&k), report_text(&v)))
             .collect()
     };
     report.shared_data = shared_data(&plugins.config(first).vm.vm_id);
@@ -953,4 +977,20 @@ fn plugin_reports(plugins: &Plugins) -> Vec<PluginReport> {
         ));
     }
     reports.into_iter().map(|(_, report)| report).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report_text;
+
+    /// Report text loses nothing: UTF-8 as it is; otherwise the other bytes as `\xNN`, and
+    /// backslashes doubled, so that two values that are not UTF-8 never read the same.
+    #[test]
+    fn report_text_keeps_bytes_that_are_not_utf8() {
+        assert_eq!(report_text("plain € \\x41".as_bytes()), "plain € \\x41");
+        assert_eq!(report_text(b"\xff\xfe"), "\\xff\\xfe");
+        assert_eq!(report_text(b"\x08\x96\x01"), "\u{8}\\x96\u{1}");
+        assert_eq!(report_text(b"a\\b\xff"), "a\\\\b\\xff");
+        assert_ne!(report_text(b"\xff"), report_text(b"\xfe"));
+    }
 }

@@ -87,9 +87,9 @@ impl FilterStateReport {
             .iter()
             .map(|object| {
                 (
-                    super::lossy(&object.key),
+                    super::report_text(&object.key),
                     FilterStateReport {
-                        value: super::lossy(&object.value),
+                        value: super::report_text(&object.value),
                         span: object.span.as_str(),
                     },
                 )

@@ -13,7 +13,7 @@ use lifecycle::{Admission, OnFailure, PluginId, StreamVm, Worker};
 
 use super::callouts::Callouts;
 use super::report::{FilterReport, FilterStateReport, TcpReport};
-use super::{in_memory_host, lossy, TcpConnection, UPSTREAM_ADDRESS};
+use super::{in_memory_host, report_text, TcpConnection, UPSTREAM_ADDRESS};
 
 /// Which way data flows on a connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -195,7 +195,7 @@ impl Connection<'_, '_> {
                 Side::Downstream => &mut self.report.upstream_received,
                 Side::Upstream => &mut self.report.downstream_received,
             };
-            received.push_str(&lossy(&chunk));
+            received.push_str(&report_text(&chunk));
             return Ok(());
         };
         let outputs = if self.stages[k].inactive {
