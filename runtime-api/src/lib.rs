@@ -29,6 +29,7 @@ mod capabilities;
 mod error;
 mod exports;
 mod host;
+mod limits;
 mod memory;
 mod module;
 mod value;
@@ -38,6 +39,7 @@ pub use capabilities::{Capabilities, RuntimeConfig};
 pub use error::{panic_message, Error, StopReason, Trap, TrapKind, WasmTrapCode};
 pub use exports::ExportedFunctions;
 pub use host::{resolve_imports, HostCallback, HostFunction};
+pub use limits::TableEntries;
 pub use memory::{GuestMemory, MemoryAccessError};
 pub use module::{
     ArtifactIdentity, CompiledModule, Export, ExternKind, GuestFunction, Import, Instance,

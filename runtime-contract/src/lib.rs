@@ -139,22 +139,25 @@ pub fn guest_calls_from_host_functions_nest_at_most_eight_levels(
              (func (export "enter") (result i32) (call $reenter)))"#,
         &[REENTER],
     );
+    for round in ["first call", "second call"] {
+        assert_nests_eight_levels(&mut *instance, &format!("{name}, {round}"));
+    }
+}
+
+/// Calls `instance`'s export `enter`, which recurses through the host (`env.reenter`), and
+/// checks that the top-level call and eight nested ones reached the host before a
+/// stack-overflow trap stopped it.
+fn assert_nests_eight_levels(instance: &mut dyn Instance<FixtureState>, what: &str) {
     let enter = instance.function("enter").expect("export enter");
     instance.state().callee = Some(enter);
-    for round in ["first", "second"] {
-        instance.state().entries = 0;
-        let error = instance.call(enter, &[], &mut [0]).unwrap_err();
-        assert_eq!(
-            error,
-            Trap::wasm(WasmTrapCode::StackOverflow),
-            "{name}, {round} call"
-        );
-        assert_eq!(
-            instance.state().entries,
-            9,
-            "{name}, {round} call: the top-level call and eight nested ones reached the host"
-        );
-    }
+    instance.state().entries = 0;
+    let error = instance.call(enter, &[], &mut [0]).unwrap_err();
+    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow), "{what}");
+    assert_eq!(
+        instance.state().entries,
+        9,
+        "{what}: the top-level call and eight nested ones reached the host"
+    );
 }
 
 /// A host function panicking inside a nested call (the top-level call fails, or the panic
@@ -187,16 +190,7 @@ pub fn a_panic_in_a_nested_call_leaves_the_nesting_count_as_it_was(
             "{name}: the call with the panic fails"
         );
     }
-    let enter = instance.function("enter").expect("export enter");
-    instance.state().callee = Some(enter);
-    instance.state().entries = 0;
-    let error = instance.call(enter, &[], &mut [0]).unwrap_err();
-    assert_eq!(error, Trap::wasm(WasmTrapCode::StackOverflow), "{name}");
-    assert_eq!(
-        instance.state().entries,
-        9,
-        "{name}: eight levels still nest after the panics"
-    );
+    assert_nests_eight_levels(&mut *instance, &format!("{name}, after the panics"));
 }
 
 /// With [`RuntimeConfig::max_memory_bytes`] set, `memory.grow` fails (returns -1) past the cap,

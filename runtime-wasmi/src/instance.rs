@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use runtime_api::{
     Caller, Error, ExportedFunctions, GuestFunction, GuestMemory, Instance, InterruptHandle,
-    RuntimeConfig, Trap, TrapKind, WasmTrapCode,
+    RuntimeConfig, TableEntries, Trap, TrapKind, WasmTrapCode,
 };
 use wasmi::{AsContextMut, Memory, Store, StoreLimits, StoreLimitsBuilder};
 
@@ -47,10 +47,8 @@ struct CapWatch {
     limits: StoreLimits,
     cap: Option<usize>,
     refused: bool,
-    /// The entries of the instance's tables, all together (at most [`MAX_TABLE_ENTRIES`]).
-    table_entries: usize,
-    /// `table_entries` before the last growth allowed, for a growth that then fails.
-    entries_before_growth: usize,
+    /// The entries of the instance's tables, all together.
+    table_entries: TableEntries,
 }
 
 impl wasmi::ResourceLimiter for CapWatch {
@@ -81,23 +79,16 @@ impl wasmi::ResourceLimiter for CapWatch {
         desired: usize,
         maximum: Option<usize>,
     ) -> Result<bool, wasmi_core::LimiterError> {
-        // The tables' entries are counted together: each table alone within the limit, a
-        // module's many tables could still hold the limit many times over.
-        let total = (self.table_entries - current.min(self.table_entries)).saturating_add(desired);
-        if total > MAX_TABLE_ENTRIES || !self.limits.table_growing(current, desired, maximum)? {
-            return Ok(false);
-        }
-        self.entries_before_growth = self.table_entries;
-        self.table_entries = total;
-        Ok(true)
+        // Each table within the limit, and all of them together.
+        Ok(self.limits.table_growing(current, desired, maximum)?
+            && self.table_entries.growing(current, desired))
     }
 
     fn table_grow_failed(
         &mut self,
         error: &wasmi::errors::TableError,
     ) -> Result<(), wasmi_core::LimiterError> {
-        // The growth counted did not happen.
-        self.table_entries = self.entries_before_growth;
+        self.table_entries.growth_failed();
         self.limits.table_grow_failed(error)
     }
 
@@ -155,8 +146,7 @@ impl<S: Send + 'static> WasmiInstance<S> {
                 limits: limits.build(),
                 cap: memory_limit,
                 refused: false,
-                table_entries: 0,
-                entries_before_growth: 0,
+                table_entries: TableEntries::default(),
             },
             nested_calls: 0,
             fuel: slices,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use runtime_api::{
     Caller, Error, ExportedFunctions, GuestFunction, GuestMemory, Instance, InterruptHandle,
-    RuntimeConfig, Trap, MAX_ARGS,
+    RuntimeConfig, TableEntries, Trap, MAX_ARGS,
 };
 use wasmtime::{
     AsContextMut, Func, Memory, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline, ValRaw,
@@ -42,10 +42,8 @@ struct CapWatch {
     limits: StoreLimits,
     cap: Option<usize>,
     refused: bool,
-    /// The entries of the instance's tables, all together (at most [`MAX_TABLE_ENTRIES`]).
-    table_entries: usize,
-    /// `table_entries` before the last growth allowed, for a growth that then fails.
-    entries_before_growth: usize,
+    /// The entries of the instance's tables, all together.
+    table_entries: TableEntries,
 }
 
 impl wasmtime::ResourceLimiter for CapWatch {
@@ -73,20 +71,13 @@ impl wasmtime::ResourceLimiter for CapWatch {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        // The tables' entries are counted together: each table alone within the limit, a
-        // module's many tables could still hold the limit many times over.
-        let total = (self.table_entries - current.min(self.table_entries)).saturating_add(desired);
-        if total > MAX_TABLE_ENTRIES || !self.limits.table_growing(current, desired, maximum)? {
-            return Ok(false);
-        }
-        self.entries_before_growth = self.table_entries;
-        self.table_entries = total;
-        Ok(true)
+        // Each table within the limit, and all of them together.
+        Ok(self.limits.table_growing(current, desired, maximum)?
+            && self.table_entries.growing(current, desired))
     }
 
     fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        // The growth counted did not happen.
-        self.table_entries = self.entries_before_growth;
+        self.table_entries.growth_failed();
         self.limits.table_grow_failed(error)
     }
 
@@ -135,8 +126,7 @@ impl<S: Send + 'static> WasmtimeInstance<S> {
                 limits: limits.build(),
                 cap: memory_limit,
                 refused: false,
-                table_entries: 0,
-                entries_before_growth: 0,
+                table_entries: TableEntries::default(),
             },
             epoch: epoch.map(|ticker| EpochState::new(ticker.deadline)),
         };

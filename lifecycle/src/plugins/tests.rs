@@ -14,6 +14,16 @@ fn config_plugin(name: &str, vm_id: &str, header: &str) -> String {
     )
 }
 
+/// A clock that moves only when told: the clock, and what moves it on.
+fn manual_clock() -> (Clock, impl Fn(Duration)) {
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock: Clock = {
+        let now = Arc::clone(&now);
+        Arc::new(move || *now.lock().unwrap())
+    };
+    (clock, move |by: Duration| *now.lock().unwrap() += by)
+}
+
 fn worker(plugins: Plugins) -> Worker {
     Worker::new(Arc::new(plugins), || Box::new(InMemoryHost::new()))
 }
@@ -260,12 +270,7 @@ fn fail_open_passes_later_streams_on_without_the_plugin() {
 
 #[test]
 fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles_up_to_the_max_interval() {
-    let now = Arc::new(Mutex::new(Instant::now()));
-    let clock: Clock = {
-        let now = Arc::clone(&now);
-        Arc::new(move || *now.lock().unwrap())
-    };
-    let advance = |by: Duration| *now.lock().unwrap() += by;
+    let (clock, advance) = manual_clock();
     let plugins = trapping(
         "failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 1s, max_interval: 60s}},",
     );
@@ -319,12 +324,7 @@ fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles_up_to_the_max_inte
 /// base interval every time, and the jitter would spread no reloads.
 #[test]
 fn a_reload_wait_is_drawn_once_per_failure_and_holds_under_traffic() {
-    let now = Arc::new(Mutex::new(Instant::now()));
-    let clock: Clock = {
-        let now = Arc::clone(&now);
-        Arc::new(move || *now.lock().unwrap())
-    };
-    let advance = |by: Duration| *now.lock().unwrap() += by;
+    let (clock, advance) = manual_clock();
     let plugins = trapping(
         "failure_policy: FAIL_RELOAD, reload_config: {backoff: {base_interval: 1s, max_interval: 60s}},",
     );

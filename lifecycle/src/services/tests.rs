@@ -97,6 +97,32 @@ fn spawn_manual(plugins: &Arc<Plugins>) -> Result<SingletonService, SpawnError> 
     )
 }
 
+/// The service of `plugins`, ticking by the clock, with how many ticks it logged so far.
+fn spawn_ticking(plugins: &Arc<Plugins>) -> (SingletonService, Arc<AtomicUsize>) {
+    let ticks_seen = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&ticks_seen);
+    let service = SingletonService::spawn(
+        Arc::clone(plugins),
+        service_plugin(plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Clock,
+        Box::new(move |vm| {
+            let ticks = messages(vm).iter().filter(|m| m.contains("tick")).count();
+            counter.store(ticks, Ordering::Relaxed);
+        }),
+    )
+    .unwrap();
+    (service, ticks_seen)
+}
+
+/// Waits (at most 10 s) until `ticks_seen` reaches `ticks`.
+fn wait_for_ticks(ticks_seen: &AtomicUsize, ticks: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks_seen.load(Ordering::Relaxed) < ticks && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_singleton_service_receives_what_worker_filters_enqueue() {
     let plugins = filter_and_service(60_000);
@@ -189,23 +215,8 @@ fn manual_ticks_arrive_when_asked_and_clock_ticks_by_the_period() {
 
     // With the clock and a 5 ms period, ticks keep coming without anyone asking.
     let plugins = filter_and_service(5);
-    let ticks_seen = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&ticks_seen);
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
-        Box::new(InMemoryHost::new()),
-        Ticking::Clock,
-        Box::new(move |vm| {
-            let ticks = messages(vm).iter().filter(|m| m.contains("tick")).count();
-            counter.store(ticks, Ordering::Relaxed);
-        }),
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ticks_seen.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (service, ticks_seen) = spawn_ticking(&plugins);
+    wait_for_ticks(&ticks_seen, 3);
     assert!(ticks_seen.load(Ordering::Relaxed) >= 3);
     drop(service);
 }
@@ -216,25 +227,10 @@ fn manual_ticks_arrive_when_asked_and_clock_ticks_by_the_period() {
 #[test]
 fn a_new_tick_period_starts_counting_when_it_is_set() {
     let plugins = filter_and_service(60_000);
-    let ticks_seen = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&ticks_seen);
-    let service = SingletonService::spawn(
-        Arc::clone(&plugins),
-        service_plugin(&plugins),
-        Box::new(InMemoryHost::new()),
-        Ticking::Clock,
-        Box::new(move |vm| {
-            let ticks = messages(vm).iter().filter(|m| m.contains("tick")).count();
-            counter.store(ticks, Ordering::Relaxed);
-        }),
-    )
-    .unwrap();
+    let (service, ticks_seen) = spawn_ticking(&plugins);
     let mut worker = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
     request(&mut worker, "/tick_ms=5");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ticks_seen.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_ticks(&ticks_seen, 3);
     assert!(
         ticks_seen.load(Ordering::Relaxed) >= 3,
         "ticks at the new period"
