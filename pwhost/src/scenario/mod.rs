@@ -984,7 +984,8 @@ mod tests {
     use super::report_text;
 
     /// Report text loses nothing: UTF-8 as it is; otherwise the other bytes as `\xNN`, and
-    /// backslashes doubled, so that two values that are not UTF-8 never read the same.
+    /// backslashes doubled, so that two values that are not UTF-8 never read the same (text
+    /// that spells `\xNN` itself reads as such a value would).
     #[test]
     fn report_text_keeps_bytes_that_are_not_utf8() {
         assert_eq!(report_text("plain € \\x41".as_bytes()), "plain € \\x41");
