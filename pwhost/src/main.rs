@@ -474,6 +474,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
         pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
         let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
             .with_context(|| format!("the plugin failed on {name}"))?;
+        if let Some(note) = &measured.note {
+            eprintln!("warning: {name}: {note}");
+        }
         figures.push(measured);
     }
     if let Some(path) = &args.plot {

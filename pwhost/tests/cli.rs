@@ -317,6 +317,8 @@ fn bench_times_every_engine_compiled_in() {
         );
         // pwhost bench has no floor for an arbitrary plugin: no floor figures are made up.
         assert!(engine.get("floor_request_ns").is_none(), "{engine}");
+        // The request ran straight through the plugin: nothing to say of it.
+        assert!(engine.get("note").is_none(), "{engine}");
     }
     let progress = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -880,4 +882,35 @@ fn root_calls_are_answered_within_a_budget_for_the_whole_run() {
         "said once, by the tick that crossed it"
     );
     assert_eq!(errors.len(), 100);
+}
+
+/// `bench` says when what it timed is not the plugin's whole request: here a plugin making
+/// calls, which bench does not answer (so the figures time the refusals past 1024 open calls).
+#[test]
+fn bench_says_when_the_plugin_makes_calls_it_does_not_answer() {
+    let flood = plugin("wat/call_flood.wasm");
+    let output = pwhost(&[
+        "bench",
+        "--plugin",
+        flood.to_str().unwrap(),
+        "--runtime",
+        "wasmtime",
+        "--requests",
+        "20",
+        "--starts",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let figures = json(&output);
+    let note = figures[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with("the plugin makes calls, which bench does not answer"),
+        "{figures}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("warning: wasmtime: the plugin makes calls"),
+        "{stderr}"
+    );
 }

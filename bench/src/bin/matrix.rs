@@ -171,6 +171,7 @@ fn measure(args: &Args, engine: &str, wasm: &[u8]) -> anyhow::Result<EngineFigur
         vm_start_us: vm_start_ns / 1e3,
         floor_request_ns,
         floor_vm_start_us: floor_vm_start_ns.map(|ns| ns / 1e3),
+        note: None,
     };
     eprintln!(
         "matrix: {}: {:.0} ns/request ({}), {:.1} µs/VM start ({})",

@@ -35,6 +35,11 @@ pub struct EngineFigures {
     /// The floor's VM start, in microseconds, when one was measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor_vm_start_us: Option<f64>,
+    /// Why the request timed is not the plugin's whole request, if it is not: it paused the
+    /// request, answered it itself, or made calls, which `bench` does not answer (so the
+    /// figures time that path, and past 1024 open calls the refusal of each new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl EngineFigures {
@@ -62,26 +67,44 @@ fn headers(list: &Option<Vec<(String, String)>>, default: &[(&str, &str)]) -> He
     }
 }
 
+/// Runs one request through `vm`; why it did not run straight through the plugin, if it did
+/// not (see [`EngineFigures::note`]).
 fn request(
     vm: &mut Vm,
     request_headers: &HeaderMap,
     response_headers: &HeaderMap,
-) -> Result<(), VmError> {
+) -> Result<Option<&'static str>, VmError> {
     let context = vm.create_http_context()?;
     let host = in_memory_host(vm);
     host.stream(context).request_headers = request_headers.clone();
-    vm.on_request_headers(context, request_headers.len(), true)?;
+    let calls_before = host.http_calls.len() + host.grpc_calls.len();
+    let on_request = vm.on_request_headers(context, request_headers.len(), true)?;
     let host = in_memory_host(vm);
     host.stream(context).response_headers = response_headers.clone();
-    vm.on_response_headers(context, response_headers.len(), true)?;
+    let on_response = vm.on_response_headers(context, response_headers.len(), true)?;
     vm.on_log(context)?;
     vm.on_done(context)?;
     vm.on_delete(context)?;
     let host = in_memory_host(vm);
-    host.streams.remove(&context);
-    // Keep the log from growing over millions of requests.
+    let answered_itself = host
+        .streams
+        .remove(&context)
+        .is_some_and(|stream| stream.local_response.is_some());
+    let called = host.http_calls.len() + host.grpc_calls.len() > calls_before;
+    // Keep the log, and the calls nothing answers, from growing over millions of requests.
     host.logs.clear();
-    Ok(())
+    host.http_calls.clear();
+    host.grpc_calls.clear();
+    let continued = |action| action == abi::HeadersAction::Continue;
+    Ok(if called {
+        Some("the plugin makes calls, which bench does not answer")
+    } else if answered_itself {
+        Some("the plugin answers the request itself")
+    } else if !continued(on_request) || !continued(on_response) {
+        Some("the plugin pauses the request, which bench does not resume")
+    } else {
+        None
+    })
 }
 
 fn started_vm(plugin: &Plugin) -> Result<Vm, VmError> {
@@ -110,8 +133,9 @@ pub fn measure(
     );
     let response_headers = headers(&exchange.response_headers, &[(":status", "200")]);
     let mut vm = started_vm(plugin)?;
+    let mut note = None;
     for _ in 0..requests.div_ceil(10) {
-        request(&mut vm, &request_headers, &response_headers)?;
+        note = note.or(request(&mut vm, &request_headers, &response_headers)?);
     }
     let begin = Instant::now();
     for _ in 0..requests {
@@ -130,5 +154,8 @@ pub fn measure(
         vm_start_us: mean(start_time, starts) * 1e6,
         floor_request_ns: None,
         floor_vm_start_us: None,
+        note: note.map(|why| {
+            format!("{why}: the figures time that, not the whole request (`pwhost run` shows it)")
+        }),
     })
 }
