@@ -240,6 +240,9 @@ struct Exchange<'w, 'a> {
     stages: Vec<Stage>,
     callouts: Callouts<'a>,
     report: HttpReport,
+    /// The request and response bodies as they left the proxy, made report text once whole
+    /// (chunk by chunk, a character split between two chunks would read as two escapes).
+    bodies: [Vec<u8>; 2],
     /// The local reply sent (by a plugin, or for a plugin failing closed), and by which stage.
     local_reply: Option<(usize, LocalResponse)>,
     /// The response headers went downstream.
@@ -653,9 +656,7 @@ impl Exchange<'_, '_> {
                     }
                 }
             }
-            (Direction::Request, Event::Data(chunk, _)) => {
-                self.report.request_body.push_str(&report_text(&chunk))
-            }
+            (Direction::Request, Event::Data(chunk, _)) => self.bodies[0].extend_from_slice(&chunk),
             (Direction::Request, Event::Trailers(trailers)) => {
                 self.report.request_trailers = pairs(&trailers)
             }
@@ -670,7 +671,7 @@ impl Exchange<'_, '_> {
                         *sent = Some(sent.unwrap_or(0) + chunk.len() as u64);
                     }
                 }
-                self.report.response_body.push_str(&report_text(&chunk));
+                self.bodies[1].extend_from_slice(&chunk);
             }
             (Direction::Response, Event::Trailers(trailers)) => {
                 self.report.response_trailers = pairs(&trailers)
@@ -721,7 +722,7 @@ impl Exchange<'_, '_> {
                 }
             }
             self.report.response_headers.clear();
-            self.report.response_body.clear();
+            self.bodies[1].clear();
             return match self.flow(Direction::Response, response) {
                 // A plugin failing closed on the reply's way replaces it with its 503, sent
                 // straight downstream (the response already passed plugins).
@@ -739,7 +740,7 @@ impl Exchange<'_, '_> {
         // From the response path, before anything went downstream, the reply replaces the
         // response as it is (what on_log reads too).
         self.report.response_headers = pairs(&response.headers);
-        self.report.response_body = report_text(&response.body.concat());
+        self.bodies[1] = response.body.concat();
         self.report.response_trailers.clear();
         for stage in 0..self.stages.len() {
             if let Ok(stream) = record(self.worker, &self.stages[stage]) {
@@ -925,6 +926,7 @@ pub(super) fn run_exchange(
         stages,
         callouts,
         report: HttpReport::default(),
+        bodies: [Vec::new(), Vec::new()],
         local_reply: None,
         response_started: false,
     };
@@ -956,8 +958,11 @@ fn finish(mut run: Exchange<'_, '_>, chain_length: usize) -> HttpReport {
         mut stages,
         callouts,
         mut report,
+        bodies: [request_body, response_body],
         ..
     } = run;
+    report.request_body = report_text(&request_body);
+    report.response_body = report_text(&response_body);
     let handles: Vec<Option<&StreamVm>> = stages.iter().map(|s| s.held_vm.as_ref()).collect();
     let calls = callouts.reports(worker, &handles);
     for (stage, (http_calls, grpc_calls)) in stages.iter_mut().zip(calls) {

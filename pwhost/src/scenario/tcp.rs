@@ -58,6 +58,9 @@ struct Connection<'w, 'a> {
     stages: Vec<Stage>,
     callouts: Callouts<'a>,
     report: TcpReport,
+    /// What reached the upstream and the client, made report text once whole (chunk by
+    /// chunk, a character split between two chunks would read as two escapes).
+    received: [Vec<u8>; 2],
 }
 
 /// The stream record of stage `stage` (in the host of its VM copy).
@@ -192,10 +195,10 @@ impl Connection<'_, '_> {
                 self.count(side, chunk.len());
             }
             let received = match side {
-                Side::Downstream => &mut self.report.upstream_received,
-                Side::Upstream => &mut self.report.downstream_received,
+                Side::Downstream => &mut self.received[0],
+                Side::Upstream => &mut self.received[1],
             };
-            received.push_str(&report_text(&chunk));
+            received.extend_from_slice(&chunk);
             return Ok(());
         };
         let outputs = if self.stages[k].inactive {
@@ -370,6 +373,7 @@ pub(super) fn run_connection(
         stages,
         callouts,
         report: TcpReport::default(),
+        received: [Vec::new(), Vec::new()],
     };
     // A plugin that failed closed before the connection closes it at once.
     run.report.closed = closed.is_some();
@@ -392,7 +396,10 @@ fn finish(run: Connection<'_, '_>) -> TcpReport {
         mut stages,
         callouts,
         mut report,
+        received: [upstream_received, downstream_received],
     } = run;
+    report.upstream_received = report_text(&upstream_received);
+    report.downstream_received = report_text(&downstream_received);
     let handles: Vec<Option<&StreamVm>> = stages.iter().map(|s| s.held_vm.as_ref()).collect();
     let calls = callouts.reports(worker, &handles);
     for (stage, (http_calls, grpc_calls)) in stages.iter_mut().zip(calls) {
