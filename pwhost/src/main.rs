@@ -343,6 +343,8 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     }
     // Envoy's and Traffic Server's names too, as in a `--config` file.
     let runtime_name = match &args.runtime {
+        // `resolve` reads an empty name as the default, as a configuration file's missing one.
+        Some(name) if name.is_empty() => anyhow::bail!("--runtime: an empty engine name"),
         Some(name) => lifecycle::runtime_name::resolve(name, runtimes::available())
             .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?
             .to_string(),
@@ -458,6 +460,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
     let engines = names
         .into_iter()
         .map(|name| {
+            anyhow::ensure!(!name.is_empty(), "--runtime: an empty engine name");
             let name = lifecycle::runtime_name::resolve(&name, runtimes::available())
                 .map_err(|message| anyhow::anyhow!("--runtime: {message}"))?
                 .to_string();

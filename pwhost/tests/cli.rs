@@ -159,6 +159,12 @@ fn bad_inputs_fail_with_one_line_errors() {
         &pwhost(&["run", "--plugin", good, "--runtime", "nonesuch"]),
         "nonesuch",
     );
+    for command in ["run", "bench"] {
+        assert_one_line_error(
+            &pwhost(&[command, "--plugin", good, "--runtime", ""]),
+            "--runtime: an empty engine name",
+        );
+    }
     let bad_scenario =
         std::env::temp_dir().join(format!("pwhost-bad-scenario-{}.yaml", std::process::id()));
     // An unknown field; counts past their limits, refused rather than run for hours.
