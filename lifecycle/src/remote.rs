@@ -29,6 +29,11 @@ pub const UNUSED_TTL: Duration = Duration::from_secs(24 * 3600);
 /// would pile gigabytes up within the day.
 pub const MAX_CODE_IN_MEMORY_BYTES: usize = 512 << 20;
 
+/// The longest one fetch takes, its retries and the waits between them included. A start or a
+/// reload waits for the fetch, and a retry policy is the configuration's to set: without a
+/// bound, `num_retries: 1000` with a 60 s timeout would hold a proxy's start for most of a day.
+pub const MAX_FETCH_TIME: Duration = Duration::from_secs(300);
+
 /// Why remote code could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -401,21 +406,44 @@ fn retry_wait(remote: &RemoteCode, retry: u32) -> Duration {
 }
 
 /// Fetches `remote` with its timeout per attempt and its retries (after connection failures,
-/// timeouts and 5xx answers; a 4xx answer is final), and checks its sha256.
-#[cfg(feature = "remote")]
+/// timeouts and 5xx answers; a 4xx answer is final), and checks its sha256; gives up after
+/// [`MAX_FETCH_TIME`] in all.
 pub fn fetch(remote: &RemoteCode) -> Result<Arc<Vec<u8>>, FetchError> {
+    fetch_within(remote, MAX_FETCH_TIME)
+}
+
+/// [`fetch`], giving up after `overall` in all: an attempt's timeout is cut to the time left,
+/// and no retry starts whose wait would end past it.
+#[cfg(feature = "remote")]
+fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, FetchError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(remote.timeout))
         .http_status_as_error(false)
         .build()
         .into();
+    let started = Instant::now();
     let attempts = remote.retries.saturating_add(1);
     let mut reason = String::new();
     for attempt in 0..attempts {
         if attempt > 0 {
-            std::thread::sleep(retry_wait(remote, attempt - 1));
+            let wait = retry_wait(remote, attempt - 1);
+            if started.elapsed().saturating_add(wait) >= overall {
+                return Err(FetchError::Failed {
+                    uri: remote.uri.clone(),
+                    attempts: attempt,
+                    reason: format!(
+                        "{reason}; no more retries, as a fetch may take at most {overall:?}"
+                    ),
+                });
+            }
+            std::thread::sleep(wait);
         }
-        let retry = match agent.get(&remote.uri).call() {
+        let time_left = overall.saturating_sub(started.elapsed());
+        let request = agent
+            .get(&remote.uri)
+            .config()
+            .timeout_global(Some(remote.timeout.min(time_left)))
+            .build();
+        let retry = match request.call() {
             Ok(mut response) => {
                 let status = response.status().as_u16();
                 if status == 200 {
@@ -465,7 +493,7 @@ pub fn fetch(remote: &RemoteCode) -> Result<Arc<Vec<u8>>, FetchError> {
 
 /// Without the `remote` feature, nothing is fetched.
 #[cfg(not(feature = "remote"))]
-pub fn fetch(_remote: &RemoteCode) -> Result<Arc<Vec<u8>>, FetchError> {
+fn fetch_within(_remote: &RemoteCode, _overall: Duration) -> Result<Arc<Vec<u8>>, FetchError> {
     Err(FetchError::Unsupported)
 }
 

@@ -413,3 +413,34 @@ fn an_unreachable_server_is_an_error_after_the_retries() {
         "{error}"
     );
 }
+
+/// A retry policy cannot hold a start or a reload for hours: the fetch gives up at its overall
+/// limit, cutting the attempt under way short and starting no retry past it.
+#[test]
+fn a_fetch_gives_up_at_its_overall_limit_whatever_the_retry_policy() {
+    let code = code("overall limit");
+    let never_in_time = Answer {
+        delay: Duration::from_secs(3),
+        ..ok(&code)
+    };
+    let server = TestServer::start(vec![never_in_time]);
+    let mut source = remote(&server.url, &code);
+    source.timeout = Duration::from_secs(60);
+    source.retries = 1000;
+    let started = Instant::now();
+    let error = fetch_within(&source, Duration::from_millis(400)).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    let FetchError::Failed {
+        attempts, reason, ..
+    } = &error
+    else {
+        panic!("{error}");
+    };
+    assert_eq!(*attempts, 1, "{error}");
+    assert!(
+        reason.ends_with("; no more retries, as a fetch may take at most 400ms"),
+        "{error}"
+    );
+    assert_eq!(server.requests(), 1);
+}
