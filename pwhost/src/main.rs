@@ -188,11 +188,6 @@ struct PluginArgs {
     /// An environment variable visible to the plugin through WASI (KEY=VALUE; repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     environment: Vec<String>,
-    /// Let a Pause (StopIteration) from a header callback hold the headers only, so body and
-    /// trailer callbacks still come (Envoy's `allow_on_headers_stop_iteration`); by default it
-    /// holds everything until the plugin continues, as in Envoy.
-    #[arg(long)]
-    allow_on_headers_stop_iteration: bool,
 }
 
 impl PluginArgs {
@@ -204,7 +199,7 @@ impl PluginArgs {
     }
 
     /// The plugin's configuration, reading `@FILE` values.
-    fn config(&self) -> anyhow::Result<abi::PluginConfig> {
+    fn config(&self, allow_on_headers_stop_iteration: bool) -> anyhow::Result<abi::PluginConfig> {
         let environment = self
             .environment
             .iter()
@@ -231,7 +226,7 @@ impl PluginArgs {
             vm_configuration: text_or_file(&self.vm_config, "VM configuration")?,
             plugin_configuration: text_or_file(&self.plugin_config, "plugin configuration")?,
             environment,
-            allow_on_headers_stop_iteration: self.allow_on_headers_stop_iteration,
+            allow_on_headers_stop_iteration,
             ..abi::PluginConfig::default()
         })
     }
@@ -240,9 +235,11 @@ impl PluginArgs {
     fn load(
         &self,
         runtime: &dyn runtime_api::WasmRuntime<abi::VmState>,
+        allow_on_headers_stop_iteration: bool,
     ) -> anyhow::Result<abi::Plugin> {
         let plugin = self.plugin()?;
-        pwhost::plugins::load(runtime, plugin, self.config()?, abi::SharedState::new())
+        let config = self.config(allow_on_headers_stop_iteration)?;
+        pwhost::plugins::load(runtime, plugin, config, abi::SharedState::new())
             .with_context(|| format!("cannot load plugin {plugin}"))
     }
 
@@ -279,6 +276,12 @@ struct RunArgs {
     /// What to do with a stream when the plugin fails.
     #[arg(long, value_enum, default_value = "fail-closed")]
     failure_policy: FailurePolicy,
+    /// Let a Pause (StopIteration) from a header callback hold the headers only, so body and
+    /// trailer callbacks still come (Envoy's `allow_on_headers_stop_iteration`); by default it
+    /// holds everything until the plugin continues, as in Envoy.
+    /// (Not for `bench`, which times a request without a body, where it changes nothing.)
+    #[arg(long)]
+    allow_on_headers_stop_iteration: bool,
     #[command(flatten)]
     limits: LimitArgs,
     /// Where to keep fetched remote code (by sha256), so a run without network still starts,
@@ -352,7 +355,9 @@ fn run(args: &RunArgs) -> anyhow::Result<Report> {
     };
     let runtime = runtimes::create(&runtime_name, runtime_config)?;
     warn_of_unenforced_limits(&args.limits, &runtime_name, runtime.capabilities());
-    let plugin = args.plugin.load(&*runtime)?;
+    let plugin = args
+        .plugin
+        .load(&*runtime, args.allow_on_headers_stop_iteration)?;
     Ok(scenario::run(&plugin, &scenario, args.failure_policy)?)
 }
 
@@ -473,7 +478,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
         // A whole matrix takes minutes (wasmer's LLVM compiler alone takes seconds per module).
         eprintln!("pwhost bench: [{}/{count}] {name}", index + 1);
         warn_of_unenforced_limits(&args.limits, &name, runtime.capabilities());
-        let plugin = args.plugin.load(&*runtime)?;
+        // Bench times a request without a body: holding the headers only changes nothing.
+        let plugin = args.plugin.load(&*runtime, false)?;
         pwhost::scenario::register_builtin_foreign_functions(plugin.shared_state());
         let measured = pwhost::bench::measure(&plugin, &exchange, args.requests, args.starts)
             .with_context(|| format!("the plugin failed on {name}"))?;
@@ -658,6 +664,9 @@ fn render_text(report: &Report) -> String {
         if let Some(error) = &http.error {
             writeln!(out, "  error: {error}").ok();
         }
+        for warning in &http.warnings {
+            writeln!(out, "  warning: {warning}").ok();
+        }
     }
     for (i, tcp) in report.tcp.iter().enumerate() {
         writeln!(out, "\nTCP connection {}", i + 1).ok();
@@ -688,6 +697,9 @@ fn render_text(report: &Report) -> String {
         }
         if let Some(error) = &tcp.error {
             writeln!(out, "  error: {error}").ok();
+        }
+        for warning in &tcp.warnings {
+            writeln!(out, "  warning: {warning}").ok();
         }
     }
     if !report.done {

@@ -167,25 +167,34 @@ fn bad_inputs_fail_with_one_line_errors() {
     }
     let bad_scenario =
         std::env::temp_dir().join(format!("pwhost-bad-scenario-{}.yaml", std::process::id()));
-    // An unknown field; counts past their limits, refused rather than run for hours.
+    // An unknown field; counts past their limits, refused rather than run for hours, with the
+    // field named.
     for (text, needle) in [
         ("http: [{request_headerz: []}]\n", "invalid scenario"),
         (
             "vms: 100000000\n",
-            "vms must be from 1 to 256, not 100000000",
+            "vms: invalid value: integer `100000000`, expected a VM count from 1 to 256",
         ),
-        ("vms: 0\n", "vms must be from 1 to 256, not 0"),
+        (
+            "vms: 0\n",
+            "vms: invalid value: integer `0`, expected a VM count from 1 to 256",
+        ),
         (
             "ticks: 4294967295\n",
-            "a tick count must be from 0 to 100000",
+            "ticks: invalid value: integer `4294967295`, expected a tick count from 0 to 100000",
+        ),
+        (
+            "shutdown_ticks: 100001\n",
+            "shutdown_ticks: invalid value: integer `100001`, expected a tick count from 0 to 100000",
         ),
         (
             "http: [{delay_ms: 60000}]\n",
-            "delay_ms must be from 0 to 10000",
+            "http[0].delay_ms: invalid value: integer `60000`, expected a delay in milliseconds \
+             from 0 to 10000",
         ),
         (
             "tcp: [{ticks_after: 4294967295}]\n",
-            "a tick count must be from 0 to 100000",
+            "tcp[0].ticks_after: invalid value: integer `4294967295`, expected a tick count",
         ),
     ] {
         std::fs::write(&bad_scenario, text).unwrap();
@@ -852,42 +861,76 @@ fn runtime_names_are_envoys_too_and_bench_times_at_least_one_of_each() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("0 is not in 1.."), "{stderr}");
     }
+    // Bench times a request without a body, where holding the headers only would change
+    // nothing: the flag is refused, not taken and ignored.
+    let output = pwhost(&[
+        "bench",
+        "--plugin",
+        good,
+        "--allow-on-headers-stop-iteration",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unexpected argument '--allow-on-headers-stop-iteration'"),
+        "{stderr}"
+    );
 }
 
 /// A plugin whose root context makes a call from every tick and from every answer is answered
 /// 1000 calls per tick, and at most about 100,000 in the whole run: then its root calls are
 /// answered no more, and the report says so once (memory stays bounded however many ticks).
+/// The same holds for the plugin as a singleton service, on its thread of its own.
 #[test]
 fn root_calls_are_answered_within_a_budget_for_the_whole_run() {
     let storm = plugin("wat/tick_call_storm.wasm");
-    let scenario =
-        std::env::temp_dir().join(format!("pwhost-tick-storm-{}.yaml", std::process::id()));
+    let headers = plugin("rust/http_headers.wasm");
+    let directory = tempfile::tempdir().unwrap();
+    let scenario = directory.path().join("scenario.yaml");
     std::fs::write(&scenario, "ticks: 300\n").unwrap();
-    let output = pwhost(&[
-        "run",
-        "--plugin",
-        storm.to_str().unwrap(),
-        "--scenario",
-        scenario.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(&scenario).ok();
-    let report = json(&output);
-    let errors: Vec<&str> = report["errors"]
-        .as_array()
-        .expect("errors")
-        .iter()
-        .filter_map(|e| e.as_str())
-        .collect();
-    let per_tick = "the plugin kept making calls: 1000 were answered, the rest were not";
-    let budget = "the plugin made over 100000 calls in this run: those of its root contexts \
-                  are answered no more";
-    assert_eq!(errors.iter().filter(|e| **e == per_tick).count(), 99);
-    assert_eq!(
-        errors.iter().filter(|e| **e == budget).count(),
-        1,
-        "said once, by the tick that crossed it"
-    );
-    assert_eq!(errors.len(), 100);
+    let as_service = directory.path().join("service.yaml");
+    std::fs::write(
+        &as_service,
+        format!(
+            "- name: envoy.bootstrap.wasm\n  typed_config:\n    \
+             \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n    \
+             singleton: true\n    config:\n      name: storm\n      vm_config:\n        \
+             runtime: envoy.wasm.runtime.wasmtime\n        code: {{local: {{filename: {}}}}}\n\
+             - config:\n    name: headers\n    vm_config:\n      \
+             runtime: envoy.wasm.runtime.wasmtime\n      code: {{local: {{filename: {}}}}}\n",
+            storm.display(),
+            headers.display()
+        ),
+    )
+    .unwrap();
+    let scenario = scenario.to_str().unwrap();
+    for (what, plugin) in [
+        ("on a worker", ["--plugin", storm.to_str().unwrap()]),
+        ("as a service", ["--config", as_service.to_str().unwrap()]),
+    ] {
+        let output = pwhost(&["run", plugin[0], plugin[1], "--scenario", scenario]);
+        let report = json(&output);
+        let errors: Vec<&str> = report["errors"]
+            .as_array()
+            .expect("errors")
+            .iter()
+            .filter_map(|e| e.as_str())
+            .collect();
+        let per_tick = "the plugin kept making calls: 1000 were answered, the rest were not";
+        let budget = "the plugin made over 100000 calls in this run: those of its root \
+                      contexts are answered no more";
+        assert_eq!(
+            errors.iter().filter(|e| **e == per_tick).count(),
+            99,
+            "{what}"
+        );
+        assert_eq!(
+            errors.iter().filter(|e| **e == budget).count(),
+            1,
+            "{what}: said once, by the tick that crossed it"
+        );
+        assert_eq!(errors.len(), 100, "{what}");
+    }
 }
 
 /// `bench` says when what it timed is not the plugin's whole request: here a plugin making
@@ -919,4 +962,42 @@ fn bench_says_when_the_plugin_makes_calls_it_does_not_answer() {
         stderr.contains("warning: wasmtime: the plugin makes calls"),
         "{stderr}"
     );
+}
+
+/// Scripted answers no call took are said in the exchange's `warnings`, not dropped without a
+/// word: a script that no longer matches its plugin shows.
+#[test]
+fn scripted_answers_no_call_took_are_reported() {
+    let directory = tempfile::tempdir().unwrap();
+    let scenario = directory.path().join("scenario.yaml");
+    std::fs::write(
+        &scenario,
+        "http:\n  - request_headers: [[\":path\", \"/\"], [\":method\", \"GET\"], \
+         [\":authority\", \"x\"]]\n    \
+         http_call_responses: [{headers: [[\":status\", \"200\"]]}, {headers: [[\":status\", \"500\"]]}]\n    \
+         grpc_call_responses: [{messages: [\"reply\"], status: 0}]\n  \
+         - request_headers: [[\":path\", \"/\"], [\":method\", \"GET\"], [\":authority\", \"x\"]]\n    \
+         http_call_responses: [{headers: [[\":status\", \"200\"]]}]\n",
+    )
+    .unwrap();
+    let plugin = plugin("rust/http_call.wasm");
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]);
+    let report = json(&output);
+    let first = &report["http"][0];
+    assert_eq!(first["http_calls"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        first["warnings"],
+        serde_json::json!([
+            "http_call_responses: 1 of the 2 scripted answers went unused (the calls took the first 1)",
+            "grpc_call_responses: none of the 1 scripted answers was used (no call took one)"
+        ])
+    );
+    // An exchange whose script matches has none (and no field).
+    assert!(report["http"][1].get("warnings").is_none(), "{report}");
 }

@@ -45,6 +45,8 @@ struct Call {
 pub(super) struct Callouts<'a> {
     http_answers: std::slice::Iter<'a, CallResponse>,
     grpc_answers: std::slice::Iter<'a, GrpcResponse>,
+    /// How many HTTP and gRPC answers the scenario scripted.
+    scripted: (usize, usize),
     /// Per VM copy of the chain: how many of its host's HTTP and gRPC records were seen.
     seen: Vec<(CopyId, usize, usize)>,
     /// Calls not answered yet, in dispatch order.
@@ -80,6 +82,7 @@ impl<'a> Callouts<'a> {
         Callouts {
             http_answers: http.iter(),
             grpc_answers: grpc.iter(),
+            scripted: (http.len(), grpc.len()),
             seen,
             pending: VecDeque::new(),
             made: Vec::new(),
@@ -174,6 +177,36 @@ impl<'a> Callouts<'a> {
         }
         self.scan(worker, handles);
         Ok(Some(call.stage))
+    }
+
+    /// What the scenario scripted that no call took (the plugins made fewer calls, cancelled
+    /// some, or failed before making them), one line for HTTP and one for gRPC: a script that
+    /// does not match the plugin should not pass unnoticed.
+    pub(super) fn unused_answers(&self) -> Vec<String> {
+        [
+            (
+                "http_call_responses",
+                self.scripted.0,
+                self.http_answers.len(),
+            ),
+            (
+                "grpc_call_responses",
+                self.scripted.1,
+                self.grpc_answers.len(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, _, unused)| *unused > 0)
+        .map(|(field, scripted, unused)| match scripted - unused {
+            0 => format!(
+                "{field}: none of the {scripted} scripted answers was used (no call took one)"
+            ),
+            used => format!(
+                "{field}: {unused} of the {scripted} scripted answers went unused (the calls \
+                 took the first {used})"
+            ),
+        })
+        .collect()
     }
 
     /// Why calls were left unanswered, if the plugins kept making them past [`MAX_ANSWERS`].

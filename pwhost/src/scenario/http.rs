@@ -953,6 +953,7 @@ fn finish(mut run: Exchange<'_, '_>, chain_length: usize) -> HttpReport {
         });
     }
     let gave_up = run.callouts.gave_up();
+    let unused_answers = run.callouts.unused_answers();
     let Exchange {
         worker,
         mut stages,
@@ -980,6 +981,7 @@ fn finish(mut run: Exchange<'_, '_>, chain_length: usize) -> HttpReport {
     }
     let mut filters: Vec<FilterReport> = stages.into_iter().map(|s| s.report).collect();
     report.error = filters.iter().find_map(|f| f.error.clone()).or(gave_up);
+    report.warnings = unused_answers;
     if filters.len() == 1 {
         let only = filters.remove(0);
         report.actions = only.actions;

@@ -181,23 +181,55 @@ pub const MAX_TICKS: u32 = 100_000;
 /// The most VM copies a scenario may ask for (each holds a copy of every plugin).
 pub const MAX_VMS: usize = 256;
 
-/// A number read from a scenario, refused (with the limit) past `max` or below `min`.
-fn bounded<'de, D, T>(deserializer: D, min: T, max: T, what: &str) -> Result<T, D::Error>
+/// A number read from a scenario, refused (with the limit) past `max` or below `min`. The
+/// check runs inside the number's own deserialization, so that the error names the field and
+/// its line (`shutdown_ticks: invalid value: … at line 3 column 17`).
+fn bounded<'de, D, T>(deserializer: D, min: T, max: T, what: &'static str) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
-    T: Deserialize<'de> + PartialOrd + std::fmt::Display,
+    T: TryFrom<u64> + Into<u64> + Copy,
 {
-    let value = T::deserialize(deserializer)?;
-    if value < min || value > max {
-        return Err(serde::de::Error::custom(format!(
-            "{what} must be from {min} to {max}, not {value}"
-        )));
+    struct Bounded {
+        min: u64,
+        max: u64,
+        what: &'static str,
     }
-    Ok(value)
+    impl serde::de::Visitor<'_> for Bounded {
+        type Value = u64;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(formatter, "{} from {} to {}", self.what, self.min, self.max)
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<u64, E> {
+            if value < self.min || value > self.max {
+                return Err(E::invalid_value(
+                    serde::de::Unexpected::Unsigned(value),
+                    &self,
+                ));
+            }
+            Ok(value)
+        }
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<u64, E> {
+            match u64::try_from(value) {
+                Ok(value) => self.visit_u64(value),
+                Err(_) => Err(E::invalid_value(
+                    serde::de::Unexpected::Signed(value),
+                    &self,
+                )),
+            }
+        }
+    }
+    let bounds = Bounded {
+        min: min.into(),
+        max: max.into(),
+        what,
+    };
+    let value = deserializer.deserialize_u64(bounds)?;
+    // In range, so it fits the field's type.
+    T::try_from(value).map_err(|_| serde::de::Error::custom(format!("{what} out of range")))
 }
 
 fn vm_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
-    bounded(deserializer, 1, MAX_VMS, "vms")
+    bounded(deserializer, 1, MAX_VMS as u64, "a VM count").map(|n: u64| n as usize)
 }
 
 fn tick_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
@@ -205,7 +237,7 @@ fn tick_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, 
 }
 
 fn delay<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    bounded(deserializer, 0, MAX_DELAY_MS, "delay_ms")
+    bounded(deserializer, 0, MAX_DELAY_MS, "a delay in milliseconds")
 }
 
 /// One TCP connection.
@@ -629,12 +661,14 @@ fn record_start_failure(report: &mut Report, failure: StartFailure) -> Result<()
 }
 
 /// The calls a singleton service's root makes get the failure callback after each of its
-/// callbacks (nothing scripts them), as root calls on the workers do.
-fn answer_service_calls() -> lifecycle::AfterCallback {
+/// callbacks (nothing scripts them), as root calls on the workers do; what that answering
+/// fails with (a budget spent, a callback failing the VM) goes to `errors`, for the report.
+fn answer_service_calls(errors: Arc<Mutex<Vec<String>>>) -> lifecycle::AfterCallback {
     let mut mark = (0, 0);
     Box::new(move |vm| {
-        // Failures show in the service's own errors when its next callback refuses to run.
-        let _ = callouts::answer_root_calls(vm, mark);
+        if let Err(error) = callouts::answer_root_calls(vm, mark) {
+            errors.lock().unwrap_or_else(|e| e.into_inner()).push(error);
+        }
         mark = callouts::calls_mark(vm);
     })
 }
@@ -755,13 +789,14 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
     // Singleton services: one VM each, on a thread of its own, ticked only when the scenario
     // says so (runs repeat exactly).
     let mut singletons = Vec::new();
+    let service_call_errors: Arc<Mutex<Vec<String>>> = Arc::default();
     for service in plugins.singleton_services() {
         match SingletonService::spawn(
             Arc::clone(plugins),
             service,
             Box::new(scenario_host(scenario)),
             Ticking::Manual,
-            answer_service_calls(),
+            answer_service_calls(Arc::clone(&service_call_errors)),
         ) {
             Ok(running) => singletons.push((service, running)),
             Err(lifecycle::SpawnError::Start(_, failure)) => {
@@ -878,6 +913,11 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         let logs = std::mem::take(&mut in_memory_host(&mut end.vm).logs);
         service_logs.push((workers.len() + index, service, logs));
     }
+    report.errors.append(
+        &mut service_call_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
     report.plugins = plugin_reports(plugins);
     // The copies go away: their logs are collected, worker by worker.
     drop(workers);

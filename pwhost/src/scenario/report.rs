@@ -44,6 +44,10 @@ pub struct HttpReport {
     pub filter_state: BTreeMap<String, FilterStateReport>,
     /// The error that failed the VM during this exchange, if any.
     pub error: Option<String>,
+    /// What in the scenario went unused (scripted call answers no call took); absent if
+    /// nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// With a chain of plugins: what each did, in chain order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<FilterReport>,
@@ -132,6 +136,10 @@ pub struct TcpReport {
     pub filter_state: BTreeMap<String, FilterStateReport>,
     /// The error that failed the VM during this connection, if any.
     pub error: Option<String>,
+    /// What in the scenario went unused (scripted call answers no call took); absent if
+    /// nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// With a chain of plugins: what each did, in chain order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<FilterReport>,

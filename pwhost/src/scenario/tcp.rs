@@ -391,6 +391,7 @@ pub(super) fn run_connection(
 
 fn finish(run: Connection<'_, '_>) -> TcpReport {
     let gave_up = run.callouts.gave_up();
+    let unused_answers = run.callouts.unused_answers();
     let Connection {
         worker,
         mut stages,
@@ -449,6 +450,7 @@ fn finish(run: Connection<'_, '_>) -> TcpReport {
     }
     let mut filters: Vec<FilterReport> = stages.into_iter().map(|s| s.report).collect();
     report.error = filters.iter().find_map(|f| f.error.clone()).or(gave_up);
+    report.warnings = unused_answers;
     if filters.len() == 1 {
         let only = filters.remove(0);
         report.actions = only.actions;
