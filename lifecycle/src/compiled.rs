@@ -17,6 +17,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use runtime_api::{ArtifactIdentity, CompiledModule, WasmRuntime};
 use sha2::{Digest, Sha256};
@@ -103,24 +104,6 @@ impl CompilationCache {
         private_directory(&self.directory)
     }
 
-    /// Removes temporary files a crash left behind (an hour old or more).
-    fn sweep(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.directory) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let stale = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|modified| modified.elapsed().ok())
-                .is_some_and(|age| age.as_secs() >= 3600);
-            if stale && entry.file_name().to_string_lossy().starts_with(".tmp") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
     /// The artifact in `path`, if the file is there whole and undamaged, and this user's own.
     fn read(path: &Path) -> Option<Vec<u8>> {
         let file = read_private(path, u64::MAX)?;
@@ -131,7 +114,7 @@ impl CompilationCache {
 
     /// Writes `artifact` to `path` whole or not at all.
     fn write(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
-        self.sweep();
+        sweep(&self.directory);
         let mut file = tempfile::NamedTempFile::new_in(&self.directory)?;
         file.write_all(CACHE_MAGIC)?;
         file.write_all(&Sha256::digest(artifact))?;
@@ -172,10 +155,64 @@ pub(crate) fn private_directory(directory: &Path) -> Result<(), String> {
 /// without waiting (a FIFO in its place would block the read for ever), then checked on the
 /// open file, so that nothing can be swapped in between.
 pub(crate) fn read_private(path: &Path, limit: u64) -> Option<Vec<u8>> {
-    crate::files::read_checked(path, limit, crate::files::Links::Refuse, |metadata| {
+    let bytes = crate::files::read_checked(path, limit, crate::files::Links::Refuse, |metadata| {
         owned_privately(metadata, path).map_err(std::io::Error::other)
     })
-    .ok()
+    .ok()?;
+    mark_used(path);
+    Some(bytes)
+}
+
+/// How long a cache entry no one read stays (its modification time is when it was last written
+/// or read): a cache keeping every version of every module, compiled for every engine, would
+/// grow for as long as new versions come.
+pub const UNUSED_ENTRY_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How old a temporary file of a cache must be to count as left behind by a crash.
+const LEFT_BEHIND_AGE: Duration = Duration::from_secs(3600);
+
+/// Marks the cache entry `path` as just used (its modification time), for [`sweep`]; best
+/// effort.
+fn mark_used(path: &Path) {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NONBLOCK | libc::O_NOFOLLOW,
+    );
+    if let Ok(file) = options.open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes from a cache `directory` the temporary files a crash left behind (an hour old or
+/// more) and the entries no one used for [`UNUSED_ENTRY_AGE`]; run before each write.
+pub(crate) fn sweep(directory: &Path) {
+    sweep_older(directory, LEFT_BEHIND_AGE, UNUSED_ENTRY_AGE);
+}
+
+/// [`sweep`] with its two ages.
+fn sweep_older(directory: &Path, temporary_age: Duration, entry_age: Duration) {
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        // Regular files only (never a directory, or what a link names).
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
+        if !metadata.is_file() {
+            continue;
+        }
+        let Some(age) = metadata.modified().ok().and_then(|m| m.elapsed().ok()) else {
+            continue;
+        };
+        let temporary = entry.file_name().to_string_lossy().starts_with(".tmp");
+        if age >= if temporary { temporary_age } else { entry_age } {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Whether `path` is this user's and writable by no one else (on Unix; elsewhere not checked).
@@ -622,6 +659,43 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    /// A cache keeps what was used lately: before each write, temporary files a crash left
+    /// (an hour old) and entries no one read or wrote for 30 days go; a read marks an entry
+    /// used. Directories and recent files stay.
+    #[test]
+    fn a_cache_drops_what_no_one_used_for_30_days_and_what_a_crash_left() {
+        use std::time::SystemTime;
+        let dir = tempfile::tempdir().unwrap();
+        let aged = |name: &str, age: Duration| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - age).unwrap();
+            path
+        };
+        let hour = Duration::from_secs(3600);
+        let old_temporary = aged(".tmpOLD", 2 * hour);
+        let new_temporary = aged(".tmpNEW", Duration::ZERO);
+        let unused = aged("unused-entry", UNUSED_ENTRY_AGE + hour);
+        let used = aged("used-entry", UNUSED_ENTRY_AGE + hour);
+        let recent = aged("recent-entry", 24 * hour);
+        std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+        // Reading marks the entry used (as a cache hit does).
+        assert!(read_private(&used, 1024).is_some());
+        sweep(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".tmpNEW", "a-directory", "recent-entry", "used-entry"]
+        );
+        assert!(!old_temporary.exists() && !unused.exists());
+        assert!(new_temporary.exists() && recent.exists());
     }
 
     #[test]

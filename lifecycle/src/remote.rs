@@ -266,6 +266,9 @@ impl CodeCache {
         let Some(file) = self.file(sha256)? else {
             return Ok(());
         };
+        if let Some(directory) = file.parent() {
+            crate::compiled::sweep(directory);
+        }
         write_atomically(&file, &code)
             .map_err(|e| format!("the code could not be kept in {}: {e}", file.display()))
     }
