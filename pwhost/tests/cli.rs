@@ -1001,3 +1001,60 @@ fn scripted_answers_no_call_took_are_reported() {
     // An exchange whose script matches has none (and no field).
     assert!(report["http"][1].get("warnings").is_none(), "{report}");
 }
+
+/// Bytes that are not text (a protobuf message, binary data) are scripted as base64, wherever
+/// a scenario gives the plugin bytes; text stays text. A bad encoding names the field.
+#[test]
+fn scenarios_give_plugins_any_bytes_as_base64() {
+    let directory = tempfile::tempdir().unwrap();
+    let scenario = directory.path().join("scenario.yaml");
+    std::fs::write(
+        &scenario,
+        "http:\n  - request_body: [{base64: \"//5B\"}, \"text\"]\n    \
+         grpc_call_responses: [{messages: [{base64: \"YWxp\"}, \"ce\"], status: 0}]\n",
+    )
+    .unwrap();
+    let plugin = plugin("rust/grpc_call.wasm");
+    let plugin = plugin.to_str().unwrap();
+    let output = pwhost(&[
+        "run",
+        "--plugin",
+        plugin,
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]);
+    let report = json(&output);
+    let exchange = &report["http"][0];
+    // 0xFF 0xFE 'A' then "text", as forwarded (the report escapes what is not UTF-8).
+    assert_eq!(exchange["request_body"], "\\xff\\xfeAtext", "{report}");
+    // The unary reply is the messages' bytes joined: the plugin copies it into a header.
+    let reply_header = serde_json::json!(["x-grpc-reply", "alice"]);
+    assert!(
+        exchange["request_headers"]
+            .as_array()
+            .is_some_and(|headers| headers.contains(&reply_header)),
+        "{report}"
+    );
+    for (chunk, needle) in [
+        (
+            "{base64: \"!!\"}",
+            "http[0].request_body[0]: base64: Invalid symbol 33",
+        ),
+        (
+            "{bas64: \"AA==\"}",
+            "http[0].request_body[0]: unknown field `bas64`, expected `base64`",
+        ),
+    ] {
+        std::fs::write(&scenario, format!("http:\n  - request_body: [{chunk}]\n")).unwrap();
+        assert_one_line_error(
+            &pwhost(&[
+                "run",
+                "--plugin",
+                plugin,
+                "--scenario",
+                scenario.to_str().unwrap(),
+            ]),
+            needle,
+        );
+    }
+}

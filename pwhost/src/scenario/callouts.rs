@@ -281,7 +281,7 @@ fn answer_http(vm: &mut Vm, index: usize, answer: Option<&CallResponse>) -> Resu
             token,
             HttpCallResponse {
                 headers: to_map(&answer.headers),
-                body: answer.body.clone().into_bytes(),
+                body: answer.body.0.clone(),
                 trailers: to_map(&answer.trailers),
             },
         ),
@@ -312,7 +312,12 @@ fn answer_grpc(
     };
     if unary {
         return if answer.status == 0 {
-            vm.on_grpc_call_reply(token, answer.messages.concat().into_bytes())
+            let reply: Vec<u8> = answer
+                .messages
+                .iter()
+                .flat_map(|m| m.0.iter().copied())
+                .collect();
+            vm.on_grpc_call_reply(token, reply)
         } else {
             vm.on_grpc_close(token, answer.status, answer.message.clone().into_bytes())
         };
@@ -330,7 +335,7 @@ fn answer_grpc(
         if !still_open(vm) {
             return Ok(());
         }
-        vm.on_grpc_receive(token, message.clone().into_bytes())?;
+        vm.on_grpc_receive(token, message.0.clone())?;
     }
     if !answer.trailing_metadata.is_empty() && still_open(vm) {
         vm.on_grpc_receive_trailing_metadata(token, to_map(&answer.trailing_metadata))?;

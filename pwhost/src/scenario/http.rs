@@ -30,7 +30,7 @@ use lifecycle::{Admission, OnFailure, PluginId, StreamVm, Worker};
 
 use super::callouts::{to_map, Callouts};
 use super::report::{FilterReport, FilterStateReport, HttpReport, LocalResponseReport};
-use super::{in_memory_host, pairs, report_text, Headers, HttpExchange, UPSTREAM_ADDRESS};
+use super::{in_memory_host, pairs, report_text, Bytes, Headers, HttpExchange, UPSTREAM_ADDRESS};
 
 fn default_request_headers() -> Headers {
     [
@@ -84,7 +84,7 @@ impl Message {
     fn scripted(
         headers: Option<&Headers>,
         default: fn() -> Headers,
-        body: &[String],
+        body: &[Bytes],
         trailers: &Headers,
     ) -> Message {
         Message {
@@ -92,10 +92,7 @@ impl Message {
                 Some(headers) => to_map(headers),
                 None => to_map(&default()),
             },
-            body: body
-                .iter()
-                .map(|chunk| chunk.clone().into_bytes())
-                .collect(),
+            body: body.iter().map(|chunk| chunk.0.clone()).collect(),
             trailers: to_map(trailers),
         }
     }

@@ -117,7 +117,7 @@ pub struct ForeignFunctionCall {
     pub function_id: u32,
     /// Its arguments, readable as the `CallData` buffer.
     #[serde(default)]
-    pub arguments: String,
+    pub arguments: Bytes,
 }
 
 fn one() -> usize {
@@ -136,7 +136,7 @@ pub struct HttpExchange {
     pub request_headers: Option<Headers>,
     /// Request body chunks.
     #[serde(default)]
-    pub request_body: Vec<String>,
+    pub request_body: Vec<Bytes>,
     /// Request trailers.
     #[serde(default)]
     pub request_trailers: Headers,
@@ -145,7 +145,7 @@ pub struct HttpExchange {
     pub response_headers: Option<Headers>,
     /// Response body chunks.
     #[serde(default)]
-    pub response_body: Vec<String>,
+    pub response_body: Vec<Bytes>,
     /// Response trailers.
     #[serde(default)]
     pub response_trailers: Headers,
@@ -249,10 +249,10 @@ pub struct TcpConnection {
     pub vm: usize,
     /// Data chunks from downstream; the last one ends the direction.
     #[serde(default)]
-    pub downstream: Vec<String>,
+    pub downstream: Vec<Bytes>,
     /// Data chunks from upstream; the last one ends the direction.
     #[serde(default)]
-    pub upstream: Vec<String>,
+    pub upstream: Vec<Bytes>,
     /// Answers to HTTP calls dispatched during the connection.
     #[serde(default)]
     pub http_call_responses: Vec<CallResponse>,
@@ -278,7 +278,7 @@ pub struct CallResponse {
     pub headers: Headers,
     /// Response body.
     #[serde(default)]
-    pub body: String,
+    pub body: Bytes,
     /// Response trailers.
     #[serde(default)]
     pub trailers: Headers,
@@ -295,7 +295,7 @@ pub struct GrpcResponse {
     pub initial_metadata: Headers,
     /// Messages, in order.
     #[serde(default)]
-    pub messages: Vec<String>,
+    pub messages: Vec<Bytes>,
     /// Trailing metadata (delivered only if not empty).
     #[serde(default)]
     pub trailing_metadata: Headers,
@@ -305,6 +305,89 @@ pub struct GrpcResponse {
     /// The status message.
     #[serde(default)]
     pub message: String,
+}
+
+/// Bytes a scenario gives the plugin (a body chunk, TCP data, a call's answer, a gRPC message,
+/// a foreign function's arguments): text as written (`"hello"`), or any bytes as base64
+/// (`{base64: "CgVhbGljZQ=="}`), e.g. a protobuf message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bytes(pub Vec<u8>);
+
+impl From<&str> for Bytes {
+    fn from(text: &str) -> Self {
+        Bytes(text.as_bytes().to_vec())
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BytesVisitor;
+        impl<'de> serde::de::Visitor<'de> for BytesVisitor {
+            type Value = Bytes;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("text, or {base64: \"...\"} for any bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Bytes, E> {
+                Ok(Bytes::from(text))
+            }
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Bytes, E> {
+                Ok(Bytes(text.into_bytes()))
+            }
+            // A plain YAML scalar that reads as a number or a boolean is its text.
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Bytes, E> {
+                Ok(Bytes(value.to_string().into_bytes()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Bytes, E> {
+                Ok(Bytes(value.to_string().into_bytes()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Bytes, E> {
+                Ok(Bytes(value.to_string().into_bytes()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Bytes, E> {
+                Ok(Bytes(value.to_string().into_bytes()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Bytes, A::Error> {
+                use base64::Engine as _;
+                use serde::de::Error as _;
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(A::Error::custom("an empty map: write {base64: \"...\"}"));
+                };
+                if key != "base64" {
+                    return Err(A::Error::unknown_field(&key, &["base64"]));
+                }
+                let encoded: String = map.next_value()?;
+                if let Some(other) = map.next_key::<String>()? {
+                    return Err(A::Error::unknown_field(&other, &[]));
+                }
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map(Bytes)
+                    .map_err(|e| A::Error::custom(format!("base64: {e}")))
+            }
+        }
+        deserializer.deserialize_any(BytesVisitor)
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        use serde::ser::SerializeMap as _;
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => serializer.serialize_str(text),
+            Err(_) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry(
+                    "base64",
+                    &base64::engine::general_purpose::STANDARD.encode(&self.0),
+                )?;
+                map.end()
+            }
+        }
+    }
 }
 
 /// A property the host answers as given, before Envoy's attributes (so a scenario can set or
@@ -811,11 +894,7 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
         for worker in &mut workers {
             for call in &scenario.foreign_function_calls {
                 each_root(worker, &mut report.errors, |vm, root| {
-                    vm.on_foreign_function_for(
-                        root,
-                        call.function_id,
-                        call.arguments.clone().into_bytes(),
-                    )
+                    vm.on_foreign_function_for(root, call.function_id, call.arguments.0.clone())
                 });
             }
             tick(worker, scenario.ticks, &mut report.errors);

@@ -13,7 +13,7 @@ use lifecycle::{Admission, OnFailure, PluginId, StreamVm, Worker};
 
 use super::callouts::Callouts;
 use super::report::{FilterReport, FilterStateReport, TcpReport};
-use super::{in_memory_host, report_text, TcpConnection, UPSTREAM_ADDRESS};
+use super::{in_memory_host, report_text, Bytes, TcpConnection, UPSTREAM_ADDRESS};
 
 /// Which way data flows on a connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -223,7 +223,7 @@ impl Connection<'_, '_> {
         Ok(())
     }
 
-    fn flow(&mut self, side: Side, chunks: &[String]) -> Result<(), Stop> {
+    fn flow(&mut self, side: Side, chunks: &[Bytes]) -> Result<(), Stop> {
         for stage in &mut self.stages {
             stage.end_sent = false;
         }
@@ -234,9 +234,9 @@ impl Connection<'_, '_> {
         for (i, chunk) in chunks.iter().enumerate() {
             let end = i + 1 == chunks.len();
             if side == Side::Downstream {
-                self.count(side, chunk.len());
+                self.count(side, chunk.0.len());
             }
-            self.deliver(side, &order, 0, chunk.clone().into_bytes(), end)?;
+            self.deliver(side, &order, 0, chunk.0.clone(), end)?;
         }
         Ok(())
     }
