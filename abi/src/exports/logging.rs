@@ -30,12 +30,8 @@ pub(crate) fn write_log(state: &mut VmState, level: LogLevel, message: &[u8]) {
     }
     let context = state.effective_context;
     if message.len() > MAX_LOG_MESSAGE_BYTES {
-        // Cut before a character the limit would split (a UTF-8 character is at most 4 bytes,
-        // its continuation bytes 0b10xxxxxx).
-        let mut end = MAX_LOG_MESSAGE_BYTES;
-        while end > MAX_LOG_MESSAGE_BYTES - 3 && message[end] & 0xC0 == 0x80 {
-            end -= 1;
-        }
+        // Cut before a character the limit would split, as a cut `fd_write` is.
+        let end = without_a_split_character(&message[..MAX_LOG_MESSAGE_BYTES]);
         let mut cut = String::from_utf8_lossy(&message[..end]).into_owned();
         cut.push_str(&format!(
             " [pwhost: {} more bytes of this message not logged]",
@@ -46,6 +42,30 @@ pub(crate) fn write_log(state: &mut VmState, level: LogLevel, message: &[u8]) {
     }
     let message = String::from_utf8_lossy(message);
     state.host.log(context, level, &message);
+}
+
+/// The length of `text` without the UTF-8 character its end cuts short, if any (a character
+/// is at most 4 bytes, its continuation bytes `0b10xxxxxx`). Judged from the bytes kept alone,
+/// so a log message and an `fd_write` cut the same way.
+pub(super) fn without_a_split_character(text: &[u8]) -> usize {
+    // The last byte that starts a character (at most 3 continuation bytes follow one).
+    let Some(start) = (text.len().saturating_sub(4)..text.len())
+        .rev()
+        .find(|&i| text[i] & 0xC0 != 0x80)
+    else {
+        return text.len();
+    };
+    let length = match text[start] {
+        byte if byte & 0xE0 == 0xC0 => 2,
+        byte if byte & 0xF0 == 0xE0 => 3,
+        byte if byte & 0xF8 == 0xF0 => 4,
+        _ => 1,
+    };
+    if start + length > text.len() {
+        start
+    } else {
+        text.len()
+    }
 }
 
 /// `proxy_get_log_level(return_level)`.
@@ -83,4 +103,22 @@ pub(super) fn set_tick_period_milliseconds(
             .insert(root.0, Duration::from_millis(args[0]));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_a_split_character;
+
+    #[test]
+    fn a_cut_ends_before_a_character_it_would_split() {
+        let text = "a€b€".as_bytes(); // `€` is 3 bytes
+        assert_eq!(without_a_split_character(text), text.len());
+        assert_eq!(without_a_split_character(&text[..text.len() - 1]), 5);
+        assert_eq!(without_a_split_character(&text[..text.len() - 2]), 5);
+        assert_eq!(without_a_split_character(&text[..2]), 1);
+        assert_eq!(without_a_split_character(b""), 0);
+        // Invalid bytes are not this function's concern: logged as they are, replaced.
+        assert_eq!(without_a_split_character(&[0x80, 0x80, 0x80, 0x80]), 4);
+        assert_eq!(without_a_split_character(&[b'a', 0xF0, 0x9F]), 1);
+    }
 }

@@ -229,7 +229,7 @@ fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     let mut left_out = written as usize - text.len();
     if left_out > 0 {
         // Cut before a character the limit split, as a cut log message is.
-        let whole = without_a_split_character(&text);
+        let whole = super::logging::without_a_split_character(&text);
         left_out += text.len() - whole;
         text.truncate(whole);
     }
@@ -245,28 +245,6 @@ fn fd_write(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
         state.host.log(context, level, &note);
     }
     Ok(())
-}
-
-/// The length of `text` without the UTF-8 character its end cuts short, if any.
-fn without_a_split_character(text: &[u8]) -> usize {
-    // The last byte that starts a character (at most 3 continuation bytes follow one).
-    let Some(start) = (text.len().saturating_sub(4)..text.len())
-        .rev()
-        .find(|&i| text[i] & 0xC0 != 0x80)
-    else {
-        return text.len();
-    };
-    let length = match text[start] {
-        byte if byte & 0xE0 == 0xC0 => 2,
-        byte if byte & 0xF0 == 0xE0 => 3,
-        byte if byte & 0xF8 == 0xF0 => 4,
-        _ => 1,
-    };
-    if start + length > text.len() {
-        start
-    } else {
-        text.len()
-    }
 }
 
 /// Plugins have no files: every descriptor but stdio is unknown.
@@ -442,22 +420,4 @@ fn proc_exit(_caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
 
 fn proc_raise(_caller: &mut dyn Caller<VmState>, _args: &[u64]) -> WasiResult {
     errno(NOSYS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::without_a_split_character;
-
-    #[test]
-    fn a_cut_ends_before_a_character_it_would_split() {
-        let text = "a€b€".as_bytes(); // `€` is 3 bytes
-        assert_eq!(without_a_split_character(text), text.len());
-        assert_eq!(without_a_split_character(&text[..text.len() - 1]), 5);
-        assert_eq!(without_a_split_character(&text[..text.len() - 2]), 5);
-        assert_eq!(without_a_split_character(&text[..2]), 1);
-        assert_eq!(without_a_split_character(b""), 0);
-        // Invalid bytes are not this function's concern: logged as they are, replaced.
-        assert_eq!(without_a_split_character(&[0x80, 0x80, 0x80, 0x80]), 4);
-        assert_eq!(without_a_split_character(&[b'a', 0xF0, 0x9F]), 1);
-    }
 }
