@@ -502,7 +502,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<Vec<pwhost::bench::EngineFigures>> 
 
 /// With a chain of plugins, what each did (an exchange's own lines then show only the chain's
 /// result), a level deeper.
-fn render_filters(out: &mut String, filters: &[scenario::FilterReport]) {
+fn render_filters(out: &mut dyn std::fmt::Write, filters: &[scenario::FilterReport]) {
     const INDENT: &str = "    ";
     for filter in filters {
         writeln!(out, "  plugin {}", filter.plugin).ok();
@@ -527,7 +527,7 @@ fn render_filters(out: &mut String, filters: &[scenario::FilterReport]) {
 }
 
 fn render_filter_state(
-    out: &mut String,
+    out: &mut dyn std::fmt::Write,
     indent: &str,
     filter_state: &std::collections::BTreeMap<String, scenario::FilterStateReport>,
 ) {
@@ -542,7 +542,7 @@ fn render_filter_state(
 }
 
 fn render_actions(
-    out: &mut String,
+    out: &mut dyn std::fmt::Write,
     indent: &str,
     actions: &std::collections::BTreeMap<&'static str, &'static str>,
 ) {
@@ -552,7 +552,7 @@ fn render_actions(
 
 /// One direction of an exchange: headers, body and trailers, each line marked `>` or `<`.
 fn render_message(
-    out: &mut String,
+    out: &mut dyn std::fmt::Write,
     mark: &str,
     headers: &[(String, String)],
     body: &str,
@@ -570,7 +570,12 @@ fn render_message(
 }
 
 /// The HTTP and gRPC calls an exchange or connection made.
-fn render_calls(out: &mut String, indent: &str, http: &[HttpCallReport], grpc: &[GrpcCallReport]) {
+fn render_calls(
+    out: &mut dyn std::fmt::Write,
+    indent: &str,
+    http: &[HttpCallReport],
+    grpc: &[GrpcCallReport],
+) {
     for call in http {
         writeln!(
             out,
@@ -599,9 +604,9 @@ fn fail(error: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn render_text(report: &Report) -> String {
-    let mut out = String::new();
-    let out = &mut out;
+/// Writes `report` for people (`--format text`) to `out` as it goes, so that a report with
+/// megabytes of logs is not built in memory a second time.
+fn render_text(out: &mut dyn std::fmt::Write, report: &Report) {
     writeln!(
         out,
         "runtime {} · ABI {}",
@@ -731,7 +736,6 @@ fn render_text(report: &Report) -> String {
     for (key, value) in &report.shared_data {
         writeln!(out, "shared {key} = {value}").ok();
     }
-    std::mem::take(out)
 }
 
 fn render_figures(figures: &[pwhost::bench::EngineFigures]) -> String {
@@ -776,6 +780,42 @@ fn emit(text: &str) -> ExitCode {
 
 /// Writes `value` as JSON to stdout as it is encoded, not built whole in memory first (a
 /// report can be large).
+/// `std::fmt::Write` on a buffered `std::io::Write`, keeping the first I/O error.
+struct TextOut<W: std::io::Write> {
+    inner: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> std::fmt::Write for TextOut<W> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        if self.error.is_some() {
+            return Err(std::fmt::Error);
+        }
+        self.inner.write_all(text.as_bytes()).map_err(|error| {
+            self.error = Some(error);
+            std::fmt::Error
+        })
+    }
+}
+
+/// Writes what `render` writes to stdout as it is written.
+fn emit_text(render: impl FnOnce(&mut dyn std::fmt::Write)) -> ExitCode {
+    let mut out = TextOut {
+        inner: std::io::BufWriter::new(std::io::stdout().lock()),
+        error: None,
+    };
+    render(&mut out);
+    let written = match out.error.take() {
+        Some(error) => Err(error),
+        None => out.inner.flush(),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => fail(&anyhow::anyhow!("cannot write the report: {error}")),
+    }
+}
+
 fn json(value: &impl serde::Serialize) -> ExitCode {
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let written = serde_json::to_writer_pretty(&mut stdout, value)
@@ -820,7 +860,7 @@ fn main() -> ExitCode {
         Command::Run(args) => match run(&args) {
             Ok(report) => match args.format {
                 Format::Json => json(&report),
-                Format::Text => emit(&render_text(&report)),
+                Format::Text => emit_text(|out| render_text(out, &report)),
             },
             Err(error) => fail(&error),
         },
