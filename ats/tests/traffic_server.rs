@@ -3467,6 +3467,8 @@ enum BodyArrival {
 struct BodyOrigin {
     origin: Origin,
     arrivals: Arc<std::sync::Mutex<Vec<(String, BodyArrival)>>>,
+    /// The request being read: its path and how many bytes of its body came so far.
+    reading: Arc<std::sync::Mutex<Option<(String, usize)>>>,
 }
 
 impl BodyOrigin {
@@ -3475,12 +3477,14 @@ impl BodyOrigin {
         listener.set_nonblocking(true).expect("nonblocking accept");
         let address = listener.local_addr().expect("an address");
         let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reading = Arc::new(std::sync::Mutex::new(None));
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (seen, count, stopped) = (
+        let (seen, count, stopped, progress) = (
             Arc::clone(&arrivals),
             Arc::clone(&requests),
             Arc::clone(&stop),
+            Arc::clone(&reading),
         );
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
@@ -3489,7 +3493,7 @@ impl BodyOrigin {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 };
-                if let Some((path, arrival)) = BodyOrigin::serve(connection) {
+                if let Some((path, arrival)) = BodyOrigin::serve(connection, &progress) {
                     count.fetch_add(1, Ordering::Relaxed);
                     seen.lock().expect("the arrivals").push((path, arrival));
                 }
@@ -3503,12 +3507,25 @@ impl BodyOrigin {
                 thread: Some(thread),
             },
             arrivals,
+            reading,
         }
+    }
+
+    /// Whether the origin is reading a request for `path` and has `bytes` of its body or more.
+    fn has_received(&self, path: &str, bytes: usize) -> bool {
+        self.reading
+            .lock()
+            .expect("the request being read")
+            .as_ref()
+            .is_some_and(|(at, received)| at == path && *received >= bytes)
     }
 
     /// Reads one request from `connection` and answers it if it came whole: its path and how
     /// its body arrived (nothing without a whole head).
-    fn serve(mut connection: TcpStream) -> Option<(String, BodyArrival)> {
+    fn serve(
+        mut connection: TcpStream,
+        reading: &std::sync::Mutex<Option<(String, usize)>>,
+    ) -> Option<(String, BodyArrival)> {
         let _ = connection.set_nonblocking(false);
         let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
         let _ = connection.set_write_timeout(Some(Duration::from_secs(20)));
@@ -3533,6 +3550,7 @@ impl BodyOrigin {
             .unwrap_or(0);
         let mut body = received.len() - head_end;
         let arrival = loop {
+            *reading.lock().expect("the request being read") = Some((path.clone(), body));
             if body >= length {
                 break BodyArrival::Whole(body);
             }
@@ -3617,9 +3635,6 @@ impl RawExchange {
     fn run_paced(port: u16, parts: &[&str], pause: Duration) -> RawExchange {
         let mut connection =
             TcpStream::connect(("127.0.0.1", port)).expect("connects to the proxy");
-        connection
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("a read timeout");
         for (index, part) in parts
             .iter()
             .enumerate()
@@ -3632,6 +3647,14 @@ impl RawExchange {
             // what came.
             let _ = connection.write_all(part.as_bytes());
         }
+        RawExchange::read_to_close(connection)
+    }
+
+    /// Reads from `connection` until the proxy closes it, at most 20 s.
+    fn read_to_close(mut connection: TcpStream) -> RawExchange {
+        connection
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
         let mut received = Vec::new();
         let mut buffer = [0u8; 64 * 1024];
         let timed_out = loop {
@@ -3657,8 +3680,11 @@ impl RawExchange {
 
     /// A POST to `path` with `headers` (`name: value\r\n` lines) whose body, `first` then
     /// `rest`, comes in two parts.
+    /// A POST whose body's `rest` is sent once `origin` has received its `first` part (or
+    /// after 20 s): a body that began to go on, however long the proxy took to pass it.
     fn post_in_two_parts(
         port: u16,
+        origin: &BodyOrigin,
         path: &str,
         headers: &str,
         first: &str,
@@ -3669,7 +3695,23 @@ impl RawExchange {
              connection: close\r\n\r\n",
             first.len() + rest.len()
         );
-        RawExchange::run(port, &format!("{head}{first}"), rest)
+        let deadline = Instant::now() + Duration::from_secs(20);
+        RawExchange::run_when(port, &format!("{head}{first}"), rest, || {
+            origin.has_received(path, first.len()) || Instant::now() > deadline
+        })
+    }
+
+    /// Sends `request`, then `later` once `ready` says so (asked every 10 ms), and reads until
+    /// the proxy closes, at most 20 s.
+    fn run_when(port: u16, request: &str, later: &str, ready: impl Fn() -> bool) -> RawExchange {
+        let mut connection =
+            TcpStream::connect(("127.0.0.1", port)).expect("connects to the proxy");
+        let _ = connection.write_all(request.as_bytes());
+        while !ready() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = connection.write_all(later.as_bytes());
+        RawExchange::read_to_close(connection)
     }
 
     fn get(port: u16, path: &str) -> RawExchange {
@@ -3761,12 +3803,13 @@ fn a_plugin_ending_a_stream_in_a_body_that_began_to_go_on_cuts_both_sides_short(
     // chain, traps at the ends of bodies (FAIL_RELOAD: a fresh copy for the next transaction).
     let refused = RawExchange::post_in_two_parts(
         server.port,
+        &origin,
         "/refused",
         "x-check-body: refuse-at-end\r\n",
         first,
         rest,
     );
-    let failed = RawExchange::post_in_two_parts(server.port, "/failed", "", first, rest);
+    let failed = RawExchange::post_in_two_parts(server.port, &origin, "/failed", "", first, rest);
     for (exchange, path) in [(&refused, "/refused"), (&failed, "/failed")] {
         assert!(
             exchange.timed_out.is_none() && exchange.status().is_none_or(|status| status >= 500),
