@@ -153,7 +153,8 @@ pub(crate) fn private_directory(directory: &Path) -> Result<(), String> {
 /// The bytes of `path` if it is a regular file of this user's that no one else may write, of
 /// at most `limit` bytes; `None` otherwise. Opened without following a symbolic link and
 /// without waiting (a FIFO in its place would block the read for ever), then checked on the
-/// open file, so that nothing can be swapped in between.
+/// open file, so that nothing can be swapped in between. A file read is marked used (its
+/// modification time set to now), so that [`sweep`] keeps it.
 pub(crate) fn read_private(path: &Path, limit: u64) -> Option<Vec<u8>> {
     let bytes = crate::files::read_checked(path, limit, crate::files::Links::Refuse, |metadata| {
         owned_privately(metadata, path).map_err(std::io::Error::other)
@@ -187,7 +188,9 @@ fn mark_used(path: &Path) {
 }
 
 /// Removes from a cache `directory` the temporary files a crash left behind (an hour old or
-/// more) and the entries no one used for [`UNUSED_ENTRY_AGE`]; run before each write.
+/// more) and the entries no one used for [`UNUSED_ENTRY_AGE`]; run before each write. Only
+/// files named as the caches name theirs are touched: a directory given by mistake (a whole
+/// `~/.cache`) loses nothing else.
 pub(crate) fn sweep(directory: &Path) {
     sweep_older(directory, LEFT_BEHIND_AGE, UNUSED_ENTRY_AGE);
 }
@@ -208,11 +211,52 @@ fn sweep_older(directory: &Path, temporary_age: Duration, entry_age: Duration) {
         let Some(age) = metadata.modified().ok().and_then(|m| m.elapsed().ok()) else {
             continue;
         };
-        let temporary = entry.file_name().to_string_lossy().starts_with(".tmp");
-        if age >= if temporary { temporary_age } else { entry_age } {
+        let oldest = match cache_file(&entry.file_name().to_string_lossy()) {
+            Some(CacheFile::Temporary) => temporary_age,
+            Some(CacheFile::Entry) => entry_age,
+            None => continue,
+        };
+        if age >= oldest {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// What a file of a cache directory is, by its name.
+#[derive(Debug, PartialEq)]
+enum CacheFile {
+    /// A file being written (`tempfile`'s `.tmpXXXXXX`), or left by a crash.
+    Temporary,
+    /// A compiled artifact (`ENGINE-SHA256`) or remote code (`SHA256.wasm`).
+    Entry,
+}
+
+/// The kind of cache file `name` is, if it is one.
+fn cache_file(name: &str) -> Option<CacheFile> {
+    if let Some(random) = name.strip_prefix(".tmp") {
+        return random
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
+            .then_some(CacheFile::Temporary);
+    }
+    let stem = name.strip_suffix(".wasm").unwrap_or(name);
+    let digest_at = stem.len().checked_sub(64)?;
+    let (engine, digest) = stem.split_at_checked(digest_at)?;
+    let hex = digest
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let engine_named = match (engine.strip_suffix('-'), name.ends_with(".wasm")) {
+        // Remote code: the digest alone.
+        (None, true) => engine.is_empty(),
+        (Some(engine), false) => {
+            !engine.is_empty()
+                && engine
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }
+        _ => false,
+    };
+    (hex && engine_named).then_some(CacheFile::Entry)
 }
 
 /// Whether `path` is this user's and writable by no one else (on Unix; elsewhere not checked).
@@ -671,31 +715,61 @@ mod tests {
         let aged = |name: &str, age: Duration| {
             let path = dir.path().join(name);
             std::fs::write(&path, b"x").unwrap();
+            // Private, as the caches write theirs (and as a read asks, whatever the umask).
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
             let file = std::fs::File::options().write(true).open(&path).unwrap();
             file.set_modified(SystemTime::now() - age).unwrap();
             path
         };
         let hour = Duration::from_secs(3600);
-        let old_temporary = aged(".tmpOLD", 2 * hour);
-        let new_temporary = aged(".tmpNEW", Duration::ZERO);
-        let unused = aged("unused-entry", UNUSED_ENTRY_AGE + hour);
-        let used = aged("used-entry", UNUSED_ENTRY_AGE + hour);
-        let recent = aged("recent-entry", 24 * hour);
+        let month = UNUSED_ENTRY_AGE + hour;
+        let digest = |n: u8| sha256_hex(&[n]);
+        let old_temporary = aged(".tmpOLD123", 2 * hour);
+        let new_temporary = aged(".tmpNEW123", Duration::ZERO);
+        let unused = aged(&format!("wasmtime-{}", digest(1)), month);
+        let unused_code = aged(&format!("{}.wasm", digest(2)), month);
+        let used = aged(&format!("wasmer-cranelift-{}", digest(3)), month);
+        let recent = aged(&format!("{}.wasm", digest(4)), 24 * hour);
+        // Not named as a cache names its files: never touched, however old.
+        let foreign = aged("notes.txt", month);
+        let not_quite = aged(&format!("{}.so", digest(5)), month);
         std::fs::create_dir(dir.path().join("a-directory")).unwrap();
         // Reading marks the entry used (as a cache hit does).
         assert!(read_private(&used, 1024).is_some());
         sweep(dir.path());
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [".tmpNEW", "a-directory", "recent-entry", "used-entry"]
-        );
-        assert!(!old_temporary.exists() && !unused.exists());
-        assert!(new_temporary.exists() && recent.exists());
+        let gone = [&old_temporary, &unused, &unused_code];
+        let kept = [&new_temporary, &used, &recent, &foreign, &not_quite];
+        for path in gone {
+            assert!(!path.exists(), "{} should be gone", path.display());
+        }
+        for path in kept {
+            assert!(path.exists(), "{} should be kept", path.display());
+        }
+        assert!(dir.path().join("a-directory").exists());
+    }
+
+    #[test]
+    fn only_files_named_as_the_caches_name_theirs_are_cache_files() {
+        let digest = sha256_hex(b"x");
+        for (name, kind) in [
+            (".tmpA1b2C3".to_string(), Some(CacheFile::Temporary)),
+            (".tmp-x".to_string(), None),
+            (format!("wasmtime-{digest}"), Some(CacheFile::Entry)),
+            (format!("wasmer-llvm-{digest}"), Some(CacheFile::Entry)),
+            (format!("{digest}.wasm"), Some(CacheFile::Entry)),
+            (digest.clone(), None),
+            (format!("-{digest}"), None),
+            (format!("wasmtime-{digest}.wasm"), None),
+            (format!("wasmtime-{}", digest.to_uppercase()), None),
+            (format!("a b-{digest}"), None),
+            ("wasmtime-short".to_string(), None),
+        ] {
+            assert_eq!(cache_file(&name), kind, "{name}");
+        }
     }
 
     #[test]

@@ -429,7 +429,10 @@ fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, 
     for attempt in 0..attempts {
         if attempt > 0 {
             let wait = retry_wait(remote, attempt - 1);
-            if started.elapsed().saturating_add(wait) >= overall {
+            // A retry needs time for an attempt worth making, not a timeout of nothing whose
+            // failure would hide the reason of the one before.
+            let needed = wait.saturating_add(remote.timeout.min(Duration::from_secs(1)));
+            if started.elapsed().saturating_add(needed) >= overall {
                 return Err(FetchError::Failed {
                     uri: remote.uri.clone(),
                     attempts: attempt,
@@ -441,11 +444,19 @@ fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, 
             std::thread::sleep(wait);
         }
         let time_left = overall.saturating_sub(started.elapsed());
+        let timeout = remote.timeout.min(time_left);
         let request = agent
             .get(&remote.uri)
             .config()
-            .timeout_global(Some(remote.timeout.min(time_left)))
+            .timeout_global(Some(timeout))
             .build();
+        // Why this attempt fails, with a word if the overall limit cut its time short.
+        let cut_short = |reason: String| match timeout < remote.timeout {
+            true => format!(
+                "{reason} (after {timeout:?}, what was left of the {overall:?} a fetch may take)"
+            ),
+            false => reason,
+        };
         let retry = match request.call() {
             Ok(mut response) => {
                 let status = response.status().as_u16();
@@ -465,7 +476,7 @@ fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, 
                             })
                         }
                         Err(error) => {
-                            reason = format!("reading the body: {error}");
+                            reason = cut_short(format!("reading the body: {error}"));
                             true
                         }
                     }
@@ -475,7 +486,7 @@ fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, 
                 }
             }
             Err(error) => {
-                reason = error.to_string();
+                reason = cut_short(error.to_string());
                 true
             }
         };

@@ -279,7 +279,7 @@ struct RunArgs {
     /// Let a Pause (StopIteration) from a header callback hold the headers only, so body and
     /// trailer callbacks still come (Envoy's `allow_on_headers_stop_iteration`); by default it
     /// holds everything until the plugin continues, as in Envoy.
-    /// (Not for `bench`, which times a request without a body, where it changes nothing.)
+    // Not for `bench`, which times a request without a body, where it changes nothing.
     #[arg(long)]
     allow_on_headers_stop_iteration: bool,
     #[command(flatten)]

@@ -916,13 +916,22 @@ fn root_calls_are_answered_within_a_budget_for_the_whole_run() {
             .iter()
             .filter_map(|e| e.as_str())
             .collect();
-        let per_tick = "the plugin kept making calls: 1000 were answered, the rest were not";
-        let budget = "the plugin made over 100000 calls in this run: those of its root \
-                      contexts are answered no more";
+        // A service's errors are named after it.
+        let from = if what == "as a service" {
+            "service \"storm\": "
+        } else {
+            ""
+        };
+        let per_tick =
+            format!("{from}the plugin kept making calls: 1000 were answered, the rest were not");
+        let budget = format!(
+            "{from}the plugin made over 100000 calls in this run: those of its root contexts \
+             are answered no more"
+        );
         assert_eq!(
             errors.iter().filter(|e| **e == per_tick).count(),
             99,
-            "{what}"
+            "{what}: {errors:?}"
         );
         assert_eq!(
             errors.iter().filter(|e| **e == budget).count(),
@@ -995,7 +1004,7 @@ fn scripted_answers_no_call_took_are_reported() {
         first["warnings"],
         serde_json::json!([
             "http_call_responses: 1 of the 2 scripted answers went unused (the calls took the first 1)",
-            "grpc_call_responses: none of the 1 scripted answers was used (no call took one)"
+            "grpc_call_responses: the scripted answer went unused (no call took it)"
         ])
     );
     // An exchange whose script matches has none (and no field).
@@ -1044,6 +1053,11 @@ fn scenarios_give_plugins_any_bytes_as_base64() {
             "{bas64: \"AA==\"}",
             "http[0].request_body[0]: unknown field `bas64`, expected `base64`",
         ),
+        // YAML reads `1.0` as a number whose text is "1": refused, not sent changed.
+        (
+            "1.0",
+            "http[0].request_body[0]: a number: quote it to send its text",
+        ),
     ] {
         std::fs::write(&scenario, format!("http:\n  - request_body: [{chunk}]\n")).unwrap();
         assert_one_line_error(
@@ -1057,4 +1071,26 @@ fn scenarios_give_plugins_any_bytes_as_base64() {
             needle,
         );
     }
+    // A property's value too (e.g. a serialized protobuf message).
+    let properties = self::plugin("rust/properties.wasm");
+    std::fs::write(
+        &scenario,
+        "properties:\n  - {path: [source, address], value: {base64: \"MTAuMC4wLjE6NQ==\"}}\n\
+         http:\n  - request_headers: [[\":method\", \"GET\"], [\":path\", \"/where\"]]\n",
+    )
+    .unwrap();
+    let report = json(&pwhost(&[
+        "run",
+        "--plugin",
+        properties.to_str().unwrap(),
+        "--scenario",
+        scenario.to_str().unwrap(),
+    ]));
+    let read = serde_json::json!(["x-prop-source-address", "10.0.0.1:5"]);
+    assert!(
+        report["http"][0]["request_headers"]
+            .as_array()
+            .is_some_and(|headers| headers.contains(&read)),
+        "{report}"
+    );
 }

@@ -439,8 +439,21 @@ fn a_fetch_gives_up_at_its_overall_limit_whatever_the_retry_policy() {
     };
     assert_eq!(*attempts, 1, "{error}");
     assert!(
-        reason.ends_with("; no more retries, as a fetch may take at most 400ms"),
+        reason.ends_with(
+            " what was left of the 400ms a fetch may take); no more retries, as a fetch may \
+             take at most 400ms"
+        ),
         "{error}"
     );
     assert_eq!(server.requests(), 1);
+
+    // With no retry left, the attempt the limit cut short says so too.
+    source.retries = 0;
+    let error = fetch_within(&source, Duration::from_millis(400)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .ends_with(" what was left of the 400ms a fetch may take)"),
+        "{error}"
+    );
 }

@@ -180,8 +180,9 @@ impl<'a> Callouts<'a> {
     }
 
     /// What the scenario scripted that no call took (the plugins made fewer calls, cancelled
-    /// some, or failed before making them), one line for HTTP and one for gRPC: a script that
-    /// does not match the plugin should not pass unnoticed.
+    /// some, or failed or reset the stream before their calls were answered), one line for
+    /// HTTP and one for gRPC: a script that does not match the plugin should not pass
+    /// unnoticed.
     pub(super) fn unused_answers(&self) -> Vec<String> {
         [
             (
@@ -198,9 +199,10 @@ impl<'a> Callouts<'a> {
         .into_iter()
         .filter(|(_, _, unused)| *unused > 0)
         .map(|(field, scripted, unused)| match scripted - unused {
-            0 => format!(
-                "{field}: none of the {scripted} scripted answers was used (no call took one)"
-            ),
+            0 if scripted == 1 => {
+                format!("{field}: the scripted answer went unused (no call took it)")
+            }
+            0 => format!("{field}: the {scripted} scripted answers went unused (no call took one)"),
             used => format!(
                 "{field}: {unused} of the {scripted} scripted answers went unused (the calls \
                  took the first {used})"

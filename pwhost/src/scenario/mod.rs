@@ -333,18 +333,29 @@ impl<'de> Deserialize<'de> for Bytes {
             fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Bytes, E> {
                 Ok(Bytes(text.into_bytes()))
             }
-            // A plain YAML scalar that reads as a number or a boolean is its text.
+            // An empty YAML value (`body:`) is no bytes, as it was an empty string.
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Bytes, E> {
+                Ok(Bytes::default())
+            }
+            // A number or a boolean is refused, not turned into text: YAML reads `1.0`,
+            // `0x1F` or `TRUE` as values whose text is not what was written.
             fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Bytes, E> {
-                Ok(Bytes(value.to_string().into_bytes()))
+                Err(E::custom(format!(
+                    "{value} is a boolean: quote it to send its text"
+                )))
             }
             fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Bytes, E> {
-                Ok(Bytes(value.to_string().into_bytes()))
+                Err(E::custom(format!(
+                    "{value} is a number: quote it to send its text"
+                )))
             }
             fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Bytes, E> {
-                Ok(Bytes(value.to_string().into_bytes()))
+                Err(E::custom(format!(
+                    "{value} is a number: quote it to send its text"
+                )))
             }
-            fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Bytes, E> {
-                Ok(Bytes(value.to_string().into_bytes()))
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Bytes, E> {
+                Err(E::custom("a number: quote it to send its text"))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
@@ -360,10 +371,17 @@ impl<'de> Deserialize<'de> for Bytes {
                 }
                 let encoded: String = map.next_value()?;
                 if let Some(other) = map.next_key::<String>()? {
-                    return Err(A::Error::unknown_field(&other, &[]));
+                    return Err(match other.as_str() {
+                        "base64" => A::Error::duplicate_field("base64"),
+                        _ => A::Error::custom(format!(
+                            "{other:?} beside base64: {{base64: \"...\"}} has one key"
+                        )),
+                    });
                 }
+                // Encoders wrap lines (`base64` at 76 columns, YAML block scalars).
+                let encoded: String = encoded.split_ascii_whitespace().collect();
                 base64::engine::general_purpose::STANDARD
-                    .decode(encoded.trim())
+                    .decode(encoded)
                     .map(Bytes)
                     .map_err(|e| A::Error::custom(format!("base64: {e}")))
             }
@@ -419,6 +437,8 @@ pub enum Data {
     String(String),
     /// A list.
     List(Vec<Data>),
+    /// Bytes that are not text (e.g. a serialized protobuf message), as `{base64: "..."}`.
+    Bytes(Bytes),
     /// A map.
     Map(BTreeMap<String, Data>),
 }
@@ -433,6 +453,7 @@ impl Data {
             Data::Double(d) => abi::Value::Double(*d),
             Data::String(s) => abi::Value::string(s.clone()),
             Data::List(items) => abi::Value::List(items.iter().map(Data::to_value).collect()),
+            Data::Bytes(bytes) => abi::Value::Bytes(Cow::Owned(bytes.0.clone())),
             Data::Map(entries) => abi::Value::Map(
                 entries
                     .iter()
@@ -745,12 +766,18 @@ fn record_start_failure(report: &mut Report, failure: StartFailure) -> Result<()
 
 /// The calls a singleton service's root makes get the failure callback after each of its
 /// callbacks (nothing scripts them), as root calls on the workers do; what that answering
-/// fails with (a budget spent, a callback failing the VM) goes to `errors`, for the report.
-fn answer_service_calls(errors: Arc<Mutex<Vec<String>>>) -> lifecycle::AfterCallback {
+/// fails with (a budget spent, a callback failing the VM) goes to `errors`, for the report,
+/// named after the service.
+fn answer_service_calls(
+    service: &str,
+    errors: Arc<Mutex<Vec<String>>>,
+) -> lifecycle::AfterCallback {
+    let service = service.to_string();
     let mut mark = (0, 0);
     Box::new(move |vm| {
         if let Err(error) = callouts::answer_root_calls(vm, mark) {
-            errors.lock().unwrap_or_else(|e| e.into_inner()).push(error);
+            let mut errors = errors.lock().unwrap_or_else(|e| e.into_inner());
+            errors.push(format!("service {service:?}: {error}"));
         }
         mark = callouts::calls_mark(vm);
     })
@@ -879,7 +906,10 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             service,
             Box::new(scenario_host(scenario)),
             Ticking::Manual,
-            answer_service_calls(Arc::clone(&service_call_errors)),
+            answer_service_calls(
+                &plugins.config(service).name,
+                Arc::clone(&service_call_errors),
+            ),
         ) {
             Ok(running) => singletons.push((service, running)),
             Err(lifecycle::SpawnError::Start(_, failure)) => {
