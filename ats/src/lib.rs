@@ -147,7 +147,7 @@ fn start_services(
                 Arc::clone(&inbox),
             )),
             Ticking::Clock,
-            Box::new(|_| {}),
+            Box::new(|_| Ok(())),
         );
         let service = match service {
             Ok(service) => service,

@@ -39,5 +39,6 @@ pub use plugins::{
 pub use reconfigure::{Generation, LivePlugins, ThreadWorkers, WorkerFactory};
 pub use remote::{CodeCache, FetchError};
 pub use services::{
-    AfterCallback, ServiceEnd, ServiceInbox, SingletonService, SpawnError, Ticking, VmWork,
+    AfterCallback, AfterError, ServiceEnd, ServiceInbox, SingletonService, SpawnError, Ticking,
+    VmWork,
 };

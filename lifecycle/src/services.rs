@@ -27,8 +27,21 @@ pub enum Ticking {
 }
 
 /// Called on the service's thread after each callback of its plugin, e.g. to answer the calls
-/// the plugin made (the embedder's host recorded them).
-pub type AfterCallback = Box<dyn FnMut(&mut Vm) + Send>;
+/// the plugin made (the embedder's host recorded them). Its error joins the service's errors
+/// ([`ServiceEnd::errors`]) in order, and one from a callback that failed the VM counts as the
+/// plugin's failure, as a callback's own does.
+pub type AfterCallback = Box<dyn FnMut(&mut Vm) -> Result<(), AfterError> + Send>;
+
+/// Why an [`AfterCallback`] stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum AfterError {
+    /// A callback of the plugin's that the hook made failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Anything else (e.g. the plugin made more calls than the embedder answers).
+    #[error("{0}")]
+    Other(String),
+}
 
 /// Work for a service's VM from another thread, e.g. delivering the answer of an HTTP call
 /// the embedder's client received on one of its own threads.
@@ -289,8 +302,15 @@ impl ServiceLoop {
             }
         }
         self.failed |= vm.is_failed();
-        if !self.failed {
-            (self.after)(vm);
+        if self.failed {
+            return;
+        }
+        if let Err(error) = (self.after)(vm) {
+            if let AfterError::Vm(failure) = &error {
+                count_failure(self.plugins.counters(self.plugin), failure);
+            }
+            self.errors.push(error.to_string());
+            self.failed |= vm.is_failed();
         }
     }
 

@@ -1094,3 +1094,64 @@ fn scenarios_give_plugins_any_bytes_as_base64() {
         "{report}"
     );
 }
+
+/// A trap in the answer to a root context's call (here made on a tick) fails the plugin as any
+/// trap does: reported, and counted in its `failed_by_trap`, on a worker and as a singleton
+/// service alike.
+#[test]
+fn a_trap_answering_a_root_call_counts_as_the_plugins_failure() {
+    let trapping = plugin("wat/trap_in_call_answer.wasm");
+    let headers = plugin("rust/http_headers.wasm");
+    let directory = tempfile::tempdir().unwrap();
+    let scenario = directory.path().join("scenario.yaml");
+    std::fs::write(&scenario, "ticks: 3\n").unwrap();
+    let as_service = directory.path().join("service.yaml");
+    std::fs::write(
+        &as_service,
+        format!(
+            "- name: envoy.bootstrap.wasm\n  typed_config:\n    \
+             \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n    \
+             singleton: true\n    config:\n      name: trapping\n      vm_config:\n        \
+             runtime: envoy.wasm.runtime.wasmtime\n        code: {{local: {{filename: {}}}}}\n\
+             - config:\n    name: headers\n    vm_config:\n      \
+             runtime: envoy.wasm.runtime.wasmtime\n      code: {{local: {{filename: {}}}}}\n",
+            trapping.display(),
+            headers.display()
+        ),
+    )
+    .unwrap();
+    let scenario = scenario.to_str().unwrap();
+    for (what, plugin, prefix) in [
+        ("on a worker", ["--plugin", trapping.to_str().unwrap()], ""),
+        (
+            "as a service",
+            ["--config", as_service.to_str().unwrap()],
+            "service \"trapping\": ",
+        ),
+    ] {
+        let report = json(&pwhost(&[
+            "run",
+            plugin[0],
+            plugin[1],
+            "--scenario",
+            scenario,
+        ]));
+        assert_eq!(
+            report["errors"],
+            serde_json::json!([format!(
+                "{prefix}proxy_on_http_call_response trapped in context 1: wasm trap: wasm \
+                 `unreachable` instruction executed"
+            )]),
+            "{what}"
+        );
+        let counters = report["plugins"]
+            .as_array()
+            .and_then(|plugins| plugins.iter().find(|p| p["name"] != "headers"))
+            .map(|p| p["counters"].clone());
+        assert_eq!(
+            counters.map(|c| c["failed_by_trap"].clone()),
+            Some(serde_json::json!(1)),
+            "{what}: {report}"
+        );
+    }
+}

@@ -254,7 +254,7 @@ impl Proxy {
                         Arc::clone(&metrics),
                     )),
                     Ticking::Clock,
-                    Box::new(|_| {}),
+                    Box::new(|_| Ok(())),
                 )
                 .map_err(|e| ServeError::Plugins(e.to_string()))?;
                 publish.send_replace(Some(service.inbox()));

@@ -83,7 +83,7 @@ fn messages(vm: &mut Vm) -> Vec<String> {
 }
 
 fn no_hook() -> AfterCallback {
-    Box::new(|_| {})
+    Box::new(|_| Ok(()))
 }
 
 /// The service of `plugins`, ticking only when asked, over an in-memory host.
@@ -109,6 +109,7 @@ fn spawn_ticking(plugins: &Arc<Plugins>) -> (SingletonService, Arc<AtomicUsize>)
         Box::new(move |vm| {
             let ticks = messages(vm).iter().filter(|m| m.contains("tick")).count();
             counter.store(ticks, Ordering::Relaxed);
+            Ok(())
         }),
     )
     .unwrap();
@@ -141,6 +142,39 @@ fn a_singleton_service_receives_what_worker_filters_enqueue() {
         dequeued(&mut end.vm),
         ["svc dequeued /a", "svc dequeued /b", "svc dequeued /c"],
         "everything enqueued before the stop is delivered"
+    );
+}
+
+/// What the embedder's hook reports after a callback joins the service's errors, in order,
+/// and the service goes on (it did not fail the VM).
+#[test]
+fn an_after_callback_error_joins_the_services_errors() {
+    let plugins = filter_and_service(60_000);
+    let mut calls = 0;
+    let service = SingletonService::spawn(
+        Arc::clone(&plugins),
+        service_plugin(&plugins),
+        Box::new(InMemoryHost::new()),
+        Ticking::Manual,
+        Box::new(move |_vm| {
+            calls += 1;
+            match calls {
+                1 => Err(AfterError::Other(format!("hook call {calls} refused"))),
+                _ => Ok(()),
+            }
+        }),
+    )
+    .expect("starts");
+    let mut worker = Worker::new(Arc::clone(&plugins), || Box::new(InMemoryHost::new()));
+    request(&mut worker, "/a");
+    service.sync();
+    request(&mut worker, "/b");
+    service.sync();
+    let mut end = service.stop(0).expect("the thread ends cleanly");
+    assert_eq!(end.errors, ["hook call 1 refused"]);
+    assert_eq!(
+        dequeued(&mut end.vm),
+        ["svc dequeued /a", "svc dequeued /b"]
     );
 }
 
@@ -334,6 +368,7 @@ fn spawn_watched<T: Send + 'static>(
         ticking,
         Box::new(move |_| {
             let _ = seen.send(look());
+            Ok(())
         }),
     )
     .expect("starts");

@@ -348,9 +348,21 @@ fn answer_grpc(
     Ok(())
 }
 
+/// Why answering a root context's calls stopped short.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RootCallsError {
+    /// A callback the answering made failed the VM: the plugin's failure, to be counted.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The plugin kept making calls past what is answered (the message says which budget).
+    #[error("{0}")]
+    Budget(String),
+}
+
 /// Answers, with the failure callback, the calls a root context of `vm` made since `since`
-/// (the host's HTTP and gRPC record lengths then); the error if it kept making them.
-pub(super) fn answer_root_calls(vm: &mut Vm, since: (usize, usize)) -> Result<(), String> {
+/// (the host's HTTP and gRPC record lengths then); the error if a callback failed the VM or
+/// the plugin kept making calls.
+pub(super) fn answer_root_calls(vm: &mut Vm, since: (usize, usize)) -> Result<(), RootCallsError> {
     let (mut next_http, mut next_grpc) = since;
     for _ in 0..MAX_ANSWERS {
         if vm.is_failed() {
@@ -365,10 +377,10 @@ pub(super) fn answer_root_calls(vm: &mut Vm, since: (usize, usize)) -> Result<()
             if since.0 + since.1 > MAX_CALL_RECORDS {
                 return Ok(());
             }
-            return Err(format!(
+            return Err(RootCallsError::Budget(format!(
                 "the plugin made over {MAX_CALL_RECORDS} calls in this run: those of its root \
                  contexts are answered no more"
-            ));
+            )));
         }
         let answered = if next_http < host.http_calls.len() {
             next_http += 1;
@@ -379,15 +391,32 @@ pub(super) fn answer_root_calls(vm: &mut Vm, since: (usize, usize)) -> Result<()
         } else {
             return Ok(());
         };
-        answered.map_err(|e| e.to_string())?;
+        answered?;
     }
     let host = in_memory_host(vm);
     if next_http < host.http_calls.len() || next_grpc < host.grpc_calls.len() {
-        return Err(format!(
+        return Err(RootCallsError::Budget(format!(
             "the plugin kept making calls: {MAX_ANSWERS} were answered, the rest were not"
-        ));
+        )));
     }
     Ok(())
+}
+
+/// [`answer_root_calls`] on a worker: a spent budget is noted in `errors`; what is left to
+/// return is a callback failing the VM (the plugin's failure, to be counted).
+pub(super) fn answer_root_calls_noting(
+    vm: &mut Vm,
+    since: (usize, usize),
+    errors: &mut Vec<String>,
+) -> Result<(), VmError> {
+    match answer_root_calls(vm, since) {
+        Err(RootCallsError::Vm(error)) => Err(error),
+        Err(RootCallsError::Budget(message)) => {
+            errors.push(message);
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 /// Where `vm`'s host's call records end now, for [`answer_root_calls`].

@@ -653,16 +653,13 @@ fn each_root(
                 return;
             }
             let mark = callouts::calls_mark(vm);
-            let outcome = match work(vm, *root) {
-                Ok(()) => callouts::answer_root_calls(vm, mark),
-                Err(error) => {
-                    let message = error.to_string();
-                    failed.push((*plugin, error));
-                    Err(message)
-                }
-            };
+            let outcome =
+                work(vm, *root).and_then(|()| callouts::answer_root_calls_noting(vm, mark, errors));
+            // A callback failing the VM, the root's own or one answering its calls, counts
+            // as the plugin's failure.
             if let Err(error) = outcome {
-                errors.push(error);
+                errors.push(error.to_string());
+                failed.push((*plugin, error));
             }
         }
     });
@@ -681,18 +678,14 @@ fn dispatch_queues(workers: &mut [Worker], errors: &mut Vec<String>) {
                 return;
             }
             let mark = callouts::calls_mark(vm);
-            let outcome = match vm.dispatch_queue_ready() {
-                Ok(_) => callouts::answer_root_calls(vm, mark),
-                Err(error) => {
-                    let message = error.to_string();
-                    if let Some(plugin) = lifecycle::failing_plugin(roots, &error) {
-                        failed.push((plugin, error));
-                    }
-                    Err(message)
-                }
-            };
+            let outcome = vm
+                .dispatch_queue_ready()
+                .and_then(|_| callouts::answer_root_calls_noting(vm, mark, errors));
             if let Err(error) = outcome {
-                errors.push(error);
+                errors.push(error.to_string());
+                if let Some(plugin) = lifecycle::failing_plugin(roots, &error) {
+                    failed.push((plugin, error));
+                }
             }
         });
         for (plugin, error) in failed {
@@ -728,7 +721,7 @@ fn shut_down(vm: &mut Vm, root: ContextId, scenario: &Scenario) -> Result<bool, 
     let mut ticks = 0;
     let mut mark = mark;
     while !done {
-        callouts::answer_root_calls(vm, mark)?;
+        callouts::answer_root_calls(vm, mark).map_err(|e| e.to_string())?;
         done = !vm.is_done_pending_for(root);
         if done || ticks >= scenario.shutdown_ticks || vm.tick_period_of(root).is_none() {
             break;
@@ -766,20 +759,16 @@ fn record_start_failure(report: &mut Report, failure: StartFailure) -> Result<()
 
 /// The calls a singleton service's root makes get the failure callback after each of its
 /// callbacks (nothing scripts them), as root calls on the workers do; what that answering
-/// fails with (a budget spent, a callback failing the VM) goes to `errors`, for the report,
-/// named after the service.
-fn answer_service_calls(
-    service: &str,
-    errors: Arc<Mutex<Vec<String>>>,
-) -> lifecycle::AfterCallback {
-    let service = service.to_string();
+/// fails with (a budget spent, a callback failing the VM) joins the service's errors.
+fn answer_service_calls() -> lifecycle::AfterCallback {
     let mut mark = (0, 0);
     Box::new(move |vm| {
-        if let Err(error) = callouts::answer_root_calls(vm, mark) {
-            let mut errors = errors.lock().unwrap_or_else(|e| e.into_inner());
-            errors.push(format!("service {service:?}: {error}"));
-        }
+        let answered = callouts::answer_root_calls(vm, mark);
         mark = callouts::calls_mark(vm);
+        answered.map_err(|error| match error {
+            callouts::RootCallsError::Vm(error) => lifecycle::AfterError::Vm(error),
+            callouts::RootCallsError::Budget(message) => lifecycle::AfterError::Other(message),
+        })
     })
 }
 
@@ -899,17 +888,13 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
     // Singleton services: one VM each, on a thread of its own, ticked only when the scenario
     // says so (runs repeat exactly).
     let mut singletons = Vec::new();
-    let service_call_errors: Arc<Mutex<Vec<String>>> = Arc::default();
     for service in plugins.singleton_services() {
         match SingletonService::spawn(
             Arc::clone(plugins),
             service,
             Box::new(scenario_host(scenario)),
             Ticking::Manual,
-            answer_service_calls(
-                &plugins.config(service).name,
-                Arc::clone(&service_call_errors),
-            ),
+            answer_service_calls(),
         ) {
             Ok(running) => singletons.push((service, running)),
             Err(lifecycle::SpawnError::Start(_, failure)) => {
@@ -1018,15 +1003,16 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
             continue;
         };
         report.done &= end.done;
-        report.errors.extend(end.errors);
+        // Named after the service: its thread's errors come from no exchange or worker.
+        let name = &plugins.config(service).name;
+        report.errors.extend(
+            end.errors
+                .into_iter()
+                .map(|error| format!("service {name:?}: {error}")),
+        );
         let logs = std::mem::take(&mut in_memory_host(&mut end.vm).logs);
         service_logs.push((workers.len() + index, service, logs));
     }
-    report.errors.append(
-        &mut service_call_errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-    );
     report.plugins = plugin_reports(plugins);
     // The copies go away: their logs are collected, worker by worker.
     drop(workers);
