@@ -449,6 +449,9 @@ fn init(args: &[String]) -> Result<(), String> {
     for warning in loaded.plugins.warnings() {
         diag::warning(warning);
     }
+    for warning in engines.unenforced_limits(&loaded.plugins) {
+        diag::warning(&warning);
+    }
     let names: Vec<String> = loaded
         .plugins
         .http_filters()
@@ -531,6 +534,9 @@ unsafe extern "C" fn on_reload(
             Ok(loaded) => {
                 for warning in loaded.plugins.warnings() {
                     diag::warning(warning);
+                }
+                for warning in global.engines.unenforced_limits(&loaded.plugins) {
+                    diag::warning(&warning);
                 }
                 if let Err(message) = connection::check_reload(&loaded.listeners) {
                     diag::error(&format!(

@@ -4502,3 +4502,46 @@ fn shared_data_past_its_limit_is_refused_and_the_plugin_told_why() {
          most 200 bytes",
     );
 }
+
+/// A proxy-wasm SDK plugin built as a native library runs in Traffic Server on the null
+/// runtime, as it runs in `pwhost run`: its calls into the host (`proxy_*`, defined by
+/// `pwhost_ats.so`) resolve although Traffic Server loads `pwhost_ats.so` without making its
+/// symbols global.
+#[test]
+fn a_native_sdk_library_runs_on_the_null_runtime() {
+    let library = workspace().join("plugins/dist/native/libhttp_headers.so");
+    assert!(library.exists(), "{} is missing", library.display());
+    let origin = Origin::start();
+    let yaml = plugin_yaml("http_headers", "envoy.wasm.runtime.null", "", "").replace(
+        &corpus_plugin("http_headers").display().to_string(),
+        &library.display().to_string(),
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "http_headers",
+            yaml,
+        }],
+    );
+    let reply = try_get(&server.url("/native"), &[("user-agent", "test-agent")])
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.diagnostics()));
+    assert_eq!(
+        reply.status,
+        200,
+        "{}\n{}",
+        reply.body,
+        server.diagnostics()
+    );
+    assert!(
+        reply.body.contains("x-pwhost-plugin: http_headers")
+            && reply.body.contains("user-agent: pwhost-test"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    // Native code runs outside the limits Traffic Server's plugins are given: said at load.
+    server.wait_for_log(
+        "plugin \"http_headers\": the null runtime cannot keep the call deadline or the \
+         memory cap set for plugins",
+    );
+}

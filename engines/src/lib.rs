@@ -35,6 +35,41 @@ impl BuildEngines {
     }
 }
 
+impl BuildEngines {
+    /// One warning per plugin of `plugins` whose engine cannot keep the limits these engines
+    /// run plugins with (a call deadline, a memory cap): a native plugin on the null runtime
+    /// runs unbounded. For a proxy to log at every load, so that a limit it was given is not
+    /// dropped without a word.
+    pub fn unenforced_limits(&self, plugins: &lifecycle::Plugins) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let all = plugins
+            .http_filters()
+            .chain(plugins.network_filters())
+            .chain(plugins.services());
+        for plugin in all {
+            let module = plugins.module(plugin);
+            let capabilities = module.capabilities();
+            let mut limits = Vec::new();
+            if self.config.call_deadline.is_some() && !capabilities.call_deadline {
+                limits.push("call deadline");
+            }
+            if self.config.max_memory_bytes.is_some() && !capabilities.memory_limit {
+                limits.push("memory cap");
+            }
+            if !limits.is_empty() {
+                warnings.push(format!(
+                    "plugin {:?}: the {} runtime cannot keep the {} set for plugins: its code \
+                     runs without them",
+                    plugins.config(plugin).display_name(),
+                    module.runtime_name(),
+                    limits.join(" or the ")
+                ));
+            }
+        }
+        warnings
+    }
+}
+
 impl lifecycle::Engines for BuildEngines {
     fn available(&self) -> Vec<&'static str> {
         runtimes::available().to_vec()

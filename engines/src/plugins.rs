@@ -56,26 +56,35 @@ fn load_native(
     config: PluginConfig,
     shared: SharedState,
 ) -> anyhow::Result<Plugin> {
-    let native: std::sync::Arc<dyn runtime_null::NativeModule> =
-        if let Some(name) = plugin.strip_prefix(NATIVE_PREFIX) {
-            native_plugins::find(name)
-                .with_context(|| {
-                    format!(
-                        "no compiled-in native plugin {name:?} (this build has: {})",
-                        native_plugins().join(", ")
-                    )
-                })?
-                .module()
-        } else if !plugin.ends_with(".wasm") {
-            // SAFETY: the user asked to run this library; native plugins are trusted code (the
-            // null runtime's trust model, stated in the README and `pwhost run --help`).
-            std::sync::Arc::new(unsafe { native::SdkLibrary::open(Path::new(plugin)) }?)
-        } else {
-            anyhow::bail!(
-                "the null runtime runs native plugins (native:NAME or a .so built with the \
+    let native: std::sync::Arc<dyn runtime_null::NativeModule> = if let Some(name) =
+        plugin.strip_prefix(NATIVE_PREFIX)
+    {
+        native_plugins::find(name)
+            .with_context(|| {
+                format!(
+                    "no compiled-in native plugin {name:?} (this build has: {})",
+                    native_plugins().join(", ")
+                )
+            })?
+            .module()
+    } else if !plugin.ends_with(".wasm") {
+        // Read as a configuration's library is: a regular file (a FIFO would block for
+        // ever, `/dev/zero` fill memory), at most the library limit.
+        let path = Path::new(plugin);
+        let bytes =
+            lifecycle::files::read_regular_file_up_to(path, lifecycle::MAX_NATIVE_LIBRARY_BYTES)
+                .with_context(|| format!("cannot read {plugin}"))?;
+        // SAFETY: the user asked to run this library; native plugins are trusted code (the
+        // null runtime's trust model, stated in the README and `pwhost run --help`).
+        std::sync::Arc::new(unsafe {
+            native::SdkLibrary::from_bytes(path, std::sync::Arc::new(bytes))
+        }?)
+    } else {
+        anyhow::bail!(
+            "the null runtime runs native plugins (native:NAME or a .so built with the \
                  proxy-wasm SDK), not {plugin}"
-            );
-        };
+        );
+    };
     let module = std::sync::Arc::new(runtime_null::NullModule::new(native));
     Ok(Plugin::from_module(runtime, module, config, shared)?)
 }

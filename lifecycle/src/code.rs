@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{CodeSource, PluginConfig};
 
 /// A plugin's code, ready for an engine.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Code {
     /// A WebAssembly module.
     Wasm(Vec<u8>),
@@ -26,6 +26,22 @@ pub enum Code {
         /// replaced the file loads the new build.
         identity: Vec<u8>,
     },
+}
+
+/// Sizes, not bytes: a module or a library may be a gigabyte, and messages show this.
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Code::Wasm(bytes) => write!(f, "a WebAssembly module of {} bytes", bytes.len()),
+            Code::NativeName(name) => write!(f, "the compiled-in native plugin {name:?}"),
+            Code::NativeLibrary { path, bytes, .. } => write!(
+                f,
+                "the native library {} ({} bytes)",
+                path.display(),
+                bytes.len()
+            ),
+        }
+    }
 }
 
 impl Code {

@@ -25,7 +25,7 @@ pub mod services;
 #[cfg(test)]
 mod test_support;
 
-pub use code::{abi_config, Code, CodeError, VmKey};
+pub use code::{abi_config, Code, CodeError, VmKey, MAX_NATIVE_LIBRARY_BYTES};
 pub use compiled::{CompilationCache, CompiledFrom};
 pub use config::{
     parse, CodeSource, ConfigError, Deployment, Environment, FailurePolicy, PluginConfig,

@@ -3,6 +3,8 @@
 use std::sync::OnceLock;
 
 use abi::AbiVersion;
+use std::io::Write as _;
+
 use runtime_api::{ExternKind, FunctionType, Import, Trap};
 
 macro_rules! host_imports {
@@ -130,7 +132,10 @@ fn log_outside_call(args: &[u64]) -> u32 {
         }
     };
     let level = abi::LogLevel::from_raw(level).map_or("unknown", abi::LogLevel::as_str);
-    eprintln!(
+    // Not `eprintln!`, which panics when standard error is closed: in an `extern "C"`
+    // callback that would abort the process.
+    let _ = writeln!(
+        std::io::stderr(),
         "[{level}] (plugin, outside a call) {}",
         String::from_utf8_lossy(message)
     );

@@ -13,10 +13,11 @@
 //! are meant to be created once per worker thread, not per request.
 
 use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_LOCAL, RTLD_NOW};
 use runtime_api::{Error, Export, FunctionType, Import, Trap, TrapKind};
 use runtime_null::{NativeInstance, NativeModule};
 
@@ -35,7 +36,10 @@ pub struct SdkLibrary {
 }
 
 impl SdkLibrary {
-    /// Opens the library at `path` and finds its Proxy-Wasm exports.
+    /// The library whose `bytes` were read from `path` (which names it in messages and in the
+    /// private copies' names), with its Proxy-Wasm exports. The embedder reads the file (as a
+    /// regular file, within a size limit: `lifecycle::files` does), so that one file is read
+    /// the same way whoever names it.
     ///
     /// Fails if it is not a loadable shared library, if it imports a host function this host
     /// does not define, or if it exports no Proxy-Wasm ABI version marker (then it is not a
@@ -44,23 +48,11 @@ impl SdkLibrary {
     /// # Safety
     /// Loading a library runs its initialisers, and calling it later runs its code in this
     /// process with no sandbox: the library must be a trusted Proxy-Wasm plugin.
-    pub unsafe fn open(path: &Path) -> Result<Self, Error> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::InvalidModule(format!("cannot read {}: {e}", path.display())))?;
-        // SAFETY: the caller's promise.
-        unsafe { SdkLibrary::from_bytes(path, Arc::new(bytes)) }
-    }
-
-    /// As [`SdkLibrary::open`], with the library's bytes read already from `path` (which names
-    /// it in messages and in the private copies' names).
-    ///
-    /// # Safety
-    /// As [`SdkLibrary::open`].
     pub unsafe fn from_bytes(path: &Path, bytes: Arc<Vec<u8>>) -> Result<Self, Error> {
         crate::symbols::keep_symbols();
         let copy = PrivateCopy::new(path, &bytes)?;
         // SAFETY: the caller vouches that the library is trusted; these are its bytes.
-        let library = unsafe { load(copy.path()) }?;
+        let library = unsafe { load(copy.path(), path) }?;
         drop(copy); // The mapping stays; the file is no longer needed.
         let mut exports = vec![memory_export()];
         let mut shapes = vec![None];
@@ -93,15 +85,68 @@ impl SdkLibrary {
     }
 }
 
-/// Loads `path`, binding every symbol now so that a missing host function is an error here
-/// rather than an abort at its first call.
+/// Loads `copy`, a private copy of `library`, binding every symbol now so that a missing host
+/// function is an error here rather than an abort at its first call; errors name `library`.
 ///
 /// # Safety
-/// As [`SdkLibrary::open`].
-unsafe fn load(path: &Path) -> Result<Library, Error> {
+/// As [`SdkLibrary::from_bytes`].
+unsafe fn load(copy: &Path, library: &Path) -> Result<Library, Error> {
+    make_host_symbols_global();
     // SAFETY: the caller vouches that the library is trusted.
-    unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-        .map_err(|e| Error::InvalidModule(format!("cannot load {}: {e}", path.display())))
+    unsafe { Library::open(Some(copy), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+        // libloading's message is only "dlopen failed"; the loader's own is its source.
+        let reason = std::error::Error::source(&e).map_or(e.to_string(), ToString::to_string);
+        let hint = match reason.contains("undefined symbol: proxy_") {
+            true => format!(
+                " (this host does not export the proxy_* functions: an executable embedding \
+                 the null runtime links with `{}`)",
+                crate::LINK_ARG
+            ),
+            false => String::new(),
+        };
+        // The private copy's name is the loader's; the user knows the library by its own.
+        let reason = reason.replace(&copy.display().to_string(), &library.display().to_string());
+        Error::InvalidModule(format!("cannot load {}: {reason}{hint}", library.display()))
+    })
+}
+
+/// Makes the `proxy_*` symbols this host defines visible to the plugin libraries it loads,
+/// which find them in the global scope. An executable's exported symbols are there; a host
+/// that is itself a library opened without `RTLD_GLOBAL` (Traffic Server opens
+/// `pwhost_ats.so` so) keeps its own local, and every plugin library would fail to load with
+/// an undefined `proxy_*` symbol. Opening the object that defines them again with
+/// `RTLD_NOLOAD | RTLD_GLOBAL` moves it into the global scope; done once per process.
+fn make_host_symbols_global() {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+        let defined_here = crate::symbols::proxy_log as *const libc::c_void;
+        // SAFETY: `dladdr` only reads the loader's tables for an address of this process (a
+        // function of this object) and fills `info`, which it may leave partly unset: it was
+        // zeroed, and is read only when `dladdr` reports success.
+        let found = unsafe { libc::dladdr(defined_here, info.as_mut_ptr()) };
+        if found == 0 {
+            return;
+        }
+        // SAFETY: `dladdr` succeeded, so `info` is filled (zeroed fields stay valid: null
+        // pointers).
+        let info = unsafe { info.assume_init() };
+        if info.dli_fname.is_null() {
+            return;
+        }
+        // SAFETY: `dli_fname` is the loader's NUL-terminated name of an object loaded now.
+        let name = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+        let path = Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        // SAFETY: with `RTLD_NOLOAD` nothing new is loaded and no initialiser runs: only the
+        // scope of an object already loaded changes (the main program is not found by its
+        // path, and stays as it is). The handle is kept, not closed: the object stays loaded
+        // for the life of the process either way.
+        if let Ok(library) =
+            unsafe { Library::open(Some(path), RTLD_NOW | libc::RTLD_NOLOAD | RTLD_GLOBAL) }
+        {
+            std::mem::forget(library);
+        }
+    });
 }
 
 /// The address of `name` defined by `library` itself, if any.
@@ -129,7 +174,7 @@ impl NativeModule for SdkLibrary {
         let copy = PrivateCopy::new(&self.path, &self.bytes)?;
         // SAFETY: `open` loaded these same bytes under the caller's promise that they are
         // trusted.
-        let library = unsafe { load(copy.path()) }?;
+        let library = unsafe { load(copy.path(), &self.path) }?;
         drop(copy); // The mapping stays; the file is no longer needed.
         let functions = self
             .exports
@@ -180,13 +225,16 @@ impl PrivateCopy {
     }
 }
 
-/// An identity of the current thread that is cheap to read: the address of a thread-local.
-/// (`std::thread::current().id()` clones a reference-counted handle on every call.)
-fn thread_marker() -> usize {
+/// An identity of the current thread that is cheap to read: a number drawn once per thread
+/// from a process-wide counter, so never reused. (`std::thread::current().id()` clones a
+/// reference-counted handle on every call; a thread-local's address is reused by a later
+/// thread whose stack or TLS block lands where an ended thread's was.)
+fn thread_marker() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     thread_local! {
-        static MARKER: u8 = const { 0 };
+        static MARKER: u64 = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    MARKER.with(|marker| marker as *const u8 as usize)
+    MARKER.with(|marker| *marker)
 }
 
 /// One loaded copy of an SDK library.
@@ -195,7 +243,7 @@ struct SdkInstance {
     functions: Vec<Option<(Shape, *const ())>>,
     /// The thread that created the instance ([`thread_marker`]): the SDK keeps the plugin's
     /// contexts in thread-locals, so on another thread it would find none.
-    thread: usize,
+    thread: u64,
     /// Keeps the code mapped while the addresses above are in use. Never unloaded before the
     /// instance, whose calls are the only users of the addresses.
     _library: Arc<Library>,

@@ -210,7 +210,18 @@ impl<S> HostDispatch for Frame<'_, S> {
     fn dispatch(&self, import: usize, slots: &mut [u64]) -> Result<(), Trap> {
         self.core.check_reachable()?;
         let _host_function = UseGuard::set(&self.core.in_use, InUse::HostFunction);
-        self.core.record(self.dispatch_first(import, slots))
+        // A panic in a host function is its trap, as on every engine: native code calling
+        // through an `extern "C"` symbol cannot be unwound through (the process would abort).
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.dispatch_first(import, slots)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(Trap::host(format!(
+                "a host function panicked: {}",
+                runtime_api::panic_message(&*panic)
+            )))
+        });
+        self.core.record(outcome)
     }
 
     fn core(&self) -> &FrameCore {

@@ -169,10 +169,13 @@ impl Typed {
 }
 
 /// `add_state(x)`: adds `double(x)` (a re-entrant call into the instance) to the state and
-/// returns the new state; traps when `x` is 0.
+/// returns the new state; traps when `x` is 0, panics when it is 7.
 fn add_state(caller: &mut dyn Caller<u64>, args: &mut [u64]) -> Result<(), Trap> {
     if args[0] == 0 {
         return Err(Trap::host("zero is not allowed"));
+    }
+    if args[0] == 7 {
+        panic!("seven is unlucky");
     }
     let double = runtime_api::GuestFunction::new(
         1,
@@ -237,6 +240,25 @@ fn a_host_trap_ends_the_call_with_that_trap_after_the_native_code_returns() {
     let error = instance.call(run, &[0], &mut [0]).unwrap_err();
     assert_eq!(error, Trap::host("zero is not allowed"));
     // The instance is still usable for the next call.
+    let mut result = [0];
+    instance.call(run, &[1], &mut result).unwrap();
+    assert_eq!(result[0], 12);
+}
+
+/// A host function that panics fails as one that traps: the panic is not unwound through the
+/// native code that called it (an SDK library calls through `extern "C"` symbols, where an
+/// unwind aborts the process); the native code gets the failure back, and the call ends with
+/// the panic as its trap.
+#[test]
+fn a_panicking_host_function_is_its_trap_not_an_unwind_through_native_code() {
+    let mut instance = instance();
+    let run = instance.function("run").unwrap();
+    let error = instance.call(run, &[7], &mut [0]).unwrap_err();
+    assert_eq!(
+        error,
+        Trap::host("a host function panicked: seven is unlucky"),
+        "{error}"
+    );
     let mut result = [0];
     instance.call(run, &[1], &mut result).unwrap();
     assert_eq!(result[0], 12);
