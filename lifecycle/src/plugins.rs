@@ -261,13 +261,15 @@ impl Plugins {
         options: &LoadOptions,
         shared: SharedState,
     ) -> Result<Plugins, LoadError> {
-        Self::load_with(deployment, engines, options, shared, Vec::new())
+        Self::load_with(deployment, engines, options, shared, Vec::new(), Vec::new())
     }
 
     /// As [`Plugins::load`], for a deployment replacing `previous` (a configuration update):
     /// modules whose [`VmKey`] did not change are not compiled again. The new plugins get VM
     /// copies of their own all the same (see [`crate::LivePlugins`]); they share `previous`'s
-    /// shared data and queues.
+    /// shared data and queues, and a plugin of a name `previous` had (of the same kind: HTTP
+    /// filter, network filter or service) goes on counting in its [`Counters`], as a proxy's
+    /// metrics by plugin name do across updates.
     pub fn load_replacing(
         previous: &Plugins,
         deployment: &Deployment,
@@ -279,12 +281,23 @@ impl Plugins {
             .iter()
             .filter_map(|m| Some((m.key.clone()?, m.plugin.clone(), m.compiled_from)))
             .collect();
+        let counters = previous
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let kind = kind_of(index, previous.http_filters, previous.network_filters);
+                let name = entry.config.display_name().to_string();
+                ((kind, name), Arc::clone(&entry.counters))
+            })
+            .collect();
         Self::load_with(
             deployment,
             engines,
             options,
             previous.shared.clone(),
             compiled,
+            counters,
         )
     }
 
@@ -295,6 +308,8 @@ impl Plugins {
         shared: SharedState,
         // Compiled once per key, even when a singleton service needs a VM of its own.
         mut compiled: Vec<(VmKey, abi::Plugin, CompiledFrom)>,
+        // The counters of the plugins replaced, by kind and name, each taken once.
+        mut counters: Vec<((usize, String), Arc<Counters>)>,
     ) -> Result<Plugins, LoadError> {
         let available = engines.available();
         let mut modules: Vec<Module> = Vec::new();
@@ -356,11 +371,21 @@ impl Plugins {
                     modules.len() - 1
                 }
             };
+            let kind = kind_of(
+                index,
+                deployment.http_filters.len(),
+                deployment.network_filters.len(),
+            );
+            let name = config.display_name();
+            let counted = counters
+                .iter()
+                .position(|((k, n), _)| *k == kind && n == name)
+                .map(|at| counters.swap_remove(at).1);
             entries.push(Entry {
                 config: config.clone(),
                 module,
                 root: modules[module].roots.len() - 1,
-                counters: Arc::default(),
+                counters: counted.unwrap_or_default(),
             });
         }
         let plugins = Plugins {
@@ -1174,6 +1199,18 @@ impl Drop for Worker {
         for index in 0..self.copies.len() {
             self.retire(index);
         }
+    }
+}
+
+/// Which kind plugin number `index` is, in the order HTTP filters, network filters, services
+/// (0, 1, 2), given how many HTTP and network filters come first.
+fn kind_of(index: usize, http_filters: usize, network_filters: usize) -> usize {
+    if index < http_filters {
+        0
+    } else if index < http_filters + network_filters {
+        1
+    } else {
+        2
     }
 }
 

@@ -1108,6 +1108,40 @@ fn the_admin_listener_shows_plugin_and_proxy_metrics_readiness_and_the_configura
         config.body
     );
     assert_eq!(get(&serve.admin_url("/nothing"), &[]).status, 404);
+    // Reading is GET or HEAD, reloading is POST: any other method is 405, with `Allow`.
+    for (request, allow) in [
+        (
+            &b"DELETE /config_dump HTTP/1.1\r\nhost: a\r\n\r\n"[..],
+            "GET, HEAD",
+        ),
+        (
+            b"PUT /ready HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n",
+            "GET, HEAD",
+        ),
+        (b"GET /reload HTTP/1.1\r\nhost: a\r\n\r\n", "POST"),
+    ] {
+        let reply = raw_reply(serve.admin_port, request);
+        assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains(&format!("allow: {}", allow.to_ascii_lowercase())),
+            "{reply}"
+        );
+    }
+}
+
+/// Sends `request` on a connection of its own (closing after it) and returns everything the
+/// proxy answered, as text.
+fn raw_reply(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = connection.write_all(request);
+    let _ = connection.shutdown(std::net::Shutdown::Write);
+    let mut received = Vec::new();
+    let _ = connection.read_to_end(&mut received);
+    String::from_utf8_lossy(&received).into_owned()
 }
 
 #[test]

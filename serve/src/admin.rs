@@ -170,6 +170,9 @@ impl Collector for PluginMetrics {
             None,
             MetricType::Counter,
         )?;
+        // Plugins of one name in one chain (two unnamed ones are both `plugin`) count in one
+        // series, theirs added up: two samples with the same labels would be refused.
+        let mut totals: Vec<(FailureLabels, u64)> = Vec::new();
         for (listener, live) in self.reloader.plugins_in_force() {
             let (_, plugins) = live.current();
             for plugin in plugins.http_filters().chain(plugins.network_filters()) {
@@ -180,9 +183,15 @@ impl Collector for PluginMetrics {
                         plugin: name.clone(),
                         outcome: outcome.to_string(),
                     };
-                    ConstCounter::new(value).encode(failures.encode_family(&labels)?)?;
+                    match totals.iter_mut().find(|(known, _)| *known == labels) {
+                        Some((_, total)) => *total = total.saturating_add(value),
+                        None => totals.push((labels, value)),
+                    }
                 }
             }
+        }
+        for (labels, value) in totals {
+            ConstCounter::new(value).encode(failures.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -392,7 +401,25 @@ impl ServeHttp for Admin {
             }
         }
         let path = session.req_header().uri.path().to_string();
-        let post = session.req_header().method == http::Method::POST;
+        let method = &session.req_header().method;
+        // Reading is GET (or HEAD); the one change is POST.
+        let read = *method == http::Method::GET || *method == http::Method::HEAD;
+        let post = *method == http::Method::POST;
+        let allowed = match path.as_str() {
+            "/stats/prometheus" | "/ready" | "/config_dump" => Some(("GET, HEAD", read)),
+            "/reload" => Some(("POST", post)),
+            _ => None,
+        };
+        if let Some((allow, false)) = allowed {
+            let body = format!("{method} is not allowed here: {allow}\n").into_bytes();
+            return http::Response::builder()
+                .status(405)
+                .header(http::header::ALLOW, allow)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .header(http::header::CONTENT_LENGTH, body.len())
+                .body(body)
+                .unwrap_or_default();
+        }
         let (status, content_type, body) = match (post, path.as_str()) {
             (false, "/stats/prometheus") => self.prometheus(),
             (false, "/ready") => (200, "text/plain", b"LIVE\n".to_vec()),

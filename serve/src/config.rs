@@ -36,6 +36,9 @@ pub struct AdminListener {
 pub struct ServeConfig {
     /// Worker threads (each with its own VM copy of every plugin).
     pub workers: usize,
+    /// `workers` as the file gives it (`None`: one per core, counted at start): what a reload
+    /// compares, so that the same file reloads even where the cores available changed.
+    pub(crate) workers_written: Option<usize>,
     /// Where clients connect.
     pub listeners: Vec<Listener>,
     /// Where requests go, by name.
@@ -226,11 +229,44 @@ mod duration {
         Duration::try_from_secs_f64(value * scale)
             .ok()
             .filter(|duration| duration.as_secs() <= MAX_SECONDS)
+            // Below a nanosecond is not zero, which reads "none" where a timeout may be off.
+            .filter(|duration| value == 0.0 || !duration.is_zero())
     }
 
     /// The longest duration taken, `google.protobuf.Duration`'s (10,000 years) as Envoy
     /// checks it: more would overflow the clock when a timer is set.
     const MAX_SECONDS: u64 = 315_576_000_000;
+}
+
+/// A map whose every key is new: a name given twice is refused (a plain map keeps the last,
+/// and the first would be lost without a word).
+fn unique_names<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a map of names")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut names = BTreeMap::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if names.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!("{name:?} is given twice")));
+                }
+                let value = map.next_value()?;
+                names.insert(name, value);
+            }
+            Ok(names)
+        }
+    }
+    deserializer.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 /// The file's shape, before the plugin blocks go to the lifecycle layer.
@@ -240,7 +276,7 @@ struct File {
     #[serde(default)]
     workers: Option<usize>,
     listeners: Vec<ListenerFile>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_names")]
     clusters: BTreeMap<String, Cluster>,
     #[serde(default)]
     services: Option<serde_yaml::Value>,
@@ -535,6 +571,7 @@ impl ServeConfig {
         }
         Ok(ServeConfig {
             workers,
+            workers_written: file.workers,
             listeners,
             clusters: file.clusters,
             services,
@@ -573,11 +610,31 @@ fn http_listener(
         ));
     }
     for (route_index, route) in listener.routes.iter().enumerate() {
+        let at = format!("{at}.routes[{route_index}]");
         if !clusters.contains_key(&route.cluster) {
             return Err(format!(
-                "{at}.routes[{route_index}].cluster: no cluster named {:?}",
+                "{at}.cluster: no cluster named {:?}",
                 route.cluster
             ));
+        }
+        // A request's path begins with `/` and its host is matched without a port: a route
+        // written otherwise would never match.
+        if !route.prefix.starts_with('/') {
+            return Err(format!(
+                "{at}.prefix: {:?} does not begin with /, as every request's path does",
+                route.prefix
+            ));
+        }
+        if let Some(host) = &route.host {
+            let bare = host
+                .parse::<http::uri::Authority>()
+                .is_ok_and(|authority| authority.port().is_none() && authority.host() == host);
+            if !bare {
+                return Err(format!(
+                    "{at}.host: {host:?} is not a host name or address without a port (a \
+                     request's host is matched without its port)"
+                ));
+            }
         }
     }
     if listener.routes.is_empty() {
@@ -684,6 +741,47 @@ clusters:
                 stream_idle_timeout: Some(Duration::from_secs(300)),
             }
         );
+    }
+
+    /// What could never work as written is refused, naming the field: a cluster named twice
+    /// (the last would win), a timeout below a nanosecond (zero would read "none"), a route
+    /// that no request can match.
+    #[test]
+    fn a_configuration_that_cannot_work_as_written_is_refused() {
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "clusters:\n",
+                    "clusters:\n  backend: {endpoints: [127.0.0.1:9001]}\n",
+                ),
+                "clusters: \"backend\" is given twice",
+            ),
+            (
+                MINIMAL.replace(
+                    "routes: [{cluster: backend}]",
+                    "routes: [{cluster: backend}]\n    stream_idle_timeout: 1e-10s",
+                ),
+                "listeners[0].stream_idle_timeout: \"1e-10s\" is not a duration",
+            ),
+            (
+                MINIMAL.replace(
+                    "routes: [{cluster: backend}]",
+                    "routes: [{prefix: api, cluster: backend}]",
+                ),
+                "listeners[0].routes[0].prefix: \"api\" does not begin with /",
+            ),
+            (
+                MINIMAL.replace(
+                    "routes: [{cluster: backend}]",
+                    "routes: [{host: \"example.com:8080\", cluster: backend}]",
+                ),
+                "listeners[0].routes[0].host: \"example.com:8080\"",
+            ),
+        ];
+        for (text, needle) in cases {
+            let error = ServeConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(error.contains(needle), "{error}\nfor\n{text}");
+        }
     }
 
     #[test]

@@ -286,6 +286,19 @@ impl Proxy {
             })?;
             sockets.push(socket);
         }
+        if let Some(admin) = self
+            .config
+            .admin
+            .as_ref()
+            .filter(|a| !a.address.ip().is_loopback())
+        {
+            // As Envoy's, the admin listener has no authentication.
+            tracing::warn!(
+                address = %admin.address,
+                "the admin listener is not on loopback: anyone who reaches it can read the \
+                 configuration (plugin configurations included) and reload it"
+            );
+        }
         let admin_socket = match &self.config.admin {
             Some(admin) => Some(listening::bind(admin.address).map_err(|error| {
                 ServeError::Listen(format!(

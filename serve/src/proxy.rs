@@ -44,7 +44,11 @@ impl ListenerProxy {
                     .get(http::header::HOST)
                     .and_then(|v| v.to_str().ok())
             })
-            .map(|host| host.split(':').next().unwrap_or(host));
+            // Without the port; an IPv6 literal keeps its brackets, as the URI's host has them.
+            .map(|host| match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            });
         self.listener
             .routing
             .load()

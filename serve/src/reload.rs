@@ -90,7 +90,15 @@ impl Reloader {
     /// Reads the file again and puts it in force; a change to the workers, the services, the
     /// admin listener or the drain timeout needs a restart and is refused.
     pub(crate) fn reload(&self) -> Result<(), String> {
-        let outcome = self.try_reload();
+        // A panic (a defect) is a refused reload with its message, counted and logged as one,
+        // not a lost request or signal.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_reload()))
+            .unwrap_or_else(|panic| {
+                Err(format!(
+                    "the reload failed unexpectedly: {}",
+                    runtime_api::panic_message(&*panic)
+                ))
+            });
         let label = OutcomeLabel {
             outcome: if outcome.is_ok() { "done" } else { "refused" }.into(),
         };
@@ -323,7 +331,7 @@ impl BackgroundService for OnHangup {
 /// services, the admin listener, the drain timeout or the shared limits.
 fn check_reloadable(new: &ServeConfig, old: &ServeConfig) -> Result<(), String> {
     for (field, changed) in [
-        ("workers", new.workers != old.workers),
+        ("workers", new.workers_written != old.workers_written),
         ("services", new.services != old.services),
         ("admin", new.admin != old.admin),
         ("drain_timeout", new.drain_timeout != old.drain_timeout),

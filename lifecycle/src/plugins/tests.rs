@@ -255,6 +255,44 @@ fn fail_closed_answers_every_later_stream_with_a_local_reply() {
     );
 }
 
+/// A configuration update keeps counting where the plugin of the same name and kind left
+/// off (a proxy's metrics by plugin name would otherwise fall back to zero at each update);
+/// a plugin new to the deployment starts from zero.
+#[test]
+fn a_configuration_update_carries_a_plugins_counters_by_name() {
+    let policy = "failure_policy: FAIL_CLOSED,";
+    let text = |names: &[&str]| {
+        names
+            .iter()
+            .map(|name| {
+                format!(
+                    "- {{name: {name}, {policy} vm_config: {{code: {{local: {{inline_bytes: {}}}}}}}}}\n",
+                    wat_base64("trap_in_request_headers")
+                )
+            })
+            .collect::<String>()
+    };
+    let first = load(&text(&["trap"])).unwrap();
+    let mut worker = worker(first);
+    assert!(request(&mut worker, PluginId(0)).is_err());
+    let update = Plugins::load_replacing(
+        worker.plugins(),
+        &crate::parse(&text(&["newcomer", "trap"])).unwrap(),
+        &Wasmtime,
+        &corpus_options(),
+    )
+    .unwrap();
+    assert_eq!(
+        update.counters(PluginId(1)).snapshot()[0],
+        ("failed_by_trap", 1)
+    );
+    assert_eq!(update.counters(PluginId(1)).snapshot()[6], ("closed", 1));
+    assert_eq!(
+        update.counters(PluginId(0)).snapshot(),
+        Counters::default().snapshot()
+    );
+}
+
 #[test]
 fn fail_open_passes_later_streams_on_without_the_plugin() {
     let mut worker = worker(trapping("fail_open: true,"));
