@@ -625,6 +625,22 @@ fn http_listener(
                 route.prefix
             ));
         }
+        // Routes are tried in order: one that an earlier route takes every request of is a
+        // mistake (usually a catch-all written first).
+        let shadowing = listener.routes[..route_index].iter().position(|earlier| {
+            route.prefix.starts_with(&earlier.prefix)
+                && match (&earlier.host, &route.host) {
+                    (None, _) => true,
+                    (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                    (Some(_), None) => false,
+                }
+        });
+        if let Some(earlier) = shadowing {
+            return Err(format!(
+                "{at}: never matches: routes[{earlier}] before it takes every request it would \
+                 (routes are tried in order; put the more specific first)"
+            ));
+        }
         if let Some(host) = &route.host {
             let bare = host
                 .parse::<http::uri::Authority>()
@@ -776,6 +792,21 @@ clusters:
                     "routes: [{host: \"example.com:8080\", cluster: backend}]",
                 ),
                 "listeners[0].routes[0].host: \"example.com:8080\"",
+            ),
+            (
+                MINIMAL.replace(
+                    "routes: [{cluster: backend}]",
+                    "routes: [{cluster: backend}, {prefix: /api, cluster: backend}]",
+                ),
+                "listeners[0].routes[1]: never matches: routes[0] before it takes every request",
+            ),
+            (
+                MINIMAL.replace(
+                    "routes: [{cluster: backend}]",
+                    "routes: [{prefix: /api, host: A.example, cluster: backend}, \
+                     {prefix: /api/v2, host: a.example, cluster: backend}, {cluster: backend}]",
+                ),
+                "listeners[0].routes[1]: never matches: routes[0]",
             ),
         ];
         for (text, needle) in cases {

@@ -44,16 +44,21 @@ impl ListenerProxy {
                     .get(http::header::HOST)
                     .and_then(|v| v.to_str().ok())
             })
-            // Without the port; an IPv6 literal keeps its brackets, as the URI's host has them.
-            .map(|host| match host.rsplit_once(':') {
-                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-                _ => host,
-            });
+            .map(without_port);
         self.listener
             .routing
             .load()
             .route(self.listener.index, header.raw_path(), host)
             .map(|entry| (Arc::clone(&entry.name), Arc::clone(&entry.cluster)))
+    }
+}
+
+/// A `Host` header's host without its port; an IPv6 literal keeps its brackets, as a URI's
+/// host has them (`[::1]:8080` → `[::1]`).
+fn without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
     }
 }
 
@@ -1121,6 +1126,20 @@ impl ProxyHttp for ListenerProxy {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_host_is_matched_without_its_port_and_an_ipv6_literal_whole() {
+        for (header, host) in [
+            ("example.com", "example.com"),
+            ("example.com:8080", "example.com"),
+            ("[::1]", "[::1]"),
+            ("[::1]:8080", "[::1]"),
+            ("127.0.0.1:80", "127.0.0.1"),
+        ] {
+            assert_eq!(without_port(header), host, "{header}");
+        }
+    }
+
     use super::*;
 
     #[test]
