@@ -449,7 +449,7 @@ fn init(args: &[String]) -> Result<(), String> {
     for warning in loaded.plugins.warnings() {
         diag::warning(warning);
     }
-    for warning in engines.unenforced_limits(&loaded.plugins) {
+    for warning in lifecycle::Engines::unenforced_limits(&engines, &loaded.plugins) {
         diag::warning(&warning);
     }
     let names: Vec<String> = loaded
@@ -535,7 +535,9 @@ unsafe extern "C" fn on_reload(
                 for warning in loaded.plugins.warnings() {
                     diag::warning(warning);
                 }
-                for warning in global.engines.unenforced_limits(&loaded.plugins) {
+                for warning in
+                    lifecycle::Engines::unenforced_limits(&global.engines, &loaded.plugins)
+                {
                     diag::warning(&warning);
                 }
                 if let Err(message) = connection::check_reload(&loaded.listeners) {

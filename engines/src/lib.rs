@@ -35,12 +35,10 @@ impl BuildEngines {
     }
 }
 
-impl BuildEngines {
-    /// One warning per plugin of `plugins` whose engine cannot keep the limits these engines
-    /// run plugins with (a call deadline, a memory cap): a native plugin on the null runtime
-    /// runs unbounded. For a proxy to log at every load, so that a limit it was given is not
-    /// dropped without a word.
-    pub fn unenforced_limits(&self, plugins: &lifecycle::Plugins) -> Vec<String> {
+impl lifecycle::Engines for BuildEngines {
+    /// Warns of the call deadline and memory cap this build's engines were given that a
+    /// plugin's engine cannot keep.
+    fn unenforced_limits(&self, plugins: &lifecycle::Plugins) -> Vec<String> {
         let mut warnings = Vec::new();
         let all = plugins
             .http_filters()
@@ -68,9 +66,7 @@ impl BuildEngines {
         }
         warnings
     }
-}
 
-impl lifecycle::Engines for BuildEngines {
     fn available(&self) -> Vec<&'static str> {
         runtimes::available().to_vec()
     }

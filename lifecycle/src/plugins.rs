@@ -32,6 +32,14 @@ pub trait Engines: Send + Sync {
         engine: &'static str,
     ) -> Result<Arc<dyn runtime_api::WasmRuntime<abi::VmState>>, String>;
 
+    /// One warning per plugin of `plugins` whose engine cannot keep the limits this embedder
+    /// runs plugins with (a call deadline, a memory cap), for a proxy to log at each load: a
+    /// native plugin on the null runtime runs without them. By default none.
+    fn unenforced_limits(&self, plugins: &Plugins) -> Vec<String> {
+        let _ = plugins;
+        Vec::new()
+    }
+
     /// Loads native code ([`Code::NativeName`], [`Code::NativeLibrary`]) on `runtime` (the null
     /// runtime) as a plugin with `config`, sharing `shared`. By default, native code is refused.
     fn load_native(

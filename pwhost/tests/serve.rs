@@ -5286,3 +5286,33 @@ fn a_plugin_holding_the_response_for_a_callout_lets_it_go_with_its_changes() {
         "a check after the reply"
     );
 }
+
+/// A proxy-wasm SDK plugin built as a native library runs in `pwhost serve` on the null
+/// runtime, and the proxy says at load that its code runs without the call deadline and memory
+/// cap its plugins are given.
+#[test]
+fn a_native_sdk_library_runs_with_a_warning_of_the_limits_it_runs_without() {
+    let library =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/native/libhttp_headers.so");
+    assert!(library.exists(), "{} is missing", library.display());
+    let origin = Origin::start();
+    let filter = envoy_filter("headers", "http_headers", "")
+        .replace("envoy.wasm.runtime.wasmtime", "envoy.wasm.runtime.null")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &library.display().to_string(),
+        );
+    let serve = Serve::start(origin.address, &[filter]);
+    serve.wait_for_log(
+        "plugin \"headers\": the null runtime cannot keep the call deadline or the memory cap \
+         set for plugins",
+    );
+    let reply = get(&serve.url("/native"), &[]);
+    assert_eq!(reply.status, 200, "{}", serve.log());
+    assert!(
+        reply.body.contains("x-pwhost-plugin: http_headers"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+}

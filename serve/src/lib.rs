@@ -211,6 +211,9 @@ impl Proxy {
                     let field = listener.filters_field();
                     ServeError::Plugins(format!("listeners[{index}].{field}: {e}"))
                 })?;
+            for warning in engines.unenforced_limits(&plugins) {
+                tracing::warn!(listener = %listener.name, "{warning}");
+            }
             listeners.push(ListenerService::new(
                 index,
                 listener,
@@ -227,6 +230,9 @@ impl Proxy {
                 Plugins::load(&config.services, &*engines, &options, shared.clone())
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
+            for warning in engines.unenforced_limits(&plugins) {
+                tracing::warn!("services: {warning}");
+            }
             let on_workers: Vec<PluginId> = plugins.worker_services().collect();
             if !on_workers.is_empty() {
                 let view = Arc::new(worker::Listener::new(

@@ -150,6 +150,9 @@ impl Reloader {
                 None => Plugins::load(&new.plugins, &*self.engines, &options, self.shared.clone()),
             }
             .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
+            for warning in self.engines.unenforced_limits(&plugins) {
+                tracing::warn!(listener = %new.name, "{warning}");
+            }
             let kept =
                 same_name.filter(|&position| listens_alike(&current.listeners[position], new));
             let plan = match kept {
