@@ -50,6 +50,11 @@ impl SdkLibrary {
     /// process with no sandbox: the library must be a trusted Proxy-Wasm plugin.
     pub unsafe fn from_bytes(path: &Path, bytes: Arc<Vec<u8>>) -> Result<Self, Error> {
         crate::symbols::keep_symbols();
+        // Read before loading: loading runs a library's initialisers, which a file named by
+        // mistake (another library, a program) should not get to run.
+        exports_an_abi_marker(&bytes).map_err(|reason| {
+            Error::InvalidModule(format!("{}: {reason}", path.display()))
+        })?;
         let copy = PrivateCopy::new(path, &bytes)?;
         // SAFETY: the caller vouches that the library is trusted; these are its bytes.
         let library = unsafe { load(copy.path(), path) }?;
@@ -82,6 +87,27 @@ impl SdkLibrary {
             exports,
             shapes,
         })
+    }
+}
+
+/// Whether `bytes`, a shared library, exports a `proxy_abi_version_*` symbol (a Proxy-Wasm
+/// plugin does); why not otherwise.
+fn exports_an_abi_marker(bytes: &[u8]) -> Result<(), String> {
+    use object::Object as _;
+    let file = object::File::parse(bytes)
+        .map_err(|e| format!("not a shared library this host can read ({e})"))?;
+    let exports = file
+        .exports()
+        .map_err(|e| format!("its exported symbols cannot be read ({e})"))?;
+    let marked = exports.iter().any(|export| {
+        let name = export.name();
+        // Mach-O spells C names with a leading underscore.
+        let name = name.strip_prefix(b"_").unwrap_or(name);
+        name.starts_with(b"proxy_abi_version_")
+    });
+    match marked {
+        true => Ok(()),
+        false => Err("exports no proxy_abi_version_* symbol: not a Proxy-Wasm plugin".into()),
     }
 }
 
