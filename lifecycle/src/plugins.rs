@@ -388,7 +388,7 @@ impl Plugins {
             let counted = counters
                 .iter()
                 .position(|((k, n), _)| *k == kind && n == name)
-                .map(|at| counters.swap_remove(at).1);
+                .map(|at| counters.remove(at).1);
             entries.push(Entry {
                 config: config.clone(),
                 module,

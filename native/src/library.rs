@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_LOCAL, RTLD_NOW};
+use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_LAZY, RTLD_LOCAL, RTLD_NOW};
 use runtime_api::{Error, Export, FunctionType, Import, Trap, TrapKind};
 use runtime_null::{NativeInstance, NativeModule};
 
@@ -52,9 +52,8 @@ impl SdkLibrary {
         crate::symbols::keep_symbols();
         // Read before loading: loading runs a library's initialisers, which a file named by
         // mistake (another library, a program) should not get to run.
-        exports_an_abi_marker(&bytes).map_err(|reason| {
-            Error::InvalidModule(format!("{}: {reason}", path.display()))
-        })?;
+        exports_an_abi_marker(&bytes)
+            .map_err(|reason| Error::InvalidModule(format!("{}: {reason}", path.display())))?;
         let copy = PrivateCopy::new(path, &bytes)?;
         // SAFETY: the caller vouches that the library is trusted; these are its bytes.
         let library = unsafe { load(copy.path(), path) }?;
@@ -168,7 +167,7 @@ fn make_host_symbols_global() {
         // path, and stays as it is). The handle is kept, not closed: the object stays loaded
         // for the life of the process either way.
         if let Ok(library) =
-            unsafe { Library::open(Some(path), RTLD_NOW | libc::RTLD_NOLOAD | RTLD_GLOBAL) }
+            unsafe { Library::open(Some(path), RTLD_LAZY | libc::RTLD_NOLOAD | RTLD_GLOBAL) }
         {
             std::mem::forget(library);
         }
@@ -198,8 +197,8 @@ impl NativeModule for SdkLibrary {
 
     fn instantiate(&self) -> Result<Box<dyn NativeInstance>, Error> {
         let copy = PrivateCopy::new(&self.path, &self.bytes)?;
-        // SAFETY: `open` loaded these same bytes under the caller's promise that they are
-        // trusted.
+        // SAFETY: `from_bytes` loaded these same bytes under the caller's promise that they
+        // are trusted.
         let library = unsafe { load(copy.path(), &self.path) }?;
         drop(copy); // The mapping stays; the file is no longer needed.
         let functions = self

@@ -84,7 +84,20 @@ pub fn with_state<S: 'static, R>(f: impl FnOnce(&mut S) -> Result<R, Trap>) -> R
     // which frees the state only after the borrow checker ended the host function's borrows.
     // While `f` runs the state is `Lent`, so `dispatch` and a nested `with_state` refuse.
     let state = unsafe { core.state.cast::<S>().as_mut() };
-    core.record(f(state))
+    // A panic in the host's code is the call's trap, as in `dispatch`, not the plugin's.
+    core.record(host_code(|| f(state)))
+}
+
+/// Runs the host's code for a native plugin's call: a panic in it is its trap, never unwound
+/// into the plugin's code (through an SDK library's `extern "C"` frames it would abort).
+/// Whatever it left half done belongs to a VM that fails with the trap.
+fn host_code<R>(run: impl FnOnce() -> Result<R, Trap>) -> Result<R, Trap> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+        Err(Trap::host(format!(
+            "a host function panicked: {}",
+            runtime_api::panic_message(&*panic)
+        )))
+    })
 }
 
 fn outside_a_call() -> Trap {
@@ -212,15 +225,7 @@ impl<S> HostDispatch for Frame<'_, S> {
         let _host_function = UseGuard::set(&self.core.in_use, InUse::HostFunction);
         // A panic in a host function is its trap, as on every engine: native code calling
         // through an `extern "C"` symbol cannot be unwound through (the process would abort).
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.dispatch_first(import, slots)
-        }))
-        .unwrap_or_else(|panic| {
-            Err(Trap::host(format!(
-                "a host function panicked: {}",
-                runtime_api::panic_message(&*panic)
-            )))
-        });
+        let outcome = host_code(|| self.dispatch_first(import, slots));
         self.core.record(outcome)
     }
 

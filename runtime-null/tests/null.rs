@@ -122,6 +122,9 @@ enum Typed {
     HostCallWhileLent,
     /// Returns a trap from the typed call, then tries a host call and a typed call.
     Trap,
+    /// Panics in the typed call (the host's code): returns 1 if the panic came back as the
+    /// call's failure.
+    Panic,
 }
 
 impl From<u64> for Typed {
@@ -132,6 +135,7 @@ impl From<u64> for Typed {
             Typed::Nested,
             Typed::HostCallWhileLent,
             Typed::Trap,
+            Typed::Panic,
         ][what as usize]
     }
 }
@@ -163,6 +167,12 @@ impl Typed {
                 assert_eq!(trap, Err(Trap::host("typed call trapped")));
                 let after = (call_host(0, &mut [1]), with_state(|_: &mut u64| Ok(())));
                 failed(after.0.is_err() && after.1.is_err())
+            }
+            Typed::Panic => {
+                let panicked = with_state(|_: &mut u64| -> Result<(), Trap> {
+                    panic!("the host's typed code panicked")
+                });
+                failed(panicked.is_err())
             }
         }
     }
@@ -357,6 +367,20 @@ fn a_typed_host_call_s_trap_ends_the_call_like_a_host_function_s() {
     assert_eq!(
         typed(&mut *instance, Typed::Trap),
         Err(Trap::host("typed call trapped"))
+    );
+    assert_eq!(typed(&mut *instance, Typed::Increment), Ok(11));
+}
+
+/// A panic in the host's code lent to a typed call is that call's trap, as a host function's
+/// is: the native code gets the failure back, and the call ends with the panic.
+#[test]
+fn a_panic_in_a_typed_host_call_is_its_trap() {
+    let mut instance = instance();
+    assert_eq!(
+        typed(&mut *instance, Typed::Panic),
+        Err(Trap::host(
+            "a host function panicked: the host's typed code panicked"
+        ))
     );
     assert_eq!(typed(&mut *instance, Typed::Increment), Ok(11));
 }

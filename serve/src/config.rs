@@ -212,7 +212,7 @@ mod duration {
         let text = String::deserialize(deserializer)?;
         parse(&text).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "{text:?} is not a duration of at most 10,000 years (e.g. \"1s\", \"0.5s\", \
+                "{text:?} is not a duration of 1 ns to 10,000 years (e.g. \"1s\", \"0.5s\", \
                  \"250ms\")"
             ))
         })
@@ -446,7 +446,7 @@ impl ListenerFile {
 fn timeout(text: &str, at: &str, field: &str) -> Result<Option<Duration>, String> {
     let timeout = duration::parse(text).ok_or_else(|| {
         format!(
-            "{at}.{field}: {text:?} is not a duration of at most 10,000 years (e.g. \"10s\", \
+            "{at}.{field}: {text:?} is not a duration of 1 ns to 10,000 years (e.g. \"10s\", \
              \"0.5s\", \"250ms\"; \"0s\": none)"
         )
     })?;
@@ -619,7 +619,8 @@ fn http_listener(
         }
         // A request's path begins with `/` and its host is matched without a port: a route
         // written otherwise would never match.
-        if !route.prefix.starts_with('/') {
+        // `""` takes every path, as `/` does; `*` is the path of `OPTIONS *`.
+        if !route.prefix.is_empty() && !route.prefix.starts_with(['/', '*']) {
             return Err(format!(
                 "{at}.prefix: {:?} does not begin with /, as every request's path does",
                 route.prefix
@@ -646,9 +647,13 @@ fn http_listener(
                 .parse::<http::uri::Authority>()
                 .is_ok_and(|authority| authority.port().is_none() && authority.host() == host);
             if !bare {
+                let ipv6 = match host.contains(':') && !host.starts_with('[') {
+                    true => "; an IPv6 address is written in brackets, [::1]",
+                    false => "",
+                };
                 return Err(format!(
                     "{at}.host: {host:?} is not a host name or address without a port (a \
-                     request's host is matched without its port)"
+                     request's host is matched without its port{ipv6})"
                 ));
             }
         }

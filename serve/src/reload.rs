@@ -90,12 +90,14 @@ impl Reloader {
     /// Reads the file again and puts it in force; a change to the workers, the services, the
     /// admin listener or the drain timeout needs a restart and is refused.
     pub(crate) fn reload(&self) -> Result<(), String> {
-        // A panic (a defect) is a refused reload with its message, counted and logged as one,
-        // not a lost request or signal.
+        // A panic (a defect) is a failed reload with its message, counted and logged as one,
+        // not a lost request or signal. It may have come after part of the new configuration
+        // was put in force, which the message says.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_reload()))
             .unwrap_or_else(|panic| {
                 Err(format!(
-                    "the reload failed unexpectedly: {}",
+                    "the reload failed unexpectedly ({}); part of it may be in force: restart \
+                     to be sure of the configuration",
                     runtime_api::panic_message(&*panic)
                 ))
             });
@@ -267,6 +269,9 @@ impl Reloader {
         }
         self.listeners.store(Arc::new(listeners));
         self.text.store(Arc::new(config.text.clone()));
+        // The threads running are the ones counted at start.
+        let mut config = config;
+        config.workers = current.workers;
         *current = config;
         Ok(())
     }
@@ -334,7 +339,11 @@ impl BackgroundService for OnHangup {
 /// services, the admin listener, the drain timeout or the shared limits.
 fn check_reloadable(new: &ServeConfig, old: &ServeConfig) -> Result<(), String> {
     for (field, changed) in [
-        ("workers", new.workers_written != old.workers_written),
+        // Workers as written: left out, the count is the cores', counted at start.
+        (
+            "workers",
+            new.workers_written.is_some_and(|n| n != old.workers),
+        ),
         ("services", new.services != old.services),
         ("admin", new.admin != old.admin),
         ("drain_timeout", new.drain_timeout != old.drain_timeout),
