@@ -47,6 +47,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -502,6 +503,8 @@ bool ValidShape(pwv8_shape shape) {
 }
 
 /// Creates an isolate registered with the platform, with a context.
+void DeleteVm(pwv8_vm* vm);
+
 pwv8_vm* NewVm() {
   auto vm = std::make_unique<pwv8_vm>();
   v8::Isolate::CreateParams params;
@@ -514,12 +517,23 @@ pwv8_vm* NewVm() {
   v8::Isolate::Initialize(isolate, params);
   vm->isolate = isolate;
   isolate->AddNearHeapLimitCallback(NearHeapLimit, vm.get());
-  v8::Locker locker(isolate);
-  v8::Isolate::Scope isolate_scope(isolate);
-  // Wasm queues no microtasks; never run them implicitly at the end of a call.
-  isolate->SetMicrotasksPolicy(v8::MicrotasksPolicy::kExplicit);
-  v8::HandleScope scope(isolate);
-  vm->context.Reset(isolate, v8::Context::New(isolate));
+  bool made = false;
+  {
+    v8::Locker locker(isolate);
+    v8::Isolate::Scope isolate_scope(isolate);
+    // Wasm queues no microtasks; never run them implicitly at the end of a call.
+    isolate->SetMicrotasksPolicy(v8::MicrotasksPolicy::kExplicit);
+    v8::HandleScope scope(isolate);
+    v8::Local<v8::Context> context = v8::Context::New(isolate);
+    made = !context.IsEmpty();
+    if (made) vm->context.Reset(isolate, context);
+  }
+  // Every later entry enters this context: without one, fail this VM here rather than the
+  // process at its first call.
+  if (!made) {
+    DeleteVm(vm.release());
+    throw std::runtime_error("V8 could not create a context for the VM");
+  }
   return vm.release();
 }
 

@@ -16,10 +16,11 @@
 //! leaks into the next call.
 //!
 //! Deadlines are checked by one process-wide watchdog thread that wakes at a tenth of the
-//! shortest deadline it watches (at least every millisecond) and reads the CPU clock of the thread
-//! running each call. The first look at a call counts as one whole tick, so a call is stopped
-//! between 90% and 110% of its CPU deadline, like wasmtime's epoch ticks. The thread sleeps
-//! while no instance with a deadline exists.
+//! shortest deadline it watches (at least every millisecond, at most every 100 ms, and when an
+//! instance is registered) and reads the CPU clock of the thread running each call. The first
+//! look at a call counts as one whole tick, so a call is stopped between 90% and 110% of its
+//! CPU deadline, like wasmtime's epoch ticks. The thread sleeps while no instance with a
+//! deadline exists.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -272,10 +273,14 @@ impl Watchdog {
                 .filter_map(|watch| watch.deadline)
                 .min()
                 .unwrap_or(Duration::from_secs(1));
-            let tick = (shortest / 10).max(Duration::from_millis(1));
-            drop(registry);
-            std::thread::sleep(tick);
-            registry = self.lock();
+            // At most 100 ms, and woken by a new watch: one with a short deadline must not wait
+            // out a long tick set for the others.
+            let tick = (shortest / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            registry = self
+                .wake
+                .wait_timeout(registry, tick)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
             for watch in registry.watches.values() {
                 watch.check_deadline(tick);
             }

@@ -238,6 +238,37 @@ fn a_call_deadline_stops_a_spinning_guest() {
     instance.call(record, &[1], &mut [0]).unwrap();
 }
 
+/// Deadlines of very different lengths in one process: an instance with an hour's deadline
+/// alive does not make a 30 ms deadline wait for the watchdog's long tick.
+#[test]
+fn a_short_deadline_is_kept_beside_an_instance_with_a_long_one() {
+    let patient = V8Runtime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    })
+    .unwrap();
+    let _long = FIXTURE.instance(&patient);
+    // Let the watchdog settle on the long instance's tick.
+    std::thread::sleep(Duration::from_millis(50));
+    let hasty = V8Runtime::new(RuntimeConfig {
+        call_deadline: Some(Duration::from_millis(30)),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut instance = FIXTURE.instance(&hasty);
+    let spin = instance.function("spin").unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        instance.call(spin, &[], &mut []).unwrap_err().kind,
+        TrapKind::DeadlineExceeded
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_call_deadline_stops_a_guest_spinning_in_a_nested_call() {
     let runtime = V8Runtime::new(RuntimeConfig {
