@@ -877,6 +877,51 @@ fn runtime_names_are_envoys_too_and_bench_times_at_least_one_of_each() {
     );
 }
 
+/// `pwhost run` of `plugin` with `ticks` timer ticks, on a worker and as a singleton service
+/// named `name` (beside the corpus's `http_headers` as the HTTP filter a run needs): each
+/// run's report, with what the run was and the prefix its root errors carry.
+fn on_a_worker_and_as_a_service(
+    plugin: &Path,
+    name: &str,
+    ticks: u32,
+) -> Vec<(&'static str, String, serde_json::Value)> {
+    let headers = self::plugin("rust/http_headers.wasm");
+    let directory = tempfile::tempdir().unwrap();
+    let scenario = directory.path().join("scenario.yaml");
+    std::fs::write(&scenario, format!("ticks: {ticks}\n")).unwrap();
+    let as_service = directory.path().join("service.yaml");
+    std::fs::write(
+        &as_service,
+        format!(
+            "- name: envoy.bootstrap.wasm\n  typed_config:\n    \
+             \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n    \
+             singleton: true\n    config:\n      name: {name}\n      vm_config:\n        \
+             runtime: envoy.wasm.runtime.wasmtime\n        code: {{local: {{filename: {}}}}}\n\
+             - config:\n    name: headers\n    vm_config:\n      \
+             runtime: envoy.wasm.runtime.wasmtime\n      code: {{local: {{filename: {}}}}}\n",
+            plugin.display(),
+            headers.display()
+        ),
+    )
+    .unwrap();
+    let scenario = scenario.to_str().unwrap();
+    [
+        ("on a worker", "--plugin", plugin, String::new()),
+        (
+            "as a service",
+            "--config",
+            as_service.as_path(),
+            format!("service {name:?}: "),
+        ),
+    ]
+    .into_iter()
+    .map(|(what, flag, file, prefix)| {
+        let args = ["run", flag, file.to_str().unwrap(), "--scenario", scenario];
+        (what, prefix, json(&pwhost(&args)))
+    })
+    .collect()
+}
+
 /// A plugin whose root context makes a call from every tick and from every answer is answered
 /// 1000 calls per tick, and at most about 100,000 in the whole run: then its root calls are
 /// answered no more, and the report says so once (memory stays bounded however many ticks).
@@ -884,32 +929,7 @@ fn runtime_names_are_envoys_too_and_bench_times_at_least_one_of_each() {
 #[test]
 fn root_calls_are_answered_within_a_budget_for_the_whole_run() {
     let storm = plugin("wat/tick_call_storm.wasm");
-    let headers = plugin("rust/http_headers.wasm");
-    let directory = tempfile::tempdir().unwrap();
-    let scenario = directory.path().join("scenario.yaml");
-    std::fs::write(&scenario, "ticks: 300\n").unwrap();
-    let as_service = directory.path().join("service.yaml");
-    std::fs::write(
-        &as_service,
-        format!(
-            "- name: envoy.bootstrap.wasm\n  typed_config:\n    \
-             \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n    \
-             singleton: true\n    config:\n      name: storm\n      vm_config:\n        \
-             runtime: envoy.wasm.runtime.wasmtime\n        code: {{local: {{filename: {}}}}}\n\
-             - config:\n    name: headers\n    vm_config:\n      \
-             runtime: envoy.wasm.runtime.wasmtime\n      code: {{local: {{filename: {}}}}}\n",
-            storm.display(),
-            headers.display()
-        ),
-    )
-    .unwrap();
-    let scenario = scenario.to_str().unwrap();
-    for (what, plugin) in [
-        ("on a worker", ["--plugin", storm.to_str().unwrap()]),
-        ("as a service", ["--config", as_service.to_str().unwrap()]),
-    ] {
-        let output = pwhost(&["run", plugin[0], plugin[1], "--scenario", scenario]);
-        let report = json(&output);
+    for (what, from, report) in on_a_worker_and_as_a_service(&storm, "storm", 300) {
         let errors: Vec<&str> = report["errors"]
             .as_array()
             .expect("errors")
@@ -917,11 +937,6 @@ fn root_calls_are_answered_within_a_budget_for_the_whole_run() {
             .filter_map(|e| e.as_str())
             .collect();
         // A service's errors are named after it.
-        let from = if what == "as a service" {
-            "service \"storm\": "
-        } else {
-            ""
-        };
         let per_tick =
             format!("{from}the plugin kept making calls: 1000 were answered, the rest were not");
         let budget = format!(
@@ -1101,41 +1116,7 @@ fn scenarios_give_plugins_any_bytes_as_base64() {
 #[test]
 fn a_trap_answering_a_root_call_counts_as_the_plugins_failure() {
     let trapping = plugin("wat/trap_in_call_answer.wasm");
-    let headers = plugin("rust/http_headers.wasm");
-    let directory = tempfile::tempdir().unwrap();
-    let scenario = directory.path().join("scenario.yaml");
-    std::fs::write(&scenario, "ticks: 3\n").unwrap();
-    let as_service = directory.path().join("service.yaml");
-    std::fs::write(
-        &as_service,
-        format!(
-            "- name: envoy.bootstrap.wasm\n  typed_config:\n    \
-             \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n    \
-             singleton: true\n    config:\n      name: trapping\n      vm_config:\n        \
-             runtime: envoy.wasm.runtime.wasmtime\n        code: {{local: {{filename: {}}}}}\n\
-             - config:\n    name: headers\n    vm_config:\n      \
-             runtime: envoy.wasm.runtime.wasmtime\n      code: {{local: {{filename: {}}}}}\n",
-            trapping.display(),
-            headers.display()
-        ),
-    )
-    .unwrap();
-    let scenario = scenario.to_str().unwrap();
-    for (what, plugin, prefix) in [
-        ("on a worker", ["--plugin", trapping.to_str().unwrap()], ""),
-        (
-            "as a service",
-            ["--config", as_service.to_str().unwrap()],
-            "service \"trapping\": ",
-        ),
-    ] {
-        let report = json(&pwhost(&[
-            "run",
-            plugin[0],
-            plugin[1],
-            "--scenario",
-            scenario,
-        ]));
+    for (what, prefix, report) in on_a_worker_and_as_a_service(&trapping, "trapping", 3) {
         assert_eq!(
             report["errors"],
             serde_json::json!([format!(

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_api::{
-    Caller, CompiledModule, Error, HostFunction, RuntimeConfig, Signature, Trap, TrapKind, ValType,
-    WasmRuntime, WasmTrapCode,
+    Caller, CompiledModule, Error, HostFunction, Instance, RuntimeConfig, Signature, Trap,
+    TrapKind, ValType, WasmRuntime, WasmTrapCode,
 };
 use runtime_contract::fixture::{self, compile, Fixture, FixtureState};
 use runtime_v8::V8Runtime;
@@ -218,21 +218,31 @@ fn tables_cannot_outgrow_their_budget() {
     assert!(matches!(too_large, Err(Error::InvalidModule(_))));
 }
 
-#[test]
-fn a_call_deadline_stops_a_spinning_guest() {
-    let runtime = V8Runtime::new(RuntimeConfig {
-        call_deadline: Some(Duration::from_millis(30)),
+/// A runtime whose calls may run `deadline`.
+fn with_deadline(deadline: Duration) -> V8Runtime {
+    V8Runtime::new(RuntimeConfig {
+        call_deadline: Some(deadline),
         ..Default::default()
     })
-    .unwrap();
-    let mut instance = FIXTURE.instance(&runtime);
+    .unwrap()
+}
+
+/// Calls `instance`'s `spin` (a loop without end): its deadline stops it, within 5 s.
+fn assert_spin_is_stopped(instance: &mut dyn Instance<FixtureState>) {
     let spin = instance.function("spin").unwrap();
     let started = Instant::now();
     assert_eq!(
         instance.call(spin, &[], &mut []).unwrap_err().kind,
         TrapKind::DeadlineExceeded
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn a_call_deadline_stops_a_spinning_guest() {
+    let mut instance = FIXTURE.instance(&with_deadline(Duration::from_millis(30)));
+    assert_spin_is_stopped(&mut *instance);
     // The next call gets a fresh deadline.
     let record = instance.function("call_record").unwrap();
     instance.call(record, &[1], &mut [0]).unwrap();
@@ -242,31 +252,11 @@ fn a_call_deadline_stops_a_spinning_guest() {
 /// alive does not make a 30 ms deadline wait for the watchdog's long tick.
 #[test]
 fn a_short_deadline_is_kept_beside_an_instance_with_a_long_one() {
-    let patient = V8Runtime::new(RuntimeConfig {
-        call_deadline: Some(Duration::from_secs(3600)),
-        ..Default::default()
-    })
-    .unwrap();
-    let _long = FIXTURE.instance(&patient);
+    let _long = FIXTURE.instance(&with_deadline(Duration::from_secs(3600)));
     // Let the watchdog settle on the long instance's tick.
     std::thread::sleep(Duration::from_millis(50));
-    let hasty = V8Runtime::new(RuntimeConfig {
-        call_deadline: Some(Duration::from_millis(30)),
-        ..Default::default()
-    })
-    .unwrap();
-    let mut instance = FIXTURE.instance(&hasty);
-    let spin = instance.function("spin").unwrap();
-    let started = Instant::now();
-    assert_eq!(
-        instance.call(spin, &[], &mut []).unwrap_err().kind,
-        TrapKind::DeadlineExceeded
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    let mut instance = FIXTURE.instance(&with_deadline(Duration::from_millis(30)));
+    assert_spin_is_stopped(&mut *instance);
 }
 
 #[test]
