@@ -174,7 +174,7 @@ const LEFT_BEHIND_AGE: Duration = Duration::from_secs(3600);
 
 /// Marks the cache entry `path` as just used (its modification time), for [`sweep`]; best
 /// effort.
-fn mark_used(path: &Path) {
+pub(crate) fn mark_used(path: &Path) {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]

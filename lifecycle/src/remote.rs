@@ -225,11 +225,17 @@ impl CodeCache {
     /// As [`CodeCache::get`], noting in `warnings` a disk cache that cannot be used.
     fn lookup(&self, sha256: &str, warnings: &mut Vec<String>) -> Option<Arc<Vec<u8>>> {
         let now = Instant::now();
-        if let Some(entry) = memory().get_mut(sha256) {
+        let in_memory = memory().get_mut(sha256).and_then(|entry| {
             entry.used = now;
-            if let Some(code) = &entry.code {
-                return Some(Arc::clone(code));
+            entry.code.clone()
+        });
+        if let Some(code) = in_memory {
+            // The disk copy is what a start without network needs: used too, so that the
+            // disk cache's sweep keeps it however long this process runs.
+            if let Ok(Some(file)) = self.file(sha256) {
+                crate::compiled::mark_used(&file);
             }
+            return Some(code);
         }
         let file = match self.file(sha256) {
             Ok(file) => file?,

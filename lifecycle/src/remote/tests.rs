@@ -104,6 +104,24 @@ fn fetched_code_is_checked_and_kept_on_disk_for_a_start_without_network() {
     assert_eq!(server.requests(), 1);
     let file = directory.path().join(format!("{}.wasm", source.sha256));
     assert_eq!(std::fs::read(&file).unwrap(), code);
+    // Code found in memory marks its disk copy used too (the disk cache sweeps what no one
+    // used for 30 days, and a long-running process reads memory only).
+    let month_ago = std::time::SystemTime::now() - Duration::from_secs(31 * 24 * 3600);
+    let set_modified = |when| {
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(when)
+            .unwrap()
+    };
+    set_modified(month_ago);
+    assert_eq!(*load(&source, &cache, false).unwrap().code, code);
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert!(
+        modified > month_ago + Duration::from_secs(24 * 3600),
+        "{modified:?}"
+    );
     // A restart: nothing in memory, and no server.
     drop(server);
     forget_in_memory(&source.sha256);
