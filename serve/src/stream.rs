@@ -1367,20 +1367,24 @@ struct LoanGuard {
 
 impl Drop for LoanGuard {
     fn drop(&mut self) {
+        let take_back = |vm: &mut abi::Vm| {
+            let Some(host) = vm.host_as::<ServeHost>() else {
+                return;
+            };
+            for slot in host.streams.values_mut() {
+                if Arc::ptr_eq(&slot.wake, &self.wake) {
+                    slot.request = None;
+                    slot.response = None;
+                    slot.trailers = None;
+                }
+            }
+        };
         with_workers(&self.listener, |workers| {
             workers.for_each_worker(|_, worker| {
-                worker.for_each_copy(|_, vm, _| {
-                    let Some(host) = vm.host_as::<ServeHost>() else {
-                        return;
-                    };
-                    for slot in host.streams.values_mut() {
-                        if Arc::ptr_eq(&slot.wake, &self.wake) {
-                            slot.request = None;
-                            slot.response = None;
-                            slot.trailers = None;
-                        }
-                    }
-                });
+                worker.for_each_copy(|_, vm, _| take_back(vm));
+                // A copy replaced while the stream waited (it failed, and another stream's
+                // admission made a new one) still has the stream's slot.
+                worker.for_each_replaced_copy(|_, vm| take_back(vm));
             });
         });
     }
