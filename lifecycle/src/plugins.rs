@@ -735,6 +735,9 @@ struct LiveCopy {
     /// Whether it is its module's current copy on the worker (else it goes away with its last
     /// stream).
     current: bool,
+    /// Whether the embedder ended its root contexts itself ([`Worker::roots_ended`]); if not,
+    /// retiring the copy does.
+    roots_ended: bool,
 }
 
 /// A source of time, so that tests can step through a reload backoff.
@@ -970,9 +973,31 @@ impl Worker {
 
     fn retire(&mut self, index: usize) {
         if let Some(mut live) = self.copies[index].take() {
+            // A plugin's root context ends with its copy, as proxy-wasm-cpp-host ends a
+            // plugin's when its handle goes (a configuration update, a worker's end):
+            // `proxy_on_done`, then `proxy_on_delete` if it is done. One that still has work
+            // pending gets no more time: the copy is going.
+            if live.started && !live.roots_ended && !live.copy.vm.is_failed() {
+                for &root in &live.copy.roots {
+                    if let Ok(true) = live.copy.vm.on_done(root) {
+                        let _ = live.copy.vm.on_delete(root);
+                    }
+                }
+            }
             if let Some(hook) = &mut self.on_retire {
                 let roots = self.plugins.roots_of(live.module, &live.copy.roots);
                 hook(live.generation, &mut live.copy.vm, &roots);
+            }
+        }
+    }
+
+    /// Notes that the embedder ended the root contexts of every current copy itself (e.g.
+    /// `proxy_on_done`, then timer ticks until `proxy_done`, as a test bench shuts down): when
+    /// the copies go, nothing more is called in them.
+    pub fn roots_ended(&mut self) {
+        for index in self.current.iter().flatten() {
+            if let Some(live) = self.copies[*index].as_mut() {
+                live.roots_ended = true;
             }
         }
     }
@@ -1113,6 +1138,7 @@ impl Worker {
             streams: 0,
             started: failure.is_none(),
             current: true,
+            roots_ended: false,
         };
         let index = match self.copies.iter().position(Option::is_none) {
             Some(free) => {

@@ -586,3 +586,40 @@ fn a_stream_failed_closed_has_envoys_details_naming_the_plugin() {
         "no whitespace in details, as Envoy"
     );
 }
+
+/// A copy's root contexts end with it (`proxy_on_done`, then `proxy_on_delete` if done), as a
+/// plugin's do in proxy-wasm-cpp-host when its handle goes: at a configuration update, when a
+/// worker ends. An embedder that ended them itself says so, and they are not ended twice.
+#[test]
+fn a_copy_going_away_ends_its_root_contexts_unless_the_embedder_did() {
+    let logs_at_retire = |ended_by_embedder: bool| {
+        let plugins =
+            load("{name: cov, vm_config: {code: {local: {filename: rust/abi_coverage.wasm}}}}")
+                .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut worker = worker(plugins).on_retire({
+            let seen = Arc::clone(&seen);
+            Box::new(move |_copy, vm, _roots| {
+                let host = vm.host_as::<InMemoryHost>().expect("in-memory host");
+                seen.lock()
+                    .unwrap()
+                    .extend(host.logs.iter().map(|log| log.message.clone()));
+            })
+        });
+        let Admission::Run(held) = worker.admit(PluginId(0)) else {
+            panic!("admitted");
+        };
+        worker.release(held);
+        if ended_by_embedder {
+            worker.roots_ended();
+        }
+        drop(worker);
+        let seen = seen.lock().unwrap().clone();
+        seen
+    };
+    // abi_coverage's root answers its first `proxy_on_done` with "pending".
+    assert!(logs_at_retire(false).contains(&"root on_done: pending".to_string()));
+    assert!(!logs_at_retire(true)
+        .iter()
+        .any(|m| m.starts_with("root on_done")));
+}

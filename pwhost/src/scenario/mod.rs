@@ -988,6 +988,7 @@ pub fn run_plugins(plugins: &Arc<Plugins>, scenario: &Scenario) -> Result<Report
                 }
             }
         });
+        worker.roots_ended();
         report.done &= done;
         report.errors.extend(errors);
     }
