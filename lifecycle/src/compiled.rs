@@ -192,11 +192,6 @@ pub(crate) fn mark_used(path: &Path) {
 /// files named as the caches name theirs are touched: a directory given by mistake (a whole
 /// `~/.cache`) loses nothing else.
 pub(crate) fn sweep(directory: &Path) {
-    sweep_older(directory, LEFT_BEHIND_AGE, UNUSED_ENTRY_AGE);
-}
-
-/// [`sweep`] with its two ages.
-fn sweep_older(directory: &Path, temporary_age: Duration, entry_age: Duration) {
     let Ok(entries) = std::fs::read_dir(directory) else {
         return;
     };
@@ -212,8 +207,8 @@ fn sweep_older(directory: &Path, temporary_age: Duration, entry_age: Duration) {
             continue;
         };
         let oldest = match cache_file(&entry.file_name().to_string_lossy()) {
-            Some(CacheFile::Temporary) => temporary_age,
-            Some(CacheFile::Entry) => entry_age,
+            Some(CacheFile::Temporary) => LEFT_BEHIND_AGE,
+            Some(CacheFile::Entry) => UNUSED_ENTRY_AGE,
             None => continue,
         };
         if age >= oldest {

@@ -767,15 +767,9 @@ fn render_figures(figures: &[pwhost::bench::EngineFigures]) -> String {
 /// Writes the command's output. A reader that went away (`pwhost run … | head`) is not an
 /// error worth reporting.
 fn emit(text: &str) -> ExitCode {
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(error) => fail(&error.into()),
-    }
+    emit_text(|out| {
+        let _ = out.write_str(text);
+    })
 }
 
 /// Writes `value` as JSON to stdout as it is encoded, not built whole in memory first (a
@@ -809,6 +803,11 @@ fn emit_text(render: impl FnOnce(&mut dyn std::fmt::Write)) -> ExitCode {
         Some(error) => Err(error),
         None => out.inner.flush(),
     };
+    exit_after_writing(written)
+}
+
+/// Success once the output is written (or its reader went away: a closed pipe is no error).
+fn exit_after_writing(written: std::io::Result<()>) -> ExitCode {
     match written {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -822,11 +821,7 @@ fn json(value: &impl serde::Serialize) -> ExitCode {
         .map_err(std::io::Error::from)
         .and_then(|()| stdout.write_all(b"\n"))
         .and_then(|()| stdout.flush());
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(error) => fail(&anyhow::anyhow!("cannot write the report: {error}")),
-    }
+    exit_after_writing(written)
 }
 
 fn main() -> ExitCode {

@@ -405,30 +405,25 @@ impl ServeHttp for Admin {
         // Reading is GET (or HEAD); the one change is POST.
         let read = *method == http::Method::GET || *method == http::Method::HEAD;
         let post = *method == http::Method::POST;
-        let allowed = match path.as_str() {
-            "/stats/prometheus" | "/ready" | "/config_dump" => Some(("GET, HEAD", read)),
-            "/reload" => Some(("POST", post)),
-            _ => None,
+        let (allow, allowed) = match path.as_str() {
+            "/stats/prometheus" | "/ready" | "/config_dump" => ("GET, HEAD", read),
+            "/reload" => ("POST", post),
+            _ => ("", true),
         };
-        if let Some((allow, false)) = allowed {
-            let body = format!("{method} is not allowed here: {allow}\n").into_bytes();
-            return http::Response::builder()
-                .status(405)
-                .header(http::header::ALLOW, allow)
-                .header(http::header::CONTENT_TYPE, "text/plain")
-                .header(http::header::CONTENT_LENGTH, body.len())
-                .body(body)
-                .unwrap_or_default();
-        }
-        let (status, content_type, body) = match (post, path.as_str()) {
-            (false, "/stats/prometheus") => self.prometheus(),
-            (false, "/ready") => (200, "text/plain", b"LIVE\n".to_vec()),
-            (false, "/config_dump") => (
+        let (status, content_type, body) = match path.as_str() {
+            _ if !allowed => (
+                405,
+                "text/plain",
+                format!("{method} is not allowed here: {allow}\n").into_bytes(),
+            ),
+            "/stats/prometheus" => self.prometheus(),
+            "/ready" => (200, "text/plain", b"LIVE\n".to_vec()),
+            "/config_dump" => (
                 200,
                 "application/yaml",
                 self.reloader.text.load().as_bytes().to_vec(),
             ),
-            (true, "/reload") => {
+            "/reload" => {
                 // A reload compiles plugins (and may fetch their code): off this thread, whose
                 // other requests (readiness, metrics) go on meanwhile. Reloads asked here wait
                 // their turn without a thread each.
@@ -446,8 +441,11 @@ impl ServeHttp for Admin {
             }
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
-        http::Response::builder()
-            .status(status)
+        let mut response = http::Response::builder().status(status);
+        if status == 405 {
+            response = response.header(http::header::ALLOW, allow);
+        }
+        response
             .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_LENGTH, body.len())
             .body(body)
