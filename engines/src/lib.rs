@@ -36,8 +36,8 @@ impl BuildEngines {
 }
 
 impl lifecycle::Engines for BuildEngines {
-    /// Warns of the call deadline and memory cap this build's engines were given that a
-    /// plugin's engine cannot keep.
+    /// Warns of the limits this build's engines were given (call deadline, interruption,
+    /// memory cap) that a plugin's engine cannot keep.
     fn unenforced_limits(&self, plugins: &lifecycle::Plugins) -> Vec<String> {
         let mut warnings = Vec::new();
         let all = plugins
@@ -46,14 +46,7 @@ impl lifecycle::Engines for BuildEngines {
             .chain(plugins.services());
         for plugin in all {
             let module = plugins.module(plugin);
-            let capabilities = module.capabilities();
-            let mut limits = Vec::new();
-            if self.config.call_deadline.is_some() && !capabilities.call_deadline {
-                limits.push("call deadline");
-            }
-            if self.config.max_memory_bytes.is_some() && !capabilities.memory_limit {
-                limits.push("memory cap");
-            }
+            let limits = self.config.unkept_by(module.capabilities());
             if !limits.is_empty() {
                 warnings.push(format!(
                     "plugin {:?}: the {} runtime cannot keep the {} set for plugins: its code \

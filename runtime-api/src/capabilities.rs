@@ -36,6 +36,29 @@ impl RuntimeConfig {
     /// (`PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES`), so a guest that needs more fails here as it
     /// would in Envoy instead of passing here and failing there.
     pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 1 << 30;
+
+    /// What this configuration asks for that an engine with `capabilities` cannot keep, as
+    /// words for a warning ("call deadline", "interruption", "memory cap"); empty if it keeps
+    /// everything.
+    pub fn unkept_by(&self, capabilities: Capabilities) -> Vec<&'static str> {
+        [
+            (
+                "call deadline",
+                self.call_deadline.is_some() && !capabilities.call_deadline,
+            ),
+            (
+                "interruption",
+                self.interruptible && !capabilities.interrupt,
+            ),
+            (
+                "memory cap",
+                self.max_memory_bytes.is_some() && !capabilities.memory_limit,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(limit, unkept)| unkept.then_some(limit))
+        .collect()
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -45,5 +68,36 @@ impl Default for RuntimeConfig {
             call_deadline: None,
             interruptible: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod unkept_tests {
+    use super::*;
+
+    #[test]
+    fn a_configuration_names_the_limits_an_engine_cannot_keep() {
+        let asked = RuntimeConfig {
+            max_memory_bytes: Some(1 << 20),
+            call_deadline: Some(Duration::from_secs(1)),
+            interruptible: true,
+        };
+        assert_eq!(
+            asked.unkept_by(Capabilities::default()),
+            ["call deadline", "interruption", "memory cap"]
+        );
+        let able = Capabilities {
+            interrupt: true,
+            call_deadline: true,
+            memory_limit: true,
+            ..Capabilities::default()
+        };
+        assert!(asked.unkept_by(able).is_empty());
+        let nothing_asked = RuntimeConfig {
+            max_memory_bytes: None,
+            call_deadline: None,
+            interruptible: false,
+        };
+        assert!(nothing_asked.unkept_by(Capabilities::default()).is_empty());
     }
 }

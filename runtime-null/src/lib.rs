@@ -44,17 +44,7 @@ impl NullRuntime {
 
     /// The limits `config` asked for that native code cannot be held to, as words for a warning.
     pub fn unenforced_limits(&self) -> Vec<&'static str> {
-        let mut limits = Vec::new();
-        if self.config.call_deadline.is_some() {
-            limits.push("call deadline");
-        }
-        if self.config.interruptible {
-            limits.push("interruption");
-        }
-        if self.config.max_memory_bytes.is_some() {
-            limits.push("memory limit");
-        }
-        limits
+        self.config.unkept_by(WasmRuntime::<()>::capabilities(self))
     }
 
     /// Wraps a native module as a compiled module of this runtime, ready to link.
