@@ -222,9 +222,25 @@ impl NativeModule for SdkLibrary {
     }
 }
 
-/// A library's bytes in a file of their own, made anew (never an existing file: another user
-/// of the temporary directory cannot put one in its place) and removed on drop.
-struct PrivateCopy(tempfile::TempPath);
+/// A library's bytes in a file of their own, for the dynamic loader to open (it loads a path
+/// once: the same path again would return the library already loaded).
+///
+/// On Linux the file is an anonymous memory file (`memfd_create`), sealed once written and
+/// opened through `/proc/self/fd`: nothing is written to disk, and a temporary directory
+/// mounted `noexec` (a common hardening, which refuses to map a library from it) does not
+/// stop the plugin. Elsewhere, or where that cannot be done (no `/proc`), it is a new file in
+/// the temporary directory (never an existing file: another user of that directory cannot put
+/// one in its place), removed on drop.
+enum PrivateCopy {
+    #[cfg(target_os = "linux")]
+    Memory {
+        /// Open until the library is loaded: closing it would free the file.
+        _file: std::fs::File,
+        /// `/proc/self/fd/N`.
+        path: PathBuf,
+    },
+    Disk(tempfile::TempPath),
+}
 
 impl PrivateCopy {
     /// Writes `bytes`, the library read from `original`, to a new file.
@@ -236,18 +252,81 @@ impl PrivateCopy {
         let failed = |e: std::io::Error| {
             Error::Instantiation(format!("cannot copy {}: {e}", original.display()))
         };
+        #[cfg(target_os = "linux")]
+        if Path::new("/proc/self/fd").is_dir() {
+            if let Some(file) = memory_file(&name) {
+                return Self::in_memory(file, bytes).map_err(failed);
+            }
+        }
         let mut file = tempfile::Builder::new()
             .prefix(&format!("pwhost-{}-", std::process::id()))
             .suffix(&format!("-{name}"))
             .tempfile()
             .map_err(failed)?;
         file.write_all(bytes).map_err(failed)?;
-        Ok(PrivateCopy(file.into_temp_path()))
+        Ok(PrivateCopy::Disk(file.into_temp_path()))
+    }
+
+    /// `bytes` in the memory file `file`, sealed: from then on no one holding the file can
+    /// change what the loader maps.
+    #[cfg(target_os = "linux")]
+    fn in_memory(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        file.write_all(bytes)?;
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: `fcntl` with `F_ADD_SEALS` takes an int argument and only changes the seals
+        // of this process's own open file; no memory is passed.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let path = never_loaded_name(file.as_raw_fd());
+        Ok(PrivateCopy::Memory { _file: file, path })
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        match self {
+            #[cfg(target_os = "linux")]
+            PrivateCopy::Memory { path, .. } => path,
+            PrivateCopy::Disk(path) => path,
+        }
     }
+}
+
+/// A name under which the loader has loaded nothing yet for the memory file open as `fd`.
+///
+/// The loader returns the library it already has under a name it knows, and the name of a
+/// copy closed since can outlive it (glibc keeps a library whose thread-locals registered
+/// destructors), while file descriptor numbers are reused: `/proc/self/fd/7` could bring back
+/// another plugin. The kernel reads `/proc/self/fd/./7` and `/proc/self/fd//7` as
+/// `/proc/self/fd/7`, so each copy's sequence number, written in binary as `/.` (1) and `/`
+/// (0) steps, makes its name new.
+#[cfg(target_os = "linux")]
+fn never_loaded_name(fd: std::os::fd::RawFd) -> PathBuf {
+    static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let number = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = String::from("/proc/self/fd");
+    for bit in (0..u64::BITS - number.leading_zeros()).rev() {
+        name.push_str(if (number >> bit) & 1 == 1 { "/." } else { "/" });
+    }
+    name.push_str(&format!("/{fd}"));
+    PathBuf::from(name)
+}
+
+/// A new anonymous memory file named after the library (the name shows in `/proc/PID/maps`),
+/// closed on `exec`; `None` if the kernel has none to give.
+#[cfg(target_os = "linux")]
+fn memory_file(name: &str) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd as _;
+    let name = std::ffi::CString::new(format!("pwhost-{name}")).ok()?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the kernel copies it.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new file descriptor this process owns and nothing else refers to.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// An identity of the current thread that is cheap to read: a number drawn once per thread
@@ -299,5 +378,31 @@ impl NativeInstance for SdkInstance {
         // (the plugin is trusted to follow the ABI), and the slot counts were just checked.
         unsafe { shape.call(*address, args, results) };
         Ok(())
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_private_copy_has_a_name_of_its_own_for_the_same_file_descriptor() {
+        let copy = PrivateCopy::new(Path::new("/plugins/libx.so"), b"bytes").unwrap();
+        let PrivateCopy::Memory { ref _file, ref path } = copy else {
+            panic!("a memory file on Linux");
+        };
+        use std::os::fd::AsRawFd as _;
+        let fd = _file.as_raw_fd();
+        let names: Vec<PathBuf> = (0..40).map(|_| never_loaded_name(fd)).collect();
+        // Told apart as the loader tells names apart: as strings (`Path` equality would not).
+        let unique: std::collections::HashSet<&std::ffi::OsStr> =
+            names.iter().chain([path]).map(|name| name.as_os_str()).collect();
+        assert_eq!(unique.len(), 41, "{names:?}");
+        // Each is the same file to the kernel, sealed against writes.
+        for name in names.iter().chain([path]) {
+            assert_eq!(std::fs::read(name).unwrap(), b"bytes", "{}", name.display());
+        }
+        let written = std::fs::OpenOptions::new().write(true).open(path);
+        assert!(written.is_err() || written.unwrap().write_all(b"x").is_err());
     }
 }

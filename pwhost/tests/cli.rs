@@ -493,6 +493,25 @@ fn native_plugins_run_on_the_null_runtime_by_default_and_say_which_limits_do_not
     );
 }
 
+/// Each VM of an SDK library loads a private copy of it. On Linux that copy is a memory file,
+/// so a temporary directory that cannot be used (missing, read-only, or mounted `noexec`, which
+/// refuses to map a library) does not stop the plugin.
+#[cfg(all(feature = "null", target_os = "linux"))]
+#[test]
+fn an_sdk_library_runs_without_a_usable_temporary_directory() {
+    let scenario = root().join("examples/http_headers.yaml");
+    let library = plugin("native/libhttp_headers.so");
+    let output = Command::new(env!("CARGO_BIN_EXE_pwhost"))
+        .args(["run", "--plugin", library.to_str().unwrap(), "--scenario"])
+        .arg(&scenario)
+        .env("TMPDIR", "/nonexistent/pwhost-test")
+        .output()
+        .expect("pwhost runs");
+    let report = json(&output);
+    let headers = report["http"][0]["request_headers"].to_string();
+    assert!(headers.contains("x-pwhost-plugin"), "{headers}");
+}
+
 #[cfg(all(feature = "null", feature = "wasmtime"))]
 #[test]
 fn native_code_on_a_webassembly_engine_is_a_one_line_error() {

@@ -3106,6 +3106,33 @@ fn each_failure_policy_holds_under_live_traffic() {
 }
 
 #[test]
+fn plugins_of_one_name_in_one_chain_count_in_one_series() {
+    let origin = Origin::start();
+    // Two `panics` under one name, each in a VM of its own (two vm_ids), both failing open: a
+    // request that makes both trap fails each once. Two samples with one set of labels would
+    // make every scraper refuse the page, so the name's series holds both.
+    let block = |vm_id: &str| {
+        format!(
+            "      - name: twice\n        vm_config: {{vm_id: {vm_id}, runtime: wasmtime, \
+             code: {{local: {{filename: {}}}}}}}\n        failure_policy: FAIL_OPEN\n",
+            corpus_plugin("panics").display()
+        )
+    };
+    let serve = Serve::start(origin.address, &[block("first"), block("second")]);
+    let reply = get(&serve.url("/"), &[("x-panic", "boom")]);
+    assert_eq!(reply.status, 200, "both fail open\n{}", serve.log());
+    let failed = "pwhost_plugin_streams_total{listener=\"main\",plugin=\"twice\",\
+                  outcome=\"failed_by_trap\"}";
+    serve.wait_for_samples(&[(failed, 2.0)]);
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    let series = metrics
+        .lines()
+        .filter(|line| line.starts_with(failed))
+        .count();
+    assert_eq!(series, 1, "{metrics}");
+}
+
+#[test]
 fn reloads_under_load_fail_no_request_and_new_streams_run_the_new_chain() {
     let origin = Origin::start();
     let configuration =

@@ -457,4 +457,21 @@ clusters:
             "shared_limits",
         );
     }
+
+    #[test]
+    fn workers_left_out_or_written_as_running_need_no_restart() {
+        let parse = |text: &str| ServeConfig::parse(text, Path::new("/")).expect("a valid file");
+        // Started without `workers`: the count is the machine's cores, counted at start.
+        let started = parse(&IN_FORCE.replace("workers: 2\n", ""));
+        let running = started.workers;
+        let reload = |text: String| check_reloadable(&parse(&text), &started);
+        assert_eq!(reload(IN_FORCE.replace("workers: 2\n", "")), Ok(()));
+        let as_running = IN_FORCE.replace("workers: 2", &format!("workers: {running}"));
+        assert_eq!(reload(as_running), Ok(()));
+        let other = IN_FORCE.replace("workers: 2", &format!("workers: {}", running + 1));
+        let error = reload(other).expect_err("another count needs a restart");
+        assert!(error.starts_with("workers changed"), "{error}");
+        // Written at start and left out later: the count in force stays, as written.
+        assert_eq!(check(|text| text.replace("workers: 2\n", "")), Ok(()));
+    }
 }
