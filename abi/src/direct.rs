@@ -72,7 +72,7 @@ pub fn get_header_map_pairs(
 pub fn set_header_map_pairs<'p>(
     state: &mut VmState,
     map_type: MapType,
-    pairs: impl IntoIterator<Item = (&'p [u8], &'p [u8])>,
+    pairs: impl IntoIterator<Item = (&'p [u8], &'p [u8])> + Clone,
 ) -> HostCallResult<()> {
     host_call(state, "proxy_set_header_map_pairs", |state| {
         headers::set_pairs(state, map_type, pairs)

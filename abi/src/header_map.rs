@@ -271,8 +271,13 @@ pub mod wire {
     /// Header pairs borrowed from serialized data.
     pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
 
+    /// The most pairs a serialized map may carry: far more than any proxy lets through
+    /// (Envoy's default `max_headers_count` is 100), few enough that a plugin cannot make the
+    /// host allocate more for the pairs than the map's own bytes.
+    pub const MAX_PAIRS: usize = 8192;
+
     /// Decodes serialized pairs. An empty input is an empty map (the SDKs send nothing for no
-    /// headers); anything malformed is [`Status::BadArgument`].
+    /// headers); anything malformed, or over [`MAX_PAIRS`] pairs, is [`Status::BadArgument`].
     pub fn decode(bytes: &[u8]) -> Result<Pairs<'_>, Status> {
         if bytes.is_empty() {
             return Ok(Vec::new());
@@ -284,7 +289,7 @@ pub mod wire {
         let count = read_u32(0)?;
         // Each pair needs at least 8 size bytes and 2 NULs: reject absurd counts before
         // allocating for them.
-        if count > bytes.len() / 10 {
+        if count > bytes.len() / 10 || count > MAX_PAIRS {
             return Err(Status::BadArgument);
         }
         let mut pairs = Vec::with_capacity(count);
@@ -417,6 +422,17 @@ mod tests {
     #[test]
     fn malformed_wire_data_is_a_bad_argument() {
         assert_eq!(wire::decode(&[1, 0, 0]), Err(crate::Status::BadArgument));
+        // Empty pairs, as many as the bytes allow, but more than a map may have.
+        let too_many = (wire::MAX_PAIRS + 1) as u32;
+        let mut many = too_many.to_le_bytes().to_vec();
+        many.resize(4 + 10 * too_many as usize, 0);
+        assert_eq!(wire::decode(&many), Err(crate::Status::BadArgument));
+        many[..4].copy_from_slice(&(wire::MAX_PAIRS as u32).to_le_bytes());
+        many.truncate(4 + 10 * wire::MAX_PAIRS);
+        assert_eq!(
+            wire::decode(&many).map(|pairs| pairs.len()),
+            Ok(wire::MAX_PAIRS)
+        );
         let mut lying = 1000u32.to_le_bytes().to_vec();
         lying.extend_from_slice(&[0; 4]);
         assert_eq!(wire::decode(&lying), Err(crate::Status::BadArgument));

@@ -169,7 +169,8 @@ mod vm;
 
 pub use attributes::{Node, StreamInfo};
 pub use callbacks::callback_exports;
-pub use exports::calls::MAX_OPEN_CALLS;
+pub use exports::buffers::MAX_BODY_BYTES;
+pub use exports::calls::{MAX_FOREIGN_ARGUMENT_BYTES, MAX_OPEN_CALLS};
 pub use exports::host_functions;
 pub use filter_state::{
     is_envoy_object, FilterStateObject, FilterStateSource, LifeSpan, PropertyDeclaration,
@@ -187,6 +188,7 @@ pub use shared::{
     MAX_METRICS, MAX_METRICS_PER_VM_ID, MAX_METRIC_NAME_BYTES,
 };
 pub use state::VmState;
+pub use stream::MAX_HEADER_BYTES_WRITTEN;
 pub use types::{
     BufferType, ContextId, DataAction, HeadersAction, LogLevel, MapType, PeerType, Status,
     StreamType,

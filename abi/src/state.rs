@@ -185,6 +185,14 @@ pub(crate) enum Limit {
     ExpressionCount,
     /// A VM's open calls at [`crate::MAX_OPEN_CALLS`].
     OpenCalls,
+    /// A stream's header writes past [`crate::MAX_HEADER_BYTES_WRITTEN`].
+    HeaderBytes,
+    /// A body or message buffer grown past [`crate::MAX_BODY_BYTES`].
+    BodyBytes,
+    /// A call's body or message over [`crate::MAX_BODY_BYTES`].
+    CallBytes,
+    /// Foreign function arguments over [`crate::MAX_FOREIGN_ARGUMENT_BYTES`].
+    ForeignArguments,
 }
 
 impl VmState {

@@ -66,7 +66,16 @@ pub(crate) struct StreamState {
     /// Its plugin's `allow_on_headers_stop_iteration`, copied at creation (a root context's
     /// configuration never changes) so that a headers callback needs no second lookup.
     pub(crate) allow_on_headers_stop_iteration: bool,
+    /// Bytes of names and values the plugin wrote into its header maps so far.
+    header_bytes_written: u64,
 }
+
+/// The most bytes of names and values a plugin may write into one stream's header maps
+/// (headers and trailers, both directions, over all its callbacks): twice the largest header
+/// block Envoy can be set to accept (`max_request_headers_kb` at most 8 MiB). Past it a write is
+/// `INTERNAL_FAILURE`, so a plugin adding values in a loop cannot grow the proxy's memory, which
+/// no VM memory cap covers.
+pub const MAX_HEADER_BYTES_WRITTEN: u64 = 16 << 20;
 
 impl StreamState {
     pub(crate) fn new(root: ContextId, kind: StreamKind) -> Self {
@@ -77,6 +86,19 @@ impl StreamState {
             local_reply_sent: false,
             filter_state: FilterState::default(),
             allow_on_headers_stop_iteration: false,
+            header_bytes_written: 0,
+        }
+    }
+
+    /// Counts `bytes` the plugin writes into a header map; `false` (nothing counted) if they
+    /// would take the stream past [`MAX_HEADER_BYTES_WRITTEN`].
+    pub(crate) fn charge_header_bytes(&mut self, bytes: u64) -> bool {
+        match self.header_bytes_written.checked_add(bytes) {
+            Some(total) if total <= MAX_HEADER_BYTES_WRITTEN => {
+                self.header_bytes_written = total;
+                true
+            }
+            _ => false,
         }
     }
 

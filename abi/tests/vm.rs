@@ -1027,3 +1027,126 @@ fn a_closing_grpc_stream_frees_its_place_before_its_callback() {
     );
     assert_eq!(host.grpc_calls.len(), 1025);
 }
+
+/// What a plugin makes the host keep outside its VM (where no memory cap applies) is bounded,
+/// and so is the work one host call does for it: each refusal is a status the plugin can
+/// read, told to it once in the log, and the VM goes on.
+#[test]
+fn what_a_plugin_makes_the_host_keep_or_do_is_bounded() {
+    let module = r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $set_buffer (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call"
+    (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_call_foreign_function"
+    (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $grpc_send (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1100)
+  (data (i32.const 100) "x-big")
+  (data (i32.const 120) "compress")
+  (data (i32.const 140) "cluster")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $record (param $at i32) (param $status i32)
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $status))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $added i32) (local $status i32)
+    ;; 1 MiB values until one is refused (at most 40)
+    (block $refused (loop $next
+      (local.set $status (call $add (i32.const 0) (i32.const 100) (i32.const 5)
+        (i32.const 65536) (i32.const 1048576)))
+      (br_if $refused (local.get $status))
+      (local.set $added (i32.add (local.get $added) (i32.const 1)))
+      (br_if $refused (i32.ge_u (local.get $added) (i32.const 40)))
+      (br $next)))
+    (call $record (i32.const 0) (local.get $added))
+    (call $record (i32.const 1) (local.get $status))
+    ;; a foreign function called with 16 MiB + 1 of arguments
+    (call $record (i32.const 2) (call $foreign (i32.const 120) (i32.const 8)
+      (i32.const 65536) (i32.const 16777217) (i32.const 0) (i32.const 0)))
+    ;; an HTTP call with a body of 64 MiB + 1
+    (call $record (i32.const 3) (call $http_call (i32.const 140) (i32.const 7)
+      (i32.const 0) (i32.const 0) (i32.const 65536) (i32.const 67108865)
+      (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 200)))
+    ;; a gRPC message on a stream this VM never opened
+    (call $record (i32.const 4) (call $grpc_send (i32.const 12345) (i32.const 0) (i32.const 0)
+      (i32.const 0)))
+    ;; poll_oneoff with 1025 subscriptions
+    (call $record (i32.const 5) (call $poll (i32.const 65536) (i32.const 65536) (i32.const 1025)
+      (i32.const 300)))
+    (drop (call $log (i32.const 2) (i32.const 0) (i32.const 6)))
+    i32.const 0)
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    ;; 33 MiB appended twice: the second would make the body 66 MiB
+    (call $record (i32.const 0) (call $set_buffer (i32.const 0) (i32.const -1) (i32.const 0)
+      (i32.const 65536) (i32.const 34603008)))
+    (call $record (i32.const 1) (call $set_buffer (i32.const 0) (i32.const -1) (i32.const 0)
+      (i32.const 65536) (i32.const 34603008)))
+    (drop (call $log (i32.const 2) (i32.const 0) (i32.const 2)))
+    i32.const 0))"#;
+    let wasm = wat::parse_str(module).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin =
+        Plugin::load(&runtime, &wasm, PluginConfig::default(), SharedState::new()).unwrap();
+    let mut vm = started(&plugin);
+    let stream = vm.create_http_context().unwrap();
+    vm.host_as::<InMemoryHost>().unwrap().stream(stream);
+    vm.on_request_headers(stream, 0, false).unwrap();
+    vm.on_request_body(stream, 0, true).unwrap();
+    let host = vm.host_as::<InMemoryHost>().unwrap();
+    let record = host.stream(stream);
+    let big = record
+        .request_headers
+        .iter()
+        .filter(|(name, _)| name == b"x-big")
+        .count();
+    // 15 values of 1 MiB and their names fit in 16 MiB; the 16th does not.
+    assert_eq!(abi::MAX_HEADER_BYTES_WRITTEN, 16 << 20);
+    assert_eq!(big, 15);
+    assert_eq!(
+        record.request_body.len(),
+        33 << 20,
+        "the refused append left the body as it was"
+    );
+    let messages: Vec<&str> = host.logs.iter().map(|log| log.message.as_str()).collect();
+    let statuses = |count: u8, rest: &[u8]| {
+        let mut expected = vec![b'0' + count];
+        expected.extend(rest.iter().map(|status| b'0' + status));
+        String::from_utf8(expected).unwrap()
+    };
+    // INTERNAL_FAILURE (10), BAD_ARGUMENT (2) twice, NOT_FOUND (1), EINVAL (28).
+    let headers = statuses(15, &[10, 2, 2, 1, 28]);
+    let body = statuses(0, &[10]);
+    let limits: Vec<&str> = messages
+        .iter()
+        .copied()
+        .filter(|message| message.starts_with("pwhost limit"))
+        .collect();
+    assert_eq!(
+        messages
+            .iter()
+            .filter(|m| !m.starts_with("pwhost limit"))
+            .collect::<Vec<_>>(),
+        [&headers.as_str(), &body.as_str()],
+        "{messages:?}"
+    );
+    assert_eq!(
+        limits,
+        [
+            "pwhost limit: a plugin writes at most 16777216 bytes of header names and values \
+             into one stream's maps: INTERNAL_FAILURE",
+            "pwhost limit: a foreign function is called with at most 16777216 bytes of \
+             arguments: BAD_ARGUMENT",
+            "pwhost limit: an HTTP call has a body of at most 67108864 bytes: BAD_ARGUMENT",
+            "pwhost limit: a plugin may make a body or message buffer of at most 67108864 bytes: \
+             INTERNAL_FAILURE",
+        ]
+    );
+    assert!(
+        host.http_calls.is_empty(),
+        "the refused call reached no host"
+    );
+}

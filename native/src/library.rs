@@ -388,15 +388,22 @@ mod tests {
     #[test]
     fn each_private_copy_has_a_name_of_its_own_for_the_same_file_descriptor() {
         let copy = PrivateCopy::new(Path::new("/plugins/libx.so"), b"bytes").unwrap();
-        let PrivateCopy::Memory { ref _file, ref path } = copy else {
+        let PrivateCopy::Memory {
+            ref _file,
+            ref path,
+        } = copy
+        else {
             panic!("a memory file on Linux");
         };
         use std::os::fd::AsRawFd as _;
         let fd = _file.as_raw_fd();
         let names: Vec<PathBuf> = (0..40).map(|_| never_loaded_name(fd)).collect();
         // Told apart as the loader tells names apart: as strings (`Path` equality would not).
-        let unique: std::collections::HashSet<&std::ffi::OsStr> =
-            names.iter().chain([path]).map(|name| name.as_os_str()).collect();
+        let unique: std::collections::HashSet<&std::ffi::OsStr> = names
+            .iter()
+            .chain([path])
+            .map(|name| name.as_os_str())
+            .collect();
         assert_eq!(unique.len(), 41, "{names:?}");
         // Each is the same file to the kernel, sealed against writes.
         for name in names.iter().chain([path]) {

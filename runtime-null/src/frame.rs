@@ -8,6 +8,7 @@
 
 use std::any::TypeId;
 use std::cell::{Cell, RefCell};
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use runtime_api::{Caller, GuestFunction, GuestMemory, HostFunction, Trap, TrapKind};
@@ -273,18 +274,21 @@ impl<S> Frame<'_, S> {
     }
 }
 
-/// Publishes a frame for the current thread until dropped.
-pub(crate) struct FrameGuard {
+/// Publishes a frame for the current thread until dropped; it borrows the frame (`'f`), so the
+/// frame outlives it.
+pub(crate) struct FrameGuard<'f> {
     previous: Option<NonNull<dyn HostDispatch>>,
+    frame: PhantomData<&'f ()>,
 }
 
-impl FrameGuard {
-    /// Publishes `frame`. The guard must be dropped before `frame` (declare it after).
-    pub(crate) fn enter<S>(frame: &Frame<'_, S>) -> Self {
+impl<'f> FrameGuard<'f> {
+    /// Publishes `frame` until the guard drops. The guard must be dropped, never leaked
+    /// (`mem::forget`): this crate's one caller drops it before reading the frame's trap.
+    pub(crate) fn enter<S>(frame: &'f Frame<'_, S>) -> Self {
         let dispatch: &dyn HostDispatch = frame;
-        // SAFETY: only the lifetime is erased; the guard unpublishes the pointer on drop, and
-        // the borrow checker keeps `frame` alive for as long as the guard that borrowed it is
-        // in scope (callers hold the guard in a local declared after the frame).
+        // SAFETY: only the lifetime is erased. The guard borrows `frame` for `'f`, so the
+        // borrow checker keeps the frame alive while the guard exists, and the guard
+        // unpublishes the pointer when it drops (it is never leaked, see above).
         let dispatch: NonNull<dyn HostDispatch> = unsafe {
             std::mem::transmute::<NonNull<dyn HostDispatch + '_>, NonNull<dyn HostDispatch>>(
                 NonNull::from(dispatch),
@@ -292,11 +296,12 @@ impl FrameGuard {
         };
         FrameGuard {
             previous: CURRENT.with(|current| current.replace(Some(dispatch))),
+            frame: PhantomData,
         }
     }
 }
 
-impl Drop for FrameGuard {
+impl Drop for FrameGuard<'_> {
     fn drop(&mut self) {
         CURRENT.with(|current| current.set(self.previous));
     }

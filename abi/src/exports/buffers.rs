@@ -8,6 +8,7 @@
 use runtime_api::Caller;
 
 use super::{fill_exact, return_data, Failure, HostResult};
+use crate::state::Limit;
 use crate::{BufferType, Status, VmState};
 
 /// The bytes of a buffer, read-only; `None` where Envoy has no buffer at all (`NOT_FOUND`).
@@ -86,7 +87,23 @@ fn edit_range(len: usize, start: u64, size: u64) -> Result<std::ops::Range<usize
     }
 }
 
-/// `proxy_set_buffer_bytes(buffer_type, start, size, data, data_size)`.
+/// The largest body or message a plugin may make the host keep: a body (or gRPC message) buffer
+/// it grows with `proxy_set_buffer_bytes`, the body of an HTTP call, a gRPC message it sends.
+/// Past it the write is refused (told to the plugin once), so a plugin cannot grow the proxy's
+/// memory, which no VM memory cap covers, by gigabytes in one callback. A buffer that was larger
+/// already (data the proxy buffered) may still shrink or keep its size.
+pub const MAX_BODY_BYTES: u64 = 64 << 20;
+
+/// Tells the plugin (once per `limit`) that `what` passed [`MAX_BODY_BYTES`], answered with
+/// `status`.
+pub(crate) fn tell_body_limit(state: &mut VmState, limit: Limit, what: &str, status: &str) {
+    state.tell_limit(limit, || {
+        format!("{what} of at most {MAX_BODY_BYTES} bytes: {status}")
+    });
+}
+
+/// `proxy_set_buffer_bytes(buffer_type, start, size, data, data_size)`: a body (or gRPC message)
+/// grown past [`MAX_BODY_BYTES`] is `INTERNAL_FAILURE`, and the buffer stays as it was.
 pub(super) fn set_buffer_bytes(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let buffer_type = BufferType::from_raw(args[0]).ok_or(Status::BadArgument)?;
     let (state, memory) = caller.state_and_memory();
@@ -117,8 +134,18 @@ pub(super) fn set_buffer_bytes(caller: &mut dyn Caller<VmState>, args: &[u64]) -
     }
     .ok_or(Status::BadArgument)?;
     let range = edit_range(buffer.len(), args[1], args[2])?;
-    buffer.splice(range, data.iter().copied());
-    Ok(())
+    let len = (buffer.len() - range.len()) as u64 + data.len() as u64;
+    if len <= MAX_BODY_BYTES || len <= buffer.len() as u64 {
+        buffer.splice(range, data.iter().copied());
+        return Ok(());
+    }
+    tell_body_limit(
+        state,
+        Limit::BodyBytes,
+        "a plugin may make a body or message buffer",
+        "INTERNAL_FAILURE",
+    );
+    Err(Status::InternalFailure.into())
 }
 
 /// `proxy_get_buffer_status(buffer_type, return_length, return_flags)`: the length, and flags

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use runtime_api::{Caller, GuestMemory};
 
+use super::buffers::MAX_BODY_BYTES;
 use super::{check, return_data, write_u32, Failure, HostResult};
 use crate::header_map::wire;
 use crate::state::Limit;
@@ -17,6 +18,21 @@ const REQUIRED_CALL_HEADERS: [&[u8]; 3] = [b":method", b":path", b":authority"];
 /// the host, so a plugin dispatching calls in a loop cannot open connections (and keep their
 /// answers) without end in any proxy.
 pub const MAX_OPEN_CALLS: usize = 1024;
+
+/// The most bytes of arguments a foreign function is called with. Envoy's (`compress`,
+/// signatures) and the embedder's run inside a host call, which no deadline interrupts: over
+/// it the call is `BAD_ARGUMENT` (told to the plugin once) instead of holding the proxy's
+/// thread for seconds.
+pub const MAX_FOREIGN_ARGUMENT_BYTES: u64 = 16 << 20;
+
+/// `data`, unless it is longer than [`MAX_BODY_BYTES`] (`BAD_ARGUMENT`, told once).
+fn call_bytes<'d>(state: &mut VmState, data: &'d [u8], what: &str) -> Result<&'d [u8], Failure> {
+    if data.len() as u64 <= MAX_BODY_BYTES {
+        return Ok(data);
+    }
+    super::buffers::tell_body_limit(state, Limit::CallBytes, what, "BAD_ARGUMENT");
+    Err(Status::BadArgument.into())
+}
 
 /// `Ok` while the VM has fewer than [`MAX_OPEN_CALLS`] calls open; the plugin is told once.
 fn room_for_a_call(state: &mut VmState) -> Result<(), Failure> {
@@ -49,7 +65,12 @@ pub(super) fn http_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostR
         headers: wire::decode(memory.slice(args[2], args[3])?)?
             .into_iter()
             .collect(),
-        body: memory.slice(args[4], args[5])?.to_vec(),
+        body: call_bytes(
+            state,
+            memory.slice(args[4], args[5])?,
+            "an HTTP call has a body",
+        )?
+        .to_vec(),
         trailers: wire::decode(memory.slice(args[6], args[7])?)?
             .into_iter()
             .collect(),
@@ -96,8 +117,13 @@ fn grpc_request(memory: &GuestMemory<'_>, args: &[u64]) -> Result<GrpcRequest, F
 pub(super) fn grpc_call(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, mut memory) = caller.state_and_memory();
     memory.slice_mut(args[11], 4)?;
+    let message = call_bytes(
+        state,
+        memory.slice(args[8], args[9])?,
+        "a gRPC call sends a message",
+    )?;
     let request = GrpcRequest {
-        message: Some(memory.slice(args[8], args[9])?.to_vec()),
+        message: Some(message.to_vec()),
         timeout: Some(Duration::from_millis(args[10])),
         ..grpc_request(&memory, args)?
     };
@@ -122,23 +148,36 @@ pub(super) fn grpc_stream(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Hos
     write_u32(caller, args[8], token)
 }
 
+/// `token`, if it is a call this VM made and has not been told the end of: another VM's token
+/// (an embedder may number every VM's calls in one table) or a finished call's is `NOT_FOUND`,
+/// as Envoy answers for a token it does not know.
+fn own_call(state: &VmState, token: u64) -> Result<u32, Failure> {
+    let token = token as u32;
+    if state.callout_roots.contains_key(&token) {
+        Ok(token)
+    } else {
+        Err(Status::NotFound.into())
+    }
+}
+
 /// `proxy_grpc_send(token, message_data, message_size, end_of_stream)`.
 pub(super) fn grpc_send(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let (state, memory) = caller.state_and_memory();
-    let message = memory.slice(args[1], args[2])?;
+    let token = own_call(state, args[0])?;
+    let message = call_bytes(
+        state,
+        memory.slice(args[1], args[2])?,
+        "a gRPC stream sends a message",
+    )?;
     let root = state.effective_root();
-    check(
-        state
-            .host
-            .grpc_send(root, args[0] as u32, message, args[3] != 0),
-    )
+    check(state.host.grpc_send(root, token, message, args[3] != 0))
 }
 
 /// `proxy_grpc_cancel(token)`: no callback comes for a cancelled call, so it is forgotten.
 pub(super) fn grpc_cancel(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    let token = args[0] as u32;
+    let token = own_call(state, args[0])?;
     let status = state.host.grpc_cancel(root, token);
     if status == Status::Ok {
         state.callout_roots.remove(&token);
@@ -152,7 +191,7 @@ pub(super) fn grpc_cancel(caller: &mut dyn Caller<VmState>, args: &[u64]) -> Hos
 pub(super) fn grpc_close(caller: &mut dyn Caller<VmState>, args: &[u64]) -> HostResult {
     let state = caller.state();
     let root = state.effective_root();
-    let token = args[0] as u32;
+    let token = own_call(state, args[0])?;
     let status = state.host.grpc_close(root, token);
     if status == Status::Ok && state.unary_grpc_calls.remove(&token) {
         state.callout_roots.remove(&token);
@@ -187,7 +226,17 @@ pub(super) fn call_foreign_function(caller: &mut dyn Caller<VmState>, args: &[u6
             .shared
             .foreign_function(memory.slice(args[0], args[1])?)
             .ok_or(Status::NotFound)?;
-        (function, memory.slice(args[2], args[3])?.to_vec())
+        let arguments = memory.slice(args[2], args[3])?;
+        if arguments.len() as u64 > MAX_FOREIGN_ARGUMENT_BYTES {
+            state.tell_limit(crate::state::Limit::ForeignArguments, || {
+                format!(
+                    "a foreign function is called with at most {MAX_FOREIGN_ARGUMENT_BYTES} \
+                     bytes of arguments: BAD_ARGUMENT"
+                )
+            });
+            return Err(Status::BadArgument.into());
+        }
+        (function, arguments.to_vec())
     };
     let result = {
         let mut call = crate::ForeignCall {

@@ -10,7 +10,8 @@ use runtime_api::Caller;
 use super::{return_data, Failure, HostResult};
 use crate::callbacks::Callback;
 use crate::header_map::wire;
-use crate::stream::Access;
+use crate::state::Limit;
+use crate::stream::{Access, MAX_HEADER_BYTES_WRITTEN};
 use crate::{AbiVersion, HeaderMap, Headers, MapType, Status, VmState};
 
 /// Why a map cannot be reached.
@@ -19,6 +20,9 @@ enum Unavailable {
     NotHeld,
     /// Held, but the stream has none (e.g. no response trailers came): reads find nothing.
     Missing,
+    /// A write past the stream's [`MAX_HEADER_BYTES_WRITTEN`] (the plugin was told):
+    /// `INTERNAL_FAILURE`.
+    OverLimit,
 }
 
 /// The map a plugin names, in the effective context, if it may use it in this way now. A read
@@ -36,11 +40,22 @@ fn map_of(
     map_type: MapType,
     access: Access,
 ) -> Result<&mut dyn Headers, Failure> {
+    map_to_write(state, map_type, access, 0)
+}
+
+/// [`map_of`], counting `written` bytes the plugin is about to write into it.
+fn map_to_write(
+    state: &mut VmState,
+    map_type: MapType,
+    access: Access,
+    written: u64,
+) -> Result<&mut dyn Headers, Failure> {
     let in_log = state.callback == Some(Callback::Log);
-    lookup(state, map_type, access).map_err(|unavailable| {
+    writable(state, map_type, access, written).map_err(|unavailable| {
         match (unavailable, access) {
             (Unavailable::Missing, Access::Read) => Status::NotFound,
             (Unavailable::NotHeld, Access::Read) if in_log => Status::NotFound,
+            (Unavailable::OverLimit, _) => Status::InternalFailure,
             _ => Status::BadArgument,
         }
         .into()
@@ -51,6 +66,16 @@ fn lookup(
     state: &mut VmState,
     map_type: MapType,
     access: Access,
+) -> Result<&mut dyn Headers, Unavailable> {
+    writable(state, map_type, access, 0)
+}
+
+/// [`lookup`], counting `written` bytes against the stream's limit for a write.
+fn writable(
+    state: &mut VmState,
+    map_type: MapType,
+    access: Access,
+    written: u64,
 ) -> Result<&mut dyn Headers, Unavailable> {
     match map_type {
         MapType::HttpCallResponseHeaders => callout_map(
@@ -67,7 +92,7 @@ fn lookup(
         MapType::GrpcReceiveTrailingMetadata => {
             callout_map(state.grpc_trailing_metadata.as_mut(), access)
         }
-        _ => stream_map(state, map_type, access),
+        _ => stream_map(state, map_type, access, written),
     }
 }
 
@@ -82,21 +107,33 @@ fn callout_map(
     }
 }
 
-/// A map of the effective stream, if the plugin holds it.
+/// A map of the effective stream, if the plugin holds it; a write counts `written` bytes.
 fn stream_map(
     state: &mut VmState,
     map_type: MapType,
     access: Access,
+    written: u64,
 ) -> Result<&mut dyn Headers, Unavailable> {
     let in_log = state.callback == Some(Callback::Log);
     let context = state.effective_context;
-    match state.effective_stream() {
+    let within_limit = match state.effective_stream() {
         Some(stream) if stream.map_available(map_type, access, in_log) => {
-            if access == Access::Write {
+            let charged = access == Access::Read || stream.charge_header_bytes(written);
+            if charged && access == Access::Write {
                 stream.note_change(map_type);
             }
+            charged
         }
         _ => return Err(Unavailable::NotHeld),
+    };
+    if !within_limit {
+        state.tell_limit(Limit::HeaderBytes, || {
+            format!(
+                "a plugin writes at most {MAX_HEADER_BYTES_WRITTEN} bytes of header names and \
+                 values into one stream's maps: INTERNAL_FAILURE"
+            )
+        });
+        return Err(Unavailable::OverLimit);
     }
     state
         .host
@@ -146,12 +183,16 @@ pub(super) fn set_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
 }
 
 /// Replaces the whole map with `pairs`, in order.
-pub(crate) fn set_pairs<'p>(
-    state: &mut VmState,
-    map_type: MapType,
-    pairs: impl IntoIterator<Item = (&'p [u8], &'p [u8])>,
-) -> HostResult {
-    let map = map_of(state, map_type, Access::Write)?;
+pub(crate) fn set_pairs<'p, I>(state: &mut VmState, map_type: MapType, pairs: I) -> HostResult
+where
+    I: IntoIterator<Item = (&'p [u8], &'p [u8])> + Clone,
+{
+    let written = pairs
+        .clone()
+        .into_iter()
+        .map(|(key, value)| (key.len() + value.len()) as u64)
+        .sum();
+    let map = map_to_write(state, map_type, Access::Write, written)?;
     map.clear();
     for (key, value) in pairs {
         map.add(key, value);
@@ -268,7 +309,11 @@ pub(crate) enum Edit<'v> {
 
 /// Changes `key` of a map the plugin holds (`BAD_ARGUMENT` otherwise).
 pub(crate) fn edit(state: &mut VmState, map_type: MapType, key: &[u8], edit: Edit) -> HostResult {
-    let map = map_of(state, map_type, Access::Write)?;
+    let written = match edit {
+        Edit::Add(value) | Edit::Replace(value) => (key.len() + value.len()) as u64,
+        Edit::Remove => 0,
+    };
+    let map = map_to_write(state, map_type, Access::Write, written)?;
     match edit {
         Edit::Add(value) => map.add(key, value),
         Edit::Replace(value) => map.replace(key, value),

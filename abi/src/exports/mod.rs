@@ -5,7 +5,7 @@
 //! status codes; only conditions the guest must not survive (a trap in its own allocator,
 //! `proc_exit`) stop it.
 
-mod buffers;
+pub(crate) mod buffers;
 pub(crate) mod calls;
 pub(crate) mod headers;
 pub(crate) mod logging;

@@ -192,6 +192,9 @@ const MAX_WRITE_LOGGED: usize = super::logging::MAX_LOG_MESSAGE_BYTES;
 /// with more is a partial write of the first ones.
 const MAX_WRITE_BUFFERS: u64 = 1024;
 
+/// The most subscriptions one `poll_oneoff` takes (more: `EINVAL`).
+const MAX_POLL_SUBSCRIPTIONS: u64 = 1024;
+
 /// `fd_write(fd, iovs, iovs_len, nwritten)`: stdout goes to the info log, stderr to the error
 /// log, one log line per line of text; every byte of at most [`MAX_WRITE_BUFFERS`] buffers is
 /// taken, at most [`MAX_WRITE_LOGGED`] of them logged.
@@ -386,6 +389,11 @@ fn poll_oneoff(caller: &mut dyn Caller<VmState>, args: &[u64]) -> WasiResult {
     const EVENT_SIZE: u64 = 32;
     const FD_WRITE: u8 = 2;
     let (subscriptions, events, count) = (args[0], args[1], args[2]);
+    // A plugin has no descriptors to wait on; bounded as `fd_write`'s buffers are, so one call
+    // cannot hold the thread for millions of subscriptions.
+    if count > MAX_POLL_SUBSCRIPTIONS {
+        return errno(INVAL);
+    }
     let mut memory = caller.memory();
     for i in 0..count {
         let subscription = subscriptions + i * SUBSCRIPTION_SIZE;
