@@ -13,7 +13,14 @@ fi
 download=$(mktemp -d)
 trap 'rm -rf "$download"' EXIT
 chmod 755 "$download" # apt-get download runs as _apt
-(cd "$download" && apt-get download libnode108 libnode-dev)
+# Needs the package lists: a machine with every package installed may have none (container
+# images delete them), so they are fetched once if the first try finds nothing.
+if ! (cd "$download" && apt-get download libnode108 libnode-dev); then
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  (cd "$download" && apt-get download libnode108 libnode-dev)
+fi
 rm -rf "$target"
 mkdir -p "$target"
 for deb in "$download"/*.deb; do

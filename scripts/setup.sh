@@ -10,13 +10,16 @@
 #     Debian package's test
 #   - engines: LLVM 22 for wasmer's LLVM compiler (llvm-22-dev libpolly-22-dev libzstd-dev), cmake
 #     and libclang-dev for WAMR, libuv1 and libc-ares2 for libnode (V8), whose own files
-#     scripts/fetch-libnode.sh unpacks into .deps/libnode
+#     scripts/fetch-libnode.sh unpacks into .deps/libnode, g++ for V8's C++ shim
+#   - npm (and Debian's Node.js with it) for the AssemblyScript plugin, unless the machine has
+#     an npm already (Debian's would conflict with a Node.js from elsewhere, e.g. NodeSource)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(rustc-web cargo-web rust-web-src lld-19 wasi-libc wabt clang-19
   llvm-22-dev libpolly-22-dev libzstd-dev cmake libclang-dev libuv1 libc-ares2
-  trafficserver trafficserver-dev wrk nghttp2-client curl dpkg-dev)
+  trafficserver trafficserver-dev wrk nghttp2-client curl dpkg-dev g++)
+command -v npm >/dev/null || packages+=(npm)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -36,6 +39,5 @@ if ((${#missing[@]})); then
   fi
 fi
 
-command -v npm >/dev/null || { echo "setup: npm is required for the AssemblyScript plugin" >&2; exit 1; }
 bash scripts/fetch-libnode.sh
 bash plugins/build.sh

@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lifecycle::{CodeCache, Deployment, LoadOptions, Plugins};
+use lifecycle::{CodeCache, CompilationCache, Deployment, LoadOptions, Plugins};
 use serde_yaml::Value;
 
 /// Where `proxy_http_call` may send requests: upstream name → address.
@@ -219,11 +219,14 @@ pub enum Start<'a> {
 }
 
 /// Reads every file and loads their plugins on `engines`: one deployment, the files' HTTP
-/// filters in order. Nothing is loaded if any file is wrong.
+/// filters in order. Nothing is loaded if any file is wrong. With `cache_dir`, remote code and
+/// compiled code are kept there (`code/`, `compiled/`) for the next start; without it, remote
+/// code is kept in memory only and every start compiles.
 pub fn load(
     files: &[PathBuf],
     engines: &dyn lifecycle::Engines,
     start: Start<'_>,
+    cache_dir: Option<&std::path::Path>,
 ) -> Result<Loaded, String> {
     if files.is_empty() {
         return Err(
@@ -288,8 +291,8 @@ pub fn load(
     }
     let options = LoadOptions {
         base_dir: PathBuf::from("/"),
-        code_cache: CodeCache::new(None),
-        compilation_cache: None,
+        code_cache: CodeCache::new(cache_dir.map(|dir| dir.join("code"))),
+        compilation_cache: cache_dir.map(|dir| CompilationCache::new(dir.join("compiled"))),
     };
     let plugins = match start {
         Start::Replacing(previous) => {

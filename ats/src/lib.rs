@@ -7,7 +7,7 @@
 //! pwhost_ats.so [--deadline-ms=N] [--max-memory-mib=N] [--buffer-limit-bytes=N]
 //!     [--stream-idle-timeout-ms=N] [--shared-data-bytes-per-vm-id=N]
 //!     [--shared-queue-bytes-per-vm-id=N] [--shared-queues-per-vm-id=N]
-//!     [--metric-names-per-vm-id=N] a.yaml [b.yaml ...]
+//!     [--metric-names-per-vm-id=N] [--cache-dir=DIR] a.yaml [b.yaml ...]
 //! ```
 //!
 //! Each file configures plugins as the `lifecycle` layer reads them (Traffic Server's
@@ -91,6 +91,8 @@ struct Global {
     buffer_limit_bytes: usize,
     /// How long a plugin may hold a transaction without continuing, answering or closing it.
     stream_idle_timeout: Option<Duration>,
+    /// Where remote and compiled code are kept between starts (`--cache-dir`), if anywhere.
+    cache_dir: Option<PathBuf>,
 }
 
 /// Envoy's `per_connection_buffer_limit_bytes` default: 1 MiB.
@@ -303,6 +305,7 @@ struct Arguments {
     buffer_limit_bytes: usize,
     stream_idle_timeout: Option<Duration>,
     shared_limits: abi::SharedLimits,
+    cache_dir: Option<PathBuf>,
 }
 
 fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
@@ -312,6 +315,7 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
     let mut buffer_limit_bytes = DEFAULT_BUFFER_LIMIT_BYTES;
     let mut stream_idle_timeout = Some(DEFAULT_STREAM_IDLE_TIMEOUT);
     let mut shared_limits = abi::SharedLimits::default();
+    let mut cache_dir = None;
     for arg in args {
         let number = |value: &str| {
             value
@@ -344,12 +348,17 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
             shared_limits.queues_per_vm_id = as_usize(number(value)?);
         } else if let Some(value) = arg.strip_prefix("--metric-names-per-vm-id=") {
             shared_limits.metric_names_per_vm_id = as_usize(number(value)?);
+        } else if let Some(value) = arg.strip_prefix("--cache-dir=") {
+            if value.is_empty() {
+                return Err(format!("{arg}: expected a directory"));
+            }
+            cache_dir = Some(config_path(value));
         } else if arg.starts_with("--") {
             return Err(format!(
                 "unknown option {arg} (options: --deadline-ms=N, --max-memory-mib=N, \
                  --buffer-limit-bytes=N, --stream-idle-timeout-ms=N, \
                  --shared-data-bytes-per-vm-id=N, --shared-queue-bytes-per-vm-id=N, \
-                 --shared-queues-per-vm-id=N, --metric-names-per-vm-id=N)"
+                 --shared-queues-per-vm-id=N, --metric-names-per-vm-id=N, --cache-dir=DIR)"
             ));
         } else {
             files.push(config_path(arg));
@@ -362,6 +371,7 @@ fn parse_arguments(args: &[String]) -> Result<Arguments, String> {
         buffer_limit_bytes,
         stream_idle_timeout,
         shared_limits,
+        cache_dir,
     })
 }
 
@@ -445,6 +455,7 @@ fn init(args: &[String]) -> Result<(), String> {
         &arguments.files,
         &engines,
         config::Start::Fresh(arguments.shared_limits),
+        arguments.cache_dir.as_deref(),
     )?;
     for warning in loaded.plugins.warnings() {
         diag::warning(warning);
@@ -470,6 +481,7 @@ fn init(args: &[String]) -> Result<(), String> {
         services: Mutex::new(services),
         buffer_limit_bytes: arguments.buffer_limit_bytes,
         stream_idle_timeout: arguments.stream_idle_timeout,
+        cache_dir: arguments.cache_dir,
     };
     if GLOBAL.set(global).is_err() {
         return Err("initialised twice".into());
@@ -530,6 +542,7 @@ unsafe extern "C" fn on_reload(
             &global.files,
             &global.engines,
             config::Start::Replacing(&previous),
+            global.cache_dir.as_deref(),
         ) {
             Ok(loaded) => {
                 for warning in loaded.plugins.warnings() {

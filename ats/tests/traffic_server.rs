@@ -778,6 +778,36 @@ fn the_example_plugin_file_runs_where_the_package_installs_it() {
     );
 }
 
+/// `--cache-dir=DIR` keeps each plugin's compiled code there (and remote code) for the next
+/// start, as `pwhost run --config` and `pwhost serve` do; without it nothing is written.
+#[cfg(feature = "wasmtime")]
+#[test]
+fn a_cache_directory_keeps_the_compiled_code_for_the_next_start() {
+    let origin = Origin::start();
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[PluginFile {
+            name: "http_headers",
+            yaml: plugin_yaml("http_headers", "ats.wasm.runtime.wasmtime", "", ""),
+        }],
+    );
+    let cache = root.path().join("cache");
+    let plugin_config = root.path().join("etc/plugin.config");
+    let line = std::fs::read_to_string(&plugin_config).expect("plugin.config");
+    let line = line.replacen(".so ", &format!(".so --cache-dir={} ", cache.display()), 1);
+    std::fs::write(&plugin_config, line).expect("plugin.config");
+    let server = TrafficServer::start_prepared(root, port);
+    let reply = get(&server.url("/"), &[]);
+    assert_eq!(reply.status, 200, "{}", server.diagnostics());
+    assert_eq!(reply.header("x-powered-by"), Some("pwhost"));
+    let compiled: Vec<String> = std::fs::read_dir(cache.join("compiled"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.diagnostics()))
+        .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(compiled.len(), 1, "{compiled:?}");
+    assert!(compiled[0].starts_with("wasmtime"), "{compiled:?}");
+}
+
 #[test]
 fn reload_puts_a_changed_configuration_in_force_for_new_transactions() {
     let runtime = engines()[0];
@@ -2305,8 +2335,13 @@ fn a_held_transaction_fails_closed_when_another_transaction_fails_its_copy() {
         let url = url.clone();
         std::thread::spawn(move || try_get(&url, &[("x-hold", "1")]).map(|reply| reply.status))
     };
-    // Time for the held transaction to reach the plugin.
-    std::thread::sleep(Duration::from_secs(1));
+    // The held transaction reached the plugin (else the trap would come first, and it would
+    // be refused at admission instead of woken).
+    server.wait_for_metric(
+        "plugin.pwhost_ats.live_stream_contexts",
+        Instant::now() + Duration::from_secs(20),
+        |line| !line.ends_with(" 0"),
+    );
     let trapped = get(&url, &[("x-panic", "now")]);
     let context = |what: &str| format!("{what}\n{}", server.diagnostics());
     assert_eq!(
@@ -2884,6 +2919,11 @@ fn a_plugin_stuck_in_a_loop_is_stopped_by_its_deadline_and_traffic_server_goes_o
         server.diagnostics().contains("deadline"),
         "{}",
         server.diagnostics()
+    );
+    server.wait_for_metric(
+        "plugin.pwhost_ats.looping.failed_by_deadline",
+        Instant::now() + Duration::from_secs(20),
+        |line| line.ends_with(" 3"),
     );
     assert_eq!(origin.requests(), 0, "a request went past the stuck plugin");
 }

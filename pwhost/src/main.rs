@@ -97,6 +97,8 @@ struct ServeArgs {
     config: PathBuf,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    caches: CacheArgs,
     /// How logs are written to standard error (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -115,8 +117,11 @@ enum LogFormat {
 fn serve(args: &ServeArgs) -> anyhow::Result<std::convert::Infallible> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: not escape codes in a log file or a journal.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),
@@ -124,7 +129,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<std::convert::Infallible> {
     }
     let config = serve::ServeConfig::read(&args.config)?;
     let engines = pwhost::configured::BuildEngines::new(args.limits.runtime_config());
-    let proxy = serve::Proxy::load(config, std::sync::Arc::new(engines))?;
+    let caches = args.caches.directory();
+    let proxy = serve::Proxy::load(config, std::sync::Arc::new(engines), caches.as_deref())?;
     Ok(proxy.run()?)
 }
 
@@ -284,14 +290,32 @@ struct RunArgs {
     allow_on_headers_stop_iteration: bool,
     #[command(flatten)]
     limits: LimitArgs,
-    /// Where to keep fetched remote code (by sha256), so a run without network still starts,
-    /// and compiled code, so a second run skips compiling
+    #[command(flatten)]
+    caches: CacheArgs,
+}
+
+/// The disk caches of a configuration's code, shared by `run --config` and `serve`.
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// With --config: where to keep fetched remote code (by sha256), so a start without
+    /// network still finds it, and compiled code, so a second start skips compiling
     /// [default: $XDG_CACHE_HOME/pwhost, else ~/.cache/pwhost].
     #[arg(long, conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
-    /// Keep nothing on disk (remote code is fetched every run).
+    /// With --config: keep nothing on disk (remote code is fetched at every start).
     #[arg(long)]
     no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache directory asked for, if any.
+    fn directory(&self) -> Option<PathBuf> {
+        match (&self.cache_dir, self.no_cache) {
+            (_, true) => None,
+            (Some(dir), false) => Some(dir.clone()),
+            (None, false) => pwhost::configured::default_cache_dir(),
+        }
+    }
 }
 
 fn text_or_file(value: &str, what: &str) -> anyhow::Result<Vec<u8>> {
@@ -317,14 +341,23 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
 const DEFAULT_DEADLINE_MS: u64 = 10_000;
 
 fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    // A --plugin run reads a local file and compiles it each time: the cache flags are refused
+    // there rather than taken and ignored. (Clap's `requires` cannot say this: it lets a
+    // required argument be missing when a conflicting one, here --plugin, is present.)
+    if args.config.is_none() && (args.caches.cache_dir.is_some() || args.caches.no_cache) {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--cache-dir and --no-cache go with --config <CONFIG>: a --plugin run reads \
+                 its file and compiles it each time",
+            )
+            .exit();
+    }
     let scenario = load_scenario(args.scenario.as_deref())?;
     let runtime_config = args.limits.runtime_config();
     if let Some(config) = &args.config {
-        let cache_dir = match (&args.cache_dir, args.no_cache) {
-            (_, true) => None,
-            (Some(dir), false) => Some(dir.clone()),
-            (None, false) => pwhost::configured::default_cache_dir(),
-        };
+        let cache_dir = args.caches.directory();
         let plugins = pwhost::configured::load(
             config,
             args.runtime.as_deref(),

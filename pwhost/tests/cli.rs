@@ -894,6 +894,16 @@ fn runtime_names_are_envoys_too_and_bench_times_at_least_one_of_each() {
         stderr.contains("unexpected argument '--allow-on-headers-stop-iteration'"),
         "{stderr}"
     );
+    // The disk caches serve --config runs (remote code, compiled code); a --plugin run would
+    // take them and ignore them, so it refuses them.
+    for flags in [&["--no-cache"][..], &["--cache-dir", "/tmp"][..]] {
+        let mut args = vec!["run", "--plugin", good];
+        args.extend_from_slice(flags);
+        let output = pwhost(&args);
+        assert_eq!(output.status.code(), Some(2), "{flags:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--config <CONFIG>"), "{stderr}");
+    }
 }
 
 /// `pwhost run` of `plugin` with `ticks` timer ticks, on a worker and as a singleton service

@@ -647,12 +647,14 @@ fn every_case_passes_on_every_engine_and_build() {
     outcomes.sort_by_key(|ran| ran.index);
     let mut runs = 0;
     let mut runs_per_engine = std::collections::BTreeMap::<&str, (usize, Duration)>::new();
+    let mut cases_run = std::collections::BTreeSet::<&str>::new();
     for ran in outcomes {
         // A configuration case an engine cannot run (e.g. no precompiled code) is not a run.
         let Some(outcome) = ran.outcome else {
             continue;
         };
         runs += 1;
+        cases_run.insert(planned[ran.index].0);
         let engine = runs_per_engine.entry(ran.engine).or_default();
         engine.0 += 1;
         engine.1 += ran.took;
@@ -671,6 +673,16 @@ fn every_case_passes_on_every_engine_and_build() {
         failures.len(),
         failures.join("\n")
     );
+    // A case no engine of this build could run checked nothing: with every engine built (as
+    // the project's tests are run), each case runs somewhere.
+    if cfg!(all(feature = "wasmtime", feature = "null")) {
+        let never: Vec<&str> = cases
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| !cases_run.contains(name))
+            .collect();
+        assert!(never.is_empty(), "cases that ran on no engine: {never:?}");
+    }
 }
 
 #[test]

@@ -471,8 +471,10 @@ impl Serve {
         let config_path = dir.path().join("serve.yaml");
         std::fs::write(&config_path, config).expect("the configuration");
         let log = dir.path().join("serve.log");
+        // No disk cache: the user's would be written to, and compiled code from another run
+        // could hide a compilation problem.
         let child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
-            .args(["serve", "--config"])
+            .args(["serve", "--no-cache", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -720,6 +722,20 @@ fn an_unreachable_upstream_is_a_503_and_a_trapping_plugin_fails_closed() {
     let trapped = get(&serve.url("/"), &[("x-panic", "boom")]);
     assert_eq!(trapped.status, 503);
     serve.wait_for_log("pwhost test panic: boom");
+    // The 503 is the plugin's failure policy (closed), not the unreachable upstream's: failing
+    // open would have been counted as a bypass.
+    let streams = |outcome: &str| {
+        format!(
+            "pwhost_plugin_streams_total{{listener=\"main\",plugin=\"panics\",outcome=\"{outcome}\"}}"
+        )
+    };
+    serve.wait_for_samples(&[(&streams("failed_by_trap"), 1.0), (&streams("closed"), 1.0)]);
+    let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+    assert_eq!(
+        sample(&metrics, &streams("bypassed")).unwrap_or(0.0),
+        0.0,
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -1038,6 +1054,128 @@ fn http2_clients_without_tls_are_served_through_the_same_chain() {
     assert!(text.contains("x-pwhost-plugin: http_headers"), "{text}");
     assert!(!text.contains("x-remove-me"), "{text}");
     serve.wait_for_log("done: /h2");
+}
+
+/// A route with a `host` takes the requests for that host, whatever the case and port the
+/// client wrote it with: HTTP/1.1's `Host`, HTTP/2's `:authority`; other hosts go on to the
+/// next route.
+#[test]
+fn a_route_for_a_host_takes_that_hosts_requests_in_http1_and_http2() {
+    let origin = Origin::start();
+    let api = Origin::answering_with(&[("x-origin", "api")]);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{host: api.example, cluster: api}}, \
+         {{prefix: /, cluster: backend}}]\n    http_filters:\n{}clusters:\n  \
+         backend: {{endpoints: [\"{}\"]}}\n  api: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("headers", "http_headers", ""),
+        origin.address,
+        api.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // Written by hand: an HTTP client library sets `Host` from the URL.
+    let http1 = |host: &str| {
+        use std::io::{Read, Write};
+        let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+        let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+        let request = format!("GET /h1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        connection.write_all(request.as_bytes()).expect("sent");
+        let mut received = Vec::new();
+        let _ = connection.read_to_end(&mut received);
+        String::from_utf8_lossy(&received).to_ascii_lowercase()
+    };
+    let to_api = http1("API.Example:8080");
+    assert!(to_api.starts_with("http/1.1 200"), "{to_api}");
+    assert!(to_api.contains("x-origin: api"), "{to_api}");
+    let elsewhere = http1("www.example");
+    assert!(elsewhere.starts_with("http/1.1 200"), "{elsewhere}");
+    assert!(!elsewhere.contains("x-origin"), "{elsewhere}");
+    let http2 = |host: &str| {
+        let output = Command::new("curl")
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "-H",
+            ])
+            .arg(format!("host: {host}"))
+            .arg(serve.url("/h2"))
+            .output()
+            .expect("curl runs (apt-get install curl)");
+        assert!(output.status.success(), "{}", serve.log());
+        String::from_utf8_lossy(&output.stdout).to_ascii_lowercase()
+    };
+    let to_api = http2("api.example");
+    assert!(to_api.starts_with("http/2 200"), "{to_api}");
+    assert!(to_api.contains("x-origin: api"), "{to_api}");
+    assert!(!http2("www.example").contains("x-origin"));
+    assert_eq!(api.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 2);
+}
+
+/// With `--cache-dir`, the compiled code of one start is the next start's: the log says
+/// how each plugin's code was made ready.
+#[test]
+fn a_second_start_with_a_cache_directory_skips_compiling() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let cache = dir.path().join("cache");
+    let config = dir.path().join("serve.yaml");
+    let text = format!(
+        "workers: 1\nlisteners:\n  - name: main\n    address: 127.0.0.1:{}\n    \
+         routes: [{{cluster: backend}}]\n    http_filters:\n{}clusters:\n  \
+         backend: {{endpoints: [\"127.0.0.1:1\"]}}\n",
+        free_port(),
+        envoy_filter("headers", "http_headers", "")
+    );
+    std::fs::write(&config, text).expect("the configuration");
+    let start = |run: &str| -> String {
+        let log = dir.path().join(format!("{run}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pwhost"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the log file"))
+            .spawn()
+            .expect("pwhost starts");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("plugin loaded") || Instant::now() > deadline {
+                break text;
+            }
+            if let Ok(Some(exit)) = child.try_wait() {
+                panic!("{run} start ended ({exit}):\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        text
+    };
+    let loaded = |log: &str| {
+        log.lines()
+            .find(|line| line.contains("plugin loaded"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no plugin loaded:\n{log}"))
+    };
+    let first = loaded(&start("first"));
+    assert!(first.contains("compiled_from=\"bytecode\""), "{first}");
+    assert!(first.contains("runtime=\"wasmtime\""), "{first}");
+    let second = loaded(&start("second"));
+    assert!(
+        second.contains("compiled_from=\"compilation_cache\""),
+        "{second}"
+    );
 }
 
 #[test]
@@ -2036,6 +2174,112 @@ fn drains_on(signal: &str) {
     };
     assert!(exit.success(), "{exit:?}:\n{}", serve.log());
     assert!(serve.log().contains("drained: exiting"), "{}", serve.log());
+}
+
+/// The proxy of [`drains_on`], with `drain_timeout` written, and a slow request in flight
+/// at its origin.
+fn draining_with(
+    drain_timeout: &str,
+) -> (
+    Origin,
+    Serve,
+    std::thread::JoinHandle<Result<Reply, String>>,
+) {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 1\ndrain_timeout: {drain_timeout}\nadmin: {{address: 127.0.0.1:{admin_port}}}\n\
+         listeners:\n  - name: main\n    address: 127.0.0.1:{port}\n    \
+         routes: [{{cluster: backend}}]\n    http_filters:\n{}clusters:\n  \
+         backend: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("headers", "http_headers", ""),
+        origin.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let url = serve.url("/slow");
+    let in_flight = std::thread::spawn(move || try_get(&url, &[]));
+    // The request is at the origin, which answers after 1.5 s.
+    origin.wait_for_a_request();
+    (origin, serve, in_flight)
+}
+
+/// Waits (at most 20 s) for the proxy to exit.
+fn exit_of(serve: &mut Serve) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(exit) = serve.child.try_wait().expect("the process") {
+            return exit;
+        }
+        assert!(Instant::now() < deadline, "still running:\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_stream_outlasting_the_drain_timeout_is_cut_and_the_proxy_exits() {
+    // 0.3 s to drain, a request that needs 1.5 s.
+    let (_origin, mut serve, in_flight) = draining_with("0.3s");
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let exit = exit_of(&mut serve);
+    assert!(exit.success(), "{exit:?}:\n{}", serve.log());
+    assert!(
+        serve
+            .log()
+            .contains("drain timeout: exiting with streams in flight"),
+        "{}",
+        serve.log()
+    );
+    let reply = in_flight.join().expect("the client");
+    assert!(
+        reply
+            .as_ref()
+            .map_or(true, |reply| !reply.body.contains("hello from origin")),
+        "the stream outlasting the drain was not cut: {reply:?}"
+    );
+}
+
+#[test]
+fn a_second_signal_while_draining_exits_at_once() {
+    // The default 10 s to drain, a request that needs 1.5 s: the second signal does not wait.
+    let (_origin, mut serve, in_flight) = draining_with("10s");
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    assert!(
+        refuses_connections(serve.port, Duration::from_secs(1)),
+        "still accepting:\n{}",
+        serve.log()
+    );
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let exit = exit_of(&mut serve);
+    assert_eq!(exit.code(), Some(1), "{exit:?}:\n{}", serve.log());
+    assert!(
+        serve
+            .log()
+            .contains("second signal while draining: exiting now"),
+        "{}",
+        serve.log()
+    );
+    let reply = in_flight.join().expect("the client");
+    assert!(
+        reply
+            .as_ref()
+            .map_or(true, |reply| !reply.body.contains("hello from origin")),
+        "{reply:?}"
+    );
 }
 
 #[test]
@@ -3102,6 +3346,11 @@ fn each_failure_policy_holds_under_live_traffic() {
     assert!(count("open", "bypassed") >= 1.0, "{metrics}");
     assert!(count("closed", "closed") >= 1.0, "{metrics}");
     assert!(count("reload", "reloads") >= 1.0, "{metrics}");
+    // Each policy kept to itself: only FAIL_RELOAD made a fresh copy, only FAIL_OPEN bypassed.
+    assert_eq!(count("closed", "reloads"), 0.0, "{metrics}");
+    assert_eq!(count("open", "reloads"), 0.0, "{metrics}");
+    assert_eq!(count("closed", "bypassed"), 0.0, "{metrics}");
+    assert_eq!(count("reload", "bypassed"), 0.0, "{metrics}");
     serve.wait_for_no_live_contexts();
 }
 

@@ -66,12 +66,12 @@ fn queue_ready_is_delivered_on_the_registering_vms_thread() {
         let delivered = vm.dispatch_queue_ready().unwrap();
         let host = vm.host_as::<InMemoryHost>().unwrap();
         let logs: Vec<String> = host.logs.iter().map(|l| l.message.clone()).collect();
-        (std::thread::current().id(), delivered, logs)
+        (delivered, logs)
     });
 
     producer.join().unwrap();
-    let (owner_thread, delivered, logs) = owner.join().unwrap();
-    assert_ne!(owner_thread, std::thread::current().id());
+    // Delivered by the owner's VM, on its thread; the producer's VM delivered nothing (above).
+    let (delivered, logs) = owner.join().unwrap();
     assert_eq!(delivered, 1);
     assert!(
         logs.contains(&"dequeued: /from-another-thread".to_string()),

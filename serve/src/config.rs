@@ -545,8 +545,12 @@ impl ServeConfig {
             None => Deployment::default(),
         };
         if !services.http_filters.is_empty() || !services.network_filters.is_empty() {
+            // A bare `config:` block is read as a filter unless it says `singleton:`, as in
+            // the other lists the plugin-config reader shares.
             return Err(
-                "services: only services belong here (envoy.bootstrap.wasm / WasmService blocks)"
+                "services: only services belong here: envoy.bootstrap.wasm (WasmService) \
+                 blocks, or bare `config:` blocks with `singleton:` (true: one copy on a thread \
+                 of its own; false: a copy per worker); a bare block without it is an HTTP filter"
                     .into(),
             );
         }
@@ -812,6 +816,13 @@ clusters:
                      {prefix: /api/v2, host: a.example, cluster: backend}, {cluster: backend}]",
                 ),
                 "listeners[0].routes[1]: never matches: routes[0]",
+            ),
+            (
+                format!(
+                    "{MINIMAL}services:\n  - config:\n      vm_config: {{code: {{local: \
+                     {{filename: s.wasm}}}}}}\n"
+                ),
+                "a bare block without it is an HTTP filter",
             ),
         ];
         for (text, needle) in cases {

@@ -43,12 +43,13 @@ mod stream;
 mod tcp;
 mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lifecycle::{
-    CodeCache, Engines, LivePlugins, LoadOptions, PluginId, Plugins, SingletonService, Ticking,
+    CodeCache, CompilationCache, Engines, LivePlugins, LoadOptions, PluginId, Plugins,
+    SingletonService, Ticking,
 };
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -74,12 +75,13 @@ pub enum ServeError {
 }
 
 /// Where a deployment's code comes from: files (relative paths were made absolute from the
-/// configuration's directory), remote code cached in memory.
-pub(crate) fn load_options() -> LoadOptions {
+/// configuration's directory), remote code cached in memory and, with `cache_dir`, kept there
+/// with the compiled code (`code/`, `compiled/`, as `pwhost run --config` keeps them).
+fn load_options(cache_dir: Option<&Path>) -> LoadOptions {
     LoadOptions {
         base_dir: PathBuf::from("/"),
-        code_cache: CodeCache::new(None),
-        compilation_cache: None,
+        code_cache: CodeCache::new(cache_dir.map(|dir| dir.join("code"))),
+        compilation_cache: cache_dir.map(|dir| CompilationCache::new(dir.join("compiled"))),
     }
 }
 
@@ -111,6 +113,7 @@ impl ListenerService {
         for warning in plugins.warnings() {
             tracing::warn!(listener = %listener.name, "{warning}");
         }
+        log_loaded(&plugins, &listener.name);
         let shared = Arc::new(worker::Listener::new(
             slot,
             format!("listener/{}", listener.name),
@@ -171,6 +174,25 @@ impl ListenerService {
     }
 }
 
+/// Says which engine runs each plugin of `owner` (a listener, or the services) and how its code
+/// was made ready: compiled from bytecode, or taken from a precompiled section or the
+/// compilation cache.
+pub(crate) fn log_loaded(plugins: &Plugins, owner: &str) {
+    let every = plugins
+        .http_filters()
+        .chain(plugins.network_filters())
+        .chain(plugins.services());
+    for plugin in every {
+        tracing::info!(
+            owner,
+            plugin = plugins.config(plugin).display_name(),
+            runtime = plugins.module(plugin).runtime_name(),
+            compiled_from = plugins.compiled_from(plugin).as_str(),
+            "plugin loaded"
+        );
+    }
+}
+
 /// The proxy, loaded and ready to run.
 pub struct Proxy {
     config: ServeConfig,
@@ -184,6 +206,8 @@ pub struct Proxy {
     /// listener-like view their copies' hosts share.
     worker_services: Option<(Arc<worker::Listener>, Vec<PluginId>)>,
     routing: routing::SharedRouting,
+    /// Where code comes from, for reloads too.
+    options: LoadOptions,
 }
 
 impl Proxy {
@@ -191,11 +215,20 @@ impl Proxy {
     /// singleton services; nothing listens yet. For a configuration read from a file, a SIGHUP
     /// from here on no longer terminates the process: one that comes while loading reloads
     /// the file once [`Proxy::run`] serves.
-    pub fn load(config: ServeConfig, engines: Arc<dyn Engines>) -> Result<Proxy, ServeError> {
+    ///
+    /// With `cache_dir`, remote code (by sha256) and compiled code are kept there for the next
+    /// start and for reloads, so a start without network still finds the code and a second
+    /// start skips compiling (`lifecycle`'s caches); without it, remote code is kept in memory
+    /// only and every start compiles.
+    pub fn load(
+        config: ServeConfig,
+        engines: Arc<dyn Engines>,
+        cache_dir: Option<&Path>,
+    ) -> Result<Proxy, ServeError> {
         if config.path.is_some() {
             reload::hold_early_hangups();
         }
-        let options = load_options();
+        let options = load_options(cache_dir);
         let shared = abi::SharedState::with_limits(config.shared_limits);
         // Listener `i` has slot `i`; the services' view the next one, and listeners a reload
         // starts the ones after (see `reload`).
@@ -230,9 +263,14 @@ impl Proxy {
                 Plugins::load(&config.services, &*engines, &options, shared.clone())
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
-            for warning in engines.unenforced_limits(&plugins) {
+            for warning in engines
+                .unenforced_limits(&plugins)
+                .into_iter()
+                .chain(plugins.warnings().iter().cloned())
+            {
                 tracing::warn!("services: {warning}");
             }
+            log_loaded(&plugins, "services");
             let on_workers: Vec<PluginId> = plugins.worker_services().collect();
             if !on_workers.is_empty() {
                 let view = Arc::new(worker::Listener::new(
@@ -276,6 +314,7 @@ impl Proxy {
             services,
             worker_services,
             routing,
+            options,
         })
     }
 
@@ -350,6 +389,7 @@ impl Proxy {
             routing: Arc::clone(&self.routing),
             metrics: Arc::clone(&self.metrics),
             reloads: Default::default(),
+            options: self.options.clone(),
         });
         server.add_service(pingora::services::background::background_service(
             "drain",

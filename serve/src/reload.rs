@@ -67,6 +67,8 @@ pub(crate) struct Reloader {
     pub(crate) metrics: Arc<HostMetrics>,
     /// Reloads by outcome (`done`, `refused`).
     pub(crate) reloads: Family<OutcomeLabel, Counter>,
+    /// Where code comes from (the caches of the proxy's start).
+    pub(crate) options: lifecycle::LoadOptions,
 }
 
 /// What a reload does with one listener of the new file.
@@ -134,7 +136,7 @@ impl Reloader {
         let in_force = self.listeners.load_full();
         // Every chain loads and every new socket is bound before anything is put in force:
         // all or nothing (sockets and plugins of a refused reload go with it).
-        let options = crate::load_options();
+        let options = &self.options;
         let mut plans = Vec::new();
         for (index, new) in config.listeners.iter().enumerate() {
             let field = new.filters_field();
@@ -147,9 +149,9 @@ impl Reloader {
             let plugins = match same_name {
                 Some(position) => {
                     let (_, previous) = in_force[position].1.live.current();
-                    Plugins::load_replacing(&previous, &new.plugins, &*self.engines, &options)
+                    Plugins::load_replacing(&previous, &new.plugins, &*self.engines, options)
                 }
-                None => Plugins::load(&new.plugins, &*self.engines, &options, self.shared.clone()),
+                None => Plugins::load(&new.plugins, &*self.engines, options, self.shared.clone()),
             }
             .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
             for warning in self.engines.unenforced_limits(&plugins) {
@@ -235,6 +237,7 @@ impl Reloader {
                     for warning in plugins.warnings() {
                         tracing::warn!(listener = %name, "{warning}");
                     }
+                    crate::log_loaded(&plugins, name);
                     listener.live.replace(plugins);
                     listeners.push((name.clone(), Arc::clone(listener)));
                 }
