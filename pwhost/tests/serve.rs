@@ -1324,6 +1324,65 @@ fn sighup_puts_new_chains_in_force_and_a_bad_configuration_is_refused() {
     assert!(serve.log().contains("reload refused"), "{}", serve.log());
 }
 
+/// One request on an open HTTP/1.1 connection, and its response (head and body, as text),
+/// read to its `Content-Length`.
+fn on_connection(connection: &mut TcpStream, request: &str) -> String {
+    use std::io::{Read, Write};
+    connection.write_all(request.as_bytes()).expect("sent");
+    let mut received = Vec::new();
+    let mut byte = [0u8; 1];
+    while !received.ends_with(b"\r\n\r\n") {
+        match connection.read(&mut byte) {
+            Ok(1) => received.push(byte[0]),
+            _ => panic!(
+                "the connection ended: {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&received).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; length];
+    connection.read_exact(&mut body).expect("the body");
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// A reload that leaves a listener listening as it did keeps its connections: the next
+/// request on a kept-alive connection runs the new chain.
+#[test]
+fn a_kept_alive_connection_goes_on_across_a_reload_with_the_new_chain() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[envoy_filter("api_key", "local_response", "first")],
+    );
+    let mut connection = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
+    let _ = connection.set_read_timeout(Some(Duration::from_secs(10)));
+    let request = |key: &str| format!("GET / HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n\r\n");
+    let first = on_connection(&mut connection, &request("first"));
+    assert!(first.starts_with("http/1.1 200"), "{first}");
+    let text = std::fs::read_to_string(&serve.config).expect("the configuration");
+    std::fs::write(
+        &serve.config,
+        text.replace("value: \"first\"", "value: \"second\""),
+    )
+    .expect("the changed configuration");
+    let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let second = on_connection(&mut connection, &request("second"));
+    assert!(
+        second.starts_with("http/1.1 200"),
+        "{second}\n{}",
+        serve.log()
+    );
+    let refused = on_connection(&mut connection, &request("first"));
+    assert!(refused.starts_with("http/1.1 403"), "{refused}");
+}
+
 /// A configuration of one worker (so the admin listener has one thread) whose listener runs
 /// `local_response` with API key `key`, its code from `code` (a `vm_config.code` block).
 fn one_worker_api_key(
@@ -5359,6 +5418,49 @@ fn answering_early() -> (SocketAddr, JoinHandle<()>) {
         }
     });
     (address, server)
+}
+
+/// A plugin that buffers a body (`StopIterationAndBuffer`) past
+/// `per_connection_buffer_limit_bytes` fails the stream as Envoy does: a request with a 413
+/// (before the upstream answers), a response by ending it (a 500 if its headers have not gone
+/// out, else cut): the client never gets what the plugin could not hold.
+#[test]
+fn a_body_buffered_past_the_limit_is_a_413_for_a_request_and_ends_a_response() {
+    let origin = Origin::start();
+    let serve = Serve::start_with_fields(
+        origin.address,
+        "    per_connection_buffer_limit_bytes: 65536\n",
+        &[envoy_filter("body_rewrite", "body_rewrite", "")],
+    );
+    // A first chunk of 100 KiB, and no more: the plugin buffers it, waiting for the body's
+    // end, past the limit. (Nothing sent is left unread when the proxy answers, so no reset
+    // of unread bytes can overtake the answer.)
+    let mut request =
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n19000\r\n".to_vec();
+    request.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    request.extend_from_slice(b"\r\n");
+    let status = raw_status_line(serve.port, &request);
+    assert!(
+        status.starts_with("HTTP/1.1 413"),
+        "{status:?}\n{}",
+        serve.log()
+    );
+    assert_eq!(
+        origin.requests.load(Ordering::Relaxed),
+        0,
+        "no whole request went upstream"
+    );
+    // The response: 64 MiB the plugin would buffer to its end.
+    match try_get(&serve.url("/big"), &[]) {
+        Ok(reply) => assert!(
+            reply.status == 500 || reply.body.len() < BIG_RESPONSE,
+            "{} with {} bytes",
+            reply.status,
+            reply.body.len()
+        ),
+        Err(_cut) => {}
+    }
+    serve.wait_for_no_live_contexts();
 }
 
 #[test]
