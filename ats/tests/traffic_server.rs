@@ -837,6 +837,27 @@ fn reload_puts_a_changed_configuration_in_force_for_new_transactions() {
     }
     assert_eq!(get(&server.url("/"), &[("x-api-key", "first")]).status, 403);
     assert!(server.diagnostics().contains("reloaded the configuration"));
+    // A file whose plugin cannot load (its code is missing) is refused as a whole, with the
+    // reason; the configuration in force keeps serving.
+    let missing = plugin_yaml("local_response", runtime, "third", "").replace(
+        &corpus_plugin("local_response").display().to_string(),
+        "/nonexistent/local_response.wasm",
+    );
+    std::fs::write(server.etc().join("local_response.yaml"), missing).expect("a broken file");
+    server.ctl(&["config", "reload"]);
+    server.wait_for_log("reload failed, the previous configuration stays in force");
+    assert!(
+        server
+            .diagnostics()
+            .contains("/nonexistent/local_response.wasm"),
+        "{}",
+        server.diagnostics()
+    );
+    assert_eq!(
+        get(&server.url("/"), &[("x-api-key", "second")]).status,
+        200
+    );
+    assert_eq!(get(&server.url("/"), &[("x-api-key", "third")]).status, 403);
 }
 
 #[test]
@@ -1351,9 +1372,10 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     assert_eq!(origin.requests(), 1);
     // A reload that moves a listener is refused (Traffic Server cannot close a plugin's
     // port): the configuration in force stays.
+    let elsewhere = free_port();
     let moved = tcp_listener_file(
         "idle",
-        free_port(),
+        elsewhere,
         &echo.address.to_string(),
         &network_filter_yaml("tcp_filter", engine, ""),
         "",
@@ -1362,6 +1384,13 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     server.ctl(&["config", "reload"]);
     server.wait_for_log("the TCP listeners changed");
     assert_eq!(tcp_exchange(gated, &["still"]), "[up] STILL");
+    // Nothing of the refused file is in force: the listener it moves still serves where it
+    // was, and nothing listens where it would go.
+    assert_eq!(tcp_exchange(idle, &["still here"]), "[up] STILL HERE");
+    assert!(
+        TcpStream::connect(("127.0.0.1", elsewhere)).is_err(),
+        "the refused listener was started"
+    );
     server.wait_for_metric(
         "plugin.pwhost_ats.live_stream_contexts",
         Instant::now() + Duration::from_secs(20),

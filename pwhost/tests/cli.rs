@@ -460,6 +460,21 @@ fn without_a_setting_plugin_memory_is_capped_at_1_gib_as_in_envoy() {
             "{args:?}"
         );
     }
+    // `--max-memory-mib 0` lifts the cap (growing reserves memory; nothing is touched).
+    let report = json(&pwhost(&[
+        "run",
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--max-memory-mib",
+        "0",
+    ]));
+    let logs: Vec<&str> = report["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|log| log["message"].as_str())
+        .collect();
+    assert_eq!(logs, ["grow past 1 GiB: allowed", "grow by 1 MiB: allowed"]);
 }
 
 #[cfg(feature = "null")]
