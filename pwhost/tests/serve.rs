@@ -756,13 +756,30 @@ fn a_paused_request_waits_for_an_http_call_and_timers_tick_on_every_worker() {
     assert!(reply.body.contains("x-auth-user: alice"), "{}", reply.body);
     assert_eq!(auth.requests.load(Ordering::Relaxed), 1);
     assert!(auth.last_body.lock().unwrap().is_empty());
-    // The timer plugin's copy on the thread that served the request ticks three times.
-    serve.wait_for_log("tick 3");
+    // Each worker's copy of the timer plugin ticks, three times, once made (on the worker's
+    // first stream; connections go to the workers at random): requests go on until `tick 3`
+    // came from both workers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = serve.log();
+        let workers: std::collections::BTreeSet<&str> = log
+            .lines()
+            .filter(|line| line.contains("tick 3"))
+            .filter_map(|line| line.split("ThreadId(").nth(1)?.split(')').next())
+            .collect();
+        if workers.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ticks on {workers:?}:\n{log}");
+        let _ = try_get(&serve.url("/again"), &[]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The call's latency, by kind, cluster and outcome.
     let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
     let calls = "pwhost_callout_duration_seconds_count{kind=\"http\",cluster=\"auth_cluster\",\
                  outcome=\"answered\"}";
-    assert_eq!(sample(&metrics, calls), Some(1.0), "{metrics}");
+    let answered = auth.requests.load(Ordering::Relaxed) as f64;
+    assert_eq!(sample(&metrics, calls), Some(answered), "{metrics}");
 }
 
 #[test]
@@ -781,18 +798,37 @@ fn an_item_a_stream_enqueues_reaches_the_worker_copy_that_registered_the_queue()
             "{}",
             reply.body
         );
-    }
-    for path in &paths {
+        // One at a time, so that each item is delivered before another copy may register.
         serve.wait_for_log(&format!("dequeued: {path}"));
     }
     // Time for a duplicate to show, were any delivered twice.
     std::thread::sleep(Duration::from_millis(300));
+    let log = serve.log();
     assert_eq!(
-        serve.log().matches("dequeued: ").count(),
+        log.matches("dequeued: ").count(),
         paths.len(),
-        "each item delivered once:\n{}",
-        serve.log()
+        "each item delivered once:\n{log}"
     );
+    // Each item came to the copy that registered the queue last before it, on that copy's
+    // worker.
+    let thread = |line: &str| {
+        line.split("ThreadId(")
+            .nth(1)?
+            .split(')')
+            .next()
+            .map(str::to_string)
+    };
+    let mut owner = None;
+    for line in log.lines() {
+        if line.contains("registered queue events") {
+            owner = thread(line);
+        } else if line.contains("dequeued: ") {
+            assert!(
+                owner.is_some() && thread(line) == owner,
+                "{line} (owner {owner:?}):\n{log}"
+            );
+        }
+    }
 }
 
 #[test]
