@@ -102,6 +102,11 @@ impl StreamState {
         }
     }
 
+    /// Gives back `bytes` counted for a write that did not happen.
+    pub(crate) fn refund_header_bytes(&mut self, bytes: u64) {
+        self.header_bytes_written = self.header_bytes_written.saturating_sub(bytes);
+    }
+
     /// Whether this is an HTTP stream (local replies, routes and the HTTP maps exist only there).
     pub(crate) fn is_http(&self) -> bool {
         self.kind == StreamKind::Http

@@ -1042,6 +1042,8 @@ fn what_a_plugin_makes_the_host_keep_or_do_is_bounded() {
   (import "env" "proxy_call_foreign_function"
     (func $foreign (param i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_grpc_send" (func $grpc_send (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_call"
+    (func $grpc_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1100)
   (data (i32.const 100) "x-big")
@@ -1064,20 +1066,24 @@ fn what_a_plugin_makes_the_host_keep_or_do_is_bounded() {
       (br $next)))
     (call $record (i32.const 0) (local.get $added))
     (call $record (i32.const 1) (local.get $status))
-    ;; a foreign function called with 16 MiB + 1 of arguments
+    ;; a foreign function called with 64 MiB + 1 of arguments
     (call $record (i32.const 2) (call $foreign (i32.const 120) (i32.const 8)
-      (i32.const 65536) (i32.const 16777217) (i32.const 0) (i32.const 0)))
+      (i32.const 65536) (i32.const 67108865) (i32.const 0) (i32.const 0)))
     ;; an HTTP call with a body of 64 MiB + 1
     (call $record (i32.const 3) (call $http_call (i32.const 140) (i32.const 7)
       (i32.const 0) (i32.const 0) (i32.const 65536) (i32.const 67108865)
       (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 200)))
+    ;; a gRPC call with a message of 64 MiB + 1 (told once, with the HTTP call's limit)
+    (call $record (i32.const 6) (call $grpc_call (i32.const 140) (i32.const 7)
+      (i32.const 140) (i32.const 7) (i32.const 140) (i32.const 7) (i32.const 0) (i32.const 0)
+      (i32.const 65536) (i32.const 67108865) (i32.const 1000) (i32.const 200)))
     ;; a gRPC message on a stream this VM never opened
     (call $record (i32.const 4) (call $grpc_send (i32.const 12345) (i32.const 0) (i32.const 0)
       (i32.const 0)))
     ;; poll_oneoff with 1025 subscriptions
     (call $record (i32.const 5) (call $poll (i32.const 65536) (i32.const 65536) (i32.const 1025)
       (i32.const 300)))
-    (drop (call $log (i32.const 2) (i32.const 0) (i32.const 6)))
+    (drop (call $log (i32.const 2) (i32.const 0) (i32.const 7)))
     i32.const 0)
   (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
     ;; 33 MiB appended twice: the second would make the body 66 MiB
@@ -1117,8 +1123,8 @@ fn what_a_plugin_makes_the_host_keep_or_do_is_bounded() {
         expected.extend(rest.iter().map(|status| b'0' + status));
         String::from_utf8(expected).unwrap()
     };
-    // INTERNAL_FAILURE (10), BAD_ARGUMENT (2) twice, NOT_FOUND (1), EINVAL (28).
-    let headers = statuses(15, &[10, 2, 2, 1, 28]);
+    // INTERNAL_FAILURE (10), BAD_ARGUMENT (2) twice, NOT_FOUND (1), EINVAL (28), BAD_ARGUMENT.
+    let headers = statuses(15, &[10, 2, 2, 1, 28, 2]);
     let body = statuses(0, &[10]);
     let limits: Vec<&str> = messages
         .iter()
@@ -1138,7 +1144,7 @@ fn what_a_plugin_makes_the_host_keep_or_do_is_bounded() {
         [
             "pwhost limit: a plugin writes at most 16777216 bytes of header names and values \
              into one stream's maps: INTERNAL_FAILURE",
-            "pwhost limit: a foreign function is called with at most 16777216 bytes of \
+            "pwhost limit: a foreign function is called with at most 67108864 bytes of \
              arguments: BAD_ARGUMENT",
             "pwhost limit: an HTTP call has a body of at most 67108864 bytes: BAD_ARGUMENT",
             "pwhost limit: a plugin may make a body or message buffer of at most 67108864 bytes: \
@@ -1149,4 +1155,93 @@ fn what_a_plugin_makes_the_host_keep_or_do_is_bounded() {
         host.http_calls.is_empty(),
         "the refused call reached no host"
     );
+    assert!(
+        host.grpc_calls.is_empty(),
+        "the refused gRPC call reached no host"
+    );
+}
+
+/// A host that takes every gRPC message, cancel and close, whatever the token, and counts
+/// them; the log is kept.
+#[derive(Default)]
+struct TakesAnyGrpcToken {
+    reached: usize,
+    logs: Vec<String>,
+}
+
+impl abi::Host for TakesAnyGrpcToken {
+    fn log(&mut self, _: ContextId, _: abi::LogLevel, message: &str) {
+        self.logs.push(message.to_string());
+    }
+
+    fn header_map(&mut self, _: ContextId, _: abi::MapType) -> Option<&mut dyn abi::Headers> {
+        None
+    }
+
+    fn buffer(&mut self, _: ContextId, _: abi::BufferType) -> Option<&mut Vec<u8>> {
+        None
+    }
+
+    fn send_local_response(&mut self, _: ContextId, _: abi::LocalResponse) -> abi::Status {
+        abi::Status::Ok
+    }
+
+    fn continue_stream(&mut self, _: ContextId, _: abi::StreamType) -> abi::Status {
+        abi::Status::Ok
+    }
+
+    fn close_stream(&mut self, _: ContextId, _: abi::StreamType) -> abi::Status {
+        abi::Status::Ok
+    }
+
+    fn grpc_send(&mut self, _: ContextId, _: u32, _: &[u8], _: bool) -> abi::Status {
+        self.reached += 1;
+        abi::Status::Ok
+    }
+
+    fn grpc_cancel(&mut self, _: ContextId, _: u32) -> abi::Status {
+        self.reached += 1;
+        abi::Status::Ok
+    }
+
+    fn grpc_close(&mut self, _: ContextId, _: u32) -> abi::Status {
+        self.reached += 1;
+        abi::Status::Ok
+    }
+}
+
+/// A gRPC token the VM did not open (another VM's, in a host that numbers every VM's calls in
+/// one table) is `NOT_FOUND` for `proxy_grpc_send`, `proxy_grpc_cancel` and `proxy_grpc_close`,
+/// as Envoy answers for a token it does not know, and never reaches the host.
+#[test]
+fn a_grpc_token_this_vm_did_not_open_is_not_found_without_reaching_the_host() {
+    let module = r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $send (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_cancel" (func $cancel (param i32) (result i32)))
+  (import "env" "proxy_grpc_close" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func $record (param $at i32) (param $status i32)
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (local.get $status))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $record (i32.const 0) (call $send (i32.const 12345) (i32.const 0) (i32.const 0)
+      (i32.const 0)))
+    (call $record (i32.const 1) (call $cancel (i32.const 12345)))
+    (call $record (i32.const 2) (call $close (i32.const 12345)))
+    (drop (call $log (i32.const 2) (i32.const 0) (i32.const 3)))
+    i32.const 0))"#;
+    let wasm = wat::parse_str(module).unwrap();
+    let runtime = WasmtimeRuntime::new(RuntimeConfig::default()).unwrap();
+    let plugin =
+        Plugin::load(&runtime, &wasm, PluginConfig::default(), SharedState::new()).unwrap();
+    let mut vm = Vm::new(&plugin, Box::new(TakesAnyGrpcToken::default())).unwrap();
+    assert!(vm.start().unwrap() && vm.configure().unwrap());
+    let stream = vm.create_http_context().unwrap();
+    vm.on_request_headers(stream, 0, true).unwrap();
+    let host = vm.host_as::<TakesAnyGrpcToken>().unwrap();
+    assert_eq!(host.logs, ["111"], "NOT_FOUND (1) three times");
+    assert_eq!(host.reached, 0);
 }

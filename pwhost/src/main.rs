@@ -341,18 +341,21 @@ fn load_scenario(path: Option<&Path>) -> anyhow::Result<Scenario> {
 const DEFAULT_DEADLINE_MS: u64 = 10_000;
 
 fn run(args: &RunArgs) -> anyhow::Result<Report> {
-    // A --plugin run reads a local file and compiles it each time: the cache flags are refused
-    // there rather than taken and ignored. (Clap's `requires` cannot say this: it lets a
-    // required argument be missing when a conflicting one, here --plugin, is present.)
+    // Without --config a run reads a local file and compiles it each time: the cache flags are
+    // refused there rather than taken and ignored. (Clap's `requires` cannot say this: it lets
+    // a required argument be missing when a conflicting one, here --plugin, is present.)
     if args.config.is_none() && (args.caches.cache_dir.is_some() || args.caches.no_cache) {
         use clap::CommandFactory as _;
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "--cache-dir and --no-cache go with --config <CONFIG>: a --plugin run reads \
-                 its file and compiles it each time",
-            )
-            .exit();
+        let mut cli = Cli::command();
+        // Built, so that the usage line names `pwhost run`.
+        cli.build();
+        let message = "--cache-dir and --no-cache go with --config <CONFIG>: without it, a run \
+                       reads its plugin's file and compiles it each time";
+        let kind = clap::error::ErrorKind::MissingRequiredArgument;
+        match cli.find_subcommand_mut("run") {
+            Some(run) => run.error(kind, message).exit(),
+            None => cli.error(kind, message).exit(),
+        }
     }
     let scenario = load_scenario(args.scenario.as_deref())?;
     let runtime_config = args.limits.runtime_config();

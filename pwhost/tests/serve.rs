@@ -206,8 +206,8 @@ impl Origin {
 const BIG_RESPONSE: usize = 64 << 20;
 
 /// The origin's answer: the request line, the headers (`name: value`), a blank line, the body
-/// and `hello from origin`; to `/big...`, 64 MiB of `x`; to the path `refused`, the same with
-/// status 403.
+/// and `hello from origin`, after 1.5 s to `/slow...`, after 30 s to `/stalled...`; to `/big...`,
+/// 64 MiB of `x`; to the path `refused`, the same with status 403.
 async fn echo(
     request: http::Request<hyper::body::Incoming>,
     count: &AtomicUsize,
@@ -226,6 +226,9 @@ async fn echo(
     *body_seen.lock().unwrap() = request_body.clone();
     if parts.uri.path().starts_with("/slow") {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    if parts.uri.path().starts_with("/stalled") {
+        tokio::time::sleep(Duration::from_secs(30)).await;
     }
     if parts.uri.path().starts_with("/big") {
         let big = bytes::Bytes::from(vec![b'x'; BIG_RESPONSE]);
@@ -2292,9 +2295,9 @@ fn draining_with(
         origin.address
     );
     let serve = Serve::launch(dir, port, admin_port, &config);
-    let url = serve.url("/slow");
+    let url = serve.url("/stalled");
     let in_flight = std::thread::spawn(move || try_get(&url, &[]));
-    // The request is at the origin, which answers after 1.5 s.
+    // The request is at the origin, which answers after 30 s, long after any drain here.
     origin.wait_for_a_request();
     (origin, serve, in_flight)
 }
@@ -2313,7 +2316,7 @@ fn exit_of(serve: &mut Serve) -> std::process::ExitStatus {
 
 #[test]
 fn a_stream_outlasting_the_drain_timeout_is_cut_and_the_proxy_exits() {
-    // 0.3 s to drain, a request that needs 1.5 s.
+    // 0.3 s to drain, a request that needs 30 s.
     let (_origin, mut serve, in_flight) = draining_with("0.3s");
     let pid = serve.child.id().to_string();
     assert!(Command::new("kill")
@@ -2341,7 +2344,7 @@ fn a_stream_outlasting_the_drain_timeout_is_cut_and_the_proxy_exits() {
 
 #[test]
 fn a_second_signal_while_draining_exits_at_once() {
-    // The default 10 s to drain, a request that needs 1.5 s: the second signal does not wait.
+    // The default 10 s to drain, a request that needs 30 s: the second signal does not wait.
     let (_origin, mut serve, in_flight) = draining_with("10s");
     let pid = serve.child.id().to_string();
     assert!(Command::new("kill")

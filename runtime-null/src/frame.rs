@@ -282,13 +282,17 @@ pub(crate) struct FrameGuard<'f> {
 }
 
 impl<'f> FrameGuard<'f> {
-    /// Publishes `frame` until the guard drops. The guard must be dropped, never leaked
-    /// (`mem::forget`): this crate's one caller drops it before reading the frame's trap.
-    pub(crate) fn enter<S>(frame: &'f Frame<'_, S>) -> Self {
+    /// Publishes `frame` until the guard drops.
+    ///
+    /// # Safety
+    /// The guard must be dropped, never leaked (`mem::forget`), and guards must drop in the
+    /// reverse order of their `enter`s (each restores the frame published before it): this
+    /// crate's one caller holds its guard in a local it drops before reading the frame's trap.
+    pub(crate) unsafe fn enter<S>(frame: &'f Frame<'_, S>) -> Self {
         let dispatch: &dyn HostDispatch = frame;
         // SAFETY: only the lifetime is erased. The guard borrows `frame` for `'f`, so the
         // borrow checker keeps the frame alive while the guard exists, and the guard
-        // unpublishes the pointer when it drops (it is never leaked, see above).
+        // unpublishes the pointer when it drops (never leaked, in order: the caller's promise).
         let dispatch: NonNull<dyn HostDispatch> = unsafe {
             std::mem::transmute::<NonNull<dyn HostDispatch + '_>, NonNull<dyn HostDispatch>>(
                 NonNull::from(dispatch),

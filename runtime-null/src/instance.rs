@@ -65,7 +65,9 @@ impl<S: Send + 'static> Instance<S> for NullInstance<S> {
             self.module.imports(),
             &*self.native,
         );
-        let guard = FrameGuard::enter(&frame);
+        // SAFETY: the guard is a local dropped below, before any other guard of this thread
+        // (calls nested in `native.call` drop theirs before it returns).
+        let guard = unsafe { FrameGuard::enter(&frame) };
         let result = self.native.call(function.index(), args, results);
         drop(guard);
         // A host function's trap wins: the native code only saw an error status.

@@ -110,10 +110,6 @@ impl ListenerService {
         routing: &routing::SharedRouting,
         metrics: &Arc<admin::HostMetrics>,
     ) -> ListenerService {
-        for warning in plugins.warnings() {
-            tracing::warn!(listener = %listener.name, "{warning}");
-        }
-        log_loaded(&plugins, &listener.name);
         let shared = Arc::new(worker::Listener::new(
             slot,
             format!("listener/{}", listener.name),
@@ -175,9 +171,13 @@ impl ListenerService {
 }
 
 /// Says which engine runs each plugin of `owner` (a listener, or the services) and how its code
-/// was made ready: compiled from bytecode, or taken from a precompiled section or the
-/// compilation cache.
+/// was made ready (compiled from bytecode, or taken from a precompiled section or the
+/// compilation cache), after the warnings of its loading. Called once the plugins are in force:
+/// a refused reload's plugins were never loaded as far as the log is concerned.
 pub(crate) fn log_loaded(plugins: &Plugins, owner: &str) {
+    for warning in plugins.warnings() {
+        tracing::warn!(owner, "{warning}");
+    }
     let every = plugins
         .http_filters()
         .chain(plugins.network_filters())
@@ -247,6 +247,7 @@ impl Proxy {
             for warning in engines.unenforced_limits(&plugins) {
                 tracing::warn!(listener = %listener.name, "{warning}");
             }
+            log_loaded(&plugins, &listener.name);
             listeners.push(ListenerService::new(
                 index,
                 listener,
@@ -263,11 +264,7 @@ impl Proxy {
                 Plugins::load(&config.services, &*engines, &options, shared.clone())
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
-            for warning in engines
-                .unenforced_limits(&plugins)
-                .into_iter()
-                .chain(plugins.warnings().iter().cloned())
-            {
+            for warning in engines.unenforced_limits(&plugins) {
                 tracing::warn!("services: {warning}");
             }
             log_loaded(&plugins, "services");

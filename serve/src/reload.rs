@@ -234,15 +234,13 @@ impl Reloader {
             match plan {
                 Plan::Keep(position, plugins) => {
                     let (name, listener) = &in_force[position];
-                    for warning in plugins.warnings() {
-                        tracing::warn!(listener = %name, "{warning}");
-                    }
                     crate::log_loaded(&plugins, name);
                     listener.live.replace(plugins);
                     listeners.push((name.clone(), Arc::clone(listener)));
                 }
                 Plan::Start(service, sockets) => {
                     let (name, address) = (service.name.clone(), service.address);
+                    crate::log_loaded(&service.shared.live.current().1, &name);
                     listeners.push((name.clone(), Arc::clone(&service.shared)));
                     let app = service.app(&self.server);
                     match sockets.bound {

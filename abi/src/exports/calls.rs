@@ -19,11 +19,12 @@ const REQUIRED_CALL_HEADERS: [&[u8]; 3] = [b":method", b":path", b":authority"];
 /// answers) without end in any proxy.
 pub const MAX_OPEN_CALLS: usize = 1024;
 
-/// The most bytes of arguments a foreign function is called with. Envoy's (`compress`,
-/// signatures) and the embedder's run inside a host call, which no deadline interrupts: over
-/// it the call is `BAD_ARGUMENT` (told to the plugin once) instead of holding the proxy's
-/// thread for seconds.
-pub const MAX_FOREIGN_ARGUMENT_BYTES: u64 = 16 << 20;
+/// The most bytes of arguments a foreign function is called with: as much as a body a plugin may
+/// hold ([`MAX_BODY_BYTES`]), so that any such body can be compressed or signed. Envoy's
+/// functions (`compress`, signatures) and the embedder's run inside a host call, which no
+/// deadline interrupts: over it the call is `BAD_ARGUMENT` (told to the plugin once), so a
+/// plugin cannot hold the proxy's thread with gigabytes to deflate.
+pub const MAX_FOREIGN_ARGUMENT_BYTES: u64 = MAX_BODY_BYTES;
 
 /// `data`, unless it is longer than [`MAX_BODY_BYTES`] (`BAD_ARGUMENT`, told once).
 fn call_bytes<'d>(state: &mut VmState, data: &'d [u8], what: &str) -> Result<&'d [u8], Failure> {

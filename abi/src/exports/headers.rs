@@ -135,6 +135,13 @@ fn stream_map(
         });
         return Err(Unavailable::OverLimit);
     }
+    if written > 0 && state.host.header_map(context, map_type).is_none() {
+        // Nothing is written to a map the stream does not have: the charge goes back.
+        if let Some(stream) = state.effective_stream() {
+            stream.refund_header_bytes(written);
+        }
+        return Err(Unavailable::Missing);
+    }
     state
         .host
         .header_map(context, map_type)
@@ -179,7 +186,7 @@ pub(super) fn set_header_map_pairs(caller: &mut dyn Caller<VmState>, args: &[u64
     let (state, memory) = caller.state_and_memory();
     let pairs = wire::decode(memory.slice(args[1], args[2])?)?;
     let map_type = MapType::from_raw(args[0]).ok_or(Status::BadArgument)?;
-    set_pairs(state, map_type, pairs)
+    set_pairs(state, map_type, pairs.iter().copied())
 }
 
 /// Replaces the whole map with `pairs`, in order.
@@ -187,6 +194,7 @@ pub(crate) fn set_pairs<'p, I>(state: &mut VmState, map_type: MapType, pairs: I)
 where
     I: IntoIterator<Item = (&'p [u8], &'p [u8])> + Clone,
 {
+    // The callers' iterators are cheap to clone: no copy of the pairs.
     let written = pairs
         .clone()
         .into_iter()
