@@ -182,7 +182,7 @@ pub use host::{GrpcRequest, Host, HttpCallRequest, HttpCallResponse, LocalRespon
 pub use in_memory::{
     DispatchedCall, GrpcRecord, InMemoryHost, LogRecord, Reproducible, StreamRecord,
 };
-pub use plugin::{LoadError, Plugin, PluginConfig, RootConfig};
+pub use plugin::{is_capability, LoadError, Plugin, PluginConfig, RootConfig};
 pub use shared::{
     Histogram, Metric, MetricType, QueueWake, SharedLimits, SharedState, HISTOGRAM_BUCKETS,
     MAX_METRICS, MAX_METRICS_PER_VM_ID, MAX_METRIC_NAME_BYTES,

@@ -270,3 +270,25 @@ fn check_exports(
     }
     Ok(params)
 }
+
+/// Whether `name` is something `allowed_capabilities` can name: a callback or a host function
+/// (WASI's included) of some Proxy-Wasm ABI version, or an allocator or start function (always
+/// allowed). Any other name allows nothing, so a configuration naming one is most likely
+/// misspelt.
+pub fn is_capability(name: &str) -> bool {
+    const ALWAYS_ALLOWED: [&str; 5] = [
+        "proxy_on_memory_allocate",
+        "malloc",
+        "_initialize",
+        "_start",
+        "main",
+    ];
+    let versions = [AbiVersion::V0_1_0, AbiVersion::V0_2_0, AbiVersion::V0_2_1];
+    ALWAYS_ALLOWED.contains(&name)
+        || versions.into_iter().any(|abi| {
+            crate::callbacks::callback_exports(abi).any(|(callback, _)| callback == name)
+                || crate::exports::host_functions(abi)
+                    .iter()
+                    .any(|function| function.name == name)
+        })
+}

@@ -150,6 +150,15 @@ impl VmKey {
         } else {
             b""
         };
+        // A VM has one environment: plugins that ask for different ones never share a VM
+        // (Envoy would give the second plugin the first's, without a word).
+        let mut environment = Vec::new();
+        for (key, value) in plugin.vm.environment.resolve() {
+            for part in [key, value] {
+                environment.extend_from_slice(&(part.len() as u64).to_le_bytes());
+                environment.extend_from_slice(part.as_bytes());
+            }
+        }
         for part in [
             plugin.vm.vm_id.as_bytes(),
             engine.as_bytes(),
@@ -157,6 +166,7 @@ impl VmKey {
             code.identity(),
             &capabilities,
             precompiled,
+            &environment,
         ] {
             // Lengths first, so that no two different inputs run together into the same bytes.
             hash.update((part.len() as u64).to_le_bytes());
@@ -258,6 +268,28 @@ mod tests {
             VmKey::new(&restricted(&["a,b"]), "wasmtime", &code),
             VmKey::new(&restricted(&["a", "b"]), "wasmtime", &code),
             "names do not run together"
+        );
+    }
+
+    #[test]
+    fn plugins_with_different_environments_never_share_a_vm() {
+        let code = Code::Wasm(b"\0asm\x01\0\0\0".to_vec());
+        let with = |pairs: &[(&str, &str)]| {
+            let mut plugin = plugin("vm", "c");
+            plugin.vm.environment.key_values = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            VmKey::new(&plugin, "wasmtime", &code)
+        };
+        assert_eq!(with(&[]), VmKey::new(&plugin("vm", "c"), "wasmtime", &code));
+        assert_eq!(with(&[("MODE", "a")]), with(&[("MODE", "a")]));
+        assert_ne!(with(&[("MODE", "a")]), with(&[("MODE", "b")]));
+        assert_ne!(with(&[("MODE", "a")]), with(&[]));
+        assert_ne!(
+            with(&[("AB", "")]),
+            with(&[("A", "B")]),
+            "names and values do not run together"
         );
     }
 

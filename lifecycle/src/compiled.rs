@@ -55,6 +55,10 @@ impl CompiledFrom {
     }
 }
 
+/// The largest cache entry read back: far more than any engine makes of the largest module
+/// taken (128 MiB of bytecode).
+const MAX_ARTIFACT_BYTES: u64 = 1 << 30;
+
 /// A directory of artifacts this host compiled, for engines that can load them back.
 ///
 /// The directory must be writable only by the user the host runs as: its files are loaded as
@@ -104,9 +108,10 @@ impl CompilationCache {
         private_directory(&self.directory)
     }
 
-    /// The artifact in `path`, if the file is there whole and undamaged, and this user's own.
+    /// The artifact in `path`, if the file is there whole and undamaged, this user's own, and
+    /// not over [`MAX_ARTIFACT_BYTES`] (a damaged or planted huge file is not read whole).
     fn read(path: &Path) -> Option<Vec<u8>> {
-        let file = read_private(path, u64::MAX)?;
+        let file = read_private(path, MAX_ARTIFACT_BYTES)?;
         let rest = file.strip_prefix(CACHE_MAGIC)?;
         let (checksum, artifact) = rest.split_at_checked(32)?;
         (Sha256::digest(artifact).as_slice() == checksum).then(|| artifact.to_vec())

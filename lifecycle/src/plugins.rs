@@ -15,7 +15,7 @@ use abi::{ContextId, Host, InMemoryHost, QueueWake, RootConfig, SharedState, Vm,
 
 use crate::code::{self, abi_config, Code, VmKey};
 use crate::compiled::{self, CompilationCache, CompiledFrom};
-use crate::config::{CodeSource, Deployment, FailurePolicy, PluginConfig};
+use crate::config::{CodeSource, Deployment, FailurePolicy, PluginConfig, RemoteCode};
 use crate::remote::{self, CodeCache};
 use crate::runtime_name;
 
@@ -143,6 +143,40 @@ pub struct LoadOptions {
     /// Where compiled code is kept for the next start, for engines that can load it back
     /// (none: every start compiles).
     pub compilation_cache: Option<CompilationCache>,
+}
+
+/// What in `config` (a service's if `service`) is taken but does nothing, for the load's
+/// warnings: Envoy accepts these silently, and so would a user's mistake go unseen.
+fn configuration_warnings(config: &PluginConfig, service: bool) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for name in config.allowed_capabilities.iter().flatten() {
+        if !abi::is_capability(name) {
+            warnings.push(format!(
+                "{}: {name:?} is no host function or callback of any Proxy-Wasm ABI version, \
+                 so it allows nothing (misspelt?)",
+                config.field_path("capability_restriction_config.allowed_capabilities")
+            ));
+        }
+    }
+    if service && config.failure_policy != FailurePolicy::FailClosed {
+        warnings.push(format!(
+            "{}: has no effect on a service, whose VM stays failed once it fails (until a \
+             restart, or an update that replaces the service)",
+            config.field_path("failure_policy")
+        ));
+    }
+    if let CodeSource::Remote(RemoteCode {
+        cluster: Some(cluster),
+        ..
+    }) = &config.vm.code
+    {
+        warnings.push(format!(
+            "{}: {cluster:?} is not used: the code is fetched from the URL itself (no cluster, \
+             so none of its TLS or proxy settings)",
+            config.field_path("vm_config.code.remote.http_uri.cluster")
+        ));
+    }
+    warnings
 }
 
 /// A plugin's code for `engine`, local or remote (what went wrong with the remote code's disk
@@ -333,7 +367,7 @@ impl Plugins {
                         message,
                     }
                 })?;
-            let mut code_warnings = Vec::new();
+            let mut code_warnings = configuration_warnings(config, index >= filters);
             let code = read_code(config, engine, options, &mut code_warnings)?;
             warnings.extend(
                 code_warnings
@@ -762,6 +796,10 @@ pub struct Worker {
     tried: Vec<bool>,
     /// Per module: the reload backoff's state.
     reload: Vec<ReloadState>,
+    /// Per plugin that does not reload (not `FAIL_RELOAD`): the copy it first ran on. Envoy's
+    /// handle of such a plugin stays on its VM, so once that copy failed, the plugin stays
+    /// failed, even when another plugin of the module (`FAIL_RELOAD`) made a fresh copy.
+    first_copy: Vec<Option<CopyId>>,
     clock: Clock,
     on_retire: Option<RetireHook>,
     queue_wake: Option<QueueWake>,
@@ -786,6 +824,7 @@ impl Worker {
     /// A worker whose VM copies get their hosts from `host` (one per copy).
     pub fn new(plugins: Arc<Plugins>, host: impl Fn() -> Box<dyn Host> + Send + 'static) -> Worker {
         let modules = plugins.modules.len();
+        let entries = plugins.entries.len();
         let now = Instant::now();
         Worker {
             plugins,
@@ -802,6 +841,7 @@ impl Worker {
                 };
                 modules
             ],
+            first_copy: vec![None; entries],
             clock: Arc::new(Instant::now),
             on_retire: None,
             queue_wake: None,
@@ -908,24 +948,42 @@ impl Worker {
         let policy = entry.config.failure_policy;
         let counters = Arc::clone(&entry.counters);
         let root_index = entry.root;
-        if self.usable(module).is_none() {
+        let stays = !matches!(policy, FailurePolicy::FailReload { .. });
+        let generation = |worker: &Worker| {
+            let index = worker.usable(module)?;
+            Some(worker.copies[index].as_ref()?.generation)
+        };
+        // A plugin that does not reload, whose first copy failed (or went after failing).
+        let left_failed =
+            stays && self.first_copy[plugin.0].is_some_and(|first| generation(self) != Some(first));
+        if !left_failed && self.usable(module).is_none() {
             let first_use = !self.tried[module];
             if first_use || self.may_reload(module, policy) {
                 // A failure is counted, and applied below.
                 let _ = self.make_copy(module, first_use, &counters);
             }
         }
-        match self.usable(module) {
+        let usable = if left_failed {
+            None
+        } else {
+            self.usable(module)
+        };
+        match usable {
             Some(index) => {
                 let Some(live) = self.copies[index].as_mut() else {
                     unreachable!("a usable copy is alive");
                 };
                 live.streams += 1;
+                let generation = live.generation;
+                let root = live.copy.roots[root_index];
+                if stays {
+                    self.first_copy[plugin.0].get_or_insert(generation);
+                }
                 Admission::Run(StreamVm {
                     plugin,
                     copy: index,
-                    generation: live.generation,
-                    root: live.copy.roots[root_index],
+                    generation,
+                    root,
                 })
             }
             None => match policy {

@@ -425,10 +425,18 @@ pub fn fetch(remote: &RemoteCode) -> Result<Arc<Vec<u8>>, FetchError> {
 /// and no retry starts whose wait would end past it.
 #[cfg(feature = "remote")]
 fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, FetchError> {
+    // No redirect is followed, as Envoy's fetcher follows none: a redirect is its status.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .max_redirects(0)
         .build()
         .into();
+    // A timeout of 0 is none of the attempt's own (as Envoy reads a zero timeout): only the
+    // overall limit holds.
+    let per_attempt = match remote.timeout.is_zero() {
+        true => overall,
+        false => remote.timeout,
+    };
     let started = Instant::now();
     let attempts = remote.retries.saturating_add(1);
     let mut reason = String::new();
@@ -437,7 +445,7 @@ fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, 
             let wait = retry_wait(remote, attempt - 1);
             // A retry needs time for an attempt worth making, not a timeout of nothing whose
             // failure would hide the reason of the one before.
-            let needed = wait.saturating_add(remote.timeout.min(Duration::from_secs(1)));
+            let needed = wait.saturating_add(per_attempt.min(Duration::from_secs(1)));
             if started.elapsed().saturating_add(needed) >= overall {
                 return Err(FetchError::Failed {
                     uri: remote.uri.clone(),
@@ -450,14 +458,14 @@ fn fetch_within(remote: &RemoteCode, overall: Duration) -> Result<Arc<Vec<u8>>, 
             std::thread::sleep(wait);
         }
         let time_left = overall.saturating_sub(started.elapsed());
-        let timeout = remote.timeout.min(time_left);
+        let timeout = per_attempt.min(time_left);
         let request = agent
             .get(&remote.uri)
             .config()
             .timeout_global(Some(timeout))
             .build();
         // Why this attempt fails, with a word if the overall limit cut its time short.
-        let cut_short = |reason: String| match timeout < remote.timeout {
+        let cut_short = |reason: String| match timeout < per_attempt {
             true => format!(
                 "{reason} (after {timeout:?}, what was left of the {overall:?} a fetch may take)"
             ),

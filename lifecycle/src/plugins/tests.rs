@@ -306,6 +306,80 @@ fn fail_open_passes_later_streams_on_without_the_plugin() {
     );
 }
 
+/// Plugins sharing a VM keep their own failure policies, as in Envoy (each plugin's handle
+/// stays on the VM it got): once the copy fails, the `FAIL_RELOAD` plugin gets a fresh copy
+/// after its backoff, and the `FAIL_CLOSED` one, which ran on the failed copy, stays failed.
+#[test]
+fn plugins_sharing_a_vm_keep_their_own_failure_policies() {
+    let (clock, advance) = manual_clock();
+    let trap = wat_base64("trap_in_request_headers");
+    let plugins = load(&format!(
+        "- {{name: reloads, failure_policy: FAIL_RELOAD, reload_config: {{backoff: \
+         {{base_interval: 1s, max_interval: 2s}}}}, vm_config: {{vm_id: shared, code: {{local: \
+         {{inline_bytes: {trap}}}}}}}}}\n\
+         - {{name: stays, failure_policy: FAIL_CLOSED, vm_config: {{vm_id: shared, code: \
+         {{local: {{inline_bytes: {trap}}}}}}}}}\n"
+    ))
+    .unwrap();
+    assert_eq!(plugins.module_count(), 1, "one VM for both");
+    let mut worker = worker(plugins).with_clock(clock);
+    let (reloads, stays) = (PluginId(0), PluginId(1));
+    assert!(
+        request(&mut worker, stays).is_err(),
+        "the shared copy traps"
+    );
+    assert!(matches!(worker.admit(reloads), Admission::FailClosed));
+    advance(Duration::from_secs(3));
+    let Admission::Run(fresh) = worker.admit(reloads) else {
+        panic!("the reloading plugin gets a fresh copy past its backoff");
+    };
+    worker.release(fresh);
+    assert!(
+        matches!(worker.admit(stays), Admission::FailClosed),
+        "the plugin failing closed stays failed"
+    );
+    let closed = worker.plugins().counters(stays).snapshot()[6];
+    assert_eq!(
+        closed,
+        ("closed", 2),
+        "its failing stream and the one after"
+    );
+}
+
+/// What a configuration takes but does nothing with is said at load: a capability name that
+/// allows nothing, a service's failure policy, a remote code's cluster.
+#[test]
+fn what_a_configuration_takes_but_does_nothing_with_is_warned_of() {
+    let plugins = load(
+        "- {name: typo, capability_restriction_config: {allowed_capabilities: \
+         {proxy_log: {}, proxy_lgo: {}, proxy_on_request_headers: {}}}, vm_config: {code: \
+         {local: {filename: rust/http_headers.wasm}}}}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        plugins.warnings(),
+        [
+            "plugin \"typo\": [0].capability_restriction_config.allowed_capabilities: \
+             \"proxy_lgo\" is no host \
+          function or callback of any Proxy-Wasm ABI version, so it allows nothing (misspelt?)"
+        ]
+    );
+    assert!(abi::is_capability("fd_write") && abi::is_capability("proxy_on_tick"));
+    assert!(abi::is_capability("proxy_get_configuration"), "ABI 0.1.0's");
+    let service = load(
+        "- name: envoy.bootstrap.wasm\n  typed_config:\n    \"@type\": \
+         type.googleapis.com/envoy.extensions.wasm.v3.WasmService\n    singleton: true\n    \
+         config: {name: ticker, failure_policy: FAIL_RELOAD, vm_config: {code: {local: \
+         {filename: rust/timers.wasm}}}}\n",
+    )
+    .unwrap();
+    let warnings = service.warnings().join("\n");
+    assert!(
+        warnings.contains("failure_policy: has no effect on a service"),
+        "{warnings}"
+    );
+}
+
 #[test]
 fn fail_reload_makes_a_fresh_copy_with_a_backoff_that_doubles_up_to_the_max_interval() {
     let (clock, advance) = manual_clock();

@@ -35,6 +35,9 @@ impl TestServer {
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (count, stopping) = (Arc::clone(&requests), Arc::clone(&stop));
+        let url = format!("http://127.0.0.1:{port}/plugin.wasm");
+        // A redirect (3xx) sends the client back here, to the next answer.
+        let location = tiny_http::Header::from_bytes("Location", url.as_bytes()).expect("a header");
         let thread = std::thread::spawn(move || {
             while !stopping.load(Ordering::Relaxed) {
                 let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(20)) else {
@@ -42,16 +45,20 @@ impl TestServer {
                 };
                 let index = count.fetch_add(1, Ordering::Relaxed);
                 let answer = answers[index.min(answers.len() - 1)].clone();
+                let location = location.clone();
                 std::thread::spawn(move || {
                     std::thread::sleep(answer.delay);
-                    let response =
+                    let mut response =
                         tiny_http::Response::from_data(answer.body).with_status_code(answer.status);
+                    if (300..400).contains(&answer.status) {
+                        response.add_header(location);
+                    }
                     let _ = request.respond(response);
                 });
             }
         });
         TestServer {
-            url: format!("http://127.0.0.1:{port}/plugin.wasm"),
+            url,
             requests,
             stop,
             thread: Some(thread),
@@ -156,6 +163,44 @@ fn a_404_is_final() {
         error.to_string(),
         format!("cannot fetch {} (1 attempt): HTTP status 404", server.url)
     );
+    assert_eq!(server.requests(), 1);
+}
+
+/// A redirect is followed no more than Envoy's fetcher follows one: it is the answer, and final.
+#[test]
+fn a_redirect_is_not_followed() {
+    let code = code("redirect");
+    let server = TestServer::start(vec![
+        Answer {
+            status: 301,
+            body: Vec::new(),
+            delay: Duration::ZERO,
+        },
+        ok(&code),
+    ]);
+    let error = load(&remote(&server.url, &code), &CodeCache::default(), false).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!("cannot fetch {} (1 attempt): HTTP status 301", server.url)
+    );
+    assert_eq!(server.requests(), 1);
+}
+
+/// `timeout: 0s` gives an attempt no time limit of its own (only a fetch's overall one), as
+/// Envoy reads a zero timeout, instead of failing every attempt at once.
+#[test]
+fn a_zero_timeout_is_no_timeout_of_the_attempts_own() {
+    let code = code("zero timeout");
+    let server = TestServer::start(vec![Answer {
+        delay: Duration::from_millis(200),
+        ..ok(&code)
+    }]);
+    let source = RemoteCode {
+        timeout: Duration::ZERO,
+        ..remote(&server.url, &code)
+    };
+    let fetched = load(&source, &CodeCache::default(), false).expect("fetched");
+    assert_eq!(*fetched.code, code);
     assert_eq!(server.requests(), 1);
 }
 
