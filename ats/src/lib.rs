@@ -545,14 +545,12 @@ unsafe extern "C" fn on_reload(
             global.cache_dir.as_deref(),
         ) {
             Ok(loaded) => {
-                for warning in loaded.plugins.warnings() {
-                    diag::warning(warning);
-                }
-                for warning in
-                    lifecycle::Engines::unenforced_limits(&global.engines, &loaded.plugins)
-                {
-                    diag::warning(&warning);
-                }
+                // Said once the configuration is in force: a refused one's would mislead.
+                let mut warnings = loaded.plugins.warnings().to_vec();
+                warnings.extend(lifecycle::Engines::unenforced_limits(
+                    &global.engines,
+                    &loaded.plugins,
+                ));
                 if let Err(message) = connection::check_reload(&loaded.listeners) {
                     diag::error(&format!(
                         "reload failed, the previous configuration stays in force: {message}"
@@ -582,6 +580,9 @@ unsafe extern "C" fn on_reload(
                 drop(old);
                 if global.live.current().1.worker_services().next().is_some() {
                     warm::every_net_thread();
+                }
+                for warning in &warnings {
+                    diag::warning(warning);
                 }
                 diag::note(&format!(
                     "reloaded the configuration (deployment {})",
