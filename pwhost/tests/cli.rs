@@ -116,8 +116,14 @@ fn default_engine() -> &'static str {
     pwhost::runtimes::default_name().expect("an engine is compiled in")
 }
 
+/// A run that failed on its input: exit code 1 (2 is for a command line clap refused), and one
+/// line on standard error naming `needle`.
 fn assert_one_line_error(output: &Output, needle: &str) {
-    assert!(!output.status.success(), "should fail");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "should fail with 1: {output:?}"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");

@@ -483,13 +483,24 @@ fn plugin_config(raw: document::PluginConfig, path: &str) -> Result<PluginConfig
         }
         _ => FailurePolicy::FailClosed,
     };
-    let restrictions =
-        vm.1.or(raw.capability_restriction_config)
-            .and_then(|c| c.allowed_capabilities);
-    let allowed_capabilities = restrictions.map(|capabilities| match capabilities {
-        document::Capabilities::Map(map) => map.into_keys().collect(),
-        document::Capabilities::List(list) => list.into_iter().collect(),
-    });
+    let names = |restriction: Option<document::CapabilityRestrictionConfig>| {
+        restriction
+            .and_then(|c| c.allowed_capabilities)
+            .map(|capabilities| match capabilities {
+                document::Capabilities::Map(map) => map.into_keys().collect::<BTreeSet<_>>(),
+                document::Capabilities::List(list) => list.into_iter().collect(),
+            })
+    };
+    // Given on the VM and on the plugin, one would silently win over the other.
+    let allowed_capabilities = match (names(vm.1), names(raw.capability_restriction_config)) {
+        (Some(on_vm), Some(on_plugin)) if on_vm != on_plugin => {
+            return Err(ConfigError::new(
+                field("capability_restriction_config"),
+                "differs from vm_config.capability_restriction_config: give it in one place",
+            ))
+        }
+        (on_vm, on_plugin) => on_vm.or(on_plugin),
+    };
     Ok(PluginConfig {
         path: path.to_string(),
         name: raw.name,

@@ -338,6 +338,12 @@ fn every_error_names_the_field_path_and_the_problem() {
             "vm_config.code.remote.sha256: required",
         ),
         ("{name: x}", "vm_config: required"),
+        (
+            "{capability_restriction_config: {allowed_capabilities: {proxy_log: {}}}, \
+             vm_config: {capability_restriction_config: {allowed_capabilities: [fd_write]}, \
+             code: {local: {filename: a.wasm}}}}",
+            "capability_restriction_config: differs from vm_config.capability_restriction_config",
+        ),
         ("{vm_config: {}}", "vm_config.code: required"),
         (
             "{vm_config: {code: {}}}",
