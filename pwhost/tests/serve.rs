@@ -1217,6 +1217,97 @@ fn a_second_start_with_a_cache_directory_skips_compiling() {
     );
 }
 
+/// A continue names the side it continues: a plugin holding the response that continues the
+/// *request* (from a call's answer) leaves the response held, as in Envoy, until the stream's
+/// idle timeout (408), instead of sending a response it never approved.
+#[test]
+fn continuing_the_request_does_not_release_a_held_response() {
+    let origin = Origin::start();
+    let auth = Origin::start();
+    let plugin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist/wat/continue_other_side.wasm");
+    let serve = Serve::start_configured(
+        origin.address,
+        "    stream_idle_timeout: 1s\n",
+        &[format!(
+            "      - name: other_side\n        vm_config: {{runtime: wasmtime, code: {{local: \
+             {{filename: {}}}}}}}\n",
+            plugin.display()
+        )],
+        &[("auth_cluster", auth.address)],
+    );
+    let reply = get(&serve.url("/held"), &[]);
+    assert_eq!(reply.status, 408, "{}", serve.log());
+    assert_eq!(
+        auth.requests.load(Ordering::Relaxed),
+        1,
+        "the call was answered"
+    );
+}
+
+/// A plugin that gives a chunked request a `Content-Length` does not send the upstream both
+/// framings (the shape requests are smuggled in): the body goes chunked, whole.
+#[test]
+fn a_request_never_goes_upstream_with_two_framings() {
+    let origin = Origin::start();
+    let serve = Serve::start(
+        origin.address,
+        &[plugin_block(
+            "length",
+            "plugin_config",
+            r#"{"header": "content-length", "value": "3"}"#,
+            &[],
+        )],
+    );
+    use std::io::Write;
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    client
+        .write_all(
+            b"POST /framed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        .expect("the request");
+    let (received, _) = read_until_closed(&mut client, Duration::from_secs(15));
+    let answer = String::from_utf8_lossy(&received).to_ascii_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 200"),
+        "{answer}\n{}",
+        serve.log()
+    );
+    assert!(answer.contains("transfer-encoding: chunked"), "{answer}");
+    assert!(!answer.contains("content-length: 3"), "{answer}");
+    assert_eq!(*origin.last_body.lock().unwrap(), "hello");
+}
+
+/// A client that stops sending its body is answered 408 at the stream's idle timeout, as
+/// Envoy answers a stream idle past its timeout (it was a 504, the upstream's timeout).
+#[test]
+fn a_client_that_stops_sending_its_body_gets_a_408() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let serve = Serve::start_with_fields(
+        origin.address,
+        "    stream_idle_timeout: 1s\n",
+        &[envoy_filter("headers", "http_headers", "")],
+    );
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("the proxy accepts");
+    let _ = client.set_read_timeout(Some(Duration::from_secs(15)));
+    // Past what the proxy reads ahead, so that the rest is read on the upstream's way.
+    client
+        .write_all(b"POST /stalled-body HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+        .expect("the request headers");
+    client
+        .write_all(&vec![b'a'; 150_000])
+        .expect("most of the body");
+    let (received, _) = read_until_closed(&mut client, Duration::from_secs(15));
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "{text:?}\n{}",
+        serve.log()
+    );
+}
+
 #[test]
 fn an_upstream_that_does_not_answer_in_time_is_a_504_and_the_plugins_see_it() {
     // Accepts connections (the kernel does) but never answers.

@@ -335,9 +335,12 @@ impl Headers for Lent<ResponseHeader> {
             return;
         };
         let done = match name {
+            // A final status only: an interim one (1xx) on the final response would make the
+            // client take the next response on the connection for this one's.
             b":status" => std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.parse::<u16>().ok())
+                .filter(|status| (200..=599).contains(status))
                 .is_some_and(|status| header.set_status(status).is_ok()),
             _ if name.starts_with(b":") => false,
             _ => header.insert(name, value),
@@ -504,6 +507,10 @@ mod tests {
             lent.remove(b"server");
             lent.add(b"x-powered-by", b"pwhost");
             lent.replace(b":status", b"not a number");
+            // Not a final status: an interim one would make the client take the next
+            // response on the connection for this one's.
+            lent.replace(b":status", b"100");
+            lent.replace(b":status", b"600");
         }
         assert_eq!(header.status.as_u16(), 418);
         assert!(header.headers.get("server").is_none());

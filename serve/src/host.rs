@@ -53,8 +53,8 @@ pub(crate) struct Asked {
     pub(crate) local_reply: Option<LocalResponse>,
     /// To continue the stream it paused.
     pub(crate) continued: bool,
-    /// Which directions it continued, by [`crate::stream::Direction::index`] (a TCP
-    /// connection's downstream or upstream data; both for an HTTP stream).
+    /// Which directions it continued, by [`crate::stream::Direction::index`] (an HTTP
+    /// stream's request or response; a TCP connection's downstream or upstream data).
     pub(crate) continued_sides: [bool; 2],
     /// To close the stream.
     pub(crate) closed: bool,
@@ -251,10 +251,12 @@ impl Host for ServeHost {
     }
 
     fn continue_stream(&mut self, context: ContextId, stream: StreamType) -> Status {
+        // Which side it continues: Envoy continues decoding for the request and encoding for
+        // the response, and reading from downstream or upstream for a connection; a continue of
+        // a side the plugin does not hold does nothing there.
         let sides = match stream {
-            StreamType::Downstream => [true, false],
-            StreamType::Upstream => [false, true],
-            _ => [true, true],
+            StreamType::HttpRequest | StreamType::Downstream => [true, false],
+            StreamType::HttpResponse | StreamType::Upstream => [false, true],
         };
         self.ask(context, |asked| {
             asked.continued = true;

@@ -427,6 +427,12 @@ fn error_reply(error: &Error) -> (u16, &'static str) {
                 "upstream_reset_before_response_started{connection_termination}",
             )
         }
+        // The client's side timed out: one that stopped sending its body gets Envoy's 408 for
+        // a stream idle past its timeout; one that stopped reading cannot be answered.
+        ErrorType::ReadTimedout if *error.esource() == ErrorSource::Downstream => {
+            (408, "stream_idle_timeout")
+        }
+        ErrorType::WriteTimedout if *error.esource() == ErrorSource::Downstream => (0, ""),
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => (504, "response_timeout"),
         _ => match error.esource() {
             ErrorSource::Upstream => (
@@ -494,8 +500,15 @@ impl Framing {
     }
 
     fn put_on(&self, header: &mut pingora::http::RequestHeader) -> Result<()> {
+        // Never both: a message with a `Transfer-Encoding` has no `Content-Length` (RFC 9112),
+        // and two framings are how requests are smuggled past a proxy. Pingora sends such a
+        // body chunked.
+        let content_length = match self.transfer_encoding {
+            Some(_) => &None,
+            None => &self.content_length,
+        };
         for (name, value) in [
-            (http::header::CONTENT_LENGTH, &self.content_length),
+            (http::header::CONTENT_LENGTH, content_length),
             (http::header::TRANSFER_ENCODING, &self.transfer_encoding),
         ] {
             match value {
@@ -525,8 +538,10 @@ struct BodyLength {
 impl BodyLength {
     /// The length `headers` tell, as they go to the other side.
     fn told(headers: &http::HeaderMap) -> BodyLength {
-        let told = headers
-            .get(http::header::CONTENT_LENGTH)
+        // A chunked body's length is its chunks' (see `Framing::put_on`).
+        let told = (!headers.contains_key(http::header::TRANSFER_ENCODING))
+            .then(|| headers.get(http::header::CONTENT_LENGTH))
+            .flatten()
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse().ok());
         BodyLength { told, passed: 0 }
@@ -959,16 +974,23 @@ impl ProxyHttp for ListenerProxy {
             if held.is_empty() {
                 return Ok(None);
             }
-            if !session.as_ref().is_http2() {
-                // Pingora gives an HTTP/1.1 client no trailers: what a plugin held ends the
-                // body.
-                return Ok(Some(Bytes::from(held)));
-            }
-            match finish_before_trailers(session, ctx, held, trailers).await {
-                // The stream is over: what Pingora still writes of it (the trailers, as an
-                // empty last chunk) finds it ended.
-                Ok(()) => return Ok(Some(Bytes::new())),
-                Err(error) => tracing::warn!("{error}: stream reset"),
+            // What a plugin held ends the body: within the length the client was told, or
+            // the stream is reset below.
+            if ctx.body_length[1]
+                .passes(held.len(), true, "response")
+                .is_ok()
+            {
+                if !session.as_ref().is_http2() {
+                    // Pingora gives an HTTP/1.1 client no trailers: what a plugin held ends
+                    // the body.
+                    return Ok(Some(Bytes::from(held)));
+                }
+                match finish_before_trailers(session, ctx, held, trailers).await {
+                    // The stream is over: what Pingora still writes of it (the trailers, as
+                    // an empty last chunk) finds it ended.
+                    Ok(()) => return Ok(Some(Bytes::new())),
+                    Err(error) => tracing::warn!("{error}: stream reset"),
+                }
             }
         }
         // Too late for a reply (the response header is out), and a trailers filter's error

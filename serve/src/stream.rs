@@ -514,7 +514,7 @@ impl Stream {
                     Outcome::Continue => {}
                     other => return (other, flushed),
                 },
-                Ok(action) => match acted(asked) {
+                Ok(action) => match acted(asked, Some(direction)) {
                     // Continued from inside its own callback: on to the next plugin.
                     Some(Outcome::Continue) => {}
                     Some(other) => return (other, flushed),
@@ -543,7 +543,7 @@ impl Stream {
                                 self.wait_reading(index, position, reader, &mut lend_header)
                                     .await
                             }
-                            _ => self.wait(index).await,
+                            _ => self.wait(index, Some(direction)).await,
                         };
                         drop(guard);
                         if trailers {
@@ -581,7 +581,7 @@ impl Stream {
     /// either (a 408, as Envoy's `stream_idle_timeout` answers a stream held that long). What
     /// the plugin asked is read without taking back the header lent across the wait; a
     /// wake-up left from earlier only costs a look.
-    async fn wait(&mut self, index: usize) -> Outcome {
+    async fn wait(&mut self, index: usize, direction: Option<Direction>) -> Outcome {
         // Counted from the start of the hold: a wake-up that decides nothing (another plugin's
         // continue, a call's answer that leaves the stream held) is no activity on the stream.
         let idle_at = idle_deadline(self.idle_timeout);
@@ -592,7 +592,7 @@ impl Stream {
             let Some((asked, failed)) = looked else {
                 return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
             };
-            if let Some(outcome) = acted(asked) {
+            if let Some(outcome) = acted(asked, direction) {
                 return outcome;
             }
             if failed {
@@ -644,10 +644,13 @@ impl Stream {
             let Some((asked, failed)) = looked else {
                 continue;
             };
-            if let Some(outcome) = acted(Asked {
-                continued: false,
-                ..asked
-            }) {
+            if let Some(outcome) = acted(
+                Asked {
+                    continued: false,
+                    ..asked
+                },
+                None,
+            ) {
                 return Some(outcome);
             }
             if failed {
@@ -703,7 +706,7 @@ impl Stream {
             let Some((asked, failed)) = looked else {
                 return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
             };
-            if let Some(outcome) = acted(asked) {
+            if let Some(outcome) = acted(asked, Some(Direction::Request)) {
                 return self.let_go_after_pause(index, position, reader, outcome);
             }
             if failed {
@@ -912,7 +915,7 @@ impl Stream {
     /// Waits until filter `index`, holding the request body's end, continues the stream;
     /// returns the body as the plugin left it, for the plugins after it.
     async fn released_body(&mut self, index: usize) -> Result<Vec<u8>, Outcome> {
-        match self.wait(index).await {
+        match self.wait(index, Some(Direction::Request)).await {
             Outcome::Continue => {}
             other => return Err(other),
         }
@@ -1021,6 +1024,7 @@ impl Stream {
                     if self.kind == Kind::Http
                         && direction == Direction::Request
                         && asked.continued
+                        && asked.continued_sides[Direction::Request.index()]
                         && action != DataAction::Continue
                         && waited_for
                     {
@@ -1032,6 +1036,7 @@ impl Stream {
                         self.with_filter_lending(index, |vm, context| {
                             if let Some(slot) = slot(vm, context) {
                                 slot.asked.continued = true;
+                                slot.asked.continued_sides[Direction::Request.index()] = true;
                             }
                         });
                     }
@@ -1124,7 +1129,7 @@ impl Stream {
                 Ok(_) if asked.closed => return Outcome::Close,
                 Ok(DataAction::Continue) => {}
                 Ok(_) if asked.continued => {}
-                Ok(_) => match self.wait(index).await {
+                Ok(_) => match self.wait(index, None).await {
                     Outcome::Continue => {}
                     _ => return Outcome::Close,
                 },
@@ -1487,15 +1492,19 @@ fn take_asked(vm: &mut Vm, context: ContextId) -> Asked {
         .unwrap_or_default()
 }
 
-/// What the plugin's requests mean for a header phase: `None` to go on as its action says.
-fn acted(asked: Asked) -> Option<Outcome> {
+/// What the plugin's requests mean for a phase of `direction` (`None`: a connection's start,
+/// which any continue lets go): `None` to go on as its action says. A continue counts only for
+/// the direction it names, as Envoy's continue of the request does nothing to a held response.
+fn acted(asked: Asked, direction: Option<Direction>) -> Option<Outcome> {
     if asked.closed {
         return Some(Outcome::Close);
     }
     if let Some(reply) = asked.local_reply {
         return Some(Outcome::Reply(Reply::from_local(reply)));
     }
-    asked.continued.then_some(Outcome::Continue)
+    let continued = asked.continued
+        && direction.is_none_or(|direction| asked.continued_sides[direction.index()]);
+    continued.then_some(Outcome::Continue)
 }
 
 /// Lends a request header to a slot, for [`Stream::headers`].
