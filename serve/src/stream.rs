@@ -468,6 +468,23 @@ impl Stream {
         let mut flushed = Vec::new();
         for (position, index) in order.into_iter().enumerate() {
             if self.filters[index].skipped() {
+                // Bypassed (failed open) while it buffered the body: what it kept goes on,
+                // through the plugins after it, before the trailers.
+                let kept = match trailers && self.filters[index].bypassed {
+                    true => std::mem::take(self.filters[index].buffered(direction)),
+                    false => Vec::new(),
+                };
+                if !kept.is_empty() {
+                    match self.body_from(direction, position + 1, kept, false) {
+                        Ok(BodyStep::Pass(data)) => flushed.extend(data),
+                        Ok(BodyStep::Buffered) => {}
+                        // Only a last chunk is held, and this one is not the last.
+                        Ok(BodyStep::Held { .. }) => {
+                            return (Outcome::Reply(Reply::fail_closed(None)), flushed);
+                        }
+                        Err(outcome) => return (outcome, flushed),
+                    }
+                }
                 continue;
             }
             // What the plugin buffered of the body, readable from its trailers callback.
@@ -958,6 +975,14 @@ impl Stream {
         let mut data = chunk;
         for (position, index) in order.into_iter().enumerate().take(limit).skip(start) {
             if self.filters[index].skipped() {
+                // Bypassed (failed open) while it buffered: what it kept goes on first.
+                if self.filters[index].bypassed {
+                    let mut kept = std::mem::take(self.filters[index].buffered(direction));
+                    if !kept.is_empty() {
+                        kept.extend_from_slice(&data);
+                        data = kept;
+                    }
+                }
                 continue;
             }
             let mut body = std::mem::take(self.filters[index].buffered(direction));
