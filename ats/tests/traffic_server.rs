@@ -3883,6 +3883,12 @@ fn a_plugin_ending_a_stream_in_a_body_that_began_to_go_on_cuts_both_sides_short(
                 exchange.describe()
             ))
         );
+        // The origin's thread records the cut once it reads the close, which can come a
+        // moment after the client's exchange ended.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while origin.arrivals_at(path).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(
             origin.arrivals_at(path),
             [BodyArrival::Cut(first.len())],

@@ -110,7 +110,8 @@ fn exports_an_abi_marker(bytes: &[u8]) -> Result<(), String> {
 
 /// Loads a private copy of `bytes`, the library read from `original` ([`PrivateCopy`]). A memory
 /// file the loader cannot open (a security module may refuse paths under `/proc`) is tried
-/// again as a file on disk, whose error, if it fails too, is the one reported.
+/// again as a file on disk, whose error, if it fails too, is the one reported (the memory
+/// copy's, if no file can be made).
 ///
 /// # Safety
 /// As [`SdkLibrary::from_bytes`].
@@ -124,9 +125,12 @@ unsafe fn load_private_copy(original: &Path, bytes: &[u8]) -> Result<Library, Er
             || "plugin.so".into(),
             |name| name.to_string_lossy().into_owned(),
         );
-        let on_disk = PrivateCopy::on_disk(original, &name, bytes)?;
-        // SAFETY: the caller's promise; the same bytes.
-        return unsafe { load(on_disk.path(), original) };
+        // Without a copy on disk either (no usable temporary directory), the memory copy's
+        // reason stands: it may be the library's own (an undefined symbol).
+        if let Ok(on_disk) = PrivateCopy::on_disk(original, &name, bytes) {
+            // SAFETY: the caller's promise; the same bytes.
+            return unsafe { load(on_disk.path(), original) };
+        }
     }
     // The mapping stays when the copy goes: the file is no longer needed.
     loaded

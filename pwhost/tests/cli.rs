@@ -448,39 +448,38 @@ fn without_a_setting_plugin_memory_is_capped_at_1_gib_as_in_envoy() {
         ),
     )
     .unwrap();
+    // What the plugin logged of its two attempts.
+    let logs = |args: &[&str]| -> Vec<String> {
+        json(&pwhost(args))["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|log| Some(log["message"].as_str()?.to_string()))
+            .collect()
+    };
     // The same default whether the plugin comes from the command line or a configuration.
     for args in [
         ["run", "--plugin", plugin.to_str().unwrap()],
         ["run", "--config", config.to_str().unwrap()],
     ] {
-        let report = json(&pwhost(&args));
-        let logs: Vec<&str> = report["logs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|log| log["message"].as_str())
-            .collect();
         assert_eq!(
-            logs,
+            logs(&args),
             ["grow past 1 GiB: refused", "grow by 1 MiB: allowed"],
             "{args:?}"
         );
     }
     // `--max-memory-mib 0` lifts the cap (growing reserves memory; nothing is touched).
-    let report = json(&pwhost(&[
+    let unlimited = [
         "run",
         "--plugin",
         plugin.to_str().unwrap(),
         "--max-memory-mib",
         "0",
-    ]));
-    let logs: Vec<&str> = report["logs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|log| log["message"].as_str())
-        .collect();
-    assert_eq!(logs, ["grow past 1 GiB: allowed", "grow by 1 MiB: allowed"]);
+    ];
+    assert_eq!(
+        logs(&unlimited),
+        ["grow past 1 GiB: allowed", "grow by 1 MiB: allowed"]
+    );
 }
 
 #[cfg(feature = "null")]

@@ -2417,19 +2417,22 @@ fn a_stream_outlasting_the_drain_timeout_is_cut_and_the_proxy_exits() {
         .success());
     let exit = exit_of(&mut serve);
     assert!(exit.success(), "{exit:?}:\n{}", serve.log());
-    assert!(
-        serve
-            .log()
-            .contains("drain timeout: exiting with streams in flight"),
-        "{}",
-        serve.log()
+    assert_cut(
+        &serve,
+        in_flight,
+        "drain timeout: exiting with streams in flight",
     );
+}
+
+/// The proxy logged `why` it exited, and the request `in_flight` never got its whole answer.
+fn assert_cut(serve: &Serve, in_flight: std::thread::JoinHandle<Result<Reply, String>>, why: &str) {
+    assert!(serve.log().contains(why), "{}", serve.log());
     let reply = in_flight.join().expect("the client");
     assert!(
         reply
             .as_ref()
             .map_or(true, |reply| !reply.body.contains("hello from origin")),
-        "the stream outlasting the drain was not cut: {reply:?}"
+        "the stream in flight was not cut: {reply:?}"
     );
 }
 
@@ -2455,19 +2458,10 @@ fn a_second_signal_while_draining_exits_at_once() {
         .success());
     let exit = exit_of(&mut serve);
     assert_eq!(exit.code(), Some(1), "{exit:?}:\n{}", serve.log());
-    assert!(
-        serve
-            .log()
-            .contains("second signal while draining: exiting now"),
-        "{}",
-        serve.log()
-    );
-    let reply = in_flight.join().expect("the client");
-    assert!(
-        reply
-            .as_ref()
-            .map_or(true, |reply| !reply.body.contains("hello from origin")),
-        "{reply:?}"
+    assert_cut(
+        &serve,
+        in_flight,
+        "second signal while draining: exiting now",
     );
 }
 
