@@ -1308,6 +1308,80 @@ fn a_client_that_stops_sending_its_body_gets_a_408() {
     );
 }
 
+/// A plugin failed open while it buffered a body (its VM failed by another stream's trap while
+/// a later plugin held the stream) is bypassed from then on, but what it had buffered still
+/// goes on, before the rest: nothing the client sent is lost.
+#[test]
+fn a_plugin_bypassed_while_it_buffered_passes_on_what_it_kept() {
+    use std::io::{Read, Write};
+    let origin = Origin::start();
+    // The gate's calls are answered by hand, once the test is ready.
+    let auth = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let buffer =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/buffer_or_trap.wasm");
+    // One worker: the trapping request fails the same VM copy the held one buffered in.
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{cluster: backend}}]\n    http_filters:\n      \
+         - name: buffer\n        vm_config: {{runtime: wasmtime, code: {{local: {{filename: {}}}}}}}\n        \
+         failure_policy: FAIL_OPEN\n{}clusters:\n  backend: {{endpoints: [\"{}\"]}}\n  \
+         auth_cluster: {{endpoints: [\"{}\"]}}\n",
+        buffer.display(),
+        envoy_filter_with("gate", "http_call", "", "allow_on_headers_stop_iteration: true"),
+        origin.address,
+        auth.local_addr().expect("its address")
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // The held request: its headers wait for the gate's call; its first chunk reaches the
+    // buffering plugin meanwhile (the gate lets the body come while it holds the headers).
+    let mut held = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    let _ = held.set_read_timeout(Some(Duration::from_secs(15)));
+    held.write_all(
+        b"POST /kept HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n",
+    )
+    .expect("the head and a first chunk");
+    let (mut call, _) = auth.accept().expect("the gate's call");
+    let _ = call.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while !request.ends_with(b"\r\n\r\n") && call.read(&mut byte).is_ok_and(|n| n == 1) {
+        request.push(byte[0]);
+    }
+    // Time for the first chunk to reach the buffering plugin.
+    std::thread::sleep(Duration::from_millis(300));
+    // Another request traps the buffering plugin's VM copy (it fails open: bypassed).
+    let mut trapping = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    trapping
+        .write_all(b"GET /trap HTTP/1.1\r\nHost: x\r\nx-trap: 1\r\nConnection: close\r\n\r\n")
+        .expect("the trapping request");
+    serve.wait_for_samples(&[(
+        "pwhost_plugin_streams_total{listener=\"main\",plugin=\"buffer\",outcome=\"failed_by_trap\"}",
+        1.0,
+    )]);
+    // The gate lets the held request go; the rest of its body follows.
+    call.write_all(b"HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 0\r\n\r\n")
+        .expect("the call's answer");
+    held.write_all(b"5\r\nworld\r\n0\r\n\r\n")
+        .expect("the rest of the body");
+    let (received, _) = read_until_closed(&mut held, Duration::from_secs(15));
+    let answer = String::from_utf8_lossy(&received);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}\n{}",
+        serve.log()
+    );
+    assert_eq!(
+        *origin.last_body.lock().unwrap(),
+        "helloworld",
+        "{}",
+        serve.log()
+    );
+    drop(trapping);
+}
+
 #[test]
 fn an_upstream_that_does_not_answer_in_time_is_a_504_and_the_plugins_see_it() {
     // Accepts connections (the kernel does) but never answers.
