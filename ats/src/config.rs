@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lifecycle::{CodeCache, CompilationCache, Deployment, LoadOptions, Plugins};
+use lifecycle::{Deployment, LoadOptions, Plugins};
 use serde_yaml::Value;
 
 /// Where `proxy_http_call` may send requests: upstream name → address.
@@ -289,11 +289,7 @@ pub fn load(
                 .into(),
         );
     }
-    let options = LoadOptions {
-        base_dir: PathBuf::from("/"),
-        code_cache: CodeCache::new(cache_dir.map(|dir| dir.join("code"))),
-        compilation_cache: cache_dir.map(|dir| CompilationCache::new(dir.join("compiled"))),
-    };
+    let options = LoadOptions::cached_in(PathBuf::from("/"), cache_dir);
     let plugins = match start {
         Start::Replacing(previous) => {
             Plugins::load_replacing(previous, &deployment, engines, &options)

@@ -161,11 +161,13 @@ pub(crate) fn private_directory(directory: &Path) -> Result<(), String> {
 /// open file, so that nothing can be swapped in between. A file read is marked used (its
 /// modification time set to now), so that [`sweep`] keeps it.
 pub(crate) fn read_private(path: &Path, limit: u64) -> Option<Vec<u8>> {
-    let bytes = crate::files::read_checked(path, limit, crate::files::Links::Refuse, |metadata| {
-        owned_privately(metadata, path).map_err(std::io::Error::other)
-    })
-    .ok()?;
-    mark_used(path);
+    let (bytes, file) =
+        crate::files::read_checked(path, limit, crate::files::Links::Refuse, |metadata| {
+            owned_privately(metadata, path).map_err(std::io::Error::other)
+        })
+        .ok()?;
+    // Marked used on the file read, not opened again by name.
+    let _ = file.set_modified(std::time::SystemTime::now());
     Some(bytes)
 }
 

@@ -21,7 +21,7 @@ pub fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// [`read_regular_file`] with a limit of `limit` bytes.
 pub fn read_regular_file_up_to(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    read_checked(path, limit, Links::Follow, |_| Ok(()))
+    read_checked(path, limit, Links::Follow, |_| Ok(())).map(|(bytes, _)| bytes)
 }
 
 /// Whether the last component of a path may be a symbolic link.
@@ -33,13 +33,14 @@ pub(crate) enum Links {
 }
 
 /// [`read_regular_file_up_to`], following a final symbolic link or not, and with `check` of
-/// the open file's metadata before anything is read.
+/// the open file's metadata before anything is read; with the file still open, for what the
+/// caller does to that very file next.
 pub(crate) fn read_checked(
     path: &Path,
     limit: u64,
     links: Links,
     check: impl FnOnce(&std::fs::Metadata) -> std::io::Result<()>,
-) -> std::io::Result<Vec<u8>> {
+) -> std::io::Result<(Vec<u8>, std::fs::File)> {
     use std::io::{Error, ErrorKind};
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
@@ -73,11 +74,13 @@ pub(crate) fn read_checked(
     check(&metadata)?;
     let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
     // The file may grow while it is read: at most one byte past the limit is taken.
-    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    (&file)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(too_large());
     }
-    Ok(bytes)
+    Ok((bytes, file))
 }
 
 /// [`read_regular_file`] of a UTF-8 text file.

@@ -145,6 +145,19 @@ pub struct LoadOptions {
     pub compilation_cache: Option<CompilationCache>,
 }
 
+impl LoadOptions {
+    /// Code file names taken from `base_dir`; remote code kept in memory and, with
+    /// `cache_dir`, on disk in its `code/` beside the compiled code in its `compiled/` (the
+    /// layout every embedder's `--cache-dir` shares); without it every start compiles.
+    pub fn cached_in(base_dir: std::path::PathBuf, cache_dir: Option<&std::path::Path>) -> Self {
+        LoadOptions {
+            base_dir,
+            code_cache: CodeCache::new(cache_dir.map(|dir| dir.join("code"))),
+            compilation_cache: cache_dir.map(|dir| CompilationCache::new(dir.join("compiled"))),
+        }
+    }
+}
+
 /// What in `config` (a service's if `service`) is taken but does nothing, for the load's
 /// warnings: Envoy accepts these silently, and so would a user's mistake go unseen.
 fn configuration_warnings(config: &PluginConfig, service: bool) -> Vec<String> {

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use lifecycle::{CodeCache, CompilationCache, LoadOptions, Plugins};
+use lifecycle::{LoadOptions, Plugins};
 use runtime_api::RuntimeConfig;
 
 use crate::runtimes;
@@ -46,11 +46,8 @@ pub fn load(
         }
     }
     let engines = BuildEngines::new(runtime_config);
-    let options = LoadOptions {
-        base_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-        code_cache: CodeCache::new(cache_dir.map(|d| d.join("code"))),
-        compilation_cache: cache_dir.map(|d| CompilationCache::new(d.join("compiled"))),
-    };
+    let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let options = LoadOptions::cached_in(base_dir, cache_dir);
     let plugins = Plugins::load(&deployment, &engines, &options, abi::SharedState::new())
         .with_context(|| format!("cannot load {}", path.display()))?;
     for warning in plugins.warnings() {
