@@ -840,8 +840,7 @@ fn a_plugin_that_refills_its_own_queue_does_not_freeze_its_worker() {
     // `queue_echo` enqueues an item when configured and enqueues it again from every
     // `proxy_on_queue_ready`: its worker is woken again at once, every time, for as long as the
     // proxy runs. The worker's streams must still be served between the deliveries.
-    let echo =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/queue_echo.wasm");
+    let echo = corpus_plugin("wat/queue_echo");
     let serve = Serve::start(
         origin.address,
         &[
@@ -1224,8 +1223,7 @@ fn a_second_start_with_a_cache_directory_skips_compiling() {
 fn continuing_the_request_does_not_release_a_held_response() {
     let origin = Origin::start();
     let auth = Origin::start();
-    let plugin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/dist/wat/continue_other_side.wasm");
+    let plugin = corpus_plugin("wat/continue_other_side");
     let serve = Serve::start_configured(
         origin.address,
         "    stream_idle_timeout: 1s\n",
@@ -1319,8 +1317,7 @@ fn a_plugin_bypassed_while_it_buffered_passes_on_what_it_kept() {
     let auth = TcpListener::bind("127.0.0.1:0").expect("a listener");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (port, admin_port) = (free_port(), free_port());
-    let buffer =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/buffer_or_trap.wasm");
+    let buffer = corpus_plugin("wat/buffer_or_trap");
     // One worker: the trapping request fails the same VM copy the held one buffered in.
     let config = format!(
         "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
@@ -4521,8 +4518,7 @@ fn under_a_load_of_faults_every_request_ends_in_a_response_or_a_reset_and_the_co
     let checker = flaky_checker(10);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (admin_port, ports) = (free_port(), [free_port(), free_port(), free_port()]);
-    let trap_plugin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/dist/wat/trap_in_request_body.wasm");
+    let trap_plugin = corpus_plugin("wat/trap_in_request_body");
     let config = format!(
         "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  \
          - name: edge\n    address: 127.0.0.1:{}\n    request_headers_timeout: 1s\n    \
@@ -5533,8 +5529,7 @@ fn a_plugin_whose_tick_traps_fails_closed_and_leaves_its_worker_idle() {
     let origin = Origin::start();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (port, admin_port) = (free_port(), free_port());
-    let plugin =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/trap_in_tick.wasm");
+    let plugin = corpus_plugin("wat/trap_in_tick");
     let config = format!(
         "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
          address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
@@ -5706,8 +5701,7 @@ fn a_plugins_reply_after_the_response_began_resets_the_stream_instead_of_joining
 #[test]
 fn a_plugin_failing_in_a_request_body_resets_an_http2_upstreams_stream_at_once() {
     let upstream = GrpcUpstream::start();
-    let trap =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/wat/trap_at_body_end.wasm");
+    let trap = corpus_plugin("wat/trap_at_body_end");
     let filter = envoy_filter("trap", "http_headers", "").replace(
         &corpus_plugin("http_headers").display().to_string(),
         &trap.display().to_string(),

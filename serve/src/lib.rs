@@ -47,10 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lifecycle::{
-    CodeCache, CompilationCache, Engines, LivePlugins, LoadOptions, PluginId, Plugins,
-    SingletonService, Ticking,
-};
+use lifecycle::{Engines, LivePlugins, LoadOptions, PluginId, Plugins, SingletonService, Ticking};
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -72,17 +69,6 @@ pub enum ServeError {
     /// A listener's address could not be listened on (e.g. another process has it).
     #[error("{0}")]
     Listen(String),
-}
-
-/// Where a deployment's code comes from: files (relative paths were made absolute from the
-/// configuration's directory), remote code cached in memory and, with `cache_dir`, kept there
-/// with the compiled code (`code/`, `compiled/`, as `pwhost run --config` keeps them).
-fn load_options(cache_dir: Option<&Path>) -> LoadOptions {
-    LoadOptions {
-        base_dir: PathBuf::from("/"),
-        code_cache: CodeCache::new(cache_dir.map(|dir| dir.join("code"))),
-        compilation_cache: cache_dir.map(|dir| CompilationCache::new(dir.join("compiled"))),
-    }
 }
 
 /// A listener ready to serve: its plugins and the Pingora application that runs them.
@@ -172,10 +158,12 @@ impl ListenerService {
 
 /// Says which engine runs each plugin of `owner` (a listener, or the services) and how its code
 /// was made ready (compiled from bytecode, or taken from a precompiled section or the
-/// compilation cache), after the warnings of its loading. Called once the plugins are in force:
-/// a refused reload's plugins were never loaded as far as the log is concerned.
-pub(crate) fn log_loaded(plugins: &Plugins, owner: &str) {
-    for warning in plugins.warnings() {
+/// compilation cache), after the warnings of its loading and the limits `engines` cannot keep
+/// for it. Called once the plugins are in force: a refused reload's plugins were never loaded
+/// as far as the log is concerned.
+pub(crate) fn log_loaded(plugins: &Plugins, owner: &str, engines: &dyn Engines) {
+    let warnings = plugins.warnings().iter().cloned();
+    for warning in warnings.chain(engines.unenforced_limits(plugins)) {
         tracing::warn!(owner, "{warning}");
     }
     let every = plugins
@@ -228,7 +216,8 @@ impl Proxy {
         if config.path.is_some() {
             reload::hold_early_hangups();
         }
-        let options = load_options(cache_dir);
+        // Relative file names were made absolute from the configuration's directory.
+        let options = LoadOptions::cached_in(PathBuf::from("/"), cache_dir);
         let shared = abi::SharedState::with_limits(config.shared_limits);
         // Listener `i` has slot `i`; the services' view the next one, and listeners a reload
         // starts the ones after (see `reload`).
@@ -244,10 +233,7 @@ impl Proxy {
                     let field = listener.filters_field();
                     ServeError::Plugins(format!("listeners[{index}].{field}: {e}"))
                 })?;
-            for warning in engines.unenforced_limits(&plugins) {
-                tracing::warn!(listener = %listener.name, "{warning}");
-            }
-            log_loaded(&plugins, &listener.name);
+            log_loaded(&plugins, &listener.name, &*engines);
             listeners.push(ListenerService::new(
                 index,
                 listener,
@@ -264,10 +250,7 @@ impl Proxy {
                 Plugins::load(&config.services, &*engines, &options, shared.clone())
                     .map_err(|e| ServeError::Plugins(format!("services: {e}")))?,
             );
-            for warning in engines.unenforced_limits(&plugins) {
-                tracing::warn!("services: {warning}");
-            }
-            log_loaded(&plugins, "services");
+            log_loaded(&plugins, "services", &*engines);
             let on_workers: Vec<PluginId> = plugins.worker_services().collect();
             if !on_workers.is_empty() {
                 let view = Arc::new(worker::Listener::new(

@@ -154,9 +154,6 @@ impl Reloader {
                 None => Plugins::load(&new.plugins, &*self.engines, options, self.shared.clone()),
             }
             .map_err(|e| format!("listeners[{index}].{field}: {e}"))?;
-            for warning in self.engines.unenforced_limits(&plugins) {
-                tracing::warn!(listener = %new.name, "{warning}");
-            }
             let kept =
                 same_name.filter(|&position| listens_alike(&current.listeners[position], new));
             let plan = match kept {
@@ -234,13 +231,14 @@ impl Reloader {
             match plan {
                 Plan::Keep(position, plugins) => {
                     let (name, listener) = &in_force[position];
-                    crate::log_loaded(&plugins, name);
+                    crate::log_loaded(&plugins, name, &*self.engines);
                     listener.live.replace(plugins);
                     listeners.push((name.clone(), Arc::clone(listener)));
                 }
                 Plan::Start(service, sockets) => {
                     let (name, address) = (service.name.clone(), service.address);
-                    crate::log_loaded(&service.shared.live.current().1, &name);
+                    let (_, plugins) = service.shared.live.current();
+                    crate::log_loaded(&plugins, &name, &*self.engines);
                     listeners.push((name.clone(), Arc::clone(&service.shared)));
                     let app = service.app(&self.server);
                     match sockets.bound {

@@ -475,14 +475,10 @@ impl Stream {
                     false => Vec::new(),
                 };
                 if !kept.is_empty() {
-                    match self.body_from(direction, position + 1, kept, false) {
-                        Ok(BodyStep::Pass(data)) => flushed.extend(data),
-                        Ok(BodyStep::Buffered) => {}
-                        // Only a last chunk is held, and this one is not the last.
-                        Ok(BodyStep::Held { .. }) => {
-                            return (Outcome::Reply(Reply::fail_closed(None)), flushed);
-                        }
-                        Err(outcome) => return (outcome, flushed),
+                    if let Some(outcome) =
+                        self.pass_on_let_go(direction, position + 1, kept, &mut flushed)
+                    {
+                        return (outcome, flushed);
                     }
                 }
                 continue;
@@ -579,18 +575,35 @@ impl Stream {
             }
             if !held.is_empty() {
                 // The body this plugin let go: one more chunk for the plugins after it.
-                match self.body_from(direction, position + 1, held, false) {
-                    Ok(BodyStep::Pass(data)) => flushed.extend(data),
-                    Ok(BodyStep::Buffered) => {}
-                    // Only a last chunk is held, and this one is not the last.
-                    Ok(BodyStep::Held { .. }) => {
-                        return (Outcome::Reply(Reply::fail_closed(None)), flushed);
-                    }
-                    Err(outcome) => return (outcome, flushed),
+                if let Some(outcome) =
+                    self.pass_on_let_go(direction, position + 1, held, &mut flushed)
+                {
+                    return (outcome, flushed);
                 }
             }
         }
         (Outcome::Continue, flushed)
+    }
+
+    /// `body`, which a plugin let go in a trailers phase, as one more chunk through the plugins
+    /// from the `from`th on: what they pass joins `flushed`; `Some` if the stream ends instead.
+    fn pass_on_let_go(
+        &mut self,
+        direction: Direction,
+        from: usize,
+        body: Vec<u8>,
+        flushed: &mut Vec<u8>,
+    ) -> Option<Outcome> {
+        match self.body_from(direction, from, body, false) {
+            Ok(BodyStep::Pass(data)) => {
+                flushed.extend(data);
+                None
+            }
+            Ok(BodyStep::Buffered) => None,
+            // Only a last chunk is held, and this one is not the last.
+            Ok(BodyStep::Held { .. }) => Some(Outcome::Reply(Reply::fail_closed(None))),
+            Err(outcome) => Some(outcome),
+        }
     }
 
     /// Waits until filter `index` asks for something for its stream, or its VM fails (then
