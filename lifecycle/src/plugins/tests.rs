@@ -378,6 +378,21 @@ fn what_a_configuration_takes_but_does_nothing_with_is_warned_of() {
         warnings.contains("failure_policy: has no effect on a service"),
         "{warnings}"
     );
+    // A remote code's cluster (the warning is made before the code is fetched).
+    let remote = crate::parse(
+        "- {name: fetched, vm_config: {code: {remote: {http_uri: {uri: \"http://127.0.0.1:1/x\", \
+         cluster: code_server, timeout: 1s}, sha256: \
+         0000000000000000000000000000000000000000000000000000000000000000}}}}\n",
+    )
+    .unwrap();
+    let config = remote.plugins().next().expect("one plugin");
+    assert_eq!(
+        configuration_warnings(config, false),
+        [
+            "[0].vm_config.code.remote.http_uri.cluster: \"code_server\" is not used: the code is \
+          fetched from the URL itself (no cluster, so none of its TLS or proxy settings)"
+        ]
+    );
 }
 
 #[test]
