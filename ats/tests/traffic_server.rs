@@ -218,6 +218,14 @@ fn http_call_yaml(runtime: &str, config: &str, auth: SocketAddr) -> String {
     )
 }
 
+/// The file in the run root's log directory that takes the standard output and error of
+/// `traffic_manager` and of the `traffic_server` processes it starts.
+const MANAGER_OUTPUT: &str = "manager.output";
+
+/// Where `manager.log` of a start that failed before traffic_server opened its logs is put
+/// aside (see [`TrafficServer::start_prepared`]).
+const FIRST_MANAGER_LOG: &str = "manager.first-attempt.log";
+
 /// The longest a Traffic Server of a test lives, even if the test dies without stopping it.
 const SERVER_LIFETIME_SECONDS: &str = "600";
 
@@ -329,27 +337,18 @@ impl TrafficServer {
 
     /// Starts the server of a run root made by [`TrafficServer::prepare`].
     fn start_prepared(root: tempfile::TempDir, port: u16) -> TrafficServer {
-        // `timeout` bounds the server's life even if the test process dies before its drop: it
-        // leads the process group, and its KILL reaches every process in it.
-        let manager = Command::new("timeout")
-            .args(["-s", "KILL", SERVER_LIFETIME_SECONDS, "traffic_manager"])
-            .arg(format!("--run-root={}", root.path().display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("traffic_manager starts");
-        let server = TrafficServer {
+        let mut server = TrafficServer {
+            manager: Self::spawn_manager(&root),
             root,
             port,
-            manager,
         };
         // The manager listens for Traffic Server from the start: ready is what Traffic Server
         // says once its plugins are loaded. A start takes 2-5 s on an idle machine (the plugin
         // library loads every engine and compiles the plugins); on a machine loaded with other
         // work and tests beside, one start in seven suite runs failed within 30 s, so the
-        // deadline is generous and the two failures say which they are.
-        let started = Instant::now();
+        // deadline is generous and the failures say which they are.
+        let mut started = Instant::now();
+        let mut started_again = false;
         loop {
             let diagnostics = server.diagnostics();
             if diagnostics.contains("traffic server running")
@@ -362,12 +361,82 @@ impl TrafficServer {
                 "Traffic Server failed to start after {:?}:\n{diagnostics}",
                 started.elapsed()
             );
+            // Once in CI, every traffic_server the manager launched exited before opening its
+            // own logs, so before any plugin was loaded, until the deadline. That is the
+            // machine's doing, not a plugin's: the server is started once more, and the
+            // first attempt's output stays in the diagnostics.
+            if server.relaunches_before_its_logs() >= 2 {
+                assert!(
+                    !started_again,
+                    "traffic_server exited twice before opening its logs:\n{diagnostics}"
+                );
+                eprintln!("traffic_server exited before opening its logs; starting again:");
+                eprintln!("{diagnostics}");
+                server.kill();
+                let log = server.root.path().join("log");
+                std::fs::rename(log.join("manager.log"), log.join(FIRST_MANAGER_LOG))
+                    .expect("the first manager's log put aside");
+                server.manager = Self::spawn_manager(&server.root);
+                started_again = true;
+                started = Instant::now();
+                continue;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(90),
                 "Traffic Server did not start (or listen on {port}) within 90 s:\n{diagnostics}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Starts `traffic_manager` on `root`, its output (and that of the `traffic_server`
+    /// processes it runs) appended to [`MANAGER_OUTPUT`].
+    fn spawn_manager(root: &tempfile::TempDir) -> Child {
+        let output = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.path().join("log").join(MANAGER_OUTPUT))
+            .expect("the manager's output file");
+        // `timeout` bounds the server's life even if the test process dies before its drop: it
+        // leads the process group, and its KILL reaches every process in it.
+        Command::new("timeout")
+            .args(["-s", "KILL", SERVER_LIFETIME_SECONDS, "traffic_manager"])
+            .arg(format!("--run-root={}", root.path().display()))
+            // What traffic_server prints before its own logs open (a refused lock, a bad
+            // record) goes to the output it inherits from the manager.
+            .stdout(
+                output
+                    .try_clone()
+                    .expect("a second handle on the output file"),
+            )
+            .stderr(output)
+            .process_group(0)
+            .spawn()
+            .expect("traffic_manager starts")
+    }
+
+    /// How often the manager has relaunched a traffic_server while none has opened
+    /// `diags.log`, which traffic_server does first thing, before loading any plugin (0 once
+    /// one has).
+    fn relaunches_before_its_logs(&self) -> usize {
+        let log = self.root.path().join("log");
+        if log.join("diags.log").exists() {
+            return 0;
+        }
+        std::fs::read_to_string(log.join("manager.log"))
+            .unwrap_or_default()
+            .matches("Relaunching proxy")
+            .count()
+    }
+
+    /// Kills the manager's process group (the manager, traffic_server and their helpers) and
+    /// waits for the manager.
+    fn kill(&mut self) {
+        // SAFETY: `kill` with a negative pid signals the process group the manager leads
+        // (made with `process_group(0)`), which holds traffic_server and its helpers; it
+        // touches no memory of this process.
+        unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
+        let _ = self.manager.wait();
     }
 
     fn url(&self, path: &str) -> String {
@@ -388,13 +457,19 @@ impl TrafficServer {
             })
             .unwrap_or_default();
         crashes.sort();
-        ["diags.log", "traffic.out", "manager.log"]
-            .iter()
-            .map(|name| name.to_string())
-            .chain(crashes)
-            .map(|name| std::fs::read_to_string(log.join(name)).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
+        [
+            "diags.log",
+            "traffic.out",
+            "manager.log",
+            FIRST_MANAGER_LOG,
+            MANAGER_OUTPUT,
+        ]
+        .iter()
+        .map(|name| name.to_string())
+        .chain(crashes)
+        .map(|name| std::fs::read_to_string(log.join(name)).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
     }
 
     /// Waits (at most 20 s) until the diagnostics contain `text`.
@@ -514,8 +589,11 @@ impl Drop for TrafficServer {
     fn drop(&mut self) {
         // traffic_manager restarts a traffic_server that crashed, which would hide the crash
         // from a test that only looks at answers: every test also checks there was none.
-        let crashed = self.diagnostics().contains("Server Process was reset")
-            || std::fs::read_dir(self.root.path().join("log"))
+        let log = self.root.path().join("log");
+        let crashed = std::fs::read_to_string(log.join("manager.log"))
+            .unwrap_or_default()
+            .contains("Server Process was reset")
+            || std::fs::read_dir(&log)
                 .map(|entries| {
                     entries
                         .flatten()
@@ -528,16 +606,10 @@ impl Drop for TrafficServer {
             let root = std::mem::replace(&mut self.root, tempfile::tempdir().expect("tempdir"));
             let _ = root.keep();
         }
+        self.kill();
         if let Some(diagnostics) = diagnostics.filter(|_| !std::thread::panicking()) {
-            // SAFETY: as below.
-            unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
-            let _ = self.manager.wait();
             panic!("traffic_server crashed during the test:\n{diagnostics}");
         }
-        // SAFETY: `kill` with a negative pid signals the process group the manager leads
-        // (made with `process_group(0)`), which holds traffic_server and its helpers.
-        unsafe { libc::kill(-(self.manager.id() as i32), libc::SIGKILL) };
-        let _ = self.manager.wait();
     }
 }
 

@@ -2082,11 +2082,22 @@ fn a_body_check_failing(origin: &Origin, filter: String, mode: &str) -> Serve {
     serve
 }
 
+/// A request a test sends: path, headers, body (a `GET` if empty, else a `POST`).
+type TestRequest = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+
+/// Where `http_call` holds a stream for its call to `auth_cluster`, chosen by request headers:
+/// the request headers, the request body at its end, the response headers.
+const HOLDS: [TestRequest; 3] = [
+    ("/held-headers", &[], ""),
+    ("/held-body", &[("x-check-body", "1")], "a body to check"),
+    ("/held-response", &[("x-check-response", "1")], ""),
+];
+
 #[test]
-fn a_client_that_gives_up_on_a_held_request_leaves_no_plugin_context_behind() {
+fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() {
     let origin = Origin::start();
-    // A checker that accepts connections and never answers: the plugin's call times out
-    // after its 5 s, long after the client has gone.
+    // A checker that accepts connections and never answers: the plugin's calls would time out
+    // after their 5 s, so a stream held for one lasts until its client leaves.
     let silent = TcpListener::bind("127.0.0.1:0").expect("a listener");
     let serve = Serve::start_with(
         origin.address,
@@ -2096,35 +2107,92 @@ fn a_client_that_gives_up_on_a_held_request_leaves_no_plugin_context_behind() {
         ],
         &[("auth_cluster", silent.local_addr().expect("its address"))],
     );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_millis(500)))
+    // HTTP/1.1: the client closes its connection while the stream is held.
+    for (path, headers, body) in HOLDS {
+        use std::io::Write;
+        let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
+        let mut request = format!(
+            "{} {path} HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n",
+            if body.is_empty() { "GET" } else { "POST" },
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        client
+            .write_all(request.as_bytes())
+            .expect("the request goes out");
+        serve.wait_for_samples(&[("pwhost_live_stream_contexts", 2.0)]);
+        drop(client);
+        serve.wait_for_no_live_contexts();
+        serve.wait_for_log(&format!("done: {path}"));
+    }
+    // HTTP/2: the client resets each held stream (RST_STREAM) on one connection, which stays
+    // open and carries the next: without an end to a stream reset while held, a client could
+    // open and reset streams without end, each keeping its contexts and call.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
-        .into();
-    assert!(
-        agent.get(&serve.url("/abandoned")).call().is_err(),
-        "the client gives up"
+        .expect("a runtime");
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", serve.port))
+            .await
+            .expect("connects");
+        let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        for (path, headers, body) in HOLDS {
+            let mut request = http::Request::builder()
+                .method(if body.is_empty() { "GET" } else { "POST" })
+                .uri(format!("http://a{path}"));
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            client = client.ready().await.expect("the connection takes a stream");
+            let (response, mut sending) = client
+                .send_request(request.body(()).expect("a request"), body.is_empty())
+                .expect("the stream opens");
+            if !body.is_empty() {
+                sending
+                    .send_data(bytes::Bytes::from_static(body.as_bytes()), true)
+                    .expect("the body goes out");
+            }
+            live_contexts_come_to(&serve, 2.0).await;
+            // Dropping both ends of a stream the server has not ended resets it (CANCEL).
+            drop((response, sending));
+            live_contexts_come_to(&serve, 0.0).await;
+            serve.wait_for_log(&format!("done: {path}"));
+        }
+    });
+    // Each stream ended while its call was pending: the plugin never heard of a call's end
+    // (its answer or, 5 s on, its failure).
+    let log = serve.log();
+    assert!(!log.contains("http call response"), "{log}");
+    assert!(!log.contains("http call failed"), "{log}");
+    // Only /held-response went to the origin, once per protocol.
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        sample(
+            &get(&serve.admin_url("/stats/prometheus"), &[]).body,
+            "pwhost_resets_total{listener=\"main\",cause=\"client\"}"
+        ),
+        Some(6.0)
     );
-    let live = |metrics: &str| {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("pwhost_live_stream_contexts "))
-            .map(str::to_string)
-    };
-    let during = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-    assert_eq!(live(&during).as_deref(), Some("2"), "{during}");
-    // Both plugins' contexts end (proxy_on_log, proxy_on_done, proxy_on_delete) once the
-    // held stream is over.
-    let deadline = Instant::now() + Duration::from_secs(15);
+}
+
+/// Waits (at most 10 s) until `serve` has `count` plugin stream contexts live, letting the
+/// runtime's other tasks (an HTTP/2 client's connection) run meanwhile.
+async fn live_contexts_come_to(serve: &Serve, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
-        if live(&metrics).as_deref() == Some("0") {
-            break;
+        if sample(&metrics, "pwhost_live_stream_contexts") == Some(count) {
+            return;
         }
-        assert!(Instant::now() < deadline, "{metrics}\n{}", serve.log());
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(Instant::now() < deadline, "not {count} live:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    serve.wait_for_log("done: /abandoned");
-    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
 
 /// `pwhost serve` with one TCP listener whose network filter is `plugin` (configured with

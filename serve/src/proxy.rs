@@ -354,6 +354,51 @@ fn reset_cause(error: Option<&Error>) -> &'static str {
     }
 }
 
+/// Runs `phase`, a part of the stream's plugin work that may hold it, until it ends or its
+/// client is gone ([`client_gone`]). Then the phase is abandoned (the stream takes back what
+/// it lent the plugins when its wait is dropped) and the stream ends with the client's error:
+/// `logging` ends its plugin contexts as for any reset, at once rather than when the plugin
+/// would have let the stream go, as Envoy resets the stream of a client that left. Pingora
+/// watches a client only while it proxies, so a stream a plugin held was otherwise kept, with
+/// its contexts and calls, for as long as the plugin held it: an HTTP/2 client could reset
+/// held streams and open new ones without end.
+async fn unless_client_gone<T>(
+    session: &mut Session,
+    phase: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::select! {
+        // A phase that ends at once, as most do, never starts a watch.
+        biased;
+        ended = phase => Ok(ended),
+        error = client_gone(session) => Err(error),
+    }
+}
+
+/// Resolves, with the error its stream ends with, once the session's client is known to be
+/// gone: an HTTP/2 client that reset the stream (or whose connection failed), an HTTP/1.1
+/// client that closed or reset its connection (or sent more than its request, which Pingora
+/// refuses the same way while it waits for an upstream). An HTTP/1.1 connection is watched
+/// only once the request's body has been read, since the watch reads from it.
+async fn client_gone(session: &mut Session) -> Box<Error> {
+    let session = session.as_mut();
+    if let Some(idle) = session.watch_h2_stream_close() {
+        let why = match idle.await {
+            Ok(reason) => format!("the client reset the stream ({reason})"),
+            Err(error) => format!("the client's connection failed: {error}"),
+        };
+        let mut error = Error::explain(ErrorType::ConnectionClosed, why).into_down();
+        error.set_retry(false);
+        return error;
+    }
+    if session.as_http1().is_some() && session.is_body_done() {
+        if let Err(mut error) = session.read_body_or_idle(true).await {
+            error.set_retry(false);
+            return error.into_down();
+        }
+    }
+    std::future::pending().await
+}
+
 /// The error that resets a stream a plugin closed.
 fn closed() -> Box<Error> {
     let mut error = Error::explain(CLOSED, "a plugin closed the stream");
@@ -698,14 +743,18 @@ impl ProxyHttp for ListenerProxy {
             read_ahead = Some((end.pending, end.replayed));
             outcome
         } else {
-            ctx.stream
-                .headers(
-                    Direction::Request,
-                    session.req_header_mut(),
-                    end_of_stream,
-                    lend_request,
-                )
-                .await
+            // The header leaves the session while the plugins have it, so that the client can
+            // be watched meanwhile.
+            let placeholder = RequestHeader::build("GET", b"/", None)?;
+            let mut header = std::mem::replace(session.req_header_mut(), placeholder);
+            let outcome = unless_client_gone(
+                session,
+                ctx.stream
+                    .headers(Direction::Request, &mut header, end_of_stream, lend_request),
+            )
+            .await;
+            *session.req_header_mut() = header;
+            outcome?
         };
         let plugins_framing = Framing::of(session.req_header());
         if plugins_framing != client_framing {
@@ -753,7 +802,7 @@ impl ProxyHttp for ListenerProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut StreamContext,
@@ -794,7 +843,7 @@ impl ProxyHttp for ListenerProxy {
                 return Ok(());
             }
         }
-        match ctx.stream.request_body(chunk, end_of_stream).await {
+        match unless_client_gone(session, ctx.stream.request_body(chunk, end_of_stream)).await? {
             Ok(data) => {
                 let data = if early_data.is_empty() {
                     data
@@ -902,16 +951,13 @@ impl ProxyHttp for ListenerProxy {
                 .get(http::header::CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes() == b"0");
         ctx.ended_at_headers[1] = end_of_stream;
-        match ctx
-            .stream
-            .headers(
-                Direction::Response,
-                upstream_response,
-                end_of_stream,
-                lend_response,
-            )
-            .await
-        {
+        let phase = ctx.stream.headers(
+            Direction::Response,
+            upstream_response,
+            end_of_stream,
+            lend_response,
+        );
+        match unless_client_gone(session, phase).await? {
             Outcome::Continue => {
                 if !end_of_stream {
                     ctx.body_length[1] = BodyLength::told(&upstream_response.headers);
@@ -968,7 +1014,8 @@ impl ProxyHttp for ListenerProxy {
         trailers: &mut http::HeaderMap,
         ctx: &mut StreamContext,
     ) -> Result<Option<Bytes>> {
-        let (outcome, held) = ctx.stream.response_trailers(trailers).await;
+        let (outcome, held) =
+            unless_client_gone(session, ctx.stream.response_trailers(trailers)).await?;
         if let Outcome::Continue = outcome {
             ctx.response_trailers = Some(trailers.clone());
             if held.is_empty() {
