@@ -235,16 +235,13 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
     });
     if !ctx.response_done {
         ctx.response_done = true;
-        match ctx
-            .stream
-            .headers(
-                Direction::Response,
-                &mut header,
-                body.is_empty(),
-                lend_response,
-            )
-            .await
-        {
+        let phase = ctx.stream.headers(
+            Direction::Response,
+            &mut header,
+            body.is_empty(),
+            lend_response,
+        );
+        match unless_client_gone(session, phase).await? {
             Outcome::Continue => {}
             Outcome::Close => return Err(closed()),
             // A reply asked for while answering with one: Envoy sends the first.
@@ -290,6 +287,11 @@ async fn send_reply(session: &mut Session, ctx: &mut StreamContext, reply: Reply
 
 /// What marks the error of a stream a plugin closed: it is reset, not answered.
 const CLOSED: ErrorType = ErrorType::Custom("a plugin closed the stream");
+
+/// What marks the error of a stream whose client left while a plugin held it (see
+/// [`client_gone`]): nothing is answered, and it is no proxy error to log (a client resetting
+/// held streams would flood the log).
+const CLIENT_GONE: ErrorType = ErrorType::Custom("the client left a held stream");
 
 /// What marks the error that leaves the proxy's path for a plugin's reply (kept in the
 /// stream's context and sent by `fail_to_proxy`).
@@ -379,24 +381,25 @@ async fn unless_client_gone<T>(
 /// client that closed or reset its connection (or sent more than its request, which Pingora
 /// refuses the same way while it waits for an upstream). An HTTP/1.1 connection is watched
 /// only once the request's body has been read, since the watch reads from it.
-async fn client_gone(session: &mut Session) -> Box<Error> {
+pub(crate) async fn client_gone(session: &mut Session) -> Box<Error> {
     let session = session.as_mut();
-    if let Some(idle) = session.watch_h2_stream_close() {
-        let why = match idle.await {
+    let why = if let Some(idle) = session.watch_h2_stream_close() {
+        match idle.await {
             Ok(reason) => format!("the client reset the stream ({reason})"),
             Err(error) => format!("the client's connection failed: {error}"),
-        };
-        let mut error = Error::explain(ErrorType::ConnectionClosed, why).into_down();
-        error.set_retry(false);
-        return error;
-    }
-    if session.as_http1().is_some() && session.is_body_done() {
-        if let Err(mut error) = session.read_body_or_idle(true).await {
-            error.set_retry(false);
-            return error.into_down();
         }
-    }
-    std::future::pending().await
+    } else if session.as_http1().is_some() && session.is_body_done() {
+        match session.read_body_or_idle(true).await {
+            Err(error) => error.to_string(),
+            Ok(_) => std::future::pending().await,
+        }
+    } else {
+        std::future::pending().await
+    };
+    tracing::debug!("{why}: the stream ends, and its plugins' contexts");
+    let mut error = Error::explain(CLIENT_GONE, why).into_down();
+    error.set_retry(false);
+    error
 }
 
 /// The error that resets a stream a plugin closed.
@@ -452,7 +455,7 @@ fn stream_info(
 /// a plugin closed gets no answer.
 fn error_reply(error: &Error) -> (u16, &'static str) {
     match error.etype() {
-        etype if *etype == CLOSED => (0, ""),
+        etype if *etype == CLOSED || *etype == CLIENT_GONE => (0, ""),
         ErrorType::HTTPStatus(404) => (404, "route_not_found"),
         // serve's own details, where Envoy has none to follow.
         ErrorType::HTTPStatus(code) => (*code, "proxy_error"),
@@ -460,10 +463,14 @@ fn error_reply(error: &Error) -> (u16, &'static str) {
             503,
             "upstream_reset_before_response_started{connection_timeout}",
         ),
-        ErrorType::ConnectRefused | ErrorType::ConnectError => (
-            503,
-            "upstream_reset_before_response_started{remote_connection_failure}",
-        ),
+        ErrorType::ConnectRefused | ErrorType::ConnectError
+            if *error.esource() != ErrorSource::Downstream =>
+        {
+            (
+                503,
+                "upstream_reset_before_response_started{remote_connection_failure}",
+            )
+        }
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
             if *error.esource() == ErrorSource::Upstream =>
         {
@@ -770,10 +777,12 @@ impl ProxyHttp for ListenerProxy {
             // What went through only some of the plugins goes through the rest now, as Envoy
             // passes on the data a filter kept right after the headers it held.
             let (ready, end) = match pending {
-                Some(pending) => match ctx
-                    .stream
-                    .request_body_from(pending.start, pending.data, pending.end)
-                    .await
+                Some(pending) => match unless_client_gone(
+                    session,
+                    ctx.stream
+                        .request_body_from(pending.start, pending.data, pending.end),
+                )
+                .await?
                 {
                     Ok(ready) => (ready, pending.end),
                     Err(Outcome::Reply(reply)) => return send_reply(session, ctx, reply).await,
@@ -1051,9 +1060,12 @@ impl ProxyHttp for ListenerProxy {
 
     fn suppress_error_log(&self, _session: &Session, ctx: &StreamContext, error: &Error) -> bool {
         // A plugin's reply or reset is no proxy error (nor is Pingora failing to write the
-        // rest of a stream reset at its trailers).
+        // rest of a stream reset at its trailers), nor is a client leaving a held stream.
         ctx.reset_at_trailers
-            || matches!(error.etype(), etype if *etype == CLOSED || *etype == REPLIED)
+            || matches!(
+                error.etype(),
+                etype if *etype == CLOSED || *etype == REPLIED || *etype == CLIENT_GONE
+            )
     }
 
     fn error_while_proxy(

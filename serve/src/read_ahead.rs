@@ -201,6 +201,12 @@ impl<'s> ReadAhead<'s> {
         }
     }
 
+    /// Resolves once the client is known to have gone ([`crate::proxy::client_gone`]),
+    /// keeping the error the stream ends with: for a wait that reads no more.
+    pub(crate) async fn client_gone(&mut self) {
+        self.error = Some(crate::proxy::client_gone(self.session).await);
+    }
+
     fn failed(&mut self, error: Box<pingora::Error>) -> ReadFailure {
         match error.etype() {
             // The client sent nothing for the stream's idle timeout (the session's read

@@ -750,6 +750,7 @@ impl Stream {
             enum Event {
                 Woken,
                 Read(Result<Option<(Vec<u8>, bool)>, ReadFailure>),
+                ClientGone,
                 Idle,
             }
             let idle = self.idle_timeout;
@@ -757,7 +758,15 @@ impl Stream {
             let event = tokio::select! {
                 biased;
                 () = wake.notified() => Event::Woken,
-                read = reader.read(), if readable => Event::Read(read),
+                // A read notices a client that goes; once reading has stopped, a watch does.
+                event = async {
+                    if readable {
+                        Event::Read(reader.read().await)
+                    } else {
+                        reader.client_gone().await;
+                        Event::ClientGone
+                    }
+                } => event,
                 () = async {
                     match idle_at {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -774,7 +783,7 @@ impl Stream {
                     return Outcome::Reply(Reply::status(408, "stream_idle_timeout"));
                 }
                 // The stream ends with the reader's error.
-                Event::Read(Err(ReadFailure::Failed)) => return Outcome::Close,
+                Event::Read(Err(ReadFailure::Failed)) | Event::ClientGone => return Outcome::Close,
                 // Nothing more is read ahead (trailers follow).
                 Event::Read(Ok(None)) => {}
                 Event::Read(Ok(Some((data, end)))) => {
