@@ -2241,6 +2241,128 @@ async fn live_contexts_come_to(serve: &Serve, count: f64) {
     }
 }
 
+/// A checker that reads each call's request head and never answers, keeping the heads and
+/// counting the connections the proxy closed.
+struct SilentChecker {
+    server: Background,
+    heads: Arc<Mutex<Vec<String>>>,
+    closed: Arc<AtomicUsize>,
+}
+
+impl SilentChecker {
+    fn start() -> SilentChecker {
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (kept, counted) = (Arc::clone(&heads), Arc::clone(&closed));
+        let server = Background::start(move |listener, mut stopped| async move {
+            use tokio::io::AsyncReadExt;
+            while let Some(mut connection) = next_connection(&listener, &mut stopped).await {
+                let (kept, counted) = (Arc::clone(&kept), Arc::clone(&counted));
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match connection.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => break,
+                        }
+                    }
+                    kept.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).into_owned());
+                    let _ = tokio::io::copy(&mut connection, &mut tokio::io::sink()).await;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        });
+        SilentChecker {
+            server,
+            heads,
+            closed,
+        }
+    }
+}
+
+/// A plugin's calls end when its VM copy fails, wherever it fails (here in a stream's
+/// callback, not in a call's answer): a failed copy's answers could only fail again, and a
+/// call without a timeout would keep its upstream for good. And a call goes out with the
+/// proxy's own framing and connection headers, whatever the plugin wrote.
+#[test]
+fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers() {
+    let origin = Origin::start();
+    let checker = SilentChecker::start();
+    // One worker, so one VM copy (Pingora runs an HTTP/2 connection's streams on any worker).
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n{}clusters:\n  backend: {{endpoints: [\"{}\"]}}\n  \
+         auth_cluster: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("gate", "wat/holds_for_good", ""),
+        origin.address,
+        checker.server.address
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // The first request is held for good, for a call that never ends on its own; the second
+    // fails the copy in its request callback, and both get the failure policy.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (trapped, held) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", serve.port))
+            .await
+            .expect("connects");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let send = |path: &str, trap: bool| {
+            let mut request = http::Request::builder().uri(format!("http://a{path}"));
+            if trap {
+                request = request.header("x-trap", "1");
+            }
+            let client = client.clone();
+            let request = request.body(()).expect("a request");
+            async move {
+                let mut client = client.ready().await.expect("the connection takes a stream");
+                let (response, _) = client.send_request(request, true).expect("a stream");
+                response.await.map(|response| response.status().as_u16())
+            }
+        };
+        let held = tokio::spawn(send("/held", false));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while checker.heads.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "no call:\n{}", serve.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let head = checker.heads.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(head.starts_with("get / http/1.1\r\n"), "{head}");
+        let hosts: Vec<&str> = head.lines().filter(|l| l.starts_with("host:")).collect();
+        assert_eq!(hosts, ["host: a"], "{head}");
+        assert!(head.contains("content-length: 0\r\n"), "{head}");
+        for header in [
+            "connection:",
+            "transfer-encoding:",
+            "keep-alive:",
+            "te:",
+            "upgrade:",
+        ] {
+            assert!(!head.contains(&format!("\n{header}")), "{header} in {head}");
+        }
+        let trapped = send("/trap", true).await;
+        (trapped.ok(), held.await.expect("the held stream").ok())
+    });
+    serve.wait_for_log("left out of an HTTP call");
+    assert_eq!(trapped, Some(503));
+    assert_eq!(held, Some(503));
+    // And the failed copy's call ends with it.
+    wait_until(
+        || checker.closed.load(Ordering::Relaxed) == 1,
+        "the failed copy's call ended",
+    );
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+}
+
 /// `pwhost serve` with one TCP listener whose network filter is `plugin` (configured with
 /// `configuration`), in front of `upstream`, with more `clusters` for the plugin's calls.
 fn serve_tcp(
@@ -4015,6 +4137,54 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
         metrics.contains("pwhost_requests_total{listener=\"renamed\"}"),
         "{metrics}"
     );
+}
+
+/// A connection a network filter holds before the upstream is dialled is also closed once
+/// its listener retired and the drain timeout passed, not held until the idle timeout (an
+/// hour by default), which would keep the retired listener's VM copies as long.
+#[test]
+fn a_retired_tcp_listeners_held_new_connection_closes_after_the_drain_timeout() {
+    use std::io::Read;
+    let echo = Echo::start();
+    let [port, moved, admin] = std::array::from_fn(|_| free_port());
+    let config = |port: u16| {
+        format!(
+            "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
+             - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
+             network_filters:\n      - name: gate\n        vm_config:\n          \
+             runtime: envoy.wasm.runtime.wasmtime\n          \
+             code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{}\"], \
+             connect_timeout: 1s}}\n",
+            corpus_plugin("wat/holds_for_good").display(),
+            echo.address
+        )
+    };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
+    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    // Held (with the connection that found the listener ready, held too).
+    wait_until(
+        || {
+            let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+            sample(&metrics, "pwhost_live_stream_contexts").is_some_and(|live| live >= 1.0)
+        },
+        "a held connection",
+    );
+    std::fs::write(&serve.config, config(moved)).expect("the moved listener");
+    let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let mut rest = [0u8; 16];
+    // Closed: the end of the stream, or a reset (not the read timeout).
+    let end = connection.read(&mut rest);
+    let closed = match &end {
+        Ok(read) => *read == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "{end:?}\n{}", serve.log());
+    serve.wait_for_no_live_contexts();
 }
 
 #[test]

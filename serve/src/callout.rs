@@ -140,6 +140,18 @@ pub(crate) fn next_token() -> u32 {
     })
 }
 
+/// Headers of a call's connection and framing, which the proxy sets (`Host` from
+/// `:authority`): a plugin's are left out, with a warning.
+const CONNECTION_HEADERS: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+];
+
 /// The request header of a call: `:method`, `:path`, `:authority` (as `Host`) and the rest.
 fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
     let headers = &request.headers;
@@ -157,6 +169,24 @@ fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
     }
     for (name, value) in headers.iter() {
         if name.starts_with(b":") || name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        if let Some(own) = CONNECTION_HEADERS
+            .iter()
+            .find(|own| name.eq_ignore_ascii_case(own.as_bytes()))
+        {
+            // The proxy frames the call and owns its connection, which the pool may hand to
+            // another call next: a plugin's `transfer-encoding` beside the host's
+            // `Content-Length`, or its `connection`, could desynchronise the two. Said once
+            // per process: a plugin sending it on every call would flood the log.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    header = own,
+                    "a plugin's connection header was left out of an HTTP call (the proxy \
+                     frames calls and owns their connections; `host` comes from `:authority`)"
+                )
+            });
             continue;
         }
         let name = http::HeaderName::from_bytes(name).ok()?;
@@ -349,7 +379,7 @@ where
     let outcome = callback(vm);
     if vm.is_failed() {
         if let Some(host) = vm.host_as::<ServeHost>() {
-            host.abandon_calls();
+            host.vm_failed();
         }
     }
     Ok(outcome)
@@ -388,7 +418,7 @@ fn deliver_here(
                     Ok(Err(error)) => {
                         tracing::error!("a call's answer failed in the plugin: {error}");
                         if let Some(host) = vm.host_as::<ServeHost>() {
-                            host.wake_all();
+                            host.vm_failed();
                         }
                         failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                     }

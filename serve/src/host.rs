@@ -133,10 +133,17 @@ impl ServeHost {
         }
     }
 
-    /// Wakes every stream waiting on this copy, e.g. once its VM failed outside their
-    /// callbacks (a tick, a callout's answer), so that they get the plugin's failure policy
-    /// instead of waiting forever.
-    pub(crate) fn wake_all(&self) {
+    /// This copy's VM failed (in any callback): every stream waiting on it wakes, to get the
+    /// plugin's failure policy instead of waiting forever, and its calls end, since their
+    /// answers could only fail again (a gRPC stream or a call without a timeout would keep its
+    /// upstream for as long as the copy lives, which for a copy failed closed is for good).
+    pub(crate) fn vm_failed(&mut self) {
+        self.wake_all();
+        self.abandon_calls();
+    }
+
+    /// Wakes every stream waiting on this copy.
+    fn wake_all(&self) {
         for slot in self.streams.values() {
             slot.wake.notify_one();
         }

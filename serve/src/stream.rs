@@ -356,7 +356,7 @@ impl Stream {
         self.with_filter_lending(index, |vm, _| {
             if vm.is_failed() {
                 if let Some(host) = vm.host_as::<ServeHost>() {
-                    host.wake_all();
+                    host.vm_failed();
                 }
             }
         });

@@ -111,6 +111,13 @@ impl ServerApp for TcpProxy {
                 tracing::debug!("a plugin held a new connection past the idle timeout: closed");
                 Outcome::Close
             }
+            () = drained(shutdown.clone(), self.drain_timeout) => {
+                tracing::debug!(
+                    listener = %self.name,
+                    "the listener stopped: a held new connection closed after the drain timeout"
+                );
+                Outcome::Close
+            }
         };
         if !matches!(opened, Outcome::Continue) {
             connection.closed_by[0] = PeerType::Local;

@@ -191,7 +191,7 @@ async fn tick_loop(listener: Arc<Listener>) {
                             if let Err(error) = vm.tick_root(root) {
                                 tracing::error!("proxy_on_tick failed: {error}");
                                 if let Some(host) = vm.host_as::<ServeHost>() {
-                                    host.wake_all();
+                                    host.vm_failed();
                                 }
                                 failed.push((plugin, error));
                             }
@@ -248,7 +248,7 @@ async fn queue_loop(listener: Arc<Listener>, queue_ready: Arc<Notify>) {
                     worker.for_each_copy(|_, vm, _| {
                         if vm.is_failed() {
                             if let Some(host) = vm.host_as::<ServeHost>() {
-                                host.wake_all();
+                                host.vm_failed();
                             }
                         }
                     });
