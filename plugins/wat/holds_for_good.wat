@@ -1,9 +1,10 @@
 ;; holds_for_good.wat: a plugin that never lets a stream or connection go, and traps on demand
 ;; (ABI 0.2.1). What it starts, only the host can end.
 ;;
-;; HTTP: on request headers, with header `x-trap` it traps (`unreachable`); otherwise it
-;; dispatches `GET /` to `auth_cluster` with no timeout and pauses the request for good (the
-;; answer is ignored). The call carries headers a host must not pass on as they are: the
+;; HTTP: on request headers, with header `x-trap` it traps (`unreachable`); with `x-pass` it
+;; lets the request go on; otherwise it dispatches `GET /` to `auth_cluster` with no timeout and
+;; pauses the request for good (the answer is ignored). proxy_on_log traps for a request with
+;; header `x-trap-at-end`. The call carries headers a host must not pass on as they are: the
 ;; connection's own (`connection: close`, `transfer-encoding: chunked`, `keep-alive`, `te`,
 ;; `upgrade`) and a `host` beside `:authority`.
 ;; TCP: proxy_on_new_connection pauses every new connection for good.
@@ -16,6 +17,8 @@
   (global $heap (mut i32) (i32.const 8192))
   (data (i32.const 16) "auth_cluster")  ;; 12 bytes
   (data (i32.const 32) "x-trap")        ;; 6 bytes
+  (data (i32.const 40) "x-pass")        ;; 6 bytes
+  (data (i32.const 48) "x-trap-at-end") ;; 13 bytes
   ;; 9 header pairs: :method GET, :path /, :authority a, connection close,
   ;; transfer-encoding chunked, keep-alive timeout=5, te trailers, upgrade h2c, host b
   (data (i32.const 64)
@@ -51,9 +54,16 @@
     (if (i32.eqz (call $get_header (i32.const 0) (i32.const 32) (i32.const 6)
           (i32.const 4000) (i32.const 4004)))
       (then unreachable))
+    (if (i32.eqz (call $get_header (i32.const 0) (i32.const 40) (i32.const 6)
+          (i32.const 4000) (i32.const 4004)))
+      (then (return (i32.const 0))))
     ;; No timeout (0 ms); the token goes to 4096.
     (drop (call $http_call (i32.const 16) (i32.const 12) (i32.const 64) (i32.const 204)
       (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
       (i32.const 4096)))
     (i32.const 1))
+  (func (export "proxy_on_log") (param i32)
+    (if (i32.eqz (call $get_header (i32.const 0) (i32.const 48) (i32.const 13)
+          (i32.const 4000) (i32.const 4004)))
+      (then unreachable)))
   (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)))

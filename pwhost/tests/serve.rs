@@ -2105,6 +2105,35 @@ const HOLDS: [TestRequest; 4] = [
 
 #[test]
 fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() {
+    // `auth` may hold the request headers while the body is read ahead.
+    leaving_held_streams(
+        [
+            envoy_filter("headers", "http_headers", ""),
+            envoy_filter_with("auth", "http_call", "", ALLOWED_TO_HOLD_HEADERS),
+        ],
+        &HOLDS,
+        true,
+    );
+    // Another plugin may, so the body is read ahead, while `auth` holds the headers with
+    // everything else (its pause made `StopAllIterationAndWatermark`): watched over HTTP/2
+    // (over HTTP/1.1 a client's close is noticed only once its body was read).
+    leaving_held_streams(
+        [
+            envoy_filter_with("headers", "http_headers", "", ALLOWED_TO_HOLD_HEADERS),
+            envoy_filter("auth", "http_call", ""),
+        ],
+        &[("/held-post-headers", &[], "a body held with its headers")],
+        false,
+    );
+}
+
+/// Envoy's field that lets a plugin hold the request headers while the body comes.
+const ALLOWED_TO_HOLD_HEADERS: &str = "allow_on_headers_stop_iteration: true";
+
+/// Sends each of `holds` (see [`HOLDS`]) through `filters` (`http_headers`, then `http_call`
+/// as `auth`), leaving each stream once held: over HTTP/1.1 (if `http1`, closing the
+/// connection) and over HTTP/2 (RST_STREAM); each stream must end at once.
+fn leaving_held_streams(filters: [String; 2], holds: &[TestRequest], http1: bool) {
     let origin = Origin::start();
     // A checker that reads what it is sent and never answers: the plugin's calls would fail
     // after their 5 s, so a stream held for one lasts until its client leaves. It counts the
@@ -2124,15 +2153,7 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
     };
     let serve = Serve::start_with(
         origin.address,
-        &[
-            envoy_filter("headers", "http_headers", ""),
-            envoy_filter_with(
-                "auth",
-                "http_call",
-                "",
-                "allow_on_headers_stop_iteration: true",
-            ),
-        ],
+        &filters,
         &[("auth_cluster", silent.address)],
     );
     // The stream's contexts ended while its call was pending: the plugin never heard of the
@@ -2143,7 +2164,8 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
         assert!(!log.contains("http call failed"), "{log}");
     };
     // HTTP/1.1: the client closes its connection while the stream is held.
-    for (held, (path, headers, body)) in HOLDS.into_iter().enumerate() {
+    let http1_holds = if http1 { holds } else { &[] };
+    for (held, &(path, headers, body)) in http1_holds.iter().enumerate() {
         use std::io::Write;
         let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
         let mut request = format!(
@@ -2159,7 +2181,7 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
         client
             .write_all(request.as_bytes())
             .expect("the request goes out");
-        wait_until(|| calls.load(Ordering::Relaxed) == held + 1, "the call");
+        wait_until(|| calls.load(Ordering::Relaxed) > held, "the call");
         drop(client);
         serve.wait_for_no_live_contexts();
         ended_while_held(path);
@@ -2177,7 +2199,7 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
             .expect("connects");
         let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
         tokio::spawn(connection);
-        for (held, (path, headers, body)) in HOLDS.into_iter().enumerate() {
+        for (held, &(path, headers, body)) in holds.iter().enumerate() {
             let mut request = http::Request::builder()
                 .method(if body.is_empty() { "GET" } else { "POST" })
                 .uri(format!("http://a{path}"));
@@ -2194,7 +2216,7 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
                     .expect("the body goes out");
             }
             let deadline = Instant::now() + Duration::from_secs(10);
-            while calls.load(Ordering::Relaxed) < HOLDS.len() + held + 1 {
+            while calls.load(Ordering::Relaxed) < http1_holds.len() + held + 1 {
                 assert!(Instant::now() < deadline, "no call:\n{}", serve.log());
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -2205,13 +2227,17 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
         }
     });
     // Only /held-response went to the origin, once per protocol.
-    assert_eq!(origin.requests.load(Ordering::Relaxed), 2);
+    let responses = holds.iter().filter(|(path, ..)| *path == "/held-response");
+    assert_eq!(
+        origin.requests.load(Ordering::Relaxed),
+        responses.count() * (1 + usize::from(http1))
+    );
     assert_eq!(
         sample(
             &get(&serve.admin_url("/stats/prometheus"), &[]).body,
             "pwhost_resets_total{listener=\"main\",cause=\"client\"}"
         ),
-        Some(2.0 * HOLDS.len() as f64)
+        Some((holds.len() + http1_holds.len()) as f64)
     );
     // Each is the client's doing, no proxy error to log: resets in a flood would flood it.
     let log = serve.log();
@@ -2284,11 +2310,25 @@ impl SilentChecker {
 }
 
 /// A plugin's calls end when its VM copy fails, wherever it fails (here in a stream's
-/// callback, not in a call's answer): a failed copy's answers could only fail again, and a
+/// request callback, and at a stream's end, not in a call's answer): a failed copy's answers could only fail again, and a
 /// call without a timeout would keep its upstream for good. And a call goes out with the
 /// proxy's own framing and connection headers, whatever the plugin wrote.
 #[test]
 fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers() {
+    // Where the copy fails: the second request's headers, and what that request gets.
+    let failures: [(&[(&str, &str)], u16); 2] = [
+        // In its request headers callback.
+        (&[("x-trap", "1")], 503),
+        // In its `proxy_on_log`, once it had its response.
+        (&[("x-pass", "1"), ("x-trap-at-end", "1")], 200),
+    ];
+    for (failing, answered) in failures {
+        a_failed_copy_ends_its_calls(failing, answered);
+    }
+}
+
+/// See [`a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers`].
+fn a_failed_copy_ends_its_calls(failing: &[(&str, &str)], answered: u16) {
     let origin = Origin::start();
     let checker = SilentChecker::start();
     // One worker, so one VM copy (Pingora runs an HTTP/2 connection's streams on any worker).
@@ -2305,7 +2345,7 @@ fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers()
     let dir = tempfile::tempdir().expect("a temporary directory");
     let serve = Serve::launch(dir, port, admin_port, &config);
     // The first request is held for good, for a call that never ends on its own; the second
-    // fails the copy in its request callback, and both get the failure policy.
+    // fails the copy, and the first gets the failure policy.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -2316,10 +2356,10 @@ fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers()
             .expect("connects");
         let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
         tokio::spawn(connection);
-        let send = |path: &str, trap: bool| {
+        let send = |path: &str, headers: &[(&str, &str)]| {
             let mut request = http::Request::builder().uri(format!("http://a{path}"));
-            if trap {
-                request = request.header("x-trap", "1");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
             }
             let client = client.clone();
             let request = request.body(()).expect("a request");
@@ -2329,7 +2369,7 @@ fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers()
                 response.await.map(|response| response.status().as_u16())
             }
         };
-        let held = tokio::spawn(send("/held", false));
+        let held = tokio::spawn(send("/held", &[]));
         let deadline = Instant::now() + Duration::from_secs(10);
         while checker.heads.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "no call:\n{}", serve.log());
@@ -2344,23 +2384,27 @@ fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers()
             "connection:",
             "transfer-encoding:",
             "keep-alive:",
-            "te:",
             "upgrade:",
         ] {
             assert!(!head.contains(&format!("\n{header}")), "{header} in {head}");
         }
-        let trapped = send("/trap", true).await;
+        // But a gRPC server's `te: trailers`.
+        assert!(head.contains("\nte: trailers\r\n"), "{head}");
+        let trapped = send("/trap", failing).await;
         (trapped.ok(), held.await.expect("the held stream").ok())
     });
     serve.wait_for_log("left out of an HTTP call");
-    assert_eq!(trapped, Some(503));
+    assert_eq!(trapped, Some(answered));
     assert_eq!(held, Some(503));
     // And the failed copy's call ends with it.
     wait_until(
         || checker.closed.load(Ordering::Relaxed) == 1,
         "the failed copy's call ended",
     );
-    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        origin.requests.load(Ordering::Relaxed),
+        usize::from(answered == 200)
+    );
 }
 
 /// `pwhost serve` with one TCP listener whose network filter is `plugin` (configured with

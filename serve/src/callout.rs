@@ -141,7 +141,7 @@ pub(crate) fn next_token() -> u32 {
 }
 
 /// Headers of a call's connection and framing, which the proxy sets (`Host` from
-/// `:authority`): a plugin's are left out, with a warning.
+/// `:authority`): a plugin's are left out, with a warning (but `te: trailers`).
 const CONNECTION_HEADERS: [&str; 7] = [
     "connection",
     "keep-alive",
@@ -171,9 +171,13 @@ fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
         if name.starts_with(b":") || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
+        // `te: trailers` goes on: gRPC servers require it (an HTTP/2 request may carry no
+        // other `te`).
+        let trailers_wanted =
+            name.eq_ignore_ascii_case(b"te") && value.eq_ignore_ascii_case(b"trailers");
         if let Some(own) = CONNECTION_HEADERS
             .iter()
-            .find(|own| name.eq_ignore_ascii_case(own.as_bytes()))
+            .find(|own| !trailers_wanted && name.eq_ignore_ascii_case(own.as_bytes()))
         {
             // The proxy frames the call and owns its connection, which the pool may hand to
             // another call next: a plugin's `transfer-encoding` beside the host's
@@ -417,8 +421,10 @@ fn deliver_here(
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
                         tracing::error!("a call's answer failed in the plugin: {error}");
-                        if let Some(host) = vm.host_as::<ServeHost>() {
-                            host.vm_failed();
+                        if vm.is_failed() {
+                            if let Some(host) = vm.host_as::<ServeHost>() {
+                                host.vm_failed();
+                            }
                         }
                         failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                     }

@@ -276,6 +276,12 @@ impl Stream {
                         }),
                         Err(error) => {
                             tracing::error!(plugin = %name, "cannot create a stream context: {error}");
+                            // A trap in `proxy_on_context_create` fails the copy.
+                            if let Some(vm) = worker.vm(&stream).filter(|vm| vm.is_failed()) {
+                                if let Some(host) = vm.host_as::<ServeHost>() {
+                                    host.vm_failed();
+                                }
+                            }
                             worker.release(stream);
                             if worker.failed(plugin, &error) == OnFailure::FailClosed {
                                 reply = Some(Reply::fail_closed(Some(&*name)));
@@ -556,7 +562,14 @@ impl Stream {
                                 self.wait_reading(index, position, reader, &mut lend_header)
                                     .await
                             }
-                            _ => self.wait(index, Some(direction)).await,
+                            // Held otherwise while the body is read ahead (no body callback
+                            // comes meanwhile): the client is watched as the read would.
+                            Some(reader) => tokio::select! {
+                                biased;
+                                outcome = self.wait(index, Some(direction)) => outcome,
+                                () = reader.client_gone() => Outcome::Close,
+                            },
+                            None => self.wait(index, Some(direction)).await,
                         };
                         drop(guard);
                         if trailers {
@@ -860,7 +873,12 @@ impl Stream {
                     // plugins before it made the last one stale), as its callout's answer may
                     // edit the headers meanwhile.
                     self.with_filter_lending(holder, |vm, context| lend_header(vm, context));
-                    data = match self.released_body(index).await {
+                    let released = tokio::select! {
+                        biased;
+                        released = self.released_body(index) => released,
+                        () = reader.client_gone() => Err(Outcome::Close),
+                    };
+                    data = match released {
                         Ok(data) => data,
                         Err(outcome) => return Some(outcome),
                     };
@@ -1352,7 +1370,7 @@ impl Stream {
                     }
                     last(&mut slot.info);
                 }
-                match kind {
+                let ended = match kind {
                     Kind::Http => vm
                         .on_log(context)
                         .and_then(|()| vm.on_done(context).map(|_| ()))
@@ -1364,7 +1382,13 @@ impl Stream {
                         .and_then(|()| vm.on_done(context).map(|_| ()))
                         .and_then(|()| vm.on_log(context))
                         .and_then(|()| vm.on_delete(context)),
+                };
+                if vm.is_failed() {
+                    if let Some(host) = vm.host_as::<ServeHost>() {
+                        host.vm_failed();
+                    }
                 }
+                ended
             });
             if let Some(Err(error)) = outcome {
                 tracing::error!(

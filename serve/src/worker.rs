@@ -190,8 +190,10 @@ async fn tick_loop(listener: Arc<Listener>) {
                         if entry.0 <= now && !vm.is_failed() {
                             if let Err(error) = vm.tick_root(root) {
                                 tracing::error!("proxy_on_tick failed: {error}");
-                                if let Some(host) = vm.host_as::<ServeHost>() {
-                                    host.vm_failed();
+                                if vm.is_failed() {
+                                    if let Some(host) = vm.host_as::<ServeHost>() {
+                                        host.vm_failed();
+                                    }
                                 }
                                 failed.push((plugin, error));
                             }
