@@ -386,6 +386,17 @@ fn socket_address(address: SocketAddr) -> libc::sockaddr_in {
     }
 }
 
+/// Headers of a call's connection and framing, which the host sets: a plugin's are left out
+/// (but `te: trailers`), as `pwhost serve` leaves them out.
+const CONNECTION_HEADERS: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+];
+
 fn is_clean(bytes: &[u8]) -> bool {
     !bytes.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
 }
@@ -440,6 +451,25 @@ fn encode(address: SocketAddr, request: &HttpCallRequest, call: usize) -> Option
             || name.eq_ignore_ascii_case(TIMEOUT_HEADER.as_bytes())
             || name.eq_ignore_ascii_case(CALL_HEADER.as_bytes())
         {
+            continue;
+        }
+        // The call's framing and connection are the plugin's host's: a `transfer-encoding`
+        // would make Traffic Server wait for a chunked body that never comes. `te: trailers`
+        // goes on (gRPC servers require it). Said once per process.
+        let trailers_wanted =
+            name.eq_ignore_ascii_case(b"te") && value.eq_ignore_ascii_case(b"trailers");
+        if !trailers_wanted
+            && CONNECTION_HEADERS
+                .iter()
+                .any(|own| name.eq_ignore_ascii_case(own.as_bytes()))
+        {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                diag::warning(
+                    "a plugin's connection header was left out of an HTTP call (the host \
+                     frames calls and owns their connections)",
+                )
+            });
             continue;
         }
         if name.is_empty() || !is_clean(name) || name.contains(&b':') || !is_clean(value) {

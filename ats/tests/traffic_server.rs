@@ -4687,3 +4687,49 @@ fn a_native_sdk_library_runs_on_the_null_runtime() {
          memory cap set for plugins",
     );
 }
+
+/// A plugin's connection headers are left out of its HTTP calls, whose framing and connection
+/// are the host's: the corpus's `holds_for_good` calls with `transfer-encoding: chunked` (and
+/// no body), which made Traffic Server wait for a chunked body that never came, so the call
+/// never reached its upstream.
+#[test]
+fn a_calls_connection_headers_are_left_out_and_the_call_goes_out() {
+    use std::io::Write;
+    let runtime = engines()[0];
+    let origin = Origin::start();
+    let checker = Origin::start();
+    let holding = workspace().join("plugins/dist/wat/holds_for_good.wasm");
+    assert!(
+        holding.exists(),
+        "run scripts/setup.sh (it builds the plugin corpus)"
+    );
+    let yaml = format!(
+        "config:\n  name: holding\n  vmConfig:\n    vmId: holding\n    runtime: {runtime}\n    \
+         code:\n      local:\n        filename: {}\nupstreams:\n  auth_cluster: {}\n",
+        holding.display(),
+        checker.address
+    );
+    let server = TrafficServer::start(
+        &origin,
+        &[PluginFile {
+            name: "holding",
+            yaml,
+        }],
+    );
+    // The transaction is held for good; only its call goes anywhere.
+    let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connects");
+    client
+        .write_all(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("the request goes out");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while checker.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the call did not reach its upstream:\n{}",
+            server.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.wait_for_log("left out of an HTTP call");
+    assert_eq!(origin.requests(), 0);
+}

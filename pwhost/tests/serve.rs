@@ -4183,26 +4183,40 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
     );
 }
 
+/// A one-worker configuration with a drain timeout of 1 s and TCP listener `tcp` on `port`,
+/// in front of `echo`, its network filter corpus plugin `plugin`.
+fn retiring_tcp_config(port: u16, admin: u16, plugin: &str, echo: SocketAddr) -> String {
+    format!(
+        "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
+         - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
+         network_filters:\n      - name: filter\n        vm_config:\n          \
+         runtime: envoy.wasm.runtime.wasmtime\n          \
+         code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{echo}\"], \
+         connect_timeout: 1s}}\n",
+        corpus_plugin(plugin).display(),
+    )
+}
+
+/// Asserts that the proxy closed `connection`: it ends, or is reset (a read timeout is not).
+fn assert_closed(connection: &mut TcpStream, serve: &Serve) {
+    use std::io::Read;
+    let mut rest = [0u8; 16];
+    let end = connection.read(&mut rest);
+    let closed = match &end {
+        Ok(read) => *read == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "{end:?}\n{}", serve.log());
+}
+
 /// A connection a network filter holds before the upstream is dialled is also closed once
 /// its listener retired and the drain timeout passed, not held until the idle timeout (an
 /// hour by default), which would keep the retired listener's VM copies as long.
 #[test]
 fn a_retired_tcp_listeners_held_new_connection_closes_after_the_drain_timeout() {
-    use std::io::Read;
     let echo = Echo::start();
     let [port, moved, admin] = std::array::from_fn(|_| free_port());
-    let config = |port: u16| {
-        format!(
-            "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
-             - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
-             network_filters:\n      - name: gate\n        vm_config:\n          \
-             runtime: envoy.wasm.runtime.wasmtime\n          \
-             code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{}\"], \
-             connect_timeout: 1s}}\n",
-            corpus_plugin("wat/holds_for_good").display(),
-            echo.address
-        )
-    };
+    let config = |port: u16| retiring_tcp_config(port, admin, "wat/holds_for_good", echo.address);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
     let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
@@ -4220,14 +4234,7 @@ fn a_retired_tcp_listeners_held_new_connection_closes_after_the_drain_timeout() 
     std::fs::write(&serve.config, config(moved)).expect("the moved listener");
     let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
     assert_eq!(reloaded.status, 200, "{}", reloaded.body);
-    let mut rest = [0u8; 16];
-    // Closed: the end of the stream, or a reset (not the read timeout).
-    let end = connection.read(&mut rest);
-    let closed = match &end {
-        Ok(read) => *read == 0,
-        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
-    };
-    assert!(closed, "{end:?}\n{}", serve.log());
+    assert_closed(&mut connection, &serve);
     serve.wait_for_no_live_contexts();
 }
 
@@ -4236,18 +4243,7 @@ fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes(
     use std::io::{Read, Write};
     let echo = Echo::start();
     let [port, moved, admin] = std::array::from_fn(|_| free_port());
-    let config = |port: u16| {
-        format!(
-            "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
-             - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
-             network_filters:\n      - name: upper\n        vm_config:\n          \
-             runtime: envoy.wasm.runtime.wasmtime\n          \
-             code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{}\"], \
-             connect_timeout: 1s}}\n",
-            corpus_plugin("tcp_filter").display(),
-            echo.address
-        )
-    };
+    let config = |port: u16| retiring_tcp_config(port, admin, "tcp_filter", echo.address);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
     let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
@@ -4267,14 +4263,7 @@ fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes(
     assert_eq!(reloaded.status, 200, "{}", reloaded.body);
     let retired = Instant::now();
     exchange("pong", "PONG");
-    let mut rest = [0u8; 16];
-    // Closed: the end of the stream, or a reset.
-    let end = connection.read(&mut rest);
-    let closed = match &end {
-        Ok(read) => *read == 0,
-        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
-    };
-    assert!(closed, "{end:?}");
+    assert_closed(&mut connection, &serve);
     let after = retired.elapsed();
     assert!(
         (Duration::from_millis(900)..Duration::from_secs(8)).contains(&after),
