@@ -70,6 +70,31 @@ pub struct HttpCallRequest {
     pub timeout: Duration,
 }
 
+impl HttpCallRequest {
+    /// Whether request header `name` (with `value`) belongs to the call's connection and
+    /// framing, which a host sets itself and leaves out of a plugin's call: `connection`,
+    /// `keep-alive`, `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` but for
+    /// `te: trailers` (which gRPC servers require). A plugin's `transfer-encoding` beside the
+    /// host's own framing, for one, would make the upstream (or a pooled connection's next
+    /// call) read the call wrongly.
+    pub fn is_connection_header(name: &[u8], value: &[u8]) -> bool {
+        const CONNECTION_HEADERS: [&[u8]; 6] = [
+            b"connection",
+            b"keep-alive",
+            b"proxy-connection",
+            b"transfer-encoding",
+            b"te",
+            b"upgrade",
+        ];
+        let trailers_wanted =
+            name.eq_ignore_ascii_case(b"te") && value.eq_ignore_ascii_case(b"trailers");
+        !trailers_wanted
+            && CONNECTION_HEADERS
+                .iter()
+                .any(|own| name.eq_ignore_ascii_case(own))
+    }
+}
+
 /// The response to an HTTP call, handed to the plugin's `proxy_on_http_call_response`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpCallResponse {

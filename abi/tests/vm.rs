@@ -1245,3 +1245,24 @@ fn a_grpc_token_this_vm_did_not_open_is_not_found_without_reaching_the_host() {
     assert_eq!(host.logs, ["111"], "NOT_FOUND (1) three times");
     assert_eq!(host.reached, 0);
 }
+
+/// The headers a host sets itself on a plugin's HTTP call, whatever the plugin wrote: its
+/// connection's and framing's, any case, but `te: trailers`.
+#[test]
+fn a_calls_connection_headers_are_the_hosts() {
+    let own = abi::HttpCallRequest::is_connection_header;
+    for name in [
+        "connection",
+        "Keep-Alive",
+        "proxy-connection",
+        "Transfer-Encoding",
+        "upgrade",
+    ] {
+        assert!(own(name.as_bytes(), b"anything"), "{name}");
+    }
+    assert!(own(b"te", b"gzip"));
+    assert!(!own(b"TE", b"Trailers"), "gRPC servers require it");
+    for name in ["content-type", "x-te", "authorization", "host"] {
+        assert!(!own(name.as_bytes(), b"value"), "{name}");
+    }
+}

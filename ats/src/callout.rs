@@ -386,17 +386,6 @@ fn socket_address(address: SocketAddr) -> libc::sockaddr_in {
     }
 }
 
-/// Headers of a call's connection and framing, which the host sets: a plugin's are left out
-/// (but `te: trailers`), as `pwhost serve` leaves them out.
-const CONNECTION_HEADERS: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "upgrade",
-];
-
 fn is_clean(bytes: &[u8]) -> bool {
     !bytes.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
 }
@@ -453,16 +442,9 @@ fn encode(address: SocketAddr, request: &HttpCallRequest, call: usize) -> Option
         {
             continue;
         }
-        // The call's framing and connection are the plugin's host's: a `transfer-encoding`
-        // would make Traffic Server wait for a chunked body that never comes. `te: trailers`
-        // goes on (gRPC servers require it). Said once per process.
-        let trailers_wanted =
-            name.eq_ignore_ascii_case(b"te") && value.eq_ignore_ascii_case(b"trailers");
-        if !trailers_wanted
-            && CONNECTION_HEADERS
-                .iter()
-                .any(|own| name.eq_ignore_ascii_case(own.as_bytes()))
-        {
+        // The call's framing and connection are the host's: a `transfer-encoding` would make
+        // Traffic Server wait for a chunked body that never comes. Said once per process.
+        if HttpCallRequest::is_connection_header(name, value) {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
                 diag::warning(

@@ -140,18 +140,6 @@ pub(crate) fn next_token() -> u32 {
     })
 }
 
-/// Headers of a call's connection and framing, which the proxy sets (`Host` from
-/// `:authority`): a plugin's are left out, with a warning (but `te: trailers`).
-const CONNECTION_HEADERS: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "upgrade",
-    "host",
-];
-
 /// The request header of a call: `:method`, `:path`, `:authority` (as `Host`) and the rest.
 fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
     let headers = &request.headers;
@@ -171,13 +159,8 @@ fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
         if name.starts_with(b":") || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
-        // `te: trailers` goes on: gRPC servers require it (an HTTP/2 request may carry no
-        // other `te`).
-        let trailers_wanted =
-            name.eq_ignore_ascii_case(b"te") && value.eq_ignore_ascii_case(b"trailers");
-        if let Some(own) = CONNECTION_HEADERS
-            .iter()
-            .find(|own| !trailers_wanted && name.eq_ignore_ascii_case(own.as_bytes()))
+        // `Host` comes from `:authority`.
+        if HttpCallRequest::is_connection_header(name, value) || name.eq_ignore_ascii_case(b"host")
         {
             // The proxy frames the call and owns its connection, which the pool may hand to
             // another call next: a plugin's `transfer-encoding` beside the host's
@@ -186,7 +169,7 @@ fn request_header(request: &HttpCallRequest) -> Option<Box<RequestHeader>> {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
                 tracing::warn!(
-                    header = own,
+                    header = %String::from_utf8_lossy(name),
                     "a plugin's connection header was left out of an HTTP call (the proxy \
                      frames calls and owns their connections; `host` comes from `:authority`)"
                 )
