@@ -4,7 +4,7 @@
 //! the same thread. A singleton service's calls run on a runtime of their own (its thread has
 //! none) and their answers are posted to the service's thread.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use bytes::Bytes;
 use lifecycle::ServiceInbox;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
+use rustc_hash::FxHashSet;
 
 use crate::admin::HostMetrics;
 use crate::host::ServeHost;
@@ -23,6 +24,21 @@ thread_local! {
     /// The last token given out on this thread: tokens are unique among a thread's copies, so
     /// an answer finds its copy by token.
     static LAST_TOKEN: Cell<u32> = const { Cell::new(0) };
+    /// The tokens of this thread's copies' calls that are open: the counter wraps after 2³²
+    /// calls, and skips these (a long gRPC stream's, a call without a timeout), as Envoy skips
+    /// tokens in use.
+    static OPEN_TOKENS: RefCell<FxHashSet<u32>> = RefCell::new(FxHashSet::default());
+}
+
+/// Marks `token` as a call's of this thread that is open (see [`forget_token`]).
+pub(crate) fn open_token(token: u32) {
+    let _ = OPEN_TOKENS.try_with(|open| open.borrow_mut().insert(token));
+}
+
+/// Marks `token`'s call as over: the counter may give it out again.
+pub(crate) fn forget_token(token: u32) {
+    // Not at all while the thread ends (a copy dropped then): nothing is given out any more.
+    let _ = OPEN_TOKENS.try_with(|open| open.borrow_mut().remove(&token));
 }
 
 /// The largest answer body a call takes (more fails the call), so that an upstream cannot
@@ -131,12 +147,17 @@ pub(crate) fn dispatch(
     Ok((token, task.abort_handle()))
 }
 
-/// A new token for a call from this thread.
+/// A new token for a call from this thread: never 0, nor one of its open calls'.
 pub(crate) fn next_token() -> u32 {
-    LAST_TOKEN.with(|last| {
-        let token = last.get().wrapping_add(1).max(1);
-        last.set(token);
-        token
+    OPEN_TOKENS.with(|open| {
+        let open = open.borrow();
+        LAST_TOKEN.with(|last| loop {
+            let token = last.get().wrapping_add(1).max(1);
+            last.set(token);
+            if !open.contains(&token) {
+                return token;
+            }
+        })
     })
 }
 
@@ -422,5 +443,24 @@ fn deliver_here(
     });
     if delivered != Some(true) {
         tracing::debug!(token, "a call's answer found no VM copy waiting for it");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_never_0_nor_one_still_open_after_the_counter_wraps() {
+        LAST_TOKEN.with(|last| last.set(u32::MAX - 1));
+        open_token(u32::MAX);
+        open_token(1);
+        // u32::MAX is open, 0 is never one, 1 is open.
+        assert_eq!(next_token(), 2);
+        forget_token(1);
+        forget_token(u32::MAX);
+        LAST_TOKEN.with(|last| last.set(u32::MAX - 1));
+        assert_eq!(next_token(), u32::MAX);
+        assert_eq!(next_token(), 1);
     }
 }

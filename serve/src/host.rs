@@ -151,7 +151,9 @@ impl ServeHost {
 
     /// Forgets call `token`: it is over, or cancelled (its task, if still running, stops).
     pub(crate) fn forget_call(&mut self, token: u32) {
-        self.callouts.remove(&token);
+        if self.callouts.remove(&token) {
+            callout::forget_token(token);
+        }
         self.grpc_senders.remove(&token);
         self.http_tasks.remove(&token);
         if let Some(task) = self.grpc_tasks.remove(&token) {
@@ -168,7 +170,9 @@ impl ServeHost {
         self.grpc_tasks.clear();
         self.http_tasks.clear();
         self.grpc_senders.clear();
-        self.callouts.clear();
+        for token in self.callouts.drain() {
+            callout::forget_token(token);
+        }
     }
 
     /// The cluster a new call from this copy names, checked (`BAD_ARGUMENT` if unknown; `abi`
@@ -281,6 +285,7 @@ impl Host for ServeHost {
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task) = callout::dispatch(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
+        callout::open_token(token);
         self.http_tasks.insert(token, task);
         Ok(token)
     }
@@ -289,6 +294,7 @@ impl Host for ServeHost {
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task) = grpc::call(caller, &cluster, request, &self.metrics)?;
         self.callouts.insert(token);
+        callout::open_token(token);
         self.grpc_tasks.insert(token, task);
         Ok(token)
     }
@@ -297,6 +303,7 @@ impl Host for ServeHost {
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task, sender) = grpc::open(caller, &cluster, request)?;
         self.callouts.insert(token);
+        callout::open_token(token);
         self.grpc_tasks.insert(token, task);
         self.grpc_senders.insert(token, Some(sender));
         Ok(token)
@@ -361,6 +368,9 @@ impl Drop for ServeHost {
         // A copy that goes (replaced, failed) takes its calls with it.
         for task in self.grpc_tasks.values().chain(self.http_tasks.values()) {
             task.abort();
+        }
+        for token in self.callouts.drain() {
+            callout::forget_token(token);
         }
         self.metrics.vm_copies.get_or_create(&self.owner).dec();
     }

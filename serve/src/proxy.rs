@@ -362,8 +362,8 @@ fn reset_cause(error: Option<&Error>) -> &'static str {
 /// `logging` ends its plugin contexts as for any reset, at once rather than when the plugin
 /// would have let the stream go, as Envoy resets the stream of a client that left. Pingora
 /// watches a client only while it proxies, so a stream a plugin held was otherwise kept, with
-/// its contexts and calls, for as long as the plugin held it: an HTTP/2 client could reset
-/// held streams and open new ones without end.
+/// its contexts, for as long as the plugin held it: an HTTP/2 client could reset held streams
+/// and open new ones without end.
 async fn unless_client_gone<T>(
     session: &mut Session,
     phase: impl std::future::Future<Output = T>,
