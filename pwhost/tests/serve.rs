@@ -4209,6 +4209,84 @@ fn assert_closed(connection: &mut TcpStream, serve: &Serve) {
     assert!(closed, "{end:?}\n{}", serve.log());
 }
 
+/// The answers of one VM copy's calls hold at most 64 MiB at once: of five calls whose 15 MiB
+/// answers all come at once, at least one fails (the plugin answers 503), and the others go
+/// on; a slow upstream cannot make a copy with 1,024 calls open hold 16 GiB.
+#[test]
+fn a_copys_call_answers_hold_at_most_64_mib_at_once() {
+    const ANSWER: usize = 15 << 20;
+    const CALLS: usize = 5;
+    let origin = Origin::start();
+    // A checker that sends each answer but its last byte, and that byte once every call has
+    // come (or 3 s on), so that all answers are held at once.
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let checker = {
+        let arrived = Arc::clone(&arrived);
+        Background::start(move |listener, mut stopped| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Some(mut connection) = next_connection(&listener, &mut stopped).await {
+                let arrived = Arc::clone(&arrived);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match connection.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {ANSWER}\r\n\r\n");
+                    let body = vec![b'a'; ANSWER - 1];
+                    if connection.write_all(answer.as_bytes()).await.is_err()
+                        || connection.write_all(&body).await.is_err()
+                    {
+                        return;
+                    }
+                    arrived.fetch_add(1, Ordering::Relaxed);
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    while arrived.load(Ordering::Relaxed) < CALLS && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let _ = connection.write_all(b"a").await;
+                    let _ = tokio::io::copy(&mut connection, &mut tokio::io::sink()).await;
+                });
+            }
+        })
+    };
+    // One worker, so one VM copy.
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n{}clusters:\n  backend: {{endpoints: [\"{}\"]}}\n  \
+         auth_cluster: {{endpoints: [\"{}\"]}}\n",
+        envoy_filter("auth", "http_call", ""),
+        origin.address,
+        checker.address
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let calls: Vec<_> = (0..CALLS)
+        .map(|call| {
+            let url = serve.url(&format!("/call{call}"));
+            std::thread::spawn(move || try_get(&url, &[]).map(|reply| reply.status))
+        })
+        .collect();
+    let statuses: Vec<Result<u16, String>> = calls
+        .into_iter()
+        .map(|call| call.join().expect("a caller thread"))
+        .collect();
+    let failed = statuses.iter().filter(|status| **status == Ok(503)).count();
+    let answered = statuses.iter().filter(|status| **status == Ok(200)).count();
+    assert!(
+        failed >= 1 && answered >= 1,
+        "{statuses:?}\n{}",
+        serve.log()
+    );
+    assert_eq!(failed + answered, CALLS, "{statuses:?}");
+    serve.wait_for_log("would hold over 64 MiB");
+}
+
 /// A connection a network filter holds before the upstream is dialled is also closed once
 /// its listener retired and the drain timeout passed, not held until the idle timeout (an
 /// hour by default), which would keep the retired listener's VM copies as long.

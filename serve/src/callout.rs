@@ -5,6 +5,7 @@
 //! none) and their answers are posted to the service's thread.
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,45 @@ pub(crate) fn forget_token(token: u32) {
 /// The largest answer body a call takes (more fails the call), so that an upstream cannot
 /// make the proxy buffer without bound.
 const MAX_ANSWER_BODY: usize = 16 << 20;
+
+/// The most one VM copy's call answers may hold at once, read and not yet delivered (more
+/// fails the call whose answer would pass it): the per-answer limit alone would let slow
+/// upstreams make a copy with its 1,024 calls open hold 16 GiB.
+pub(crate) const MAX_ANSWER_BYTES_PER_COPY: usize = 64 << 20;
+
+/// What a VM copy's call answers hold now, shared by its calls' tasks.
+pub(crate) type AnswerBytes = Arc<AtomicUsize>;
+
+/// An answer's share of its copy's [`AnswerBytes`], given back when dropped (once the answer
+/// was delivered, or the call failed).
+struct AnswerShare {
+    held: AnswerBytes,
+    bytes: usize,
+}
+
+impl AnswerShare {
+    /// Takes `more` bytes; `false` (nothing taken) if the copy's answers would hold more than
+    /// [`MAX_ANSWER_BYTES_PER_COPY`].
+    fn take(&mut self, more: usize) -> bool {
+        let taken = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                now.checked_add(more)
+                    .filter(|total| *total <= MAX_ANSWER_BYTES_PER_COPY)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += more;
+        }
+        taken
+    }
+}
+
+impl Drop for AnswerShare {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// The client all calls share (its pools are per process).
 fn connector() -> &'static Connector {
@@ -109,6 +149,7 @@ pub(crate) fn dispatch(
     cluster: &Arc<ClusterState>,
     request: HttpCallRequest,
     metrics: &Arc<HostMetrics>,
+    answers: &AnswerBytes,
 ) -> Result<(u32, tokio::task::AbortHandle), Status> {
     let header = request_header(&request).ok_or(Status::BadArgument)?;
     if !request.trailers.is_empty() {
@@ -130,8 +171,12 @@ pub(crate) fn dispatch(
     let started = Instant::now();
     let body = Bytes::from(request.body);
     let timeout = request.timeout;
+    let mut share = AnswerShare {
+        held: Arc::clone(answers),
+        bytes: 0,
+    };
     let task = runtime.spawn(async move {
-        let call = send(&cluster, header, body);
+        let call = send(&cluster, header, body, &mut share);
         let answer = if timeout.is_zero() {
             call.await
         } else {
@@ -212,7 +257,15 @@ async fn send(
     cluster: &ClusterState,
     header: Box<RequestHeader>,
     body: Bytes,
+    share: &mut AnswerShare,
 ) -> Option<HttpCallResponse> {
+    let over_the_copys_share = |share: &AnswerShare| {
+        tracing::warn!(
+            cluster = %cluster.name,
+            held = share.held.load(Ordering::Relaxed),
+            "the answers of a plugin's open HTTP calls would hold over 64 MiB: this call failed"
+        );
+    };
     let peer = cluster.peer();
     let head = header.method == http::Method::HEAD;
     let (mut session, _reused) = connector().get_http_session(&peer).await.ok()?;
@@ -237,6 +290,10 @@ async fn send(
     let response = session.response_header()?;
     headers.add(b":status", response.status.as_str().as_bytes());
     for (name, value) in response.headers.iter() {
+        if !share.take(name.as_str().len() + value.len()) {
+            over_the_copys_share(share);
+            return None;
+        }
         headers.add(name.as_str().as_bytes(), value.as_bytes());
     }
     let over_the_limit = || {
@@ -274,6 +331,10 @@ async fn send(
                     over_the_limit();
                     return None;
                 }
+                if !share.take(chunk.len()) {
+                    over_the_copys_share(share);
+                    return None;
+                }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => break,
@@ -290,6 +351,10 @@ async fn send(
         match h2.read_trailers().await {
             Ok(Some(received)) => {
                 for (name, value) in received.iter() {
+                    if !share.take(name.as_str().len() + value.len()) {
+                        over_the_copys_share(share);
+                        return None;
+                    }
                     trailers.add(name.as_str().as_bytes(), value.as_bytes());
                 }
             }

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use crate::admin::{HostMetrics, VmOwnerLabel};
-use crate::callout::{self, Caller, ServiceAddress};
+use crate::callout::{self, AnswerBytes, Caller, ServiceAddress};
 use crate::grpc;
 use crate::headers::Lent;
 use crate::proxy::ClusterState;
@@ -71,6 +71,8 @@ pub(crate) struct ServeHost {
     metrics: Arc<HostMetrics>,
     /// Whose copy it is, for `vm_copies`.
     owner: VmOwnerLabel,
+    /// What its calls' answers hold now (see [`callout::MAX_ANSWER_BYTES_PER_COPY`]).
+    answers: AnswerBytes,
     /// The tokens of this copy's HTTP and gRPC calls still waiting for (more of) an answer.
     pub(crate) callouts: FxHashSet<u32>,
     /// The tasks of its gRPC calls and streams, by token (cancelled with them).
@@ -123,6 +125,7 @@ impl ServeHost {
             metrics,
             owner,
             callouts: FxHashSet::default(),
+            answers: AnswerBytes::default(),
             grpc_tasks: FxHashMap::default(),
             http_tasks: FxHashMap::default(),
             grpc_senders: FxHashMap::default(),
@@ -283,7 +286,8 @@ impl Host for ServeHost {
 
     fn http_call(&mut self, _context: ContextId, request: HttpCallRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
-        let (token, task) = callout::dispatch(caller, &cluster, request, &self.metrics)?;
+        let (token, task) =
+            callout::dispatch(caller, &cluster, request, &self.metrics, &self.answers)?;
         self.callouts.insert(token);
         callout::open_token(token);
         self.http_tasks.insert(token, task);
