@@ -401,11 +401,17 @@ impl Serve {
         filters: &[String],
         clusters: &[(&str, SocketAddr)],
     ) -> Serve {
-        let clusters: String = clusters
-            .iter()
-            .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
-            .collect();
-        Serve::start_configured_raw(upstream, fields, filters, &clusters)
+        Serve::start_configured_raw(upstream, fields, filters, &cluster_lines(clusters))
+    }
+
+    /// As [`Serve::start_with`], on one worker: every stream reaches the same VM copy of each
+    /// plugin (Pingora runs an HTTP/2 connection's streams on any worker).
+    fn start_with_one_worker(
+        upstream: SocketAddr,
+        filters: &[String],
+        clusters: &[(&str, SocketAddr)],
+    ) -> Serve {
+        Serve::start_on_workers(1, upstream, "", filters, &cluster_lines(clusters))
     }
 
     /// As [`Serve::start_configured`], with the clusters beside `backend` as YAML lines.
@@ -415,11 +421,22 @@ impl Serve {
         filters: &[String],
         clusters: &str,
     ) -> Serve {
+        Serve::start_on_workers(2, upstream, fields, filters, clusters)
+    }
+
+    /// As [`Serve::start_configured_raw`], with `workers` worker threads.
+    fn start_on_workers(
+        workers: usize,
+        upstream: SocketAddr,
+        fields: &str,
+        filters: &[String],
+        clusters: &str,
+    ) -> Serve {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = free_port();
         let admin_port = free_port();
         let config = format!(
-            "workers: 2\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n{fields}    \
+            "workers: {workers}\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    address: 127.0.0.1:{port}\n{fields}    \
              routes: [{{prefix: /, cluster: backend}}]\n    http_filters:\n{}\
              clusters:\n  backend: {{endpoints: [\"{upstream}\"], connect_timeout: 1s, \
              request_timeout: 5s}}\n{}",
@@ -2267,6 +2284,14 @@ async fn live_contexts_come_to(serve: &Serve, count: f64) {
     }
 }
 
+/// The YAML lines of `clusters` (name, one endpoint each).
+fn cluster_lines(clusters: &[(&str, SocketAddr)]) -> String {
+    clusters
+        .iter()
+        .map(|(name, address)| format!("  {name}: {{endpoints: [\"{address}\"]}}\n"))
+        .collect()
+}
+
 /// A checker that reads each call's request head and never answers, keeping the heads and
 /// counting the connections the proxy closed.
 struct SilentChecker {
@@ -2331,19 +2356,11 @@ fn a_failed_copy_ends_its_calls_and_a_call_keeps_the_proxys_connection_headers()
 fn a_failed_copy_ends_its_calls(failing: &[(&str, &str)], answered: u16) {
     let origin = Origin::start();
     let checker = SilentChecker::start();
-    // One worker, so one VM copy (Pingora runs an HTTP/2 connection's streams on any worker).
-    let (port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
-         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
-         http_filters:\n{}clusters:\n  backend: {{endpoints: [\"{}\"]}}\n  \
-         auth_cluster: {{endpoints: [\"{}\"]}}\n",
-        envoy_filter("gate", "wat/holds_for_good", ""),
+    let serve = Serve::start_with_one_worker(
         origin.address,
-        checker.server.address
+        &[envoy_filter("gate", "wat/holds_for_good", "")],
+        &[("auth_cluster", checker.server.address)],
     );
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let serve = Serve::launch(dir, port, admin_port, &config);
     // The first request is held for good, for a call that never ends on its own; the second
     // fails the copy, and the first gets the failure policy.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -4183,18 +4200,48 @@ fn a_reload_starts_moves_replaces_and_stops_listeners_and_no_stream_in_flight_is
     );
 }
 
-/// A one-worker configuration with a drain timeout of 1 s and TCP listener `tcp` on `port`,
-/// in front of `echo`, its network filter corpus plugin `plugin`.
-fn retiring_tcp_config(port: u16, admin: u16, plugin: &str, echo: SocketAddr) -> String {
-    format!(
-        "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
-         - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
-         network_filters:\n      - name: filter\n        vm_config:\n          \
-         runtime: envoy.wasm.runtime.wasmtime\n          \
-         code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{echo}\"], \
-         connect_timeout: 1s}}\n",
-        corpus_plugin(plugin).display(),
-    )
+/// A one-worker proxy whose TCP listener `tcp` (drain timeout 1 s) runs a network filter in
+/// front of an echo server, a connection to it (10 s read timeout), and the configuration that
+/// moves the listener from `port` to `moved`, retiring it.
+struct RetiringTcp {
+    _echo: Echo,
+    serve: Serve,
+    connection: TcpStream,
+    port: u16,
+    moved: u16,
+    moved_config: String,
+}
+
+/// [`RetiringTcp`] with corpus plugin `plugin` as the network filter.
+fn retiring_tcp(plugin: &str) -> RetiringTcp {
+    let echo = Echo::start();
+    let [port, moved, admin] = std::array::from_fn(|_| free_port());
+    let config = |port: u16| {
+        format!(
+            "workers: 1\ndrain_timeout: 1s\nadmin: {{address: 127.0.0.1:{admin}}}\nlisteners:\n  \
+             - name: tcp\n    address: 127.0.0.1:{port}\n    protocol: tcp\n    cluster: echo\n    \
+             network_filters:\n      - name: filter\n        vm_config:\n          \
+             runtime: envoy.wasm.runtime.wasmtime\n          \
+             code: {{local: {{filename: {}}}}}\nclusters:\n  echo: {{endpoints: [\"{}\"], \
+             connect_timeout: 1s}}\n",
+            corpus_plugin(plugin).display(),
+            echo.address
+        )
+    };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
+    let connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    RetiringTcp {
+        moved_config: config(moved),
+        _echo: echo,
+        serve,
+        connection,
+        port,
+        moved,
+    }
 }
 
 /// Asserts that the proxy closed `connection`: it ends, or is reset (a read timeout is not).
@@ -4253,19 +4300,11 @@ fn a_copys_call_answers_hold_at_most_64_mib_at_once() {
             }
         })
     };
-    // One worker, so one VM copy.
-    let (port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
-         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
-         http_filters:\n{}clusters:\n  backend: {{endpoints: [\"{}\"]}}\n  \
-         auth_cluster: {{endpoints: [\"{}\"]}}\n",
-        envoy_filter("auth", "http_call", ""),
+    let serve = Serve::start_with_one_worker(
         origin.address,
-        checker.address
+        &[envoy_filter("auth", "http_call", "")],
+        &[("auth_cluster", checker.address)],
     );
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let serve = Serve::launch(dir, port, admin_port, &config);
     let calls: Vec<_> = (0..CALLS)
         .map(|call| {
             let url = serve.url(&format!("/call{call}"));
@@ -4292,15 +4331,13 @@ fn a_copys_call_answers_hold_at_most_64_mib_at_once() {
 /// hour by default), which would keep the retired listener's VM copies as long.
 #[test]
 fn a_retired_tcp_listeners_held_new_connection_closes_after_the_drain_timeout() {
-    let echo = Echo::start();
-    let [port, moved, admin] = std::array::from_fn(|_| free_port());
-    let config = |port: u16| retiring_tcp_config(port, admin, "wat/holds_for_good", echo.address);
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
-    connection
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("a read timeout");
+    let RetiringTcp {
+        _echo,
+        serve,
+        mut connection,
+        moved_config,
+        ..
+    } = retiring_tcp("wat/holds_for_good");
     // Held (with the connection that found the listener ready, held too).
     wait_until(
         || {
@@ -4309,7 +4346,7 @@ fn a_retired_tcp_listeners_held_new_connection_closes_after_the_drain_timeout() 
         },
         "a held connection",
     );
-    std::fs::write(&serve.config, config(moved)).expect("the moved listener");
+    std::fs::write(&serve.config, moved_config).expect("the moved listener");
     let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
     assert_eq!(reloaded.status, 200, "{}", reloaded.body);
     assert_closed(&mut connection, &serve);
@@ -4319,15 +4356,14 @@ fn a_retired_tcp_listeners_held_new_connection_closes_after_the_drain_timeout() 
 #[test]
 fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes() {
     use std::io::{Read, Write};
-    let echo = Echo::start();
-    let [port, moved, admin] = std::array::from_fn(|_| free_port());
-    let config = |port: u16| retiring_tcp_config(port, admin, "tcp_filter", echo.address);
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let serve = Serve::launch_listening(dir, &[port], admin, &config(port));
-    let mut connection = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
-    connection
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("a read timeout");
+    let RetiringTcp {
+        _echo,
+        serve,
+        mut connection,
+        port,
+        moved,
+        moved_config,
+    } = retiring_tcp("tcp_filter");
     let mut exchange = |sent: &str, expected: &str| {
         connection.write_all(sent.as_bytes()).expect("sent");
         let mut received = vec![0; expected.len()];
@@ -4336,7 +4372,7 @@ fn a_retired_tcp_listeners_connection_goes_on_for_the_drain_timeout_then_closes(
     };
     exchange("ping", "[up] PING");
     // The listener moves: its connection goes on for the drain timeout, then closes.
-    std::fs::write(&serve.config, config(moved)).expect("the moved listener");
+    std::fs::write(&serve.config, moved_config).expect("the moved listener");
     let reloaded = send("POST", &serve.admin_url("/reload"), &[], Some(""));
     assert_eq!(reloaded.status, 200, "{}", reloaded.body);
     let retired = Instant::now();

@@ -17,7 +17,7 @@ use pingora::http::RequestHeader;
 use rustc_hash::FxHashSet;
 
 use crate::admin::HostMetrics;
-use crate::host::ServeHost;
+use crate::host::{end_if_failed, ServeHost};
 use crate::proxy::ClusterState;
 use crate::worker::{with_existing_workers, Listener};
 
@@ -62,9 +62,9 @@ struct AnswerShare {
 }
 
 impl AnswerShare {
-    /// Takes `more` bytes; `false` (nothing taken) if the copy's answers would hold more than
-    /// [`MAX_ANSWER_BYTES_PER_COPY`].
-    fn take(&mut self, more: usize) -> bool {
+    /// Takes `more` bytes of an answer from `cluster`; `false` (nothing taken, and a warning
+    /// logged) if the copy's answers would hold more than [`MAX_ANSWER_BYTES_PER_COPY`].
+    fn take(&mut self, more: usize, cluster: &str) -> bool {
         let taken = self
             .held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
@@ -74,6 +74,12 @@ impl AnswerShare {
             .is_ok();
         if taken {
             self.bytes += more;
+        } else {
+            tracing::warn!(
+                cluster,
+                held = self.held.load(Ordering::Relaxed),
+                "the answers of a plugin's open HTTP calls would hold over 64 MiB: this call failed"
+            );
         }
         taken
     }
@@ -259,13 +265,6 @@ async fn send(
     body: Bytes,
     share: &mut AnswerShare,
 ) -> Option<HttpCallResponse> {
-    let over_the_copys_share = |share: &AnswerShare| {
-        tracing::warn!(
-            cluster = %cluster.name,
-            held = share.held.load(Ordering::Relaxed),
-            "the answers of a plugin's open HTTP calls would hold over 64 MiB: this call failed"
-        );
-    };
     let peer = cluster.peer();
     let head = header.method == http::Method::HEAD;
     let (mut session, _reused) = connector().get_http_session(&peer).await.ok()?;
@@ -290,8 +289,7 @@ async fn send(
     let response = session.response_header()?;
     headers.add(b":status", response.status.as_str().as_bytes());
     for (name, value) in response.headers.iter() {
-        if !share.take(name.as_str().len() + value.len()) {
-            over_the_copys_share(share);
+        if !share.take(name.as_str().len() + value.len(), &cluster.name) {
             return None;
         }
         headers.add(name.as_str().as_bytes(), value.as_bytes());
@@ -331,8 +329,7 @@ async fn send(
                     over_the_limit();
                     return None;
                 }
-                if !share.take(chunk.len()) {
-                    over_the_copys_share(share);
+                if !share.take(chunk.len(), &cluster.name) {
                     return None;
                 }
                 body.extend_from_slice(&chunk);
@@ -351,8 +348,7 @@ async fn send(
         match h2.read_trailers().await {
             Ok(Some(received)) => {
                 for (name, value) in received.iter() {
-                    if !share.take(name.as_str().len() + value.len()) {
-                        over_the_copys_share(share);
+                    if !share.take(name.as_str().len() + value.len(), &cluster.name) {
                         return None;
                     }
                     trailers.add(name.as_str().as_bytes(), value.as_bytes());
@@ -450,11 +446,7 @@ where
         host.forget_call(token);
     }
     let outcome = callback(vm);
-    if vm.is_failed() {
-        if let Some(host) = vm.host_as::<ServeHost>() {
-            host.vm_failed();
-        }
-    }
+    end_if_failed(vm);
     Ok(outcome)
 }
 
@@ -490,11 +482,7 @@ fn deliver_here(
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
                         tracing::error!("a call's answer failed in the plugin: {error}");
-                        if vm.is_failed() {
-                            if let Some(host) = vm.host_as::<ServeHost>() {
-                                host.vm_failed();
-                            }
-                        }
+                        end_if_failed(vm);
                         failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                     }
                 }

@@ -145,6 +145,12 @@ impl ServeHost {
         self.abandon_calls();
     }
 
+    /// Records call `token` as this copy's, open.
+    fn open_call(&mut self, token: u32) {
+        self.callouts.insert(token);
+        callout::open_token(token);
+    }
+
     /// Wakes every stream waiting on this copy.
     fn wake_all(&self) {
         for slot in self.streams.values() {
@@ -164,8 +170,9 @@ impl ServeHost {
         }
     }
 
-    /// Ends every call of a copy whose VM failed: their answers could only fail again (and a
-    /// gRPC stream would keep its upstream, and log, for as long as the upstream sends).
+    /// Ends every call of a copy whose VM failed (their answers could only fail again, and a
+    /// gRPC stream would keep its upstream, and log, for as long as the upstream sends), or
+    /// that goes.
     pub(crate) fn abandon_calls(&mut self) {
         for task in self.grpc_tasks.values().chain(self.http_tasks.values()) {
             task.abort();
@@ -288,8 +295,7 @@ impl Host for ServeHost {
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task) =
             callout::dispatch(caller, &cluster, request, &self.metrics, &self.answers)?;
-        self.callouts.insert(token);
-        callout::open_token(token);
+        self.open_call(token);
         self.http_tasks.insert(token, task);
         Ok(token)
     }
@@ -297,8 +303,7 @@ impl Host for ServeHost {
     fn grpc_call(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task) = grpc::call(caller, &cluster, request, &self.metrics)?;
-        self.callouts.insert(token);
-        callout::open_token(token);
+        self.open_call(token);
         self.grpc_tasks.insert(token, task);
         Ok(token)
     }
@@ -306,8 +311,7 @@ impl Host for ServeHost {
     fn grpc_stream(&mut self, _context: ContextId, request: GrpcRequest) -> Result<u32, Status> {
         let (caller, cluster) = self.cluster(&request.upstream)?;
         let (token, task, sender) = grpc::open(caller, &cluster, request)?;
-        self.callouts.insert(token);
-        callout::open_token(token);
+        self.open_call(token);
         self.grpc_tasks.insert(token, task);
         self.grpc_senders.insert(token, Some(sender));
         Ok(token)
@@ -367,15 +371,20 @@ impl Host for ServeHost {
     }
 }
 
+/// If `vm` failed (in whatever callback), its copy's waiting streams wake and its calls end
+/// ([`ServeHost::vm_failed`]).
+pub(crate) fn end_if_failed(vm: &mut abi::Vm) {
+    if vm.is_failed() {
+        if let Some(host) = vm.host_as::<ServeHost>() {
+            host.vm_failed();
+        }
+    }
+}
+
 impl Drop for ServeHost {
     fn drop(&mut self) {
         // A copy that goes (replaced, failed) takes its calls with it.
-        for task in self.grpc_tasks.values().chain(self.http_tasks.values()) {
-            task.abort();
-        }
-        for token in self.callouts.drain() {
-            callout::forget_token(token);
-        }
+        self.abandon_calls();
         self.metrics.vm_copies.get_or_create(&self.owner).dec();
     }
 }

@@ -729,11 +729,12 @@ impl ProxyHttp for ListenerProxy {
         ctx.ended_at_headers[0] = end_of_stream;
         let client_framing = Framing::of(session.req_header());
         let mut read_ahead = None;
+        // The header leaves the session while the plugins have it, so that the body can be read
+        // ahead meanwhile (Pingora set up its reading from the header already), or the client
+        // watched.
+        let placeholder = RequestHeader::build_no_case("GET", b"/", None)?;
+        let mut header = std::mem::replace(session.req_header_mut(), placeholder);
         let outcome = if !end_of_stream && ctx.stream.reads_ahead() {
-            // The body is read while a plugin may hold the headers: the header leaves the
-            // session meanwhile (Pingora set up the body's reading from it already).
-            let placeholder = RequestHeader::build("GET", b"/", None)?;
-            let mut header = std::mem::replace(session.req_header_mut(), placeholder);
             let mut reader = ReadAhead::new(session, &header);
             let outcome = ctx
                 .stream
@@ -743,26 +744,23 @@ impl ProxyHttp for ListenerProxy {
             if end.sent_continue {
                 header.remove_header(&http::header::EXPECT);
             }
-            *session.req_header_mut() = header;
-            if let Some(error) = end.error {
-                return Err(error);
+            match end.error {
+                Some(error) => Err(error),
+                None => {
+                    read_ahead = Some((end.pending, end.replayed));
+                    Ok(outcome)
+                }
             }
-            read_ahead = Some((end.pending, end.replayed));
-            outcome
         } else {
-            // The header leaves the session while the plugins have it, so that the client can
-            // be watched meanwhile.
-            let placeholder = RequestHeader::build("GET", b"/", None)?;
-            let mut header = std::mem::replace(session.req_header_mut(), placeholder);
-            let outcome = unless_client_gone(
+            unless_client_gone(
                 session,
                 ctx.stream
                     .headers(Direction::Request, &mut header, end_of_stream, lend_request),
             )
-            .await;
-            *session.req_header_mut() = header;
-            outcome?
+            .await
         };
+        *session.req_header_mut() = header;
+        let outcome = outcome?;
         let plugins_framing = Framing::of(session.req_header());
         if plugins_framing != client_framing {
             client_framing.put_on(session.req_header_mut())?;

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::headers::Lent;
-use crate::host::{Asked, ServeHost, StreamSlot};
+use crate::host::{end_if_failed, Asked, ServeHost, StreamSlot};
 use crate::read_ahead::{Pending, ReadAhead, ReadFailure};
 use crate::worker::{with_workers, Listener};
 
@@ -277,10 +277,8 @@ impl Stream {
                         Err(error) => {
                             tracing::error!(plugin = %name, "cannot create a stream context: {error}");
                             // A trap in `proxy_on_context_create` fails the copy.
-                            if let Some(vm) = worker.vm(&stream).filter(|vm| vm.is_failed()) {
-                                if let Some(host) = vm.host_as::<ServeHost>() {
-                                    host.vm_failed();
-                                }
+                            if let Some(vm) = worker.vm(&stream) {
+                                end_if_failed(vm);
                             }
                             worker.release(stream);
                             if worker.failed(plugin, &error) == OnFailure::FailClosed {
@@ -359,13 +357,7 @@ impl Stream {
         // A failure of this stream's callback fails the VM copy for every stream it holds:
         // wake them, so that each gets the plugin's failure policy instead of waiting for a
         // continue that cannot come.
-        self.with_filter_lending(index, |vm, _| {
-            if vm.is_failed() {
-                if let Some(host) = vm.host_as::<ServeHost>() {
-                    host.vm_failed();
-                }
-            }
-        });
+        self.with_filter_lending(index, |vm, _| end_if_failed(vm));
         let Some(generation) = self.generation else {
             return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
         };
@@ -1383,11 +1375,7 @@ impl Stream {
                         .and_then(|()| vm.on_log(context))
                         .and_then(|()| vm.on_delete(context)),
                 };
-                if vm.is_failed() {
-                    if let Some(host) = vm.host_as::<ServeHost>() {
-                        host.vm_failed();
-                    }
-                }
+                end_if_failed(vm);
                 ended
             });
             if let Some(Err(error)) = outcome {
