@@ -161,6 +161,18 @@ pub trait Host: Send + std::any::Any {
         getrandom::fill(buffer).is_ok()
     }
 
+    /// The VM just failed (a trap, a deadline, memory exhausted): it runs no more plugin code,
+    /// and the answers to its calls could only fail again. Called once, inside the [`Vm`]
+    /// method whose callback failed it, before that method returns the error, wherever the
+    /// callback came from (a stream's, a tick, a queue notification, a call's answer, the
+    /// module's start function while [`Vm::new`] runs). A host that started work for the
+    /// plugin (calls without a timeout, gRPC streams) ends it here, and wakes whatever waits on
+    /// the VM. It must not panic, and cannot reach the VM.
+    ///
+    /// [`Vm`]: crate::Vm
+    /// [`Vm::new`]: crate::Vm::new
+    fn vm_failed(&mut self) {}
+
     /// A header map of a stream, or `None` if the stream has none. The ABI asks only for maps
     /// the plugin may reach at that moment (Envoy's rules: e.g. request headers until the
     /// plugin lets them go upstream, response trailers while it holds them), and refuses the

@@ -219,6 +219,7 @@ impl Vm {
         // registered them, if one lives.
         let state = self.instance.state();
         state.shared.release_queues(&state.queue_owner);
+        state.host.vm_failed();
         error
     }
 

@@ -1131,9 +1131,11 @@ impl Connection {
             self.transferred[0] += chunk.len() as u64;
         }
         self.refresh_idle();
-        match self.data(direction, chunk, end) {
-            Ok(forwards) => self.forward(forwards),
-            Err(()) => self.close_locally(),
+        let passed = self.data(direction, chunk, end);
+        // What went through goes out, also before a close (which flushes it).
+        self.forward(passed.forwards);
+        if passed.close {
+            self.close_locally();
         }
         true
     }
@@ -1356,27 +1358,29 @@ impl Connection {
             }
         }
         if self.phase == Phase::Open {
-            match self.release() {
-                Ok(forwards) => self.forward(forwards),
-                Err(()) => self.close_locally(),
+            let mut passed = Passed::default();
+            self.release(&mut passed);
+            self.forward(passed.forwards);
+            if passed.close {
+                self.close_locally();
             }
         }
     }
 
     /// Runs one chunk (`end`: the last) of `direction` through the network filters; returns
-    /// what goes on, or `Err` if the connection must close.
-    fn data(
-        &mut self,
-        direction: Direction,
-        chunk: Vec<u8>,
-        end: bool,
-    ) -> Result<Vec<Forward>, ()> {
-        let mut out = match self.chain_from(direction, 0, chunk, end)? {
-            Step::Pass(data) => passed(direction, data, end),
-            Step::Held => Vec::new(),
-        };
-        out.extend(self.release()?);
-        Ok(out)
+    /// what goes on, and whether the connection must close.
+    fn data(&mut self, direction: Direction, chunk: Vec<u8>, end: bool) -> Passed {
+        let mut out = Passed::default();
+        match self.chain_from(direction, 0, chunk, end) {
+            Ok(Step::Pass(data)) => out.forwards = passed(direction, data, end),
+            Ok(Step::Held) => {}
+            Err(()) => {
+                out.close = true;
+                return out;
+            }
+        }
+        self.release(&mut out);
+        out
     }
 
     /// Runs the data callbacks from the `start`th plugin in `direction`'s order.
@@ -1443,9 +1447,9 @@ impl Connection {
     }
 
     /// Passes on what each plugin marked for release holds, from the next plugin on, until no
-    /// mark is left (a plugin further on may hold it again, or let more go).
-    fn release(&mut self) -> Result<Vec<Forward>, ()> {
-        let mut out = Vec::new();
+    /// mark is left (a plugin further on may hold it again, or let more go), adding to `out`;
+    /// a plugin closing the connection meanwhile ends it there.
+    fn release(&mut self, out: &mut Passed) {
         // Each round clears a mark; a mark is only set again by a callback that got data.
         for _ in 0..=4 * self.filters.len() {
             let marked = self.filters.iter().enumerate().find_map(|(index, filter)| {
@@ -1455,7 +1459,7 @@ impl Connection {
                     .map(|direction| (index, direction))
             });
             let Some((index, direction)) = marked else {
-                return Ok(out);
+                return;
             };
             let side = direction.index();
             let filter = &mut self.filters[index];
@@ -1469,11 +1473,15 @@ impl Connection {
                 Direction::Downstream => index,
                 Direction::Upstream => self.filters.len() - 1 - index,
             };
-            if let Step::Pass(data) = self.chain_from(direction, position + 1, data, end)? {
-                out.extend(passed(direction, data, end));
+            match self.chain_from(direction, position + 1, data, end) {
+                Ok(Step::Pass(data)) => out.forwards.extend(passed(direction, data, end)),
+                Ok(Step::Held) => {}
+                Err(()) => {
+                    out.close = true;
+                    return;
+                }
             }
         }
-        Ok(out)
     }
 
     /// Closes both sides and ends the plugins' contexts; the state is freed once its
@@ -1690,6 +1698,16 @@ struct Forward {
     direction: Direction,
     data: Vec<u8>,
     end: bool,
+}
+
+/// What one step (a chunk, or what the plugins asked outside their callbacks) let through, and
+/// whether the connection closes after it (a plugin closed it, or failed closed). What went
+/// through before the close still goes out, as Envoy's close flushes what its filters had
+/// already written.
+#[derive(Default)]
+struct Passed {
+    forwards: Vec<Forward>,
+    close: bool,
 }
 
 /// Where a chunk got to in the chain.

@@ -82,7 +82,7 @@ mod tcp_peers;
 use tcp_peers::{
     a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, Echo, Flood, Sink, Unanswering,
+    tcp_exchange, Echo, Flood, Greeter, Sink, Unanswering,
 };
 
 /// How much a flooding TCP upstream sends at once: more than loopback's socket buffers take
@@ -1190,8 +1190,9 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         (free_port(), free_port(), free_port(), free_port());
     let (unanswered, one_way, slow_reader, reset_after) =
         (free_port(), free_port(), free_port(), free_port());
-    let stale = free_port();
+    let (stale, pass_then_close) = (free_port(), free_port());
     let (unanswering, sink) = (Unanswering::start(), Sink::start());
+    let greeter = Greeter::start("greeting");
     let (flood, resetting_flood) = (Flood::start(FLOOD), Flood::then_reset(FLOOD));
     // Two network filters on one listener, as a `filters:` list: the second a plugin of its
     // own (its own VM).
@@ -1227,6 +1228,16 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
             "",
         ),
     ]);
+    // Twice the same filter: the first holds the client's bytes until the upstream's greeting,
+    // which releases them to the second, which closes the connection.
+    let pass_then_close_chain = filter_list(&["pass_a", "pass_b"].map(|name| {
+        network_filter_yaml_at(
+            name,
+            &workspace().join("plugins/dist/wat/tcp_pass_then_close.wasm"),
+            engine,
+            "",
+        )
+    }));
     let files = [
         tcp_listener_file(
             "gated",
@@ -1329,6 +1340,13 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
                 .replace("name: tcp_filter\n", "name: reset_after\n"),
             "  idle_timeout: 1s\n  buffer_limit_bytes: 33554432\n",
         ),
+        tcp_listener_file(
+            "pass_then_close",
+            pass_then_close,
+            &greeter.address.to_string(),
+            &format!("filters:\n{pass_then_close_chain}"),
+            "",
+        ),
     ];
     let server = TrafficServer::start(&origin, &files);
     for port in [
@@ -1345,6 +1363,7 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
         one_way,
         slow_reader,
         reset_after,
+        pass_then_close,
     ] {
         wait_for_port(&server, port);
     }
@@ -1370,6 +1389,28 @@ fn network_filters_hold_for_callouts_fail_by_policy_reload_and_close_dead_or_idl
     // it pauses later stays held (the upstream gets none of it) until the idle timeout.
     assert_eq!(tcp_exchange(stale, &["held ", "for good"]), "");
     server.wait_for_log("tcp_stale_continue: continued while holding nothing");
+    // What went through the whole chain is still sent when a plugin closes the connection
+    // later in the same step: the upstream's greeting passes both filters to the client and
+    // lets the client's bytes the first filter held go on to the second, which closes.
+    let mut client = TcpStream::connect(("127.0.0.1", pass_then_close)).expect("connects");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    client.write_all(b"hello").expect("sent");
+    server.wait_for_log("tcp_pass_then_close: held");
+    greeter.greet();
+    let mut answer = Vec::new();
+    let _ = client.read_to_end(&mut answer);
+    server.wait_for_log("tcp_pass_then_close: closing");
+    assert_eq!(String::from_utf8_lossy(&answer), "greeting");
+    // The second filter closed on the client's bytes: the upstream got none of them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while greeter.received.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "{}", server.diagnostics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let received = greeter.received.lock().unwrap().clone();
+    assert!(received.iter().all(String::is_empty), "{received:?}");
     // A chain: the client's data through both in order, the upstream's in reverse order,
     // each filter putting its prefix before the first bytes coming back.
     assert_eq!(tcp_exchange(chain, &["chain"]), "[up] [up] CHAIN");

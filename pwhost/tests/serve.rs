@@ -40,7 +40,7 @@ mod tcp_peers;
 use tcp_peers::{
     a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, Echo, Flood, Sink, Unanswering,
+    tcp_exchange, Echo, Flood, Greeter, Sink, Unanswering,
 };
 
 /// An origin that answers every request with what it received: request line, headers (lower
@@ -2129,28 +2129,54 @@ fn a_client_that_leaves_a_held_stream_ends_it_and_its_plugin_contexts_at_once() 
             envoy_filter_with("auth", "http_call", "", ALLOWED_TO_HOLD_HEADERS),
         ],
         &HOLDS,
-        true,
+        Some(drop),
     );
     // Another plugin may, so the body is read ahead, while `auth` holds the headers with
-    // everything else (its pause made `StopAllIterationAndWatermark`): watched over HTTP/2
-    // (over HTTP/1.1 a client's close is noticed only once its body was read).
+    // everything else (its pause made `StopAllIterationAndWatermark`): watched over HTTP/2,
+    // and over HTTP/1.1 for a reset (a client's close is noticed only once its body was read:
+    // the connection is not read before).
     leaving_held_streams(
         [
             envoy_filter_with("headers", "http_headers", "", ALLOWED_TO_HOLD_HEADERS),
             envoy_filter("auth", "http_call", ""),
         ],
         &[("/held-post-headers", &[], "a body held with its headers")],
-        false,
+        Some(faulty_peers::reset),
     );
+}
+
+/// An HTTP/1.1 client that resets its connection while a plugin holds its request's headers,
+/// the body still unread (nothing reads the connection then: a close would show only once the
+/// body is read), ends the stream and its plugin contexts at once.
+#[test]
+fn an_http1_client_that_resets_a_held_request_with_its_body_unread_ends_it_at_once() {
+    use std::io::Write;
+    let origin = Origin::start();
+    let checker = SilentChecker::start();
+    let serve = Serve::start_with(
+        origin.address,
+        &[envoy_filter("gate", "wat/holds_for_good", "")],
+        &[("auth_cluster", checker.server.address)],
+    );
+    let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
+    client
+        .write_all(b"POST /held HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\npart of it")
+        .expect("the request goes out");
+    // Held for its call, which the checker never answers.
+    wait_until(|| !checker.heads.lock().unwrap().is_empty(), "the call");
+    faulty_peers::reset(client);
+    serve.wait_for_no_live_contexts();
+    assert_eq!(origin.requests.load(Ordering::Relaxed), 0);
 }
 
 /// Envoy's field that lets a plugin hold the request headers while the body comes.
 const ALLOWED_TO_HOLD_HEADERS: &str = "allow_on_headers_stop_iteration: true";
 
 /// Sends each of `holds` (see [`HOLDS`]) through `filters` (`http_headers`, then `http_call`
-/// as `auth`), leaving each stream once held: over HTTP/1.1 (if `http1`, closing the
-/// connection) and over HTTP/2 (RST_STREAM); each stream must end at once.
-fn leaving_held_streams(filters: [String; 2], holds: &[TestRequest], http1: bool) {
+/// as `auth`), leaving each stream once held: over HTTP/1.1 (if `http1` says how the client
+/// leaves its connection: closes or resets it) and over HTTP/2 (RST_STREAM); each stream must
+/// end at once.
+fn leaving_held_streams(filters: [String; 2], holds: &[TestRequest], http1: Option<fn(TcpStream)>) {
     let origin = Origin::start();
     // A checker that reads what it is sent and never answers: the plugin's calls would fail
     // after their 5 s, so a stream held for one lasts until its client leaves. It counts the
@@ -2180,8 +2206,8 @@ fn leaving_held_streams(filters: [String; 2], holds: &[TestRequest], http1: bool
         let log = serve.log();
         assert!(!log.contains("http call failed"), "{log}");
     };
-    // HTTP/1.1: the client closes its connection while the stream is held.
-    let http1_holds = if http1 { holds } else { &[] };
+    // HTTP/1.1: the client leaves its connection while the stream is held.
+    let http1_holds = if http1.is_some() { holds } else { &[] };
     for (held, &(path, headers, body)) in http1_holds.iter().enumerate() {
         use std::io::Write;
         let mut client = TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
@@ -2199,7 +2225,9 @@ fn leaving_held_streams(filters: [String; 2], holds: &[TestRequest], http1: bool
             .write_all(request.as_bytes())
             .expect("the request goes out");
         wait_until(|| calls.load(Ordering::Relaxed) > held, "the call");
-        drop(client);
+        if let Some(leave) = http1 {
+            leave(client);
+        }
         serve.wait_for_no_live_contexts();
         ended_while_held(path);
     }
@@ -2247,7 +2275,7 @@ fn leaving_held_streams(filters: [String; 2], holds: &[TestRequest], http1: bool
     let responses = holds.iter().filter(|(path, ..)| *path == "/held-response");
     assert_eq!(
         origin.requests.load(Ordering::Relaxed),
-        responses.count() * (1 + usize::from(http1))
+        responses.count() * (1 + usize::from(http1.is_some()))
     );
     assert_eq!(
         sample(
@@ -2540,6 +2568,78 @@ fn a_network_filter_that_pauses_a_new_connection_holds_the_dial_until_a_tick_con
     serve.wait_for_log("tcp_hold: held");
     serve.wait_for_log("tcp_hold: released");
     serve.wait_for_no_live_contexts();
+}
+
+/// A client that resets a new connection a network filter holds ends it, and its plugin
+/// contexts, at once (nothing reads a held connection, so only its TCP state tells); one that
+/// half-closes it is still there (a TCP client may send its end and wait for the answer).
+#[test]
+fn a_client_that_resets_a_held_new_connection_ends_it_and_one_that_half_closes_does_not() {
+    use std::io::Write;
+    let echo = Echo::start();
+    let serve = serve_tcp(echo.address, "wat/holds_for_good", "", &[]);
+    let live_contexts = || {
+        let metrics = get(&serve.admin_url("/stats/prometheus"), &[]).body;
+        sample(&metrics, "pwhost_live_stream_contexts")
+    };
+    // The connection that found the listener ready is held too (it only closed: a FIN).
+    wait_until(|| live_contexts() == Some(1.0), "the first connection held");
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
+    wait_until(|| live_contexts() == Some(2.0), "a second connection held");
+    client.write_all(b"sent, then the end").expect("sent");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-closed");
+    // Two looks at the connection's state later (one every 500 ms), it is still held.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(live_contexts(), Some(2.0));
+    faulty_peers::reset(client);
+    wait_until(
+        || live_contexts() == Some(1.0),
+        "the reset connection's end",
+    );
+    // The upstream was never dialled.
+    assert_eq!(echo.connections.load(Ordering::Relaxed), 0);
+}
+
+/// What the chain let through still goes out when a plugin closes the connection later in the
+/// same step: here the upstream's first chunk passes both filters to the client and, from the
+/// first filter's callback, lets the client's bytes it held go on to the second, which closes
+/// the connection. As in Envoy, where the chunk is in the client's write buffer by then and the
+/// close flushes it.
+#[test]
+fn a_close_after_a_chunk_went_through_the_chain_still_sends_the_chunk() {
+    use std::io::{Read, Write};
+    let upstream = Greeter::start("greeting");
+    let serve = serve_tcp_chain(
+        upstream.address,
+        &[
+            ("wat/tcp_pass_then_close", ""),
+            ("wat/tcp_pass_then_close", ""),
+        ],
+        &[],
+        "",
+    );
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    // The first filter holds the client's bytes until the upstream has sent something.
+    client.write_all(b"hello").expect("sent");
+    serve.wait_for_log("tcp_pass_then_close: held");
+    upstream.greet();
+    let mut answer = Vec::new();
+    let _ = client.read_to_end(&mut answer);
+    serve.wait_for_log("tcp_pass_then_close: closing");
+    // The second filter closed on the client's bytes: the upstream gets none of them, the
+    // client gets the greeting.
+    assert_eq!(String::from_utf8_lossy(&answer), "greeting");
+    wait_until(
+        || upstream.received.lock().unwrap().len() == 2,
+        "end of the upstream's connections",
+    );
+    // (The connection that found the listener ready sent nothing either.)
+    assert_eq!(*upstream.received.lock().unwrap(), ["", ""]);
 }
 
 /// A continue a network filter asks for while it holds nothing of its connection (here from a
@@ -3678,6 +3778,43 @@ fn singleton_services_call_clusters_over_http_and_grpc_and_the_workers_read_what
     ] {
         assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
     }
+}
+
+/// A singleton service whose VM fails ends its calls: a call without a timeout would otherwise
+/// keep its upstream connection until the cluster's request timeout (2 minutes here), and a
+/// gRPC stream for as long as the failed VM lives, which for a singleton service is for good.
+#[test]
+fn a_failed_singleton_service_ends_its_calls() {
+    let origin = Origin::start();
+    let checker = SilentChecker::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "workers: 1\nadmin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n\
+         clusters:\n  backend: {{endpoints: [\"{origin}\"]}}\n  auth_cluster: {{endpoints: \
+         [\"{checker}\"], request_timeout: 120s}}\nservices:\n{}",
+        envoy_service("failing", "failing", "wat/service_call_then_trap", ""),
+        origin = origin.address,
+        checker = checker.server.address,
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    // The call (made while the service starts) reaches the checker, which never answers; the
+    // service's VM fails at its sixth tick, about 3 s later.
+    wait_until(
+        || !checker.heads.lock().unwrap().is_empty(),
+        "service's call at the checker",
+    );
+    serve.wait_for_log("service: trapping");
+    wait_until(
+        || checker.closed.load(Ordering::Relaxed) == 1,
+        "end of the failed service's call",
+    );
+    let log = serve.log();
+    assert!(log.contains("service: called"), "{log}");
+    assert!(!log.contains("service: answered"), "{log}");
+    // The proxy itself goes on serving.
+    assert_eq!(get(&serve.url("/"), &[]).status, 200);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use pingora::http::RequestHeader;
 use rustc_hash::FxHashSet;
 
 use crate::admin::HostMetrics;
-use crate::host::{end_if_failed, ServeHost};
+use crate::host::ServeHost;
 use crate::proxy::ClusterState;
 use crate::worker::{with_existing_workers, Listener};
 
@@ -445,9 +445,7 @@ where
     if last == Last::Yes {
         host.forget_call(token);
     }
-    let outcome = callback(vm);
-    end_if_failed(vm);
-    Ok(outcome)
+    Ok(callback(vm))
 }
 
 /// [`deliver`] on a singleton service's thread: to its VM, if the call is still its.
@@ -482,7 +480,6 @@ fn deliver_here(
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
                         tracing::error!("a call's answer failed in the plugin: {error}");
-                        end_if_failed(vm);
                         failed = lifecycle::failing_plugin(roots, &error).map(|p| (p, error));
                     }
                 }

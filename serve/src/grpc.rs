@@ -220,7 +220,9 @@ impl Decoder for RawCodec {
 
 thread_local! {
     /// This thread's HTTP/2 channels, by cluster name, with the cluster they were made for:
-    /// calls to a cluster share its connections until a reload changes the cluster.
+    /// calls to a cluster share its connections until a reload changes the cluster. A channel
+    /// whose cluster no reload kept (only this map holds it) goes when the thread makes its
+    /// next one, with its connections.
     static CHANNELS: RefCell<HashMap<String, (Arc<ClusterState>, Channel)>> =
         RefCell::new(HashMap::new());
 }
@@ -247,9 +249,9 @@ fn channel(
         // The channel's balancer is a task: it lives on the caller's runtime.
         let _runtime = runtime.enter();
         let channel = Channel::balance_list(endpoints.into_iter());
-        channels
-            .borrow_mut()
-            .insert(cluster.name.clone(), (Arc::clone(cluster), channel.clone()));
+        let mut channels = channels.borrow_mut();
+        channels.retain(|_, (made_for, _)| Arc::strong_count(made_for) > 1);
+        channels.insert(cluster.name.clone(), (Arc::clone(cluster), channel.clone()));
         Ok(channel)
     })
 }
@@ -505,4 +507,55 @@ fn map_of(metadata: &MetadataMap) -> HeaderMap {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(name: &str) -> Arc<ClusterState> {
+        let cluster = crate::config::Cluster {
+            endpoints: vec!["127.0.0.1:9".parse().expect("an address")],
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            http2: true,
+        };
+        Arc::new(ClusterState::new(name.to_string(), cluster))
+    }
+
+    fn cached() -> Vec<String> {
+        let mut names: Vec<String> = CHANNELS.with(|c| c.borrow().keys().cloned().collect());
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_threads_channel_to_a_cluster_no_reload_kept_goes_when_it_makes_the_next() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (kept, dropped) = (cluster("kept"), cluster("dropped"));
+        channel(&kept, runtime.handle()).expect("a channel");
+        channel(&dropped, runtime.handle()).expect("a channel");
+        assert_eq!(cached(), ["dropped", "kept"]);
+        // A reload without `dropped`, and a call to a new cluster: `dropped`'s channel goes,
+        // the others stay, and a call to `kept` still shares its channel.
+        drop(dropped);
+        let new = cluster("new");
+        channel(&new, runtime.handle()).expect("a channel");
+        assert_eq!(cached(), ["kept", "new"]);
+        channel(&kept, runtime.handle()).expect("a channel");
+        assert_eq!(cached(), ["kept", "new"]);
+        // A reload that changes `kept` (same name, a new cluster): its channel is made anew.
+        let changed = cluster("kept");
+        drop(kept);
+        channel(&changed, runtime.handle()).expect("a channel");
+        let made_for = CHANNELS.with(|c| {
+            c.borrow()
+                .get("kept")
+                .map(|(made_for, _)| Arc::clone(made_for))
+        });
+        assert!(made_for.is_some_and(|made_for| Arc::ptr_eq(&made_for, &changed)));
+    }
 }

@@ -220,6 +220,11 @@ pub(crate) struct TimedHeaders {
 }
 
 impl TimedHeaders {
+    /// The socket of the connection underneath (see [`crate::tcp::socket_of`]).
+    pub(crate) fn socket(&self) -> Option<std::os::fd::RawFd> {
+        crate::tcp::socket_of(&self.inner)
+    }
+
     /// The deadline passed with the connection in `phase`.
     fn time_out(&mut self, cx: &mut Context<'_>, phase: Phase) -> io::Error {
         self.timed_out = true;

@@ -136,15 +136,6 @@ impl ServeHost {
         }
     }
 
-    /// This copy's VM failed (in any callback): every stream waiting on it wakes, to get the
-    /// plugin's failure policy instead of waiting forever, and its calls end, since their
-    /// answers could only fail again (a gRPC stream or a call without a timeout would keep its
-    /// upstream for as long as the copy lives, which for a copy failed closed is for good).
-    pub(crate) fn vm_failed(&mut self) {
-        self.wake_all();
-        self.abandon_calls();
-    }
-
     /// Records call `token` as this copy's, open.
     fn open_call(&mut self, token: u32) {
         self.callouts.insert(token);
@@ -239,6 +230,16 @@ impl Host for ServeHost {
             LevelFilter::WARN => LogLevel::Warn,
             _ => LogLevel::Error,
         }
+    }
+
+    /// Every stream waiting on the copy wakes, to get the plugin's failure policy instead of
+    /// waiting forever, and its calls end, since their answers could only fail again (a gRPC
+    /// stream would keep its upstream for as long as the copy lives, which for a copy failed
+    /// closed, or a singleton service's, is for good; a call without a timeout, for as long as
+    /// its upstream sends within the cluster's request timeout).
+    fn vm_failed(&mut self) {
+        self.wake_all();
+        self.abandon_calls();
     }
 
     fn header_map(&mut self, context: ContextId, map: MapType) -> Option<&mut dyn Headers> {
@@ -368,16 +369,6 @@ impl Host for ServeHost {
             None => self.forget_call(token),
         }
         Status::Ok
-    }
-}
-
-/// If `vm` failed (in whatever callback), its copy's waiting streams wake and its calls end
-/// ([`ServeHost::vm_failed`]).
-pub(crate) fn end_if_failed(vm: &mut abi::Vm) {
-    if vm.is_failed() {
-        if let Some(host) = vm.host_as::<ServeHost>() {
-            host.vm_failed();
-        }
     }
 }
 

@@ -379,8 +379,9 @@ async fn unless_client_gone<T>(
 /// Resolves, with the error its stream ends with, once the session's client is known to be
 /// gone: an HTTP/2 client that reset the stream (or whose connection failed), an HTTP/1.1
 /// client that closed or reset its connection (or sent more than its request, which Pingora
-/// refuses the same way while it waits for an upstream). An HTTP/1.1 connection is watched
-/// only once the request's body has been read, since the watch reads from it.
+/// refuses the same way while it waits for an upstream). Until the request's body has been
+/// read, an HTTP/1.1 connection is not read (the rest of the body waits there): only its reset
+/// shows then, in the socket's TCP state.
 pub(crate) async fn client_gone(session: &mut Session) -> Box<Error> {
     let session = session.as_mut();
     let why = if let Some(idle) = session.watch_h2_stream_close() {
@@ -393,6 +394,10 @@ pub(crate) async fn client_gone(session: &mut Session) -> Box<Error> {
             Err(error) => error.to_string(),
             Ok(_) => std::future::pending().await,
         }
+    } else if session.as_http1().is_some() {
+        let socket = session.stream().and_then(crate::tcp::socket_of);
+        crate::tcp::reset_by_client(socket).await;
+        "the client reset its connection".to_string()
     } else {
         std::future::pending().await
     };

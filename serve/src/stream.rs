@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::headers::Lent;
-use crate::host::{end_if_failed, Asked, ServeHost, StreamSlot};
+use crate::host::{Asked, ServeHost, StreamSlot};
 use crate::read_ahead::{Pending, ReadAhead, ReadFailure};
 use crate::worker::{with_workers, Listener};
 
@@ -182,6 +182,26 @@ pub(crate) struct Forward {
     pub(crate) end: bool,
 }
 
+/// What one TCP step (a chunk, or what the plugins asked outside their callbacks) let through,
+/// and whether the connection closes after it (a plugin closed it, or failed closed). What
+/// went through before the close still goes out, as Envoy's close flushes what its filters
+/// had already written.
+#[derive(Default)]
+pub(crate) struct TcpStep {
+    pub(crate) forwards: Vec<Forward>,
+    pub(crate) close: bool,
+}
+
+impl TcpStep {
+    /// A step that closes the connection and lets nothing more through.
+    pub(crate) fn closed() -> TcpStep {
+        TcpStep {
+            forwards: Vec::new(),
+            close: true,
+        }
+    }
+}
+
 /// A stream and its plugins.
 pub(crate) struct Stream {
     kind: Kind,
@@ -276,10 +296,6 @@ impl Stream {
                         }),
                         Err(error) => {
                             tracing::error!(plugin = %name, "cannot create a stream context: {error}");
-                            // A trap in `proxy_on_context_create` fails the copy.
-                            if let Some(vm) = worker.vm(&stream) {
-                                end_if_failed(vm);
-                            }
                             worker.release(stream);
                             if worker.failed(plugin, &error) == OnFailure::FailClosed {
                                 reply = Some(Reply::fail_closed(Some(&*name)));
@@ -354,10 +370,9 @@ impl Stream {
 
     /// Applies the plugin's failure policy to a failed callback of filter `index`.
     fn failed(&mut self, index: usize, error: &VmError) -> Outcome {
-        // A failure of this stream's callback fails the VM copy for every stream it holds:
-        // wake them, so that each gets the plugin's failure policy instead of waiting for a
-        // continue that cannot come.
-        self.with_filter_lending(index, |vm, _| end_if_failed(vm));
+        // A failure of this stream's callback failed the VM copy for every stream it holds:
+        // the copy's host woke them (`ServeHost::vm_failed`), so that each gets the plugin's
+        // failure policy instead of waiting for a continue that cannot come.
         let Some(generation) = self.generation else {
             return Outcome::Reply(Reply::fail_closed(Some(&*self.filters[index].name)));
         };
@@ -1196,26 +1211,23 @@ impl Stream {
     }
 
     /// TCP: runs one chunk from downstream (`Request`) or upstream (`Response`), `end` when
-    /// that side has no more, through the network filters; returns what goes on, or `Close`.
-    pub(crate) fn tcp_data(
-        &mut self,
-        direction: Direction,
-        chunk: Vec<u8>,
-        end: bool,
-    ) -> Result<Vec<Forward>, Outcome> {
-        let mut out = match self.body_from(direction, 0, chunk, end) {
-            Ok(BodyStep::Pass(data)) => forward(direction, data, end),
-            Ok(BodyStep::Buffered | BodyStep::Held { .. }) => Vec::new(),
-            Err(_) => return Err(Outcome::Close),
-        };
-        out.extend(self.release()?);
-        Ok(out)
+    /// that side has no more, through the network filters; returns what goes on, and whether
+    /// the connection closes.
+    pub(crate) fn tcp_data(&mut self, direction: Direction, chunk: Vec<u8>, end: bool) -> TcpStep {
+        let mut step = TcpStep::default();
+        match self.body_from(direction, 0, chunk, end) {
+            Ok(BodyStep::Pass(data)) => step.forwards = forward(direction, data, end),
+            Ok(BodyStep::Buffered | BodyStep::Held { .. }) => {}
+            Err(_) => return TcpStep::closed(),
+        }
+        self.release(&mut step);
+        step
     }
 
     /// TCP: what the plugins asked outside their callbacks (a callout's answer, a tick): data
     /// a plugin held goes on once it continues that direction (from the next plugin on), or
     /// the connection closes. A plugin whose VM failed meanwhile gets its failure policy.
-    pub(crate) fn resume(&mut self) -> Result<Vec<Forward>, Outcome> {
+    pub(crate) fn resume(&mut self) -> TcpStep {
         for index in 0..self.filters.len() {
             if self.filters[index].skipped() {
                 continue;
@@ -1224,10 +1236,10 @@ impl Stream {
                 (take_asked(vm, context), vm.is_failed())
             });
             let Some((asked, failed)) = looked else {
-                return Err(Outcome::Close);
+                return TcpStep::closed();
             };
             if asked.closed {
-                return Err(Outcome::Close);
+                return TcpStep::closed();
             }
             let filter = &mut self.filters[index];
             for (release, continued) in filter.release.iter_mut().zip(asked.continued_sides) {
@@ -1240,11 +1252,13 @@ impl Stream {
                 let error = VmError::Failed("the VM failed while holding the connection".into());
                 match self.failed(index, &error) {
                     Outcome::Continue => self.filters[index].release = [true; 2],
-                    _ => return Err(Outcome::Close),
+                    _ => return TcpStep::closed(),
                 }
             }
         }
-        self.release()
+        let mut step = TcpStep::default();
+        self.release(&mut step);
+        step
     }
 
     /// TCP: bytes the plugins hold of the data in `direction` (the connection stops reading
@@ -1260,9 +1274,9 @@ impl Stream {
     }
 
     /// TCP: passes on what each plugin marked for release holds, from the next plugin on,
-    /// until no mark is left (a plugin further on may hold it again, or let more go).
-    fn release(&mut self) -> Result<Vec<Forward>, Outcome> {
-        let mut out = Vec::new();
+    /// until no mark is left (a plugin further on may hold it again, or let more go), adding
+    /// to `step`; a plugin closing the connection meanwhile ends it there.
+    fn release(&mut self, step: &mut TcpStep) {
         // Each round clears a mark; a mark is only set again by a callback that got data.
         for _ in 0..=4 * self.filters.len() {
             let marked = self.filters.iter().enumerate().find_map(|(index, filter)| {
@@ -1272,7 +1286,7 @@ impl Stream {
                     .map(|direction| (index, direction))
             });
             let Some((index, direction)) = marked else {
-                return Ok(out);
+                return;
             };
             let filter = &mut self.filters[index];
             filter.release[direction.index()] = false;
@@ -1286,12 +1300,14 @@ impl Stream {
                 Direction::Response => self.filters.len() - 1 - index,
             };
             match self.body_from(direction, position + 1, data, end) {
-                Ok(BodyStep::Pass(data)) => out.extend(forward(direction, data, end)),
+                Ok(BodyStep::Pass(data)) => step.forwards.extend(forward(direction, data, end)),
                 Ok(BodyStep::Buffered | BodyStep::Held { .. }) => {}
-                Err(_) => return Err(Outcome::Close),
+                Err(_) => {
+                    step.close = true;
+                    return;
+                }
             }
         }
-        Ok(out)
     }
 
     /// Updates what every plugin of the stream knows of it (for Envoy's attributes), in one
@@ -1362,7 +1378,7 @@ impl Stream {
                     }
                     last(&mut slot.info);
                 }
-                let ended = match kind {
+                match kind {
                     Kind::Http => vm
                         .on_log(context)
                         .and_then(|()| vm.on_done(context).map(|_| ()))
@@ -1374,9 +1390,7 @@ impl Stream {
                         .and_then(|()| vm.on_done(context).map(|_| ()))
                         .and_then(|()| vm.on_log(context))
                         .and_then(|()| vm.on_delete(context)),
-                };
-                end_if_failed(vm);
-                ended
+                }
             });
             if let Some(Err(error)) = outcome {
                 tracing::error!(

@@ -2,7 +2,8 @@
 //! as Envoy's Wasm network filters in front of its `tcp_proxy`.
 //!
 //! - `proxy_on_new_connection` when a client connects, in chain order; a plugin that pauses
-//!   there holds the connection (the upstream is not dialled yet) until it continues it.
+//!   there holds the connection (the upstream is not dialled yet) until it continues it; a
+//!   client that resets the connection meanwhile ends it, as do the idle timeout and a drain.
 //! - Data from the client: `proxy_on_downstream_data` in chain order, then upstream; data from
 //!   the upstream: `proxy_on_upstream_data` in reverse order, then to the client. Each plugin
 //!   may change the chunk (`DownstreamData` / `UpstreamData` buffers) or pause, keeping it (and
@@ -33,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::admin::{HostMetrics, ListenerLabel};
-use crate::stream::{Direction, Forward, Kind, Outcome, Stream};
+use crate::stream::{Direction, Forward, Kind, Outcome, Stream, TcpStep};
 use crate::worker::Listener;
 
 /// Bytes read from either side at a time.
@@ -103,10 +104,16 @@ impl ServerApp for TcpProxy {
             return None;
         }
         // A plugin may hold the connection before the upstream is dialled, for at most the
-        // idle timeout.
+        // idle timeout, and while the client is there.
         let started = sleep_until(self.idle_timeout.map(|timeout| Instant::now() + timeout));
+        let mut client_reset = false;
         let opened = tokio::select! {
             outcome = connection.new_connection() => outcome,
+            () = reset_by_client(socket_of(&downstream)) => {
+                tracing::debug!("the client reset a held new connection");
+                client_reset = true;
+                Outcome::Close
+            }
             () = started => {
                 tracing::debug!("a plugin held a new connection past the idle timeout: closed");
                 Outcome::Close
@@ -120,7 +127,11 @@ impl ServerApp for TcpProxy {
             }
         };
         if !matches!(opened, Outcome::Continue) {
-            connection.closed_by[0] = PeerType::Local;
+            connection.closed_by[0] = if client_reset {
+                PeerType::Remote
+            } else {
+                PeerType::Local
+            };
             return None;
         }
         let timeout = cluster.cluster.connect_timeout;
@@ -153,6 +164,75 @@ impl ServerApp for TcpProxy {
         // Dropping the connection ends its plugin contexts (see `Stream`'s `Drop`).
         None
     }
+}
+
+/// How often a held new connection's TCP state is looked at (see [`reset_by_client`]): one
+/// system call per held connection each time.
+const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
+
+/// Linux's `TCP_CLOSE` state (`tcpi_state`): the peer reset the connection (or it is closed
+/// both ways).
+const TCP_CLOSE: u8 = 7;
+
+/// The socket of a client's TCP connection (`None` for any other kind of stream), also under
+/// an HTTP listener's headers deadline.
+pub(crate) fn socket_of(downstream: &Downstream) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    let io: &dyn pingora::protocols::IO = &**downstream;
+    let any = io.as_any();
+    if let Some(timed) = any.downcast_ref::<crate::header_timeout::TimedHeaders>() {
+        return timed.socket();
+    }
+    any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
+        .map(AsRawFd::as_raw_fd)
+}
+
+/// Resolves once the client has reset its connection (or closed it both ways), as the kernel
+/// reports the socket's state, looked at every [`HELD_CLIENT_CHECK`]; never where the state
+/// cannot be read (another system than Linux). For a connection a plugin holds while nothing
+/// reads it (a new TCP connection; an HTTP/1.1 request whose body is not read yet): what the
+/// client sends waits for the plugins, so nothing else would notice the client leave, and the
+/// plugins' contexts (and their hold) would stay until a timeout. A client's FIN is not its
+/// leaving: a TCP client may half-close and wait for the answer.
+pub(crate) async fn reset_by_client(socket: Option<std::os::fd::RawFd>) {
+    let Some(socket) = socket.filter(|&socket| tcp_state(socket).is_some()) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(HELD_CLIENT_CHECK).await;
+        if tcp_state(socket) == Some(TCP_CLOSE) {
+            return;
+        }
+    }
+}
+
+/// The TCP state (`tcpi_state`) of `socket`, on Linux.
+#[cfg(target_os = "linux")]
+fn tcp_state(socket: std::os::fd::RawFd) -> Option<u8> {
+    // Only the first byte, the state, is needed. Kernels write as much of their `tcp_info` as
+    // fits, and older ones have a shorter one than newer headers (which is why Pingora's own
+    // `tcp_info()`, wanting its exact size, reads none before Linux 6.2).
+    let mut info = [0u8; 256];
+    let mut length = info.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `length` bytes to `info`, which holds that many and
+    // lives through the call, and sets `length`, a valid `socklen_t`. Any descriptor value is
+    // safe to pass: one that is not a TCP socket is an error.
+    let result = unsafe {
+        libc::getsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut length,
+        )
+    };
+    (result == 0 && length > 0).then_some(info[0])
+}
+
+/// The TCP state of `socket`: not readable here.
+#[cfg(not(target_os = "linux"))]
+fn tcp_state(_socket: std::os::fd::RawFd) -> Option<u8> {
+    None
 }
 
 /// Resolves `timeout` after `stopped` turns true (the listener stopped accepting), as Envoy
@@ -341,7 +421,7 @@ async fn relay(
             () = wake.notified() => Event::Woken,
             () = sleep_until(idle_at) => Event::Idle,
         };
-        let forwarded = match event {
+        let step = match event {
             Event::Read(direction, Ok(count)) => {
                 active = Instant::now();
                 let side = direction.index();
@@ -361,10 +441,13 @@ async fn relay(
                 // tick) whose wake-up has not been taken yet is acted on first: the plugin
                 // forgets, at its next data callback, a continue it did not ask there. What it
                 // lets go is queued before the new data runs, which may close the connection.
-                connection.resume().and_then(|released| {
-                    queue(&mut outboxes, released);
+                let resumed = connection.resume();
+                queue(&mut outboxes, resumed.forwards);
+                if resumed.close {
+                    TcpStep::closed()
+                } else {
                     connection.tcp_data(direction, buffer[..count].to_vec(), end)
-                })
+                }
             }
             Event::Read(direction, Err(error)) => {
                 // Reset or broken: the other side is closed by the proxy, once it took what was
@@ -406,29 +489,28 @@ async fn relay(
                 return;
             }
         };
-        match forwarded {
-            Ok(forwards) => queue(&mut outboxes, forwards),
+        // What went through goes out, also before a close.
+        queue(&mut outboxes, step.forwards);
+        if step.close {
             // Closed by a plugin or its failure policy: both sides go, once they took what was
             // let through to them (Envoy's `proxy_close_stream` closes with `FlushWrite`).
-            Err(_) => {
-                connection.closed_by = [PeerType::Local; 2];
-                let mut uncounted = 0;
-                tokio::join!(
-                    flush_and_close(
-                        &mut upstream_writer,
-                        &mut upstream_reader,
-                        &outboxes[0],
-                        &mut uncounted
-                    ),
-                    flush_and_close(
-                        &mut downstream_writer,
-                        &mut downstream_reader,
-                        &outboxes[1],
-                        &mut connection.transferred[1]
-                    ),
-                );
-                return;
-            }
+            connection.closed_by = [PeerType::Local; 2];
+            let mut uncounted = 0;
+            tokio::join!(
+                flush_and_close(
+                    &mut upstream_writer,
+                    &mut upstream_reader,
+                    &outboxes[0],
+                    &mut uncounted
+                ),
+                flush_and_close(
+                    &mut downstream_writer,
+                    &mut downstream_reader,
+                    &outboxes[1],
+                    &mut connection.transferred[1]
+                ),
+            );
+            return;
         }
     };
     match flushed {

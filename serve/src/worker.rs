@@ -20,7 +20,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::admin::HostMetrics;
-use crate::host::{end_if_failed, ServeHost};
+use crate::host::ServeHost;
 use crate::routing::SharedRouting;
 
 /// What every thread's copies of a listener's plugins share.
@@ -190,7 +190,6 @@ async fn tick_loop(listener: Arc<Listener>) {
                         if entry.0 <= now && !vm.is_failed() {
                             if let Err(error) = vm.tick_root(root) {
                                 tracing::error!("proxy_on_tick failed: {error}");
-                                end_if_failed(vm);
                                 failed.push((plugin, error));
                             }
                             entry.0 = now + period;
@@ -240,10 +239,6 @@ async fn queue_loop(listener: Arc<Listener>, queue_ready: Arc<Notify>) {
                 for (plugin, error) in &failures {
                     let name = worker.plugins().config(*plugin).display_name().to_string();
                     tracing::error!("{name}: proxy_on_queue_ready failed: {error}");
-                }
-                if !failures.is_empty() {
-                    // Streams held by a copy that failed get its failure policy now.
-                    worker.for_each_copy(|_, vm, _| end_if_failed(vm));
                 }
             });
         });

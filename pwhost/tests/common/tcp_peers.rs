@@ -1,12 +1,12 @@
-//! TCP upstreams (one that echoes, one that only reads, one that floods, one that never answers a
-//! connect) and a TCP client for the proxies' TCP listeners; shared by the `pwhost serve` tests
+//! TCP upstreams (one that echoes, one that only reads, one that greets, one that floods, one
+//! that never answers a connect) and a TCP client for the proxies' TCP listeners; shared by the `pwhost serve` tests
 //! and the Traffic Server tests (`#[path]` module).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -103,6 +103,49 @@ impl Sink {
             address: acceptor.address,
             _acceptor: acceptor,
         }
+    }
+}
+
+/// A TCP server that greets each connection (`greeting`) once told to ([`Greeter::greet`]),
+/// and keeps what it receives until its peer closes the connection (or 10 s pass without
+/// data); it serves until dropped.
+pub struct Greeter {
+    pub address: SocketAddr,
+    /// What each connection received, once it ended, in the order they ended.
+    pub received: Arc<Mutex<Vec<String>>>,
+    greet: Arc<AtomicBool>,
+    _acceptor: Acceptor,
+}
+
+impl Greeter {
+    pub fn start(greeting: &'static str) -> Greeter {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let greet = Arc::new(AtomicBool::new(false));
+        let (kept, told) = (Arc::clone(&received), Arc::clone(&greet));
+        let acceptor = Acceptor::start(move |mut connection| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !told.load(Ordering::Relaxed) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut bytes = Vec::new();
+            if connection.write_all(greeting.as_bytes()).is_ok() {
+                let _ = connection.read_to_end(&mut bytes);
+            }
+            kept.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&bytes).into_owned());
+        });
+        Greeter {
+            address: acceptor.address,
+            received,
+            greet,
+            _acceptor: acceptor,
+        }
+    }
+
+    /// Greets every connection, those open now and those to come.
+    pub fn greet(&self) {
+        self.greet.store(true, Ordering::Relaxed);
     }
 }
 
