@@ -167,7 +167,7 @@ pub trait Host: Send + std::any::Any {
     /// callback came from (a stream's, a tick, a queue notification, a call's answer, the
     /// module's start function while [`Vm::new`] runs). A host that started work for the
     /// plugin (calls without a timeout, gRPC streams) ends it here, and wakes whatever waits on
-    /// the VM. It must not panic, and cannot reach the VM.
+    /// the VM. It cannot reach the VM; a panic here is caught and logged.
     ///
     /// [`Vm`]: crate::Vm
     /// [`Vm::new`]: crate::Vm::new

@@ -219,7 +219,17 @@ impl Vm {
         // registered them, if one lives.
         let state = self.instance.state();
         state.shared.release_queues(&state.queue_owner);
-        state.host.vm_failed();
+        // The host is told, as it is called elsewhere: never unwinding into the embedder (the
+        // VM is failed already).
+        let host = &mut state.host;
+        if let Err(panic) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| host.vm_failed()))
+        {
+            tracing::error!(
+                "the host panicked when told its VM failed: {}",
+                runtime_api::panic_message(&*panic)
+            );
+        }
         error
     }
 
@@ -265,7 +275,8 @@ impl Vm {
         // A panic under the call (in the engine, in a host function, in the embedder's `Host`)
         // fails the VM as a trap does, instead of unwinding into the embedder: the VM is never
         // called again, so nothing the panic left half-done in it is seen (hence
-        // `AssertUnwindSafe`), and shared state is behind poison-tolerant locks.
+        // `AssertUnwindSafe`; the embedder's `Host` is told of the failure, and must cope with
+        // what its own panic left), and shared state is behind poison-tolerant locks.
         let instance = &mut self.instance;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             instance.call(function, args, results)

@@ -40,7 +40,7 @@ mod tcp_peers;
 use tcp_peers::{
     a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, Echo, Flood, Greeter, Sink, Unanswering,
+    tcp_exchange, the_chunk_before_a_close_still_goes_out, Echo, Flood, Greeter, Sink, Unanswering,
 };
 
 /// An origin that answers every request with what it received: request line, headers (lower
@@ -2609,7 +2609,6 @@ fn a_client_that_resets_a_held_new_connection_ends_it_and_one_that_half_closes_d
 /// close flushes it.
 #[test]
 fn a_close_after_a_chunk_went_through_the_chain_still_sends_the_chunk() {
-    use std::io::{Read, Write};
     let upstream = Greeter::start("greeting");
     let serve = serve_tcp_chain(
         upstream.address,
@@ -2620,26 +2619,11 @@ fn a_close_after_a_chunk_went_through_the_chain_still_sends_the_chunk() {
         &[],
         "",
     );
-    let mut client = std::net::TcpStream::connect(("127.0.0.1", serve.port)).expect("connects");
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("a read timeout");
-    // The first filter holds the client's bytes until the upstream has sent something.
-    client.write_all(b"hello").expect("sent");
-    serve.wait_for_log("tcp_pass_then_close: held");
-    upstream.greet();
-    let mut answer = Vec::new();
-    let _ = client.read_to_end(&mut answer);
-    serve.wait_for_log("tcp_pass_then_close: closing");
-    // The second filter closed on the client's bytes: the upstream gets none of them, the
-    // client gets the greeting.
-    assert_eq!(String::from_utf8_lossy(&answer), "greeting");
-    wait_until(
-        || upstream.received.lock().unwrap().len() == 2,
-        "end of the upstream's connections",
-    );
-    // (The connection that found the listener ready sent nothing either.)
-    assert_eq!(*upstream.received.lock().unwrap(), ["", ""]);
+    if let Err(error) = the_chunk_before_a_close_still_goes_out(serve.port, &upstream, |line| {
+        serve.wait_for_log(line)
+    }) {
+        panic!("{error}\n{}", serve.log());
+    }
 }
 
 /// A continue a network filter asks for while it holds nothing of its connection (here from a

@@ -221,7 +221,7 @@ pub(crate) struct TimedHeaders {
 
 impl TimedHeaders {
     /// The socket of the connection underneath (see [`crate::tcp::socket_of`]).
-    pub(crate) fn socket(&self) -> Option<std::os::fd::RawFd> {
+    pub(crate) fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         crate::tcp::socket_of(&self.inner)
     }
 

@@ -22,6 +22,7 @@
 //! - `proxy_close_stream`, an upstream that cannot be reached, or a plugin failing closed closes
 //!   both sides.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -175,16 +176,18 @@ const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
 const TCP_CLOSE: u8 = 7;
 
 /// The socket of a client's TCP connection (`None` for any other kind of stream), also under
-/// an HTTP listener's headers deadline.
-pub(crate) fn socket_of(downstream: &Downstream) -> Option<std::os::fd::RawFd> {
+/// an HTTP listener's headers deadline, for as long as the connection is borrowed.
+pub(crate) fn socket_of(downstream: &Downstream) -> Option<BorrowedFd<'_>> {
     use std::os::fd::AsRawFd;
     let io: &dyn pingora::protocols::IO = &**downstream;
     let any = io.as_any();
     if let Some(timed) = any.downcast_ref::<crate::header_timeout::TimedHeaders>() {
         return timed.socket();
     }
-    any.downcast_ref::<pingora::protocols::l4::stream::Stream>()
-        .map(AsRawFd::as_raw_fd)
+    let stream = any.downcast_ref::<pingora::protocols::l4::stream::Stream>()?;
+    // SAFETY: the descriptor is the stream's own, open while the stream lives, and the borrow
+    // returned cannot outlive the borrow of the stream it came from.
+    Some(unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) })
 }
 
 /// Resolves once the client has reset its connection (or closed it both ways), as the kernel
@@ -194,32 +197,36 @@ pub(crate) fn socket_of(downstream: &Downstream) -> Option<std::os::fd::RawFd> {
 /// client sends waits for the plugins, so nothing else would notice the client leave, and the
 /// plugins' contexts (and their hold) would stay until a timeout. A client's FIN is not its
 /// leaving: a TCP client may half-close and wait for the answer.
-pub(crate) async fn reset_by_client(socket: Option<std::os::fd::RawFd>) {
-    let Some(socket) = socket.filter(|&socket| tcp_state(socket).is_some()) else {
+pub(crate) async fn reset_by_client(socket: Option<BorrowedFd<'_>>) {
+    let Some(socket) = socket else {
         return std::future::pending().await;
     };
+    // A look at once as well: a wait that is made anew each time its stream wakes (more often
+    // than the period) still looks.
     loop {
-        tokio::time::sleep(HELD_CLIENT_CHECK).await;
-        if tcp_state(socket) == Some(TCP_CLOSE) {
-            return;
+        match tcp_state(socket) {
+            None => return std::future::pending().await,
+            Some(TCP_CLOSE) => return,
+            Some(_) => tokio::time::sleep(HELD_CLIENT_CHECK).await,
         }
     }
 }
 
 /// The TCP state (`tcpi_state`) of `socket`, on Linux.
 #[cfg(target_os = "linux")]
-fn tcp_state(socket: std::os::fd::RawFd) -> Option<u8> {
+fn tcp_state(socket: BorrowedFd<'_>) -> Option<u8> {
+    use std::os::fd::AsRawFd;
     // Only the first byte, the state, is needed. Kernels write as much of their `tcp_info` as
     // fits, and older ones have a shorter one than newer headers (which is why Pingora's own
     // `tcp_info()`, wanting its exact size, reads none before Linux 6.2).
     let mut info = [0u8; 256];
     let mut length = info.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `length` bytes to `info`, which holds that many and
-    // lives through the call, and sets `length`, a valid `socklen_t`. Any descriptor value is
-    // safe to pass: one that is not a TCP socket is an error.
+    // lives through the call, and sets `length`, a valid `socklen_t`; the descriptor is open
+    // (borrowed), and one that is not a TCP socket is an error.
     let result = unsafe {
         libc::getsockopt(
-            socket,
+            socket.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             info.as_mut_ptr().cast(),
@@ -231,7 +238,7 @@ fn tcp_state(socket: std::os::fd::RawFd) -> Option<u8> {
 
 /// The TCP state of `socket`: not readable here.
 #[cfg(not(target_os = "linux"))]
-fn tcp_state(_socket: std::os::fd::RawFd) -> Option<u8> {
+fn tcp_state(_socket: BorrowedFd<'_>) -> Option<u8> {
     None
 }
 

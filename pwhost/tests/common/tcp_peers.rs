@@ -113,6 +113,8 @@ pub struct Greeter {
     pub address: SocketAddr,
     /// What each connection received, once it ended, in the order they ended.
     pub received: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
     greet: Arc<AtomicBool>,
     _acceptor: Acceptor,
 }
@@ -120,9 +122,15 @@ pub struct Greeter {
 impl Greeter {
     pub fn start(greeting: &'static str) -> Greeter {
         let received = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let greet = Arc::new(AtomicBool::new(false));
-        let (kept, told) = (Arc::clone(&received), Arc::clone(&greet));
+        let (kept, counted, told) = (
+            Arc::clone(&received),
+            Arc::clone(&accepted),
+            Arc::clone(&greet),
+        );
         let acceptor = Acceptor::start(move |mut connection| {
+            counted.fetch_add(1, Ordering::Relaxed);
             let deadline = Instant::now() + Duration::from_secs(20);
             while !told.load(Ordering::Relaxed) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
@@ -138,6 +146,7 @@ impl Greeter {
         Greeter {
             address: acceptor.address,
             received,
+            accepted,
             greet,
             _acceptor: acceptor,
         }
@@ -146,6 +155,57 @@ impl Greeter {
     /// Greets every connection, those open now and those to come.
     pub fn greet(&self) {
         self.greet.store(true, Ordering::Relaxed);
+    }
+
+    /// What each connection received, once every connection accepted so far (at least one)
+    /// has ended; `None` if that takes over 10 s.
+    pub fn all_received(&self) -> Option<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let received = self.received.lock().unwrap().clone();
+            let accepted = self.accepted.load(Ordering::Relaxed);
+            if accepted > 0 && received.len() == accepted {
+                return Some(received);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Through `port`, a listener running `tcp_pass_then_close.wat` twice in front of `greeter`:
+/// the client sends, the first filter holds its bytes (`wait_for_log` waits for the plugin's
+/// log line), the upstream greets; its greeting passes both filters to the client and lets the
+/// held bytes go on to the second filter, which closes the connection. The client must still
+/// get the greeting (it went through the whole chain before the close), the upstream none of
+/// the client's bytes (nor of any other connection, e.g. one that found the listener ready).
+pub fn the_chunk_before_a_close_still_goes_out(
+    port: u16,
+    greeter: &Greeter,
+    wait_for_log: impl Fn(&str),
+) -> Result<(), String> {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("the proxy accepts");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    client.write_all(b"hello").expect("sent");
+    wait_for_log("tcp_pass_then_close: held");
+    greeter.greet();
+    let mut answer = Vec::new();
+    let _ = client.read_to_end(&mut answer);
+    wait_for_log("tcp_pass_then_close: closing");
+    if answer != b"greeting" {
+        return Err(format!(
+            "the client got {:?}, not the greeting",
+            String::from_utf8_lossy(&answer)
+        ));
+    }
+    match greeter.all_received() {
+        Some(received) if received.iter().all(String::is_empty) => Ok(()),
+        Some(received) => Err(format!("the upstream got {received:?}")),
+        None => Err("the upstream's connections did not end".into()),
     }
 }
 
