@@ -3580,14 +3580,24 @@ fn under_a_load_of_faults_every_transaction_ends_and_no_plugin_context_is_left_l
         "{unexpected:?}\n{summary}{}",
         server.diagnostics()
     );
-    // Healthy requests were served, not all failed closed.
-    assert!(
-        outcomes
-            .iter()
-            .any(|(kind, outcome)| *kind == FaultyRequest::Healthy && *outcome == Ok(200)),
-        "{summary}{}",
-        server.diagnostics()
-    );
+    // Healthy requests are served, not all failed closed: during the load, or, where the whole
+    // load fell within the trapping plugin's reload backoff (it failed at once, and the load took
+    // 0.1 s), once the plugin is back.
+    let served = |outcome: &Result<u16, String>| *outcome == Ok(200);
+    if !outcomes
+        .iter()
+        .any(|(kind, outcome)| *kind == FaultyRequest::Healthy && served(outcome))
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !served(&FaultyRequest::Healthy.send(port)) {
+            assert!(
+                Instant::now() < deadline,
+                "no healthy request served:\n{summary}{}",
+                server.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     // Every transaction closed and took its plugin contexts along, and the trapping plugin
     // failed (and was reloaded); a load may end before the stats' first publication. Stalled
