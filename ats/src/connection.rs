@@ -476,6 +476,9 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a connection's sides are flushed, moving or not.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How often the client's socket of a new connection a plugin holds is looked at.
+const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
+
 /// A TCP connection and its plugins, owned by its continuation.
 struct Connection {
     cont: sys::TSCont,
@@ -498,6 +501,9 @@ struct Connection {
     /// While flushing: the scheduled end of it, [`FLUSH_DEADLINE`] after it began, whatever
     /// still moves (a peer that keeps sending, or never ends, holds no connection longer).
     flush_deadline: Option<sys::TSAction>,
+    /// While a plugin holds the new connection: the next look at the client's socket (see
+    /// [`Connection::look_at_held_client`]).
+    held_check: Option<sys::TSAction>,
     /// A plugin asked for something outside the connection's callbacks (see [`resume`]).
     resume_wanted: bool,
     /// Who closed each side (`[downstream, upstream]`).
@@ -578,6 +584,7 @@ fn begin(vc: sys::TSVConn, cont: sys::TSCont, index: usize) -> Option<Connection
             dial_wanted: false,
             half_close: None,
             flush_deadline: None,
+            held_check: None,
             resume_wanted: false,
             closed_by: [PeerType::Local, PeerType::Unknown],
             transferred: [0; 2],
@@ -833,6 +840,11 @@ unsafe fn finish(pointer: *mut Connection) {
     // be destroyed from inside its own handler.
     unsafe {
         let connection = Box::from_raw(pointer);
+        if let Some(action) = connection.held_check {
+            // Still pending only on a path that skipped `close` (a panic): it must not run
+            // once the state is gone.
+            sys::TSActionCancel(action);
+        }
         sys::TSContDataSet(connection.cont, std::ptr::null_mut());
         if connection.slots_removed {
             sys::TSContDestroy(connection.cont);
@@ -854,6 +866,15 @@ impl Connection {
 
     /// Handles one event (with the state borrowed: nothing here calls back into it).
     fn on(&mut self, event: Event) {
+        if let Event::Traffic(sys::TS_EVENT_TIMEOUT, data) = event {
+            // Traffic Server marks the actions it returns for events with their lowest bit.
+            let event_of = |action: sys::TSAction| (action as usize & !1) as *mut c_void;
+            if self.held_check.is_some_and(|check| event_of(check) == data) {
+                self.held_check = None;
+                self.look_at_held_client();
+                return;
+            }
+        }
         if let Event::Traffic(sys::TS_EVENT_IMMEDIATE, _) = event {
             // The wake-up (`wake`) runs now: it is no longer pending, so nothing cancels it,
             // and one scheduled from here on (say by a close in `resume` below) is kept.
@@ -1202,6 +1223,41 @@ impl Connection {
         }
     }
 
+    /// While a plugin holds the new connection, looks at the client's socket again in
+    /// [`HELD_CLIENT_CHECK`], unless a look is pending.
+    fn arm_held_check(&mut self) {
+        if matches!(self.phase, Phase::Held(_)) && self.held_check.is_none() {
+            let milliseconds = HELD_CLIENT_CHECK.as_millis() as sys::TSHRTime;
+            // SAFETY: the connection's own continuation, on its own thread; the event is
+            // cancelled if the connection closes first.
+            let action =
+                unsafe { sys::TSContScheduleOnThread(self.cont, milliseconds, self.thread) };
+            self.held_check = Some(action);
+        }
+    }
+
+    /// A held new connection whose client reset it (as the kernel reports its socket's state)
+    /// is closed, its plugins told the client closed it: Traffic Server's read of it stops
+    /// while the plugins hold it, so nothing else would notice before the idle timeout. A
+    /// client's FIN is not its leaving (a TCP client may half-close and wait for the answer).
+    fn look_at_held_client(&mut self) {
+        if !matches!(self.phase, Phase::Held(_)) {
+            return;
+        }
+        let reset = self.downstream.as_ref().is_some_and(|side| {
+            // SAFETY: the side's connection is open while the side is kept.
+            let fd = unsafe { sys::TSVConnFdGet(side.vc) };
+            fd >= 0 && crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE)
+        });
+        if reset {
+            diag::debug("a TCP client reset the connection its plugins held: closed");
+            self.closed_by[0] = PeerType::Remote;
+            self.close();
+            return;
+        }
+        self.arm_held_check();
+    }
+
     /// Schedules the connection's wake-up event, if none is pending: it half-closes the sides
     /// whose end is due and, once `resume` was asked for, resumes the connection.
     fn wake(&mut self, resume: bool) {
@@ -1294,6 +1350,7 @@ impl Connection {
                 }
                 Ok(_) => {
                     self.phase = Phase::Held(index);
+                    self.arm_held_check();
                     return;
                 }
             }
@@ -1509,8 +1566,11 @@ impl Connection {
             // SAFETY: the attempt has not been reported (reporting it clears `dialling`).
             unsafe { sys::TSActionCancel(action) };
         }
-        if let Some(action) = self.half_close.take() {
-            // SAFETY: the event has not run (running clears `half_close`).
+        for action in [self.half_close.take(), self.held_check.take()]
+            .into_iter()
+            .flatten()
+        {
+            // SAFETY: the event has not run (running clears its field).
             unsafe { sys::TSActionCancel(action) };
         }
         self.count_sent();

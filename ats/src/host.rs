@@ -42,7 +42,7 @@ pub(crate) struct StreamSlot {
     pub(crate) held: bool,
     /// When the transaction's current hold by this plugin began, or last saw the client's
     /// data (a body chunk while the plugin holds the headers): past the stream idle timeout
-    /// it is answered 408 ([`crate::transaction::time_out_holds`]). `None` for connections, which
+    /// it is answered 408 ([`crate::transaction::look_at_holds`]). `None` for connections, which
     /// have idle timeouts of their own.
     pub(crate) held_since: Option<Instant>,
     /// The client request header, while a hook lends it.

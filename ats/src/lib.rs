@@ -51,6 +51,7 @@ mod diag;
 mod headers;
 mod host;
 mod queue;
+mod socket;
 mod stats;
 mod sys;
 mod ticker;
@@ -121,12 +122,11 @@ pub(crate) fn stream_idle_timeout() -> Option<Duration> {
 }
 
 /// Notes that a plugin began to hold a transaction at `since`: [`with_thread`] then has the
-/// ticker look at it when the stream idle timeout would pass.
+/// ticker look at it, for its client leaving and, later, the stream idle timeout passing
+/// ([`transaction::look_at_holds`]).
 pub(crate) fn hold_began(since: Instant) {
-    // A timeout too long to add to the clock is none.
-    if let Some(due) = stream_idle_timeout().and_then(|timeout| since.checked_add(timeout)) {
-        HOLD_DUE.with(|earlier| earlier.set(Some(ticker::earliest(earlier.get(), due))));
-    }
+    let due = since + transaction::HELD_CLIENT_CHECK;
+    HOLD_DUE.with(|earlier| earlier.set(Some(ticker::earliest(earlier.get(), due))));
 }
 
 /// Starts the singleton services of `plugins`, each in its own VM on its own thread, ticking on
@@ -218,8 +218,8 @@ thread_local! {
     /// A plugin failed in a transaction's or connection's callback on this thread since the
     /// last look (see [`plugin_failed`]).
     static PLUGIN_FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// The earliest a hold that began on this thread since the last look would time out (see
-    /// [`hold_began`]).
+    /// The earliest a hold that began on this thread since the last look is to be looked at
+    /// (see [`hold_began`]).
     static HOLD_DUE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 

@@ -1,8 +1,9 @@
 //! Timer ticks (`proxy_set_tick_period_milliseconds` → `proxy_on_tick`) for the VM copies of one
 //! Traffic Server thread, delivered on that thread: one continuation per thread, scheduled
 //! (`TSContScheduleOnThread`) for the earliest tick due among its copies' root contexts, and
-//! nothing scheduled while no root context asked for ticks. The same continuation answers the
-//! transactions a plugin held past the stream idle timeout, scheduled for the earliest.
+//! nothing scheduled while no root context asked for ticks. The same continuation looks at the
+//! transactions plugins hold while any is held: it ends those whose client reset its
+//! connection and answers those held past the stream idle timeout.
 
 use std::ffi::{c_int, c_void};
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ pub(crate) struct Ticker {
     scheduled: Option<(Instant, sys::TSAction)>,
     /// By deployment, copy and root context (copy ids restart with each deployment's worker).
     timers: FxHashMap<(Generation, CopyId, u32), Timer>,
-    /// When the earliest hold of a transaction by a plugin would pass the stream idle timeout.
+    /// When the transactions plugins hold are next to be looked at (see [`crate::transaction::look_at_holds`]).
     hold_due: Option<Instant>,
 }
 
@@ -180,11 +181,8 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     // Each look finds the holds left and when the next of them would time out.
     ticker.hold_due = None;
     let hold_timeout = crate::stream_idle_timeout();
-    let time_out_holds = |vm: &mut abi::Vm, hold_due: &mut Option<Instant>| {
-        let Some(timeout) = hold_timeout else {
-            return;
-        };
-        if let Some(due) = crate::transaction::time_out_holds(vm, due_by, timeout) {
+    let look_at_holds = |vm: &mut abi::Vm, hold_due: &mut Option<Instant>| {
+        if let Some(due) = crate::transaction::look_at_holds(vm, due_by, hold_timeout) {
             *hold_due = Some(earliest(*hold_due, due));
         }
     };
@@ -232,13 +230,13 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                     }
                 }
             }
-            time_out_holds(vm, &mut ticker.hold_due);
+            look_at_holds(vm, &mut ticker.hold_due);
             crate::transaction::pending_in(vm, &mut pending);
         });
         // A copy replaced after it failed (a new transaction may come before this sweep)
         // still holds the transactions it held when it failed: they get its failure policy.
         worker.for_each_replaced_copy(|_, vm| {
-            time_out_holds(vm, &mut ticker.hold_due);
+            look_at_holds(vm, &mut ticker.hold_due);
             crate::transaction::pending_in(vm, &mut pending);
         });
         for (plugin, error) in failed {

@@ -770,13 +770,29 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
     }
 }
 
-/// Answers 408 for every transaction of `vm` that its plugin has held for `timeout` without
-/// continuing, answering or closing it, as Envoy's `stream_idle_timeout` does (Traffic Server
-/// does not tell a held hook that its client left: without this, a plugin that never
-/// continues would keep the transaction and its contexts for good). The answer is the
-/// plugin's, as if it had asked for it, so [`pending_in`] then picks the transaction up.
-/// Returns when the next of the remaining holds would time out.
-pub(crate) fn time_out_holds(vm: &mut Vm, now: Instant, timeout: Duration) -> Option<Instant> {
+/// How often a held transaction's client connection is looked at (see [`look_at_holds`]).
+pub(crate) const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
+
+/// Looks at every transaction of `vm` that its plugin holds (not yet continued, answered or
+/// closed), as of `now`:
+/// - one whose client reset its connection is closed, as if its plugin had closed it, so that
+///   it ends with its plugins' contexts at once: Traffic Server does not tell a held hook that
+///   its client left (it reads no request body while a plugin holds the headers, and ends a
+///   transaction whose client left only when the hook is let go). A client's FIN is not its
+///   leaving: an HTTP/1.1 client may half-close after its request and wait for the answer,
+///   which Traffic Server allows;
+/// - one held for `timeout` is answered 408, as Envoy's `stream_idle_timeout` does: without
+///   it, a plugin that never continues would keep the transaction and its contexts for good.
+///
+/// The close or answer is the plugin's, as if it had asked for it, so [`pending_in`] then
+/// picks the transaction up. Returns when this should look again: in
+/// [`HELD_CLIENT_CHECK`], or when the next hold would time out if that is sooner; `None`
+/// while nothing is held.
+pub(crate) fn look_at_holds(
+    vm: &mut Vm,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> Option<Instant> {
     let host = vm.host_as::<AtsHost>()?;
     let mut next = None::<Instant>;
     for slot in host.stream_slots_mut() {
@@ -784,6 +800,21 @@ pub(crate) fn time_out_holds(vm: &mut Vm, now: Instant, timeout: Duration) -> Op
             .held_since
             .filter(|_| slot.held && !slot.asked_to_end())
         else {
+            continue;
+        };
+        if let Holder::Transaction(cont) = slot.holder {
+            if client_reset(cont) {
+                diag::debug(&format!(
+                    "[{}] the client reset its connection while the plugin held the \
+                     transaction: it ends",
+                    slot.plugin
+                ));
+                slot.closed = true;
+                continue;
+            }
+        }
+        next = Some(crate::ticker::earliest(next, now + HELD_CLIENT_CHECK));
+        let Some(timeout) = timeout else {
             continue;
         };
         // A timeout too long to add to the clock never passes.
@@ -809,6 +840,28 @@ pub(crate) fn time_out_holds(vm: &mut Vm, now: Instant, timeout: Duration) -> Op
         });
     }
     next
+}
+
+/// Whether the client of the transaction of `cont` reset its connection (or it is closed both
+/// ways), as the kernel reports its socket's state. `false` where that cannot be read (another
+/// system than Linux, a transaction with no client socket, e.g. Traffic Server's own).
+fn client_reset(cont: sys::TSCont) -> bool {
+    // SAFETY: a transaction's continuation lives while a plugin's slot names it, and its data
+    // is cleared by the close hook (see `act_on`).
+    let transaction = unsafe { sys::TSContDataGet(cont) }.cast::<Transaction>();
+    if transaction.is_null() {
+        return false;
+    }
+    // SAFETY: as above; held in a hook by a plugin, the transaction runs no hook of ours now
+    // (this runs on its thread), so only its handle is read.
+    let txn = unsafe { (*transaction).txn };
+    let mut fd: std::ffi::c_int = -1;
+    // SAFETY: the transaction is live (held in a hook, it cannot close before it is let go);
+    // Traffic Server writes the descriptor of its client session's connection to `fd`.
+    if unsafe { sys::TSHttpTxnClientFdGet(txn, &mut fd) } != sys::TS_SUCCESS || fd < 0 {
+        return false;
+    }
+    crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE)
 }
 
 /// Picks up held transactions and connections after plugin code ran outside their hooks (see
