@@ -22,8 +22,8 @@
 //!   (`Remote` for a side that closed first, `Local` for one the proxy closed, `Unknown` for an
 //!   upstream never reached), then `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`, in
 //!   Envoy's order.
-//! - `proxy_close_stream`, an upstream that cannot be reached, an idle connection or a plugin
-//!   failing closed close both sides.
+//! - `proxy_close_stream`, an upstream that cannot be reached, an idle connection, a plugin
+//!   failing closed or a client resetting a connection its plugins hold close both sides.
 //!
 //! Traffic Server may call a continuation back from inside an API call (`TSNetConnect` reports
 //! the new connection before it returns), so a connection's state is reached through its raw
@@ -501,8 +501,9 @@ struct Connection {
     /// While flushing: the scheduled end of it, [`FLUSH_DEADLINE`] after it began, whatever
     /// still moves (a peer that keeps sending, or never ends, holds no connection longer).
     flush_deadline: Option<sys::TSAction>,
-    /// While a plugin holds the new connection: the next look at the client's socket (see
-    /// [`Connection::look_at_held_client`]).
+    /// The next look at the client's socket while a plugin holds the new connection (see
+    /// [`Connection::look_at_held_client`]); one still pending once the connection goes on is
+    /// spent without a look.
     held_check: Option<sys::TSAction>,
     /// A plugin asked for something outside the connection's callbacks (see [`resume`]).
     resume_wanted: bool,
@@ -867,7 +868,9 @@ impl Connection {
     /// Handles one event (with the state borrowed: nothing here calls back into it).
     fn on(&mut self, event: Event) {
         if let Event::Traffic(sys::TS_EVENT_TIMEOUT, data) = event {
-            // Traffic Server marks the actions it returns for events with their lowest bit.
+            // Traffic Server marks the actions it returns for events with their lowest bit. (Were
+            // they ever not to match, the event would go on as a harmless wake-up, but the
+            // pending action kept here would be cancelled after it ran.)
             let event_of = |action: sys::TSAction| (action as usize & !1) as *mut c_void;
             if self.held_check.is_some_and(|check| event_of(check) == data) {
                 self.held_check = None;
@@ -984,6 +987,13 @@ impl Connection {
                     self.peer_ended(1);
                 } else {
                     self.upstream_unreachable();
+                }
+            }
+            sys::TS_EVENT_VCONN_EOS if side == Some(0) && matches!(self.phase, Phase::Held(_)) => {
+                // A reset, or a FIN (see `look_at_held_client`).
+                self.look_at_held_client();
+                if matches!(self.phase, Phase::Held(_)) {
+                    self.peer_ended(0);
                 }
             }
             sys::TS_EVENT_VCONN_EOS | sys::TS_EVENT_VCONN_READ_COMPLETE => {
@@ -1237,25 +1247,31 @@ impl Connection {
     }
 
     /// A held new connection whose client reset it (as the kernel reports its socket's state)
-    /// is closed, its plugins told the client closed it: Traffic Server's read of it stops
-    /// while the plugins hold it, so nothing else would notice before the idle timeout. A
-    /// client's FIN is not its leaving (a TCP client may half-close and wait for the answer).
+    /// is closed, its plugins told the client closed it. Traffic Server reports a reset it
+    /// reads as the end of the client's data, as it does a FIN, and reads nothing once the
+    /// plugins hold as much as the buffer limit: so the state is looked at when that end
+    /// comes and every [`HELD_CLIENT_CHECK`] while the connection is held. A client's FIN is
+    /// not its leaving (a TCP client may half-close and wait for the answer).
     fn look_at_held_client(&mut self) {
         if !matches!(self.phase, Phase::Held(_)) {
             return;
         }
-        let reset = self.downstream.as_ref().is_some_and(|side| {
-            // SAFETY: the side's connection is open while the side is kept.
-            let fd = unsafe { sys::TSVConnFdGet(side.vc) };
-            fd >= 0 && crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE)
-        });
-        if reset {
+        if self.client_reset() {
             diag::debug("a TCP client reset the connection its plugins held: closed");
             self.closed_by[0] = PeerType::Remote;
             self.close();
             return;
         }
         self.arm_held_check();
+    }
+
+    /// Whether the client's socket is reset (or closed both ways).
+    fn client_reset(&self) -> bool {
+        self.downstream.as_ref().is_some_and(|side| {
+            // SAFETY: the side's connection is open while the side is kept.
+            let fd = unsafe { sys::TSVConnFdGet(side.vc) };
+            fd >= 0 && crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE)
+        })
     }
 
     /// Schedules the connection's wake-up event, if none is pending: it half-closes the sides

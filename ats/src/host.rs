@@ -89,8 +89,8 @@ impl StreamSlot {
     }
 
     /// Marks the transaction as held by the plugin (waiting for it), from now on unless it
-    /// already was, and has this thread's ticker look at it when the stream idle timeout
-    /// would pass.
+    /// already was, and has this thread's ticker look at it (its client's connection, and
+    /// later the stream idle timeout).
     pub(crate) fn hold(&mut self) {
         self.held = true;
         if self.held_since.is_none() {

@@ -125,7 +125,10 @@ pub(crate) fn stream_idle_timeout() -> Option<Duration> {
 /// ticker look at it, for its client leaving and, later, the stream idle timeout passing
 /// ([`transaction::look_at_holds`]).
 pub(crate) fn hold_began(since: Instant) {
-    let due = since + transaction::HELD_CLIENT_CHECK;
+    // A timeout too long to add to the clock is none.
+    let timeout_due = stream_idle_timeout().and_then(|timeout| since.checked_add(timeout));
+    let clients_due = since + transaction::HELD_CLIENT_CHECK;
+    let due = timeout_due.map_or(clients_due, |due| due.min(clients_due));
     HOLD_DUE.with(|earlier| earlier.set(Some(ticker::earliest(earlier.get(), due))));
 }
 

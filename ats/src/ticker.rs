@@ -12,6 +12,7 @@ use abi::ContextId;
 use lifecycle::{CopyId, Generation};
 use rustc_hash::FxHashMap;
 
+use crate::transaction::HELD_CLIENT_CHECK;
 use crate::{diag, sys, with_thread, ThreadState};
 
 /// The longest the ticker sleeps at once; what is due later (a stream idle timeout of years) is
@@ -44,8 +45,13 @@ pub(crate) struct Ticker {
     scheduled: Option<(Instant, sys::TSAction)>,
     /// By deployment, copy and root context (copy ids restart with each deployment's worker).
     timers: FxHashMap<(Generation, CopyId, u32), Timer>,
-    /// When the transactions plugins hold are next to be looked at (see [`crate::transaction::look_at_holds`]).
+    /// When the transactions plugins hold are next to be looked at: the earliest of when a
+    /// hold would pass the stream idle timeout and `clients_due`.
     hold_due: Option<Instant>,
+    /// While a plugin holds a transaction in a hook: when its client's connection is next
+    /// looked at (see [`crate::transaction::look_at_holds`]), [`HELD_CLIENT_CHECK`] after the
+    /// last look, not at every wake-up (a plugin's ticks may wake the ticker far more often).
+    clients_due: Option<Instant>,
 }
 
 impl Ticker {
@@ -61,6 +67,7 @@ impl Ticker {
             scheduled: None,
             timers: FxHashMap::default(),
             hold_due: None,
+            clients_due: None,
         }
     }
 
@@ -115,15 +122,15 @@ impl Ticker {
         self.schedule(Instant::now());
     }
 
-    /// Has the continuation look at the held transactions by `due`, when a hold that began
-    /// would pass the stream idle timeout.
+    /// Has the continuation look at the held transactions by `due` (a hold began: its client
+    /// is to be looked at, and later its stream idle timeout passes).
     pub(crate) fn look_at_holds_by(&mut self, due: Instant) {
         self.hold_due = Some(earliest(self.hold_due, due));
         self.schedule(due);
     }
 
-    /// Schedules the continuation for the earliest tick or hold timeout due, unless it already
-    /// runs by then.
+    /// Schedules the continuation for the earliest tick or look at the held transactions due,
+    /// unless it already runs by then.
     fn arm(&mut self) {
         let ticks = self.timers.values().map(|t| t.due);
         if let Some(earliest) = ticks.chain(self.hold_due).min() {
@@ -152,9 +159,9 @@ impl Ticker {
     }
 }
 
-/// The tick continuation: ticks every root context that is due, answers the transactions held
-/// past the stream idle timeout, then acts on what the plugins asked for their held
-/// transactions.
+/// The tick continuation: ticks every root context that is due, looks at the transactions the
+/// plugins hold (ending those whose client reset its connection, answering those held past
+/// the stream idle timeout), then acts on what the plugins asked for their held transactions.
 unsafe extern "C" fn on_tick(
     _cont: sys::TSCont,
     _event: sys::TSEvent,
@@ -181,10 +188,16 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
     // Each look finds the holds left and when the next of them would time out.
     ticker.hold_due = None;
     let hold_timeout = crate::stream_idle_timeout();
-    let look_at_holds = |vm: &mut abi::Vm, hold_due: &mut Option<Instant>| {
-        if let Some(due) = crate::transaction::look_at_holds(vm, due_by, hold_timeout) {
+    let look_at_clients = ticker.clients_due.is_none_or(|due| due <= due_by);
+    let mut held_in_hook = false;
+    let look_at_holds = |vm: &mut abi::Vm,
+                         hold_due: &mut Option<Instant>,
+                         held_in_hook: &mut bool| {
+        let holds = crate::transaction::look_at_holds(vm, due_by, hold_timeout, look_at_clients);
+        if let Some(due) = holds.timeout_due {
             *hold_due = Some(earliest(*hold_due, due));
         }
+        *held_in_hook |= holds.in_hook;
     };
     let mut pending = Vec::new();
     let mut seen = Vec::new();
@@ -230,19 +243,27 @@ fn tick_due(state: &mut ThreadState) -> Vec<crate::host::Holder> {
                     }
                 }
             }
-            look_at_holds(vm, &mut ticker.hold_due);
+            look_at_holds(vm, &mut ticker.hold_due, &mut held_in_hook);
             crate::transaction::pending_in(vm, &mut pending);
         });
         // A copy replaced after it failed (a new transaction may come before this sweep)
         // still holds the transactions it held when it failed: they get its failure policy.
         worker.for_each_replaced_copy(|_, vm| {
-            look_at_holds(vm, &mut ticker.hold_due);
+            look_at_holds(vm, &mut ticker.hold_due, &mut held_in_hook);
             crate::transaction::pending_in(vm, &mut pending);
         });
         for (plugin, error) in failed {
             worker.root_failed(plugin, &error);
         }
     });
+    ticker.clients_due = match (held_in_hook, look_at_clients) {
+        (false, _) => None,
+        (true, true) => Some(now + HELD_CLIENT_CHECK),
+        (true, false) => ticker.clients_due,
+    };
+    if let Some(due) = ticker.clients_due {
+        ticker.hold_due = Some(earliest(ticker.hold_due, due));
+    }
     // Copies that went away (replaced or failed) tick no more.
     ticker.timers.retain(|key, _| seen.contains(key));
     ticker.arm();

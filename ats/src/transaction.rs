@@ -770,31 +770,45 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
     }
 }
 
-/// How often a held transaction's client connection is looked at (see [`look_at_holds`]).
+/// How often the client connections of the transactions plugins hold are looked at (see
+/// [`look_at_holds`]).
 pub(crate) const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
+
+/// What [`look_at_holds`] found still held.
+pub(crate) struct Holds {
+    /// Whether a transaction is still held in one of its hooks (its client is to be looked at
+    /// again).
+    pub(crate) in_hook: bool,
+    /// When the next hold would pass the stream idle timeout.
+    pub(crate) timeout_due: Option<Instant>,
+}
 
 /// Looks at every transaction of `vm` that its plugin holds (not yet continued, answered or
 /// closed), as of `now`:
-/// - one whose client reset its connection is closed, as if its plugin had closed it, so that
-///   it ends with its plugins' contexts at once: Traffic Server does not tell a held hook that
-///   its client left (it reads no request body while a plugin holds the headers, and ends a
-///   transaction whose client left only when the hook is let go). A client's FIN is not its
-///   leaving: an HTTP/1.1 client may half-close after its request and wait for the answer,
-///   which Traffic Server allows;
+/// - with `look_at_clients`, one held in a hook whose client reset its connection is closed,
+///   as if its plugin had closed it, so that it ends with its plugins' contexts at once:
+///   Traffic Server does not tell a held hook that its client left (it ends such a transaction
+///   only once the hook is let go). A client's FIN is not its leaving: an HTTP/1.1 client may
+///   half-close after its request and wait for the answer, which Traffic Server allows. (Held
+///   past the hooks, with its body streaming, Traffic Server meets a reset itself.)
 /// - one held for `timeout` is answered 408, as Envoy's `stream_idle_timeout` does: without
 ///   it, a plugin that never continues would keep the transaction and its contexts for good.
 ///
 /// The close or answer is the plugin's, as if it had asked for it, so [`pending_in`] then
-/// picks the transaction up. Returns when this should look again: in
-/// [`HELD_CLIENT_CHECK`], or when the next hold would time out if that is sooner; `None`
-/// while nothing is held.
+/// picks the transaction up.
 pub(crate) fn look_at_holds(
     vm: &mut Vm,
     now: Instant,
     timeout: Option<Duration>,
-) -> Option<Instant> {
-    let host = vm.host_as::<AtsHost>()?;
-    let mut next = None::<Instant>;
+    look_at_clients: bool,
+) -> Holds {
+    let mut holds = Holds {
+        in_hook: false,
+        timeout_due: None,
+    };
+    let Some(host) = vm.host_as::<AtsHost>() else {
+        return holds;
+    };
     for slot in host.stream_slots_mut() {
         let Some(since) = slot
             .held_since
@@ -802,8 +816,12 @@ pub(crate) fn look_at_holds(
         else {
             continue;
         };
-        if let Holder::Transaction(cont) = slot.holder {
-            if client_reset(cont) {
+        let client = match slot.holder {
+            Holder::Transaction(cont) => held_client(cont),
+            Holder::Connection(_) => None,
+        };
+        if let Some(fd) = client {
+            if look_at_clients && crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE) {
                 diag::debug(&format!(
                     "[{}] the client reset its connection while the plugin held the \
                      transaction: it ends",
@@ -812,8 +830,8 @@ pub(crate) fn look_at_holds(
                 slot.closed = true;
                 continue;
             }
+            holds.in_hook = true;
         }
-        next = Some(crate::ticker::earliest(next, now + HELD_CLIENT_CHECK));
         let Some(timeout) = timeout else {
             continue;
         };
@@ -822,7 +840,7 @@ pub(crate) fn look_at_holds(
             continue;
         };
         if due > now {
-            next = Some(crate::ticker::earliest(next, due));
+            holds.timeout_due = Some(crate::ticker::earliest(holds.timeout_due, due));
             continue;
         }
         diag::error(&format!(
@@ -839,29 +857,29 @@ pub(crate) fn look_at_holds(
             grpc_status: None,
         });
     }
-    next
+    holds
 }
 
-/// Whether the client of the transaction of `cont` reset its connection (or it is closed both
-/// ways), as the kernel reports its socket's state. `false` where that cannot be read (another
-/// system than Linux, a transaction with no client socket, e.g. Traffic Server's own).
-fn client_reset(cont: sys::TSCont) -> bool {
+/// The client socket of the transaction of `cont` if a plugin holds it in one of its hooks;
+/// `None` otherwise, or if it has none (Traffic Server's own transactions).
+fn held_client(cont: sys::TSCont) -> Option<std::ffi::c_int> {
     // SAFETY: a transaction's continuation lives while a plugin's slot names it, and its data
-    // is cleared by the close hook (see `act_on`).
+    // is cleared by the close hook (see `act_on`), which runs on this thread.
     let transaction = unsafe { sys::TSContDataGet(cont) }.cast::<Transaction>();
     if transaction.is_null() {
-        return false;
+        return None;
     }
-    // SAFETY: as above; held in a hook by a plugin, the transaction runs no hook of ours now
-    // (this runs on its thread), so only its handle is read.
-    let txn = unsafe { (*transaction).txn };
+    // SAFETY: as above; no hook of the transaction runs now (this runs on its thread).
+    let (txn, in_hook) = unsafe { ((*transaction).txn, (*transaction).paused.is_some()) };
+    if !in_hook {
+        return None;
+    }
     let mut fd: std::ffi::c_int = -1;
-    // SAFETY: the transaction is live (held in a hook, it cannot close before it is let go);
-    // Traffic Server writes the descriptor of its client session's connection to `fd`.
-    if unsafe { sys::TSHttpTxnClientFdGet(txn, &mut fd) } != sys::TS_SUCCESS || fd < 0 {
-        return false;
-    }
-    crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE)
+    // SAFETY: held in a hook, the transaction cannot end before it is let go; Traffic Server
+    // writes the descriptor of its client session's connection to `fd` (or fails if that
+    // connection is closed already).
+    let found = unsafe { sys::TSHttpTxnClientFdGet(txn, &mut fd) } == sys::TS_SUCCESS;
+    (found && fd >= 0).then_some(fd)
 }
 
 /// Picks up held transactions and connections after plugin code ran outside their hooks (see
