@@ -2452,6 +2452,185 @@ fn a_failed_copy_ends_its_calls(failing: &[(&str, &str)], answered: u16) {
     );
 }
 
+/// An upstream taking WebSocket upgrades: it answers 101 to a request asking to upgrade to
+/// `websocket` and then echoes every byte until the client ends; a request for `/refused` it
+/// answers 403 instead, as an application refusing the upgrade. The last request it got is in
+/// `request`.
+struct UpgradeEcho {
+    address: SocketAddr,
+    request: Arc<Mutex<String>>,
+    _acceptor: JoinHandle<()>,
+}
+
+impl UpgradeEcho {
+    fn start() -> UpgradeEcho {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("an upstream port");
+        let address = listener.local_addr().expect("its address");
+        let request = Arc::new(Mutex::new(String::new()));
+        let seen = Arc::clone(&request);
+        let acceptor = std::thread::spawn(move || {
+            // Bounded: the tests here make a few connections each.
+            for connection in listener.incoming().take(16).flatten() {
+                let seen = Arc::clone(&seen);
+                std::thread::spawn(move || UpgradeEcho::serve(connection, &seen));
+            }
+        });
+        UpgradeEcho {
+            address,
+            request,
+            _acceptor: acceptor,
+        }
+    }
+
+    fn serve(mut connection: TcpStream, seen: &Mutex<String>) {
+        use std::io::{Read, Write};
+        let _ = connection.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match connection.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_lowercase();
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = text.clone();
+        if text.starts_with("get /refused ") || !text.contains("upgrade: websocket") {
+            let _ = connection.write_all(
+                b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno",
+            );
+            return;
+        }
+        let _ = connection.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        );
+        let mut buffer = [0u8; 1024];
+        loop {
+            match connection.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(count) => {
+                    if connection.write_all(&buffer[..count]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A WebSocket upgrade request for `path` on a new connection to `port`, and the head of the
+/// answer (lower-cased) once it came.
+fn websocket_upgrade(port: u16, path: &str) -> (TcpStream, String) {
+    use std::io::{Read, Write};
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    client
+        .write_all(request.as_bytes())
+        .expect("the upgrade request sent");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    (client, String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// A WebSocket goes through the proxy as Envoy carries an upgrade: the plugins see the upgrade
+/// request's headers (and may change them) not ending the stream, the 101's headers, then each
+/// side's bytes as that side's body, and the client's end as the request's end; an upgrade the
+/// upstream refuses is answered as it answered.
+#[test]
+fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies() {
+    use std::io::{Read, Write};
+    let upstream = UpgradeEcho::start();
+    // `stream_recorder` logs each callback and whether it ends its side ("more" or "end").
+    let serve = Serve::start(
+        upstream.address,
+        &[
+            envoy_filter("headers", "http_headers", ""),
+            envoy_filter("recorder", "wat/stream_recorder", ""),
+        ],
+    );
+    let (mut client, head) = websocket_upgrade(serve.port, "/chat");
+    assert!(
+        head.starts_with("http/1.1 101"),
+        "not switched: {head:?}\n{}",
+        serve.log()
+    );
+    let request = upstream.request.lock().unwrap().clone();
+    assert!(
+        request.contains("x-pwhost-plugin: http_headers"),
+        "the plugin did not see the upgrade request: {request}"
+    );
+    for message in ["ping", "and a longer message, twice over"] {
+        client.write_all(message.as_bytes()).expect("sent");
+        let mut echoed = vec![0u8; message.len()];
+        client
+            .read_exact(&mut echoed)
+            .unwrap_or_else(|e| panic!("no echo of {message:?}: {e}\n{}", serve.log()));
+        assert_eq!(String::from_utf8_lossy(&echoed), message);
+    }
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-closed");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("the proxy closes");
+    serve.wait_for_log("request body, end");
+    let log = serve.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("plugin=\"recorder\""))
+        .collect();
+    let seen = |what: &str| lines.iter().filter(|line| line.contains(what)).count();
+    assert_eq!(
+        (seen("request headers, more"), seen("request headers, end")),
+        (1, 0),
+        "the upgrade request's headers ended the stream:\n{log}"
+    );
+    assert_eq!(seen("response headers, more"), 1, "{log}");
+    assert!(
+        seen("request body, more") >= 1 && seen("response body, more") >= 1,
+        "the plugins did not see the bytes as bodies:\n{log}"
+    );
+    let last_more = lines
+        .iter()
+        .rposition(|line| line.contains("request body, more"));
+    let end = lines
+        .iter()
+        .position(|line| line.contains("request body, end"));
+    assert!(
+        last_more < end && seen("request body, end") == 1,
+        "the request's body went on after its end:\n{log}"
+    );
+
+    // Refused: the upstream's answer, its body whole; the request was not ended for it.
+    let (mut refused, head) = websocket_upgrade(serve.port, "/refused");
+    assert!(
+        head.starts_with("http/1.1 403"),
+        "not the upstream's answer: {head:?}\n{}",
+        serve.log()
+    );
+    let mut body = [0u8; 2];
+    refused.read_exact(&mut body).expect("the answer's body");
+    assert_eq!(&body, b"no");
+    serve.wait_for_log("response body, end");
+    assert_eq!(
+        serve.log().matches("request headers, end").count(),
+        0,
+        "{}",
+        serve.log()
+    );
+}
+
 /// `pwhost serve` with one TCP listener whose network filter is `plugin` (configured with
 /// `configuration`), in front of `upstream`, with more `clusters` for the plugin's calls.
 fn serve_tcp(

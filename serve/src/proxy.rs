@@ -656,7 +656,15 @@ fn too_large(header: &pingora::http::RequestHeader, limits: &Limits) -> Option<S
 /// Whether the request has no body (so the request headers end the stream): Pingora knows
 /// from the framing (HTTP/1) or the END_STREAM flag (HTTP/2).
 fn request_ends_with_headers(session: &mut Session) -> bool {
-    session.as_mut().is_body_empty()
+    session.as_mut().is_body_empty() && !session.as_ref().is_upgrade_req()
+}
+
+/// Whether the request asks to switch protocols (a WebSocket's HTTP/1.1 upgrade) and has not
+/// yet: its bytes after the switch are its body, as Envoy carries an upgrade, so its headers
+/// do not end it, and Pingora's end of the (empty) body before the switch is not its end.
+fn upgrade_pending(session: &Session) -> bool {
+    let session = session.as_ref();
+    session.is_upgrade_req() && !session.was_upgraded()
 }
 
 #[async_trait]
@@ -739,7 +747,8 @@ impl ProxyHttp for ListenerProxy {
         // watched.
         let placeholder = RequestHeader::build_no_case("GET", b"/", None)?;
         let mut header = std::mem::replace(session.req_header_mut(), placeholder);
-        let outcome = if !end_of_stream && ctx.stream.reads_ahead() {
+        // An upgrade's body comes only once the upstream switched: there is none to read ahead.
+        let outcome = if !end_of_stream && ctx.stream.reads_ahead() && !upgrade_pending(session) {
             let mut reader = ReadAhead::new(session, &header);
             let outcome = ctx
                 .stream
@@ -819,7 +828,8 @@ impl ProxyHttp for ListenerProxy {
         end_of_stream: bool,
         ctx: &mut StreamContext,
     ) -> Result<()> {
-        if ctx.ended_at_headers[0] && body.as_ref().is_none_or(Bytes::is_empty) {
+        let empty = body.as_ref().is_none_or(Bytes::is_empty);
+        if empty && (ctx.ended_at_headers[0] || upgrade_pending(session)) {
             return Ok(());
         }
         ctx.body_seen = true;
