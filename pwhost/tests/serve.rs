@@ -564,9 +564,18 @@ impl Serve {
 
     /// Waits (at most 10 s) until the log contains `text`.
     fn wait_for_log(&self, text: &str) {
+        self.wait_for_log_count(text, 1);
+    }
+
+    /// Waits (at most 10 s) until the log contains `text` `count` times.
+    fn wait_for_log_count(&self, text: &str, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains(text) {
-            assert!(Instant::now() < deadline, "no {text:?} in:\n{}", self.log());
+        while self.log().matches(text).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "not {count} times {text:?} in:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -2454,8 +2463,8 @@ fn a_failed_copy_ends_its_calls(failing: &[(&str, &str)], answered: u16) {
 
 /// An upstream taking WebSocket upgrades: it answers 101 to a request asking to upgrade to
 /// `websocket` and then echoes every byte until the client ends; a request for `/refused` it
-/// answers 403 instead, as an application refusing the upgrade. The last request it got is in
-/// `request`.
+/// answers 403 instead, as an application refusing the upgrade, and one for `/length` it
+/// switches with a 101 carrying `content-length: 0`. The last request it got is in `request`.
 struct UpgradeEcho {
     address: SocketAddr,
     request: Arc<Mutex<String>>,
@@ -2501,9 +2510,16 @@ impl UpgradeEcho {
             );
             return;
         }
-        let _ = connection.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        // For `/length`, the 101 says `content-length: 0`, which says nothing of what follows.
+        let length = if text.starts_with("get /length ") {
+            "content-length: 0\r\n"
+        } else {
+            ""
+        };
+        let switched = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n{length}\r\n"
         );
+        let _ = connection.write_all(switched.as_bytes());
         let mut buffer = [0u8; 1024];
         loop {
             match connection.read(&mut buffer) {
@@ -2518,21 +2534,48 @@ impl UpgradeEcho {
     }
 }
 
-/// A WebSocket upgrade request for `path` on a new connection to `port`, and the head of the
+/// A WebSocket upgrade request for `path` (with header lines `extra`, each ending in CRLF) on a
+/// new connection to `port`, and the head of the answer (lower-cased) once it came.
+fn websocket_upgrade(port: u16, path: &str, extra: &str) -> (TcpStream, String) {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n{extra}\r\n"
+    );
+    send_for_head(port, &request)
+}
+
+/// Sends each message on the switched connection `client` and reads its echo back.
+fn echoes(client: &mut TcpStream, messages: &[&str]) -> Result<(), String> {
+    use std::io::{Read, Write};
+    for message in messages {
+        client
+            .write_all(message.as_bytes())
+            .map_err(|e| format!("{message:?} not sent: {e}"))?;
+        let mut echoed = vec![0u8; message.len()];
+        client
+            .read_exact(&mut echoed)
+            .map_err(|e| format!("no echo of {message:?}: {e}"))?;
+        if echoed != message.as_bytes() {
+            return Err(format!(
+                "{message:?} came back as {:?}",
+                String::from_utf8_lossy(&echoed)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sends `request` on a new connection to `port`; returns the connection and the head of the
 /// answer (lower-cased) once it came.
-fn websocket_upgrade(port: u16, path: &str) -> (TcpStream, String) {
+fn send_for_head(port: u16, request: &str) -> (TcpStream, String) {
     use std::io::{Read, Write};
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connects");
     client
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("a read timeout");
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
-         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-    );
     client
         .write_all(request.as_bytes())
-        .expect("the upgrade request sent");
+        .expect("the request sent");
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -2550,7 +2593,7 @@ fn websocket_upgrade(port: u16, path: &str) -> (TcpStream, String) {
 /// upstream refuses is answered as it answered.
 #[test]
 fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let upstream = UpgradeEcho::start();
     // `stream_recorder` logs each callback and whether it ends its side ("more" or "end").
     let serve = Serve::start(
@@ -2560,7 +2603,7 @@ fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies
             envoy_filter("recorder", "wat/stream_recorder", ""),
         ],
     );
-    let (mut client, head) = websocket_upgrade(serve.port, "/chat");
+    let (mut client, head) = websocket_upgrade(serve.port, "/chat", "");
     assert!(
         head.starts_with("http/1.1 101"),
         "not switched: {head:?}\n{}",
@@ -2571,13 +2614,8 @@ fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies
         request.contains("x-pwhost-plugin: http_headers"),
         "the plugin did not see the upgrade request: {request}"
     );
-    for message in ["ping", "and a longer message, twice over"] {
-        client.write_all(message.as_bytes()).expect("sent");
-        let mut echoed = vec![0u8; message.len()];
-        client
-            .read_exact(&mut echoed)
-            .unwrap_or_else(|e| panic!("no echo of {message:?}: {e}\n{}", serve.log()));
-        assert_eq!(String::from_utf8_lossy(&echoed), message);
+    if let Err(error) = echoes(&mut client, &["ping", "and a longer message, twice over"]) {
+        panic!("{error}\n{}", serve.log());
     }
     client
         .shutdown(std::net::Shutdown::Write)
@@ -2613,7 +2651,7 @@ fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies
     );
 
     // Refused: the upstream's answer, its body whole; the request was not ended for it.
-    let (mut refused, head) = websocket_upgrade(serve.port, "/refused");
+    let (mut refused, head) = websocket_upgrade(serve.port, "/refused", "");
     assert!(
         head.starts_with("http/1.1 403"),
         "not the upstream's answer: {head:?}\n{}",
@@ -2627,6 +2665,97 @@ fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies
         serve.log().matches("request headers, end").count(),
         0,
         "{}",
+        serve.log()
+    );
+
+    // `Upgrade: h2c` (curl's `--http2` on an http:// URL) is no switch here, as in Envoy, which
+    // drops it: the request's body ends as any body does (a plugin buffering it would
+    // otherwise hold it for ever), and a bodiless one ends with its headers.
+    let h2c =
+        "upgrade: h2c\r\nconnection: upgrade, http2-settings\r\nhttp2-settings: AAMAAABkAAQAAP__";
+    let (_, head) = send_for_head(
+        serve.port,
+        &format!("POST /h2c HTTP/1.1\r\nhost: a\r\n{h2c}\r\ncontent-length: 5\r\n\r\nhello"),
+    );
+    assert!(
+        head.starts_with("http/1.1 403"),
+        "{head:?}\n{}",
+        serve.log()
+    );
+    serve.wait_for_log_count("request body, end", 2);
+    let (_, head) = send_for_head(
+        serve.port,
+        &format!("GET /h2c HTTP/1.1\r\nhost: a\r\n{h2c}\r\n\r\n"),
+    );
+    assert!(
+        head.starts_with("http/1.1 403"),
+        "{head:?}\n{}",
+        serve.log()
+    );
+    serve.wait_for_log("request headers, end");
+
+    // A `Content-Length: 0` on the upgrade request, or on the 101, tells nothing of the bytes
+    // after the switch.
+    for (path, extra) in [("/chat", "content-length: 0\r\n"), ("/length", "")] {
+        let (mut client, head) = websocket_upgrade(serve.port, path, extra);
+        assert!(
+            head.starts_with("http/1.1 101"),
+            "{path}: {head:?}\n{}",
+            serve.log()
+        );
+        if let Err(error) = echoes(&mut client, &["over a length of 0"]) {
+            panic!("{path}: {error}\n{}", serve.log());
+        }
+    }
+    assert_eq!(
+        serve.log().matches("response headers, end").count(),
+        0,
+        "a 101 ended the response at its headers:\n{}",
+        serve.log()
+    );
+}
+
+/// A plugin may hold a WebSocket's upgrade request in its headers callback (here for a callout,
+/// allowed to stop there): no body is read ahead meanwhile (it comes only after the switch),
+/// and once the plugin lets the request go, the bytes flow.
+#[test]
+fn a_websocket_upgrade_a_plugin_holds_for_a_callout_goes_on_once_let_go() {
+    let upstream = UpgradeEcho::start();
+    let auth = Origin::answering_with(&[("x-auth-user", "alice")]);
+    let serve = Serve::start_with(
+        upstream.address,
+        &[
+            envoy_filter_with(
+                "gate",
+                "http_call",
+                "",
+                "allow_on_headers_stop_iteration: true",
+            ),
+            envoy_filter("recorder", "wat/stream_recorder", ""),
+        ],
+        &[("auth_cluster", auth.address)],
+    );
+    let (mut client, head) = websocket_upgrade(serve.port, "/chat", "");
+    assert!(
+        head.starts_with("http/1.1 101"),
+        "not switched: {head:?}\n{}",
+        serve.log()
+    );
+    assert!(
+        upstream
+            .request
+            .lock()
+            .unwrap()
+            .contains("x-auth-user: alice"),
+        "the upgrade went on before the callout's answer"
+    );
+    if let Err(error) = echoes(&mut client, &["ping", "pong"]) {
+        panic!("{error}\n{}", serve.log());
+    }
+    assert_eq!(
+        serve.log().matches("request body, end").count(),
+        0,
+        "the request ended before the client did:\n{}",
         serve.log()
     );
 }

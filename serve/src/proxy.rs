@@ -117,6 +117,9 @@ struct EarlyBody {
 /// A stream's state across the phases.
 pub(crate) struct StreamContext {
     stream: Stream,
+    /// The request switches protocols: its body is what comes after the upstream's 101
+    /// ([`switches_protocols`]).
+    switches_protocols: bool,
     /// The request's framing headers as the plugins left them, for the upstream request (the
     /// client's stay as they came: Pingora reads the client's body by them).
     upstream_framing: Option<Framing>,
@@ -656,15 +659,36 @@ fn too_large(header: &pingora::http::RequestHeader, limits: &Limits) -> Option<S
 /// Whether the request has no body (so the request headers end the stream): Pingora knows
 /// from the framing (HTTP/1) or the END_STREAM flag (HTTP/2).
 fn request_ends_with_headers(session: &mut Session) -> bool {
-    session.as_mut().is_body_empty() && !session.as_ref().is_upgrade_req()
+    session.as_mut().is_body_empty()
 }
 
-/// Whether the request asks to switch protocols (a WebSocket's HTTP/1.1 upgrade) and has not
-/// yet: its bytes after the switch are its body, as Envoy carries an upgrade, so its headers
-/// do not end it, and Pingora's end of the (empty) body before the switch is not its end.
-fn upgrade_pending(session: &Session) -> bool {
-    let session = session.as_ref();
-    session.is_upgrade_req() && !session.was_upgraded()
+/// Whether the request asks to switch protocols and has no body of its own (a WebSocket's
+/// HTTP/1.1 upgrade, `Connection: upgrade` with it, as Envoy requires): the bytes after the
+/// switch are its body, as Envoy carries an upgrade. `Upgrade: h2c` is not one (Envoy drops
+/// it and serves the request as it is), nor is a request routed to an HTTP/2 cluster (Pingora
+/// drops `Upgrade` there).
+fn switches_protocols(session: &mut Session, route: Option<&Route>) -> bool {
+    let headers = &session.req_header().headers;
+    let h2c = headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"h2c"));
+    let connection_upgrade = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    let http2_upstream = route.is_some_and(|(_, cluster)| cluster.cluster.http2);
+    session.as_ref().is_upgrade_req()
+        && !h2c
+        && connection_upgrade
+        && !http2_upstream
+        && session.as_mut().is_body_empty()
+}
+
+/// Whether the request switches protocols ([`switches_protocols`]) and has not yet: the end of
+/// the empty body Pingora reports before the switch is not its end.
+fn upgrade_pending(session: &Session, ctx: &StreamContext) -> bool {
+    ctx.switches_protocols && !session.as_ref().was_upgraded()
 }
 
 #[async_trait]
@@ -679,6 +703,7 @@ impl ProxyHttp for ListenerProxy {
                 self.limits.buffer_limit_bytes,
                 self.limits.stream_idle_timeout,
             ),
+            switches_protocols: false,
             upstream_framing: None,
             body_seen: false,
             early_body: None,
@@ -738,7 +763,8 @@ impl ProxyHttp for ListenerProxy {
         if let Some(reply) = ctx.stream.early_reply.take() {
             return send_reply(session, ctx, reply).await;
         }
-        let end_of_stream = request_ends_with_headers(session);
+        ctx.switches_protocols = switches_protocols(session, ctx.route.as_ref());
+        let end_of_stream = request_ends_with_headers(session) && !ctx.switches_protocols;
         ctx.ended_at_headers[0] = end_of_stream;
         let client_framing = Framing::of(session.req_header());
         let mut read_ahead = None;
@@ -748,7 +774,7 @@ impl ProxyHttp for ListenerProxy {
         let placeholder = RequestHeader::build_no_case("GET", b"/", None)?;
         let mut header = std::mem::replace(session.req_header_mut(), placeholder);
         // An upgrade's body comes only once the upstream switched: there is none to read ahead.
-        let outcome = if !end_of_stream && ctx.stream.reads_ahead() && !upgrade_pending(session) {
+        let outcome = if !end_of_stream && ctx.stream.reads_ahead() && !ctx.switches_protocols {
             let mut reader = ReadAhead::new(session, &header);
             let outcome = ctx
                 .stream
@@ -829,7 +855,7 @@ impl ProxyHttp for ListenerProxy {
         ctx: &mut StreamContext,
     ) -> Result<()> {
         let empty = body.as_ref().is_none_or(Bytes::is_empty);
-        if empty && (ctx.ended_at_headers[0] || upgrade_pending(session)) {
+        if empty && (ctx.ended_at_headers[0] || upgrade_pending(session, ctx)) {
             return Ok(());
         }
         ctx.body_seen = true;
@@ -901,7 +927,9 @@ impl ProxyHttp for ListenerProxy {
         if let Some(framing) = &ctx.upstream_framing {
             framing.put_on(upstream_request)?;
         }
-        if !ctx.ended_at_headers[0] {
+        // An upgrade's `Content-Length: 0` tells the request's length before the switch, not
+        // of the bytes after it.
+        if !ctx.ended_at_headers[0] && !ctx.switches_protocols {
             ctx.body_length[0] = BodyLength::told(&upstream_request.headers);
         }
         Ok(())
@@ -965,13 +993,16 @@ impl ProxyHttp for ListenerProxy {
             info.response_code_details = Some("via_upstream".to_string());
             info.bytes_received = Some(received);
         });
-        // No body follows a 204 or 304, an answer to HEAD, or a declared empty one.
-        let end_of_stream = matches!(status.as_u16(), 204 | 304)
-            || session.req_header().method == http::Method::HEAD
-            || upstream_response
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() == b"0");
+        // No body follows a 204 or 304, an answer to HEAD, or a declared empty one; after a
+        // 101, the bytes of the protocol switched to are its body, whatever its headers say.
+        let switched = status.as_u16() == 101;
+        let end_of_stream = !switched
+            && (matches!(status.as_u16(), 204 | 304)
+                || session.req_header().method == http::Method::HEAD
+                || upstream_response
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() == b"0"));
         ctx.ended_at_headers[1] = end_of_stream;
         let phase = ctx.stream.headers(
             Direction::Response,
@@ -981,7 +1012,7 @@ impl ProxyHttp for ListenerProxy {
         );
         match unless_client_gone(session, phase).await? {
             Outcome::Continue => {
-                if !end_of_stream {
+                if !end_of_stream && !switched {
                     ctx.body_length[1] = BodyLength::told(&upstream_response.headers);
                 }
                 // Only an HTTP/2 upstream's response has trailers.
