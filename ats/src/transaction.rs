@@ -353,7 +353,8 @@ unsafe fn start(txn: sys::TSHttpTxn) -> Next {
             .is_some_and(|headers| !ends_stream(&headers, HeaderKind::Request));
     // A response to HEAD has no body: no transform (Traffic Server would set the length of
     // what it passes, nothing, as the response's `Content-Length`).
-    let response_body = transaction.wants_response_body && !is_head(txn);
+    let response_body =
+        transaction.wants_response_body && !is_head(txn) && !asks_for_websocket(txn);
     let dechunked = request_body && transaction.request_body_chunked();
     // The transaction now lives with its continuation, until it closes.
     // SAFETY: the continuation's data is the boxed transaction, freed at close; the link lets
@@ -1184,6 +1185,27 @@ fn interim_response(txn: sys::TSHttpTxn, event: sys::TSEvent) -> bool {
 fn is_head(txn: sys::TSHttpTxn) -> bool {
     client_header(txn, HeaderKind::Request)
         .is_some_and(|request| abi::Headers::get(&request, b":method") == Some(&b"HEAD"[..]))
+}
+
+/// Whether the client asks to switch its connection to a WebSocket (`Upgrade: websocket` with
+/// `Connection: upgrade`). Traffic Server tunnels the bytes after the upstream's 101 past any
+/// transform, and a response transform on the 101 breaks the switch (Traffic Server then sends
+/// the 101 as an empty response and closes the connection), so such a transaction has none:
+/// its plugins see the upgrade request and the 101, each ending at its headers.
+fn asks_for_websocket(txn: sys::TSHttpTxn) -> bool {
+    let Some(request) = client_header(txn, HeaderKind::Request) else {
+        return false;
+    };
+    let (mut websocket, mut upgrade) = (false, false);
+    abi::Headers::for_each(&request, &mut |name, value| {
+        let mut tokens = value.split(|byte| *byte == b',').map(<[u8]>::trim_ascii);
+        match name {
+            b"upgrade" => websocket |= tokens.any(|token| token.eq_ignore_ascii_case(b"websocket")),
+            b"connection" => upgrade |= tokens.any(|token| token.eq_ignore_ascii_case(b"upgrade")),
+            _ => {}
+        }
+    });
+    websocket && upgrade
 }
 
 /// The header that frames a request's body (`Content-Length` or `Transfer-Encoding`) and its

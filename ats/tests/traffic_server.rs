@@ -82,7 +82,8 @@ mod tcp_peers;
 use tcp_peers::{
     a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, the_chunk_before_a_close_still_goes_out, Echo, Flood, Greeter, Sink, Unanswering,
+    echoes, tcp_exchange, the_chunk_before_a_close_still_goes_out, websocket_upgrade, Echo, Flood,
+    Greeter, Sink, Unanswering, UpgradeEcho,
 };
 
 /// How much a flooding TCP upstream sends at once: more than loopback's socket buffers take
@@ -1597,6 +1598,66 @@ fn a_client_resetting_a_held_transaction_or_tcp_connection_ends_it_and_a_half_cl
         echo.connections.load(Ordering::Relaxed),
         0,
         "the upstream was dialled for a held connection"
+    );
+}
+
+/// A WebSocket goes through Traffic Server with plugins in front: they see (and may change)
+/// the upgrade request and see the 101, each ending at its headers, and Traffic Server tunnels
+/// the bytes after the switch past them (it carries no transform there: one on the 101 broke
+/// the switch). The remap rule is Traffic Server's for WebSockets (`ws://`).
+#[test]
+fn a_websocket_goes_through_with_plugins_seeing_its_upgrade_and_its_101() {
+    let origin = Origin::start();
+    let upstream = UpgradeEcho::start();
+    // `stream_recorder` logs each callback and whether it ends its side ("more" or "end"); it
+    // exports the body callbacks, for which Traffic Server's plugin adds transforms.
+    let recorder = workspace().join("plugins/dist/wat/stream_recorder.wasm");
+    let recorder = plugin_yaml("http_headers", "wasmtime", "", "")
+        .replace("name: http_headers", "name: recorder")
+        .replace("vmId: http_headers", "vmId: recorder")
+        .replace(
+            &corpus_plugin("http_headers").display().to_string(),
+            &recorder.display().to_string(),
+        );
+    let (root, port) = TrafficServer::prepare(
+        &origin,
+        &[
+            PluginFile {
+                name: "headers",
+                yaml: plugin_yaml("http_headers", "wasmtime", "", ""),
+            },
+            PluginFile {
+                name: "recorder",
+                yaml: recorder,
+            },
+        ],
+    );
+    let remap = root.path().join("etc/remap.config");
+    let rules = std::fs::read_to_string(&remap).expect("remap.config");
+    let rules = format!("map ws://a/ ws://{}/\n{rules}", upstream.address);
+    std::fs::write(&remap, rules).expect("remap.config");
+    let server = TrafficServer::start_prepared(root, port);
+
+    let (mut client, head) = websocket_upgrade(server.port, "/chat", "");
+    assert!(
+        head.starts_with("http/1.1 101") && head.contains("upgrade: websocket"),
+        "not switched: {head:?}\n{}",
+        server.diagnostics()
+    );
+    if let Err(error) = echoes(&mut client, &["ping", "and a longer message"]) {
+        panic!("{error}\n{}", server.diagnostics());
+    }
+    let request = upstream.request.lock().unwrap().clone();
+    assert!(
+        request.contains("x-pwhost-plugin: http_headers"),
+        "the plugin did not see the upgrade request: {request}"
+    );
+    drop(client);
+    server.wait_for_log("[recorder] response headers, end");
+    let log = server.diagnostics();
+    assert!(
+        log.contains("[recorder] request headers, end") && !log.contains("body,"),
+        "the plugins saw more than the upgrade and the 101:\n{log}"
     );
 }
 

@@ -40,7 +40,8 @@ mod tcp_peers;
 use tcp_peers::{
     a_slow_reader_gets_all_of_a_flood_past_a_1s_idle_timeout,
     assert_closed_after_a_1s_connect_timeout, assert_one_way_traffic_outlives_a_1s_idle_timeout,
-    tcp_exchange, the_chunk_before_a_close_still_goes_out, Echo, Flood, Greeter, Sink, Unanswering,
+    echoes, send_for_head, tcp_exchange, the_chunk_before_a_close_still_goes_out,
+    websocket_upgrade, Echo, Flood, Greeter, Sink, Unanswering, UpgradeEcho,
 };
 
 /// An origin that answers every request with what it received: request line, headers (lower
@@ -2461,132 +2462,6 @@ fn a_failed_copy_ends_its_calls(failing: &[(&str, &str)], answered: u16) {
     );
 }
 
-/// An upstream taking WebSocket upgrades: it answers 101 to a request asking to upgrade to
-/// `websocket` and then echoes every byte until the client ends; a request for `/refused` it
-/// answers 403 instead, as an application refusing the upgrade, and one for `/length` it
-/// switches with a 101 carrying `content-length: 0`. The last request it got is in `request`.
-struct UpgradeEcho {
-    address: SocketAddr,
-    request: Arc<Mutex<String>>,
-    _acceptor: JoinHandle<()>,
-}
-
-impl UpgradeEcho {
-    fn start() -> UpgradeEcho {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("an upstream port");
-        let address = listener.local_addr().expect("its address");
-        let request = Arc::new(Mutex::new(String::new()));
-        let seen = Arc::clone(&request);
-        let acceptor = std::thread::spawn(move || {
-            // Bounded: the tests here make a few connections each.
-            for connection in listener.incoming().take(16).flatten() {
-                let seen = Arc::clone(&seen);
-                std::thread::spawn(move || UpgradeEcho::serve(connection, &seen));
-            }
-        });
-        UpgradeEcho {
-            address,
-            request,
-            _acceptor: acceptor,
-        }
-    }
-
-    fn serve(mut connection: TcpStream, seen: &Mutex<String>) {
-        use std::io::{Read, Write};
-        let _ = connection.set_read_timeout(Some(Duration::from_secs(20)));
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match connection.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => return,
-            }
-        }
-        let text = String::from_utf8_lossy(&head).to_lowercase();
-        *seen.lock().unwrap_or_else(|e| e.into_inner()) = text.clone();
-        if text.starts_with("get /refused ") || !text.contains("upgrade: websocket") {
-            let _ = connection.write_all(
-                b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno",
-            );
-            return;
-        }
-        // For `/length`, the 101 says `content-length: 0`, which says nothing of what follows.
-        let length = if text.starts_with("get /length ") {
-            "content-length: 0\r\n"
-        } else {
-            ""
-        };
-        let switched = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n{length}\r\n"
-        );
-        let _ = connection.write_all(switched.as_bytes());
-        let mut buffer = [0u8; 1024];
-        loop {
-            match connection.read(&mut buffer) {
-                Ok(0) | Err(_) => return,
-                Ok(count) => {
-                    if connection.write_all(&buffer[..count]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A WebSocket upgrade request for `path` (with header lines `extra`, each ending in CRLF) on a
-/// new connection to `port`, and the head of the answer (lower-cased) once it came.
-fn websocket_upgrade(port: u16, path: &str, extra: &str) -> (TcpStream, String) {
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n{extra}\r\n"
-    );
-    send_for_head(port, &request)
-}
-
-/// Sends each message on the switched connection `client` and reads its echo back.
-fn echoes(client: &mut TcpStream, messages: &[&str]) -> Result<(), String> {
-    use std::io::{Read, Write};
-    for message in messages {
-        client
-            .write_all(message.as_bytes())
-            .map_err(|e| format!("{message:?} not sent: {e}"))?;
-        let mut echoed = vec![0u8; message.len()];
-        client
-            .read_exact(&mut echoed)
-            .map_err(|e| format!("no echo of {message:?}: {e}"))?;
-        if echoed != message.as_bytes() {
-            return Err(format!(
-                "{message:?} came back as {:?}",
-                String::from_utf8_lossy(&echoed)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Sends `request` on a new connection to `port`; returns the connection and the head of the
-/// answer (lower-cased) once it came.
-fn send_for_head(port: u16, request: &str) -> (TcpStream, String) {
-    use std::io::{Read, Write};
-    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connects");
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("a read timeout");
-    client
-        .write_all(request.as_bytes())
-        .expect("the request sent");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match client.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    (client, String::from_utf8_lossy(&head).to_lowercase())
-}
-
 /// A WebSocket goes through the proxy as Envoy carries an upgrade: the plugins see the upgrade
 /// request's headers (and may change them) not ending the stream, the 101's headers, then each
 /// side's bytes as that side's body, and the client's end as the request's end; an upgrade the
@@ -2713,6 +2588,36 @@ fn a_websocket_upgrade_passes_the_plugins_then_carries_bytes_both_ways_as_bodies
         "a 101 ended the response at its headers:\n{}",
         serve.log()
     );
+}
+
+/// A WebSocket silent for longer than its cluster's `request_timeout` goes on, as in Envoy,
+/// whose route timeout counts from the end of the request (an upgrade's comes at its close):
+/// its upstream is waited on as long as its client, the listener's stream idle timeout.
+#[test]
+fn a_websocket_outlives_its_clusters_request_timeout() {
+    let upstream = UpgradeEcho::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "admin: {{address: 127.0.0.1:{admin_port}}}\nlisteners:\n  - name: main\n    \
+         address: 127.0.0.1:{port}\n    routes: [{{prefix: /, cluster: backend}}]\n    \
+         http_filters:\n{}clusters:\n  backend: {{endpoints: [\"{}\"], request_timeout: 1s}}\n",
+        envoy_filter("headers", "http_headers", ""),
+        upstream.address
+    );
+    let serve = Serve::launch(dir, port, admin_port, &config);
+    let (mut client, head) = websocket_upgrade(serve.port, "/chat", "");
+    assert!(
+        head.starts_with("http/1.1 101"),
+        "not switched: {head:?}\n{}",
+        serve.log()
+    );
+    for message in ["before a silence", "after it"] {
+        if let Err(error) = echoes(&mut client, &[message]) {
+            panic!("{error}\n{}", serve.log());
+        }
+        std::thread::sleep(Duration::from_millis(1600));
+    }
 }
 
 /// A plugin may hold a WebSocket's upgrade request in its headers callback (here for a callout,

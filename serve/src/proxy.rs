@@ -966,7 +966,14 @@ impl ProxyHttp for ListenerProxy {
                 ctx.stream
                     .update_info(|info| info.upstream_address = Some(endpoint));
                 tracing::trace!(cluster = %cluster.name, "routed");
-                Ok(Box::new(cluster.peer_at(endpoint)))
+                let mut peer = cluster.peer_at(endpoint);
+                if ctx.switches_protocols {
+                    // Envoy's route timeout counts from the end of the request, which an
+                    // upgrade's comes only at its close: a WebSocket waits on its upstream as
+                    // long as on its client, the listener's stream idle timeout.
+                    peer.options.read_timeout = self.limits.stream_idle_timeout;
+                }
+                Ok(Box::new(peer))
             }
             None => Err(Error::explain(
                 ErrorType::HTTPStatus(404),

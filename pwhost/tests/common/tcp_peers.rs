@@ -1,6 +1,7 @@
 //! TCP upstreams (one that echoes, one that only reads, one that greets, one that floods, one
-//! that never answers a connect) and a TCP client for the proxies' TCP listeners; shared by the `pwhost serve` tests
-//! and the Traffic Server tests (`#[path]` module).
+//! that never answers a connect, one taking WebSocket upgrades) and TCP clients for the
+//! proxies' listeners; shared by the `pwhost serve` tests and the Traffic Server tests
+//! (`#[path]` module).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -391,4 +392,115 @@ pub fn assert_one_way_traffic_outlives_a_1s_idle_timeout(port: u16) {
         quiet_for >= Duration::from_millis(900) && quiet_for < Duration::from_secs(10),
         "closed {quiet_for:?} after the traffic stopped"
     );
+}
+
+/// An HTTP upstream taking WebSocket upgrades: it answers 101 to a request asking to upgrade
+/// to `websocket` and then echoes every byte until the client ends; a request for `/refused`
+/// (or one not asking for a WebSocket) it answers 403 instead, as an application refusing the
+/// upgrade, and one for `/length` it switches with a 101 carrying `content-length: 0`. The
+/// last request it got (its head, lower-cased) is in `request`. It serves until dropped.
+pub struct UpgradeEcho {
+    pub address: SocketAddr,
+    pub request: Arc<Mutex<String>>,
+    _acceptor: Acceptor,
+}
+
+impl UpgradeEcho {
+    pub fn start() -> UpgradeEcho {
+        let request = Arc::new(Mutex::new(String::new()));
+        let seen = Arc::clone(&request);
+        let acceptor = Acceptor::start(move |connection| UpgradeEcho::serve(connection, &seen));
+        UpgradeEcho {
+            address: acceptor.address,
+            request,
+            _acceptor: acceptor,
+        }
+    }
+
+    fn serve(mut connection: TcpStream, seen: &Mutex<String>) {
+        let Some(head) = read_head(&mut connection) else {
+            return;
+        };
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = head.clone();
+        if head.starts_with("get /refused ") || !head.contains("upgrade: websocket") {
+            let _ = connection.write_all(
+                b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno",
+            );
+            return;
+        }
+        // For `/length`, the 101 says `content-length: 0`, which says nothing of what follows.
+        let length = if head.starts_with("get /length ") {
+            "content-length: 0\r\n"
+        } else {
+            ""
+        };
+        let switched = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n{length}\r\n"
+        );
+        let _ = connection.write_all(switched.as_bytes());
+        let mut buffer = [0u8; 1024];
+        while let Ok(count) = connection.read(&mut buffer) {
+            if count == 0 || connection.write_all(&buffer[..count]).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// An HTTP message's head read from `connection` up to its blank line, lower-cased; `None` if
+/// the connection ends (or times out) first.
+fn read_head(connection: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match connection.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// A WebSocket upgrade request for `path` (with header lines `extra`, each ending in CRLF) on a
+/// new connection to `port`, and the head of the answer (lower-cased; empty if none came).
+pub fn websocket_upgrade(port: u16, path: &str, extra: &str) -> (TcpStream, String) {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n{extra}\r\n"
+    );
+    send_for_head(port, &request)
+}
+
+/// Sends `request` on a new connection to `port`; returns the connection and the head of the
+/// answer (lower-cased; empty if none came within 10 s).
+pub fn send_for_head(port: u16, request: &str) -> (TcpStream, String) {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    client
+        .write_all(request.as_bytes())
+        .expect("the request sent");
+    let head = read_head(&mut client).unwrap_or_default();
+    (client, head)
+}
+
+/// Sends each message on the switched connection `client` and reads its echo back.
+pub fn echoes(client: &mut TcpStream, messages: &[&str]) -> Result<(), String> {
+    for message in messages {
+        client
+            .write_all(message.as_bytes())
+            .map_err(|e| format!("{message:?} not sent: {e}"))?;
+        let mut echoed = vec![0u8; message.len()];
+        client
+            .read_exact(&mut echoed)
+            .map_err(|e| format!("no echo of {message:?}: {e}"))?;
+        if echoed != message.as_bytes() {
+            return Err(format!(
+                "{message:?} came back as {:?}",
+                String::from_utf8_lossy(&echoed)
+            ));
+        }
+    }
+    Ok(())
 }
