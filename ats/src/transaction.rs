@@ -1187,25 +1187,33 @@ fn is_head(txn: sys::TSHttpTxn) -> bool {
         .is_some_and(|request| abi::Headers::get(&request, b":method") == Some(&b"HEAD"[..]))
 }
 
-/// Whether the client asks to switch its connection to a WebSocket (`Upgrade: websocket` with
-/// `Connection: upgrade`). Traffic Server tunnels the bytes after the upstream's 101 past any
-/// transform, and a response transform on the 101 breaks the switch (Traffic Server then sends
-/// the 101 as an empty response and closes the connection), so such a transaction has none:
-/// its plugins see the upgrade request and the 101, each ending at its headers.
+/// Whether the client's request is a WebSocket upgrade as Traffic Server takes one (`GET`,
+/// `Upgrade: websocket`, `Connection: upgrade`, a `Sec-WebSocket-Key` and
+/// `Sec-WebSocket-Version: 13`; a request with only some of these stays ordinary HTTP, whose
+/// response body the plugins get). Traffic Server's own flag (`TSHttpTxnIsWebsocket`) is not
+/// set yet in the read-request-header hook. Traffic Server tunnels the bytes after the
+/// upstream's 101 past any transform, and a response transform on the 101 breaks the switch
+/// (Traffic Server then sends the 101 as an empty response and closes the connection), so such
+/// a transaction has none: its plugins see the upgrade request and the 101, each ending at its
+/// headers.
 fn asks_for_websocket(txn: sys::TSHttpTxn) -> bool {
     let Some(request) = client_header(txn, HeaderKind::Request) else {
         return false;
     };
-    let (mut websocket, mut upgrade) = (false, false);
+    let (mut websocket, mut upgrade, mut key, mut version) = (false, false, false, false);
+    let mut get = false;
     abi::Headers::for_each(&request, &mut |name, value| {
         let mut tokens = value.split(|byte| *byte == b',').map(<[u8]>::trim_ascii);
         match name {
+            b":method" => get = value == b"GET",
             b"upgrade" => websocket |= tokens.any(|token| token.eq_ignore_ascii_case(b"websocket")),
             b"connection" => upgrade |= tokens.any(|token| token.eq_ignore_ascii_case(b"upgrade")),
+            b"sec-websocket-key" => key = true,
+            b"sec-websocket-version" => version = value.trim_ascii() == b"13",
             _ => {}
         }
     });
-    websocket && upgrade
+    get && websocket && upgrade && key && version
 }
 
 /// The header that frames a request's body (`Content-Length` or `Transfer-Encoding`) and its
