@@ -39,6 +39,7 @@ use lifecycle::{Admission, Generation, OnFailure, PluginId, Plugins, StreamVm, W
 
 use crate::config::TcpListener;
 use crate::host::{AtsHost, Holder, StreamSlot};
+use crate::socket::HELD_CLIENT_CHECK;
 use crate::{diag, in_worker, sys, with_thread, with_workers};
 
 /// The TCP listeners of each deployment still in use, newest last: a connection takes the
@@ -475,9 +476,6 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The longest a connection's sides are flushed, moving or not.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How often the client's socket of a new connection a plugin holds is looked at.
-const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
 
 /// A TCP connection and its plugins, owned by its continuation.
 struct Connection {
@@ -1270,7 +1268,7 @@ impl Connection {
         self.downstream.as_ref().is_some_and(|side| {
             // SAFETY: the side's connection is open while the side is kept.
             let fd = unsafe { sys::TSVConnFdGet(side.vc) };
-            fd >= 0 && crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE)
+            crate::socket::reset(fd)
         })
     }
 

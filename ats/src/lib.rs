@@ -127,7 +127,7 @@ pub(crate) fn stream_idle_timeout() -> Option<Duration> {
 pub(crate) fn hold_began(since: Instant) {
     // A timeout too long to add to the clock is none.
     let timeout_due = stream_idle_timeout().and_then(|timeout| since.checked_add(timeout));
-    let clients_due = since + transaction::HELD_CLIENT_CHECK;
+    let clients_due = since + socket::HELD_CLIENT_CHECK;
     let due = timeout_due.map_or(clients_due, |due| due.min(clients_due));
     HOLD_DUE.with(|earlier| earlier.set(Some(ticker::earliest(earlier.get(), due))));
 }

@@ -2,15 +2,25 @@
 //! holds while Traffic Server does not read them.
 
 use std::ffi::c_int;
+use std::time::Duration;
+
+/// How often the client socket of a transaction or connection a plugin holds is looked at.
+pub(crate) const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
 
 /// Linux's `TCP_CLOSE` state (`tcpi_state`): the peer reset the connection (or it is closed
 /// both ways).
-pub(crate) const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE: u8 = 7;
+
+/// Whether the peer of socket `fd` reset the connection (or it is closed both ways), as the
+/// kernel reports its state; `false` where that cannot be read. A FIN alone is not this.
+pub(crate) fn reset(fd: c_int) -> bool {
+    fd >= 0 && tcp_state(fd) == Some(TCP_CLOSE)
+}
 
 /// The TCP state (`tcpi_state`) of socket `fd`, on Linux; `None` if it is not a TCP socket
 /// (or not open).
 #[cfg(target_os = "linux")]
-pub(crate) fn tcp_state(fd: c_int) -> Option<u8> {
+fn tcp_state(fd: c_int) -> Option<u8> {
     // Only the first byte, the state, is needed. Kernels write as much of their `tcp_info` as
     // fits, and older ones have a shorter one than newer headers.
     let mut info = [0u8; 256];
@@ -32,6 +42,6 @@ pub(crate) fn tcp_state(fd: c_int) -> Option<u8> {
 
 /// The TCP state of socket `fd`: not readable here.
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn tcp_state(_fd: c_int) -> Option<u8> {
+fn tcp_state(_fd: c_int) -> Option<u8> {
     None
 }

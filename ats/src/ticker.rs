@@ -12,7 +12,7 @@ use abi::ContextId;
 use lifecycle::{CopyId, Generation};
 use rustc_hash::FxHashMap;
 
-use crate::transaction::HELD_CLIENT_CHECK;
+use crate::socket::HELD_CLIENT_CHECK;
 use crate::{diag, sys, with_thread, ThreadState};
 
 /// The longest the ticker sleeps at once; what is due later (a stream idle timeout of years) is

@@ -771,10 +771,6 @@ pub(crate) fn pending_in(vm: &mut Vm, out: &mut Vec<Holder>) {
     }
 }
 
-/// How often the client connections of the transactions plugins hold are looked at (see
-/// [`look_at_holds`]).
-pub(crate) const HELD_CLIENT_CHECK: Duration = Duration::from_millis(500);
-
 /// What [`look_at_holds`] found still held.
 pub(crate) struct Holds {
     /// Whether a transaction is still held in one of its hooks (its client is to be looked at
@@ -822,7 +818,7 @@ pub(crate) fn look_at_holds(
             Holder::Connection(_) => None,
         };
         if let Some(fd) = client {
-            if look_at_clients && crate::socket::tcp_state(fd) == Some(crate::socket::TCP_CLOSE) {
+            if look_at_clients && crate::socket::reset(fd) {
                 diag::debug(&format!(
                     "[{}] the client reset its connection while the plugin held the \
                      transaction: it ends",
@@ -1200,6 +1196,10 @@ fn asks_for_websocket(txn: sys::TSHttpTxn) -> bool {
     let Some(request) = client_header(txn, HeaderKind::Request) else {
         return false;
     };
+    // Nearly every request has no `Upgrade`: one lookup, not a walk of every field.
+    if abi::Headers::get(&request, b"upgrade").is_none() {
+        return false;
+    }
     let (mut websocket, mut upgrade, mut key, mut version) = (false, false, false, false);
     let mut get = false;
     abi::Headers::for_each(&request, &mut |name, value| {
